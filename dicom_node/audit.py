@@ -1,0 +1,49 @@
+"""Audit events: one function that appends a row. There is no update or delete path."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.models import AuditEvent
+
+log = logging.getLogger(__name__)
+
+# Event names after DICOM PS3.15 A.5.3 (and IHE ATNA).
+ASSOCIATION = "application-activity/association"
+SECURITY_ALERT = "security-alert"
+INSTANCES_TRANSFERRED = "dicom-instances-transferred"
+INSTANCE_REFUSED = "dicom-instance-refused"
+SERIES_STABLE = "series-stable"
+JOB_STARTED = "job-started"
+JOB_FINISHED = "job-finished"
+JOB_FAILED = "job-failed"
+APPLICATION_START = "application-activity/start"
+APPLICATION_STOP = "application-activity/stop"
+
+
+def record(
+    sessions: sessionmaker[Session],
+    action: str,
+    outcome: str,
+    actor: str,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    job_id: int | None = None,
+    **detail: Any,
+) -> None:
+    with sessions.begin() as session:
+        session.add(
+            AuditEvent(
+                action=action,
+                outcome=outcome,
+                actor=actor,
+                study_instance_uid=study_uid,
+                series_instance_uid=series_uid,
+                job_id=job_id,
+                detail=detail,
+            )
+        )

@@ -1,0 +1,156 @@
+"""The ``mr2ct`` command."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="mr2ct: MR series in by C-STORE, synthetic CT and provenance SR out to Orthanc.", no_args_is_help=True)
+config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (MR2CT_CONFIG also works)")]
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option(help="run folder to write (model.safetensors, model.json, losses.csv)")],
+    preset: Annotated[str, typer.Option(help="quick | zhu2017")] = "quick",
+    epochs: Annotated[Optional[int], typer.Option()] = None,
+    steps_per_epoch: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    lambda_aba: Annotated[Optional[float], typer.Option("--lambda-ABA")] = None,
+    lambda_bab: Annotated[Optional[float], typer.Option("--lambda-BAB")] = None,
+    lr_g: Annotated[Optional[float], typer.Option("--lr-G")] = None,
+    lr_d: Annotated[Optional[float], typer.Option("--lr-D")] = None,
+    synthetic_pool_size: Annotated[Optional[int], typer.Option()] = None,
+    subjects_per_pool: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(help="stop after the epoch that passes this")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch")] = None,
+) -> None:
+    """Train the CycleGAN on generated phantom heads (unpaired MR and CT pools)."""
+    import torch
+
+    from training.trainer import config_from, train as run_training
+
+    _logging()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        cfg = config_from(
+            preset,
+            dict(
+                epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lambda_ABA=lambda_aba,
+                lambda_BAB=lambda_bab, lr_G=lr_g, lr_D=lr_d, synthetic_pool_size=synthetic_pool_size,
+                subjects_per_pool=subjects_per_pool, seed=seed, max_minutes=max_minutes,
+            ),
+        )
+    except (ValueError, TypeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    command = "mr2ct " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    card = run_training(cfg, out, command=command)
+    typer.echo(f"model written: {out / 'model.safetensors'} sha256={card['sha256']}")
+
+
+def _settings(config: Path | None):
+    from dicom_node.settings import ConfigError, load_settings
+
+    try:
+        return load_settings(config)
+    except ConfigError as exc:
+        typer.echo(f"mr2ct: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+@app.command()
+def serve(
+    config: ConfigOption = None,
+    role: Annotated[str, typer.Option(help="all | scp | worker")] = "all",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the DICOM node: C-STORE SCP, stability monitor and worker."""
+    from dicom_node.db import DatabaseUnavailable
+    from dicom_node.service import Node
+    from synthesis.errors import ModelMismatch
+
+    _logging(verbose)
+    settings = _settings(config)
+    try:
+        node = Node(settings, role)
+        node.run_until_signalled()
+    except ModelMismatch as exc:
+        typer.echo(f"mr2ct: model_file: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except DatabaseUnavailable as exc:
+        typer.echo(f"mr2ct: database_url: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except ValueError as exc:
+        typer.echo(f"mr2ct: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    except OSError as exc:
+        typer.echo(f"mr2ct: cannot start: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+@config_app.command("show")
+def config_show(config: ConfigOption = None) -> None:
+    """Print the effective settings (file, then MR2CT_* variables), secrets masked."""
+    import json
+
+    settings = _settings(config)
+    typer.echo(json.dumps(settings.masked(), indent=2))
+
+
+@app.command()
+def demo(
+    once: Annotated[bool, typer.Option("--once", help="stop everything after printing where the sCT is")] = False,
+    workdir: Annotated[Path, typer.Option(help="folder for Orthanc storage, spool, database, logs")] = Path("var/demo"),
+    orthanc_http_port: Annotated[int, typer.Option()] = 8042,
+    orthanc_dicom_port: Annotated[int, typer.Option()] = 4242,
+    node_port: Annotated[int, typer.Option()] = 11112,
+    slices: Annotated[int, typer.Option(min=2, max=512)] = 32,
+) -> None:
+    """Start Orthanc and mr2ct on loopback, send a phantom MR series, show where the sCT is."""
+    from dicom_node.demo import run_demo
+
+    try:
+        code = run_demo(workdir, once, orthanc_http_port, orthanc_dicom_port, node_port, slices, say=typer.echo)
+    except (RuntimeError, TimeoutError) as exc:
+        typer.echo(f"mr2ct demo: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    raise typer.Exit(code)
+
+
+@app.command("sample-mr")
+def sample_mr(
+    out: Annotated[Path, typer.Option(help="folder to write the MR instances into")],
+    seed: Annotated[int, typer.Option()] = 1,
+    slices: Annotated[int, typer.Option(min=1, max=1024)] = 32,
+    size: Annotated[int, typer.Option(min=16, max=1024)] = 256,
+    pixel_spacing: Annotated[float, typer.Option()] = 1.0,
+    slice_spacing: Annotated[float, typer.Option()] = 4.0,
+) -> None:
+    """Write a phantom T1 head MR series (what a scanner would send)."""
+    from training.phantom_dicom import write_mr_series
+
+    series = write_mr_series(out, seed=seed, slices=slices, size=size, pixel_spacing=pixel_spacing, slice_spacing=slice_spacing)
+    typer.echo(f"{len(series.files)} MR instances in {out} (series {series.series_uid})")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,53 @@
+"""Engine and session factory; SQLite gets WAL and a busy timeout so SCP threads and the worker share it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.models import Base
+from synthesis.errors import Mr2ctError
+
+
+class DatabaseUnavailable(Mr2ctError):
+    pass
+
+
+def make_engine(url: str) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise DatabaseUnavailable(f"database_url {url!r} is not a valid SQLAlchemy URL: {exc}") from exc
+    kwargs: dict[str, Any] = {}
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
+    engine = create_engine(url, **kwargs)
+    if parsed.get_backend_name() == "sqlite":
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA busy_timeout=30000")
+            cur.close()
+
+    return engine
+
+
+def init_db(url: str) -> sessionmaker[Session]:
+    """Create the schema when missing and return a session factory; a clear error names the URL."""
+    engine = make_engine(url)
+    try:
+        Base.metadata.create_all(engine)
+    except OperationalError as exc:
+        shown = make_url(url).render_as_string(hide_password=True)
+        raise DatabaseUnavailable(f"cannot open database {shown}: {exc.orig}") from exc
+    return sessionmaker(engine, expire_on_commit=False)

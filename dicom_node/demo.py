@@ -1,0 +1,91 @@
+"""``mr2ct demo``: Orthanc + mr2ct on loopback, a phantom MR series sent by storescu, the sCT shown in Orthanc."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from sqlalchemy import select
+
+from dicom_node.db import init_db
+from dicom_node.local_stack import NodeServer, OrthancServer, storescu
+from dicom_node.models import Job
+from training.phantom_dicom import write_mr_series
+
+
+def wait_for_job(database_url: str, series_uid: str, timeout: float, done_before: int = 0) -> Job:
+    """Wait until a job for ``series_uid`` newer than job id ``done_before`` has finished."""
+    sessions = init_db(database_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sessions() as session:
+            job = session.scalars(
+                select(Job).where(Job.series_instance_uid == series_uid, Job.id > done_before, Job.state.in_(("done", "failed"))).order_by(Job.id.desc())
+            ).first()
+        if job is not None:
+            return job
+        time.sleep(0.5)
+    raise TimeoutError(f"no finished job for series {series_uid} within {timeout:.0f} s")
+
+
+def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, node_port: int, slices: int, say=print) -> int:
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    database = workdir / "mr2ct.db"
+    database.unlink(missing_ok=True)
+    orthanc = OrthancServer(workdir / "orthanc", orthanc_http, orthanc_dicom, modalities={"mr2ct": ["MR2CT", "127.0.0.1", node_port]})
+    node: NodeServer | None = None
+    try:
+        say(f"starting Orthanc on http://127.0.0.1:{orthanc_http} (DICOM {orthanc_dicom}) ...")
+        orthanc.start()
+        env = {
+            "MR2CT_AE_TITLE": "MR2CT", "MR2CT_DICOM_PORT": str(node_port), "MR2CT_ALLOWED_AES": "DEMO_SCANNER,ORTHANC",
+            "MR2CT_SPOOL_DIR": str(workdir / "spool"), "MR2CT_DATABASE_URL": f"sqlite:///{database}",
+            "MR2CT_ORTHANC_URL": orthanc.url, "MR2CT_ORTHANC_USERNAME": orthanc.username, "MR2CT_ORTHANC_PASSWORD": orthanc.password,
+            "MR2CT_STABLE_SECONDS": "2",
+        }
+        say(f"starting mr2ct serve (AE MR2CT on 127.0.0.1:{node_port}) ...")
+        node = NodeServer(workdir / "node", env, node_port)
+        node.start()
+        say(f"making a phantom T1 head series ({slices} slices, 256x256) ...")
+        series = write_mr_series(workdir / "sample-mr", seed=7, slices=slices, size=256, pixel_spacing=1.0, slice_spacing=4.0)
+        say("sending it with storescu (TCP_NODELAY=1) as DEMO_SCANNER -> MR2CT ...")
+        sent = storescu(series.folder, node_port, "MR2CT", "DEMO_SCANNER")
+        if sent.returncode != 0:
+            say(f"storescu failed ({sent.returncode}):\n{sent.stderr}")
+            return 1
+        started = time.monotonic()
+        job = wait_for_job(f"sqlite:///{database}", series.series_uid, timeout=600)
+        if job.state != "done":
+            say(f"the job failed: {job.error}\nnode log: {node.log_path}")
+            return 1
+        lookup = httpx.post(f"{orthanc.url}/tools/lookup", content=series.study_uid, auth=orthanc.auth, timeout=10).json()
+        study_id = next(r["ID"] for r in lookup if r["Type"] == "Study")
+        say("")
+        say(f"synthetic CT stored in Orthanc ({time.monotonic() - started:.1f} s after the last instance was sent, job {job.seconds:.1f} s on {job.device})")
+        say(f"  Orthanc Explorer : {orthanc.url}/app/explorer.html#study?uuid={study_id}")
+        say(f"  login            : {orthanc.username} / {orthanc.password}")
+        say(f"  study UID        : {series.study_uid}")
+        say(f"  MR series UID    : {series.series_uid}")
+        say(f"  sCT series UID   : {job.ct_series_uid} ({job.instance_count} instances)")
+        say(f"  SR series UID    : {job.sr_series_uid}")
+        say(f"  logs             : {node.log_path}, {orthanc.log_path}")
+        if once or not sys.stdin.isatty():
+            say("stopping (--once or no terminal).")
+            return 0
+        say("\nOrthanc and mr2ct keep running; press Ctrl-C to stop them.")
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        stop.wait()
+        say("stopping ...")
+        return 0
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()

@@ -1,0 +1,200 @@
+"""Start Orthanc and the node as plain processes on loopback (demo, tests, benches).
+
+Every process gets ``TCP_NODELAY=1`` (dcmtk and Orthanc stall ~40 ms per
+instance on loopback without it) and is stopped by ``stop()``, which the
+context managers always call.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO_ORTHANC_CONFIG = Path(__file__).resolve().parent.parent / "orthanc" / "orthanc.json"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def nodelay_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["TCP_NODELAY"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def _stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 20.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+class OrthancServer:
+    """Orthanc with the project's config, its own fresh storage folder, loopback ports."""
+
+    def __init__(self, workdir: Path, http_port: int = 8042, dicom_port: int = 4242, aet: str = "ORTHANC",
+                 modalities: dict[str, list[Any]] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.http_port, self.dicom_port, self.aet = http_port, dicom_port, aet
+        self.username = "mr2ct"
+        self.password = secrets.token_urlsafe(16)
+        self.modalities = modalities or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / "orthanc.log"
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def auth(self) -> tuple[str, str]:
+        return (self.username, self.password)
+
+    def write_config(self) -> Path:
+        config = json.loads(REPO_ORTHANC_CONFIG.read_text())
+        storage = self.workdir / "storage"
+        if storage.exists():  # a fresh folder every start (a killed Orthanc's index once failed to reopen)
+            shutil.rmtree(storage)
+        storage.mkdir(parents=True)
+        config.update(
+            StorageDirectory=str(storage), IndexDirectory=str(storage), HttpPort=self.http_port, DicomPort=self.dicom_port,
+            DicomAet=self.aet, RegisteredUsers={self.username: self.password}, DicomModalities=self.modalities,
+        )
+        plugins = [p for p in config.get("Plugins", []) if Path(p).exists()]
+        config["Plugins"] = plugins
+        path = self.workdir / "orthanc-generated.json"
+        path.write_text(json.dumps(config, indent=2))
+        path.chmod(0o600)
+        return path
+
+    def start(self, timeout: float = 60.0) -> None:
+        binary = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        if not Path(binary).exists():
+            raise RuntimeError("Orthanc is not installed; run deploy/local/install.sh")
+        for port in (self.http_port, self.dicom_port):
+            if port_in_use(port):
+                raise RuntimeError(f"port {port} on 127.0.0.1 is already in use; stop what holds it or choose another port")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        config = self.write_config()
+        self.log_file = open(self.log_path, "wb")
+        self.proc = subprocess.Popen([binary, str(config)], stdout=self.log_file, stderr=subprocess.STDOUT, env=nodelay_env(), start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(f"{self.url}/system", auth=self.auth, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"Orthanc did not answer /system within {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        _stop_process(self.proc)
+        self.proc = None
+        if getattr(self, "log_file", None):
+            self.log_file.close()
+
+    def get(self, path: str, **kwargs: Any) -> Any:
+        response = httpx.get(f"{self.url}{path}", auth=self.auth, timeout=30, **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+    def __enter__(self) -> "OrthancServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class NodeServer:
+    """``mr2ct serve`` as a child process, configured through MR2CT_* variables."""
+
+    def __init__(self, workdir: Path, env: dict[str, str], port: int) -> None:
+        self.workdir = Path(workdir)
+        self.env, self.port = env, port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / "mr2ct.log"
+
+    def start(self, timeout: float = 120.0) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if port_in_use(self.port):
+            raise RuntimeError(f"port {self.port} on 127.0.0.1 is already in use; stop what holds it or choose another port")
+        self.log_file = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node.cli", "serve"], stdout=self.log_file, stderr=subprocess.STDOUT,
+            env=nodelay_env(self.env), cwd=self.workdir, start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mr2ct serve exited with {self.proc.returncode}; see {self.log_path}")
+            if port_in_use(self.port):
+                return
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"mr2ct serve did not listen on port {self.port} within {timeout:.0f} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        _stop_process(self.proc, timeout=60)
+        self.proc = None
+        if getattr(self, "log_file", None):
+            self.log_file.close()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def __enter__(self) -> "NodeServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def storescu(files_or_dir: Path, port: int, called_ae: str, calling_ae: str = "STORESCU", timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Send a folder (or file) with dcmtk's storescu, TCP_NODELAY=1."""
+    binary = shutil.which("storescu")
+    if binary is None:
+        raise RuntimeError("dcmtk's storescu is not installed; run deploy/local/install.sh")
+    args = [binary, "-aet", calling_ae, "-aec", called_ae]
+    if Path(files_or_dir).is_dir():
+        args += ["+sd"]
+    args += ["127.0.0.1", str(port), str(files_or_dir)]
+    return subprocess.run(args, capture_output=True, text=True, env=nodelay_env(), timeout=timeout)
+
+
+def echoscu(port: int, called_ae: str, calling_ae: str = "ECHOSCU", timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("echoscu")
+    if binary is None:
+        raise RuntimeError("dcmtk's echoscu is not installed; run deploy/local/install.sh")
+    return subprocess.run([binary, "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)], capture_output=True, text=True, env=nodelay_env(), timeout=timeout)

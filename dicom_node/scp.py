@@ -1,0 +1,152 @@
+"""The C-STORE SCP: pynetdicom events bound to small handlers.
+
+A C-STORE handler validates, hands the bytes as received to the ingest layer
+(spool + database) and returns a status. It knows nothing of jobs or models.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.ingest import SUPPORTED_SOP_CLASSES, DatasetMismatch, Ingest, validate
+from dicom_node.models import Association, utcnow
+from dicom_node.spool import SpoolFull
+from synthesis.errors import InvalidInstance
+
+log = logging.getLogger(__name__)
+
+TRANSFER_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
+
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900
+STATUS_CANNOT_UNDERSTAND = 0xC000
+
+
+class StoreSCP:
+    def __init__(self, ae_title: str, allowed_aes: list[str], ingest: Ingest, sessions: sessionmaker[Session]) -> None:
+        self.ae_title = ae_title
+        self.ingest = ingest
+        self.sessions = sessions
+        self.ae = AE(ae_title=ae_title)
+        self.ae.require_calling_aet = list(allowed_aes)
+        self.ae.maximum_pdu_size = 0  # no limit on what we receive
+        self.ae.add_supported_context(Verification)
+        for sop_class in SUPPORTED_SOP_CLASSES:
+            self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        self._associations: dict[int, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        self._server: Any = None
+
+    # -- association bookkeeping -------------------------------------------------
+    def _on_accepted(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        with self.sessions.begin() as session:
+            row = Association(
+                calling_ae=requestor.ae_title, called_ae=self.ae_title, peer_address=f"{requestor.address}:{requestor.port}",
+            )
+            session.add(row)
+            session.flush()
+            assoc_id = row.id
+        with self._lock:
+            self._associations[id(event.assoc)] = {"id": assoc_id, "stored": 0, "refused": 0, "series": set()}
+        log.info("association accepted assoc=%d calling_ae=%s peer=%s", assoc_id, requestor.ae_title, requestor.address)
+
+    def _on_end(self, event: evt.Event, outcome: str) -> None:
+        with self._lock:
+            state = self._associations.pop(id(event.assoc), None)
+        if state is None:
+            return
+        requestor = event.assoc.requestor
+        with self.sessions.begin() as session:
+            row = session.get(Association, state["id"])
+            if row is not None:
+                row.ended_at, row.outcome = utcnow(), outcome
+                row.instances_stored, row.instances_refused = state["stored"], state["refused"]
+        audit.record(
+            self.sessions, audit.ASSOCIATION, "success" if outcome == "released" else "warning",
+            f"{requestor.ae_title}@{requestor.address}", association_id=state["id"], outcome=outcome,
+            instances_stored=state["stored"], instances_refused=state["refused"], series=sorted(state["series"]),
+        )
+        log.info("association %s assoc=%d stored=%d refused=%d", outcome, state["id"], state["stored"], state["refused"])
+
+    def _on_rejected(self, event: evt.Event) -> None:
+        requestor = event.assoc.requestor
+        log.warning("association rejected calling_ae=%s peer=%s", requestor.ae_title, requestor.address)
+        audit.record(
+            self.sessions, audit.SECURITY_ALERT, "failure", f"{requestor.ae_title}@{requestor.address}",
+            reason="calling AE title not allowed", called_ae=self.ae_title,
+        )
+
+    # -- DIMSE handlers ----------------------------------------------------------
+    def _on_echo(self, event: evt.Event) -> int:
+        return STATUS_SUCCESS
+
+    def _on_store(self, event: evt.Event) -> int:
+        with self._lock:
+            state = self._associations.get(id(event.assoc), {"id": None, "stored": 0, "refused": 0, "series": set()})
+        request = event.request
+        calling_ae = event.assoc.requestor.ae_title
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            info = validate(ds, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
+            data = event.encoded_dataset(include_meta=True)
+            for attempt in range(5):
+                try:
+                    self.ingest.store(info, data, str(event.context.transfer_syntax), calling_ae, state["id"])
+                    break
+                except (IntegrityError, OperationalError):
+                    if attempt == 4:
+                        raise
+        except SpoolFull as exc:
+            return self._refuse(state, calling_ae, STATUS_OUT_OF_RESOURCES, str(exc), request)
+        except DatasetMismatch as exc:
+            return self._refuse(state, calling_ae, STATUS_DATASET_MISMATCH, str(exc), request)
+        except InvalidInstance as exc:
+            return self._refuse(state, calling_ae, STATUS_CANNOT_UNDERSTAND, str(exc), request)
+        except Exception as exc:  # a data set pydicom cannot parse, a database error: refuse, keep serving
+            log.exception("C-STORE failed assoc=%s", state["id"])
+            return self._refuse(state, calling_ae, STATUS_CANNOT_UNDERSTAND, f"{type(exc).__name__}: {exc}", request)
+        with self._lock:
+            state["stored"] += 1
+            state["series"].add(info.series_uid)
+        return STATUS_SUCCESS
+
+    def _refuse(self, state: dict[str, Any], calling_ae: str, status: int, reason: str, request: Any) -> int:
+        with self._lock:
+            state["refused"] += 1
+        sop_uid = str(getattr(request, "AffectedSOPInstanceUID", "") or "")[:64]
+        log.warning("C-STORE refused status=0x%04X assoc=%s reason=%s", status, state["id"], reason)
+        audit.record(
+            self.sessions, audit.INSTANCE_REFUSED, "failure", calling_ae,
+            association_id=state["id"], status=f"0x{status:04X}", reason=reason[:500], sop_instance_uid=sop_uid,
+        )
+        return status
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self, host: str, port: int) -> None:
+        handlers = [
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_RELEASED, lambda e: self._on_end(e, "released")),
+            (evt.EVT_ABORTED, lambda e: self._on_end(e, "aborted")),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
+        log.info("SCP listening ae_title=%s address=%s:%d", self.ae_title, host, port)
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None

@@ -1,0 +1,96 @@
+"""``mr2ct serve``: the SCP, the stability monitor and the worker in one process.
+
+Roles (``--role``): ``all`` (default) runs everything; ``scp`` only receives and
+groups; ``worker`` only runs jobs. Several workers over PostgreSQL are the
+scale-out issue's; the seams are here.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from dicom_node import audit
+from dicom_node.db import init_db
+from dicom_node.ingest import Ingest
+from dicom_node.orthanc_store import OrthancStore
+from dicom_node.scp import StoreSCP
+from dicom_node.settings import Settings
+from dicom_node.spool import Spool
+from dicom_node.worker import Worker, stability_loop
+from synthesis.infer import choose_device
+from synthesis.model_file import load_model
+
+log = logging.getLogger(__name__)
+
+ROLES = ("all", "scp", "worker")
+
+
+@dataclass
+class Node:
+    settings: Settings
+    role: str = "all"
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {self.role!r}")
+        self.stop_event = threading.Event()
+        self.threads: list[threading.Thread] = []
+        self.scp: StoreSCP | None = None
+
+    def start(self) -> None:
+        s = self.settings
+        self.sessions = init_db(s.database_url)
+        if self.role in ("all", "worker"):
+            if s.cpu_threads:
+                torch.set_num_threads(s.cpu_threads)
+            model = load_model(s.model_file)
+            device = choose_device(s.device)
+            log.info("device=%s reason=%s", device.label, device.reason)
+            log.info("model=%s sha256=%s architecture=%s", s.model_file.name, model.short_digest, model.card["architecture"])
+            password = s.orthanc_password.get_secret_value() if s.orthanc_password else None
+            store = OrthancStore(s.orthanc_url, s.orthanc_username, password)
+            worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size)
+            self._thread("worker", worker.loop, self.stop_event, s.poll_seconds)
+        if self.role in ("all", "scp"):
+            if not s.allowed_aes:
+                log.warning("allowed_aes is empty: any calling AE title may store to %s", s.ae_title)
+            spool = Spool(s.spool_dir)
+            self.scp = StoreSCP(s.ae_title, s.allowed_aes, Ingest(spool, self.sessions), self.sessions)
+            self.scp.start(s.dicom_host, s.dicom_port)
+            self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event)
+        audit.record(self.sessions, audit.APPLICATION_START, "success", f"mr2ct {self.role}", ae_title=s.ae_title, port=s.dicom_port)
+
+    def _thread(self, name: str, target: object, *args: object) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]
+        thread.start()
+        self.threads.append(thread)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.scp is not None:
+            self.scp.stop()
+        for thread in self.threads:
+            thread.join(timeout=120)
+        audit.record(self.sessions, audit.APPLICATION_STOP, "success", f"mr2ct {self.role}")
+        log.info("stopped")
+
+    def run_until_signalled(self) -> None:
+        done = threading.Event()
+
+        def _handler(signum: int, _frame: object) -> None:
+            log.info("signal %d: stopping", signum)
+            done.set()
+
+        signal.signal(signal.SIGTERM, _handler)
+        signal.signal(signal.SIGINT, _handler)
+        self.start()
+        try:
+            while not done.wait(1.0):
+                pass
+        finally:
+            self.stop()

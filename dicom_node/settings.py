@@ -1,0 +1,142 @@
+"""Settings: one pydantic-settings class, read from a TOML file and ``MR2CT_*`` variables.
+
+Precedence (highest first): explicit arguments, environment variables, the
+config file (``--config`` or ``MR2CT_CONFIG``), defaults. A bad value stops
+start-up with a message that names the key.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from synthesis.model_file import default_model_path
+
+AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
+UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key."""
+
+
+def _check_ae_title(value: str, key: str) -> str:
+    stripped = value.strip()
+    if not AE_TITLE_RE.match(stripped):
+        raise ValueError(f"{key} {value!r} is not a valid AE title (1-16 printable ASCII characters, no backslash)")
+    return stripped
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MR2CT_", extra="forbid", validate_default=True)
+
+    ae_title: str = Field("MR2CT", description="AE title of the C-STORE SCP")
+    dicom_host: str = Field("127.0.0.1", description="address the SCP listens on")
+    dicom_port: int = Field(11112, ge=1, le=65535, description="port the SCP listens on")
+    allowed_aes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="calling AE titles allowed to associate (comma-separated in env); empty: any"
+    )
+    spool_dir: Path = Field(Path("var/spool"), description="durable spool of received instances")
+    database_url: str = Field("sqlite:///var/mr2ct.db", description="SQLAlchemy URL of the node's database")
+    orthanc_url: str = Field("http://127.0.0.1:8042", description="Orthanc REST URL results are stored into")
+    orthanc_username: str | None = Field(None, description="Orthanc HTTP user")
+    orthanc_password: SecretStr | None = Field(None, description="Orthanc HTTP password")
+    model_file: Path = Field(default_factory=default_model_path, description="generator weights (.safetensors) with their .json card")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="inference device")
+    cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (default: torch's choice)")
+    batch_size: int = Field(8, ge=1, le=1024, description="slices per inference batch")
+    stable_seconds: float = Field(10.0, gt=0, le=86400, description="a series is complete after this long without new instances")
+    uid_root: str = Field("1.2.826.0.1.3680043.8.498.", description="root of the UIDs mr2ct writes (ends with a dot)")
+    poll_seconds: float = Field(0.5, gt=0, le=60, description="how often the stability monitor and worker look for work")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        return _check_ae_title(value, "ae_title")
+
+    @field_validator("allowed_aes", mode="before")
+    @classmethod
+    def _split_aes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part for part in (p.strip() for p in value.split(",")) if part]
+        return value
+
+    @field_validator("allowed_aes")
+    @classmethod
+    def _check_aes(cls, value: list[str]) -> list[str]:
+        return [_check_ae_title(v, "allowed_aes entry") for v in value]
+
+    @field_validator("uid_root")
+    @classmethod
+    def _uid_root(cls, value: str) -> str:
+        if not UID_ROOT_RE.match(value) or len(value) > 40:
+            raise ValueError(f"{value!r} must be dotted digits ending with '.', at most 40 characters (room for the UID suffix)")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError(f"{value!r} is not a SQLAlchemy URL (e.g. sqlite:///var/mr2ct.db)")
+        return value
+
+    @field_validator("orthanc_url")
+    @classmethod
+    def _orthanc_url(cls, value: str) -> str:
+        if not re.match(r"^https?://", value):
+            raise ValueError(f"{value!r} must start with http:// or https://")
+        return value.rstrip("/")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        config_file = os.environ.get("MR2CT_CONFIG")
+        if config_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
+        return tuple(sources)
+
+    def masked(self) -> dict[str, Any]:
+        """Effective settings for display, secrets masked."""
+        shown: dict[str, Any] = {}
+        for key, value in self.model_dump().items():
+            if isinstance(value, SecretStr) or key.endswith("password"):
+                shown[key] = "********" if value else None
+            elif isinstance(value, Path):
+                shown[key] = str(value)
+            else:
+                shown[key] = value
+        url = shown.get("database_url", "")
+        shown["database_url"] = re.sub(r"://([^:/@]+):([^@]+)@", r"://\1:********@", url)
+        return shown
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read the settings; raise ``ConfigError`` naming the bad key(s)."""
+    if config_file is not None:
+        if not Path(config_file).is_file():
+            raise ConfigError(f"config file {config_file} does not exist")
+        os.environ["MR2CT_CONFIG"] = str(config_file)
+    elif os.environ.get("MR2CT_CONFIG") and not Path(os.environ["MR2CT_CONFIG"]).is_file():
+        raise ConfigError(f"config file {os.environ['MR2CT_CONFIG']} (MR2CT_CONFIG) does not exist")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "?"
+            problems.append(f"{key} (MR2CT_{key.upper().split('.')[0]}): {err['msg']}")
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+    except Exception as exc:  # a TOML syntax error, an unreadable file
+        raise ConfigError(f"cannot read configuration: {exc}") from exc

@@ -1,0 +1,141 @@
+"""The worker: claims one job at a time (with a lease) and runs the synthesis pipeline on it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from datetime import timedelta
+
+import pydicom
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.ingest import mark_stable, stable_series
+from dicom_node.models import Instance, Job, Series, utcnow
+from dicom_node.orthanc_store import OrthancStore
+from synthesis.ct_writer import SyntheticCTSeries
+from synthesis.errors import Mr2ctError
+from synthesis.infer import DeviceChoice, synthesize
+from synthesis.model_file import LoadedModel
+from synthesis.sr_writer import build_provenance_sr
+from synthesis.volume import assemble
+
+log = logging.getLogger(__name__)
+
+LEASE_SECONDS = 600
+
+
+def claim_job(sessions: sessionmaker[Session], worker_id: str) -> int | None:
+    """Take the oldest queued job (or one whose lease ran out); None when there is none."""
+    now = utcnow()
+    with sessions.begin() as session:
+        candidate = session.scalars(
+            select(Job.id)
+            .where(or_(Job.state == "queued", (Job.state == "running") & (Job.lease_until < now)))
+            .order_by(Job.created_at)
+            .limit(1)
+        ).first()
+        if candidate is None:
+            return None
+        claimed = session.execute(
+            update(Job)
+            .where(Job.id == candidate, or_(Job.state == "queued", (Job.state == "running") & (Job.lease_until < now)))
+            .values(state="running", worker=worker_id, started_at=now, lease_until=now + timedelta(seconds=LEASE_SECONDS), attempts=Job.attempts + 1)
+        ).rowcount
+        return candidate if claimed else None
+
+
+class Worker:
+    def __init__(
+        self, sessions: sessionmaker[Session], model: LoadedModel, device: DeviceChoice, store: OrthancStore,
+        uid_root: str, batch_size: int,
+    ) -> None:
+        self.sessions, self.model, self.device, self.store = sessions, model, device, store
+        self.uid_root, self.batch_size = uid_root, batch_size
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+
+    def run_job(self, job_id: int) -> None:
+        started = time.perf_counter()
+        with self.sessions() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            series = session.get(Series, job.series_instance_uid)
+            assert series is not None
+            paths = session.scalars(select(Instance.path).where(Instance.series_instance_uid == job.series_instance_uid)).all()
+            series_uid, study_uid = series.series_instance_uid, series.study_instance_uid
+        actor = f"worker {self.worker_id}"
+        audit.record(self.sessions, audit.JOB_STARTED, "success", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, instances=len(paths))
+        log.info("job started job=%d series=%s instances=%d", job_id, series_uid, len(paths))
+        try:
+            datasets = [pydicom.dcmread(p) for p in paths]
+            source = assemble(datasets)
+            hu = synthesize(source.volume.voxels, source.volume.pixel_spacing, self.model, self.device.device, self.batch_size)
+            ct = SyntheticCTSeries(source=source, hu=hu, model=self.model, uid_root=self.uid_root, device_label=self.device.label)
+            sr = build_provenance_sr(
+                ct=ct, mr_headers=source.headers, uid_root=self.uid_root,
+                processing_seconds=time.perf_counter() - started, device_label=self.device.label,
+            )
+            self.store.store(ct.datasets)
+            self.store.store([sr])
+            self.store.verify(ct.series_instance_uid, len(ct.datasets))
+            self.store.verify(str(sr.SeriesInstanceUID), 1)
+        except Exception as exc:
+            reason = str(exc) if isinstance(exc, Mr2ctError) else f"{type(exc).__name__}: {exc}"
+            log.exception("job failed job=%d series=%s", job_id, series_uid) if not isinstance(exc, Mr2ctError) else log.error("job failed job=%d series=%s reason=%s", job_id, series_uid, reason)
+            with self.sessions.begin() as session:
+                session.execute(update(Job).where(Job.id == job_id).values(state="failed", finished_at=utcnow(), error=reason[:2000], lease_until=None))
+            audit.record(self.sessions, audit.JOB_FAILED, "failure", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, reason=reason[:500])
+            return
+        seconds = time.perf_counter() - started
+        with self.sessions.begin() as session:
+            session.execute(
+                update(Job).where(Job.id == job_id).values(
+                    state="done", finished_at=utcnow(), lease_until=None, error=None, ct_series_uid=ct.series_instance_uid,
+                    sr_series_uid=str(sr.SeriesInstanceUID), sr_sop_instance_uid=str(sr.SOPInstanceUID),
+                    model_sha256=self.model.sha256, device=self.device.label, seconds=seconds, instance_count=len(datasets),
+                )
+            )
+        audit.record(
+            self.sessions, audit.INSTANCES_TRANSFERRED, "success", actor, study_uid=study_uid, series_uid=ct.series_instance_uid,
+            job_id=job_id, destination=self.store.url, instances=len(ct.datasets) + 1, sr_series_uid=str(sr.SeriesInstanceUID),
+        )
+        audit.record(
+            self.sessions, audit.JOB_FINISHED, "success", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id,
+            ct_series_uid=ct.series_instance_uid, sr_series_uid=str(sr.SeriesInstanceUID), seconds=round(seconds, 2),
+            model_sha256=self.model.sha256, device=self.device.label,
+        )
+        log.info("job done job=%d series=%s ct_series=%s seconds=%.2f", job_id, series_uid, ct.series_instance_uid, seconds)
+
+    def loop(self, stop: threading.Event, poll_seconds: float) -> None:
+        while not stop.is_set():
+            try:
+                job_id = claim_job(self.sessions, self.worker_id)
+            except Exception:
+                log.exception("cannot claim a job")
+                job_id = None
+            if job_id is None:
+                stop.wait(poll_seconds)
+                continue
+            self.run_job(job_id)
+
+
+def stability_loop(sessions: sessionmaker[Session], stable_seconds: float, poll_seconds: float, stop: threading.Event) -> None:
+    """Turn series that stayed quiet for ``stable_seconds`` into jobs (like Orthanc's StableAge)."""
+    while not stop.wait(poll_seconds):
+        try:
+            for series_uid in stable_series(sessions, stable_seconds):
+                state, job_id = mark_stable(sessions, series_uid, stable_seconds)
+                if state == "stable":
+                    with sessions() as session:
+                        series = session.get(Series, series_uid)
+                        study_uid, count = (series.study_instance_uid, series.instance_count) if series else (None, 0)
+                    audit.record(sessions, audit.SERIES_STABLE, "success", "stability monitor", study_uid=study_uid, series_uid=series_uid, job_id=job_id, instances=count)
+                    log.info("series stable series=%s job=%s instances=%d", series_uid, job_id, count)
+                elif state == "ignored":
+                    audit.record(sessions, audit.SERIES_STABLE, "warning", "stability monitor", series_uid=series_uid, reason="not an MR series")
+        except Exception:
+            log.exception("stability monitor pass failed")

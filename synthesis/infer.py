@@ -1,0 +1,90 @@
+"""Volume -> volume: normalise the MR, run the generator slice-wise in batches, map to HU.
+
+Each slice is resampled to the model grid (the card's pixel spacing), padded
+to a multiple of 4, run, cropped and resampled back, so the sCT has the MR's
+matrix and geometry whatever the MR's spacing or matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from synthesis.model_file import LoadedModel
+from synthesis.normalize import mr_to_unit, unit_to_hu
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    device: torch.device
+    reason: str
+
+    @property
+    def label(self) -> str:
+        if self.device.type == "cuda":
+            return f"cuda ({torch.cuda.get_device_name(self.device)})"
+        return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def choose_device(requested: str) -> DeviceChoice:
+    """``auto``: CUDA when present, otherwise CPU. ``cuda`` without a GPU is an error."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+    has_cuda = torch.cuda.is_available()
+    if requested == "cuda" and not has_cuda:
+        raise ValueError("device is 'cuda' but torch sees no CUDA GPU; use 'auto' or 'cpu'")
+    if requested == "cpu":
+        return DeviceChoice(torch.device("cpu"), "device=cpu in the configuration")
+    if has_cuda:
+        return DeviceChoice(torch.device("cuda"), f"device={requested} and CUDA is available")
+    return DeviceChoice(torch.device("cpu"), "device=auto and no CUDA GPU is visible")
+
+
+def _to_grid(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    if tuple(batch.shape[-2:]) == size:
+        return batch
+    return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+@torch.inference_mode()
+def synthesize(
+    voxels: np.ndarray,
+    pixel_spacing: tuple[float, float],
+    model: LoadedModel,
+    device: torch.device,
+    batch_size: int = 8,
+) -> np.ndarray:
+    """MR volume (slices, rows, cols) -> sCT volume in HU, same shape, float32."""
+    if voxels.ndim != 3:
+        raise ValueError(f"voxels must be (slices, rows, columns), got shape {voxels.shape}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    norm = model.card["normalization"]
+    unit = mr_to_unit(voxels, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
+    slices, rows, cols = unit.shape
+    target = model.pixel_spacing_mm
+    grid = (max(4, round(rows * pixel_spacing[0] / target)), max(4, round(cols * pixel_spacing[1] / target)))
+    pad_r, pad_c = (-grid[0]) % 4, (-grid[1]) % 4
+    generator = model.generator.to(device)
+    use_autocast = device.type == "cuda"
+    out = np.empty_like(unit)
+    started = time.perf_counter()
+    for start in range(0, slices, batch_size):
+        batch = torch.from_numpy(unit[start : start + batch_size, None]).to(device)
+        x = _to_grid(batch, grid)
+        if pad_r or pad_c:
+            x = F.pad(x, (0, pad_c, 0, pad_r), mode="reflect" if min(grid) > max(pad_r, pad_c) else "replicate")
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
+            y = generator(x)
+        y = y.float()[..., : grid[0], : grid[1]]
+        y = _to_grid(y, (rows, cols)).clamp_(-1.0, 1.0)
+        out[start : start + batch_size] = y[:, 0].cpu().numpy()
+    log.info("inference slices=%d grid=%dx%d seconds=%.2f device=%s", slices, grid[0], grid[1], time.perf_counter() - started, device)
+    return unit_to_hu(out, model.hu_range)

@@ -1,0 +1,115 @@
+"""Model files: safetensors weights plus a JSON card that describes them.
+
+``<name>.safetensors`` holds the generator's state dict; ``<name>.json`` (the
+card) names the architecture and its parameters, the model grid (pixel
+spacing), the MR normalisation, the HU range, how it was trained, and the
+SHA-256 of the weights file. Loading refuses a card that does not match.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from synthesis.errors import ModelMismatch
+from synthesis.networks import build_generator
+
+REQUIRED_CARD_KEYS = ("architecture", "parameters", "pixel_spacing_mm", "normalization", "hu_range", "sha256")
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def card_path_for(weights: Path) -> Path:
+    return weights.with_suffix(".json")
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    generator: nn.Module
+    card: dict[str, Any]
+    weights_path: Path
+
+    @property
+    def sha256(self) -> str:
+        return str(self.card["sha256"])
+
+    @property
+    def short_digest(self) -> str:
+        return self.sha256[:12]
+
+    @property
+    def hu_range(self) -> tuple[float, float]:
+        lo, hi = self.card["hu_range"]
+        return float(lo), float(hi)
+
+    @property
+    def pixel_spacing_mm(self) -> float:
+        return float(self.card["pixel_spacing_mm"])
+
+
+def save_model(weights: Path, generator: nn.Module, card: dict[str, Any]) -> dict[str, Any]:
+    """Write weights and card; the card gets the weights' SHA-256. Returns the card written."""
+    weights = Path(weights)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    save_file(state, str(weights))
+    full = dict(card)
+    full["sha256"] = sha256_of(weights)
+    full["weights_file"] = weights.name
+    card_path_for(weights).write_text(json.dumps(full, indent=2, sort_keys=True) + "\n")
+    return full
+
+
+def load_model(weights: Path) -> LoadedModel:
+    """Load a generator from its weights file and card, checking one against the other."""
+    weights = Path(weights)
+    card_file = card_path_for(weights)
+    if not weights.is_file():
+        raise ModelMismatch(f"model weights {weights} not found; set model_file to a .safetensors file made by `mr2ct train`")
+    if not card_file.is_file():
+        raise ModelMismatch(f"model card {card_file} not found next to {weights.name}; every model file needs its JSON card")
+    try:
+        card = json.loads(card_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelMismatch(f"model card {card_file} is not valid JSON: {exc}") from exc
+    missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
+    if missing:
+        raise ModelMismatch(f"model card {card_file} lacks {', '.join(missing)}")
+    actual = sha256_of(weights)
+    if actual != card["sha256"]:
+        raise ModelMismatch(
+            f"weights {weights.name} have SHA-256 {actual[:12]}..., but card {card_file.name} says "
+            f"{str(card['sha256'])[:12]}...: the card belongs to other weights"
+        )
+    try:
+        generator = build_generator(card["architecture"], dict(card["parameters"]))
+        generator.load_state_dict(load_file(str(weights)), strict=True)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        raise ModelMismatch(f"weights {weights.name} do not fit the architecture in {card_file.name}: {exc}") from exc
+    generator.eval()
+    for p in generator.parameters():
+        p.requires_grad_(False)
+    return LoadedModel(generator=generator, card=card, weights_path=weights)
+
+
+def default_model_path() -> Path:
+    """The model shipped with mr2ct (trained on phantoms by `mr2ct train --preset quick`)."""
+    return Path(__file__).resolve().parent / "models" / "mr2ct-phantom.safetensors"
+
+
+def to_device(model: LoadedModel, device: torch.device) -> LoadedModel:
+    model.generator.to(device)
+    return model

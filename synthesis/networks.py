@@ -1,0 +1,105 @@
+"""Generator and discriminator builders (pure ``nn.Module``s).
+
+The generator is the ResNet generator of Zhu et al. 2017 (CycleGAN): reflection
+padding, instance normalisation, two stride-2 downsamplings, ``n_blocks``
+residual blocks, two transposed-convolution upsamplings and a tanh output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, kernel_size=3, bias=True),
+            nn.InstanceNorm2d(channels),
+            nn.ReLU(inplace=True),
+            nn.ReflectionPad2d(1),
+            nn.Conv2d(channels, channels, kernel_size=3, bias=True),
+            nn.InstanceNorm2d(channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.block(x)
+
+
+class ResnetGenerator(nn.Module):
+    """ResNet generator (Zhu et al. 2017), one input and one output channel by default.
+
+    Input height and width must be multiples of 4 (two stride-2 steps); callers pad.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, ngf: int = 64, n_blocks: int = 9) -> None:
+        super().__init__()
+        if ngf < 1:
+            raise ValueError(f"ngf must be >= 1, got {ngf}")
+        if n_blocks < 0:
+            raise ValueError(f"n_blocks must be >= 0, got {n_blocks}")
+        layers: list[nn.Module] = [
+            nn.ReflectionPad2d(3),
+            nn.Conv2d(in_channels, ngf, kernel_size=7, bias=True),
+            nn.InstanceNorm2d(ngf),
+            nn.ReLU(inplace=True),
+        ]
+        channels = ngf
+        for _ in range(2):
+            layers += [
+                nn.Conv2d(channels, channels * 2, kernel_size=3, stride=2, padding=1, bias=True),
+                nn.InstanceNorm2d(channels * 2),
+                nn.ReLU(inplace=True),
+            ]
+            channels *= 2
+        layers += [ResnetBlock(channels) for _ in range(n_blocks)]
+        for _ in range(2):
+            layers += [
+                nn.ConvTranspose2d(channels, channels // 2, kernel_size=3, stride=2, padding=1, output_padding=1, bias=True),
+                nn.InstanceNorm2d(channels // 2),
+                nn.ReLU(inplace=True),
+            ]
+            channels //= 2
+        layers += [nn.ReflectionPad2d(3), nn.Conv2d(channels, out_channels, kernel_size=7), nn.Tanh()]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+class PatchDiscriminator(nn.Module):
+    """PatchGAN discriminator (Zhu et al. 2017); ``n_layers=3`` gives the 70x70 receptive field."""
+
+    def __init__(self, in_channels: int = 1, ndf: int = 64, n_layers: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for n in range(1, n_layers + 1):
+            prev, mult = mult, min(2**n, 8)
+            stride = 2 if n < n_layers else 1
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, stride=stride, padding=1),
+                nn.InstanceNorm2d(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        layers += [nn.Conv2d(ndf * mult, 1, 4, stride=1, padding=1)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
+GENERATORS: dict[str, type[nn.Module]] = {"resnet": ResnetGenerator}
+
+
+def build_generator(architecture: str, params: dict[str, Any]) -> nn.Module:
+    """Build the generator a model card names; unknown names are refused."""
+    try:
+        cls = GENERATORS[architecture]
+    except KeyError:
+        raise ValueError(f"unknown generator architecture {architecture!r}; known: {sorted(GENERATORS)}") from None
+    return cls(**params)

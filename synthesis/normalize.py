@@ -1,0 +1,35 @@
+"""Intensity mappings between stored values and the network's [-1, 1] range (pure functions)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+HU_MIN, HU_MAX = -1024.0, 3071.0
+
+
+def mr_to_unit(volume: np.ndarray, low_percentile: float = 0.5, high_percentile: float = 99.5) -> np.ndarray:
+    """Robust percentile clipping of a whole MR volume to [-1, 1].
+
+    Percentiles are taken over the whole volume so that every slice of a series
+    gets the same mapping.
+    """
+    if not 0.0 <= low_percentile < high_percentile <= 100.0:
+        raise ValueError(f"percentiles must satisfy 0 <= low < high <= 100, got {low_percentile}, {high_percentile}")
+    volume = np.asarray(volume, dtype=np.float32)
+    lo, hi = np.percentile(volume, [low_percentile, high_percentile])
+    if hi <= lo:
+        return np.full(volume.shape, -1.0, dtype=np.float32)
+    scaled = (volume - lo) / (hi - lo) * 2.0 - 1.0
+    return np.clip(scaled, -1.0, 1.0).astype(np.float32)
+
+
+def hu_to_unit(hu: np.ndarray, hu_range: tuple[float, float]) -> np.ndarray:
+    lo, hi = hu_range
+    return (np.clip(np.asarray(hu, dtype=np.float32), lo, hi) - lo) / (hi - lo) * 2.0 - 1.0
+
+
+def unit_to_hu(unit: np.ndarray, hu_range: tuple[float, float]) -> np.ndarray:
+    """Network output in [-1, 1] to HU, clipped to what CT storage holds ([-1024, 3071])."""
+    lo, hi = hu_range
+    hu = (np.asarray(unit, dtype=np.float32) + 1.0) / 2.0 * (hi - lo) + lo
+    return np.clip(hu, HU_MIN, HU_MAX)

@@ -1,0 +1,177 @@
+"""The provenance SR (Comprehensive 3D SR, built with highdicom) and its reader.
+
+The report names mr2ct as the observing device, identifies the algorithm
+(name, version, model SHA-256, architecture, training run, normalisation, N4),
+references every source MR instance and every derived CT instance, and records
+when, how long and on which device the sCT was made. ``read_provenance`` parses
+it back into the same facts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import highdicom as hd
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import CTImageStorage
+
+import synthesis
+from synthesis.ct_writer import MANUFACTURER, SyntheticCTSeries, contributing_equipment, copy_patient_and_study
+from synthesis.uids import derived_uid
+
+# Standard DCM concepts only (no private coding scheme for validators to flag).
+DERIVED_IMAGE = codes.DCM.Derivation  # 121401: an IMAGE item naming each derived CT instance
+DERIVED_SERIES = codes.DCM.SeriesInstanceUID  # 112002: the derived CT series
+PROCESSING_SECONDS = codes.DCM.DurationOfTimePeriod  # 130532
+COMPUTE_DEVICE = codes.DCM.DeviceDescription  # 120999
+ALGORITHM_NAME = "mr2ct CycleGAN MR-to-CT generator"
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """The facts an SR records; what ``read_provenance`` returns."""
+
+    algorithm_name: str
+    algorithm_version: str
+    parameters: dict[str, str]
+    source_series_uid: str
+    source_instance_uids: list[str]
+    derived_series_uid: str
+    derived_instance_uids: list[str]
+    processing_seconds: float
+    compute_device: str
+    processed_at: str
+    observer_uid: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def model_parameters(card: dict[str, Any]) -> dict[str, str]:
+    training = card.get("training", {})
+    norm = card.get("normalization", {})
+    return {
+        "model_sha256": str(card["sha256"]),
+        "architecture": str(card["architecture"]),
+        "architecture_parameters": ",".join(f"{k}={v}" for k, v in sorted(card.get("parameters", {}).items())),
+        "training_run": str(card.get("name", "")),
+        "training_command": str(training.get("command", ""))[:200],
+        "normalization": f"{norm.get('method', '?')}:{norm.get('low', '?')}-{norm.get('high', '?')}",
+        "n4_bias_correction": "on" if card.get("n4_bias_correction") else "off",
+        "hu_range": ",".join(str(v) for v in card.get("hu_range", [])),
+    }
+
+
+def build_provenance_sr(
+    *, ct: SyntheticCTSeries, mr_headers: list[Dataset], uid_root: str, processing_seconds: float, device_label: str
+) -> Dataset:
+    """Build the SR for one synthesized series; raises ValueError/TypeError on bad arguments."""
+    if not isinstance(ct, SyntheticCTSeries):
+        raise TypeError(f"ct must be a SyntheticCTSeries, got {type(ct).__name__}")
+    if not mr_headers:
+        raise ValueError("mr_headers must name at least one source MR instance")
+    if processing_seconds < 0:
+        raise ValueError(f"processing_seconds must be >= 0, got {processing_seconds}")
+    model = ct.model
+    src_series = ct.source.series_instance_uid
+    observer_uid = derived_uid(uid_root, "mr2ct-device", synthesis.__version__)
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=observer_uid, name="mr2ct", manufacturer_name=MANUFACTURER, model_name=f"mr2ct {synthesis.__version__}",
+        ),
+    )
+    params = model_parameters(model.card)
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=ALGORITHM_NAME, version=synthesis.__version__, parameters=[f"{k}={v}" for k, v in params.items()]
+    )
+    root = hd.sr.ContainerContentItem(name=codes.DCM.ImageProcessing, template_id=None)
+    items: list[Any] = []
+    items.extend(observer)
+    for item in algorithm:
+        item.RelationshipType = "HAS CONCEPT MOD"
+        items.append(item)
+    processed_at = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
+    items.append(hd.sr.DateTimeContentItem(name=codes.DCM.DatetimeOfProcessing, value=datetime.strptime(processed_at, "%Y%m%d%H%M%S"), relationship_type="CONTAINS"))
+    items.append(hd.sr.TextContentItem(name=COMPUTE_DEVICE, value=device_label[:64], relationship_type="CONTAINS"))
+    items.append(
+        hd.sr.NumContentItem(
+            name=PROCESSING_SECONDS, value=round(float(processing_seconds), 3), unit=hd.sr.CodedConcept("s", "UCUM", "second"),
+            relationship_type="CONTAINS",
+        )
+    )
+    items.append(hd.sr.UIDRefContentItem(name=codes.DCM.SourceSeriesForImageProcessingOperation, value=src_series, relationship_type="CONTAINS"))
+    for mr in mr_headers:
+        items.append(
+            hd.sr.ImageContentItem(
+                name=codes.DCM.SourceImageForImageProcessingOperation, referenced_sop_class_uid=mr.SOPClassUID,
+                referenced_sop_instance_uid=mr.SOPInstanceUID, relationship_type="CONTAINS",
+            )
+        )
+    items.append(hd.sr.UIDRefContentItem(name=DERIVED_SERIES, value=ct.series_instance_uid, relationship_type="CONTAINS"))
+    for sop_uid in ct.sop_instance_uids:
+        items.append(
+            hd.sr.ImageContentItem(
+                name=DERIVED_IMAGE, referenced_sop_class_uid=CTImageStorage, referenced_sop_instance_uid=sop_uid,
+                relationship_type="CONTAINS",
+            )
+        )
+    root.ContentSequence = hd.sr.ContentSequence(items, is_root=False)
+
+    first = mr_headers[0]
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*mr_headers, *ct.datasets],
+        content=root,
+        series_instance_uid=derived_uid(uid_root, src_series, model.sha256, "sr-series"),
+        series_number=int(first.get("SeriesNumber", 0) or 0) + 2000,
+        sop_instance_uid=derived_uid(uid_root, src_series, model.sha256, "sr"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        is_complete=True,
+        is_final=True,
+        series_description=f"sCT provenance (mr2ct {synthesis.__version__}, model {model.short_digest})",
+        software_versions=synthesis.__version__,
+        manufacturer_model_name="mr2ct",
+    )
+    copy_patient_and_study(first, sr)
+    sr.ContributingEquipmentSequence = contributing_equipment(f"Provenance of synthetic CT series {ct.series_instance_uid}")
+    return sr
+
+
+def _name(item: Dataset) -> tuple[str, str]:
+    code = item.ConceptNameCodeSequence[0]
+    value = code.get("CodeValue") or code.get("LongCodeValue") or code.get("URNCodeValue")
+    return str(code.CodingSchemeDesignator), str(value)
+
+
+def read_provenance(ds: Dataset) -> Provenance:
+    """Parse an SR written by ``build_provenance_sr`` back into its facts."""
+    facts: dict[str, Any] = {"source_instance_uids": [], "derived_instance_uids": [], "parameters": {}}
+    for item in ds.ContentSequence:
+        key = _name(item)
+        vt = item.ValueType
+        if key == ("DCM", "111001"):
+            facts["algorithm_name"] = item.TextValue
+        elif key == ("DCM", "111003"):
+            facts["algorithm_version"] = item.TextValue
+        elif key == ("DCM", "111002"):
+            name, _, value = str(item.TextValue).partition("=")
+            facts["parameters"][name] = value
+        elif key == ("DCM", "121012"):
+            facts["observer_uid"] = item.UID
+        elif key == ("DCM", "111702"):
+            facts["processed_at"] = str(item.DateTime)[:14]
+        elif key == ("DCM", COMPUTE_DEVICE.value):
+            facts["compute_device"] = item.TextValue
+        elif key == ("DCM", PROCESSING_SECONDS.value):
+            facts["processing_seconds"] = float(item.MeasuredValueSequence[0].NumericValue)
+        elif key == ("DCM", "121323"):
+            facts["source_series_uid"] = item.UID
+        elif key == ("DCM", DERIVED_SERIES.value):
+            facts["derived_series_uid"] = item.UID
+        elif vt == "IMAGE" and key == ("DCM", "121322"):
+            facts["source_instance_uids"].append(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+        elif vt == "IMAGE" and key == ("DCM", DERIVED_IMAGE.value):
+            facts["derived_instance_uids"].append(item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)
+    return Provenance(**facts)

@@ -1,0 +1,54 @@
+"""Fixtures that start real processes (Orthanc, mr2ct serve) on loopback and always stop them."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dicom_node.local_stack import NodeServer, OrthancServer, free_port
+
+NODE_AE = "MR2CT_TEST"
+SCANNER_AE = "TEST_SCANNER"
+
+
+def _require(binary: str) -> None:
+    if shutil.which(binary) is None:
+        pytest.fail(f"{binary} is not installed: run deploy/local/install.sh (the README's test command does)")
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
+    _require("Orthanc")
+    server = OrthancServer(tmp_path_factory.mktemp("orthanc"), http_port=free_port(), dicom_port=free_port())
+    with server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancServer) -> Iterator[NodeServer]:
+    workdir = tmp_path_factory.mktemp("node")
+    port = free_port()
+    env = {
+        "MR2CT_AE_TITLE": NODE_AE,
+        "MR2CT_DICOM_PORT": str(port),
+        "MR2CT_ALLOWED_AES": f"{SCANNER_AE},ECHOSCU",
+        "MR2CT_SPOOL_DIR": str(workdir / "spool"),
+        "MR2CT_DATABASE_URL": f"sqlite:///{workdir / 'mr2ct.db'}",
+        "MR2CT_ORTHANC_URL": orthanc.url,
+        "MR2CT_ORTHANC_USERNAME": orthanc.username,
+        "MR2CT_ORTHANC_PASSWORD": orthanc.password,
+        "MR2CT_STABLE_SECONDS": "1.5",
+        "MR2CT_DEVICE": "auto",
+    }
+    server = NodeServer(workdir, env, port)
+    server.database_url = env["MR2CT_DATABASE_URL"]  # type: ignore[attr-defined]
+    with server:
+        yield server
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

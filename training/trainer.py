@@ -1,0 +1,247 @@
+"""A CycleGAN trainer (A = MR, B = CT) with the paper's parameters as one frozen dataclass.
+
+This is the minimal trainer of the walking skeleton: unpaired phantom pools,
+generator and discriminator updates with an image pool, per-epoch losses
+named as in the paper's Table 2, a model file with its card at the end.
+PACS pulling, checkpoint/resume, figures and DDP belong to the training issue.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from synthesis.model_file import save_model
+from synthesis.networks import PatchDiscriminator, ResnetGenerator
+from synthesis.normalize import hu_to_unit, mr_to_unit
+from training import phantoms
+
+log = logging.getLogger(__name__)
+
+LOSS_NAMES = (
+    "ABA_reconstruction_loss",
+    "BAB_reconstruction_loss",
+    "DA_loss",
+    "DB_loss",
+    "D_loss",
+    "G_AB_adversarial_loss",
+    "G_BA_adversarial_loss",
+    "G_loss",
+    "reconstruction_loss",
+)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every training parameter of the paper, plus the model and data set-up."""
+
+    lambda_ABA: float = 10.0
+    lambda_BAB: float = 10.0
+    lr_D: float = 2e-4
+    lr_G: float = 2e-4
+    generator_iterations: int = 1
+    discriminator_iterations: int = 1
+    synthetic_pool_size: int = 50
+    beta1: float = 0.5
+    beta2: float = 0.999
+    batch_size: int = 4
+    epochs: int = 10
+    steps_per_epoch: int = 50
+    cycle_loss: str = "mae"  # or "mse"
+    adversarial_loss: str = "lsgan"  # or "bce"
+    ngf: int = 16
+    n_blocks: int = 6
+    ndf: int = 32
+    image_size: int = 128
+    pixel_spacing_mm: float = 2.0
+    hu_range: tuple[float, float] = (-1024.0, 2048.0)
+    subjects_per_pool: int = 40
+    slices_per_subject: int = 24
+    seed: int = 0
+    max_minutes: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "epochs", "steps_per_epoch", "generator_iterations", "discriminator_iterations"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cycle_loss not in ("mae", "mse"):
+            raise ValueError(f"cycle_loss must be 'mae' or 'mse', got {self.cycle_loss!r}")
+        if self.adversarial_loss not in ("lsgan", "bce"):
+            raise ValueError(f"adversarial_loss must be 'lsgan' or 'bce', got {self.adversarial_loss!r}")
+        if self.image_size % 4:
+            raise ValueError(f"image_size must be a multiple of 4, got {self.image_size}")
+
+
+PRESETS: dict[str, TrainConfig] = {
+    # Minutes on a laptop CPU; what the shipped model and the demo use.
+    "quick": TrainConfig(),
+    # Zhu et al. 2017 reference set-up.
+    "zhu2017": TrainConfig(ngf=64, n_blocks=9, ndf=64, batch_size=1, image_size=256, pixel_spacing_mm=1.0, epochs=200),
+}
+
+
+class ImagePool:
+    """History of generated images shown to the discriminator (Shrivastava et al.)."""
+
+    def __init__(self, size: int, rng: random.Random) -> None:
+        self.size, self.rng, self.images = size, rng, []  # type: ignore[var-annotated]
+
+    def query(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.size == 0:
+            return batch
+        out = []
+        for image in batch.detach():
+            image = image.unsqueeze(0)
+            if len(self.images) < self.size:
+                self.images.append(image)
+                out.append(image)
+            elif self.rng.random() < 0.5:
+                idx = self.rng.randrange(self.size)
+                out.append(self.images[idx].clone())
+                self.images[idx] = image
+            else:
+                out.append(image)
+        return torch.cat(out, 0)
+
+
+def make_pools(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Unpaired MR and CT slice pools from disjoint phantom subjects, each in [-1, 1]."""
+    grid = phantoms.axial_grid(cfg.slices_per_subject, cfg.image_size, cfg.pixel_spacing_mm, 150.0 / cfg.slices_per_subject)
+    mr_slices, ct_slices = [], []
+    for i in tqdm(range(cfg.subjects_per_pool), desc="phantoms", file=sys.stderr, disable=None):
+        mr_seed, ct_seed = cfg.seed * 100_000 + 2 * i, cfg.seed * 100_000 + 2 * i + 1
+        mr_labels = phantoms.head_labels(mr_seed, grid)
+        mr_slices.append(mr_to_unit(phantoms.render_mr(mr_labels, grid, mr_seed)))
+        ct_labels = phantoms.head_labels(ct_seed, grid)
+        ct_slices.append(hu_to_unit(phantoms.render_ct(ct_labels, grid, ct_seed), cfg.hu_range))
+    return np.concatenate(mr_slices)[:, None], np.concatenate(ct_slices)[:, None]
+
+
+def _adversarial(kind: str) -> nn.Module:
+    return nn.MSELoss() if kind == "lsgan" else nn.BCEWithLogitsLoss()
+
+
+def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "cpu") -> dict[str, Any]:
+    """Train and write ``out_dir``: model file + card, losses.csv, config.json. Returns the card."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np_rng = np.random.default_rng(cfg.seed)
+    dev = torch.device(device)
+    mr_pool, ct_pool = make_pools(cfg)
+
+    g_ab = ResnetGenerator(ngf=cfg.ngf, n_blocks=cfg.n_blocks).to(dev)
+    g_ba = ResnetGenerator(ngf=cfg.ngf, n_blocks=cfg.n_blocks).to(dev)
+    d_a = PatchDiscriminator(ndf=cfg.ndf).to(dev)
+    d_b = PatchDiscriminator(ndf=cfg.ndf).to(dev)
+    opt_g = torch.optim.Adam(list(g_ab.parameters()) + list(g_ba.parameters()), lr=cfg.lr_G, betas=(cfg.beta1, cfg.beta2))
+    opt_d = torch.optim.Adam(list(d_a.parameters()) + list(d_b.parameters()), lr=cfg.lr_D, betas=(cfg.beta1, cfg.beta2))
+    adv = _adversarial(cfg.adversarial_loss)
+    cyc: nn.Module = nn.L1Loss() if cfg.cycle_loss == "mae" else nn.MSELoss()
+    pool_a, pool_b = ImagePool(cfg.synthetic_pool_size, random.Random(cfg.seed)), ImagePool(cfg.synthetic_pool_size, random.Random(cfg.seed + 1))
+
+    def batch(pool: np.ndarray) -> torch.Tensor:
+        idx = np_rng.integers(0, len(pool), cfg.batch_size)
+        images = pool[idx].copy()
+        flip = np_rng.random(cfg.batch_size) < 0.5
+        images[flip] = images[flip][..., ::-1]
+        return torch.from_numpy(np.ascontiguousarray(images)).to(dev)
+
+    def gan_loss(pred: torch.Tensor, real: bool) -> torch.Tensor:
+        return adv(pred, torch.full_like(pred, 1.0 if real else 0.0))
+
+    history: list[dict[str, float]] = []
+    started = time.monotonic()
+    stopped_early = False
+    with open(out_dir / "losses.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["epoch", *LOSS_NAMES, "seconds"])
+        writer.writeheader()
+        for epoch in range(1, cfg.epochs + 1):
+            sums = dict.fromkeys(LOSS_NAMES, 0.0)
+            bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr, disable=None)
+            for _ in bar:
+                real_a, real_b = batch(mr_pool), batch(ct_pool)
+                for _ in range(cfg.generator_iterations):
+                    fake_b, fake_a = g_ab(real_a), g_ba(real_b)
+                    rec_a, rec_b = g_ba(fake_b), g_ab(fake_a)
+                    loss_aba, loss_bab = cyc(rec_a, real_a), cyc(rec_b, real_b)
+                    adv_ab = gan_loss(d_b(fake_b), True)
+                    adv_ba = gan_loss(d_a(fake_a), True)
+                    loss_g = adv_ab + adv_ba + cfg.lambda_ABA * loss_aba + cfg.lambda_BAB * loss_bab
+                    opt_g.zero_grad(set_to_none=True)
+                    loss_g.backward()
+                    opt_g.step()
+                for _ in range(cfg.discriminator_iterations):
+                    pa, pb = pool_a.query(fake_a), pool_b.query(fake_b)
+                    loss_da = 0.5 * (gan_loss(d_a(real_a), True) + gan_loss(d_a(pa.detach()), False))
+                    loss_db = 0.5 * (gan_loss(d_b(real_b), True) + gan_loss(d_b(pb.detach()), False))
+                    opt_d.zero_grad(set_to_none=True)
+                    (loss_da + loss_db).backward()
+                    opt_d.step()
+                step = {
+                    "ABA_reconstruction_loss": loss_aba.item(),
+                    "BAB_reconstruction_loss": loss_bab.item(),
+                    "DA_loss": loss_da.item(),
+                    "DB_loss": loss_db.item(),
+                    "D_loss": loss_da.item() + loss_db.item(),
+                    "G_AB_adversarial_loss": adv_ab.item(),
+                    "G_BA_adversarial_loss": adv_ba.item(),
+                    "G_loss": loss_g.item(),
+                    "reconstruction_loss": loss_aba.item() + loss_bab.item(),
+                }
+                for k, v in step.items():
+                    sums[k] += v
+                bar.set_postfix(G=f"{step['G_loss']:.3f}", D=f"{step['D_loss']:.3f}", rec=f"{step['reconstruction_loss']:.3f}")
+            row = {k: v / cfg.steps_per_epoch for k, v in sums.items()}
+            history.append(row)
+            writer.writerow({"epoch": epoch, **{k: f"{v:.6f}" for k, v in row.items()}, "seconds": f"{time.monotonic() - started:.1f}"})
+            fh.flush()
+            log.info("epoch=%d G_loss=%.4f D_loss=%.4f reconstruction_loss=%.4f", epoch, row["G_loss"], row["D_loss"], row["reconstruction_loss"])
+            if cfg.max_minutes is not None and time.monotonic() - started > cfg.max_minutes * 60:
+                stopped_early = epoch < cfg.epochs
+                break
+
+    config = asdict(cfg)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    card = {
+        "name": out_dir.name,
+        "architecture": "resnet",
+        "parameters": {"in_channels": 1, "out_channels": 1, "ngf": cfg.ngf, "n_blocks": cfg.n_blocks},
+        "direction": "MR->CT",
+        "pixel_spacing_mm": cfg.pixel_spacing_mm,
+        "input_size": cfg.image_size,
+        "normalization": {"method": "percentile", "low": 0.5, "high": 99.5},
+        "n4_bias_correction": False,
+        "hu_range": list(cfg.hu_range),
+        "training": {
+            "command": command,
+            "seed": cfg.seed,
+            "config": config,
+            "data": {"generator": "training.phantoms", "generator_version": phantoms.GENERATOR_VERSION},
+            "epochs_completed": len(history),
+            "stopped_early": stopped_early,
+            "seconds": round(time.monotonic() - started, 1),
+            "torch": torch.__version__,
+            "final_losses": history[-1] if history else {},
+        },
+    }
+    return save_model(out_dir / "model.safetensors", g_ab.cpu(), card)
+
+
+def config_from(preset: str, overrides: dict[str, Any]) -> TrainConfig:
+    try:
+        base = PRESETS[preset]
+    except KeyError:
+        raise ValueError(f"unknown preset {preset!r}; known: {sorted(PRESETS)}") from None
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
