@@ -38,7 +38,7 @@ def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, n
     workdir.mkdir(parents=True, exist_ok=True)
     database = workdir / "mr2ct.db"
     database.unlink(missing_ok=True)
-    orthanc = OrthancServer(workdir / "orthanc", orthanc_http, orthanc_dicom, modalities={"mr2ct": ["MR2CT", "127.0.0.1", node_port]})
+    orthanc = OrthancServer(workdir / "orthanc", orthanc_http, orthanc_dicom, modalities={"mr2ct": ["MR2CT", "127.0.0.1", node_port], "scanner": ["DEMO_SCANNER", "127.0.0.1", 104]})
     node: NodeServer | None = None
     try:
         say(f"starting Orthanc on http://127.0.0.1:{orthanc_http} (DICOM {orthanc_dicom}) ...")
@@ -60,6 +60,11 @@ def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, n
             say(f"storescu failed ({sent.returncode}):\n{sent.stderr}")
             return 1
         started = time.monotonic()
+        say("and to Orthanc, so the MR sits next to its sCT in the viewer ...")
+        to_pacs = storescu(series.folder, orthanc_dicom, orthanc.aet, "DEMO_SCANNER")
+        if to_pacs.returncode != 0:
+            say(f"storescu to Orthanc failed ({to_pacs.returncode}):\n{to_pacs.stderr}")
+            return 1
         job = wait_for_job(f"sqlite:///{database}", series.series_uid, timeout=600)
         if job.state != "done":
             say(f"the job failed: {job.error}\nnode log: {node.log_path}")

@@ -74,7 +74,7 @@ class StoreSCP:
                 row.instances_stored, row.instances_refused = state["stored"], state["refused"]
         audit.record(
             self.sessions, audit.ASSOCIATION, "success" if outcome == "released" else "warning",
-            f"{requestor.ae_title}@{requestor.address}", association_id=state["id"], outcome=outcome,
+            f"{requestor.ae_title}@{requestor.address}", association_id=state["id"], association_outcome=outcome,
             instances_stored=state["stored"], instances_refused=state["refused"], series=sorted(state["series"]),
         )
         log.info("association %s assoc=%d stored=%d refused=%d", outcome, state["id"], state["stored"], state["refused"])

@@ -1,0 +1,172 @@
+"""The walking skeleton's story: a scanner sends an MR series to mr2ct with dcmtk's storescu,
+and Orthanc then holds its synthetic CT and a provenance SR in the same study."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import MRImageStorage
+from pynetdicom import AE
+from scipy import ndimage
+from sqlalchemy import select
+
+from dicom_node.db import init_db
+from dicom_node.demo import wait_for_job
+from dicom_node.local_stack import echoscu, storescu
+from dicom_node.models import Association, AuditEvent, Instance, Job
+from synthesis.sr_writer import read_provenance
+from tests.conftest import NODE_AE, SCANNER_AE
+from tests.helpers import dciodvfy, series_datasets, study_series
+from training import phantoms
+from training.phantom_dicom import PhantomSeries, write_mr_series
+
+
+@pytest.fixture(scope="module")
+def delivered(node, orthanc, tmp_path_factory):
+    """One 32-slice 256x256 MR series sent by storescu; returns (series, job, Orthanc series of the study)."""
+    folder = tmp_path_factory.mktemp("mr")
+    series = write_mr_series(folder, seed=11, slices=32, size=256, shuffle_instance_numbers=True)
+    result = storescu(series.folder, node.port, NODE_AE, SCANNER_AE)
+    assert result.returncode == 0, result.stderr
+    job = wait_for_job(node.database_url, series.series_uid, timeout=300)
+    assert job.state == "done", job.error
+    return series, job, study_series(orthanc, series.study_uid)
+
+
+def _only(items: list[dict], modality: str) -> dict:
+    found = [s for s in items if s["MainDicomTags"].get("Modality") == modality]
+    assert len(found) == 1, f"expected one {modality} series, found {len(found)}"
+    return found[0]
+
+
+def test_orthanc_holds_one_ct_series_with_one_instance_per_mr_slice(delivered):
+    series, job, in_study = delivered
+    ct = _only(in_study, "CT")
+    assert len(ct["Instances"]) == len(series.files) == 32
+    assert ct["MainDicomTags"]["SeriesInstanceUID"] == job.ct_series_uid
+    _only(in_study, "SR")
+
+
+def test_every_ct_slice_overlays_the_mr_slice_it_came_from(delivered, orthanc):
+    series, _, in_study = delivered
+    mr_by_uid = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(f) for f in series.files)}
+    for ct in series_datasets(orthanc, _only(in_study, "CT")):
+        assert ct.StudyInstanceUID == series.study_uid
+        assert ct.FrameOfReferenceUID == series.frame_of_reference_uid
+        mr = mr_by_uid[ct.SourceImageSequence[0].ReferencedSOPInstanceUID]
+        assert [float(v) for v in ct.ImagePositionPatient] == pytest.approx([float(v) for v in mr.ImagePositionPatient], abs=1e-4)
+        assert [float(v) for v in ct.ImageOrientationPatient] == pytest.approx([float(v) for v in mr.ImageOrientationPatient])
+        assert [float(v) for v in ct.PixelSpacing] == pytest.approx([float(v) for v in mr.PixelSpacing])
+        assert (ct.Rows, ct.Columns) == (mr.Rows, mr.Columns)
+        assert ct.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"
+        assert list(ct.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+        assert ct.SyntheticData == "YES"
+        assert (ct.RescaleSlope, ct.RescaleIntercept) == (1, -1024)
+        assert ct.PatientID == series.patient_id
+
+
+def test_sct_has_plausible_hounsfield_units(delivered, orthanc):
+    """Air outside the head near -1000 HU, the phantom's cortical skull above 300 HU."""
+    series, _, in_study = delivered
+    index_of = {ds.SOPInstanceUID: i for i, ds in enumerate(pydicom.dcmread(f) for f in series.files)}
+    hu = np.zeros(series.labels.shape, dtype=np.float32)
+    for ct in series_datasets(orthanc, _only(in_study, "CT")):
+        hu[index_of[ct.SourceImageSequence[0].ReferencedSOPInstanceUID]] = ct.pixel_array * float(ct.RescaleSlope) + float(ct.RescaleIntercept)
+    head = series.labels != phantoms.AIR
+    far_air = ~ndimage.binary_dilation(head, iterations=6)  # air a few mm away from the skin
+    skull = series.labels == phantoms.CORTICAL
+    air_mean, skull_mean = float(hu[far_air].mean()), float(hu[skull].mean())
+    print(f"sCT: air {air_mean:.0f} HU, cortical skull {skull_mean:.0f} HU")
+    assert air_mean < -900
+    assert skull_mean > 300
+
+
+def test_sr_references_the_mr_and_ct_series(delivered, orthanc):
+    series, job, in_study = delivered
+    (sr,) = series_datasets(orthanc, _only(in_study, "SR"))
+    facts = read_provenance(sr)
+    ct_uids = {ds.SOPInstanceUID for ds in series_datasets(orthanc, _only(in_study, "CT"))}
+    assert facts.source_series_uid == series.series_uid
+    assert set(facts.source_instance_uids) == {pydicom.dcmread(f).SOPInstanceUID for f in series.files}
+    assert facts.derived_series_uid == job.ct_series_uid
+    assert set(facts.derived_instance_uids) == ct_uids
+    assert facts.parameters["model_sha256"] == job.model_sha256
+    assert sr.StudyInstanceUID == series.study_uid
+
+
+def test_ct_and_sr_pass_dciodvfy(delivered, orthanc, tmp_path):
+    _, _, in_study = delivered
+    for modality in ("CT", "SR"):
+        ds = series_datasets(orthanc, _only(in_study, modality))[0]
+        path = tmp_path / f"{modality}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        errors, stale, warnings = dciodvfy(path)
+        print(f"dciodvfy {modality}: {len(warnings)} warnings", *warnings, *(f"set aside: {s}" for s in stale), sep="\n  ")
+        assert errors == [], f"dciodvfy errors for {modality}: {errors}"
+
+
+def test_sending_the_series_again_rewrites_the_same_instances(delivered, node, orthanc):
+    series, first_job, in_study = delivered
+    before = sorted(ds.SOPInstanceUID for ds in series_datasets(orthanc, _only(in_study, "CT")))
+    result = storescu(series.folder, node.port, NODE_AE, SCANNER_AE)
+    assert result.returncode == 0, result.stderr
+    second = wait_for_job(node.database_url, series.series_uid, timeout=300, done_before=first_job.id)
+    assert second.state == "done", second.error
+    assert second.ct_series_uid == first_job.ct_series_uid
+    again = study_series(orthanc, series.study_uid)
+    after = sorted(ds.SOPInstanceUID for ds in series_datasets(orthanc, _only(again, "CT")))
+    assert after == before
+    _only(again, "SR")
+    sessions = init_db(node.database_url)
+    with sessions() as session:  # the spool kept one copy of each instance too
+        assert len(session.scalars(select(Instance).where(Instance.series_instance_uid == series.series_uid)).all()) == 32
+
+
+def test_every_association_stored_instance_count_and_job_is_audited(delivered, node):
+    series, job, _ = delivered
+    sessions = init_db(node.database_url)
+    with sessions() as session:
+        assoc = session.scalars(select(Association).where(Association.calling_ae == SCANNER_AE)).first()
+        assert assoc is not None and assoc.instances_stored == 32 and assoc.outcome == "released"
+        actions = {(e.action, e.outcome) for e in session.scalars(select(AuditEvent).where(AuditEvent.job_id == job.id))}
+        assert ("job-started", "success") in actions and ("job-finished", "success") in actions
+        transferred = session.scalars(select(AuditEvent).where(AuditEvent.action == "application-activity/association")).all()
+        assert any(e.detail.get("instances_stored") == 32 for e in transferred)
+
+
+def test_echo_succeeds(node):
+    result = echoscu(node.port, NODE_AE, "ECHOSCU")
+    assert result.returncode == 0, result.stderr
+
+
+def test_an_ae_title_not_on_the_list_is_rejected_and_audited(node):
+    result = echoscu(node.port, NODE_AE, "INTRUDER")
+    assert result.returncode != 0
+    assert "reject" in (result.stdout + result.stderr).lower()
+    sessions = init_db(node.database_url)
+    with sessions() as session:
+        alerts = session.scalars(select(AuditEvent).where(AuditEvent.action == "security-alert")).all()
+    assert any(a.actor.startswith("INTRUDER@") for a in alerts)
+
+
+def test_an_instance_without_pixel_data_is_refused_with_a_failure_status(node, tmp_path):
+    series = write_mr_series(tmp_path / "bad", seed=3, slices=2, size=32, pixel_spacing=8.0)
+    ds = pydicom.dcmread(series.files[0])
+    del ds.PixelData
+    ae = AE(ae_title=SCANNER_AE)
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert status.Status == 0xA900
+    sessions = init_db(node.database_url)
+    with sessions() as session:
+        refused = session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-instance-refused")).all()
+        assert any("Pixel Data" in e.detail.get("reason", "") for e in refused)
+        assert session.get(Instance, ds.SOPInstanceUID) is None

@@ -1,0 +1,40 @@
+"""Nothing from the wire steers a write outside the spool; what is spooled is complete."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dicom_node.spool import Spool, is_valid_uid
+from synthesis.errors import InvalidInstance
+
+STUDY, SERIES, SOP = "1.2.3", "1.2.3.4", "1.2.3.4.5"
+
+
+@pytest.mark.parametrize("uid", ["1.2.840.10008.1.1", "0.1", "2.25." + "1" * 38])
+def test_well_formed_uids_are_accepted(uid: str) -> None:
+    assert is_valid_uid(uid)
+
+
+@pytest.mark.parametrize("uid", ["", "1", "../../etc/passwd", "1.2/3", "1..2", "1.02", "1.2.", "1.2 ", "1." + "2" * 63, None, 12])
+def test_malformed_or_path_like_uids_are_refused(uid: object) -> None:
+    assert not is_valid_uid(uid)
+
+
+def test_a_path_like_uid_never_becomes_a_path(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(InvalidInstance, match="SOPInstanceUID"):
+        spool.write(STUDY, SERIES, "../../../../tmp/evil", b"x")
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))
+
+
+def test_write_is_complete_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    data = bytes(range(256)) * 1000
+    path = spool.write(STUDY, SERIES, SOP, data)
+    assert path == (tmp_path / "spool" / STUDY / SERIES / f"{SOP}.dcm").resolve()
+    assert path.read_bytes() == data
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    spool.write(STUDY, SERIES, SOP, b"second")  # a re-send replaces atomically
+    assert path.read_bytes() == b"second"

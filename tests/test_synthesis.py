@@ -1,0 +1,150 @@
+"""Synthesis without a network: model files, volumes, inference shapes, CT and SR writers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from synthesis.ct_writer import SyntheticCTSeries
+from synthesis.errors import ModelMismatch, SeriesNotUsable
+from synthesis.infer import choose_device, synthesize
+from synthesis.model_file import load_model, save_model
+from synthesis.networks import ResnetGenerator
+from synthesis.normalize import unit_to_hu
+from synthesis.sr_writer import build_provenance_sr, read_provenance
+from synthesis.volume import assemble
+from training.phantom_dicom import write_mr_series
+
+ROOT = "1.2.826.0.1.3680043.8.498."
+
+
+def _card(**extra: object) -> dict:
+    card = {
+        "name": "test-run", "architecture": "resnet",
+        "parameters": {"in_channels": 1, "out_channels": 1, "ngf": 4, "n_blocks": 1},
+        "pixel_spacing_mm": 4.0, "normalization": {"method": "percentile", "low": 0.5, "high": 99.5},
+        "hu_range": [-1024, 2048], "training": {"command": "test"},
+    }
+    card.update(extra)
+    return card
+
+
+@pytest.fixture
+def tiny_model(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.safetensors"
+    save_model(path, ResnetGenerator(ngf=4, n_blocks=1), _card())
+    return path
+
+
+@pytest.fixture
+def mr_series(tmp_path: Path):
+    return write_mr_series(tmp_path / "mr", seed=2, slices=6, size=48, pixel_spacing=5.0, slice_spacing=10.0, shuffle_instance_numbers=True)
+
+
+def test_a_card_that_does_not_match_its_weights_is_refused(tiny_model: Path) -> None:
+    card_path = tiny_model.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["sha256"] = "0" * 64
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ModelMismatch, match="card belongs to other weights"):
+        load_model(tiny_model)
+
+
+def test_a_card_naming_another_architecture_size_is_refused(tiny_model: Path) -> None:
+    card_path = tiny_model.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    card["parameters"]["ngf"] = 8
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(ModelMismatch, match="do not fit the architecture"):
+        load_model(tiny_model)
+
+
+def test_a_missing_card_is_refused(tiny_model: Path) -> None:
+    tiny_model.with_suffix(".json").unlink()
+    with pytest.raises(ModelMismatch, match="card"):
+        load_model(tiny_model)
+
+
+def test_slices_are_sorted_along_the_normal_not_by_instance_number(mr_series) -> None:
+    datasets = [pydicom.dcmread(f) for f in reversed(mr_series.files)]
+    source = assemble(datasets)
+    z = source.volume.positions[:, 2]
+    assert list(z) == sorted(z)
+    assert source.volume.slice_spacing == pytest.approx(10.0)
+    assert [ds.SOPInstanceUID for ds in source.headers] == [pydicom.dcmread(f).SOPInstanceUID for f in mr_series.files]
+
+
+def test_duplicate_positions_and_mixed_sizes_are_refused(mr_series) -> None:
+    datasets = [pydicom.dcmread(f) for f in mr_series.files]
+    datasets[1].ImagePositionPatient = datasets[0].ImagePositionPatient
+    with pytest.raises(SeriesNotUsable, match="share one slice position"):
+        assemble(datasets)
+    datasets = [pydicom.dcmread(f) for f in mr_series.files]
+    datasets[2].Rows = 40
+    with pytest.raises(SeriesNotUsable, match="mixed image sizes"):
+        assemble(datasets)
+
+
+def test_inference_keeps_the_mr_matrix_for_non_square_anisotropic_input(tiny_model: Path) -> None:
+    model = load_model(tiny_model)
+    voxels = np.random.default_rng(0).random((3, 50, 70)).astype(np.float32)
+    hu = synthesize(voxels, (3.0, 5.5), model, choose_device("cpu").device, batch_size=2)
+    assert hu.shape == voxels.shape
+    assert hu.min() >= -1024 and hu.max() <= 3071
+
+
+def test_output_is_clipped_to_what_ct_storage_holds() -> None:
+    assert unit_to_hu(np.array([-5.0, 5.0]), (-2000.0, 5000.0)).tolist() == [-1024.0, 3071.0]
+
+
+def test_ct_uids_are_deterministic_and_change_with_the_model(tiny_model: Path, mr_series, tmp_path: Path) -> None:
+    model = load_model(tiny_model)
+    source = assemble([pydicom.dcmread(f) for f in mr_series.files])
+    hu = np.zeros(source.volume.voxels.shape, dtype=np.float32)
+    first = SyntheticCTSeries(source=source, hu=hu, model=model, uid_root=ROOT, device_label="cpu")
+    again = SyntheticCTSeries(source=source, hu=hu, model=model, uid_root=ROOT, device_label="cpu")
+    assert first.series_instance_uid == again.series_instance_uid
+    assert first.sop_instance_uids == again.sop_instance_uids
+    assert len(set(first.sop_instance_uids)) == len(mr_series.files)
+    torch.manual_seed(1)
+    other_path = tmp_path / "other.safetensors"
+    save_model(other_path, ResnetGenerator(ngf=4, n_blocks=1), _card())
+    other = SyntheticCTSeries(source=source, hu=hu, model=load_model(other_path), uid_root=ROOT, device_label="cpu")
+    assert other.series_instance_uid != first.series_instance_uid
+    assert not set(other.sop_instance_uids) & set(first.sop_instance_uids)
+
+
+def test_ct_writer_refuses_a_volume_of_the_wrong_shape(tiny_model: Path, mr_series) -> None:
+    source = assemble([pydicom.dcmread(f) for f in mr_series.files])
+    with pytest.raises(ValueError, match="hu must be an array of shape"):
+        SyntheticCTSeries(source=source, hu=np.zeros((1, 2, 3)), model=load_model(tiny_model), uid_root=ROOT, device_label="cpu")
+
+
+def test_the_sr_round_trips_into_the_same_facts(tiny_model: Path, mr_series, tmp_path: Path) -> None:
+    model = load_model(tiny_model)
+    source = assemble([pydicom.dcmread(f) for f in mr_series.files])
+    ct = SyntheticCTSeries(source=source, hu=np.zeros(source.volume.voxels.shape, np.float32), model=model, uid_root=ROOT, device_label="cpu (2 threads)")
+    sr = build_provenance_sr(ct=ct, mr_headers=source.headers, uid_root=ROOT, processing_seconds=12.5, device_label="cpu (2 threads)")
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    parsed = hd.sr.srread(path)
+    assert isinstance(parsed, hd.sr.Comprehensive3DSR)
+    facts = read_provenance(parsed)
+    assert facts.source_series_uid == source.series_instance_uid
+    assert facts.source_instance_uids == [ds.SOPInstanceUID for ds in source.headers]
+    assert facts.derived_series_uid == ct.series_instance_uid
+    assert facts.derived_instance_uids == ct.sop_instance_uids
+    assert facts.processing_seconds == 12.5
+    assert facts.compute_device == "cpu (2 threads)"
+    assert facts.algorithm_version
+    assert facts.parameters["model_sha256"] == model.sha256
+    assert facts.parameters["architecture"] == "resnet"
+    assert facts.parameters["n4_bias_correction"] == "off"
+    assert parsed.StudyInstanceUID == mr_series.study_uid
