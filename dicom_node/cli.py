@@ -153,5 +153,31 @@ def sample_mr(
     typer.echo(f"{len(series.files)} MR instances in {out} (series {series.series_uid})")
 
 
+@app.command()
+def evaluate(
+    model: Annotated[Optional[Path], typer.Option(help="model .safetensors (default: the shipped model)")] = None,
+    subjects: Annotated[int, typer.Option(min=1, max=100)] = 4,
+    slices: Annotated[int, typer.Option(min=1, max=256)] = 24,
+) -> None:
+    """Score a model on held-out paired phantoms: MAE/PSNR/SSIM against ground-truth CT and a linear baseline."""
+    import json
+
+    from synthesis.errors import ModelMismatch
+    from synthesis.model_file import default_model_path, load_model
+    from training.evaluate import evaluate as run_evaluation
+
+    try:
+        loaded = load_model(model or default_model_path())
+    except ModelMismatch as exc:
+        typer.echo(f"mr2ct: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    quality = run_evaluation(loaded, subjects=subjects, slices=slices)
+    typer.echo(f"model {loaded.short_digest}: MAE {quality.mae_hu} HU (linear baseline {quality.baseline_mae_hu} HU), "
+               f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")
+    for tissue, value in quality.mae_by_tissue.items():
+        typer.echo(f"  {tissue:16s} MAE {value:7.1f} HU")
+    typer.echo(json.dumps(quality.as_dict()))
+
+
 if __name__ == "__main__":
     app()

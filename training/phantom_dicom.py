@@ -15,6 +15,12 @@ from training import phantoms
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
 
 
+def _ds(value: float) -> str:
+    """A decimal string of at most 16 characters."""
+    text = f"{value:.6f}".rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
 @dataclass(frozen=True)
 class PhantomSeries:
     folder: Path
@@ -39,15 +45,18 @@ def write_mr_series(
     patient_name: str = "PHANTOM^HEAD",
     patient_id: str | None = None,
     shuffle_instance_numbers: bool = False,
+    orientation: str = "axial",
+    columns: int | None = None,
 ) -> PhantomSeries:
     """Render one phantom head as an axial T1 MR series of single-frame instances in ``folder``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    grid = phantoms.axial_grid(slices, size, pixel_spacing, slice_spacing)
+    columns = columns or size
+    grid = phantoms.oriented_grid(orientation, slices, size, columns, pixel_spacing, slice_spacing)
     labels = phantoms.head_labels(seed, grid)
     mr = phantoms.mr_to_stored(phantoms.render_mr(labels, grid, seed))
     ct = phantoms.render_ct(labels, grid, seed)
-    key = f"mr2ct-phantom-{seed}-{slices}-{size}-{pixel_spacing}-{slice_spacing}"
+    key = f"mr2ct-phantom-{seed}-{slices}-{size}-{columns}-{pixel_spacing}-{slice_spacing}-{orientation}"
     study_uid = generate_uid(UID_PREFIX, [key, "study"])
     series_uid = generate_uid(UID_PREFIX, [key, "series"])
     for_uid = generate_uid(UID_PREFIX, [key, "for"])
@@ -83,11 +92,11 @@ def write_mr_series(
         ds.MagneticFieldStrength = "3"
         ds.SliceThickness = f"{slice_spacing:g}"
         ds.PixelSpacing = [f"{pixel_spacing:g}", f"{pixel_spacing:g}"]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.ImagePositionPatient = [f"{grid.origin_x:g}", f"{grid.origin_y:g}", f"{grid.z[i]:g}"]
-        ds.SliceLocation = f"{grid.z[i]:g}"
+        ds.ImageOrientationPatient = [_ds(v) for v in grid.orientation]
+        ds.ImagePositionPatient = [_ds(v) for v in grid.position(i)]
+        ds.SliceLocation = _ds(grid.slice_offsets[i])
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = size, size
+        ds.Rows, ds.Columns = size, columns
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
         ds.PixelData = mr[i].tobytes()
         path = folder / f"MR{i:04d}.dcm"

@@ -30,34 +30,75 @@ CT_HU = np.array([-1000.0, 30.0, -100.0, 1500.0, 450.0, 10.0, 40.0, 25.0])
 
 @dataclass(frozen=True)
 class Grid:
-    """Sampling grid in patient coordinates (mm), axial slices, LPS axes.
+    """Sampling grid in patient coordinates (LPS, mm): a stack of planes of any orientation.
 
-    ``z`` holds the slice positions; rows run along +y (posterior), columns along +x.
+    ``row_cosine`` is the direction along a row (increasing column index),
+    ``column_cosine`` the direction down a column, as in ImageOrientationPatient;
+    slice ``k`` lies at ``centre + slice_offsets[k] * normal``.
     """
 
     rows: int
     columns: int
     pixel_spacing: float
-    z: tuple[float, ...]
+    slice_offsets: tuple[float, ...]
+    row_cosine: tuple[float, float, float] = (1.0, 0.0, 0.0)
+    column_cosine: tuple[float, float, float] = (0.0, 1.0, 0.0)
+    centre: tuple[float, float, float] = (0.0, 0.0, 0.0)
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_cosine, self.column_cosine)
+
+    def position(self, k: int) -> np.ndarray:
+        """ImagePositionPatient (centre of the first pixel) of slice ``k``."""
+        return (
+            np.asarray(self.centre)
+            + self.slice_offsets[k] * self.normal
+            - (self.columns - 1) / 2.0 * self.pixel_spacing * np.asarray(self.row_cosine)
+            - (self.rows - 1) / 2.0 * self.pixel_spacing * np.asarray(self.column_cosine)
+        )
 
     def coordinates(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        x = (np.arange(self.columns) - (self.columns - 1) / 2.0) * self.pixel_spacing
-        y = (np.arange(self.rows) - (self.rows - 1) / 2.0) * self.pixel_spacing
-        z = np.asarray(self.z, dtype=np.float64)
-        return np.meshgrid(z, y, x, indexing="ij")
+        """(z, y, x) patient coordinates of every voxel, each shaped (slices, rows, columns)."""
+        k = np.asarray(self.slice_offsets, dtype=np.float64)[:, None, None]
+        i = ((np.arange(self.rows) - (self.rows - 1) / 2.0) * self.pixel_spacing)[None, :, None]
+        j = ((np.arange(self.columns) - (self.columns - 1) / 2.0) * self.pixel_spacing)[None, None, :]
+        axes = []
+        for axis in range(3):
+            axes.append(self.centre[axis] + k * self.normal[axis] + i * self.column_cosine[axis] + j * self.row_cosine[axis])
+        x, y, z = (np.broadcast_to(a, (len(self.slice_offsets), self.rows, self.columns)) for a in axes)
+        return z, y, x
 
     @property
-    def origin_x(self) -> float:
-        return -(self.columns - 1) / 2.0 * self.pixel_spacing
-
-    @property
-    def origin_y(self) -> float:
-        return -(self.rows - 1) / 2.0 * self.pixel_spacing
+    def orientation(self) -> list[float]:
+        return [*self.row_cosine, *self.column_cosine]
 
 
 def axial_grid(slices: int, size: int, pixel_spacing: float, slice_spacing: float, z_centre: float = 0.0) -> Grid:
     z0 = z_centre - (slices - 1) / 2.0 * slice_spacing
-    return Grid(rows=size, columns=size, pixel_spacing=pixel_spacing, z=tuple(z0 + i * slice_spacing for i in range(slices)))
+    return Grid(rows=size, columns=size, pixel_spacing=pixel_spacing, slice_offsets=tuple(z0 + i * slice_spacing for i in range(slices)))
+
+
+def oriented_grid(
+    orientation: str, slices: int, rows: int, columns: int, pixel_spacing: float, slice_spacing: float
+) -> Grid:
+    """``axial``, ``sagittal``, ``coronal`` or ``oblique`` (axial tilted 20 degrees about x, 10 about z)."""
+    offsets = tuple((i - (slices - 1) / 2.0) * slice_spacing for i in range(slices))
+    if orientation == "axial":
+        row, col = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
+    elif orientation == "sagittal":
+        row, col = (0.0, 1.0, 0.0), (0.0, 0.0, -1.0)
+    elif orientation == "coronal":
+        row, col = (1.0, 0.0, 0.0), (0.0, 0.0, -1.0)
+    elif orientation == "oblique":
+        a, b = np.deg2rad(20.0), np.deg2rad(10.0)
+        rz = np.array([[np.cos(b), -np.sin(b), 0], [np.sin(b), np.cos(b), 0], [0, 0, 1]])
+        rx = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]])
+        r = rz @ rx
+        row, col = tuple(float(v) for v in r[:, 0]), tuple(float(v) for v in r[:, 1])
+    else:
+        raise ValueError(f"orientation must be axial, sagittal, coronal or oblique, got {orientation!r}")
+    return Grid(rows=rows, columns=columns, pixel_spacing=pixel_spacing, slice_offsets=offsets, row_cosine=row, column_cosine=col)  # type: ignore[arg-type]
 
 
 def head_labels(seed: int, grid: Grid) -> np.ndarray:

@@ -212,6 +212,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "cpu") ->
                 stopped_early = epoch < cfg.epochs
                 break
 
+    _figures(out_dir, g_ab, g_ba, mr_pool, ct_pool, cfg)
     config = asdict(cfg)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     card = {
@@ -237,6 +238,29 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "cpu") ->
         },
     }
     return save_model(out_dir / "model.safetensors", g_ab.cpu(), card)
+
+
+@torch.no_grad()
+def _figures(out_dir: Path, g_ab: nn.Module, g_ba: nn.Module, mr_pool: np.ndarray, ct_pool: np.ndarray, cfg: TrainConfig) -> None:
+    """Loss curves and an image grid (real MR, real CT, sCT, synthetic MR) in the run folder."""
+    from synthesis.normalize import unit_to_hu
+    from training.figures import image_grid, loss_plot
+
+    loss_plot(out_dir / "losses.csv", out_dir / "losses.png")
+    g_ab.eval()
+    g_ba.eval()
+    device = next(g_ab.parameters()).device
+    picks = [len(mr_pool) // 2 + k * cfg.slices_per_subject for k in range(3)]
+    rows = []
+    for k in picks:
+        mr = torch.from_numpy(mr_pool[k % len(mr_pool)][None]).to(device)
+        ct = torch.from_numpy(ct_pool[k % len(ct_pool)][None]).to(device)
+        sct = g_ab(mr)[0, 0].cpu().numpy()
+        smr = g_ba(ct)[0, 0].cpu().numpy()
+        rows.append((mr[0, 0].cpu().numpy(), unit_to_hu(ct[0, 0].cpu().numpy(), cfg.hu_range), unit_to_hu(sct, cfg.hu_range), smr))
+    image_grid(rows, out_dir / "samples.png")
+    g_ab.train()
+    g_ba.train()
 
 
 def config_from(preset: str, overrides: dict[str, Any]) -> TrainConfig:
