@@ -181,12 +181,19 @@ class NodeServer:
         self.stop()
 
 
-def storescu(files_or_dir: Path, port: int, called_ae: str, calling_ae: str = "STORESCU", timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """Send a folder (or file) with dcmtk's storescu, TCP_NODELAY=1."""
+def storescu(files_or_dir: Path, port: int, called_ae: str, calling_ae: str = "STORESCU", timeout: float = 300,
+             propose: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Send a folder (or file) with dcmtk's storescu, TCP_NODELAY=1.
+
+    ``propose``: a storescu proposal option (``-xr`` RLE, ``-xs`` JPEG lossless, ...) so that
+    compressed files go as they are instead of storescu failing to convert them.
+    """
     binary = shutil.which("storescu")
     if binary is None:
         raise RuntimeError("dcmtk's storescu is not installed; run deploy/local/install.sh")
     args = [binary, "-aet", calling_ae, "-aec", called_ae]
+    if propose:
+        args += [propose]
     if Path(files_or_dir).is_dir():
         args += ["+sd"]
     args += ["127.0.0.1", str(port), str(files_or_dir)]
