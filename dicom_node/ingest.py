@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -32,6 +33,48 @@ class ReceivedInstance:
     study_uid: str
     series_uid: str
     modality: str
+    series_description: str = ""
+    orientation: str = ""
+
+
+def orientation_label(iop: list[float] | tuple[float, ...]) -> str:
+    """axial / sagittal / coronal when the slice normal is within 10 degrees of an axis, else oblique."""
+    import numpy as np
+
+    normal = np.cross(np.asarray(iop[:3], dtype=float), np.asarray(iop[3:6], dtype=float))
+    length = float(np.linalg.norm(normal))
+    if length == 0:
+        return "oblique"
+    normal = np.abs(normal / length)
+    axis = int(np.argmax(normal))
+    if normal[axis] < np.cos(np.deg2rad(10.0)):
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+@dataclass(frozen=True)
+class SelectionRules:
+    """Which complete series are synthesized; the first rule that fails is the recorded reason."""
+
+    modalities: tuple[str, ...] = ("MR",)
+    description_include: str | None = None
+    description_exclude: str | None = None
+    min_slices: int = 1
+    orientations: tuple[str, ...] = ("axial", "sagittal", "coronal", "oblique")
+
+    def reason_to_skip(self, series: Series) -> str | None:
+        if series.modality not in self.modalities:
+            return f"modality {series.modality!r} is not one of {list(self.modalities)}"
+        description = series.series_description or ""
+        if self.description_include and not re.search(self.description_include, description, re.IGNORECASE):
+            return f"series description {description!r} does not match {self.description_include!r}"
+        if self.description_exclude and re.search(self.description_exclude, description, re.IGNORECASE):
+            return f"series description {description!r} matches the exclusion {self.description_exclude!r}"
+        if series.instance_count < self.min_slices:
+            return f"{series.instance_count} instances, fewer than the {self.min_slices} required"
+        if series.orientation and series.orientation not in self.orientations:
+            return f"orientation {series.orientation} is not one of {list(self.orientations)}"
+        return None
 
 
 def validate(ds: Dataset, affected_sop_class: str, affected_sop_instance: str) -> ReceivedInstance:
@@ -61,7 +104,12 @@ def validate(ds: Dataset, affected_sop_class: str, affected_sop_instance: str) -
         if actual < expected:
             raise DatasetMismatch(f"Pixel Data holds {actual} bytes, {rows}x{cols}x{frames} at {bits} bits needs {expected}")
     modality = str(ds.get("Modality", "") or "")
-    return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality)
+    try:
+        orientation = orientation_label([float(v) for v in ds.ImageOrientationPatient])
+    except (TypeError, ValueError, IndexError):
+        raise DatasetMismatch("ImageOrientationPatient must hold six numbers") from None
+    description = str(ds.get("SeriesDescription", "") or "")[:64]
+    return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation)
 
 
 class Ingest:
@@ -73,6 +121,12 @@ class Ingest:
 
     def store(self, info: ReceivedInstance, data: bytes, transfer_syntax: str, calling_ae: str, association_id: int | None) -> Path:
         path = self.spool.write(info.study_uid, info.series_uid, info.sop_instance_uid, data)
+        self.record(info, path, len(data), transfer_syntax, calling_ae, association_id)
+        return path
+
+    def record(self, info: ReceivedInstance, path: Path, size: int, transfer_syntax: str, calling_ae: str, association_id: int | None) -> None:
+        """Record a spooled instance (new or re-sent) and wake its series up."""
+        data_len = size
         now = utcnow()
         with self.sessions.begin() as session:
             series = session.get(Series, info.series_uid, with_for_update=True)
@@ -80,6 +134,7 @@ class Ingest:
                 series = Series(
                     series_instance_uid=info.series_uid, study_instance_uid=info.study_uid, modality=info.modality,
                     calling_ae=calling_ae, instance_count=0, first_received_at=now, last_received_at=now, state="receiving",
+                    series_description=info.series_description, orientation=info.orientation,
                 )
                 session.add(series)
                 session.flush()
@@ -89,17 +144,17 @@ class Ingest:
                     Instance(
                         sop_instance_uid=info.sop_instance_uid, sop_class_uid=info.sop_class_uid,
                         series_instance_uid=info.series_uid, transfer_syntax_uid=transfer_syntax, path=str(path),
-                        size_bytes=len(data), association_id=association_id, received_at=now,
+                        size_bytes=data_len, association_id=association_id, received_at=now, forward_next_at=now,
                     )
                 )
                 series.instance_count += 1
             else:  # a re-send: the spool file was replaced atomically; the count stays
-                existing.received_at, existing.size_bytes, existing.association_id = now, len(data), association_id
+                existing.received_at, existing.size_bytes, existing.association_id = now, data_len, association_id
                 existing.transfer_syntax_uid = transfer_syntax
+                existing.forwarded_at, existing.forward_attempts, existing.forward_next_at = None, 0, now
             series.last_received_at = now
             if series.state != "receiving":
                 series.state, series.reason = "receiving", None
-        return path
 
 
 def stable_series(sessions: sessionmaker[Session], stable_seconds: float) -> list[str]:
@@ -112,9 +167,15 @@ def stable_series(sessions: sessionmaker[Session], stable_seconds: float) -> lis
     return list(rows)
 
 
-def mark_stable(sessions: sessionmaker[Session], series_uid: str, stable_seconds: float) -> tuple[str, int | None]:
-    """Turn a quiet series into a job (MR) or mark it ignored. Returns (state, job id)."""
-    cutoff = utcnow() - timedelta(seconds=stable_seconds)
+def mark_stable(
+    sessions: sessionmaker[Session], series_uid: str, stable_seconds: float, rules: SelectionRules | None = None
+) -> tuple[str, int | None]:
+    """Turn a quiet series into a job or mark it ignored with the reason. Returns (state, job id).
+
+    ``stable_seconds=0`` completes the series now (complete_on_release).
+    """
+    rules = rules or SelectionRules()
+    cutoff = utcnow() - timedelta(seconds=stable_seconds) if stable_seconds > 0 else utcnow() + timedelta(days=1)
     with sessions.begin() as session:
         claimed = session.execute(
             update(Series)
@@ -125,8 +186,9 @@ def mark_stable(sessions: sessionmaker[Session], series_uid: str, stable_seconds
             return "receiving", None
         series = session.get(Series, series_uid)
         assert series is not None
-        if series.modality != "MR":
-            series.state, series.reason = "ignored", f"modality {series.modality!r} is not MR"
+        reason = rules.reason_to_skip(series)
+        if reason is not None:
+            series.state, series.reason = "ignored", reason
             return "ignored", None
         job = Job(series_instance_uid=series_uid, state="queued", instance_count=series.instance_count)
         session.add(job)

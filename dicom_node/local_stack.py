@@ -152,12 +152,17 @@ class NodeServer:
             [sys.executable, "-m", "dicom_node.cli", "serve"], stdout=self.log_file, stderr=subprocess.STDOUT,
             env=nodelay_env(self.env), cwd=self.workdir, start_new_session=True,
         )
+        start_offset = self.log_path.stat().st_size
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"mr2ct serve exited with {self.proc.returncode}; see {self.log_path}")
-            if port_in_use(self.port):
-                return
+            # Readiness from the node's own log line, not a probe connection (which would
+            # occupy an association slot until pynetdicom times it out).
+            with open(self.log_path, "rb") as fh:
+                fh.seek(start_offset)
+                if b"SCP listening" in fh.read():
+                    return
             time.sleep(0.2)
         self.stop()
         raise RuntimeError(f"mr2ct serve did not listen on port {self.port} within {timeout:.0f} s; see {self.log_path}")
@@ -182,7 +187,7 @@ class NodeServer:
 
 
 def storescu(files_or_dir: Path, port: int, called_ae: str, calling_ae: str = "STORESCU", timeout: float = 300,
-             propose: str | None = None) -> subprocess.CompletedProcess[str]:
+             propose: str | None = None, extra_args: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     """Send a folder (or file) with dcmtk's storescu, TCP_NODELAY=1.
 
     ``propose``: a storescu proposal option (``-xr`` RLE, ``-xs`` JPEG lossless, ...) so that
@@ -194,14 +199,16 @@ def storescu(files_or_dir: Path, port: int, called_ae: str, calling_ae: str = "S
     args = [binary, "-aet", calling_ae, "-aec", called_ae]
     if propose:
         args += [propose]
+    args += extra_args or []
     if Path(files_or_dir).is_dir():
         args += ["+sd"]
     args += ["127.0.0.1", str(port), str(files_or_dir)]
     return subprocess.run(args, capture_output=True, text=True, env=nodelay_env(), timeout=timeout)
 
 
-def echoscu(port: int, called_ae: str, calling_ae: str = "ECHOSCU", timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def echoscu(port: int, called_ae: str, calling_ae: str = "ECHOSCU", timeout: float = 30, extra_args: list[str] | None = None) -> subprocess.CompletedProcess[str]:
     binary = shutil.which("echoscu")
     if binary is None:
         raise RuntimeError("dcmtk's echoscu is not installed; run deploy/local/install.sh")
-    return subprocess.run([binary, "-aet", calling_ae, "-aec", called_ae, "127.0.0.1", str(port)], capture_output=True, text=True, env=nodelay_env(), timeout=timeout)
+    args = [binary, "-aet", calling_ae, "-aec", called_ae, *(extra_args or []), "127.0.0.1", str(port)]
+    return subprocess.run(args, capture_output=True, text=True, env=nodelay_env(), timeout=timeout)

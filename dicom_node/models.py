@@ -38,6 +38,8 @@ class Series(Base):
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
     modality: Mapped[str] = mapped_column(String(16))
     calling_ae: Mapped[str] = mapped_column(String(16))
+    series_description: Mapped[str] = mapped_column(String(64), default="")
+    orientation: Mapped[str] = mapped_column(String(16), default="")
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
@@ -57,6 +59,11 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Routing of the original to Orthanc (forward_originals): retried with backoff until it lands.
+    forwarded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    forward_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    forward_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
+    forward_error: Mapped[str | None] = mapped_column(Text)
 
 
 class Job(Base):

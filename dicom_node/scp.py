@@ -7,7 +7,10 @@ A C-STORE handler validates, hands the bytes as received to the ingest layer
 from __future__ import annotations
 
 import logging
+import socket
+import ssl
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.uid import (
@@ -52,13 +55,55 @@ STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
 
+class HostCheckingAE(AE):
+    """An AE whose calling-AE allow-list can also restrict each title to a host.
+
+    pynetdicom checks ``require_calling_aet`` while negotiating, in the
+    association's own thread; the list returned here depends on the address
+    of the peer of that thread's association.
+    """
+
+    def __init__(self, ae_title: str, allowed: list[tuple[str, str | None]]) -> None:
+        super().__init__(ae_title=ae_title)
+        self.allowed = allowed
+
+    def titles_for(self, address: str | None) -> list[str]:
+        return [title for title, host in self.allowed if host is None or host == address]
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        if not self.allowed:
+            return []
+        assoc = threading.current_thread()
+        address = getattr(getattr(assoc, "requestor", None), "address", None)
+        return self.titles_for(address) or ["\\no title from this host"]
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, value: list[str]) -> None:  # pynetdicom's __init__ sets it
+        pass
+
+
+def parse_allowed(entries: list[str]) -> list[tuple[str, str | None]]:
+    """``AE`` or ``AE@host``; host names are resolved to addresses once, at start."""
+    allowed: list[tuple[str, str | None]] = []
+    for entry in entries:
+        title, _, host = entry.partition("@")
+        address = socket.gethostbyname(host) if host else None
+        allowed.append((title, address))
+    return allowed
+
+
 class StoreSCP:
-    def __init__(self, ae_title: str, allowed_aes: list[str], ingest: Ingest, sessions: sessionmaker[Session]) -> None:
+    def __init__(
+        self, ae_title: str, allowed_aes: list[str], ingest: Ingest, sessions: sessionmaker[Session],
+        max_associations: int = 16, on_released: Callable[[set[str]], None] | None = None,
+    ) -> None:
         self.ae_title = ae_title
         self.ingest = ingest
         self.sessions = sessions
-        self.ae = AE(ae_title=ae_title)
-        self.ae.require_calling_aet = list(allowed_aes)
+        self.on_released = on_released
+        self.ae = HostCheckingAE(ae_title, parse_allowed(allowed_aes))
+        self.ae.maximum_associations = max_associations
         self.ae.maximum_pdu_size = 0  # no limit on what we receive
         self.ae.add_supported_context(Verification)
         for sop_class in SUPPORTED_SOP_CLASSES:
@@ -98,14 +143,17 @@ class StoreSCP:
             instances_stored=state["stored"], instances_refused=state["refused"], series=sorted(state["series"]),
         )
         log.info("association %s assoc=%d stored=%d refused=%d", outcome, state["id"], state["stored"], state["refused"])
+        if outcome == "released" and self.on_released is not None and state["series"]:
+            self.on_released(set(state["series"]))
 
     def _on_rejected(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        log.warning("association rejected calling_ae=%s peer=%s", requestor.ae_title, requestor.address)
-        audit.record(
-            self.sessions, audit.SECURITY_ALERT, "failure", f"{requestor.ae_title}@{requestor.address}",
-            reason="calling AE title not allowed", called_ae=self.ae_title,
-        )
+        if self.ae.allowed and requestor.ae_title not in self.ae.titles_for(requestor.address):
+            reason, action = "calling AE title not allowed from this host", audit.SECURITY_ALERT
+        else:
+            reason, action = "too many concurrent associations", audit.ASSOCIATION
+        log.warning("association rejected calling_ae=%s peer=%s reason=%s", requestor.ae_title, requestor.address, reason)
+        audit.record(self.sessions, action, "failure", f"{requestor.ae_title}@{requestor.address}", reason=reason, called_ae=self.ae_title)
 
     # -- DIMSE handlers ----------------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:
@@ -154,7 +202,7 @@ class StoreSCP:
         return status
 
     # -- lifecycle -----------------------------------------------------------------
-    def start(self, host: str, port: int) -> None:
+    def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         handlers = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
@@ -163,8 +211,8 @@ class StoreSCP:
             (evt.EVT_ABORTED, lambda e: self._on_end(e, "aborted")),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
-        self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers)
-        log.info("SCP listening ae_title=%s address=%s:%d", self.ae_title, host, port)
+        self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context)
+        log.info("SCP listening ae_title=%s address=%s:%d tls=%s", self.ae_title, host, port, "on" if ssl_context else "off")
 
     def stop(self) -> None:
         if self._server is not None:

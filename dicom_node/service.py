@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 from dataclasses import dataclass
 
@@ -16,18 +17,33 @@ import torch
 
 from dicom_node import audit
 from dicom_node.db import init_db
-from dicom_node.ingest import Ingest
+from dicom_node.forwarder import forward_loop
+from dicom_node.ingest import Ingest, SelectionRules
+from dicom_node.recovery import recover_spool, requeue_orphaned_jobs
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.scp import StoreSCP
 from dicom_node.settings import Settings
 from dicom_node.spool import Spool
-from dicom_node.worker import Worker, stability_loop
+from dicom_node.worker import Worker, complete_series, stability_loop
 from synthesis.infer import choose_device
 from synthesis.model_file import load_model
 
 log = logging.getLogger(__name__)
 
 ROLES = ("all", "scp", "worker")
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """Server-side TLS context when a certificate is configured; client certificates required with a CA file."""
+    if settings.tls_certificate is None or settings.tls_private_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(settings.tls_certificate), str(settings.tls_private_key))
+    if settings.tls_ca_file is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(str(settings.tls_ca_file))
+    return context
 
 
 @dataclass
@@ -45,6 +61,11 @@ class Node:
     def start(self) -> None:
         s = self.settings
         self.sessions = init_db(s.database_url)
+        password = s.orthanc_password.get_secret_value() if s.orthanc_password else None
+        rules = SelectionRules(
+            modalities=tuple(s.select_modalities), description_include=s.select_description_include,
+            description_exclude=s.select_description_exclude, min_slices=s.select_min_slices, orientations=tuple(s.select_orientations),
+        )
         if self.role in ("all", "worker"):
             if s.cpu_threads:
                 torch.set_num_threads(s.cpu_threads)
@@ -52,17 +73,27 @@ class Node:
             device = choose_device(s.device)
             log.info("device=%s reason=%s", device.label, device.reason)
             log.info("model=%s sha256=%s architecture=%s", s.model_file.name, model.short_digest, model.card["architecture"])
-            password = s.orthanc_password.get_secret_value() if s.orthanc_password else None
             store = OrthancStore(s.orthanc_url, s.orthanc_username, password)
             worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size)
+            requeue_orphaned_jobs(self.sessions, worker.worker_id)
             self._thread("worker", worker.loop, self.stop_event, s.poll_seconds)
         if self.role in ("all", "scp"):
             if not s.allowed_aes:
                 log.warning("allowed_aes is empty: any calling AE title may store to %s", s.ae_title)
-            spool = Spool(s.spool_dir)
-            self.scp = StoreSCP(s.ae_title, s.allowed_aes, Ingest(spool, self.sessions), self.sessions)
-            self.scp.start(s.dicom_host, s.dicom_port)
-            self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event)
+            spool = Spool(s.spool_dir, min_free_bytes=s.spool_min_free_mb * 2**20)
+            ingest = Ingest(spool, self.sessions)
+            recover_spool(ingest, self.sessions)
+            on_released = None
+            if s.complete_on_release:
+                def on_released(series_uids: set[str]) -> None:
+                    for uid in series_uids:
+                        complete_series(self.sessions, uid, 0, rules, "association released")
+            self.scp = StoreSCP(s.ae_title, s.allowed_aes, ingest, self.sessions, s.max_associations, on_released)
+            self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
+            self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules)
+            if s.forward_originals:
+                forward_store = OrthancStore(s.orthanc_url, s.orthanc_username, password)
+                self._thread("forwarder", forward_loop, self.sessions, forward_store, s.poll_seconds, self.stop_event)
         audit.record(self.sessions, audit.APPLICATION_START, "success", f"mr2ct {self.role}", ae_title=s.ae_title, port=s.dicom_port)
 
     def _thread(self, name: str, target: object, *args: object) -> None:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from synthesis.model_file import default_model_path
@@ -53,13 +53,28 @@ class Settings(BaseSettings):
     stable_seconds: float = Field(10.0, gt=0, le=86400, description="a series is complete after this long without new instances")
     uid_root: str = Field("1.2.826.0.1.3680043.8.498.", description="root of the UIDs mr2ct writes (ends with a dot)")
     poll_seconds: float = Field(0.5, gt=0, le=60, description="how often the stability monitor and worker look for work")
+    max_associations: int = Field(16, ge=1, le=1000, description="concurrent associations the SCP accepts")
+    complete_on_release: bool = Field(False, description="a series is complete as soon as the association that sent it is released")
+    spool_min_free_mb: int = Field(200, ge=0, description="refuse instances (out of resources) when the spool disk has less free space")
+    forward_originals: bool = Field(False, description="also store every received original into Orthanc (the node routes)")
+    # Selection rules: a complete series that does not match is recorded with the reason, not synthesized.
+    select_modalities: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["MR"], description="modalities to synthesize")
+    select_description_include: str | None = Field(None, description="regex a SeriesDescription must match (search, case-insensitive)")
+    select_description_exclude: str | None = Field(None, description="regex a SeriesDescription must not match")
+    select_min_slices: int = Field(1, ge=1, description="fewest instances a series needs to be synthesized")
+    select_orientations: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["axial", "sagittal", "coronal", "oblique"], description="slice orientations to synthesize"
+    )
+    tls_certificate: Path | None = Field(None, description="PEM certificate: the SCP speaks DICOM over TLS when set")
+    tls_private_key: Path | None = Field(None, description="PEM private key of tls_certificate")
+    tls_ca_file: Path | None = Field(None, description="PEM CA bundle: when set, callers must present a certificate it signed")
 
     @field_validator("ae_title")
     @classmethod
     def _ae_title(cls, value: str) -> str:
         return _check_ae_title(value, "ae_title")
 
-    @field_validator("allowed_aes", mode="before")
+    @field_validator("allowed_aes", "select_modalities", "select_orientations", mode="before")
     @classmethod
     def _split_aes(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -69,7 +84,43 @@ class Settings(BaseSettings):
     @field_validator("allowed_aes")
     @classmethod
     def _check_aes(cls, value: list[str]) -> list[str]:
-        return [_check_ae_title(v, "allowed_aes entry") for v in value]
+        """``AE`` or ``AE@host`` (the host restriction is an IP address or name the peer must come from)."""
+        checked = []
+        for entry in value:
+            title, _, host = entry.partition("@")
+            if "@" in entry and not re.match(r"^[A-Za-z0-9.:_-]+$", host):
+                raise ValueError(f"allowed_aes entry {entry!r} has an invalid host after '@'")
+            checked.append(_check_ae_title(title, "allowed_aes entry") + (f"@{host}" if host else ""))
+        return checked
+
+    @field_validator("select_orientations")
+    @classmethod
+    def _check_orientations(cls, value: list[str]) -> list[str]:
+        known = {"axial", "sagittal", "coronal", "oblique"}
+        bad = [v for v in value if v not in known]
+        if bad:
+            raise ValueError(f"unknown orientation(s) {bad}; known: {sorted(known)}")
+        return value
+
+    @field_validator("select_description_include", "select_description_exclude")
+    @classmethod
+    def _check_regex(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> "Settings":
+        if (self.tls_certificate is None) != (self.tls_private_key is None):
+            raise ValueError("tls_certificate and tls_private_key must be set together")
+        for name in ("tls_certificate", "tls_private_key", "tls_ca_file"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ValueError(f"{name}: file {path} does not exist")
+        return self
 
     @field_validator("uid_root")
     @classmethod
@@ -135,8 +186,11 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "?"
-            problems.append(f"{key} (MR2CT_{key.upper().split('.')[0]}): {err['msg']}")
+            key = ".".join(str(p) for p in err["loc"])
+            if key:
+                problems.append(f"{key} (MR2CT_{key.upper().split('.')[0]}): {err['msg']}")
+            else:
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
     except Exception as exc:  # a TOML syntax error, an unreadable file
         raise ConfigError(f"cannot read configuration: {exc}") from exc

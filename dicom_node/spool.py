@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import re
 import secrets
 from pathlib import Path
@@ -43,9 +44,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Spool:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free_bytes: int = 0) -> None:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.min_free_bytes = min_free_bytes
+
+    def check_space(self, needed: int) -> None:
+        free = shutil.disk_usage(self.root).free
+        if free - needed < self.min_free_bytes:
+            raise SpoolFull(f"spool {self.root} has {free // 2**20} MiB free, keeps at least {self.min_free_bytes // 2**20} MiB (spool_min_free_mb)")
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         parts = [require_uid(study_uid, "StudyInstanceUID"), require_uid(series_uid, "SeriesInstanceUID"), require_uid(sop_uid, "SOPInstanceUID")]
@@ -57,6 +64,7 @@ class Spool:
     def write(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
         """Write to a temporary name, fsync, rename into place, fsync the folder. Returns the final path."""
         final = self.path_for(study_uid, series_uid, sop_uid)
+        self.check_space(len(data))
         folder = final.parent
         created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
@@ -82,3 +90,10 @@ class Spool:
                 raise SpoolFull(f"spool {self.root} is full: {exc.strerror}") from exc
             raise
         return final
+
+    def stray_temporaries(self) -> list[Path]:
+        """Half-written files a crash left behind (never acknowledged, safe to delete)."""
+        return [p for p in self.root.glob("*/*/.*.tmp") if p.is_file()]
+
+    def instances(self) -> list[Path]:
+        return [p for p in self.root.glob("*/*/*.dcm") if p.is_file()]

@@ -14,7 +14,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.ingest import mark_stable, stable_series
+from dicom_node.ingest import SelectionRules, mark_stable, stable_series
 from dicom_node.models import Instance, Job, Series, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.ct_writer import SyntheticCTSeries
@@ -123,19 +123,30 @@ class Worker:
             self.run_job(job_id)
 
 
-def stability_loop(sessions: sessionmaker[Session], stable_seconds: float, poll_seconds: float, stop: threading.Event) -> None:
+def complete_series(sessions: sessionmaker[Session], series_uid: str, stable_seconds: float, rules: SelectionRules, actor: str) -> None:
+    """Complete one series: a job, or 'ignored' with the reason; both audited."""
+    state, job_id = mark_stable(sessions, series_uid, stable_seconds, rules)
+    if state == "receiving":
+        return
+    with sessions() as session:
+        series = session.get(Series, series_uid)
+        study_uid, count, reason = (series.study_instance_uid, series.instance_count, series.reason) if series else (None, 0, None)
+    if state == "stable":
+        audit.record(sessions, audit.SERIES_STABLE, "success", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, instances=count)
+        log.info("series complete series=%s job=%s instances=%d", series_uid, job_id, count)
+    else:
+        audit.record(sessions, audit.SERIES_STABLE, "warning", actor, study_uid=study_uid, series_uid=series_uid, instances=count, reason=reason, synthesized=False)
+        log.info("series not synthesized series=%s reason=%s", series_uid, reason)
+
+
+def stability_loop(
+    sessions: sessionmaker[Session], stable_seconds: float, poll_seconds: float, stop: threading.Event, rules: SelectionRules | None = None
+) -> None:
     """Turn series that stayed quiet for ``stable_seconds`` into jobs (like Orthanc's StableAge)."""
+    rules = rules or SelectionRules()
     while not stop.wait(poll_seconds):
         try:
             for series_uid in stable_series(sessions, stable_seconds):
-                state, job_id = mark_stable(sessions, series_uid, stable_seconds)
-                if state == "stable":
-                    with sessions() as session:
-                        series = session.get(Series, series_uid)
-                        study_uid, count = (series.study_instance_uid, series.instance_count) if series else (None, 0)
-                    audit.record(sessions, audit.SERIES_STABLE, "success", "stability monitor", study_uid=study_uid, series_uid=series_uid, job_id=job_id, instances=count)
-                    log.info("series stable series=%s job=%s instances=%d", series_uid, job_id, count)
-                elif state == "ignored":
-                    audit.record(sessions, audit.SERIES_STABLE, "warning", "stability monitor", series_uid=series_uid, reason="not an MR series")
+                complete_series(sessions, series_uid, stable_seconds, rules, "stability monitor")
         except Exception:
             log.exception("stability monitor pass failed")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -27,11 +27,8 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]
         yield server
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancServer) -> Iterator[NodeServer]:
-    workdir = tmp_path_factory.mktemp("node")
-    port = free_port()
-    env = {
+def node_env(workdir: Path, port: int, orthanc: OrthancServer) -> dict[str, str]:
+    return {
         "MR2CT_AE_TITLE": NODE_AE,
         "MR2CT_DICOM_PORT": str(port),
         "MR2CT_ALLOWED_AES": f"{SCANNER_AE},ECHOSCU",
@@ -42,11 +39,42 @@ def node(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancServer) -> It
         "MR2CT_ORTHANC_PASSWORD": orthanc.password,
         "MR2CT_STABLE_SECONDS": "1.5",
         "MR2CT_DEVICE": "auto",
+        "MR2CT_SPOOL_MIN_FREE_MB": "10",
     }
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancServer) -> Iterator[NodeServer]:
+    workdir = tmp_path_factory.mktemp("node")
+    port = free_port()
+    env = node_env(workdir, port, orthanc)
     server = NodeServer(workdir, env, port)
     server.database_url = env["MR2CT_DATABASE_URL"]  # type: ignore[attr-defined]
     with server:
         yield server
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path, orthanc: OrthancServer) -> Iterator[Callable[..., NodeServer]]:
+    """Start nodes with extra MR2CT_* settings; every one is stopped at the end of the test."""
+    started: list[NodeServer] = []
+
+    def make(workdir: Path | None = None, port: int | None = None, **settings: str) -> NodeServer:
+        workdir = workdir or tmp_path / f"node{len(started)}"
+        port = port or free_port()
+        env = node_env(workdir, port, orthanc)
+        env.update({f"MR2CT_{k.upper()}": v for k, v in settings.items()})
+        server = NodeServer(workdir, env, port)
+        server.database_url = env["MR2CT_DATABASE_URL"]  # type: ignore[attr-defined]
+        started.append(server)
+        server.start()
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            server.stop()
 
 
 @pytest.fixture

@@ -47,6 +47,7 @@ def write_mr_series(
     shuffle_instance_numbers: bool = False,
     orientation: str = "axial",
     columns: int | None = None,
+    series_description: str | None = None,
 ) -> PhantomSeries:
     """Render one phantom head as an axial T1 MR series of single-frame instances in ``folder``."""
     folder = Path(folder)
@@ -56,7 +57,7 @@ def write_mr_series(
     labels = phantoms.head_labels(seed, grid)
     mr = phantoms.mr_to_stored(phantoms.render_mr(labels, grid, seed))
     ct = phantoms.render_ct(labels, grid, seed)
-    key = f"mr2ct-phantom-{seed}-{slices}-{size}-{columns}-{pixel_spacing}-{slice_spacing}-{orientation}"
+    key = f"mr2ct-phantom-{seed}-{slices}-{size}-{columns}-{pixel_spacing}-{slice_spacing}-{orientation}-{series_description}"
     study_uid = generate_uid(UID_PREFIX, [key, "study"])
     series_uid = generate_uid(UID_PREFIX, [key, "series"])
     for_uid = generate_uid(UID_PREFIX, [key, "for"])
@@ -80,7 +81,7 @@ def write_mr_series(
         ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "1", f"ACC{seed:06d}"
         ds.StudyDescription = "Phantom head MR"
         ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "MR", series_uid, 3
-        ds.SeriesDescription = "T1 axial (phantom)"
+        ds.SeriesDescription = series_description if series_description is not None else f"T1 {orientation} (phantom)"
         ds.PatientPosition = "HFS"
         ds.BodyPartExamined = "HEAD"
         ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = for_uid, ""

@@ -1,0 +1,65 @@
+"""Start-up recovery: the spool is the truth. Files the database does not know are recorded
+(and so grouped and synthesized); half-written temporaries are removed; jobs a dead process
+on this host was running go back to the queue."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+import pydicom
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.ingest import Ingest, validate
+from dicom_node.models import Instance, Job
+from synthesis.errors import InvalidInstance
+
+log = logging.getLogger(__name__)
+
+
+def recover_spool(ingest: Ingest, sessions: sessionmaker[Session]) -> dict[str, int]:
+    spool = ingest.spool
+    removed = 0
+    for tmp in spool.stray_temporaries():
+        tmp.unlink(missing_ok=True)
+        removed += 1
+    with sessions() as session:
+        known = set(session.scalars(select(Instance.path)).all())
+    recovered = unreadable = 0
+    for path in spool.instances():
+        if str(path) in known:
+            continue
+        try:
+            ds = pydicom.dcmread(path)
+            info = validate(ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+            if Path(spool.path_for(info.study_uid, info.series_uid, info.sop_instance_uid)) != path:
+                raise InvalidInstance("file name does not match its UIDs")
+        except Exception as exc:  # keep the file for a human; never synthesize it
+            unreadable += 1
+            log.warning("spool file not recoverable path=%s reason=%s", path.name, exc)
+            continue
+        ingest.record(info, path, path.stat().st_size, str(ds.file_meta.TransferSyntaxUID), "recovered", None)
+        recovered += 1
+    counts = {"recovered": recovered, "temporaries_removed": removed, "unrecoverable": unreadable}
+    if recovered or removed or unreadable:
+        audit.record(sessions, "spool-recovery", "warning" if unreadable else "success", "mr2ct start-up", **counts)
+        log.info("spool recovery recovered=%d temporaries_removed=%d unrecoverable=%d", recovered, removed, unreadable)
+    return counts
+
+
+def requeue_orphaned_jobs(sessions: sessionmaker[Session], current_worker: str) -> int:
+    """Jobs 'running' under another process of this host died with it: queue them again."""
+    host = socket.gethostname()
+    with sessions.begin() as session:
+        count = session.execute(
+            update(Job)
+            .where(Job.state == "running", Job.worker.like(f"{host}:%"), Job.worker != current_worker)
+            .values(state="queued", lease_until=None)
+        ).rowcount
+    if count:
+        audit.record(sessions, "job-requeued", "warning", "mr2ct start-up", jobs=count)
+        log.info("requeued %d job(s) left running by a process that died", count)
+    return int(count or 0)

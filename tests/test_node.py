@@ -1,0 +1,182 @@
+"""What a PACS administrator relies on from the node: selection rules, completion on release,
+routing originals to Orthanc, refusals when the spool is full, host-bound AE titles,
+association limits, recovery after a crash, DICOM over TLS."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from pydicom.uid import MRImageStorage
+from pynetdicom import AE
+from sqlalchemy import select
+
+from dicom_node.db import init_db
+from dicom_node.demo import wait_for_job
+from dicom_node.local_stack import echoscu, storescu
+from dicom_node.models import AuditEvent, Instance, Job, Series
+from tests.conftest import NODE_AE, SCANNER_AE
+from training.phantom_dicom import write_mr_series
+
+
+def _series_row(node, uid: str, timeout: float = 60, state: str | None = None) -> Series:
+    sessions = init_db(node.database_url)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with sessions() as session:
+            row = session.get(Series, uid)
+        if row is not None and (state is None or row.state == state):
+            return row
+        time.sleep(0.3)
+    raise AssertionError(f"series {uid} did not reach state {state} in {timeout} s")
+
+
+def _small(tmp_path: Path, name: str, seed: int, **kwargs) -> "object":
+    kwargs.setdefault("slices", 4)
+    return write_mr_series(tmp_path / name, seed=seed, size=kwargs.pop("size", 48), pixel_spacing=5.0, slice_spacing=10.0, **kwargs)
+
+
+def test_series_that_do_not_match_the_selection_rules_are_recorded_with_the_reason(node_factory, tmp_path):
+    node = node_factory(select_min_slices="3", select_orientations="axial", select_description_exclude="localizer")
+    wanted = _small(tmp_path, "wanted", 201)
+    too_short = _small(tmp_path, "short", 202, slices=2)
+    sagittal = _small(tmp_path, "sagittal", 203, orientation="sagittal")
+    scout = _small(tmp_path, "scout", 204, series_description="3-plane LOCALIZER")
+    for series in (wanted, too_short, sagittal, scout):
+        assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    assert wait_for_job(node.database_url, wanted.series_uid, timeout=120).state == "done"
+    reasons = {name: _series_row(node, s.series_uid, state="ignored").reason for name, s in (("short", too_short), ("sagittal", sagittal), ("scout", scout))}
+    assert "fewer than the 3 required" in reasons["short"]
+    assert "orientation sagittal" in reasons["sagittal"]
+    assert "exclusion" in reasons["scout"]
+    sessions = init_db(node.database_url)
+    with sessions() as session:
+        assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([too_short.series_uid, sagittal.series_uid, scout.series_uid]))).all()
+        audited = session.scalars(select(AuditEvent).where(AuditEvent.series_instance_uid == sagittal.series_uid, AuditEvent.action == "series-stable")).all()
+        assert audited and audited[0].detail["synthesized"] is False
+
+
+def test_a_series_completes_when_its_association_is_released(node_factory, tmp_path):
+    node = node_factory(stable_seconds="3600", complete_on_release="true")
+    series = _small(tmp_path, "mr", 210)
+    started = time.monotonic()
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert job.state == "done", job.error
+    assert time.monotonic() - started < 120  # far sooner than stable_seconds
+
+
+def test_originals_are_routed_to_orthanc(node_factory, orthanc, tmp_path):
+    node = node_factory(forward_originals="true")
+    series = _small(tmp_path, "mr", 220)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    deadline = time.monotonic() + 60
+    held = 0
+    while time.monotonic() < deadline and held < 4:
+        found = httpx.post(f"{orthanc.url}/tools/lookup", content=series.series_uid, auth=orthanc.auth).json()
+        held = len(orthanc.get(f"/series/{found[0]['ID']}")["Instances"]) if found else 0
+        time.sleep(0.3)
+    assert held == 4
+    sessions = init_db(node.database_url)
+    with sessions() as session:
+        rows = session.scalars(select(Instance).where(Instance.series_instance_uid == series.series_uid)).all()
+        assert all(r.forwarded_at is not None for r in rows)
+
+
+def test_a_full_spool_answers_out_of_resources_and_keeps_nothing(node_factory, tmp_path):
+    free_mb = shutil.disk_usage(tmp_path).free // 2**20
+    node = node_factory(spool_min_free_mb=str(free_mb + 10_000))
+    series = _small(tmp_path, "mr", 230, slices=1)
+    ae = AE(ae_title=SCANNER_AE)
+    ae.add_requested_context(MRImageStorage)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        status = assoc.send_c_store(pydicom.dcmread(series.files[0]))
+        assert status.Status == 0xA700
+        assert assoc.send_c_echo().Status == 0  # the node keeps serving
+    finally:
+        assoc.release()
+    assert not [p for p in (node.workdir / "spool").rglob("*") if p.is_file()]
+    sessions = init_db(node.database_url)
+    with sessions() as session:
+        refused = session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-instance-refused")).all()
+    assert refused and refused[0].detail["status"] == "0xA700"
+
+
+def test_an_ae_title_bound_to_another_host_is_rejected_from_here(node_factory):
+    node = node_factory(allowed_aes=f"{SCANNER_AE}@127.0.0.1,REMOTE_ONLY@10.255.255.1")
+    assert echoscu(node.port, NODE_AE, SCANNER_AE).returncode == 0
+    refused = echoscu(node.port, NODE_AE, "REMOTE_ONLY")
+    assert refused.returncode != 0
+    assert "reject" in (refused.stdout + refused.stderr).lower()
+
+
+def test_associations_past_the_limit_are_rejected(node_factory):
+    node = node_factory(max_associations="1")
+    ae = AE(ae_title=SCANNER_AE)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert held.is_established
+    try:
+        assert echoscu(node.port, NODE_AE, "ECHOSCU").returncode != 0
+    finally:
+        held.release()
+    time.sleep(0.5)
+    assert echoscu(node.port, NODE_AE, "ECHOSCU").returncode == 0
+
+
+def test_after_kill_9_the_spool_is_recovered_and_the_series_synthesized_once(node_factory, tmp_path):
+    workdir = tmp_path / "crashing-node"
+    first = node_factory(workdir=workdir, stable_seconds="3600")
+    series = _small(tmp_path, "mr", 240, slices=6)
+    assert storescu(series.folder, first.port, NODE_AE, SCANNER_AE).returncode == 0
+    first.kill()
+    # An instance that reached the disk but not the database when the process died,
+    # and a half-written temporary that was never acknowledged.
+    study_dir = workdir / "spool" / series.study_uid
+    extra = pydicom.dcmread(series.files[-1])
+    extra.SOPInstanceUID = extra.file_meta.MediaStorageSOPInstanceUID = "1.2.826.0.1.3680043.8.498.240240"
+    extra.ImagePositionPatient = [*extra.ImagePositionPatient[:2], float(extra.ImagePositionPatient[2]) + 10.0]
+    extra.save_as(study_dir / series.series_uid / f"{extra.SOPInstanceUID}.dcm", enforce_file_format=True)
+    (study_dir / series.series_uid / ".1.2.3.tmp").write_bytes(b"partial")
+    second = node_factory(workdir=workdir, port=first.port, stable_seconds="1.5")
+    job = wait_for_job(second.database_url, series.series_uid, timeout=120)
+    assert job.state == "done", job.error
+    assert not (study_dir / series.series_uid / ".1.2.3.tmp").exists()
+    sessions = init_db(second.database_url)
+    with sessions() as session:
+        jobs = session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid)).all()
+        instances = session.scalars(select(Instance).where(Instance.series_instance_uid == series.series_uid)).all()
+    assert len(jobs) == 1
+    assert len(instances) == 7 == len(list((study_dir / series.series_uid).glob("*.dcm")))
+    assert jobs[0].instance_count == 7
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def test_dicom_over_tls_with_client_certificates(node_factory, tmp_path):
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=mr2ct test CA", cwd=pki)
+    for name in ("server", "client"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN=127.0.0.1", cwd=pki)
+        (pki / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=pki)
+    node = node_factory(tls_certificate=str(pki / "server.pem"), tls_private_key=str(pki / "server.key"), tls_ca_file=str(pki / "ca.pem"))
+    series = _small(tmp_path, "mr", 250)
+    tls = ["+tls", str(pki / "client.key"), str(pki / "client.pem"), "+cf", str(pki / "ca.pem")]
+    sent = storescu(series.folder, node.port, NODE_AE, SCANNER_AE, extra_args=tls)
+    assert sent.returncode == 0, sent.stderr
+    assert wait_for_job(node.database_url, series.series_uid, timeout=120).state == "done"
+    # Plain TCP, or TLS without a client certificate, gets nowhere.
+    assert echoscu(node.port, NODE_AE, SCANNER_AE, timeout=30).returncode != 0
+    assert echoscu(node.port, NODE_AE, SCANNER_AE, extra_args=["+tla", "+cf", str(pki / "ca.pem")], timeout=30).returncode != 0
