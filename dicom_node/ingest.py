@@ -97,6 +97,11 @@ def validate(ds: Dataset, affected_sop_class: str, affected_sop_instance: str) -
     rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
     if not (0 < rows <= 8192 and 0 < cols <= 8192) or bits not in (8, 16, 32):
         raise DatasetMismatch(f"implausible image size {rows}x{cols} with {bits} bits allocated")
+    pixel_element = ds.get_item(0x7FE00010)
+    declared = getattr(pixel_element, "length", None)
+    value = getattr(pixel_element, "value", None)
+    if declared is not None and declared != 0xFFFFFFFF and value is not None and len(value) != declared:
+        raise DatasetMismatch(f"Pixel Data declares {declared} bytes but the data set holds {len(value)}")
     if not ds.file_meta.TransferSyntaxUID.is_compressed:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         expected = rows * cols * frames * int(ds.get("SamplesPerPixel", 1)) * bits // 8
