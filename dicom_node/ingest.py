@@ -9,17 +9,22 @@ from datetime import timedelta
 from pathlib import Path
 
 from pydicom.dataset import Dataset
-from pydicom.uid import MRImageStorage
+from pydicom.uid import EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage, MRImageStorage
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.models import Instance, Job, Series, utcnow
 from dicom_node.spool import Spool, require_uid
-from synthesis.errors import InvalidInstance
+from synthesis.errors import InvalidInstance, SeriesNotUsable
+from synthesis.volume import frame_geometry
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SOP_CLASSES = {MRImageStorage: "MR Image Storage"}
+SUPPORTED_SOP_CLASSES = {
+    MRImageStorage: "MR Image Storage",
+    EnhancedMRImageStorage: "Enhanced MR Image Storage",
+    LegacyConvertedEnhancedMRImageStorage: "Legacy Converted Enhanced MR Image Storage",
+}
 
 
 class DatasetMismatch(InvalidInstance):
@@ -91,9 +96,13 @@ def validate(ds: Dataset, affected_sop_class: str, affected_sop_instance: str) -
     series_uid = require_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
     if "PixelData" not in ds:
         raise DatasetMismatch("the instance has no Pixel Data")
-    for keyword in ("Rows", "Columns", "BitsAllocated", "ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+    for keyword in ("Rows", "Columns", "BitsAllocated"):
         if keyword not in ds or ds[keyword].value in (None, ""):
             raise DatasetMismatch(f"{keyword} is missing; the node needs it to build a volume")
+    try:
+        geometry = frame_geometry(ds)
+    except SeriesNotUsable as exc:
+        raise DatasetMismatch(f"geometry missing or unusable: {exc}") from None
     rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
     if not (0 < rows <= 8192 and 0 < cols <= 8192) or bits not in (8, 16, 32):
         raise DatasetMismatch(f"implausible image size {rows}x{cols} with {bits} bits allocated")
@@ -109,10 +118,7 @@ def validate(ds: Dataset, affected_sop_class: str, affected_sop_instance: str) -
         if actual < expected:
             raise DatasetMismatch(f"Pixel Data holds {actual} bytes, {rows}x{cols}x{frames} at {bits} bits needs {expected}")
     modality = str(ds.get("Modality", "") or "")
-    try:
-        orientation = orientation_label([float(v) for v in ds.ImageOrientationPatient])
-    except (TypeError, ValueError, IndexError):
-        raise DatasetMismatch("ImageOrientationPatient must hold six numbers") from None
+    orientation = orientation_label(geometry[0].orientation)
     description = str(ds.get("SeriesDescription", "") or "")[:64]
     return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation)
 

@@ -126,6 +126,9 @@ class SyntheticCTSeries:
             ref = Dataset()
             ref.ReferencedSOPClassUID = mr.SOPClassUID
             ref.ReferencedSOPInstanceUID = mr.SOPInstanceUID
+            frame = source.frames[index] if source.frames else None
+            if frame is not None:
+                ref.ReferencedFrameNumber = frame
             ref.PurposeOfReferenceCodeSequence = Sequence([_code("121322", "DCM", "Source image for image processing operation")])
             ds.SourceImageSequence = Sequence([ref])
             ds.BurnedInAnnotation = "NO"
@@ -134,8 +137,9 @@ class SyntheticCTSeries:
             ds.ImagePositionPatient = [_ds_float(v) for v in source.volume.positions[index]]
             ds.ImageOrientationPatient = [_ds_float(v) for v in source.volume.orientation]
             ds.PixelSpacing = [_ds_float(v) for v in source.volume.pixel_spacing]
-            ds.SliceThickness = mr.get("SliceThickness", "") or _ds_float(abs(source.volume.slice_spacing))
-            if "SliceLocation" in mr:
+            thickness = source.slice_thickness[index] if source.slice_thickness else str(mr.get("SliceThickness", "") or "")
+            ds.SliceThickness = thickness or _ds_float(abs(source.volume.slice_spacing))
+            if "SliceLocation" in mr and (not source.frames or source.frames[index] is None):
                 ds.SliceLocation = mr.SliceLocation
             ds.SamplesPerPixel = 1
             ds.PhotometricInterpretation = "MONOCHROME2"

@@ -102,7 +102,11 @@ def build_provenance_sr(
         )
     )
     items.append(hd.sr.UIDRefContentItem(name=codes.DCM.SourceSeriesForImageProcessingOperation, value=src_series, relationship_type="CONTAINS"))
-    for mr in mr_headers:
+    seen: set[str] = set()
+    for mr in mr_headers:  # a multi-frame instance is referenced once, for the whole instance
+        if mr.SOPInstanceUID in seen:
+            continue
+        seen.add(mr.SOPInstanceUID)
         items.append(
             hd.sr.ImageContentItem(
                 name=codes.DCM.SourceImageForImageProcessingOperation, referenced_sop_class_uid=mr.SOPClassUID,
@@ -120,8 +124,9 @@ def build_provenance_sr(
     root.ContentSequence = hd.sr.ContentSequence(items, is_root=False)
 
     first = mr_headers[0]
+    unique_mr = list({mr.SOPInstanceUID: mr for mr in mr_headers}.values())
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*mr_headers, *ct.datasets],
+        evidence=[*unique_mr, *ct.datasets],
         content=root,
         series_instance_uid=derived_uid(uid_root, src_series, model.sha256, "sr-series"),
         series_number=int(first.get("SeriesNumber", 0) or 0) + 2000,

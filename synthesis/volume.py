@@ -6,7 +6,7 @@ using ImagePositionPatient, not by InstanceNumber.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -42,11 +42,22 @@ class Volume:
 @dataclass(frozen=True)
 class SourceSeries:
     volume: Volume
-    headers: list[Dataset]  # sorted like volume.voxels, pixel data not needed by writers
+    headers: list[Dataset]  # sorted like volume.voxels; a multi-frame instance appears once per frame
+    frames: list[int | None] = field(default_factory=list)  # 1-based frame number, None for single-frame
+    slice_thickness: list[str] = field(default_factory=list)
 
     @property
     def series_instance_uid(self) -> str:
         return str(self.headers[0].SeriesInstanceUID)
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    position: tuple[float, float, float]
+    orientation: tuple[float, float, float, float, float, float]
+    pixel_spacing: tuple[float, float]
+    slice_thickness: str
+    rescale: tuple[float, float]  # slope, intercept
 
 
 def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...]:
@@ -60,47 +71,103 @@ def _floats(ds: Dataset, keyword: str, count: int) -> tuple[float, ...]:
     return numbers
 
 
+def _group(ds: Dataset, shared: Dataset | None, per_frame: Dataset, sequence: str) -> Dataset | None:
+    for source in (per_frame, shared):
+        if source is not None and sequence in source and len(source[sequence].value):
+            return source[sequence].value[0]
+    return None
+
+
+def frame_geometry(ds: Dataset) -> list[FrameGeometry]:
+    """Geometry of every frame: top-level attributes for single-frame instances, functional groups
+    (per-frame first, then shared) for enhanced multi-frame ones."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if "PerFrameFunctionalGroupsSequence" not in ds:
+        if frames != 1:
+            raise SeriesNotUsable(f"instance {ds.get('SOPInstanceUID', '?')} has {frames} frames but no per-frame functional groups")
+        rescale = (float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0))
+        return [
+            FrameGeometry(
+                _floats(ds, "ImagePositionPatient", 3), _floats(ds, "ImageOrientationPatient", 6),  # type: ignore[arg-type]
+                _floats(ds, "PixelSpacing", 2), str(ds.get("SliceThickness", "") or ""), rescale,  # type: ignore[arg-type]
+            )
+        ]
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    if len(per_frame) != frames:
+        raise SeriesNotUsable(f"NumberOfFrames is {frames} but there are {len(per_frame)} per-frame functional groups")
+    out = []
+    for item in per_frame:
+        position = _group(ds, shared, item, "PlanePositionSequence")
+        orientation = _group(ds, shared, item, "PlaneOrientationSequence")
+        measures = _group(ds, shared, item, "PixelMeasuresSequence")
+        transform = _group(ds, shared, item, "PixelValueTransformationSequence")
+        if position is None or orientation is None or measures is None:
+            raise SeriesNotUsable("a frame lacks plane position, plane orientation or pixel measures")
+        rescale = (1.0, 0.0)
+        if transform is not None:
+            rescale = (float(transform.get("RescaleSlope", 1) or 1), float(transform.get("RescaleIntercept", 0) or 0))
+        out.append(
+            FrameGeometry(
+                _floats(position, "ImagePositionPatient", 3), _floats(orientation, "ImageOrientationPatient", 6),  # type: ignore[arg-type]
+                _floats(measures, "PixelSpacing", 2), str(measures.get("SliceThickness", "") or ""), rescale,  # type: ignore[arg-type]
+            )
+        )
+    return out
+
+
 def assemble(datasets: list[Dataset]) -> SourceSeries:
-    """Build a volume from single-frame instances of one series; refuse what cannot be one."""
+    """Build a volume from the instances of one series (single-frame or enhanced multi-frame);
+    refuse what cannot be one volume."""
     if not datasets:
         raise SeriesNotUsable("the series has no instances")
     series_uids = {str(ds.get("SeriesInstanceUID")) for ds in datasets}
     if len(series_uids) != 1:
         raise SeriesNotUsable(f"instances belong to {len(series_uids)} series")
-    first = datasets[0]
-    orientation = _floats(first, "ImageOrientationPatient", 6)
-    spacing = _floats(first, "PixelSpacing", 2)
-    shape = (int(first.Rows), int(first.Columns))
-    for ds in datasets:
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-            raise SeriesNotUsable("multi-frame instances are not supported yet")
-        if (int(ds.Rows), int(ds.Columns)) != shape:
-            raise SeriesNotUsable(f"mixed image sizes in the series: {shape} and {(int(ds.Rows), int(ds.Columns))}")
-        if np.max(np.abs(np.subtract(_floats(ds, "ImageOrientationPatient", 6), orientation))) > ORIENTATION_TOLERANCE:
-            raise SeriesNotUsable("mixed orientations in the series (ImageOrientationPatient differs between instances)")
-        if np.max(np.abs(np.subtract(_floats(ds, "PixelSpacing", 2), spacing))) > 1e-4:
-            raise SeriesNotUsable("mixed pixel spacings in the series")
     for_uids = {str(ds.get("FrameOfReferenceUID", "")) for ds in datasets}
     if len(for_uids) != 1 or "" in for_uids:
         raise SeriesNotUsable("instances must share one FrameOfReferenceUID")
+    slices: list[tuple[Dataset, int | None, FrameGeometry]] = []
+    for ds in datasets:
+        geometry = frame_geometry(ds)
+        multi = "PerFrameFunctionalGroupsSequence" in ds
+        slices.extend((ds, (i + 1) if multi else None, g) for i, g in enumerate(geometry))
+    first = slices[0]
+    orientation, spacing = first[2].orientation, first[2].pixel_spacing
+    shape = (int(first[0].Rows), int(first[0].Columns))
+    for ds, _, g in slices:
+        if (int(ds.Rows), int(ds.Columns)) != shape:
+            raise SeriesNotUsable(f"mixed image sizes in the series: {shape} and {(int(ds.Rows), int(ds.Columns))}")
+        if np.max(np.abs(np.subtract(g.orientation, orientation))) > ORIENTATION_TOLERANCE:
+            raise SeriesNotUsable("mixed orientations in the series (ImageOrientationPatient differs between slices)")
+        if np.max(np.abs(np.subtract(g.pixel_spacing, spacing))) > 1e-4:
+            raise SeriesNotUsable("mixed pixel spacings in the series")
     normal = np.cross(orientation[:3], orientation[3:])
-    positions = np.array([_floats(ds, "ImagePositionPatient", 3) for ds in datasets])
+    positions = np.array([g.position for _, _, g in slices])
     distances = positions @ normal
     order = np.argsort(distances, kind="stable")
-    sorted_distances = distances[order]
-    if len(order) > 1 and np.min(np.diff(sorted_distances)) < POSITION_TOLERANCE_MM:
-        raise SeriesNotUsable("two or more instances share one slice position")
-    headers = [datasets[i] for i in order]
-    voxels = np.empty((len(headers), *shape), dtype=np.float32)
-    for i, ds in enumerate(headers):
-        pixels = ds.pixel_array.astype(np.float32)
-        slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-        voxels[i] = pixels * slope + intercept
+    if len(order) > 1 and np.min(np.diff(distances[order])) < POSITION_TOLERANCE_MM:
+        raise SeriesNotUsable("two or more slices share one position")
+    voxels = np.empty((len(order), *shape), dtype=np.float32)
+    decoded: dict[int, np.ndarray] = {}
+    for out_index, i in enumerate(order):
+        ds, frame, g = slices[i]
+        if id(ds) not in decoded:
+            decoded[id(ds)] = ds.pixel_array
+        pixels = decoded[id(ds)]
+        plane = pixels[frame - 1] if frame is not None and pixels.ndim == 3 else pixels
+        voxels[out_index] = plane.astype(np.float32) * g.rescale[0] + g.rescale[1]
     volume = Volume(
         voxels=voxels,
-        pixel_spacing=(spacing[0], spacing[1]),
-        orientation=orientation,  # type: ignore[arg-type]
+        pixel_spacing=spacing,
+        orientation=orientation,
         positions=positions[order],
         frame_of_reference_uid=for_uids.pop(),
     )
-    return SourceSeries(volume=volume, headers=headers)
+    return SourceSeries(
+        volume=volume,
+        headers=[slices[i][0] for i in order],
+        frames=[slices[i][1] for i in order],
+        slice_thickness=[slices[i][2].slice_thickness for i in order],
+    )

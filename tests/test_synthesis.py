@@ -84,7 +84,7 @@ def test_slices_are_sorted_along_the_normal_not_by_instance_number(mr_series) ->
 def test_duplicate_positions_and_mixed_sizes_are_refused(mr_series) -> None:
     datasets = [pydicom.dcmread(f) for f in mr_series.files]
     datasets[1].ImagePositionPatient = datasets[0].ImagePositionPatient
-    with pytest.raises(SeriesNotUsable, match="share one slice position"):
+    with pytest.raises(SeriesNotUsable, match="share one position"):
         assemble(datasets)
     datasets = [pydicom.dcmread(f) for f in mr_series.files]
     datasets[2].Rows = 40
