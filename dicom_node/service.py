@@ -71,10 +71,10 @@ class Node:
                 torch.set_num_threads(s.cpu_threads)
             model = load_model(s.model_file)
             device = choose_device(s.device)
-            log.info("device=%s reason=%s", device.label, device.reason)
+            log.info("device=%s reason=%s precision=%s", device.label, device.reason, s.precision)
             log.info("model=%s sha256=%s architecture=%s", s.model_file.name, model.short_digest, model.card["architecture"])
             store = OrthancStore(s.orthanc_url, s.orthanc_username, password)
-            worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size)
+            worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size, s.precision)
             requeue_orphaned_jobs(self.sessions, worker.worker_id)
             self._thread("worker", worker.loop, self.stop_event, s.poll_seconds)
         if self.role in ("all", "scp"):

@@ -52,10 +52,10 @@ def claim_job(sessions: sessionmaker[Session], worker_id: str) -> int | None:
 class Worker:
     def __init__(
         self, sessions: sessionmaker[Session], model: LoadedModel, device: DeviceChoice, store: OrthancStore,
-        uid_root: str, batch_size: int,
+        uid_root: str, batch_size: int, precision: str = "auto",
     ) -> None:
         self.sessions, self.model, self.device, self.store = sessions, model, device, store
-        self.uid_root, self.batch_size = uid_root, batch_size
+        self.uid_root, self.batch_size, self.precision = uid_root, batch_size, precision
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
     def run_job(self, job_id: int) -> None:
@@ -73,7 +73,7 @@ class Worker:
         try:
             datasets = [pydicom.dcmread(p) for p in paths]
             source = assemble(datasets)
-            hu = synthesize(source.volume.voxels, source.volume.pixel_spacing, self.model, self.device.device, self.batch_size)
+            hu = synthesize(source.volume.voxels, source.volume.pixel_spacing, self.model, self.device.device, self.batch_size, self.precision)
             ct = SyntheticCTSeries(source=source, hu=hu, model=self.model, uid_root=self.uid_root, device_label=self.device.label)
             sr = build_provenance_sr(
                 ct=ct, mr_headers=source.headers, uid_root=self.uid_root,

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from synthesis.model_file import LoadedModel
-from synthesis.normalize import mr_to_unit, unit_to_hu
+from synthesis.networks import size_multiple
+from synthesis.normalize import mr_to_unit, n4_correct, unit_to_hu
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,32 @@ def choose_device(requested: str) -> DeviceChoice:
     return DeviceChoice(torch.device("cpu"), "device=auto and no CUDA GPU is visible")
 
 
+def cpu_has_bf16() -> bool:
+    """True when the CPU runs bf16 natively (AVX-512 BF16 or AMX), where autocast pays off."""
+    capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    if "AMX" in capability:
+        return True
+    try:
+        with open("/proc/cpuinfo") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere. None means fp32."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" or cpu_has_bf16():
+        return torch.bfloat16
+    return None
+
+
 def _to_grid(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(batch.shape[-2:]) == size:
         return batch
@@ -60,6 +87,7 @@ def synthesize(
     model: LoadedModel,
     device: torch.device,
     batch_size: int = 8,
+    precision: str = "auto",
 ) -> np.ndarray:
     """MR volume (slices, rows, cols) -> sCT volume in HU, same shape, float32."""
     if voxels.ndim != 3:
@@ -67,13 +95,16 @@ def synthesize(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     norm = model.card["normalization"]
+    if model.card.get("n4_bias_correction"):
+        voxels = n4_correct(voxels, pixel_spacing)
     unit = mr_to_unit(voxels, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
     slices, rows, cols = unit.shape
     target = model.pixel_spacing_mm
     grid = (max(4, round(rows * pixel_spacing[0] / target)), max(4, round(cols * pixel_spacing[1] / target)))
-    pad_r, pad_c = (-grid[0]) % 4, (-grid[1]) % 4
-    generator = model.generator.to(device)
-    use_autocast = device.type == "cuda"
+    multiple = size_multiple(model.generator)
+    pad_r, pad_c = (-grid[0]) % multiple, (-grid[1]) % multiple
+    generator = model.generator.to(device, memory_format=torch.channels_last)
+    autocast_dtype = resolve_precision(precision, device)
     out = np.empty_like(unit)
     started = time.perf_counter()
     for start in range(0, slices, batch_size):
@@ -81,10 +112,14 @@ def synthesize(
         x = _to_grid(batch, grid)
         if pad_r or pad_c:
             x = F.pad(x, (0, pad_c, 0, pad_r), mode="reflect" if min(grid) > max(pad_r, pad_c) else "replicate")
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_autocast):
+        x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
             y = generator(x)
         y = y.float()[..., : grid[0], : grid[1]]
         y = _to_grid(y, (rows, cols)).clamp_(-1.0, 1.0)
         out[start : start + batch_size] = y[:, 0].cpu().numpy()
-    log.info("inference slices=%d grid=%dx%d seconds=%.2f device=%s", slices, grid[0], grid[1], time.perf_counter() - started, device)
+    log.info(
+        "inference slices=%d grid=%dx%d seconds=%.2f device=%s precision=%s", slices, grid[0], grid[1],
+        time.perf_counter() - started, device, "bf16" if autocast_dtype is not None else "fp32",
+    )
     return unit_to_hu(out, model.hu_range)

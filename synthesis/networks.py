@@ -71,6 +71,62 @@ class ResnetGenerator(nn.Module):
         return self.model(x)
 
 
+class UnetGenerator(nn.Module):
+    """U-Net generator (Ronneberger et al.; as in Isola et al. / Zhu et al.): ``depth`` stride-2
+    encoder steps with skip connections, instance normalisation, tanh output.
+
+    Height and width must be multiples of ``2**depth``; callers pad (``size_multiple``).
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, ngf: int = 32, depth: int = 4) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.size_multiple = 2**depth
+        self.inc = nn.Sequential(nn.Conv2d(in_channels, ngf, 3, padding=1), nn.InstanceNorm2d(ngf), nn.LeakyReLU(0.2, True))
+        self.down = nn.ModuleList()
+        self.up = nn.ModuleList()
+        channels = [ngf * min(2**i, 8) for i in range(depth + 1)]
+        for i in range(depth):
+            self.down.append(nn.Sequential(
+                nn.Conv2d(channels[i], channels[i + 1], 4, stride=2, padding=1), nn.InstanceNorm2d(channels[i + 1]), nn.LeakyReLU(0.2, True),
+            ))
+        for i in reversed(range(depth)):
+            self.up.append(nn.Sequential(
+                nn.ConvTranspose2d(channels[i + 1] * (1 if i == depth - 1 else 2), channels[i], 4, stride=2, padding=1),
+                nn.InstanceNorm2d(channels[i]), nn.ReLU(True),
+            ))
+        self.out = nn.Sequential(nn.Conv2d(channels[0] * 2, out_channels, 3, padding=1), nn.Tanh())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.inc(x)]
+        for layer in self.down:
+            skips.append(layer(skips[-1]))
+        y = skips.pop()
+        for i, layer in enumerate(self.up):
+            y = layer(y)
+            y = torch.cat([y, skips.pop()], dim=1)
+        return self.out(y)
+
+
+class PaperDiscriminator(nn.Module):
+    """The seed paper's fully convolutional discriminator: Conv2d k4 s2, BatchNorm, LeakyReLU 0.2,
+    ending in a one-channel patch map (use with BCE, as the paper)."""
+
+    def __init__(self, in_channels: int = 1, ndf: int = 64, n_layers: int = 3) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, ndf, 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        channels = ndf
+        for _ in range(1, n_layers):
+            layers += [nn.Conv2d(channels, channels * 2, 4, stride=2, padding=1), nn.BatchNorm2d(channels * 2), nn.LeakyReLU(0.2, True)]
+            channels *= 2
+        layers += [nn.Conv2d(channels, 1, 4, stride=1, padding=1)]
+        self.model = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+
 class PatchDiscriminator(nn.Module):
     """PatchGAN discriminator (Zhu et al. 2017); ``n_layers=3`` gives the 70x70 receptive field."""
 
@@ -93,7 +149,12 @@ class PatchDiscriminator(nn.Module):
         return self.model(x)
 
 
-GENERATORS: dict[str, type[nn.Module]] = {"resnet": ResnetGenerator}
+GENERATORS: dict[str, type[nn.Module]] = {"resnet": ResnetGenerator, "unet": UnetGenerator}
+
+
+def size_multiple(generator: nn.Module) -> int:
+    """What input height and width must be multiples of (ResNet: 4, U-Net: 2**depth)."""
+    return int(getattr(generator, "size_multiple", 4))
 
 
 def build_generator(architecture: str, params: dict[str, Any]) -> nn.Module:

@@ -33,3 +33,26 @@ def unit_to_hu(unit: np.ndarray, hu_range: tuple[float, float]) -> np.ndarray:
     lo, hi = hu_range
     hu = (np.asarray(unit, dtype=np.float32) + 1.0) / 2.0 * (hi - lo) + lo
     return np.clip(hu, HU_MIN, HU_MAX)
+
+
+def n4_correct(volume: np.ndarray, pixel_spacing: tuple[float, float], shrink: int = 4, iterations: int = 30) -> np.ndarray:
+    """N4 bias-field correction (Tustison et al. 2010, SimpleITK), as the paper's future work proposes.
+
+    The field is estimated on a shrunken copy inside an Otsu head mask and divided out at full
+    resolution; slices are treated as one volume.
+    """
+    import SimpleITK as sitk
+
+    data = np.asarray(volume, dtype=np.float32)
+    image = sitk.GetImageFromArray(np.maximum(data, 0) + 1.0)
+    image.SetSpacing((float(pixel_spacing[1]), float(pixel_spacing[0]), 1.0))
+    mask = sitk.OtsuThreshold(image, 0, 1, 200)
+    factor = [shrink, shrink, 1] if data.shape[0] < 2 * shrink else [shrink] * 3
+    small = sitk.Shrink(image, factor)
+    small_mask = sitk.Shrink(mask, factor)
+    corrector = sitk.N4BiasFieldCorrectionImageFilter()
+    corrector.SetMaximumNumberOfIterations([iterations] * 3)
+    corrector.Execute(small, small_mask)
+    log_field = corrector.GetLogBiasFieldAsImage(image)
+    field = np.exp(sitk.GetArrayFromImage(log_field)).astype(np.float32)
+    return (np.maximum(data, 0) + 1.0) / field - 1.0

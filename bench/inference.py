@@ -1,0 +1,169 @@
+"""Inference speed and fidelity, measured against peers in the same run.
+
+- the machine's matrix-multiply peak in fp32 and bf16 (large torch.mm);
+- the reference ResNet-9 generator (Zhu et al., ngf 64) at 256x256: FLOPs per slice counted
+  by forward hooks on every convolution, achieved GFLOP/s as a fraction of the bf16 peak;
+- the shipped model: sCT difference between bf16 and fp32 inference (MAE in HU);
+- the whole synthesis of a 64-slice 256x256 series (read spool files, volume, normalise,
+  infer, write CT and SR files) as a ratio to the generator forward alone.
+
+Last line: one JSON object with gen_fraction_of_bf16_peak, bf16_vs_fp32_mae_hu,
+synthesis_over_forward, slices_per_s, device.
+
+    .venv/bin/python bench/inference.py [--device auto] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from synthesis.ct_writer import SyntheticCTSeries  # noqa: E402
+from synthesis.infer import choose_device, resolve_precision, synthesize  # noqa: E402
+from synthesis.model_file import default_model_path, load_model  # noqa: E402
+from synthesis.networks import ResnetGenerator  # noqa: E402
+from synthesis.sr_writer import build_provenance_sr  # noqa: E402
+from synthesis.volume import assemble  # noqa: E402
+from training.phantom_dicom import write_mr_series  # noqa: E402
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def best_of(fn, repeats: int, device: torch.device) -> float:
+    fn()
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device, repeats: int) -> float:
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    iters = 50 if device.type == "cuda" else 5
+
+    def run() -> None:
+        for _ in range(iters):
+            torch.mm(a, b)
+
+    return 2 * n**3 * iters / best_of(run, repeats, device) / 1e9
+
+
+def conv_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one forward pass, counted by hooks on every (transposed) convolution."""
+    total = [0.0]
+
+    def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        kh, kw = module.kernel_size  # type: ignore[misc]
+        cin, cout, groups = module.in_channels, module.out_channels, module.groups  # type: ignore[attr-defined]
+        if isinstance(module, nn.ConvTranspose2d):
+            spatial = inputs[0].shape[-2] * inputs[0].shape[-1]
+        else:
+            spatial = output.shape[-2] * output.shape[-1]
+        total[0] += 2.0 * cin * cout * kh * kw * spatial / groups * output.shape[0]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return total[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=0, help="slices per batch for the reference generator (default 4 CPU, 64 GPU)")
+    args = parser.parse_args()
+    choice = choose_device(args.device)
+    device = choice.device
+    batch = args.batch or (64 if device.type == "cuda" else 4)
+    print(f"device: {choice.label} ({choice.reason}); {platform.machine()}, torch {torch.__version__}")
+
+    peak32 = matmul_peak(torch.float32, device, args.repeats)
+    peak16 = matmul_peak(torch.bfloat16, device, args.repeats)
+    print(f"matmul peak: fp32 {peak32:8.1f} GFLOP/s   bf16 {peak16:8.1f} GFLOP/s")
+
+    reference = ResnetGenerator(ngf=64, n_blocks=9).to(device).eval().to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 1, 256, 256, device=device).contiguous(memory_format=torch.channels_last)
+    flops = conv_flops(reference, x[:1])
+    results = {}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        def forward() -> None:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                reference(x)
+
+        seconds = best_of(forward, args.repeats, device)
+        results[name] = (batch / seconds, flops * batch / seconds / 1e9)
+        print(f"ResNet-9 ngf64 256x256 {name}: {flops / 1e9:.1f} GFLOP/slice, {results[name][0]:.2f} slices/s, {results[name][1]:.1f} GFLOP/s")
+    fraction = results["bf16"][1] / peak16
+
+    # The shipped model: bf16 against fp32, and the whole pipeline against the forward alone.
+    model = load_model(default_model_path())
+    work = Path(tempfile.mkdtemp(prefix="mr2ct-bench-infer-"))
+    try:
+        series = write_mr_series(work / "mr", seed=3, slices=64, size=256, pixel_spacing=1.0, slice_spacing=2.0)
+        mr = np.stack([pydicom.dcmread(f).pixel_array for f in series.files]).astype(np.float32)
+        hu32 = synthesize(mr, (1.0, 1.0), model, device, 16, precision="fp32")
+        hu16 = synthesize(mr, (1.0, 1.0), model, device, 16, precision="bf16")
+        body = series.labels > 0
+        mae_bf16 = float(np.abs(hu16 - hu32)[body].mean())
+        precision = "bf16" if resolve_precision("auto", device) is not None else "fp32"
+        forward_s = best_of(lambda: synthesize(mr, (1.0, 1.0), model, device, 16, precision=precision), args.repeats, device)
+
+        def whole() -> None:
+            source = assemble([pydicom.dcmread(f) for f in series.files])
+            hu = synthesize(source.volume.voxels, source.volume.pixel_spacing, model, device, 16, precision=precision)
+            ct = SyntheticCTSeries(source=source, hu=hu, model=model, uid_root="1.2.826.0.1.3680043.8.498.", device_label=choice.label)
+            sr = build_provenance_sr(ct=ct, mr_headers=source.headers, uid_root="1.2.826.0.1.3680043.8.498.", processing_seconds=1.0, device_label=choice.label)
+            out = work / "out"
+            out.mkdir(exist_ok=True)
+            for ds in ct.datasets:
+                ds.save_as(out / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+            sr.save_as(out / "sr.dcm", enforce_file_format=True)
+
+        whole_s = best_of(whole, args.repeats, device)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"shipped model, 64 slices 256x256 ({precision}): forward+resampling {forward_s:.2f} s, whole synthesis {whole_s:.2f} s")
+    print(f"bf16 vs fp32 sCT difference inside the head: {mae_bf16:.2f} HU")
+    out = {
+        "gen_fraction_of_bf16_peak": round(fraction, 3),
+        "bf16_vs_fp32_mae_hu": round(mae_bf16, 3),
+        "synthesis_over_forward": round(whole_s / forward_s, 3),
+        "slices_per_s": round(results["bf16"][0], 2),
+        "slices_per_s_fp32": round(results["fp32"][0], 2),
+        "shipped_model_slices_per_s": round(64 / forward_s, 1),
+        "matmul_fp32_gflops": round(peak32, 1),
+        "matmul_bf16_gflops": round(peak16, 1),
+        "device": choice.label,
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

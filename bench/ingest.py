@@ -1,0 +1,128 @@
+"""Ingest throughput: one storescu sends the same 500-instance 256x256 MR series to
+(a) dcmtk storescp, (b) a bare pynetdicom storescp that fsyncs, (c) Orthanc, (d) mr2ct serve
+(durable spool + database), alternating, repeated; prints medians of instances/s and ratios.
+
+Every process gets TCP_NODELAY=1. Last line: one JSON object with node_over_pynetdicom,
+node_over_orthanc, node_over_dcmtk (and the medians).
+
+    .venv/bin/python bench/ingest.py [--instances 500] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from dicom_node.local_stack import NodeServer, OrthancServer, free_port, nodelay_env, storescu  # noqa: E402
+from training.phantom_dicom import write_mr_series  # noqa: E402
+
+
+def _wait_listening(proc: subprocess.Popen, port: int, timeout: float = 30) -> None:
+    from dicom_node.local_stack import port_in_use
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"peer exited with {proc.returncode}")
+        if port_in_use(port):
+            return
+        time.sleep(0.1)
+    raise RuntimeError("peer did not listen")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def timed_send(folder: Path, port: int, called: str) -> float:
+    started = time.perf_counter()
+    result = storescu(folder, port, called, "BENCH")
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"storescu to {called} failed: {result.stderr[-500:]}")
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--instances", type=int, default=500)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="mr2ct-bench-ingest-"))
+    series = write_mr_series(work / "series", seed=1, slices=args.instances, size=256, pixel_spacing=1.0, slice_spacing=0.5)
+    rates: dict[str, list[float]] = {"dcmtk": [], "pynetdicom": [], "orthanc": [], "node": []}
+    procs: list[subprocess.Popen] = []
+    orthanc = OrthancServer(work / "orthanc", free_port(), free_port(), modalities={"bench": ["BENCH", "127.0.0.1", 104]})
+    node: NodeServer | None = None
+    try:
+        dcmtk_port = free_port()
+        (work / "dcmtk").mkdir()
+        dcmtk = subprocess.Popen(["storescp", "-od", str(work / "dcmtk"), "-aet", "STORESCP", str(dcmtk_port)], env=nodelay_env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(dcmtk)
+        _wait_listening(dcmtk, dcmtk_port)
+        bare_port = free_port()
+        bare = subprocess.Popen([sys.executable, str(ROOT / "bench" / "_bare_storescp.py"), str(bare_port), str(work / "bare")],
+                                env=nodelay_env(), stdout=subprocess.DEVNULL)
+        procs.append(bare)
+        _wait_listening(bare, bare_port)
+        orthanc.start()
+        node_port = free_port()
+        node = NodeServer(work / "node", {
+            "MR2CT_DICOM_PORT": str(node_port), "MR2CT_SPOOL_DIR": str(work / "node" / "spool"),
+            "MR2CT_DATABASE_URL": f"sqlite:///{work / 'node' / 'mr2ct.db'}", "MR2CT_STABLE_SECONDS": "86400",
+            "MR2CT_ALLOWED_AES": "BENCH", "MR2CT_SPOOL_MIN_FREE_MB": "10",
+        }, node_port)
+        node.start()
+        peers = {
+            "dcmtk": (dcmtk_port, "STORESCP"), "pynetdicom": (bare_port, "BARE"),
+            "orthanc": (orthanc.dicom_port, orthanc.aet), "node": (node_port, "MR2CT"),
+        }
+        for name, (port, called) in peers.items():  # warm-up (and the first write of each instance)
+            timed_send(series.folder, port, called)
+        for repeat in range(args.repeats):
+            for name, (port, called) in peers.items():
+                seconds = timed_send(series.folder, port, called)
+                rates[name].append(args.instances / seconds)
+                print(f"repeat {repeat + 1}: {name:10s} {args.instances / seconds:8.1f} instances/s", flush=True)
+    finally:
+        if node is not None:
+            node.stop()
+        orthanc.stop()
+        for proc in procs:
+            _stop(proc)
+        shutil.rmtree(work, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"\nmachine: {platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}")
+    for name, value in med.items():
+        print(f"median {name:10s} {value:8.1f} instances/s")
+    result = {
+        "node_over_pynetdicom": round(med["node"] / med["pynetdicom"], 3),
+        "node_over_orthanc": round(med["node"] / med["orthanc"], 3),
+        "node_over_dcmtk": round(med["node"] / med["dcmtk"], 3),
+        "node_per_s": round(med["node"], 1), "pynetdicom_per_s": round(med["pynetdicom"], 1),
+        "orthanc_per_s": round(med["orthanc"], 1), "dcmtk_per_s": round(med["dcmtk"], 1),
+        "instances": args.instances, "repeats": args.repeats,
+    }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
