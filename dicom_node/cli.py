@@ -42,6 +42,7 @@ def train(
     seed: Annotated[Optional[int], typer.Option()] = None,
     max_minutes: Annotated[Optional[float], typer.Option(help="stop after the epoch that passes this")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="dataset cache made by `mr2ct pull` (default: generated phantoms)")] = None,
 ) -> None:
     """Train the CycleGAN on generated phantom heads (unpaired MR and CT pools)."""
     import torch
@@ -58,6 +59,7 @@ def train(
                 epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lambda_ABA=lambda_aba,
                 lambda_BAB=lambda_bab, lr_G=lr_g, lr_D=lr_d, synthetic_pool_size=synthetic_pool_size,
                 subjects_per_pool=subjects_per_pool, seed=seed, max_minutes=max_minutes,
+                data=str(data) if data else None,
             ),
         )
     except (ValueError, TypeError) as exc:
@@ -177,6 +179,76 @@ def evaluate(
     for tissue, value in quality.mae_by_tissue.items():
         typer.echo(f"  {tissue:16s} MAE {value:7.1f} HU")
     typer.echo(json.dumps(quality.as_dict()))
+
+
+@app.command()
+def phantoms(
+    out: Annotated[Path, typer.Option(help="folder for the DICOM studies")],
+    mr_subjects: Annotated[int, typer.Option(min=0)] = 8,
+    ct_subjects: Annotated[int, typer.Option(min=0)] = 8,
+    paired_subjects: Annotated[int, typer.Option(min=0)] = 2,
+    seed: Annotated[int, typer.Option()] = 0,
+    slices: Annotated[int, typer.Option(min=1)] = 24,
+    size: Annotated[int, typer.Option(min=16)] = 128,
+    pixel_spacing: Annotated[float, typer.Option()] = 2.0,
+    upload: Annotated[Optional[str], typer.Option(help="Orthanc URL to upload the studies to")] = None,
+    username: Annotated[Optional[str], typer.Option(envvar="MR2CT_ORTHANC_USERNAME")] = None,
+    password: Annotated[Optional[str], typer.Option(envvar="MR2CT_ORTHANC_PASSWORD")] = None,
+) -> None:
+    """Generate a synthetic head cohort as DICOM: MR-only, CT-only and paired held-out subjects."""
+    from dicom_node.orthanc_store import OrthancStore
+    from synthesis.errors import PacsUnavailable
+    from training.phantom_dicom import write_cohort
+
+    cohort = write_cohort(out, mr_subjects=mr_subjects, ct_subjects=ct_subjects, paired_subjects=paired_subjects, seed=seed,
+                          slices=slices, size=size, pixel_spacing=pixel_spacing)
+    series = [*cohort.mr_only, *cohort.ct_only, *(s for pair in cohort.paired for s in pair)]
+    typer.echo(f"{len(series)} series ({sum(len(s.files) for s in series)} instances) in {out}")
+    if upload:
+        from tqdm import tqdm
+
+        store = OrthancStore(upload, username, password)
+        try:
+            store.check_reachable()
+            for s in tqdm(series, desc="upload", unit="series", disable=None):
+                for f in s.files:
+                    store.client.upload(f.read_bytes())
+        except PacsUnavailable as exc:
+            typer.echo(f"mr2ct: {exc}", err=True)
+            raise typer.Exit(1) from exc
+        typer.echo(f"uploaded to {upload}")
+
+
+@app.command()
+def pull(
+    url: Annotated[str, typer.Option(help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")],
+    cache: Annotated[Path, typer.Option(help="dataset cache folder")],
+    modality: Annotated[list[str], typer.Option(help="MR and/or CT (repeat the option)")] = ["MR", "CT"],
+    body_part: Annotated[Optional[str], typer.Option()] = None,
+    description: Annotated[Optional[str], typer.Option(help="regex on SeriesDescription")] = None,
+    date_from: Annotated[Optional[str], typer.Option(help="YYYYMMDD")] = None,
+    date_to: Annotated[Optional[str], typer.Option(help="YYYYMMDD")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="at most this many series per modality")] = None,
+    validation_fraction: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.2,
+    username: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_USERNAME")] = None,
+    password: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_PASSWORD")] = None,
+) -> None:
+    """Pull unpaired MR and CT series from a DICOMweb PACS into a local dataset cache (resumable)."""
+    from synthesis.errors import PacsUnavailable
+    from training.pacs_pull import PullFilter, pull as run_pull
+
+    _logging()
+    bad = [m for m in modality if m not in ("MR", "CT")]
+    if bad:
+        typer.echo(f"mr2ct: --modality must be MR or CT, got {bad}", err=True)
+        raise typer.Exit(2)
+    filters = [PullFilter(m, body_part, description, date_from, date_to, limit) for m in modality]
+    try:
+        counts = run_pull(url, cache, filters, username=username, password=password, validation_fraction=validation_fraction)
+    except PacsUnavailable as exc:
+        typer.echo(f"mr2ct: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']} -> {cache}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from training import phantoms
 
@@ -48,8 +48,13 @@ def write_mr_series(
     orientation: str = "axial",
     columns: int | None = None,
     series_description: str | None = None,
+    modality: str = "MR",
+    study_uid: str | None = None,
 ) -> PhantomSeries:
-    """Render one phantom head as an axial T1 MR series of single-frame instances in ``folder``."""
+    """Render one phantom head as a T1 MR (or, with ``modality="CT"``, a CT in HU) series of
+    single-frame instances in ``folder``."""
+    if modality not in ("MR", "CT"):
+        raise ValueError(f"modality must be MR or CT, got {modality!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     columns = columns or size
@@ -57,40 +62,48 @@ def write_mr_series(
     labels = phantoms.head_labels(seed, grid)
     mr = phantoms.mr_to_stored(phantoms.render_mr(labels, grid, seed))
     ct = phantoms.render_ct(labels, grid, seed)
+    ct_stored = np.clip(np.rint(ct) + 1024, 0, 4095).astype(np.uint16)
     key = f"mr2ct-phantom-{seed}-{slices}-{size}-{columns}-{pixel_spacing}-{slice_spacing}-{orientation}-{series_description}"
-    study_uid = generate_uid(UID_PREFIX, [key, "study"])
-    series_uid = generate_uid(UID_PREFIX, [key, "series"])
+    study_uid = study_uid or generate_uid(UID_PREFIX, [key, "study"])
+    series_uid = generate_uid(UID_PREFIX, [key, modality, "series"])
     for_uid = generate_uid(UID_PREFIX, [key, "for"])
     patient_id = patient_id or f"PH{seed:06d}"
     now = datetime(2026, 1, 1, 9, 0, 0)
     order = np.random.default_rng(seed).permutation(slices) if shuffle_instance_numbers else np.arange(slices)
     files = []
     for i in range(slices):
-        sop_uid = generate_uid(UID_PREFIX, [key, "instance", str(i)])
+        sop_uid = generate_uid(UID_PREFIX, [key, modality, "instance", str(i)])
+        sop_class = MRImageStorage if modality == "MR" else CTImageStorage
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
+        meta.MediaStorageSOPClassUID = sop_class
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
         ds = Dataset()
         ds.file_meta = meta
         ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, sop_uid
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, patient_id, "19700101", "O"
         ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime = study_uid, now.strftime("%Y%m%d"), now.strftime("%H%M%S")
         ds.ReferringPhysicianName, ds.StudyID, ds.AccessionNumber = "", "1", f"ACC{seed:06d}"
         ds.StudyDescription = "Phantom head MR"
-        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = "MR", series_uid, 3
-        ds.SeriesDescription = series_description if series_description is not None else f"T1 {orientation} (phantom)"
+        ds.Modality, ds.SeriesInstanceUID, ds.SeriesNumber = modality, series_uid, 3 if modality == "MR" else 2
+        default_description = f"T1 {orientation} (phantom)" if modality == "MR" else f"CT head {orientation} (phantom)"
+        ds.SeriesDescription = series_description if series_description is not None else default_description
         ds.PatientPosition = "HFS"
         ds.BodyPartExamined = "HEAD"
         ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = for_uid, ""
         ds.Manufacturer = "mr2ct phantom"
         ds.InstanceNumber = int(order[i]) + 1
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
-        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "GR", "SP", "", "2D"
-        ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = "500", "10", "1"
-        ds.MagneticFieldStrength = "3"
+        if modality == "MR":
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+            ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "GR", "SP", "", "2D"
+            ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = "500", "10", "1"
+            ds.MagneticFieldStrength = "3"
+        else:
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+            ds.KVP, ds.AcquisitionNumber = "120", 1
+            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = -1024, 1, "HU"
         ds.SliceThickness = f"{slice_spacing:g}"
         ds.PixelSpacing = [f"{pixel_spacing:g}", f"{pixel_spacing:g}"]
         ds.ImageOrientationPatient = [_ds(v) for v in grid.orientation]
@@ -99,8 +112,36 @@ def write_mr_series(
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.Rows, ds.Columns = size, columns
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = mr[i].tobytes()
-        path = folder / f"MR{i:04d}.dcm"
+        ds.PixelData = (mr[i] if modality == "MR" else ct_stored[i]).tobytes()
+        path = folder / f"{modality}{i:04d}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(path)
     return PhantomSeries(folder, files, labels, ct, study_uid, series_uid, for_uid, patient_name, patient_id)
+
+
+@dataclass(frozen=True)
+class Cohort:
+    mr_only: list[PhantomSeries]
+    ct_only: list[PhantomSeries]
+    paired: list[tuple[PhantomSeries, PhantomSeries]]  # held out for evaluation: MR and CT of one anatomy
+
+
+def write_cohort(folder: Path, *, mr_subjects: int, ct_subjects: int, paired_subjects: int, seed: int = 0,
+                 slices: int = 24, size: int = 128, pixel_spacing: float = 2.0, slice_spacing: float = 6.0) -> Cohort:
+    """A synthetic head cohort as DICOM studies: MR-only subjects, CT-only subjects (disjoint
+    anatomies: unpaired pools) and paired held-out subjects (one study with an MR and a CT series)."""
+    folder = Path(folder)
+    common = dict(slices=slices, size=size, pixel_spacing=pixel_spacing, slice_spacing=slice_spacing)
+    base = seed * 1_000_000 + 10_000
+    mr_only = [write_mr_series(folder / f"mr-{i:03d}", seed=base + i, patient_id=f"PHMR{seed:03d}{i:04d}", **common) for i in range(mr_subjects)]
+    ct_only = [
+        write_mr_series(folder / f"ct-{i:03d}", seed=base + 5_000 + i, patient_id=f"PHCT{seed:03d}{i:04d}", modality="CT", **common)
+        for i in range(ct_subjects)
+    ]
+    paired = []
+    for i in range(paired_subjects):
+        subject = base + 9_000 + i
+        mr = write_mr_series(folder / f"pair-{i:03d}-mr", seed=subject, patient_id=f"PHPR{seed:03d}{i:04d}", **common)
+        ct = write_mr_series(folder / f"pair-{i:03d}-ct", seed=subject, patient_id=f"PHPR{seed:03d}{i:04d}", modality="CT", study_uid=mr.study_uid, **common)
+        paired.append((mr, ct))
+    return Cohort(mr_only, ct_only, paired)

@@ -71,6 +71,7 @@ class TrainConfig:
     slices_per_subject: int = 24
     seed: int = 0
     max_minutes: float | None = None
+    data: str | None = None  # a dataset cache from `mr2ct pull`; None: generated phantoms
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs", "steps_per_epoch", "generator_iterations", "discriminator_iterations"):
@@ -129,6 +130,35 @@ def make_pools(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(mr_slices)[:, None], np.concatenate(ct_slices)[:, None]
 
 
+def pools_from_cache(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Train-split MR and CT slices of a pulled cache, resampled to the training grid."""
+    import torch.nn.functional as F
+
+    from training.pacs_pull import DatasetCache
+
+    cache = DatasetCache(Path(str(cfg.data)))
+    pools = []
+    for modality in ("MR", "CT"):
+        slices = []
+        for entry, data in cache.pool(modality, "train"):
+            images = torch.from_numpy(data.astype(np.float32))[:, None]
+            if modality == "CT":
+                images = torch.from_numpy(hu_to_unit(images.numpy(), cfg.hu_range))
+            rows, cols = data.shape[1:]
+            size = (max(4, round(rows * entry["pixel_spacing"][0] / cfg.pixel_spacing_mm)), max(4, round(cols * entry["pixel_spacing"][1] / cfg.pixel_spacing_mm)))
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+            canvas = torch.full((images.shape[0], 1, cfg.image_size, cfg.image_size), -1.0)
+            r0, c0 = max(0, (size[0] - cfg.image_size) // 2), max(0, (size[1] - cfg.image_size) // 2)
+            crop = images[..., r0 : r0 + cfg.image_size, c0 : c0 + cfg.image_size]
+            pr, pc = (cfg.image_size - crop.shape[-2]) // 2, (cfg.image_size - crop.shape[-1]) // 2
+            canvas[..., pr : pr + crop.shape[-2], pc : pc + crop.shape[-1]] = crop
+            slices.append(canvas.numpy())
+        if not slices:
+            raise ValueError(f"the cache {cfg.data} holds no {modality} series in its train split; run `mr2ct pull` first")
+        pools.append(np.concatenate(slices).astype(np.float32))
+    return pools[0], pools[1]
+
+
 def _adversarial(kind: str) -> nn.Module:
     return nn.MSELoss() if kind == "lsgan" else nn.BCEWithLogitsLoss()
 
@@ -139,7 +169,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "cpu") ->
     torch.manual_seed(cfg.seed)
     np_rng = np.random.default_rng(cfg.seed)
     dev = torch.device(device)
-    mr_pool, ct_pool = make_pools(cfg)
+    mr_pool, ct_pool = pools_from_cache(cfg) if cfg.data else make_pools(cfg)
 
     g_ab = ResnetGenerator(ngf=cfg.ngf, n_blocks=cfg.n_blocks).to(dev)
     g_ba = ResnetGenerator(ngf=cfg.ngf, n_blocks=cfg.n_blocks).to(dev)
@@ -229,7 +259,10 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "cpu") ->
             "command": command,
             "seed": cfg.seed,
             "config": config,
-            "data": {"generator": "training.phantoms", "generator_version": phantoms.GENERATOR_VERSION},
+            "data": (
+                {"cache": str(cfg.data), "mr_slices": int(len(mr_pool)), "ct_slices": int(len(ct_pool))}
+                if cfg.data else {"generator": "training.phantoms", "generator_version": phantoms.GENERATOR_VERSION}
+            ),
             "epochs_completed": len(history),
             "stopped_early": stopped_early,
             "seconds": round(time.monotonic() - started, 1),

@@ -1,0 +1,182 @@
+"""Pull unpaired MR and CT series from any DICOMweb PACS into a local dataset cache.
+
+QIDO-RS finds series (modality, body part, series description pattern, study date range,
+limit); WADO-RS retrieves them; each series becomes one ``.npz`` shard of 2D slices
+(MR normalised to [-1, 1], CT in HU as int16) plus a line in ``manifest.jsonl`` with its
+geometry and a salted hash of the patient — no names or IDs in the cache. A second run
+fetches only what is missing. Patients are split into train/validation by their hash, so no
+patient is in both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import requests
+from dicomweb_client.api import DICOMwebClient
+from tqdm import tqdm
+
+from synthesis.errors import PacsUnavailable
+from synthesis.normalize import mr_to_unit
+from synthesis.volume import assemble
+
+log = logging.getLogger(__name__)
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+@dataclass(frozen=True)
+class PullFilter:
+    modality: str
+    body_part: str | None = None
+    description: str | None = None  # regex, case-insensitive, applied to SeriesDescription
+    study_date_from: str | None = None  # YYYYMMDD
+    study_date_to: str | None = None
+    limit: int | None = None
+
+
+def _value(attrs: dict[str, Any], tag: str) -> str:
+    item = attrs.get(tag, {})
+    values = item.get("Value") or [""]
+    value = values[0]
+    if isinstance(value, dict):  # PN
+        value = value.get("Alphabetic", "")
+    return str(value)
+
+
+def _client(url: str, username: str | None, password: str | None, timeout: float) -> DICOMwebClient:
+    session = requests.Session()
+    if username is not None:
+        session.auth = (username, password or "")
+    return DICOMwebClient(url=url.rstrip("/"), session=session, timeout=timeout)
+
+
+def _pacs_error(url: str, exc: Exception) -> PacsUnavailable:
+    response = getattr(exc, "response", None)
+    status = getattr(response, "status_code", None)
+    if status in (401, 403):
+        return PacsUnavailable(f"DICOMweb server {url} answered {status}: check the username and password")
+    if status is not None:
+        return PacsUnavailable(f"DICOMweb server {url} answered HTTP {status}")
+    return PacsUnavailable(f"DICOMweb server {url} is not reachable: {type(exc).__name__}")
+
+
+def patient_key(patient_id: str, issuer: str, salt: str) -> str:
+    return hashlib.sha256(f"{salt}\x00{issuer}\x00{patient_id}".encode()).hexdigest()[:20]
+
+
+def split_of(key: str, validation_fraction: float) -> str:
+    """Deterministic per patient: the same patient always lands in the same split."""
+    bucket = int(key[:8], 16) / 0xFFFFFFFF
+    return "validation" if bucket < validation_fraction else "train"
+
+
+class DatasetCache:
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.manifest = self.root / "manifest.jsonl"
+        salt_file = self.root / "salt"
+        if not salt_file.exists():  # one salt per cache: hashes cannot be joined across caches
+            salt_file.write_text(secrets.token_hex(16))
+            salt_file.chmod(0o600)
+        self.salt = salt_file.read_text().strip()
+
+    def entries(self) -> list[dict[str, Any]]:
+        if not self.manifest.exists():
+            return []
+        return [json.loads(line) for line in self.manifest.read_text().splitlines() if line.strip()]
+
+    def known(self) -> set[str]:
+        return {e["series_uid"] for e in self.entries()}
+
+    def add(self, entry: dict[str, Any], slices: np.ndarray) -> None:
+        shard = self.root / entry["shard"]
+        tmp = shard.with_suffix(".tmp.npz")
+        np.savez_compressed(tmp, slices=slices)
+        tmp.replace(shard)
+        with open(self.manifest, "a") as fh:  # the manifest line is written last: a crash re-fetches
+            fh.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def pool(self, modality: str, split: str | None = None) -> list[tuple[dict[str, Any], np.ndarray]]:
+        out = []
+        for entry in self.entries():
+            if entry["modality"] == modality and (split is None or entry["split"] == split):
+                out.append((entry, np.load(self.root / entry["shard"])["slices"]))
+        return out
+
+
+def pull(
+    url: str, cache_dir: Path, filters: list[PullFilter], *, username: str | None = None, password: str | None = None,
+    validation_fraction: float = 0.2, timeout: float = 30.0, progress: bool | None = None,
+) -> dict[str, int]:
+    """Fetch what matches and is not yet cached. Returns counts (found, fetched, skipped)."""
+    cache = DatasetCache(cache_dir)
+    client = _client(url, username, password, timeout)
+    known = cache.known()
+    todo: list[tuple[PullFilter, dict[str, Any]]] = []
+    for flt in filters:
+        search: dict[str, Any] = {"Modality": flt.modality}
+        if flt.body_part:
+            search["BodyPartExamined"] = flt.body_part
+        if flt.study_date_from or flt.study_date_to:
+            search["StudyDate"] = f"{flt.study_date_from or ''}-{flt.study_date_to or ''}"
+        try:
+            found = client.search_for_series(
+                search_filters=search, limit=None, get_remaining=True,
+                fields=["SeriesDescription", "PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "NumberOfSeriesRelatedInstances"],
+            )
+        except Exception as exc:
+            raise _pacs_error(url, exc) from exc
+        matched = []
+        for attrs in found:
+            description = _value(attrs, "0008103E")
+            if flt.description and not re.search(flt.description, description, re.IGNORECASE):
+                continue
+            matched.append(attrs)
+        if flt.limit is not None:
+            matched = matched[: flt.limit]
+        todo.extend((flt, a) for a in matched)
+    counts = {"found": len(todo), "fetched": 0, "skipped": 0}
+    bar = tqdm(todo, desc="pull", unit="series", file=sys.stderr, disable=None if progress is None else not progress)
+    for flt, attrs in bar:
+        study_uid, series_uid = _value(attrs, "0020000D"), _value(attrs, "0020000E")
+        if not (UID_RE.match(study_uid) and UID_RE.match(series_uid)):
+            log.warning("skipping a series with a malformed UID")
+            continue
+        if series_uid in known:
+            counts["skipped"] += 1
+            continue
+        try:
+            datasets = client.retrieve_series(study_uid, series_uid)
+        except Exception as exc:
+            raise _pacs_error(url, exc) from exc
+        source = assemble(list(datasets))
+        first = source.headers[0]
+        key = patient_key(str(first.get("PatientID", "")), str(first.get("IssuerOfPatientID", "")), cache.salt)
+        if flt.modality == "MR":
+            slices = mr_to_unit(source.volume.voxels).astype(np.float16)
+        else:
+            slices = np.clip(np.rint(source.volume.voxels), -1024, 3071).astype(np.int16)
+        shard = hashlib.sha256(series_uid.encode()).hexdigest()[:24] + ".npz"
+        cache.add(
+            {
+                "series_uid": series_uid, "modality": flt.modality, "patient_key": key, "split": split_of(key, validation_fraction),
+                "shard": shard, "slices": int(slices.shape[0]), "rows": int(slices.shape[1]), "columns": int(slices.shape[2]),
+                "pixel_spacing": list(source.volume.pixel_spacing), "slice_spacing": round(abs(source.volume.slice_spacing), 4),
+                "orientation": [round(v, 6) for v in source.volume.orientation],
+            },
+            slices,
+        )
+        known.add(series_uid)
+        counts["fetched"] += 1
+    return counts
