@@ -43,6 +43,20 @@ def train(
     max_minutes: Annotated[Optional[float], typer.Option(help="stop after the epoch that passes this")] = None,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch")] = None,
     data: Annotated[Optional[Path], typer.Option(help="dataset cache made by `mr2ct pull` (default: generated phantoms)")] = None,
+    generator_iterations: Annotated[Optional[int], typer.Option()] = None,
+    discriminator_iterations: Annotated[Optional[int], typer.Option()] = None,
+    beta1: Annotated[Optional[float], typer.Option()] = None,
+    beta2: Annotated[Optional[float], typer.Option()] = None,
+    image_size: Annotated[Optional[int], typer.Option()] = None,
+    cycle_loss: Annotated[Optional[str], typer.Option(help="mae | mse")] = None,
+    adversarial_loss: Annotated[Optional[str], typer.Option(help="bce (paper) | lsgan (Zhu et al.) | wgan-gp")] = None,
+    identity_weight: Annotated[Optional[float], typer.Option()] = None,
+    lr_decay_start: Annotated[Optional[int], typer.Option(help="epoch after which learning rates fall linearly to 0")] = None,
+    generator: Annotated[Optional[str], typer.Option(help="resnet | unet")] = None,
+    discriminator: Annotated[Optional[str], typer.Option(help="patch | paper")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="epochs between checkpoints (0: end only)")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/checkpoint.pt")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
 ) -> None:
     """Train the CycleGAN on generated phantom heads (unpaired MR and CT pools)."""
     import torch
@@ -59,14 +73,26 @@ def train(
                 epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, lambda_ABA=lambda_aba,
                 lambda_BAB=lambda_bab, lr_G=lr_g, lr_D=lr_d, synthetic_pool_size=synthetic_pool_size,
                 subjects_per_pool=subjects_per_pool, seed=seed, max_minutes=max_minutes,
-                data=str(data) if data else None,
+                data=str(data) if data else None, generator_iterations=generator_iterations,
+                discriminator_iterations=discriminator_iterations, beta1=beta1, beta2=beta2, image_size=image_size,
+                cycle_loss=cycle_loss, adversarial_loss=adversarial_loss, identity_weight=identity_weight,
+                lr_decay_start=lr_decay_start, generator=generator, discriminator=discriminator, checkpoint_every=checkpoint_every,
             ),
         )
     except (ValueError, TypeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     command = "mr2ct " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    card = run_training(cfg, out, command=command)
+    try:
+        card = run_training(cfg, out, command=command, device=device, resume=resume)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if card is None:
+        if (out / "checkpoint.pt").exists() and not (out / "model.safetensors").exists():
+            typer.echo(f"interrupted: checkpoint in {out / 'checkpoint.pt'}; continue with --resume", err=True)
+            raise typer.Exit(130)
+        return  # a non-zero rank under torchrun
     typer.echo(f"model written: {out / 'model.safetensors'} sha256={card['sha256']}")
 
 

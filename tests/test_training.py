@@ -51,3 +51,79 @@ def test_shipped_model_beats_a_linear_mr_to_hu_fit_by_half(capsys: pytest.Captur
     quality = evaluate(model, subjects=3, slices=16)
     print(f"shipped model: MAE {quality.mae_hu} HU, linear baseline {quality.baseline_mae_hu} HU, PSNR {quality.psnr_db} dB, SSIM {quality.ssim}")
     assert quality.mae_hu <= 0.5 * quality.baseline_mae_hu
+
+
+TINY = ["--steps-per-epoch", "2", "--batch-size", "2", "--subjects-per-pool", "2", "--image-size", "64", "--threads", "1"]
+
+
+def _train(out: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "--out", str(out), *TINY, *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_resume_continues_exactly_where_the_checkpoint_left_off(tmp_path: Path) -> None:
+    straight = _train(tmp_path / "straight", "--epochs", "2", "--seed", "3")
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    first = _train(tmp_path / "resumed", "--epochs", "1", "--seed", "3")
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = _train(tmp_path / "resumed", "--epochs", "2", "--seed", "3", "--resume")
+    assert second.returncode == 0, second.stderr[-2000:]
+    a = (tmp_path / "straight" / "model.safetensors").read_bytes()
+    b = (tmp_path / "resumed" / "model.safetensors").read_bytes()
+    assert a == b
+    with open(tmp_path / "resumed" / "losses.csv") as fh:
+        assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2"]
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_parameters(tmp_path: Path) -> None:
+    assert _train(tmp_path / "run", "--epochs", "1").returncode == 0
+    refused = _train(tmp_path / "run", "--epochs", "2", "--lambda-ABA", "5", "--resume")
+    assert refused.returncode == 2 and "lambda_ABA" in refused.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["--adversarial-loss", "wgan-gp"],
+    ["--adversarial-loss", "bce", "--discriminator", "paper", "--cycle-loss", "mse"],
+    ["--generator", "unet", "--identity-weight", "0.5", "--lr-decay-start", "1", "--generator-iterations", "2", "--discriminator-iterations", "2"],
+])
+def test_loss_and_architecture_options_train_to_a_loadable_model(tmp_path: Path, args: list[str]) -> None:
+    result = _train(tmp_path / "run", "--epochs", "2", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = load_model(tmp_path / "run" / "model.safetensors")
+    with open(tmp_path / "run" / "losses.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert all(float(r["G_loss"]) == float(r["G_loss"]) for r in rows)  # finite, not NaN
+    assert model.card["training"]["config"]["adversarial_loss"] in ("lsgan", "bce", "wgan-gp")
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "train", "--out", str(out), *TINY, "--epochs", "500",
+                             "--checkpoint-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not (out / "losses.csv").exists():
+        time.sleep(0.5)
+    while time.monotonic() < deadline and len((out / "losses.csv").read_text().splitlines()) < 2:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert (out / "checkpoint.pt").exists() and not (out / "model.safetensors").exists()
+    finished = _train(out, "--epochs", "3", "--resume", "--checkpoint-every", "0")
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert load_model(out / "model.safetensors").card["training"]["epochs_completed"] == 3
+
+
+def test_torchrun_trains_with_two_cpu_processes(tmp_path: Path) -> None:
+    torchrun = Path(sys.executable).parent / "torchrun"
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "dicom_node.cli", "train", "--out", str(out), *TINY, "--epochs", "1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    card = load_model(out / "model.safetensors").card
+    assert card["training"]["world_size"] == 2

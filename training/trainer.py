@@ -1,9 +1,12 @@
 """A CycleGAN trainer (A = MR, B = CT) with the paper's parameters as one frozen dataclass.
 
-This is the minimal trainer of the walking skeleton: unpaired phantom pools,
-generator and discriminator updates with an image pool, per-epoch losses
-named as in the paper's Table 2, a model file with its card at the end.
-PACS pulling, checkpoint/resume, figures and DDP belong to the training issue.
+Unpaired pools (generated phantoms or a cache from ``mr2ct pull``), generator and
+discriminator updates with an image pool, adversarial loss BCE (the paper), least squares
+(Zhu et al.) or Wasserstein with gradient penalty (the paper's future work), optional
+identity loss and linear learning-rate decay; per-epoch losses named as in the paper's
+Table 2 (CSV), figures, checkpoints with exact resume (models, optimisers, pools, RNGs),
+Ctrl-C saves a checkpoint. Under ``torchrun`` it trains with DistributedDataParallel
+(gloo on CPU, NCCL on GPU); rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import random
 import sys
 import time
@@ -60,10 +64,16 @@ class TrainConfig:
     epochs: int = 10
     steps_per_epoch: int = 50
     cycle_loss: str = "mae"  # or "mse"
-    adversarial_loss: str = "lsgan"  # or "bce"
+    adversarial_loss: str = "lsgan"  # "bce" (the paper), "lsgan" (Zhu et al.), "wgan-gp"
+    gradient_penalty: float = 10.0  # wgan-gp only
+    identity_weight: float = 0.0  # x lambda; 0 disables (MR and CT contrasts differ too much for it)
+    lr_decay_start: int | None = None  # epoch after which learning rates fall linearly to 0
+    generator: str = "resnet"  # or "unet"
+    discriminator: str = "patch"  # PatchGAN (Zhu et al.) or "paper" (Conv k4 s2, BatchNorm, LeakyReLU 0.2)
     ngf: int = 16
     n_blocks: int = 6
     ndf: int = 32
+    checkpoint_every: int = 5  # epochs; 0: only at the end and on Ctrl-C
     image_size: int = 128
     pixel_spacing_mm: float = 2.0
     hu_range: tuple[float, float] = (-1024.0, 2048.0)
@@ -79,8 +89,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cycle_loss not in ("mae", "mse"):
             raise ValueError(f"cycle_loss must be 'mae' or 'mse', got {self.cycle_loss!r}")
-        if self.adversarial_loss not in ("lsgan", "bce"):
-            raise ValueError(f"adversarial_loss must be 'lsgan' or 'bce', got {self.adversarial_loss!r}")
+        if self.adversarial_loss not in ("lsgan", "bce", "wgan-gp"):
+            raise ValueError(f"adversarial_loss must be 'lsgan', 'bce' or 'wgan-gp', got {self.adversarial_loss!r}")
+        if self.generator not in ("resnet", "unet"):
+            raise ValueError(f"generator must be 'resnet' or 'unet', got {self.generator!r}")
+        if self.discriminator not in ("patch", "paper"):
+            raise ValueError(f"discriminator must be 'patch' or 'paper', got {self.discriminator!r}")
+        if self.lr_decay_start is not None and not 0 <= self.lr_decay_start < self.epochs:
+            raise ValueError(f"lr_decay_start must be in [0, epochs), got {self.lr_decay_start}")
         if self.image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4, got {self.image_size}")
 
@@ -88,8 +104,16 @@ class TrainConfig:
 PRESETS: dict[str, TrainConfig] = {
     # Minutes on a laptop CPU; what the shipped model and the demo use.
     "quick": TrainConfig(),
-    # Zhu et al. 2017 reference set-up.
-    "zhu2017": TrainConfig(ngf=64, n_blocks=9, ndf=64, batch_size=1, image_size=256, pixel_spacing_mm=1.0, epochs=200),
+    # The seed paper: 64x64 images, batch 128, its FCN discriminator with BCE, MAE cycle loss.
+    "paper": TrainConfig(
+        image_size=64, pixel_spacing_mm=4.0, batch_size=128, adversarial_loss="bce", discriminator="paper",
+        ngf=32, n_blocks=9, ndf=64, lr_D=2e-4, lr_G=2e-4, epochs=200, steps_per_epoch=100,
+    ),
+    # Zhu et al. 2017 reference set-up: ResNet-9, 70x70 PatchGAN, LSGAN, lambda 10, pool 50, linear decay.
+    "zhu2017": TrainConfig(
+        ngf=64, n_blocks=9, ndf=64, batch_size=1, image_size=256, pixel_spacing_mm=1.0, epochs=200,
+        lr_decay_start=100, steps_per_epoch=1000,
+    ),
 }
 
 
@@ -97,7 +121,15 @@ class ImagePool:
     """History of generated images shown to the discriminator (Shrivastava et al.)."""
 
     def __init__(self, size: int, rng: random.Random) -> None:
-        self.size, self.rng, self.images = size, rng, []  # type: ignore[var-annotated]
+        self.size, self.rng = size, rng
+        self.images: list[torch.Tensor] = []
+
+    def state(self) -> dict[str, Any]:
+        return {"images": [i.cpu() for i in self.images], "rng": self.rng.getstate()}
+
+    def load(self, state: dict[str, Any], device: torch.device) -> None:
+        self.images = [i.to(device) for i in state["images"]]
+        self.rng.setstate(state["rng"])
 
     def query(self, batch: torch.Tensor) -> torch.Tensor:
         if self.size == 0:
@@ -159,27 +191,107 @@ def pools_from_cache(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     return pools[0], pools[1]
 
 
-def _adversarial(kind: str) -> nn.Module:
-    return nn.MSELoss() if kind == "lsgan" else nn.BCEWithLogitsLoss()
+def _distributed() -> tuple[int, int]:
+    """(rank, world size); initialises the process group when run under torchrun."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "cpu") -> dict[str, Any]:
-    """Train and write ``out_dir``: model file + card, losses.csv, config.json. Returns the card."""
+def _gradient_penalty(d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device)
+    mixed = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    score = d(mixed)
+    (grad,) = torch.autograd.grad(score.sum(), mixed, create_graph=True)
+    return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
+
+
+def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", resume: bool = False) -> dict[str, Any] | None:
+    """Train and write ``out_dir``: model file + card, losses.csv/png, samples.png, config.json,
+    checkpoint.pt. Returns the card (None on ranks other than 0, or when interrupted)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from synthesis.networks import PaperDiscriminator, UnetGenerator
+
+    rank, world = _distributed()
+    is_main = rank == 0
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    np_rng = np.random.default_rng(cfg.seed)
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    np_rng = np.random.default_rng(cfg.seed if world == 1 else [cfg.seed, rank])  # a batch stream per rank
     mr_pool, ct_pool = pools_from_cache(cfg) if cfg.data else make_pools(cfg)
 
-    g_ab = ResnetGenerator(ngf=cfg.ngf, n_blocks=cfg.n_blocks).to(dev)
-    g_ba = ResnetGenerator(ngf=cfg.ngf, n_blocks=cfg.n_blocks).to(dev)
-    d_a = PatchDiscriminator(ndf=cfg.ndf).to(dev)
-    d_b = PatchDiscriminator(ndf=cfg.ndf).to(dev)
+    def make_generator() -> nn.Module:
+        if cfg.generator == "unet":
+            return UnetGenerator(ngf=cfg.ngf).to(dev)
+        return ResnetGenerator(ngf=cfg.ngf, n_blocks=cfg.n_blocks).to(dev)
+
+    def make_discriminator() -> nn.Module:
+        return (PaperDiscriminator(ndf=cfg.ndf) if cfg.discriminator == "paper" else PatchDiscriminator(ndf=cfg.ndf)).to(dev)
+
+    g_ab, g_ba, d_a, d_b = make_generator(), make_generator(), make_discriminator(), make_discriminator()
+    nets = {"g_ab": g_ab, "g_ba": g_ba, "d_a": d_a, "d_b": d_b}
     opt_g = torch.optim.Adam(list(g_ab.parameters()) + list(g_ba.parameters()), lr=cfg.lr_G, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(list(d_a.parameters()) + list(d_b.parameters()), lr=cfg.lr_D, betas=(cfg.beta1, cfg.beta2))
-    adv = _adversarial(cfg.adversarial_loss)
+
+    def lr_factor(epoch_index: int) -> float:  # epoch_index counts from 0
+        if cfg.lr_decay_start is None:
+            return 1.0
+        return 1.0 - max(0, epoch_index + 1 - cfg.lr_decay_start) / float(cfg.epochs - cfg.lr_decay_start + 1)
+
+    sched_g = torch.optim.lr_scheduler.LambdaLR(opt_g, lr_factor)
+    sched_d = torch.optim.lr_scheduler.LambdaLR(opt_d, lr_factor)
     cyc: nn.Module = nn.L1Loss() if cfg.cycle_loss == "mae" else nn.MSELoss()
     pool_a, pool_b = ImagePool(cfg.synthetic_pool_size, random.Random(cfg.seed)), ImagePool(cfg.synthetic_pool_size, random.Random(cfg.seed + 1))
+    history: list[dict[str, float]] = []
+    start_epoch = 1
+    checkpoint_path = out_dir / "checkpoint.pt"
+
+    def save_checkpoint(epoch: int) -> None:
+        if not is_main:
+            return
+        state = {
+            "epoch": epoch, "config": asdict(cfg), "history": history,
+            "nets": {k: v.state_dict() for k, v in nets.items()},
+            "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
+            "pool_a": pool_a.state(), "pool_b": pool_b.state(), "np_rng": np_rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+        }
+        tmp = checkpoint_path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(checkpoint_path)
+
+    if resume:
+        if not checkpoint_path.exists():
+            raise ValueError(f"--resume: no checkpoint at {checkpoint_path}")
+        state = torch.load(checkpoint_path, map_location=dev, weights_only=False)
+        extendable = {"epochs", "max_minutes", "checkpoint_every"}  # training may be extended on resume
+        changed = sorted(k for k in state["config"] if k not in extendable and state["config"][k] != asdict(cfg).get(k))
+        if changed:
+            raise ValueError(f"--resume: the checkpoint was made with other parameters ({', '.join(changed)})")
+        for k, v in nets.items():
+            v.load_state_dict(state["nets"][k])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        sched_g.load_state_dict(state["sched_g"])
+        sched_d.load_state_dict(state["sched_d"])
+        pool_a.load(state["pool_a"], dev)
+        pool_b.load(state["pool_b"], dev)
+        np_rng.bit_generator.state = state["np_rng"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"]) + 1
+
+    if world > 1:
+        g_ab_t, g_ba_t, d_a_t, d_b_t = (DDP(n) for n in (g_ab, g_ba, d_a, d_b))
+    else:
+        g_ab_t, g_ba_t, d_a_t, d_b_t = g_ab, g_ba, d_a, d_b
 
     def batch(pool: np.ndarray) -> torch.Tensor:
         idx = np_rng.integers(0, len(pool), cfg.batch_size)
@@ -188,34 +300,47 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "cpu") ->
         images[flip] = images[flip][..., ::-1]
         return torch.from_numpy(np.ascontiguousarray(images)).to(dev)
 
-    def gan_loss(pred: torch.Tensor, real: bool) -> torch.Tensor:
-        return adv(pred, torch.full_like(pred, 1.0 if real else 0.0))
+    wgan = cfg.adversarial_loss == "wgan-gp"
+    adv = nn.MSELoss() if cfg.adversarial_loss == "lsgan" else nn.BCEWithLogitsLoss()
 
-    history: list[dict[str, float]] = []
+    def g_adv(pred: torch.Tensor) -> torch.Tensor:
+        return -pred.mean() if wgan else adv(pred, torch.ones_like(pred))
+
+    def d_loss(d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+        if wgan:
+            return d(fake).mean() - d(real).mean() + cfg.gradient_penalty * _gradient_penalty(d, real, fake)
+        pr, pf = d(real), d(fake)
+        return 0.5 * (adv(pr, torch.ones_like(pr)) + adv(pf, torch.zeros_like(pf)))
+
     started = time.monotonic()
     stopped_early = False
-    with open(out_dir / "losses.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["epoch", *LOSS_NAMES, "seconds"])
+    fresh = not resume or not (out_dir / "losses.csv").exists()
+    csv_file = open(out_dir / "losses.csv", "w" if fresh else "a", newline="") if is_main else None
+    writer = csv.DictWriter(csv_file, fieldnames=["epoch", *LOSS_NAMES, "seconds"]) if csv_file else None
+    if writer and fresh:
         writer.writeheader()
-        for epoch in range(1, cfg.epochs + 1):
+    epoch = completed = start_epoch - 1
+    try:
+        for epoch in range(start_epoch, cfg.epochs + 1):
             sums = dict.fromkeys(LOSS_NAMES, 0.0)
-            bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr, disable=None)
+            bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr, disable=None if is_main else True)
             for _ in bar:
                 real_a, real_b = batch(mr_pool), batch(ct_pool)
                 for _ in range(cfg.generator_iterations):
-                    fake_b, fake_a = g_ab(real_a), g_ba(real_b)
-                    rec_a, rec_b = g_ba(fake_b), g_ab(fake_a)
+                    fake_b, fake_a = g_ab_t(real_a), g_ba_t(real_b)
+                    rec_a, rec_b = g_ba_t(fake_b), g_ab_t(fake_a)
                     loss_aba, loss_bab = cyc(rec_a, real_a), cyc(rec_b, real_b)
-                    adv_ab = gan_loss(d_b(fake_b), True)
-                    adv_ba = gan_loss(d_a(fake_a), True)
+                    adv_ab, adv_ba = g_adv(d_b_t(fake_b)), g_adv(d_a_t(fake_a))
                     loss_g = adv_ab + adv_ba + cfg.lambda_ABA * loss_aba + cfg.lambda_BAB * loss_bab
+                    if cfg.identity_weight > 0:
+                        loss_g = loss_g + cfg.identity_weight * (cfg.lambda_ABA * cyc(g_ba_t(real_a), real_a) + cfg.lambda_BAB * cyc(g_ab_t(real_b), real_b))
                     opt_g.zero_grad(set_to_none=True)
                     loss_g.backward()
                     opt_g.step()
                 for _ in range(cfg.discriminator_iterations):
                     pa, pb = pool_a.query(fake_a), pool_b.query(fake_b)
-                    loss_da = 0.5 * (gan_loss(d_a(real_a), True) + gan_loss(d_a(pa.detach()), False))
-                    loss_db = 0.5 * (gan_loss(d_b(real_b), True) + gan_loss(d_b(pb.detach()), False))
+                    loss_da = d_loss(d_a_t, real_a, pa.detach())
+                    loss_db = d_loss(d_b_t, real_b, pb.detach())
                     opt_d.zero_grad(set_to_none=True)
                     (loss_da + loss_db).backward()
                     opt_d.step()
@@ -233,22 +358,43 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "cpu") ->
                 for k, v in step.items():
                     sums[k] += v
                 bar.set_postfix(G=f"{step['G_loss']:.3f}", D=f"{step['D_loss']:.3f}", rec=f"{step['reconstruction_loss']:.3f}")
+            sched_g.step()
+            sched_d.step()
             row = {k: v / cfg.steps_per_epoch for k, v in sums.items()}
             history.append(row)
-            writer.writerow({"epoch": epoch, **{k: f"{v:.6f}" for k, v in row.items()}, "seconds": f"{time.monotonic() - started:.1f}"})
-            fh.flush()
-            log.info("epoch=%d G_loss=%.4f D_loss=%.4f reconstruction_loss=%.4f", epoch, row["G_loss"], row["D_loss"], row["reconstruction_loss"])
+            if writer and csv_file:
+                writer.writerow({"epoch": epoch, **{k: f"{v:.6f}" for k, v in row.items()}, "seconds": f"{time.monotonic() - started:.1f}"})
+                csv_file.flush()
+            if is_main:
+                log.info("epoch=%d G_loss=%.4f D_loss=%.4f reconstruction_loss=%.4f", epoch, row["G_loss"], row["D_loss"], row["reconstruction_loss"])
+            completed = epoch
+            if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
+                save_checkpoint(epoch)
             if cfg.max_minutes is not None and time.monotonic() - started > cfg.max_minutes * 60:
                 stopped_early = epoch < cfg.epochs
                 break
+    except KeyboardInterrupt:
+        save_checkpoint(completed)  # keeps the interrupted epoch's updates; --resume repeats that epoch
+        if csv_file:
+            csv_file.close()
+        log.warning("interrupted: checkpoint saved in %s; continue with --resume", checkpoint_path)
+        return None
+    if csv_file:
+        csv_file.close()
+    save_checkpoint(epoch)
+    if not is_main:
+        return None
 
     _figures(out_dir, g_ab, g_ba, mr_pool, ct_pool, cfg)
     config = asdict(cfg)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     card = {
         "name": out_dir.name,
-        "architecture": "resnet",
-        "parameters": {"in_channels": 1, "out_channels": 1, "ngf": cfg.ngf, "n_blocks": cfg.n_blocks},
+        "architecture": cfg.generator,
+        "parameters": (
+            {"in_channels": 1, "out_channels": 1, "ngf": cfg.ngf, "n_blocks": cfg.n_blocks}
+            if cfg.generator == "resnet" else {"in_channels": 1, "out_channels": 1, "ngf": cfg.ngf}
+        ),
         "direction": "MR->CT",
         "pixel_spacing_mm": cfg.pixel_spacing_mm,
         "input_size": cfg.image_size,
@@ -264,6 +410,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "cpu") ->
                 if cfg.data else {"generator": "training.phantoms", "generator_version": phantoms.GENERATOR_VERSION}
             ),
             "epochs_completed": len(history),
+            "world_size": world,
             "stopped_early": stopped_early,
             "seconds": round(time.monotonic() - started, 1),
             "torch": torch.__version__,
