@@ -75,6 +75,7 @@ class TrainConfig:
     ndf: int = 32
     checkpoint_every: int = 5  # epochs; 0: only at the end and on Ctrl-C
     image_size: int = 128
+    crop_size: int | None = None  # train on random crops of this size (fully convolutional), full slices at inference
     pixel_spacing_mm: float = 2.0
     hu_range: tuple[float, float] = (-1024.0, 2048.0)
     subjects_per_pool: int = 40
@@ -99,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"lr_decay_start must be in [0, epochs), got {self.lr_decay_start}")
         if self.image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4, got {self.image_size}")
+        if self.crop_size is not None and (self.crop_size % 4 or not 16 <= self.crop_size <= self.image_size):
+            raise ValueError(f"crop_size must be a multiple of 4 between 16 and image_size, got {self.crop_size}")
 
 
 PRESETS: dict[str, TrainConfig] = {
@@ -296,6 +299,9 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
     def batch(pool: np.ndarray) -> torch.Tensor:
         idx = np_rng.integers(0, len(pool), cfg.batch_size)
         images = pool[idx].copy()
+        if cfg.crop_size is not None and cfg.crop_size < images.shape[-1]:
+            r0, c0 = np_rng.integers(0, images.shape[-2] - cfg.crop_size + 1), np_rng.integers(0, images.shape[-1] - cfg.crop_size + 1)
+            images = images[..., r0 : r0 + cfg.crop_size, c0 : c0 + cfg.crop_size].copy()
         flip = np_rng.random(cfg.batch_size) < 0.5
         images[flip] = images[flip][..., ::-1]
         return torch.from_numpy(np.ascontiguousarray(images)).to(dev)
