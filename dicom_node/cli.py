@@ -13,6 +13,8 @@ import typer
 app = typer.Typer(help="mr2ct: MR series in by C-STORE, synthetic CT and provenance SR out to Orthanc.", no_args_is_help=True)
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
+tokens_app = typer.Typer(help="Bearer tokens of the admin API.", no_args_is_help=True)
+app.add_typer(tokens_app, name="tokens")
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (MR2CT_CONFIG also works)")]
 
@@ -112,7 +114,7 @@ def _settings(config: Path | None):
 @app.command()
 def serve(
     config: ConfigOption = None,
-    role: Annotated[str, typer.Option(help="all | scp | worker")] = "all",
+    role: Annotated[str, typer.Option(help="all | scp | worker | api")] = "all",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the DICOM node: C-STORE SCP, stability monitor and worker."""
@@ -278,6 +280,35 @@ def pull(
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']} -> {cache}")
+
+
+@tokens_app.command("create")
+def tokens_create(
+    role: Annotated[str, typer.Option(help="admin | auditor")],
+    name: Annotated[str, typer.Option(help="who or what holds the token")] = "admin",
+    config: ConfigOption = None,
+) -> None:
+    """Create a token; it is printed once and only its SHA-256 is stored."""
+    from dicom_node.api.auth import create_token
+    from dicom_node.db import init_db
+
+    settings = _settings(config)
+    try:
+        token = create_token(init_db(settings.database_url), role, name)
+    except ValueError as exc:
+        typer.echo(f"mr2ct: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(token)
+
+
+@tokens_app.command("revoke")
+def tokens_revoke(name: Annotated[str, typer.Option()], config: ConfigOption = None) -> None:
+    """Revoke every token with this name."""
+    from dicom_node.api.auth import revoke
+    from dicom_node.db import init_db
+
+    count = revoke(init_db(_settings(config).database_url), name)
+    typer.echo(f"revoked {count} token(s)")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,6 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.models import Base
 from synthesis.errors import Mr2ctError
 
 
@@ -45,11 +45,39 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_migrated: set[str] = set()
+_migrate_lock = threading.Lock()
+
+
+def alembic_config(url: str) -> Any:
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return config
+
+
+def migrate(engine: Engine, url: str) -> None:
+    """Bring the schema to the newest Alembic revision (every table came from a migration)."""
+    from alembic import command
+
+    config = alembic_config(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
 def init_db(url: str) -> sessionmaker[Session]:
-    """Create the schema when missing and return a session factory; a clear error names the URL."""
+    """Migrate the schema to head (once per process and URL) and return a session factory;
+    a clear error names the URL (password hidden)."""
     engine = make_engine(url)
     try:
-        Base.metadata.create_all(engine)
+        with _migrate_lock:
+            if url not in _migrated:
+                migrate(engine, url)
+                _migrated.add(url)
     except OperationalError as exc:
         shown = make_url(url).render_as_string(hide_password=True)
         raise DatabaseUnavailable(f"cannot open database {shown}: {exc.orig}") from exc

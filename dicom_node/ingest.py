@@ -40,6 +40,7 @@ class ReceivedInstance:
     modality: str
     series_description: str = ""
     orientation: str = ""
+    patient_id: str = ""
 
 
 def orientation_label(iop: list[float] | tuple[float, ...]) -> str:
@@ -120,7 +121,8 @@ def validate(ds: Dataset, affected_sop_class: str, affected_sop_instance: str) -
     modality = str(ds.get("Modality", "") or "")
     orientation = orientation_label(geometry[0].orientation)
     description = str(ds.get("SeriesDescription", "") or "")[:64]
-    return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation)
+    patient_id = str(ds.get("PatientID", "") or "")[:64]
+    return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation, patient_id)
 
 
 class Ingest:
@@ -145,7 +147,7 @@ class Ingest:
                 series = Series(
                     series_instance_uid=info.series_uid, study_instance_uid=info.study_uid, modality=info.modality,
                     calling_ae=calling_ae, instance_count=0, first_received_at=now, last_received_at=now, state="receiving",
-                    series_description=info.series_description, orientation=info.orientation,
+                    series_description=info.series_description, orientation=info.orientation, patient_id=info.patient_id,
                 )
                 session.add(series)
                 session.flush()

@@ -36,6 +36,7 @@ class Series(Base):
 
     series_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    patient_id: Mapped[str] = mapped_column(String(64), default="", index=True)  # for audit queries; never logged
     modality: Mapped[str] = mapped_column(String(16))
     calling_ae: Mapped[str] = mapped_column(String(16))
     series_description: Mapped[str] = mapped_column(String(64), default="")
@@ -104,3 +105,16 @@ class AuditEvent(Base):
     series_instance_uid: Mapped[str | None] = mapped_column(String(64), index=True)
     job_id: Mapped[int | None] = mapped_column(Integer, index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ApiToken(Base):
+    """Bearer tokens for the admin API; only a SHA-256 of each token is stored."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))  # admin, auditor
+    token_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from pathlib import Path
 import ssl
 import threading
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from synthesis.model_file import load_model
 
 log = logging.getLogger(__name__)
 
-ROLES = ("all", "scp", "worker")
+ROLES = ("all", "scp", "worker", "api")
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -71,6 +72,7 @@ class Node:
                 torch.set_num_threads(s.cpu_threads)
             model = load_model(s.model_file)
             device = choose_device(s.device)
+            self.device_label, self.model_sha256 = device.label, model.sha256
             log.info("device=%s reason=%s precision=%s", device.label, device.reason, s.precision)
             log.info("model=%s sha256=%s architecture=%s", s.model_file.name, model.short_digest, model.card["architecture"])
             store = OrthancStore(s.orthanc_url, s.orthanc_username, password)
@@ -94,7 +96,29 @@ class Node:
             if s.forward_originals:
                 forward_store = OrthancStore(s.orthanc_url, s.orthanc_username, password)
                 self._thread("forwarder", forward_loop, self.sessions, forward_store, s.poll_seconds, self.stop_event)
+        if self.role in ("all", "api") and s.api_port:
+            self._start_api(password)
         audit.record(self.sessions, audit.APPLICATION_START, "success", f"mr2ct {self.role}", ae_title=s.ae_title, port=s.dicom_port)
+
+    def _start_api(self, password: str | None) -> None:
+        import uvicorn
+
+        from dicom_node.api.app import create_app
+
+        s = self.settings
+        info = {"role": self.role}
+        if getattr(self, "device_label", None):
+            info["device"] = self.device_label
+            info["model_sha256"] = self.model_sha256
+        app = create_app(
+            self.sessions, orthanc_url=s.orthanc_url, orthanc_auth=(s.orthanc_username or "", password or "") if s.orthanc_username else None,
+            spool_dir=str(s.spool_dir) if Path(s.spool_dir).exists() else None, node_info=info,
+        )
+        config = uvicorn.Config(app, host=s.api_host, port=s.api_port, log_level="warning", access_log=False)
+        self.api_server = uvicorn.Server(config)
+        self.api_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self._thread("api", self.api_server.run)
+        log.info("API listening address=%s:%d", s.api_host, s.api_port)
 
     def _thread(self, name: str, target: object, *args: object) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]
@@ -103,6 +127,8 @@ class Node:
 
     def stop(self) -> None:
         self.stop_event.set()
+        if getattr(self, "api_server", None) is not None:
+            self.api_server.should_exit = True
         if self.scp is not None:
             self.scp.stop()
         for thread in self.threads:

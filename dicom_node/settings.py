@@ -54,6 +54,8 @@ class Settings(BaseSettings):
     stable_seconds: float = Field(10.0, gt=0, le=86400, description="a series is complete after this long without new instances")
     uid_root: str = Field("1.2.826.0.1.3680043.8.498.", description="root of the UIDs mr2ct writes (ends with a dot)")
     poll_seconds: float = Field(0.5, gt=0, le=60, description="how often the stability monitor and worker look for work")
+    api_host: str = Field("127.0.0.1", description="address the admin API listens on")
+    api_port: int = Field(8800, ge=0, le=65535, description="admin API port (0: no API in this process)")
     max_associations: int = Field(16, ge=1, le=1000, description="concurrent associations the SCP accepts")
     complete_on_release: bool = Field(False, description="a series is complete as soon as the association that sent it is released")
     spool_min_free_mb: int = Field(200, ge=0, description="refuse instances (out of resources) when the spool disk has less free space")

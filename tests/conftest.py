@@ -40,6 +40,7 @@ def node_env(workdir: Path, port: int, orthanc: OrthancServer) -> dict[str, str]
         "MR2CT_STABLE_SECONDS": "1.5",
         "MR2CT_DEVICE": "auto",
         "MR2CT_SPOOL_MIN_FREE_MB": "10",
+        "MR2CT_API_PORT": str(free_port()),
     }
 
 

@@ -1,0 +1,1 @@
+"""The admin API (FastAPI): health, metrics, jobs, series, associations, audit; bearer tokens with roles."""

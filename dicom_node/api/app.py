@@ -1,0 +1,233 @@
+"""The admin API. Every route but /health needs a bearer token; admins may act, auditors read.
+
+Bad requests get 4xx with a reason (FastAPI's 422 for malformed parameters, 404/409 with a
+message for the rest). Reading the audit trail is itself audited.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+from datetime import datetime
+from typing import Any, Literal
+
+import httpx
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi.responses import PlainTextResponse, Response
+from sqlalchemy import Select, func, select, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.api.auth import Caller, require
+from dicom_node.models import Association, AuditEvent, Job, Series, utcnow
+
+READ = require("admin", "auditor")
+ADMIN = require("admin")
+MAX_PAGE = 500
+DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600)
+
+
+def _row(obj: Any) -> dict[str, Any]:
+    out = {}
+    for column in obj.__table__.columns:
+        value = getattr(obj, column.key)
+        out[column.key] = value.isoformat() if isinstance(value, datetime) else value
+    return out
+
+
+def _page(session: Session, query: Select[Any], limit: int, offset: int) -> dict[str, Any]:
+    total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery()))
+    items = [_row(r) for r in session.scalars(query.limit(limit).offset(offset))]
+    return {"total": total, "limit": limit, "offset": offset, "items": items}
+
+
+def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = None, orthanc_auth: tuple[str, str] | None = None,
+               spool_dir: str | None = None, node_info: dict[str, Any] | None = None) -> FastAPI:
+    app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
+    app.state.sessions = sessions
+    info = dict(node_info or {})
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        checks: dict[str, Any] = {}
+        try:
+            with sessions() as session:
+                session.execute(text("SELECT 1"))
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"error: {type(exc).__name__}"
+        if spool_dir:
+            checks["spool_free_mb"] = shutil.disk_usage(spool_dir).free // 2**20
+        if orthanc_url:
+            try:
+                ok = httpx.get(f"{orthanc_url}/system", auth=orthanc_auth, timeout=3).status_code == 200
+                checks["orthanc"] = "ok" if ok else "error"
+            except httpx.HTTPError:
+                checks["orthanc"] = "unreachable"
+        checks.update(info)
+        checks["status"] = "ok" if checks["database"] == "ok" and checks.get("orthanc", "ok") == "ok" else "degraded"
+        return checks
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics(caller: Caller = Depends(READ)) -> str:
+        with sessions() as session:
+            received = session.scalar(select(func.coalesce(func.sum(Association.instances_stored), 0)))
+            refused = session.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.action == audit.INSTANCE_REFUSED))
+            states = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            durations = [d for d in session.scalars(select(Job.seconds).where(Job.state == "done")) if d is not None]
+        lines = [
+            "# HELP mr2ct_instances_received_total Instances acknowledged with Success (closed associations).",
+            "# TYPE mr2ct_instances_received_total counter", f"mr2ct_instances_received_total {received}",
+            "# HELP mr2ct_instances_refused_total Instances refused with a failure status.",
+            "# TYPE mr2ct_instances_refused_total counter", f"mr2ct_instances_refused_total {refused}",
+            "# HELP mr2ct_jobs Jobs by state.", "# TYPE mr2ct_jobs gauge",
+        ]
+        for state in ("queued", "running", "done", "failed", "cancelled"):
+            lines.append(f'mr2ct_jobs{{state="{state}"}} {states.get(state, 0)}')
+        lines += ["# HELP mr2ct_queue_depth Jobs waiting for a worker.", "# TYPE mr2ct_queue_depth gauge", f"mr2ct_queue_depth {states.get('queued', 0)}"]
+        lines += ["# HELP mr2ct_job_duration_seconds Duration of finished jobs.", "# TYPE mr2ct_job_duration_seconds histogram"]
+        for bound in DURATION_BUCKETS:
+            lines.append(f'mr2ct_job_duration_seconds_bucket{{le="{bound}"}} {sum(1 for d in durations if d <= bound)}')
+        lines.append(f'mr2ct_job_duration_seconds_bucket{{le="+Inf"}} {len(durations)}')
+        lines += [f"mr2ct_job_duration_seconds_sum {sum(durations):.3f}", f"mr2ct_job_duration_seconds_count {len(durations)}"]
+        if "device" in info:
+            lines += ["# HELP mr2ct_device_info Inference device of this process.", "# TYPE mr2ct_device_info gauge",
+                      f'mr2ct_device_info{{device="{info["device"]}"}} 1']
+        return "\n".join(lines) + "\n"
+
+    @app.get("/jobs")
+    def list_jobs(
+        caller: Caller = Depends(READ),
+        state: Literal["queued", "running", "done", "failed", "cancelled"] | None = None,
+        series_uid: str | None = Query(None, max_length=64), study_uid: str | None = Query(None, max_length=64),
+        patient_id: str | None = Query(None, max_length=64), calling_ae: str | None = Query(None, max_length=16),
+        since: datetime | None = None, until: datetime | None = None,
+        sort: Literal["created_at", "-created_at", "id", "-id"] = "-created_at",
+        limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0),
+    ) -> dict[str, Any]:
+        query = select(Job)
+        if state:
+            query = query.where(Job.state == state)
+        if series_uid:
+            query = query.where(Job.series_instance_uid == series_uid)
+        if study_uid or patient_id or calling_ae:
+            query = query.join(Series, Series.series_instance_uid == Job.series_instance_uid)
+            if study_uid:
+                query = query.where(Series.study_instance_uid == study_uid)
+            if patient_id:
+                query = query.where(Series.patient_id == patient_id)
+            if calling_ae:
+                query = query.where(Series.calling_ae == calling_ae)
+        if since:
+            query = query.where(Job.created_at >= since)
+        if until:
+            query = query.where(Job.created_at < until)
+        column = Job.created_at if sort.lstrip("-") == "created_at" else Job.id
+        query = query.order_by(column.desc() if sort.startswith("-") else column.asc())
+        with sessions() as session:
+            return _page(session, query, limit, offset)
+
+    @app.get("/jobs/{job_id}")
+    def job_detail(job_id: int, caller: Caller = Depends(READ)) -> dict[str, Any]:
+        with sessions() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise HTTPException(404, f"no job {job_id}")
+            timeline = session.scalars(select(AuditEvent).where(AuditEvent.job_id == job_id).order_by(AuditEvent.id)).all()
+            return {**_row(job), "timeline": [_row(e) for e in timeline]}
+
+    @app.post("/jobs/{job_id}/retry", status_code=201)
+    def retry(job_id: int, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
+        with sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise HTTPException(404, f"no job {job_id}")
+            if job.state in ("queued", "running"):
+                raise HTTPException(409, f"job {job_id} is {job.state}; only finished, failed or cancelled jobs can be retried")
+            series = session.get(Series, job.series_instance_uid)
+            new = Job(series_instance_uid=job.series_instance_uid, state="queued", instance_count=series.instance_count if series else 0)
+            session.add(new)
+            session.flush()
+            new_id = new.id
+        audit.record(sessions, "job-retry", "success", caller.actor, series_uid=job.series_instance_uid, job_id=new_id, retry_of=job_id)
+        return {"job_id": new_id, "retry_of": job_id, "state": "queued"}
+
+    @app.post("/jobs/{job_id}/cancel")
+    def cancel(job_id: int, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
+        with sessions.begin() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                raise HTTPException(404, f"no job {job_id}")
+            if job.state != "queued":
+                raise HTTPException(409, f"job {job_id} is {job.state}; only queued jobs can be cancelled")
+            job.state, job.finished_at, job.error = "cancelled", utcnow(), f"cancelled by {caller.actor}"
+            series_uid = job.series_instance_uid
+        audit.record(sessions, "job-cancelled", "success", caller.actor, series_uid=series_uid, job_id=job_id)
+        return {"job_id": job_id, "state": "cancelled"}
+
+    @app.get("/series")
+    def list_series(
+        caller: Caller = Depends(READ), state: Literal["receiving", "stable", "ignored"] | None = None,
+        study_uid: str | None = Query(None, max_length=64), patient_id: str | None = Query(None, max_length=64),
+        calling_ae: str | None = Query(None, max_length=16), limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0),
+    ) -> dict[str, Any]:
+        query = select(Series).order_by(Series.last_received_at.desc())
+        for column, value in ((Series.state, state), (Series.study_instance_uid, study_uid), (Series.patient_id, patient_id), (Series.calling_ae, calling_ae)):
+            if value:
+                query = query.where(column == value)
+        with sessions() as session:
+            return _page(session, query, limit, offset)
+
+    @app.get("/associations")
+    def list_associations(
+        caller: Caller = Depends(READ), calling_ae: str | None = Query(None, max_length=16), since: datetime | None = None,
+        until: datetime | None = None, limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0),
+    ) -> dict[str, Any]:
+        query = select(Association).order_by(Association.started_at.desc())
+        if calling_ae:
+            query = query.where(Association.calling_ae == calling_ae)
+        if since:
+            query = query.where(Association.started_at >= since)
+        if until:
+            query = query.where(Association.started_at < until)
+        with sessions() as session:
+            return _page(session, query, limit, offset)
+
+    @app.get("/audit", response_model=None)
+    def read_audit(
+        request: Request, caller: Caller = Depends(READ),
+        action: str | None = Query(None, max_length=64), outcome: Literal["success", "failure", "warning"] | None = None,
+        actor: str | None = Query(None, max_length=128), study_uid: str | None = Query(None, max_length=64),
+        series_uid: str | None = Query(None, max_length=64), patient_id: str | None = Query(None, max_length=64),
+        since: datetime | None = None, until: datetime | None = None,
+        limit: int = Query(100, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0), format: Literal["json", "csv"] = "json",
+    ) -> Any:
+        query = select(AuditEvent).order_by(AuditEvent.id.desc())
+        for column, value in ((AuditEvent.action, action), (AuditEvent.outcome, outcome), (AuditEvent.actor, actor),
+                              (AuditEvent.study_instance_uid, study_uid), (AuditEvent.series_instance_uid, series_uid)):
+            if value:
+                query = query.where(column == value)
+        if patient_id:
+            studies = select(Series.study_instance_uid).where(Series.patient_id == patient_id)
+            query = query.where(AuditEvent.study_instance_uid.in_(studies))
+        if since:
+            query = query.where(AuditEvent.at >= since)
+        if until:
+            query = query.where(AuditEvent.at < until)
+        with sessions() as session:
+            page = _page(session, query, limit, offset)
+        filters = {k: v for k, v in request.query_params.items() if k != "patient_id"}
+        audit.record(sessions, "instances-accessed/audit-read", "success", caller.actor, filters=filters,
+                     patient_filter=bool(patient_id), returned=len(page["items"]))
+        if format == "csv":
+            buffer = io.StringIO()
+            fields = ["id", "at", "action", "outcome", "actor", "study_instance_uid", "series_instance_uid", "job_id", "detail"]
+            writer = csv.DictWriter(buffer, fieldnames=fields)
+            writer.writeheader()
+            for item in page["items"]:
+                writer.writerow({k: item[k] for k in fields})
+            return Response(buffer.getvalue(), media_type="text/csv", headers={"Content-Disposition": "attachment; filename=mr2ct-audit.csv"})
+        return page
+
+    return app

@@ -1,0 +1,76 @@
+"""Bearer tokens with roles. Only SHA-256 digests are stored; a token is shown once, at creation."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.models import ApiToken, utcnow
+
+ROLES = ("admin", "auditor")
+PREFIX = "mr2ct_"
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_token(sessions: sessionmaker[Session], role: str, name: str) -> str:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    token = PREFIX + secrets.token_urlsafe(32)
+    with sessions.begin() as session:
+        session.add(ApiToken(name=name, role=role, token_sha256=digest(token)))
+    audit.record(sessions, "security-alert/token-created", "success", "mr2ct tokens", role=role, token_name=name)
+    return token
+
+
+@dataclass(frozen=True)
+class Caller:
+    name: str
+    role: str
+
+    @property
+    def actor(self) -> str:
+        return f"api:{self.name}"
+
+
+bearer = HTTPBearer(auto_error=False)
+
+
+def current_caller(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Caller:
+    sessions: sessionmaker[Session] = request.app.state.sessions
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>' (mr2ct tokens create)",
+                            headers={"WWW-Authenticate": "Bearer"})
+    with sessions() as session:
+        row = session.scalars(select(ApiToken).where(ApiToken.token_sha256 == digest(credentials.credentials))).first()
+    if row is None or row.revoked_at is not None:
+        client = request.client.host if request.client else "?"
+        audit.record(sessions, audit.SECURITY_ALERT, "failure", f"api@{client}", reason="invalid or revoked token", path=request.url.path)
+        raise HTTPException(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
+    return Caller(name=row.name, role=row.role)
+
+
+def require(*roles: str):  # type: ignore[no-untyped-def]
+    def dependency(caller: Caller = Depends(current_caller)) -> Caller:
+        if caller.role not in roles:
+            raise HTTPException(403, f"role {caller.role!r} may not do this; needs one of {list(roles)}")
+        return caller
+
+    return dependency
+
+
+def revoke(sessions: sessionmaker[Session], name: str) -> int:
+    with sessions.begin() as session:
+        rows = session.scalars(select(ApiToken).where(ApiToken.name == name, ApiToken.revoked_at.is_(None))).all()
+        for row in rows:
+            row.revoked_at = utcnow()
+    return len(rows)

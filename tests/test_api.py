@@ -1,0 +1,128 @@
+"""The PACS administrator and the auditor use the admin API of a running node: every route but
+/health needs a token, roles are enforced, bad requests get a 4xx with a reason, reading the audit
+is itself audited, and the answers say what happened to a patient's images."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from dicom_node.db import init_db
+from dicom_node.demo import wait_for_job
+from dicom_node.local_stack import storescu
+from dicom_node.models import ApiToken, AuditEvent
+from tests.conftest import NODE_AE, SCANNER_AE
+from training.phantom_dicom import write_mr_series
+
+ROUTES = [("GET", "/metrics"), ("GET", "/jobs"), ("GET", "/jobs/1"), ("POST", "/jobs/1/retry"), ("POST", "/jobs/1/cancel"),
+          ("GET", "/series"), ("GET", "/associations"), ("GET", "/audit")]
+
+
+def _token(node, role: str, name: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env["MR2CT_DATABASE_URL"] = node.database_url
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", "create", "--role", role, "--name", name],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def api(node, tmp_path_factory):
+    base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    admin, auditor = _token(node, "admin", "pacs-admin"), _token(node, "auditor", "auditor-1")
+    series = write_mr_series(tmp_path_factory.mktemp("mr"), seed=600, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0, patient_id="AUDIT-PATIENT-1")
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert job.state == "done"
+    return {"base": base, "admin": {"Authorization": f"Bearer {admin}"}, "auditor": {"Authorization": f"Bearer {auditor}"},
+            "admin_token": admin, "series": series, "job": job}
+
+
+def test_health_answers_without_a_token(api):
+    health = httpx.get(f"{api['base']}/health").json()
+    assert health["database"] == "ok" and health["orthanc"] == "ok" and health["status"] == "ok"
+    assert "device" in health and health["spool_free_mb"] > 0
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+def test_every_other_route_refuses_missing_and_wrong_tokens(api, method, path):
+    for headers in ({}, {"Authorization": "Bearer mr2ct_not-a-token"}):
+        response = httpx.request(method, f"{api['base']}{path}", headers=headers)
+        assert response.status_code == 401
+        assert response.json()["detail"]
+
+
+@pytest.mark.parametrize(("method", "path"), [("POST", "/jobs/1/retry"), ("POST", "/jobs/1/cancel")])
+def test_an_auditor_may_read_but_not_act(api, method, path):
+    response = httpx.request(method, f"{api['base']}{path}", headers=api["auditor"])
+    assert response.status_code == 403 and "auditor" in response.json()["detail"]
+
+
+def test_what_was_done_with_this_patients_images(api):
+    jobs = httpx.get(f"{api['base']}/jobs", params={"patient_id": "AUDIT-PATIENT-1"}, headers=api["auditor"]).json()
+    assert jobs["total"] == 1 and jobs["items"][0]["state"] == "done"
+    detail = httpx.get(f"{api['base']}/jobs/{jobs['items'][0]['id']}", headers=api["auditor"]).json()
+    assert detail["ct_series_uid"] == api["job"].ct_series_uid and detail["model_sha256"]
+    assert {"job-started", "job-finished"} <= {e["action"] for e in detail["timeline"]}
+    events = httpx.get(f"{api['base']}/audit", params={"patient_id": "AUDIT-PATIENT-1"}, headers=api["auditor"]).json()
+    actions = {e["action"] for e in events["items"]}
+    assert {"series-stable", "job-started", "job-finished", "dicom-instances-transferred"} <= actions
+
+
+def test_audit_exports_csv_and_reading_it_is_audited(api, node):
+    response = httpx.get(f"{api['base']}/audit", params={"format": "csv", "action": "job-finished"}, headers=api["auditor"])
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(response.text)))
+    assert rows and all(r["action"] == "job-finished" for r in rows)
+    sessions = init_db(node.database_url)
+    with sessions() as session:
+        reads = session.scalars(select(AuditEvent).where(AuditEvent.action == "instances-accessed/audit-read")).all()
+    assert any(r.actor == "api:auditor-1" and r.detail["filters"].get("format") == "csv" for r in reads)
+
+
+def test_retry_makes_a_new_job_that_rewrites_the_same_series_and_cancel_refuses_finished_jobs(api, node):
+    job_id = api["job"].id
+    retried = httpx.post(f"{api['base']}/jobs/{job_id}/retry", headers=api["admin"])
+    assert retried.status_code == 201
+    new_job = wait_for_job(node.database_url, api["series"].series_uid, timeout=120, done_before=job_id)
+    assert new_job.id == retried.json()["job_id"] and new_job.ct_series_uid == api["job"].ct_series_uid
+    refused = httpx.post(f"{api['base']}/jobs/{job_id}/cancel", headers=api["admin"])
+    assert refused.status_code == 409 and "only queued jobs" in refused.json()["detail"]
+    assert httpx.post(f"{api['base']}/jobs/999999/retry", headers=api["admin"]).status_code == 404
+
+
+@pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 10_000}, {"state": "exploded"}, {"since": "yesterday"}, {"offset": -1}])
+def test_bad_query_parameters_get_422_with_a_reason(api, params):
+    response = httpx.get(f"{api['base']}/jobs", params=params, headers=api["auditor"])
+    assert response.status_code == 422 and response.json()["detail"]
+
+
+def test_metrics_count_instances_and_jobs(api):
+    text = httpx.get(f"{api['base']}/metrics", headers=api["auditor"]).text
+    assert "mr2ct_instances_received_total" in text and 'mr2ct_jobs{state="done"}' in text
+    assert "mr2ct_job_duration_seconds_bucket" in text and "mr2ct_queue_depth" in text
+
+
+def test_tokens_are_stored_hashed_and_never_logged(api, node):
+    sessions = init_db(node.database_url)
+    with sessions() as session:
+        stored = [t.token_sha256 for t in session.scalars(select(ApiToken))]
+    assert api["admin_token"] not in stored and all(len(s) == 64 for s in stored)
+    assert api["admin_token"] not in node.log_path.read_text()
+    assert (node.workdir / "mr2ct.db").read_bytes().find(api["admin_token"].encode()) == -1
