@@ -157,13 +157,14 @@ def demo(
     orthanc_http_port: Annotated[int, typer.Option()] = 8042,
     orthanc_dicom_port: Annotated[int, typer.Option()] = 4242,
     node_port: Annotated[int, typer.Option()] = 11112,
+    api_port: Annotated[int, typer.Option()] = 8800,
     slices: Annotated[int, typer.Option(min=2, max=512)] = 32,
 ) -> None:
     """Start Orthanc and mr2ct on loopback, send a phantom MR series, show where the sCT is."""
     from dicom_node.demo import run_demo
 
     try:
-        code = run_demo(workdir, once, orthanc_http_port, orthanc_dicom_port, node_port, slices, say=typer.echo)
+        code = run_demo(workdir, once, orthanc_http_port, orthanc_dicom_port, node_port, slices, say=typer.echo, api_port=api_port)
     except (RuntimeError, TimeoutError) as exc:
         typer.echo(f"mr2ct demo: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -65,6 +65,8 @@ def migrate(engine: Engine, url: str) -> None:
 
     config = alembic_config(url)
     with engine.begin() as connection:
+        if engine.dialect.name == "postgresql":  # several processes may start at once: one migrates
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(4242001)")
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 
@@ -78,7 +80,7 @@ def init_db(url: str) -> sessionmaker[Session]:
             if url not in _migrated:
                 migrate(engine, url)
                 _migrated.add(url)
-    except OperationalError as exc:
+    except (OperationalError, ModuleNotFoundError) as exc:
         shown = make_url(url).render_as_string(hide_password=True)
-        raise DatabaseUnavailable(f"cannot open database {shown}: {exc.orig}") from exc
+        raise DatabaseUnavailable(f"cannot open database {shown}: {getattr(exc, 'orig', exc)}") from exc
     return sessionmaker(engine, expire_on_commit=False)

@@ -12,6 +12,7 @@ import httpx
 
 from sqlalchemy import select
 
+from dicom_node.api.auth import create_token
 from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, storescu
 from dicom_node.models import Job
@@ -33,7 +34,8 @@ def wait_for_job(database_url: str, series_uid: str, timeout: float, done_before
     raise TimeoutError(f"no finished job for series {series_uid} within {timeout:.0f} s")
 
 
-def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, node_port: int, slices: int, say=print) -> int:
+def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, node_port: int, slices: int, say=print,
+             api_port: int = 8800) -> int:
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     database = workdir / "mr2ct.db"
@@ -47,7 +49,7 @@ def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, n
             "MR2CT_AE_TITLE": "MR2CT", "MR2CT_DICOM_PORT": str(node_port), "MR2CT_ALLOWED_AES": "DEMO_SCANNER,ORTHANC",
             "MR2CT_SPOOL_DIR": str(workdir / "spool"), "MR2CT_DATABASE_URL": f"sqlite:///{database}",
             "MR2CT_ORTHANC_URL": orthanc.url, "MR2CT_ORTHANC_USERNAME": orthanc.username, "MR2CT_ORTHANC_PASSWORD": orthanc.password,
-            "MR2CT_STABLE_SECONDS": "2",
+            "MR2CT_STABLE_SECONDS": "2", "MR2CT_API_PORT": str(api_port),
         }
         say(f"starting mr2ct serve (AE MR2CT on 127.0.0.1:{node_port}) ...")
         node = NodeServer(workdir / "node", env, node_port)
@@ -79,6 +81,9 @@ def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, n
         say(f"  MR series UID    : {series.series_uid}")
         say(f"  sCT series UID   : {job.ct_series_uid} ({job.instance_count} instances)")
         say(f"  SR series UID    : {job.sr_series_uid}")
+        token = create_token(init_db(f"sqlite:///{database}"), "auditor", "demo")
+        say(f"  admin API        : http://127.0.0.1:{api_port}/jobs  (auditor token: {token})")
+        say(f"                     curl -H 'Authorization: Bearer {token}' http://127.0.0.1:{api_port}/audit")
         say(f"  logs             : {node.log_path}, {orthanc.log_path}")
         if once or not sys.stdin.isatty():
             say("stopping (--once or no terminal).")

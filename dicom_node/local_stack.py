@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -57,12 +58,14 @@ class OrthancServer:
     """Orthanc with the project's config, its own fresh storage folder, loopback ports."""
 
     def __init__(self, workdir: Path, http_port: int = 8042, dicom_port: int = 4242, aet: str = "ORTHANC",
-                 modalities: dict[str, list[Any]] | None = None) -> None:
+                 modalities: dict[str, list[Any]] | None = None, python_plugin: bool = False, stable_age: int | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
         self.workdir = Path(workdir)
         self.http_port, self.dicom_port, self.aet = http_port, dicom_port, aet
         self.username = "mr2ct"
         self.password = secrets.token_urlsafe(16)
         self.modalities = modalities or {}
+        self.python_plugin, self.stable_age, self.extra_env = python_plugin, stable_age, extra_env or {}
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "orthanc.log"
 
@@ -85,6 +88,15 @@ class OrthancServer:
             DicomAet=self.aet, RegisteredUsers={self.username: self.password}, DicomModalities=self.modalities,
         )
         plugins = [p for p in config.get("Plugins", []) if Path(p).exists()]
+        if self.python_plugin:
+            library = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
+            if not library.exists():
+                raise RuntimeError("orthanc-python is not installed; run deploy/local/install.sh")
+            plugins.append(str(library))
+            config["PythonScript"] = str(REPO_ORTHANC_CONFIG.parent / "plugin.py")
+            config["UserMetadata"] = {"Mr2ctRouted": 1024}
+        if self.stable_age is not None:
+            config["StableAge"] = self.stable_age
         config["Plugins"] = plugins
         path = self.workdir / "orthanc-generated.json"
         path.write_text(json.dumps(config, indent=2))
@@ -101,7 +113,8 @@ class OrthancServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         config = self.write_config()
         self.log_file = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([binary, str(config)], stdout=self.log_file, stderr=subprocess.STDOUT, env=nodelay_env(), start_new_session=True)
+        self.proc = subprocess.Popen([binary, str(config)], stdout=self.log_file, stderr=subprocess.STDOUT, env=nodelay_env(self.extra_env),
+                                     start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -137,19 +150,20 @@ class OrthancServer:
 class NodeServer:
     """``mr2ct serve`` as a child process, configured through MR2CT_* variables."""
 
-    def __init__(self, workdir: Path, env: dict[str, str], port: int) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], port: int, role: str = "all") -> None:
         self.workdir = Path(workdir)
-        self.env, self.port = env, port
+        self.env, self.port, self.role = env, port, role
+        self.ready_text = b"SCP listening" if role in ("all", "scp") else (b"API listening" if role == "api" else b"worker ready")
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "mr2ct.log"
 
     def start(self, timeout: float = 120.0) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        if port_in_use(self.port):
+        if self.role in ("all", "scp") and port_in_use(self.port):
             raise RuntimeError(f"port {self.port} on 127.0.0.1 is already in use; stop what holds it or choose another port")
         self.log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node.cli", "serve"], stdout=self.log_file, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "dicom_node.cli", "serve", "--role", self.role], stdout=self.log_file, stderr=subprocess.STDOUT,
             env=nodelay_env(self.env), cwd=self.workdir, start_new_session=True,
         )
         start_offset = self.log_path.stat().st_size
@@ -161,7 +175,7 @@ class NodeServer:
             # occupy an association slot until pynetdicom times it out).
             with open(self.log_path, "rb") as fh:
                 fh.seek(start_offset)
-                if b"SCP listening" in fh.read():
+                if self.ready_text in fh.read():
                     return
             time.sleep(0.2)
         self.stop()
@@ -212,3 +226,55 @@ def echoscu(port: int, called_ae: str, calling_ae: str = "ECHOSCU", timeout: flo
         raise RuntimeError("dcmtk's echoscu is not installed; run deploy/local/install.sh")
     args = [binary, "-aet", calling_ae, "-aec", called_ae, *(extra_args or []), "127.0.0.1", str(port)]
     return subprocess.run(args, capture_output=True, text=True, env=nodelay_env(), timeout=timeout)
+
+
+class PostgresServer:
+    """A throw-away PostgreSQL (Debian's binaries) with its own data folder on a loopback port."""
+
+    def __init__(self, workdir: Path | None, port: int) -> None:
+        # Root cannot run PostgreSQL, and the postgres user must be able to reach the folder:
+        # as root, the server gets a fresh folder of its own under the system temp directory.
+        self.own_folder = os.geteuid() == 0 or workdir is None
+        self.workdir = Path(tempfile.mkdtemp(prefix="mr2ct-pg-")) if self.own_folder else Path(workdir)  # type: ignore[arg-type]
+        self.port = port
+        self.data = self.workdir / "pgdata"
+        self.log_path = self.workdir / "postgres.log"
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if not versions:
+            raise RuntimeError("PostgreSQL is not installed; run deploy/local/install.sh")
+        self.bin = versions[-1].parent
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://mr2ct@127.0.0.1:{self.port}/mr2ct"
+
+    def _as_owner(self, *args: str) -> list[str]:
+        if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+            return ["runuser", "-u", "postgres", "--", *args]
+        return list(args)
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.data.mkdir()
+        if os.geteuid() == 0:
+            shutil.chown(self.workdir, "postgres")
+            shutil.chown(self.data, "postgres")
+        run = lambda *a: subprocess.run(self._as_owner(*a), check=True, capture_output=True, text=True, timeout=120)  # noqa: E731
+        run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "mr2ct", "-A", "trust", "--no-sync", "-E", "UTF8")
+        options = f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c max_connections=100"
+        run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.log_path), "-w", "start")
+        run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "mr2ct", "mr2ct")
+
+    def stop(self) -> None:
+        if (self.data / "postmaster.pid").exists():
+            subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"),
+                           capture_output=True, timeout=60)
+        if self.own_folder:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "PostgresServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -5,6 +5,7 @@ on this host was running go back to the queue."""
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from pathlib import Path
 
@@ -50,15 +51,25 @@ def recover_spool(ingest: Ingest, sessions: sessionmaker[Session]) -> dict[str, 
     return counts
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def requeue_orphaned_jobs(sessions: sessionmaker[Session], current_worker: str) -> int:
-    """Jobs 'running' under another process of this host died with it: queue them again."""
+    """Jobs 'running' under a process of this host that no longer exists died with it: queue them
+    again at once (other hosts' jobs come back when their lease runs out)."""
     host = socket.gethostname()
     with sessions.begin() as session:
-        count = session.execute(
-            update(Job)
-            .where(Job.state == "running", Job.worker.like(f"{host}:%"), Job.worker != current_worker)
-            .values(state="queued", lease_until=None)
-        ).rowcount
+        running = session.execute(select(Job.id, Job.worker).where(Job.state == "running", Job.worker.like(f"{host}:%"))).all()
+        dead = [job_id for job_id, worker in running
+                if worker != current_worker and worker.rpartition(":")[2].isdigit() and not _alive(int(worker.rpartition(":")[2]))]
+        count = session.execute(update(Job).where(Job.id.in_(dead), Job.state == "running").values(state="queued", lease_until=None)).rowcount if dead else 0
     if count:
         audit.record(sessions, "job-requeued", "warning", "mr2ct start-up", jobs=count)
         log.info("requeued %d job(s) left running by a process that died", count)

@@ -79,6 +79,7 @@ class Node:
             worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size, s.precision)
             requeue_orphaned_jobs(self.sessions, worker.worker_id)
             self._thread("worker", worker.loop, self.stop_event, s.poll_seconds)
+            log.info("worker ready id=%s", worker.worker_id)
         if self.role in ("all", "scp"):
             if not s.allowed_aes:
                 log.warning("allowed_aes is empty: any calling AE title may store to %s", s.ae_title)

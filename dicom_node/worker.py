@@ -30,7 +30,12 @@ LEASE_SECONDS = 600
 
 
 def claim_job(sessions: sessionmaker[Session], worker_id: str) -> int | None:
-    """Take the oldest queued job (or one whose lease ran out); None when there is none."""
+    """Take the oldest queued job (or one whose lease ran out); None when there is none.
+
+    On PostgreSQL the candidate row is locked with FOR UPDATE SKIP LOCKED, so any number of
+    workers claim different jobs without waiting on each other; the guarded UPDATE makes the
+    claim safe on SQLite too.
+    """
     now = utcnow()
     with sessions.begin() as session:
         candidate = session.scalars(
@@ -38,6 +43,7 @@ def claim_job(sessions: sessionmaker[Session], worker_id: str) -> int | None:
             .where(or_(Job.state == "queued", (Job.state == "running") & (Job.lease_until < now)))
             .order_by(Job.created_at)
             .limit(1)
+            .with_for_update(skip_locked=True)
         ).first()
         if candidate is None:
             return None

@@ -11,11 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from dicom_node.local_stack import free_port
+from dicom_node.local_stack import OrthancServer, free_port
 from synthesis.errors import PacsUnavailable
 from training.pacs_pull import DatasetCache, PullFilter, pull
 
 MR2CT = [sys.executable, "-m", "dicom_node.cli"]
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A PACS of this module's own, holding only the cohort (other modules store into theirs)."""
+    with OrthancServer(tmp_path_factory.mktemp("pacs"), http_port=free_port(), dicom_port=free_port()) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")

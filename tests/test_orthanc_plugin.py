@@ -1,0 +1,83 @@
+"""Orthanc as the first stop: an MR series uploaded to Orthanc comes back with its sCT and SR in the
+same study without any call to the node; the "Synthesize CT" action re-sends on demand."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from dicom_node.local_stack import NodeServer, OrthancServer, free_port
+from tests.conftest import NODE_AE, node_env
+from training.phantom_dicom import write_mr_series
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    node_port = free_port()
+    orthanc = OrthancServer(tmp_path_factory.mktemp("orthanc-plugin"), free_port(), free_port(),
+                            modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]}, python_plugin=True, stable_age=2)
+    with orthanc:
+        workdir = tmp_path_factory.mktemp("plugin-node")
+        env = node_env(workdir, node_port, orthanc)
+        env["MR2CT_ALLOWED_AES"] = f"{orthanc.aet}@127.0.0.1"
+        node = NodeServer(workdir, env, node_port)
+        with node:
+            yield orthanc, node
+
+
+def _study_series(orthanc: OrthancServer, study_uid: str) -> list[dict]:
+    found = httpx.post(f"{orthanc.url}/tools/lookup", content=study_uid, auth=orthanc.auth).json()
+    study = [r["ID"] for r in found if r["Type"] == "Study"]
+    return orthanc.get(f"/studies/{study[0]}/series") if study else []
+
+
+def _wait_for(orthanc, study_uid, predicate, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        series = _study_series(orthanc, study_uid)
+        if predicate(series):
+            return series
+        time.sleep(0.5)
+    raise AssertionError(f"condition not met for study {study_uid} in {timeout} s")
+
+
+def test_an_mr_series_uploaded_to_orthanc_gets_its_sct_without_calling_the_node(stack, tmp_path):
+    orthanc, _ = stack
+    series = write_mr_series(tmp_path / "mr", seed=700, slices=6, size=64, pixel_spacing=4.0, slice_spacing=8.0)
+    for f in series.files:
+        assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
+    result = _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
+    ct = [x for x in result if x["MainDicomTags"]["Modality"] == "CT"]
+    assert len(ct) == 1 and len(ct[0]["Instances"]) == 6
+
+
+def test_the_synthesize_action_resends_on_demand_and_refuses_non_mr(stack, tmp_path):
+    orthanc, node = stack
+    series = write_mr_series(tmp_path / "mr", seed=701, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    for f in series.files:
+        httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth)
+    result = _wait_for(orthanc, series.study_uid, lambda s: any(x["MainDicomTags"]["Modality"] == "CT" for x in s))
+    mr_id = next(x["ID"] for x in result if x["MainDicomTags"]["Modality"] == "MR")
+    ct_id = next(x["ID"] for x in result if x["MainDicomTags"]["Modality"] == "CT")
+    explorer_js = httpx.get(f"{orthanc.url}/plugins/explorer.js", auth=orthanc.auth).text
+    assert "Synthesize CT" in explorer_js
+    sent = httpx.post(f"{orthanc.url}/mr2ct/synthesize/{mr_id}", auth=orthanc.auth)
+    assert sent.status_code == 200 and sent.json()["series"] == mr_id
+    refused = httpx.post(f"{orthanc.url}/mr2ct/synthesize/{ct_id}", auth=orthanc.auth)
+    assert refused.status_code == 400
+    from dicom_node.db import init_db
+    from dicom_node.models import Job
+    from sqlalchemy import select
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        with init_db(node.env["MR2CT_DATABASE_URL"])() as session:
+            done = session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid, Job.state == "done")).all()
+        if len(done) >= 2:
+            break
+        time.sleep(0.5)
+    assert len(done) >= 2  # the button made a second job; the sCT UIDs are the same, so Orthanc keeps one copy
+    final = _study_series(orthanc, series.study_uid)
+    assert sum(1 for x in final if x["MainDicomTags"]["Modality"] == "CT") == 1

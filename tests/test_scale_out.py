@@ -1,0 +1,78 @@
+"""Scale-out on PostgreSQL: one SCP process and three worker processes share a real PostgreSQL
+server; twelve series are each synthesized exactly once; the admin API answers from the same
+database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import httpx
+import pytest
+from sqlalchemy import select
+
+from dicom_node.db import init_db
+from dicom_node.demo import wait_for_job
+from dicom_node.local_stack import NodeServer, PostgresServer, free_port, storescu
+from dicom_node.models import Job
+from tests.conftest import NODE_AE, SCANNER_AE, node_env
+from tests.helpers import study_series
+from training.phantom_dicom import write_mr_series
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    with PostgresServer(tmp_path_factory.mktemp("pg"), free_port()) as server:
+        yield server
+
+
+def test_three_workers_synthesize_twelve_series_exactly_once(postgres, orthanc, tmp_path):
+    port = free_port()
+    processes = []
+    try:
+        for index, role in enumerate(["scp", "worker", "worker", "worker", "api"]):
+            env = node_env(tmp_path / f"{role}{index}", port, orthanc)
+            env["MR2CT_DATABASE_URL"] = postgres.url
+            env["MR2CT_SPOOL_DIR"] = str(tmp_path / "shared-spool")  # workers read what the SCP spooled
+            if role == "api":
+                api_port = int(env["MR2CT_API_PORT"])
+            server = NodeServer(tmp_path / f"{role}{index}", env, port, role=role)
+            processes.append(server)
+        for server in processes:
+            server.start()
+        series = [write_mr_series(tmp_path / f"mr{i}", seed=800 + i, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0) for i in range(12)]
+        for s in series:
+            assert storescu(s.folder, port, NODE_AE, SCANNER_AE).returncode == 0
+        for s in series:
+            assert wait_for_job(postgres.url, s.series_uid, timeout=300).state == "done"
+        with init_db(postgres.url)() as session:
+            jobs = session.scalars(select(Job)).all()
+        per_series = Counter(j.series_instance_uid for j in jobs)
+        assert sorted(per_series.values()) == [1] * 12
+        workers = Counter(j.worker for j in jobs)
+        print(f"jobs per worker: {dict(workers)}")
+        assert all(w and not w.endswith(str(processes[0].proc.pid)) for w in workers)  # the SCP process runs no job
+        for s in series:
+            cts = [x for x in study_series(orthanc, s.study_uid) if x["MainDicomTags"]["Modality"] == "CT"]
+            assert len(cts) == 1 and len(cts[0]["Instances"]) == 4
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+        env["MR2CT_DATABASE_URL"] = postgres.url
+        token = subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", "create", "--role", "auditor", "--name", "pg"],
+                               capture_output=True, text=True, env=env, check=True).stdout.strip()
+        listed = httpx.get(f"http://127.0.0.1:{api_port}/jobs", params={"state": "done", "limit": 100},
+                           headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
+        assert listed["total"] == 12
+    finally:
+        for server in processes:
+            server.stop()
+
+
+def test_an_unreachable_database_stops_start_up_naming_the_url(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env.update(MR2CT_DATABASE_URL=f"postgresql+psycopg://mr2ct:secret@127.0.0.1:{free_port()}/mr2ct", MR2CT_DICOM_PORT=str(free_port()))
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve"], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2
+    assert "database_url" in result.stderr and "127.0.0.1" in result.stderr and "secret" not in result.stderr
