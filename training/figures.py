@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -33,7 +34,7 @@ def loss_plot(losses_csv: Path, out: Path) -> Path:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
+    fig.savefig(out, dpi=80, format="png")
     plt.close(fig)
     return out
 
@@ -51,13 +52,13 @@ def image_grid(rows: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
             if r == 0:
                 ax.set_title(titles[c])
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
+    fig.savefig(out, dpi=80, format="png")
     plt.close(fig)
     return out
 
 
-def mr_sct_preview(mr: np.ndarray, sct_hu: np.ndarray, out: Path) -> Path:
-    """One MR slice next to its sCT in brain (40/80) and bone (600/2800) windows."""
+def mr_sct_preview(mr: np.ndarray, sct_hu: np.ndarray, out: Any) -> Any:
+    """One MR slice next to its sCT in brain (40/80) and bone (600/2800) windows (a path or a binary file)."""
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
     axes[0].imshow(mr, cmap="gray")
     axes[0].set_title("MR")
@@ -67,6 +68,6 @@ def mr_sct_preview(mr: np.ndarray, sct_hu: np.ndarray, out: Path) -> Path:
     for ax in axes:
         ax.set_axis_off()
     fig.tight_layout()
-    fig.savefig(out, dpi=80)
+    fig.savefig(out, dpi=80, format="png")
     plt.close(fig)
     return out

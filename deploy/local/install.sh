@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Install everything mr2ct needs on a fresh Debian machine (root, Python 3.11, no GPU):
 # Debian's Orthanc (+ DICOMweb and Python plugins), dcmtk, dicom3tools, PostgreSQL (the tests
-# start their own server on a loopback port; no system service is started), and a venv
+# start their own server on a loopback port; no system service is started), Chromium (the
+# dashboard test drives it headless through Playwright; no browser is downloaded), and a venv
 # at .venv with the project and torch==2.13.0 (CPU build). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-APT_PACKAGES=(orthanc orthanc-dicomweb orthanc-python dcmtk dicom3tools postgresql openssl)
+APT_PACKAGES=(orthanc orthanc-dicomweb orthanc-python dcmtk dicom3tools postgresql openssl chromium)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -47,6 +47,9 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
     app.state.sessions = sessions
     info = dict(node_info or {})
+    from dicom_node.api.dashboard import dashboard_router
+
+    app.include_router(dashboard_router(sessions, orthanc_url, orthanc_auth))
 
     @app.get("/health")
     def health() -> dict[str, Any]:

@@ -1,0 +1,156 @@
+"""A small server-rendered dashboard: jobs and their state, recent audit events, and for a finished
+job a side-by-side PNG of an MR slice and its sCT slice (brain and bone windows) with a link to the
+study in Orthanc Explorer. Login with an API token, kept in an HttpOnly cookie."""
+
+from __future__ import annotations
+
+import html
+import io
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+import pydicom
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.api.auth import digest
+from dicom_node.models import ApiToken, AuditEvent, Instance, Job, Series
+
+COOKIE = "mr2ct_token"
+STYLE = """
+body{font-family:system-ui,sans-serif;margin:2rem;color:#222} h1{font-size:1.4rem} table{border-collapse:collapse;width:100%;margin-bottom:2rem}
+td,th{border-bottom:1px solid #ddd;padding:.35rem .5rem;text-align:left;font-size:.9rem} th{background:#f4f4f4}
+.done{color:#1a7f37;font-weight:600} .failed{color:#cf222e;font-weight:600} .running,.queued{color:#9a6700} code{font-size:.8rem}
+form{max-width:30rem} input{width:100%;padding:.4rem;margin:.4rem 0} button{padding:.4rem 1rem}
+"""
+
+
+def _page(title: str, body: str) -> HTMLResponse:
+    return HTMLResponse(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                        f"<style>{STYLE}</style></head><body>{body}</body></html>")
+
+
+def _caller(request: Request, sessions: sessionmaker[Session]) -> ApiToken | None:
+    token = request.cookies.get(COOKIE)
+    if not token:
+        return None
+    with sessions() as session:
+        row = session.scalars(select(ApiToken).where(ApiToken.token_sha256 == digest(token))).first()
+    return row if row is not None and row.revoked_at is None else None
+
+
+def dashboard_router(sessions: sessionmaker[Session], orthanc_url: str | None, orthanc_auth: tuple[str, str] | None) -> APIRouter:
+    router = APIRouter(prefix="/dashboard", include_in_schema=False)
+
+    def login_form(message: str = "") -> HTMLResponse:
+        note = f"<p class='failed'>{html.escape(message)}</p>" if message else ""
+        return _page("mr2ct login", f"<h1>mr2ct</h1>{note}<form method='post' action='/dashboard/login'>"
+                     "<label for='token'>API token</label><input id='token' name='token' type='password' autocomplete='off'>"
+                     "<button type='submit' id='login'>Log in</button></form>")
+
+    @router.post("/login")
+    async def login(request: Request) -> Response:
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        token = (form.get("token") or [""])[0].strip()
+        with sessions() as session:
+            row = session.scalars(select(ApiToken).where(ApiToken.token_sha256 == digest(token))).first() if token else None
+        if row is None or row.revoked_at is not None:
+            client = request.client.host if request.client else "?"
+            audit.record(sessions, audit.SECURITY_ALERT, "failure", f"dashboard@{client}", reason="login with an invalid token")
+            return login_form("That token is not valid.")
+        audit.record(sessions, "user-authentication", "success", f"api:{row.name}", via="dashboard")
+        response = RedirectResponse("/dashboard", status_code=303)
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
+        return response
+
+    @router.get("")
+    def overview(request: Request) -> Response:
+        caller = _caller(request, sessions)
+        if caller is None:
+            return login_form()
+        with sessions() as session:
+            rows = session.execute(select(Job, Series).join(Series, Series.series_instance_uid == Job.series_instance_uid)
+                                   .order_by(Job.id.desc()).limit(50)).all()
+            events = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(25)).all()
+        job_rows = []
+        for job, series in rows:
+            preview = f"<a class='preview' href='/dashboard/jobs/{job.id}'>preview</a>" if job.state == "done" else ""
+            job_rows.append(
+                f"<tr id='job-{job.id}'><td>{job.id}</td><td class='{html.escape(job.state)}'>{html.escape(job.state)}</td>"
+                f"<td>{html.escape(series.series_description or '')}</td><td>{series.instance_count}</td>"
+                f"<td>{html.escape(series.calling_ae)}</td><td>{job.created_at:%Y-%m-%d %H:%M:%S}</td>"
+                f"<td>{'' if job.seconds is None else f'{job.seconds:.1f} s'}</td><td>{html.escape(job.device or '')}</td>"
+                f"<td>{html.escape((job.error or '')[:120])}</td><td>{preview}</td></tr>"
+            )
+        event_rows = [
+            f"<tr><td>{e.at:%Y-%m-%d %H:%M:%S}</td><td>{html.escape(e.action)}</td><td>{html.escape(e.outcome)}</td>"
+            f"<td>{html.escape(e.actor)}</td><td>{'' if e.job_id is None else e.job_id}</td></tr>" for e in events
+        ]
+        body = (f"<h1>mr2ct jobs</h1><p>Logged in as {html.escape(caller.name)} ({html.escape(caller.role)})</p>"
+                "<table id='jobs'><tr><th>job</th><th>state</th><th>series</th><th>instances</th><th>from</th><th>created</th>"
+                f"<th>took</th><th>device</th><th>error</th><th></th></tr>{''.join(job_rows)}</table>"
+                "<h1>recent audit events</h1><table id='audit'><tr><th>at</th><th>action</th><th>outcome</th><th>actor</th><th>job</th></tr>"
+                f"{''.join(event_rows)}</table>")
+        return _page("mr2ct dashboard", body)
+
+    def _ct_and_source(job: Job) -> tuple[Any, Any, str | None]:
+        if not orthanc_url or not job.ct_series_uid:
+            raise HTTPException(404, "no sCT stored for this job")
+        found = httpx.post(f"{orthanc_url}/tools/lookup", content=job.ct_series_uid, auth=orthanc_auth, timeout=30).json()
+        series_ids = [r["ID"] for r in found if r["Type"] == "Series"]
+        if not series_ids:
+            raise HTTPException(404, "the sCT series is not in Orthanc any more")
+        series = httpx.get(f"{orthanc_url}/series/{series_ids[0]}", auth=orthanc_auth, timeout=30).json()
+        instances = series["Instances"]
+        raw = httpx.get(f"{orthanc_url}/instances/{instances[len(instances) // 2]}/file", auth=orthanc_auth, timeout=30).content
+        ct = pydicom.dcmread(io.BytesIO(raw))
+        ref = ct.SourceImageSequence[0]
+        with sessions() as session:
+            path = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == ref.ReferencedSOPInstanceUID))
+        if path is None:
+            raise HTTPException(404, "the source MR instance is not in the spool")
+        mr = pydicom.dcmread(path)
+        frame = int(ref.ReferencedFrameNumber) if "ReferencedFrameNumber" in ref else None
+        mr_pixels = mr.pixel_array[frame - 1] if frame else mr.pixel_array
+        return mr_pixels, ct.pixel_array * float(ct.RescaleSlope) + float(ct.RescaleIntercept), series.get("ParentStudy")
+
+    @router.get("/jobs/{job_id}")
+    def job_page(job_id: int, request: Request) -> Response:
+        caller = _caller(request, sessions)
+        if caller is None:
+            return RedirectResponse("/dashboard", status_code=303)
+        with sessions() as session:
+            job = session.get(Job, job_id)
+        if job is None or job.state != "done":
+            raise HTTPException(404, f"no finished job {job_id}")
+        _, _, study = _ct_and_source(job)
+        link = f"{orthanc_url}/app/explorer.html#study?uuid={study}" if study else ""
+        body = (f"<h1>job {job.id}: MR and sCT</h1><p><a href='/dashboard'>back</a> · "
+                f"<a id='orthanc-link' href='{html.escape(link)}'>open the study in Orthanc Explorer</a></p>"
+                f"<img id='preview' alt='MR slice and its sCT' src='/dashboard/jobs/{job.id}/preview.png'>"
+                f"<p>sCT series <code>{html.escape(job.ct_series_uid or '')}</code>, model <code>{html.escape((job.model_sha256 or '')[:12])}</code>,"
+                f" {html.escape(job.device or '')}</p>")
+        return _page(f"mr2ct job {job.id}", body)
+
+    @router.get("/jobs/{job_id}/preview.png")
+    def preview(job_id: int, request: Request) -> Response:
+        from training.figures import mr_sct_preview
+
+        caller = _caller(request, sessions)
+        if caller is None:
+            raise HTTPException(401, "log in on /dashboard first")
+        with sessions() as session:
+            job = session.get(Job, job_id)
+        if job is None or job.state != "done":
+            raise HTTPException(404, f"no finished job {job_id}")
+        mr, hu, _ = _ct_and_source(job)
+        audit.record(sessions, "instances-accessed/preview", "success", f"api:{caller.name}", series_uid=job.ct_series_uid, job_id=job_id)
+        buffer = io.BytesIO()
+        mr_sct_preview(mr, hu, buffer)
+        return Response(buffer.getvalue(), media_type="image/png")
+
+    return router

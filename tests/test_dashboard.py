@@ -1,0 +1,69 @@
+"""The PACS administrator opens the dashboard in a real (headless) Chromium: logs in with a token,
+sees a finished job, and opens the MR/sCT preview; screenshots are kept as test artefacts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from dicom_node.demo import wait_for_job
+from dicom_node.local_stack import storescu
+from tests.conftest import NODE_AE, SCANNER_AE
+from training.phantom_dicom import write_mr_series
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+def test_log_in_see_a_finished_job_and_open_its_preview(node, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is not installed: run deploy/local/install.sh")
+    from playwright.sync_api import sync_playwright
+
+    series = write_mr_series(tmp_path / "mr", seed=900, slices=8, size=128, pixel_spacing=2.0, slice_spacing=6.0)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert job.state == "done"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env["MR2CT_DATABASE_URL"] = node.database_url
+    token = subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", "create", "--role", "admin", "--name", "browser"],
+                           capture_output=True, text=True, env=env, check=True).stdout.strip()
+    base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"{base}/health", timeout=2)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync",
+        ])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(f"{base}/dashboard")
+            page.fill("#token", "not-a-token")
+            page.click("#login")
+            assert "not valid" in page.content()
+            page.fill("#token", token)
+            page.click("#login")
+            row = page.locator(f"#job-{job.id}")
+            assert row.locator(".done").inner_text() == "done"
+            page.screenshot(path=str(ARTIFACTS / "dashboard-jobs.png"), full_page=True)
+            row.locator("a.preview").click()
+            page.wait_for_function("document.querySelector('#preview') && document.querySelector('#preview').naturalWidth > 0", timeout=60_000)
+            assert "explorer.html#study?uuid=" in page.get_attribute("#orthanc-link", "href")
+            page.screenshot(path=str(ARTIFACTS / "dashboard-preview.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "dashboard-preview.png").stat().st_size > 10_000
