@@ -156,7 +156,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        config_file = os.environ.get("MR2CT_CONFIG")
+        config_file = _config_file or os.environ.get("MR2CT_CONFIG")
         if config_file:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)))
         return tuple(sources)
@@ -176,14 +176,18 @@ class Settings(BaseSettings):
         return shown
 
 
+_config_file: str | None = None
+
+
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
     """Read the settings; raise ``ConfigError`` naming the bad key(s)."""
+    global _config_file
     if config_file is not None:
         if not Path(config_file).is_file():
             raise ConfigError(f"config file {config_file} does not exist")
-        os.environ["MR2CT_CONFIG"] = str(config_file)
     elif os.environ.get("MR2CT_CONFIG") and not Path(os.environ["MR2CT_CONFIG"]).is_file():
         raise ConfigError(f"config file {os.environ['MR2CT_CONFIG']} (MR2CT_CONFIG) does not exist")
+    _config_file = str(config_file) if config_file is not None else None
     try:
         return Settings(**overrides)
     except ValidationError as exc:
@@ -197,3 +201,5 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
     except Exception as exc:  # a TOML syntax error, an unreadable file
         raise ConfigError(f"cannot read configuration: {exc}") from exc
+    finally:
+        _config_file = None
