@@ -18,7 +18,7 @@ from dicom_node.ingest import SelectionRules, mark_stable, stable_series
 from dicom_node.models import Instance, Job, Series, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.ct_writer import SyntheticCTSeries
-from synthesis.errors import Mr2ctError
+from synthesis.errors import Mr2ctError, PacsUnavailable, StorageIncomplete
 from synthesis.infer import DeviceChoice, synthesize
 from synthesis.model_file import LoadedModel
 from synthesis.sr_writer import build_provenance_sr
@@ -27,6 +27,12 @@ from synthesis.volume import assemble
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 600
+MAX_ATTEMPTS = 8  # a job that cannot reach Orthanc is retried with backoff this many times
+
+
+def retry_delay(attempt: int) -> float:
+    """2, 4, 8, ... seconds, at most five minutes."""
+    return min(300.0, 2.0 ** attempt)
 
 
 def claim_job(sessions: sessionmaker[Session], worker_id: str) -> int | None:
@@ -40,7 +46,8 @@ def claim_job(sessions: sessionmaker[Session], worker_id: str) -> int | None:
     with sessions.begin() as session:
         candidate = session.scalars(
             select(Job.id)
-            .where(or_(Job.state == "queued", (Job.state == "running") & (Job.lease_until < now)))
+            .where(or_((Job.state == "queued") & or_(Job.not_before.is_(None), Job.not_before <= now),
+                       (Job.state == "running") & (Job.lease_until < now)))
             .order_by(Job.created_at)
             .limit(1)
             .with_for_update(skip_locked=True)
@@ -89,18 +96,33 @@ class Worker:
             self.store.store([sr])
             self.store.verify(ct.series_instance_uid, len(ct.datasets))
             self.store.verify(str(sr.SeriesInstanceUID), 1)
+        except (PacsUnavailable, StorageIncomplete) as exc:
+            with self.sessions() as session:
+                attempts = session.get(Job, job_id).attempts  # type: ignore[union-attr]
+            if attempts < MAX_ATTEMPTS:
+                delay = retry_delay(attempts)
+                with self.sessions.begin() as session:
+                    session.execute(update(Job).where(Job.id == job_id).values(
+                        state="queued", lease_until=None, error=str(exc)[:2000], not_before=utcnow() + timedelta(seconds=delay)))
+                audit.record(self.sessions, "job-retry-scheduled", "warning", actor, study_uid=study_uid, series_uid=series_uid,
+                             job_id=job_id, attempt=attempts, retry_in_seconds=delay, reason=str(exc)[:500])
+                log.warning("job will retry job=%d attempt=%d in=%.0fs reason=%s", job_id, attempts, delay, exc)
+                return
+            self._fail(job_id, actor, study_uid, series_uid, f"{exc} (gave up after {attempts} attempts)")
+            return
         except Exception as exc:
             reason = str(exc) if isinstance(exc, Mr2ctError) else f"{type(exc).__name__}: {exc}"
-            log.exception("job failed job=%d series=%s", job_id, series_uid) if not isinstance(exc, Mr2ctError) else log.error("job failed job=%d series=%s reason=%s", job_id, series_uid, reason)
-            with self.sessions.begin() as session:
-                session.execute(update(Job).where(Job.id == job_id).values(state="failed", finished_at=utcnow(), error=reason[:2000], lease_until=None))
-            audit.record(self.sessions, audit.JOB_FAILED, "failure", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, reason=reason[:500])
+            if isinstance(exc, Mr2ctError):
+                log.error("job failed job=%d series=%s reason=%s", job_id, series_uid, reason)
+            else:
+                log.exception("job failed job=%d series=%s", job_id, series_uid)
+            self._fail(job_id, actor, study_uid, series_uid, reason)
             return
         seconds = time.perf_counter() - started
         with self.sessions.begin() as session:
             session.execute(
                 update(Job).where(Job.id == job_id).values(
-                    state="done", finished_at=utcnow(), lease_until=None, error=None, ct_series_uid=ct.series_instance_uid,
+                    state="done", finished_at=utcnow(), lease_until=None, error=None, not_before=None, ct_series_uid=ct.series_instance_uid,
                     sr_series_uid=str(sr.SeriesInstanceUID), sr_sop_instance_uid=str(sr.SOPInstanceUID),
                     model_sha256=self.model.sha256, device=self.device.label, seconds=seconds, instance_count=len(datasets),
                 )
@@ -115,6 +137,11 @@ class Worker:
             model_sha256=self.model.sha256, device=self.device.label,
         )
         log.info("job done job=%d series=%s ct_series=%s seconds=%.2f", job_id, series_uid, ct.series_instance_uid, seconds)
+
+    def _fail(self, job_id: int, actor: str, study_uid: str, series_uid: str, reason: str) -> None:
+        with self.sessions.begin() as session:
+            session.execute(update(Job).where(Job.id == job_id).values(state="failed", finished_at=utcnow(), error=reason[:2000], lease_until=None))
+        audit.record(self.sessions, audit.JOB_FAILED, "failure", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, reason=reason[:500])
 
     def loop(self, stop: threading.Event, poll_seconds: float) -> None:
         while not stop.is_set():

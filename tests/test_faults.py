@@ -1,0 +1,140 @@
+"""Faults a hospital will meet: the node killed while a series arrives and while a job runs,
+Orthanc down while results are stored. Nothing acknowledged is lost, nothing is stored twice."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from sqlalchemy import select
+
+from dicom_node.db import init_db
+from dicom_node.demo import wait_for_job
+from dicom_node.local_stack import NodeServer, OrthancServer, free_port, nodelay_env, storescu
+from dicom_node.models import AuditEvent, Instance, Job
+from tests.conftest import NODE_AE, SCANNER_AE, node_env
+from tests.helpers import study_series
+from training.phantom_dicom import write_mr_series
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _instances(database_url: str, series_uid: str) -> list[Instance]:
+    with init_db(database_url)() as session:
+        return list(session.scalars(select(Instance).where(Instance.series_instance_uid == series_uid)))
+
+
+def _acknowledged(storescu_output: str) -> list[str]:
+    """Files storescu got a Success response for (its -v output pairs 'Sending file' and the response)."""
+    acked, current = [], None
+    for line in storescu_output.splitlines():
+        sending = re.search(r"Sending file: (\S+)", line)
+        if sending:
+            current = sending.group(1)
+        elif "Received Store Response (Success)" in line and current:
+            acked.append(current)
+            current = None
+    return acked
+
+
+@pytest.mark.slow
+def test_kill_9_while_a_200_instance_series_arrives_loses_nothing_acknowledged(orthanc, tmp_path):
+    workdir, port = tmp_path / "node", free_port()
+    env = node_env(workdir, port, orthanc)
+    env["MR2CT_STABLE_SECONDS"] = "3600"
+    first = NodeServer(workdir, env, port)
+    first.start()
+    series = write_mr_series(tmp_path / "mr", seed=1000, slices=200, size=128, pixel_spacing=2.0, slice_spacing=1.0)
+    sender = subprocess.Popen(["storescu", "-v", "-aet", SCANNER_AE, "-aec", NODE_AE, "+sd", "127.0.0.1", str(port), str(series.folder)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=nodelay_env())
+    try:
+        _wait(lambda: len(_instances(env["MR2CT_DATABASE_URL"], series.series_uid)) >= 60, 120, "60 instances")
+        first.kill()
+        output, _ = sender.communicate(timeout=60)
+    finally:
+        first.stop()
+    acked = _acknowledged(output)
+    assert 60 <= len(acked) < 200, f"{len(acked)} acknowledged"
+    env["MR2CT_STABLE_SECONDS"] = "2"
+    second = NodeServer(workdir, env, port)
+    with second:
+        stored = {i.sop_instance_uid: i.path for i in _instances(env["MR2CT_DATABASE_URL"], series.series_uid)}
+        for path in acked:
+            uid = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+            assert uid in stored and Path(stored[uid]).is_file(), f"acknowledged {Path(path).name} was lost"
+        # The scanner sends the series again (as it would after an aborted association).
+        assert storescu(series.folder, port, NODE_AE, SCANNER_AE).returncode == 0
+        job = wait_for_job(env["MR2CT_DATABASE_URL"], series.series_uid, timeout=300)
+        assert job.state == "done", job.error
+        time.sleep(3)  # a second job would have been made by now
+        with init_db(env["MR2CT_DATABASE_URL"])() as session:
+            jobs = session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid)).all()
+        assert len(jobs) == 1
+        cts = [s for s in study_series(orthanc, series.study_uid) if s["MainDicomTags"]["Modality"] == "CT"]
+        assert len(cts) == 1 and len(cts[0]["Instances"]) == 200
+
+
+def test_kill_9_while_a_job_runs_then_restart_finishes_it_once(orthanc, tmp_path):
+    workdir, port = tmp_path / "node", free_port()
+    env = node_env(workdir, port, orthanc)
+    first = NodeServer(workdir, env, port)
+    first.start()
+    series = write_mr_series(tmp_path / "mr", seed=1001, slices=120, size=256, pixel_spacing=1.0, slice_spacing=1.0)
+    try:
+        assert storescu(series.folder, port, NODE_AE, SCANNER_AE).returncode == 0
+
+        def started():
+            with init_db(env["MR2CT_DATABASE_URL"])() as session:
+                return session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid, Job.state == "running")).first()
+
+        _wait(started, 60, "the job to start")
+        first.kill()
+    finally:
+        first.stop()
+    with NodeServer(workdir, env, port):
+        job = wait_for_job(env["MR2CT_DATABASE_URL"], series.series_uid, timeout=300)
+        assert job.state == "done" and job.attempts == 2
+        with init_db(env["MR2CT_DATABASE_URL"])() as session:
+            assert len(session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid)).all()) == 1
+        cts = [s for s in study_series(orthanc, series.study_uid) if s["MainDicomTags"]["Modality"] == "CT"]
+        assert len(cts) == 1 and len(cts[0]["Instances"]) == 120
+
+
+def test_orthanc_down_while_storing_the_job_retries_and_finishes_after_it_returns(tmp_path):
+    http_port, dicom_port = free_port(), free_port()
+    pacs = OrthancServer(tmp_path / "pacs", http_port, dicom_port)
+    pacs.start()
+    workdir, port = tmp_path / "node", free_port()
+    env = node_env(workdir, port, pacs)
+    with NodeServer(workdir, env, port):
+        pacs.stop()
+        series = write_mr_series(tmp_path / "mr", seed=1002, slices=6, size=64, pixel_spacing=4.0, slice_spacing=8.0)
+        assert storescu(series.folder, port, NODE_AE, SCANNER_AE).returncode == 0
+
+        def retry_scheduled():
+            with init_db(env["MR2CT_DATABASE_URL"])() as session:
+                return session.scalars(select(AuditEvent).where(AuditEvent.action == "job-retry-scheduled")).first()
+
+        event = _wait(retry_scheduled, 60, "a scheduled retry")
+        assert "not reachable" in event.detail["reason"]
+        returned = OrthancServer(tmp_path / "pacs", http_port, dicom_port)
+        returned.password = pacs.password  # the node keeps its credentials
+        with returned:
+            job = wait_for_job(env["MR2CT_DATABASE_URL"], series.series_uid, timeout=120)
+            assert job.state == "done" and job.attempts >= 2
+            found = study_series(returned, series.study_uid)
+            cts = [s for s in found if s["MainDicomTags"]["Modality"] == "CT"]
+            assert len(cts) == 1 and len(cts[0]["Instances"]) == 6
+            assert sum(1 for s in found if s["MainDicomTags"]["Modality"] == "SR") == 1
