@@ -1,0 +1,194 @@
+"""Reliability report: fault, load and hostile-input scenarios against real processes on loopback.
+
+Prints one table (instances sent, acknowledged, stored, lost, duplicated; faults injected and
+survived; malformed inputs tried and refused) and ends with one JSON line of the totals.
+
+    .venv/bin/python bench/reliability.py [--senders 4] [--instances 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pydicom
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pydicom.uid import MRImageStorage  # noqa: E402
+from pynetdicom import AE, _config  # noqa: E402
+from sqlalchemy import func, select  # noqa: E402
+
+from dicom_node.db import init_db  # noqa: E402
+from dicom_node.demo import wait_for_job  # noqa: E402
+from dicom_node.local_stack import NodeServer, OrthancServer, free_port, nodelay_env  # noqa: E402
+from dicom_node.models import Instance, Job  # noqa: E402
+from tests.corpus import CASES, make_variant  # noqa: E402
+from tests.test_faults import _acknowledged  # noqa: E402
+from training.phantom_dicom import write_mr_series  # noqa: E402
+
+NODE_AE, SCANNER_AE = "MR2CT", "BENCH"
+
+
+def env_for(workdir: Path, port: int, orthanc: OrthancServer, **extra: str) -> dict[str, str]:
+    env = {
+        "MR2CT_AE_TITLE": NODE_AE, "MR2CT_DICOM_PORT": str(port), "MR2CT_ALLOWED_AES": SCANNER_AE,
+        "MR2CT_SPOOL_DIR": str(workdir / "spool"), "MR2CT_DATABASE_URL": f"sqlite:///{workdir / 'mr2ct.db'}",
+        "MR2CT_ORTHANC_URL": orthanc.url, "MR2CT_ORTHANC_USERNAME": orthanc.username, "MR2CT_ORTHANC_PASSWORD": orthanc.password,
+        "MR2CT_STABLE_SECONDS": "1.5", "MR2CT_SPOOL_MIN_FREE_MB": "10", "MR2CT_API_PORT": "0",
+    }
+    env.update(extra)
+    return env
+
+
+def send(folder: Path, port: int) -> tuple[int, list[str]]:
+    result = subprocess.run(["storescu", "-v", "-aet", SCANNER_AE, "-aec", NODE_AE, "+sd", "127.0.0.1", str(port), str(folder)],
+                            capture_output=True, text=True, env=nodelay_env(), timeout=900)
+    return result.returncode, _acknowledged(result.stdout + result.stderr)
+
+
+def ct_series_counts(orthanc: OrthancServer, study_uid: str) -> list[int]:
+    import httpx
+
+    found = httpx.post(f"{orthanc.url}/tools/lookup", content=study_uid, auth=orthanc.auth).json()
+    studies = [r["ID"] for r in found if r["Type"] == "Study"]
+    if not studies:
+        return []
+    return [len(s["Instances"]) for s in orthanc.get(f"/studies/{studies[0]}/series") if s["MainDicomTags"]["Modality"] == "CT"]
+
+
+def row(name: str, sent: int, acked: int, stored: int, duplicated: int, faults: int = 0, survived: int = 0,
+        tried: int = 0, refused: int = 0) -> dict[str, object]:
+    return {"scenario": name, "sent": sent, "acknowledged": acked, "stored": stored, "lost": max(0, acked - stored),
+            "duplicated": duplicated, "faults": faults, "survived": survived, "malformed": tried, "refused": refused}
+
+
+def stored_count(database_url: str, series_uid: str) -> int:
+    with init_db(database_url)() as session:
+        return int(session.scalar(select(func.count()).select_from(Instance).where(Instance.series_instance_uid == series_uid)) or 0)
+
+
+def jobs_for(database_url: str, series_uid: str) -> int:
+    with init_db(database_url)() as session:
+        return int(session.scalar(select(func.count()).select_from(Job).where(Job.series_instance_uid == series_uid)) or 0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--senders", type=int, default=4)
+    parser.add_argument("--instances", type=int, default=150)
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="mr2ct-reliability-"))
+    rows = []
+    orthanc = OrthancServer(work / "orthanc", free_port(), free_port())
+    try:
+        orthanc.start()
+        # 1. Load: several senders at once.
+        port = free_port()
+        node_dir = work / "load"
+        env = env_for(node_dir, port, orthanc)
+        series = [write_mr_series(work / f"load{i}", seed=2000 + i, slices=args.instances, size=128, pixel_spacing=2.0, slice_spacing=0.5)
+                  for i in range(args.senders)]
+        with NodeServer(node_dir, env, port):
+            with ThreadPoolExecutor(args.senders) as pool:
+                results = list(pool.map(lambda s: send(s.folder, port), series))
+            for s in series:
+                wait_for_job(env["MR2CT_DATABASE_URL"], s.series_uid, timeout=900)
+            time.sleep(2)
+        acked = sum(len(r[1]) for r in results)
+        stored = sum(stored_count(env["MR2CT_DATABASE_URL"], s.series_uid) for s in series)
+        dup = sum(max(0, jobs_for(env["MR2CT_DATABASE_URL"], s.series_uid) - 1) + max(0, len(ct_series_counts(orthanc, s.study_uid)) - 1) for s in series)
+        rows.append(row(f"load: {args.senders} senders", args.senders * args.instances, acked, stored, dup))
+
+        # 2. kill -9 while a series arrives, restart, the scanner re-sends.
+        port = free_port()
+        node_dir = work / "kill"
+        env = env_for(node_dir, port, orthanc, MR2CT_STABLE_SECONDS="3600")
+        s = write_mr_series(work / "kill-mr", seed=2100, slices=200, size=128, pixel_spacing=2.0, slice_spacing=1.0)
+        node = NodeServer(node_dir, env, port)
+        node.start()
+        sender = subprocess.Popen(["storescu", "-v", "-aet", SCANNER_AE, "-aec", NODE_AE, "+sd", "127.0.0.1", str(port), str(s.folder)],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=nodelay_env())
+        while stored_count(env["MR2CT_DATABASE_URL"], s.series_uid) < 60:
+            time.sleep(0.1)
+        node.kill()
+        node.stop()
+        acked_files = _acknowledged(sender.communicate(timeout=60)[0])
+        env["MR2CT_STABLE_SECONDS"] = "2"
+        with NodeServer(node_dir, env, port):
+            with init_db(env["MR2CT_DATABASE_URL"])() as session:
+                known = set(session.scalars(select(Instance.sop_instance_uid)))
+            kept = sum(1 for f in acked_files if pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID in known)
+            send(s.folder, port)
+            job = wait_for_job(env["MR2CT_DATABASE_URL"], s.series_uid, timeout=600)
+            time.sleep(3)
+        dup = max(0, jobs_for(env["MR2CT_DATABASE_URL"], s.series_uid) - 1) + max(0, len(ct_series_counts(orthanc, s.study_uid)) - 1)
+        rows.append(row("kill -9 during arrival", 200, len(acked_files), kept, dup, faults=1, survived=int(job.state == "done")))
+
+        # 3. Orthanc down while results are stored.
+        http_port, dicom_port = free_port(), free_port()
+        pacs = OrthancServer(work / "pacs", http_port, dicom_port)
+        pacs.start()
+        port = free_port()
+        node_dir = work / "outage"
+        env = env_for(node_dir, port, pacs)
+        s = write_mr_series(work / "outage-mr", seed=2200, slices=20, size=64, pixel_spacing=4.0, slice_spacing=4.0)
+        with NodeServer(node_dir, env, port):
+            pacs.stop()
+            code, acked_files = send(s.folder, port)
+            time.sleep(6)
+            back = OrthancServer(work / "pacs", http_port, dicom_port)
+            back.password = pacs.password
+            with back:
+                job = wait_for_job(env["MR2CT_DATABASE_URL"], s.series_uid, timeout=300)
+                counts = ct_series_counts(back, s.study_uid)
+        rows.append(row("Orthanc down while storing", 20, len(acked_files), stored_count(env["MR2CT_DATABASE_URL"], s.series_uid),
+                        max(0, len(counts) - 1), faults=1, survived=int(job.state == "done" and counts == [20])))
+
+        # 4. Hostile input over C-STORE.
+        port = free_port()
+        node_dir = work / "hostile"
+        env = env_for(node_dir, port, orthanc)
+        good = write_mr_series(work / "good", seed=2300, slices=1, size=64, pixel_spacing=4.0).files[0]
+        refused = answered = 0
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        with NodeServer(node_dir, env, port):
+            for case in CASES:
+                path = make_variant(good, work, case)
+                ae = AE(ae_title=SCANNER_AE)
+                ae.add_requested_context(MRImageStorage)
+                ae.add_requested_context("1.2.840.10008.1.1")
+                assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+                try:
+                    status = assoc.send_c_store(path)
+                    refused += int(bool(status) and status.Status in CASES[case])
+                    answered += int(assoc.send_c_echo().Status == 0)
+                finally:
+                    assoc.release()
+        outside = [p for p in node_dir.rglob("*") if p.is_file() and "spool" not in p.parts and p.name not in ("mr2ct.log", "mr2ct.db", "mr2ct.db-wal", "mr2ct.db-shm")]
+        rows.append(row("hostile input", len(CASES), 0, 0, 0, tried=len(CASES), refused=refused if not outside else 0,
+                        faults=len(CASES), survived=answered))
+    finally:
+        orthanc.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    columns = ["scenario", "sent", "acknowledged", "stored", "lost", "duplicated", "faults", "survived", "malformed", "refused"]
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print(" | ".join(c.ljust(widths[c]) for c in columns))
+    print("-+-".join("-" * widths[c] for c in columns))
+    for r in rows:
+        print(" | ".join(str(r[c]).ljust(widths[c]) for c in columns))
+    totals = {c: sum(int(r[c]) for r in rows) for c in columns[1:]}  # type: ignore[call-overload]
+    print(json.dumps(totals))
+
+
+if __name__ == "__main__":
+    main()
