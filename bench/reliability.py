@@ -81,6 +81,16 @@ def jobs_for(database_url: str, series_uid: str) -> int:
         return int(session.scalar(select(func.count()).select_from(Job).where(Job.series_instance_uid == series_uid)) or 0)
 
 
+def peak_rss(node: NodeServer) -> int:
+    """Peak resident memory (VmHWM) of a running node process, MiB."""
+    if node.proc is None:
+        return 0
+    for line in Path(f"/proc/{node.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--senders", type=int, default=4)
@@ -88,6 +98,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mr2ct-reliability-"))
     rows = []
+    peaks: dict[str, int] = {}
     orthanc = OrthancServer(work / "orthanc", free_port(), free_port())
     try:
         orthanc.start()
@@ -97,12 +108,13 @@ def main() -> None:
         env = env_for(node_dir, port, orthanc)
         series = [write_mr_series(work / f"load{i}", seed=2000 + i, slices=args.instances, size=128, pixel_spacing=2.0, slice_spacing=0.5)
                   for i in range(args.senders)]
-        with NodeServer(node_dir, env, port):
+        with NodeServer(node_dir, env, port) as load_node:
             with ThreadPoolExecutor(args.senders) as pool:
                 results = list(pool.map(lambda s: send(s.folder, port), series))
             for s in series:
                 wait_for_job(env["MR2CT_DATABASE_URL"], s.series_uid, timeout=900)
             time.sleep(2)
+            peaks[f"load: {args.senders} senders"] = peak_rss(load_node)
         acked = sum(len(r[1]) for r in results)
         stored = sum(stored_count(env["MR2CT_DATABASE_URL"], s.series_uid) for s in series)
         dup = sum(max(0, jobs_for(env["MR2CT_DATABASE_URL"], s.series_uid) - 1) + max(0, len(ct_series_counts(orthanc, s.study_uid)) - 1) for s in series)
@@ -123,13 +135,14 @@ def main() -> None:
         node.stop()
         acked_files = _acknowledged(sender.communicate(timeout=60)[0])
         env["MR2CT_STABLE_SECONDS"] = "2"
-        with NodeServer(node_dir, env, port):
+        with NodeServer(node_dir, env, port) as restarted:
             with init_db(env["MR2CT_DATABASE_URL"])() as session:
                 known = set(session.scalars(select(Instance.sop_instance_uid)))
             kept = sum(1 for f in acked_files if pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID in known)
             send(s.folder, port)
             job = wait_for_job(env["MR2CT_DATABASE_URL"], s.series_uid, timeout=600)
             time.sleep(3)
+            peaks["kill -9 during arrival"] = peak_rss(restarted)
         dup = max(0, jobs_for(env["MR2CT_DATABASE_URL"], s.series_uid) - 1) + max(0, len(ct_series_counts(orthanc, s.study_uid)) - 1)
         rows.append(row("kill -9 during arrival", 200, len(acked_files), kept, dup, faults=1, survived=int(job.state == "done")))
 
@@ -180,14 +193,20 @@ def main() -> None:
         orthanc.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    columns = ["scenario", "sent", "acknowledged", "stored", "lost", "duplicated", "faults", "survived", "malformed", "refused"]
+    for r in rows:
+        r["peak_rss_mib"] = peaks.get(str(r["scenario"]), 0)
+    columns = ["scenario", "sent", "acknowledged", "stored", "lost", "duplicated", "faults", "survived", "malformed", "refused", "peak_rss_mib"]
     widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
     print(" | ".join(c.ljust(widths[c]) for c in columns))
     print("-+-".join("-" * widths[c] for c in columns))
     for r in rows:
         print(" | ".join(str(r[c]).ljust(widths[c]) for c in columns))
-    totals = {c: sum(int(r[c]) for r in rows) for c in columns[1:]}  # type: ignore[call-overload]
-    print(json.dumps(totals))
+    total = {c: sum(int(r[c]) for r in rows) for c in columns[1:-1]}  # type: ignore[call-overload]
+    print(json.dumps({
+        "sent": total["sent"], "acknowledged": total["acknowledged"], "lost": total["lost"], "duplicates": total["duplicated"],
+        "faults_injected": total["faults"], "faults_survived": total["survived"], "bad_tried": total["malformed"],
+        "bad_refused": total["refused"], "peak_rss_mib": max(int(r["peak_rss_mib"]) for r in rows),
+    }))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is
 app.add_typer(config_app, name="config")
 tokens_app = typer.Typer(help="Bearer tokens of the admin API.", no_args_is_help=True)
 app.add_typer(tokens_app, name="tokens")
+models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (MR2CT_CONFIG also works)")]
 
@@ -313,6 +315,57 @@ def tokens_revoke(name: Annotated[str, typer.Option()], config: ConfigOption = N
 
     count = revoke(init_db(_settings(config).database_url), name)
     typer.echo(f"revoked {count} token(s)")
+
+
+@models_app.command("register")
+def models_register(
+    path: Annotated[Path, typer.Argument(help="a training run folder or a .safetensors file with its card")],
+    name: Annotated[Optional[str], typer.Option()] = None,
+    activate_now: Annotated[bool, typer.Option("--activate", help="make it the active model")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Register a model (card checked against the weights; the run's per-epoch losses go into the database)."""
+    from dicom_node.db import init_db
+    from dicom_node.registry import activate, register
+    from synthesis.errors import ModelMismatch
+
+    sessions = init_db(_settings(config).database_url)
+    try:
+        row = register(sessions, path, name)
+        if activate_now:
+            activate(sessions, str(row.id))
+    except (ModelMismatch, ValueError) as exc:
+        typer.echo(f"mr2ct: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"model {row.id} {row.name} sha256={row.sha256[:12]} ({len(row.losses)} epochs of losses){' active' if activate_now else ''}")
+
+
+@models_app.command("list")
+def models_list(config: ConfigOption = None) -> None:
+    """Registered models, the active one marked with *."""
+    from sqlalchemy import select
+
+    from dicom_node.db import init_db
+    from dicom_node.models import ModelVersion
+
+    with init_db(_settings(config).database_url)() as session:
+        for m in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
+            typer.echo(f"{'*' if m.active else ' '} {m.id:3d} {m.name:30s} {m.sha256[:12]} {m.architecture:8s} {m.registered_at:%Y-%m-%d %H:%M}")
+
+
+@models_app.command("activate")
+def models_activate(key: Annotated[str, typer.Argument(help="id, name or SHA-256 prefix")], config: ConfigOption = None) -> None:
+    """Make a registered model the one every worker uses from its next job on."""
+    from dicom_node.db import init_db
+    from dicom_node.registry import activate
+    from synthesis.errors import ModelMismatch
+
+    try:
+        row = activate(init_db(_settings(config).database_url), key)
+    except (ModelMismatch, ValueError) as exc:
+        typer.echo(f"mr2ct: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"active: {row.id} {row.name} sha256={row.sha256[:12]}")
 
 
 if __name__ == "__main__":

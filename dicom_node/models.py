@@ -108,6 +108,24 @@ class AuditEvent(Base):
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
 
 
+class ModelVersion(Base):
+    """The model registry: registered model files, their cards, training losses and metrics; one is active."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    weights_path: Mapped[str] = mapped_column(Text)
+    architecture: Mapped[str] = mapped_column(String(32))
+    card: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    losses: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # per epoch, the paper's Table 2
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    active: Mapped[bool] = mapped_column(default=False)
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
 class ApiToken(Base):
     """Bearer tokens for the admin API; only a SHA-256 of each token is stored."""
 

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pydicom
 from sqlalchemy import or_, select, update
@@ -71,8 +72,22 @@ class Worker:
         self.uid_root, self.batch_size, self.precision = uid_root, batch_size, precision
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
+    def refresh_model(self) -> None:
+        """Use the registry's active model when there is one (a new activation applies to the next job)."""
+        from dicom_node.registry import active_model
+        from synthesis.model_file import load_model
+
+        active = active_model(self.sessions)
+        if active is not None and active.sha256 != self.model.sha256:
+            self.model = load_model(Path(active.weights_path))
+            log.info("model switched to sha256=%s name=%s", self.model.short_digest, active.name)
+
     def run_job(self, job_id: int) -> None:
         started = time.perf_counter()
+        try:
+            self.refresh_model()
+        except Exception as exc:  # keep the current model; the job still runs
+            log.error("cannot load the active model, keeping sha256=%s: %s", self.model.short_digest, exc)
         with self.sessions() as session:
             job = session.get(Job, job_id)
             assert job is not None

@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.api.auth import Caller, require
-from dicom_node.models import Association, AuditEvent, Job, Series, utcnow
+from dicom_node.models import Association, AuditEvent, Job, ModelVersion, Series, utcnow
 
 READ = require("admin", "auditor")
 ADMIN = require("admin")
@@ -196,6 +196,34 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             query = query.where(Association.started_at < until)
         with sessions() as session:
             return _page(session, query, limit, offset)
+
+    @app.get("/models")
+    def list_models(caller: Caller = Depends(READ)) -> dict[str, Any]:
+        with sessions() as session:
+            rows = session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
+            return {"items": [{k: v for k, v in _row(m).items() if k not in ("card", "losses")} for m in rows]}
+
+    @app.get("/models/{model_id}")
+    def model_detail(model_id: int, caller: Caller = Depends(READ)) -> dict[str, Any]:
+        with sessions() as session:
+            model = session.get(ModelVersion, model_id)
+            if model is None:
+                raise HTTPException(404, f"no model {model_id}")
+            return _row(model)
+
+    @app.post("/models/{model_id}/activate")
+    def activate_model(model_id: int, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
+        from dicom_node.registry import activate
+        from synthesis.errors import ModelMismatch
+
+        with sessions() as session:
+            if session.get(ModelVersion, model_id) is None:
+                raise HTTPException(404, f"no model {model_id}")
+        try:
+            chosen = activate(sessions, str(model_id), actor=caller.actor)
+        except (ModelMismatch, ValueError) as exc:
+            raise HTTPException(409, str(exc)) from exc
+        return {"id": chosen.id, "sha256": chosen.sha256, "active": True}
 
     @app.get("/audit", response_model=None)
     def read_audit(

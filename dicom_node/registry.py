@@ -1,0 +1,63 @@
+"""The model registry: `mr2ct models register|list|activate`. Registering reads a training run
+folder (model file, card, losses.csv), so the per-epoch losses reach the database; activating
+makes every worker use that model from its next job on, without a restart."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.models import ModelVersion, utcnow
+from synthesis.model_file import load_model
+
+
+def register(sessions: sessionmaker[Session], path: Path, name: str | None = None, actor: str = "mr2ct models") -> ModelVersion:
+    """Register a run folder or a weights file (checked against its card); idempotent per SHA-256."""
+    path = Path(path)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    model = load_model(weights)  # refuses a card that does not match its weights
+    losses: list[dict[str, Any]] = []
+    losses_csv = weights.parent / "losses.csv"
+    if losses_csv.exists():
+        with open(losses_csv) as fh:
+            losses = [{k: (float(v) if k != "epoch" else int(v)) for k, v in row.items()} for row in csv.DictReader(fh)]
+    with sessions.begin() as session:
+        existing = session.scalars(select(ModelVersion).where(ModelVersion.sha256 == model.sha256)).first()
+        if existing is not None:
+            return existing
+        row = ModelVersion(
+            name=name or str(model.card.get("name") or weights.stem), sha256=model.sha256, weights_path=str(weights.resolve()),
+            architecture=str(model.card["architecture"]), card=model.card, losses=losses, metrics=dict(model.card.get("metrics", {})),
+        )
+        session.add(row)
+        session.flush()
+        session.expunge(row)
+    audit.record(sessions, "model-registered", "success", actor, model_sha256=model.sha256, name=row.name, epochs=len(losses))
+    return row
+
+
+def activate(sessions: sessionmaker[Session], key: str, actor: str = "mr2ct models") -> ModelVersion:
+    """Activate by id, name or SHA-256 prefix (at least 8 characters)."""
+    with sessions.begin() as session:
+        candidates = session.scalars(select(ModelVersion)).all()
+        matches = [m for m in candidates if str(m.id) == key or m.name == key or (len(key) >= 8 and m.sha256.startswith(key))]
+        if len(matches) != 1:
+            raise ValueError(f"{key!r} matches {len(matches)} registered models; use the id or a longer SHA-256 prefix")
+        chosen = matches[0]
+        load_model(Path(chosen.weights_path))  # still there and still matching its card
+        session.execute(update(ModelVersion).values(active=False))
+        chosen.active, chosen.activated_at = True, utcnow()
+        session.flush()
+        session.expunge(chosen)
+    audit.record(sessions, "model-activated", "success", actor, model_sha256=chosen.sha256, name=chosen.name)
+    return chosen
+
+
+def active_model(sessions: sessionmaker[Session]) -> ModelVersion | None:
+    with sessions() as session:
+        return session.scalars(select(ModelVersion).where(ModelVersion.active.is_(True))).first()

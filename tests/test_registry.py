@@ -1,0 +1,86 @@
+"""An ML engineer promotes a model without touching files by hand: register a run folder (its
+losses reach the database), activate it through the API, and the running node uses it for the
+next job, recording which model made each sCT."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import torch
+from sqlalchemy import select
+
+from dicom_node.db import init_db
+from dicom_node.demo import wait_for_job
+from dicom_node.local_stack import storescu
+from dicom_node.models import ModelVersion
+from synthesis.model_file import default_model_path, load_model, save_model
+from synthesis.networks import ResnetGenerator
+from tests.conftest import NODE_AE, SCANNER_AE
+from training.phantom_dicom import write_mr_series
+from training.trainer import LOSS_NAMES
+
+
+def _cli(node, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env["MR2CT_DATABASE_URL"] = node.database_url
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_register_activate_and_the_next_job_uses_the_new_model(node_factory, tmp_path):
+    node = node_factory()
+    run = tmp_path / "run-7"
+    torch.manual_seed(7)
+    card = dict(load_model(default_model_path()).card)
+    card.pop("sha256")
+    card["name"] = "run-7"
+    new = save_model(run / "model.safetensors", ResnetGenerator(ngf=16, n_blocks=6), card)
+    with open(run / "losses.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["epoch", *LOSS_NAMES, "seconds"])
+        writer.writeheader()
+        for epoch in (1, 2):
+            writer.writerow({"epoch": epoch, **dict.fromkeys(LOSS_NAMES, 0.5 / epoch), "seconds": 10 * epoch})
+    registered = _cli(node, "models", "register", str(run))
+    assert registered.returncode == 0, registered.stderr
+    with init_db(node.database_url)() as session:
+        row = session.scalars(select(ModelVersion).where(ModelVersion.sha256 == new["sha256"])).one()
+        assert [e["epoch"] for e in row.losses] == [1, 2] and row.losses[1]["G_loss"] == 0.25
+    assert _cli(node, "models", "register", str(run)).returncode == 0  # idempotent
+
+    first = write_mr_series(tmp_path / "a", seed=1400, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    assert storescu(first.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    before = wait_for_job(node.database_url, first.series_uid, timeout=120)
+    assert before.model_sha256 == load_model(default_model_path()).sha256
+
+    token = _cli(node, "tokens", "create", "--role", "admin", "--name", "ml").stdout.strip()
+    base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
+    headers = {"Authorization": f"Bearer {token}"}
+    listed = httpx.get(f"{base}/models", headers=headers).json()["items"]
+    model_id = next(m["id"] for m in listed if m["sha256"] == new["sha256"])
+    assert httpx.get(f"{base}/models/{model_id}", headers=headers).json()["card"]["name"] == "run-7"
+    assert httpx.post(f"{base}/models/{model_id}/activate", headers=headers).status_code == 200
+    assert httpx.post(f"{base}/models/999/activate", headers=headers).status_code == 404
+
+    second = write_mr_series(tmp_path / "b", seed=1401, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    assert storescu(second.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    after = wait_for_job(node.database_url, second.series_uid, timeout=120)
+    assert after.state == "done" and after.model_sha256 == new["sha256"]
+    assert "model switched" in node.log_path.read_text()
+    listing = _cli(node, "models", "list").stdout
+    assert "* " in listing and "run-7" in listing
+
+
+def test_a_tampered_model_cannot_be_registered(node_factory, tmp_path):
+    node = node_factory()
+    run = tmp_path / "bad"
+    card = dict(load_model(default_model_path()).card)
+    card.pop("sha256")
+    save_model(run / "model.safetensors", ResnetGenerator(ngf=16, n_blocks=6), card)
+    with open(run / "model.safetensors", "ab") as fh:
+        fh.write(b"tampered")
+    result = _cli(node, "models", "register", str(run))
+    assert result.returncode == 2 and "card belongs to other weights" in result.stderr
