@@ -22,7 +22,7 @@ from dicom_node.models import ApiToken, AuditEvent
 from tests.conftest import NODE_AE, SCANNER_AE
 from training.phantom_dicom import write_mr_series
 
-ROUTES = [("GET", "/metrics"), ("GET", "/jobs"), ("GET", "/jobs/1"), ("POST", "/jobs/1/retry"), ("POST", "/jobs/1/cancel"),
+ROUTES = [("POST", "/synthesize"), ("GET", "/models"), ("GET", "/metrics"), ("GET", "/jobs"), ("GET", "/jobs/1"), ("POST", "/jobs/1/retry"), ("POST", "/jobs/1/cancel"),
           ("GET", "/series"), ("GET", "/associations"), ("GET", "/audit")]
 
 
@@ -126,3 +126,16 @@ def test_tokens_are_stored_hashed_and_never_logged(api, node):
     assert api["admin_token"] not in stored and all(len(s) == 64 for s in stored)
     assert api["admin_token"] not in node.log_path.read_text()
     assert (node.workdir / "mr2ct.db").read_bytes().find(api["admin_token"].encode()) == -1
+
+
+def test_synthesize_a_series_that_is_already_in_orthanc(api, node, orthanc, tmp_path):
+    series = write_mr_series(tmp_path / "in-pacs", seed=610, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    for f in series.files:
+        assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
+    response = httpx.post(f"{api['base']}/synthesize", json={"series_uid": series.series_uid}, headers=api["admin"], timeout=60)
+    assert response.status_code == 202, response.text
+    job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert job.id == response.json()["job_id"] and job.state == "done"
+    assert httpx.post(f"{api['base']}/synthesize", json={"series_uid": "1.2.3.999"}, headers=api["admin"]).status_code == 404
+    assert httpx.post(f"{api['base']}/synthesize", json={"series_uid": "../etc"}, headers=api["admin"]).status_code == 422
+    assert httpx.post(f"{api['base']}/synthesize", json={"series_uid": series.series_uid}, headers=api["auditor"]).status_code == 403

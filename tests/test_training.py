@@ -134,3 +134,27 @@ def test_torchrun_trains_with_two_cpu_processes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     card = load_model(out / "model.safetensors").card
     assert card["training"]["world_size"] == 2
+
+
+def test_evaluation_numbers_come_from_the_images() -> None:
+    import numpy as np
+
+    from training.evaluate import held_out, score
+    from synthesis.normalize import mr_to_unit
+
+    mr, ct, labels = held_out(1, 4, 128, 2.0)
+    mr_unit = np.stack([mr_to_unit(m) for m in mr])[0]
+    perfect = score(ct[0], ct[0], mr_unit, labels[0], 1)
+    assert perfect.mae_hu == 0.0 and perfect.ssim == 1.0
+    shifted = score(ct[0] + 50.0, ct[0], mr_unit, labels[0], 1)
+    assert shifted.mae_hu == pytest.approx(50.0, abs=0.01)
+    assert shifted.psnr_db < 100 and shifted.mae_by_tissue["white matter"] == pytest.approx(50.0, abs=0.1)
+
+
+def test_evaluate_cli_writes_json_and_a_panel(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "--json", "--subjects", "1", "--slices", "4",
+                             "--panel", str(tmp_path / "panel.png")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert {"mae_hu", "psnr_db", "ssim", "mae_paired_hu", "mae_linear_hu"} <= set(report)
+    assert (tmp_path / "panel.png").read_bytes()[:4] == b"\x89PNG"

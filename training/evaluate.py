@@ -58,32 +58,48 @@ class Quality:
         return asdict(self)
 
 
-def evaluate(model: LoadedModel, subjects: int = 4, slices: int = 24, size: int = 256, pixel_spacing: float = 1.0,
-             device: torch.device | None = None) -> Quality:
-    """Run the model on held-out paired phantoms (MR and CT of the same anatomy) and score it."""
-    device = device or torch.device("cpu")
-    predictions, truths, mrs, labels = [], [], [], []
-    for s in range(subjects):
-        seed = HELD_OUT_SEED_BASE + s
-        grid = phantoms.axial_grid(slices, size, pixel_spacing, 120.0 / slices)
-        lab = phantoms.head_labels(seed, grid)
-        mr = phantoms.mr_to_stored(phantoms.render_mr(lab, grid, seed)).astype(np.float32)
-        ct = phantoms.render_ct(lab, grid, seed)
-        predictions.append(synthesize(mr, (pixel_spacing, pixel_spacing), model, device, batch_size=8))
-        truths.append(ct)
-        mrs.append(mr_to_unit(mr))
-        labels.append(lab)
-    pred, truth, mr_all, lab_all = (np.concatenate(a) for a in (predictions, truths, mrs, labels))
-    body = lab_all != phantoms.AIR
+def score(pred: np.ndarray, truth: np.ndarray, mr_unit: np.ndarray, labels: np.ndarray, subjects: int) -> Quality:
+    """Score an sCT against the ground-truth CT (pure: numbers come from the images only)."""
+    body = labels != phantoms.AIR
     # Naive baseline: least-squares line from normalised MR to HU, fitted inside the body of this very data.
-    slope, intercept = np.polyfit(mr_all[body], truth[body], 1)
-    baseline = np.clip(slope * mr_all + intercept, HU_MIN, HU_MAX)
+    slope, intercept = np.polyfit(mr_unit[body], truth[body], 1)
+    baseline = np.clip(slope * mr_unit + intercept, HU_MIN, HU_MAX)
     baseline[~body] = -1000.0  # give the baseline a perfect background too
     by_tissue = {
-        name: round(mae(pred, truth, lab_all == i), 1) for i, name in enumerate(phantoms.TISSUE_NAMES) if (lab_all == i).any()
+        name: round(mae(pred, truth, labels == i), 1) for i, name in enumerate(phantoms.TISSUE_NAMES) if (labels == i).any()
     }
     return Quality(
         subjects=subjects, slices=int(pred.shape[0]), mae_hu=round(mae(pred, truth, body), 2), psnr_db=round(psnr(pred, truth, body), 2),
         ssim=round(ssim(pred, truth), 4), baseline_mae_hu=round(mae(baseline, truth, body), 2),
         baseline_psnr_db=round(psnr(baseline, truth, body), 2), mae_by_tissue=by_tissue,
     )
+
+
+def held_out(subjects: int, slices: int, size: int, pixel_spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Paired held-out phantoms: (MR stored values, CT in HU, labels), subjects stacked along slices."""
+    mrs, cts, labels = [], [], []
+    for s in range(subjects):
+        seed = HELD_OUT_SEED_BASE + s
+        grid = phantoms.axial_grid(slices, size, pixel_spacing, 120.0 / slices)
+        lab = phantoms.head_labels(seed, grid)
+        mrs.append(phantoms.mr_to_stored(phantoms.render_mr(lab, grid, seed)).astype(np.float32))
+        cts.append(phantoms.render_ct(lab, grid, seed))
+        labels.append(lab)
+    return np.stack(mrs), np.stack(cts), np.stack(labels)
+
+
+def evaluate(model: LoadedModel, subjects: int = 4, slices: int = 24, size: int = 256, pixel_spacing: float = 1.0,
+             device: torch.device | None = None, panel: Any = None) -> Quality:
+    """Run the model on held-out paired phantoms (MR and CT of the same anatomy) and score it;
+    optionally write a PNG panel (MR, CT, sCT, error map)."""
+    device = device or torch.device("cpu")
+    mr, ct, lab = held_out(subjects, slices, size, pixel_spacing)
+    pred = np.stack([synthesize(m, (pixel_spacing, pixel_spacing), model, device, batch_size=8) for m in mr])
+    mr_unit = np.stack([mr_to_unit(m) for m in mr])
+    quality = score(pred.reshape(-1, size, size), ct.reshape(-1, size, size), mr_unit.reshape(-1, size, size), lab.reshape(-1, size, size), subjects)
+    if panel is not None:
+        from training.figures import error_panel
+
+        middle = slices // 2
+        error_panel(mr_unit[0, middle], ct[0, middle], pred[0, middle], panel)
+    return quality

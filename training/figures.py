@@ -71,3 +71,22 @@ def mr_sct_preview(mr: np.ndarray, sct_hu: np.ndarray, out: Any) -> Any:
     fig.savefig(out, dpi=80, format="png")
     plt.close(fig)
     return out
+
+
+def error_panel(mr_unit: np.ndarray, ct_hu: np.ndarray, sct_hu: np.ndarray, out: Any) -> Any:
+    """MR, ground-truth CT, sCT and the error map (sCT - CT, HU) of one slice."""
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4))
+    axes[0].imshow(mr_unit, cmap="gray", vmin=-1, vmax=1)
+    axes[0].set_title("MR")
+    for ax, image, title in ((axes[1], ct_hu, "CT (ground truth)"), (axes[2], sct_hu, "sCT")):
+        ax.imshow(image, cmap="gray", vmin=-200, vmax=1600)
+        ax.set_title(title)
+    error = axes[3].imshow(sct_hu - ct_hu, cmap="coolwarm", vmin=-500, vmax=500)
+    axes[3].set_title("sCT - CT (HU)")
+    fig.colorbar(error, ax=axes[3], fraction=0.046)
+    for ax in axes:
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(out, dpi=80, format="png")
+    plt.close(fig)
+    return out

@@ -13,8 +13,10 @@ from datetime import datetime
 from typing import Any, Literal
 
 import httpx
+import pydicom
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import PlainTextResponse, Response
+from pydantic import BaseModel, Field
 from sqlalchemy import Select, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,6 +25,11 @@ from dicom_node.api.auth import Caller, require
 from dicom_node.models import Association, AuditEvent, Job, ModelVersion, Series, utcnow
 
 READ = require("admin", "auditor")
+
+
+class SynthesizeRequest(BaseModel):
+    series_uid: str = Field(max_length=64, description="SeriesInstanceUID of an MR series already in Orthanc")
+
 ADMIN = require("admin")
 MAX_PAGE = 500
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600)
@@ -196,6 +203,42 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             query = query.where(Association.started_at < until)
         with sessions() as session:
             return _page(session, query, limit, offset)
+
+    @app.post("/synthesize", status_code=202)
+    def synthesize_from_orthanc(body: SynthesizeRequest, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
+        """Fetch a series already in Orthanc and run it through the same pipeline (spool, job, worker)."""
+        from dicom_node.ingest import Ingest, SelectionRules, mark_stable, validate
+        from dicom_node.spool import Spool, is_valid_uid
+        from synthesis.errors import InvalidInstance
+
+        if not is_valid_uid(body.series_uid):
+            raise HTTPException(422, "series_uid is not a valid UID (digits and dots, at most 64 characters)")
+        if not orthanc_url or not spool_dir:
+            raise HTTPException(409, "this process has no Orthanc or spool configured")
+        try:
+            found = httpx.post(f"{orthanc_url}/tools/lookup", content=body.series_uid, auth=orthanc_auth, timeout=30).json()
+        except httpx.HTTPError as exc:
+            raise HTTPException(502, f"Orthanc at {orthanc_url} is not reachable") from exc
+        series_ids = [r["ID"] for r in found if r["Type"] == "Series"]
+        if not series_ids:
+            raise HTTPException(404, f"series {body.series_uid} is not in Orthanc")
+        instances = httpx.get(f"{orthanc_url}/series/{series_ids[0]}", auth=orthanc_auth, timeout=30).json()["Instances"]
+        ingest = Ingest(Spool(spool_dir), sessions)
+        for instance_id in instances:
+            raw = httpx.get(f"{orthanc_url}/instances/{instance_id}/file", auth=orthanc_auth, timeout=60).content
+            ds = pydicom.dcmread(io.BytesIO(raw))
+            try:
+                info = validate(ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+            except InvalidInstance as exc:
+                raise HTTPException(422, f"instance in Orthanc cannot be synthesized: {exc}") from exc
+            ingest.store(info, raw, str(ds.file_meta.TransferSyntaxUID), caller.actor[:16], None)
+        state, job_id = mark_stable(sessions, body.series_uid, 0, SelectionRules(modalities=("MR",)))
+        if job_id is None:
+            with sessions() as session:
+                reason = session.get(Series, body.series_uid).reason  # type: ignore[union-attr]
+            raise HTTPException(422, f"series not synthesized: {reason}")
+        audit.record(sessions, "synthesis-requested", "success", caller.actor, series_uid=body.series_uid, job_id=job_id, instances=len(instances))
+        return {"job_id": job_id, "series_uid": body.series_uid, "instances": len(instances)}
 
     @app.get("/models")
     def list_models(caller: Caller = Depends(READ)) -> dict[str, Any]:
