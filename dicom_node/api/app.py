@@ -10,11 +10,12 @@ import csv
 import io
 import shutil
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import httpx
 import pydicom
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as FastApiPath
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import Select, func, select, text
@@ -25,6 +26,10 @@ from dicom_node.api.auth import Caller, require
 from dicom_node.models import Association, AuditEvent, Job, ModelVersion, Series, utcnow
 
 READ = require("admin", "auditor")
+
+
+# Ids are database integers: out-of-range values get 422, never an overflow in the driver.
+ResourceId = Annotated[int, FastApiPath(ge=1, le=2**63 - 1)]
 
 
 class SynthesizeRequest(BaseModel):
@@ -114,7 +119,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         patient_id: str | None = Query(None, max_length=64), calling_ae: str | None = Query(None, max_length=16),
         since: datetime | None = None, until: datetime | None = None,
         sort: Literal["created_at", "-created_at", "id", "-id"] = "-created_at",
-        limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0),
+        limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
     ) -> dict[str, Any]:
         query = select(Job)
         if state:
@@ -139,7 +144,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             return _page(session, query, limit, offset)
 
     @app.get("/jobs/{job_id}")
-    def job_detail(job_id: int, caller: Caller = Depends(READ)) -> dict[str, Any]:
+    def job_detail(job_id: ResourceId, caller: Caller = Depends(READ)) -> dict[str, Any]:
         with sessions() as session:
             job = session.get(Job, job_id)
             if job is None:
@@ -148,7 +153,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             return {**_row(job), "timeline": [_row(e) for e in timeline]}
 
     @app.post("/jobs/{job_id}/retry", status_code=201)
-    def retry(job_id: int, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
+    def retry(job_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
         with sessions.begin() as session:
             job = session.get(Job, job_id)
             if job is None:
@@ -164,7 +169,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         return {"job_id": new_id, "retry_of": job_id, "state": "queued"}
 
     @app.post("/jobs/{job_id}/cancel")
-    def cancel(job_id: int, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
+    def cancel(job_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
         with sessions.begin() as session:
             job = session.get(Job, job_id)
             if job is None:
@@ -180,7 +185,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     def list_series(
         caller: Caller = Depends(READ), state: Literal["receiving", "stable", "ignored"] | None = None,
         study_uid: str | None = Query(None, max_length=64), patient_id: str | None = Query(None, max_length=64),
-        calling_ae: str | None = Query(None, max_length=16), limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0),
+        calling_ae: str | None = Query(None, max_length=16), limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
     ) -> dict[str, Any]:
         query = select(Series).order_by(Series.last_received_at.desc())
         for column, value in ((Series.state, state), (Series.study_instance_uid, study_uid), (Series.patient_id, patient_id), (Series.calling_ae, calling_ae)):
@@ -192,7 +197,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     @app.get("/associations")
     def list_associations(
         caller: Caller = Depends(READ), calling_ae: str | None = Query(None, max_length=16), since: datetime | None = None,
-        until: datetime | None = None, limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0),
+        until: datetime | None = None, limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
     ) -> dict[str, Any]:
         query = select(Association).order_by(Association.started_at.desc())
         if calling_ae:
@@ -247,7 +252,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             return {"items": [{k: v for k, v in _row(m).items() if k not in ("card", "losses")} for m in rows]}
 
     @app.get("/models/{model_id}")
-    def model_detail(model_id: int, caller: Caller = Depends(READ)) -> dict[str, Any]:
+    def model_detail(model_id: ResourceId, caller: Caller = Depends(READ)) -> dict[str, Any]:
         with sessions() as session:
             model = session.get(ModelVersion, model_id)
             if model is None:
@@ -255,7 +260,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             return _row(model)
 
     @app.post("/models/{model_id}/activate")
-    def activate_model(model_id: int, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
+    def activate_model(model_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
         from dicom_node.registry import activate
         from synthesis.errors import ModelMismatch
 
@@ -275,7 +280,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         actor: str | None = Query(None, max_length=128), study_uid: str | None = Query(None, max_length=64),
         series_uid: str | None = Query(None, max_length=64), patient_id: str | None = Query(None, max_length=64),
         since: datetime | None = None, until: datetime | None = None,
-        limit: int = Query(100, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0), format: Literal["json", "csv"] = "json",
+        limit: int = Query(100, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62), format: Literal["json", "csv"] = "json",
     ) -> Any:
         query = select(AuditEvent).order_by(AuditEvent.id.desc())
         for column, value in ((AuditEvent.action, action), (AuditEvent.outcome, outcome), (AuditEvent.actor, actor),

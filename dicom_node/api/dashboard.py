@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import html
 import io
-from typing import Any
+from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 import httpx
 import pydicom
 from fastapi import APIRouter, HTTPException, Request
+from fastapi import Path as FastApiPath
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -119,7 +120,7 @@ def dashboard_router(sessions: sessionmaker[Session], orthanc_url: str | None, o
         return mr_pixels, ct.pixel_array * float(ct.RescaleSlope) + float(ct.RescaleIntercept), series.get("ParentStudy")
 
     @router.get("/jobs/{job_id}")
-    def job_page(job_id: int, request: Request) -> Response:
+    def job_page(job_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:
         caller = _caller(request, sessions)
         if caller is None:
             return RedirectResponse("/dashboard", status_code=303)
@@ -137,7 +138,7 @@ def dashboard_router(sessions: sessionmaker[Session], orthanc_url: str | None, o
         return _page(f"mr2ct job {job.id}", body)
 
     @router.get("/jobs/{job_id}/preview.png")
-    def preview(job_id: int, request: Request) -> Response:
+    def preview(job_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:
         from training.figures import mr_sct_preview
 
         caller = _caller(request, sessions)
