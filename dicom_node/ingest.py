@@ -83,11 +83,17 @@ class SelectionRules:
         return None
 
 
-def validate(ds: Dataset, affected_sop_class: str, affected_sop_instance: str) -> ReceivedInstance:
-    """Check what must hold before an instance is accepted; raise ``InvalidInstance`` saying why not."""
+def validate(
+    ds: Dataset, affected_sop_class: str, affected_sop_instance: str, forward_only: frozenset[str] = frozenset()
+) -> ReceivedInstance:
+    """Check what must hold before an instance is accepted; raise ``InvalidInstance`` saying why not.
+
+    ``forward_only``: other SOP classes accepted only to be routed to Orthanc (never synthesized);
+    they need well-formed UIDs, not MR geometry.
+    """
     sop_class = require_uid(affected_sop_class, "Affected SOP Class UID")
     sop_uid = require_uid(affected_sop_instance, "Affected SOP Instance UID")
-    if sop_class not in SUPPORTED_SOP_CLASSES:
+    if sop_class not in SUPPORTED_SOP_CLASSES and sop_class not in forward_only:
         raise DatasetMismatch(f"SOP class {sop_class} is not accepted by this node")
     if ds.get("SOPClassUID") != sop_class:
         raise DatasetMismatch(f"SOPClassUID in the data set ({ds.get('SOPClassUID')!r}) differs from the request ({sop_class})")
@@ -95,6 +101,9 @@ def validate(ds: Dataset, affected_sop_class: str, affected_sop_instance: str) -
         raise DatasetMismatch("SOPInstanceUID in the data set differs from the C-STORE request")
     study_uid = require_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
     series_uid = require_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+    if sop_class not in SUPPORTED_SOP_CLASSES:
+        return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, str(ds.get("Modality", "") or ""),
+                                str(ds.get("SeriesDescription", "") or "")[:64], "", str(ds.get("PatientID", "") or "")[:64])
     if "PixelData" not in ds:
         raise DatasetMismatch("the instance has no Pixel Data")
     for keyword in ("Rows", "Columns", "BitsAllocated"):

@@ -97,6 +97,7 @@ class StoreSCP:
     def __init__(
         self, ae_title: str, allowed_aes: list[str], ingest: Ingest, sessions: sessionmaker[Session],
         max_associations: int = 16, on_released: Callable[[set[str]], None] | None = None,
+        forward_only: frozenset[str] = frozenset(),
     ) -> None:
         self.ae_title = ae_title
         self.ingest = ingest
@@ -106,7 +107,8 @@ class StoreSCP:
         self.ae.maximum_associations = max_associations
         self.ae.maximum_pdu_size = 0  # no limit on what we receive
         self.ae.add_supported_context(Verification)
-        for sop_class in SUPPORTED_SOP_CLASSES:
+        self.forward_only = forward_only
+        for sop_class in [*SUPPORTED_SOP_CLASSES, *sorted(forward_only)]:
             self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
         self._associations: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
@@ -167,7 +169,7 @@ class StoreSCP:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
-            info = validate(ds, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID))
+            info = validate(ds, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), self.forward_only)
             data = event.encoded_dataset(include_meta=True)
             for attempt in range(5):
                 try:

@@ -91,7 +91,8 @@ class Node:
                 def on_released(series_uids: set[str]) -> None:
                     for uid in series_uids:
                         complete_series(self.sessions, uid, 0, rules, "association released")
-            self.scp = StoreSCP(s.ae_title, s.allowed_aes, ingest, self.sessions, s.max_associations, on_released)
+            self.scp = StoreSCP(s.ae_title, s.allowed_aes, ingest, self.sessions, s.max_associations, on_released,
+                                forward_only=frozenset(s.forward_sop_classes))
             self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
             self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules)
             if s.forward_originals:

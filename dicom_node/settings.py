@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     complete_on_release: bool = Field(False, description="a series is complete as soon as the association that sent it is released")
     spool_min_free_mb: int = Field(200, ge=0, description="refuse instances (out of resources) when the spool disk has less free space")
     forward_originals: bool = Field(False, description="also store every received original into Orthanc (the node routes)")
+    forward_sop_classes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="other SOP Class UIDs accepted only to be routed to Orthanc (needs forward_originals)"
+    )
     # Selection rules: a complete series that does not match is recorded with the reason, not synthesized.
     select_modalities: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["MR"], description="modalities to synthesize")
     select_description_include: str | None = Field(None, description="regex a SeriesDescription must match (search, case-insensitive)")
@@ -77,7 +80,7 @@ class Settings(BaseSettings):
     def _ae_title(cls, value: str) -> str:
         return _check_ae_title(value, "ae_title")
 
-    @field_validator("allowed_aes", "select_modalities", "select_orientations", mode="before")
+    @field_validator("allowed_aes", "select_modalities", "select_orientations", "forward_sop_classes", mode="before")
     @classmethod
     def _split_aes(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -115,8 +118,18 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
         return value
 
+    @field_validator("forward_sop_classes")
+    @classmethod
+    def _check_sop_classes(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if not UID_ROOT_RE.match(v + ".")]
+        if bad:
+            raise ValueError(f"not SOP Class UIDs: {bad}")
+        return value
+
     @model_validator(mode="after")
     def _tls_pair(self) -> "Settings":
+        if self.forward_sop_classes and not self.forward_originals:
+            raise ValueError("forward_sop_classes needs forward_originals = true (those instances are only routed)")
         if (self.tls_certificate is None) != (self.tls_private_key is None):
             raise ValueError("tls_certificate and tls_private_key must be set together")
         for name in ("tls_certificate", "tls_private_key", "tls_ca_file"):

@@ -180,3 +180,40 @@ def test_dicom_over_tls_with_client_certificates(node_factory, tmp_path):
     # Plain TCP, or TLS without a client certificate, gets nowhere.
     assert echoscu(node.port, NODE_AE, SCANNER_AE, timeout=30).returncode != 0
     assert echoscu(node.port, NODE_AE, SCANNER_AE, extra_args=["+tla", "+cf", str(pki / "ca.pem")], timeout=30).returncode != 0
+
+
+def test_other_sop_classes_are_accepted_only_to_be_routed(node_factory, orthanc, tmp_path):
+    from pydicom.data import get_testdata_file
+
+    ct_path = get_testdata_file("CT_small.dcm")
+    plain = node_factory()
+    refused = storescu(Path(ct_path), plain.port, NODE_AE, SCANNER_AE)
+    assert refused.returncode != 0 or "Error" in refused.stderr  # CT is not negotiated by a plain node
+    routing = node_factory(forward_originals="true", forward_sop_classes="1.2.840.10008.5.1.4.1.1.2")
+    sent = storescu(Path(ct_path), routing.port, NODE_AE, SCANNER_AE)
+    assert sent.returncode == 0 and not sent.stderr.strip(), sent.stderr
+    ds = pydicom.dcmread(ct_path)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if httpx.post(f"{orthanc.url}/tools/lookup", content=ds.SOPInstanceUID, auth=orthanc.auth).json():
+            break
+        time.sleep(0.3)
+    else:
+        raise AssertionError("the CT instance was not routed to Orthanc")
+    row = _series_row(routing, ds.SeriesInstanceUID, state="ignored")
+    assert "modality 'CT'" in row.reason  # routed, never synthesized
+
+
+def test_a_series_that_cannot_make_a_volume_fails_its_job_with_the_reason(node_factory, tmp_path):
+    node = node_factory()
+    series = _small(tmp_path, "mr", 260, slices=3)
+    broken = pydicom.dcmread(series.files[2])
+    broken.ImagePositionPatient = pydicom.dcmread(series.files[0]).ImagePositionPatient  # two slices in one place
+    broken.save_as(series.files[2], enforce_file_format=True)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert job.state == "failed" and "share one position" in job.error
+    with init_db(node.database_url)() as session:
+        failed = session.scalars(select(AuditEvent).where(AuditEvent.action == "job-failed", AuditEvent.job_id == job.id)).one()
+    assert "share one position" in failed.detail["reason"]
+    assert echoscu(node.port, NODE_AE, SCANNER_AE).returncode == 0  # nothing else stops
