@@ -83,6 +83,21 @@ class SelectionRules:
         return None
 
 
+MAX_SEQUENCE_DEPTH = 16
+
+
+def check_nesting(ds: Dataset, limit: int = MAX_SEQUENCE_DEPTH) -> None:
+    """Refuse sequences nested deeper than any real MR needs (a cheap denial-of-service guard)."""
+    stack: list[tuple[Dataset, int]] = [(ds, 0)]
+    while stack:
+        current, depth = stack.pop()
+        for element in current:
+            if element.VR == "SQ":
+                if depth + 1 > limit:
+                    raise DatasetMismatch(f"sequences nested deeper than {limit} levels")
+                stack.extend((item, depth + 1) for item in element.value)
+
+
 def validate(
     ds: Dataset, affected_sop_class: str, affected_sop_instance: str, forward_only: frozenset[str] = frozenset()
 ) -> ReceivedInstance:
@@ -102,6 +117,7 @@ def validate(
     study_uid = require_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
     series_uid = require_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
     if sop_class not in SUPPORTED_SOP_CLASSES:
+        check_nesting(ds)
         return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, str(ds.get("Modality", "") or ""),
                                 str(ds.get("SeriesDescription", "") or "")[:64], "", str(ds.get("PatientID", "") or "")[:64])
     if "PixelData" not in ds:
@@ -127,6 +143,7 @@ def validate(
         actual = len(ds.PixelData)
         if actual < expected:
             raise DatasetMismatch(f"Pixel Data holds {actual} bytes, {rows}x{cols}x{frames} at {bits} bits needs {expected}")
+    check_nesting(ds)  # after the Pixel Data checks, which need the raw (unconverted) element
     modality = str(ds.get("Modality", "") or "")
     orientation = orientation_label(geometry[0].orientation)
     description = str(ds.get("SeriesDescription", "") or "")[:64]

@@ -27,6 +27,17 @@ def make_variant(good: Path, folder: Path, name: str) -> Path:
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3/../../../../tmp/evil"
     elif name == "path-like-series-uid":
         ds.SeriesInstanceUID = "../../../etc"
+    elif name == "deep-sequence-nesting":
+        from pydicom.dataset import Dataset
+        from pydicom.sequence import Sequence
+
+        inner = Dataset()
+        inner.CodeValue = "x"
+        for _ in range(200):  # 200 levels of nested sequences in a private-free standard attribute
+            outer = Dataset()
+            outer.ContentSequence = Sequence([inner])
+            inner = outer
+        ds.ContentSequence = inner.ContentSequence
     ds.save_as(out, enforce_file_format=True)
     if name == "wrong-sop-class":  # the file meta (and so the C-STORE request) still says MR
         ds = pydicom.dcmread(out)
@@ -39,6 +50,10 @@ def make_variant(good: Path, folder: Path, name: str) -> Path:
         # Rewrite the Pixel Data length (explicit VR OW: tag, VR, 2 reserved, 4-byte length) to 1 GiB.
         at = raw.rfind(b"\xe0\x7f\x10\x00OW")
         out.write_bytes(raw[: at + 8] + struct.pack("<I", 2**30) + raw[at + 12 :])
+    elif name == "wrong-vr":
+        # Rows (US, 2 bytes) re-encoded as a 4-byte UL in explicit VR: the value no longer fits its VR.
+        at = raw.find(b"\x28\x00\x10\x00US")
+        out.write_bytes(raw[:at] + b"\x28\x00\x10\x00UL\x04\x00" + struct.pack("<I", 2**31 + 64) + raw[at + 10 :])
     elif name == "undefined-length-outside-sequence":
         at = raw.find(b"\x08\x00\x3e\x10")  # SeriesDescription (LO, 2-byte length) -> turn into UN with 0xFFFFFFFF
         out.write_bytes(raw[:at] + b"\x08\x00\x3e\x10UN\x00\x00\xff\xff\xff\xff" + raw[at + 8 :])
@@ -56,6 +71,8 @@ CASES = {
     "no-geometry": {0xA900},
     "path-like-uid": {0xC000},
     "path-like-series-uid": {0xC000},
+    "deep-sequence-nesting": {0xA900, 0xC000},
+    "wrong-vr": {0xA900, 0xC000},
 }
 
 
