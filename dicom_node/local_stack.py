@@ -59,13 +59,14 @@ class OrthancServer:
 
     def __init__(self, workdir: Path, http_port: int = 8042, dicom_port: int = 4242, aet: str = "ORTHANC",
                  modalities: dict[str, list[Any]] | None = None, python_plugin: bool = False, stable_age: int | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, postgres_index: dict[str, Any] | None = None) -> None:
         self.workdir = Path(workdir)
         self.http_port, self.dicom_port, self.aet = http_port, dicom_port, aet
         self.username = "mr2ct"
         self.password = secrets.token_urlsafe(16)
         self.modalities = modalities or {}
         self.python_plugin, self.stable_age, self.extra_env = python_plugin, stable_age, extra_env or {}
+        self.postgres_index = postgres_index  # {"Host", "Port", "Database", "Username"}: Orthanc's index in PostgreSQL
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "orthanc.log"
 
@@ -97,6 +98,12 @@ class OrthancServer:
             config["UserMetadata"] = {"Mr2ctRouted": 1024}
         if self.stable_age is not None:
             config["StableAge"] = self.stable_age
+        if self.postgres_index is not None:
+            library = Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so")
+            if not library.exists():
+                raise RuntimeError("orthanc-postgresql is not installed; run deploy/local/install.sh")
+            plugins.append(str(library))
+            config["PostgreSQL"] = {"EnableIndex": True, "EnableStorage": False, "Lock": False, "Password": "", **self.postgres_index}
         config["Plugins"] = plugins
         path = self.workdir / "orthanc-generated.json"
         path.write_text(json.dumps(config, indent=2))
@@ -264,6 +271,7 @@ class PostgresServer:
         options = f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c max_connections=100"
         run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.log_path), "-w", "start")
         run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "mr2ct", "mr2ct")
+        run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "mr2ct", "orthanc")
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():

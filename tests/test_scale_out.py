@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
-from dicom_node.local_stack import NodeServer, PostgresServer, free_port, storescu
+from dicom_node.local_stack import NodeServer, OrthancServer, PostgresServer, free_port, storescu
 from dicom_node.models import Job
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
 from tests.helpers import study_series
@@ -27,6 +27,22 @@ from training.phantom_dicom import write_mr_series
 def postgres(tmp_path_factory):
     with PostgresServer(tmp_path_factory.mktemp("pg"), free_port()) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def orthanc(postgres, tmp_path_factory):
+    """Orthanc with its index in the same PostgreSQL server (Debian's orthanc-postgresql)."""
+    index = {"Host": "127.0.0.1", "Port": postgres.port, "Database": "orthanc", "Username": "mr2ct"}
+    with OrthancServer(tmp_path_factory.mktemp("orthanc-pg"), free_port(), free_port(), postgres_index=index) as server:
+        yield server
+
+
+def test_orthanc_keeps_its_index_in_postgresql(orthanc, postgres):
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", port=postgres.port, user="mr2ct", dbname="orthanc") as conn:
+        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
+    assert "resources" in tables  # Orthanc's index schema
 
 
 def test_three_workers_synthesize_twelve_series_exactly_once(postgres, orthanc, tmp_path):
