@@ -134,6 +134,7 @@ def test_torchrun_trains_with_two_cpu_processes(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     card = load_model(out / "model.safetensors").card
     assert card["training"]["world_size"] == 2
+    assert (out / "rank0-weights.sha256").read_text() == (out / "rank1-weights.sha256").read_text()
 
 
 def test_evaluation_numbers_come_from_the_images() -> None:
@@ -158,3 +159,13 @@ def test_evaluate_cli_writes_json_and_a_panel(tmp_path: Path) -> None:
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"mae_hu", "psnr_db", "ssim", "mae_paired_hu", "mae_linear_hu"} <= set(report)
     assert (tmp_path / "panel.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_few_training_steps_reduce_the_cycle_loss_and_the_card_holds_metrics(tmp_path: Path) -> None:
+    result = _train(tmp_path / "run", "--epochs", "3", "--steps-per-epoch", "6", "--seed", "11")
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(tmp_path / "run" / "losses.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert float(rows[-1]["reconstruction_loss"]) < float(rows[0]["reconstruction_loss"])
+    metrics = load_model(tmp_path / "run" / "model.safetensors").card["metrics"]
+    assert metrics["mae_hu"] > 0 and metrics["mae_linear_hu"] > 0

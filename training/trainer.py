@@ -388,12 +388,28 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
     if csv_file:
         csv_file.close()
     save_checkpoint(epoch)
+    if world > 1:  # each rank records a digest of its weights: DDP keeps them identical
+        import hashlib
+
+        digest = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in g_ab.state_dict().values())).hexdigest()
+        (out_dir / f"rank{rank}-weights.sha256").write_text(digest + "\n")
     if not is_main:
         return None
 
     _figures(out_dir, g_ab, g_ba, mr_pool, ct_pool, cfg)
     config = asdict(cfg)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    metrics: dict[str, Any] = {}
+    if cfg.image_size >= 64:  # a quick held-out score in the card; `mr2ct evaluate` gives the full one
+        from synthesis.model_file import LoadedModel
+        from training.evaluate import evaluate
+
+        g_ab.eval()
+        probe = {"sha256": "", "architecture": cfg.generator, "pixel_spacing_mm": cfg.pixel_spacing_mm,
+                 "normalization": {"method": "percentile", "low": 0.5, "high": 99.5}, "hu_range": list(cfg.hu_range)}
+        quality = evaluate(LoadedModel(g_ab.cpu(), probe, out_dir), subjects=2, slices=8)
+        metrics = {"held_out_subjects": 2, "mae_hu": quality.mae_hu, "psnr_db": quality.psnr_db, "ssim": quality.ssim,
+                   "mae_linear_hu": quality.baseline_mae_hu}
     card = {
         "name": out_dir.name,
         "architecture": cfg.generator,
@@ -412,7 +428,8 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
             "seed": cfg.seed,
             "config": config,
             "data": (
-                {"cache": str(cfg.data), "mr_slices": int(len(mr_pool)), "ct_slices": int(len(ct_pool))}
+                {"cache": str(cfg.data), "mr_slices": int(len(mr_pool)), "ct_slices": int(len(ct_pool)),
+                 "manifest_sha256": _manifest_digest(Path(str(cfg.data)))}
                 if cfg.data else {"generator": "training.phantoms", "generator_version": phantoms.GENERATOR_VERSION}
             ),
             "epochs_completed": len(history),
@@ -422,6 +439,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
             "torch": torch.__version__,
             "final_losses": history[-1] if history else {},
         },
+        "metrics": metrics,
     }
     return save_model(out_dir / "model.safetensors", g_ab.cpu(), card)
 
@@ -447,6 +465,13 @@ def _figures(out_dir: Path, g_ab: nn.Module, g_ba: nn.Module, mr_pool: np.ndarra
     image_grid(rows, out_dir / "samples.png")
     g_ab.train()
     g_ba.train()
+
+
+def _manifest_digest(cache: Path) -> str:
+    import hashlib
+
+    manifest = cache / "manifest.jsonl"
+    return hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.exists() else ""
 
 
 def config_from(preset: str, overrides: dict[str, Any]) -> TrainConfig:
