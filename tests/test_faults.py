@@ -138,3 +138,37 @@ def test_orthanc_down_while_storing_the_job_retries_and_finishes_after_it_return
             cts = [s for s in found if s["MainDicomTags"]["Modality"] == "CT"]
             assert len(cts) == 1 and len(cts[0]["Instances"]) == 6
             assert sum(1 for s in found if s["MainDicomTags"]["Modality"] == "SR") == 1
+
+
+def test_a_full_spool_disk_answers_out_of_resources_leaves_no_partial_file_and_recovers(orthanc, tmp_path):
+    """A real full disk: the spool on a 3 MiB tmpfs (mounted by the test; root only)."""
+    spool = tmp_path / "small-spool"
+    spool.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(spool)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); tests/test_node.py covers the configured quota")
+    try:
+        workdir, port = tmp_path / "node", free_port()
+        env = node_env(workdir, port, orthanc)
+        env.update(MR2CT_SPOOL_DIR=str(spool), MR2CT_SPOOL_MIN_FREE_MB="0", MR2CT_STABLE_SECONDS="2")
+        series = write_mr_series(tmp_path / "mr", seed=1003, slices=40, size=256, pixel_spacing=1.0, slice_spacing=3.0)
+        with NodeServer(workdir, env, port):
+            first = subprocess.run(["storescu", "-v", "-aet", SCANNER_AE, "-aec", NODE_AE, "+sd", "127.0.0.1", str(port), str(series.folder)],
+                                   capture_output=True, text=True, env=nodelay_env(), timeout=300)
+            acked = _acknowledged(first.stdout + first.stderr)
+            assert 0 < len(acked) < 40
+            assert "Refused: OutOfResources" in first.stdout + first.stderr
+            assert not list(spool.rglob("*.tmp"))
+            spooled = {p.name: p for p in spool.rglob("*.dcm")}
+            for path in acked:  # every acknowledged instance is complete on disk
+                sent = pydicom.dcmread(path)
+                assert pydicom.dcmread(spooled[f"{sent.SOPInstanceUID}.dcm"]).PixelData == sent.PixelData
+            with init_db(env["MR2CT_DATABASE_URL"])() as session:
+                refusals = session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-instance-refused")).all()
+            assert refusals and all(e.detail["status"] == "0xA700" for e in refusals)
+            subprocess.run(["mount", "-o", "remount,size=32m", str(spool)], check=True)  # space returns
+            assert storescu(series.folder, port, NODE_AE, SCANNER_AE).returncode == 0
+            job = wait_for_job(env["MR2CT_DATABASE_URL"], series.series_uid, timeout=300)
+            assert job.state == "done" and job.instance_count == 40
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], capture_output=True)
