@@ -172,3 +172,22 @@ def test_a_full_spool_disk_answers_out_of_resources_leaves_no_partial_file_and_r
             assert job.state == "done" and job.instance_count == 40
     finally:
         subprocess.run(["umount", "-l", str(spool)], capture_output=True)
+
+
+def test_a_locked_sqlite_database_at_start_stops_serve_naming_the_url(tmp_path):
+    import os
+    import sqlite3
+    import sys
+
+    db = tmp_path / "locked.db"
+    holder = sqlite3.connect(db, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holds the database
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+        env.update(MR2CT_DATABASE_URL=f"sqlite:///{db}", MR2CT_DICOM_PORT=str(free_port()), MR2CT_SPOOL_DIR=str(tmp_path / "spool"))
+        result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve"], capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert result.returncode == 2
+    assert "database_url" in result.stderr and str(db) in result.stderr and "locked" in result.stderr
