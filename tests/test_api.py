@@ -139,3 +139,12 @@ def test_synthesize_a_series_that_is_already_in_orthanc(api, node, orthanc, tmp_
     assert httpx.post(f"{api['base']}/synthesize", json={"series_uid": "1.2.3.999"}, headers=api["admin"]).status_code == 404
     assert httpx.post(f"{api['base']}/synthesize", json={"series_uid": "../etc"}, headers=api["admin"]).status_code == 422
     assert httpx.post(f"{api['base']}/synthesize", json={"series_uid": series.series_uid}, headers=api["auditor"]).status_code == 403
+
+
+def test_queries_are_audited_without_copying_the_patient_id(api, node):
+    httpx.get(f"{api['base']}/series", params={"patient_id": "AUDIT-PATIENT-1"}, headers=api["auditor"])
+    with init_db(node.database_url)() as session:
+        queries = session.scalars(select(AuditEvent).where(AuditEvent.action == "query")).all()
+    series_queries = [q for q in queries if q.detail.get("resource") == "series" and q.actor == "api:auditor-1"]
+    assert series_queries and series_queries[-1].detail["patient_filter"] is True
+    assert all("AUDIT-PATIENT-1" not in str(q.detail) for q in queries)

@@ -63,6 +63,11 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
 
     app.include_router(dashboard_router(sessions, orthanc_url, orthanc_auth))
 
+    def _audit_query(caller: Caller, resource: str, **filters: Any) -> None:
+        """IHE ATNA 'query': who asked what (patient IDs are never copied into the audit detail)."""
+        audit.record(sessions, "query", "success", caller.actor, resource=resource,
+                     **{k: v for k, v in filters.items() if v not in (None, False)})
+
     @app.get("/health")
     def health() -> dict[str, Any]:
         checks: dict[str, Any] = {}
@@ -141,7 +146,10 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         column = Job.created_at if sort.lstrip("-") == "created_at" else Job.id
         query = query.order_by(column.desc() if sort.startswith("-") else column.asc())
         with sessions() as session:
-            return _page(session, query, limit, offset)
+            page = _page(session, query, limit, offset)
+        _audit_query(caller, "jobs", state=state, series_uid=series_uid, study_uid=study_uid, patient_filter=bool(patient_id),
+                     calling_ae=calling_ae, returned=len(page["items"]))
+        return page
 
     @app.get("/jobs/{job_id}")
     def job_detail(job_id: ResourceId, caller: Caller = Depends(READ)) -> dict[str, Any]:
@@ -192,7 +200,10 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             if value:
                 query = query.where(column == value)
         with sessions() as session:
-            return _page(session, query, limit, offset)
+            page = _page(session, query, limit, offset)
+        _audit_query(caller, "series", state=state, study_uid=study_uid, patient_filter=bool(patient_id), calling_ae=calling_ae,
+                     returned=len(page["items"]))
+        return page
 
     @app.get("/associations")
     def list_associations(
