@@ -154,10 +154,11 @@ def test_evaluation_numbers_come_from_the_images() -> None:
 
 def test_evaluate_cli_writes_json_and_a_panel(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "--json", "--subjects", "1", "--slices", "4",
-                             "--panel", str(tmp_path / "panel.png")], capture_output=True, text=True, timeout=300)
+                             "--panel", str(tmp_path / "panel.png"), "--paired-steps", "3"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"mae_hu", "psnr_db", "ssim", "mae_paired_hu", "mae_linear_hu"} <= set(report)
+    assert report["mae_paired_hu"] > 0
     assert (tmp_path / "panel.png").read_bytes()[:4] == b"\x89PNG"
 
 

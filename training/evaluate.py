@@ -103,3 +103,39 @@ def evaluate(model: LoadedModel, subjects: int = 4, slices: int = 24, size: int 
         middle = slices // 2
         error_panel(mr_unit[0, middle], ct[0, middle], pred[0, middle], panel)
     return quality
+
+
+def paired_upper_bound(model: LoadedModel, steps: int, batch_size: int = 4, seed: int = 0, subjects: int = 40,
+                       progress: bool | None = None) -> LoadedModel:
+    """Train a generator of the same architecture and size, supervised (L1) on *paired* phantom
+    slices at the model's grid, for ``steps`` steps: the upper bound an unpaired model should approach."""
+    import sys
+
+    from tqdm import tqdm
+
+    from synthesis.networks import build_generator
+    from synthesis.normalize import hu_to_unit
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    size = int(model.card.get("input_size", 128))
+    spacing = model.pixel_spacing_mm
+    grid = phantoms.axial_grid(24, size, spacing, 150.0 / 24)
+    mrs, cts = [], []
+    for i in range(subjects):
+        subject = 50_000_000 + seed * 1000 + i  # paired training subjects, disjoint from the held-out set
+        lab = phantoms.head_labels(subject, grid)
+        mrs.append(mr_to_unit(phantoms.render_mr(lab, grid, subject)))
+        cts.append(hu_to_unit(phantoms.render_ct(lab, grid, subject), model.hu_range))
+    mr_pool, ct_pool = np.concatenate(mrs)[:, None], np.concatenate(cts)[:, None]
+    generator = build_generator(model.card["architecture"], dict(model.card["parameters"]))
+    optimiser = torch.optim.Adam(generator.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    loss_fn = torch.nn.L1Loss()
+    for _ in tqdm(range(steps), desc="paired upper bound", file=sys.stderr, disable=None if progress is None else not progress):
+        idx = rng.integers(0, len(mr_pool), batch_size)
+        loss = loss_fn(generator(torch.from_numpy(mr_pool[idx])), torch.from_numpy(ct_pool[idx]))
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+    generator.eval()
+    return LoadedModel(generator, {**model.card, "name": "paired-upper-bound"}, model.weights_path)
