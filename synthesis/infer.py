@@ -74,6 +74,25 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return None
 
 
+CPU_BATCH = 8
+MAX_BATCH = 256
+
+
+def auto_batch_size(generator: torch.nn.Module, grid: tuple[int, int], device: torch.device, dtype: torch.dtype | None) -> int:
+    """Slices per batch: on CUDA, sized to half the free GPU memory from one measured slice; on CPU, 8."""
+    if device.type != "cuda":
+        return CPU_BATCH
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    probe = torch.zeros(1, 1, *grid, device=device).contiguous(memory_format=torch.channels_last)
+    with torch.autocast(device_type="cuda", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        generator(probe)
+    per_slice = max(1, torch.cuda.max_memory_allocated(device) - before)
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(max(1, min(MAX_BATCH, (free // 2) // per_slice)))
+
+
 def _to_grid(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(batch.shape[-2:]) == size:
         return batch
@@ -92,8 +111,8 @@ def synthesize(
     """MR volume (slices, rows, cols) -> sCT volume in HU, same shape, float32."""
     if voxels.ndim != 3:
         raise ValueError(f"voxels must be (slices, rows, columns), got shape {voxels.shape}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if batch_size < 0:
+        raise ValueError(f"batch_size must be >= 0 (0: sized automatically), got {batch_size}")
     norm = model.card["normalization"]
     if model.card.get("n4_bias_correction"):
         voxels = n4_correct(voxels, pixel_spacing)
@@ -105,6 +124,8 @@ def synthesize(
     pad_r, pad_c = (-grid[0]) % multiple, (-grid[1]) % multiple
     generator = model.generator.to(device, memory_format=torch.channels_last)
     autocast_dtype = resolve_precision(precision, device)
+    if batch_size == 0:
+        batch_size = auto_batch_size(generator, (grid[0] + pad_r, grid[1] + pad_c), device, autocast_dtype)
     out = np.empty_like(unit)
     started = time.perf_counter()
     for start in range(0, slices, batch_size):

@@ -192,3 +192,15 @@ def test_a_card_asking_for_n4_gets_it_before_normalisation(tiny_model: Path) -> 
     with_n4 = synthesize(voxels, (5.0, 5.0), load_model(tiny_model), device)
     assert with_n4.shape == voxels.shape
     assert np.abs(with_n4 - without).mean() > 1.0  # the corrected MR is what the generator saw
+
+
+def test_batch_size_zero_is_sized_automatically(tiny_model: Path) -> None:
+    from synthesis.infer import CPU_BATCH, auto_batch_size
+
+    model = load_model(tiny_model)
+    device = choose_device("cpu").device
+    assert auto_batch_size(model.generator, (64, 64), device, None) == CPU_BATCH
+    voxels = np.random.default_rng(3).random((11, 40, 40)).astype(np.float32)
+    assert synthesize(voxels, (4.0, 4.0), model, device, batch_size=0).shape == voxels.shape
+    with pytest.raises(ValueError, match="batch_size"):
+        synthesize(voxels, (4.0, 4.0), model, device, batch_size=-1)
