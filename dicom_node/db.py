@@ -46,7 +46,7 @@ def make_engine(url: str) -> Engine:
 
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-_migrated: set[str] = set()
+_factories: dict[str, sessionmaker[Session]] = {}
 _migrate_lock = threading.Lock()
 
 
@@ -72,15 +72,18 @@ def migrate(engine: Engine, url: str) -> None:
 
 
 def init_db(url: str) -> sessionmaker[Session]:
-    """Migrate the schema to head (once per process and URL) and return a session factory;
-    a clear error names the URL (password hidden)."""
-    engine = make_engine(url)
-    try:
-        with _migrate_lock:
-            if url not in _migrated:
-                migrate(engine, url)
-                _migrated.add(url)
-    except (OperationalError, ModuleNotFoundError) as exc:
-        shown = make_url(url).render_as_string(hide_password=True)
-        raise DatabaseUnavailable(f"cannot open database {shown}: {getattr(exc, 'orig', exc)}") from exc
-    return sessionmaker(engine, expire_on_commit=False)
+    """Migrate the schema to head and return the session factory: both once per process and URL
+    (callers may ask again and again; they share one engine and its pool). A clear error names the
+    URL (password hidden)."""
+    with _migrate_lock:
+        if url in _factories:
+            return _factories[url]
+        engine = make_engine(url)
+        try:
+            migrate(engine, url)
+        except (OperationalError, ModuleNotFoundError) as exc:
+            engine.dispose()
+            shown = make_url(url).render_as_string(hide_password=True)
+            raise DatabaseUnavailable(f"cannot open database {shown}: {getattr(exc, 'orig', exc)}") from exc
+        _factories[url] = sessionmaker(engine, expire_on_commit=False)
+        return _factories[url]

@@ -8,7 +8,6 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 
 from sqlalchemy import select
 
@@ -16,6 +15,7 @@ from dicom_node.api.auth import create_token
 from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, storescu
 from dicom_node.models import Job
+from dicom_node.orthanc_store import OrthancStore
 from training.phantom_dicom import write_mr_series
 
 
@@ -71,8 +71,7 @@ def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, n
         if job.state != "done":
             say(f"the job failed: {job.error}\nnode log: {node.log_path}")
             return 1
-        lookup = httpx.post(f"{orthanc.url}/tools/lookup", content=series.study_uid, auth=orthanc.auth, timeout=10).json()
-        study_id = next(r["ID"] for r in lookup if r["Type"] == "Study")
+        study_id = OrthancStore(orthanc.url, orthanc.username, orthanc.password).study_id(series.study_uid)
         say("")
         say(f"synthetic CT stored in Orthanc ({time.monotonic() - started:.1f} s after the last instance was sent, job {job.seconds:.1f} s on {job.device})")
         say(f"  Orthanc Explorer : {orthanc.url}/app/explorer.html#study?uuid={study_id}")

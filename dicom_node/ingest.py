@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage, MRImageStorage
 from sqlalchemy import select, update
@@ -45,8 +46,6 @@ class ReceivedInstance:
 
 def orientation_label(iop: list[float] | tuple[float, ...]) -> str:
     """axial / sagittal / coronal when the slice normal is within 10 degrees of an axis, else oblique."""
-    import numpy as np
-
     normal = np.cross(np.asarray(iop[:3], dtype=float), np.asarray(iop[3:6], dtype=float))
     length = float(np.linalg.norm(normal))
     if length == 0:
@@ -165,7 +164,6 @@ class Ingest:
 
     def record(self, info: ReceivedInstance, path: Path, size: int, transfer_syntax: str, calling_ae: str, association_id: int | None) -> None:
         """Record a spooled instance (new or re-sent) and wake its series up."""
-        data_len = size
         now = utcnow()
         with self.sessions.begin() as session:
             series = session.get(Series, info.series_uid, with_for_update=True)
@@ -183,12 +181,12 @@ class Ingest:
                     Instance(
                         sop_instance_uid=info.sop_instance_uid, sop_class_uid=info.sop_class_uid,
                         series_instance_uid=info.series_uid, transfer_syntax_uid=transfer_syntax, path=str(path),
-                        size_bytes=data_len, association_id=association_id, received_at=now, forward_next_at=now,
+                        size_bytes=size, association_id=association_id, received_at=now, forward_next_at=now,
                     )
                 )
                 series.instance_count += 1
             else:  # a re-send: the spool file was replaced atomically; the count stays
-                existing.received_at, existing.size_bytes, existing.association_id = now, data_len, association_id
+                existing.received_at, existing.size_bytes, existing.association_id = now, size, association_id
                 existing.transfer_syntax_uid = transfer_syntax
                 existing.forwarded_at, existing.forward_attempts, existing.forward_next_at = None, 0, now
             series.last_received_at = now
@@ -214,13 +212,11 @@ def mark_stable(
     ``stable_seconds=0`` completes the series now (complete_on_release).
     """
     rules = rules or SelectionRules()
-    cutoff = utcnow() - timedelta(seconds=stable_seconds) if stable_seconds > 0 else utcnow() + timedelta(days=1)
+    conditions = [Series.series_instance_uid == series_uid, Series.state == "receiving"]
+    if stable_seconds > 0:
+        conditions.append(Series.last_received_at < utcnow() - timedelta(seconds=stable_seconds))
     with sessions.begin() as session:
-        claimed = session.execute(
-            update(Series)
-            .where(Series.series_instance_uid == series_uid, Series.state == "receiving", Series.last_received_at < cutoff)
-            .values(state="stable")
-        ).rowcount
+        claimed = session.execute(update(Series).where(*conditions).values(state="stable")).rowcount
         if not claimed:
             return "receiving", None
         series = session.get(Series, series_uid)

@@ -45,14 +45,32 @@ class OrthancStore:
                 raise PacsUnavailable(f"Orthanc at {self.url} is not reachable: {exc}") from exc
         return ids
 
-    def series_instance_count(self, series_uid: str) -> int:
+    def series_id(self, series_uid: str) -> str | None:
+        """Orthanc's id of a series, None when Orthanc does not hold it."""
         try:
             found = self.client.lookup(series_uid, filter="Series")
-            if not found:
-                return 0
-            return len(self.client.series.get_instances_ids(found[0]))
         except Exception as exc:
             raise PacsUnavailable(f"Orthanc at {self.url} is not reachable: {exc}") from exc
+        return found[0] if found else None
+
+    def series_instance_ids(self, series_uid: str) -> list[str]:
+        """Orthanc's instance ids of a series (empty when Orthanc does not hold it)."""
+        series_id = self.series_id(series_uid)
+        if series_id is None:
+            return []
+        try:
+            return list(self.client.series.get_instances_ids(series_id))
+        except Exception as exc:
+            raise PacsUnavailable(f"Orthanc at {self.url} is not reachable: {exc}") from exc
+
+    def instance_file(self, instance_id: str) -> bytes:
+        try:
+            return self.client.instances.get_file(instance_id)
+        except Exception as exc:
+            raise PacsUnavailable(f"Orthanc at {self.url} is not reachable: {exc}") from exc
+
+    def series_instance_count(self, series_uid: str) -> int:
+        return len(self.series_instance_ids(series_uid))
 
     def verify(self, series_uid: str, expected: int) -> None:
         held = self.series_instance_count(series_uid)
@@ -60,5 +78,8 @@ class OrthancStore:
             raise StorageIncomplete(f"Orthanc holds {held} of {expected} instances of series {series_uid}")
 
     def study_id(self, study_uid: str) -> str | None:
-        found = self.client.lookup(study_uid, filter="Study")
+        try:
+            found = self.client.lookup(study_uid, filter="Study")
+        except Exception as exc:
+            raise PacsUnavailable(f"Orthanc at {self.url} is not reachable: {exc}") from exc
         return found[0] if found else None

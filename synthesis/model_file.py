@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -109,7 +108,3 @@ def default_model_path() -> Path:
     """The model shipped with mr2ct (trained on phantoms by `mr2ct train --preset quick`)."""
     return Path(__file__).resolve().parent / "models" / "mr2ct-phantom.safetensors"
 
-
-def to_device(model: LoadedModel, device: torch.device) -> LoadedModel:
-    model.generator.to(device)
-    return model

@@ -12,18 +12,19 @@ import shutil
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-import httpx
 import pydicom
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as FastApiPath
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
-from sqlalchemy import Select, func, select, text
+from sqlalchemy import Select, case, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.api.auth import Caller, require
 from dicom_node.models import Association, AuditEvent, Job, ModelVersion, Series, utcnow
+from dicom_node.orthanc_store import OrthancStore
+from synthesis.errors import PacsUnavailable
 
 READ = require("admin", "auditor")
 
@@ -59,9 +60,10 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
     app.state.sessions = sessions
     info = dict(node_info or {})
+    store = OrthancStore(orthanc_url, *(orthanc_auth or (None, None))) if orthanc_url else None
     from dicom_node.api.dashboard import dashboard_router
 
-    app.include_router(dashboard_router(sessions, orthanc_url, orthanc_auth))
+    app.include_router(dashboard_router(sessions, store))
 
     def _audit_query(caller: Caller, resource: str, **filters: Any) -> None:
         """IHE ATNA 'query': who asked what (patient IDs are never copied into the audit detail)."""
@@ -79,11 +81,11 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             checks["database"] = f"error: {type(exc).__name__}"
         if spool_dir:
             checks["spool_free_mb"] = shutil.disk_usage(spool_dir).free // 2**20
-        if orthanc_url:
+        if store is not None:
             try:
-                ok = httpx.get(f"{orthanc_url}/system", auth=orthanc_auth, timeout=3).status_code == 200
-                checks["orthanc"] = "ok" if ok else "error"
-            except httpx.HTTPError:
+                store.check_reachable()
+                checks["orthanc"] = "ok"
+            except PacsUnavailable:
                 checks["orthanc"] = "unreachable"
         checks.update(info)
         checks["status"] = "ok" if checks["database"] == "ok" and checks.get("orthanc", "ok") == "ok" else "degraded"
@@ -95,7 +97,11 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             received = session.scalar(select(func.coalesce(func.sum(Association.instances_stored), 0)))
             refused = session.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.action == audit.INSTANCE_REFUSED))
             states = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
-            durations = [d for d in session.scalars(select(Job.seconds).where(Job.state == "done")) if d is not None]
+            finished = select(Job.seconds).where(Job.state == "done", Job.seconds.is_not(None)).subquery()
+            buckets = session.execute(select(
+                func.count(), func.coalesce(func.sum(finished.c.seconds), 0.0),
+                *(func.count(case((finished.c.seconds <= bound, 1))) for bound in DURATION_BUCKETS),
+            )).one()
         lines = [
             "# HELP mr2ct_instances_received_total Instances acknowledged with Success (closed associations).",
             "# TYPE mr2ct_instances_received_total counter", f"mr2ct_instances_received_total {received}",
@@ -107,10 +113,11 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             lines.append(f'mr2ct_jobs{{state="{state}"}} {states.get(state, 0)}')
         lines += ["# HELP mr2ct_queue_depth Jobs waiting for a worker.", "# TYPE mr2ct_queue_depth gauge", f"mr2ct_queue_depth {states.get('queued', 0)}"]
         lines += ["# HELP mr2ct_job_duration_seconds Duration of finished jobs.", "# TYPE mr2ct_job_duration_seconds histogram"]
-        for bound in DURATION_BUCKETS:
-            lines.append(f'mr2ct_job_duration_seconds_bucket{{le="{bound}"}} {sum(1 for d in durations if d <= bound)}')
-        lines.append(f'mr2ct_job_duration_seconds_bucket{{le="+Inf"}} {len(durations)}')
-        lines += [f"mr2ct_job_duration_seconds_sum {sum(durations):.3f}", f"mr2ct_job_duration_seconds_count {len(durations)}"]
+        count, total = buckets[0], float(buckets[1])
+        for bound, within in zip(DURATION_BUCKETS, buckets[2:]):
+            lines.append(f'mr2ct_job_duration_seconds_bucket{{le="{bound}"}} {within}')
+        lines.append(f'mr2ct_job_duration_seconds_bucket{{le="+Inf"}} {count}')
+        lines += [f"mr2ct_job_duration_seconds_sum {total:.3f}", f"mr2ct_job_duration_seconds_count {count}"]
         if "device" in info:
             lines += ["# HELP mr2ct_device_info Inference device of this process.", "# TYPE mr2ct_device_info gauge",
                       f'mr2ct_device_info{{device="{info["device"]}"}} 1']
@@ -229,19 +236,20 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
 
         if not is_valid_uid(body.series_uid):
             raise HTTPException(422, "series_uid is not a valid UID (digits and dots, at most 64 characters)")
-        if not orthanc_url or not spool_dir:
+        if store is None or not spool_dir:
             raise HTTPException(409, "this process has no Orthanc or spool configured")
         try:
-            found = httpx.post(f"{orthanc_url}/tools/lookup", content=body.series_uid, auth=orthanc_auth, timeout=30).json()
-        except httpx.HTTPError as exc:
-            raise HTTPException(502, f"Orthanc at {orthanc_url} is not reachable") from exc
-        series_ids = [r["ID"] for r in found if r["Type"] == "Series"]
-        if not series_ids:
+            instances = store.series_instance_ids(body.series_uid)
+        except PacsUnavailable as exc:
+            raise HTTPException(502, str(exc)) from exc
+        if not instances:
             raise HTTPException(404, f"series {body.series_uid} is not in Orthanc")
-        instances = httpx.get(f"{orthanc_url}/series/{series_ids[0]}", auth=orthanc_auth, timeout=30).json()["Instances"]
         ingest = Ingest(Spool(spool_dir), sessions)
         for instance_id in instances:
-            raw = httpx.get(f"{orthanc_url}/instances/{instance_id}/file", auth=orthanc_auth, timeout=60).content
+            try:
+                raw = store.instance_file(instance_id)
+            except PacsUnavailable as exc:
+                raise HTTPException(502, str(exc)) from exc
             ds = pydicom.dcmread(io.BytesIO(raw))
             try:
                 info = validate(ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID))

@@ -9,7 +9,6 @@ import io
 from typing import Annotated, Any
 from urllib.parse import parse_qs
 
-import httpx
 import pydicom
 from fastapi import APIRouter, HTTPException, Request
 from fastapi import Path as FastApiPath
@@ -20,6 +19,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.api.auth import digest
 from dicom_node.models import ApiToken, AuditEvent, Instance, Job, Series
+from dicom_node.orthanc_store import OrthancStore
+from synthesis.errors import PacsUnavailable
 
 COOKIE = "mr2ct_token"
 STYLE = """
@@ -44,7 +45,7 @@ def _caller(request: Request, sessions: sessionmaker[Session]) -> ApiToken | Non
     return row if row is not None and row.revoked_at is None else None
 
 
-def dashboard_router(sessions: sessionmaker[Session], orthanc_url: str | None, orthanc_auth: tuple[str, str] | None) -> APIRouter:
+def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None) -> APIRouter:
     router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
     def login_form(message: str = "") -> HTMLResponse:
@@ -99,16 +100,17 @@ def dashboard_router(sessions: sessionmaker[Session], orthanc_url: str | None, o
         return _page("mr2ct dashboard", body)
 
     def _ct_and_source(job: Job) -> tuple[Any, Any, str | None]:
-        if not orthanc_url or not job.ct_series_uid:
+        if store is None or not job.ct_series_uid:
             raise HTTPException(404, "no sCT stored for this job")
-        found = httpx.post(f"{orthanc_url}/tools/lookup", content=job.ct_series_uid, auth=orthanc_auth, timeout=30).json()
-        series_ids = [r["ID"] for r in found if r["Type"] == "Series"]
-        if not series_ids:
-            raise HTTPException(404, "the sCT series is not in Orthanc any more")
-        series = httpx.get(f"{orthanc_url}/series/{series_ids[0]}", auth=orthanc_auth, timeout=30).json()
-        instances = series["Instances"]
-        raw = httpx.get(f"{orthanc_url}/instances/{instances[len(instances) // 2]}/file", auth=orthanc_auth, timeout=30).content
-        ct = pydicom.dcmread(io.BytesIO(raw))
+        try:
+            series_id = store.series_id(job.ct_series_uid)
+            instances = store.series_instance_ids(job.ct_series_uid)
+            if series_id is None or not instances:
+                raise HTTPException(404, "the sCT series is not in Orthanc any more")
+            ct = pydicom.dcmread(io.BytesIO(store.instance_file(instances[len(instances) // 2])))
+            study = store.client.series.get_parent_study_id(series_id)
+        except PacsUnavailable as exc:
+            raise HTTPException(502, str(exc)) from exc
         ref = ct.SourceImageSequence[0]
         with sessions() as session:
             path = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == ref.ReferencedSOPInstanceUID))
@@ -117,7 +119,7 @@ def dashboard_router(sessions: sessionmaker[Session], orthanc_url: str | None, o
         mr = pydicom.dcmread(path)
         frame = int(ref.ReferencedFrameNumber) if "ReferencedFrameNumber" in ref else None
         mr_pixels = mr.pixel_array[frame - 1] if frame else mr.pixel_array
-        return mr_pixels, ct.pixel_array * float(ct.RescaleSlope) + float(ct.RescaleIntercept), series.get("ParentStudy")
+        return mr_pixels, ct.pixel_array * float(ct.RescaleSlope) + float(ct.RescaleIntercept), study
 
     @router.get("/jobs/{job_id}")
     def job_page(job_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:
@@ -129,7 +131,7 @@ def dashboard_router(sessions: sessionmaker[Session], orthanc_url: str | None, o
         if job is None or job.state != "done":
             raise HTTPException(404, f"no finished job {job_id}")
         _, _, study = _ct_and_source(job)
-        link = f"{orthanc_url}/app/explorer.html#study?uuid={study}" if study else ""
+        link = f"{store.url}/app/explorer.html#study?uuid={study}" if store is not None and study else ""
         body = (f"<h1>job {job.id}: MR and sCT</h1><p><a href='/dashboard'>back</a> · "
                 f"<a id='orthanc-link' href='{html.escape(link)}'>open the study in Orthanc Explorer</a></p>"
                 f"<img id='preview' alt='MR slice and its sCT' src='/dashboard/jobs/{job.id}/preview.png'>"
