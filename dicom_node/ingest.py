@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
+import threading
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-import numpy as np
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage, MRImageStorage
+from pydicom.multival import MultiValue
+from pydicom.uid import UID, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage, MRImageStorage
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.models import Instance, Job, Series, utcnow
-from dicom_node.spool import Spool, require_uid
+from dicom_node.spool import Spool, SpoolFull, require_uid
 from synthesis.errors import InvalidInstance, SeriesNotUsable
 from synthesis.volume import frame_geometry
 
@@ -44,15 +50,18 @@ class ReceivedInstance:
     patient_id: str = ""
 
 
+COS_10_DEGREES = math.cos(math.radians(10.0))
+
+
 def orientation_label(iop: list[float] | tuple[float, ...]) -> str:
     """axial / sagittal / coronal when the slice normal is within 10 degrees of an axis, else oblique."""
-    normal = np.cross(np.asarray(iop[:3], dtype=float), np.asarray(iop[3:6], dtype=float))
-    length = float(np.linalg.norm(normal))
+    rx, ry, rz, cx, cy, cz = (float(v) for v in iop[:6])
+    normal = (abs(ry * cz - rz * cy), abs(rz * cx - rx * cz), abs(rx * cy - ry * cx))  # |row x column|
+    length = math.sqrt(sum(n * n for n in normal))
     if length == 0:
         return "oblique"
-    normal = np.abs(normal / length)
-    axis = int(np.argmax(normal))
-    if normal[axis] < np.cos(np.deg2rad(10.0)):
+    axis = max(range(3), key=normal.__getitem__)
+    if normal[axis] / length < COS_10_DEGREES:
         return "oblique"
     return ("sagittal", "coronal", "axial")[axis]
 
@@ -86,49 +95,124 @@ MAX_SEQUENCE_DEPTH = 16
 
 
 def check_nesting(ds: Dataset, limit: int = MAX_SEQUENCE_DEPTH) -> None:
-    """Refuse sequences nested deeper than any real MR needs (a cheap denial-of-service guard)."""
+    """Refuse sequences nested deeper than any real MR needs (a cheap denial-of-service guard).
+
+    Only sequences are decoded: other elements stay raw, so the check costs little per instance.
+    An element is a sequence when its explicit VR says so, when the dictionary says so (implicit
+    VR), or when it has an undefined length (how pydicom reads an unknown sequence).
+    """
     stack: list[tuple[Dataset, int]] = [(ds, 0)]
     while stack:
         current, depth = stack.pop()
-        for element in current:
-            if element.VR == "SQ":
-                if depth + 1 > limit:
-                    raise DatasetMismatch(f"sequences nested deeper than {limit} levels")
-                stack.extend((item, depth + 1) for item in element.value)
+        for raw in list(current.values()):  # raw elements, not converted
+            tag, vr = raw.tag, raw.VR
+            if vr is None:
+                try:
+                    vr = dictionary_VR(tag)
+                except KeyError:
+                    vr = "UN"
+            if vr != "SQ" and not (getattr(raw, "length", 0) == 0xFFFFFFFF and tag != 0x7FE00010):
+                continue
+            element = current[tag]
+            if element.VR != "SQ":
+                continue
+            if depth + 1 > limit:
+                raise DatasetMismatch(f"sequences nested deeper than {limit} levels")
+            stack.extend((item, depth + 1) for item in element.value)
+
+
+class _Values:
+    """The few values validation needs, read straight from the raw elements.
+
+    pydicom converts an element in about 10 µs; validation reads some twenty of them for every
+    C-STORE, so on the hot path the text (UI, CS, DS, IS) and US values are decoded here.
+    Elements pydicom already converted (data sets built in memory) are taken as they are.
+    """
+
+    def __init__(self, ds: Dataset) -> None:
+        self.ds = ds
+        self.little_endian = ds.original_encoding[1] is not False
+
+    def text(self, tag: int) -> str | None:
+        if tag not in self.ds:
+            return None
+        element = self.ds.get_item(tag)
+        value = element.value
+        if isinstance(element, RawDataElement):
+            return None if value is None else value.decode("latin-1").strip(" \x00")
+        if value is None:
+            return None
+        return "\\".join(str(v) for v in value) if isinstance(value, MultiValue) else str(value)
+
+    def numbers(self, tag: int, count: int, name: str) -> tuple[float, ...]:
+        text = self.text(tag)
+        try:
+            numbers = tuple(float(part) for part in text.split("\\")) if text else ()
+        except ValueError:
+            numbers = ()
+        if len(numbers) != count:
+            raise DatasetMismatch(f"geometry missing or unusable: no usable {name} (needs {count} numbers)")
+        return numbers
+
+    def unsigned(self, tag: int, name: str) -> int:
+        if tag in self.ds:
+            element = self.ds.get_item(tag)
+            value = element.value
+            if isinstance(element, RawDataElement) and isinstance(value, bytes) and len(value) == 2:
+                return int.from_bytes(value, "little" if self.little_endian else "big")
+            if isinstance(value, int):
+                return value
+        raise DatasetMismatch(f"{name} is missing; the node needs it to build a volume")
 
 
 def validate(
-    ds: Dataset, affected_sop_class: str, affected_sop_instance: str, forward_only: frozenset[str] = frozenset()
+    ds: Dataset, affected_sop_class: str, affected_sop_instance: str, forward_only: frozenset[str] = frozenset(),
+    transfer_syntax: str | None = None,
 ) -> ReceivedInstance:
     """Check what must hold before an instance is accepted; raise ``InvalidInstance`` saying why not.
 
     ``forward_only``: other SOP classes accepted only to be routed to Orthanc (never synthesized);
-    they need well-formed UIDs, not MR geometry.
+    they need well-formed UIDs, not MR geometry. ``transfer_syntax``: how the data set was
+    encoded (default: its file meta's).
     """
     sop_class = require_uid(affected_sop_class, "Affected SOP Class UID")
     sop_uid = require_uid(affected_sop_instance, "Affected SOP Instance UID")
     if sop_class not in SUPPORTED_SOP_CLASSES and sop_class not in forward_only:
         raise DatasetMismatch(f"SOP class {sop_class} is not accepted by this node")
-    if ds.get("SOPClassUID") != sop_class:
-        raise DatasetMismatch(f"SOPClassUID in the data set ({ds.get('SOPClassUID')!r}) differs from the request ({sop_class})")
-    if ds.get("SOPInstanceUID") != sop_uid:
+    values = _Values(ds)
+    if values.text(0x00080016) != sop_class:
+        raise DatasetMismatch(f"SOPClassUID in the data set ({values.text(0x00080016)!r}) differs from the request ({sop_class})")
+    if values.text(0x00080018) != sop_uid:
         raise DatasetMismatch("SOPInstanceUID in the data set differs from the C-STORE request")
-    study_uid = require_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-    series_uid = require_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
+    study_uid = require_uid(values.text(0x0020000D), "StudyInstanceUID")
+    series_uid = require_uid(values.text(0x0020000E), "SeriesInstanceUID")
+    modality = values.text(0x00080060) or ""
+    # Free text may use another character set: pydicom decodes these two.
+    description = str(ds.get("SeriesDescription", "") or "")[:64]
+    patient_id = str(ds.get("PatientID", "") or "")[:64]
     if sop_class not in SUPPORTED_SOP_CLASSES:
         check_nesting(ds)
-        return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, str(ds.get("Modality", "") or ""),
-                                str(ds.get("SeriesDescription", "") or "")[:64], "", str(ds.get("PatientID", "") or "")[:64])
-    if "PixelData" not in ds:
+        return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, "", patient_id)
+    if 0x7FE00010 not in ds:
         raise DatasetMismatch("the instance has no Pixel Data")
-    for keyword in ("Rows", "Columns", "BitsAllocated"):
-        if keyword not in ds or ds[keyword].value in (None, ""):
-            raise DatasetMismatch(f"{keyword} is missing; the node needs it to build a volume")
+    rows, cols = values.unsigned(0x00280010, "Rows"), values.unsigned(0x00280011, "Columns")
+    bits = values.unsigned(0x00280100, "BitsAllocated")
     try:
-        geometry = frame_geometry(ds)
-    except SeriesNotUsable as exc:
-        raise DatasetMismatch(f"geometry missing or unusable: {exc}") from None
-    rows, cols, bits = int(ds.Rows), int(ds.Columns), int(ds.BitsAllocated)
+        frames = int(values.text(0x00280008) or 1)
+    except ValueError:
+        raise DatasetMismatch(f"NumberOfFrames {values.text(0x00280008)!r} is not a number") from None
+    if frames != 1 or 0x52009230 in ds:  # enhanced multi-frame: per-frame functional groups
+        try:
+            orientation = frame_geometry(ds)[0].orientation
+        except SeriesNotUsable as exc:
+            raise DatasetMismatch(f"geometry missing or unusable: {exc}") from None
+    else:
+        values.numbers(0x00200032, 3, "ImagePositionPatient")
+        values.numbers(0x00280030, 2, "PixelSpacing")
+        orientation = values.numbers(0x00200037, 6, "ImageOrientationPatient")  # type: ignore[assignment]
+        for tag, name in ((0x00281053, "RescaleSlope"), (0x00281052, "RescaleIntercept")):
+            if values.text(tag):
+                values.numbers(tag, 1, name)
     if not (0 < rows <= 8192 and 0 < cols <= 8192) or bits not in (8, 16, 32):
         raise DatasetMismatch(f"implausible image size {rows}x{cols} with {bits} bits allocated")
     pixel_element = ds.get_item(0x7FE00010)
@@ -136,62 +220,234 @@ def validate(
     value = getattr(pixel_element, "value", None)
     if declared is not None and declared != 0xFFFFFFFF and value is not None and len(value) != declared:
         raise DatasetMismatch(f"Pixel Data declares {declared} bytes but the data set holds {len(value)}")
-    if not ds.file_meta.TransferSyntaxUID.is_compressed:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        expected = rows * cols * frames * int(ds.get("SamplesPerPixel", 1)) * bits // 8
-        actual = len(ds.PixelData)
+    if not UID(transfer_syntax or ds.file_meta.TransferSyntaxUID).is_compressed:
+        samples = values.unsigned(0x00280002, "SamplesPerPixel") if 0x00280002 in ds else 1
+        expected = rows * cols * frames * samples * bits // 8
+        actual = len(value) if isinstance(value, bytes) else len(ds.PixelData)
         if actual < expected:
             raise DatasetMismatch(f"Pixel Data holds {actual} bytes, {rows}x{cols}x{frames} at {bits} bits needs {expected}")
     check_nesting(ds)  # after the Pixel Data checks, which need the raw (unconverted) element
-    modality = str(ds.get("Modality", "") or "")
-    orientation = orientation_label(geometry[0].orientation)
-    description = str(ds.get("SeriesDescription", "") or "")[:64]
-    patient_id = str(ds.get("PatientID", "") or "")[:64]
-    return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation, patient_id)
+    return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation_label(orientation), patient_id)
 
 
-class Ingest:
-    """Spools and records instances; shared by all SCP association threads."""
+@dataclass(frozen=True)
+class SpooledInstance:
+    """An instance that is durably in the spool and waits for (or has) its database row."""
 
-    def __init__(self, spool: Spool, sessions: sessionmaker[Session]) -> None:
-        self.spool = spool
-        self.sessions = sessions
+    info: ReceivedInstance
+    path: Path
+    size: int
+    transfer_syntax: str
+    calling_ae: str
+    association_id: int | None
+    received_at: datetime
 
-    def store(self, info: ReceivedInstance, data: bytes, transfer_syntax: str, calling_ae: str, association_id: int | None) -> Path:
-        path = self.spool.write(info.study_uid, info.series_uid, info.sop_instance_uid, data)
-        self.record(info, path, len(data), transfer_syntax, calling_ae, association_id)
-        return path
 
-    def record(self, info: ReceivedInstance, path: Path, size: int, transfer_syntax: str, calling_ae: str, association_id: int | None) -> None:
-        """Record a spooled instance (new or re-sent) and wake its series up."""
-        now = utcnow()
-        with self.sessions.begin() as session:
-            series = session.get(Series, info.series_uid, with_for_update=True)
+def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) -> None:
+    """Record spooled instances (new or re-sent) in one transaction and wake their series up.
+
+    A SOP Instance UID sent twice counts once; the later arrival wins (its file replaced the
+    earlier one atomically in the spool).
+    """
+    latest: dict[str, SpooledInstance] = {}
+    for item in items:
+        latest.pop(item.info.sop_instance_uid, None)
+        latest[item.info.sop_instance_uid] = item
+    with sessions.begin() as session:
+        existing = {
+            row.sop_instance_uid: row
+            for chunk in _chunks(list(latest), 500)
+            for row in session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(chunk)))
+        }
+        touched: dict[str, Series] = {}
+        for uid, item in latest.items():
+            info = item.info
+            series = touched.get(info.series_uid)
             if series is None:
-                series = Series(
-                    series_instance_uid=info.series_uid, study_instance_uid=info.study_uid, modality=info.modality,
-                    calling_ae=calling_ae, instance_count=0, first_received_at=now, last_received_at=now, state="receiving",
-                    series_description=info.series_description, orientation=info.orientation, patient_id=info.patient_id,
-                )
-                session.add(series)
-                session.flush()
-            existing = session.get(Instance, info.sop_instance_uid)
-            if existing is None:
+                series = session.get(Series, info.series_uid, with_for_update=True)
+                if series is None:
+                    series = Series(
+                        series_instance_uid=info.series_uid, study_instance_uid=info.study_uid, modality=info.modality,
+                        calling_ae=item.calling_ae, instance_count=0, first_received_at=item.received_at,
+                        last_received_at=item.received_at, state="receiving", series_description=info.series_description,
+                        orientation=info.orientation, patient_id=info.patient_id,
+                    )
+                    session.add(series)
+                    session.flush()
+                touched[info.series_uid] = series
+            row = existing.get(uid)
+            if row is None:
                 session.add(
                     Instance(
-                        sop_instance_uid=info.sop_instance_uid, sop_class_uid=info.sop_class_uid,
-                        series_instance_uid=info.series_uid, transfer_syntax_uid=transfer_syntax, path=str(path),
-                        size_bytes=size, association_id=association_id, received_at=now, forward_next_at=now,
+                        sop_instance_uid=uid, sop_class_uid=info.sop_class_uid, series_instance_uid=info.series_uid,
+                        transfer_syntax_uid=item.transfer_syntax, path=str(item.path), size_bytes=item.size,
+                        association_id=item.association_id, received_at=item.received_at, forward_next_at=item.received_at,
                     )
                 )
                 series.instance_count += 1
             else:  # a re-send: the spool file was replaced atomically; the count stays
-                existing.received_at, existing.size_bytes, existing.association_id = now, size, association_id
-                existing.transfer_syntax_uid = transfer_syntax
-                existing.forwarded_at, existing.forward_attempts, existing.forward_next_at = None, 0, now
-            series.last_received_at = now
+                row.received_at, row.size_bytes, row.association_id = item.received_at, item.size, item.association_id
+                row.transfer_syntax_uid = item.transfer_syntax
+                row.forwarded_at, row.forward_attempts, row.forward_next_at = None, 0, item.received_at
+            if series.last_received_at is None or _aware(series.last_received_at) < item.received_at:
+                series.last_received_at = item.received_at
             if series.state != "receiving":
                 series.state, series.reason = "receiving", None
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes for timezone-aware columns; they are UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def _chunks(values: list[str], size: int) -> list[list[str]]:
+    return [values[start:start + size] for start in range(0, len(values), size)]
+
+
+class Recorder:
+    """Group commit of instance rows behind the durable spool.
+
+    The spool (fsynced, renamed, folder fsynced) is the truth and is complete before the sender
+    hears Success; the database row follows a few milliseconds later, many rows per transaction,
+    written by this one thread while the association threads wait for the network. A crash in
+    between loses no instance: start-up recovery records every spool file the database does
+    not know. ``flush`` waits until everything submitted so far is committed (the SCP calls it
+    before it answers an A-RELEASE, so a sender that sees its association released finds every
+    instance it sent in the database).
+    """
+
+    def __init__(
+        self, sessions: sessionmaker[Session], max_batch: int = 512, max_backlog: int = 20_000, window_seconds: float = 0.2,
+    ) -> None:
+        self.sessions = sessions
+        self.max_batch = max_batch
+        self.max_backlog = max_backlog
+        # Rows wait up to this long for company: one transaction for a burst of instances costs
+        # the association threads (and the GIL) far less than one per instance.
+        self.window_seconds = window_seconds
+        self._pending: list[SpooledInstance] = []
+        self._oldest = 0.0
+        self._flush_requested = 0
+        self._submitted = 0
+        self._committed = 0
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+        self._thread.start()
+
+    @property
+    def backlog(self) -> int:
+        with self._condition:
+            return self._submitted - self._committed
+
+    def submit(self, item: SpooledInstance) -> None:
+        with self._condition:
+            if not self._pending:
+                self._oldest = time.monotonic()
+            self._pending.append(item)
+            self._submitted += 1
+            if len(self._pending) >= self.max_batch:
+                self._condition.notify_all()
+
+    def flush(self, timeout: float = 120.0) -> bool:
+        """Wait until every instance submitted before this call is committed; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            target = self._submitted
+            if self._committed >= target:
+                return True
+            self._flush_requested += 1
+            self._condition.notify_all()
+            try:
+                while self._committed < target:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        log.error("database rows lag behind the spool backlog=%d", self._submitted - self._committed)
+                        return False
+                    self._condition.wait(remaining)
+            finally:
+                self._flush_requested -= 1
+        return True
+
+    def stop(self, timeout: float = 120.0) -> None:
+        self.flush(timeout)
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            with self._condition:
+                while True:
+                    if not self._pending:
+                        if self._stopping:
+                            return
+                        self._condition.wait()
+                        continue
+                    due = self._oldest + self.window_seconds - time.monotonic()
+                    if due <= 0 or self._flush_requested or self._stopping or len(self._pending) >= self.max_batch:
+                        break
+                    self._condition.wait(due)
+                batch = self._pending[: self.max_batch]
+            try:
+                record_batch(self.sessions, batch)
+            except Exception as exc:  # the database is busy or down: the rows wait, the files are safe
+                failures += 1
+                delay = min(5.0, 0.05 * 2 ** min(failures, 7))
+                log.error("recording %d spooled instance(s) failed (attempt %d, again in %.2fs): %s", len(batch), failures, delay, exc)
+                if self._stopping and failures >= 5:
+                    log.error("giving up on %d row(s) at stop; start-up recovery records them from the spool", len(self._pending))
+                    with self._condition:
+                        self._committed += len(self._pending)
+                        self._pending.clear()
+                        self._condition.notify_all()
+                    return
+                time.sleep(delay)
+                continue
+            failures = 0
+            with self._condition:
+                del self._pending[: len(batch)]
+                self._oldest = time.monotonic()
+                self._committed += len(batch)
+                self._condition.notify_all()
+
+
+class Ingest:
+    """Spools and records instances; shared by all SCP association threads.
+
+    With a ``Recorder`` the database rows are group-committed behind the spool; without one
+    (recovery, the API's one-off imports) each instance is recorded before ``store`` returns.
+    """
+
+    def __init__(self, spool: Spool, sessions: sessionmaker[Session], recorder: Recorder | None = None) -> None:
+        self.spool = spool
+        self.sessions = sessions
+        self.recorder = recorder
+
+    def store(
+        self, info: ReceivedInstance, data: bytes | Sequence[bytes], transfer_syntax: str, calling_ae: str, association_id: int | None,
+    ) -> Path:
+        """Spool a validated instance durably, then record it: group-committed behind the spool
+        with a recorder, at once without."""
+        if self.recorder is not None and self.recorder.backlog >= self.recorder.max_backlog:
+            raise SpoolFull(f"the database is {self.recorder.backlog} rows behind the spool; refusing until it catches up")
+        path = self.spool.write(info.study_uid, info.series_uid, info.sop_instance_uid, data)
+        size = len(data) if isinstance(data, bytes) else sum(len(chunk) for chunk in data)
+        item = SpooledInstance(info, path, size, transfer_syntax, calling_ae, association_id, utcnow())
+        if self.recorder is not None:
+            self.recorder.submit(item)
+        else:
+            record_batch(self.sessions, [item])
+        return path
+
+    def record(self, info: ReceivedInstance, path: Path, size: int, transfer_syntax: str, calling_ae: str, association_id: int | None) -> None:
+        """Record one spooled instance now (new or re-sent) and wake its series up."""
+        record_batch(self.sessions, [SpooledInstance(info, path, size, transfer_syntax, calling_ae, association_id, utcnow())])
+
+    def flush(self, timeout: float = 120.0) -> bool:
+        return self.recorder.flush(timeout) if self.recorder is not None else True
 
 
 def stable_series(sessions: sessionmaker[Session], stable_seconds: float) -> list[str]:

@@ -29,14 +29,14 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
+from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.ingest import SUPPORTED_SOP_CLASSES, DatasetMismatch, Ingest, validate
 from dicom_node.models import Association, utcnow
-from dicom_node.spool import SpoolFull
+from dicom_node.spool import SpoolFull, file_meta_header
 from synthesis.errors import InvalidInstance
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,14 @@ class StoreSCP:
             self._associations[id(event.assoc)] = {"id": assoc_id, "stored": 0, "refused": 0, "series": set()}
         log.info("association accepted assoc=%d calling_ae=%s peer=%s", assoc_id, requestor.ae_title, requestor.address)
 
+    def _on_pdu_received(self, event: evt.Event) -> None:
+        """An A-RELEASE-RQ: commit the rows of everything spooled so far before the DUL thread (this
+        thread) can send the release response, so a released sender finds its instances recorded."""
+        if isinstance(event.pdu, A_RELEASE_RQ):
+            self.ingest.flush()
+
     def _on_end(self, event: evt.Event, outcome: str) -> None:
+        self.ingest.flush()
         with self._lock:
             state = self._associations.pop(id(event.assoc), None)
         if state is None:
@@ -167,24 +174,21 @@ class StoreSCP:
         request = event.request
         calling_ae = event.assoc.requestor.ae_title
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            info = validate(ds, str(request.AffectedSOPClassUID), str(request.AffectedSOPInstanceUID), self.forward_only)
-            data = event.encoded_dataset(include_meta=True)
-            for attempt in range(5):
-                try:
-                    self.ingest.store(info, data, str(event.context.transfer_syntax), calling_ae, state["id"])
-                    break
-                except (IntegrityError, OperationalError):
-                    if attempt == 4:
-                        raise
+            sop_class = str(request.AffectedSOPClassUID)
+            sop_uid = str(request.AffectedSOPInstanceUID)
+            transfer_syntax = event.context.transfer_syntax
+            info = validate(event.dataset, sop_class, sop_uid, self.forward_only, transfer_syntax)
+            # The bytes exactly as received, behind a file meta header (what event.encoded_dataset()
+            # gives, without building and encoding a pydicom file meta data set each time).
+            data = [file_meta_header(sop_class, sop_uid, transfer_syntax), event.encoded_dataset(include_meta=False)]
+            self.ingest.store(info, data, str(transfer_syntax), calling_ae, state["id"])
         except SpoolFull as exc:
             return self._refuse(state, calling_ae, STATUS_OUT_OF_RESOURCES, str(exc), request)
         except DatasetMismatch as exc:
             return self._refuse(state, calling_ae, STATUS_DATASET_MISMATCH, str(exc), request)
         except InvalidInstance as exc:
             return self._refuse(state, calling_ae, STATUS_CANNOT_UNDERSTAND, str(exc), request)
-        except Exception as exc:  # a data set pydicom cannot parse, a database error: refuse, keep serving
+        except Exception as exc:  # a data set pydicom cannot parse, a disk error: refuse, keep serving
             log.exception("C-STORE failed assoc=%s", state["id"])
             return self._refuse(state, calling_ae, STATUS_CANNOT_UNDERSTAND, f"{type(exc).__name__}: {exc}", request)
         with self._lock:
@@ -212,6 +216,7 @@ class StoreSCP:
             (evt.EVT_RELEASED, lambda e: self._on_end(e, "released")),
             (evt.EVT_ABORTED, lambda e: self._on_end(e, "aborted")),
             (evt.EVT_REJECTED, self._on_rejected),
+            (evt.EVT_PDU_RECV, self._on_pdu_received),
         ]
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context)
         log.info("SCP listening ae_title=%s address=%s:%d tls=%s", self.ae_title, host, port, "on" if ssl_context else "off")

@@ -19,7 +19,7 @@ import torch
 from dicom_node import audit
 from dicom_node.db import init_db
 from dicom_node.forwarder import forward_loop
-from dicom_node.ingest import Ingest, SelectionRules
+from dicom_node.ingest import Ingest, Recorder, SelectionRules
 from dicom_node.recovery import recover_spool, requeue_orphaned_jobs
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.scp import StoreSCP
@@ -58,6 +58,7 @@ class Node:
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
         self.scp: StoreSCP | None = None
+        self.recorder: Recorder | None = None
 
     def start(self) -> None:
         s = self.settings
@@ -84,8 +85,9 @@ class Node:
             if not s.allowed_aes:
                 log.warning("allowed_aes is empty: any calling AE title may store to %s", s.ae_title)
             spool = Spool(s.spool_dir, min_free_bytes=s.spool_min_free_mb * 2**20)
-            ingest = Ingest(spool, self.sessions)
-            recover_spool(ingest, self.sessions)
+            recover_spool(Ingest(spool, self.sessions), self.sessions)
+            self.recorder = Recorder(self.sessions)
+            ingest = Ingest(spool, self.sessions, self.recorder)
             on_released = None
             if s.complete_on_release:
                 def on_released(series_uids: set[str]) -> None:
@@ -133,6 +135,8 @@ class Node:
             self.api_server.should_exit = True
         if self.scp is not None:
             self.scp.stop()
+        if self.recorder is not None:
+            self.recorder.stop()
         for thread in self.threads:
             thread.join(timeout=120)
         audit.record(self.sessions, audit.APPLICATION_STOP, "success", f"mr2ct {self.role}")

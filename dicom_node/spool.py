@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 import re
 import secrets
+import struct
+import threading
+from collections.abc import Sequence
 from pathlib import Path
+
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from synthesis.errors import InvalidInstance, Mr2ctError
 
@@ -35,6 +39,45 @@ def require_uid(value: object, name: str) -> str:
     return str(value)
 
 
+def _element(group_element: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element of group 0002 (OB with the long length form)."""
+    tag = struct.pack("<HH", group_element >> 16, group_element & 0xFFFF)
+    if vr == b"OB":
+        return tag + vr + b"\x00\x00" + struct.pack("<I", len(value)) + value
+    return tag + vr + struct.pack("<H", len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_meta_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_uid: str) -> bytes:
+    """Preamble, "DICM" and the File Meta Information (PS3.10 7.1) for a data set received with
+    these UIDs: what pynetdicom's ``encode_file_meta(event.file_meta)`` gives, without building
+    and encoding a pydicom data set for every instance. The UIDs must be valid (checked first)."""
+    elements = b"".join((
+        _element(0x00020001, b"OB", b"\x00\x01"),
+        _element(0x00020002, b"UI", _padded(sop_class_uid, b"\x00")),
+        _element(0x00020003, b"UI", _padded(sop_instance_uid, b"\x00")),
+        _element(0x00020010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
+        _element(0x00020012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+        _element(0x00020013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+    ))
+    return b"\x00" * 128 + b"DICM" + _element(0x00020000, b"UL", struct.pack("<I", len(elements))) + elements
+
+
+def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
+    views = [memoryview(chunk) for chunk in chunks if chunk]
+    while views:
+        written = os.writev(fd, views)
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views:
+            views[0] = views[0][written:]
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -48,42 +91,69 @@ class Spool:
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.min_free_bytes = min_free_bytes
+        # Series folders known to exist and to be durable (their creation fsynced up to the root):
+        # the hot path then makes no stat or mkdir call per instance.
+        self._durable_folders: set[Path] = set()
+        self._folders_lock = threading.Lock()
 
     def check_space(self, needed: int) -> None:
-        free = shutil.disk_usage(self.root).free
+        stat = os.statvfs(self.root)
+        free = stat.f_bavail * stat.f_frsize
         if free - needed < self.min_free_bytes:
             raise SpoolFull(f"spool {self.root} has {free // 2**20} MiB free, keeps at least {self.min_free_bytes // 2**20} MiB (spool_min_free_mb)")
 
     def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """The spool path of an instance. Each UID must pass ``require_uid`` first: digits and dots
+        only, never a leading dot, so no component can be ``..``, hold a separator or name a
+        temporary file; that is what keeps every path inside the spool."""
         parts = [require_uid(study_uid, "StudyInstanceUID"), require_uid(series_uid, "SeriesInstanceUID"), require_uid(sop_uid, "SOPInstanceUID")]
-        path = self.root.joinpath(parts[0], parts[1], parts[2] + ".dcm")
-        if self.root not in path.resolve().parents:  # belt and braces: the regex already forbids it
-            raise InvalidInstance(f"refusing to write outside the spool: {sop_uid!r}")
-        return path
+        return self.root.joinpath(parts[0], parts[1], parts[2] + ".dcm")
 
-    def write(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes) -> Path:
-        """Write to a temporary name, fsync, rename into place, fsync the folder. Returns the final path."""
+    def _ensure_folder(self, folder: Path) -> None:
+        """Create the study/series folders once and make their entries durable."""
+        if folder in self._durable_folders:
+            return
+        with self._folders_lock:
+            if folder in self._durable_folders:
+                return
+            study = folder.parent
+            study_created = not study.exists()
+            created = not folder.exists()
+            folder.mkdir(parents=True, exist_ok=True)
+            if created:
+                _fsync_dir(study)
+            if study_created:
+                _fsync_dir(self.root)
+            if len(self._durable_folders) >= 100_000:  # a bound on memory over months of series
+                self._durable_folders.clear()
+            self._durable_folders.add(folder)
+
+    def write(self, study_uid: str, series_uid: str, sop_uid: str, data: bytes | Sequence[bytes]) -> Path:
+        """Write to a temporary name, sync, rename into place, fsync the folder. Returns the final path.
+
+        ``data`` may come in pieces (a file meta header and the data set as received): they go down
+        in one ``writev`` on a file opened with O_DSYNC, so the write and its sync are one call.
+        A re-sent instance replaces the earlier file atomically.
+        """
         final = self.path_for(study_uid, series_uid, sop_uid)
-        self.check_space(len(data))
+        chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+        self.check_space(sum(len(chunk) for chunk in chunks))
         folder = final.parent
-        created = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
+        self._ensure_folder(folder)
         tmp = folder / f".{sop_uid}.{secrets.token_hex(4)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                os.fsync(fd)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DSYNC, 0o640)
+            except FileNotFoundError:  # the folder was removed behind our back: make it again
+                self._durable_folders.discard(folder)
+                self._ensure_folder(folder)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DSYNC, 0o640)
+            try:
+                _write_all(fd, chunks)
             finally:
                 os.close(fd)
             os.replace(tmp, final)
             _fsync_dir(folder)
-            if created:
-                _fsync_dir(folder.parent)
-                _fsync_dir(self.root)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
