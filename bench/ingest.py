@@ -1,6 +1,9 @@
 """Ingest throughput: one storescu sends the same 500-instance 256x256 MR series to
 (a) dcmtk storescp, (b) a bare pynetdicom storescp that fsyncs, (c) Orthanc, (d) mr2ct serve
 (durable spool + database), alternating, repeated; prints medians of instances/s and ratios.
+A fifth peer, (b') the bare pynetdicom storescp following the node's durability protocol
+(temporary name, fsync, rename, fsync of the folder), splits the node's cost into the
+protocol's and the node's own (validation, database): ``node_over_pynetdicom_same_protocol``.
 
 Every process gets TCP_NODELAY=1. Last line: one JSON object with node_over_pynetdicom,
 node_over_orthanc, node_over_dcmtk (and the medians).
@@ -67,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mr2ct-bench-ingest-"))
     series = write_mr_series(work / "series", seed=1, slices=args.instances, size=256, pixel_spacing=1.0, slice_spacing=0.5)
-    rates: dict[str, list[float]] = {"dcmtk": [], "pynetdicom": [], "orthanc": [], "node": []}
+    rates: dict[str, list[float]] = {"dcmtk": [], "pynetdicom": [], "pynetdicom_rename": [], "orthanc": [], "node": []}
     procs: list[subprocess.Popen] = []
     orthanc = OrthancServer(work / "orthanc", free_port(), free_port(), modalities={"bench": ["BENCH", "127.0.0.1", 104]})
     node: NodeServer | None = None
@@ -83,6 +86,12 @@ def main() -> None:
                                 env=nodelay_env(), stdout=subprocess.DEVNULL)
         procs.append(bare)
         _wait_listening(bare, bare_port)
+        rename_port = free_port()
+        bare_rename = subprocess.Popen(
+            [sys.executable, str(ROOT / "bench" / "_bare_storescp.py"), str(rename_port), str(work / "bare-rename"), "--rename"],
+            env=nodelay_env(), stdout=subprocess.DEVNULL)
+        procs.append(bare_rename)
+        _wait_listening(bare_rename, rename_port)
         orthanc.start()
         node_port = free_port()
         node = NodeServer(work / "node", {
@@ -92,7 +101,7 @@ def main() -> None:
         }, node_port)
         node.start()
         peers = {
-            "dcmtk": (dcmtk_port, "STORESCP"), "pynetdicom": (bare_port, "BARE"),
+            "dcmtk": (dcmtk_port, "STORESCP"), "pynetdicom": (bare_port, "BARE"), "pynetdicom_rename": (rename_port, "BARE"),
             "orthanc": (orthanc.dicom_port, orthanc.aet), "node": (node_port, "MR2CT"),
         }
         for name, (port, called) in peers.items():  # warm-up (and the first write of each instance)
@@ -101,7 +110,7 @@ def main() -> None:
             for name, (port, called) in peers.items():
                 seconds = timed_send(series.folder, port, called)
                 rates[name].append(args.instances / seconds)
-                print(f"repeat {repeat + 1}: {name:10s} {args.instances / seconds:8.1f} instances/s", flush=True)
+                print(f"repeat {repeat + 1}: {name:18s} {args.instances / seconds:8.1f} instances/s", flush=True)
     finally:
         if node is not None:
             node.stop()
@@ -112,12 +121,14 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"\nmachine: {platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}")
     for name, value in med.items():
-        print(f"median {name:10s} {value:8.1f} instances/s")
+        print(f"median {name:18s} {value:8.1f} instances/s")
     result = {
         "node_over_pynetdicom": round(med["node"] / med["pynetdicom"], 3),
         "node_over_orthanc": round(med["node"] / med["orthanc"], 3),
         "node_over_dcmtk": round(med["node"] / med["dcmtk"], 3),
+        "node_over_pynetdicom_same_protocol": round(med["node"] / med["pynetdicom_rename"], 3),
         "node_per_s": round(med["node"], 1), "pynetdicom_per_s": round(med["pynetdicom"], 1),
+        "pynetdicom_rename_per_s": round(med["pynetdicom_rename"], 1),
         "orthanc_per_s": round(med["orthanc"], 1), "dcmtk_per_s": round(med["dcmtk"], 1),
         "instances": args.instances, "repeats": args.repeats,
     }
