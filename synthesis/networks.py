@@ -13,6 +13,16 @@ import torch
 from torch import nn
 
 
+def full_precision(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run ``layer`` in fp32 even under autocast. A generator's output layer is mapped to HU: in
+    bf16 its 8-bit mantissa would quantise the tanh output to steps of ~8 HU near the ends of
+    the range, for a layer that holds a fraction of a percent of the FLOPs."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return layer(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return layer(x.float())
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -68,7 +78,7 @@ class ResnetGenerator(nn.Module):
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return full_precision(self.model[-3:], self.model[:-3](x))  # pad, output convolution, tanh
 
 
 class UnetGenerator(nn.Module):
@@ -106,7 +116,7 @@ class UnetGenerator(nn.Module):
         for i, layer in enumerate(self.up):
             y = layer(y)
             y = torch.cat([y, skips.pop()], dim=1)
-        return self.out(y)
+        return full_precision(self.out, y)
 
 
 class PaperDiscriminator(nn.Module):
