@@ -74,10 +74,10 @@ class Node:
             model = load_model(s.model_file)
             device = choose_device(s.device)
             self.device_label, self.model_sha256 = device.label, model.sha256
-            log.info("device=%s reason=%s precision=%s", device.label, device.reason, s.precision)
+            log.info("device=%s reason=%s precision=%s torch_compile=%s", device.label, device.reason, s.precision, s.torch_compile)
             log.info("model=%s sha256=%s architecture=%s", s.model_file.name, model.short_digest, model.card["architecture"])
             store = OrthancStore(s.orthanc_url, s.orthanc_username, password)
-            worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size, s.precision)
+            worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size, s.precision, s.torch_compile)
             requeue_orphaned_jobs(self.sessions, worker.worker_id)
             self._thread("worker", worker.loop, self.stop_event, s.poll_seconds)
             log.info("worker ready id=%s", worker.worker_id)

@@ -51,6 +51,7 @@ class Settings(BaseSettings):
     cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (default: torch's choice)")
     precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="inference precision; auto: bf16 on CUDA and bf16-capable CPUs")
     batch_size: int = Field(0, ge=0, le=1024, description="slices per inference batch (0: sized to the GPU's free memory; 8 on CPU)")
+    torch_compile: bool = Field(False, description="run the generator through torch.compile (faster jobs; each new grid size compiles once, tens of seconds on a CPU)")
     stable_seconds: float = Field(10.0, gt=0, le=86400, description="a series is complete after this long without new instances")
     uid_root: str = Field("1.2.826.0.1.3680043.8.498.", description="root of the UIDs mr2ct writes (ends with a dot)")
     poll_seconds: float = Field(0.5, gt=0, le=60, description="how often the stability monitor and worker look for work")

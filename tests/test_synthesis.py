@@ -204,3 +204,14 @@ def test_batch_size_zero_is_sized_automatically(tiny_model: Path) -> None:
     assert synthesize(voxels, (4.0, 4.0), model, device, batch_size=0).shape == voxels.shape
     with pytest.raises(ValueError, match="batch_size"):
         synthesize(voxels, (4.0, 4.0), model, device, batch_size=-1)
+
+
+def test_compiled_inference_gives_the_sct_of_eager_inference(tiny_model: Path) -> None:
+    """torch_compile is a speed setting: the sCT must not change with it."""
+    model = load_model(tiny_model)
+    voxels = np.random.default_rng(5).uniform(0, 800, (3, 40, 48)).astype(np.float32)
+    device = choose_device("cpu").device
+    eager = synthesize(voxels, (4.0, 4.0), model, device, batch_size=3, precision="fp32")
+    fused = synthesize(voxels, (4.0, 4.0), model, device, batch_size=3, precision="fp32", compile=True)
+    assert fused.shape == eager.shape
+    assert float(np.abs(fused - eager).max()) < 1.0  # HU
