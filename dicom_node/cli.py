@@ -66,6 +66,7 @@ def train(
     checkpoint_every: Annotated[Optional[int], typer.Option(help="epochs between checkpoints (0: end only)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/checkpoint.pt")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 (autocast forward passes; GPUs and bf16-capable CPUs)")] = None,
 ) -> None:
     """Train the CycleGAN on generated phantom heads (unpaired MR and CT pools)."""
     import torch
@@ -87,6 +88,7 @@ def train(
                 crop_size=crop_size, pixel_spacing_mm=pixel_spacing, ngf=ngf, n_blocks=n_blocks, ndf=ndf,
                 cycle_loss=cycle_loss, adversarial_loss=adversarial_loss, identity_weight=identity_weight,
                 lr_decay_start=lr_decay_start, generator=generator, discriminator=discriminator, checkpoint_every=checkpoint_every,
+                precision=precision,
             ),
         )
     except (ValueError, TypeError) as exc:

@@ -83,6 +83,7 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None
     data: str | None = None  # a dataset cache from `mr2ct pull`; None: generated phantoms
+    precision: str = "fp32"  # or "bf16": forward passes under bf16 autocast (GPUs, CPUs with AMX/AVX-512 bf16)
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs", "steps_per_epoch", "generator_iterations", "discriminator_iterations"):
@@ -92,6 +93,8 @@ class TrainConfig:
             raise ValueError(f"cycle_loss must be 'mae' or 'mse', got {self.cycle_loss!r}")
         if self.adversarial_loss not in ("lsgan", "bce", "wgan-gp"):
             raise ValueError(f"adversarial_loss must be 'lsgan', 'bce' or 'wgan-gp', got {self.adversarial_loss!r}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
         if self.generator not in ("resnet", "unet"):
             raise ValueError(f"generator must be 'resnet' or 'unet', got {self.generator!r}")
         if self.discriminator not in ("patch", "paper"):
@@ -306,6 +309,10 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         images[flip] = images[flip][..., ::-1]
         return torch.from_numpy(np.ascontiguousarray(images)).to(dev)
 
+    def autocast() -> torch.autocast:
+        """Forward passes in bf16 when asked; losses and optimiser state stay fp32 (no scaler needed)."""
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
     wgan = cfg.adversarial_loss == "wgan-gp"
     adv = nn.MSELoss() if cfg.adversarial_loss == "lsgan" else nn.BCEWithLogitsLoss()
 
@@ -314,8 +321,8 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
 
     def d_loss(d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
         if wgan:
-            return d(fake).mean() - d(real).mean() + cfg.gradient_penalty * _gradient_penalty(d, real, fake)
-        pr, pf = d(real), d(fake)
+            return d(fake).float().mean() - d(real).float().mean() + cfg.gradient_penalty * _gradient_penalty(d, real, fake)
+        pr, pf = d(real).float(), d(fake).float()
         return 0.5 * (adv(pr, torch.ones_like(pr)) + adv(pf, torch.zeros_like(pf)))
 
     started = time.monotonic()
@@ -333,20 +340,23 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
             for _ in bar:
                 real_a, real_b = batch(mr_pool), batch(ct_pool)
                 for _ in range(cfg.generator_iterations):
-                    fake_b, fake_a = g_ab_t(real_a), g_ba_t(real_b)
-                    rec_a, rec_b = g_ba_t(fake_b), g_ab_t(fake_a)
-                    loss_aba, loss_bab = cyc(rec_a, real_a), cyc(rec_b, real_b)
-                    adv_ab, adv_ba = g_adv(d_b_t(fake_b)), g_adv(d_a_t(fake_a))
-                    loss_g = adv_ab + adv_ba + cfg.lambda_ABA * loss_aba + cfg.lambda_BAB * loss_bab
-                    if cfg.identity_weight > 0:
-                        loss_g = loss_g + cfg.identity_weight * (cfg.lambda_ABA * cyc(g_ba_t(real_a), real_a) + cfg.lambda_BAB * cyc(g_ab_t(real_b), real_b))
+                    with autocast():
+                        fake_b, fake_a = g_ab_t(real_a), g_ba_t(real_b)
+                        rec_a, rec_b = g_ba_t(fake_b), g_ab_t(fake_a)
+                        loss_aba, loss_bab = cyc(rec_a.float(), real_a), cyc(rec_b.float(), real_b)
+                        adv_ab, adv_ba = g_adv(d_b_t(fake_b).float()), g_adv(d_a_t(fake_a).float())
+                        loss_g = adv_ab + adv_ba + cfg.lambda_ABA * loss_aba + cfg.lambda_BAB * loss_bab
+                        if cfg.identity_weight > 0:
+                            loss_g = loss_g + cfg.identity_weight * (
+                                cfg.lambda_ABA * cyc(g_ba_t(real_a).float(), real_a) + cfg.lambda_BAB * cyc(g_ab_t(real_b).float(), real_b))
                     opt_g.zero_grad(set_to_none=True)
                     loss_g.backward()
                     opt_g.step()
                 for _ in range(cfg.discriminator_iterations):
-                    pa, pb = pool_a.query(fake_a), pool_b.query(fake_b)
-                    loss_da = d_loss(d_a_t, real_a, pa.detach())
-                    loss_db = d_loss(d_b_t, real_b, pb.detach())
+                    pa, pb = pool_a.query(fake_a.float()), pool_b.query(fake_b.float())
+                    with autocast():
+                        loss_da = d_loss(d_a_t, real_a, pa.detach())
+                        loss_db = d_loss(d_b_t, real_b, pb.detach())
                     opt_d.zero_grad(set_to_none=True)
                     (loss_da + loss_db).backward()
                     opt_d.step()
