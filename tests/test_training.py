@@ -92,6 +92,7 @@ def test_resume_refuses_a_checkpoint_made_with_other_parameters(tmp_path: Path) 
     ["--adversarial-loss", "wgan-gp"],
     ["--adversarial-loss", "bce", "--discriminator", "paper", "--cycle-loss", "mse"],
     ["--generator", "unet", "--identity-weight", "0.5", "--lr-decay-start", "1", "--generator-iterations", "2", "--discriminator-iterations", "2"],
+    ["--precision", "bf16"],
 ])
 def test_loss_and_architecture_options_train_to_a_loadable_model(tmp_path: Path, args: list[str]) -> None:
     result = _train(tmp_path / "run", "--epochs", "2", *args)
