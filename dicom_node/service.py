@@ -19,7 +19,8 @@ import torch
 from dicom_node import audit
 from dicom_node.db import init_db
 from dicom_node.forwarder import forward_loop
-from dicom_node.ingest import Ingest, Recorder, SelectionRules
+from dicom_node.ingest import Ingest, SelectionRules
+from dicom_node.recorder import Recorder
 from dicom_node.recovery import recover_spool, requeue_orphaned_jobs
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.scp import StoreSCP

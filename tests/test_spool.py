@@ -38,3 +38,18 @@ def test_write_is_complete_and_leaves_no_temporary_file(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == [path.name]
     spool.write(STUDY, SERIES, SOP, b"second")  # a re-send replaces atomically
     assert path.read_bytes() == b"second"
+
+
+@pytest.mark.parametrize("sop_class, sop_uid, transfer_syntax", [
+    ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.45", "1.2.840.10008.1.2.1"),  # odd-length UIDs get a NUL pad
+    ("1.2.840.10008.5.1.4.1.1.4.1", "1.2.3.4", "1.2.840.10008.1.2"),
+    ("1.2.840.10008.5.1.4.1.1.4.4", "2.25." + "9" * 59, "1.2.840.10008.1.2.4.90"),
+])
+def test_the_file_meta_header_is_what_pynetdicom_writes(sop_class: str, sop_uid: str, transfer_syntax: str) -> None:
+    """The spool files carry the header pynetdicom's encoded_dataset() would give, byte for byte."""
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from dicom_node.spool import file_meta_header
+
+    expected = b"\x00" * 128 + b"DICM" + encode_file_meta(create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_uid, transfer_syntax=transfer_syntax))
+    assert file_meta_header(sop_class, sop_uid, transfer_syntax) == expected

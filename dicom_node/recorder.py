@@ -1,0 +1,205 @@
+"""Database rows for spooled instances: recorded in batches, group-committed behind the spool."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.models import Instance, Series
+
+if TYPE_CHECKING:
+    from dicom_node.ingest import ReceivedInstance
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SpooledInstance:
+    """An instance that is durably in the spool and waits for (or has) its database row."""
+
+    info: ReceivedInstance
+    path: Path
+    size: int
+    transfer_syntax: str
+    calling_ae: str
+    association_id: int | None
+    received_at: datetime
+
+
+def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) -> None:
+    """Record spooled instances (new or re-sent) in one transaction and wake their series up.
+
+    A SOP Instance UID sent twice counts once; the later arrival wins (its file replaced the
+    earlier one atomically in the spool).
+    """
+    latest: dict[str, SpooledInstance] = {}
+    for item in items:
+        latest.pop(item.info.sop_instance_uid, None)
+        latest[item.info.sop_instance_uid] = item
+    with sessions.begin() as session:
+        existing = {
+            row.sop_instance_uid: row
+            for chunk in _chunks(list(latest), 500)
+            for row in session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(chunk)))
+        }
+        touched: dict[str, Series] = {}
+        for uid, item in latest.items():
+            info = item.info
+            series = touched.get(info.series_uid)
+            if series is None:
+                series = session.get(Series, info.series_uid, with_for_update=True)
+                if series is None:
+                    series = Series(
+                        series_instance_uid=info.series_uid, study_instance_uid=info.study_uid, modality=info.modality,
+                        calling_ae=item.calling_ae, instance_count=0, first_received_at=item.received_at,
+                        last_received_at=item.received_at, state="receiving", series_description=info.series_description,
+                        orientation=info.orientation, patient_id=info.patient_id,
+                    )
+                    session.add(series)
+                    session.flush()
+                touched[info.series_uid] = series
+            row = existing.get(uid)
+            if row is None:
+                session.add(
+                    Instance(
+                        sop_instance_uid=uid, sop_class_uid=info.sop_class_uid, series_instance_uid=info.series_uid,
+                        transfer_syntax_uid=item.transfer_syntax, path=str(item.path), size_bytes=item.size,
+                        association_id=item.association_id, received_at=item.received_at, forward_next_at=item.received_at,
+                    )
+                )
+                series.instance_count += 1
+            else:  # a re-send: the spool file was replaced atomically; the count stays
+                row.received_at, row.size_bytes, row.association_id = item.received_at, item.size, item.association_id
+                row.transfer_syntax_uid = item.transfer_syntax
+                row.forwarded_at, row.forward_attempts, row.forward_next_at = None, 0, item.received_at
+            if series.last_received_at is None or _aware(series.last_received_at) < item.received_at:
+                series.last_received_at = item.received_at
+            if series.state != "receiving":
+                series.state, series.reason = "receiving", None
+
+
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands back naive datetimes for timezone-aware columns; they are UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def _chunks(values: list[str], size: int) -> list[list[str]]:
+    return [values[start:start + size] for start in range(0, len(values), size)]
+
+
+class Recorder:
+    """Group commit of instance rows behind the durable spool.
+
+    The spool (fsynced, renamed, folder fsynced) is the truth and is complete before the sender
+    hears Success; the database row follows a few milliseconds later, many rows per transaction,
+    written by this one thread while the association threads wait for the network. A crash in
+    between loses no instance: start-up recovery records every spool file the database does
+    not know. ``flush`` waits until everything submitted so far is committed (the SCP calls it
+    before it answers an A-RELEASE, so a sender that sees its association released finds every
+    instance it sent in the database).
+    """
+
+    def __init__(
+        self, sessions: sessionmaker[Session], max_batch: int = 512, max_backlog: int = 20_000, window_seconds: float = 0.2,
+    ) -> None:
+        self.sessions = sessions
+        self.max_batch = max_batch
+        self.max_backlog = max_backlog
+        # Rows wait up to this long for company: one transaction for a burst of instances costs
+        # the association threads (and the GIL) far less than one per instance.
+        self.window_seconds = window_seconds
+        self._pending: list[SpooledInstance] = []
+        self._oldest = 0.0
+        self._flush_requested = 0
+        self._submitted = 0
+        self._committed = 0
+        self._condition = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="recorder", daemon=True)
+        self._thread.start()
+
+    @property
+    def backlog(self) -> int:
+        with self._condition:
+            return self._submitted - self._committed
+
+    def submit(self, item: SpooledInstance) -> None:
+        with self._condition:
+            if not self._pending:
+                self._oldest = time.monotonic()
+            self._pending.append(item)
+            self._submitted += 1
+            if len(self._pending) >= self.max_batch:
+                self._condition.notify_all()
+
+    def flush(self, timeout: float = 120.0) -> bool:
+        """Wait until every instance submitted before this call is committed; False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._condition:
+            target = self._submitted
+            if self._committed >= target:
+                return True
+            self._flush_requested += 1
+            self._condition.notify_all()
+            try:
+                while self._committed < target:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        log.error("database rows lag behind the spool backlog=%d", self._submitted - self._committed)
+                        return False
+                    self._condition.wait(remaining)
+            finally:
+                self._flush_requested -= 1
+        return True
+
+    def stop(self, timeout: float = 120.0) -> None:
+        self.flush(timeout)
+        with self._condition:
+            self._stopping = True
+            self._condition.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        failures = 0
+        while True:
+            with self._condition:
+                while True:
+                    if not self._pending:
+                        if self._stopping:
+                            return
+                        self._condition.wait()
+                        continue
+                    due = self._oldest + self.window_seconds - time.monotonic()
+                    if due <= 0 or self._flush_requested or self._stopping or len(self._pending) >= self.max_batch:
+                        break
+                    self._condition.wait(due)
+                batch = self._pending[: self.max_batch]
+            try:
+                record_batch(self.sessions, batch)
+            except Exception as exc:  # the database is busy or down: the rows wait, the files are safe
+                failures += 1
+                delay = min(5.0, 0.05 * 2 ** min(failures, 7))
+                log.error("recording %d spooled instance(s) failed (attempt %d, again in %.2fs): %s", len(batch), failures, delay, exc)
+                if self._stopping and failures >= 5:
+                    log.error("giving up on %d row(s) at stop; start-up recovery records them from the spool", len(self._pending))
+                    with self._condition:
+                        self._committed += len(self._pending)
+                        self._pending.clear()
+                        self._condition.notify_all()
+                    return
+                time.sleep(delay)
+                continue
+            failures = 0
+            with self._condition:
+                del self._pending[: len(batch)]
+                self._oldest = time.monotonic()
+                self._committed += len(batch)
+                self._condition.notify_all()

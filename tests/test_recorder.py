@@ -1,0 +1,51 @@
+"""Database rows follow the durable spool by group commit: none lost, re-sends counted once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import func, select
+
+from dicom_node.db import init_db
+from dicom_node.ingest import ReceivedInstance
+from dicom_node.models import Instance, Series, utcnow
+from dicom_node.recorder import Recorder, SpooledInstance
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+
+
+def _item(sop: str, series: str = "1.2.3.4") -> SpooledInstance:
+    info = ReceivedInstance(MR, sop, "1.2.3", series, "MR", "T1", "axial", "patient")
+    return SpooledInstance(info, Path(f"/spool/{sop}.dcm"), 100, "1.2.840.10008.1.2.1", "SCANNER", None, utcnow())
+
+
+def test_flush_returns_once_every_submitted_row_is_committed_and_resends_count_once(tmp_path: Path) -> None:
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    recorder = Recorder(sessions, window_seconds=30)  # a long window: only flush commits here
+    try:
+        for i in range(300):
+            recorder.submit(_item(f"1.2.3.4.{i}"))
+        recorder.submit(_item("1.2.3.4.7"))  # a re-send of an instance already waiting
+        recorder.submit(_item("1.2.3.5.1", series="1.2.3.5"))
+        assert recorder.flush(timeout=60)
+        assert recorder.backlog == 0
+        with sessions() as session:
+            assert session.scalar(select(func.count()).select_from(Instance)) == 301
+            counts = dict(session.execute(select(Series.series_instance_uid, Series.instance_count)).all())
+        assert counts == {"1.2.3.4": 300, "1.2.3.5": 1}
+        recorder.submit(_item("1.2.3.4.0"))  # re-sent after it was committed: still one row
+        assert recorder.flush(timeout=60)
+        with sessions() as session:
+            assert session.get(Series, "1.2.3.4").instance_count == 300
+    finally:
+        recorder.stop()
+
+
+def test_stop_commits_what_is_still_waiting(tmp_path: Path) -> None:
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    recorder = Recorder(sessions, window_seconds=30)
+    for i in range(20):
+        recorder.submit(_item(f"1.2.3.4.{i}"))
+    recorder.stop()
+    with sessions() as session:
+        assert session.scalar(select(func.count()).select_from(Instance)) == 20
