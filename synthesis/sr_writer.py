@@ -20,6 +20,7 @@ from pydicom.uid import CTImageStorage
 
 import synthesis
 from synthesis.ct_writer import MANUFACTURER, SyntheticCTSeries, contributing_equipment, copy_patient_and_study
+from synthesis.infer import GUIDE_EPS, GUIDE_RADIUS
 from synthesis.uids import derived_uid
 
 # Standard DCM concepts only (no private coding scheme for validators to flag).
@@ -60,6 +61,8 @@ def model_parameters(card: dict[str, Any]) -> dict[str, str]:
         "normalization": f"{norm.get('method', '?')}:{norm.get('low', '?')}-{norm.get('high', '?')}",
         "n4_bias_correction": "on" if card.get("n4_bias_correction") else "off",
         "hu_range": ",".join(str(v) for v in card.get("hu_range", [])),
+        "model_grid_mm": str(card.get("pixel_spacing_mm", "")),
+        "back_to_mr_matrix": f"guided upsampling (radius {GUIDE_RADIUS}, eps {GUIDE_EPS}) from a coarser grid, else bilinear",
     }
 
 
