@@ -237,3 +237,19 @@ def test_guided_upsampling_keeps_an_mr_edge_sharp_and_flat_tissue_quiet() -> Non
     assert float((guided - truth)[..., edge].abs().mean()) < 0.75 * float((bilinear - truth)[..., edge].abs().mean())
     flat = guided[..., :, :20]
     assert float(flat.std()) < 0.01  # the MR noise is not copied into flat tissue
+
+
+def test_bf16_inference_stays_within_two_hu_of_fp32_inside_the_head(tmp_path: Path) -> None:
+    """bf16 is the default on bf16-capable machines: it must not move the sCT by more than noise."""
+    from synthesis.model_file import default_model_path
+
+    series = write_mr_series(tmp_path / "mr", seed=21, slices=6, size=256, pixel_spacing=1.0, slice_spacing=4.0)
+    voxels = np.stack([pydicom.dcmread(f).pixel_array for f in series.files]).astype(np.float32)
+    model = load_model(default_model_path())
+    device = choose_device("cpu").device
+    fp32 = synthesize(voxels, (1.0, 1.0), model, device, batch_size=6, precision="fp32")
+    bf16 = synthesize(voxels, (1.0, 1.0), model, device, batch_size=6, precision="bf16")
+    head = series.labels > 0
+    difference = float(np.abs(bf16 - fp32)[head].mean())
+    print(f"bf16 vs fp32 inside the head: {difference:.2f} HU")
+    assert difference < 2.0
