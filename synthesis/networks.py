@@ -13,27 +13,21 @@ import torch
 from torch import nn
 
 
-def full_precision(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run ``layer`` in fp32 under autocast or on bf16 activations (see ``bf16_copy``). A
-    generator's output layer is mapped to HU: in bf16 its 8-bit mantissa would quantise the tanh
-    output to steps of ~8 HU near the ends of the range, for a layer that holds a fraction of a
-    percent of the FLOPs."""
-    if x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type):
-        return layer(x)
-    with torch.autocast(x.device.type, enabled=False):
-        return layer(x.float())
+def fp32_tanh(pre_activation: torch.Tensor) -> torch.Tensor:
+    """A generator's final tanh, computed in fp32 whatever the precision of the layers before it.
+
+    The output is mapped to HU: a bf16 tanh output would be quantised to steps of ~6 HU near the
+    ends of the range (8-bit mantissa), while a bf16 *input* to an fp32 tanh costs well under
+    a HU (the tanh flattens exactly where bf16 steps are coarse)."""
+    return torch.tanh(pre_activation.float())
 
 
 def bf16_copy(generator: nn.Module) -> nn.Module:
     """A copy of a generator with bf16 weights, for bf16 inference without autocast's casts at
-    every layer (faster on CPUs and GPUs alike); its output convolution stays fp32. Feed it bf16
-    input; it returns fp32."""
+    every layer (faster on CPUs and GPUs alike). Feed it bf16 input; its tanh output is fp32."""
     import copy
 
-    twin = copy.deepcopy(generator).to(torch.bfloat16)
-    convolutions = [m for m in twin.modules() if isinstance(m, nn.Conv2d)]
-    convolutions[-1].float()  # the output layer, run by full_precision
-    return twin.eval()
+    return copy.deepcopy(generator).to(torch.bfloat16).eval()
 
 
 class ResnetBlock(nn.Module):
@@ -91,7 +85,7 @@ class ResnetGenerator(nn.Module):
         self.model = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return full_precision(self.model[-3:], self.model[:-3](x))  # pad, output convolution, tanh
+        return fp32_tanh(self.model[:-1](x))  # self.model[-1] is the nn.Tanh, applied here in fp32
 
 
 class UnetGenerator(nn.Module):
@@ -129,7 +123,7 @@ class UnetGenerator(nn.Module):
         for i, layer in enumerate(self.up):
             y = layer(y)
             y = torch.cat([y, skips.pop()], dim=1)
-        return full_precision(self.out, y)
+        return fp32_tanh(self.out[0](y))  # self.out[1] is the nn.Tanh, applied here in fp32
 
 
 class PaperDiscriminator(nn.Module):
