@@ -124,13 +124,16 @@ def main() -> None:
         port = free_port()
         node_dir = work / "kill"
         env = env_for(node_dir, port, orthanc, MR2CT_STABLE_SECONDS="3600")
-        s = write_mr_series(work / "kill-mr", seed=2100, slices=200, size=128, pixel_spacing=2.0, slice_spacing=1.0)
+        kill_slices = 400
+        s = write_mr_series(work / "kill-mr", seed=2100, slices=kill_slices, size=128, pixel_spacing=2.0, slice_spacing=0.5)
         node = NodeServer(node_dir, env, port)
         node.start()
         sender = subprocess.Popen(["storescu", "-v", "-aet", SCANNER_AE, "-aec", NODE_AE, "+sd", "127.0.0.1", str(port), str(s.folder)],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=nodelay_env())
-        while stored_count(env["MR2CT_DATABASE_URL"], s.series_uid) < 60:
-            time.sleep(0.1)
+        # Kill while the series arrives: watch the spool (database rows trail it by group commit).
+        spooled = Path(env["MR2CT_SPOOL_DIR"]) / s.study_uid / s.series_uid
+        while not spooled.is_dir() or len(list(spooled.glob("*.dcm"))) < 60:
+            time.sleep(0.01)
         node.kill()
         node.stop()
         acked_files = _acknowledged(sender.communicate(timeout=60)[0])
@@ -144,7 +147,7 @@ def main() -> None:
             time.sleep(3)
             peaks["kill -9 during arrival"] = peak_rss(restarted)
         dup = max(0, jobs_for(env["MR2CT_DATABASE_URL"], s.series_uid) - 1) + max(0, len(ct_series_counts(orthanc, s.study_uid)) - 1)
-        rows.append(row("kill -9 during arrival", 200, len(acked_files), kept, dup, faults=1, survived=int(job.state == "done")))
+        rows.append(row("kill -9 during arrival", kill_slices, len(acked_files), kept, dup, faults=1, survived=int(job.state == "done")))
 
         # 3. Orthanc down while results are stored.
         http_port, dicom_port = free_port(), free_port()
