@@ -187,7 +187,10 @@ class Recorder:
             except Exception as exc:  # the database is busy or down: the rows wait, the files are safe
                 failures += 1
                 delay = min(5.0, 0.05 * 2 ** min(failures, 7))
-                log.error("recording %d spooled instance(s) failed (attempt %d, again in %.2fs): %s", len(batch), failures, delay, exc)
+                # The driver's message only: SQLAlchemy's own text carries the statement's
+                # parameters, patient IDs among them, which must not reach a log line.
+                reason = f"{type(exc).__name__}: {getattr(exc, 'orig', exc)}"
+                log.error("recording %d spooled instance(s) failed (attempt %d, again in %.2fs): %s", len(batch), failures, delay, reason)
                 if self._stopping and failures >= 5:
                     log.error("giving up on %d row(s) at stop; start-up recovery records them from the spool", len(self._pending))
                     with self._condition:
