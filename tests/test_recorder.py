@@ -49,3 +49,21 @@ def test_stop_commits_what_is_still_waiting(tmp_path: Path) -> None:
     recorder.stop()
     with sessions() as session:
         assert session.scalar(select(func.count()).select_from(Instance)) == 20
+
+
+def test_a_failing_database_is_logged_without_patient_identifiers(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from sqlalchemy import text
+
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with sessions.begin() as session:  # every new series row is now refused by the database
+        session.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON series BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+    recorder = Recorder(sessions, window_seconds=0)
+    info = ReceivedInstance(MR, "1.2.3.4.1", "1.2.3", "1.2.3.4", "MR", "T1", "axial", "PAT-SECRET-42")
+    with caplog.at_level(logging.ERROR, logger="dicom_node.recorder"):
+        recorder.submit(SpooledInstance(info, Path("/spool/x.dcm"), 100, "1.2.840.10008.1.2.1", "SCANNER", None, utcnow()))
+        assert not recorder.flush(timeout=1.0)  # the row cannot be written; the caller hears so
+        recorder.stop(timeout=2.0)
+    assert "recording 1 spooled instance(s) failed" in caplog.text
+    assert "PAT-SECRET-42" not in caplog.text
