@@ -107,7 +107,12 @@ class Spool:
         only, never a leading dot, so no component can be ``..``, hold a separator or name a
         temporary file; that is what keeps every path inside the spool."""
         parts = [require_uid(study_uid, "StudyInstanceUID"), require_uid(series_uid, "SeriesInstanceUID"), require_uid(sop_uid, "SOPInstanceUID")]
-        return self.root.joinpath(parts[0], parts[1], parts[2] + ".dcm")
+        path = self.root.joinpath(parts[0], parts[1], parts[2] + ".dcm")
+        # Belt and braces, in string arithmetic only (no system call on the hot path): exactly
+        # three levels below the root, nothing for the OS to resolve.
+        if path.parent.parent.parent != self.root or os.path.normpath(path) != str(path):
+            raise InvalidInstance(f"refusing to write outside the spool: {sop_uid!r}")
+        return path
 
     def _ensure_folder(self, folder: Path) -> None:
         """Create the study/series folders once and make their entries durable."""
