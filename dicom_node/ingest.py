@@ -233,7 +233,7 @@ class Ingest:
     """Spools and records instances; shared by all SCP association threads.
 
     With a ``Recorder`` the database rows are group-committed behind the spool; without one
-    (recovery, the API's one-off imports) each instance is recorded before ``store`` returns.
+    (the API's one-off imports) each instance is recorded before ``store`` returns.
     """
 
     def __init__(self, spool: Spool, sessions: sessionmaker[Session], recorder: Recorder | None = None) -> None:
@@ -256,10 +256,6 @@ class Ingest:
         else:
             record_batch(self.sessions, [item])
         return path
-
-    def record(self, info: ReceivedInstance, path: Path, size: int, transfer_syntax: str, calling_ae: str, association_id: int | None) -> None:
-        """Record one spooled instance now (new or re-sent) and wake its series up."""
-        record_batch(self.sessions, [SpooledInstance(info, path, size, transfer_syntax, calling_ae, association_id, utcnow())])
 
     def flush(self, timeout: float = 120.0) -> bool:
         return self.recorder.flush(timeout) if self.recorder is not None else True

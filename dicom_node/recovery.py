@@ -14,22 +14,26 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.ingest import Ingest, validate
-from dicom_node.models import Instance, Job
+from dicom_node.ingest import validate
+from dicom_node.models import Instance, Job, utcnow
+from dicom_node.recorder import SpooledInstance, record_batch
+from dicom_node.spool import Spool
 from synthesis.errors import InvalidInstance
 
 log = logging.getLogger(__name__)
 
+RECOVERY_BATCH = 500
 
-def recover_spool(ingest: Ingest, sessions: sessionmaker[Session]) -> dict[str, int]:
-    spool = ingest.spool
+
+def recover_spool(spool: Spool, sessions: sessionmaker[Session]) -> dict[str, int]:
     removed = 0
     for tmp in spool.stray_temporaries():
         tmp.unlink(missing_ok=True)
         removed += 1
     with sessions() as session:
         known = set(session.scalars(select(Instance.path)).all())
-    recovered = unreadable = 0
+    found: list[SpooledInstance] = []
+    unreadable = 0
     for path in spool.instances():
         if str(path) in known:
             continue
@@ -42,8 +46,10 @@ def recover_spool(ingest: Ingest, sessions: sessionmaker[Session]) -> dict[str, 
             unreadable += 1
             log.warning("spool file not recoverable path=%s reason=%s", path.name, exc)
             continue
-        ingest.record(info, path, path.stat().st_size, str(ds.file_meta.TransferSyntaxUID), "recovered", None)
-        recovered += 1
+        found.append(SpooledInstance(info, path, path.stat().st_size, str(ds.file_meta.TransferSyntaxUID), "recovered", None, utcnow()))
+    for start in range(0, len(found), RECOVERY_BATCH):  # a transaction per batch, not per file
+        record_batch(sessions, found[start : start + RECOVERY_BATCH])
+    recovered = len(found)
     counts = {"recovered": recovered, "temporaries_removed": removed, "unrecoverable": unreadable}
     if recovered or removed or unreadable:
         audit.record(sessions, "spool-recovery", "warning" if unreadable else "success", "mr2ct start-up", **counts)

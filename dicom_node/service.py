@@ -86,7 +86,7 @@ class Node:
             if not s.allowed_aes:
                 log.warning("allowed_aes is empty: any calling AE title may store to %s", s.ae_title)
             spool = Spool(s.spool_dir, min_free_bytes=s.spool_min_free_mb * 2**20)
-            recover_spool(Ingest(spool, self.sessions), self.sessions)
+            recover_spool(spool, self.sessions)
             self.recorder = Recorder(self.sessions)
             ingest = Ingest(spool, self.sessions, self.recorder)
             on_released = None
