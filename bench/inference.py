@@ -157,8 +157,8 @@ def main() -> None:
             sr = build_provenance_sr(ct=ct, mr_headers=source.headers, uid_root="1.2.826.0.1.3680043.8.498.", processing_seconds=1.0, device_label=choice.label)
             out = work / "out"
             out.mkdir(exist_ok=True)
-            for ds in ct.datasets:
-                ds.save_as(out / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+            for i, sop_uid in enumerate(ct.sop_instance_uids):
+                (out / f"{sop_uid}.dcm").write_bytes(ct.encoded(i))
             sr.save_as(out / "sr.dcm", enforce_file_format=True)
 
         whole_s = best_of(whole, args.repeats, device)

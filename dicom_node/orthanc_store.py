@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from io import BytesIO
 
 from orthanc_api_client import OrthancApiClient
@@ -33,12 +34,13 @@ class OrthancStore:
         except Exception as exc:
             raise PacsUnavailable(f"Orthanc at {self.url} is not reachable: {exc}") from exc
 
-    def store(self, datasets: list[Dataset]) -> list[str]:
-        """Upload every data set; returns Orthanc instance ids. Re-storing the same UIDs replaces, never duplicates."""
+    def store(self, instances: Iterable[Dataset | bytes]) -> list[str]:
+        """Upload every instance (a data set, or one already encoded in DICOM file format); returns
+        Orthanc instance ids. Re-storing the same UIDs replaces, never duplicates."""
         ids = []
-        for ds in datasets:
+        for instance in instances:
             try:
-                ids.extend(self.client.upload(encode(ds)))
+                ids.extend(self.client.upload(instance if isinstance(instance, bytes) else encode(instance)))
             except HttpError as exc:
                 raise PacsUnavailable(f"Orthanc at {self.url} refused instance upload: HTTP {exc.http_status_code}") from exc
             except Exception as exc:

@@ -108,9 +108,9 @@ class Worker:
                 ct=ct, mr_headers=source.headers, uid_root=self.uid_root,
                 processing_seconds=time.perf_counter() - started, device_label=self.device.label,
             )
-            self.store.store(ct.datasets)
+            self.store.store(ct.encoded(i) for i in range(len(ct)))  # encoded lazily, one at a time
             self.store.store([sr])
-            self.store.verify(ct.series_instance_uid, len(ct.datasets))
+            self.store.verify(ct.series_instance_uid, len(ct))
             self.store.verify(str(sr.SeriesInstanceUID), 1)
         except (PacsUnavailable, StorageIncomplete) as exc:
             with self.sessions() as session:
@@ -145,7 +145,7 @@ class Worker:
             )
         audit.record(
             self.sessions, audit.INSTANCES_TRANSFERRED, "success", actor, study_uid=study_uid, series_uid=ct.series_instance_uid,
-            job_id=job_id, destination=self.store.url, instances=len(ct.datasets) + 1, sr_series_uid=str(sr.SeriesInstanceUID),
+            job_id=job_id, destination=self.store.url, instances=len(ct) + 1, sr_series_uid=str(sr.SeriesInstanceUID),
         )
         audit.record(
             self.sessions, audit.JOB_FINISHED, "success", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id,

@@ -9,9 +9,13 @@ DERIVED and synthetic; each slice names its MR source.
 from __future__ import annotations
 
 from datetime import datetime, timezone
+from functools import cached_property
 
 import numpy as np
+from pydicom.charset import default_encoding
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
 
@@ -49,14 +53,14 @@ def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
             setattr(target, keyword, "")
 
 
-def contributing_equipment(description: str) -> Sequence:
+def contributing_equipment(description: str, when: str | None = None) -> Sequence:
     item = Dataset()
     item.PurposeOfReferenceCodeSequence = Sequence([_code("109102", "DCM", "Processing Equipment")])
     item.Manufacturer = MANUFACTURER
     item.ManufacturerModelName = "mr2ct"
     item.SoftwareVersions = synthesis.__version__
     item.ContributionDescription = description[:1024]
-    item.ContributionDateTime = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
+    item.ContributionDateTime = when or datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
     return Sequence([item])
 
 
@@ -77,7 +81,6 @@ class SyntheticCTSeries:
             raise ValueError(f"uid_root must end with '.', got {uid_root!r}")
         self.source = source
         self.model = model
-        first = source.headers[0]
         src_series = source.series_instance_uid
         self.series_instance_uid = derived_uid(uid_root, src_series, model.sha256, "ct-series")
         self.sop_instance_uids = [derived_uid(uid_root, src_series, model.sha256, "ct", i) for i in range(len(source.headers))]
@@ -89,66 +92,131 @@ class SyntheticCTSeries:
             f"({model.card['architecture']} generator, model SHA-256 {model.sha256}) on {device_label}"
         )
         stored = np.clip(np.rint(hu), HU_MIN, HU_MAX) - RESCALE_INTERCEPT
-        stored = stored.astype(np.uint16)
-        source_series_number = int(first.get("SeriesNumber", 0) or 0)
-        self.datasets: list[Dataset] = []
-        for index, (mr, pixels) in enumerate(zip(source.headers, stored)):
+        self._stored = stored.astype(np.uint16)
+        self._date, self._time = date, time
+        self._description, self._derivation = description, derivation
+        self._equipment_datetime = now.strftime("%Y%m%d%H%M%S")
+        self._constant_encoded: list[tuple[int, bytes]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.sop_instance_uids)
+
+    def _constant(self) -> Dataset:
+        """Every element that is the same in all instances of the series (no file meta)."""
+        source, first = self.source, self.source.headers[0]
+        ds = Dataset()
+        copy_patient_and_study(first, ds)
+        ds.SOPClassUID = CTImageStorage
+        ds.InstanceCreationDate, ds.InstanceCreationTime = self._date, self._time
+        ds.Modality = "CT"
+        ds.SeriesInstanceUID = self.series_instance_uid
+        ds.SeriesNumber = int(first.get("SeriesNumber", 0) or 0) + 1000
+        ds.SeriesDescription = self._description
+        ds.SeriesDate, ds.SeriesTime = self._date, self._time
+        ds.PatientPosition = first.get("PatientPosition", "") or "HFS"
+        if "BodyPartExamined" in first:
+            ds.BodyPartExamined = first.BodyPartExamined
+        ds.FrameOfReferenceUID = source.volume.frame_of_reference_uid
+        ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
+        ds.Manufacturer = MANUFACTURER
+        ds.ManufacturerModelName = "mr2ct"
+        ds.SoftwareVersions = synthesis.__version__
+        ds.ContentDate, ds.ContentTime = self._date, self._time
+        ds.AcquisitionNumber = ""
+        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        ds.DerivationDescription = self._derivation[:1024]
+        ds.BurnedInAnnotation = "NO"
+        ds.SyntheticData = "YES"
+        ds.ContributingEquipmentSequence = contributing_equipment(self._derivation, self._equipment_datetime)
+        ds.ImageOrientationPatient = [_ds_float(v) for v in source.volume.orientation]
+        ds.PixelSpacing = [_ds_float(v) for v in source.volume.pixel_spacing]
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.Rows, ds.Columns = self._stored.shape[1:]
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = RESCALE_INTERCEPT, 1, "HU"
+        ds.KVP = ""
+        ds.WindowCenter = [w[1] for w in WINDOWS]
+        ds.WindowWidth = [w[2] for w in WINDOWS]
+        ds.WindowCenterWidthExplanation = [w[0] for w in WINDOWS]
+        return ds
+
+    def _varying(self, index: int) -> Dataset:
+        """The elements that differ from slice to slice: identity, source reference, position, pixels."""
+        source, mr = self.source, self.source.headers[index]
+        ds = Dataset()
+        ds.SOPInstanceUID = self.sop_instance_uids[index]
+        ds.InstanceNumber = index + 1
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = mr.SOPClassUID
+        ref.ReferencedSOPInstanceUID = mr.SOPInstanceUID
+        frame = source.frames[index] if source.frames else None
+        if frame is not None:
+            ref.ReferencedFrameNumber = frame
+        ref.PurposeOfReferenceCodeSequence = Sequence([_code("121322", "DCM", "Source image for image processing operation")])
+        ds.SourceImageSequence = Sequence([ref])
+        ds.ImagePositionPatient = [_ds_float(v) for v in source.volume.positions[index]]
+        thickness = source.slice_thickness[index] if source.slice_thickness else str(mr.get("SliceThickness", "") or "")
+        ds.SliceThickness = thickness or _ds_float(abs(source.volume.slice_spacing))
+        if "SliceLocation" in mr and frame is None:
+            ds.SliceLocation = mr.SliceLocation
+        ds.add_new(0x7FE00010, "OW", np.ascontiguousarray(self._stored[index]).tobytes())  # PixelData: 16-bit, so OW
+        return ds
+
+    def _file_meta(self, index: int) -> FileMetaDataset:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = self.sop_instance_uids[index]
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        return meta
+
+    def dataset(self, index: int) -> Dataset:
+        """The CT instance for MR slice ``index`` as a pydicom data set (a new object on every call)."""
+        ds = self._constant()
+        ds.update(self._varying(index))
+        ds.file_meta = self._file_meta(index)
+        return ds
+
+    @cached_property
+    def datasets(self) -> list[Dataset]:
+        """One CT instance per MR slice, as pydicom data sets (built on first use)."""
+        return [self.dataset(i) for i in range(len(self))]
+
+    def evidence(self) -> list[Dataset]:
+        """The four identifying attributes of every CT instance: what an SR needs to reference them."""
+        out = []
+        for sop_uid in self.sop_instance_uids:
             ds = Dataset()
-            sop_uid = self.sop_instance_uids[index]
-            meta = FileMetaDataset()
-            meta.MediaStorageSOPClassUID = CTImageStorage
-            meta.MediaStorageSOPInstanceUID = sop_uid
-            meta.TransferSyntaxUID = ExplicitVRLittleEndian
-            meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-            meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-            ds.file_meta = meta
-            copy_patient_and_study(first, ds)
-            ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
-            ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-            ds.Modality = "CT"
-            ds.SeriesInstanceUID = self.series_instance_uid
-            ds.SeriesNumber = source_series_number + 1000
-            ds.SeriesDescription = description
-            ds.SeriesDate, ds.SeriesTime = date, time
-            ds.PatientPosition = mr.get("PatientPosition", "") or "HFS"
-            if "BodyPartExamined" in mr:
-                ds.BodyPartExamined = mr.BodyPartExamined
-            ds.FrameOfReferenceUID = source.volume.frame_of_reference_uid
-            ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
-            ds.Manufacturer = MANUFACTURER
-            ds.ManufacturerModelName = "mr2ct"
-            ds.SoftwareVersions = synthesis.__version__
-            ds.InstanceNumber = index + 1
-            ds.ContentDate, ds.ContentTime = date, time
-            ds.AcquisitionNumber = ""
-            ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-            ds.DerivationDescription = derivation[:1024]
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = mr.SOPClassUID
-            ref.ReferencedSOPInstanceUID = mr.SOPInstanceUID
-            frame = source.frames[index] if source.frames else None
-            if frame is not None:
-                ref.ReferencedFrameNumber = frame
-            ref.PurposeOfReferenceCodeSequence = Sequence([_code("121322", "DCM", "Source image for image processing operation")])
-            ds.SourceImageSequence = Sequence([ref])
-            ds.BurnedInAnnotation = "NO"
-            ds.SyntheticData = "YES"
-            ds.ContributingEquipmentSequence = contributing_equipment(derivation)
-            ds.ImagePositionPatient = [_ds_float(v) for v in source.volume.positions[index]]
-            ds.ImageOrientationPatient = [_ds_float(v) for v in source.volume.orientation]
-            ds.PixelSpacing = [_ds_float(v) for v in source.volume.pixel_spacing]
-            thickness = source.slice_thickness[index] if source.slice_thickness else str(mr.get("SliceThickness", "") or "")
-            ds.SliceThickness = thickness or _ds_float(abs(source.volume.slice_spacing))
-            if "SliceLocation" in mr and (not source.frames or source.frames[index] is None):
-                ds.SliceLocation = mr.SliceLocation
-            ds.SamplesPerPixel = 1
-            ds.PhotometricInterpretation = "MONOCHROME2"
-            ds.Rows, ds.Columns = pixels.shape
-            ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-            ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = RESCALE_INTERCEPT, 1, "HU"
-            ds.KVP = ""
-            ds.WindowCenter = [w[1] for w in WINDOWS]
-            ds.WindowWidth = [w[2] for w in WINDOWS]
-            ds.WindowCenterWidthExplanation = [w[0] for w in WINDOWS]
-            ds.PixelData = np.ascontiguousarray(pixels).tobytes()
-            self.datasets.append(ds)
+            ds.StudyInstanceUID = self.source.headers[0].StudyInstanceUID
+            ds.SeriesInstanceUID, ds.SOPClassUID, ds.SOPInstanceUID = self.series_instance_uid, CTImageStorage, sop_uid
+            out.append(ds)
+        return out
+
+    def encoded(self, index: int) -> bytes:
+        """The CT instance for slice ``index`` in DICOM file format (Part 10, explicit VR little endian),
+        byte for byte what pydicom writes for :meth:`dataset` (tested), without building the whole
+        data set again: the elements shared by the series are encoded once and merged, in tag
+        order, with the few encoded per slice."""
+        if self._constant_encoded is None:
+            self._constant_encoded = _encode_elements(self._constant(), None)
+        charset = self.source.headers[0].get("SpecificCharacterSet")
+        varying = _encode_elements(self._varying(index), charset)
+        merged = b"".join(chunk for _, chunk in sorted(self._constant_encoded + varying, key=lambda pair: pair[0]))
+        head = DicomBytesIO()
+        head.write(b"\x00" * 128 + b"DICM")
+        write_file_meta_info(head, self._file_meta(index), enforce_standard=True)
+        return head.getvalue() + merged
+
+
+def _encode_elements(ds: Dataset, charset: str | list[str] | None) -> list[tuple[int, bytes]]:
+    """Each top-level element of ``ds`` encoded on its own (explicit VR little endian), with its tag."""
+    encoding = ds.get("SpecificCharacterSet", charset) or default_encoding
+    out = []
+    for elem in ds:
+        fp = DicomBytesIO()
+        fp.is_implicit_VR, fp.is_little_endian = False, True
+        write_data_element(fp, elem, encoding)
+        out.append((int(elem.tag), fp.getvalue()))
+    return out

@@ -129,7 +129,7 @@ def build_provenance_sr(
     first = mr_headers[0]
     unique_mr = list({mr.SOPInstanceUID: mr for mr in mr_headers}.values())
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*unique_mr, *ct.datasets],
+        evidence=[*unique_mr, *ct.evidence()],
         content=root,
         series_instance_uid=derived_uid(uid_root, src_series, model.sha256, "sr-series"),
         series_number=int(first.get("SeriesNumber", 0) or 0) + 2000,

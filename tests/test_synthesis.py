@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from io import BytesIO
 from pathlib import Path
 
 import highdicom as hd
@@ -119,6 +120,24 @@ def test_ct_uids_are_deterministic_and_change_with_the_model(tiny_model: Path, m
     other = SyntheticCTSeries(source=source, hu=hu, model=load_model(other_path), uid_root=ROOT, device_label="cpu")
     assert other.series_instance_uid != first.series_instance_uid
     assert not set(other.sop_instance_uids) & set(first.sop_instance_uids)
+
+
+def test_encoded_ct_instances_are_what_pydicom_writes_for_the_data_sets(tiny_model: Path, tmp_path: Path) -> None:
+    """The fast encoder (shared elements encoded once per series) must give pydicom's bytes for every
+    slice, Latin-1 patient name included, and read back to the HU that went in."""
+    series = write_mr_series(tmp_path / "mr", seed=4, slices=5, size=40, pixel_spacing=5.0, slice_spacing=8.0, patient_name="Müller^Jörg")
+    source = assemble([pydicom.dcmread(f) for f in series.files])
+    hu = np.random.default_rng(0).integers(-1024, 3072, source.volume.voxels.shape).astype(np.float32)
+    ct = SyntheticCTSeries(source=source, hu=hu, model=load_model(tiny_model), uid_root=ROOT, device_label="cpu")
+    for index, ds in enumerate(ct.datasets):
+        encoded = ct.encoded(index)
+        reference = BytesIO()
+        ds.save_as(reference, enforce_file_format=True)
+        assert encoded == reference.getvalue()
+        back = pydicom.dcmread(BytesIO(encoded))
+        assert back.SOPInstanceUID == ct.sop_instance_uids[index]
+        assert str(back.PatientName) == "Müller^Jörg"
+        assert np.array_equal(back.pixel_array.astype(np.float32) * float(back.RescaleSlope) + float(back.RescaleIntercept), hu[index])
 
 
 def test_ct_writer_refuses_a_volume_of_the_wrong_shape(tiny_model: Path, mr_series) -> None:
