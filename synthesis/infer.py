@@ -8,6 +8,7 @@ coarser than the MR, the way back is a guided upsampling with the MR as guide.
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -109,12 +110,16 @@ def prepared(generator: torch.nn.Module, bf16: bool, compile: bool) -> Callable[
     ``torch.compile`` of it (Inductor fuses the normalisation, activation and padding around each
     convolution; ~2x on this CPU); the first batch of each new grid size pays the compilation.
     """
+    if not bf16 and not compile:
+        return generator
     key = (bf16, compile, str(next(generator.parameters()).device))  # a copy lives on its device
     with _prepare_lock:
         variants = _prepared.setdefault(generator, {})
         fn = variants.get(key)
         if fn is None:
-            net = bf16_copy(generator) if bf16 else generator
+            # A copy, never the generator itself: a cached value that referred to its own weak key
+            # would keep every model the node ever loaded alive.
+            net = bf16_copy(generator) if bf16 else copy.deepcopy(generator)
             fn = variants[key] = torch.compile(net, dynamic=False) if compile else net
         return fn
 

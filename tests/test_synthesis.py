@@ -258,6 +258,23 @@ def test_guided_upsampling_keeps_an_mr_edge_sharp_and_flat_tissue_quiet() -> Non
     assert float(flat.std()) < 0.01  # the MR noise is not copied into flat tissue
 
 
+def test_prepared_generators_do_not_keep_a_replaced_model_alive() -> None:
+    """The node swaps models without a restart: the cached inference variants of an old model
+    (bf16 copy, compiled fp32, compiled bf16) must not keep its weights in memory."""
+    import gc
+    import weakref
+
+    from synthesis.infer import prepared
+
+    generator = ResnetGenerator(ngf=4, n_blocks=1).eval()
+    variants = [prepared(generator, bf16, compile) for bf16, compile in ((False, False), (True, False), (False, True), (True, True))]
+    assert variants[0] is generator and all(v is not generator for v in variants[1:])
+    ref = weakref.ref(generator)
+    del generator, variants
+    gc.collect()
+    assert ref() is None
+
+
 def test_bf16_inference_stays_within_two_hu_of_fp32_inside_the_head(tmp_path: Path) -> None:
     """bf16 is the default on bf16-capable machines: it must not move the sCT by more than noise."""
     from synthesis.model_file import default_model_path
