@@ -101,6 +101,21 @@ def test_inference_keeps_the_mr_matrix_for_non_square_anisotropic_input(tiny_mod
     assert hu.min() >= -1024 and hu.max() <= 3071
 
 
+def test_percentiles_from_the_histogram_are_numpys() -> None:
+    """The counting shortcut for integer-valued MR must give np.percentile's numbers exactly, and
+    non-integer or huge-range volumes must take numpy's own path."""
+    from synthesis.normalize import percentiles
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(1, 4000))
+        volume = rng.integers(-100, int(rng.integers(1, 5000)), n).astype(np.float32)
+        qs = (*(float(q) for q in rng.uniform(0, 100, 3)), 0.0, 0.5, 99.5, 100.0)
+        assert percentiles(volume, qs) == tuple(float(v) for v in np.percentile(volume, qs))
+    for volume in (rng.random(1000).astype(np.float32) * 7, np.array([0.0, 2.0**30], np.float32), np.full(5, 3.0, np.float32)):
+        assert percentiles(volume, (0.5, 99.5)) == tuple(float(v) for v in np.percentile(volume, (0.5, 99.5)))
+
+
 def test_output_is_clipped_to_what_ct_storage_holds() -> None:
     assert unit_to_hu(np.array([-5.0, 5.0]), (-2000.0, 5000.0)).tolist() == [-1024.0, 3071.0]
 
