@@ -6,11 +6,15 @@ A C-STORE handler validates, hands the bytes as received to the ingest layer
 
 from __future__ import annotations
 
+import errno
 import logging
+import re
 import socket
 import ssl
 import threading
+import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydicom.uid import (
@@ -54,6 +58,24 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_DATASET_MISMATCH = 0xA900
 STATUS_CANNOT_UNDERSTAND = 0xC000
 
+_PROJECT = str(Path(__file__).resolve().parent.parent)
+_TAG = re.compile(r"\(([0-9A-Fa-f]{4}),\s?([0-9A-Fa-f]{4})\)")
+
+
+def unexpected_reason(exc: BaseException) -> str:
+    """An unexpected error while taking an instance, as a reason fit for a log line and an audit
+    row: the exception type, where it was raised and the element it names, never its message
+    (pydicom's messages can quote element values, patient names among them)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else ""
+    ours = [f for f in frames if f.filename.startswith(_PROJECT) and ".venv" not in f.filename]
+    if ours and ours[-1] is not frames[-1]:
+        where += f" via {Path(ours[-1].filename).name}:{ours[-1].lineno}"
+    tag = _TAG.search(str(exc))
+    element = f", element ({tag.group(1).upper()},{tag.group(2).upper()})" if tag else ""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        element += f", {errno.errorcode.get(exc.errno, exc.errno)}"
+    return f"the instance could not be read or stored ({type(exc).__name__}{where}{element})"
 
 class HostCheckingAE(AE):
     """An AE whose calling-AE allow-list can also restrict each title to a host.
@@ -189,8 +211,7 @@ class StoreSCP:
         except InvalidInstance as exc:
             return self._refuse(state, calling_ae, STATUS_CANNOT_UNDERSTAND, str(exc), request)
         except Exception as exc:  # a data set pydicom cannot parse, a disk error: refuse, keep serving
-            log.exception("C-STORE failed assoc=%s", state["id"])
-            return self._refuse(state, calling_ae, STATUS_CANNOT_UNDERSTAND, f"{type(exc).__name__}: {exc}", request)
+            return self._refuse(state, calling_ae, STATUS_CANNOT_UNDERSTAND, unexpected_reason(exc), request)
         with self._lock:
             state["stored"] += 1
             state["series"].add(info.series_uid)

@@ -50,3 +50,28 @@ def test_a_malformed_instance_is_refused_and_the_node_keeps_answering(case, good
     outside = {p.name for p in node.workdir.iterdir() if p.is_file()}
     assert outside <= {"mr2ct.log", "mr2ct.db", "mr2ct.db-wal", "mr2ct.db-shm"}
     assert not Path("/tmp/evil").exists()
+
+
+def test_an_unexpected_error_becomes_a_reason_without_the_values_it_quoted() -> None:
+    """pydicom's messages can quote element values; the refusal reason (logged and audited) keeps
+    the type, the place and the element, never the message."""
+    from pydicom.dataset import Dataset
+
+    from pydicom.tag import tag_in_exception
+
+    from dicom_node.scp import unexpected_reason
+
+    ds = Dataset()
+    ds.PatientName = "Doe^Jane"
+    try:
+        with tag_in_exception(ds["PatientName"].tag):
+            raise ValueError(f"cannot convert {ds.PatientName!s}")
+    except ValueError as exc:
+        reason = unexpected_reason(exc)
+    assert "Doe" not in reason and "Jane" not in reason
+    assert "ValueError" in reason and "(0010,0010)" in reason and "test_malformed.py:" in reason
+    try:
+        Path("/nonexistent/Doe^Jane/x").read_bytes()
+    except OSError as exc:
+        reason = unexpected_reason(exc)
+    assert "Doe" not in reason and "ENOENT" in reason
