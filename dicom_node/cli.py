@@ -228,6 +228,8 @@ def evaluate(
                    f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")
         for tissue, value in quality.mae_by_tissue.items():
             typer.echo(f"  {tissue:16s} MAE {value:7.1f} HU")
+        typer.echo(f"grid floor: the ground-truth CT itself, taken to the model's {loaded.pixel_spacing_mm:g} mm grid and back, "
+                   f"scores {quality.grid_floor_mae_hu} HU (a practical floor for any model on that grid)")
         if paired_mae is None:
             typer.echo("paired supervised upper bound: not computed (use --paired-steps N)")
         else:

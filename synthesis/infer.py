@@ -161,6 +161,20 @@ def _to_grid(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
 
 
+def model_grid(shape: tuple[int, int], pixel_spacing: tuple[float, float], model_spacing: float) -> tuple[int, int]:
+    """The matrix an MR slice of ``shape`` and ``pixel_spacing`` (mm) has on the model's grid."""
+    return max(4, round(shape[0] * pixel_spacing[0] / model_spacing)), max(4, round(shape[1] * pixel_spacing[1] / model_spacing))
+
+
+def to_mr_matrix(mr: torch.Tensor, mr_on_grid: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """A model-grid output back on the MR's matrix: guided by the MR when the grid is coarser,
+    resampled otherwise."""
+    size = (int(mr.shape[-2]), int(mr.shape[-1]))
+    if output.shape[-2] < size[0] and output.shape[-1] < size[1]:
+        return guided_upsample(mr, mr_on_grid, output)
+    return _to_grid(output, size)
+
+
 @torch.inference_mode()
 def synthesize(
     voxels: np.ndarray,
@@ -186,7 +200,7 @@ def synthesize(
     unit = mr_to_unit(voxels, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
     slices, rows, cols = unit.shape
     target = model.pixel_spacing_mm
-    grid = (max(4, round(rows * pixel_spacing[0] / target)), max(4, round(cols * pixel_spacing[1] / target)))
+    grid = model_grid((rows, cols), pixel_spacing, target)
     multiple = size_multiple(model.generator)
     pad_r, pad_c = (-grid[0]) % multiple, (-grid[1]) % multiple
     generator = model.generator.to(device, memory_format=torch.channels_last)
@@ -204,11 +218,7 @@ def synthesize(
             x = F.pad(x, (0, pad_c, 0, pad_r), mode="reflect" if min(grid) > max(pad_r, pad_c) else "replicate")
         x = x.contiguous(memory_format=torch.channels_last)
         y = forward(x.to(input_dtype)).float()[..., : grid[0], : grid[1]]
-        if grid[0] < rows and grid[1] < cols:  # the model grid is coarser: the MR guides the way back
-            y = guided_upsample(batch, x[..., : grid[0], : grid[1]].float(), y)
-        else:
-            y = _to_grid(y, (rows, cols))
-        y = y.clamp_(-1.0, 1.0)
+        y = to_mr_matrix(batch, x[..., : grid[0], : grid[1]].float(), y).clamp_(-1.0, 1.0)
         out[start : start + batch_size] = y[:, 0].cpu().numpy()
     log.info(
         "inference slices=%d grid=%dx%d seconds=%.2f device=%s precision=%s compiled=%s", slices, grid[0], grid[1],

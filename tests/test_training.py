@@ -153,13 +153,34 @@ def test_evaluation_numbers_come_from_the_images() -> None:
     assert shifted.psnr_db < 100 and shifted.mae_by_tissue["white matter"] == pytest.approx(50.0, abs=0.1)
 
 
+def test_the_grid_floor_is_zero_on_the_mr_grid_and_grows_with_coarser_grids() -> None:
+    """The floor is computed from the ground truth: a model on the MR's own 1 mm grid loses only its
+    HU range; a 2 mm and a 4 mm grid lose the thin skull, more the coarser."""
+    import numpy as np
+    from torch import nn
+
+    from synthesis.model_file import LoadedModel
+    from synthesis.normalize import mr_to_unit
+    from training.evaluate import grid_round_trip, held_out, mae
+
+    mr, ct, labels = held_out(1, 4, 128, 1.0)
+    mr_unit = np.stack([mr_to_unit(m) for m in mr])
+    body = labels != 0
+    floors = {}
+    for spacing in (1.0, 2.0, 4.0):
+        model = LoadedModel(nn.Identity(), {"pixel_spacing_mm": spacing, "hu_range": [-1024.0, 3071.0]}, Path("unused"))
+        floors[spacing] = mae(grid_round_trip(ct, mr_unit, 1.0, model), ct, body)
+    assert floors[1.0] < 0.01
+    assert 20 < floors[2.0] < floors[4.0]
+
+
 def test_evaluate_cli_writes_json_and_a_panel(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "--json", "--subjects", "1", "--slices", "4",
                              "--panel", str(tmp_path / "panel.png"), "--paired-steps", "3"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"mae_hu", "psnr_db", "ssim", "mae_paired_hu", "mae_linear_hu"} <= set(report)
-    assert report["mae_paired_hu"] > 0
+    assert report["mae_paired_hu"] > 0 and report["grid_floor_mae_hu"] > 0
     assert (tmp_path / "panel.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -4,7 +4,7 @@ MR-to-HU fit made on the very same data, which flatters the baseline, not the mo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,7 @@ class Quality:
     baseline_mae_hu: float
     baseline_psnr_db: float
     mae_by_tissue: dict[str, float]
+    grid_floor_mae_hu: float | None = None  # the ground-truth CT taken to the model grid and back: a practical floor for that grid
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,12 +98,31 @@ def evaluate(model: LoadedModel, subjects: int = 4, slices: int = 24, size: int 
     pred = np.stack([synthesize(m, (pixel_spacing, pixel_spacing), model, device, batch_size=8) for m in mr])
     mr_unit = np.stack([mr_to_unit(m) for m in mr])
     quality = score(pred.reshape(-1, size, size), ct.reshape(-1, size, size), mr_unit.reshape(-1, size, size), lab.reshape(-1, size, size), subjects)
+    floor = grid_round_trip(ct, mr_unit, pixel_spacing, model)
+    quality = replace(quality, grid_floor_mae_hu=round(mae(floor, ct, lab != phantoms.AIR), 2))
     if panel is not None:
         from training.figures import error_panel
 
         middle = slices // 2
         error_panel(mr_unit[0, middle], ct[0, middle], pred[0, middle], panel)
     return quality
+
+
+def grid_round_trip(ct: np.ndarray, mr_unit: np.ndarray, pixel_spacing: float, model: LoadedModel) -> np.ndarray:
+    """The ground-truth CT (subjects, slices, rows, cols) as a perfect model on ``model``'s grid
+    would deliver it: taken to the grid and back to the MR matrix the way inference goes back,
+    within the model's HU range."""
+    from synthesis.infer import _to_grid, model_grid, to_mr_matrix
+    from synthesis.normalize import hu_to_unit, unit_to_hu
+
+    out = np.empty_like(ct)
+    for s, (truth, guide) in enumerate(zip(ct, mr_unit)):
+        grid = model_grid(truth.shape[-2:], (pixel_spacing, pixel_spacing), model.pixel_spacing_mm)
+        mr_t = torch.from_numpy(np.ascontiguousarray(guide, dtype=np.float32))[:, None]
+        ct_t = torch.from_numpy(hu_to_unit(truth, model.hu_range))[:, None]
+        back = to_mr_matrix(mr_t, _to_grid(mr_t, grid), _to_grid(ct_t, grid)).clamp(-1.0, 1.0)
+        out[s] = unit_to_hu(back[:, 0].numpy(), model.hu_range)
+    return out
 
 
 def paired_upper_bound(model: LoadedModel, steps: int, batch_size: int = 4, seed: int = 0, subjects: int = 40,
