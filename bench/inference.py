@@ -7,7 +7,10 @@
   of the bf16 peak;
 - the shipped model: sCT difference between bf16 and fp32 inference (MAE in HU);
 - the whole synthesis of a 64-slice 256x256 series (read spool files, volume, normalise,
-  infer, write CT and SR files) as a ratio to the generator forward alone.
+  infer, write CT and SR files) as a ratio to the generator forward alone (the same batches at
+  the model grid, nothing around them), with the time of each stage: for the shipped model
+  (`synthesis_over_forward`) and for a generator of the paper's size, ResNet-9 ngf 64 on the
+  1 mm grid (`synthesis_over_forward_paper_sized`).
 
 Last line: one JSON object with gen_fraction_of_bf16_peak, bf16_vs_fp32_mae_hu,
 synthesis_over_forward, slices_per_s, device.
@@ -32,11 +35,12 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
+UID_ROOT = "1.2.826.0.1.3680043.8.498."
 sys.path.insert(0, str(ROOT))
 
 from synthesis.ct_writer import SyntheticCTSeries  # noqa: E402
 from synthesis.infer import choose_device, prepared, resolve_precision, synthesize  # noqa: E402
-from synthesis.model_file import default_model_path, load_model  # noqa: E402
+from synthesis.model_file import LoadedModel, default_model_path, load_model  # noqa: E402
 from synthesis.networks import ResnetGenerator, bf16_copy  # noqa: E402
 from synthesis.sr_writer import build_provenance_sr  # noqa: E402
 from synthesis.volume import assemble  # noqa: E402
@@ -94,6 +98,65 @@ def conv_flops(model: nn.Module, x: torch.Tensor) -> float:
     return total[0]
 
 
+def pipeline(model: LoadedModel, series, mr: np.ndarray, out: Path, device: torch.device, label: str, precision: str,  # type: ignore[no-untyped-def]
+             compile: bool, repeats: int) -> dict:
+    """Time, for one model: its generator forward alone over the series' batches at the model grid;
+    the synthesize() call; and the whole synthesis (read the files, volume, synthesize, encode and
+    write the CT files, build and write the SR), with the mean time of each stage."""
+    batch = 16
+    synthesize_s = best_of(lambda: synthesize(mr, (1.0, 1.0), model, device, batch, precision=precision, compile=compile), repeats, device)
+    side = round(256 * 1.0 / model.pixel_spacing_mm)
+    side += (-side) % 4
+    net = prepared(model.generator.to(device, memory_format=torch.channels_last), precision == "bf16", compile)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    batches = [torch.randn(min(batch, 64 - i), 1, side, side, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+               for i in range(0, 64, batch)]
+
+    def generator_only() -> None:
+        with torch.inference_mode():
+            for x in batches:
+                net(x)
+
+    forward_s = best_of(generator_only, repeats, device)
+    stages: dict[str, float] = {}
+
+    def timed(name: str, fn):  # type: ignore[no-untyped-def]
+        started = time.perf_counter()
+        result = fn()
+        sync(device)
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - started
+        return result
+
+    out.mkdir(exist_ok=True)
+
+    def whole() -> None:
+        datasets = timed("read", lambda: [pydicom.dcmread(f) for f in series.files])
+        source = timed("volume", lambda: assemble(datasets))
+        hu = timed("synthesize", lambda: synthesize(source.volume.voxels, source.volume.pixel_spacing, model, device, batch,
+                                                     precision=precision, compile=compile))
+
+        def write_ct() -> SyntheticCTSeries:
+            ct = SyntheticCTSeries(source=source, hu=hu, model=model, uid_root=UID_ROOT, device_label=label)
+            for i, sop_uid in enumerate(ct.sop_instance_uids):
+                (out / f"{sop_uid}.dcm").write_bytes(ct.encoded(i))
+            return ct
+
+        ct = timed("ct", write_ct)
+
+        def write_sr() -> None:
+            sr = build_provenance_sr(ct=ct, mr_headers=source.headers, uid_root=UID_ROOT, processing_seconds=1.0, device_label=label)
+            sr.save_as(out / "sr.dcm", enforce_file_format=True)
+
+        timed("sr", write_sr)
+
+    whole()  # warm-up (first-use imports of pixel handlers and the like)
+    stages.clear()
+    whole_s = best_of(whole, repeats, device)
+    runs = repeats + 1  # best_of runs once more as its own warm-up
+    return {"forward_s": forward_s, "synthesize_s": synthesize_s, "whole_s": whole_s,
+            "stage_ms": {name: round(total / runs * 1000, 1) for name, total in stages.items()}}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto")
@@ -148,77 +211,35 @@ def main() -> None:
         body = series.labels > 0
         mae_bf16 = float(np.abs(hu16 - hu32)[body].mean())
         precision = "bf16" if resolve_precision("auto", device) is not None else "fp32"
-        synthesize_s = best_of(lambda: synthesize(mr, (1.0, 1.0), model, device, 16, precision=precision), args.repeats, device)
-
-        # The generator forward alone: the same batches at the model grid, nothing around them.
-        side = round(256 * 1.0 / model.pixel_spacing_mm)
-        side += (-side) % 4
-        net = prepared(model.generator.to(device, memory_format=torch.channels_last), precision == "bf16", False)
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        batches = [torch.randn(min(16, 64 - i), 1, side, side, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
-                   for i in range(0, 64, 16)]
-
-        def generator_only() -> None:
-            with torch.inference_mode():
-                for x in batches:
-                    net(x)
-
-        forward_s = best_of(generator_only, args.repeats, device)
-
-        stages: dict[str, float] = {}
-
-        def timed(name: str, fn):  # type: ignore[no-untyped-def]
-            started = time.perf_counter()
-            result = fn()
-            sync(device)
-            stages[name] = stages.get(name, 0.0) + time.perf_counter() - started
-            return result
-
-        def whole() -> None:
-            datasets = timed("read", lambda: [pydicom.dcmread(f) for f in series.files])
-            source = timed("volume", lambda: assemble(datasets))
-            hu = timed("synthesize", lambda: synthesize(source.volume.voxels, source.volume.pixel_spacing, model, device, 16, precision=precision))
-            out = work / "out"
-            out.mkdir(exist_ok=True)
-
-            def write_ct() -> SyntheticCTSeries:
-                ct = SyntheticCTSeries(source=source, hu=hu, model=model, uid_root="1.2.826.0.1.3680043.8.498.", device_label=choice.label)
-                for i, sop_uid in enumerate(ct.sop_instance_uids):
-                    (out / f"{sop_uid}.dcm").write_bytes(ct.encoded(i))
-                return ct
-
-            ct = timed("ct", write_ct)
-
-            def write_sr() -> None:
-                sr = build_provenance_sr(ct=ct, mr_headers=source.headers, uid_root="1.2.826.0.1.3680043.8.498.", processing_seconds=1.0,
-                                         device_label=choice.label)
-                sr.save_as(out / "sr.dcm", enforce_file_format=True)
-
-            timed("sr", write_sr)
-
-        whole()  # warm-up (first-use imports of pixel handlers and the like)
-        stages.clear()
-        whole_s = best_of(whole, args.repeats, device)
-        runs = args.repeats + 1  # best_of runs once more as its own warm-up
-        stage_ms = {name: round(total / runs * 1000, 1) for name, total in stages.items()}
+        shipped = pipeline(model, series, mr, work / "out-shipped", device, choice.label, precision, False, args.repeats)
+        # The same pipeline around a generator of the paper's size (ResNet-9, ngf 64, random
+        # weights, on a 1 mm grid = the 256x256 matrix), compiled as a node would run it.
+        reference_card = {**model.card, "parameters": {"in_channels": 1, "out_channels": 1, "ngf": 64, "n_blocks": 9},
+                          "pixel_spacing_mm": 1.0, "input_size": 256, "sha256": "f" * 64}
+        reference_model = LoadedModel(ResnetGenerator(ngf=64, n_blocks=9).eval(), reference_card, model.weights_path)
+        paper_sized = pipeline(reference_model, series, mr, work / "out-reference", device, choice.label, precision, not args.no_compile,
+                               args.repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"shipped model, 64 slices 256x256 ({precision}): generator forward alone {forward_s:.3f} s, synthesize() (normalise, "
-          f"resample, forward, upsample) {synthesize_s:.3f} s, whole synthesis {whole_s:.3f} s")
-    print("whole synthesis, mean per stage (ms): " + ", ".join(f"{k} {v}" for k, v in stage_ms.items()))
+    for name, figures in (("shipped model", shipped), ("ResNet-9 ngf64 (paper size)", paper_sized)):
+        print(f"{name}, 64 slices 256x256 ({precision}): generator forward alone {figures['forward_s']:.3f} s, synthesize() (normalise, "
+              f"resample, forward, back to the MR matrix) {figures['synthesize_s']:.3f} s, whole synthesis {figures['whole_s']:.3f} s "
+              f"= {figures['whole_s'] / figures['forward_s']:.2f}x the forward")
+        print(f"  whole synthesis, mean per stage (ms): " + ", ".join(f"{k} {v}" for k, v in figures["stage_ms"].items()))
     print(f"bf16 vs fp32 sCT difference inside the head: {mae_bf16:.2f} HU")
     out = {
         "gen_fraction_of_bf16_peak": round(fraction, 3),
         "bf16_vs_fp32_mae_hu": round(mae_bf16, 3),
-        "synthesis_over_forward": round(whole_s / forward_s, 3),
-        "synthesis_over_synthesize_call": round(whole_s / synthesize_s, 3),
+        "synthesis_over_forward": round(shipped["whole_s"] / shipped["forward_s"], 3),
+        "synthesis_over_synthesize_call": round(shipped["whole_s"] / shipped["synthesize_s"], 3),
+        "synthesis_over_forward_paper_sized": round(paper_sized["whole_s"] / paper_sized["forward_s"], 3),
         "slices_per_s": round(results[best][0], 2),
         "slices_per_s_bf16_autocast": round(results["bf16 autocast"][0], 2),
         "slices_per_s_bf16_weights": round(results["bf16 weights"][0], 2),
         "slices_per_s_fp32": round(results["fp32"][0], 2),
         "best_variant": best,
-        "shipped_model_slices_per_s": round(64 / synthesize_s, 1),
-        "whole_synthesis_stage_ms": stage_ms,
+        "shipped_model_slices_per_s": round(64 / shipped["synthesize_s"], 1),
+        "whole_synthesis_stage_ms": shipped["stage_ms"],
         "matmul_fp32_gflops": round(peak32, 1),
         "matmul_bf16_gflops": round(peak16, 1),
         "device": choice.label,
