@@ -60,6 +60,7 @@ class Node:
         self.threads: list[threading.Thread] = []
         self.scp: StoreSCP | None = None
         self.recorder: Recorder | None = None
+        self.work_queued = threading.Event()  # set when this process queues a job: wakes its worker
 
     def start(self) -> None:
         s = self.settings
@@ -80,7 +81,7 @@ class Node:
             store = OrthancStore(s.orthanc_url, s.orthanc_username, password)
             worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size, s.precision, s.torch_compile)
             requeue_orphaned_jobs(self.sessions, worker.worker_id)
-            self._thread("worker", worker.loop, self.stop_event, s.poll_seconds)
+            self._thread("worker", worker.loop, self.stop_event, s.poll_seconds, self.work_queued)
             log.info("worker ready id=%s", worker.worker_id)
         if self.role in ("all", "scp"):
             if not s.allowed_aes:
@@ -93,11 +94,12 @@ class Node:
             if s.complete_on_release:
                 def on_released(series_uids: set[str]) -> None:
                     for uid in series_uids:
-                        complete_series(self.sessions, uid, 0, rules, "association released")
+                        complete_series(self.sessions, uid, 0, rules, "association released", self.work_queued.set)
             self.scp = StoreSCP(s.ae_title, s.allowed_aes, ingest, self.sessions, s.max_associations, on_released,
                                 forward_only=frozenset(s.forward_sop_classes))
             self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
-            self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules)
+            self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules,
+                         self.work_queued.set)
             if s.forward_originals:
                 forward_store = OrthancStore(s.orthanc_url, s.orthanc_username, password)
                 self._thread("forwarder", forward_loop, self.sessions, forward_store, s.poll_seconds, self.stop_event)
@@ -132,6 +134,7 @@ class Node:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.work_queued.set()
         if getattr(self, "api_server", None) is not None:
             self.api_server.should_exit = True
         if self.scp is not None:
