@@ -225,7 +225,7 @@ def main() -> None:
         print(f"{name}, 64 slices 256x256 ({precision}): generator forward alone {figures['forward_s']:.3f} s, synthesize() (normalise, "
               f"resample, forward, back to the MR matrix) {figures['synthesize_s']:.3f} s, whole synthesis {figures['whole_s']:.3f} s "
               f"= {figures['whole_s'] / figures['forward_s']:.2f}x the forward")
-        print(f"  whole synthesis, mean per stage (ms): " + ", ".join(f"{k} {v}" for k, v in figures["stage_ms"].items()))
+        print("  whole synthesis, mean per stage (ms): " + ", ".join(f"{k} {v}" for k, v in figures["stage_ms"].items()))
     print(f"bf16 vs fp32 sCT difference inside the head: {mae_bf16:.2f} HU")
     out = {
         "gen_fraction_of_bf16_peak": round(fraction, 3),

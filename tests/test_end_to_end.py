@@ -3,8 +3,6 @@ and Orthanc then holds its synthetic CT and a provenance SR in the same study.""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pydicom
 import pytest
@@ -16,12 +14,12 @@ from sqlalchemy import select
 from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import echoscu, storescu
-from dicom_node.models import Association, AuditEvent, Instance, Job
+from dicom_node.models import Association, AuditEvent, Instance
 from synthesis.sr_writer import read_provenance
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import dciodvfy, series_datasets, study_series
 from training import phantoms
-from training.phantom_dicom import PhantomSeries, write_mr_series
+from training.phantom_dicom import write_mr_series
 
 
 @pytest.fixture(scope="module")

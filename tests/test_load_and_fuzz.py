@@ -4,7 +4,6 @@ patient identifier reaches a log line."""
 from __future__ import annotations
 
 import io
-import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path

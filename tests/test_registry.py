@@ -8,7 +8,6 @@ import csv
 import os
 import subprocess
 import sys
-import time
 
 import httpx
 import torch
