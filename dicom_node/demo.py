@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import threading
@@ -39,7 +40,8 @@ def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, n
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     database = workdir / "mr2ct.db"
-    database.unlink(missing_ok=True)
+    database.unlink(missing_ok=True)  # each demo starts afresh: no database, and so no spool either
+    shutil.rmtree(workdir / "spool", ignore_errors=True)  # (start-up recovery would record a past run's files again)
     orthanc = OrthancServer(workdir / "orthanc", orthanc_http, orthanc_dicom, modalities={"mr2ct": ["MR2CT", "127.0.0.1", node_port], "scanner": ["DEMO_SCANNER", "127.0.0.1", 104]})
     node: NodeServer | None = None
     try:

@@ -73,6 +73,21 @@ class Worker:
         self.uid_root, self.batch_size, self.precision, self.torch_compile = uid_root, batch_size, precision, torch_compile
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
+    def warm_up(self) -> None:
+        """Pay the first-use costs before the first job does: highdicom's tables of the standard and,
+        unless compiling (which is per input shape), the model's first forward on this device."""
+        import numpy as np
+
+        from synthesis.sr_writer import warm_up as warm_up_sr
+
+        started = time.perf_counter()
+        warm_up_sr()
+        if not self.torch_compile:
+            size = int(self.model.card.get("input_size", 64))
+            spacing = self.model.pixel_spacing_mm
+            synthesize(np.zeros((1, size, size), np.float32), (spacing, spacing), self.model, self.device.device, 1, self.precision)
+        log.info("worker warmed up in %.2f s", time.perf_counter() - started)
+
     def refresh_model(self) -> None:
         """Use the registry's active model when there is one (a new activation applies to the next job)."""
         from dicom_node.registry import active_model
@@ -164,6 +179,10 @@ class Worker:
         """Claim and run jobs until ``stop``; between polls, ``wake`` (set when this process queues a
         job) starts the next claim at once instead of up to ``poll_seconds`` later."""
         wake = wake or threading.Event()
+        try:
+            self.warm_up()
+        except Exception:  # a slower first job, nothing worse
+            log.exception("warm-up failed")
         while not stop.is_set():
             wake.clear()  # before the claim: a job queued during it sets the event again
             try:

@@ -184,6 +184,12 @@ def test_the_sr_round_trips_into_the_same_facts(tiny_model: Path, mr_series, tmp
     assert parsed.StudyInstanceUID == mr_series.study_uid
 
 
+def test_the_sr_warm_up_builds_a_report() -> None:
+    from synthesis.sr_writer import warm_up
+
+    warm_up()  # raises if highdicom refuses the throw-away report
+
+
 def test_a_unet_model_file_loads_and_keeps_odd_matrices(tmp_path: Path) -> None:
     from synthesis.networks import UnetGenerator
 
