@@ -39,7 +39,7 @@ UID_ROOT = "1.2.826.0.1.3680043.8.498."
 sys.path.insert(0, str(ROOT))
 
 from synthesis.ct_writer import SyntheticCTSeries  # noqa: E402
-from synthesis.infer import choose_device, prepared, resolve_precision, synthesize  # noqa: E402
+from synthesis.infer import auto_batch_size, choose_device, prepared, resolve_precision, synthesize  # noqa: E402
 from synthesis.model_file import LoadedModel, default_model_path, load_model  # noqa: E402
 from synthesis.networks import ResnetGenerator, bf16_copy  # noqa: E402
 from synthesis.sr_writer import build_provenance_sr  # noqa: E402
@@ -103,12 +103,12 @@ def pipeline(model: LoadedModel, series, mr: np.ndarray, out: Path, device: torc
     """Time, for one model: its generator forward alone over the series' batches at the model grid;
     the synthesize() call; and the whole synthesis (read the files, volume, synthesize, encode and
     write the CT files, build and write the SR), with the mean time of each stage."""
-    batch = 16
-    synthesize_s = best_of(lambda: synthesize(mr, (1.0, 1.0), model, device, batch, precision=precision, compile=compile), repeats, device)
     side = round(256 * 1.0 / model.pixel_spacing_mm)
     side += (-side) % 4
-    net = prepared(model.generator.to(device, memory_format=torch.channels_last), precision == "bf16", compile)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    batch = auto_batch_size(model.generator.to(device), (side, side), device, dtype if precision == "bf16" else None)  # as the node sizes it
+    synthesize_s = best_of(lambda: synthesize(mr, (1.0, 1.0), model, device, batch, precision=precision, compile=compile), repeats, device)
+    net = prepared(model.generator.to(device, memory_format=torch.channels_last), precision == "bf16", compile)
     batches = [torch.randn(min(batch, 64 - i), 1, side, side, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
                for i in range(0, 64, batch)]
 
@@ -153,7 +153,7 @@ def pipeline(model: LoadedModel, series, mr: np.ndarray, out: Path, device: torc
     stages.clear()
     whole_s = best_of(whole, repeats, device)
     runs = repeats + 1  # best_of runs once more as its own warm-up
-    return {"forward_s": forward_s, "synthesize_s": synthesize_s, "whole_s": whole_s,
+    return {"forward_s": forward_s, "synthesize_s": synthesize_s, "whole_s": whole_s, "batch": batch,
             "stage_ms": {name: round(total / runs * 1000, 1) for name, total in stages.items()}}
 
 
@@ -225,7 +225,8 @@ def main() -> None:
         print(f"{name}, 64 slices 256x256 ({precision}): generator forward alone {figures['forward_s']:.3f} s, synthesize() (normalise, "
               f"resample, forward, back to the MR matrix) {figures['synthesize_s']:.3f} s, whole synthesis {figures['whole_s']:.3f} s "
               f"= {figures['whole_s'] / figures['forward_s']:.2f}x the forward")
-        print("  whole synthesis, mean per stage (ms): " + ", ".join(f"{k} {v}" for k, v in figures["stage_ms"].items()))
+        print(f"  batches of {figures['batch']}; whole synthesis, mean per stage (ms): "
+              + ", ".join(f"{k} {v}" for k, v in figures["stage_ms"].items()))
     print(f"bf16 vs fp32 sCT difference inside the head: {mae_bf16:.2f} HU")
     out = {
         "gen_fraction_of_bf16_peak": round(fraction, 3),
