@@ -39,7 +39,7 @@ def test_train_writes_a_loadable_model_with_its_card_losses_and_figures(tmp_path
     assert json.loads((out / "config.json").read_text())["lambda_ABA"] == 10.0
 
 
-@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"cycle_loss": "l3"}, {"image_size": 130}])
+@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"cycle_loss": "l3"}, {"image_size": 130}, {"d_layers": 0}])
 def test_bad_training_parameters_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError):
         TrainConfig(**bad)
@@ -92,7 +92,7 @@ def test_resume_refuses_a_checkpoint_made_with_other_parameters(tmp_path: Path) 
     ["--adversarial-loss", "wgan-gp"],
     ["--adversarial-loss", "bce", "--discriminator", "paper", "--cycle-loss", "mse"],
     ["--generator", "unet", "--identity-weight", "0.5", "--lr-decay-start", "1", "--generator-iterations", "2", "--discriminator-iterations", "2"],
-    ["--precision", "bf16"],
+    ["--precision", "bf16", "--d-layers", "4"],
 ])
 def test_loss_and_architecture_options_train_to_a_loadable_model(tmp_path: Path, args: list[str]) -> None:
     result = _train(tmp_path / "run", "--epochs", "2", *args)

@@ -73,6 +73,7 @@ class TrainConfig:
     ngf: int = 16
     n_blocks: int = 6
     ndf: int = 32
+    d_layers: int = 3  # strided layers of the discriminator: 3 = the 70x70 PatchGAN, 4 sees 142x142
     checkpoint_every: int = 5  # epochs; 0: only at the end and on Ctrl-C
     image_size: int = 128
     crop_size: int | None = None  # train on random crops of this size (fully convolutional), full slices at inference
@@ -101,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"discriminator must be 'patch' or 'paper', got {self.discriminator!r}")
         if self.lr_decay_start is not None and not 0 <= self.lr_decay_start < self.epochs:
             raise ValueError(f"lr_decay_start must be in [0, epochs), got {self.lr_decay_start}")
+        if not 1 <= self.d_layers <= 6:
+            raise ValueError(f"d_layers must be between 1 and 6, got {self.d_layers}")
         if self.image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4, got {self.image_size}")
         if self.crop_size is not None and (self.crop_size % 4 or not 16 <= self.crop_size <= self.image_size):
@@ -238,7 +241,8 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         return ResnetGenerator(ngf=cfg.ngf, n_blocks=cfg.n_blocks).to(dev)
 
     def make_discriminator() -> nn.Module:
-        return (PaperDiscriminator(ndf=cfg.ndf) if cfg.discriminator == "paper" else PatchDiscriminator(ndf=cfg.ndf)).to(dev)
+        kind = PaperDiscriminator if cfg.discriminator == "paper" else PatchDiscriminator
+        return kind(ndf=cfg.ndf, n_layers=cfg.d_layers).to(dev)
 
     g_ab, g_ba, d_a, d_b = make_generator(), make_generator(), make_discriminator(), make_discriminator()
     nets = {"g_ab": g_ab, "g_ba": g_ba, "d_a": d_a, "d_b": d_b}
