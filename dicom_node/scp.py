@@ -77,6 +77,7 @@ def unexpected_reason(exc: BaseException) -> str:
         element += f", {errno.errorcode.get(exc.errno, exc.errno)}"
     return f"the instance could not be read or stored ({type(exc).__name__}{where}{element})"
 
+
 class HostCheckingAE(AE):
     """An AE whose calling-AE allow-list can also restrict each title to a host.
 
