@@ -1,22 +1,49 @@
-"""Routing: every received original is also stored into Orthanc, retried with backoff until it lands."""
+"""Routing: every received original is also stored at a destination — Orthanc over REST, or any
+DICOM AE by C-STORE (``forward_to = "AE@host:port"``) — retried with backoff until it lands."""
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from pathlib import Path
+from typing import Protocol
 
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.models import Instance, utcnow
 from dicom_node.orthanc_store import OrthancStore
+from dicom_node.settings import parse_dicom_destination
 
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 300.0
+MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8)
+UNCOMPRESSED_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+# C-STORE statuses that mean the instance was stored: success and the three warnings.
+STORED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
+
+Send = Callable[[Path, str, str], None]  # (file, SOP class, transfer syntax); raises RoutingDown or InstanceNotTaken
+
+
+class RoutingDown(Exception):
+    """The destination cannot be reached: stop this pass and back off."""
+
+
+class InstanceNotTaken(Exception):
+    """The destination refused this one instance: back off for it, go on with the others."""
+
+
+class Destination(Protocol):
+    name: str
+
+    def session(self, contexts: set[tuple[str, str]]) -> AbstractContextManager[Send]: ...
 
 
 def backoff_seconds(attempts: int) -> float:
@@ -24,46 +51,125 @@ def backoff_seconds(attempts: int) -> float:
     return min(MAX_BACKOFF_SECONDS, 2.0 ** max(0, attempts - 1))
 
 
-def forward_pending(sessions: sessionmaker[Session], store: OrthancStore, limit: int = 200) -> tuple[int, int]:
+class OrthancRestDestination:
+    """Orthanc's REST API (POST /instances): the file as it was received."""
+
+    def __init__(self, store: OrthancStore) -> None:
+        self.store, self.name = store, store.url
+
+    @contextmanager
+    def session(self, contexts: set[tuple[str, str]]) -> Iterator[Send]:
+        def send(path: Path, sop_class: str, transfer_syntax: str) -> None:
+            try:
+                self.store.client.upload(path.read_bytes())
+            except Exception as exc:  # Orthanc down or refusing: back off
+                raise RoutingDown(f"{self.name}: {exc}") from exc
+
+        yield send
+
+
+class CStoreDestination:
+    """Any DICOM AE by C-STORE: one association per pass, one presentation context per SOP class and
+    transfer syntax in the pass (the instance's own syntax first; uncompressed little endian
+    data may also go in the other uncompressed little endian syntax if that is what the peer
+    takes)."""
+
+    def __init__(self, spec: str, calling_ae: str, timeout: float = 30.0) -> None:
+        self.called_ae, self.host, self.port = parse_dicom_destination(spec)
+        self.calling_ae, self.timeout = calling_ae, timeout
+        self.name = f"dicom://{self.called_ae}@{self.host}:{self.port}"
+
+    @contextmanager
+    def session(self, contexts: set[tuple[str, str]]) -> Iterator[Send]:
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
+        ae.connection_timeout = self.timeout
+        for sop_class, transfer_syntax in sorted(contexts)[:MAX_CONTEXTS]:
+            syntaxes = [transfer_syntax]
+            if transfer_syntax in UNCOMPRESSED_LITTLE_ENDIAN:
+                syntaxes += [ts for ts in UNCOMPRESSED_LITTLE_ENDIAN if ts != transfer_syntax]
+            ae.add_requested_context(sop_class, syntaxes)
+        assoc = ae.associate(self.host, self.port, ae_title=self.called_ae)
+        if not assoc.is_established:
+            raise RoutingDown(f"{self.name} did not accept an association from {self.calling_ae} (down, or {self.calling_ae} not allowed)")
+
+        def send(path: Path, sop_class: str, transfer_syntax: str) -> None:
+            if not assoc.is_established:
+                raise RoutingDown(f"{self.name} ended the association")
+            try:
+                status = assoc.send_c_store(path)
+            except ValueError as exc:  # no accepted presentation context for it
+                raise InstanceNotTaken(f"{self.name} accepted no presentation context for {sop_class} in {transfer_syntax}") from exc
+            if not status:  # no response: aborted, timed out
+                raise RoutingDown(f"{self.name} aborted or did not answer the C-STORE (does it allow {self.calling_ae} to store?)")
+            if int(status.Status) not in STORED_STATUSES:
+                raise InstanceNotTaken(f"{self.name} answered C-STORE status 0x{int(status.Status):04X}")
+
+        try:
+            yield send
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+
+def forward_pending(sessions: sessionmaker[Session], destination: Destination, limit: int = 200) -> tuple[int, int]:
     """One pass: forward due instances. Returns (forwarded, failed)."""
     now = utcnow()
     with sessions() as session:
         due = session.execute(
-            select(Instance.sop_instance_uid, Instance.path, Instance.forward_attempts)
+            select(Instance.sop_instance_uid, Instance.path, Instance.forward_attempts, Instance.sop_class_uid, Instance.transfer_syntax_uid)
             .where(Instance.forwarded_at.is_(None), Instance.forward_next_at <= now)
             .order_by(Instance.received_at)
             .limit(limit)
         ).all()
-    forwarded = failed = 0
-    for sop_uid, path, attempts in due:
-        try:
-            store.client.upload(Path(path).read_bytes())
-        except Exception as exc:
-            failed += 1
-            wait = backoff_seconds(attempts + 1)
-            with sessions.begin() as session:
-                session.execute(
-                    update(Instance).where(Instance.sop_instance_uid == sop_uid).values(
-                        forward_attempts=attempts + 1, forward_next_at=utcnow() + timedelta(seconds=wait), forward_error=str(exc)[:500]
-                    )
-                )
-            log.warning("forward failed sop=%s attempt=%d retry_in=%.0fs", sop_uid, attempts + 1, wait)
-            break  # Orthanc is likely down: wait for the backoff instead of hammering it
+    if not due:
+        return 0, 0
+    contexts = sorted({(row.sop_class_uid, row.transfer_syntax_uid) for row in due})[:MAX_CONTEXTS]
+    due = [row for row in due if (row.sop_class_uid, row.transfer_syntax_uid) in set(contexts)]  # the rest: next pass
+
+    def failed_one(sop_uid: str, attempts: int, exc: Exception) -> None:
+        wait = backoff_seconds(attempts + 1)
         with sessions.begin() as session:
             session.execute(
                 update(Instance).where(Instance.sop_instance_uid == sop_uid).values(
-                    forwarded_at=utcnow(), forward_attempts=attempts + 1, forward_error=None
+                    forward_attempts=attempts + 1, forward_next_at=utcnow() + timedelta(seconds=wait), forward_error=str(exc)[:500]
                 )
             )
-        forwarded += 1
+        log.warning("forward failed sop=%s attempt=%d retry_in=%.0fs reason=%s", sop_uid, attempts + 1, wait, exc)
+
+    forwarded = failed = 0
+    try:
+        with destination.session(set(contexts)) as send:
+            for sop_uid, path, attempts, sop_class, transfer_syntax in due:
+                try:
+                    send(Path(path), sop_class, transfer_syntax)
+                except InstanceNotTaken as exc:
+                    failed += 1
+                    failed_one(sop_uid, attempts, exc)
+                    continue
+                except RoutingDown as exc:
+                    failed += 1
+                    failed_one(sop_uid, attempts, exc)
+                    break  # the destination is likely down: wait for the backoff instead of hammering it
+                with sessions.begin() as session:
+                    session.execute(
+                        update(Instance).where(Instance.sop_instance_uid == sop_uid).values(
+                            forwarded_at=utcnow(), forward_attempts=attempts + 1, forward_error=None
+                        )
+                    )
+                forwarded += 1
+    except RoutingDown as exc:  # no association at all: the first due instance carries the error and backs off
+        failed += 1
+        failed_one(due[0].sop_instance_uid, due[0].forward_attempts, exc)
     if forwarded:
-        audit.record(sessions, audit.INSTANCES_TRANSFERRED, "success", "forwarder", destination=store.url, instances=forwarded, originals=True)
+        audit.record(sessions, audit.INSTANCES_TRANSFERRED, "success", "forwarder", destination=destination.name, instances=forwarded,
+                     originals=True)
     return forwarded, failed
 
 
-def forward_loop(sessions: sessionmaker[Session], store: OrthancStore, poll_seconds: float, stop: threading.Event) -> None:
+def forward_loop(sessions: sessionmaker[Session], destination: Destination, poll_seconds: float, stop: threading.Event) -> None:
     while not stop.wait(poll_seconds):
         try:
-            forward_pending(sessions, store)
+            forward_pending(sessions, destination)
         except Exception:
             log.exception("forwarder pass failed")

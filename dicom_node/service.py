@@ -18,7 +18,7 @@ import torch
 
 from dicom_node import audit
 from dicom_node.db import init_db
-from dicom_node.forwarder import forward_loop
+from dicom_node.forwarder import CStoreDestination, Destination, OrthancRestDestination, forward_loop
 from dicom_node.ingest import Ingest, SelectionRules
 from dicom_node.recorder import Recorder
 from dicom_node.recovery import recover_spool, requeue_orphaned_jobs
@@ -101,8 +101,12 @@ class Node:
             self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules,
                          self.work_queued.set)
             if s.forward_originals:
-                forward_store = OrthancStore(s.orthanc_url, s.orthanc_username, password)
-                self._thread("forwarder", forward_loop, self.sessions, forward_store, s.poll_seconds, self.stop_event)
+                destination: Destination = (
+                    CStoreDestination(s.forward_to, s.ae_title) if s.forward_to
+                    else OrthancRestDestination(OrthancStore(s.orthanc_url, s.orthanc_username, password))
+                )
+                log.info("routing originals to %s", destination.name)
+                self._thread("forwarder", forward_loop, self.sessions, destination, s.poll_seconds, self.stop_event)
         if self.role in ("all", "api") and s.api_port:
             self._start_api(password)
         audit.record(self.sessions, audit.APPLICATION_START, "success", f"mr2ct {self.role}", ae_title=s.ae_title, port=s.dicom_port)

@@ -21,6 +21,21 @@ AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII wit
 UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
 
 
+DESTINATION_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})$")
+
+
+def parse_dicom_destination(value: str) -> tuple[str, str, int]:
+    """``AE@host:port`` -> (AE title, host, port); ValueError saying what is wrong."""
+    match = DESTINATION_RE.match(value.strip())
+    if not match:
+        raise ValueError(f"{value!r} is not AE@host:port (e.g. PACS@10.0.0.5:104)")
+    ae, host, port = match["ae"], match["host"].strip("[]"), int(match["port"])
+    _check_ae_title(ae, "the AE title")
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} in {value!r} is not between 1 and 65535")
+    return ae.strip(), host, port
+
+
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key."""
 
@@ -63,6 +78,10 @@ class Settings(BaseSettings):
     forward_originals: bool = Field(False, description="also store every received original into Orthanc (the node routes)")
     forward_sop_classes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="other SOP Class UIDs accepted only to be routed to Orthanc (needs forward_originals)"
+    )
+    forward_to: str | None = Field(
+        None, description="where forward_originals routes: AE@host:port for DICOM C-STORE to any AE (e.g. PACS@10.0.0.5:104); "
+        "unset: Orthanc over REST",
     )
     # Selection rules: a complete series that does not match is recorded with the reason, not synthesized.
     select_modalities: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["MR"], description="modalities to synthesize")
@@ -119,6 +138,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"{value!r} is not a valid regular expression: {exc}") from exc
         return value
 
+    @field_validator("forward_to")
+    @classmethod
+    def _check_forward_to(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_dicom_destination(value)
+        return value
+
     @field_validator("forward_sop_classes")
     @classmethod
     def _check_sop_classes(cls, value: list[str]) -> list[str]:
@@ -129,6 +155,8 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _tls_pair(self) -> "Settings":
+        if self.forward_to and not self.forward_originals:
+            raise ValueError("forward_to needs forward_originals = true (it says where originals are routed)")
         if self.forward_sop_classes and not self.forward_originals:
             raise ValueError("forward_sop_classes needs forward_originals = true (those instances are only routed)")
         if (self.tls_certificate is None) != (self.tls_private_key is None):

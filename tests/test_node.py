@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
-from dicom_node.local_stack import echoscu, storescu
+from dicom_node.local_stack import echoscu, free_port, nodelay_env, storescu
 from dicom_node.models import AuditEvent, Instance, Job, Series
 from tests.conftest import NODE_AE, SCANNER_AE
 from training.phantom_dicom import write_mr_series
@@ -87,6 +87,60 @@ def test_originals_are_routed_to_orthanc(node_factory, orthanc, tmp_path):
     with sessions() as session:
         rows = session.scalars(select(Instance).where(Instance.series_instance_uid == series.series_uid)).all()
         assert all(r.forwarded_at is not None for r in rows)
+
+
+def test_originals_are_routed_by_c_store_to_any_ae_in_the_syntax_they_came_in(node_factory, orthanc, tmp_path):
+    """forward_to = AE@host:port routes by DICOM (here to Orthanc's DICOM port, not its REST API):
+    each original lands in the transfer syntax it was received in, a JPEG-LS one included."""
+    series = _small(tmp_path, "mr", 225)
+    jpeg_ls = tmp_path / "jpeg-ls.dcm"
+    subprocess.run(["dcmcjpls", str(series.files[0]), str(jpeg_ls)], check=True, env=nodelay_env())
+    series.files[0].unlink()
+    node = node_factory(forward_originals="true", forward_to=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
+    # As at any PACS, the node's AE must be known to the destination before it may store there.
+    registered = httpx.put(f"{orthanc.url}/modalities/mr2ct-router", auth=orthanc.auth,
+                           json={"AET": NODE_AE, "Host": "127.0.0.1", "Port": node.port, "AllowStore": True})
+    assert registered.status_code == 200, registered.text
+    try:
+        assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+        assert storescu(jpeg_ls, node.port, NODE_AE, SCANNER_AE, propose="-xt").returncode == 0
+        sessions = init_db(node.database_url)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with sessions() as session:
+                rows = session.scalars(select(Instance).where(Instance.series_instance_uid == series.series_uid)).all()
+            if len(rows) == 4 and all(r.forwarded_at is not None for r in rows):
+                break
+            time.sleep(0.3)
+    finally:
+        httpx.delete(f"{orthanc.url}/modalities/mr2ct-router", auth=orthanc.auth)
+    assert len(rows) == 4 and all(r.forwarded_at is not None for r in rows), [r.forward_error for r in rows]
+    found = httpx.post(f"{orthanc.url}/tools/lookup", content=series.series_uid, auth=orthanc.auth).json()
+    held = orthanc.get(f"/series/{found[0]['ID']}")["Instances"]
+    syntaxes = {httpx.get(f"{orthanc.url}/instances/{i}/metadata/TransferSyntax", auth=orthanc.auth).text for i in held}
+    assert len(held) == 4 and syntaxes == {"1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.80"}
+    with sessions() as session:
+        audited = session.scalars(select(AuditEvent).where(AuditEvent.actor == "forwarder")).all()
+    assert any(a.detail.get("destination") == f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}" for a in audited)
+
+
+def test_an_unreachable_c_store_destination_is_retried_and_nothing_is_lost(node_factory, tmp_path):
+    closed = free_port()
+    node = node_factory(forward_originals="true", forward_to=f"NOBODY@127.0.0.1:{closed}")
+    series = _small(tmp_path, "mr", 226, slices=2)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    sessions = init_db(node.database_url)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with sessions() as session:
+            rows = session.scalars(select(Instance).where(Instance.series_instance_uid == series.series_uid)).all()
+        if rows and all(r.forward_attempts >= 1 for r in rows):
+            break
+        time.sleep(0.3)
+    assert len(rows) == 2 and all(r.forward_attempts >= 1 and r.forwarded_at is None for r in rows)
+    assert all("did not accept an association" in (r.forward_error or "") for r in rows)
+    assert all(Path(r.path).is_file() for r in rows)  # still in the spool, to be routed when the AE is back
+    assert echoscu(node.port, NODE_AE, SCANNER_AE).returncode == 0
 
 
 def test_a_full_spool_answers_out_of_resources_and_keeps_nothing(node_factory, tmp_path):
