@@ -4,6 +4,7 @@ DICOM AE by C-STORE (``forward_to = "AE@host:port"``) — retried with backoff u
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -74,10 +75,10 @@ class CStoreDestination:
     data may also go in the other uncompressed little endian syntax if that is what the peer
     takes)."""
 
-    def __init__(self, spec: str, calling_ae: str, timeout: float = 30.0) -> None:
+    def __init__(self, spec: str, calling_ae: str, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.called_ae, self.host, self.port = parse_dicom_destination(spec)
-        self.calling_ae, self.timeout = calling_ae, timeout
-        self.name = f"dicom://{self.called_ae}@{self.host}:{self.port}"
+        self.calling_ae, self.timeout, self.ssl_context = calling_ae, timeout, ssl_context
+        self.name = f"dicom{'s' if ssl_context else ''}://{self.called_ae}@{self.host}:{self.port}"
 
     @contextmanager
     def session(self, contexts: set[tuple[str, str]]) -> Iterator[Send]:
@@ -89,7 +90,11 @@ class CStoreDestination:
             if transfer_syntax in UNCOMPRESSED_LITTLE_ENDIAN:
                 syntaxes += [ts for ts in UNCOMPRESSED_LITTLE_ENDIAN if ts != transfer_syntax]
             ae.add_requested_context(sop_class, syntaxes)
-        assoc = ae.associate(self.host, self.port, ae_title=self.called_ae)
+        tls = (self.ssl_context, self.host) if self.ssl_context is not None else None
+        try:
+            assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls)
+        except OSError as exc:  # TLS handshake failures (ssl.SSLError) included
+            raise RoutingDown(f"{self.name}: {type(exc).__name__}: {exc}") from exc
         if not assoc.is_established:
             raise RoutingDown(f"{self.name} did not accept an association from {self.calling_ae} (down, or {self.calling_ae} not allowed)")
 

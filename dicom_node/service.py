@@ -48,6 +48,16 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
     return context
 
 
+def client_tls_context(settings: Settings) -> ssl.SSLContext:
+    """TLS towards a routing destination: its certificate must chain to tls_ca_file and name its
+    host; this node's own certificate is presented when it has one."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(settings.tls_ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if settings.tls_certificate is not None and settings.tls_private_key is not None:
+        context.load_cert_chain(str(settings.tls_certificate), str(settings.tls_private_key))
+    return context
+
+
 @dataclass
 class Node:
     settings: Settings
@@ -102,7 +112,7 @@ class Node:
                          self.work_queued.set)
             if s.forward_originals:
                 destination: Destination = (
-                    CStoreDestination(s.forward_to, s.ae_title) if s.forward_to
+                    CStoreDestination(s.forward_to, s.ae_title, ssl_context=client_tls_context(s) if s.forward_tls else None) if s.forward_to
                     else OrthancRestDestination(OrthancStore(s.orthanc_url, s.orthanc_username, password))
                 )
                 log.info("routing originals to %s", destination.name)

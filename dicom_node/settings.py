@@ -83,6 +83,10 @@ class Settings(BaseSettings):
         None, description="where forward_originals routes: AE@host:port for DICOM C-STORE to any AE (e.g. PACS@10.0.0.5:104); "
         "unset: Orthanc over REST",
     )
+    forward_tls: bool = Field(
+        False, description="route to forward_to over TLS: its certificate is checked against tls_ca_file, and this node presents "
+        "tls_certificate when one is set",
+    )
     # Selection rules: a complete series that does not match is recorded with the reason, not synthesized.
     select_modalities: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["MR"], description="modalities to synthesize")
     select_description_include: str | None = Field(None, description="regex a SeriesDescription must match (search, case-insensitive)")
@@ -157,6 +161,8 @@ class Settings(BaseSettings):
     def _tls_pair(self) -> "Settings":
         if self.forward_to and not self.forward_originals:
             raise ValueError("forward_to needs forward_originals = true (it says where originals are routed)")
+        if self.forward_tls and not (self.forward_to and self.tls_ca_file):
+            raise ValueError("forward_tls needs forward_to and tls_ca_file (the CA that signed the destination's certificate)")
         if self.forward_sop_classes and not self.forward_originals:
             raise ValueError("forward_sop_classes needs forward_originals = true (those instances are only routed)")
         if (self.tls_certificate is None) != (self.tls_private_key is None):

@@ -218,7 +218,8 @@ def _openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def test_dicom_over_tls_with_client_certificates(node_factory, tmp_path):
+def _pki(tmp_path: Path) -> Path:
+    """A test CA and two certificates it signed (server, client), both for 127.0.0.1."""
     pki = tmp_path / "pki"
     pki.mkdir()
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=mr2ct test CA", cwd=pki)
@@ -226,6 +227,11 @@ def test_dicom_over_tls_with_client_certificates(node_factory, tmp_path):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", "/CN=127.0.0.1", cwd=pki)
         (pki / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=pki)
+    return pki
+
+
+def test_dicom_over_tls_with_client_certificates(node_factory, tmp_path):
+    pki = _pki(tmp_path)
     node = node_factory(tls_certificate=str(pki / "server.pem"), tls_private_key=str(pki / "server.key"), tls_ca_file=str(pki / "ca.pem"))
     series = _small(tmp_path, "mr", 250)
     tls = ["+tls", str(pki / "client.key"), str(pki / "client.pem"), "+cf", str(pki / "ca.pem")]
@@ -235,6 +241,31 @@ def test_dicom_over_tls_with_client_certificates(node_factory, tmp_path):
     # Plain TCP, or TLS without a client certificate, gets nowhere.
     assert echoscu(node.port, NODE_AE, SCANNER_AE, timeout=30).returncode != 0
     assert echoscu(node.port, NODE_AE, SCANNER_AE, extra_args=["+tla", "+cf", str(pki / "ca.pem")], timeout=30).returncode != 0
+
+
+def test_originals_are_routed_over_tls_to_another_node(node_factory, tmp_path):
+    """Node A routes by C-STORE over TLS to node B, which requires client certificates: A checks
+    B's certificate against the CA and presents its own; B holds every original."""
+    pki = _pki(tmp_path)
+    tls = {"tls_ca_file": str(pki / "ca.pem")}
+    b = node_factory(tls_certificate=str(pki / "server.pem"), tls_private_key=str(pki / "server.key"),
+                     allowed_aes=f"{SCANNER_AE},{NODE_AE}", **tls)
+    a = node_factory(tls_certificate=str(pki / "client.pem"), tls_private_key=str(pki / "client.key"), forward_originals="true",
+                     forward_to=f"{NODE_AE}@127.0.0.1:{b.port}", forward_tls="true", **tls)
+    series = _small(tmp_path, "mr", 255)
+    client = ["+tls", str(pki / "client.key"), str(pki / "client.pem"), "+cf", str(pki / "ca.pem")]
+    assert storescu(series.folder, a.port, NODE_AE, SCANNER_AE, extra_args=client).returncode == 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with init_db(b.database_url)() as session:
+            held = session.scalars(select(Instance).where(Instance.series_instance_uid == series.series_uid)).all()
+        if len(held) == 4:
+            break
+        time.sleep(0.3)
+    assert len(held) == 4
+    with init_db(a.database_url)() as session:
+        rows = session.scalars(select(Instance).where(Instance.series_instance_uid == series.series_uid)).all()
+    assert len(rows) == 4 and all(r.forwarded_at is not None for r in rows)
 
 
 def test_other_sop_classes_are_accepted_only_to_be_routed(node_factory, orthanc, tmp_path):
