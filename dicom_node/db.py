@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from synthesis.errors import Mr2ctError
+
+log = logging.getLogger(__name__)
 
 
 class DatabaseUnavailable(Mr2ctError):
@@ -87,3 +90,32 @@ def init_db(url: str) -> sessionmaker[Session]:
             raise DatabaseUnavailable(f"cannot open database {shown}: {getattr(exc, 'orig', exc)}") from exc
         _factories[url] = sessionmaker(engine, expire_on_commit=False)
         return _factories[url]
+
+
+JOBS_CHANNEL = "mr2ct_jobs"
+
+
+def notify_job_queued(session: Session) -> None:
+    """Call in the transaction that queues a job: on PostgreSQL, worker processes listening on
+    ``JOBS_CHANNEL`` hear of it when it commits (elsewhere: nothing; workers poll)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text(f"NOTIFY {JOBS_CHANNEL}"))
+
+
+def listen_for_jobs(url: str, wake: threading.Event, stop: threading.Event, reconnect_seconds: float = 5.0) -> None:
+    """Until ``stop``: set ``wake`` whenever a job is queued by any process (PostgreSQL LISTEN).
+    A lost connection is retried; meanwhile the worker's polling still finds every job."""
+    import psycopg
+
+    conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    while not stop.is_set():
+        try:
+            with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
+                conn.execute(f"LISTEN {JOBS_CHANNEL}")
+                wake.set()  # catch up with whatever was queued while nobody listened
+                while not stop.is_set():
+                    for _ in conn.notifies(timeout=1.0):
+                        wake.set()
+        except Exception as exc:  # the database is away: poll meanwhile
+            log.warning("job notifications unavailable, polling only for now: %s", type(exc).__name__)
+            stop.wait(reconnect_seconds)

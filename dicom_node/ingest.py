@@ -18,6 +18,7 @@ from pydicom.uid import UID, EnhancedMRImageStorage, LegacyConvertedEnhancedMRIm
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.db import notify_job_queued
 from dicom_node.models import Job, Series, utcnow
 from dicom_node.recorder import Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
@@ -295,4 +296,5 @@ def mark_stable(
         job = Job(series_instance_uid=series_uid, state="queued", instance_count=series.instance_count)
         session.add(job)
         session.flush()
+        notify_job_queued(session)
         return "stable", job.id

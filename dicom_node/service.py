@@ -15,9 +15,10 @@ import threading
 from dataclasses import dataclass
 
 import torch
+from sqlalchemy.engine import make_url
 
 from dicom_node import audit
-from dicom_node.db import init_db
+from dicom_node.db import init_db, listen_for_jobs
 from dicom_node.forwarder import CStoreDestination, Destination, OrthancRestDestination, forward_loop
 from dicom_node.ingest import Ingest, SelectionRules
 from dicom_node.recorder import Recorder
@@ -92,6 +93,8 @@ class Node:
             worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size, s.precision, s.torch_compile)
             requeue_orphaned_jobs(self.sessions, worker.worker_id)
             self._thread("worker", worker.loop, self.stop_event, s.poll_seconds, self.work_queued)
+            if make_url(s.database_url).get_backend_name() == "postgresql":  # jobs queued by other processes wake it too
+                self._thread("job-listener", listen_for_jobs, s.database_url, self.work_queued, self.stop_event)
             log.info("worker ready id=%s", worker.worker_id)
         if self.role in ("all", "scp"):
             if not s.allowed_aes:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 
 import httpx
@@ -91,3 +92,32 @@ def test_an_unreachable_database_stops_start_up_naming_the_url(tmp_path):
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2
     assert "database_url" in result.stderr and "127.0.0.1" in result.stderr and "secret" not in result.stderr
+
+
+def test_a_worker_process_is_woken_by_postgresql_when_another_process_queues_a_job(postgres, orthanc, tmp_path):
+    """SCP and worker in separate processes, the worker polling only once a minute: the job the
+    SCP queues reaches it through LISTEN/NOTIFY, in seconds."""
+    port = free_port()
+    processes = []
+    try:
+        for role in ("scp", "worker"):
+            env = node_env(tmp_path / role, port, orthanc)
+            env.update(MR2CT_DATABASE_URL=postgres.url, MR2CT_SPOOL_DIR=str(tmp_path / "shared-spool"), MR2CT_POLL_SECONDS="60",
+                       MR2CT_COMPLETE_ON_RELEASE="true", MR2CT_STABLE_SECONDS="3600")
+            processes.append(NodeServer(tmp_path / role, env, port, role=role))
+        for server in processes:
+            server.start()
+        worker_log = tmp_path / "worker" / "mr2ct.log"
+        deadline = time.monotonic() + 60
+        while "worker warmed up" not in (worker_log.read_text() if worker_log.exists() else ""):
+            assert time.monotonic() < deadline, "the worker did not warm up"
+            time.sleep(0.2)
+        time.sleep(1.0)  # its first claim found nothing: from here only a notification (or a minute) wakes it
+        series = write_mr_series(tmp_path / "mr", seed=850, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+        started = time.monotonic()
+        assert storescu(series.folder, port, NODE_AE, SCANNER_AE).returncode == 0
+        assert wait_for_job(postgres.url, series.series_uid, timeout=45).state == "done"
+        assert time.monotonic() - started < 45
+    finally:
+        for server in processes:
+            server.stop()

@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.api.auth import Caller, require
+from dicom_node.db import notify_job_queued
 from dicom_node.models import Association, AuditEvent, Job, ModelVersion, Series, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.errors import PacsUnavailable
@@ -179,6 +180,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             new = Job(series_instance_uid=job.series_instance_uid, state="queued", instance_count=series.instance_count if series else 0)
             session.add(new)
             session.flush()
+            notify_job_queued(session)
             new_id = new.id
         audit.record(sessions, "job-retry", "success", caller.actor, series_uid=job.series_instance_uid, job_id=new_id, retry_of=job_id)
         return {"job_id": new_id, "retry_of": job_id, "state": "queued"}
