@@ -39,7 +39,7 @@ UID_ROOT = "1.2.826.0.1.3680043.8.498."
 sys.path.insert(0, str(ROOT))
 
 from synthesis.ct_writer import SyntheticCTSeries  # noqa: E402
-from synthesis.infer import auto_batch_size, choose_device, prepared, resolve_precision, synthesize  # noqa: E402
+from synthesis.infer import auto_batch_size, choose_device, precision_name, prepared, resolve_precision, synthesize  # noqa: E402
 from synthesis.model_file import LoadedModel, default_model_path, load_model  # noqa: E402
 from synthesis.networks import ResnetGenerator, bf16_copy  # noqa: E402
 from synthesis.sr_writer import build_provenance_sr  # noqa: E402
@@ -105,10 +105,11 @@ def pipeline(model: LoadedModel, series, mr: np.ndarray, out: Path, device: torc
     write the CT files, build and write the SR), with the mean time of each stage."""
     side = round(256 * 1.0 / model.pixel_spacing_mm)
     side += (-side) % 4
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    batch = auto_batch_size(model.generator.to(device), (side, side), device, dtype if precision == "bf16" else None)  # as the node sizes it
+    low = resolve_precision(precision, device)
+    dtype = low or torch.float32
+    batch = auto_batch_size(model.generator.to(device), (side, side), device, low)  # as the node sizes it
     synthesize_s = best_of(lambda: synthesize(mr, (1.0, 1.0), model, device, batch, precision=precision, compile=compile), repeats, device)
-    net = prepared(model.generator.to(device, memory_format=torch.channels_last), precision == "bf16", compile)
+    net = prepared(model.generator.to(device, memory_format=torch.channels_last), low, compile)
     batches = [torch.randn(min(batch, 64 - i), 1, side, side, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
                for i in range(0, 64, batch)]
 
@@ -184,7 +185,7 @@ def main() -> None:
         ("bf16 weights", reference_bf16, torch.bfloat16, False),  # what synthesize runs for bf16
     ]
     if not args.no_compile:
-        variants.append(("bf16 weights+compile", prepared(reference, True, True), torch.bfloat16, False))
+        variants.append(("bf16 weights+compile", prepared(reference, torch.bfloat16, True), torch.bfloat16, False))
     for name, net, dtype, autocast in variants:
         xin = x.to(dtype)
 
@@ -210,7 +211,7 @@ def main() -> None:
         hu16 = synthesize(mr, (1.0, 1.0), model, device, 16, precision="bf16")
         body = series.labels > 0
         mae_bf16 = float(np.abs(hu16 - hu32)[body].mean())
-        precision = "bf16" if resolve_precision("auto", device) is not None else "fp32"
+        precision = precision_name(resolve_precision("auto", device))
         shipped = pipeline(model, series, mr, work / "out-shipped", device, choice.label, precision, False, args.repeats)
         # The same pipeline around a generator of the paper's size (ResNet-9, ngf 64, random
         # weights, on a 1 mm grid = the 256x256 matrix), compiled as a node would run it.

@@ -64,7 +64,9 @@ class Settings(BaseSettings):
     model_file: Path = Field(default_factory=default_model_path, description="generator weights (.safetensors) with their .json card")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="inference device")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (default: torch's choice)")
-    precision: Literal["auto", "fp32", "bf16"] = Field("auto", description="inference precision; auto: bf16 on CUDA and bf16-capable CPUs")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="inference precision; auto: bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, else fp32"
+    )
     batch_size: int = Field(0, ge=0, le=1024, description="slices per inference batch (0: sized to the GPU's free memory; 8 on CPU)")
     torch_compile: bool = Field(False, description="run the generator through torch.compile (faster jobs; each new grid size compiles once, tens of seconds on a CPU)")
     stable_seconds: float = Field(10.0, gt=0, le=86400, description="a series is complete after this long without new instances")

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from synthesis.model_file import LoadedModel
-from synthesis.networks import bf16_copy, size_multiple
+from synthesis.networks import low_precision_copy, size_multiple
 from synthesis.normalize import mr_to_unit, n4_correct, unit_to_hu
 
 log = logging.getLogger(__name__)
@@ -66,17 +66,28 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cuda_has_bf16(device: torch.device) -> bool:
+    """Native bf16 tensor cores (Ampere and later); older GPUs (V100, T4) only emulate it."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """``auto``: bf16 on CUDA and on CPUs with native bf16, fp32 elsewhere. None means fp32."""
-    if precision not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" or cpu_has_bf16():
-        return torch.bfloat16
-    return None
+    """``auto``: bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, fp32 on other CPUs.
+    None means fp32."""
+    if precision != "auto" and precision not in PRECISIONS:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if precision != "auto":
+        return PRECISIONS[precision]
+    if device.type == "cuda":
+        return torch.bfloat16 if cuda_has_bf16(device) else torch.float16
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 CPU_BATCH = 8
@@ -102,24 +113,25 @@ _prepared: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[bool, bool, st
 _prepare_lock = threading.Lock()
 
 
-def prepared(generator: torch.nn.Module, bf16: bool, compile: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+def prepared(generator: torch.nn.Module, dtype: torch.dtype | None, compile: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """The generator as inference runs it, made once per generator object.
 
-    ``bf16``: a copy with bf16 weights (output layer fp32, ``bf16_copy``) that takes bf16 input;
-    measured here faster than bf16 autocast, which casts at every layer. ``compile``:
-    ``torch.compile`` of it (Inductor fuses the normalisation, activation and padding around each
-    convolution; ~2x on this CPU); the first batch of each new grid size pays the compilation.
+    ``dtype`` bf16 or fp16: a copy with weights of that type (tanh in fp32,
+    ``low_precision_copy``) that takes input of that type; measured here faster than autocast,
+    which casts at every layer. None: fp32. ``compile``: ``torch.compile`` of it (Inductor fuses
+    the normalisation, activation and padding around each convolution; ~2x on this CPU); the
+    first batch of each new grid size pays the compilation.
     """
-    if not bf16 and not compile:
+    if dtype is None and not compile:
         return generator
-    key = (bf16, compile, str(next(generator.parameters()).device))  # a copy lives on its device
+    key = (str(dtype), compile, str(next(generator.parameters()).device))  # a copy lives on its device
     with _prepare_lock:
         variants = _prepared.setdefault(generator, {})
         fn = variants.get(key)
         if fn is None:
             # A copy, never the generator itself: a cached value that referred to its own weak key
             # would keep every model the node ever loaded alive.
-            net = bf16_copy(generator) if bf16 else copy.deepcopy(generator)
+            net = low_precision_copy(generator, dtype) if dtype is not None else copy.deepcopy(generator)
             fn = variants[key] = torch.compile(net, dynamic=False) if compile else net
         return fn
 
@@ -207,7 +219,7 @@ def synthesize(
     compute_dtype = resolve_precision(precision, device)
     if batch_size == 0:
         batch_size = auto_batch_size(generator, (grid[0] + pad_r, grid[1] + pad_c), device, compute_dtype)
-    forward = prepared(generator, compute_dtype is not None, compile)
+    forward = prepared(generator, compute_dtype, compile)
     input_dtype = compute_dtype or torch.float32
     out = np.empty_like(unit)
     started = time.perf_counter()
@@ -222,6 +234,6 @@ def synthesize(
         out[start : start + batch_size] = y[:, 0].cpu().numpy()
     log.info(
         "inference slices=%d grid=%dx%d seconds=%.2f device=%s precision=%s compiled=%s", slices, grid[0], grid[1],
-        time.perf_counter() - started, device, "bf16" if compute_dtype is not None else "fp32", compile,
+        time.perf_counter() - started, device, precision_name(compute_dtype), compile,
     )
     return unit_to_hu(out, model.hu_range)

@@ -22,12 +22,17 @@ def fp32_tanh(pre_activation: torch.Tensor) -> torch.Tensor:
     return torch.tanh(pre_activation.float())
 
 
-def bf16_copy(generator: nn.Module) -> nn.Module:
-    """A copy of a generator with bf16 weights, for bf16 inference without autocast's casts at
-    every layer (faster on CPUs and GPUs alike). Feed it bf16 input; its tanh output is fp32."""
+def low_precision_copy(generator: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """A copy of a generator with bf16 (or fp16) weights, for inference without autocast's casts
+    at every layer (faster on CPUs and GPUs alike). Feed it input of that dtype; its tanh output
+    is fp32."""
     import copy
 
-    return copy.deepcopy(generator).to(torch.bfloat16).eval()
+    return copy.deepcopy(generator).to(dtype).eval()
+
+
+def bf16_copy(generator: nn.Module) -> nn.Module:
+    return low_precision_copy(generator, torch.bfloat16)
 
 
 class ResnetBlock(nn.Module):
