@@ -10,8 +10,9 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select, update
@@ -71,9 +72,10 @@ class OrthancRestDestination:
 
 class CStoreDestination:
     """Any DICOM AE by C-STORE: one association per pass, one presentation context per SOP class and
-    transfer syntax in the pass (the instance's own syntax first; uncompressed little endian
-    data may also go in the other uncompressed little endian syntax if that is what the peer
-    takes)."""
+    transfer syntax in the pass. An instance goes in the syntax it came in when the peer takes it;
+    otherwise uncompressed little endian data goes in the other uncompressed little endian syntax,
+    and compressed, deflated or big endian data is decoded here and goes as explicit VR little
+    endian (a context offered for that)."""
 
     def __init__(self, spec: str, calling_ae: str, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None) -> None:
         self.called_ae, self.host, self.port = parse_dicom_destination(spec)
@@ -85,11 +87,15 @@ class CStoreDestination:
         ae = AE(ae_title=self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         ae.connection_timeout = self.timeout
-        for sop_class, transfer_syntax in sorted(contexts)[:MAX_CONTEXTS]:
-            syntaxes = [transfer_syntax]
+        fallback = set()
+        for sop_class, transfer_syntax in sorted(contexts)[:MAX_CONTEXTS // 2]:
             if transfer_syntax in UNCOMPRESSED_LITTLE_ENDIAN:
-                syntaxes += [ts for ts in UNCOMPRESSED_LITTLE_ENDIAN if ts != transfer_syntax]
-            ae.add_requested_context(sop_class, syntaxes)
+                ae.add_requested_context(sop_class, [transfer_syntax, *(ts for ts in UNCOMPRESSED_LITTLE_ENDIAN if ts != transfer_syntax)])
+            else:  # compressed, deflated or big endian: also offer plain little endian, decoded here if need be
+                ae.add_requested_context(sop_class, [transfer_syntax])
+                fallback.add(sop_class)
+        for sop_class in sorted(fallback - {c for c, ts in contexts if ts in UNCOMPRESSED_LITTLE_ENDIAN}):
+            ae.add_requested_context(sop_class, list(UNCOMPRESSED_LITTLE_ENDIAN))
         tls = (self.ssl_context, self.host) if self.ssl_context is not None else None
         try:
             assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls)
@@ -103,8 +109,8 @@ class CStoreDestination:
                 raise RoutingDown(f"{self.name} ended the association")
             try:
                 status = assoc.send_c_store(path)
-            except ValueError as exc:  # no accepted presentation context for it
-                raise InstanceNotTaken(f"{self.name} accepted no presentation context for {sop_class} in {transfer_syntax}") from exc
+            except ValueError:  # its own syntax was not accepted: decoded, it may go as plain little endian
+                status = self._send_decoded(assoc, path, sop_class, transfer_syntax)
             if not status:  # no response: aborted, timed out
                 raise RoutingDown(f"{self.name} aborted or did not answer the C-STORE (does it allow {self.calling_ae} to store?)")
             if int(status.Status) not in STORED_STATUSES:
@@ -115,6 +121,29 @@ class CStoreDestination:
         finally:
             if assoc.is_established:
                 assoc.release()
+
+    def _send_decoded(self, assoc: Any, path: Path, sop_class: str, transfer_syntax: str) -> Any:
+        """For a destination that takes only uncompressed data: the pixel data decoded (pydicom's
+        handlers; lossless unless the original was lossy already), sent in explicit VR little
+        endian. The spool keeps the original."""
+        if transfer_syntax in UNCOMPRESSED_LITTLE_ENDIAN:
+            raise InstanceNotTaken(f"{self.name} accepted no presentation context for {sop_class}")
+        ds = dcmread(path)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            try:
+                ds.decompress(generate_instance_uid=False)  # the same instance, its pixels decoded: the same UID
+            except Exception as exc:  # no handler for it
+                raise InstanceNotTaken(f"{self.name} does not take {transfer_syntax} and it could not be decoded here: "
+                                       f"{type(exc).__name__}") from exc
+        else:  # deflated or big endian: read already; re-encoded by pynetdicom
+            ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        try:
+            status = assoc.send_c_store(ds)
+        except ValueError as exc:
+            raise InstanceNotTaken(f"{self.name} accepted no presentation context for {sop_class} in {transfer_syntax} "
+                                   "nor uncompressed") from exc
+        log.info("routed decoded sop_class=%s from=%s to=%s", sop_class, transfer_syntax, self.name)
+        return status
 
 
 def forward_pending(sessions: sessionmaker[Session], destination: Destination, limit: int = 200) -> tuple[int, int]:
@@ -129,7 +158,7 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
         ).all()
     if not due:
         return 0, 0
-    contexts = sorted({(row.sop_class_uid, row.transfer_syntax_uid) for row in due})[:MAX_CONTEXTS]
+    contexts = sorted({(row.sop_class_uid, row.transfer_syntax_uid) for row in due})[: MAX_CONTEXTS // 2]  # each may need a decoded twin
     due = [row for row in due if (row.sop_class_uid, row.transfer_syntax_uid) in set(contexts)]  # the rest: next pass
 
     def failed_one(sop_uid: str, attempts: int, exc: Exception) -> None:
