@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import dcmread
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -108,9 +108,14 @@ class CStoreDestination:
             if not assoc.is_established:
                 raise RoutingDown(f"{self.name} ended the association")
             try:
-                status = assoc.send_c_store(path)
-            except ValueError:  # its own syntax was not accepted: decoded, it may go as plain little endian
-                status = self._send_decoded(assoc, path, sop_class, transfer_syntax)
+                try:
+                    status = assoc.send_c_store(path)
+                except ValueError:  # its own syntax was not accepted: decoded, it may go as plain little endian
+                    status = self._send_decoded(assoc, path, sop_class, transfer_syntax)
+            except (RoutingDown, InstanceNotTaken):
+                raise
+            except Exception as exc:  # an unreadable spool file and the like: this instance only, with backoff
+                raise InstanceNotTaken(f"cannot send it to {self.name}: {type(exc).__name__}") from exc
             if not status:  # no response: aborted, timed out
                 raise RoutingDown(f"{self.name} aborted or did not answer the C-STORE (does it allow {self.calling_ae} to store?)")
             if int(status.Status) not in STORED_STATUSES:
@@ -135,8 +140,9 @@ class CStoreDestination:
             except Exception as exc:  # no handler for it
                 raise InstanceNotTaken(f"{self.name} does not take {transfer_syntax} and it could not be decoded here: "
                                        f"{type(exc).__name__}") from exc
-        else:  # deflated or big endian: read already; re-encoded by pynetdicom
+        elif ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:  # inflated on reading
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        # (explicit VR big endian: pynetdicom re-encodes uncompressed data for the accepted syntax)
         try:
             status = assoc.send_c_store(ds)
         except ValueError as exc:

@@ -125,11 +125,13 @@ def test_originals_are_routed_by_c_store_to_any_ae_in_the_syntax_they_came_in(no
 
 
 def test_a_destination_that_takes_only_uncompressed_data_gets_compressed_originals_decoded(node_factory, tmp_path):
-    """dcmtk's storescp accepts only uncompressed syntaxes by default: a JPEG-LS original reaches it
-    decoded (pixel for pixel the same), the spool keeps the JPEG-LS file."""
+    """dcmtk's storescp accepts only uncompressed, undeflated syntaxes by default: a JPEG-LS and a
+    deflated original reach it decoded (pixel for pixel the same, same UIDs); the spool keeps
+    them as received."""
     series = _small(tmp_path, "mr", 227, slices=2)
-    jpeg_ls = tmp_path / "jpeg-ls.dcm"
+    jpeg_ls, deflated = tmp_path / "jpeg-ls.dcm", tmp_path / "deflated.dcm"
     subprocess.run(["dcmcjpls", str(series.files[0]), str(jpeg_ls)], check=True, env=nodelay_env())
+    subprocess.run(["dcmconv", "+td", str(series.files[1]), str(deflated)], check=True, env=nodelay_env())
     received = tmp_path / "received"
     received.mkdir()
     port = free_port()
@@ -138,23 +140,25 @@ def test_a_destination_that_takes_only_uncompressed_data_gets_compressed_origina
     try:
         node = node_factory(forward_originals="true", forward_to=f"PLAINPACS@127.0.0.1:{port}")
         assert storescu(jpeg_ls, node.port, NODE_AE, SCANNER_AE, propose="-xt").returncode == 0
+        assert storescu(deflated, node.port, NODE_AE, SCANNER_AE, propose="-xd").returncode == 0
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not list(received.iterdir()):
+        while time.monotonic() < deadline and len(list(received.iterdir())) < 2:
             time.sleep(0.3)
-        time.sleep(0.5)  # storescp renames the file once complete
+        time.sleep(0.5)  # storescp renames a file once complete
     finally:
         storescp.terminate()
         storescp.wait(timeout=20)
-    files = list(received.iterdir())
-    assert len(files) == 1, files
-    arrived, original = pydicom.dcmread(files[0]), pydicom.dcmread(series.files[0])
-    assert arrived.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
-    assert arrived.SOPInstanceUID == original.SOPInstanceUID
-    assert (arrived.pixel_array == original.pixel_array).all()
+    arrived = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(f) for f in received.iterdir())}
+    assert len(arrived) == 2
     with init_db(node.database_url)() as session:
-        row = session.get(Instance, original.SOPInstanceUID)
-    assert row.forwarded_at is not None and row.transfer_syntax_uid == "1.2.840.10008.1.2.4.80"
-    assert pydicom.dcmread(row.path).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.80"  # the spool keeps it as received
+        for source, syntax in ((series.files[0], "1.2.840.10008.1.2.4.80"), (series.files[1], "1.2.840.10008.1.2.1.99")):
+            original = pydicom.dcmread(source)
+            copy = arrived[original.SOPInstanceUID]  # the same instance UID
+            assert copy.file_meta.TransferSyntaxUID in ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2")
+            assert (copy.pixel_array == original.pixel_array).all()
+            row = session.get(Instance, original.SOPInstanceUID)
+            assert row.forwarded_at is not None and row.transfer_syntax_uid == syntax
+            assert pydicom.dcmread(row.path).file_meta.TransferSyntaxUID == syntax  # the spool keeps it as received
 
 
 def test_an_unreachable_c_store_destination_is_retried_and_nothing_is_lost(node_factory, tmp_path):
