@@ -137,6 +137,8 @@ class Node:
         app = create_app(
             self.sessions, orthanc_url=s.orthanc_url, orthanc_auth=(s.orthanc_username or "", password or "") if s.orthanc_username else None,
             spool_dir=str(s.spool_dir) if Path(s.spool_dir).exists() else None, node_info=info,
+            routing=(f"dicom{'s' if s.forward_tls else ''}://{s.forward_to}" if s.forward_to else f"orthanc {s.orthanc_url}")
+            if s.forward_originals else None,
         )
         config = uvicorn.Config(app, host=s.api_host, port=s.api_port, log_level="warning", access_log=False)
         self.api_server = uvicorn.Server(config)

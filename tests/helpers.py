@@ -1,8 +1,10 @@
-"""Small helpers shared by tests: Orthanc look-ups and dciodvfy."""
+"""Small helpers shared by tests: Orthanc look-ups, dciodvfy, admin API tokens."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from io import BytesIO
 from pathlib import Path
 
@@ -41,3 +43,13 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str], list[str]]:
     stale = [l for l in errors if any(tag in l for tag in KNOWN_STALE_DICTIONARY_ERRORS)]
     warnings = [l for l in lines if l.startswith("Warning")]
     return [e for e in errors if e not in stale], stale, warnings
+
+
+def api_token(database_url: str, role: str, name: str) -> str:
+    """A fresh admin API token, made with the CLI as an administrator would."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env["MR2CT_DATABASE_URL"] = database_url
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", "create", "--role", role, "--name", name],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import subprocess
-import sys
 import time
 
 import httpx
@@ -20,19 +17,15 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
 from dicom_node.models import ApiToken, AuditEvent
 from tests.conftest import NODE_AE, SCANNER_AE
+from tests.helpers import api_token
 from training.phantom_dicom import write_mr_series
 
-ROUTES = [("POST", "/synthesize"), ("GET", "/models"), ("GET", "/metrics"), ("GET", "/jobs"), ("GET", "/jobs/1"), ("POST", "/jobs/1/retry"), ("POST", "/jobs/1/cancel"),
+ROUTES = [("GET", "/routing"), ("POST", "/routing/retry"), ("POST", "/synthesize"), ("GET", "/models"), ("GET", "/metrics"), ("GET", "/jobs"), ("GET", "/jobs/1"), ("POST", "/jobs/1/retry"), ("POST", "/jobs/1/cancel"),
           ("GET", "/series"), ("GET", "/associations"), ("GET", "/audit")]
 
 
 def _token(node, role: str, name: str) -> str:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
-    env["MR2CT_DATABASE_URL"] = node.database_url
-    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", "create", "--role", role, "--name", name],
-                            capture_output=True, text=True, env=env, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    return api_token(node.database_url, role, name)
 
 
 @pytest.fixture(scope="module")

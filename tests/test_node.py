@@ -20,6 +20,7 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import echoscu, free_port, nodelay_env, storescu
 from dicom_node.models import AuditEvent, Instance, Job, Series
 from tests.conftest import NODE_AE, SCANNER_AE
+from tests.helpers import api_token
 from training.phantom_dicom import write_mr_series
 
 
@@ -178,6 +179,27 @@ def test_an_unreachable_c_store_destination_is_retried_and_nothing_is_lost(node_
     assert all("did not accept an association" in (r.forward_error or "") for r in rows)
     assert all(Path(r.path).is_file() for r in rows)  # still in the spool, to be routed when the AE is back
     assert echoscu(node.port, NODE_AE, SCANNER_AE).returncode == 0
+    # The administrator sees the failures, brings the AE up and asks for a retry without waiting out the backoff.
+    base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
+    admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'pacs-admin')}"}
+    status = httpx.get(f"{base}/routing", headers=admin).json()
+    assert status["destination"] == f"dicom://NOBODY@127.0.0.1:{closed}" and status["failing"] == 2 and status["routed"] == 0
+    assert {f["sop_instance_uid"] for f in status["failures"]} == {r.sop_instance_uid for r in rows}
+    received = tmp_path / "received"
+    received.mkdir()
+    storescp = subprocess.Popen(["storescp", "-aet", "NOBODY", "-od", str(received), str(closed)], env=nodelay_env(),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        assert httpx.post(f"{base}/routing/retry", headers=admin).json()["rescheduled"] == 2
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and httpx.get(f"{base}/routing", headers=admin).json()["routed"] < 2:
+            time.sleep(0.3)
+    finally:
+        storescp.terminate()
+        storescp.wait(timeout=20)
+    status = httpx.get(f"{base}/routing", headers=admin).json()
+    assert status["routed"] == 2 and status["failing"] == 0 and status["waiting"] == 0
 
 
 def test_a_full_spool_answers_out_of_resources_and_keeps_nothing(node_factory, tmp_path):

@@ -17,13 +17,13 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as FastApiPath
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
-from sqlalchemy import Select, case, func, select, text
+from sqlalchemy import Select, case, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.api.auth import Caller, require
 from dicom_node.db import notify_job_queued
-from dicom_node.models import Association, AuditEvent, Job, ModelVersion, Series, utcnow
+from dicom_node.models import Association, AuditEvent, Instance, Job, ModelVersion, Series, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.errors import PacsUnavailable
 
@@ -57,7 +57,7 @@ def _page(session: Session, query: Select[Any], limit: int, offset: int) -> dict
 
 
 def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = None, orthanc_auth: tuple[str, str] | None = None,
-               spool_dir: str | None = None, node_info: dict[str, Any] | None = None) -> FastAPI:
+               spool_dir: str | None = None, node_info: dict[str, Any] | None = None, routing: str | None = None) -> FastAPI:
     app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
     app.state.sessions = sessions
     info = dict(node_info or {})
@@ -228,6 +228,37 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             query = query.where(Association.started_at < until)
         with sessions() as session:
             return _page(session, query, limit, offset)
+
+    @app.get("/routing")
+    def routing_status(
+        caller: Caller = Depends(READ), limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
+    ) -> dict[str, Any]:
+        """Where originals are routed, how many have landed and how many wait; the failing ones with
+        their last error (newest attempt first)."""
+        waiting = Instance.forwarded_at.is_(None)
+        failing = select(Instance.sop_instance_uid, Instance.series_instance_uid, Instance.forward_attempts, Instance.forward_next_at,
+                         Instance.forward_error).where(waiting, Instance.forward_error.is_not(None)).order_by(Instance.forward_next_at.desc())
+        with sessions() as session:
+            routed = session.scalar(select(func.count()).select_from(Instance).where(Instance.forwarded_at.is_not(None)))
+            pending = session.scalar(select(func.count()).select_from(Instance).where(waiting))
+            failing_count = session.scalar(select(func.count()).select_from(failing.subquery()))
+            rows = session.execute(failing.limit(limit).offset(offset)).all()
+        _audit_query(caller, "routing", returned=len(rows))
+        return {
+            "destination": routing or "off", "routed": routed, "waiting": pending if routing else 0, "failing": failing_count,
+            "failures": [dict(row._mapping) for row in rows], "limit": limit, "offset": offset,
+        }
+
+    @app.post("/routing/retry")
+    def routing_retry(caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
+        """After the destination is fixed: try every failing original at the next pass instead of at
+        the end of its backoff."""
+        with sessions.begin() as session:
+            count = session.execute(
+                update(Instance).where(Instance.forwarded_at.is_(None), Instance.forward_error.is_not(None)).values(forward_next_at=utcnow())
+            ).rowcount
+        audit.record(sessions, "routing-retry", "success", caller.actor, instances=count)
+        return {"rescheduled": count}
 
     @app.post("/synthesize", status_code=202)
     def synthesize_from_orthanc(body: SynthesizeRequest, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
