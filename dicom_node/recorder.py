@@ -133,11 +133,14 @@ class Recorder:
 
     def submit(self, item: SpooledInstance) -> None:
         with self._condition:
-            if not self._pending:
+            first = not self._pending
+            if first:
                 self._oldest = time.monotonic()
             self._pending.append(item)
             self._submitted += 1
-            if len(self._pending) >= self.max_batch:
+            # The first row of a window wakes the recorder to time that window; a full batch
+            # ends it early. (Without the first, rows waited for a full batch or a flush.)
+            if first or len(self._pending) >= self.max_batch:
                 self._condition.notify_all()
 
     def flush(self, timeout: float = 120.0) -> bool:

@@ -41,6 +41,28 @@ def test_flush_returns_once_every_submitted_row_is_committed_and_resends_count_o
         recorder.stop()
 
 
+def test_rows_are_committed_within_the_window_without_a_flush(tmp_path: Path) -> None:
+    """During a long association nothing calls flush: each row must still reach the database
+    about a window after its instance (the stability monitor reads last_received_at from it)."""
+    import time
+
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    recorder = Recorder(sessions, window_seconds=0.2)
+    try:
+        for i in range(3):
+            recorder.submit(_item(f"1.2.3.4.{i}"))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with sessions() as session:
+                    if session.scalar(select(func.count()).select_from(Instance)) == i + 1:
+                        break
+                time.sleep(0.05)
+            else:
+                raise AssertionError(f"row {i} not committed without a flush")
+    finally:
+        recorder.stop()
+
+
 def test_stop_commits_what_is_still_waiting(tmp_path: Path) -> None:
     sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
     recorder = Recorder(sessions, window_seconds=30)
