@@ -93,13 +93,26 @@ def init_db(url: str) -> sessionmaker[Session]:
 
 
 JOBS_CHANNEL = "mr2ct_jobs"
+_job_listeners: set[threading.Event] = set()
+
+
+def wake_on_job_queued(wake: threading.Event) -> None:
+    """Set ``wake`` whenever this process queues a job (after the commit that makes it visible)."""
+    _job_listeners.add(wake)
+
+
+def _wake_job_listeners(_session: Session) -> None:
+    for wake in list(_job_listeners):
+        wake.set()
 
 
 def notify_job_queued(session: Session) -> None:
-    """Call in the transaction that queues a job: on PostgreSQL, worker processes listening on
-    ``JOBS_CHANNEL`` hear of it when it commits (elsewhere: nothing; workers poll)."""
+    """Call in the transaction that queues a job: once it commits, this process's waiting workers
+    wake (``wake_on_job_queued``), and on PostgreSQL so do worker processes listening on
+    ``JOBS_CHANNEL`` (elsewhere the others find it at their next poll)."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(text(f"NOTIFY {JOBS_CHANNEL}"))
+    event.listen(session, "after_commit", _wake_job_listeners, once=True)
 
 
 def listen_for_jobs(url: str, wake: threading.Event, stop: threading.Event, reconnect_seconds: float = 5.0) -> None:

@@ -88,7 +88,7 @@ class CStoreDestination:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         ae.connection_timeout = self.timeout
         fallback = set()
-        for sop_class, transfer_syntax in sorted(contexts)[:MAX_CONTEXTS // 2]:
+        for sop_class, transfer_syntax in sorted(contexts):  # at most MAX_CONTEXTS // 2 (forward_pending): each may need a twin
             if transfer_syntax in UNCOMPRESSED_LITTLE_ENDIAN:
                 ae.add_requested_context(sop_class, [transfer_syntax, *(ts for ts in UNCOMPRESSED_LITTLE_ENDIAN if ts != transfer_syntax)])
             else:  # compressed, deflated or big endian: also offer plain little endian, decoded here if need be
@@ -164,8 +164,8 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
         ).all()
     if not due:
         return 0, 0
-    contexts = sorted({(row.sop_class_uid, row.transfer_syntax_uid) for row in due})[: MAX_CONTEXTS // 2]  # each may need a decoded twin
-    due = [row for row in due if (row.sop_class_uid, row.transfer_syntax_uid) in set(contexts)]  # the rest: next pass
+    contexts = set(sorted({(row.sop_class_uid, row.transfer_syntax_uid) for row in due})[: MAX_CONTEXTS // 2])  # each may need a decoded twin
+    due = [row for row in due if (row.sop_class_uid, row.transfer_syntax_uid) in contexts]  # the rest: next pass
 
     def failed_one(sop_uid: str, attempts: int, exc: Exception) -> None:
         wait = backoff_seconds(attempts + 1)
@@ -179,7 +179,7 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
 
     forwarded = failed = 0
     try:
-        with destination.session(set(contexts)) as send:
+        with destination.session(contexts) as send:
             for sop_uid, path, attempts, sop_class, transfer_syntax in due:
                 try:
                     send(Path(path), sop_class, transfer_syntax)

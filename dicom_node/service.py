@@ -18,7 +18,7 @@ import torch
 from sqlalchemy.engine import make_url
 
 from dicom_node import audit
-from dicom_node.db import init_db, listen_for_jobs
+from dicom_node.db import init_db, listen_for_jobs, wake_on_job_queued
 from dicom_node.forwarder import CStoreDestination, Destination, OrthancRestDestination, forward_loop
 from dicom_node.ingest import Ingest, SelectionRules
 from dicom_node.recorder import Recorder
@@ -59,6 +59,17 @@ def client_tls_context(settings: Settings) -> ssl.SSLContext:
     return context
 
 
+def routing_destination(settings: Settings, password: str | None) -> Destination | None:
+    """Where forward_originals routes (None: it does not): an AE by C-STORE, else Orthanc by REST.
+    Building one opens no connection."""
+    s = settings
+    if not s.forward_originals:
+        return None
+    if s.forward_to:
+        return CStoreDestination(s.forward_to, s.ae_title, ssl_context=client_tls_context(s) if s.forward_tls else None)
+    return OrthancRestDestination(OrthancStore(s.orthanc_url, s.orthanc_username, password))
+
+
 @dataclass
 class Node:
     settings: Settings
@@ -71,7 +82,7 @@ class Node:
         self.threads: list[threading.Thread] = []
         self.scp: StoreSCP | None = None
         self.recorder: Recorder | None = None
-        self.work_queued = threading.Event()  # set when this process queues a job: wakes its worker
+        self.work_queued = threading.Event()  # set when a job is queued (here or, on PostgreSQL, anywhere): wakes the worker
 
     def start(self) -> None:
         s = self.settings
@@ -92,6 +103,7 @@ class Node:
             store = OrthancStore(s.orthanc_url, s.orthanc_username, password)
             worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size, s.precision, s.torch_compile)
             requeue_orphaned_jobs(self.sessions, worker.worker_id)
+            wake_on_job_queued(self.work_queued)  # jobs queued by this process (series completion, API retry)
             self._thread("worker", worker.loop, self.stop_event, s.poll_seconds, self.work_queued)
             if make_url(s.database_url).get_backend_name() == "postgresql":  # jobs queued by other processes wake it too
                 self._thread("job-listener", listen_for_jobs, s.database_url, self.work_queued, self.stop_event)
@@ -107,17 +119,13 @@ class Node:
             if s.complete_on_release:
                 def on_released(series_uids: set[str]) -> None:
                     for uid in series_uids:
-                        complete_series(self.sessions, uid, 0, rules, "association released", self.work_queued.set)
+                        complete_series(self.sessions, uid, 0, rules, "association released")
             self.scp = StoreSCP(s.ae_title, s.allowed_aes, ingest, self.sessions, s.max_associations, on_released,
                                 forward_only=frozenset(s.forward_sop_classes))
             self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
-            self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules,
-                         self.work_queued.set)
-            if s.forward_originals:
-                destination: Destination = (
-                    CStoreDestination(s.forward_to, s.ae_title, ssl_context=client_tls_context(s) if s.forward_tls else None) if s.forward_to
-                    else OrthancRestDestination(OrthancStore(s.orthanc_url, s.orthanc_username, password))
-                )
+            self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules)
+            destination = routing_destination(s, password)
+            if destination is not None:
                 log.info("routing originals to %s", destination.name)
                 self._thread("forwarder", forward_loop, self.sessions, destination, s.poll_seconds, self.stop_event)
         if self.role in ("all", "api") and s.api_port:
@@ -137,8 +145,7 @@ class Node:
         app = create_app(
             self.sessions, orthanc_url=s.orthanc_url, orthanc_auth=(s.orthanc_username or "", password or "") if s.orthanc_username else None,
             spool_dir=str(s.spool_dir) if Path(s.spool_dir).exists() else None, node_info=info,
-            routing=(f"dicom{'s' if s.forward_tls else ''}://{s.forward_to}" if s.forward_to else f"orthanc {s.orthanc_url}")
-            if s.forward_originals else None,
+            routing=getattr(routing_destination(s, password), "name", None),
         )
         config = uvicorn.Config(app, host=s.api_host, port=s.api_port, log_level="warning", access_log=False)
         self.api_server = uvicorn.Server(config)

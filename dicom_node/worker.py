@@ -7,7 +7,6 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -176,8 +175,8 @@ class Worker:
         audit.record(self.sessions, audit.JOB_FAILED, "failure", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, reason=reason[:500])
 
     def loop(self, stop: threading.Event, poll_seconds: float, wake: threading.Event | None = None) -> None:
-        """Claim and run jobs until ``stop``; between polls, ``wake`` (set when this process queues a
-        job) starts the next claim at once instead of up to ``poll_seconds`` later."""
+        """Claim and run jobs until ``stop``; between polls, ``wake`` (set when a job is queued, see
+        ``db.wake_on_job_queued``) starts the next claim at once instead of up to ``poll_seconds`` later."""
         wake = wake or threading.Event()
         try:
             self.warm_up()
@@ -196,9 +195,8 @@ class Worker:
             self.run_job(job_id)
 
 
-def complete_series(sessions: sessionmaker[Session], series_uid: str, stable_seconds: float, rules: SelectionRules, actor: str,
-                    on_job: Callable[[], None] | None = None) -> None:
-    """Complete one series: a job (``on_job`` is then called), or 'ignored' with the reason; both audited."""
+def complete_series(sessions: sessionmaker[Session], series_uid: str, stable_seconds: float, rules: SelectionRules, actor: str) -> None:
+    """Complete one series: a job, or 'ignored' with the reason; both audited."""
     state, job_id = mark_stable(sessions, series_uid, stable_seconds, rules)
     if state == "receiving":
         return
@@ -208,22 +206,19 @@ def complete_series(sessions: sessionmaker[Session], series_uid: str, stable_sec
     if state == "stable":
         audit.record(sessions, audit.SERIES_STABLE, "success", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, instances=count)
         log.info("series complete series=%s job=%s instances=%d", series_uid, job_id, count)
-        if on_job is not None:
-            on_job()
     else:
         audit.record(sessions, audit.SERIES_STABLE, "warning", actor, study_uid=study_uid, series_uid=series_uid, instances=count, reason=reason, synthesized=False)
         log.info("series not synthesized series=%s reason=%s", series_uid, reason)
 
 
 def stability_loop(
-    sessions: sessionmaker[Session], stable_seconds: float, poll_seconds: float, stop: threading.Event, rules: SelectionRules | None = None,
-    on_job: Callable[[], None] | None = None,
+    sessions: sessionmaker[Session], stable_seconds: float, poll_seconds: float, stop: threading.Event, rules: SelectionRules | None = None
 ) -> None:
     """Turn series that stayed quiet for ``stable_seconds`` into jobs (like Orthanc's StableAge)."""
     rules = rules or SelectionRules()
     while not stop.wait(poll_seconds):
         try:
             for series_uid in stable_series(sessions, stable_seconds):
-                complete_series(sessions, series_uid, stable_seconds, rules, "stability monitor", on_job)
+                complete_series(sessions, series_uid, stable_seconds, rules, "stability monitor")
         except Exception:
             log.exception("stability monitor pass failed")

@@ -87,7 +87,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
-    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+    return next(name for name, value in PRECISIONS.items() if value == dtype)
 
 
 CPU_BATCH = 8
