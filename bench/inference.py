@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 from synthesis.ct_writer import SyntheticCTSeries  # noqa: E402
 from synthesis.infer import auto_batch_size, choose_device, precision_name, prepared, resolve_precision, synthesize  # noqa: E402
 from synthesis.model_file import LoadedModel, default_model_path, load_model  # noqa: E402
-from synthesis.networks import ResnetGenerator, bf16_copy  # noqa: E402
+from synthesis.networks import ResnetGenerator, low_precision_copy  # noqa: E402
 from synthesis.sr_writer import build_provenance_sr  # noqa: E402
 from synthesis.volume import assemble  # noqa: E402
 from training.phantom_dicom import write_mr_series  # noqa: E402
@@ -178,7 +178,7 @@ def main() -> None:
     x = torch.randn(batch, 1, 256, 256, device=device).contiguous(memory_format=torch.channels_last)
     flops = conv_flops(reference, x[:1])
     results = {}
-    reference_bf16 = bf16_copy(reference)
+    reference_bf16 = low_precision_copy(reference, torch.bfloat16)
     variants = [  # name, network, input dtype, autocast
         ("fp32", reference, torch.float32, False),
         ("bf16 autocast", reference, torch.float32, True),

@@ -85,7 +85,6 @@ class SyntheticCTSeries:
         self.series_instance_uid = derived_uid(uid_root, src_series, model.sha256, "ct-series")
         self.sop_instance_uids = [derived_uid(uid_root, src_series, model.sha256, "ct", i) for i in range(len(source.headers))]
         now = datetime.now(timezone.utc)
-        date, time = now.strftime("%Y%m%d"), now.strftime("%H%M%S")
         description = f"sCT (mr2ct {synthesis.__version__}, model {model.short_digest})"
         derivation = (
             f"Synthetic CT generated from MR series {src_series} by mr2ct {synthesis.__version__} "
@@ -93,9 +92,8 @@ class SyntheticCTSeries:
         )
         stored = np.clip(np.rint(hu), HU_MIN, HU_MAX) - RESCALE_INTERCEPT
         self._stored = stored.astype(np.uint16)
-        self._date, self._time = date, time
+        self._created = now  # one moment for every date and time of the series
         self._description, self._derivation = description, derivation
-        self._equipment_datetime = now.strftime("%Y%m%d%H%M%S")
         self._constant_encoded: list[tuple[int, bytes]] | None = None
 
     def __len__(self) -> int:
@@ -104,15 +102,16 @@ class SyntheticCTSeries:
     def _constant(self) -> Dataset:
         """Every element that is the same in all instances of the series (no file meta)."""
         source, first = self.source, self.source.headers[0]
+        date, time = self._created.strftime("%Y%m%d"), self._created.strftime("%H%M%S")
         ds = Dataset()
         copy_patient_and_study(first, ds)
         ds.SOPClassUID = CTImageStorage
-        ds.InstanceCreationDate, ds.InstanceCreationTime = self._date, self._time
+        ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
         ds.Modality = "CT"
         ds.SeriesInstanceUID = self.series_instance_uid
         ds.SeriesNumber = int(first.get("SeriesNumber", 0) or 0) + 1000
         ds.SeriesDescription = self._description
-        ds.SeriesDate, ds.SeriesTime = self._date, self._time
+        ds.SeriesDate, ds.SeriesTime = date, time
         ds.PatientPosition = first.get("PatientPosition", "") or "HFS"
         if "BodyPartExamined" in first:
             ds.BodyPartExamined = first.BodyPartExamined
@@ -121,13 +120,13 @@ class SyntheticCTSeries:
         ds.Manufacturer = MANUFACTURER
         ds.ManufacturerModelName = "mr2ct"
         ds.SoftwareVersions = synthesis.__version__
-        ds.ContentDate, ds.ContentTime = self._date, self._time
+        ds.ContentDate, ds.ContentTime = date, time
         ds.AcquisitionNumber = ""
         ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
         ds.DerivationDescription = self._derivation[:1024]
         ds.BurnedInAnnotation = "NO"
         ds.SyntheticData = "YES"
-        ds.ContributingEquipmentSequence = contributing_equipment(self._derivation, self._equipment_datetime)
+        ds.ContributingEquipmentSequence = contributing_equipment(self._derivation, self._created.strftime("%Y%m%d%H%M%S"))
         ds.ImageOrientationPatient = [_ds_float(v) for v in source.volume.orientation]
         ds.PixelSpacing = [_ds_float(v) for v in source.volume.pixel_spacing]
         ds.SamplesPerPixel = 1

@@ -109,7 +109,7 @@ def auto_batch_size(generator: torch.nn.Module, grid: tuple[int, int], device: t
     return int(max(1, min(MAX_BATCH, (free // 2) // per_slice)))
 
 
-_prepared: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[bool, bool, str], Callable[[torch.Tensor], torch.Tensor]]]" = weakref.WeakKeyDictionary()
+_prepared: "weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[str, bool, str], Callable[[torch.Tensor], torch.Tensor]]]" = weakref.WeakKeyDictionary()
 _prepare_lock = threading.Lock()
 
 

@@ -31,9 +31,6 @@ def low_precision_copy(generator: nn.Module, dtype: torch.dtype = torch.bfloat16
     return copy.deepcopy(generator).to(dtype).eval()
 
 
-def bf16_copy(generator: nn.Module) -> nn.Module:
-    return low_precision_copy(generator, torch.bfloat16)
-
 
 class ResnetBlock(nn.Module):
     def __init__(self, channels: int) -> None:
