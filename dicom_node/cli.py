@@ -66,6 +66,8 @@ def train(
     discriminator: Annotated[Optional[str], typer.Option(help="patch | paper")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="epochs between checkpoints (0: end only)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/checkpoint.pt")] = False,
+    init_from: Annotated[Optional[Path], typer.Option(
+        help="fine-tune: start from another run's folder/checkpoint.pt (all four networks) or a model .safetensors (MR->CT generator)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 (autocast forward passes; GPUs and bf16-capable CPUs)")] = None,
 ) -> None:
@@ -89,7 +91,7 @@ def train(
                 crop_size=crop_size, pixel_spacing_mm=pixel_spacing, ngf=ngf, n_blocks=n_blocks, ndf=ndf, d_layers=d_layers,
                 cycle_loss=cycle_loss, adversarial_loss=adversarial_loss, identity_weight=identity_weight,
                 lr_decay_start=lr_decay_start, generator=generator, discriminator=discriminator, checkpoint_every=checkpoint_every,
-                precision=precision,
+                precision=precision, init_from=str(init_from) if init_from else None,
             ),
         )
     except (ValueError, TypeError) as exc:

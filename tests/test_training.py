@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from synthesis.model_file import default_model_path, load_model
 from training import phantoms
@@ -86,6 +87,28 @@ def test_resume_refuses_a_checkpoint_made_with_other_parameters(tmp_path: Path) 
     assert _train(tmp_path / "run", "--epochs", "1").returncode == 0
     refused = _train(tmp_path / "run", "--epochs", "2", "--lambda-ABA", "5", "--resume")
     assert refused.returncode == 2 and "lambda_ABA" in refused.stderr
+
+
+def test_init_from_fine_tunes_another_run_on_another_grid_and_refuses_other_shapes(tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    assert _train(tmp_path / "base", "--epochs", "1", "--seed", "3").returncode == 0
+    # Learning rates 0: the fine-tuned model must be exactly the base's generator, whatever the grid.
+    tuned = _train(tmp_path / "tuned", "--epochs", "1", "--seed", "4", "--pixel-spacing", "4.0", "--lr-G", "0", "--lr-D", "0",
+                   "--init-from", str(tmp_path / "base"))
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
+    base, fine = load_file(tmp_path / "base" / "model.safetensors"), load_file(tmp_path / "tuned" / "model.safetensors")
+    assert base.keys() == fine.keys() and all(torch.equal(base[k], fine[k]) for k in base)
+    source = load_model(tmp_path / "tuned" / "model.safetensors").card["training"]["initialized_from"]
+    assert source["networks"] == ["d_a", "d_b", "g_ab", "g_ba"] and source["path"].endswith("checkpoint.pt")
+    # From a model file only the MR->CT generator comes; a fresh seed's run differs from it elsewhere.
+    from_model = _train(tmp_path / "from-model", "--epochs", "1", "--init-from", str(tmp_path / "base" / "model.safetensors"))
+    assert from_model.returncode == 0, from_model.stderr[-2000:]
+    assert load_model(tmp_path / "from-model" / "model.safetensors").card["training"]["initialized_from"]["networks"] == ["g_ab"]
+    refused = _train(tmp_path / "other", "--epochs", "1", "--ngf", "8", "--init-from", str(tmp_path / "base"))
+    assert refused.returncode == 2 and "another architecture" in refused.stderr and "--ngf" in refused.stderr
+    missing = _train(tmp_path / "none", "--epochs", "1", "--init-from", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "--init-from" in missing.stderr
 
 
 @pytest.mark.parametrize("args", [

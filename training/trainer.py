@@ -84,6 +84,7 @@ class TrainConfig:
     seed: int = 0
     max_minutes: float | None = None
     data: str | None = None  # a dataset cache from `mr2ct pull`; None: generated phantoms
+    init_from: str | None = None  # fine-tune: start from a run folder / checkpoint.pt (all four networks) or a model file (G_AB)
     precision: str = "fp32"  # or "bf16": forward passes under bf16 autocast (GPUs, CPUs with AMX/AVX-512 bf16)
 
     def __post_init__(self) -> None:
@@ -276,11 +277,13 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         torch.save(state, tmp)
         tmp.replace(checkpoint_path)
 
+    init_source = initialize_from(cfg.init_from, nets, dev) if cfg.init_from and not resume else None
+
     if resume:
         if not checkpoint_path.exists():
             raise ValueError(f"--resume: no checkpoint at {checkpoint_path}")
         state = torch.load(checkpoint_path, map_location=dev, weights_only=False)
-        extendable = {"epochs", "max_minutes", "checkpoint_every"}  # training may be extended on resume
+        extendable = {"epochs", "max_minutes", "checkpoint_every", "init_from"}  # extended on resume; init_from: weights come from the checkpoint
         changed = sorted(k for k in state["config"] if k not in extendable and state["config"][k] != asdict(cfg).get(k))
         if changed:
             raise ValueError(f"--resume: the checkpoint was made with other parameters ({', '.join(changed)})")
@@ -446,6 +449,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
                  "manifest_sha256": _manifest_digest(Path(str(cfg.data)))}
                 if cfg.data else {"generator": "training.phantoms", "generator_version": phantoms.GENERATOR_VERSION}
             ),
+            **({"initialized_from": init_source} if init_source else {}),
             "epochs_completed": len(history),
             "world_size": world,
             "stopped_early": stopped_early,
@@ -479,6 +483,39 @@ def _figures(out_dir: Path, g_ab: nn.Module, g_ba: nn.Module, mr_pool: np.ndarra
     image_grid(rows, out_dir / "samples.png")
     g_ab.train()
     g_ba.train()
+
+
+def initialize_from(source: str, nets: dict[str, nn.Module], device: torch.device) -> dict[str, Any]:
+    """Fine-tuning: load network weights (not optimiser state, pool or schedule) from a run folder or
+    its checkpoint.pt (all four networks), or from a model file made by `mr2ct train` (the MR->CT
+    generator only; the others start fresh). The networks must have the same shapes; the grid
+    (pixel spacing, image size) and data may differ — that is the point. Returns what the card
+    records about the source."""
+    from synthesis.model_file import card_path_for, load_model, sha256_of
+
+    path = Path(source)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise ValueError(f"--init-from: {source} is neither a run folder with checkpoint.pt, a checkpoint nor a model file")
+    if path.suffix == ".safetensors":
+        if not card_path_for(path).is_file():
+            raise ValueError(f"--init-from: {path} has no card ({card_path_for(path).name}) next to it")
+        states = {"g_ab": load_model(path).generator.state_dict()}
+    else:
+        try:
+            states = torch.load(path, map_location="cpu", weights_only=False)["nets"]
+        except Exception as exc:
+            raise ValueError(f"--init-from: {path} is not a training checkpoint ({type(exc).__name__})") from exc
+    for name, state in states.items():
+        own = nets[name].state_dict()
+        mismatched = sorted(k for k in own.keys() | state.keys() if k not in own or k not in state or own[k].shape != state[k].shape)
+        if mismatched:
+            raise ValueError(f"--init-from: {name} in {path} has another architecture than this run "
+                             f"(first differing weights: {', '.join(mismatched[:3])}); match --ngf/--n-blocks/--ndf/--d-layers/--generator")
+        nets[name].load_state_dict({k: v.to(device) for k, v in state.items()})
+    log.info("initialized %s from %s", ", ".join(sorted(states)), path)
+    return {"path": str(path), "sha256": sha256_of(path), "networks": sorted(states)}
 
 
 def _manifest_digest(cache: Path) -> str:
