@@ -97,8 +97,13 @@ _job_listeners: set[threading.Event] = set()
 
 
 def wake_on_job_queued(wake: threading.Event) -> None:
-    """Set ``wake`` whenever this process queues a job (after the commit that makes it visible)."""
+    """Set ``wake`` whenever this process queues a job (after the commit that makes it visible);
+    ``stop_waking`` ends it."""
     _job_listeners.add(wake)
+
+
+def stop_waking(wake: threading.Event) -> None:
+    _job_listeners.discard(wake)
 
 
 def _wake_job_listeners(_session: Session) -> None:

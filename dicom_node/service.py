@@ -18,7 +18,7 @@ import torch
 from sqlalchemy.engine import make_url
 
 from dicom_node import audit
-from dicom_node.db import init_db, listen_for_jobs, wake_on_job_queued
+from dicom_node.db import init_db, listen_for_jobs, stop_waking, wake_on_job_queued
 from dicom_node.forwarder import CStoreDestination, Destination, OrthancRestDestination, forward_loop
 from dicom_node.ingest import Ingest, SelectionRules
 from dicom_node.recorder import Recorder
@@ -160,6 +160,7 @@ class Node:
 
     def stop(self) -> None:
         self.stop_event.set()
+        stop_waking(self.work_queued)
         self.work_queued.set()
         if getattr(self, "api_server", None) is not None:
             self.api_server.should_exit = True

@@ -167,7 +167,9 @@ def guided_upsample(guide: torch.Tensor, guide_low: torch.Tensor, output_low: to
     return a_full * guide + b_full
 
 
-def _to_grid(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def to_grid(batch: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Slices (N, C, H, W) resampled to ``size`` the way inference takes MR to the model grid
+    (bilinear, antialiased when shrinking)."""
     if tuple(batch.shape[-2:]) == size:
         return batch
     return F.interpolate(batch, size=size, mode="bilinear", align_corners=False, antialias=True)
@@ -184,7 +186,7 @@ def to_mr_matrix(mr: torch.Tensor, mr_on_grid: torch.Tensor, output: torch.Tenso
     size = (int(mr.shape[-2]), int(mr.shape[-1]))
     if output.shape[-2] < size[0] and output.shape[-1] < size[1]:
         return guided_upsample(mr, mr_on_grid, output)
-    return _to_grid(output, size)
+    return to_grid(output, size)
 
 
 @torch.inference_mode()
@@ -225,7 +227,7 @@ def synthesize(
     started = time.perf_counter()
     for start in range(0, slices, batch_size):
         batch = torch.from_numpy(unit[start : start + batch_size, None]).to(device)
-        x = _to_grid(batch, grid)
+        x = to_grid(batch, grid)
         if pad_r or pad_c:
             x = F.pad(x, (0, pad_c, 0, pad_r), mode="reflect" if min(grid) > max(pad_r, pad_c) else "replicate")
         x = x.contiguous(memory_format=torch.channels_last)

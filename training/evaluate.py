@@ -112,7 +112,7 @@ def grid_round_trip(ct: np.ndarray, mr_unit: np.ndarray, pixel_spacing: float, m
     """The ground-truth CT (subjects, slices, rows, cols) as a perfect model on ``model``'s grid
     would deliver it: taken to the grid and back to the MR matrix the way inference goes back,
     within the model's HU range."""
-    from synthesis.infer import _to_grid, model_grid, to_mr_matrix
+    from synthesis.infer import to_grid, model_grid, to_mr_matrix
     from synthesis.normalize import hu_to_unit, unit_to_hu
 
     out = np.empty_like(ct)
@@ -120,7 +120,7 @@ def grid_round_trip(ct: np.ndarray, mr_unit: np.ndarray, pixel_spacing: float, m
         grid = model_grid(truth.shape[-2:], (pixel_spacing, pixel_spacing), model.pixel_spacing_mm)
         mr_t = torch.from_numpy(np.ascontiguousarray(guide, dtype=np.float32))[:, None]
         ct_t = torch.from_numpy(hu_to_unit(truth, model.hu_range))[:, None]
-        back = to_mr_matrix(mr_t, _to_grid(mr_t, grid), _to_grid(ct_t, grid)).clamp(-1.0, 1.0)
+        back = to_mr_matrix(mr_t, to_grid(mr_t, grid), to_grid(ct_t, grid)).clamp(-1.0, 1.0)
         out[s] = unit_to_hu(back[:, 0].numpy(), model.hu_range)
     return out
 
