@@ -101,6 +101,15 @@ class CStoreDestination:
             assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls)
         except OSError as exc:  # TLS handshake failures (ssl.SSLError) included
             raise RoutingDown(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+        if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
+            # It accepted the association but none of the contexts (pynetdicom then aborts): it takes none
+            # of these SOP classes, so each instance of this pass is refused, not the destination down.
+            def refused(path: Path, sop_class: str, transfer_syntax: str) -> None:
+                raise InstanceNotTaken(f"{self.name} accepted no presentation context for {sop_class} (it takes none of this pass's "
+                                       "SOP classes in any syntax offered)")
+
+            yield refused
+            return
         if not assoc.is_established:
             raise RoutingDown(f"{self.name} did not accept an association from {self.calling_ae} (down, or {self.calling_ae} not allowed)")
 
@@ -152,12 +161,14 @@ class CStoreDestination:
         return status
 
 
-def forward_pending(sessions: sessionmaker[Session], destination: Destination, limit: int = 200) -> tuple[int, int]:
-    """One pass: forward due instances. Returns (forwarded, failed)."""
+def forward_pending(sessions: sessionmaker[Session], destination: Destination, limit: int = 200, max_refusals: int = 0) -> tuple[int, int]:
+    """One pass: forward due instances. Returns (forwarded, failed). An instance the destination
+    refuses ``max_refusals`` times (0: no limit) is given up until an administrator asks again."""
     now = utcnow()
     with sessions() as session:
         due = session.execute(
-            select(Instance.sop_instance_uid, Instance.path, Instance.forward_attempts, Instance.sop_class_uid, Instance.transfer_syntax_uid)
+            select(Instance.sop_instance_uid, Instance.path, Instance.forward_attempts, Instance.sop_class_uid, Instance.transfer_syntax_uid,
+                   Instance.forward_refusals)
             .where(Instance.forwarded_at.is_(None), Instance.forward_next_at <= now)
             .order_by(Instance.received_at)
             .limit(limit)
@@ -167,25 +178,33 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
     contexts = set(sorted({(row.sop_class_uid, row.transfer_syntax_uid) for row in due})[: MAX_CONTEXTS // 2])  # each may need a decoded twin
     due = [row for row in due if (row.sop_class_uid, row.transfer_syntax_uid) in contexts]  # the rest: next pass
 
-    def failed_one(sop_uid: str, attempts: int, exc: Exception) -> None:
+    def failed_one(sop_uid: str, attempts: int, exc: Exception, refusals: int | None = None) -> None:
+        """``refusals``: this instance's refusals so far, when the destination refused it (not when it was unreachable)."""
         wait = backoff_seconds(attempts + 1)
+        given_up = refusals is not None and max_refusals > 0 and refusals + 1 >= max_refusals
+        error = str(exc)[:400] + (f" (refused {refusals + 1} times: given up; POST /routing/retry asks again)" if given_up else "")
+        values: dict[str, Any] = {"forward_attempts": attempts + 1, "forward_error": error,
+                                  "forward_next_at": None if given_up else utcnow() + timedelta(seconds=wait)}
+        if refusals is not None:
+            values["forward_refusals"] = refusals + 1
         with sessions.begin() as session:
-            session.execute(
-                update(Instance).where(Instance.sop_instance_uid == sop_uid).values(
-                    forward_attempts=attempts + 1, forward_next_at=utcnow() + timedelta(seconds=wait), forward_error=str(exc)[:500]
-                )
-            )
-        log.warning("forward failed sop=%s attempt=%d retry_in=%.0fs reason=%s", sop_uid, attempts + 1, wait, exc)
+            session.execute(update(Instance).where(Instance.sop_instance_uid == sop_uid).values(**values))
+        if given_up:
+            log.error("forward given up sop=%s refusals=%d reason=%s", sop_uid, refusals + 1, exc)
+            audit.record(sessions, audit.ROUTING_GIVEN_UP, "failure", "forwarder", destination=destination.name, sop_instance_uid=sop_uid,
+                         refusals=refusals + 1, reason=str(exc)[:400])
+        else:
+            log.warning("forward failed sop=%s attempt=%d retry_in=%.0fs reason=%s", sop_uid, attempts + 1, wait, exc)
 
     forwarded = failed = 0
     try:
         with destination.session(contexts) as send:
-            for sop_uid, path, attempts, sop_class, transfer_syntax in due:
+            for sop_uid, path, attempts, sop_class, transfer_syntax, refusals in due:
                 try:
                     send(Path(path), sop_class, transfer_syntax)
                 except InstanceNotTaken as exc:
                     failed += 1
-                    failed_one(sop_uid, attempts, exc)
+                    failed_one(sop_uid, attempts, exc, refusals)
                     continue
                 except RoutingDown as exc:
                     failed += 1
@@ -207,9 +226,10 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
     return forwarded, failed
 
 
-def forward_loop(sessions: sessionmaker[Session], destination: Destination, poll_seconds: float, stop: threading.Event) -> None:
+def forward_loop(sessions: sessionmaker[Session], destination: Destination, poll_seconds: float, stop: threading.Event,
+                 max_refusals: int = 0) -> None:
     while not stop.wait(poll_seconds):
         try:
-            forward_pending(sessions, destination)
+            forward_pending(sessions, destination, max_refusals=max_refusals)
         except Exception:
             log.exception("forwarder pass failed")

@@ -60,9 +60,11 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    # Routing of the original to Orthanc (forward_originals): retried with backoff until it lands.
+    # Routing of the original (forward_originals): retried with backoff until it lands. An instance the
+    # destination refused forward_max_refusals times is given up: forward_next_at NULL, error kept.
     forwarded_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     forward_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    forward_refusals: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     forward_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     forward_error: Mapped[str | None] = mapped_column(Text)
 

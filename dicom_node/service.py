@@ -127,7 +127,7 @@ class Node:
             destination = routing_destination(s, password)
             if destination is not None:
                 log.info("routing originals to %s", destination.name)
-                self._thread("forwarder", forward_loop, self.sessions, destination, s.poll_seconds, self.stop_event)
+                self._thread("forwarder", forward_loop, self.sessions, destination, s.poll_seconds, self.stop_event, s.forward_max_refusals)
         if self.role in ("all", "api") and s.api_port:
             self._start_api(password)
         audit.record(self.sessions, audit.APPLICATION_START, "success", f"mr2ct {self.role}", ae_title=s.ae_title, port=s.dicom_port)

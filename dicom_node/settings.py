@@ -85,6 +85,11 @@ class Settings(BaseSettings):
         None, description="where forward_originals routes: AE@host:port for DICOM C-STORE to any AE (e.g. PACS@10.0.0.5:104); "
         "unset: Orthanc over REST",
     )
+    forward_max_refusals: int = Field(
+        10, ge=0, description="an instance the destination refuses (answers a failure status, or takes no context for) this many "
+        "times is given up: listed by GET /routing, asked again only after POST /routing/retry (0: ask for ever). Unreachable "
+        "destinations do not count",
+    )
     forward_tls: bool = Field(
         False, description="route to forward_to over TLS: its certificate is checked against tls_ca_file, and this node presents "
         "tls_certificate when one is set",

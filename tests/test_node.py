@@ -358,6 +358,47 @@ def test_other_sop_classes_are_accepted_only_to_be_routed(node_factory, orthanc,
     assert "modality 'CT'" in row.reason  # routed, never synthesized
 
 
+def test_an_instance_the_destination_keeps_refusing_is_given_up_and_asked_again_on_retry(node_factory, tmp_path):
+    """Node A takes CT only to route it; node B takes no CT: every pass B refuses it. After
+    forward_max_refusals refusals A stops asking (no retry every five minutes for ever), the
+    administrator sees it given up with the reason and an audit row, and POST /routing/retry asks again."""
+    from pydicom.data import get_testdata_file
+
+    ct = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    b = node_factory(allowed_aes=f"{SCANNER_AE},{NODE_AE}")
+    a = node_factory(forward_originals="true", forward_sop_classes="1.2.840.10008.5.1.4.1.1.2", forward_max_refusals="2",
+                     forward_to=f"{NODE_AE}@127.0.0.1:{b.port}")
+    assert storescu(Path(get_testdata_file("CT_small.dcm")), a.port, NODE_AE, SCANNER_AE).returncode == 0
+    sessions = init_db(a.database_url)
+
+    def row() -> Instance:
+        with sessions() as session:
+            return session.get(Instance, ct.SOPInstanceUID)
+
+    deadline = time.monotonic() + 30  # backoff 1 s then 2 s: given up within seconds
+    while time.monotonic() < deadline and (row() is None or row().forward_next_at is not None or row().forward_refusals < 2):
+        time.sleep(0.3)
+    given_up = row()
+    assert given_up.forward_refusals == 2 and given_up.forward_next_at is None and given_up.forwarded_at is None
+    assert "accepted no presentation context" in given_up.forward_error and "given up" in given_up.forward_error
+    time.sleep(5)  # well past the next backoff: nobody asks B again
+    assert row().forward_attempts == given_up.forward_attempts
+    base = f"http://127.0.0.1:{a.env['MR2CT_API_PORT']}"
+    admin = {"Authorization": f"Bearer {api_token(a.database_url, 'admin', 'pacs-admin')}"}
+    status = httpx.get(f"{base}/routing", headers=admin).json()
+    assert status["failing"] == 1 and status["given_up"] == 1 and status["routed"] == 0
+    assert status["failures"][0]["sop_instance_uid"] == ct.SOPInstanceUID and status["failures"][0]["given_up"] is True
+    with sessions() as session:
+        audited = session.scalars(select(AuditEvent).where(AuditEvent.action == "routing-given-up")).all()
+    assert len(audited) == 1 and audited[0].detail["sop_instance_uid"] == ct.SOPInstanceUID and audited[0].detail["refusals"] == 2
+    assert httpx.post(f"{base}/routing/retry", headers=admin).json()["rescheduled"] == 1
+    deadline = time.monotonic() + 30  # asked again: refused twice more, given up again
+    while time.monotonic() < deadline and row().forward_attempts < given_up.forward_attempts + 2:
+        time.sleep(0.3)
+    assert row().forward_attempts == given_up.forward_attempts + 2 and row().forward_next_at is None
+    assert echoscu(a.port, NODE_AE, SCANNER_AE).returncode == 0
+
+
 def test_a_series_that_cannot_make_a_volume_fails_its_job_with_the_reason(node_factory, tmp_path):
     node = node_factory()
     series = _small(tmp_path, "mr", 260, slices=3)

@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as FastApiPath
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
-from sqlalchemy import Select, case, func, select, text, update
+from sqlalchemy import Select, and_, case, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
@@ -234,28 +234,35 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         caller: Caller = Depends(READ), limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
     ) -> dict[str, Any]:
         """Where originals are routed, how many have landed and how many wait; the failing ones with
-        their last error (newest attempt first)."""
+        their last error (given up first, then newest attempt first). ``given_up``: refused
+        ``forward_max_refusals`` times, not asked again until POST /routing/retry."""
         waiting = Instance.forwarded_at.is_(None)
-        failing = select(Instance.sop_instance_uid, Instance.series_instance_uid, Instance.forward_attempts, Instance.forward_next_at,
-                         Instance.forward_error).where(waiting, Instance.forward_error.is_not(None)).order_by(Instance.forward_next_at.desc())
+        failing_rows = and_(waiting, Instance.forward_error.is_not(None))
+        given_up = Instance.forward_next_at.is_(None)
+        failing = select(Instance.sop_instance_uid, Instance.series_instance_uid, Instance.forward_attempts, Instance.forward_refusals,
+                         Instance.forward_next_at, Instance.forward_error, given_up.label("given_up")).where(failing_rows).order_by(
+                             given_up.desc(), Instance.forward_next_at.desc())
         with sessions() as session:
             routed = session.scalar(select(func.count()).select_from(Instance).where(Instance.forwarded_at.is_not(None)))
             pending = session.scalar(select(func.count()).select_from(Instance).where(waiting))
-            failing_count = session.scalar(select(func.count()).select_from(failing.subquery()))
+            failing_count = session.scalar(select(func.count()).select_from(Instance).where(failing_rows))
+            given_up_count = session.scalar(select(func.count()).select_from(Instance).where(failing_rows, given_up))
             rows = session.execute(failing.limit(limit).offset(offset)).all()
         _audit_query(caller, "routing", returned=len(rows))
         return {
             "destination": routing or "off", "routed": routed, "waiting": pending if routing else 0, "failing": failing_count,
-            "failures": [dict(row._mapping) for row in rows], "limit": limit, "offset": offset,
+            "given_up": given_up_count, "failures": [{**row._mapping, "given_up": bool(row.given_up)} for row in rows],
+            "limit": limit, "offset": offset,
         }
 
     @app.post("/routing/retry")
     def routing_retry(caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
-        """After the destination is fixed: try every failing original at the next pass instead of at
-        the end of its backoff."""
+        """After the destination is fixed: try every failing original, the given-up ones included,
+        at the next pass instead of at the end of its backoff."""
         with sessions.begin() as session:
             count = session.execute(
-                update(Instance).where(Instance.forwarded_at.is_(None), Instance.forward_error.is_not(None)).values(forward_next_at=utcnow())
+                update(Instance).where(Instance.forwarded_at.is_(None), Instance.forward_error.is_not(None)).values(
+                    forward_next_at=utcnow(), forward_refusals=0)
             ).rowcount
         audit.record(sessions, "routing-retry", "success", caller.actor, instances=count)
         return {"rescheduled": count}
