@@ -282,7 +282,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
     if resume:
         if not checkpoint_path.exists():
             raise ValueError(f"--resume: no checkpoint at {checkpoint_path}")
-        state = torch.load(checkpoint_path, map_location=dev, weights_only=False)
+        state = torch.load(checkpoint_path, map_location=dev, weights_only=True)
         extendable = {"epochs", "max_minutes", "checkpoint_every", "init_from"}  # extended on resume; init_from: weights come from the checkpoint
         changed = sorted(k for k in state["config"] if k not in extendable and state["config"][k] != asdict(cfg).get(k))
         if changed:
@@ -504,7 +504,7 @@ def initialize_from(source: str, nets: dict[str, nn.Module], device: torch.devic
         states = {"g_ab": load_model(path).generator.state_dict()}
     else:
         try:
-            states = torch.load(path, map_location="cpu", weights_only=False)["nets"]
+            states = torch.load(path, map_location="cpu", weights_only=True)["nets"]  # tensors and plain data only: no pickled code
         except Exception as exc:
             raise ValueError(f"--init-from: {path} is not a training checkpoint ({type(exc).__name__})") from exc
     for name, state in states.items():
