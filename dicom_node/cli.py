@@ -71,7 +71,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 (autocast forward passes; GPUs and bf16-capable CPUs)")] = None,
 ) -> None:
-    """Train the CycleGAN on generated phantom heads (unpaired MR and CT pools)."""
+    """Train the CycleGAN on unpaired MR and CT pools: generated phantom heads, or a cache made by `mr2ct pull` (--data)."""
     import torch
 
     from training.trainer import config_from, train as run_training
