@@ -86,9 +86,9 @@ class Settings(BaseSettings):
         "unset: Orthanc over REST",
     )
     forward_max_refusals: int = Field(
-        10, ge=0, description="an instance the destination refuses (answers a failure status, or takes no context for) this many "
-        "times is given up: listed by GET /routing, asked again only after POST /routing/retry (0: ask for ever). Unreachable "
-        "destinations do not count",
+        20, ge=0, description="an instance the destination refuses (a failure status, or no context for it) this many times "
+        "(20: about an hour of backoff) is given up: listed by GET /routing, asked again after POST /routing/retry "
+        "(0: ask for ever). Time unreachable does not count",
     )
     forward_tls: bool = Field(
         False, description="route to forward_to over TLS: its certificate is checked against tls_ca_file, and this node presents "
