@@ -89,6 +89,22 @@ def test_resume_refuses_a_checkpoint_made_with_other_parameters(tmp_path: Path) 
     assert refused.returncode == 2 and "lambda_ABA" in refused.stderr
 
 
+def test_the_structure_loss_sees_moved_edges_not_contrast() -> None:
+    """MIND compares where edges are, whichever side is bright: an MR slice and its own CT read
+    closer than the same CT moved by 2 mm; an image and its contrast inversion read the same."""
+    from synthesis.normalize import hu_to_unit
+    from training.trainer import mind_loss, mr_to_unit
+
+    grid = phantoms.axial_grid(4, 128, 1.0, 30.0)
+    labels = phantoms.head_labels(11, grid)
+    mr = torch.from_numpy(mr_to_unit(phantoms.render_mr(labels, grid, 11))[:, None]).float()
+    ct = torch.from_numpy(hu_to_unit(phantoms.render_ct(labels, grid, 11), (-1024.0, 2048.0))[:, None]).float()
+    aligned = mind_loss(mr, ct).item()
+    for moved in (torch.roll(ct, 2, dims=3), torch.roll(ct, -2, dims=2)):
+        assert mind_loss(mr, moved).item() > 1.05 * aligned
+    assert mind_loss(ct, -ct).item() < 1e-6 < mind_loss(ct, torch.roll(ct, 1, dims=3)).item()
+
+
 def test_init_from_fine_tunes_another_run_on_another_grid_and_refuses_other_shapes(tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
@@ -115,7 +131,7 @@ def test_init_from_fine_tunes_another_run_on_another_grid_and_refuses_other_shap
     ["--adversarial-loss", "wgan-gp"],
     ["--adversarial-loss", "bce", "--discriminator", "paper", "--cycle-loss", "mse"],
     ["--generator", "unet", "--identity-weight", "0.5", "--lr-decay-start", "1", "--generator-iterations", "2", "--discriminator-iterations", "2"],
-    ["--precision", "bf16", "--d-layers", "4"],
+    ["--precision", "bf16", "--d-layers", "4", "--structure-weight", "5"],
 ])
 def test_loss_and_architecture_options_train_to_a_loadable_model(tmp_path: Path, args: list[str]) -> None:
     result = _train(tmp_path / "run", "--epochs", "2", *args)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 from synthesis.model_file import save_model
@@ -67,6 +68,7 @@ class TrainConfig:
     adversarial_loss: str = "lsgan"  # "bce" (the paper), "lsgan" (Zhu et al.), "wgan-gp"
     gradient_penalty: float = 10.0  # wgan-gp only
     identity_weight: float = 0.0  # x lambda; 0 disables (MR and CT contrasts differ too much for it)
+    structure_weight: float = 0.0  # MIND structure loss between each image and its translation (Yang et al. 2018); 0 disables
     lr_decay_start: int | None = None  # epoch after which learning rates fall linearly to 0
     generator: str = "resnet"  # or "unet"
     discriminator: str = "patch"  # PatchGAN (Zhu et al.) or "paper" (Conv k4 s2, BatchNorm, LeakyReLU 0.2)
@@ -105,6 +107,8 @@ class TrainConfig:
             raise ValueError(f"lr_decay_start must be in [0, epochs), got {self.lr_decay_start}")
         if not 1 <= self.d_layers <= 6:
             raise ValueError(f"d_layers must be between 1 and 6, got {self.d_layers}")
+        if self.structure_weight < 0:
+            raise ValueError(f"structure_weight must be >= 0, got {self.structure_weight}")
         if self.image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4, got {self.image_size}")
         if self.crop_size is not None and (self.crop_size % 4 or not 16 <= self.crop_size <= self.image_size):
@@ -199,6 +203,27 @@ def pools_from_cache(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
             raise ValueError(f"the cache {cfg.data} holds no {modality} series in its train split; run `mr2ct pull` first")
         pools.append(np.concatenate(slices).astype(np.float32))
     return pools[0], pools[1]
+
+
+def mind(images: torch.Tensor, floor: float = 0.03) -> torch.Tensor:
+    """Modality independent neighbourhood descriptor (Heinrich et al. 2012), 2D: for each pixel,
+    exp(-D/V) of the 3x3-patch squared distances D to its four neighbours, V their mean (at least
+    ``floor``, in units of the [-1, 1] images squared: above MR background noise, so flat regions
+    read alike in both images). Depends on where the edges are, not on which side is bright."""
+    padded = F.pad(images, (1, 1, 1, 1), mode="replicate")
+    h, w = images.shape[-2:]
+    distances = torch.cat([
+        F.avg_pool2d((images - padded[..., 1 + dy : 1 + dy + h, 1 + dx : 1 + dx + w]) ** 2, 3, stride=1, padding=1, count_include_pad=False)
+        for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0))
+    ], dim=1)
+    variance = distances.mean(dim=1, keepdim=True).clamp(min=floor)
+    return torch.exp(-distances / variance)
+
+
+def mind_loss(source: torch.Tensor, translated: torch.Tensor) -> torch.Tensor:
+    """The structure loss of a structure-constrained CycleGAN (Yang et al. 2018): L1 between the
+    MIND descriptors of an image and of its translation."""
+    return (mind(source.float()) - mind(translated.float())).abs().mean()
 
 
 def _distributed() -> tuple[int, int]:
@@ -353,6 +378,8 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
                         loss_aba, loss_bab = cyc(rec_a.float(), real_a), cyc(rec_b.float(), real_b)
                         adv_ab, adv_ba = g_adv(d_b_t(fake_b).float()), g_adv(d_a_t(fake_a).float())
                         loss_g = adv_ab + adv_ba + cfg.lambda_ABA * loss_aba + cfg.lambda_BAB * loss_bab
+                        if cfg.structure_weight > 0:  # edges stay where they are: no shifted or swapped layers
+                            loss_g = loss_g + cfg.structure_weight * (mind_loss(real_a, fake_b.float()) + mind_loss(real_b, fake_a.float()))
                         if cfg.identity_weight > 0:
                             loss_g = loss_g + cfg.identity_weight * (
                                 cfg.lambda_ABA * cyc(g_ba_t(real_a).float(), real_a) + cfg.lambda_BAB * cyc(g_ab_t(real_b).float(), real_b))
