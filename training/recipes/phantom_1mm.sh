@@ -2,8 +2,10 @@
 # A 1 mm phantom model by progressive fine-tuning (2 -> 1.5 -> 1.25 -> 1 mm) and the MIND
 # structure loss, with the project's own `mr2ct train --init-from`. ~1 hour on 2 CPU cores with
 # bf16. Measured 2026-11-25 (`mr2ct evaluate`, 4 x 24 held-out slices; README "Quality"):
-# 162 HU after the 2 mm stage, 210 HU after the plain 1 mm stage (brain right, skull moved out
-# onto the bright fat layer), 171 HU after structure weight 5, 105 HU after structure weight 20.
+# 162 HU after the 2 mm stage, 210 HU at epoch 8 of the plain 1 mm stage (brain right, skull moved out
+# onto the bright fat layer), 171 HU after structure weight 5, 105 HU after structure weight 20
+# (checkpoints of that stage read 139 and 198 HU at epochs 4 and 8: evaluate before you pick; weight 50
+# on top went to 202 HU).
 # Not the shipped model (see README): run it, then `mr2ct evaluate OUT/6-structure-20`.
 #
 #   bash training/recipes/phantom_1mm.sh [OUT]      (default runs/phantom-1mm)
