@@ -181,18 +181,19 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
     def failed_one(sop_uid: str, attempts: int, exc: Exception, refusals: int | None = None) -> None:
         """``refusals``: this instance's refusals so far, when the destination refused it (not when it was unreachable)."""
         wait = backoff_seconds(attempts + 1)
-        given_up = refusals is not None and max_refusals > 0 and refusals + 1 >= max_refusals
-        error = str(exc)[:400] + (f" (refused {refusals + 1} times: given up; POST /routing/retry asks again)" if given_up else "")
+        refused = None if refusals is None else refusals + 1
+        given_up = refused is not None and 0 < max_refusals <= refused
+        error = str(exc)[:400] + (f" (refused {refused} times: given up; POST /routing/retry asks again)" if given_up else "")
         values: dict[str, Any] = {"forward_attempts": attempts + 1, "forward_error": error,
                                   "forward_next_at": None if given_up else utcnow() + timedelta(seconds=wait)}
-        if refusals is not None:
-            values["forward_refusals"] = refusals + 1
+        if refused is not None:
+            values["forward_refusals"] = refused
         with sessions.begin() as session:
             session.execute(update(Instance).where(Instance.sop_instance_uid == sop_uid).values(**values))
         if given_up:
-            log.error("forward given up sop=%s refusals=%d reason=%s", sop_uid, refusals + 1, exc)
+            log.error("forward given up sop=%s refusals=%d reason=%s", sop_uid, refused, exc)
             audit.record(sessions, audit.ROUTING_GIVEN_UP, "failure", "forwarder", destination=destination.name, sop_instance_uid=sop_uid,
-                         refusals=refusals + 1, reason=str(exc)[:400])
+                         refusals=refused, reason=str(exc)[:400])
         else:
             log.warning("forward failed sop=%s attempt=%d retry_in=%.0fs reason=%s", sop_uid, attempts + 1, wait, exc)
 

@@ -92,6 +92,8 @@ class Node:
             modalities=tuple(s.select_modalities), description_include=s.select_description_include,
             description_exclude=s.select_description_exclude, min_slices=s.select_min_slices, orientations=tuple(s.select_orientations),
         )
+        # Built once (its TLS context reads files): the SCP routes to it, the API reports it.
+        destination = routing_destination(s, password) if self.role in ("all", "scp", "api") else None
         if self.role in ("all", "worker"):
             if s.cpu_threads:
                 torch.set_num_threads(s.cpu_threads)
@@ -124,15 +126,14 @@ class Node:
                                 forward_only=frozenset(s.forward_sop_classes))
             self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
             self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules)
-            destination = routing_destination(s, password)
             if destination is not None:
                 log.info("routing originals to %s", destination.name)
                 self._thread("forwarder", forward_loop, self.sessions, destination, s.poll_seconds, self.stop_event, s.forward_max_refusals)
         if self.role in ("all", "api") and s.api_port:
-            self._start_api(password)
+            self._start_api(password, destination.name if destination is not None else None)
         audit.record(self.sessions, audit.APPLICATION_START, "success", f"mr2ct {self.role}", ae_title=s.ae_title, port=s.dicom_port)
 
-    def _start_api(self, password: str | None) -> None:
+    def _start_api(self, password: str | None, routing: str | None) -> None:
         import uvicorn
 
         from dicom_node.api.app import create_app
@@ -145,7 +146,7 @@ class Node:
         app = create_app(
             self.sessions, orthanc_url=s.orthanc_url, orthanc_auth=(s.orthanc_username or "", password or "") if s.orthanc_username else None,
             spool_dir=str(s.spool_dir) if Path(s.spool_dir).exists() else None, node_info=info,
-            routing=getattr(routing_destination(s, password), "name", None),
+            routing=routing,
         )
         config = uvicorn.Config(app, host=s.api_host, port=s.api_port, log_level="warning", access_log=False)
         self.api_server = uvicorn.Server(config)

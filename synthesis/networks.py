@@ -31,7 +31,6 @@ def low_precision_copy(generator: nn.Module, dtype: torch.dtype = torch.bfloat16
     return copy.deepcopy(generator).to(dtype).eval()
 
 
-
 class ResnetBlock(nn.Module):
     def __init__(self, channels: int) -> None:
         super().__init__()

@@ -379,7 +379,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
                         adv_ab, adv_ba = g_adv(d_b_t(fake_b).float()), g_adv(d_a_t(fake_a).float())
                         loss_g = adv_ab + adv_ba + cfg.lambda_ABA * loss_aba + cfg.lambda_BAB * loss_bab
                         if cfg.structure_weight > 0:  # edges stay where they are: no shifted or swapped layers
-                            loss_g = loss_g + cfg.structure_weight * (mind_loss(real_a, fake_b.float()) + mind_loss(real_b, fake_a.float()))
+                            loss_g = loss_g + cfg.structure_weight * (mind_loss(real_a, fake_b) + mind_loss(real_b, fake_a))
                         if cfg.identity_weight > 0:
                             loss_g = loss_g + cfg.identity_weight * (
                                 cfg.lambda_ABA * cyc(g_ba_t(real_a).float(), real_a) + cfg.lambda_BAB * cyc(g_ab_t(real_b).float(), real_b))
@@ -518,7 +518,8 @@ def initialize_from(source: str, nets: dict[str, nn.Module], device: torch.devic
     generator only; the others start fresh). The networks must have the same shapes; the grid
     (pixel spacing, image size) and data may differ — that is the point. Returns what the card
     records about the source."""
-    from synthesis.model_file import card_path_for, load_model, sha256_of
+    from synthesis.errors import ModelMismatch
+    from synthesis.model_file import load_model, sha256_of
 
     path = Path(source)
     if path.is_dir():
@@ -526,14 +527,17 @@ def initialize_from(source: str, nets: dict[str, nn.Module], device: torch.devic
     if not path.is_file():
         raise ValueError(f"--init-from: {source} is neither a run folder with checkpoint.pt, a checkpoint nor a model file")
     if path.suffix == ".safetensors":
-        if not card_path_for(path).is_file():
-            raise ValueError(f"--init-from: {path} has no card ({card_path_for(path).name}) next to it")
-        states = {"g_ab": load_model(path).generator.state_dict()}
+        try:
+            model = load_model(path)  # checks the card and the weights' SHA-256
+        except ModelMismatch as exc:
+            raise ValueError(f"--init-from: {exc}") from exc
+        states, digest = {"g_ab": model.generator.state_dict()}, model.sha256
     else:
         try:
             states = torch.load(path, map_location="cpu", weights_only=True)["nets"]  # tensors and plain data only: no pickled code
         except Exception as exc:
             raise ValueError(f"--init-from: {path} is not a training checkpoint ({type(exc).__name__})") from exc
+        digest = sha256_of(path)
     for name, state in states.items():
         own = nets[name].state_dict()
         mismatched = sorted(k for k in own.keys() | state.keys() if k not in own or k not in state or own[k].shape != state[k].shape)
@@ -542,7 +546,7 @@ def initialize_from(source: str, nets: dict[str, nn.Module], device: torch.devic
                              f"(first differing weights: {', '.join(mismatched[:3])}); match --ngf/--n-blocks/--ndf/--d-layers/--generator")
         nets[name].load_state_dict({k: v.to(device) for k, v in state.items()})
     log.info("initialized %s from %s", ", ".join(sorted(states)), path)
-    return {"path": str(path), "sha256": sha256_of(path), "networks": sorted(states)}
+    return {"path": str(path), "sha256": digest, "networks": sorted(states)}
 
 
 def _manifest_digest(cache: Path) -> str:
