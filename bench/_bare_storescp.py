@@ -1,7 +1,8 @@
 """The peer the node is measured against: a bare pynetdicom storescp that writes the received
 bytes and fsyncs each file (no validation, no database, no rename).
 
-With ``--rename`` it follows the node's durability protocol instead (temporary name, fsync,
+With ``--poll-ms`` it sets pynetdicom's reader poll interval as the node does (dicom_poll_ms),
+so the bench can tell the transport tuning from the rest. With ``--rename`` it follows the node's durability protocol instead (temporary name, fsync,
 rename, fsync of the folder), so the bench can tell the protocol's cost from the node's own
 bookkeeping (validation, database).
 """
@@ -21,6 +22,7 @@ def main() -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--rename", action="store_true", help="temporary name, fsync, rename, fsync the folder")
+    parser.add_argument("--poll-ms", type=float, default=None, help="pynetdicom's DUL poll interval (its default: 1 ms)")
     args = parser.parse_args()
     folder: Path = args.folder
     folder.mkdir(parents=True, exist_ok=True)
@@ -43,11 +45,15 @@ def main() -> None:
                 os.close(dir_fd)
         return 0x0000
 
+    def on_connection(event: evt.Event) -> None:
+        if args.poll_ms is not None:
+            event.assoc.dul._run_loop_delay = args.poll_ms / 1000
+
     ae = AE(ae_title="BARE")
     ae.maximum_pdu_size = 0
     ae.add_supported_context(MRImageStorage)
     print("listening", flush=True)
-    ae.start_server(("127.0.0.1", args.port), evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    ae.start_server(("127.0.0.1", args.port), evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_CONN_OPEN, on_connection)])
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
 """Ingest throughput: one storescu sends the same 500-instance 256x256 MR series to
 (a) dcmtk storescp, (b) a bare pynetdicom storescp that fsyncs, (c) Orthanc, (d) mr2ct serve
 (durable spool + database), alternating, repeated; prints medians of instances/s and ratios.
-A fifth peer, (b') the bare pynetdicom storescp following the node's durability protocol
-(temporary name, fsync, rename, fsync of the folder), splits the node's cost into the
-protocol's and the node's own (validation, database): ``node_over_pynetdicom_same_protocol``.
+The node sets pynetdicom's reader poll interval (dicom_poll_ms, 0.2 ms; pynetdicom's own is 1 ms).
+Two more peers split the node's figure: the bare storescp with the same poll interval
+(``node_over_pynetdicom_same_transport``: what durability and bookkeeping cost on an equal
+transport), and that one following the node's durability protocol too (temporary name, fsync,
+rename, fsync of the folder): ``node_over_pynetdicom_same_protocol``, the node's own cost
+(validation, database).
 
 Every process gets TCP_NODELAY=1. Last line: one JSON object with node_over_pynetdicom,
 node_over_orthanc, node_over_dcmtk (and the medians).
@@ -67,10 +70,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--instances", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--poll-ms", type=float, default=0.2, help="the node's dicom_poll_ms, also given to the tuned peers")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mr2ct-bench-ingest-"))
     series = write_mr_series(work / "series", seed=1, slices=args.instances, size=256, pixel_spacing=1.0, slice_spacing=0.5)
-    rates: dict[str, list[float]] = {"dcmtk": [], "pynetdicom": [], "pynetdicom_rename": [], "orthanc": [], "node": []}
+    rates: dict[str, list[float]] = {
+        "dcmtk": [], "pynetdicom": [], "pynetdicom_tuned": [], "pynetdicom_rename": [], "orthanc": [], "node": [],
+    }
     procs: list[subprocess.Popen] = []
     orthanc = OrthancServer(work / "orthanc", free_port(), free_port(), modalities={"bench": ["BENCH", "127.0.0.1", 104]})
     node: NodeServer | None = None
@@ -81,27 +87,25 @@ def main() -> None:
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(dcmtk)
         _wait_listening(dcmtk, dcmtk_port)
-        bare_port = free_port()
-        bare = subprocess.Popen([sys.executable, str(ROOT / "bench" / "_bare_storescp.py"), str(bare_port), str(work / "bare")],
-                                env=nodelay_env(), stdout=subprocess.DEVNULL)
-        procs.append(bare)
-        _wait_listening(bare, bare_port)
-        rename_port = free_port()
-        bare_rename = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "_bare_storescp.py"), str(rename_port), str(work / "bare-rename"), "--rename"],
-            env=nodelay_env(), stdout=subprocess.DEVNULL)
-        procs.append(bare_rename)
-        _wait_listening(bare_rename, rename_port)
+        bare = [sys.executable, str(ROOT / "bench" / "_bare_storescp.py")]
+        tuned = ["--poll-ms", str(args.poll_ms)]
+        bare_ports: dict[str, int] = {}
+        for name, extra in (("pynetdicom", []), ("pynetdicom_tuned", tuned), ("pynetdicom_rename", [*tuned, "--rename"])):
+            bare_ports[name] = free_port()
+            proc = subprocess.Popen([*bare, str(bare_ports[name]), str(work / name), *extra], env=nodelay_env(), stdout=subprocess.DEVNULL)
+            procs.append(proc)
+            _wait_listening(proc, bare_ports[name])
         orthanc.start()
         node_port = free_port()
         node = NodeServer(work / "node", {
             "MR2CT_DICOM_PORT": str(node_port), "MR2CT_SPOOL_DIR": str(work / "node" / "spool"),
             "MR2CT_DATABASE_URL": f"sqlite:///{work / 'node' / 'mr2ct.db'}", "MR2CT_STABLE_SECONDS": "86400",
             "MR2CT_ALLOWED_AES": "BENCH", "MR2CT_SPOOL_MIN_FREE_MB": "10",
+            "MR2CT_DICOM_POLL_MS": str(args.poll_ms),
         }, node_port)
         node.start()
         peers = {
-            "dcmtk": (dcmtk_port, "STORESCP"), "pynetdicom": (bare_port, "BARE"), "pynetdicom_rename": (rename_port, "BARE"),
+            "dcmtk": (dcmtk_port, "STORESCP"), **{name: (port, "BARE") for name, port in bare_ports.items()},
             "orthanc": (orthanc.dicom_port, orthanc.aet), "node": (node_port, "MR2CT"),
         }
         for name, (port, called) in peers.items():  # warm-up (and the first write of each instance)
@@ -126,11 +130,13 @@ def main() -> None:
         "node_over_pynetdicom": round(med["node"] / med["pynetdicom"], 3),
         "node_over_orthanc": round(med["node"] / med["orthanc"], 3),
         "node_over_dcmtk": round(med["node"] / med["dcmtk"], 3),
+        "node_over_pynetdicom_same_transport": round(med["node"] / med["pynetdicom_tuned"], 3),
         "node_over_pynetdicom_same_protocol": round(med["node"] / med["pynetdicom_rename"], 3),
         "node_per_s": round(med["node"], 1), "pynetdicom_per_s": round(med["pynetdicom"], 1),
+        "pynetdicom_tuned_per_s": round(med["pynetdicom_tuned"], 1),
         "pynetdicom_rename_per_s": round(med["pynetdicom_rename"], 1),
         "orthanc_per_s": round(med["orthanc"], 1), "dcmtk_per_s": round(med["dcmtk"], 1),
-        "instances": args.instances, "repeats": args.repeats,
+        "instances": args.instances, "repeats": args.repeats, "poll_ms": args.poll_ms,
     }
     print(json.dumps(result))
 

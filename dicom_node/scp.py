@@ -120,9 +120,10 @@ class StoreSCP:
     def __init__(
         self, ae_title: str, allowed_aes: list[str], ingest: Ingest, sessions: sessionmaker[Session],
         max_associations: int = 16, on_released: Callable[[set[str]], None] | None = None,
-        forward_only: frozenset[str] = frozenset(),
+        forward_only: frozenset[str] = frozenset(), poll_seconds: float = 0.001,
     ) -> None:
         self.ae_title = ae_title
+        self.poll_seconds = poll_seconds
         self.ingest = ingest
         self.sessions = sessions
         self.on_released = on_released
@@ -138,6 +139,17 @@ class StoreSCP:
         self._server: Any = None
 
     # -- association bookkeeping -------------------------------------------------
+    def _on_connection(self, event: evt.Event) -> None:
+        """Set how often this association's reader polls when it has nothing to do. pynetdicom
+        sleeps 1 ms there; every C-STORE waits out part of that sleep twice (its request and our
+        response), which on loopback is a third of the time per instance."""
+        dul = event.assoc.dul
+        if hasattr(dul, "_run_loop_delay"):
+            dul._run_loop_delay = self.poll_seconds
+        elif not getattr(self, "_poll_warned", False):
+            self._poll_warned = True
+            log.warning("this pynetdicom has no DUL poll delay to set: dicom_poll_ms has no effect")
+
     def _on_accepted(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
         with self.sessions.begin() as session:
@@ -232,6 +244,7 @@ class StoreSCP:
     # -- lifecycle -----------------------------------------------------------------
     def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         handlers = [
+            (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_ACCEPTED, self._on_accepted),
