@@ -64,6 +64,8 @@ def train(
     structure_weight: Annotated[Optional[float], typer.Option(
         help="MIND structure loss between each image and its translation (structure-constrained CycleGAN, Yang et al. 2018)")] = None,
     lr_decay_start: Annotated[Optional[int], typer.Option(help="epoch after which learning rates fall linearly to 0")] = None,
+    ema_decay: Annotated[Optional[float], typer.Option(
+        help="export an exponential moving average of the MR->CT generator's weights with this decay per step (e.g. 0.995; 0: last weights)")] = None,
     generator: Annotated[Optional[str], typer.Option(help="resnet | unet")] = None,
     discriminator: Annotated[Optional[str], typer.Option(help="patch | paper")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="epochs between checkpoints (0: end only)")] = None,
@@ -92,7 +94,7 @@ def train(
                 discriminator_iterations=discriminator_iterations, beta1=beta1, beta2=beta2, image_size=image_size,
                 crop_size=crop_size, pixel_spacing_mm=pixel_spacing, ngf=ngf, n_blocks=n_blocks, ndf=ndf, d_layers=d_layers,
                 cycle_loss=cycle_loss, adversarial_loss=adversarial_loss, identity_weight=identity_weight, structure_weight=structure_weight,
-                lr_decay_start=lr_decay_start, generator=generator, discriminator=discriminator, checkpoint_every=checkpoint_every,
+                lr_decay_start=lr_decay_start, ema_decay=ema_decay, generator=generator, discriminator=discriminator, checkpoint_every=checkpoint_every,
                 precision=precision, init_from=str(init_from) if init_from else None,
             ),
         )

@@ -40,7 +40,7 @@ def test_train_writes_a_loadable_model_with_its_card_losses_and_figures(tmp_path
     assert json.loads((out / "config.json").read_text())["lambda_ABA"] == 10.0
 
 
-@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"cycle_loss": "l3"}, {"image_size": 130}, {"d_layers": 0}])
+@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"cycle_loss": "l3"}, {"image_size": 130}, {"d_layers": 0}, {"ema_decay": 1.0}])
 def test_bad_training_parameters_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError):
         TrainConfig(**bad)
@@ -69,18 +69,32 @@ def _train(out: Path, *args: str, timeout: float = 600) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_resume_continues_exactly_where_the_checkpoint_left_off(tmp_path: Path) -> None:
-    straight = _train(tmp_path / "straight", "--epochs", "2", "--seed", "3")
+@pytest.mark.parametrize("extra", [[], ["--ema-decay", "0.7"]], ids=["last-weights", "ema"])
+def test_resume_continues_exactly_where_the_checkpoint_left_off(tmp_path: Path, extra: list[str]) -> None:
+    straight = _train(tmp_path / "straight", "--epochs", "2", "--seed", "3", *extra)
     assert straight.returncode == 0, straight.stderr[-2000:]
-    first = _train(tmp_path / "resumed", "--epochs", "1", "--seed", "3")
+    first = _train(tmp_path / "resumed", "--epochs", "1", "--seed", "3", *extra)
     assert first.returncode == 0, first.stderr[-2000:]
-    second = _train(tmp_path / "resumed", "--epochs", "2", "--seed", "3", "--resume")
+    second = _train(tmp_path / "resumed", "--epochs", "2", "--seed", "3", "--resume", *extra)
     assert second.returncode == 0, second.stderr[-2000:]
     a = (tmp_path / "straight" / "model.safetensors").read_bytes()
     b = (tmp_path / "resumed" / "model.safetensors").read_bytes()
     assert a == b
     with open(tmp_path / "resumed" / "losses.csv") as fh:
         assert [r["epoch"] for r in csv.DictReader(fh)] == ["1", "2"]
+
+
+def test_ema_exports_the_average_of_the_generator_weights_not_the_last_ones(tmp_path: Path) -> None:
+    result = _train(tmp_path / "run", "--epochs", "2", "--ema-decay", "0.7", "--checkpoint-every", "0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    model = load_model(tmp_path / "run" / "model.safetensors")
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", map_location="cpu", weights_only=True)
+    exported = model.generator.state_dict()
+    averaged, last = state["ema_g_ab"], state["nets"]["g_ab"]
+    assert all(torch.equal(exported[k].float(), averaged[k].float()) for k in averaged)
+    moved = [k for k in last if last[k].is_floating_point() and not torch.equal(last[k], averaged[k])]
+    assert moved, "the average equals the last weights: it was never averaged"
+    assert model.card["training"]["exported_weights"] == "exponential moving average, decay 0.7"
 
 
 def test_resume_refuses_a_checkpoint_made_with_other_parameters(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ Ctrl-C saves a checkpoint. Under ``torchrun`` it trains with DistributedDataPara
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
@@ -70,6 +71,7 @@ class TrainConfig:
     identity_weight: float = 0.0  # x lambda; 0 disables (MR and CT contrasts differ too much for it)
     structure_weight: float = 0.0  # MIND structure loss between each image and its translation (Yang et al. 2018); 0 disables
     lr_decay_start: int | None = None  # epoch after which learning rates fall linearly to 0
+    ema_decay: float = 0.0  # export an exponential moving average of the MR->CT generator's weights (e.g. 0.995); 0: the last weights
     generator: str = "resnet"  # or "unet"
     discriminator: str = "patch"  # PatchGAN (Zhu et al.) or "paper" (Conv k4 s2, BatchNorm, LeakyReLU 0.2)
     ngf: int = 16
@@ -107,6 +109,8 @@ class TrainConfig:
             raise ValueError(f"lr_decay_start must be in [0, epochs), got {self.lr_decay_start}")
         if not 1 <= self.d_layers <= 6:
             raise ValueError(f"d_layers must be between 1 and 6, got {self.d_layers}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.structure_weight < 0:
             raise ValueError(f"structure_weight must be >= 0, got {self.structure_weight}")
         if self.image_size % 4:
@@ -294,6 +298,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         state = {
             "epoch": epoch, "config": asdict(cfg), "history": history,
             "nets": {k: v.state_dict() for k, v in nets.items()},
+            **({"ema_g_ab": ema.state_dict()} if ema is not None else {}),
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
             "pool_a": pool_a.state(), "pool_b": pool_b.state(), "np_rng": np_rng.bit_generator.state,
             "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
@@ -303,6 +308,18 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         tmp.replace(checkpoint_path)
 
     init_source = initialize_from(cfg.init_from, nets, dev) if cfg.init_from and not resume else None
+    # GAN weights wander from step to step; an average over the last few hundred steps is a steadier
+    # generator (Yazici et al. 2019). Only the exported MR->CT generator is averaged.
+    ema = copy.deepcopy(g_ab).requires_grad_(False) if cfg.ema_decay > 0 else None
+
+    @torch.no_grad()
+    def update_ema() -> None:
+        if ema is None:
+            return
+        for averaged, current in zip(ema.parameters(), g_ab.parameters()):
+            averaged.lerp_(current, 1.0 - cfg.ema_decay)
+        for averaged, current in zip(ema.buffers(), g_ab.buffers()):
+            averaged.copy_(current)
 
     if resume:
         if not checkpoint_path.exists():
@@ -314,6 +331,8 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
             raise ValueError(f"--resume: the checkpoint was made with other parameters ({', '.join(changed)})")
         for k, v in nets.items():
             v.load_state_dict(state["nets"][k])
+        if ema is not None:
+            ema.load_state_dict(state.get("ema_g_ab", state["nets"]["g_ab"]))
         opt_g.load_state_dict(state["opt_g"])
         opt_d.load_state_dict(state["opt_d"])
         sched_g.load_state_dict(state["sched_g"])
@@ -386,6 +405,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
                     opt_g.zero_grad(set_to_none=True)
                     loss_g.backward()
                     opt_g.step()
+                    update_ema()
                 for _ in range(cfg.discriminator_iterations):
                     pa, pb = pool_a.query(fake_a.float()), pool_b.query(fake_b.float())
                     with autocast():
@@ -440,7 +460,8 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
     if not is_main:
         return None
 
-    _figures(out_dir, g_ab, g_ba, mr_pool, ct_pool, cfg)
+    exported = ema if ema is not None else g_ab
+    _figures(out_dir, exported, g_ba, mr_pool, ct_pool, cfg)
     config = asdict(cfg)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     metrics: dict[str, Any] = {}
@@ -448,10 +469,10 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         from synthesis.model_file import LoadedModel
         from training.evaluate import evaluate
 
-        g_ab.eval()
+        exported.eval()
         probe = {"sha256": "", "architecture": cfg.generator, "pixel_spacing_mm": cfg.pixel_spacing_mm,
                  "normalization": {"method": "percentile", "low": 0.5, "high": 99.5}, "hu_range": list(cfg.hu_range)}
-        quality = evaluate(LoadedModel(g_ab.cpu(), probe, out_dir), subjects=2, slices=8)
+        quality = evaluate(LoadedModel(exported.cpu(), probe, out_dir), subjects=2, slices=8)
         metrics = {"held_out_subjects": 2, "mae_hu": quality.mae_hu, "psnr_db": quality.psnr_db, "ssim": quality.ssim,
                    "mae_linear_hu": quality.baseline_mae_hu}
     card = {
@@ -477,6 +498,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
                 if cfg.data else {"generator": "training.phantoms", "generator_version": phantoms.GENERATOR_VERSION}
             ),
             **({"initialized_from": init_source} if init_source else {}),
+            "exported_weights": f"exponential moving average, decay {cfg.ema_decay}" if ema is not None else "last step",
             "epochs_completed": len(history),
             "world_size": world,
             "stopped_early": stopped_early,
@@ -486,7 +508,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         },
         "metrics": metrics,
     }
-    return save_model(out_dir / "model.safetensors", g_ab.cpu(), card)
+    return save_model(out_dir / "model.safetensors", exported.cpu(), card)
 
 
 @torch.no_grad()
