@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,6 +22,7 @@ from dicom_node import audit
 from dicom_node.models import Instance, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.settings import parse_dicom_destination
+from dicom_node.transport import tune
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +78,12 @@ class CStoreDestination:
     and compressed, deflated or big endian data is decoded here and goes as explicit VR little
     endian (a context offered for that)."""
 
-    def __init__(self, spec: str, calling_ae: str, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, spec: str, calling_ae: str, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None, poll_seconds: float = 0.0002,
+    ) -> None:
         self.called_ae, self.host, self.port = parse_dicom_destination(spec)
         self.calling_ae, self.timeout, self.ssl_context = calling_ae, timeout, ssl_context
+        self.poll_seconds = poll_seconds
         self.name = f"dicom{'s' if ssl_context else ''}://{self.called_ae}@{self.host}:{self.port}"
 
     @contextmanager
@@ -98,7 +102,8 @@ class CStoreDestination:
             ae.add_requested_context(sop_class, list(UNCOMPRESSED_LITTLE_ENDIAN))
         tls = (self.ssl_context, self.host) if self.ssl_context is not None else None
         try:
-            assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls)
+            assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls,
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: tune(event.assoc, self.poll_seconds))])
         except OSError as exc:  # TLS handshake failures (ssl.SSLError) included
             raise RoutingDown(f"{self.name}: {type(exc).__name__}: {exc}") from exc
         if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:

@@ -41,6 +41,7 @@ from dicom_node import audit
 from dicom_node.ingest import SUPPORTED_SOP_CLASSES, DatasetMismatch, Ingest, validate
 from dicom_node.models import Association, utcnow
 from dicom_node.spool import SpoolFull, file_meta_header
+from dicom_node.transport import tune
 from synthesis.errors import InvalidInstance
 
 log = logging.getLogger(__name__)
@@ -140,15 +141,7 @@ class StoreSCP:
 
     # -- association bookkeeping -------------------------------------------------
     def _on_connection(self, event: evt.Event) -> None:
-        """Set how often this association's reader polls when it has nothing to do. pynetdicom
-        sleeps 1 ms there; every C-STORE waits out part of that sleep twice (its request and our
-        response), which on loopback is a third of the time per instance."""
-        dul = event.assoc.dul
-        if hasattr(dul, "_run_loop_delay"):
-            dul._run_loop_delay = self.poll_seconds
-        elif not getattr(self, "_poll_warned", False):
-            self._poll_warned = True
-            log.warning("this pynetdicom has no DUL poll delay to set: dicom_poll_ms has no effect")
+        tune(event.assoc, self.poll_seconds)  # TCP_NODELAY, and the reader's idle poll (dicom_poll_ms)
 
     def _on_accepted(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor

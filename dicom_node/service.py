@@ -66,7 +66,8 @@ def routing_destination(settings: Settings, password: str | None) -> Destination
     if not s.forward_originals:
         return None
     if s.forward_to:
-        return CStoreDestination(s.forward_to, s.ae_title, ssl_context=client_tls_context(s) if s.forward_tls else None)
+        return CStoreDestination(s.forward_to, s.ae_title, ssl_context=client_tls_context(s) if s.forward_tls else None,
+                                 poll_seconds=s.dicom_poll_ms / 1000)
     return OrthancRestDestination(OrthancStore(s.orthanc_url, s.orthanc_username, password))
 
 
