@@ -1,8 +1,9 @@
 """The peer the node is measured against: a bare pynetdicom storescp that writes the received
 bytes and fsyncs each file (no validation, no database, no rename).
 
-With ``--poll-ms`` it sets pynetdicom's reader poll interval as the node does (dicom_poll_ms),
-so the bench can tell the transport tuning from the rest. With ``--rename`` it follows the node's durability protocol instead (temporary name, fsync,
+With ``--poll-ms`` it sets the node's transport settings (``dicom_node.transport.tune``:
+TCP_NODELAY and that reader poll interval, dicom_poll_ms), so the bench can tell the transport
+tuning from the rest. With ``--rename`` it follows the node's durability protocol instead (temporary name, fsync,
 rename, fsync of the folder), so the bench can tell the protocol's cost from the node's own
 bookkeeping (validation, database).
 """
@@ -11,10 +12,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dicom_node.transport import tune  # noqa: E402
 
 
 def main() -> None:
@@ -47,7 +52,7 @@ def main() -> None:
 
     def on_connection(event: evt.Event) -> None:
         if args.poll_ms is not None:
-            event.assoc.dul._run_loop_delay = args.poll_ms / 1000
+            tune(event.assoc, args.poll_ms / 1000)
 
     ae = AE(ae_title="BARE")
     ae.maximum_pdu_size = 0
