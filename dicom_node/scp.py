@@ -121,7 +121,7 @@ class StoreSCP:
     def __init__(
         self, ae_title: str, allowed_aes: list[str], ingest: Ingest, sessions: sessionmaker[Session],
         max_associations: int = 16, on_released: Callable[[set[str]], None] | None = None,
-        forward_only: frozenset[str] = frozenset(), poll_seconds: float = 0.001,
+        forward_only: frozenset[str] = frozenset(), poll_seconds: float = 0.0002,
     ) -> None:
         self.ae_title = ae_title
         self.poll_seconds = poll_seconds

@@ -2,12 +2,15 @@
 
 Two things cost a C-STORE most of its time on a fast network, neither of them the data:
 
-- Nagle's algorithm. pynetdicom leaves it on. A requestor writes each C-STORE as a command PDU
-  and a data set PDU back to back; the second waits for the peer's delayed ACK of the first,
-  ~40 ms. Measured here: pynetdicom sending 256x256 MR instances to dcmtk storescp, 30-38
-  instances/s with Nagle, 284-299 without (what dcmtk's own TCP_NODELAY=1 fixes for dcmtk).
+- Nagle's algorithm, which pynetdicom leaves on. A requestor writes each C-STORE as a command
+  PDU and a data set PDU back to back, and the second can wait for the peer's delayed ACK of the
+  first (up to ~40 ms; what dcmtk's TCP_NODELAY=1 switches off for dcmtk).
 - The reader's idle poll. pynetdicom's DUL thread sleeps 1 ms whenever it has nothing to do, and
   every request and every response waits out part of that sleep.
+
+Measured here (bench/routing.py): the forwarder routed 75-77 instances/s to a dcmtk storescp
+with pynetdicom's defaults, 252-260/s with both set; bench/ingest.py: the node received ~30 %
+more instances/s.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def tune(assoc: Any, poll_seconds: float) -> None:
     if sock is not None:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as exc:  # not TCP (tests with socketpairs), or already closed
+        except OSError as exc:  # not a TCP socket, or already closed
             log.debug("TCP_NODELAY not set: %s", exc)
     if hasattr(dul, "_run_loop_delay"):
         dul._run_loop_delay = poll_seconds
