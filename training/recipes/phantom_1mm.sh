@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # A 1 mm phantom model by progressive fine-tuning (2 -> 1.5 -> 1.25 -> 1 mm) and the MIND
-# structure loss, with the project's own `mr2ct train --init-from`. ~1 hour on 2 CPU cores with
+# structure loss, then a heavier cycle loss, with the project's own `mr2ct train --init-from`. ~1.7 hours on 2 CPU cores with
 # bf16. Measured 2026-11-25 (`mr2ct evaluate`, 4 x 24 held-out slices; README "Quality"):
 # 162 HU after the 2 mm stage, 210 HU at epoch 8 of the plain 1 mm stage (brain right, skull moved out
 # onto the bright fat layer), 171 HU after structure weight 5, 105 HU after structure weight 20
 # (checkpoints of that stage read 139 and 198 HU at epochs 4 and 8: evaluate before you pick; weight 50
-# on top went to 202 HU).
-# Not the shipped model (see README): run it, then `mr2ct evaluate OUT/6-structure-20`.
+# on top went to 202 HU); 92 HU after lambda 20, 88 HU after lambda 40, 84 HU after structure weight 10
+# (stages 7-9, 12 minutes each).
+# Not the shipped model (see README): run it, then `mr2ct evaluate OUT/9-structure-10`.
 #
 #   bash training/recipes/phantom_1mm.sh [OUT]      (default runs/phantom-1mm)
 set -euo pipefail
@@ -21,3 +22,11 @@ $M --out "$OUT/5-structure-5" --init-from "$OUT/4-1mm" --pixel-spacing 1.0 --ima
    --seed 5 --structure-weight 5
 $M --out "$OUT/6-structure-20" --init-from "$OUT/5-structure-5" --pixel-spacing 1.0 --image-size 256 --epochs 16 --lr-decay-start 8 \
    --seed 6 --structure-weight 20
+# Then a heavier cycle loss (lambda 10 -> 20 -> 40) at half the learning rate: 92, then 88 HU.
+$M --out "$OUT/7-lambda-20" --init-from "$OUT/6-structure-20" --pixel-spacing 1.0 --image-size 256 --epochs 12 --lr-decay-start 4 \
+   --lr-G 1e-4 --lr-D 1e-4 --lambda-ABA 20 --lambda-BAB 20 --seed 10 --structure-weight 20
+$M --out "$OUT/8-lambda-40" --init-from "$OUT/7-lambda-20" --pixel-spacing 1.0 --image-size 256 --epochs 12 --lr-decay-start 4 \
+   --lr-G 1e-4 --lr-D 1e-4 --lambda-ABA 40 --lambda-BAB 40 --seed 11 --structure-weight 20
+# Then a lighter structure loss at lambda 40: 84 HU (a further lambda 80 stage instead: 90).
+$M --out "$OUT/9-structure-10" --init-from "$OUT/8-lambda-40" --pixel-spacing 1.0 --image-size 256 --epochs 12 --lr-decay-start 4 \
+   --lr-G 1e-4 --lr-D 1e-4 --lambda-ABA 40 --lambda-BAB 40 --seed 13 --structure-weight 10
