@@ -27,6 +27,6 @@ $M --out "$OUT/7-lambda-20" --init-from "$OUT/6-structure-20" --pixel-spacing 1.
    --lr-G 1e-4 --lr-D 1e-4 --lambda-ABA 20 --lambda-BAB 20 --seed 10 --structure-weight 20
 $M --out "$OUT/8-lambda-40" --init-from "$OUT/7-lambda-20" --pixel-spacing 1.0 --image-size 256 --epochs 12 --lr-decay-start 4 \
    --lr-G 1e-4 --lr-D 1e-4 --lambda-ABA 40 --lambda-BAB 40 --seed 11 --structure-weight 20
-# Then a lighter structure loss at lambda 40: 84 HU (a further lambda 80 stage instead: 90).
+# Then a lighter structure loss at lambda 40: 84 HU (a lambda 80 stage instead: 90; weight 5 after it: 86).
 $M --out "$OUT/9-structure-10" --init-from "$OUT/8-lambda-40" --pixel-spacing 1.0 --image-size 256 --epochs 12 --lr-decay-start 4 \
    --lr-G 1e-4 --lr-D 1e-4 --lambda-ABA 40 --lambda-BAB 40 --seed 13 --structure-weight 10
