@@ -1,11 +1,11 @@
 """The peer the node is measured against: a bare pynetdicom storescp that writes the received
 bytes and fsyncs each file (no validation, no database, no rename).
 
-With ``--poll-ms`` it sets the node's transport settings (``dicom_node.transport.tune``:
+With ``--poll-ms`` it uses the node's transport settings (``dicom_node.transport.tune``:
 TCP_NODELAY and that reader poll interval, dicom_poll_ms), so the bench can tell the transport
-tuning from the rest. With ``--rename`` it follows the node's durability protocol instead (temporary name, fsync,
-rename, fsync of the folder), so the bench can tell the protocol's cost from the node's own
-bookkeeping (validation, database).
+from the rest. With ``--rename`` it follows the node's durability protocol instead (temporary
+name, fsync, rename, fsync of the folder), so the bench can tell the protocol's cost from the
+node's own bookkeeping (validation, database).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("port", type=int)
     parser.add_argument("folder", type=Path)
     parser.add_argument("--rename", action="store_true", help="temporary name, fsync, rename, fsync the folder")
-    parser.add_argument("--poll-ms", type=float, default=None, help="pynetdicom's DUL poll interval (its default: 1 ms)")
+    parser.add_argument("--poll-ms", type=float, default=None, help="the node's transport settings: TCP_NODELAY and this reader poll interval (pynetdicom's: 1 ms)")
     args = parser.parse_args()
     folder: Path = args.folder
     folder.mkdir(parents=True, exist_ok=True)
