@@ -8,8 +8,8 @@ Two things cost a C-STORE most of its time on a fast network, neither of them th
 - The reader's idle poll. pynetdicom's DUL thread sleeps 1 ms whenever it has nothing to do, and
   every request and every response waits out part of that sleep.
 
-Measured here (bench/routing.py): the forwarder routed 75-77 instances/s to a dcmtk storescp
-with pynetdicom's defaults, 252-260/s with both set; bench/ingest.py: the node received ~30 %
+Measured here (bench/routing.py, 3 runs): the forwarder routed 64-77 instances/s to a dcmtk
+storescp with pynetdicom's defaults, 260-271/s with both set; bench/ingest.py: the node received ~30 %
 more instances/s.
 """
 
