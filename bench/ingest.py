@@ -31,30 +31,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dicom_node.local_stack import NodeServer, OrthancServer, free_port, nodelay_env, storescu  # noqa: E402
+from dicom_node.local_stack import (  # noqa: E402
+    NodeServer, OrthancServer, free_port, nodelay_env, start_storescp, stop_process, storescu, wait_listening,
+)
 from training.phantom_dicom import write_mr_series  # noqa: E402
-
-
-def _wait_listening(proc: subprocess.Popen, port: int, timeout: float = 30) -> None:
-    from dicom_node.local_stack import port_in_use
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"peer exited with {proc.returncode}")
-        if port_in_use(port):
-            return
-        time.sleep(0.1)
-    raise RuntimeError("peer did not listen")
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
 
 
 def timed_send(folder: Path, port: int, called: str) -> float:
@@ -83,10 +63,7 @@ def main() -> None:
     try:
         dcmtk_port = free_port()
         (work / "dcmtk").mkdir()
-        dcmtk = subprocess.Popen(["storescp", "-od", str(work / "dcmtk"), "-aet", "STORESCP", str(dcmtk_port)], env=nodelay_env(),
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        procs.append(dcmtk)
-        _wait_listening(dcmtk, dcmtk_port)
+        procs.append(start_storescp(work / "dcmtk", dcmtk_port, "STORESCP"))
         bare = [sys.executable, str(ROOT / "bench" / "_bare_storescp.py")]
         tuned = ["--poll-ms", str(args.poll_ms)]
         bare_ports: dict[str, int] = {}
@@ -94,7 +71,7 @@ def main() -> None:
             bare_ports[name] = free_port()
             proc = subprocess.Popen([*bare, str(bare_ports[name]), str(work / name), *extra], env=nodelay_env(), stdout=subprocess.DEVNULL)
             procs.append(proc)
-            _wait_listening(proc, bare_ports[name])
+            wait_listening(proc, bare_ports[name])
         orthanc.start()
         node_port = free_port()
         node = NodeServer(work / "node", {
@@ -120,7 +97,7 @@ def main() -> None:
             node.stop()
         orthanc.stop()
         for proc in procs:
-            _stop(proc)
+            stop_process(proc)
         shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"\nmachine: {platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}")

@@ -34,10 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import func, select, update  # noqa: E402
 
-from bench.ingest import _stop, _wait_listening  # noqa: E402
 from dicom_node import forwarder  # noqa: E402
 from dicom_node.db import init_db  # noqa: E402
-from dicom_node.local_stack import NodeServer, free_port, nodelay_env, storescu  # noqa: E402
+from dicom_node.local_stack import NodeServer, free_port, start_storescp, stop_process, storescu  # noqa: E402
 from dicom_node.models import Instance, utcnow  # noqa: E402
 from training.phantom_dicom import write_mr_series  # noqa: E402
 
@@ -88,9 +87,7 @@ def main() -> None:
             raise RuntimeError(f"the node recorded {spooled} of {args.instances} instances")
         port = free_port()
         (work / "dest").mkdir()
-        storescp = subprocess.Popen(["storescp", "-od", str(work / "dest"), "-aet", "DEST", str(port)], env=nodelay_env(),
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait_listening(storescp, port)
+        storescp = start_storescp(work / "dest", port, "DEST")
         destination = forwarder.CStoreDestination(f"DEST@127.0.0.1:{port}", "MR2CT", poll_seconds=args.poll_ms / 1000)
 
         def untuned() -> float:
@@ -117,7 +114,7 @@ def main() -> None:
     finally:
         forwarder.tune = tuned
         if storescp is not None:
-            _stop(storescp)
+            stop_process(storescp)
         shutil.rmtree(work, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"\nmachine: {platform.machine()} {os.cpu_count()} CPUs, {platform.platform()}")

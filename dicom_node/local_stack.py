@@ -43,7 +43,7 @@ def nodelay_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def _stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 20.0) -> None:
+def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 20.0) -> None:
     if proc is None or proc.poll() is not None:
         return
     proc.send_signal(signal.SIGTERM)
@@ -52,6 +52,34 @@ def _stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 20.0) -> 
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=10)
+
+
+def wait_listening(proc: subprocess.Popen[Any], port: int, timeout: float = 30.0) -> None:
+    """Return once ``proc`` listens on the loopback ``port``; raise if it exits first or never listens."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode} before listening on {port}")
+        if port_in_use(port):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"{proc.args[0]} did not listen on {port} within {timeout:.0f} s")
+
+
+def start_storescp(folder: Path, port: int, ae_title: str, timeout: float = 30.0) -> subprocess.Popen[bytes]:
+    """dcmtk's storescp writing what it receives into ``folder`` (TCP_NODELAY=1), returned once it
+    listens. It serves one association at a time. Stop it with ``stop_process``."""
+    binary = shutil.which("storescp")
+    if binary is None:
+        raise RuntimeError("dcmtk's storescp is not installed; run deploy/local/install.sh")
+    proc = subprocess.Popen([binary, "-aet", ae_title, "-od", str(folder), str(port)], env=nodelay_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_listening(proc, port, timeout)
+    except RuntimeError:
+        stop_process(proc)
+        raise
+    return proc
 
 
 class OrthancServer:
@@ -136,7 +164,7 @@ class OrthancServer:
         raise RuntimeError(f"Orthanc did not answer /system within {timeout:.0f} s; see {self.log_path}")
 
     def stop(self) -> None:
-        _stop_process(self.proc)
+        stop_process(self.proc)
         self.proc = None
         if getattr(self, "log_file", None):
             self.log_file.close()
@@ -189,7 +217,7 @@ class NodeServer:
         raise RuntimeError(f"mr2ct serve did not listen on port {self.port} within {timeout:.0f} s; see {self.log_path}")
 
     def stop(self) -> None:
-        _stop_process(self.proc, timeout=60)
+        stop_process(self.proc, timeout=60)
         self.proc = None
         if getattr(self, "log_file", None):
             self.log_file.close()

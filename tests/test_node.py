@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
-from dicom_node.local_stack import echoscu, free_port, nodelay_env, port_in_use, storescu
+from dicom_node.local_stack import echoscu, free_port, nodelay_env, start_storescp, stop_process, storescu
 from dicom_node.models import AuditEvent, Instance, Job, Series
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import api_token
@@ -136,8 +136,7 @@ def test_a_destination_that_takes_only_uncompressed_data_gets_compressed_origina
     received = tmp_path / "received"
     received.mkdir()
     port = free_port()
-    storescp = subprocess.Popen(["storescp", "-aet", "PLAINPACS", "-od", str(received), str(port)], env=nodelay_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storescp = start_storescp(received, port, "PLAINPACS")
     try:
         node = node_factory(forward_originals="true", forward_to=f"PLAINPACS@127.0.0.1:{port}")
         assert storescu(jpeg_ls, node.port, NODE_AE, SCANNER_AE, propose="-xt").returncode == 0
@@ -147,8 +146,7 @@ def test_a_destination_that_takes_only_uncompressed_data_gets_compressed_origina
             time.sleep(0.3)
         time.sleep(0.5)  # storescp renames a file once complete
     finally:
-        storescp.terminate()
-        storescp.wait(timeout=20)
+        stop_process(storescp)
     arrived = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(f) for f in received.iterdir())}
     assert len(arrived) == 2
     with init_db(node.database_url)() as session:
@@ -194,19 +192,14 @@ def test_an_unreachable_c_store_destination_is_retried_and_nothing_is_lost(node_
         time.sleep(0.5)
     received = tmp_path / "received"
     received.mkdir()
-    storescp = subprocess.Popen(["storescp", "-aet", "NOBODY", "-od", str(received), str(closed)], env=nodelay_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storescp = start_storescp(received, closed, "NOBODY")
     try:
-        deadline = time.monotonic() + 20
-        while not port_in_use(closed) and time.monotonic() < deadline:
-            time.sleep(0.1)
         retried = time.monotonic()
         assert httpx.post(f"{base}/routing/retry", headers=admin).json()["rescheduled"] <= 2  # (one may have come due by itself)
         while time.monotonic() < retried + 10 and httpx.get(f"{base}/routing", headers=admin).json()["routed"] < 2:
             time.sleep(0.3)
     finally:
-        storescp.terminate()
-        storescp.wait(timeout=20)
+        stop_process(storescp)
     status = httpx.get(f"{base}/routing", headers=admin).json()
     assert status["routed"] == 2 and status["failing"] == 0 and status["waiting"] == 0
 

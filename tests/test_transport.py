@@ -5,24 +5,18 @@ pynetdicom requestor stalls on Nagle's algorithm and every C-STORE waits out a 1
 from __future__ import annotations
 
 import socket
-import subprocess
-import time
 
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from dicom_node.local_stack import free_port, nodelay_env, port_in_use
+from dicom_node.local_stack import free_port, start_storescp, stop_process
 from dicom_node.transport import tune
 
 
 def test_an_association_opened_with_the_tune_handler_has_tcp_nodelay_and_the_fast_poll(tmp_path) -> None:
     port = free_port()
-    storescp = subprocess.Popen(["storescp", "-aet", "PEER", "-od", str(tmp_path), str(port)], env=nodelay_env(),
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    storescp = start_storescp(tmp_path, port, "PEER")
     try:
-        deadline = time.monotonic() + 20
-        while not port_in_use(port) and time.monotonic() < deadline:
-            time.sleep(0.1)
         ae = AE(ae_title="MR2CT")
         ae.add_requested_context(Verification)
         # storescp serves one association at a time: one after the other
@@ -42,5 +36,4 @@ def test_an_association_opened_with_the_tune_handler_has_tcp_nodelay_and_the_fas
         finally:
             tuned.release()
     finally:
-        storescp.terminate()
-        storescp.wait(timeout=20)
+        stop_process(storescp)
