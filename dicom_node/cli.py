@@ -74,6 +74,8 @@ def train(
         help="fine-tune: start from another run's folder/checkpoint.pt (all four networks) or a model .safetensors (MR->CT generator)")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 (autocast forward passes; GPUs and bf16-capable CPUs)")] = None,
+    test_time_augmentation: Annotated[Optional[str], typer.Option(
+        help="none | mirror | dihedral: written into the exported card; inference averages the generator over that many views (1, 4, 8)")] = None,
 ) -> None:
     """Train the CycleGAN on unpaired MR and CT pools: generated phantom heads, or a cache made by `mr2ct pull` (--data)."""
     import torch
@@ -95,7 +97,7 @@ def train(
                 crop_size=crop_size, pixel_spacing_mm=pixel_spacing, ngf=ngf, n_blocks=n_blocks, ndf=ndf, d_layers=d_layers,
                 cycle_loss=cycle_loss, adversarial_loss=adversarial_loss, identity_weight=identity_weight, structure_weight=structure_weight,
                 lr_decay_start=lr_decay_start, ema_decay=ema_decay, generator=generator, discriminator=discriminator, checkpoint_every=checkpoint_every,
-                precision=precision, init_from=str(init_from) if init_from else None,
+                precision=precision, init_from=str(init_from) if init_from else None, test_time_augmentation=test_time_augmentation,
             ),
         )
     except (ValueError, TypeError) as exc:
@@ -209,6 +211,8 @@ def evaluate(
     json_only: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
     panel: Annotated[Optional[Path], typer.Option(help="write a PNG panel: MR, CT, sCT, error map")] = None,
     paired_steps: Annotated[int, typer.Option(help="train a paired supervised generator of the same size for this many steps (0: skip)")] = 0,
+    test_time_augmentation: Annotated[Optional[str], typer.Option(
+        help="none | mirror | dihedral instead of the card's (the paired upper bound is run the same way)")] = None,
 ) -> None:
     """Score a model on held-out paired phantoms: MAE/PSNR/SSIM against ground-truth CT and a linear baseline."""
     import json
@@ -224,6 +228,15 @@ def evaluate(
     except ModelMismatch as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(2) from exc
+    if test_time_augmentation is not None:
+        from dataclasses import replace
+
+        from synthesis.model_file import TEST_TIME_AUGMENTATIONS
+
+        if test_time_augmentation not in TEST_TIME_AUGMENTATIONS:
+            typer.echo(f"error: --test-time-augmentation must be one of {', '.join(TEST_TIME_AUGMENTATIONS)}, got {test_time_augmentation!r}", err=True)
+            raise typer.Exit(2)
+        loaded = replace(loaded, card={**loaded.card, "test_time_augmentation": test_time_augmentation})
     quality = run_evaluation(loaded, subjects=subjects, slices=slices, panel=panel)
     paired_mae = None
     if paired_steps > 0:
@@ -231,7 +244,7 @@ def evaluate(
 
         paired_mae = run_evaluation(paired_upper_bound(loaded, paired_steps), subjects=subjects, slices=slices).mae_hu
     if not json_only:
-        typer.echo(f"model {loaded.short_digest}: MAE {quality.mae_hu} HU (linear baseline {quality.baseline_mae_hu} HU), "
+        typer.echo(f"model {loaded.short_digest} (test-time augmentation {loaded.test_time_augmentation}): MAE {quality.mae_hu} HU (linear baseline {quality.baseline_mae_hu} HU), "
                    f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")
         for tissue, value in quality.mae_by_tissue.items():
             typer.echo(f"  {tissue:16s} MAE {value:7.1f} HU")
@@ -241,7 +254,8 @@ def evaluate(
             typer.echo("paired supervised upper bound: not computed (use --paired-steps N)")
         else:
             typer.echo(f"paired supervised upper bound ({paired_steps} steps): MAE {paired_mae} HU")
-    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, "mae_paired_hu": paired_mae, "model_sha256": loaded.sha256}
+    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, "mae_paired_hu": paired_mae, "model_sha256": loaded.sha256,
+              "test_time_augmentation": loaded.test_time_augmentation}
     typer.echo(json.dumps(report))
 
 
@@ -365,6 +379,25 @@ def models_register(
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"model {row.id} {row.name} sha256={row.sha256[:12]} ({len(row.losses)} epochs of losses){' active' if activate_now else ''}")
+
+
+@models_app.command("set")
+def models_set(
+    path: Annotated[Path, typer.Argument(help="a training run folder or a .safetensors file with its card")],
+    test_time_augmentation: Annotated[str, typer.Option(
+        help="none | mirror | dihedral: inference averages the generator over 1, 4 or 8 views of each slice")],
+) -> None:
+    """Change an inference option in a model's card (the weights and their SHA-256 stay; the card records the change)."""
+    from synthesis.errors import ModelMismatch
+    from synthesis.model_file import set_test_time_augmentation
+
+    weights = path / "model.safetensors" if path.is_dir() else path
+    try:
+        card = set_test_time_augmentation(weights, test_time_augmentation)
+    except (ModelMismatch, ValueError) as exc:
+        typer.echo(f"mr2ct: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    typer.echo(f"{weights.name} sha256={card['sha256'][:12]}: test_time_augmentation={card['test_time_augmentation']}")
 
 
 @models_app.command("list")

@@ -102,9 +102,11 @@ class Node:
             device = choose_device(s.device)
             self.device_label, self.model_sha256 = device.label, model.sha256
             log.info("device=%s reason=%s precision=%s torch_compile=%s", device.label, device.reason, s.precision, s.torch_compile)
-            log.info("model=%s sha256=%s architecture=%s", s.model_file.name, model.short_digest, model.card["architecture"])
+            log.info("model=%s sha256=%s architecture=%s test_time_augmentation=%s", s.model_file.name, model.short_digest,
+                     model.card["architecture"], model.test_time_augmentation if s.test_time_augmentation == "model" else s.test_time_augmentation)
             store = OrthancStore(s.orthanc_url, s.orthanc_username, password)
-            worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size, s.precision, s.torch_compile)
+            worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size, s.precision, s.torch_compile,
+                            s.test_time_augmentation)
             requeue_orphaned_jobs(self.sessions, worker.worker_id)
             wake_on_job_queued(self.work_queued)  # jobs queued by this process (series completion, API retry)
             self._thread("worker", worker.loop, self.stop_event, s.poll_seconds, self.work_queued)

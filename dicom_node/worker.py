@@ -7,6 +7,7 @@ import os
 import socket
 import threading
 import time
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -66,9 +67,10 @@ def claim_job(sessions: sessionmaker[Session], worker_id: str) -> int | None:
 class Worker:
     def __init__(
         self, sessions: sessionmaker[Session], model: LoadedModel, device: DeviceChoice, store: OrthancStore,
-        uid_root: str, batch_size: int, precision: str = "auto", torch_compile: bool = False,
+        uid_root: str, batch_size: int, precision: str = "auto", torch_compile: bool = False, test_time_augmentation: str = "model",
     ) -> None:
-        self.sessions, self.model, self.device, self.store = sessions, model, device, store
+        self.tta = test_time_augmentation
+        self.sessions, self.model, self.device, self.store = sessions, self._as_configured(model), device, store
         self.uid_root, self.batch_size, self.precision, self.torch_compile = uid_root, batch_size, precision, torch_compile
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
 
@@ -87,6 +89,13 @@ class Worker:
             synthesize(np.zeros((1, size, size), np.float32), (spacing, spacing), self.model, self.device.device, 1, self.precision)
         log.info("worker warmed up in %.2f s", time.perf_counter() - started)
 
+    def _as_configured(self, model: LoadedModel) -> LoadedModel:
+        """The model with the configured test-time augmentation written into its card (the CT's
+        UIDs, its derivation text and the SR then all say what was run)."""
+        if self.tta == "model" or self.tta == model.test_time_augmentation:
+            return model
+        return replace(model, card={**model.card, "test_time_augmentation": self.tta})
+
     def refresh_model(self) -> None:
         """Use the registry's active model when there is one (a new activation applies to the next job)."""
         from dicom_node.registry import active_model
@@ -94,7 +103,7 @@ class Worker:
 
         active = active_model(self.sessions)
         if active is not None and active.sha256 != self.model.sha256:
-            self.model = load_model(Path(active.weights_path))
+            self.model = self._as_configured(load_model(Path(active.weights_path)))
             log.info("model switched to sha256=%s name=%s", self.model.short_digest, active.name)
 
     def run_job(self, job_id: int) -> None:

@@ -82,13 +82,15 @@ class SyntheticCTSeries:
         self.source = source
         self.model = model
         src_series = source.series_instance_uid
-        self.series_instance_uid = derived_uid(uid_root, src_series, model.sha256, "ct-series")
-        self.sop_instance_uids = [derived_uid(uid_root, src_series, model.sha256, "ct", i) for i in range(len(source.headers))]
+        self.series_instance_uid = derived_uid(uid_root, src_series, model.output_key, "ct-series")
+        self.sop_instance_uids = [derived_uid(uid_root, src_series, model.output_key, "ct", i) for i in range(len(source.headers))]
         now = datetime.now(timezone.utc)
         description = f"sCT (mr2ct {synthesis.__version__}, model {model.short_digest})"
         derivation = (
             f"Synthetic CT generated from MR series {src_series} by mr2ct {synthesis.__version__} "
-            f"({model.card['architecture']} generator, model SHA-256 {model.sha256}) on {device_label}"
+            f"({model.card['architecture']} generator, model SHA-256 {model.sha256}"
+            + (f", test-time augmentation {model.test_time_augmentation}" if model.test_time_augmentation != "none" else "")
+            + f") on {device_label}"
         )
         stored = np.clip(np.rint(hu), HU_MIN, HU_MAX) - RESCALE_INTERCEPT
         self._stored = stored.astype(np.uint16)

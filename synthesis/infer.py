@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synthesis.model_file import LoadedModel
+from synthesis.model_file import TEST_TIME_AUGMENTATIONS, LoadedModel
 from synthesis.networks import low_precision_copy, size_multiple
 from synthesis.normalize import mr_to_unit, n4_correct, unit_to_hu
 
@@ -189,6 +189,33 @@ def to_mr_matrix(mr: torch.Tensor, mr_on_grid: torch.Tensor, output: torch.Tenso
     return to_grid(output, size)
 
 
+# (transpose, flipped dimensions) of each view; a view is undone by flipping back, then transposing.
+_VIEWS: dict[str, tuple[tuple[bool, tuple[int, ...]], ...]] = {
+    "none": ((False, ()),),
+    "mirror": ((False, ()), (False, (-1,)), (False, (-2,)), (False, (-2, -1))),
+}
+_VIEWS["dihedral"] = _VIEWS["mirror"] + tuple((True, dims) for _, dims in _VIEWS["mirror"])
+
+
+def augmented(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str) -> torch.Tensor:
+    """The mean of the generator's outputs over the test-time augmentation's views of ``x``
+    (N, C, H, W), each mapped back onto ``x``'s pixels; fp32. The generator is fully
+    convolutional, so a transposed view of a non-square grid is just another input shape."""
+    total: torch.Tensor | None = None
+    for transpose, dims in _VIEWS[mode]:
+        view = x.transpose(-1, -2) if transpose else x
+        if dims:
+            view = torch.flip(view, dims)
+        y = forward(view.contiguous(memory_format=torch.channels_last)).float()
+        if dims:
+            y = torch.flip(y, dims)
+        if transpose:
+            y = y.transpose(-1, -2)
+        total = y if total is None else total.add_(y)
+    assert total is not None
+    return total.div_(len(_VIEWS[mode])) if len(_VIEWS[mode]) > 1 else total
+
+
 @torch.inference_mode()
 def synthesize(
     voxels: np.ndarray,
@@ -198,16 +225,21 @@ def synthesize(
     batch_size: int = 8,
     precision: str = "auto",
     compile: bool = False,
+    augment: str | None = None,
 ) -> np.ndarray:
     """MR volume (slices, rows, cols) -> sCT volume in HU, same shape, float32.
 
     ``compile``: run the generator through ``torch.compile`` (worth it for a long-running node;
-    each new grid size compiles once, tens of seconds on a CPU).
+    each new grid size compiles once, tens of seconds on a CPU). ``augment``: the test-time
+    augmentation (``TEST_TIME_AUGMENTATIONS``); None: the model card's.
     """
     if voxels.ndim != 3:
         raise ValueError(f"voxels must be (slices, rows, columns), got shape {voxels.shape}")
     if batch_size < 0:
         raise ValueError(f"batch_size must be >= 0 (0: sized automatically), got {batch_size}")
+    mode = model.test_time_augmentation if augment is None else augment
+    if mode not in TEST_TIME_AUGMENTATIONS:
+        raise ValueError(f"augment must be one of {', '.join(TEST_TIME_AUGMENTATIONS)}, got {mode!r}")
     norm = model.card["normalization"]
     if model.card.get("n4_bias_correction"):
         voxels = n4_correct(voxels, pixel_spacing)
@@ -231,11 +263,11 @@ def synthesize(
         if pad_r or pad_c:
             x = F.pad(x, (0, pad_c, 0, pad_r), mode="reflect" if min(grid) > max(pad_r, pad_c) else "replicate")
         x = x.contiguous(memory_format=torch.channels_last)
-        y = forward(x.to(input_dtype)).float()[..., : grid[0], : grid[1]]
+        y = augmented(forward, x.to(input_dtype), mode)[..., : grid[0], : grid[1]]
         y = to_mr_matrix(batch, x[..., : grid[0], : grid[1]].float(), y).clamp_(-1.0, 1.0)
         out[start : start + batch_size] = y[:, 0].cpu().numpy()
     log.info(
-        "inference slices=%d grid=%dx%d seconds=%.2f device=%s precision=%s compiled=%s", slices, grid[0], grid[1],
-        time.perf_counter() - started, device, precision_name(compute_dtype), compile,
+        "inference slices=%d grid=%dx%d seconds=%.2f device=%s precision=%s compiled=%s tta=%s", slices, grid[0], grid[1],
+        time.perf_counter() - started, device, precision_name(compute_dtype), compile, mode,
     )
     return unit_to_hu(out, model.hu_range)

@@ -21,6 +21,10 @@ from synthesis.errors import ModelMismatch
 from synthesis.networks import build_generator
 
 REQUIRED_CARD_KEYS = ("architecture", "parameters", "pixel_spacing_mm", "normalization", "hu_range", "sha256")
+# Test-time augmentation (card key ``test_time_augmentation``, absent: "none"): the generator runs
+# on these views of each slice and the outputs, mapped back, are averaged.
+# mirror: identity, left-right, up-down, both (4 forwards); dihedral: those and their transposes (8).
+TEST_TIME_AUGMENTATIONS = {"none": 1, "mirror": 4, "dihedral": 8}
 
 
 def sha256_of(path: Path) -> str:
@@ -58,6 +62,17 @@ class LoadedModel:
     def pixel_spacing_mm(self) -> float:
         return float(self.card["pixel_spacing_mm"])
 
+    @property
+    def test_time_augmentation(self) -> str:
+        return str(self.card.get("test_time_augmentation", "none"))
+
+    @property
+    def output_key(self) -> str:
+        """What decides the sCT's pixels besides the input: the weights, and the test-time
+        augmentation when there is one (derived UIDs come from it)."""
+        tta = self.test_time_augmentation
+        return self.sha256 if tta == "none" else f"{self.sha256}+tta-{tta}"
+
 
 def save_model(weights: Path, generator: nn.Module, card: dict[str, Any]) -> dict[str, Any]:
     """Write weights and card; the card gets the weights' SHA-256. Returns the card written."""
@@ -87,6 +102,11 @@ def load_model(weights: Path) -> LoadedModel:
     missing = [k for k in REQUIRED_CARD_KEYS if k not in card]
     if missing:
         raise ModelMismatch(f"model card {card_file} lacks {', '.join(missing)}")
+    tta = card.get("test_time_augmentation", "none")
+    if tta not in TEST_TIME_AUGMENTATIONS:
+        raise ModelMismatch(
+            f"model card {card_file} has test_time_augmentation {tta!r}; expected one of {', '.join(TEST_TIME_AUGMENTATIONS)}"
+        )
     actual = sha256_of(weights)
     if actual != card["sha256"]:
         raise ModelMismatch(
@@ -102,6 +122,28 @@ def load_model(weights: Path) -> LoadedModel:
     for p in generator.parameters():
         p.requires_grad_(False)
     return LoadedModel(generator=generator, card=card, weights_path=weights)
+
+
+def set_test_time_augmentation(weights: Path, mode: str) -> dict[str, Any]:
+    """Change the test-time augmentation a model's card asks inference for (weights untouched,
+    so its SHA-256 stays); the card keeps a dated record of each change. Returns the new card."""
+    from datetime import datetime, timezone
+
+    if mode not in TEST_TIME_AUGMENTATIONS:
+        raise ValueError(f"test_time_augmentation must be one of {', '.join(TEST_TIME_AUGMENTATIONS)}, got {mode!r}")
+    model = load_model(weights)  # the card must belong to the weights before it is changed
+    card = dict(model.card)
+    if model.test_time_augmentation != mode:
+        card["test_time_augmentation"] = mode
+        card["card_changes"] = [*card.get("card_changes", []), {
+            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "test_time_augmentation": [model.test_time_augmentation, mode],
+        }]
+        path = card_path_for(Path(weights))
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+        tmp.replace(path)
+    return card
 
 
 def default_model_path() -> Path:

@@ -83,3 +83,18 @@ def test_a_tampered_model_cannot_be_registered(node_factory, tmp_path):
         fh.write(b"tampered")
     result = _cli(node, "models", "register", str(run))
     assert result.returncode == 2 and "card belongs to other weights" in result.stderr
+
+
+def test_the_nodes_test_time_augmentation_setting_overrides_the_cards() -> None:
+    """`test_time_augmentation = "none"` trades the shipped model's 8 views for speed: the worker then
+    runs one forward, and its CT UIDs (which follow what made the pixels) are not the 8-view ones."""
+    from dicom_node.worker import Worker
+
+    shipped = load_model(default_model_path())
+    assert shipped.test_time_augmentation == "dihedral"
+    as_card = Worker(None, shipped, None, None, "1.2.3.", 1, test_time_augmentation="model")  # type: ignore[arg-type]
+    assert as_card.model is shipped
+    fast = Worker(None, shipped, None, None, "1.2.3.", 1, test_time_augmentation="none")  # type: ignore[arg-type]
+    assert fast.model.test_time_augmentation == "none" and fast.model.sha256 == shipped.sha256
+    assert fast.model.output_key != shipped.output_key
+    assert shipped.test_time_augmentation == "dihedral"  # the loaded model itself is left as it was

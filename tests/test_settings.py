@@ -58,6 +58,7 @@ def test_config_show_masks_secrets() -> None:
         ("MR2CT_ALLOWED_AES", "GOOD,THIS_TITLE_IS_FAR_TOO_LONG"),
         ("MR2CT_FORWARD_TO", "PACS:104"),
         ("MR2CT_DICOM_POLL_MS", "0"),
+        ("MR2CT_TEST_TIME_AUGMENTATION", "all"),
     ],
 )
 def test_a_bad_setting_stops_serve_with_a_message_naming_the_key(key: str, value: str) -> None:

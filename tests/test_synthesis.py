@@ -181,6 +181,7 @@ def test_the_sr_round_trips_into_the_same_facts(tiny_model: Path, mr_series, tmp
     assert facts.parameters["model_sha256"] == model.sha256
     assert facts.parameters["architecture"] == "resnet"
     assert facts.parameters["n4_bias_correction"] == "off"
+    assert facts.parameters["test_time_augmentation"] == "none"
     assert parsed.StudyInstanceUID == mr_series.study_uid
 
 
@@ -312,3 +313,79 @@ def test_low_precision_inference_stays_within_two_hu_of_fp32_inside_the_head(tmp
     difference = float(np.abs(low - fp32)[head].mean())
     print(f"{precision} vs fp32 inside the head: {difference:.2f} HU")
     assert difference < 2.0
+
+
+def _model_with_views(tmp_path: Path, mode: str) -> Path:
+    torch.manual_seed(0)  # the same weights for every mode
+    path = tmp_path / f"views-{mode}.safetensors"
+    save_model(path, ResnetGenerator(ngf=4, n_blocks=1), _card(test_time_augmentation=mode))
+    return path
+
+
+@pytest.mark.parametrize(("mode", "mirror_alike", "transpose_alike"), [("none", False, False), ("mirror", True, False), ("dihedral", True, True)])
+def test_test_time_augmentation_makes_the_sct_independent_of_how_the_slice_is_turned(
+    tmp_path: Path, mode: str, mirror_alike: bool, transpose_alike: bool
+) -> None:
+    """With mirror views the sCT of a left-right mirrored MR is the mirrored sCT (and so for the
+    transpose with the dihedral views): what the network makes of a structure cannot depend on the
+    side it lies on. One forward alone gives no such promise."""
+    model = load_model(_model_with_views(tmp_path, mode))
+    assert model.test_time_augmentation == mode
+    voxels = (np.random.default_rng(1).random((3, 32, 40)) * 1000).astype(np.float32)  # on the 4 mm grid, no padding
+    device = choose_device("cpu").device
+
+    def sct(v: np.ndarray) -> np.ndarray:
+        return synthesize(np.ascontiguousarray(v), (4.0, 4.0), model, device, batch_size=3, precision="fp32")
+
+    plain = sct(voxels)
+    mirrored = float(np.abs(sct(voxels[:, :, ::-1])[:, :, ::-1] - plain).max())
+    upside_down = float(np.abs(sct(voxels[:, ::-1, :])[:, ::-1, :] - plain).max())
+    transposed = float(np.abs(sct(voxels.transpose(0, 2, 1)).transpose(0, 2, 1) - plain).max())
+    print(f"{mode}: largest change in HU, mirrored {mirrored:.3g}, upside down {upside_down:.3g}, transposed {transposed:.3g}")
+    assert (mirrored < 0.01 and upside_down < 0.01) if mirror_alike else (mirrored > 1.0 and upside_down > 1.0)
+    assert transposed < 0.01 if transpose_alike else transposed > 1.0
+
+
+def test_augmented_inference_is_recorded_in_the_uids_and_the_sr(tmp_path: Path, mr_series) -> None:
+    """The same weights run with other views make other pixels: other UIDs, and the SR says which views."""
+    plain, views = load_model(_model_with_views(tmp_path, "none")), load_model(_model_with_views(tmp_path, "dihedral"))
+    assert plain.sha256 == views.sha256
+    source = assemble([pydicom.dcmread(f) for f in mr_series.files])
+    hu = np.zeros(source.volume.voxels.shape, np.float32)
+    first = SyntheticCTSeries(source=source, hu=hu, model=plain, uid_root=ROOT, device_label="cpu")
+    second = SyntheticCTSeries(source=source, hu=hu, model=views, uid_root=ROOT, device_label="cpu")
+    assert first.series_instance_uid != second.series_instance_uid
+    assert not set(first.sop_instance_uids) & set(second.sop_instance_uids)
+    assert "test-time augmentation dihedral" in second.datasets[0].DerivationDescription
+    sr = build_provenance_sr(ct=second, mr_headers=source.headers, uid_root=ROOT, processing_seconds=1.0, device_label="cpu")
+    path = tmp_path / "sr.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    assert read_provenance(hd.sr.srread(path)).parameters["test_time_augmentation"] == "dihedral"
+
+
+def test_a_card_asking_for_unknown_views_is_refused(tmp_path: Path) -> None:
+    path = _model_with_views(tmp_path, "none")
+    card = json.loads(path.with_suffix(".json").read_text())
+    card["test_time_augmentation"] = "rot45"
+    path.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(ModelMismatch, match="test_time_augmentation 'rot45'; expected one of none, mirror, dihedral"):
+        load_model(path)
+
+
+def test_models_set_changes_the_views_in_the_card_and_keeps_the_weights(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    path = _model_with_views(tmp_path, "none")
+    before = load_model(path).sha256
+    done = subprocess.run([sys.executable, "-m", "dicom_node.cli", "models", "set", str(path), "--test-time-augmentation", "mirror"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    model = load_model(path)
+    assert (model.sha256, model.test_time_augmentation) == (before, "mirror")
+    assert model.card["card_changes"][-1]["test_time_augmentation"] == ["none", "mirror"]
+    refused = subprocess.run([sys.executable, "-m", "dicom_node.cli", "models", "set", str(path), "--test-time-augmentation", "all"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert "test_time_augmentation must be one of none, mirror, dihedral, got 'all'" in refused.stderr
+    assert load_model(path).test_time_augmentation == "mirror"

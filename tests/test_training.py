@@ -47,9 +47,9 @@ def test_bad_training_parameters_are_refused(bad: dict) -> None:
 
 
 # The shipped model must clearly beat a linear MR-to-HU fit made on the very phantoms it is scored
-# on (which flatters the baseline). The goal is half the baseline's MAE; see the README for
-# where the shipped model stands.
-BASELINE_FRACTION = 0.75  # measured 0.69 here (3 subjects x 16 slices, guided upsampling)
+# on (which flatters the baseline): at most half its MAE, the synthesis issue's example bound (the
+# training issue's goal, a third, is reported by `mr2ct evaluate`, not asserted: README "Quality").
+BASELINE_FRACTION = 0.5  # measured 0.31 here (3 subjects x 16 slices; 1 mm model, dihedral test-time augmentation)
 
 
 def test_shipped_model_beats_a_linear_mr_to_hu_fit(capsys: pytest.CaptureFixture[str]) -> None:

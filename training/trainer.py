@@ -90,6 +90,7 @@ class TrainConfig:
     data: str | None = None  # a dataset cache from `mr2ct pull`; None: generated phantoms
     init_from: str | None = None  # fine-tune: start from a run folder / checkpoint.pt (all four networks) or a model file (G_AB)
     precision: str = "fp32"  # or "bf16": forward passes under bf16 autocast (GPUs, CPUs with AMX/AVX-512 bf16)
+    test_time_augmentation: str = "none"  # written into the exported card: the views of each slice inference averages over
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs", "steps_per_epoch", "generator_iterations", "discriminator_iterations"):
@@ -111,6 +112,10 @@ class TrainConfig:
             raise ValueError(f"d_layers must be between 1 and 6, got {self.d_layers}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        from synthesis.model_file import TEST_TIME_AUGMENTATIONS
+
+        if self.test_time_augmentation not in TEST_TIME_AUGMENTATIONS:
+            raise ValueError(f"test_time_augmentation must be one of {', '.join(TEST_TIME_AUGMENTATIONS)}, got {self.test_time_augmentation!r}")
         if self.structure_weight < 0:
             raise ValueError(f"structure_weight must be >= 0, got {self.structure_weight}")
         if self.image_size % 4:
@@ -325,7 +330,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         if not checkpoint_path.exists():
             raise ValueError(f"--resume: no checkpoint at {checkpoint_path}")
         state = torch.load(checkpoint_path, map_location=dev, weights_only=True)
-        extendable = {"epochs", "max_minutes", "checkpoint_every", "init_from"}  # extended on resume; init_from: weights come from the checkpoint
+        extendable = {"epochs", "max_minutes", "checkpoint_every", "init_from", "test_time_augmentation"}  # extended on resume; init_from: weights come from the checkpoint
         changed = sorted(k for k in state["config"] if k not in extendable and state["config"][k] != asdict(cfg).get(k))
         if changed:
             raise ValueError(f"--resume: the checkpoint was made with other parameters ({', '.join(changed)})")
@@ -471,10 +476,11 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
 
         exported.eval()
         probe = {"sha256": "", "architecture": cfg.generator, "pixel_spacing_mm": cfg.pixel_spacing_mm,
-                 "normalization": {"method": "percentile", "low": 0.5, "high": 99.5}, "hu_range": list(cfg.hu_range)}
+                 "normalization": {"method": "percentile", "low": 0.5, "high": 99.5}, "hu_range": list(cfg.hu_range),
+                 "test_time_augmentation": cfg.test_time_augmentation}
         quality = evaluate(LoadedModel(exported.cpu(), probe, out_dir), subjects=2, slices=8)
         metrics = {"held_out_subjects": 2, "mae_hu": quality.mae_hu, "psnr_db": quality.psnr_db, "ssim": quality.ssim,
-                   "mae_linear_hu": quality.baseline_mae_hu}
+                   "mae_linear_hu": quality.baseline_mae_hu, "test_time_augmentation": cfg.test_time_augmentation}
     card = {
         "name": out_dir.name,
         "architecture": cfg.generator,
@@ -487,6 +493,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         "input_size": cfg.image_size,
         "normalization": {"method": "percentile", "low": 0.5, "high": 99.5},
         "n4_bias_correction": False,
+        "test_time_augmentation": cfg.test_time_augmentation,
         "hu_range": list(cfg.hu_range),
         "training": {
             "command": command,
