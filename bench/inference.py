@@ -8,7 +8,9 @@
 - the shipped model: sCT difference between bf16 and fp32 inference (MAE in HU);
 - the whole synthesis of a 64-slice 256x256 series (read spool files, volume, normalise,
   infer, write CT and SR files) as a ratio to the generator forward alone (the same batches at
-  the model grid, nothing around them), with the time of each stage: for the shipped model
+  the model grid, nothing around them; one forward per view of the card's test-time
+  augmentation, as synthesis runs them, and, separately, one view), with the time of each
+  stage: for the shipped model
   (`synthesis_over_forward`) and for a generator of the paper's size, ResNet-9 ngf 64 on the
   1 mm grid (`synthesis_over_forward_paper_sized`).
 
@@ -39,7 +41,7 @@ UID_ROOT = "1.2.826.0.1.3680043.8.498."
 sys.path.insert(0, str(ROOT))
 
 from synthesis.ct_writer import SyntheticCTSeries  # noqa: E402
-from synthesis.infer import auto_batch_size, choose_device, precision_name, prepared, resolve_precision, synthesize  # noqa: E402
+from synthesis.infer import augmented, auto_batch_size, choose_device, precision_name, prepared, resolve_precision, synthesize  # noqa: E402
 from synthesis.model_file import LoadedModel, default_model_path, load_model  # noqa: E402
 from synthesis.networks import ResnetGenerator, low_precision_copy  # noqa: E402
 from synthesis.sr_writer import build_provenance_sr  # noqa: E402
@@ -113,12 +115,18 @@ def pipeline(model: LoadedModel, series, mr: np.ndarray, out: Path, device: torc
     batches = [torch.randn(min(batch, 64 - i), 1, side, side, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
                for i in range(0, 64, batch)]
 
-    def generator_only() -> None:
+    def generator_only() -> None:  # the forwards synthesize() runs: one per view of the model's test-time augmentation
+        with torch.inference_mode():
+            for x in batches:
+                augmented(net, x, model.test_time_augmentation)
+
+    def one_view() -> None:
         with torch.inference_mode():
             for x in batches:
                 net(x)
 
     forward_s = best_of(generator_only, repeats, device)
+    one_view_s = forward_s if model.test_time_augmentation == "none" else best_of(one_view, repeats, device)
     stages: dict[str, float] = {}
 
     def timed(name: str, fn):  # type: ignore[no-untyped-def]
@@ -154,7 +162,7 @@ def pipeline(model: LoadedModel, series, mr: np.ndarray, out: Path, device: torc
     stages.clear()
     whole_s = best_of(whole, repeats, device)
     runs = repeats + 1  # best_of runs once more as its own warm-up
-    return {"forward_s": forward_s, "synthesize_s": synthesize_s, "whole_s": whole_s, "batch": batch,
+    return {"forward_s": forward_s, "one_view_s": one_view_s, "synthesize_s": synthesize_s, "whole_s": whole_s, "batch": batch,
             "stage_ms": {name: round(total / runs * 1000, 1) for name, total in stages.items()}}
 
 
@@ -207,33 +215,41 @@ def main() -> None:
     try:
         series = write_mr_series(work / "mr", seed=3, slices=64, size=256, pixel_spacing=1.0, slice_spacing=2.0)
         mr = np.stack([pydicom.dcmread(f).pixel_array for f in series.files]).astype(np.float32)
+        body = series.labels > 0
         hu32 = synthesize(mr, (1.0, 1.0), model, device, 16, precision="fp32")
         hu16 = synthesize(mr, (1.0, 1.0), model, device, 16, precision="bf16")
-        body = series.labels > 0
         mae_bf16 = float(np.abs(hu16 - hu32)[body].mean())
+        # The same with one forward per slice (what the node runs with test_time_augmentation = "none").
+        hu32_one = synthesize(mr, (1.0, 1.0), model, device, 16, precision="fp32", augment="none")
+        hu16_one = synthesize(mr, (1.0, 1.0), model, device, 16, precision="bf16", augment="none")
+        mae_bf16_one = float(np.abs(hu16_one - hu32_one)[body].mean())
         precision = precision_name(resolve_precision("auto", device))
         shipped = pipeline(model, series, mr, work / "out-shipped", device, choice.label, precision, False, args.repeats)
         # The same pipeline around a generator of the paper's size (ResNet-9, ngf 64, random
         # weights, on a 1 mm grid = the 256x256 matrix), compiled as a node would run it.
         reference_card = {**model.card, "parameters": {"in_channels": 1, "out_channels": 1, "ngf": 64, "n_blocks": 9},
-                          "pixel_spacing_mm": 1.0, "input_size": 256, "sha256": "f" * 64}
+                          "pixel_spacing_mm": 1.0, "input_size": 256, "sha256": "f" * 64, "test_time_augmentation": "none"}
         reference_model = LoadedModel(ResnetGenerator(ngf=64, n_blocks=9).eval(), reference_card, model.weights_path)
         paper_sized = pipeline(reference_model, series, mr, work / "out-reference", device, choice.label, precision, not args.no_compile,
                                args.repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    for name, figures in (("shipped model", shipped), ("ResNet-9 ngf64 (paper size)", paper_sized)):
-        print(f"{name}, 64 slices 256x256 ({precision}): generator forward alone {figures['forward_s']:.3f} s, synthesize() (normalise, "
+    for name, figures, views in (("shipped model", shipped, model.test_time_augmentation), ("ResNet-9 ngf64 (paper size)", paper_sized, "none")):
+        print(f"{name}, 64 slices 256x256 ({precision}, test-time augmentation {views}): generator forward alone {figures['forward_s']:.3f} s "
+              f"(one view {figures['one_view_s']:.3f} s), synthesize() (normalise, "
               f"resample, forward, back to the MR matrix) {figures['synthesize_s']:.3f} s, whole synthesis {figures['whole_s']:.3f} s "
               f"= {figures['whole_s'] / figures['forward_s']:.2f}x the forward")
         print(f"  batches of {figures['batch']}; whole synthesis, mean per stage (ms): "
               + ", ".join(f"{k} {v}" for k, v in figures["stage_ms"].items()))
-    print(f"bf16 vs fp32 sCT difference inside the head: {mae_bf16:.2f} HU")
+    print(f"bf16 vs fp32 sCT difference inside the head: {mae_bf16:.2f} HU ({model.test_time_augmentation}), {mae_bf16_one:.2f} HU (one view)")
     out = {
         "gen_fraction_of_bf16_peak": round(fraction, 3),
         "bf16_vs_fp32_mae_hu": round(mae_bf16, 3),
         "synthesis_over_forward": round(shipped["whole_s"] / shipped["forward_s"], 3),
         "synthesis_over_synthesize_call": round(shipped["whole_s"] / shipped["synthesize_s"], 3),
+        "synthesis_over_one_view_forward": round(shipped["whole_s"] / shipped["one_view_s"], 3),
+        "bf16_vs_fp32_mae_hu_one_view": round(mae_bf16_one, 3),
+        "test_time_augmentation": model.test_time_augmentation,
         "synthesis_over_forward_paper_sized": round(paper_sized["whole_s"] / paper_sized["forward_s"], 3),
         "slices_per_s": round(results[best][0], 2),
         "slices_per_s_bf16_autocast": round(results["bf16 autocast"][0], 2),
