@@ -208,6 +208,7 @@ def evaluate(
     model: Annotated[Optional[Path], typer.Argument(help="model .safetensors or run folder (default: the shipped model)")] = None,
     subjects: Annotated[int, typer.Option(min=1, max=100)] = 4,
     slices: Annotated[int, typer.Option(min=1, max=256)] = 24,
+    first_subject: Annotated[int, typer.Option(min=0, max=10_000, help="score held-out subjects from this one on (0: the usual set; 100: four others)")] = 0,
     json_only: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
     panel: Annotated[Optional[Path], typer.Option(help="write a PNG panel: MR, CT, sCT, error map")] = None,
     paired_steps: Annotated[int, typer.Option(help="train a paired supervised generator of the same size for this many steps (0: skip)")] = 0,
@@ -237,12 +238,12 @@ def evaluate(
             typer.echo(f"error: --test-time-augmentation must be one of {', '.join(TEST_TIME_AUGMENTATIONS)}, got {test_time_augmentation!r}", err=True)
             raise typer.Exit(2)
         loaded = replace(loaded, card={**loaded.card, "test_time_augmentation": test_time_augmentation})
-    quality = run_evaluation(loaded, subjects=subjects, slices=slices, panel=panel)
+    quality = run_evaluation(loaded, subjects=subjects, slices=slices, panel=panel, first_subject=first_subject)
     paired_mae = None
     if paired_steps > 0:
         from training.evaluate import paired_upper_bound
 
-        paired_mae = run_evaluation(paired_upper_bound(loaded, paired_steps), subjects=subjects, slices=slices).mae_hu
+        paired_mae = run_evaluation(paired_upper_bound(loaded, paired_steps), subjects=subjects, slices=slices, first_subject=first_subject).mae_hu
     if not json_only:
         typer.echo(f"model {loaded.short_digest} (test-time augmentation {loaded.test_time_augmentation}): MAE {quality.mae_hu} HU (linear baseline {quality.baseline_mae_hu} HU), "
                    f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")
@@ -255,7 +256,7 @@ def evaluate(
         else:
             typer.echo(f"paired supervised upper bound ({paired_steps} steps): MAE {paired_mae} HU")
     report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, "mae_paired_hu": paired_mae, "model_sha256": loaded.sha256,
-              "test_time_augmentation": loaded.test_time_augmentation}
+              "test_time_augmentation": loaded.test_time_augmentation, "first_subject": first_subject}
     typer.echo(json.dumps(report))
 
 

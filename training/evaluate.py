@@ -76,10 +76,12 @@ def score(pred: np.ndarray, truth: np.ndarray, mr_unit: np.ndarray, labels: np.n
     )
 
 
-def held_out(subjects: int, slices: int, size: int, pixel_spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Paired held-out phantoms: (MR stored values, CT in HU, labels), subjects stacked along slices."""
+def held_out(subjects: int, slices: int, size: int, pixel_spacing: float, first_subject: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Paired held-out phantoms ``first_subject`` .. ``first_subject + subjects - 1``: (MR stored
+    values, CT in HU, labels), subjects stacked along slices. Subject k is always the same head,
+    so sets with other first subjects are disjoint (a second set to confirm what was chosen on the first)."""
     mrs, cts, labels = [], [], []
-    for s in range(subjects):
+    for s in range(first_subject, first_subject + subjects):
         seed = HELD_OUT_SEED_BASE + s
         grid = phantoms.axial_grid(slices, size, pixel_spacing, 120.0 / slices)
         lab = phantoms.head_labels(seed, grid)
@@ -90,11 +92,11 @@ def held_out(subjects: int, slices: int, size: int, pixel_spacing: float) -> tup
 
 
 def evaluate(model: LoadedModel, subjects: int = 4, slices: int = 24, size: int = 256, pixel_spacing: float = 1.0,
-             device: torch.device | None = None, panel: Any = None) -> Quality:
+             device: torch.device | None = None, panel: Any = None, first_subject: int = 0) -> Quality:
     """Run the model on held-out paired phantoms (MR and CT of the same anatomy) and score it;
     optionally write a PNG panel (MR, CT, sCT, error map)."""
     device = device or torch.device("cpu")
-    mr, ct, lab = held_out(subjects, slices, size, pixel_spacing)
+    mr, ct, lab = held_out(subjects, slices, size, pixel_spacing, first_subject)
     pred = np.stack([synthesize(m, (pixel_spacing, pixel_spacing), model, device, batch_size=8) for m in mr])
     mr_unit = np.stack([mr_to_unit(m) for m in mr])
     quality = score(pred.reshape(-1, size, size), ct.reshape(-1, size, size), mr_unit.reshape(-1, size, size), lab.reshape(-1, size, size), subjects)
