@@ -66,7 +66,7 @@ def train(
     lr_decay_start: Annotated[Optional[int], typer.Option(help="epoch after which learning rates fall linearly to 0")] = None,
     ema_decay: Annotated[Optional[float], typer.Option(
         help="export an exponential moving average of the MR->CT generator's weights with this decay per step (e.g. 0.995; 0: last weights)")] = None,
-    generator: Annotated[Optional[str], typer.Option(help="resnet | unet")] = None,
+    generator: Annotated[Optional[str], typer.Option(help="resnet | unet | fcn (the paper's fully convolutional layer recipe)")] = None,
     discriminator: Annotated[Optional[str], typer.Option(help="patch | paper")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="epochs between checkpoints (0: end only)")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue from OUT/checkpoint.pt")] = False,

@@ -1,8 +1,9 @@
 """Generator and discriminator builders (pure ``nn.Module``s).
 
-The generator is the ResNet generator of Zhu et al. 2017 (CycleGAN): reflection
-padding, instance normalisation, two stride-2 downsamplings, ``n_blocks``
-residual blocks, two transposed-convolution upsamplings and a tanh output.
+Generators, chosen by a model card's ``architecture``: ``resnet``, the ResNet generator of
+Zhu et al. 2017 (CycleGAN: reflection padding, instance normalisation, two stride-2
+downsamplings, ``n_blocks`` residual blocks, two transposed-convolution upsamplings, tanh);
+``unet``; ``fcn``, the seed paper's fully convolutional layer recipe as an encoder-decoder.
 """
 
 from __future__ import annotations
@@ -127,6 +128,35 @@ class UnetGenerator(nn.Module):
         return fp32_tanh(self.out[0](y))  # self.out[1] is the nn.Tanh, applied here in fp32
 
 
+class FcnGenerator(nn.Module):
+    """The seed paper's fully convolutional set-up as a generator (card ``"fcn"``): an encoder of
+    the layers its discriminator is built from (Conv2d k4 s2, BatchNorm, LeakyReLU 0.2), a decoder
+    of transposed convolutions (k4 s2, BatchNorm, ReLU), a 3x3 convolution and tanh; no skip
+    connections or residual blocks. The paper's text fixes its discriminator's layers, not its
+    generator's; this is that layer recipe run down and back up.
+
+    Height and width must be multiples of ``2**depth``; callers pad (``size_multiple``).
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int = 1, ngf: int = 32, depth: int = 3) -> None:
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self.size_multiple = 2**depth
+        channels = [ngf * min(2**i, 8) for i in range(depth)]
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, channels[0], 4, stride=2, padding=1), nn.LeakyReLU(0.2, True)]
+        for i in range(1, depth):
+            layers += [nn.Conv2d(channels[i - 1], channels[i], 4, stride=2, padding=1), nn.BatchNorm2d(channels[i]), nn.LeakyReLU(0.2, True)]
+        for i in reversed(range(depth)):
+            target = channels[i - 1] if i else channels[0]
+            layers += [nn.ConvTranspose2d(channels[i], target, 4, stride=2, padding=1), nn.BatchNorm2d(target), nn.ReLU(True)]
+        self.body = nn.Sequential(*layers)
+        self.out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp32_tanh(self.out(self.body(x)))
+
+
 class PaperDiscriminator(nn.Module):
     """The seed paper's fully convolutional discriminator: Conv2d k4 s2, BatchNorm, LeakyReLU 0.2,
     ending in a one-channel patch map (use with BCE, as the paper)."""
@@ -167,11 +197,11 @@ class PatchDiscriminator(nn.Module):
         return self.model(x)
 
 
-GENERATORS: dict[str, type[nn.Module]] = {"resnet": ResnetGenerator, "unet": UnetGenerator}
+GENERATORS: dict[str, type[nn.Module]] = {"resnet": ResnetGenerator, "unet": UnetGenerator, "fcn": FcnGenerator}
 
 
 def size_multiple(generator: nn.Module) -> int:
-    """What input height and width must be multiples of (ResNet: 4, U-Net: 2**depth)."""
+    """What input height and width must be multiples of (ResNet: 4, U-Net and FCN: 2**depth)."""
     return int(getattr(generator, "size_multiple", 4))
 
 

@@ -191,12 +191,15 @@ def test_the_sr_warm_up_builds_a_report() -> None:
     warm_up()  # raises if highdicom refuses the throw-away report
 
 
-def test_a_unet_model_file_loads_and_keeps_odd_matrices(tmp_path: Path) -> None:
-    from synthesis.networks import UnetGenerator
+@pytest.mark.parametrize("architecture", ["unet", "fcn"])
+def test_unet_and_fcn_model_files_load_and_keep_odd_matrices(tmp_path: Path, architecture: str) -> None:
+    from synthesis.networks import GENERATORS
 
-    path = tmp_path / "unet.safetensors"
-    save_model(path, UnetGenerator(ngf=4, depth=3), _card(architecture="unet", parameters={"in_channels": 1, "out_channels": 1, "ngf": 4, "depth": 3}))
+    path = tmp_path / f"{architecture}.safetensors"
+    params = {"in_channels": 1, "out_channels": 1, "ngf": 4, "depth": 3}
+    save_model(path, GENERATORS[architecture](**params), _card(architecture=architecture, parameters=params))
     model = load_model(path)
+    assert model.generator.size_multiple == 8
     voxels = np.random.default_rng(1).random((2, 37, 45)).astype(np.float32)
     assert synthesize(voxels, (4.0, 4.0), model, choose_device("cpu").device).shape == voxels.shape
 

@@ -146,6 +146,7 @@ def test_init_from_fine_tunes_another_run_on_another_grid_and_refuses_other_shap
     ["--adversarial-loss", "bce", "--discriminator", "paper", "--cycle-loss", "mse"],
     ["--generator", "unet", "--identity-weight", "0.5", "--lr-decay-start", "1", "--generator-iterations", "2", "--discriminator-iterations", "2"],
     ["--precision", "bf16", "--d-layers", "4", "--structure-weight", "5"],
+    ["--generator", "fcn", "--adversarial-loss", "bce", "--discriminator", "paper"],  # the paper's set-up throughout
 ])
 def test_loss_and_architecture_options_train_to_a_loadable_model(tmp_path: Path, args: list[str]) -> None:
     result = _train(tmp_path / "run", "--epochs", "2", *args)
@@ -155,6 +156,7 @@ def test_loss_and_architecture_options_train_to_a_loadable_model(tmp_path: Path,
         rows = list(csv.DictReader(fh))
     assert all(float(r["G_loss"]) == float(r["G_loss"]) for r in rows)  # finite, not NaN
     assert model.card["training"]["config"]["adversarial_loss"] in ("lsgan", "bce", "wgan-gp")
+    assert model.card["architecture"] == model.card["training"]["config"]["generator"]
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ class TrainConfig:
     structure_weight: float = 0.0  # MIND structure loss between each image and its translation (Yang et al. 2018); 0 disables
     lr_decay_start: int | None = None  # epoch after which learning rates fall linearly to 0
     ema_decay: float = 0.0  # export an exponential moving average of the MR->CT generator's weights (e.g. 0.995); 0: the last weights
-    generator: str = "resnet"  # or "unet"
+    generator: str = "resnet"  # or "unet", or "fcn" (the paper's fully convolutional layer recipe)
     discriminator: str = "patch"  # PatchGAN (Zhu et al.) or "paper" (Conv k4 s2, BatchNorm, LeakyReLU 0.2)
     ngf: int = 16
     n_blocks: int = 6
@@ -102,8 +102,8 @@ class TrainConfig:
             raise ValueError(f"adversarial_loss must be 'lsgan', 'bce' or 'wgan-gp', got {self.adversarial_loss!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
-        if self.generator not in ("resnet", "unet"):
-            raise ValueError(f"generator must be 'resnet' or 'unet', got {self.generator!r}")
+        if self.generator not in ("resnet", "unet", "fcn"):
+            raise ValueError(f"generator must be 'resnet', 'unet' or 'fcn', got {self.generator!r}")
         if self.discriminator not in ("patch", "paper"):
             raise ValueError(f"discriminator must be 'patch' or 'paper', got {self.discriminator!r}")
         if self.lr_decay_start is not None and not 0 <= self.lr_decay_start < self.epochs:
@@ -258,7 +258,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
     checkpoint.pt. Returns the card (None on ranks other than 0, or when interrupted)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from synthesis.networks import PaperDiscriminator, UnetGenerator
+    from synthesis.networks import FcnGenerator, PaperDiscriminator, UnetGenerator
 
     rank, world = _distributed()
     is_main = rank == 0
@@ -273,6 +273,8 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
     def make_generator() -> nn.Module:
         if cfg.generator == "unet":
             return UnetGenerator(ngf=cfg.ngf).to(dev)
+        if cfg.generator == "fcn":
+            return FcnGenerator(ngf=cfg.ngf).to(dev)
         return ResnetGenerator(ngf=cfg.ngf, n_blocks=cfg.n_blocks).to(dev)
 
     def make_discriminator() -> nn.Module:
