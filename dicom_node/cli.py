@@ -214,6 +214,8 @@ def evaluate(
     paired_steps: Annotated[int, typer.Option(help="train a paired supervised generator of the same size for this many steps (0: skip)")] = 0,
     test_time_augmentation: Annotated[Optional[str], typer.Option(
         help="none | mirror | dihedral instead of the card's (the paired upper bound is run the same way)")] = None,
+    record: Annotated[bool, typer.Option(
+        "--record", help="write this evaluation into the model's card as its metrics (the weights and their SHA-256 stay)")] = False,
 ) -> None:
     """Score a model on held-out paired phantoms: MAE/PSNR/SSIM against ground-truth CT and a linear baseline."""
     import json
@@ -229,6 +231,11 @@ def evaluate(
     except ModelMismatch as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(2) from exc
+    if record and test_time_augmentation not in (None, loaded.test_time_augmentation):
+        # The card must describe the model as it runs: record only what its own views score.
+        typer.echo("error: --record scores the model as its card runs it; drop --test-time-augmentation "
+                   "(or change the card first with `mr2ct models set`)", err=True)
+        raise typer.Exit(2)
     if test_time_augmentation is not None:
         from dataclasses import replace
 
@@ -257,6 +264,19 @@ def evaluate(
             typer.echo(f"paired supervised upper bound ({paired_steps} steps): MAE {paired_mae} HU")
     report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, "mae_paired_hu": paired_mae, "model_sha256": loaded.sha256,
               "test_time_augmentation": loaded.test_time_augmentation, "first_subject": first_subject}
+    if record:
+        from synthesis.model_file import record_metrics
+
+        try:
+            record_metrics(loaded.weights_path, {
+                **{k: v for k, v in report.items() if k not in ("subjects", "baseline_mae_hu", "model_sha256")},
+                "held_out_subjects": quality.subjects, "paired_steps": paired_steps or None, "slices_per_subject": slices,
+            }, loaded.sha256)
+        except ModelMismatch as exc:
+            typer.echo(f"mr2ct: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        if not json_only:
+            typer.echo(f"recorded in {loaded.weights_path.with_suffix('.json').name}")
     typer.echo(json.dumps(report))
 
 

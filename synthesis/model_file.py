@@ -127,26 +127,41 @@ def load_model(weights: Path) -> LoadedModel:
 def set_test_time_augmentation(weights: Path, mode: str) -> dict[str, Any]:
     """Change the test-time augmentation a model's card asks inference for (weights untouched,
     so its SHA-256 stays); the card keeps a dated record of each change. Returns the new card."""
-    from datetime import datetime, timezone
-
     if mode not in TEST_TIME_AUGMENTATIONS:
         raise ValueError(f"test_time_augmentation must be one of {', '.join(TEST_TIME_AUGMENTATIONS)}, got {mode!r}")
     model = load_model(weights)  # the card must belong to the weights before it is changed
-    card = dict(model.card)
-    if model.test_time_augmentation != mode:
-        card["test_time_augmentation"] = mode
-        card["card_changes"] = [*card.get("card_changes", []), {
-            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "test_time_augmentation": [model.test_time_augmentation, mode],
-        }]
-        path = card_path_for(Path(weights))
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
-        tmp.replace(path)
+    if model.test_time_augmentation == mode:
+        return model.card
+    return _change_card(weights, model.card, {"test_time_augmentation": mode},
+                        {"test_time_augmentation": [model.test_time_augmentation, mode]})
+
+
+def record_metrics(weights: Path, metrics: dict[str, Any], sha256: str) -> dict[str, Any]:
+    """Replace the quality figures in a model's card by a new evaluation's (``mr2ct evaluate
+    --record``), so the card says what the model scores as it runs now, e.g. after its test-time
+    augmentation changed. ``sha256``: of the weights that were evaluated; refused if the file now
+    holds others. The weights stay; the card's dated record keeps the figures replaced."""
+    model = load_model(weights)
+    if model.sha256 != sha256:
+        raise ModelMismatch(f"{Path(weights).name} changed while it was evaluated (SHA-256 {model.sha256[:12]}..., "
+                            f"evaluated {sha256[:12]}...); nothing recorded")
+    return _change_card(weights, model.card, {"metrics": metrics}, {"metrics": [model.card.get("metrics", {}), metrics]})
+
+
+def _change_card(weights: Path, card: dict[str, Any], changes: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """Write ``card`` with ``changes`` next to ``weights`` (atomically), noting ``record`` with the time in ``card_changes``."""
+    from datetime import datetime, timezone
+
+    card = {**card, **changes}
+    card["card_changes"] = [*card.get("card_changes", []), {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **record}]
+    path = card_path_for(Path(weights))
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
+    tmp.replace(path)
     return card
 
 
 def default_model_path() -> Path:
-    """The model shipped with mr2ct (trained on phantoms by `mr2ct train --preset quick`)."""
+    """The model shipped with mr2ct (trained on phantoms by training/recipes/phantom_1mm.sh)."""
     return Path(__file__).resolve().parent / "models" / "mr2ct-phantom.safetensors"
 

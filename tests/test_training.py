@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -259,3 +260,32 @@ def test_a_few_training_steps_reduce_the_cycle_loss_and_the_card_holds_metrics(t
     assert float(rows[-1]["reconstruction_loss"]) < float(rows[0]["reconstruction_loss"])
     metrics = load_model(tmp_path / "run" / "model.safetensors").card["metrics"]
     assert metrics["mae_hu"] > 0 and metrics["mae_linear_hu"] > 0
+
+
+def test_evaluate_record_puts_the_evaluation_into_the_card_and_keeps_the_weights(tmp_path: Path) -> None:
+    """After a change of views the card's figures are stale; `mr2ct evaluate --record` replaces them
+    with what the model scores as its card runs it, and the card keeps the replaced ones."""
+    shipped = default_model_path()
+    weights = tmp_path / "model.safetensors"
+    shutil.copy(shipped, weights)
+    shutil.copy(shipped.with_suffix(".json"), weights.with_suffix(".json"))
+    before = load_model(weights).card
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", str(weights), "--json", "--subjects", "1",
+                               "--slices", "2", *args], capture_output=True, text=True, timeout=300)
+
+    refused = cli("--record", "--test-time-augmentation", "none" if before["test_time_augmentation"] != "none" else "mirror")
+    assert refused.returncode == 2 and "--record scores the model as its card runs it" in refused.stderr
+    assert load_model(weights).card == before
+
+    done = cli("--record")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    after = load_model(weights)  # the card still belongs to the weights
+    assert after.sha256 == before["sha256"]
+    metrics = after.card["metrics"]
+    assert metrics["mae_hu"] == report["mae_hu"] and metrics["mae_linear_hu"] == report["mae_linear_hu"]
+    assert (metrics["test_time_augmentation"], metrics["held_out_subjects"], metrics["slices_per_subject"]) == (
+        before["test_time_augmentation"], 1, 2)
+    assert after.card["card_changes"][-1]["metrics"] == [before["metrics"], metrics]
