@@ -125,7 +125,7 @@ class TrainConfig:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # Minutes on a laptop CPU; what the shipped model and the demo use.
+    # Minutes on a laptop CPU; what the tests use, and the first stage of training/recipes/phantom_1mm.sh.
     "quick": TrainConfig(),
     # The seed paper: 64x64 images, batch 128, its FCN discriminator with BCE, MAE cycle loss.
     "paper": TrainConfig(
