@@ -145,7 +145,7 @@ def record_metrics(weights: Path, metrics: dict[str, Any], sha256: str) -> dict[
     if model.sha256 != sha256:
         raise ModelMismatch(f"{Path(weights).name} changed while it was evaluated (SHA-256 {model.sha256[:12]}..., "
                             f"evaluated {sha256[:12]}...); nothing recorded")
-    return _change_card(weights, model.card, {"metrics": metrics}, {"metrics": [model.card.get("metrics", {}), metrics]})
+    return _change_card(weights, model.card, {"metrics": metrics}, {"metrics_replaced": model.card.get("metrics", {})})
 
 
 def _change_card(weights: Path, card: dict[str, Any], changes: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:

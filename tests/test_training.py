@@ -288,4 +288,4 @@ def test_evaluate_record_puts_the_evaluation_into_the_card_and_keeps_the_weights
     assert metrics["mae_hu"] == report["mae_hu"] and metrics["mae_linear_hu"] == report["mae_linear_hu"]
     assert (metrics["test_time_augmentation"], metrics["held_out_subjects"], metrics["slices_per_subject"]) == (
         before["test_time_augmentation"], 1, 2)
-    assert after.card["card_changes"][-1]["metrics"] == [before["metrics"], metrics]
+    assert after.card["card_changes"][-1]["metrics_replaced"] == before["metrics"]
