@@ -17,7 +17,11 @@ from synthesis.model_file import load_model
 
 
 def register(sessions: sessionmaker[Session], path: Path, name: str | None = None, actor: str = "mr2ct models") -> ModelVersion:
-    """Register a run folder or a weights file (checked against its card); idempotent per SHA-256."""
+    """Register a run folder or a weights file (checked against its card); idempotent per SHA-256.
+
+    Registering weights that are already registered refreshes the registry's copy of their card
+    and metrics when the card changed since (``mr2ct models set``, ``mr2ct evaluate --record``),
+    with an audit row; the weights, id and name stay."""
     path = Path(path)
     weights = path / "model.safetensors" if path.is_dir() else path
     model = load_model(weights)  # refuses a card that does not match its weights
@@ -27,17 +31,23 @@ def register(sessions: sessionmaker[Session], path: Path, name: str | None = Non
         with open(losses_csv) as fh:
             losses = [{k: (float(v) if k != "epoch" else int(v)) for k, v in row.items()} for row in csv.DictReader(fh)]
     with sessions.begin() as session:
-        existing = session.scalars(select(ModelVersion).where(ModelVersion.sha256 == model.sha256)).first()
-        if existing is not None:
-            return existing
-        row = ModelVersion(
-            name=name or str(model.card.get("name") or weights.stem), sha256=model.sha256, weights_path=str(weights.resolve()),
-            architecture=str(model.card["architecture"]), card=model.card, losses=losses, metrics=dict(model.card.get("metrics", {})),
-        )
-        session.add(row)
+        row = session.scalars(select(ModelVersion).where(ModelVersion.sha256 == model.sha256)).first()
+        created, card_changed = row is None, row is not None and row.card != model.card
+        if row is None:
+            row = ModelVersion(
+                name=name or str(model.card.get("name") or weights.stem), sha256=model.sha256, weights_path=str(weights.resolve()),
+                architecture=str(model.card["architecture"]), card=model.card, losses=losses, metrics=dict(model.card.get("metrics", {})),
+            )
+            session.add(row)
+        elif card_changed:
+            row.card, row.metrics = model.card, dict(model.card.get("metrics", {}))
         session.flush()
         session.expunge(row)
-    audit.record(sessions, "model-registered", "success", actor, model_sha256=model.sha256, name=row.name, epochs=len(losses))
+    if created:
+        audit.record(sessions, "model-registered", "success", actor, model_sha256=model.sha256, name=row.name, epochs=len(losses))
+    elif card_changed:
+        audit.record(sessions, "model-card-updated", "success", actor, model_sha256=model.sha256, name=row.name,
+                     test_time_augmentation=model.test_time_augmentation)
     return row
 
 

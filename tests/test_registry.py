@@ -98,3 +98,33 @@ def test_the_nodes_test_time_augmentation_setting_overrides_the_cards() -> None:
     assert fast.model.test_time_augmentation == "none" and fast.model.sha256 == shipped.sha256
     assert fast.model.output_key != shipped.output_key
     assert shipped.test_time_augmentation == "dihedral"  # the loaded model itself is left as it was
+
+
+def test_registering_again_after_the_card_changed_refreshes_the_registry(tmp_path):
+    """`models set` and `evaluate --record` change a card, not its weights: registering the weights
+    again brings the registry's copy (what GET /models shows) up to date, with an audit row."""
+    from dicom_node.models import AuditEvent
+    from dicom_node.registry import register
+    from synthesis.model_file import record_metrics, set_test_time_augmentation
+
+    sessions = init_db(f"sqlite:///{tmp_path / 'registry.db'}")
+    card = {k: v for k, v in load_model(default_model_path()).card.items() if k not in ("sha256", "card_changes")}
+    weights = tmp_path / "run" / "model.safetensors"
+    card["parameters"] = {"in_channels": 1, "out_channels": 1, "ngf": 4, "n_blocks": 1}
+    save_model(weights, ResnetGenerator(ngf=4, n_blocks=1), {**card, "test_time_augmentation": "dihedral"})
+    first = register(sessions, weights.parent)
+
+    def audited() -> list[str]:
+        with sessions() as session:
+            return [e.action for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))]
+
+    assert register(sessions, weights.parent).id == first.id and audited() == ["model-registered"]  # unchanged: nothing new
+
+    set_test_time_augmentation(weights, "mirror")
+    record_metrics(weights, {"mae_hu": 12.5, "test_time_augmentation": "mirror"}, first.sha256)
+    again = register(sessions, weights.parent)
+    assert (again.id, again.name, again.sha256) == (first.id, first.name, first.sha256)
+    with sessions() as session:
+        row = session.get(ModelVersion, first.id)
+        assert row.card["test_time_augmentation"] == "mirror" and row.metrics == {"mae_hu": 12.5, "test_time_augmentation": "mirror"}
+    assert audited() == ["model-registered", "model-card-updated"]
