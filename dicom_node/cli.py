@@ -265,7 +265,7 @@ def evaluate(
     report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, "mae_paired_hu": paired_mae, "model_sha256": loaded.sha256,
               "test_time_augmentation": loaded.test_time_augmentation, "first_subject": first_subject}
     if record:
-        from synthesis.model_file import record_metrics
+        from synthesis.model_file import card_path_for, record_metrics
 
         try:
             record_metrics(loaded.weights_path, {
@@ -276,7 +276,7 @@ def evaluate(
             typer.echo(f"mr2ct: {exc}", err=True)
             raise typer.Exit(2) from exc
         if not json_only:
-            typer.echo(f"recorded in {loaded.weights_path.with_suffix('.json').name}")
+            typer.echo(f"recorded in {card_path_for(loaded.weights_path)}")
     typer.echo(json.dumps(report))
 
 
