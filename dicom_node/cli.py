@@ -268,10 +268,8 @@ def evaluate(
         from synthesis.model_file import card_path_for, record_metrics
 
         try:
-            record_metrics(loaded.weights_path, {
-                **{k: v for k, v in report.items() if k not in ("subjects", "baseline_mae_hu", "model_sha256")},
-                "held_out_subjects": quality.subjects, "paired_steps": paired_steps or None, "slices_per_subject": slices,
-            }, loaded.sha256)
+            metrics = quality.card_metrics(loaded.test_time_augmentation, slices, first_subject, paired_mae, paired_steps)
+            record_metrics(loaded.weights_path, metrics, loaded.sha256)
         except ModelMismatch as exc:
             typer.echo(f"mr2ct: {exc}", err=True)
             raise typer.Exit(2) from exc

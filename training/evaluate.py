@@ -58,6 +58,15 @@ class Quality:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def card_metrics(self, test_time_augmentation: str, slices_per_subject: int, first_subject: int = 0,
+                     mae_paired_hu: float | None = None, paired_steps: int | None = None) -> dict[str, Any]:
+        """The figures a model card keeps as its ``metrics`` (the trainer's export, ``mr2ct evaluate --record``)."""
+        figures = self.as_dict()
+        held_out, linear = figures.pop("subjects"), figures.pop("baseline_mae_hu")
+        return {**figures, "held_out_subjects": held_out, "mae_linear_hu": linear, "mae_paired_hu": mae_paired_hu,
+                "paired_steps": paired_steps or None, "test_time_augmentation": test_time_augmentation,
+                "first_subject": first_subject, "slices_per_subject": slices_per_subject}
+
 
 def score(pred: np.ndarray, truth: np.ndarray, mr_unit: np.ndarray, labels: np.ndarray, subjects: int) -> Quality:
     """Score an sCT against the ground-truth CT (pure: numbers come from the images only)."""

@@ -480,9 +480,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         probe = {"sha256": "", "architecture": cfg.generator, "pixel_spacing_mm": cfg.pixel_spacing_mm,
                  "normalization": {"method": "percentile", "low": 0.5, "high": 99.5}, "hu_range": list(cfg.hu_range),
                  "test_time_augmentation": cfg.test_time_augmentation}
-        quality = evaluate(LoadedModel(exported.cpu(), probe, out_dir), subjects=2, slices=8)
-        metrics = {"held_out_subjects": 2, "mae_hu": quality.mae_hu, "psnr_db": quality.psnr_db, "ssim": quality.ssim,
-                   "mae_linear_hu": quality.baseline_mae_hu, "test_time_augmentation": cfg.test_time_augmentation}
+        metrics = evaluate(LoadedModel(exported.cpu(), probe, out_dir), subjects=2, slices=8).card_metrics(cfg.test_time_augmentation, 8)
     card = {
         "name": out_dir.name,
         "architecture": cfg.generator,
