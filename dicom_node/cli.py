@@ -246,29 +246,31 @@ def evaluate(
             raise typer.Exit(2)
         loaded = replace(loaded, card={**loaded.card, "test_time_augmentation": test_time_augmentation})
     quality = run_evaluation(loaded, subjects=subjects, slices=slices, panel=panel, first_subject=first_subject)
-    paired_mae = None
+    paired = None
     if paired_steps > 0:
         from training.evaluate import paired_upper_bound
 
-        paired_mae = run_evaluation(paired_upper_bound(loaded, paired_steps), subjects=subjects, slices=slices, first_subject=first_subject).mae_hu
+        paired = run_evaluation(paired_upper_bound(loaded, paired_steps), subjects=subjects, slices=slices, first_subject=first_subject)
     if not json_only:
         typer.echo(f"model {loaded.short_digest} (test-time augmentation {loaded.test_time_augmentation}): MAE {quality.mae_hu} HU (linear baseline {quality.baseline_mae_hu} HU), "
                    f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")
+        typer.echo(f"  {'tissue':16s} {'MAE':>7s} {'bias':>7s}" + (f" {'paired MAE':>11s}" if paired else "") + "   (HU; bias: mean sCT - CT)")
         for tissue, value in quality.mae_by_tissue.items():
-            typer.echo(f"  {tissue:16s} MAE {value:7.1f} HU")
+            typer.echo(f"  {tissue:16s} {value:7.1f} {quality.bias_by_tissue[tissue]:+7.1f}" + (f" {paired.mae_by_tissue[tissue]:11.1f}" if paired else ""))
         typer.echo(f"grid floor: the ground-truth CT itself, taken to the model's {loaded.pixel_spacing_mm:g} mm grid and back, "
                    f"scores {quality.grid_floor_mae_hu} HU (a practical floor for any model on that grid)")
-        if paired_mae is None:
+        if paired is None:
             typer.echo("paired supervised upper bound: not computed (use --paired-steps N)")
         else:
-            typer.echo(f"paired supervised upper bound ({paired_steps} steps): MAE {paired_mae} HU")
-    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, "mae_paired_hu": paired_mae, "model_sha256": loaded.sha256,
+            typer.echo(f"paired supervised upper bound ({paired_steps} steps): MAE {paired.mae_hu} HU; the model is {quality.mae_hu / paired.mae_hu:.2f}x it")
+    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, "mae_paired_hu": paired.mae_hu if paired else None,
+              "mae_paired_by_tissue": paired.mae_by_tissue if paired else None, "model_sha256": loaded.sha256,
               "test_time_augmentation": loaded.test_time_augmentation, "first_subject": first_subject}
     if record:
         from synthesis.model_file import card_path_for, record_metrics
 
         try:
-            metrics = quality.card_metrics(loaded.test_time_augmentation, slices, first_subject, paired_mae, paired_steps)
+            metrics = quality.card_metrics(loaded.test_time_augmentation, slices, first_subject, paired, paired_steps)
             record_metrics(loaded.weights_path, metrics, loaded.sha256)
         except ModelMismatch as exc:
             typer.echo(f"mr2ct: {exc}", err=True)

@@ -207,6 +207,15 @@ def test_evaluation_numbers_come_from_the_images() -> None:
     shifted = score(ct[0] + 50.0, ct[0], mr_unit, labels[0], 1)
     assert shifted.mae_hu == pytest.approx(50.0, abs=0.01)
     assert shifted.psnr_db < 100 and shifted.mae_by_tissue["white matter"] == pytest.approx(50.0, abs=0.1)
+    # Bias tells a level wrong everywhere (bone too dim) from errors of both signs (edges, noise).
+    bone = labels[0] == phantoms.CORTICAL
+    dim_bone = score(np.where(bone, ct[0] - 300.0, ct[0]), ct[0], mr_unit, labels[0], 1)
+    assert dim_bone.bias_by_tissue["cortical bone"] == pytest.approx(-300.0, abs=0.1) == -dim_bone.mae_by_tissue["cortical bone"]
+    assert dim_bone.bias_by_tissue["white matter"] == 0.0
+    checker = np.where(np.indices(ct[0].shape).sum(axis=0) % 2 == 0, 80.0, -80.0)
+    scattered = score(ct[0] + checker, ct[0], mr_unit, labels[0], 1)
+    assert scattered.mae_by_tissue["white matter"] == pytest.approx(80.0, abs=0.1)
+    assert abs(scattered.bias_by_tissue["white matter"]) < 5.0
 
 
 def test_the_grid_floor_is_zero_on_the_mr_grid_and_grows_with_coarser_grids() -> None:
@@ -249,6 +258,7 @@ def test_evaluate_cli_writes_json_and_a_panel(tmp_path: Path) -> None:
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert {"mae_hu", "psnr_db", "ssim", "mae_paired_hu", "mae_linear_hu"} <= set(report)
     assert report["mae_paired_hu"] > 0 and 0 <= report["grid_floor_mae_hu"] < report["mae_hu"]
+    assert report["mae_paired_by_tissue"].keys() == report["mae_by_tissue"].keys() == report["bias_by_tissue"].keys()
     assert (tmp_path / "panel.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -53,18 +53,21 @@ class Quality:
     baseline_mae_hu: float
     baseline_psnr_db: float
     mae_by_tissue: dict[str, float]
+    # Mean signed error (sCT - CT) per tissue: a large bias next to its MAE is a level the model
+    # gets wrong everywhere (e.g. cortical bone too dim), a small one means errors of both signs (edges, noise).
+    bias_by_tissue: dict[str, float]
     grid_floor_mae_hu: float | None = None  # the ground-truth CT taken to the model grid and back: a practical floor for that grid
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def card_metrics(self, test_time_augmentation: str, slices_per_subject: int, first_subject: int = 0,
-                     mae_paired_hu: float | None = None, paired_steps: int | None = None) -> dict[str, Any]:
+                     paired: Quality | None = None, paired_steps: int | None = None) -> dict[str, Any]:
         """The figures a model card keeps as its ``metrics`` (the trainer's export, ``mr2ct evaluate --record``)."""
         figures = self.as_dict()
         held_out, linear = figures.pop("subjects"), figures.pop("baseline_mae_hu")
-        return {**figures, "held_out_subjects": held_out, "mae_linear_hu": linear, "mae_paired_hu": mae_paired_hu,
-                "paired_steps": paired_steps or None, "test_time_augmentation": test_time_augmentation,
+        return {**figures, "held_out_subjects": held_out, "mae_linear_hu": linear, "mae_paired_hu": paired.mae_hu if paired else None,
+                "mae_paired_by_tissue": paired.mae_by_tissue if paired else None, "paired_steps": paired_steps or None, "test_time_augmentation": test_time_augmentation,
                 "first_subject": first_subject, "slices_per_subject": slices_per_subject}
 
 
@@ -78,10 +81,14 @@ def score(pred: np.ndarray, truth: np.ndarray, mr_unit: np.ndarray, labels: np.n
     by_tissue = {
         name: round(mae(pred, truth, labels == i), 1) for i, name in enumerate(phantoms.TISSUE_NAMES) if (labels == i).any()
     }
+    bias = {
+        name: round(float((pred[labels == i] - truth[labels == i]).mean()), 1)
+        for i, name in enumerate(phantoms.TISSUE_NAMES) if (labels == i).any()
+    }
     return Quality(
         subjects=subjects, slices=int(pred.shape[0]), mae_hu=round(mae(pred, truth, body), 2), psnr_db=round(psnr(pred, truth, body), 2),
         ssim=round(ssim(pred, truth), 4), baseline_mae_hu=round(mae(baseline, truth, body), 2),
-        baseline_psnr_db=round(psnr(baseline, truth, body), 2), mae_by_tissue=by_tissue,
+        baseline_psnr_db=round(psnr(baseline, truth, body), 2), mae_by_tissue=by_tissue, bias_by_tissue=bias,
     )
 
 
