@@ -393,13 +393,16 @@ def models_register(
 
     sessions = init_db(_settings(config).database_url)
     try:
-        row = register(sessions, path, name)
+        row, outcome = register(sessions, path, name)
         if activate_now:
             activate(sessions, str(row.id))
     except (ModelMismatch, ValueError) as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(2) from exc
-    typer.echo(f"model {row.id} {row.name} sha256={row.sha256[:12]} ({len(row.losses)} epochs of losses){' active' if activate_now else ''}")
+    said = {"registered": f"registered ({len(row.losses)} epochs of losses)",
+            "card-updated": "already registered; its card and metrics refreshed from the card file",
+            "unchanged": "already registered; nothing changed"}[outcome]
+    typer.echo(f"model {row.id} {row.name} sha256={row.sha256[:12]} {said}{'; active' if activate_now else ''}")
 
 
 @models_app.command("set")

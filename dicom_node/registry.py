@@ -16,12 +16,14 @@ from dicom_node.models import ModelVersion, utcnow
 from synthesis.model_file import load_model
 
 
-def register(sessions: sessionmaker[Session], path: Path, name: str | None = None, actor: str = "mr2ct models") -> ModelVersion:
+def register(sessions: sessionmaker[Session], path: Path, name: str | None = None,
+             actor: str = "mr2ct models") -> tuple[ModelVersion, str]:
     """Register a run folder or a weights file (checked against its card); idempotent per SHA-256.
 
     Registering weights that are already registered refreshes the registry's copy of their card
     and metrics when the card changed since (``mr2ct models set``, ``mr2ct evaluate --record``),
-    with an audit row; the weights, id and name stay."""
+    with an audit row; the weights, id and name stay. Returns the row and what happened to it:
+    ``registered``, ``card-updated`` or ``unchanged``."""
     path = Path(path)
     weights = path / "model.safetensors" if path.is_dir() else path
     model = load_model(weights)  # refuses a card that does not match its weights
@@ -48,7 +50,7 @@ def register(sessions: sessionmaker[Session], path: Path, name: str | None = Non
     elif card_changed:
         audit.record(sessions, "model-card-updated", "success", actor, model_sha256=model.sha256, name=row.name,
                      test_time_augmentation=model.test_time_augmentation)
-    return row
+    return row, "registered" if created else "card-updated" if card_changed else "unchanged"
 
 
 def activate(sessions: sessionmaker[Session], key: str, actor: str = "mr2ct models") -> ModelVersion:

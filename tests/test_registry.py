@@ -45,10 +45,12 @@ def test_register_activate_and_the_next_job_uses_the_new_model(node_factory, tmp
             writer.writerow({"epoch": epoch, **dict.fromkeys(LOSS_NAMES, 0.5 / epoch), "seconds": 10 * epoch})
     registered = _cli(node, "models", "register", str(run))
     assert registered.returncode == 0, registered.stderr
+    assert "registered (2 epochs of losses)" in registered.stdout
     with init_db(node.database_url)() as session:
         row = session.scalars(select(ModelVersion).where(ModelVersion.sha256 == new["sha256"])).one()
         assert [e["epoch"] for e in row.losses] == [1, 2] and row.losses[1]["G_loss"] == 0.25
-    assert _cli(node, "models", "register", str(run)).returncode == 0  # idempotent
+    again = _cli(node, "models", "register", str(run))  # idempotent, and says so
+    assert again.returncode == 0 and "already registered; nothing changed" in again.stdout
 
     first = write_mr_series(tmp_path / "a", seed=1400, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
     assert storescu(first.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
@@ -112,17 +114,20 @@ def test_registering_again_after_the_card_changed_refreshes_the_registry(tmp_pat
     weights = tmp_path / "run" / "model.safetensors"
     card["parameters"] = {"in_channels": 1, "out_channels": 1, "ngf": 4, "n_blocks": 1}
     save_model(weights, ResnetGenerator(ngf=4, n_blocks=1), {**card, "test_time_augmentation": "dihedral"})
-    first = register(sessions, weights.parent)
+    first, outcome = register(sessions, weights.parent)
+    assert outcome == "registered"
 
     def audited() -> list[str]:
         with sessions() as session:
             return [e.action for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))]
 
-    assert register(sessions, weights.parent).id == first.id and audited() == ["model-registered"]  # unchanged: nothing new
+    row, outcome = register(sessions, weights.parent)
+    assert (row.id, outcome) == (first.id, "unchanged") and audited() == ["model-registered"]  # nothing new
 
     set_test_time_augmentation(weights, "mirror")
     record_metrics(weights, {"mae_hu": 12.5, "test_time_augmentation": "mirror"}, first.sha256)
-    again = register(sessions, weights.parent)
+    again, outcome = register(sessions, weights.parent)
+    assert outcome == "card-updated"
     assert (again.id, again.name, again.sha256) == (first.id, first.name, first.sha256)
     with sessions() as session:
         row = session.get(ModelVersion, first.id)
