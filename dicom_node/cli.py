@@ -262,7 +262,8 @@ def evaluate(
         if paired is None:
             typer.echo("paired supervised upper bound: not computed (use --paired-steps N)")
         else:
-            typer.echo(f"paired supervised upper bound ({paired_steps} steps): MAE {paired.mae_hu} HU; the model is {quality.mae_hu / paired.mae_hu:.2f}x it")
+            typer.echo(f"paired supervised upper bound ({paired_steps} steps): MAE {paired.mae_hu} HU"
+                       + (f"; the model is {quality.mae_hu / paired.mae_hu:.2f}x it" if paired.mae_hu else ""))
     report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, "mae_paired_hu": paired.mae_hu if paired else None,
               "mae_paired_by_tissue": paired.mae_by_tissue if paired else None, "model_sha256": loaded.sha256,
               "test_time_augmentation": loaded.test_time_augmentation, "first_subject": first_subject}
