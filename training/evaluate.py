@@ -78,13 +78,12 @@ def score(pred: np.ndarray, truth: np.ndarray, mr_unit: np.ndarray, labels: np.n
     slope, intercept = np.polyfit(mr_unit[body], truth[body], 1)
     baseline = np.clip(slope * mr_unit + intercept, HU_MIN, HU_MAX)
     baseline[~body] = -1000.0  # give the baseline a perfect background too
-    by_tissue = {
-        name: round(mae(pred, truth, labels == i), 1) for i, name in enumerate(phantoms.TISSUE_NAMES) if (labels == i).any()
-    }
-    bias = {
-        name: round(float((pred[labels == i] - truth[labels == i]).mean()), 1)
-        for i, name in enumerate(phantoms.TISSUE_NAMES) if (labels == i).any()
-    }
+    by_tissue, bias = {}, {}
+    for i, name in enumerate(phantoms.TISSUE_NAMES):
+        tissue = labels == i
+        if tissue.any():
+            error = pred[tissue] - truth[tissue]
+            by_tissue[name], bias[name] = round(float(np.abs(error).mean()), 1), round(float(error.mean()), 1)
     return Quality(
         subjects=subjects, slices=int(pred.shape[0]), mae_hu=round(mae(pred, truth, body), 2), psnr_db=round(psnr(pred, truth, body), 2),
         ssim=round(ssim(pred, truth), 4), baseline_mae_hu=round(mae(baseline, truth, body), 2),
