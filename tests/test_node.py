@@ -316,16 +316,18 @@ def test_originals_are_routed_over_tls_to_another_node(node_factory, tmp_path):
     series = _small(tmp_path, "mr", 255)
     client = ["+tls", str(pki / "client.key"), str(pki / "client.pem"), "+cf", str(pki / "ca.pem")]
     assert storescu(series.folder, a.port, NODE_AE, SCANNER_AE, extra_args=client).returncode == 0
+    # A marks an instance forwarded once B has answered its C-STORE, a moment after B committed it:
+    # wait for both sides.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         with init_db(b.database_url)() as session:
             held = session.scalars(select(Instance).where(Instance.series_instance_uid == series.series_uid)).all()
-        if len(held) == 4:
+        with init_db(a.database_url)() as session:
+            rows = session.scalars(select(Instance).where(Instance.series_instance_uid == series.series_uid)).all()
+        if len(held) == 4 and len(rows) == 4 and all(r.forwarded_at is not None for r in rows):
             break
         time.sleep(0.3)
     assert len(held) == 4
-    with init_db(a.database_url)() as session:
-        rows = session.scalars(select(Instance).where(Instance.series_instance_uid == series.series_uid)).all()
     assert len(rows) == 4 and all(r.forwarded_at is not None for r in rows)
 
 
