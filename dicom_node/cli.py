@@ -222,7 +222,7 @@ def evaluate(
 
     from synthesis.errors import ModelMismatch
     from synthesis.model_file import default_model_path, load_model
-    from training.evaluate import evaluate as run_evaluation
+    from training.evaluate import evaluate as run_evaluation, paired_figures
 
     if model is not None and model.is_dir():
         model = model / "model.safetensors"
@@ -264,8 +264,7 @@ def evaluate(
         else:
             typer.echo(f"paired supervised upper bound ({paired_steps} steps): MAE {paired.mae_hu} HU"
                        + (f"; the model is {quality.mae_hu / paired.mae_hu:.2f}x it" if paired.mae_hu else ""))
-    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, "mae_paired_hu": paired.mae_hu if paired else None,
-              "mae_paired_by_tissue": paired.mae_by_tissue if paired else None, "model_sha256": loaded.sha256,
+    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, **paired_figures(paired), "model_sha256": loaded.sha256,
               "test_time_augmentation": loaded.test_time_augmentation, "first_subject": first_subject}
     if record:
         from synthesis.model_file import card_path_for, record_metrics

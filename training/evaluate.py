@@ -66,9 +66,14 @@ class Quality:
         """The figures a model card keeps as its ``metrics`` (the trainer's export, ``mr2ct evaluate --record``)."""
         figures = self.as_dict()
         held_out, linear = figures.pop("subjects"), figures.pop("baseline_mae_hu")
-        return {**figures, "held_out_subjects": held_out, "mae_linear_hu": linear, "mae_paired_hu": paired.mae_hu if paired else None,
-                "mae_paired_by_tissue": paired.mae_by_tissue if paired else None, "paired_steps": paired_steps or None, "test_time_augmentation": test_time_augmentation,
+        return {**figures, "held_out_subjects": held_out, "mae_linear_hu": linear, **paired_figures(paired),
+                "paired_steps": paired_steps or None, "test_time_augmentation": test_time_augmentation,
                 "first_subject": first_subject, "slices_per_subject": slices_per_subject}
+
+
+def paired_figures(paired: Quality | None) -> dict[str, Any]:
+    """The paired upper bound's figures as the JSON report and a card's metrics name them (None: not computed)."""
+    return {"mae_paired_hu": paired.mae_hu if paired else None, "mae_paired_by_tissue": paired.mae_by_tissue if paired else None}
 
 
 def score(pred: np.ndarray, truth: np.ndarray, mr_unit: np.ndarray, labels: np.ndarray, subjects: int) -> Quality:
