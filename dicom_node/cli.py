@@ -254,9 +254,11 @@ def evaluate(
     if not json_only:
         typer.echo(f"model {loaded.short_digest} (test-time augmentation {loaded.test_time_augmentation}): MAE {quality.mae_hu} HU (linear baseline {quality.baseline_mae_hu} HU), "
                    f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")
-        typer.echo(f"  {'tissue':16s} {'MAE':>7s} {'bias':>7s}" + (f" {'paired MAE':>11s}" if paired else "") + "   (HU; bias: mean sCT - CT)")
+        typer.echo(f"  {'tissue':16s} {'MAE':>7s} {'bias':>7s} {'no level':>8s}" + (f" {'paired MAE':>11s}" if paired else "")
+                   + "   (HU; bias: mean sCT - CT; no level: the MAE left with each head's own mean error taken away)")
         for tissue, value in quality.mae_by_tissue.items():
-            typer.echo(f"  {tissue:16s} {value:7.1f} {quality.bias_by_tissue[tissue]:+7.1f}" + (f" {paired.mae_by_tissue[tissue]:11.1f}" if paired else ""))
+            typer.echo(f"  {tissue:16s} {value:7.1f} {quality.bias_by_tissue[tissue]:+7.1f} {quality.mae_level_removed_by_tissue[tissue]:8.1f}"
+                       + (f" {paired.mae_by_tissue[tissue]:11.1f}" if paired else ""))
         typer.echo(f"grid floor: the ground-truth CT itself, taken to the model's {loaded.pixel_spacing_mm:g} mm grid and back, "
                    f"scores {quality.grid_floor_mae_hu} HU (a practical floor for any model on that grid)")
         if paired is None:

@@ -216,6 +216,17 @@ def test_evaluation_numbers_come_from_the_images() -> None:
     scattered = score(ct[0] + checker, ct[0], mr_unit, labels[0], 1)
     assert scattered.mae_by_tissue["white matter"] == pytest.approx(80.0, abs=0.1)
     assert abs(scattered.bias_by_tissue["white matter"]) < 5.0
+    assert scattered.mae_level_removed_by_tissue["white matter"] == pytest.approx(80.0, abs=5.0)  # no level to take away
+    # Two heads, the second's bone 300 HU too dim: a per-head level, which the "no level" MAE takes away
+    # (only the first head's untouched, zero error is left), while MAE and bias read half of it.
+    mr2, ct2, labels2 = held_out(2, 4, 128, 2.0)
+    mr2_unit = np.stack([mr_to_unit(m) for m in mr2])
+    second_dim = np.where((labels2 == phantoms.CORTICAL) & (np.arange(2)[:, None, None, None] == 1), ct2 - 300.0, ct2)
+    per_head = score(second_dim.reshape(8, 128, 128), ct2.reshape(8, 128, 128), mr2_unit.reshape(8, 128, 128), labels2.reshape(8, 128, 128), 2)
+    share = (labels2[1] == phantoms.CORTICAL).sum() / (labels2 == phantoms.CORTICAL).sum()
+    assert per_head.bias_by_tissue["cortical bone"] == pytest.approx(-300.0 * share, abs=0.1) == -per_head.mae_by_tissue["cortical bone"]
+    assert per_head.mae_level_removed_by_tissue["cortical bone"] == 0.0
+    assert per_head.mae_level_removed_by_tissue.keys() == per_head.mae_by_tissue.keys()
 
 
 def test_the_grid_floor_is_zero_on_the_mr_grid_and_grows_with_coarser_grids() -> None:

@@ -56,6 +56,10 @@ class Quality:
     # Mean signed error (sCT - CT) per tissue: a large bias next to its MAE is a level the model
     # gets wrong everywhere (e.g. cortical bone too dim), a small one means errors of both signs (edges, noise).
     bias_by_tissue: dict[str, float]
+    # The MAE each tissue would keep if every head's own mean error in it were taken away: what no
+    # per-head level correction can fix (edges, misplaced layers, noise). Next to the MAE it splits a
+    # tissue's error into a level (e.g. one head's bone denser than the model assumes) and its shape.
+    mae_level_removed_by_tissue: dict[str, float]
     grid_floor_mae_hu: float | None = None  # the ground-truth CT taken to the model grid and back: a practical floor for that grid
 
     def as_dict(self) -> dict[str, Any]:
@@ -83,16 +87,21 @@ def score(pred: np.ndarray, truth: np.ndarray, mr_unit: np.ndarray, labels: np.n
     slope, intercept = np.polyfit(mr_unit[body], truth[body], 1)
     baseline = np.clip(slope * mr_unit + intercept, HU_MIN, HU_MAX)
     baseline[~body] = -1000.0  # give the baseline a perfect background too
-    by_tissue, bias = {}, {}
+    by_tissue, bias, level_removed = {}, {}, {}
+    heads = labels.reshape(subjects, -1)  # subjects are stacked along slices, the same number each
+    errors = (pred - truth).reshape(subjects, -1)
     for i, name in enumerate(phantoms.TISSUE_NAMES):
-        tissue = labels == i
+        tissue = heads == i
         if tissue.any():
-            error = pred[tissue] - truth[tissue]
+            error = errors[tissue]
             by_tissue[name], bias[name] = round(float(np.abs(error).mean()), 1), round(float(error.mean()), 1)
+            spread = [errors[h][tissue[h]] - errors[h][tissue[h]].mean() for h in range(subjects) if tissue[h].any()]
+            level_removed[name] = round(float(np.abs(np.concatenate(spread)).mean()), 1)
     return Quality(
         subjects=subjects, slices=int(pred.shape[0]), mae_hu=round(mae(pred, truth, body), 2), psnr_db=round(psnr(pred, truth, body), 2),
         ssim=round(ssim(pred, truth), 4), baseline_mae_hu=round(mae(baseline, truth, body), 2),
         baseline_psnr_db=round(psnr(baseline, truth, body), 2), mae_by_tissue=by_tissue, bias_by_tissue=bias,
+        mae_level_removed_by_tissue=level_removed,
     )
 
 
