@@ -204,6 +204,24 @@ def sample_mr(
 
 
 @app.command()
+def figures(
+    run: Annotated[Path, typer.Argument(help="a run folder of `mr2ct train`, still training or stopped")],
+    out: Annotated[Optional[Path], typer.Option(help="folder for the PNGs (default: the run folder)")] = None,
+) -> None:
+    """Draw a run's loss curves and sample grid (real MR, real CT, sCT, synthetic MR) now, from its losses so far and latest checkpoint."""
+    from training.trainer import draw_figures
+
+    _logging()
+    try:
+        written = draw_figures(run, out)
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    for path in written:
+        typer.echo(str(path))
+
+
+@app.command()
 def evaluate(
     model: Annotated[Optional[Path], typer.Argument(help="model .safetensors or run folder (default: the shipped model)")] = None,
     subjects: Annotated[int, typer.Option(min=1, max=100)] = 4,

@@ -160,7 +160,7 @@ def test_loss_and_architecture_options_train_to_a_loadable_model(tmp_path: Path,
     assert model.card["architecture"] == model.card["training"]["config"]["generator"]
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
+def test_ctrl_c_saves_a_checkpoint_figures_on_demand_and_resume_finishes(tmp_path: Path) -> None:
     import signal
     import time
 
@@ -176,9 +176,39 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_finishes(tmp_path: Path) -> None:
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
     assert (out / "checkpoint.pt").exists() and not (out / "model.safetensors").exists()
+    assert not (out / "samples.png").exists()
+    # Figures on demand for the stopped run: losses so far and samples from its checkpoint.
+    early = _figures_cli(out, "--out", str(tmp_path / "early"))
+    assert early.returncode == 0, early.stderr[-2000:]
+    assert early.stdout.split() == [str(tmp_path / "early" / "losses.png"), str(tmp_path / "early" / "samples.png")]
     finished = _train(out, "--epochs", "3", "--resume", "--checkpoint-every", "0")
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert load_model(out / "model.safetensors").card["training"]["epochs_completed"] == 3
+    # Drawn from the final checkpoint, the samples are the run's own end-of-run grid; from the early one, not.
+    final = _figures_cli(out, "--out", str(tmp_path / "final"))
+    assert final.returncode == 0, final.stderr[-2000:]
+    from matplotlib.image import imread
+
+    own, on_demand, before = (imread(p) for p in (out / "samples.png", tmp_path / "final" / "samples.png", tmp_path / "early" / "samples.png"))
+    assert own.shape == on_demand.shape == before.shape
+    assert abs(own - on_demand).max() < 0.02 < abs(own - before).max()
+
+
+def _figures_cli(*args: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", "figures", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_figures_on_demand_say_what_they_cannot_draw(tmp_path: Path) -> None:
+    empty = _figures_cli(tmp_path)
+    assert empty.returncode == 2 and "no losses.csv" in empty.stderr
+    # A run whose first epochs are logged but which has not checkpointed yet: the losses, not the samples.
+    (tmp_path / "losses.csv").write_text("epoch," + ",".join(LOSS_NAMES) + ",seconds\n1," + ",".join("0.5" for _ in LOSS_NAMES) + ",1.0\n")
+    losses_only = _figures_cli(tmp_path)
+    assert losses_only.returncode == 0, losses_only.stderr
+    assert losses_only.stdout.split() == [str(tmp_path / "losses.png")] and "no checkpoint.pt" in losses_only.stderr
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    broken = _figures_cli(tmp_path)
+    assert broken.returncode == 2 and "not a training checkpoint" in broken.stderr
 
 
 def test_torchrun_trains_with_two_cpu_processes(tmp_path: Path) -> None:

@@ -258,7 +258,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
     checkpoint.pt. Returns the card (None on ranks other than 0, or when interrupted)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from synthesis.networks import FcnGenerator, PaperDiscriminator, UnetGenerator
+    from synthesis.networks import PaperDiscriminator
 
     rank, world = _distributed()
     is_main = rank == 0
@@ -270,18 +270,11 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
     np_rng = np.random.default_rng(cfg.seed if world == 1 else [cfg.seed, rank])  # a batch stream per rank
     mr_pool, ct_pool = pools_from_cache(cfg) if cfg.data else make_pools(cfg)
 
-    def make_generator() -> nn.Module:
-        if cfg.generator == "unet":
-            return UnetGenerator(ngf=cfg.ngf).to(dev)
-        if cfg.generator == "fcn":
-            return FcnGenerator(ngf=cfg.ngf).to(dev)
-        return ResnetGenerator(ngf=cfg.ngf, n_blocks=cfg.n_blocks).to(dev)
-
     def make_discriminator() -> nn.Module:
         kind = PaperDiscriminator if cfg.discriminator == "paper" else PatchDiscriminator
         return kind(ndf=cfg.ndf, n_layers=cfg.d_layers).to(dev)
 
-    g_ab, g_ba, d_a, d_b = make_generator(), make_generator(), make_discriminator(), make_discriminator()
+    g_ab, g_ba, d_a, d_b = _generator(cfg, dev), _generator(cfg, dev), make_discriminator(), make_discriminator()
     nets = {"g_ab": g_ab, "g_ba": g_ba, "d_a": d_a, "d_b": d_b}
     opt_g = torch.optim.Adam(list(g_ab.parameters()) + list(g_ba.parameters()), lr=cfg.lr_G, betas=(cfg.beta1, cfg.beta2))
     opt_d = torch.optim.Adam(list(d_a.parameters()) + list(d_b.parameters()), lr=cfg.lr_D, betas=(cfg.beta1, cfg.beta2))
@@ -518,13 +511,59 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
     return save_model(out_dir / "model.safetensors", exported.cpu(), card)
 
 
+def _generator(cfg: TrainConfig, device: torch.device) -> nn.Module:
+    from synthesis.networks import FcnGenerator, UnetGenerator
+
+    if cfg.generator == "unet":
+        return UnetGenerator(ngf=cfg.ngf).to(device)
+    if cfg.generator == "fcn":
+        return FcnGenerator(ngf=cfg.ngf).to(device)
+    return ResnetGenerator(ngf=cfg.ngf, n_blocks=cfg.n_blocks).to(device)
+
+
+def draw_figures(run: Path, out: Path | None = None) -> list[Path]:
+    """On demand, for a run that is still training or has stopped: ``losses.png`` from its
+    ``losses.csv`` (every epoch so far) and ``samples.png`` from its latest ``checkpoint.pt`` (the
+    generator the run would export: the averaged one under --ema-decay), the same figures the run
+    draws when it ends. Written into ``out`` (default: the run folder). Returns the files written."""
+    from dataclasses import fields
+
+    from training.figures import loss_plot
+
+    if not (run / "losses.csv").is_file():
+        raise ValueError(f"{run} has no losses.csv: not a training run folder, or its first epoch has not ended yet")
+    out = out or run
+    out.mkdir(parents=True, exist_ok=True)
+    written = [loss_plot(run / "losses.csv", out / "losses.png")]
+    checkpoint = run / "checkpoint.pt"
+    if not checkpoint.is_file():
+        log.warning("no checkpoint.pt in %s yet (--checkpoint-every): losses drawn, samples not", run)
+        return written
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)  # tensors and plain data only
+        known = {f.name for f in fields(TrainConfig)}
+        cfg = TrainConfig(**{k: (tuple(v) if k == "hu_range" else v) for k, v in state["config"].items() if k in known})
+    except Exception as exc:
+        raise ValueError(f"{checkpoint} is not a training checkpoint of this version ({type(exc).__name__}: {exc})") from exc
+    cpu = torch.device("cpu")
+    g_ab, g_ba = _generator(cfg, cpu), _generator(cfg, cpu)
+    g_ab.load_state_dict(state.get("ema_g_ab", state["nets"]["g_ab"]))
+    g_ba.load_state_dict(state["nets"]["g_ba"])
+    # A few subjects are enough for three sample rows: the first of the run's own pools.
+    mr_pool, ct_pool = pools_from_cache(cfg) if cfg.data else make_pools(replace(cfg, subjects_per_pool=min(3, cfg.subjects_per_pool)))
+    _figures(out, g_ab, g_ba, mr_pool, ct_pool, cfg, losses=False)
+    return [*written, out / "samples.png"]
+
+
 @torch.no_grad()
-def _figures(out_dir: Path, g_ab: nn.Module, g_ba: nn.Module, mr_pool: np.ndarray, ct_pool: np.ndarray, cfg: TrainConfig) -> None:
+def _figures(out_dir: Path, g_ab: nn.Module, g_ba: nn.Module, mr_pool: np.ndarray, ct_pool: np.ndarray, cfg: TrainConfig,
+             losses: bool = True) -> None:
     """Loss curves and an image grid (real MR, real CT, sCT, synthetic MR) in the run folder."""
     from synthesis.normalize import unit_to_hu
     from training.figures import image_grid, loss_plot
 
-    loss_plot(out_dir / "losses.csv", out_dir / "losses.png")
+    if losses:
+        loss_plot(out_dir / "losses.csv", out_dir / "losses.png")
     g_ab.eval()
     g_ba.eval()
     device = next(g_ab.parameters()).device
