@@ -76,8 +76,14 @@ def train(
     precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 (autocast forward passes; GPUs and bf16-capable CPUs)")] = None,
     test_time_augmentation: Annotated[Optional[str], typer.Option(
         help="none | mirror | dihedral: written into the exported card; inference averages the generator over that many views (1, 4, 8)")] = None,
+    record: Annotated[bool, typer.Option(
+        "--record/--no-record", help="record the run and its losses, epoch by epoch, in the node's database (database_url of --config)")] = True,
+    config: ConfigOption = None,
 ) -> None:
     """Train the CycleGAN on unpaired MR and CT pools: generated phantom heads, or a cache made by `mr2ct pull` (--data)."""
+    import os
+    from dataclasses import asdict
+
     import torch
 
     from training.trainer import config_from, train as run_training
@@ -104,16 +110,40 @@ def train(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     command = "mr2ct " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    recorder = None
+    if record and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 records
+        from sqlalchemy.exc import SQLAlchemyError
+
+        from dicom_node.db import DatabaseUnavailable, init_db
+        from dicom_node.training_runs import RunRecorder
+
+        try:
+            recorder = RunRecorder(init_db(_settings(config).database_url))
+            run_id = recorder.start(out, command, asdict(cfg), resume=resume)
+        except (DatabaseUnavailable, SQLAlchemyError) as exc:
+            typer.echo(f"mr2ct: database_url: {exc}; fix it or train with --no-record (losses.csv only)", err=True)
+            raise typer.Exit(2) from exc
+        typer.echo(f"training run {run_id}: losses recorded in the database each epoch", err=True)
     try:
-        card = run_training(cfg, out, command=command, device=device, resume=resume)
+        card = run_training(cfg, out, command=command, device=device, resume=resume, on_epoch=recorder.epoch if recorder else None)
     except ValueError as exc:
+        if recorder:
+            recorder.end("failed", reason=str(exc))
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    except BaseException as exc:
+        if recorder:
+            recorder.end("failed", reason=f"{type(exc).__name__}: {exc}")
+        raise
     if card is None:
         if (out / "checkpoint.pt").exists() and not (out / "model.safetensors").exists():
+            if recorder:
+                recorder.end("interrupted")
             typer.echo(f"interrupted: checkpoint in {out / 'checkpoint.pt'}; continue with --resume", err=True)
             raise typer.Exit(130)
         return  # a non-zero rank under torchrun
+    if recorder:
+        recorder.end("finished", model_sha256=card["sha256"])
     typer.echo(f"model written: {out / 'model.safetensors'} sha256={card['sha256']}")
 
 

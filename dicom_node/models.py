@@ -128,6 +128,27 @@ class ModelVersion(Base):
     activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class TrainingRun(Base):
+    """A `mr2ct train` run, recorded as it trains: the paper's Table 2 losses appended at the end
+    of every epoch, its state, and the model it exported."""
+
+    __tablename__ = "training_runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    out_dir: Mapped[str] = mapped_column(Text, index=True)
+    command: Mapped[str] = mapped_column(Text)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="running", index=True)  # running, finished, interrupted, failed
+    reason: Mapped[str | None] = mapped_column(Text)  # why it failed
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    epochs_planned: Mapped[int] = mapped_column(Integer)
+    epochs_completed: Mapped[int] = mapped_column(Integer, default=0)
+    losses: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # per epoch: epoch, the Table 2 losses, seconds
+    model_sha256: Mapped[str | None] = mapped_column(String(64))
+
+
 class ApiToken(Base):
     """Bearer tokens for the admin API; only a SHA-256 of each token is stored."""
 

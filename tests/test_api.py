@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
+import subprocess
+import sys
 import time
 
 import httpx
@@ -21,7 +25,7 @@ from tests.helpers import api_token
 from training.phantom_dicom import write_mr_series
 
 ROUTES = [("GET", "/routing"), ("POST", "/routing/retry"), ("POST", "/synthesize"), ("GET", "/models"), ("GET", "/metrics"), ("GET", "/jobs"), ("GET", "/jobs/1"), ("POST", "/jobs/1/retry"), ("POST", "/jobs/1/cancel"),
-          ("GET", "/series"), ("GET", "/associations"), ("GET", "/audit")]
+          ("GET", "/series"), ("GET", "/associations"), ("GET", "/audit"), ("GET", "/training/runs"), ("GET", "/training/runs/1")]
 
 
 def _token(node, role: str, name: str) -> str:
@@ -141,3 +145,24 @@ def test_queries_are_audited_without_copying_the_patient_id(api, node):
     series_queries = [q for q in queries if q.detail.get("resource") == "series" and q.actor == "api:auditor-1"]
     assert series_queries and series_queries[-1].detail["patient_filter"] is True
     assert all("AUDIT-PATIENT-1" not in str(q.detail) for q in queries)
+
+
+def test_a_training_run_is_in_the_api_with_its_losses_epoch_by_epoch(api, node, tmp_path):
+    """An ML engineer trains against the node's database and follows the run in the admin API."""
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "--out", str(out), "--epochs", "2", "--steps-per-epoch", "2",
+                             "--batch-size", "2", "--subjects-per-pool", "2", "--image-size", "64", "--threads", "1"],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "MR2CT_DATABASE_URL": node.database_url})
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = httpx.get(f"{api['base']}/training/runs", params={"state": "finished"}, headers=api["auditor"]).json()
+    listed = next(r for r in runs["items"] if r["out_dir"] == str(out.resolve()))
+    assert listed["epochs_completed"] == 2 and listed["last_epoch"]["epoch"] == 2 and "losses" not in listed
+    detail = httpx.get(f"{api['base']}/training/runs/{listed['id']}", headers=api["auditor"]).json()
+    assert [e["epoch"] for e in detail["losses"]] == [1, 2] and detail["config"]["epochs"] == 2
+    assert {"ABA_reconstruction_loss", "BAB_reconstruction_loss", "DA_loss", "DB_loss", "D_loss", "G_AB_adversarial_loss",
+            "G_BA_adversarial_loss", "G_loss", "reconstruction_loss"} <= set(detail["losses"][0])
+    assert detail["model_sha256"] == json.loads((out / "model.json").read_text())["sha256"]
+    missing = httpx.get(f"{api['base']}/training/runs/999999", headers=api["auditor"])
+    assert missing.status_code == 404 and "no training run" in missing.json()["detail"]
+    bad = httpx.get(f"{api['base']}/training/runs", params={"state": "sleeping"}, headers=api["auditor"])
+    assert bad.status_code == 422

@@ -81,7 +81,7 @@ def test_training_runs_on_a_pulled_cache(cohort_in_orthanc, orthanc, tmp_path):
          password=orthanc.password, validation_fraction=0.0)
     out = tmp_path / "run"
     result = subprocess.run(
-        [*MR2CT, "train", "--out", str(out), "--data", str(cache_dir), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2"],
+        [*MR2CT, "train", "--out", str(out), "--data", str(cache_dir), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--no-record"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]

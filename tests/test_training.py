@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dicom_node.models import TrainingRun
 from synthesis.model_file import default_model_path, load_model
 from training import phantoms
 from training.evaluate import evaluate
@@ -23,11 +25,19 @@ def test_train_writes_a_loadable_model_with_its_card_losses_and_figures(tmp_path
     result = subprocess.run(
         [sys.executable, "-m", "dicom_node.cli", "train", "--out", str(out), "--epochs", "2", "--steps-per-epoch", "2",
          "--batch-size", "2", "--subjects-per-pool", "2", "--seed", "5", "--threads", "2"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=_database(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-2000:]
     model = load_model(out / "model.safetensors")
     card = model.card
+    # The run is in the database with every epoch's Table 2 losses, as in losses.csv, and the model it made.
+    (run,) = _runs(tmp_path)
+    assert (run.state, run.epochs_planned, run.epochs_completed, run.model_sha256) == ("finished", 2, 2, card["sha256"])
+    assert run.out_dir == str(out.resolve()) and run.config["seed"] == 5 and run.ended_at is not None
+    with open(out / "losses.csv") as fh:
+        logged = list(csv.DictReader(fh))
+    assert [e["epoch"] for e in run.losses] == [1, 2]
+    assert all(e[name] == pytest.approx(float(row[name]), abs=1e-6) for e, row in zip(run.losses, logged) for name in LOSS_NAMES)
     assert card["training"]["command"].startswith("mr2ct train --out")
     assert card["training"]["seed"] == 5
     assert card["training"]["data"]["generator_version"] == phantoms.GENERATOR_VERSION
@@ -65,9 +75,23 @@ def test_shipped_model_beats_a_linear_mr_to_hu_fit(capsys: pytest.CaptureFixture
 TINY = ["--steps-per-epoch", "2", "--batch-size", "2", "--subjects-per-pool", "2", "--image-size", "64", "--threads", "1"]
 
 
+def _database(folder: Path) -> dict[str, str]:
+    """The environment of a `mr2ct train` that records into a SQLite database of its own in ``folder``."""
+    return {**os.environ, "MR2CT_DATABASE_URL": f"sqlite:///{folder / 'mr2ct.db'}"}
+
+
+def _runs(folder: Path) -> list[TrainingRun]:
+    from sqlalchemy import select
+
+    from dicom_node.db import init_db
+
+    with init_db(f"sqlite:///{folder / 'mr2ct.db'}")() as session:
+        return list(session.scalars(select(TrainingRun).order_by(TrainingRun.id)))
+
+
 def _train(out: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "--out", str(out), *TINY, *args],
-                          capture_output=True, text=True, timeout=timeout)
+                          capture_output=True, text=True, timeout=timeout, env=_database(out.parent))
 
 
 @pytest.mark.parametrize("extra", [[], ["--ema-decay", "0.7"]], ids=["last-weights", "ema"])
@@ -166,7 +190,7 @@ def test_ctrl_c_saves_a_checkpoint_figures_on_demand_and_resume_finishes(tmp_pat
 
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "train", "--out", str(out), *TINY, "--epochs", "500",
-                             "--checkpoint-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--checkpoint-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_database(tmp_path))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (out / "losses.csv").exists():
         time.sleep(0.5)
@@ -177,6 +201,8 @@ def test_ctrl_c_saves_a_checkpoint_figures_on_demand_and_resume_finishes(tmp_pat
     assert proc.returncode == 130, stderr[-2000:]
     assert (out / "checkpoint.pt").exists() and not (out / "model.safetensors").exists()
     assert not (out / "samples.png").exists()
+    (stopped,) = _runs(tmp_path)
+    assert stopped.state == "interrupted" and stopped.epochs_completed >= 1 and stopped.model_sha256 is None
     # Figures on demand for the stopped run: losses so far and samples from its checkpoint.
     early = _figures_cli(out, "--out", str(tmp_path / "early"))
     assert early.returncode == 0, early.stderr[-2000:]
@@ -184,6 +210,8 @@ def test_ctrl_c_saves_a_checkpoint_figures_on_demand_and_resume_finishes(tmp_pat
     finished = _train(out, "--epochs", "3", "--resume", "--checkpoint-every", "0")
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert load_model(out / "model.safetensors").card["training"]["epochs_completed"] == 3
+    (resumed,) = _runs(tmp_path)  # the same run goes on
+    assert (resumed.id, resumed.state, [e["epoch"] for e in resumed.losses]) == (stopped.id, "finished", [1, 2, 3])
     # Drawn from the final checkpoint, the samples are the run's own end-of-run grid; from the early one, not.
     final = _figures_cli(out, "--out", str(tmp_path / "final"))
     assert final.returncode == 0, final.stderr[-2000:]
@@ -216,9 +244,11 @@ def test_torchrun_trains_with_two_cpu_processes(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     result = subprocess.run(
         [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "dicom_node.cli", "train", "--out", str(out), *TINY, "--epochs", "1"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=_database(tmp_path),
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    (run,) = _runs(tmp_path)  # rank 0 records the run, once
+    assert run.state == "finished" and run.epochs_completed == 1
     card = load_model(out / "model.safetensors").card
     assert card["training"]["world_size"] == 2
     assert (out / "rank0-weights.sha256").read_text() == (out / "rank1-weights.sha256").read_text()
@@ -340,3 +370,17 @@ def test_evaluate_record_puts_the_evaluation_into_the_card_and_keeps_the_weights
     assert (metrics["test_time_augmentation"], metrics["held_out_subjects"], metrics["slices_per_subject"]) == (
         before["test_time_augmentation"], 1, 2)
     assert after.card["card_changes"][-1]["metrics_replaced"] == before["metrics"]
+
+
+def test_a_training_run_whose_database_does_not_open_stops_before_training_and_no_record_trains(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the database's folder should be")
+    env = {**os.environ, "MR2CT_DATABASE_URL": f"sqlite:///{blocked / 'mr2ct.db'}"}
+    refused = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "--out", str(tmp_path / "run"), *TINY, "--epochs", "1"],
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode == 2 and "database_url" in refused.stderr and "--no-record" in refused.stderr
+    assert not (tmp_path / "run" / "losses.csv").exists()
+    trained = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "--out", str(tmp_path / "run"), *TINY, "--epochs", "1", "--no-record"],
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert (tmp_path / "run" / "model.safetensors").exists()

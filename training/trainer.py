@@ -21,7 +21,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -253,9 +253,11 @@ def _gradient_penalty(d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> t
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
-def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", resume: bool = False) -> dict[str, Any] | None:
+def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", resume: bool = False,
+          on_epoch: Callable[[int, dict[str, float], float], None] | None = None) -> dict[str, Any] | None:
     """Train and write ``out_dir``: model file + card, losses.csv/png, samples.png, config.json,
-    checkpoint.pt. Returns the card (None on ranks other than 0, or when interrupted)."""
+    checkpoint.pt. Returns the card (None on ranks other than 0, or when interrupted).
+    ``on_epoch(epoch, mean losses, seconds so far)`` is called on rank 0 after each epoch is in losses.csv."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from synthesis.networks import PaperDiscriminator
@@ -437,6 +439,8 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
                 csv_file.flush()
             if is_main:
                 log.info("epoch=%d G_loss=%.4f D_loss=%.4f reconstruction_loss=%.4f", epoch, row["G_loss"], row["D_loss"], row["reconstruction_loss"])
+                if on_epoch is not None:
+                    on_epoch(epoch, row, time.monotonic() - started)
             completed = epoch
             if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
                 save_checkpoint(epoch)

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.api.auth import Caller, require
 from dicom_node.db import notify_job_queued
-from dicom_node.models import Association, AuditEvent, Instance, Job, ModelVersion, Series, utcnow
+from dicom_node.models import Association, AuditEvent, Instance, Job, ModelVersion, Series, TrainingRun, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.errors import PacsUnavailable
 
@@ -331,6 +331,32 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         except (ModelMismatch, ValueError) as exc:
             raise HTTPException(409, str(exc)) from exc
         return {"id": chosen.id, "sha256": chosen.sha256, "active": True}
+
+    @app.get("/training/runs")
+    def list_training_runs(
+        caller: Caller = Depends(READ), state: Literal["running", "finished", "interrupted", "failed"] | None = None,
+        limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
+    ) -> dict[str, Any]:
+        """`mr2ct train` runs, newest first, without their losses (GET /training/runs/{id} has them)."""
+        query = select(TrainingRun).order_by(TrainingRun.id.desc())
+        if state:
+            query = query.where(TrainingRun.state == state)
+        with sessions() as session:
+            page = _page(session, query, limit, offset)
+        for item in page["items"]:
+            losses = item.pop("losses")
+            item["last_epoch"] = losses[-1] if losses else None
+            item.pop("config")
+        return page
+
+    @app.get("/training/runs/{run_id}")
+    def training_run_detail(run_id: ResourceId, caller: Caller = Depends(READ)) -> dict[str, Any]:
+        """One run with its configuration and the paper's Table 2 losses of every epoch so far."""
+        with sessions() as session:
+            run = session.get(TrainingRun, run_id)
+            if run is None:
+                raise HTTPException(404, f"no training run {run_id}")
+            return _row(run)
 
     @app.get("/audit", response_model=None)
     def read_audit(
