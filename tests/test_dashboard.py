@@ -1,5 +1,6 @@
 """The PACS administrator opens the dashboard in a real (headless) Chromium: logs in with a token,
-sees a finished job, and opens the MR/sCT preview; screenshots are kept as test artefacts."""
+sees a finished job, and opens the MR/sCT preview; the ML engineer sees a training run and its loss
+curves; screenshots are kept as test artefacts."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
-def test_log_in_see_a_finished_job_and_open_its_preview(node, tmp_path):
+def test_log_in_see_a_finished_job_its_preview_and_a_training_runs_losses(node, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.fail("Debian's chromium is not installed: run deploy/local/install.sh")
     from playwright.sync_api import sync_playwright
@@ -35,6 +36,11 @@ def test_log_in_see_a_finished_job_and_open_its_preview(node, tmp_path):
     env["MR2CT_DATABASE_URL"] = node.database_url
     token = subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", "create", "--role", "admin", "--name", "browser"],
                            capture_output=True, text=True, env=env, check=True).stdout.strip()
+    trained = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "--out", str(tmp_path / "run"), "--epochs", "3",
+                              "--steps-per-epoch", "2", "--batch-size", "2", "--subjects-per-pool", "2", "--image-size", "64", "--threads", "1"],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    run_id = int(trained.stderr.split("training run ")[1].split(":")[0])
     base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -64,6 +70,15 @@ def test_log_in_see_a_finished_job_and_open_its_preview(node, tmp_path):
             page.wait_for_function("document.querySelector('#preview') && document.querySelector('#preview').naturalWidth > 0", timeout=60_000)
             assert "explorer.html#study?uuid=" in page.get_attribute("#orthanc-link", "href")
             page.screenshot(path=str(ARTIFACTS / "dashboard-preview.png"), full_page=True)
+            page.goto(f"{base}/dashboard")
+            run = page.locator(f"#run-{run_id}")
+            assert run.locator(".finished").inner_text() == "finished" and "3/3" in run.inner_text()
+            run.locator("a.losses").click()
+            page.wait_for_function("document.querySelector('#losses') && document.querySelector('#losses').naturalWidth > 0", timeout=60_000)
+            page.screenshot(path=str(ARTIFACTS / "dashboard-training.png"), full_page=True)
         finally:
             browser.close()
     assert (ARTIFACTS / "dashboard-preview.png").stat().st_size > 10_000
+    assert (ARTIFACTS / "dashboard-training.png").stat().st_size > 10_000
+    # Without the login cookie the plot is not served.
+    assert httpx.get(f"{base}/dashboard/training/{run_id}/losses.png").status_code == 401

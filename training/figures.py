@@ -10,6 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -19,6 +20,12 @@ def loss_plot(losses_csv: Path, out: Path) -> Path:
         rows = list(csv.DictReader(fh))
     if not rows:
         raise ValueError(f"{losses_csv} has no epochs yet")
+    return loss_curves(rows, out)
+
+
+def loss_curves(rows: list[dict[str, Any]], out: Any, caption: str | None = None) -> Any:
+    """The loss plot of ``rows`` (one per epoch: ``epoch`` and the Table 2 losses, as losses.csv
+    or a training run in the database holds them) into a path or a binary file."""
     epochs = [int(r["epoch"]) for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     groups = {
@@ -31,8 +38,11 @@ def loss_plot(losses_csv: Path, out: Path) -> Path:
             ax.plot(epochs, [float(r[name]) for r in rows], label=name)
         ax.set_title(title)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
+    if caption:
+        fig.suptitle(caption)
     fig.tight_layout()
     fig.savefig(out, dpi=80, format="png")
     plt.close(fig)

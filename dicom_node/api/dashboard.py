@@ -1,6 +1,7 @@
 """A small server-rendered dashboard: jobs and their state, recent audit events, and for a finished
 job a side-by-side PNG of an MR slice and its sCT slice (brain and bone windows) with a link to the
-study in Orthanc Explorer. Login with an API token, kept in an HttpOnly cookie."""
+study in Orthanc Explorer; training runs with their loss curves, drawn from the database while they
+train. Login with an API token, kept in an HttpOnly cookie."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.api.auth import digest
-from dicom_node.models import ApiToken, AuditEvent, Instance, Job, Series
+from dicom_node.models import ApiToken, AuditEvent, Instance, Job, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.errors import PacsUnavailable
 
@@ -78,6 +79,7 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
             rows = session.execute(select(Job, Series).join(Series, Series.series_instance_uid == Job.series_instance_uid)
                                    .order_by(Job.id.desc()).limit(50)).all()
             events = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(25)).all()
+            runs = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(10)).all()
         job_rows = []
         for job, series in rows:
             preview = f"<a class='preview' href='/dashboard/jobs/{job.id}'>preview</a>" if job.state == "done" else ""
@@ -92,9 +94,21 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
             f"<tr><td>{e.at:%Y-%m-%d %H:%M:%S}</td><td>{html.escape(e.action)}</td><td>{html.escape(e.outcome)}</td>"
             f"<td>{html.escape(e.actor)}</td><td>{'' if e.job_id is None else e.job_id}</td></tr>" for e in events
         ]
+        run_rows = []
+        for run in runs:
+            last = run.losses[-1] if run.losses else {}
+            figures = " ".join(f"{name} {last[key]:.3f}" for name, key in (("G", "G_loss"), ("D", "D_loss"), ("rec", "reconstruction_loss")) if key in last)
+            run_rows.append(
+                f"<tr id='run-{run.id}'><td>{run.id}</td><td class='{html.escape(run.state)}'>{html.escape(run.state)}</td>"
+                f"<td>{run.epochs_completed}/{run.epochs_planned}</td><td>{figures}</td><td>{run.started_at:%Y-%m-%d %H:%M:%S}</td>"
+                f"<td><code>{html.escape((run.model_sha256 or '')[:12])}</code></td>"
+                f"<td><a class='losses' href='/dashboard/training/{run.id}'>losses</a></td></tr>"
+            )
         body = (f"<h1>mr2ct jobs</h1><p>Logged in as {html.escape(caller.name)} ({html.escape(caller.role)})</p>"
                 "<table id='jobs'><tr><th>job</th><th>state</th><th>series</th><th>instances</th><th>from</th><th>created</th>"
                 f"<th>took</th><th>device</th><th>error</th><th></th></tr>{''.join(job_rows)}</table>"
+                "<h1>training runs</h1><table id='training'><tr><th>run</th><th>state</th><th>epochs</th><th>last epoch</th>"
+                f"<th>started</th><th>model</th><th></th></tr>{''.join(run_rows)}</table>"
                 "<h1>recent audit events</h1><table id='audit'><tr><th>at</th><th>action</th><th>outcome</th><th>actor</th><th>job</th></tr>"
                 f"{''.join(event_rows)}</table>")
         return _page("mr2ct dashboard", body)
@@ -154,6 +168,38 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
         audit.record(sessions, "instances-accessed/preview", "success", f"api:{caller.name}", series_uid=job.ct_series_uid, job_id=job_id)
         buffer = io.BytesIO()
         mr_sct_preview(mr, hu, buffer)
+        return Response(buffer.getvalue(), media_type="image/png")
+
+    def _run(run_id: int, request: Request) -> TrainingRun:
+        if _caller(request, sessions) is None:
+            raise HTTPException(401, "log in on /dashboard first")
+        with sessions() as session:
+            run = session.get(TrainingRun, run_id)
+        if run is None:
+            raise HTTPException(404, f"no training run {run_id}")
+        return run
+
+    @router.get("/training/{run_id}")
+    def training_page(run_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:
+        if _caller(request, sessions) is None:
+            return login_form()
+        run = _run(run_id, request)
+        plot = (f"<img id='losses' alt='losses over epochs' src='/dashboard/training/{run.id}/losses.png'>" if run.losses
+                else "<p>No epoch has ended yet.</p>")
+        body = (f"<h1>training run {run.id}: {html.escape(run.state)}, epoch {run.epochs_completed} of {run.epochs_planned}</h1>"
+                f"<p><code>{html.escape(run.command)}</code></p><p>{html.escape(run.reason or '')}</p>{plot}"
+                "<p><a href='/dashboard'>back</a> (reload while it trains: the plot is drawn from the database each time)</p>")
+        return _page(f"mr2ct training run {run.id}", body)
+
+    @router.get("/training/{run_id}/losses.png")
+    def training_losses(run_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:
+        from training.figures import loss_curves
+
+        run = _run(run_id, request)
+        if not run.losses:
+            raise HTTPException(404, f"training run {run_id} has no finished epoch yet")
+        buffer = io.BytesIO()
+        loss_curves(run.losses, buffer, caption=f"run {run.id} ({run.state})")
         return Response(buffer.getvalue(), media_type="image/png")
 
     return router
