@@ -131,6 +131,10 @@ def train(
             recorder.end("failed", reason=str(exc))
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    except KeyboardInterrupt:  # before the first epoch (building the pools): nothing to save
+        if recorder:
+            recorder.end("interrupted")
+        raise
     except BaseException as exc:
         if recorder:
             recorder.end("failed", reason=f"{type(exc).__name__}: {exc}")

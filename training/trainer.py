@@ -528,8 +528,9 @@ def _generator(cfg: TrainConfig, device: torch.device) -> nn.Module:
 def draw_figures(run: Path, out: Path | None = None) -> list[Path]:
     """On demand, for a run that is still training or has stopped: ``losses.png`` from its
     ``losses.csv`` (every epoch so far) and ``samples.png`` from its latest ``checkpoint.pt`` (the
-    generator the run would export: the averaged one under --ema-decay), the same figures the run
-    draws when it ends. Written into ``out`` (default: the run folder). Returns the files written."""
+    generator the run would export: the averaged one under --ema-decay), the kind of figures the run
+    draws when it ends (its samples from the first subjects of its pools). Written into ``out``
+    (default: the run folder). Returns the files written."""
     from dataclasses import fields
 
     from training.figures import loss_plot
@@ -554,7 +555,11 @@ def draw_figures(run: Path, out: Path | None = None) -> list[Path]:
     g_ab.load_state_dict(state.get("ema_g_ab", state["nets"]["g_ab"]))
     g_ba.load_state_dict(state["nets"]["g_ba"])
     # A few subjects are enough for three sample rows: the first of the run's own pools.
-    mr_pool, ct_pool = pools_from_cache(cfg) if cfg.data else make_pools(replace(cfg, subjects_per_pool=min(3, cfg.subjects_per_pool)))
+    try:
+        mr_pool, ct_pool = pools_from_cache(cfg) if cfg.data else make_pools(replace(cfg, subjects_per_pool=min(3, cfg.subjects_per_pool)))
+    except (OSError, ValueError) as exc:
+        log.warning("the run's dataset cache %s cannot be read (%s): losses drawn, samples not", cfg.data, exc)
+        return written
     _figures(out, g_ab, g_ba, mr_pool, ct_pool, cfg, losses=False)
     return [*written, out / "samples.png"]
 
