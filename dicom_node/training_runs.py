@@ -9,6 +9,10 @@ run."""
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +28,21 @@ log = logging.getLogger(__name__)
 STATES = ("running", "finished", "interrupted", "failed")
 
 
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Ctrl-C waits until a database write is over: SIGINT is held back meanwhile and arrives
+    (as KeyboardInterrupt, which the trainer turns into a checkpoint) right after it. Raised
+    inside SQLAlchemy or sqlite3, it could leave a connection holding the database's lock."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class RunRecorder:
     def __init__(self, sessions: sessionmaker[Session], actor: str = "mr2ct train") -> None:
         self.sessions = sessions
@@ -36,7 +55,7 @@ class RunRecorder:
         after its checkpoint replaces the one recorded before). Raises SQLAlchemyError when the
         database does not answer: the caller stops before any training is done."""
         folder = str(Path(out_dir).resolve())
-        with self.sessions.begin() as session:
+        with uninterrupted(), self.sessions.begin() as session:
             row = None
             if resume:
                 row = session.scalars(select(TrainingRun).where(TrainingRun.out_dir == folder).order_by(TrainingRun.id.desc())).first()
@@ -49,7 +68,8 @@ class RunRecorder:
             row.updated_at = utcnow()
             session.flush()
             self.run_id = row.id
-        audit.record(self.sessions, "training-started", "success", self.actor, run_id=self.run_id, resumed=resume, epochs=int(config["epochs"]))
+        with uninterrupted():
+            audit.record(self.sessions, "training-started", "success", self.actor, run_id=self.run_id, resumed=resume, epochs=int(config["epochs"]))
         return self.run_id
 
     def epoch(self, epoch: int, losses: dict[str, float], seconds: float) -> None:
@@ -72,7 +92,8 @@ class RunRecorder:
         self._update(ended)
         outcome = "success" if state == "finished" else "warning" if state == "interrupted" else "failure"
         try:
-            audit.record(self.sessions, f"training-{state}", outcome, self.actor, run_id=self.run_id, model_sha256=model_sha256)
+            with uninterrupted():
+                audit.record(self.sessions, f"training-{state}", outcome, self.actor, run_id=self.run_id, model_sha256=model_sha256)
         except SQLAlchemyError as exc:
             self._warn(exc)
 
@@ -80,7 +101,7 @@ class RunRecorder:
         if self.run_id is None:
             return
         try:
-            with self.sessions.begin() as session:
+            with uninterrupted(), self.sessions.begin() as session:
                 row = session.get(TrainingRun, self.run_id)
                 if row is not None:
                     change(row)

@@ -384,3 +384,19 @@ def test_a_training_run_whose_database_does_not_open_stops_before_training_and_n
                              capture_output=True, text=True, timeout=300, env=env)
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_ctrl_c_during_a_database_write_arrives_right_after_it() -> None:
+    """The run's database writes hold Ctrl-C back (a KeyboardInterrupt inside SQLAlchemy or sqlite3
+    could leave the database locked); it still stops the run, at the next step."""
+    import signal
+
+    from dicom_node.training_runs import uninterrupted
+
+    reached = []
+    with pytest.raises(KeyboardInterrupt):
+        with uninterrupted():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached.append("the write finished")
+        reached.append("not reached")
+    assert reached == ["the write finished"]
