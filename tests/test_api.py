@@ -166,3 +166,27 @@ def test_a_training_run_is_in_the_api_with_its_losses_epoch_by_epoch(api, node, 
     assert missing.status_code == 404 and "no training run" in missing.json()["detail"]
     bad = httpx.get(f"{api['base']}/training/runs", params={"state": "sleeping"}, headers=api["auditor"])
     assert bad.status_code == 422
+
+
+def test_a_run_that_is_still_training_shows_each_epoch_as_it_ends(api, node, tmp_path):
+    """While a run trains, the API lists it as running with its epochs so far, and its dashboard page reloads itself."""
+    from dicom_node.training_runs import RunRecorder
+    from training.trainer import LOSS_NAMES
+
+    recorder = RunRecorder(init_db(node.database_url))
+    run_id = recorder.start(tmp_path / "live", "mr2ct train --out live", {"epochs": 5, "seed": 1})
+    cookie = {"mr2ct_token": api["admin_token"]}
+    page = httpx.get(f"{api['base']}/dashboard/training/{run_id}", cookies=cookie).text
+    assert "http-equiv='refresh'" in page and "No epoch has ended yet" in page
+    assert httpx.get(f"{api['base']}/dashboard/training/{run_id}/losses.png", cookies=cookie).status_code == 404
+    for epoch in (1, 2):
+        recorder.epoch(epoch, {name: 1.0 / epoch for name in LOSS_NAMES}, seconds=3.0 * epoch)
+    running = httpx.get(f"{api['base']}/training/runs", params={"state": "running"}, headers=api["auditor"]).json()
+    (live,) = [r for r in running["items"] if r["id"] == run_id]
+    assert live["epochs_completed"] == 2 and live["last_epoch"]["G_loss"] == 0.5 and live["epochs_planned"] == 5
+    plot = httpx.get(f"{api['base']}/dashboard/training/{run_id}/losses.png", cookies=cookie)
+    assert plot.status_code == 200 and plot.content[:4] == b"\x89PNG"
+    recorder.end("interrupted")
+    detail = httpx.get(f"{api['base']}/training/runs/{run_id}", headers=api["auditor"]).json()
+    assert detail["state"] == "interrupted" and detail["ended_at"] and [e["seconds"] for e in detail["losses"]] == [3.0, 6.0]
+    assert "http-equiv='refresh'" not in httpx.get(f"{api['base']}/dashboard/training/{run_id}", cookies=cookie).text

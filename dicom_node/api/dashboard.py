@@ -32,8 +32,9 @@ form{max-width:30rem} input{width:100%;padding:.4rem;margin:.4rem 0} button{padd
 """
 
 
-def _page(title: str, body: str) -> HTMLResponse:
-    return HTMLResponse(f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+def _page(title: str, body: str, refresh_seconds: int | None = None) -> HTMLResponse:
+    refresh = f"<meta http-equiv='refresh' content='{refresh_seconds}'>" if refresh_seconds else ""
+    return HTMLResponse(f"<!doctype html><html><head><meta charset='utf-8'>{refresh}<title>{html.escape(title)}</title>"
                         f"<style>{STYLE}</style></head><body>{body}</body></html>")
 
 
@@ -188,8 +189,8 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 else "<p>No epoch has ended yet.</p>")
         body = (f"<h1>training run {run.id}: {html.escape(run.state)}, epoch {run.epochs_completed} of {run.epochs_planned}</h1>"
                 f"<p><code>{html.escape(run.command)}</code></p><p>{html.escape(run.reason or '')}</p>{plot}"
-                "<p><a href='/dashboard'>back</a> (reload while it trains: the plot is drawn from the database each time)</p>")
-        return _page(f"mr2ct training run {run.id}", body)
+                "<p><a href='/dashboard'>back</a> (while it trains the page reloads every 30 s; the plot is drawn from the database each time)</p>")
+        return _page(f"mr2ct training run {run.id}", body, refresh_seconds=30 if run.state == "running" else None)
 
     @router.get("/training/{run_id}/losses.png")
     def training_losses(run_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:
