@@ -162,6 +162,12 @@ def test_a_training_run_is_in_the_api_with_its_losses_epoch_by_epoch(api, node, 
     assert {"ABA_reconstruction_loss", "BAB_reconstruction_loss", "DA_loss", "DB_loss", "D_loss", "G_AB_adversarial_loss",
             "G_BA_adversarial_loss", "G_loss", "reconstruction_loss"} <= set(detail["losses"][0])
     assert detail["model_sha256"] == json.loads((out / "model.json").read_text())["sha256"]
+    # Registered, the model leads back to the run that trained it.
+    registered = subprocess.run([sys.executable, "-m", "dicom_node.cli", "models", "register", str(out)], capture_output=True, text=True,
+                                timeout=300, env={**os.environ, "MR2CT_DATABASE_URL": node.database_url})
+    assert registered.returncode == 0, registered.stderr[-2000:]
+    model_id = int(registered.stdout.split()[1])
+    assert httpx.get(f"{api['base']}/models/{model_id}", headers=api["auditor"]).json()["training_runs"] == [listed["id"]]
     missing = httpx.get(f"{api['base']}/training/runs/999999", headers=api["auditor"])
     assert missing.status_code == 404 and "no training run" in missing.json()["detail"]
     bad = httpx.get(f"{api['base']}/training/runs", params={"state": "sleeping"}, headers=api["auditor"])

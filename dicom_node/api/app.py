@@ -316,7 +316,9 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             model = session.get(ModelVersion, model_id)
             if model is None:
                 raise HTTPException(404, f"no model {model_id}")
-            return _row(model)
+            # The recorded training runs that exported these weights (GET /training/runs/{id}: their losses).
+            runs = session.scalars(select(TrainingRun.id).where(TrainingRun.model_sha256 == model.sha256).order_by(TrainingRun.id)).all()
+            return {**_row(model), "training_runs": list(runs)}
 
     @app.post("/models/{model_id}/activate")
     def activate_model(model_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
