@@ -9,6 +9,9 @@
 # (stages 7-9, 12 minutes each).
 # Stage 9 is the shipped model (synthesis/models/mr2ct-phantom.*); the last line gives it 8 test-time
 # views (84 -> 66 HU on the same set), and `mr2ct evaluate --record` writes what it scores so into its card.
+# Those figures are one run's (2026-11-25, a Xeon with AMX). Re-run in full on 2026-11-30 on an EPYC (other bf16
+# kernels, so another GAN trajectory): 169 HU after stage 6, 112 after stage 9, 100.5 with the 8 views. GAN runs
+# differ from machine to machine: evaluate each stage, and try more than one seed, before you ship.
 #
 #   bash training/recipes/phantom_1mm.sh [OUT]      (default runs/phantom-1mm)
 set -euo pipefail
