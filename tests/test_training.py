@@ -189,8 +189,11 @@ def test_ctrl_c_saves_a_checkpoint_figures_on_demand_and_resume_finishes(tmp_pat
     import time
 
     out = tmp_path / "run"
+    # Ctrl-C as in a terminal: a suite started in the background (`cmd &` without job control) hands its
+    # children SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "train", "--out", str(out), *TINY, "--epochs", "500",
-                             "--checkpoint-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_database(tmp_path))
+                             "--checkpoint-every", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_database(tmp_path),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and not (out / "losses.csv").exists():
         time.sleep(0.5)
@@ -394,9 +397,13 @@ def test_ctrl_c_during_a_database_write_arrives_right_after_it() -> None:
     from dicom_node.training_runs import uninterrupted
 
     reached = []
-    with pytest.raises(KeyboardInterrupt):
-        with uninterrupted():
-            os.kill(os.getpid(), signal.SIGINT)
-            reached.append("the write finished")
-        reached.append("not reached")
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when the suite runs in the background
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with uninterrupted():
+                os.kill(os.getpid(), signal.SIGINT)
+                reached.append("the write finished")
+            reached.append("not reached")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert reached == ["the write finished"]

@@ -171,9 +171,7 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
         mr_sct_preview(mr, hu, buffer)
         return Response(buffer.getvalue(), media_type="image/png")
 
-    def _run(run_id: int, request: Request) -> TrainingRun:
-        if _caller(request, sessions) is None:
-            raise HTTPException(401, "log in on /dashboard first")
+    def _run(run_id: int) -> TrainingRun:
         with sessions() as session:
             run = session.get(TrainingRun, run_id)
         if run is None:
@@ -184,7 +182,7 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
     def training_page(run_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:
         if _caller(request, sessions) is None:
             return login_form()
-        run = _run(run_id, request)
+        run = _run(run_id)
         plot = (f"<img id='losses' alt='losses over epochs' src='/dashboard/training/{run.id}/losses.png'>" if run.losses
                 else "<p>No epoch has ended yet.</p>")
         body = (f"<h1>training run {run.id}: {html.escape(run.state)}, epoch {run.epochs_completed} of {run.epochs_planned}</h1>"
@@ -196,7 +194,9 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
     def training_losses(run_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:
         from training.figures import loss_curves
 
-        run = _run(run_id, request)
+        if _caller(request, sessions) is None:
+            raise HTTPException(401, "log in on /dashboard first")
+        run = _run(run_id)
         if not run.losses:
             raise HTTPException(404, f"training run {run_id} has no finished epoch yet")
         buffer = io.BytesIO()
