@@ -30,17 +30,22 @@ STATES = ("running", "finished", "interrupted", "failed")
 
 @contextmanager
 def uninterrupted() -> Iterator[None]:
-    """Ctrl-C waits until a database write is over: SIGINT is held back meanwhile and arrives
-    (as KeyboardInterrupt, which the trainer turns into a checkpoint) right after it. Raised
-    inside SQLAlchemy or sqlite3, it could leave a connection holding the database's lock."""
+    """Ctrl-C waits until a database write is over: meanwhile SIGINT is only noted, and the
+    handler that was there (KeyboardInterrupt, which the trainer turns into a checkpoint) gets it
+    right after. Raised inside SQLAlchemy or sqlite3, it could leave a connection holding the
+    database's lock. (A handler, not a signal mask: a mask covers one thread, and torch's threads
+    would take the signal.)"""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):  # SIG_IGN / SIG_DFL are not callable: ignored, or the default applies
+            previous(signal.SIGINT, None)
 
 
 class RunRecorder:
