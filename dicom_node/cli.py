@@ -6,7 +6,7 @@ import logging
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -268,8 +268,11 @@ def evaluate(
         help="none | mirror | dihedral instead of the card's (the paired upper bound is run the same way)")] = None,
     record: Annotated[bool, typer.Option(
         "--record", help="write this evaluation into the model's card as its metrics (the weights and their SHA-256 stay)")] = False,
+    pairs: Annotated[Optional[Path], typer.Option(
+        "--pairs", help="score on your own paired studies instead of phantoms: a folder of DICOM files where an MR series "
+                        "and a CT series of one patient share a frame of reference (registered); the CT is resampled onto the MR")] = None,
 ) -> None:
-    """Score a model on held-out paired phantoms: MAE/PSNR/SSIM against ground-truth CT and a linear baseline."""
+    """Score a model on held-out paired phantoms (or, with --pairs, on your own MR/CT pairs): MAE/PSNR/SSIM against ground-truth CT and a linear baseline."""
     import json
 
     from synthesis.errors import ModelMismatch
@@ -297,6 +300,13 @@ def evaluate(
             typer.echo(f"error: --test-time-augmentation must be one of {', '.join(TEST_TIME_AUGMENTATIONS)}, got {test_time_augmentation!r}", err=True)
             raise typer.Exit(2)
         loaded = replace(loaded, card={**loaded.card, "test_time_augmentation": test_time_augmentation})
+    if pairs is not None:
+        if record or paired_steps:
+            typer.echo("error: --pairs scores your own studies; --record and --paired-steps belong to the phantom evaluation "
+                       "(a card keeps phantom figures; the paired bound trains on phantoms)", err=True)
+            raise typer.Exit(2)
+        _evaluate_pairs(loaded, pairs, panel, json_only)
+        return
     quality = run_evaluation(loaded, subjects=subjects, slices=slices, panel=panel, first_subject=first_subject)
     paired = None
     if paired_steps > 0:
@@ -331,6 +341,62 @@ def evaluate(
             raise typer.Exit(2) from exc
         if not json_only:
             typer.echo(f"recorded in {card_path_for(loaded.weights_path)}")
+    typer.echo(json.dumps(report))
+
+
+def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only: bool) -> None:
+    """`mr2ct evaluate --pairs FOLDER`: the table and JSON report of a model on a hospital's own MR/CT pairs."""
+    import json
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from synthesis.errors import SeriesNotUsable
+    from training.evaluate import CT_BANDS, evaluate_pairs
+    from training.pairs import find_pairs
+
+    try:
+        found = find_pairs(folder)
+    except FileNotFoundError as exc:
+        typer.echo(f"error: --pairs: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    skipped = list(found.skipped)
+    if not found.pairs:
+        typer.echo(f"error: --pairs: no MR series in {folder} has a CT series of the same patient in its frame of reference "
+                   f"({found.files} DICOM files read)", err=True)
+        for reason in skipped:
+            typer.echo(f"  left out: {reason}", err=True)
+        raise typer.Exit(2)
+
+    def skip(pair: Any, reason: str) -> None:
+        skipped.append(f"{pair.mr.label()} with {pair.ct.label()}: {reason}")
+
+    try:
+        quality, results = evaluate_pairs(loaded, found.pairs, panel=panel, on_skip=skip)
+    except SeriesNotUsable as exc:
+        typer.echo(f"error: --pairs: {exc}", err=True)
+        for reason in skipped:
+            typer.echo(f"  left out: {reason}", err=True)
+        raise typer.Exit(2) from exc
+    if not json_only:
+        typer.echo(f"model {loaded.short_digest} (test-time augmentation {loaded.test_time_augmentation}) on {len(results)} MR/CT pair(s) "
+                   f"from {folder}: MAE {quality.mae_hu} HU (linear baseline {quality.baseline_mae_hu} HU), "
+                   f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")
+        bands = ", ".join(f"{name} " + (f"< {high:g}" if low == -np.inf else f">= {low:g}" if high == np.inf else f"{low:g} to {high:g}")
+                          for name, low, high in CT_BANDS)
+        typer.echo(f"  {'tissue':16s} {'MAE':>7s} {'bias':>7s} {'no level':>8s}   (HU, inside the body; tissue by the CT: {bands}; "
+                   "no level: the MAE left with each pair's own mean error taken away)")
+        for tissue, value in quality.mae_by_tissue.items():
+            typer.echo(f"  {tissue:16s} {value:7.1f} {quality.bias_by_tissue[tissue]:+7.1f} {quality.mae_level_removed_by_tissue[tissue]:8.1f}")
+        for i, r in enumerate(results, 1):
+            typer.echo(f"  pair {i}: MR {r.mr_series_uid}, CT {r.ct_series_uid}: {r.slices} slices, the CT reaches "
+                       f"{100 * r.ct_coverage:.0f} % of the MR's voxels, MAE {r.mae_hu} HU")
+        typer.echo(f"grid floor: the CT itself, taken to the model's {loaded.pixel_spacing_mm:g} mm grid and back, scores "
+                   f"{quality.grid_floor_mae_hu} HU")
+        for reason in skipped:
+            typer.echo(f"left out: {reason}")
+    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, "mae_paired_hu": None, "model_sha256": loaded.sha256,
+              "test_time_augmentation": loaded.test_time_augmentation, "pairs": [asdict(r) for r in results], "left_out": skipped}
     typer.echo(json.dumps(report))
 
 

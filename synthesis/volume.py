@@ -171,3 +171,50 @@ def assemble(datasets: list[Dataset]) -> SourceSeries:
         frames=[slices[i][1] for i in order],
         slice_thickness=[slices[i][2].slice_thickness for i in order],
     )
+
+
+def slice_points(volume: Volume, k: int) -> np.ndarray:
+    """Patient coordinates (LPS, mm) of the voxel centres of slice ``k``: (rows, columns, 3)."""
+    row, col = np.asarray(volume.orientation[:3]), np.asarray(volume.orientation[3:])
+    rows, columns = volume.voxels.shape[1:]
+    down = np.arange(rows)[:, None, None] * volume.pixel_spacing[0] * col
+    across = np.arange(columns)[None, :, None] * volume.pixel_spacing[1] * row
+    return volume.positions[k] + down + across
+
+
+def resample(moving: Volume, onto: Volume) -> np.ndarray:
+    """``moving``'s voxels sampled (trilinear) at the voxel centres of ``onto``, which must share its
+    frame of reference: (slices, rows, columns) of ``onto``, NaN where ``moving`` does not reach.
+
+    Slices of ``moving`` may be unevenly spaced or tilted (each slice's own position is used); a
+    single-slice ``moving`` is sampled only within half a pixel of its plane.
+    """
+    from scipy import ndimage
+
+    if moving.frame_of_reference_uid != onto.frame_of_reference_uid:
+        raise SeriesNotUsable("the two series do not share a frame of reference: their voxels cannot be matched")
+    row, col, normal = np.asarray(moving.orientation[:3]), np.asarray(moving.orientation[3:]), moving.normal
+    count, rows, columns = moving.voxels.shape
+    distances = moving.positions @ normal  # ascending: assemble sorts along the normal
+    tolerance = 1e-3  # voxels: a grid that matches ``moving``'s exactly is inside at its edges
+    out = np.empty(onto.voxels.shape, dtype=np.float32)
+    for k in range(len(onto.positions)):
+        points = slice_points(onto, k)
+        d = points @ normal
+        # The first and last planes are inside however the positions were rounded (DICOM's decimal strings).
+        d = np.where(np.abs(d - distances[0]) <= POSITION_TOLERANCE_MM, distances[0], d)
+        d = np.where(np.abs(d - distances[-1]) <= POSITION_TOLERANCE_MM, distances[-1], d)
+        if count == 1:
+            s = np.where(np.abs(d - distances[0]) <= 0.5 * min(moving.pixel_spacing), 0.0, np.nan)
+        else:
+            s = np.interp(d, distances, np.arange(count, dtype=np.float64), left=np.nan, right=np.nan)
+        inside_s = ~np.isnan(s)
+        s = np.nan_to_num(s, nan=0.0)
+        origin = np.stack([np.interp(s, np.arange(count), moving.positions[:, a]) for a in range(3)], axis=-1)
+        u = (points - origin) @ row / moving.pixel_spacing[1]  # column index
+        v = (points - origin) @ col / moving.pixel_spacing[0]  # row index
+        inside = inside_s & (u >= -tolerance) & (u <= columns - 1 + tolerance) & (v >= -tolerance) & (v <= rows - 1 + tolerance)
+        coords = np.stack([s, np.clip(v, 0, rows - 1), np.clip(u, 0, columns - 1)])
+        sampled = ndimage.map_coordinates(moving.voxels, coords, order=1, mode="nearest")
+        out[k] = np.where(inside, sampled, np.nan)
+    return out

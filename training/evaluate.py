@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from synthesis.errors import SeriesNotUsable
 from synthesis.infer import synthesize
 from synthesis.model_file import LoadedModel
 from synthesis.normalize import HU_MAX, HU_MIN, mr_to_unit
@@ -80,29 +81,55 @@ def paired_figures(paired: Quality | None) -> dict[str, Any]:
     return {"mae_paired_hu": paired.mae_hu if paired else None, "mae_paired_by_tissue": paired.mae_by_tissue if paired else None}
 
 
-def score(pred: np.ndarray, truth: np.ndarray, mr_unit: np.ndarray, labels: np.ndarray, subjects: int) -> Quality:
-    """Score an sCT against the ground-truth CT (pure: numbers come from the images only)."""
-    body = labels != phantoms.AIR
+@dataclass(frozen=True)
+class Scored:
+    """One head (or one patient's pair) to score: arrays of one shape, (slices, rows, columns)."""
+
+    pred: np.ndarray  # sCT, HU
+    truth: np.ndarray  # CT, HU
+    mr_unit: np.ndarray  # the normalised MR the linear baseline is fitted on
+    classes: np.ndarray  # tissue index per voxel (into the names given to score_sets)
+    body: np.ndarray  # where MAE, PSNR and the baseline are taken
+
+
+def score_sets(sets: list[Scored], names: list[str]) -> Quality:
+    """Score sCTs against their ground-truth CTs (pure: numbers come from the images only). MAE
+    and PSNR pool the body voxels of every set; SSIM is the mean over all slices; per tissue, the
+    "no level" MAE takes each set's own mean error away."""
+    mr_body = np.concatenate([s.mr_unit[s.body] for s in sets])
+    truth_body = np.concatenate([s.truth[s.body] for s in sets])
+    pred_body = np.concatenate([s.pred[s.body] for s in sets])
     # Naive baseline: least-squares line from normalised MR to HU, fitted inside the body of this very data.
-    slope, intercept = np.polyfit(mr_unit[body], truth[body], 1)
-    baseline = np.clip(slope * mr_unit + intercept, HU_MIN, HU_MAX)
-    baseline[~body] = -1000.0  # give the baseline a perfect background too
+    slope, intercept = np.polyfit(mr_body, truth_body, 1)
+    baseline = np.clip(slope * mr_body + intercept, HU_MIN, HU_MAX)
+    everywhere = np.ones(len(truth_body), dtype=bool)
+    slices = sum(len(s.pred) for s in sets)
     by_tissue, bias, level_removed = {}, {}, {}
-    heads = labels.reshape(subjects, -1)  # subjects are stacked along slices, the same number each
-    errors = (pred - truth).reshape(subjects, -1)
-    for i, name in enumerate(phantoms.TISSUE_NAMES):
-        tissue = heads == i
-        if tissue.any():
-            error = errors[tissue]
+    for i, name in enumerate(names):
+        errors = [(s.pred - s.truth)[s.classes == i] for s in sets]
+        if any(len(e) for e in errors):
+            error = np.concatenate(errors)
             by_tissue[name], bias[name] = round(float(np.abs(error).mean()), 1), round(float(error.mean()), 1)
-            spread = [errors[h][tissue[h]] - errors[h][tissue[h]].mean() for h in range(subjects) if tissue[h].any()]
+            spread = [e - e.mean() for e in errors if len(e)]
             level_removed[name] = round(float(np.abs(np.concatenate(spread)).mean()), 1)
     return Quality(
-        subjects=subjects, slices=int(pred.shape[0]), mae_hu=round(mae(pred, truth, body), 2), psnr_db=round(psnr(pred, truth, body), 2),
-        ssim=round(ssim(pred, truth), 4), baseline_mae_hu=round(mae(baseline, truth, body), 2),
-        baseline_psnr_db=round(psnr(baseline, truth, body), 2), mae_by_tissue=by_tissue, bias_by_tissue=bias,
+        subjects=len(sets), slices=slices, mae_hu=round(mae(pred_body, truth_body, everywhere), 2),
+        psnr_db=round(psnr(pred_body, truth_body, everywhere), 2),
+        ssim=round(sum(ssim(s.pred, s.truth) * len(s.pred) for s in sets) / slices, 4),
+        baseline_mae_hu=round(mae(baseline, truth_body, everywhere), 2),
+        baseline_psnr_db=round(psnr(baseline, truth_body, everywhere), 2), mae_by_tissue=by_tissue, bias_by_tissue=bias,
         mae_level_removed_by_tissue=level_removed,
     )
+
+
+def score(pred: np.ndarray, truth: np.ndarray, mr_unit: np.ndarray, labels: np.ndarray, subjects: int) -> Quality:
+    """Score phantom heads stacked along slices (the same number each), by their tissue labels."""
+    heads = [
+        Scored(*(a.reshape(subjects, -1, *a.shape[1:])[h] for a in (pred, truth, mr_unit, labels)),
+               body=labels.reshape(subjects, -1, *labels.shape[1:])[h] != phantoms.AIR)
+        for h in range(subjects)
+    ]
+    return score_sets(heads, phantoms.TISSUE_NAMES)
 
 
 def held_out(subjects: int, slices: int, size: int, pixel_spacing: float, first_subject: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -139,7 +166,69 @@ def evaluate(model: LoadedModel, subjects: int = 4, slices: int = 24, size: int 
     return quality
 
 
-def grid_round_trip(ct: np.ndarray, mr_unit: np.ndarray, pixel_spacing: float, model: LoadedModel) -> np.ndarray:
+# Tissue classes on a patient's CT (no labels there): HU bands of the ground truth, as sCT papers report them.
+CT_BANDS = (("air", -np.inf, -200.0), ("soft tissue", -200.0, 250.0), ("bone", 250.0, np.inf))
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """One patient's pair in a ``--pairs`` evaluation (series named by UID: no patient identifiers)."""
+
+    mr_series_uid: str
+    ct_series_uid: str
+    slices: int
+    body_voxels: int
+    ct_coverage: float  # share of the MR's voxels the CT reaches
+    mae_hu: float
+
+
+def evaluate_pairs(model: LoadedModel, pairs: list[Any], device: torch.device | None = None, panel: Any = None,
+                   on_skip: Any = None) -> tuple[Quality, list[PairResult]]:
+    """Run the model on each MR series of ``pairs`` (``training.pairs.PairFiles``) exactly as the node
+    does, and score the sCT against the CT resampled onto the MR's voxels, inside the body. Tissue
+    rows are the CT's HU bands (``CT_BANDS``). Outside the body both images read -1000 HU for SSIM,
+    so the couch and what the CT does not reach do not count. A pair that cannot be read or matched
+    is passed to ``on_skip(pair, reason)`` and left out."""
+    from training.pairs import load
+
+    device = device or torch.device("cpu")
+    sets, results, floors = [], [], []
+    shown = None
+    for pair in pairs:
+        try:
+            loaded = load(pair)
+        except SeriesNotUsable as exc:
+            if on_skip is None:
+                raise
+            on_skip(pair, str(exc))
+            continue
+        volume = loaded.mr.volume
+        pred = synthesize(volume.voxels, volume.pixel_spacing, model, device, batch_size=8)
+        truth = np.where(loaded.body, np.nan_to_num(loaded.ct_hu, nan=-1000.0), -1000.0).astype(np.float32)
+        pred = np.where(loaded.body, pred, -1000.0).astype(np.float32)
+        norm = model.card.get("normalization", {})
+        mr_unit = mr_to_unit(volume.voxels, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
+        classes = np.where(loaded.body, np.digitize(truth, [high for _, _, high in CT_BANDS[:-1]]), -1)
+        sets.append(Scored(pred, truth, mr_unit, classes, loaded.body))
+        floor = grid_round_trip(truth[None], mr_unit[None], volume.pixel_spacing, model)[0]
+        floors.append(np.abs(floor - truth)[loaded.body])
+        results.append(PairResult(pair.mr.series_uid, pair.ct.series_uid, len(pred), int(loaded.body.sum()),
+                                  round(float(np.mean(~np.isnan(loaded.ct_hu))), 3), round(mae(pred, truth, loaded.body), 2)))
+        if shown is None:
+            k = int(np.argmax(loaded.body.sum(axis=(1, 2))))  # the slice with the most body
+            shown = (mr_unit[k], truth[k], pred[k])
+    if not sets:
+        raise SeriesNotUsable("no pair could be scored")
+    quality = replace(score_sets(sets, [name for name, _, _ in CT_BANDS]),
+                      grid_floor_mae_hu=round(float(np.concatenate(floors).mean()), 2))
+    if panel is not None and shown is not None:
+        from training.figures import error_panel
+
+        error_panel(*shown, panel)
+    return quality, results
+
+
+def grid_round_trip(ct: np.ndarray, mr_unit: np.ndarray, pixel_spacing: float | tuple[float, float], model: LoadedModel) -> np.ndarray:
     """The ground-truth CT (subjects, slices, rows, cols) as a perfect model on ``model``'s grid
     would deliver it: taken to the grid and back to the MR matrix the way inference goes back,
     within the model's HU range."""
@@ -148,7 +237,8 @@ def grid_round_trip(ct: np.ndarray, mr_unit: np.ndarray, pixel_spacing: float, m
 
     out = np.empty_like(ct)
     for s, (truth, guide) in enumerate(zip(ct, mr_unit)):
-        grid = model_grid(truth.shape[-2:], (pixel_spacing, pixel_spacing), model.pixel_spacing_mm)
+        spacing = pixel_spacing if isinstance(pixel_spacing, tuple) else (pixel_spacing, pixel_spacing)
+        grid = model_grid(truth.shape[-2:], spacing, model.pixel_spacing_mm)
         mr_t = torch.from_numpy(np.ascontiguousarray(guide, dtype=np.float32))[:, None]
         ct_t = torch.from_numpy(hu_to_unit(truth, model.hu_range))[:, None]
         back = to_mr_matrix(mr_t, to_grid(mr_t, grid), to_grid(ct_t, grid)).clamp(-1.0, 1.0)

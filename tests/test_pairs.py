@@ -1,0 +1,122 @@
+"""`mr2ct evaluate --pairs`: a model scored on a hospital's own MR/CT pairs (DICOM files), the CT
+resampled onto the MR's voxels in patient space. Phantom pairs written as DICOM stand in for
+patients: the same heads the phantom evaluation scores, so the two paths must agree."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from synthesis.errors import SeriesNotUsable
+from synthesis.volume import Volume, resample
+from training import phantoms
+from training.evaluate import HELD_OUT_SEED_BASE
+from training.phantom_dicom import write_mr_series
+
+
+def _volume(grid: phantoms.Grid, voxels: np.ndarray, frame: str = "1.2.826.0.1.3680043.8.498.1") -> Volume:
+    positions = np.array([grid.position(k) for k in range(len(grid.slice_offsets))])
+    return Volume(voxels.astype(np.float32), (grid.pixel_spacing, grid.pixel_spacing), tuple(grid.orientation), positions, frame)  # type: ignore[arg-type]
+
+
+def _linear(grid: phantoms.Grid) -> np.ndarray:
+    z, y, x = grid.coordinates()
+    return 2.0 * x + 3.0 * y - z
+
+
+def test_resampling_follows_patient_space_and_leaves_what_the_ct_does_not_reach_empty() -> None:
+    """Trilinear sampling reproduces a field linear in patient coordinates exactly, across
+    orientations, spacings and extents; points beyond the moving volume are NaN."""
+    mr = phantoms.oriented_grid("oblique", 6, 160, 160, 1.5, 6.0)
+    ct = phantoms.oriented_grid("axial", 40, 130, 130, 2.0, 3.0)  # 258 mm square, 117 mm long
+    sampled = resample(_volume(ct, _linear(ct)), _volume(mr, _linear(mr)))
+    z, y, x = mr.coordinates()
+    well_inside = (np.abs(x) < 128) & (np.abs(y) < 128) & (np.abs(z) < 58)
+    outside = (np.abs(x) > 129.01) | (np.abs(y) > 129.01) | (np.abs(z) > 58.51)
+    assert well_inside.sum() > 0.9 * well_inside.size and outside.sum() > 1000
+    assert not np.isnan(sampled[well_inside]).any()
+    assert np.abs(sampled[well_inside] - _linear(mr)[well_inside]).max() < 0.01
+    assert np.isnan(sampled[outside]).all()
+    # A volume onto itself is itself, edges included.
+    same = _volume(mr, _linear(mr))
+    assert np.array_equal(resample(same, same), same.voxels)
+    with pytest.raises(SeriesNotUsable, match="frame of reference"):
+        resample(_volume(ct, _linear(ct), frame="1.2.3"), same)
+
+
+def _pair(folder: Path, subject: int, patient: str, **ct_grid: float) -> tuple[str, str]:
+    """Held-out phantom subject ``subject`` (as `mr2ct evaluate` scores it: 4 slices 30 mm apart,
+    1 mm) as an MR series and a CT series in one frame of reference, the CT on its own grid."""
+    mr = write_mr_series(folder / "mr", seed=HELD_OUT_SEED_BASE + subject, slices=4, size=256, pixel_spacing=1.0,
+                         slice_spacing=30.0, patient_id=patient)
+    grid = {"slices": 4, "size": 256, "pixel_spacing": 1.0, "slice_spacing": 30.0, **ct_grid}
+    ct = write_mr_series(folder / "ct", seed=HELD_OUT_SEED_BASE + subject, modality="CT", study_uid=mr.study_uid,
+                         patient_id=patient, **grid)  # type: ignore[arg-type]
+    for path in ct.files:  # registered to the MR, as a planning CT and its MR are
+        ds = pydicom.dcmread(path)
+        ds.FrameOfReferenceUID = mr.frame_of_reference_uid
+        ds.save_as(path)
+    return mr.series_uid, ct.series_uid
+
+
+def _evaluate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", *args], capture_output=True, text=True, timeout=600)
+
+
+def test_evaluate_pairs_scores_dicom_pairs_as_the_phantom_evaluation_scores_the_same_heads(tmp_path: Path) -> None:
+    matched = tmp_path / "matched"
+    uids = [_pair(matched / f"patient-{s}", s, f"PAT{s}") for s in range(2)]
+    write_mr_series(matched / "mr-without-ct", seed=5, slices=4, size=64, pixel_spacing=4.0, slice_spacing=30.0, patient_id="PAT9")
+    (matched / "README.txt").write_text("not DICOM")
+    phantom = _evaluate("--json", "--subjects", "2", "--slices", "4")
+    assert phantom.returncode == 0, phantom.stderr
+    panel = tmp_path / "panel.png"
+    result = _evaluate("--pairs", str(matched), "--panel", str(panel))
+    assert result.returncode == 0, result.stderr
+    report, expected = json.loads(result.stdout.strip().splitlines()[-1]), json.loads(phantom.stdout.strip().splitlines()[-1])
+    # Same heads, same model: the same MAE up to the body outline (here the sinus air inside the head
+    # counts) and the CT stored as whole HU.
+    assert report["mae_hu"] == pytest.approx(expected["mae_hu"], abs=1.5)
+    assert report["mae_linear_hu"] == pytest.approx(expected["mae_linear_hu"], rel=0.05)
+    assert report["mae_hu"] < report["mae_linear_hu"] and report["mae_paired_hu"] is None
+    assert {(p["mr_series_uid"], p["ct_series_uid"]) for p in report["pairs"]} == set(uids)
+    assert all(p["ct_coverage"] == 1.0 and p["slices"] == 4 for p in report["pairs"])
+    assert set(report["mae_by_tissue"]) == {"air", "soft tissue", "bone"}
+    assert report["mae_by_tissue"]["bone"] > report["mae_by_tissue"]["soft tissue"]
+    assert any("not DICOM" in reason for reason in report["left_out"])
+    assert any("no CT series of the same patient" in reason for reason in report["left_out"])
+    assert panel.stat().st_size > 10_000
+    assert "PAT0" not in result.stdout + result.stderr and "PHANTOM^HEAD" not in result.stdout + result.stderr
+
+    # The CT on its own finer grid, not aligned with the MR's voxels (0.9 mm, 2 mm slices): resampled
+    # in patient space it scores near the aligned one (a sharper truth interpolated, not another head).
+    # A CT that reaches half of the MR's slices is scored there only.
+    own_grid = tmp_path / "own-grid"
+    _pair(own_grid / "patient-0", 0, "PAT0", slices=61, size=300, pixel_spacing=0.9, slice_spacing=2.0)
+    _pair(own_grid / "patient-1", 1, "PAT1", slices=31, size=256, pixel_spacing=1.0, slice_spacing=1.0)
+    resampled = _evaluate("--pairs", str(own_grid), "--json")
+    assert resampled.returncode == 0, resampled.stderr
+    scores = json.loads(resampled.stdout.strip().splitlines()[-1])
+    coverage = sorted(p["ct_coverage"] for p in scores["pairs"])
+    assert coverage == [0.5, 1.0]
+    aligned = {p["mr_series_uid"]: p["mae_hu"] for p in report["pairs"]}
+    for p in scores["pairs"]:
+        if p["ct_coverage"] == 1.0:
+            assert p["mae_hu"] == pytest.approx(aligned[p["mr_series_uid"]], rel=0.15)
+
+
+def test_evaluate_pairs_says_why_nothing_could_be_scored(tmp_path: Path) -> None:
+    write_mr_series(tmp_path / "only-mr", seed=3, slices=4, size=64, pixel_spacing=4.0, slice_spacing=30.0)
+    result = _evaluate("--pairs", str(tmp_path))
+    assert result.returncode == 2
+    assert "no MR series" in result.stderr and "no CT series of the same patient in its frame of reference" in result.stderr
+    missing = _evaluate("--pairs", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "no such folder" in missing.stderr
+    recorded = _evaluate("--pairs", str(tmp_path), "--record")
+    assert recorded.returncode == 2 and "--record" in recorded.stderr
