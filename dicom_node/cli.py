@@ -270,7 +270,8 @@ def evaluate(
         "--record", help="write this evaluation into the model's card as its metrics (the weights and their SHA-256 stay)")] = False,
     pairs: Annotated[Optional[Path], typer.Option(
         "--pairs", help="score on your own paired studies instead of phantoms: a folder of DICOM files where an MR series "
-                        "and a CT series of one patient share a frame of reference (registered); the CT is resampled onto the MR")] = None,
+                        "and a CT series of one patient share a frame of reference, or a spatial registration (REG) there "
+                        "relates their frames; the CT is resampled onto the MR")] = None,
 ) -> None:
     """Score a model on held-out paired phantoms (or, with --pairs, on your own MR/CT pairs): MAE/PSNR/SSIM against ground-truth CT and a linear baseline."""
     import json
@@ -389,7 +390,8 @@ def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only:
         for tissue, value in quality.mae_by_tissue.items():
             typer.echo(f"  {tissue:16s} {value:7.1f} {quality.bias_by_tissue[tissue]:+7.1f} {quality.mae_level_removed_by_tissue[tissue]:8.1f}")
         for i, r in enumerate(results, 1):
-            typer.echo(f"  pair {i}: MR {r.mr_series_uid}, CT {r.ct_series_uid}: {r.slices} slices, the CT reaches "
+            typer.echo(f"  pair {i}: MR {r.mr_series_uid}, CT {r.ct_series_uid}"
+                       + (f" (registered by {r.registration})" if r.registration else "") + f": {r.slices} slices, the CT reaches "
                        f"{100 * r.ct_coverage:.0f} % of the MR's voxels, MAE {r.mae_hu} HU")
         typer.echo(f"grid floor: the CT itself, taken to the model's {loaded.pixel_spacing_mm:g} mm grid and back, scores "
                    f"{quality.grid_floor_mae_hu} HU")

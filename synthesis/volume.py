@@ -182,17 +182,19 @@ def slice_points(volume: Volume, k: int) -> np.ndarray:
     return volume.positions[k] + down + across
 
 
-def resample(moving: Volume, onto: Volume) -> np.ndarray:
-    """``moving``'s voxels sampled (trilinear) at the voxel centres of ``onto``, which must share its
-    frame of reference: (slices, rows, columns) of ``onto``, NaN where ``moving`` does not reach.
+def resample(moving: Volume, onto: Volume, onto_to_moving: np.ndarray | None = None) -> np.ndarray:
+    """``moving``'s voxels sampled (trilinear) at the voxel centres of ``onto``: (slices, rows,
+    columns) of ``onto``, NaN where ``moving`` does not reach. The two share a frame of reference,
+    or ``onto_to_moving`` (4x4, homogeneous) takes ``onto``'s patient coordinates into ``moving``'s
+    (a spatial registration between their frames).
 
     Slices of ``moving`` may be unevenly spaced or tilted (each slice's own position is used); a
     single-slice ``moving`` is sampled only within half a pixel of its plane.
     """
     from scipy import ndimage
 
-    if moving.frame_of_reference_uid != onto.frame_of_reference_uid:
-        raise SeriesNotUsable("the two series do not share a frame of reference: their voxels cannot be matched")
+    if onto_to_moving is None and moving.frame_of_reference_uid != onto.frame_of_reference_uid:
+        raise SeriesNotUsable("the two series do not share a frame of reference (and no registration relates them): their voxels cannot be matched")
     row, col, normal = np.asarray(moving.orientation[:3]), np.asarray(moving.orientation[3:]), moving.normal
     count, rows, columns = moving.voxels.shape
     distances = moving.positions @ normal  # ascending: assemble sorts along the normal
@@ -200,6 +202,8 @@ def resample(moving: Volume, onto: Volume) -> np.ndarray:
     out = np.empty(onto.voxels.shape, dtype=np.float32)
     for k in range(len(onto.positions)):
         points = slice_points(onto, k)
+        if onto_to_moving is not None:
+            points = points @ onto_to_moving[:3, :3].T + onto_to_moving[:3, 3]
         d = points @ normal
         # The first and last planes are inside however the positions were rounded (DICOM's decimal strings).
         d = np.where(np.abs(d - distances[0]) <= POSITION_TOLERANCE_MM, distances[0], d)

@@ -120,3 +120,84 @@ def test_evaluate_pairs_says_why_nothing_could_be_scored(tmp_path: Path) -> None
     assert missing.returncode == 2 and "no such folder" in missing.stderr
     recorded = _evaluate("--pairs", str(tmp_path), "--record")
     assert recorded.returncode == 2 and "--record" in recorded.stderr
+
+
+def _registration(path: Path, mr_frame: str, ct_frame: str, ct_to_mr: np.ndarray, patient: str) -> str:
+    """A Spatial Registration whose registered frame is the MR's: the CT's item carries the matrix
+    that takes CT coordinates into the MR's (PS3.3 C.20.2)."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+
+    def item(frame: str, matrix: np.ndarray) -> Dataset:
+        m = Dataset()
+        m.FrameOfReferenceTransformationMatrix = [f"{v:.6f}".rstrip("0").rstrip(".") or "0" for v in matrix.ravel()]
+        m.FrameOfReferenceTransformationMatrixType = "RIGID"
+        registration = Dataset()
+        registration.MatrixSequence = [m]
+        registration.RegistrationTypeCodeSequence = []
+        entry = Dataset()
+        entry.FrameOfReferenceUID = frame
+        entry.MatrixRegistrationSequence = [registration]
+        return entry
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.1"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientID, ds.SeriesInstanceUID = "REG", patient, generate_uid()
+    ds.FrameOfReferenceUID = mr_frame
+    ds.RegistrationSequence = [item(mr_frame, np.eye(4)), item(ct_frame, ct_to_mr)]
+    ds.save_as(path, enforce_file_format=True)
+    return str(ds.SeriesInstanceUID)
+
+
+def test_evaluate_pairs_follows_a_spatial_registration_between_the_mr_and_ct_frames(tmp_path: Path) -> None:
+    """A planning CT in its own frame, related to the MR's by a REG: the CT is scored where the
+    registration puts it. Here its frame is the MR's turned 90 degrees about the patient's axis
+    and shifted by whole pixels, so the registered CT lands on the MR's voxels exactly and scores
+    as the CT in the MR's own frame does; without the REG the pair is not made."""
+    from pydicom.uid import generate_uid
+
+    same = tmp_path / "same-frame"
+    mr_uid, _ = _pair(same / "patient", 0, "PAT0")
+    reference = _evaluate("--pairs", str(same), "--json")
+    assert reference.returncode == 0, reference.stderr
+
+    registered = tmp_path / "registered"
+    _pair(registered / "patient", 0, "PAT0")
+    turn = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    shift = np.array([12.0, -7.0, 0.0])
+    ct_frame = generate_uid()
+    mr_frame = ""
+    for path in sorted((registered / "patient" / "ct").glob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        mr_frame = str(ds.FrameOfReferenceUID)
+        position = turn @ np.array([float(v) for v in ds.ImagePositionPatient]) + shift
+        orientation = [float(v) for v in ds.ImageOrientationPatient]
+        ds.ImagePositionPatient = [f"{v:.6f}".rstrip("0").rstrip(".") or "0" for v in position]
+        ds.ImageOrientationPatient = [f"{v:.6f}".rstrip("0").rstrip(".") or "0" for v in [*(turn @ orientation[:3]), *(turn @ orientation[3:])]]
+        ds.FrameOfReferenceUID = ct_frame
+        ds.save_as(path)
+    unrelated = _evaluate("--pairs", str(registered))
+    assert unrelated.returncode == 2 and "or registered to it" in unrelated.stderr
+
+    ct_to_mr = np.eye(4)
+    ct_to_mr[:3, :3], ct_to_mr[:3, 3] = turn.T, -turn.T @ shift
+    reg_uid = _registration(registered / "reg.dcm", mr_frame, ct_frame, ct_to_mr, "PAT0")
+    result = _evaluate("--pairs", str(registered))
+    assert result.returncode == 0, result.stderr
+    assert f"(registered by {reg_uid})" in result.stdout
+    report, expected = json.loads(result.stdout.strip().splitlines()[-1]), json.loads(reference.stdout.strip().splitlines()[-1])
+    assert report["pairs"][0]["mr_series_uid"] == mr_uid and report["pairs"][0]["registration"] == reg_uid
+    assert report["pairs"][0]["ct_coverage"] == 1.0
+    assert report["mae_hu"] == pytest.approx(expected["mae_hu"], abs=0.01)
+
+    # A registration the other way round (the matrix inverted) puts the CT elsewhere: scored, and far worse.
+    (registered / "reg.dcm").unlink()
+    _registration(registered / "reg.dcm", mr_frame, ct_frame, np.linalg.inv(ct_to_mr), "PAT0")
+    wrong = _evaluate("--pairs", str(registered), "--json")
+    assert wrong.returncode == 0, wrong.stderr
+    assert json.loads(wrong.stdout.strip().splitlines()[-1])["mae_hu"] > 2 * expected["mae_hu"]

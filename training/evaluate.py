@@ -180,6 +180,7 @@ class PairResult:
     body_voxels: int
     ct_coverage: float  # share of the MR's voxels the CT reaches
     mae_hu: float
+    registration: str | None = None  # the spatial registration series relating the two frames (None: one frame)
 
 
 def evaluate_pairs(model: LoadedModel, pairs: list[Any], device: torch.device | None = None, panel: Any = None,
@@ -213,7 +214,8 @@ def evaluate_pairs(model: LoadedModel, pairs: list[Any], device: torch.device | 
         floor = grid_round_trip(truth[None], mr_unit[None], volume.pixel_spacing, model)[0]
         floors.append(np.abs(floor - truth)[loaded.body])
         results.append(PairResult(pair.mr.series_uid, pair.ct.series_uid, len(pred), int(loaded.body.sum()),
-                                  round(float(np.mean(~np.isnan(loaded.ct_hu))), 3), round(mae(pred, truth, loaded.body), 2)))
+                                  round(float(np.mean(~np.isnan(loaded.ct_hu))), 3), round(mae(pred, truth, loaded.body), 2),
+                                  pair.registration))
         if shown is None:
             k = int(np.argmax(loaded.body.sum(axis=(1, 2))))  # the slice with the most body
             shown = (mr_unit[k], truth[k], pred[k])

@@ -2,7 +2,8 @@
 model on, so that a hospital can measure a model on its own patients (e.g. radiotherapy patients
 whose MR is registered to their planning CT) and not only on phantoms.
 
-An MR series and a CT series pair when they share a Frame of Reference (and a patient): their
+An MR series and a CT series pair when they share a Frame of Reference (and a patient), or when a
+Spatial Registration in the folder relates their frames (an MR registered to a planning CT): their
 voxels are then matched in patient space, the CT resampled onto the MR's voxels. Nothing here
 prints or returns a patient identifier; series are named by their UIDs and descriptions.
 """
@@ -21,6 +22,7 @@ from synthesis.errors import SeriesNotUsable
 from synthesis.volume import SourceSeries, assemble, resample
 
 BODY_THRESHOLD_HU = -500.0
+SPATIAL_REGISTRATION = "1.2.840.10008.5.1.4.1.1.66.1"
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class SeriesFiles:
 class PairFiles:
     mr: SeriesFiles
     ct: SeriesFiles
+    mr_to_ct: tuple[tuple[float, ...], ...] | None = None  # 4x4: MR patient coordinates into the CT's (other frames)
+    registration: str | None = None  # the spatial registration series that relates the two frames
 
 
 @dataclass(frozen=True)
@@ -56,10 +60,36 @@ class Pair:
     body: np.ndarray  # inside the body (from the CT, holes filled) and inside the CT's extent
 
 
+def registrations(ds: pydicom.Dataset) -> dict[tuple[str, str], np.ndarray]:
+    """The frame-to-frame transforms of a Spatial Registration instance (PS3.3 C.20.2): each item's
+    matrix takes its frame's coordinates into the registered frame (the instance's own), so any two
+    frames it names are related: ``{(from, to): 4x4}``. Raises ValueError naming what is wrong."""
+    registered = str(ds.get("FrameOfReferenceUID", "") or "")
+    if not registered:
+        raise ValueError("it has no FrameOfReferenceUID")
+    to_registered = {registered: np.eye(4)}
+    for item in ds.get("RegistrationSequence", []):
+        frame = str(item.get("FrameOfReferenceUID", "") or "")
+        matrices = [m for r in item.get("MatrixRegistrationSequence", []) for m in r.get("MatrixSequence", [])]
+        if not frame:
+            raise ValueError("a registration item names images, not a frame of reference (not supported)")
+        if len(matrices) != 1:
+            raise ValueError(f"the item for frame {frame} has {len(matrices)} matrices (one is supported)")
+        values = [float(v) for v in matrices[0].get("FrameOfReferenceTransformationMatrix", [])]
+        if len(values) != 16:
+            raise ValueError(f"the item for frame {frame} has no 4x4 FrameOfReferenceTransformationMatrix")
+        matrix = np.array(values).reshape(4, 4)  # row-major
+        if not np.allclose(matrix[3], [0, 0, 0, 1]) or abs(np.linalg.det(matrix[:3, :3])) < 1e-6:
+            raise ValueError(f"the matrix for frame {frame} is not an invertible affine transform")
+        to_registered[frame] = matrix
+    return {(a, b): np.linalg.inv(mb) @ ma for a, ma in to_registered.items() for b, mb in to_registered.items() if a != b}
+
+
 def find_pairs(folder: Path) -> Found:
     """Every MR series in ``folder`` (searched recursively) with a CT series of the same patient in
-    its Frame of Reference. Where one frame of reference holds several CT series, the one with the
-    most instances is taken (and the others named in ``skipped``)."""
+    its Frame of Reference, or in a frame a Spatial Registration (REG) in the folder relates to
+    its own. A CT in the MR's own frame comes first; among several, the one with the most
+    instances is taken (the others are named in ``skipped``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}")
@@ -76,33 +106,50 @@ def find_pairs(folder: Path) -> Found:
         else:
             not_dicom += 1
     skipped = [f"{not_dicom} file(s) that are not DICOM images"] if not_dicom else []
-    series = []
+    series, transforms = [], {}
     for uid, members in by_series.items():
         first = members[0][1]
-        series.append(SeriesFiles(
+        found = SeriesFiles(
             series_uid=uid, modality=str(first.get("Modality", "")), description=str(first.get("SeriesDescription", "") or ""),
             frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "") or ""), patient_key=str(first.get("PatientID", "") or ""),
             files=tuple(path for path, _ in members),
-        ))
-    by_frame: dict[tuple[str, str], dict[str, list[SeriesFiles]]] = defaultdict(lambda: defaultdict(list))
+        )
+        if found.modality == "REG" or str(first.get("SOPClassUID", "")) == SPATIAL_REGISTRATION:
+            for _, ds in members:
+                try:
+                    related = registrations(ds)
+                except ValueError as exc:
+                    skipped.append(f"spatial registration {ds.get('SOPInstanceUID', '?')} of {found.label()}: {exc}")
+                    continue
+                transforms.update({(found.patient_key, *frames): (matrix, uid) for frames, matrix in related.items()})
+        else:
+            series.append(found)
+    by_patient: dict[str, dict[str, list[SeriesFiles]]] = defaultdict(lambda: defaultdict(list))
     for s in series:
         if s.modality not in ("MR", "CT"):
             skipped.append(f"{s.label()}: neither MR nor CT")
         elif not s.frame_of_reference_uid:
             skipped.append(f"{s.label()}: no FrameOfReferenceUID, so no CT can be matched to it in space")
         else:
-            by_frame[(s.frame_of_reference_uid, s.patient_key)][s.modality].append(s)
-    pairs = []
-    for (frame, _), found in by_frame.items():
+            by_patient[s.patient_key][s.modality].append(s)
+    pairs, used = [], set()
+    for patient, found in by_patient.items():
         cts = sorted(found["CT"], key=lambda s: (-len(s.files), s.series_uid))
-        if not found["MR"]:
-            skipped.extend(f"{ct.label()}: no MR series in its frame of reference {frame}" for ct in cts)
-            continue
-        if not cts:
-            skipped.extend(f"{mr.label()}: no CT series of the same patient in its frame of reference {frame}" for mr in found["MR"])
-            continue
-        skipped.extend(f"{ct.label()}: another CT series in frame of reference {frame} has more instances" for ct in cts[1:])
-        pairs.extend(PairFiles(mr, cts[0]) for mr in found["MR"])
+        for mr in found["MR"]:
+            same = [ct for ct in cts if ct.frame_of_reference_uid == mr.frame_of_reference_uid]
+            related = [ct for ct in cts if (patient, mr.frame_of_reference_uid, ct.frame_of_reference_uid) in transforms]
+            if same:
+                pairs.append(PairFiles(mr, same[0]))
+                used.add(same[0].series_uid)
+            elif related:
+                matrix, registration = transforms[(patient, mr.frame_of_reference_uid, related[0].frame_of_reference_uid)]
+                pairs.append(PairFiles(mr, related[0], tuple(tuple(float(v) for v in row) for row in matrix), registration))
+                used.add(related[0].series_uid)
+            else:
+                skipped.append(f"{mr.label()}: no CT series of the same patient in its frame of reference "
+                               f"{mr.frame_of_reference_uid} or registered to it")
+        skipped.extend(f"{ct.label()}: not paired (no MR of the same patient in its frame, or another CT there has more instances)"
+                       for ct in cts if ct.series_uid not in used)
     pairs.sort(key=lambda p: (p.mr.series_uid, p.ct.series_uid))
     return Found(pairs, skipped, sum(len(s.files) for s in series))
 
@@ -129,7 +176,7 @@ def load(pair: PairFiles) -> Pair:
     """Read both series and bring the CT onto the MR's voxels (raises SeriesNotUsable with the reason)."""
     mr = _series(pair.mr)
     ct = _series(pair.ct)
-    ct_hu = resample(ct.volume, mr.volume)
+    ct_hu = resample(ct.volume, mr.volume, None if pair.mr_to_ct is None else np.array(pair.mr_to_ct))
     body = body_mask(ct_hu) & ~np.isnan(ct_hu)
     if not body.any():
         raise SeriesNotUsable(f"the CT series {pair.ct.series_uid} does not reach the body on any voxel of the MR")
