@@ -83,30 +83,41 @@ def paired_figures(paired: Quality | None) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Scored:
-    """One head (or one patient's pair) to score: arrays of one shape, (slices, rows, columns)."""
+    """What scoring needs of one head (or one patient's pair), without its whole volumes (a
+    cohort of patients need not fit in memory at once): the body's voxels, each tissue's errors,
+    and the SSIM of its slices. Made by ``scored``."""
 
-    pred: np.ndarray  # sCT, HU
-    truth: np.ndarray  # CT, HU
-    mr_unit: np.ndarray  # the normalised MR the linear baseline is fitted on
-    classes: np.ndarray  # tissue index per voxel (into the names given to score_sets)
-    body: np.ndarray  # where MAE, PSNR and the baseline are taken
+    pred: np.ndarray  # sCT inside the body, HU (1-D)
+    truth: np.ndarray  # CT inside the body, HU
+    mr_unit: np.ndarray  # the normalised MR inside the body, which the linear baseline is fitted on
+    errors_by_class: list[np.ndarray]  # sCT - CT of each tissue's voxels, in the order of the names
+    ssim_sum: float  # SSIM summed over the slices
+    slices: int
+
+
+def scored(pred: np.ndarray, truth: np.ndarray, mr_unit: np.ndarray, classes: np.ndarray, body: np.ndarray, classes_count: int) -> Scored:
+    """Reduce one set's volumes (slices, rows, columns) to what ``score_sets`` needs. ``classes``
+    indexes the tissue names (-1: in no tissue row); ``body`` is where MAE, PSNR and the baseline are taken."""
+    error = pred - truth
+    return Scored(pred[body], truth[body], mr_unit[body], [error[classes == i] for i in range(classes_count)],
+                  float(ssim(pred, truth) * len(pred)), len(pred))
 
 
 def score_sets(sets: list[Scored], names: list[str]) -> Quality:
     """Score sCTs against their ground-truth CTs (pure: numbers come from the images only). MAE
     and PSNR pool the body voxels of every set; SSIM is the mean over all slices; per tissue, the
     "no level" MAE takes each set's own mean error away."""
-    mr_body = np.concatenate([s.mr_unit[s.body] for s in sets])
-    truth_body = np.concatenate([s.truth[s.body] for s in sets])
-    pred_body = np.concatenate([s.pred[s.body] for s in sets])
+    mr_body = np.concatenate([s.mr_unit for s in sets])
+    truth_body = np.concatenate([s.truth for s in sets])
+    pred_body = np.concatenate([s.pred for s in sets])
     # Naive baseline: least-squares line from normalised MR to HU, fitted inside the body of this very data.
     slope, intercept = np.polyfit(mr_body, truth_body, 1)
     baseline = np.clip(slope * mr_body + intercept, HU_MIN, HU_MAX)
     everywhere = np.ones(len(truth_body), dtype=bool)
-    slices = sum(len(s.pred) for s in sets)
+    slices = sum(s.slices for s in sets)
     by_tissue, bias, level_removed = {}, {}, {}
     for i, name in enumerate(names):
-        errors = [(s.pred - s.truth)[s.classes == i] for s in sets]
+        errors = [s.errors_by_class[i] for s in sets]
         if any(len(e) for e in errors):
             error = np.concatenate(errors)
             by_tissue[name], bias[name] = round(float(np.abs(error).mean()), 1), round(float(error.mean()), 1)
@@ -115,7 +126,7 @@ def score_sets(sets: list[Scored], names: list[str]) -> Quality:
     return Quality(
         subjects=len(sets), slices=slices, mae_hu=round(mae(pred_body, truth_body, everywhere), 2),
         psnr_db=round(psnr(pred_body, truth_body, everywhere), 2),
-        ssim=round(sum(ssim(s.pred, s.truth) * len(s.pred) for s in sets) / slices, 4),
+        ssim=round(sum(s.ssim_sum for s in sets) / slices, 4),
         baseline_mae_hu=round(mae(baseline, truth_body, everywhere), 2),
         baseline_psnr_db=round(psnr(baseline, truth_body, everywhere), 2), mae_by_tissue=by_tissue, bias_by_tissue=bias,
         mae_level_removed_by_tissue=level_removed,
@@ -124,11 +135,10 @@ def score_sets(sets: list[Scored], names: list[str]) -> Quality:
 
 def score(pred: np.ndarray, truth: np.ndarray, mr_unit: np.ndarray, labels: np.ndarray, subjects: int) -> Quality:
     """Score phantom heads stacked along slices (the same number each), by their tissue labels."""
-    heads = [
-        Scored(*(a.reshape(subjects, -1, *a.shape[1:])[h] for a in (pred, truth, mr_unit, labels)),
-               body=labels.reshape(subjects, -1, *labels.shape[1:])[h] != phantoms.AIR)
-        for h in range(subjects)
-    ]
+    heads = []
+    for h in range(subjects):
+        p, t, m, lab = (a.reshape(subjects, -1, *a.shape[1:])[h] for a in (pred, truth, mr_unit, labels))
+        heads.append(scored(p, t, m, lab, lab != phantoms.AIR, len(phantoms.TISSUE_NAMES)))
     return score_sets(heads, phantoms.TISSUE_NAMES)
 
 
@@ -210,7 +220,7 @@ def evaluate_pairs(model: LoadedModel, pairs: list[Any], device: torch.device | 
         norm = model.card.get("normalization", {})
         mr_unit = mr_to_unit(volume.voxels, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
         classes = np.where(loaded.body, np.digitize(truth, [high for _, _, high in CT_BANDS[:-1]]), -1)
-        sets.append(Scored(pred, truth, mr_unit, classes, loaded.body))
+        sets.append(scored(pred, truth, mr_unit, classes, loaded.body, len(CT_BANDS)))
         floor = grid_round_trip(truth[None], mr_unit[None], volume.pixel_spacing, model)[0]
         floors.append(np.abs(floor - truth)[loaded.body])
         results.append(PairResult(pair.mr.series_uid, pair.ct.series_uid, len(pred), int(loaded.body.sum()),
