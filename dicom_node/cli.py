@@ -272,6 +272,9 @@ def evaluate(
         "--pairs", help="score on your own paired studies instead of phantoms: a folder of DICOM files where an MR series "
                         "and a CT series of one patient share a frame of reference, or a spatial registration (REG) there "
                         "relates their frames; the CT is resampled onto the MR")] = None,
+    training_cache: Annotated[Optional[Path], typer.Option(
+        "--training-cache", help="with --pairs: leave out the patients of this `mr2ct pull` cache (what the model "
+                                 "was trained on), so the score is on unseen patients")] = None,
 ) -> None:
     """Score a model on held-out paired phantoms (or, with --pairs, on your own MR/CT pairs): MAE/PSNR/SSIM against ground-truth CT and a linear baseline."""
     import json
@@ -306,8 +309,11 @@ def evaluate(
             typer.echo("error: --pairs scores your own studies; --record and --paired-steps belong to the phantom evaluation "
                        "(a card keeps phantom figures; the paired bound trains on phantoms)", err=True)
             raise typer.Exit(2)
-        _evaluate_pairs(loaded, pairs, panel, json_only)
+        _evaluate_pairs(loaded, pairs, panel, json_only, training_cache)
         return
+    if training_cache is not None:
+        typer.echo("error: --training-cache goes with --pairs (held-out phantoms are never in a pulled cache)", err=True)
+        raise typer.Exit(2)
     quality = run_evaluation(loaded, subjects=subjects, slices=slices, panel=panel, first_subject=first_subject)
     paired = None
     if paired_steps > 0:
@@ -345,7 +351,7 @@ def evaluate(
     typer.echo(json.dumps(report))
 
 
-def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only: bool) -> None:
+def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only: bool, training_cache: Optional[Path]) -> None:
     """`mr2ct evaluate --pairs FOLDER`: the table and JSON report of a model on a hospital's own MR/CT pairs."""
     import json
     from dataclasses import asdict
@@ -354,17 +360,19 @@ def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only:
 
     from synthesis.errors import SeriesNotUsable
     from training.evaluate import CT_BANDS, evaluate_pairs
-    from training.pairs import find_pairs
+    from training.pairs import find_pairs, leave_out_trained
 
     try:
         found = find_pairs(folder)
+        if training_cache is not None:
+            found = leave_out_trained(found, training_cache)
     except FileNotFoundError as exc:
         typer.echo(f"error: --pairs: {exc}", err=True)
         raise typer.Exit(2) from exc
     skipped = list(found.skipped)
     if not found.pairs:
         typer.echo(f"error: --pairs: no MR series in {folder} has a CT series of the same patient in its frame of reference "
-                   f"({found.files} DICOM files read)", err=True)
+                   f"({found.files} DICOM files read)" + (" among the patients not in the training cache" if training_cache else ""), err=True)
         for reason in skipped:
             typer.echo(f"  left out: {reason}", err=True)
         raise typer.Exit(2)

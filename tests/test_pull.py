@@ -88,3 +88,43 @@ def test_training_runs_on_a_pulled_cache(cohort_in_orthanc, orthanc, tmp_path):
     card = json.loads((out / "model.json").read_text())
     assert card["training"]["data"]["cache"] == str(cache_dir)
     assert card["training"]["data"]["mr_slices"] == 5 * 6 and card["training"]["data"]["ct_slices"] == 4 * 6
+
+
+def test_evaluate_pairs_leaves_out_the_patients_a_pulled_cache_trained_on(cohort_in_orthanc, orthanc, tmp_path):
+    """The cohort's held-out pair went into the PACS and `mr2ct pull` took its patient into the
+    training cache: `evaluate --pairs --training-cache` refuses to score that patient (the model may
+    have learnt from them) and scores a patient the cache has never seen."""
+    import shutil
+
+    from training.phantom_dicom import write_mr_series
+
+    cache_dir = tmp_path / "cache"
+    pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("MR", description="T1"), PullFilter("CT")],
+         username=orthanc.username, password=orthanc.password)
+    pairs = tmp_path / "pairs"
+    shutil.copytree(cohort_in_orthanc, pairs)
+    result = subprocess.run([*MR2CT, "evaluate", "--pairs", str(pairs), "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert len(json.loads(result.stdout.strip().splitlines()[-1])["pairs"]) == 1  # the held-out pair, scored when nothing says otherwise
+
+    seen = subprocess.run([*MR2CT, "evaluate", "--pairs", str(pairs), "--training-cache", str(cache_dir)],
+                          capture_output=True, text=True, timeout=300)
+    assert seen.returncode == 2
+    assert "among the patients not in the training cache" in seen.stderr and "split of the training cache" in seen.stderr
+    assert "PHPR007" not in seen.stdout + seen.stderr  # the patient is named by series, never by ID
+
+    unseen = write_mr_series(pairs / "new-patient" / "mr", seed=4242, slices=6, size=64, pixel_spacing=4.0, slice_spacing=6.0,
+                             patient_id="NEW0001")
+    write_mr_series(pairs / "new-patient" / "ct", seed=4242, slices=6, size=64, pixel_spacing=4.0, slice_spacing=6.0,
+                    patient_id="NEW0001", modality="CT", study_uid=unseen.study_uid)
+    scored = subprocess.run([*MR2CT, "evaluate", "--pairs", str(pairs), "--training-cache", str(cache_dir), "--json"],
+                            capture_output=True, text=True, timeout=300)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    report = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert [p["mr_series_uid"] for p in report["pairs"]] == [unseen.series_uid]
+    assert sum("split of the training cache" in reason for reason in report["left_out"]) == 1
+
+    not_a_cache = subprocess.run([*MR2CT, "evaluate", "--pairs", str(pairs), "--training-cache", str(tmp_path / "pairs")],
+                                 capture_output=True, text=True, timeout=300)
+    assert not_a_cache.returncode == 2 and "is not a dataset cache" in not_a_cache.stderr
+    assert not (tmp_path / "pairs" / "salt").exists()  # looking did not make one

@@ -31,8 +31,9 @@ class SeriesFiles:
     modality: str
     description: str
     frame_of_reference_uid: str
-    patient_key: str  # PatientID, only to refuse pairs across patients; never shown
+    patient_key: str  # PatientID, only to refuse pairs across patients and find them in a training cache; never shown
     files: tuple[Path, ...]
+    patient_issuer: str = ""  # IssuerOfPatientID
 
     def label(self) -> str:
         return f"{self.modality} series {self.series_uid}" + (f" ({self.description})" if self.description else "")
@@ -112,7 +113,7 @@ def find_pairs(folder: Path) -> Found:
         found = SeriesFiles(
             series_uid=uid, modality=str(first.get("Modality", "")), description=str(first.get("SeriesDescription", "") or ""),
             frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "") or ""), patient_key=str(first.get("PatientID", "") or ""),
-            files=tuple(path for path, _ in members),
+            files=tuple(path for path, _ in members), patient_issuer=str(first.get("IssuerOfPatientID", "") or ""),
         )
         if found.modality == "REG" or str(first.get("SOPClassUID", "")) == SPATIAL_REGISTRATION:
             for _, ds in members:
@@ -152,6 +153,35 @@ def find_pairs(folder: Path) -> Found:
                        for ct in cts if ct.series_uid not in used)
     pairs.sort(key=lambda p: (p.mr.series_uid, p.ct.series_uid))
     return Found(pairs, skipped, sum(len(s.files) for s in series))
+
+
+def leave_out_trained(found: Found, cache_dir: Path) -> Found:
+    """``found`` without the pairs whose patient is in a dataset cache of `mr2ct pull` (either
+    split: the train split taught the model, the validation split may have chosen it), matched by
+    the cache's own salted patient key. A model scored on patients it was trained on flatters itself."""
+    import json
+
+    from training.pacs_pull import patient_key
+
+    cache_dir = Path(cache_dir)
+    manifest, salt_file = cache_dir / "manifest.jsonl", cache_dir / "salt"
+    if not manifest.is_file() or not salt_file.is_file():
+        raise FileNotFoundError(f"{cache_dir} is not a dataset cache of `mr2ct pull` (no manifest.jsonl and salt)")
+    salt = salt_file.read_text().strip()
+    splits = {}
+    for line in manifest.read_text().splitlines():
+        if line.strip():
+            entry = json.loads(line)
+            splits[entry["patient_key"]] = entry["split"]
+    kept, skipped = [], list(found.skipped)
+    for pair in found.pairs:
+        split = splits.get(patient_key(pair.mr.patient_key, pair.mr.patient_issuer, salt))
+        if split is None:
+            kept.append(pair)
+        else:
+            skipped.append(f"{pair.mr.label()} with {pair.ct.label()}: the patient is in the {split} split of the "
+                           f"training cache {cache_dir}, so the model may have learnt from them")
+    return Found(kept, skipped, found.files)
 
 
 def _series(files: SeriesFiles) -> SourceSeries:
