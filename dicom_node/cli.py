@@ -275,6 +275,9 @@ def evaluate(
     training_cache: Annotated[Optional[Path], typer.Option(
         "--training-cache", help="with --pairs: leave out the patients of this `mr2ct pull` cache (what the model "
                                  "was trained on), so the score is on unseen patients")] = None,
+    against: Annotated[Optional[Path], typer.Option(
+        "--against", help="with --pairs: score this model too (e.g. the active one) on the same pairs, pair by pair, "
+                          "with a signed-rank test of the difference")] = None,
 ) -> None:
     """Score a model on held-out paired phantoms (or, with --pairs, on your own MR/CT pairs): MAE/PSNR/SSIM against ground-truth CT and a linear baseline."""
     import json
@@ -309,8 +312,18 @@ def evaluate(
             typer.echo("error: --pairs scores your own studies; --record and --paired-steps belong to the phantom evaluation "
                        "(a card keeps phantom figures; the paired bound trains on phantoms)", err=True)
             raise typer.Exit(2)
-        _evaluate_pairs(loaded, pairs, panel, json_only, training_cache)
+        against_model = None
+        if against is not None:
+            try:
+                against_model = load_model(against / "model.safetensors" if against.is_dir() else against)
+            except ModelMismatch as exc:
+                typer.echo(f"mr2ct: --against: {exc}", err=True)
+                raise typer.Exit(2) from exc
+        _evaluate_pairs(loaded, pairs, panel, json_only, training_cache, against_model)
         return
+    if against is not None:
+        typer.echo("error: --against goes with --pairs", err=True)
+        raise typer.Exit(2)
     if training_cache is not None:
         typer.echo("error: --training-cache goes with --pairs (held-out phantoms are never in a pulled cache)", err=True)
         raise typer.Exit(2)
@@ -351,7 +364,8 @@ def evaluate(
     typer.echo(json.dumps(report))
 
 
-def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only: bool, training_cache: Optional[Path]) -> None:
+def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only: bool, training_cache: Optional[Path],
+                    against: Any = None) -> None:
     """`mr2ct evaluate --pairs FOLDER`: the table and JSON report of a model on a hospital's own MR/CT pairs."""
     import json
     from dataclasses import asdict
@@ -359,7 +373,7 @@ def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only:
     import numpy as np
 
     from synthesis.errors import SeriesNotUsable
-    from training.evaluate import CT_BANDS, evaluate_pairs
+    from training.evaluate import CT_BANDS, compare_pairs, evaluate_pairs
     from training.pairs import find_pairs, leave_out_trained
 
     try:
@@ -381,12 +395,19 @@ def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only:
         skipped.append(f"{pair.mr.label()} with {pair.ct.label()}: {reason}")
 
     try:
-        quality, results = evaluate_pairs(loaded, found.pairs, panel=panel, on_skip=skip)
+        scores = evaluate_pairs([loaded] if against is None else [loaded, against], found.pairs, panel=panel, on_skip=skip)
     except SeriesNotUsable as exc:
         typer.echo(f"error: --pairs: {exc}", err=True)
         for reason in skipped:
             typer.echo(f"  left out: {reason}", err=True)
         raise typer.Exit(2) from exc
+    quality, results = scores[0]
+    comparison = None
+    if against is not None:
+        other, other_results = scores[1]
+        comparison = {"model_sha256": against.sha256, "test_time_augmentation": against.test_time_augmentation, "mae_hu": other.mae_hu,
+                      "psnr_db": other.psnr_db, "ssim": other.ssim, "mae_by_tissue": other.mae_by_tissue,
+                      "pairs_mae_hu": [r.mae_hu for r in other_results], **compare_pairs(results, other_results)}
     if not json_only:
         typer.echo(f"model {loaded.short_digest} (test-time augmentation {loaded.test_time_augmentation}) on {len(results)} MR/CT pair(s) "
                    f"from {folder}: MAE {quality.mae_hu} HU (linear baseline {quality.baseline_mae_hu} HU), "
@@ -396,17 +417,26 @@ def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only:
         typer.echo(f"  {'tissue':16s} {'MAE':>7s} {'bias':>7s} {'no level':>8s}   (HU, inside the body; tissue by the CT: {bands}; "
                    "no level: the MAE left with each pair's own mean error taken away)")
         for tissue, value in quality.mae_by_tissue.items():
-            typer.echo(f"  {tissue:16s} {value:7.1f} {quality.bias_by_tissue[tissue]:+7.1f} {quality.mae_level_removed_by_tissue[tissue]:8.1f}")
+            typer.echo(f"  {tissue:16s} {value:7.1f} {quality.bias_by_tissue[tissue]:+7.1f} {quality.mae_level_removed_by_tissue[tissue]:8.1f}"
+                       + (f"   against: {comparison['mae_by_tissue'][tissue]:7.1f}" if comparison else ""))
         for i, r in enumerate(results, 1):
             typer.echo(f"  pair {i}: MR {r.mr_series_uid}, CT {r.ct_series_uid}"
                        + (f" (registered by {r.registration})" if r.registration else "") + f": {r.slices} slices, the CT reaches "
-                       f"{100 * r.ct_coverage:.0f} % of the MR's voxels, MAE {r.mae_hu} HU")
+                       f"{100 * r.ct_coverage:.0f} % of the MR's voxels, MAE {r.mae_hu} HU"
+                       + (f" (against: {comparison['pairs_mae_hu'][i - 1]} HU)" if comparison else ""))
+        if comparison is not None:
+            test = ("too few pairs for a signed-rank test (6 or more)" if comparison["wilcoxon_p"] is None
+                    else f"Wilcoxon signed-rank p = {comparison['wilcoxon_p']}")
+            typer.echo(f"against model {against.short_digest} (test-time augmentation {against.test_time_augmentation}): MAE "
+                       f"{comparison['mae_hu']} HU, PSNR {comparison['psnr_db']} dB, SSIM {comparison['ssim']}; the model is better on "
+                       f"{comparison['better_on_pairs']} of {comparison['pairs']} pairs, worse on {comparison['worse_on_pairs']} "
+                       f"(median MAE difference {comparison['median_difference_hu']:+} HU; {test})")
         typer.echo(f"grid floor: the CT itself, taken to the model's {loaded.pixel_spacing_mm:g} mm grid and back, scores "
                    f"{quality.grid_floor_mae_hu} HU")
         for reason in skipped:
             typer.echo(f"left out: {reason}")
     report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, "mae_paired_hu": None, "model_sha256": loaded.sha256,
-              "test_time_augmentation": loaded.test_time_augmentation, "pairs": [asdict(r) for r in results], "left_out": skipped}
+              "test_time_augmentation": loaded.test_time_augmentation, "pairs": [asdict(r) for r in results], "left_out": skipped, "against": comparison}
     typer.echo(json.dumps(report))
 
 

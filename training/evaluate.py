@@ -193,17 +193,20 @@ class PairResult:
     registration: str | None = None  # the spatial registration series relating the two frames (None: one frame)
 
 
-def evaluate_pairs(model: LoadedModel, pairs: list[Any], device: torch.device | None = None, panel: Any = None,
-                   on_skip: Any = None) -> tuple[Quality, list[PairResult]]:
-    """Run the model on each MR series of ``pairs`` (``training.pairs.PairFiles``) exactly as the node
-    does, and score the sCT against the CT resampled onto the MR's voxels, inside the body. Tissue
-    rows are the CT's HU bands (``CT_BANDS``). Outside the body both images read -1000 HU for SSIM,
-    so the couch and what the CT does not reach do not count. A pair that cannot be read or matched
-    is passed to ``on_skip(pair, reason)`` and left out."""
+def evaluate_pairs(models: list[LoadedModel], pairs: list[Any], device: torch.device | None = None, panel: Any = None,
+                   on_skip: Any = None) -> list[tuple[Quality, list[PairResult]]]:
+    """Run each model on each MR series of ``pairs`` (``training.pairs.PairFiles``, each read once)
+    exactly as the node does, and score the sCT against the CT resampled onto the MR's voxels,
+    inside the body. Tissue rows are the CT's HU bands (``CT_BANDS``). Outside the body both images
+    read -1000 HU for SSIM, so the couch and what the CT does not reach do not count. A pair that
+    cannot be read or matched is passed to ``on_skip(pair, reason)`` and left out. The panel shows
+    the first model. One (quality, per-pair results) per model, in order."""
     from training.pairs import load
 
     device = device or torch.device("cpu")
-    sets, results, floors = [], [], []
+    sets: list[list[Scored]] = [[] for _ in models]
+    results: list[list[PairResult]] = [[] for _ in models]
+    floors: list[list[np.ndarray]] = [[] for _ in models]
     shown = None
     for pair in pairs:
         try:
@@ -214,30 +217,45 @@ def evaluate_pairs(model: LoadedModel, pairs: list[Any], device: torch.device | 
             on_skip(pair, str(exc))
             continue
         volume = loaded.mr.volume
-        pred = synthesize(volume.voxels, volume.pixel_spacing, model, device, batch_size=8)
         truth = np.where(loaded.body, np.nan_to_num(loaded.ct_hu, nan=-1000.0), -1000.0).astype(np.float32)
-        pred = np.where(loaded.body, pred, -1000.0).astype(np.float32)
-        norm = model.card.get("normalization", {})
-        mr_unit = mr_to_unit(volume.voxels, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
         classes = np.where(loaded.body, np.digitize(truth, [high for _, _, high in CT_BANDS[:-1]]), -1)
-        sets.append(scored(pred, truth, mr_unit, classes, loaded.body, len(CT_BANDS)))
-        floor = grid_round_trip(truth[None], mr_unit[None], volume.pixel_spacing, model)[0]
-        floors.append(np.abs(floor - truth)[loaded.body])
-        results.append(PairResult(pair.mr.series_uid, pair.ct.series_uid, len(pred), int(loaded.body.sum()),
-                                  round(float(np.mean(~np.isnan(loaded.ct_hu))), 3), round(mae(pred, truth, loaded.body), 2),
-                                  pair.registration))
-        if shown is None:
-            k = int(np.argmax(loaded.body.sum(axis=(1, 2))))  # the slice with the most body
-            shown = (mr_unit[k], truth[k], pred[k])
-    if not sets:
+        coverage = round(float(np.mean(~np.isnan(loaded.ct_hu))), 3)
+        for m, model in enumerate(models):
+            pred = synthesize(volume.voxels, volume.pixel_spacing, model, device, batch_size=8)
+            pred = np.where(loaded.body, pred, -1000.0).astype(np.float32)
+            norm = model.card.get("normalization", {})
+            mr_unit = mr_to_unit(volume.voxels, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
+            sets[m].append(scored(pred, truth, mr_unit, classes, loaded.body, len(CT_BANDS)))
+            floor = grid_round_trip(truth[None], mr_unit[None], volume.pixel_spacing, model)[0]
+            floors[m].append(np.abs(floor - truth)[loaded.body])
+            results[m].append(PairResult(pair.mr.series_uid, pair.ct.series_uid, len(pred), int(loaded.body.sum()), coverage,
+                                         round(mae(pred, truth, loaded.body), 2), pair.registration))
+            if m == 0 and shown is None:
+                k = int(np.argmax(loaded.body.sum(axis=(1, 2))))  # the slice with the most body
+                shown = (mr_unit[k], truth[k], pred[k])
+    if not sets[0]:
         raise SeriesNotUsable("no pair could be scored")
-    quality = replace(score_sets(sets, [name for name, _, _ in CT_BANDS]),
-                      grid_floor_mae_hu=round(float(np.concatenate(floors).mean()), 2))
     if panel is not None and shown is not None:
         from training.figures import error_panel
 
         error_panel(*shown, panel)
-    return quality, results
+    names = [name for name, _, _ in CT_BANDS]
+    return [(replace(score_sets(s, names), grid_floor_mae_hu=round(float(np.concatenate(f).mean()), 2)), r)
+            for s, f, r in zip(sets, floors, results)]
+
+
+def compare_pairs(model: list[PairResult], other: list[PairResult]) -> dict[str, Any]:
+    """Per-pair MAE of a model against another on the same pairs: how many pairs it is better on,
+    the median difference, and the Wilcoxon signed-rank test's two-sided p (None below 6 pairs,
+    where no difference can reach p < 0.05)."""
+    from scipy.stats import wilcoxon
+
+    differences = np.array([a.mae_hu - b.mae_hu for a, b in zip(model, other)])
+    p = None
+    if len(differences) >= 6:
+        p = 1.0 if not differences.any() else round(float(wilcoxon(differences).pvalue), 4)
+    return {"pairs": len(differences), "better_on_pairs": int((differences < 0).sum()), "worse_on_pairs": int((differences > 0).sum()),
+            "median_difference_hu": round(float(np.median(differences)), 2), "wilcoxon_p": p}
 
 
 def grid_round_trip(ct: np.ndarray, mr_unit: np.ndarray, pixel_spacing: float | tuple[float, float], model: LoadedModel) -> np.ndarray:
