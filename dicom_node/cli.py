@@ -278,6 +278,11 @@ def evaluate(
     against: Annotated[Optional[Path], typer.Option(
         "--against", help="with --pairs: score this model too (e.g. the active one) on the same pairs, pair by pair, "
                           "with a signed-rank test of the difference")] = None,
+    registry: Annotated[bool, typer.Option(
+        "--registry", help="with --pairs: keep the report in the node's database (database_url of --config), where "
+                           "`mr2ct models list`, the admin API and the dashboard show it next to the model")] = False,
+    label: Annotated[str, typer.Option(help="with --registry: a name for the set of pairs, at most 128 characters (no patient identifiers)")] = "",
+    config: ConfigOption = None,
 ) -> None:
     """Score a model on held-out paired phantoms (or, with --pairs, on your own MR/CT pairs): MAE/PSNR/SSIM against ground-truth CT and a linear baseline."""
     import json
@@ -319,10 +324,22 @@ def evaluate(
             except ModelMismatch as exc:
                 typer.echo(f"mr2ct: --against: {exc}", err=True)
                 raise typer.Exit(2) from exc
-        _evaluate_pairs(loaded, pairs, panel, json_only, training_cache, against_model)
+        sessions = None
+        if len(label) > 128:
+            typer.echo(f"error: --label is {len(label)} characters long; at most 128", err=True)
+            raise typer.Exit(2)
+        if registry:
+            from dicom_node.db import DatabaseUnavailable, init_db
+
+            try:
+                sessions = init_db(_settings(config).database_url)
+            except DatabaseUnavailable as exc:
+                typer.echo(f"mr2ct: database_url: {exc}; fix it or evaluate without --registry", err=True)
+                raise typer.Exit(2) from exc
+        _evaluate_pairs(loaded, pairs, panel, json_only, training_cache, against_model, sessions, label)
         return
-    if against is not None:
-        typer.echo("error: --against goes with --pairs", err=True)
+    if against is not None or registry:
+        typer.echo(f"error: {'--against' if against is not None else '--registry'} goes with --pairs", err=True)
         raise typer.Exit(2)
     if training_cache is not None:
         typer.echo("error: --training-cache goes with --pairs (held-out phantoms are never in a pulled cache)", err=True)
@@ -365,7 +382,7 @@ def evaluate(
 
 
 def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only: bool, training_cache: Optional[Path],
-                    against: Any = None) -> None:
+                    against: Any = None, sessions: Any = None, label: str = "") -> None:
     """`mr2ct evaluate --pairs FOLDER`: the table and JSON report of a model on a hospital's own MR/CT pairs."""
     import json
     from dataclasses import asdict
@@ -374,6 +391,7 @@ def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only:
 
     from synthesis.errors import SeriesNotUsable
     from training.evaluate import CT_BANDS, compare_pairs, evaluate_pairs
+    from dicom_node.registry import pairs_digest, record_evaluation
     from training.pairs import find_pairs, leave_out_trained
 
     try:
@@ -437,6 +455,11 @@ def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only:
             typer.echo(f"left out: {reason}")
     report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, "mae_paired_hu": None, "model_sha256": loaded.sha256,
               "test_time_augmentation": loaded.test_time_augmentation, "pairs": [asdict(r) for r in results], "left_out": skipped, "against": comparison}
+    report["dataset_digest"] = pairs_digest(report["pairs"])
+    if sessions is not None:
+        row = record_evaluation(sessions, report, label)
+        if not json_only:
+            typer.echo(f"recorded as evaluation {row.id} of model {loaded.short_digest} (pairs {row.dataset_digest[:12]})")
     typer.echo(json.dumps(report))
 
 
@@ -590,11 +613,17 @@ def models_list(config: ConfigOption = None) -> None:
     from sqlalchemy import select
 
     from dicom_node.db import init_db
-    from dicom_node.models import ModelVersion
+    from dicom_node.models import Evaluation, ModelVersion
 
     with init_db(_settings(config).database_url)() as session:
+        latest = {}  # the newest evaluation on the hospital's own pairs of each model
+        for e in session.scalars(select(Evaluation).order_by(Evaluation.id)):
+            latest[e.model_sha256] = e
         for m in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
-            typer.echo(f"{'*' if m.active else ' '} {m.id:3d} {m.name:30s} {m.sha256[:12]} {m.architecture:8s} {m.registered_at:%Y-%m-%d %H:%M}")
+            e = latest.get(m.sha256)
+            scored = (f"  own pairs: MAE {e.mae_hu:.1f} HU on {e.pairs} with {e.test_time_augmentation} views (evaluation {e.id}, {e.at:%Y-%m-%d})"
+                      if e else "")
+            typer.echo(f"{'*' if m.active else ' '} {m.id:3d} {m.name:30s} {m.sha256[:12]} {m.architecture:8s} {m.registered_at:%Y-%m-%d %H:%M}{scored}")
 
 
 @models_app.command("activate")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -147,6 +147,28 @@ class TrainingRun(Base):
     epochs_completed: Mapped[int] = mapped_column(Integer, default=0)
     losses: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)  # per epoch: epoch, the Table 2 losses, seconds
     model_sha256: Mapped[str | None] = mapped_column(String(64))
+
+
+class Evaluation(Base):
+    """A model scored on a hospital's own MR/CT pairs (`mr2ct evaluate --pairs --registry`): the
+    evidence for promoting it. The pairs are named by a digest of their series UIDs, so two
+    evaluations on the same pairs are found as such, with no patient identifier stored."""
+
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    model_sha256: Mapped[str] = mapped_column(String(64), index=True)
+    against_sha256: Mapped[str | None] = mapped_column(String(64))
+    dataset_digest: Mapped[str] = mapped_column(String(64), index=True)  # SHA-256 of the scored pairs' series UIDs
+    label: Mapped[str] = mapped_column(String(128), default="")
+    pairs: Mapped[int] = mapped_column(Integer)
+    test_time_augmentation: Mapped[str] = mapped_column(String(16))
+    mae_hu: Mapped[float] = mapped_column(Float)
+    psnr_db: Mapped[float] = mapped_column(Float)
+    ssim: Mapped[float] = mapped_column(Float)
+    mae_linear_hu: Mapped[float] = mapped_column(Float)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # the JSON report of `mr2ct evaluate --pairs`
 
 
 class ApiToken(Base):

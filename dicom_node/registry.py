@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.models import ModelVersion, utcnow
+from dicom_node.models import Evaluation, ModelVersion, utcnow
 from synthesis.model_file import load_model
 
 
@@ -73,3 +73,29 @@ def activate(sessions: sessionmaker[Session], key: str, actor: str = "mr2ct mode
 def active_model(sessions: sessionmaker[Session]) -> ModelVersion | None:
     with sessions() as session:
         return session.scalars(select(ModelVersion).where(ModelVersion.active.is_(True))).first()
+
+
+def pairs_digest(pairs: list[dict[str, Any]]) -> str:
+    """SHA-256 of the scored pairs' MR and CT series UIDs, in order: the same pairs, the same digest."""
+    import hashlib
+
+    lines = sorted(f"{p['mr_series_uid']}/{p['ct_series_uid']}" for p in pairs)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def record_evaluation(sessions: sessionmaker[Session], report: dict[str, Any], label: str = "",
+                      actor: str = "mr2ct evaluate") -> Evaluation:
+    """Keep an `mr2ct evaluate --pairs` report in the database (model not necessarily registered
+    yet: evaluations are found by the weights' SHA-256), with an audit event."""
+    with sessions.begin() as session:
+        row = Evaluation(
+            model_sha256=report["model_sha256"], against_sha256=(report.get("against") or {}).get("model_sha256"),
+            dataset_digest=pairs_digest(report["pairs"]), label=label, pairs=len(report["pairs"]),
+            test_time_augmentation=report["test_time_augmentation"], mae_hu=report["mae_hu"], psnr_db=report["psnr_db"],
+            ssim=report["ssim"], mae_linear_hu=report["mae_linear_hu"], report=report,
+        )
+        session.add(row)
+        session.flush()
+    audit.record(sessions, "model-evaluated", "success", actor, evaluation_id=row.id, model_sha256=row.model_sha256,
+                 pairs=row.pairs, mae_hu=row.mae_hu, dataset_digest=row.dataset_digest)
+    return row

@@ -25,7 +25,8 @@ from tests.helpers import api_token
 from training.phantom_dicom import write_mr_series
 
 ROUTES = [("GET", "/routing"), ("POST", "/routing/retry"), ("POST", "/synthesize"), ("GET", "/models"), ("GET", "/metrics"), ("GET", "/jobs"), ("GET", "/jobs/1"), ("POST", "/jobs/1/retry"), ("POST", "/jobs/1/cancel"),
-          ("GET", "/series"), ("GET", "/associations"), ("GET", "/audit"), ("GET", "/training/runs"), ("GET", "/training/runs/1")]
+          ("GET", "/series"), ("GET", "/associations"), ("GET", "/audit"), ("GET", "/training/runs"), ("GET", "/training/runs/1"),
+          ("GET", "/evaluations"), ("GET", "/evaluations/1")]
 
 
 def _token(node, role: str, name: str) -> str:
@@ -196,3 +197,70 @@ def test_a_run_that_is_still_training_shows_each_epoch_as_it_ends(api, node, tmp
     detail = httpx.get(f"{api['base']}/training/runs/{run_id}", headers=api["auditor"]).json()
     assert detail["state"] == "interrupted" and detail["ended_at"] and [e["seconds"] for e in detail["losses"]] == [3.0, 6.0]
     assert "http-equiv='refresh'" not in httpx.get(f"{api['base']}/dashboard/training/{run_id}", cookies=cookie).text
+
+
+def _pairs(folder, seeds):
+    """Small MR/CT pairs, one patient each (what a hospital exports for `evaluate --pairs`)."""
+    for seed in seeds:
+        mr = write_mr_series(folder / f"{seed}" / "mr", seed=seed, slices=4, size=64, pixel_spacing=4.0, slice_spacing=20.0, patient_id=f"EVAL-{seed}")
+        write_mr_series(folder / f"{seed}" / "ct", seed=seed, slices=4, size=64, pixel_spacing=4.0, slice_spacing=20.0, patient_id=f"EVAL-{seed}",
+                        modality="CT", study_uid=mr.study_uid)
+
+
+def test_an_evaluation_on_the_hospitals_own_pairs_is_kept_with_the_model(api, node, tmp_path):
+    """The ML engineer scores a model on local pairs against the active one and keeps the report;
+    the registry, the API and `mr2ct models list` show it next to the model, found again by its pairs."""
+    from synthesis.model_file import card_path_for, default_model_path
+
+    weights = default_model_path()
+    older = tmp_path / "older"
+    older.mkdir()
+    (older / "model.safetensors").write_bytes(weights.read_bytes())
+    card = json.loads(card_path_for(weights).read_text())
+    (older / "model.json").write_text(json.dumps({**card, "test_time_augmentation": "none"}))
+    _pairs(tmp_path / "pairs", (700, 701))
+    env = {**os.environ, "MR2CT_DATABASE_URL": node.database_url}
+    cli = [sys.executable, "-m", "dicom_node.cli"]
+    scored = subprocess.run([*cli, "evaluate", "--pairs", str(tmp_path / "pairs"), "--against", str(older), "--registry", "--label", "local pairs"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    report = json.loads(scored.stdout.strip().splitlines()[-1])
+    evaluation_id = int(scored.stdout.split("recorded as evaluation ")[1].split()[0])
+    again = subprocess.run([*cli, "evaluate", "--pairs", str(tmp_path / "pairs"), "--registry", "--json"], capture_output=True, text=True,
+                           timeout=600, env=env)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads(again.stdout.strip().splitlines()[-1])["dataset_digest"] == report["dataset_digest"]  # the same pairs, found as such
+
+    listed = httpx.get(f"{api['base']}/evaluations", params={"dataset_digest": report["dataset_digest"]}, headers=api["auditor"]).json()
+    assert listed["total"] == 2 and [e["id"] for e in listed["items"]][1] == evaluation_id and "report" not in listed["items"][0]
+    detail = httpx.get(f"{api['base']}/evaluations/{evaluation_id}", headers=api["auditor"]).json()
+    assert detail["mae_hu"] == report["mae_hu"] and detail["label"] == "local pairs" and detail["pairs"] == 2
+    assert detail["model_sha256"] == report["model_sha256"] == detail["against_sha256"]  # the same weights, other views
+    assert detail["report"]["against"]["test_time_augmentation"] == "none" and len(detail["report"]["pairs"]) == 2
+    assert "EVAL-700" not in json.dumps(detail)  # series UIDs and a digest, no patient ID
+
+    registered = subprocess.run([*cli, "models", "register", str(older / "model.safetensors")], capture_output=True, text=True, timeout=300, env=env)
+    assert registered.returncode == 0, registered.stderr[-2000:]
+    model_id = int(registered.stdout.split()[1])
+    model = httpx.get(f"{api['base']}/models/{model_id}", headers=api["auditor"]).json()
+    assert evaluation_id in [e["id"] for e in model["evaluations"]]
+    models = subprocess.run([*cli, "models", "list"], capture_output=True, text=True, timeout=300, env=env)
+    line = next(line for line in models.stdout.splitlines() if line.split()[0 if line[0] != "*" else 1] == str(model_id))
+    assert "own pairs: MAE" in line and "on 2 with dihedral views" in line
+
+    assert httpx.get(f"{api['base']}/evaluations/999999", headers=api["auditor"]).status_code == 404
+    bad = httpx.get(f"{api['base']}/evaluations", params={"model_sha256": "../etc"}, headers=api["auditor"])
+    assert bad.status_code == 422 and bad.json()["detail"]
+    audit = httpx.get(f"{api['base']}/audit", params={"action": "model-evaluated"}, headers=api["auditor"]).json()
+    assert any(e["detail"].get("evaluation_id") == evaluation_id for e in audit["items"])
+
+
+def test_evaluate_registry_stops_before_scoring_when_the_database_does_not_open(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "--pairs", str(tmp_path), "--registry"],
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "MR2CT_DATABASE_URL": f"sqlite:///{blocker}/sub/db.sqlite"})
+    assert result.returncode == 2 and "database_url" in result.stderr and "without --registry" in result.stderr
+    alone = subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "--registry"], capture_output=True, text=True, timeout=300)
+    assert alone.returncode == 2 and "--registry goes with --pairs" in alone.stderr

@@ -4,6 +4,7 @@ curves; screenshots are kept as test artefacts."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -41,6 +42,15 @@ def test_log_in_see_a_finished_job_its_preview_and_a_training_runs_losses(node, 
                              capture_output=True, text=True, env=env, timeout=600)
     assert trained.returncode == 0, trained.stderr[-2000:]
     run_id = int(trained.stderr.split("training run ")[1].split(":")[0])
+    # The ML engineer keeps a model's score on local MR/CT pairs; the dashboard lists it.
+    pair = write_mr_series(tmp_path / "pairs" / "mr", seed=901, slices=4, size=64, pixel_spacing=4.0, slice_spacing=20.0, patient_id="DASH-1")
+    write_mr_series(tmp_path / "pairs" / "ct", seed=901, slices=4, size=64, pixel_spacing=4.0, slice_spacing=20.0, patient_id="DASH-1",
+                    modality="CT", study_uid=pair.study_uid)
+    evaluated = subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "--pairs", str(tmp_path / "pairs"), "--registry",
+                                "--label", "dashboard pairs"], capture_output=True, text=True, env=env, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    evaluation_id = int(evaluated.stdout.split("recorded as evaluation ")[1].split()[0])
+    mae_hu = json.loads(evaluated.stdout.strip().splitlines()[-1])["mae_hu"]
     base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -66,6 +76,8 @@ def test_log_in_see_a_finished_job_its_preview_and_a_training_runs_losses(node, 
             row = page.locator(f"#job-{job.id}")
             assert row.locator(".done").inner_text() == "done"
             page.screenshot(path=str(ARTIFACTS / "dashboard-jobs.png"), full_page=True)
+            evaluation = page.locator(f"#evaluation-{evaluation_id}").inner_text()
+            assert "dashboard pairs (1 pairs" in evaluation and f"{mae_hu:.1f} HU" in evaluation
             row.locator("a.preview").click()
             page.wait_for_function("document.querySelector('#preview') && document.querySelector('#preview').naturalWidth > 0", timeout=60_000)
             assert "explorer.html#study?uuid=" in page.get_attribute("#orthanc-link", "href")

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.api.auth import Caller, require
 from dicom_node.db import notify_job_queued
-from dicom_node.models import Association, AuditEvent, Instance, Job, ModelVersion, Series, TrainingRun, utcnow
+from dicom_node.models import Association, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.errors import PacsUnavailable
 
@@ -318,7 +318,10 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                 raise HTTPException(404, f"no model {model_id}")
             # The recorded training runs that exported these weights (GET /training/runs/{id}: their losses).
             runs = session.scalars(select(TrainingRun.id).where(TrainingRun.model_sha256 == model.sha256).order_by(TrainingRun.id)).all()
-            return {**_row(model), "training_runs": list(runs)}
+            # Its scores on the hospital's own pairs (GET /evaluations/{id}: the whole report).
+            evaluations = session.scalars(select(Evaluation).where(Evaluation.model_sha256 == model.sha256).order_by(Evaluation.id)).all()
+            return {**_row(model), "training_runs": list(runs),
+                    "evaluations": [{k: v for k, v in _row(e).items() if k != "report"} for e in evaluations]}
 
     @app.post("/models/{model_id}/activate")
     def activate_model(model_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
@@ -333,6 +336,35 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         except (ModelMismatch, ValueError) as exc:
             raise HTTPException(409, str(exc)) from exc
         return {"id": chosen.id, "sha256": chosen.sha256, "active": True}
+
+    @app.get("/evaluations")
+    def list_evaluations(
+        caller: Caller = Depends(READ),
+        model_sha256: str | None = Query(None, pattern="^[0-9a-f]{64}$", description="the weights' SHA-256"),
+        dataset_digest: str | None = Query(None, pattern="^[0-9a-f]{64}$", description="the same pairs"),
+        limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
+    ) -> dict[str, Any]:
+        """`mr2ct evaluate --pairs --registry` reports, newest first, without the per-pair details
+        (GET /evaluations/{id} has them)."""
+        query = select(Evaluation).order_by(Evaluation.id.desc())
+        if model_sha256:
+            query = query.where(Evaluation.model_sha256 == model_sha256)
+        if dataset_digest:
+            query = query.where(Evaluation.dataset_digest == dataset_digest)
+        with sessions() as session:
+            page = _page(session, query, limit, offset)
+        for item in page["items"]:
+            item.pop("report")
+        return page
+
+    @app.get("/evaluations/{evaluation_id}")
+    def evaluation_detail(evaluation_id: ResourceId, caller: Caller = Depends(READ)) -> dict[str, Any]:
+        """One evaluation with its whole report: per tissue, per pair, what was left out, the model it was compared with."""
+        with sessions() as session:
+            row = session.get(Evaluation, evaluation_id)
+            if row is None:
+                raise HTTPException(404, f"no evaluation {evaluation_id}")
+            return _row(row)
 
     @app.get("/training/runs")
     def list_training_runs(

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.api.auth import digest
-from dicom_node.models import ApiToken, AuditEvent, Instance, Job, Series, TrainingRun
+from dicom_node.models import ApiToken, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.errors import PacsUnavailable
 
@@ -81,6 +81,8 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                                    .order_by(Job.id.desc()).limit(50)).all()
             events = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(25)).all()
             runs = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(10)).all()
+            evaluations = session.scalars(select(Evaluation).order_by(Evaluation.id.desc()).limit(10)).all()
+            models = {m.sha256: m for m in session.scalars(select(ModelVersion))}
         job_rows = []
         for job, series in rows:
             preview = f"<a class='preview' href='/dashboard/jobs/{job.id}'>preview</a>" if job.state == "done" else ""
@@ -105,11 +107,32 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 f"<td><code>{html.escape((run.model_sha256 or '')[:12])}</code></td>"
                 f"<td><a class='losses' href='/dashboard/training/{run.id}'>losses</a></td></tr>"
             )
+        def model_cell(sha256: str | None) -> str:
+            if not sha256:
+                return ""
+            known = models.get(sha256)
+            name = f"{known.name}{' (active)' if known.active else ''} " if known else "not registered "
+            return f"{html.escape(name)}<code>{sha256[:12]}</code>"
+
+        evaluation_rows = []
+        for e in evaluations:
+            against = e.report.get("against") or {}
+            versus = (f"{model_cell(e.against_sha256)}: {against.get('mae_hu')} HU, better on {against.get('better_on_pairs')}"
+                      f" of {against.get('pairs')}" + (f", p {against['wilcoxon_p']}" if against.get("wilcoxon_p") is not None else "")
+                      if against else "")
+            evaluation_rows.append(
+                f"<tr id='evaluation-{e.id}'><td>{e.id}</td><td>{e.at:%Y-%m-%d %H:%M}</td><td>{model_cell(e.model_sha256)}</td>"
+                f"<td>{html.escape(e.label)} ({e.pairs} pairs, <code>{e.dataset_digest[:12]}</code>)</td><td>{e.mae_hu:.1f} HU</td>"
+                f"<td>{e.mae_linear_hu:.1f} HU</td><td>{versus}</td></tr>"
+            )
         body = (f"<h1>mr2ct jobs</h1><p>Logged in as {html.escape(caller.name)} ({html.escape(caller.role)})</p>"
                 "<table id='jobs'><tr><th>job</th><th>state</th><th>series</th><th>instances</th><th>from</th><th>created</th>"
                 f"<th>took</th><th>device</th><th>error</th><th></th></tr>{''.join(job_rows)}</table>"
                 "<h1>training runs</h1><table id='training'><tr><th>run</th><th>state</th><th>epochs</th><th>last epoch</th>"
                 f"<th>started</th><th>model</th><th></th></tr>{''.join(run_rows)}</table>"
+                "<h1>models on your own pairs</h1><table id='evaluations'><tr><th>evaluation</th><th>at</th><th>model</th>"
+                "<th>pairs</th><th>MAE</th><th>linear baseline</th><th>against</th></tr>"
+                f"{''.join(evaluation_rows)}</table>"
                 "<h1>recent audit events</h1><table id='audit'><tr><th>at</th><th>action</th><th>outcome</th><th>actor</th><th>job</th></tr>"
                 f"{''.join(event_rows)}</table>")
         return _page("mr2ct dashboard", body)
