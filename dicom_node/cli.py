@@ -317,26 +317,7 @@ def evaluate(
             typer.echo("error: --pairs scores your own studies; --record and --paired-steps belong to the phantom evaluation "
                        "(a card keeps phantom figures; the paired bound trains on phantoms)", err=True)
             raise typer.Exit(2)
-        against_model = None
-        if against is not None:
-            try:
-                against_model = load_model(against / "model.safetensors" if against.is_dir() else against)
-            except ModelMismatch as exc:
-                typer.echo(f"mr2ct: --against: {exc}", err=True)
-                raise typer.Exit(2) from exc
-        sessions = None
-        if len(label) > 128:
-            typer.echo(f"error: --label is {len(label)} characters long; at most 128", err=True)
-            raise typer.Exit(2)
-        if registry:
-            from dicom_node.db import DatabaseUnavailable, init_db
-
-            try:
-                sessions = init_db(_settings(config).database_url)
-            except DatabaseUnavailable as exc:
-                typer.echo(f"mr2ct: database_url: {exc}; fix it or evaluate without --registry", err=True)
-                raise typer.Exit(2) from exc
-        _evaluate_pairs(loaded, pairs, panel, json_only, training_cache, against_model, sessions, label)
+        _evaluate_pairs(loaded, pairs, panel, json_only, training_cache, against, registry, label, config)
         return
     if against is not None or registry:
         typer.echo(f"error: {'--against' if against is not None else '--registry'} goes with --pairs", err=True)
@@ -382,14 +363,35 @@ def evaluate(
 
 
 def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only: bool, training_cache: Optional[Path],
-                    against: Any = None, sessions: Any = None, label: str = "") -> None:
-    """`mr2ct evaluate --pairs FOLDER`: the table and JSON report of a model on a hospital's own MR/CT pairs."""
+                    against_path: Optional[Path], registry: bool, label: str, config: Optional[Path]) -> None:
+    """`mr2ct evaluate --pairs FOLDER`: the table and JSON report of a model on a hospital's own MR/CT
+    pairs (with --against, a second model's beside it; with --registry, kept in the database)."""
     import json
     from dataclasses import asdict
 
     import numpy as np
 
-    from synthesis.errors import SeriesNotUsable
+    from synthesis.errors import ModelMismatch, SeriesNotUsable
+    from synthesis.model_file import load_model
+
+    against = sessions = None
+    if against_path is not None:
+        try:
+            against = load_model(against_path / "model.safetensors" if against_path.is_dir() else against_path)
+        except ModelMismatch as exc:
+            typer.echo(f"mr2ct: --against: {exc}", err=True)
+            raise typer.Exit(2) from exc
+    if len(label) > 128:
+        typer.echo(f"error: --label is {len(label)} characters long; at most 128", err=True)
+        raise typer.Exit(2)
+    if registry:  # before the scoring: a database that does not open stops the command at once
+        from dicom_node.db import DatabaseUnavailable, init_db
+
+        try:
+            sessions = init_db(_settings(config).database_url)
+        except DatabaseUnavailable as exc:
+            typer.echo(f"mr2ct: database_url: {exc}; fix it or evaluate without --registry", err=True)
+            raise typer.Exit(2) from exc
     from training.evaluate import CT_BANDS, compare_pairs, evaluate_pairs
     from dicom_node.registry import pairs_digest, record_evaluation
     from training.pairs import find_pairs, leave_out_trained
