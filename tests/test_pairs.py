@@ -73,6 +73,15 @@ def test_evaluate_pairs_scores_dicom_pairs_as_the_phantom_evaluation_scores_the_
     matched = tmp_path / "matched"
     uids = [_pair(matched / f"patient-{s}", s, f"PAT{s}") for s in range(2)]
     write_mr_series(matched / "mr-without-ct", seed=5, slices=4, size=64, pixel_spacing=4.0, slice_spacing=30.0, patient_id="PAT9")
+    # An sCT exported with the study (mr2ct's own: same frame as the MR, more instances than the CT) is no ground truth.
+    synthetic = sorted((matched / "patient-0" / "ct").glob("*.dcm"))
+    synthetic_uid = pydicom.uid.generate_uid()
+    for i, path in enumerate([*synthetic, *synthetic]):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SyntheticData = synthetic_uid, pydicom.uid.generate_uid(), "YES"
+        ds.PixelData = np.zeros((256, 256), np.uint16).tobytes()
+        (matched / "patient-0" / "sct").mkdir(exist_ok=True)
+        ds.save_as(matched / "patient-0" / "sct" / f"{i}.dcm")
     (matched / "README.txt").write_text("not DICOM")
     phantom = _evaluate("--json", "--subjects", "2", "--slices", "4")
     assert phantom.returncode == 0, phantom.stderr
@@ -91,6 +100,7 @@ def test_evaluate_pairs_scores_dicom_pairs_as_the_phantom_evaluation_scores_the_
     assert report["mae_by_tissue"]["bone"] > report["mae_by_tissue"]["soft tissue"]
     assert any("not DICOM" in reason for reason in report["left_out"])
     assert any("no CT series of the same patient" in reason for reason in report["left_out"])
+    assert any(synthetic_uid in reason and "not a ground truth" in reason for reason in report["left_out"])
     assert panel.stat().st_size > 10_000
     assert "PAT0" not in result.stdout + result.stderr and "PHANTOM^HEAD" not in result.stdout + result.stderr
 

@@ -115,7 +115,10 @@ def find_pairs(folder: Path) -> Found:
             frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "") or ""), patient_key=str(first.get("PatientID", "") or ""),
             files=tuple(path for path, _ in members), patient_issuer=str(first.get("IssuerOfPatientID", "") or ""),
         )
-        if found.modality == "REG" or str(first.get("SOPClassUID", "")) == SPATIAL_REGISTRATION:
+        if str(first.get("SyntheticData", "") or "").upper() == "YES":
+            # An sCT (mr2ct's own, exported with the study) shares the MR's frame: never take it for the truth.
+            skipped.append(f"{found.label()}: synthetic (Synthetic Data YES), not a ground truth")
+        elif found.modality == "REG" or str(first.get("SOPClassUID", "")) == SPATIAL_REGISTRATION:
             for _, ds in members:
                 try:
                     related = registrations(ds)
