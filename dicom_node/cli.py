@@ -255,6 +255,14 @@ def figures(
         typer.echo(str(path))
 
 
+def _tissue_table(quality: Any, legend: str, beside: tuple[str, dict[str, float]] | None = None) -> None:
+    """The per-tissue rows of `mr2ct evaluate`: MAE, bias and "no level" MAE, and one more model's MAE beside them."""
+    typer.echo(f"  {'tissue':16s} {'MAE':>7s} {'bias':>7s} {'no level':>8s}" + (f" {beside[0]:>11s}" if beside else "") + f"   {legend}")
+    for tissue, value in quality.mae_by_tissue.items():
+        typer.echo(f"  {tissue:16s} {value:7.1f} {quality.bias_by_tissue[tissue]:+7.1f} {quality.mae_level_removed_by_tissue[tissue]:8.1f}"
+                   + (f" {beside[1][tissue]:11.1f}" if beside else ""))
+
+
 @app.command()
 def evaluate(
     model: Annotated[Optional[Path], typer.Argument(help="model .safetensors or run folder (default: the shipped model)")] = None,
@@ -334,11 +342,8 @@ def evaluate(
     if not json_only:
         typer.echo(f"model {loaded.short_digest} (test-time augmentation {loaded.test_time_augmentation}): MAE {quality.mae_hu} HU (linear baseline {quality.baseline_mae_hu} HU), "
                    f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")
-        typer.echo(f"  {'tissue':16s} {'MAE':>7s} {'bias':>7s} {'no level':>8s}" + (f" {'paired MAE':>11s}" if paired else "")
-                   + "   (HU; bias: mean sCT - CT; no level: the MAE left with each head's own mean error taken away)")
-        for tissue, value in quality.mae_by_tissue.items():
-            typer.echo(f"  {tissue:16s} {value:7.1f} {quality.bias_by_tissue[tissue]:+7.1f} {quality.mae_level_removed_by_tissue[tissue]:8.1f}"
-                       + (f" {paired.mae_by_tissue[tissue]:11.1f}" if paired else ""))
+        _tissue_table(quality, "(HU; bias: mean sCT - CT; no level: the MAE left with each head's own mean error taken away)",
+                      ("paired MAE", paired.mae_by_tissue) if paired else None)
         typer.echo(f"grid floor: the ground-truth CT itself, taken to the model's {loaded.pixel_spacing_mm:g} mm grid and back, "
                    f"scores {quality.grid_floor_mae_hu} HU (a practical floor for any model on that grid)")
         if paired is None:
@@ -434,11 +439,8 @@ def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only:
                    f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")
         bands = ", ".join(f"{name} " + (f"< {high:g}" if low == -np.inf else f">= {low:g}" if high == np.inf else f"{low:g} to {high:g}")
                           for name, low, high in CT_BANDS)
-        typer.echo(f"  {'tissue':16s} {'MAE':>7s} {'bias':>7s} {'no level':>8s}   (HU, inside the body; tissue by the CT: {bands}; "
-                   "no level: the MAE left with each pair's own mean error taken away)")
-        for tissue, value in quality.mae_by_tissue.items():
-            typer.echo(f"  {tissue:16s} {value:7.1f} {quality.bias_by_tissue[tissue]:+7.1f} {quality.mae_level_removed_by_tissue[tissue]:8.1f}"
-                       + (f"   against: {comparison['mae_by_tissue'][tissue]:7.1f}" if comparison else ""))
+        _tissue_table(quality, f"(HU, inside the body; tissue by the CT: {bands}; no level: the MAE left with each pair's own "
+                               "mean error taken away)", ("against", comparison["mae_by_tissue"]) if comparison else None)
         for i, r in enumerate(results, 1):
             typer.echo(f"  pair {i}: MR {r.mr_series_uid}, CT {r.ct_series_uid}"
                        + (f" (registered by {r.registration})" if r.registration else "") + f": {r.slices} slices, the CT reaches "

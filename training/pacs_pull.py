@@ -81,6 +81,14 @@ def split_of(key: str, validation_fraction: float) -> str:
 
 
 class DatasetCache:
+    @classmethod
+    def existing(cls, root: Path) -> "DatasetCache":
+        """A cache `mr2ct pull` made, opened only to read: nothing is created where there is none."""
+        root = Path(root)
+        if not (root / "manifest.jsonl").is_file() or not (root / "salt").is_file():
+            raise FileNotFoundError(f"{root} is not a dataset cache of `mr2ct pull` (no manifest.jsonl and salt)")
+        return cls(root)
+
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)

@@ -162,23 +162,13 @@ def leave_out_trained(found: Found, cache_dir: Path) -> Found:
     """``found`` without the pairs whose patient is in a dataset cache of `mr2ct pull` (either
     split: the train split taught the model, the validation split may have chosen it), matched by
     the cache's own salted patient key. A model scored on patients it was trained on flatters itself."""
-    import json
+    from training.pacs_pull import DatasetCache, patient_key
 
-    from training.pacs_pull import patient_key
-
-    cache_dir = Path(cache_dir)
-    manifest, salt_file = cache_dir / "manifest.jsonl", cache_dir / "salt"
-    if not manifest.is_file() or not salt_file.is_file():
-        raise FileNotFoundError(f"{cache_dir} is not a dataset cache of `mr2ct pull` (no manifest.jsonl and salt)")
-    salt = salt_file.read_text().strip()
-    splits = {}
-    for line in manifest.read_text().splitlines():
-        if line.strip():
-            entry = json.loads(line)
-            splits[entry["patient_key"]] = entry["split"]
+    cache = DatasetCache.existing(cache_dir)
+    splits = {entry["patient_key"]: entry["split"] for entry in cache.entries()}
     kept, skipped = [], list(found.skipped)
     for pair in found.pairs:
-        split = splits.get(patient_key(pair.mr.patient_key, pair.mr.patient_issuer, salt))
+        split = splits.get(patient_key(pair.mr.patient_key, pair.mr.patient_issuer, cache.salt))
         if split is None:
             kept.append(pair)
         else:
