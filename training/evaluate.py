@@ -220,11 +220,10 @@ def evaluate_pairs(models: list[LoadedModel], pairs: list[Any], device: torch.de
         truth = np.where(loaded.body, np.nan_to_num(loaded.ct_hu, nan=-1000.0), -1000.0).astype(np.float32)
         classes = np.where(loaded.body, np.digitize(truth, [high for _, _, high in CT_BANDS[:-1]]), -1)
         coverage = round(float(np.mean(~np.isnan(loaded.ct_hu))), 3)
+        mr_unit = mr_to_unit(volume.voxels)  # what the baseline is fitted on and the floor is guided by, as for phantoms
         for m, model in enumerate(models):
             pred = synthesize(volume.voxels, volume.pixel_spacing, model, device, batch_size=8)
             pred = np.where(loaded.body, pred, -1000.0).astype(np.float32)
-            norm = model.card.get("normalization", {})
-            mr_unit = mr_to_unit(volume.voxels, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
             sets[m].append(scored(pred, truth, mr_unit, classes, loaded.body, len(CT_BANDS)))
             floor = grid_round_trip(truth[None], mr_unit[None], volume.pixel_spacing, model)[0]
             floors[m].append(np.abs(floor - truth)[loaded.body])
