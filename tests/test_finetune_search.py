@@ -1,0 +1,56 @@
+"""An ML engineer runs the fine-tune search recipe: chains of `mr2ct train --init-from` stages,
+each kept only if it beats its parent on the validation set, never on the sets it is reported on."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from synthesis.model_file import load_model
+from training.evaluate import evaluate
+
+ROOT = Path(__file__).resolve().parent.parent
+GRID = ["--pixel-spacing", "4", "--image-size", "64"]
+SMALL = ["--steps-per-epoch", "2", "--batch-size", "2", "--subjects-per-pool", "2", "--threads", "1"]
+
+
+def test_search_keeps_a_stage_only_when_it_beats_its_parent_on_validation(tmp_path: Path) -> None:
+    start = tmp_path / "start"
+    made = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "--no-record", "--out", str(start), "--epochs", "1",
+                           "--checkpoint-every", "0", *GRID, *SMALL], capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr[-2000:]
+    work = tmp_path / "search"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "training/recipes/finetune_search.py"), "--start", str(start), "--work", str(work),
+         "--minutes", "0.4", "--chains", "2", "--device", "cpu", "--first-stage-estimate-s", "1", "--epochs", "1",
+         "--lr-decay-start", "0", "--ema-decay", "0", "--test-time-augmentation", "none", "--validation-subjects", "1",
+         "--slices", "4", "--report-subjects", "0", "--top", "1", *GRID, *SMALL],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads((work / "search.json").read_text())
+    stages = {s["name"]: s for s in report["stages"]}
+    assert not [s for s in stages.values() if s["error"]], result.stderr[-3000:]
+    assert {s["chain"] for s in stages.values()} == {0, 1}, "each chain ran at least one stage"
+    start_mae = report["start_scores"]["validation"]["mae_hu"]
+    for chain in (0, 1):
+        parent, parent_mae = "start", start_mae
+        for s in sorted((s for s in stages.values() if s["chain"] == chain), key=lambda s: int(s["name"].split("-")[1])):
+            # Each stage starts from the last kept stage of its chain (its card says which checkpoint).
+            assert s["parent"] == parent and s["parent_validation_mae_hu"] == parent_mae
+            card = json.loads((work / s["name"] / "model.json").read_text())
+            source = Path(card["training"]["initialized_from"]["path"])
+            assert source == (start if parent == "start" else work / parent) / "checkpoint.pt"
+            assert s["kept"] == (s["validation_mae_hu"] < parent_mae)
+            if s["kept"]:
+                parent, parent_mae = s["name"], s["validation_mae_hu"]
+    best = stages[report["best"]]
+    assert best["validation_mae_hu"] == min(s["validation_mae_hu"] for s in stages.values())
+    assert summary["best"] == report["best"] and summary["best_validation_mae_hu"] == best["validation_mae_hu"]
+    # The figures are the model's own, on the validation heads (first subject 200), not the report set (0).
+    model = load_model(work / best["name"] / "model.safetensors")
+    assert abs(evaluate(model, subjects=1, slices=4, first_subject=200).mae_hu - best["validation_mae_hu"]) < 0.05
+    assert abs(evaluate(model, subjects=1, slices=4, first_subject=0).mae_hu - best["report"]["0"]["mae_hu"]) < 0.05
+    assert (work / "search.png").stat().st_size > 5_000

@@ -1,0 +1,203 @@
+"""Fine-tune search: chains of short `mr2ct train --init-from` stages, kept by a validation set.
+
+GAN stages are noisy: the same settings from the same start end several HU apart with another
+seed (another draw of phantom subjects and batches). This recipe runs several chains side by
+side from one start (a run folder or checkpoint with all four networks), scores every stage on
+held-out phantoms that are *not* the sets the model is reported on (the validation set:
+first subject 200), and lets a chain go on from a stage only if it beat its parent there. At the
+end the best stages by validation are scored on the report sets (0, 100) too; search.json holds
+every stage, search.png shows the chains.
+
+Made for a GPU (the chains share it; each stage is a subprocess); on CPU it works, slowly.
+The model shipped on 2026-11-30 came out of it on one H200: 6 chains with mixed settings (plain,
+learning rate 2e-5, batch 8, EMA 0.995) for 8 minutes, then 12 more EMA stages from the best;
+the EMA chain won (README, "The shipped model"). A stage's card records its own command, and the
+run folders hold each stage's checkpoint for the next.
+
+    .venv/bin/python training/recipes/finetune_search.py --start runs/ft-mix/b --minutes 30 \
+        [--work runs/finetune-search] [--chains 6] [--ema-decay 0.995] [--device cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+import subprocess
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+@dataclass
+class Stage:
+    name: str
+    chain: int
+    parent: str
+    seed: int
+    seconds: float = 0.0
+    validation_mae_hu: float | None = None
+    parent_validation_mae_hu: float | None = None
+    kept: bool = False
+    error: str = ""
+    report: dict = field(default_factory=dict)
+
+
+def stage_command(args: argparse.Namespace, out: Path, parent: Path, seed: int) -> list[str]:
+    return [sys.executable, "-m", "dicom_node.cli", "train", "--no-record",
+            "--out", str(out), "--init-from", str(parent), "--seed", str(seed), "--device", args.device,
+            "--precision", "bf16", "--checkpoint-every", "0", "--pixel-spacing", str(args.pixel_spacing),
+            "--image-size", str(args.image_size), "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
+            "--lr-decay-start", str(args.lr_decay_start), "--lr-G", str(args.lr), "--lr-D", str(args.lr),
+            "--lambda-ABA", str(args.cycle_lambda), "--lambda-BAB", str(args.cycle_lambda),
+            "--structure-weight", str(args.structure_weight), "--batch-size", str(args.batch_size),
+            "--ema-decay", str(args.ema_decay), "--subjects-per-pool", str(args.subjects_per_pool),
+            "--test-time-augmentation", args.test_time_augmentation, "--threads", str(args.threads)]
+
+
+class Search:
+    def __init__(self, args: argparse.Namespace) -> None:
+        import torch
+
+        self.args = args
+        self.device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.scoring = threading.Lock()  # one evaluation at a time: they share the device with the stages
+        self.stages: list[Stage] = []
+        self.durations: list[float] = []
+
+    def score(self, model: Path, first_subject: int) -> dict:
+        from synthesis.model_file import load_model
+        from training.evaluate import evaluate
+
+        with self.scoring:
+            q = evaluate(load_model(model), subjects=self.args.validation_subjects, slices=self.args.slices,
+                         device=self.device, first_subject=first_subject)
+        return {"mae_hu": q.mae_hu, "psnr_db": q.psnr_db, "ssim": q.ssim}
+
+    def chain(self, index: int, start: Path, start_mae: float, deadline: float) -> None:
+        a = self.args
+        parent, parent_mae, parent_name = start, start_mae, "start"
+        for k in range(1, 10_000):
+            expected = max(self.durations, default=a.first_stage_estimate_s)
+            if time.time() + expected > deadline:
+                return
+            stage = Stage(f"chain{index}-{k}", index, parent_name, a.seed_base + 100 * index + k)
+            out = a.work / stage.name
+            out.mkdir(parents=True, exist_ok=True)
+            t0 = time.time()
+            with open(out / "train.log", "w") as log:
+                proc = subprocess.Popen(stage_command(a, out, parent, stage.seed), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                while proc.poll() is None:
+                    if time.time() > deadline + a.grace_s:
+                        proc.kill()
+                        proc.wait()
+                        return
+                    time.sleep(0.5)
+            stage.seconds = round(time.time() - t0, 1)
+            self.stages.append(stage)
+            if proc.returncode != 0 or not (out / "model.safetensors").exists():
+                stage.error = f"exit {proc.returncode}: " + (out / "train.log").read_text()[-800:]
+                print(f"{stage.name}: failed ({stage.error.splitlines()[0]}); see {out / 'train.log'}", file=sys.stderr)
+                return
+            self.durations.append(stage.seconds)
+            stage.validation_mae_hu = self.score(out / "model.safetensors", a.validation_subject)["mae_hu"]
+            stage.parent_validation_mae_hu = parent_mae
+            stage.kept = stage.validation_mae_hu < parent_mae
+            print(f"{stage.name} (from {parent_name}, seed {stage.seed}, {stage.seconds:.0f} s): validation {stage.validation_mae_hu} HU "
+                  f"vs {parent_mae} -> {'kept' if stage.kept else 'dropped'}", file=sys.stderr, flush=True)
+            if stage.kept:
+                parent, parent_mae, parent_name = out, stage.validation_mae_hu, stage.name
+
+    def run(self) -> dict:
+        a = self.args
+        a.work.mkdir(parents=True, exist_ok=True)
+        start_model = a.start / "model.safetensors" if a.start.is_dir() else a.start_model
+        if start_model is None or not start_model.exists():
+            raise SystemExit(f"--start-model: the start's model file is needed to score it (not found next to {a.start})")
+        deadline = time.time() + a.minutes * 60
+        start = {"validation": self.score(start_model, a.validation_subject)}
+        print(f"start {start_model}: validation {start['validation']['mae_hu']} HU on {self.device}", file=sys.stderr, flush=True)
+        threads = [threading.Thread(target=self.chain, args=(i, a.start, start["validation"]["mae_hu"], deadline)) for i in range(a.chains)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        scored = sorted((s for s in self.stages if s.validation_mae_hu is not None), key=lambda s: s.validation_mae_hu)
+        for first in a.report_subjects:
+            start[f"report_{first}"] = self.score(start_model, first)
+        for s in scored[: a.top]:
+            s.report = {str(first): self.score(a.work / s.name / "model.safetensors", first) for first in a.report_subjects}
+        result = {"start": str(a.start), "device": str(self.device), "validation_first_subject": a.validation_subject,
+                  "report_first_subjects": a.report_subjects, "start_scores": start,
+                  "best": scored[0].name if scored else None, "stages": [asdict(s) for s in self.stages]}
+        (a.work / "search.json").write_text(json.dumps(result, indent=1))
+        plot(self.stages, start["validation"]["mae_hu"], a.work / "search.png")
+        return result
+
+
+def plot(stages: list[Stage], start_mae: float, path: Path) -> None:
+    """Validation MAE of every stage, one line per chain through its kept stages."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.axhline(start_mae, color="grey", linestyle="--", label=f"start ({start_mae} HU)")
+    for chain in sorted({s.chain for s in stages}):
+        mine = [s for s in stages if s.chain == chain and s.validation_mae_hu is not None]
+        ax.scatter(range(1, len(mine) + 1), [s.validation_mae_hu for s in mine], marker="o",
+                   facecolors=["C%d" % chain if s.kept else "none" for s in mine], edgecolors="C%d" % chain, label=f"chain {chain}")
+    ax.set_xlabel("stage of the chain (filled: kept)")
+    ax.set_ylabel("validation MAE (HU)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--start", type=Path, required=True, help="run folder (checkpoint.pt with all four networks, model.safetensors) or a checkpoint")
+    p.add_argument("--start-model", type=Path, help="the start's model file, when --start is a checkpoint file")
+    p.add_argument("--work", type=Path, default=ROOT / "runs/finetune-search")
+    p.add_argument("--minutes", type=float, required=True, help="no stage is started that would end after this")
+    p.add_argument("--chains", type=int, default=6)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per stage")
+    p.add_argument("--validation-subject", type=int, default=200, help="first held-out subject of the validation set")
+    p.add_argument("--validation-subjects", type=int, default=4)
+    p.add_argument("--slices", type=int, default=24)
+    p.add_argument("--report-subjects", type=lambda s: [int(x) for x in s.split(",")], default=[0, 100])
+    p.add_argument("--top", type=int, default=3, help="stages scored on the report sets")
+    p.add_argument("--seed-base", type=int, default=300)
+    p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--steps-per-epoch", type=int, default=50)
+    p.add_argument("--lr-decay-start", type=int, default=3)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--cycle-lambda", type=float, default=40.0)
+    p.add_argument("--structure-weight", type=float, default=10.0)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--ema-decay", type=float, default=0.995)
+    p.add_argument("--subjects-per-pool", type=int, default=40)
+    p.add_argument("--pixel-spacing", type=float, default=1.0)
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--test-time-augmentation", default="dihedral")
+    p.add_argument("--first-stage-estimate-s", type=float, default=90.0, help="how long a stage is taken to last until one has")
+    p.add_argument("--grace-s", type=float, default=60.0, help="a stage still running this long after the deadline is stopped")
+    result = Search(p.parse_args(argv)).run()
+    if result["best"] is None:
+        failed = [s["name"] for s in result["stages"] if s["error"]]
+        raise SystemExit(f"no stage was scored ({len(failed)} failed: {', '.join(failed) or 'none started before --minutes'}); "
+                         "see each stage's train.log")
+    print(json.dumps({"best": result["best"], "stages": len(result["stages"]),
+                      "start_validation_mae_hu": result["start_scores"]["validation"]["mae_hu"],
+                      "best_validation_mae_hu": min((s["validation_mae_hu"] for s in result["stages"] if s["validation_mae_hu"] is not None), default=None)}))
+
+
+if __name__ == "__main__":
+    main()
