@@ -14,7 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
@@ -25,7 +25,8 @@ from dicom_node.models import TrainingRun, utcnow
 
 log = logging.getLogger(__name__)
 
-STATES = ("running", "finished", "interrupted", "failed")
+RunState = Literal["running", "finished", "interrupted", "failed"]  # the API's filter takes exactly these
+STATES: tuple[str, ...] = get_args(RunState)
 
 
 @contextmanager

@@ -25,6 +25,7 @@ from dicom_node.api.auth import Caller, require
 from dicom_node.db import notify_job_queued
 from dicom_node.models import Association, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun, utcnow
 from dicom_node.orthanc_store import OrthancStore
+from dicom_node.training_runs import RunState
 from synthesis.errors import PacsUnavailable
 
 READ = require("admin", "auditor")
@@ -368,7 +369,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
 
     @app.get("/training/runs")
     def list_training_runs(
-        caller: Caller = Depends(READ), state: Literal["running", "finished", "interrupted", "failed"] | None = None,
+        caller: Caller = Depends(READ), state: RunState | None = None,
         limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
     ) -> dict[str, Any]:
         """`mr2ct train` runs, newest first, without their losses (GET /training/runs/{id} has them)."""
