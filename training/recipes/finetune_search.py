@@ -9,9 +9,10 @@ end the best stages by validation are scored on the report sets (0, 100) too; se
 every stage, search.png shows the chains.
 
 Made for a GPU (the chains share it; each stage is a subprocess); on CPU it works, slowly.
-The model shipped on 2026-11-30 came out of it on one H200: 6 chains with mixed settings (plain,
-learning rate 2e-5, batch 8, EMA 0.995) for 8 minutes, then 12 more EMA stages from the best;
-the EMA chain won (README, "The shipped model"). A stage's card records its own command, and the
+The model shipped on 2026-11-30 came out of its first form on one H200 (the same selection, with
+each chain's settings written into the script; here every chain takes the flags): 6 chains with
+mixed settings (plain, learning rate 2e-5, batch 8, EMA 0.995) for 8 minutes, then 12 more EMA
+stages from the best; the EMA chain won, so EMA 0.995 is the default (README, "The shipped model"). A stage's card records its own command, and the
 run folders hold each stage's checkpoint for the next.
 
     .venv/bin/python training/recipes/finetune_search.py --start runs/ft-mix/b --minutes 30 \
