@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-import subprocess
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -48,9 +48,9 @@ class Stage:
     report: dict = field(default_factory=dict)
 
 
-def stage_command(args: argparse.Namespace, out: Path, parent: Path, seed: int) -> list[str]:
+def stage_command(args: argparse.Namespace, out: Path, parent: Path, seed: int, device: str) -> list[str]:
     return [sys.executable, "-m", "dicom_node.cli", "train", "--no-record",
-            "--out", str(out), "--init-from", str(parent), "--seed", str(seed), "--device", args.device,
+            "--out", str(out), "--init-from", str(parent), "--seed", str(seed), "--device", device,
             "--precision", "bf16", "--checkpoint-every", "0", "--pixel-spacing", str(args.pixel_spacing),
             "--image-size", str(args.image_size), "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
             "--lr-decay-start", str(args.lr_decay_start), "--lr-G", str(args.lr), "--lr-D", str(args.lr),
@@ -62,10 +62,13 @@ def stage_command(args: argparse.Namespace, out: Path, parent: Path, seed: int) 
 
 class Search:
     def __init__(self, args: argparse.Namespace) -> None:
-        import torch
+        from synthesis.infer import choose_device
 
         self.args = args
-        self.device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+        try:
+            self.device = choose_device(args.device).device  # the stages train on the same device
+        except ValueError as exc:
+            raise SystemExit(f"--device: {exc}") from exc
         self.scoring = threading.Lock()  # one evaluation at a time: they share the device with the stages
         self.stages: list[Stage] = []
         self.durations: list[float] = []
@@ -91,7 +94,7 @@ class Search:
             out.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
             with open(out / "train.log", "w") as log:
-                proc = subprocess.Popen(stage_command(a, out, parent, stage.seed), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                proc = subprocess.Popen(stage_command(a, out, parent, stage.seed, self.device.type), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
                 while proc.poll() is None:
                     if time.time() > deadline + a.grace_s:
                         proc.kill()
@@ -141,7 +144,7 @@ class Search:
 
 
 def plot(stages: list[Stage], start_mae: float, path: Path) -> None:
-    """Validation MAE of every stage, one line per chain through its kept stages."""
+    """Validation MAE of every stage by its place in its chain, a colour per chain, kept stages filled."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
                          "see each stage's train.log")
     print(json.dumps({"best": result["best"], "stages": len(result["stages"]),
                       "start_validation_mae_hu": result["start_scores"]["validation"]["mae_hu"],
-                      "best_validation_mae_hu": min((s["validation_mae_hu"] for s in result["stages"] if s["validation_mae_hu"] is not None), default=None)}))
+                      "best_validation_mae_hu": next(s["validation_mae_hu"] for s in result["stages"] if s["name"] == result["best"])}))
 
 
 if __name__ == "__main__":
