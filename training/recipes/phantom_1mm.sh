@@ -39,7 +39,9 @@ $M --out "$OUT/9-structure-10" --init-from "$OUT/8-lambda-40" --pixel-spacing 1.
 # Score it as it now runs and put the figures in its card, with the paired upper bound trained for as many
 # steps as all the stages above (135 epochs x 50); ~1 hour more on 2 cores: drop --paired-steps to skip it.
 .venv/bin/mr2ct evaluate "$OUT/9-structure-10" --record --paired-steps 6750
-# The shipped model (2026-11-30 evening) is the 2026-11-25 run's stage 9 fine-tuned further: its MR-to-CT generator
-# joined with the other three networks of a re-run's stage 9 (trained, not fresh) into one checkpoint, then two
-# stages like stage 9 at learning rates 5e-5 falling from epoch 3, 8 epochs each (63.4, then 59.75 HU with the
-# 8 views); see README "The shipped model". Those steps are not in this script: they need a second run's networks.
+# The shipped model is the 2026-11-25 run's stage 9 fine-tuned further: its MR-to-CT generator joined with the
+# other three networks of a re-run's stage 9 (trained, not fresh) into one checkpoint, then two stages like stage 9
+# at learning rates 5e-5 falling from epoch 3, 8 epochs each (63.4, then 59.75 HU with the 8 views: shipped
+# 2026-11-30 evening), then four kept stages of training/recipes/finetune_search.py on an H200 (56.72 HU: shipped
+# 2026-11-30 night); see README "The shipped model". Those steps are not in this script: they need a second run's
+# networks, and the search picks its stages by evaluation.
