@@ -75,7 +75,7 @@ def train(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 (autocast forward passes; GPUs and bf16-capable CPUs)")] = None,
     test_time_augmentation: Annotated[Optional[str], typer.Option(
-        help="none | mirror | dihedral: written into the exported card; inference averages the generator over that many views (1, 4, 8)")] = None,
+        help="none | mirror | dihedral | dihedral-shift: written into the exported card; inference averages the generator over that many views (1, 4, 8, 32)")] = None,
     record: Annotated[bool, typer.Option(
         "--record/--no-record", help="record the run and its losses, epoch by epoch, in the node's database (database_url of --config)")] = True,
     config: ConfigOption = None,
@@ -273,7 +273,7 @@ def evaluate(
     panel: Annotated[Optional[Path], typer.Option(help="write a PNG panel: MR, CT, sCT, error map")] = None,
     paired_steps: Annotated[int, typer.Option(help="train a paired supervised generator of the same size for this many steps (0: skip)")] = 0,
     test_time_augmentation: Annotated[Optional[str], typer.Option(
-        help="none | mirror | dihedral instead of the card's (the paired upper bound is run the same way)")] = None,
+        help="none | mirror | dihedral | dihedral-shift instead of the card's (the paired upper bound is run the same way)")] = None,
     record: Annotated[bool, typer.Option(
         "--record", help="write this evaluation into the model's card as its metrics (the weights and their SHA-256 stay)")] = False,
     pairs: Annotated[Optional[Path], typer.Option(
@@ -596,7 +596,7 @@ def models_register(
 def models_set(
     path: Annotated[Path, typer.Argument(help="a training run folder or a .safetensors file with its card")],
     test_time_augmentation: Annotated[str, typer.Option(
-        help="none | mirror | dihedral: inference averages the generator over 1, 4 or 8 views of each slice")],
+        help="none | mirror | dihedral | dihedral-shift: inference averages the generator over 1, 4, 8 or 32 views of each slice")],
 ) -> None:
     """Change an inference option in a model's card (the weights and their SHA-256 stay; the card records the change)."""
     from synthesis.errors import ModelMismatch

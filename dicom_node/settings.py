@@ -69,8 +69,8 @@ class Settings(BaseSettings):
     )
     batch_size: int = Field(0, ge=0, le=1024, description="slices per inference batch (0: sized to the GPU's free memory; 8 on CPU)")
     torch_compile: bool = Field(False, description="run the generator through torch.compile (faster jobs; each new grid size compiles once, tens of seconds on a CPU)")
-    test_time_augmentation: Literal["model", "none", "mirror", "dihedral"] = Field(
-        "model", description="views of each slice the generator runs on, outputs averaged: model (what its card says), none (1 forward), mirror (4), dihedral (8)"
+    test_time_augmentation: Literal["model", "none", "mirror", "dihedral", "dihedral-shift"] = Field(
+        "model", description="views of each slice the generator runs on, outputs averaged: model (what its card says), none (1 forward), mirror (4), dihedral (8), dihedral-shift (32)"
     )
     stable_seconds: float = Field(10.0, gt=0, le=86400, description="a series is complete after this long without new instances")
     uid_root: str = Field("1.2.826.0.1.3680043.8.498.", description="root of the UIDs mr2ct writes (ends with a dot)")

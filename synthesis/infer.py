@@ -198,23 +198,38 @@ _VIEWS: dict[str, tuple[tuple[bool, tuple[int, ...]], ...]] = {
 _VIEWS["dihedral"] = _VIEWS["mirror"] + tuple((True, dims) for _, dims in _VIEWS["mirror"])
 
 
-def augmented(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str) -> torch.Tensor:
+def augmented(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str, multiple: int = 4) -> torch.Tensor:
     """The mean of the generator's outputs over the test-time augmentation's views of ``x``
     (N, C, H, W), each mapped back onto ``x``'s pixels; fp32. The generator is fully
-    convolutional, so a transposed view of a non-square grid is just another input shape."""
+    convolutional, so a transposed view of a non-square grid is just another input shape.
+    ``multiple``: what height and width must be multiples of (the generator's stride); the
+    shifted modes move the image by half of it, padding (reflected) so the size stays a multiple."""
+    shifted = mode.endswith("-shift")
+    views = _VIEWS[mode.removesuffix("-shift")]
+    half = multiple // 2
+    offsets = [(0, 0), (half, 0), (0, half), (half, half)] if shifted and half else [(0, 0)]
     total: torch.Tensor | None = None
-    for transpose, dims in _VIEWS[mode]:
-        view = x.transpose(-1, -2) if transpose else x
-        if dims:
-            view = torch.flip(view, dims)
-        y = forward(view.contiguous(memory_format=torch.channels_last)).float()
-        if dims:
-            y = torch.flip(y, dims)
-        if transpose:
-            y = y.transpose(-1, -2)
-        total = y if total is None else total.add_(y)
+    for dr, dc in offsets:
+        moved = x if (dr, dc) == (0, 0) else F.pad(x, (dc, multiple - dc if dc else 0, dr, multiple - dr if dr else 0), mode=_pad_mode(x, multiple))
+        for transpose, dims in views:
+            view = moved.transpose(-1, -2) if transpose else moved
+            if dims:
+                view = torch.flip(view, dims)
+            y = forward(view.contiguous(memory_format=torch.channels_last)).float()
+            if dims:
+                y = torch.flip(y, dims)
+            if transpose:
+                y = y.transpose(-1, -2)
+            y = y[..., dr : dr + x.shape[-2], dc : dc + x.shape[-1]]
+            total = y if total is None else total.add_(y)
     assert total is not None
-    return total.div_(len(_VIEWS[mode])) if len(_VIEWS[mode]) > 1 else total
+    count = len(offsets) * len(views)
+    return total.div_(count) if count > 1 else total
+
+
+def _pad_mode(x: torch.Tensor, pad: int) -> str:
+    """Reflect padding where the image is larger than the pad (it always is but on toy grids)."""
+    return "reflect" if min(x.shape[-2:]) > pad else "replicate"
 
 
 @torch.inference_mode()
@@ -262,9 +277,9 @@ def synthesize(
         batch = torch.from_numpy(unit[start : start + batch_size, None]).to(device)
         x = to_grid(batch, grid)
         if pad_r or pad_c:
-            x = F.pad(x, (0, pad_c, 0, pad_r), mode="reflect" if min(grid) > max(pad_r, pad_c) else "replicate")
+            x = F.pad(x, (0, pad_c, 0, pad_r), mode=_pad_mode(x, max(pad_r, pad_c)))
         x = x.contiguous(memory_format=torch.channels_last)
-        y = augmented(forward, x.to(input_dtype), mode)[..., : grid[0], : grid[1]]
+        y = augmented(forward, x.to(input_dtype), mode, multiple)[..., : grid[0], : grid[1]]
         y = to_mr_matrix(batch, x[..., : grid[0], : grid[1]].float(), y).clamp_(-1.0, 1.0)
         out[start : start + batch_size] = y[:, 0].cpu().numpy()
     log.info(

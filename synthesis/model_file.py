@@ -23,8 +23,11 @@ from synthesis.networks import build_generator
 REQUIRED_CARD_KEYS = ("architecture", "parameters", "pixel_spacing_mm", "normalization", "hu_range", "sha256")
 # Test-time augmentation (card key ``test_time_augmentation``, absent: "none"): the generator runs
 # on these views of each slice and the outputs, mapped back, are averaged.
-# mirror: identity, left-right, up-down, both (4 forwards); dihedral: those and their transposes (8).
-TEST_TIME_AUGMENTATIONS = {"none": 1, "mirror": 4, "dihedral": 8}
+# mirror: identity, left-right, up-down, both (4 forwards); dihedral: those and their transposes (8);
+# dihedral-shift: the dihedral views of the slice and of it moved by half the generator's stride
+# along rows, columns and both (32): the generator's downsampling makes its output depend on where
+# the image sits on its stride grid, and averaging over those offsets takes that pattern out.
+TEST_TIME_AUGMENTATIONS = {"none": 1, "mirror": 4, "dihedral": 8, "dihedral-shift": 32}
 
 
 def sha256_of(path: Path) -> str:

@@ -325,7 +325,8 @@ def _model_with_views(tmp_path: Path, mode: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize(("mode", "mirror_alike", "transpose_alike"), [("none", False, False), ("mirror", True, False), ("dihedral", True, True)])
+@pytest.mark.parametrize(("mode", "mirror_alike", "transpose_alike"),
+                         [("none", False, False), ("mirror", True, False), ("dihedral", True, True), ("dihedral-shift", True, True)])
 def test_test_time_augmentation_makes_the_sct_independent_of_how_the_slice_is_turned(
     tmp_path: Path, mode: str, mirror_alike: bool, transpose_alike: bool
 ) -> None:
@@ -347,6 +348,26 @@ def test_test_time_augmentation_makes_the_sct_independent_of_how_the_slice_is_tu
     print(f"{mode}: largest change in HU, mirrored {mirrored:.3g}, upside down {upside_down:.3g}, transposed {transposed:.3g}")
     assert (mirrored < 0.01 and upside_down < 0.01) if mirror_alike else (mirrored > 1.0 and upside_down > 1.0)
     assert transposed < 0.01 if transpose_alike else transposed > 1.0
+
+
+def test_shifted_views_make_the_sct_follow_a_head_moved_by_half_the_generators_stride(tmp_path: Path) -> None:
+    """The generator downsamples by 4, so what it makes of a structure depends on where the
+    structure sits on that stride grid: a head moved 2 pixels gets an sCT that is not merely the
+    old one moved. The dihedral-shift views average over those positions, so the sCT follows the
+    head far more closely (not exactly: the padded views see other borders)."""
+    rng = np.random.default_rng(2)
+    voxels = np.zeros((2, 64, 64), np.float32)
+    voxels[:, 16:48, 16:48] = rng.random((2, 32, 32)) * 1000  # a "head" well inside the field of view
+    moved = np.roll(voxels, (2, 2), axis=(1, 2))
+    device = choose_device("cpu").device
+    change = {}
+    for mode in ("dihedral", "dihedral-shift"):
+        model = load_model(_model_with_views(tmp_path, mode))
+        plain, shifted = (synthesize(v, (4.0, 4.0), model, device, batch_size=2, precision="fp32") for v in (voxels, moved))
+        change[mode] = float(np.abs(np.roll(plain, (2, 2), axis=(1, 2)) - shifted)[:, 18:46, 18:46].mean())
+    print(f"mean change inside the head when it moves 2 pixels: {change}")
+    assert change["dihedral"] > 10.0  # the stride grid shows
+    assert change["dihedral-shift"] < change["dihedral"] / 10
 
 
 def test_augmented_inference_is_recorded_in_the_uids_and_the_sr(tmp_path: Path, mr_series) -> None:
@@ -371,7 +392,7 @@ def test_a_card_asking_for_unknown_views_is_refused(tmp_path: Path) -> None:
     card = json.loads(path.with_suffix(".json").read_text())
     card["test_time_augmentation"] = "rot45"
     path.with_suffix(".json").write_text(json.dumps(card))
-    with pytest.raises(ModelMismatch, match="test_time_augmentation 'rot45'; expected one of none, mirror, dihedral"):
+    with pytest.raises(ModelMismatch, match="test_time_augmentation 'rot45'; expected one of none, mirror, dihedral, dihedral-shift"):
         load_model(path)
 
 
@@ -390,5 +411,5 @@ def test_models_set_changes_the_views_in_the_card_and_keeps_the_weights(tmp_path
     refused = subprocess.run([sys.executable, "-m", "dicom_node.cli", "models", "set", str(path), "--test-time-augmentation", "all"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2
-    assert "test_time_augmentation must be one of none, mirror, dihedral, got 'all'" in refused.stderr
+    assert "test_time_augmentation must be one of none, mirror, dihedral, dihedral-shift, got 'all'" in refused.stderr
     assert load_model(path).test_time_augmentation == "mirror"
