@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from synthesis.ct_writer import SyntheticCTSeries  # noqa: E402
 from synthesis.infer import augmented, auto_batch_size, choose_device, precision_name, prepared, resolve_precision, synthesize  # noqa: E402
 from synthesis.model_file import LoadedModel, default_model_path, load_model  # noqa: E402
-from synthesis.networks import ResnetGenerator, low_precision_copy  # noqa: E402
+from synthesis.networks import ResnetGenerator, low_precision_copy, size_multiple  # noqa: E402
 from synthesis.sr_writer import build_provenance_sr  # noqa: E402
 from synthesis.volume import assemble  # noqa: E402
 from training.phantom_dicom import write_mr_series  # noqa: E402
@@ -118,7 +118,7 @@ def pipeline(model: LoadedModel, series, mr: np.ndarray, out: Path, device: torc
     def generator_only() -> None:  # the forwards synthesize() runs: one per view of the model's test-time augmentation
         with torch.inference_mode():
             for x in batches:
-                augmented(net, x, model.test_time_augmentation)
+                augmented(net, x, model.test_time_augmentation, size_multiple(model.generator))
 
     def one_view() -> None:
         with torch.inference_mode():
