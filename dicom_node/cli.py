@@ -272,6 +272,9 @@ def evaluate(
     json_only: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
     panel: Annotated[Optional[Path], typer.Option(help="write a PNG panel: MR, CT, sCT, error map")] = None,
     paired_steps: Annotated[int, typer.Option(help="train a paired supervised generator of the same size for this many steps (0: skip)")] = 0,
+    paired_cache: Annotated[Optional[Path], typer.Option(
+        help="keep the paired bound in this folder and reuse it when a model of the same architecture, grid and "
+             "--paired-steps asks again (it takes most of an hour for 9,000 steps on a 2-core CPU)")] = None,
     test_time_augmentation: Annotated[Optional[str], typer.Option(
         help="none | mirror | dihedral | dihedral-shift instead of the card's (the paired upper bound is run the same way)")] = None,
     record: Annotated[bool, typer.Option(
@@ -306,6 +309,9 @@ def evaluate(
     except ModelMismatch as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(2) from exc
+    if paired_cache is not None and paired_steps <= 0:
+        typer.echo("error: --paired-cache goes with --paired-steps", err=True)
+        raise typer.Exit(2)
     if record and test_time_augmentation not in (None, loaded.test_time_augmentation):
         # The card must describe the model as it runs: record only what its own views score.
         typer.echo("error: --record scores the model as its card runs it; drop --test-time-augmentation "
@@ -336,9 +342,16 @@ def evaluate(
     quality = run_evaluation(loaded, subjects=subjects, slices=slices, panel=panel, first_subject=first_subject)
     paired = None
     if paired_steps > 0:
-        from training.evaluate import paired_upper_bound
+        from training.evaluate import cached_paired_upper_bound
 
-        paired = run_evaluation(paired_upper_bound(loaded, paired_steps), subjects=subjects, slices=slices, first_subject=first_subject)
+        try:
+            bound, reused = cached_paired_upper_bound(loaded, paired_steps, paired_cache)
+        except ModelMismatch as exc:
+            typer.echo(f"mr2ct: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        if reused and not json_only:
+            typer.echo(f"paired supervised upper bound: the one trained before, {bound.weights_path}")
+        paired = run_evaluation(bound, subjects=subjects, slices=slices, first_subject=first_subject)
     if not json_only:
         typer.echo(f"model {loaded.short_digest} (test-time augmentation {loaded.test_time_augmentation}): MAE {quality.mae_hu} HU (linear baseline {quality.baseline_mae_hu} HU), "
                    f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")

@@ -336,6 +336,36 @@ def test_evaluate_cli_writes_json_and_a_panel(tmp_path: Path) -> None:
     assert (tmp_path / "panel.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_evaluate_keeps_the_paired_bound_and_reuses_it_for_the_same_recipe(tmp_path: Path) -> None:
+    """`--paired-cache`: the first run trains the bound and keeps it; the second (other views, same
+    architecture and steps) takes it from there, and the bound then scores as a freshly trained one
+    run with those views would; another step count trains its own."""
+    from dataclasses import replace
+
+    from training.evaluate import paired_upper_bound
+
+    cache = tmp_path / "bounds"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "--subjects", "1", "--slices", "2",
+                               "--paired-cache", str(cache), *args], capture_output=True, text=True, timeout=300)
+
+    first = cli("--paired-steps", "3")
+    assert first.returncode == 0, first.stderr
+    assert "trained before" not in first.stdout and len(list(cache.glob("paired-bound-*.safetensors"))) == 1
+    second = cli("--paired-steps", "3", "--test-time-augmentation", "none")
+    assert second.returncode == 0, second.stderr
+    assert "paired supervised upper bound: the one trained before" in second.stdout
+    shipped = load_model(default_model_path())
+    fresh = evaluate(replace(paired_upper_bound(shipped, 3), card={**shipped.card, "test_time_augmentation": "none"}), subjects=1, slices=2)
+    assert abs(json.loads(second.stdout.strip().splitlines()[-1])["mae_paired_hu"] - fresh.mae_hu) < 0.05
+    assert cli("--paired-steps", "4").returncode == 0
+    assert len(list(cache.glob("paired-bound-*.safetensors"))) == 2
+    refused = subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "--paired-cache", str(cache)],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--paired-cache goes with --paired-steps" in refused.stderr
+
+
 def test_a_few_training_steps_reduce_the_cycle_loss_and_the_card_holds_metrics(tmp_path: Path) -> None:
     result = _train(tmp_path / "run", "--epochs", "3", "--steps-per-epoch", "6", "--seed", "11")
     assert result.returncode == 0, result.stderr[-2000:]

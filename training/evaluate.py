@@ -309,3 +309,53 @@ def paired_upper_bound(model: LoadedModel, steps: int, batch_size: int = 4, seed
         optimiser.step()
     generator.eval()
     return LoadedModel(generator, {**model.card, "name": "paired-upper-bound"}, model.weights_path)
+
+
+# The card keys a paired bound shares with the model it bounds (what shapes its training and inference).
+_BOUND_CARD_KEYS = ("architecture", "parameters", "input_size", "pixel_spacing_mm", "hu_range", "normalization", "direction")
+
+
+def paired_bound_recipe(model: LoadedModel, steps: int, batch_size: int = 4, seed: int = 0, subjects: int = 40) -> dict[str, Any]:
+    """Everything that decides a paired bound's weights: the same recipe trains the same bound
+    (up to the floating-point order of the device), so a stored one can stand in for it."""
+    return {**{k: model.card.get(k) for k in _BOUND_CARD_KEYS}, "steps": steps, "batch_size": batch_size, "seed": seed,
+            "subjects": subjects, "phantoms": phantoms.GENERATOR_VERSION, "optimiser": "Adam lr 2e-4 betas (0.5, 0.999), L1"}
+
+
+def stored_paired_bound_path(cache: Any, recipe: dict[str, Any]) -> Any:
+    import hashlib
+    import json
+    from pathlib import Path
+
+    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+    return Path(cache) / f"paired-bound-{key}.safetensors"
+
+
+def store_paired_bound(path: Any, generator: torch.nn.Module, model: LoadedModel, recipe: dict[str, Any]) -> None:
+    from synthesis.model_file import save_model
+
+    save_model(path, generator, {**{k: model.card.get(k) for k in _BOUND_CARD_KEYS}, "name": "paired-upper-bound",
+                                 "paired_bound": recipe, "test_time_augmentation": "none"})
+
+
+def cached_paired_upper_bound(model: LoadedModel, steps: int, cache: Any = None, progress: bool | None = None) -> tuple[LoadedModel, bool]:
+    """``paired_upper_bound``, kept in ``cache`` (a folder; None: not kept) under a name made from
+    its recipe, and taken from there when the same recipe asks again: the bound of a 9,150-step
+    model takes most of an hour on two CPU cores, and every model of the same architecture, grid
+    and steps shares it. The returned bound runs with ``model``'s test-time views. Returns
+    (bound, whether it came from the cache)."""
+    from synthesis.errors import ModelMismatch
+    from synthesis.model_file import load_model
+
+    if cache is None:
+        return paired_upper_bound(model, steps, progress=progress), False
+    recipe = paired_bound_recipe(model, steps)
+    path = stored_paired_bound_path(cache, recipe)
+    if path.exists():
+        stored = load_model(path)
+        if stored.card.get("paired_bound") != recipe:
+            raise ModelMismatch(f"{path} holds a paired bound of another recipe; delete it to train it again")
+        return LoadedModel(stored.generator, {**model.card, "name": "paired-upper-bound"}, path), True
+    bound = paired_upper_bound(model, steps, progress=progress)
+    store_paired_bound(path, bound.generator, model, recipe)
+    return bound, False
