@@ -37,7 +37,7 @@ def test_eight_senders_2000_instances_all_kept_each_series_synthesized_once(orth
     workdir, port = tmp_path / "node", free_port()
     env = node_env(workdir, port, orthanc)
     # One forward per slice, as a site under this load would configure it (the shipped model's
-    # 8 views would make these 2,000 slices ~5 minutes of inference on 2 cores; ingest is the point).
+    # 32 views would make these 2,000 slices ~20 minutes of inference on 2 cores; ingest is the point).
     env["MR2CT_TEST_TIME_AUGMENTATION"] = "none"
     sizes = [400, 350, 300, 250, 250, 200, 150, 100]  # mixed series sizes, 2,000 in all
     series = [write_mr_series(tmp_path / f"s{i}", seed=1100 + i, slices=n, size=128, pixel_spacing=2.0, slice_spacing=0.5)

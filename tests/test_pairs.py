@@ -216,7 +216,7 @@ def test_evaluate_pairs_follows_a_spatial_registration_between_the_mr_and_ct_fra
 def test_evaluate_pairs_against_another_model_pair_by_pair(tmp_path: Path) -> None:
     """`--against`: two models on the same pairs, pair by pair. The shipped model with one view
     stands in for an older model: it scores as `--test-time-augmentation none` does on its own, and
-    the 8-view model beats it on all 6 pairs, which the signed-rank test calls p = 2/64."""
+    the 32-view model beats it on all 6 pairs, which the signed-rank test calls p = 2/64."""
     import shutil
 
     from synthesis.model_file import card_path_for, default_model_path

@@ -88,18 +88,18 @@ def test_a_tampered_model_cannot_be_registered(node_factory, tmp_path):
 
 
 def test_the_nodes_test_time_augmentation_setting_overrides_the_cards() -> None:
-    """`test_time_augmentation = "none"` trades the shipped model's 8 views for speed: the worker then
-    runs one forward, and its CT UIDs (which follow what made the pixels) are not the 8-view ones."""
+    """`test_time_augmentation = "none"` trades the shipped model's 32 views for speed: the worker then
+    runs one forward, and its CT UIDs (which follow what made the pixels) are not the 32-view ones."""
     from dicom_node.worker import Worker
 
     shipped = load_model(default_model_path())
-    assert shipped.test_time_augmentation == "dihedral"
+    assert shipped.test_time_augmentation == "dihedral-shift"
     as_card = Worker(None, shipped, None, None, "1.2.3.", 1, test_time_augmentation="model")  # type: ignore[arg-type]
     assert as_card.model is shipped
     fast = Worker(None, shipped, None, None, "1.2.3.", 1, test_time_augmentation="none")  # type: ignore[arg-type]
     assert fast.model.test_time_augmentation == "none" and fast.model.sha256 == shipped.sha256
     assert fast.model.output_key != shipped.output_key
-    assert shipped.test_time_augmentation == "dihedral"  # the loaded model itself is left as it was
+    assert shipped.test_time_augmentation == "dihedral-shift"  # the loaded model itself is left as it was
 
 
 def test_registering_again_after_the_card_changed_refreshes_the_registry(tmp_path):
