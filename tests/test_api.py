@@ -246,7 +246,7 @@ def test_an_evaluation_on_the_hospitals_own_pairs_is_kept_with_the_model(api, no
     assert evaluation_id in [e["id"] for e in model["evaluations"]]
     models = subprocess.run([*cli, "models", "list"], capture_output=True, text=True, timeout=300, env=env)
     line = next(line for line in models.stdout.splitlines() if line.split()[0 if line[0] != "*" else 1] == str(model_id))
-    assert "own pairs: MAE" in line and "on 2 with dihedral views" in line
+    assert "own pairs: MAE" in line and f"on 2 with {card['test_time_augmentation']} views" in line  # the shipped card's views
 
     assert httpx.get(f"{api['base']}/evaluations/999999", headers=api["auditor"]).status_code == 404
     bad = httpx.get(f"{api['base']}/evaluations", params={"model_sha256": "../etc"}, headers=api["auditor"])
