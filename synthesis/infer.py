@@ -228,7 +228,7 @@ def augmented(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
 
 
 def _pad_mode(x: torch.Tensor, pad: int) -> str:
-    """Reflect padding where the image is larger than the pad (it always is but on toy grids)."""
+    """Reflect padding where the image is larger than the pad (always, except on toy grids)."""
     return "reflect" if min(x.shape[-2:]) > pad else "replicate"
 
 

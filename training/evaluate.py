@@ -4,7 +4,10 @@ MR-to-HU fit made on the very same data, which flatters the baseline, not the mo
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -315,30 +318,29 @@ def paired_upper_bound(model: LoadedModel, steps: int, batch_size: int = 4, seed
 _BOUND_CARD_KEYS = ("architecture", "parameters", "input_size", "pixel_spacing_mm", "hu_range", "normalization", "direction")
 
 
+def _bound_card(model: LoadedModel) -> dict[str, Any]:
+    return {k: model.card.get(k) for k in _BOUND_CARD_KEYS}
+
+
 def paired_bound_recipe(model: LoadedModel, steps: int, batch_size: int = 4, seed: int = 0, subjects: int = 40) -> dict[str, Any]:
     """Everything that decides a paired bound's weights: the same recipe trains the same bound
     (up to the floating-point order of the device), so a stored one can stand in for it."""
-    return {**{k: model.card.get(k) for k in _BOUND_CARD_KEYS}, "steps": steps, "batch_size": batch_size, "seed": seed,
+    return {**_bound_card(model), "steps": steps, "batch_size": batch_size, "seed": seed,
             "subjects": subjects, "phantoms": phantoms.GENERATOR_VERSION, "optimiser": "Adam lr 2e-4 betas (0.5, 0.999), L1"}
 
 
-def stored_paired_bound_path(cache: Any, recipe: dict[str, Any]) -> Any:
-    import hashlib
-    import json
-    from pathlib import Path
-
+def stored_paired_bound_path(cache: Path, recipe: dict[str, Any]) -> Path:
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     return Path(cache) / f"paired-bound-{key}.safetensors"
 
 
-def store_paired_bound(path: Any, generator: torch.nn.Module, model: LoadedModel, recipe: dict[str, Any]) -> None:
+def store_paired_bound(path: Path, generator: torch.nn.Module, model: LoadedModel, recipe: dict[str, Any]) -> None:
     from synthesis.model_file import save_model
 
-    save_model(path, generator, {**{k: model.card.get(k) for k in _BOUND_CARD_KEYS}, "name": "paired-upper-bound",
-                                 "paired_bound": recipe, "test_time_augmentation": "none"})
+    save_model(path, generator, {**_bound_card(model), "name": "paired-upper-bound", "paired_bound": recipe, "test_time_augmentation": "none"})
 
 
-def cached_paired_upper_bound(model: LoadedModel, steps: int, cache: Any = None, progress: bool | None = None) -> tuple[LoadedModel, bool]:
+def cached_paired_upper_bound(model: LoadedModel, steps: int, cache: Path | None = None, progress: bool | None = None) -> tuple[LoadedModel, bool]:
     """``paired_upper_bound``, kept in ``cache`` (a folder; None: not kept) under a name made from
     its recipe, and taken from there when the same recipe asks again: the bound of a 9,150-step
     model takes most of an hour on two CPU cores, and every model of the same architecture, grid
