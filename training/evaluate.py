@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from synthesis.errors import SeriesNotUsable
+from synthesis.errors import ModelMismatch, SeriesNotUsable
 from synthesis.infer import synthesize
-from synthesis.model_file import LoadedModel
+from synthesis.model_file import LoadedModel, load_model, save_model
 from synthesis.normalize import HU_MAX, HU_MIN, mr_to_unit
 from training import phantoms
 
@@ -335,8 +335,6 @@ def stored_paired_bound_path(cache: Path, recipe: dict[str, Any]) -> Path:
 
 
 def store_paired_bound(path: Path, generator: torch.nn.Module, model: LoadedModel, recipe: dict[str, Any]) -> None:
-    from synthesis.model_file import save_model
-
     save_model(path, generator, {**_bound_card(model), "name": "paired-upper-bound", "paired_bound": recipe, "test_time_augmentation": "none"})
 
 
@@ -346,9 +344,6 @@ def cached_paired_upper_bound(model: LoadedModel, steps: int, cache: Path | None
     model takes most of an hour on two CPU cores, and every model of the same architecture, grid
     and steps shares it. The returned bound runs with ``model``'s test-time views. Returns
     (bound, whether it came from the cache)."""
-    from synthesis.errors import ModelMismatch
-    from synthesis.model_file import load_model
-
     if cache is None:
         return paired_upper_bound(model, steps, progress=progress), False
     recipe = paired_bound_recipe(model, steps)
@@ -358,6 +353,7 @@ def cached_paired_upper_bound(model: LoadedModel, steps: int, cache: Path | None
         if stored.card.get("paired_bound") != recipe:
             raise ModelMismatch(f"{path} holds a paired bound of another recipe; delete it to train it again")
         return LoadedModel(stored.generator, {**model.card, "name": "paired-upper-bound"}, path), True
-    bound = paired_upper_bound(model, steps, progress=progress)
+    # Trained from the recipe's own figures, so the name it is kept under cannot drift from them.
+    bound = paired_upper_bound(model, steps, batch_size=recipe["batch_size"], seed=recipe["seed"], subjects=recipe["subjects"], progress=progress)
     store_paired_bound(path, bound.generator, model, recipe)
     return bound, False
