@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -518,6 +519,17 @@ def phantoms(
         typer.echo(f"uploaded to {upload}")
 
 
+def _check_regex(option: str, pattern: str | None) -> None:
+    """A filter pattern that is not a regular expression stops the command before the PACS is asked."""
+    if pattern is None:
+        return
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        typer.echo(f"mr2ct: {option} is not a regular expression: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
 @app.command()
 def pull(
     url: Annotated[str, typer.Option(help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")],
@@ -541,6 +553,7 @@ def pull(
     if bad:
         typer.echo(f"mr2ct: --modality must be MR or CT, got {bad}", err=True)
         raise typer.Exit(2)
+    _check_regex("--description", description)
     filters = [PullFilter(m, body_part, description, date_from, date_to, limit) for m in modality]
     try:
         counts = run_pull(url, cache, filters, username=username, password=password, validation_fraction=validation_fraction)
@@ -548,6 +561,39 @@ def pull(
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']} -> {cache}")
+
+
+@app.command("pull-pairs")
+def pull_pairs(
+    url: Annotated[str, typer.Option(help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")],
+    out: Annotated[Path, typer.Option(help="folder for the DICOM files (what `mr2ct evaluate --pairs` reads)")],
+    body_part: Annotated[Optional[str], typer.Option()] = None,
+    mr_description: Annotated[Optional[str], typer.Option(help="regex on the MR's SeriesDescription")] = None,
+    ct_description: Annotated[Optional[str], typer.Option(help="regex on the CT's SeriesDescription")] = None,
+    date_from: Annotated[Optional[str], typer.Option(help="YYYYMMDD")] = None,
+    date_to: Annotated[Optional[str], typer.Option(help="YYYYMMDD")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="at most this many patients")] = None,
+    username: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_USERNAME")] = None,
+    password: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_PASSWORD")] = None,
+) -> None:
+    """Fetch the MR and CT series (and spatial registrations) of patients who have both from a DICOMweb PACS, to score a model on them with `mr2ct evaluate --pairs` (resumable)."""
+    from synthesis.errors import PacsUnavailable
+    from training.pacs_pull import PairsFilter, pull_pairs as run_pull_pairs
+
+    _logging()
+    for option, pattern in (("--mr-description", mr_description), ("--ct-description", ct_description)):
+        _check_regex(option, pattern)
+    flt = PairsFilter(body_part, mr_description, ct_description, date_from, date_to, limit)
+    try:
+        counts = run_pull_pairs(url, out, flt, username=username, password=password)
+    except PacsUnavailable as exc:
+        typer.echo(f"mr2ct: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    if counts["patients"] == 0:
+        typer.echo("mr2ct: no patient on the PACS has both an MR and a CT series matching these filters", err=True)
+        raise typer.Exit(2)
+    typer.echo(f"{counts['patients']} patient(s) with MR and CT: {counts['found']} series, fetched {counts['fetched']}, "
+               f"already there {counts['skipped']} -> {out}\nscore a model on them: mr2ct evaluate --pairs {out}")
 
 
 @tokens_app.command("create")

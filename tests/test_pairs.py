@@ -132,7 +132,7 @@ def test_evaluate_pairs_says_why_nothing_could_be_scored(tmp_path: Path) -> None
     assert recorded.returncode == 2 and "--record" in recorded.stderr
 
 
-def _registration(path: Path, mr_frame: str, ct_frame: str, ct_to_mr: np.ndarray, patient: str) -> str:
+def _registration(path: Path, mr_frame: str, ct_frame: str, ct_to_mr: np.ndarray, patient: str, study_uid: str | None = None) -> str:
     """A Spatial Registration whose registered frame is the MR's: the CT's item carries the matrix
     that takes CT coordinates into the MR's (PS3.3 C.20.2)."""
     from pydicom.dataset import Dataset, FileMetaDataset
@@ -158,31 +158,25 @@ def _registration(path: Path, mr_frame: str, ct_frame: str, ct_to_mr: np.ndarray
     ds.file_meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds.SOPClassUID, ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID
     ds.Modality, ds.PatientID, ds.SeriesInstanceUID = "REG", patient, generate_uid()
+    ds.StudyInstanceUID = study_uid or generate_uid()
     ds.FrameOfReferenceUID = mr_frame
     ds.RegistrationSequence = [item(mr_frame, np.eye(4)), item(ct_frame, ct_to_mr)]
     ds.save_as(path, enforce_file_format=True)
     return str(ds.SeriesInstanceUID)
 
 
-def test_evaluate_pairs_follows_a_spatial_registration_between_the_mr_and_ct_frames(tmp_path: Path) -> None:
-    """A planning CT in its own frame, related to the MR's by a REG: the CT is scored where the
-    registration puts it. Here its frame is the MR's turned 90 degrees about the patient's axis
-    and shifted by whole pixels, so the registered CT lands on the MR's voxels exactly and scores
-    as the CT in the MR's own frame does; without the REG the pair is not made."""
+def _pair_in_two_frames(folder: Path, subject: int, patient: str) -> tuple[str, str, np.ndarray]:
+    """``_pair``, with the CT moved into a frame of its own: the MR's turned 90 degrees about the
+    patient's axis and shifted by whole pixels. Returns (MR frame, CT frame, the 4x4 matrix taking
+    CT coordinates into the MR's), what a registration between them carries."""
     from pydicom.uid import generate_uid
 
-    same = tmp_path / "same-frame"
-    mr_uid, _ = _pair(same / "patient", 0, "PAT0")
-    reference = _evaluate("--pairs", str(same), "--json")
-    assert reference.returncode == 0, reference.stderr
-
-    registered = tmp_path / "registered"
-    _pair(registered / "patient", 0, "PAT0")
+    _pair(folder, subject, patient)
     turn = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
     shift = np.array([12.0, -7.0, 0.0])
     ct_frame = generate_uid()
     mr_frame = ""
-    for path in sorted((registered / "patient" / "ct").glob("*.dcm")):
+    for path in sorted((folder / "ct").glob("*.dcm")):
         ds = pydicom.dcmread(path)
         mr_frame = str(ds.FrameOfReferenceUID)
         position = turn @ np.array([float(v) for v in ds.ImagePositionPatient]) + shift
@@ -191,11 +185,26 @@ def test_evaluate_pairs_follows_a_spatial_registration_between_the_mr_and_ct_fra
         ds.ImageOrientationPatient = [f"{v:.6f}".rstrip("0").rstrip(".") or "0" for v in [*(turn @ orientation[:3]), *(turn @ orientation[3:])]]
         ds.FrameOfReferenceUID = ct_frame
         ds.save_as(path)
+    ct_to_mr = np.eye(4)
+    ct_to_mr[:3, :3], ct_to_mr[:3, 3] = turn.T, -turn.T @ shift
+    return mr_frame, ct_frame, ct_to_mr
+
+
+def test_evaluate_pairs_follows_a_spatial_registration_between_the_mr_and_ct_frames(tmp_path: Path) -> None:
+    """A planning CT in its own frame, related to the MR's by a REG: the CT is scored where the
+    registration puts it. Here its frame is the MR's turned 90 degrees about the patient's axis
+    and shifted by whole pixels, so the registered CT lands on the MR's voxels exactly and scores
+    as the CT in the MR's own frame does; without the REG the pair is not made."""
+    same = tmp_path / "same-frame"
+    mr_uid, _ = _pair(same / "patient", 0, "PAT0")
+    reference = _evaluate("--pairs", str(same), "--json")
+    assert reference.returncode == 0, reference.stderr
+
+    registered = tmp_path / "registered"
+    mr_frame, ct_frame, ct_to_mr = _pair_in_two_frames(registered / "patient", 0, "PAT0")
     unrelated = _evaluate("--pairs", str(registered))
     assert unrelated.returncode == 2 and "or registered to it" in unrelated.stderr
 
-    ct_to_mr = np.eye(4)
-    ct_to_mr[:3, :3], ct_to_mr[:3, 3] = turn.T, -turn.T @ shift
     reg_uid = _registration(registered / "reg.dcm", mr_frame, ct_frame, ct_to_mr, "PAT0")
     result = _evaluate("--pairs", str(registered))
     assert result.returncode == 0, result.stderr

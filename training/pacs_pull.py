@@ -6,6 +6,9 @@ limit); WADO-RS retrieves them; each series becomes one ``.npz`` shard of 2D sli
 geometry and a salted hash of the patient — no names or IDs in the cache. A second run
 fetches only what is missing. Patients are split into train/validation by their hash, so no
 patient is in both.
+
+``pull_pairs`` is the other way to the PACS: the DICOM files of the patients that have both an
+MR and a CT (and their spatial registrations), as they are, for `mr2ct evaluate --pairs`.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import json
 import logging
 import re
 import secrets
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,4 +191,120 @@ def pull(
         )
         known.add(series_uid)
         counts["fetched"] += 1
+    return counts
+
+
+# What `mr2ct pull-pairs` fetches besides the MR and CT: the registrations that relate their frames.
+SPATIAL_REGISTRATION_MODALITY = "REG"
+
+
+@dataclass(frozen=True)
+class PairsFilter:
+    """Which studies `pull_pairs` looks at: the MR and CT series of the same patients."""
+
+    body_part: str | None = None
+    mr_description: str | None = None  # regex, case-insensitive, on the MR's SeriesDescription
+    ct_description: str | None = None  # the same on the CT's (e.g. a planning CT's protocol)
+    study_date_from: str | None = None  # YYYYMMDD
+    study_date_to: str | None = None
+    limit: int | None = None  # at most this many patients
+
+
+def _search_series(client: DICOMwebClient, url: str, search: dict[str, Any]) -> list[dict[str, Any]]:
+    try:
+        return client.search_for_series(
+            search_filters=search, limit=None, get_remaining=True,
+            fields=["SeriesDescription", "PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"],
+        )
+    except Exception as exc:
+        raise _pacs_error(url, exc) from exc
+
+
+def _synthetic(client: DICOMwebClient, url: str, attrs: dict[str, Any]) -> bool:
+    """Whether a series says it is synthetic (Synthetic Data YES), read from its first instance's
+    metadata (WADO-RS, no pixels): QIDO does not carry the attribute."""
+    study_uid, series_uid = _value(attrs, "0020000D"), _value(attrs, "0020000E")
+    if not (UID_RE.match(study_uid) and UID_RE.match(series_uid)):
+        return False  # refused later, with the reason
+    try:
+        first = client.search_for_instances(study_uid, series_uid, limit=1, fields=["SOPInstanceUID"])
+        if not first:
+            return False
+        metadata = client.retrieve_instance_metadata(study_uid, series_uid, _value(first[0], "00080018"))
+    except Exception as exc:
+        raise _pacs_error(url, exc) from exc
+    return _value(metadata, "0008001C").upper() == "YES"
+
+
+def pull_pairs(
+    url: str, out_dir: Path, flt: PairsFilter, *, username: str | None = None, password: str | None = None,
+    timeout: float = 30.0, progress: bool | None = None,
+) -> dict[str, int]:
+    """The DICOM files of every patient that has both an MR and a CT series matching ``flt`` (and
+    of the spatial registrations filed for them), fetched into ``out_dir`` as `mr2ct evaluate
+    --pairs` reads them: ``<salted patient hash>/<series UID>/<n>.dcm``. No patient identifier
+    names a folder (the files themselves are the patient's DICOM, as the PACS holds them: keep the
+    folder where such data may be). A series lands whole or not at all (fetched beside the folder,
+    then moved in), so a second run fetches only the series missing. Returns counts (patients,
+    found, fetched, skipped)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.parent / f".{out_dir.name}.partial"  # outside the folder: evaluate never sees half a series
+    salt_file = out_dir / ".salt"  # hidden: evaluate --pairs reads every other file as DICOM
+    if not salt_file.exists():
+        salt_file.write_text(secrets.token_hex(16))
+        salt_file.chmod(0o600)
+    salt = salt_file.read_text().strip()
+    client = _client(url, username, password, timeout)
+    date = f"{flt.study_date_from or ''}-{flt.study_date_to or ''}" if flt.study_date_from or flt.study_date_to else None
+    by_patient: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
+    for modality, pattern in (("MR", flt.mr_description), ("CT", flt.ct_description)):
+        search: dict[str, Any] = {"Modality": modality}
+        if flt.body_part:
+            search["BodyPartExamined"] = flt.body_part
+        if date:
+            search["StudyDate"] = date
+        for attrs in _search_series(client, url, search):
+            if pattern and not re.search(pattern, _value(attrs, "0008103E"), re.IGNORECASE):
+                continue
+            if modality == "CT" and _synthetic(client, url, attrs):
+                continue  # an sCT (mr2ct's own, stored beside the MR) is no ground truth
+            patient = (_value(attrs, "00100020"), _value(attrs, "00100021"))
+            by_patient.setdefault(patient, {"MR": [], "CT": []})[modality].append(attrs)
+    keyed = sorted((patient_key(pid, issuer, salt), (pid, issuer), found) for (pid, issuer), found in by_patient.items()
+                   if found["MR"] and found["CT"] and pid)
+    if flt.limit is not None:
+        keyed = keyed[: flt.limit]
+    todo: list[tuple[str, dict[str, Any]]] = []
+    for key, (pid, issuer), found in keyed:
+        registrations = _search_series(client, url, {"Modality": SPATIAL_REGISTRATION_MODALITY, "PatientID": pid})
+        registrations = [a for a in registrations if _value(a, "00100021") == issuer]
+        todo.extend((key, attrs) for attrs in [*found["MR"], *found["CT"], *registrations])
+    counts = {"patients": len(keyed), "found": len(todo), "fetched": 0, "skipped": 0}
+    bar = tqdm(todo, desc="pull pairs", unit="series", file=sys.stderr, disable=None if progress is None else not progress)
+    for key, attrs in bar:
+        study_uid, series_uid = _value(attrs, "0020000D"), _value(attrs, "0020000E")
+        if not (UID_RE.match(study_uid) and UID_RE.match(series_uid)) or len(series_uid) > 64:
+            log.warning("skipping a series with a malformed UID")
+            counts["found"] -= 1
+            continue
+        target = out_dir / key / series_uid
+        if target.is_dir():
+            counts["skipped"] += 1
+            continue
+        try:
+            datasets = client.retrieve_series(study_uid, series_uid)
+        except Exception as exc:
+            raise _pacs_error(url, exc) from exc
+        partial = staging / series_uid
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+        for n, ds in enumerate(datasets):
+            ds.save_as(partial / f"{n:05d}.dcm", enforce_file_format=True)
+        target.parent.mkdir(exist_ok=True)
+        partial.rename(target)
+        counts["fetched"] += 1
+    if staging.is_dir() and not any(staging.iterdir()):
+        staging.rmdir()
     return counts

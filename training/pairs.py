@@ -87,7 +87,7 @@ def registrations(ds: pydicom.Dataset) -> dict[tuple[str, str], np.ndarray]:
 
 
 def find_pairs(folder: Path) -> Found:
-    """Every MR series in ``folder`` (searched recursively) with a CT series of the same patient in
+    """Every MR series in ``folder`` (searched recursively, hidden files and folders left out) with a CT series of the same patient in
     its Frame of Reference, or in a frame a Spatial Registration (REG) in the folder relates to
     its own. A CT in the MR's own frame comes first; among several, the one with the most
     instances is taken (the others are named in ``skipped``)."""
@@ -96,7 +96,8 @@ def find_pairs(folder: Path) -> Found:
         raise FileNotFoundError(f"no such folder: {folder}")
     by_series: dict[str, list[tuple[Path, pydicom.Dataset]]] = defaultdict(list)
     not_dicom = 0
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    # Hidden files (a pull's salt, a viewer's or the OS's bookkeeping) are not the patient's images.
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
         except (InvalidDicomError, OSError, ValueError, EOFError):

@@ -1,0 +1,113 @@
+"""`mr2ct pull-pairs`: a physicist scores a model on the hospital's own patients straight from the
+PACS. A real Orthanc holds MR/CT pairs (one in a single frame, one in two frames related by a
+spatial registration), patients with only one of the two, and an MR whose only CT is an sCT;
+the pull fetches the pairs' series and registration whole, and `mr2ct evaluate --pairs` scores
+them as it scores the same files on disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+
+from dicom_node.local_stack import OrthancServer, free_port
+from synthesis.errors import PacsUnavailable
+from tests.test_pairs import _pair, _pair_in_two_frames, _registration
+from training.pacs_pull import PairsFilter, pull_pairs
+from training.phantom_dicom import write_mr_series
+
+MR2CT = [sys.executable, "-m", "dicom_node.cli"]
+PATIENT_IDS = ("PULLPAT0", "PULLPAT1", "PULLMRONLY", "PULLCTONLY", "PULLSCT")
+
+
+@pytest.fixture(scope="module")
+def hospital(tmp_path_factory):
+    """The files as the hospital made them, and a PACS (Orthanc with DICOMweb) holding them."""
+    source = tmp_path_factory.mktemp("hospital")
+    _pair(source / "same-frame", 0, "PULLPAT0")
+    mr_frame, ct_frame, ct_to_mr = _pair_in_two_frames(source / "two-frames", 1, "PULLPAT1")
+    study = str(pydicom.dcmread(next((source / "two-frames" / "mr").glob("*.dcm"))).StudyInstanceUID)
+    reg_uid = _registration(source / "two-frames" / "reg.dcm", mr_frame, ct_frame, ct_to_mr, "PULLPAT1", study)
+    write_mr_series(source / "mr-only", seed=11, slices=4, size=64, pixel_spacing=4.0, slice_spacing=30.0, patient_id="PULLMRONLY")
+    write_mr_series(source / "ct-only", seed=12, slices=4, size=64, pixel_spacing=4.0, slice_spacing=30.0, patient_id="PULLCTONLY", modality="CT")
+    _pair(source / "sct", 2, "PULLSCT")  # its CT is marked synthetic: an MR with only mr2ct's own sCT beside it
+    for path in (source / "sct" / "ct").glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds.SyntheticData = "YES"
+        ds.save_as(path)
+    with OrthancServer(tmp_path_factory.mktemp("pacs"), http_port=free_port(), dicom_port=free_port()) as orthanc:
+        for path in sorted(p for p in source.rglob("*.dcm")):
+            response = requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), auth=orthanc.auth, timeout=30)
+            response.raise_for_status()
+        yield orthanc, source, reg_uid
+
+
+def _evaluate_json(folder: Path) -> dict:
+    result = subprocess.run([*MR2CT, "evaluate", "--pairs", str(folder), "--json", "--test-time-augmentation", "none"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_pull_pairs_fetches_whole_pairs_that_evaluate_scores_as_the_files_on_disk(hospital, tmp_path):
+    orthanc, source, reg_uid = hospital
+    out = tmp_path / "pairs"
+    counts = pull_pairs(f"{orthanc.url}/dicom-web", out, PairsFilter(), username=orthanc.username, password=orthanc.password)
+    # Two patients with MR and CT: 2 series for the one-frame pair, 3 (with the registration) for the other.
+    assert counts == {"patients": 2, "found": 5, "fetched": 5, "skipped": 0}
+    names = [p.relative_to(out).as_posix() for p in out.rglob("*")]
+    assert not any(pid in name for name in names for pid in PATIENT_IDS)  # folders named by salted hash and UID
+    assert sum(1 for p in out.rglob("*.dcm")) == 4 + 4 + 4 + 4 + 1
+    assert not (tmp_path / ".pairs.partial").exists()
+
+    pulled, on_disk = _evaluate_json(out), _evaluate_json(source)
+    assert len(pulled["pairs"]) == 2 and [p["registration"] for p in pulled["pairs"]].count(reg_uid) == 1
+    assert pulled["pairs"] == on_disk["pairs"]  # nothing lost on the way through the PACS
+    assert pulled["mae_hu"] == on_disk["mae_hu"]
+
+    again = pull_pairs(f"{orthanc.url}/dicom-web", out, PairsFilter(), username=orthanc.username, password=orthanc.password)
+    assert again == {"patients": 2, "found": 5, "fetched": 0, "skipped": 5}
+
+
+def test_pull_pairs_replaces_a_half_fetched_series_left_by_an_interrupted_run(hospital, tmp_path):
+    orthanc, _, _ = hospital
+    out = tmp_path / "pairs"
+    pull_pairs(f"{orthanc.url}/dicom-web", out, PairsFilter(limit=1), username=orthanc.username, password=orthanc.password)
+    patient = next(p for p in out.iterdir() if p.is_dir())
+    series = sorted(patient.iterdir())[0]
+    # An interrupted run: the series was being fetched beside the folder and never moved in.
+    staged = tmp_path / ".pairs.partial" / series.name
+    staged.parent.mkdir()
+    series.rename(staged)
+    (staged / "00000.dcm").unlink()
+    counts = pull_pairs(f"{orthanc.url}/dicom-web", out, PairsFilter(limit=1), username=orthanc.username, password=orthanc.password)
+    assert counts["fetched"] == 1 and counts["skipped"] == counts["found"] - 1
+    assert (series / "00000.dcm").is_file() and len(list(series.glob("*.dcm"))) == 4
+    assert not staged.parent.exists()
+
+
+def test_pull_pairs_command_filters_and_says_what_is_wrong(hospital, tmp_path):
+    orthanc, _, _ = hospital
+    base = [*MR2CT, "pull-pairs", "--url", f"{orthanc.url}/dicom-web", "--username", orthanc.username]
+    ok = subprocess.run([*base, "--password", orthanc.password, "--out", str(tmp_path / "one"), "--limit", "1"],
+                        capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "1 patient(s) with MR and CT" in ok.stdout and f"mr2ct evaluate --pairs {tmp_path / 'one'}" in ok.stdout
+
+    none = subprocess.run([*base, "--password", orthanc.password, "--out", str(tmp_path / "none"), "--ct-description", "^planning$"],
+                          capture_output=True, text=True, timeout=300)
+    assert none.returncode == 2 and "no patient on the PACS has both an MR and a CT" in none.stderr
+
+    bad_regex = subprocess.run([*base, "--password", orthanc.password, "--out", str(tmp_path / "x"), "--mr-description", "T1("],
+                               capture_output=True, text=True, timeout=60)
+    assert bad_regex.returncode == 2 and "--mr-description is not a regular expression" in bad_regex.stderr
+
+    wrong = subprocess.run([*base, "--password", "wrong", "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 1 and "401" in wrong.stderr
+    with pytest.raises(PacsUnavailable, match="not reachable"):
+        pull_pairs(f"http://127.0.0.1:{free_port()}/dicom-web", tmp_path / "x", PairsFilter(), timeout=5)
