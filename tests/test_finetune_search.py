@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from synthesis.model_file import load_model
@@ -19,7 +20,8 @@ SMALL = ["--steps-per-epoch", "2", "--batch-size", "2", "--subjects-per-pool", "
 def test_search_keeps_a_stage_only_when_it_beats_its_parent_on_validation(tmp_path: Path) -> None:
     start = tmp_path / "start"
     made = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "--no-record", "--out", str(start), "--epochs", "1",
-                           "--checkpoint-every", "0", *GRID, *SMALL], capture_output=True, text=True, timeout=300)
+                           "--checkpoint-every", "0", "--test-time-augmentation", "dihedral-shift", *GRID, *SMALL],
+                          capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr[-2000:]
     work = tmp_path / "search"
     result = subprocess.run(
@@ -35,6 +37,11 @@ def test_search_keeps_a_stage_only_when_it_beats_its_parent_on_validation(tmp_pa
     assert not [s for s in stages.values() if s["error"]], result.stderr[-3000:]
     assert {s["chain"] for s in stages.values()} == {0, 1}, "each chain ran at least one stage"
     start_mae = report["start_scores"]["validation"]["mae_hu"]
+    # The start is scored with the search's views (one), not its card's 32: a stage beats its parent, not fewer views.
+    start_model = load_model(start / "model.safetensors")
+    assert start_model.test_time_augmentation == "dihedral-shift"
+    one_view = replace(start_model, card={**start_model.card, "test_time_augmentation": "none"})
+    assert abs(evaluate(one_view, subjects=1, slices=4, first_subject=200).mae_hu - start_mae) < 0.05
     for chain in (0, 1):
         parent, parent_mae = "start", start_mae
         for s in sorted((s for s in stages.values() if s["chain"] == chain), key=lambda s: int(s["name"].split("-")[1])):
