@@ -98,6 +98,7 @@ def test_pull_pairs_command_filters_and_says_what_is_wrong(hospital, tmp_path):
                         capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "1 patient(s) with MR and CT" in ok.stdout and f"mr2ct evaluate --pairs {tmp_path / 'one'}" in ok.stdout
+    assert not any(pid in ok.stdout + ok.stderr for pid in PATIENT_IDS)  # the per-patient REG query names no one in the log
 
     none = subprocess.run([*base, "--password", orthanc.password, "--out", str(tmp_path / "none"), "--ct-description", "^planning$"],
                           capture_output=True, text=True, timeout=300)
