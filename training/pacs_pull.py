@@ -243,8 +243,8 @@ def pull_pairs(
     """The DICOM files of every patient that has both an MR and a CT series matching ``flt`` (and
     of the spatial registrations filed for them), fetched into ``out_dir`` as `mr2ct evaluate
     --pairs` reads them: ``<salted patient hash>/<series UID>/<n>.dcm``. No patient identifier
-    names a folder (the files themselves are the patient's DICOM, as the PACS holds them: keep the
-    folder where such data may be). A series lands whole or not at all (fetched beside the folder,
+    names a folder (the files themselves are the patient's DICOM, in explicit VR little endian as
+    WADO-RS sends them by default: keep the folder where such data may be). A series lands whole or not at all (fetched beside the folder,
     then moved in), so a second run fetches only the series missing. Returns counts (patients,
     found, fetched, skipped)."""
     out_dir = Path(out_dir)
@@ -292,16 +292,15 @@ def pull_pairs(
         if target.is_dir():
             counts["skipped"] += 1
             continue
-        try:
-            datasets = client.retrieve_series(study_uid, series_uid)
-        except Exception as exc:
-            raise _pacs_error(url, exc) from exc
         partial = staging / series_uid
         if partial.exists():
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
-        for n, ds in enumerate(datasets):
-            ds.save_as(partial / f"{n:05d}.dcm", enforce_file_format=True)
+        try:  # instance by instance to disk: a long CT series is never held in memory whole
+            for n, ds in enumerate(client.iter_series(study_uid, series_uid)):
+                ds.save_as(partial / f"{n:05d}.dcm", enforce_file_format=True)
+        except requests.RequestException as exc:
+            raise _pacs_error(url, exc) from exc
         target.parent.mkdir(exist_ok=True)
         partial.rename(target)
         counts["fetched"] += 1
