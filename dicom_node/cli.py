@@ -358,6 +358,8 @@ def evaluate(
                    f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")
         _tissue_table(quality, "(HU; bias: mean sCT - CT; no level: the MAE left with each head's own mean error taken away)",
                       ("paired MAE", paired.mae_by_tissue) if paired else None)
+        if len(quality.mae_by_subject) > 1:
+            typer.echo(f"MAE per head (subject {first_subject} on): {', '.join(f'{m:.1f}' for m in quality.mae_by_subject)} HU")
         typer.echo(f"grid floor: the ground-truth CT itself, taken to the model's {loaded.pixel_spacing_mm:g} mm grid and back, "
                    f"scores {quality.grid_floor_mae_hu} HU (a practical floor for any model on that grid)")
         if paired is None:
@@ -365,6 +367,10 @@ def evaluate(
         else:
             typer.echo(f"paired supervised upper bound ({paired_steps} steps): MAE {paired.mae_hu} HU"
                        + (f"; the model is {quality.mae_hu / paired.mae_hu:.2f}x it" if paired.mae_hu else ""))
+            if paired.mae_hu and len(quality.mae_by_subject) > 1:
+                heads = ", ".join(f"{m:.1f}/{b:.1f} = {m / b:.2f}x" if b else f"{m:.1f}/{b:.1f}"
+                                  for m, b in zip(quality.mae_by_subject, paired.mae_by_subject))
+                typer.echo(f"per head, model/bound: {heads}")
     report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, **paired_figures(paired), "model_sha256": loaded.sha256,
               "test_time_augmentation": loaded.test_time_augmentation, "first_subject": first_subject}
     if record:

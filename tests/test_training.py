@@ -290,6 +290,10 @@ def test_evaluation_numbers_come_from_the_images() -> None:
     assert per_head.bias_by_tissue["cortical bone"] == pytest.approx(-300.0 * share, abs=0.1) == -per_head.mae_by_tissue["cortical bone"]
     assert per_head.mae_level_removed_by_tissue["cortical bone"] == 0.0
     assert per_head.mae_level_removed_by_tissue.keys() == per_head.mae_by_tissue.keys()
+    # Per head: the first untouched, the second off by 300 HU on its share of the body.
+    body_share = (labels2[1] == phantoms.CORTICAL).sum() / (labels2[1] != phantoms.AIR).sum()
+    assert per_head.mae_by_subject[0] == 0.0 and per_head.mae_by_subject[1] == pytest.approx(300.0 * body_share, abs=0.01)
+    assert shifted.mae_by_subject == [shifted.mae_hu]
 
 
 def test_the_grid_floor_is_zero_on_the_mr_grid_and_grows_with_coarser_grids() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,9 @@ class Quality:
     # tissue's error into a level (e.g. one head's bone denser than the model assumes) and its shape.
     mae_level_removed_by_tissue: dict[str, float]
     grid_floor_mae_hu: float | None = None  # the ground-truth CT taken to the model grid and back: a practical floor for that grid
+    # Each head's (or pair's) own MAE, in order: how far the pooled figure moves from one head to the
+    # next, i.e. how much a difference of a few HU between two models on 4 heads can be trusted.
+    mae_by_subject: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,7 +84,8 @@ class Quality:
 
 def paired_figures(paired: Quality | None) -> dict[str, Any]:
     """The paired upper bound's figures as the JSON report and a card's metrics name them (None: not computed)."""
-    return {"mae_paired_hu": paired.mae_hu if paired else None, "mae_paired_by_tissue": paired.mae_by_tissue if paired else None}
+    return {"mae_paired_hu": paired.mae_hu if paired else None, "mae_paired_by_tissue": paired.mae_by_tissue if paired else None,
+            "mae_paired_by_subject": paired.mae_by_subject if paired else None}
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,7 @@ def score_sets(sets: list[Scored], names: list[str]) -> Quality:
         baseline_mae_hu=round(mae(baseline, truth_body, everywhere), 2),
         baseline_psnr_db=round(psnr(baseline, truth_body, everywhere), 2), mae_by_tissue=by_tissue, bias_by_tissue=bias,
         mae_level_removed_by_tissue=level_removed,
+        mae_by_subject=[round(mae(s.pred, s.truth, np.ones(len(s.truth), dtype=bool)), 2) for s in sets],
     )
 
 
