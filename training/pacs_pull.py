@@ -267,10 +267,11 @@ def pull_pairs(
         for attrs in _search_series(client, url, search):
             if pattern and not re.search(pattern, _value(attrs, "0008103E"), re.IGNORECASE):
                 continue
-            if modality == "CT" and _synthetic(client, url, attrs):
-                continue  # an sCT (mr2ct's own, stored beside the MR) is no ground truth
             patient = (_value(attrs, "00100020"), _value(attrs, "00100021"))
             by_patient.setdefault(patient, {"MR": [], "CT": []})[modality].append(attrs)
+    for found in by_patient.values():
+        if found["MR"]:  # only where it could make a pair: a metadata request per CT series
+            found["CT"] = [a for a in found["CT"] if not _synthetic(client, url, a)]  # an sCT (mr2ct's own) is no ground truth
     keyed = sorted((patient_key(pid, issuer, salt), (pid, issuer), found) for (pid, issuer), found in by_patient.items()
                    if found["MR"] and found["CT"] and pid)
     if flt.limit is not None:
