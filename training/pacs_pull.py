@@ -244,9 +244,10 @@ def pull_pairs(
     of the spatial registrations filed for them), fetched into ``out_dir`` as `mr2ct evaluate
     --pairs` reads them: ``<salted patient hash>/<series UID>/<n>.dcm``. No patient identifier
     names a folder (the files themselves are the patient's DICOM, in explicit VR little endian as
-    WADO-RS sends them by default: keep the folder where such data may be). A series lands whole or not at all (fetched beside the folder,
-    then moved in), so a second run fetches only the series missing. Returns counts (patients,
-    found, fetched, skipped)."""
+    WADO-RS sends them by default: keep the folder where such data may be). A series lands whole
+    or not at all (fetched beside the folder, then moved in), so a second run fetches only the
+    series missing. ``limit`` takes that many patients in the order of their salted hash (a
+    fixed, arbitrary draw for a folder). Returns counts (patients, found, fetched, skipped)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial"  # outside the folder: evaluate never sees half a series
