@@ -69,6 +69,7 @@ def test_pull_pairs_fetches_whole_pairs_that_evaluate_scores_as_the_files_on_dis
     assert len(pulled["pairs"]) == 2 and [p["registration"] for p in pulled["pairs"]].count(reg_uid) == 1
     assert pulled["pairs"] == on_disk["pairs"]  # nothing lost on the way through the PACS
     assert pulled["mae_hu"] == on_disk["mae_hu"]
+    assert pulled["left_out"] == []  # only pairs came (no MR-only, CT-only or sCT series), and the folder's salt is not taken for an image
 
     again = pull_pairs(f"{orthanc.url}/dicom-web", out, PairsFilter(), username=orthanc.username, password=orthanc.password)
     assert again == {"patients": 2, "found": 5, "fetched": 0, "skipped": 5}
