@@ -74,6 +74,17 @@ def _pacs_error(url: str, exc: Exception) -> PacsUnavailable:
     return PacsUnavailable(f"DICOMweb server {url} is not reachable: {type(exc).__name__}")
 
 
+def _search_series(client: DICOMwebClient, url: str, search: dict[str, Any]) -> list[dict[str, Any]]:
+    """QIDO-RS: every series matching ``search`` (all pages), with what the pulls read of them."""
+    try:
+        return client.search_for_series(
+            search_filters=search, limit=None, get_remaining=True,
+            fields=["SeriesDescription", "PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"],
+        )
+    except Exception as exc:
+        raise _pacs_error(url, exc) from exc
+
+
 def patient_key(patient_id: str, issuer: str, salt: str) -> str:
     return hashlib.sha256(f"{salt}\x00{issuer}\x00{patient_id}".encode()).hexdigest()[:20]
 
@@ -82,6 +93,15 @@ def split_of(key: str, validation_fraction: float) -> str:
     """Deterministic per patient: the same patient always lands in the same split."""
     bucket = int(key[:8], 16) / 0xFFFFFFFF
     return "validation" if bucket < validation_fraction else "train"
+
+
+def folder_salt(path: Path) -> str:
+    """The salt kept in ``path`` (made, readable by its owner only, on first use): patient hashes
+    made with it cannot be joined with another folder's."""
+    if not path.exists():
+        path.write_text(secrets.token_hex(16))
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 class DatasetCache:
@@ -97,11 +117,7 @@ class DatasetCache:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.manifest = self.root / "manifest.jsonl"
-        salt_file = self.root / "salt"
-        if not salt_file.exists():  # one salt per cache: hashes cannot be joined across caches
-            salt_file.write_text(secrets.token_hex(16))
-            salt_file.chmod(0o600)
-        self.salt = salt_file.read_text().strip()
+        self.salt = folder_salt(self.root / "salt")  # one salt per cache: hashes cannot be joined across caches
 
     def entries(self) -> list[dict[str, Any]]:
         if not self.manifest.exists():
@@ -142,13 +158,7 @@ def pull(
             search["BodyPartExamined"] = flt.body_part
         if flt.study_date_from or flt.study_date_to:
             search["StudyDate"] = f"{flt.study_date_from or ''}-{flt.study_date_to or ''}"
-        try:
-            found = client.search_for_series(
-                search_filters=search, limit=None, get_remaining=True,
-                fields=["SeriesDescription", "PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "NumberOfSeriesRelatedInstances"],
-            )
-        except Exception as exc:
-            raise _pacs_error(url, exc) from exc
+        found = _search_series(client, url, search)
         matched = []
         for attrs in found:
             description = _value(attrs, "0008103E")
@@ -210,16 +220,6 @@ class PairsFilter:
     limit: int | None = None  # at most this many patients
 
 
-def _search_series(client: DICOMwebClient, url: str, search: dict[str, Any]) -> list[dict[str, Any]]:
-    try:
-        return client.search_for_series(
-            search_filters=search, limit=None, get_remaining=True,
-            fields=["SeriesDescription", "PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"],
-        )
-    except Exception as exc:
-        raise _pacs_error(url, exc) from exc
-
-
 def _synthetic(client: DICOMwebClient, url: str, attrs: dict[str, Any]) -> bool:
     """Whether a series says it is synthetic (Synthetic Data YES), read from its first instance's
     metadata (WADO-RS, no pixels): QIDO does not carry the attribute."""
@@ -251,11 +251,7 @@ def pull_pairs(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial"  # outside the folder: evaluate never sees half a series
-    salt_file = out_dir / ".salt"  # hidden: evaluate --pairs reads every other file as DICOM
-    if not salt_file.exists():
-        salt_file.write_text(secrets.token_hex(16))
-        salt_file.chmod(0o600)
-    salt = salt_file.read_text().strip()
+    salt = folder_salt(out_dir / ".salt")  # hidden: evaluate --pairs reads every other file as DICOM
     client = _client(url, username, password, timeout)
     date = f"{flt.study_date_from or ''}-{flt.study_date_to or ''}" if flt.study_date_from or flt.study_date_to else None
     by_patient: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
