@@ -319,14 +319,12 @@ def evaluate(
                    "(or change the card first with `mr2ct models set`)", err=True)
         raise typer.Exit(2)
     if test_time_augmentation is not None:
-        from dataclasses import replace
-
         from synthesis.model_file import TEST_TIME_AUGMENTATIONS
 
         if test_time_augmentation not in TEST_TIME_AUGMENTATIONS:
             typer.echo(f"error: --test-time-augmentation must be one of {', '.join(TEST_TIME_AUGMENTATIONS)}, got {test_time_augmentation!r}", err=True)
             raise typer.Exit(2)
-        loaded = replace(loaded, card={**loaded.card, "test_time_augmentation": test_time_augmentation})
+        loaded = loaded.with_views(test_time_augmentation)
     if pairs is not None:
         if record or paired_steps:
             typer.echo("error: --pairs scores your own studies; --record and --paired-steps belong to the phantom evaluation "

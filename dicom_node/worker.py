@@ -7,7 +7,6 @@ import os
 import socket
 import threading
 import time
-from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -92,9 +91,7 @@ class Worker:
     def _as_configured(self, model: LoadedModel) -> LoadedModel:
         """The model with the configured test-time augmentation written into its card (the CT's
         UIDs, its derivation text and the SR then all say what was run)."""
-        if self.tta == "model" or self.tta == model.test_time_augmentation:
-            return model
-        return replace(model, card={**model.card, "test_time_augmentation": self.tta})
+        return model if self.tta == "model" else model.with_views(self.tta)
 
     def refresh_model(self) -> None:
         """Use the registry's active model when there is one (a new activation applies to the next job)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,13 @@ class LoadedModel:
     @property
     def test_time_augmentation(self) -> str:
         return str(self.card.get("test_time_augmentation", "none"))
+
+    def with_views(self, mode: str) -> "LoadedModel":
+        """The same weights run with another test-time augmentation (``mode``), written into a copy
+        of the card so that everything downstream (UIDs, derivation text, SR) says what was run."""
+        if mode == self.test_time_augmentation:
+            return self
+        return replace(self, card={**self.card, "test_time_augmentation": mode})
 
     @property
     def output_key(self) -> str:

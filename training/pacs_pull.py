@@ -85,6 +85,16 @@ def _search_series(client: DICOMwebClient, url: str, search: dict[str, Any]) -> 
         raise _pacs_error(url, exc) from exc
 
 
+def _series_query(modality: str, flt: "PullFilter | PairsFilter") -> dict[str, Any]:
+    """The QIDO-RS query of a modality under a filter's body part and study date range."""
+    search: dict[str, Any] = {"Modality": modality}
+    if flt.body_part:
+        search["BodyPartExamined"] = flt.body_part
+    if flt.study_date_from or flt.study_date_to:
+        search["StudyDate"] = f"{flt.study_date_from or ''}-{flt.study_date_to or ''}"
+    return search
+
+
 def patient_key(patient_id: str, issuer: str, salt: str) -> str:
     return hashlib.sha256(f"{salt}\x00{issuer}\x00{patient_id}".encode()).hexdigest()[:20]
 
@@ -153,12 +163,7 @@ def pull(
     known = cache.known()
     todo: list[tuple[PullFilter, dict[str, Any]]] = []
     for flt in filters:
-        search: dict[str, Any] = {"Modality": flt.modality}
-        if flt.body_part:
-            search["BodyPartExamined"] = flt.body_part
-        if flt.study_date_from or flt.study_date_to:
-            search["StudyDate"] = f"{flt.study_date_from or ''}-{flt.study_date_to or ''}"
-        found = _search_series(client, url, search)
+        found = _search_series(client, url, _series_query(flt.modality, flt))
         matched = []
         for attrs in found:
             description = _value(attrs, "0008103E")
@@ -253,15 +258,9 @@ def pull_pairs(
     staging = out_dir.parent / f".{out_dir.name}.partial"  # outside the folder: evaluate never sees half a series
     salt = folder_salt(out_dir / ".salt")  # hidden: evaluate --pairs reads every other file as DICOM
     client = _client(url, username, password, timeout)
-    date = f"{flt.study_date_from or ''}-{flt.study_date_to or ''}" if flt.study_date_from or flt.study_date_to else None
     by_patient: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
     for modality, pattern in (("MR", flt.mr_description), ("CT", flt.ct_description)):
-        search: dict[str, Any] = {"Modality": modality}
-        if flt.body_part:
-            search["BodyPartExamined"] = flt.body_part
-        if date:
-            search["StudyDate"] = date
-        for attrs in _search_series(client, url, search):
+        for attrs in _search_series(client, url, _series_query(modality, flt)):
             if pattern and not re.search(pattern, _value(attrs, "0008103E"), re.IGNORECASE):
                 continue
             patient = (_value(attrs, "00100020"), _value(attrs, "00100021"))

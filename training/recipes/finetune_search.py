@@ -78,13 +78,10 @@ class Search:
         """Every model of the search (the start, whatever its card says, and each stage) scored
         with the same views, ``--test-time-augmentation``: a stage is compared with its parent, not
         with more views."""
-        from dataclasses import replace
-
         from synthesis.model_file import load_model
         from training.evaluate import evaluate
 
-        loaded = load_model(model)
-        loaded = replace(loaded, card={**loaded.card, "test_time_augmentation": self.args.test_time_augmentation})
+        loaded = load_model(model).with_views(self.args.test_time_augmentation)
         with self.scoring:
             q = evaluate(loaded, subjects=self.args.validation_subjects, slices=self.args.slices,
                          device=self.device, first_subject=first_subject)
