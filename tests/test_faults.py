@@ -70,7 +70,9 @@ def test_kill_9_while_a_400_instance_series_arrives_loses_nothing_acknowledged(o
     finally:
         first.stop()
     acked = _acknowledged(output)
-    assert 60 <= len(acked) < slices, f"{len(acked)} acknowledged"
+    # Killed after 60 instances reached the spool; their answers trail the spool by the ones in
+    # flight (59 acknowledged in a run of 2026-12-01), so only "some, not all" is certain here.
+    assert 0 < len(acked) < slices, f"{len(acked)} acknowledged"
     env["MR2CT_STABLE_SECONDS"] = "2"
     second = NodeServer(workdir, env, port)
     with second:
