@@ -189,13 +189,20 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
         refused = None if refusals is None else refusals + 1
         given_up = refused is not None and 0 < max_refusals <= refused
         error = str(exc)[:400] + (f" (refused {refused} times: given up; POST /routing/retry asks again)" if given_up else "")
-        values: dict[str, Any] = {"forward_attempts": attempts + 1, "forward_error": error,
-                                  "forward_next_at": None if given_up else utcnow() + timedelta(seconds=wait)}
+        values: dict[str, Any] = {"forward_next_at": None if given_up else utcnow() + timedelta(seconds=wait)}
         if refused is not None:
             values["forward_refusals"] = refused
+        this_one = Instance.sop_instance_uid == sop_uid
         with sessions.begin() as session:
-            session.execute(update(Instance).where(Instance.sop_instance_uid == sop_uid).values(**values))
-        if given_up:
+            session.execute(update(Instance).where(this_one).values(forward_attempts=attempts + 1, forward_error=error))
+            # An administrator's retry during this pass (forward_next_at moved past the pass's start)
+            # stands: the failure is recorded, the retry is not overwritten by this attempt's backoff.
+            rescheduled = not session.execute(
+                update(Instance).where(this_one, Instance.forward_next_at <= now).values(**values)).rowcount
+        if rescheduled:
+            log.warning("forward failed sop=%s attempt=%d reason=%s; a retry was asked meanwhile: tried again at the next pass",
+                        sop_uid, attempts + 1, exc)
+        elif given_up:
             log.error("forward given up sop=%s refusals=%d reason=%s", sop_uid, refused, exc)
             audit.record(sessions, audit.ROUTING_GIVEN_UP, "failure", "forwarder", destination=destination.name, sop_instance_uid=sop_uid,
                          refusals=refused, reason=str(exc)[:400])
@@ -230,6 +237,16 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
         audit.record(sessions, audit.INSTANCES_TRANSFERRED, "success", "forwarder", destination=destination.name, instances=forwarded,
                      originals=True)
     return forwarded, failed
+
+
+def reschedule_failed(sessions: sessionmaker[Session]) -> int:
+    """POST /routing/retry: every failing original, the given-up ones included, is due at the next
+    pass instead of at the end of its backoff, its refusals counted afresh. Returns how many."""
+    with sessions.begin() as session:
+        return session.execute(
+            update(Instance).where(Instance.forwarded_at.is_(None), Instance.forward_error.is_not(None)).values(
+                forward_next_at=utcnow(), forward_refusals=0)
+        ).rowcount
 
 
 def forward_loop(sessions: sessionmaker[Session], destination: Destination, poll_seconds: float, stop: threading.Event,

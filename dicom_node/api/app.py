@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.api.auth import Caller, require
 from dicom_node.db import notify_job_queued
+from dicom_node.forwarder import reschedule_failed
 from dicom_node.models import Association, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.training_runs import RunState
@@ -260,11 +261,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     def routing_retry(caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
         """After the destination is fixed: try every failing original, the given-up ones included,
         at the next pass instead of at the end of its backoff."""
-        with sessions.begin() as session:
-            count = session.execute(
-                update(Instance).where(Instance.forwarded_at.is_(None), Instance.forward_error.is_not(None)).values(
-                    forward_next_at=utcnow(), forward_refusals=0)
-            ).rowcount
+        count = reschedule_failed(sessions)
         audit.record(sessions, "routing-retry", "success", caller.actor, instances=count)
         return {"rescheduled": count}
 

@@ -1,0 +1,79 @@
+"""Routing passes against a destination that hangs: what an administrator's retry does meanwhile."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+from dicom_node.db import init_db
+from dicom_node.forwarder import CStoreDestination, forward_pending, reschedule_failed
+from dicom_node.ingest import ReceivedInstance
+from dicom_node.models import Instance, utcnow
+from dicom_node.recorder import Recorder, SpooledInstance
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+SOP = "1.2.3.4.1"
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
+
+
+def _failing_instance(tmp_path: Path, attempts: int):
+    """One original in the database that has failed ``attempts`` times and is due now."""
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    recorder = Recorder(sessions, window_seconds=0.05)
+    try:
+        info = ReceivedInstance(MR, SOP, "1.2.3", "1.2.3.4", "MR", "T1", "axial", "patient")
+        recorder.submit(SpooledInstance(info, tmp_path / f"{SOP}.dcm", 100, "1.2.840.10008.1.2.1", "SCANNER", None, utcnow()))
+        assert recorder.flush(timeout=30)
+    finally:
+        recorder.stop()
+    with sessions.begin() as session:
+        row = session.get(Instance, SOP)
+        row.forward_attempts, row.forward_error, row.forward_next_at = attempts, "an earlier failure", utcnow() - timedelta(seconds=1)
+    return sessions
+
+
+def _pass_against_a_hung_peer(sessions, during=None) -> tuple[int, int]:
+    """One forward pass to a peer that takes the TCP connection and never answers the association
+    request (a hung PACS); ``during`` runs while the pass waits for that answer."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(20)
+        destination = CStoreDestination(f"HUNG@127.0.0.1:{listener.getsockname()[1]}", "MR2CT", timeout=2)
+        result: list[tuple[int, int]] = []
+        forwarding = threading.Thread(target=lambda: result.append(forward_pending(sessions, destination)))
+        forwarding.start()
+        conn, _ = listener.accept()  # the pass has read its due rows and waits for the peer
+        try:
+            if during is not None:
+                during()
+            forwarding.join(timeout=30)
+        finally:
+            conn.close()
+    assert not forwarding.is_alive() and result
+    return result[0]
+
+
+def test_a_retry_asked_while_a_pass_fails_is_not_overwritten_by_that_failure(tmp_path: Path) -> None:
+    """The administrator brings the destination back and POSTs /routing/retry while a pass that
+    started before is still failing: the failure is recorded, but the instance is due at the next
+    pass, not at the end of the backoff that failure would set (32 s after a sixth attempt)."""
+    sessions = _failing_instance(tmp_path, attempts=5)
+    asked: list[int] = []
+    assert _pass_against_a_hung_peer(sessions, during=lambda: asked.append(reschedule_failed(sessions))) == (0, 1)
+    assert asked == [1]
+    with sessions() as session:
+        row = session.get(Instance, SOP)
+    assert row.forward_attempts == 6 and "did not accept an association" in row.forward_error and row.forwarded_at is None
+    assert _utc(row.forward_next_at) <= utcnow()  # due now: the retry stands
+
+    # The same failure with no retry meanwhile backs off as before: 2^6 s after the seventh attempt.
+    assert _pass_against_a_hung_peer(sessions) == (0, 1)
+    with sessions() as session:
+        row = session.get(Instance, SOP)
+    assert row.forward_attempts == 7 and _utc(row.forward_next_at) > utcnow() + timedelta(seconds=50)
