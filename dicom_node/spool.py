@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import secrets
 import struct
 import threading
@@ -19,17 +18,10 @@ from pathlib import Path
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from synthesis.errors import InvalidInstance, Mr2ctError
-
-UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
-
+from synthesis.uids import is_valid_uid
 
 class SpoolFull(Mr2ctError):
     """The spool's disk has no room for the instance."""
-
-
-def is_valid_uid(value: object) -> bool:
-    """A UI value as DICOM PS3.5 defines it: dotted numeric components, no leading zeros, at most 64 chars."""
-    return isinstance(value, str) and 0 < len(value) <= 64 and bool(UID_RE.match(value))
 
 
 def require_uid(value: object, name: str) -> str:

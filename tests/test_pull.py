@@ -8,7 +8,9 @@ import os
 import subprocess
 import sys
 
+import pydicom
 import pytest
+import requests
 
 from dicom_node.local_stack import OrthancServer, free_port
 from synthesis.errors import PacsUnavailable
@@ -128,3 +130,39 @@ def test_evaluate_pairs_leaves_out_the_patients_a_pulled_cache_trained_on(cohort
                                  capture_output=True, text=True, timeout=300)
     assert not_a_cache.returncode == 2 and "is not a dataset cache" in not_a_cache.stderr
     assert not (tmp_path / "pairs" / "salt").exists()  # looking did not make one
+
+
+def test_a_series_whose_uid_is_not_a_dicom_uid_is_left_out_of_both_pulls(tmp_path):
+    """A PACS may hold what a scanner wrote wrong: a series UID of 65 characters, or with a leading
+    zero in a component. Neither pull takes it (pull-pairs would name a folder after it); the
+    valid series beside it is fetched."""
+    from training.pacs_pull import PairsFilter, pull_pairs
+    from training.phantom_dicom import write_mr_series
+
+    source = tmp_path / "source"
+    good = write_mr_series(source / "good", seed=31, slices=3, size=32, pixel_spacing=8.0, patient_id="UIDPAT")
+    write_mr_series(source / "ct", seed=31, slices=3, size=32, pixel_spacing=8.0, patient_id="UIDPAT", modality="CT",
+                    study_uid=good.study_uid)
+    bad_uids = {"long": "1.2.826.0.1.3680043.8.498." + "1" * 39, "leading-zero": "1.2.826.0.1.3680043.8.498.0123"}
+    assert len(bad_uids["long"]) == 65
+    for name, uid in bad_uids.items():
+        series = write_mr_series(source / name, seed=32, slices=3, size=32, pixel_spacing=8.0, patient_id="UIDPAT",
+                                 study_uid=good.study_uid)
+        for path in series.folder.glob("*.dcm"):
+            ds = pydicom.dcmread(path)
+            ds.SeriesInstanceUID = uid
+            ds.save_as(path)
+    with OrthancServer(tmp_path / "pacs", http_port=free_port(), dicom_port=free_port()) as server:
+        for path in sorted(source.rglob("*.dcm")):
+            requests.post(f"{server.url}/instances", data=path.read_bytes(), auth=server.auth, timeout=30).raise_for_status()
+        stored = {s["MainDicomTags"]["SeriesInstanceUID"] for s in server.get("/series?expand")}
+        assert set(bad_uids.values()) <= stored  # the PACS took them: the pulls must sort them out
+        counts = pull(f"{server.url}/dicom-web", tmp_path / "cache", [PullFilter("MR")], username=server.username,
+                      password=server.password)
+        assert counts["found"] == counts["fetched"] == 1
+        assert [e["series_uid"] for e in DatasetCache(tmp_path / "cache").entries()] == [good.series_uid]
+        pairs = pull_pairs(f"{server.url}/dicom-web", tmp_path / "pairs", PairsFilter(), username=server.username,
+                           password=server.password)
+        assert pairs["fetched"] == 2 and pairs["found"] == 2  # the good MR and the CT
+        folders = {p.name for p in (tmp_path / "pairs").glob("*/*") if p.is_dir()}
+        assert good.series_uid in folders and not folders & set(bad_uids.values())

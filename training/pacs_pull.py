@@ -31,11 +31,11 @@ from tqdm import tqdm
 
 from synthesis.errors import PacsUnavailable
 from synthesis.normalize import mr_to_unit
+from synthesis.uids import is_valid_uid
 from synthesis.volume import assemble
 
 log = logging.getLogger(__name__)
 
-UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,9 @@ def _pacs_error(url: str, exc: Exception) -> PacsUnavailable:
         return PacsUnavailable(f"DICOMweb server {url} answered {status}: check the username and password")
     if status is not None:
         return PacsUnavailable(f"DICOMweb server {url} answered HTTP {status}")
-    return PacsUnavailable(f"DICOMweb server {url} is not reachable: {type(exc).__name__}")
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout, OSError)):
+        return PacsUnavailable(f"DICOMweb server {url} is not reachable: {type(exc).__name__}")
+    return PacsUnavailable(f"DICOMweb server {url}: the request failed: {type(exc).__name__}: {str(exc)[:200]}")
 
 
 def _search_series(client: DICOMwebClient, url: str, search: dict[str, Any]) -> list[dict[str, Any]]:
@@ -177,8 +179,9 @@ def pull(
     bar = tqdm(todo, desc="pull", unit="series", file=sys.stderr, disable=None if progress is None else not progress)
     for flt, attrs in bar:
         study_uid, series_uid = _value(attrs, "0020000D"), _value(attrs, "0020000E")
-        if not (UID_RE.match(study_uid) and UID_RE.match(series_uid)):
+        if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
             log.warning("skipping a series with a malformed UID")
+            counts["found"] -= 1
             continue
         if series_uid in known:
             counts["skipped"] += 1
@@ -229,7 +232,7 @@ def _synthetic(client: DICOMwebClient, url: str, attrs: dict[str, Any]) -> bool:
     """Whether a series says it is synthetic (Synthetic Data YES), read from its first instance's
     metadata (WADO-RS, no pixels): QIDO does not carry the attribute."""
     study_uid, series_uid = _value(attrs, "0020000D"), _value(attrs, "0020000E")
-    if not (UID_RE.match(study_uid) and UID_RE.match(series_uid)):
+    if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
         return False  # refused later, with the reason
     try:
         first = client.search_for_instances(study_uid, series_uid, limit=1, fields=["SOPInstanceUID"])
@@ -281,7 +284,7 @@ def pull_pairs(
     bar = tqdm(todo, desc="pull pairs", unit="series", file=sys.stderr, disable=None if progress is None else not progress)
     for key, attrs in bar:
         study_uid, series_uid = _value(attrs, "0020000D"), _value(attrs, "0020000E")
-        if not (UID_RE.match(study_uid) and UID_RE.match(series_uid)) or len(series_uid) > 64:
+        if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
             log.warning("skipping a series with a malformed UID")
             counts["found"] -= 1
             continue
