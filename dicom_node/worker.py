@@ -7,7 +7,10 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 from pathlib import Path
 
 import pydicom
@@ -27,7 +30,7 @@ from synthesis.volume import assemble
 
 log = logging.getLogger(__name__)
 
-LEASE_SECONDS = 600
+LEASE_SECONDS = 600  # renewed every quarter of it while the job runs (held_lease): only a dead worker's job runs out
 MAX_ATTEMPTS = 8  # a job that cannot reach Orthanc is retried with backoff this many times
 
 
@@ -36,7 +39,7 @@ def retry_delay(attempt: int) -> float:
     return min(300.0, 2.0 ** attempt)
 
 
-def claim_job(sessions: sessionmaker[Session], worker_id: str) -> int | None:
+def claim_job(sessions: sessionmaker[Session], worker_id: str, lease_seconds: float = LEASE_SECONDS) -> int | None:
     """Take the oldest queued job (or one whose lease ran out); None when there is none.
 
     On PostgreSQL the candidate row is locked with FOR UPDATE SKIP LOCKED, so any number of
@@ -58,17 +61,61 @@ def claim_job(sessions: sessionmaker[Session], worker_id: str) -> int | None:
         claimed = session.execute(
             update(Job)
             .where(Job.id == candidate, or_(Job.state == "queued", (Job.state == "running") & (Job.lease_until < now)))
-            .values(state="running", worker=worker_id, started_at=now, lease_until=now + timedelta(seconds=LEASE_SECONDS), attempts=Job.attempts + 1)
+            .values(state="running", worker=worker_id, started_at=now, lease_until=now + timedelta(seconds=lease_seconds), attempts=Job.attempts + 1)
         ).rowcount
         return candidate if claimed else None
+
+
+def _held_by(job_id: int, worker_id: str) -> Any:
+    return (Job.id == job_id) & (Job.state == "running") & (Job.worker == worker_id)
+
+
+def renew_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, lease_seconds: float = LEASE_SECONDS) -> bool:
+    """Push back the end of the lease of a job this worker runs. False when the job is no longer
+    this worker's (its lease ran out and another worker claimed it, or it was re-queued)."""
+    with sessions.begin() as session:
+        return bool(session.execute(
+            update(Job).where(_held_by(job_id, worker_id)).values(lease_until=utcnow() + timedelta(seconds=lease_seconds))).rowcount)
+
+
+def settle_job(sessions: sessionmaker[Session], job_id: int, worker_id: str, **values: Any) -> bool:
+    """Write a job's outcome (done, failed, queued again) if the job is still this worker's; a
+    worker that lost its lease leaves the job to the one that took it over. Returns whether written."""
+    with sessions.begin() as session:
+        return bool(session.execute(update(Job).where(_held_by(job_id, worker_id)).values(**values)).rowcount)
+
+
+@contextmanager
+def held_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, lease_seconds: float = LEASE_SECONDS) -> Iterator[None]:
+    """Renew the job's lease every quarter of it while the block runs, so a job that takes longer
+    than one lease (a long series on a CPU) is not claimed and run a second time by another worker."""
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease_seconds / 4):
+            try:
+                if not renew_lease(sessions, job_id, worker_id, lease_seconds):
+                    log.warning("job lease lost job=%d: another worker holds it now", job_id)
+                    return
+            except Exception:  # the database away for a moment: try again at the next beat
+                log.exception("cannot renew the lease of job=%d", job_id)
+
+    beat = threading.Thread(target=renew, name=f"lease-{job_id}", daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
 
 
 class Worker:
     def __init__(
         self, sessions: sessionmaker[Session], model: LoadedModel, device: DeviceChoice, store: OrthancStore,
         uid_root: str, batch_size: int, precision: str = "auto", torch_compile: bool = False, test_time_augmentation: str = "model",
+        lease_seconds: float = LEASE_SECONDS,
     ) -> None:
-        self.tta = test_time_augmentation
+        self.tta, self.lease_seconds = test_time_augmentation, lease_seconds
         self.sessions, self.model, self.device, self.store = sessions, self._as_configured(model), device, store
         self.uid_root, self.batch_size, self.precision, self.torch_compile = uid_root, batch_size, precision, torch_compile
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -104,6 +151,19 @@ class Worker:
             log.info("model switched to sha256=%s name=%s", self.model.short_digest, active.name)
 
     def run_job(self, job_id: int) -> None:
+        """Run a claimed job, its lease renewed meanwhile; the outcome is written only while the job
+        is still this worker's."""
+        with held_lease(self.sessions, job_id, self.worker_id, self.lease_seconds):
+            self._run_job(job_id)
+
+    def _settle(self, job_id: int, **values: Any) -> bool:
+        if settle_job(self.sessions, job_id, self.worker_id, **values):
+            return True
+        log.warning("job outcome not recorded job=%d: the job is no longer this worker's (lease lost); the worker holding it records it",
+                    job_id)
+        return False
+
+    def _run_job(self, job_id: int) -> None:
         started = time.perf_counter()
         try:
             self.refresh_model()
@@ -138,9 +198,9 @@ class Worker:
                 attempts = session.get(Job, job_id).attempts  # type: ignore[union-attr]
             if attempts < MAX_ATTEMPTS:
                 delay = retry_delay(attempts)
-                with self.sessions.begin() as session:
-                    session.execute(update(Job).where(Job.id == job_id).values(
-                        state="queued", lease_until=None, error=str(exc)[:2000], not_before=utcnow() + timedelta(seconds=delay)))
+                if not self._settle(job_id, state="queued", lease_until=None, error=str(exc)[:2000],
+                                    not_before=utcnow() + timedelta(seconds=delay)):
+                    return
                 audit.record(self.sessions, "job-retry-scheduled", "warning", actor, study_uid=study_uid, series_uid=series_uid,
                              job_id=job_id, attempt=attempts, retry_in_seconds=delay, reason=str(exc)[:500])
                 log.warning("job will retry job=%d attempt=%d in=%.0fs reason=%s", job_id, attempts, delay, exc)
@@ -156,14 +216,12 @@ class Worker:
             self._fail(job_id, actor, study_uid, series_uid, reason)
             return
         seconds = time.perf_counter() - started
-        with self.sessions.begin() as session:
-            session.execute(
-                update(Job).where(Job.id == job_id).values(
-                    state="done", finished_at=utcnow(), lease_until=None, error=None, not_before=None, ct_series_uid=ct.series_instance_uid,
-                    sr_series_uid=str(sr.SeriesInstanceUID), sr_sop_instance_uid=str(sr.SOPInstanceUID),
-                    model_sha256=self.model.sha256, device=self.device.label, seconds=seconds, instance_count=len(datasets),
-                )
-            )
+        if not self._settle(
+            job_id, state="done", finished_at=utcnow(), lease_until=None, error=None, not_before=None, ct_series_uid=ct.series_instance_uid,
+            sr_series_uid=str(sr.SeriesInstanceUID), sr_sop_instance_uid=str(sr.SOPInstanceUID),
+            model_sha256=self.model.sha256, device=self.device.label, seconds=seconds, instance_count=len(datasets),
+        ):
+            return
         audit.record(
             self.sessions, audit.INSTANCES_TRANSFERRED, "success", actor, study_uid=study_uid, series_uid=ct.series_instance_uid,
             job_id=job_id, destination=self.store.url, instances=len(ct) + 1, sr_series_uid=str(sr.SeriesInstanceUID),
@@ -176,8 +234,8 @@ class Worker:
         log.info("job done job=%d series=%s ct_series=%s seconds=%.2f", job_id, series_uid, ct.series_instance_uid, seconds)
 
     def _fail(self, job_id: int, actor: str, study_uid: str, series_uid: str, reason: str) -> None:
-        with self.sessions.begin() as session:
-            session.execute(update(Job).where(Job.id == job_id).values(state="failed", finished_at=utcnow(), error=reason[:2000], lease_until=None))
+        if not self._settle(job_id, state="failed", finished_at=utcnow(), error=reason[:2000], lease_until=None):
+            return
         audit.record(self.sessions, audit.JOB_FAILED, "failure", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, reason=reason[:500])
 
     def loop(self, stop: threading.Event, poll_seconds: float, wake: threading.Event | None = None) -> None:
@@ -191,7 +249,7 @@ class Worker:
         while not stop.is_set():
             wake.clear()  # before the claim: a job queued during it sets the event again
             try:
-                job_id = claim_job(self.sessions, self.worker_id)
+                job_id = claim_job(self.sessions, self.worker_id, self.lease_seconds)
             except Exception:
                 log.exception("cannot claim a job")
                 job_id = None

@@ -1,0 +1,42 @@
+"""Job leases: a job that runs longer than one lease stays with its worker; a worker whose lease did
+run out (it hung, its host lost the network) neither keeps it nor overwrites the outcome of the
+worker that took it over."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.db import init_db
+from dicom_node.models import Job, Series
+from dicom_node.worker import claim_job, held_lease, renew_lease, settle_job
+
+
+def _queued_job(tmp_path: Path) -> tuple[sessionmaker[Session], int]:
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with sessions.begin() as session:
+        session.add(Series(series_instance_uid="1.2.3.4", study_instance_uid="1.2.3", modality="MR", calling_ae="SCANNER", state="stable"))
+        job = Job(series_instance_uid="1.2.3.4", state="queued")
+        session.add(job)
+        session.flush()
+        return sessions, job.id
+
+
+def test_a_job_longer_than_its_lease_is_not_claimed_twice_and_a_lost_lease_writes_nothing(tmp_path: Path) -> None:
+    sessions, job_id = _queued_job(tmp_path)
+    assert claim_job(sessions, "host:1", lease_seconds=1) == job_id
+    with held_lease(sessions, job_id, "host:1", lease_seconds=1):
+        time.sleep(2.5)  # two and a half leases: renewed all along
+        assert claim_job(sessions, "host:2", lease_seconds=60) is None
+    time.sleep(1.5)  # no longer renewed (the worker hung): the lease runs out
+    assert claim_job(sessions, "host:2", lease_seconds=60) == job_id
+    assert not renew_lease(sessions, job_id, "host:1", lease_seconds=1)  # the first worker learns it lost the job
+    assert not settle_job(sessions, job_id, "host:1", state="done")  # ...and its late outcome is not written
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert (job.state, job.worker, job.attempts) == ("running", "host:2", 2)
+    assert settle_job(sessions, job_id, "host:2", state="done")
+    with sessions() as session:
+        assert session.get(Job, job_id).state == "done"
