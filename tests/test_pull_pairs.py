@@ -14,6 +14,7 @@ from pathlib import Path
 import pydicom
 import pytest
 import requests
+from pydicom.uid import JPEGLSLossless
 
 from dicom_node.local_stack import OrthancServer, free_port
 from synthesis.errors import PacsUnavailable
@@ -30,6 +31,10 @@ def hospital(tmp_path_factory):
     """The files as the hospital made them, and a PACS (Orthanc with DICOMweb) holding them."""
     source = tmp_path_factory.mktemp("hospital")
     _pair(source / "same-frame", 0, "PULLPAT0")
+    for path in (source / "same-frame" / "mr").glob("*.dcm"):  # stored compressed, as many PACS keep MR
+        ds = pydicom.dcmread(path)
+        ds.compress(JPEGLSLossless)
+        ds.save_as(path)
     mr_frame, ct_frame, ct_to_mr = _pair_in_two_frames(source / "two-frames", 1, "PULLPAT1")
     study = str(pydicom.dcmread(next((source / "two-frames" / "mr").glob("*.dcm"))).StudyInstanceUID)
     reg_uid = _registration(source / "two-frames" / "reg.dcm", mr_frame, ct_frame, ct_to_mr, "PULLPAT1", study)
@@ -64,6 +69,9 @@ def test_pull_pairs_fetches_whole_pairs_that_evaluate_scores_as_the_files_on_dis
     assert not any(pid in name for name in names for pid in PATIENT_IDS)  # folders named by salted hash and UID
     assert sum(1 for p in out.rglob("*.dcm")) == 4 + 4 + 4 + 4 + 1
     assert not (tmp_path / ".pairs.partial").exists()
+    compressed_mr = str(pydicom.dcmread(next((source / "same-frame" / "mr").glob("*.dcm"))).SeriesInstanceUID)
+    syntaxes = {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in out.glob(f"*/{compressed_mr}/*.dcm")}
+    assert syntaxes == {JPEGLSLossless}  # fetched as the PACS stores it, not transcoded on the way
 
     pulled, on_disk = _evaluate_json(out), _evaluate_json(source)
     assert len(pulled["pairs"]) == 2 and [p["registration"] for p in pulled["pairs"]].count(reg_uid) == 1

@@ -20,6 +20,7 @@ import re
 import secrets
 import shutil
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from typing import Any
 import numpy as np
 import requests
 from dicomweb_client.api import DICOMwebClient
+from pydicom import Dataset
 from tqdm import tqdm
 
 from synthesis.errors import PacsUnavailable
@@ -36,6 +38,9 @@ from synthesis.volume import assemble
 
 log = logging.getLogger(__name__)
 
+# WADO-RS asks for the instances as the PACS stores them (PS3.18 transfer-syntax=*): the PACS does not
+# transcode, compressed data stays compressed on the wire and on disk, decoded here only when read.
+STORED_SYNTAX = (("application/dicom", "*"),)
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,24 @@ def _pacs_error(url: str, exc: Exception) -> PacsUnavailable:
     if isinstance(exc, (requests.ConnectionError, requests.Timeout, OSError)):
         return PacsUnavailable(f"DICOMweb server {url} is not reachable: {type(exc).__name__}")
     return PacsUnavailable(f"DICOMweb server {url}: the request failed: {type(exc).__name__}: {str(exc)[:200]}")
+
+
+def _instances(client: DICOMwebClient, study_uid: str, series_uid: str) -> Iterator[Dataset]:
+    """A series' instances, one at a time, in the syntax the PACS stores them; a PACS that answers
+    406 Not Acceptable to transfer-syntax=* is asked again for its default (explicit VR little
+    endian, transcoded there)."""
+    instances = client.iter_series(study_uid, series_uid, media_types=STORED_SYNTAX)
+    try:
+        first = next(instances, None)
+    except requests.HTTPError as exc:
+        if getattr(exc.response, "status_code", None) != 406:
+            raise
+        log.warning("the PACS does not serve stored transfer syntaxes (406 to transfer-syntax=*): asking for explicit VR little endian")
+        instances = client.iter_series(study_uid, series_uid)
+        first = next(instances, None)
+    if first is not None:
+        yield first
+        yield from instances
 
 
 def _search_series(client: DICOMwebClient, url: str, search: dict[str, Any]) -> list[dict[str, Any]]:
@@ -187,7 +210,7 @@ def pull(
             counts["skipped"] += 1
             continue
         try:
-            datasets = client.retrieve_series(study_uid, series_uid)
+            datasets = list(_instances(client, study_uid, series_uid))
         except Exception as exc:
             raise _pacs_error(url, exc) from exc
         source = assemble(list(datasets))
@@ -297,7 +320,7 @@ def pull_pairs(
             shutil.rmtree(partial)
         partial.mkdir(parents=True)
         try:  # instance by instance to disk: a long CT series is never held in memory whole
-            for n, ds in enumerate(client.iter_series(study_uid, series_uid)):
+            for n, ds in enumerate(_instances(client, study_uid, series_uid)):
                 ds.save_as(partial / f"{n:05d}.dcm", enforce_file_format=True)
         except requests.RequestException as exc:
             raise _pacs_error(url, exc) from exc
