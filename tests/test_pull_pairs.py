@@ -121,3 +121,48 @@ def test_pull_pairs_command_filters_and_says_what_is_wrong(hospital, tmp_path):
     assert wrong.returncode == 1 and "401" in wrong.stderr
     with pytest.raises(PacsUnavailable, match="not reachable"):
         pull_pairs(f"http://127.0.0.1:{free_port()}/dicom-web", tmp_path / "x", PairsFilter(), timeout=5)
+
+
+def test_a_pacs_that_refuses_stored_transfer_syntaxes_is_asked_for_its_default(hospital, tmp_path):
+    """Not every DICOMweb server takes transfer-syntax=* (PS3.18): one that answers 406 Not
+    Acceptable to it gets the request again without it, and the series still comes (transcoded
+    there). The PACS here is Orthanc behind a loopback proxy that refuses such requests."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    orthanc, source, _ = hospital
+    refused: list[str] = []
+
+    class RefusingStoredSyntax(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            accept = self.headers.get("Accept", "")
+            if "transfer-syntax=*" in accept:
+                refused.append(self.path)
+                self.send_response(406)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            upstream = requests.get(f"{orthanc.url}{self.path}", headers={"Accept": accept}, auth=orthanc.auth, timeout=30)
+            self.send_response(upstream.status_code)
+            self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/octet-stream"))
+            self.send_header("Content-Length", str(len(upstream.content)))
+            self.end_headers()
+            self.wfile.write(upstream.content)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), RefusingStoredSyntax)
+    serving = threading.Thread(target=proxy.serve_forever, daemon=True)
+    serving.start()
+    try:
+        out = tmp_path / "pairs"
+        counts = pull_pairs(f"http://127.0.0.1:{proxy.server_address[1]}/dicom-web", out, PairsFilter())
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+    assert counts["fetched"] == counts["found"] == 5 and len(refused) == 5  # each series asked twice, fetched once
+    compressed_mr = str(pydicom.dcmread(next((source / "same-frame" / "mr").glob("*.dcm"))).SeriesInstanceUID)
+    syntaxes = {str(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID) for p in out.glob(f"*/{compressed_mr}/*.dcm")}
+    assert syntaxes == {"1.2.840.10008.1.2.1"}  # the JPEG-LS MR came as the PACS's default: explicit VR little endian
+    assert sum(1 for _ in out.rglob("*.dcm")) == 4 + 4 + 4 + 4 + 1

@@ -85,8 +85,8 @@ def _instances(client: DICOMwebClient, study_uid: str, series_uid: str) -> Itera
     """A series' instances, one at a time, in the syntax the PACS stores them; a PACS that answers
     406 Not Acceptable to transfer-syntax=* is asked again for its default (explicit VR little
     endian, transcoded there)."""
-    instances = client.iter_series(study_uid, series_uid, media_types=STORED_SYNTAX)
-    try:
+    try:  # (dicomweb-client sends the request when iter_series is called, not at the first item)
+        instances = client.iter_series(study_uid, series_uid, media_types=STORED_SYNTAX)
         first = next(instances, None)
     except requests.HTTPError as exc:
         if getattr(exc.response, "status_code", None) != 406:
