@@ -173,7 +173,7 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
     with sessions() as session:
         due = session.execute(
             select(Instance.sop_instance_uid, Instance.path, Instance.forward_attempts, Instance.sop_class_uid, Instance.transfer_syntax_uid,
-                   Instance.forward_refusals)
+                   Instance.forward_refusals, Instance.received_at)
             .where(Instance.forwarded_at.is_(None), Instance.forward_next_at <= now)
             .order_by(Instance.received_at)
             .limit(limit)
@@ -212,7 +212,7 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
     forwarded = failed = 0
     try:
         with destination.session(contexts) as send:
-            for sop_uid, path, attempts, sop_class, transfer_syntax, refusals in due:
+            for sop_uid, path, attempts, sop_class, transfer_syntax, refusals, received_at in due:
                 try:
                     send(Path(path), sop_class, transfer_syntax)
                 except InstanceNotTaken as exc:
@@ -224,11 +224,16 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
                     failed_one(sop_uid, attempts, exc)
                     break  # the destination is likely down: wait for the backoff instead of hammering it
                 with sessions.begin() as session:
-                    session.execute(
-                        update(Instance).where(Instance.sop_instance_uid == sop_uid).values(
+                    # Re-sent while this pass sent the copy before it (received_at moved on): not marked
+                    # routed, so the next pass sends the copy the spool holds now.
+                    routed = session.execute(
+                        update(Instance).where(Instance.sop_instance_uid == sop_uid, Instance.received_at == received_at).values(
                             forwarded_at=utcnow(), forward_attempts=attempts + 1, forward_error=None
                         )
-                    )
+                    ).rowcount
+                if not routed:
+                    log.info("routed sop=%s, but it was received again meanwhile: the new copy goes at the next pass", sop_uid)
+                    continue
                 forwarded += 1
     except RoutingDown as exc:  # no association at all: the first due instance carries the error and backs off
         failed += 1

@@ -1,4 +1,5 @@
-"""Routing passes against a destination that hangs: what an administrator's retry does meanwhile."""
+"""Routing passes while something else happens: an administrator's retry while a pass fails
+against a destination that hangs; a re-send of an instance while a pass sends it."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import pydicom
+from pynetdicom import AE, evt
+
 from dicom_node.db import init_db
 from dicom_node.forwarder import CStoreDestination, forward_pending, reschedule_failed
 from dicom_node.ingest import ReceivedInstance
 from dicom_node.models import Instance, utcnow
 from dicom_node.recorder import Recorder, SpooledInstance
+from training.phantom_dicom import write_mr_series
 
 MR = "1.2.840.10008.5.1.4.1.1.4"
 SOP = "1.2.3.4.1"
@@ -77,3 +82,61 @@ def test_a_retry_asked_while_a_pass_fails_is_not_overwritten_by_that_failure(tmp
     with sessions() as session:
         row = session.get(Instance, SOP)
     assert row.forward_attempts == 7 and _utc(row.forward_next_at) > utcnow() + timedelta(seconds=50)
+
+
+def _record(sessions, path: Path) -> None:
+    """What the SCP does after it spooled ``path``: the instance's row, through the recorder."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    info = ReceivedInstance(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "MR",
+                            "T1", "axial", "patient")
+    recorder = Recorder(sessions, window_seconds=0.05)
+    try:
+        recorder.submit(SpooledInstance(info, path, path.stat().st_size, str(ds.file_meta.TransferSyntaxUID), "SCANNER", None, utcnow()))
+        assert recorder.flush(timeout=30)
+    finally:
+        recorder.stop()
+
+
+def test_an_instance_received_again_while_a_pass_sends_it_is_sent_again(tmp_path: Path) -> None:
+    """The scanner re-sends an instance (a corrected copy, say) while the node is routing the copy
+    it had: that pass must not mark the instance routed, or the destination keeps the old copy."""
+    series = write_mr_series(tmp_path / "mr", seed=5, slices=1, size=32, pixel_spacing=8.0)
+    path = Path(series.files[0])
+    ds = pydicom.dcmread(path, stop_before_pixels=True)
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    _record(sessions, path)
+
+    arrived, answer = threading.Event(), threading.Event()
+    stored: list[str] = []
+
+    def on_store(event) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        arrived.set()
+        answer.wait(20)  # the first copy is on its way until the test lets it land
+        return 0x0000
+
+    ae = AE("DEST")
+    ae.add_supported_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        destination = CStoreDestination(f"DEST@127.0.0.1:{port}", "MR2CT", timeout=10)
+        result: list[tuple[int, int]] = []
+        forwarding = threading.Thread(target=lambda: result.append(forward_pending(sessions, destination)))
+        forwarding.start()
+        assert arrived.wait(20)
+        _record(sessions, path)  # received again while the pass waits for the destination's answer
+        answer.set()
+        forwarding.join(timeout=30)
+        assert result == [(0, 0)]  # sent, but not counted as routed
+        with sessions() as session:
+            assert session.get(Instance, str(ds.SOPInstanceUID)).forwarded_at is None
+        assert forward_pending(sessions, destination) == (1, 0)  # the copy received last
+        with sessions() as session:
+            assert session.get(Instance, str(ds.SOPInstanceUID)).forwarded_at is not None
+        assert stored == [str(ds.SOPInstanceUID)] * 2
+    finally:
+        answer.set()
+        server.shutdown()
