@@ -26,13 +26,13 @@ def _queued_job(tmp_path: Path) -> tuple[sessionmaker[Session], int]:
 
 def test_a_job_longer_than_its_lease_is_not_claimed_twice_and_a_lost_lease_writes_nothing(tmp_path: Path) -> None:
     sessions, job_id = _queued_job(tmp_path)
-    assert claim_job(sessions, "host:1", lease_seconds=1) == job_id
-    with held_lease(sessions, job_id, "host:1", lease_seconds=1):
-        time.sleep(2.5)  # two and a half leases: renewed all along
+    assert claim_job(sessions, "host:1", lease_seconds=2) == job_id
+    with held_lease(sessions, job_id, "host:1", lease_seconds=2):
+        time.sleep(5)  # two and a half leases: renewed every half second all along
         assert claim_job(sessions, "host:2", lease_seconds=60) is None
-    time.sleep(1.5)  # no longer renewed (the worker hung): the lease runs out
+    time.sleep(2.5)  # no longer renewed (the worker hung): the lease runs out
     assert claim_job(sessions, "host:2", lease_seconds=60) == job_id
-    assert not renew_lease(sessions, job_id, "host:1", lease_seconds=1)  # the first worker learns it lost the job
+    assert not renew_lease(sessions, job_id, "host:1", lease_seconds=2)  # the first worker learns it lost the job
     assert not settle_job(sessions, job_id, "host:1", state="done")  # ...and its late outcome is not written
     with sessions() as session:
         job = session.get(Job, job_id)
