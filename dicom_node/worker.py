@@ -10,8 +10,8 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from sqlalchemy import or_, select, update
@@ -95,7 +95,7 @@ def held_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, lea
         while not stop.wait(lease_seconds / 4):
             try:
                 if not renew_lease(sessions, job_id, worker_id, lease_seconds):
-                    log.warning("job lease lost job=%d: another worker holds it now", job_id)
+                    log.warning("job lease lost job=%d: the job is no longer this worker's (its lease ran out)", job_id)
                     return
             except Exception:  # the database away for a moment: try again at the next beat
                 log.exception("cannot renew the lease of job=%d", job_id)
