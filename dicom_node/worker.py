@@ -22,7 +22,7 @@ from dicom_node.ingest import SelectionRules, mark_stable, stable_series
 from dicom_node.models import Instance, Job, Series, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.ct_writer import SyntheticCTSeries
-from synthesis.errors import Mr2ctError, PacsUnavailable, StorageIncomplete
+from synthesis.errors import Mr2ctError, PacsUnavailable, StorageIncomplete, Stopped
 from synthesis.infer import DeviceChoice, synthesize
 from synthesis.model_file import LoadedModel
 from synthesis.sr_writer import build_provenance_sr
@@ -31,6 +31,7 @@ from synthesis.volume import assemble
 log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 600  # renewed every quarter of it while the job runs (held_lease): only a dead worker's job runs out
+CHECK_SECONDS = 1.0  # how often a running job looks whether it is still its worker's (a cancel stops it within this)
 MAX_ATTEMPTS = 8  # a job that cannot reach Orthanc is retried with backoff this many times
 
 
@@ -78,6 +79,11 @@ def renew_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, le
             update(Job).where(_held_by(job_id, worker_id)).values(lease_until=utcnow() + timedelta(seconds=lease_seconds))).rowcount)
 
 
+def still_held(sessions: sessionmaker[Session], job_id: int, worker_id: str) -> bool:
+    with sessions() as session:
+        return session.scalar(select(Job.id).where(_held_by(job_id, worker_id))) is not None
+
+
 def settle_job(sessions: sessionmaker[Session], job_id: int, worker_id: str, **values: Any) -> bool:
     """Write a job's outcome (done, failed, queued again) if the job is still this worker's; a
     worker that lost its lease leaves the job to the one that took it over. Returns whether written."""
@@ -86,27 +92,37 @@ def settle_job(sessions: sessionmaker[Session], job_id: int, worker_id: str, **v
 
 
 @contextmanager
-def held_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, lease_seconds: float = LEASE_SECONDS) -> Iterator[None]:
-    """Renew the job's lease every quarter of it while the block runs, so a job that takes longer
-    than one lease (a long series on a CPU) is not claimed and run a second time by another worker."""
-    stop = threading.Event()
+def held_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, lease_seconds: float = LEASE_SECONDS,
+               check_seconds: float = CHECK_SECONDS) -> Iterator[threading.Event]:
+    """While the block runs: look every ``check_seconds`` whether the job is still this worker's
+    and renew its lease every quarter of it, so a job longer than one lease (a long series on a
+    CPU) is not claimed and run a second time by another worker. The event it yields is set once
+    the job is no longer this worker's: cancelled by an administrator, or its lease ran out."""
+    stop, lost = threading.Event(), threading.Event()
 
-    def renew() -> None:
-        while not stop.wait(lease_seconds / 4):
+    def beat() -> None:
+        renewed = time.monotonic()
+        while not stop.wait(min(check_seconds, lease_seconds / 4)):
             try:
-                if not renew_lease(sessions, job_id, worker_id, lease_seconds):
-                    log.warning("job lease lost job=%d: the job is no longer this worker's (its lease ran out)", job_id)
-                    return
+                if time.monotonic() - renewed >= lease_seconds / 4:
+                    held, renewed = renew_lease(sessions, job_id, worker_id, lease_seconds), time.monotonic()
+                else:
+                    held = still_held(sessions, job_id, worker_id)
             except Exception:  # the database away for a moment: try again at the next beat
-                log.exception("cannot renew the lease of job=%d", job_id)
+                log.exception("cannot check the lease of job=%d", job_id)
+                continue
+            if not held:
+                log.warning("job=%d is no longer this worker's (cancelled, or its lease ran out)", job_id)
+                lost.set()
+                return
 
-    beat = threading.Thread(target=renew, name=f"lease-{job_id}", daemon=True)
-    beat.start()
+    thread = threading.Thread(target=beat, name=f"lease-{job_id}", daemon=True)
+    thread.start()
     try:
-        yield
+        yield lost
     finally:
         stop.set()
-        beat.join()
+        thread.join()
 
 
 class Worker:
@@ -153,17 +169,17 @@ class Worker:
     def run_job(self, job_id: int) -> None:
         """Run a claimed job, its lease renewed meanwhile; the outcome is written only while the job
         is still this worker's."""
-        with held_lease(self.sessions, job_id, self.worker_id, self.lease_seconds):
-            self._run_job(job_id)
+        with held_lease(self.sessions, job_id, self.worker_id, self.lease_seconds) as lost:
+            self._run_job(job_id, lost)
 
     def _settle(self, job_id: int, **values: Any) -> bool:
         if settle_job(self.sessions, job_id, self.worker_id, **values):
             return True
-        log.warning("job outcome not recorded job=%d: the job is no longer this worker's (lease lost); the worker holding it records it",
-                    job_id)
+        log.warning("job outcome not recorded job=%d: the job is no longer this worker's (cancelled, or its lease ran out and "
+                    "another worker holds it)", job_id)
         return False
 
-    def _run_job(self, job_id: int) -> None:
+    def _run_job(self, job_id: int, lost: threading.Event) -> None:
         started = time.perf_counter()
         try:
             self.refresh_model()
@@ -183,16 +199,22 @@ class Worker:
             datasets = [pydicom.dcmread(p) for p in paths]
             source = assemble(datasets)
             hu = synthesize(source.volume.voxels, source.volume.pixel_spacing, self.model, self.device.device, self.batch_size, self.precision,
-                            compile=self.torch_compile)
+                            compile=self.torch_compile, should_stop=lost.is_set)
             ct = SyntheticCTSeries(source=source, hu=hu, model=self.model, uid_root=self.uid_root, device_label=self.device.label)
             sr = build_provenance_sr(
                 ct=ct, mr_headers=source.headers, uid_root=self.uid_root,
                 processing_seconds=time.perf_counter() - started, device_label=self.device.label,
             )
+            if lost.is_set():  # the last moment to stop with nothing stored; once storing begins, the series goes whole
+                raise Stopped("stopped before storing")
             self.store.store(ct.encoded(i) for i in range(len(ct)))  # encoded lazily, one at a time
             self.store.store([sr])
             self.store.verify(ct.series_instance_uid, len(ct))
             self.store.verify(str(sr.SeriesInstanceUID), 1)
+        except Stopped as exc:
+            log.info("job stopped job=%d series=%s: no longer this worker's (cancelled, or its lease ran out), %s; nothing stored",
+                     job_id, series_uid, exc)
+            return
         except (PacsUnavailable, StorageIncomplete) as exc:
             with self.sessions() as session:
                 attempts = session.get(Job, job_id).attempts  # type: ignore[union-attr]
@@ -216,16 +238,16 @@ class Worker:
             self._fail(job_id, actor, study_uid, series_uid, reason)
             return
         seconds = time.perf_counter() - started
+        audit.record(  # what went into Orthanc, whatever becomes of the job's row
+            self.sessions, audit.INSTANCES_TRANSFERRED, "success", actor, study_uid=study_uid, series_uid=ct.series_instance_uid,
+            job_id=job_id, destination=self.store.url, instances=len(ct) + 1, sr_series_uid=str(sr.SeriesInstanceUID),
+        )
         if not self._settle(
             job_id, state="done", finished_at=utcnow(), lease_until=None, error=None, not_before=None, ct_series_uid=ct.series_instance_uid,
             sr_series_uid=str(sr.SeriesInstanceUID), sr_sop_instance_uid=str(sr.SOPInstanceUID),
             model_sha256=self.model.sha256, device=self.device.label, seconds=seconds, instance_count=len(datasets),
         ):
             return
-        audit.record(
-            self.sessions, audit.INSTANCES_TRANSFERRED, "success", actor, study_uid=study_uid, series_uid=ct.series_instance_uid,
-            job_id=job_id, destination=self.store.url, instances=len(ct) + 1, sr_series_uid=str(sr.SeriesInstanceUID),
-        )
         audit.record(
             self.sessions, audit.JOB_FINISHED, "success", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id,
             ct_series_uid=ct.series_instance_uid, sr_series_uid=str(sr.SeriesInstanceUID), seconds=round(seconds, 2),

@@ -27,3 +27,7 @@ class PacsUnavailable(Mr2ctError):
 
 class StorageIncomplete(Mr2ctError):
     """Orthanc does not hold every instance that was stored into it."""
+
+
+class Stopped(Mr2ctError):
+    """Work stopped on request: a job cancelled while it ran (or no longer this worker's)."""

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from synthesis.errors import Stopped
 from synthesis.model_file import TEST_TIME_AUGMENTATIONS, LoadedModel
 from synthesis.networks import low_precision_copy, size_multiple
 from synthesis.normalize import mr_to_unit, n4_correct, unit_to_hu
@@ -242,12 +243,14 @@ def synthesize(
     precision: str = "auto",
     compile: bool = False,
     augment: str | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> np.ndarray:
     """MR volume (slices, rows, cols) -> sCT volume in HU, same shape, float32.
 
     ``compile``: run the generator through ``torch.compile`` (worth it for a long-running node;
     each new grid size compiles once, tens of seconds on a CPU). ``augment``: the test-time
-    augmentation (``TEST_TIME_AUGMENTATIONS``); None: the model card's.
+    augmentation (``TEST_TIME_AUGMENTATIONS``); None: the model card's. ``should_stop``: asked
+    before each batch; when it says yes, ``Stopped`` is raised (a job cancelled while it runs).
     """
     if voxels.ndim != 3:
         raise ValueError(f"voxels must be (slices, rows, columns), got shape {voxels.shape}")
@@ -274,6 +277,8 @@ def synthesize(
     out = np.empty_like(unit)
     started = time.perf_counter()
     for start in range(0, slices, batch_size):
+        if should_stop is not None and should_stop():
+            raise Stopped(f"stopped after {start} of {slices} slices")
         batch = torch.from_numpy(unit[start : start + batch_size, None]).to(device)
         x = to_grid(batch, grid)
         if pad_r or pad_c:

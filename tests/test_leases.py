@@ -40,3 +40,17 @@ def test_a_job_longer_than_its_lease_is_not_claimed_twice_and_a_lost_lease_write
     assert settle_job(sessions, job_id, "host:2", state="done")
     with sessions() as session:
         assert session.get(Job, job_id).state == "done"
+
+
+def test_a_job_cancelled_while_it_runs_tells_its_worker_within_about_a_second(tmp_path: Path) -> None:
+    sessions, job_id = _queued_job(tmp_path)
+    assert claim_job(sessions, "host:1") == job_id
+    with held_lease(sessions, job_id, "host:1", check_seconds=0.2) as lost:
+        time.sleep(0.5)
+        assert not lost.is_set()
+        with sessions.begin() as session:  # what POST /jobs/{id}/cancel does to a running job
+            session.get(Job, job_id).state = "cancelled"
+        assert lost.wait(timeout=5)
+    assert not settle_job(sessions, job_id, "host:1", state="done")
+    with sessions() as session:
+        assert session.get(Job, job_id).state == "cancelled"

@@ -407,3 +407,37 @@ def test_a_series_that_cannot_make_a_volume_fails_its_job_with_the_reason(node_f
         failed = session.scalars(select(AuditEvent).where(AuditEvent.action == "job-failed", AuditEvent.job_id == job.id)).one()
     assert "share one position" in failed.detail["reason"]
     assert echoscu(node.port, NODE_AE, SCANNER_AE).returncode == 0  # nothing else stops
+
+
+def test_a_running_job_cancelled_by_the_administrator_stops_with_nothing_stored(node_factory, orthanc, tmp_path):
+    """A series sent by mistake is already being synthesized: the administrator cancels its job,
+    the worker stops within about a second with nothing in Orthanc, and goes on with the next."""
+    node = node_factory(test_time_augmentation="model")  # the card's 32 views: a job of several seconds here
+    mistaken = write_mr_series(tmp_path / "mistaken", seed=232, slices=32, size=256, pixel_spacing=1.0, slice_spacing=4.0)
+    assert storescu(mistaken.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    sessions = init_db(node.database_url)
+    deadline = time.monotonic() + 60
+    job = None
+    while time.monotonic() < deadline and job is None:
+        with sessions() as session:
+            job = session.scalars(select(Job).where(Job.series_instance_uid == mistaken.series_uid, Job.state == "running")).first()
+        time.sleep(0.1)
+    assert job is not None, "the job never ran"
+    base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
+    admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'pacs-admin')}"}
+    answer = httpx.post(f"{base}/jobs/{job.id}/cancel", headers=admin)
+    assert answer.status_code == 200 and answer.json() == {"job_id": job.id, "state": "cancelled", "was_running": True}
+
+    following = _small(tmp_path, "following", 233)
+    assert storescu(following.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    assert wait_for_job(node.database_url, following.series_uid, timeout=120).state == "done"  # the worker went on
+    with sessions() as session:
+        cancelled = session.get(Job, job.id)
+        transferred = session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-instances-transferred")).all()
+    assert cancelled.state == "cancelled" and cancelled.ct_series_uid is None and "while it ran" in cancelled.error
+    assert all(event.detail.get("job_id") != job.id for event in transferred)
+    lookup = httpx.post(f"{orthanc.url}/tools/lookup", content=mistaken.study_uid, auth=orthanc.auth, timeout=30).json()
+    assert lookup == []  # no sCT, no SR: Orthanc has never heard of the study
+    assert "job stopped job=%d" % job.id in node.log_path.read_text()
+    again = httpx.post(f"{base}/jobs/{job.id}/cancel", headers=admin)
+    assert again.status_code == 409 and "is cancelled" in again.json()["detail"]

@@ -189,16 +189,21 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
 
     @app.post("/jobs/{job_id}/cancel")
     def cancel(job_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
+        """A queued job is not run; a running one stops within about a second (its worker looks
+        every CHECK_SECONDS) with nothing stored, unless it was already storing its sCT, which then
+        goes into Orthanc whole (audited as transferred) and the job stays cancelled."""
         with sessions.begin() as session:
             job = session.get(Job, job_id)
             if job is None:
                 raise HTTPException(404, f"no job {job_id}")
-            if job.state != "queued":
-                raise HTTPException(409, f"job {job_id} is {job.state}; only queued jobs can be cancelled")
-            job.state, job.finished_at, job.error = "cancelled", utcnow(), f"cancelled by {caller.actor}"
+            if job.state not in ("queued", "running"):
+                raise HTTPException(409, f"job {job_id} is {job.state}; only queued or running jobs can be cancelled")
+            was_running = job.state == "running"
+            job.state, job.finished_at, job.lease_until = "cancelled", utcnow(), None
+            job.error = f"cancelled by {caller.actor}" + (" while it ran" if was_running else "")
             series_uid = job.series_instance_uid
-        audit.record(sessions, "job-cancelled", "success", caller.actor, series_uid=series_uid, job_id=job_id)
-        return {"job_id": job_id, "state": "cancelled"}
+        audit.record(sessions, "job-cancelled", "success", caller.actor, series_uid=series_uid, job_id=job_id, was_running=was_running)
+        return {"job_id": job_id, "state": "cancelled", "was_running": was_running}
 
     @app.get("/series")
     def list_series(
