@@ -166,11 +166,12 @@ class Worker:
             self.model = self._as_configured(load_model(Path(active.weights_path)))
             log.info("model switched to sha256=%s name=%s", self.model.short_digest, active.name)
 
-    def run_job(self, job_id: int) -> None:
+    def run_job(self, job_id: int, shutdown: threading.Event | None = None) -> None:
         """Run a claimed job, its lease renewed meanwhile; the outcome is written only while the job
-        is still this worker's."""
+        is still this worker's. ``shutdown`` (the service stopping) stops it between batches and
+        puts it back in the queue at once, for this node's next start or another worker."""
         with held_lease(self.sessions, job_id, self.worker_id, self.lease_seconds) as lost:
-            self._run_job(job_id, lost)
+            self._run_job(job_id, lost, shutdown or threading.Event())
 
     def _settle(self, job_id: int, **values: Any) -> bool:
         if settle_job(self.sessions, job_id, self.worker_id, **values):
@@ -179,7 +180,7 @@ class Worker:
                     "another worker holds it)", job_id)
         return False
 
-    def _run_job(self, job_id: int, lost: threading.Event) -> None:
+    def _run_job(self, job_id: int, lost: threading.Event, shutdown: threading.Event) -> None:
         started = time.perf_counter()
         try:
             self.refresh_model()
@@ -195,25 +196,34 @@ class Worker:
         actor = f"worker {self.worker_id}"
         audit.record(self.sessions, audit.JOB_STARTED, "success", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, instances=len(paths))
         log.info("job started job=%d series=%s instances=%d", job_id, series_uid, len(paths))
+        def should_stop() -> bool:
+            return lost.is_set() or shutdown.is_set()
+
         try:
             datasets = [pydicom.dcmread(p) for p in paths]
             source = assemble(datasets)
             hu = synthesize(source.volume.voxels, source.volume.pixel_spacing, self.model, self.device.device, self.batch_size, self.precision,
-                            compile=self.torch_compile, should_stop=lost.is_set)
+                            compile=self.torch_compile, should_stop=should_stop)
             ct = SyntheticCTSeries(source=source, hu=hu, model=self.model, uid_root=self.uid_root, device_label=self.device.label)
             sr = build_provenance_sr(
                 ct=ct, mr_headers=source.headers, uid_root=self.uid_root,
                 processing_seconds=time.perf_counter() - started, device_label=self.device.label,
             )
-            if lost.is_set():  # the last moment to stop with nothing stored; once storing begins, the series goes whole
+            if should_stop():  # the last moment to stop with nothing stored; once storing begins, the series goes whole
                 raise Stopped("stopped before storing")
             self.store.store(ct.encoded(i) for i in range(len(ct)))  # encoded lazily, one at a time
             self.store.store([sr])
             self.store.verify(ct.series_instance_uid, len(ct))
             self.store.verify(str(sr.SeriesInstanceUID), 1)
         except Stopped as exc:
-            log.info("job stopped job=%d series=%s: no longer this worker's (cancelled, or its lease ran out), %s; nothing stored",
-                     job_id, series_uid, exc)
+            if lost.is_set():
+                log.info("job stopped job=%d series=%s: no longer this worker's (cancelled, or its lease ran out), %s; nothing stored",
+                         job_id, series_uid, exc)
+            elif self._settle(job_id, state="queued", lease_until=None, not_before=None,
+                              error=f"queued again: the worker stopped (shut down) while running it, {exc}"):
+                audit.record(self.sessions, "job-requeued", "warning", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id,
+                             reason="the worker was shut down while it ran")
+                log.info("job queued again job=%d series=%s: the worker is shutting down, %s; nothing stored", job_id, series_uid, exc)
             return
         except (PacsUnavailable, StorageIncomplete) as exc:
             with self.sessions() as session:
@@ -278,7 +288,7 @@ class Worker:
             if job_id is None:
                 wake.wait(poll_seconds)
                 continue
-            self.run_job(job_id)
+            self.run_job(job_id, stop)
 
 
 def complete_series(sessions: sessionmaker[Session], series_uid: str, stable_seconds: float, rules: SelectionRules, actor: str) -> None:

@@ -441,3 +441,33 @@ def test_a_running_job_cancelled_by_the_administrator_stops_with_nothing_stored(
     assert "job stopped job=%d" % job.id in node.log_path.read_text()
     again = httpx.post(f"{base}/jobs/{job.id}/cancel", headers=admin)
     assert again.status_code == 409 and "is cancelled" in again.json()["detail"]
+
+
+def test_a_node_stopped_while_a_job_runs_queues_it_again_and_the_next_start_finishes_it(node_factory, orthanc, tmp_path):
+    """A rolling restart: SIGTERM while a series is being synthesized stops the job between batches
+    with nothing stored and puts it back in the queue at once (not after its 10-minute lease), and
+    the restarted node runs that same job to the end."""
+    workdir = tmp_path / "restarting-node"
+    first = node_factory(workdir=workdir, test_time_augmentation="model")  # 32 views: a job of several seconds here
+    series = write_mr_series(tmp_path / "mr", seed=234, slices=32, size=256, pixel_spacing=1.0, slice_spacing=4.0)
+    assert storescu(series.folder, first.port, NODE_AE, SCANNER_AE).returncode == 0
+    sessions = init_db(first.database_url)
+    deadline = time.monotonic() + 60
+    job = None
+    while time.monotonic() < deadline and job is None:
+        with sessions() as session:
+            job = session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid, Job.state == "running")).first()
+        time.sleep(0.1)
+    assert job is not None, "the job never ran"
+    first.stop()
+    with sessions() as session:
+        requeued = session.get(Job, job.id)
+    assert requeued.state == "queued" and "shut down" in requeued.error and requeued.ct_series_uid is None
+    assert httpx.post(f"{orthanc.url}/tools/lookup", content=series.study_uid, auth=orthanc.auth, timeout=30).json() == []
+    assert f"job queued again job={job.id}" in first.log_path.read_text()
+
+    second = node_factory(workdir=workdir, port=first.port)
+    done = wait_for_job(second.database_url, series.series_uid, timeout=180)
+    assert done.id == job.id and done.state == "done" and done.error is None
+    with sessions() as session:
+        assert len(session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid)).all()) == 1
