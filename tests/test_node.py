@@ -409,20 +409,28 @@ def test_a_series_that_cannot_make_a_volume_fails_its_job_with_the_reason(node_f
     assert echoscu(node.port, NODE_AE, SCANNER_AE).returncode == 0  # nothing else stops
 
 
+def _long_job_running(node, tmp_path: Path, seed: int):
+    """Send a 32-slice 1 mm series to ``node`` (started with the card's 32 views: a job of several
+    seconds here) and return (series, job) once its job runs."""
+    series = write_mr_series(tmp_path / f"long{seed}", seed=seed, slices=32, size=256, pixel_spacing=1.0, slice_spacing=4.0)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    sessions = init_db(node.database_url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with sessions() as session:
+            job = session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid, Job.state == "running")).first()
+        if job is not None:
+            return series, job
+        time.sleep(0.1)
+    raise AssertionError("the job never ran")
+
+
 def test_a_running_job_cancelled_by_the_administrator_stops_with_nothing_stored(node_factory, orthanc, tmp_path):
     """A series sent by mistake is already being synthesized: the administrator cancels its job,
     the worker stops within about a second with nothing in Orthanc, and goes on with the next."""
-    node = node_factory(test_time_augmentation="model")  # the card's 32 views: a job of several seconds here
-    mistaken = write_mr_series(tmp_path / "mistaken", seed=232, slices=32, size=256, pixel_spacing=1.0, slice_spacing=4.0)
-    assert storescu(mistaken.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    node = node_factory(test_time_augmentation="model")
+    mistaken, job = _long_job_running(node, tmp_path, 232)
     sessions = init_db(node.database_url)
-    deadline = time.monotonic() + 60
-    job = None
-    while time.monotonic() < deadline and job is None:
-        with sessions() as session:
-            job = session.scalars(select(Job).where(Job.series_instance_uid == mistaken.series_uid, Job.state == "running")).first()
-        time.sleep(0.1)
-    assert job is not None, "the job never ran"
     base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
     admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'pacs-admin')}"}
     answer = httpx.post(f"{base}/jobs/{job.id}/cancel", headers=admin)
@@ -448,17 +456,9 @@ def test_a_node_stopped_while_a_job_runs_queues_it_again_and_the_next_start_fini
     with nothing stored and puts it back in the queue at once (not after its 10-minute lease), and
     the restarted node runs that same job to the end."""
     workdir = tmp_path / "restarting-node"
-    first = node_factory(workdir=workdir, test_time_augmentation="model")  # 32 views: a job of several seconds here
-    series = write_mr_series(tmp_path / "mr", seed=234, slices=32, size=256, pixel_spacing=1.0, slice_spacing=4.0)
-    assert storescu(series.folder, first.port, NODE_AE, SCANNER_AE).returncode == 0
+    first = node_factory(workdir=workdir, test_time_augmentation="model")
+    series, job = _long_job_running(first, tmp_path, 234)
     sessions = init_db(first.database_url)
-    deadline = time.monotonic() + 60
-    job = None
-    while time.monotonic() < deadline and job is None:
-        with sessions() as session:
-            job = session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid, Job.state == "running")).first()
-        time.sleep(0.1)
-    assert job is not None, "the job never ran"
     first.stop()
     with sessions() as session:
         requeued = session.get(Job, job.id)
