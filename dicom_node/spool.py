@@ -20,6 +20,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from synthesis.errors import InvalidInstance, Mr2ctError
 from synthesis.uids import is_valid_uid
 
+
 class SpoolFull(Mr2ctError):
     """The spool's disk has no room for the instance."""
 

@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as FastApiPath
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
-from sqlalchemy import Select, and_, case, func, select, text, update
+from sqlalchemy import Select, and_, case, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
