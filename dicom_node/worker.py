@@ -196,6 +196,7 @@ class Worker:
         actor = f"worker {self.worker_id}"
         audit.record(self.sessions, audit.JOB_STARTED, "success", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, instances=len(paths))
         log.info("job started job=%d series=%s instances=%d", job_id, series_uid, len(paths))
+
         def should_stop() -> bool:
             return lost.is_set() or shutdown.is_set()
 
