@@ -166,9 +166,11 @@ class CStoreDestination:
         return status
 
 
-def forward_pending(sessions: sessionmaker[Session], destination: Destination, limit: int = 200, max_refusals: int = 0) -> tuple[int, int]:
+def forward_pending(sessions: sessionmaker[Session], destination: Destination, limit: int = 200, max_refusals: int = 0,
+                    stop: threading.Event | None = None) -> tuple[int, int]:
     """One pass: forward due instances. Returns (forwarded, failed). An instance the destination
-    refuses ``max_refusals`` times (0: no limit) is given up until an administrator asks again."""
+    refuses ``max_refusals`` times (0: no limit) is given up until an administrator asks again.
+    ``stop`` (the node shutting down) ends the pass after the instance in flight; the rest stay due."""
     now = utcnow()
     with sessions() as session:
         due = session.execute(
@@ -213,6 +215,8 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
     try:
         with destination.session(contexts) as send:
             for sop_uid, path, attempts, sop_class, transfer_syntax, refusals, received_at in due:
+                if stop is not None and stop.is_set():
+                    break
                 try:
                     send(Path(path), sop_class, transfer_syntax)
                 except InstanceNotTaken as exc:
@@ -258,6 +262,6 @@ def forward_loop(sessions: sessionmaker[Session], destination: Destination, poll
                  max_refusals: int = 0) -> None:
     while not stop.wait(poll_seconds):
         try:
-            forward_pending(sessions, destination, max_refusals=max_refusals)
+            forward_pending(sessions, destination, max_refusals=max_refusals, stop=stop)
         except Exception:
             log.exception("forwarder pass failed")

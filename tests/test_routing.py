@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pydicom
 from pynetdicom import AE, evt
+from sqlalchemy import select
 
 from dicom_node.db import init_db
 from dicom_node.forwarder import CStoreDestination, forward_pending, reschedule_failed
@@ -97,6 +98,18 @@ def _record(sessions, path: Path) -> None:
         recorder.stop()
 
 
+def _destination(ds, on_store):
+    """A pynetdicom storage SCP on loopback taking ``ds``'s SOP class and syntax, its C-STOREs
+    answered by ``on_store``; returns the server (shut it down) and the node's destination for it."""
+    ae = AE("DEST")
+    ae.add_supported_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    return server, CStoreDestination(f"DEST@127.0.0.1:{port}", "MR2CT", timeout=10)
+
+
 def test_an_instance_received_again_while_a_pass_sends_it_is_sent_again(tmp_path: Path) -> None:
     """The scanner re-sends an instance (a corrected copy, say) while the node is routing the copy
     it had: that pass must not mark the instance routed, or the destination keeps the old copy."""
@@ -115,14 +128,8 @@ def test_an_instance_received_again_while_a_pass_sends_it_is_sent_again(tmp_path
         answer.wait(20)  # the first copy is on its way until the test lets it land
         return 0x0000
 
-    ae = AE("DEST")
-    ae.add_supported_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server, destination = _destination(ds, on_store)
     try:
-        destination = CStoreDestination(f"DEST@127.0.0.1:{port}", "MR2CT", timeout=10)
         result: list[tuple[int, int]] = []
         forwarding = threading.Thread(target=lambda: result.append(forward_pending(sessions, destination)))
         forwarding.start()
@@ -139,4 +146,33 @@ def test_an_instance_received_again_while_a_pass_sends_it_is_sent_again(tmp_path
         assert stored == [str(ds.SOPInstanceUID)] * 2
     finally:
         answer.set()
+        server.shutdown()
+
+
+def test_a_pass_ends_after_the_instance_in_flight_when_the_node_stops(tmp_path: Path) -> None:
+    """A node stopped (SIGTERM) in the middle of a routing backlog does not first send the rest of
+    the pass (up to 200 instances, over a slow link minutes): the pass ends after the instance in
+    flight, and what was not sent stays due for the next start."""
+    series = write_mr_series(tmp_path / "mr", seed=6, slices=5, size=32, pixel_spacing=8.0)
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    for path in series.files:
+        _record(sessions, Path(path))
+    ds = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+    stopping = threading.Event()
+    stored: list[str] = []
+
+    def on_store(event) -> int:
+        stored.append(str(event.request.AffectedSOPInstanceUID))
+        stopping.set()  # the node is told to stop while the first instance is on its way
+        return 0x0000
+
+    server, destination = _destination(ds, on_store)
+    try:
+        assert forward_pending(sessions, destination, stop=stopping) == (1, 0)
+        with sessions() as session:
+            waiting = session.scalars(select(Instance.sop_instance_uid).where(Instance.forwarded_at.is_(None))).all()
+        assert len(waiting) == 4 and stored[0] not in waiting
+        assert forward_pending(sessions, destination) == (4, 0)  # the next start sends the rest
+        assert sorted(stored) == sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in series.files)
+    finally:
         server.shutdown()
