@@ -85,14 +85,16 @@ def test_a_retry_asked_while_a_pass_fails_is_not_overwritten_by_that_failure(tmp
     assert row.forward_attempts == 7 and _utc(row.forward_next_at) > utcnow() + timedelta(seconds=50)
 
 
-def _record(sessions, path: Path) -> None:
-    """What the SCP does after it spooled ``path``: the instance's row, through the recorder."""
-    ds = pydicom.dcmread(path, stop_before_pixels=True)
-    info = ReceivedInstance(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), "MR",
-                            "T1", "axial", "patient")
+def _record(sessions, *paths: Path) -> None:
+    """What the SCP does after it spooled ``paths``: the instances' rows, through the recorder."""
     recorder = Recorder(sessions, window_seconds=0.05)
     try:
-        recorder.submit(SpooledInstance(info, path, path.stat().st_size, str(ds.file_meta.TransferSyntaxUID), "SCANNER", None, utcnow()))
+        for path in paths:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            info = ReceivedInstance(str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID),
+                                    "MR", "T1", "axial", "patient")
+            recorder.submit(SpooledInstance(info, path, path.stat().st_size, str(ds.file_meta.TransferSyntaxUID), "SCANNER", None,
+                                            utcnow()))
         assert recorder.flush(timeout=30)
     finally:
         recorder.stop()
@@ -155,8 +157,7 @@ def test_a_pass_ends_after_the_instance_in_flight_when_the_node_stops(tmp_path: 
     flight, and what was not sent stays due for the next start."""
     series = write_mr_series(tmp_path / "mr", seed=6, slices=5, size=32, pixel_spacing=8.0)
     sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    for path in series.files:
-        _record(sessions, Path(path))
+    _record(sessions, *(Path(path) for path in series.files))
     ds = pydicom.dcmread(series.files[0], stop_before_pixels=True)
     stopping = threading.Event()
     stored: list[str] = []

@@ -81,6 +81,13 @@ def _pacs_error(url: str, exc: Exception) -> PacsUnavailable:
     return PacsUnavailable(f"DICOMweb server {url}: the request failed: {type(exc).__name__}: {str(exc)[:200]}")
 
 
+def _series_uids(attrs: dict[str, Any]) -> tuple[str, str] | None:
+    """A QIDO series result's study and series UIDs, or None when either is not a valid DICOM UID
+    (the series is then left out: a pull-pairs folder is named after the series UID)."""
+    study_uid, series_uid = _value(attrs, "0020000D"), _value(attrs, "0020000E")
+    return (study_uid, series_uid) if is_valid_uid(study_uid) and is_valid_uid(series_uid) else None
+
+
 def _instances(client: DICOMwebClient, study_uid: str, series_uid: str) -> Iterator[Dataset]:
     """A series' instances, one at a time, in the syntax the PACS stores them; a PACS that answers
     406 Not Acceptable to transfer-syntax=* is asked again for its default (explicit VR little
@@ -201,11 +208,12 @@ def pull(
     counts = {"found": len(todo), "fetched": 0, "skipped": 0}
     bar = tqdm(todo, desc="pull", unit="series", file=sys.stderr, disable=None if progress is None else not progress)
     for flt, attrs in bar:
-        study_uid, series_uid = _value(attrs, "0020000D"), _value(attrs, "0020000E")
-        if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
+        uids = _series_uids(attrs)
+        if uids is None:
             log.warning("skipping a series with a malformed UID")
             counts["found"] -= 1
             continue
+        study_uid, series_uid = uids
         if series_uid in known:
             counts["skipped"] += 1
             continue
@@ -213,7 +221,7 @@ def pull(
             datasets = list(_instances(client, study_uid, series_uid))
         except Exception as exc:
             raise _pacs_error(url, exc) from exc
-        source = assemble(list(datasets))
+        source = assemble(datasets)
         first = source.headers[0]
         key = patient_key(str(first.get("PatientID", "")), str(first.get("IssuerOfPatientID", "")), cache.salt)
         if flt.modality == "MR":
@@ -254,9 +262,10 @@ class PairsFilter:
 def _synthetic(client: DICOMwebClient, url: str, attrs: dict[str, Any]) -> bool:
     """Whether a series says it is synthetic (Synthetic Data YES), read from its first instance's
     metadata (WADO-RS, no pixels): QIDO does not carry the attribute."""
-    study_uid, series_uid = _value(attrs, "0020000D"), _value(attrs, "0020000E")
-    if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
+    uids = _series_uids(attrs)
+    if uids is None:
         return False  # refused later, with the reason
+    study_uid, series_uid = uids
     try:
         first = client.search_for_instances(study_uid, series_uid, limit=1, fields=["SOPInstanceUID"])
         if not first:
@@ -306,11 +315,12 @@ def pull_pairs(
     counts = {"patients": len(keyed), "found": len(todo), "fetched": 0, "skipped": 0}
     bar = tqdm(todo, desc="pull pairs", unit="series", file=sys.stderr, disable=None if progress is None else not progress)
     for key, attrs in bar:
-        study_uid, series_uid = _value(attrs, "0020000D"), _value(attrs, "0020000E")
-        if not (is_valid_uid(study_uid) and is_valid_uid(series_uid)):
+        uids = _series_uids(attrs)
+        if uids is None:
             log.warning("skipping a series with a malformed UID")
             counts["found"] -= 1
             continue
+        study_uid, series_uid = uids
         target = out_dir / key / series_uid
         if target.is_dir():
             counts["skipped"] += 1

@@ -89,8 +89,8 @@ def registrations(ds: pydicom.Dataset) -> dict[tuple[str, str], np.ndarray]:
 def find_pairs(folder: Path) -> Found:
     """Every MR series in ``folder`` (searched recursively, hidden files and folders left out)
     with a CT series of the same patient in its Frame of Reference, or in a frame a Spatial
-    Registration (REG) in the folder relates to its own. A CT in the MR's own frame comes first; among several, the one with the most
-    instances is taken (the others are named in ``skipped``)."""
+    Registration (REG) in the folder relates to its own. A CT in the MR's own frame comes first;
+    among several, the one with the most instances is taken (the others are named in ``skipped``)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"no such folder: {folder}")
