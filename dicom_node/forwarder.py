@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from pydicom import dcmread
-from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
+                         JPEGLSLossless, RLELossless, UID)
 from pynetdicom import AE, evt
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -28,7 +29,30 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 300.0
 MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8)
+# Contexts a pass may propose per (SOP class, syntax) of its instances: its own, a plain little
+# endian twin for compressed data, and one for the lossless syntaxes encoded here.
+CONTEXTS_PER_KIND = 3
 UNCOMPRESSED_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+def _can_encode(syntax: UID) -> bool:
+    from pydicom.pixels import get_encoder
+
+    try:
+        return bool(get_encoder(syntax).is_available)
+    except Exception:  # no encoder in this pydicom at all
+        return False
+
+
+# Lossless syntaxes pydicom encodes with this node's plugins (pyjpegls, pylibjpeg-openjpeg,
+# pydicom's own RLE), in the node's order of preference: offered to a destination that keeps only
+# compressed data, so that an instance it takes neither as received nor uncompressed can still go,
+# re-encoded without loss. Never a lossy syntax: routing must not lose what the scanner sent.
+LOSSLESS_REENCODE = tuple(ts for ts in (JPEGLSLossless, JPEG2000Lossless, RLELossless) if _can_encode(ts))
+
+
+def _reencode_names() -> str:
+    return ", ".join(ts.name for ts in LOSSLESS_REENCODE) or "none: no encoder installed"
 # C-STORE statuses that mean the instance was stored: success and the three warnings.
 STORED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
 
@@ -76,7 +100,9 @@ class CStoreDestination:
     transfer syntax in the pass. An instance goes in the syntax it came in when the peer takes it;
     otherwise uncompressed little endian data goes in the other uncompressed little endian syntax,
     and compressed, deflated or big endian data is decoded here and goes as explicit VR little
-    endian (a context offered for that)."""
+    endian (a context offered for that). A peer that takes neither (an archive that keeps only
+    compressed data) gets it re-encoded here in a lossless syntax it accepted (``LOSSLESS_REENCODE``,
+    one more context per SOP class)."""
 
     def __init__(
         self, spec: str, calling_ae: str, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None, poll_seconds: float = 0.0002,
@@ -92,7 +118,7 @@ class CStoreDestination:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         ae.connection_timeout = self.timeout
         fallback = set()
-        for sop_class, transfer_syntax in sorted(contexts):  # at most MAX_CONTEXTS // 2 (forward_pending): each may need a twin
+        for sop_class, transfer_syntax in sorted(contexts):  # at most MAX_CONTEXTS // CONTEXTS_PER_KIND (forward_pending)
             if transfer_syntax in UNCOMPRESSED_LITTLE_ENDIAN:
                 ae.add_requested_context(sop_class, [transfer_syntax, *(ts for ts in UNCOMPRESSED_LITTLE_ENDIAN if ts != transfer_syntax)])
             else:  # compressed, deflated or big endian: also offer plain little endian, decoded here if need be
@@ -100,6 +126,9 @@ class CStoreDestination:
                 fallback.add(sop_class)
         for sop_class in sorted(fallback - {c for c, ts in contexts if ts in UNCOMPRESSED_LITTLE_ENDIAN}):
             ae.add_requested_context(sop_class, list(UNCOMPRESSED_LITTLE_ENDIAN))
+        if LOSSLESS_REENCODE:
+            for sop_class in sorted({c for c, _ts in contexts}):
+                ae.add_requested_context(sop_class, list(LOSSLESS_REENCODE))
         tls = (self.ssl_context, self.host) if self.ssl_context is not None else None
         try:
             assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls,
@@ -111,7 +140,8 @@ class CStoreDestination:
             # of these SOP classes, so each instance of this pass is refused, not the destination down.
             def refused(path: Path, sop_class: str, transfer_syntax: str) -> None:
                 raise InstanceNotTaken(f"{self.name} accepted no presentation context for {sop_class} (it takes none of this pass's "
-                                       "SOP classes in any syntax offered)")
+                                       f"SOP classes in any syntax offered: as received, uncompressed, or a lossless syntax this "
+                                       f"node encodes: {_reencode_names()})")
 
             yield refused
             return
@@ -124,8 +154,8 @@ class CStoreDestination:
             try:
                 try:
                     status = assoc.send_c_store(path)
-                except ValueError:  # its own syntax was not accepted: decoded, it may go as plain little endian
-                    status = self._send_decoded(assoc, path, sop_class, transfer_syntax)
+                except ValueError:  # its own syntax was not accepted: decoded, or re-encoded, it may go
+                    status = self._send_converted(assoc, path, sop_class, transfer_syntax)
             except (RoutingDown, InstanceNotTaken):
                 raise
             except Exception as exc:  # an unreadable spool file and the like: this instance only, with backoff
@@ -141,12 +171,12 @@ class CStoreDestination:
             if assoc.is_established:
                 assoc.release()
 
-    def _send_decoded(self, assoc: Any, path: Path, sop_class: str, transfer_syntax: str) -> Any:
-        """For a destination that takes only uncompressed data: the pixel data decoded (pydicom's
-        handlers; lossless unless the original was lossy already), sent in explicit VR little
-        endian. The spool keeps the original."""
-        if transfer_syntax in UNCOMPRESSED_LITTLE_ENDIAN:
-            raise InstanceNotTaken(f"{self.name} accepted no presentation context for {sop_class}")
+    def _send_converted(self, assoc: Any, path: Path, sop_class: str, transfer_syntax: str) -> Any:
+        """An instance the destination does not take in its own syntax: its pixel data decoded
+        (pydicom's handlers; lossless unless the original was lossy already) and sent in explicit
+        VR little endian; if the destination takes no uncompressed data for its SOP class either,
+        re-encoded in the first lossless syntax of ``LOSSLESS_REENCODE`` it accepted. The same
+        instance (same UIDs) either way; the spool keeps the original."""
         ds = dcmread(path)
         if ds.file_meta.TransferSyntaxUID.is_compressed:
             try:
@@ -157,12 +187,26 @@ class CStoreDestination:
         elif ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:  # inflated on reading
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         # (explicit VR big endian: pynetdicom re-encodes uncompressed data for the accepted syntax)
+        if transfer_syntax not in UNCOMPRESSED_LITTLE_ENDIAN:  # an uncompressed one was offered that way already
+            try:
+                status = assoc.send_c_store(ds)
+            except ValueError:
+                pass  # no uncompressed context accepted for it either
+            else:
+                log.info("routed decoded sop_class=%s from=%s to=%s", sop_class, transfer_syntax, self.name)
+                return status
+        accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class}
+        target = next((ts for ts in LOSSLESS_REENCODE if ts in accepted), None)
+        if target is None or "PixelData" not in ds:
+            raise InstanceNotTaken(f"{self.name} accepted no presentation context for {sop_class} in {transfer_syntax}, "
+                                   f"uncompressed, or a lossless syntax this node encodes ({_reencode_names()})")
         try:
-            status = assoc.send_c_store(ds)
-        except ValueError as exc:
-            raise InstanceNotTaken(f"{self.name} accepted no presentation context for {sop_class} in {transfer_syntax} "
-                                   "nor uncompressed") from exc
-        log.info("routed decoded sop_class=%s from=%s to=%s", sop_class, transfer_syntax, self.name)
+            ds.compress(target, generate_instance_uid=False)  # lossless: the decoded pixels, bit for bit
+        except Exception as exc:  # pixel data the encoder cannot take (bit depth, float pixels ...)
+            raise InstanceNotTaken(f"{self.name} takes {sop_class} only compressed, and this instance could not be encoded "
+                                   f"in {target.name} here: {type(exc).__name__}: {str(exc)[:200]}") from exc
+        status = assoc.send_c_store(ds)
+        log.info("routed re-encoded sop_class=%s from=%s to=%s as=%s", sop_class, transfer_syntax, self.name, target)
         return status
 
 
@@ -182,7 +226,7 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
         ).all()
     if not due:
         return 0, 0
-    contexts = set(sorted({(row.sop_class_uid, row.transfer_syntax_uid) for row in due})[: MAX_CONTEXTS // 2])  # each may need a decoded twin
+    contexts = set(sorted({(row.sop_class_uid, row.transfer_syntax_uid) for row in due})[: MAX_CONTEXTS // CONTEXTS_PER_KIND])
     due = [row for row in due if (row.sop_class_uid, row.transfer_syntax_uid) in contexts]  # the rest: next pass
 
     def failed_one(sop_uid: str, attempts: int, exc: Exception, refusals: int | None = None) -> None:

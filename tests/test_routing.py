@@ -1,14 +1,17 @@
 """Routing passes while something else happens: an administrator's retry while a pass fails
-against a destination that hangs; a re-send of an instance while a pass sends it."""
+against a destination that hangs; a re-send of an instance while a pass sends it. And routing to
+a destination that keeps only compressed data."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pydicom
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, RLELossless
 from pynetdicom import AE, evt
 from sqlalchemy import select
 
@@ -100,11 +103,12 @@ def _record(sessions, *paths: Path) -> None:
         recorder.stop()
 
 
-def _destination(ds, on_store):
-    """A pynetdicom storage SCP on loopback taking ``ds``'s SOP class and syntax, its C-STOREs
-    answered by ``on_store``; returns the server (shut it down) and the node's destination for it."""
+def _destination(ds, on_store, syntaxes: list[str] | None = None):
+    """A pynetdicom storage SCP on loopback taking ``ds``'s SOP class in ``syntaxes`` (default: ``ds``'s
+    own), its C-STOREs answered by ``on_store``; returns the server (shut it down) and the node's
+    destination for it."""
     ae = AE("DEST")
-    ae.add_supported_context(str(ds.SOPClassUID), [str(ds.file_meta.TransferSyntaxUID)])
+    ae.add_supported_context(str(ds.SOPClassUID), syntaxes or [str(ds.file_meta.TransferSyntaxUID)])
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -177,3 +181,58 @@ def test_a_pass_ends_after_the_instance_in_flight_when_the_node_stops(tmp_path: 
         assert sorted(stored) == sorted(str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in series.files)
     finally:
         server.shutdown()
+
+
+def test_a_destination_that_keeps_only_compressed_data_gets_instances_re_encoded_without_loss(tmp_path: Path) -> None:
+    """An archive that takes MR images only as RLE Lossless: an uncompressed original and a JPEG
+    2000 lossless one both reach it re-encoded in RLE Lossless, pixel for pixel the same and under
+    the same UIDs; the spool keeps both as received. One that takes them only in a syntax this
+    node cannot encode refuses them with a reason that says so, and nothing is marked routed."""
+    series = write_mr_series(tmp_path / "mr", seed=8, slices=2, size=32, pixel_spacing=8.0)
+    plain, j2k = Path(series.files[0]), tmp_path / "j2k.dcm"
+    compressed = pydicom.dcmread(series.files[1])
+    compressed.compress(JPEG2000Lossless, generate_instance_uid=False)
+    compressed.save_as(j2k)
+    originals = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p).pixel_array for p in series.files}
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    _record(sessions, plain, j2k)
+    arrived: dict[str, pydicom.Dataset] = {}
+
+    def on_store(event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        arrived[str(ds.SOPInstanceUID)] = ds
+        return 0x0000
+
+    server, destination = _destination(pydicom.dcmread(plain, stop_before_pixels=True), on_store, [str(RLELossless)])
+    try:
+        assert forward_pending(sessions, destination) == (2, 0)
+    finally:
+        server.shutdown()
+    assert set(arrived) == set(originals)
+    for uid, ds in arrived.items():
+        assert ds.file_meta.TransferSyntaxUID == RLELossless
+        assert (ds.pixel_array == originals[uid]).all()
+    with sessions() as session:
+        rows = session.scalars(select(Instance)).all()
+    assert all(row.forwarded_at is not None and row.forward_error is None for row in rows)
+    spooled = {str(pydicom.dcmread(row.path).file_meta.TransferSyntaxUID) for row in rows}
+    assert spooled == {str(pydicom.dcmread(plain).file_meta.TransferSyntaxUID), str(JPEG2000Lossless)}  # kept as received
+
+    # A destination that keeps them only as JPEG Lossless (process 14), which pydicom cannot encode:
+    # an original in that syntax (dcmtk's dcmcjpeg) goes as it is, the uncompressed one is refused.
+    sv1 = tmp_path / "sv1.dcm"
+    subprocess.run(["dcmcjpeg", str(series.files[1]), str(sv1)], check=True, capture_output=True)
+    assert pydicom.dcmread(sv1).file_meta.TransferSyntaxUID == JPEGLosslessSV1
+    sessions = init_db(f"sqlite:///{tmp_path / 'db2.sqlite'}")
+    _record(sessions, plain, sv1)
+    server, destination = _destination(pydicom.dcmread(plain, stop_before_pixels=True), on_store, [str(JPEGLosslessSV1)])
+    arrived.clear()
+    try:
+        assert forward_pending(sessions, destination) == (1, 1)
+    finally:
+        server.shutdown()
+    assert [ds.file_meta.TransferSyntaxUID for ds in arrived.values()] == [JPEGLosslessSV1]
+    with sessions() as session:
+        refused = session.get(Instance, str(pydicom.dcmread(plain, stop_before_pixels=True).SOPInstanceUID))
+    assert refused.forwarded_at is None and "lossless syntax this node encodes (JPEG-LS Lossless" in refused.forward_error
