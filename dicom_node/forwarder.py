@@ -148,14 +148,20 @@ class CStoreDestination:
         if not assoc.is_established:
             raise RoutingDown(f"{self.name} did not accept an association from {self.calling_ae} (down, or {self.calling_ae} not allowed)")
 
+        taken: dict[str, set[str]] = {}  # SOP class -> the syntaxes the destination accepted for it
+        for cx in assoc.accepted_contexts:
+            taken.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+
         def send(path: Path, sop_class: str, transfer_syntax: str) -> None:
             if not assoc.is_established:
                 raise RoutingDown(f"{self.name} ended the association")
+            takes = taken.get(sop_class, set())
             try:
-                try:
+                # Asked first, not tried: pynetdicom logs a refused attempt as an error, and this is no error.
+                if transfer_syntax in takes or (transfer_syntax in UNCOMPRESSED_LITTLE_ENDIAN and takes & set(UNCOMPRESSED_LITTLE_ENDIAN)):
                     status = assoc.send_c_store(path)
-                except ValueError:  # its own syntax was not accepted: decoded, or re-encoded, it may go
-                    status = self._send_converted(assoc, path, sop_class, transfer_syntax)
+                else:  # not in its own syntax: decoded, or re-encoded, it may go
+                    status = self._send_converted(assoc, takes, path, sop_class, transfer_syntax)
             except (RoutingDown, InstanceNotTaken):
                 raise
             except Exception as exc:  # an unreadable spool file and the like: this instance only, with backoff
@@ -171,12 +177,13 @@ class CStoreDestination:
             if assoc.is_established:
                 assoc.release()
 
-    def _send_converted(self, assoc: Any, path: Path, sop_class: str, transfer_syntax: str) -> Any:
+    def _send_converted(self, assoc: Any, takes: set[str], path: Path, sop_class: str, transfer_syntax: str) -> Any:
         """An instance the destination does not take in its own syntax: its pixel data decoded
         (pydicom's handlers; lossless unless the original was lossy already) and sent in explicit
         VR little endian; if the destination takes no uncompressed data for its SOP class either,
-        re-encoded in the first lossless syntax of ``LOSSLESS_REENCODE`` it accepted. The same
-        instance (same UIDs) either way; the spool keeps the original."""
+        re-encoded in the first lossless syntax of ``LOSSLESS_REENCODE`` it accepted (``takes``: the
+        syntaxes it accepted for ``sop_class``). The same instance (same UIDs) either way; the spool
+        keeps the original."""
         ds = dcmread(path)
         if ds.file_meta.TransferSyntaxUID.is_compressed:
             try:
@@ -187,16 +194,11 @@ class CStoreDestination:
         elif ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:  # inflated on reading
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         # (explicit VR big endian: pynetdicom re-encodes uncompressed data for the accepted syntax)
-        if transfer_syntax not in UNCOMPRESSED_LITTLE_ENDIAN:  # an uncompressed one was offered that way already
-            try:
-                status = assoc.send_c_store(ds)
-            except ValueError:
-                pass  # no uncompressed context accepted for it either
-            else:
-                log.info("routed decoded sop_class=%s from=%s to=%s", sop_class, transfer_syntax, self.name)
-                return status
-        accepted = {str(cx.transfer_syntax[0]) for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class}
-        target = next((ts for ts in LOSSLESS_REENCODE if ts in accepted), None)
+        if takes & set(UNCOMPRESSED_LITTLE_ENDIAN):
+            status = assoc.send_c_store(ds)
+            log.info("routed decoded sop_class=%s from=%s to=%s", sop_class, transfer_syntax, self.name)
+            return status
+        target = next((ts for ts in LOSSLESS_REENCODE if ts in takes), None)
         if target is None or "PixelData" not in ds:
             raise InstanceNotTaken(f"{self.name} accepted no presentation context for {sop_class} in {transfer_syntax}, "
                                    f"uncompressed, or a lossless syntax this node encodes ({_reencode_names()})")
