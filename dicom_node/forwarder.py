@@ -33,6 +33,7 @@ MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8)
 # endian twin for compressed data, and one for the lossless syntaxes encoded here.
 CONTEXTS_PER_KIND = 3
 UNCOMPRESSED_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_UNCOMPRESSED = frozenset(UNCOMPRESSED_LITTLE_ENDIAN)
 
 
 def _can_encode(syntax: UID) -> bool:
@@ -53,6 +54,8 @@ LOSSLESS_REENCODE = tuple(ts for ts in (JPEGLSLossless, JPEG2000Lossless, RLELos
 
 def _reencode_names() -> str:
     return ", ".join(ts.name for ts in LOSSLESS_REENCODE) or "none: no encoder installed"
+
+
 # C-STORE statuses that mean the instance was stored: success and the three warnings.
 STORED_STATUSES = {0x0000, 0xB000, 0xB006, 0xB007}
 
@@ -158,7 +161,7 @@ class CStoreDestination:
             takes = taken.get(sop_class, set())
             try:
                 # Asked first, not tried: pynetdicom logs a refused attempt as an error, and this is no error.
-                if transfer_syntax in takes or (transfer_syntax in UNCOMPRESSED_LITTLE_ENDIAN and takes & set(UNCOMPRESSED_LITTLE_ENDIAN)):
+                if transfer_syntax in takes or (transfer_syntax in UNCOMPRESSED_LITTLE_ENDIAN and takes & _UNCOMPRESSED):
                     status = assoc.send_c_store(path)
                 else:  # not in its own syntax: decoded, or re-encoded, it may go
                     status = self._send_converted(assoc, takes, path, sop_class, transfer_syntax)
@@ -194,7 +197,7 @@ class CStoreDestination:
         elif ds.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian:  # inflated on reading
             ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         # (explicit VR big endian: pynetdicom re-encodes uncompressed data for the accepted syntax)
-        if takes & set(UNCOMPRESSED_LITTLE_ENDIAN):
+        if takes & _UNCOMPRESSED:
             status = assoc.send_c_store(ds)
             log.info("routed decoded sop_class=%s from=%s to=%s", sop_class, transfer_syntax, self.name)
             return status

@@ -193,7 +193,8 @@ def test_a_destination_that_keeps_only_compressed_data_gets_instances_re_encoded
     compressed = pydicom.dcmread(series.files[1])
     compressed.compress(JPEG2000Lossless, generate_instance_uid=False)
     compressed.save_as(j2k)
-    originals = {str(pydicom.dcmread(p).SOPInstanceUID): pydicom.dcmread(p).pixel_array for p in series.files}
+    originals = {str(ds.SOPInstanceUID): ds.pixel_array for ds in (pydicom.dcmread(p) for p in series.files)}
+    plain_ds = pydicom.dcmread(plain, stop_before_pixels=True)
     sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
     _record(sessions, plain, j2k)
     arrived: dict[str, pydicom.Dataset] = {}
@@ -204,7 +205,7 @@ def test_a_destination_that_keeps_only_compressed_data_gets_instances_re_encoded
         arrived[str(ds.SOPInstanceUID)] = ds
         return 0x0000
 
-    server, destination = _destination(pydicom.dcmread(plain, stop_before_pixels=True), on_store, [str(RLELossless)])
+    server, destination = _destination(plain_ds, on_store, [str(RLELossless)])
     try:
         assert forward_pending(sessions, destination) == (2, 0)
     finally:
@@ -217,7 +218,7 @@ def test_a_destination_that_keeps_only_compressed_data_gets_instances_re_encoded
         rows = session.scalars(select(Instance)).all()
     assert all(row.forwarded_at is not None and row.forward_error is None for row in rows)
     spooled = {str(pydicom.dcmread(row.path).file_meta.TransferSyntaxUID) for row in rows}
-    assert spooled == {str(pydicom.dcmread(plain).file_meta.TransferSyntaxUID), str(JPEG2000Lossless)}  # kept as received
+    assert spooled == {str(plain_ds.file_meta.TransferSyntaxUID), str(JPEG2000Lossless)}  # kept as received
 
     # A destination that keeps them only as JPEG Lossless (process 14), which pydicom cannot encode:
     # an original in that syntax (dcmtk's dcmcjpeg) goes as it is, the uncompressed one is refused.
@@ -226,7 +227,7 @@ def test_a_destination_that_keeps_only_compressed_data_gets_instances_re_encoded
     assert pydicom.dcmread(sv1).file_meta.TransferSyntaxUID == JPEGLosslessSV1
     sessions = init_db(f"sqlite:///{tmp_path / 'db2.sqlite'}")
     _record(sessions, plain, sv1)
-    server, destination = _destination(pydicom.dcmread(plain, stop_before_pixels=True), on_store, [str(JPEGLosslessSV1)])
+    server, destination = _destination(plain_ds, on_store, [str(JPEGLosslessSV1)])
     arrived.clear()
     try:
         assert forward_pending(sessions, destination) == (1, 1)
@@ -234,5 +235,5 @@ def test_a_destination_that_keeps_only_compressed_data_gets_instances_re_encoded
         server.shutdown()
     assert [ds.file_meta.TransferSyntaxUID for ds in arrived.values()] == [JPEGLosslessSV1]
     with sessions() as session:
-        refused = session.get(Instance, str(pydicom.dcmread(plain, stop_before_pixels=True).SOPInstanceUID))
+        refused = session.get(Instance, str(plain_ds.SOPInstanceUID))
     assert refused.forwarded_at is None and "lossless syntax this node encodes (JPEG-LS Lossless" in refused.forward_error
