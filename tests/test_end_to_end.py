@@ -21,6 +21,8 @@ from tests.helpers import dciodvfy, series_datasets, study_series
 from training import phantoms
 from training.phantom_dicom import write_mr_series
 
+NODE_VIEWS = "model"  # the module's node runs the shipped card's own views, as `mr2ct serve` does
+
 
 @pytest.fixture(scope="module")
 def delivered(node, orthanc, tmp_path_factory):

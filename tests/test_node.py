@@ -410,8 +410,8 @@ def test_a_series_that_cannot_make_a_volume_fails_its_job_with_the_reason(node_f
 
 
 def _long_job_running(node, tmp_path: Path, seed: int):
-    """Send a 32-slice 1 mm series to ``node`` (started with the card's 32 views: a job of several
-    seconds here) and return (series, job) once its job runs."""
+    """Send a 32-slice 256x256 series to ``node`` (started with 8 views: a job of several seconds
+    on 2 cores, more without bf16) and return (series, job) once its job runs."""
     series = write_mr_series(tmp_path / f"long{seed}", seed=seed, slices=32, size=256, pixel_spacing=1.0, slice_spacing=4.0)
     assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
     sessions = init_db(node.database_url)
@@ -428,7 +428,7 @@ def _long_job_running(node, tmp_path: Path, seed: int):
 def test_a_running_job_cancelled_by_the_administrator_stops_with_nothing_stored(node_factory, orthanc, tmp_path):
     """A series sent by mistake is already being synthesized: the administrator cancels its job,
     the worker stops within about a second with nothing in Orthanc, and goes on with the next."""
-    node = node_factory(test_time_augmentation="model")
+    node = node_factory(test_time_augmentation="dihedral")
     mistaken, job = _long_job_running(node, tmp_path, 232)
     sessions = init_db(node.database_url)
     base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
@@ -456,7 +456,7 @@ def test_a_node_stopped_while_a_job_runs_queues_it_again_and_the_next_start_fini
     with nothing stored and puts it back in the queue at once (not after its 10-minute lease), and
     the restarted node runs that same job to the end."""
     workdir = tmp_path / "restarting-node"
-    first = node_factory(workdir=workdir, test_time_augmentation="model")
+    first = node_factory(workdir=workdir, test_time_augmentation="dihedral")
     series, job = _long_job_running(first, tmp_path, 234)
     sessions = init_db(first.database_url)
     first.stop()
