@@ -75,6 +75,12 @@ def cuda_has_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 runs natively on ``device`` (where it pays off); elsewhere it is emulated and
+    slower than fp32 by far."""
+    return cuda_has_bf16(device) if device.type == "cuda" else cpu_has_bf16()
+
+
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """``auto``: bf16 on GPUs and CPUs with native bf16, fp16 on older GPUs, fp32 on other CPUs.
     None means fp32."""

@@ -49,10 +49,15 @@ class Stage:
     report: dict = field(default_factory=dict)
 
 
-def stage_command(args: argparse.Namespace, out: Path, parent: Path, seed: int, device: str) -> list[str]:
+def stage_command(args: argparse.Namespace, out: Path, parent: Path, seed: int, device: "torch.device") -> list[str]:
+    """A stage's `mr2ct train`: bf16 forwards where the device runs bf16 natively, fp32 elsewhere
+    (an AVX2 CPU emulates bf16 at a small fraction of its fp32 speed)."""
+    from synthesis.infer import native_bf16
+
+    precision = "bf16" if native_bf16(device) else "fp32"
     return [sys.executable, "-m", "dicom_node.cli", "train", "--no-record",
-            "--out", str(out), "--init-from", str(parent), "--seed", str(seed), "--device", device,
-            "--precision", "bf16", "--checkpoint-every", "0", "--pixel-spacing", str(args.pixel_spacing),
+            "--out", str(out), "--init-from", str(parent), "--seed", str(seed), "--device", device.type,
+            "--precision", precision, "--checkpoint-every", "0", "--pixel-spacing", str(args.pixel_spacing),
             "--image-size", str(args.image_size), "--epochs", str(args.epochs), "--steps-per-epoch", str(args.steps_per_epoch),
             "--lr-decay-start", str(args.lr_decay_start), "--lr-G", str(args.lr), "--lr-D", str(args.lr),
             "--lambda-ABA", str(args.cycle_lambda), "--lambda-BAB", str(args.cycle_lambda),
@@ -99,7 +104,7 @@ class Search:
             out.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
             with open(out / "train.log", "w") as log:
-                proc = subprocess.Popen(stage_command(a, out, parent, stage.seed, self.device.type), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+                proc = subprocess.Popen(stage_command(a, out, parent, stage.seed, self.device), stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
                 while proc.poll() is None:
                     if time.time() > deadline + a.grace_s:
                         proc.kill()
