@@ -6,7 +6,7 @@ cd "$(dirname "$0")/../.."
 bash deploy/local/install.sh
 export TCP_NODELAY=1
 set +e
-.venv/bin/python -m pytest -m "slow or not slow" "$@"
+.venv/bin/python -m pytest -m "slow or not slow" --durations=25 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then
