@@ -64,8 +64,10 @@ BASELINE_FRACTION = 0.5  # measured 0.31 here (3 subjects x 16 slices; 1 mm mode
 
 
 def test_shipped_model_beats_a_linear_mr_to_hu_fit(capsys: pytest.CaptureFixture[str]) -> None:
-    """The HU bound is computed from a naive baseline on the same held-out phantoms, never typed in."""
-    model = load_model(default_model_path())
+    """The HU bound is computed from a naive baseline on the same held-out phantoms, never typed in.
+    The shipped weights run with 8 views here (56.7 HU on the report set against 54.4 with the card's
+    32): 48 slices with 32 views are 3 minutes of fp32 forwards on 2 cores without bf16."""
+    model = load_model(default_model_path()).with_views("dihedral")
     quality = evaluate(model, subjects=3, slices=16)
     print(f"shipped model: MAE {quality.mae_hu} HU, linear baseline {quality.baseline_mae_hu} HU, PSNR {quality.psnr_db} dB, SSIM {quality.ssim}")
     assert quality.mae_hu <= BASELINE_FRACTION * quality.baseline_mae_hu
