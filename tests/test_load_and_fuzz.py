@@ -39,7 +39,9 @@ def test_eight_senders_2000_instances_all_kept_each_series_synthesized_once(orth
     # model's 32 views would make these 2,000 slices ~20 minutes of inference on 2 cores).
     env = node_env(workdir, port, orthanc)
     sizes = [400, 350, 300, 250, 250, 200, 150, 100]  # mixed series sizes, 2,000 in all
-    series = [write_mr_series(tmp_path / f"s{i}", seed=1100 + i, slices=n, size=128, pixel_spacing=2.0, slice_spacing=0.5)
+    # 128x128 at 1 mm: the model's own grid, so each slice is one 128x128 forward (at 2 mm it
+    # would be resampled to 256x256, 4x the inference, which made this test 6 minutes on 2 cores).
+    series = [write_mr_series(tmp_path / f"s{i}", seed=1100 + i, slices=n, size=128, pixel_spacing=1.0, slice_spacing=0.5)
               for i, n in enumerate(sizes)]
     with NodeServer(workdir, env, port) as node:
         started = time.monotonic()
