@@ -31,8 +31,8 @@ def node_env(workdir: Path, port: int, orthanc: OrthancServer, views: str = "non
     """A node's settings for a test. ``views``: its test_time_augmentation. Nodes run one forward
     per slice ("none") unless a test asks for more: what most of them test is DICOM flow, not
     pixels, and on a CPU without bf16 (fp32 only) the card's 32 views run ~1.3 slices/s on 2 cores,
-    which made a load test's 1,000 slices outlast its wait. The end-to-end module asks for the
-    card's own views (NODE_VIEWS = "model"), so the path a user runs stays tested."""
+    which made a load test's 1,000 slices outlast its wait. The end-to-end module asks for 8
+    (NODE_VIEWS); the card's own views ("model") are resolved in test_registry."""
     return {
         "MR2CT_TEST_TIME_AUGMENTATION": views,
         "MR2CT_AE_TITLE": NODE_AE,
