@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import threading
 import time
 import weakref
@@ -59,6 +60,11 @@ def cpu_has_bf16() -> bool:
     capability = str(torch.backends.cpu.get_cpu_capability()).upper()
     if "AMX" in capability:
         return True
+    if "AVX512" not in capability:
+        return False  # no AVX-512, or torch's kernels capped below it (ATEN_CPU_CAPABILITY)
+    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if onednn_cap != "ALL" and not any(isa in onednn_cap for isa in ("BF16", "AMX", "FP16", "AVX10")):
+        return False  # oneDNN's convolutions capped below bf16 (e.g. ONEDNN_MAX_CPU_ISA=AVX2)
     try:
         with open("/proc/cpuinfo") as fh:
             flags = fh.read()

@@ -14,7 +14,8 @@ from dicom_node.db import init_db
 
 DB = Path(__file__).resolve().parent.parent / "test-artifacts" / "schemathesis.db"
 DB.parent.mkdir(exist_ok=True)
-DB.unlink(missing_ok=True)
+for leftover in (DB, DB.with_name(DB.name + "-wal"), DB.with_name(DB.name + "-shm")):
+    leftover.unlink(missing_ok=True)  # a run that was killed leaves its WAL behind
 SESSIONS = init_db(f"sqlite:///{DB}")
 TOKEN = create_token(SESSIONS, "admin", "schemathesis")
 APP = create_app(SESSIONS)

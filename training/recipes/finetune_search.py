@@ -30,6 +30,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -49,7 +53,7 @@ class Stage:
     report: dict = field(default_factory=dict)
 
 
-def stage_command(args: argparse.Namespace, out: Path, parent: Path, seed: int, device: "torch.device") -> list[str]:
+def stage_command(args: argparse.Namespace, out: Path, parent: Path, seed: int, device: torch.device) -> list[str]:
     """A stage's `mr2ct train`: bf16 forwards where the device runs bf16 natively, fp32 elsewhere
     (an AVX2 CPU emulates bf16 at a small fraction of its fp32 speed)."""
     from synthesis.infer import native_bf16
