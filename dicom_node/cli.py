@@ -534,6 +534,9 @@ def _check_regex(option: str, pattern: str | None) -> None:
         raise typer.Exit(2) from exc
 
 
+PacsAttempts = Annotated[int, typer.Option(min=1, help="tries per request when the PACS is unreachable or busy (back-off 2, 4, 8, 16 s)")]
+
+
 @app.command()
 def pull(
     url: Annotated[str, typer.Option(help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")],
@@ -547,6 +550,7 @@ def pull(
     validation_fraction: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.2,
     username: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_USERNAME")] = None,
     password: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_PASSWORD")] = None,
+    attempts: PacsAttempts = 5,
 ) -> None:
     """Pull unpaired MR and CT series from a DICOMweb PACS into a local dataset cache (resumable)."""
     from synthesis.errors import PacsUnavailable
@@ -560,7 +564,8 @@ def pull(
     _check_regex("--description", description)
     filters = [PullFilter(m, body_part, description, date_from, date_to, limit) for m in modality]
     try:
-        counts = run_pull(url, cache, filters, username=username, password=password, validation_fraction=validation_fraction)
+        counts = run_pull(url, cache, filters, username=username, password=password, validation_fraction=validation_fraction,
+                         attempts=attempts)
     except PacsUnavailable as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -579,6 +584,7 @@ def pull_pairs(
     limit: Annotated[Optional[int], typer.Option(min=1, help="at most this many patients")] = None,
     username: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_USERNAME")] = None,
     password: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_PASSWORD")] = None,
+    attempts: PacsAttempts = 5,
 ) -> None:
     """Fetch the MR and CT series (and spatial registrations) of patients who have both from a DICOMweb PACS, to score a model on them with `mr2ct evaluate --pairs` (resumable)."""
     from synthesis.errors import PacsUnavailable
@@ -589,7 +595,7 @@ def pull_pairs(
         _check_regex(option, pattern)
     flt = PairsFilter(body_part, mr_description, ct_description, date_from, date_to, limit)
     try:
-        counts = run_pull_pairs(url, out, flt, username=username, password=password)
+        counts = run_pull_pairs(url, out, flt, username=username, password=password, attempts=attempts)
     except PacsUnavailable as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pydicom
 import pytest
@@ -70,8 +71,10 @@ def test_filters_and_limits_narrow_the_pull(cohort_in_orthanc, orthanc, tmp_path
 def test_wrong_password_and_unreachable_pacs_say_so(orthanc, tmp_path):
     with pytest.raises(PacsUnavailable, match="401"):
         pull(f"{orthanc.url}/dicom-web", tmp_path / "c", [PullFilter("MR")], username=orthanc.username, password="wrong")
-    with pytest.raises(PacsUnavailable, match="not reachable"):
-        pull(f"http://127.0.0.1:{free_port()}/dicom-web", tmp_path / "c", [PullFilter("MR")], timeout=5)
+    started = time.monotonic()
+    with pytest.raises(PacsUnavailable, match="not reachable"):  # tried twice, 2 s apart
+        pull(f"http://127.0.0.1:{free_port()}/dicom-web", tmp_path / "c", [PullFilter("MR")], timeout=5, attempts=2)
+    assert 2 <= time.monotonic() - started < 20  # not the default 5 attempts (30 s)
     result = subprocess.run([*MR2CT, "pull", "--url", f"{orthanc.url}/dicom-web", "--cache", str(tmp_path / "c"),
                              "--username", orthanc.username, "--password", "wrong"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "401" in result.stderr

@@ -120,7 +120,7 @@ def test_pull_pairs_command_filters_and_says_what_is_wrong(hospital, tmp_path):
     wrong = subprocess.run([*base, "--password", "wrong", "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 1 and "401" in wrong.stderr
     with pytest.raises(PacsUnavailable, match="not reachable"):
-        pull_pairs(f"http://127.0.0.1:{free_port()}/dicom-web", tmp_path / "x", PairsFilter(), timeout=5)
+        pull_pairs(f"http://127.0.0.1:{free_port()}/dicom-web", tmp_path / "x", PairsFilter(), timeout=5, attempts=1)
 
 
 def test_a_pacs_that_refuses_stored_transfer_syntaxes_is_asked_for_its_default(hospital, tmp_path):

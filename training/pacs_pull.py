@@ -62,11 +62,21 @@ def _value(attrs: dict[str, Any], tag: str) -> str:
     return str(value)
 
 
-def _client(url: str, username: str | None, password: str | None, timeout: float) -> DICOMwebClient:
+DEFAULT_ATTEMPTS = 5
+
+
+def _client(url: str, username: str | None, password: str | None, timeout: float, attempts: int) -> DICOMwebClient:
+    """``attempts``: tries per request on a connection error or a 408/429/503/504 answer, with
+    dicomweb-client's exponential back-off (2, 4, 8, 16 s between them: 5 attempts ride out ~30 s
+    of a PACS restarting); 1 fails at the first."""
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
     session = requests.Session()
     if username is not None:
         session.auth = (username, password or "")
-    return DICOMwebClient(url=url.rstrip("/"), session=session, timeout=timeout)
+    client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=timeout)
+    client.set_http_retry_params(retry=attempts > 1, max_attempts=attempts)
+    return client
 
 
 def _pacs_error(url: str, exc: Exception) -> PacsUnavailable:
@@ -77,7 +87,7 @@ def _pacs_error(url: str, exc: Exception) -> PacsUnavailable:
     if status is not None:
         return PacsUnavailable(f"DICOMweb server {url} answered HTTP {status}")
     if isinstance(exc, (requests.ConnectionError, requests.Timeout, OSError)):
-        return PacsUnavailable(f"DICOMweb server {url} is not reachable: {type(exc).__name__}")
+        return PacsUnavailable(f"DICOMweb server {url} is not reachable: {type(exc).__name__} (check the URL, or --attempts to wait longer for it)")
     return PacsUnavailable(f"DICOMweb server {url}: the request failed: {type(exc).__name__}: {str(exc)[:200]}")
 
 
@@ -187,11 +197,11 @@ class DatasetCache:
 
 def pull(
     url: str, cache_dir: Path, filters: list[PullFilter], *, username: str | None = None, password: str | None = None,
-    validation_fraction: float = 0.2, timeout: float = 30.0, progress: bool | None = None,
+    validation_fraction: float = 0.2, timeout: float = 30.0, progress: bool | None = None, attempts: int = DEFAULT_ATTEMPTS,
 ) -> dict[str, int]:
     """Fetch what matches and is not yet cached. Returns counts (found, fetched, skipped)."""
     cache = DatasetCache(cache_dir)
-    client = _client(url, username, password, timeout)
+    client = _client(url, username, password, timeout, attempts)
     known = cache.known()
     todo: list[tuple[PullFilter, dict[str, Any]]] = []
     for flt in filters:
@@ -278,7 +288,7 @@ def _synthetic(client: DICOMwebClient, url: str, attrs: dict[str, Any]) -> bool:
 
 def pull_pairs(
     url: str, out_dir: Path, flt: PairsFilter, *, username: str | None = None, password: str | None = None,
-    timeout: float = 30.0, progress: bool | None = None,
+    timeout: float = 30.0, progress: bool | None = None, attempts: int = DEFAULT_ATTEMPTS,
 ) -> dict[str, int]:
     """The DICOM files of every patient that has both an MR and a CT series matching ``flt`` (and
     of the spatial registrations filed for them), fetched into ``out_dir`` as `mr2ct evaluate
@@ -292,7 +302,7 @@ def pull_pairs(
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial"  # outside the folder: evaluate never sees half a series
     salt = folder_salt(out_dir / ".salt")  # hidden: evaluate --pairs reads every other file as DICOM
-    client = _client(url, username, password, timeout)
+    client = _client(url, username, password, timeout, attempts)
     by_patient: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
     for modality, pattern in (("MR", flt.mr_description), ("CT", flt.ct_description)):
         for attrs in _search_series(client, url, _series_query(modality, flt)):
