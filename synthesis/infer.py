@@ -211,20 +211,29 @@ _VIEWS: dict[str, tuple[tuple[bool, tuple[int, ...]], ...]] = {
 _VIEWS["dihedral"] = _VIEWS["mirror"] + tuple((True, dims) for _, dims in _VIEWS["mirror"])
 
 
-def augmented(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str, multiple: int = 4) -> torch.Tensor:
+def augmented(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str, multiple: int = 4,
+              should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
     """The mean of the generator's outputs over the test-time augmentation's views of ``x``
     (N, C, H, W), each mapped back onto ``x``'s pixels; fp32. The generator is fully
     convolutional, so a transposed view of a non-square grid is just another input shape.
     ``multiple``: what height and width must be multiples of (the generator's stride); the
-    shifted modes move the image by half of it, padding (reflected) so the size stays a multiple."""
+    shifted modes move the image by half of it, padding (reflected) so the size stays a multiple.
+    ``should_stop``: asked before each view after the first; when it says yes, ``Stopped`` is
+    raised (one batch of the 32 shifted dihedral views is tens of seconds on a small CPU: a
+    cancelled job or a stopping service should not wait for all of them)."""
     shifted = mode.endswith("-shift")
     views = _VIEWS[mode.removesuffix("-shift")]
     half = multiple // 2
     offsets = [(0, 0), (half, 0), (0, half), (half, half)] if shifted and half else [(0, 0)]
+    count = len(offsets) * len(views)
+    done = 0
     total: torch.Tensor | None = None
     for dr, dc in offsets:
         moved = x if (dr, dc) == (0, 0) else F.pad(x, (dc, multiple - dc if dc else 0, dr, multiple - dr if dr else 0), mode=_pad_mode(x, multiple))
         for transpose, dims in views:
+            if done and should_stop is not None and should_stop():
+                raise Stopped(f"stopped after {done} of {count} test-time views")
+            done += 1
             view = moved.transpose(-1, -2) if transpose else moved
             if dims:
                 view = torch.flip(view, dims)
@@ -236,7 +245,6 @@ def augmented(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
             y = y[..., dr : dr + x.shape[-2], dc : dc + x.shape[-1]]
             total = y if total is None else total.add_(y)
     assert total is not None
-    count = len(offsets) * len(views)
     return total.div_(count) if count > 1 else total
 
 
@@ -262,7 +270,8 @@ def synthesize(
     ``compile``: run the generator through ``torch.compile`` (worth it for a long-running node;
     each new grid size compiles once, tens of seconds on a CPU). ``augment``: the test-time
     augmentation (``TEST_TIME_AUGMENTATIONS``); None: the model card's. ``should_stop``: asked
-    before each batch; when it says yes, ``Stopped`` is raised (a job cancelled while it runs).
+    before each batch and between its test-time views; when it says yes, ``Stopped`` is raised (a
+    job cancelled while it runs, a service stopping).
     """
     if voxels.ndim != 3:
         raise ValueError(f"voxels must be (slices, rows, columns), got shape {voxels.shape}")
@@ -296,7 +305,10 @@ def synthesize(
         if pad_r or pad_c:
             x = F.pad(x, (0, pad_c, 0, pad_r), mode=_pad_mode(x, max(pad_r, pad_c)))
         x = x.contiguous(memory_format=torch.channels_last)
-        y = augmented(forward, x.to(input_dtype), mode, multiple)[..., : grid[0], : grid[1]]
+        try:
+            y = augmented(forward, x.to(input_dtype), mode, multiple, should_stop)[..., : grid[0], : grid[1]]
+        except Stopped as exc:
+            raise Stopped(f"stopped after {start} of {slices} slices; in the next batch: {exc}") from exc
         y = to_mr_matrix(batch, x[..., : grid[0], : grid[1]].float(), y).clamp_(-1.0, 1.0)
         out[start : start + batch_size] = y[:, 0].cpu().numpy()
     log.info(

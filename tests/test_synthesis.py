@@ -327,6 +327,27 @@ def _model_with_views(tmp_path: Path, mode: str) -> Path:
     return path
 
 
+def test_a_stop_asked_for_in_the_middle_of_a_batch_comes_before_the_batchs_other_views(tmp_path: Path) -> None:
+    """A cancelled job (or a stopping service) must not wait for the rest of a batch: with the
+    shifted dihedral views one batch is 32 forwards, tens of seconds on a small CPU. The stop is
+    asked for before the batch and between its views, and nothing more is computed after a yes."""
+    from synthesis.errors import Stopped
+
+    model = load_model(_model_with_views(tmp_path, "dihedral-shift"))
+    voxels = (np.random.default_rng(4).random((6, 32, 40)) * 1000).astype(np.float32)
+    asked: list[int] = []
+
+    def should_stop() -> bool:
+        asked.append(1)
+        return len(asked) >= 3  # yes on the third question: after the batch's second view
+
+    with pytest.raises(Stopped, match=r"after 0 of 6 slices; in the next batch: stopped after 2 of 32 test-time views"):
+        synthesize(voxels, (4.0, 4.0), model, choose_device("cpu").device, batch_size=6, precision="fp32", should_stop=should_stop)
+    assert len(asked) == 3
+    never = synthesize(voxels, (4.0, 4.0), model, choose_device("cpu").device, batch_size=6, precision="fp32", should_stop=lambda: False)
+    assert never.shape == voxels.shape  # a no all the way gives the whole volume
+
+
 @pytest.mark.parametrize(("mode", "mirror_alike", "transpose_alike"),
                          [("none", False, False), ("mirror", True, False), ("dihedral", True, True), ("dihedral-shift", True, True)])
 def test_test_time_augmentation_makes_the_sct_independent_of_how_the_slice_is_turned(
