@@ -29,9 +29,6 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 300.0
 MAX_CONTEXTS = 128  # presentation contexts one association may propose (PS3.8)
-# Contexts a pass may propose per (SOP class, syntax) of its instances: its own, a plain little
-# endian twin for compressed data, and one for the lossless syntaxes encoded here.
-CONTEXTS_PER_KIND = 3
 UNCOMPRESSED_LITTLE_ENDIAN = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _UNCOMPRESSED = frozenset(UNCOMPRESSED_LITTLE_ENDIAN)
 
@@ -50,6 +47,11 @@ def _can_encode(syntax: UID) -> bool:
 # compressed data, so that an instance it takes neither as received nor uncompressed can still go,
 # re-encoded without loss. Never a lossy syntax: routing must not lose what the scanner sent.
 LOSSLESS_REENCODE = tuple(ts for ts in (JPEGLSLossless, JPEG2000Lossless, RLELossless) if _can_encode(ts))
+# Contexts a pass may propose per (SOP class, syntax) of its instances: its own, a plain little
+# endian twin for compressed data, and one for each lossless syntax encoded here (one context
+# each, so that the peer accepts every one it keeps: an encoder that cannot take an instance's
+# pixels then leaves another).
+CONTEXTS_PER_KIND = 2 + len(LOSSLESS_REENCODE)
 
 
 def _reencode_names() -> str:
@@ -105,7 +107,7 @@ class CStoreDestination:
     and compressed, deflated or big endian data is decoded here and goes as explicit VR little
     endian (a context offered for that). A peer that takes neither (an archive that keeps only
     compressed data) gets it re-encoded here in a lossless syntax it accepted (``LOSSLESS_REENCODE``,
-    one more context per SOP class)."""
+    one more context per SOP class and syntax)."""
 
     def __init__(
         self, spec: str, calling_ae: str, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None, poll_seconds: float = 0.0002,
@@ -129,9 +131,9 @@ class CStoreDestination:
                 fallback.add(sop_class)
         for sop_class in sorted(fallback - {c for c, ts in contexts if ts in UNCOMPRESSED_LITTLE_ENDIAN}):
             ae.add_requested_context(sop_class, list(UNCOMPRESSED_LITTLE_ENDIAN))
-        if LOSSLESS_REENCODE:
-            for sop_class in sorted({c for c, _ts in contexts}):
-                ae.add_requested_context(sop_class, list(LOSSLESS_REENCODE))
+        for sop_class in sorted({c for c, _ts in contexts}):
+            for lossless in LOSSLESS_REENCODE:
+                ae.add_requested_context(sop_class, [lossless])
         tls = (self.ssl_context, self.host) if self.ssl_context is not None else None
         try:
             assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls,
@@ -184,8 +186,8 @@ class CStoreDestination:
         """An instance the destination does not take in its own syntax: its pixel data decoded
         (pydicom's handlers; lossless unless the original was lossy already) and sent in explicit
         VR little endian; if the destination takes no uncompressed data for its SOP class either,
-        re-encoded in the first lossless syntax of ``LOSSLESS_REENCODE`` it accepted (``takes``: the
-        syntaxes it accepted for ``sop_class``). The same instance (same UIDs) either way; the spool
+        re-encoded in the first lossless syntax of ``LOSSLESS_REENCODE`` it accepted that can encode
+        these pixels (``takes``: the syntaxes it accepted for ``sop_class``). The same instance (same UIDs) either way; the spool
         keeps the original."""
         ds = dcmread(path)
         if ds.file_meta.TransferSyntaxUID.is_compressed:
@@ -201,18 +203,22 @@ class CStoreDestination:
             status = assoc.send_c_store(ds)
             log.info("routed decoded sop_class=%s from=%s to=%s", sop_class, transfer_syntax, self.name)
             return status
-        target = next((ts for ts in LOSSLESS_REENCODE if ts in takes), None)
-        if target is None or "PixelData" not in ds:
+        targets = [ts for ts in LOSSLESS_REENCODE if ts in takes]
+        if not targets or "PixelData" not in ds:
             raise InstanceNotTaken(f"{self.name} accepted no presentation context for {sop_class} in {transfer_syntax}, "
                                    f"uncompressed, or a lossless syntax this node encodes ({_reencode_names()})")
-        try:
-            ds.compress(target, generate_instance_uid=False)  # lossless: the decoded pixels, bit for bit
-        except Exception as exc:  # pixel data the encoder cannot take (bit depth, float pixels ...)
-            raise InstanceNotTaken(f"{self.name} takes {sop_class} only compressed, and this instance could not be encoded "
-                                   f"in {target.name} here: {type(exc).__name__}: {str(exc)[:200]}") from exc
-        status = assoc.send_c_store(ds)
-        log.info("routed re-encoded sop_class=%s from=%s to=%s as=%s", sop_class, transfer_syntax, self.name, target)
-        return status
+        failures = []
+        for target in targets:  # the next one it accepted when an encoder cannot take these pixels
+            try:
+                ds.compress(target, generate_instance_uid=False)  # lossless: the decoded pixels, bit for bit
+            except Exception as exc:  # bit depth, float pixels, an image smaller than JPEG 2000's 6 levels ...
+                failures.append(f"{target.name}: {type(exc).__name__}: {str(exc)[:200]}")
+                continue  # pydicom changes the data set only once the encoder has succeeded
+            status = assoc.send_c_store(ds)
+            log.info("routed re-encoded sop_class=%s from=%s to=%s as=%s", sop_class, transfer_syntax, self.name, target)
+            return status
+        raise InstanceNotTaken(f"{self.name} takes {sop_class} only compressed, and this instance could not be encoded here in "
+                               f"any lossless syntax it accepted ({'; '.join(failures)})")
 
 
 def forward_pending(sessions: sessionmaker[Session], destination: Destination, limit: int = 200, max_refusals: int = 0,

@@ -237,3 +237,39 @@ def test_a_destination_that_keeps_only_compressed_data_gets_instances_re_encoded
     with sessions() as session:
         refused = session.get(Instance, str(plain_ds.SOPInstanceUID))
     assert refused.forwarded_at is None and "lossless syntax this node encodes (JPEG-LS Lossless" in refused.forward_error
+
+
+def test_an_instance_one_accepted_encoder_cannot_take_goes_in_the_next_lossless_syntax_accepted(tmp_path: Path) -> None:
+    """An archive that keeps MR only as JPEG 2000 or RLE Lossless gets a 16x16 image (too small for
+    JPEG 2000's six wavelet levels, so the encoder refuses it): it goes as RLE Lossless, pixel for
+    pixel. Where JPEG 2000 is all the archive takes, the instance is refused with the encoder's
+    reason, and is not marked routed."""
+    series = write_mr_series(tmp_path / "mr", seed=9, slices=1, size=16, pixel_spacing=16.0)
+    path = Path(series.files[0])
+    original = pydicom.dcmread(path)
+    assert (original.Rows, original.Columns) == (16, 16)
+    arrived: list[pydicom.Dataset] = []
+
+    def on_store(event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        arrived.append(ds)
+        return 0x0000
+
+    for name, syntaxes, routed in (("both", [str(JPEG2000Lossless), str(RLELossless)], True), ("j2k", [str(JPEG2000Lossless)], False)):
+        sessions = init_db(f"sqlite:///{tmp_path / f'{name}.sqlite'}")
+        _record(sessions, path)
+        server, destination = _destination(original, on_store, syntaxes)
+        try:
+            assert forward_pending(sessions, destination) == ((1, 0) if routed else (0, 1))
+        finally:
+            server.shutdown()
+        with sessions() as session:
+            row = session.get(Instance, str(original.SOPInstanceUID))
+        if routed:
+            assert row.forwarded_at is not None and row.forward_error is None
+            assert [ds.file_meta.TransferSyntaxUID for ds in arrived] == [RLELossless]
+            assert (arrived[0].pixel_array == original.pixel_array).all()
+        else:
+            assert row.forwarded_at is None and len(arrived) == 1
+            assert "could not be encoded here in any lossless syntax it accepted (JPEG 2000" in row.forward_error
