@@ -187,8 +187,8 @@ class CStoreDestination:
         (pydicom's handlers; lossless unless the original was lossy already) and sent in explicit
         VR little endian; if the destination takes no uncompressed data for its SOP class either,
         re-encoded in the first lossless syntax of ``LOSSLESS_REENCODE`` it accepted that can encode
-        these pixels (``takes``: the syntaxes it accepted for ``sop_class``). The same instance (same UIDs) either way; the spool
-        keeps the original."""
+        these pixels (``takes``: the syntaxes it accepted for ``sop_class``). The same instance (same
+        UIDs) either way; the spool keeps the original."""
         ds = dcmread(path)
         if ds.file_meta.TransferSyntaxUID.is_compressed:
             try:
