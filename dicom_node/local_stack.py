@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -25,10 +26,36 @@ import httpx
 REPO_ORTHANC_CONFIG = Path(__file__).resolve().parent.parent / "orthanc" / "orthanc.json"
 
 
+# Ports for the servers this module starts are handed out below Linux's ephemeral range
+# (32768-60999), so that no outgoing connection (storescu, an HTTP client) takes one between
+# free_port() and the server's bind, and each process counts up from a block of its own, so that
+# two processes starting servers at once (pytest-xdist's workers) never pick the same free port.
+_PORT_LOW, _PORT_HIGH, _PORT_BLOCKS = 20000, 32768, 16
+_port_lock = threading.Lock()
+_next_port: int | None = None
+
+
+def _first_port() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1 ...
+    index = int(worker[2:]) if worker[2:].isdigit() else os.getpid()
+    return _PORT_LOW + (index % _PORT_BLOCKS) * ((_PORT_HIGH - _PORT_LOW) // _PORT_BLOCKS)
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback TCP port nobody listens on now, not handed out before by this process."""
+    global _next_port
+    with _port_lock:
+        port = _first_port() if _next_port is None else _next_port
+        for _ in range(_PORT_HIGH - _PORT_LOW):
+            candidate, port = port, _PORT_LOW + (port + 1 - _PORT_LOW) % (_PORT_HIGH - _PORT_LOW)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                try:
+                    sock.bind(("127.0.0.1", candidate))
+                except OSError:
+                    continue
+            _next_port = port
+            return candidate
+    raise RuntimeError(f"no free loopback port in {_PORT_LOW}-{_PORT_HIGH - 1}")
 
 
 def port_in_use(port: int) -> bool:
