@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import pydicom
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as FastApiPath
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
@@ -21,7 +21,7 @@ from sqlalchemy import Select, and_, case, func, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.api.auth import Caller, require
+from dicom_node.api.auth import Caller, current_caller, require
 from dicom_node.db import notify_job_queued
 from dicom_node.forwarder import reschedule_failed
 from dicom_node.models import Association, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun, utcnow
@@ -52,9 +52,9 @@ _REASONS = {
 
 
 def refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The OpenAPI ``responses`` of a route that needs a token and may also answer ``codes``:
-    a client generated from the schema knows every status it can get (422 FastAPI adds)."""
-    return {code: {"model": Problem, "description": _REASONS[code]} for code in (401, 403, *codes)}
+    """The OpenAPI ``responses`` for ``codes``, so that a client generated from the schema knows
+    every status it can get (422 FastAPI adds; 401 and 403 the token router adds to each route)."""
+    return {code: {"model": Problem, "description": _REASONS[code]} for code in codes}
 
 
 class SynthesizeRequest(BaseModel):
@@ -88,6 +88,9 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     from dicom_node.api.dashboard import dashboard_router
 
     app.include_router(dashboard_router(sessions, store))
+    # Every route on this router needs a valid token (a route that forgets its role dependency
+    # is still closed) and documents 401/403; each route's own dependency says which roles.
+    api = APIRouter(dependencies=[Depends(current_caller)], responses=refusals(401, 403))
 
     def _audit_query(caller: Caller, resource: str, **filters: Any) -> None:
         """IHE ATNA 'query': who asked what (patient IDs are never copied into the audit detail)."""
@@ -115,7 +118,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         checks["status"] = "ok" if checks["database"] == "ok" and checks.get("orthanc", "ok") == "ok" else "degraded"
         return checks
 
-    @app.get("/metrics", response_class=PlainTextResponse, responses=refusals())
+    @api.get("/metrics", response_class=PlainTextResponse)
     def metrics(caller: Caller = Depends(READ)) -> str:
         with sessions() as session:
             received = session.scalar(select(func.coalesce(func.sum(Association.instances_stored), 0)))
@@ -147,7 +150,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                       f'mr2ct_device_info{{device="{info["device"]}"}} 1']
         return "\n".join(lines) + "\n"
 
-    @app.get("/jobs", responses=refusals())
+    @api.get("/jobs")
     def list_jobs(
         caller: Caller = Depends(READ),
         state: Literal["queued", "running", "done", "failed", "cancelled"] | None = None,
@@ -182,7 +185,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                      calling_ae=calling_ae, returned=len(page["items"]))
         return page
 
-    @app.get("/jobs/{job_id}", responses=refusals(404))
+    @api.get("/jobs/{job_id}", responses=refusals(404))
     def job_detail(job_id: ResourceId, caller: Caller = Depends(READ)) -> dict[str, Any]:
         with sessions() as session:
             job = session.get(Job, job_id)
@@ -191,7 +194,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             timeline = session.scalars(select(AuditEvent).where(AuditEvent.job_id == job_id).order_by(AuditEvent.id)).all()
             return {**_row(job), "timeline": [_row(e) for e in timeline]}
 
-    @app.post("/jobs/{job_id}/retry", status_code=201, responses=refusals(404, 409))
+    @api.post("/jobs/{job_id}/retry", status_code=201, responses=refusals(404, 409))
     def retry(job_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
         with sessions.begin() as session:
             job = session.get(Job, job_id)
@@ -208,7 +211,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         audit.record(sessions, "job-retry", "success", caller.actor, series_uid=job.series_instance_uid, job_id=new_id, retry_of=job_id)
         return {"job_id": new_id, "retry_of": job_id, "state": "queued"}
 
-    @app.post("/jobs/{job_id}/cancel", responses=refusals(404, 409))
+    @api.post("/jobs/{job_id}/cancel", responses=refusals(404, 409))
     def cancel(job_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
         """A queued job is not run; a running one stops within about a second (its worker looks
         every CHECK_SECONDS) with nothing stored, unless it was already storing its sCT, which then
@@ -226,7 +229,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         audit.record(sessions, "job-cancelled", "success", caller.actor, series_uid=series_uid, job_id=job_id, was_running=was_running)
         return {"job_id": job_id, "state": "cancelled", "was_running": was_running}
 
-    @app.get("/series", responses=refusals())
+    @api.get("/series")
     def list_series(
         caller: Caller = Depends(READ), state: Literal["receiving", "stable", "ignored"] | None = None,
         study_uid: str | None = Query(None, max_length=64), patient_id: str | None = Query(None, max_length=64),
@@ -242,7 +245,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                      returned=len(page["items"]))
         return page
 
-    @app.get("/associations", responses=refusals())
+    @api.get("/associations")
     def list_associations(
         caller: Caller = Depends(READ), calling_ae: str | None = Query(None, max_length=16), since: datetime | None = None,
         until: datetime | None = None, limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
@@ -257,7 +260,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         with sessions() as session:
             return _page(session, query, limit, offset)
 
-    @app.get("/routing", responses=refusals())
+    @api.get("/routing")
     def routing_status(
         caller: Caller = Depends(READ), limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
     ) -> dict[str, Any]:
@@ -283,7 +286,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             "limit": limit, "offset": offset,
         }
 
-    @app.post("/routing/retry", responses=refusals())
+    @api.post("/routing/retry")
     def routing_retry(caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
         """After the destination is fixed: try every failing original, the given-up ones included,
         at the next pass instead of at the end of its backoff."""
@@ -291,7 +294,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         audit.record(sessions, "routing-retry", "success", caller.actor, instances=count)
         return {"rescheduled": count}
 
-    @app.post("/synthesize", status_code=202, responses=refusals(404, 409, 502))
+    @api.post("/synthesize", status_code=202, responses=refusals(404, 409, 502))
     def synthesize_from_orthanc(body: SynthesizeRequest, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
         """Fetch a series already in Orthanc and run it through the same pipeline (spool, job, worker)."""
         from dicom_node.ingest import Ingest, SelectionRules, mark_stable, validate
@@ -328,13 +331,13 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         audit.record(sessions, "synthesis-requested", "success", caller.actor, series_uid=body.series_uid, job_id=job_id, instances=len(instances))
         return {"job_id": job_id, "series_uid": body.series_uid, "instances": len(instances)}
 
-    @app.get("/models", responses=refusals())
+    @api.get("/models")
     def list_models(caller: Caller = Depends(READ)) -> dict[str, Any]:
         with sessions() as session:
             rows = session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
             return {"items": [{k: v for k, v in _row(m).items() if k not in ("card", "losses")} for m in rows]}
 
-    @app.get("/models/{model_id}", responses=refusals(404))
+    @api.get("/models/{model_id}", responses=refusals(404))
     def model_detail(model_id: ResourceId, caller: Caller = Depends(READ)) -> dict[str, Any]:
         with sessions() as session:
             model = session.get(ModelVersion, model_id)
@@ -347,7 +350,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             return {**_row(model), "training_runs": list(runs),
                     "evaluations": [{k: v for k, v in _row(e).items() if k != "report"} for e in evaluations]}
 
-    @app.post("/models/{model_id}/activate", responses=refusals(404, 409))
+    @api.post("/models/{model_id}/activate", responses=refusals(404, 409))
     def activate_model(model_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
         from dicom_node.registry import activate
         from synthesis.errors import ModelMismatch
@@ -361,7 +364,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             raise HTTPException(409, str(exc)) from exc
         return {"id": chosen.id, "sha256": chosen.sha256, "active": True}
 
-    @app.get("/evaluations", responses=refusals())
+    @api.get("/evaluations")
     def list_evaluations(
         caller: Caller = Depends(READ),
         model_sha256: str | None = Query(None, pattern="^[0-9a-f]{64}$", description="the weights' SHA-256"),
@@ -381,7 +384,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             item.pop("report")
         return page
 
-    @app.get("/evaluations/{evaluation_id}", responses=refusals(404))
+    @api.get("/evaluations/{evaluation_id}", responses=refusals(404))
     def evaluation_detail(evaluation_id: ResourceId, caller: Caller = Depends(READ)) -> dict[str, Any]:
         """One evaluation with its whole report: per tissue, per pair, what was left out, the model it was compared with."""
         with sessions() as session:
@@ -390,7 +393,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                 raise HTTPException(404, f"no evaluation {evaluation_id}")
             return _row(row)
 
-    @app.get("/training/runs", responses=refusals())
+    @api.get("/training/runs")
     def list_training_runs(
         caller: Caller = Depends(READ), state: RunState | None = None,
         limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
@@ -407,7 +410,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             item.pop("config")
         return page
 
-    @app.get("/training/runs/{run_id}", responses=refusals(404))
+    @api.get("/training/runs/{run_id}", responses=refusals(404))
     def training_run_detail(run_id: ResourceId, caller: Caller = Depends(READ)) -> dict[str, Any]:
         """One run with its configuration and the paper's Table 2 losses of every epoch so far."""
         with sessions() as session:
@@ -416,7 +419,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                 raise HTTPException(404, f"no training run {run_id}")
             return _row(run)
 
-    @app.get("/audit", response_model=None, responses=refusals())
+    @api.get("/audit", response_model=None)
     def read_audit(
         request: Request, caller: Caller = Depends(READ),
         action: str | None = Query(None, max_length=64), outcome: Literal["success", "failure", "warning"] | None = None,
@@ -452,4 +455,5 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             return Response(buffer.getvalue(), media_type="text/csv", headers={"Content-Disposition": "attachment; filename=mr2ct-audit.csv"})
         return page
 
+    app.include_router(api)
     return app
