@@ -29,15 +29,16 @@ REPO_ORTHANC_CONFIG = Path(__file__).resolve().parent.parent / "orthanc" / "orth
 # Ports for the servers this module starts are handed out below Linux's ephemeral range
 # (32768-60999), so that no outgoing connection (storescu, an HTTP client) takes one between
 # free_port() and the server's bind, and each process counts up from a block of its own, so that
-# two processes starting servers at once (pytest-xdist's workers) never pick the same free port.
+# two processes starting servers at once never pick the same free port: MR2CT_PORT_BLOCK names
+# the block (the test suite's conftest gives each pytest-xdist worker its own), else the pid picks.
 _PORT_LOW, _PORT_HIGH, _PORT_BLOCKS = 20000, 32768, 16
 _port_lock = threading.Lock()
 _next_port: int | None = None
 
 
 def _first_port() -> int:
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1 ...
-    index = int(worker[2:]) if worker[2:].isdigit() else os.getpid()
+    block = os.environ.get("MR2CT_PORT_BLOCK", "")
+    index = int(block) if block.isdigit() else os.getpid()
     return _PORT_LOW + (index % _PORT_BLOCKS) * ((_PORT_HIGH - _PORT_LOW) // _PORT_BLOCKS)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -9,6 +10,11 @@ from pathlib import Path
 import pytest
 
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port
+
+# pytest-xdist's workers (gw0, gw1, ...) start servers at the same moment: each hands out ports
+# from its own block (dicom_node.local_stack.free_port), and so do the processes its tests start.
+if os.environ.get("PYTEST_XDIST_WORKER", "")[2:].isdigit():
+    os.environ["MR2CT_PORT_BLOCK"] = os.environ["PYTEST_XDIST_WORKER"][2:]
 
 NODE_AE = "MR2CT_TEST"
 SCANNER_AE = "TEST_SCANNER"

@@ -17,8 +17,8 @@ def test_ports_are_free_below_the_ephemeral_range_and_never_handed_out_twice() -
     them in the range outgoing connections take theirs from, and a port someone listens on is
     skipped."""
     taken = []
-    for worker in ("gw0", "gw1"):
-        env = {**os.environ, "PYTEST_XDIST_WORKER": worker}
+    for block in ("0", "1"):  # what tests/conftest.py sets for the workers gw0 and gw1
+        env = {**os.environ, "MR2CT_PORT_BLOCK": block}
         out = subprocess.run([sys.executable, "-c", TAKE], capture_output=True, text=True, env=env, timeout=60, check=True).stdout
         taken.append([int(p) for p in out.split()])
     assert len(taken[0]) == len(set(taken[0])) == 40 and not set(taken[0]) & set(taken[1])
