@@ -202,6 +202,21 @@ def config_show(config: ConfigOption = None) -> None:
 
 
 @app.command()
+def conformance(
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write it to this file (default: print it)")] = None,
+) -> None:
+    """Print the node's DICOM Conformance Statement (Markdown), made from the tables the node runs on."""
+    from dicom_node.conformance import statement
+
+    text = statement()
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        typer.echo(f"wrote {output}")
+
+
+@app.command()
 def demo(
     once: Annotated[bool, typer.Option("--once", help="stop everything after printing where the sCT is")] = False,
     workdir: Annotated[Path, typer.Option(help="folder for Orthanc storage, spool, database, logs")] = Path("var/demo"),

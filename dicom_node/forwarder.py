@@ -15,7 +15,7 @@ from typing import Any, Protocol
 from pydicom import dcmread
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
                          JPEGLSLossless, RLELossless, UID)
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -23,7 +23,7 @@ from dicom_node import audit
 from dicom_node.models import Instance, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.settings import parse_dicom_destination
-from dicom_node.transport import tune
+from dicom_node.transport import NodeAE, tune
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,28 @@ class OrthancRestDestination:
         yield send
 
 
+def requested_contexts(contexts: set[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+    """The presentation contexts a routing association proposes for a pass whose instances are of
+    these (SOP class, transfer syntax) kinds: each kind as received (uncompressed little endian
+    with the other uncompressed little endian syntax beside it), plain little endian for a SOP class
+    that came only compressed, deflated or big endian (decoded here if that is all the peer takes),
+    and one context per lossless syntax this node encodes. At most ``CONTEXTS_PER_KIND`` per kind."""
+    proposed: list[tuple[str, list[str]]] = []
+    fallback = set()
+    for sop_class, transfer_syntax in sorted(contexts):  # at most MAX_CONTEXTS // CONTEXTS_PER_KIND (forward_pending)
+        if transfer_syntax in UNCOMPRESSED_LITTLE_ENDIAN:
+            proposed.append((sop_class, [transfer_syntax, *(ts for ts in UNCOMPRESSED_LITTLE_ENDIAN if ts != transfer_syntax)]))
+        else:  # compressed, deflated or big endian: also offer plain little endian, decoded here if need be
+            proposed.append((sop_class, [transfer_syntax]))
+            fallback.add(sop_class)
+    for sop_class in sorted(fallback - {c for c, ts in contexts if ts in UNCOMPRESSED_LITTLE_ENDIAN}):
+        proposed.append((sop_class, list(UNCOMPRESSED_LITTLE_ENDIAN)))
+    for sop_class in sorted({c for c, _ts in contexts}):
+        for lossless in LOSSLESS_REENCODE:
+            proposed.append((sop_class, [lossless]))
+    return proposed
+
+
 class CStoreDestination:
     """Any DICOM AE by C-STORE: one association per pass, one presentation context per SOP class and
     transfer syntax in the pass. An instance goes in the syntax it came in when the peer takes it;
@@ -119,21 +141,11 @@ class CStoreDestination:
 
     @contextmanager
     def session(self, contexts: set[tuple[str, str]]) -> Iterator[Send]:
-        ae = AE(ae_title=self.calling_ae)
+        ae = NodeAE(self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         ae.connection_timeout = self.timeout
-        fallback = set()
-        for sop_class, transfer_syntax in sorted(contexts):  # at most MAX_CONTEXTS // CONTEXTS_PER_KIND (forward_pending)
-            if transfer_syntax in UNCOMPRESSED_LITTLE_ENDIAN:
-                ae.add_requested_context(sop_class, [transfer_syntax, *(ts for ts in UNCOMPRESSED_LITTLE_ENDIAN if ts != transfer_syntax)])
-            else:  # compressed, deflated or big endian: also offer plain little endian, decoded here if need be
-                ae.add_requested_context(sop_class, [transfer_syntax])
-                fallback.add(sop_class)
-        for sop_class in sorted(fallback - {c for c, ts in contexts if ts in UNCOMPRESSED_LITTLE_ENDIAN}):
-            ae.add_requested_context(sop_class, list(UNCOMPRESSED_LITTLE_ENDIAN))
-        for sop_class in sorted({c for c, _ts in contexts}):
-            for lossless in LOSSLESS_REENCODE:
-                ae.add_requested_context(sop_class, [lossless])
+        for sop_class, syntaxes in requested_contexts(contexts):
+            ae.add_requested_context(sop_class, syntaxes)
         tls = (self.ssl_context, self.host) if self.ssl_context is not None else None
         try:
             assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls,

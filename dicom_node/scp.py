@@ -32,7 +32,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import AE, evt
+from pynetdicom import evt
 from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
@@ -41,7 +41,7 @@ from dicom_node import audit
 from dicom_node.ingest import SUPPORTED_SOP_CLASSES, DatasetMismatch, Ingest, validate
 from dicom_node.models import Association, utcnow
 from dicom_node.spool import SpoolFull, file_meta_header
-from dicom_node.transport import tune
+from dicom_node.transport import NodeAE, tune
 from synthesis.errors import InvalidInstance
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def unexpected_reason(exc: BaseException) -> str:
     return f"the instance could not be read or stored ({type(exc).__name__}{where}{element})"
 
 
-class HostCheckingAE(AE):
+class HostCheckingAE(NodeAE):
     """An AE whose calling-AE allow-list can also restrict each title to a host.
 
     pynetdicom checks ``require_calling_aet`` while negotiating, in the

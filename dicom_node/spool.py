@@ -15,8 +15,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-
+from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.errors import InvalidInstance, Mr2ctError
 from synthesis.uids import is_valid_uid
 
@@ -54,8 +53,8 @@ def file_meta_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax_
         _element(0x00020002, b"UI", _padded(sop_class_uid, b"\x00")),
         _element(0x00020003, b"UI", _padded(sop_instance_uid, b"\x00")),
         _element(0x00020010, b"UI", _padded(transfer_syntax_uid, b"\x00")),
-        _element(0x00020012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
-        _element(0x00020013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        _element(0x00020012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\x00")),
+        _element(0x00020013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" ")),
     ))
     return b"\x00" * 128 + b"DICM" + _element(0x00020000, b"UL", struct.pack("<I", len(elements))) + elements
 

@@ -19,6 +19,10 @@ import logging
 import socket
 from typing import Any
 
+from pynetdicom import AE
+
+from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
 log = logging.getLogger(__name__)
 
 _warned = False
@@ -40,3 +44,14 @@ def tune(assoc: Any, poll_seconds: float) -> None:
     elif not _warned:
         _warned = True
         log.warning("this pynetdicom has no DUL poll delay to set: dicom_poll_ms has no effect")
+
+
+class NodeAE(AE):  # type: ignore[misc]
+    """A pynetdicom AE that names mr2ct in its associations (A-ASSOCIATE-RQ/AC user information:
+    Implementation Class UID and Version Name), not pynetdicom: what the conformance statement and a
+    peer's logs say the node is."""
+
+    def __init__(self, ae_title: str) -> None:
+        super().__init__(ae_title=ae_title)
+        self.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        self.implementation_version_name = IMPLEMENTATION_VERSION_NAME

@@ -17,16 +17,16 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.sequence import Sequence
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 import synthesis
+from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.model_file import LoadedModel
 from synthesis.normalize import HU_MAX, HU_MIN
 from synthesis.uids import derived_uid
 from synthesis.volume import SourceSeries
 
 MANUFACTURER = "mr2ct"
-IMPLEMENTATION_VERSION = "MR2CT_" + synthesis.__version__.replace(".", "")
 RESCALE_INTERCEPT = -1024
 WINDOWS = (("BRAIN", 40.0, 80.0), ("BONE", 600.0, 2800.0))
 
@@ -169,8 +169,8 @@ class SyntheticCTSeries:
         meta.MediaStorageSOPClassUID = CTImageStorage
         meta.MediaStorageSOPInstanceUID = self.sop_instance_uids[index]
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         return meta
 
     def dataset(self, index: int) -> Dataset:

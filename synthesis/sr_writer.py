@@ -19,6 +19,7 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 
 import synthesis
+from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.ct_writer import MANUFACTURER, SyntheticCTSeries, contributing_equipment, copy_patient_and_study
 from synthesis.infer import GUIDE_EPS, GUIDE_RADIUS
 from synthesis.uids import derived_uid
@@ -144,6 +145,8 @@ def build_provenance_sr(
         manufacturer_model_name="mr2ct",
     )
     copy_patient_and_study(first, sr)
+    sr.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID  # mr2ct wrote it (highdicom puts its own)
+    sr.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     sr.ContributingEquipmentSequence = contributing_equipment(f"Provenance of synthetic CT series {ct.series_instance_uid}")
     return sr
 

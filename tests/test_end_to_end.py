@@ -15,6 +15,7 @@ from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import echoscu, storescu
 from dicom_node.models import Association, AuditEvent, Instance
+from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.sr_writer import read_provenance
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import dciodvfy, series_datasets, study_series
@@ -109,6 +110,13 @@ def test_ct_and_sr_pass_dciodvfy(delivered, orthanc, tmp_path):
         errors, stale, warnings = dciodvfy(path)
         print(f"dciodvfy {modality}: {len(warnings)} warnings", *warnings, *(f"set aside: {s}" for s in stale), sep="\n  ")
         assert errors == [], f"dciodvfy errors for {modality}: {errors}"
+
+
+def test_the_ct_and_sr_in_orthanc_name_mr2ct_as_the_implementation_that_wrote_them(delivered, orthanc):
+    _, _, in_study = delivered
+    for modality in ("CT", "SR"):
+        meta = series_datasets(orthanc, _only(in_study, modality))[0].file_meta
+        assert (meta.ImplementationClassUID, meta.ImplementationVersionName) == (IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME), modality
 
 
 def test_sending_the_series_again_rewrites_the_same_instances(delivered, node, orthanc):

@@ -46,10 +46,14 @@ def test_write_is_complete_and_leaves_no_temporary_file(tmp_path: Path) -> None:
     ("1.2.840.10008.5.1.4.1.1.4.4", "2.25." + "9" * 59, "1.2.840.10008.1.2.4.90"),
 ])
 def test_the_file_meta_header_is_what_pynetdicom_writes(sop_class: str, sop_uid: str, transfer_syntax: str) -> None:
-    """The spool files carry the header pynetdicom's encoded_dataset() would give, byte for byte."""
+    """The spool files carry the header pynetdicom's encoded_dataset() would give, byte for byte,
+    naming mr2ct (not pynetdicom) as the implementation that wrote them."""
     from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
     from dicom_node.spool import file_meta_header
+    from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
-    expected = b"\x00" * 128 + b"DICM" + encode_file_meta(create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_uid, transfer_syntax=transfer_syntax))
+    meta = create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_uid, transfer_syntax=transfer_syntax,
+                            implementation_uid=IMPLEMENTATION_CLASS_UID, implementation_version=IMPLEMENTATION_VERSION_NAME)
+    expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
     assert file_meta_header(sop_class, sop_uid, transfer_syntax) == expected
