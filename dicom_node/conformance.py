@@ -230,7 +230,9 @@ C-STORE statuses returned:
 Every refusal is also an audit row (`dicom-instance-refused`) with the status and the reason.
 Storage level: 2 (full); the spool keeps every element as received, private ones included, and
 the synthesis reads the pixels in any of the accepted syntaxes (compressed ones decoded with
-pydicom's plugins).
+pydicom's plugins). The node is not an archive: with {_setting("spool_retention_hours")} an
+original is deleted from the spool that long after it arrived, once its series' newest job is
+done (or the series was ignored) and, when routing, it reached the destination.
 
 #### 2.2.2 Routing SCU (`forward_to`)
 

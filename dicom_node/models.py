@@ -67,6 +67,9 @@ class Instance(Base):
     forward_refusals: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     forward_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     forward_error: Mapped[str | None] = mapped_column(Text)
+    # Spool retention (spool_retention_hours): when the original was deleted from the spool. A
+    # re-send of the instance clears it (the spool holds it again).
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Job(Base):

@@ -80,6 +80,7 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                 row.received_at, row.size_bytes, row.association_id = item.received_at, item.size, item.association_id
                 row.transfer_syntax_uid = item.transfer_syntax
                 row.forwarded_at, row.forward_attempts, row.forward_refusals, row.forward_next_at = None, 0, 0, item.received_at
+                row.purged_at = None
             if series.last_received_at is None or _aware(series.last_received_at) < item.received_at:
                 series.last_received_at = item.received_at
             if series.state != "receiving":

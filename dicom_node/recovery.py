@@ -17,7 +17,7 @@ from dicom_node import audit
 from dicom_node.ingest import validate
 from dicom_node.models import Instance, Job, utcnow
 from dicom_node.recorder import SpooledInstance, record_batch
-from dicom_node.spool import Spool
+from dicom_node.spool import PURGE_SUFFIX, Spool
 from synthesis.errors import InvalidInstance
 
 log = logging.getLogger(__name__)
@@ -30,6 +30,16 @@ def recover_spool(spool: Spool, sessions: sessionmaker[Session]) -> dict[str, in
     for tmp in spool.stray_temporaries():
         tmp.unlink(missing_ok=True)
         removed += 1
+    restored = 0
+    for aside in spool.interrupted_purges():  # ".<sop>.dcm.purge": retention was deleting it when the process died
+        final = aside.with_name(aside.name[1:-len(PURGE_SUFFIX)])
+        if final.exists():  # a re-send is in place: that one stays
+            aside.unlink(missing_ok=True)
+            continue
+        os.replace(aside, final)  # back where it was; retention deletes it again when it is due
+        with sessions.begin() as session:
+            session.execute(update(Instance).where(Instance.path == str(final)).values(purged_at=None))
+        restored += 1
     with sessions() as session:
         known = set(session.scalars(select(Instance.path)).all())
     found: list[SpooledInstance] = []
@@ -50,8 +60,8 @@ def recover_spool(spool: Spool, sessions: sessionmaker[Session]) -> dict[str, in
     for start in range(0, len(found), RECOVERY_BATCH):  # a transaction per batch, not per file
         record_batch(sessions, found[start : start + RECOVERY_BATCH])
     recovered = len(found)
-    counts = {"recovered": recovered, "temporaries_removed": removed, "unrecoverable": unreadable}
-    if recovered or removed or unreadable:
+    counts = {"recovered": recovered, "temporaries_removed": removed, "unrecoverable": unreadable, "purges_undone": restored}
+    if recovered or removed or unreadable or restored:
         audit.record(sessions, "spool-recovery", "warning" if unreadable else "success", "mr2ct start-up", **counts)
         log.info("spool recovery recovered=%d temporaries_removed=%d unrecoverable=%d", recovered, removed, unreadable)
     return counts

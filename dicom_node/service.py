@@ -23,6 +23,7 @@ from dicom_node.forwarder import CStoreDestination, Destination, OrthancRestDest
 from dicom_node.ingest import Ingest, SelectionRules
 from dicom_node.recorder import Recorder
 from dicom_node.recovery import recover_spool, requeue_orphaned_jobs
+from dicom_node.retention import retention_loop
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.scp import StoreSCP
 from dicom_node.settings import Settings
@@ -129,6 +130,9 @@ class Node:
                                 forward_only=frozenset(s.forward_sop_classes), poll_seconds=s.dicom_poll_ms / 1000)
             self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
             self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules)
+            if s.spool_retention_hours:
+                log.info("spool retention: originals deleted %g hours after they arrived, once no longer needed", s.spool_retention_hours)
+                self._thread("spool-retention", retention_loop, self.sessions, s.spool_retention_hours, s.forward_originals, self.stop_event)
             if destination is not None:
                 log.info("routing originals to %s", destination.name)
                 self._thread("forwarder", forward_loop, self.sessions, destination, s.poll_seconds, self.stop_event, s.forward_max_refusals)

@@ -85,6 +85,11 @@ class Settings(BaseSettings):
     )
     complete_on_release: bool = Field(False, description="a series is complete as soon as the association that sent it is released")
     spool_min_free_mb: int = Field(200, ge=0, description="refuse instances (out of resources) when the spool disk has less free space")
+    spool_retention_hours: float = Field(
+        0, ge=0, le=24 * 3650, description="delete an original from the spool this long after it arrived, once its series' newest "
+        "job is done (or the series was ignored) and, when routing, it reached the destination; the database keeps its row "
+        "(0: keep every original)",
+    )
     forward_originals: bool = Field(False, description="also store every received original into Orthanc (the node routes)")
     forward_sop_classes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="other SOP Class UIDs accepted only to be routed to Orthanc (needs forward_originals)"

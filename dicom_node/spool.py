@@ -70,12 +70,15 @@ def _write_all(fd: int, chunks: Sequence[bytes]) -> None:
             views[0] = views[0][written:]
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+PURGE_SUFFIX = ".purge"  # spool retention renames a file to ".<name>.purge" before deleting it (dicom_node/retention.py)
 
 
 class Spool:
@@ -118,9 +121,9 @@ class Spool:
             created = not folder.exists()
             folder.mkdir(parents=True, exist_ok=True)
             if created:
-                _fsync_dir(study)
+                fsync_dir(study)
             if study_created:
-                _fsync_dir(self.root)
+                fsync_dir(self.root)
             if len(self._durable_folders) >= 100_000:  # a bound on memory over months of series
                 self._durable_folders.clear()
             self._durable_folders.add(folder)
@@ -150,7 +153,7 @@ class Spool:
             finally:
                 os.close(fd)
             os.replace(tmp, final)
-            _fsync_dir(folder)
+            fsync_dir(folder)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -161,6 +164,10 @@ class Spool:
     def stray_temporaries(self) -> list[Path]:
         """Half-written files a crash left behind (never acknowledged, safe to delete)."""
         return [p for p in self.root.glob("*/*/.*.tmp") if p.is_file()]
+
+    def interrupted_purges(self) -> list[Path]:
+        """Files spool retention renamed aside and had not deleted when the process died."""
+        return [p for p in self.root.glob(f"*/*/.*.dcm{PURGE_SUFFIX}") if p.is_file()]
 
     def instances(self) -> list[Path]:
         return [p for p in self.root.glob("*/*/*.dcm") if p.is_file()]

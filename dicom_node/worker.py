@@ -22,7 +22,7 @@ from dicom_node.ingest import SelectionRules, mark_stable, stable_series
 from dicom_node.models import Instance, Job, Series, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.ct_writer import SyntheticCTSeries
-from synthesis.errors import Mr2ctError, PacsUnavailable, StorageIncomplete, Stopped
+from synthesis.errors import Mr2ctError, PacsUnavailable, SeriesNotUsable, StorageIncomplete, Stopped
 from synthesis.infer import DeviceChoice, synthesize
 from synthesis.model_file import LoadedModel
 from synthesis.sr_writer import build_provenance_sr
@@ -191,7 +191,9 @@ class Worker:
             assert job is not None
             series = session.get(Series, job.series_instance_uid)
             assert series is not None
-            paths = session.scalars(select(Instance.path).where(Instance.series_instance_uid == job.series_instance_uid)).all()
+            rows = session.execute(select(Instance.path, Instance.purged_at).where(Instance.series_instance_uid == job.series_instance_uid)).all()
+            paths = [row.path for row in rows]
+            purged = sum(row.purged_at is not None for row in rows)
             series_uid, study_uid = series.series_instance_uid, series.study_instance_uid
         actor = f"worker {self.worker_id}"
         audit.record(self.sessions, audit.JOB_STARTED, "success", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, instances=len(paths))
@@ -201,6 +203,9 @@ class Worker:
             return lost.is_set() or shutdown.is_set()
 
         try:
+            if purged:
+                raise SeriesNotUsable(f"{purged} of the series' {len(paths)} originals were deleted from the spool "
+                                      "(spool_retention_hours): send the series again")
             datasets = [pydicom.dcmread(p) for p in paths]
             source = assemble(datasets)
             hu = synthesize(source.volume.voxels, source.volume.pixel_spacing, self.model, self.device.device, self.batch_size, self.precision,

@@ -203,6 +203,11 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             if job.state in ("queued", "running"):
                 raise HTTPException(409, f"job {job_id} is {job.state}; only finished, failed or cancelled jobs can be retried")
             series = session.get(Series, job.series_instance_uid)
+            purged = session.scalar(select(func.count()).select_from(Instance).where(
+                Instance.series_instance_uid == job.series_instance_uid, Instance.purged_at.is_not(None)))
+            if purged:
+                raise HTTPException(409, f"{purged} of the originals of job {job_id}'s series were deleted from the spool "
+                                         "(spool_retention_hours): send the series again to synthesize it")
             new = Job(series_instance_uid=job.series_instance_uid, state="queued", instance_count=series.instance_count if series else 0)
             session.add(new)
             session.flush()

@@ -1,0 +1,131 @@
+"""Spool retention: originals the node no longer needs are deleted from the spool after
+``spool_retention_hours``, so the spool does not grow until the disk is full and C-STORE answers
+0xA700. The node is not an archive: the PACS keeps the originals (the scanner sends them there,
+or the node routes them there).
+
+An original is deleted only when all of these hold:
+
+- it arrived more than ``spool_retention_hours`` ago (and the file in the spool is that old:
+  a re-send that arrived since is kept);
+- its series is no longer receiving, and its newest job is done (or the selection rules ignored
+  the series): a queued, running or failed job keeps the originals, for its retry;
+- when the node routes (``forward_originals``), it reached the destination: one waiting for a
+  retry, or given up, is kept.
+
+A file is first renamed aside (``.<name>.purge``), which takes whatever file the path holds at
+that moment atomically; a file written there after the cutoff (a re-send racing the purge) is
+linked back, never lost. Start-up recovery puts back a renamed file whose deletion a crash
+interrupted when its path is empty. The row stays, with ``purged_at``; the audit trail gets one
+``spool-purged`` event per round. A job asked for a purged series fails with the reason, and a
+re-send of the series makes it whole again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.models import Instance, Job, Series, utcnow
+from dicom_node.spool import PURGE_SUFFIX, fsync_dir
+
+log = logging.getLogger(__name__)
+
+SPOOL_PURGED = "spool-purged"
+BATCH = 2000
+CHECK_SECONDS = 60.0
+
+
+def _remove(path: Path, cutoff: datetime) -> int | None:
+    """Delete ``path`` if the file there was written before ``cutoff``; its size, or None if kept."""
+    aside = path.with_name(f".{path.name}{PURGE_SUFFIX}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return 0  # gone already (removed by hand): nothing to free, the row is marked all the same
+    status = os.stat(aside)
+    if status.st_mtime >= cutoff.timestamp():  # a re-send landed after the cutoff: it stays
+        try:
+            os.link(aside, path)
+        except FileExistsError:
+            pass  # a newer one still arrived meanwhile: that one stays
+        os.unlink(aside)
+        return None
+    os.unlink(aside)
+    return status.st_size
+
+
+def purge_spool(sessions: sessionmaker[Session], retention: timedelta, routing: bool, now: datetime | None = None) -> dict[str, int]:
+    """One round: delete the originals that are due (see the module's doc); returns the counts."""
+    now = now or utcnow()
+    cutoff = now - retention
+    purged = kept = freed = 0
+    series_done: set[str] = set()
+    newest_job_state = (select(Job.state).where(Job.series_instance_uid == Series.series_instance_uid)
+                        .order_by(Job.id.desc()).limit(1).correlate(Series).scalar_subquery())
+    no_job = ~select(Job.id).where(Job.series_instance_uid == Series.series_instance_uid).correlate(Series).exists()
+    query = (select(Instance.sop_instance_uid, Instance.path, Instance.series_instance_uid)
+             .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
+             .where(Instance.purged_at.is_(None), Instance.received_at < cutoff, Series.state != "receiving",
+                    or_(newest_job_state == "done", and_(Series.state == "ignored", no_job))))
+    if routing:
+        query = query.where(Instance.forwarded_at.is_not(None))
+    while True:
+        with sessions() as session:
+            due = session.execute(query.order_by(Instance.received_at).limit(BATCH)).all()
+        if not due:
+            break
+        removed: list[str] = []
+        folders: set[Path] = set()
+        for row in due:
+            size = _remove(Path(row.path), cutoff)
+            if size is None:
+                kept += 1
+                continue
+            removed.append(row.sop_instance_uid)
+            folders.add(Path(row.path).parent)
+            freed += size
+            series_done.add(row.series_instance_uid)
+        for folder in folders:
+            _drop_if_empty(folder)
+        with sessions.begin() as session:
+            for start in range(0, len(removed), 500):
+                chunk = removed[start:start + 500]
+                # received_at < cutoff again: a re-send recorded meanwhile is not marked purged
+                purged += session.execute(update(Instance).where(Instance.sop_instance_uid.in_(chunk), Instance.purged_at.is_(None),
+                                                                 Instance.received_at < cutoff).values(purged_at=now)).rowcount
+        if len(due) < BATCH or not removed:
+            break
+    counts = {"instances": purged, "series": len(series_done), "bytes_freed": freed, "kept_resent": kept}
+    if purged or kept:
+        audit.record(sessions, SPOOL_PURGED, "success", "mr2ct spool retention", retention_hours=retention.total_seconds() / 3600, **counts)
+        log.info("spool purged instances=%d series=%d mib_freed=%.1f kept_resent=%d", purged, len(series_done), freed / 2**20, kept)
+    return counts
+
+
+def _drop_if_empty(folder: Path) -> None:
+    """The series folder, then its study folder, once they hold nothing (a write racing this makes
+    the folder again: Spool.write does on FileNotFoundError)."""
+    for level in (folder, folder.parent):
+        try:
+            os.rmdir(level)
+        except OSError:
+            return  # not empty (or gone)
+        fsync_dir(level.parent)
+
+
+def retention_loop(sessions: sessionmaker[Session], retention_hours: float, routing: bool, stop: threading.Event,
+                   check_seconds: float = CHECK_SECONDS) -> None:
+    retention = timedelta(hours=retention_hours)
+    while not stop.is_set():
+        try:
+            purge_spool(sessions, retention, routing)
+        except Exception:  # a database or disk hiccup: try again next round, keep serving
+            log.exception("spool retention round failed")
+        stop.wait(min(check_seconds, max(retention.total_seconds() / 4, 1.0)))

@@ -1,0 +1,154 @@
+"""Spool retention: the PACS administrator bounds the spool with spool_retention_hours. Originals
+the node still needs (a job queued, running or failed; a series still arriving; an instance not
+yet routed) stay; a re-send racing the purge is never lost; a crash in the middle is undone at
+start; a job asked for a purged series says why, and sending the series again makes it whole."""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import select, text
+
+from dicom_node.db import init_db
+from dicom_node.demo import wait_for_job
+from dicom_node.local_stack import PostgresServer, free_port, storescu
+from dicom_node.models import AuditEvent, Instance, Job, Series, utcnow
+from dicom_node.recovery import recover_spool
+from dicom_node.retention import SPOOL_PURGED, purge_spool
+from dicom_node.spool import Spool
+from tests.conftest import NODE_AE, SCANNER_AE
+from tests.helpers import api_token
+from training.phantom_dicom import write_mr_series
+
+HOUR = timedelta(hours=1)
+STUDY = "1.2.826.0.1.3680043.8.498.77"
+
+
+@pytest.fixture(scope="module")
+def postgres(tmp_path_factory):
+    with PostgresServer(tmp_path_factory.mktemp("pg"), free_port()) as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def spooled(request, tmp_path: Path):
+    """A real spool and database (SQLite, or PostgreSQL as a scale-out deployment has), and a way
+    to put a series of two instances in both."""
+    spool = Spool(tmp_path / "spool")
+    if request.param == "sqlite":
+        sessions = init_db(f"sqlite:///{tmp_path / 'mr2ct.db'}")
+    else:
+        sessions = init_db(request.getfixturevalue("postgres").url)
+        with sessions.begin() as session:  # each test starts from an empty database
+            session.execute(text("TRUNCATE audit_events, jobs, instances, series CASCADE"))
+
+    def add(n: int, *, series_state: str = "stable", job_state: str | None = "done", hours_ago: float = 2.0,
+            forwarded: bool = False) -> list[Path]:
+        series_uid = f"{STUDY}.{n}"
+        received = utcnow() - timedelta(hours=hours_ago)
+        paths = []
+        with sessions.begin() as session:
+            session.add(Series(series_instance_uid=series_uid, study_instance_uid=STUDY, modality="MR", calling_ae=SCANNER_AE,
+                               instance_count=2, state=series_state, first_received_at=received, last_received_at=received))
+            session.flush()
+            for i in (1, 2):
+                sop = f"{series_uid}.{i}"
+                path = spool.write(STUDY, series_uid, sop, b"\0" * 128 + b"DICM" + bytes(1000))
+                os.utime(path, (received.timestamp(), received.timestamp()))
+                paths.append(path)
+                session.add(Instance(sop_instance_uid=sop, sop_class_uid="1.2.840.10008.5.1.4.1.1.4", series_instance_uid=series_uid,
+                                     transfer_syntax_uid="1.2.840.10008.1.2.1", path=str(path), size_bytes=path.stat().st_size,
+                                     received_at=received, forwarded_at=received if forwarded else None))
+            if job_state is not None:
+                session.add(Job(series_instance_uid=series_uid, state="failed", created_at=received))  # an older attempt
+                session.add(Job(series_instance_uid=series_uid, state=job_state, created_at=received))
+        return paths
+
+    return spool, sessions, add
+
+
+def _purged(sessions, paths: list[Path]) -> list[bool]:
+    with sessions() as session:
+        rows = {r.path: r.purged_at for r in session.scalars(select(Instance))}
+    return [rows[str(p)] is not None for p in paths]
+
+
+def test_only_originals_no_longer_needed_are_deleted(spooled):
+    spool, sessions, add = spooled
+    done, ignored = add(1), add(2, series_state="ignored", job_state=None)
+    failed, queued, running = add(3, job_state="failed"), add(4, job_state="queued"), add(5, job_state="running")
+    arriving, recent = add(6, series_state="receiving", job_state=None), add(7, hours_ago=0.5)
+    counts = purge_spool(sessions, HOUR, routing=False)
+    assert counts == {"instances": 4, "series": 2, "bytes_freed": 4 * 1132, "kept_resent": 0}
+    for paths in (done, ignored):
+        assert not any(p.exists() for p in paths) and _purged(sessions, paths) == [True, True]
+        assert not paths[0].parent.exists()  # the empty series folder goes too
+    for paths in (failed, queued, running, arriving, recent):
+        assert all(p.exists() for p in paths) and _purged(sessions, paths) == [False, False]
+    with sessions() as session:
+        (event,) = session.scalars(select(AuditEvent).where(AuditEvent.action == SPOOL_PURGED)).all()
+    assert event.detail["instances"] == 4 and event.detail["retention_hours"] == 1
+    assert purge_spool(sessions, HOUR, routing=False)["instances"] == 0  # nothing twice
+
+
+def test_when_routing_only_what_reached_the_destination_is_deleted(spooled):
+    _spool, sessions, add = spooled
+    waiting, routed = add(1), add(2, forwarded=True)
+    assert purge_spool(sessions, HOUR, routing=True)["instances"] == 2
+    assert all(p.exists() for p in waiting) and not any(p.exists() for p in routed)
+
+
+def test_a_resend_that_landed_after_the_cutoff_is_kept(spooled):
+    """The scanner sent the instance again (its file is new) and the database has not recorded it
+    yet: the purge takes the file aside, sees it is new, and puts it back."""
+    _spool, sessions, add = spooled
+    paths = add(1)
+    paths[0].write_bytes(b"the re-sent instance")  # mtime now
+    counts = purge_spool(sessions, HOUR, routing=False)
+    assert counts["instances"] == 1 and counts["kept_resent"] == 1
+    assert paths[0].read_bytes() == b"the re-sent instance" and not paths[1].exists()
+    assert _purged(sessions, paths) == [False, True]
+    assert [p.name for p in paths[0].parent.iterdir()] == [paths[0].name]  # nothing left aside
+
+
+def test_a_purge_a_crash_interrupted_is_undone_at_start(spooled):
+    spool, sessions, add = spooled
+    paths = add(1)
+    for path in paths:  # what retention does first, before it deletes
+        os.rename(path, path.with_name(f".{path.name}.purge"))
+    paths[1].write_bytes(b"a re-send that arrived meanwhile")
+    counts = recover_spool(spool, sessions)
+    assert counts["purges_undone"] == 1
+    assert paths[0].read_bytes().startswith(b"\0" * 128 + b"DICM") and paths[1].read_bytes() == b"a re-send that arrived meanwhile"
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_a_running_node_purges_then_a_retry_says_why_and_a_resend_makes_the_series_whole(node_factory, tmp_path):
+    node = node_factory(spool_retention_hours="0.0005")  # 1.8 s
+    series = write_mr_series(tmp_path / "mr", seed=81, slices=3, size=32, pixel_spacing=6.0, slice_spacing=6.0)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert job.state == "done", job.error
+    folder = Path(node.env["MR2CT_SPOOL_DIR"]) / series.study_uid / series.series_uid
+    deadline = time.monotonic() + 60
+    while folder.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not folder.exists(), "the originals of a synthesized series outlived spool_retention_hours"
+    sessions = init_db(node.database_url)
+    with sessions() as session:
+        rows = session.scalars(select(Instance).where(Instance.series_instance_uid == series.series_uid)).all()
+        assert len(rows) == 3 and all(r.purged_at is not None for r in rows)
+
+    admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'retention-admin')}"}
+    refused = httpx.post(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/jobs/{job.id}/retry", headers=admin, timeout=30)
+    assert refused.status_code == 409 and "send the series again" in refused.json()["detail"]
+
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    again = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=job.id)
+    assert again.state == "done", again.error
+    assert again.ct_series_uid == job.ct_series_uid  # the same sCT series, rewritten
