@@ -5,14 +5,19 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 
 import httpx
 import pydicom
 from pydicom.dataset import Dataset
+from sqlalchemy import select
 
+from dicom_node.db import init_db
 from dicom_node.local_stack import OrthancServer
+from dicom_node.models import AuditEvent
 
 # Debian's dicom3tools (1.00~20220618) predates Synthetic Data (0008,001C), added to
 # PS3.6 later; its dictionary reports the standard tag as unknown. Only this line is
@@ -43,6 +48,20 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str], list[str]]:
     stale = [l for l in errors if any(tag in l for tag in KNOWN_STALE_DICTIONARY_ERRORS)]
     warnings = [l for l in lines if l.startswith("Warning")]
     return [e for e in errors if e not in stale], stale, warnings
+
+
+def audit_events(database_url: str, matching: Callable[[AuditEvent], bool], timeout: float = 15.0) -> list[AuditEvent]:
+    """The audit events that ``matching`` accepts, waiting up to ``timeout`` for the first: the
+    node writes some after its answer has left (pynetdicom sends an A-ASSOCIATE-RJ before its
+    EVT_REJECTED handlers run), so a client that has its answer may look before the row is there."""
+    sessions = init_db(database_url)
+    deadline = time.monotonic() + timeout
+    while True:
+        with sessions() as session:
+            found = [e for e in session.scalars(select(AuditEvent)).all() if matching(e)]
+        if found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
 
 
 def api_token(database_url: str, role: str, name: str) -> str:

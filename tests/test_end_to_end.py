@@ -18,7 +18,7 @@ from dicom_node.models import Association, AuditEvent, Instance
 from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.sr_writer import read_provenance
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import dciodvfy, series_datasets, study_series
+from tests.helpers import audit_events, dciodvfy, series_datasets, study_series
 from training import phantoms
 from training.phantom_dicom import write_mr_series
 
@@ -157,10 +157,7 @@ def test_an_ae_title_not_on_the_list_is_rejected_and_audited(node):
     result = echoscu(node.port, NODE_AE, "INTRUDER")
     assert result.returncode != 0
     assert "reject" in (result.stdout + result.stderr).lower()
-    sessions = init_db(node.database_url)
-    with sessions() as session:
-        alerts = session.scalars(select(AuditEvent).where(AuditEvent.action == "security-alert")).all()
-    assert any(a.actor.startswith("INTRUDER@") for a in alerts)
+    assert audit_events(node.database_url, lambda e: e.action == "security-alert" and e.actor.startswith("INTRUDER@"))
 
 
 def test_an_instance_without_pixel_data_is_refused_with_a_failure_status(node, tmp_path):
