@@ -204,7 +204,9 @@ Association acceptance:
 - Calling AE titles: only those in {_setting("allowed_aes")} (`AE` or `AE@host`: that title
   from that host only); an empty list accepts any. Others are rejected (permanent, reason
   "calling AE title not recognized") and recorded as a security alert in the audit trail.
-- Called AE title: not checked (as dcmtk's storescp and Orthanc by default).
+- Called AE title: checked with {_setting("check_called_ae")} (rejected permanent, reason
+  "called AE title not recognized", and audited); otherwise any, as dcmtk's storescp and
+  Orthanc by default.
 - At most {_setting("max_associations")} associations at once; more are rejected (transient,
   "local limit exceeded") and audited.
 - Maximum PDU size received: unlimited (0). Asynchronous operations: not negotiated (one

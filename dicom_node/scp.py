@@ -121,7 +121,7 @@ class StoreSCP:
     def __init__(
         self, ae_title: str, allowed_aes: list[str], ingest: Ingest, sessions: sessionmaker[Session],
         max_associations: int = 16, on_released: Callable[[set[str]], None] | None = None,
-        forward_only: frozenset[str] = frozenset(), poll_seconds: float = 0.0002,
+        forward_only: frozenset[str] = frozenset(), poll_seconds: float = 0.0002, check_called_ae: bool = False,
     ) -> None:
         self.ae_title = ae_title
         self.poll_seconds = poll_seconds
@@ -130,6 +130,7 @@ class StoreSCP:
         self.on_released = on_released
         self.ae = HostCheckingAE(ae_title, parse_allowed(allowed_aes))
         self.ae.maximum_associations = max_associations
+        self.ae.require_called_aet = check_called_ae  # pynetdicom rejects: permanent, "called AE title not recognised"
         self.ae.maximum_pdu_size = 0  # no limit on what we receive
         self.ae.add_supported_context(Verification)
         self.forward_only = forward_only
@@ -185,7 +186,11 @@ class StoreSCP:
 
     def _on_rejected(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        if self.ae.allowed and requestor.ae_title not in self.ae.titles_for(requestor.address):
+        called = str(getattr(requestor.primitive, "called_ae_title", "") or "").strip()
+        if self.ae.require_called_aet and called != self.ae_title:
+            # a sender set up for another node (check_called_ae): the title it called is no secret
+            reason, action = f"called AE title {called[:16]!r} is not this node's ({self.ae_title})", audit.ASSOCIATION
+        elif self.ae.allowed and requestor.ae_title not in self.ae.titles_for(requestor.address):
             reason, action = "calling AE title not allowed from this host", audit.SECURITY_ALERT
         else:
             reason, action = "too many concurrent associations", audit.ASSOCIATION

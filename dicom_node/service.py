@@ -127,7 +127,8 @@ class Node:
                     for uid in series_uids:
                         complete_series(self.sessions, uid, 0, rules, "association released")
             self.scp = StoreSCP(s.ae_title, s.allowed_aes, ingest, self.sessions, s.max_associations, on_released,
-                                forward_only=frozenset(s.forward_sop_classes), poll_seconds=s.dicom_poll_ms / 1000)
+                                forward_only=frozenset(s.forward_sop_classes), poll_seconds=s.dicom_poll_ms / 1000,
+                                check_called_ae=s.check_called_ae)
             self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
             self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules)
             if s.spool_retention_hours:

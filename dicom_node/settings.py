@@ -77,6 +77,10 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(0.5, gt=0, le=60, description="how often the stability monitor and worker look for work")
     api_host: str = Field("127.0.0.1", description="address the admin API listens on")
     api_port: int = Field(8800, ge=0, le=65535, description="admin API port (0: no API in this process)")
+    check_called_ae: bool = Field(
+        False, description="reject an association addressed to another called AE title than ae_title (a sender set up for "
+        "another node); off: any called AE title, as dcmtk's storescp and Orthanc by default",
+    )
     max_associations: int = Field(16, ge=1, le=1000, description="concurrent associations the SCP accepts")
     dicom_poll_ms: float = Field(
         0.2, gt=0, le=10, description="how often pynetdicom's reader polls an association with nothing to do, on associations the "

@@ -20,7 +20,7 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import echoscu, free_port, nodelay_env, start_storescp, stop_process, storescu
 from dicom_node.models import AuditEvent, Instance, Job, Series
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import api_token
+from tests.helpers import api_token, audit_events
 from training.phantom_dicom import write_mr_series
 
 
@@ -232,6 +232,16 @@ def test_an_ae_title_bound_to_another_host_is_rejected_from_here(node_factory):
     refused = echoscu(node.port, NODE_AE, "REMOTE_ONLY")
     assert refused.returncode != 0
     assert "reject" in (refused.stdout + refused.stderr).lower()
+
+
+def test_with_check_called_ae_an_association_for_another_node_is_rejected_and_audited(node_factory):
+    """A scanner set up for another node's AE title on this host and port is turned away (and
+    the administrator sees why), not silently taken as if it were meant for this node."""
+    node = node_factory(check_called_ae="true")
+    assert echoscu(node.port, NODE_AE, SCANNER_AE).returncode == 0
+    refused = echoscu(node.port, "OTHER_NODE", SCANNER_AE)
+    assert refused.returncode != 0 and "called ae title not recognized" in (refused.stdout + refused.stderr).lower()
+    assert audit_events(node.database_url, lambda e: e.outcome == "failure" and "OTHER_NODE" in (e.detail or {}).get("reason", ""))
 
 
 def test_associations_past_the_limit_are_rejected(node_factory):
