@@ -132,6 +132,9 @@ def test_metrics_count_instances_and_jobs(api):
     text = httpx.get(f"{api['base']}/metrics", headers=api["auditor"]).text
     assert "mr2ct_instances_received_total" in text and 'mr2ct_jobs{state="done"}' in text
     assert "mr2ct_job_duration_seconds_bucket" in text and "mr2ct_queue_depth" in text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("mr2ct_spool")}
+    assert values["mr2ct_spool_instances"] >= 4 and values["mr2ct_spool_bytes"] > 4 * 48 * 48 * 2  # the series the fixture sent
+    assert values["mr2ct_spool_purged_instances"] == 0  # no spool_retention_hours here
 
 
 def test_tokens_are_stored_hashed_and_never_logged(api, node):
