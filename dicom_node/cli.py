@@ -18,6 +18,8 @@ tokens_app = typer.Typer(help="Bearer tokens of the admin API.", no_args_is_help
 app.add_typer(tokens_app, name="tokens")
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+spool_app = typer.Typer(help="The spool of received originals.", no_args_is_help=True)
+app.add_typer(spool_app, name="spool")
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (MR2CT_CONFIG also works)")]
 
@@ -727,6 +729,59 @@ def models_activate(key: Annotated[str, typer.Argument(help="id, name or SHA-256
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"active: {row.id} {row.name} sha256={row.sha256[:12]}")
+
+
+@spool_app.command("status")
+def spool_status(config: ConfigOption = None) -> None:
+    """What the spool holds, what retention deleted, and what it would delete now."""
+    import shutil
+    from datetime import timedelta
+
+    from dicom_node.db import init_db
+    from dicom_node.retention import due_for_purge, spool_usage
+
+    settings = _settings(config)
+    sessions = init_db(settings.database_url)
+    usage = spool_usage(sessions)
+    typer.echo(f"spool {settings.spool_dir}: {usage['instances']} originals, {usage['bytes'] / 2**20:.1f} MiB; "
+               f"{usage['purged_instances']} deleted by spool retention")
+    if Path(settings.spool_dir).exists():
+        typer.echo(f"free on its disk: {shutil.disk_usage(settings.spool_dir).free // 2**20} MiB "
+                   f"(C-STORE refused below {settings.spool_min_free_mb} MiB, spool_min_free_mb)")
+    if settings.spool_retention_hours:
+        due = due_for_purge(sessions, timedelta(hours=settings.spool_retention_hours), settings.forward_originals)
+        typer.echo(f"spool_retention_hours {settings.spool_retention_hours:g}: {due['instances']} originals of {due['series']} "
+                   f"series ({due['bytes'] / 2**20:.1f} MiB) are due now")
+    else:
+        typer.echo("spool_retention_hours 0: every original is kept")
+
+
+@spool_app.command("purge")
+def spool_purge(
+    older_than_hours: Annotated[Optional[float], typer.Option(help="delete originals older than this (default: spool_retention_hours)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be deleted, delete nothing")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Delete the originals no longer needed now, by the rules of spool retention (a job done or
+    the series ignored, routed when routing); for a node run without spool_retention_hours."""
+    from datetime import timedelta
+
+    from dicom_node.db import init_db
+    from dicom_node.retention import due_for_purge, purge_spool
+
+    settings = _settings(config)
+    hours = settings.spool_retention_hours if older_than_hours is None else older_than_hours
+    if not hours or hours <= 0:
+        typer.echo("mr2ct: give --older-than-hours (> 0), or set spool_retention_hours", err=True)
+        raise typer.Exit(2)
+    sessions = init_db(settings.database_url)
+    if dry_run:
+        due = due_for_purge(sessions, timedelta(hours=hours), settings.forward_originals)
+        typer.echo(f"would delete {due['instances']} originals of {due['series']} series ({due['bytes'] / 2**20:.1f} MiB)")
+        return
+    done = purge_spool(sessions, timedelta(hours=hours), settings.forward_originals, actor="mr2ct spool purge")
+    typer.echo(f"deleted {done['instances']} originals of {done['series']} series ({done['bytes_freed'] / 2**20:.1f} MiB)"
+               + (f"; kept {done['kept_resent']} sent again since" if done["kept_resent"] else ""))
 
 
 if __name__ == "__main__":

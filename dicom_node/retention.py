@@ -27,8 +27,9 @@ import os
 import threading
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Select, and_, case, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
@@ -61,21 +62,46 @@ def _remove(path: Path, cutoff: datetime) -> int | None:
     return status.st_size
 
 
-def purge_spool(sessions: sessionmaker[Session], retention: timedelta, routing: bool, now: datetime | None = None) -> dict[str, int]:
+def _due(cutoff: datetime, routing: bool) -> Select[Any]:
+    """The rows of the originals due for deletion at ``cutoff`` (see the module's doc)."""
+    newest_job_state = (select(Job.state).where(Job.series_instance_uid == Series.series_instance_uid)
+                        .order_by(Job.id.desc()).limit(1).correlate(Series).scalar_subquery())
+    no_job = ~select(Job.id).where(Job.series_instance_uid == Series.series_instance_uid).correlate(Series).exists()
+    query = (select(Instance.sop_instance_uid, Instance.path, Instance.series_instance_uid, Instance.size_bytes)
+             .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
+             .where(Instance.purged_at.is_(None), Instance.received_at < cutoff, Series.state != "receiving",
+                    or_(newest_job_state == "done", and_(Series.state == "ignored", no_job))))
+    return query.where(Instance.forwarded_at.is_not(None)) if routing else query
+
+
+def due_for_purge(sessions: sessionmaker[Session], retention: timedelta, routing: bool, now: datetime | None = None) -> dict[str, int]:
+    """What a round would delete now, deleting nothing (``mr2ct spool purge --dry-run``)."""
+    due = _due((now or utcnow()) - retention, routing).subquery()
+    with sessions() as session:
+        instances, series, size = session.execute(select(
+            func.count(), func.count(func.distinct(due.c.series_instance_uid)), func.coalesce(func.sum(due.c.size_bytes), 0))).one()
+    return {"instances": instances, "series": series, "bytes": int(size)}
+
+
+def spool_usage(sessions: sessionmaker[Session]) -> dict[str, int]:
+    """Originals the spool holds (recorded, not deleted) and their bytes; those deleted by retention."""
+    with sessions() as session:
+        held, size, purged = session.execute(select(
+            func.count(case((Instance.purged_at.is_(None), 1))),
+            func.coalesce(func.sum(case((Instance.purged_at.is_(None), Instance.size_bytes))), 0),
+            func.count(Instance.purged_at),
+        )).one()
+    return {"instances": held, "bytes": int(size), "purged_instances": purged}
+
+
+def purge_spool(sessions: sessionmaker[Session], retention: timedelta, routing: bool, now: datetime | None = None,
+                actor: str = "mr2ct spool retention") -> dict[str, int]:
     """One round: delete the originals that are due (see the module's doc); returns the counts."""
     now = now or utcnow()
     cutoff = now - retention
     purged = kept = freed = 0
     series_done: set[str] = set()
-    newest_job_state = (select(Job.state).where(Job.series_instance_uid == Series.series_instance_uid)
-                        .order_by(Job.id.desc()).limit(1).correlate(Series).scalar_subquery())
-    no_job = ~select(Job.id).where(Job.series_instance_uid == Series.series_instance_uid).correlate(Series).exists()
-    query = (select(Instance.sop_instance_uid, Instance.path, Instance.series_instance_uid)
-             .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
-             .where(Instance.purged_at.is_(None), Instance.received_at < cutoff, Series.state != "receiving",
-                    or_(newest_job_state == "done", and_(Series.state == "ignored", no_job))))
-    if routing:
-        query = query.where(Instance.forwarded_at.is_not(None))
+    query = _due(cutoff, routing)
     while True:
         with sessions() as session:
             due = session.execute(query.order_by(Instance.received_at).limit(BATCH)).all()
@@ -104,7 +130,7 @@ def purge_spool(sessions: sessionmaker[Session], retention: timedelta, routing: 
             break
     counts = {"instances": purged, "series": len(series_done), "bytes_freed": freed, "kept_resent": kept}
     if purged or kept:
-        audit.record(sessions, SPOOL_PURGED, "success", "mr2ct spool retention", retention_hours=retention.total_seconds() / 3600, **counts)
+        audit.record(sessions, SPOOL_PURGED, "success", actor, retention_hours=retention.total_seconds() / 3600, **counts)
         log.info("spool purged instances=%d series=%d mib_freed=%.1f kept_resent=%d", purged, len(series_done), freed / 2**20, kept)
     return counts
 

@@ -6,6 +6,8 @@ start; a job asked for a purged series says why, and sending the series again ma
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -126,6 +128,32 @@ def test_a_purge_a_crash_interrupted_is_undone_at_start(spooled):
     assert counts["purges_undone"] == 1
     assert paths[0].read_bytes().startswith(b"\0" * 128 + b"DICM") and paths[1].read_bytes() == b"a re-send that arrived meanwhile"
     assert sorted(p.name for p in paths[0].parent.iterdir()) == sorted(p.name for p in paths)
+
+
+@pytest.mark.parametrize("spooled", ["sqlite"], indirect=True)
+def test_the_administrator_sees_what_would_go_then_purges_by_hand(spooled, tmp_path):
+    """mr2ct spool status / purge --dry-run / purge, for a node that runs without retention."""
+    spool, sessions, add = spooled
+    done, failed = add(1), add(2, job_state="failed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env.update(MR2CT_DATABASE_URL=str(sessions.kw["bind"].url), MR2CT_SPOOL_DIR=str(spool.root))
+
+    def mr2ct(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "spool", *args], capture_output=True, text=True, env=env, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "4 originals, 0.0 MiB; 0 deleted" in mr2ct("status") and "every original is kept" in mr2ct("status")
+    assert "would delete 2 originals of 1 series" in mr2ct("purge", "--older-than-hours", "1", "--dry-run")
+    assert all(p.exists() for p in done + failed)
+    assert "deleted 2 originals of 1 series" in mr2ct("purge", "--older-than-hours", "1")
+    assert not any(p.exists() for p in done) and all(p.exists() for p in failed)
+    assert "2 originals, 0.0 MiB; 2 deleted by spool retention" in mr2ct("status")
+    refused = subprocess.run([sys.executable, "-m", "dicom_node.cli", "spool", "purge"], capture_output=True, text=True, env=env, timeout=120)
+    assert refused.returncode == 2 and "--older-than-hours" in refused.stderr
+    with sessions() as session:
+        (event,) = session.scalars(select(AuditEvent).where(AuditEvent.action == SPOOL_PURGED)).all()
+    assert event.actor == "mr2ct spool purge"
 
 
 def test_a_running_node_purges_then_a_retry_says_why_and_a_resend_makes_the_series_whole(node_factory, tmp_path):

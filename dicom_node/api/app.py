@@ -26,6 +26,7 @@ from dicom_node.db import notify_job_queued
 from dicom_node.forwarder import reschedule_failed
 from dicom_node.models import Association, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun, utcnow
 from dicom_node.orthanc_store import OrthancStore
+from dicom_node.retention import spool_usage
 from dicom_node.training_runs import RunState
 from synthesis.errors import PacsUnavailable
 
@@ -125,25 +126,21 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             refused = session.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.action == audit.INSTANCE_REFUSED))
             states = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
             finished = select(Job.seconds).where(Job.state == "done", Job.seconds.is_not(None)).subquery()
-            spooled, spooled_bytes, purged = session.execute(select(
-                func.count(case((Instance.purged_at.is_(None), 1))),
-                func.coalesce(func.sum(case((Instance.purged_at.is_(None), Instance.size_bytes))), 0),
-                func.count(Instance.purged_at),
-            )).one()
             buckets = session.execute(select(
                 func.count(), func.coalesce(func.sum(finished.c.seconds), 0.0),
                 *(func.count(case((finished.c.seconds <= bound, 1))) for bound in DURATION_BUCKETS),
             )).one()
+        spool = spool_usage(sessions)
         lines = [
             "# HELP mr2ct_instances_received_total Instances acknowledged with Success (closed associations).",
             "# TYPE mr2ct_instances_received_total counter", f"mr2ct_instances_received_total {received}",
             "# HELP mr2ct_instances_refused_total Instances refused with a failure status.",
             "# TYPE mr2ct_instances_refused_total counter", f"mr2ct_instances_refused_total {refused}",
             "# HELP mr2ct_spool_instances Originals the spool holds (recorded, not deleted by spool retention).",
-            "# TYPE mr2ct_spool_instances gauge", f"mr2ct_spool_instances {spooled}",
-            "# HELP mr2ct_spool_bytes Size of the originals the spool holds.", "# TYPE mr2ct_spool_bytes gauge", f"mr2ct_spool_bytes {spooled_bytes}",
+            "# TYPE mr2ct_spool_instances gauge", f"mr2ct_spool_instances {spool['instances']}",
+            "# HELP mr2ct_spool_bytes Size of the originals the spool holds.", "# TYPE mr2ct_spool_bytes gauge", f"mr2ct_spool_bytes {spool['bytes']}",
             "# HELP mr2ct_spool_purged_instances Originals deleted from the spool by spool retention (their rows kept).",
-            "# TYPE mr2ct_spool_purged_instances gauge", f"mr2ct_spool_purged_instances {purged}",
+            "# TYPE mr2ct_spool_purged_instances gauge", f"mr2ct_spool_purged_instances {spool['purged_instances']}",
             "# HELP mr2ct_jobs Jobs by state.", "# TYPE mr2ct_jobs gauge",
         ]
         for state in ("queued", "running", "done", "failed", "cancelled"):
