@@ -175,6 +175,8 @@ def test_a_running_node_purges_then_a_retry_says_why_and_a_resend_makes_the_seri
     admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'retention-admin')}"}
     refused = httpx.post(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/jobs/{job.id}/retry", headers=admin, timeout=30)
     assert refused.status_code == 409 and "send the series again" in refused.json()["detail"]
+    (listed,) = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/series", headers=admin, timeout=30).json()["items"]
+    assert listed["series_instance_uid"] == series.series_uid and listed["purged_instances"] == 3
     metrics = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/metrics", headers=admin, timeout=30).text
     assert "mr2ct_spool_instances 0\n" in metrics and "mr2ct_spool_purged_instances 3\n" in metrics
 

@@ -253,6 +253,11 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                 query = query.where(column == value)
         with sessions() as session:
             page = _page(session, query, limit, offset)
+            uids = [item["series_instance_uid"] for item in page["items"]]
+            purged = dict(session.execute(select(Instance.series_instance_uid, func.count()).where(
+                Instance.series_instance_uid.in_(uids), Instance.purged_at.is_not(None)).group_by(Instance.series_instance_uid)).all())
+        for item in page["items"]:  # originals spool retention deleted (a re-send brings them back)
+            item["purged_instances"] = purged.get(item["series_instance_uid"], 0)
         _audit_query(caller, "series", state=state, study_uid=study_uid, patient_filter=bool(patient_id), calling_ae=calling_ae,
                      returned=len(page["items"]))
         return page
