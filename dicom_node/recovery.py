@@ -63,7 +63,7 @@ def recover_spool(spool: Spool, sessions: sessionmaker[Session]) -> dict[str, in
     counts = {"recovered": recovered, "temporaries_removed": removed, "unrecoverable": unreadable, "purges_undone": restored}
     if recovered or removed or unreadable or restored:
         audit.record(sessions, "spool-recovery", "warning" if unreadable else "success", "mr2ct start-up", **counts)
-        log.info("spool recovery recovered=%d temporaries_removed=%d unrecoverable=%d", recovered, removed, unreadable)
+        log.info("spool recovery recovered=%d temporaries_removed=%d unrecoverable=%d purges_undone=%d", recovered, removed, unreadable, restored)
     return counts
 
 
