@@ -69,7 +69,7 @@ SLICES = 3  # of the phantom series the statement's CT and SR are made from
 
 
 def _built_objects() -> tuple[Dataset, Dataset, Dataset]:
-    """A two-slice phantom MR series, and the CT and SR the node's own writers make of it (zero HU,
+    """A ``SLICES``-slice phantom MR series (its first slice returned), and the first CT and the SR the node's own writers make of it (zero HU,
     no inference: the attributes, not the pixels, are what this is for)."""
     from synthesis.ct_writer import SyntheticCTSeries
     from synthesis.model_file import default_model_path, load_model
@@ -119,7 +119,7 @@ def _attribute_rows(ds: Dataset, mr: Dataset, shown: frozenset[str] = frozenset(
             text = "\\".join(str(v) for v in value) if isinstance(value, (list, pydicom.multival.MultiValue)) else str(value)
             source = f"`{_name(text) if keyword == 'SOPClassUID' else text}`"
         elif keyword == "PixelData":
-            source = "the synthetic CT, HU - intercept, 16 bits"
+            source = f"the synthetic CT: HU minus the rescale intercept, unsigned, {ds.BitsStored} of {ds.BitsAllocated} bits"
         elif keyword in mr and mr[keyword].value == element.value:
             source = "copied from the MR"
         else:
