@@ -18,8 +18,10 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table('instances', schema=None) as batch_op:
         batch_op.add_column(sa.Column('purged_at', sa.DateTime(timezone=True), nullable=True))
+        batch_op.create_index('ix_instances_purged_received', ['purged_at', 'received_at'], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('instances', schema=None) as batch_op:
+        batch_op.drop_index('ix_instances_purged_received')
         batch_op.drop_column('purged_at')
