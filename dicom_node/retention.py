@@ -29,7 +29,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, and_, case, func, or_, select, update
+from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
@@ -84,13 +84,13 @@ def due_for_purge(sessions: sessionmaker[Session], retention: timedelta, routing
 
 
 def spool_usage(sessions: sessionmaker[Session]) -> dict[str, int]:
-    """Originals the spool holds (recorded, not deleted) and their bytes; those deleted by retention."""
+    """Originals the spool holds (recorded, not deleted) and their bytes; those deleted by retention.
+    Two queries on the (purged_at, received_at) index, not one pass over every row ever received
+    (/metrics asks at every scrape)."""
     with sessions() as session:
-        held, size, purged = session.execute(select(
-            func.count(case((Instance.purged_at.is_(None), 1))),
-            func.coalesce(func.sum(case((Instance.purged_at.is_(None), Instance.size_bytes))), 0),
-            func.count(Instance.purged_at),
-        )).one()
+        held, size = session.execute(select(func.count(), func.coalesce(func.sum(Instance.size_bytes), 0))
+                                     .where(Instance.purged_at.is_(None))).one()
+        purged = session.scalar(select(func.count()).select_from(Instance).where(Instance.purged_at.is_not(None)))
     return {"instances": held, "bytes": int(size), "purged_instances": purged}
 
 
