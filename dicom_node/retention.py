@@ -43,6 +43,11 @@ BATCH = 2000
 CHECK_SECONDS = 60.0
 
 
+def purged_reason(purged: int, of: int) -> str:
+    """Why a series whose originals retention deleted cannot be synthesized (job error, API 409)."""
+    return f"{purged} of the series' {of} originals were deleted from the spool (spool_retention_hours): send the series again"
+
+
 def _remove(path: Path, cutoff: datetime) -> int | None:
     """Delete ``path`` if the file there was written before ``cutoff``; its size, or None if kept."""
     aside = path.with_name(f".{path.name}{PURGE_SUFFIX}")

@@ -21,6 +21,7 @@ from dicom_node import audit
 from dicom_node.ingest import SelectionRules, mark_stable, stable_series
 from dicom_node.models import Instance, Job, Series, utcnow
 from dicom_node.orthanc_store import OrthancStore
+from dicom_node.retention import purged_reason
 from synthesis.ct_writer import SyntheticCTSeries
 from synthesis.errors import Mr2ctError, PacsUnavailable, SeriesNotUsable, StorageIncomplete, Stopped
 from synthesis.infer import DeviceChoice, synthesize
@@ -204,8 +205,7 @@ class Worker:
 
         try:
             if purged:
-                raise SeriesNotUsable(f"{purged} of the series' {len(paths)} originals were deleted from the spool "
-                                      "(spool_retention_hours): send the series again")
+                raise SeriesNotUsable(purged_reason(purged, len(paths)))
             datasets = [pydicom.dcmread(p) for p in paths]
             source = assemble(datasets)
             hu = synthesize(source.volume.voxels, source.volume.pixel_spacing, self.model, self.device.device, self.batch_size, self.precision,

@@ -180,7 +180,12 @@ def test_a_running_node_purges_then_a_retry_says_why_and_a_resend_makes_the_seri
     metrics = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/metrics", headers=admin, timeout=30).text
     assert "mr2ct_spool_instances 0\n" in metrics and "mr2ct_spool_purged_instances 3\n" in metrics
 
+    # the scanner sends one slice again: the series cannot be made from one slice of three, and the job says why
+    assert storescu(series.files[0], node.port, NODE_AE, SCANNER_AE).returncode == 0
+    partial = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=job.id)
+    assert partial.state == "failed" and "2 of the series' 3 originals were deleted" in partial.error and "send the series again" in partial.error
+
     assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
-    again = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=job.id)
+    again = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=partial.id)
     assert again.state == "done", again.error
     assert again.ct_series_uid == job.ct_series_uid  # the same sCT series, rewritten

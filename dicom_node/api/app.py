@@ -26,7 +26,7 @@ from dicom_node.db import notify_job_queued
 from dicom_node.forwarder import reschedule_failed
 from dicom_node.models import Association, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun, utcnow
 from dicom_node.orthanc_store import OrthancStore
-from dicom_node.retention import spool_usage
+from dicom_node.retention import purged_reason, spool_usage
 from dicom_node.training_runs import RunState
 from synthesis.errors import PacsUnavailable
 
@@ -210,11 +210,10 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             if job.state in ("queued", "running"):
                 raise HTTPException(409, f"job {job_id} is {job.state}; only finished, failed or cancelled jobs can be retried")
             series = session.get(Series, job.series_instance_uid)
-            purged = session.scalar(select(func.count()).select_from(Instance).where(
-                Instance.series_instance_uid == job.series_instance_uid, Instance.purged_at.is_not(None)))
+            purged, of = session.execute(select(func.count(Instance.purged_at), func.count()).where(
+                Instance.series_instance_uid == job.series_instance_uid)).one()
             if purged:
-                raise HTTPException(409, f"{purged} of the originals of job {job_id}'s series were deleted from the spool "
-                                         "(spool_retention_hours): send the series again to synthesize it")
+                raise HTTPException(409, f"job {job_id}: {purged_reason(purged, of)}")
             new = Job(series_instance_uid=job.series_instance_uid, state="queued", instance_count=series.instance_count if series else 0)
             session.add(new)
             session.flush()
