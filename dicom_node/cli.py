@@ -779,9 +779,10 @@ def spool_purge(
         due = due_for_purge(sessions, timedelta(hours=hours), settings.forward_originals)
         typer.echo(f"would delete {due['instances']} originals of {due['series']} series ({due['bytes'] / 2**20:.1f} MiB)")
         return
-    done = purge_spool(sessions, timedelta(hours=hours), settings.forward_originals, actor="mr2ct spool purge")
+    done = purge_spool(sessions, settings.spool_dir, timedelta(hours=hours), settings.forward_originals, actor="mr2ct spool purge")
     typer.echo(f"deleted {done['instances']} originals of {done['series']} series ({done['bytes_freed'] / 2**20:.1f} MiB)"
-               + (f"; kept {done['kept_resent']} sent again since" if done["kept_resent"] else ""))
+               + (f"; kept {done['kept_resent']} sent again since" if done["kept_resent"] else "")
+               + (f"; left {done['outside_spool']} alone whose recorded paths are not under spool_dir" if done["outside_spool"] else ""))
 
 
 if __name__ == "__main__":

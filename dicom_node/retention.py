@@ -17,7 +17,9 @@ that moment atomically; a file written there after the cutoff (a re-send racing 
 linked back, never lost. Start-up recovery puts back a renamed file whose deletion a crash
 interrupted when its path is empty. The row stays, with ``purged_at``; the audit trail gets one
 ``spool-purged`` event per round. A job asked for a purged series fails with the reason, and a
-re-send of the series makes it whole again.
+re-send of the series makes it whole again. Only files where the spool keeps them are deleted
+(``<spool_dir>/<study>/<series>/<sop>.dcm`` for the row's own SOP Instance UID): a row that names
+any other path (the spool moved, a database edited by hand) is left alone and counted.
 """
 
 from __future__ import annotations
@@ -99,12 +101,18 @@ def spool_usage(sessions: sessionmaker[Session]) -> dict[str, int]:
     return {"instances": held, "bytes": int(size), "purged_instances": purged}
 
 
-def purge_spool(sessions: sessionmaker[Session], retention: timedelta, routing: bool, now: datetime | None = None,
+def _in_spool(root: Path, path: Path, sop_uid: str) -> bool:
+    """The path the spool gives this instance's file, by its parts (no system call)."""
+    return path.name == f"{sop_uid}.dcm" and path.parent.parent.parent == root and os.path.normpath(path) == str(path)
+
+
+def purge_spool(sessions: sessionmaker[Session], spool_dir: Path, retention: timedelta, routing: bool, now: datetime | None = None,
                 actor: str = "mr2ct spool retention") -> dict[str, int]:
     """One round: delete the originals that are due (see the module's doc); returns the counts."""
+    root = Path(spool_dir).resolve()
     now = now or utcnow()
     cutoff = now - retention
-    purged = kept = freed = 0
+    purged = kept = freed = outside = 0
     series_done: set[str] = set()
     query = _due(cutoff, routing)
     while True:
@@ -115,6 +123,9 @@ def purge_spool(sessions: sessionmaker[Session], retention: timedelta, routing: 
         removed: list[str] = []
         folders: set[Path] = set()
         for row in due:
+            if not _in_spool(root, Path(row.path), row.sop_instance_uid):
+                outside += 1
+                continue
             size = _remove(Path(row.path), cutoff)
             if size is None:
                 kept += 1
@@ -133,8 +144,10 @@ def purge_spool(sessions: sessionmaker[Session], retention: timedelta, routing: 
                                                                  Instance.received_at < cutoff).values(purged_at=now)).rowcount
         if len(due) < BATCH or not removed:
             break
-    counts = {"instances": purged, "series": len(series_done), "bytes_freed": freed, "kept_resent": kept}
-    if purged or kept:
+    counts = {"instances": purged, "series": len(series_done), "bytes_freed": freed, "kept_resent": kept, "outside_spool": outside}
+    if outside:
+        log.warning("spool retention left %d originals alone: their recorded paths are not under spool_dir %s (was it moved?)", outside, root)
+    if purged or kept or outside:
         audit.record(sessions, SPOOL_PURGED, "success", actor, retention_hours=retention.total_seconds() / 3600, **counts)
         log.info("spool purged instances=%d series=%d mib_freed=%.1f kept_resent=%d", purged, len(series_done), freed / 2**20, kept)
     return counts
@@ -151,12 +164,12 @@ def _drop_if_empty(folder: Path) -> None:
         fsync_dir(level.parent)
 
 
-def retention_loop(sessions: sessionmaker[Session], retention_hours: float, routing: bool, stop: threading.Event,
+def retention_loop(sessions: sessionmaker[Session], spool_dir: Path, retention_hours: float, routing: bool, stop: threading.Event,
                    check_seconds: float = CHECK_SECONDS) -> None:
     retention = timedelta(hours=retention_hours)
     while not stop.is_set():
         try:
-            purge_spool(sessions, retention, routing)
+            purge_spool(sessions, spool_dir, retention, routing)
         except Exception:  # a database or disk hiccup: try again next round, keep serving
             log.exception("spool retention round failed")
         stop.wait(min(check_seconds, max(retention.total_seconds() / 4, 1.0)))

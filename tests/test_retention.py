@@ -85,8 +85,8 @@ def test_only_originals_no_longer_needed_are_deleted(spooled):
     done, ignored = add(1), add(2, series_state="ignored", job_state=None)
     failed, queued, running = add(3, job_state="failed"), add(4, job_state="queued"), add(5, job_state="running")
     arriving, recent = add(6, series_state="receiving", job_state=None), add(7, hours_ago=0.5)
-    counts = purge_spool(sessions, HOUR, routing=False)
-    assert counts == {"instances": 4, "series": 2, "bytes_freed": 4 * 1132, "kept_resent": 0}
+    counts = purge_spool(sessions, spool.root, HOUR, routing=False)
+    assert counts == {"instances": 4, "series": 2, "bytes_freed": 4 * 1132, "kept_resent": 0, "outside_spool": 0}
     for paths in (done, ignored):
         assert not any(p.exists() for p in paths) and _purged(sessions, paths) == [True, True]
         assert not paths[0].parent.exists()  # the empty series folder goes too
@@ -95,27 +95,43 @@ def test_only_originals_no_longer_needed_are_deleted(spooled):
     with sessions() as session:
         (event,) = session.scalars(select(AuditEvent).where(AuditEvent.action == SPOOL_PURGED)).all()
     assert event.detail["instances"] == 4 and event.detail["retention_hours"] == 1
-    assert purge_spool(sessions, HOUR, routing=False)["instances"] == 0  # nothing twice
+    assert purge_spool(sessions, spool.root, HOUR, routing=False)["instances"] == 0  # nothing twice
 
 
 def test_when_routing_only_what_reached_the_destination_is_deleted(spooled):
-    _spool, sessions, add = spooled
+    spool, sessions, add = spooled
     waiting, routed = add(1), add(2, forwarded=True)
-    assert purge_spool(sessions, HOUR, routing=True)["instances"] == 2
+    assert purge_spool(sessions, spool.root, HOUR, routing=True)["instances"] == 2
     assert all(p.exists() for p in waiting) and not any(p.exists() for p in routed)
 
 
 def test_a_resend_that_landed_after_the_cutoff_is_kept(spooled):
     """The scanner sent the instance again (its file is new) and the database has not recorded it
     yet: the purge takes the file aside, sees it is new, and puts it back."""
-    _spool, sessions, add = spooled
+    spool, sessions, add = spooled
     paths = add(1)
     paths[0].write_bytes(b"the re-sent instance")  # mtime now
-    counts = purge_spool(sessions, HOUR, routing=False)
+    counts = purge_spool(sessions, spool.root, HOUR, routing=False)
     assert counts["instances"] == 1 and counts["kept_resent"] == 1
     assert paths[0].read_bytes() == b"the re-sent instance" and not paths[1].exists()
     assert _purged(sessions, paths) == [False, True]
     assert [p.name for p in paths[0].parent.iterdir()] == [paths[0].name]  # nothing left aside
+
+
+def test_a_row_naming_a_file_outside_the_spool_is_left_alone(spooled, tmp_path):
+    """The database names the files to delete, but retention deletes only where the spool keeps
+    them: a spool_dir that moved, or a row edited to name another file, deletes nothing."""
+    spool, sessions, add = spooled
+    paths = add(1)
+    elsewhere = tmp_path / "elsewhere" / paths[0].name
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(b"not the spool's")
+    os.utime(elsewhere, (0, 0))
+    with sessions.begin() as session:
+        session.get(Instance, paths[0].stem).path = str(elsewhere)
+    counts = purge_spool(sessions, spool.root, HOUR, routing=False)
+    assert counts["outside_spool"] == 1 and counts["instances"] == 1
+    assert elsewhere.read_bytes() == b"not the spool's" and _purged(sessions, [elsewhere, paths[1]]) == [False, True]
 
 
 def test_a_purge_a_crash_interrupted_is_undone_at_start(spooled):
