@@ -36,7 +36,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.models import Instance, Job, Series, utcnow
-from dicom_node.spool import PURGE_SUFFIX, fsync_dir
+from dicom_node.spool import PURGE_SUFFIX, Spool, fsync_dir
+from synthesis.errors import InvalidInstance
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def _due(cutoff: datetime, routing: bool) -> Select[Any]:
     newest_job_state = (select(Job.state).where(Job.series_instance_uid == Series.series_instance_uid)
                         .order_by(Job.id.desc()).limit(1).correlate(Series).scalar_subquery())
     no_job = ~select(Job.id).where(Job.series_instance_uid == Series.series_instance_uid).correlate(Series).exists()
-    query = (select(Instance.sop_instance_uid, Instance.path, Instance.series_instance_uid, Instance.size_bytes)
+    query = (select(Instance.sop_instance_uid, Instance.path, Instance.series_instance_uid, Instance.size_bytes, Series.study_instance_uid)
              .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
              .where(Instance.purged_at.is_(None), Instance.received_at < cutoff, Series.state != "receiving",
                     or_(newest_job_state == "done", and_(Series.state == "ignored", no_job))))
@@ -101,15 +102,19 @@ def spool_usage(sessions: sessionmaker[Session]) -> dict[str, int]:
     return {"instances": held, "bytes": int(size), "purged_instances": purged}
 
 
-def _in_spool(root: Path, path: Path, sop_uid: str) -> bool:
-    """The path the spool gives this instance's file, by its parts (no system call)."""
-    return path.name == f"{sop_uid}.dcm" and path.parent.parent.parent == root and os.path.normpath(path) == str(path)
+def _in_spool(spool: Spool, row: Any) -> bool:
+    """Whether the row names the very path the spool gives its instance's file (Spool.path_for,
+    which validates the UIDs and keeps every path inside the spool)."""
+    try:
+        return Path(row.path) == spool.path_for(row.study_instance_uid, row.series_instance_uid, row.sop_instance_uid)
+    except InvalidInstance:
+        return False
 
 
 def purge_spool(sessions: sessionmaker[Session], spool_dir: Path, retention: timedelta, routing: bool, now: datetime | None = None,
                 actor: str = "mr2ct spool retention") -> dict[str, int]:
     """One round: delete the originals that are due (see the module's doc); returns the counts."""
-    root = Path(spool_dir).resolve()
+    spool = Spool(spool_dir)
     now = now or utcnow()
     cutoff = now - retention
     purged = kept = freed = outside = 0
@@ -123,7 +128,7 @@ def purge_spool(sessions: sessionmaker[Session], spool_dir: Path, retention: tim
         removed: list[str] = []
         folders: set[Path] = set()
         for row in due:
-            if not _in_spool(root, Path(row.path), row.sop_instance_uid):
+            if not _in_spool(spool, row):
                 outside += 1
                 continue
             size = _remove(Path(row.path), cutoff)
@@ -146,7 +151,7 @@ def purge_spool(sessions: sessionmaker[Session], spool_dir: Path, retention: tim
             break
     counts = {"instances": purged, "series": len(series_done), "bytes_freed": freed, "kept_resent": kept, "outside_spool": outside}
     if outside:
-        log.warning("spool retention left %d originals alone: their recorded paths are not under spool_dir %s (was it moved?)", outside, root)
+        log.warning("spool retention left %d originals alone: their recorded paths are not under spool_dir %s (was it moved?)", outside, spool.root)
     if purged or kept or outside:
         audit.record(sessions, SPOOL_PURGED, "success", actor, retention_hours=retention.total_seconds() / 3600, **counts)
         log.info("spool purged instances=%d series=%d mib_freed=%.1f kept_resent=%d", purged, len(series_done), freed / 2**20, kept)
