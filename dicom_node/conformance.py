@@ -20,7 +20,7 @@ import synthesis
 from dicom_node.forwarder import LOSSLESS_REENCODE, MAX_CONTEXTS, STORED_STATUSES, UNCOMPRESSED_LITTLE_ENDIAN, requested_contexts
 from dicom_node.ingest import SUPPORTED_SOP_CLASSES
 from dicom_node.scp import (
-    STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, TRANSFER_SYNTAXES,
+    STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, supported_contexts,
 )
 from dicom_node.settings import Settings
 from dicom_node.transport import NodeAE
@@ -58,11 +58,6 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def accepted_contexts() -> list[tuple[str, list[str]]]:
-    """(abstract syntax, transfer syntaxes) the Storage SCP accepts with the default settings."""
-    return [(VERIFICATION, ["1.2.840.10008.1.2"]), *((str(c), [str(ts) for ts in TRANSFER_SYNTAXES]) for c in SUPPORTED_SOP_CLASSES)]
 
 
 SLICES = 3  # of the phantom series the statement's CT and SR are made from
@@ -219,7 +214,7 @@ Presentation contexts accepted (each transfer syntax of a row in a context of it
 several together; the SCP chooses the first of a context's syntaxes it accepts):
 
 {_table(["Abstract syntax", "UID", "Transfer syntaxes", "Role"], [
-    [_name(c), c, ", ".join(f"{_name(ts)} `{ts}`" for ts in syntaxes), "SCP"] for c, syntaxes in accepted_contexts()
+    [_name(c), c, ", ".join(f"{_name(ts)} `{ts}`" for ts in syntaxes), "SCP"] for c, syntaxes in supported_contexts()
 ])}
 
 SOP classes in {_setting("forward_sop_classes")} are accepted too, in the same transfer

@@ -32,7 +32,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
-from pynetdicom import evt
+from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
@@ -53,6 +53,13 @@ TRANSFER_SYNTAXES = [
     RLELossless, JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1,
     JPEGLSLossless, JPEGLSNearLossless, JPEG2000Lossless, JPEG2000,
 ]
+
+def supported_contexts(forward_only: frozenset[str] = frozenset()) -> list[tuple[str, list[str]]]:
+    """(abstract syntax, transfer syntaxes) the Storage SCP accepts: Verification, the MR storage
+    classes and the SOP classes accepted only to be routed, in every syntax pydicom decodes here."""
+    return [(str(Verification), [str(ts) for ts in DEFAULT_TRANSFER_SYNTAXES]),  # what add_supported_context gives by default
+            *((str(c), [str(ts) for ts in TRANSFER_SYNTAXES]) for c in [*SUPPORTED_SOP_CLASSES, *sorted(forward_only)])]
+
 
 STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -132,10 +139,9 @@ class StoreSCP:
         self.ae.maximum_associations = max_associations
         self.ae.require_called_aet = check_called_ae  # pynetdicom rejects: permanent, "called AE title not recognised"
         self.ae.maximum_pdu_size = 0  # no limit on what we receive
-        self.ae.add_supported_context(Verification)
         self.forward_only = forward_only
-        for sop_class in [*SUPPORTED_SOP_CLASSES, *sorted(forward_only)]:
-            self.ae.add_supported_context(sop_class, TRANSFER_SYNTAXES)
+        for sop_class, syntaxes in supported_contexts(forward_only):
+            self.ae.add_supported_context(sop_class, syntaxes)
         self._associations: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._server: Any = None
