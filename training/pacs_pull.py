@@ -286,6 +286,16 @@ def _synthetic(client: DICOMwebClient, url: str, attrs: dict[str, Any]) -> bool:
     return _value(metadata, "0008001C").upper() == "YES"
 
 
+def _synthetic_unless_fetched(client: DICOMwebClient, url: str, attrs: dict[str, Any], patient_dir: Path) -> bool:
+    """``_synthetic``, asked only of a CT series not in the folder already: one that is was asked
+    about by the run that fetched it (a synthetic one is never fetched), so a second run costs no
+    metadata request per CT it has."""
+    uids = _series_uids(attrs)
+    if uids is not None and (patient_dir / uids[1]).is_dir():
+        return False
+    return _synthetic(client, url, attrs)
+
+
 def pull_pairs(
     url: str, out_dir: Path, flt: PairsFilter, *, username: str | None = None, password: str | None = None,
     timeout: float = 30.0, progress: bool | None = None, attempts: int = DEFAULT_ATTEMPTS,
@@ -293,11 +303,13 @@ def pull_pairs(
     """The DICOM files of every patient that has both an MR and a CT series matching ``flt`` (and
     of the spatial registrations filed for them), fetched into ``out_dir`` as `mr2ct evaluate
     --pairs` reads them: ``<salted patient hash>/<series UID>/<n>.dcm``. No patient identifier
-    names a folder (the files themselves are the patient's DICOM, in explicit VR little endian as
-    WADO-RS sends them by default: keep the folder where such data may be). A series lands whole
+    names a folder (the files themselves are the patient's DICOM, in the syntax the PACS stores
+    them: keep the folder where such data may be). A series lands whole
     or not at all (fetched beside the folder, then moved in), so a second run fetches only the
     series missing. ``limit`` takes that many patients in the order of their salted hash (a
-    fixed, arbitrary draw for a folder). Returns counts (patients, found, fetched, skipped)."""
+    fixed, arbitrary draw for a folder). Whether a CT is synthetic costs two requests (QIDO does
+    not carry it): asked only of the CTs of the patients taken, and not of those already in the
+    folder. Returns counts (patients, found, fetched, skipped)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial"  # outside the folder: evaluate never sees half a series
@@ -310,13 +322,15 @@ def pull_pairs(
                 continue
             patient = (_value(attrs, "00100020"), _value(attrs, "00100021"))
             by_patient.setdefault(patient, {"MR": [], "CT": []})[modality].append(attrs)
-    for found in by_patient.values():
-        if found["MR"]:  # only where it could make a pair: a metadata request per CT series
-            found["CT"] = [a for a in found["CT"] if not _synthetic(client, url, a)]  # an sCT (mr2ct's own) is no ground truth
-    keyed = sorted((patient_key(pid, issuer, salt), (pid, issuer), found) for (pid, issuer), found in by_patient.items()
-                   if found["MR"] and found["CT"] and pid)
-    if flt.limit is not None:
-        keyed = keyed[: flt.limit]
+    candidates = sorted((patient_key(pid, issuer, salt), (pid, issuer), found) for (pid, issuer), found in by_patient.items()
+                        if found["MR"] and found["CT"] and pid)
+    keyed = []
+    for key, patient, found in candidates:  # in the order ``limit`` draws them, until it has enough
+        if flt.limit is not None and len(keyed) >= flt.limit:
+            break  # the CTs of the patients not taken are never asked about
+        found["CT"] = [a for a in found["CT"] if not _synthetic_unless_fetched(client, url, a, out_dir / key)]
+        if found["CT"]:  # an MR whose only CT is an sCT (mr2ct's own) has no ground truth: not a pair
+            keyed.append((key, patient, found))
     todo: list[tuple[str, dict[str, Any]]] = []
     for key, (pid, issuer), found in keyed:
         registrations = _search_series(client, url, {"Modality": SPATIAL_REGISTRATION_MODALITY, "PatientID": pid})
