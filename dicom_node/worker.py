@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
@@ -206,7 +206,7 @@ class Worker:
         try:
             if purged:
                 raise SeriesNotUsable(purged_reason(purged, len(paths)))
-            datasets = [pydicom.dcmread(p) for p in paths]
+            datasets = self._read_originals(series_uid, paths)
             source = assemble(datasets)
             hu = synthesize(source.volume.voxels, source.volume.pixel_spacing, self.model, self.device.device, self.batch_size, self.precision,
                             compile=self.torch_compile, should_stop=should_stop)
@@ -270,6 +270,22 @@ class Worker:
             model_sha256=self.model.sha256, device=self.device.label,
         )
         log.info("job done job=%d series=%s ct_series=%s seconds=%.2f", job_id, series_uid, ct.series_instance_uid, seconds)
+
+    def _read_originals(self, series_uid: str, paths: list[str]) -> list[pydicom.Dataset]:
+        """The series' originals from the spool. One that is gone (a spool retention round deleting
+        it while this job started, or removed by hand) fails the job with how many are missing and
+        what to do, not a file error naming a path."""
+        try:
+            return [pydicom.dcmread(p) for p in paths]
+        except FileNotFoundError:
+            with self.sessions() as session:
+                purged = session.scalar(select(func.count()).select_from(Instance).where(
+                    Instance.series_instance_uid == series_uid, Instance.purged_at.is_not(None))) or 0
+            missing = sum(not os.path.exists(p) for p in paths)
+            if purged:
+                raise SeriesNotUsable(purged_reason(purged, len(paths))) from None
+            raise SeriesNotUsable(f"{missing} of the series' {len(paths)} originals are no longer in the spool (deleted by "
+                                  "spool_retention_hours as this job started, or removed by hand): send the series again") from None
 
     def _fail(self, job_id: int, actor: str, study_uid: str, series_uid: str, reason: str) -> None:
         if not self._settle(job_id, state="failed", finished_at=utcnow(), error=reason[:2000], lease_until=None):

@@ -404,7 +404,7 @@ def test_an_instance_the_destination_keeps_refusing_is_given_up_and_asked_again_
     assert echoscu(a.port, NODE_AE, SCANNER_AE).returncode == 0
 
 
-def test_a_series_that_cannot_make_a_volume_fails_its_job_with_the_reason(node_factory, tmp_path):
+def test_a_series_that_cannot_make_a_volume_or_lost_an_original_fails_its_job_with_the_reason(node_factory, tmp_path):
     node = node_factory()
     series = _small(tmp_path, "mr", 260, slices=3)
     broken = pydicom.dcmread(series.files[2])
@@ -417,6 +417,17 @@ def test_a_series_that_cannot_make_a_volume_fails_its_job_with_the_reason(node_f
         failed = session.scalars(select(AuditEvent).where(AuditEvent.action == "job-failed", AuditEvent.job_id == job.id)).one()
     assert "share one position" in failed.detail["reason"]
     assert echoscu(node.port, NODE_AE, SCANNER_AE).returncode == 0  # nothing else stops
+
+    # An original gone from the spool under a retried job (removed by hand, or by a retention round
+    # in the moment the retry was asked): the job says how many and what to do, not a file error.
+    spooled = Path(node.env["MR2CT_SPOOL_DIR"]) / series.study_uid / series.series_uid
+    (spooled / f"{pydicom.dcmread(series.files[1]).SOPInstanceUID}.dcm").unlink()
+    admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'node-admin')}"}
+    retried = httpx.post(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/jobs/{job.id}/retry", headers=admin, timeout=30)
+    assert retried.status_code == 201, retried.text
+    gone = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=job.id)
+    assert gone.state == "failed" and "1 of the series' 3 originals are no longer in the spool" in gone.error
+    assert "send the series again" in gone.error and str(spooled) not in gone.error
 
 
 def _long_job_running(node, tmp_path: Path, seed: int):
