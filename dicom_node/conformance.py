@@ -245,7 +245,10 @@ One association per pass of the router, at most {MAX_CONTEXTS} presentation cont
 An instance goes in the syntax it came in when the destination accepted it; otherwise decoded
 to explicit VR little endian, or, when the destination takes the SOP class only compressed,
 re-encoded losslessly in the first of {", ".join(ts.name for ts in LOSSLESS_REENCODE) or "(no encoder installed)"}
-it accepted that can encode the pixels. The same SOP Instance UID either way; the spool keeps the
+it accepted that can encode the pixels. Those syntaxes are proposed (one context each) only for a
+SOP class the destination accepted in none of the contexts above: an association that leaves
+instances of a SOP class no way to go is released, and asked again with them at once; the node
+remembers it for that destination until it restarts. The same SOP Instance UID either way; the spool keeps the
 original. Statuses {", ".join(f"0x{s:04X}" for s in sorted(STORED_STATUSES))} count as stored; any
 other status is a refusal, retried with backoff and given up after {_setting("forward_max_refusals")}
 refusals (listed by the admin API's GET /routing until POST /routing/retry). An unreachable

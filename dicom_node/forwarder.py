@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -100,12 +100,13 @@ class OrthancRestDestination:
         yield send
 
 
-def requested_contexts(contexts: set[tuple[str, str]]) -> list[tuple[str, list[str]]]:
+def requested_contexts(contexts: set[tuple[str, str]], reencode: Collection[str] = ()) -> list[tuple[str, list[str]]]:
     """The presentation contexts a routing association proposes for a pass whose instances are of
     these (SOP class, transfer syntax) kinds: each kind as received (uncompressed little endian
     with the other uncompressed little endian syntax beside it), plain little endian for a SOP class
     that came only compressed, deflated or big endian (decoded here if that is all the peer takes),
-    and one context per lossless syntax this node encodes. At most ``CONTEXTS_PER_KIND`` per kind."""
+    and, for the SOP classes in ``reencode`` (ones the destination took in none of those), one
+    context per lossless syntax this node encodes. At most ``CONTEXTS_PER_KIND`` per kind."""
     proposed: list[tuple[str, list[str]]] = []
     fallback = set()
     for sop_class, transfer_syntax in sorted(contexts):  # at most MAX_CONTEXTS // CONTEXTS_PER_KIND (forward_pending)
@@ -116,7 +117,7 @@ def requested_contexts(contexts: set[tuple[str, str]]) -> list[tuple[str, list[s
             fallback.add(sop_class)
     for sop_class in sorted(fallback - {c for c, ts in contexts if ts in UNCOMPRESSED_LITTLE_ENDIAN}):
         proposed.append((sop_class, list(UNCOMPRESSED_LITTLE_ENDIAN)))
-    for sop_class in sorted({c for c, _ts in contexts}):
+    for sop_class in sorted({c for c, _ts in contexts} & set(reencode)):
         for lossless in LOSSLESS_REENCODE:
             proposed.append((sop_class, [lossless]))
     return proposed
@@ -129,7 +130,10 @@ class CStoreDestination:
     and compressed, deflated or big endian data is decoded here and goes as explicit VR little
     endian (a context offered for that). A peer that takes neither (an archive that keeps only
     compressed data) gets it re-encoded here in a lossless syntax it accepted (``LOSSLESS_REENCODE``,
-    one more context per SOP class and syntax)."""
+    one more context per SOP class and syntax). Those contexts are proposed only for a SOP class
+    the destination took in none of the others: learnt from an association that left some of the
+    pass's instances no way to go, released at once and asked again with them, and remembered for
+    the destination's later passes (a peer that takes uncompressed data never sees them)."""
 
     def __init__(
         self, spec: str, calling_ae: str, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None, poll_seconds: float = 0.0002,
@@ -138,20 +142,32 @@ class CStoreDestination:
         self.calling_ae, self.timeout, self.ssl_context = calling_ae, timeout, ssl_context
         self.poll_seconds = poll_seconds
         self.name = f"dicom{'s' if ssl_context else ''}://{self.called_ae}@{self.host}:{self.port}"
+        self.reencode_for: set[str] = set()  # SOP classes it took in no syntax but a lossless one encoded here
 
-    @contextmanager
-    def session(self, contexts: set[tuple[str, str]]) -> Iterator[Send]:
+    def _associate(self, contexts: set[tuple[str, str]]) -> Any:
         ae = NodeAE(self.calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout
         ae.connection_timeout = self.timeout
-        for sop_class, syntaxes in requested_contexts(contexts):
+        for sop_class, syntaxes in requested_contexts(contexts, self.reencode_for):
             ae.add_requested_context(sop_class, syntaxes)
         tls = (self.ssl_context, self.host) if self.ssl_context is not None else None
         try:
-            assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls,
-                                 evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: tune(event.assoc, self.poll_seconds))])
+            return ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls,
+                                evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: tune(event.assoc, self.poll_seconds))])
         except OSError as exc:  # TLS handshake failures (ssl.SSLError) included
             raise RoutingDown(f"{self.name}: {type(exc).__name__}: {exc}") from exc
+
+    @contextmanager
+    def session(self, contexts: set[tuple[str, str]]) -> Iterator[Send]:
+        assoc = self._associate(contexts)
+        stranded = _stranded(contexts, assoc) - self.reencode_for if LOSSLESS_REENCODE else set()
+        if stranded:  # it takes these SOP classes only compressed, in syntaxes the pass did not propose
+            log.info("%s took %d SOP class(es) in none of the syntaxes proposed: asking again with lossless re-encode contexts",
+                     self.name, len(stranded))
+            if assoc.is_established:
+                assoc.release()
+            self.reencode_for |= stranded
+            assoc = self._associate(contexts)
         if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
             # It accepted the association but none of the contexts (pynetdicom then aborts): it takes none
             # of these SOP classes, so each instance of this pass is refused, not the destination down.
@@ -165,9 +181,7 @@ class CStoreDestination:
         if not assoc.is_established:
             raise RoutingDown(f"{self.name} did not accept an association from {self.calling_ae} (down, or {self.calling_ae} not allowed)")
 
-        taken: dict[str, set[str]] = {}  # SOP class -> the syntaxes the destination accepted for it
-        for cx in assoc.accepted_contexts:
-            taken.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+        taken = _taken(assoc)
 
         def send(path: Path, sop_class: str, transfer_syntax: str) -> None:
             if not assoc.is_established:
@@ -231,6 +245,29 @@ class CStoreDestination:
             return status
         raise InstanceNotTaken(f"{self.name} takes {sop_class} only compressed, and this instance could not be encoded here in "
                                f"any lossless syntax it accepted ({'; '.join(failures)})")
+
+
+def _taken(assoc: Any) -> dict[str, set[str]]:
+    """SOP class -> the transfer syntaxes the destination accepted for it."""
+    taken: dict[str, set[str]] = {}
+    for cx in assoc.accepted_contexts:
+        taken.setdefault(str(cx.abstract_syntax), set()).add(str(cx.transfer_syntax[0]))
+    return taken
+
+
+def _stranded(contexts: set[tuple[str, str]], assoc: Any) -> set[str]:
+    """The SOP classes of a pass with instances the association leaves no way to go: the destination
+    took neither their syntax, nor uncompressed data, nor a lossless syntax they could be re-encoded
+    in (all of them when it accepted no context: pynetdicom then aborts, the contexts still listed)."""
+    if not assoc.is_established and not (assoc.rejected_contexts and not assoc.accepted_contexts):
+        return set()  # not an association at all (down, or the calling AE refused): nothing learnt
+    taken = _taken(assoc) if assoc.is_established else {}
+    stranded = set()
+    for sop_class, transfer_syntax in contexts:
+        takes = taken.get(sop_class, set())
+        if transfer_syntax not in takes and not takes & (_UNCOMPRESSED | set(LOSSLESS_REENCODE)):
+            stranded.add(sop_class)
+    return stranded
 
 
 def forward_pending(sessions: sessionmaker[Session], destination: Destination, limit: int = 200, max_refusals: int = 0,

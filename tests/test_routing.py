@@ -11,7 +11,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pydicom
-from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1, RLELossless
+from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, JPEGLosslessSV1, RLELossless
 from pynetdicom import AE, evt
 from sqlalchemy import select
 
@@ -103,17 +103,41 @@ def _record(sessions, *paths: Path) -> None:
         recorder.stop()
 
 
-def _destination(ds, on_store, syntaxes: list[str] | None = None):
+def _destination(ds, on_store, syntaxes: list[str] | None = None, proposed: list[set[str]] | None = None):
     """A pynetdicom storage SCP on loopback taking ``ds``'s SOP class in ``syntaxes`` (default: ``ds``'s
     own), its C-STOREs answered by ``on_store``; returns the server (shut it down) and the node's
-    destination for it."""
+    destination for it. ``proposed`` gets, per association asked of it, the transfer syntaxes proposed."""
     ae = AE("DEST")
     ae.add_supported_context(str(ds.SOPClassUID), syntaxes or [str(ds.file_meta.TransferSyntaxUID)])
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    handlers = [(evt.EVT_C_STORE, on_store)]
+    if proposed is not None:
+        handlers.append((evt.EVT_REQUESTED, lambda event: proposed.append(
+            {str(ts) for cx in event.assoc.requestor.requested_contexts for ts in cx.transfer_syntax})))
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
     return server, CStoreDestination(f"DEST@127.0.0.1:{port}", "MR2CT", timeout=10)
+
+
+LOSSLESS = {str(JPEGLSLossless), str(JPEG2000Lossless), str(RLELossless)}
+
+
+def test_a_destination_that_takes_the_instances_as_they_are_is_proposed_no_re_encoding(tmp_path: Path) -> None:
+    """A PACS that takes MR as the scanner sent it sees one context per syntax the pass needs (the
+    instance's own, uncompressed little endian beside it), not one per lossless syntax the node
+    could re-encode into: its log holds no rejected contexts, and a pass uses one association."""
+    series = write_mr_series(tmp_path / "mr", seed=7, slices=2, size=32, pixel_spacing=8.0)
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    _record(sessions, *(Path(path) for path in series.files))
+    ds = pydicom.dcmread(series.files[0], stop_before_pixels=True)
+    proposed: list[set[str]] = []
+    server, destination = _destination(ds, lambda event: 0x0000, proposed=proposed)
+    try:
+        assert forward_pending(sessions, destination) == (2, 0)
+    finally:
+        server.shutdown()
+    assert len(proposed) == 1 and str(ds.file_meta.TransferSyntaxUID) in proposed[0] and not proposed[0] & LOSSLESS
 
 
 def test_an_instance_received_again_while_a_pass_sends_it_is_sent_again(tmp_path: Path) -> None:
@@ -188,12 +212,12 @@ def test_a_destination_that_keeps_only_compressed_data_gets_instances_re_encoded
     2000 lossless one both reach it re-encoded in RLE Lossless, pixel for pixel the same and under
     the same UIDs; the spool keeps both as received. One that takes them only in a syntax this
     node cannot encode refuses them with a reason that says so, and nothing is marked routed."""
-    series = write_mr_series(tmp_path / "mr", seed=8, slices=2, size=32, pixel_spacing=8.0)
+    series = write_mr_series(tmp_path / "mr", seed=8, slices=3, size=32, pixel_spacing=8.0)
     plain, j2k = Path(series.files[0]), tmp_path / "j2k.dcm"
     compressed = pydicom.dcmread(series.files[1])
     compressed.compress(JPEG2000Lossless, generate_instance_uid=False)
     compressed.save_as(j2k)
-    originals = {str(ds.SOPInstanceUID): ds.pixel_array for ds in (pydicom.dcmread(p) for p in series.files)}
+    originals = {str(ds.SOPInstanceUID): ds.pixel_array for ds in (pydicom.dcmread(p) for p in series.files[:2])}
     plain_ds = pydicom.dcmread(plain, stop_before_pixels=True)
     sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
     _record(sessions, plain, j2k)
@@ -205,11 +229,20 @@ def test_a_destination_that_keeps_only_compressed_data_gets_instances_re_encoded
         arrived[str(ds.SOPInstanceUID)] = ds
         return 0x0000
 
-    server, destination = _destination(plain_ds, on_store, [str(RLELossless)])
+    proposed: list[set[str]] = []
+    server, destination = _destination(plain_ds, on_store, [str(RLELossless)], proposed)
     try:
         assert forward_pending(sessions, destination) == (2, 0)
+        # Learnt in the first pass: asked without re-encode contexts, none of its instances could go,
+        # asked again with them. The next pass proposes them at once.
+        assert len(proposed) == 2 and str(RLELossless) not in proposed[0] and proposed[1] >= LOSSLESS  # (JPEG 2000: as received)
+        third = pydicom.dcmread(series.files[2])
+        _record(sessions, Path(series.files[2]))
+        assert forward_pending(sessions, destination) == (1, 0)
+        assert len(proposed) == 3 and proposed[2] >= LOSSLESS
     finally:
         server.shutdown()
+    assert arrived.pop(str(third.SOPInstanceUID)).pixel_array.tolist() == third.pixel_array.tolist()
     assert set(arrived) == set(originals)
     for uid, ds in arrived.items():
         assert ds.file_meta.TransferSyntaxUID == RLELossless
@@ -219,6 +252,7 @@ def test_a_destination_that_keeps_only_compressed_data_gets_instances_re_encoded
     assert all(row.forwarded_at is not None and row.forward_error is None for row in rows)
     spooled = {str(pydicom.dcmread(row.path).file_meta.TransferSyntaxUID) for row in rows}
     assert spooled == {str(plain_ds.file_meta.TransferSyntaxUID), str(JPEG2000Lossless)}  # kept as received
+    assert len(rows) == 3
 
     # A destination that keeps them only as JPEG Lossless (process 14), which pydicom cannot encode:
     # an original in that syntax (dcmtk's dcmcjpeg) goes as it is, the uncompressed one is refused.
