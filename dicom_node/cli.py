@@ -586,7 +586,8 @@ def pull(
     except PacsUnavailable as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
-    typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']} -> {cache}")
+    typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']}, left out "
+               f"{counts['synthetic']} synthetic (Synthetic Data YES, e.g. mr2ct's own sCTs) -> {cache}")
 
 
 @app.command("pull-pairs")

@@ -1,17 +1,21 @@
-"""Small helpers shared by tests: Orthanc look-ups, dciodvfy, admin API tokens."""
+"""Small helpers shared by tests: Orthanc look-ups, dciodvfy, admin API tokens, a DICOMweb proxy that counts requests."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
 
 import httpx
 import pydicom
+import requests
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
@@ -72,3 +76,47 @@ def api_token(database_url: str, role: str, name: str) -> str:
                             capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+@contextmanager
+def dicomweb_proxy(orthanc: OrthancServer, refuse_stored_syntax: bool = False) -> Iterator[tuple[str, list[str], list[str]]]:
+    """Orthanc's DICOMweb behind a loopback HTTP proxy: its URL, the paths asked of it, and the
+    ones it refused: with ``refuse_stored_syntax`` it answers 406 Not Acceptable to
+    transfer-syntax=*, as some DICOMweb servers do."""
+    asked: list[str] = []
+    refused: list[str] = []
+
+    class Proxy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            asked.append(self.path)
+            accept = self.headers.get("Accept", "")
+            if refuse_stored_syntax and "transfer-syntax=*" in accept:
+                refused.append(self.path)
+                self.send_response(406)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            upstream = requests.get(f"{orthanc.url}{self.path}", headers={"Accept": accept}, auth=orthanc.auth, timeout=30)
+            self.send_response(upstream.status_code)
+            self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/octet-stream"))
+            self.send_header("Content-Length", str(len(upstream.content)))
+            self.end_headers()
+            self.wfile.write(upstream.content)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    serving = threading.Thread(target=proxy.serve_forever, daemon=True)
+    serving.start()
+    try:
+        yield f"http://127.0.0.1:{proxy.server_address[1]}/dicom-web", asked, refused
+    finally:
+        proxy.shutdown()
+        proxy.server_close()
+        serving.join(timeout=10)
+
+
+def metadata_asked(asked: list[str]) -> list[str]:
+    """The series whose instance metadata a pull asked for (whether a CT is synthetic)."""
+    return [path.split("/series/")[1].split("/")[0] for path in asked if path.endswith("/metadata")]

@@ -15,6 +15,7 @@ import requests
 
 from dicom_node.local_stack import OrthancServer, free_port
 from synthesis.errors import PacsUnavailable
+from tests.helpers import dicomweb_proxy, metadata_asked
 from training.pacs_pull import DatasetCache, PullFilter, pull
 
 MR2CT = [sys.executable, "-m", "dicom_node.cli"]
@@ -60,6 +61,36 @@ def test_pull_builds_a_cache_without_patient_identifiers_split_by_patient(cohort
     again = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("MR", description="T1"), PullFilter("CT")],
                  username=orthanc.username, password=orthanc.password)
     assert again["fetched"] == 0 and again["skipped"] == 9
+
+
+def test_synthetic_series_in_the_pacs_never_enter_the_training_pools(cohort_in_orthanc, orthanc, tmp_path):
+    """The node stores its sCTs in the same PACS the ML engineer pulls training CTs from: a series
+    that says Synthetic Data YES is left out (training on the model's own output would teach it its
+    own errors), and a second run neither fetches nor asks about it again."""
+    from training.phantom_dicom import write_mr_series
+
+    sct = write_mr_series(tmp_path / "sct", seed=77, slices=3, size=32, pixel_spacing=8.0, patient_id="PHSCT01", modality="CT")
+    uploaded = []
+    try:
+        for path in sct.files:
+            ds = pydicom.dcmread(path)
+            ds.SyntheticData = "YES"  # as mr2ct's CT writer marks its sCT
+            ds.save_as(path)
+            response = requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), auth=orthanc.auth, timeout=30)
+            response.raise_for_status()
+            uploaded.append(response.json()["ParentSeries"])
+        cache_dir = tmp_path / "cache"
+        counts = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("CT")], username=orthanc.username, password=orthanc.password)
+        assert counts == {"found": 3 + 1 + 1, "fetched": 4, "skipped": 0, "synthetic": 1}
+        assert sct.series_uid not in DatasetCache(cache_dir).known()
+        with dicomweb_proxy(orthanc) as (url, asked, _refused):
+            again = pull(url, cache_dir, [PullFilter("CT")])
+        assert again == {"found": 5, "fetched": 0, "skipped": 4, "synthetic": 1}
+        assert metadata_asked(asked) == [] and not any(sct.series_uid in path for path in asked)  # only the QIDO search
+        assert b"PHSCT01" not in b"".join(p.read_bytes() for p in cache_dir.rglob("*") if p.is_file())
+    finally:
+        for series_id in set(uploaded):  # the module's other tests count the cohort alone
+            requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)
 
 
 def test_filters_and_limits_narrow_the_pull(cohort_in_orthanc, orthanc, tmp_path):

@@ -9,10 +9,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pydicom
@@ -22,6 +18,7 @@ from pydicom.uid import JPEGLSLossless
 
 from dicom_node.local_stack import OrthancServer, free_port
 from synthesis.errors import PacsUnavailable
+from tests.helpers import dicomweb_proxy, metadata_asked
 from tests.test_pairs import _pair, _pair_in_two_frames, _registration
 from training.pacs_pull import PairsFilter, pull_pairs
 from training.phantom_dicom import write_mr_series
@@ -127,57 +124,13 @@ def test_pull_pairs_command_filters_and_says_what_is_wrong(hospital, tmp_path):
         pull_pairs(f"http://127.0.0.1:{free_port()}/dicom-web", tmp_path / "x", PairsFilter(), timeout=5, attempts=1)
 
 
-@contextmanager
-def _proxy(orthanc: OrthancServer, refuse_stored_syntax: bool = False) -> Iterator[tuple[str, list[str], list[str]]]:
-    """Orthanc's DICOMweb behind a loopback HTTP proxy: its URL, the paths asked of it, and the
-    ones it refused: with ``refuse_stored_syntax`` it answers 406 Not Acceptable to
-    transfer-syntax=*, as some DICOMweb servers do."""
-    asked: list[str] = []
-    refused: list[str] = []
-
-    class Proxy(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            asked.append(self.path)
-            accept = self.headers.get("Accept", "")
-            if refuse_stored_syntax and "transfer-syntax=*" in accept:
-                refused.append(self.path)
-                self.send_response(406)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            upstream = requests.get(f"{orthanc.url}{self.path}", headers={"Accept": accept}, auth=orthanc.auth, timeout=30)
-            self.send_response(upstream.status_code)
-            self.send_header("Content-Type", upstream.headers.get("Content-Type", "application/octet-stream"))
-            self.send_header("Content-Length", str(len(upstream.content)))
-            self.end_headers()
-            self.wfile.write(upstream.content)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    proxy = ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-    serving = threading.Thread(target=proxy.serve_forever, daemon=True)
-    serving.start()
-    try:
-        yield f"http://127.0.0.1:{proxy.server_address[1]}/dicom-web", asked, refused
-    finally:
-        proxy.shutdown()
-        proxy.server_close()
-        serving.join(timeout=10)
-
-
-def _metadata_asked(asked: list[str]) -> list[str]:
-    """The series whose instance metadata a pull asked for (whether a CT is synthetic)."""
-    return [path.split("/series/")[1].split("/")[0] for path in asked if path.endswith("/metadata")]
-
-
 def test_a_pacs_that_refuses_stored_transfer_syntaxes_is_asked_for_its_default(hospital, tmp_path):
     """Not every DICOMweb server takes transfer-syntax=* (PS3.18): one that answers 406 Not
     Acceptable to it gets the request again without it, and the series still comes (transcoded
     there). The PACS here is Orthanc behind a loopback proxy that refuses such requests."""
     orthanc, source, _ = hospital
     out = tmp_path / "pairs"
-    with _proxy(orthanc, refuse_stored_syntax=True) as (url, _asked, refused):
+    with dicomweb_proxy(orthanc, refuse_stored_syntax=True) as (url, _asked, refused):
         counts = pull_pairs(url, out, PairsFilter())
     assert counts["fetched"] == counts["found"] == 5 and len(refused) == 5  # each series asked twice, fetched once
     compressed_mr = str(pydicom.dcmread(next((source / "same-frame" / "mr").glob("*.dcm"))).SeriesInstanceUID)
@@ -194,17 +147,17 @@ def test_only_the_cts_a_pull_may_take_are_asked_whether_they_are_synthetic(hospi
     ct_of = {pid: str(pydicom.dcmread(next((source / folder / "ct").glob("*.dcm"))).SeriesInstanceUID)
              for pid, folder in (("PULLPAT0", "same-frame"), ("PULLPAT1", "two-frames"), ("PULLSCT", "sct"))}
     out = tmp_path / "pairs"
-    with _proxy(orthanc) as (url, asked, _refused):
+    with dicomweb_proxy(orthanc) as (url, asked, _refused):
         first = pull_pairs(url, out, PairsFilter())
-    assert first["patients"] == 2 and sorted(_metadata_asked(asked)) == sorted(ct_of.values())  # every CT beside an MR, once
-    with _proxy(orthanc) as (url, asked, _refused):
+    assert first["patients"] == 2 and sorted(metadata_asked(asked)) == sorted(ct_of.values())  # every CT beside an MR, once
+    with dicomweb_proxy(orthanc) as (url, asked, _refused):
         again = pull_pairs(url, out, PairsFilter())
     assert again == {"patients": 2, "found": 5, "fetched": 0, "skipped": 5}
-    assert _metadata_asked(asked) == [ct_of["PULLSCT"]]  # only the sCT, which no run fetches
+    assert metadata_asked(asked) == [ct_of["PULLSCT"]]  # only the sCT, which no run fetches
 
-    with _proxy(orthanc) as (url, asked, _refused):
+    with dicomweb_proxy(orthanc) as (url, asked, _refused):
         one = pull_pairs(url, tmp_path / "one", PairsFilter(limit=1))
     taken = {p.name for p in (tmp_path / "one").glob("*/*")}
     assert one["patients"] == 1 and len(taken & set(ct_of.values())) == 1
     # Asked in the limit's order until one real CT was found: that one, and the sCT if it came first.
-    assert set(_metadata_asked(asked)) - {ct_of["PULLSCT"]} == taken & set(ct_of.values())
+    assert set(metadata_asked(asked)) - {ct_of["PULLSCT"]} == taken & set(ct_of.values())

@@ -179,6 +179,15 @@ class DatasetCache:
     def known(self) -> set[str]:
         return {e["series_uid"] for e in self.entries()}
 
+    def left_out(self) -> set[str]:
+        """Series a pull looked at and will not take (synthetic ones): not asked about again."""
+        path = self.root / "left_out.jsonl"
+        return {json.loads(line)["series_uid"] for line in path.read_text().splitlines() if line.strip()} if path.exists() else set()
+
+    def leave_out(self, series_uid: str, reason: str) -> None:
+        with open(self.root / "left_out.jsonl", "a") as fh:
+            fh.write(json.dumps({"series_uid": series_uid, "reason": reason}, sort_keys=True) + "\n")
+
     def add(self, entry: dict[str, Any], slices: np.ndarray) -> None:
         shard = self.root / entry["shard"]
         tmp = shard.with_suffix(".tmp.npz")
@@ -199,10 +208,14 @@ def pull(
     url: str, cache_dir: Path, filters: list[PullFilter], *, username: str | None = None, password: str | None = None,
     validation_fraction: float = 0.2, timeout: float = 30.0, progress: bool | None = None, attempts: int = DEFAULT_ATTEMPTS,
 ) -> dict[str, int]:
-    """Fetch what matches and is not yet cached. Returns counts (found, fetched, skipped)."""
+    """Fetch what matches and is not yet cached. A series that says it is synthetic (Synthetic Data
+    YES: the sCTs mr2ct itself stores in the PACS, and other tools' synthetic images) is never
+    training data: asked of each series before it is fetched (its first instance's metadata), and
+    remembered in the cache so that a second run does not ask again. Returns counts (found,
+    fetched, skipped: cached already, synthetic: left out)."""
     cache = DatasetCache(cache_dir)
     client = _client(url, username, password, timeout, attempts)
-    known = cache.known()
+    known, left_out = cache.known(), cache.left_out()
     todo: list[tuple[PullFilter, dict[str, Any]]] = []
     for flt in filters:
         found = _search_series(client, url, _series_query(flt.modality, flt))
@@ -215,7 +228,7 @@ def pull(
         if flt.limit is not None:
             matched = matched[: flt.limit]
         todo.extend((flt, a) for a in matched)
-    counts = {"found": len(todo), "fetched": 0, "skipped": 0}
+    counts = {"found": len(todo), "fetched": 0, "skipped": 0, "synthetic": 0}
     bar = tqdm(todo, desc="pull", unit="series", file=sys.stderr, disable=None if progress is None else not progress)
     for flt, attrs in bar:
         uids = _series_uids(attrs)
@@ -226,6 +239,12 @@ def pull(
         study_uid, series_uid = uids
         if series_uid in known:
             counts["skipped"] += 1
+            continue
+        if series_uid in left_out or _synthetic(client, url, attrs):
+            if series_uid not in left_out:
+                cache.leave_out(series_uid, "synthetic")
+                left_out.add(series_uid)
+            counts["synthetic"] += 1
             continue
         try:
             datasets = list(_instances(client, study_uid, series_uid))
