@@ -587,7 +587,8 @@ def pull(
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
     typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']}, left out "
-               f"{counts['synthetic']} synthetic (Synthetic Data YES, e.g. mr2ct's own sCTs) -> {cache}")
+               f"{counts['synthetic']} synthetic (Synthetic Data YES, e.g. mr2ct's own sCTs) and {counts['unusable']} that make no volume "
+               f"(reasons in {cache / 'left_out.jsonl'}) -> {cache}")
 
 
 @app.command("pull-pairs")

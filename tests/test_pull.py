@@ -63,31 +63,42 @@ def test_pull_builds_a_cache_without_patient_identifiers_split_by_patient(cohort
     assert again["fetched"] == 0 and again["skipped"] == 9
 
 
-def test_synthetic_series_in_the_pacs_never_enter_the_training_pools(cohort_in_orthanc, orthanc, tmp_path):
+def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_pools(cohort_in_orthanc, orthanc, tmp_path):
     """The node stores its sCTs in the same PACS the ML engineer pulls training CTs from: a series
     that says Synthetic Data YES is left out (training on the model's own output would teach it its
-    own errors), and a second run neither fetches nor asks about it again."""
+    own errors). A series that makes no volume (a localizer, two slices in one place) is left out
+    with its reason instead of ending the pull. A second run neither fetches nor asks about either."""
     from training.phantom_dicom import write_mr_series
 
     sct = write_mr_series(tmp_path / "sct", seed=77, slices=3, size=32, pixel_spacing=8.0, patient_id="PHSCT01", modality="CT")
+    broken = write_mr_series(tmp_path / "broken", seed=78, slices=3, size=32, pixel_spacing=8.0, patient_id="PHBAD01", modality="CT")
     uploaded = []
     try:
-        for path in sct.files:
+        for path in [*sct.files, *broken.files]:
             ds = pydicom.dcmread(path)
-            ds.SyntheticData = "YES"  # as mr2ct's CT writer marks its sCT
+            if path in sct.files:
+                ds.SyntheticData = "YES"  # as mr2ct's CT writer marks its sCT
+            elif path == broken.files[2]:
+                ds.ImagePositionPatient = pydicom.dcmread(broken.files[0]).ImagePositionPatient  # two slices in one place
             ds.save_as(path)
             response = requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), auth=orthanc.auth, timeout=30)
             response.raise_for_status()
             uploaded.append(response.json()["ParentSeries"])
         cache_dir = tmp_path / "cache"
         counts = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("CT")], username=orthanc.username, password=orthanc.password)
-        assert counts == {"found": 3 + 1 + 1, "fetched": 4, "skipped": 0, "synthetic": 1}
-        assert sct.series_uid not in DatasetCache(cache_dir).known()
+        assert counts == {"found": 3 + 1 + 2, "fetched": 4, "skipped": 0, "synthetic": 1, "unusable": 1}
+        cache = DatasetCache(cache_dir)
+        assert not {sct.series_uid, broken.series_uid} & cache.known()
+        assert "two or more slices share one position" in cache.left_out()[broken.series_uid]
         with dicomweb_proxy(orthanc) as (url, asked, _refused):
             again = pull(url, cache_dir, [PullFilter("CT")])
-        assert again == {"found": 5, "fetched": 0, "skipped": 4, "synthetic": 1}
-        assert metadata_asked(asked) == [] and not any(sct.series_uid in path for path in asked)  # only the QIDO search
-        assert b"PHSCT01" not in b"".join(p.read_bytes() for p in cache_dir.rglob("*") if p.is_file())
+        assert again == {"found": 6, "fetched": 0, "skipped": 4, "synthetic": 1, "unusable": 1}
+        assert metadata_asked(asked) == [] and not any(uid in path for path in asked for uid in (sct.series_uid, broken.series_uid))
+        assert not any(pid in p.read_bytes() for p in cache_dir.rglob("*") if p.is_file() for pid in (b"PHSCT01", b"PHBAD01"))
+        said = subprocess.run([*MR2CT, "pull", "--url", f"{orthanc.url}/dicom-web", "--cache", str(cache_dir), "--modality", "CT",
+                               "--username", orthanc.username, "--password", orthanc.password], capture_output=True, text=True, timeout=120)
+        assert said.returncode == 0, said.stderr[-2000:]
+        assert "already cached 4, left out 1 synthetic" in said.stdout and "and 1 that make no volume" in said.stdout
     finally:
         for series_id in set(uploaded):  # the module's other tests count the cohort alone
             requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)

@@ -31,7 +31,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 from tqdm import tqdm
 
-from synthesis.errors import PacsUnavailable
+from synthesis.errors import Mr2ctError, PacsUnavailable
 from synthesis.normalize import mr_to_unit
 from synthesis.uids import is_valid_uid
 from synthesis.volume import assemble
@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # WADO-RS asks for the instances as the PACS stores them (PS3.18 transfer-syntax=*): the PACS does not
 # transcode, compressed data stays compressed on the wire and on disk, decoded here only when read.
 STORED_SYNTAX = (("application/dicom", "*"),)
+SYNTHETIC = "synthetic"  # the reason a series says Synthetic Data YES is left out of a training cache
 
 
 @dataclass(frozen=True)
@@ -179,10 +180,12 @@ class DatasetCache:
     def known(self) -> set[str]:
         return {e["series_uid"] for e in self.entries()}
 
-    def left_out(self) -> set[str]:
-        """Series a pull looked at and will not take (synthetic ones): not asked about again."""
+    def left_out(self) -> dict[str, str]:
+        """Series a pull looked at and will not take (synthetic ones, ones that make no volume), with
+        the reason: not asked about or fetched again (delete ``left_out.jsonl`` to look again)."""
         path = self.root / "left_out.jsonl"
-        return {json.loads(line)["series_uid"] for line in path.read_text().splitlines() if line.strip()} if path.exists() else set()
+        lines = path.read_text().splitlines() if path.exists() else []
+        return {entry["series_uid"]: entry["reason"] for entry in (json.loads(line) for line in lines if line.strip())}
 
     def leave_out(self, series_uid: str, reason: str) -> None:
         with open(self.root / "left_out.jsonl", "a") as fh:
@@ -212,7 +215,8 @@ def pull(
     YES: the sCTs mr2ct itself stores in the PACS, and other tools' synthetic images) is never
     training data: asked of each series before it is fetched (its first instance's metadata), and
     remembered in the cache so that a second run does not ask again. Returns counts (found,
-    fetched, skipped: cached already, synthetic: left out)."""
+    fetched, skipped: cached already, synthetic: left out, unusable: fetched and left out, as they
+    make no volume, such as a localizer of three planes, with the reason in the log and the cache)."""
     cache = DatasetCache(cache_dir)
     client = _client(url, username, password, timeout, attempts)
     known, left_out = cache.known(), cache.left_out()
@@ -228,7 +232,7 @@ def pull(
         if flt.limit is not None:
             matched = matched[: flt.limit]
         todo.extend((flt, a) for a in matched)
-    counts = {"found": len(todo), "fetched": 0, "skipped": 0, "synthetic": 0}
+    counts = {"found": len(todo), "fetched": 0, "skipped": 0, "synthetic": 0, "unusable": 0}
     bar = tqdm(todo, desc="pull", unit="series", file=sys.stderr, disable=None if progress is None else not progress)
     for flt, attrs in bar:
         uids = _series_uids(attrs)
@@ -240,17 +244,24 @@ def pull(
         if series_uid in known:
             counts["skipped"] += 1
             continue
-        if series_uid in left_out or _synthetic(client, url, attrs):
-            if series_uid not in left_out:
-                cache.leave_out(series_uid, "synthetic")
-                left_out.add(series_uid)
-            counts["synthetic"] += 1
+        if series_uid not in left_out and _synthetic(client, url, attrs):
+            left_out[series_uid] = SYNTHETIC
+            cache.leave_out(series_uid, SYNTHETIC)
+        if series_uid in left_out:
+            counts["synthetic" if left_out[series_uid] == SYNTHETIC else "unusable"] += 1
             continue
         try:
             datasets = list(_instances(client, study_uid, series_uid))
         except Exception as exc:
             raise _pacs_error(url, exc) from exc
-        source = assemble(datasets)
+        try:
+            source = assemble(datasets)
+        except (Mr2ctError, NotImplementedError, RuntimeError, ValueError) as exc:  # its geometry, or pixels no plugin here decodes
+            left_out[series_uid] = f"makes no volume: {type(exc).__name__}: {str(exc)[:300]}"
+            cache.leave_out(series_uid, left_out[series_uid])
+            log.warning("left out series=%s: %s", series_uid, left_out[series_uid])
+            counts["unusable"] += 1
+            continue
         first = source.headers[0]
         key = patient_key(str(first.get("PatientID", "")), str(first.get("IssuerOfPatientID", "")), cache.salt)
         if flt.modality == "MR":
