@@ -756,16 +756,25 @@ def spool_status(config: ConfigOption = None) -> None:
                    f"series ({due['bytes'] / 2**20:.1f} MiB) are due now")
     else:
         typer.echo("spool_retention_hours 0: every original is kept")
+    if settings.spool_failed_retention_hours:
+        due = due_for_purge(sessions, None, settings.forward_originals, failed_retention=timedelta(hours=settings.spool_failed_retention_hours))
+        typer.echo(f"spool_failed_retention_hours {settings.spool_failed_retention_hours:g}: {due['instances']} originals of "
+                   f"{due['series']} failed series ({due['bytes'] / 2**20:.1f} MiB) are due now")
+    else:
+        typer.echo("spool_failed_retention_hours 0: a failed series' originals are kept until it is retried or sent again")
 
 
 @spool_app.command("purge")
 def spool_purge(
     older_than_hours: Annotated[Optional[float], typer.Option(help="delete originals older than this (default: spool_retention_hours)")] = None,
+    failed_older_than_hours: Annotated[Optional[float], typer.Option(
+        help="also delete a failed series' originals this long after it failed (default: spool_failed_retention_hours)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be deleted, delete nothing")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Delete the originals no longer needed now, by the rules of spool retention (a job done or
-    the series ignored, routed when routing); for a node run without spool_retention_hours."""
+    the series ignored, routed when routing; a job failed, with --failed-older-than-hours); for a
+    node run without spool retention."""
     from datetime import timedelta
 
     from dicom_node.db import init_db
@@ -773,16 +782,20 @@ def spool_purge(
 
     settings = _settings(config)
     hours = settings.spool_retention_hours if older_than_hours is None else older_than_hours
-    if not hours or hours <= 0:
-        typer.echo("mr2ct: give --older-than-hours (> 0), or set spool_retention_hours", err=True)
+    failed_hours = settings.spool_failed_retention_hours if failed_older_than_hours is None else failed_older_than_hours
+    if hours < 0 or failed_hours < 0 or not (hours or failed_hours):
+        typer.echo("mr2ct: give --older-than-hours or --failed-older-than-hours (> 0), or set spool_retention_hours", err=True)
         raise typer.Exit(2)
+    retention = timedelta(hours=hours) if hours else None
+    failed = timedelta(hours=failed_hours) if failed_hours else None
     sessions = init_db(settings.database_url)
     if dry_run:
-        due = due_for_purge(sessions, timedelta(hours=hours), settings.forward_originals)
+        due = due_for_purge(sessions, retention, settings.forward_originals, failed_retention=failed)
         typer.echo(f"would delete {due['instances']} originals of {due['series']} series ({due['bytes'] / 2**20:.1f} MiB)")
         return
-    done = purge_spool(sessions, settings.spool_dir, timedelta(hours=hours), settings.forward_originals, actor="mr2ct spool purge")
+    done = purge_spool(sessions, settings.spool_dir, retention, settings.forward_originals, actor="mr2ct spool purge", failed_retention=failed)
     typer.echo(f"deleted {done['instances']} originals of {done['series']} series ({done['bytes_freed'] / 2**20:.1f} MiB)"
+               + (f", {done['failed_instances']} of them of failed series" if done["failed_instances"] else "")
                + (f"; kept {done['kept_resent']} sent again since" if done["kept_resent"] else "")
                + (f"; left {done['outside_spool']} alone whose recorded paths are not under spool_dir" if done["outside_spool"] else ""))
 

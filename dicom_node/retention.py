@@ -9,6 +9,10 @@ An original is deleted only when all of these hold:
   a re-send that arrived since is kept);
 - its series is no longer receiving, and its newest job is done (or the selection rules ignored
   the series): a queued, running or failed job keeps the originals, for its retry;
+- or, with ``spool_failed_retention_hours``, its series' newest job failed that long ago and it
+  arrived that long ago: a failed series is kept for its retry that long, then it goes too (a
+  site where many series fail would otherwise fill its spool); a retry then says to send the
+  series again;
 - when the node routes (``forward_originals``), it reached the destination: one waiting for a
   retry, or given up, is kept.
 
@@ -48,7 +52,7 @@ CHECK_SECONDS = 60.0
 
 def purged_reason(purged: int, of: int) -> str:
     """Why a series whose originals retention deleted cannot be synthesized (job error, API 409)."""
-    return f"{purged} of the series' {of} originals were deleted from the spool (spool_retention_hours): send the series again"
+    return f"{purged} of the series' {of} originals were deleted from the spool by spool retention: send the series again"
 
 
 def _remove(path: Path, cutoff: datetime) -> int | None:
@@ -70,25 +74,58 @@ def _remove(path: Path, cutoff: datetime) -> int | None:
     return status.st_size
 
 
-def _due(cutoff: datetime, routing: bool) -> Select[Any]:
-    """The rows of the originals due for deletion at ``cutoff`` (see the module's doc)."""
-    newest_job_state = (select(Job.state).where(Job.series_instance_uid == Series.series_instance_uid)
-                        .order_by(Job.id.desc()).limit(1).correlate(Series).scalar_subquery())
-    no_job = ~select(Job.id).where(Job.series_instance_uid == Series.series_instance_uid).correlate(Series).exists()
+def _held(routing: bool) -> Select[Any]:
+    """The rows of the originals still in the spool whose series is no longer arriving (and, when
+    routing, that reached the destination): what either rule may delete."""
     query = (select(Instance.sop_instance_uid, Instance.path, Instance.series_instance_uid, Instance.size_bytes, Series.study_instance_uid)
              .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
-             .where(Instance.purged_at.is_(None), Instance.received_at < cutoff, Series.state != "receiving",
-                    or_(newest_job_state == "done", and_(Series.state == "ignored", no_job))))
+             .where(Instance.purged_at.is_(None), Series.state != "receiving"))
     return query.where(Instance.forwarded_at.is_not(None)) if routing else query
 
 
-def due_for_purge(sessions: sessionmaker[Session], retention: timedelta, routing: bool, now: datetime | None = None) -> dict[str, int]:
+def _newest_job(column: Any) -> Any:
+    return (select(column).where(Job.series_instance_uid == Series.series_instance_uid)
+            .order_by(Job.id.desc()).limit(1).correlate(Series).scalar_subquery())
+
+
+def _due(cutoff: datetime, routing: bool) -> Select[Any]:
+    """The rows of the originals due for deletion at ``cutoff``: their series done or ignored."""
+    no_job = ~select(Job.id).where(Job.series_instance_uid == Series.series_instance_uid).correlate(Series).exists()
+    return _held(routing).where(Instance.received_at < cutoff,
+                                or_(_newest_job(Job.state) == "done", and_(Series.state == "ignored", no_job)))
+
+
+def _due_failed(cutoff: datetime, routing: bool) -> Select[Any]:
+    """The rows of the originals due at ``cutoff`` whose series' newest job failed before it."""
+    return _held(routing).where(Instance.received_at < cutoff, _newest_job(Job.state) == "failed",
+                                _newest_job(func.coalesce(Job.finished_at, Job.created_at)) < cutoff)
+
+
+def _rules(now: datetime, retention: timedelta | None, failed_retention: timedelta | None,
+           routing: bool) -> list[tuple[str, Select[Any], datetime]]:
+    """Each rule's name, rows and cutoff (a file written after its cutoff is kept). The rules
+    never share a row: a series' newest job is done or failed."""
+    rules = []
+    if retention:
+        rules.append(("done", _due(now - retention, routing), now - retention))
+    if failed_retention:
+        rules.append(("failed", _due_failed(now - failed_retention, routing), now - failed_retention))
+    return rules
+
+
+def due_for_purge(sessions: sessionmaker[Session], retention: timedelta | None, routing: bool, now: datetime | None = None,
+                  failed_retention: timedelta | None = None) -> dict[str, int]:
     """What a round would delete now, deleting nothing (``mr2ct spool purge --dry-run``)."""
-    due = _due((now or utcnow()) - retention, routing).subquery()
+    totals = {"instances": 0, "series": 0, "bytes": 0}
     with sessions() as session:
-        instances, series, size = session.execute(select(
-            func.count(), func.count(func.distinct(due.c.series_instance_uid)), func.coalesce(func.sum(due.c.size_bytes), 0))).one()
-    return {"instances": instances, "series": series, "bytes": int(size)}
+        for _, query, _ in _rules(now or utcnow(), retention, failed_retention, routing):
+            due = query.subquery()
+            instances, series, size = session.execute(select(
+                func.count(), func.count(func.distinct(due.c.series_instance_uid)), func.coalesce(func.sum(due.c.size_bytes), 0))).one()
+            totals["instances"] += instances
+            totals["series"] += series
+            totals["bytes"] += int(size)
+    return totals
 
 
 def spool_usage(sessions: sessionmaker[Session]) -> dict[str, int]:
@@ -111,15 +148,37 @@ def _in_spool(spool: Spool, row: Any) -> bool:
         return False
 
 
-def purge_spool(sessions: sessionmaker[Session], spool_dir: Path, retention: timedelta, routing: bool, now: datetime | None = None,
-                actor: str = "mr2ct spool retention") -> dict[str, int]:
-    """One round: delete the originals that are due (see the module's doc); returns the counts."""
+def purge_spool(sessions: sessionmaker[Session], spool_dir: Path, retention: timedelta | None, routing: bool, now: datetime | None = None,
+                actor: str = "mr2ct spool retention", failed_retention: timedelta | None = None) -> dict[str, int]:
+    """One round: delete the originals that are due (see the module's doc); returns the counts
+    (``failed_instances``: how many of them were a failed series')."""
     spool = Spool(spool_dir)
     now = now or utcnow()
-    cutoff = now - retention
-    purged = kept = freed = outside = 0
+    counts = {"instances": 0, "series": 0, "bytes_freed": 0, "kept_resent": 0, "outside_spool": 0, "failed_instances": 0}
     series_done: set[str] = set()
-    query = _due(cutoff, routing)
+    for rule, query, cutoff in _rules(now, retention, failed_retention, routing):
+        purged = _purge_rows(sessions, spool, query, cutoff, now, counts, series_done)
+        counts["instances"] += purged
+        if rule == "failed":
+            counts["failed_instances"] = purged
+    counts["series"] = len(series_done)
+    if counts["outside_spool"]:
+        log.warning("spool retention left %d originals alone: their recorded paths are not under spool_dir %s (was it moved?)",
+                    counts["outside_spool"], spool.root)
+    if counts["instances"] or counts["kept_resent"] or counts["outside_spool"]:
+        hours = {"retention_hours": retention.total_seconds() / 3600 if retention else 0}
+        if failed_retention:
+            hours["failed_retention_hours"] = failed_retention.total_seconds() / 3600
+        audit.record(sessions, SPOOL_PURGED, "success", actor, **hours, **counts)
+        log.info("spool purged instances=%d series=%d mib_freed=%.1f kept_resent=%d failed=%d", counts["instances"], counts["series"],
+                 counts["bytes_freed"] / 2**20, counts["kept_resent"], counts["failed_instances"])
+    return counts
+
+
+def _purge_rows(sessions: sessionmaker[Session], spool: Spool, query: Select[Any], cutoff: datetime, now: datetime,
+                counts: dict[str, int], series_done: set[str]) -> int:
+    """Delete the files of one rule's rows, batch by batch, and mark their rows; how many were."""
+    purged = 0
     while True:
         with sessions() as session:
             due = session.execute(query.order_by(Instance.received_at).limit(BATCH)).all()
@@ -129,15 +188,15 @@ def purge_spool(sessions: sessionmaker[Session], spool_dir: Path, retention: tim
         folders: set[Path] = set()
         for row in due:
             if not _in_spool(spool, row):
-                outside += 1
+                counts["outside_spool"] += 1
                 continue
             size = _remove(Path(row.path), cutoff)
             if size is None:
-                kept += 1
+                counts["kept_resent"] += 1
                 continue
             removed.append(row.sop_instance_uid)
             folders.add(Path(row.path).parent)
-            freed += size
+            counts["bytes_freed"] += size
             series_done.add(row.series_instance_uid)
         for folder in folders:
             _drop_if_empty(folder)
@@ -149,13 +208,7 @@ def purge_spool(sessions: sessionmaker[Session], spool_dir: Path, retention: tim
                                                                  Instance.received_at < cutoff).values(purged_at=now)).rowcount
         if len(due) < BATCH or not removed:
             break
-    counts = {"instances": purged, "series": len(series_done), "bytes_freed": freed, "kept_resent": kept, "outside_spool": outside}
-    if outside:
-        log.warning("spool retention left %d originals alone: their recorded paths are not under spool_dir %s (was it moved?)", outside, spool.root)
-    if purged or kept or outside:
-        audit.record(sessions, SPOOL_PURGED, "success", actor, retention_hours=retention.total_seconds() / 3600, **counts)
-        log.info("spool purged instances=%d series=%d mib_freed=%.1f kept_resent=%d", purged, len(series_done), freed / 2**20, kept)
-    return counts
+    return purged
 
 
 def _drop_if_empty(folder: Path) -> None:
@@ -169,12 +222,14 @@ def _drop_if_empty(folder: Path) -> None:
         fsync_dir(level.parent)
 
 
-def retention_loop(sessions: sessionmaker[Session], spool_dir: Path, retention_hours: float, routing: bool, stop: threading.Event,
-                   check_seconds: float = CHECK_SECONDS) -> None:
-    retention = timedelta(hours=retention_hours)
+def retention_loop(sessions: sessionmaker[Session], spool_dir: Path, retention_hours: float, failed_retention_hours: float, routing: bool,
+                   stop: threading.Event, check_seconds: float = CHECK_SECONDS) -> None:
+    retention = timedelta(hours=retention_hours) if retention_hours else None
+    failed_retention = timedelta(hours=failed_retention_hours) if failed_retention_hours else None
+    shortest = min(r.total_seconds() for r in (retention, failed_retention) if r)
     while not stop.is_set():
         try:
-            purge_spool(sessions, spool_dir, retention, routing)
+            purge_spool(sessions, spool_dir, retention, routing, failed_retention=failed_retention)
         except Exception:  # a database or disk hiccup: try again next round, keep serving
             log.exception("spool retention round failed")
-        stop.wait(min(check_seconds, max(retention.total_seconds() / 4, 1.0)))
+        stop.wait(min(check_seconds, max(shortest / 4, 1.0)))

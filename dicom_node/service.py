@@ -131,9 +131,13 @@ class Node:
                                 check_called_ae=s.check_called_ae)
             self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
             self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules)
-            if s.spool_retention_hours:
-                log.info("spool retention: originals deleted %g hours after they arrived, once no longer needed", s.spool_retention_hours)
-                self._thread("spool-retention", retention_loop, self.sessions, s.spool_dir, s.spool_retention_hours, s.forward_originals, self.stop_event)
+            if s.spool_retention_hours or s.spool_failed_retention_hours:
+                if s.spool_retention_hours:
+                    log.info("spool retention: originals deleted %g hours after they arrived, once no longer needed", s.spool_retention_hours)
+                if s.spool_failed_retention_hours:
+                    log.info("spool retention: a failed series' originals deleted %g hours after it failed", s.spool_failed_retention_hours)
+                self._thread("spool-retention", retention_loop, self.sessions, s.spool_dir, s.spool_retention_hours,
+                             s.spool_failed_retention_hours, s.forward_originals, self.stop_event)
             if destination is not None:
                 log.info("routing originals to %s", destination.name)
                 self._thread("forwarder", forward_loop, self.sessions, destination, s.poll_seconds, self.stop_event, s.forward_max_refusals)

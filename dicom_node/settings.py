@@ -94,6 +94,11 @@ class Settings(BaseSettings):
         "job is done (or the series was ignored) and, when routing, it reached the destination; the database keeps its row "
         "(0: keep every original)",
     )
+    spool_failed_retention_hours: float = Field(
+        0, ge=0, le=24 * 3650, description="also delete the originals of a series whose newest job failed, this long after "
+        "the job failed and after they arrived (a retry then asks for the series to be sent again); at least "
+        "spool_retention_hours (0: keep them until the series is retried or sent again)",
+    )
     forward_originals: bool = Field(False, description="also store every received original into Orthanc (the node routes)")
     forward_sop_classes: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="other SOP Class UIDs accepted only to be routed to Orthanc (needs forward_originals)"
@@ -189,6 +194,9 @@ class Settings(BaseSettings):
             raise ValueError("forward_tls needs forward_to and tls_ca_file (the CA that signed the destination's certificate)")
         if self.forward_sop_classes and not self.forward_originals:
             raise ValueError("forward_sop_classes needs forward_originals = true (those instances are only routed)")
+        if 0 < self.spool_failed_retention_hours < self.spool_retention_hours:
+            raise ValueError(f"spool_failed_retention_hours ({self.spool_failed_retention_hours:g}) is shorter than spool_retention_hours "
+                             f"({self.spool_retention_hours:g}): a failed series, kept for its retry, would go before a series done")
         if (self.tls_certificate is None) != (self.tls_private_key is None):
             raise ValueError("tls_certificate and tls_private_key must be set together")
         for name in ("tls_certificate", "tls_private_key", "tls_ca_file"):

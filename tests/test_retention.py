@@ -50,7 +50,7 @@ def spooled(request, tmp_path: Path):
             session.execute(text("TRUNCATE audit_events, jobs, instances, series CASCADE"))
 
     def add(n: int, *, series_state: str = "stable", job_state: str | None = "done", hours_ago: float = 2.0,
-            forwarded: bool = False) -> list[Path]:
+            forwarded: bool = False, finished_hours_ago: float | None = None) -> list[Path]:
         series_uid = f"{STUDY}.{n}"
         received = utcnow() - timedelta(hours=hours_ago)
         paths = []
@@ -68,7 +68,8 @@ def spooled(request, tmp_path: Path):
                                      received_at=received, forwarded_at=received if forwarded else None))
             if job_state is not None:
                 session.add(Job(series_instance_uid=series_uid, state="failed", created_at=received))  # an older attempt
-                session.add(Job(series_instance_uid=series_uid, state=job_state, created_at=received))
+                finished = None if finished_hours_ago is None else utcnow() - timedelta(hours=finished_hours_ago)
+                session.add(Job(series_instance_uid=series_uid, state=job_state, created_at=received, finished_at=finished))
         return paths
 
     return spool, sessions, add
@@ -86,7 +87,7 @@ def test_only_originals_no_longer_needed_are_deleted(spooled):
     failed, queued, running = add(3, job_state="failed"), add(4, job_state="queued"), add(5, job_state="running")
     arriving, recent = add(6, series_state="receiving", job_state=None), add(7, hours_ago=0.5)
     counts = purge_spool(sessions, spool.root, HOUR, routing=False)
-    assert counts == {"instances": 4, "series": 2, "bytes_freed": 4 * 1132, "kept_resent": 0, "outside_spool": 0}
+    assert counts == {"instances": 4, "series": 2, "bytes_freed": 4 * 1132, "kept_resent": 0, "outside_spool": 0, "failed_instances": 0}
     for paths in (done, ignored):
         assert not any(p.exists() for p in paths) and _purged(sessions, paths) == [True, True]
         assert not paths[0].parent.exists()  # the empty series folder goes too
@@ -96,6 +97,33 @@ def test_only_originals_no_longer_needed_are_deleted(spooled):
         (event,) = session.scalars(select(AuditEvent).where(AuditEvent.action == SPOOL_PURGED)).all()
     assert event.detail["instances"] == 4 and event.detail["retention_hours"] == 1
     assert purge_spool(sessions, spool.root, HOUR, routing=False)["instances"] == 0  # nothing twice
+
+
+def test_a_failed_series_goes_only_with_spool_failed_retention_hours_once_it_failed_that_long_ago(spooled):
+    """A series that keeps failing must not fill the spool: with the longer failed retention its
+    originals go once the job failed that long ago (and they arrived that long ago); a job that
+    failed lately (retried yesterday, failed again now) keeps them for the next retry."""
+    spool, sessions, add = spooled
+    failed_long_ago = add(1, job_state="failed", hours_ago=30, finished_hours_ago=29)
+    failed_lately = add(2, job_state="failed", hours_ago=30, finished_hours_ago=1)
+    failed_no_time = add(3, job_state="failed", hours_ago=30)  # no finished_at: the job's creation counts
+    failed_recent = add(4, job_state="failed", hours_ago=5)
+    queued, done = add(5, job_state="queued", hours_ago=30), add(6, hours_ago=30)
+    day = timedelta(hours=24)
+    assert purge_spool(sessions, spool.root, HOUR, routing=False)["instances"] == 2  # without it: only the series done
+    counts = purge_spool(sessions, spool.root, HOUR, routing=False, failed_retention=day)
+    assert counts["instances"] == counts["failed_instances"] == 4 and counts["series"] == 2
+    for paths in (failed_long_ago, failed_no_time, done):
+        assert not any(p.exists() for p in paths) and _purged(sessions, paths) == [True, True]
+    for paths in (failed_lately, failed_recent, queued):
+        assert all(p.exists() for p in paths) and _purged(sessions, paths) == [False, False]
+    with sessions() as session:
+        events = session.scalars(select(AuditEvent).where(AuditEvent.action == SPOOL_PURGED).order_by(AuditEvent.id)).all()
+    assert events[-1].detail["failed_retention_hours"] == 24 and events[-1].detail["failed_instances"] == 4
+    # failed retention alone (spool_retention_hours 0): only failed series are deleted
+    later_failed, later_done = add(7, job_state="failed", hours_ago=30, finished_hours_ago=25), add(8, hours_ago=30)
+    assert purge_spool(sessions, spool.root, None, routing=False, failed_retention=day)["instances"] == 2
+    assert not any(p.exists() for p in later_failed) and all(p.exists() for p in later_done)
 
 
 def test_when_routing_only_what_reached_the_destination_is_deleted(spooled):
@@ -165,11 +193,16 @@ def test_the_administrator_sees_what_would_go_then_purges_by_hand(spooled, tmp_p
     assert "deleted 2 originals of 1 series" in mr2ct("purge", "--older-than-hours", "1")
     assert not any(p.exists() for p in done) and all(p.exists() for p in failed)
     assert "2 originals, 0.0 MiB; 2 deleted by spool retention" in mr2ct("status")
+    env["MR2CT_SPOOL_FAILED_RETENTION_HOURS"] = "1"  # the failed series' job failed 2 hours ago
+    assert "spool_failed_retention_hours 1: 2 originals of 1 failed series" in mr2ct("status")
+    assert "deleted 2 originals of 1 series (0.0 MiB), 2 of them of failed series" in mr2ct("purge")
+    assert not any(p.exists() for p in failed)
+    del env["MR2CT_SPOOL_FAILED_RETENTION_HOURS"]
     refused = subprocess.run([sys.executable, "-m", "dicom_node.cli", "spool", "purge"], capture_output=True, text=True, env=env, timeout=120)
     assert refused.returncode == 2 and "--older-than-hours" in refused.stderr
     with sessions() as session:
-        (event,) = session.scalars(select(AuditEvent).where(AuditEvent.action == SPOOL_PURGED)).all()
-    assert event.actor == "mr2ct spool purge"
+        events = session.scalars(select(AuditEvent).where(AuditEvent.action == SPOOL_PURGED)).all()
+    assert [e.actor for e in events] == ["mr2ct spool purge"] * 2
 
 
 def test_a_running_node_purges_then_a_retry_says_why_and_a_resend_makes_the_series_whole(node_factory, tmp_path):

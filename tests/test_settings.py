@@ -67,6 +67,17 @@ def test_a_bad_setting_stops_serve_with_a_message_naming_the_key(key: str, value
     assert key in result.stderr, result.stderr
 
 
+def test_a_failed_series_kept_less_long_than_a_series_done_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("MR2CT_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MR2CT_SPOOL_RETENTION_HOURS", "48")
+    monkeypatch.setenv("MR2CT_SPOOL_FAILED_RETENTION_HOURS", "24")
+    with pytest.raises(ConfigError, match="spool_failed_retention_hours .24. is shorter than spool_retention_hours .48."):
+        load_settings(None)
+    monkeypatch.setenv("MR2CT_SPOOL_FAILED_RETENTION_HOURS", "72")
+    assert load_settings(None).spool_failed_retention_hours == 72
+
+
 def test_an_unknown_key_in_the_config_file_is_named(tmp_path: Path) -> None:
     config = tmp_path / "mr2ct.toml"
     config.write_text('ae_titel = "TYPO"\n')
