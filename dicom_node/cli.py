@@ -563,7 +563,7 @@ def pull(
     description: Annotated[Optional[str], typer.Option(help="regex on SeriesDescription")] = None,
     date_from: Annotated[Optional[str], typer.Option(help="YYYYMMDD")] = None,
     date_to: Annotated[Optional[str], typer.Option(help="YYYYMMDD")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="at most this many series per modality (synthetic ones and ones that make no volume count)")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="at most this many series per modality in the cache (series left out do not count: the next is taken)")] = None,
     validation_fraction: Annotated[float, typer.Option(min=0.0, max=0.9)] = 0.2,
     username: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_USERNAME")] = None,
     password: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_PASSWORD")] = None,

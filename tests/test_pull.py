@@ -99,6 +99,13 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
                                "--username", orthanc.username, "--password", orthanc.password], capture_output=True, text=True, timeout=120)
         assert said.returncode == 0, said.stderr[-2000:]
         assert "already cached 4, left out 1 synthetic" in said.stdout and "and 1 that make no volume" in said.stdout
+        # a limit counts the series taken, not those left out: 4 good CTs wherever the two fall
+        limited = pull(f"{orthanc.url}/dicom-web", tmp_path / "limited", [PullFilter("CT", limit=4)],
+                       username=orthanc.username, password=orthanc.password, progress=False)
+        assert limited["fetched"] == 4 and limited["found"] == 4 + limited["synthetic"] + limited["unusable"]
+        more = pull(f"{orthanc.url}/dicom-web", tmp_path / "limited", [PullFilter("CT", limit=5)],
+                    username=orthanc.username, password=orthanc.password, progress=False)
+        assert more == {"found": 6, "fetched": 0, "skipped": 4, "synthetic": 1, "unusable": 1}  # looked at all: the PACS has no 5th
     finally:
         for series_id in set(uploaded):  # the module's other tests count the cohort alone
             requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)

@@ -216,40 +216,31 @@ def pull(
     training data: asked of each series before it is fetched (its first instance's metadata), and
     remembered in the cache so that a second run does not ask again. Returns counts (found,
     fetched, skipped: cached already, synthetic: left out, unusable: fetched and left out, as they
-    make no volume, such as a localizer of three planes, with the reason in the log and the cache)."""
+    make no volume, such as a localizer of three planes, with the reason in the log and the cache).
+    A filter's ``limit`` counts the series the cache holds (fetched or cached already): the series
+    left out do not count, so that many are taken while the PACS has that many."""
     cache = DatasetCache(cache_dir)
     client = _client(url, username, password, timeout, attempts)
     known, left_out = cache.known(), cache.left_out()
-    todo: list[tuple[PullFilter, dict[str, Any]]] = []
+    plans: list[tuple[PullFilter, list[dict[str, Any]]]] = []
     for flt in filters:
         found = _search_series(client, url, _series_query(flt.modality, flt))
-        matched = []
-        for attrs in found:
-            description = _value(attrs, "0008103E")
-            if flt.description and not re.search(flt.description, description, re.IGNORECASE):
-                continue
-            matched.append(attrs)
-        if flt.limit is not None:
-            matched = matched[: flt.limit]
-        todo.extend((flt, a) for a in matched)
-    counts = {"found": len(todo), "fetched": 0, "skipped": 0, "synthetic": 0, "unusable": 0}
-    bar = tqdm(todo, desc="pull", unit="series", file=sys.stderr, disable=None if progress is None else not progress)
-    for flt, attrs in bar:
+        plans.append((flt, [a for a in found if not flt.description or re.search(flt.description, _value(a, "0008103E"), re.IGNORECASE)]))
+
+    def take(flt: PullFilter, attrs: dict[str, Any]) -> str:
+        """One series into the cache: what became of it (a key of the counts)."""
         uids = _series_uids(attrs)
         if uids is None:
             log.warning("skipping a series with a malformed UID")
-            counts["found"] -= 1
-            continue
+            return "malformed"
         study_uid, series_uid = uids
         if series_uid in known:
-            counts["skipped"] += 1
-            continue
+            return "skipped"
         if series_uid not in left_out and _synthetic(client, url, attrs):
             left_out[series_uid] = SYNTHETIC
             cache.leave_out(series_uid, SYNTHETIC)
         if series_uid in left_out:
-            counts["synthetic" if left_out[series_uid] == SYNTHETIC else "unusable"] += 1
-            continue
+            return "synthetic" if left_out[series_uid] == SYNTHETIC else "unusable"
         try:
             datasets = list(_instances(client, study_uid, series_uid))
         except Exception as exc:
@@ -260,8 +251,7 @@ def pull(
             left_out[series_uid] = f"makes no volume: {type(exc).__name__}: {str(exc)[:300]}"
             cache.leave_out(series_uid, left_out[series_uid])
             log.warning("left out series=%s: %s", series_uid, left_out[series_uid])
-            counts["unusable"] += 1
-            continue
+            return "unusable"
         first = source.headers[0]
         key = patient_key(str(first.get("PatientID", "")), str(first.get("IssuerOfPatientID", "")), cache.salt)
         if flt.modality == "MR":
@@ -279,7 +269,26 @@ def pull(
             slices,
         )
         known.add(series_uid)
-        counts["fetched"] += 1
+        return "fetched"
+
+    counts = {"found": 0, "fetched": 0, "skipped": 0, "synthetic": 0, "unusable": 0}
+    wanted = [len(matched) if flt.limit is None else min(flt.limit, len(matched)) for flt, matched in plans]
+    bar = tqdm(total=sum(wanted), desc="pull", unit="series", file=sys.stderr, disable=None if progress is None else not progress)
+    with bar:
+        for (flt, matched), want in zip(plans, wanted):
+            taken = 0
+            for looked, attrs in enumerate(matched, 1):
+                if taken == want:
+                    break
+                outcome = take(flt, attrs)
+                if outcome in ("fetched", "skipped"):
+                    taken += 1
+                elif looked + want - taken <= len(matched):  # left out, and the limit takes one more in its place
+                    bar.total += 1
+                if outcome != "malformed":
+                    counts["found"] += 1
+                    counts[outcome] += 1
+                bar.update(1)
     return counts
 
 
