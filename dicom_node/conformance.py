@@ -163,7 +163,7 @@ provenance into Orthanc over Orthanc's REST API (HTTP, not DICOM networking). Op
 every received instance on to another DICOM AE (C-STORE SCU).
 
 {_table(["SOP class", "SOP Class UID", "SCU", "SCP"], [
-    [_name(VERIFICATION), VERIFICATION, "no", "yes"],
+    [_name(VERIFICATION), VERIFICATION, "yes, when routing (`forward_to`)", "yes"],
     *([_name(c), str(c), "yes, when routing (`forward_to`)", "yes"] for c in SUPPORTED_SOP_CLASSES),
     [_name(str(ct.SOPClassUID)), str(ct.SOPClassUID), "created; stored in Orthanc over REST", "no"],
     [_name(str(sr.SOPClassUID)), str(sr.SOPClassUID), "created; stored in Orthanc over REST", "no"],
@@ -237,7 +237,9 @@ that long after it failed (a retry then asks for the series to be sent again).
 
 Used when {_setting("forward_to")} names an AE (`AE@host:port`); the node's AE title calls.
 One association per pass of the router, at most {MAX_CONTEXTS} presentation contexts; for each
-(SOP class, transfer syntax) of the instances due it proposes:
+(SOP class, transfer syntax) of the instances due it proposes the contexts below, and one more
+for Verification (Implicit VR Little Endian) so that a destination taking none of them still
+makes an association, released in good order, rather than one that is aborted:
 
 {_table(["Instances received in", "Contexts proposed (one row each)"], [
     [_name(ts), "<br>".join(", ".join(_name(s) for s in syntaxes) for _c, syntaxes in requested_contexts({(str(next(iter(SUPPORTED_SOP_CLASSES))), str(ts))}))]

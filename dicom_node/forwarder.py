@@ -16,6 +16,7 @@ from pydicom import dcmread
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
                          JPEGLSLossless, RLELossless, UID)
 from pynetdicom import evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -52,6 +53,8 @@ LOSSLESS_REENCODE = tuple(ts for ts in (JPEGLSLossless, JPEG2000Lossless, RLELos
 # each, so that the peer accepts every one it keeps: an encoder that cannot take an instance's
 # pixels then leaves another).
 CONTEXTS_PER_KIND = 2 + len(LOSSLESS_REENCODE)
+# Kinds one pass takes: their contexts and the Verification context fit in one association.
+KINDS_PER_PASS = (MAX_CONTEXTS - 1) // CONTEXTS_PER_KIND
 
 
 def _reencode_names() -> str:
@@ -109,7 +112,7 @@ def requested_contexts(contexts: set[tuple[str, str]], reencode: Collection[str]
     context per lossless syntax this node encodes. At most ``CONTEXTS_PER_KIND`` per kind."""
     proposed: list[tuple[str, list[str]]] = []
     fallback = set()
-    for sop_class, transfer_syntax in sorted(contexts):  # at most MAX_CONTEXTS // CONTEXTS_PER_KIND (forward_pending)
+    for sop_class, transfer_syntax in sorted(contexts):  # at most KINDS_PER_PASS (forward_pending)
         if transfer_syntax in UNCOMPRESSED_LITTLE_ENDIAN:
             proposed.append((sop_class, [transfer_syntax, *(ts for ts in UNCOMPRESSED_LITTLE_ENDIAN if ts != transfer_syntax)]))
         else:  # compressed, deflated or big endian: also offer plain little endian, decoded here if need be
@@ -133,7 +136,11 @@ class CStoreDestination:
     one more context per SOP class and syntax). Those contexts are proposed only for a SOP class
     the destination took in none of the others: learnt from an association that left some of the
     pass's instances no way to go, released at once and asked again with them, and remembered for
-    the destination's later passes (a peer that takes uncompressed data never sees them)."""
+    the destination's later passes (a peer that takes uncompressed data never sees them).
+
+    Every association also proposes Verification, which any storage SCP accepts: one that takes
+    none of a pass's storage contexts still makes an association, released in good order (learnt
+    from, or each instance refused), not one pynetdicom aborts and logs as an error."""
 
     def __init__(
         self, spec: str, calling_ae: str, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None, poll_seconds: float = 0.0002,
@@ -150,6 +157,7 @@ class CStoreDestination:
         ae.connection_timeout = self.timeout
         for sop_class, syntaxes in requested_contexts(contexts, self.reencode_for):
             ae.add_requested_context(sop_class, syntaxes)
+        ae.add_requested_context(Verification, [ImplicitVRLittleEndian])
         tls = (self.ssl_context, self.host) if self.ssl_context is not None else None
         try:
             return ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls,
@@ -169,12 +177,10 @@ class CStoreDestination:
             self.reencode_for |= stranded
             assoc = self._associate(contexts)
         if not assoc.is_established and assoc.rejected_contexts and not assoc.accepted_contexts:
-            # It accepted the association but none of the contexts (pynetdicom then aborts): it takes none
-            # of these SOP classes, so each instance of this pass is refused, not the destination down.
+            # It accepted the association but no context, not even Verification (pynetdicom then aborts):
+            # each instance of this pass is refused, not the destination down.
             def refused(path: Path, sop_class: str, transfer_syntax: str) -> None:
-                raise InstanceNotTaken(f"{self.name} accepted no presentation context for {sop_class} (it takes none of this pass's "
-                                       f"SOP classes in any syntax offered: as received, uncompressed, or a lossless syntax this "
-                                       f"node encodes: {_reencode_names()})")
+                raise InstanceNotTaken(_none_taken(self.name, sop_class))
 
             yield refused
             return
@@ -187,6 +193,8 @@ class CStoreDestination:
             if not assoc.is_established:
                 raise RoutingDown(f"{self.name} ended the association")
             takes = taken.get(sop_class, set())
+            if not takes:  # it took Verification only, or other SOP classes: not this one in any syntax
+                raise InstanceNotTaken(_none_taken(self.name, sop_class))
             try:
                 # Asked first, not tried: pynetdicom logs a refused attempt as an error, and this is no error.
                 if transfer_syntax in takes or (transfer_syntax in UNCOMPRESSED_LITTLE_ENDIAN and takes & _UNCOMPRESSED):
@@ -247,6 +255,11 @@ class CStoreDestination:
                                f"any lossless syntax it accepted ({'; '.join(failures)})")
 
 
+def _none_taken(name: str, sop_class: str) -> str:
+    return (f"{name} accepted no presentation context for {sop_class} (it takes it in none of the syntaxes offered: "
+            f"as received, uncompressed, or a lossless syntax this node encodes: {_reencode_names()})")
+
+
 def _taken(assoc: Any) -> dict[str, set[str]]:
     """SOP class -> the transfer syntaxes the destination accepted for it."""
     taken: dict[str, set[str]] = {}
@@ -258,7 +271,8 @@ def _taken(assoc: Any) -> dict[str, set[str]]:
 def _stranded(contexts: set[tuple[str, str]], assoc: Any) -> set[str]:
     """The SOP classes of a pass with instances the association leaves no way to go: the destination
     took neither their syntax, nor uncompressed data, nor a lossless syntax they could be re-encoded
-    in (all of them when it accepted no context: pynetdicom then aborts, the contexts still listed)."""
+    in (all of them when it accepted no context, not even Verification: pynetdicom then aborts, the
+    contexts still listed)."""
     if not assoc.is_established and not (assoc.rejected_contexts and not assoc.accepted_contexts):
         return set()  # not an association at all (down, or the calling AE refused): nothing learnt
     taken = _taken(assoc) if assoc.is_established else {}
@@ -286,7 +300,7 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
         ).all()
     if not due:
         return 0, 0
-    contexts = set(sorted({(row.sop_class_uid, row.transfer_syntax_uid) for row in due})[: MAX_CONTEXTS // CONTEXTS_PER_KIND])
+    contexts = set(sorted({(row.sop_class_uid, row.transfer_syntax_uid) for row in due})[:KINDS_PER_PASS])
     due = [row for row in due if (row.sop_class_uid, row.transfer_syntax_uid) in contexts]  # the rest: next pass
 
     def failed_one(sop_uid: str, attempts: int, exc: Exception, refusals: int | None = None) -> None:

@@ -281,11 +281,11 @@ class Worker:
             with self.sessions() as session:
                 purged = session.scalar(select(func.count()).select_from(Instance).where(
                     Instance.series_instance_uid == series_uid, Instance.purged_at.is_not(None))) or 0
-            missing = sum(not os.path.exists(p) for p in paths)
             if purged:
                 raise SeriesNotUsable(purged_reason(purged, len(paths))) from None
+            missing = sum(not os.path.exists(p) for p in paths)
             raise SeriesNotUsable(f"{missing} of the series' {len(paths)} originals are no longer in the spool (deleted by "
-                                  "spool_retention_hours as this job started, or removed by hand): send the series again") from None
+                                  "spool retention as this job started, or removed by hand): send the series again") from None
 
     def _fail(self, job_id: int, actor: str, study_uid: str, series_uid: str, reason: str) -> None:
         if not self._settle(job_id, state="failed", finished_at=utcnow(), error=reason[:2000], lease_until=None):

@@ -7,12 +7,14 @@ from __future__ import annotations
 import socket
 import subprocess
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pydicom
 from pydicom.uid import JPEG2000Lossless, JPEGLSLossless, JPEGLosslessSV1, RLELossless
 from pynetdicom import AE, evt
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select
 
 from dicom_node.db import init_db
@@ -103,19 +105,26 @@ def _record(sessions, *paths: Path) -> None:
         recorder.stop()
 
 
-def _destination(ds, on_store, syntaxes: list[str] | None = None, proposed: list[set[str]] | None = None):
-    """A pynetdicom storage SCP on loopback taking ``ds``'s SOP class in ``syntaxes`` (default: ``ds``'s
-    own), its C-STOREs answered by ``on_store``; returns the server (shut it down) and the node's
-    destination for it. ``proposed`` gets, per association asked of it, the transfer syntaxes proposed."""
+def _destination(ds, on_store, syntaxes: list[str] | None = None, proposed: list[set[str]] | None = None,
+                 verification: bool = True, ends: list[str] | None = None, sop_class: str | None = None):
+    """A pynetdicom storage SCP on loopback taking ``sop_class`` (default: ``ds``'s) in ``syntaxes``
+    (default: ``ds``'s own) and, as any PACS does, Verification; its C-STOREs answered by ``on_store``;
+    returns the server (shut it down) and the node's destination for it. ``proposed`` gets, per
+    association asked of it, the transfer syntaxes of the storage contexts proposed; ``ends``, per
+    association, "released" or "aborted"."""
     ae = AE("DEST")
-    ae.add_supported_context(str(ds.SOPClassUID), syntaxes or [str(ds.file_meta.TransferSyntaxUID)])
+    ae.add_supported_context(sop_class or str(ds.SOPClassUID), syntaxes or [str(ds.file_meta.TransferSyntaxUID)])
+    if verification:
+        ae.add_supported_context(Verification)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     handlers = [(evt.EVT_C_STORE, on_store)]
     if proposed is not None:
         handlers.append((evt.EVT_REQUESTED, lambda event: proposed.append(
-            {str(ts) for cx in event.assoc.requestor.requested_contexts for ts in cx.transfer_syntax})))
+            {str(ts) for cx in event.assoc.requestor.requested_contexts if cx.abstract_syntax != Verification for ts in cx.transfer_syntax})))
+    if ends is not None:
+        handlers += [(evt.EVT_RELEASED, lambda event: ends.append("released")), (evt.EVT_ABORTED, lambda event: ends.append("aborted"))]
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
     return server, CStoreDestination(f"DEST@127.0.0.1:{port}", "MR2CT", timeout=10)
 
@@ -307,3 +316,39 @@ def test_an_instance_one_accepted_encoder_cannot_take_goes_in_the_next_lossless_
         else:
             assert row.forwarded_at is None and len(arrived) == 1
             assert "could not be encoded here in any lossless syntax it accepted (JPEG 2000" in row.forward_error
+
+
+def test_a_destination_that_takes_none_of_a_sop_class_refuses_its_instances_without_an_aborted_association(tmp_path: Path, caplog) -> None:
+    """A PACS that takes no MR at all (CT only): the MR instance is refused with the reason, not the
+    destination taken for down. Every routing association proposes Verification as well, so the
+    PACS's answer is an association the node releases in good order, with no error in the node's
+    log; one that does not even take Verification still gets the instance refused (pynetdicom
+    aborts that association)."""
+    series = write_mr_series(tmp_path / "mr", seed=10, slices=1, size=16, pixel_spacing=16.0)
+    path = Path(series.files[0])
+    original = pydicom.dcmread(path)
+    for verification in (True, False):
+        sessions = init_db(f"sqlite:///{tmp_path / f'v{int(verification)}.sqlite'}")
+        _record(sessions, path)
+        ends: list[str] = []
+        server, destination = _destination(original, lambda event: 0x0000, ["1.2.840.10008.1.2.1"], verification=verification,
+                                           ends=ends, sop_class="1.2.840.10008.5.1.4.1.1.2")
+        caplog.clear()
+        try:
+            assert forward_pending(sessions, destination) == (0, 1)
+            deadline = time.monotonic() + 10  # the PACS sees the release or abort a moment later
+            while len(ends) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            server.shutdown()
+        with sessions() as session:
+            row = session.get(Instance, str(original.SOPInstanceUID))
+        assert row.forwarded_at is None and row.forward_refusals == 1
+        assert f"accepted no presentation context for {MR}" in row.forward_error
+        # asked once without re-encode contexts, and again with them (learnt): neither took MR
+        assert destination.reencode_for == {MR} and len(ends) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        if verification:
+            assert ends == ["released", "released"] and not errors, errors
+        else:
+            assert ends == ["aborted", "aborted"]
