@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     test_time_augmentation: Literal["model", "none", "mirror", "dihedral", "dihedral-shift"] = Field(
         "model", description="views of each slice the generator runs on, outputs averaged: model (what its card says), none (1 forward), mirror (4), dihedral (8), dihedral-shift (32)"
     )
+    synthesis_plane: Literal["auto", "axial", "acquired"] = Field(
+        "auto", description="the slices the generator sees: auto (a 3D sagittal or coronal series as axial slices, the plane "
+        "the model learnt; a 2D one with thick slices as acquired), axial (every series with evenly spaced slices), acquired"
+    )
     stable_seconds: float = Field(10.0, gt=0, le=86400, description="a series is complete after this long without new instances")
     uid_root: str = Field("1.2.826.0.1.3680043.8.498.", description="root of the UIDs mr2ct writes (ends with a dot)")
     poll_seconds: float = Field(0.5, gt=0, le=60, description="how often the stability monitor and worker look for work")

@@ -24,7 +24,7 @@ from dicom_node.orthanc_store import OrthancStore
 from dicom_node.retention import purged_reason
 from synthesis.ct_writer import SyntheticCTSeries
 from synthesis.errors import Mr2ctError, PacsUnavailable, SeriesNotUsable, StorageIncomplete, Stopped
-from synthesis.infer import DeviceChoice, synthesize
+from synthesis.infer import DeviceChoice, synthesize, synthesize_volume
 from synthesis.model_file import LoadedModel
 from synthesis.sr_writer import build_provenance_sr
 from synthesis.volume import assemble
@@ -130,9 +130,9 @@ class Worker:
     def __init__(
         self, sessions: sessionmaker[Session], model: LoadedModel, device: DeviceChoice, store: OrthancStore,
         uid_root: str, batch_size: int, precision: str = "auto", torch_compile: bool = False, test_time_augmentation: str = "model",
-        lease_seconds: float = LEASE_SECONDS,
+        lease_seconds: float = LEASE_SECONDS, synthesis_plane: str = "auto",
     ) -> None:
-        self.tta, self.lease_seconds = test_time_augmentation, lease_seconds
+        self.tta, self.lease_seconds, self.plane = test_time_augmentation, lease_seconds, synthesis_plane
         self.sessions, self.model, self.device, self.store = sessions, self._as_configured(model), device, store
         self.uid_root, self.batch_size, self.precision, self.torch_compile = uid_root, batch_size, precision, torch_compile
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -208,9 +208,11 @@ class Worker:
                 raise SeriesNotUsable(purged_reason(purged, len(paths)))
             datasets = self._read_originals(series_uid, paths)
             source = assemble(datasets)
-            hu = synthesize(source.volume.voxels, source.volume.pixel_spacing, self.model, self.device.device, self.batch_size, self.precision,
-                            compile=self.torch_compile, should_stop=should_stop)
-            ct = SyntheticCTSeries(source=source, hu=hu, model=self.model, uid_root=self.uid_root, device_label=self.device.label)
+            hu, reslice, plane = synthesize_volume(source.volume, self.model, self.device.device, self.plane, batch_size=self.batch_size,
+                                                   precision=self.precision, compile=self.torch_compile, should_stop=should_stop)
+            log.info("job synthesized job=%d in %s", job_id, plane)
+            ct = SyntheticCTSeries(source=source, hu=hu, model=self.model, uid_root=self.uid_root, device_label=self.device.label,
+                                   resliced_from=reslice.acquired if reslice else None)
             sr = build_provenance_sr(
                 ct=ct, mr_headers=source.headers, uid_root=self.uid_root,
                 processing_seconds=time.perf_counter() - started, device_label=self.device.label,
@@ -267,7 +269,7 @@ class Worker:
         audit.record(
             self.sessions, audit.JOB_FINISHED, "success", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id,
             ct_series_uid=ct.series_instance_uid, sr_series_uid=str(sr.SeriesInstanceUID), seconds=round(seconds, 2),
-            model_sha256=self.model.sha256, device=self.device.label,
+            model_sha256=self.model.sha256, device=self.device.label, slice_plane=ct.plane,
         )
         log.info("job done job=%d series=%s ct_series=%s seconds=%.2f", job_id, series_uid, ct.series_instance_uid, seconds)
 

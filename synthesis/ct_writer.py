@@ -72,7 +72,10 @@ def _ds_float(value: float) -> str:
 class SyntheticCTSeries:
     """The sCT series for one MR series; ``datasets`` holds one CT instance per MR slice."""
 
-    def __init__(self, *, source: SourceSeries, hu: np.ndarray, model: LoadedModel, uid_root: str, device_label: str) -> None:
+    def __init__(self, *, source: SourceSeries, hu: np.ndarray, model: LoadedModel, uid_root: str, device_label: str,
+                 resliced_from: str | None = None) -> None:
+        """``resliced_from``: the acquisition's plane when the generator saw the volume as axial
+        slices (``synthesis.volume.axial_reslice``); None when it saw the acquired slices."""
         if not isinstance(source, SourceSeries):
             raise TypeError(f"source must be a SourceSeries, got {type(source).__name__}")
         if not isinstance(hu, np.ndarray) or hu.shape != source.volume.voxels.shape:
@@ -81,16 +84,18 @@ class SyntheticCTSeries:
             raise ValueError(f"uid_root must end with '.', got {uid_root!r}")
         self.source = source
         self.model = model
+        self.plane = f"axial slices resliced from the {resliced_from} acquisition" if resliced_from else "the acquired slices"
         src_series = source.series_instance_uid
-        self.series_instance_uid = derived_uid(uid_root, src_series, model.output_key, "ct-series")
-        self.sop_instance_uids = [derived_uid(uid_root, src_series, model.output_key, "ct", i) for i in range(len(source.headers))]
+        key = model.output_key + ("+axial" if resliced_from else "")  # other pixels, other UIDs
+        self.series_instance_uid = derived_uid(uid_root, src_series, key, "ct-series")
+        self.sop_instance_uids = [derived_uid(uid_root, src_series, key, "ct", i) for i in range(len(source.headers))]
         now = datetime.now(timezone.utc)
         description = f"sCT (mr2ct {synthesis.__version__}, model {model.short_digest})"
         derivation = (
             f"Synthetic CT generated from MR series {src_series} by mr2ct {synthesis.__version__} "
             f"({model.card['architecture']} generator, model SHA-256 {model.sha256}"
             + (f", test-time augmentation {model.test_time_augmentation}" if model.test_time_augmentation != "none" else "")
-            + f") on {device_label}"
+            + (f", {self.plane}" if resliced_from else "") + f") on {device_label}"
         )
         stored = np.clip(np.rint(hu), HU_MIN, HU_MAX) - RESCALE_INTERCEPT
         self._stored = stored.astype(np.uint16)

@@ -16,6 +16,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from synthesis.errors import Stopped
 from synthesis.model_file import TEST_TIME_AUGMENTATIONS, LoadedModel
 from synthesis.networks import low_precision_copy, size_multiple
 from synthesis.normalize import mr_to_unit, n4_correct, unit_to_hu
+from synthesis.volume import Reslice, Volume, axial_reslice
 
 log = logging.getLogger(__name__)
 
@@ -316,3 +318,16 @@ def synthesize(
         time.perf_counter() - started, device, precision_name(compute_dtype), compile, mode,
     )
     return unit_to_hu(out, model.hu_range)
+
+
+def synthesize_volume(volume: Volume, model: LoadedModel, device: torch.device, plane: str = "auto",
+                      **options: Any) -> tuple[np.ndarray, Reslice | None, str]:
+    """``synthesize`` of a volume in the plane the generator was trained in when that helps
+    (``axial_reslice``: a 3D sagittal or coronal acquisition goes as axial slices, by an exchange
+    of axes, and its sCT comes back on the acquisition's own slices). Returns (sCT in HU, shaped
+    like ``volume.voxels``; the reslice, None when the acquired slices went; why)."""
+    reslice, why = axial_reslice(volume, plane)
+    if reslice is None:
+        return synthesize(volume.voxels, volume.pixel_spacing, model, device, **options), None, why
+    hu = synthesize(reslice.forward(volume.voxels), reslice.pixel_spacing, model, device, **options)
+    return reslice.back(hu), reslice, why

@@ -87,7 +87,7 @@ def build_provenance_sr(
             uid=observer_uid, name="mr2ct", manufacturer_name=MANUFACTURER, model_name=f"mr2ct {synthesis.__version__}",
         ),
     )
-    params = model_parameters(model.card)
+    params = {**model_parameters(model.card), "slice_plane": ct.plane}
     algorithm = hd.sr.AlgorithmIdentification(
         name=ALGORITHM_NAME, version=synthesis.__version__, parameters=[f"{k}={v}" for k, v in params.items()]
     )

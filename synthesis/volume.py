@@ -6,6 +6,7 @@ using ImagePositionPatient, not by InstanceNumber.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,6 +116,76 @@ def frame_geometry(ds: Dataset) -> list[FrameGeometry]:
             )
         )
     return out
+
+
+SYNTHESIS_PLANES = ("auto", "axial", "acquired")
+# auto reslices a volume whose slices are at most this many times further apart than its pixels (a 3D acquisition) ...
+RESLICE_MAX_SPACING_RATIO = 1.5
+# ... and whose slab spans at least this fraction of its slices' shorter side (the head, not a thin slab of it).
+RESLICE_MIN_EXTENT_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class Reslice:
+    """A volume's voxels seen as axial slices: an exchange of array axes and flips (no
+    interpolation), so that each 2D slice the generator sees is in the plane it was trained in
+    (the phantoms' and pulled caches' axial slices: rows running posterior, columns to the
+    patient's left). ``back`` undoes ``forward`` exactly."""
+
+    axes: tuple[int, int, int]  # the volume's array axis that becomes (slices, rows, columns)
+    flips: tuple[bool, bool, bool]
+    pixel_spacing: tuple[float, float]  # (between rows, between columns) of the axial slices, mm
+    slice_spacing: float  # between the axial slices, mm
+    acquired: str  # the acquisition's plane, for logs and provenance: sagittal, coronal, oblique
+
+    def forward(self, voxels: np.ndarray) -> np.ndarray:
+        view = np.transpose(voxels, self.axes)
+        return np.ascontiguousarray(np.flip(view, [a for a, f in enumerate(self.flips) if f]))
+
+    def back(self, voxels: np.ndarray) -> np.ndarray:
+        view = np.flip(voxels, [a for a, f in enumerate(self.flips) if f])
+        return np.ascontiguousarray(np.transpose(view, np.argsort(self.axes)))
+
+
+def axial_reslice(volume: Volume, plane: str = "auto") -> tuple[Reslice | None, str]:
+    """How a volume goes to the generator: (None, why) in its acquired slices, or (a Reslice, why)
+    as axial slices. ``plane``: ``acquired`` never reslices; ``axial`` reslices every volume that
+    is not axial already and has evenly spaced slices; ``auto`` only those whose slices are about
+    as far apart as their pixels (a 3D acquisition: at most ``RESLICE_MAX_SPACING_RATIO`` times)
+    and whose slab covers the head (at least ``RESLICE_MIN_EXTENT_FRACTION`` of the slices'
+    shorter side). A model that sees a head in another plane than it learnt does worse, and a
+    thick-slice series resliced is worse still (its slice gap across every axial slice):
+    ``bench/plane.py`` measures both on phantom heads."""
+    if plane not in SYNTHESIS_PLANES:
+        raise ValueError(f"plane must be one of {', '.join(SYNTHESIS_PLANES)}, got {plane!r}")
+    row, col = np.asarray(volume.orientation[:3]), np.asarray(volume.orientation[3:])
+    directions = np.array([volume.normal, col, row])  # the patient direction (x, y, z: LPS) of array axes 0, 1, 2
+    # the exchange of axes that brings them closest to (z, y, x)
+    axes = max(itertools.permutations(range(3)), key=lambda p: sum(abs(directions[p[i], 2 - i]) for i in range(3)))
+    named = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(volume.normal)))]
+    acquired = named if np.max(np.abs(volume.normal)) >= np.cos(np.deg2rad(10.0)) else "oblique"
+    if axes[0] == 0:  # its slices are the ones closest to axial already
+        return None, f"{acquired} slices as acquired"
+    if plane == "acquired":
+        return None, f"{acquired} slices as acquired (synthesis_plane acquired)"
+    slices = len(volume.positions)
+    if slices < 2:
+        return None, f"{acquired} slice as acquired (one slice)"
+    gaps = np.diff(volume.positions @ volume.normal)
+    if np.max(np.abs(gaps - gaps.mean())) > 0.1 * abs(gaps.mean()):
+        return None, f"{acquired} slices as acquired (slices not evenly spaced: no axial view without interpolation)"
+    spacing = (abs(float(gaps.mean())), *volume.pixel_spacing)
+    if plane == "auto":
+        ratio = spacing[0] / max(volume.pixel_spacing)
+        side = min(volume.voxels.shape[1] * spacing[1], volume.voxels.shape[2] * spacing[2])
+        if ratio > RESLICE_MAX_SPACING_RATIO:
+            return None, f"{acquired} slices as acquired ({spacing[0]:.2g} mm apart, {ratio:.2g}x the pixel spacing: resliced they would blur)"
+        if slices * spacing[0] < RESLICE_MIN_EXTENT_FRACTION * side:
+            return None, f"{acquired} slices as acquired (a slab of {slices * spacing[0]:.0f} mm: axial slices of it would not show the head)"
+    flips = tuple(bool(directions[axes[i], 2 - i] < 0) for i in range(3))
+    reslice = Reslice(axes=axes, flips=flips, pixel_spacing=(spacing[axes[1]], spacing[axes[2]]),  # type: ignore[arg-type]
+                      slice_spacing=spacing[axes[0]], acquired=acquired)
+    return reslice, f"axial slices resliced from the {acquired} acquisition"
 
 
 def assemble(datasets: list[Dataset]) -> SourceSeries:

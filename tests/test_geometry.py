@@ -3,6 +3,7 @@ every CT slice lies exactly where its MR slice (or frame) lies."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -13,7 +14,9 @@ from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, generate
 
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
-from synthesis.volume import frame_geometry
+from synthesis.sr_writer import read_provenance
+from synthesis.volume import Volume, axial_reslice, frame_geometry
+from training import phantoms
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import series_datasets, study_series
 from training.phantom_dicom import write_mr_series
@@ -23,6 +26,8 @@ CASES = {
     "sagittal": dict(orientation="sagittal", size=48, columns=48, pixel_spacing=5.0),
     "coronal": dict(orientation="coronal", size=48, columns=40, pixel_spacing=5.0),
     "oblique": dict(orientation="oblique", size=48, columns=48, pixel_spacing=5.0),
+    # a 3D acquisition (slices as far apart as the pixels, the whole head): the generator sees it as axial slices
+    "sagittal-3d-resliced": dict(orientation="sagittal", size=48, columns=40, pixel_spacing=5.0, slices=40, slice_spacing=5.0),
     "legacy-enhanced-multiframe": dict(orientation="axial", size=48, columns=48, pixel_spacing=5.0, multiframe="legacy"),
     "enhanced-multiframe": dict(orientation="oblique", size=48, columns=48, pixel_spacing=5.0, multiframe="enhanced"),
 }
@@ -47,7 +52,8 @@ def _to_multiframe(files: list[Path], folder: Path, kind: str) -> tuple[Path, st
 def test_every_ct_slice_lies_where_its_mr_slice_lies(case, node, orthanc, tmp_path):
     spec = dict(CASES[case])
     multiframe = spec.pop("multiframe", None)
-    series = write_mr_series(tmp_path / "mr", seed=500 + list(CASES).index(case), slices=6, slice_spacing=9.0, **spec)
+    slices, slice_spacing = spec.pop("slices", 6), spec.pop("slice_spacing", 9.0)
+    series = write_mr_series(tmp_path / "mr", seed=500 + list(CASES).index(case), slices=slices, slice_spacing=slice_spacing, **spec)
     series_uid, folder = series.series_uid, series.folder
     if multiframe:
         _, series_uid = _to_multiframe(series.files, tmp_path / "mf", multiframe)
@@ -67,7 +73,12 @@ def test_every_ct_slice_lies_where_its_mr_slice_lies(case, node, orthanc, tmp_pa
            and s["MainDicomTags"]["SeriesInstanceUID"] == job.ct_series_uid]
     assert len(cts) == 1
     ct_datasets = series_datasets(orthanc, cts[0])
-    assert len(ct_datasets) == len(mr_geometry) == 6
+    assert len(ct_datasets) == len(mr_geometry) == slices
+    # the plane the generator saw is in the CT's derivation and the SR (and new UIDs come with it)
+    plane = "axial slices resliced from the sagittal acquisition" if case.endswith("-resliced") else "the acquired slices"
+    assert all(("resliced from" in ct.DerivationDescription) == case.endswith("-resliced") for ct in ct_datasets)
+    (sr_series,) = [s for s in study_series(orthanc, series.study_uid) if s["MainDicomTags"]["SeriesInstanceUID"] == job.sr_series_uid]
+    assert read_provenance(series_datasets(orthanc, sr_series)[0]).parameters["slice_plane"] == plane
     for ct in ct_datasets:
         ref = ct.SourceImageSequence[0]
         g, mr = mr_geometry[(ref.ReferencedSOPInstanceUID, int(ref.ReferencedFrameNumber) if "ReferencedFrameNumber" in ref else None)]
@@ -76,3 +87,46 @@ def test_every_ct_slice_lies_where_its_mr_slice_lies(case, node, orthanc, tmp_pa
         np.testing.assert_allclose([float(v) for v in ct.PixelSpacing], g.pixel_spacing, atol=1e-6)
         assert (ct.Rows, ct.Columns) == (mr.Rows, mr.Columns)
         assert ct.FrameOfReferenceUID == mr.FrameOfReferenceUID == series.frame_of_reference_uid
+
+
+def _grid_volume(grid) -> Volume:
+    return Volume(voxels=phantoms.head_labels(3, grid).astype(np.float32), pixel_spacing=(grid.pixel_spacing, grid.pixel_spacing),
+                  orientation=tuple(grid.orientation), positions=np.array([grid.position(k) for k in range(len(grid.slice_offsets))]),
+                  frame_of_reference_uid="1.2.3")
+
+
+@pytest.mark.parametrize("orientation", ["sagittal", "coronal"])
+def test_a_3d_sagittal_or_coronal_head_reaches_the_generator_as_the_axial_slices_of_the_same_head(orientation):
+    """The axial view of a 3D acquisition is the head an axial acquisition of the same points
+    shows, voxel for voxel (an exchange of axes and flips, no interpolation: rows running
+    posterior, columns to the patient's left, as the model learnt), and it goes back exactly."""
+    sagittal = orientation == "sagittal"  # its slices along x; coronal: along y
+    acquired = _grid_volume(phantoms.oriented_grid(orientation, 45 if sagittal else 55, 57, 55 if sagittal else 45, 4.0, 4.0))
+    axial = _grid_volume(phantoms.oriented_grid("axial", 57, 55, 45, 4.0, 4.0))
+    reslice, why = axial_reslice(acquired)
+    assert reslice is not None and why == f"axial slices resliced from the {orientation} acquisition"
+    seen = reslice.forward(acquired.voxels)
+    assert seen.shape == axial.voxels.shape and reslice.pixel_spacing == (4.0, 4.0) and reslice.slice_spacing == 4.0
+    assert (seen == axial.voxels).all() and len(np.unique(seen)) > 5  # the same head, every tissue where it was
+    assert (reslice.back(seen) == acquired.voxels).all()
+
+
+def test_an_axial_thick_slab_or_unevenly_spaced_series_goes_as_acquired_unless_asked():
+    """What stays as acquired: axial series (the model's plane), 2D series with slices further apart than
+    1.5x their pixels (resliced, every axial slice would be blurred across), thin slabs, slices not
+    evenly spaced; ``acquired`` reslices nothing, ``axial`` every non-axial series with even spacing."""
+    def volume(orientation: str, slices: int, spacing: float):
+        return _grid_volume(phantoms.oriented_grid(orientation, slices, 60, 60, 4.0, spacing))
+
+    assert axial_reslice(volume("axial", 40, 4.0)) == (None, "axial slices as acquired")
+    thick = volume("sagittal", 30, 8.0)
+    reslice, why = axial_reslice(thick)
+    assert reslice is None and "8 mm apart, 2x the pixel spacing" in why
+    assert axial_reslice(thick, "axial")[0] is not None
+    assert axial_reslice(volume("coronal", 20, 4.0))[0] is None  # 80 mm of a 240 mm field: a slab
+    assert axial_reslice(volume("sagittal", 40, 4.0), "acquired") == (None, "sagittal slices as acquired (synthesis_plane acquired)")
+    uneven = volume("sagittal", 40, 4.0)
+    uneven = replace(uneven, positions=uneven.positions + np.outer(np.arange(40) % 2, uneven.normal) * 1.5)
+    assert axial_reslice(uneven, "axial")[0] is None
+    with pytest.raises(ValueError, match="plane must be one of auto, axial, acquired"):
+        axial_reslice(thick, "coronal")

@@ -111,6 +111,39 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
             requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)
 
 
+def test_a_3d_sagittal_mr_is_cached_as_the_axial_slices_the_node_would_synthesize(orthanc, tmp_path):
+    """The pools hold the slices the generator will see at the node: a 3D sagittal series (slices as
+    far apart as its pixels) goes in as axial slices, with their spacing, and the manifest says so."""
+    from synthesis.normalize import mr_to_unit
+    from synthesis.volume import assemble, axial_reslice
+    from training.phantom_dicom import write_mr_series
+
+    sagittal = write_mr_series(tmp_path / "sag", seed=79, slices=24, size=32, columns=28, pixel_spacing=8.0, slice_spacing=8.0,
+                               orientation="sagittal", patient_id="PHSAG01", series_description="SAG 3D T1")
+    uploaded = set()
+    try:
+        for path in sagittal.files:
+            response = requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), auth=orthanc.auth, timeout=30)
+            response.raise_for_status()
+            uploaded.add(response.json()["ParentSeries"])
+        cache_dir = tmp_path / "cache"
+        counts = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("MR", description="^SAG 3D")], username=orthanc.username,
+                      password=orthanc.password, progress=False)
+        assert counts["fetched"] == 1
+        (entry,) = DatasetCache(cache_dir).entries()
+        assert entry["plane"] == "axial slices resliced from the sagittal acquisition"
+        # 32 rows along z become 32 axial slices of 28 (y) x 24 (x)
+        assert (entry["slices"], entry["rows"], entry["columns"]) == (32, 28, 24)
+        assert entry["pixel_spacing"] == [8.0, 8.0] and entry["slice_spacing"] == 8.0
+        (_, slices), = DatasetCache(cache_dir).pool("MR")
+        volume = assemble([pydicom.dcmread(p) for p in sagittal.files]).volume
+        reslice, _ = axial_reslice(volume)
+        assert reslice is not None and (slices == mr_to_unit(reslice.forward(volume.voxels)).astype("float16")).all()
+    finally:
+        for series_id in uploaded:  # the module's other tests count the cohort alone
+            requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)
+
+
 def test_filters_and_limits_narrow_the_pull(cohort_in_orthanc, orthanc, tmp_path):
     counts = pull(f"{orthanc.url}/dicom-web", tmp_path / "c", [PullFilter("CT", limit=2), PullFilter("MR", description="^nothing$")],
                   username=orthanc.username, password=orthanc.password)

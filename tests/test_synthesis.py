@@ -182,6 +182,7 @@ def test_the_sr_round_trips_into_the_same_facts(tiny_model: Path, mr_series, tmp
     assert facts.parameters["architecture"] == "resnet"
     assert facts.parameters["n4_bias_correction"] == "off"
     assert facts.parameters["test_time_augmentation"] == "none"
+    assert facts.parameters["slice_plane"] == "the acquired slices"
     assert parsed.StudyInstanceUID == mr_series.study_uid
 
 

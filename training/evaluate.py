@@ -15,7 +15,7 @@ import torch
 from scipy import ndimage
 
 from synthesis.errors import ModelMismatch, SeriesNotUsable
-from synthesis.infer import synthesize
+from synthesis.infer import synthesize, synthesize_volume
 from synthesis.model_file import LoadedModel, load_model, save_model
 from synthesis.normalize import HU_MAX, HU_MIN, mr_to_unit
 from training import phantoms
@@ -230,10 +230,13 @@ def evaluate_pairs(models: list[LoadedModel], pairs: list[Any], device: torch.de
         coverage = round(float(np.mean(~np.isnan(loaded.ct_hu))), 3)
         mr_unit = mr_to_unit(volume.voxels)  # what the baseline is fitted on and the floor is guided by, as for phantoms
         for m, model in enumerate(models):
-            pred = synthesize(volume.voxels, volume.pixel_spacing, model, device, batch_size=8)
+            pred, reslice, _plane = synthesize_volume(volume, model, device, batch_size=8)  # in the plane the node would use
             pred = np.where(loaded.body, pred, -1000.0).astype(np.float32)
             sets[m].append(scored(pred, truth, mr_unit, classes, loaded.body, len(CT_BANDS)))
-            floor = grid_round_trip(truth[None], mr_unit[None], volume.pixel_spacing, model)[0]
+            if reslice is None:
+                floor = grid_round_trip(truth[None], mr_unit[None], volume.pixel_spacing, model)[0]
+            else:
+                floor = reslice.back(grid_round_trip(reslice.forward(truth)[None], reslice.forward(mr_unit)[None], reslice.pixel_spacing, model)[0])
             floors[m].append(np.abs(floor - truth)[loaded.body])
             results[m].append(PairResult(pair.mr.series_uid, pair.ct.series_uid, len(pred), int(loaded.body.sum()), coverage,
                                          round(mae(pred, truth, loaded.body), 2), pair.registration))

@@ -34,7 +34,7 @@ from tqdm import tqdm
 from synthesis.errors import Mr2ctError, PacsUnavailable
 from synthesis.normalize import mr_to_unit
 from synthesis.uids import is_valid_uid
-from synthesis.volume import assemble
+from synthesis.volume import assemble, axial_reslice
 
 log = logging.getLogger(__name__)
 
@@ -254,17 +254,21 @@ def pull(
             return "unusable"
         first = source.headers[0]
         key = patient_key(str(first.get("PatientID", "")), str(first.get("IssuerOfPatientID", "")), cache.salt)
+        # the slices the node would show the generator: a 3D sagittal or coronal series as axial ones
+        reslice, plane = axial_reslice(source.volume)
+        voxels = source.volume.voxels if reslice is None else reslice.forward(source.volume.voxels)
         if flt.modality == "MR":
-            slices = mr_to_unit(source.volume.voxels).astype(np.float16)
+            slices = mr_to_unit(voxels).astype(np.float16)
         else:
-            slices = np.clip(np.rint(source.volume.voxels), -1024, 3071).astype(np.int16)
+            slices = np.clip(np.rint(voxels), -1024, 3071).astype(np.int16)
         shard = hashlib.sha256(series_uid.encode()).hexdigest()[:24] + ".npz"
         cache.add(
             {
                 "series_uid": series_uid, "modality": flt.modality, "patient_key": key, "split": split_of(key, validation_fraction),
                 "shard": shard, "slices": int(slices.shape[0]), "rows": int(slices.shape[1]), "columns": int(slices.shape[2]),
-                "pixel_spacing": list(source.volume.pixel_spacing), "slice_spacing": round(abs(source.volume.slice_spacing), 4),
-                "orientation": [round(v, 6) for v in source.volume.orientation],
+                "pixel_spacing": list(source.volume.pixel_spacing if reslice is None else reslice.pixel_spacing),
+                "slice_spacing": round(abs(source.volume.slice_spacing if reslice is None else reslice.slice_spacing), 4),
+                "orientation": [round(v, 6) for v in source.volume.orientation], "plane": plane,
             },
             slices,
         )
