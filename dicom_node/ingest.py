@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from dicom_node.models import Job, Series, utcnow
 from dicom_node.recorder import Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
 from synthesis.errors import InvalidInstance, SeriesNotUsable
-from synthesis.volume import frame_geometry
+from synthesis.volume import frame_geometry, orientation_label
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +47,6 @@ class ReceivedInstance:
     series_description: str = ""
     orientation: str = ""
     patient_id: str = ""
-
-
-COS_10_DEGREES = math.cos(math.radians(10.0))
-
-
-def orientation_label(iop: list[float] | tuple[float, ...]) -> str:
-    """axial / sagittal / coronal when the slice normal is within 10 degrees of an axis, else oblique."""
-    rx, ry, rz, cx, cy, cz = (float(v) for v in iop[:6])
-    normal = (abs(ry * cz - rz * cy), abs(rz * cx - rx * cz), abs(rx * cy - ry * cx))  # |row x column|
-    length = math.sqrt(sum(n * n for n in normal))
-    if length == 0:
-        return "oblique"
-    axis = max(range(3), key=normal.__getitem__)
-    if normal[axis] / length < COS_10_DEGREES:
-        return "oblique"
-    return ("sagittal", "coronal", "axial")[axis]
 
 
 @dataclass(frozen=True)

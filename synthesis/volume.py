@@ -7,6 +7,7 @@ using ImagePositionPatient, not by InstanceNumber.
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,6 +119,22 @@ def frame_geometry(ds: Dataset) -> list[FrameGeometry]:
     return out
 
 
+COS_10_DEGREES = math.cos(math.radians(10.0))
+
+
+def orientation_label(iop: list[float] | tuple[float, ...]) -> str:
+    """axial / sagittal / coronal when the slice normal is within 10 degrees of an axis, else oblique."""
+    rx, ry, rz, cx, cy, cz = (float(v) for v in iop[:6])
+    normal = (abs(ry * cz - rz * cy), abs(rz * cx - rx * cz), abs(rx * cy - ry * cx))  # |row x column|
+    length = math.sqrt(sum(n * n for n in normal))
+    if length == 0:
+        return "oblique"
+    axis = max(range(3), key=normal.__getitem__)
+    if normal[axis] / length < COS_10_DEGREES:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
 SYNTHESIS_PLANES = ("auto", "axial", "acquired")
 # auto reslices a volume whose slices are at most this many times further apart than its pixels (a 3D acquisition) ...
 RESLICE_MAX_SPACING_RATIO = 1.5
@@ -162,8 +179,7 @@ def axial_reslice(volume: Volume, plane: str = "auto") -> tuple[Reslice | None, 
     directions = np.array([volume.normal, col, row])  # the patient direction (x, y, z: LPS) of array axes 0, 1, 2
     # the exchange of axes that brings them closest to (z, y, x)
     axes = max(itertools.permutations(range(3)), key=lambda p: sum(abs(directions[p[i], 2 - i]) for i in range(3)))
-    named = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(volume.normal)))]
-    acquired = named if np.max(np.abs(volume.normal)) >= np.cos(np.deg2rad(10.0)) else "oblique"
+    acquired = orientation_label(volume.orientation)
     if axes[0] == 0:  # its slices are the ones closest to axial already
         return None, f"{acquired} slices as acquired"
     if plane == "acquired":
