@@ -41,9 +41,7 @@ MODEL = ROOT / "synthesis" / "models" / "mr2ct-phantom.safetensors"
 def head(seed: int, grid: phantoms.Grid) -> tuple[Volume, np.ndarray, np.ndarray, np.ndarray]:
     """(MR volume, CT in HU, body mask, z of every voxel) of one phantom head on ``grid``."""
     labels = phantoms.head_labels(seed, grid)
-    mr = phantoms.mr_to_stored(phantoms.render_mr(labels, grid, seed)).astype(np.float32)
-    volume = Volume(voxels=mr, pixel_spacing=(grid.pixel_spacing, grid.pixel_spacing), orientation=tuple(grid.orientation),  # type: ignore[arg-type]
-                    positions=np.array([grid.position(k) for k in range(len(grid.slice_offsets))]), frame_of_reference_uid="1.2.3")
+    volume = grid.volume(phantoms.mr_to_stored(phantoms.render_mr(labels, grid, seed)))
     return volume, phantoms.render_ct(labels, grid, seed), labels != phantoms.AIR, grid.coordinates()[0]
 
 
@@ -80,8 +78,7 @@ def main() -> None:
             error = np.abs(hu - ct)
             errors[name].append(error[body])
             middle[name].append(error[body & (np.abs(z) <= 60.0)])
-            print(f"head {h}: {name:18s} {why}: MAE {error[body].mean():.1f} HU, middle {error[body & (np.abs(z) <= 60.0)].mean():.1f} HU",
-                  flush=True)
+            print(f"head {h}: {name:18s} {why}: MAE {errors[name][-1].mean():.1f} HU, middle {middle[name][-1].mean():.1f} HU", flush=True)
     figures = {name: round(float(np.concatenate(errors[name]).mean()), 2) for name in runs}
     middles = {name: round(float(np.concatenate(middle[name]).mean()), 2) for name in runs}
     print(f"\n{'run':18s} {'MAE HU':>8s} {'middle':>8s} {'seconds':>8s}")

@@ -90,9 +90,7 @@ def test_every_ct_slice_lies_where_its_mr_slice_lies(case, node, orthanc, tmp_pa
 
 
 def _grid_volume(grid) -> Volume:
-    return Volume(voxels=phantoms.head_labels(3, grid).astype(np.float32), pixel_spacing=(grid.pixel_spacing, grid.pixel_spacing),
-                  orientation=tuple(grid.orientation), positions=np.array([grid.position(k) for k in range(len(grid.slice_offsets))]),
-                  frame_of_reference_uid="1.2.3")
+    return grid.volume(phantoms.head_labels(3, grid))
 
 
 @pytest.mark.parametrize("orientation", ["sagittal", "coronal"])

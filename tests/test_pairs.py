@@ -21,8 +21,7 @@ from training.phantom_dicom import write_mr_series
 
 
 def _volume(grid: phantoms.Grid, voxels: np.ndarray, frame: str = "1.2.826.0.1.3680043.8.498.1") -> Volume:
-    positions = np.array([grid.position(k) for k in range(len(grid.slice_offsets))])
-    return Volume(voxels.astype(np.float32), (grid.pixel_spacing, grid.pixel_spacing), tuple(grid.orientation), positions, frame)  # type: ignore[arg-type]
+    return grid.volume(voxels, frame)
 
 
 def _linear(grid: phantoms.Grid) -> np.ndarray:

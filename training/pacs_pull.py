@@ -255,8 +255,12 @@ def pull(
         first = source.headers[0]
         key = patient_key(str(first.get("PatientID", "")), str(first.get("IssuerOfPatientID", "")), cache.salt)
         # the slices the node would show the generator: a 3D sagittal or coronal series as axial ones
-        reslice, plane = axial_reslice(source.volume)
-        voxels = source.volume.voxels if reslice is None else reslice.forward(source.volume.voxels)
+        volume = source.volume
+        reslice, plane = axial_reslice(volume)
+        if reslice is None:
+            voxels, pixel_spacing, slice_spacing = volume.voxels, volume.pixel_spacing, volume.slice_spacing
+        else:
+            voxels, pixel_spacing, slice_spacing = reslice.forward(volume.voxels), reslice.pixel_spacing, reslice.slice_spacing
         if flt.modality == "MR":
             slices = mr_to_unit(voxels).astype(np.float16)
         else:
@@ -266,9 +270,8 @@ def pull(
             {
                 "series_uid": series_uid, "modality": flt.modality, "patient_key": key, "split": split_of(key, validation_fraction),
                 "shard": shard, "slices": int(slices.shape[0]), "rows": int(slices.shape[1]), "columns": int(slices.shape[2]),
-                "pixel_spacing": list(source.volume.pixel_spacing if reslice is None else reslice.pixel_spacing),
-                "slice_spacing": round(abs(source.volume.slice_spacing if reslice is None else reslice.slice_spacing), 4),
-                "orientation": [round(v, 6) for v in source.volume.orientation], "plane": plane,
+                "pixel_spacing": list(pixel_spacing), "slice_spacing": round(abs(slice_spacing), 4),
+                "orientation": [round(v, 6) for v in volume.orientation], "plane": plane,
             },
             slices,
         )

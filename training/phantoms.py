@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from synthesis.volume import Volume
+
 GENERATOR_VERSION = "phantom-head-1"
 
 # Tissue labels.
@@ -72,6 +74,13 @@ class Grid:
     @property
     def orientation(self) -> list[float]:
         return [*self.row_cosine, *self.column_cosine]
+
+    def volume(self, voxels: np.ndarray, frame_of_reference_uid: str = "1.2.826.0.1.3680043.8.498.1") -> Volume:
+        """``voxels`` (slices, rows, columns) on this grid as the volume ``assemble`` would make of
+        its DICOM series, without writing one."""
+        positions = np.array([self.position(k) for k in range(len(self.slice_offsets))])
+        return Volume(voxels.astype(np.float32), (self.pixel_spacing, self.pixel_spacing), tuple(self.orientation),  # type: ignore[arg-type]
+                      positions, frame_of_reference_uid)
 
 
 def axial_grid(slices: int, size: int, pixel_spacing: float, slice_spacing: float, z_centre: float = 0.0) -> Grid:
