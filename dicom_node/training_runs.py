@@ -9,10 +9,6 @@ run."""
 from __future__ import annotations
 
 import logging
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -22,31 +18,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.models import TrainingRun, utcnow
+from training.interrupts import uninterrupted
 
 log = logging.getLogger(__name__)
 
 RunState = Literal["running", "finished", "interrupted", "failed"]  # the API's filter takes exactly these
 STATES: tuple[str, ...] = get_args(RunState)
-
-
-@contextmanager
-def uninterrupted() -> Iterator[None]:
-    """Ctrl-C waits until a database write is over: meanwhile SIGINT is only noted, and the
-    handler that was there (KeyboardInterrupt, which the trainer turns into a checkpoint) gets it
-    right after. Raised inside SQLAlchemy or sqlite3, it could leave a connection holding the
-    database's lock. (A handler, not a signal mask: a mask covers one thread, and torch's threads
-    would take the signal.)"""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, _frame: received.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        if received and callable(previous):  # SIG_IGN / SIG_DFL are not callable: ignored, or the default applies
-            previous(signal.SIGINT, None)
 
 
 class RunRecorder:

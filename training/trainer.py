@@ -34,6 +34,7 @@ from synthesis.model_file import save_model
 from synthesis.networks import PatchDiscriminator, ResnetGenerator
 from synthesis.normalize import hu_to_unit, mr_to_unit
 from training import phantoms
+from training.interrupts import uninterrupted
 
 log = logging.getLogger(__name__)
 
@@ -437,15 +438,16 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
             sched_g.step()
             sched_d.step()
             row = {k: v / cfg.steps_per_epoch for k, v in sums.items()}
-            history.append(row)
-            if writer and csv_file:
-                writer.writerow({"epoch": epoch, **{k: f"{v:.6f}" for k, v in row.items()}, "seconds": f"{time.monotonic() - started:.1f}"})
-                csv_file.flush()
-            if is_main:
-                log.info("epoch=%d G_loss=%.4f D_loss=%.4f reconstruction_loss=%.4f", epoch, row["G_loss"], row["D_loss"], row["reconstruction_loss"])
-                if on_epoch is not None:
-                    on_epoch(epoch, row, time.monotonic() - started)
-            completed = epoch
+            with uninterrupted():  # the epoch is in the history, losses.csv, the database and the checkpoint's count, or in none
+                history.append(row)
+                if writer and csv_file:
+                    writer.writerow({"epoch": epoch, **{k: f"{v:.6f}" for k, v in row.items()}, "seconds": f"{time.monotonic() - started:.1f}"})
+                    csv_file.flush()
+                if is_main:
+                    log.info("epoch=%d G_loss=%.4f D_loss=%.4f reconstruction_loss=%.4f", epoch, row["G_loss"], row["D_loss"], row["reconstruction_loss"])
+                    if on_epoch is not None:
+                        on_epoch(epoch, row, time.monotonic() - started)
+                completed = epoch
             if cfg.checkpoint_every and epoch % cfg.checkpoint_every == 0:
                 save_checkpoint(epoch)
             if cfg.max_minutes is not None and time.monotonic() - started > cfg.max_minutes * 60:
