@@ -587,7 +587,9 @@ def pull(
     except PacsUnavailable as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
-    typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']}, left out "
+    refreshed = (f", fetched again {counts['refreshed']} that an earlier pull cached in their acquired plane (now the axial slices "
+                 "the node synthesizes)") if counts["refreshed"] else ""
+    typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']}{refreshed}, left out "
                f"{counts['synthetic']} synthetic (Synthetic Data YES, e.g. mr2ct's own sCTs) and {counts['unusable']} that make no volume "
                f"(reasons in {cache / 'left_out.jsonl'}) -> {cache}")
 

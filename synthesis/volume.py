@@ -164,6 +164,21 @@ class Reslice:
         return np.ascontiguousarray(np.transpose(view, np.argsort(self.axes)))
 
 
+def _axial_axes(orientation: tuple[float, ...] | list[float]) -> tuple[tuple[int, int, int], np.ndarray]:
+    """The exchange of a volume's array axes (slices, rows, columns) that brings them closest to
+    (z, y, x), and the patient direction (LPS) of each array axis."""
+    row, col = np.asarray(orientation[:3], dtype=float), np.asarray(orientation[3:6], dtype=float)
+    directions = np.array([np.cross(row, col), col, row])
+    axes = max(itertools.permutations(range(3)), key=lambda p: sum(abs(directions[p[i], 2 - i]) for i in range(3)))
+    return axes, directions  # type: ignore[return-value]
+
+
+def slices_closest_to_axial(orientation: tuple[float, ...] | list[float]) -> bool:
+    """Whether slices of this orientation are the ones closest to axial already: such a volume is
+    never resliced, whatever ``synthesis_plane`` says."""
+    return _axial_axes(orientation)[0][0] == 0
+
+
 def axial_reslice(volume: Volume, plane: str = "auto") -> tuple[Reslice | None, str]:
     """How a volume goes to the generator: (None, why) in its acquired slices, or (a Reslice, why)
     as axial slices. ``plane``: ``acquired`` never reslices; ``axial`` reslices every volume that
@@ -175,10 +190,7 @@ def axial_reslice(volume: Volume, plane: str = "auto") -> tuple[Reslice | None, 
     ``bench/plane.py`` measures both on phantom heads."""
     if plane not in SYNTHESIS_PLANES:
         raise ValueError(f"plane must be one of {', '.join(SYNTHESIS_PLANES)}, got {plane!r}")
-    row, col = np.asarray(volume.orientation[:3]), np.asarray(volume.orientation[3:])
-    directions = np.array([volume.normal, col, row])  # the patient direction (x, y, z: LPS) of array axes 0, 1, 2
-    # the exchange of axes that brings them closest to (z, y, x)
-    axes = max(itertools.permutations(range(3)), key=lambda p: sum(abs(directions[p[i], 2 - i]) for i in range(3)))
+    axes, directions = _axial_axes(volume.orientation)
     acquired = orientation_label(volume.orientation)
     if axes[0] == 0:  # its slices are the ones closest to axial already
         return None, f"{acquired} slices as acquired"

@@ -86,13 +86,13 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
             uploaded.append(response.json()["ParentSeries"])
         cache_dir = tmp_path / "cache"
         counts = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("CT")], username=orthanc.username, password=orthanc.password)
-        assert counts == {"found": 3 + 1 + 2, "fetched": 4, "skipped": 0, "synthetic": 1, "unusable": 1}
+        assert counts == {"found": 3 + 1 + 2, "fetched": 4, "skipped": 0, "synthetic": 1, "unusable": 1, "refreshed": 0}
         cache = DatasetCache(cache_dir)
         assert not {sct.series_uid, broken.series_uid} & cache.known()
         assert "two or more slices share one position" in cache.left_out()[broken.series_uid]
         with dicomweb_proxy(orthanc) as (url, asked, _refused):
             again = pull(url, cache_dir, [PullFilter("CT")])
-        assert again == {"found": 6, "fetched": 0, "skipped": 4, "synthetic": 1, "unusable": 1}
+        assert again == {"found": 6, "fetched": 0, "skipped": 4, "synthetic": 1, "unusable": 1, "refreshed": 0}
         assert metadata_asked(asked) == [] and not any(uid in path for path in asked for uid in (sct.series_uid, broken.series_uid))
         assert not any(pid in p.read_bytes() for p in cache_dir.rglob("*") if p.is_file() for pid in (b"PHSCT01", b"PHBAD01"))
         said = subprocess.run([*MR2CT, "pull", "--url", f"{orthanc.url}/dicom-web", "--cache", str(cache_dir), "--modality", "CT",
@@ -105,7 +105,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         assert limited["fetched"] == 4 and limited["found"] == 4 + limited["synthetic"] + limited["unusable"]
         more = pull(f"{orthanc.url}/dicom-web", tmp_path / "limited", [PullFilter("CT", limit=5)],
                     username=orthanc.username, password=orthanc.password, progress=False)
-        assert more == {"found": 6, "fetched": 0, "skipped": 4, "synthetic": 1, "unusable": 1}  # looked at all: the PACS has no 5th
+        assert more == {"found": 6, "fetched": 0, "skipped": 4, "synthetic": 1, "unusable": 1, "refreshed": 0}  # looked at all: the PACS has no 5th
     finally:
         for series_id in set(uploaded):  # the module's other tests count the cohort alone
             requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)
@@ -139,6 +139,72 @@ def test_a_3d_sagittal_mr_is_cached_as_the_axial_slices_the_node_would_synthesiz
         volume = assemble([pydicom.dcmread(p) for p in sagittal.files]).volume
         reslice, _ = axial_reslice(volume)
         assert reslice is not None and (slices == mr_to_unit(reslice.forward(volume.voxels)).astype("float16")).all()
+    finally:
+        for series_id in uploaded:  # the module's other tests count the cohort alone
+            requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)
+
+
+def test_a_cache_pulled_before_slice_planes_gets_its_3d_sagittal_series_again_as_axial_slices(orthanc, tmp_path):
+    """A cache an earlier mr2ct pulled holds a 3D sagittal series as its acquired slices (no
+    ``plane`` in its entry): the next pull fetches that series again as the axial slices the node
+    synthesizes, replaces its entry and shard, and leaves the axial series it holds alone."""
+    import hashlib
+    import json
+
+    import numpy as np
+
+    from synthesis.normalize import mr_to_unit
+    from synthesis.volume import assemble, axial_reslice
+    from training.phantom_dicom import write_mr_series
+
+    sagittal = write_mr_series(tmp_path / "sag", seed=83, slices=24, size=32, columns=28, pixel_spacing=8.0, slice_spacing=8.0,
+                               orientation="sagittal", patient_id="PHOLD01", series_description="OLD 3D T1")
+    axial = write_mr_series(tmp_path / "ax", seed=84, slices=3, size=32, pixel_spacing=8.0, patient_id="PHOLD01",
+                            series_description="OLD AX T1", study_uid=sagittal.study_uid)
+    uploaded = set()
+    try:
+        for path in [*sagittal.files, *axial.files]:
+            response = requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), auth=orthanc.auth, timeout=30)
+            response.raise_for_status()
+            uploaded.add(response.json()["ParentSeries"])
+        url, cache_dir, flt = f"{orthanc.url}/dicom-web", tmp_path / "cache", [PullFilter("MR", description="^OLD ")]
+        first = pull(url, cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)
+        assert first["fetched"] == 2
+        # the cache as a pull before 2026-12-03 wrote it: every series in its acquired slices, no plane
+        volume = assemble([pydicom.dcmread(p) for p in sagittal.files]).volume
+        old_shard = hashlib.sha256(sagittal.series_uid.encode()).hexdigest()[:24] + ".npz"
+        lines = []
+        for entry in DatasetCache(cache_dir).entries():
+            (cache_dir / entry["shard"]).unlink()
+            del entry["plane"]
+            if entry["series_uid"] == sagittal.series_uid:
+                entry.update(shard=old_shard, slices=24, rows=32, columns=28, pixel_spacing=[8.0, 8.0], slice_spacing=8.0)
+                np.savez_compressed(cache_dir / old_shard, slices=mr_to_unit(volume.voxels).astype(np.float16))
+            else:
+                entry["shard"] = hashlib.sha256(entry["series_uid"].encode()).hexdigest()[:24] + ".npz"
+                np.savez_compressed(cache_dir / entry["shard"], slices=np.zeros((3, 32, 32), np.float16))
+            lines.append(json.dumps(entry, sort_keys=True))
+        (cache_dir / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+        before = {e["series_uid"]: e for e in DatasetCache(cache_dir).entries()}
+        assert DatasetCache(cache_dir).outdated() == {sagittal.series_uid}
+
+        again = pull(url, cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)
+        assert again == {"found": 2, "fetched": 0, "skipped": 1, "synthetic": 0, "unusable": 0, "refreshed": 1}
+        cache = DatasetCache(cache_dir)
+        after = {e["series_uid"]: e for e in cache.entries()}
+        assert after[axial.series_uid] == before[axial.series_uid]  # axial as acquired is what the node shows: untouched
+        entry = after[sagittal.series_uid]
+        assert entry["plane"] == "axial slices resliced from the sagittal acquisition"
+        assert (entry["slices"], entry["rows"], entry["columns"]) == (32, 28, 24)
+        assert (entry["patient_key"], entry["split"]) == (before[sagittal.series_uid]["patient_key"], before[sagittal.series_uid]["split"])
+        assert not (cache_dir / old_shard).exists() and (cache_dir / entry["shard"]).exists()
+        pooled = {e["series_uid"]: data for e, data in cache.pool("MR")}
+        reslice, _ = axial_reslice(volume)
+        assert reslice is not None and (pooled[sagittal.series_uid] == mr_to_unit(reslice.forward(volume.voxels)).astype("float16")).all()
+        assert not cache.outdated()
+
+        third = pull(url, cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)
+        assert (third["skipped"], third["refreshed"], third["fetched"]) == (2, 0, 0)
     finally:
         for series_id in uploaded:  # the module's other tests count the cohort alone
             requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)

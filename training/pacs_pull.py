@@ -34,7 +34,7 @@ from tqdm import tqdm
 from synthesis.errors import Mr2ctError, PacsUnavailable
 from synthesis.normalize import mr_to_unit
 from synthesis.uids import is_valid_uid
-from synthesis.volume import assemble, axial_reslice
+from synthesis.volume import assemble, axial_reslice, slices_closest_to_axial
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +173,25 @@ class DatasetCache:
         self.salt = folder_salt(self.root / "salt")  # one salt per cache: hashes cannot be joined across caches
 
     def entries(self) -> list[dict[str, Any]]:
+        """One entry per series: a later line of the manifest replaces an earlier one of the same
+        series (a series cached again, see ``outdated``)."""
         if not self.manifest.exists():
             return []
-        return [json.loads(line) for line in self.manifest.read_text().splitlines() if line.strip()]
+        latest: dict[str, dict[str, Any]] = {}
+        for line in self.manifest.read_text().splitlines():
+            if line.strip():
+                entry = json.loads(line)
+                latest[entry["series_uid"]] = entry
+        return list(latest.values())
 
     def known(self) -> set[str]:
         return {e["series_uid"] for e in self.entries()}
+
+    def outdated(self) -> set[str]:
+        """Series cached before pulls took the node's slice plane (2026-12-03: no ``plane`` in their
+        entry) whose slices are not axial: a 3D sagittal or coronal one is held as acquired, where
+        the node would show the generator its axial slices. A pull fetches them again."""
+        return {e["series_uid"] for e in self.entries() if "plane" not in e and not slices_closest_to_axial(e["orientation"])}
 
     def left_out(self) -> dict[str, str]:
         """Series a pull looked at and will not take (synthetic ones, ones that make no volume), with
@@ -191,13 +204,17 @@ class DatasetCache:
         with open(self.root / "left_out.jsonl", "a") as fh:
             fh.write(json.dumps({"series_uid": series_uid, "reason": reason}, sort_keys=True) + "\n")
 
-    def add(self, entry: dict[str, Any], slices: np.ndarray) -> None:
+    def add(self, entry: dict[str, Any], slices: np.ndarray, replaces: str | None = None) -> None:
+        """Cache a series, or cache it again: the line replaces the series' earlier one, whose shard
+        (``replaces``) is deleted once the new line is written when it had another name."""
         shard = self.root / entry["shard"]
         tmp = shard.with_suffix(".tmp.npz")
         np.savez_compressed(tmp, slices=slices)
         tmp.replace(shard)
         with open(self.manifest, "a") as fh:  # the manifest line is written last: a crash re-fetches
             fh.write(json.dumps(entry, sort_keys=True) + "\n")
+        if replaces is not None and replaces != entry["shard"]:
+            (self.root / replaces).unlink(missing_ok=True)
 
     def pool(self, modality: str, split: str | None = None) -> list[tuple[dict[str, Any], np.ndarray]]:
         out = []
@@ -216,12 +233,15 @@ def pull(
     training data: asked of each series before it is fetched (its first instance's metadata), and
     remembered in the cache so that a second run does not ask again. Returns counts (found,
     fetched, skipped: cached already, synthetic: left out, unusable: fetched and left out, as they
-    make no volume, such as a localizer of three planes, with the reason in the log and the cache).
+    make no volume, such as a localizer of three planes, with the reason in the log and the cache;
+    refreshed: fetched again, as the cache held them in another plane than the node's, see
+    ``DatasetCache.outdated``).
     A filter's ``limit`` counts the series the cache holds (fetched or cached already): the series
     left out do not count, so that many are taken while the PACS has that many."""
     cache = DatasetCache(cache_dir)
     client = _client(url, username, password, timeout, attempts)
-    known, left_out = cache.known(), cache.left_out()
+    known, left_out, outdated = cache.known(), cache.left_out(), cache.outdated()
+    old_shards = {e["series_uid"]: e["shard"] for e in cache.entries() if e["series_uid"] in outdated}
     plans: list[tuple[PullFilter, list[dict[str, Any]]]] = []
     for flt in filters:
         found = _search_series(client, url, _series_query(flt.modality, flt))
@@ -234,7 +254,7 @@ def pull(
             log.warning("skipping a series with a malformed UID")
             return "malformed"
         study_uid, series_uid = uids
-        if series_uid in known:
+        if series_uid in known and series_uid not in outdated:
             return "skipped"
         if series_uid not in left_out and _synthetic(client, url, attrs):
             left_out[series_uid] = SYNTHETIC
@@ -265,7 +285,8 @@ def pull(
             slices = mr_to_unit(voxels).astype(np.float16)
         else:
             slices = np.clip(np.rint(voxels), -1024, 3071).astype(np.int16)
-        shard = hashlib.sha256(series_uid.encode()).hexdigest()[:24] + ".npz"
+        # a resliced series' shard has its own name: one cached as acquired before stays whole until the new line is written
+        shard = hashlib.sha256(series_uid.encode()).hexdigest()[:24] + ("" if reslice is None else "-axial") + ".npz"
         cache.add(
             {
                 "series_uid": series_uid, "modality": flt.modality, "patient_key": key, "split": split_of(key, validation_fraction),
@@ -274,11 +295,16 @@ def pull(
                 "orientation": [round(v, 6) for v in volume.orientation], "plane": plane,
             },
             slices,
+            replaces=old_shards.get(series_uid),
         )
         known.add(series_uid)
+        if series_uid in outdated:
+            outdated.discard(series_uid)
+            log.info("cached again series=%s: %s (was as acquired)", series_uid, plane)
+            return "refreshed"
         return "fetched"
 
-    counts = {"found": 0, "fetched": 0, "skipped": 0, "synthetic": 0, "unusable": 0}
+    counts = {"found": 0, "fetched": 0, "skipped": 0, "synthetic": 0, "unusable": 0, "refreshed": 0}
     wanted = [len(matched) if flt.limit is None else min(flt.limit, len(matched)) for flt, matched in plans]
     bar = tqdm(total=sum(wanted), desc="pull", unit="series", file=sys.stderr, disable=None if progress is None else not progress)
     with bar:
@@ -288,7 +314,7 @@ def pull(
                 if taken == want:
                     break
                 outcome = take(flt, attrs)
-                if outcome in ("fetched", "skipped"):
+                if outcome in ("fetched", "skipped", "refreshed"):
                     taken += 1
                 elif looked + want - taken <= len(matched):  # left out, and the limit takes one more in its place
                     bar.total += 1
