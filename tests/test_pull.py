@@ -188,8 +188,10 @@ def test_a_cache_pulled_before_slice_planes_gets_its_3d_sagittal_series_again_as
         before = {e["series_uid"]: e for e in DatasetCache(cache_dir).entries()}
         assert DatasetCache(cache_dir).outdated() == {sagittal.series_uid}
 
-        again = pull(url, cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)
-        assert again == {"found": 2, "fetched": 0, "skipped": 1, "synthetic": 0, "unusable": 0, "refreshed": 1}
+        again = subprocess.run([*MR2CT, "pull", "--url", url, "--cache", str(cache_dir), "--modality", "MR", "--description", "^OLD ",
+                                "--username", orthanc.username, "--password", orthanc.password], capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert "found 2 series, fetched 0, already cached 1, fetched again 1 that an earlier pull cached in their acquired plane" in again.stdout
         cache = DatasetCache(cache_dir)
         after = {e["series_uid"]: e for e in cache.entries()}
         assert after[axial.series_uid] == before[axial.series_uid]  # axial as acquired is what the node shows: untouched
