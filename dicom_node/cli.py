@@ -113,6 +113,15 @@ def train(
     except (ValueError, TypeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    _output_folder("--out", out)
+    if data is not None:  # before a run is recorded: a mistyped path is not a failed training run
+        from training.pacs_pull import DatasetCache
+
+        try:
+            DatasetCache.existing(data)
+        except FileNotFoundError as exc:
+            typer.echo(f"error: --data: {exc}", err=True)
+            raise typer.Exit(2) from exc
     command = "mr2ct " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     recorder = None
     if record and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 records
@@ -232,6 +241,7 @@ def demo(
     """Start Orthanc and mr2ct on loopback, send a phantom MR series, show where the sCT is."""
     from dicom_node.demo import run_demo
 
+    _output_folder("--workdir", workdir)
     try:
         code = run_demo(workdir, once, orthanc_http_port, orthanc_dicom_port, node_port, slices, say=typer.echo, api_port=api_port)
     except (RuntimeError, TimeoutError) as exc:
@@ -252,6 +262,7 @@ def sample_mr(
     """Write a phantom T1 head MR series (what a scanner would send)."""
     from training.phantom_dicom import write_mr_series
 
+    _output_folder("--out", out)
     series = write_mr_series(out, seed=seed, slices=slices, size=size, pixel_spacing=pixel_spacing, slice_spacing=slice_spacing)
     typer.echo(f"{len(series.files)} MR instances in {out} (series {series.series_uid})")
 
@@ -522,6 +533,7 @@ def phantoms(
     from synthesis.errors import PacsUnavailable
     from training.phantom_dicom import write_cohort
 
+    _output_folder("--out", out)
     cohort = write_cohort(out, mr_subjects=mr_subjects, ct_subjects=ct_subjects, paired_subjects=paired_subjects, seed=seed,
                           slices=slices, size=size, pixel_spacing=pixel_spacing)
     series = [*cohort.mr_only, *cohort.ct_only, *(s for pair in cohort.paired for s in pair)]
@@ -539,6 +551,19 @@ def phantoms(
             typer.echo(f"mr2ct: {exc}", err=True)
             raise typer.Exit(1) from exc
         typer.echo(f"uploaded to {upload}")
+
+
+def _output_folder(option: str, path: Path) -> None:
+    """A folder a command writes into: made when missing; a path that cannot be one (a file is
+    there, no permission) stops the command before any work, naming the option."""
+    if path.exists() and not path.is_dir():
+        typer.echo(f"mr2ct: {option}: {path} is a file, not a folder", err=True)
+        raise typer.Exit(2)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        typer.echo(f"mr2ct: {option}: cannot use {path} as a folder: {exc.strerror or exc}", err=True)
+        raise typer.Exit(2) from exc
 
 
 def _check_regex(option: str, pattern: str | None) -> None:
@@ -580,6 +605,7 @@ def pull(
         typer.echo(f"mr2ct: --modality must be MR or CT, got {bad}", err=True)
         raise typer.Exit(2)
     _check_regex("--description", description)
+    _output_folder("--cache", cache)
     filters = [PullFilter(m, body_part, description, date_from, date_to, limit) for m in modality]
     try:
         counts = run_pull(url, cache, filters, username=username, password=password, validation_fraction=validation_fraction,
@@ -615,6 +641,7 @@ def pull_pairs(
     _logging()
     for option, pattern in (("--mr-description", mr_description), ("--ct-description", ct_description)):
         _check_regex(option, pattern)
+    _output_folder("--out", out)
     flt = PairsFilter(body_part, mr_description, ct_description, date_from, date_to, limit)
     try:
         counts = run_pull_pairs(url, out, flt, username=username, password=password, attempts=attempts)

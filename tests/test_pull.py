@@ -228,6 +228,12 @@ def test_wrong_password_and_unreachable_pacs_say_so(orthanc, tmp_path):
     result = subprocess.run([*MR2CT, "pull", "--url", f"{orthanc.url}/dicom-web", "--cache", str(tmp_path / "c"),
                              "--username", orthanc.username, "--password", "wrong"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "401" in result.stderr
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    for command, option in (("pull", "--cache"), ("pull-pairs", "--out")):  # refused before the PACS is asked
+        refused = subprocess.run([*MR2CT, command, "--url", f"{orthanc.url}/dicom-web", option, str(a_file)],
+                                 capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and f"{option}: {a_file} is a file, not a folder" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_training_runs_on_a_pulled_cache(cohort_in_orthanc, orthanc, tmp_path):

@@ -430,6 +430,19 @@ def test_a_training_run_whose_database_does_not_open_stops_before_training_and_n
     assert (tmp_path / "run" / "model.safetensors").exists()
 
 
+def test_a_mistyped_data_or_out_path_stops_training_before_a_run_is_recorded_or_a_folder_made(tmp_path: Path) -> None:
+    """`--data` must be a cache `mr2ct pull` made, and `--out` a folder: neither mistake leaves a
+    failed run in the database, nor a new folder (with a salt) where the cache was expected."""
+    wrong = _train(tmp_path / "run", "--epochs", "1", "--data", str(tmp_path / "no-such-cache"))
+    assert wrong.returncode == 2 and "--data" in wrong.stderr and "is not a dataset cache of `mr2ct pull`" in wrong.stderr
+    assert not (tmp_path / "no-such-cache").exists()
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    refused = _train(a_file, "--epochs", "1")
+    assert refused.returncode == 2 and f"--out: {a_file} is a file, not a folder" in refused.stderr
+    assert not (tmp_path / "mr2ct.db").exists()  # stopped before the run's database was opened
+
+
 def test_ctrl_c_during_a_database_write_arrives_right_after_it() -> None:
     """The run's database writes hold Ctrl-C back (a KeyboardInterrupt inside SQLAlchemy or sqlite3
     could leave the database locked); it still stops the run, at the next step."""

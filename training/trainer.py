@@ -193,7 +193,10 @@ def pools_from_cache(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
 
     from training.pacs_pull import DatasetCache
 
-    cache = DatasetCache(Path(str(cfg.data)))
+    try:
+        cache = DatasetCache.existing(Path(str(cfg.data)))
+    except FileNotFoundError as exc:
+        raise ValueError(f"--data: {exc}") from exc
     pools = []
     for modality in ("MR", "CT"):
         slices = []
