@@ -737,15 +737,20 @@ def models_list(config: ConfigOption = None) -> None:
     from dicom_node.db import init_db
     from dicom_node.models import Evaluation, ModelVersion
 
-    with init_db(_settings(config).database_url)() as session:
+    settings = _settings(config)
+    with init_db(settings.database_url)() as session:
         latest = {}  # the newest evaluation on the hospital's own pairs of each model
         for e in session.scalars(select(Evaluation).order_by(Evaluation.id)):
             latest[e.model_sha256] = e
-        for m in session.scalars(select(ModelVersion).order_by(ModelVersion.id)):
+        registered = session.scalars(select(ModelVersion).order_by(ModelVersion.id)).all()
+        for m in registered:
             e = latest.get(m.sha256)
             scored = (f"  own pairs: MAE {e.mae_hu:.1f} HU on {e.pairs} with {e.test_time_augmentation} views (evaluation {e.id}, {e.at:%Y-%m-%d})"
                       if e else "")
             typer.echo(f"{'*' if m.active else ' '} {m.id:3d} {m.name:30s} {m.sha256[:12]} {m.architecture:8s} {m.registered_at:%Y-%m-%d %H:%M}{scored}")
+    if not any(m.active for m in registered):  # say what the node runs, rather than nothing
+        typer.echo(f"{'no model registered' if not registered else 'none active'}: the node runs model_file {settings.model_file}; "
+                   "`mr2ct models register RUN_FOLDER_OR_FILE` then `mr2ct models activate ID` to change it without a restart")
 
 
 @models_app.command("activate")

@@ -51,6 +51,8 @@ def test_register_activate_and_the_next_job_uses_the_new_model(node_factory, tmp
         assert [e["epoch"] for e in row.losses] == [1, 2] and row.losses[1]["G_loss"] == 0.25
     again = _cli(node, "models", "register", str(run))  # idempotent, and says so
     assert again.returncode == 0 and "already registered; nothing changed" in again.stdout
+    inactive = _cli(node, "models", "list").stdout  # registered is not active: the list says what the node runs meanwhile
+    assert "run-7" in inactive and f"none active: the node runs model_file {default_model_path()}" in inactive
 
     first = write_mr_series(tmp_path / "a", seed=1400, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
     assert storescu(first.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
@@ -72,7 +74,7 @@ def test_register_activate_and_the_next_job_uses_the_new_model(node_factory, tmp
     assert after.state == "done" and after.model_sha256 == new["sha256"]
     assert "model switched" in node.log_path.read_text()
     listing = _cli(node, "models", "list").stdout
-    assert "* " in listing and "run-7" in listing
+    assert "* " in listing and "run-7" in listing and "none active" not in listing
 
 
 def test_a_tampered_model_cannot_be_registered(node_factory, tmp_path):
