@@ -54,6 +54,14 @@ def dciodvfy(path: Path) -> tuple[list[str], list[str], list[str]]:
     return [e for e in errors if e not in stale], stale, warnings
 
 
+def dcentvfy(paths: list[Path]) -> tuple[list[str], list[str]]:
+    """Run dcentvfy (dicom3tools) over instances that should describe the same patient, study,
+    series and frame of reference alike; return (errors, warnings)."""
+    result = subprocess.run(["dcentvfy", *map(str, paths)], capture_output=True, text=True, timeout=120)
+    lines = (result.stdout + result.stderr).splitlines()
+    return [l for l in lines if l.startswith("Error")], [l for l in lines if l.startswith("Warning")]
+
+
 def audit_events(database_url: str, matching: Callable[[AuditEvent], bool], timeout: float = 15.0) -> list[AuditEvent]:
     """The audit events that ``matching`` accepts, waiting up to ``timeout`` for the first: the
     node writes some after its answer has left (pynetdicom sends an A-ASSOCIATE-RJ before its

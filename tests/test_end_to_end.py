@@ -18,7 +18,7 @@ from dicom_node.models import Association, AuditEvent, Instance
 from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.sr_writer import read_provenance
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import audit_events, dciodvfy, series_datasets, study_series
+from tests.helpers import audit_events, dcentvfy, dciodvfy, series_datasets, study_series
 from training import phantoms
 from training.phantom_dicom import write_mr_series
 
@@ -110,6 +110,22 @@ def test_ct_and_sr_pass_dciodvfy(delivered, orthanc, tmp_path):
         errors, stale, warnings = dciodvfy(path)
         print(f"dciodvfy {modality}: {len(warnings)} warnings", *warnings, *(f"set aside: {s}" for s in stale), sep="\n  ")
         assert errors == [], f"dciodvfy errors for {modality}: {errors}"
+
+
+def test_mr_ct_and_sr_agree_on_patient_study_and_frame_of_reference_as_dcentvfy_sees_them(delivered, orthanc, tmp_path):
+    """An independent check across instances: dcentvfy compares every Patient, Study, Series and
+    Frame of Reference attribute of the MR the scanner sent with the sCT and SR in Orthanc (and
+    each CT slice with the others), so a study-level attribute copied wrong, or one the CT series
+    gives per slice, is an error."""
+    series, _, in_study = delivered
+    paths = list(series.files)
+    for modality in ("CT", "SR"):
+        for i, ds in enumerate(series_datasets(orthanc, _only(in_study, modality))):
+            paths.append(tmp_path / f"{modality}-{i:03d}.dcm")
+            ds.save_as(paths[-1], enforce_file_format=True)
+    errors, warnings = dcentvfy(paths)
+    print(f"dcentvfy over {len(paths)} instances: {len(warnings)} warnings", *sorted(set(w.split(" for file")[0] for w in warnings)), sep="\n  ")
+    assert errors == [], errors[:10]
 
 
 def test_the_ct_and_sr_in_orthanc_name_mr2ct_as_the_implementation_that_wrote_them(delivered, orthanc):
