@@ -220,6 +220,8 @@ def conformance(
     """Print the node's DICOM Conformance Statement (Markdown), made from the tables the node runs on."""
     from dicom_node.conformance import statement
 
+    if output is not None:
+        _output_file("--output", output)
     text = statement()
     if output is None:
         typer.echo(text, nl=False)
@@ -276,6 +278,8 @@ def figures(
     from training.trainer import draw_figures
 
     _logging()
+    if out is not None:
+        _output_folder("--out", out)
     try:
         written = draw_figures(run, out)
     except ValueError as exc:
@@ -332,6 +336,10 @@ def evaluate(
     from synthesis.model_file import default_model_path, load_model
     from training.evaluate import evaluate as run_evaluation, paired_figures
 
+    if panel is not None:  # before the scoring: the panel is written at its end
+        _output_file("--panel", panel)
+    if paired_cache is not None:
+        _output_folder("--paired-cache", paired_cache)
     if model is not None and model.is_dir():
         model = model / "model.safetensors"
     try:
@@ -564,6 +572,15 @@ def _output_folder(option: str, path: Path) -> None:
     except OSError as exc:
         typer.echo(f"mr2ct: {option}: cannot use {path} as a folder: {exc.strerror or exc}", err=True)
         raise typer.Exit(2) from exc
+
+
+def _output_file(option: str, path: Path) -> None:
+    """A file a command writes at the end of its work (a panel after an evaluation): its folder is
+    made and checked first, so that a path that cannot be written does not throw the work away."""
+    if path.is_dir():
+        typer.echo(f"mr2ct: {option}: {path} is a folder; give a file name", err=True)
+        raise typer.Exit(2)
+    _output_folder(option, path.parent)
 
 
 def _check_regex(option: str, pattern: str | None) -> None:

@@ -443,6 +443,28 @@ def test_a_mistyped_data_or_out_path_stops_training_before_a_run_is_recorded_or_
     assert not (tmp_path / "mr2ct.db").exists()  # stopped before the run's database was opened
 
 
+def test_an_output_path_that_cannot_be_written_stops_the_command_before_its_work(tmp_path: Path) -> None:
+    """A panel, a statement or figures written where a file stands in the way is refused at once,
+    naming the option, not after the evaluation (a traceback that threw the scores away)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    cli = [sys.executable, "-m", "dicom_node.cli"]
+    for args, said in (
+        (["evaluate", "--subjects", "1", "--slices", "1", "--panel", str(a_file / "panel.png")], f"--panel: {a_file} is a file, not a folder"),
+        (["evaluate", "--subjects", "1", "--slices", "1", "--panel", str(tmp_path)], f"--panel: {tmp_path} is a folder; give a file name"),
+        (["conformance", "--output", str(a_file / "conformance.md")], f"--output: {a_file} is a file, not a folder"),
+        (["figures", str(tmp_path), "--out", str(a_file)], f"--out: {a_file} is a file, not a folder"),
+    ):
+        refused = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=120, env=_database(tmp_path))
+        assert refused.returncode == 2 and said in refused.stderr, (args, refused.stderr[-2000:])
+        assert "Traceback" not in refused.stderr
+    panel = tmp_path / "new" / "folder" / "panel.png"  # a folder that is not there yet is made
+    made = subprocess.run([*cli, "evaluate", "--subjects", "1", "--slices", "1", "--test-time-augmentation", "none", "--panel", str(panel)],
+                          capture_output=True, text=True, timeout=300, env=_database(tmp_path))
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert panel.stat().st_size > 0
+
+
 def test_ctrl_c_during_a_database_write_arrives_right_after_it() -> None:
     """The run's database writes hold Ctrl-C back (a KeyboardInterrupt inside SQLAlchemy or sqlite3
     could leave the database locked); it still stops the run, at the next step."""
