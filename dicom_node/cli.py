@@ -583,6 +583,27 @@ def _output_file(option: str, path: Path) -> None:
     _output_folder(option, path.parent)
 
 
+def _check_dates(date_from: str | None, date_to: str | None) -> None:
+    """Study date filters are DICOM dates (YYYYMMDD), the range in order: checked before the PACS is
+    asked (a PACS may read 2026-01-01 as a range of its own, or match nothing without a word)."""
+    import datetime
+
+    parsed = {}
+    for option, value in (("--date-from", date_from), ("--date-to", date_to)):
+        if value is None:
+            continue
+        try:
+            if not re.fullmatch(r"\d{8}", value):
+                raise ValueError
+            parsed[option] = datetime.datetime.strptime(value, "%Y%m%d").date()
+        except ValueError as exc:
+            typer.echo(f"mr2ct: {option} must be a date as YYYYMMDD (e.g. 20260131), got {value!r}", err=True)
+            raise typer.Exit(2) from exc
+    if len(parsed) == 2 and parsed["--date-from"] > parsed["--date-to"]:
+        typer.echo(f"mr2ct: --date-from {date_from} is after --date-to {date_to}", err=True)
+        raise typer.Exit(2)
+
+
 def _check_regex(option: str, pattern: str | None) -> None:
     """A filter pattern that is not a regular expression stops the command before the PACS is asked."""
     if pattern is None:
@@ -622,6 +643,7 @@ def pull(
         typer.echo(f"mr2ct: --modality must be MR or CT, got {bad}", err=True)
         raise typer.Exit(2)
     _check_regex("--description", description)
+    _check_dates(date_from, date_to)
     _output_folder("--cache", cache)
     filters = [PullFilter(m, body_part, description, date_from, date_to, limit) for m in modality]
     try:
@@ -658,6 +680,7 @@ def pull_pairs(
     _logging()
     for option, pattern in (("--mr-description", mr_description), ("--ct-description", ct_description)):
         _check_regex(option, pattern)
+    _check_dates(date_from, date_to)
     _output_folder("--out", out)
     flt = PairsFilter(body_part, mr_description, ct_description, date_from, date_to, limit)
     try:

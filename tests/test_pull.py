@@ -216,6 +216,17 @@ def test_filters_and_limits_narrow_the_pull(cohort_in_orthanc, orthanc, tmp_path
     counts = pull(f"{orthanc.url}/dicom-web", tmp_path / "c", [PullFilter("CT", limit=2), PullFilter("MR", description="^nothing$")],
                   username=orthanc.username, password=orthanc.password)
     assert counts["found"] == 2
+    # the phantom studies are dated 2026-01-01: a study date range takes them or leaves them
+    dated = {
+        (start, end): pull(f"{orthanc.url}/dicom-web", tmp_path / f"d{start}-{end}", [PullFilter("CT", study_date_from=start, study_date_to=end)],
+                           username=orthanc.username, password=orthanc.password, progress=False)["fetched"]
+        for start, end in (("20251231", "20260101"), ("20260102", None), (None, "20251231"))
+    }
+    assert dated == {("20251231", "20260101"): 4, ("20260102", None): 0, (None, "20251231"): 0}
+    # and are of the head
+    parts = {part: pull(f"{orthanc.url}/dicom-web", tmp_path / f"b{part}", [PullFilter("CT", body_part=part)], username=orthanc.username,
+                        password=orthanc.password, progress=False)["fetched"] for part in ("HEAD", "PELVIS")}
+    assert parts == {"HEAD": 4, "PELVIS": 0}
 
 
 def test_wrong_password_and_unreachable_pacs_say_so(orthanc, tmp_path):

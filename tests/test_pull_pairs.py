@@ -117,6 +117,11 @@ def test_pull_pairs_command_filters_and_says_what_is_wrong(hospital, tmp_path):
     bad_regex = subprocess.run([*base, "--password", orthanc.password, "--out", str(tmp_path / "x"), "--mr-description", "T1("],
                                capture_output=True, text=True, timeout=60)
     assert bad_regex.returncode == 2 and "--mr-description is not a regular expression" in bad_regex.stderr
+    for dates, said in ((["--date-from", "2026-01-01"], "--date-from must be a date as YYYYMMDD"),
+                        (["--date-from", "20260301", "--date-to", "20260201"], "--date-from 20260301 is after --date-to 20260201")):
+        bad_date = subprocess.run([*base, "--password", orthanc.password, "--out", str(tmp_path / "x"), *dates],
+                                  capture_output=True, text=True, timeout=60)
+        assert bad_date.returncode == 2 and said in bad_date.stderr, bad_date.stderr[-2000:]
 
     wrong = subprocess.run([*base, "--password", "wrong", "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 1 and "401" in wrong.stderr
