@@ -258,8 +258,8 @@ def sample_mr(
     seed: Annotated[int, typer.Option()] = 1,
     slices: Annotated[int, typer.Option(min=1, max=1024)] = 32,
     size: Annotated[int, typer.Option(min=16, max=1024)] = 256,
-    pixel_spacing: Annotated[float, typer.Option()] = 1.0,
-    slice_spacing: Annotated[float, typer.Option()] = 4.0,
+    pixel_spacing: Annotated[float, typer.Option(min=0.05, max=50.0, help="mm")] = 1.0,
+    slice_spacing: Annotated[float, typer.Option(min=0.05, max=100.0, help="mm")] = 4.0,
 ) -> None:
     """Write a phantom T1 head MR series (what a scanner would send)."""
     from training.phantom_dicom import write_mr_series
@@ -531,7 +531,7 @@ def phantoms(
     seed: Annotated[int, typer.Option()] = 0,
     slices: Annotated[int, typer.Option(min=1)] = 24,
     size: Annotated[int, typer.Option(min=16)] = 128,
-    pixel_spacing: Annotated[float, typer.Option()] = 2.0,
+    pixel_spacing: Annotated[float, typer.Option(min=0.05, max=50.0, help="mm")] = 2.0,
     upload: Annotated[Optional[str], typer.Option(help="Orthanc URL to upload the studies to")] = None,
     username: Annotated[Optional[str], typer.Option(envvar="MR2CT_ORTHANC_USERNAME")] = None,
     password: Annotated[Optional[str], typer.Option(envvar="MR2CT_ORTHANC_PASSWORD")] = None,

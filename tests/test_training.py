@@ -51,10 +51,26 @@ def test_train_writes_a_loadable_model_with_its_card_losses_and_figures(tmp_path
     assert json.loads((out / "config.json").read_text())["lambda_ABA"] == 10.0
 
 
-@pytest.mark.parametrize("bad", [{"batch_size": 0}, {"cycle_loss": "l3"}, {"image_size": 130}, {"d_layers": 0}, {"ema_decay": 1.0}])
-def test_bad_training_parameters_are_refused(bad: dict) -> None:
-    with pytest.raises(ValueError):
+@pytest.mark.parametrize("bad", [
+    {"batch_size": 0}, {"cycle_loss": "l3"}, {"image_size": 130}, {"d_layers": 0}, {"ema_decay": 1.0}, {"pixel_spacing_mm": 0.0},
+    {"lr_G": -1e-4}, {"lr_D": 0.0}, {"beta1": 1.0}, {"beta2": -0.1}, {"synthetic_pool_size": -1}, {"lambda_ABA": -1.0},
+    {"max_minutes": 0.0}, {"ngf": 0}, {"image_size": 16}, {"image_size": 64, "crop_size": 16},
+], ids=lambda bad: ",".join(f"{k}={v}" for k, v in bad.items()))
+def test_bad_training_parameters_are_refused_naming_the_parameter(bad: dict) -> None:
+    """Each is refused before any training, naming the parameter (not a division by zero, a torch
+    error in the first step, or an empty random range when the pool is first full)."""
+    with pytest.raises(ValueError, match=list(bad)[-1]):
         TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("smallest", [["--image-size", "24"], ["--image-size", "16", "--discriminator", "paper"],
+                                      ["--image-size", "64", "--crop-size", "16", "--d-layers", "2"]], ids=" ".join)
+def test_the_smallest_sizes_allowed_train(tmp_path: Path, smallest: list[str]) -> None:
+    """The size limit is the discriminator's, not a guess: at the smallest size it allows, a step trains."""
+    done = _train(tmp_path / "run", "--epochs", "1", "--steps-per-epoch", "1", "--subjects-per-pool", "1", "--no-record",
+                  "--checkpoint-every", "0", *smallest)  # after TINY's: the last --image-size counts
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["image_size"] == int(smallest[1])
 
 
 # The shipped model must clearly beat a linear MR-to-HU fit made on the very phantoms it is scored
@@ -463,6 +479,17 @@ def test_an_output_path_that_cannot_be_written_stops_the_command_before_its_work
                           capture_output=True, text=True, timeout=300, env=_database(tmp_path))
     assert made.returncode == 0, made.stderr[-2000:]
     assert panel.stat().st_size > 0
+
+
+def test_phantom_commands_refuse_a_spacing_that_is_not_positive(tmp_path: Path) -> None:
+    """Zero or negative spacing was a division by zero (sample-mr) or DICOM with a negative Pixel
+    Spacing (phantoms): both refused, naming the option, nothing written."""
+    cli = [sys.executable, "-m", "dicom_node.cli"]
+    for args in (["sample-mr", "--out", str(tmp_path / "s"), "--pixel-spacing", "0"], ["sample-mr", "--out", str(tmp_path / "s"), "--slice-spacing", "-3"],
+                 ["phantoms", "--out", str(tmp_path / "p"), "--pixel-spacing", "-2"]):
+        refused = subprocess.run([*cli, *args], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and args[-2] in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "s").exists() and not (tmp_path / "p").exists()
 
 
 def test_ctrl_c_during_a_database_write_arrives_right_after_it() -> None:

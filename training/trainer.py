@@ -95,9 +95,21 @@ class TrainConfig:
     test_time_augmentation: str = "none"  # written into the exported card: the views of each slice inference averages over
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "epochs", "steps_per_epoch", "generator_iterations", "discriminator_iterations"):
+        for name in ("batch_size", "epochs", "steps_per_epoch", "generator_iterations", "discriminator_iterations", "ngf", "ndf",
+                     "subjects_per_pool", "slices_per_subject"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lambda_ABA", "lambda_BAB", "identity_weight", "gradient_penalty", "synthetic_pool_size", "n_blocks", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("lr_G", "lr_D", "pixel_spacing_mm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.cycle_loss not in ("mae", "mse"):
             raise ValueError(f"cycle_loss must be 'mae' or 'mse', got {self.cycle_loss!r}")
         if self.adversarial_loss not in ("lsgan", "bce", "wgan-gp"):
@@ -124,6 +136,12 @@ class TrainConfig:
             raise ValueError(f"image_size must be a multiple of 4, got {self.image_size}")
         if self.crop_size is not None and (self.crop_size % 4 or not 16 <= self.crop_size <= self.image_size):
             raise ValueError(f"crop_size must be a multiple of 4 between 16 and image_size, got {self.crop_size}")
+        # the discriminator's last layers need a few pixels left after its d_layers halvings
+        smallest = 3 * 2**self.d_layers if self.discriminator == "patch" else 2 ** (self.d_layers + 1)
+        trained = self.crop_size or self.image_size
+        if trained < smallest:
+            raise ValueError(f"{'crop_size' if self.crop_size else 'image_size'} {trained} is too small for a {self.discriminator} "
+                             f"discriminator of d_layers {self.d_layers}: at least {smallest} (or fewer d_layers)")
 
 
 PRESETS: dict[str, TrainConfig] = {
