@@ -113,7 +113,6 @@ def train(
     except (ValueError, TypeError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    _output_folder("--out", out)
     if data is not None:  # before a run is recorded: a mistyped path is not a failed training run
         from training.pacs_pull import DatasetCache
 
@@ -122,6 +121,7 @@ def train(
         except FileNotFoundError as exc:
             typer.echo(f"error: --data: {exc}", err=True)
             raise typer.Exit(2) from exc
+    _output_folder("--out", out)
     command = "mr2ct " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     recorder = None
     if record and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 records

@@ -102,7 +102,7 @@ def load_model(weights: Path) -> LoadedModel:
     weights = Path(weights)
     card_file = card_path_for(weights)
     if not weights.is_file():
-        raise ModelMismatch(f"model weights {weights} not found; give a .safetensors file made by `mr2ct train` (with its .json card) or its run folder")
+        raise ModelMismatch(f"model weights {weights} not found; give a .safetensors file made by `mr2ct train`, with its .json card beside it")
     if not card_file.is_file():
         raise ModelMismatch(f"model card {card_file} not found next to {weights.name}; every model file needs its JSON card")
     try:

@@ -451,7 +451,7 @@ def test_a_mistyped_data_or_out_path_stops_training_before_a_run_is_recorded_or_
     failed run in the database, nor a new folder (with a salt) where the cache was expected."""
     wrong = _train(tmp_path / "run", "--epochs", "1", "--data", str(tmp_path / "no-such-cache"))
     assert wrong.returncode == 2 and "--data" in wrong.stderr and "is not a dataset cache of `mr2ct pull`" in wrong.stderr
-    assert not (tmp_path / "no-such-cache").exists()
+    assert not (tmp_path / "no-such-cache").exists() and not (tmp_path / "run").exists()
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
     refused = _train(a_file, "--epochs", "1")
