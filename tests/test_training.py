@@ -53,7 +53,7 @@ def test_train_writes_a_loadable_model_with_its_card_losses_and_figures(tmp_path
 
 @pytest.mark.parametrize("bad", [
     {"batch_size": 0}, {"cycle_loss": "l3"}, {"image_size": 130}, {"d_layers": 0}, {"ema_decay": 1.0}, {"pixel_spacing_mm": 0.0},
-    {"lr_G": -1e-4}, {"lr_D": 0.0}, {"beta1": 1.0}, {"beta2": -0.1}, {"synthetic_pool_size": -1}, {"lambda_ABA": -1.0},
+    {"lr_G": -1e-4}, {"lr_D": -1e-4}, {"beta1": 1.0}, {"beta2": -0.1}, {"synthetic_pool_size": -1}, {"lambda_ABA": -1.0},
     {"max_minutes": 0.0}, {"ngf": 0}, {"image_size": 16}, {"image_size": 64, "crop_size": 16},
 ], ids=lambda bad: ",".join(f"{k}={v}" for k, v in bad.items()))
 def test_bad_training_parameters_are_refused_naming_the_parameter(bad: dict) -> None:

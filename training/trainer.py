@@ -99,12 +99,13 @@ class TrainConfig:
                      "subjects_per_pool", "slices_per_subject"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("lambda_ABA", "lambda_BAB", "identity_weight", "gradient_penalty", "synthetic_pool_size", "n_blocks", "checkpoint_every"):
-            if getattr(self, name) < 0:
+        # a learning rate of 0 holds a network where it is (a fine-tune that trains only the others)
+        for name in ("lambda_ABA", "lambda_BAB", "identity_weight", "gradient_penalty", "synthetic_pool_size", "n_blocks", "checkpoint_every",
+                     "lr_G", "lr_D"):
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("lr_G", "lr_D", "pixel_spacing_mm"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.pixel_spacing_mm > 0:
+            raise ValueError(f"pixel_spacing_mm must be > 0, got {self.pixel_spacing_mm}")
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
