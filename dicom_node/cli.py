@@ -635,7 +635,7 @@ def pull(
 ) -> None:
     """Pull unpaired MR and CT series from a DICOMweb PACS into a local dataset cache (resumable)."""
     from synthesis.errors import PacsUnavailable
-    from training.pacs_pull import PullFilter, pull as run_pull
+    from training.pacs_pull import DatasetCache, PullFilter, pull as run_pull
 
     _logging()
     bad = [m for m in modality if m not in ("MR", "CT")]
@@ -657,6 +657,10 @@ def pull(
     typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']}{refreshed}, left out "
                f"{counts['synthetic']} synthetic (Synthetic Data YES, e.g. mr2ct's own sCTs) and {counts['unusable']} that make no volume "
                f"(reasons in {cache / 'left_out.jsonl'}) -> {cache}")
+    still = len(DatasetCache(cache).outdated())
+    if still:  # cached by an earlier mr2ct, not matched by this pull's filters
+        typer.echo(f"{still} series in the cache are still in their acquired plane (3D sagittal or coronal, cached before "
+                   "2026-12-03): a pull whose filters match them fetches them again as axial slices")
 
 
 @app.command("pull-pairs")

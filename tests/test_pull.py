@@ -188,10 +188,16 @@ def test_a_cache_pulled_before_slice_planes_gets_its_3d_sagittal_series_again_as
         before = {e["series_uid"]: e for e in DatasetCache(cache_dir).entries()}
         assert DatasetCache(cache_dir).outdated() == {sagittal.series_uid}
 
+        # a pull whose filters leave the old series out says it is still there as acquired
+        axial_only = subprocess.run([*MR2CT, "pull", "--url", url, "--cache", str(cache_dir), "--modality", "MR", "--description", "^OLD AX",
+                                     "--username", orthanc.username, "--password", orthanc.password], capture_output=True, text=True, timeout=120)
+        assert axial_only.returncode == 0, axial_only.stderr[-2000:]
+        assert "already cached 1," in axial_only.stdout and "1 series in the cache are still in their acquired plane" in axial_only.stdout
         again = subprocess.run([*MR2CT, "pull", "--url", url, "--cache", str(cache_dir), "--modality", "MR", "--description", "^OLD ",
                                 "--username", orthanc.username, "--password", orthanc.password], capture_output=True, text=True, timeout=120)
         assert again.returncode == 0, again.stderr[-2000:]
         assert "found 2 series, fetched 0, already cached 1, fetched again 1 that an earlier pull cached in their acquired plane" in again.stdout
+        assert "still in their acquired plane" not in again.stdout
         cache = DatasetCache(cache_dir)
         after = {e["series_uid"]: e for e in cache.entries()}
         assert after[axial.series_uid] == before[axial.series_uid]  # axial as acquired is what the node shows: untouched
