@@ -157,6 +157,13 @@ def folder_salt(path: Path) -> str:
     return path.read_text().strip()
 
 
+def acquired_before_planes(entry: dict[str, Any]) -> bool:
+    """A cache entry written before pulls took the node's slice plane (2026-12-03: no ``plane``)
+    for slices that are not axial: a 3D sagittal or coronal series held as acquired, where the node
+    would show the generator its axial slices."""
+    return "plane" not in entry and not slices_closest_to_axial(entry["orientation"])
+
+
 class DatasetCache:
     @classmethod
     def existing(cls, root: Path) -> "DatasetCache":
@@ -188,10 +195,9 @@ class DatasetCache:
         return {e["series_uid"] for e in self.entries()}
 
     def outdated(self) -> set[str]:
-        """Series cached before pulls took the node's slice plane (2026-12-03: no ``plane`` in their
-        entry) whose slices are not axial: a 3D sagittal or coronal one is held as acquired, where
-        the node would show the generator its axial slices. A pull fetches them again."""
-        return {e["series_uid"] for e in self.entries() if "plane" not in e and not slices_closest_to_axial(e["orientation"])}
+        """Series cached before pulls took the node's slice plane whose slices are not axial (see
+        ``acquired_before_planes``). A pull fetches them again."""
+        return {e["series_uid"] for e in self.entries() if acquired_before_planes(e)}
 
     def left_out(self) -> dict[str, str]:
         """Series a pull looked at and will not take (synthetic ones, ones that make no volume), with
@@ -240,8 +246,9 @@ def pull(
     left out do not count, so that many are taken while the PACS has that many."""
     cache = DatasetCache(cache_dir)
     client = _client(url, username, password, timeout, attempts)
-    known, left_out, outdated = cache.known(), cache.left_out(), cache.outdated()
-    old_shards = {e["series_uid"]: e["shard"] for e in cache.entries() if e["series_uid"] in outdated}
+    entries, left_out = cache.entries(), cache.left_out()  # the manifest read once
+    known = {e["series_uid"] for e in entries}
+    outdated = {e["series_uid"]: e["shard"] for e in entries if acquired_before_planes(e)}  # and the shard each refresh replaces
     plans: list[tuple[PullFilter, list[dict[str, Any]]]] = []
     for flt in filters:
         found = _search_series(client, url, _series_query(flt.modality, flt))
@@ -295,11 +302,10 @@ def pull(
                 "orientation": [round(v, 6) for v in volume.orientation], "plane": plane,
             },
             slices,
-            replaces=old_shards.get(series_uid),
+            replaces=outdated.get(series_uid),
         )
         known.add(series_uid)
-        if series_uid in outdated:
-            outdated.discard(series_uid)
+        if outdated.pop(series_uid, None) is not None:
             log.info("cached again series=%s: %s (was as acquired)", series_uid, plane)
             return "refreshed"
         return "fetched"
