@@ -7,10 +7,12 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
 from sqlalchemy import select
+from tqdm import tqdm
 
 from dicom_node.api.auth import create_token
 from dicom_node.db import init_db
@@ -20,17 +22,21 @@ from dicom_node.orthanc_store import OrthancStore
 from training.phantom_dicom import write_mr_series
 
 
-def wait_for_job(database_url: str, series_uid: str, timeout: float, done_before: int = 0) -> Job:
-    """Wait until a job for ``series_uid`` newer than job id ``done_before`` has finished."""
+def wait_for_job(database_url: str, series_uid: str, timeout: float, done_before: int = 0,
+                 on_progress: Callable[[Job], None] | None = None) -> Job:
+    """Wait until a job for ``series_uid`` newer than job id ``done_before`` has finished;
+    ``on_progress`` is shown the newest such job at each look meanwhile."""
     sessions = init_db(database_url)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        jobs = select(Job).where(Job.series_instance_uid == series_uid, Job.id > done_before).order_by(Job.id.desc())
         with sessions() as session:
-            job = session.scalars(
-                select(Job).where(Job.series_instance_uid == series_uid, Job.id > done_before, Job.state.in_(("done", "failed"))).order_by(Job.id.desc())
-            ).first()
+            job = session.scalars(jobs.where(Job.state.in_(("done", "failed")))).first()
+            pending = None if job is not None or on_progress is None else session.scalars(jobs).first()
         if job is not None:
             return job
+        if pending is not None:
+            on_progress(pending)
         time.sleep(0.5)
     raise TimeoutError(f"no finished job for series {series_uid} within {timeout:.0f} s")
 
@@ -69,7 +75,16 @@ def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, n
         if to_pacs.returncode != 0:
             say(f"storescu to Orthanc failed ({to_pacs.returncode}):\n{to_pacs.stderr}")
             return 1
-        job = wait_for_job(f"sqlite:///{database}", series.series_uid, timeout=600)
+        with tqdm(total=slices, desc="sCT", unit="slice", file=sys.stderr, disable=None,
+                  bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} slices [{elapsed}<{remaining}{postfix}]") as bar:
+
+            def show(job: Job) -> None:  # the node's own figure: its worker writes it about once a second
+                bar.set_postfix_str(f"job {job.id} {job.state}", refresh=False)
+                bar.update((job.progress or 0.0) * slices - bar.n)
+
+            job = wait_for_job(f"sqlite:///{database}", series.series_uid, timeout=600, on_progress=show)
+            if job.state == "done":
+                bar.update(slices - bar.n)
         if job.state != "done":
             say(f"the job failed: {job.error}\nnode log: {node.log_path}")
             return 1

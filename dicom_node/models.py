@@ -97,6 +97,9 @@ class Job(Base):
     model_sha256: Mapped[str | None] = mapped_column(String(64))
     device: Mapped[str | None] = mapped_column(String(32))
     seconds: Mapped[float | None] = mapped_column()
+    # Of the series' slices, the fraction synthesized so far (0..1, test-time views counted): written
+    # by the running worker about once a second; None until its first batch, 1.0 once done.
+    progress: Mapped[float | None] = mapped_column()
 
 
 class AuditEvent(Base):

@@ -63,7 +63,8 @@ def claim_job(sessions: sessionmaker[Session], worker_id: str, lease_seconds: fl
         claimed = session.execute(
             update(Job)
             .where(Job.id == candidate, or_(Job.state == "queued", (Job.state == "running") & (Job.lease_until < now)))
-            .values(state="running", worker=worker_id, started_at=now, lease_until=now + timedelta(seconds=lease_seconds), attempts=Job.attempts + 1)
+            .values(state="running", worker=worker_id, started_at=now, lease_until=now + timedelta(seconds=lease_seconds), attempts=Job.attempts + 1,
+                    progress=None)
         ).rowcount
         return candidate if claimed else None
 
@@ -72,12 +73,13 @@ def _held_by(job_id: int, worker_id: str) -> Any:
     return (Job.id == job_id) & (Job.state == "running") & (Job.worker == worker_id)
 
 
-def renew_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, lease_seconds: float = LEASE_SECONDS) -> bool:
-    """Push back the end of the lease of a job this worker runs. False when the job is no longer
-    this worker's (its lease ran out and another worker claimed it, or it was re-queued)."""
+def renew_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, lease_seconds: float = LEASE_SECONDS, **values: Any) -> bool:
+    """Push back the end of the lease of a job this worker runs (and write ``values`` with it). False
+    when the job is no longer this worker's (its lease ran out and another worker claimed it, or it
+    was re-queued)."""
     with sessions.begin() as session:
         return bool(session.execute(
-            update(Job).where(_held_by(job_id, worker_id)).values(lease_until=utcnow() + timedelta(seconds=lease_seconds))).rowcount)
+            update(Job).where(_held_by(job_id, worker_id)).values(lease_until=utcnow() + timedelta(seconds=lease_seconds), **values)).rowcount)
 
 
 def still_held(sessions: sessionmaker[Session], job_id: int, worker_id: str) -> bool:
@@ -92,23 +94,41 @@ def settle_job(sessions: sessionmaker[Session], job_id: int, worker_id: str, **v
         return bool(session.execute(update(Job).where(_held_by(job_id, worker_id)).values(**values)).rowcount)
 
 
+class Progress:
+    """How far a running job is: the fraction of its slices synthesized, set by the thread that
+    synthesizes and written to the job's row by its lease thread at the next check (the lookup it
+    makes anyway becomes that write), so synthesis never waits on the database for it."""
+
+    def __init__(self) -> None:
+        self.fraction: float | None = None
+
+    def __call__(self, fraction: float) -> None:
+        self.fraction = round(min(max(fraction, 0.0), 1.0), 4)
+
+
 @contextmanager
 def held_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, lease_seconds: float = LEASE_SECONDS,
-               check_seconds: float = CHECK_SECONDS) -> Iterator[threading.Event]:
+               check_seconds: float = CHECK_SECONDS, progress: Progress | None = None) -> Iterator[threading.Event]:
     """While the block runs: look every ``check_seconds`` whether the job is still this worker's
     and renew its lease every quarter of it, so a job longer than one lease (a long series on a
-    CPU) is not claimed and run a second time by another worker. The event it yields is set once
-    the job is no longer this worker's: cancelled by an administrator, or its lease ran out."""
+    CPU) is not claimed and run a second time by another worker; ``progress``, when it moved, is
+    written with that look. The event it yields is set once the job is no longer this worker's:
+    cancelled by an administrator, or its lease ran out."""
     stop, lost = threading.Event(), threading.Event()
 
     def beat() -> None:
-        renewed = time.monotonic()
+        renewed, written = time.monotonic(), None
         while not stop.wait(min(check_seconds, lease_seconds / 4)):
+            fraction = None if progress is None else progress.fraction
+            moved = {"progress": fraction} if fraction != written else {}
             try:
                 if time.monotonic() - renewed >= lease_seconds / 4:
-                    held, renewed = renew_lease(sessions, job_id, worker_id, lease_seconds), time.monotonic()
+                    held, renewed = renew_lease(sessions, job_id, worker_id, lease_seconds, **moved), time.monotonic()
+                elif moved:  # the write says whether the job is still this worker's as well as a lookup would
+                    held = settle_job(sessions, job_id, worker_id, **moved)
                 else:
                     held = still_held(sessions, job_id, worker_id)
+                written = fraction
             except Exception:  # the database away for a moment: try again at the next beat
                 log.exception("cannot check the lease of job=%d", job_id)
                 continue
@@ -171,8 +191,9 @@ class Worker:
         """Run a claimed job, its lease renewed meanwhile; the outcome is written only while the job
         is still this worker's. ``shutdown`` (the service stopping) stops it between batches and
         puts it back in the queue at once, for this node's next start or another worker."""
-        with held_lease(self.sessions, job_id, self.worker_id, self.lease_seconds) as lost:
-            self._run_job(job_id, lost, shutdown or threading.Event())
+        progress = Progress()
+        with held_lease(self.sessions, job_id, self.worker_id, self.lease_seconds, progress=progress) as lost:
+            self._run_job(job_id, lost, shutdown or threading.Event(), progress)
 
     def _settle(self, job_id: int, **values: Any) -> bool:
         if settle_job(self.sessions, job_id, self.worker_id, **values):
@@ -181,7 +202,7 @@ class Worker:
                     "another worker holds it)", job_id)
         return False
 
-    def _run_job(self, job_id: int, lost: threading.Event, shutdown: threading.Event) -> None:
+    def _run_job(self, job_id: int, lost: threading.Event, shutdown: threading.Event, progress: Progress | None = None) -> None:
         started = time.perf_counter()
         try:
             self.refresh_model()
@@ -209,7 +230,8 @@ class Worker:
             datasets = self._read_originals(series_uid, paths)
             source = assemble(datasets)
             hu, reslice, plane = synthesize_volume(source.volume, self.model, self.device.device, self.plane, batch_size=self.batch_size,
-                                                   precision=self.precision, compile=self.torch_compile, should_stop=should_stop)
+                                                   precision=self.precision, compile=self.torch_compile, should_stop=should_stop,
+                                                   progress=progress)
             log.info("job synthesized job=%d in %s", job_id, plane)
             ct = SyntheticCTSeries(source=source, hu=hu, model=self.model, uid_root=self.uid_root, device_label=self.device.label,
                                    resliced_from=reslice.acquired if reslice else None)
@@ -227,7 +249,7 @@ class Worker:
             if lost.is_set():
                 log.info("job stopped job=%d series=%s: no longer this worker's (cancelled, or its lease ran out), %s; nothing stored",
                          job_id, series_uid, exc)
-            elif self._settle(job_id, state="queued", lease_until=None, not_before=None,
+            elif self._settle(job_id, state="queued", lease_until=None, not_before=None, progress=None,
                               error=f"queued again: the worker stopped (shut down) while running it, {exc}"):
                 audit.record(self.sessions, "job-requeued", "warning", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id,
                              reason="the worker was shut down while it ran")
@@ -238,7 +260,7 @@ class Worker:
                 attempts = session.get(Job, job_id).attempts  # type: ignore[union-attr]
             if attempts < MAX_ATTEMPTS:
                 delay = retry_delay(attempts)
-                if not self._settle(job_id, state="queued", lease_until=None, error=str(exc)[:2000],
+                if not self._settle(job_id, state="queued", lease_until=None, error=str(exc)[:2000], progress=None,
                                     not_before=utcnow() + timedelta(seconds=delay)):
                     return
                 audit.record(self.sessions, "job-retry-scheduled", "warning", actor, study_uid=study_uid, series_uid=series_uid,
@@ -263,7 +285,7 @@ class Worker:
         if not self._settle(
             job_id, state="done", finished_at=utcnow(), lease_until=None, error=None, not_before=None, ct_series_uid=ct.series_instance_uid,
             sr_series_uid=str(sr.SeriesInstanceUID), sr_sop_instance_uid=str(sr.SOPInstanceUID),
-            model_sha256=self.model.sha256, device=self.device.label, seconds=seconds, instance_count=len(datasets),
+            model_sha256=self.model.sha256, device=self.device.label, seconds=seconds, instance_count=len(datasets), progress=1.0,
         ):
             return
         audit.record(

@@ -214,7 +214,7 @@ _VIEWS["dihedral"] = _VIEWS["mirror"] + tuple((True, dims) for _, dims in _VIEWS
 
 
 def augmented(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, mode: str, multiple: int = 4,
-              should_stop: Callable[[], bool] | None = None) -> torch.Tensor:
+              should_stop: Callable[[], bool] | None = None, on_view: Callable[[int, int], None] | None = None) -> torch.Tensor:
     """The mean of the generator's outputs over the test-time augmentation's views of ``x``
     (N, C, H, W), each mapped back onto ``x``'s pixels; fp32. The generator is fully
     convolutional, so a transposed view of a non-square grid is just another input shape.
@@ -222,7 +222,8 @@ def augmented(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
     shifted modes move the image by half of it, padding (reflected) so the size stays a multiple.
     ``should_stop``: asked before each view after the first; when it says yes, ``Stopped`` is
     raised (one batch of the 32 shifted dihedral views is tens of seconds on a small CPU: a
-    cancelled job or a stopping service should not wait for all of them)."""
+    cancelled job or a stopping service should not wait for all of them). ``on_view``: told
+    (views done, views in all) after each view."""
     shifted = mode.endswith("-shift")
     views = _VIEWS[mode.removesuffix("-shift")]
     half = multiple // 2
@@ -246,6 +247,8 @@ def augmented(forward: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, 
                 y = y.transpose(-1, -2)
             y = y[..., dr : dr + x.shape[-2], dc : dc + x.shape[-1]]
             total = y if total is None else total.add_(y)
+            if on_view is not None:
+                on_view(done, count)
     assert total is not None
     return total.div_(count) if count > 1 else total
 
@@ -266,6 +269,7 @@ def synthesize(
     compile: bool = False,
     augment: str | None = None,
     should_stop: Callable[[], bool] | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> np.ndarray:
     """MR volume (slices, rows, cols) -> sCT volume in HU, same shape, float32.
 
@@ -273,7 +277,8 @@ def synthesize(
     each new grid size compiles once, tens of seconds on a CPU). ``augment``: the test-time
     augmentation (``TEST_TIME_AUGMENTATIONS``); None: the model card's. ``should_stop``: asked
     before each batch and between its test-time views; when it says yes, ``Stopped`` is raised (a
-    job cancelled while it runs, a service stopping).
+    job cancelled while it runs, a service stopping). ``progress``: told the fraction of the slices
+    synthesized (0..1, a batch's test-time views counted) after each view of each batch.
     """
     if voxels.ndim != 3:
         raise ValueError(f"voxels must be (slices, rows, columns), got shape {voxels.shape}")
@@ -307,8 +312,12 @@ def synthesize(
         if pad_r or pad_c:
             x = F.pad(x, (0, pad_c, 0, pad_r), mode=_pad_mode(x, max(pad_r, pad_c)))
         x = x.contiguous(memory_format=torch.channels_last)
+        on_view = None
+        if progress is not None:
+            def on_view(done: int, count: int, start: int = start, size: int = x.shape[0]) -> None:
+                progress((start + size * done / count) / slices)
         try:
-            y = augmented(forward, x.to(input_dtype), mode, multiple, should_stop)[..., : grid[0], : grid[1]]
+            y = augmented(forward, x.to(input_dtype), mode, multiple, should_stop, on_view)[..., : grid[0], : grid[1]]
         except Stopped as exc:
             raise Stopped(f"stopped after {start} of {slices} slices; in the next batch: {exc}") from exc
         y = to_mr_matrix(batch, x[..., : grid[0], : grid[1]].float(), y).clamp_(-1.0, 1.0)

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import init_db
 from dicom_node.models import Job, Series
-from dicom_node.worker import claim_job, held_lease, renew_lease, settle_job
+from dicom_node.worker import Progress, claim_job, held_lease, renew_lease, settle_job
 
 
 def _queued_job(tmp_path: Path) -> tuple[sessionmaker[Session], int]:
@@ -54,3 +54,33 @@ def test_a_job_cancelled_while_it_runs_tells_its_worker_within_about_a_second(tm
     assert not settle_job(sessions, job_id, "host:1", state="done")
     with sessions() as session:
         assert session.get(Job, job_id).state == "cancelled"
+
+
+def _progress_in_row(sessions: sessionmaker[Session], job_id: int, wanted: float | None, timeout: float = 5.0) -> float | None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with sessions() as session:
+            progress = session.get(Job, job_id).progress
+        if progress == wanted or time.monotonic() > deadline:
+            return progress
+        time.sleep(0.05)
+
+
+def test_a_running_job_shows_how_far_it_is_and_a_job_taken_over_starts_again_from_nothing(tmp_path: Path) -> None:
+    """The synthesis thread only sets a number; the lease thread writes it with its next look, so
+    GET /jobs/{id} and the dashboard follow a long job. A job another worker takes over (the first
+    one's lease ran out) shows no progress until its new worker has synthesized something."""
+    sessions, job_id = _queued_job(tmp_path)
+    assert claim_job(sessions, "host:1", lease_seconds=2) == job_id
+    progress = Progress()
+    with held_lease(sessions, job_id, "host:1", lease_seconds=2, check_seconds=0.2, progress=progress) as lost:
+        assert _progress_in_row(sessions, job_id, None, timeout=0.5) is None  # nothing synthesized yet
+        progress(0.25)
+        assert _progress_in_row(sessions, job_id, 0.25) == 0.25
+        progress(0.5)
+        assert _progress_in_row(sessions, job_id, 0.5) == 0.5
+        assert not lost.is_set()
+    time.sleep(2.5)  # the worker hung: its lease runs out, and another takes the job
+    assert claim_job(sessions, "host:2", lease_seconds=60) == job_id
+    with sessions() as session:
+        assert session.get(Job, job_id).progress is None

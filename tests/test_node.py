@@ -4,6 +4,7 @@ association limits, recovery after a crash, DICOM over TLS."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -444,6 +445,35 @@ def _long_job_running(node, tmp_path: Path, seed: int):
             return series, job
         time.sleep(0.1)
     raise AssertionError("the job never ran")
+
+
+def test_the_api_shows_how_far_a_running_job_is(node_factory, orthanc, tmp_path):
+    """A long series on a CPU takes minutes: GET /jobs/{id} (and the dashboard, and the demo's bar)
+    shows the fraction of its slices synthesized, rising while it runs, and 1 once it is done."""
+    node = node_factory(test_time_augmentation="dihedral")
+    series, job = _long_job_running(node, tmp_path, 231)
+    base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
+    token = api_token(node.database_url, "auditor", "watching")
+    auditor, dashboard = {"Authorization": f"Bearer {token}"}, {"mr2ct_token": token}
+    seen: list[float] = []
+    pages: list[str] = []
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        detail = httpx.get(f"{base}/jobs/{job.id}", headers=auditor, timeout=30).json()
+        if detail["state"] != "running":
+            break
+        if detail["progress"] is not None:
+            seen.append(detail["progress"])
+            if not pages and detail["progress"] < 1:
+                pages.append(httpx.get(f"{base}/dashboard", cookies=dashboard, timeout=30).text)
+        time.sleep(0.1)
+    assert detail["state"] == "done" and detail["progress"] == 1.0
+    assert seen == sorted(seen), seen  # it never goes back
+    assert any(0 < p < 1 for p in seen), seen  # followed while it ran, not only at the end
+    assert pages and re.search(rf"<tr id='job-{job.id}'><td>{job.id}</td><td class='running'>running \d+%</td>", pages[0])
+    assert "http-equiv='refresh'" in pages[0]  # the page follows the job by itself
+    done = httpx.get(f"{base}/dashboard", cookies=dashboard, timeout=30).text
+    assert "<td class='done'>done</td>" in done and "http-equiv='refresh'" not in done
 
 
 def test_a_running_job_cancelled_by_the_administrator_stops_with_nothing_stored(node_factory, orthanc, tmp_path):

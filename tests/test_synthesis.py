@@ -349,6 +349,19 @@ def test_a_stop_asked_for_in_the_middle_of_a_batch_comes_before_the_batchs_other
     assert never.shape == voxels.shape  # a no all the way gives the whole volume
 
 
+def test_progress_counts_every_view_of_every_batch_up_to_the_whole_volume(tmp_path: Path) -> None:
+    """What the node shows of a running job (GET /jobs/{id} "progress", the dashboard, the demo's
+    bar): the fraction of the slices synthesized, rising with each test-time view, not only per batch."""
+    model = load_model(_model_with_views(tmp_path, "dihedral"))
+    voxels = (np.random.default_rng(5).random((5, 32, 40)) * 1000).astype(np.float32)
+    told: list[float] = []
+    synthesize(voxels, (4.0, 4.0), model, choose_device("cpu").device, batch_size=2, precision="fp32", progress=told.append)
+    assert len(told) == 3 * 8  # batches of 2, 2 and 1 slices, 8 views each
+    assert told == sorted(told) and len(set(told)) == len(told)  # it only goes up
+    assert told[7] == pytest.approx(2 / 5) and told[15] == pytest.approx(4 / 5) and told[-1] == pytest.approx(1.0)
+    assert told[0] == pytest.approx(2 / 5 / 8)  # the first view of the first batch is an eighth of its two slices
+
+
 @pytest.mark.parametrize(("mode", "mirror_alike", "transpose_alike"),
                          [("none", False, False), ("mirror", True, False), ("dihedral", True, True), ("dihedral-shift", True, True)])
 def test_test_time_augmentation_makes_the_sct_independent_of_how_the_slice_is_turned(

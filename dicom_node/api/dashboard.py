@@ -86,8 +86,9 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
         job_rows = []
         for job, series in rows:
             preview = f"<a class='preview' href='/dashboard/jobs/{job.id}'>preview</a>" if job.state == "done" else ""
+            state = html.escape(job.state) + (f" {job.progress:.0%}" if job.state == "running" and job.progress is not None else "")
             job_rows.append(
-                f"<tr id='job-{job.id}'><td>{job.id}</td><td class='{html.escape(job.state)}'>{html.escape(job.state)}</td>"
+                f"<tr id='job-{job.id}'><td>{job.id}</td><td class='{html.escape(job.state)}'>{state}</td>"
                 f"<td>{html.escape(series.series_description or '')}</td><td>{series.instance_count}</td>"
                 f"<td>{html.escape(series.calling_ae)}</td><td>{job.created_at:%Y-%m-%d %H:%M:%S}</td>"
                 f"<td>{'' if job.seconds is None else f'{job.seconds:.1f} s'}</td><td>{html.escape(job.device or '')}</td>"
@@ -135,7 +136,8 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 f"{''.join(evaluation_rows)}</table>"
                 "<h1>recent audit events</h1><table id='audit'><tr><th>at</th><th>action</th><th>outcome</th><th>actor</th><th>job</th></tr>"
                 f"{''.join(event_rows)}</table>")
-        return _page("mr2ct dashboard", body)
+        busy = any(job.state in ("queued", "running") for job, _ in rows)  # looked at again while jobs run, to follow them
+        return _page("mr2ct dashboard", body, refresh_seconds=5 if busy else None)
 
     def _ct_and_source(job: Job) -> tuple[Any, Any, str | None]:
         if store is None or not job.ct_series_uid:
