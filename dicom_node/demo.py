@@ -78,14 +78,15 @@ def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, n
         with tqdm(total=slices, desc="sCT", unit="slice", file=sys.stderr, disable=None,
                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} slices [{elapsed}<{remaining}{postfix}]") as bar:
 
-            said = [time.monotonic()]
+            said = time.monotonic()
 
             def show(job: Job) -> None:  # the node's own figure: its worker writes it about once a second
+                nonlocal said
                 done = (job.progress or 0.0) * slices
                 if bar.disable:  # no terminal (a pipe, a log file): a plain line now and then instead
-                    if time.monotonic() - said[0] >= 15:
+                    if time.monotonic() - said >= 15:
                         say(f"  sCT: job {job.id} {job.state}, {done:.0f} of {slices} slices synthesized")
-                        said[0] = time.monotonic()
+                        said = time.monotonic()
                     return
                 bar.set_postfix_str(f"job {job.id} {job.state}", refresh=False)
                 bar.update(done - bar.n)
