@@ -27,9 +27,9 @@ def wait_for_job(database_url: str, series_uid: str, timeout: float, done_before
     """Wait until a job for ``series_uid`` newer than job id ``done_before`` has finished;
     ``on_progress`` is shown the newest such job at each look meanwhile."""
     sessions = init_db(database_url)
+    jobs = select(Job).where(Job.series_instance_uid == series_uid, Job.id > done_before).order_by(Job.id.desc())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        jobs = select(Job).where(Job.series_instance_uid == series_uid, Job.id > done_before).order_by(Job.id.desc())
         with sessions() as session:
             job = session.scalars(jobs.where(Job.state.in_(("done", "failed")))).first()
             pending = None if job is not None or on_progress is None else session.scalars(jobs).first()
