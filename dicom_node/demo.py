@@ -83,12 +83,13 @@ def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, n
             def show(job: Job) -> None:  # the node's own figure: its worker writes it about once a second
                 nonlocal said
                 done = (job.progress or 0.0) * slices
+                doing = job.stage or job.state  # reading, synthesizing, storing; or queued
                 if bar.disable:  # no terminal (a pipe, a log file): a plain line now and then instead
                     if time.monotonic() - said >= 15:
-                        say(f"  sCT: job {job.id} {job.state}, {done:.0f} of {slices} slices synthesized")
+                        say(f"  sCT: job {job.id} {doing}, {done:.0f} of {slices} slices synthesized")
                         said = time.monotonic()
                     return
-                bar.set_postfix_str(f"job {job.id} {job.state}", refresh=False)
+                bar.set_postfix_str(f"job {job.id} {doing}", refresh=False)
                 bar.update(done - bar.n)
 
             job = wait_for_job(f"sqlite:///{database}", series.series_uid, timeout=600, on_progress=show)

@@ -99,7 +99,10 @@ class Job(Base):
     seconds: Mapped[float | None] = mapped_column()
     # Of the series' slices, the fraction synthesized so far (0..1, test-time views counted): written
     # by the running worker about once a second; None until its first batch, 1.0 once done.
-    progress: Mapped[float | None] = mapped_column()
+    progress: Mapped[float | None] = mapped_column(Float)
+    # What a running job is doing: "reading" its originals from the spool, "synthesizing", or
+    # "storing" the CT and SR in the PACS (progress is 1 by then); None when it is not running.
+    stage: Mapped[str | None] = mapped_column(String(16))
 
 
 class AuditEvent(Base):

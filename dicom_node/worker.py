@@ -64,7 +64,7 @@ def claim_job(sessions: sessionmaker[Session], worker_id: str, lease_seconds: fl
             update(Job)
             .where(Job.id == candidate, or_(Job.state == "queued", (Job.state == "running") & (Job.lease_until < now)))
             .values(state="running", worker=worker_id, started_at=now, lease_until=now + timedelta(seconds=lease_seconds), attempts=Job.attempts + 1,
-                    progress=None)
+                    progress=None, stage=None)
         ).rowcount
         return candidate if claimed else None
 
@@ -94,16 +94,29 @@ def settle_job(sessions: sessionmaker[Session], job_id: int, worker_id: str, **v
         return bool(session.execute(update(Job).where(_held_by(job_id, worker_id)).values(**values)).rowcount)
 
 
+STAGES = ("reading", "synthesizing", "storing")
+
+
 class Progress:
-    """How far a running job is: the fraction of its slices synthesized, set by the thread that
-    synthesizes and written to the job's row by its lease thread at the next check (the lookup it
-    makes anyway becomes that write), so synthesis never waits on the database for it."""
+    """How far a running job is: its stage (``STAGES``) and the fraction of its slices
+    synthesized, set by the thread that runs the job and written to the job's row by its lease
+    thread at the next check (the lookup it makes anyway becomes that write), so the job never
+    waits on the database for it."""
 
     def __init__(self) -> None:
         self.fraction: float | None = None
+        self.stage: str | None = None
 
     def __call__(self, fraction: float) -> None:
         self.fraction = round(min(max(fraction, 0.0), 1.0), 4)
+
+    def enter(self, stage: str) -> None:
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+        self.stage = stage
+
+    def values(self) -> dict[str, Any]:
+        return {"progress": self.fraction, "stage": self.stage}
 
 
 @contextmanager
@@ -111,16 +124,16 @@ def held_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, lea
                check_seconds: float = CHECK_SECONDS, progress: Progress | None = None) -> Iterator[threading.Event]:
     """While the block runs: look every ``check_seconds`` whether the job is still this worker's
     and renew its lease every quarter of it, so a job longer than one lease (a long series on a
-    CPU) is not claimed and run a second time by another worker; ``progress``, when it moved, is
-    written with that look. The event it yields is set once the job is no longer this worker's:
-    cancelled by an administrator, or its lease ran out."""
+    CPU) is not claimed and run a second time by another worker; ``progress`` (its fraction and
+    stage), when it moved, is written with that look. The event it yields is set once the job is
+    no longer this worker's: cancelled by an administrator, or its lease ran out."""
     stop, lost = threading.Event(), threading.Event()
 
     def beat() -> None:
-        renewed, written = time.monotonic(), None
+        renewed, written = time.monotonic(), {}
         while not stop.wait(min(check_seconds, lease_seconds / 4)):
-            fraction = None if progress is None else progress.fraction
-            moved = {"progress": fraction} if fraction != written else {}
+            now = {} if progress is None else progress.values()
+            moved = now if now != written else {}
             try:
                 if time.monotonic() - renewed >= lease_seconds / 4:
                     held, renewed = renew_lease(sessions, job_id, worker_id, lease_seconds, **moved), time.monotonic()
@@ -128,7 +141,7 @@ def held_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, lea
                     held = settle_job(sessions, job_id, worker_id, **moved)
                 else:
                     held = still_held(sessions, job_id, worker_id)
-                written = fraction
+                written = now
             except Exception:  # the database away for a moment: try again at the next beat
                 log.exception("cannot check the lease of job=%d", job_id)
                 continue
@@ -202,7 +215,7 @@ class Worker:
                     "another worker holds it)", job_id)
         return False
 
-    def _run_job(self, job_id: int, lost: threading.Event, shutdown: threading.Event, progress: Progress | None = None) -> None:
+    def _run_job(self, job_id: int, lost: threading.Event, shutdown: threading.Event, progress: Progress) -> None:
         started = time.perf_counter()
         try:
             self.refresh_model()
@@ -227,8 +240,10 @@ class Worker:
         try:
             if purged:
                 raise SeriesNotUsable(purged_reason(purged, len(paths)))
+            progress.enter("reading")
             datasets = self._read_originals(series_uid, paths)
             source = assemble(datasets)
+            progress.enter("synthesizing")
             hu, reslice, plane = synthesize_volume(source.volume, self.model, self.device.device, self.plane, batch_size=self.batch_size,
                                                    precision=self.precision, compile=self.torch_compile, should_stop=should_stop,
                                                    progress=progress)
@@ -241,6 +256,7 @@ class Worker:
             )
             if should_stop():  # the last moment to stop with nothing stored; once storing begins, the series goes whole
                 raise Stopped("stopped before storing")
+            progress.enter("storing")
             self.store.store(ct.encoded(i) for i in range(len(ct)))  # encoded lazily, one at a time
             self.store.store([sr])
             self.store.verify(ct.series_instance_uid, len(ct))
@@ -249,7 +265,7 @@ class Worker:
             if lost.is_set():
                 log.info("job stopped job=%d series=%s: no longer this worker's (cancelled, or its lease ran out), %s; nothing stored",
                          job_id, series_uid, exc)
-            elif self._settle(job_id, state="queued", lease_until=None, not_before=None, progress=None,
+            elif self._settle(job_id, state="queued", lease_until=None, not_before=None, progress=None, stage=None,
                               error=f"queued again: the worker stopped (shut down) while running it, {exc}"):
                 audit.record(self.sessions, "job-requeued", "warning", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id,
                              reason="the worker was shut down while it ran")
@@ -260,7 +276,7 @@ class Worker:
                 attempts = session.get(Job, job_id).attempts  # type: ignore[union-attr]
             if attempts < MAX_ATTEMPTS:
                 delay = retry_delay(attempts)
-                if not self._settle(job_id, state="queued", lease_until=None, error=str(exc)[:2000], progress=None,
+                if not self._settle(job_id, state="queued", lease_until=None, error=str(exc)[:2000], progress=None, stage=None,
                                     not_before=utcnow() + timedelta(seconds=delay)):
                     return
                 audit.record(self.sessions, "job-retry-scheduled", "warning", actor, study_uid=study_uid, series_uid=series_uid,
@@ -285,7 +301,7 @@ class Worker:
         if not self._settle(
             job_id, state="done", finished_at=utcnow(), lease_until=None, error=None, not_before=None, ct_series_uid=ct.series_instance_uid,
             sr_series_uid=str(sr.SeriesInstanceUID), sr_sop_instance_uid=str(sr.SOPInstanceUID),
-            model_sha256=self.model.sha256, device=self.device.label, seconds=seconds, instance_count=len(datasets), progress=1.0,
+            model_sha256=self.model.sha256, device=self.device.label, seconds=seconds, instance_count=len(datasets), progress=1.0, stage=None,
         ):
             return
         audit.record(
@@ -312,7 +328,7 @@ class Worker:
                                   "spool retention as this job started, or removed by hand): send the series again") from None
 
     def _fail(self, job_id: int, actor: str, study_uid: str, series_uid: str, reason: str) -> None:
-        if not self._settle(job_id, state="failed", finished_at=utcnow(), error=reason[:2000], lease_until=None):
+        if not self._settle(job_id, state="failed", finished_at=utcnow(), error=reason[:2000], lease_until=None, stage=None):
             return
         audit.record(self.sessions, audit.JOB_FAILED, "failure", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, reason=reason[:500])
 

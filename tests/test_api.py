@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -217,6 +218,53 @@ def test_a_run_that_is_still_training_shows_each_epoch_as_it_ends(api, node, tmp
     detail = httpx.get(f"{api['base']}/training/runs/{run_id}", headers=api["auditor"]).json()
     assert detail["state"] == "interrupted" and detail["ended_at"] and [e["seconds"] for e in detail["losses"]] == [3.0, 6.0]
     assert "http-equiv='refresh'" not in httpx.get(f"{api['base']}/dashboard/training/{run_id}", cookies=cookie).text
+
+
+def test_the_dashboard_says_what_each_running_job_is_doing(tmp_path):
+    """A job reads its originals, synthesizes (its row shows the percentage), then stores the sCT in
+    the PACS: by then it is 100 % synthesized, and its row says "storing" instead of a 100 % that
+    seems stuck. Rows as a worker writes them, in a real SQLite database, served by the real app."""
+    from datetime import timedelta
+
+    import uvicorn
+
+    from dicom_node.api.auth import digest
+    from dicom_node.local_stack import free_port
+    from dicom_node.models import Job, Series, utcnow
+
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    rows = {"reading": (None, "reading"), "synthesizing": (0.4375, "synthesizing"), "storing": (1.0, "storing"), "claimed": (None, None)}
+    with sessions.begin() as session:
+        session.add(ApiToken(name="watching", role="auditor", token_sha256=digest("watch-token")))
+        for n, name in enumerate(rows):
+            session.add(Series(series_instance_uid=f"1.2.3.{n}", study_instance_uid="1.2.3", modality="MR", calling_ae="SCANNER",
+                               state="stable", series_description=name))
+        session.flush()
+        ids = {}
+        for n, (name, (progress, stage)) in enumerate(rows.items()):
+            job = Job(series_instance_uid=f"1.2.3.{n}", state="running", worker="elsewhere:1", progress=progress, stage=stage,
+                      lease_until=utcnow() + timedelta(hours=1))
+            session.add(job)
+            session.flush()
+            ids[name] = job.id
+    server = uvicorn.Server(uvicorn.Config(create_app(sessions), host="127.0.0.1", port=free_port(), log_level="warning"))
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
+    try:
+        base = f"http://127.0.0.1:{server.config.port}"
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        page = httpx.get(f"{base}/dashboard", cookies={"mr2ct_token": "watch-token"}).text
+        detail = httpx.get(f"{base}/jobs/{ids['storing']}", headers={"Authorization": "Bearer watch-token"}).json()
+    finally:
+        server.should_exit = True
+        serving.join(timeout=10)
+    shown = {name: re.search(rf"<tr id='job-{job_id}'><td>{job_id}</td><td class='running'>([^<]*)</td>", page).group(1)
+             for name, job_id in ids.items()}
+    assert shown == {"reading": "running, reading", "synthesizing": "running 44%", "storing": "running, storing", "claimed": "running"}
+    assert (detail["stage"], detail["progress"]) == ("storing", 1.0)
+    assert "http-equiv='refresh'" in page
 
 
 def _pairs(folder, seeds):

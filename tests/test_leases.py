@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import init_db
@@ -56,31 +57,46 @@ def test_a_job_cancelled_while_it_runs_tells_its_worker_within_about_a_second(tm
         assert session.get(Job, job_id).state == "cancelled"
 
 
-def _progress_in_row(sessions: sessionmaker[Session], job_id: int, wanted: float | None, timeout: float = 5.0) -> float | None:
+def _progress_in_row(sessions: sessionmaker[Session], job_id: int, wanted: tuple[float | None, str | None],
+                     timeout: float = 5.0) -> tuple[float | None, str | None]:
     deadline = time.monotonic() + timeout
     while True:
         with sessions() as session:
-            progress = session.get(Job, job_id).progress
-        if progress == wanted or time.monotonic() > deadline:
-            return progress
+            job = session.get(Job, job_id)
+            seen = (job.progress, job.stage)
+        if seen == wanted or time.monotonic() > deadline:
+            return seen
         time.sleep(0.05)
 
 
 def test_a_running_job_shows_how_far_it_is_and_a_job_taken_over_starts_again_from_nothing(tmp_path: Path) -> None:
-    """The synthesis thread only sets a number; the lease thread writes it with its next look, so
-    GET /jobs/{id} and the dashboard follow a long job. A job another worker takes over (the first
-    one's lease ran out) shows no progress until its new worker has synthesized something."""
+    """The thread that runs the job only sets a stage and a number; the lease thread writes them with
+    its next look, so GET /jobs/{id} and the dashboard follow a long job: reading, synthesizing (with
+    the fraction done), storing (all synthesized, the sCT going to the PACS). A job another worker
+    takes over (the first one's lease ran out) shows neither until its new worker gets to it."""
     sessions, job_id = _queued_job(tmp_path)
     assert claim_job(sessions, "host:1", lease_seconds=2) == job_id
     progress = Progress()
     with held_lease(sessions, job_id, "host:1", lease_seconds=2, check_seconds=0.2, progress=progress) as lost:
-        assert _progress_in_row(sessions, job_id, None, timeout=0.5) is None  # nothing synthesized yet
+        assert _progress_in_row(sessions, job_id, (None, None), timeout=0.5) == (None, None)  # nothing done yet
+        progress.enter("reading")
+        assert _progress_in_row(sessions, job_id, (None, "reading")) == (None, "reading")
+        progress.enter("synthesizing")
         progress(0.25)
-        assert _progress_in_row(sessions, job_id, 0.25) == 0.25
+        assert _progress_in_row(sessions, job_id, (0.25, "synthesizing")) == (0.25, "synthesizing")
         progress(0.5)
-        assert _progress_in_row(sessions, job_id, 0.5) == 0.5
+        assert _progress_in_row(sessions, job_id, (0.5, "synthesizing")) == (0.5, "synthesizing")
+        progress(1.0)
+        progress.enter("storing")
+        assert _progress_in_row(sessions, job_id, (1.0, "storing")) == (1.0, "storing")
         assert not lost.is_set()
     time.sleep(2.5)  # the worker hung: its lease runs out, and another takes the job
     assert claim_job(sessions, "host:2", lease_seconds=60) == job_id
     with sessions() as session:
-        assert session.get(Job, job_id).progress is None
+        job = session.get(Job, job_id)
+        assert (job.progress, job.stage) == (None, None)
+
+
+def test_a_stage_the_worker_does_not_know_is_refused() -> None:
+    with pytest.raises(ValueError, match="stage must be one of reading, synthesizing, storing, got 'uploading'"):
+        Progress().enter("uploading")

@@ -20,6 +20,7 @@ from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import echoscu, free_port, nodelay_env, start_storescp, stop_process, storescu
 from dicom_node.models import AuditEvent, Instance, Job, Series
+from dicom_node.worker import STAGES
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import api_token, audit_events
 from training.phantom_dicom import write_mr_series
@@ -449,26 +450,31 @@ def _long_job_running(node, tmp_path: Path, seed: int):
 
 def test_the_api_shows_how_far_a_running_job_is(node_factory, orthanc, tmp_path):
     """A long series on a CPU takes minutes: GET /jobs/{id} (and the dashboard, and the demo's bar)
-    shows the fraction of its slices synthesized, rising while it runs, and 1 once it is done."""
+    shows what the job is doing (reading, synthesizing, storing, in that order) and the fraction of
+    its slices synthesized, rising while it runs, and 1 once it is done."""
     node = node_factory(test_time_augmentation="dihedral")
     series, job = _long_job_running(node, tmp_path, 231)
     base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
     token = api_token(node.database_url, "auditor", "watching")
     auditor, dashboard = {"Authorization": f"Bearer {token}"}, {"mr2ct_token": token}
     seen: list[float] = []
+    stages: list[str] = []
     pages: list[str] = []
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         detail = httpx.get(f"{base}/jobs/{job.id}", headers=auditor, timeout=30).json()
         if detail["state"] != "running":
             break
+        if detail["stage"] is not None and detail["stage"] not in stages[-1:]:
+            stages.append(detail["stage"])
         if detail["progress"] is not None:
             seen.append(detail["progress"])
             if not pages and detail["progress"] < 1:
                 pages.append(httpx.get(f"{base}/dashboard", cookies=dashboard, timeout=30).text)
         time.sleep(0.1)
-    assert detail["state"] == "done" and detail["progress"] == 1.0
+    assert detail["state"] == "done" and detail["progress"] == 1.0 and detail["stage"] is None
     assert seen == sorted(seen), seen  # it never goes back
+    assert "synthesizing" in stages and stages == sorted(stages, key=STAGES.index), stages  # nor do its stages
     assert any(0 < p < 1 for p in seen), seen  # followed while it ran, not only at the end
     assert pages and re.search(rf"<tr id='job-{job.id}'><td>{job.id}</td><td class='running'>running \d+%</td>", pages[0])
     assert "http-equiv='refresh'" in pages[0]  # the page follows the job by itself

@@ -234,7 +234,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             if job.state not in ("queued", "running"):
                 raise HTTPException(409, f"job {job_id} is {job.state}; only queued or running jobs can be cancelled")
             was_running = job.state == "running"
-            job.state, job.finished_at, job.lease_until = "cancelled", utcnow(), None
+            job.state, job.finished_at, job.lease_until, job.stage = "cancelled", utcnow(), None, None
             job.error = f"cancelled by {caller.actor}" + (" while it ran" if was_running else "")
             series_uid = job.series_instance_uid
         audit.record(sessions, "job-cancelled", "success", caller.actor, series_uid=series_uid, job_id=job_id, was_running=was_running)

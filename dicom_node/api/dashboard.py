@@ -47,6 +47,14 @@ def _caller(request: Request, sessions: sessionmaker[Session]) -> ApiToken | Non
     return row if row is not None and row.revoked_at is None else None
 
 
+def _running_text(job: Job) -> str:
+    """What a running job's row adds to "running": its percentage while it synthesizes, its other
+    stages by name ("running, storing" once the sCT is made, when it reads 100 % already)."""
+    if job.stage in (None, "synthesizing"):
+        return "" if job.progress is None else f" {job.progress:.0%}"
+    return f", {html.escape(job.stage)}"
+
+
 def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None) -> APIRouter:
     router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
@@ -86,7 +94,7 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
         job_rows = []
         for job, series in rows:
             preview = f"<a class='preview' href='/dashboard/jobs/{job.id}'>preview</a>" if job.state == "done" else ""
-            state = html.escape(job.state) + (f" {job.progress:.0%}" if job.state == "running" and job.progress is not None else "")
+            state = html.escape(job.state) + (_running_text(job) if job.state == "running" else "")
             job_rows.append(
                 f"<tr id='job-{job.id}'><td>{job.id}</td><td class='{html.escape(job.state)}'>{state}</td>"
                 f"<td>{html.escape(series.series_description or '')}</td><td>{series.instance_count}</td>"
