@@ -8,11 +8,11 @@
 - the shipped model: sCT difference between bf16 and fp32 inference (MAE in HU);
 - the whole synthesis of a 64-slice 256x256 series (read spool files, volume, normalise,
   infer, write CT and SR files) as a ratio to the generator forward alone (the same batches at
-  the model grid, nothing around them; one forward per view of the card's test-time
-  augmentation, as synthesis runs them, and, separately, one view), with the time of each
-  stage: for the shipped model
-  (`synthesis_over_forward`) and for a generator of the paper's size, ResNet-9 ngf 64 on the
-  1 mm grid (`synthesis_over_forward_paper_sized`).
+  the model grid, the series' own normalised slices, nothing around them; one forward per view
+  of the card's test-time augmentation, as synthesis runs them, and, separately, one view),
+  with the time of each stage: for the shipped model (`synthesis_over_forward`) and for a
+  generator of the paper's size, ResNet-9 ngf 64 on the 1 mm grid
+  (`synthesis_over_forward_paper_sized`).
 
 On a CPU without native bf16 (no AVX-512 BF16 or AMX: most AVX2 machines) bf16 is emulated,
 ~64x slower than fp32, and the node runs fp32 there: the bf16 peak, the bf16 variants and the
@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +55,7 @@ from synthesis.infer import (augmented, auto_batch_size, choose_device, native_b
                              resolve_precision, synthesize)
 from synthesis.model_file import LoadedModel, default_model_path, load_model  # noqa: E402
 from synthesis.networks import ResnetGenerator, low_precision_copy, size_multiple  # noqa: E402
+from synthesis.normalize import mr_to_unit  # noqa: E402
 from synthesis.sr_writer import build_provenance_sr  # noqa: E402
 from synthesis.volume import assemble  # noqa: E402
 from training.phantom_dicom import write_mr_series  # noqa: E402
@@ -123,8 +125,13 @@ def pipeline(model: LoadedModel, series, mr: np.ndarray, out: Path, device: torc
     batch = auto_batch_size(model.generator.to(device), (side, side), device, low)  # as the node sizes it
     synthesize_s = best_of(lambda: synthesize(mr, (1.0, 1.0), model, device, batch, precision=precision, compile=compile), repeats, device)
     net = prepared(model.generator.to(device, memory_format=torch.channels_last), low, compile)
-    batches = [torch.randn(min(batch, slices - i), 1, side, side, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
-               for i in range(0, slices, batch)]
+    # The series' own slices, normalised as synthesis does and brought to the model grid: the same
+    # numbers the network sees inside synthesize().
+    norm = model.card["normalization"]
+    unit = torch.from_numpy(mr_to_unit(mr, float(norm.get("low", 0.5)), float(norm.get("high", 99.5))))[:, None]
+    if unit.shape[-2:] != (side, side):
+        unit = F.interpolate(unit, size=(side, side), mode="bilinear", align_corners=False)
+    batches = [unit[i:i + batch].to(device, dtype).contiguous(memory_format=torch.channels_last) for i in range(0, slices, batch)]
 
     def generator_only() -> None:  # the forwards synthesize() runs: one per view of the model's test-time augmentation
         with torch.inference_mode():

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dicom_node.local_stack import (  # noqa: E402
-    NodeServer, OrthancServer, free_port, nodelay_env, start_storescp, stop_process, storescu, wait_listening,
+    NodeServer, OrthancServer, exit_on_sigterm, free_port, nodelay_env, start_storescp, stop_process, storescu, wait_listening,
 )
 from training.phantom_dicom import write_mr_series  # noqa: E402
 
@@ -52,6 +52,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--poll-ms", type=float, default=0.2, help="the node's dicom_poll_ms, also given to the tuned peers")
     args = parser.parse_args()
+    exit_on_sigterm()  # a timeout or kill still stops the servers this starts
     work = Path(tempfile.mkdtemp(prefix="mr2ct-bench-ingest-"))
     series = write_mr_series(work / "series", seed=1, slices=args.instances, size=256, pixel_spacing=1.0, slice_spacing=0.5)
     rates: dict[str, list[float]] = {

@@ -36,7 +36,7 @@ from sqlalchemy import func, select, update  # noqa: E402
 
 from dicom_node import forwarder  # noqa: E402
 from dicom_node.db import init_db  # noqa: E402
-from dicom_node.local_stack import NodeServer, free_port, start_storescp, stop_process, storescu  # noqa: E402
+from dicom_node.local_stack import NodeServer, exit_on_sigterm, free_port, start_storescp, stop_process, storescu  # noqa: E402
 from dicom_node.models import Instance, utcnow  # noqa: E402
 from training.phantom_dicom import write_mr_series  # noqa: E402
 
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--poll-ms", type=float, default=0.2, help="the node's dicom_poll_ms")
     args = parser.parse_args()
+    exit_on_sigterm()  # a timeout or kill still stops the servers this starts
     work = Path(tempfile.mkdtemp(prefix="mr2ct-bench-routing-"))
     series = write_mr_series(work / "series", seed=1, slices=args.instances, size=256, pixel_spacing=1.0, slice_spacing=0.5)
     rates: dict[str, list[float]] = {"storescu": [], "routing": [], "routing_untuned": []}

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dicom_node.demo import wait_for_job  # noqa: E402
-from dicom_node.local_stack import NodeServer, OrthancServer, PostgresServer, free_port, storescu  # noqa: E402
+from dicom_node.local_stack import NodeServer, OrthancServer, PostgresServer, exit_on_sigterm, free_port, storescu  # noqa: E402
 from training.phantom_dicom import write_mr_series  # noqa: E402
 
 
@@ -61,6 +61,7 @@ def main() -> None:
     parser.add_argument("--series", type=int, default=12)
     parser.add_argument("--slices", type=int, default=32)
     args = parser.parse_args()
+    exit_on_sigterm()  # a timeout or kill still stops the servers this starts
     work = Path(tempfile.mkdtemp(prefix="mr2ct-bench-scale-"))
     try:
         series = [write_mr_series(work / f"mr{i}", seed=3000 + i, slices=args.slices, size=256) for i in range(args.series)]

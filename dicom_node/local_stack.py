@@ -71,6 +71,13 @@ def nodelay_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (``timeout``, ``kill``, a cancelled CI job) raises SystemExit in the main thread, so
+    the ``finally`` blocks and ``with`` blocks of a script that started servers stop them: without
+    it Python dies at once and leaves its Orthanc, nodes and storescps running."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def stop_process(proc: subprocess.Popen[Any] | None, timeout: float = 20.0) -> None:
     if proc is None or proc.poll() is not None:
         return
