@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -106,6 +106,11 @@ class Progress:
     def __init__(self) -> None:
         self.fraction: float | None = None
         self.stage: str | None = None
+        # Held by the lease thread while it looks at or writes the job's row, and by the worker while
+        # it writes the job's outcome: once ``settled``, the lease thread looks no more, so it never
+        # takes the job's own outcome for a cancel (and warns of one) in the moment before it stops.
+        self.lock = threading.Lock()
+        self.settled = False
 
     def __call__(self, fraction: float) -> None:
         self.fraction = round(min(max(fraction, 0.0), 1.0), 4)
@@ -117,6 +122,14 @@ class Progress:
 
     def values(self) -> dict[str, Any]:
         return {"progress": self.fraction, "stage": self.stage}
+
+    @contextmanager
+    def settling(self) -> Iterator[None]:
+        """Around the write of the job's outcome: the lease thread's last look is over before it
+        starts, and there is none after it."""
+        with self.lock:
+            self.settled = True
+            yield
 
 
 @contextmanager
@@ -132,23 +145,26 @@ def held_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, lea
     def beat() -> None:
         renewed, written = time.monotonic(), {}
         while not stop.wait(min(check_seconds, lease_seconds / 4)):
-            now = {} if progress is None else progress.values()
-            moved = now if now != written else {}
-            try:
-                if time.monotonic() - renewed >= lease_seconds / 4:
-                    held, renewed = renew_lease(sessions, job_id, worker_id, lease_seconds, **moved), time.monotonic()
-                elif moved:  # the write says whether the job is still this worker's as well as a lookup would
-                    held = settle_job(sessions, job_id, worker_id, **moved)
-                else:
-                    held = still_held(sessions, job_id, worker_id)
-                written = now
-            except Exception:  # the database away for a moment: try again at the next beat
-                log.exception("cannot check the lease of job=%d", job_id)
-                continue
-            if not held:
-                log.warning("job=%d is no longer this worker's (cancelled, or its lease ran out)", job_id)
-                lost.set()
-                return
+            with nullcontext() if progress is None else progress.lock:
+                if progress is not None and progress.settled:
+                    return  # the worker writes the job's outcome: the row is no longer for this thread to look at
+                now = {} if progress is None else progress.values()
+                moved = now if now != written else {}
+                try:
+                    if time.monotonic() - renewed >= lease_seconds / 4:
+                        held, renewed = renew_lease(sessions, job_id, worker_id, lease_seconds, **moved), time.monotonic()
+                    elif moved:  # the write says whether the job is still this worker's as well as a lookup would
+                        held = settle_job(sessions, job_id, worker_id, **moved)
+                    else:
+                        held = still_held(sessions, job_id, worker_id)
+                    written = now
+                except Exception:  # the database away for a moment: try again at the next beat
+                    log.exception("cannot check the lease of job=%d", job_id)
+                    continue
+                if not held:
+                    log.warning("job=%d is no longer this worker's (cancelled, or its lease ran out)", job_id)
+                    lost.set()
+                    return
 
     thread = threading.Thread(target=beat, name=f"lease-{job_id}", daemon=True)
     thread.start()
@@ -208,8 +224,12 @@ class Worker:
         with held_lease(self.sessions, job_id, self.worker_id, self.lease_seconds, progress=progress) as lost:
             self._run_job(job_id, lost, shutdown or threading.Event(), progress)
 
-    def _settle(self, job_id: int, **values: Any) -> bool:
-        if settle_job(self.sessions, job_id, self.worker_id, **values):
+    def _settle(self, job_id: int, tracker: Progress, **values: Any) -> bool:
+        """Write the job's outcome (``values``, columns of its row) if it is still this worker's;
+        ``tracker``, the job's Progress, keeps its lease thread from looking meanwhile and after."""
+        with tracker.settling():
+            written = settle_job(self.sessions, job_id, self.worker_id, **values)
+        if written:
             return True
         log.warning("job outcome not recorded job=%d: the job is no longer this worker's (cancelled, or its lease ran out and "
                     "another worker holds it)", job_id)
@@ -265,7 +285,7 @@ class Worker:
             if lost.is_set():
                 log.info("job stopped job=%d series=%s: no longer this worker's (cancelled, or its lease ran out), %s; nothing stored",
                          job_id, series_uid, exc)
-            elif self._settle(job_id, state="queued", lease_until=None, not_before=None, progress=None, stage=None,
+            elif self._settle(job_id, progress, state="queued", lease_until=None, not_before=None, progress=None, stage=None,
                               error=f"queued again: the worker stopped (shut down) while running it, {exc}"):
                 audit.record(self.sessions, "job-requeued", "warning", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id,
                              reason="the worker was shut down while it ran")
@@ -276,14 +296,14 @@ class Worker:
                 attempts = session.get(Job, job_id).attempts  # type: ignore[union-attr]
             if attempts < MAX_ATTEMPTS:
                 delay = retry_delay(attempts)
-                if not self._settle(job_id, state="queued", lease_until=None, error=str(exc)[:2000], progress=None, stage=None,
+                if not self._settle(job_id, progress, state="queued", lease_until=None, error=str(exc)[:2000], progress=None, stage=None,
                                     not_before=utcnow() + timedelta(seconds=delay)):
                     return
                 audit.record(self.sessions, "job-retry-scheduled", "warning", actor, study_uid=study_uid, series_uid=series_uid,
                              job_id=job_id, attempt=attempts, retry_in_seconds=delay, reason=str(exc)[:500])
                 log.warning("job will retry job=%d attempt=%d in=%.0fs reason=%s", job_id, attempts, delay, exc)
                 return
-            self._fail(job_id, actor, study_uid, series_uid, f"{exc} (gave up after {attempts} attempts)")
+            self._fail(job_id, progress, actor, study_uid, series_uid, f"{exc} (gave up after {attempts} attempts)")
             return
         except Exception as exc:
             reason = str(exc) if isinstance(exc, Mr2ctError) else f"{type(exc).__name__}: {exc}"
@@ -291,7 +311,7 @@ class Worker:
                 log.error("job failed job=%d series=%s reason=%s", job_id, series_uid, reason)
             else:
                 log.exception("job failed job=%d series=%s", job_id, series_uid)
-            self._fail(job_id, actor, study_uid, series_uid, reason)
+            self._fail(job_id, progress, actor, study_uid, series_uid, reason)
             return
         seconds = time.perf_counter() - started
         audit.record(  # what went into Orthanc, whatever becomes of the job's row
@@ -299,7 +319,7 @@ class Worker:
             job_id=job_id, destination=self.store.url, instances=len(ct) + 1, sr_series_uid=str(sr.SeriesInstanceUID),
         )
         if not self._settle(
-            job_id, state="done", finished_at=utcnow(), lease_until=None, error=None, not_before=None, ct_series_uid=ct.series_instance_uid,
+            job_id, progress, state="done", finished_at=utcnow(), lease_until=None, error=None, not_before=None, ct_series_uid=ct.series_instance_uid,
             sr_series_uid=str(sr.SeriesInstanceUID), sr_sop_instance_uid=str(sr.SOPInstanceUID),
             model_sha256=self.model.sha256, device=self.device.label, seconds=seconds, instance_count=len(datasets), progress=1.0, stage=None,
         ):
@@ -327,8 +347,8 @@ class Worker:
             raise SeriesNotUsable(f"{missing} of the series' {len(paths)} originals are no longer in the spool (deleted by "
                                   "spool retention as this job started, or removed by hand): send the series again") from None
 
-    def _fail(self, job_id: int, actor: str, study_uid: str, series_uid: str, reason: str) -> None:
-        if not self._settle(job_id, state="failed", finished_at=utcnow(), error=reason[:2000], lease_until=None, stage=None):
+    def _fail(self, job_id: int, tracker: Progress, actor: str, study_uid: str, series_uid: str, reason: str) -> None:
+        if not self._settle(job_id, tracker, state="failed", finished_at=utcnow(), error=reason[:2000], lease_until=None, stage=None):
             return
         audit.record(self.sessions, audit.JOB_FAILED, "failure", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, reason=reason[:500])
 

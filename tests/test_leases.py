@@ -57,6 +57,26 @@ def test_a_job_cancelled_while_it_runs_tells_its_worker_within_about_a_second(tm
         assert session.get(Job, job_id).state == "cancelled"
 
 
+def test_a_job_its_worker_settled_is_not_taken_for_a_cancel_in_the_moment_before_its_lease_thread_stops(tmp_path: Path, caplog) -> None:
+    """After the worker writes a job's outcome it still records the audit event and logs before the
+    lease block ends; a look by the lease thread then found the job no longer running and warned
+    "no longer this worker's (cancelled, ...)" of a job that had just finished. The outcome is
+    written under the lease thread's lock, and after it the thread looks no more."""
+    sessions, job_id = _queued_job(tmp_path)
+    assert claim_job(sessions, "host:1") == job_id
+    progress = Progress()
+    with caplog.at_level("WARNING", logger="dicom_node.worker"):
+        with held_lease(sessions, job_id, "host:1", check_seconds=0.005, progress=progress) as lost:
+            time.sleep(0.1)  # the lease thread looks every 5 ms
+            with progress.settling():
+                assert settle_job(sessions, job_id, "host:1", state="done", stage=None)
+            time.sleep(0.3)  # the worker's audit and log lines after the outcome
+            assert not lost.is_set()
+    assert "no longer this worker's" not in caplog.text
+    with sessions() as session:
+        assert session.get(Job, job_id).state == "done"
+
+
 def _progress_in_row(sessions: sessionmaker[Session], job_id: int, wanted: tuple[float | None, str | None],
                      timeout: float = 5.0) -> tuple[float | None, str | None]:
     deadline = time.monotonic() + timeout
