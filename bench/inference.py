@@ -51,11 +51,10 @@ UID_ROOT = "1.2.826.0.1.3680043.8.498."
 sys.path.insert(0, str(ROOT))
 
 from synthesis.ct_writer import SyntheticCTSeries  # noqa: E402
-from synthesis.infer import (augmented, auto_batch_size, choose_device, native_bf16, precision_name, prepared,  # noqa: E402
-                             resolve_precision, synthesize)
+from synthesis.infer import (augmented, auto_batch_size, choose_device, native_bf16, normalised, precision_name,  # noqa: E402
+                             prepared, resolve_precision, synthesize)
 from synthesis.model_file import LoadedModel, default_model_path, load_model  # noqa: E402
 from synthesis.networks import ResnetGenerator, low_precision_copy, size_multiple  # noqa: E402
-from synthesis.normalize import mr_to_unit  # noqa: E402
 from synthesis.sr_writer import build_provenance_sr  # noqa: E402
 from synthesis.volume import assemble  # noqa: E402
 from training.phantom_dicom import write_mr_series  # noqa: E402
@@ -127,8 +126,7 @@ def pipeline(model: LoadedModel, series, mr: np.ndarray, out: Path, device: torc
     net = prepared(model.generator.to(device, memory_format=torch.channels_last), low, compile)
     # The series' own slices, normalised as synthesis does and brought to the model grid: the same
     # numbers the network sees inside synthesize().
-    norm = model.card["normalization"]
-    unit = torch.from_numpy(mr_to_unit(mr, float(norm.get("low", 0.5)), float(norm.get("high", 99.5))))[:, None]
+    unit = torch.from_numpy(normalised(mr, model))[:, None]
     if unit.shape[-2:] != (side, side):
         unit = F.interpolate(unit, size=(side, side), mode="bilinear", align_corners=False)
     batches = [unit[i:i + batch].to(device, dtype).contiguous(memory_format=torch.channels_last) for i in range(0, slices, batch)]

@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -141,14 +141,15 @@ def held_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, lea
     stage), when it moved, is written with that look. The event it yields is set once the job is
     no longer this worker's: cancelled by an administrator, or its lease ran out."""
     stop, lost = threading.Event(), threading.Event()
+    tracker = Progress() if progress is None else progress
 
     def beat() -> None:
-        renewed, written = time.monotonic(), {}
+        renewed, written = time.monotonic(), tracker.values()  # what the claim wrote: nothing yet
         while not stop.wait(min(check_seconds, lease_seconds / 4)):
-            with nullcontext() if progress is None else progress.lock:
-                if progress is not None and progress.settled:
+            with tracker.lock:
+                if tracker.settled:
                     return  # the worker writes the job's outcome: the row is no longer for this thread to look at
-                now = {} if progress is None else progress.values()
+                now = tracker.values()
                 moved = now if now != written else {}
                 try:
                     if time.monotonic() - renewed >= lease_seconds / 4:

@@ -258,6 +258,12 @@ def _pad_mode(x: torch.Tensor, pad: int) -> str:
     return "reflect" if min(x.shape[-2:]) > pad else "replicate"
 
 
+def normalised(voxels: np.ndarray, model: LoadedModel) -> np.ndarray:
+    """MR voxels in the generator's [-1, 1] units, by the intensity percentiles its card names."""
+    norm = model.card["normalization"]
+    return mr_to_unit(voxels, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
+
+
 @torch.inference_mode()
 def synthesize(
     voxels: np.ndarray,
@@ -287,10 +293,9 @@ def synthesize(
     mode = model.test_time_augmentation if augment is None else augment
     if mode not in TEST_TIME_AUGMENTATIONS:
         raise ValueError(f"augment must be one of {', '.join(TEST_TIME_AUGMENTATIONS)}, got {mode!r}")
-    norm = model.card["normalization"]
     if model.card.get("n4_bias_correction"):
         voxels = n4_correct(voxels, pixel_spacing)
-    unit = mr_to_unit(voxels, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
+    unit = normalised(voxels, model)
     slices, rows, cols = unit.shape
     target = model.pixel_spacing_mm
     grid = model_grid((rows, cols), pixel_spacing, target)
