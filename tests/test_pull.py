@@ -144,15 +144,38 @@ def test_a_3d_sagittal_mr_is_cached_as_the_axial_slices_the_node_would_synthesiz
             requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)
 
 
+def _as_a_pull_before_planes_wrote_it(cache_dir, acquired):
+    """Rewrite a cache as a pull before 2026-12-03 wrote it: no ``plane`` in any entry, and the
+    series in ``acquired`` (series UID: its files) in their acquired slices under that pull's shard
+    name. Returns those shards' names by series UID."""
+    import hashlib
+
+    import numpy as np
+
+    from synthesis.normalize import mr_to_unit
+    from synthesis.volume import assemble
+
+    lines, shards = [], {}
+    for entry in DatasetCache(cache_dir).entries():
+        del entry["plane"]
+        files = acquired.get(entry["series_uid"])
+        if files is not None:
+            (cache_dir / entry["shard"]).unlink()
+            volume = assemble([pydicom.dcmread(p) for p in files]).volume
+            slices = mr_to_unit(volume.voxels).astype(np.float16)
+            shards[entry["series_uid"]] = hashlib.sha256(entry["series_uid"].encode()).hexdigest()[:24] + ".npz"
+            entry.update(shard=shards[entry["series_uid"]], slices=slices.shape[0], rows=slices.shape[1], columns=slices.shape[2],
+                         pixel_spacing=list(volume.pixel_spacing), slice_spacing=round(abs(volume.slice_spacing), 4))
+            np.savez_compressed(cache_dir / entry["shard"], slices=slices)
+        lines.append(json.dumps(entry, sort_keys=True))
+    (cache_dir / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    return shards
+
+
 def test_a_cache_pulled_before_slice_planes_gets_its_3d_sagittal_series_again_as_axial_slices(orthanc, tmp_path):
     """A cache an earlier mr2ct pulled holds a 3D sagittal series as its acquired slices (no
     ``plane`` in its entry): the next pull fetches that series again as the axial slices the node
     synthesizes, replaces its entry and shard, and leaves the axial series it holds alone."""
-    import hashlib
-    import json
-
-    import numpy as np
-
     from synthesis.normalize import mr_to_unit
     from synthesis.volume import assemble, axial_reslice
     from training.phantom_dicom import write_mr_series
@@ -170,22 +193,10 @@ def test_a_cache_pulled_before_slice_planes_gets_its_3d_sagittal_series_again_as
         url, cache_dir, flt = f"{orthanc.url}/dicom-web", tmp_path / "cache", [PullFilter("MR", description="^OLD ")]
         first = pull(url, cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)
         assert first["fetched"] == 2
-        # the cache as a pull before 2026-12-03 wrote it: every series in its acquired slices, no plane
+        old_shard = _as_a_pull_before_planes_wrote_it(cache_dir, {sagittal.series_uid: sagittal.files})[sagittal.series_uid]
         volume = assemble([pydicom.dcmread(p) for p in sagittal.files]).volume
-        old_shard = hashlib.sha256(sagittal.series_uid.encode()).hexdigest()[:24] + ".npz"
-        lines = []
-        for entry in DatasetCache(cache_dir).entries():
-            (cache_dir / entry["shard"]).unlink()
-            del entry["plane"]
-            if entry["series_uid"] == sagittal.series_uid:
-                entry.update(shard=old_shard, slices=24, rows=32, columns=28, pixel_spacing=[8.0, 8.0], slice_spacing=8.0)
-                np.savez_compressed(cache_dir / old_shard, slices=mr_to_unit(volume.voxels).astype(np.float16))
-            else:
-                entry["shard"] = hashlib.sha256(entry["series_uid"].encode()).hexdigest()[:24] + ".npz"
-                np.savez_compressed(cache_dir / entry["shard"], slices=np.zeros((3, 32, 32), np.float16))
-            lines.append(json.dumps(entry, sort_keys=True))
-        (cache_dir / "manifest.jsonl").write_text("\n".join(lines) + "\n")
         before = {e["series_uid"]: e for e in DatasetCache(cache_dir).entries()}
+        assert (before[sagittal.series_uid]["slices"], before[sagittal.series_uid]["rows"], before[sagittal.series_uid]["columns"]) == (24, 32, 28)
         assert DatasetCache(cache_dir).outdated() == {sagittal.series_uid}
 
         # a pull whose filters leave the old series out says it is still there as acquired
@@ -213,6 +224,53 @@ def test_a_cache_pulled_before_slice_planes_gets_its_3d_sagittal_series_again_as
 
         third = pull(url, cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)
         assert (third["skipped"], third["refreshed"], third["fetched"]) == (2, 0, 0)
+    finally:
+        for series_id in uploaded:  # the module's other tests count the cohort alone
+            requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)
+
+
+def test_a_series_cached_as_acquired_that_no_longer_makes_a_volume_leaves_the_cache(orthanc, tmp_path):
+    """A 3D sagittal series an earlier pull cached as acquired, fetched again to be resliced, now
+    makes no volume (an instance of another size has joined it in the PACS): it is left out, and its
+    old entry and shard go with it, so training no longer sees the slices of the old plane."""
+    from pydicom.uid import generate_uid
+
+    from training.phantom_dicom import write_mr_series
+
+    sagittal = write_mr_series(tmp_path / "sag", seed=85, slices=12, size=32, columns=28, pixel_spacing=8.0, slice_spacing=8.0,
+                               orientation="sagittal", patient_id="PHOLD02", series_description="GONE 3D T1")
+    uploaded = set()
+    try:
+        for path in sagittal.files:
+            response = requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), auth=orthanc.auth, timeout=30)
+            response.raise_for_status()
+            uploaded.add(response.json()["ParentSeries"])
+        url, cache_dir, flt = f"{orthanc.url}/dicom-web", tmp_path / "cache", [PullFilter("MR", description="^GONE ")]
+        assert pull(url, cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)["fetched"] == 1
+        old_shard = _as_a_pull_before_planes_wrote_it(cache_dir, {sagittal.series_uid: sagittal.files})[sagittal.series_uid]
+        assert DatasetCache(cache_dir).outdated() == {sagittal.series_uid}
+
+        odd = pydicom.dcmread(sagittal.files[0])  # the same series, another SOP instance, half the rows
+        odd.SOPInstanceUID = odd.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        odd.InstanceNumber, odd.Rows = 99, odd.Rows // 2
+        odd.PixelData = odd.PixelData[: len(odd.PixelData) // 2]
+        odd.ImagePositionPatient = [v + 1.0 for v in odd.ImagePositionPatient]
+        path = tmp_path / "odd.dcm"
+        odd.save_as(path)
+        requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), auth=orthanc.auth, timeout=30).raise_for_status()
+
+        again = subprocess.run([*MR2CT, "pull", "--url", url, "--cache", str(cache_dir), "--modality", "MR", "--description", "^GONE ",
+                                "--username", orthanc.username, "--password", orthanc.password], capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert "found 1 series, fetched 0, already cached 0" in again.stdout and "and 1 that make no volume" in again.stdout
+        assert "still in their acquired plane" not in again.stdout
+        assert "cached as acquired before, now left out" in again.stderr and "PHOLD02" not in again.stderr
+        cache = DatasetCache(cache_dir)
+        assert "mixed image sizes" in cache.left_out()[sagittal.series_uid]
+        assert cache.entries() == [] and cache.pool("MR") == [] and not cache.outdated()
+        assert not (cache_dir / old_shard).exists()
+        third = pull(url, cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)
+        assert (third["found"], third["unusable"], third["fetched"], third["skipped"]) == (1, 1, 0, 0)
     finally:
         for series_id in uploaded:  # the module's other tests count the cohort alone
             requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)

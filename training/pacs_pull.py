@@ -181,7 +181,8 @@ class DatasetCache:
 
     def entries(self) -> list[dict[str, Any]]:
         """One entry per series: a later line of the manifest replaces an earlier one of the same
-        series (a series cached again, see ``outdated``)."""
+        series (a series cached again, see ``outdated``), and a series left out since it was cached
+        (fetched again to be resliced, it no longer made a volume) has none."""
         if not self.manifest.exists():
             return []
         latest: dict[str, dict[str, Any]] = {}
@@ -189,7 +190,8 @@ class DatasetCache:
             if line.strip():
                 entry = json.loads(line)
                 latest[entry["series_uid"]] = entry
-        return list(latest.values())
+        left_out = self.left_out()
+        return [entry for uid, entry in latest.items() if uid not in left_out]
 
     def known(self) -> set[str]:
         return {e["series_uid"] for e in self.entries()}
@@ -254,6 +256,15 @@ def pull(
         found = _search_series(client, url, _series_query(flt.modality, flt))
         plans.append((flt, [a for a in found if not flt.description or re.search(flt.description, _value(a, "0008103E"), re.IGNORECASE)]))
 
+    def dropped(series_uid: str, outcome: str) -> str:
+        """A series left out: one cached as acquired before (and fetched again to be resliced) goes
+        from the cache too; its line no longer counts (``DatasetCache.entries``), its shard is deleted."""
+        shard = outdated.pop(series_uid, None)
+        if shard is not None:
+            (cache.root / shard).unlink(missing_ok=True)
+            log.warning("dropped series=%s from the cache: cached as acquired before, now left out", series_uid)
+        return outcome
+
     def take(flt: PullFilter, attrs: dict[str, Any]) -> str:
         """One series into the cache: what became of it (a key of the counts)."""
         uids = _series_uids(attrs)
@@ -267,7 +278,7 @@ def pull(
             left_out[series_uid] = SYNTHETIC
             cache.leave_out(series_uid, SYNTHETIC)
         if series_uid in left_out:
-            return "synthetic" if left_out[series_uid] == SYNTHETIC else "unusable"
+            return dropped(series_uid, "synthetic" if left_out[series_uid] == SYNTHETIC else "unusable")
         try:
             datasets = list(_instances(client, study_uid, series_uid))
         except Exception as exc:
@@ -278,7 +289,7 @@ def pull(
             left_out[series_uid] = f"makes no volume: {type(exc).__name__}: {str(exc)[:300]}"
             cache.leave_out(series_uid, left_out[series_uid])
             log.warning("left out series=%s: %s", series_uid, left_out[series_uid])
-            return "unusable"
+            return dropped(series_uid, "unusable")
         first = source.headers[0]
         key = patient_key(str(first.get("PatientID", "")), str(first.get("IssuerOfPatientID", "")), cache.salt)
         # the slices the node would show the generator: a 3D sagittal or coronal series as axial ones
