@@ -286,6 +286,15 @@ def grid_round_trip(ct: np.ndarray, mr_unit: np.ndarray, pixel_spacing: float | 
     return out
 
 
+def _batch(slices: tuple[np.ndarray, ...]) -> torch.Tensor:
+    """(batch, 1, rows, columns) with a channel stride of 1, as rows taken from a pool of slices
+    (``pool[:, None][index]``) have: torch then runs the same (channels-last) kernels, so a bound
+    trains to the same weights as when the whole pool was rendered first."""
+    stacked = torch.from_numpy(np.stack(slices)).unsqueeze(1)
+    rows, columns = stacked.shape[2:]
+    return stacked.as_strided(stacked.shape, (rows * columns, 1, columns, 1))
+
+
 def paired_upper_bound(model: LoadedModel, steps: int, batch_size: int = 4, seed: int = 0, subjects: int = 40,
                        progress: bool | None = None) -> LoadedModel:
     """Train a generator of the same architecture and size, supervised (L1) on *paired* phantom
@@ -301,20 +310,26 @@ def paired_upper_bound(model: LoadedModel, steps: int, batch_size: int = 4, seed
     rng = np.random.default_rng(seed)
     size = int(model.card.get("input_size", 128))
     spacing = model.pixel_spacing_mm
-    grid = phantoms.axial_grid(24, size, spacing, 150.0 / 24)
-    mrs, cts = [], []
-    for i in range(subjects):
-        subject = 50_000_000 + seed * 1000 + i  # paired training subjects, disjoint from the held-out set
-        lab = phantoms.head_labels(subject, grid)
-        mrs.append(mr_to_unit(phantoms.render_mr(lab, grid, subject)))
-        cts.append(hu_to_unit(phantoms.render_ct(lab, grid, subject), model.hu_range))
-    mr_pool, ct_pool = np.concatenate(mrs)[:, None], np.concatenate(cts)[:, None]
+    per_subject = 24
+    grid = phantoms.axial_grid(per_subject, size, spacing, 150.0 / per_subject)
+    rendered: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def pair(index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Slice ``index`` of the pool of all subjects' slices, its subject rendered when first
+        drawn (a short run draws from a few of them; a long one renders them all)."""
+        i, k = divmod(int(index), per_subject)
+        if i not in rendered:
+            subject = 50_000_000 + seed * 1000 + i  # paired training subjects, disjoint from the held-out set
+            lab = phantoms.head_labels(subject, grid)
+            rendered[i] = (mr_to_unit(phantoms.render_mr(lab, grid, subject)), hu_to_unit(phantoms.render_ct(lab, grid, subject), model.hu_range))
+        return rendered[i][0][k], rendered[i][1][k]
+
     generator = build_generator(model.card["architecture"], dict(model.card["parameters"]))
     optimiser = torch.optim.Adam(generator.parameters(), lr=2e-4, betas=(0.5, 0.999))
     loss_fn = torch.nn.L1Loss()
     for _ in tqdm(range(steps), desc="paired upper bound", file=sys.stderr, disable=None if progress is None else not progress):
-        idx = rng.integers(0, len(mr_pool), batch_size)
-        loss = loss_fn(generator(torch.from_numpy(mr_pool[idx])), torch.from_numpy(ct_pool[idx]))
+        mr, ct = (_batch(half) for half in zip(*(pair(j) for j in rng.integers(0, subjects * per_subject, batch_size))))
+        loss = loss_fn(generator(mr), ct)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
