@@ -224,31 +224,41 @@ def test_evaluate_pairs_follows_a_spatial_registration_between_the_mr_and_ct_fra
     assert json.loads(wrong.stdout.strip().splitlines()[-1])["mae_hu"] > 2 * expected["mae_hu"]
 
 
-def test_evaluate_pairs_against_another_model_pair_by_pair(tmp_path: Path) -> None:
-    """`--against`: two models on the same pairs, pair by pair. The shipped model with one view
-    stands in for an older model: it scores as `--test-time-augmentation none` does on its own, and
-    the 32-view model beats it on all 6 pairs, which the signed-rank test calls p = 2/64."""
+def _with_views(weights: Path, folder: Path, views: str) -> Path:
+    """A copy of the model ``weights`` whose card runs it with ``views``."""
     import shutil
 
-    from synthesis.model_file import card_path_for, default_model_path
+    from synthesis.model_file import card_path_for
 
-    weights = default_model_path()
-    older = tmp_path / "older"
-    older.mkdir()
-    shutil.copy(weights, older / "model.safetensors")
+    folder.mkdir()
+    shutil.copy(weights, folder / "model.safetensors")
     card = json.loads(card_path_for(weights).read_text())
-    (older / "model.json").write_text(json.dumps({**card, "test_time_augmentation": "none"}))
+    (folder / "model.json").write_text(json.dumps({**card, "test_time_augmentation": views}))
+    return folder
+
+
+def test_evaluate_pairs_against_another_model_pair_by_pair(tmp_path: Path) -> None:
+    """`--against`: two models on the same pairs, pair by pair, each run as its own card says. The
+    shipped weights stand in for both: with one view for an older model, which scores as
+    `--test-time-augmentation none` does on its own, and with 4 (mirror; the shipped card's 32 would
+    take 8x the forwards) for the newer one, which beats it on all 6 pairs: the signed-rank test
+    calls that p = 2/64."""
+    from synthesis.model_file import default_model_path
+
+    older = _with_views(default_model_path(), tmp_path / "older", "none")
+    newer = _with_views(default_model_path(), tmp_path / "newer", "mirror")
     folder = tmp_path / "pairs"
     for s in range(6):
         _pair(folder / f"patient-{s}", s, f"PAT{s}")
-    result = _evaluate("--pairs", str(folder), "--against", str(older), views=None)
+    result = _evaluate(str(newer), "--pairs", str(folder), "--against", str(older), views=None)
     assert result.returncode == 0, result.stderr
     assert "better on 6 of 6 pairs" in result.stdout and "Wilcoxon signed-rank p = 0.0312" in result.stdout
     report = json.loads(result.stdout.strip().splitlines()[-1])
     against = report["against"]
-    assert against["test_time_augmentation"] == "none" and against["better_on_pairs"] == 6 and against["wilcoxon_p"] == 0.0312
+    assert report["test_time_augmentation"] == "mirror" and against["test_time_augmentation"] == "none"
+    assert against["better_on_pairs"] == 6 and against["wilcoxon_p"] == 0.0312
     assert against["median_difference_hu"] < 0 and against["mae_hu"] > report["mae_hu"]
-    one_view = _evaluate("--pairs", str(folder), "--json")  # --test-time-augmentation none
+    one_view = _evaluate("--pairs", str(folder), "--json")  # the shipped model with --test-time-augmentation none
     assert json.loads(one_view.stdout.strip().splitlines()[-1])["mae_hu"] == against["mae_hu"]
     alone = _evaluate("--against", str(older), views=None)
     assert alone.returncode == 2 and "--against goes with --pairs" in alone.stderr
