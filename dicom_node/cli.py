@@ -181,12 +181,12 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the DICOM node: C-STORE SCP, stability monitor and worker."""
+    _logging(verbose)
+    settings = _settings(config)  # a bad setting stops start-up before torch is imported (seconds)
     from dicom_node.db import DatabaseUnavailable
     from dicom_node.service import Node
     from synthesis.errors import ModelMismatch
 
-    _logging(verbose)
-    settings = _settings(config)
     try:
         node = Node(settings, role)
         node.run_until_signalled()

@@ -17,6 +17,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from synthesis import default_model_path  # noqa: F401  (where callers have always found it)
 from synthesis.errors import ModelMismatch
 from synthesis.networks import build_generator
 
@@ -169,9 +170,3 @@ def _change_card(weights: Path, card: dict[str, Any], changes: dict[str, Any], r
     tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return card
-
-
-def default_model_path() -> Path:
-    """The model shipped with mr2ct (trained on phantoms by training/recipes/phantom_1mm.sh)."""
-    return Path(__file__).resolve().parent / "models" / "mr2ct-phantom.safetensors"
-
