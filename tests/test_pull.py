@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pydicom
 import pytest
@@ -63,6 +64,22 @@ def test_pull_builds_a_cache_without_patient_identifiers_split_by_patient(cohort
     assert again["fetched"] == 0 and again["skipped"] == 9
 
 
+@contextmanager
+def _in_the_pacs(orthanc, files):
+    """``files`` stored in the module's Orthanc for the block's time, their series deleted after
+    (the module's other tests count the cohort alone)."""
+    uploaded = set()
+    try:
+        for path in files:
+            response = requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), auth=orthanc.auth, timeout=30)
+            response.raise_for_status()
+            uploaded.add(response.json()["ParentSeries"])
+        yield
+    finally:
+        for series_id in uploaded:
+            requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)
+
+
 def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_pools(cohort_in_orthanc, orthanc, tmp_path):
     """The node stores its sCTs in the same PACS the ML engineer pulls training CTs from: a series
     that says Synthetic Data YES is left out (training on the model's own output would teach it its
@@ -72,18 +89,14 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
 
     sct = write_mr_series(tmp_path / "sct", seed=77, slices=3, size=32, pixel_spacing=8.0, patient_id="PHSCT01", modality="CT")
     broken = write_mr_series(tmp_path / "broken", seed=78, slices=3, size=32, pixel_spacing=8.0, patient_id="PHBAD01", modality="CT")
-    uploaded = []
-    try:
-        for path in [*sct.files, *broken.files]:
-            ds = pydicom.dcmread(path)
-            if path in sct.files:
-                ds.SyntheticData = "YES"  # as mr2ct's CT writer marks its sCT
-            elif path == broken.files[2]:
-                ds.ImagePositionPatient = pydicom.dcmread(broken.files[0]).ImagePositionPatient  # two slices in one place
-            ds.save_as(path)
-            response = requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), auth=orthanc.auth, timeout=30)
-            response.raise_for_status()
-            uploaded.append(response.json()["ParentSeries"])
+    for path in [*sct.files, broken.files[2]]:
+        ds = pydicom.dcmread(path)
+        if path in sct.files:
+            ds.SyntheticData = "YES"  # as mr2ct's CT writer marks its sCT
+        else:
+            ds.ImagePositionPatient = pydicom.dcmread(broken.files[0]).ImagePositionPatient  # two slices in one place
+        ds.save_as(path)
+    with _in_the_pacs(orthanc, [*sct.files, *broken.files]):
         cache_dir = tmp_path / "cache"
         counts = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("CT")], username=orthanc.username, password=orthanc.password)
         assert counts == {"found": 3 + 1 + 2, "fetched": 4, "skipped": 0, "synthetic": 1, "unusable": 1, "refreshed": 0}
@@ -106,9 +119,6 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         more = pull(f"{orthanc.url}/dicom-web", tmp_path / "limited", [PullFilter("CT", limit=5)],
                     username=orthanc.username, password=orthanc.password, progress=False)
         assert more == {"found": 6, "fetched": 0, "skipped": 4, "synthetic": 1, "unusable": 1, "refreshed": 0}  # looked at all: the PACS has no 5th
-    finally:
-        for series_id in set(uploaded):  # the module's other tests count the cohort alone
-            requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)
 
 
 def test_a_3d_sagittal_mr_is_cached_as_the_axial_slices_the_node_would_synthesize(orthanc, tmp_path):
@@ -120,12 +130,7 @@ def test_a_3d_sagittal_mr_is_cached_as_the_axial_slices_the_node_would_synthesiz
 
     sagittal = write_mr_series(tmp_path / "sag", seed=79, slices=24, size=32, columns=28, pixel_spacing=8.0, slice_spacing=8.0,
                                orientation="sagittal", patient_id="PHSAG01", series_description="SAG 3D T1")
-    uploaded = set()
-    try:
-        for path in sagittal.files:
-            response = requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), auth=orthanc.auth, timeout=30)
-            response.raise_for_status()
-            uploaded.add(response.json()["ParentSeries"])
+    with _in_the_pacs(orthanc, sagittal.files):
         cache_dir = tmp_path / "cache"
         counts = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("MR", description="^SAG 3D")], username=orthanc.username,
                       password=orthanc.password, progress=False)
@@ -139,9 +144,6 @@ def test_a_3d_sagittal_mr_is_cached_as_the_axial_slices_the_node_would_synthesiz
         volume = assemble([pydicom.dcmread(p) for p in sagittal.files]).volume
         reslice, _ = axial_reslice(volume)
         assert reslice is not None and (slices == mr_to_unit(reslice.forward(volume.voxels)).astype("float16")).all()
-    finally:
-        for series_id in uploaded:  # the module's other tests count the cohort alone
-            requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)
 
 
 def _as_a_pull_before_planes_wrote_it(cache_dir, acquired):
@@ -184,12 +186,7 @@ def test_a_cache_pulled_before_slice_planes_gets_its_3d_sagittal_series_again_as
                                orientation="sagittal", patient_id="PHOLD01", series_description="OLD 3D T1")
     axial = write_mr_series(tmp_path / "ax", seed=84, slices=3, size=32, pixel_spacing=8.0, patient_id="PHOLD01",
                             series_description="OLD AX T1", study_uid=sagittal.study_uid)
-    uploaded = set()
-    try:
-        for path in [*sagittal.files, *axial.files]:
-            response = requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), auth=orthanc.auth, timeout=30)
-            response.raise_for_status()
-            uploaded.add(response.json()["ParentSeries"])
+    with _in_the_pacs(orthanc, [*sagittal.files, *axial.files]):
         url, cache_dir, flt = f"{orthanc.url}/dicom-web", tmp_path / "cache", [PullFilter("MR", description="^OLD ")]
         first = pull(url, cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)
         assert first["fetched"] == 2
@@ -224,9 +221,6 @@ def test_a_cache_pulled_before_slice_planes_gets_its_3d_sagittal_series_again_as
 
         third = pull(url, cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)
         assert (third["skipped"], third["refreshed"], third["fetched"]) == (2, 0, 0)
-    finally:
-        for series_id in uploaded:  # the module's other tests count the cohort alone
-            requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)
 
 
 def test_a_series_cached_as_acquired_that_no_longer_makes_a_volume_leaves_the_cache(orthanc, tmp_path):
@@ -239,12 +233,7 @@ def test_a_series_cached_as_acquired_that_no_longer_makes_a_volume_leaves_the_ca
 
     sagittal = write_mr_series(tmp_path / "sag", seed=85, slices=12, size=32, columns=28, pixel_spacing=8.0, slice_spacing=8.0,
                                orientation="sagittal", patient_id="PHOLD02", series_description="GONE 3D T1")
-    uploaded = set()
-    try:
-        for path in sagittal.files:
-            response = requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), auth=orthanc.auth, timeout=30)
-            response.raise_for_status()
-            uploaded.add(response.json()["ParentSeries"])
+    with _in_the_pacs(orthanc, sagittal.files):
         url, cache_dir, flt = f"{orthanc.url}/dicom-web", tmp_path / "cache", [PullFilter("MR", description="^GONE ")]
         assert pull(url, cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)["fetched"] == 1
         old_shard = _as_a_pull_before_planes_wrote_it(cache_dir, {sagittal.series_uid: sagittal.files})[sagittal.series_uid]
@@ -271,9 +260,6 @@ def test_a_series_cached_as_acquired_that_no_longer_makes_a_volume_leaves_the_ca
         assert not (cache_dir / old_shard).exists()
         third = pull(url, cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)
         assert (third["found"], third["unusable"], third["fetched"], third["skipped"]) == (1, 1, 0, 0)
-    finally:
-        for series_id in uploaded:  # the module's other tests count the cohort alone
-            requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)
 
 
 def test_filters_and_limits_narrow_the_pull(cohort_in_orthanc, orthanc, tmp_path):
