@@ -105,6 +105,11 @@ class Job(Base):
     stage: Mapped[str | None] = mapped_column(String(16))
 
 
+# The values of a job put back in the queue (a shut-down worker's, one to retry, one whose process
+# died): no lease, and nothing of the run it left; the next claim starts it afresh.
+QUEUED_AGAIN: dict[str, Any] = {"state": "queued", "lease_until": None, "progress": None, "stage": None}
+
+
 class AuditEvent(Base):
     """Append-only audit trail (modelled on DICOM PS3.15 A.5 event types)."""
 

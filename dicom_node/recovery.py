@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.ingest import validate
-from dicom_node.models import Instance, Job, utcnow
+from dicom_node.models import QUEUED_AGAIN, Instance, Job, utcnow
 from dicom_node.recorder import SpooledInstance, record_batch
 from dicom_node.spool import PURGE_SUFFIX, Spool
 from synthesis.errors import InvalidInstance
@@ -85,8 +85,7 @@ def requeue_orphaned_jobs(sessions: sessionmaker[Session], current_worker: str) 
         running = session.execute(select(Job.id, Job.worker).where(Job.state == "running", Job.worker.like(f"{host}:%"))).all()
         pids = {job_id: worker.rpartition(":")[2] for job_id, worker in running if worker != current_worker}
         dead = [job_id for job_id, pid in pids.items() if pid.isdigit() and not _alive(int(pid))]
-        count = session.execute(update(Job).where(Job.id.in_(dead), Job.state == "running").values(
-            state="queued", lease_until=None, progress=None, stage=None)).rowcount if dead else 0
+        count = session.execute(update(Job).where(Job.id.in_(dead), Job.state == "running").values(**QUEUED_AGAIN)).rowcount if dead else 0
     if count:
         audit.record(sessions, "job-requeued", "warning", "mr2ct start-up", jobs=count)
         log.info("requeued %d job(s) left running by a process that died", count)

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.ingest import SelectionRules, mark_stable, stable_series
-from dicom_node.models import Instance, Job, Series, utcnow
+from dicom_node.models import QUEUED_AGAIN, Instance, Job, Series, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.retention import purged_reason
 from synthesis.ct_writer import SyntheticCTSeries
@@ -286,7 +286,7 @@ class Worker:
             if lost.is_set():
                 log.info("job stopped job=%d series=%s: no longer this worker's (cancelled, or its lease ran out), %s; nothing stored",
                          job_id, series_uid, exc)
-            elif self._settle(job_id, progress, state="queued", lease_until=None, not_before=None, progress=None, stage=None,
+            elif self._settle(job_id, progress, **QUEUED_AGAIN, not_before=None,
                               error=f"queued again: the worker stopped (shut down) while running it, {exc}"):
                 audit.record(self.sessions, "job-requeued", "warning", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id,
                              reason="the worker was shut down while it ran")
@@ -297,7 +297,7 @@ class Worker:
                 attempts = session.get(Job, job_id).attempts  # type: ignore[union-attr]
             if attempts < MAX_ATTEMPTS:
                 delay = retry_delay(attempts)
-                if not self._settle(job_id, progress, state="queued", lease_until=None, error=str(exc)[:2000], progress=None, stage=None,
+                if not self._settle(job_id, progress, **QUEUED_AGAIN, error=str(exc)[:2000],
                                     not_before=utcnow() + timedelta(seconds=delay)):
                     return
                 audit.record(self.sessions, "job-retry-scheduled", "warning", actor, study_uid=study_uid, series_uid=series_uid,
