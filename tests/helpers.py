@@ -128,3 +128,19 @@ def dicomweb_proxy(orthanc: OrthancServer, refuse_stored_syntax: bool = False) -
 def metadata_asked(asked: list[str]) -> list[str]:
     """The series whose instance metadata a pull asked for (whether a CT is synthetic)."""
     return [path.split("/series/")[1].split("/")[0] for path in asked if path.endswith("/metadata")]
+
+
+def shipped_weights_with_views(folder: Path, views: str) -> Path:
+    """A copy of the shipped model in ``folder`` whose card runs it with ``views`` (the same
+    weights and SHA-256; e.g. one view standing in for an older model)."""
+    import json
+    import shutil
+
+    from synthesis.model_file import card_path_for, default_model_path
+
+    weights = default_model_path()
+    folder.mkdir()
+    shutil.copy(weights, folder / "model.safetensors")
+    card = json.loads(card_path_for(weights).read_text())
+    (folder / "model.json").write_text(json.dumps({**card, "test_time_augmentation": views}))
+    return folder

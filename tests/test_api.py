@@ -24,7 +24,7 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
 from dicom_node.models import ApiToken, AuditEvent
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import api_token
+from tests.helpers import api_token, shipped_weights_with_views
 from training.phantom_dicom import write_mr_series
 
 def _token_routes() -> list[tuple[str, str]]:
@@ -278,17 +278,8 @@ def _pairs(folder, seeds):
 def test_an_evaluation_on_the_hospitals_own_pairs_is_kept_with_the_model(api, node, tmp_path):
     """The ML engineer scores a model on local pairs against the active one and keeps the report;
     the registry, the API and `mr2ct models list` show it next to the model, found again by its pairs."""
-    from synthesis.model_file import card_path_for, default_model_path
-
-    weights = default_model_path()
-    card = json.loads(card_path_for(weights).read_text())
-    copies = {}
-    for name, views in (("older", "none"), ("newer", "mirror")):  # the shipped weights run two ways (its card's 32 views: 8x mirror's time)
-        copies[name] = tmp_path / name
-        copies[name].mkdir()
-        (copies[name] / "model.safetensors").write_bytes(weights.read_bytes())
-        (copies[name] / "model.json").write_text(json.dumps({**card, "test_time_augmentation": views}))
-    older, newer = copies["older"], copies["newer"]
+    # the shipped weights run two ways (its card's 32 views would take 8x mirror's forwards)
+    older, newer = shipped_weights_with_views(tmp_path / "older", "none"), shipped_weights_with_views(tmp_path / "newer", "mirror")
     _pairs(tmp_path / "pairs", (700, 701))
     env = {**os.environ, "MR2CT_DATABASE_URL": node.database_url}
     cli = [sys.executable, "-m", "dicom_node.cli"]

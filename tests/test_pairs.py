@@ -15,6 +15,7 @@ import pytest
 
 from synthesis.errors import SeriesNotUsable
 from synthesis.volume import Volume, resample
+from tests.helpers import shipped_weights_with_views
 from training import phantoms
 from training.evaluate import HELD_OUT_SEED_BASE
 from training.phantom_dicom import write_mr_series
@@ -224,29 +225,14 @@ def test_evaluate_pairs_follows_a_spatial_registration_between_the_mr_and_ct_fra
     assert json.loads(wrong.stdout.strip().splitlines()[-1])["mae_hu"] > 2 * expected["mae_hu"]
 
 
-def _with_views(weights: Path, folder: Path, views: str) -> Path:
-    """A copy of the model ``weights`` whose card runs it with ``views``."""
-    import shutil
-
-    from synthesis.model_file import card_path_for
-
-    folder.mkdir()
-    shutil.copy(weights, folder / "model.safetensors")
-    card = json.loads(card_path_for(weights).read_text())
-    (folder / "model.json").write_text(json.dumps({**card, "test_time_augmentation": views}))
-    return folder
-
-
 def test_evaluate_pairs_against_another_model_pair_by_pair(tmp_path: Path) -> None:
     """`--against`: two models on the same pairs, pair by pair, each run as its own card says. The
     shipped weights stand in for both: with one view for an older model, which scores as
     `--test-time-augmentation none` does on its own, and with 4 (mirror; the shipped card's 32 would
     take 8x the forwards) for the newer one, which beats it on all 6 pairs: the signed-rank test
     calls that p = 2/64."""
-    from synthesis.model_file import default_model_path
-
-    older = _with_views(default_model_path(), tmp_path / "older", "none")
-    newer = _with_views(default_model_path(), tmp_path / "newer", "mirror")
+    older = shipped_weights_with_views(tmp_path / "older", "none")
+    newer = shipped_weights_with_views(tmp_path / "newer", "mirror")
     folder = tmp_path / "pairs"
     for s in range(6):
         _pair(folder / f"patient-{s}", s, f"PAT{s}")
