@@ -275,12 +275,15 @@ def figures(
     out: Annotated[Optional[Path], typer.Option(help="folder for the PNGs (default: the run folder)")] = None,
 ) -> None:
     """Draw a run's loss curves and sample grid (real MR, real CT, sCT, synthetic MR) now, from its losses so far and latest checkpoint."""
-    from training.trainer import draw_figures
+    from training.figures import run_losses
 
     _logging()
     if out is not None:
         _output_folder("--out", out)
     try:
+        run_losses(run)  # a folder that is no run is refused before torch is imported (seconds)
+        from training.trainer import draw_figures
+
         written = draw_figures(run, out)
     except ValueError as exc:
         typer.echo(f"error: {exc}", err=True)
@@ -332,49 +335,64 @@ def evaluate(
     """Score a model on held-out paired phantoms (or, with --pairs, on your own MR/CT pairs): MAE/PSNR/SSIM against ground-truth CT and a linear baseline."""
     import json
 
+    from synthesis import default_model_path
+    from synthesis.card import TEST_TIME_AUGMENTATIONS, read_card
     from synthesis.errors import ModelMismatch
-    from synthesis.model_file import default_model_path, load_model
-    from training.evaluate import evaluate as run_evaluation, paired_figures
+
+    # Everything that can be refused is refused before torch is imported and the model built (seconds).
+    def refuse(message: str) -> None:
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2)
 
     if panel is not None:  # before the scoring: the panel is written at its end
         _output_file("--panel", panel)
     if paired_cache is not None:
         _output_folder("--paired-cache", paired_cache)
-    if model is not None and model.is_dir():
-        model = model / "model.safetensors"
+        if paired_steps <= 0:
+            refuse("--paired-cache goes with --paired-steps")
+    if test_time_augmentation is not None and test_time_augmentation not in TEST_TIME_AUGMENTATIONS:
+        refuse(f"--test-time-augmentation must be one of {', '.join(TEST_TIME_AUGMENTATIONS)}, got {test_time_augmentation!r}")
+    if pairs is not None and (record or paired_steps):
+        refuse("--pairs scores your own studies; --record and --paired-steps belong to the phantom evaluation "
+               "(a card keeps phantom figures; the paired bound trains on phantoms)")
+    if pairs is None and (against is not None or registry):
+        refuse(f"{'--against' if against is not None else '--registry'} goes with --pairs")
+    if pairs is None and training_cache is not None:
+        refuse("--training-cache goes with --pairs (held-out phantoms are never in a pulled cache)")
+    if len(label) > 128:
+        refuse(f"--label is {len(label)} characters long; at most 128")
+    weights = model / "model.safetensors" if model is not None and model.is_dir() else model or default_model_path()
+    if against is not None and against.is_dir():
+        against = against / "model.safetensors"
+
+    def card_of(path: Path, what: str = "") -> dict[str, Any]:
+        try:
+            return read_card(path)
+        except ModelMismatch as exc:
+            typer.echo(f"mr2ct: {what}{exc}", err=True)
+            raise typer.Exit(2) from exc
+
+    card = card_of(weights)
+    if against is not None:
+        card_of(against, "--against: ")
+    if record and test_time_augmentation not in (None, card.get("test_time_augmentation", "none")):
+        # The card must describe the model as it runs: record only what its own views score.
+        refuse("--record scores the model as its card runs it; drop --test-time-augmentation "
+               "(or change the card first with `mr2ct models set`)")
+
+    from synthesis.model_file import load_model
+    from training.evaluate import evaluate as run_evaluation, paired_figures
+
     try:
-        loaded = load_model(model or default_model_path())
+        loaded = load_model(weights)
     except ModelMismatch as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(2) from exc
-    if paired_cache is not None and paired_steps <= 0:
-        typer.echo("error: --paired-cache goes with --paired-steps", err=True)
-        raise typer.Exit(2)
-    if record and test_time_augmentation not in (None, loaded.test_time_augmentation):
-        # The card must describe the model as it runs: record only what its own views score.
-        typer.echo("error: --record scores the model as its card runs it; drop --test-time-augmentation "
-                   "(or change the card first with `mr2ct models set`)", err=True)
-        raise typer.Exit(2)
     if test_time_augmentation is not None:
-        from synthesis.model_file import TEST_TIME_AUGMENTATIONS
-
-        if test_time_augmentation not in TEST_TIME_AUGMENTATIONS:
-            typer.echo(f"error: --test-time-augmentation must be one of {', '.join(TEST_TIME_AUGMENTATIONS)}, got {test_time_augmentation!r}", err=True)
-            raise typer.Exit(2)
         loaded = loaded.with_views(test_time_augmentation)
     if pairs is not None:
-        if record or paired_steps:
-            typer.echo("error: --pairs scores your own studies; --record and --paired-steps belong to the phantom evaluation "
-                       "(a card keeps phantom figures; the paired bound trains on phantoms)", err=True)
-            raise typer.Exit(2)
         _evaluate_pairs(loaded, pairs, panel, json_only, training_cache, against, registry, label, config)
         return
-    if against is not None or registry:
-        typer.echo(f"error: {'--against' if against is not None else '--registry'} goes with --pairs", err=True)
-        raise typer.Exit(2)
-    if training_cache is not None:
-        typer.echo("error: --training-cache goes with --pairs (held-out phantoms are never in a pulled cache)", err=True)
-        raise typer.Exit(2)
     quality = run_evaluation(loaded, subjects=subjects, slices=slices, panel=panel, first_subject=first_subject)
     paired = None
     if paired_steps > 0:
@@ -435,15 +453,12 @@ def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only:
     from synthesis.model_file import load_model
 
     against = sessions = None
-    if against_path is not None:
+    if against_path is not None:  # its card was checked by `evaluate`; here the weights must also fit it
         try:
-            against = load_model(against_path / "model.safetensors" if against_path.is_dir() else against_path)
+            against = load_model(against_path)
         except ModelMismatch as exc:
             typer.echo(f"mr2ct: --against: {exc}", err=True)
             raise typer.Exit(2) from exc
-    if len(label) > 128:
-        typer.echo(f"error: --label is {len(label)} characters long; at most 128", err=True)
-        raise typer.Exit(2)
     if registry:  # before the scoring: a database that does not open stops the command at once
         from dicom_node.db import DatabaseUnavailable, init_db
 

@@ -393,6 +393,33 @@ def test_evaluate_keeps_the_paired_bound_and_reuses_it_for_the_same_recipe(tmp_p
     assert refused.returncode == 2 and "--paired-cache goes with --paired-steps" in refused.stderr
 
 
+def test_evaluate_and_figures_refuse_what_they_cannot_do_before_they_load_torch(tmp_path: Path) -> None:
+    """A mistyped path, a card that belongs to other weights or flags that do not go together are
+    refused with the reason, before torch is imported and a model built (a fraction of a second,
+    not the seconds those take)."""
+    shipped = default_model_path()
+    other = tmp_path / "other.safetensors"
+    shutil.copy(shipped, other)
+    other.with_suffix(".json").write_text(json.dumps({**json.loads(shipped.with_suffix(".json").read_text()), "sha256": "0" * 64}))
+    (tmp_path / "pairs").mkdir()
+    # The command as `mr2ct` runs it; the last line says whether torch had been imported when it stopped.
+    probe = "import sys\nfrom dicom_node.cli import app\ntry:\n    app(sys.argv[1:])\nfinally:\n    print('torch' in sys.modules)"
+    cases = {
+        ("evaluate", tmp_path / "no-such.safetensors"): "no-such.safetensors not found; give a .safetensors file",
+        ("evaluate", other): "card other.json says 000000000000...: the card belongs to other weights",
+        ("evaluate", "--test-time-augmentation", "rot45"): "--test-time-augmentation must be one of none, mirror",
+        ("evaluate", "--against", shipped): "--against goes with --pairs",
+        ("evaluate", "--pairs", tmp_path / "pairs", "--record"): "--record and --paired-steps belong to the phantom evaluation",
+        ("evaluate", "--pairs", tmp_path / "pairs", "--against", tmp_path / "typo"): "--against: model weights",
+        ("evaluate", "--pairs", tmp_path / "pairs", "--registry", "--label", "x" * 129): "--label is 129 characters long",
+        ("figures", tmp_path): "has no losses.csv: not a training run folder",
+    }
+    for args, reason in cases.items():
+        refused = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and reason in refused.stderr, (args, refused.stderr[-2000:])
+        assert refused.stdout.strip().splitlines()[-1] == "False", args
+
+
 def test_a_few_training_steps_reduce_the_cycle_loss_and_the_card_holds_metrics(tmp_path: Path) -> None:
     result = _train(tmp_path / "run", "--epochs", "3", "--steps-per-epoch", "6", "--seed", "11")
     assert result.returncode == 0, result.stderr[-2000:]

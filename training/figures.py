@@ -14,6 +14,14 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def run_losses(run: Path) -> Path:
+    """The ``losses.csv`` of a training run folder; ValueError when ``run`` is no run (yet)."""
+    losses = run / "losses.csv"
+    if not losses.is_file():
+        raise ValueError(f"{run} has no losses.csv: not a training run folder, or its first epoch has not ended yet")
+    return losses
+
+
 def loss_plot(losses_csv: Path, out: Path) -> Path:
     """Losses of the paper's Table 2 over epochs, as the paper's figure 3."""
     with open(losses_csv) as fh:

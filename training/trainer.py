@@ -561,13 +561,12 @@ def draw_figures(run: Path, out: Path | None = None) -> list[Path]:
     (default: the run folder). Returns the files written."""
     from dataclasses import fields
 
-    from training.figures import loss_plot
+    from training.figures import loss_plot, run_losses
 
-    if not (run / "losses.csv").is_file():
-        raise ValueError(f"{run} has no losses.csv: not a training run folder, or its first epoch has not ended yet")
+    losses = run_losses(run)
     out = out or run
     out.mkdir(parents=True, exist_ok=True)
-    written = [loss_plot(run / "losses.csv", out / "losses.png")]
+    written = [loss_plot(losses, out / "losses.png")]
     checkpoint = run / "checkpoint.pt"
     if not checkpoint.is_file():
         log.warning("no checkpoint.pt in %s yet (--checkpoint-every): losses drawn, samples not", run)
