@@ -777,7 +777,7 @@ def models_set(
 ) -> None:
     """Change an inference option in a model's card (the weights and their SHA-256 stay; the card records the change)."""
     from synthesis.errors import ModelMismatch
-    from synthesis.model_file import set_test_time_augmentation
+    from synthesis.card import set_test_time_augmentation
 
     weights = path / "model.safetensors" if path.is_dir() else path
     try:
