@@ -88,14 +88,10 @@ def train(
     import os
     from dataclasses import asdict
 
-    import torch
-
-    from training.trainer import config_from, train as run_training
+    from training.config import config_from
 
     _logging()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
+    try:  # every parameter is checked before torch is imported (seconds)
         cfg = config_from(
             preset,
             dict(
@@ -122,6 +118,12 @@ def train(
             typer.echo(f"error: --data: {exc}", err=True)
             raise typer.Exit(2) from exc
     _output_folder("--out", out)
+    import torch
+
+    from training.trainer import train as run_training
+
+    if threads:
+        torch.set_num_threads(threads)
     command = "mr2ct " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     recorder = None
     if record and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 records

@@ -393,10 +393,10 @@ def test_evaluate_keeps_the_paired_bound_and_reuses_it_for_the_same_recipe(tmp_p
     assert refused.returncode == 2 and "--paired-cache goes with --paired-steps" in refused.stderr
 
 
-def test_evaluate_and_figures_refuse_what_they_cannot_do_before_they_load_torch(tmp_path: Path) -> None:
-    """A mistyped path, a card that belongs to other weights or flags that do not go together are
-    refused with the reason, before torch is imported and a model built (a fraction of a second,
-    not the seconds those take)."""
+def test_train_evaluate_and_figures_refuse_what_they_cannot_do_before_they_load_torch(tmp_path: Path) -> None:
+    """A mistyped path, a card that belongs to other weights, a parameter out of range or flags that
+    do not go together are refused with the reason, before torch is imported and a model built (a
+    fraction of a second, not the seconds those take)."""
     shipped = default_model_path()
     other = tmp_path / "other.safetensors"
     shutil.copy(shipped, other)
@@ -413,6 +413,9 @@ def test_evaluate_and_figures_refuse_what_they_cannot_do_before_they_load_torch(
         ("evaluate", "--pairs", tmp_path / "pairs", "--against", tmp_path / "typo"): "--against: model weights",
         ("evaluate", "--pairs", tmp_path / "pairs", "--registry", "--label", "x" * 129): "--label is 129 characters long",
         ("figures", tmp_path): "has no losses.csv: not a training run folder",
+        ("train", "--out", tmp_path / "run", "--epochs", "0"): "epochs must be >= 1, got 0",
+        ("train", "--out", tmp_path / "run", "--preset", "pix2pix"): "unknown preset 'pix2pix'",
+        ("train", "--out", tmp_path / "run", "--data", tmp_path / "pairs"): "is not a dataset cache of `mr2ct pull`",
     }
     for args, reason in cases.items():
         refused = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True, timeout=120)
