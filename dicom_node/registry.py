@@ -13,7 +13,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.models import Evaluation, ModelVersion, utcnow
-from synthesis.model_file import load_model
+from synthesis.card import read_card
+from synthesis.errors import ModelMismatch
 
 
 def register(sessions: sessionmaker[Session], path: Path, name: str | None = None,
@@ -24,9 +25,11 @@ def register(sessions: sessionmaker[Session], path: Path, name: str | None = Non
     and metrics when the card changed since (``mr2ct models set``, ``mr2ct evaluate --record``),
     with an audit row; the weights, id and name stay. Returns the row and what happened to it:
     ``registered``, ``card-updated`` or ``unchanged``."""
+    from synthesis.model_file import load_model
+
     path = Path(path)
     weights = path / "model.safetensors" if path.is_dir() else path
-    model = load_model(weights)  # refuses a card that does not match its weights
+    model = load_model(weights)  # refuses a card that does not match its weights, or weights that do not fit its architecture
     losses: list[dict[str, Any]] = []
     losses_csv = weights.parent / "losses.csv"
     if losses_csv.exists():
@@ -61,13 +64,25 @@ def activate(sessions: sessionmaker[Session], key: str, actor: str = "mr2ct mode
         if len(matches) != 1:
             raise ValueError(f"{key!r} matches {len(matches)} registered models; use the id or a longer SHA-256 prefix")
         chosen = matches[0]
-        load_model(Path(chosen.weights_path))  # still there and still matching its card
+        registered_weights(chosen)
         session.execute(update(ModelVersion).values(active=False))
         chosen.active, chosen.activated_at = True, utcnow()
         session.flush()
         session.expunge(chosen)
     audit.record(sessions, "model-activated", "success", actor, model_sha256=chosen.sha256, name=chosen.name)
     return chosen
+
+
+def registered_weights(model: ModelVersion) -> Path:
+    """The weights file of a registered model, checked to be still there, still matching its card
+    and still holding the weights that were registered (a run folder trained into again holds
+    others, under the same path). Raises ModelMismatch saying what to do."""
+    path = Path(model.weights_path)
+    card = read_card(path)
+    if card["sha256"] != model.sha256:
+        raise ModelMismatch(f"{path} now holds other weights (SHA-256 {str(card['sha256'])[:12]}...) than model {model.id} "
+                            f"{model.name!r} registered from it ({model.sha256[:12]}...); register the file again to use them")
+    return path
 
 
 def active_model(sessions: sessionmaker[Session]) -> ModelVersion | None:

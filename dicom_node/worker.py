@@ -209,12 +209,12 @@ class Worker:
 
     def refresh_model(self) -> None:
         """Use the registry's active model when there is one (a new activation applies to the next job)."""
-        from dicom_node.registry import active_model
+        from dicom_node.registry import active_model, registered_weights
         from synthesis.model_file import load_model
 
         active = active_model(self.sessions)
         if active is not None and active.sha256 != self.model.sha256:
-            self.model = self._as_configured(load_model(Path(active.weights_path)))
+            self.model = self._as_configured(load_model(registered_weights(active)))
             log.info("model switched to sha256=%s name=%s", self.model.short_digest, active.name)
 
     def run_job(self, job_id: int, shutdown: threading.Event | None = None) -> None:

@@ -77,6 +77,30 @@ def test_register_activate_and_the_next_job_uses_the_new_model(node_factory, tmp
     assert "* " in listing and "run-7" in listing and "none active" not in listing
 
 
+def test_a_run_folder_trained_into_again_is_not_used_under_the_registered_models_name(node_factory, tmp_path):
+    """A registered model names a file; when a new run overwrites it, the registry's model is not
+    there any more: activating it is refused, and a worker told to use it keeps the model it has,
+    so no sCT is made by weights nobody registered."""
+    node = node_factory()
+    run = tmp_path / "run-8"
+    card = dict(load_model(default_model_path()).card)
+    card.pop("sha256")
+    torch.manual_seed(8)
+    first = save_model(run / "model.safetensors", ResnetGenerator(ngf=16, n_blocks=6), card)
+    assert _cli(node, "models", "register", str(run)).returncode == 0
+    assert _cli(node, "models", "activate", first["sha256"][:12]).returncode == 0
+    torch.manual_seed(9)  # the same folder trained into again: other weights, a card that matches them
+    second = save_model(run / "model.safetensors", ResnetGenerator(ngf=16, n_blocks=6), card)
+
+    refused = _cli(node, "models", "activate", first["sha256"][:12])
+    assert refused.returncode == 2 and "now holds other weights" in refused.stderr and "register the file again" in refused.stderr
+    series = write_mr_series(tmp_path / "a", seed=1402, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert job.state == "done" and job.model_sha256 == load_model(default_model_path()).sha256 != second["sha256"]
+    assert "cannot load the active model" in node.log_path.read_text()
+
+
 def test_a_tampered_model_cannot_be_registered(node_factory, tmp_path):
     node = node_factory()
     run = tmp_path / "bad"
