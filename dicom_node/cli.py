@@ -7,7 +7,7 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any, NoReturn, Optional
 
 import typer
 
@@ -342,7 +342,7 @@ def evaluate(
     from synthesis.errors import ModelMismatch
 
     # Everything that can be refused is refused before torch is imported and the model built (seconds).
-    def refuse(message: str) -> None:
+    def refuse(message: str) -> NoReturn:
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2)
 
@@ -381,6 +381,8 @@ def evaluate(
         # The card must describe the model as it runs: record only what its own views score.
         refuse("--record scores the model as its card runs it; drop --test-time-augmentation "
                "(or change the card first with `mr2ct models set`)")
+    if pairs is not None:
+        found, sessions = _pairs_to_score(pairs, training_cache, registry, config)
 
     from synthesis.model_file import load_model
     from training.evaluate import evaluate as run_evaluation, paired_figures
@@ -393,7 +395,7 @@ def evaluate(
     if test_time_augmentation is not None:
         loaded = loaded.with_views(test_time_augmentation)
     if pairs is not None:
-        _evaluate_pairs(loaded, pairs, panel, json_only, training_cache, against, registry, label, config)
+        _evaluate_pairs(loaded, pairs, found, sessions, panel, json_only, against, label)
         return
     quality = run_evaluation(loaded, subjects=subjects, slices=slices, panel=panel, first_subject=first_subject)
     paired = None
@@ -442,25 +444,11 @@ def evaluate(
     typer.echo(json.dumps(report))
 
 
-def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only: bool, training_cache: Optional[Path],
-                    against_path: Optional[Path], registry: bool, label: str, config: Optional[Path]) -> None:
-    """`mr2ct evaluate --pairs FOLDER`: the table and JSON report of a model on a hospital's own MR/CT
-    pairs (with --against, a second model's beside it; with --registry, kept in the database)."""
-    import json
-    from dataclasses import asdict
-
-    import numpy as np
-
-    from synthesis.errors import ModelMismatch, SeriesNotUsable
-    from synthesis.model_file import load_model
-
-    against = sessions = None
-    if against_path is not None:  # its card was checked by `evaluate`; here the weights must also fit it
-        try:
-            against = load_model(against_path)
-        except ModelMismatch as exc:
-            typer.echo(f"mr2ct: --against: {exc}", err=True)
-            raise typer.Exit(2) from exc
+def _pairs_to_score(folder: Path, training_cache: Optional[Path], registry: bool, config: Optional[Path]) -> tuple[Any, Any]:
+    """What `mr2ct evaluate --pairs` checks before it loads a model: the database (with --registry)
+    opens, and the folder holds pairs (of patients not in --training-cache). Returns the pairs
+    found and the session factory (None without --registry); a refusal exits 2 with the reason."""
+    sessions = None
     if registry:  # before the scoring: a database that does not open stops the command at once
         from dicom_node.db import DatabaseUnavailable, init_db
 
@@ -469,8 +457,6 @@ def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only:
         except DatabaseUnavailable as exc:
             typer.echo(f"mr2ct: database_url: {exc}; fix it or evaluate without --registry", err=True)
             raise typer.Exit(2) from exc
-    from training.evaluate import CT_BANDS, compare_pairs, evaluate_pairs
-    from dicom_node.registry import pairs_digest, record_evaluation
     from training.pairs import find_pairs, leave_out_trained
 
     try:
@@ -480,13 +466,38 @@ def _evaluate_pairs(loaded: Any, folder: Path, panel: Optional[Path], json_only:
     except FileNotFoundError as exc:
         typer.echo(f"error: --pairs: {exc}", err=True)
         raise typer.Exit(2) from exc
-    skipped = list(found.skipped)
     if not found.pairs:
         typer.echo(f"error: --pairs: no MR series in {folder} has a CT series of the same patient in its frame of reference "
                    f"({found.files} DICOM files read)" + (" among the patients not in the training cache" if training_cache else ""), err=True)
-        for reason in skipped:
+        for reason in found.skipped:
             typer.echo(f"  left out: {reason}", err=True)
         raise typer.Exit(2)
+    return found, sessions
+
+
+def _evaluate_pairs(loaded: Any, folder: Path, found: Any, sessions: Any, panel: Optional[Path], json_only: bool,
+                    against_path: Optional[Path], label: str) -> None:
+    """`mr2ct evaluate --pairs FOLDER`: the table and JSON report of a model on a hospital's own MR/CT
+    pairs (``found`` by _pairs_to_score; with --against, a second model's beside it; with --registry,
+    kept in the database ``sessions``)."""
+    import json
+    from dataclasses import asdict
+
+    import numpy as np
+
+    from dicom_node.registry import pairs_digest, record_evaluation
+    from synthesis.errors import ModelMismatch, SeriesNotUsable
+    from synthesis.model_file import load_model
+    from training.evaluate import CT_BANDS, compare_pairs, evaluate_pairs
+
+    against = None
+    if against_path is not None:  # its card was checked by `evaluate`; here the weights must also fit it
+        try:
+            against = load_model(against_path)
+        except ModelMismatch as exc:
+            typer.echo(f"mr2ct: --against: {exc}", err=True)
+            raise typer.Exit(2) from exc
+    skipped = list(found.skipped)
 
     def skip(pair: Any, reason: str) -> None:
         skipped.append(f"{pair.mr.label()} with {pair.ct.label()}: {reason}")

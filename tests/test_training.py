@@ -412,6 +412,8 @@ def test_train_evaluate_and_figures_refuse_what_they_cannot_do_before_they_load_
         ("evaluate", "--pairs", tmp_path / "pairs", "--record"): "--record and --paired-steps belong to the phantom evaluation",
         ("evaluate", "--pairs", tmp_path / "pairs", "--against", tmp_path / "typo"): "--against: model weights",
         ("evaluate", "--pairs", tmp_path / "pairs", "--registry", "--label", "x" * 129): "--label is 129 characters long",
+        ("evaluate", "--pairs", tmp_path / "pairs"): "no MR series in",
+        ("evaluate", "--pairs", tmp_path / "no-such-folder"): "error: --pairs:",
         ("figures", tmp_path): "has no losses.csv: not a training run folder",
         ("train", "--out", tmp_path / "run", "--epochs", "0"): "epochs must be >= 1, got 0",
         ("train", "--out", tmp_path / "run", "--preset", "pix2pix"): "unknown preset 'pix2pix'",
