@@ -338,7 +338,7 @@ def evaluate(
     import json
 
     from synthesis import default_model_path
-    from synthesis.card import TEST_TIME_AUGMENTATIONS, read_card
+    from synthesis.card import TEST_TIME_AUGMENTATIONS, read_card, weights_in
     from synthesis.errors import ModelMismatch
 
     # Everything that can be refused is refused before torch is imported and the model built (seconds).
@@ -363,9 +363,9 @@ def evaluate(
         refuse("--training-cache goes with --pairs (held-out phantoms are never in a pulled cache)")
     if len(label) > 128:
         refuse(f"--label is {len(label)} characters long; at most 128")
-    weights = model / "model.safetensors" if model is not None and model.is_dir() else model or default_model_path()
-    if against is not None and against.is_dir():
-        against = against / "model.safetensors"
+    weights = weights_in(model) if model is not None else default_model_path()
+    if against is not None:
+        against = weights_in(against)
 
     def card_of(path: Path, what: str = "") -> dict[str, Any]:
         try:
@@ -790,9 +790,9 @@ def models_set(
 ) -> None:
     """Change an inference option in a model's card (the weights and their SHA-256 stay; the card records the change)."""
     from synthesis.errors import ModelMismatch
-    from synthesis.card import set_test_time_augmentation
+    from synthesis.card import set_test_time_augmentation, weights_in
 
-    weights = path / "model.safetensors" if path.is_dir() else path
+    weights = weights_in(path)
     try:
         card = set_test_time_augmentation(weights, test_time_augmentation)
     except (ModelMismatch, ValueError) as exc:

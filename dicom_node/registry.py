@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.models import Evaluation, ModelVersion, utcnow
-from synthesis.card import read_card
+from synthesis.card import read_card, weights_in
 from synthesis.errors import ModelMismatch
 
 
@@ -27,8 +27,7 @@ def register(sessions: sessionmaker[Session], path: Path, name: str | None = Non
     ``registered``, ``card-updated`` or ``unchanged``."""
     from synthesis.model_file import load_model
 
-    path = Path(path)
-    weights = path / "model.safetensors" if path.is_dir() else path
+    weights = weights_in(path)
     model = load_model(weights)  # refuses a card that does not match its weights, or weights that do not fit its architecture
     losses: list[dict[str, Any]] = []
     losses_csv = weights.parent / "losses.csv"

@@ -38,6 +38,12 @@ def card_path_for(weights: Path) -> Path:
     return weights.with_suffix(".json")
 
 
+def weights_in(path: Path) -> Path:
+    """The weights a user means by ``path``: a training run folder's ``model.safetensors``, or the file itself."""
+    path = Path(path)
+    return path / "model.safetensors" if path.is_dir() else path
+
+
 def read_card(weights: Path) -> dict[str, Any]:
     """The card of ``weights``, checked: both files there, the keys a card needs, a known test-time
     augmentation, and the weights' SHA-256 the card names. Raises ModelMismatch saying what is wrong."""
