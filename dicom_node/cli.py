@@ -575,12 +575,12 @@ def phantoms(
     series = [*cohort.mr_only, *cohort.ct_only, *(s for pair in cohort.paired for s in pair)]
     typer.echo(f"{len(series)} series ({sum(len(s.files) for s in series)} instances) in {out}")
     if upload:
-        from tqdm import tqdm
+        from synthesis.progress import progress_bar
 
         store = OrthancStore(upload, username, password)
         try:
             store.check_reachable()
-            for s in tqdm(series, desc="upload", unit="series", disable=None):
+            for s in progress_bar(series, desc="upload", unit="series"):
                 for f in s.files:
                     store.client.upload(f.read_bytes())
         except PacsUnavailable as exc:

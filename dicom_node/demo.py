@@ -12,13 +12,13 @@ from pathlib import Path
 
 
 from sqlalchemy import select
-from tqdm import tqdm
 
 from dicom_node.api.auth import create_token
 from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, storescu
 from dicom_node.models import Job
 from dicom_node.orthanc_store import OrthancStore
+from synthesis.progress import progress_bar
 from training.phantom_dicom import write_mr_series
 
 
@@ -75,7 +75,7 @@ def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, n
         if to_pacs.returncode != 0:
             say(f"storescu to Orthanc failed ({to_pacs.returncode}):\n{to_pacs.stderr}")
             return 1
-        with tqdm(total=slices, desc="sCT", unit="slice", file=sys.stderr, disable=None,
+        with progress_bar(total=slices, desc="sCT", unit="slice",
                   bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total} slices [{elapsed}<{remaining}{postfix}]") as bar:
 
             said = time.monotonic()

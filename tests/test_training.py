@@ -542,3 +542,54 @@ def test_ctrl_c_during_a_database_write_arrives_right_after_it() -> None:
     finally:
         signal.signal(signal.SIGINT, previous)
     assert reached == ["the write finished"]
+
+
+def _on_a_terminal(args: list[str], columns: int, env: dict[str, str], timeout: float = 300) -> tuple[int, str]:
+    """Run ``args`` with stdin, stdout and stderr on a pseudo-terminal ``columns`` wide (0: one
+    nobody sized, as `docker exec -t` and `kubectl exec -t` give); its exit code and all it wrote."""
+    import fcntl
+    import select
+    import struct
+    import termios
+    import time
+
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24 if columns else 0, columns, 0, 0))
+    env = {k: v for k, v in env.items() if k not in ("COLUMNS", "LINES")}
+    proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, close_fds=True)
+    os.close(slave)
+    written = bytearray()
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if select.select([master], [], [], 0.5)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every holder of the terminal's other end has closed it
+                    break
+                if not chunk:
+                    break
+                written += chunk
+            elif proc.poll() is not None:
+                break
+        code = proc.wait(timeout=max(deadline - time.monotonic(), 1))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return code, written.decode(errors="replace")
+
+
+@pytest.mark.parametrize("columns", [0, 100], ids=["unsized-terminal", "sized-terminal"])
+def test_training_on_a_terminal_shows_its_progress_bars_with_losses_even_when_the_terminal_says_it_has_no_width(
+        tmp_path: Path, columns: int) -> None:
+    code, shown = _on_a_terminal([sys.executable, "-m", "dicom_node.cli", "train", "--out", str(tmp_path / "run"), *TINY, "--epochs", "2",
+                                  "--no-record"], columns, _database(tmp_path))
+    assert code == 0, shown[-2000:]
+    assert "phantoms: 100%" in shown and "2/2" in shown
+    for epoch in ("epoch 1/2: 100%", "epoch 2/2: 100%"):
+        assert epoch in shown, shown[-2000:]
+    assert "G=" in shown and "D=" in shown and "rec=" in shown  # the losses ride on the bar
+    drawn = [line for line in shown.replace("\r", "\n").splitlines() if "epoch 2/2: 100%" in line]
+    assert max(len(line) for line in drawn) <= (columns or 80)  # as wide as the terminal, or 80 where it says 0

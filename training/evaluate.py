@@ -299,12 +299,9 @@ def paired_upper_bound(model: LoadedModel, steps: int, batch_size: int = 4, seed
                        progress: bool | None = None) -> LoadedModel:
     """Train a generator of the same architecture and size, supervised (L1) on *paired* phantom
     slices at the model's grid, for ``steps`` steps: the upper bound an unpaired model should approach."""
-    import sys
-
-    from tqdm import tqdm
-
     from synthesis.networks import build_generator
     from synthesis.normalize import hu_to_unit
+    from synthesis.progress import progress_bar
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -327,7 +324,7 @@ def paired_upper_bound(model: LoadedModel, steps: int, batch_size: int = 4, seed
     generator = build_generator(model.card["architecture"], dict(model.card["parameters"]))
     optimiser = torch.optim.Adam(generator.parameters(), lr=2e-4, betas=(0.5, 0.999))
     loss_fn = torch.nn.L1Loss()
-    for _ in tqdm(range(steps), desc="paired upper bound", file=sys.stderr, disable=None if progress is None else not progress):
+    for _ in progress_bar(range(steps), desc="paired upper bound", show=progress):
         mr, ct = (_batch(half) for half in zip(*(pair(j) for j in rng.integers(0, subjects * per_subject, batch_size))))
         loss = loss_fn(generator(mr), ct)
         optimiser.zero_grad()

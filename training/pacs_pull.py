@@ -19,7 +19,6 @@ import logging
 import re
 import secrets
 import shutil
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +28,10 @@ import numpy as np
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
-from tqdm import tqdm
 
 from synthesis.errors import Mr2ctError, PacsUnavailable
 from synthesis.normalize import mr_to_unit
+from synthesis.progress import progress_bar
 from synthesis.uids import is_valid_uid
 from synthesis.volume import assemble, axial_reslice, slices_closest_to_axial
 
@@ -323,7 +322,7 @@ def pull(
 
     counts = {"found": 0, "fetched": 0, "skipped": 0, "synthetic": 0, "unusable": 0, "refreshed": 0}
     wanted = [len(matched) if flt.limit is None else min(flt.limit, len(matched)) for flt, matched in plans]
-    bar = tqdm(total=sum(wanted), desc="pull", unit="series", file=sys.stderr, disable=None if progress is None else not progress)
+    bar = progress_bar(total=sum(wanted), desc="pull", unit="series", show=progress)
     with bar:
         for (flt, matched), want in zip(plans, wanted):
             taken = 0
@@ -426,7 +425,7 @@ def pull_pairs(
         registrations = [a for a in registrations if _value(a, "00100021") == issuer]
         todo.extend((key, attrs) for attrs in [*found["MR"], *found["CT"], *registrations])
     counts = {"patients": len(keyed), "found": len(todo), "fetched": 0, "skipped": 0}
-    bar = tqdm(todo, desc="pull pairs", unit="series", file=sys.stderr, disable=None if progress is None else not progress)
+    bar = progress_bar(todo, desc="pull pairs", unit="series", show=progress)
     for key, attrs in bar:
         uids = _series_uids(attrs)
         if uids is None:

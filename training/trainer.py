@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import random
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,12 +26,12 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from synthesis.infer import native_bf16
 from synthesis.model_file import save_model
 from synthesis.networks import PatchDiscriminator, ResnetGenerator
 from synthesis.normalize import hu_to_unit, mr_to_unit
+from synthesis.progress import progress_bar
 from training import phantoms
 from training.config import LOSS_NAMES, PRESETS, TrainConfig, config_from  # noqa: F401  (where callers have always found them)
 from training.interrupts import uninterrupted
@@ -76,7 +75,7 @@ def make_pools(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """Unpaired MR and CT slice pools from disjoint phantom subjects, each in [-1, 1]."""
     grid = phantoms.axial_grid(cfg.slices_per_subject, cfg.image_size, cfg.pixel_spacing_mm, 150.0 / cfg.slices_per_subject)
     mr_slices, ct_slices = [], []
-    for i in tqdm(range(cfg.subjects_per_pool), desc="phantoms", file=sys.stderr, disable=None):
+    for i in progress_bar(range(cfg.subjects_per_pool), desc="phantoms"):
         mr_seed, ct_seed = cfg.seed * 100_000 + 2 * i, cfg.seed * 100_000 + 2 * i + 1
         mr_labels = phantoms.head_labels(mr_seed, grid)
         mr_slices.append(mr_to_unit(phantoms.render_mr(mr_labels, grid, mr_seed)))
@@ -295,7 +294,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
             sums = dict.fromkeys(LOSS_NAMES, 0.0)
-            bar = tqdm(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", file=sys.stderr, disable=None if is_main else True)
+            bar = progress_bar(range(cfg.steps_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", show=None if is_main else False)
             for _ in bar:
                 real_a, real_b = batch(mr_pool), batch(ct_pool)
                 for _ in range(cfg.generator_iterations):
