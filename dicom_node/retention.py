@@ -21,7 +21,10 @@ that moment atomically; a file written there after the cutoff (a re-send racing 
 linked back, never lost. Start-up recovery puts back a renamed file whose deletion a crash
 interrupted when its path is empty. The row stays, with ``purged_at``; the audit trail gets one
 ``spool-purged`` event per round. A job asked for a purged series fails with the reason, and a
-re-send of the series makes it whole again. Only files where the spool keeps them are deleted
+re-send of the series makes it whole again. A series is held (``lock_series``) from the check
+that its rows are still due to the mark, as POST /jobs/{id}/retry holds it: a retry that comes
+while a round runs either keeps the originals or is refused with the reason, never both
+accepted and then left without them. Only files where the spool keeps them are deleted
 (``<spool_dir>/<study>/<series>/<sop>.dcm`` for the row's own SOP Instance UID): a row that names
 any other path (the spool moved, a database edited by hand) is left alone and counted.
 """
@@ -175,20 +178,56 @@ def purge_spool(sessions: sessionmaker[Session], spool_dir: Path, retention: tim
     return counts
 
 
+def lock_series(session: Session, series_uid: str) -> None:
+    """Hold the series for the rest of ``session``'s transaction: its row lock on PostgreSQL, the
+    database's write lock on SQLite (a write is the first statement, so reads after it see every
+    commit before it). Retention's check-delete-mark of a series and a retry of one of its jobs
+    (POST /jobs/{id}/retry) each take it, so one of them sees what the other did: a retry never
+    gets a job whose originals the purge then deletes, and a purge never deletes what a retry
+    just asked for."""
+    session.execute(update(Series).where(Series.series_instance_uid == series_uid).values(state=Series.state))
+
+
 def _purge_rows(sessions: sessionmaker[Session], spool: Spool, query: Select[Any], cutoff: datetime, now: datetime,
                 counts: dict[str, int], series_done: set[str]) -> int:
-    """Delete the files of one rule's rows, batch by batch, and mark their rows; how many were."""
+    """Delete the files of one rule's rows, batch by batch and series by series, and mark their
+    rows; how many were."""
     purged = 0
     while True:
         with sessions() as session:
             due = session.execute(query.order_by(Instance.received_at).limit(BATCH)).all()
         if not due:
             break
-        removed: list[str] = []
-        folders: set[Path] = set()
+        by_series: dict[str, list[Any]] = {}
         for row in due:
-            if not _in_spool(spool, row):
+            if _in_spool(spool, row):
+                by_series.setdefault(row.series_instance_uid, []).append(row)
+            else:
                 counts["outside_spool"] += 1
+        removed = 0
+        for series_uid, rows in by_series.items():
+            marked = _purge_series(sessions, query, series_uid, rows, cutoff, now, counts)
+            removed += marked
+            purged += marked
+            if marked:
+                series_done.add(series_uid)
+        if len(due) < BATCH or not removed:
+            break
+    return purged
+
+
+def _purge_series(sessions: sessionmaker[Session], query: Select[Any], series_uid: str, rows: list[Any], cutoff: datetime,
+                  now: datetime, counts: dict[str, int]) -> int:
+    """Delete the files of ``rows`` (one series' rows of a batch) that are still due once the series
+    is held (``lock_series``: a retry that came since the batch was read keeps them), and mark
+    them, in one transaction; how many rows were marked."""
+    folders: set[Path] = set()
+    with sessions.begin() as session:
+        lock_series(session, series_uid)
+        still_due = set(session.scalars(select(query.where(Instance.series_instance_uid == series_uid).subquery().c.sop_instance_uid)))
+        removed: list[str] = []
+        for row in rows:
+            if row.sop_instance_uid not in still_due:
                 continue
             size = _remove(Path(row.path), cutoff)
             if size is None:
@@ -197,18 +236,15 @@ def _purge_rows(sessions: sessionmaker[Session], spool: Spool, query: Select[Any
             removed.append(row.sop_instance_uid)
             folders.add(Path(row.path).parent)
             counts["bytes_freed"] += size
-            series_done.add(row.series_instance_uid)
-        for folder in folders:
-            _drop_if_empty(folder)
-        with sessions.begin() as session:
-            for start in range(0, len(removed), 500):
-                chunk = removed[start:start + 500]
-                # received_at < cutoff again: a re-send recorded meanwhile is not marked purged
-                purged += session.execute(update(Instance).where(Instance.sop_instance_uid.in_(chunk), Instance.purged_at.is_(None),
-                                                                 Instance.received_at < cutoff).values(purged_at=now)).rowcount
-        if len(due) < BATCH or not removed:
-            break
-    return purged
+        marked = 0
+        for start in range(0, len(removed), 500):
+            chunk = removed[start:start + 500]
+            # received_at < cutoff again: a re-send recorded meanwhile is not marked purged
+            marked += session.execute(update(Instance).where(Instance.sop_instance_uid.in_(chunk), Instance.purged_at.is_(None),
+                                                             Instance.received_at < cutoff).values(purged_at=now)).rowcount
+    for folder in folders:
+        _drop_if_empty(folder)
+    return marked
 
 
 def _drop_if_empty(folder: Path) -> None:

@@ -1,4 +1,5 @@
-"""Small helpers shared by tests: Orthanc look-ups, dciodvfy, admin API tokens, a DICOMweb proxy that counts requests."""
+"""Small helpers shared by tests: Orthanc look-ups, dciodvfy, admin API tokens, the admin API served on a database of a test's own,
+a DICOMweb proxy that counts requests."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pydicom
 import requests
 from pydicom.dataset import Dataset
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import init_db
 from dicom_node.local_stack import OrthancServer
@@ -84,6 +86,35 @@ def api_token(database_url: str, role: str, name: str) -> str:
                             capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+@contextmanager
+def served_api(sessions: sessionmaker[Session], tokens: dict[str, str]) -> Iterator[str]:
+    """The real admin API app (uvicorn, loopback, a free port) on ``sessions``' database, with the
+    bearer tokens ``tokens`` (token -> role) in it, and no node beside it: rows a test wrote are
+    what it serves, and no worker moves a job on. Yields its base URL; stops it after."""
+    import uvicorn
+
+    from dicom_node.api.app import create_app
+    from dicom_node.api.auth import digest
+    from dicom_node.local_stack import free_port
+    from dicom_node.models import ApiToken
+
+    with sessions.begin() as session:
+        for n, (token, role) in enumerate(tokens.items()):
+            session.add(ApiToken(name=f"test-{role}-{n}", role=role, token_sha256=digest(token)))
+    server = uvicorn.Server(uvicorn.Config(create_app(sessions), host="127.0.0.1", port=free_port(), log_level="warning"))
+    serving = threading.Thread(target=server.run, daemon=True)
+    serving.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started, "the admin API did not start within 30 s"
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        serving.join(timeout=10)
 
 
 @contextmanager

@@ -11,7 +11,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 
 import httpx
@@ -24,7 +23,7 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
 from dicom_node.models import ApiToken, AuditEvent
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import api_token, shipped_weights_with_views
+from tests.helpers import api_token, served_api, shipped_weights_with_views
 from training.phantom_dicom import write_mr_series
 
 def _token_routes() -> list[tuple[str, str]]:
@@ -226,16 +225,11 @@ def test_the_dashboard_says_what_each_running_job_is_doing(tmp_path):
     seems stuck. Rows as a worker writes them, in a real SQLite database, served by the real app."""
     from datetime import timedelta
 
-    import uvicorn
-
-    from dicom_node.api.auth import digest
-    from dicom_node.local_stack import free_port
     from dicom_node.models import Job, Series, utcnow
 
     sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
     rows = {"reading": (None, "reading"), "synthesizing": (0.4375, "synthesizing"), "storing": (1.0, "storing"), "claimed": (None, None)}
     with sessions.begin() as session:
-        session.add(ApiToken(name="watching", role="auditor", token_sha256=digest("watch-token")))
         for n, name in enumerate(rows):
             session.add(Series(series_instance_uid=f"1.2.3.{n}", study_instance_uid="1.2.3", modality="MR", calling_ae="SCANNER",
                                state="stable", series_description=name))
@@ -247,19 +241,9 @@ def test_the_dashboard_says_what_each_running_job_is_doing(tmp_path):
             session.add(job)
             session.flush()
             ids[name] = job.id
-    server = uvicorn.Server(uvicorn.Config(create_app(sessions), host="127.0.0.1", port=free_port(), log_level="warning"))
-    serving = threading.Thread(target=server.run, daemon=True)
-    serving.start()
-    try:
-        base = f"http://127.0.0.1:{server.config.port}"
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
+    with served_api(sessions, {"watch-token": "auditor"}) as base:
         page = httpx.get(f"{base}/dashboard", cookies={"mr2ct_token": "watch-token"}).text
         detail = httpx.get(f"{base}/jobs/{ids['storing']}", headers={"Authorization": "Bearer watch-token"}).json()
-    finally:
-        server.should_exit = True
-        serving.join(timeout=10)
     shown = {name: re.search(rf"<tr id='job-{job_id}'><td>{job_id}</td><td class='running'>([^<]*)</td>", page).group(1)
              for name, job_id in ids.items()}
     assert shown == {"reading": "running, reading", "synthesizing": "running 44%", "storing": "running, storing", "claimed": "running"}

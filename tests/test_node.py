@@ -420,8 +420,9 @@ def test_a_series_that_cannot_make_a_volume_or_lost_an_original_fails_its_job_wi
     assert "share one position" in failed.detail["reason"]
     assert echoscu(node.port, NODE_AE, SCANNER_AE).returncode == 0  # nothing else stops
 
-    # An original gone from the spool under a retried job (removed by hand, or by a retention round
-    # in the moment the retry was asked): the job says how many and what to do, not a file error.
+    # An original gone from the spool under a retried job (removed by hand: a retention round and a
+    # retry hold the series in turn, so no round does this): the job says how many and what to do,
+    # not a file error.
     spooled = Path(node.env["MR2CT_SPOOL_DIR"]) / series.study_uid / series.series_uid
     (spooled / f"{pydicom.dcmread(series.files[1]).SOPInstanceUID}.dcm").unlink()
     admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'node-admin')}"}

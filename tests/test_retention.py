@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -21,10 +22,11 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import PostgresServer, free_port, storescu
 from dicom_node.models import AuditEvent, Instance, Job, Series, utcnow
 from dicom_node.recovery import recover_spool
-from dicom_node.retention import SPOOL_PURGED, purge_spool
+from dicom_node import retention
+from dicom_node.retention import SPOOL_PURGED, lock_series, purge_spool
 from dicom_node.spool import Spool
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import api_token
+from tests.helpers import api_token, served_api
 from training.phantom_dicom import write_mr_series
 
 HOUR = timedelta(hours=1)
@@ -241,3 +243,53 @@ def test_a_running_node_purges_then_a_retry_says_why_and_a_resend_makes_the_seri
     again = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=partial.id)
     assert again.state == "done", again.error
     assert again.ct_series_uid == job.ct_series_uid  # the same sCT series, rewritten
+
+
+def test_a_retry_that_holds_the_series_while_a_round_runs_keeps_every_original_for_its_job(spooled, monkeypatch):
+    """A failed series is due under spool_failed_retention_hours, and the administrator retries it
+    just as a round has read what is due. The retry holds the series until its job is committed
+    (as POST /jobs/{id}/retry does); the round waits for the series, sees the queued job, and
+    deletes nothing: the retried job finds every original."""
+    spool, sessions, add = spooled
+    paths = add(1, job_state="failed", hours_ago=30, finished_hours_ago=29)
+    reached = threading.Event()
+    purge_series = retention._purge_series
+
+    def signalling(*args, **kwargs):
+        reached.set()  # the round read the series as due, and now asks for it
+        return purge_series(*args, **kwargs)
+
+    monkeypatch.setattr(retention, "_purge_series", signalling)
+    counts: dict[str, int] = {}
+    round_ = threading.Thread(target=lambda: counts.update(
+        purge_spool(sessions, spool.root, None, routing=False, failed_retention=timedelta(hours=24))))
+    with sessions.begin() as session:  # the retry's transaction
+        lock_series(session, f"{STUDY}.1")
+        round_.start()
+        assert reached.wait(60)
+        time.sleep(0.5)  # without the series lock, the round would delete now
+        session.add(Job(series_instance_uid=f"{STUDY}.1", state="queued"))
+    round_.join(60)
+    assert not round_.is_alive() and counts["instances"] == 0
+    assert all(p.exists() for p in paths) and _purged(sessions, paths) == [False, False]
+
+
+def test_retry_is_refused_while_its_series_has_a_job_and_a_queued_retry_keeps_the_originals(spooled):
+    """Pressing Retry twice makes one job, not two; the second press names the job waiting. And a
+    failed series whose retry is queued is no longer due for deletion: its job needs the originals."""
+    spool, sessions, add = spooled
+    paths = add(1, job_state="failed", hours_ago=30, finished_hours_ago=29)
+    with sessions() as session:
+        failed = session.scalars(select(Job).where(Job.series_instance_uid == f"{STUDY}.1").order_by(Job.id.desc())).first()
+    admin = {"Authorization": "Bearer retry-admin"}
+    with served_api(sessions, {"retry-admin": "admin"}) as base:
+        first = httpx.post(f"{base}/jobs/{failed.id}/retry", headers=admin, timeout=30)
+        second = httpx.post(f"{base}/jobs/{failed.id}/retry", headers=admin, timeout=30)
+    assert first.status_code == 201, first.text
+    queued = first.json()["job_id"]
+    assert second.status_code == 409 and second.json()["detail"] == f"job {failed.id}: its series has job {queued} queued already"
+    with sessions() as session:
+        assert [j.state for j in session.scalars(select(Job).where(Job.series_instance_uid == f"{STUDY}.1").order_by(Job.id))] == [
+            "failed", "failed", "queued"]
+    assert purge_spool(sessions, spool.root, HOUR, routing=False, failed_retention=timedelta(hours=24))["instances"] == 0
+    assert all(p.exists() for p in paths)

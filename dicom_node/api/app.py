@@ -26,7 +26,7 @@ from dicom_node.db import notify_job_queued
 from dicom_node.forwarder import reschedule_failed
 from dicom_node.models import Association, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun, utcnow
 from dicom_node.orthanc_store import OrthancStore
-from dicom_node.retention import purged_reason, spool_usage
+from dicom_node.retention import lock_series, purged_reason, spool_usage
 from dicom_node.training_runs import RunState
 from synthesis.errors import PacsUnavailable
 
@@ -207,8 +207,14 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             job = session.get(Job, job_id)
             if job is None:
                 raise HTTPException(404, f"no job {job_id}")
+            lock_series(session, job.series_instance_uid)  # spool retention's purge of the series waits, or went first
+            session.refresh(job)
             if job.state in ("queued", "running"):
                 raise HTTPException(409, f"job {job_id} is {job.state}; only finished, failed or cancelled jobs can be retried")
+            pending = session.scalar(select(Job).where(Job.series_instance_uid == job.series_instance_uid, Job.state.in_(("queued", "running")))
+                                     .order_by(Job.id.desc()).limit(1))
+            if pending is not None:  # a second press of Retry, or a re-send's own job: one job per series at a time
+                raise HTTPException(409, f"job {job_id}: its series has job {pending.id} {pending.state} already")
             series = session.get(Series, job.series_instance_uid)
             purged, of = session.execute(select(func.count(Instance.purged_at), func.count()).where(
                 Instance.series_instance_uid == job.series_instance_uid)).one()
