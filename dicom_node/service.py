@@ -157,7 +157,7 @@ class Node:
             info["model_sha256"] = self.model_sha256
         app = create_app(
             self.sessions, orthanc_url=s.orthanc_url, orthanc_auth=(s.orthanc_username or "", password or "") if s.orthanc_username else None,
-            spool_dir=str(s.spool_dir) if Path(s.spool_dir).exists() else None, node_info=info,
+            spool_dir=str(s.spool_dir) if Path(s.spool_dir).exists() else None, spool_min_free_mb=s.spool_min_free_mb, node_info=info,
             routing=routing,
         )
         config = uvicorn.Config(app, host=s.api_host, port=s.api_port, log_level="warning", access_log=False)

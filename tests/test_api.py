@@ -14,6 +14,7 @@ import sys
 import time
 
 import httpx
+import pydicom
 import pytest
 from sqlalchemy import select
 
@@ -21,7 +22,7 @@ from dicom_node.api.app import create_app
 from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
-from dicom_node.models import ApiToken, AuditEvent
+from dicom_node.models import ApiToken, AuditEvent, Job, Series
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import api_token, served_api, shipped_weights_with_views
 from training.phantom_dicom import write_mr_series
@@ -159,6 +160,44 @@ def test_synthesize_a_series_that_is_already_in_orthanc(api, node, orthanc, tmp_
     assert httpx.post(f"{api['base']}/synthesize", json={"series_uid": series.series_uid}, headers=api["auditor"]).status_code == 403
 
 
+def test_a_synthesis_request_refused_part_way_makes_no_job_of_the_part_it_spooled(api, node, orthanc, tmp_path):
+    """A series in Orthanc whose last instance has lost its Pixel Data: the request answers 422
+    naming the instance and why; the instances spooled before it are set aside (the series is
+    ignored, with the reason), so the node's stability monitor makes no job of three slices of four
+    later; the refusal is audited; asking again once the series is whole synthesizes it."""
+    series = write_mr_series(tmp_path / "in-pacs", seed=611, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    broken = pydicom.dcmread(series.files[-1])
+    del broken.PixelData
+    uploads = [f.read_bytes() for f in series.files[:-1]]
+    with io.BytesIO() as buffer:
+        broken.save_as(buffer)
+        uploads.append(buffer.getvalue())
+    for data in uploads:
+        assert httpx.post(f"{orthanc.url}/instances", content=data, auth=orthanc.auth).status_code == 200
+    refused = httpx.post(f"{api['base']}/synthesize", json={"series_uid": series.series_uid}, headers=api["admin"], timeout=60)
+    assert refused.status_code == 422, refused.text
+    detail = refused.json()["detail"]
+    assert "of 4 in Orthanc" in detail and "cannot be synthesized" in detail and "Pixel Data" in detail
+    sessions = init_db(node.database_url)
+    time.sleep(3 * float(node.env["MR2CT_STABLE_SECONDS"]))  # the monitor has had its chance to make a job of what was spooled
+    with sessions() as session:
+        row = session.get(Series, series.series_uid)
+        jobs = session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid)).all()
+        (audited,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "synthesis-requested", AuditEvent.outcome == "failure",
+                                                           AuditEvent.series_instance_uid == series.series_uid)).all()
+    assert jobs == []
+    assert audited.detail == {"reason": detail, "spooled": 3} and audited.actor == "api:pacs-admin"  # Orthanc lists in arrival order
+    assert row.state == "ignored" and row.reason == f"POST /synthesize refused after 3 instances: {detail}"
+    # the broken instance replaced in Orthanc by its whole self: asked again, the series is synthesized
+    broken_id = httpx.post(f"{orthanc.url}/tools/lookup", content=str(broken.SOPInstanceUID), auth=orthanc.auth).json()[0]["ID"]
+    assert httpx.delete(f"{orthanc.url}/instances/{broken_id}", auth=orthanc.auth).status_code == 200
+    assert httpx.post(f"{orthanc.url}/instances", content=series.files[-1].read_bytes(), auth=orthanc.auth).status_code == 200
+    asked = httpx.post(f"{api['base']}/synthesize", json={"series_uid": series.series_uid}, headers=api["admin"], timeout=60)
+    assert asked.status_code == 202, asked.text
+    job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert job.id == asked.json()["job_id"] and job.state == "done", job.error
+
+
 def test_queries_are_audited_without_copying_the_patient_id(api, node):
     httpx.get(f"{api['base']}/series", params={"patient_id": "AUDIT-PATIENT-1"}, headers=api["auditor"])
     with init_db(node.database_url)() as session:
@@ -225,7 +264,7 @@ def test_the_dashboard_says_what_each_running_job_is_doing(tmp_path):
     seems stuck. Rows as a worker writes them, in a real SQLite database, served by the real app."""
     from datetime import timedelta
 
-    from dicom_node.models import Job, Series, utcnow
+    from dicom_node.models import utcnow
 
     sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
     rows = {"reading": (None, "reading"), "synthesizing": (0.4375, "synthesizing"), "storing": (1.0, "storing"), "claimed": (None, None)}

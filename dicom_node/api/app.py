@@ -17,7 +17,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as FastApiPath
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel, Field
-from sqlalchemy import Select, and_, case, func, select, text
+from sqlalchemy import Select, and_, case, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
@@ -49,6 +49,7 @@ _REASONS = {
     404: "nothing with this id",
     409: "not in a state that allows this (the reason says which)",
     502: "Orthanc did not answer",
+    507: "the spool has less free space than spool_min_free_mb keeps",
 }
 
 
@@ -81,7 +82,8 @@ def _page(session: Session, query: Select[Any], limit: int, offset: int) -> dict
 
 
 def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = None, orthanc_auth: tuple[str, str] | None = None,
-               spool_dir: str | None = None, node_info: dict[str, Any] | None = None, routing: str | None = None) -> FastAPI:
+               spool_dir: str | None = None, spool_min_free_mb: int = 0, node_info: dict[str, Any] | None = None,
+               routing: str | None = None) -> FastAPI:
     app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
     app.state.sessions = sessions
     info = dict(node_info or {})
@@ -316,35 +318,56 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         audit.record(sessions, "routing-retry", "success", caller.actor, instances=count)
         return {"rescheduled": count}
 
-    @api.post("/synthesize", status_code=202, responses=refusals(404, 409, 502))
+    @api.post("/synthesize", status_code=202, responses=refusals(404, 409, 502, 507))
     def synthesize_from_orthanc(body: SynthesizeRequest, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
-        """Fetch a series already in Orthanc and run it through the same pipeline (spool, job, worker)."""
+        """Fetch a series already in Orthanc and run it through the same pipeline (spool, job, worker).
+        A request refused part way (an instance that cannot be synthesized, Orthanc gone, the spool
+        full) leaves the instances spooled so far set aside: the series is marked ignored with the
+        reason, so that no job is made later of part of it; sending it again, or asking again, lifts that."""
+        from pydicom.errors import InvalidDicomError
+
         from dicom_node.ingest import Ingest, SelectionRules, mark_stable, validate
-        from dicom_node.spool import Spool, is_valid_uid
+        from dicom_node.spool import Spool, SpoolFull, is_valid_uid
         from synthesis.errors import InvalidInstance
 
         if not is_valid_uid(body.series_uid):
             raise HTTPException(422, "series_uid is not a valid UID (digits and dots, at most 64 characters)")
         if store is None or not spool_dir:
             raise HTTPException(409, "this process has no Orthanc or spool configured")
+        spooled = 0
+
+        def refuse(code: int, why: str) -> HTTPException:
+            if spooled:
+                with sessions.begin() as session:
+                    session.execute(update(Series).where(Series.series_instance_uid == body.series_uid, Series.state == "receiving")
+                                    .values(state="ignored", reason=f"POST /synthesize refused after {spooled} instances: {why}"))
+            audit.record(sessions, "synthesis-requested", "failure", caller.actor, series_uid=body.series_uid, reason=why, spooled=spooled)
+            return HTTPException(code, why)
+
         try:
             instances = store.series_instance_ids(body.series_uid)
         except PacsUnavailable as exc:
-            raise HTTPException(502, str(exc)) from exc
+            raise refuse(502, str(exc)) from exc
         if not instances:
             raise HTTPException(404, f"series {body.series_uid} is not in Orthanc")
-        ingest = Ingest(Spool(spool_dir), sessions)
-        for instance_id in instances:
+        ingest = Ingest(Spool(spool_dir, min_free_bytes=spool_min_free_mb * 2**20), sessions)
+        for number, instance_id in enumerate(instances, start=1):
             try:
                 raw = store.instance_file(instance_id)
             except PacsUnavailable as exc:
-                raise HTTPException(502, str(exc)) from exc
-            ds = pydicom.dcmread(io.BytesIO(raw))
+                raise refuse(502, str(exc)) from exc
             try:
+                ds = pydicom.dcmread(io.BytesIO(raw))
                 info = validate(ds, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+            except (InvalidDicomError, AttributeError) as exc:  # not DICOM, or no SOP Class/Instance UID
+                raise refuse(422, f"instance {number} of {len(instances)} in Orthanc ({instance_id}) is not a readable DICOM instance: {exc}") from exc
             except InvalidInstance as exc:
-                raise HTTPException(422, f"instance in Orthanc cannot be synthesized: {exc}") from exc
-            ingest.store(info, raw, str(ds.file_meta.TransferSyntaxUID), caller.actor[:16], None)
+                raise refuse(422, f"instance {number} of {len(instances)} in Orthanc ({instance_id}) cannot be synthesized: {exc}") from exc
+            try:
+                ingest.store(info, raw, str(ds.file_meta.TransferSyntaxUID), caller.actor[:16], None)
+            except SpoolFull as exc:
+                raise refuse(507, str(exc)) from exc
+            spooled += 1
         state, job_id = mark_stable(sessions, body.series_uid, 0, SelectionRules(modalities=("MR",)))
         if job_id is None:
             with sessions() as session:
