@@ -866,16 +866,16 @@ def spool_status(config: ConfigOption = None) -> None:
     if settings.spool_failed_retention_hours:
         due = due_for_purge(sessions, None, settings.forward_originals, failed_retention=timedelta(hours=settings.spool_failed_retention_hours))
         typer.echo(f"spool_failed_retention_hours {settings.spool_failed_retention_hours:g}: {due['instances']} originals of "
-                   f"{due['series']} failed series ({due['bytes'] / 2**20:.1f} MiB) are due now")
+                   f"{due['series']} failed or cancelled series ({due['bytes'] / 2**20:.1f} MiB) are due now")
     else:
-        typer.echo("spool_failed_retention_hours 0: a failed series' originals are kept until it is retried or sent again")
+        typer.echo("spool_failed_retention_hours 0: a failed or cancelled series' originals are kept until it is retried or sent again")
 
 
 @spool_app.command("purge")
 def spool_purge(
     older_than_hours: Annotated[Optional[float], typer.Option(help="delete originals older than this (default: spool_retention_hours)")] = None,
     failed_older_than_hours: Annotated[Optional[float], typer.Option(
-        help="also delete a failed series' originals this long after it failed (default: spool_failed_retention_hours)")] = None,
+        help="also delete a failed or cancelled series' originals this long after its job ended (default: spool_failed_retention_hours)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be deleted, delete nothing")] = False,
     config: ConfigOption = None,
 ) -> None:
@@ -902,7 +902,7 @@ def spool_purge(
         return
     done = purge_spool(sessions, settings.spool_dir, retention, settings.forward_originals, actor="mr2ct spool purge", failed_retention=failed)
     typer.echo(f"deleted {done['instances']} originals of {done['series']} series ({done['bytes_freed'] / 2**20:.1f} MiB)"
-               + (f", {done['failed_instances']} of them of failed series" if done["failed_instances"] else "")
+               + (f", {done['failed_instances']} of them of failed or cancelled series" if done["failed_instances"] else "")
                + (f"; kept {done['kept_resent']} sent again since" if done["kept_resent"] else "")
                + (f"; left {done['outside_spool']} alone whose recorded paths are not under spool_dir" if done["outside_spool"] else ""))
 

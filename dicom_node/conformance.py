@@ -230,8 +230,8 @@ the synthesis reads the pixels in any of the accepted syntaxes (compressed ones 
 pydicom's plugins). The node is not an archive: with {_setting("spool_retention_hours")} an
 original is deleted from the spool that long after it arrived, once its series' newest job is
 done (or the series was ignored) and, when routing, it reached the destination; with
-{_setting("spool_failed_retention_hours")} the originals of a series whose job failed go too,
-that long after it failed (a retry then asks for the series to be sent again).
+{_setting("spool_failed_retention_hours")} the originals of a series whose job failed or was cancelled go too,
+that long after its job ended (a retry then asks for the series to be sent again).
 
 #### 2.2.2 Routing SCU (`forward_to`)
 

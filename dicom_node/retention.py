@@ -8,11 +8,11 @@ An original is deleted only when all of these hold:
 - it arrived more than ``spool_retention_hours`` ago (and the file in the spool is that old:
   a re-send that arrived since is kept);
 - its series is no longer receiving, and its newest job is done (or the selection rules ignored
-  the series): a queued, running or failed job keeps the originals, for its retry;
-- or, with ``spool_failed_retention_hours``, its series' newest job failed that long ago and it
-  arrived that long ago: a failed series is kept for its retry that long, then it goes too (a
-  site where many series fail would otherwise fill its spool); a retry then says to send the
-  series again;
+  the series): a queued, running, failed or cancelled job keeps the originals, for its retry;
+- or, with ``spool_failed_retention_hours``, its series' newest job failed or was cancelled that
+  long ago and it arrived that long ago: such a series is kept for its retry that long, then it
+  goes too (a site where many series fail, or are cancelled, would otherwise fill its spool); a
+  retry then says to send the series again;
 - when the node routes (``forward_originals``), it reached the destination: one waiting for a
   retry, or given up, is kept.
 
@@ -49,6 +49,7 @@ from synthesis.errors import InvalidInstance
 log = logging.getLogger(__name__)
 
 SPOOL_PURGED = "spool-purged"
+RETRYABLE = ("failed", "cancelled")  # a job left so, kept for a retry (spool_failed_retention_hours)
 BATCH = 2000
 CHECK_SECONDS = 60.0
 
@@ -99,8 +100,9 @@ def _due(cutoff: datetime, routing: bool) -> Select[Any]:
 
 
 def _due_failed(cutoff: datetime, routing: bool) -> Select[Any]:
-    """The rows of the originals due at ``cutoff`` whose series' newest job failed before it."""
-    return _held(routing).where(Instance.received_at < cutoff, _newest_job(Job.state) == "failed",
+    """The rows of the originals due at ``cutoff`` whose series' newest job failed, or was
+    cancelled, before it."""
+    return _held(routing).where(Instance.received_at < cutoff, _newest_job(Job.state).in_(RETRYABLE),
                                 _newest_job(func.coalesce(Job.finished_at, Job.created_at)) < cutoff)
 
 
@@ -154,7 +156,7 @@ def _in_spool(spool: Spool, row: Any) -> bool:
 def purge_spool(sessions: sessionmaker[Session], spool_dir: Path, retention: timedelta | None, routing: bool, now: datetime | None = None,
                 actor: str = "mr2ct spool retention", failed_retention: timedelta | None = None) -> dict[str, int]:
     """One round: delete the originals that are due (see the module's doc); returns the counts
-    (``failed_instances``: how many of them were a failed series')."""
+    (``failed_instances``: how many of them were a failed or cancelled series')."""
     spool = Spool(spool_dir)
     now = now or utcnow()
     counts = {"instances": 0, "series": 0, "bytes_freed": 0, "kept_resent": 0, "outside_spool": 0, "failed_instances": 0}

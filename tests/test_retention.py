@@ -111,17 +111,20 @@ def test_a_failed_series_goes_only_with_spool_failed_retention_hours_once_it_fai
     failed_no_time = add(3, job_state="failed", hours_ago=30)  # no finished_at: the job's creation counts
     failed_recent = add(4, job_state="failed", hours_ago=5)
     queued, done = add(5, job_state="queued", hours_ago=30), add(6, hours_ago=30)
+    # a cancelled job is kept for its retry as a failed one is, and goes as one does
+    cancelled_long_ago = add(9, job_state="cancelled", hours_ago=30, finished_hours_ago=29)
+    cancelled_lately = add(10, job_state="cancelled", hours_ago=30, finished_hours_ago=1)
     day = timedelta(hours=24)
     assert purge_spool(sessions, spool.root, HOUR, routing=False)["instances"] == 2  # without it: only the series done
     counts = purge_spool(sessions, spool.root, HOUR, routing=False, failed_retention=day)
-    assert counts["instances"] == counts["failed_instances"] == 4 and counts["series"] == 2
-    for paths in (failed_long_ago, failed_no_time, done):
+    assert counts["instances"] == counts["failed_instances"] == 6 and counts["series"] == 3
+    for paths in (failed_long_ago, failed_no_time, cancelled_long_ago, done):
         assert not any(p.exists() for p in paths) and _purged(sessions, paths) == [True, True]
-    for paths in (failed_lately, failed_recent, queued):
+    for paths in (failed_lately, failed_recent, queued, cancelled_lately):
         assert all(p.exists() for p in paths) and _purged(sessions, paths) == [False, False]
     with sessions() as session:
         events = session.scalars(select(AuditEvent).where(AuditEvent.action == SPOOL_PURGED).order_by(AuditEvent.id)).all()
-    assert events[-1].detail["failed_retention_hours"] == 24 and events[-1].detail["failed_instances"] == 4
+    assert events[-1].detail["failed_retention_hours"] == 24 and events[-1].detail["failed_instances"] == 6
     # failed retention alone (spool_retention_hours 0): only failed series are deleted
     later_failed, later_done = add(7, job_state="failed", hours_ago=30, finished_hours_ago=25), add(8, hours_ago=30)
     assert purge_spool(sessions, spool.root, None, routing=False, failed_retention=day)["instances"] == 2
@@ -196,8 +199,8 @@ def test_the_administrator_sees_what_would_go_then_purges_by_hand(spooled, tmp_p
     assert not any(p.exists() for p in done) and all(p.exists() for p in failed)
     assert "2 originals, 0.0 MiB; 2 deleted by spool retention" in mr2ct("status")
     env["MR2CT_SPOOL_FAILED_RETENTION_HOURS"] = "1"  # the failed series' job failed 2 hours ago
-    assert "spool_failed_retention_hours 1: 2 originals of 1 failed series" in mr2ct("status")
-    assert "deleted 2 originals of 1 series (0.0 MiB), 2 of them of failed series" in mr2ct("purge")
+    assert "spool_failed_retention_hours 1: 2 originals of 1 failed or cancelled series" in mr2ct("status")
+    assert "deleted 2 originals of 1 series (0.0 MiB), 2 of them of failed or cancelled series" in mr2ct("purge")
     assert not any(p.exists() for p in failed)
     del env["MR2CT_SPOOL_FAILED_RETENTION_HOURS"]
     refused = subprocess.run([sys.executable, "-m", "dicom_node.cli", "spool", "purge"], capture_output=True, text=True, env=env, timeout=120)
