@@ -24,21 +24,21 @@ from training.phantom_dicom import write_mr_series
 
 def wait_for_job(database_url: str, series_uid: str, timeout: float, done_before: int = 0,
                  on_progress: Callable[[Job], None] | None = None) -> Job:
-    """Wait until a job for ``series_uid`` newer than job id ``done_before`` has finished;
-    ``on_progress`` is shown the newest such job at each look meanwhile."""
+    """Wait until a job for ``series_uid`` newer than job id ``done_before`` has ended (done, failed
+    or cancelled); ``on_progress`` is shown the newest such job at each look meanwhile."""
     sessions = init_db(database_url)
     jobs = select(Job).where(Job.series_instance_uid == series_uid, Job.id > done_before).order_by(Job.id.desc())
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with sessions() as session:
-            job = session.scalars(jobs.where(Job.state.in_(("done", "failed")))).first()
+            job = session.scalars(jobs.where(Job.state.in_(("done", "failed", "cancelled")))).first()
             pending = None if job is not None or on_progress is None else session.scalars(jobs).first()
         if job is not None:
             return job
         if pending is not None:
             on_progress(pending)
         time.sleep(0.5)
-    raise TimeoutError(f"no finished job for series {series_uid} within {timeout:.0f} s")
+    raise TimeoutError(f"no ended job for series {series_uid} within {timeout:.0f} s")
 
 
 def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, node_port: int, slices: int, say=print,
@@ -96,7 +96,7 @@ def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, n
             if job.state == "done":
                 bar.update(slices - bar.n)
         if job.state != "done":
-            say(f"the job failed: {job.error}\nnode log: {node.log_path}")
+            say(f"the job {'was cancelled' if job.state == 'cancelled' else 'failed'}: {job.error}\nnode log: {node.log_path}")
             return 1
         study_id = OrthancStore(orthanc.url, orthanc.username, orthanc.password).study_id(series.study_uid)
         say("")

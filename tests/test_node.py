@@ -493,6 +493,7 @@ def test_a_running_job_cancelled_by_the_administrator_stops_with_nothing_stored(
     admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'pacs-admin')}"}
     answer = httpx.post(f"{base}/jobs/{job.id}/cancel", headers=admin)
     assert answer.status_code == 200 and answer.json() == {"job_id": job.id, "state": "cancelled", "was_running": True}
+    assert wait_for_job(node.database_url, mistaken.series_uid, timeout=30).id == job.id  # an ended job: whoever waits stops waiting
 
     following = _small(tmp_path, "following", 233)
     assert storescu(following.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
