@@ -123,6 +123,27 @@ def test_retry_makes_a_new_job_that_rewrites_the_same_series_and_cancel_refuses_
     assert httpx.post(f"{api['base']}/jobs/999999/retry", headers=api["admin"]).status_code == 404
 
 
+@pytest.mark.parametrize("offset_hours", [0, 2, -5, 5.5])
+def test_time_filters_mean_the_same_moment_whatever_utc_offset_they_are_written_with(api, offset_hours):
+    """An auditor in Berlin, New York or Delhi writes "since an hour ago" in local time with its
+    offset, or in UTC with Z, and gets the same rows; the rows' times come back with their offset."""
+    from datetime import datetime, timedelta, timezone
+
+    zone = timezone(timedelta(hours=offset_hours))
+    hour_ago = (datetime.now(timezone.utc) - timedelta(hours=1)).astimezone(zone).isoformat()
+    for path, key in (("/jobs", "id"), ("/associations", "id"), ("/audit", "id")):
+        since = httpx.get(f"{api['base']}{path}", params={"since": hour_ago, "limit": 500}, headers=api["auditor"])
+        until = httpx.get(f"{api['base']}{path}", params={"until": hour_ago}, headers=api["auditor"])
+        assert since.status_code == until.status_code == 200, (since.text, until.text)
+        assert since.json()["items"] and until.json()["items"] == [], path  # everything here happened in the last hour
+    (job,) = [j for j in httpx.get(f"{api['base']}/jobs", params={"since": hour_ago}, headers=api["auditor"]).json()["items"]
+              if j["id"] == api["job"].id]
+    created = datetime.fromisoformat(job["created_at"])
+    assert created.utcoffset() == timedelta(0) and abs(created - datetime.now(timezone.utc)) < timedelta(hours=1)
+    naive_utc = (datetime.now(timezone.utc) - timedelta(hours=1)).replace(tzinfo=None).isoformat()  # no offset: UTC
+    assert httpx.get(f"{api['base']}/jobs", params={"since": naive_utc}, headers=api["auditor"]).json()["items"]
+
+
 @pytest.mark.parametrize("params", [{"limit": 0}, {"limit": 10_000}, {"state": "exploded"}, {"since": "yesterday"}, {"offset": -1}])
 def test_bad_query_parameters_get_422_with_a_reason(api, params):
     response = httpx.get(f"{api['base']}/jobs", params=params, headers=api["auditor"])

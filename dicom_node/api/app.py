@@ -9,14 +9,14 @@ from __future__ import annotations
 import csv
 import io
 import shutil
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 import pydicom
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as FastApiPath
 from fastapi.responses import PlainTextResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import Select, and_, case, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -62,16 +62,26 @@ def refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
 class SynthesizeRequest(BaseModel):
     series_uid: str = Field(max_length=64, description="SeriesInstanceUID of an MR series already in Orthanc")
 
+def _in_utc(value: datetime) -> datetime:
+    """A time filter in UTC: one with an offset converted, one without taken as UTC. The node
+    stores UTC, and SQLite keeps no offset: a filter compared as written would be off by its offset."""
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+TimeFilter = Annotated[Annotated[datetime, AfterValidator(_in_utc)] | None,
+                       Query(description="ISO 8601, e.g. 2026-12-04T09:30:00+01:00; a time without an offset is taken as UTC")]
+
 ADMIN = require("admin")
 MAX_PAGE = 500
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600)
 
 
 def _row(obj: Any) -> dict[str, Any]:
+    """A row as JSON; times in ISO 8601 with their UTC offset (SQLite gives them back without one)."""
     out = {}
     for column in obj.__table__.columns:
         value = getattr(obj, column.key)
-        out[column.key] = value.isoformat() if isinstance(value, datetime) else value
+        out[column.key] = _in_utc(value).isoformat() if isinstance(value, datetime) else value
     return out
 
 
@@ -165,7 +175,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         state: Literal["queued", "running", "done", "failed", "cancelled"] | None = None,
         series_uid: str | None = Query(None, max_length=64), study_uid: str | None = Query(None, max_length=64),
         patient_id: str | None = Query(None, max_length=64), calling_ae: str | None = Query(None, max_length=16),
-        since: datetime | None = None, until: datetime | None = None,
+        since: TimeFilter = None, until: TimeFilter = None,
         sort: Literal["created_at", "-created_at", "id", "-id"] = "-created_at",
         limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
     ) -> dict[str, Any]:
@@ -271,8 +281,8 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
 
     @api.get("/associations")
     def list_associations(
-        caller: Caller = Depends(READ), calling_ae: str | None = Query(None, max_length=16), since: datetime | None = None,
-        until: datetime | None = None, limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
+        caller: Caller = Depends(READ), calling_ae: str | None = Query(None, max_length=16), since: TimeFilter = None,
+        until: TimeFilter = None, limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
     ) -> dict[str, Any]:
         query = select(Association).order_by(Association.started_at.desc())
         if calling_ae:
@@ -470,7 +480,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         action: str | None = Query(None, max_length=64), outcome: Literal["success", "failure", "warning"] | None = None,
         actor: str | None = Query(None, max_length=128), study_uid: str | None = Query(None, max_length=64),
         series_uid: str | None = Query(None, max_length=64), patient_id: str | None = Query(None, max_length=64),
-        since: datetime | None = None, until: datetime | None = None,
+        since: TimeFilter = None, until: TimeFilter = None,
         limit: int = Query(100, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62), format: Literal["json", "csv"] = "json",
     ) -> Any:
         query = select(AuditEvent).order_by(AuditEvent.id.desc())
