@@ -350,7 +350,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             if spooled:
                 with sessions.begin() as session:
                     session.execute(update(Series).where(Series.series_instance_uid == body.series_uid, Series.state == "receiving")
-                                    .values(state="ignored", reason=f"POST /synthesize refused after {spooled} instances: {why}"))
+                                    .values(state="ignored", reason=f"POST /synthesize refused after {spooled} instance{'s' * (spooled != 1)}: {why}"))
             audit.record(sessions, "synthesis-requested", "failure", caller.actor, series_uid=body.series_uid, reason=why, spooled=spooled)
             return HTTPException(code, why)
 
