@@ -4,6 +4,12 @@
   (``MR2CT_AUTO_ROUTE``, default on), once per series (a user-metadata flag remembers it).
 - ``POST /mr2ct/synthesize/<series id>`` sends a series on demand; Orthanc Explorer gets a
   "Synthesize CT" button on MR series pages that calls it.
+- A send that fails (the node down or restarting, the network gone) is sent again: Orthanc's
+  store job is resubmitted after 2, 4, 8, ... seconds (at most five minutes apart),
+  ``MR2CT_ROUTE_ATTEMPTS`` times in all (default 8). The series' ``Mr2ctRouted`` metadata says
+  where it stands: ``sending``, ``retrying 2/8: <error>``, ``sent``, or ``failed after 8
+  attempts: <error>`` (then the button sends it again). Only sends made since Orthanc started
+  are retried: a store job that failed before a restart stays failed in Orthanc's job list.
 
 The node's DICOM modality is named by ``MR2CT_NODE_MODALITY`` (default ``mr2ct``) in Orthanc's
 ``DicomModalities``. The derived CT and SR come back into the same study through Orthanc's REST
@@ -12,12 +18,19 @@ API, so they are never routed again (only MR series arriving over DICOM or REST 
 
 import json
 import os
+import threading
 
 import orthanc  # provided by Orthanc's Python plugin
 
 NODE_MODALITY = os.environ.get("MR2CT_NODE_MODALITY", "mr2ct")
 AUTO_ROUTE = os.environ.get("MR2CT_AUTO_ROUTE", "true").strip().lower() in ("1", "true", "yes", "on")
 ROUTED_FLAG = "Mr2ctRouted"  # declared in "UserMetadata" by the config
+ROUTE_ATTEMPTS = max(1, int(os.environ.get("MR2CT_ROUTE_ATTEMPTS", "8")))
+
+_sends = {}  # Orthanc store job id -> [series id, attempts so far], for the sends of this process
+_ended_early = {}  # job id -> succeeded, for a job whose end was signalled before send_series recorded it
+_sends_lock = threading.Lock()
+_timers = set()
 
 
 def _series(series_id):
@@ -28,15 +41,88 @@ def _is_mr2ct_output(tags):
     return (tags.get("Manufacturer") or "") == "mr2ct" or (tags.get("SeriesDescription") or "").startswith("sCT (mr2ct")
 
 
+def _mark(series_id, state):
+    try:
+        orthanc.RestApiPut("/series/%s/metadata/%s" % (series_id, ROUTED_FLAG), state[:1000])
+    except Exception as exc:  # the series was deleted meanwhile
+        orthanc.LogWarning("mr2ct: cannot mark series %s (%s): %s" % (series_id, state[:80], exc))
+
+
 def send_series(series_id):
+    _mark(series_id, "sending")  # before the job: its end, marked from another thread, comes after this
     body = json.dumps({"Resources": [series_id], "Synchronous": False, "Priority": 0})
     job = json.loads(orthanc.RestApiPost("/modalities/%s/store" % NODE_MODALITY, body))
-    orthanc.RestApiPut("/series/%s/metadata/%s" % (series_id, ROUTED_FLAG), "sent")
+    with _sends_lock:
+        _sends[job["ID"]] = [series_id, 1]
+        early = _ended_early.pop(job["ID"], None)
     orthanc.LogWarning("mr2ct: series %s sent to %s (job %s)" % (series_id, NODE_MODALITY, job.get("ID")))
+    if early is not None:
+        on_job_ended(job["ID"], early)
     return job
 
 
+def _resubmit(job_id):
+    with _sends_lock:
+        _timers.difference_update([t for t in _timers if not t.is_alive()])
+    try:
+        orthanc.RestApiPost("/jobs/%s/resubmit" % job_id, "")
+    except Exception as exc:  # the job is gone from Orthanc's history: the button sends the series again
+        with _sends_lock:
+            series_id = _sends.pop(job_id, [None])[0]
+        if series_id is not None:
+            _mark(series_id, "failed: its store job %s could not be resubmitted: %s" % (job_id, exc))
+        orthanc.LogError("mr2ct: resubmitting store job %s failed: %s" % (job_id, exc))
+
+
+def on_job_ended(job_id, succeeded):
+    """A store job of ours ended: mark the series sent, or resubmit the job after a backoff."""
+    with _sends_lock:
+        send = _sends.get(job_id)
+        if send is None:  # another job, one from before Orthanc started, or ours, not yet recorded
+            _ended_early[job_id] = succeeded
+            while len(_ended_early) > 256:
+                del _ended_early[next(iter(_ended_early))]
+            return
+        if succeeded:
+            del _sends[job_id]
+    series_id, attempts = send
+    if succeeded:
+        _mark(series_id, "sent")
+        return
+    try:
+        error = json.loads(orthanc.RestApiGet("/jobs/%s" % job_id)).get("ErrorDescription") or "unknown error"
+    except Exception as exc:
+        error = "its job cannot be read: %s" % exc
+    if attempts >= ROUTE_ATTEMPTS:
+        with _sends_lock:
+            _sends.pop(job_id, None)
+        _mark(series_id, "failed after %d attempts: %s" % (attempts, error))
+        orthanc.LogError("mr2ct: series %s not sent to %s after %d attempts (job %s): %s" % (series_id, NODE_MODALITY, attempts, job_id, error))
+        return
+    delay = min(300.0, 2.0 ** attempts)
+    with _sends_lock:
+        send[1] = attempts + 1
+        timer = threading.Timer(delay, _resubmit, args=(job_id,))
+        timer.daemon = True
+        _timers.add(timer)
+    _mark(series_id, "retrying %d/%d: %s" % (attempts + 1, ROUTE_ATTEMPTS, error))
+    orthanc.LogWarning("mr2ct: sending series %s failed (job %s: %s); attempt %d of %d in %.0f s"
+                       % (series_id, job_id, error, attempts + 1, ROUTE_ATTEMPTS, delay))
+    timer.start()
+
+
 def on_change(change_type, level, resource_id):
+    if change_type in (orthanc.ChangeType.JOB_SUCCESS, orthanc.ChangeType.JOB_FAILURE):
+        try:
+            on_job_ended(resource_id, change_type == orthanc.ChangeType.JOB_SUCCESS)
+        except Exception as exc:  # never let a routing problem take Orthanc down
+            orthanc.LogError("mr2ct: following store job %s failed: %s" % (resource_id, exc))
+        return
+    if change_type == orthanc.ChangeType.ORTHANC_STOPPED:
+        with _sends_lock:
+            for timer in _timers:
+                timer.cancel()
+        return
     if change_type != orthanc.ChangeType.STABLE_SERIES or not AUTO_ROUTE:
         return
     try:

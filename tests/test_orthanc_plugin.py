@@ -81,3 +81,60 @@ def test_the_synthesize_action_resends_on_demand_and_refuses_non_mr(stack, tmp_p
     assert len(done) >= 2  # the button made a second job; the sCT UIDs are the same, so Orthanc keeps one copy
     final = _study_series(orthanc, series.study_uid)
     assert sum(1 for x in final if x["MainDicomTags"]["Modality"] == "CT") == 1
+
+
+def _routed_flag(orthanc: OrthancServer, series_id: str) -> str | None:
+    answer = httpx.get(f"{orthanc.url}/series/{series_id}/metadata/Mr2ctRouted", auth=orthanc.auth)
+    return answer.text if answer.status_code == 200 else None
+
+
+def test_a_series_routed_while_the_node_is_down_is_sent_again_once_it_is_up(tmp_path):
+    """The node is restarting when a series becomes stable in Orthanc: Orthanc's store job fails,
+    the plugin says so on the series (Mr2ctRouted "retrying 2/8: ...") and resubmits the job with a
+    backoff; once the node is up the series goes through, is marked sent, and gets its sCT."""
+    node_port = free_port()
+    orthanc = OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]},
+                            python_plugin=True, stable_age=1)
+    with orthanc:
+        series = write_mr_series(tmp_path / "mr", seed=702, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+        for f in series.files:
+            assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
+        (mr,) = _study_series(orthanc, series.study_uid)
+        deadline = time.monotonic() + 60
+        while not (_routed_flag(orthanc, mr["ID"]) or "").startswith("retrying") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        flag = _routed_flag(orthanc, mr["ID"])
+        assert flag is not None and flag.startswith("retrying 2/8: "), flag  # the first send failed: nobody listens
+        env = node_env(tmp_path / "node", node_port, orthanc)
+        env["MR2CT_ALLOWED_AES"] = f"{orthanc.aet}@127.0.0.1"
+        with NodeServer(tmp_path / "node", env, node_port):
+            result = _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
+            assert _routed_flag(orthanc, mr["ID"]) == "sent"
+        (ct,) = [x for x in result if x["MainDicomTags"]["Modality"] == "CT"]
+        assert len(ct["Instances"]) == 4
+        assert "attempt 2 of 8" in orthanc.log_path.read_text()
+
+
+def test_a_series_the_plugin_gave_up_on_says_so_and_the_button_sends_it(tmp_path):
+    """With MR2CT_ROUTE_ATTEMPTS=2 and the node down, the plugin gives up after two sends, says so
+    on the series and in Orthanc's log; the "Synthesize CT" action sends it once the node is up."""
+    node_port = free_port()
+    orthanc = OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]},
+                            python_plugin=True, stable_age=1, extra_env={"MR2CT_ROUTE_ATTEMPTS": "2"})
+    with orthanc:
+        series = write_mr_series(tmp_path / "mr", seed=703, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+        for f in series.files:
+            assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
+        (mr,) = _study_series(orthanc, series.study_uid)
+        deadline = time.monotonic() + 60
+        while not (_routed_flag(orthanc, mr["ID"]) or "").startswith("failed") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        flag = _routed_flag(orthanc, mr["ID"])
+        assert flag is not None and flag.startswith("failed after 2 attempts: "), flag
+        assert f"mr2ct: series {mr['ID']} not sent to mr2ct after 2 attempts" in orthanc.log_path.read_text()
+        env = node_env(tmp_path / "node", node_port, orthanc)
+        env["MR2CT_ALLOWED_AES"] = f"{orthanc.aet}@127.0.0.1"
+        with NodeServer(tmp_path / "node", env, node_port):
+            assert httpx.post(f"{orthanc.url}/mr2ct/synthesize/{mr['ID']}", auth=orthanc.auth).status_code == 200
+            _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
+            assert _routed_flag(orthanc, mr["ID"]) == "sent"
