@@ -232,6 +232,79 @@ def conformance(
         typer.echo(f"wrote {output}")
 
 
+def _host_port(option: str, value: str) -> tuple[str, int]:
+    """``HOST:PORT`` of an option, or exit 2 naming the option."""
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        typer.echo(f"mr2ct: {option}: {value!r} is not HOST:PORT (a port 1-65535)", err=True)
+        raise typer.Exit(2)
+    return host, int(port)
+
+
+@app.command("orthanc-config")
+def orthanc_config_command(
+    output: Annotated[Path, typer.Option("--output", "-o", help="the file to write, e.g. /etc/mr2ct/orthanc.json (what orthanc-mr2ct.service starts)")],
+    node: Annotated[str, typer.Option(help="HOST:PORT of the mr2ct node's C-STORE SCP, where the plugin sends stable MR series")] = "127.0.0.1:11112",
+    node_aet: Annotated[str, typer.Option(help="the node's AE title (its ae_title)")] = "MR2CT",
+    storage: Annotated[Path, typer.Option(help="Orthanc's storage (and SQLite index) folder")] = Path("/var/lib/orthanc/db"),
+    aet: Annotated[str, typer.Option(help="Orthanc's own AE title")] = "ORTHANC",
+    http_port: Annotated[int, typer.Option(min=1, max=65535)] = 8042,
+    dicom_port: Annotated[int, typer.Option(min=1, max=65535)] = 4242,
+    user: Annotated[str, typer.Option(help="the login mr2ct uses (its orthanc_username); a random password is made")] = "mr2ct",
+    postgres: Annotated[Optional[str], typer.Option(help="HOST:PORT/DATABASE: keep Orthanc's index in PostgreSQL (several machines)")] = None,
+    postgres_user: Annotated[str, typer.Option(help="PostgreSQL role of Orthanc's index")] = "orthanc",
+    postgres_password: Annotated[str, typer.Option(help="its password (default none: trust, or libpq's PGPASSWORD/.pgpass)")] = "",
+    plugin: Annotated[bool, typer.Option("--plugin/--no-plugin", help="load orthanc/plugin.py (routing of stable MR series, the Synthesize CT button)")] = True,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing file (its password changes)")] = False,
+) -> None:
+    """Write the configuration of a permanent Orthanc beside mr2ct: the project's orthanc.json with
+    the node as DICOM modality `mr2ct`, the routing plugin, a login for mr2ct, and optionally the
+    PostgreSQL index; the same settings the demo and the tests start Orthanc with."""
+    import json
+    import secrets
+
+    from dicom_node.local_stack import orthanc_config
+    from dicom_node.settings import _check_ae_title
+
+    node_host, node_port = _host_port("--node", node)
+    for option, title in (("--node-aet", node_aet), ("--aet", aet)):
+        try:
+            _check_ae_title(title, option)
+        except ValueError as exc:
+            typer.echo(f"mr2ct: {exc}", err=True)
+            raise typer.Exit(2) from exc
+    index = None
+    if postgres is not None:
+        where, _, database = postgres.partition("/")
+        pg_host, pg_port = _host_port("--postgres", where)
+        if not database:
+            typer.echo(f"mr2ct: --postgres: {postgres!r} names no database (HOST:PORT/DATABASE)", err=True)
+            raise typer.Exit(2)
+        index = {"Host": pg_host, "Port": pg_port, "Database": database, "Username": postgres_user, "Password": postgres_password}
+    if output.exists() and not force:
+        typer.echo(f"mr2ct: --output: {output} exists; --force replaces it (and its password)", err=True)
+        raise typer.Exit(2)
+    _output_file("--output", output)
+    password = secrets.token_urlsafe(18)
+    try:
+        config = orthanc_config(storage=storage, http_port=http_port, dicom_port=dicom_port, aet=aet.strip(), users={user: password},
+                                modalities={"mr2ct": [node_aet.strip(), node_host, node_port]}, python_plugin=plugin, postgres_index=index)
+    except RuntimeError as exc:
+        typer.echo(f"mr2ct: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    output.write_text(json.dumps(config, indent=2) + "\n")
+    output.chmod(0o600)
+    typer.echo(f"wrote {output} (mode 600: it holds a password; `chown orthanc {output}` where orthanc-mr2ct.service runs Orthanc as orthanc)")
+    typer.echo(f"  Orthanc: HTTP {http_port} (loopback only; RemoteAccessAllowed in the file opens it), DICOM {dicom_port} as {aet.strip()}")
+    typer.echo(f"  mr2ct logs in as {user!r} with password {password}: set orthanc_username and MR2CT_ORTHANC_PASSWORD")
+    if plugin:
+        typer.echo(f"  stable MR series go to {node_aet.strip()} at {node_host}:{node_port}: allow this Orthanc there "
+                   f"(allowed_aes = [\"{aet.strip()}@<this host>\"])")
+    if index is not None:
+        typer.echo(f"  index in PostgreSQL {index['Host']}:{index['Port']}/{index['Database']} as {postgres_user}"
+                   + ("" if postgres_password else " (no password: trust, or libpq's PGPASSWORD/.pgpass)"))
+
+
 @app.command()
 def demo(
     once: Annotated[bool, typer.Option("--once", help="stop everything after printing where the sCT is")] = False,

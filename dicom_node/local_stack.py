@@ -117,12 +117,47 @@ def start_storescp(folder: Path, port: int, ae_title: str, timeout: float = 30.0
     return proc
 
 
+ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
+ROUTED_METADATA = {"Mr2ctRouted": 1024}  # the plugin's per-series state (orthanc/plugin.py), a user-defined metadata
+
+
+def orthanc_config(*, storage: Path, http_port: int, dicom_port: int, aet: str, users: dict[str, str],
+                   modalities: dict[str, list[Any]], python_plugin: bool, stable_age: int | None = None,
+                   postgres_index: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The project's Orthanc configuration (``orthanc/orthanc.json``) for one Orthanc: what the
+    demo and the tests start, and what ``mr2ct orthanc-config`` writes for a permanent one. Raises
+    RuntimeError naming the Debian package when a plugin it needs is not installed."""
+    config = json.loads(REPO_ORTHANC_CONFIG.read_text())
+    config.update(StorageDirectory=str(storage), IndexDirectory=str(storage), HttpPort=http_port, DicomPort=dicom_port,
+                  DicomAet=aet, RegisteredUsers=dict(users), DicomModalities=dict(modalities))
+    plugins = [p for p in config.get("Plugins", []) if Path(p).exists()]
+    if python_plugin:
+        library = ORTHANC_PLUGINS / "libOrthancPython.so"
+        if not library.exists():
+            raise RuntimeError("orthanc-python is not installed; run deploy/local/install.sh")
+        plugins.append(str(library))
+        config["PythonScript"] = str(REPO_ORTHANC_CONFIG.parent / "plugin.py")
+        config["UserMetadata"] = dict(ROUTED_METADATA)
+    if stable_age is not None:
+        config["StableAge"] = stable_age
+    if postgres_index is not None:
+        library = ORTHANC_PLUGINS / "libOrthancPostgreSQLIndex.so"
+        if not library.exists():
+            raise RuntimeError("orthanc-postgresql is not installed; run deploy/local/install.sh")
+        plugins.append(str(library))
+        config["PostgreSQL"] = {"EnableIndex": True, "EnableStorage": False, "Lock": False, "Password": "", **postgres_index}
+    config["Plugins"] = plugins
+    return config
+
+
 class OrthancServer:
-    """Orthanc with the project's config, its own fresh storage folder, loopback ports."""
+    """Orthanc with the project's config, its own fresh storage folder, loopback ports; or, with
+    ``config_file``, with that file as it is (one `mr2ct orthanc-config` wrote), its first user's login."""
 
     def __init__(self, workdir: Path, http_port: int = 8042, dicom_port: int = 4242, aet: str = "ORTHANC",
                  modalities: dict[str, list[Any]] | None = None, python_plugin: bool = False, stable_age: int | None = None,
-                 extra_env: dict[str, str] | None = None, postgres_index: dict[str, Any] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, postgres_index: dict[str, Any] | None = None,
+                 config_file: Path | None = None) -> None:
         self.workdir = Path(workdir)
         self.http_port, self.dicom_port, self.aet = http_port, dicom_port, aet
         self.username = "mr2ct"
@@ -130,6 +165,11 @@ class OrthancServer:
         self.modalities = modalities or {}
         self.python_plugin, self.stable_age, self.extra_env = python_plugin, stable_age, extra_env or {}
         self.postgres_index = postgres_index  # {"Host", "Port", "Database", "Username"}: Orthanc's index in PostgreSQL
+        self.config_file = config_file
+        if config_file is not None:
+            given = json.loads(Path(config_file).read_text())
+            self.http_port, self.dicom_port, self.aet = given["HttpPort"], given["DicomPort"], given["DicomAet"]
+            self.username, self.password = next(iter(given["RegisteredUsers"].items()))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "orthanc.log"
 
@@ -142,32 +182,15 @@ class OrthancServer:
         return (self.username, self.password)
 
     def write_config(self) -> Path:
-        config = json.loads(REPO_ORTHANC_CONFIG.read_text())
+        if self.config_file is not None:
+            return Path(self.config_file)
         storage = self.workdir / "storage"
         if storage.exists():  # a fresh folder every start (a killed Orthanc's index once failed to reopen)
             shutil.rmtree(storage)
         storage.mkdir(parents=True)
-        config.update(
-            StorageDirectory=str(storage), IndexDirectory=str(storage), HttpPort=self.http_port, DicomPort=self.dicom_port,
-            DicomAet=self.aet, RegisteredUsers={self.username: self.password}, DicomModalities=self.modalities,
-        )
-        plugins = [p for p in config.get("Plugins", []) if Path(p).exists()]
-        if self.python_plugin:
-            library = Path("/usr/share/orthanc/plugins/libOrthancPython.so")
-            if not library.exists():
-                raise RuntimeError("orthanc-python is not installed; run deploy/local/install.sh")
-            plugins.append(str(library))
-            config["PythonScript"] = str(REPO_ORTHANC_CONFIG.parent / "plugin.py")
-            config["UserMetadata"] = {"Mr2ctRouted": 1024}
-        if self.stable_age is not None:
-            config["StableAge"] = self.stable_age
-        if self.postgres_index is not None:
-            library = Path("/usr/share/orthanc/plugins/libOrthancPostgreSQLIndex.so")
-            if not library.exists():
-                raise RuntimeError("orthanc-postgresql is not installed; run deploy/local/install.sh")
-            plugins.append(str(library))
-            config["PostgreSQL"] = {"EnableIndex": True, "EnableStorage": False, "Lock": False, "Password": "", **self.postgres_index}
-        config["Plugins"] = plugins
+        config = orthanc_config(storage=storage, http_port=self.http_port, dicom_port=self.dicom_port, aet=self.aet,
+                                users={self.username: self.password}, modalities=self.modalities, python_plugin=self.python_plugin,
+                                stable_age=self.stable_age, postgres_index=self.postgres_index)
         path = self.workdir / "orthanc-generated.json"
         path.write_text(json.dumps(config, indent=2))
         path.chmod(0o600)

@@ -138,3 +138,41 @@ def test_a_series_the_plugin_gave_up_on_says_so_and_the_button_sends_it(tmp_path
             assert httpx.post(f"{orthanc.url}/mr2ct/synthesize/{mr['ID']}", auth=orthanc.auth).status_code == 200
             _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
             assert _routed_flag(orthanc, mr["ID"]) == "sent"
+
+
+def test_the_orthanc_config_command_writes_an_orthanc_that_routes_to_the_node(tmp_path):
+    """A PACS administrator sets up a permanent Orthanc with `mr2ct orthanc-config`: the file it
+    writes starts a real Orthanc with the generated login, the DICOMweb and Python plugins, the
+    node as modality `mr2ct`; an MR series uploaded there comes back with its sCT. Bad options
+    stop the command naming them, and an existing file is not replaced without --force."""
+    import json
+    import subprocess
+    import sys
+
+    node_port, config = free_port(), tmp_path / "etc" / "orthanc.json"
+    command = [sys.executable, "-m", "dicom_node.cli", "orthanc-config", "--output", str(config), "--storage", str(tmp_path / "storage"),
+               "--node", f"127.0.0.1:{node_port}", "--node-aet", NODE_AE, "--http-port", str(free_port()), "--dicom-port", str(free_port())]
+    made = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    written = json.loads(config.read_text())
+    password = written["RegisteredUsers"]["mr2ct"]
+    assert password in made.stdout and oct(config.stat().st_mode & 0o777) == "0o600"
+    assert written["DicomModalities"] == {"mr2ct": [NODE_AE, "127.0.0.1", node_port]} and written["PythonScript"].endswith("orthanc/plugin.py")
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2 and "--force" in again.stderr and json.loads(config.read_text())["RegisteredUsers"]["mr2ct"] == password
+    for bad, named in ((["--node", "nohost"], "--node"), (["--postgres", "db:5432"], "--postgres"), (["--aet", "A\\B"], "--aet")):
+        refused = subprocess.run([*command[:5], str(tmp_path / "other.json"), *bad], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and named in refused.stderr, refused.stderr
+    assert not (tmp_path / "other.json").exists()
+
+    with OrthancServer(tmp_path / "orthanc", config_file=config) as orthanc:
+        assert {"dicom-web", "python"} <= set(orthanc.get("/plugins"))
+        assert orthanc.get("/modalities/mr2ct/configuration")["Port"] == node_port
+        env = node_env(tmp_path / "node", node_port, orthanc)
+        env["MR2CT_ALLOWED_AES"] = f"{orthanc.aet}@127.0.0.1"
+        with NodeServer(tmp_path / "node", env, node_port):
+            series = write_mr_series(tmp_path / "mr", seed=704, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+            for f in series.files:
+                assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
+            # the base config's StableAge (5 s) holds: the series goes once it has been quiet that long
+            _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
