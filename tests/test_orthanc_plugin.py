@@ -4,6 +4,7 @@ same study without any call to the node; the "Synthesize CT" action re-sends on 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -88,28 +89,35 @@ def _routed_flag(orthanc: OrthancServer, series_id: str) -> str | None:
     return answer.text if answer.status_code == 200 else None
 
 
-def test_a_series_routed_while_the_node_is_down_is_sent_again_once_it_is_up(tmp_path):
-    """The node is restarting when a series becomes stable in Orthanc: Orthanc's store job fails,
-    the plugin says so on the series (Mr2ctRouted "retrying 2/8: ...") and resubmits the job with a
-    backoff; once the node is up the series goes through, is marked sent, and gets its sCT."""
+@contextmanager
+def _stable_while_the_node_is_down(tmp_path, seed: int, until: str, **orthanc_options):
+    """A running Orthanc with the plugin routing to a port nobody listens on yet and an MR series
+    uploaded there, once the series' Mr2ctRouted metadata starts with ``until``: yields the Orthanc,
+    the series, its Orthanc id, that metadata, and a `mr2ct serve` to start on the node's port."""
     node_port = free_port()
-    orthanc = OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]},
-                            python_plugin=True, stable_age=1)
-    with orthanc:
-        series = write_mr_series(tmp_path / "mr", seed=702, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    with OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]},
+                       python_plugin=True, stable_age=1, **orthanc_options) as orthanc:
+        series = write_mr_series(tmp_path / "mr", seed=seed, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
         for f in series.files:
             assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
         (mr,) = _study_series(orthanc, series.study_uid)
         deadline = time.monotonic() + 60
-        while not (_routed_flag(orthanc, mr["ID"]) or "").startswith("retrying") and time.monotonic() < deadline:
+        while not (_routed_flag(orthanc, mr["ID"]) or "").startswith(until) and time.monotonic() < deadline:
             time.sleep(0.2)
-        flag = _routed_flag(orthanc, mr["ID"])
-        assert flag is not None and flag.startswith("retrying 2/8: "), flag  # the first send failed: nobody listens
         env = node_env(tmp_path / "node", node_port, orthanc)
         env["MR2CT_ALLOWED_AES"] = f"{orthanc.aet}@127.0.0.1"
-        with NodeServer(tmp_path / "node", env, node_port):
+        yield orthanc, series, mr["ID"], _routed_flag(orthanc, mr["ID"]), NodeServer(tmp_path / "node", env, node_port)
+
+
+def test_a_series_routed_while_the_node_is_down_is_sent_again_once_it_is_up(tmp_path):
+    """The node is restarting when a series becomes stable in Orthanc: Orthanc's store job fails,
+    the plugin says so on the series (Mr2ctRouted "retrying 2/8: ...") and resubmits the job with a
+    backoff; once the node is up the series goes through, is marked sent, and gets its sCT."""
+    with _stable_while_the_node_is_down(tmp_path, 702, "retrying") as (orthanc, series, mr_id, flag, node):
+        assert flag is not None and flag.startswith("retrying 2/8: "), flag  # the first send failed: nobody listens
+        with node:
             result = _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
-            assert _routed_flag(orthanc, mr["ID"]) == "sent"
+            assert _routed_flag(orthanc, mr_id) == "sent"
         (ct,) = [x for x in result if x["MainDicomTags"]["Modality"] == "CT"]
         assert len(ct["Instances"]) == 4
         assert "attempt 2 of 8" in orthanc.log_path.read_text()
@@ -118,26 +126,13 @@ def test_a_series_routed_while_the_node_is_down_is_sent_again_once_it_is_up(tmp_
 def test_a_series_the_plugin_gave_up_on_says_so_and_the_button_sends_it(tmp_path):
     """With MR2CT_ROUTE_ATTEMPTS=2 and the node down, the plugin gives up after two sends, says so
     on the series and in Orthanc's log; the "Synthesize CT" action sends it once the node is up."""
-    node_port = free_port()
-    orthanc = OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]},
-                            python_plugin=True, stable_age=1, extra_env={"MR2CT_ROUTE_ATTEMPTS": "2"})
-    with orthanc:
-        series = write_mr_series(tmp_path / "mr", seed=703, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
-        for f in series.files:
-            assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
-        (mr,) = _study_series(orthanc, series.study_uid)
-        deadline = time.monotonic() + 60
-        while not (_routed_flag(orthanc, mr["ID"]) or "").startswith("failed") and time.monotonic() < deadline:
-            time.sleep(0.2)
-        flag = _routed_flag(orthanc, mr["ID"])
+    with _stable_while_the_node_is_down(tmp_path, 703, "failed", extra_env={"MR2CT_ROUTE_ATTEMPTS": "2"}) as (orthanc, series, mr_id, flag, node):
         assert flag is not None and flag.startswith("failed after 2 attempts: "), flag
-        assert f"mr2ct: series {mr['ID']} not sent to mr2ct after 2 attempts" in orthanc.log_path.read_text()
-        env = node_env(tmp_path / "node", node_port, orthanc)
-        env["MR2CT_ALLOWED_AES"] = f"{orthanc.aet}@127.0.0.1"
-        with NodeServer(tmp_path / "node", env, node_port):
-            assert httpx.post(f"{orthanc.url}/mr2ct/synthesize/{mr['ID']}", auth=orthanc.auth).status_code == 200
+        assert f"mr2ct: series {mr_id} not sent to mr2ct after 2 attempts" in orthanc.log_path.read_text()
+        with node:
+            assert httpx.post(f"{orthanc.url}/mr2ct/synthesize/{mr_id}", auth=orthanc.auth).status_code == 200
             _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
-            assert _routed_flag(orthanc, mr["ID"]) == "sent"
+            assert _routed_flag(orthanc, mr_id) == "sent"
 
 
 def test_the_orthanc_config_command_writes_an_orthanc_that_routes_to_the_node(tmp_path):
