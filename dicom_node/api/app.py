@@ -62,6 +62,7 @@ def refusals(*codes: int) -> dict[int | str, dict[str, Any]]:
 class SynthesizeRequest(BaseModel):
     series_uid: str = Field(max_length=64, description="SeriesInstanceUID of an MR series already in Orthanc")
 
+
 def _in_utc(value: datetime) -> datetime:
     """A time filter in UTC: one with an offset converted, one without taken as UTC. The node
     stores UTC, and SQLite keeps no offset: a filter compared as written would be off by its offset."""
