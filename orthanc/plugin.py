@@ -4,12 +4,13 @@
   (``MR2CT_AUTO_ROUTE``, default on), once per series (a user-metadata flag remembers it).
 - ``POST /mr2ct/synthesize/<series id>`` sends a series on demand; Orthanc Explorer gets a
   "Synthesize CT" button on MR series pages that calls it.
-- A send that fails (the node down or restarting, the network gone) is sent again: Orthanc's
-  store job is resubmitted after 2, 4, 8, ... seconds (at most five minutes apart),
-  ``MR2CT_ROUTE_ATTEMPTS`` times in all (default 8). The series' ``Mr2ctRouted`` metadata says
+- A send that fails (the node down or restarting, the network gone) is sent again, as a new
+  store job, after 2, 4, 8, ... seconds (at most five minutes apart), ``MR2CT_ROUTE_ATTEMPTS``
+  times in all (default 8). The series' ``Mr2ctRouted`` metadata says
   where it stands: ``sending``, ``retrying 2/8: <error>``, ``sent``, or ``failed after 8
   attempts: <error>`` (then the button sends it again). Only sends made since Orthanc started
-  are retried: a store job that failed before a restart stays failed in Orthanc's job list.
+  are retried: a series whose send failed before a restart keeps its metadata, and the button
+  sends it.
 
 The node's DICOM modality is named by ``MR2CT_NODE_MODALITY`` (default ``mr2ct``) in Orthanc's
 ``DicomModalities``. The derived CT and SR come back into the same study through Orthanc's REST
@@ -27,7 +28,7 @@ AUTO_ROUTE = os.environ.get("MR2CT_AUTO_ROUTE", "true").strip().lower() in ("1",
 ROUTED_FLAG = "Mr2ctRouted"  # declared in "UserMetadata" by the config
 ROUTE_ATTEMPTS = max(1, int(os.environ.get("MR2CT_ROUTE_ATTEMPTS", "8")))
 
-_sends = {}  # Orthanc store job id -> [series id, attempts so far], for the sends of this process
+_sends = {}  # Orthanc store job id -> (series id, attempt), for the sends of this process
 _ended_early = {}  # job id -> succeeded, for a job whose end was signalled before send_series recorded it
 _sends_lock = threading.Lock()
 _timers = set()
@@ -48,44 +49,44 @@ def _mark(series_id, state):
         orthanc.LogWarning("mr2ct: cannot mark series %s (%s): %s" % (series_id, state[:80], exc))
 
 
-def send_series(series_id):
-    _mark(series_id, "sending")  # before the job: its end, marked from another thread, comes after this
+def send_series(series_id, attempt=1):
+    """Submit a store job of the series to the node (``attempt`` of ROUTE_ATTEMPTS); on_job_ended
+    follows its end."""
+    if attempt == 1:
+        _mark(series_id, "sending")  # before the job: its end, marked from another thread, comes after this
     body = json.dumps({"Resources": [series_id], "Synchronous": False, "Priority": 0})
     job = json.loads(orthanc.RestApiPost("/modalities/%s/store" % NODE_MODALITY, body))
     with _sends_lock:
-        _sends[job["ID"]] = [series_id, 1]
+        _sends[job["ID"]] = (series_id, attempt)
         early = _ended_early.pop(job["ID"], None)
-    orthanc.LogWarning("mr2ct: series %s sent to %s (job %s)" % (series_id, NODE_MODALITY, job.get("ID")))
+    orthanc.LogWarning("mr2ct: series %s sent to %s (job %s, attempt %d)" % (series_id, NODE_MODALITY, job.get("ID"), attempt))
     if early is not None:
         on_job_ended(job["ID"], early)
     return job
 
 
-def _resubmit(job_id):
+def _send_again(series_id, attempt):
     with _sends_lock:
         _timers.difference_update([t for t in _timers if not t.is_alive()])
     try:
-        orthanc.RestApiPost("/jobs/%s/resubmit" % job_id, "")
-    except Exception as exc:  # the job is gone from Orthanc's history: the button sends the series again
-        with _sends_lock:
-            series_id = _sends.pop(job_id, [None])[0]
-        if series_id is not None:
-            _mark(series_id, "failed: its store job %s could not be resubmitted: %s" % (job_id, exc))
-        orthanc.LogError("mr2ct: resubmitting store job %s failed: %s" % (job_id, exc))
+        send_series(series_id, attempt)
+    except Exception as exc:  # Orthanc refused the job: the series deleted meanwhile, the modality removed
+        _mark(series_id, "failed: attempt %d could not be submitted: %s" % (attempt, exc))
+        orthanc.LogError("mr2ct: sending series %s again failed: %s" % (series_id, exc))
 
 
 def on_job_ended(job_id, succeeded):
-    """A store job of ours ended: mark the series sent, or resubmit the job after a backoff."""
+    """A store job of ours ended: mark the series sent, or send it again after a backoff (a new
+    job each time: Orthanc keeps only the last few finished jobs, so a failed one may be gone
+    before it could be resubmitted)."""
     with _sends_lock:
-        send = _sends.get(job_id)
+        send = _sends.pop(job_id, None)
         if send is None:  # another job, one from before Orthanc started, or ours, not yet recorded
             _ended_early[job_id] = succeeded
             while len(_ended_early) > 256:
                 del _ended_early[next(iter(_ended_early))]
             return
-        if succeeded:
-            del _sends[job_id]
-    series_id, attempts = send
+    series_id, attempt = send
     if succeeded:
         _mark(series_id, "sent")
         return
@@ -93,21 +94,18 @@ def on_job_ended(job_id, succeeded):
         error = json.loads(orthanc.RestApiGet("/jobs/%s" % job_id)).get("ErrorDescription") or "unknown error"
     except Exception as exc:
         error = "its job cannot be read: %s" % exc
-    if attempts >= ROUTE_ATTEMPTS:
-        with _sends_lock:
-            _sends.pop(job_id, None)
-        _mark(series_id, "failed after %d attempts: %s" % (attempts, error))
-        orthanc.LogError("mr2ct: series %s not sent to %s after %d attempts (job %s): %s" % (series_id, NODE_MODALITY, attempts, job_id, error))
+    if attempt >= ROUTE_ATTEMPTS:
+        _mark(series_id, "failed after %d attempts: %s" % (attempt, error))
+        orthanc.LogError("mr2ct: series %s not sent to %s after %d attempts (job %s): %s" % (series_id, NODE_MODALITY, attempt, job_id, error))
         return
-    delay = min(300.0, 2.0 ** attempts)
+    delay = min(300.0, 2.0 ** attempt)
+    timer = threading.Timer(delay, _send_again, args=(series_id, attempt + 1))
+    timer.daemon = True
     with _sends_lock:
-        send[1] = attempts + 1
-        timer = threading.Timer(delay, _resubmit, args=(job_id,))
-        timer.daemon = True
         _timers.add(timer)
-    _mark(series_id, "retrying %d/%d: %s" % (attempts + 1, ROUTE_ATTEMPTS, error))
+    _mark(series_id, "retrying %d/%d: %s" % (attempt + 1, ROUTE_ATTEMPTS, error))
     orthanc.LogWarning("mr2ct: sending series %s failed (job %s: %s); attempt %d of %d in %.0f s"
-                       % (series_id, job_id, error, attempts + 1, ROUTE_ATTEMPTS, delay))
+                       % (series_id, job_id, error, attempt + 1, ROUTE_ATTEMPTS, delay))
     timer.start()
 
 
