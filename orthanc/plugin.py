@@ -26,7 +26,15 @@ import orthanc  # provided by Orthanc's Python plugin
 NODE_MODALITY = os.environ.get("MR2CT_NODE_MODALITY", "mr2ct")
 AUTO_ROUTE = os.environ.get("MR2CT_AUTO_ROUTE", "true").strip().lower() in ("1", "true", "yes", "on")
 ROUTED_FLAG = "Mr2ctRouted"  # declared in "UserMetadata" by the config
-ROUTE_ATTEMPTS = max(1, int(os.environ.get("MR2CT_ROUTE_ATTEMPTS", "8")))
+
+
+def _attempts(value):
+    if not value.strip().isdigit() or int(value) < 1:
+        raise ValueError("MR2CT_ROUTE_ATTEMPTS must be a whole number >= 1, got %r" % value)
+    return int(value)
+
+
+ROUTE_ATTEMPTS = _attempts(os.environ.get("MR2CT_ROUTE_ATTEMPTS", "8"))
 
 _sends = {}  # Orthanc store job id -> (series id, attempt), for the sends of this process
 _ended_early = {}  # job id -> succeeded, for a job whose end was signalled before send_series recorded it

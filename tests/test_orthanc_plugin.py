@@ -171,3 +171,10 @@ def test_the_orthanc_config_command_writes_an_orthanc_that_routes_to_the_node(tm
                 assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
             # the base config's StableAge (5 s) holds: the series goes once it has been quiet that long
             _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
+
+
+def test_a_bad_route_attempts_setting_stops_orthanc_naming_it(tmp_path):
+    orthanc = OrthancServer(tmp_path, free_port(), free_port(), python_plugin=True, extra_env={"MR2CT_ROUTE_ATTEMPTS": "eight"})
+    with pytest.raises(RuntimeError, match="Orthanc exited"):
+        orthanc.start(timeout=60)
+    assert "MR2CT_ROUTE_ATTEMPTS must be a whole number >= 1, got 'eight'" in orthanc.log_path.read_text()
