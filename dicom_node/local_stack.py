@@ -211,7 +211,9 @@ class OrthancServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"Orthanc exited with {self.proc.returncode}; see {self.log_path}")
+                code = self.proc.returncode
+                self.stop()  # closes its log
+                raise RuntimeError(f"Orthanc exited with {code}; see {self.log_path}")
             try:
                 if httpx.get(f"{self.url}/system", auth=self.auth, timeout=2).status_code == 200:
                     return
