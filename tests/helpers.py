@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -89,10 +90,11 @@ def api_token(database_url: str, role: str, name: str) -> str:
 
 
 @contextmanager
-def served_api(sessions: sessionmaker[Session], tokens: dict[str, str]) -> Iterator[str]:
+def served_api(sessions: sessionmaker[Session], tokens: dict[str, str], **app_options: Any) -> Iterator[str]:
     """The real admin API app (uvicorn, loopback, a free port) on ``sessions``' database, with the
     bearer tokens ``tokens`` (token -> role) in it, and no node beside it: rows a test wrote are
-    what it serves, and no worker moves a job on. Yields its base URL; stops it after."""
+    what it serves, and no worker moves a job on (``app_options``: create_app's, an Orthanc, a
+    spool). Yields its base URL; stops it after."""
     import uvicorn
 
     from dicom_node.api.app import create_app
@@ -103,7 +105,7 @@ def served_api(sessions: sessionmaker[Session], tokens: dict[str, str]) -> Itera
     with sessions.begin() as session:
         for n, (token, role) in enumerate(tokens.items()):
             session.add(ApiToken(name=f"test-{role}-{n}", role=role, token_sha256=digest(token)))
-    server = uvicorn.Server(uvicorn.Config(create_app(sessions), host="127.0.0.1", port=free_port(), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(sessions, **app_options), host="127.0.0.1", port=free_port(), log_level="warning"))
     serving = threading.Thread(target=server.run, daemon=True)
     serving.start()
     try:

@@ -219,6 +219,31 @@ def test_a_synthesis_request_refused_part_way_makes_no_job_of_the_part_it_spoole
     assert job.id == asked.json()["job_id"] and job.state == "done", job.error
 
 
+def test_a_synthesis_request_for_a_series_with_a_job_waiting_or_running_is_refused(orthanc, tmp_path):
+    """One job per series at a time: asking again while its job waits or runs answers 409 naming
+    that job, before anything is fetched; once the job has ended the request goes on (and finds
+    the series missing from Orthanc). The real app on a database of its own, no worker beside it."""
+    sessions = init_db(f"sqlite:///{tmp_path / 'mr2ct.db'}")
+    uid = "1.2.826.0.1.3680043.8.498.4242"
+    with sessions.begin() as session:
+        session.add(Series(series_instance_uid=uid, study_instance_uid="1.2.3", modality="MR", calling_ae="SCANNER", state="stable"))
+        session.flush()
+        session.add(Job(series_instance_uid=uid, state="queued"))
+    options = {"orthanc_url": orthanc.url, "orthanc_auth": orthanc.auth, "spool_dir": str(tmp_path / "spool")}
+    with served_api(sessions, {"synth-admin": "admin"}, **options) as base:
+        asked = httpx.post(f"{base}/synthesize", json={"series_uid": uid}, headers={"Authorization": "Bearer synth-admin"}, timeout=60)
+        with sessions.begin() as session:
+            (job,) = session.scalars(select(Job)).all()
+            job.state = "running"
+        running = httpx.post(f"{base}/synthesize", json={"series_uid": uid}, headers={"Authorization": "Bearer synth-admin"}, timeout=60)
+        with sessions.begin() as session:
+            session.scalars(select(Job)).one().state = "done"
+        ended = httpx.post(f"{base}/synthesize", json={"series_uid": uid}, headers={"Authorization": "Bearer synth-admin"}, timeout=60)
+    assert (asked.status_code, asked.json()["detail"]) == (409, f"series {uid} has job {job.id} queued already")
+    assert (running.status_code, running.json()["detail"]) == (409, f"series {uid} has job {job.id} running already")
+    assert (ended.status_code, ended.json()["detail"]) == (404, f"series {uid} is not in Orthanc")
+
+
 def test_queries_are_audited_without_copying_the_patient_id(api, node):
     httpx.get(f"{api['base']}/series", params={"patient_id": "AUDIT-PATIENT-1"}, headers=api["auditor"])
     with init_db(node.database_url)() as session:

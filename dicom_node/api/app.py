@@ -86,6 +86,12 @@ def _row(obj: Any) -> dict[str, Any]:
     return out
 
 
+def _pending_job(session: Session, series_uid: str) -> Job | None:
+    """The series' newest job still queued or running, if any."""
+    return session.scalar(select(Job).where(Job.series_instance_uid == series_uid, Job.state.in_(("queued", "running")))
+                          .order_by(Job.id.desc()).limit(1))
+
+
 def _page(session: Session, query: Select[Any], limit: int, offset: int) -> dict[str, Any]:
     total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery()))
     items = [_row(r) for r in session.scalars(query.limit(limit).offset(offset))]
@@ -224,8 +230,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             session.refresh(job)
             if job.state in ("queued", "running"):
                 raise HTTPException(409, f"job {job_id} is {job.state}; only finished, failed or cancelled jobs can be retried")
-            pending = session.scalar(select(Job).where(Job.series_instance_uid == job.series_instance_uid, Job.state.in_(("queued", "running")))
-                                     .order_by(Job.id.desc()).limit(1))
+            pending = _pending_job(session, job.series_instance_uid)
             if pending is not None:  # a second press of Retry, or a re-send's own job: one job per series at a time
                 raise HTTPException(409, f"job {job_id}: its series has job {pending.id} {pending.state} already")
             series = session.get(Series, job.series_instance_uid)
@@ -345,6 +350,10 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             raise HTTPException(422, "series_uid is not a valid UID (digits and dots, at most 64 characters)")
         if store is None or not spool_dir:
             raise HTTPException(409, "this process has no Orthanc or spool configured")
+        with sessions() as session:
+            pending = _pending_job(session, body.series_uid)
+        if pending is not None:  # one job per series at a time, as for a retry
+            raise HTTPException(409, f"series {body.series_uid} has job {pending.id} {pending.state} already")
         spooled = 0
 
         def refuse(code: int, why: str) -> HTTPException:
