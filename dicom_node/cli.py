@@ -267,12 +267,11 @@ def orthanc_config_command(
     from dicom_node.settings import _check_ae_title
 
     node_host, node_port = _host_port("--node", node)
-    for option, title in (("--node-aet", node_aet), ("--aet", aet)):
-        try:
-            _check_ae_title(title, option)
-        except ValueError as exc:
-            typer.echo(f"mr2ct: {exc}", err=True)
-            raise typer.Exit(2) from exc
+    try:
+        node_aet, aet = _check_ae_title(node_aet, "--node-aet"), _check_ae_title(aet, "--aet")
+    except ValueError as exc:
+        typer.echo(f"mr2ct: {exc}", err=True)
+        raise typer.Exit(2) from exc
     index = None
     if postgres is not None:
         where, _, database = postgres.partition("/")
@@ -287,19 +286,19 @@ def orthanc_config_command(
     _output_file("--output", output)
     password = secrets.token_urlsafe(18)
     try:
-        config = orthanc_config(storage=storage, http_port=http_port, dicom_port=dicom_port, aet=aet.strip(), users={user: password},
-                                modalities={"mr2ct": [node_aet.strip(), node_host, node_port]}, python_plugin=plugin, postgres_index=index)
+        config = orthanc_config(storage=storage, http_port=http_port, dicom_port=dicom_port, aet=aet, users={user: password},
+                                modalities={"mr2ct": [node_aet, node_host, node_port]}, python_plugin=plugin, postgres_index=index)
     except RuntimeError as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
     output.write_text(json.dumps(config, indent=2) + "\n")
     output.chmod(0o600)
     typer.echo(f"wrote {output} (mode 600: it holds a password; `chown orthanc {output}` where orthanc-mr2ct.service runs Orthanc as orthanc)")
-    typer.echo(f"  Orthanc: HTTP {http_port} (loopback only; RemoteAccessAllowed in the file opens it), DICOM {dicom_port} as {aet.strip()}")
+    typer.echo(f"  Orthanc: HTTP {http_port} (loopback only; RemoteAccessAllowed in the file opens it), DICOM {dicom_port} as {aet}")
     typer.echo(f"  mr2ct logs in as {user!r} with password {password}: set orthanc_username and MR2CT_ORTHANC_PASSWORD")
     if plugin:
-        typer.echo(f"  stable MR series go to {node_aet.strip()} at {node_host}:{node_port}: allow this Orthanc there "
-                   f"(allowed_aes = [\"{aet.strip()}@<this host>\"])")
+        typer.echo(f"  stable MR series go to {node_aet} at {node_host}:{node_port}: allow this Orthanc there "
+                   f"(allowed_aes = [\"{aet}@<this host>\"])")
     if index is not None:
         typer.echo(f"  index in PostgreSQL {index['Host']}:{index['Port']}/{index['Database']} as {postgres_user}"
                    + ("" if postgres_password else " (no password: trust, or libpq's PGPASSWORD/.pgpass)"))
