@@ -2,8 +2,9 @@
 
 - When an MR series becomes stable in Orthanc, it is sent to the mr2ct node by C-STORE
   (``MR2CT_AUTO_ROUTE``, default on), once per series (a user-metadata flag remembers it).
-- ``POST /mr2ct/synthesize/<series id>`` sends a series on demand; Orthanc Explorer gets a
-  "Synthesize CT" button on MR series pages that calls it.
+- ``POST /mr2ct/synthesize/<series id>`` sends a series on demand (409 while a send of it runs
+  or waits for its next attempt); Orthanc Explorer gets a "Synthesize CT" button on MR series
+  pages that calls it.
 - A send that fails (the node down or restarting, the network gone) is sent again, as a new
   store job, after 2, 4, 8, ... seconds (at most five minutes apart), ``MR2CT_ROUTE_ATTEMPTS``
   times in all (default 8). The series' ``Mr2ctRouted`` metadata says
@@ -38,6 +39,7 @@ ROUTE_ATTEMPTS = _attempts(os.environ.get("MR2CT_ROUTE_ATTEMPTS", "8"))
 
 _sends = {}  # Orthanc store job id -> (series id, attempt), for the sends of this process
 _ended_early = {}  # job id -> succeeded, for a job whose end was signalled before send_series recorded it
+_in_flight = {}  # series id -> attempt, while a send of it runs or waits for its next attempt
 _sends_lock = threading.Lock()
 _timers = set()
 
@@ -66,6 +68,7 @@ def send_series(series_id, attempt=1):
     job = json.loads(orthanc.RestApiPost("/modalities/%s/store" % NODE_MODALITY, body))
     with _sends_lock:
         _sends[job["ID"]] = (series_id, attempt)
+        _in_flight[series_id] = attempt
         early = _ended_early.pop(job["ID"], None)
     orthanc.LogWarning("mr2ct: series %s sent to %s (job %s, attempt %d)" % (series_id, NODE_MODALITY, job.get("ID"), attempt))
     if early is not None:
@@ -79,6 +82,8 @@ def _send_again(series_id, attempt):
     try:
         send_series(series_id, attempt)
     except Exception as exc:  # Orthanc refused the job: the series deleted meanwhile, the modality removed
+        with _sends_lock:
+            _in_flight.pop(series_id, None)
         _mark(series_id, "failed: attempt %d could not be submitted: %s" % (attempt, exc))
         orthanc.LogError("mr2ct: sending series %s again failed: %s" % (series_id, exc))
 
@@ -95,6 +100,9 @@ def on_job_ended(job_id, succeeded):
                 del _ended_early[next(iter(_ended_early))]
             return
     series_id, attempt = send
+    if succeeded or attempt >= ROUTE_ATTEMPTS:
+        with _sends_lock:
+            _in_flight.pop(series_id, None)
     if succeeded:
         _mark(series_id, "sent")
         return
@@ -147,10 +155,10 @@ def on_change(change_type, level, resource_id):
 
 
 def _refuse(output, status, message):
-    # Debian's Python plugin 4.0 refuses SendHttpStatus(status, body); this pair works and the
-    # message reaches the caller as Orthanc's error "Details" (HttpDescribeErrors).
-    output.SetHttpErrorDetails(message, 1)
-    output.SendHttpStatusCode(status)
+    # Debian's Python plugin 4.0 takes the body's size as a third argument (a TypeError without it);
+    # SetHttpErrorDetails with SendHttpStatusCode answered an empty body, and the button's alert
+    # showed no reason.
+    output.SendHttpStatus(status, message, len(message.encode("utf-8")))
 
 
 def synthesize(output, uri, **request):
@@ -158,6 +166,11 @@ def synthesize(output, uri, **request):
         output.SendMethodNotAllowed("POST")
         return
     series_id = request["groups"][0]
+    with _sends_lock:
+        attempt = _in_flight.get(series_id)
+    if attempt is not None:  # sending it twice would make the node synthesize it twice
+        _refuse(output, 409, "series %s is being sent to mr2ct already (attempt %d of %d)" % (series_id, attempt, ROUTE_ATTEMPTS))
+        return
     try:
         series = _series(series_id)
     except Exception:

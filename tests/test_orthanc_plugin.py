@@ -68,7 +68,7 @@ def test_the_synthesize_action_resends_on_demand_and_refuses_non_mr(stack, tmp_p
     sent = httpx.post(f"{orthanc.url}/mr2ct/synthesize/{mr_id}", auth=orthanc.auth)
     assert sent.status_code == 200 and sent.json()["series"] == mr_id
     refused = httpx.post(f"{orthanc.url}/mr2ct/synthesize/{ct_id}", auth=orthanc.auth)
-    assert refused.status_code == 400
+    assert refused.status_code == 400 and refused.text == "only MR series can be synthesized"  # the reason, for the button's alert
     from dicom_node.db import init_db
     from dicom_node.models import Job
     from sqlalchemy import select
@@ -117,6 +117,8 @@ def test_a_series_routed_while_the_node_is_down_is_sent_again_once_it_is_up(tmp_
     with _stable_while_the_node_is_down(tmp_path, 702, "retrying") as (orthanc, series, mr_id, flag, node):
         # the first send failed (nobody listens); a slow look may see a later retry's failure
         assert flag is not None and re.match(r"retrying [2-8]/8: ", flag), flag
+        pressed = httpx.post(f"{orthanc.url}/mr2ct/synthesize/{mr_id}", auth=orthanc.auth)  # the button while it waits to retry
+        assert pressed.status_code == 409 and "is being sent to mr2ct already" in pressed.text, pressed.text
         with node:
             result = _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
             assert _routed_flag(orthanc, mr_id) == "sent"
