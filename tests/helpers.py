@@ -90,6 +90,26 @@ def api_token(database_url: str, role: str, name: str) -> str:
 
 
 @contextmanager
+def headless_chromium() -> Iterator[Any]:
+    """Debian's Chromium, headless, driven by Playwright (what a user's browser does); closed after."""
+    import shutil
+
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    assert Path(chromium).exists(), "Debian's chromium is not installed: run deploy/local/install.sh"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync",
+        ])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+@contextmanager
 def served_api(sessions: sessionmaker[Session], tokens: dict[str, str], **app_options: Any) -> Iterator[str]:
     """The real admin API app (uvicorn, loopback, a free port) on ``sessions``' database, with the
     bearer tokens ``tokens`` (token -> role) in it, and no node beside it: rows a test wrote are

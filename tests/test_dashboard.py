@@ -6,29 +6,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
 from tests.conftest import NODE_AE, SCANNER_AE
+from tests.helpers import headless_chromium
 from training.phantom_dicom import write_mr_series
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 def test_log_in_see_a_finished_job_its_preview_and_a_training_runs_losses(node, tmp_path):
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed: run deploy/local/install.sh")
-    from playwright.sync_api import sync_playwright
-
     series = write_mr_series(tmp_path / "mr", seed=900, slices=8, size=128, pixel_spacing=2.0, slice_spacing=6.0)
     assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
     job = wait_for_job(node.database_url, series.series_uid, timeout=120)
@@ -60,36 +54,29 @@ def test_log_in_see_a_finished_job_its_preview_and_a_training_runs_losses(node, 
         except httpx.HTTPError:
             time.sleep(0.2)
     ARTIFACTS.mkdir(exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync",
-        ])
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"{base}/dashboard")
-            page.fill("#token", "not-a-token")
-            page.click("#login")
-            assert "not valid" in page.content()
-            page.fill("#token", token)
-            page.click("#login")
-            row = page.locator(f"#job-{job.id}")
-            assert row.locator(".done").inner_text() == "done"
-            page.screenshot(path=str(ARTIFACTS / "dashboard-jobs.png"), full_page=True)
-            evaluation = page.locator(f"#evaluation-{evaluation_id}").inner_text()
-            assert "dashboard pairs (1 pairs" in evaluation and f"{mae_hu:.1f} HU" in evaluation
-            row.locator("a.preview").click()
-            page.wait_for_function("document.querySelector('#preview') && document.querySelector('#preview').naturalWidth > 0", timeout=60_000)
-            assert "explorer.html#study?uuid=" in page.get_attribute("#orthanc-link", "href")
-            page.screenshot(path=str(ARTIFACTS / "dashboard-preview.png"), full_page=True)
-            page.goto(f"{base}/dashboard")
-            run = page.locator(f"#run-{run_id}")
-            assert run.locator(".finished").inner_text() == "finished" and "3/3" in run.inner_text()
-            run.locator("a.losses").click()
-            page.wait_for_function("document.querySelector('#losses') && document.querySelector('#losses').naturalWidth > 0", timeout=60_000)
-            page.screenshot(path=str(ARTIFACTS / "dashboard-training.png"), full_page=True)
-        finally:
-            browser.close()
+    with headless_chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{base}/dashboard")
+        page.fill("#token", "not-a-token")
+        page.click("#login")
+        assert "not valid" in page.content()
+        page.fill("#token", token)
+        page.click("#login")
+        row = page.locator(f"#job-{job.id}")
+        assert row.locator(".done").inner_text() == "done"
+        page.screenshot(path=str(ARTIFACTS / "dashboard-jobs.png"), full_page=True)
+        evaluation = page.locator(f"#evaluation-{evaluation_id}").inner_text()
+        assert "dashboard pairs (1 pairs" in evaluation and f"{mae_hu:.1f} HU" in evaluation
+        row.locator("a.preview").click()
+        page.wait_for_function("document.querySelector('#preview') && document.querySelector('#preview').naturalWidth > 0", timeout=60_000)
+        assert "explorer.html#study?uuid=" in page.get_attribute("#orthanc-link", "href")
+        page.screenshot(path=str(ARTIFACTS / "dashboard-preview.png"), full_page=True)
+        page.goto(f"{base}/dashboard")
+        run = page.locator(f"#run-{run_id}")
+        assert run.locator(".finished").inner_text() == "finished" and "3/3" in run.inner_text()
+        run.locator("a.losses").click()
+        page.wait_for_function("document.querySelector('#losses') && document.querySelector('#losses').naturalWidth > 0", timeout=60_000)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-training.png"), full_page=True)
     assert (ARTIFACTS / "dashboard-preview.png").stat().st_size > 10_000
     assert (ARTIFACTS / "dashboard-training.png").stat().st_size > 10_000
     # Without the login cookie the plot is not served.

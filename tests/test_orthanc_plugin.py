@@ -12,6 +12,7 @@ import pytest
 
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port
 from tests.conftest import NODE_AE, node_env
+from tests.helpers import headless_chromium
 from training.phantom_dicom import write_mr_series
 
 
@@ -45,6 +46,24 @@ def _wait_for(orthanc, study_uid, predicate, timeout=180):
     raise AssertionError(f"condition not met for study {study_uid} in {timeout} s")
 
 
+def _jobs_done(node: NodeServer, series_uid: str, wanted: int, timeout: float = 120) -> int:
+    """How many of the series' jobs the node has done, once that is ``wanted`` (or the time is up)."""
+    from sqlalchemy import func, select
+
+    from dicom_node.db import init_db
+    from dicom_node.models import Job
+
+    sessions = init_db(node.env["MR2CT_DATABASE_URL"])
+    query = select(func.count()).select_from(Job).where(Job.series_instance_uid == series_uid, Job.state == "done")
+    deadline = time.monotonic() + timeout
+    while True:
+        with sessions() as session:
+            done = session.scalar(query) or 0
+        if done >= wanted or time.monotonic() > deadline:
+            return done
+        time.sleep(0.5)
+
+
 def test_an_mr_series_uploaded_to_orthanc_gets_its_sct_without_calling_the_node(stack, tmp_path):
     orthanc, _ = stack
     series = write_mr_series(tmp_path / "mr", seed=700, slices=6, size=64, pixel_spacing=4.0, slice_spacing=8.0)
@@ -69,18 +88,7 @@ def test_the_synthesize_action_resends_on_demand_and_refuses_non_mr(stack, tmp_p
     assert sent.status_code == 200 and sent.json()["series"] == mr_id
     refused = httpx.post(f"{orthanc.url}/mr2ct/synthesize/{ct_id}", auth=orthanc.auth)
     assert refused.status_code == 400 and refused.text == "only MR series can be synthesized"  # the reason, for the button's alert
-    from dicom_node.db import init_db
-    from dicom_node.models import Job
-    from sqlalchemy import select
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        with init_db(node.env["MR2CT_DATABASE_URL"])() as session:
-            done = session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid, Job.state == "done")).all()
-        if len(done) >= 2:
-            break
-        time.sleep(0.5)
-    assert len(done) >= 2  # the button made a second job; the sCT UIDs are the same, so Orthanc keeps one copy
+    assert _jobs_done(node, series.series_uid, 2) >= 2  # the button made a second job; the sCT UIDs are the same, so Orthanc keeps one copy
     final = _study_series(orthanc, series.study_uid)
     assert sum(1 for x in final if x["MainDicomTags"]["Modality"] == "CT") == 1
 
@@ -182,3 +190,36 @@ def test_a_bad_route_attempts_setting_stops_orthanc_naming_it(tmp_path):
     with pytest.raises(RuntimeError, match="Orthanc exited"):
         orthanc.start(timeout=60)
     assert "MR2CT_ROUTE_ATTEMPTS must be a whole number >= 1, got 'eight'" in orthanc.log_path.read_text()
+
+
+def test_the_synthesize_ct_button_in_orthanc_explorer_sends_the_series_and_says_so(stack, tmp_path):
+    """The PACS administrator opens an MR series in Orthanc Explorer (a real headless Chromium),
+    presses "Synthesize CT" and is told it was sent; the node makes a job of it. A CT series page
+    has no such button."""
+    orthanc, node = stack
+    series = write_mr_series(tmp_path / "mr", seed=705, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    for f in series.files:
+        httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth)
+    result = _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
+    ids = {x["MainDicomTags"]["Modality"]: x["ID"] for x in result}
+    deadline = time.monotonic() + 30
+    while _routed_flag(orthanc, ids["MR"]) != "sent" and time.monotonic() < deadline:  # the automatic send has ended
+        time.sleep(0.2)
+    alerts: list[str] = []
+    with headless_chromium() as browser:
+        context = browser.new_context(http_credentials={"username": orthanc.username, "password": orthanc.password})
+        page = context.new_page()
+        page.on("dialog", lambda dialog: (alerts.append(dialog.message), dialog.accept()))
+        page.goto(f"{orthanc.url}/app/explorer.html#series?uuid={ids['MR']}")
+        page.locator("#mr2ct-synthesize").first.click(timeout=30_000)
+        deadline = time.monotonic() + 30
+        while not alerts and time.monotonic() < deadline:
+            page.wait_for_timeout(200)
+        ct_page = context.new_page()
+        ct_page.goto(f"{orthanc.url}/app/explorer.html#series?uuid={ids['CT']}")
+        ct_page.wait_for_function("document.body.innerText.includes('CT')", timeout=30_000)
+        ct_page.wait_for_timeout(1500)  # the page's own script has looked at the series
+        ct_buttons = ct_page.locator("#mr2ct-synthesize").count()
+    assert alerts == ["Sent to mr2ct; the synthetic CT will appear in this study."]
+    assert ct_buttons == 0
+    assert _jobs_done(node, series.series_uid, 2) >= 2  # the automatic send's job, and the button's
