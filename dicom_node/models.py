@@ -13,6 +13,12 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """``moment`` in UTC: one with an offset converted, one without taken as UTC (SQLite hands back
+    the node's times without their offset, and an API filter may come without one)."""
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment.astimezone(timezone.utc)
+
+
 class Base(DeclarativeBase):
     pass
 

@@ -6,14 +6,14 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.models import Instance, Series
+from dicom_node.models import Instance, Series, as_utc
 
 if TYPE_CHECKING:
     from dicom_node.ingest import ReceivedInstance
@@ -81,15 +81,10 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                 row.transfer_syntax_uid = item.transfer_syntax
                 row.forwarded_at, row.forward_attempts, row.forward_refusals, row.forward_next_at = None, 0, 0, item.received_at
                 row.purged_at = None
-            if series.last_received_at is None or _aware(series.last_received_at) < item.received_at:
+            if series.last_received_at is None or as_utc(series.last_received_at) < item.received_at:
                 series.last_received_at = item.received_at
             if series.state != "receiving":
                 series.state, series.reason = "receiving", None
-
-
-def _aware(moment: datetime) -> datetime:
-    """SQLite hands back naive datetimes for timezone-aware columns; they are UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def _chunks(values: list[str], size: int) -> list[list[str]]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import shutil
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import pydicom
@@ -24,7 +24,7 @@ from dicom_node import audit
 from dicom_node.api.auth import Caller, current_caller, require
 from dicom_node.db import notify_job_queued
 from dicom_node.forwarder import reschedule_failed
-from dicom_node.models import Association, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun, utcnow
+from dicom_node.models import Association, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun, as_utc, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.retention import lock_series, purged_reason, spool_usage
 from dicom_node.training_runs import RunState
@@ -63,13 +63,8 @@ class SynthesizeRequest(BaseModel):
     series_uid: str = Field(max_length=64, description="SeriesInstanceUID of an MR series already in Orthanc")
 
 
-def _in_utc(value: datetime) -> datetime:
-    """A time filter in UTC: one with an offset converted, one without taken as UTC. The node
-    stores UTC, and SQLite keeps no offset: a filter compared as written would be off by its offset."""
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
-
-
-TimeFilter = Annotated[Annotated[datetime, AfterValidator(_in_utc)] | None,
+# A time filter in UTC (models.as_utc): SQLite keeps no offset, so one compared as written would be off by its offset.
+TimeFilter = Annotated[Annotated[datetime, AfterValidator(as_utc)] | None,
                        Query(description="ISO 8601, e.g. 2026-12-04T09:30:00+01:00; a time without an offset is taken as UTC")]
 
 ADMIN = require("admin")
@@ -82,7 +77,7 @@ def _row(obj: Any) -> dict[str, Any]:
     out = {}
     for column in obj.__table__.columns:
         value = getattr(obj, column.key)
-        out[column.key] = _in_utc(value).isoformat() if isinstance(value, datetime) else value
+        out[column.key] = as_utc(value).isoformat() if isinstance(value, datetime) else value
     return out
 
 
