@@ -9,9 +9,16 @@
   store job, after 2, 4, 8, ... seconds (at most five minutes apart), ``MR2CT_ROUTE_ATTEMPTS``
   times in all (default 8). The series' ``Mr2ctRouted`` metadata says
   where it stands: ``sending``, ``retrying 2/8: <error>``, ``sent``, or ``failed after 8
-  attempts: <error>`` (then the button sends it again). Only sends made since Orthanc started
-  are retried: a series whose send failed before a restart keeps its metadata, and the button
-  sends it.
+  attempts: <error>`` (then the button sends it again).
+- What the plugin still owes the node survives a restart of Orthanc: the MR series received but
+  not yet stable, and the sends under way or waiting to retry, are kept in an Orthanc global
+  property (``MR2CT_PENDING_PROPERTY``, default 7351; Orthanc keeps it in its index database).
+  When Orthanc starts again the plugin follows a store job Orthanc kept (``SaveJobs``), or sends
+  the series again, continuing its count of attempts; a series that had not become stable is sent
+  once it has had ``StableAge`` seconds more without a new instance (one that gets new instances
+  becomes stable, and is routed, as usual). Orthanc forgets which series were unstable when it
+  stops, so without this such a series was never routed. Two Orthancs sharing one index database
+  need different property numbers.
 
 The node's DICOM modality is named by ``MR2CT_NODE_MODALITY`` (default ``mr2ct``) in Orthanc's
 ``DicomModalities``. The derived CT and SR come back into the same study through Orthanc's REST
@@ -35,13 +42,45 @@ def _attempts(value):
     return int(value)
 
 
+def _property(value):
+    if not value.strip().isdigit() or not 1024 <= int(value) <= 65535:
+        raise ValueError("MR2CT_PENDING_PROPERTY must be a whole number from 1024 to 65535 (Orthanc's range for plugins), got %r" % value)
+    return int(value)
+
+
 ROUTE_ATTEMPTS = _attempts(os.environ.get("MR2CT_ROUTE_ATTEMPTS", "8"))
+PENDING_PROPERTY = _property(os.environ.get("MR2CT_PENDING_PROPERTY", "7351"))
 
 _sends = {}  # Orthanc store job id -> (series id, attempt), for the sends of this process
 _ended_early = {}  # job id -> succeeded, for a job whose end was signalled before send_series recorded it
 _in_flight = {}  # series id -> attempt, while a send of it runs or waits for its next attempt
+_pending = {}  # series id -> [attempt, store job id or None], saved in PENDING_PROPERTY; attempt 0: not yet stable
+_saved = None  # what was owed when Orthanc last stopped, once read (at Orthanc's start, or by the first save)
 _sends_lock = threading.Lock()
 _timers = set()
+
+
+def _load_saved():
+    """Read the saved record once and merge it into _pending (before anything overwrites it: a
+    series may arrive before Orthanc signals its start). Call under _sends_lock."""
+    global _saved
+    if _saved is None:
+        _saved = _saved_pending()
+        for series_id, entry in _saved.items():
+            _pending.setdefault(series_id, entry)
+    return _saved
+
+
+def _owe(series_id, attempt=None, job=None):
+    """Record (or, with attempt None, drop) what the plugin owes the node for a series and save it
+    in Orthanc's database. Call under _sends_lock."""
+    _load_saved()
+    if attempt is None:
+        if _pending.pop(series_id, None) is None:
+            return
+    else:
+        _pending[series_id] = [attempt, job]
+    orthanc.SetGlobalProperty(PENDING_PROPERTY, json.dumps(_pending))
 
 
 def _series(series_id):
@@ -69,6 +108,7 @@ def send_series(series_id, attempt=1):
     with _sends_lock:
         _sends[job["ID"]] = (series_id, attempt)
         _in_flight[series_id] = attempt
+        _owe(series_id, attempt, job["ID"])
         early = _ended_early.pop(job["ID"], None)
     orthanc.LogWarning("mr2ct: series %s sent to %s (job %s, attempt %d)" % (series_id, NODE_MODALITY, job.get("ID"), attempt))
     if early is not None:
@@ -84,6 +124,7 @@ def _send_again(series_id, attempt):
     except Exception as exc:  # Orthanc refused the job: the series deleted meanwhile, the modality removed
         with _sends_lock:
             _in_flight.pop(series_id, None)
+            _owe(series_id)
         _mark(series_id, "failed: attempt %d could not be submitted: %s" % (attempt, exc))
         orthanc.LogError("mr2ct: sending series %s again failed: %s" % (series_id, exc))
 
@@ -100,9 +141,12 @@ def on_job_ended(job_id, succeeded):
                 del _ended_early[next(iter(_ended_early))]
             return
     series_id, attempt = send
-    if succeeded or attempt >= ROUTE_ATTEMPTS:
-        with _sends_lock:
+    with _sends_lock:
+        if succeeded or attempt >= ROUTE_ATTEMPTS:
             _in_flight.pop(series_id, None)
+            _owe(series_id)
+        else:
+            _owe(series_id, attempt + 1)  # what a restart resumes if it comes before the timer
     if succeeded:
         _mark(series_id, "sent")
         return
@@ -125,7 +169,114 @@ def on_job_ended(job_id, succeeded):
     timer.start()
 
 
+def _stable_age():
+    try:
+        return float(json.loads(orthanc.GetConfiguration()).get("StableAge", 60))
+    except Exception:
+        return 60.0
+
+
+def _saved_pending():
+    """What the plugin owed the node when Orthanc last stopped: {series id: [attempt, job id]}."""
+    try:
+        saved = json.loads(orthanc.GetGlobalProperty(PENDING_PROPERTY, "{}") or "{}")
+        return {str(series): [int(entry[0]), entry[1]] for series, entry in saved.items()}
+    except Exception as exc:  # never let a damaged record stop Orthanc; say what is lost
+        orthanc.LogError("mr2ct: the series owed to the node (global property %d) cannot be read, none are resumed: %s" % (PENDING_PROPERTY, exc))
+        return {}
+
+
+def _send_if_still_unstable_owed(series_id):
+    """A series that had not become stable before Orthanc stopped: send it, unless something else
+    has (it got new instances and became stable anew) or it is receiving again."""
+    with _sends_lock:
+        _timers.difference_update([t for t in _timers if not t.is_alive()])
+        if _pending.get(series_id, [None])[0] != 0:
+            return
+    try:
+        series = _series(series_id)
+    except Exception:
+        with _sends_lock:
+            _owe(series_id)  # deleted meanwhile
+        return
+    if not series.get("IsStable", True):
+        return  # receiving again: its STABLE_SERIES will route it
+    send_series(series_id)
+
+
+def _resume_one(series_id, attempt, job_id):
+    try:
+        _series(series_id)
+    except Exception:
+        with _sends_lock:
+            _owe(series_id)  # deleted while Orthanc was down
+        return
+    try:
+        routed = orthanc.RestApiGet("/series/%s/metadata/%s" % (series_id, ROUTED_FLAG))
+    except Exception:
+        routed = None
+    if routed in (b"sent", "sent"):
+        with _sends_lock:
+            _owe(series_id)
+        return
+    if attempt == 0:
+        if not AUTO_ROUTE:
+            with _sends_lock:
+                _owe(series_id)
+            return
+        timer = threading.Timer(_stable_age(), _send_if_still_unstable_owed, args=(series_id,))
+        timer.daemon = True
+        with _sends_lock:
+            _timers.add(timer)
+        timer.start()
+        return
+    state = None
+    if job_id:
+        try:
+            state = json.loads(orthanc.RestApiGet("/jobs/%s" % job_id)).get("State")
+        except Exception:
+            state = None  # Orthanc did not keep its jobs (SaveJobs false)
+    if state is None:
+        send_series(series_id, attempt)
+        return
+    with _sends_lock:  # Orthanc kept the job: follow it
+        _sends[job_id] = (series_id, attempt)
+        _in_flight[series_id] = attempt
+        early = _ended_early.pop(job_id, None)
+    if state in ("Success", "Failure"):
+        early = state == "Success"
+    if early is not None:
+        on_job_ended(job_id, early)
+
+
+def resume(saved):
+    """Orthanc has started: carry on with what the plugin owed the node when it stopped."""
+    if saved:
+        orthanc.LogWarning("mr2ct: resuming %d series owed to %s from before Orthanc restarted" % (len(saved), NODE_MODALITY))
+    for series_id, (attempt, job_id) in saved.items():
+        try:
+            _resume_one(series_id, attempt, job_id)
+        except Exception as exc:  # one series' trouble must not stop the others
+            orthanc.LogError("mr2ct: resuming series %s failed: %s" % (series_id, exc))
+
+
 def on_change(change_type, level, resource_id):
+    if change_type == orthanc.ChangeType.ORTHANC_STARTED:
+        with _sends_lock:
+            saved = dict(_load_saved())
+        worker = threading.Thread(target=resume, args=(saved,), name="mr2ct-resume", daemon=True)
+        worker.start()
+        return
+    if change_type == orthanc.ChangeType.NEW_SERIES and AUTO_ROUTE:
+        try:  # owed from now on: Orthanc forgets an unstable series when it stops
+            tags = _series(resource_id).get("MainDicomTags", {})
+            if tags.get("Modality") == "MR" and not _is_mr2ct_output(tags):
+                with _sends_lock:
+                    if resource_id not in _pending:
+                        _owe(resource_id, 0)
+        except Exception as exc:
+            orthanc.LogError("mr2ct: recording new series %s failed: %s" % (resource_id, exc))
+        return
     if change_type in (orthanc.ChangeType.JOB_SUCCESS, orthanc.ChangeType.JOB_FAILURE):
         try:
             on_job_ended(resource_id, change_type == orthanc.ChangeType.JOB_SUCCESS)
@@ -146,10 +297,12 @@ def on_change(change_type, level, resource_id):
             return
         try:
             orthanc.RestApiGet("/series/%s/metadata/%s" % (resource_id, ROUTED_FLAG))
-            return  # already routed once; the button re-sends on demand
         except Exception:
-            pass
-        send_series(resource_id)
+            send_series(resource_id)
+            return
+        with _sends_lock:  # already routed once; the button re-sends on demand
+            if _pending.get(resource_id, [None])[0] == 0:
+                _owe(resource_id)
     except Exception as exc:  # never let a routing problem take Orthanc down
         orthanc.LogError("mr2ct: routing series %s failed: %s" % (resource_id, exc))
 

@@ -147,6 +147,43 @@ def test_a_series_the_plugin_gave_up_on_says_so_and_the_button_sends_it(tmp_path
             assert _routed_flag(orthanc, mr_id) == "sent"
 
 
+def test_series_owed_to_the_node_when_orthanc_restarts_are_sent_after_it(tmp_path):
+    """Orthanc is restarted (an upgrade, the host rebooted) while the plugin owes the node two MR
+    series: one waiting to be sent again (the node was down) and one whose last instance had
+    arrived but that had not yet become stable (Orthanc forgets unstable series when it stops, so
+    it never said STABLE_SERIES for it). Once Orthanc is back and the node up, both get their sCT
+    without anyone pressing a button."""
+    node_port = free_port()
+    first = OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]},
+                          python_plugin=True, stable_age=4)
+    config = first.write_config()  # started from the file below: the same storage and index across the restart
+    retrying = write_mr_series(tmp_path / "mr-a", seed=706, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    unstable = write_mr_series(tmp_path / "mr-b", seed=707, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+
+    def upload(orthanc, series):
+        for f in series.files:
+            assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
+        (mr,) = _study_series(orthanc, series.study_uid)
+        return mr["ID"]
+
+    with OrthancServer(tmp_path / "orthanc", config_file=config) as orthanc:
+        retrying_id = upload(orthanc, retrying)
+        deadline = time.monotonic() + 60
+        while not (_routed_flag(orthanc, retrying_id) or "").startswith("retrying") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (_routed_flag(orthanc, retrying_id) or "").startswith("retrying")
+        unstable_id = upload(orthanc, unstable)
+        assert _routed_flag(orthanc, unstable_id) is None  # 4 s of StableAge not over: not sent, not marked
+    with OrthancServer(tmp_path / "orthanc", config_file=config) as orthanc:
+        env = node_env(tmp_path / "node", node_port, orthanc)
+        env["MR2CT_ALLOWED_AES"] = f"{orthanc.aet}@127.0.0.1"
+        with NodeServer(tmp_path / "node", env, node_port):
+            for series in (retrying, unstable):
+                _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s}, timeout=120)
+            assert _routed_flag(orthanc, retrying_id) == _routed_flag(orthanc, unstable_id) == "sent"
+        assert "mr2ct: resuming 2 series owed to mr2ct from before Orthanc restarted" in orthanc.log_path.read_text()
+
+
 def test_the_orthanc_config_command_writes_an_orthanc_that_routes_to_the_node(tmp_path):
     """A PACS administrator sets up a permanent Orthanc with `mr2ct orthanc-config`: the file it
     writes starts a real Orthanc with the generated login, the DICOMweb and Python plugins, the
@@ -185,11 +222,15 @@ def test_the_orthanc_config_command_writes_an_orthanc_that_routes_to_the_node(tm
             _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
 
 
-def test_a_bad_route_attempts_setting_stops_orthanc_naming_it(tmp_path):
-    orthanc = OrthancServer(tmp_path, free_port(), free_port(), python_plugin=True, extra_env={"MR2CT_ROUTE_ATTEMPTS": "eight"})
+@pytest.mark.parametrize("key, value, message", [
+    ("MR2CT_ROUTE_ATTEMPTS", "eight", "MR2CT_ROUTE_ATTEMPTS must be a whole number >= 1, got 'eight'"),
+    ("MR2CT_PENDING_PROPERTY", "5", "MR2CT_PENDING_PROPERTY must be a whole number from 1024 to 65535 (Orthanc's range for plugins), got '5'"),
+])
+def test_a_bad_plugin_setting_stops_orthanc_naming_it(tmp_path, key, value, message):
+    orthanc = OrthancServer(tmp_path, free_port(), free_port(), python_plugin=True, extra_env={key: value})
     with pytest.raises(RuntimeError, match="Orthanc exited"):
         orthanc.start(timeout=60)
-    assert "MR2CT_ROUTE_ATTEMPTS must be a whole number >= 1, got 'eight'" in orthanc.log_path.read_text()
+    assert message in orthanc.log_path.read_text()
 
 
 def test_the_synthesize_ct_button_in_orthanc_explorer_sends_the_series_and_says_so(stack, tmp_path):
