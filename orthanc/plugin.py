@@ -9,7 +9,10 @@
   store job, after 2, 4, 8, ... seconds (at most five minutes apart), ``MR2CT_ROUTE_ATTEMPTS``
   times in all (default 8). The series' ``Mr2ctRouted`` metadata says
   where it stands: ``sending``, ``retrying 2/8: <error>``, ``sent``, or ``failed after 8
-  attempts: <error>`` (then the button sends it again).
+  attempts: <error>`` (then the button sends it again). A series the node refuses (a C-STORE
+  answered with a failure status, 0xA7xx out of resources aside) is not sent again: its metadata
+  says ``refused by the node, not sent again: <Orthanc's error, with the status>``, the node's
+  audit says why, and the button sends it once it is mended.
 - What the plugin still owes the node survives a restart of Orthanc: the MR series received but
   not yet stable, and the sends under way or waiting to retry, are kept in an Orthanc global
   property (``MR2CT_PENDING_PROPERTY``, default 7351; Orthanc keeps it in its index database).
@@ -27,6 +30,7 @@ API, so they are never routed again (only MR series arriving over DICOM or REST 
 
 import json
 import os
+import re
 import threading
 
 import orthanc  # provided by Orthanc's Python plugin
@@ -129,6 +133,23 @@ def _send_again(series_id, attempt):
         orthanc.LogError("mr2ct: sending series %s again failed: %s" % (series_id, exc))
 
 
+def _job_error(job_id):
+    """Why a store job failed, and whether the node refused an instance: a C-STORE answered with a
+    failure status other than 0xA7xx (out of resources), e.g. 0xA900 for an instance without Pixel
+    Data. Sending that series again would be refused again; a connection that failed, a timeout or
+    0xA7xx may pass later."""
+    try:
+        job = json.loads(orthanc.RestApiGet("/jobs/%s" % job_id))
+    except Exception as exc:
+        return "its job cannot be read: %s" % exc, False
+    error = job.get("ErrorDescription") or "unknown error"
+    details = job.get("ErrorDetails") or ""  # Orthanc's own words: 'C-STORE SCU to AET "MR2CT" has failed with DIMSE status 0xA900'
+    if details:
+        error = "%s (%s)" % (details, error)
+    status = re.search(r"DIMSE status 0x([0-9A-Fa-f]{4})", details)
+    return error, status is not None and not status.group(1).upper().startswith("A7")
+
+
 def on_job_ended(job_id, succeeded):
     """A store job of ours ended: mark the series sent, or send it again after a backoff (a new
     job each time: Orthanc keeps only the last few finished jobs, so a failed one may be gone
@@ -141,8 +162,11 @@ def on_job_ended(job_id, succeeded):
                 del _ended_early[next(iter(_ended_early))]
             return
     series_id, attempt = send
+    error, refused = None, False
+    if not succeeded:
+        error, refused = _job_error(job_id)
     with _sends_lock:
-        if succeeded or attempt >= ROUTE_ATTEMPTS:
+        if succeeded or refused or attempt >= ROUTE_ATTEMPTS:
             _in_flight.pop(series_id, None)
             _owe(series_id)
         else:
@@ -150,10 +174,10 @@ def on_job_ended(job_id, succeeded):
     if succeeded:
         _mark(series_id, "sent")
         return
-    try:
-        error = json.loads(orthanc.RestApiGet("/jobs/%s" % job_id)).get("ErrorDescription") or "unknown error"
-    except Exception as exc:
-        error = "its job cannot be read: %s" % exc
+    if refused:
+        _mark(series_id, "refused by the node, not sent again: %s" % error)
+        orthanc.LogError("mr2ct: %s refused series %s (job %s, attempt %d), not sent again: %s" % (NODE_MODALITY, series_id, job_id, attempt, error))
+        return
     if attempt >= ROUTE_ATTEMPTS:
         _mark(series_id, "failed after %d attempts: %s" % (attempt, error))
         orthanc.LogError("mr2ct: series %s not sent to %s after %d attempts (job %s): %s" % (series_id, NODE_MODALITY, attempt, job_id, error))

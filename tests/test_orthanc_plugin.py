@@ -98,6 +98,52 @@ def _routed_flag(orthanc: OrthancServer, series_id: str) -> str | None:
     return answer.text if answer.status_code == 200 else None
 
 
+def test_a_series_the_node_refuses_is_not_sent_again_and_says_why(stack, tmp_path):
+    """An MR series in Orthanc with an instance that has lost its Pixel Data: the node answers its
+    C-STORE 0xA900, so the plugin does not send it again and again (eight sends over eight
+    minutes, each refused the same way, said only "Error in the network protocol"); the series'
+    metadata says it was refused and with which status, the node's audit says why, and once the
+    instance is mended the button sends the series and it gets its sCT."""
+    import io
+
+    import pydicom
+
+    orthanc, node = stack
+    series = write_mr_series(tmp_path / "mr", seed=708, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    broken = pydicom.dcmread(series.files[-1])
+    del broken.PixelData
+    with io.BytesIO() as buffer:
+        broken.save_as(buffer)
+        uploads = [f.read_bytes() for f in series.files[:-1]] + [buffer.getvalue()]
+    for data in uploads:
+        assert httpx.post(f"{orthanc.url}/instances", content=data, auth=orthanc.auth).status_code == 200
+    (mr,) = _study_series(orthanc, series.study_uid)
+    deadline = time.monotonic() + 60
+    while (_routed_flag(orthanc, mr["ID"]) or "sending") == "sending" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    flag = _routed_flag(orthanc, mr["ID"]) or ""
+    assert flag.startswith("refused by the node, not sent again: ") and "DIMSE status 0xA900" in flag, flag
+    time.sleep(3)  # a retry would come 2 s after the first failure
+    log = orthanc.log_path.read_text()
+    assert f"mr2ct: mr2ct refused series {mr['ID']}" in log and f"series {mr['ID']} sent to mr2ct (job" in log
+    assert log.count(f"series {mr['ID']} sent to mr2ct (job") == 1, "the refused series was sent again"
+    from sqlalchemy import select
+
+    from dicom_node.db import init_db
+    from dicom_node.models import AuditEvent
+
+    with init_db(node.env["MR2CT_DATABASE_URL"])() as session:
+        refusals = [e for e in session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-instance-refused", AuditEvent.actor == orthanc.aet))
+                    if e.detail.get("sop_instance_uid") == str(broken.SOPInstanceUID)]
+    assert len(refusals) == 1 and refusals[0].detail["status"] == "0xA900" and "Pixel Data" in refusals[0].detail["reason"]
+    broken_id = httpx.post(f"{orthanc.url}/tools/lookup", content=str(broken.SOPInstanceUID), auth=orthanc.auth).json()[0]["ID"]
+    assert httpx.delete(f"{orthanc.url}/instances/{broken_id}", auth=orthanc.auth).status_code == 200
+    assert httpx.post(f"{orthanc.url}/instances", content=series.files[-1].read_bytes(), auth=orthanc.auth).status_code == 200
+    assert httpx.post(f"{orthanc.url}/mr2ct/synthesize/{mr['ID']}", auth=orthanc.auth).status_code == 200
+    _wait_for(orthanc, series.study_uid, lambda s: any(x["MainDicomTags"]["Modality"] == "CT" and len(x["Instances"]) == 4 for x in s))
+    assert _routed_flag(orthanc, mr["ID"]) == "sent"
+
+
 @contextmanager
 def _stable_while_the_node_is_down(tmp_path, seed: int, until: str, **orthanc_options):
     """A running Orthanc with the plugin routing to a port nobody listens on yet and an MR series
