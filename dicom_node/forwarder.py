@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from datetime import timedelta
@@ -15,6 +16,7 @@ from typing import Any, Protocol
 from pydicom import dcmread
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless,
                          JPEGLSLossless, RLELossless, UID)
+from orthanc_api_client.exceptions import HttpError
 from pynetdicom import evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import select, update
@@ -22,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.models import Instance, utcnow
-from dicom_node.orthanc_store import OrthancStore
+from dicom_node.orthanc_store import ROUTED_BY_NODE, ROUTED_FLAG, OrthancStore
 from dicom_node.settings import parse_dicom_destination
 from dicom_node.transport import NodeAE, tune
 
@@ -87,20 +89,59 @@ def backoff_seconds(attempts: int) -> float:
 
 
 class OrthancRestDestination:
-    """Orthanc's REST API (POST /instances): the file as it was received."""
+    """Orthanc's REST API (POST /instances): the file as it was received. Each series it puts in
+    Orthanc is marked there (``Mr2ctRouted``, when Orthanc runs mr2ct's plugin), so that the plugin
+    does not send it back to the node, which synthesizes it already: without the mark every series
+    a scanner sent to the node was synthesized twice."""
 
     def __init__(self, store: OrthancStore) -> None:
         self.store, self.name = store, store.url
+        self._marked: dict[str, None] = {}  # Orthanc series ids marked (or found marked) by this process, oldest first
+        self._no_flag_until = 0.0  # Orthanc without the plugin's metadata: do not try again before then
 
     @contextmanager
     def session(self, contexts: set[tuple[str, str]]) -> Iterator[Send]:
         def send(path: Path, sop_class: str, transfer_syntax: str) -> None:
             try:
-                self.store.client.upload(path.read_bytes())
+                answer = self.store.client.post("instances", data=path.read_bytes()).json()
             except Exception as exc:  # Orthanc down or refusing: back off
                 raise RoutingDown(f"{self.name}: {exc}") from exc
+            if isinstance(answer, dict) and answer.get("ParentSeries"):
+                self._mark_routed(str(answer["ParentSeries"]))
 
         yield send
+
+    def _mark_routed(self, series_id: str) -> None:
+        """Mark a series the node routed into Orthanc, once, right after its first instance landed
+        (long before Orthanc finds it stable), unless it has a routing state already (the plugin
+        sent it, or a user pressed its button). A failure here costs a second synthesis at worst:
+        logged, never a reason to send the instance again."""
+        if series_id in self._marked or time.monotonic() < self._no_flag_until:
+            return
+        self._marked[series_id] = None
+        while len(self._marked) > 10_000:
+            del self._marked[next(iter(self._marked))]
+        path = f"series/{series_id}/metadata/{ROUTED_FLAG}"
+        try:
+            self.store.client.get(path)
+            return  # a state already: the plugin's, or an earlier mark
+        except HttpError as exc:
+            if exc.http_status_code != 404:
+                log.warning("cannot read series %s's %s in %s: HTTP %s", series_id, ROUTED_FLAG, self.name, exc.http_status_code)
+                return
+        except Exception as exc:
+            log.warning("cannot read series %s's %s in %s: %s", series_id, ROUTED_FLAG, self.name, exc)
+            return
+        try:
+            self.store.client.put(path, data=ROUTED_BY_NODE.encode())
+        except HttpError as exc:
+            if exc.http_status_code == 404:  # Orthanc declares no such metadata: it runs without mr2ct's plugin
+                self._no_flag_until = time.monotonic() + 600
+                log.info("%s has no %s metadata (no mr2ct plugin there): routed series are not marked", self.name, ROUTED_FLAG)
+            else:
+                log.warning("cannot mark series %s routed in %s: HTTP %s", series_id, self.name, exc.http_status_code)
+        except Exception as exc:
+            log.warning("cannot mark series %s routed in %s: %s", series_id, self.name, exc)
 
 
 def requested_contexts(contexts: set[tuple[str, str]], reencode: Collection[str] = ()) -> list[tuple[str, list[str]]]:

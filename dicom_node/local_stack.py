@@ -23,6 +23,8 @@ from typing import Any
 
 import httpx
 
+from dicom_node.orthanc_store import ROUTED_FLAG
+
 REPO_ORTHANC_CONFIG = Path(__file__).resolve().parent.parent / "orthanc" / "orthanc.json"
 
 
@@ -118,7 +120,7 @@ def start_storescp(folder: Path, port: int, ae_title: str, timeout: float = 30.0
 
 
 ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
-ROUTED_METADATA = {"Mr2ctRouted": 1024}  # the plugin's per-series state (orthanc/plugin.py), a user-defined metadata
+ROUTED_METADATA = {ROUTED_FLAG: 1024}  # the plugin's per-series state (orthanc/plugin.py), a user-defined metadata
 
 
 def orthanc_config(*, storage: Path, http_port: int, dicom_port: int, aet: str, users: dict[str, str],

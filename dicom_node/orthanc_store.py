@@ -14,6 +14,12 @@ from synthesis.errors import PacsUnavailable, StorageIncomplete
 
 log = logging.getLogger(__name__)
 
+# The routing plugin's per-series state in Orthanc (orthanc/plugin.py; a user metadata the
+# plugin's Orthanc configuration declares), and the one the node writes on a series it routed
+# there itself: the plugin sends no series that has a state.
+ROUTED_FLAG = "Mr2ctRouted"
+ROUTED_BY_NODE = "received by mr2ct directly, which routed the originals here: not sent back"
+
 
 def encode(ds: Dataset) -> bytes:
     buffer = BytesIO()

@@ -26,6 +26,10 @@
 The node's DICOM modality is named by ``MR2CT_NODE_MODALITY`` (default ``mr2ct``) in Orthanc's
 ``DicomModalities``. The derived CT and SR come back into the same study through Orthanc's REST
 API, so they are never routed again (only MR series arriving over DICOM or REST are routed).
+Nor are the MR series the node received directly and routed here (``forward_originals``): it
+synthesizes them already. It marks those it uploads over REST (``Mr2ctRouted`` says ``received
+by mr2ct directly ...``), and the plugin marks so those whose instances came by C-STORE from the
+node modality's AE title. Before 2026-12-04 each such series was synthesized twice.
 """
 
 import json
@@ -38,6 +42,8 @@ import orthanc  # provided by Orthanc's Python plugin
 NODE_MODALITY = os.environ.get("MR2CT_NODE_MODALITY", "mr2ct")
 AUTO_ROUTE = os.environ.get("MR2CT_AUTO_ROUTE", "true").strip().lower() in ("1", "true", "yes", "on")
 ROUTED_FLAG = "Mr2ctRouted"  # declared in "UserMetadata" by the config
+# a series the node received directly and routed here (dicom_node.orthanc_store.ROUTED_BY_NODE)
+ROUTED_BY_NODE = "received by mr2ct directly, which routed the originals here: not sent back"
 
 
 def _attempts(value):
@@ -95,6 +101,21 @@ def _is_mr2ct_output(tags):
     return (tags.get("Manufacturer") or "") == "mr2ct" or (tags.get("SeriesDescription") or "").startswith("sCT (mr2ct")
 
 
+def _from_the_node(series):
+    """Whether the node itself stored the series here by C-STORE (``forward_originals`` with
+    ``forward_to`` this Orthanc): it synthesizes what it receives, so sending it back would make it
+    synthesize the series twice. (Originals it routes over REST it marks itself.)"""
+    instances = series.get("Instances") or []
+    if not instances:
+        return False
+    try:
+        node_aet = json.loads(orthanc.RestApiGet("/modalities/%s/configuration" % NODE_MODALITY)).get("AET")
+        metadata = json.loads(orthanc.RestApiGet("/instances/%s/metadata?expand" % instances[0]))
+    except Exception:
+        return False
+    return metadata.get("Origin") == "DicomProtocol" and bool(node_aet) and metadata.get("RemoteAET") == node_aet
+
+
 def _mark(series_id, state):
     try:
         orthanc.RestApiPut("/series/%s/metadata/%s" % (series_id, ROUTED_FLAG), state[:1000])
@@ -131,6 +152,25 @@ def _send_again(series_id, attempt):
             _owe(series_id)
         _mark(series_id, "failed: attempt %d could not be submitted: %s" % (attempt, exc))
         orthanc.LogError("mr2ct: sending series %s again failed: %s" % (series_id, exc))
+
+
+def route_stable(series_id, series):
+    """A stable MR series: send it, unless it has a routing state already (routed once: the button
+    sends it again on demand) or the node itself stored it here."""
+    try:
+        orthanc.RestApiGet("/series/%s/metadata/%s" % (series_id, ROUTED_FLAG))
+        routed = True
+    except Exception:
+        routed = False
+    if not routed and _from_the_node(series):
+        _mark(series_id, ROUTED_BY_NODE)
+        routed = True
+    if not routed:
+        send_series(series_id)
+        return
+    with _sends_lock:
+        if _pending.get(series_id, [None])[0] == 0:
+            _owe(series_id)
 
 
 def _job_error(job_id):
@@ -225,7 +265,7 @@ def _send_if_still_unstable_owed(series_id):
         return
     if not series.get("IsStable", True):
         return  # receiving again: its STABLE_SERIES will route it
-    send_series(series_id)
+    route_stable(series_id, series)
 
 
 def _resume_one(series_id, attempt, job_id):
@@ -244,7 +284,7 @@ def _resume_one(series_id, attempt, job_id):
             _owe(series_id)
         return
     if attempt == 0:
-        if not AUTO_ROUTE:
+        if not AUTO_ROUTE or routed is not None:  # routing off, or a state already (the node routed it here)
             with _sends_lock:
                 _owe(series_id)
             return
@@ -319,14 +359,7 @@ def on_change(change_type, level, resource_id):
         tags = series.get("MainDicomTags", {})
         if tags.get("Modality") != "MR" or _is_mr2ct_output(tags):
             return
-        try:
-            orthanc.RestApiGet("/series/%s/metadata/%s" % (resource_id, ROUTED_FLAG))
-        except Exception:
-            send_series(resource_id)
-            return
-        with _sends_lock:  # already routed once; the button re-sends on demand
-            if _pending.get(resource_id, [None])[0] == 0:
-                _owe(resource_id)
+        route_stable(resource_id, series)
     except Exception as exc:  # never let a routing problem take Orthanc down
         orthanc.LogError("mr2ct: routing series %s failed: %s" % (resource_id, exc))
 

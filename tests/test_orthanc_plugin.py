@@ -10,8 +10,9 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from dicom_node.local_stack import NodeServer, OrthancServer, free_port
-from tests.conftest import NODE_AE, node_env
+from dicom_node.local_stack import NodeServer, OrthancServer, free_port, storescu
+from dicom_node.orthanc_store import ROUTED_BY_NODE
+from tests.conftest import NODE_AE, SCANNER_AE, node_env
 from tests.helpers import headless_chromium
 from training.phantom_dicom import write_mr_series
 
@@ -228,6 +229,35 @@ def test_series_owed_to_the_node_when_orthanc_restarts_are_sent_after_it(tmp_pat
                 _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s}, timeout=120)
             assert _routed_flag(orthanc, retrying_id) == _routed_flag(orthanc, unstable_id) == "sent"
         assert "mr2ct: resuming 2 series owed to mr2ct from before Orthanc restarted" in orthanc.log_path.read_text()
+
+
+@pytest.mark.parametrize("route", ["rest", "c-store"])
+def test_a_series_the_node_routed_into_orthanc_is_not_sent_back_to_it(tmp_path, route):
+    """A site where scanners send to the node, which routes the originals on into the Orthanc that
+    runs the plugin (forward_originals; over REST, or by C-STORE with forward_to): the plugin does
+    not send those series back to the node, which has synthesized them already. Before, each was
+    synthesized twice. The series says why it was not sent; the button still sends it."""
+    node_port = free_port()
+    with OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]},
+                       python_plugin=True, stable_age=1) as orthanc:
+        env = node_env(tmp_path / "node", node_port, orthanc)
+        env["MR2CT_ALLOWED_AES"] = f"{SCANNER_AE},{orthanc.aet}@127.0.0.1"
+        env["MR2CT_FORWARD_ORIGINALS"] = "true"
+        if route == "c-store":
+            env["MR2CT_FORWARD_TO"] = f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"
+        with NodeServer(tmp_path / "node", env, node_port) as node:
+            series = write_mr_series(tmp_path / "mr", seed=709, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+            sent = storescu(series.folder, node_port, NODE_AE, SCANNER_AE)
+            assert sent.returncode == 0, sent.stderr
+            result = _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
+            (mr,) = [x for x in result if x["MainDicomTags"]["Modality"] == "MR"]
+            assert len(mr["Instances"]) == 4  # the originals, routed
+            time.sleep(4)  # StableAge (1 s) and then some: a send back would have begun by now
+            assert _routed_flag(orthanc, mr["ID"]) == ROUTED_BY_NODE
+            assert _jobs_done(node, series.series_uid, 2, timeout=5) == 1
+            assert f"series {mr['ID']} sent to mr2ct" not in orthanc.log_path.read_text()
+            assert httpx.post(f"{orthanc.url}/mr2ct/synthesize/{mr['ID']}", auth=orthanc.auth).status_code == 200
+            assert _jobs_done(node, series.series_uid, 2) == 2
 
 
 def test_the_orthanc_config_command_writes_an_orthanc_that_routes_to_the_node(tmp_path):
