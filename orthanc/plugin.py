@@ -7,8 +7,9 @@
   pages that calls it.
 - A send that fails (the node down or restarting, the network gone) is sent again, as a new
   store job, after 2, 4, 8, ... seconds (at most five minutes apart), ``MR2CT_ROUTE_ATTEMPTS``
-  times in all (default 8). The series' ``Mr2ctRouted`` metadata says
-  where it stands: ``sending``, ``retrying 2/8: <error>``, ``sent``, or ``failed after 8
+  times in all (default 20: about an hour, so that a node restarted, upgraded or moved to another
+  host is caught up with; 8 gave up after four minutes). The series' ``Mr2ctRouted`` metadata says
+  where it stands: ``sending``, ``retrying 2/20: <error>``, ``sent``, or ``failed after 20
   attempts: <error>`` (then the button sends it again). A series the node refuses (a C-STORE
   answered with a failure status, 0xA7xx out of resources aside) is not sent again: its metadata
   says ``refused by the node, not sent again: <Orthanc's error, with the status>``, the node's
@@ -58,7 +59,7 @@ def _property(value):
     return int(value)
 
 
-ROUTE_ATTEMPTS = _attempts(os.environ.get("MR2CT_ROUTE_ATTEMPTS", "8"))
+ROUTE_ATTEMPTS = _attempts(os.environ.get("MR2CT_ROUTE_ATTEMPTS", "20"))
 PENDING_PROPERTY = _property(os.environ.get("MR2CT_PENDING_PROPERTY", "7351"))
 
 _sends = {}  # Orthanc store job id -> (series id, attempt), for the sends of this process
