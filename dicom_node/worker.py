@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 LEASE_SECONDS = 600  # renewed every quarter of it while the job runs (held_lease): only a dead worker's job runs out
 CHECK_SECONDS = 1.0  # how often a running job looks whether it is still its worker's (a cancel stops it within this)
-MAX_ATTEMPTS = 8  # a job that cannot reach Orthanc is retried with backoff this many times
+MAX_ATTEMPTS = 20  # a job that cannot reach Orthanc is retried with backoff this many times: about an hour
 
 
 def retry_delay(attempt: int) -> float:
@@ -261,6 +261,9 @@ class Worker:
         try:
             if purged:
                 raise SeriesNotUsable(purged_reason(purged, len(paths)))
+            # Orthanc down or refusing the login: retry later without synthesizing a series that could
+            # not be stored (each attempt used to run the whole synthesis first)
+            self.store.check_reachable()
             progress.enter("reading")
             datasets = self._read_originals(series_uid, paths)
             source = assemble(datasets)

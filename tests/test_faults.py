@@ -122,6 +122,9 @@ def test_kill_9_while_a_job_runs_then_restart_finishes_it_once(orthanc, tmp_path
 
 
 def test_orthanc_down_while_storing_the_job_retries_and_finishes_after_it_returns(tmp_path):
+    """Orthanc is down (an upgrade) when a series' job comes up: the job is retried with backoff and
+    finishes once Orthanc is back; while Orthanc is down no attempt synthesizes the series (each
+    used to run the whole synthesis, then fail to store it)."""
     http_port, dicom_port = free_port(), free_port()
     pacs = OrthancServer(tmp_path / "pacs", http_port, dicom_port)
     pacs.start()
@@ -147,6 +150,8 @@ def test_orthanc_down_while_storing_the_job_retries_and_finishes_after_it_return
             cts = [s for s in found if s["MainDicomTags"]["Modality"] == "CT"]
             assert len(cts) == 1 and len(cts[0]["Instances"]) == 6
             assert sum(1 for s in found if s["MainDicomTags"]["Modality"] == "SR") == 1
+    log = (workdir / "mr2ct.log").read_text()
+    assert log.count("job synthesized job=") == 1 and log.count("job will retry job=") == job.attempts - 1
 
 
 def test_a_full_spool_disk_answers_out_of_resources_leaves_no_partial_file_and_recovers(orthanc, tmp_path):
