@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from io import BytesIO
+from typing import Any
 
 from orthanc_api_client import OrthancApiClient
 from orthanc_api_client.exceptions import HttpError
@@ -27,10 +28,25 @@ def encode(ds: Dataset) -> bytes:
     return buffer.getvalue()
 
 
+DEFAULT_TIMEOUT_SECONDS = 60.0
+
+
 class OrthancStore:
-    def __init__(self, url: str, username: str | None = None, password: str | None = None) -> None:
-        self.url = url
+    def __init__(self, url: str, username: str | None = None, password: str | None = None, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> None:
+        self.url, self.timeout = url, timeout
         self.client = OrthancApiClient(url, user=username, pwd=password)
+        # orthanc-api-client passes no timeout to requests, which then waits for ever: an Orthanc
+        # that hangs, or a pooled connection a firewall dropped silently, held the worker's job (its
+        # lease renewed all the while) until the node restarted. Every request it makes goes through
+        # its session's request(); give each one a timeout unless it brings its own.
+        session = self.client._http_session
+        request = session.request
+
+        def request_with_timeout(method: str, url: str, **kwargs: Any) -> Any:
+            kwargs.setdefault("timeout", timeout)
+            return request(method, url, **kwargs)
+
+        session.request = request_with_timeout  # type: ignore[method-assign]
 
     def check_reachable(self) -> None:
         try:
@@ -38,7 +54,7 @@ class OrthancStore:
         except HttpError as exc:
             raise PacsUnavailable(f"Orthanc at {self.url} answered HTTP {exc.http_status_code}; check orthanc_url and credentials") from exc
         except Exception as exc:
-            raise PacsUnavailable(f"Orthanc at {self.url} is not reachable: {exc}") from exc
+            raise PacsUnavailable(f"Orthanc at {self.url} is not reachable (or did not answer within {self.timeout:g} s): {exc}") from exc
 
     def store(self, instances: Iterable[Dataset | bytes]) -> list[str]:
         """Upload every instance (a data set, or one already encoded in DICOM file format); returns

@@ -69,7 +69,7 @@ def routing_destination(settings: Settings, password: str | None) -> Destination
     if s.forward_to:
         return CStoreDestination(s.forward_to, s.ae_title, ssl_context=client_tls_context(s) if s.forward_tls else None,
                                  poll_seconds=s.dicom_poll_ms / 1000)
-    return OrthancRestDestination(OrthancStore(s.orthanc_url, s.orthanc_username, password))
+    return OrthancRestDestination(OrthancStore(s.orthanc_url, s.orthanc_username, password, s.orthanc_timeout_seconds))
 
 
 @dataclass
@@ -105,7 +105,7 @@ class Node:
             log.info("device=%s reason=%s precision=%s torch_compile=%s", device.label, device.reason, s.precision, s.torch_compile)
             log.info("model=%s sha256=%s architecture=%s test_time_augmentation=%s", s.model_file.name, model.short_digest,
                      model.card["architecture"], model.test_time_augmentation if s.test_time_augmentation == "model" else s.test_time_augmentation)
-            store = OrthancStore(s.orthanc_url, s.orthanc_username, password)
+            store = OrthancStore(s.orthanc_url, s.orthanc_username, password, s.orthanc_timeout_seconds)
             worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size, s.precision, s.torch_compile,
                             s.test_time_augmentation, synthesis_plane=s.synthesis_plane)
             requeue_orphaned_jobs(self.sessions, worker.worker_id)
@@ -158,7 +158,7 @@ class Node:
         app = create_app(
             self.sessions, orthanc_url=s.orthanc_url, orthanc_auth=(s.orthanc_username or "", password or "") if s.orthanc_username else None,
             spool_dir=str(s.spool_dir) if Path(s.spool_dir).exists() else None, spool_min_free_mb=s.spool_min_free_mb, node_info=info,
-            routing=routing,
+            routing=routing, orthanc_timeout=s.orthanc_timeout_seconds,
         )
         config = uvicorn.Config(app, host=s.api_host, port=s.api_port, log_level="warning", access_log=False)
         self.api_server = uvicorn.Server(config)

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
     orthanc_url: str = Field("http://127.0.0.1:8042", description="Orthanc REST URL results are stored into")
     orthanc_username: str | None = Field(None, description="Orthanc HTTP user")
     orthanc_password: SecretStr | None = Field(None, description="Orthanc HTTP password")
+    orthanc_timeout_seconds: float = Field(
+        60.0, gt=0, le=3600, description="how long one request to Orthanc may wait to connect or for its next bytes (the client tries "
+        "a request 4 times) before the attempt fails and is retried later: a hung Orthanc, or a connection a firewall dropped "
+        "without a word, no longer holds a job, a routing pass or an API request for ever")
     model_file: Path = Field(default_factory=default_model_path, description="generator weights (.safetensors) with their .json card")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="inference device")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (default: torch's choice)")

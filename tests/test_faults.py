@@ -3,6 +3,7 @@ Orthanc down while results are stored. Nothing acknowledged is lost, nothing is 
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -152,6 +153,38 @@ def test_orthanc_down_while_storing_the_job_retries_and_finishes_after_it_return
             assert sum(1 for s in found if s["MainDicomTags"]["Modality"] == "SR") == 1
     log = (workdir / "mr2ct.log").read_text()
     assert log.count("job synthesized job=") == 1 and log.count("job will retry job=") == job.attempts - 1
+
+
+def test_a_hung_orthanc_fails_the_attempt_after_the_timeout_and_the_job_finishes_once_it_answers(tmp_path):
+    """Orthanc hangs (here: stopped with SIGSTOP; its port still takes connections, nothing answers),
+    as one stuck on its database or behind a firewall that dropped the connection would: the job's
+    attempt fails after orthanc_timeout_seconds and is retried with backoff instead of waiting for
+    ever with its lease renewed; once Orthanc answers again the series is stored."""
+    import signal
+
+    pacs = OrthancServer(tmp_path / "pacs", free_port(), free_port())
+    with pacs:
+        workdir, port = tmp_path / "node", free_port()
+        env = node_env(workdir, port, pacs)
+        env["MR2CT_ORTHANC_TIMEOUT_SECONDS"] = "1"
+        with NodeServer(workdir, env, port):
+            series = write_mr_series(tmp_path / "mr", seed=1004, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+            os.kill(pacs.proc.pid, signal.SIGSTOP)
+            try:
+                assert storescu(series.folder, port, NODE_AE, SCANNER_AE).returncode == 0
+
+                def retry_scheduled():
+                    with init_db(env["MR2CT_DATABASE_URL"])() as session:
+                        return session.scalars(select(AuditEvent).where(AuditEvent.action == "job-retry-scheduled")).first()
+
+                event = _wait(retry_scheduled, 60, "a scheduled retry while Orthanc hangs")
+                assert "not reachable" in event.detail["reason"] and "1 s" in event.detail["reason"]
+            finally:
+                os.kill(pacs.proc.pid, signal.SIGCONT)
+            job = wait_for_job(env["MR2CT_DATABASE_URL"], series.series_uid, timeout=120)
+            assert job.state == "done" and job.attempts >= 2
+            cts = [s for s in study_series(pacs, series.study_uid) if s["MainDicomTags"]["Modality"] == "CT"]
+            assert len(cts) == 1 and len(cts[0]["Instances"]) == 4
 
 
 def test_a_full_spool_disk_answers_out_of_resources_leaves_no_partial_file_and_recovers(orthanc, tmp_path):

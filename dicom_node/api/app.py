@@ -25,7 +25,7 @@ from dicom_node.api.auth import Caller, current_caller, require
 from dicom_node.db import notify_job_queued
 from dicom_node.forwarder import reschedule_failed
 from dicom_node.models import Association, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun, as_utc, utcnow
-from dicom_node.orthanc_store import OrthancStore
+from dicom_node.orthanc_store import DEFAULT_TIMEOUT_SECONDS, OrthancStore
 from dicom_node.retention import lock_series, purged_reason, spool_usage
 from dicom_node.training_runs import RunState
 from synthesis.errors import PacsUnavailable
@@ -95,11 +95,11 @@ def _page(session: Session, query: Select[Any], limit: int, offset: int) -> dict
 
 def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = None, orthanc_auth: tuple[str, str] | None = None,
                spool_dir: str | None = None, spool_min_free_mb: int = 0, node_info: dict[str, Any] | None = None,
-               routing: str | None = None) -> FastAPI:
+               routing: str | None = None, orthanc_timeout: float = DEFAULT_TIMEOUT_SECONDS) -> FastAPI:
     app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
     app.state.sessions = sessions
     info = dict(node_info or {})
-    store = OrthancStore(orthanc_url, *(orthanc_auth or (None, None))) if orthanc_url else None
+    store = OrthancStore(orthanc_url, *(orthanc_auth or (None, None)), timeout=orthanc_timeout) if orthanc_url else None
     from dicom_node.api.dashboard import dashboard_router
 
     app.include_router(dashboard_router(sessions, store))
