@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import notify_job_queued
-from dicom_node.models import Job, Series, utcnow
+from dicom_node.models import Job, RefusedInstance, Series, utcnow
 from dicom_node.recorder import Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
 from synthesis.errors import InvalidInstance, SeriesNotUsable
@@ -255,6 +255,26 @@ def stable_series(sessions: sessionmaker[Session], stable_seconds: float) -> lis
     return list(rows)
 
 
+def record_refusal(sessions: sessionmaker[Session], sop_uid: str, series_uid: str, status: int, reason: str) -> None:
+    """Keep an instance the SCP refused until the same SOP Instance UID is stored (its series is
+    held meanwhile, see mark_stable)."""
+    with sessions.begin() as session:
+        session.merge(RefusedInstance(sop_instance_uid=sop_uid, series_instance_uid=series_uid, status=f"0x{status:04X}",
+                                      reason=reason[:500], refused_at=utcnow()))
+
+
+def _refusals(session: Session, series: Series) -> str | None:
+    """Why a series is not synthesized from what arrived: instances of it refused and not stored since."""
+    refused = session.scalars(select(RefusedInstance).where(RefusedInstance.series_instance_uid == series.series_instance_uid)
+                              .order_by(RefusedInstance.refused_at)).all()
+    if not refused:
+        return None
+    first = refused[0]
+    return (f"{len(refused)} instance(s) of the series refused ({first.status}: {first.reason[:200]}); not synthesized from the "
+            f"{series.instance_count} stored, which would leave a gap in the sCT: send the refused instances, or the series, again "
+            f"once mended")
+
+
 def mark_stable(
     sessions: sessionmaker[Session], series_uid: str, stable_seconds: float, rules: SelectionRules | None = None
 ) -> tuple[str, int | None]:
@@ -272,7 +292,7 @@ def mark_stable(
             return "receiving", None
         series = session.get(Series, series_uid)
         assert series is not None
-        reason = rules.reason_to_skip(series)
+        reason = rules.reason_to_skip(series) or _refusals(session, series)
         if reason is not None:
             series.state, series.reason = "ignored", reason
             return "ignored", None

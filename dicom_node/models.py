@@ -80,6 +80,20 @@ class Instance(Base):
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
+class RefusedInstance(Base):
+    """An instance the SCP refused with a failure status, kept until the same SOP Instance UID is
+    stored: meanwhile its series is not synthesized from the rest, which would leave a gap in the
+    sCT (a TPS may fill it by interpolation, unseen)."""
+
+    __tablename__ = "refused_instances"
+
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), index=True)
+    status: Mapped[str] = mapped_column(String(6))
+    reason: Mapped[str] = mapped_column(Text)
+    refused_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (Index("ix_jobs_state_created", "state", "created_at"),)

@@ -10,10 +10,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.models import Instance, Series, as_utc
+from dicom_node.models import Instance, RefusedInstance, Series, as_utc
 
 if TYPE_CHECKING:
     from dicom_node.ingest import ReceivedInstance
@@ -85,6 +85,8 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                 series.last_received_at = item.received_at
             if series.state != "receiving":
                 series.state, series.reason = "receiving", None
+        for chunk in _chunks(list(latest), 500):  # refused before, stored now: its series is whole again
+            session.execute(delete(RefusedInstance).where(RefusedInstance.sop_instance_uid.in_(chunk)))
 
 
 def _chunks(values: list[str], size: int) -> list[list[str]]:

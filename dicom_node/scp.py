@@ -38,11 +38,12 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.ingest import SUPPORTED_SOP_CLASSES, DatasetMismatch, Ingest, validate
+from dicom_node.ingest import SUPPORTED_SOP_CLASSES, DatasetMismatch, Ingest, record_refusal, validate
 from dicom_node.models import Association, utcnow
 from dicom_node.spool import SpoolFull, file_meta_header
 from dicom_node.transport import NodeAE, tune
 from synthesis.errors import InvalidInstance
+from synthesis.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,15 @@ def unexpected_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         element += f", {errno.errorcode.get(exc.errno, exc.errno)}"
     return f"the instance could not be read or stored ({type(exc).__name__}{where}{element})"
+
+
+def _series_of(event: evt.Event) -> str | None:
+    """The series a refused instance belongs to, when its data set names one with a well-formed UID."""
+    try:
+        value = str(event.dataset.get("SeriesInstanceUID", "") or "")
+    except Exception:  # a data set that cannot be read at all
+        return None
+    return value if is_valid_uid(value) else None
 
 
 class HostCheckingAE(NodeAE):
@@ -222,27 +232,30 @@ class StoreSCP:
             data = [file_meta_header(sop_class, sop_uid, transfer_syntax), event.encoded_dataset(include_meta=False)]
             self.ingest.store(info, data, str(transfer_syntax), calling_ae, state["id"])
         except SpoolFull as exc:
-            return self._refuse(state, calling_ae, STATUS_OUT_OF_RESOURCES, str(exc), request)
+            return self._refuse(state, calling_ae, STATUS_OUT_OF_RESOURCES, str(exc), event)
         except DatasetMismatch as exc:
-            return self._refuse(state, calling_ae, STATUS_DATASET_MISMATCH, str(exc), request)
+            return self._refuse(state, calling_ae, STATUS_DATASET_MISMATCH, str(exc), event)
         except InvalidInstance as exc:
-            return self._refuse(state, calling_ae, STATUS_CANNOT_UNDERSTAND, str(exc), request)
+            return self._refuse(state, calling_ae, STATUS_CANNOT_UNDERSTAND, str(exc), event)
         except Exception as exc:  # a data set pydicom cannot parse, a disk error: refuse, keep serving
-            return self._refuse(state, calling_ae, STATUS_CANNOT_UNDERSTAND, unexpected_reason(exc), request)
+            return self._refuse(state, calling_ae, STATUS_CANNOT_UNDERSTAND, unexpected_reason(exc), event)
         with self._lock:
             state["stored"] += 1
             state["series"].add(info.series_uid)
         return STATUS_SUCCESS
 
-    def _refuse(self, state: dict[str, Any], calling_ae: str, status: int, reason: str, request: Any) -> int:
+    def _refuse(self, state: dict[str, Any], calling_ae: str, status: int, reason: str, event: evt.Event) -> int:
         with self._lock:
             state["refused"] += 1
-        sop_uid = str(getattr(request, "AffectedSOPInstanceUID", "") or "")[:64]
+        sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")[:64]
+        series_uid = _series_of(event)
         log.warning("C-STORE refused status=0x%04X assoc=%s reason=%s", status, state["id"], reason)
         audit.record(
-            self.sessions, audit.INSTANCE_REFUSED, "failure", calling_ae,
+            self.sessions, audit.INSTANCE_REFUSED, "failure", calling_ae, series_uid=series_uid,
             association_id=state["id"], status=f"0x{status:04X}", reason=reason[:500], sop_instance_uid=sop_uid,
         )
+        if series_uid is not None and is_valid_uid(sop_uid):
+            record_refusal(self.sessions, sop_uid, series_uid, status, reason)  # the series waits for it
         return status
 
     # -- lifecycle -----------------------------------------------------------------

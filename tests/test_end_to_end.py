@@ -3,6 +3,8 @@ and Orthanc then holds its synthetic CT and a provenance SR in the same study.""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pydicom
 import pytest
@@ -14,7 +16,7 @@ from sqlalchemy import select
 from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import echoscu, storescu
-from dicom_node.models import Association, AuditEvent, Instance
+from dicom_node.models import Association, AuditEvent, Instance, Job, Series
 from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.sr_writer import read_provenance
 from tests.conftest import NODE_AE, SCANNER_AE
@@ -174,6 +176,43 @@ def test_an_ae_title_not_on_the_list_is_rejected_and_audited(node):
     assert result.returncode != 0
     assert "reject" in (result.stdout + result.stderr).lower()
     assert audit_events(node.database_url, lambda e: e.action == "security-alert" and e.actor.startswith("INTRUDER@"))
+
+
+def test_a_series_with_a_refused_slice_waits_for_it_instead_of_leaving_a_gap(node, tmp_path):
+    """A scanner sends a series in which one slice has lost its Pixel Data: that slice is refused
+    (0xA900), the others are kept, and the series is not synthesized from them (an sCT with a slice
+    missing, which a planning system may fill by interpolation unseen): it is set aside saying why.
+    The slice sent again, mended, completes it, and the series is synthesized whole."""
+    series = write_mr_series(tmp_path / "mr", seed=4, slices=4, size=32, pixel_spacing=8.0, slice_spacing=8.0)
+    broken = pydicom.dcmread(series.files[1])
+    del broken.PixelData
+    ae = AE(ae_title=SCANNER_AE)
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        statuses = [assoc.send_c_store(broken if i == 1 else pydicom.dcmread(f)).Status for i, f in enumerate(series.files)]
+    finally:
+        assoc.release()
+    assert statuses == [0x0000, 0xA900, 0x0000, 0x0000]
+    sessions = init_db(node.database_url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with sessions() as session:
+            row = session.get(Series, series.series_uid)
+            if row is not None and row.state != "receiving":
+                break
+        time.sleep(0.3)
+    assert row is not None and row.state == "ignored", row and row.state
+    assert row.reason.startswith("1 instance(s) of the series refused (0xA900: the instance has no Pixel Data); not synthesized from the 3 stored")
+    with sessions() as session:
+        assert session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid)).all() == []
+        (refused,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-instance-refused",
+                                                             AuditEvent.series_instance_uid == series.series_uid)).all()
+    assert refused.detail["sop_instance_uid"] == str(broken.SOPInstanceUID)
+    assert storescu(series.files[1], node.port, NODE_AE, SCANNER_AE).returncode == 0  # the slice, mended
+    job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert job.state == "done" and job.instance_count == 4
 
 
 def test_an_instance_without_pixel_data_is_refused_with_a_failure_status(node, tmp_path):
