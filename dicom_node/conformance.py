@@ -227,7 +227,8 @@ C-STORE statuses returned:
 Every refusal is also an audit row (`dicom-instance-refused`) with the status and the reason.
 A series with a refused instance is not synthesized from the rest (an sCT with a slice missing):
 once stable it is set aside (`ignored`, the reason naming the refusal) until the refused SOP
-Instance UIDs have been stored, by a re-send of them or of the series.
+Instance UIDs have been stored, by a re-send of them or of the series, or an administrator asks
+for the series as Orthanc holds it (the admin API's POST /synthesize).
 Storage level: 2 (full); the spool keeps every element as received, private ones included, and
 the synthesis reads the pixels in any of the accepted syntaxes (compressed ones decoded with
 pydicom's plugins). The node is not an archive: with {_setting("spool_retention_hours")} an

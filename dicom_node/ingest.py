@@ -14,7 +14,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage, MRImageStorage
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import notify_job_queued
@@ -263,6 +263,12 @@ def record_refusal(sessions: sessionmaker[Session], sop_uid: str, series_uid: st
                                       reason=reason[:500], refused_at=utcnow()))
 
 
+def lift_refusals(sessions: sessionmaker[Session], series_uid: str) -> int:
+    """Forget the refusals a series waits for (someone asked for it as it is); how many there were."""
+    with sessions.begin() as session:
+        return session.execute(delete(RefusedInstance).where(RefusedInstance.series_instance_uid == series_uid)).rowcount or 0
+
+
 def _refusals(session: Session, series: Series) -> str | None:
     """Why a series is not synthesized from what arrived: instances of it refused and not stored since."""
     refused = session.scalars(select(RefusedInstance).where(RefusedInstance.series_instance_uid == series.series_instance_uid)
@@ -272,7 +278,7 @@ def _refusals(session: Session, series: Series) -> str | None:
     first = refused[0]
     return (f"{len(refused)} instance(s) of the series refused ({first.status}: {first.reason[:200]}); not synthesized from the "
             f"{series.instance_count} stored, which would leave a gap in the sCT: send the refused instances, or the series, again "
-            f"once mended")
+            f"once mended, or ask for the series as Orthanc holds it (POST /synthesize)")
 
 
 def mark_stable(

@@ -219,6 +219,47 @@ def test_a_synthesis_request_refused_part_way_makes_no_job_of_the_part_it_spoole
     assert job.id == asked.json()["job_id"] and job.state == "done", job.error
 
 
+def test_asking_for_a_series_held_for_a_refused_slice_synthesizes_what_orthanc_holds(api, node, orthanc, tmp_path):
+    """A slice of a series came to the node without its Pixel Data and was refused; it will not come
+    again (deleted at the scanner), so the node holds the series. The PACS administrator asks for
+    the series as Orthanc holds it (three slices): it is synthesized, and the audit says the
+    refusal was set aside."""
+    from pynetdicom import AE
+    from pydicom.uid import MRImageStorage
+
+    series = write_mr_series(tmp_path / "mr", seed=612, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    broken = pydicom.dcmread(series.files[-1])
+    del broken.PixelData
+    ae = AE(ae_title=SCANNER_AE)
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+    assert assoc.is_established
+    try:
+        assert [assoc.send_c_store(pydicom.dcmread(f)).Status for f in series.files[:-1]] == [0, 0, 0]
+        assert assoc.send_c_store(broken).Status == 0xA900
+    finally:
+        assoc.release()
+    sessions = init_db(node.database_url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with sessions() as session:
+            row = session.get(Series, series.series_uid)
+            if row is not None and row.state == "ignored":
+                break
+        time.sleep(0.3)
+    assert row is not None and row.state == "ignored" and "refused (0xA900" in row.reason
+    for f in series.files[:-1]:  # Orthanc holds the three good slices
+        assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
+    asked = httpx.post(f"{api['base']}/synthesize", json={"series_uid": series.series_uid}, headers=api["admin"], timeout=60)
+    assert asked.status_code == 202, asked.text
+    job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert job.id == asked.json()["job_id"] and job.state == "done" and job.instance_count == 3
+    with sessions() as session:
+        (requested,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "synthesis-requested", AuditEvent.outcome == "success",
+                                                               AuditEvent.series_instance_uid == series.series_uid)).all()
+    assert requested.detail["refusals_lifted"] == 1
+
+
 def test_a_synthesis_request_for_a_series_with_a_job_waiting_or_running_is_refused(orthanc, tmp_path):
     """One job per series at a time: asking again while its job waits or runs answers 409 naming
     that job, before anything is fetched; once the job has ended the request goes on (and finds

@@ -334,10 +334,13 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         """Fetch a series already in Orthanc and run it through the same pipeline (spool, job, worker).
         A request refused part way (an instance that cannot be synthesized, Orthanc gone, the spool
         full) leaves the instances spooled so far set aside: the series is marked ignored with the
-        reason, so that no job is made later of part of it; sending it again, or asking again, lifts that."""
+        reason, so that no job is made later of part of it; sending it again, or asking again, lifts that.
+        A series the node holds because it refused some of its instances over DICOM is synthesized
+        from what Orthanc holds of it: asking for it is the way to release it when a refused slice
+        will not come again."""
         from pydicom.errors import InvalidDicomError
 
-        from dicom_node.ingest import Ingest, SelectionRules, mark_stable, validate
+        from dicom_node.ingest import Ingest, SelectionRules, lift_refusals, mark_stable, validate
         from dicom_node.spool import Spool, SpoolFull, is_valid_uid
         from synthesis.errors import InvalidInstance
 
@@ -383,12 +386,16 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             except SpoolFull as exc:
                 raise refuse(507, str(exc)) from exc
             spooled += 1
+        # Orthanc's series is what was asked for: instances the node refused over DICOM and Orthanc
+        # does not hold (a slice deleted for good) no longer hold the series back
+        lifted = lift_refusals(sessions, body.series_uid)
         state, job_id = mark_stable(sessions, body.series_uid, 0, SelectionRules(modalities=("MR",)))
         if job_id is None:
             with sessions() as session:
                 reason = session.get(Series, body.series_uid).reason  # type: ignore[union-attr]
             raise HTTPException(422, f"series not synthesized: {reason}")
-        audit.record(sessions, "synthesis-requested", "success", caller.actor, series_uid=body.series_uid, job_id=job_id, instances=len(instances))
+        audit.record(sessions, "synthesis-requested", "success", caller.actor, series_uid=body.series_uid, job_id=job_id, instances=len(instances),
+                     refusals_lifted=lifted)
         return {"job_id": job_id, "series_uid": body.series_uid, "instances": len(instances)}
 
     @api.get("/models")
