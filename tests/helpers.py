@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import init_db
 from dicom_node.local_stack import OrthancServer
-from dicom_node.models import AuditEvent
+from dicom_node.models import AuditEvent, Series
 
 # Debian's dicom3tools (1.00~20220618) predates Synthetic Data (0008,001C), added to
 # PS3.6 later; its dictionary reports the standard tag as unknown. Only this line is
@@ -77,6 +77,35 @@ def audit_events(database_url: str, matching: Callable[[AuditEvent], bool], time
         if found or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
+
+
+def c_store(port: int, called_ae: str, calling_ae: str, datasets: list[Dataset]) -> list[int]:
+    """Send data sets to a node in one association, as a scanner would (pynetdicom sends what it is
+    given, an instance without Pixel Data too, which storescu will not); their C-STORE statuses."""
+    from pydicom.uid import MRImageStorage
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_ae)
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title=called_ae)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(ds).Status) for ds in datasets]
+    finally:
+        assoc.release()
+
+
+def series_once_complete(database_url: str, series_uid: str, timeout: float = 60.0) -> Series | None:
+    """The node's row of a series once it is no longer receiving (a job made, or set aside), or as
+    it stands when the time is up."""
+    sessions = init_db(database_url)
+    deadline = time.monotonic() + timeout
+    while True:
+        with sessions() as session:
+            row = session.get(Series, series_uid)
+        if (row is not None and row.state != "receiving") or time.monotonic() > deadline:
+            return row
+        time.sleep(0.3)
 
 
 def api_token(database_url: str, role: str, name: str) -> str:

@@ -24,7 +24,7 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
 from dicom_node.models import ApiToken, AuditEvent, Job, Series
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import api_token, served_api, shipped_weights_with_views
+from tests.helpers import api_token, c_store, series_once_complete, served_api, shipped_weights_with_views
 from training.phantom_dicom import write_mr_series
 
 def _token_routes() -> list[tuple[str, str]]:
@@ -224,29 +224,12 @@ def test_asking_for_a_series_held_for_a_refused_slice_synthesizes_what_orthanc_h
     again (deleted at the scanner), so the node holds the series. The PACS administrator asks for
     the series as Orthanc holds it (three slices): it is synthesized, and the audit says the
     refusal was set aside."""
-    from pynetdicom import AE
-    from pydicom.uid import MRImageStorage
-
     series = write_mr_series(tmp_path / "mr", seed=612, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
     broken = pydicom.dcmread(series.files[-1])
     del broken.PixelData
-    ae = AE(ae_title=SCANNER_AE)
-    ae.add_requested_context(MRImageStorage)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
-    assert assoc.is_established
-    try:
-        assert [assoc.send_c_store(pydicom.dcmread(f)).Status for f in series.files[:-1]] == [0, 0, 0]
-        assert assoc.send_c_store(broken).Status == 0xA900
-    finally:
-        assoc.release()
+    assert c_store(node.port, NODE_AE, SCANNER_AE, [*map(pydicom.dcmread, series.files[:-1]), broken]) == [0, 0, 0, 0xA900]
+    row = series_once_complete(node.database_url, series.series_uid)
     sessions = init_db(node.database_url)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with sessions() as session:
-            row = session.get(Series, series.series_uid)
-            if row is not None and row.state == "ignored":
-                break
-        time.sleep(0.3)
     assert row is not None and row.state == "ignored" and "refused (0xA900" in row.reason
     for f in series.files[:-1]:  # Orthanc holds the three good slices
         assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200

@@ -3,24 +3,20 @@ and Orthanc then holds its synthetic CT and a provenance SR in the same study.""
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import MRImageStorage
-from pynetdicom import AE
 from scipy import ndimage
 from sqlalchemy import select
 
 from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import echoscu, storescu
-from dicom_node.models import Association, AuditEvent, Instance, Job, Series
+from dicom_node.models import Association, AuditEvent, Instance, Job
 from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.sr_writer import read_provenance
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import audit_events, dcentvfy, dciodvfy, series_datasets, study_series
+from tests.helpers import audit_events, c_store, dcentvfy, dciodvfy, series_once_complete, series_datasets, study_series
 from training import phantoms
 from training.phantom_dicom import write_mr_series
 
@@ -186,24 +182,11 @@ def test_a_series_with_a_refused_slice_waits_for_it_instead_of_leaving_a_gap(nod
     series = write_mr_series(tmp_path / "mr", seed=4, slices=4, size=32, pixel_spacing=8.0, slice_spacing=8.0)
     broken = pydicom.dcmread(series.files[1])
     del broken.PixelData
-    ae = AE(ae_title=SCANNER_AE)
-    ae.add_requested_context(MRImageStorage)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
-    assert assoc.is_established
-    try:
-        statuses = [assoc.send_c_store(broken if i == 1 else pydicom.dcmread(f)).Status for i, f in enumerate(series.files)]
-    finally:
-        assoc.release()
-    assert statuses == [0x0000, 0xA900, 0x0000, 0x0000]
-    sessions = init_db(node.database_url)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        with sessions() as session:
-            row = session.get(Series, series.series_uid)
-            if row is not None and row.state != "receiving":
-                break
-        time.sleep(0.3)
+    sent = [broken if i == 1 else pydicom.dcmread(f) for i, f in enumerate(series.files)]
+    assert c_store(node.port, NODE_AE, SCANNER_AE, sent) == [0x0000, 0xA900, 0x0000, 0x0000]
+    row = series_once_complete(node.database_url, series.series_uid)
     assert row is not None and row.state == "ignored", row and row.state
+    sessions = init_db(node.database_url)
     assert row.reason.startswith("1 instance(s) of the series refused (0xA900: the instance has no Pixel Data); not synthesized from the 3 stored")
     with sessions() as session:
         assert session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid)).all() == []
@@ -219,15 +202,7 @@ def test_an_instance_without_pixel_data_is_refused_with_a_failure_status(node, t
     series = write_mr_series(tmp_path / "bad", seed=3, slices=2, size=32, pixel_spacing=8.0)
     ds = pydicom.dcmread(series.files[0])
     del ds.PixelData
-    ae = AE(ae_title=SCANNER_AE)
-    ae.add_requested_context(MRImageStorage)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
-    assert assoc.is_established
-    try:
-        status = assoc.send_c_store(ds)
-    finally:
-        assoc.release()
-    assert status.Status == 0xA900
+    assert c_store(node.port, NODE_AE, SCANNER_AE, [ds]) == [0xA900]
     sessions = init_db(node.database_url)
     with sessions() as session:
         refused = session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-instance-refused")).all()
