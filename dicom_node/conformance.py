@@ -235,7 +235,8 @@ pydicom's plugins). The node is not an archive: with {_setting("spool_retention_
 original is deleted from the spool that long after it arrived, once its series' newest job is
 done (or the series was ignored) and, when routing, it reached the destination; with
 {_setting("spool_failed_retention_hours")} the originals of a series whose job failed or was cancelled go too,
-that long after its job ended (a retry then asks for the series to be sent again).
+that long after its job ended (a retry then asks for the series to be sent again), and so do those
+of a series set aside for a refused instance, that long after they arrived.
 
 #### 2.2.2 Routing SCU (`forward_to`)
 

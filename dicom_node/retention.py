@@ -12,7 +12,9 @@ An original is deleted only when all of these hold:
 - or, with ``spool_failed_retention_hours``, its series' newest job failed or was cancelled that
   long ago and it arrived that long ago: such a series is kept for its retry that long, then it
   goes too (a site where many series fail, or are cancelled, would otherwise fill its spool); a
-  retry then says to send the series again;
+  retry then says to send the series again. A series set aside because the SCP refused an
+  instance of it waits for that instance as a failed one waits for its retry, and goes by the
+  same rule;
 - when the node routes (``forward_originals``), it reached the destination: one waiting for a
   retry, or given up, is kept.
 
@@ -42,7 +44,7 @@ from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.models import Instance, Job, Series, utcnow
+from dicom_node.models import Instance, Job, RefusedInstance, Series, utcnow
 from dicom_node.spool import PURGE_SUFFIX, Spool, fsync_dir
 from synthesis.errors import InvalidInstance
 
@@ -92,18 +94,29 @@ def _newest_job(column: Any) -> Any:
             .order_by(Job.id.desc()).limit(1).correlate(Series).scalar_subquery())
 
 
+def _no_job() -> Any:
+    return ~select(Job.id).where(Job.series_instance_uid == Series.series_instance_uid).correlate(Series).exists()
+
+
+def _waits_for_refused() -> Any:
+    """The series is set aside until instances of it the SCP refused arrive (ingest.mark_stable)."""
+    return select(RefusedInstance.sop_instance_uid).where(
+        RefusedInstance.series_instance_uid == Series.series_instance_uid).correlate(Series).exists()
+
+
 def _due(cutoff: datetime, routing: bool) -> Select[Any]:
-    """The rows of the originals due for deletion at ``cutoff``: their series done or ignored."""
-    no_job = ~select(Job.id).where(Job.series_instance_uid == Series.series_instance_uid).correlate(Series).exists()
+    """The rows of the originals due for deletion at ``cutoff``: their series done or ignored (not
+    one set aside for a refused instance: it waits for that instance, as a failed series for its retry)."""
     return _held(routing).where(Instance.received_at < cutoff,
-                                or_(_newest_job(Job.state) == "done", and_(Series.state == "ignored", no_job)))
+                                or_(_newest_job(Job.state) == "done", and_(Series.state == "ignored", _no_job(), ~_waits_for_refused())))
 
 
 def _due_failed(cutoff: datetime, routing: bool) -> Select[Any]:
     """The rows of the originals due at ``cutoff`` whose series' newest job failed, or was
-    cancelled, before it."""
-    return _held(routing).where(Instance.received_at < cutoff, _newest_job(Job.state).in_(RETRYABLE),
-                                _newest_job(func.coalesce(Job.finished_at, Job.created_at)) < cutoff)
+    cancelled, before it, or that arrived before it in a series set aside for a refused instance."""
+    failed = and_(_newest_job(Job.state).in_(RETRYABLE), _newest_job(func.coalesce(Job.finished_at, Job.created_at)) < cutoff)
+    return _held(routing).where(Instance.received_at < cutoff,
+                                or_(failed, and_(Series.state == "ignored", _no_job(), _waits_for_refused())))
 
 
 def _rules(now: datetime, retention: timedelta | None, failed_retention: timedelta | None,

@@ -104,7 +104,8 @@ class Settings(BaseSettings):
     )
     spool_failed_retention_hours: float = Field(
         0, ge=0, le=24 * 3650, description="also delete the originals of a series whose newest job failed or was cancelled, "
-        "this long after the job ended and after they arrived (a retry then asks for the series to be sent again); at least "
+        "this long after the job ended and after they arrived (a retry then asks for the series to be sent again), and those of "
+        "a series set aside for a refused instance, this long after they arrived; at least "
         "spool_retention_hours (0: keep them until the series is retried or sent again)",
     )
     forward_originals: bool = Field(False, description="also store every received original into Orthanc (the node routes)")

@@ -20,7 +20,7 @@ from sqlalchemy import select, text
 from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import PostgresServer, free_port, storescu
-from dicom_node.models import AuditEvent, Instance, Job, Series, utcnow
+from dicom_node.models import AuditEvent, Instance, Job, RefusedInstance, Series, utcnow
 from dicom_node.recovery import recover_spool
 from dicom_node import retention
 from dicom_node.retention import SPOOL_PURGED, lock_series, purge_spool
@@ -49,7 +49,7 @@ def spooled(request, tmp_path: Path):
     else:
         sessions = init_db(request.getfixturevalue("postgres").url)
         with sessions.begin() as session:  # each test starts from an empty database
-            session.execute(text("TRUNCATE audit_events, jobs, instances, series CASCADE"))
+            session.execute(text("TRUNCATE audit_events, jobs, instances, series, refused_instances CASCADE"))
 
     def add(n: int, *, series_state: str = "stable", job_state: str | None = "done", hours_ago: float = 2.0,
             forwarded: bool = False, finished_hours_ago: float | None = None) -> list[Path]:
@@ -129,6 +129,21 @@ def test_a_failed_series_goes_only_with_spool_failed_retention_hours_once_it_fai
     later_failed, later_done = add(7, job_state="failed", hours_ago=30, finished_hours_ago=25), add(8, hours_ago=30)
     assert purge_spool(sessions, spool.root, None, routing=False, failed_retention=day)["instances"] == 2
     assert not any(p.exists() for p in later_failed) and all(p.exists() for p in later_done)
+
+
+def test_a_series_set_aside_for_a_refused_instance_is_kept_for_it_as_a_failed_one_for_its_retry(spooled):
+    """A series the node set aside because it refused an instance of it waits for that instance:
+    its originals do not go as an ignored series' do (the mended instance would then find the rest
+    gone), but with spool_failed_retention_hours, as a failed series' do."""
+    spool, sessions, add = spooled
+    held, ignored = add(1, series_state="ignored", job_state=None, hours_ago=30), add(2, series_state="ignored", job_state=None, hours_ago=30)
+    with sessions.begin() as session:
+        session.add(RefusedInstance(sop_instance_uid=f"{STUDY}.1.3", series_instance_uid=f"{STUDY}.1", status="0xA900",
+                                    reason="the instance has no Pixel Data"))
+    assert purge_spool(sessions, spool.root, HOUR, routing=False)["instances"] == 2  # only the series ignored by the rules
+    assert all(p.exists() for p in held) and not any(p.exists() for p in ignored)
+    counts = purge_spool(sessions, spool.root, HOUR, routing=False, failed_retention=timedelta(hours=24))
+    assert counts["instances"] == counts["failed_instances"] == 2 and not any(p.exists() for p in held)
 
 
 def test_when_routing_only_what_reached_the_destination_is_deleted(spooled):
