@@ -947,7 +947,8 @@ def spool_status(config: ConfigOption = None) -> None:
 def spool_purge(
     older_than_hours: Annotated[Optional[float], typer.Option(help="delete originals older than this (default: spool_retention_hours)")] = None,
     failed_older_than_hours: Annotated[Optional[float], typer.Option(
-        help="also delete a failed or cancelled series' originals this long after its job ended (default: spool_failed_retention_hours)")] = None,
+        help="also delete a failed or cancelled series' originals this long after its job ended, and those of a series set aside for a "
+        "refused instance this long after they arrived (default: spool_failed_retention_hours)")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be deleted, delete nothing")] = False,
     config: ConfigOption = None,
 ) -> None:
