@@ -231,6 +231,13 @@ def test_asking_for_a_series_held_for_a_refused_slice_synthesizes_what_orthanc_h
     row = series_once_complete(node.database_url, series.series_uid)
     sessions = init_db(node.database_url)
     assert row is not None and row.state == "ignored" and "refused (0xA900" in row.reason
+
+    def awaiting() -> float:
+        text = httpx.get(f"{api['base']}/metrics", headers=api["auditor"]).text
+        return float(re.search(r"^mr2ct_series_awaiting_refused_instances (\d+)$", text, re.M).group(1))
+
+    held = awaiting()
+    assert held >= 1
     for f in series.files[:-1]:  # Orthanc holds the three good slices
         assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
     asked = httpx.post(f"{api['base']}/synthesize", json={"series_uid": series.series_uid}, headers=api["admin"], timeout=60)
@@ -240,7 +247,7 @@ def test_asking_for_a_series_held_for_a_refused_slice_synthesizes_what_orthanc_h
     with sessions() as session:
         (requested,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "synthesis-requested", AuditEvent.outcome == "success",
                                                                AuditEvent.series_instance_uid == series.series_uid)).all()
-    assert requested.detail["refusals_lifted"] == 1
+    assert requested.detail["refusals_lifted"] == 1 and awaiting() == held - 1
 
 
 def test_a_synthesis_request_for_a_series_with_a_job_waiting_or_running_is_refused(orthanc, tmp_path):

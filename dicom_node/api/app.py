@@ -24,7 +24,8 @@ from dicom_node import audit
 from dicom_node.api.auth import Caller, current_caller, require
 from dicom_node.db import notify_job_queued
 from dicom_node.forwarder import reschedule_failed
-from dicom_node.models import Association, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun, as_utc, utcnow
+from dicom_node.models import (Association, AuditEvent, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
+                               utcnow)
 from dicom_node.orthanc_store import DEFAULT_TIMEOUT_SECONDS, OrthancStore
 from dicom_node.retention import lock_series, purged_reason, spool_usage
 from dicom_node.training_runs import RunState
@@ -139,6 +140,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             received = session.scalar(select(func.coalesce(func.sum(Association.instances_stored), 0)))
             refused = session.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.action == audit.INSTANCE_REFUSED))
             states = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+            waiting = session.scalar(select(func.count(func.distinct(RefusedInstance.series_instance_uid))))
             finished = select(Job.seconds).where(Job.state == "done", Job.seconds.is_not(None)).subquery()
             buckets = session.execute(select(
                 func.count(), func.coalesce(func.sum(finished.c.seconds), 0.0),
@@ -150,6 +152,8 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             "# TYPE mr2ct_instances_received_total counter", f"mr2ct_instances_received_total {received}",
             "# HELP mr2ct_instances_refused_total Instances refused with a failure status.",
             "# TYPE mr2ct_instances_refused_total counter", f"mr2ct_instances_refused_total {refused}",
+            "# HELP mr2ct_series_awaiting_refused_instances Series set aside until instances of them that were refused arrive.",
+            "# TYPE mr2ct_series_awaiting_refused_instances gauge", f"mr2ct_series_awaiting_refused_instances {waiting}",
             "# HELP mr2ct_spool_instances Originals the spool holds (recorded, not deleted by spool retention).",
             "# TYPE mr2ct_spool_instances gauge", f"mr2ct_spool_instances {spool['instances']}",
             "# HELP mr2ct_spool_bytes Size of the originals the spool holds.", "# TYPE mr2ct_spool_bytes gauge", f"mr2ct_spool_bytes {spool['bytes']}",
