@@ -20,15 +20,13 @@ log = logging.getLogger(__name__)
 # there itself: the plugin sends no series that has a state.
 ROUTED_FLAG = "Mr2ctRouted"
 ROUTED_BY_NODE = "received by mr2ct directly, which routed the originals here: not sent back"
+DEFAULT_TIMEOUT_SECONDS = 60.0  # orthanc_timeout_seconds
 
 
 def encode(ds: Dataset) -> bytes:
     buffer = BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
-
-
-DEFAULT_TIMEOUT_SECONDS = 60.0
 
 
 class OrthancStore:
