@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import httpx
+import pydicom
 
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import headless_chromium
+from tests.helpers import c_store, headless_chromium, series_once_complete
 from training.phantom_dicom import write_mr_series
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -27,6 +28,12 @@ def test_log_in_see_a_finished_job_its_preview_and_a_training_runs_losses(node, 
     assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
     job = wait_for_job(node.database_url, series.series_uid, timeout=120)
     assert job.state == "done"
+    # a series with a slice refused (no Pixel Data) is set aside, not synthesized with the gap
+    held = write_mr_series(tmp_path / "held", seed=902, slices=3, size=32, pixel_spacing=8.0, slice_spacing=8.0)
+    broken = pydicom.dcmread(held.files[0])
+    del broken.PixelData
+    assert c_store(node.port, NODE_AE, SCANNER_AE, [broken, *map(pydicom.dcmread, held.files[1:])]) == [0xA900, 0, 0]
+    assert series_once_complete(node.database_url, held.series_uid).state == "ignored"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
     env["MR2CT_DATABASE_URL"] = node.database_url
     token = subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", "create", "--role", "admin", "--name", "browser"],
@@ -64,6 +71,7 @@ def test_log_in_see_a_finished_job_its_preview_and_a_training_runs_losses(node, 
         page.click("#login")
         row = page.locator(f"#job-{job.id}")
         assert row.locator(".done").inner_text() == "done"
+        assert "refused (0xA900: the instance has no Pixel Data)" in page.locator("#set-aside").inner_text()
         page.screenshot(path=str(ARTIFACTS / "dashboard-jobs.png"), full_page=True)
         evaluation = page.locator(f"#evaluation-{evaluation_id}").inner_text()
         assert "dashboard pairs (1 pairs" in evaluation and f"{mae_hu:.1f} HU" in evaluation

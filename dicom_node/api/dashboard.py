@@ -88,6 +88,7 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
             rows = session.execute(select(Job, Series).join(Series, Series.series_instance_uid == Job.series_instance_uid)
                                    .order_by(Job.id.desc()).limit(50)).all()
             events = session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(25)).all()
+            set_aside = session.scalars(select(Series).where(Series.state == "ignored").order_by(Series.last_received_at.desc()).limit(20)).all()
             runs = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(10)).all()
             evaluations = session.scalars(select(Evaluation).order_by(Evaluation.id.desc()).limit(10)).all()
             models = {m.sha256: m for m in session.scalars(select(ModelVersion))}
@@ -102,6 +103,11 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 f"<td>{'' if job.seconds is None else f'{job.seconds:.1f} s'}</td><td>{html.escape(job.device or '')}</td>"
                 f"<td>{html.escape((job.error or '')[:120])}</td><td>{preview}</td></tr>"
             )
+        set_aside_rows = [  # never synthesized, and why: the selection rules, or a refused instance awaited
+            f"<tr><td>{html.escape(s.series_description or '')}</td><td>{s.instance_count}</td><td>{html.escape(s.calling_ae)}</td>"
+            f"<td>{'' if s.last_received_at is None else f'{s.last_received_at:%Y-%m-%d %H:%M:%S}'}</td>"
+            f"<td class='reason'>{html.escape(s.reason or '')}</td></tr>" for s in set_aside
+        ]
         event_rows = [
             f"<tr><td>{e.at:%Y-%m-%d %H:%M:%S}</td><td>{html.escape(e.action)}</td><td>{html.escape(e.outcome)}</td>"
             f"<td>{html.escape(e.actor)}</td><td>{'' if e.job_id is None else e.job_id}</td></tr>" for e in events
@@ -137,6 +143,8 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
         body = (f"<h1>mr2ct jobs</h1><p>Logged in as {html.escape(caller.name)} ({html.escape(caller.role)})</p>"
                 "<table id='jobs'><tr><th>job</th><th>state</th><th>series</th><th>instances</th><th>from</th><th>created</th>"
                 f"<th>took</th><th>device</th><th>error</th><th></th></tr>{''.join(job_rows)}</table>"
+                "<h1>series not synthesized</h1><table id='set-aside'><tr><th>series</th><th>instances</th><th>from</th>"
+                f"<th>last received</th><th>why</th></tr>{''.join(set_aside_rows)}</table>"
                 "<h1>training runs</h1><table id='training'><tr><th>run</th><th>state</th><th>epochs</th><th>last epoch</th>"
                 f"<th>started</th><th>model</th><th></th></tr>{''.join(run_rows)}</table>"
                 "<h1>models on your own pairs</h1><table id='evaluations'><tr><th>evaluation</th><th>at</th><th>model</th>"
