@@ -37,6 +37,12 @@ def _study_series(orthanc: OrthancServer, study_uid: str) -> list[dict]:
     return orthanc.get(f"/studies/{study[0]}/series") if study else []
 
 
+def _upload(orthanc: OrthancServer, payloads: list[bytes]) -> None:
+    """Store DICOM files into Orthanc over REST, as a user uploading a study would."""
+    for data in payloads:
+        assert httpx.post(f"{orthanc.url}/instances", content=data, auth=orthanc.auth).status_code == 200
+
+
 def _wait_for(orthanc, study_uid, predicate, timeout=180):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -68,8 +74,7 @@ def _jobs_done(node: NodeServer, series_uid: str, wanted: int, timeout: float = 
 def test_an_mr_series_uploaded_to_orthanc_gets_its_sct_without_calling_the_node(stack, tmp_path):
     orthanc, _ = stack
     series = write_mr_series(tmp_path / "mr", seed=700, slices=6, size=64, pixel_spacing=4.0, slice_spacing=8.0)
-    for f in series.files:
-        assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
+    _upload(orthanc, [f.read_bytes() for f in series.files])
     result = _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
     ct = [x for x in result if x["MainDicomTags"]["Modality"] == "CT"]
     assert len(ct) == 1 and len(ct[0]["Instances"]) == 6
@@ -116,8 +121,7 @@ def test_a_series_the_node_refuses_is_not_sent_again_and_says_why(stack, tmp_pat
     with io.BytesIO() as buffer:
         broken.save_as(buffer)
         uploads = [f.read_bytes() for f in series.files[:-1]] + [buffer.getvalue()]
-    for data in uploads:
-        assert httpx.post(f"{orthanc.url}/instances", content=data, auth=orthanc.auth).status_code == 200
+    _upload(orthanc, uploads)
     (mr,) = _study_series(orthanc, series.study_uid)
     deadline = time.monotonic() + 60
     while (_routed_flag(orthanc, mr["ID"]) or "sending") == "sending" and time.monotonic() < deadline:
@@ -154,8 +158,7 @@ def _stable_while_the_node_is_down(tmp_path, seed: int, until: str, **orthanc_op
     with OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]},
                        python_plugin=True, stable_age=1, **orthanc_options) as orthanc:
         series = write_mr_series(tmp_path / "mr", seed=seed, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
-        for f in series.files:
-            assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
+        _upload(orthanc, [f.read_bytes() for f in series.files])
         (mr,) = _study_series(orthanc, series.study_uid)
         deadline = time.monotonic() + 60
         while not (_routed_flag(orthanc, mr["ID"]) or "").startswith(until) and time.monotonic() < deadline:
@@ -208,8 +211,7 @@ def test_series_owed_to_the_node_when_orthanc_restarts_are_sent_after_it(tmp_pat
     unstable = write_mr_series(tmp_path / "mr-b", seed=707, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
 
     def upload(orthanc, series):
-        for f in series.files:
-            assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
+        _upload(orthanc, [f.read_bytes() for f in series.files])
         (mr,) = _study_series(orthanc, series.study_uid)
         return mr["ID"]
 
@@ -292,8 +294,7 @@ def test_the_orthanc_config_command_writes_an_orthanc_that_routes_to_the_node(tm
         env["MR2CT_ALLOWED_AES"] = f"{orthanc.aet}@127.0.0.1"
         with NodeServer(tmp_path / "node", env, node_port):
             series = write_mr_series(tmp_path / "mr", seed=704, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
-            for f in series.files:
-                assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
+            _upload(orthanc, [f.read_bytes() for f in series.files])
             # the base config's StableAge (5 s) holds: the series goes once it has been quiet that long
             _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
 
