@@ -395,11 +395,21 @@ def synthesize(output, uri, **request):
 
 
 EXPLORER_JS = """
-$('#series').live('pagebeforeshow', function() {
-  var seriesId = $.mobile.pageData.uuid;
+// The series a series page shows, from the address: Orthanc Explorer moves from one series to
+// another by a change of hash, which fires no pagebeforeshow (the button of the MR series shown
+// before stayed on a CT series' page until 2026-12-05).
+function mr2ctSeriesShown() {
+  var match = /^#series\\?(?:.*&)?uuid=([^&]+)/.exec(window.location.hash);
+  return match ? decodeURIComponent(match[1]) : null;
+}
+function mr2ctOfferSynthesis() {
+  var seriesId = mr2ctSeriesShown();
   $('#mr2ct-synthesize').remove();
+  if (seriesId === null) { return; }
   $.getJSON('../series/' + seriesId, function(series) {
-    if (series.MainDicomTags.Modality !== 'MR') { return; }
+    // an answer for a series no longer shown (the user moved on meanwhile) offers nothing
+    if (mr2ctSeriesShown() !== seriesId || series.MainDicomTags.Modality !== 'MR') { return; }
+    $('#mr2ct-synthesize').remove();
     var button = $('<a>').attr('id', 'mr2ct-synthesize').attr('data-role', 'button').attr('href', '#')
       .attr('data-icon', 'forward').attr('data-theme', 'e').text('Synthesize CT')
       .button().click(function(e) {
@@ -410,7 +420,9 @@ $('#series').live('pagebeforeshow', function() {
       });
     button.insertAfter($('#series-info'));
   });
-});
+}
+$('#series').live('pagebeforeshow', mr2ctOfferSynthesis);
+$(window).bind('hashchange', mr2ctOfferSynthesis);
 """
 
 orthanc.RegisterOnChangeCallback(on_change)

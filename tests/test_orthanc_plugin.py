@@ -338,6 +338,18 @@ def test_the_synthesize_ct_button_in_orthanc_explorer_sends_the_series_and_says_
         ct_page.wait_for_function("document.body.innerText.includes('CT')", timeout=30_000)
         ct_page.wait_for_timeout(1500)  # the page's own script has looked at the series
         ct_buttons = ct_page.locator("#mr2ct-synthesize").count()
+        # Explorer goes from one series to another by a change of hash (an address typed or
+        # pasted, Back and Forward): the MR's button must not stay on the CT's page, nor come back
+        # late from the MR's answer, and must return with the MR.
+        page.evaluate(f"window.location.hash = 'series?uuid={ids['CT']}'")
+        page.wait_for_function("document.getElementById('series-info').innerText.includes('Modality: CT')", timeout=30_000)
+        page.wait_for_timeout(1500)
+        buttons_after_moving_to_ct = page.locator("#mr2ct-synthesize").count()
+        page.go_back()
+        page.locator("#mr2ct-synthesize").first.wait_for(timeout=30_000)
+        buttons_back_on_mr = page.locator("#mr2ct-synthesize").count()
     assert alerts == ["Sent to mr2ct; the synthetic CT will appear in this study."]
     assert ct_buttons == 0
+    assert buttons_after_moving_to_ct == 0
+    assert buttons_back_on_mr == 1
     assert _jobs_done(node, series.series_uid, 2) >= 2  # the automatic send's job, and the button's
