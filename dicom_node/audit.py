@@ -25,6 +25,21 @@ APPLICATION_START = "application-activity/start"
 APPLICATION_STOP = "application-activity/stop"
 
 
+def event(
+    action: str,
+    outcome: str,
+    actor: str,
+    *,
+    study_uid: str | None = None,
+    series_uid: str | None = None,
+    job_id: int | None = None,
+    **detail: Any,
+) -> AuditEvent:
+    """An audit row to add in a transaction that writes what it records (see record)."""
+    return AuditEvent(action=action, outcome=outcome, actor=actor, study_instance_uid=study_uid,
+                      series_instance_uid=series_uid, job_id=job_id, detail=detail)
+
+
 def record(
     sessions: sessionmaker[Session],
     action: str,
@@ -37,14 +52,4 @@ def record(
     **detail: Any,
 ) -> None:
     with sessions.begin() as session:
-        session.add(
-            AuditEvent(
-                action=action,
-                outcome=outcome,
-                actor=actor,
-                study_instance_uid=study_uid,
-                series_instance_uid=series_uid,
-                job_id=job_id,
-                detail=detail,
-            )
-        )
+        session.add(event(action, outcome, actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, **detail))

@@ -255,12 +255,12 @@ def stable_series(sessions: sessionmaker[Session], stable_seconds: float) -> lis
     return list(rows)
 
 
-def record_refusal(sessions: sessionmaker[Session], sop_uid: str, series_uid: str, status: int, reason: str) -> None:
+def record_refusal(session: Session, sop_uid: str, series_uid: str, status: int, reason: str) -> None:
     """Keep an instance the SCP refused until the same SOP Instance UID is stored (its series is
-    held meanwhile, see mark_stable)."""
-    with sessions.begin() as session:
-        session.merge(RefusedInstance(sop_instance_uid=sop_uid, series_instance_uid=series_uid, status=f"0x{status:04X}",
-                                      reason=reason[:500], refused_at=utcnow()))
+    held meanwhile, see mark_stable); in the transaction of the refusal's audit row, so that no
+    crash leaves a refusal audited and its series synthesized with the gap."""
+    session.merge(RefusedInstance(sop_instance_uid=sop_uid, series_instance_uid=series_uid, status=f"0x{status:04X}",
+                                  reason=reason[:500], refused_at=utcnow()))
 
 
 def lift_refusals(sessions: sessionmaker[Session], series_uid: str) -> int:

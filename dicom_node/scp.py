@@ -250,12 +250,13 @@ class StoreSCP:
         sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")[:64]
         series_uid = _series_of(event)
         log.warning("C-STORE refused status=0x%04X assoc=%s reason=%s", status, state["id"], reason)
-        audit.record(
-            self.sessions, audit.INSTANCE_REFUSED, "failure", calling_ae, series_uid=series_uid,
-            association_id=state["id"], status=f"0x{status:04X}", reason=reason[:500], sop_instance_uid=sop_uid,
-        )
-        if series_uid is not None and is_valid_uid(sop_uid):
-            record_refusal(self.sessions, sop_uid, series_uid, status, reason)  # the series waits for it
+        with self.sessions.begin() as session:
+            session.add(audit.event(
+                audit.INSTANCE_REFUSED, "failure", calling_ae, series_uid=series_uid,
+                association_id=state["id"], status=f"0x{status:04X}", reason=reason[:500], sop_instance_uid=sop_uid,
+            ))
+            if series_uid is not None and is_valid_uid(sop_uid):
+                record_refusal(session, sop_uid, series_uid, status, reason)  # the series waits for it
         return status
 
     # -- lifecycle -----------------------------------------------------------------
