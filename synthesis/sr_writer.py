@@ -143,6 +143,10 @@ def build_provenance_sr(
         series_description=f"sCT provenance (mr2ct {synthesis.__version__}, model {model.short_digest})",
         software_versions=synthesis.__version__,
         manufacturer_model_name="mr2ct",
+        # the MR's own, copied below with the patient: highdicom refuses terms the standard
+        # defines (a first value left empty before code extensions, "\\ISO 2022 IR 87" as Japanese
+        # sites send it; Korean's ISO 2022 IR 149), and the job failed on every such series
+        specific_character_set=None,
     )
     copy_patient_and_study(first, sr)
     sr.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID  # mr2ct wrote it (highdicom puts its own)

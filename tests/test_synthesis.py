@@ -20,6 +20,7 @@ from synthesis.networks import ResnetGenerator
 from synthesis.normalize import unit_to_hu
 from synthesis.sr_writer import build_provenance_sr, read_provenance
 from synthesis.volume import assemble
+from tests.helpers import dciodvfy
 from training.phantom_dicom import write_mr_series
 
 ROOT = "1.2.826.0.1.3680043.8.498."
@@ -184,6 +185,38 @@ def test_the_sr_round_trips_into_the_same_facts(tiny_model: Path, mr_series, tmp
     assert facts.parameters["test_time_augmentation"] == "none"
     assert facts.parameters["slice_plane"] == "the acquired slices"
     assert parsed.StudyInstanceUID == mr_series.study_uid
+
+
+@pytest.mark.parametrize("charset, name", [
+    ("ISO_IR 100", "Müller^Jürgen"),
+    ("ISO_IR 192", "Yamada^Tarou=山田^太郎=やまだ^たろう"),
+    (["", "ISO 2022 IR 87"], "Yamada^Tarou=山田^太郎=やまだ^たろう"),  # as Japanese scanners send it
+    (["", "ISO 2022 IR 149"], "Hong^Gildong=洪^吉洞=홍^길동"),  # Korean
+    ("ISO_IR 144", "Ivanov^Ivan=Иванов^Иван"),
+], ids=["latin1", "utf8", "japanese-iso2022", "korean-iso2022", "cyrillic"])
+def test_the_ct_and_sr_keep_the_mrs_character_set_and_names(tiny_model: Path, tmp_path: Path, charset, name) -> None:
+    """A patient's name in the MR's character set comes back the same in the sCT and the SR, and both
+    pass dciodvfy: until 2026-12-05 highdicom refused the SR of an MR in ISO 2022 with an empty
+    first value (Japanese and Korean sites) and every such job failed."""
+    series = write_mr_series(tmp_path / "mr", seed=3, slices=2, size=32, pixel_spacing=6.0, slice_spacing=10.0)
+    datasets = []
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = name
+        ds.save_as(path)
+        datasets.append(pydicom.dcmread(path))
+    source = assemble(datasets)
+    ct = SyntheticCTSeries(source=source, hu=np.zeros(source.volume.voxels.shape, np.float32), model=load_model(tiny_model), uid_root=ROOT, device_label="cpu")
+    sr = build_provenance_sr(ct=ct, mr_headers=source.headers, uid_root=ROOT, processing_seconds=1.0, device_label="cpu")
+    (tmp_path / "ct.dcm").write_bytes(ct.encoded(0))
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    for written in ("ct.dcm", "sr.dcm"):
+        back = pydicom.dcmread(tmp_path / written)
+        assert back.SpecificCharacterSet == charset, written
+        assert str(back.PatientName) == name, written
+        errors, _, _ = dciodvfy(tmp_path / written)
+        assert errors == [], (written, errors)
 
 
 def test_the_sr_warm_up_builds_a_report() -> None:
