@@ -119,9 +119,14 @@ class SyntheticCTSeries:
         ds.SeriesNumber = int(first.get("SeriesNumber", 0) or 0) + 1000
         ds.SeriesDescription = self._description
         ds.SeriesDate, ds.SeriesTime = date, time
-        ds.PatientPosition = first.get("PatientPosition", "") or "HFS"
+        # the MR's, or empty (unknown, as type 2 allows): a planning system reads it, so it is never guessed
+        ds.PatientPosition = first.get("PatientPosition", "") or ""
         if "BodyPartExamined" in first:
             ds.BodyPartExamined = first.BodyPartExamined
+        if "Laterality" in first:  # the same anatomy as the MR's
+            ds.Laterality = first.Laterality
+        elif "BodyPartExamined" not in first:  # the MR does not say what it shows: laterality unknown (type 2C)
+            ds.Laterality = ""
         ds.FrameOfReferenceUID = source.volume.frame_of_reference_uid
         ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
         ds.Manufacturer = MANUFACTURER

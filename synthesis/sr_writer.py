@@ -20,7 +20,7 @@ from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 
 import synthesis
 from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from synthesis.ct_writer import MANUFACTURER, SyntheticCTSeries, contributing_equipment, copy_patient_and_study
+from synthesis.ct_writer import MANUFACTURER, TYPE2_KEYWORDS, SyntheticCTSeries, contributing_equipment, copy_patient_and_study
 from synthesis.infer import GUIDE_EPS, GUIDE_RADIUS
 from synthesis.uids import derived_uid
 
@@ -131,7 +131,7 @@ def build_provenance_sr(
     first = mr_headers[0]
     unique_mr = list({mr.SOPInstanceUID: mr for mr in mr_headers}.values())
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[*unique_mr, *ct.evidence()],
+        evidence=[_with_type2_patient_and_study(unique_mr[0]), *unique_mr[1:], *ct.evidence()],
         content=root,
         series_instance_uid=derived_uid(uid_root, src_series, model.output_key, "sr-series"),
         series_number=int(first.get("SeriesNumber", 0) or 0) + 2000,
@@ -153,6 +153,20 @@ def build_provenance_sr(
     sr.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     sr.ContributingEquipmentSequence = contributing_equipment(f"Provenance of synthetic CT series {ct.series_instance_uid}")
     return sr
+
+
+def _with_type2_patient_and_study(mr: Dataset) -> Dataset:
+    """The MR highdicom takes the patient and study from, with those of its type 2 attributes it
+    lacks present and empty: highdicom reads them all and failed the job with an AttributeError
+    on an MR without, say, a PatientID (type 2, yet absent from some exported and research data)."""
+    missing = [keyword for keyword in TYPE2_KEYWORDS if keyword not in mr]
+    if not missing:
+        return mr
+    completed = Dataset()  # a new data set holding the same elements: the MR's header stays as received
+    completed.update(mr)  # (copy.copy would share its element dict)
+    for keyword in missing:
+        setattr(completed, keyword, None)
+    return completed
 
 
 def warm_up() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.dataset import Dataset
 import pytest
 import torch
 
@@ -187,6 +188,27 @@ def test_the_sr_round_trips_into_the_same_facts(tiny_model: Path, mr_series, tmp
     assert parsed.StudyInstanceUID == mr_series.study_uid
 
 
+def _written_ct_and_sr(tmp_path: Path, tiny_model: Path, edit) -> tuple[Dataset, Path, Path]:
+    """A 2-slice MR series with ``edit`` applied to each header, its first CT slice and its SR as
+    files (what the node stores); returns the first MR header as read back after, and the paths."""
+    series = write_mr_series(tmp_path / "mr", seed=3, slices=2, size=32, pixel_spacing=6.0, slice_spacing=10.0)
+    datasets = []
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        edit(ds)
+        ds.save_as(path)
+        datasets.append(pydicom.dcmread(path))
+    source = assemble(datasets)
+    ct = SyntheticCTSeries(source=source, hu=np.zeros(source.volume.voxels.shape, np.float32), model=load_model(tiny_model), uid_root=ROOT, device_label="cpu")
+    sr = build_provenance_sr(ct=ct, mr_headers=source.headers, uid_root=ROOT, processing_seconds=1.0, device_label="cpu")
+    (tmp_path / "ct.dcm").write_bytes(ct.encoded(0))
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    for written in ("ct.dcm", "sr.dcm"):
+        errors, _, _ = dciodvfy(tmp_path / written)
+        assert errors == [], (written, errors)
+    return source.headers[0], tmp_path / "ct.dcm", tmp_path / "sr.dcm"
+
+
 @pytest.mark.parametrize("charset, name", [
     ("ISO_IR 100", "Müller^Jürgen"),
     ("ISO_IR 192", "Yamada^Tarou=山田^太郎=やまだ^たろう"),
@@ -198,25 +220,46 @@ def test_the_ct_and_sr_keep_the_mrs_character_set_and_names(tiny_model: Path, tm
     """A patient's name in the MR's character set comes back the same in the sCT and the SR, and both
     pass dciodvfy: until 2026-12-05 highdicom refused the SR of an MR in ISO 2022 with an empty
     first value (Japanese and Korean sites) and every such job failed."""
-    series = write_mr_series(tmp_path / "mr", seed=3, slices=2, size=32, pixel_spacing=6.0, slice_spacing=10.0)
-    datasets = []
-    for path in series.files:
-        ds = pydicom.dcmread(path)
-        ds.SpecificCharacterSet = charset
-        ds.PatientName = name
-        ds.save_as(path)
-        datasets.append(pydicom.dcmread(path))
-    source = assemble(datasets)
-    ct = SyntheticCTSeries(source=source, hu=np.zeros(source.volume.voxels.shape, np.float32), model=load_model(tiny_model), uid_root=ROOT, device_label="cpu")
-    sr = build_provenance_sr(ct=ct, mr_headers=source.headers, uid_root=ROOT, processing_seconds=1.0, device_label="cpu")
-    (tmp_path / "ct.dcm").write_bytes(ct.encoded(0))
-    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
-    for written in ("ct.dcm", "sr.dcm"):
-        back = pydicom.dcmread(tmp_path / written)
-        assert back.SpecificCharacterSet == charset, written
-        assert str(back.PatientName) == name, written
-        errors, _, _ = dciodvfy(tmp_path / written)
-        assert errors == [], (written, errors)
+    def edit(ds: Dataset) -> None:
+        ds.SpecificCharacterSet, ds.PatientName = charset, name
+    _, *written = _written_ct_and_sr(tmp_path, tiny_model, edit)
+    for path in written:
+        back = pydicom.dcmread(path)
+        assert back.SpecificCharacterSet == charset, path.name
+        assert str(back.PatientName) == name, path.name
+
+
+PATIENT_AND_STUDY_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                           "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def test_an_mr_without_its_type2_patient_and_study_attributes_gets_its_ct_and_sr(tiny_model: Path, tmp_path: Path) -> None:
+    """Exported and research MR often lack type 2 attributes outright; the SR failed with an
+    AttributeError (highdicom reads PatientID and the rest) until 2026-12-05. Both outputs have them
+    present and empty, as type 2 asks, and the MR's header is left as it came."""
+    def edit(ds: Dataset) -> None:
+        for keyword in PATIENT_AND_STUDY_TYPE2:
+            delattr(ds, keyword)
+    mr, *written = _written_ct_and_sr(tmp_path, tiny_model, edit)
+    assert not any(keyword in mr for keyword in PATIENT_AND_STUDY_TYPE2)
+    for path in written:
+        back = pydicom.dcmread(path)
+        assert all(keyword in back and not back[keyword].value for keyword in PATIENT_AND_STUDY_TYPE2), path.name
+
+
+@pytest.mark.parametrize("edit, position, laterality", [
+    (lambda ds: None, "HFS", None),  # a head, as the phantom says: no laterality
+    (lambda ds: delattr(ds, "PatientPosition"), "", None),  # unknown stays unknown: never a guessed HFS
+    (lambda ds: delattr(ds, "BodyPartExamined"), "HFS", ""),  # what the MR shows is not said: laterality unknown
+    (lambda ds: (setattr(ds, "BodyPartExamined", "KNEE"), setattr(ds, "Laterality", "R")), "HFS", "R"),  # the MR's side
+], ids=["as-sent", "no-patient-position", "no-body-part", "laterality"])
+def test_the_ct_says_what_the_mr_says_of_position_and_laterality(tiny_model: Path, tmp_path: Path, edit, position, laterality) -> None:
+    """PatientPosition (a planning system reads it) is the MR's or empty, never invented, and
+    Laterality follows the MR so that the CT passes dciodvfy when the MR has no BodyPartExamined."""
+    _, ct_path, _ = _written_ct_and_sr(tmp_path, tiny_model, edit)
+    ct = pydicom.dcmread(ct_path)
+    assert ct.PatientPosition == position
+    assert ct.get("Laterality") == laterality
 
 
 def test_the_sr_warm_up_builds_a_report() -> None:
