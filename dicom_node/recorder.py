@@ -6,7 +6,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -38,12 +38,19 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
     """Record spooled instances (new or re-sent) in one transaction and wake their series up.
 
     A SOP Instance UID sent twice counts once; the later arrival wins (its file replaced the
-    earlier one atomically in the spool).
+    earlier one atomically in the spool). One sent again under another series or study (split,
+    merged or corrected upstream) moves there: its row follows the new file, the series it left
+    counts one fewer, and the earlier file is deleted once the move is committed (until
+    2026-12-05 the row kept naming the old file, so the new series was synthesized without it).
     """
     latest: dict[str, SpooledInstance] = {}
+    superseded: list[tuple[Path, SpooledInstance]] = []  # (a file an arrival replaced elsewhere, that arrival)
     for item in items:
-        latest.pop(item.info.sop_instance_uid, None)
+        earlier = latest.pop(item.info.sop_instance_uid, None)
+        if earlier is not None and earlier.path != item.path:
+            superseded.append((earlier.path, item))
         latest[item.info.sop_instance_uid] = item
+    moved = 0
     with sessions.begin() as session:
         existing = {
             row.sop_instance_uid: row
@@ -51,21 +58,30 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
             for row in session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(chunk)))
         }
         touched: dict[str, Series] = {}
+
+        def locked_series(uid: str) -> Series | None:
+            if uid not in touched:
+                found = session.get(Series, uid, with_for_update=True)
+                if found is None:
+                    return None
+                touched[uid] = found
+            return touched[uid]
+
         for uid, item in latest.items():
             info = item.info
-            series = touched.get(info.series_uid)
+            series = locked_series(info.series_uid)
             if series is None:
-                series = session.get(Series, info.series_uid, with_for_update=True)
-                if series is None:
-                    series = Series(
-                        series_instance_uid=info.series_uid, study_instance_uid=info.study_uid, modality=info.modality,
-                        calling_ae=item.calling_ae, instance_count=0, first_received_at=item.received_at,
-                        last_received_at=item.received_at, state="receiving", series_description=info.series_description,
-                        orientation=info.orientation, patient_id=info.patient_id,
-                    )
-                    session.add(series)
-                    session.flush()
+                series = Series(
+                    series_instance_uid=info.series_uid, study_instance_uid=info.study_uid, modality=info.modality,
+                    calling_ae=item.calling_ae, instance_count=0, first_received_at=item.received_at,
+                    last_received_at=item.received_at, state="receiving", series_description=info.series_description,
+                    orientation=info.orientation, patient_id=info.patient_id,
+                )
+                session.add(series)
+                session.flush()
                 touched[info.series_uid] = series
+            elif series.study_instance_uid != info.study_uid:  # the series moved to another study upstream: the latest says where
+                series.study_instance_uid = info.study_uid
             row = existing.get(uid)
             if row is None:
                 session.add(
@@ -76,7 +92,17 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                     )
                 )
                 series.instance_count += 1
-            else:  # a re-send: the spool file was replaced atomically; the count stays
+            else:  # a re-send: the count stays, unless it comes under another series
+                if row.series_instance_uid != info.series_uid:
+                    left = locked_series(row.series_instance_uid)
+                    if left is not None:
+                        left.instance_count = max(0, left.instance_count - 1)
+                    row.series_instance_uid = info.series_uid
+                    series.instance_count += 1
+                    moved += 1
+                if row.path != str(item.path):  # another series or study folder: the row follows the new file
+                    superseded.append((Path(row.path), item))
+                    row.path = str(item.path)
                 row.received_at, row.size_bytes, row.association_id = item.received_at, item.size, item.association_id
                 row.transfer_syntax_uid = item.transfer_syntax
                 row.forwarded_at, row.forward_attempts, row.forward_refusals, row.forward_next_at = None, 0, 0, item.received_at
@@ -87,6 +113,29 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                 series.state, series.reason = "receiving", None
         for chunk in _chunks(list(latest), 500):  # refused before, stored now: its series is whole again
             session.execute(delete(RefusedInstance).where(RefusedInstance.sop_instance_uid.in_(chunk)))
+    if moved:
+        log.info("re-sent instance(s) moved to another series: %d", moved)
+    for stale, newer in superseded:
+        remove_superseded(stale, newer.path, newer.received_at)
+
+
+def remove_superseded(stale: Path, newer: Path, newer_received_at: datetime) -> bool:
+    """Delete the spool file of an instance that arrived again under another series or study, so
+    that start-up recovery cannot record it back over the newer one. Only a file of the same
+    spool and the same SOP Instance UID, written before the arrival that replaced it (a copy
+    written since, the instance sent back where it was, stays)."""
+    if stale == newer or stale.name != newer.name or stale.parent.parent.parent != newer.parent.parent.parent:
+        return False
+    try:
+        if datetime.fromtimestamp(stale.stat().st_mtime, timezone.utc) >= as_utc(newer_received_at):
+            return False
+        stale.unlink()
+    except FileNotFoundError:
+        return False
+    except OSError as exc:  # left behind: recovery tells it from the newer one by the same rule
+        log.warning("superseded spool file not deleted path=%s reason=%s", stale.name, exc)
+        return False
+    return True
 
 
 def _chunks(values: list[str], size: int) -> list[list[str]]:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.ingest import validate
 from dicom_node.models import QUEUED_AGAIN, Instance, Job, utcnow
-from dicom_node.recorder import SpooledInstance, record_batch
+from dicom_node.recorder import SpooledInstance, record_batch, remove_superseded
 from dicom_node.spool import PURGE_SUFFIX, Spool
 from synthesis.errors import InvalidInstance
 
@@ -41,9 +41,12 @@ def recover_spool(spool: Spool, sessions: sessionmaker[Session]) -> dict[str, in
             session.execute(update(Instance).where(Instance.path == str(final)).values(purged_at=None))
         restored += 1
     with sessions() as session:
-        known = set(session.scalars(select(Instance.path)).all())
+        # the row of each instance: its file, and when that arrived
+        rows = {sop: (path, received_at) for sop, path, received_at in session.execute(
+            select(Instance.sop_instance_uid, Instance.path, Instance.received_at))}
+    known = {path for path, _ in rows.values()}
     found: list[SpooledInstance] = []
-    unreadable = 0
+    unreadable = superseded = 0
     for path in spool.instances():
         if str(path) in known:
             continue
@@ -56,14 +59,23 @@ def recover_spool(spool: Spool, sessions: sessionmaker[Session]) -> dict[str, in
             unreadable += 1
             log.warning("spool file not recoverable path=%s reason=%s", path.name, exc)
             continue
+        row = rows.get(info.sop_instance_uid)
+        # The instance is recorded under another series or study: this file is the copy an arrival
+        # there replaced (a crash came before its deletion), unless it was written after that
+        # arrival (the move itself is what the crash left unrecorded).
+        if row is not None and remove_superseded(path, Path(row[0]), row[1]):
+            superseded += 1
+            continue
         found.append(SpooledInstance(info, path, path.stat().st_size, str(ds.file_meta.TransferSyntaxUID), "recovered", None, utcnow()))
     for start in range(0, len(found), RECOVERY_BATCH):  # a transaction per batch, not per file
         record_batch(sessions, found[start : start + RECOVERY_BATCH])
     recovered = len(found)
-    counts = {"recovered": recovered, "temporaries_removed": removed, "unrecoverable": unreadable, "purges_undone": restored}
-    if recovered or removed or unreadable or restored:
+    counts = {"recovered": recovered, "temporaries_removed": removed, "unrecoverable": unreadable, "purges_undone": restored,
+              "superseded_removed": superseded}
+    if recovered or removed or unreadable or restored or superseded:
         audit.record(sessions, "spool-recovery", "warning" if unreadable else "success", "mr2ct start-up", **counts)
-        log.info("spool recovery recovered=%d temporaries_removed=%d unrecoverable=%d purges_undone=%d", recovered, removed, unreadable, restored)
+        log.info("spool recovery recovered=%d temporaries_removed=%d unrecoverable=%d purges_undone=%d superseded_removed=%d",
+                 recovered, removed, unreadable, restored, superseded)
     return counts
 
 

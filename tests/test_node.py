@@ -4,6 +4,7 @@ association limits, recovery after a crash, DICOM over TLS."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -285,6 +286,71 @@ def test_after_kill_9_the_spool_is_recovered_and_the_series_synthesized_once(nod
     assert len(jobs) == 1
     assert len(instances) == 7 == len(list((study_dir / series.series_uid).glob("*.dcm")))
     assert jobs[0].instance_count == 7
+
+
+def _rows_by_series(database_url: str) -> dict[str, list[Instance]]:
+    sessions = init_db(database_url)
+    with sessions() as session:
+        rows = session.scalars(select(Instance)).all()
+    grouped: dict[str, list[Instance]] = {}
+    for row in rows:
+        grouped.setdefault(row.series_instance_uid, []).append(row)
+    return grouped
+
+
+def test_instances_sent_again_under_another_series_move_there_whole(node_factory, tmp_path):
+    """A series split upstream (or an instance corrected into another series) and sent again keeps
+    its SOP Instance UIDs: the instances move to the new series, whose sCT is made from them, the
+    old series counts fewer, and no stale copy stays in the spool for a restart to record back.
+    Until 2026-12-05 the rows kept naming the old files, and the new series was synthesized
+    without them. Then a node restarted after a crash between a move and the old copy's deletion
+    deletes that copy, and records a move the crash left unrecorded."""
+    workdir = tmp_path / "moving-node"
+    node = node_factory(workdir=workdir, complete_on_release="true")
+    series = _small(tmp_path, "mr", 245)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    assert wait_for_job(node.database_url, series.series_uid, timeout=120).state == "done"
+    split = tmp_path / "split"
+    split.mkdir()
+    split_uid = "1.2.826.0.1.3680043.8.498.245245"
+    for path in series.files[2:]:
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SeriesNumber, ds.SeriesDescription = split_uid, 99, "T1 split"
+        ds.save_as(split / path.name, enforce_file_format=True)
+    assert storescu(split, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    job = wait_for_job(node.database_url, split_uid, timeout=120)
+    assert job.state == "done", job.error
+    assert job.instance_count == 2
+    spool = workdir / "spool" / series.study_uid
+    rows = _rows_by_series(node.database_url)
+    assert {uid: len(found) for uid, found in rows.items()} == {series.series_uid: 2, split_uid: 2}
+    for uid, found in rows.items():
+        assert sorted(Path(r.path) for r in found) == sorted((spool / uid).glob("*.dcm"))
+    assert _series_row(node, series.series_uid).instance_count == 2
+    assert _series_row(node, split_uid).instance_count == 2
+    node.stop()
+
+    # A crash between a move's commit and the deletion of the old copy left that copy (written
+    # before the move); a crash right after another move's file reached the spool left it unrecorded.
+    moved_back = rows[split_uid][0]
+    stale = spool / series.series_uid / Path(moved_back.path).name
+    original = pydicom.dcmread(moved_back.path)
+    original.SeriesInstanceUID = series.series_uid  # as it was before the split
+    original.save_as(stale, enforce_file_format=True)
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    unrecorded_uid = "1.2.826.0.1.3680043.8.498.245246"
+    unrecorded = pydicom.dcmread(rows[series.series_uid][0].path)
+    unrecorded.SeriesInstanceUID = unrecorded_uid
+    (spool / unrecorded_uid).mkdir()
+    unrecorded.save_as(spool / unrecorded_uid / f"{unrecorded.SOPInstanceUID}.dcm", enforce_file_format=True)
+    restarted = node_factory(workdir=workdir, port=node.port)
+    assert wait_for_job(restarted.database_url, unrecorded_uid, timeout=120).state == "done"
+    assert not stale.exists()
+    rows = _rows_by_series(restarted.database_url)
+    assert {uid: len(found) for uid, found in rows.items()} == {series.series_uid: 1, split_uid: 2, unrecorded_uid: 1}
+    assert not (spool / series.series_uid / f"{unrecorded.SOPInstanceUID}.dcm").exists()
+    recovery = audit_events(restarted.database_url, lambda e: e.action == "spool-recovery")
+    assert recovery[-1].detail["superseded_removed"] == 1 and recovery[-1].detail["recovered"] == 1
 
 
 def _openssl(*args: str, cwd: Path) -> None:
