@@ -8,7 +8,8 @@ DERIVED and synthetic; each slice names its MR source.
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import re
+from datetime import datetime, timedelta, timezone
 from functools import cached_property
 
 import numpy as np
@@ -53,6 +54,28 @@ def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
             setattr(target, keyword, "")
 
 
+def mr_timezone(mr: Dataset) -> timezone | None:
+    """The zone the MR's dates and times are in when it says so (TimezoneOffsetFromUTC, +/-HHMM)."""
+    match = re.fullmatch(r"([+-])(\d\d)([0-5]\d)", str(mr.get("TimezoneOffsetFromUTC", "") or "").strip())
+    if match is None or int(match[2]) > 14:
+        return None
+    sign = 1 if match[1] == "+" else -1
+    return timezone(sign * timedelta(hours=int(match[2]), minutes=int(match[3])))
+
+
+def local_now(mr: Dataset) -> datetime:
+    """Now, as the MR's dates and times are read: in its zone when it names one, else this host's.
+    DICOM dates and times without an offset are local time, and a viewer shows the sCT's beside
+    the MR's (until 2026-12-05 they were UTC, hours off wherever the hospital is not)."""
+    zone = mr_timezone(mr)
+    return datetime.now(zone) if zone is not None else datetime.now().astimezone()
+
+
+def date_time(moment: datetime) -> str:
+    """A DT value with its offset from UTC, so that it is read the same anywhere."""
+    return moment.strftime("%Y%m%d%H%M%S%z")
+
+
 def contributing_equipment(description: str, when: str | None = None) -> Sequence:
     item = Dataset()
     item.PurposeOfReferenceCodeSequence = Sequence([_code("109102", "DCM", "Processing Equipment")])
@@ -60,7 +83,7 @@ def contributing_equipment(description: str, when: str | None = None) -> Sequenc
     item.ManufacturerModelName = "mr2ct"
     item.SoftwareVersions = synthesis.__version__
     item.ContributionDescription = description[:1024]
-    item.ContributionDateTime = when or datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
+    item.ContributionDateTime = when or date_time(datetime.now().astimezone())
     return Sequence([item])
 
 
@@ -89,7 +112,7 @@ class SyntheticCTSeries:
         key = model.output_key + ("+axial" if resliced_from else "")  # other pixels, other UIDs
         self.series_instance_uid = derived_uid(uid_root, src_series, key, "ct-series")
         self.sop_instance_uids = [derived_uid(uid_root, src_series, key, "ct", i) for i in range(len(source.headers))]
-        now = datetime.now(timezone.utc)
+        now = local_now(source.headers[0])
         description = f"sCT (mr2ct {synthesis.__version__}, model {model.short_digest})"
         derivation = (
             f"Synthetic CT generated from MR series {src_series} by mr2ct {synthesis.__version__} "
@@ -114,6 +137,8 @@ class SyntheticCTSeries:
         copy_patient_and_study(first, ds)
         ds.SOPClassUID = CTImageStorage
         ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+        if mr_timezone(first) is not None:  # the copied study dates are in it, and ours were written in it
+            ds.TimezoneOffsetFromUTC = str(first.TimezoneOffsetFromUTC).strip()
         ds.Modality = "CT"
         ds.SeriesInstanceUID = self.series_instance_uid
         ds.SeriesNumber = int(first.get("SeriesNumber", 0) or 0) + 1000
@@ -138,7 +163,7 @@ class SyntheticCTSeries:
         ds.DerivationDescription = self._derivation[:1024]
         ds.BurnedInAnnotation = "NO"
         ds.SyntheticData = "YES"
-        ds.ContributingEquipmentSequence = contributing_equipment(self._derivation, self._created.strftime("%Y%m%d%H%M%S"))
+        ds.ContributingEquipmentSequence = contributing_equipment(self._derivation, date_time(self._created))
         ds.ImageOrientationPatient = [_ds_float(v) for v in source.volume.orientation]
         ds.PixelSpacing = [_ds_float(v) for v in source.volume.pixel_spacing]
         ds.SamplesPerPixel = 1

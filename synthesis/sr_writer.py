@@ -10,7 +10,6 @@ it back into the same facts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import highdicom as hd
@@ -20,7 +19,9 @@ from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 
 import synthesis
 from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from synthesis.ct_writer import MANUFACTURER, TYPE2_KEYWORDS, SyntheticCTSeries, contributing_equipment, copy_patient_and_study
+from synthesis.ct_writer import (
+    MANUFACTURER, TYPE2_KEYWORDS, SyntheticCTSeries, contributing_equipment, copy_patient_and_study, date_time, local_now, mr_timezone,
+)
 from synthesis.infer import GUIDE_EPS, GUIDE_RADIUS
 from synthesis.uids import derived_uid
 
@@ -97,8 +98,8 @@ def build_provenance_sr(
     for item in algorithm:
         item.RelationshipType = "HAS CONCEPT MOD"
         items.append(item)
-    processed_at = datetime.now(timezone.utc).strftime("%Y%m%d%H%M%S")
-    items.append(hd.sr.DateTimeContentItem(name=codes.DCM.DatetimeOfProcessing, value=datetime.strptime(processed_at, "%Y%m%d%H%M%S"), relationship_type="CONTAINS"))
+    processed = local_now(mr_headers[0]).replace(microsecond=0)  # with its offset from UTC
+    items.append(hd.sr.DateTimeContentItem(name=codes.DCM.DatetimeOfProcessing, value=processed, relationship_type="CONTAINS"))
     items.append(hd.sr.TextContentItem(name=COMPUTE_DEVICE, value=device_label[:64], relationship_type="CONTAINS"))
     items.append(
         hd.sr.NumContentItem(
@@ -149,9 +150,15 @@ def build_provenance_sr(
         specific_character_set=None,
     )
     copy_patient_and_study(first, sr)
+    # highdicom writes this host's local time; the MR's zone when it names one, like the CT's
+    date, time = processed.strftime("%Y%m%d"), processed.strftime("%H%M%S")
+    sr.InstanceCreationDate, sr.InstanceCreationTime, sr.ContentDate, sr.ContentTime = date, time, date, time
+    sr.SeriesDate, sr.SeriesTime = date, time
+    if mr_timezone(first) is not None:
+        sr.TimezoneOffsetFromUTC = str(first.TimezoneOffsetFromUTC).strip()
     sr.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID  # mr2ct wrote it (highdicom puts its own)
     sr.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-    sr.ContributingEquipmentSequence = contributing_equipment(f"Provenance of synthetic CT series {ct.series_instance_uid}")
+    sr.ContributingEquipmentSequence = contributing_equipment(f"Provenance of synthetic CT series {ct.series_instance_uid}", date_time(processed))
     return sr
 
 

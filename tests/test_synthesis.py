@@ -262,6 +262,40 @@ def test_the_ct_says_what_the_mr_says_of_position_and_laterality(tiny_model: Pat
     assert ct.get("Laterality") == laterality
 
 
+@pytest.mark.parametrize("host_zone, mr_offset, expected_offset", [
+    ("Asia/Tokyo", None, "+0900"),  # the MR says no zone: this host's local time, as DICOM reads it
+    ("UTC", "-0500", "-0500"),  # the MR names its zone: the sCT's dates and times are written in it
+], ids=["host-local", "mr-offset"])
+def test_the_ct_and_sr_dates_and_times_are_local_like_the_mrs(tiny_model: Path, tmp_path: Path, monkeypatch,
+                                                             host_zone, mr_offset, expected_offset) -> None:
+    """DICOM dates and times without an offset are local time; a viewer shows the sCT's series time
+    beside the MR's. Until 2026-12-05 they were written in UTC, hours off away from Greenwich."""
+    import time as clock
+    from datetime import datetime, timedelta, timezone
+
+    monkeypatch.setenv("TZ", host_zone)
+    clock.tzset()
+    try:
+        def edit(ds: Dataset) -> None:
+            if mr_offset:
+                ds.TimezoneOffsetFromUTC = mr_offset
+        _, ct_path, sr_path = _written_ct_and_sr(tmp_path, tiny_model, edit)
+    finally:
+        monkeypatch.undo()
+        clock.tzset()
+    sign = 1 if expected_offset[0] == "+" else -1
+    expected_now = datetime.now(timezone.utc).replace(tzinfo=None) + sign * timedelta(hours=int(expected_offset[1:3]), minutes=int(expected_offset[3:]))
+    ct, sr = pydicom.dcmread(ct_path), pydicom.dcmread(sr_path)
+    for ds, keywords in ((ct, ("SeriesDate", "SeriesTime")), (ct, ("ContentDate", "ContentTime")), (sr, ("ContentDate", "ContentTime")),
+                         (sr, ("InstanceCreationDate", "InstanceCreationTime"))):
+        written = datetime.strptime(ds.data_element(keywords[0]).value + ds.data_element(keywords[1]).value[:6], "%Y%m%d%H%M%S")
+        assert abs(written - expected_now) < timedelta(minutes=2), (ds.Modality, keywords, written, expected_now)
+    assert ct.ContributingEquipmentSequence[0].ContributionDateTime.endswith(expected_offset)
+    assert sr.ContributingEquipmentSequence[0].ContributionDateTime.endswith(expected_offset)
+    assert ct.get("TimezoneOffsetFromUTC") == mr_offset and sr.get("TimezoneOffsetFromUTC") == mr_offset
+    assert str(read_provenance(hd.sr.srread(sr_path)).processed_at) == sr.ContentDate + sr.ContentTime
+
+
 def test_the_sr_warm_up_builds_a_report() -> None:
     from synthesis.sr_writer import warm_up
 
