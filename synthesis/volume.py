@@ -216,6 +216,21 @@ def axial_reslice(volume: Volume, plane: str = "auto") -> tuple[Reslice | None, 
     return reslice, f"axial slices resliced from the {acquired} acquisition"
 
 
+def _why_positions_repeat(datasets: list[Dataset]) -> str:
+    """What makes a series hold several images per position, when its headers say (several echoes,
+    time points, b-values): the series is then several volumes, and which one to use is the site's call."""
+    reasons = []
+    for keyword, what in (("EchoNumbers", "echoes"), ("TemporalPositionIdentifier", "time points"),
+                          ("DiffusionBValue", "b-values"), ("ImageType", "image types")):
+        values = {str(ds.get(keyword)) for ds in datasets if keyword in ds}
+        if len(values) > 1:
+            reasons.append(f"{len(values)} {what} ({keyword})")
+    if not reasons:
+        return ""
+    return (f": the series holds {', '.join(reasons)}, one volume each; send one of them as its own series "
+            "(most scanners can save echoes or phases as separate series), or exclude the series by its description")
+
+
 def assemble(datasets: list[Dataset]) -> SourceSeries:
     """Build a volume from the instances of one series (single-frame or enhanced multi-frame);
     refuse what cannot be one volume."""
@@ -227,6 +242,11 @@ def assemble(datasets: list[Dataset]) -> SourceSeries:
     for_uids = {str(ds.get("FrameOfReferenceUID", "")) for ds in datasets}
     if len(for_uids) != 1 or "" in for_uids:
         raise SeriesNotUsable("instances must share one FrameOfReferenceUID")
+    for ds in datasets:
+        samples, photometric = int(ds.get("SamplesPerPixel", 1) or 1), str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+        if samples != 1 or not photometric.startswith("MONOCHROME"):
+            raise SeriesNotUsable(f"instance {ds.get('SOPInstanceUID', '?')} is not greyscale (SamplesPerPixel {samples}, "
+                                  f"PhotometricInterpretation {photometric}): the model takes MR signal, one value per pixel")
     slices: list[tuple[Dataset, int | None, FrameGeometry]] = []
     for ds in datasets:
         geometry = frame_geometry(ds)
@@ -247,7 +267,7 @@ def assemble(datasets: list[Dataset]) -> SourceSeries:
     distances = positions @ normal
     order = np.argsort(distances, kind="stable")
     if len(order) > 1 and np.min(np.diff(distances[order])) < POSITION_TOLERANCE_MM:
-        raise SeriesNotUsable("two or more slices share one position")
+        raise SeriesNotUsable("two or more slices share one position" + _why_positions_repeat([ds for ds, _, _ in slices]))
     voxels = np.empty((len(order), *shape), dtype=np.float32)
     decoded: dict[int, np.ndarray] = {}
     for out_index, i in enumerate(order):

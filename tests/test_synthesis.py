@@ -95,6 +95,30 @@ def test_duplicate_positions_and_mixed_sizes_are_refused(mr_series) -> None:
         assemble(datasets)
 
 
+def test_a_series_of_several_echoes_is_refused_saying_so(mr_series) -> None:
+    """A dual-echo series repeats each position once per echo: the reason says so and what to do,
+    where it said only that slices share a position."""
+    first = [pydicom.dcmread(f) for f in mr_series.files]
+    second = [pydicom.dcmread(f) for f in mr_series.files]
+    for number, echo in ((1, first), (2, second)):
+        for ds in echo:
+            ds.EchoNumbers = number
+    with pytest.raises(SeriesNotUsable, match=r"share one position: the series holds 2 echoes \(EchoNumbers\), one volume each; send one"):
+        assemble(first + second)
+
+
+def test_a_colour_series_is_refused_saying_so(mr_series) -> None:
+    """An RGB image filed as MR (a colour map, a screenshot) failed its job with a numpy broadcast
+    error; the reason now says what is wrong."""
+    datasets = [pydicom.dcmread(f) for f in mr_series.files]
+    colour = datasets[1]
+    grey = colour.pixel_array
+    colour.PixelData = np.repeat(grey[..., None], 3, axis=2).astype(grey.dtype).tobytes()
+    colour.SamplesPerPixel, colour.PhotometricInterpretation, colour.PlanarConfiguration = 3, "RGB", 0
+    with pytest.raises(SeriesNotUsable, match="is not greyscale .SamplesPerPixel 3, PhotometricInterpretation RGB."):
+        assemble(datasets)
+
+
 def test_inference_keeps_the_mr_matrix_for_non_square_anisotropic_input(tiny_model: Path) -> None:
     model = load_model(tiny_model)
     voxels = np.random.default_rng(0).random((3, 50, 70)).astype(np.float32)
