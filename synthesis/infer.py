@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from synthesis.errors import Stopped
+from synthesis.errors import SeriesNotUsable, Stopped
 from synthesis.model_file import TEST_TIME_AUGMENTATIONS, LoadedModel
 from synthesis.networks import low_precision_copy, size_multiple
 from synthesis.normalize import mr_to_unit, n4_correct, unit_to_hu
@@ -261,7 +261,13 @@ def _pad_mode(x: torch.Tensor, pad: int) -> str:
 def normalised(voxels: np.ndarray, model: LoadedModel) -> np.ndarray:
     """MR voxels in the generator's [-1, 1] units, by the intensity percentiles its card names."""
     norm = model.card["normalization"]
-    return mr_to_unit(voxels, float(norm.get("low", 0.5)), float(norm.get("high", 99.5)))
+    low, high = float(norm.get("low", 0.5)), float(norm.get("high", 99.5))
+    unit = mr_to_unit(voxels, low, high)
+    if voxels.size and float(unit.max()) <= -1.0:  # its low and high percentiles are one value
+        # A blank MR (a failed acquisition, a placeholder) made a uniform sCT of ~470 HU until 2026-12-05.
+        raise SeriesNotUsable(f"the MR has no contrast: its {low:g}th and {high:g}th intensity percentiles are equal (nearly every "
+                              "voxel holds one value), so there is no anatomy to synthesize a CT from (a blank or failed acquisition?)")
+    return unit
 
 
 @torch.inference_mode()

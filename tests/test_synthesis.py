@@ -107,6 +107,16 @@ def test_a_series_of_several_echoes_is_refused_saying_so(mr_series) -> None:
         assemble(first + second)
 
 
+def test_a_blank_mr_is_refused_not_made_into_a_uniform_ct(tiny_model: Path) -> None:
+    """An MR whose voxels all hold one value (a failed acquisition, a placeholder series) made a
+    uniform sCT (~470 HU with the shipped model) until 2026-12-05; the job now fails saying why."""
+    with pytest.raises(SeriesNotUsable, match="the MR has no contrast"):
+        synthesize(np.full((2, 32, 32), 120.0, np.float32), (6.0, 6.0), load_model(tiny_model), torch.device("cpu"))
+    nearly_blank = np.zeros((2, 32, 32), np.float32)
+    nearly_blank[0, 10:20, 10:20] = 500.0  # a tenth of the slice: real signal, synthesized
+    assert synthesize(nearly_blank, (6.0, 6.0), load_model(tiny_model), torch.device("cpu")).shape == (2, 32, 32)
+
+
 def test_a_colour_series_is_refused_saying_so(mr_series) -> None:
     """An RGB image filed as MR (a colour map, a screenshot) failed its job with a numpy broadcast
     error; the reason now says what is wrong."""
