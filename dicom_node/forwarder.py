@@ -103,7 +103,7 @@ class OrthancRestDestination:
     def session(self, contexts: set[tuple[str, str]]) -> Iterator[Send]:
         def send(path: Path, sop_class: str, transfer_syntax: str) -> None:
             try:
-                answer = self.store.client.post("instances", data=path.read_bytes()).json()
+                answer = self.store.upload(path.read_bytes())  # a corrected re-send replaces what Orthanc holds
             except Exception as exc:  # Orthanc down or refusing: back off
                 raise RoutingDown(f"{self.name}: {exc}") from exc
             if isinstance(answer, dict) and answer.get("ParentSeries"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Iterable
 from io import BytesIO
@@ -56,16 +57,47 @@ class OrthancStore:
 
     def store(self, instances: Iterable[Dataset | bytes]) -> list[str]:
         """Upload every instance (a data set, or one already encoded in DICOM file format); returns
-        Orthanc instance ids. Re-storing the same UIDs replaces, never duplicates."""
+        Orthanc instance ids. Re-storing the same UIDs replaces, never duplicates (see upload)."""
         ids = []
         for instance in instances:
             try:
-                ids.extend(self.client.upload(instance if isinstance(instance, bytes) else encode(instance)))
+                ids.append(str(self.upload(instance if isinstance(instance, bytes) else encode(instance))["ID"]))
             except HttpError as exc:
                 raise PacsUnavailable(f"Orthanc at {self.url} refused instance upload: HTTP {exc.http_status_code}") from exc
+            except StorageIncomplete:
+                raise
             except Exception as exc:
                 raise PacsUnavailable(f"Orthanc at {self.url} is not reachable: {exc}") from exc
         return ids
+
+    def upload(self, data: bytes) -> dict[str, Any]:
+        """POST one DICOM file to Orthanc; its answer (ID, Status, ParentSeries ...).
+
+        An instance Orthanc already holds with other content is replaced. With Orthanc's default
+        (OverwriteInstances false) it keeps its first copy and answers AlreadyStored: an sCT made
+        again after a late MR slice (the slices' UIDs follow their index) kept its old slices at
+        their old positions beside the new one, and a corrected original sent again stayed
+        uncorrected, both unseen (the instance count was right) until 2026-12-05. The copy Orthanc
+        holds is compared by MD5 first, so an identical re-send deletes nothing."""
+        answer = self.client.post("instances", data=data).json()
+        if not isinstance(answer, dict) or answer.get("Status") != "AlreadyStored":
+            return answer
+        held = self._stored_md5(str(answer["ID"]))
+        if held == hashlib.md5(data).hexdigest():
+            return answer
+        self.client.delete(f"instances/{answer['ID']}")
+        answer = self.client.post("instances", data=data).json()
+        if answer.get("Status") == "AlreadyStored":  # stored again by someone else in between
+            raise StorageIncomplete(f"Orthanc at {self.url} kept another copy of instance {answer.get('ID')} after it was replaced")
+        log.info("replaced an instance Orthanc held with other content id=%s", answer.get("ID"))
+        return answer
+
+    def _stored_md5(self, instance_id: str) -> str | None:
+        """The MD5 of the file Orthanc holds (None when it keeps none: StoreMD5ForAttachments off)."""
+        try:
+            return self.client.get(f"instances/{instance_id}/attachments/dicom/md5").text.strip()
+        except HttpError:
+            return None
 
     def series_id(self, series_uid: str) -> str | None:
         """Orthanc's id of a series, None when Orthanc does not hold it."""

@@ -4,6 +4,7 @@ association limits, recovery after a crash, DICOM over TLS."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -19,11 +20,11 @@ from sqlalchemy import select
 
 from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
-from dicom_node.local_stack import echoscu, free_port, nodelay_env, start_storescp, stop_process, storescu
+from dicom_node.local_stack import NodeServer, OrthancServer, echoscu, free_port, nodelay_env, start_storescp, stop_process, storescu
 from dicom_node.models import AuditEvent, Instance, Job, Series
 from dicom_node.worker import STAGES
-from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import api_token, audit_events
+from tests.conftest import NODE_AE, SCANNER_AE, node_env
+from tests.helpers import api_token, audit_events, series_datasets, study_series
 from training.phantom_dicom import write_mr_series
 
 
@@ -351,6 +352,43 @@ def test_instances_sent_again_under_another_series_move_there_whole(node_factory
     assert not (spool / series.series_uid / f"{unrecorded.SOPInstanceUID}.dcm").exists()
     recovery = audit_events(restarted.database_url, lambda e: e.action == "spool-recovery")
     assert recovery[-1].detail["superseded_removed"] == 1 and recovery[-1].detail["recovered"] == 1
+
+
+def test_an_orthanc_that_keeps_first_copies_gets_the_new_sct_and_the_corrected_original(tmp_path):
+    """Orthanc's default (OverwriteInstances false) keeps the first copy of an instance and answers
+    AlreadyStored. A late MR slice makes the sCT again, and its slices' UIDs follow their index:
+    the old slices stayed at their old positions beside the new one (two at one position, one
+    missing; the instance count was right, so the job was done), and a corrected original routed
+    again stayed uncorrected, until 2026-12-05. Now the copy Orthanc holds is replaced when it differs."""
+    plain = OrthancServer(tmp_path / "orthanc", free_port(), free_port())
+    config = json.loads(plain.write_config().read_text())
+    config["OverwriteInstances"] = False
+    (tmp_path / "orthanc-keeps-first.json").write_text(json.dumps(config))
+    with OrthancServer(tmp_path / "orthanc", config["HttpPort"], config["DicomPort"], config_file=tmp_path / "orthanc-keeps-first.json") as orthanc:
+        port = free_port()
+        env = node_env(tmp_path / "node", port, orthanc)
+        env.update(MR2CT_COMPLETE_ON_RELEASE="true", MR2CT_FORWARD_ORIGINALS="true")
+        with NodeServer(tmp_path / "node", env, port) as node:
+            series = _small(tmp_path, "mr", 246)
+            late = tmp_path / "late"
+            late.mkdir()
+            shutil.move(series.files[2], late / series.files[2].name)  # the third slice comes later
+            assert storescu(series.folder, port, NODE_AE, SCANNER_AE).returncode == 0
+            first = wait_for_job(env["MR2CT_DATABASE_URL"], series.series_uid, timeout=120)
+            assert first.state == "done", first.error
+            corrected = pydicom.dcmread(series.files[0])
+            corrected.ImageComments = "corrected after the first send"
+            corrected.save_as(late / series.files[0].name, enforce_file_format=True)
+            assert storescu(late, port, NODE_AE, SCANNER_AE).returncode == 0
+            second = wait_for_job(env["MR2CT_DATABASE_URL"], series.series_uid, timeout=120, done_before=first.id)
+            assert second.state == "done", second.error
+            held = {s["MainDicomTags"]["Modality"]: s for s in study_series(orthanc, series.study_uid)}
+            sct = series_datasets(orthanc, held["CT"])
+            mr = series_datasets(orthanc, held["MR"])
+    mr_positions = sorted({float(pydicom.dcmread(f).ImagePositionPatient[2]) for f in [*series.folder.glob("*.dcm"), *late.glob("*.dcm")]})
+    assert len(mr_positions) == 4
+    assert sorted(float(ds.ImagePositionPatient[2]) for ds in sct) == mr_positions  # slice for slice on the MR, each once
+    assert [ds.get("ImageComments") for ds in mr if ds.SOPInstanceUID == corrected.SOPInstanceUID] == ["corrected after the first send"]
 
 
 def _openssl(*args: str, cwd: Path) -> None:
