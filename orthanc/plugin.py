@@ -65,6 +65,7 @@ PENDING_PROPERTY = _property(os.environ.get("MR2CT_PENDING_PROPERTY", "7351"))
 _sends = {}  # Orthanc store job id -> (series id, attempt), for the sends of this process
 _ended_early = {}  # job id -> succeeded, for a job whose end was signalled before send_series recorded it
 _in_flight = {}  # series id -> attempt, while a send of it runs or waits for its next attempt
+_changed_in_flight = set()  # series ids stable again while a send of them ran: sent again once it succeeds
 _pending = {}  # series id -> [attempt, store job id or None], saved in PENDING_PROPERTY; attempt 0: not yet stable
 _saved = None  # what was owed when Orthanc last stopped, once read (at Orthanc's start, or by the first save)
 _sends_lock = threading.Lock()
@@ -156,18 +157,29 @@ def _send_again(series_id, attempt):
 
 
 def route_stable(series_id, series):
-    """A stable MR series: send it, unless it has a routing state already (routed once: the button
-    sends it again on demand) or the node itself stored it here."""
+    """A stable MR series: send it, unless the node itself stored it here. A series the plugin sent
+    before that is stable again has had instances stored since (a late slice, a refused one sent
+    again mended, the series sent again): it is sent again, so that the node makes its sCT from
+    the whole series (until 2026-12-05 it was not, and the sCT lacked what came late)."""
     try:
-        orthanc.RestApiGet("/series/%s/metadata/%s" % (series_id, ROUTED_FLAG))
-        routed = True
+        state = orthanc.RestApiGet("/series/%s/metadata/%s" % (series_id, ROUTED_FLAG))
+        state = state.decode("utf-8", "replace") if isinstance(state, bytes) else str(state)
     except Exception:
-        routed = False
-    if not routed and _from_the_node(series):
+        state = None
+    if state is None and _from_the_node(series):
         _mark(series_id, ROUTED_BY_NODE)
-        routed = True
-    if not routed:
+        state = ROUTED_BY_NODE
+    if state is None:
         send_series(series_id)
+        return
+    if state != ROUTED_BY_NODE:
+        with _sends_lock:
+            in_flight = series_id in _in_flight
+            if in_flight:  # its send may have begun before the new instances: again once it succeeds
+                _changed_in_flight.add(series_id)
+        if not in_flight:
+            orthanc.LogWarning("mr2ct: series %s has new instances since it was routed (%s): sending it again" % (series_id, state[:80]))
+            send_series(series_id)
         return
     with _sends_lock:
         if _pending.get(series_id, [None])[0] == 0:
@@ -210,10 +222,15 @@ def on_job_ended(job_id, succeeded):
         if succeeded or refused or attempt >= ROUTE_ATTEMPTS:
             _in_flight.pop(series_id, None)
             _owe(series_id)
+            changed = series_id in _changed_in_flight
+            _changed_in_flight.discard(series_id)
         else:
             _owe(series_id, attempt + 1)  # what a restart resumes if it comes before the timer
     if succeeded:
         _mark(series_id, "sent")
+        if changed:
+            orthanc.LogWarning("mr2ct: series %s had new instances while it was sent: sending it again" % series_id)
+            _send_again(series_id, 1)
         return
     if refused:
         _mark(series_id, "refused by the node, not sent again: %s" % error)

@@ -109,7 +109,8 @@ def test_a_series_the_node_refuses_is_not_sent_again_and_says_why(stack, tmp_pat
     C-STORE 0xA900, so the plugin does not send it again and again (eight sends over eight
     minutes, each refused the same way, said only "Error in the network protocol"); the series'
     metadata says it was refused and with which status, the node's audit says why, and once the
-    instance is mended the button sends the series and it gets its sCT."""
+    instance is stored mended the series is sent again by itself and gets its sCT (until
+    2026-12-05 only the button sent it)."""
     import io
 
     import pydicom
@@ -144,9 +145,27 @@ def test_a_series_the_node_refuses_is_not_sent_again_and_says_why(stack, tmp_pat
     broken_id = httpx.post(f"{orthanc.url}/tools/lookup", content=str(broken.SOPInstanceUID), auth=orthanc.auth).json()[0]["ID"]
     assert httpx.delete(f"{orthanc.url}/instances/{broken_id}", auth=orthanc.auth).status_code == 200
     assert httpx.post(f"{orthanc.url}/instances", content=series.files[-1].read_bytes(), auth=orthanc.auth).status_code == 200
-    assert httpx.post(f"{orthanc.url}/mr2ct/synthesize/{mr['ID']}", auth=orthanc.auth).status_code == 200
     _wait_for(orthanc, series.study_uid, lambda s: any(x["MainDicomTags"]["Modality"] == "CT" and len(x["Instances"]) == 4 for x in s))
     assert _routed_flag(orthanc, mr["ID"]) == "sent"
+    assert orthanc.log_path.read_text().count(f"series {mr['ID']} sent to mr2ct (job") == 2
+
+
+def test_a_slice_stored_after_the_series_was_sent_sends_it_again(stack, tmp_path):
+    """A slice that reaches Orthanc after its series was found stable and sent (a second
+    association from the scanner, a slice re-sent by hand) makes the series stable again: it is
+    sent again and the sCT has every slice. Until 2026-12-05 a sent series was never sent again
+    by itself, and the sCT lacked the late slice for good."""
+    orthanc, node = stack
+    series = write_mr_series(tmp_path / "mr", seed=709, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    _upload(orthanc, [f.read_bytes() for f in series.files[:3]])
+    _wait_for(orthanc, series.study_uid, lambda s: any(x["MainDicomTags"]["Modality"] == "CT" and len(x["Instances"]) == 3 for x in s))
+    mr = next(x for x in _study_series(orthanc, series.study_uid) if x["MainDicomTags"]["Modality"] == "MR")
+    deadline = time.monotonic() + 30
+    while _routed_flag(orthanc, mr["ID"]) != "sent" and time.monotonic() < deadline:
+        time.sleep(0.2)
+    _upload(orthanc, [series.files[3].read_bytes()])
+    _wait_for(orthanc, series.study_uid, lambda s: any(x["MainDicomTags"]["Modality"] == "CT" and len(x["Instances"]) == 4 for x in s))
+    assert "has new instances since it was routed (sent): sending it again" in orthanc.log_path.read_text()
 
 
 @contextmanager
