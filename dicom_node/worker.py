@@ -199,7 +199,8 @@ class Worker:
         if not self.torch_compile:
             size = int(self.model.card.get("input_size", 64))
             spacing = self.model.pixel_spacing_mm
-            synthesize(np.zeros((1, size, size), np.float32), (spacing, spacing), self.model, self.device.device, 1, self.precision)
+            ramp = np.arange(size * size, dtype=np.float32).reshape(1, size, size)  # not blank: a blank MR is refused
+            synthesize(ramp, (spacing, spacing), self.model, self.device.device, 1, self.precision)
         log.info("worker warmed up in %.2f s", time.perf_counter() - started)
 
     def _as_configured(self, model: LoadedModel) -> LoadedModel:
