@@ -1,7 +1,9 @@
 """mr2ct's Orthanc plugin (runs inside Orthanc's embedded Python; standard library only).
 
 - When an MR series becomes stable in Orthanc, it is sent to the mr2ct node by C-STORE
-  (``MR2CT_AUTO_ROUTE``, default on), once per series (a user-metadata flag remembers it).
+  (``MR2CT_AUTO_ROUTE``, default on; a user-metadata flag remembers it). A series it sent that
+  becomes stable again has new instances (a late slice, a refused one stored mended): it is sent
+  again, after the send under way if there is one.
 - ``POST /mr2ct/synthesize/<series id>`` sends a series on demand (409 while a send of it runs
   or waits for its next attempt); Orthanc Explorer gets a "Synthesize CT" button on MR series
   pages that calls it.
@@ -13,7 +15,7 @@
   attempts: <error>`` (then the button sends it again). A series the node refuses (a C-STORE
   answered with a failure status, 0xA7xx out of resources aside) is not sent again: its metadata
   says ``refused by the node, not sent again: <Orthanc's error, with the status>``, the node's
-  audit says why, and the button sends it once it is mended.
+  audit says why, and it is sent again once an instance of it is stored again (mended).
 - What the plugin still owes the node survives a restart of Orthanc: the MR series received but
   not yet stable, and the sends under way or waiting to retry, are kept in an Orthanc global
   property (``MR2CT_PENDING_PROPERTY``, default 7351; Orthanc keeps it in its index database).
