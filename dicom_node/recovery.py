@@ -45,7 +45,7 @@ def recover_spool(spool: Spool, sessions: sessionmaker[Session]) -> dict[str, in
         rows = {sop: (path, received_at) for sop, path, received_at in session.execute(
             select(Instance.sop_instance_uid, Instance.path, Instance.received_at))}
     known = {path for path, _ in rows.values()}
-    found: list[SpooledInstance] = []
+    found: list[tuple[int, SpooledInstance]] = []  # (file modified, ns; the instance)
     unreadable = superseded = 0
     for path in spool.instances():
         if str(path) in known:
@@ -66,9 +66,12 @@ def recover_spool(spool: Spool, sessions: sessionmaker[Session]) -> dict[str, in
         if row is not None and remove_superseded(path, Path(row[0]), row[1]):
             superseded += 1
             continue
-        found.append(SpooledInstance(info, path, path.stat().st_size, str(ds.file_meta.TransferSyntaxUID), "recovered", None, utcnow()))
-    for start in range(0, len(found), RECOVERY_BATCH):  # a transaction per batch, not per file
-        record_batch(sessions, found[start : start + RECOVERY_BATCH])
+        stat = path.stat()
+        found.append((stat.st_mtime_ns, SpooledInstance(info, path, stat.st_size, str(ds.file_meta.TransferSyntaxUID), "recovered", None, utcnow())))
+    # oldest first: of two unrecorded copies of one instance (under two series), the later arrival wins
+    found_in_order = [item for _, item in sorted(found, key=lambda pair: pair[0])]
+    for start in range(0, len(found_in_order), RECOVERY_BATCH):  # a transaction per batch, not per file
+        record_batch(sessions, found_in_order[start : start + RECOVERY_BATCH])
     recovered = len(found)
     counts = {"recovered": recovered, "temporaries_removed": removed, "unrecoverable": unreadable, "purges_undone": restored,
               "superseded_removed": superseded}

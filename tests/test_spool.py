@@ -57,3 +57,37 @@ def test_the_file_meta_header_is_what_pynetdicom_writes(sop_class: str, sop_uid:
                             implementation_uid=IMPLEMENTATION_CLASS_UID, implementation_version=IMPLEMENTATION_VERSION_NAME)
     expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
     assert file_meta_header(sop_class, sop_uid, transfer_syntax) == expected
+
+
+def test_recovery_keeps_the_later_of_two_unrecorded_copies_of_an_instance_under_two_series(tmp_path: Path) -> None:
+    """A crash that left two arrivals of one instance unrecorded, under two series (moved upstream
+    between them): start-up recovery records the later one, whichever order the folders are
+    listed in, and deletes the earlier, which would otherwise be recorded back over it at the
+    next start."""
+    import os
+
+    import pydicom
+    from sqlalchemy import select
+
+    from dicom_node.db import init_db
+    from dicom_node.models import Instance
+    from dicom_node.recovery import recover_spool
+    from training.phantom_dicom import write_mr_series
+
+    spool = Spool(tmp_path / "spool")
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    source = write_mr_series(tmp_path / "mr", seed=5, slices=1, size=16, pixel_spacing=10.0, slice_spacing=10.0)
+    ds = pydicom.dcmread(source.files[0])
+    written = {}
+    for age, series_uid in ((600, "1.2.826.0.1.3680043.8.498.9"), (60, "1.2.826.0.1.3680043.8.498.1")):  # the later under ".1"
+        ds.SeriesInstanceUID = series_uid
+        path = spool.path_for(ds.StudyInstanceUID, series_uid, ds.SOPInstanceUID)
+        path.parent.mkdir(parents=True)
+        ds.save_as(path, enforce_file_format=True)
+        os.utime(path, (path.stat().st_atime - age, path.stat().st_mtime - age))
+        written[age] = path
+    recover_spool(spool, sessions)
+    with sessions() as session:
+        (row,) = session.scalars(select(Instance)).all()
+    assert row.path == str(written[60]) and row.series_instance_uid == "1.2.826.0.1.3680043.8.498.1"
+    assert written[60].exists() and not written[600].exists()
