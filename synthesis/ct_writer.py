@@ -28,6 +28,10 @@ from synthesis.uids import derived_uid
 from synthesis.volume import SourceSeries
 
 MANUFACTURER = "mr2ct"
+# In the derived series' UIDs: which rule named their instances (since 2026-12-05, each sCT slice
+# after its MR slice). A series made again under another rule is a new series, not the old one
+# with a second set of instances.
+UID_SCHEME = "slice-uids-from-source"
 RESCALE_INTERCEPT = -1024
 WINDOWS = (("BRAIN", 40.0, 80.0), ("BONE", 600.0, 2800.0))
 
@@ -110,8 +114,13 @@ class SyntheticCTSeries:
         self.plane = f"axial slices resliced from the {resliced_from} acquisition" if resliced_from else "the acquired slices"
         src_series = source.series_instance_uid
         key = model.output_key + ("+axial" if resliced_from else "")  # other pixels, other UIDs
-        self.series_instance_uid = derived_uid(uid_root, src_series, key, "ct-series")
-        self.sop_instance_uids = [derived_uid(uid_root, src_series, key, "ct", i) for i in range(len(source.headers))]
+        self.series_instance_uid = derived_uid(uid_root, src_series, key, "ct-series", UID_SCHEME)
+        # Each slice's UID follows the MR slice (instance, frame) it was made from, not its place in
+        # the series: a late MR slice adds a UID instead of moving every later UID to another
+        # position (until 2026-12-05 the n-th UID named whatever slice was n-th).
+        frames = source.frames or [None] * len(source.headers)
+        self.sop_instance_uids = [derived_uid(uid_root, src_series, key, "ct", str(mr.SOPInstanceUID), frame)
+                                  for mr, frame in zip(source.headers, frames)]
         now = local_now(source.headers[0])
         description = f"sCT (mr2ct {synthesis.__version__}, model {model.short_digest})"
         derivation = (

@@ -20,7 +20,7 @@ from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 import synthesis
 from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.ct_writer import (
-    MANUFACTURER, TYPE2_KEYWORDS, SyntheticCTSeries, contributing_equipment, copy_patient_and_study, date_time, local_now, mr_timezone,
+    MANUFACTURER, TYPE2_KEYWORDS, UID_SCHEME, SyntheticCTSeries, contributing_equipment, copy_patient_and_study, date_time, local_now, mr_timezone,
 )
 from synthesis.infer import GUIDE_EPS, GUIDE_RADIUS
 from synthesis.uids import derived_uid
@@ -134,9 +134,9 @@ def build_provenance_sr(
     sr = hd.sr.Comprehensive3DSR(
         evidence=[_with_type2_patient_and_study(unique_mr[0]), *unique_mr[1:], *ct.evidence()],
         content=root,
-        series_instance_uid=derived_uid(uid_root, src_series, model.output_key, "sr-series"),
+        series_instance_uid=derived_uid(uid_root, src_series, model.output_key, "sr-series", UID_SCHEME),
         series_number=int(first.get("SeriesNumber", 0) or 0) + 2000,
-        sop_instance_uid=derived_uid(uid_root, src_series, model.output_key, "sr"),
+        sop_instance_uid=derived_uid(uid_root, src_series, model.output_key, "sr", UID_SCHEME),
         instance_number=1,
         manufacturer=MANUFACTURER,
         is_complete=True,

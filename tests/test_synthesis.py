@@ -173,6 +173,27 @@ def test_ct_uids_are_deterministic_and_change_with_the_model(tiny_model: Path, m
     assert not set(other.sop_instance_uids) & set(first.sop_instance_uids)
 
 
+def test_each_ct_slice_uid_follows_its_mr_slice_so_a_late_slice_moves_none(tiny_model: Path, mr_series) -> None:
+    """An MR slice that arrives late (a series made again with it) adds one sCT UID and leaves the
+    others naming the same slices at the same positions; the n-th UID used to name whatever slice
+    was n-th, so every UID after the late slice moved to another position."""
+    model = load_model(tiny_model)
+    datasets = [pydicom.dcmread(f) for f in mr_series.files]
+    whole = assemble(datasets)
+    late = whole.headers[2]
+    early = assemble([ds for ds in datasets if ds.SOPInstanceUID != late.SOPInstanceUID])
+
+    def uids(source) -> tuple[str, dict[float, str]]:
+        ct = SyntheticCTSeries(source=source, hu=np.zeros(source.volume.voxels.shape, np.float32), model=model, uid_root=ROOT, device_label="cpu")
+        return ct.series_instance_uid, {float(position[2]): uid for position, uid in zip(source.volume.positions, ct.sop_instance_uids)}
+
+    (series_before, before), (series_after, after) = uids(early), uids(whole)
+    assert series_before == series_after
+    late_z = float(late.ImagePositionPatient[2])
+    assert {z: uid for z, uid in after.items() if z != late_z} == before
+    assert after[late_z] not in before.values()
+
+
 def test_encoded_ct_instances_are_what_pydicom_writes_for_the_data_sets(tiny_model: Path, tmp_path: Path) -> None:
     """The fast encoder (shared elements encoded once per series) must give pydicom's bytes for every
     slice, Latin-1 patient name included, and read back to the HU that went in."""
