@@ -40,16 +40,7 @@ def event(
                       series_instance_uid=series_uid, job_id=job_id, detail=detail)
 
 
-def record(
-    sessions: sessionmaker[Session],
-    action: str,
-    outcome: str,
-    actor: str,
-    *,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    job_id: int | None = None,
-    **detail: Any,
-) -> None:
+def record(sessions: sessionmaker[Session], action: str, outcome: str, actor: str, **fields: Any) -> None:
+    """Write one audit row in a transaction of its own; ``fields`` as ``event`` takes them."""
     with sessions.begin() as session:
-        session.add(event(action, outcome, actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id, **detail))
+        session.add(event(action, outcome, actor, **fields))
