@@ -68,6 +68,7 @@ _sends = {}  # Orthanc store job id -> (series id, attempt), for the sends of th
 _ended_early = {}  # job id -> succeeded, for a job whose end was signalled before send_series recorded it
 _in_flight = {}  # series id -> attempt, while a send of it runs or waits for its next attempt
 _changed_in_flight = set()  # series ids stable again while a send of them ran: sent again once it succeeds
+_sent_update = {}  # series id -> its LastUpdate when this process last sent it (oldest first, bounded)
 _pending = {}  # series id -> [attempt, store job id or None], saved in PENDING_PROPERTY; attempt 0: not yet stable
 _saved = None  # what was owed when Orthanc last stopped, once read (at Orthanc's start, or by the first save)
 _sends_lock = threading.Lock()
@@ -132,6 +133,15 @@ def send_series(series_id, attempt=1):
     follows its end."""
     if attempt == 1:
         _mark(series_id, "sending")  # before the job: its end, marked from another thread, comes after this
+        try:
+            update = _series(series_id).get("LastUpdate")
+        except Exception:
+            update = None
+        with _sends_lock:
+            _sent_update.pop(series_id, None)
+            _sent_update[series_id] = update
+            while len(_sent_update) > 10000:
+                del _sent_update[next(iter(_sent_update))]
     body = json.dumps({"Resources": [series_id], "Synchronous": False, "Priority": 0})
     job = json.loads(orthanc.RestApiPost("/modalities/%s/store" % NODE_MODALITY, body))
     with _sends_lock:
@@ -175,6 +185,13 @@ def route_stable(series_id, series):
         send_series(series_id)
         return
     if state != ROUTED_BY_NODE:
+        with _sends_lock:
+            sent_update = _sent_update.get(series_id)
+        # Nothing stored since this process sent it (the button pressed before the series' first
+        # stability): nothing new to send. Sent before Orthanc started: a stability now means
+        # instances came since (Orthanc forgets unstable series when it stops).
+        if sent_update is not None and (series.get("LastUpdate") or "") <= sent_update:
+            return
         with _sends_lock:
             in_flight = series_id in _in_flight
             if in_flight:  # its send may have begun before the new instances: again once it succeeds

@@ -168,6 +168,19 @@ def test_a_slice_stored_after_the_series_was_sent_sends_it_again(stack, tmp_path
     assert "has new instances since it was routed (sent): sending it again" in orthanc.log_path.read_text()
 
 
+def test_the_button_pressed_before_the_series_is_stable_sends_it_once(stack, tmp_path):
+    """A user who presses "Synthesize CT" on a series just stored, before Orthanc finds it stable:
+    that stability brings nothing new, so the series is not sent a second time."""
+    orthanc, node = stack
+    series = write_mr_series(tmp_path / "mr", seed=710, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    _upload(orthanc, [f.read_bytes() for f in series.files])
+    (mr,) = _study_series(orthanc, series.study_uid)
+    assert httpx.post(f"{orthanc.url}/mr2ct/synthesize/{mr['ID']}", auth=orthanc.auth).status_code == 200
+    _wait_for(orthanc, series.study_uid, lambda s: any(x["MainDicomTags"]["Modality"] == "CT" and len(x["Instances"]) == 4 for x in s))
+    time.sleep(4)  # the base config's StableAge (2 s here) has passed: the stability has come and gone
+    assert orthanc.log_path.read_text().count(f"series {mr['ID']} sent to mr2ct (job") == 1
+
+
 @contextmanager
 def _stable_while_the_node_is_down(tmp_path, seed: int, until: str, **orthanc_options):
     """A running Orthanc with the plugin routing to a port nobody listens on yet and an MR series
