@@ -75,10 +75,10 @@ class OrthancStore:
 
         An instance Orthanc already holds with other content is replaced. With Orthanc's default
         (OverwriteInstances false) it keeps its first copy and answers AlreadyStored: an sCT made
-        again after a late MR slice (the slices' UIDs follow their index) kept its old slices at
-        their old positions beside the new one, and a corrected original sent again stayed
-        uncorrected, both unseen (the instance count was right) until 2026-12-05. The copy Orthanc
-        holds is compared by MD5 first, so an identical re-send deletes nothing."""
+        again (after a late MR slice, with another normalisation) kept its old slices, and a
+        corrected original sent again stayed uncorrected, both unseen (the instance count was
+        right) until 2026-12-05. The copy Orthanc holds is compared by MD5 first, so an identical
+        re-send deletes nothing."""
         answer = self.client.post("instances", data=data).json()
         if not isinstance(answer, dict) or answer.get("Status") != "AlreadyStored":
             return answer

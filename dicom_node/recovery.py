@@ -41,10 +41,7 @@ def recover_spool(spool: Spool, sessions: sessionmaker[Session]) -> dict[str, in
             session.execute(update(Instance).where(Instance.path == str(final)).values(purged_at=None))
         restored += 1
     with sessions() as session:
-        # the row of each instance: its file, and when that arrived
-        rows = {sop: (path, received_at) for sop, path, received_at in session.execute(
-            select(Instance.sop_instance_uid, Instance.path, Instance.received_at))}
-    known = {path for path, _ in rows.values()}
+        known = set(session.scalars(select(Instance.path)).all())
     found: list[tuple[int, SpooledInstance]] = []  # (file modified, ns; the instance)
     unreadable = superseded = 0
     for path in spool.instances():
@@ -59,11 +56,13 @@ def recover_spool(spool: Spool, sessions: sessionmaker[Session]) -> dict[str, in
             unreadable += 1
             log.warning("spool file not recoverable path=%s reason=%s", path.name, exc)
             continue
-        row = rows.get(info.sop_instance_uid)
+        with sessions() as session:  # a file the database does not know: rare, one look each
+            row = session.execute(select(Instance.path, Instance.received_at)
+                                  .where(Instance.sop_instance_uid == info.sop_instance_uid)).first()
         # The instance is recorded under another series or study: this file is the copy an arrival
         # there replaced (a crash came before its deletion), unless it was written after that
         # arrival (the move itself is what the crash left unrecorded).
-        if row is not None and remove_superseded(path, Path(row[0]), row[1]):
+        if row is not None and remove_superseded(path, Path(row.path), row.received_at):
             superseded += 1
             continue
         stat = path.stat()

@@ -75,6 +75,13 @@ def local_now(mr: Dataset) -> datetime:
     return datetime.now(zone) if zone is not None else datetime.now().astimezone()
 
 
+def copy_timezone(mr: Dataset, target: Dataset) -> None:
+    """The MR's TimezoneOffsetFromUTC, when it names one: the study dates copied from it are in
+    that zone, and mr2ct's own were written in it (local_now)."""
+    if mr_timezone(mr) is not None:
+        target.TimezoneOffsetFromUTC = str(mr.TimezoneOffsetFromUTC).strip()
+
+
 def date_time(moment: datetime) -> str:
     """A DT value with its offset from UTC, so that it is read the same anywhere."""
     return moment.strftime("%Y%m%d%H%M%S%z")
@@ -146,8 +153,7 @@ class SyntheticCTSeries:
         copy_patient_and_study(first, ds)
         ds.SOPClassUID = CTImageStorage
         ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
-        if mr_timezone(first) is not None:  # the copied study dates are in it, and ours were written in it
-            ds.TimezoneOffsetFromUTC = str(first.TimezoneOffsetFromUTC).strip()
+        copy_timezone(first, ds)
         ds.Modality = "CT"
         ds.SeriesInstanceUID = self.series_instance_uid
         ds.SeriesNumber = int(first.get("SeriesNumber", 0) or 0) + 1000

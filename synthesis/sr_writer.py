@@ -20,7 +20,7 @@ from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 import synthesis
 from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.ct_writer import (
-    MANUFACTURER, TYPE2_KEYWORDS, UID_SCHEME, SyntheticCTSeries, contributing_equipment, copy_patient_and_study, date_time, local_now, mr_timezone,
+    MANUFACTURER, TYPE2_KEYWORDS, UID_SCHEME, SyntheticCTSeries, contributing_equipment, copy_patient_and_study, copy_timezone, date_time, local_now,
 )
 from synthesis.infer import GUIDE_EPS, GUIDE_RADIUS
 from synthesis.uids import derived_uid
@@ -154,8 +154,7 @@ def build_provenance_sr(
     date, time = processed.strftime("%Y%m%d"), processed.strftime("%H%M%S")
     sr.InstanceCreationDate, sr.InstanceCreationTime, sr.ContentDate, sr.ContentTime = date, time, date, time
     sr.SeriesDate, sr.SeriesTime = date, time
-    if mr_timezone(first) is not None:
-        sr.TimezoneOffsetFromUTC = str(first.TimezoneOffsetFromUTC).strip()
+    copy_timezone(first, sr)
     sr.file_meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID  # mr2ct wrote it (highdicom puts its own)
     sr.file_meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
     sr.ContributingEquipmentSequence = contributing_equipment(f"Provenance of synthetic CT series {ct.series_instance_uid}", date_time(processed))
