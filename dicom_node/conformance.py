@@ -292,8 +292,11 @@ Top-level attributes:
 ## 4. Character sets
 
 Any Specific Character Set is accepted and kept in the spool as received. The CT and the SR copy
-the source MR's Specific Character Set with the patient and study attributes they copy; the text
-mr2ct writes itself is ASCII.
+the source MR's Specific Character Set with the patient and study attributes they copy (code
+extensions included, with the empty first value Japanese and Korean sites send, e.g.
+`\\ISO 2022 IR 87`); the text mr2ct writes itself is ASCII. Their dates and times are in the MR's
+Timezone Offset From UTC when it has one (copied), else in the node host's local time; date-times
+carry their offset.
 
 ## 5. Security
 
