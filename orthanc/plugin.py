@@ -168,16 +168,21 @@ def _send_again(series_id, attempt):
         orthanc.LogError("mr2ct: sending series %s again failed: %s" % (series_id, exc))
 
 
+def _routed_state(series_id):
+    """The series' Mr2ctRouted metadata as text, None when it has none."""
+    try:
+        state = orthanc.RestApiGet("/series/%s/metadata/%s" % (series_id, ROUTED_FLAG))
+    except Exception:
+        return None
+    return state.decode("utf-8", "replace") if isinstance(state, bytes) else str(state)
+
+
 def route_stable(series_id, series):
     """A stable MR series: send it, unless the node itself stored it here. A series the plugin sent
     before that is stable again has had instances stored since (a late slice, a refused one sent
     again mended, the series sent again): it is sent again, so that the node makes its sCT from
     the whole series (until 2026-12-05 it was not, and the sCT lacked what came late)."""
-    try:
-        state = orthanc.RestApiGet("/series/%s/metadata/%s" % (series_id, ROUTED_FLAG))
-        state = state.decode("utf-8", "replace") if isinstance(state, bytes) else str(state)
-    except Exception:
-        state = None
+    state = _routed_state(series_id)
     if state is None and _from_the_node(series):
         _mark(series_id, ROUTED_BY_NODE)
         state = ROUTED_BY_NODE
@@ -187,12 +192,11 @@ def route_stable(series_id, series):
     if state != ROUTED_BY_NODE:
         with _sends_lock:
             sent_update = _sent_update.get(series_id)
-        # Nothing stored since this process sent it (the button pressed before the series' first
-        # stability): nothing new to send. Sent before Orthanc started: a stability now means
-        # instances came since (Orthanc forgets unstable series when it stops).
-        if sent_update is not None and (series.get("LastUpdate") or "") <= sent_update:
-            return
-        with _sends_lock:
+            # Nothing stored since this process sent it (the button pressed before the series'
+            # first stability): nothing new to send. Sent before Orthanc started: a stability now
+            # means instances came since (Orthanc forgets unstable series when it stops).
+            if sent_update is not None and (series.get("LastUpdate") or "") <= sent_update:
+                return
             in_flight = series_id in _in_flight
             if in_flight:  # its send may have begun before the new instances: again once it succeeds
                 _changed_in_flight.add(series_id)
@@ -312,11 +316,8 @@ def _resume_one(series_id, attempt, job_id):
         with _sends_lock:
             _owe(series_id)  # deleted while Orthanc was down
         return
-    try:
-        routed = orthanc.RestApiGet("/series/%s/metadata/%s" % (series_id, ROUTED_FLAG))
-    except Exception:
-        routed = None
-    if routed in (b"sent", "sent"):
+    routed = _routed_state(series_id)
+    if routed == "sent":
         with _sends_lock:
             _owe(series_id)
         return
