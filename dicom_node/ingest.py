@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import notify_job_queued
 from dicom_node.models import Job, RefusedInstance, Series, utcnow
-from dicom_node.recorder import Recorder, SpooledInstance, record_batch
+from dicom_node.recorder import MIXED_PLANES, Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
 from synthesis.errors import InvalidInstance, SeriesNotUsable
 from synthesis.volume import frame_geometry, orientation_label
@@ -47,6 +47,7 @@ class ReceivedInstance:
     series_description: str = ""
     orientation: str = ""
     patient_id: str = ""
+    image_type: str = ""  # ImageType as sent, values joined by backslashes, upper case
 
 
 @dataclass(frozen=True)
@@ -58,10 +59,17 @@ class SelectionRules:
     description_exclude: str | None = None
     min_slices: int = 1
     orientations: tuple[str, ...] = ("axial", "sagittal", "coronal", "oblique")
+    image_types_excluded: tuple[str, ...] = ("LOCALIZER",)
 
     def reason_to_skip(self, series: Series) -> str | None:
         if series.modality not in self.modalities:
             return f"modality {series.modality!r} is not one of {list(self.modalities)}"
+        if series.orientation == MIXED_PLANES:
+            return ("its slices lie in more than one plane (a multi-plane localizer, or stacks of several planes in one "
+                    "series): no one volume to synthesize")
+        excluded = [v.strip() for v in (series.image_type or "").split("\\") if v.strip() in self.image_types_excluded]
+        if excluded:
+            return f"ImageType {series.image_type!r} holds {excluded[0]}, excluded by select_image_type_exclude"
         description = series.series_description or ""
         if self.description_include and not re.search(self.description_include, description, re.IGNORECASE):
             return f"series description {description!r} does not match {self.description_include!r}"
@@ -176,6 +184,7 @@ def validate(
     if sop_class not in SUPPORTED_SOP_CLASSES:
         check_nesting(ds)
         return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, "", patient_id)
+    image_type = (values.text(0x00080008) or "").upper()[:64]
     if 0x7FE00010 not in ds:
         raise DatasetMismatch("the instance has no Pixel Data")
     rows, cols = values.unsigned(0x00280010, "Rows"), values.unsigned(0x00280011, "Columns")
@@ -210,7 +219,8 @@ def validate(
         if actual < expected:
             raise DatasetMismatch(f"Pixel Data holds {actual} bytes, {rows}x{cols}x{frames} at {bits} bits needs {expected}")
     check_nesting(ds)  # after the Pixel Data checks, which need the raw (unconverted) element
-    return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation_label(orientation), patient_id)
+    return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation_label(orientation), patient_id,
+                            image_type)
 
 
 class Ingest:

@@ -46,7 +46,8 @@ class Series(Base):
     modality: Mapped[str] = mapped_column(String(16))
     calling_ae: Mapped[str] = mapped_column(String(16))
     series_description: Mapped[str] = mapped_column(String(64), default="")
-    orientation: Mapped[str] = mapped_column(String(16), default="")
+    orientation: Mapped[str] = mapped_column(String(16), default="")  # axial, sagittal, coronal, oblique, or mixed (several planes)
+    image_type: Mapped[str] = mapped_column(String(64), default="", server_default="")  # the first instance's ImageType
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

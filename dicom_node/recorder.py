@@ -18,6 +18,8 @@ from dicom_node.models import Instance, RefusedInstance, Series, as_utc
 if TYPE_CHECKING:
     from dicom_node.ingest import ReceivedInstance
 
+MIXED_PLANES = "mixed"  # the orientation a series gets once its slices lie in more than one plane (ingest.SelectionRules)
+
 log = logging.getLogger(__name__)
 
 
@@ -75,13 +77,16 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                     series_instance_uid=info.series_uid, study_instance_uid=info.study_uid, modality=info.modality,
                     calling_ae=item.calling_ae, instance_count=0, first_received_at=item.received_at,
                     last_received_at=item.received_at, state="receiving", series_description=info.series_description,
-                    orientation=info.orientation, patient_id=info.patient_id,
+                    orientation=info.orientation, patient_id=info.patient_id, image_type=info.image_type,
                 )
                 session.add(series)
                 session.flush()
                 touched[info.series_uid] = series
-            elif series.study_instance_uid != info.study_uid:  # the series moved to another study upstream: the latest says where
-                series.study_instance_uid = info.study_uid
+            else:
+                if series.study_instance_uid != info.study_uid:  # the series moved to another study upstream: the latest says where
+                    series.study_instance_uid = info.study_uid
+                if info.orientation and series.orientation not in ("", MIXED_PLANES, info.orientation):
+                    series.orientation = MIXED_PLANES  # a multi-plane localizer: mark_stable says why it is not synthesized
             row = existing.get(uid)
             if row is None:
                 session.add(

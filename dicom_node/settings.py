@@ -133,6 +133,10 @@ class Settings(BaseSettings):
     select_orientations: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["axial", "sagittal", "coronal", "oblique"], description="slice orientations to synthesize"
     )
+    select_image_type_exclude: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["LOCALIZER"], description="ImageType values that keep a series from synthesis (any value of its "
+        "first instance's ImageType, case-insensitive; empty: none). Add e.g. DERIVED, DIFFUSION or ADC for maps a T1 model should not see",
+    )
     tls_certificate: Path | None = Field(None, description="PEM certificate: the SCP speaks DICOM over TLS when set")
     tls_private_key: Path | None = Field(None, description="PEM private key of tls_certificate")
     tls_ca_file: Path | None = Field(None, description="PEM CA bundle: when set, callers must present a certificate it signed")
@@ -142,7 +146,8 @@ class Settings(BaseSettings):
     def _ae_title(cls, value: str) -> str:
         return _check_ae_title(value, "ae_title")
 
-    @field_validator("allowed_aes", "select_modalities", "select_orientations", "forward_sop_classes", mode="before")
+    @field_validator("allowed_aes", "select_modalities", "select_orientations", "select_image_type_exclude", "forward_sop_classes",
+                     mode="before")
     @classmethod
     def _split_aes(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -160,6 +165,15 @@ class Settings(BaseSettings):
                 raise ValueError(f"allowed_aes entry {entry!r} has an invalid host after '@'")
             checked.append(_check_ae_title(title, "allowed_aes entry") + (f"@{host}" if host else ""))
         return checked
+
+    @field_validator("select_image_type_exclude")
+    @classmethod
+    def _check_image_types(cls, value: list[str]) -> list[str]:
+        """ImageType values are code strings: upper case letters, digits, space and underscore, at most 16 characters."""
+        bad = [v for v in value if not re.fullmatch(r"[A-Za-z0-9_ ]{1,16}", v)]
+        if bad:
+            raise ValueError(f"{bad} are not ImageType values (code strings: letters, digits, space, underscore, at most 16)")
+        return [v.upper() for v in value]
 
     @field_validator("select_orientations")
     @classmethod

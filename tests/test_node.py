@@ -65,6 +65,50 @@ def test_series_that_do_not_match_the_selection_rules_are_recorded_with_the_reas
         assert audited and audited[0].detail["synthesized"] is False
 
 
+def test_localizers_are_recorded_as_such_not_made_into_a_failed_job_or_a_ct_of_three_slices(node_factory, tmp_path):
+    """Every MR exam starts with a localizer: slices in three planes in one series, or a stack
+    whose ImageType says LOCALIZER. Until 2026-12-05 the first failed its job ("mixed
+    orientations") and the second became an sCT of three slices, in every exam a scanner routed.
+    Now neither is synthesized and each is recorded with why; the exam's T1 is synthesized."""
+    node = node_factory()
+    study = "1.2.826.0.1.3680043.8.498.231"
+    wanted = _small(tmp_path, "t1", 231, study_uid=study)
+    three_plane = _small(tmp_path, "three-plane", 232, slices=3, series_description="3-plane loc", study_uid=study)
+    for path, orientation in zip(sorted(three_plane.files)[1:], ([0, 1, 0, 0, 0, -1], [1, 0, 0, 0, 0, -1])):
+        ds = pydicom.dcmread(path)
+        ds.ImageOrientationPatient = orientation  # sagittal, then coronal, after the axial slice
+        ds.save_as(path)
+    flagged = _small(tmp_path, "flagged", 233, slices=3, series_description="scout", study_uid=study)
+    for path in flagged.files:
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.save_as(path)
+    for series in (three_plane, flagged, wanted):
+        assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    assert wait_for_job(node.database_url, wanted.series_uid, timeout=120).state == "done"
+    three_plane_row = _series_row(node, three_plane.series_uid, state="ignored")
+    assert "more than one plane" in three_plane_row.reason and three_plane_row.orientation == "mixed"
+    flagged_row = _series_row(node, flagged.series_uid, state="ignored")
+    assert "LOCALIZER" in flagged_row.reason and "select_image_type_exclude" in flagged_row.reason
+    with init_db(node.database_url)() as session:
+        assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([three_plane.series_uid, flagged.series_uid]))).all()
+
+
+def test_the_image_type_rule_is_the_sites_to_widen_or_turn_off():
+    """select_image_type_exclude="" synthesizes a series flagged LOCALIZER; DERIVED added keeps maps out."""
+    from dicom_node.ingest import SelectionRules
+    from dicom_node.settings import Settings
+
+    flagged = Series(modality="MR", series_description="", instance_count=20, orientation="axial", image_type="ORIGINAL\\PRIMARY\\LOCALIZER")
+    adc = Series(modality="MR", series_description="", instance_count=20, orientation="axial", image_type="DERIVED\\PRIMARY\\DIFFUSION\\ADC")
+    default = SelectionRules(image_types_excluded=tuple(Settings().select_image_type_exclude))
+    assert default.reason_to_skip(flagged) is not None and default.reason_to_skip(adc) is None
+    off = SelectionRules(image_types_excluded=tuple(Settings(select_image_type_exclude="").select_image_type_exclude))
+    assert off.reason_to_skip(flagged) is None
+    wider = SelectionRules(image_types_excluded=tuple(Settings(select_image_type_exclude="localizer, derived").select_image_type_exclude))
+    assert "DERIVED" in wider.reason_to_skip(adc)
+
+
 def test_a_series_completes_when_its_association_is_released(node_factory, tmp_path):
     """Completion on release queues the job, and the queueing wakes the worker: neither the hour
     of stable_seconds nor the minute between the worker's polls is waited for."""

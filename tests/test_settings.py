@@ -59,6 +59,7 @@ def test_config_show_masks_secrets() -> None:
         ("MR2CT_FORWARD_TO", "PACS:104"),
         ("MR2CT_DICOM_POLL_MS", "0"),
         ("MR2CT_TEST_TIME_AUGMENTATION", "all"),
+        ("MR2CT_SELECT_IMAGE_TYPE_EXCLUDE", "LOCALIZER,ORIGINAL\\PRIMARY"),
     ],
 )
 def test_a_bad_setting_stops_serve_with_a_message_naming_the_key(key: str, value: str) -> None:
