@@ -755,7 +755,8 @@ def pull(
     refreshed = (f", fetched again {counts['refreshed']} that an earlier pull cached in their acquired plane (now the axial slices "
                  "the node synthesizes)") if counts["refreshed"] else ""
     typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']}{refreshed}, left out "
-               f"{counts['synthetic']} synthetic (Synthetic Data YES, e.g. mr2ct's own sCTs) and {counts['unusable']} that make no volume "
+               f"{counts['synthetic']} synthetic (Synthetic Data YES, e.g. mr2ct's own sCTs), {counts['localizer']} localizer(s) (ImageType "
+               f"LOCALIZER, e.g. CT topograms) and {counts['unusable']} that make no volume "
                f"(reasons in {cache / 'left_out.jsonl'}) -> {cache}")
     still = len(DatasetCache(cache).outdated())
     if still:  # cached by an earlier mr2ct, not matched by this pull's filters

@@ -83,12 +83,18 @@ def _in_the_pacs(orthanc, files):
 def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_pools(cohort_in_orthanc, orthanc, tmp_path):
     """The node stores its sCTs in the same PACS the ML engineer pulls training CTs from: a series
     that says Synthetic Data YES is left out (training on the model's own output would teach it its
-    own errors). A series that makes no volume (a localizer, two slices in one place) is left out
-    with its reason instead of ending the pull. A second run neither fetches nor asks about either."""
+    own errors). So is one whose ImageType says LOCALIZER: every CT study holds a topogram, a
+    projection that was cached as a CT slice until 2026-12-05. A series that makes no volume (a
+    localizer of three planes, two slices in one place) is left out with its reason instead of
+    ending the pull. A second run neither fetches nor asks about any of them."""
     from training.phantom_dicom import write_mr_series
 
     sct = write_mr_series(tmp_path / "sct", seed=77, slices=3, size=32, pixel_spacing=8.0, patient_id="PHSCT01", modality="CT")
     broken = write_mr_series(tmp_path / "broken", seed=78, slices=3, size=32, pixel_spacing=8.0, patient_id="PHBAD01", modality="CT")
+    topogram = write_mr_series(tmp_path / "topogram", seed=79, slices=1, size=32, pixel_spacing=8.0, patient_id="PHTOP01", modality="CT")
+    ds = pydicom.dcmread(topogram.files[0])
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+    ds.save_as(topogram.files[0])
     for path in [*sct.files, broken.files[2]]:
         ds = pydicom.dcmread(path)
         if path in sct.files:
@@ -96,29 +102,33 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         else:
             ds.ImagePositionPatient = pydicom.dcmread(broken.files[0]).ImagePositionPatient  # two slices in one place
         ds.save_as(path)
-    with _in_the_pacs(orthanc, [*sct.files, *broken.files]):
+    with _in_the_pacs(orthanc, [*sct.files, *broken.files, *topogram.files]):
         cache_dir = tmp_path / "cache"
         counts = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("CT")], username=orthanc.username, password=orthanc.password)
-        assert counts == {"found": 3 + 1 + 2, "fetched": 4, "skipped": 0, "synthetic": 1, "unusable": 1, "refreshed": 0}
+        assert counts == {"found": 3 + 1 + 3, "fetched": 4, "skipped": 0, "synthetic": 1, "localizer": 1, "unusable": 1, "refreshed": 0}
         cache = DatasetCache(cache_dir)
-        assert not {sct.series_uid, broken.series_uid} & cache.known()
+        assert not {sct.series_uid, broken.series_uid, topogram.series_uid} & cache.known()
+        assert cache.left_out()[topogram.series_uid] == "localizer"
         assert "two or more slices share one position" in cache.left_out()[broken.series_uid]
         with dicomweb_proxy(orthanc) as (url, asked, _refused):
             again = pull(url, cache_dir, [PullFilter("CT")])
-        assert again == {"found": 6, "fetched": 0, "skipped": 4, "synthetic": 1, "unusable": 1, "refreshed": 0}
-        assert metadata_asked(asked) == [] and not any(uid in path for path in asked for uid in (sct.series_uid, broken.series_uid))
-        assert not any(pid in p.read_bytes() for p in cache_dir.rglob("*") if p.is_file() for pid in (b"PHSCT01", b"PHBAD01"))
+        assert again == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "unusable": 1, "refreshed": 0}
+        assert metadata_asked(asked) == [] and not any(uid in path for path in asked
+                                                      for uid in (sct.series_uid, broken.series_uid, topogram.series_uid))
+        assert not any(pid in p.read_bytes() for p in cache_dir.rglob("*") if p.is_file() for pid in (b"PHSCT01", b"PHBAD01", b"PHTOP01"))
         said = subprocess.run([*MR2CT, "pull", "--url", f"{orthanc.url}/dicom-web", "--cache", str(cache_dir), "--modality", "CT",
                                "--username", orthanc.username, "--password", orthanc.password], capture_output=True, text=True, timeout=120)
         assert said.returncode == 0, said.stderr[-2000:]
-        assert "already cached 4, left out 1 synthetic" in said.stdout and "and 1 that make no volume" in said.stdout
+        assert "already cached 4, left out 1 synthetic" in said.stdout and "1 localizer(s)" in said.stdout
+        assert "and 1 that make no volume" in said.stdout
         # a limit counts the series taken, not those left out: 4 good CTs wherever the two fall
         limited = pull(f"{orthanc.url}/dicom-web", tmp_path / "limited", [PullFilter("CT", limit=4)],
                        username=orthanc.username, password=orthanc.password, progress=False)
-        assert limited["fetched"] == 4 and limited["found"] == 4 + limited["synthetic"] + limited["unusable"]
+        assert limited["fetched"] == 4 and limited["found"] == 4 + limited["synthetic"] + limited["localizer"] + limited["unusable"]
         more = pull(f"{orthanc.url}/dicom-web", tmp_path / "limited", [PullFilter("CT", limit=5)],
                     username=orthanc.username, password=orthanc.password, progress=False)
-        assert more == {"found": 6, "fetched": 0, "skipped": 4, "synthetic": 1, "unusable": 1, "refreshed": 0}  # looked at all: the PACS has no 5th
+        assert more == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "unusable": 1,
+                        "refreshed": 0}  # looked at all: the PACS has no 5th
 
 
 def test_a_3d_sagittal_mr_is_cached_as_the_axial_slices_the_node_would_synthesize(orthanc, tmp_path):

@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # transcode, compressed data stays compressed on the wire and on disk, decoded here only when read.
 STORED_SYNTAX = (("application/dicom", "*"),)
 SYNTHETIC = "synthetic"  # the reason a series says Synthetic Data YES is left out of a training cache
+LOCALIZER = "localizer"  # ... and one whose ImageType says LOCALIZER (until 2026-12-05 a CT topogram was cached as a slice)
 
 
 @dataclass(frozen=True)
@@ -236,10 +237,11 @@ def pull(
     validation_fraction: float = 0.2, timeout: float = 30.0, progress: bool | None = None, attempts: int = DEFAULT_ATTEMPTS,
 ) -> dict[str, int]:
     """Fetch what matches and is not yet cached. A series that says it is synthetic (Synthetic Data
-    YES: the sCTs mr2ct itself stores in the PACS, and other tools' synthetic images) is never
-    training data: asked of each series before it is fetched (its first instance's metadata), and
-    remembered in the cache so that a second run does not ask again. Returns counts (found,
-    fetched, skipped: cached already, synthetic: left out, unusable: fetched and left out, as they
+    YES: the sCTs mr2ct itself stores in the PACS, and other tools' synthetic images) or whose
+    ImageType says LOCALIZER (the topogram every CT study holds) is never training data: asked of
+    each series before it is fetched (its first instance's metadata), and remembered in the cache
+    so that a second run does not ask again. Returns counts (found, fetched, skipped: cached
+    already, synthetic and localizer: left out, unusable: fetched and left out, as they
     make no volume, such as a localizer of three planes, with the reason in the log and the cache;
     refreshed: fetched again, as the cache held them in another plane than the node's, see
     ``DatasetCache.outdated``).
@@ -273,11 +275,14 @@ def pull(
         study_uid, series_uid = uids
         if series_uid in known and series_uid not in outdated:
             return "skipped"
-        if series_uid not in left_out and _synthetic(client, url, attrs):
-            left_out[series_uid] = SYNTHETIC
-            cache.leave_out(series_uid, SYNTHETIC)
+        if series_uid not in left_out:
+            reason = _left_out_before_fetch(client, url, attrs)
+            if reason is not None:
+                left_out[series_uid] = reason
+                cache.leave_out(series_uid, reason)
         if series_uid in left_out:
-            return dropped(series_uid, "synthetic" if left_out[series_uid] == SYNTHETIC else "unusable")
+            reason = left_out[series_uid]
+            return dropped(series_uid, reason if reason in (SYNTHETIC, LOCALIZER) else "unusable")
         try:
             datasets = list(_instances(client, study_uid, series_uid))
         except Exception as exc:
@@ -320,7 +325,7 @@ def pull(
             return "refreshed"
         return "fetched"
 
-    counts = {"found": 0, "fetched": 0, "skipped": 0, "synthetic": 0, "unusable": 0, "refreshed": 0}
+    counts = {"found": 0, "fetched": 0, "skipped": 0, SYNTHETIC: 0, LOCALIZER: 0, "unusable": 0, "refreshed": 0}
     wanted = [len(matched) if flt.limit is None else min(flt.limit, len(matched)) for flt, matched in plans]
     bar = progress_bar(total=sum(wanted), desc="pull", unit="series", show=progress)
     with bar:
@@ -357,31 +362,37 @@ class PairsFilter:
     limit: int | None = None  # at most this many patients
 
 
-def _synthetic(client: DICOMwebClient, url: str, attrs: dict[str, Any]) -> bool:
-    """Whether a series says it is synthetic (Synthetic Data YES), read from its first instance's
-    metadata (WADO-RS, no pixels): QIDO does not carry the attribute."""
+def _left_out_before_fetch(client: DICOMwebClient, url: str, attrs: dict[str, Any]) -> str | None:
+    """Why a series is no training data before its pixels are fetched, read from its first
+    instance's metadata (WADO-RS, no pixels: QIDO carries neither attribute): ``SYNTHETIC`` when it
+    says Synthetic Data YES, ``LOCALIZER`` when its ImageType holds LOCALIZER (a CT's topogram is a
+    projection, not a slice in HU; an MR's scout is a few coarse slices); None when it is neither."""
     uids = _series_uids(attrs)
     if uids is None:
-        return False  # refused later, with the reason
+        return None  # refused later, with the reason
     study_uid, series_uid = uids
     try:
         first = client.search_for_instances(study_uid, series_uid, limit=1, fields=["SOPInstanceUID"])
         if not first:
-            return False
+            return None
         metadata = client.retrieve_instance_metadata(study_uid, series_uid, _value(first[0], "00080018"))
     except Exception as exc:
         raise _pacs_error(url, exc) from exc
-    return _value(metadata, "0008001C").upper() == "YES"
+    if _value(metadata, "0008001C").upper() == "YES":
+        return SYNTHETIC
+    if any(str(v).strip().upper() == "LOCALIZER" for v in metadata.get("00080008", {}).get("Value") or []):
+        return LOCALIZER
+    return None
 
 
-def _synthetic_unless_fetched(client: DICOMwebClient, url: str, attrs: dict[str, Any], patient_dir: Path) -> bool:
-    """``_synthetic``, asked only of a CT series not in the folder already: one that is was asked
-    about by the run that fetched it (a synthetic one is never fetched), so a second run costs no
-    metadata request per CT it has."""
+def _left_out_unless_fetched(client: DICOMwebClient, url: str, attrs: dict[str, Any], patient_dir: Path) -> bool:
+    """Whether ``_left_out_before_fetch`` leaves the series out, asked only of a CT series not in
+    the folder already: one that is was asked about by the run that fetched it (a synthetic CT or
+    a topogram is never fetched), so a second run costs no metadata request per CT it has."""
     uids = _series_uids(attrs)
     if uids is not None and (patient_dir / uids[1]).is_dir():
         return False
-    return _synthetic(client, url, attrs)
+    return _left_out_before_fetch(client, url, attrs) is not None
 
 
 def pull_pairs(
@@ -416,8 +427,8 @@ def pull_pairs(
     for key, patient, found in candidates:  # in the order ``limit`` draws them, until it has enough
         if flt.limit is not None and len(keyed) >= flt.limit:
             break  # the CTs of the patients not taken are never asked about
-        found["CT"] = [a for a in found["CT"] if not _synthetic_unless_fetched(client, url, a, out_dir / key)]
-        if found["CT"]:  # an MR whose only CT is an sCT (mr2ct's own) has no ground truth: not a pair
+        found["CT"] = [a for a in found["CT"] if not _left_out_unless_fetched(client, url, a, out_dir / key)]
+        if found["CT"]:  # an MR whose only CT is an sCT (mr2ct's own) or a topogram has no ground truth: not a pair
             keyed.append((key, patient, found))
     todo: list[tuple[str, dict[str, Any]]] = []
     for key, (pid, issuer), found in keyed:
