@@ -85,6 +85,13 @@ def test_evaluate_pairs_scores_dicom_pairs_as_the_phantom_evaluation_scores_the_
         ds.PixelData = np.zeros((256, 256), np.uint16).tobytes()
         (matched / "patient-0" / "sct").mkdir(exist_ok=True)
         ds.save_as(matched / "patient-0" / "sct" / f"{i}.dcm")
+    # The exam's localizer (ImageType LOCALIZER, the MR's frame) is no volume to score: it used to be paired with the CT.
+    localizer_uid = pydicom.uid.generate_uid()
+    (matched / "patient-1" / "localizer").mkdir()
+    for i, path in enumerate(sorted((matched / "patient-1" / "mr").glob("*.dcm"))[:3]):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.ImageType = localizer_uid, pydicom.uid.generate_uid(), ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.save_as(matched / "patient-1" / "localizer" / f"{i}.dcm")
     (matched / "README.txt").write_text("not DICOM")
     phantom = _evaluate("--json", "--subjects", "2", "--slices", "4")
     assert phantom.returncode == 0, phantom.stderr
@@ -104,6 +111,7 @@ def test_evaluate_pairs_scores_dicom_pairs_as_the_phantom_evaluation_scores_the_
     assert any("not DICOM" in reason for reason in report["left_out"])
     assert any("no CT series of the same patient" in reason for reason in report["left_out"])
     assert any(synthetic_uid in reason and "not a ground truth" in reason for reason in report["left_out"])
+    assert any(localizer_uid in reason and "a localizer" in reason for reason in report["left_out"])
     assert panel.stat().st_size > 10_000
     assert "PAT0" not in result.stdout + result.stderr and "PHANTOM^HEAD" not in result.stdout + result.stderr
 

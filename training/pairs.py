@@ -119,6 +119,9 @@ def find_pairs(folder: Path) -> Found:
         if str(first.get("SyntheticData", "") or "").upper() == "YES":
             # An sCT (mr2ct's own, exported with the study) shares the MR's frame: never take it for the truth.
             skipped.append(f"{found.label()}: synthetic (Synthetic Data YES), not a ground truth")
+        elif "LOCALIZER" in [str(v).strip().upper() for v in (first.get("ImageType") or [])]:
+            # A scout (an MR's few coarse slices, a CT's topogram: a projection, not HU): never a pair to score.
+            skipped.append(f"{found.label()}: a localizer (ImageType LOCALIZER), not a volume to score")
         elif found.modality == "REG" or str(first.get("SOPClassUID", "")) == SPATIAL_REGISTRATION:
             for _, ds in members:
                 try:
