@@ -108,7 +108,7 @@ class Node:
                      model.card["architecture"], model.test_time_augmentation if s.test_time_augmentation == "model" else s.test_time_augmentation)
             store = OrthancStore(s.orthanc_url, s.orthanc_username, password, s.orthanc_timeout_seconds)
             worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size, s.precision, s.torch_compile,
-                            s.test_time_augmentation, synthesis_plane=s.synthesis_plane)
+                            s.test_time_augmentation, synthesis_plane=s.synthesis_plane, ct_plane=s.ct_plane)
             requeue_orphaned_jobs(self.sessions, worker.worker_id)
             wake_on_job_queued(self.work_queued)  # jobs queued by this process (series completion, API retry)
             self._thread("worker", worker.loop, self.stop_event, s.poll_seconds, self.work_queued)

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
         "auto", description="the slices the generator sees: auto (a 3D sagittal or coronal series as axial slices, the plane "
         "the model learnt; a 2D one with thick slices as acquired), axial (every series with evenly spaced slices), acquired"
     )
+    ct_plane: Literal["acquired", "axial"] = Field(
+        "acquired", description="the slices the sCT is written in: acquired (one CT slice per MR slice, overlaying it), axial "
+        "(the axial slices the generator saw when synthesis_plane resliced the series: a 3D sagittal or coronal MR gives a "
+        "transverse sCT, as planning systems take a CT; a series synthesized in its acquired slices is written in them)",
+    )
     stable_seconds: float = Field(10.0, gt=0, le=86400, description="a series is complete after this long without new instances")
     uid_root: str = Field("1.2.826.0.1.3680043.8.498.", description="root of the UIDs mr2ct writes (ends with a dot)")
     poll_seconds: float = Field(0.5, gt=0, le=60, description="how often the stability monitor and worker look for work")
@@ -217,6 +222,9 @@ class Settings(BaseSettings):
             raise ValueError("forward_tls needs forward_to and tls_ca_file (the CA that signed the destination's certificate)")
         if self.forward_sop_classes and not self.forward_originals:
             raise ValueError("forward_sop_classes needs forward_originals = true (those instances are only routed)")
+        if self.ct_plane == "axial" and self.synthesis_plane == "acquired":
+            raise ValueError("ct_plane axial needs synthesis_plane auto or axial: the sCT is written in the axial slices the generator "
+                             "saw, and synthesis_plane acquired never shows it any")
         if 0 < self.spool_failed_retention_hours < self.spool_retention_hours:
             raise ValueError(f"spool_failed_retention_hours ({self.spool_failed_retention_hours:g}) is shorter than spool_retention_hours "
                              f"({self.spool_retention_hours:g}): a failed series, kept for its retry, would go before a series done")

@@ -180,9 +180,9 @@ class Worker:
     def __init__(
         self, sessions: sessionmaker[Session], model: LoadedModel, device: DeviceChoice, store: OrthancStore,
         uid_root: str, batch_size: int, precision: str = "auto", torch_compile: bool = False, test_time_augmentation: str = "model",
-        lease_seconds: float = LEASE_SECONDS, synthesis_plane: str = "auto",
+        lease_seconds: float = LEASE_SECONDS, synthesis_plane: str = "auto", ct_plane: str = "acquired",
     ) -> None:
-        self.tta, self.lease_seconds, self.plane = test_time_augmentation, lease_seconds, synthesis_plane
+        self.tta, self.lease_seconds, self.plane, self.ct_plane = test_time_augmentation, lease_seconds, synthesis_plane, ct_plane
         self.sessions, self.model, self.device, self.store = sessions, self._as_configured(model), device, store
         self.uid_root, self.batch_size, self.precision, self.torch_compile = uid_root, batch_size, precision, torch_compile
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -273,8 +273,11 @@ class Worker:
                                                    precision=self.precision, compile=self.torch_compile, should_stop=should_stop,
                                                    progress=progress)
             log.info("job synthesized job=%d in %s", job_id, plane)
+            # ct_plane axial writes the axial slices the generator saw; a series it saw as acquired is written so
+            # (axial already, or 2D slices too far apart to make axial images of without interpolation)
+            axial = reslice if self.ct_plane == "axial" else None
             ct = SyntheticCTSeries(source=source, hu=hu, model=self.model, uid_root=self.uid_root, device_label=self.device.label,
-                                   resliced_from=reslice.acquired if reslice else None)
+                                   resliced_from=reslice.acquired if reslice else None, axial=axial)
             sr = build_provenance_sr(
                 ct=ct, mr_headers=source.headers, uid_root=self.uid_root,
                 processing_seconds=time.perf_counter() - started, device_label=self.device.label,

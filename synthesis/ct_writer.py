@@ -25,7 +25,7 @@ from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.model_file import LoadedModel
 from synthesis.normalize import HU_MAX, HU_MIN
 from synthesis.uids import derived_uid
-from synthesis.volume import SourceSeries
+from synthesis.volume import Reslice, SourceSeries
 
 MANUFACTURER = "mr2ct"
 # In the derived series' UIDs: which rule named their instances (since 2026-12-05, each sCT slice
@@ -107,27 +107,42 @@ class SyntheticCTSeries:
     """The sCT series for one MR series; ``datasets`` holds one CT instance per MR slice."""
 
     def __init__(self, *, source: SourceSeries, hu: np.ndarray, model: LoadedModel, uid_root: str, device_label: str,
-                 resliced_from: str | None = None) -> None:
+                 resliced_from: str | None = None, axial: Reslice | None = None) -> None:
         """``resliced_from``: the acquisition's plane when the generator saw the volume as axial
-        slices (``synthesis.volume.axial_reslice``); None when it saw the acquired slices."""
+        slices (``synthesis.volume.axial_reslice``); None when it saw the acquired slices.
+        ``axial``: that reslice, to write the sCT as the axial slices the generator saw (``ct_plane
+        = axial``: transverse images, as planning systems take a CT) instead of one CT slice per MR
+        slice; each then derives from every MR slice, and the series has UIDs of its own."""
         if not isinstance(source, SourceSeries):
             raise TypeError(f"source must be a SourceSeries, got {type(source).__name__}")
         if not isinstance(hu, np.ndarray) or hu.shape != source.volume.voxels.shape:
             raise ValueError(f"hu must be an array of shape {source.volume.voxels.shape}, got {getattr(hu, 'shape', type(hu))}")
         if not uid_root.endswith("."):
             raise ValueError(f"uid_root must end with '.', got {uid_root!r}")
+        if axial is not None:
+            resliced_from = axial.acquired
         self.source = source
         self.model = model
+        self.axial = axial
         self.plane = f"axial slices resliced from the {resliced_from} acquisition" if resliced_from else "the acquired slices"
+        if axial is not None:
+            self.plane += ", written as axial slices"
         src_series = source.series_instance_uid
-        key = model.output_key + ("+axial" if resliced_from else "")  # other pixels, other UIDs
+        key = model.output_key + ("+axial" if resliced_from else "") + ("+axial-ct" if axial is not None else "")  # other pixels, other UIDs
         self.series_instance_uid = derived_uid(uid_root, src_series, key, "ct-series", UID_SCHEME)
-        # Each slice's UID follows the MR slice (instance, frame) it was made from, not its place in
-        # the series: a late MR slice adds a UID instead of moving every later UID to another
-        # position (until 2026-12-05 the n-th UID named whatever slice was n-th).
-        frames = source.frames or [None] * len(source.headers)
-        self.sop_instance_uids = [derived_uid(uid_root, src_series, key, "ct", str(mr.SOPInstanceUID), frame)
-                                  for mr, frame in zip(source.headers, frames)]
+        # The geometry the CT slices are written in: the MR's, or the axial view of it.
+        self.geometry = source.volume if axial is None else axial.volume(source.volume, hu)
+        if axial is None:
+            # Each slice's UID follows the MR slice (instance, frame) it was made from, not its place in
+            # the series: a late MR slice adds a UID instead of moving every later UID to another
+            # position (until 2026-12-05 the n-th UID named whatever slice was n-th).
+            frames = source.frames or [None] * len(source.headers)
+            self.sop_instance_uids = [derived_uid(uid_root, src_series, key, "ct", str(mr.SOPInstanceUID), frame)
+                                      for mr, frame in zip(source.headers, frames)]
+        else:  # each axial slice by where it lies along its normal: a late MR slice widens the slices, moves none
+            normal = self.geometry.normal
+            self.sop_instance_uids = [derived_uid(uid_root, src_series, key, "ct", f"{float(p @ normal):.2f}")
+                                      for p in self.geometry.positions]
         now = local_now(source.headers[0])
         description = f"sCT (mr2ct {synthesis.__version__}, model {model.short_digest})"
         derivation = (
@@ -136,7 +151,7 @@ class SyntheticCTSeries:
             + (f", test-time augmentation {model.test_time_augmentation}" if model.test_time_augmentation != "none" else "")
             + (f", {self.plane}" if resliced_from else "") + f") on {device_label}"
         )
-        stored = np.clip(np.rint(hu), HU_MIN, HU_MAX) - RESCALE_INTERCEPT
+        stored = np.clip(np.rint(hu if axial is None else self.geometry.voxels), HU_MIN, HU_MAX) - RESCALE_INTERCEPT
         self._stored = stored.astype(np.uint16)
         self._created = now  # one moment for every date and time of the series
         self._description, self._derivation = description, derivation
@@ -179,8 +194,10 @@ class SyntheticCTSeries:
         ds.BurnedInAnnotation = "NO"
         ds.SyntheticData = "YES"
         ds.ContributingEquipmentSequence = contributing_equipment(self._derivation, date_time(self._created))
-        ds.ImageOrientationPatient = [_ds_float(v) for v in source.volume.orientation]
-        ds.PixelSpacing = [_ds_float(v) for v in source.volume.pixel_spacing]
+        if self.axial is not None:  # every axial slice is made from a line of each MR slice: all are its sources
+            ds.SourceImageSequence = Sequence(_source_references(source))
+        ds.ImageOrientationPatient = [_ds_float(v) for v in self.geometry.orientation]
+        ds.PixelSpacing = [_ds_float(v) for v in self.geometry.pixel_spacing]
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.Rows, ds.Columns = self._stored.shape[1:]
@@ -194,23 +211,23 @@ class SyntheticCTSeries:
 
     def _varying(self, index: int) -> Dataset:
         """The elements that differ from slice to slice: identity, source reference, position, pixels."""
-        source, mr = self.source, self.source.headers[index]
+        source = self.source
         ds = Dataset()
         ds.SOPInstanceUID = self.sop_instance_uids[index]
         ds.InstanceNumber = index + 1
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = mr.SOPClassUID
-        ref.ReferencedSOPInstanceUID = mr.SOPInstanceUID
-        frame = source.frames[index] if source.frames else None
-        if frame is not None:
-            ref.ReferencedFrameNumber = frame
-        ref.PurposeOfReferenceCodeSequence = Sequence([_code("121322", "DCM", "Source image for image processing operation")])
-        ds.SourceImageSequence = Sequence([ref])
-        ds.ImagePositionPatient = [_ds_float(v) for v in source.volume.positions[index]]
-        thickness = source.slice_thickness[index] if source.slice_thickness else str(mr.get("SliceThickness", "") or "")
-        ds.SliceThickness = thickness or _ds_float(abs(source.volume.slice_spacing))
-        if "SliceLocation" in mr and frame is None:
-            ds.SliceLocation = mr.SliceLocation
+        position = self.geometry.positions[index]
+        ds.ImagePositionPatient = [_ds_float(v) for v in position]
+        if self.axial is not None:
+            ds.SliceThickness = _ds_float(abs(self.axial.slice_spacing))
+            ds.SliceLocation = _ds_float(float(position @ self.geometry.normal))
+        else:
+            mr = source.headers[index]
+            frame = source.frames[index] if source.frames else None
+            ds.SourceImageSequence = Sequence(_source_references(source, index))
+            thickness = source.slice_thickness[index] if source.slice_thickness else str(mr.get("SliceThickness", "") or "")
+            ds.SliceThickness = thickness or _ds_float(abs(source.volume.slice_spacing))
+            if "SliceLocation" in mr and frame is None:
+                ds.SliceLocation = mr.SliceLocation
         ds.add_new(0x7FE00010, "OW", np.ascontiguousarray(self._stored[index]).tobytes())  # PixelData: 16-bit, so OW
         return ds
 
@@ -259,6 +276,29 @@ class SyntheticCTSeries:
         head.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(head, self._file_meta(index), enforce_standard=True)
         return head.getvalue() + merged
+
+
+def _source_references(source: SourceSeries, index: int | None = None) -> list[Dataset]:
+    """Source Image Sequence items: of MR slice ``index``, or of every MR slice (an instance once,
+    with the frames of a multi-frame one)."""
+    frames = source.frames or [None] * len(source.headers)
+    chosen = range(len(source.headers)) if index is None else [index]
+    by_instance: dict[str, tuple[Dataset, list[int]]] = {}
+    for i in chosen:
+        mr, frame = source.headers[i], frames[i]
+        _, numbers = by_instance.setdefault(str(mr.SOPInstanceUID), (mr, []))
+        if frame is not None:
+            numbers.append(frame)
+    items = []
+    for mr, numbers in by_instance.values():
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = mr.SOPClassUID
+        ref.ReferencedSOPInstanceUID = mr.SOPInstanceUID
+        if numbers:
+            ref.ReferencedFrameNumber = sorted(numbers) if len(numbers) > 1 else numbers[0]
+        ref.PurposeOfReferenceCodeSequence = Sequence([_code("121322", "DCM", "Source image for image processing operation")])
+        items.append(ref)
+    return items
 
 
 def _encode_elements(ds: Dataset, charset: str | list[str] | None) -> list[tuple[int, bytes]]:

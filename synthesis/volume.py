@@ -163,6 +163,29 @@ class Reslice:
         view = np.flip(voxels, [a for a, f in enumerate(self.flips) if f])
         return np.ascontiguousarray(np.transpose(view, np.argsort(self.axes)))
 
+    def volume(self, source: Volume, voxels: np.ndarray | None = None) -> Volume:
+        """``source`` as the axial volume the generator sees: ``forward`` of its voxels (or of
+        ``voxels``, shaped like them: its sCT) with the geometry that puts each voxel where it was
+        in patient space, so that the axial slices can be written as images of their own."""
+        row, col = np.asarray(source.orientation[:3], dtype=float), np.asarray(source.orientation[3:6], dtype=float)
+        directions = (np.cross(row, col), col, row)  # of the source's array axes: slices, rows, columns
+        gaps = np.diff(source.positions @ source.normal)
+        steps = (float(gaps.mean()) if len(gaps) else 0.0, *source.pixel_spacing)
+        shape = source.voxels.shape
+        origin = np.asarray(source.positions[0], dtype=float).copy()
+        for n, axis in enumerate(self.axes):  # a flipped axis starts at the source's far end
+            if self.flips[n]:
+                origin += (shape[axis] - 1) * steps[axis] * directions[axis]
+        axes_out = [(-1.0 if self.flips[n] else 1.0) * directions[axis] for n, axis in enumerate(self.axes)]
+        positions = origin + np.arange(shape[self.axes[0]])[:, None] * steps[self.axes[0]] * axes_out[0]
+        return Volume(
+            voxels=self.forward(source.voxels if voxels is None else voxels),
+            pixel_spacing=(steps[self.axes[1]], steps[self.axes[2]]),
+            orientation=tuple(float(v) for v in (*axes_out[2], *axes_out[1])),  # type: ignore[arg-type]
+            positions=positions,
+            frame_of_reference_uid=source.frame_of_reference_uid,
+        )
+
 
 def _axial_axes(orientation: tuple[float, ...] | list[float]) -> tuple[tuple[int, int, int], np.ndarray]:
     """The exchange of a volume's array axes (slices, rows, columns) that brings them closest to

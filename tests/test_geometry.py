@@ -15,10 +15,10 @@ from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, generate
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
 from synthesis.sr_writer import read_provenance
-from synthesis.volume import Volume, axial_reslice, frame_geometry
+from synthesis.volume import Volume, assemble, axial_reslice, frame_geometry, resample
 from training import phantoms
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import series_datasets, study_series
+from tests.helpers import dciodvfy, series_datasets, study_series
 from training.phantom_dicom import write_mr_series
 
 CASES = {
@@ -87,6 +87,43 @@ def test_every_ct_slice_lies_where_its_mr_slice_lies(case, node, orthanc, tmp_pa
         np.testing.assert_allclose([float(v) for v in ct.PixelSpacing], g.pixel_spacing, atol=1e-6)
         assert (ct.Rows, ct.Columns) == (mr.Rows, mr.Columns)
         assert ct.FrameOfReferenceUID == mr.FrameOfReferenceUID == series.frame_of_reference_uid
+
+
+def test_ct_plane_axial_writes_a_3d_sagittal_mrs_sct_as_transverse_slices_of_the_same_voxels(node, node_factory, orthanc, tmp_path):
+    """A planning system takes a CT as transverse slices; a 3D sagittal T1 (the usual brain MR)
+    gave a sagittal sCT. With ``ct_plane = axial`` the node writes the axial slices the generator
+    saw: every voxel where the sagittal sCT of the same series has it (sampled in patient space,
+    no interpolation), each slice derived from every MR slice, dciodvfy clean, its own UIDs."""
+    series = write_mr_series(tmp_path / "mr", seed=531, orientation="sagittal", size=48, columns=40, pixel_spacing=5.0,
+                             slices=40, slice_spacing=5.0)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    sagittal_job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert sagittal_job.state == "done", sagittal_job.error
+    axial_node = node_factory(ct_plane="axial")
+    assert storescu(series.folder, axial_node.port, NODE_AE, SCANNER_AE).returncode == 0
+    axial_job = wait_for_job(axial_node.database_url, series.series_uid, timeout=120)
+    assert axial_job.state == "done", axial_job.error
+    assert axial_job.ct_series_uid != sagittal_job.ct_series_uid
+    in_study = {s["MainDicomTags"]["SeriesInstanceUID"]: s for s in study_series(orthanc, series.study_uid)}
+    sagittal_ct = series_datasets(orthanc, in_study[sagittal_job.ct_series_uid])
+    axial_ct = series_datasets(orthanc, in_study[axial_job.ct_series_uid])
+    assert len(sagittal_ct) == 40 and len(axial_ct) == 48  # the MR's rows run head to foot: one axial slice each
+    for ct in axial_ct:
+        np.testing.assert_allclose([float(v) for v in ct.ImageOrientationPatient], [1, 0, 0, 0, 1, 0], atol=1e-6)
+        assert (ct.Rows, ct.Columns) == (40, 40) and ct.FrameOfReferenceUID == series.frame_of_reference_uid
+        assert {r.ReferencedSOPInstanceUID for r in ct.SourceImageSequence} == {pydicom.dcmread(f).SOPInstanceUID for f in series.files}
+        assert "written as axial slices" in ct.DerivationDescription
+    sagittal_volume, axial_volume = assemble(sagittal_ct).volume, assemble(axial_ct).volume
+    sampled = resample(sagittal_volume, axial_volume)
+    assert not np.isnan(sampled).any() and np.abs(sampled - axial_volume.voxels).max() < 0.01
+    assert axial_volume.voxels.std() > 100  # a head, not a blank
+    path = tmp_path / "axial-ct.dcm"
+    axial_ct[len(axial_ct) // 2].save_as(path, enforce_file_format=True)
+    errors, _, _ = dciodvfy(path)
+    assert errors == [], errors
+    (sr_series,) = [s for uid, s in in_study.items() if uid == axial_job.sr_series_uid]
+    provenance = read_provenance(series_datasets(orthanc, sr_series)[0])
+    assert provenance.parameters["slice_plane"] == "axial slices resliced from the sagittal acquisition, written as axial slices"
 
 
 def _grid_volume(grid) -> Volume:

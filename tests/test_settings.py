@@ -79,6 +79,17 @@ def test_a_failed_series_kept_less_long_than_a_series_done_is_refused_by_name(mo
     assert load_settings(None).spool_failed_retention_hours == 72
 
 
+def test_an_axial_sct_from_a_node_that_never_reslices_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("MR2CT_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("MR2CT_CT_PLANE", "axial")
+    monkeypatch.setenv("MR2CT_SYNTHESIS_PLANE", "acquired")
+    with pytest.raises(ConfigError, match="ct_plane axial needs synthesis_plane auto or axial"):
+        load_settings(None)
+    monkeypatch.setenv("MR2CT_SYNTHESIS_PLANE", "auto")
+    assert load_settings(None).ct_plane == "axial"
+
+
 def test_an_unknown_key_in_the_config_file_is_named(tmp_path: Path) -> None:
     config = tmp_path / "mr2ct.toml"
     config.write_text('ae_titel = "TYPO"\n')

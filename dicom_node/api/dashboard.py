@@ -11,6 +11,7 @@ from typing import Annotated, Any
 from urllib.parse import parse_qs
 
 import pydicom
+from pydicom.multival import MultiValue
 from fastapi import APIRouter, HTTPException, Request
 from fastapi import Path as FastApiPath
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
@@ -167,13 +168,15 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
             study = store.client.series.get_parent_study_id(series_id)
         except PacsUnavailable as exc:
             raise HTTPException(502, str(exc)) from exc
-        ref = ct.SourceImageSequence[0]
+        refs = ct.SourceImageSequence  # one MR slice; every one for an sCT written as axial slices (ct_plane axial)
+        ref = refs[len(refs) // 2]
         with sessions() as session:
             path = session.scalar(select(Instance.path).where(Instance.sop_instance_uid == ref.ReferencedSOPInstanceUID))
         if path is None:
             raise HTTPException(404, "the source MR instance is not in the spool")
         mr = pydicom.dcmread(path)
-        frame = int(ref.ReferencedFrameNumber) if "ReferencedFrameNumber" in ref else None
+        frames = ref.get("ReferencedFrameNumber")  # several frames of a multi-frame MR: the middle one
+        frame = int(frames[len(frames) // 2] if isinstance(frames, MultiValue) else frames) if frames is not None else None
         mr_pixels = mr.pixel_array[frame - 1] if frame else mr.pixel_array
         return mr_pixels, ct.pixel_array * float(ct.RescaleSlope) + float(ct.RescaleIntercept), study
 
