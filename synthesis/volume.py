@@ -239,15 +239,44 @@ def axial_reslice(volume: Volume, plane: str = "auto") -> tuple[Reslice | None, 
     return reslice, f"axial slices resliced from the {acquired} acquisition"
 
 
-def _why_positions_repeat(datasets: list[Dataset]) -> str:
+# What can make a series hold several images per position: (what, its attribute in a single-frame
+# instance, its functional group and attribute in an enhanced multi-frame one).
+_REPEATS = (
+    ("echoes", "EchoNumbers", ("MREchoSequence", "EffectiveEchoTime")),
+    ("time points", "TemporalPositionIdentifier", ("FrameContentSequence", "TemporalPositionIndex")),
+    ("b-values", "DiffusionBValue", ("MRDiffusionSequence", "DiffusionBValue")),
+    ("image types", "ImageType", ("MRImageFrameTypeSequence", "FrameType")),
+    ("stacks", "StackID", ("FrameContentSequence", "StackID")),
+)
+
+
+def _frame_value(ds: Dataset, frame: int | None, keyword: str, group: tuple[str, str]) -> tuple[str, str] | None:
+    """(attribute, value) of one repeat marker for one image: a frame's functional group (per-frame,
+    then shared), a legacy converted frame's unassigned attributes, else the instance's own."""
+    if frame is not None and "PerFrameFunctionalGroupsSequence" in ds:
+        shared_seq = ds.get("SharedFunctionalGroupsSequence")
+        shared = shared_seq[0] if shared_seq else None
+        item = ds.PerFrameFunctionalGroupsSequence[frame - 1]
+        sequence, attribute = group
+        found = _group(ds, shared, item, sequence)
+        if found is not None and attribute in found:
+            return attribute, str(found.get(attribute))
+        unassigned = _group(ds, shared, item, "UnassignedPerFrameConvertedAttributesSequence")
+        if unassigned is not None and keyword in unassigned:
+            return keyword, str(unassigned.get(keyword))
+    return (keyword, str(ds.get(keyword))) if keyword in ds else None
+
+
+def _why_positions_repeat(images: list[tuple[Dataset, int | None]]) -> str:
     """What makes a series hold several images per position, when its headers say (several echoes,
-    time points, b-values): the series is then several volumes, and which one to use is the site's call."""
+    time points, b-values, image types, stacks), single-frame or enhanced multi-frame: the series is
+    then several volumes, and which one to use is the site's call."""
     reasons = []
-    for keyword, what in (("EchoNumbers", "echoes"), ("TemporalPositionIdentifier", "time points"),
-                          ("DiffusionBValue", "b-values"), ("ImageType", "image types")):
-        values = {str(ds.get(keyword)) for ds in datasets if keyword in ds}
+    for what, keyword, group in _REPEATS:
+        seen = [v for v in (_frame_value(ds, frame, keyword, group) for ds, frame in images) if v is not None]
+        values = {value for _, value in seen}
         if len(values) > 1:
-            reasons.append(f"{len(values)} {what} ({keyword})")
+            reasons.append(f"{len(values)} {what} ({seen[0][0]})")
     if not reasons:
         return ""
     return (f": the series holds {', '.join(reasons)}, one volume each; send one of them as its own series "
@@ -290,7 +319,7 @@ def assemble(datasets: list[Dataset]) -> SourceSeries:
     distances = positions @ normal
     order = np.argsort(distances, kind="stable")
     if len(order) > 1 and np.min(np.diff(distances[order])) < POSITION_TOLERANCE_MM:
-        raise SeriesNotUsable("two or more slices share one position" + _why_positions_repeat([ds for ds, _, _ in slices]))
+        raise SeriesNotUsable("two or more slices share one position" + _why_positions_repeat([(ds, frame) for ds, frame, _ in slices]))
     voxels = np.empty((len(order), *shape), dtype=np.float32)
     decoded: dict[int, np.ndarray] = {}
     for out_index, i in enumerate(order):

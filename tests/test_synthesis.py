@@ -107,6 +107,32 @@ def test_a_series_of_several_echoes_is_refused_saying_so(mr_series) -> None:
         assemble(first + second)
 
 
+def test_an_enhanced_diffusion_series_is_refused_naming_its_b_values(mr_series) -> None:
+    """The same in one enhanced multi-frame instance (as Philips and newer Siemens scanners send
+    diffusion): the b-values are in each frame's MR Diffusion functional group, not at the top
+    level, and the reason used to be only that slices share a position."""
+    singles = [pydicom.dcmread(f) for f in mr_series.files] + [pydicom.dcmread(f) for f in mr_series.files]
+    for ds in singles[len(singles) // 2:]:
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+    image = hd.legacy.LegacyConvertedEnhancedMRImage(
+        singles, series_instance_uid=str(singles[0].SeriesInstanceUID), series_number=5, sop_instance_uid=pydicom.uid.generate_uid(),
+        instance_number=1, transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian,
+    )
+    image = pydicom.dcmread(BytesIO(_saved(image)))
+    for index, item in enumerate(image.PerFrameFunctionalGroupsSequence):
+        diffusion = Dataset()
+        diffusion.DiffusionBValue = 0 if index < len(singles) // 2 else 1000
+        item.MRDiffusionSequence = [diffusion]
+    with pytest.raises(SeriesNotUsable, match=r"share one position: the series holds 2 b-values \(DiffusionBValue\), one volume each"):
+        assemble([image])
+
+
+def _saved(ds: Dataset) -> bytes:
+    buffer = BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
 def test_a_blank_mr_is_refused_not_made_into_a_uniform_ct(tiny_model: Path) -> None:
     """An MR whose voxels all hold one value (a failed acquisition, a placeholder series) made a
     uniform sCT (~470 HU with the shipped model) until 2026-12-05; the job now fails saying why."""
