@@ -393,7 +393,8 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         # Orthanc's series is what was asked for: instances the node refused over DICOM and Orthanc
         # does not hold (a slice deleted for good) no longer hold the series back
         lifted = lift_refusals(sessions, body.series_uid)
-        state, job_id = mark_stable(sessions, body.series_uid, 0, SelectionRules(modalities=("MR",)))
+        # asked for by name: the node's selection rules do not apply, only what no job can synthesize (not MR, several planes)
+        state, job_id = mark_stable(sessions, body.series_uid, 0, SelectionRules(modalities=("MR",), image_types_excluded=()))
         if job_id is None:
             with sessions() as session:
                 reason = session.get(Series, body.series_uid).reason  # type: ignore[union-attr]
