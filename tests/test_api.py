@@ -169,8 +169,13 @@ def test_tokens_are_stored_hashed_and_never_logged(api, node):
 
 
 def test_synthesize_a_series_that_is_already_in_orthanc(api, node, orthanc, tmp_path):
+    """Asked for by name, a series is synthesized even when its ImageType says LOCALIZER: the
+    node's selection rules keep scouts out of routed traffic, not out of an administrator's request."""
     series = write_mr_series(tmp_path / "in-pacs", seed=610, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
     for f in series.files:
+        ds = pydicom.dcmread(f)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
+        ds.save_as(f)
         assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
     response = httpx.post(f"{api['base']}/synthesize", json={"series_uid": series.series_uid}, headers=api["admin"], timeout=60)
     assert response.status_code == 202, response.text
