@@ -273,10 +273,12 @@ listens on {_setting("api_host")} port {_setting("api_port")}.
 ### 3.1 Synthetic CT ({_name(str(ct.SOPClassUID))})
 
 One instance per MR slice, in the MR's study and frame of reference, each overlaying the MR
-slice it came from; explicit VR little endian. With `ct_plane = axial`, a series the generator saw
-as axial slices (a 3D sagittal or coronal MR) is written as those transverse slices instead (the
-same voxels, in patient space where the MR has them): each references every MR slice in its
-Source Image Sequence, and its Slice Thickness is the axial slices' spacing. The attributes of an
+slice it came from; explicit VR little endian. With `ct_plane = axial`, the sCT is written as
+transverse slices instead: a series the generator saw as axial slices (a 3D sagittal or coronal
+MR) as those slices (the same voxels, in patient space where the MR has them), a tilted series
+resampled (trilinear) onto exact transverse slices (-1000 HU where the MR does not reach); each
+references every MR slice in its Source Image Sequence, and its Slice Thickness is the axial
+slices' spacing. The attributes of an
 instance written per MR slice (a phantom MR
 series as the source; "copied from the MR" means equal to the source slice's value):
 

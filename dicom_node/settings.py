@@ -82,8 +82,9 @@ class Settings(BaseSettings):
     )
     ct_plane: Literal["acquired", "axial"] = Field(
         "acquired", description="the slices the sCT is written in: acquired (one CT slice per MR slice, overlaying it), axial "
-        "(the axial slices the generator saw when synthesis_plane resliced the series: a 3D sagittal or coronal MR gives a "
-        "transverse sCT, as planning systems take a CT; a series synthesized in its acquired slices is written in them)",
+        "(transverse slices, as planning systems take a CT: the axial slices the generator saw when synthesis_plane resliced the "
+        "series, a 3D sagittal or coronal MR; a tilted one, or a tilted axial series, resampled onto exact transverse slices; "
+        "a 2D sagittal or coronal series with thick slices stays as acquired)",
     )
     stable_seconds: float = Field(10.0, gt=0, le=86400, description="a series is complete after this long without new instances")
     uid_root: str = Field("1.2.826.0.1.3680043.8.498.", description="root of the UIDs mr2ct writes (ends with a dot)")

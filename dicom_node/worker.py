@@ -273,11 +273,8 @@ class Worker:
                                                    precision=self.precision, compile=self.torch_compile, should_stop=should_stop,
                                                    progress=progress)
             log.info("job synthesized job=%d in %s", job_id, plane)
-            # ct_plane axial writes the axial slices the generator saw; a series it saw as acquired is written so
-            # (axial already, or 2D slices too far apart to make axial images of without interpolation)
-            axial = reslice if self.ct_plane == "axial" else None
             ct = SyntheticCTSeries(source=source, hu=hu, model=self.model, uid_root=self.uid_root, device_label=self.device.label,
-                                   resliced_from=reslice.acquired if reslice else None, axial=axial)
+                                   reslice=reslice, ct_plane=self.ct_plane)
             sr = build_provenance_sr(
                 ct=ct, mr_headers=source.headers, uid_root=self.uid_root,
                 processing_seconds=time.perf_counter() - started, device_label=self.device.label,

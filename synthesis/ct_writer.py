@@ -9,6 +9,7 @@ DERIVED and synthetic; each slice names its MR source.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from functools import cached_property
 
@@ -25,7 +26,7 @@ from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.model_file import LoadedModel
 from synthesis.normalize import HU_MAX, HU_MIN
 from synthesis.uids import derived_uid
-from synthesis.volume import Reslice, SourceSeries
+from synthesis.volume import Reslice, SourceSeries, Volume, is_transverse, resample, slices_closest_to_axial, transverse_grid
 
 MANUFACTURER = "mr2ct"
 # In the derived series' UIDs: which rule named their instances (since 2026-12-05, each sCT slice
@@ -107,51 +108,55 @@ class SyntheticCTSeries:
     """The sCT series for one MR series; ``datasets`` holds one CT instance per MR slice."""
 
     def __init__(self, *, source: SourceSeries, hu: np.ndarray, model: LoadedModel, uid_root: str, device_label: str,
-                 resliced_from: str | None = None, axial: Reslice | None = None) -> None:
-        """``resliced_from``: the acquisition's plane when the generator saw the volume as axial
-        slices (``synthesis.volume.axial_reslice``); None when it saw the acquired slices.
-        ``axial``: that reslice, to write the sCT as the axial slices the generator saw (``ct_plane
-        = axial``: transverse images, as planning systems take a CT) instead of one CT slice per MR
-        slice; each then derives from every MR slice, and the series has UIDs of its own."""
+                 reslice: Reslice | None = None, ct_plane: str = "acquired") -> None:
+        """``reslice``: how the generator saw the volume as axial slices
+        (``synthesis.volume.axial_reslice``); None when it saw the acquired slices.
+        ``ct_plane``: ``acquired`` writes one CT slice per MR slice, overlaying it; ``axial`` writes
+        transverse slices, as planning systems take a CT: the axial slices the generator saw (a
+        3D sagittal or coronal MR; an exchange of axes, no interpolation), resampled (trilinear)
+        onto exact transverse slices when they are tilted (an oblique acquisition), and a series
+        seen in its acquired slices that are not transverse but closest to it (a tilted axial one)
+        resampled so too; a 2D sagittal or coronal series (thick slices, never resliced) stays as
+        acquired. Axial slices each derive from every MR slice and have UIDs of their own."""
         if not isinstance(source, SourceSeries):
             raise TypeError(f"source must be a SourceSeries, got {type(source).__name__}")
         if not isinstance(hu, np.ndarray) or hu.shape != source.volume.voxels.shape:
             raise ValueError(f"hu must be an array of shape {source.volume.voxels.shape}, got {getattr(hu, 'shape', type(hu))}")
         if not uid_root.endswith("."):
             raise ValueError(f"uid_root must end with '.', got {uid_root!r}")
-        if axial is not None:
-            resliced_from = axial.acquired
+        if ct_plane not in ("acquired", "axial"):
+            raise ValueError(f"ct_plane must be acquired or axial, got {ct_plane!r}")
         self.source = source
         self.model = model
-        self.axial = axial
-        self.plane = f"axial slices resliced from the {resliced_from} acquisition" if resliced_from else "the acquired slices"
-        if axial is not None:
-            self.plane += ", written as axial slices"
+        # The geometry the CT slices are written in: the MR's (None), or transverse slices.
+        self.geometry, written = (None, "") if ct_plane == "acquired" else _transverse(source, hu, reslice)
+        self.plane = (f"axial slices resliced from the {reslice.acquired} acquisition" if reslice else "the acquired slices") + written
         src_series = source.series_instance_uid
-        key = model.output_key + ("+axial" if resliced_from else "") + ("+axial-ct" if axial is not None else "")  # other pixels, other UIDs
+        key = model.output_key + ("+axial" if reslice else "") + ("+axial-ct" if written else "")  # other pixels, other UIDs
         self.series_instance_uid = derived_uid(uid_root, src_series, key, "ct-series", UID_SCHEME)
-        # The geometry the CT slices are written in: the MR's, or the axial view of it.
-        self.geometry = source.volume if axial is None else axial.volume(source.volume, hu)
-        if axial is None:
+        if self.geometry is None:
+            self.geometry = source.volume
             # Each slice's UID follows the MR slice (instance, frame) it was made from, not its place in
             # the series: a late MR slice adds a UID instead of moving every later UID to another
             # position (until 2026-12-05 the n-th UID named whatever slice was n-th).
             frames = source.frames or [None] * len(source.headers)
             self.sop_instance_uids = [derived_uid(uid_root, src_series, key, "ct", str(mr.SOPInstanceUID), frame)
                                       for mr, frame in zip(source.headers, frames)]
+            self.per_mr_slice = True
         else:  # each axial slice by where it lies along its normal: a late MR slice widens the slices, moves none
             normal = self.geometry.normal
             self.sop_instance_uids = [derived_uid(uid_root, src_series, key, "ct", f"{float(p @ normal):.2f}")
                                       for p in self.geometry.positions]
+            self.per_mr_slice = False
         now = local_now(source.headers[0])
         description = f"sCT (mr2ct {synthesis.__version__}, model {model.short_digest})"
         derivation = (
             f"Synthetic CT generated from MR series {src_series} by mr2ct {synthesis.__version__} "
             f"({model.card['architecture']} generator, model SHA-256 {model.sha256}"
             + (f", test-time augmentation {model.test_time_augmentation}" if model.test_time_augmentation != "none" else "")
-            + (f", {self.plane}" if resliced_from else "") + f") on {device_label}"
+            + (f", {self.plane}" if reslice or written else "") + f") on {device_label}"
         )
-        stored = np.clip(np.rint(hu if axial is None else self.geometry.voxels), HU_MIN, HU_MAX) - RESCALE_INTERCEPT
+        stored = np.clip(np.rint(hu if self.per_mr_slice else self.geometry.voxels), HU_MIN, HU_MAX) - RESCALE_INTERCEPT
         self._stored = stored.astype(np.uint16)
         self._created = now  # one moment for every date and time of the series
         self._description, self._derivation = description, derivation
@@ -194,7 +199,7 @@ class SyntheticCTSeries:
         ds.BurnedInAnnotation = "NO"
         ds.SyntheticData = "YES"
         ds.ContributingEquipmentSequence = contributing_equipment(self._derivation, date_time(self._created))
-        if self.axial is not None:  # every axial slice is made from a line of each MR slice: all are its sources
+        if not self.per_mr_slice:  # every axial slice is made from a line of each MR slice: all are its sources
             ds.SourceImageSequence = Sequence(_source_references(source))
         ds.ImageOrientationPatient = [_ds_float(v) for v in self.geometry.orientation]
         ds.PixelSpacing = [_ds_float(v) for v in self.geometry.pixel_spacing]
@@ -217,8 +222,8 @@ class SyntheticCTSeries:
         ds.InstanceNumber = index + 1
         position = self.geometry.positions[index]
         ds.ImagePositionPatient = [_ds_float(v) for v in position]
-        if self.axial is not None:
-            ds.SliceThickness = _ds_float(abs(self.axial.slice_spacing))
+        if not self.per_mr_slice:
+            ds.SliceThickness = _ds_float(abs(self.geometry.slice_spacing))
             ds.SliceLocation = _ds_float(float(position @ self.geometry.normal))
         else:
             mr = source.headers[index]
@@ -276,6 +281,26 @@ class SyntheticCTSeries:
         head.write(b"\x00" * 128 + b"DICM")
         write_file_meta_info(head, self._file_meta(index), enforce_standard=True)
         return head.getvalue() + merged
+
+
+OUTSIDE_THE_MR_HU = -1000.0  # a transverse slice's pixels the tilted MR does not reach: air
+
+
+def _transverse(source: SourceSeries, hu: np.ndarray, reslice: Reslice | None) -> tuple[Volume | None, str]:
+    """The sCT as transverse slices, and how they were made (for the plane text); (None, "") when
+    it stays in the MR's slices (transverse already, or 2D slices that are not closest to axial)."""
+    if reslice is not None:
+        view = reslice.volume(source.volume, hu)  # the axial slices the generator saw
+    elif slices_closest_to_axial(source.volume.orientation):
+        view = replace(source.volume, voxels=hu)
+    else:
+        return None, ""
+    if is_transverse(view.orientation):
+        return (view, ", written as axial slices") if reslice is not None else (None, "")
+    grid = transverse_grid(view)
+    voxels = resample(view, grid)
+    voxels[np.isnan(voxels)] = OUTSIDE_THE_MR_HU
+    return replace(grid, voxels=voxels), ", resampled (trilinear) onto transverse slices"
 
 
 def _source_references(source: SourceSeries, index: int | None = None) -> list[Dataset]:

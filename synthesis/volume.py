@@ -344,6 +344,36 @@ def assemble(datasets: list[Dataset]) -> SourceSeries:
     )
 
 
+TRANSVERSE = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # rows running posterior, columns to the patient's left
+
+
+def is_transverse(orientation: tuple[float, ...] | list[float], tolerance: float = 1e-4) -> bool:
+    """Whether slices of this orientation are transverse exactly: rows and columns each along the
+    patient's x or y axis (either way), so the slice normal is the z axis."""
+    row, col = np.asarray(orientation[:3], dtype=float), np.asarray(orientation[3:6], dtype=float)
+    return bool(abs(row[2]) < tolerance and abs(col[2]) < tolerance
+                and all(np.sort(np.abs(v))[1] < tolerance for v in (row, col)))
+
+
+def transverse_grid(volume: Volume) -> Volume:
+    """Transverse slices (``TRANSVERSE``, feet to head) at the volume's own pixel and slice spacing
+    that cover every voxel centre of it: where a tilted volume is resampled to be written as axial
+    slices. Its voxels are empty (NaN) until filled."""
+    shape = np.array(volume.voxels.shape)
+    row, col = np.asarray(volume.orientation[:3], dtype=float), np.asarray(volume.orientation[3:6], dtype=float)
+    spacing = abs(volume.slice_spacing) or min(volume.pixel_spacing)
+    extent = [(shape[0] - 1) * spacing * volume.normal, (shape[1] - 1) * volume.pixel_spacing[0] * col,
+              (shape[2] - 1) * volume.pixel_spacing[1] * row]
+    corners = np.array([volume.positions[0] + sum(e * bit for e, bit in zip(extent, bits)) for bits in itertools.product((0, 1), repeat=3)])
+    low, high = corners.min(axis=0), corners.max(axis=0)
+    step = min(volume.pixel_spacing)  # in plane: the finer of the MR's two
+    columns, rows = (int(np.floor((high[a] - low[a]) / step + 1e-6)) + 1 for a in (0, 1))
+    slices = int(np.floor((high[2] - low[2]) / spacing + 1e-6)) + 1
+    positions = np.array([[low[0], low[1], low[2] + k * spacing] for k in range(slices)])
+    return Volume(voxels=np.full((slices, rows, columns), np.nan, np.float32), pixel_spacing=(step, step), orientation=TRANSVERSE,
+                  positions=positions, frame_of_reference_uid=volume.frame_of_reference_uid)
+
+
 def slice_points(volume: Volume, k: int) -> np.ndarray:
     """Patient coordinates (LPS, mm) of the voxel centres of slice ``k``: (rows, columns, 3)."""
     row, col = np.asarray(volume.orientation[:3]), np.asarray(volume.orientation[3:])

@@ -126,6 +126,37 @@ def test_ct_plane_axial_writes_a_3d_sagittal_mrs_sct_as_transverse_slices_of_the
     assert provenance.parameters["slice_plane"] == "axial slices resliced from the sagittal acquisition, written as axial slices"
 
 
+def test_ct_plane_axial_resamples_a_tilted_series_onto_exact_transverse_slices(node, node_factory, orthanc, tmp_path):
+    """An axial series tilted 20 degrees (AC-PC aligned, as brain series often are) was written
+    tilted; with ``ct_plane = axial`` its sCT is resampled onto exact transverse slices at the MR's
+    spacing, covering the whole MR: each voxel the sCT the node writes in the MR's own slices has
+    there (within the rounding to whole HU), air where the tilted MR does not reach."""
+    series = write_mr_series(tmp_path / "mr", seed=532, orientation="oblique", size=48, pixel_spacing=5.0, slices=14, slice_spacing=5.0)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    tilted_job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert tilted_job.state == "done", tilted_job.error
+    axial_node = node_factory(ct_plane="axial")
+    assert storescu(series.folder, axial_node.port, NODE_AE, SCANNER_AE).returncode == 0
+    axial_job = wait_for_job(axial_node.database_url, series.series_uid, timeout=120)
+    assert axial_job.state == "done", axial_job.error
+    in_study = {s["MainDicomTags"]["SeriesInstanceUID"]: s for s in study_series(orthanc, series.study_uid)}
+    tilted = assemble(series_datasets(orthanc, in_study[tilted_job.ct_series_uid])).volume
+    axial_ct = series_datasets(orthanc, in_study[axial_job.ct_series_uid])
+    for ct in axial_ct:
+        assert [float(v) for v in ct.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+        assert "resampled (trilinear) onto transverse slices" in ct.DerivationDescription
+    axial = assemble(axial_ct).volume
+    assert axial.pixel_spacing == (5.0, 5.0) and axial.slice_spacing == pytest.approx(5.0)
+    sampled = resample(tilted, axial)
+    inside = ~np.isnan(sampled)
+    assert 0.3 < inside.mean() < 0.9  # the tilted slab fills part of the box around it
+    assert np.abs(sampled[inside] - axial.voxels[inside]).max() <= 1.0 + 1e-3
+    assert (axial.voxels[~inside] == -1000).all()
+    path = tmp_path / "axial-ct.dcm"
+    axial_ct[len(axial_ct) // 2].save_as(path, enforce_file_format=True)
+    assert dciodvfy(path)[0] == []
+
+
 def _grid_volume(grid) -> Volume:
     return grid.volume(phantoms.head_labels(3, grid))
 
