@@ -291,9 +291,13 @@ def assemble(datasets: list[Dataset]) -> SourceSeries:
     series_uids = {str(ds.get("SeriesInstanceUID")) for ds in datasets}
     if len(series_uids) != 1:
         raise SeriesNotUsable(f"instances belong to {len(series_uids)} series")
-    for_uids = {str(ds.get("FrameOfReferenceUID", "")) for ds in datasets}
-    if len(for_uids) != 1 or "" in for_uids:
-        raise SeriesNotUsable("instances must share one FrameOfReferenceUID")
+    for_uids = {str(ds.get("FrameOfReferenceUID", "") or "") for ds in datasets}
+    if "" in for_uids:
+        without = sum(not ds.get("FrameOfReferenceUID") for ds in datasets)
+        raise SeriesNotUsable(f"{without} of the series' {len(datasets)} instances have no FrameOfReferenceUID: the sCT could not "
+                              "say where it lies (export the series from the scanner or PACS with it)")
+    if len(for_uids) != 1:
+        raise SeriesNotUsable(f"the instances name {len(for_uids)} frames of reference (FrameOfReferenceUID): one volume needs one")
     for ds in datasets:
         samples, photometric = int(ds.get("SamplesPerPixel", 1) or 1), str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
         if samples != 1 or not photometric.startswith("MONOCHROME"):

@@ -93,6 +93,14 @@ def test_duplicate_positions_and_mixed_sizes_are_refused(mr_series) -> None:
     datasets[2].Rows = 40
     with pytest.raises(SeriesNotUsable, match="mixed image sizes"):
         assemble(datasets)
+    datasets = [pydicom.dcmread(f) for f in mr_series.files]
+    del datasets[0].FrameOfReferenceUID  # it used to say "must share one FrameOfReferenceUID", as if two were named
+    with pytest.raises(SeriesNotUsable, match=r"1 of the series' \d+ instances have no FrameOfReferenceUID"):
+        assemble(datasets)
+    datasets = [pydicom.dcmread(f) for f in mr_series.files]
+    datasets[0].FrameOfReferenceUID = pydicom.uid.generate_uid()
+    with pytest.raises(SeriesNotUsable, match="the instances name 2 frames of reference"):
+        assemble(datasets)
 
 
 def test_a_series_of_several_echoes_is_refused_saying_so(mr_series) -> None:
