@@ -36,6 +36,15 @@ CHECK_SECONDS = 1.0  # how often a running job looks whether it is still its wor
 MAX_ATTEMPTS = 20  # a job that cannot reach Orthanc is retried with backoff this many times: about an hour
 
 
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """A file's modification time and size, None when it is not there: whether it changed."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size
+
+
 def retry_delay(attempt: int) -> float:
     """2, 4, 8, ... seconds, at most five minutes."""
     return min(300.0, 2.0 ** attempt)
@@ -186,6 +195,7 @@ class Worker:
         self.sessions, self.model, self.device, self.store = sessions, self._as_configured(model), device, store
         self.uid_root, self.batch_size, self.precision, self.torch_compile = uid_root, batch_size, precision, torch_compile
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        self._refused_model: tuple[Any, ...] | None = None  # the active model last refused, and its files then (refresh_model)
 
     def warm_up(self) -> None:
         """Pay the first-use costs before the first job does: highdicom's tables of the standard and,
@@ -209,14 +219,28 @@ class Worker:
         return model if self.tta == "model" else model.with_views(self.tta)
 
     def refresh_model(self) -> None:
-        """Use the registry's active model when there is one (a new activation applies to the next job)."""
+        """Use the registry's active model when there is one (a new activation applies to the next job).
+        An active model that cannot be loaded raises once: the next jobs keep the current model
+        without trying again (reading and hashing its files, logging the same error) until the
+        activation or its files change."""
         from dicom_node.registry import active_model, registered_weights
+        from synthesis.card import card_path_for
         from synthesis.model_file import load_model
 
         active = active_model(self.sessions)
-        if active is not None and active.sha256 != self.model.sha256:
-            self.model = self._as_configured(load_model(registered_weights(active)))
-            log.info("model switched to sha256=%s name=%s", self.model.short_digest, active.name)
+        if active is None or active.sha256 == self.model.sha256:
+            return
+        weights = Path(active.weights_path)
+        attempt = (active.id, active.sha256, *(_stamp(p) for p in (weights, card_path_for(weights))))
+        if attempt == self._refused_model:
+            return
+        try:
+            model = self._as_configured(load_model(registered_weights(active)))
+        except Exception:
+            self._refused_model = attempt
+            raise
+        self.model, self._refused_model = model, None
+        log.info("model switched to sha256=%s name=%s", self.model.short_digest, active.name)
 
     def run_job(self, job_id: int, shutdown: threading.Event | None = None) -> None:
         """Run a claimed job, its lease renewed meanwhile; the outcome is written only while the job

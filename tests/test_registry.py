@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 import torch
 from sqlalchemy import select
 
@@ -17,6 +18,7 @@ from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
 from dicom_node.models import ModelVersion
+from synthesis.errors import ModelMismatch
 from synthesis.model_file import default_model_path, load_model, save_model
 from synthesis.networks import ResnetGenerator
 from tests.conftest import NODE_AE, SCANNER_AE
@@ -159,3 +161,31 @@ def test_registering_again_after_the_card_changed_refreshes_the_registry(tmp_pat
         row = session.get(ModelVersion, first.id)
         assert row.card["test_time_augmentation"] == "mirror" and row.metrics == {"mae_hu": 12.5, "test_time_augmentation": "mirror"}
     assert audited() == ["model-registered", "model-card-updated"]
+
+
+def test_an_active_model_that_cannot_be_loaded_is_tried_again_only_once_its_files_change(tmp_path):
+    """The active model's file deleted (a disk cleaned by hand): the worker keeps its model and says
+    why once, instead of reading the registry's files again and logging the same error for every
+    job; once the file is back, the next job uses it."""
+    from dicom_node.db import init_db as open_db
+    from dicom_node.registry import activate, register
+    from dicom_node.worker import Worker
+
+    sessions = open_db(f"sqlite:///{tmp_path / 'registry.db'}")
+    card = {k: v for k, v in load_model(default_model_path()).card.items() if k not in ("sha256", "card_changes")}
+    card["parameters"] = {"in_channels": 1, "out_channels": 1, "ngf": 4, "n_blocks": 1}
+    weights = tmp_path / "run" / "model.safetensors"
+    save_model(weights, ResnetGenerator(ngf=4, n_blocks=1), card)
+    row, _ = register(sessions, weights.parent)
+    activate(sessions, str(row.id))
+    shipped = load_model(default_model_path())
+    worker = Worker(sessions, shipped, None, None, "1.2.3.", 1)  # type: ignore[arg-type]
+    kept = weights.read_bytes()
+    weights.unlink()
+    with pytest.raises(ModelMismatch, match="not found"):
+        worker.refresh_model()
+    worker.refresh_model()  # nothing changed: no second attempt, no second error
+    assert worker.model is shipped
+    weights.write_bytes(kept)
+    worker.refresh_model()
+    assert worker.model.sha256 == row.sha256
