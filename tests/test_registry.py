@@ -167,11 +167,10 @@ def test_an_active_model_that_cannot_be_loaded_is_tried_again_only_once_its_file
     """The active model's file deleted (a disk cleaned by hand): the worker keeps its model and says
     why once, instead of reading the registry's files again and logging the same error for every
     job; once the file is back, the next job uses it."""
-    from dicom_node.db import init_db as open_db
     from dicom_node.registry import activate, register
     from dicom_node.worker import Worker
 
-    sessions = open_db(f"sqlite:///{tmp_path / 'registry.db'}")
+    sessions = init_db(f"sqlite:///{tmp_path / 'registry.db'}")
     card = {k: v for k, v in load_model(default_model_path()).card.items() if k not in ("sha256", "card_changes")}
     card["parameters"] = {"in_channels": 1, "out_channels": 1, "ngf": 4, "n_blocks": 1}
     weights = tmp_path / "run" / "model.safetensors"
