@@ -105,7 +105,8 @@ def _ds_float(value: float) -> str:
 
 
 class SyntheticCTSeries:
-    """The sCT series for one MR series; ``datasets`` holds one CT instance per MR slice."""
+    """The sCT series for one MR series; ``datasets`` holds one CT instance per MR slice, or per
+    transverse slice with ``ct_plane = axial``."""
 
     def __init__(self, *, source: SourceSeries, hu: np.ndarray, model: LoadedModel, uid_root: str, device_label: str,
                  reslice: Reslice | None = None, ct_plane: str = "acquired") -> None:
@@ -128,26 +129,26 @@ class SyntheticCTSeries:
             raise ValueError(f"ct_plane must be acquired or axial, got {ct_plane!r}")
         self.source = source
         self.model = model
-        # The geometry the CT slices are written in: the MR's (None), or transverse slices.
-        self.geometry, written = (None, "") if ct_plane == "acquired" else _transverse(source, hu, reslice)
+        # The geometry the CT slices are written in: transverse slices, or (None) the MR's.
+        transverse, written = (None, "") if ct_plane == "acquired" else _transverse(source, hu, reslice)
+        self.per_mr_slice = transverse is None
+        self.geometry: Volume = source.volume if transverse is None else transverse
         self.plane = (f"axial slices resliced from the {reslice.acquired} acquisition" if reslice else "the acquired slices") + written
         src_series = source.series_instance_uid
         key = model.output_key + ("+axial" if reslice else "") + ("+axial-ct" if written else "")  # other pixels, other UIDs
         self.series_instance_uid = derived_uid(uid_root, src_series, key, "ct-series", UID_SCHEME)
-        if self.geometry is None:
-            self.geometry = source.volume
+        if self.per_mr_slice:
             # Each slice's UID follows the MR slice (instance, frame) it was made from, not its place in
             # the series: a late MR slice adds a UID instead of moving every later UID to another
             # position (until 2026-12-05 the n-th UID named whatever slice was n-th).
             frames = source.frames or [None] * len(source.headers)
             self.sop_instance_uids = [derived_uid(uid_root, src_series, key, "ct", str(mr.SOPInstanceUID), frame)
                                       for mr, frame in zip(source.headers, frames)]
-            self.per_mr_slice = True
-        else:  # each axial slice by where it lies along its normal: a late MR slice widens the slices, moves none
+        else:  # each axial slice by where it lies along its normal: a late MR slice widens the slices resliced from
+            # a 3D series and moves none (a tilted series' box, and so its resampled slices, may move)
             normal = self.geometry.normal
             self.sop_instance_uids = [derived_uid(uid_root, src_series, key, "ct", f"{float(p @ normal):.2f}")
                                       for p in self.geometry.positions]
-            self.per_mr_slice = False
         now = local_now(source.headers[0])
         description = f"sCT (mr2ct {synthesis.__version__}, model {model.short_digest})"
         derivation = (
