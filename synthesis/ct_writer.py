@@ -292,7 +292,7 @@ def _transverse(source: SourceSeries, hu: np.ndarray, reslice: Reslice | None) -
     it stays in the MR's slices (transverse already, or 2D slices that are not closest to axial)."""
     if reslice is not None:
         view = reslice.volume(source.volume, hu)  # the axial slices the generator saw
-    elif slices_closest_to_axial(source.volume.orientation):
+    elif len(source.volume.positions) > 1 and slices_closest_to_axial(source.volume.orientation):  # one slice: no volume to resample
         view = replace(source.volume, voxels=hu)
     else:
         return None, ""
