@@ -167,10 +167,10 @@ class Reslice:
         """``source`` as the axial volume the generator sees: ``forward`` of its voxels (or of
         ``voxels``, shaped like them: its sCT) with the geometry that puts each voxel where it was
         in patient space, so that the axial slices can be written as images of their own."""
-        row, col = np.asarray(source.orientation[:3], dtype=float), np.asarray(source.orientation[3:6], dtype=float)
-        directions = (np.cross(row, col), col, row)  # of the source's array axes: slices, rows, columns
-        gaps = np.diff(source.positions @ source.normal)
-        steps = (float(gaps.mean()) if len(gaps) else 0.0, *source.pixel_spacing)
+        directions = _axial_axes(source.orientation)[1]  # of the source's array axes: slices, rows, columns
+        steps = [0.0, 0.0, 0.0]  # between the source's slices, rows, columns: this reslice's spacings, put back in place
+        for axis, step in zip(self.axes, (self.slice_spacing, *self.pixel_spacing)):
+            steps[axis] = step
         shape = source.voxels.shape
         origin = np.asarray(source.positions[0], dtype=float).copy()
         for n, axis in enumerate(self.axes):  # a flipped axis starts at the source's far end

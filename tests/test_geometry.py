@@ -89,6 +89,18 @@ def test_every_ct_slice_lies_where_its_mr_slice_lies(case, node, orthanc, tmp_pa
         assert ct.FrameOfReferenceUID == mr.FrameOfReferenceUID == series.frame_of_reference_uid
 
 
+def _as_acquired_and_as_axial(series, node, node_factory, orthanc):
+    """``series`` synthesized by the module's node (ct_plane acquired) and by a node with ct_plane
+    axial: both jobs, done, and the study's series in Orthanc by Series Instance UID."""
+    jobs = []
+    for target in (node, node_factory(ct_plane="axial")):
+        assert storescu(series.folder, target.port, NODE_AE, SCANNER_AE).returncode == 0
+        job = wait_for_job(target.database_url, series.series_uid, timeout=120)
+        assert job.state == "done", job.error
+        jobs.append(job)
+    return jobs[0], jobs[1], {s["MainDicomTags"]["SeriesInstanceUID"]: s for s in study_series(orthanc, series.study_uid)}
+
+
 def test_ct_plane_axial_writes_a_3d_sagittal_mrs_sct_as_transverse_slices_of_the_same_voxels(node, node_factory, orthanc, tmp_path):
     """A planning system takes a CT as transverse slices; a 3D sagittal T1 (the usual brain MR)
     gave a sagittal sCT. With ``ct_plane = axial`` the node writes the axial slices the generator
@@ -96,15 +108,8 @@ def test_ct_plane_axial_writes_a_3d_sagittal_mrs_sct_as_transverse_slices_of_the
     no interpolation), each slice derived from every MR slice, dciodvfy clean, its own UIDs."""
     series = write_mr_series(tmp_path / "mr", seed=531, orientation="sagittal", size=48, columns=40, pixel_spacing=5.0,
                              slices=40, slice_spacing=5.0)
-    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
-    sagittal_job = wait_for_job(node.database_url, series.series_uid, timeout=120)
-    assert sagittal_job.state == "done", sagittal_job.error
-    axial_node = node_factory(ct_plane="axial")
-    assert storescu(series.folder, axial_node.port, NODE_AE, SCANNER_AE).returncode == 0
-    axial_job = wait_for_job(axial_node.database_url, series.series_uid, timeout=120)
-    assert axial_job.state == "done", axial_job.error
+    sagittal_job, axial_job, in_study = _as_acquired_and_as_axial(series, node, node_factory, orthanc)
     assert axial_job.ct_series_uid != sagittal_job.ct_series_uid
-    in_study = {s["MainDicomTags"]["SeriesInstanceUID"]: s for s in study_series(orthanc, series.study_uid)}
     sagittal_ct = series_datasets(orthanc, in_study[sagittal_job.ct_series_uid])
     axial_ct = series_datasets(orthanc, in_study[axial_job.ct_series_uid])
     assert len(sagittal_ct) == 40 and len(axial_ct) == 48  # the MR's rows run head to foot: one axial slice each
@@ -132,14 +137,7 @@ def test_ct_plane_axial_resamples_a_tilted_series_onto_exact_transverse_slices(n
     spacing, covering the whole MR: each voxel the sCT the node writes in the MR's own slices has
     there (within the rounding to whole HU), air where the tilted MR does not reach."""
     series = write_mr_series(tmp_path / "mr", seed=532, orientation="oblique", size=48, pixel_spacing=5.0, slices=14, slice_spacing=5.0)
-    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
-    tilted_job = wait_for_job(node.database_url, series.series_uid, timeout=120)
-    assert tilted_job.state == "done", tilted_job.error
-    axial_node = node_factory(ct_plane="axial")
-    assert storescu(series.folder, axial_node.port, NODE_AE, SCANNER_AE).returncode == 0
-    axial_job = wait_for_job(axial_node.database_url, series.series_uid, timeout=120)
-    assert axial_job.state == "done", axial_job.error
-    in_study = {s["MainDicomTags"]["SeriesInstanceUID"]: s for s in study_series(orthanc, series.study_uid)}
+    tilted_job, axial_job, in_study = _as_acquired_and_as_axial(series, node, node_factory, orthanc)
     tilted = assemble(series_datasets(orthanc, in_study[tilted_job.ct_series_uid])).volume
     axial_ct = series_datasets(orthanc, in_study[axial_job.ct_series_uid])
     for ct in axial_ct:

@@ -21,11 +21,15 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _without_mr2ct_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in [k for k in os.environ if k.startswith("MR2CT_")]:
+        monkeypatch.delenv(key)
+
+
 def test_environment_overrides_the_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = tmp_path / "mr2ct.toml"
     config.write_text('ae_title = "FROMFILE"\ndicom_port = 11200\nstable_seconds = 3\n')
-    for key in [k for k in os.environ if k.startswith("MR2CT_")]:
-        monkeypatch.delenv(key)
+    _without_mr2ct_settings(monkeypatch)
     monkeypatch.setenv("MR2CT_DICOM_PORT", "11300")
     monkeypatch.setenv("MR2CT_ALLOWED_AES", "SCANNER1, SCANNER2,")
     settings = load_settings(config)
@@ -69,8 +73,7 @@ def test_a_bad_setting_stops_serve_with_a_message_naming_the_key(key: str, value
 
 
 def test_a_failed_series_kept_less_long_than_a_series_done_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in [k for k in os.environ if k.startswith("MR2CT_")]:
-        monkeypatch.delenv(key)
+    _without_mr2ct_settings(monkeypatch)
     monkeypatch.setenv("MR2CT_SPOOL_RETENTION_HOURS", "48")
     monkeypatch.setenv("MR2CT_SPOOL_FAILED_RETENTION_HOURS", "24")
     with pytest.raises(ConfigError, match="spool_failed_retention_hours .24. is shorter than spool_retention_hours .48."):
@@ -80,8 +83,7 @@ def test_a_failed_series_kept_less_long_than_a_series_done_is_refused_by_name(mo
 
 
 def test_an_axial_sct_from_a_node_that_never_reslices_is_refused_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in [k for k in os.environ if k.startswith("MR2CT_")]:
-        monkeypatch.delenv(key)
+    _without_mr2ct_settings(monkeypatch)
     monkeypatch.setenv("MR2CT_CT_PLANE", "axial")
     monkeypatch.setenv("MR2CT_SYNTHESIS_PLANE", "acquired")
     with pytest.raises(ConfigError, match="ct_plane axial needs synthesis_plane auto or axial"):
