@@ -18,8 +18,8 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import notify_job_queued
-from dicom_node.models import Job, RefusedInstance, Series, utcnow
-from dicom_node.recorder import MIXED_PLANES, Recorder, SpooledInstance, record_batch
+from dicom_node.models import Instance, Job, RefusedInstance, Series, utcnow
+from dicom_node.recorder import Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
 from synthesis.errors import InvalidInstance, SeriesNotUsable
 from synthesis.volume import frame_geometry, orientation_label
@@ -61,12 +61,13 @@ class SelectionRules:
     orientations: tuple[str, ...] = ("axial", "sagittal", "coronal", "oblique")
     image_types_excluded: tuple[str, ...] = ("LOCALIZER",)
 
-    def reason_to_skip(self, series: Series) -> str | None:
+    def reason_to_skip(self, series: Series, planes: Sequence[str] = ()) -> str | None:
+        """The first rule ``series`` fails, None when it passes. ``planes``: those its instances lie in."""
         if series.modality not in self.modalities:
             return f"modality {series.modality!r} is not one of {list(self.modalities)}"
-        if series.orientation == MIXED_PLANES:
-            return ("its slices lie in more than one plane (a multi-plane localizer, or stacks of several planes in one "
-                    "series): no one volume to synthesize")
+        if len(planes) > 1:
+            return (f"its slices lie in {len(planes)} planes ({', '.join(sorted(planes))}): a multi-plane localizer, or stacks "
+                    "of several planes in one series; no one volume to synthesize")
         excluded = [v.strip() for v in (series.image_type or "").split("\\") if v.strip() in self.image_types_excluded]
         if excluded:
             return f"ImageType {series.image_type!r} holds {excluded[0]}, excluded by select_image_type_exclude"
@@ -308,7 +309,9 @@ def mark_stable(
             return "receiving", None
         series = session.get(Series, series_uid)
         assert series is not None
-        reason = rules.reason_to_skip(series) or _refusals(session, series)
+        planes = session.scalars(select(Instance.orientation).distinct().where(
+            Instance.series_instance_uid == series_uid, Instance.orientation != "")).all()
+        reason = rules.reason_to_skip(series, planes) or _refusals(session, series)
         if reason is not None:
             series.state, series.reason = "ignored", reason
             return "ignored", None

@@ -46,7 +46,7 @@ class Series(Base):
     modality: Mapped[str] = mapped_column(String(16))
     calling_ae: Mapped[str] = mapped_column(String(16))
     series_description: Mapped[str] = mapped_column(String(64), default="")
-    orientation: Mapped[str] = mapped_column(String(16), default="")  # axial, sagittal, coronal, oblique, or mixed (several planes)
+    orientation: Mapped[str] = mapped_column(String(16), default="")  # the first instance's: axial, sagittal, coronal, oblique
     image_type: Mapped[str] = mapped_column(String(64), default="", server_default="")  # the first instance's ImageType
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -65,6 +65,8 @@ class Instance(Base):
     sop_class_uid: Mapped[str] = mapped_column(String(64))
     series_instance_uid: Mapped[str] = mapped_column(ForeignKey("series.series_instance_uid"), index=True)
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    # its slice plane (ingest.validate): a series whose instances name several is no one volume (a localizer)
+    orientation: Mapped[str] = mapped_column(String(16), default="", server_default="")
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))

@@ -18,8 +18,6 @@ from dicom_node.models import Instance, RefusedInstance, Series, as_utc
 if TYPE_CHECKING:
     from dicom_node.ingest import ReceivedInstance
 
-MIXED_PLANES = "mixed"  # the orientation a series gets once its slices lie in more than one plane (ingest.SelectionRules)
-
 log = logging.getLogger(__name__)
 
 
@@ -82,17 +80,14 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                 session.add(series)
                 session.flush()
                 touched[info.series_uid] = series
-            else:
-                if series.study_instance_uid != info.study_uid:  # the series moved to another study upstream: the latest says where
-                    series.study_instance_uid = info.study_uid
-                if info.orientation and series.orientation not in ("", MIXED_PLANES, info.orientation):
-                    series.orientation = MIXED_PLANES  # a multi-plane localizer: mark_stable says why it is not synthesized
+            elif series.study_instance_uid != info.study_uid:  # the series moved to another study upstream: the latest says where
+                series.study_instance_uid = info.study_uid
             row = existing.get(uid)
             if row is None:
                 session.add(
                     Instance(
                         sop_instance_uid=uid, sop_class_uid=info.sop_class_uid, series_instance_uid=info.series_uid,
-                        transfer_syntax_uid=item.transfer_syntax, path=str(item.path), size_bytes=item.size,
+                        transfer_syntax_uid=item.transfer_syntax, orientation=info.orientation, path=str(item.path), size_bytes=item.size,
                         association_id=item.association_id, received_at=item.received_at, forward_next_at=item.received_at,
                     )
                 )
@@ -109,7 +104,7 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                     superseded.append((Path(row.path), item))
                     row.path = str(item.path)
                 row.received_at, row.size_bytes, row.association_id = item.received_at, item.size, item.association_id
-                row.transfer_syntax_uid = item.transfer_syntax
+                row.transfer_syntax_uid, row.orientation = item.transfer_syntax, info.orientation
                 row.forwarded_at, row.forward_attempts, row.forward_refusals, row.forward_next_at = None, 0, 0, item.received_at
                 row.purged_at = None
             if series.last_received_at is None or as_utc(series.last_received_at) < item.received_at:

@@ -87,7 +87,7 @@ def test_localizers_are_recorded_as_such_not_made_into_a_failed_job_or_a_ct_of_t
         assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
     assert wait_for_job(node.database_url, wanted.series_uid, timeout=120).state == "done"
     three_plane_row = _series_row(node, three_plane.series_uid, state="ignored")
-    assert "more than one plane" in three_plane_row.reason and three_plane_row.orientation == "mixed"
+    assert "its slices lie in 3 planes (axial, coronal, sagittal)" in three_plane_row.reason
     flagged_row = _series_row(node, flagged.series_uid, state="ignored")
     assert "LOCALIZER" in flagged_row.reason and "select_image_type_exclude" in flagged_row.reason
     with init_db(node.database_url)() as session:
