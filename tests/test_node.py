@@ -94,6 +94,31 @@ def test_localizers_are_recorded_as_such_not_made_into_a_failed_job_or_a_ct_of_t
         assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([three_plane.series_uid, flagged.series_uid]))).all()
 
 
+def test_a_series_whose_stray_slice_moved_to_its_own_series_is_synthesized_when_sent_again(node_factory, tmp_path):
+    """A sagittal slice filed into an axial series by mistake keeps the series out (two planes);
+    once it is sent again under a series of its own (corrected upstream, same SOP Instance UID)
+    and the axial slices are sent again, the series is one volume and is synthesized: its planes
+    are those of the instances it holds now (a series once marked stayed out until 2026-12-05)."""
+    node = node_factory()
+    series = _small(tmp_path, "t1", 234, slices=5)
+    stray = sorted(series.files)[-1]
+    ds = pydicom.dcmread(stray)
+    ds.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
+    ds.save_as(stray)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    assert "2 planes (axial, sagittal)" in _series_row(node, series.series_uid, state="ignored").reason
+    corrected = tmp_path / "corrected"
+    corrected.mkdir()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.save_as(corrected / stray.name)
+    assert storescu(corrected, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    stray.unlink()
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert job.state == "done", job.error
+    assert job.instance_count == 4
+
+
 def test_the_image_type_rule_is_the_sites_to_widen_or_turn_off():
     """select_image_type_exclude="" synthesizes a series flagged LOCALIZER; DERIVED added keeps maps out."""
     from dicom_node.ingest import SelectionRules
