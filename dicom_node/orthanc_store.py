@@ -117,6 +117,26 @@ class OrthancStore:
         except Exception as exc:
             raise PacsUnavailable(f"Orthanc at {self.url} is not reachable: {exc}") from exc
 
+    def remove_others(self, series_uid: str, keep: Iterable[str]) -> int:
+        """Delete the instances of a series that are not among ``keep`` (Orthanc instance ids); how
+        many. An sCT made again replaces the series: slices an earlier run wrote and this one did not
+        (of MR slices that have since left the series, or a resampled grid that moved) must not
+        stay in it, where a planning system would take them for part of it."""
+        kept, removed = set(keep), 0
+        for instance_id in self.series_instance_ids(series_uid):
+            if instance_id in kept:
+                continue
+            try:
+                self.client.delete(f"instances/{instance_id}")
+            except HttpError as exc:
+                if exc.http_status_code == 404:  # gone already
+                    continue
+                raise PacsUnavailable(f"Orthanc at {self.url} refused to delete a stale instance: HTTP {exc.http_status_code}") from exc
+            except Exception as exc:
+                raise PacsUnavailable(f"Orthanc at {self.url} is not reachable: {exc}") from exc
+            removed += 1
+        return removed
+
     def instance_file(self, instance_id: str) -> bytes:
         try:
             return self.client.instances.get_file(instance_id)

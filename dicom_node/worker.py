@@ -306,7 +306,12 @@ class Worker:
             if should_stop():  # the last moment to stop with nothing stored; once storing begins, the series goes whole
                 raise Stopped("stopped before storing")
             progress.enter("storing")
-            self.store.store(ct.encoded(i) for i in range(len(ct)))  # encoded lazily, one at a time
+            stored = self.store.store(ct.encoded(i) for i in range(len(ct)))  # encoded lazily, one at a time
+            # then what an earlier sCT of this series left in it (the series is replaced, not merged)
+            stale_removed = self.store.remove_others(ct.series_instance_uid, stored)
+            if stale_removed:
+                log.info("job removed stale sCT instances job=%d count=%d (an earlier sCT of this series had slices this one has not)",
+                         job_id, stale_removed)
             self.store.store([sr])
             self.store.verify(ct.series_instance_uid, len(ct))
             self.store.verify(str(sr.SeriesInstanceUID), 1)
@@ -346,6 +351,7 @@ class Worker:
         audit.record(  # what went into Orthanc, whatever becomes of the job's row
             self.sessions, audit.INSTANCES_TRANSFERRED, "success", actor, study_uid=study_uid, series_uid=ct.series_instance_uid,
             job_id=job_id, destination=self.store.url, instances=len(ct) + 1, sr_series_uid=str(sr.SeriesInstanceUID),
+            stale_removed=stale_removed,
         )
         if not self._settle(
             job_id, progress, state="done", finished_at=utcnow(), lease_until=None, error=None, not_before=None, ct_series_uid=ct.series_instance_uid,

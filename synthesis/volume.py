@@ -362,7 +362,12 @@ def is_transverse(orientation: tuple[float, ...] | list[float], tolerance: float
 def transverse_grid(volume: Volume) -> Volume:
     """Transverse slices (``TRANSVERSE``, feet to head) at the volume's own pixel and slice spacing
     that cover every voxel centre of it: where a tilted volume is resampled to be written as axial
-    slices. Its voxels are empty (NaN) until filled."""
+    slices. Its voxels are empty (NaN) until filled.
+
+    The grid's points lie on a lattice fixed in patient space (whole multiples of its steps from
+    the origin), not at the volume's corner: a late slice that grows the volume adds slices to the
+    grid and moves none, so the slices already written keep their positions (and UIDs, which
+    follow them); until 2026-12-05 every slice moved with the box."""
     shape = np.array(volume.voxels.shape)
     row, col = np.asarray(volume.orientation[:3], dtype=float), np.asarray(volume.orientation[3:6], dtype=float)
     spacing = abs(volume.slice_spacing) or min(volume.pixel_spacing)
@@ -371,6 +376,7 @@ def transverse_grid(volume: Volume) -> Volume:
     corners = np.array([volume.positions[0] + sum(e * bit for e, bit in zip(extent, bits)) for bits in itertools.product((0, 1), repeat=3)])
     low, high = corners.min(axis=0), corners.max(axis=0)
     step = min(volume.pixel_spacing)  # in plane: the finer of the MR's two
+    low = np.floor(low / np.array([step, step, spacing]) + 1e-6) * np.array([step, step, spacing])
     columns, rows = (int(np.floor((high[a] - low[a]) / step + 1e-6)) + 1 for a in (0, 1))
     slices = int(np.floor((high[2] - low[2]) / spacing + 1e-6)) + 1
     positions = np.array([[low[0], low[1], low[2] + k * spacing] for k in range(slices)])

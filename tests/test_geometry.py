@@ -15,7 +15,7 @@ from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, generate
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
 from synthesis.sr_writer import read_provenance
-from synthesis.volume import Volume, assemble, axial_reslice, frame_geometry, resample
+from synthesis.volume import Volume, assemble, axial_reslice, frame_geometry, resample, transverse_grid
 from training import phantoms
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import dciodvfy, series_datasets, study_series
@@ -147,7 +147,7 @@ def test_ct_plane_axial_resamples_a_tilted_series_onto_exact_transverse_slices(n
     assert axial.pixel_spacing == (5.0, 5.0) and axial.slice_spacing == pytest.approx(5.0)
     sampled = resample(tilted, axial)
     inside = ~np.isnan(sampled)
-    assert 0.3 < inside.mean() < 0.9  # the tilted slab fills part of the box around it
+    assert 0.25 < inside.mean() < 0.9  # the tilted slab fills part of the box around it (on a lattice: up to a slice more)
     assert np.abs(sampled[inside] - axial.voxels[inside]).max() <= 1.0 + 1e-3
     assert (axial.voxels[~inside] == -1000).all()
     path = tmp_path / "axial-ct.dcm"
@@ -194,3 +194,31 @@ def test_an_axial_thick_slab_or_unevenly_spaced_series_goes_as_acquired_unless_a
     assert axial_reslice(uneven, "axial")[0] is None
     with pytest.raises(ValueError, match="plane must be one of auto, axial, acquired"):
         axial_reslice(thick, "coronal")
+
+
+def test_a_tilted_series_grown_by_a_late_slice_keeps_its_transverse_slices_where_they_were():
+    """A tilted series' sCT resampled onto transverse slices (``ct_plane = axial``): a late slice
+    that grows the series adds transverse slices and moves none, so the slices already in the PACS
+    keep their positions and UIDs (which follow the position). Until 2026-12-05 the grid started at
+    the series' corner, and a slice added below it moved every transverse slice by a fraction of
+    a slice: the sCT was replaced whole, under new UIDs."""
+    tilt = np.deg2rad(20)
+    orientation = (1.0, 0.0, 0.0, 0.0, float(np.cos(tilt)), float(np.sin(tilt)))
+    normal = np.cross(orientation[:3], orientation[3:])
+    corner = np.array([-117.3, -101.7, -40.2])
+
+    def tilted(first: int, count: int) -> Volume:
+        positions = np.array([corner + k * 5.0 * normal for k in range(first, first + count)])
+        return Volume(voxels=np.zeros((count, 40, 48), np.float32), pixel_spacing=(5.0, 5.0), orientation=orientation,
+                      positions=positions, frame_of_reference_uid="1.2.3")
+
+    before = transverse_grid(tilted(0, 12))
+    for grown in (tilted(-1, 13), tilted(0, 13)):  # a late slice below the others, or above them
+        after = transverse_grid(grown)
+        assert after.orientation == before.orientation and after.pixel_spacing == before.pixel_spacing
+        assert len(after.positions) >= len(before.positions)
+        z_before, z_after = np.round(before.positions[:, 2], 6), np.round(after.positions[:, 2], 6)
+        assert set(z_before) <= set(z_after), "a transverse slice moved"
+        offset = (before.positions[0, :2] - after.positions[0, :2]) / 5.0  # the same pixel lattice in plane
+        np.testing.assert_allclose(offset, np.round(offset), atol=1e-6)
+        assert (offset >= -1e-6).all()

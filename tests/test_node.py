@@ -423,6 +423,36 @@ def test_instances_sent_again_under_another_series_move_there_whole(node_factory
     assert recovery[-1].detail["superseded_removed"] == 1 and recovery[-1].detail["recovered"] == 1
 
 
+def test_an_sct_made_again_from_fewer_slices_leaves_none_of_the_old_ones_in_orthanc(node_factory, orthanc, tmp_path):
+    """A series split upstream (two of its four slices sent again under a series of their own) and
+    made again: its new sCT has two slices, and Orthanc's copy of the sCT series must hold just
+    those. Until 2026-12-05 the two slices of the MR slices that had left stayed in the sCT series
+    (a planning system would take them for part of it), and the count Orthanc gave (4 of 2) made
+    the job retry for an hour and fail."""
+    node = node_factory(complete_on_release="true")
+    series = _small(tmp_path, "mr", 247)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    first = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert first.state == "done", first.error
+    split, again = tmp_path / "split", tmp_path / "again"
+    split.mkdir(), again.mkdir()
+    for path in series.files[2:]:
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SeriesNumber = "1.2.826.0.1.3680043.8.498.247247", 98
+        ds.save_as(split / path.name, enforce_file_format=True)
+    assert storescu(split, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    shutil.copy(series.files[0], again / series.files[0].name)  # the series that stays is sent again
+    assert storescu(again, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    second = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=first.id)
+    assert second.state == "done", second.error
+    assert second.ct_series_uid == first.ct_series_uid  # the same model, the same sCT series
+    (sct,) = [s for s in study_series(orthanc, series.study_uid) if s["MainDicomTags"]["SeriesInstanceUID"] == second.ct_series_uid]
+    kept = {pydicom.dcmread(f).SOPInstanceUID for f in series.files[:2]}
+    assert sorted(ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in series_datasets(orthanc, sct)) == sorted(kept)
+    transferred = audit_events(node.database_url, lambda e: e.action == "dicom-instances-transferred" and e.job_id == second.id)
+    assert transferred[-1].detail["stale_removed"] == 2
+
+
 def test_an_orthanc_that_keeps_first_copies_gets_the_new_sct_and_the_corrected_original(tmp_path):
     """Orthanc's default (OverwriteInstances false) keeps the first copy of an instance and answers
     AlreadyStored. A late MR slice makes the sCT again, and its slices' UIDs follow their index:
