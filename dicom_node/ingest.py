@@ -274,6 +274,22 @@ def record_refusal(session: Session, sop_uid: str, series_uid: str, status: int,
                                   reason=reason[:500], refused_at=utcnow()))
 
 
+def set_aside_all_but(sessions: sessionmaker[Session], series_uid: str, held: set[str], reason: str) -> int:
+    """Set aside the instances of a series the node holds that are not among ``held`` (what Orthanc
+    holds of it, when an administrator asked for the series as Orthanc holds it): they are no part
+    of its sCT until they are sent again. How many."""
+    with sessions.begin() as session:
+        series = session.get(Series, series_uid, with_for_update=True)
+        if series is None:
+            return 0
+        rows = session.scalars(select(Instance).where(Instance.series_instance_uid == series_uid, Instance.set_aside.is_(None))).all()
+        extra = [row for row in rows if row.sop_instance_uid not in held]
+        for row in extra:
+            row.set_aside = reason[:500]
+        series.instance_count = max(0, series.instance_count - len(extra))
+        return len(extra)
+
+
 def lift_refusals(sessions: sessionmaker[Session], series_uid: str) -> int:
     """Forget the refusals a series waits for (someone asked for it as it is); how many there were."""
     with sessions.begin() as session:
@@ -310,7 +326,7 @@ def mark_stable(
         series = session.get(Series, series_uid)
         assert series is not None
         planes = session.scalars(select(Instance.orientation).distinct().where(
-            Instance.series_instance_uid == series_uid, Instance.orientation != "")).all()
+            Instance.series_instance_uid == series_uid, Instance.orientation != "", Instance.set_aside.is_(None))).all()
         reason = rules.reason_to_skip(series, planes) or _refusals(session, series)
         if reason is not None:
             series.state, series.reason = "ignored", reason

@@ -81,6 +81,10 @@ class Instance(Base):
     # Spool retention (spool_retention_hours): when the original was deleted from the spool. A
     # re-send of the instance clears it (the spool holds it again).
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Why the instance is no part of its series' sCT until it is sent again (None: it is): the series
+    # was asked for as Orthanc holds it (POST /synthesize), and Orthanc no longer held this one (a
+    # slice deleted there on purpose). Not counted in the series' instance_count meanwhile.
+    set_aside: Mapped[str | None] = mapped_column(Text)
 
 
 class RefusedInstance(Base):

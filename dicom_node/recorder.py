@@ -92,14 +92,17 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                     )
                 )
                 series.instance_count += 1
-            else:  # a re-send: the count stays, unless it comes under another series
+            else:  # a re-send: the count stays, unless it comes under another series or had been set aside
                 if row.series_instance_uid != info.series_uid:
                     left = locked_series(row.series_instance_uid)
-                    if left is not None:
+                    if left is not None and row.set_aside is None:
                         left.instance_count = max(0, left.instance_count - 1)
                     row.series_instance_uid = info.series_uid
                     series.instance_count += 1
                     moved += 1
+                elif row.set_aside is not None:  # sent again: part of its series again
+                    series.instance_count += 1
+                row.set_aside = None
                 if row.path != str(item.path):  # another series or study folder: the row follows the new file
                     superseded.append((Path(row.path), item))
                     row.path = str(item.path)

@@ -272,7 +272,8 @@ class Worker:
             assert job is not None
             series = session.get(Series, job.series_instance_uid)
             assert series is not None
-            rows = session.execute(select(Instance.path, Instance.purged_at).where(Instance.series_instance_uid == job.series_instance_uid)).all()
+            rows = session.execute(select(Instance.path, Instance.purged_at).where(
+                Instance.series_instance_uid == job.series_instance_uid, Instance.set_aside.is_(None))).all()
             paths = [row.path for row in rows]
             purged = sum(row.purged_at is not None for row in rows)
             series_uid, study_uid = series.series_instance_uid, series.study_instance_uid
@@ -375,7 +376,7 @@ class Worker:
         except FileNotFoundError:
             with self.sessions() as session:
                 purged = session.scalar(select(func.count()).select_from(Instance).where(
-                    Instance.series_instance_uid == series_uid, Instance.purged_at.is_not(None))) or 0
+                    Instance.series_instance_uid == series_uid, Instance.purged_at.is_not(None), Instance.set_aside.is_(None))) or 0
             if purged:
                 raise SeriesNotUsable(purged_reason(purged, len(paths))) from None
             missing = sum(not os.path.exists(p) for p in paths)

@@ -24,7 +24,7 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
 from dicom_node.models import ApiToken, AuditEvent, Job, Series
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import api_token, c_store, series_once_complete, served_api, shipped_weights_with_views
+from tests.helpers import api_token, c_store, series_datasets, series_once_complete, served_api, shipped_weights_with_views, study_series
 from training.phantom_dicom import write_mr_series
 
 def _token_routes() -> list[tuple[str, str]]:
@@ -431,3 +431,38 @@ def test_evaluate_registry_stops_before_scoring_when_the_database_does_not_open(
     assert result.returncode == 2 and "database_url" in result.stderr and "without --registry" in result.stderr
     alone = subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "--registry"], capture_output=True, text=True, timeout=300)
     assert alone.returncode == 2 and "--registry goes with --pairs" in alone.stderr
+
+
+def test_asking_for_a_series_as_orthanc_holds_it_leaves_out_a_slice_deleted_there(api, node, orthanc, tmp_path):
+    """The node synthesized a series of four slices; one was wrong (another patient position, a
+    slice of a repeat) and the PACS administrator deleted it in Orthanc, then asked for the series
+    as Orthanc holds it. The sCT is made of the three slices Orthanc holds, and Orthanc's sCT series
+    holds just their three; the answer and the audit say one was set aside. Sent again, the slice
+    is part of the series again. Until 2026-12-05 the node's own copy of the deleted slice went
+    into the sCT whatever Orthanc held."""
+    series = write_mr_series(tmp_path / "mr", seed=613, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    first = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert first.state == "done" and first.instance_count == 4, first.error
+    for f in series.files[:-1]:  # Orthanc holds the series without its last slice
+        assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
+    asked = httpx.post(f"{api['base']}/synthesize", json={"series_uid": series.series_uid}, headers=api["admin"], timeout=60)
+    assert asked.status_code == 202, asked.text
+    assert asked.json()["set_aside"] == 1 and asked.json()["instances"] == 3
+    second = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=first.id)
+    assert second.id == asked.json()["job_id"] and second.state == "done" and second.instance_count == 3, second.error
+    kept = {pydicom.dcmread(f).SOPInstanceUID for f in series.files[:-1]}
+    (sct,) = [s for s in study_series(orthanc, series.study_uid) if s["MainDicomTags"]["SeriesInstanceUID"] == second.ct_series_uid]
+    assert sorted(ds.SourceImageSequence[0].ReferencedSOPInstanceUID for ds in series_datasets(orthanc, sct)) == sorted(kept)
+    sessions = init_db(node.database_url)
+    with sessions() as session:
+        (requested,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "synthesis-requested", AuditEvent.outcome == "success",
+                                                               AuditEvent.series_instance_uid == series.series_uid)).all()
+        assert session.get(Series, series.series_uid).instance_count == 3
+    assert requested.detail["set_aside"] == 1
+    again = tmp_path / "again"
+    again.mkdir()
+    (again / series.files[-1].name).write_bytes(series.files[-1].read_bytes())
+    assert storescu(again, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    third = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=second.id)
+    assert third.state == "done" and third.instance_count == 4, third.error

@@ -234,7 +234,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                 raise HTTPException(409, f"job {job_id}: its series has job {pending.id} {pending.state} already")
             series = session.get(Series, job.series_instance_uid)
             purged, of = session.execute(select(func.count(Instance.purged_at), func.count()).where(
-                Instance.series_instance_uid == job.series_instance_uid)).one()
+                Instance.series_instance_uid == job.series_instance_uid, Instance.set_aside.is_(None))).one()
             if purged:
                 raise HTTPException(409, f"job {job_id}: {purged_reason(purged, of)}")
             new = Job(series_instance_uid=job.series_instance_uid, state="queued", instance_count=series.instance_count if series else 0)
@@ -341,10 +341,12 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         reason, so that no job is made later of part of it; sending it again, or asking again, lifts that.
         A series the node holds because it refused some of its instances over DICOM is synthesized
         from what Orthanc holds of it: asking for it is the way to release it when a refused slice
-        will not come again."""
+        will not come again. So is a series of which a slice was deleted in Orthanc on purpose: the
+        instances the node holds and Orthanc does not are set aside (no part of the sCT, counted in
+        the answer and the audit) until they are sent again."""
         from pydicom.errors import InvalidDicomError
 
-        from dicom_node.ingest import Ingest, SelectionRules, lift_refusals, mark_stable, validate
+        from dicom_node.ingest import Ingest, SelectionRules, lift_refusals, mark_stable, set_aside_all_but, validate
         from dicom_node.spool import Spool, SpoolFull, is_valid_uid
         from synthesis.errors import InvalidInstance
 
@@ -373,6 +375,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         if not instances:
             raise HTTPException(404, f"series {body.series_uid} is not in Orthanc")
         ingest = Ingest(Spool(spool_dir, min_free_bytes=spool_min_free_mb * 2**20), sessions)
+        held: set[str] = set()
         for number, instance_id in enumerate(instances, start=1):
             try:
                 raw = store.instance_file(instance_id)
@@ -390,8 +393,12 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             except SpoolFull as exc:
                 raise refuse(507, str(exc)) from exc
             spooled += 1
-        # Orthanc's series is what was asked for: instances the node refused over DICOM and Orthanc
-        # does not hold (a slice deleted for good) no longer hold the series back
+            held.add(info.sop_instance_uid)
+        # Orthanc's series is what was asked for: instances the node received and Orthanc no longer
+        # holds (a slice deleted there on purpose) are left out until they are sent again, and
+        # instances the node refused over DICOM and Orthanc does not hold no longer hold the series back
+        set_aside = set_aside_all_but(sessions, body.series_uid, held, f"not in Orthanc when {caller.actor} asked for the series "
+                                      f"as Orthanc holds it (POST /synthesize, {utcnow():%Y-%m-%d %H:%M} UTC); part of it again once sent again")
         lifted = lift_refusals(sessions, body.series_uid)
         # asked for by name: the node's selection rules do not apply, only what no job can synthesize (not MR, several planes)
         state, job_id = mark_stable(sessions, body.series_uid, 0, SelectionRules(modalities=("MR",), image_types_excluded=()))
@@ -400,8 +407,8 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                 reason = session.get(Series, body.series_uid).reason  # type: ignore[union-attr]
             raise HTTPException(422, f"series not synthesized: {reason}")
         audit.record(sessions, "synthesis-requested", "success", caller.actor, series_uid=body.series_uid, job_id=job_id, instances=len(instances),
-                     refusals_lifted=lifted)
-        return {"job_id": job_id, "series_uid": body.series_uid, "instances": len(instances)}
+                     refusals_lifted=lifted, set_aside=set_aside)
+        return {"job_id": job_id, "series_uid": body.series_uid, "instances": len(instances), "set_aside": set_aside}
 
     @api.get("/models")
     def list_models(caller: Caller = Depends(READ)) -> dict[str, Any]:
