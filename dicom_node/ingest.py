@@ -14,7 +14,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage, MRImageStorage
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, distinct, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import notify_job_queued
@@ -48,6 +48,7 @@ class ReceivedInstance:
     orientation: str = ""
     patient_id: str = ""
     image_type: str = ""  # ImageType as sent, values joined by backslashes, upper case
+    position: str = ""  # a single-frame image's ImagePositionPatient to 0.01 mm, '' for multi-frame
 
 
 @dataclass(frozen=True)
@@ -61,13 +62,18 @@ class SelectionRules:
     orientations: tuple[str, ...] = ("axial", "sagittal", "coronal", "oblique")
     image_types_excluded: tuple[str, ...] = ("LOCALIZER",)
 
-    def reason_to_skip(self, series: Series, planes: Sequence[str] = ()) -> str | None:
-        """The first rule ``series`` fails, None when it passes. ``planes``: those its instances lie in."""
+    def reason_to_skip(self, series: Series, planes: Sequence[str] = (), positions: tuple[int, int] = (0, 0)) -> str | None:
+        """The first rule ``series`` fails, None when it passes. ``planes``: those its instances lie
+        in; ``positions``: how many single-frame images it has, at how many positions."""
         if series.modality not in self.modalities:
             return f"modality {series.modality!r} is not one of {list(self.modalities)}"
         if len(planes) > 1:
             return (f"its slices lie in {len(planes)} planes ({', '.join(sorted(planes))}): a multi-plane localizer, or stacks "
                     "of several planes in one series; no one volume to synthesize")
+        images, at = positions
+        if images > at:
+            return (f"its {images} images lie at {at} positions: several at one position (diffusion b-values, echoes, time "
+                    "points or repeats in one series); no one volume to synthesize")
         excluded = [v.strip() for v in (series.image_type or "").split("\\") if v.strip() in self.image_types_excluded]
         if excluded:
             return f"ImageType {series.image_type!r} holds {excluded[0]}, excluded by select_image_type_exclude"
@@ -194,13 +200,14 @@ def validate(
         frames = int(values.text(0x00280008) or 1)
     except ValueError:
         raise DatasetMismatch(f"NumberOfFrames {values.text(0x00280008)!r} is not a number") from None
+    position = ""  # a multi-frame instance's frames' positions are its own (the worker names repeats among them)
     if frames != 1 or 0x52009230 in ds:  # enhanced multi-frame: per-frame functional groups
         try:
             orientation = frame_geometry(ds)[0].orientation
         except SeriesNotUsable as exc:
             raise DatasetMismatch(f"geometry missing or unusable: {exc}") from None
     else:
-        values.numbers(0x00200032, 3, "ImagePositionPatient")
+        position = "\\".join(f"{v:.2f}" for v in values.numbers(0x00200032, 3, "ImagePositionPatient"))
         values.numbers(0x00280030, 2, "PixelSpacing")
         orientation = values.numbers(0x00200037, 6, "ImageOrientationPatient")  # type: ignore[assignment]
         for tag, name in ((0x00281053, "RescaleSlope"), (0x00281052, "RescaleIntercept")):
@@ -221,7 +228,7 @@ def validate(
             raise DatasetMismatch(f"Pixel Data holds {actual} bytes, {rows}x{cols}x{frames} at {bits} bits needs {expected}")
     check_nesting(ds)  # after the Pixel Data checks, which need the raw (unconverted) element
     return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation_label(orientation), patient_id,
-                            image_type)
+                            image_type, position)
 
 
 class Ingest:
@@ -325,9 +332,11 @@ def mark_stable(
             return "receiving", None
         series = session.get(Series, series_uid)
         assert series is not None
-        planes = session.scalars(select(Instance.orientation).distinct().where(
-            Instance.series_instance_uid == series_uid, Instance.orientation != "", Instance.set_aside.is_(None))).all()
-        reason = rules.reason_to_skip(series, planes) or _refusals(session, series)
+        counted = (Instance.series_instance_uid == series_uid, Instance.set_aside.is_(None))
+        planes = session.scalars(select(Instance.orientation).distinct().where(*counted, Instance.orientation != "")).all()
+        images, positions = session.execute(select(func.count(), func.count(distinct(Instance.position))).where(
+            *counted, Instance.position != "")).one()
+        reason = rules.reason_to_skip(series, planes, (images, positions)) or _refusals(session, series)
         if reason is not None:
             series.state, series.reason = "ignored", reason
             return "ignored", None

@@ -67,6 +67,9 @@ class Instance(Base):
     transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
     # its slice plane (ingest.validate): a series whose instances name several is no one volume (a localizer)
     orientation: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    # a single-frame one's Image Position (Patient), to 0.01 mm ('' for multi-frame): a series with
+    # several images at one position (b-values, echoes) is no one volume either
+    position: Mapped[str] = mapped_column(String(48), default="", server_default="")
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))

@@ -94,6 +94,32 @@ def test_localizers_are_recorded_as_such_not_made_into_a_failed_job_or_a_ct_of_t
         assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([three_plane.series_uid, flagged.series_uid]))).all()
 
 
+def test_a_series_with_several_images_at_each_position_is_recorded_as_such_not_made_into_a_failed_job(node_factory, orthanc, tmp_path):
+    """A diffusion series holds a b=0 and a b=1000 image at every position (so do multi-echo and
+    dynamic series): no one volume. Until 2026-12-05 every such series a scanner routed became a
+    job that failed (a failure on the dashboard and in the metrics for each exam); now it is
+    recorded ignored with why, as a localizer is, and no job is made. Asked for by name
+    (POST /synthesize), the same reason comes back as a 422."""
+    node = node_factory()
+    series = _small(tmp_path, "dwi", 235, series_description="ep2d_diff_b0_1000")
+    for path in list(series.files):
+        ds = pydicom.dcmread(path)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+        ds.DiffusionBValue = 1000
+        ds.save_as(path.with_name(f"b1000-{path.name}"), enforce_file_format=True)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    row = _series_row(node, series.series_uid, state="ignored")
+    assert "its 8 images lie at 4 positions" in row.reason and "diffusion b-values" in row.reason
+    with init_db(node.database_url)() as session:
+        assert not session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid)).all()
+    for path in series.folder.glob("*.dcm"):
+        assert httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), auth=orthanc.auth).status_code == 200
+    admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'pacs-admin')}"}
+    asked = httpx.post(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/synthesize", json={"series_uid": series.series_uid},
+                       headers=admin, timeout=60)
+    assert asked.status_code == 422 and "its 8 images lie at 4 positions" in asked.json()["detail"], asked.text
+
+
 def test_a_series_whose_stray_slice_moved_to_its_own_series_is_synthesized_when_sent_again(node_factory, tmp_path):
     """A sagittal slice filed into an axial series by mistake keeps the series out (two planes);
     once it is sent again under a series of its own (corrected upstream, same SOP Instance UID)
