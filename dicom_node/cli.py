@@ -215,6 +215,22 @@ def config_show(config: ConfigOption = None) -> None:
     typer.echo(json.dumps(settings.masked(), indent=2))
 
 
+@config_app.command("check")
+def config_check(config: ConfigOption = None) -> None:
+    """Check what the node needs before it serves: the database, Orthanc and its login, the model,
+    the spool, the ports, TLS files and the routing destination; a failure names the setting.
+    Exit status 1 when any check fails."""
+    from dicom_node.preflight import FAIL, run_checks
+
+    checks = run_checks(_settings(config))
+    for check in checks:
+        typer.echo(f"{check.status:<5} {check.name:<11} {check.message}")
+    failed = [c.name for c in checks if c.status == FAIL]
+    if failed:
+        typer.echo(f"mr2ct: {len(failed)} check(s) failed: {', '.join(failed)}", err=True)
+        raise typer.Exit(1)
+
+
 @app.command()
 def conformance(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="write it to this file (default: print it)")] = None,

@@ -1,0 +1,164 @@
+"""``mr2ct config check``: what the node needs from its deployment, checked before it serves.
+
+`mr2ct serve` takes scanner traffic even when Orthanc is down or refuses its login (the spool is
+the truth; jobs retry), so a wrong password or URL shows only as jobs retrying for an hour. These
+checks say at once, naming the setting to change. Each check opens what the node would open
+(the database without migrating it, Orthanc's REST API, the model file, the spool, the ports,
+the TLS files, the routing destination by C-ECHO) and nothing else: nothing is written to Orthanc,
+and the database is read, not migrated (an SQLite file not there yet is made empty, as the node
+would make it).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_node.settings import Settings
+
+OK, WARN, FAIL = "ok", "warn", "FAIL"
+
+
+@dataclass(frozen=True)
+class Check:
+    status: str  # OK, WARN or FAIL
+    name: str  # what was checked
+    message: str  # what was found; a failure names the setting to change
+
+
+def _database(s: Settings) -> Check:
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy.engine import make_url
+
+    from dicom_node.db import DatabaseUnavailable, alembic_config, make_engine
+
+    shown = make_url(s.database_url).render_as_string(hide_password=True) if "://" in s.database_url else s.database_url
+    try:
+        engine = make_engine(s.database_url)
+        try:
+            with engine.connect() as connection:
+                current = MigrationContext.configure(connection).get_current_revision()
+        finally:
+            engine.dispose()
+    except DatabaseUnavailable as exc:
+        return Check(FAIL, "database", f"database_url: {exc}")
+    except Exception as exc:
+        return Check(FAIL, "database", f"database_url: cannot open {shown}: {getattr(exc, 'orig', exc)}")
+    head = ScriptDirectory.from_config(alembic_config(s.database_url)).get_current_head()
+    if current == head:
+        return Check(OK, "database", f"{shown}, schema at revision {head}")
+    found = f"at revision {current}" if current else "empty"
+    return Check(OK, "database", f"{shown}, schema {found}: the node brings it to revision {head} when it starts")
+
+
+def _orthanc(s: Settings) -> Check:
+    from orthanc_api_client.exceptions import HttpError
+
+    from dicom_node.orthanc_store import OrthancStore
+
+    password = s.orthanc_password.get_secret_value() if s.orthanc_password else None
+    store = OrthancStore(s.orthanc_url, s.orthanc_username, password, s.orthanc_timeout_seconds)
+    try:
+        system = store.client.get_system()
+    except HttpError as exc:
+        if exc.http_status_code in (401, 403):
+            return Check(FAIL, "orthanc", f"Orthanc at {s.orthanc_url} refused the login (HTTP {exc.http_status_code}): "
+                                          "check orthanc_username and orthanc_password")
+        return Check(FAIL, "orthanc", f"Orthanc at {s.orthanc_url} answered HTTP {exc.http_status_code}: check orthanc_url")
+    except Exception as exc:
+        return Check(FAIL, "orthanc", f"Orthanc at {s.orthanc_url} is not reachable (or did not answer within "
+                                      f"{s.orthanc_timeout_seconds:g} s): check orthanc_url ({type(exc).__name__})")
+    return Check(OK, "orthanc", f"Orthanc {system.get('Version', '?')} at {s.orthanc_url}, login accepted")
+
+
+def _model(s: Settings) -> Check:
+    from synthesis.errors import ModelMismatch
+    from synthesis.model_file import load_model
+
+    try:
+        model = load_model(s.model_file)
+    except (ModelMismatch, OSError, ValueError) as exc:
+        return Check(FAIL, "model", f"model_file: {exc}")
+    return Check(OK, "model", f"{s.model_file.name}: {model.card['architecture']} generator, SHA-256 {model.short_digest}")
+
+
+def _spool(s: Settings) -> Check:
+    spool = Path(s.spool_dir)
+    try:
+        spool.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=spool, prefix=".check-"):
+            pass
+    except OSError as exc:
+        return Check(FAIL, "spool", f"spool_dir: {spool} cannot be written ({exc.strerror})")
+    stat = os.statvfs(spool)
+    free_mb = stat.f_bavail * stat.f_frsize // 2**20
+    if free_mb < s.spool_min_free_mb:
+        return Check(FAIL, "spool", f"{spool} has {free_mb} MB free, below spool_min_free_mb ({s.spool_min_free_mb}): "
+                                    "every instance would be refused (0xA700)")
+    return Check(OK, "spool", f"{spool}, writable, {free_mb} MB free (refusing below {s.spool_min_free_mb} MB)")
+
+
+def _port(name: str, key: str, host: str, port: int) -> Check:
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as exc:
+        return Check(WARN, name, f"{host}:{port} is in use ({exc.strerror}): a node already running, or another program "
+                                 f"({key} names the port)")
+    return Check(OK, name, f"{host}:{port} free")
+
+
+def _tls(s: Settings) -> Check | None:
+    from dicom_node.service import client_tls_context, tls_context
+
+    if s.tls_certificate is None and not s.forward_tls:
+        return None
+    try:
+        tls_context(s)
+        if s.forward_tls:
+            client_tls_context(s)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        return Check(FAIL, "tls", f"tls_certificate / tls_private_key / tls_ca_file: {exc}")
+    return Check(OK, "tls", "certificate, key" + (" and CA file" if s.tls_ca_file else "") + " load")
+
+
+def _routing(s: Settings) -> Check | None:
+    if not s.forward_originals:
+        return None
+    if not s.forward_to:
+        return Check(OK, "routing", f"originals routed to Orthanc at {s.orthanc_url} (see the orthanc check)")
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+
+    from dicom_node.service import client_tls_context
+    from dicom_node.settings import parse_dicom_destination
+    from dicom_node.transport import NodeAE
+
+    called, host, port = parse_dicom_destination(s.forward_to)
+    ae = NodeAE(s.ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = 10
+    ae.add_requested_context(Verification)
+    tls = (client_tls_context(s), host) if s.forward_tls else None
+    assoc = ae.associate(host, port, ae_title=called, tls_args=tls)
+    if not assoc.is_established:
+        return Check(FAIL, "routing", f"forward_to {s.forward_to}: no association (rejected, aborted or not listening)")
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if not status or status.Status != 0:
+        return Check(FAIL, "routing", f"forward_to {s.forward_to}: C-ECHO answered {getattr(status, 'Status', 'nothing')}")
+    return Check(OK, "routing", f"forward_to {s.forward_to} answered C-ECHO")
+
+
+def run_checks(settings: Settings) -> list[Check]:
+    """Every check, in the order the node needs them; a check that does not apply is left out."""
+    s = settings
+    checks = [_database(s), _orthanc(s), _model(s), _spool(s), _port("dicom port", "dicom_port", s.dicom_host, s.dicom_port)]
+    if s.api_port:
+        checks.append(_port("api port", "api_port", s.api_host, s.api_port))
+    checks += [c for c in (_tls(s), _routing(s)) if c is not None]
+    return checks
