@@ -224,7 +224,7 @@ def config_check(config: ConfigOption = None) -> None:
 
     checks = run_checks(_settings(config))
     for check in checks:
-        typer.echo(f"{check.status:<5} {check.name:<11} {check.message}")
+        typer.echo(f"{check.status:<5} {check.name:<12} {check.message}")
     failed = [c.name for c in checks if c.status == FAIL]
     if failed:
         typer.echo(f"mr2ct: {len(failed)} check(s) failed: {', '.join(failed)}", err=True)

@@ -3,8 +3,8 @@
 `mr2ct serve` takes scanner traffic even when Orthanc is down or refuses its login (the spool is
 the truth; jobs retry), so a wrong password or URL shows only as jobs retrying for an hour. These
 checks say at once, naming the setting to change. Each check opens what the node would open
-(the database without migrating it, Orthanc's REST API, the model file, the spool, the ports,
-the TLS files, the routing destination by C-ECHO) and nothing else: nothing is written to Orthanc,
+(the database without migrating it, Orthanc's REST API and its modality for the node, the model
+file, the spool, the ports, the TLS files, the routing destination by C-ECHO) and nothing else: nothing is written to Orthanc,
 and the database is read, not migrated (an SQLite file not there yet is made empty, as the node
 would make it).
 """
@@ -55,7 +55,8 @@ def _database(s: Settings) -> Check:
     return Check(OK, "database", f"{shown}, schema {found}: the node brings it to revision {head} when it starts")
 
 
-def _orthanc(s: Settings) -> Check:
+def _orthanc(s: Settings) -> list[Check]:
+    """Orthanc and its login; then, when it answered, how its routing plugin reaches the node."""
     from orthanc_api_client.exceptions import HttpError
 
     from dicom_node.orthanc_store import OrthancStore
@@ -66,13 +67,48 @@ def _orthanc(s: Settings) -> Check:
         system = store.client.get_system()
     except HttpError as exc:
         if exc.http_status_code in (401, 403):
-            return Check(FAIL, "orthanc", f"Orthanc at {s.orthanc_url} refused the login (HTTP {exc.http_status_code}): "
-                                          "check orthanc_username and orthanc_password")
-        return Check(FAIL, "orthanc", f"Orthanc at {s.orthanc_url} answered HTTP {exc.http_status_code}: check orthanc_url")
+            return [Check(FAIL, "orthanc", f"Orthanc at {s.orthanc_url} refused the login (HTTP {exc.http_status_code}): "
+                                           "check orthanc_username and orthanc_password")]
+        return [Check(FAIL, "orthanc", f"Orthanc at {s.orthanc_url} answered HTTP {exc.http_status_code}: check orthanc_url")]
     except Exception as exc:
-        return Check(FAIL, "orthanc", f"Orthanc at {s.orthanc_url} is not reachable (or did not answer within "
-                                      f"{s.orthanc_timeout_seconds:g} s): check orthanc_url ({type(exc).__name__})")
-    return Check(OK, "orthanc", f"Orthanc {system.get('Version', '?')} at {s.orthanc_url}, login accepted")
+        return [Check(FAIL, "orthanc", f"Orthanc at {s.orthanc_url} is not reachable (or did not answer within "
+                                       f"{s.orthanc_timeout_seconds:g} s): check orthanc_url ({type(exc).__name__})")]
+    return [Check(OK, "orthanc", f"Orthanc {system.get('Version', '?')} at {s.orthanc_url}, login accepted"),
+            _from_orthanc(s, store, str(system.get("DicomAet", "")))]
+
+
+NODE_MODALITY = "mr2ct"  # the name Orthanc's routing plugin sends to (orthanc/plugin.py: MR2CT_NODE_MODALITY's default)
+
+
+def _from_orthanc(s: Settings, store: object, orthanc_aet: str) -> Check:
+    """Whether what Orthanc routes (its plugin's C-STORE to the modality ``mr2ct``) would be taken:
+    the modality's port and (when the node checks it) called AE title are the node's, and the node's
+    allow-list has Orthanc's AE title. Either wrong, every routed series was refused or never
+    arrived, seen only in Orthanc's log."""
+    from orthanc_api_client.exceptions import HttpError
+
+    try:
+        modality = store.client.get(f"modalities/{NODE_MODALITY}/configuration").json()  # type: ignore[attr-defined]
+    except HttpError as exc:
+        if exc.http_status_code == 404:
+            return Check(WARN, "from orthanc", f"Orthanc declares no DICOM modality '{NODE_MODALITY}': its routing plugin sends "
+                                               "this node nothing (fine when scanners send to the node directly; "
+                                               "`mr2ct orthanc-config` writes one)")
+        return Check(WARN, "from orthanc", f"Orthanc did not list its modality '{NODE_MODALITY}' (HTTP {exc.http_status_code})")
+    except Exception as exc:
+        return Check(WARN, "from orthanc", f"Orthanc did not list its modality '{NODE_MODALITY}' ({type(exc).__name__})")
+    called, host, port = str(modality.get("AET", "")), str(modality.get("Host", "")), int(modality.get("Port", 0))
+    problems = []
+    if port != s.dicom_port:
+        problems.append(f"it sends to port {port}, the node listens on dicom_port {s.dicom_port}")
+    if s.check_called_ae and called != s.ae_title:
+        problems.append(f"it calls AE title {called!r}, the node (check_called_ae) answers only to ae_title {s.ae_title!r}")
+    if s.allowed_aes and orthanc_aet not in {entry.split("@", 1)[0] for entry in s.allowed_aes}:
+        problems.append(f"allowed_aes does not list Orthanc's AE title {orthanc_aet!r}: the node would refuse every series it routes")
+    where = f"Orthanc's modality '{NODE_MODALITY}' ({called}@{host}:{port})"
+    if problems:
+        return Check(FAIL, "from orthanc", f"{where}: " + "; ".join(problems))
+    return Check(OK, "from orthanc", f"{where} reaches the node, which takes Orthanc's AE title {orthanc_aet!r}")
 
 
 def _model(s: Settings) -> Check:
@@ -157,7 +193,7 @@ def _routing(s: Settings) -> Check | None:
 def run_checks(settings: Settings) -> list[Check]:
     """Every check, in the order the node needs them; a check that does not apply is left out."""
     s = settings
-    checks = [_database(s), _orthanc(s), _model(s), _spool(s), _port("dicom port", "dicom_port", s.dicom_host, s.dicom_port)]
+    checks = [_database(s), *_orthanc(s), _model(s), _spool(s), _port("dicom port", "dicom_port", s.dicom_host, s.dicom_port)]
     if s.api_port:
         checks.append(_port("api port", "api_port", s.api_host, s.api_port))
     checks += [c for c in (_tls(s), _routing(s)) if c is not None]

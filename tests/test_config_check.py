@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import socket
+
+import httpx
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +29,7 @@ def _lines(result: subprocess.CompletedProcess[str]) -> dict[str, str]:
     found = {}
     for line in result.stdout.splitlines():
         status, rest = line[:5].strip(), line[6:]
-        name, message = rest[:11].strip(), rest[12:]
+        name, message = rest[:12].strip(), rest[13:]
         found[name] = f"{status} {message}"
     return found
 
@@ -37,8 +39,9 @@ def test_a_good_deployment_passes_and_each_fault_names_its_setting(orthanc, tmp_
     good = _check(env)
     assert good.returncode == 0, good.stdout + good.stderr
     lines = _lines(good)
-    assert list(lines) == ["database", "orthanc", "model", "spool", "dicom port", "api port"]
-    assert all(line.startswith("ok ") for line in lines.values()), lines
+    assert list(lines) == ["database", "orthanc", "from orthanc", "model", "spool", "dicom port", "api port"]
+    assert all(line.startswith("ok ") for name, line in lines.items() if name != "from orthanc"), lines
+    assert lines["from orthanc"].startswith("warn") and "no DICOM modality 'mr2ct'" in lines["from orthanc"]  # none declared here
     assert "login accepted" in lines["orthanc"] and "Orthanc 1." in lines["orthanc"]
     assert "SHA-256" in lines["model"] and "writable" in lines["spool"]
     assert "the node brings it to revision" in lines["database"]  # read, not migrated
@@ -78,3 +81,26 @@ def test_the_routing_destination_is_asked_for_a_c_echo(orthanc, tmp_path):
     assert answered.returncode == 0 and _lines(answered)["routing"] == f"ok forward_to ARCHIVE@127.0.0.1:{port} answered C-ECHO"
     silent = _check(env, forward_originals="true", forward_to=f"ARCHIVE@127.0.0.1:{free_port()}")
     assert silent.returncode == 1 and _lines(silent)["routing"].startswith("FAIL forward_to")
+
+
+def test_what_orthanc_routes_to_the_node_is_checked_against_the_nodes_settings(orthanc, tmp_path):
+    """Orthanc's routing plugin sends to its modality `mr2ct`: a port that is not the node's, or an
+    Orthanc AE title the node's allow-list lacks, and every routed series never arrives or is
+    refused, seen only in Orthanc's log. The check names the setting."""
+    port = free_port()
+    env = node_env(tmp_path / "node", port, orthanc)  # allowed_aes: the test scanner and echoscu, not Orthanc
+    modality = f"{orthanc.url}/modalities/mr2ct"
+    try:
+        assert httpx.put(modality, json={"AET": "MR2CT", "Host": "127.0.0.1", "Port": port}, auth=orthanc.auth).status_code == 200
+        refused = _check(env)
+        assert refused.returncode == 1
+        line = _lines(refused)["from orthanc"]
+        assert line.startswith("FAIL") and f"allowed_aes does not list Orthanc's AE title '{orthanc.aet}'" in line
+        accepted = _check(env, allowed_aes=f"{env['MR2CT_ALLOWED_AES']},{orthanc.aet}")
+        assert accepted.returncode == 0 and _lines(accepted)["from orthanc"].startswith("ok"), accepted.stdout
+        elsewhere = _check(env, allowed_aes="", dicom_port=str(free_port()))
+        assert elsewhere.returncode == 1 and f"it sends to port {port}, the node listens on dicom_port" in _lines(elsewhere)["from orthanc"]
+        called = _check(env, allowed_aes="", check_called_ae="true", ae_title="OTHER")
+        assert called.returncode == 1 and "it calls AE title 'MR2CT'" in _lines(called)["from orthanc"]
+    finally:
+        httpx.delete(modality, auth=orthanc.auth)
