@@ -60,7 +60,7 @@ class SelectionRules:
     description_exclude: str | None = None
     min_slices: int = 1
     orientations: tuple[str, ...] = ("axial", "sagittal", "coronal", "oblique")
-    image_types_excluded: tuple[str, ...] = ("LOCALIZER",)
+    image_types_excluded: tuple[str, ...] = ("LOCALIZER", "MOSAIC")
 
     def reason_to_skip(self, series: Series, planes: Sequence[str] = (), positions: tuple[int, int] = (0, 0)) -> str | None:
         """The first rule ``series`` fails, None when it passes. ``planes``: those its instances lie

@@ -140,8 +140,9 @@ class Settings(BaseSettings):
         default_factory=lambda: ["axial", "sagittal", "coronal", "oblique"], description="slice orientations to synthesize"
     )
     select_image_type_exclude: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["LOCALIZER"], description="ImageType values that keep a series from synthesis (any value of its "
-        "first instance's ImageType, case-insensitive; empty: none). Add e.g. DERIVED, DIFFUSION or ADC for maps a T1 model should not see",
+        default_factory=lambda: ["LOCALIZER", "MOSAIC"], description="ImageType values that keep a series from synthesis (any value of "
+        "its first instance's ImageType, case-insensitive; empty: none): localizers, and Siemens mosaics (a volume's slices tiled in "
+        "one image, no slice). Add e.g. DERIVED, DIFFUSION or ADC for maps a T1 model should not see",
     )
     tls_certificate: Path | None = Field(None, description="PEM certificate: the SCP speaks DICOM over TLS when set")
     tls_private_key: Path | None = Field(None, description="PEM private key of tls_certificate")

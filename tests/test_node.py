@@ -146,7 +146,9 @@ def test_a_series_whose_stray_slice_moved_to_its_own_series_is_synthesized_when_
 
 
 def test_the_image_type_rule_is_the_sites_to_widen_or_turn_off():
-    """select_image_type_exclude="" synthesizes a series flagged LOCALIZER; DERIVED added keeps maps out."""
+    """By default a localizer and a Siemens mosaic (a volume's slices tiled in one image: fMRI,
+    diffusion; synthesized as a slice until 2026-12-05) are kept out; select_image_type_exclude=""
+    synthesizes a series flagged LOCALIZER; DERIVED added keeps maps out."""
     from dicom_node.ingest import SelectionRules
     from dicom_node.settings import Settings
 
@@ -154,6 +156,8 @@ def test_the_image_type_rule_is_the_sites_to_widen_or_turn_off():
     adc = Series(modality="MR", series_description="", instance_count=20, orientation="axial", image_type="DERIVED\\PRIMARY\\DIFFUSION\\ADC")
     default = SelectionRules(image_types_excluded=tuple(Settings().select_image_type_exclude))
     assert default.reason_to_skip(flagged) is not None and default.reason_to_skip(adc) is None
+    mosaic = Series(modality="MR", series_description="", instance_count=1, orientation="axial", image_type="ORIGINAL\\PRIMARY\\M\\ND\\MOSAIC")
+    assert "holds MOSAIC" in default.reason_to_skip(mosaic) and "holds MOSAIC" in SelectionRules().reason_to_skip(mosaic)
     off = SelectionRules(image_types_excluded=tuple(Settings(select_image_type_exclude="").select_image_type_exclude))
     assert off.reason_to_skip(flagged) is None
     wider = SelectionRules(image_types_excluded=tuple(Settings(select_image_type_exclude="localizer, derived").select_image_type_exclude))

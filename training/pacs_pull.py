@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 STORED_SYNTAX = (("application/dicom", "*"),)
 SYNTHETIC = "synthetic"  # the reason a series says Synthetic Data YES is left out of a training cache
 LOCALIZER = "localizer"  # ... and one whose ImageType says LOCALIZER (until 2026-12-05 a CT topogram was cached as a slice)
+MOSAIC = "mosaic"  # ... and one whose ImageType says MOSAIC (Siemens: the slices of a volume tiled into one image)
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,7 @@ def pull(
 ) -> dict[str, int]:
     """Fetch what matches and is not yet cached. A series that says it is synthetic (Synthetic Data
     YES: the sCTs mr2ct itself stores in the PACS, and other tools' synthetic images) or whose
-    ImageType says LOCALIZER (the topogram every CT study holds) is never training data: asked of
+    ImageType says LOCALIZER (the topogram every CT study holds) or MOSAIC (Siemens tiles) is never training data: asked of
     each series before it is fetched (its first instance's metadata), and remembered in the cache
     so that a second run does not ask again. Returns counts (found, fetched, skipped: cached
     already, synthetic and localizer: left out, unusable: fetched and left out, as they
@@ -282,7 +283,7 @@ def pull(
                 cache.leave_out(series_uid, reason)
         if series_uid in left_out:
             reason = left_out[series_uid]
-            return dropped(series_uid, reason if reason in (SYNTHETIC, LOCALIZER) else "unusable")
+            return dropped(series_uid, reason if reason in (SYNTHETIC, LOCALIZER, MOSAIC) else "unusable")
         try:
             datasets = list(_instances(client, study_uid, series_uid))
         except Exception as exc:
@@ -325,7 +326,7 @@ def pull(
             return "refreshed"
         return "fetched"
 
-    counts = {"found": 0, "fetched": 0, "skipped": 0, SYNTHETIC: 0, LOCALIZER: 0, "unusable": 0, "refreshed": 0}
+    counts = {"found": 0, "fetched": 0, "skipped": 0, SYNTHETIC: 0, LOCALIZER: 0, MOSAIC: 0, "unusable": 0, "refreshed": 0}
     wanted = [len(matched) if flt.limit is None else min(flt.limit, len(matched)) for flt, matched in plans]
     bar = progress_bar(total=sum(wanted), desc="pull", unit="series", show=progress)
     with bar:
@@ -366,7 +367,10 @@ def _left_out_before_fetch(client: DICOMwebClient, url: str, attrs: dict[str, An
     """Why a series is no training data before its pixels are fetched, read from its first
     instance's metadata (WADO-RS, no pixels: QIDO carries neither attribute): ``SYNTHETIC`` when it
     says Synthetic Data YES, ``LOCALIZER`` when its ImageType holds LOCALIZER (a CT's topogram is a
-    projection, not a slice in HU; an MR's scout is a few coarse slices); None when it is neither."""
+    projection, not a slice in HU; an MR's scout is a few coarse slices), ``MOSAIC`` when it holds
+    MOSAIC (a Siemens fMRI, diffusion or perfusion series: each image the slices of a volume tiled,
+    no slice of a head; until 2026-12-05 fetched whole, hundreds of volumes, to be left out or,
+    one volume, cached as slices); None when it is none of these."""
     uids = _series_uids(attrs)
     if uids is None:
         return None  # refused later, with the reason
@@ -380,8 +384,11 @@ def _left_out_before_fetch(client: DICOMwebClient, url: str, attrs: dict[str, An
         raise _pacs_error(url, exc) from exc
     if _value(metadata, "0008001C").upper() == "YES":
         return SYNTHETIC
-    if any(str(v).strip().upper() == "LOCALIZER" for v in metadata.get("00080008", {}).get("Value") or []):
+    image_type = {str(v).strip().upper() for v in metadata.get("00080008", {}).get("Value") or []}
+    if "LOCALIZER" in image_type:
         return LOCALIZER
+    if "MOSAIC" in image_type:
+        return MOSAIC
     return None
 
 
