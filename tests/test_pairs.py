@@ -92,6 +92,13 @@ def test_evaluate_pairs_scores_dicom_pairs_as_the_phantom_evaluation_scores_the_
         ds = pydicom.dcmread(path)
         ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.ImageType = localizer_uid, pydicom.uid.generate_uid(), ["ORIGINAL", "PRIMARY", "LOCALIZER"]
         ds.save_as(matched / "patient-1" / "localizer" / f"{i}.dcm")
+    # Nor is a Siemens mosaic (fMRI, diffusion: a volume's slices tiled in each image) in the CT's frame.
+    mosaic_uid = pydicom.uid.generate_uid()
+    (matched / "patient-1" / "mosaic").mkdir()
+    for i, path in enumerate(sorted((matched / "patient-1" / "mr").glob("*.dcm"))[:2]):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.ImageType = mosaic_uid, pydicom.uid.generate_uid(), ["ORIGINAL", "PRIMARY", "M", "MOSAIC"]
+        ds.save_as(matched / "patient-1" / "mosaic" / f"{i}.dcm")
     (matched / "README.txt").write_text("not DICOM")
     phantom = _evaluate("--json", "--subjects", "2", "--slices", "4")
     assert phantom.returncode == 0, phantom.stderr
@@ -112,6 +119,7 @@ def test_evaluate_pairs_scores_dicom_pairs_as_the_phantom_evaluation_scores_the_
     assert any("no CT series of the same patient" in reason for reason in report["left_out"])
     assert any(synthetic_uid in reason and "not a ground truth" in reason for reason in report["left_out"])
     assert any(localizer_uid in reason and "a localizer" in reason for reason in report["left_out"])
+    assert any(mosaic_uid in reason and "a mosaic (ImageType MOSAIC)" in reason for reason in report["left_out"])
     assert panel.stat().st_size > 10_000
     assert "PAT0" not in result.stdout + result.stderr and "PHANTOM^HEAD" not in result.stdout + result.stderr
 

@@ -122,6 +122,9 @@ def find_pairs(folder: Path) -> Found:
         elif "LOCALIZER" in [str(v).strip().upper() for v in (first.get("ImageType") or [])]:
             # A scout (an MR's few coarse slices, a CT's topogram: a projection, not HU): never a pair to score.
             skipped.append(f"{found.label()}: a localizer (ImageType LOCALIZER), not a volume to score")
+        elif "MOSAIC" in [str(v).strip().upper() for v in (first.get("ImageType") or [])]:
+            # A Siemens mosaic (fMRI, diffusion): each image a volume's slices tiled, no slice to pair with a CT's.
+            skipped.append(f"{found.label()}: a mosaic (ImageType MOSAIC), not slices to score")
         elif found.modality == "REG" or str(first.get("SOPClassUID", "")) == SPATIAL_REGISTRATION:
             for _, ds in members:
                 try:
