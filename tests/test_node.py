@@ -643,14 +643,16 @@ def test_a_series_that_cannot_make_a_volume_or_lost_an_original_fails_its_job_wi
     node = node_factory()
     series = _small(tmp_path, "mr", 260, slices=3)
     broken = pydicom.dcmread(series.files[2])
-    broken.ImagePositionPatient = pydicom.dcmread(series.files[0]).ImagePositionPatient  # two slices in one place
+    # one slice in a frame of reference of its own (two slices in one place, the example here until
+    # 2026-12-05, is now told at completion, without a job)
+    broken.FrameOfReferenceUID = pydicom.uid.generate_uid()
     broken.save_as(series.files[2], enforce_file_format=True)
     assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
     job = wait_for_job(node.database_url, series.series_uid, timeout=120)
-    assert job.state == "failed" and "share one position" in job.error
+    assert job.state == "failed" and "the instances name 2 frames of reference" in job.error
     with init_db(node.database_url)() as session:
         failed = session.scalars(select(AuditEvent).where(AuditEvent.action == "job-failed", AuditEvent.job_id == job.id)).one()
-    assert "share one position" in failed.detail["reason"]
+    assert "2 frames of reference" in failed.detail["reason"]
     assert echoscu(node.port, NODE_AE, SCANNER_AE).returncode == 0  # nothing else stops
 
     # An original gone from the spool under a retried job (removed by hand: a retention round and a
