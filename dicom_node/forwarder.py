@@ -88,6 +88,9 @@ def backoff_seconds(attempts: int) -> float:
     return min(MAX_BACKOFF_SECONDS, 2.0 ** max(0, attempts - 1))
 
 
+REMARK_AFTER_SECONDS = 2.0  # an instance routed into a series after this pause looks at its mark again
+
+
 class OrthancRestDestination:
     """Orthanc's REST API (POST /instances): the file as it was received. Each series it puts in
     Orthanc is marked there (``Mr2ctRouted``, when Orthanc runs mr2ct's plugin), so that the plugin
@@ -96,7 +99,9 @@ class OrthancRestDestination:
 
     def __init__(self, store: OrthancStore) -> None:
         self.store, self.name = store, store.url
-        self._marked: dict[str, None] = {}  # Orthanc series ids marked (or found marked) by this process, oldest first
+        # Orthanc series ids marked (or found marked) by this process, and when an instance last went
+        # into each (monotonic seconds), oldest first
+        self._marked: dict[str, float] = {}
         self._no_flag_until = 0.0  # Orthanc without the plugin's metadata: do not try again before then
 
     @contextmanager
@@ -112,13 +117,21 @@ class OrthancRestDestination:
         yield send
 
     def _mark_routed(self, series_id: str) -> None:
-        """Mark a series the node routed into Orthanc, once, right after its first instance landed
-        (long before Orthanc finds it stable), unless it has a routing state already (the plugin
-        sent it, or a user pressed its button). A failure here costs a second synthesis at worst:
-        logged, never a reason to send the instance again."""
-        if series_id in self._marked or time.monotonic() < self._no_flag_until:
+        """Mark a series the node routed into Orthanc right after its first instance landed (long
+        before Orthanc finds it stable), unless it has a routing state already (the plugin sent it,
+        or a user pressed its button); looked at again when an instance goes into it after a pause
+        (``REMARK_AFTER_SECONDS``): Orthanc drops a series' metadata with the series when it
+        overwrites the series' only instance (a corrected re-send of a one-instance series, such as
+        an enhanced multi-frame MR), and until 2026-12-05 such a series, its mark gone, was sent back
+        to the node and synthesized twice. A failure here costs a second synthesis at worst: logged,
+        never a reason to send the instance again."""
+        now = time.monotonic()
+        if now < self._no_flag_until:
             return
-        self._marked[series_id] = None
+        last = self._marked.pop(series_id, None)
+        self._marked[series_id] = now  # the newest last
+        if last is not None and now - last < REMARK_AFTER_SECONDS:
+            return  # the same burst of a series: marked (or found marked) moments ago
         while len(self._marked) > 10_000:
             del self._marked[next(iter(self._marked))]
         path = f"series/{series_id}/metadata/{ROUTED_FLAG}"

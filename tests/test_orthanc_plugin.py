@@ -8,6 +8,7 @@ import time
 from contextlib import contextmanager
 
 import httpx
+import pydicom
 import pytest
 
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port, storescu
@@ -385,3 +386,41 @@ def test_the_synthesize_ct_button_in_orthanc_explorer_sends_the_series_and_says_
     assert buttons_after_moving_to_ct == 0
     assert buttons_back_on_mr == 1
     assert _jobs_done(node, series.series_uid, 2) >= 2  # the automatic send's job, and the button's
+
+
+@pytest.mark.parametrize("route", ["rest", "c-store"])
+def test_a_one_instance_series_sent_again_corrected_is_still_not_sent_back(tmp_path, route):
+    """Orthanc drops a series' metadata with the series when it overwrites the series' only
+    instance: a corrected re-send of a one-instance series (an enhanced multi-frame MR is one
+    instance) that the node routes on lost its mark, and the plugin sent it back to the node, which
+    synthesized it a third time. Until 2026-12-05 the node marked a series once per process."""
+    node_port = free_port()
+    with OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]},
+                       python_plugin=True, stable_age=1) as orthanc:
+        env = node_env(tmp_path / "node", node_port, orthanc)
+        env["MR2CT_ALLOWED_AES"] = f"{SCANNER_AE},{orthanc.aet}@127.0.0.1"
+        env.update(MR2CT_FORWARD_ORIGINALS="true", MR2CT_COMPLETE_ON_RELEASE="true")
+        if route == "c-store":
+            env["MR2CT_FORWARD_TO"] = f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"
+        with NodeServer(tmp_path / "node", env, node_port) as node:
+            series = write_mr_series(tmp_path / "mr", seed=711, slices=1, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+            assert storescu(series.folder, node_port, NODE_AE, SCANNER_AE).returncode == 0
+            _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
+            assert _jobs_done(node, series.series_uid, 1) == 1
+            time.sleep(4)  # StableAge (1 s) and then some
+            corrected = pydicom.dcmread(series.files[0])
+            corrected.ImageComments = "corrected at the scanner"
+            corrected.save_as(series.files[0], enforce_file_format=True)
+            assert storescu(series.folder, node_port, NODE_AE, SCANNER_AE).returncode == 0
+            assert _jobs_done(node, series.series_uid, 2) == 2
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # the corrected original reaches Orthanc
+                (mr,) = [x for x in _study_series(orthanc, series.study_uid) if x["MainDicomTags"]["Modality"] == "MR"]
+                held = httpx.get(f"{orthanc.url}/instances/{mr['Instances'][0]}/tags?simplify", auth=orthanc.auth).json()
+                if held.get("ImageComments") == "corrected at the scanner":
+                    break
+                time.sleep(0.5)
+            assert held.get("ImageComments") == "corrected at the scanner"
+            time.sleep(5)  # StableAge and then some: a send back would have begun by now
+            assert _routed_flag(orthanc, mr["ID"]) == ROUTED_BY_NODE
+            assert _jobs_done(node, series.series_uid, 3, timeout=5) == 2
