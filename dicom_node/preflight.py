@@ -16,8 +16,12 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node.settings import Settings
+
+if TYPE_CHECKING:
+    from dicom_node.orthanc_store import OrthancStore
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -80,7 +84,7 @@ def _orthanc(s: Settings) -> list[Check]:
 NODE_MODALITY = "mr2ct"  # the name Orthanc's routing plugin sends to (orthanc/plugin.py: MR2CT_NODE_MODALITY's default)
 
 
-def _from_orthanc(s: Settings, store: object, orthanc_aet: str) -> Check:
+def _from_orthanc(s: Settings, store: OrthancStore, orthanc_aet: str) -> Check:
     """Whether what Orthanc routes (its plugin's C-STORE to the modality ``mr2ct``) would be taken:
     the modality's port and (when the node checks it) called AE title are the node's, and the node's
     allow-list has Orthanc's AE title. Either wrong, every routed series was refused or never
@@ -88,7 +92,7 @@ def _from_orthanc(s: Settings, store: object, orthanc_aet: str) -> Check:
     from orthanc_api_client.exceptions import HttpError
 
     try:
-        modality = store.client.get(f"modalities/{NODE_MODALITY}/configuration").json()  # type: ignore[attr-defined]
+        modality = store.client.get(f"modalities/{NODE_MODALITY}/configuration").json()
     except HttpError as exc:
         if exc.http_status_code == 404:
             return Check(WARN, "from orthanc", f"Orthanc declares no DICOM modality '{NODE_MODALITY}': its routing plugin sends "

@@ -239,10 +239,10 @@ def pull(
 ) -> dict[str, int]:
     """Fetch what matches and is not yet cached. A series that says it is synthetic (Synthetic Data
     YES: the sCTs mr2ct itself stores in the PACS, and other tools' synthetic images) or whose
-    ImageType says LOCALIZER (the topogram every CT study holds) or MOSAIC (Siemens tiles) is never training data: asked of
-    each series before it is fetched (its first instance's metadata), and remembered in the cache
+    ImageType says LOCALIZER (the topogram every CT study holds) or MOSAIC (Siemens tiles) is never
+    training data: asked of each series before it is fetched (its first instance's metadata), and remembered in the cache
     so that a second run does not ask again. Returns counts (found, fetched, skipped: cached
-    already, synthetic and localizer: left out, unusable: fetched and left out, as they
+    already, synthetic, localizer and mosaic: left out, unusable: fetched and left out, as they
     make no volume, such as a localizer of three planes, with the reason in the log and the cache;
     refreshed: fetched again, as the cache held them in another plane than the node's, see
     ``DatasetCache.outdated``).

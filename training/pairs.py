@@ -116,13 +116,14 @@ def find_pairs(folder: Path) -> Found:
             frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "") or ""), patient_key=str(first.get("PatientID", "") or ""),
             files=tuple(path for path, _ in members), patient_issuer=str(first.get("IssuerOfPatientID", "") or ""),
         )
+        image_type = {str(v).strip().upper() for v in (first.get("ImageType") or [])}
         if str(first.get("SyntheticData", "") or "").upper() == "YES":
             # An sCT (mr2ct's own, exported with the study) shares the MR's frame: never take it for the truth.
             skipped.append(f"{found.label()}: synthetic (Synthetic Data YES), not a ground truth")
-        elif "LOCALIZER" in [str(v).strip().upper() for v in (first.get("ImageType") or [])]:
+        elif "LOCALIZER" in image_type:
             # A scout (an MR's few coarse slices, a CT's topogram: a projection, not HU): never a pair to score.
             skipped.append(f"{found.label()}: a localizer (ImageType LOCALIZER), not a volume to score")
-        elif "MOSAIC" in [str(v).strip().upper() for v in (first.get("ImageType") or [])]:
+        elif "MOSAIC" in image_type:
             # A Siemens mosaic (fMRI, diffusion): each image a volume's slices tiled, no slice to pair with a CT's.
             skipped.append(f"{found.label()}: a mosaic (ImageType MOSAIC), not slices to score")
         elif found.modality == "REG" or str(first.get("SOPClassUID", "")) == SPATIAL_REGISTRATION:
