@@ -49,6 +49,8 @@ class ReceivedInstance:
     patient_id: str = ""
     image_type: str = ""  # ImageType as sent, values joined by backslashes, upper case
     position: str = ""  # a single-frame image's ImagePositionPatient to 0.01 mm, '' for multi-frame
+    frames: int = 1  # a multi-frame one's frames, and the positions they lie at
+    frame_positions: int = 1
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class SelectionRules:
 
     def reason_to_skip(self, series: Series, planes: Sequence[str] = (), positions: tuple[int, int] = (0, 0)) -> str | None:
         """The first rule ``series`` fails, None when it passes. ``planes``: those its instances lie
-        in; ``positions``: how many single-frame images it has, at how many positions."""
+        in; ``positions``: how many images (single frames, and the frames of multi-frame instances) it
+        has, at how many positions."""
         if series.modality not in self.modalities:
             return f"modality {series.modality!r} is not one of {list(self.modalities)}"
         if len(planes) > 1:
@@ -200,12 +203,14 @@ def validate(
         frames = int(values.text(0x00280008) or 1)
     except ValueError:
         raise DatasetMismatch(f"NumberOfFrames {values.text(0x00280008)!r} is not a number") from None
-    position = ""  # a multi-frame instance's frames' positions are its own (the worker names repeats among them)
+    position, frame_positions = "", 1  # a multi-frame instance's frames: counted, with the positions they lie at
     if frames != 1 or 0x52009230 in ds:  # enhanced multi-frame: per-frame functional groups
         try:
-            orientation = frame_geometry(ds)[0].orientation
+            geometry = frame_geometry(ds)
         except SeriesNotUsable as exc:
             raise DatasetMismatch(f"geometry missing or unusable: {exc}") from None
+        orientation = geometry[0].orientation
+        frame_positions = len({tuple(round(float(v), 2) for v in g.position) for g in geometry})
     else:
         position = "\\".join(f"{v:.2f}" for v in values.numbers(0x00200032, 3, "ImagePositionPatient"))
         values.numbers(0x00280030, 2, "PixelSpacing")
@@ -228,7 +233,7 @@ def validate(
             raise DatasetMismatch(f"Pixel Data holds {actual} bytes, {rows}x{cols}x{frames} at {bits} bits needs {expected}")
     check_nesting(ds)  # after the Pixel Data checks, which need the raw (unconverted) element
     return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation_label(orientation), patient_id,
-                            image_type, position)
+                            image_type, position, frames, frame_positions)
 
 
 class Ingest:
@@ -336,7 +341,10 @@ def mark_stable(
         planes = session.scalars(select(Instance.orientation).distinct().where(*counted, Instance.orientation != "")).all()
         images, positions = session.execute(select(func.count(), func.count(distinct(Instance.position))).where(
             *counted, Instance.position != "")).one()
-        reason = rules.reason_to_skip(series, planes, (images, positions)) or _refusals(session, series)
+        frames, frame_positions = session.execute(select(func.coalesce(func.sum(Instance.frames), 0),
+                                                         func.coalesce(func.sum(Instance.frame_positions), 0)).where(
+            *counted, Instance.position == "")).one()  # multi-frame instances, each on its own
+        reason = rules.reason_to_skip(series, planes, (images + frames, positions + frame_positions)) or _refusals(session, series)
         if reason is not None:
             series.state, series.reason = "ignored", reason
             return "ignored", None

@@ -70,6 +70,10 @@ class Instance(Base):
     # a single-frame one's Image Position (Patient), to 0.01 mm ('' for multi-frame): a series with
     # several images at one position (b-values, echoes) is no one volume either
     position: Mapped[str] = mapped_column(String(48), default="", server_default="")
+    # a multi-frame one's frames, and how many positions they lie at (1 and 1 for a single frame):
+    # fewer positions than frames is no one volume (an enhanced diffusion or multi-echo series)
+    frames: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    frame_positions: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))

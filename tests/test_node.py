@@ -99,7 +99,8 @@ def test_a_series_with_several_images_at_each_position_is_recorded_as_such_not_m
     dynamic series): no one volume. Until 2026-12-05 every such series a scanner routed became a
     job that failed (a failure on the dashboard and in the metrics for each exam); now it is
     recorded ignored with why, as a localizer is, and no job is made. Asked for by name
-    (POST /synthesize), the same reason comes back as a 422."""
+    (POST /synthesize), the same reason comes back as a 422. So is an enhanced multi-frame series
+    whose frames repeat positions."""
     node = node_factory()
     series = _small(tmp_path, "dwi", 235, series_description="ep2d_diff_b0_1000")
     for path in list(series.files):
@@ -118,6 +119,21 @@ def test_a_series_with_several_images_at_each_position_is_recorded_as_such_not_m
     asked = httpx.post(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/synthesize", json={"series_uid": series.series_uid},
                        headers=admin, timeout=60)
     assert asked.status_code == 422 and "its 8 images lie at 4 positions" in asked.json()["detail"], asked.text
+
+    # The same in one enhanced multi-frame instance, as Philips and newer Siemens scanners send
+    # diffusion (a failed job until 2026-12-05, after its frames were read)
+    import highdicom as hd
+
+    singles = [pydicom.dcmread(f) for f in sorted(series.folder.glob("*.dcm"))]
+    enhanced_uid = pydicom.uid.generate_uid()
+    image = hd.legacy.LegacyConvertedEnhancedMRImage(
+        singles, series_instance_uid=enhanced_uid, series_number=7, sop_instance_uid=pydicom.uid.generate_uid(), instance_number=1,
+        transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian)
+    folder = tmp_path / "enhanced"
+    folder.mkdir()
+    image.save_as(folder / "dwi.dcm", enforce_file_format=True)
+    assert storescu(folder, node.port, NODE_AE, SCANNER_AE, propose="-R").returncode == 0
+    assert "its 8 images lie at 4 positions" in _series_row(node, enhanced_uid, state="ignored").reason
 
 
 def test_a_series_whose_stray_slice_moved_to_its_own_series_is_synthesized_when_sent_again(node_factory, tmp_path):
