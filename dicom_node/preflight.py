@@ -11,6 +11,7 @@ would make it).
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import tempfile
@@ -22,6 +23,8 @@ from dicom_node.settings import Settings
 
 if TYPE_CHECKING:
     from dicom_node.orthanc_store import OrthancStore
+
+log = logging.getLogger(__name__)
 
 OK, WARN, FAIL = "ok", "warn", "FAIL"
 
@@ -59,7 +62,7 @@ def _database(s: Settings) -> Check:
     return Check(OK, "database", f"{shown}, schema {found}: the node brings it to revision {head} when it starts")
 
 
-def _orthanc(s: Settings) -> list[Check]:
+def orthanc_checks(s: Settings) -> list[Check]:
     """Orthanc and its login; then, when it answered, how its routing plugin reaches the node."""
     from orthanc_api_client.exceptions import HttpError
 
@@ -194,10 +197,21 @@ def _routing(s: Settings) -> Check | None:
     return Check(OK, "routing", f"forward_to {s.forward_to} answered C-ECHO")
 
 
+def log_orthanc_checks(settings: Settings) -> None:
+    """What `mr2ct serve` says at start-up of Orthanc (from a thread: the node does not wait for it):
+    a failure as a warning naming the setting, since the node takes traffic whatever Orthanc
+    answers and its jobs would only retry; a warning (no modality for the node) as information."""
+    for check in orthanc_checks(settings):
+        if check.status == FAIL:
+            log.warning("start-up check %s: %s (the node takes traffic; its jobs retry until this is mended)", check.name, check.message)
+        elif check.status == WARN:
+            log.info("start-up check %s: %s", check.name, check.message)
+
+
 def run_checks(settings: Settings) -> list[Check]:
     """Every check, in the order the node needs them; a check that does not apply is left out."""
     s = settings
-    checks = [_database(s), *_orthanc(s), _model(s), _spool(s), _port("dicom port", "dicom_port", s.dicom_host, s.dicom_port)]
+    checks = [_database(s), *orthanc_checks(s), _model(s), _spool(s), _port("dicom port", "dicom_port", s.dicom_host, s.dicom_port)]
     if s.api_port:
         checks.append(_port("api port", "api_port", s.api_host, s.api_port))
     checks += [c for c in (_tls(s), _routing(s)) if c is not None]

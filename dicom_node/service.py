@@ -144,6 +144,11 @@ class Node:
                 self._thread("forwarder", forward_loop, self.sessions, destination, s.poll_seconds, self.stop_event, s.forward_max_refusals)
         if self.role in ("all", "api") and s.api_port:
             self._start_api(password, destination.name if destination is not None else None)
+        if self.role in ("all", "scp", "worker"):  # what Orthanc answers, and whether what it routes would be taken
+            from dicom_node.preflight import log_orthanc_checks
+
+            # not one of the threads stop() waits for: a hung Orthanc must not hold a shutdown
+            threading.Thread(target=log_orthanc_checks, args=(s,), name="orthanc-check", daemon=True).start()
         audit.record(self.sessions, audit.APPLICATION_START, "success", f"mr2ct {self.role}", ae_title=s.ae_title, port=s.dicom_port)
 
     def _start_api(self, password: str | None, routing: str | None) -> None:

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import socket
-
-import httpx
 import subprocess
 import sys
-from pathlib import Path
+import time
+
+import httpx
 
 from dicom_node.local_stack import free_port, start_storescp, stop_process
 from tests.conftest import node_env
@@ -104,3 +104,19 @@ def test_what_orthanc_routes_to_the_node_is_checked_against_the_nodes_settings(o
         assert called.returncode == 1 and "it calls AE title 'MR2CT'" in _lines(called)["from orthanc"]
     finally:
         httpx.delete(modality, auth=orthanc.auth)
+
+
+def test_a_node_started_with_a_wrong_orthanc_login_says_so_at_once_and_keeps_serving(node_factory, tmp_path):
+    """Nobody runs the check before every start: `mr2ct serve` says at start-up, naming the
+    setting, what Orthanc answered, and takes traffic all the same (its jobs retry)."""
+    from dicom_node.local_stack import echoscu
+    from tests.conftest import NODE_AE
+
+    node = node_factory(orthanc_password="not-the-password")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and "start-up check orthanc" not in node.log_path.read_text():
+        time.sleep(0.3)
+    logged = node.log_path.read_text()
+    assert "WARNING" in logged and "refused the login (HTTP 401): check orthanc_username and orthanc_password" in logged
+    assert "not-the-password" not in logged
+    assert echoscu(node.port, NODE_AE, "ECHOSCU").returncode == 0
