@@ -14,7 +14,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage, MRImageStorage
-from sqlalchemy import delete, distinct, func, select, update
+from sqlalchemy import case, delete, distinct, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import notify_job_queued
@@ -339,12 +339,12 @@ def mark_stable(
         assert series is not None
         counted = (Instance.series_instance_uid == series_uid, Instance.set_aside.is_(None))
         planes = session.scalars(select(Instance.orientation).distinct().where(*counted, Instance.orientation != "")).all()
-        images, positions = session.execute(select(func.count(), func.count(distinct(Instance.position))).where(
-            *counted, Instance.position != "")).one()
-        frames, frame_positions = session.execute(select(func.coalesce(func.sum(Instance.frames), 0),
-                                                         func.coalesce(func.sum(Instance.frame_positions), 0)).where(
-            *counted, Instance.position == "")).one()  # multi-frame instances, each on its own
-        reason = rules.reason_to_skip(series, planes, (images + frames, positions + frame_positions)) or _refusals(session, series)
+        # images: every frame (a single-frame row counts 1); positions: the single frames' distinct
+        # ones, and each multi-frame instance's own (position '')
+        images, positions, frame_positions = session.execute(select(
+            func.coalesce(func.sum(Instance.frames), 0), func.count(distinct(func.nullif(Instance.position, ""))),
+            func.coalesce(func.sum(case((Instance.position == "", Instance.frame_positions), else_=0)), 0)).where(*counted)).one()
+        reason = rules.reason_to_skip(series, planes, (images, positions + frame_positions)) or _refusals(session, series)
         if reason is not None:
             series.state, series.reason = "ignored", reason
             return "ignored", None

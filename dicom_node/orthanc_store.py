@@ -117,14 +117,16 @@ class OrthancStore:
         except Exception as exc:
             raise PacsUnavailable(f"Orthanc at {self.url} is not reachable: {exc}") from exc
 
-    def remove_others(self, series_uid: str, keep: Iterable[str]) -> int:
+    def remove_others(self, series_uid: str, keep: Iterable[str]) -> tuple[int, int]:
         """Delete the instances of a series that are not among ``keep`` (Orthanc instance ids); how
-        many. An sCT made again replaces the series: slices an earlier run wrote and this one did not
-        (of MR slices that have since left the series, or a resampled grid that moved) must not
-        stay in it, where a planning system would take them for part of it."""
-        kept, removed = set(keep), 0
+        many it deleted, and how many of ``keep`` Orthanc holds (for ``verify``, without listing the
+        series again). An sCT made again replaces the series: slices an earlier run wrote and this
+        one did not (of MR slices that have since left the series) must not stay in it, where a
+        planning system would take them for part of it."""
+        kept, removed, held = set(keep), 0, 0
         for instance_id in self.series_instance_ids(series_uid):
             if instance_id in kept:
+                held += 1
                 continue
             try:
                 self.client.delete(f"instances/{instance_id}")
@@ -135,7 +137,7 @@ class OrthancStore:
             except Exception as exc:
                 raise PacsUnavailable(f"Orthanc at {self.url} is not reachable: {exc}") from exc
             removed += 1
-        return removed
+        return removed, held
 
     def instance_file(self, instance_id: str) -> bytes:
         try:
@@ -146,8 +148,9 @@ class OrthancStore:
     def series_instance_count(self, series_uid: str) -> int:
         return len(self.series_instance_ids(series_uid))
 
-    def verify(self, series_uid: str, expected: int) -> None:
-        held = self.series_instance_count(series_uid)
+    def verify(self, series_uid: str, expected: int, held: int | None = None) -> None:
+        """Raise unless Orthanc holds ``expected`` instances of the series (``held``: counted already)."""
+        held = self.series_instance_count(series_uid) if held is None else held
         if held != expected:
             raise StorageIncomplete(f"Orthanc holds {held} of {expected} instances of series {series_uid}")
 

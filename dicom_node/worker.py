@@ -309,12 +309,12 @@ class Worker:
             progress.enter("storing")
             stored = self.store.store(ct.encoded(i) for i in range(len(ct)))  # encoded lazily, one at a time
             # then what an earlier sCT of this series left in it (the series is replaced, not merged)
-            stale_removed = self.store.remove_others(ct.series_instance_uid, stored)
+            stale_removed, held = self.store.remove_others(ct.series_instance_uid, stored)
             if stale_removed:
                 log.info("job removed stale sCT instances job=%d count=%d (an earlier sCT of this series had slices this one has not)",
                          job_id, stale_removed)
             self.store.store([sr])
-            self.store.verify(ct.series_instance_uid, len(ct))
+            self.store.verify(ct.series_instance_uid, len(ct), held)
             self.store.verify(str(sr.SeriesInstanceUID), 1)
         except Stopped as exc:
             if lost.is_set():
