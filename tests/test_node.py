@@ -260,10 +260,15 @@ def test_a_destination_that_takes_only_uncompressed_data_gets_compressed_origina
         node = node_factory(forward_originals="true", forward_to=f"PLAINPACS@127.0.0.1:{port}")
         assert storescu(jpeg_ls, node.port, NODE_AE, SCANNER_AE, propose="-xt").returncode == 0
         assert storescu(deflated, node.port, NODE_AE, SCANNER_AE, propose="-xd").returncode == 0
+        # storescp answers a C-STORE once the file is written: wait for the node to have both answers.
+        sessions = init_db(node.database_url)
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and len(list(received.iterdir())) < 2:
+        while time.monotonic() < deadline:
+            with sessions() as session:
+                routed = session.scalars(select(Instance.forwarded_at).where(Instance.series_instance_uid == series.series_uid)).all()
+            if len(routed) == 2 and all(routed):
+                break
             time.sleep(0.3)
-        time.sleep(0.5)  # storescp renames a file once complete
     finally:
         stop_process(storescp)
     arrived = {ds.SOPInstanceUID: ds for ds in (pydicom.dcmread(f) for f in received.iterdir())}
