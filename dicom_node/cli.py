@@ -819,7 +819,7 @@ def pull_pairs(
 
 @tokens_app.command("create")
 def tokens_create(
-    role: Annotated[str, typer.Option(help="admin | auditor")],
+    role: Annotated[str, typer.Option(help="admin | auditor | requester (may only POST /synthesize: the token of Orthanc's \"Synthesize CT\" button)")],
     name: Annotated[str, typer.Option(help="who or what holds the token")] = "admin",
     config: ConfigOption = None,
 ) -> None:

@@ -75,7 +75,7 @@ class SelectionRules:
                     "of several planes in one series; no one volume to synthesize")
         images, at = positions
         if images > at:
-            return (f"its {images} images lie at {at} positions: several at one position (diffusion b-values, echoes, time "
+            return (f"its {images} images lie at {at} position{'s' * (at != 1)}: several at one position (diffusion b-values, echoes, time "
                     "points or repeats in one series); no one volume to synthesize")
         excluded = [v.strip() for v in (series.image_type or "").split("\\") if v.strip() in self.image_types_excluded]
         if excluded:

@@ -6,7 +6,13 @@
   again, after the send under way if there is one.
 - ``POST /mr2ct/synthesize/<series id>`` sends a series on demand (409 while a send of it runs
   or waits for its next attempt); Orthanc Explorer gets a "Synthesize CT" button on MR series
-  pages that calls it.
+  pages that calls it. With ``MR2CT_NODE_API`` (the node's API, e.g. ``http://127.0.0.1:8800``)
+  and ``MR2CT_NODE_API_TOKEN`` (a token of role ``requester``: ``mr2ct tokens create --role
+  requester --name orthanc``) it asks the node's ``POST /synthesize`` instead, which takes the
+  series as Orthanc holds it: a slice deleted here on purpose is left out of the sCT (sent by
+  C-STORE, the node's own copy of it went in), and the node's refusal (not MR, several planes,
+  a job of it under way) comes back to the button with its reason. The automatic route stays
+  C-STORE.
 - A send that fails (the node down or restarting, the network gone) is sent again, as a new
   store job, after 2, 4, 8, ... seconds (at most five minutes apart), ``MR2CT_ROUTE_ATTEMPTS``
   times in all (default 20: about an hour, so that a node restarted, upgraded or moved to another
@@ -39,6 +45,8 @@ import json
 import os
 import re
 import threading
+import urllib.error
+import urllib.request
 
 import orthanc  # provided by Orthanc's Python plugin
 
@@ -61,8 +69,22 @@ def _property(value):
     return int(value)
 
 
+def _node_api(address, token):
+    address = address.strip().rstrip("/")
+    if not address:
+        return "", ""
+    if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", address):
+        raise ValueError("MR2CT_NODE_API must be the node's API address, e.g. http://127.0.0.1:8800, got %r" % address)
+    if not token.strip():
+        raise ValueError("MR2CT_NODE_API is set but MR2CT_NODE_API_TOKEN is empty: give it a token of role requester "
+                         "(mr2ct tokens create --role requester --name orthanc)")
+    return address, token.strip()
+
+
 ROUTE_ATTEMPTS = _attempts(os.environ.get("MR2CT_ROUTE_ATTEMPTS", "20"))
 PENDING_PROPERTY = _property(os.environ.get("MR2CT_PENDING_PROPERTY", "7351"))
+NODE_API, NODE_API_TOKEN = _node_api(os.environ.get("MR2CT_NODE_API", ""), os.environ.get("MR2CT_NODE_API_TOKEN", ""))
+NODE_API_TIMEOUT = 300.0  # the node fetches the whole series from this Orthanc before it answers
 
 _sends = {}  # Orthanc store job id -> (series id, attempt), for the sends of this process
 _ended_early = {}  # job id -> succeeded, for a job whose end was signalled before send_series recorded it
@@ -409,6 +431,53 @@ def _refuse(output, status, message):
     output.SendHttpStatus(status, message, len(message.encode("utf-8")))
 
 
+def _ask_node(series_uid):
+    """POST /synthesize on the node's API. Returns (HTTP status, the answer's JSON or the refusal's
+    reason); raises OSError when the node's API does not answer."""
+    request = urllib.request.Request(NODE_API + "/synthesize", data=json.dumps({"series_uid": series_uid}).encode("utf-8"),
+                                     headers={"Content-Type": "application/json", "Authorization": "Bearer " + NODE_API_TOKEN},
+                                     method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=NODE_API_TIMEOUT) as answer:
+            return answer.status, json.loads(answer.read().decode("utf-8"))
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read().decode("utf-8")).get("detail")
+        except Exception:
+            detail = None
+        return exc.code, detail if isinstance(detail, str) else (json.dumps(detail) if detail else str(exc.reason))
+
+
+def _synthesize_by_api(output, series_id, series_uid):
+    """The button with MR2CT_NODE_API: the node takes the series as Orthanc holds it. Its refusals
+    of the series (404, 409, 422) are the button's; any other is the plugin's configuration or the
+    node's trouble, answered 502 with what the node said."""
+    try:
+        status, answer = _ask_node(series_uid)
+    except (OSError, ValueError) as exc:  # refused connection, timeout, an answer that is not JSON
+        orthanc.LogError("mr2ct: the node's API at %s did not answer for series %s: %s" % (NODE_API, series_id, exc))
+        _refuse(output, 502, "mr2ct's API at %s did not answer: %s" % (NODE_API, exc))
+        return
+    if status == 202:
+        set_aside = answer.get("set_aside") or 0
+        message = "mr2ct job %s: the synthetic CT of the series as Orthanc holds it (%d instances) will appear in this study." % (
+            answer.get("job_id"), answer.get("instances") or 0)
+        if set_aside:
+            message += " %d instance%s the node had and Orthanc no longer holds %s left out." % (
+                set_aside, "s" * (set_aside != 1), "are" if set_aside != 1 else "is")
+        orthanc.LogWarning("mr2ct: series %s asked of %s: job %s" % (series_id, NODE_API, answer.get("job_id")))
+        output.AnswerBuffer(json.dumps({"series": series_id, "asked": NODE_API, "job": answer.get("job_id"),
+                                        "instances": answer.get("instances"), "set_aside": set_aside, "message": message}),
+                            "application/json")
+        return
+    if status in (404, 409, 422):
+        _refuse(output, status, "mr2ct: %s" % answer)
+        return
+    hint = " (MR2CT_NODE_API_TOKEN: a token of role requester)" if status in (401, 403) else ""
+    orthanc.LogError("mr2ct: the node's API at %s answered %d for series %s: %s%s" % (NODE_API, status, series_id, answer, hint))
+    _refuse(output, 502, "mr2ct's API at %s answered %d: %s%s" % (NODE_API, status, answer, hint))
+
+
 def synthesize(output, uri, **request):
     if request["method"] != "POST":
         output.SendMethodNotAllowed("POST")
@@ -424,11 +493,16 @@ def synthesize(output, uri, **request):
     except Exception:
         _refuse(output, 404, "no such series: %s" % series_id)
         return
-    if series.get("MainDicomTags", {}).get("Modality") != "MR":
+    tags = series.get("MainDicomTags", {})
+    if tags.get("Modality") != "MR":
         _refuse(output, 400, "only MR series can be synthesized")
         return
+    if NODE_API:
+        _synthesize_by_api(output, series_id, tags.get("SeriesInstanceUID", ""))
+        return
     job = send_series(series_id)
-    output.AnswerBuffer(json.dumps({"series": series_id, "sent_to": NODE_MODALITY, "job": job.get("ID")}), "application/json")
+    output.AnswerBuffer(json.dumps({"series": series_id, "sent_to": NODE_MODALITY, "job": job.get("ID"),
+                                    "message": "Sent to mr2ct; the synthetic CT will appear in this study."}), "application/json")
 
 
 EXPLORER_JS = """
@@ -451,8 +525,8 @@ function mr2ctOfferSynthesis() {
       .attr('data-icon', 'forward').attr('data-theme', 'e').text('Synthesize CT')
       .button().click(function(e) {
         e.preventDefault();
-        $.ajax({url: '../mr2ct/synthesize/' + seriesId, type: 'POST',
-                success: function() { alert('Sent to mr2ct; the synthetic CT will appear in this study.'); },
+        $.ajax({url: '../mr2ct/synthesize/' + seriesId, type: 'POST', dataType: 'json',
+                success: function(answer) { alert(answer.message); },
                 error: function(x) { alert('mr2ct: ' + x.status + ' ' + x.responseText); }});
       });
     button.insertAfter($('#series-info'));

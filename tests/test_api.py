@@ -90,6 +90,17 @@ def test_an_auditor_may_read_but_not_act(api, method, path):
     assert response.status_code == 403 and "auditor" in response.json()["detail"]
 
 
+def test_a_requester_token_may_ask_for_a_synthesis_and_read_nothing(api, node):
+    """The token Orthanc's "Synthesize CT" button holds (role requester) may only POST /synthesize:
+    one that leaks from Orthanc's configuration reads no job, audit row or patient."""
+    requester = {"Authorization": f"Bearer {_token(node, 'requester', 'orthanc-button')}"}
+    for method, path in (("GET", "/jobs"), ("GET", "/audit"), ("GET", "/series"), ("POST", "/jobs/1/retry")):
+        response = httpx.request(method, f"{api['base']}{path}", headers=requester)
+        assert response.status_code == 403 and "requester" in response.json()["detail"], (method, path, response.text)
+    asked = httpx.post(f"{api['base']}/synthesize", json={"series_uid": "1.2.3.998"}, headers=requester)
+    assert asked.status_code == 404  # past the role check: no such series in Orthanc
+
+
 def test_what_was_done_with_this_patients_images(api):
     jobs = httpx.get(f"{api['base']}/jobs", params={"patient_id": "AUDIT-PATIENT-1"}, headers=api["auditor"]).json()
     assert jobs["total"] == 1 and jobs["items"][0]["state"] == "done"

@@ -3,6 +3,7 @@ same study without any call to the node; the "Synthesize CT" action re-sends on 
 
 from __future__ import annotations
 
+import io
 import re
 import time
 from contextlib import contextmanager
@@ -335,6 +336,8 @@ def test_the_orthanc_config_command_writes_an_orthanc_that_routes_to_the_node(tm
 @pytest.mark.parametrize("key, value, message", [
     ("MR2CT_ROUTE_ATTEMPTS", "eight", "MR2CT_ROUTE_ATTEMPTS must be a whole number >= 1, got 'eight'"),
     ("MR2CT_PENDING_PROPERTY", "5", "MR2CT_PENDING_PROPERTY must be a whole number from 1024 to 65535 (Orthanc's range for plugins), got '5'"),
+    ("MR2CT_NODE_API", "127.0.0.1:8800", "MR2CT_NODE_API must be the node's API address, e.g. http://127.0.0.1:8800, got '127.0.0.1:8800'"),
+    ("MR2CT_NODE_API", "http://127.0.0.1:8800", "MR2CT_NODE_API is set but MR2CT_NODE_API_TOKEN is empty"),
 ])
 def test_a_bad_plugin_setting_stops_orthanc_naming_it(tmp_path, key, value, message):
     orthanc = OrthancServer(tmp_path, free_port(), free_port(), python_plugin=True, extra_env={key: value})
@@ -424,3 +427,70 @@ def test_a_one_instance_series_sent_again_corrected_is_still_not_sent_back(tmp_p
             time.sleep(5)  # StableAge and then some: a send back would have begun by now
             assert _routed_flag(orthanc, mr["ID"]) == ROUTED_BY_NODE
             assert _jobs_done(node, series.series_uid, 3, timeout=5) == 2
+
+
+def test_the_button_with_the_nodes_api_synthesizes_the_series_as_orthanc_holds_it(tmp_path):
+    """A radiographer deletes a slice in Orthanc (a motion-corrupted one) and presses "Synthesize
+    CT". Sent by C-STORE, the node's own copy of the deleted slice went into the new sCT; with
+    MR2CT_NODE_API and a requester token the plugin asks the node's POST /synthesize, which takes
+    the series as Orthanc holds it: the sCT in Orthanc has the slices Orthanc has, and the answer
+    says one was left out. A series the node will not synthesize comes back with its reason."""
+    from sqlalchemy import select
+
+    from dicom_node.db import init_db
+    from dicom_node.models import Job
+    from tests.helpers import api_token
+
+    node_port = free_port()
+    orthanc = OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]},
+                            python_plugin=True, stable_age=1)
+    env = node_env(tmp_path / "node", node_port, orthanc)
+    env["MR2CT_ALLOWED_AES"] = f"{orthanc.aet}@127.0.0.1"
+    (tmp_path / "node").mkdir()
+    token = api_token(env["MR2CT_DATABASE_URL"], "requester", "orthanc")
+    orthanc.extra_env = {"MR2CT_NODE_API": f"http://127.0.0.1:{env['MR2CT_API_PORT']}/", "MR2CT_NODE_API_TOKEN": token}
+    with orthanc, NodeServer(tmp_path / "node", env, node_port) as node:
+        series = write_mr_series(tmp_path / "mr", seed=712, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+        _upload(orthanc, [f.read_bytes() for f in series.files])
+        result = _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
+        mr = next(x for x in result if x["MainDicomTags"]["Modality"] == "MR")
+        assert _jobs_done(node, series.series_uid, 1) == 1
+        deadline = time.monotonic() + 30
+        while _routed_flag(orthanc, mr["ID"]) != "sent" and time.monotonic() < deadline:  # the automatic send has ended
+            time.sleep(0.2)
+        last = pydicom.dcmread(series.files[-1], stop_before_pixels=True).SOPInstanceUID
+        (deleted,) = httpx.post(f"{orthanc.url}/tools/lookup", content=last, auth=orthanc.auth).json()
+        assert httpx.delete(f"{orthanc.url}/instances/{deleted['ID']}", auth=orthanc.auth).status_code == 200
+
+        pressed = httpx.post(f"{orthanc.url}/mr2ct/synthesize/{mr['ID']}", auth=orthanc.auth, timeout=120)
+        assert pressed.status_code == 200, pressed.text
+        answer = pressed.json()
+        assert answer["instances"] == 3 and answer["set_aside"] == 1
+        assert answer["message"] == (f"mr2ct job {answer['job']}: the synthetic CT of the series as Orthanc holds it (3 instances) "
+                                     "will appear in this study. 1 instance the node had and Orthanc no longer holds is left out.")
+        assert _jobs_done(node, series.series_uid, 2) == 2
+        with init_db(env["MR2CT_DATABASE_URL"])() as session:
+            job = session.get(Job, answer["job"])
+            assert job.state == "done" and job.instance_count == 3
+            assert session.scalars(select(Job.id).where(Job.series_instance_uid == series.series_uid)).all() == [job.id - 1, job.id]
+        (ct,) = [x for x in _study_series(orthanc, series.study_uid) if x["MainDicomTags"]["Modality"] == "CT"]
+        assert len(ct["Instances"]) == 3  # the sCT of the deleted slice is gone too
+
+        # two images at one position: the node will not synthesize it, and the button says why
+        stacked = write_mr_series(tmp_path / "stacked", seed=713, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+        payloads = []
+        first = pydicom.dcmread(stacked.files[0])
+        for f in stacked.files:
+            ds = pydicom.dcmread(f)
+            ds.ImagePositionPatient = first.ImagePositionPatient
+            buffer = io.BytesIO()
+            ds.save_as(buffer)
+            payloads.append(buffer.getvalue())
+        _upload(orthanc, payloads)
+        (stacked_mr,) = _wait_for(orthanc, stacked.study_uid, lambda s: len(s) == 1 and len(s[0]["Instances"]) == 4)
+        deadline = time.monotonic() + 30
+        while _routed_flag(orthanc, stacked_mr["ID"]) != "sent" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        refused = httpx.post(f"{orthanc.url}/mr2ct/synthesize/{stacked_mr['ID']}", auth=orthanc.auth, timeout=120)
+        assert refused.status_code == 422, refused.text
+        assert refused.text.startswith("mr2ct: series not synthesized: its 4 images lie at 1 position"), refused.text

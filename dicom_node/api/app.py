@@ -1,4 +1,5 @@
-"""The admin API. Every route but /health needs a bearer token; admins may act, auditors read.
+"""The admin API. Every route but /health needs a bearer token; admins may act, auditors read,
+requesters (Orthanc's "Synthesize CT" button) may only ask for a series to be synthesized.
 
 Bad requests get 4xx with a reason (FastAPI's 422 for malformed parameters, 404/409 with a
 message for the rest). Reading the audit trail is itself audited.
@@ -46,7 +47,7 @@ class Problem(BaseModel):
 
 _REASONS = {
     401: "no bearer token, or an unknown or revoked one",
-    403: "the token's role may not do this (auditors read, admins act)",
+    403: "the token's role may not do this (auditors read, admins act, requesters only ask for syntheses)",
     404: "nothing with this id",
     409: "not in a state that allows this (the reason says which)",
     502: "Orthanc did not answer",
@@ -69,6 +70,7 @@ TimeFilter = Annotated[Annotated[datetime, AfterValidator(as_utc)] | None,
                        Query(description="ISO 8601, e.g. 2026-12-04T09:30:00+01:00; a time without an offset is taken as UTC")]
 
 ADMIN = require("admin")
+REQUEST_SYNTHESIS = require("admin", "requester")
 MAX_PAGE = 500
 DURATION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600)
 
@@ -334,7 +336,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         return {"rescheduled": count}
 
     @api.post("/synthesize", status_code=202, responses=refusals(404, 409, 502, 507))
-    def synthesize_from_orthanc(body: SynthesizeRequest, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
+    def synthesize_from_orthanc(body: SynthesizeRequest, caller: Caller = Depends(REQUEST_SYNTHESIS)) -> dict[str, Any]:
         """Fetch a series already in Orthanc and run it through the same pipeline (spool, job, worker).
         A request refused part way (an instance that cannot be synthesized, Orthanc gone, the spool
         full) leaves the instances spooled so far set aside: the series is marked ignored with the

@@ -14,7 +14,9 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.models import ApiToken, utcnow
 
-ROLES = ("admin", "auditor")
+# admin acts, auditor reads; requester may only ask for a series to be synthesized (POST /synthesize):
+# the token Orthanc's "Synthesize CT" button holds, which a leak lets read nothing
+ROLES = ("admin", "auditor", "requester")
 PREFIX = "mr2ct_"
 
 
