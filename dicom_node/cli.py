@@ -773,7 +773,8 @@ def pull(
     typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']}{refreshed}, left out "
                f"{counts['synthetic']} synthetic (Synthetic Data YES, e.g. mr2ct's own sCTs), {counts['localizer']} localizer(s) (ImageType "
                f"LOCALIZER, e.g. CT topograms), {counts['mosaic']} mosaic(s) (ImageType MOSAIC: a volume's slices tiled in one "
-               f"image) and {counts['unusable']} that make no volume "
+               f"image), {counts['phase']} of phase images (ImageType P and the like: angles, not tissue) and {counts['unusable']} that "
+               "make no volume "
                f"(reasons in {cache / 'left_out.jsonl'}) -> {cache}")
     still = len(DatasetCache(cache).outdated())
     if still:  # cached by an earlier mr2ct, not matched by this pull's filters

@@ -22,6 +22,7 @@ from dicom_node.models import Instance, Job, RefusedInstance, Series, utcnow
 from dicom_node.recorder import Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
 from synthesis.errors import InvalidInstance, SeriesNotUsable
+from synthesis.image_type import NOT_ANATOMY, WHAT, not_anatomy, values
 from synthesis.volume import frame_geometry, orientation_label
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class SelectionRules:
     description_exclude: str | None = None
     min_slices: int = 1
     orientations: tuple[str, ...] = ("axial", "sagittal", "coronal", "oblique")
-    image_types_excluded: tuple[str, ...] = ("LOCALIZER", "MOSAIC")
+    image_types_excluded: tuple[str, ...] = NOT_ANATOMY
 
     def reason_to_skip(self, series: Series, planes: Sequence[str] = (), positions: tuple[int, int] = (0, 0)) -> str | None:
         """The first rule ``series`` fails, None when it passes. ``planes``: those its instances lie
@@ -77,9 +78,11 @@ class SelectionRules:
         if images > at:
             return (f"its {images} images lie at {at} position{'s' * (at != 1)}: several at one position (diffusion b-values, echoes, time "
                     "points or repeats in one series); no one volume to synthesize")
-        excluded = [v.strip() for v in (series.image_type or "").split("\\") if v.strip() in self.image_types_excluded]
+        excluded = [v for v in values(series.image_type) if v in self.image_types_excluded]
         if excluded:
-            return f"ImageType {series.image_type!r} holds {excluded[0]}, excluded by select_image_type_exclude"
+            told = not_anatomy([excluded[0]])
+            return (f"ImageType {series.image_type!r} holds {excluded[0]}, excluded by select_image_type_exclude"
+                    + (f" ({WHAT[told[0]]})" if told else ""))
         description = series.series_description or ""
         if self.description_include and not re.search(self.description_include, description, re.IGNORECASE):
             return f"series description {description!r} does not match {self.description_include!r}"

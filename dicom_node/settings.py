@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from synthesis import default_model_path
+from synthesis.image_type import NOT_ANATOMY
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
@@ -140,9 +141,10 @@ class Settings(BaseSettings):
         default_factory=lambda: ["axial", "sagittal", "coronal", "oblique"], description="slice orientations to synthesize"
     )
     select_image_type_exclude: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["LOCALIZER", "MOSAIC"], description="ImageType values that keep a series from synthesis (any value of "
-        "its first instance's ImageType, case-insensitive; empty: none): localizers, and Siemens mosaics (a volume's slices tiled in "
-        "one image, no slice). Add e.g. DERIVED, DIFFUSION or ADC for maps a T1 model should not see",
+        default_factory=lambda: list(NOT_ANATOMY), description="ImageType values that keep a series from synthesis (any value of "
+        "its first instance's ImageType, case-insensitive; empty: none): localizers, Siemens mosaics (a volume's slices tiled in "
+        "one image, no slice) and phase images (P: Siemens, Philips; PHASE MAP, VELOCITY MAP, PHASE SUBTRACT: their pixels are "
+        "angles). Add e.g. DERIVED, DIFFUSION or ADC for maps a T1 model should not see",
     )
     tls_certificate: Path | None = Field(None, description="PEM certificate: the SCP speaks DICOM over TLS when set")
     tls_private_key: Path | None = Field(None, description="PEM private key of tls_certificate")

@@ -162,8 +162,9 @@ def test_a_series_whose_stray_slice_moved_to_its_own_series_is_synthesized_when_
 
 
 def test_the_image_type_rule_is_the_sites_to_widen_or_turn_off():
-    """By default a localizer and a Siemens mosaic (a volume's slices tiled in one image: fMRI,
-    diffusion; synthesized as a slice until 2026-12-05) are kept out; select_image_type_exclude=""
+    """By default a localizer, a Siemens mosaic (a volume's slices tiled in one image: fMRI,
+    diffusion; synthesized as a slice until 2026-12-05) and phase images (synthesized until
+    2026-12-05) are kept out; select_image_type_exclude=""
     synthesizes a series flagged LOCALIZER; DERIVED added keeps maps out."""
     from dicom_node.ingest import SelectionRules
     from dicom_node.settings import Settings
@@ -174,6 +175,12 @@ def test_the_image_type_rule_is_the_sites_to_widen_or_turn_off():
     assert default.reason_to_skip(flagged) is not None and default.reason_to_skip(adc) is None
     mosaic = Series(modality="MR", series_description="", instance_count=1, orientation="axial", image_type="ORIGINAL\\PRIMARY\\M\\ND\\MOSAIC")
     assert "holds MOSAIC" in default.reason_to_skip(mosaic) and "holds MOSAIC" in SelectionRules().reason_to_skip(mosaic)
+    # phase images (a field map's phase difference, SWI's phase; Siemens P third, Philips P fourth): angles, not tissue
+    for image_type in ("ORIGINAL\\PRIMARY\\P\\ND", "ORIGINAL\\PRIMARY\\P_FFE\\P\\FFE", "DERIVED\\PRIMARY\\PHASE MAP"):
+        phase = Series(modality="MR", series_description="", instance_count=20, orientation="axial", image_type=image_type)
+        assert "(phase images)" in default.reason_to_skip(phase), image_type
+    magnitude = Series(modality="MR", series_description="", instance_count=20, orientation="axial", image_type="ORIGINAL\\PRIMARY\\M\\ND")
+    assert default.reason_to_skip(magnitude) is None
     off = SelectionRules(image_types_excluded=tuple(Settings(select_image_type_exclude="").select_image_type_exclude))
     assert off.reason_to_skip(flagged) is None
     wider = SelectionRules(image_types_excluded=tuple(Settings(select_image_type_exclude="localizer, derived").select_image_type_exclude))

@@ -99,6 +99,13 @@ def test_evaluate_pairs_scores_dicom_pairs_as_the_phantom_evaluation_scores_the_
         ds = pydicom.dcmread(path)
         ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.ImageType = mosaic_uid, pydicom.uid.generate_uid(), ["ORIGINAL", "PRIMARY", "M", "MOSAIC"]
         ds.save_as(matched / "patient-1" / "mosaic" / f"{i}.dcm")
+    # Nor are phase images (a field map's phase series, ImageType ... P ...: angles, not tissue): they were paired too.
+    phase_uid = pydicom.uid.generate_uid()
+    (matched / "patient-0" / "phase").mkdir()
+    for i, path in enumerate(sorted((matched / "patient-0" / "mr").glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.ImageType = phase_uid, pydicom.uid.generate_uid(), ["ORIGINAL", "PRIMARY", "P", "ND"]
+        ds.save_as(matched / "patient-0" / "phase" / f"{i}.dcm")
     (matched / "README.txt").write_text("not DICOM")
     phantom = _evaluate("--json", "--subjects", "2", "--slices", "4")
     assert phantom.returncode == 0, phantom.stderr
@@ -120,6 +127,7 @@ def test_evaluate_pairs_scores_dicom_pairs_as_the_phantom_evaluation_scores_the_
     assert any(synthetic_uid in reason and "not a ground truth" in reason for reason in report["left_out"])
     assert any(localizer_uid in reason and "a localizer" in reason for reason in report["left_out"])
     assert any(mosaic_uid in reason and "a mosaic (ImageType MOSAIC)" in reason for reason in report["left_out"])
+    assert any(phase_uid in reason and "phase images (ImageType P)" in reason for reason in report["left_out"])
     assert panel.stat().st_size > 10_000
     assert "PAT0" not in result.stdout + result.stderr and "PHANTOM^HEAD" not in result.stdout + result.stderr
 

@@ -105,14 +105,14 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
     with _in_the_pacs(orthanc, [*sct.files, *broken.files, *topogram.files]):
         cache_dir = tmp_path / "cache"
         counts = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("CT")], username=orthanc.username, password=orthanc.password)
-        assert counts == {"found": 3 + 1 + 3, "fetched": 4, "skipped": 0, "synthetic": 1, "localizer": 1, "mosaic": 0, "unusable": 1, "refreshed": 0}
+        assert counts == {"found": 3 + 1 + 3, "fetched": 4, "skipped": 0, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "unusable": 1, "refreshed": 0}
         cache = DatasetCache(cache_dir)
         assert not {sct.series_uid, broken.series_uid, topogram.series_uid} & cache.known()
         assert cache.left_out()[topogram.series_uid] == "localizer"
         assert "two or more slices share one position" in cache.left_out()[broken.series_uid]
         with dicomweb_proxy(orthanc) as (url, asked, _refused):
             again = pull(url, cache_dir, [PullFilter("CT")])
-        assert again == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "unusable": 1, "refreshed": 0}
+        assert again == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "unusable": 1, "refreshed": 0}
         assert metadata_asked(asked) == [] and not any(uid in path for path in asked
                                                       for uid in (sct.series_uid, broken.series_uid, topogram.series_uid))
         assert not any(pid in p.read_bytes() for p in cache_dir.rglob("*") if p.is_file() for pid in (b"PHSCT01", b"PHBAD01", b"PHTOP01"))
@@ -127,15 +127,16 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         assert limited["fetched"] == 4 and limited["found"] == 4 + limited["synthetic"] + limited["localizer"] + limited["unusable"]
         more = pull(f"{orthanc.url}/dicom-web", tmp_path / "limited", [PullFilter("CT", limit=5)],
                     username=orthanc.username, password=orthanc.password, progress=False)
-        assert more == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "unusable": 1,
+        assert more == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "unusable": 1,
                         "refreshed": 0}  # looked at all: the PACS has no 5th
 
 
-def test_a_siemens_mosaic_is_left_out_before_its_pixels_are_fetched(orthanc, tmp_path):
+def test_a_siemens_mosaic_and_phase_images_are_left_out_before_their_pixels_are_fetched(orthanc, tmp_path):
     """A Siemens fMRI, diffusion or perfusion series comes as mosaics (ImageType MOSAIC): each image
     the slices of one volume tiled, hundreds of them. Until 2026-12-05 a pull fetched it whole, to
     leave it out (its images share one position) or, one volume, to cache the tiles as a head's
-    slice. Now it is left out from its first instance's metadata, its pixels never fetched."""
+    slice. A field map's phase series (ImageType ... P ...: angles, not tissue) went into the MR
+    pool. Now both are left out from their first instance's metadata, their pixels never fetched."""
     from training.phantom_dicom import write_mr_series
 
     bold = write_mr_series(tmp_path / "bold", seed=80, slices=3, size=32, pixel_spacing=8.0, patient_id="PHMOS01",
@@ -145,11 +146,18 @@ def test_a_siemens_mosaic_is_left_out_before_its_pixels_are_fetched(orthanc, tmp
         ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"]
         ds.ImagePositionPatient = pydicom.dcmread(bold.files[0]).ImagePositionPatient  # time points: one place
         ds.save_as(path)
-    with _in_the_pacs(orthanc, bold.files), dicomweb_proxy(orthanc) as (url, asked, _refused):
-        counts = pull(url, tmp_path / "cache", [PullFilter("MR", description="ep2d")], progress=False)
-    assert counts == {"found": 1, "fetched": 0, "skipped": 0, "synthetic": 0, "localizer": 0, "mosaic": 1, "unusable": 0, "refreshed": 0}
-    assert DatasetCache(tmp_path / "cache").left_out()[bold.series_uid] == "mosaic"
-    fetched = [path for path in asked if bold.series_uid in path and "/instances/" in path and not path.endswith("/metadata")]
+    phase = write_mr_series(tmp_path / "phase", seed=81, slices=3, size=32, pixel_spacing=8.0, patient_id="PHMOS01",
+                            series_description="gre_field_mapping")
+    for path in phase.files:
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "P", "ND"]
+        ds.save_as(path)
+    with _in_the_pacs(orthanc, bold.files + phase.files), dicomweb_proxy(orthanc) as (url, asked, _refused):
+        counts = pull(url, tmp_path / "cache", [PullFilter("MR", description="ep2d|field_map")], progress=False)
+    assert counts == {"found": 2, "fetched": 0, "skipped": 0, "synthetic": 0, "localizer": 0, "mosaic": 1, "phase": 1, "unusable": 0, "refreshed": 0}
+    assert DatasetCache(tmp_path / "cache").left_out() == {bold.series_uid: "mosaic", phase.series_uid: "phase"}
+    fetched = [path for path in asked if "/instances/" in path and not path.endswith("/metadata")
+               and (bold.series_uid in path or phase.series_uid in path)]
     assert fetched == [], fetched
 
 

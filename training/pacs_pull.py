@@ -30,6 +30,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
 from synthesis.errors import Mr2ctError, PacsUnavailable
+from synthesis.image_type import KINDS, not_anatomy
 from synthesis.normalize import mr_to_unit
 from synthesis.progress import progress_bar
 from synthesis.uids import is_valid_uid
@@ -41,8 +42,9 @@ log = logging.getLogger(__name__)
 # transcode, compressed data stays compressed on the wire and on disk, decoded here only when read.
 STORED_SYNTAX = (("application/dicom", "*"),)
 SYNTHETIC = "synthetic"  # the reason a series says Synthetic Data YES is left out of a training cache
-LOCALIZER = "localizer"  # ... and one whose ImageType says LOCALIZER (until 2026-12-05 a CT topogram was cached as a slice)
-MOSAIC = "mosaic"  # ... and one whose ImageType says MOSAIC (Siemens: the slices of a volume tiled into one image)
+# ... and one whose ImageType says it is no image of anatomy (synthesis.image_type): LOCALIZER (until
+# 2026-12-05 a CT topogram was cached as a slice), MOSAIC (Siemens: a volume's slices tiled in one
+# image), phase (P and the like: pixels that are angles; pulled into the MR pool until 2026-12-05)
 
 
 @dataclass(frozen=True)
@@ -239,10 +241,10 @@ def pull(
 ) -> dict[str, int]:
     """Fetch what matches and is not yet cached. A series that says it is synthetic (Synthetic Data
     YES: the sCTs mr2ct itself stores in the PACS, and other tools' synthetic images) or whose
-    ImageType says LOCALIZER (the topogram every CT study holds) or MOSAIC (Siemens tiles) is never
+    ImageType says LOCALIZER (the topogram every CT study holds), MOSAIC (Siemens tiles) or phase is never
     training data: asked of each series before it is fetched (its first instance's metadata), and remembered in the cache
     so that a second run does not ask again. Returns counts (found, fetched, skipped: cached
-    already, synthetic, localizer and mosaic: left out, unusable: fetched and left out, as they
+    already, synthetic, localizer, mosaic and phase: left out, unusable: fetched and left out, as they
     make no volume, such as a localizer of three planes, with the reason in the log and the cache;
     refreshed: fetched again, as the cache held them in another plane than the node's, see
     ``DatasetCache.outdated``).
@@ -283,7 +285,7 @@ def pull(
                 cache.leave_out(series_uid, reason)
         if series_uid in left_out:
             reason = left_out[series_uid]
-            return dropped(series_uid, reason if reason in (SYNTHETIC, LOCALIZER, MOSAIC) else "unusable")
+            return dropped(series_uid, reason if reason in (SYNTHETIC, *KINDS) else "unusable")
         try:
             datasets = list(_instances(client, study_uid, series_uid))
         except Exception as exc:
@@ -326,7 +328,7 @@ def pull(
             return "refreshed"
         return "fetched"
 
-    counts = {"found": 0, "fetched": 0, "skipped": 0, SYNTHETIC: 0, LOCALIZER: 0, MOSAIC: 0, "unusable": 0, "refreshed": 0}
+    counts = {"found": 0, "fetched": 0, "skipped": 0, SYNTHETIC: 0, **dict.fromkeys(KINDS, 0), "unusable": 0, "refreshed": 0}
     wanted = [len(matched) if flt.limit is None else min(flt.limit, len(matched)) for flt, matched in plans]
     bar = progress_bar(total=sum(wanted), desc="pull", unit="series", show=progress)
     with bar:
@@ -366,11 +368,10 @@ class PairsFilter:
 def _left_out_before_fetch(client: DICOMwebClient, url: str, attrs: dict[str, Any]) -> str | None:
     """Why a series is no training data before its pixels are fetched, read from its first
     instance's metadata (WADO-RS, no pixels: QIDO carries neither attribute): ``SYNTHETIC`` when it
-    says Synthetic Data YES, ``LOCALIZER`` when its ImageType holds LOCALIZER (a CT's topogram is a
-    projection, not a slice in HU; an MR's scout is a few coarse slices), ``MOSAIC`` when it holds
-    MOSAIC (a Siemens fMRI, diffusion or perfusion series: each image the slices of a volume tiled,
-    no slice of a head; until 2026-12-05 fetched whole, hundreds of volumes, to be left out or,
-    one volume, cached as slices); None when it is none of these."""
+    says Synthetic Data YES; ``localizer``, ``mosaic`` or ``phase`` when its ImageType says so
+    (``synthesis.image_type``: a CT's topogram is a projection, not a slice in HU; a Siemens mosaic
+    was fetched whole until 2026-12-05, hundreds of volumes, to be left out or, one volume, cached
+    as slices); None when it is none of these."""
     uids = _series_uids(attrs)
     if uids is None:
         return None  # refused later, with the reason
@@ -384,12 +385,8 @@ def _left_out_before_fetch(client: DICOMwebClient, url: str, attrs: dict[str, An
         raise _pacs_error(url, exc) from exc
     if _value(metadata, "0008001C").upper() == "YES":
         return SYNTHETIC
-    image_type = {str(v).strip().upper() for v in metadata.get("00080008", {}).get("Value") or []}
-    if "LOCALIZER" in image_type:
-        return LOCALIZER
-    if "MOSAIC" in image_type:
-        return MOSAIC
-    return None
+    told = not_anatomy(metadata.get("00080008", {}).get("Value") or [])
+    return told[0] if told else None
 
 
 def _left_out_unless_fetched(client: DICOMwebClient, url: str, attrs: dict[str, Any], patient_dir: Path) -> bool:

@@ -19,6 +19,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from synthesis.errors import SeriesNotUsable
+from synthesis.image_type import WHAT, not_anatomy
 from synthesis.volume import SourceSeries, assemble, resample
 
 BODY_THRESHOLD_HU = -500.0
@@ -116,16 +117,14 @@ def find_pairs(folder: Path) -> Found:
             frame_of_reference_uid=str(first.get("FrameOfReferenceUID", "") or ""), patient_key=str(first.get("PatientID", "") or ""),
             files=tuple(path for path, _ in members), patient_issuer=str(first.get("IssuerOfPatientID", "") or ""),
         )
-        image_type = {str(v).strip().upper() for v in (first.get("ImageType") or [])}
+        told = not_anatomy(first.get("ImageType"))
         if str(first.get("SyntheticData", "") or "").upper() == "YES":
             # An sCT (mr2ct's own, exported with the study) shares the MR's frame: never take it for the truth.
             skipped.append(f"{found.label()}: synthetic (Synthetic Data YES), not a ground truth")
-        elif "LOCALIZER" in image_type:
-            # A scout (an MR's few coarse slices, a CT's topogram: a projection, not HU): never a pair to score.
-            skipped.append(f"{found.label()}: a localizer (ImageType LOCALIZER), not a volume to score")
-        elif "MOSAIC" in image_type:
-            # A Siemens mosaic (fMRI, diffusion): each image a volume's slices tiled, no slice to pair with a CT's.
-            skipped.append(f"{found.label()}: a mosaic (ImageType MOSAIC), not slices to score")
+        elif told is not None:
+            # A scout (a CT's topogram: a projection, not HU), a Siemens mosaic (each image a volume's slices
+            # tiled), phase images (angles): never a pair to score (synthesis.image_type).
+            skipped.append(f"{found.label()}: {WHAT[told[0]]} (ImageType {told[1]}), not a volume to score")
         elif found.modality == "REG" or str(first.get("SOPClassUID", "")) == SPATIAL_REGISTRATION:
             for _, ds in members:
                 try:
