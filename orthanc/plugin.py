@@ -84,6 +84,7 @@ def _node_api(address, token):
 ROUTE_ATTEMPTS = _attempts(os.environ.get("MR2CT_ROUTE_ATTEMPTS", "20"))
 PENDING_PROPERTY = _property(os.environ.get("MR2CT_PENDING_PROPERTY", "7351"))
 NODE_API, NODE_API_TOKEN = _node_api(os.environ.get("MR2CT_NODE_API", ""), os.environ.get("MR2CT_NODE_API_TOKEN", ""))
+ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")  # what Orthanc names a series (a SHA-1 of its UIDs)
 NODE_API_TIMEOUT = 300.0  # the node fetches the whole series from this Orthanc before it answers
 
 _sends = {}  # Orthanc store job id -> (series id, attempt), for the sends of this process
@@ -483,6 +484,9 @@ def synthesize(output, uri, **request):
         output.SendMethodNotAllowed("POST")
         return
     series_id = request["groups"][0]
+    if not ORTHANC_ID.match(series_id):  # an Orthanc identifier, nothing that could make another REST path
+        _refuse(output, 404, "no such series: %r is not an Orthanc series identifier" % series_id[:100])
+        return
     with _sends_lock:
         attempt = _in_flight.get(series_id)
     if attempt is not None:  # sending it twice would make the node synthesize it twice

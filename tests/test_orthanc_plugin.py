@@ -96,6 +96,9 @@ def test_the_synthesize_action_resends_on_demand_and_refuses_non_mr(stack, tmp_p
     assert sent.status_code == 200 and sent.json()["series"] == mr_id
     refused = httpx.post(f"{orthanc.url}/mr2ct/synthesize/{ct_id}", auth=orthanc.auth)
     assert refused.status_code == 400 and refused.text == "only MR series can be synthesized"  # the reason, for the button's alert
+    for bad in (f"{mr_id}/../../instances", "..%2Finstances", mr_id.upper()):  # only an Orthanc series identifier reaches its REST API
+        answer = httpx.post(f"{orthanc.url}/mr2ct/synthesize/{bad}", auth=orthanc.auth)
+        assert answer.status_code == 404, (bad, answer.status_code, answer.text)
     assert _jobs_done(node, series.series_uid, 2) >= 2  # the button made a second job; the sCT UIDs are the same, so Orthanc keeps one copy
     final = _study_series(orthanc, series.study_uid)
     assert sum(1 for x in final if x["MainDicomTags"]["Modality"] == "CT") == 1
