@@ -265,8 +265,8 @@ destination is retried without limit. DICOM over TLS with {_setting("forward_tls
 
 ### 2.3 Network interfaces
 
-TCP/IP (IPv4) on the address and port above; TLS as above. The admin API (HTTP, bearer tokens)
-listens on {_setting("api_host")} port {_setting("api_port")}.
+TCP/IP (IPv4) on the address and port above; TLS as above. The admin API (HTTP, or HTTPS with
+{_setting("api_tls_certificate")}; bearer tokens) listens on {_setting("api_host")} port {_setting("api_port")}.
 
 ## 3. Objects created
 

@@ -4,7 +4,7 @@
 the truth; jobs retry), so a wrong password or URL shows only as jobs retrying for an hour. These
 checks say at once, naming the setting to change. Each check opens what the node would open
 (the database without migrating it, Orthanc's REST API and its modality for the node, the model
-file, the spool, the ports, the TLS files, the routing destination by C-ECHO) and nothing else: nothing is written to Orthanc,
+file, the spool, the ports, the TLS files (DICOM's and the admin API's), the routing destination by C-ECHO) and nothing else: nothing is written to Orthanc,
 and the database is read, not migrated (an SQLite file not there yet is made empty, as the node
 would make it).
 """
@@ -169,6 +169,27 @@ def _tls(s: Settings) -> Check | None:
     return Check(OK, "tls", "certificate, key" + (" and CA file" if s.tls_ca_file else "") + " load")
 
 
+def _api_tls(s: Settings) -> Check | None:
+    """The admin API's HTTPS: its certificate and key load; without them, a warning when the API
+    listens beyond loopback (bearer tokens in clear)."""
+    import ssl
+
+    from dicom_node.service import is_loopback
+
+    if not s.api_port:
+        return None
+    if s.api_tls_certificate is None:
+        if is_loopback(s.api_host):
+            return None
+        return Check(WARN, "api tls", f"the admin API listens on {s.api_host} over plain HTTP: its bearer tokens cross the network in "
+                                      "clear (set api_tls_certificate and api_tls_private_key, or put a TLS proxy in front)")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(s.api_tls_certificate), str(s.api_tls_private_key))
+    except (OSError, ValueError) as exc:
+        return Check(FAIL, "api tls", f"api_tls_certificate / api_tls_private_key: {exc}")
+    return Check(OK, "api tls", "certificate and key load: the admin API answers HTTPS")
+
+
 def _routing(s: Settings) -> Check | None:
     if not s.forward_originals:
         return None
@@ -214,5 +235,5 @@ def run_checks(settings: Settings) -> list[Check]:
     checks = [_database(s), *orthanc_checks(s), _model(s), _spool(s), _port("dicom port", "dicom_port", s.dicom_host, s.dicom_port)]
     if s.api_port:
         checks.append(_port("api port", "api_port", s.api_host, s.api_port))
-    checks += [c for c in (_tls(s), _routing(s)) if c is not None]
+    checks += [c for c in (_tls(s), _api_tls(s), _routing(s)) if c is not None]
     return checks

@@ -8,6 +8,7 @@ scale-out issue's; the seams are here.
 from __future__ import annotations
 
 import logging
+import ipaddress
 import signal
 from pathlib import Path
 import ssl
@@ -48,6 +49,16 @@ def tls_context(settings: Settings) -> ssl.SSLContext | None:
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(str(settings.tls_ca_file))
     return context
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or name to listen on) is this machine's loopback only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def client_tls_context(settings: Settings) -> ssl.SSLContext:
@@ -166,11 +177,21 @@ class Node:
             spool_dir=str(s.spool_dir) if Path(s.spool_dir).exists() else None, spool_min_free_mb=s.spool_min_free_mb, node_info=info,
             routing=routing, orthanc_timeout=s.orthanc_timeout_seconds,
         )
-        config = uvicorn.Config(app, host=s.api_host, port=s.api_port, log_level="warning", access_log=False)
+        tls = {}
+        if s.api_tls_certificate is not None:
+            tls = {"ssl_certfile": str(s.api_tls_certificate), "ssl_keyfile": str(s.api_tls_private_key)}
+        elif not is_loopback(s.api_host):
+            log.warning("the admin API listens on %s without TLS: its bearer tokens cross the network in clear; set "
+                        "api_tls_certificate and api_tls_private_key, or serve it behind a TLS proxy", s.api_host)
+        config = uvicorn.Config(app, host=s.api_host, port=s.api_port, log_level="warning", access_log=False, **tls)
+        try:
+            config.load()  # a certificate or key that does not load stops start-up here, not later in the API's thread
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ValueError(f"api_tls_certificate / api_tls_private_key: {exc}") from exc
         self.api_server = uvicorn.Server(config)
         self.api_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread("api", self.api_server.run)
-        log.info("API listening address=%s:%d", s.api_host, s.api_port)
+        log.info("API listening address=%s:%d scheme=%s", s.api_host, s.api_port, "https" if tls else "http")
 
     def _thread(self, name: str, target: object, *args: object) -> None:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]

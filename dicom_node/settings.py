@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     poll_seconds: float = Field(0.5, gt=0, le=60, description="how often the stability monitor and worker look for work")
     api_host: str = Field("127.0.0.1", description="address the admin API listens on")
     api_port: int = Field(8800, ge=0, le=65535, description="admin API port (0: no API in this process)")
+    api_tls_certificate: Path | None = Field(None, description="PEM certificate: the admin API answers HTTPS only when set (its bearer "
+                                             "tokens cross the network encrypted); needed in practice once api_host is not loopback")
+    api_tls_private_key: Path | None = Field(None, description="PEM private key of api_tls_certificate")
     check_called_ae: bool = Field(
         False, description="reject an association addressed to another called AE title than ae_title (a sender set up for "
         "another node); off: any called AE title, as dcmtk's storescp and Orthanc by default",
@@ -234,7 +237,9 @@ class Settings(BaseSettings):
                              f"({self.spool_retention_hours:g}): a failed series, kept for its retry, would go before a series done")
         if (self.tls_certificate is None) != (self.tls_private_key is None):
             raise ValueError("tls_certificate and tls_private_key must be set together")
-        for name in ("tls_certificate", "tls_private_key", "tls_ca_file"):
+        if (self.api_tls_certificate is None) != (self.api_tls_private_key is None):
+            raise ValueError("api_tls_certificate and api_tls_private_key must be set together")
+        for name in ("tls_certificate", "tls_private_key", "tls_ca_file", "api_tls_certificate", "api_tls_private_key"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: file {path} does not exist")

@@ -12,7 +12,8 @@
   series as Orthanc holds it: a slice deleted here on purpose is left out of the sCT (sent by
   C-STORE, the node's own copy of it went in), and the node's refusal (not MR, several planes,
   a job of it under way) comes back to the button with its reason. The automatic route stays
-  C-STORE.
+  C-STORE. An ``https://`` address is checked against the system's CAs, or against
+  ``MR2CT_NODE_API_CA_FILE`` (PEM; the CA that signed the node's ``api_tls_certificate``).
 - A send that fails (the node down or restarting, the network gone) is sent again, as a new
   store job, after 2, 4, 8, ... seconds (at most five minutes apart), ``MR2CT_ROUTE_ATTEMPTS``
   times in all (default 20: about an hour, so that a node restarted, upgraded or moved to another
@@ -44,6 +45,7 @@ node modality's AE title. Before 2026-12-04 each such series was synthesized twi
 import json
 import os
 import re
+import ssl
 import threading
 import urllib.error
 import urllib.request
@@ -81,9 +83,21 @@ def _node_api(address, token):
     return address, token.strip()
 
 
+def _ca_file(path, address):
+    path = path.strip()
+    if not path:
+        return None
+    if not address.startswith("https://"):
+        raise ValueError("MR2CT_NODE_API_CA_FILE is set but MR2CT_NODE_API is not an https:// address, got %r" % address)
+    if not os.path.isfile(path):
+        raise ValueError("MR2CT_NODE_API_CA_FILE: file %s does not exist" % path)
+    return path
+
+
 ROUTE_ATTEMPTS = _attempts(os.environ.get("MR2CT_ROUTE_ATTEMPTS", "20"))
 PENDING_PROPERTY = _property(os.environ.get("MR2CT_PENDING_PROPERTY", "7351"))
 NODE_API, NODE_API_TOKEN = _node_api(os.environ.get("MR2CT_NODE_API", ""), os.environ.get("MR2CT_NODE_API_TOKEN", ""))
+NODE_API_CA_FILE = _ca_file(os.environ.get("MR2CT_NODE_API_CA_FILE", ""), NODE_API)
 ORTHANC_ID = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")  # what Orthanc names a series (a SHA-1 of its UIDs)
 NODE_API_TIMEOUT = 300.0  # the node fetches the whole series from this Orthanc before it answers
 
@@ -438,8 +452,9 @@ def _ask_node(series_uid):
     request = urllib.request.Request(NODE_API + "/synthesize", data=json.dumps({"series_uid": series_uid}).encode("utf-8"),
                                      headers={"Content-Type": "application/json", "Authorization": "Bearer " + NODE_API_TOKEN},
                                      method="POST")
+    context = ssl.create_default_context(cafile=NODE_API_CA_FILE) if NODE_API.startswith("https://") else None
     try:
-        with urllib.request.urlopen(request, timeout=NODE_API_TIMEOUT) as answer:
+        with urllib.request.urlopen(request, timeout=NODE_API_TIMEOUT, context=context) as answer:
             return answer.status, json.loads(answer.read().decode("utf-8"))
     except urllib.error.HTTPError as exc:
         try:

@@ -226,3 +226,19 @@ def shipped_weights_with_views(folder: Path, views: str) -> Path:
     card = json.loads(card_path_for(weights).read_text())
     (folder / "model.json").write_text(json.dumps({**card, "test_time_augmentation": views}))
     return folder
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def make_pki(tmp_path: Path) -> Path:
+    """A test CA and two certificates it signed (server, client), both for 127.0.0.1."""
+    folder = tmp_path / "pki"
+    folder.mkdir()
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=mr2ct test CA", cwd=folder)
+    for name in ("server", "client"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", "/CN=127.0.0.1", cwd=folder)
+        (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=folder)
+    return folder

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import ssl
 import sys
 import time
 
@@ -477,3 +478,27 @@ def test_asking_for_a_series_as_orthanc_holds_it_leaves_out_a_slice_deleted_ther
     assert storescu(again, node.port, NODE_AE, SCANNER_AE).returncode == 0
     third = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=second.id)
     assert third.state == "done" and third.instance_count == 4, third.error
+
+
+def test_the_admin_api_answers_https_with_its_certificate(node_factory, tmp_path):
+    """With api_tls_certificate and key the API answers HTTPS only: a client that trusts the CA
+    gets its answers, plain HTTP gets none."""
+    from tests.helpers import make_pki
+
+    pki = make_pki(tmp_path)
+    trusted = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+    node = node_factory(api_tls_certificate=str(pki / "server.pem"), api_tls_private_key=str(pki / "server.key"))
+    port = node.env["MR2CT_API_PORT"]
+    deadline, health = time.monotonic() + 30, None
+    while time.monotonic() < deadline and health is None:
+        try:
+            health = httpx.get(f"https://127.0.0.1:{port}/health", verify=trusted, timeout=5)
+        except httpx.ConnectError:
+            time.sleep(0.3)
+    assert health is not None and health.status_code == 200 and health.json()["database"] == "ok"
+    token = api_token(node.database_url, "auditor", "over-tls")
+    jobs = httpx.get(f"https://127.0.0.1:{port}/jobs", headers={"Authorization": f"Bearer {token}"}, verify=trusted)
+    assert jobs.status_code == 200 and jobs.json()["total"] == 0
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
+    assert "scheme=https" in node.log_path.read_text()

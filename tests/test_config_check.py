@@ -120,3 +120,22 @@ def test_a_node_started_with_a_wrong_orthanc_login_says_so_at_once_and_keeps_ser
     assert "WARNING" in logged and "refused the login (HTTP 401): check orthanc_username and orthanc_password" in logged
     assert "not-the-password" not in logged
     assert echoscu(node.port, NODE_AE, "ECHOSCU").returncode == 0
+
+
+def test_the_admin_apis_https_is_checked_and_plain_http_beyond_loopback_is_warned_of(orthanc, tmp_path):
+    """Bearer tokens over plain HTTP beyond loopback cross the network in clear: the check warns;
+    with api_tls_certificate and key it says they load, and a certificate that does not load
+    fails naming the settings; one without the other stops the command naming both."""
+    from tests.helpers import make_pki
+
+    pki = make_pki(tmp_path)
+    env = node_env(tmp_path / "node", free_port(), orthanc)
+    assert "api tls" not in _lines(_check(env))  # loopback, plain: nothing to say
+    beyond = _check(env, api_host="0.0.0.0")
+    assert beyond.returncode == 0 and _lines(beyond)["api tls"].startswith("warn") and "in clear" in _lines(beyond)["api tls"]
+    https = _check(env, api_host="0.0.0.0", api_tls_certificate=str(pki / "server.pem"), api_tls_private_key=str(pki / "server.key"))
+    assert https.returncode == 0 and _lines(https)["api tls"].startswith("ok"), https.stdout
+    wrong = _check(env, api_tls_certificate=str(pki / "client.key"), api_tls_private_key=str(pki / "server.key"))  # a key for a certificate
+    assert wrong.returncode == 1 and _lines(wrong)["api tls"].startswith("FAIL api_tls_certificate / api_tls_private_key"), wrong.stdout
+    alone = _check(env, api_tls_certificate=str(pki / "server.pem"))
+    assert alone.returncode == 2 and "api_tls_certificate and api_tls_private_key must be set together" in alone.stderr

@@ -24,7 +24,7 @@ from dicom_node.local_stack import NodeServer, OrthancServer, echoscu, free_port
 from dicom_node.models import AuditEvent, Instance, Job, Series
 from dicom_node.worker import STAGES
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
-from tests.helpers import api_token, audit_events, series_datasets, study_series
+from tests.helpers import api_token, audit_events, make_pki, series_datasets, study_series
 from training.phantom_dicom import write_mr_series
 
 
@@ -548,24 +548,8 @@ def test_an_orthanc_that_keeps_first_copies_gets_the_new_sct_and_the_corrected_o
     assert [ds.get("ImageComments") for ds in mr if ds.SOPInstanceUID == corrected.SOPInstanceUID] == ["corrected after the first send"]
 
 
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
-
-
-def _pki(tmp_path: Path) -> Path:
-    """A test CA and two certificates it signed (server, client), both for 127.0.0.1."""
-    pki = tmp_path / "pki"
-    pki.mkdir()
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1", "-subj", "/CN=mr2ct test CA", cwd=pki)
-    for name in ("server", "client"):
-        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", "/CN=127.0.0.1", cwd=pki)
-        (pki / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=pki)
-    return pki
-
-
 def test_dicom_over_tls_with_client_certificates(node_factory, tmp_path):
-    pki = _pki(tmp_path)
+    pki = make_pki(tmp_path)
     node = node_factory(tls_certificate=str(pki / "server.pem"), tls_private_key=str(pki / "server.key"), tls_ca_file=str(pki / "ca.pem"))
     series = _small(tmp_path, "mr", 250)
     tls = ["+tls", str(pki / "client.key"), str(pki / "client.pem"), "+cf", str(pki / "ca.pem")]
@@ -580,7 +564,7 @@ def test_dicom_over_tls_with_client_certificates(node_factory, tmp_path):
 def test_originals_are_routed_over_tls_to_another_node(node_factory, tmp_path):
     """Node A routes by C-STORE over TLS to node B, which requires client certificates: A checks
     B's certificate against the CA and presents its own; B holds every original."""
-    pki = _pki(tmp_path)
+    pki = make_pki(tmp_path)
     tls = {"tls_ca_file": str(pki / "ca.pem")}
     b = node_factory(tls_certificate=str(pki / "server.pem"), tls_private_key=str(pki / "server.key"),
                      allowed_aes=f"{SCANNER_AE},{NODE_AE}", **tls)

@@ -336,14 +336,18 @@ def test_the_orthanc_config_command_writes_an_orthanc_that_routes_to_the_node(tm
             _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("MR2CT_ROUTE_ATTEMPTS", "eight", "MR2CT_ROUTE_ATTEMPTS must be a whole number >= 1, got 'eight'"),
-    ("MR2CT_PENDING_PROPERTY", "5", "MR2CT_PENDING_PROPERTY must be a whole number from 1024 to 65535 (Orthanc's range for plugins), got '5'"),
-    ("MR2CT_NODE_API", "127.0.0.1:8800", "MR2CT_NODE_API must be the node's API address, e.g. http://127.0.0.1:8800, got '127.0.0.1:8800'"),
-    ("MR2CT_NODE_API", "http://127.0.0.1:8800", "MR2CT_NODE_API is set but MR2CT_NODE_API_TOKEN is empty"),
+@pytest.mark.parametrize("env, message", [
+    ({"MR2CT_ROUTE_ATTEMPTS": "eight"}, "MR2CT_ROUTE_ATTEMPTS must be a whole number >= 1, got 'eight'"),
+    ({"MR2CT_PENDING_PROPERTY": "5"}, "MR2CT_PENDING_PROPERTY must be a whole number from 1024 to 65535 (Orthanc's range for plugins), got '5'"),
+    ({"MR2CT_NODE_API": "127.0.0.1:8800"}, "MR2CT_NODE_API must be the node's API address, e.g. http://127.0.0.1:8800, got '127.0.0.1:8800'"),
+    ({"MR2CT_NODE_API": "http://127.0.0.1:8800"}, "MR2CT_NODE_API is set but MR2CT_NODE_API_TOKEN is empty"),
+    ({"MR2CT_NODE_API": "https://127.0.0.1:8800", "MR2CT_NODE_API_TOKEN": "t", "MR2CT_NODE_API_CA_FILE": "/no/such/ca.pem"},
+     "MR2CT_NODE_API_CA_FILE: file /no/such/ca.pem does not exist"),
+    ({"MR2CT_NODE_API": "http://127.0.0.1:8800", "MR2CT_NODE_API_TOKEN": "t", "MR2CT_NODE_API_CA_FILE": "/etc/hostname"},
+     "MR2CT_NODE_API_CA_FILE is set but MR2CT_NODE_API is not an https:// address"),
 ])
-def test_a_bad_plugin_setting_stops_orthanc_naming_it(tmp_path, key, value, message):
-    orthanc = OrthancServer(tmp_path, free_port(), free_port(), python_plugin=True, extra_env={key: value})
+def test_a_bad_plugin_setting_stops_orthanc_naming_it(tmp_path, env, message):
+    orthanc = OrthancServer(tmp_path, free_port(), free_port(), python_plugin=True, extra_env=env)
     with pytest.raises(RuntimeError, match="Orthanc exited"):
         orthanc.start(timeout=60)
     assert message in orthanc.log_path.read_text()
@@ -435,23 +439,27 @@ def test_a_one_instance_series_sent_again_corrected_is_still_not_sent_back(tmp_p
 def test_the_button_with_the_nodes_api_synthesizes_the_series_as_orthanc_holds_it(tmp_path):
     """A radiographer deletes a slice in Orthanc (a motion-corrupted one) and presses "Synthesize
     CT". Sent by C-STORE, the node's own copy of the deleted slice went into the new sCT; with
-    MR2CT_NODE_API and a requester token the plugin asks the node's POST /synthesize, which takes
-    the series as Orthanc holds it: the sCT in Orthanc has the slices Orthanc has, and the answer
-    says one was left out. A series the node will not synthesize comes back with its reason."""
+    MR2CT_NODE_API and a requester token the plugin asks the node's POST /synthesize (here over
+    HTTPS, the node's certificate checked against MR2CT_NODE_API_CA_FILE), which takes the series
+    as Orthanc holds it: the sCT in Orthanc has the slices Orthanc has, and the answer says one was
+    left out. A series the node will not synthesize comes back with its reason."""
     from sqlalchemy import select
 
     from dicom_node.db import init_db
     from dicom_node.models import Job
-    from tests.helpers import api_token
+    from tests.helpers import api_token, make_pki
 
     node_port = free_port()
     orthanc = OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]},
                             python_plugin=True, stable_age=1)
     env = node_env(tmp_path / "node", node_port, orthanc)
     env["MR2CT_ALLOWED_AES"] = f"{orthanc.aet}@127.0.0.1"
+    pki = make_pki(tmp_path)
+    env.update(MR2CT_API_TLS_CERTIFICATE=str(pki / "server.pem"), MR2CT_API_TLS_PRIVATE_KEY=str(pki / "server.key"))
     (tmp_path / "node").mkdir()
     token = api_token(env["MR2CT_DATABASE_URL"], "requester", "orthanc")
-    orthanc.extra_env = {"MR2CT_NODE_API": f"http://127.0.0.1:{env['MR2CT_API_PORT']}/", "MR2CT_NODE_API_TOKEN": token}
+    orthanc.extra_env = {"MR2CT_NODE_API": f"https://127.0.0.1:{env['MR2CT_API_PORT']}/", "MR2CT_NODE_API_TOKEN": token,
+                         "MR2CT_NODE_API_CA_FILE": str(pki / "ca.pem")}
     with orthanc, NodeServer(tmp_path / "node", env, node_port) as node:
         series = write_mr_series(tmp_path / "mr", seed=712, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
         _upload(orthanc, [f.read_bytes() for f in series.files])
