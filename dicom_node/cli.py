@@ -839,12 +839,44 @@ def tokens_create(
 
 @tokens_app.command("revoke")
 def tokens_revoke(name: Annotated[str, typer.Option()], config: ConfigOption = None) -> None:
-    """Revoke every token with this name."""
+    """Revoke every token with this name; exit status 1 when none is active under it."""
     from dicom_node.api.auth import revoke
     from dicom_node.db import init_db
 
     count = revoke(init_db(_settings(config).database_url), name)
+    if not count:
+        typer.echo(f"mr2ct: no active token is named {name!r} (mr2ct tokens list shows them)", err=True)
+        raise typer.Exit(1)
     typer.echo(f"revoked {count} token(s)")
+
+
+@tokens_app.command("list")
+def tokens_list(
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object per token")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Every token: name, role, created, last used (to the minute) and revoked. The tokens
+    themselves are not stored and cannot be shown."""
+    import json
+
+    from dicom_node.api.auth import list_tokens
+    from dicom_node.db import init_db
+
+    tokens = list_tokens(init_db(_settings(config).database_url))
+    if as_json:
+        for token in tokens:
+            typer.echo(json.dumps({k: v.isoformat() if hasattr(v, "isoformat") else v for k, v in token.items()}))
+        return
+
+    def when(value: object) -> str:
+        return value.strftime("%Y-%m-%d %H:%M UTC") if hasattr(value, "strftime") else "-"
+
+    rows = [("id", "name", "role", "created", "last used", "revoked")]
+    rows += [(str(t["id"]), str(t["name"]), str(t["role"]), when(t["created_at"]), when(t["last_used_at"]) if t["last_used_at"] else "never",
+              when(t["revoked_at"])) for t in tokens]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
 @models_app.command("register")

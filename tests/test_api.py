@@ -502,3 +502,34 @@ def test_the_admin_api_answers_https_with_its_certificate(node_factory, tmp_path
     with pytest.raises(httpx.HTTPError):
         httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
     assert "scheme=https" in node.log_path.read_text()
+
+
+def _tokens_cli(node, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env["MR2CT_DATABASE_URL"] = node.database_url
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def test_the_administrator_lists_tokens_with_their_last_use_and_revokes_a_stale_one(api, node):
+    """Which tokens exist, what each may do and whether anyone still uses it: `mr2ct tokens list`
+    (the tokens themselves are never stored, so never shown). A revoked token is refused at once;
+    revoking a name no active token has says so and exits 1 (it said "revoked 0 token(s)")."""
+    used, unused = _token(node, "auditor", "reporting-job"), _token(node, "auditor", "left-over")
+    assert httpx.get(f"{api['base']}/jobs", headers={"Authorization": f"Bearer {used}"}).status_code == 200
+    listed = _tokens_cli(node, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    tokens = {t["name"]: t for t in map(json.loads, listed.stdout.splitlines())}
+    assert tokens["reporting-job"]["role"] == "auditor" and tokens["reporting-job"]["last_used_at"] is not None
+    assert tokens["left-over"]["last_used_at"] is None and tokens["left-over"]["revoked_at"] is None
+    assert used not in listed.stdout and unused not in listed.stdout
+    table = _tokens_cli(node, "list").stdout.splitlines()
+    assert table[0].split() == ["id", "name", "role", "created", "last", "used", "revoked"]
+    (left_over,) = [line for line in table if " left-over " in line]
+    assert "never" in left_over
+
+    assert _tokens_cli(node, "revoke", "--name", "left-over").stdout.strip() == "revoked 1 token(s)"
+    assert httpx.get(f"{api['base']}/jobs", headers={"Authorization": f"Bearer {unused}"}).status_code == 401
+    again = _tokens_cli(node, "revoke", "--name", "left-over")
+    assert again.returncode == 1 and "no active token is named 'left-over'" in again.stderr
+    after = {t["name"]: t for t in map(json.loads, _tokens_cli(node, "list", "--json").stdout.splitlines())}
+    assert after["left-over"]["revoked_at"] is not None and after["reporting-job"]["revoked_at"] is None

@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 from dataclasses import dataclass
+from datetime import timedelta
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy import select
+from sqlalchemy import select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.models import ApiToken, utcnow
+from dicom_node.models import ApiToken, as_utc, utcnow
+
+log = logging.getLogger(__name__)
 
 # admin acts, auditor reads; requester may only ask for a series to be synthesized (POST /synthesize):
 # the token Orthanc's "Synthesize CT" button holds, which a leak lets read nothing
 ROLES = ("admin", "auditor", "requester")
 PREFIX = "mr2ct_"
+LAST_USED_RESOLUTION = timedelta(minutes=1)  # a token's last use is written at most this often (one write, not one per request)
 
 
 def digest(token: str) -> str:
@@ -58,6 +64,13 @@ def current_caller(request: Request, credentials: HTTPAuthorizationCredentials |
         client = request.client.host if request.client else "?"
         audit.record(sessions, audit.SECURITY_ALERT, "failure", f"api@{client}", reason="invalid or revoked token", path=request.url.path)
         raise HTTPException(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
+    now = utcnow()
+    if row.last_used_at is None or now - as_utc(row.last_used_at) >= LAST_USED_RESOLUTION:
+        try:
+            with sessions.begin() as session:
+                session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
+        except SQLAlchemyError as exc:  # bookkeeping: a busy database must not refuse the request
+            log.warning("could not record the use of token id=%d: %s", row.id, exc)
     return Caller(name=row.name, role=row.role)
 
 
@@ -68,6 +81,16 @@ def require(*roles: str):  # type: ignore[no-untyped-def]
         return caller
 
     return dependency
+
+
+def list_tokens(sessions: sessionmaker[Session]) -> list[dict[str, object]]:
+    """Every token, oldest first: its name, role and when it was created, last used and revoked
+    (never the token, which is not stored)."""
+    with sessions() as session:
+        rows = session.scalars(select(ApiToken).order_by(ApiToken.id)).all()
+        return [{"id": r.id, "name": r.name, "role": r.role, "created_at": as_utc(r.created_at),
+                 "last_used_at": as_utc(r.last_used_at) if r.last_used_at else None,
+                 "revoked_at": as_utc(r.revoked_at) if r.revoked_at else None} for r in rows]
 
 
 def revoke(sessions: sessionmaker[Session], name: str) -> int:
