@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from collections.abc import Sequence
@@ -14,7 +15,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage, MRImageStorage
-from sqlalchemy import case, delete, distinct, func, select, update
+from sqlalchemy import delete, distinct, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import notify_job_queued
@@ -52,6 +53,7 @@ class ReceivedInstance:
     position: str = ""  # a single-frame image's ImagePositionPatient to 0.01 mm, '' for multi-frame
     frames: int = 1  # a multi-frame one's frames, and the positions they lie at
     frame_positions: int = 1
+    frame_set: str | None = None  # a digest of those positions (multi-frame only)
 
 
 @dataclass(frozen=True)
@@ -206,14 +208,15 @@ def validate(
         frames = int(values.text(0x00280008) or 1)
     except ValueError:
         raise DatasetMismatch(f"NumberOfFrames {values.text(0x00280008)!r} is not a number") from None
-    position, frame_positions = "", 1  # a multi-frame instance's frames: counted, with the positions they lie at
+    position, frame_positions, frame_set = "", 1, None  # a multi-frame instance's frames: counted, with the positions they lie at
     if frames != 1 or 0x52009230 in ds:  # enhanced multi-frame: per-frame functional groups
         try:
             geometry = frame_geometry(ds)
         except SeriesNotUsable as exc:
             raise DatasetMismatch(f"geometry missing or unusable: {exc}") from None
         orientation = geometry[0].orientation
-        frame_positions = len({tuple(round(float(v), 2) for v in g.position) for g in geometry})
+        at = sorted({"\\".join(f"{v:.2f}" for v in g.position) for g in geometry})
+        frame_positions, frame_set = len(at), hashlib.sha256("|".join(at).encode()).hexdigest()[:16]
     else:
         position = "\\".join(f"{v:.2f}" for v in values.numbers(0x00200032, 3, "ImagePositionPatient"))
         values.numbers(0x00280030, 2, "PixelSpacing")
@@ -236,7 +239,7 @@ def validate(
             raise DatasetMismatch(f"Pixel Data holds {actual} bytes, {rows}x{cols}x{frames} at {bits} bits needs {expected}")
     check_nesting(ds)  # after the Pixel Data checks, which need the raw (unconverted) element
     return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation_label(orientation), patient_id,
-                            image_type, position, frames, frame_positions)
+                            image_type, position, frames, frame_positions, frame_set)
 
 
 class Ingest:
@@ -343,10 +346,13 @@ def mark_stable(
         counted = (Instance.series_instance_uid == series_uid, Instance.set_aside.is_(None))
         planes = session.scalars(select(Instance.orientation).distinct().where(*counted, Instance.orientation != "")).all()
         # images: every frame (a single-frame row counts 1); positions: the single frames' distinct
-        # ones, and each multi-frame instance's own (position '')
+        # ones, and those of each distinct set of positions of multi-frame instances (position ''):
+        # two instances at the same positions (an echo each) count their positions once
+        frame_sets = select(func.coalesce(Instance.frame_set, Instance.sop_instance_uid).label("key"),
+                            Instance.frame_positions).distinct().where(*counted, Instance.position == "").subquery()
         images, positions, frame_positions = session.execute(select(
             func.coalesce(func.sum(Instance.frames), 0), func.count(distinct(func.nullif(Instance.position, ""))),
-            func.coalesce(func.sum(case((Instance.position == "", Instance.frame_positions), else_=0)), 0)).where(*counted)).one()
+            select(func.coalesce(func.sum(frame_sets.c.frame_positions), 0)).scalar_subquery()).where(*counted)).one()
         reason = rules.reason_to_skip(series, planes, (images, positions + frame_positions)) or _refusals(session, series)
         if reason is not None:
             series.state, series.reason = "ignored", reason

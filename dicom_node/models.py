@@ -74,6 +74,9 @@ class Instance(Base):
     # fewer positions than frames is no one volume (an enhanced diffusion or multi-echo series)
     frames: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     frame_positions: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # a multi-frame one's positions, as a digest: several instances at the same positions (one echo
+    # or b-value each) are no one volume either (None: a single frame, or recorded before 0018)
+    frame_set: Mapped[str | None] = mapped_column(String(16))
     path: Mapped[str] = mapped_column(Text)
     size_bytes: Mapped[int] = mapped_column(Integer)
     association_id: Mapped[int | None] = mapped_column(ForeignKey("associations.id"))

@@ -88,7 +88,7 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                     Instance(
                         sop_instance_uid=uid, sop_class_uid=info.sop_class_uid, series_instance_uid=info.series_uid,
                         transfer_syntax_uid=item.transfer_syntax, orientation=info.orientation, position=info.position, frames=info.frames,
-                        frame_positions=info.frame_positions, path=str(item.path), size_bytes=item.size,
+                        frame_positions=info.frame_positions, frame_set=info.frame_set, path=str(item.path), size_bytes=item.size,
                         association_id=item.association_id, received_at=item.received_at, forward_next_at=item.received_at,
                     )
                 )
@@ -109,7 +109,7 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                     row.path = str(item.path)
                 row.received_at, row.size_bytes, row.association_id = item.received_at, item.size, item.association_id
                 row.transfer_syntax_uid, row.orientation, row.position = item.transfer_syntax, info.orientation, info.position
-                row.frames, row.frame_positions = info.frames, info.frame_positions
+                row.frames, row.frame_positions, row.frame_set = info.frames, info.frame_positions, info.frame_set
                 row.forwarded_at, row.forward_attempts, row.forward_refusals, row.forward_next_at = None, 0, 0, item.received_at
                 row.purged_at = None
             if series.last_received_at is None or as_utc(series.last_received_at) < item.received_at:

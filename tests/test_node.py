@@ -135,6 +135,19 @@ def test_a_series_with_several_images_at_each_position_is_recorded_as_such_not_m
     assert storescu(folder, node.port, NODE_AE, SCANNER_AE, propose="-R").returncode == 0
     assert "its 8 images lie at 4 positions" in _series_row(node, enhanced_uid, state="ignored").reason
 
+    # ... and in one multi-frame instance per b-value (or echo), each at the same four positions:
+    # counted instance by instance, it made a failed job until 2026-12-05
+    per_value_uid, per_value = pydicom.uid.generate_uid(), tmp_path / "per-b-value"
+    per_value.mkdir()
+    for number, b_value in enumerate((0, 1000), start=1):
+        frames = [ds for ds in singles if float(ds.get("DiffusionBValue", 0)) == b_value]
+        assert len(frames) == 4
+        hd.legacy.LegacyConvertedEnhancedMRImage(
+            frames, series_instance_uid=per_value_uid, series_number=8, sop_instance_uid=pydicom.uid.generate_uid(), instance_number=number,
+            transfer_syntax_uid=pydicom.uid.ExplicitVRLittleEndian).save_as(per_value / f"b{b_value}.dcm", enforce_file_format=True)
+    assert storescu(per_value, node.port, NODE_AE, SCANNER_AE, propose="-R").returncode == 0
+    assert "its 8 images lie at 4 positions" in _series_row(node, per_value_uid, state="ignored").reason
+
 
 def test_a_series_whose_stray_slice_moved_to_its_own_series_is_synthesized_when_sent_again(node_factory, tmp_path):
     """A sagittal slice filed into an axial series by mistake keeps the series out (two planes);
