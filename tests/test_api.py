@@ -93,13 +93,21 @@ def test_an_auditor_may_read_but_not_act(api, method, path):
 
 def test_a_requester_token_may_ask_for_a_synthesis_and_read_nothing(api, node):
     """The token Orthanc's "Synthesize CT" button holds (role requester) may only POST /synthesize:
-    one that leaks from Orthanc's configuration reads no job, audit row or patient."""
-    requester = {"Authorization": f"Bearer {_token(node, 'requester', 'orthanc-button')}"}
+    one that leaks from Orthanc's configuration reads no job, audit row or patient, through the
+    API or the dashboard (whose login took any valid token)."""
+    secret = _token(node, 'requester', 'orthanc-button')
+    requester = {"Authorization": f"Bearer {secret}"}
     for method, path in (("GET", "/jobs"), ("GET", "/audit"), ("GET", "/series"), ("POST", "/jobs/1/retry")):
         response = httpx.request(method, f"{api['base']}{path}", headers=requester)
         assert response.status_code == 403 and "requester" in response.json()["detail"], (method, path, response.text)
     asked = httpx.post(f"{api['base']}/synthesize", json={"series_uid": "1.2.3.998"}, headers=requester)
     assert asked.status_code == 404  # past the role check: no such series in Orthanc
+    login = httpx.post(f"{api['base']}/dashboard/login", data={"token": secret})
+    assert login.status_code == 200 and "may not read the dashboard" in login.text and "mr2ct_token" not in login.cookies
+    cookie = {"mr2ct_token": secret}  # set by hand: still no page, no preview
+    overview = httpx.get(f"{api['base']}/dashboard", cookies=cookie)
+    assert "id='token'" in overview.text and f"job-{api['job'].id}" not in overview.text
+    assert httpx.get(f"{api['base']}/dashboard/jobs/{api['job'].id}/preview.png", cookies=cookie).status_code == 401
 
 
 def test_what_was_done_with_this_patients_images(api):

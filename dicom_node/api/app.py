@@ -22,7 +22,7 @@ from sqlalchemy import Select, and_, case, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.api.auth import Caller, current_caller, require
+from dicom_node.api.auth import READERS, Caller, current_caller, require
 from dicom_node.db import notify_job_queued
 from dicom_node.forwarder import reschedule_failed
 from dicom_node.models import (Association, AuditEvent, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
@@ -32,7 +32,7 @@ from dicom_node.retention import lock_series, purged_reason, spool_usage
 from dicom_node.training_runs import RunState
 from synthesis.errors import PacsUnavailable
 
-READ = require("admin", "auditor")
+READ = require(*READERS)
 
 
 # Ids are database integers: out-of-range values get 422, never an overflow in the driver.

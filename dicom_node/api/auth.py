@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 # admin acts, auditor reads; requester may only ask for a series to be synthesized (POST /synthesize):
 # the token Orthanc's "Synthesize CT" button holds, which a leak lets read nothing
 ROLES = ("admin", "auditor", "requester")
+READERS = ("admin", "auditor")  # the roles that read: the API's GET routes and the dashboard
 PREFIX = "mr2ct_"
 LAST_USED_RESOLUTION = timedelta(minutes=1)  # a token's last use is written at most this often (one write, not one per request)
 

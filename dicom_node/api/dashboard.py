@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.api.auth import digest
+from dicom_node.api.auth import READERS, digest
 from dicom_node.models import ApiToken, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.errors import PacsUnavailable
@@ -45,7 +45,7 @@ def _caller(request: Request, sessions: sessionmaker[Session]) -> ApiToken | Non
         return None
     with sessions() as session:
         row = session.scalars(select(ApiToken).where(ApiToken.token_sha256 == digest(token))).first()
-    return row if row is not None and row.revoked_at is None else None
+    return row if row is not None and row.revoked_at is None and row.role in READERS else None
 
 
 def _running_text(job: Job) -> str:
@@ -75,6 +75,9 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
             client = request.client.host if request.client else "?"
             audit.record(sessions, audit.SECURITY_ALERT, "failure", f"dashboard@{client}", reason="login with an invalid token")
             return login_form("That token is not valid.")
+        if row.role not in READERS:  # a requester (Orthanc's button) asks for syntheses and reads nothing
+            audit.record(sessions, audit.SECURITY_ALERT, "failure", f"api:{row.name}", reason=f"dashboard login with a {row.role} token")
+            return login_form(f"A {row.role} token may not read the dashboard: log in with an admin or auditor token.")
         audit.record(sessions, "user-authentication", "success", f"api:{row.name}", via="dashboard")
         response = RedirectResponse("/dashboard", status_code=303)
         response.set_cookie(COOKIE, token, httponly=True, samesite="strict")
