@@ -83,15 +83,22 @@ def test_localizers_are_recorded_as_such_not_made_into_a_failed_job_or_a_ct_of_t
         ds = pydicom.dcmread(path)
         ds.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
         ds.save_as(path)
-    for series in (three_plane, flagged, wanted):
+    phase = _small(tmp_path, "phase", 236, slices=3, series_description="gre_field_mapping", study_uid=study)
+    for path in phase.files:  # a field map's phase difference: Siemens writes P third
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "P", "ND"]
+        ds.save_as(path)
+    for series in (three_plane, flagged, phase, wanted):
         assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
     assert wait_for_job(node.database_url, wanted.series_uid, timeout=120).state == "done"
+    assert "holds P, excluded by select_image_type_exclude (phase images)" in _series_row(node, phase.series_uid, state="ignored").reason
     three_plane_row = _series_row(node, three_plane.series_uid, state="ignored")
     assert "its slices lie in 3 planes (axial, coronal, sagittal)" in three_plane_row.reason
     flagged_row = _series_row(node, flagged.series_uid, state="ignored")
     assert "LOCALIZER" in flagged_row.reason and "select_image_type_exclude" in flagged_row.reason
     with init_db(node.database_url)() as session:
-        assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([three_plane.series_uid, flagged.series_uid]))).all()
+        assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([three_plane.series_uid, flagged.series_uid,
+                                                                                   phase.series_uid]))).all()
 
 
 def test_a_series_with_several_images_at_each_position_is_recorded_as_such_not_made_into_a_failed_job(node_factory, orthanc, tmp_path):
