@@ -271,12 +271,20 @@ def orthanc_config_command(
     postgres_user: Annotated[str, typer.Option(help="PostgreSQL role of Orthanc's index")] = "orthanc",
     postgres_password: Annotated[str, typer.Option(help="its password (default none: trust, or libpq's PGPASSWORD/.pgpass)")] = "",
     plugin: Annotated[bool, typer.Option("--plugin/--no-plugin", help="load orthanc/plugin.py (routing of stable MR series, the Synthesize CT button)")] = True,
+    node_api: Annotated[Optional[str], typer.Option(help="the node's admin API, e.g. https://mr2ct-api:8800: the Synthesize CT button asks it "
+                                                    "for the series as Orthanc holds it (a requester token is made in the node's database "
+                                                    "and written with it to orthanc-plugin.env beside --output)")] = None,
+    node_api_ca: Annotated[Optional[Path], typer.Option(help="PEM CA that signed the node API's certificate (an https --node-api)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing file (its password changes)")] = False,
+    node_config: ConfigOption = None,
 ) -> None:
     """Write the configuration of a permanent Orthanc beside mr2ct: the project's orthanc.json with
     the node as DICOM modality `mr2ct`, the routing plugin, a login for mr2ct, and optionally the
-    PostgreSQL index; the same settings the demo and the tests start Orthanc with."""
+    PostgreSQL index; the same settings the demo and the tests start Orthanc with. With
+    --node-api, also the plugin's environment file (orthanc-plugin.env, which
+    orthanc-mr2ct.service reads) with a new requester token of the node (--config: the node's)."""
     import json
+    import re
     import secrets
 
     from dicom_node.local_stack import orthanc_config
@@ -296,9 +304,25 @@ def orthanc_config_command(
             typer.echo(f"mr2ct: --postgres: {postgres!r} names no database (HOST:PORT/DATABASE)", err=True)
             raise typer.Exit(2)
         index = {"Host": pg_host, "Port": pg_port, "Database": database, "Username": postgres_user, "Password": postgres_password}
-    if output.exists() and not force:
-        typer.echo(f"mr2ct: --output: {output} exists; --force replaces it (and its password)", err=True)
+    plugin_env = output.with_name("orthanc-plugin.env")
+    if node_api is not None:
+        node_api = node_api.strip().rstrip("/")
+        if not plugin:
+            typer.echo("mr2ct: --node-api is for the plugin's button: it needs --plugin", err=True)
+            raise typer.Exit(2)
+        if not re.match(r"^https?://[^/\s?#]+(/[^\s?#]*)?$", node_api):  # the plugin's own rule (orthanc/plugin.py)
+            typer.echo(f"mr2ct: --node-api: {node_api!r} is not the node's API address, e.g. https://mr2ct-api:8800", err=True)
+            raise typer.Exit(2)
+        if node_api_ca is not None and (not node_api.startswith("https://") or not node_api_ca.is_file()):
+            typer.echo(f"mr2ct: --node-api-ca: {node_api_ca} is not a file, or --node-api is not an https:// address", err=True)
+            raise typer.Exit(2)
+    elif node_api_ca is not None:
+        typer.echo("mr2ct: --node-api-ca needs --node-api", err=True)
         raise typer.Exit(2)
+    for path in (output, plugin_env) if node_api is not None else (output,):
+        if path.exists() and not force:
+            typer.echo(f"mr2ct: --output: {path} exists; --force replaces it (and its password or token)", err=True)
+            raise typer.Exit(2)
     _output_file("--output", output)
     password = secrets.token_urlsafe(18)
     try:
@@ -307,6 +331,17 @@ def orthanc_config_command(
     except RuntimeError as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
+    if node_api is not None:
+        from dicom_node.api.auth import create_token
+        from dicom_node.db import init_db
+
+        token = create_token(init_db(_settings(node_config).database_url), "requester", f"orthanc {aet}")
+        lines = [f"MR2CT_NODE_API={node_api}", f"MR2CT_NODE_API_TOKEN={token}"]
+        if node_api_ca is not None:
+            lines.append(f"MR2CT_NODE_API_CA_FILE={node_api_ca.resolve()}")
+        plugin_env.touch(mode=0o600)
+        plugin_env.chmod(0o600)
+        plugin_env.write_text("\n".join(lines) + "\n")
     output.write_text(json.dumps(config, indent=2) + "\n")
     output.chmod(0o600)
     typer.echo(f"wrote {output} (mode 600: it holds a password; `chown orthanc {output}` where orthanc-mr2ct.service runs Orthanc as orthanc)")
@@ -315,6 +350,9 @@ def orthanc_config_command(
     if plugin:
         typer.echo(f"  stable MR series go to {node_aet} at {node_host}:{node_port}: allow this Orthanc there "
                    f"(allowed_aes = [\"{aet}@<this host>\"])")
+    if node_api is not None:
+        typer.echo(f"wrote {plugin_env} (mode 600: a requester token named 'orthanc {aet}'; `chown orthanc` it too): the Synthesize CT "
+                   f"button asks {node_api} for the series as Orthanc holds it")
     if index is not None:
         typer.echo(f"  index in PostgreSQL {index['Host']}:{index['Port']}/{index['Database']} as {postgres_user}"
                    + ("" if postgres_password else " (no password: trust, or libpq's PGPASSWORD/.pgpass)"))

@@ -302,38 +302,58 @@ def test_a_series_the_node_routed_into_orthanc_is_not_sent_back_to_it(tmp_path, 
 def test_the_orthanc_config_command_writes_an_orthanc_that_routes_to_the_node(tmp_path):
     """A PACS administrator sets up a permanent Orthanc with `mr2ct orthanc-config`: the file it
     writes starts a real Orthanc with the generated login, the DICOMweb and Python plugins, the
-    node as modality `mr2ct`; an MR series uploaded there comes back with its sCT. Bad options
-    stop the command naming them, and an existing file is not replaced without --force."""
+    node as modality `mr2ct`; an MR series uploaded there comes back with its sCT. With --node-api
+    it also writes the plugin's environment (a requester token made in the node's database), and
+    the button asks the node's API. Bad options stop the command naming them, and an existing file
+    is not replaced without --force."""
     import json
+    import os
     import subprocess
     import sys
 
-    node_port, config = free_port(), tmp_path / "etc" / "orthanc.json"
+    node_port, api_port, config = free_port(), free_port(), tmp_path / "etc" / "orthanc.json"
+    node_database = f"sqlite:///{tmp_path / 'node' / 'mr2ct.db'}"  # node_env's
+    (tmp_path / "node").mkdir()
+    run_env = {**{k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}, "MR2CT_DATABASE_URL": node_database}
     command = [sys.executable, "-m", "dicom_node.cli", "orthanc-config", "--output", str(config), "--storage", str(tmp_path / "storage"),
-               "--node", f"127.0.0.1:{node_port}", "--node-aet", NODE_AE, "--http-port", str(free_port()), "--dicom-port", str(free_port())]
-    made = subprocess.run(command, capture_output=True, text=True, timeout=60)
+               "--node", f"127.0.0.1:{node_port}", "--node-aet", NODE_AE, "--http-port", str(free_port()), "--dicom-port", str(free_port()),
+               "--node-api", f"http://127.0.0.1:{api_port}"]
+    made = subprocess.run(command, capture_output=True, text=True, timeout=60, env=run_env)
     assert made.returncode == 0, made.stderr
+    plugin_env = dict(line.split("=", 1) for line in (config.parent / "orthanc-plugin.env").read_text().splitlines())
+    assert plugin_env["MR2CT_NODE_API"] == f"http://127.0.0.1:{api_port}" and plugin_env["MR2CT_NODE_API_TOKEN"].startswith("mr2ct_")
+    assert oct((config.parent / "orthanc-plugin.env").stat().st_mode & 0o777) == "0o600"
     written = json.loads(config.read_text())
     password = written["RegisteredUsers"]["mr2ct"]
     assert password in made.stdout and oct(config.stat().st_mode & 0o777) == "0o600"
     assert written["DicomModalities"] == {"mr2ct": [NODE_AE, "127.0.0.1", node_port]} and written["PythonScript"].endswith("orthanc/plugin.py")
-    again = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=60, env=run_env)
     assert again.returncode == 2 and "--force" in again.stderr and json.loads(config.read_text())["RegisteredUsers"]["mr2ct"] == password
-    for bad, named in ((["--node", "nohost"], "--node"), (["--postgres", "db:5432"], "--postgres"), (["--aet", "A\\B"], "--aet")):
-        refused = subprocess.run([*command[:5], str(tmp_path / "other.json"), *bad], capture_output=True, text=True, timeout=60)
+    for bad, named in ((["--node", "nohost"], "--node"), (["--postgres", "db:5432"], "--postgres"), (["--aet", "A\\B"], "--aet"),
+                       (["--node-api", "mr2ct-api:8800"], "--node-api"), (["--node-api-ca", "/etc/hostname"], "--node-api-ca")):
+        refused = subprocess.run([*command[:5], str(tmp_path / "other" / "other.json"), *bad], capture_output=True, text=True, timeout=60,
+                                 env=run_env)
         assert refused.returncode == 2 and named in refused.stderr, refused.stderr
-    assert not (tmp_path / "other.json").exists()
+    assert not (tmp_path / "other").exists()
 
-    with OrthancServer(tmp_path / "orthanc", config_file=config) as orthanc:
+    with OrthancServer(tmp_path / "orthanc", config_file=config, extra_env=plugin_env) as orthanc:
         assert {"dicom-web", "python"} <= set(orthanc.get("/plugins"))
         assert orthanc.get("/modalities/mr2ct/configuration")["Port"] == node_port
         env = node_env(tmp_path / "node", node_port, orthanc)
         env["MR2CT_ALLOWED_AES"] = f"{orthanc.aet}@127.0.0.1"
+        env["MR2CT_API_PORT"] = str(api_port)
+        assert env["MR2CT_DATABASE_URL"] == node_database
         with NodeServer(tmp_path / "node", env, node_port):
             series = write_mr_series(tmp_path / "mr", seed=704, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
             _upload(orthanc, [f.read_bytes() for f in series.files])
             # the base config's StableAge (5 s) holds: the series goes once it has been quiet that long
-            _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
+            result = _wait_for(orthanc, series.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
+            mr = next(x for x in result if x["MainDicomTags"]["Modality"] == "MR")
+            deadline = time.monotonic() + 30
+            while _routed_flag(orthanc, mr["ID"]) != "sent" and time.monotonic() < deadline:  # the automatic send has ended
+                time.sleep(0.2)
+            pressed = httpx.post(f"{orthanc.url}/mr2ct/synthesize/{mr['ID']}", auth=orthanc.auth, timeout=120)
+            assert pressed.status_code == 200 and pressed.json()["instances"] == 4, pressed.text  # asked of the node's API
 
 
 @pytest.mark.parametrize("env, message", [
