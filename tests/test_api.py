@@ -523,12 +523,15 @@ def test_the_administrator_lists_tokens_with_their_last_use_and_revokes_a_stale_
     (the tokens themselves are never stored, so never shown). A revoked token is refused at once;
     revoking a name no active token has says so and exits 1 (it said "revoked 0 token(s)")."""
     used, unused = _token(node, "auditor", "reporting-job"), _token(node, "auditor", "left-over")
+    browsing = _token(node, "auditor", "dashboard-only")
     assert httpx.get(f"{api['base']}/jobs", headers={"Authorization": f"Bearer {used}"}).status_code == 200
+    assert "id='token'" not in httpx.get(f"{api['base']}/dashboard", cookies={"mr2ct_token": browsing}).text  # its pages, not the login
     listed = _tokens_cli(node, "list", "--json")
     assert listed.returncode == 0, listed.stderr
     tokens = {t["name"]: t for t in map(json.loads, listed.stdout.splitlines())}
     assert tokens["reporting-job"]["role"] == "auditor" and tokens["reporting-job"]["last_used_at"] is not None
     assert tokens["left-over"]["last_used_at"] is None and tokens["left-over"]["revoked_at"] is None
+    assert tokens["dashboard-only"]["last_used_at"] is not None  # in use, though never through the API
     assert used not in listed.stdout and unused not in listed.stdout
     table = _tokens_cli(node, "list").stdout.splitlines()
     assert table[0].split() == ["id", "name", "role", "created", "last", "used", "revoked"]

@@ -65,6 +65,12 @@ def current_caller(request: Request, credentials: HTTPAuthorizationCredentials |
         client = request.client.host if request.client else "?"
         audit.record(sessions, audit.SECURITY_ALERT, "failure", f"api@{client}", reason="invalid or revoked token", path=request.url.path)
         raise HTTPException(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})
+    note_use(sessions, row)
+    return Caller(name=row.name, role=row.role)
+
+
+def note_use(sessions: sessionmaker[Session], row: ApiToken) -> None:
+    """Record that a token was used (the API or the dashboard), at most once a LAST_USED_RESOLUTION."""
     now = utcnow()
     if row.last_used_at is None or now - as_utc(row.last_used_at) >= LAST_USED_RESOLUTION:
         try:
@@ -72,7 +78,6 @@ def current_caller(request: Request, credentials: HTTPAuthorizationCredentials |
                 session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_used_at=now))
         except SQLAlchemyError as exc:  # bookkeeping: a busy database must not refuse the request
             log.warning("could not record the use of token id=%d: %s", row.id, exc)
-    return Caller(name=row.name, role=row.role)
 
 
 def require(*roles: str):  # type: ignore[no-untyped-def]

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.api.auth import READERS, digest
+from dicom_node.api.auth import READERS, digest, note_use
 from dicom_node.models import ApiToken, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.errors import PacsUnavailable
@@ -45,7 +45,10 @@ def _caller(request: Request, sessions: sessionmaker[Session]) -> ApiToken | Non
         return None
     with sessions() as session:
         row = session.scalars(select(ApiToken).where(ApiToken.token_sha256 == digest(token))).first()
-    return row if row is not None and row.revoked_at is None and row.role in READERS else None
+    if row is None or row.revoked_at is not None or row.role not in READERS:
+        return None
+    note_use(sessions, row)  # a token used only here is in use too (mr2ct tokens list)
+    return row
 
 
 def _running_text(job: Job) -> str:
