@@ -486,8 +486,8 @@ def _synthesize_by_api(output, series_id, series_uid):
                                         "instances": answer.get("instances"), "set_aside": set_aside, "message": message}),
                             "application/json")
         return
-    if status in (404, 409, 422):
-        _refuse(output, status, "mr2ct: %s" % answer)
+    if status in (404, 409, 422):  # the node's reason as it gave it (the button's alert says "mr2ct: <status>" before it)
+        _refuse(output, status, str(answer))
         return
     hint = " (MR2CT_NODE_API_TOKEN: a token of role requester)" if status in (401, 403) else ""
     orthanc.LogError("mr2ct: the node's API at %s answered %d for series %s: %s%s" % (NODE_API, status, series_id, answer, hint))

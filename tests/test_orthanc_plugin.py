@@ -524,4 +524,4 @@ def test_the_button_with_the_nodes_api_synthesizes_the_series_as_orthanc_holds_i
             time.sleep(0.2)
         refused = httpx.post(f"{orthanc.url}/mr2ct/synthesize/{stacked_mr['ID']}", auth=orthanc.auth, timeout=120)
         assert refused.status_code == 422, refused.text
-        assert refused.text.startswith("mr2ct: series not synthesized: its 4 images lie at 1 position"), refused.text
+        assert refused.text.startswith("series not synthesized: its 4 images lie at 1 position:"), refused.text
