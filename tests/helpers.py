@@ -108,12 +108,16 @@ def series_once_complete(database_url: str, series_uid: str, timeout: float = 60
         time.sleep(0.3)
 
 
-def api_token(database_url: str, role: str, name: str) -> str:
-    """A fresh admin API token, made with the CLI as an administrator would."""
+def tokens_cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`mr2ct tokens ARGS` against a node's database, as an administrator runs it."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
     env["MR2CT_DATABASE_URL"] = database_url
-    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", "create", "--role", role, "--name", name],
-                            capture_output=True, text=True, env=env, timeout=60)
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+def api_token(database_url: str, role: str, name: str) -> str:
+    """A fresh admin API token, made with the CLI as an administrator would."""
+    result = tokens_cli(database_url, "create", "--role", role, "--name", name)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
 

@@ -25,7 +25,8 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
 from dicom_node.models import ApiToken, AuditEvent, Job, Series
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import api_token, c_store, series_datasets, series_once_complete, served_api, shipped_weights_with_views, study_series
+from tests.helpers import (api_token, c_store, series_datasets, series_once_complete, served_api, shipped_weights_with_views, study_series,
+                           tokens_cli)
 from training.phantom_dicom import write_mr_series
 
 def _token_routes() -> list[tuple[str, str]]:
@@ -512,12 +513,6 @@ def test_the_admin_api_answers_https_with_its_certificate(node_factory, tmp_path
     assert "scheme=https" in node.log_path.read_text()
 
 
-def _tokens_cli(node, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
-    env["MR2CT_DATABASE_URL"] = node.database_url
-    return subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", *args], capture_output=True, text=True, env=env, timeout=60)
-
-
 def test_the_administrator_lists_tokens_with_their_last_use_and_revokes_a_stale_one(api, node):
     """Which tokens exist, what each may do and whether anyone still uses it: `mr2ct tokens list`
     (the tokens themselves are never stored, so never shown). A revoked token is refused at once;
@@ -526,21 +521,21 @@ def test_the_administrator_lists_tokens_with_their_last_use_and_revokes_a_stale_
     browsing = _token(node, "auditor", "dashboard-only")
     assert httpx.get(f"{api['base']}/jobs", headers={"Authorization": f"Bearer {used}"}).status_code == 200
     assert "id='token'" not in httpx.get(f"{api['base']}/dashboard", cookies={"mr2ct_token": browsing}).text  # its pages, not the login
-    listed = _tokens_cli(node, "list", "--json")
+    listed = tokens_cli(node.database_url, "list", "--json")
     assert listed.returncode == 0, listed.stderr
     tokens = {t["name"]: t for t in map(json.loads, listed.stdout.splitlines())}
     assert tokens["reporting-job"]["role"] == "auditor" and tokens["reporting-job"]["last_used_at"] is not None
     assert tokens["left-over"]["last_used_at"] is None and tokens["left-over"]["revoked_at"] is None
     assert tokens["dashboard-only"]["last_used_at"] is not None  # in use, though never through the API
     assert used not in listed.stdout and unused not in listed.stdout
-    table = _tokens_cli(node, "list").stdout.splitlines()
+    table = tokens_cli(node.database_url, "list").stdout.splitlines()
     assert table[0].split() == ["id", "name", "role", "created", "last", "used", "revoked"]
     (left_over,) = [line for line in table if " left-over " in line]
     assert "never" in left_over
 
-    assert _tokens_cli(node, "revoke", "--name", "left-over").stdout.strip() == "revoked 1 token(s)"
+    assert tokens_cli(node.database_url, "revoke", "--name", "left-over").stdout.strip() == "revoked 1 token(s)"
     assert httpx.get(f"{api['base']}/jobs", headers={"Authorization": f"Bearer {unused}"}).status_code == 401
-    again = _tokens_cli(node, "revoke", "--name", "left-over")
+    again = tokens_cli(node.database_url, "revoke", "--name", "left-over")
     assert again.returncode == 1 and "no active token is named 'left-over'" in again.stderr
-    after = {t["name"]: t for t in map(json.loads, _tokens_cli(node, "list", "--json").stdout.splitlines())}
+    after = {t["name"]: t for t in map(json.loads, tokens_cli(node.database_url, "list", "--json").stdout.splitlines())}
     assert after["left-over"]["revoked_at"] is not None and after["reporting-job"]["revoked_at"] is None
