@@ -54,14 +54,23 @@ class Caller:
 bearer = HTTPBearer(auto_error=False)
 
 
+def active_token(sessions: sessionmaker[Session], token: str) -> ApiToken | None:
+    """The stored row of a token that is known and not revoked (the API's bearer token, the
+    dashboard's cookie or login); None otherwise."""
+    if not token:
+        return None
+    with sessions() as session:
+        row = session.scalars(select(ApiToken).where(ApiToken.token_sha256 == digest(token))).first()
+    return row if row is not None and row.revoked_at is None else None
+
+
 def current_caller(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> Caller:
     sessions: sessionmaker[Session] = request.app.state.sessions
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>' (mr2ct tokens create)",
                             headers={"WWW-Authenticate": "Bearer"})
-    with sessions() as session:
-        row = session.scalars(select(ApiToken).where(ApiToken.token_sha256 == digest(credentials.credentials))).first()
-    if row is None or row.revoked_at is not None:
+    row = active_token(sessions, credentials.credentials)
+    if row is None:
         client = request.client.host if request.client else "?"
         audit.record(sessions, audit.SECURITY_ALERT, "failure", f"api@{client}", reason="invalid or revoked token", path=request.url.path)
         raise HTTPException(401, "invalid or revoked token", headers={"WWW-Authenticate": "Bearer"})

@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.api.auth import READERS, digest, note_use
+from dicom_node.api.auth import READERS, active_token, note_use
 from dicom_node.models import ApiToken, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.errors import PacsUnavailable
@@ -40,12 +40,8 @@ def _page(title: str, body: str, refresh_seconds: int | None = None) -> HTMLResp
 
 
 def _caller(request: Request, sessions: sessionmaker[Session]) -> ApiToken | None:
-    token = request.cookies.get(COOKIE)
-    if not token:
-        return None
-    with sessions() as session:
-        row = session.scalars(select(ApiToken).where(ApiToken.token_sha256 == digest(token))).first()
-    if row is None or row.revoked_at is not None or row.role not in READERS:
+    row = active_token(sessions, request.cookies.get(COOKIE) or "")
+    if row is None or row.role not in READERS:
         return None
     note_use(sessions, row)  # a token used only here is in use too (mr2ct tokens list)
     return row
@@ -72,9 +68,8 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
     async def login(request: Request) -> Response:
         form = parse_qs((await request.body()).decode("utf-8", "replace"))
         token = (form.get("token") or [""])[0].strip()
-        with sessions() as session:
-            row = session.scalars(select(ApiToken).where(ApiToken.token_sha256 == digest(token))).first() if token else None
-        if row is None or row.revoked_at is not None:
+        row = active_token(sessions, token)
+        if row is None:
             client = request.client.host if request.client else "?"
             audit.record(sessions, audit.SECURITY_ALERT, "failure", f"dashboard@{client}", reason="login with an invalid token")
             return login_form("That token is not valid.")
