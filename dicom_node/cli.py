@@ -811,7 +811,8 @@ def pull(
     typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']}{refreshed}, left out "
                f"{counts['synthetic']} synthetic (Synthetic Data YES, e.g. mr2ct's own sCTs), {counts['localizer']} localizer(s) (ImageType "
                f"LOCALIZER, e.g. CT topograms), {counts['mosaic']} mosaic(s) (ImageType MOSAIC: a volume's slices tiled in one "
-               f"image), {counts['phase']} of phase images (ImageType P and the like: angles, not tissue) and {counts['unusable']} that "
+               f"image), {counts['phase']} of phase images (ImageType P and the like, or GE's or the enhanced MR's complex component: "
+               f"angles, not tissue), {counts['complex']} of real or imaginary images (the same, R, I) and {counts['unusable']} that "
                "make no volume "
                f"(reasons in {cache / 'left_out.jsonl'}) -> {cache}")
     still = len(DatasetCache(cache).outdated())

@@ -23,7 +23,7 @@ from dicom_node.models import Instance, Job, RefusedInstance, Series, utcnow
 from dicom_node.recorder import Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
 from synthesis.errors import InvalidInstance, SeriesNotUsable
-from synthesis.image_type import NOT_ANATOMY, WHAT, not_anatomy, values
+from synthesis.image_type import NOT_ANATOMY, NOT_ANATOMY_COMPONENTS, WHAT, component, component_kind, not_anatomy, values
 from synthesis.volume import frame_geometry, orientation_label
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ class ReceivedInstance:
     frames: int = 1  # a multi-frame one's frames, and the positions they lie at
     frame_positions: int = 1
     frame_set: str | None = None  # a digest of those positions (multi-frame only)
+    component: str = ""  # the pixels' complex component where the instance says (synthesis.image_type.component)
+    component_source: str = ""  # what said it
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,7 @@ class SelectionRules:
     min_slices: int = 1
     orientations: tuple[str, ...] = ("axial", "sagittal", "coronal", "oblique")
     image_types_excluded: tuple[str, ...] = NOT_ANATOMY
+    components_excluded: tuple[str, ...] = NOT_ANATOMY_COMPONENTS
 
     def reason_to_skip(self, series: Series, planes: Sequence[str] = (), positions: tuple[int, int] = (0, 0)) -> str | None:
         """The first rule ``series`` fails, None when it passes. ``planes``: those its instances lie
@@ -85,6 +88,10 @@ class SelectionRules:
             told = not_anatomy([excluded[0]])
             return (f"ImageType {series.image_type!r} holds {excluded[0]}, excluded by select_image_type_exclude"
                     + (f" ({WHAT[told[0]]})" if told else ""))
+        if series.component and series.component in self.components_excluded:
+            told = component_kind((series.component, series.component_source))
+            return (f"{series.component_source or 'its complex component'} says {series.component}, excluded by "
+                    "select_complex_component_exclude" + (f" ({WHAT[told[0]]})" if told else ""))
         description = series.series_description or ""
         if self.description_include and not re.search(self.description_include, description, re.IGNORECASE):
             return f"series description {description!r} does not match {self.description_include!r}"
@@ -238,8 +245,9 @@ def validate(
         if actual < expected:
             raise DatasetMismatch(f"Pixel Data holds {actual} bytes, {rows}x{cols}x{frames} at {bits} bits needs {expected}")
     check_nesting(ds)  # after the Pixel Data checks, which need the raw (unconverted) element
+    told = component(ds) or ("", "")
     return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation_label(orientation), patient_id,
-                            image_type, position, frames, frame_positions, frame_set)
+                            image_type, position, frames, frame_positions, frame_set, told[0], told[1][:80])
 
 
 class Ingest:

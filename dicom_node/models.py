@@ -48,6 +48,9 @@ class Series(Base):
     series_description: Mapped[str] = mapped_column(String(64), default="")
     orientation: Mapped[str] = mapped_column(String(16), default="")  # the first instance's: axial, sagittal, coronal, oblique
     image_type: Mapped[str] = mapped_column(String(64), default="", server_default="")  # the first instance's ImageType
+    # the first instance's complex component (MAGNITUDE, PHASE, REAL, IMAGINARY) where it says, and what said it
+    component: Mapped[str] = mapped_column(String(16), default="", server_default="")
+    component_source: Mapped[str] = mapped_column(String(80), default="", server_default="")
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

@@ -76,6 +76,7 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                     calling_ae=item.calling_ae, instance_count=0, first_received_at=item.received_at,
                     last_received_at=item.received_at, state="receiving", series_description=info.series_description,
                     orientation=info.orientation, patient_id=info.patient_id, image_type=info.image_type,
+                    component=info.component, component_source=info.component_source,
                 )
                 session.add(series)
                 session.flush()

@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from synthesis import default_model_path
-from synthesis.image_type import NOT_ANATOMY
+from synthesis.image_type import COMPONENTS, NOT_ANATOMY, NOT_ANATOMY_COMPONENTS
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
 UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
@@ -146,8 +146,15 @@ class Settings(BaseSettings):
     select_image_type_exclude: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(NOT_ANATOMY), description="ImageType values that keep a series from synthesis (any value of "
         "its first instance's ImageType, case-insensitive; empty: none): localizers, Siemens mosaics (a volume's slices tiled in "
-        "one image, no slice) and phase images (P: Siemens, Philips; PHASE MAP, VELOCITY MAP, PHASE SUBTRACT: their pixels are "
-        "angles). Add e.g. DERIVED, DIFFUSION or ADC for maps a T1 model should not see",
+        "one image, no slice), phase images (P: Siemens, Philips; PHASE MAP, VELOCITY MAP, PHASE SUBTRACT: their pixels are "
+        "angles) and real or imaginary images (R, I, REAL, IMAGINARY). Add e.g. DERIVED, DIFFUSION or ADC for maps a T1 model "
+        "should not see",
+    )
+    select_complex_component_exclude: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(NOT_ANATOMY_COMPONENTS), description="complex components that keep a series from synthesis, "
+        "as its first instance says in Complex Image Component (0008,9208) (an enhanced MR's) or in GE's private image type "
+        f"(0043,xx2F of GEMS_PARM_01), where ImageType says ORIGINAL\\PRIMARY\\OTHER for all; one or more of {', '.join(COMPONENTS)}; "
+        "empty: none",
     )
     tls_certificate: Path | None = Field(None, description="PEM certificate: the SCP speaks DICOM over TLS when set")
     tls_private_key: Path | None = Field(None, description="PEM private key of tls_certificate")
@@ -158,8 +165,8 @@ class Settings(BaseSettings):
     def _ae_title(cls, value: str) -> str:
         return _check_ae_title(value, "ae_title")
 
-    @field_validator("allowed_aes", "select_modalities", "select_orientations", "select_image_type_exclude", "forward_sop_classes",
-                     mode="before")
+    @field_validator("allowed_aes", "select_modalities", "select_orientations", "select_image_type_exclude",
+                     "select_complex_component_exclude", "forward_sop_classes", mode="before")
     @classmethod
     def _split_aes(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -185,6 +192,14 @@ class Settings(BaseSettings):
         bad = [v for v in value if not re.fullmatch(r"[A-Za-z0-9_ ]{1,16}", v)]
         if bad:
             raise ValueError(f"{bad} are not ImageType values (code strings: letters, digits, space, underscore, at most 16)")
+        return [v.upper() for v in value]
+
+    @field_validator("select_complex_component_exclude")
+    @classmethod
+    def _check_components(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if v.upper() not in COMPONENTS]
+        if bad:
+            raise ValueError(f"{bad} are not complex components; known: {list(COMPONENTS)}")
         return [v.upper() for v in value]
 
     @field_validator("select_orientations")

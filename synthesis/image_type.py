@@ -10,23 +10,52 @@
   as the fourth (its magnitude images say M); DICOM's defined terms for an MR image's third value
   add PHASE MAP, VELOCITY MAP and PHASE SUBTRACT. Until 2026-12-05 they were synthesized (a field
   map's phase series came out as an sCT) and pulled into the MR training pool.
+- ``complex``: real or imaginary images (R or I where Siemens and Philips write P for phase, or
+  REAL, IMAGINARY): one part of the complex signal, signed, not the magnitude a T1 model was
+  trained on (a phase-sensitive inversion recovery's real images among them).
+
+ImageType is not the only place a scanner says so. The complex component of the pixels
+(``component``) is told by DICOM's Complex Image Component (0008,9208) (an enhanced MR image's,
+at its top level or in its shared MR Image Frame Type), and by GE in a private element: ImageType
+ORIGINAL\\PRIMARY\\OTHER for all four, and in the block of creator GEMS_PARM_01 of group 0043,
+element xx2F (SS): 0 magnitude, 1 phase, 2 real, 3 imaginary. Until 2026-12-05 neither was read,
+so a GE field map's phase series was synthesized and pulled.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import base64
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-LOCALIZER, MOSAIC, PHASE = "localizer", "mosaic", "phase"
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+LOCALIZER, MOSAIC, PHASE, COMPLEX = "localizer", "mosaic", "phase", "complex"
 
 # what is left out, by kind, and the ImageType values that tell it
 KINDS: dict[str, tuple[str, ...]] = {
     LOCALIZER: ("LOCALIZER",),
     MOSAIC: ("MOSAIC",),
     PHASE: ("P", "PHASE MAP", "VELOCITY MAP", "PHASE SUBTRACT"),
+    COMPLEX: ("R", "I", "REAL", "IMAGINARY"),
 }
 # The node's default select_image_type_exclude (a site may widen it, or empty it).
 NOT_ANATOMY: tuple[str, ...] = tuple(value for values in KINDS.values() for value in values)
-WHAT = {LOCALIZER: "a localizer", MOSAIC: "a mosaic", PHASE: "phase images"}  # what the series is, in a reason
+WHAT = {LOCALIZER: "a localizer", MOSAIC: "a mosaic", PHASE: "phase images", COMPLEX: "real or imaginary images"}  # in a reason
+
+# Complex Image Component (0008,9208): its defined terms, the kind each is, and the node's default
+# select_complex_component_exclude. MIXED (an enhanced image whose frames differ) is not excluded:
+# its frames lie at the same positions, which the node's own rule refuses.
+COMPONENTS: tuple[str, ...] = ("MAGNITUDE", "PHASE", "REAL", "IMAGINARY", "MIXED")
+COMPONENT_KIND = {"PHASE": PHASE, "REAL": COMPLEX, "IMAGINARY": COMPLEX}
+NOT_ANATOMY_COMPONENTS: tuple[str, ...] = tuple(COMPONENT_KIND)
+GE_CREATOR = "GEMS_PARM_01"
+GE_ELEMENT = 0x2F  # its element in the creator's block: (0043,xx2F)
+GE_COMPONENTS = {0: "MAGNITUDE", 1: "PHASE", 2: "REAL", 3: "IMAGINARY"}
+COMPLEX_IMAGE_COMPONENT = 0x00089208
+SHARED_GROUPS, MR_FRAME_TYPE = 0x52009229, 0x00189226
 
 
 def values(image_type: Iterable[object] | str | None) -> list[str]:
@@ -46,3 +75,102 @@ def not_anatomy(image_type: Iterable[object] | str | None) -> tuple[str, str] | 
             if value in told_by:
                 return kind, value
     return None
+
+
+def _text(element: Any) -> str:
+    """A code or long string's value, from a raw element (as received) or a converted one."""
+    value = element.value
+    if isinstance(value, bytes):
+        return value.decode("latin-1").strip(" \x00").upper()
+    if isinstance(value, MultiValue):
+        value = value[0] if len(value) else ""
+    return str(value or "").strip().upper()
+
+
+def _signed_short(element: Any, little_endian: bool) -> int | None:
+    """An SS value, from a raw element (VR SS, or UN when received in implicit VR without the
+    creator's dictionary) or a converted one; None when it is no such value."""
+    value = element.value
+    if isinstance(value, bytes):
+        return int.from_bytes(value[:2], "little" if little_endian else "big", signed=True) if len(value) >= 2 else None
+    if isinstance(value, MultiValue):
+        value = value[0] if len(value) else None
+    return value if isinstance(value, int) else None
+
+
+def component(ds: Dataset) -> tuple[str, str] | None:
+    """(the complex component, what told it) from Complex Image Component (0008,9208), at the top
+    level or in the shared MR Image Frame Type, else from GE's private element; None when neither
+    says. Reads raw elements without converting them (the node calls it for every C-STORE)."""
+    keys = ds.keys()  # int membership in the keys is ~10x cheaper than in the data set (no Tag conversion)
+    if COMPLEX_IMAGE_COMPONENT in keys:
+        told = _text(ds.get_item(COMPLEX_IMAGE_COMPONENT))
+        if told and told != "MIXED":
+            return told[:16], "Complex Image Component (0008,9208)"
+    if SHARED_GROUPS in keys:
+        try:
+            frame_type = ds[SHARED_GROUPS].value[0][MR_FRAME_TYPE].value[0]
+            told = _text(frame_type[COMPLEX_IMAGE_COMPONENT])
+        except (KeyError, IndexError, TypeError, AttributeError):
+            told = ""
+        if told:
+            return told[:16], "Complex Image Component (0008,9208) of the shared MR Image Frame Type"
+    if COMPLEX_IMAGE_COMPONENT in keys:
+        return "MIXED", "Complex Image Component (0008,9208)"
+    # the group's private creators, compared as plain ints (a BaseTag compares in Python, ~10x slower)
+    for tag in [t for t in map(int, keys) if 0x00430010 <= t <= 0x004300FF]:
+        if _text(ds.get_item(tag)) != GE_CREATOR:
+            continue
+        element_tag = 0x00430000 | ((tag & 0xFF) << 8) | GE_ELEMENT
+        if element_tag in keys:
+            code = _signed_short(ds.get_item(element_tag), ds.original_encoding[1] is not False)
+            if code in GE_COMPONENTS:
+                return GE_COMPONENTS[code], f"GE's private image type (0043,xx2F) {code}"
+    return None
+
+
+def _json_value(attrs: Mapping[str, Any], key: str) -> Any:
+    """The first value of a DICOM JSON attribute (PS3.18 F.2), InlineBinary as bytes; None when absent."""
+    found = attrs.get(key) or {}
+    if "Value" in found and found["Value"]:
+        return found["Value"][0]
+    if "InlineBinary" in found:
+        try:
+            return base64.b64decode(found["InlineBinary"])
+        except ValueError:
+            return None
+    return None
+
+
+def component_json(metadata: Mapping[str, Any]) -> tuple[str, str] | None:
+    """``component`` of an instance's DICOMweb metadata (WADO-RS JSON): the same rule, read where a
+    PACS's JSON puts the same elements (an unknown private element may come as UN, InlineBinary)."""
+    told = str(_json_value(metadata, "00089208") or "").strip().upper()
+    if told and told != "MIXED":
+        return told[:16], "Complex Image Component (0008,9208)"
+    shared = _json_value(metadata, "52009229")
+    frame_type = _json_value(shared, "00189226") if isinstance(shared, Mapping) else None
+    shared_told = str(_json_value(frame_type, "00089208") or "").strip().upper() if isinstance(frame_type, Mapping) else ""
+    if shared_told:
+        return shared_told[:16], "Complex Image Component (0008,9208) of the shared MR Image Frame Type"
+    if told:
+        return "MIXED", "Complex Image Component (0008,9208)"
+    for block in range(0x10, 0x100):
+        creator = _json_value(metadata, f"004300{block:02X}")
+        if isinstance(creator, bytes):
+            creator = creator.decode("latin-1")
+        if str(creator or "").strip(" \x00").upper() != GE_CREATOR:
+            continue
+        code = _json_value(metadata, f"0043{block:02X}{GE_ELEMENT:02X}")
+        if isinstance(code, bytes):
+            code = int.from_bytes(code[:2], "little", signed=True) if len(code) >= 2 else None
+        if isinstance(code, int) and code in GE_COMPONENTS:
+            return GE_COMPONENTS[code], f"GE's private image type (0043,xx2F) {code}"
+    return None
+
+
+def component_kind(told: tuple[str, str] | None) -> tuple[str, str] | None:
+    """(kind, what told it) when a ``component`` is no image of anatomy (phase, real, imaginary), else None."""
+    if told is None or told[0] not in COMPONENT_KIND:
+        return None
+    return COMPONENT_KIND[told[0]], f"{told[1]}: {told[0]}"

@@ -79,6 +79,21 @@ def audit_events(database_url: str, matching: Callable[[AuditEvent], bool], time
         time.sleep(0.2)
 
 
+def as_ge(ds: Dataset, code: int) -> Dataset:
+    """``ds`` as a GE scanner writes it: ImageType ORIGINAL\\PRIMARY\\OTHER whatever the complex
+    component, which is in the private element (0043,xx2F) of GEMS_PARM_01 (0 magnitude, 1 phase,
+    2 real, 3 imaginary), in the first free block of group 0043."""
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+    ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x2F, "SS", code)
+    return ds
+
+
+def rewrite_as_ge(paths: list[Path], code: int) -> None:
+    """``as_ge`` on each file of a series, in place."""
+    for path in paths:
+        as_ge(pydicom.dcmread(path), code).save_as(path)
+
+
 def c_store(port: int, called_ae: str, calling_ae: str, datasets: list[Dataset]) -> list[int]:
     """Send data sets to a node in one association, as a scanner would (pynetdicom sends what it is
     given, an instance without Pixel Data too, which storescu will not); their C-STORE statuses."""

@@ -24,7 +24,7 @@ from dicom_node.local_stack import NodeServer, OrthancServer, echoscu, free_port
 from dicom_node.models import AuditEvent, Instance, Job, Series
 from dicom_node.worker import STAGES
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
-from tests.helpers import api_token, audit_events, make_pki, series_datasets, study_series
+from tests.helpers import api_token, audit_events, make_pki, rewrite_as_ge, series_datasets, study_series
 from training.phantom_dicom import write_mr_series
 
 
@@ -88,17 +88,24 @@ def test_localizers_are_recorded_as_such_not_made_into_a_failed_job_or_a_ct_of_t
         ds = pydicom.dcmread(path)
         ds.ImageType = ["ORIGINAL", "PRIMARY", "P", "ND"]
         ds.save_as(path)
-    for series in (three_plane, flagged, phase, wanted):
+    # GE writes ImageType ORIGINAL\\PRIMARY\\OTHER for magnitude and phase alike, and the component in a
+    # private element (0043,xx2F of GEMS_PARM_01; 1: phase): synthesized until 2026-12-05. The T1 is GE's too (0: magnitude).
+    ge_phase = _small(tmp_path, "ge-phase", 237, slices=3, series_description="B0 map", study_uid=study)
+    rewrite_as_ge(ge_phase.files, 1)
+    rewrite_as_ge(wanted.files, 0)
+    for series in (three_plane, flagged, phase, ge_phase, wanted):
         assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
     assert wait_for_job(node.database_url, wanted.series_uid, timeout=120).state == "done"
     assert "holds P, excluded by select_image_type_exclude (phase images)" in _series_row(node, phase.series_uid, state="ignored").reason
+    assert (_series_row(node, ge_phase.series_uid, state="ignored").reason
+            == "GE's private image type (0043,xx2F) 1 says PHASE, excluded by select_complex_component_exclude (phase images)")
     three_plane_row = _series_row(node, three_plane.series_uid, state="ignored")
     assert "its slices lie in 3 planes (axial, coronal, sagittal)" in three_plane_row.reason
     flagged_row = _series_row(node, flagged.series_uid, state="ignored")
     assert "LOCALIZER" in flagged_row.reason and "select_image_type_exclude" in flagged_row.reason
     with init_db(node.database_url)() as session:
         assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([three_plane.series_uid, flagged.series_uid,
-                                                                                   phase.series_uid]))).all()
+                                                                                   phase.series_uid, ge_phase.series_uid]))).all()
 
 
 def test_a_series_with_several_images_at_each_position_is_recorded_as_such_not_made_into_a_failed_job(node_factory, orthanc, tmp_path):

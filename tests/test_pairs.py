@@ -15,7 +15,7 @@ import pytest
 
 from synthesis.errors import SeriesNotUsable
 from synthesis.volume import Volume, resample
-from tests.helpers import shipped_weights_with_views
+from tests.helpers import as_ge, shipped_weights_with_views
 from training import phantoms
 from training.evaluate import HELD_OUT_SEED_BASE
 from training.phantom_dicom import write_mr_series
@@ -106,6 +106,13 @@ def test_evaluate_pairs_scores_dicom_pairs_as_the_phantom_evaluation_scores_the_
         ds = pydicom.dcmread(path)
         ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.ImageType = phase_uid, pydicom.uid.generate_uid(), ["ORIGINAL", "PRIMARY", "P", "ND"]
         ds.save_as(matched / "patient-0" / "phase" / f"{i}.dcm")
+    # Nor GE's phase images: ImageType ORIGINAL\\PRIMARY\\OTHER, the component in (0043,xx2F) of GEMS_PARM_01 (1: phase).
+    ge_phase_uid = pydicom.uid.generate_uid()
+    (matched / "patient-0" / "ge-phase").mkdir()
+    for i, path in enumerate(sorted((matched / "patient-0" / "mr").glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = ge_phase_uid, pydicom.uid.generate_uid()
+        as_ge(ds, 1).save_as(matched / "patient-0" / "ge-phase" / f"{i}.dcm")
     (matched / "README.txt").write_text("not DICOM")
     phantom = _evaluate("--json", "--subjects", "2", "--slices", "4")
     assert phantom.returncode == 0, phantom.stderr
@@ -128,6 +135,8 @@ def test_evaluate_pairs_scores_dicom_pairs_as_the_phantom_evaluation_scores_the_
     assert any(localizer_uid in reason and "a localizer" in reason for reason in report["left_out"])
     assert any(mosaic_uid in reason and "a mosaic (ImageType MOSAIC)" in reason for reason in report["left_out"])
     assert any(phase_uid in reason and "phase images (ImageType P)" in reason for reason in report["left_out"])
+    assert any(ge_phase_uid in reason and "phase images (GE's private image type (0043,xx2F) 1: PHASE)" in reason
+               for reason in report["left_out"])
     assert panel.stat().st_size > 10_000
     assert "PAT0" not in result.stdout + result.stderr and "PHANTOM^HEAD" not in result.stdout + result.stderr
 

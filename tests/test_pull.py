@@ -16,7 +16,7 @@ import requests
 
 from dicom_node.local_stack import OrthancServer, free_port
 from synthesis.errors import PacsUnavailable
-from tests.helpers import dicomweb_proxy, metadata_asked
+from tests.helpers import dicomweb_proxy, metadata_asked, rewrite_as_ge
 from training.pacs_pull import DatasetCache, PullFilter, pull
 
 MR2CT = [sys.executable, "-m", "dicom_node.cli"]
@@ -105,14 +105,14 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
     with _in_the_pacs(orthanc, [*sct.files, *broken.files, *topogram.files]):
         cache_dir = tmp_path / "cache"
         counts = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("CT")], username=orthanc.username, password=orthanc.password)
-        assert counts == {"found": 3 + 1 + 3, "fetched": 4, "skipped": 0, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "unusable": 1, "refreshed": 0}
+        assert counts == {"found": 3 + 1 + 3, "fetched": 4, "skipped": 0, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "unusable": 1, "refreshed": 0}
         cache = DatasetCache(cache_dir)
         assert not {sct.series_uid, broken.series_uid, topogram.series_uid} & cache.known()
         assert cache.left_out()[topogram.series_uid] == "localizer"
         assert "two or more slices share one position" in cache.left_out()[broken.series_uid]
         with dicomweb_proxy(orthanc) as (url, asked, _refused):
             again = pull(url, cache_dir, [PullFilter("CT")])
-        assert again == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "unusable": 1, "refreshed": 0}
+        assert again == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "unusable": 1, "refreshed": 0}
         assert metadata_asked(asked) == [] and not any(uid in path for path in asked
                                                       for uid in (sct.series_uid, broken.series_uid, topogram.series_uid))
         assert not any(pid in p.read_bytes() for p in cache_dir.rglob("*") if p.is_file() for pid in (b"PHSCT01", b"PHBAD01", b"PHTOP01"))
@@ -127,7 +127,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         assert limited["fetched"] == 4 and limited["found"] == 4 + limited["synthetic"] + limited["localizer"] + limited["unusable"]
         more = pull(f"{orthanc.url}/dicom-web", tmp_path / "limited", [PullFilter("CT", limit=5)],
                     username=orthanc.username, password=orthanc.password, progress=False)
-        assert more == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "unusable": 1,
+        assert more == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "unusable": 1,
                         "refreshed": 0}  # looked at all: the PACS has no 5th
 
 
@@ -152,12 +152,22 @@ def test_a_siemens_mosaic_and_phase_images_are_left_out_before_their_pixels_are_
         ds = pydicom.dcmread(path)
         ds.ImageType = ["ORIGINAL", "PRIMARY", "P", "ND"]
         ds.save_as(path)
-    with _in_the_pacs(orthanc, bold.files + phase.files), dicomweb_proxy(orthanc) as (url, asked, _refused):
+    # GE: ImageType ORIGINAL\\PRIMARY\\OTHER for all, the component in (0043,xx2F) of GEMS_PARM_01 (1 phase, 2 real);
+    # pulled into the MR pool until 2026-12-05, with the PACS's JSON carrying the private element
+    ge = {}
+    for code, seed in ((1, 82), (2, 83)):
+        ge[code] = write_mr_series(tmp_path / f"ge-{code}", seed=seed, slices=3, size=32, pixel_spacing=8.0, patient_id="PHMOS01",
+                                   series_description="B0 field_map")
+        rewrite_as_ge(ge[code].files, code)
+    left = (bold, phase, ge[1], ge[2])
+    with _in_the_pacs(orthanc, [f for series in left for f in series.files]), dicomweb_proxy(orthanc) as (url, asked, _refused):
         counts = pull(url, tmp_path / "cache", [PullFilter("MR", description="ep2d|field_map")], progress=False)
-    assert counts == {"found": 2, "fetched": 0, "skipped": 0, "synthetic": 0, "localizer": 0, "mosaic": 1, "phase": 1, "unusable": 0, "refreshed": 0}
-    assert DatasetCache(tmp_path / "cache").left_out() == {bold.series_uid: "mosaic", phase.series_uid: "phase"}
+    assert counts == {"found": 4, "fetched": 0, "skipped": 0, "synthetic": 0, "localizer": 0, "mosaic": 1, "phase": 2, "complex": 1,
+                      "unusable": 0, "refreshed": 0}
+    assert DatasetCache(tmp_path / "cache").left_out() == {bold.series_uid: "mosaic", phase.series_uid: "phase", ge[1].series_uid: "phase",
+                                                           ge[2].series_uid: "complex"}
     fetched = [path for path in asked if "/instances/" in path and not path.endswith("/metadata")
-               and (bold.series_uid in path or phase.series_uid in path)]
+               and any(series.series_uid in path for series in left)]
     assert fetched == [], fetched
 
 

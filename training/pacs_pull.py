@@ -30,7 +30,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
 from synthesis.errors import Mr2ctError, PacsUnavailable
-from synthesis.image_type import KINDS, not_anatomy
+from synthesis.image_type import KINDS, component_json, component_kind, not_anatomy
 from synthesis.normalize import mr_to_unit
 from synthesis.progress import progress_bar
 from synthesis.uids import is_valid_uid
@@ -241,10 +241,11 @@ def pull(
 ) -> dict[str, int]:
     """Fetch what matches and is not yet cached. A series that says it is synthetic (Synthetic Data
     YES: the sCTs mr2ct itself stores in the PACS, and other tools' synthetic images) or whose
-    ImageType says LOCALIZER (the topogram every CT study holds), MOSAIC (Siemens tiles) or phase is never
+    ImageType says LOCALIZER (the topogram every CT study holds), MOSAIC (Siemens tiles), phase, real or
+    imaginary (or whose complex component says one of the last three, as GE's private element does) is never
     training data: asked of each series before it is fetched (its first instance's metadata), and remembered in the cache
     so that a second run does not ask again. Returns counts (found, fetched, skipped: cached
-    already, synthetic, localizer, mosaic and phase: left out, unusable: fetched and left out, as they
+    already, synthetic, localizer, mosaic, phase and complex: left out, unusable: fetched and left out, as they
     make no volume, such as a localizer of three planes, with the reason in the log and the cache;
     refreshed: fetched again, as the cache held them in another plane than the node's, see
     ``DatasetCache.outdated``).
@@ -368,7 +369,8 @@ class PairsFilter:
 def _left_out_before_fetch(client: DICOMwebClient, url: str, attrs: dict[str, Any]) -> str | None:
     """Why a series is no training data before its pixels are fetched, read from its first
     instance's metadata (WADO-RS, no pixels: QIDO carries neither attribute): ``SYNTHETIC`` when it
-    says Synthetic Data YES; ``localizer``, ``mosaic`` or ``phase`` when its ImageType says so
+    says Synthetic Data YES; ``localizer``, ``mosaic``, ``phase`` or ``complex`` when its ImageType,
+    or its complex component (Complex Image Component, GE's private image type), says so
     (``synthesis.image_type``: a CT's topogram is a projection, not a slice in HU; a Siemens mosaic
     was fetched whole until 2026-12-05, hundreds of volumes, to be left out or, one volume, cached
     as slices); None when it is none of these."""
@@ -385,7 +387,7 @@ def _left_out_before_fetch(client: DICOMwebClient, url: str, attrs: dict[str, An
         raise _pacs_error(url, exc) from exc
     if _value(metadata, "0008001C").upper() == "YES":
         return SYNTHETIC
-    told = not_anatomy(metadata.get("00080008", {}).get("Value") or [])
+    told = not_anatomy(metadata.get("00080008", {}).get("Value") or []) or component_kind(component_json(metadata))
     return told[0] if told else None
 
 

@@ -19,7 +19,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from synthesis.errors import SeriesNotUsable
-from synthesis.image_type import WHAT, not_anatomy
+from synthesis.image_type import WHAT, component, component_kind, not_anatomy
 from synthesis.volume import SourceSeries, assemble, resample
 
 BODY_THRESHOLD_HU = -500.0
@@ -118,13 +118,14 @@ def find_pairs(folder: Path) -> Found:
             files=tuple(path for path, _ in members), patient_issuer=str(first.get("IssuerOfPatientID", "") or ""),
         )
         told = not_anatomy(first.get("ImageType"))
+        told = (told[0], f"ImageType {told[1]}") if told else component_kind(component(first))
         if str(first.get("SyntheticData", "") or "").upper() == "YES":
             # An sCT (mr2ct's own, exported with the study) shares the MR's frame: never take it for the truth.
             skipped.append(f"{found.label()}: synthetic (Synthetic Data YES), not a ground truth")
         elif told is not None:
             # A scout (a CT's topogram: a projection, not HU), a Siemens mosaic (each image a volume's slices
             # tiled), phase images (angles): never a pair to score (synthesis.image_type).
-            skipped.append(f"{found.label()}: {WHAT[told[0]]} (ImageType {told[1]}), not a volume to score")
+            skipped.append(f"{found.label()}: {WHAT[told[0]]} ({told[1]}), not a volume to score")
         elif found.modality == "REG" or str(first.get("SOPClassUID", "")) == SPATIAL_REGISTRATION:
             for _, ds in members:
                 try:
