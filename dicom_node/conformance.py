@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 import synthesis
+from dicom_node import atna
 from dicom_node.forwarder import LOSSLESS_REENCODE, MAX_CONTEXTS, STORED_STATUSES, UNCOMPRESSED_LITTLE_ENDIAN, requested_contexts
 from dicom_node.ingest import SUPPORTED_SOP_CLASSES
 from dicom_node.scp import (
@@ -310,5 +311,23 @@ Calling AE titles checked (bound to hosts where configured), DICOM over TLS with
 certificates, UIDs validated before they name a file in the spool, an audit trail of every
 association, refusal, job and audit read; no patient identifiers in log lines. The admin API
 needs a bearer token on every route but /health.
+
+With {_setting("audit_syslog")} the audit trail goes to an audit record repository (IHE ATNA) as
+DICOM audit messages (PS3.15 A.5.1) in RFC 5424 syslog, over TLS (RFC 5425, with
+{_setting("audit_syslog_ca_file")} and the node's {_setting("audit_syslog_certificate")}), UDP
+(RFC 5426) or plain TCP: facility 10, severity 5, MSGID `IHE+RFC-3881`; AuditSourceID
+{_setting("audit_source_id")} (default the AE title), AuditEnterpriseSiteID
+{_setting("audit_enterprise_site_id")}, Audit Source Type 4. Each event names the studies it
+concerns (Study Instance UID, role Report) and their patients (Patient Number). The events sent,
+from mr2ct's audit actions (others, the node's own work such as a series becoming stable or a job
+starting, stay in its audit table):
+
+""" + _table(["mr2ct audit action", "Event ID (DCM)", "Event Type Code (DCM)", "Action"], [
+        [f"`{action}`", f"{event[0]} {event[1]}", f"{kind[0]} {kind[1]}" if kind else "-", code]
+        for action, (event, kind, code) in atna.EVENTS.items()]) + """
+
+An association that stored nothing is not sent (a C-ECHO), unless it was rejected (Security Alert,
+Node Authentication); a token the API or the dashboard refused is sent as User Authentication,
+Login, outcome 4.
 """]
     return "\n".join(parts).rstrip() + "\n"

@@ -218,6 +218,27 @@ def _routing(s: Settings) -> Check | None:
     return Check(OK, "routing", f"forward_to {s.forward_to} answered C-ECHO")
 
 
+def _audit_syslog(s: Settings) -> Check | None:
+    """The audit record repository: a TLS or TCP one is connected to (TLS: its certificate checked,
+    the node's own presented); UDP cannot be asked, so it is only named."""
+    if not s.audit_syslog:
+        return None
+    from dicom_node import atna
+
+    if s.audit_syslog.startswith("udp://"):
+        return Check(WARN, "audit syslog", f"{s.audit_syslog}: UDP, best effort (a datagram lost on the way is lost; nothing answers "
+                                           "to check); tls:// sends each message at least once")
+    try:
+        context = atna.context_for(s)
+        transport = atna.Transport(s.audit_syslog, context, timeout=10)
+        transport.send([])  # connect (and handshake), send nothing
+        transport.close()
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        return Check(FAIL, "audit syslog", f"audit_syslog {s.audit_syslog}: {exc}")
+    return Check(OK, "audit syslog", f"{s.audit_syslog} accepts a connection" + (" (TLS: the repository's certificate checked)"
+                                                                                 if context is not None else ""))
+
+
 def log_orthanc_checks(settings: Settings) -> None:
     """What `mr2ct serve` says at start-up of Orthanc (from a thread: the node does not wait for it):
     a failure as a warning naming the setting, since the node takes traffic whatever Orthanc
@@ -235,5 +256,5 @@ def run_checks(settings: Settings) -> list[Check]:
     checks = [_database(s), *orthanc_checks(s), _model(s), _spool(s), _port("dicom port", "dicom_port", s.dicom_host, s.dicom_port)]
     if s.api_port:
         checks.append(_port("api port", "api_port", s.api_host, s.api_port))
-    checks += [c for c in (_tls(s), _api_tls(s), _routing(s)) if c is not None]
+    checks += [c for c in (_tls(s), _api_tls(s), _routing(s), _audit_syslog(s)) if c is not None]
     return checks

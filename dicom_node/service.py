@@ -11,6 +11,7 @@ import logging
 import ipaddress
 import signal
 from pathlib import Path
+from typing import Any
 import ssl
 import threading
 from dataclasses import dataclass
@@ -94,12 +95,15 @@ class Node:
         self.stop_event = threading.Event()
         self.threads: list[threading.Thread] = []
         self.scp: StoreSCP | None = None
+        self.audit_exporter: Any = None  # dicom_node.atna.Exporter when audit_syslog is set
         self.recorder: Recorder | None = None
         self.work_queued = threading.Event()  # set when a job is queued (here or, on PostgreSQL, anywhere): wakes the worker
 
     def start(self) -> None:
         s = self.settings
         self.sessions = init_db(s.database_url)
+        if s.audit_syslog:  # first: what this start does (a store the SCP takes at once among it) is sent
+            self._start_audit_export()
         password = s.orthanc_password.get_secret_value() if s.orthanc_password else None
         rules = SelectionRules(
             modalities=tuple(s.select_modalities), description_include=s.select_description_include,
@@ -162,6 +166,24 @@ class Node:
             threading.Thread(target=log_orthanc_checks, args=(s,), name="orthanc-check", daemon=True).start()
         audit.record(self.sessions, audit.APPLICATION_START, "success", f"mr2ct {self.role}", ae_title=s.ae_title, port=s.dicom_port)
 
+    def _start_audit_export(self) -> None:
+        """Send the audit trail to the repository (IHE ATNA), from the rows after those already
+        sent (on the first start with it set: from this start on)."""
+        from dicom_node import atna
+
+        s = self.settings
+        assert s.audit_syslog is not None
+        try:
+            context = atna.context_for(s)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ValueError(f"audit_syslog_ca_file / audit_syslog_certificate / audit_syslog_private_key: {exc}") from exc
+        atna.start_position(self.sessions, s.audit_syslog)
+        source = atna.Source(source_id=s.audit_source_id or s.ae_title, ae_title=s.ae_title, site_id=s.audit_enterprise_site_id)
+        self.audit_exporter = atna.Exporter(self.sessions, atna.Transport(s.audit_syslog, context), source,
+                                            holder=f"{source.host}:{source.process_id}:{self.role}")
+        self._thread("audit-export", self.audit_exporter.loop, self.stop_event, s.poll_seconds)
+        log.info("audit trail sent to %s (DICOM audit messages in syslog)", s.audit_syslog)
+
     def _start_api(self, password: str | None, routing: str | None) -> None:
         import uvicorn
 
@@ -175,7 +197,7 @@ class Node:
         app = create_app(
             self.sessions, orthanc_url=s.orthanc_url, orthanc_auth=(s.orthanc_username or "", password or "") if s.orthanc_username else None,
             spool_dir=str(s.spool_dir) if Path(s.spool_dir).exists() else None, spool_min_free_mb=s.spool_min_free_mb, node_info=info,
-            routing=routing, orthanc_timeout=s.orthanc_timeout_seconds,
+            routing=routing, orthanc_timeout=s.orthanc_timeout_seconds, audit_export=s.audit_syslog,
         )
         tls = {}
         if s.api_tls_certificate is not None:
@@ -211,6 +233,13 @@ class Node:
         for thread in self.threads:
             thread.join(timeout=120)
         audit.record(self.sessions, audit.APPLICATION_STOP, "success", f"mr2ct {self.role}")
+        exporter = self.audit_exporter
+        if exporter is not None:  # the stop itself, and what came since the loop's last round
+            try:
+                exporter.send_pending()
+            except Exception as exc:
+                log.warning("audit export to %s: not sent before stopping (sent at the next start): %s", exporter.destination, exc)
+            exporter.release()
         log.info("stopped")
 
     def run_until_signalled(self) -> None:

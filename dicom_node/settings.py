@@ -95,6 +95,19 @@ class Settings(BaseSettings):
     api_tls_certificate: Path | None = Field(None, description="PEM certificate: the admin API answers HTTPS only when set (its bearer "
                                              "tokens cross the network encrypted); needed in practice once api_host is not loopback")
     api_tls_private_key: Path | None = Field(None, description="PEM private key of api_tls_certificate")
+    audit_syslog: str | None = Field(
+        None, description="an audit record repository (IHE ATNA) the audit trail is sent to as DICOM audit messages (PS3.15 A.5) "
+        "in syslog: tls://host:6514 (RFC 5425; checked against audit_syslog_ca_file or the system's CAs), udp://host:514 "
+        "(RFC 5426, best effort), tcp://host:601 (plain, octet-counted: a local relay only). Events recorded from the first "
+        "start with it set are sent, each at least once, in order; GET /audit/export says where it stands",
+    )
+    audit_syslog_ca_file: Path | None = Field(None, description="PEM CA bundle that signed the repository's certificate (tls://)")
+    audit_syslog_certificate: Path | None = Field(None, description="PEM certificate the node presents to the repository (tls://; "
+                                                  "ATNA asks for mutual authentication)")
+    audit_syslog_private_key: Path | None = Field(None, description="PEM private key of audit_syslog_certificate")
+    audit_source_id: str | None = Field(None, max_length=64, description="AuditSourceID of the messages (default: ae_title)")
+    audit_enterprise_site_id: str | None = Field(None, max_length=64, description="AuditEnterpriseSiteID of the messages (e.g. the "
+                                                 "hospital's name or OID)")
     check_called_ae: bool = Field(
         False, description="reject an association addressed to another called AE title than ae_title (a sender set up for "
         "another node); off: any called AE title, as dcmtk's storescp and Orthanc by default",
@@ -254,11 +267,27 @@ class Settings(BaseSettings):
             raise ValueError("tls_certificate and tls_private_key must be set together")
         if (self.api_tls_certificate is None) != (self.api_tls_private_key is None):
             raise ValueError("api_tls_certificate and api_tls_private_key must be set together")
-        for name in ("tls_certificate", "tls_private_key", "tls_ca_file", "api_tls_certificate", "api_tls_private_key"):
+        if (self.audit_syslog_certificate is None) != (self.audit_syslog_private_key is None):
+            raise ValueError("audit_syslog_certificate and audit_syslog_private_key must be set together")
+        tls_only = [name for name in ("audit_syslog_ca_file", "audit_syslog_certificate") if getattr(self, name) is not None]
+        if tls_only and not (self.audit_syslog or "").startswith("tls://"):
+            raise ValueError(f"{' and '.join(tls_only)} {'need' if len(tls_only) > 1 else 'needs'} audit_syslog = tls://host:port (the only transport that uses them)")
+        for name in ("tls_certificate", "tls_private_key", "tls_ca_file", "api_tls_certificate", "api_tls_private_key",
+                     "audit_syslog_ca_file", "audit_syslog_certificate", "audit_syslog_private_key"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: file {path} does not exist")
         return self
+
+    @field_validator("audit_syslog")
+    @classmethod
+    def _audit_syslog(cls, value: str | None) -> str | None:
+        if value in (None, ""):
+            return None
+        match = re.fullmatch(r"(tls|udp|tcp)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})", value.strip())
+        if not match or not 0 < int(match.group(3)) < 65536:
+            raise ValueError(f"{value!r} is not tls://host:port, udp://host:port or tcp://host:port")
+        return value.strip()
 
     @field_validator("uid_root")
     @classmethod

@@ -261,3 +261,57 @@ def make_pki(tmp_path: Path) -> Path:
         (folder / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=folder)
     return folder
+
+
+@contextmanager
+def syslog_repository(folder: Path, *, tls: Path | None = None, port: int | None = None) -> Iterator[tuple[int, Path]]:
+    """rsyslogd (Debian's, a real syslog server, as sites run to receive or relay audit messages)
+    listening on 127.0.0.1 for RFC 5424 messages: over TLS with client certificates checked
+    against ``tls``'s test CA (``make_pki``'s folder), else plain TCP (octet-counted); each
+    message's MSGID and MSG written as one line of the file it yields with its port. Stopped at
+    the end."""
+    import shutil
+
+    from dicom_node.local_stack import free_port, stop_process, wait_listening
+
+    binary = shutil.which("rsyslogd")
+    if binary is None:
+        raise RuntimeError("rsyslogd is not installed; run deploy/local/install.sh")
+    folder.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    received = folder / "received.log"
+    received.touch()
+    driver = ""
+    stream = ""
+    if tls is not None:
+        ca, certificate, key = tls / "ca.pem", tls / "server.pem", tls / "server.key"
+        driver = (f' DefaultNetstreamDriver="gtls" DefaultNetstreamDriverCAFile="{ca}"'
+                  f' DefaultNetstreamDriverCertFile="{certificate}" DefaultNetstreamDriverKeyFile="{key}"')
+        stream = ' StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="x509/certvalid"'
+    config = folder / "rsyslog.conf"
+    config.write_text(
+        f'global(workDirectory="{folder}" maxMessageSize="64k"{driver})\n'
+        f'module(load="imtcp"{stream})\n'
+        f'input(type="imtcp" port="{port}" address="127.0.0.1")\n'
+        'template(name="audit" type="string" string="%msgid% %msg%\\n")\n'
+        f'action(type="omfile" file="{received}" template="audit")\n'
+    )
+    with open(folder / "rsyslogd.err", "wb") as errors:
+        proc = subprocess.Popen([binary, "-n", "-f", str(config), "-i", str(folder / "rsyslogd.pid")], stdout=subprocess.DEVNULL,
+                                stderr=errors)
+    try:
+        wait_listening(proc, port)
+        yield port, received
+    finally:
+        stop_process(proc)
+
+
+def syslog_messages(received: Path, count: int, timeout: float = 30.0) -> list[str]:
+    """The audit messages (the XML of each) a ``syslog_repository`` has written, once it holds at least ``count``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        lines = [line.split(" ", 1)[1].lstrip("\ufeff") for line in received.read_text(encoding="utf-8").splitlines()
+                 if line.startswith("IHE+RFC-3881 ")]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.2)

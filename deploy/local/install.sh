@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-APT_PACKAGES=(orthanc orthanc-dicomweb orthanc-python orthanc-postgresql dcmtk dicom3tools postgresql openssl chromium)
+APT_PACKAGES=(orthanc orthanc-dicomweb orthanc-python orthanc-postgresql dcmtk dicom3tools postgresql openssl chromium rsyslog rsyslog-gnutls)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

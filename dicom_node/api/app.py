@@ -98,7 +98,7 @@ def _page(session: Session, query: Select[Any], limit: int, offset: int) -> dict
 
 def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = None, orthanc_auth: tuple[str, str] | None = None,
                spool_dir: str | None = None, spool_min_free_mb: int = 0, node_info: dict[str, Any] | None = None,
-               routing: str | None = None, orthanc_timeout: float = DEFAULT_TIMEOUT_SECONDS) -> FastAPI:
+               routing: str | None = None, orthanc_timeout: float = DEFAULT_TIMEOUT_SECONDS, audit_export: str | None = None) -> FastAPI:
     app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
     app.state.sessions = sessions
     info = dict(node_info or {})
@@ -499,6 +499,16 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             if run is None:
                 raise HTTPException(404, f"no training run {run_id}")
             return _row(run)
+
+    @api.get("/audit/export")
+    def audit_export_status(caller: Caller = Depends(READ)) -> dict[str, Any]:
+        """Where sending the audit trail to the repository (``audit_syslog``) stands: the last row
+        sent, how many rows are still to send (``behind``), messages sent, rows no DICOM audit
+        message stands for (``skipped``), the last error; ``destination`` null when not set."""
+        from dicom_node import atna
+
+        with sessions() as session:
+            return atna.status(session, audit_export)
 
     @api.get("/audit", response_model=None)
     def read_audit(
