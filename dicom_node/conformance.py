@@ -18,6 +18,7 @@ from pydicom.uid import UID
 
 import synthesis
 from dicom_node import atna
+from dicom_node.commitment import MAX_ATTEMPTS as MAX_COMMITMENT_ATTEMPTS
 from dicom_node.forwarder import LOSSLESS_REENCODE, MAX_CONTEXTS, STORED_STATUSES, UNCOMPRESSED_LITTLE_ENDIAN, requested_contexts
 from dicom_node.ingest import SUPPORTED_SOP_CLASSES
 from dicom_node.scp import (
@@ -206,7 +207,8 @@ Association acceptance:
 - At most {_setting("max_associations")} associations at once; more are rejected (transient,
   "local limit exceeded") and audited.
 - Maximum PDU size received: unlimited (0). Asynchronous operations: not negotiated (one
-  outstanding operation). SCP/SCU role selection and extended negotiation: not supported.
+  outstanding operation). SCP/SCU role selection and extended negotiation: not supported on the
+  associations it accepts.
 - Timeouts (pynetdicom's): ACSE {ae.acse_timeout:g} s, DIMSE {ae.dimse_timeout:g} s, network {ae.network_timeout:g} s.
 - DICOM over TLS when {_setting("tls_certificate")} and {_setting("tls_private_key")} are set;
   with {_setting("tls_ca_file")} callers must present a certificate it signed.
@@ -238,6 +240,18 @@ done (or the series was ignored) and, when routing, it reached the destination; 
 {_setting("spool_failed_retention_hours")} the originals of a series whose job failed or was cancelled go too,
 that long after its job ended (a retry then asks for the series to be sent again), and so do those
 of a series set aside for a refused instance, that long after they arrived.
+
+Storage commitment (Storage Commitment Push Model, SCP, as IHE RAD-10): an N-ACTION (Action Type
+1) from a calling AE in {_setting("commitment_peers")} (`AE@host:port`) is answered 0x0000 and
+recorded (migration 0021); the node then reports by N-EVENT-REPORT (Event Type 1: all committed,
+2: some failed) on an association it requests to that address, proposing Storage Commitment Push
+Model (Implicit VR Little Endian and the others above) with SCP/SCU role selection taking the SCP
+role. An instance is committed when the node holds it durably: its row, not purged by retention,
+its file in the spool, of the SOP class asked (Retrieve AE Title: the node's); otherwise Failure
+Reason 0x0112 (no such object instance) or 0x0119 (class/instance conflict). A report the requester
+does not take is sent again with a growing pause, {MAX_COMMITMENT_ATTEMPTS} times in all, and given up
+(audited) after that. A request from an AE not listed is refused 0x0110 (no address to report
+to), one that is malformed 0x0115 or 0x0123, all with an Error Comment and an audit row.
 
 #### 2.2.2 Routing SCU (`forward_to`)
 

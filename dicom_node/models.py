@@ -256,3 +256,23 @@ class AuditExport(Base):
     last_sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Commitment(Base):
+    """A storage commitment request (N-ACTION of Storage Commitment Push Model) and its answer, the
+    N-EVENT-REPORT the node sends on an association of its own to the requester's address."""
+
+    __tablename__ = "commitments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(String(64), index=True)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    items: Mapped[list[list[str]]] = mapped_column(JSON, default=list)  # [SOP Class UID, SOP Instance UID] as asked
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # pending -> reported (the requester took the N-EVENT-REPORT) | given-up (it never did)
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    committed: Mapped[int | None] = mapped_column(Integer)  # of the items, how many the report said the node holds
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -32,12 +32,14 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pydicom.dataset import Dataset
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
+from dicom_node.commitment import STORAGE_COMMITMENT, WELL_KNOWN_INSTANCE, CommitmentRefused, parse_request, record_request
 from dicom_node.ingest import SUPPORTED_SOP_CLASSES, DatasetMismatch, Ingest, record_refusal, validate
 from dicom_node.models import Association, utcnow
 from dicom_node.spool import SpoolFull, file_meta_header
@@ -56,9 +58,11 @@ TRANSFER_SYNTAXES = [
 ]
 
 def supported_contexts(forward_only: frozenset[str] = frozenset()) -> list[tuple[str, list[str]]]:
-    """(abstract syntax, transfer syntaxes) the Storage SCP accepts: Verification, the MR storage
-    classes and the SOP classes accepted only to be routed, in every syntax pydicom decodes here."""
+    """(abstract syntax, transfer syntaxes) the Storage SCP accepts: Verification, Storage Commitment
+    Push Model, the MR storage classes and the SOP classes accepted only to be routed, in every
+    syntax pydicom decodes here."""
     return [(str(Verification), [str(ts) for ts in DEFAULT_TRANSFER_SYNTAXES]),  # what add_supported_context gives by default
+            (STORAGE_COMMITMENT, [str(ts) for ts in DEFAULT_TRANSFER_SYNTAXES]),  # requests answered (commitment_peers)
             *((str(c), [str(ts) for ts in TRANSFER_SYNTAXES]) for c in [*SUPPORTED_SOP_CLASSES, *sorted(forward_only)])]
 
 
@@ -139,7 +143,10 @@ class StoreSCP:
         self, ae_title: str, allowed_aes: list[str], ingest: Ingest, sessions: sessionmaker[Session],
         max_associations: int = 16, on_released: Callable[[set[str]], None] | None = None,
         forward_only: frozenset[str] = frozenset(), poll_seconds: float = 0.0002, check_called_ae: bool = False,
+        commitment_peers: frozenset[str] = frozenset(), on_commitment: Callable[[], None] | None = None,
     ) -> None:
+        self.commitment_peers = commitment_peers  # AE titles whose storage commitment requests are answered
+        self.on_commitment = on_commitment
         self.ae_title = ae_title
         self.poll_seconds = poll_seconds
         self.ingest = ingest
@@ -217,6 +224,29 @@ class StoreSCP:
     def _on_echo(self, event: evt.Event) -> int:
         return STATUS_SUCCESS
 
+    def _on_n_action(self, event: evt.Event) -> tuple[int | Dataset, None]:
+        """A storage commitment request: recorded, answered later by N-EVENT-REPORT (dicom_node.commitment)."""
+        request, requestor = event.request, event.assoc.requestor
+        actor = f"{requestor.ae_title}@{requestor.address}"
+        try:
+            if (str(request.RequestedSOPClassUID) != STORAGE_COMMITMENT
+                    or str(request.RequestedSOPInstanceUID) != WELL_KNOWN_INSTANCE):
+                raise CommitmentRefused(0x0112, "N-ACTION is answered only for the Storage Commitment Push Model SOP Instance")
+            transaction, items = parse_request(int(request.ActionTypeID or 0), event.action_information)
+            if requestor.ae_title not in self.commitment_peers:
+                raise CommitmentRefused(0x0110, f"{requestor.ae_title} is not in commitment_peers: no address to send the report to")
+        except CommitmentRefused as exc:
+            log.warning("storage commitment refused calling_ae=%s status=0x%04X reason=%s", requestor.ae_title, exc.status, exc)
+            audit.record(self.sessions, "storage-commitment-requested", "failure", actor, status=f"0x{exc.status:04X}", reason=str(exc)[:500])
+            status = Dataset()
+            status.Status, status.ErrorComment = exc.status, str(exc)[:64]
+            return status, None
+        record_request(self.sessions, requestor.ae_title, transaction, items)
+        log.info("storage commitment requested calling_ae=%s transaction=%s instances=%d", requestor.ae_title, transaction, len(items))
+        if self.on_commitment is not None:
+            self.on_commitment()
+        return STATUS_SUCCESS, None
+
     def _on_store(self, event: evt.Event) -> int:
         with self._lock:
             state = self._associations.get(id(event.assoc), {"id": None, "stored": 0, "refused": 0, "series": set()})
@@ -265,6 +295,7 @@ class StoreSCP:
             (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_N_ACTION, self._on_n_action),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_RELEASED, lambda e: self._on_end(e, "released")),
             (evt.EVT_ABORTED, lambda e: self._on_end(e, "aborted")),

@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     api_tls_certificate: Path | None = Field(None, description="PEM certificate: the admin API answers HTTPS only when set (its bearer "
                                              "tokens cross the network encrypted); needed in practice once api_host is not loopback")
     api_tls_private_key: Path | None = Field(None, description="PEM private key of api_tls_certificate")
+    commitment_peers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="AE@host:port of each AE that may ask the node for storage commitment (Storage "
+        "Commitment Push Model): the node answers each request by N-EVENT-REPORT on an association it opens to that address "
+        "(a scanner or Orthanc); a request from an AE not listed is refused (no address to answer to)",
+    )
     audit_syslog: str | None = Field(
         None, description="an audit record repository (IHE ATNA) the audit trail is sent to as DICOM audit messages (PS3.15 A.5) "
         "in syslog: tls://host:6514 (RFC 5425; checked against audit_syslog_ca_file or the system's CAs), udp://host:514 "
@@ -179,7 +184,7 @@ class Settings(BaseSettings):
         return _check_ae_title(value, "ae_title")
 
     @field_validator("allowed_aes", "select_modalities", "select_orientations", "select_image_type_exclude",
-                     "select_complex_component_exclude", "forward_sop_classes", mode="before")
+                     "select_complex_component_exclude", "forward_sop_classes", "commitment_peers", mode="before")
     @classmethod
     def _split_aes(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -278,6 +283,15 @@ class Settings(BaseSettings):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: file {path} does not exist")
         return self
+
+    @field_validator("commitment_peers")
+    @classmethod
+    def _check_commitment_peers(cls, value: list[str]) -> list[str]:
+        titles = [parse_dicom_destination(entry)[0] for entry in value]  # ValueError naming the entry
+        twice = sorted({t for t in titles if titles.count(t) > 1})
+        if twice:
+            raise ValueError(f"{twice} listed more than once: one address per AE title")
+        return [entry.strip() for entry in value]
 
     @field_validator("audit_syslog")
     @classmethod
