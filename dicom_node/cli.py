@@ -24,11 +24,30 @@ app.add_typer(spool_app, name="spool")
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (MR2CT_CONFIG also works)")]
 
 
-def _logging(verbose: bool = False) -> None:
+class JsonLines(logging.Formatter):
+    """One JSON object per line (``log_format = "json"``), for a log collector: time (UTC, ISO 8601),
+    level, logger, message, process, thread, and the traceback when there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        import json
+        from datetime import datetime, timezone
+
+        entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage(), "process": record.process,
+                 "thread": record.threadName}
+        if record.exc_info:
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _logging(verbose: bool = False, log_format: str = "text") -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    if log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLines())
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one "setup plugin" line per plugin at every start
@@ -183,8 +202,8 @@ def serve(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run the DICOM node: C-STORE SCP, stability monitor and worker."""
-    _logging(verbose)
     settings = _settings(config)  # a bad setting stops start-up before torch is imported (seconds)
+    _logging(verbose, settings.log_format)
     from dicom_node.db import DatabaseUnavailable
     from dicom_node.service import Node
     from synthesis.errors import ModelMismatch

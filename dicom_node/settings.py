@@ -95,6 +95,10 @@ class Settings(BaseSettings):
     api_tls_certificate: Path | None = Field(None, description="PEM certificate: the admin API answers HTTPS only when set (its bearer "
                                              "tokens cross the network encrypted); needed in practice once api_host is not loopback")
     api_tls_private_key: Path | None = Field(None, description="PEM private key of api_tls_certificate")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="how `mr2ct serve` writes its log lines: text (time, level, logger, message) or json (one object per "
+        "line: time in UTC, level, logger, message, process, thread, traceback), for a log collector",
+    )
     commitment_peers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="AE@host:port of each AE that may ask the node for storage commitment (Storage "
         "Commitment Push Model): the node answers each request by N-EVENT-REPORT on an association it opens to that address "

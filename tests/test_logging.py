@@ -1,0 +1,29 @@
+"""The node's log as a collector reads it: with ``log_format = "json"`` every line `mr2ct serve`
+writes is one JSON object, and the patient identifiers stay out of it as out of the text log."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+from dicom_node.demo import wait_for_job
+from dicom_node.local_stack import echoscu, storescu
+from tests.conftest import NODE_AE, SCANNER_AE
+from training.phantom_dicom import write_mr_series
+
+
+def test_json_log_lines(node_factory, tmp_path):
+    node = node_factory(log_format="json")
+    series = write_mr_series(tmp_path / "mr", seed=451, slices=3, size=32, pixel_spacing=6.0, slice_spacing=10.0, patient_id="PATLOG01")
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    assert wait_for_job(node.database_url, series.series_uid, timeout=120).state == "done"
+    assert echoscu(node.port, NODE_AE, "NOT_ALLOWED").returncode != 0  # a rejection: a warning line
+    node.stop()
+    lines = [line for line in node.log_path.read_text().splitlines() if line.strip()]
+    entries = [json.loads(line) for line in lines]  # every line, or this fails naming it
+    assert all({"time", "level", "logger", "message", "process", "thread"} <= set(e) for e in entries)
+    assert all(datetime.fromisoformat(e["time"]).utcoffset().total_seconds() == 0 for e in entries)
+    messages = [e["message"] for e in entries]
+    assert any(m.startswith("SCP listening") for m in messages) and any(m.startswith("job done") for m in messages)
+    assert any(e["level"] == "WARNING" and "association rejected" in e["message"] for e in entries)
+    assert "PATLOG01" not in node.log_path.read_text()
