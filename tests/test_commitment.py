@@ -18,6 +18,7 @@ from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port, storescu
 from dicom_node.models import AuditEvent, Commitment
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
+from tests.helpers import api_token
 from training.phantom_dicom import write_mr_series
 
 
@@ -53,6 +54,10 @@ def test_orthanc_asks_for_storage_commitment_and_the_node_reports_what_it_holds(
             only_held = httpx.post(f"{orthanc.url}/modalities/mr2ct/storage-commitment", json={"DicomInstances": held},
                                    auth=orthanc.auth, timeout=30)
             assert _report(orthanc, only_held.json()["ID"])["Status"] == "Success"
+            admin = {"Authorization": f"Bearer {api_token(node.env['MR2CT_DATABASE_URL'], 'auditor', 'commitments')}"}
+            listed = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/commitments", headers=admin, timeout=10).json()
+            assert listed["counts"] == {"reported": 2} and [i["instances"] for i in listed["items"]] == [3, 4]
+            assert listed["items"][1]["committed"] == 3 and listed["items"][1]["calling_ae"] == orthanc.aet
             with init_db(node.env["MR2CT_DATABASE_URL"])() as session:
                 rows = session.query(Commitment).order_by(Commitment.id).all()
                 assert [(r.state, r.committed, r.calling_ae) for r in rows] == [("reported", 3, orthanc.aet), ("reported", 3, orthanc.aet)]

@@ -25,7 +25,7 @@ from dicom_node import audit
 from dicom_node.api.auth import READERS, Caller, current_caller, require
 from dicom_node.db import notify_job_queued
 from dicom_node.forwarder import reschedule_failed
-from dicom_node.models import (Association, AuditEvent, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
+from dicom_node.models import (Association, AuditEvent, Commitment, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
                                utcnow)
 from dicom_node.orthanc_store import DEFAULT_TIMEOUT_SECONDS, OrthancStore
 from dicom_node.retention import lock_series, purged_reason, spool_usage
@@ -300,6 +300,24 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             query = query.where(Association.started_at < until)
         with sessions() as session:
             return _page(session, query, limit, offset)
+
+    @api.get("/commitments")
+    def list_commitments(
+        caller: Caller = Depends(READ), state: Literal["pending", "reported", "given-up"] | None = None,
+        limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
+    ) -> dict[str, Any]:
+        """Storage commitment requests, newest first: who asked, how many instances, whether the
+        report went (``reported``, with how many were committed), still waits for its requester
+        (``pending``: attempts and the last error) or was ``given-up``; counts by state."""
+        query = select(Commitment).order_by(Commitment.id.desc())
+        if state:
+            query = query.where(Commitment.state == state)
+        with sessions() as session:
+            counts = dict(session.execute(select(Commitment.state, func.count()).group_by(Commitment.state)).all())
+            rows = session.scalars(query.limit(limit).offset(offset)).all()
+            items = [{**{k: v for k, v in _row(r).items() if k != "items"}, "instances": len(r.items)} for r in rows]
+        _audit_query(caller, "commitments", state=state, returned=len(items))
+        return {"counts": counts, "items": items, "limit": limit, "offset": offset}
 
     @api.get("/routing")
     def routing_status(
