@@ -212,7 +212,8 @@ class Node:
         elif not is_loopback(s.api_host):
             log.warning("the admin API listens on %s without TLS: its bearer tokens cross the network in clear; set "
                         "api_tls_certificate and api_tls_private_key, or serve it behind a TLS proxy", s.api_host)
-        config = uvicorn.Config(app, host=s.api_host, port=s.api_port, log_level="warning", access_log=False, **tls)
+        # log_config None: uvicorn's lines go through the root logger, in the node's log_format (its own config writes text)
+        config = uvicorn.Config(app, host=s.api_host, port=s.api_port, log_level="warning", access_log=False, log_config=None, **tls)
         try:
             config.load()  # a certificate or key that does not load stops start-up here, not later in the API's thread
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
