@@ -38,6 +38,7 @@ ALL_COMMITTED, SOME_FAILED = 1, 2  # Event Type ID of the report
 MAX_ITEMS = 100_000
 MAX_ATTEMPTS = 40
 MAX_PAUSE_SECONDS = 3600.0
+CLAIM_SECONDS = 300.0  # a report being sent is this process's for that long (its association's timeouts are 30 s)
 # Failure Reasons (PS3.4 J.3.3.1.1.1)
 NO_SUCH_INSTANCE = 0x0112
 CLASS_INSTANCE_CONFLICT = 0x0119
@@ -172,6 +173,14 @@ class Reporter:
             due = session.scalars(select(Commitment.id).where(Commitment.state == "pending", Commitment.next_at <= utcnow())
                                   .order_by(Commitment.id)).all()
         for commitment_id in due:
+            # taken for a while first: of several node processes sharing the database, one reports it
+            with self.sessions.begin() as session:
+                now = utcnow()
+                taken = session.execute(update(Commitment).where(
+                    Commitment.id == commitment_id, Commitment.state == "pending", Commitment.next_at <= now,
+                ).values(next_at=now + timedelta(seconds=CLAIM_SECONDS))).rowcount
+            if not taken:
+                continue
             with self.sessions() as session:
                 row = session.get(Commitment, commitment_id)
                 if row is None or row.state != "pending":

@@ -141,3 +141,34 @@ def test_a_bad_commitment_peer_stops_start_up_naming_the_key():
         with pytest.raises(ValueError, match="commitment_peers") as raised:
             Settings(commitment_peers=bad)
         assert said in str(raised.value)
+
+
+def test_two_node_processes_sharing_a_database_send_a_report_once(tmp_path):
+    """Scale-out: every SCP process runs a reporter; a report due is taken by one of them."""
+    import threading
+
+    from pynetdicom import evt
+
+    from dicom_node.commitment import Reporter, record_request
+
+    sessions = init_db(f"sqlite:///{tmp_path / 'shared.db'}")
+    peer_port = free_port()
+    record_request(sessions, SCANNER_AE, generate_uid(), [[str(MRImageStorage), generate_uid()]])
+    reports: list[Dataset] = []
+    scanner = AE(SCANNER_AE)
+    scanner.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    server = scanner.start_server(("127.0.0.1", peer_port), block=False,
+                                  evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: (reports.append(event.event_information), (0, None))[1])])
+    try:
+        reporters = [Reporter(sessions, NODE_AE, {SCANNER_AE: ("127.0.0.1", peer_port)}) for _ in range(2)]
+        threads = [threading.Thread(target=r.report_due) for r in reporters]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+    finally:
+        server.shutdown()
+    assert len(reports) == 1 and "FailedSOPSequence" in reports[0]  # never received: failed, 0x0112
+    assert reports[0].FailedSOPSequence[0].FailureReason == 0x0112
+    with sessions() as session:
+        assert session.query(Commitment).one().state == "reported"
