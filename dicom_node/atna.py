@@ -28,6 +28,7 @@ from typing import Any
 from xml.sax.saxutils import quoteattr
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
@@ -313,13 +314,16 @@ def context_for(settings: Any) -> ssl.SSLContext | None:
 def start_position(sessions: sessionmaker[Session], destination: str) -> AuditExport:
     """The export's row, made on the first start with ``audit_syslog`` set: it begins after the
     rows already written (the history before is not sent)."""
-    with sessions.begin() as session:
+    try:
+        with sessions.begin() as session:
+            if session.get(AuditExport, destination) is None:
+                newest = session.scalar(select(func.coalesce(func.max(AuditEvent.id), 0)))
+                session.add(AuditExport(destination=destination, last_id=int(newest or 0), sent=0, skipped=0))
+    except IntegrityError:  # another node process sharing the database made it first: its row stands
+        pass
+    with sessions() as session:
         row = session.get(AuditExport, destination)
-        if row is None:
-            newest = session.scalar(select(func.coalesce(func.max(AuditEvent.id), 0)))
-            row = AuditExport(destination=destination, last_id=int(newest or 0), sent=0, skipped=0)
-            session.add(row)
-        session.flush()
+        assert row is not None
         session.expunge(row)
     return row
 
