@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import ssl
 import threading
@@ -25,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from xml.sax.saxutils import quoteattr
+from xml.sax.saxutils import quoteattr as _quoteattr
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -110,6 +111,19 @@ class Subject:
     study_uid: str
     patient_id: str
     instances: int | None = None
+
+
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _clean(value: str) -> str:
+    """``value`` without the characters XML 1.0 cannot carry (control characters a reason or an
+    identifier from the wire may hold): the message stays well formed."""
+    return _NOT_XML.sub("\ufffd", value)
+
+
+def quoteattr(value: str) -> str:
+    return _quoteattr(_clean(value))
 
 
 def _code(tag: str, code: tuple[str, str], system: str = "DCM") -> str:
@@ -218,7 +232,7 @@ def message(row: AuditEvent, source: Source, subjects: Iterable[Subject] = ()) -
 
 
 def _text(value: str) -> str:
-    return value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _clean(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def subjects_of(session: Session, row: AuditEvent) -> list[Subject]:

@@ -157,3 +157,12 @@ def test_config_check_connects_to_the_repository(orthanc, tmp_path):
     assert gone.returncode == 1 and _lines(gone)["audit syslog"].startswith("FAIL audit_syslog tcp://127.0.0.1:"), gone.stdout
     udp = _check(env, audit_syslog="udp://127.0.0.1:514")
     assert udp.returncode == 0 and _lines(udp)["audit syslog"].startswith("warn") and "best effort" in udp.stdout
+
+
+def test_a_reason_with_control_characters_still_makes_well_formed_xml():
+    """A reason from the wire (an exception's text) may hold characters XML 1.0 cannot carry."""
+    row = AuditEvent(id=1, at=datetime.now(timezone.utc), action=audit.INSTANCE_REFUSED, outcome="failure", actor="SCAN\x01NER",
+                     detail={"reason": "bad value b'\x00\x07' in (0010,0010)"})
+    root = ET.fromstring(atna.message(row, atna.Source(source_id="MR2CT", ae_title="MR2CT")))
+    assert "\x00" not in root.find("EventIdentification/EventOutcomeDescription").text
+    assert root.find("EventIdentification").get("EventOutcomeIndicator") == "4"
