@@ -6,7 +6,9 @@ message stands for (PS3.15 A.5.3) becomes one such message (the schema of PS3.15
 Delivery: in the order the rows were written, each at least once (over TLS and TCP): the rows
 after the last one sent are read in batches, a batch is sent, then the position is committed; a
 repository that cannot be reached is tried again with a growing pause, and nothing is skipped
-meanwhile. Over UDP a datagram lost on the way is lost (the transport says nothing). Of several
+meanwhile. Syslog has no acknowledgement: a kept stream the repository closed is noticed before a
+batch (it is readable: a receiver never writes) and a new one opened, but a batch written in the
+very instant the repository goes down is lost with the stream. Over UDP a datagram lost on the way is lost (the transport says nothing). Of several
 node processes sharing one database, one sends at a time (a lease on the export's row).
 
 The messages name the patient (Patient ID, from the series the row is about), as ATNA asks: they
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select as io_select
 import socket
 import ssl
 import threading
@@ -279,6 +282,10 @@ class Transport:
                 for data in messages:
                     sock.sendto(data, (self.host, self.port))
             return
+        if self.sock is not None and io_select.select([self.sock], [], [], 0)[0]:
+            # a syslog receiver never writes: readable means it closed (or is closing) the stream, and
+            # a send into it now would vanish with the reset; connect again instead
+            self.close()
         if self.sock is None:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
             if self.scheme == "tls":

@@ -166,3 +166,25 @@ def test_a_reason_with_control_characters_still_makes_well_formed_xml():
     root = ET.fromstring(atna.message(row, atna.Source(source_id="MR2CT", ae_title="MR2CT")))
     assert "\x00" not in root.find("EventIdentification/EventOutcomeDescription").text
     assert root.find("EventIdentification").get("EventOutcomeIndicator") == "4"
+
+
+def test_a_repository_that_restarted_gets_what_follows_on_a_new_connection(tmp_path):
+    """The repository restarted between two batches (its end of the kept stream closed): the next
+    batch goes on a new connection, not into the dead one, where it would vanish."""
+    from dicom_node.db import init_db
+
+    sessions = init_db(f"sqlite:///{tmp_path / 'audit.db'}")
+    port = free_port()
+    destination = f"tcp://127.0.0.1:{port}"
+    atna.start_position(sessions, destination)
+    exporter = atna.Exporter(sessions, atna.Transport(destination), atna.Source(source_id="MR2CT", ae_title="MR2CT"), holder="test")
+    with syslog_repository(tmp_path / "first", port=port) as (_, received):
+        audit.record(sessions, audit.APPLICATION_START, "success", "mr2ct all")
+        assert exporter.send_pending() == 1
+        assert len(syslog_messages(received, 1)) == 1
+    with syslog_repository(tmp_path / "second", port=port) as (_, received):
+        audit.record(sessions, audit.APPLICATION_STOP, "success", "mr2ct all")
+        assert exporter.send_pending() == 1
+        stopped = syslog_messages(received, 1, timeout=10)
+    assert len(stopped) == 1 and "110121" in stopped[0]
+    exporter.release()
