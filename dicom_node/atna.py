@@ -282,9 +282,8 @@ class Transport:
                 for data in messages:
                     sock.sendto(data, (self.host, self.port))
             return
-        if self.sock is not None and io_select.select([self.sock], [], [], 0)[0]:
-            # a syslog receiver never writes: readable means it closed (or is closing) the stream, and
-            # a send into it now would vanish with the reset; connect again instead
+        if self.sock is not None and not self._alive():
+            # the receiver closed the stream (a restart): a send into it now would vanish with the reset
             self.close()
         if self.sock is None:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
@@ -301,6 +300,22 @@ class Transport:
         except OSError:
             self.close()
             raise
+
+    def _alive(self) -> bool:
+        """Whether the kept stream is still open: a syslog receiver writes no data, so a readable
+        stream has been closed, unless what came was only TLS records (a TLS 1.3 session ticket)."""
+        assert self.sock is not None
+        if not io_select.select([self.sock], [], [], 0)[0]:
+            return True
+        self.sock.setblocking(False)
+        try:
+            return bool(self.sock.recv(4096))  # b"": closed
+        except (ssl.SSLWantReadError, BlockingIOError):
+            return True  # TLS records only, no data
+        except OSError:  # reset, or a TLS alert: gone
+            return False
+        finally:
+            self.sock.settimeout(self.timeout)
 
     def close(self) -> None:
         sock, self.sock = self.sock, None

@@ -188,3 +188,27 @@ def test_a_repository_that_restarted_gets_what_follows_on_a_new_connection(tmp_p
         stopped = syslog_messages(received, 1, timeout=10)
     assert len(stopped) == 1 and "110121" in stopped[0]
     exporter.release()
+
+
+def test_a_tls_stream_is_kept_between_batches(tmp_path):
+    """Over TLS the stream is kept from batch to batch (a TLS 1.3 server's session ticket makes it
+    readable: that is no close), so a repository is not handed a new handshake for every event."""
+    from dicom_node.db import init_db
+
+    pki = make_pki(tmp_path)
+    sessions = init_db(f"sqlite:///{tmp_path / 'audit.db'}")
+    with syslog_repository(tmp_path / "arr", tls=pki) as (port, received):
+        destination = f"tls://127.0.0.1:{port}"
+        atna.start_position(sessions, destination)
+        context = atna.client_context(str(pki / "ca.pem"), str(pki / "client.pem"), str(pki / "client.key"))
+        transport = atna.Transport(destination, context)
+        exporter = atna.Exporter(sessions, transport, atna.Source(source_id="MR2CT", ae_title="MR2CT"), holder="test")
+        audit.record(sessions, audit.APPLICATION_START, "success", "mr2ct all")
+        assert exporter.send_pending() == 1
+        first = transport.sock
+        syslog_messages(received, 1)
+        audit.record(sessions, audit.APPLICATION_STOP, "success", "mr2ct all")
+        assert exporter.send_pending() == 1
+        assert transport.sock is first
+        assert len(syslog_messages(received, 2)) == 2
+        exporter.release()
