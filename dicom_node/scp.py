@@ -229,9 +229,10 @@ class StoreSCP:
         request, requestor = event.request, event.assoc.requestor
         actor = f"{requestor.ae_title}@{requestor.address}"
         try:
-            if (str(request.RequestedSOPClassUID) != STORAGE_COMMITMENT
-                    or str(request.RequestedSOPInstanceUID) != WELL_KNOWN_INSTANCE):
-                raise CommitmentRefused(0x0112, "N-ACTION is answered only for the Storage Commitment Push Model SOP Instance")
+            if str(request.RequestedSOPClassUID) != STORAGE_COMMITMENT:
+                raise CommitmentRefused(0x0118, "N-ACTION is answered only for Storage Commitment Push Model")  # no such SOP class
+            if str(request.RequestedSOPInstanceUID) != WELL_KNOWN_INSTANCE:
+                raise CommitmentRefused(0x0112, f"the Requested SOP Instance is not {WELL_KNOWN_INSTANCE}")  # no such SOP instance
             transaction, items = parse_request(int(request.ActionTypeID or 0), event.action_information)
             if requestor.ae_title not in self.commitment_peers:
                 raise CommitmentRefused(0x0110, f"{requestor.ae_title} is not in commitment_peers: no address to send the report to")

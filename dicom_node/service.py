@@ -143,14 +143,14 @@ class Node:
                     for uid in series_uids:
                         complete_series(self.sessions, uid, 0, rules, "association released")
             reporter = None
-            if s.commitment_peers:
+            if s.commitment_peers:  # storage commitment: requests from these AEs, reports to their addresses
                 from dicom_node.commitment import Reporter, peers
 
                 reporter = Reporter(self.sessions, s.ae_title, peers(s.commitment_peers))
                 self._thread("commitment", reporter.loop, self.stop_event, s.poll_seconds)
             self.scp = StoreSCP(s.ae_title, s.allowed_aes, ingest, self.sessions, s.max_associations, on_released,
                                 forward_only=frozenset(s.forward_sop_classes), poll_seconds=s.dicom_poll_ms / 1000,
-                                check_called_ae=s.check_called_ae, commitment_peers=frozenset(peers(s.commitment_peers)) if reporter else frozenset(),
+                                check_called_ae=s.check_called_ae, commitment_peers=frozenset(reporter.peers) if reporter else frozenset(),
                                 on_commitment=reporter.wake.set if reporter else None)
             self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
             self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules)
