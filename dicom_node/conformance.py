@@ -251,7 +251,8 @@ its file in the spool, of the SOP class asked (Retrieve AE Title: the node's); o
 Reason 0x0112 (no such object instance) or 0x0119 (class/instance conflict). A report the requester
 does not take is sent again with a growing pause, {MAX_COMMITMENT_ATTEMPTS} times in all, and given up
 (audited) after that. A request from an AE not listed is refused 0x0110 (no address to report
-to), one that is malformed 0x0115 or 0x0123, all with an Error Comment and an audit row.
+to), one that is malformed 0x0115 (a bad argument), 0x0123 (another action), 0x0118 or 0x0112 (another
+SOP class or instance), all with an Error Comment and an audit row.
 
 #### 2.2.2 Routing SCU (`forward_to`)
 
