@@ -20,6 +20,8 @@ models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 spool_app = typer.Typer(help="The spool of received originals.", no_args_is_help=True)
 app.add_typer(spool_app, name="spool")
+audit_app = typer.Typer(help="The audit trail's export to an audit record repository (audit_syslog).", no_args_is_help=True)
+app.add_typer(audit_app, name="audit")
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (MR2CT_CONFIG also works)")]
 
@@ -935,6 +937,49 @@ def tokens_list(
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@audit_app.command("export")
+def audit_export(
+    resend_since: Annotated[Optional[str], typer.Option(help="send again every audit row from this time on (ISO 8601; no "
+                                                                "offset: UTC), e.g. the history of a node the repository did not "
+                                                                "yet receive, or what a repository lost")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Where sending the audit trail to `audit_syslog` stands (as GET /audit/export); with
+    --resend-since, move its position back so that the running node sends those rows (again)."""
+    import json
+    from datetime import datetime, timezone
+
+    from sqlalchemy import func, select, update
+
+    from dicom_node import atna, audit
+    from dicom_node.db import init_db
+    from dicom_node.models import AuditEvent, AuditExport
+
+    settings = _settings(config)
+    if not settings.audit_syslog:
+        typer.echo("mr2ct: audit_syslog is not set: the audit trail is sent nowhere", err=True)
+        raise typer.Exit(1)
+    sessions = init_db(settings.database_url)
+    if resend_since is not None:
+        try:
+            since = datetime.fromisoformat(resend_since)
+        except ValueError:
+            typer.echo(f"mr2ct: --resend-since {resend_since!r} is not an ISO 8601 time", err=True)
+            raise typer.Exit(2) from None
+        since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+        atna.start_position(sessions, settings.audit_syslog)
+        with sessions.begin() as session:
+            first = session.scalar(select(func.min(AuditEvent.id)).where(AuditEvent.at >= since))
+            newest = session.scalar(select(func.coalesce(func.max(AuditEvent.id), 0)))
+            position = (first - 1) if first is not None else int(newest or 0)
+            session.execute(update(AuditExport).where(AuditExport.destination == settings.audit_syslog).values(last_id=position))
+            session.add(audit.event("audit-export-rewound", "success", "mr2ct audit export", destination=settings.audit_syslog,
+                                    since=since.isoformat(), position=position))
+        typer.echo(f"the rows from {since.isoformat()} on are sent again to {settings.audit_syslog} by the running node")
+    with sessions() as session:
+        typer.echo(json.dumps(atna.status(session, settings.audit_syslog)))
 
 
 @models_app.command("register")

@@ -212,3 +212,33 @@ def test_a_tls_stream_is_kept_between_batches(tmp_path):
         assert transport.sock is first
         assert len(syslog_messages(received, 2)) == 2
         exporter.release()
+
+
+def test_history_is_sent_again_from_a_time_an_administrator_names(tmp_path):
+    """`mr2ct audit export --resend-since T`: a repository connected to a node that ran before it,
+    or one that lost its data, gets the rows from T on, in order (the rewind itself audited)."""
+    import os
+    import subprocess
+    import sys
+
+    from dicom_node.db import init_db
+
+    database_url = f"sqlite:///{tmp_path / 'audit.db'}"
+    sessions = init_db(database_url)
+    port = free_port()
+    destination = f"tcp://127.0.0.1:{port}"
+    audit.record(sessions, audit.APPLICATION_START, "success", "mr2ct all")  # before the export began
+    atna.start_position(sessions, destination)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}, "MR2CT_DATABASE_URL": database_url,
+           "MR2CT_AUDIT_SYSLOG": destination}
+    said = subprocess.run([sys.executable, "-m", "dicom_node.cli", "audit", "export", "--resend-since", "2000-01-01"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert said.returncode == 0, said.stderr
+    exporter = atna.Exporter(sessions, atna.Transport(destination), atna.Source(source_id="MR2CT", ae_title="MR2CT"), holder="test")
+    with syslog_repository(tmp_path / "arr", port=port) as (_, received):
+        assert exporter.send_pending() == 1  # the start again; the rewind row is the node's own, no audit message
+        assert "110120" in syslog_messages(received, 1)[0]
+    exporter.release()
+    bad = subprocess.run([sys.executable, "-m", "dicom_node.cli", "audit", "export", "--resend-since", "yesterday"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "not an ISO 8601 time" in bad.stderr
