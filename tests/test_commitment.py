@@ -6,6 +6,8 @@ owed survives the requester being down."""
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pydicom
@@ -32,13 +34,36 @@ def _report(orthanc: OrthancServer, transaction: str, timeout: float = 60) -> di
     raise AssertionError(f"no storage commitment report for {transaction} in {timeout} s")
 
 
+@contextmanager
+def _requester(port: int) -> Iterator[list[Dataset]]:
+    """A scanner's Storage Commitment SCU listening for its reports (pynetdicom): the reports it took."""
+    from pynetdicom import evt
+
+    reports: list[Dataset] = []
+
+    def on_report(event):
+        reports.append(event.event_information)
+        return 0x0000, None
+
+    scanner = AE(SCANNER_AE)
+    scanner.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    server = scanner.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    try:
+        yield reports
+    finally:
+        server.shutdown()
+
+
+def _node(tmp_path, orthanc: OrthancServer, port: int, allowed: str, peers: str) -> NodeServer:
+    env = node_env(tmp_path / "node", port, orthanc)
+    env["MR2CT_ALLOWED_AES"], env["MR2CT_COMMITMENT_PEERS"] = allowed, peers
+    return NodeServer(tmp_path / "node", env, port)
+
+
 def test_orthanc_asks_for_storage_commitment_and_the_node_reports_what_it_holds(tmp_path):
     node_port = free_port()
     with OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]}) as orthanc:
-        env = node_env(tmp_path / "node", node_port, orthanc)
-        env["MR2CT_ALLOWED_AES"] = f"{orthanc.aet}@127.0.0.1,{SCANNER_AE}"
-        env["MR2CT_COMMITMENT_PEERS"] = f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"
-        with NodeServer(tmp_path / "node", env, node_port) as node:
+        with _node(tmp_path, orthanc, node_port, f"{orthanc.aet}@127.0.0.1,{SCANNER_AE}", f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}") as node:
             series = write_mr_series(tmp_path / "mr", seed=441, slices=3, size=32, pixel_spacing=6.0, slice_spacing=10.0)
             assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
             held = [{"SOPClassUID": str(MRImageStorage), "SOPInstanceUID": str(pydicom.dcmread(p).SOPInstanceUID)} for p in series.files]
@@ -69,10 +94,7 @@ def test_a_request_from_an_ae_without_an_address_is_refused_and_a_report_waits_f
     The requester down when the report is due: it is sent once the requester listens again."""
     node_port, peer_port = free_port(), free_port()
     with OrthancServer(tmp_path / "orthanc", free_port(), free_port()) as orthanc:
-        env = node_env(tmp_path / "node", node_port, orthanc)
-        env["MR2CT_ALLOWED_AES"] = f"{SCANNER_AE},STRANGER"
-        env["MR2CT_COMMITMENT_PEERS"] = f"{SCANNER_AE}@127.0.0.1:{peer_port}"
-        with NodeServer(tmp_path / "node", env, node_port) as node:
+        with _node(tmp_path, orthanc, node_port, f"{SCANNER_AE},STRANGER", f"{SCANNER_AE}@127.0.0.1:{peer_port}") as node:
             series = write_mr_series(tmp_path / "mr", seed=442, slices=2, size=32, pixel_spacing=6.0, slice_spacing=10.0)
             assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
             uids = [str(pydicom.dcmread(p).SOPInstanceUID) for p in series.files]
@@ -104,23 +126,10 @@ def test_a_request_from_an_ae_without_an_address_is_refused_and_a_report_waits_f
                         break
                 time.sleep(0.2)
             assert row.state == "pending" and "no association" in (row.last_error or ""), row.last_error
-            reports: list[Dataset] = []
-
-            def on_report(event):
-                reports.append(event.event_information)
-                return 0x0000, None
-
-            from pynetdicom import evt
-
-            scanner = AE(SCANNER_AE)
-            scanner.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
-            server = scanner.start_server(("127.0.0.1", peer_port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
-            try:
+            with _requester(peer_port) as reports:
                 deadline = time.monotonic() + 60  # the next attempt comes after a pause of 2 s, then 4 s
                 while not reports and time.monotonic() < deadline:
                     time.sleep(0.2)
-            finally:
-                server.shutdown()
             assert reports, "the report owed was not sent once the requester listened"
             assert reports[0].TransactionUID == request.TransactionUID
             assert sorted(i.ReferencedSOPInstanceUID for i in reports[0].ReferencedSOPSequence) == sorted(uids)
@@ -147,27 +156,18 @@ def test_two_node_processes_sharing_a_database_send_a_report_once(tmp_path):
     """Scale-out: every SCP process runs a reporter; a report due is taken by one of them."""
     import threading
 
-    from pynetdicom import evt
-
     from dicom_node.commitment import Reporter, record_request
 
     sessions = init_db(f"sqlite:///{tmp_path / 'shared.db'}")
     peer_port = free_port()
     record_request(sessions, SCANNER_AE, generate_uid(), [[str(MRImageStorage), generate_uid()]])
-    reports: list[Dataset] = []
-    scanner = AE(SCANNER_AE)
-    scanner.add_supported_context(StorageCommitmentPushModel, scu_role=True, scp_role=True)
-    server = scanner.start_server(("127.0.0.1", peer_port), block=False,
-                                  evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: (reports.append(event.event_information), (0, None))[1])])
-    try:
+    with _requester(peer_port) as reports:
         reporters = [Reporter(sessions, NODE_AE, {SCANNER_AE: ("127.0.0.1", peer_port)}) for _ in range(2)]
         threads = [threading.Thread(target=r.report_due) for r in reporters]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(timeout=60)
-    finally:
-        server.shutdown()
     assert len(reports) == 1 and "FailedSOPSequence" in reports[0]  # never received: failed, 0x0112
     assert reports[0].FailedSOPSequence[0].FailureReason == 0x0112
     with sessions() as session:
