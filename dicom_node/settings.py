@@ -108,7 +108,7 @@ class Settings(BaseSettings):
         None, description="an audit record repository (IHE ATNA) the audit trail is sent to as DICOM audit messages (PS3.15 A.5) "
         "in syslog: tls://host:6514 (RFC 5425; checked against audit_syslog_ca_file or the system's CAs), udp://host:514 "
         "(RFC 5426, best effort), tcp://host:601 (plain, octet-counted: a local relay only). Events recorded from the first "
-        "start with it set are sent, each at least once, in order; GET /audit/export says where it stands",
+        "start with it set are sent in order, retried while the repository is down; GET /audit/export says where it stands",
     )
     audit_syslog_ca_file: Path | None = Field(None, description="PEM CA bundle that signed the repository's certificate (tls://)")
     audit_syslog_certificate: Path | None = Field(None, description="PEM certificate the node presents to the repository (tls://; "
