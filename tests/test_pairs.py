@@ -72,6 +72,19 @@ def _evaluate(*args: str, views: str | None = "none") -> subprocess.CompletedPro
     return subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", *args, *chosen], capture_output=True, text=True, timeout=600)
 
 
+def _copy_as_series(patient: Path, name: str, change, first: int | None = None) -> str:
+    """The patient's MR series (its ``first`` files) copied as a new series in ``patient/name``,
+    each data set passed through ``change``; the new Series Instance UID."""
+    uid = pydicom.uid.generate_uid()
+    (patient / name).mkdir()
+    for i, path in enumerate(sorted((patient / "mr").glob("*.dcm"))[:first]):
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = uid, pydicom.uid.generate_uid()
+        change(ds)
+        ds.save_as(patient / name / f"{i}.dcm")
+    return uid
+
+
 def test_evaluate_pairs_scores_dicom_pairs_as_the_phantom_evaluation_scores_the_same_heads(tmp_path: Path) -> None:
     matched = tmp_path / "matched"
     uids = [_pair(matched / f"patient-{s}", s, f"PAT{s}") for s in range(2)]
@@ -86,33 +99,15 @@ def test_evaluate_pairs_scores_dicom_pairs_as_the_phantom_evaluation_scores_the_
         (matched / "patient-0" / "sct").mkdir(exist_ok=True)
         ds.save_as(matched / "patient-0" / "sct" / f"{i}.dcm")
     # The exam's localizer (ImageType LOCALIZER, the MR's frame) is no volume to score: it used to be paired with the CT.
-    localizer_uid = pydicom.uid.generate_uid()
-    (matched / "patient-1" / "localizer").mkdir()
-    for i, path in enumerate(sorted((matched / "patient-1" / "mr").glob("*.dcm"))[:3]):
-        ds = pydicom.dcmread(path)
-        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.ImageType = localizer_uid, pydicom.uid.generate_uid(), ["ORIGINAL", "PRIMARY", "LOCALIZER"]
-        ds.save_as(matched / "patient-1" / "localizer" / f"{i}.dcm")
+    localizer_uid = _copy_as_series(matched / "patient-1", "localizer",
+                                    lambda ds: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY", "LOCALIZER"]), first=3)
     # Nor is a Siemens mosaic (fMRI, diffusion: a volume's slices tiled in each image) in the CT's frame.
-    mosaic_uid = pydicom.uid.generate_uid()
-    (matched / "patient-1" / "mosaic").mkdir()
-    for i, path in enumerate(sorted((matched / "patient-1" / "mr").glob("*.dcm"))[:2]):
-        ds = pydicom.dcmread(path)
-        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.ImageType = mosaic_uid, pydicom.uid.generate_uid(), ["ORIGINAL", "PRIMARY", "M", "MOSAIC"]
-        ds.save_as(matched / "patient-1" / "mosaic" / f"{i}.dcm")
+    mosaic_uid = _copy_as_series(matched / "patient-1", "mosaic", lambda ds: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY", "M", "MOSAIC"]),
+                                 first=2)
     # Nor are phase images (a field map's phase series, ImageType ... P ...: angles, not tissue): they were paired too.
-    phase_uid = pydicom.uid.generate_uid()
-    (matched / "patient-0" / "phase").mkdir()
-    for i, path in enumerate(sorted((matched / "patient-0" / "mr").glob("*.dcm"))):
-        ds = pydicom.dcmread(path)
-        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.ImageType = phase_uid, pydicom.uid.generate_uid(), ["ORIGINAL", "PRIMARY", "P", "ND"]
-        ds.save_as(matched / "patient-0" / "phase" / f"{i}.dcm")
+    phase_uid = _copy_as_series(matched / "patient-0", "phase", lambda ds: setattr(ds, "ImageType", ["ORIGINAL", "PRIMARY", "P", "ND"]))
     # Nor GE's phase images: ImageType ORIGINAL\\PRIMARY\\OTHER, the component in (0043,xx2F) of GEMS_PARM_01 (1: phase).
-    ge_phase_uid = pydicom.uid.generate_uid()
-    (matched / "patient-0" / "ge-phase").mkdir()
-    for i, path in enumerate(sorted((matched / "patient-0" / "mr").glob("*.dcm"))):
-        ds = pydicom.dcmread(path)
-        ds.SeriesInstanceUID, ds.SOPInstanceUID = ge_phase_uid, pydicom.uid.generate_uid()
-        as_ge(ds, 1).save_as(matched / "patient-0" / "ge-phase" / f"{i}.dcm")
+    ge_phase_uid = _copy_as_series(matched / "patient-0", "ge-phase", lambda ds: as_ge(ds, 1))
     (matched / "README.txt").write_text("not DICOM")
     phantom = _evaluate("--json", "--subjects", "2", "--slices", "4")
     assert phantom.returncode == 0, phantom.stderr
