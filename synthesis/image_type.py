@@ -25,7 +25,7 @@ so a GE field map's phase series was synthesized and pulled.
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pydicom.dataelem import RawDataElement
@@ -98,35 +98,47 @@ def _signed_short(element: Any, little_endian: bool) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def _decide(top: str, shared: Callable[[], str], ge_code: Callable[[], int | None]) -> tuple[str, str] | None:
+    """The rule, whatever the representation: the top-level Complex Image Component unless MIXED,
+    then the shared MR Image Frame Type's, then MIXED, then GE's private code. ``shared`` and
+    ``ge_code`` are asked only when needed (the node asks for every C-STORE)."""
+    if top and top != "MIXED":
+        return top[:16], "Complex Image Component (0008,9208)"
+    told = shared()
+    if told:
+        return told[:16], "Complex Image Component (0008,9208) of the shared MR Image Frame Type"
+    if top:
+        return "MIXED", "Complex Image Component (0008,9208)"
+    code = ge_code()
+    if code in GE_COMPONENTS:
+        return GE_COMPONENTS[code], f"GE's private image type (0043,xx2F) {code}"
+    return None
+
+
 def component(ds: Dataset) -> tuple[str, str] | None:
     """(the complex component, what told it) from Complex Image Component (0008,9208), at the top
     level or in the shared MR Image Frame Type, else from GE's private element; None when neither
     says. Reads raw elements without converting them (the node calls it for every C-STORE)."""
     keys = ds.keys()  # int membership in the keys is ~10x cheaper than in the data set (no Tag conversion)
-    if COMPLEX_IMAGE_COMPONENT in keys:
-        told = _text(ds.get_item(COMPLEX_IMAGE_COMPONENT))
-        if told and told != "MIXED":
-            return told[:16], "Complex Image Component (0008,9208)"
-    if SHARED_GROUPS in keys:
+
+    def shared() -> str:
+        if SHARED_GROUPS not in keys:
+            return ""
         try:
-            frame_type = ds[SHARED_GROUPS].value[0][MR_FRAME_TYPE].value[0]
-            told = _text(frame_type[COMPLEX_IMAGE_COMPONENT])
+            return _text(ds[SHARED_GROUPS].value[0][MR_FRAME_TYPE].value[0][COMPLEX_IMAGE_COMPONENT])
         except (KeyError, IndexError, TypeError, AttributeError):
-            told = ""
-        if told:
-            return told[:16], "Complex Image Component (0008,9208) of the shared MR Image Frame Type"
-    if COMPLEX_IMAGE_COMPONENT in keys:
-        return "MIXED", "Complex Image Component (0008,9208)"
-    # the group's private creators, compared as plain ints (a BaseTag compares in Python, ~10x slower)
-    for tag in [t for t in map(int, keys) if 0x00430010 <= t <= 0x004300FF]:
-        if _text(ds.get_item(tag)) != GE_CREATOR:
-            continue
-        element_tag = 0x00430000 | ((tag & 0xFF) << 8) | GE_ELEMENT
-        if element_tag in keys:
-            code = _signed_short(ds.get_item(element_tag), ds.original_encoding[1] is not False)
-            if code in GE_COMPONENTS:
-                return GE_COMPONENTS[code], f"GE's private image type (0043,xx2F) {code}"
-    return None
+            return ""
+
+    def ge_code() -> int | None:
+        # the group's private creators, compared as plain ints (a BaseTag compares in Python, ~10x slower)
+        for tag in [t for t in map(int, keys) if 0x00430010 <= t <= 0x004300FF]:
+            element_tag = 0x00430000 | ((tag & 0xFF) << 8) | GE_ELEMENT
+            if _text(ds.get_item(tag)) == GE_CREATOR and element_tag in keys:
+                return _signed_short(ds.get_item(element_tag), ds.original_encoding[1] is not False)
+        return None
+
+    top = _text(ds.get_item(COMPLEX_IMAGE_COMPONENT)) if COMPLEX_IMAGE_COMPONENT in keys else ""
+    return _decide(top, shared, ge_code)
 
 
 def _json_value(attrs: Mapping[str, Any], key: str) -> Any:
@@ -145,28 +157,25 @@ def _json_value(attrs: Mapping[str, Any], key: str) -> Any:
 def component_json(metadata: Mapping[str, Any]) -> tuple[str, str] | None:
     """``component`` of an instance's DICOMweb metadata (WADO-RS JSON): the same rule, read where a
     PACS's JSON puts the same elements (an unknown private element may come as UN, InlineBinary)."""
-    told = str(_json_value(metadata, "00089208") or "").strip().upper()
-    if told and told != "MIXED":
-        return told[:16], "Complex Image Component (0008,9208)"
-    shared = _json_value(metadata, "52009229")
-    frame_type = _json_value(shared, "00189226") if isinstance(shared, Mapping) else None
-    shared_told = str(_json_value(frame_type, "00089208") or "").strip().upper() if isinstance(frame_type, Mapping) else ""
-    if shared_told:
-        return shared_told[:16], "Complex Image Component (0008,9208) of the shared MR Image Frame Type"
-    if told:
-        return "MIXED", "Complex Image Component (0008,9208)"
-    for block in range(0x10, 0x100):
-        creator = _json_value(metadata, f"004300{block:02X}")
-        if isinstance(creator, bytes):
-            creator = creator.decode("latin-1")
-        if str(creator or "").strip(" \x00").upper() != GE_CREATOR:
-            continue
-        code = _json_value(metadata, f"0043{block:02X}{GE_ELEMENT:02X}")
-        if isinstance(code, bytes):
-            code = int.from_bytes(code[:2], "little", signed=True) if len(code) >= 2 else None
-        if isinstance(code, int) and code in GE_COMPONENTS:
-            return GE_COMPONENTS[code], f"GE's private image type (0043,xx2F) {code}"
-    return None
+
+    def shared() -> str:
+        groups = _json_value(metadata, "52009229")
+        frame_type = _json_value(groups, "00189226") if isinstance(groups, Mapping) else None
+        return str(_json_value(frame_type, "00089208") or "").strip().upper() if isinstance(frame_type, Mapping) else ""
+
+    def ge_code() -> int | None:
+        for block in range(0x10, 0x100):
+            creator = _json_value(metadata, f"004300{block:02X}")
+            if isinstance(creator, bytes):
+                creator = creator.decode("latin-1")
+            if str(creator or "").strip(" \x00").upper() == GE_CREATOR:
+                code = _json_value(metadata, f"0043{block:02X}{GE_ELEMENT:02X}")
+                if isinstance(code, bytes):
+                    return int.from_bytes(code[:2], "little", signed=True) if len(code) >= 2 else None
+                return code if isinstance(code, int) else None
+        return None
+
+    return _decide(str(_json_value(metadata, "00089208") or "").strip().upper(), shared, ge_code)
 
 
 def component_kind(told: tuple[str, str] | None) -> tuple[str, str] | None:
