@@ -139,6 +139,22 @@ def _item(sop_class: str, sop_instance: str, reason: int | None = None) -> Datas
     return item
 
 
+def report_association(ae_title: str, peer: str, host: str, port: int, timeout: float = 30.0) -> Any:
+    """An association with a requester's address on which the node may send its reports: Storage
+    Commitment Push Model proposed with SCP/SCU role selection (the node, requesting, takes the SCP
+    role). ConnectionError saying why not."""
+    ae = NodeAE(ae_title)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    ae.add_requested_context(StorageCommitmentPushModel)
+    assoc = ae.associate(host, port, ae_title=peer, ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
+    if not assoc.is_established:
+        raise ConnectionError(f"no association with {peer}@{host}:{port} (rejected, aborted or not listening)")
+    if not any(c.abstract_syntax == STORAGE_COMMITMENT and c.as_scp for c in assoc.accepted_contexts):
+        assoc.release()
+        raise ConnectionError(f"{peer}@{host}:{port} did not accept the node as Storage Commitment SCP (role selection)")
+    return assoc
+
+
 class Reporter:
     """Sends the reports owed, from the database: the request's row says what was asked and of whom."""
 
@@ -149,14 +165,7 @@ class Reporter:
         self.wake = threading.Event()
 
     def _send(self, row: Commitment, ds: Dataset, event_type: int) -> None:
-        host, port = self.peers[row.calling_ae]
-        ae = NodeAE(self.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = self.timeout
-        ae.add_requested_context(StorageCommitmentPushModel)
-        # the node is the Storage Commitment SCP on an association it requests: SCP/SCU role selection
-        assoc = ae.associate(host, port, ae_title=row.calling_ae, ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
-        if not assoc.is_established:
-            raise ConnectionError(f"no association with {row.calling_ae}@{host}:{port} (rejected, aborted or not listening)")
+        assoc = report_association(self.ae_title, row.calling_ae, *self.peers[row.calling_ae], self.timeout)
         try:
             status, _ = assoc.send_n_event_report(ds, event_type, StorageCommitmentPushModel, WELL_KNOWN_INSTANCE)
         finally:

@@ -218,6 +218,23 @@ def _routing(s: Settings) -> Check | None:
     return Check(OK, "routing", f"forward_to {s.forward_to} answered C-ECHO")
 
 
+def _commitment_peers(s: Settings) -> list[Check]:
+    """Each storage commitment requester's address takes the association the node's reports go on;
+    one that does not is a warning (a scanner may be off now), naming the entry."""
+    from dicom_node.commitment import peers, report_association
+
+    checks = []
+    for peer, (host, port) in peers(s.commitment_peers).items():
+        try:
+            report_association(s.ae_title, peer, host, port, timeout=10).release()
+        except (ConnectionError, OSError) as exc:
+            checks.append(Check(WARN, "commitment", f"commitment_peers {peer}@{host}:{port}: {exc}; its storage commitment reports "
+                                                    "wait until it does"))
+        else:
+            checks.append(Check(OK, "commitment", f"{peer}@{host}:{port} takes the association storage commitment reports go on"))
+    return checks
+
+
 def _audit_syslog(s: Settings) -> Check | None:
     """The audit record repository: a TLS or TCP one is connected to (TLS: its certificate checked,
     the node's own presented); UDP cannot be asked, so it is only named."""
@@ -257,4 +274,5 @@ def run_checks(settings: Settings) -> list[Check]:
     if s.api_port:
         checks.append(_port("api port", "api_port", s.api_host, s.api_port))
     checks += [c for c in (_tls(s), _api_tls(s), _routing(s), _audit_syslog(s)) if c is not None]
+    checks += _commitment_peers(s)
     return checks

@@ -172,3 +172,17 @@ def test_two_node_processes_sharing_a_database_send_a_report_once(tmp_path):
     assert reports[0].FailedSOPSequence[0].FailureReason == 0x0112
     with sessions() as session:
         assert session.query(Commitment).one().state == "reported"
+
+
+def test_config_check_asks_each_requester_for_the_reports_association(tmp_path):
+    """`mr2ct config check`: Orthanc takes the association the reports go on (the node as Storage
+    Commitment SCP by role selection); an address where nothing listens is a warning naming it."""
+    from tests.test_config_check import _check, _lines
+
+    node_port, nobody = free_port(), free_port()
+    with OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]}) as orthanc:
+        env = {**node_env(tmp_path / "node", node_port, orthanc), "MR2CT_ALLOWED_AES": f"{orthanc.aet}@127.0.0.1,{SCANNER_AE}"}
+        good = _check(env, commitment_peers=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
+        assert good.returncode == 0 and _lines(good)["commitment"].startswith("ok"), good.stdout
+        off = _check(env, commitment_peers=f"{SCANNER_AE}@127.0.0.1:{nobody}")
+        assert off.returncode == 0 and _lines(off)["commitment"].startswith(f"warn commitment_peers {SCANNER_AE}@127.0.0.1:{nobody}"), off.stdout
