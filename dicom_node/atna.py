@@ -25,7 +25,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -362,6 +362,20 @@ def start_position(sessions: sessionmaker[Session], destination: str) -> AuditEx
         assert row is not None
         session.expunge(row)
     return row
+
+
+def rewind(sessions: sessionmaker[Session], destination: str, since: datetime) -> int:
+    """Move the export's position back to just before the first row written at or after ``since``
+    (UTC), so that the running node sends those rows again; audited. Returns the new position."""
+    start_position(sessions, destination)
+    with sessions.begin() as session:
+        first = session.scalar(select(func.min(AuditEvent.id)).where(AuditEvent.at >= since))
+        newest = session.scalar(select(func.coalesce(func.max(AuditEvent.id), 0)))
+        position = (first - 1) if first is not None else int(newest or 0)
+        session.execute(update(AuditExport).where(AuditExport.destination == destination).values(last_id=position))
+        session.add(audit.event("audit-export-rewound", "success", "mr2ct audit export", destination=destination,
+                                since=since.isoformat(), position=position))
+    return position
 
 
 class Exporter:

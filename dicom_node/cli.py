@@ -949,13 +949,11 @@ def audit_export(
     """Where sending the audit trail to `audit_syslog` stands (as GET /audit/export); with
     --resend-since, move its position back so that the running node sends those rows (again)."""
     import json
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    from sqlalchemy import func, select, update
-
-    from dicom_node import atna, audit
+    from dicom_node import atna
     from dicom_node.db import init_db
-    from dicom_node.models import AuditEvent, AuditExport
+    from dicom_node.models import as_utc
 
     settings = _settings(config)
     if not settings.audit_syslog:
@@ -968,15 +966,8 @@ def audit_export(
         except ValueError:
             typer.echo(f"mr2ct: --resend-since {resend_since!r} is not an ISO 8601 time", err=True)
             raise typer.Exit(2) from None
-        since = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
-        atna.start_position(sessions, settings.audit_syslog)
-        with sessions.begin() as session:
-            first = session.scalar(select(func.min(AuditEvent.id)).where(AuditEvent.at >= since))
-            newest = session.scalar(select(func.coalesce(func.max(AuditEvent.id), 0)))
-            position = (first - 1) if first is not None else int(newest or 0)
-            session.execute(update(AuditExport).where(AuditExport.destination == settings.audit_syslog).values(last_id=position))
-            session.add(audit.event("audit-export-rewound", "success", "mr2ct audit export", destination=settings.audit_syslog,
-                                    since=since.isoformat(), position=position))
+        since = as_utc(since)
+        atna.rewind(sessions, settings.audit_syslog, since)
         typer.echo(f"the rows from {since.isoformat()} on are sent again to {settings.audit_syslog} by the running node")
     with sessions() as session:
         typer.echo(json.dumps(atna.status(session, settings.audit_syslog)))
