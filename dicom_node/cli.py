@@ -1064,9 +1064,10 @@ def spool_status(config: ConfigOption = None) -> None:
     from datetime import timedelta
 
     from dicom_node.db import init_db
-    from dicom_node.retention import due_for_purge, spool_usage
+    from dicom_node.retention import due_for_purge, routing_rule, spool_usage
 
     settings = _settings(config)
+    routing = routing_rule(settings.forward_originals, settings.forward_commitment)  # what retention waits for of a routed original
     sessions = init_db(settings.database_url)
     usage = spool_usage(sessions)
     typer.echo(f"spool {settings.spool_dir}: {usage['instances']} originals, {usage['bytes'] / 2**20:.1f} MiB; "
@@ -1075,13 +1076,13 @@ def spool_status(config: ConfigOption = None) -> None:
         typer.echo(f"free on its disk: {shutil.disk_usage(settings.spool_dir).free // 2**20} MiB "
                    f"(C-STORE refused below {settings.spool_min_free_mb} MiB, spool_min_free_mb)")
     if settings.spool_retention_hours:
-        due = due_for_purge(sessions, timedelta(hours=settings.spool_retention_hours), settings.forward_originals)
+        due = due_for_purge(sessions, timedelta(hours=settings.spool_retention_hours), routing)
         typer.echo(f"spool_retention_hours {settings.spool_retention_hours:g}: {due['instances']} originals of {due['series']} "
                    f"series ({due['bytes'] / 2**20:.1f} MiB) are due now")
     else:
         typer.echo("spool_retention_hours 0: every original is kept")
     if settings.spool_failed_retention_hours:
-        due = due_for_purge(sessions, None, settings.forward_originals, failed_retention=timedelta(hours=settings.spool_failed_retention_hours))
+        due = due_for_purge(sessions, None, routing, failed_retention=timedelta(hours=settings.spool_failed_retention_hours))
         typer.echo(f"spool_failed_retention_hours {settings.spool_failed_retention_hours:g}: {due['instances']} originals of "
                    f"{due['series']} failed or cancelled series ({due['bytes'] / 2**20:.1f} MiB) are due now")
     else:
@@ -1103,9 +1104,10 @@ def spool_purge(
     from datetime import timedelta
 
     from dicom_node.db import init_db
-    from dicom_node.retention import due_for_purge, purge_spool
+    from dicom_node.retention import due_for_purge, purge_spool, routing_rule
 
     settings = _settings(config)
+    routing = routing_rule(settings.forward_originals, settings.forward_commitment)
     hours = settings.spool_retention_hours if older_than_hours is None else older_than_hours
     failed_hours = settings.spool_failed_retention_hours if failed_older_than_hours is None else failed_older_than_hours
     if hours < 0 or failed_hours < 0 or not (hours or failed_hours):
@@ -1115,10 +1117,10 @@ def spool_purge(
     failed = timedelta(hours=failed_hours) if failed_hours else None
     sessions = init_db(settings.database_url)
     if dry_run:
-        due = due_for_purge(sessions, retention, settings.forward_originals, failed_retention=failed)
+        due = due_for_purge(sessions, retention, routing, failed_retention=failed)
         typer.echo(f"would delete {due['instances']} originals of {due['series']} series ({due['bytes'] / 2**20:.1f} MiB)")
         return
-    done = purge_spool(sessions, settings.spool_dir, retention, settings.forward_originals, actor="mr2ct spool purge", failed_retention=failed)
+    done = purge_spool(sessions, settings.spool_dir, retention, routing, actor="mr2ct spool purge", failed_retention=failed)
     typer.echo(f"deleted {done['instances']} originals of {done['series']} series ({done['bytes_freed'] / 2**20:.1f} MiB)"
                + (f", {done['failed_instances']} of them of failed or cancelled series" if done["failed_instances"] else "")
                + (f"; kept {done['kept_resent']} sent again since" if done["kept_resent"] else "")

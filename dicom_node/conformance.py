@@ -18,7 +18,8 @@ from pydicom.uid import UID
 
 import synthesis
 from dicom_node import atna
-from dicom_node.commitment import MAX_ATTEMPTS as MAX_COMMITMENT_ATTEMPTS
+from dicom_node.commitment import MAX_ATTEMPTS as MAX_COMMITMENT_ATTEMPTS, STORAGE_COMMITMENT
+from dicom_node.forward_commitment import BATCH as FORWARD_COMMITMENT_BATCH
 from dicom_node.forwarder import LOSSLESS_REENCODE, MAX_CONTEXTS, STORED_STATUSES, UNCOMPRESSED_LITTLE_ENDIAN, requested_contexts
 from dicom_node.ingest import SUPPORTED_SOP_CLASSES
 from dicom_node.scp import (
@@ -167,6 +168,7 @@ every received instance on to another DICOM AE (C-STORE SCU).
 {_table(["SOP class", "SOP Class UID", "SCU", "SCP"], [
     [_name(VERIFICATION), VERIFICATION, "yes, when routing (`forward_to`)", "yes"],
     *([_name(c), str(c), "yes, when routing (`forward_to`)", "yes"] for c in SUPPORTED_SOP_CLASSES),
+    [_name(STORAGE_COMMITMENT), STORAGE_COMMITMENT, "yes, toward `forward_to` with `forward_commitment`", "yes (`commitment_peers`)"],
     [_name(str(ct.SOPClassUID)), str(ct.SOPClassUID), "created; stored in Orthanc over REST", "no"],
     [_name(str(sr.SOPClassUID)), str(sr.SOPClassUID), "created; stored in Orthanc over REST", "no"],
 ])}
@@ -207,8 +209,10 @@ Association acceptance:
 - At most {_setting("max_associations")} associations at once; more are rejected (transient,
   "local limit exceeded") and audited.
 - Maximum PDU size received: unlimited (0). Asynchronous operations: not negotiated (one
-  outstanding operation). SCP/SCU role selection and extended negotiation: not supported on the
-  associations it accepts.
+  outstanding operation). Extended negotiation: not supported on the associations it accepts;
+  SCP/SCU role selection only for Storage Commitment Push Model with
+  {_setting("forward_commitment")}, where the routing destination's proposal to take the SCP role
+  (to send its storage commitment reports) is accepted; elsewhere the default roles.
 - Timeouts (pynetdicom's): ACSE {ae.acse_timeout:g} s, DIMSE {ae.dimse_timeout:g} s, network {ae.network_timeout:g} s.
 - DICOM over TLS when {_setting("tls_certificate")} and {_setting("tls_private_key")} are set;
   with {_setting("tls_ca_file")} callers must present a certificate it signed.
@@ -278,6 +282,21 @@ original. Statuses {", ".join(f"0x{s:04X}" for s in sorted(STORED_STATUSES))} co
 other status is a refusal, retried with backoff and given up after {_setting("forward_max_refusals")}
 refusals (listed by the admin API's GET /routing until POST /routing/retry). An unreachable
 destination is retried without limit. DICOM over TLS with {_setting("forward_tls")}.
+
+Storage commitment of what was routed (Storage Commitment Push Model, SCU, IHE RAD-10), with
+{_setting("forward_commitment")}: the node asks the destination by N-ACTION (Action Type 1, on an
+association of its own proposing that SOP class in Implicit VR Little Endian and the others of
+pynetdicom's defaults) for up to {FORWARD_COMMITMENT_BATCH} routed originals per request, under a
+Transaction UID made under {_setting("uid_root")}, and takes the N-EVENT-REPORT (Event Type 1 or 2)
+on that association or on one the destination opens to the Storage SCP (its AE title must be in
+{_setting("allowed_aes")} when that is set; the SCP role it proposes by role selection is accepted).
+An original the report commits may then be deleted by spool retention; one it lists as failed (any
+Failure Reason) is routed again, and asked for again once routed; one it names neither way, or of a
+request unanswered for {_setting("forward_commitment_wait_seconds")} seconds, is asked for again
+in a new request (a late report still counts). N-EVENT-REPORT statuses returned: 0x0000; 0x0110 a
+calling AE other than the destination's; 0x0115 an unknown Transaction UID or an item without a
+valid UID; 0x0113 another Event Type; 0x0118 or 0x0112 another SOP class or instance (each with an
+audit row). Without {_setting("forward_commitment")} C-STORE success is taken as enough.
 
 ### 2.3 Network interfaces
 

@@ -91,6 +91,11 @@ class Instance(Base):
     forward_refusals: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     forward_next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     forward_error: Mapped[str | None] = mapped_column(Text)
+    # Storage commitment of the routed original (forward_commitment): the request that asks the
+    # destination for it (a ForwardCommitment's id; None: not asked, or to be asked again), and
+    # when the destination's N-EVENT-REPORT said it holds it. Retention waits for the latter.
+    forward_commitment_id: Mapped[int | None] = mapped_column(Integer, index=True)
+    forward_committed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Spool retention (spool_retention_hours): when the original was deleted from the spool. A
     # re-send of the instance clears it (the spool holds it again).
     purged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -275,4 +280,25 @@ class Commitment(Base):
     next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     committed: Mapped[int | None] = mapped_column(Integer)  # of the items, how many the report said the node holds
     reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class ForwardCommitment(Base):
+    """A storage commitment request the node sent to its routing destination (``forward_commitment``:
+    N-ACTION of Storage Commitment Push Model) for originals it routed there, and what the
+    destination's N-EVENT-REPORT answered."""
+
+    __tablename__ = "forward_commitments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    transaction_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    destination: Mapped[str] = mapped_column(String(200))
+    instances: Mapped[int] = mapped_column(Integer)
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # requested -> committed (all) | partial (some failed: those routed again) | expired (no report in
+    # forward_commitment_wait_seconds: asked again) | refused (the N-ACTION did not go, or failed)
+    state: Mapped[str] = mapped_column(String(16), default="requested", index=True)
+    reported_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    committed: Mapped[int | None] = mapped_column(Integer)
+    failed: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)

@@ -197,6 +197,7 @@ def _routing(s: Settings) -> Check | None:
         return Check(OK, "routing", f"originals routed to Orthanc at {s.orthanc_url} (see the orthanc check)")
     from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
+    from dicom_node.commitment import STORAGE_COMMITMENT
     from dicom_node.service import client_tls_context
     from dicom_node.settings import parse_dicom_destination
     from dicom_node.transport import NodeAE
@@ -205,17 +206,23 @@ def _routing(s: Settings) -> Check | None:
     ae = NodeAE(s.ae_title)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = 10
     ae.add_requested_context(Verification)
+    if s.forward_commitment:
+        ae.add_requested_context(STORAGE_COMMITMENT)
     tls = (client_tls_context(s), host) if s.forward_tls else None
     assoc = ae.associate(host, port, ae_title=called, tls_args=tls)
     if not assoc.is_established:
         return Check(FAIL, "routing", f"forward_to {s.forward_to}: no association (rejected, aborted or not listening)")
     try:
         status = assoc.send_c_echo()
+        commits = any(str(c.abstract_syntax) == STORAGE_COMMITMENT for c in assoc.accepted_contexts)
     finally:
         assoc.release()
     if not status or status.Status != 0:
         return Check(FAIL, "routing", f"forward_to {s.forward_to}: C-ECHO answered {getattr(status, 'Status', 'nothing')}")
-    return Check(OK, "routing", f"forward_to {s.forward_to} answered C-ECHO")
+    if s.forward_commitment and not commits:
+        return Check(FAIL, "routing", f"forward_commitment: forward_to {s.forward_to} does not accept Storage Commitment Push Model "
+                                      "from this node: nothing routed would ever be committed, and spool retention would keep it all")
+    return Check(OK, "routing", f"forward_to {s.forward_to} answered C-ECHO" + (", takes storage commitment requests" if s.forward_commitment else ""))
 
 
 def _commitment_peers(s: Settings) -> list[Check]:

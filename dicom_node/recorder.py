@@ -112,6 +112,7 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                 row.transfer_syntax_uid, row.orientation, row.position = item.transfer_syntax, info.orientation, info.position
                 row.frames, row.frame_positions, row.frame_set = info.frames, info.frame_positions, info.frame_set
                 row.forwarded_at, row.forward_attempts, row.forward_refusals, row.forward_next_at = None, 0, 0, item.received_at
+                row.forward_commitment_id, row.forward_committed_at = None, None  # routed, and asked for, again
                 row.purged_at = None
             if series.last_received_at is None or as_utc(series.last_received_at) < item.received_at:
                 series.last_received_at = item.received_at

@@ -16,7 +16,8 @@ An original is deleted only when all of these hold:
   instance of it waits for that instance as a failed one waits for its retry, and goes by the
   same rule;
 - when the node routes (``forward_originals``), it reached the destination: one waiting for a
-  retry, or given up, is kept.
+  retry, or given up, is kept; with ``forward_commitment``, the destination committed it too (its
+  storage commitment report said so): one routed but not committed yet, or reported failed, is kept.
 
 A file is first renamed aside (``.<name>.purge``), which takes whatever file the path holds at
 that moment atomically; a file written there after the cutoff (a re-send racing the purge) is
@@ -38,7 +39,7 @@ import os
 import threading
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Union
 
 from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -80,12 +81,23 @@ def _remove(path: Path, cutoff: datetime) -> int | None:
     return status.st_size
 
 
-def _held(routing: bool) -> Select[Any]:
+Routing = Union[bool, Literal["committed"]]
+"""What retention waits for of a routed original: nothing (False: the node does not route), its
+arrival at the destination (True), or the destination's storage commitment too ("committed")."""
+
+
+def routing_rule(forward_originals: bool, forward_commitment: bool) -> Routing:
+    return "committed" if forward_originals and forward_commitment else forward_originals
+
+
+def _held(routing: Routing) -> Select[Any]:
     """The rows of the originals still in the spool whose series is no longer arriving (and, when
-    routing, that reached the destination): what either rule may delete."""
+    routing, that reached the destination, committed there when that is asked): what either rule may delete."""
     query = (select(Instance.sop_instance_uid, Instance.path, Instance.series_instance_uid, Instance.size_bytes, Series.study_instance_uid)
              .join(Series, Series.series_instance_uid == Instance.series_instance_uid)
              .where(Instance.purged_at.is_(None), Series.state != "receiving"))
+    if routing == "committed":
+        return query.where(Instance.forwarded_at.is_not(None), Instance.forward_committed_at.is_not(None))
     return query.where(Instance.forwarded_at.is_not(None)) if routing else query
 
 
@@ -104,14 +116,14 @@ def _waits_for_refused() -> Any:
         RefusedInstance.series_instance_uid == Series.series_instance_uid).correlate(Series).exists()
 
 
-def _due(cutoff: datetime, routing: bool) -> Select[Any]:
+def _due(cutoff: datetime, routing: Routing) -> Select[Any]:
     """The rows of the originals due for deletion at ``cutoff``: their series done or ignored (not
     one set aside for a refused instance: it waits for that instance, as a failed series for its retry)."""
     return _held(routing).where(Instance.received_at < cutoff,
                                 or_(_newest_job(Job.state) == "done", and_(Series.state == "ignored", _no_job(), ~_waits_for_refused())))
 
 
-def _due_failed(cutoff: datetime, routing: bool) -> Select[Any]:
+def _due_failed(cutoff: datetime, routing: Routing) -> Select[Any]:
     """The rows of the originals due at ``cutoff`` whose series' newest job failed, or was
     cancelled, before it, or that arrived before it in a series set aside for a refused instance."""
     failed = and_(_newest_job(Job.state).in_(RETRYABLE), _newest_job(func.coalesce(Job.finished_at, Job.created_at)) < cutoff)
@@ -120,7 +132,7 @@ def _due_failed(cutoff: datetime, routing: bool) -> Select[Any]:
 
 
 def _rules(now: datetime, retention: timedelta | None, failed_retention: timedelta | None,
-           routing: bool) -> list[tuple[str, Select[Any], datetime]]:
+           routing: Routing) -> list[tuple[str, Select[Any], datetime]]:
     """Each rule's name, rows and cutoff (a file written after its cutoff is kept). The rules
     never share a row: a series' newest job is done or failed."""
     rules = []
@@ -131,7 +143,7 @@ def _rules(now: datetime, retention: timedelta | None, failed_retention: timedel
     return rules
 
 
-def due_for_purge(sessions: sessionmaker[Session], retention: timedelta | None, routing: bool, now: datetime | None = None,
+def due_for_purge(sessions: sessionmaker[Session], retention: timedelta | None, routing: Routing, now: datetime | None = None,
                   failed_retention: timedelta | None = None) -> dict[str, int]:
     """What a round would delete now, deleting nothing (``mr2ct spool purge --dry-run``)."""
     totals = {"instances": 0, "series": 0, "bytes": 0}
@@ -166,7 +178,7 @@ def _in_spool(spool: Spool, row: Any) -> bool:
         return False
 
 
-def purge_spool(sessions: sessionmaker[Session], spool_dir: Path, retention: timedelta | None, routing: bool, now: datetime | None = None,
+def purge_spool(sessions: sessionmaker[Session], spool_dir: Path, retention: timedelta | None, routing: Routing, now: datetime | None = None,
                 actor: str = "mr2ct spool retention", failed_retention: timedelta | None = None) -> dict[str, int]:
     """One round: delete the originals that are due (see the module's doc); returns the counts
     (``failed_instances``: how many of them were a failed or cancelled series')."""
@@ -273,7 +285,7 @@ def _drop_if_empty(folder: Path) -> None:
         fsync_dir(level.parent)
 
 
-def retention_loop(sessions: sessionmaker[Session], spool_dir: Path, retention_hours: float, failed_retention_hours: float, routing: bool,
+def retention_loop(sessions: sessionmaker[Session], spool_dir: Path, retention_hours: float, failed_retention_hours: float, routing: Routing,
                    stop: threading.Event, check_seconds: float = CHECK_SECONDS) -> None:
     retention = timedelta(hours=retention_hours) if retention_hours else None
     failed_retention = timedelta(hours=failed_retention_hours) if failed_retention_hours else None

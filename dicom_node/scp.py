@@ -144,7 +144,9 @@ class StoreSCP:
         max_associations: int = 16, on_released: Callable[[set[str]], None] | None = None,
         forward_only: frozenset[str] = frozenset(), poll_seconds: float = 0.0002, check_called_ae: bool = False,
         commitment_peers: frozenset[str] = frozenset(), on_commitment: Callable[[], None] | None = None,
+        reports_from: str | None = None,
     ) -> None:
+        self.reports_from = reports_from  # forward_commitment: the routing destination's AE title, whose reports are taken
         self.commitment_peers = commitment_peers  # AE titles whose storage commitment requests are answered
         self.on_commitment = on_commitment
         self.ae_title = ae_title
@@ -158,7 +160,10 @@ class StoreSCP:
         self.ae.maximum_pdu_size = 0  # no limit on what we receive
         self.forward_only = forward_only
         for sop_class, syntaxes in supported_contexts(forward_only):
-            self.ae.add_supported_context(sop_class, syntaxes)
+            if sop_class == STORAGE_COMMITMENT and reports_from:  # the destination may send its reports as SCP (role selection)
+                self.ae.add_supported_context(sop_class, syntaxes, scu_role=True, scp_role=True)
+            else:
+                self.ae.add_supported_context(sop_class, syntaxes)
         self._associations: dict[int, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self._server: Any = None
@@ -303,6 +308,10 @@ class StoreSCP:
             (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_PDU_RECV, self._on_pdu_received),
         ]
+        if self.reports_from:
+            from dicom_node.forward_commitment import on_report
+
+            handlers.append((evt.EVT_N_EVENT_REPORT, lambda event: on_report(self.sessions, str(self.reports_from), event)))
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context)
         log.info("SCP listening ae_title=%s address=%s:%d tls=%s", self.ae_title, host, port, "on" if ssl_context else "off")
 

@@ -25,10 +25,10 @@ from dicom_node.forwarder import CStoreDestination, Destination, OrthancRestDest
 from dicom_node.ingest import Ingest, SelectionRules
 from dicom_node.recorder import Recorder
 from dicom_node.recovery import recover_spool, requeue_orphaned_jobs
-from dicom_node.retention import retention_loop
+from dicom_node.retention import retention_loop, routing_rule
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.scp import StoreSCP
-from dicom_node.settings import Settings
+from dicom_node.settings import Settings, parse_dicom_destination
 from dicom_node.spool import Spool
 from dicom_node.worker import Worker, complete_series, stability_loop
 from synthesis.infer import choose_device
@@ -151,7 +151,8 @@ class Node:
             self.scp = StoreSCP(s.ae_title, s.allowed_aes, ingest, self.sessions, s.max_associations, on_released,
                                 forward_only=frozenset(s.forward_sop_classes), poll_seconds=s.dicom_poll_ms / 1000,
                                 check_called_ae=s.check_called_ae, commitment_peers=frozenset(reporter.peers) if reporter else frozenset(),
-                                on_commitment=reporter.wake.set if reporter else None)
+                                on_commitment=reporter.wake.set if reporter else None,
+                                reports_from=parse_dicom_destination(s.forward_to)[0] if s.forward_commitment and s.forward_to else None)
             self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
             self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules)
             if s.spool_retention_hours or s.spool_failed_retention_hours:
@@ -160,10 +161,17 @@ class Node:
                 if s.spool_failed_retention_hours:
                     log.info("spool retention: a failed series' originals deleted %g hours after it failed", s.spool_failed_retention_hours)
                 self._thread("spool-retention", retention_loop, self.sessions, s.spool_dir, s.spool_retention_hours,
-                             s.spool_failed_retention_hours, s.forward_originals, self.stop_event)
+                             s.spool_failed_retention_hours, routing_rule(s.forward_originals, s.forward_commitment), self.stop_event)
             if destination is not None:
                 log.info("routing originals to %s", destination.name)
                 self._thread("forwarder", forward_loop, self.sessions, destination, s.poll_seconds, self.stop_event, s.forward_max_refusals)
+                if s.forward_commitment and s.forward_to:
+                    from dicom_node.forward_commitment import Committer
+
+                    committer = Committer(self.sessions, s.forward_to, s.ae_title, s.uid_root, s.forward_commitment_wait_seconds,
+                                          client_tls_context(s) if s.forward_tls else None, poll_seconds=s.dicom_poll_ms / 1000)
+                    self._thread("forward-commitment", committer.loop, self.stop_event, s.poll_seconds)
+                    log.info("storage commitment asked of %s for what is routed there; retention waits for it", committer.name)
         if self.role in ("all", "api") and s.api_port:
             self._start_api(password, destination.name if destination is not None else None)
         if self.role in ("all", "scp", "worker"):  # what Orthanc answers, and whether what it routes would be taken
@@ -205,6 +213,7 @@ class Node:
             self.sessions, orthanc_url=s.orthanc_url, orthanc_auth=(s.orthanc_username or "", password or "") if s.orthanc_username else None,
             spool_dir=str(s.spool_dir) if Path(s.spool_dir).exists() else None, spool_min_free_mb=s.spool_min_free_mb, node_info=info,
             routing=routing, orthanc_timeout=s.orthanc_timeout_seconds, audit_export=s.audit_syslog,
+            forward_commitment_on=s.forward_commitment,
         )
         tls = {}
         if s.api_tls_certificate is not None:

@@ -157,6 +157,16 @@ class Settings(BaseSettings):
         False, description="route to forward_to over TLS: its certificate is checked against tls_ca_file, and this node presents "
         "tls_certificate when one is set",
     )
+    forward_commitment: bool = Field(
+        False, description="ask forward_to for storage commitment of every original routed there (Storage Commitment Push "
+        "Model, IHE RAD-10: an N-ACTION per batch, the destination's N-EVENT-REPORT taken on any association, the node's SCP "
+        "among them): spool retention deletes an original only once the destination committed it, and one it reports failed "
+        "is routed again. Needs forward_to; with allowed_aes, forward_to's AE title listed there (it opens the reports' association)",
+    )
+    forward_commitment_wait_seconds: float = Field(
+        3600, gt=0, le=7 * 86400, description="a storage commitment request the destination has not answered this long after "
+        "it was sent expires: its originals are asked for again in a new request (a report that comes later still counts)",
+    )
     # Selection rules: a complete series that does not match is recorded with the reason, not synthesized.
     select_modalities: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["MR"], description="modalities to synthesize")
     select_description_include: str | None = Field(None, description="regex a SeriesDescription must match (search, case-insensitive)")
@@ -264,6 +274,14 @@ class Settings(BaseSettings):
             raise ValueError("forward_to needs forward_originals = true (it says where originals are routed)")
         if self.forward_tls and not (self.forward_to and self.tls_ca_file):
             raise ValueError("forward_tls needs forward_to and tls_ca_file (the CA that signed the destination's certificate)")
+        if self.forward_commitment and not self.forward_to:
+            raise ValueError("forward_commitment needs forward_to = AE@host:port (the destination asked for storage commitment; "
+                             "Orthanc over REST has no such service)")
+        if self.forward_commitment and self.allowed_aes:
+            title = parse_dicom_destination(str(self.forward_to))[0]
+            if title not in [entry.partition("@")[0] for entry in self.allowed_aes]:
+                raise ValueError(f"forward_commitment needs forward_to's AE title {title} in allowed_aes: the destination opens an "
+                                 "association to the node to send its storage commitment reports")
         if self.forward_sop_classes and not self.forward_originals:
             raise ValueError("forward_sop_classes needs forward_originals = true (those instances are only routed)")
         if self.ct_plane == "axial" and self.synthesis_plane == "acquired":

@@ -21,7 +21,7 @@ from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import Select, and_, case, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node import audit
+from dicom_node import audit, forward_commitment
 from dicom_node.api.auth import READERS, Caller, current_caller, require
 from dicom_node.db import notify_job_queued
 from dicom_node.forwarder import reschedule_failed
@@ -98,7 +98,8 @@ def _page(session: Session, query: Select[Any], limit: int, offset: int) -> dict
 
 def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = None, orthanc_auth: tuple[str, str] | None = None,
                spool_dir: str | None = None, spool_min_free_mb: int = 0, node_info: dict[str, Any] | None = None,
-               routing: str | None = None, orthanc_timeout: float = DEFAULT_TIMEOUT_SECONDS, audit_export: str | None = None) -> FastAPI:
+               routing: str | None = None, orthanc_timeout: float = DEFAULT_TIMEOUT_SECONDS, audit_export: str | None = None,
+               forward_commitment_on: bool = False) -> FastAPI:
     app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
     app.state.sessions = sessions
     info = dict(node_info or {})
@@ -325,7 +326,9 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     ) -> dict[str, Any]:
         """Where originals are routed, how many have landed and how many wait; the failing ones with
         their last error (given up first, then newest attempt first). ``given_up``: refused
-        ``forward_max_refusals`` times, not asked again until POST /routing/retry."""
+        ``forward_max_refusals`` times, not asked again until POST /routing/retry. ``commitment``
+        (``forward_commitment``): the routed originals the destination committed, those awaiting its
+        report, those not asked for yet; the requests by state and the last error (null: off)."""
         waiting = Instance.forwarded_at.is_(None)
         failing_rows = and_(waiting, Instance.forward_error.is_not(None))
         given_up = Instance.forward_next_at.is_(None)
@@ -342,7 +345,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         return {
             "destination": routing or "off", "routed": routed, "waiting": pending if routing else 0, "failing": failing_count,
             "given_up": given_up_count, "failures": [{**row._mapping, "given_up": bool(row.given_up)} for row in rows],
-            "limit": limit, "offset": offset,
+            "limit": limit, "offset": offset, "commitment": forward_commitment.status(sessions) if forward_commitment_on else None,
         }
 
     @api.post("/routing/retry")

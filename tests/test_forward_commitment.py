@@ -1,0 +1,223 @@
+"""Storage commitment asked of the routing destination (forward_commitment): the node deletes a
+routed original from its spool only once the destination said, by N-EVENT-REPORT, that it took
+responsibility for it; an original it reports failed is routed again; a report from another AE,
+or for a transaction the node never opened, is refused."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import MRImageStorage, StorageCommitmentPushModel  # type: ignore[attr-defined]
+
+from dicom_node.db import init_db
+from dicom_node.local_stack import NodeServer, OrthancServer, free_port, storescu
+from dicom_node.models import AuditEvent, ForwardCommitment, Instance
+from tests.conftest import NODE_AE, SCANNER_AE, node_env
+from tests.helpers import api_token
+from training.phantom_dicom import write_mr_series
+
+WELL_KNOWN = "1.2.840.10008.1.20.1.1"
+
+
+def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"{what} within {timeout} s")
+
+
+def _rows(database_url: str) -> list[Instance]:
+    with init_db(database_url)() as session:
+        return session.query(Instance).order_by(Instance.sop_instance_uid).all()
+
+
+def _node(tmp_path: Path, orthanc: OrthancServer, port: int, destination: str, allowed: str, **settings: str) -> NodeServer:
+    env = node_env(tmp_path / "node", port, orthanc)
+    env.update({"MR2CT_ALLOWED_AES": allowed, "MR2CT_FORWARD_ORIGINALS": "true", "MR2CT_FORWARD_TO": destination,
+                "MR2CT_FORWARD_COMMITMENT": "true", "MR2CT_SELECT_MIN_SLICES": "100",  # ignored by the rules: no job to wait for
+                "MR2CT_POLL_SECONDS": "0.5"})
+    env.update({f"MR2CT_{key.upper()}": value for key, value in settings.items()})
+    return NodeServer(tmp_path / "node", env, port)
+
+
+def test_retention_waits_for_the_destinations_commitment_and_a_request_unanswered_is_asked_again(tmp_path):
+    """Orthanc as the routing destination. At first it has a wrong port for the node in its
+    DicomModalities (it takes the node's C-STORE, but its report goes nowhere): the routed originals
+    stay in the spool however old, where without forward_commitment retention deletes them once
+    routed. Once Orthanc has the node's address, the expired request is asked again, Orthanc reports
+    on an association of its own (role selection), and retention deletes them."""
+    node_port, nowhere = free_port(), free_port()
+    with OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", nowhere]}) as orthanc:
+        destination = f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"
+        with _node(tmp_path, orthanc, node_port, destination, f"{SCANNER_AE},{orthanc.aet}@127.0.0.1",
+                   spool_retention_hours="0.0003", forward_commitment_wait_seconds="4") as node:
+            url = node.env["MR2CT_DATABASE_URL"]
+            series = write_mr_series(tmp_path / "mr", seed=451, slices=3, size=32, pixel_spacing=6.0, slice_spacing=10.0)
+            assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+            _wait(lambda: len(rows := _rows(url)) == 3 and all(r.forwarded_at for r in rows), 60, "the originals were not routed")
+            assert len(orthanc.get("/instances")) == 3
+            time.sleep(8)  # retention's rounds (each second here) pass over them: routed, more than 1 s old, not committed
+            rows = _rows(url)
+            assert all(r.purged_at is None and Path(r.path).is_file() for r in rows), "an original not committed was deleted"
+            assert not any(r.forward_committed_at for r in rows)
+            with init_db(url)() as session:
+                asked = session.query(ForwardCommitment).order_by(ForwardCommitment.id).all()
+            assert asked and all(r.state in ("requested", "expired", "refused") for r in asked), [(r.state, r.last_error) for r in asked]
+            admin = {"Authorization": f"Bearer {api_token(url, 'auditor', 'routing')}"}
+            routing = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/routing", headers=admin, timeout=10).json()
+            assert routing["commitment"]["committed"] == 0 and routing["routed"] == 3, routing
+
+            added = httpx.put(f"{orthanc.url}/modalities/mr2ct", json={"AET": NODE_AE, "Host": "127.0.0.1", "Port": node_port},
+                              auth=orthanc.auth, timeout=10)
+            assert added.status_code == 200, added.text
+            _wait(lambda: all(r.forward_committed_at for r in _rows(url)), 60, "Orthanc's commitment was not recorded")
+            _wait(lambda: all(r.purged_at for r in _rows(url)), 30, "the committed originals were not deleted")
+            assert not any(Path(r.path).exists() for r in _rows(url))
+            with init_db(url)() as session:
+                states = [r.state for r in session.query(ForwardCommitment).order_by(ForwardCommitment.id)]
+                reported = session.query(AuditEvent).filter(AuditEvent.action == "forward-commitment-reported").all()
+            assert states[-1] == "committed" and set(states[:-1]) <= {"expired", "refused"}, states
+            assert [e.outcome for e in reported] == ["success"] and reported[0].actor == orthanc.aet
+            routing = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/routing", headers=admin, timeout=10).json()
+            assert routing["commitment"]["committed"] == 3 and routing["commitment"]["not_asked"] == 0, routing
+
+
+@contextmanager
+def _archive(port: int, node_port: int, lose_first: bool) -> Iterator[dict[str, list]]:
+    """A DICOM archive (pynetdicom) that stores and answers storage commitment on an association
+    it opens to the node: with ``lose_first``, its first report says it lost the first instance
+    it was asked for (as an archive whose disk failed after C-STORE success would)."""
+    seen: dict[str, list] = {"stored": [], "requests": [], "report_statuses": []}
+
+    def on_store(event):
+        seen["stored"].append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def report(information: Dataset) -> None:
+        uids = [str(i.ReferencedSOPInstanceUID) for i in information.ReferencedSOPSequence]
+        result = Dataset()
+        result.TransactionUID = information.TransactionUID
+        lost = uids[:1] if lose_first and len(seen["requests"]) == 1 else []
+        result.ReferencedSOPSequence = [_item(u) for u in uids if u not in lost]
+        if lost:
+            result.FailedSOPSequence = [_item(u, 0x0110) for u in lost]
+        sender = AE("ARCHIVE")
+        sender.add_requested_context(StorageCommitmentPushModel)
+        assoc = sender.associate("127.0.0.1", node_port, ae_title=NODE_AE, ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
+        assert assoc.is_established
+        status, _ = assoc.send_n_event_report(result, 2 if lost else 1, StorageCommitmentPushModel, WELL_KNOWN)
+        assoc.release()
+        seen["report_statuses"].append(int(status.Status))
+
+    def on_action(event):
+        information = event.action_information
+        seen["requests"].append([str(i.ReferencedSOPInstanceUID) for i in information.ReferencedSOPSequence])
+        threading.Timer(0.5, report, args=(information,)).start()  # after the N-ACTION's response, as archives do
+        return 0x0000, None
+
+    archive = AE("ARCHIVE")
+    archive.add_supported_context(MRImageStorage)
+    archive.add_supported_context(StorageCommitmentPushModel)
+    server = archive.start_server(("127.0.0.1", port), block=False,
+                                  evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_N_ACTION, on_action)])
+    try:
+        yield seen
+    finally:
+        server.shutdown()
+
+
+def _item(uid: str, reason: int | None = None) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = MRImageStorage, uid
+    if reason is not None:
+        item.FailureReason = reason
+    return item
+
+
+def test_an_original_the_destination_lost_is_routed_again_and_strangers_reports_are_refused(tmp_path):
+    node_port, archive_port = free_port(), free_port()
+    with OrthancServer(tmp_path / "orthanc", free_port(), free_port()) as orthanc, _archive(archive_port, node_port, lose_first=True) as seen:
+        with _node(tmp_path, orthanc, node_port, f"ARCHIVE@127.0.0.1:{archive_port}", f"{SCANNER_AE},ARCHIVE@127.0.0.1") as node:
+            url = node.env["MR2CT_DATABASE_URL"]
+            series = write_mr_series(tmp_path / "mr", seed=452, slices=3, size=32, pixel_spacing=6.0, slice_spacing=10.0)
+            uids = sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in series.files)
+            assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+            _wait(lambda: len(rows := _rows(url)) == 3 and all(r.forward_committed_at for r in rows), 60,
+                  "the archive's commitment was not recorded for all")
+            lost = seen["requests"][0][0]
+            assert sorted(seen["stored"]) == sorted([*uids, lost])  # the lost one routed a second time
+            assert seen["report_statuses"] == [0x0000, 0x0000]
+            assert [sorted(r) for r in seen["requests"]] == [uids, [lost]]
+            with init_db(url)() as session:
+                rows = session.query(ForwardCommitment).order_by(ForwardCommitment.id).all()
+                assert [(r.state, r.committed, r.failed) for r in rows] == [("partial", 2, 1), ("committed", 1, 0)]
+                transaction = rows[0].transaction_uid
+                warned = session.query(AuditEvent).filter(AuditEvent.action == "forward-commitment-reported",
+                                                          AuditEvent.outcome == "warning").one()
+                assert warned.detail["failed"] == 1 and warned.detail["failure_reasons"] == ["0x0110"]
+
+            def report_as(calling: str, transaction_uid: str) -> int:
+                information = Dataset()
+                information.TransactionUID = transaction_uid
+                information.ReferencedSOPSequence = [_item(uids[0])]
+                sender = AE(calling)
+                sender.add_requested_context(StorageCommitmentPushModel)
+                assoc = sender.associate("127.0.0.1", node.port, ae_title=NODE_AE, ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
+                assert assoc.is_established
+                status, _ = assoc.send_n_event_report(information, 1, StorageCommitmentPushModel, WELL_KNOWN)
+                assoc.release()
+                return int(status.Status)
+
+            assert report_as(SCANNER_AE, transaction) == 0x0110  # not the destination: no request went to it
+            assert report_as("ARCHIVE", generate_uid()) == 0x0115  # no such transaction of this node
+            with init_db(url)() as session:
+                refused = session.query(AuditEvent).filter(AuditEvent.action == "forward-commitment-reported",
+                                                           AuditEvent.outcome == "failure").all()
+            assert sorted(e.detail["status"] for e in refused) == ["0x0110", "0x0115"]
+
+
+def test_forward_commitment_settings_name_the_key():
+    from dicom_node.settings import Settings
+
+    with pytest.raises(ValueError, match="forward_commitment needs forward_to"):
+        Settings(forward_commitment=True, forward_originals=True)
+    with pytest.raises(ValueError, match="forward_commitment needs forward_to's AE title PACS in allowed_aes"):
+        Settings(forward_commitment=True, forward_originals=True, forward_to="PACS@10.0.0.5:104", allowed_aes="SCANNER1")
+    assert Settings(forward_commitment=True, forward_originals=True, forward_to="PACS@10.0.0.5:104",
+                    allowed_aes="SCANNER1,PACS@10.0.0.5").forward_commitment
+
+
+def test_config_check_asks_the_destination_for_storage_commitment(tmp_path):
+    """`mr2ct config check` with forward_commitment: Orthanc takes Storage Commitment Push Model;
+    a destination that stores but does not commit is a failure naming the key (retention would
+    keep every routed original for ever)."""
+    from tests.test_config_check import _check, _lines
+
+    node_port, store_only_port = free_port(), free_port()
+    store_only = AE("STOREONLY")
+    store_only.add_supported_context(MRImageStorage)
+    store_only.add_supported_context("1.2.840.10008.1.1")  # Verification
+    server = store_only.start_server(("127.0.0.1", store_only_port), block=False)
+    try:
+        with OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"mr2ct": [NODE_AE, "127.0.0.1", node_port]}) as orthanc:
+            env = {**node_env(tmp_path / "node", node_port, orthanc), "MR2CT_ALLOWED_AES": f"{SCANNER_AE},{orthanc.aet},STOREONLY",
+                   "MR2CT_FORWARD_ORIGINALS": "true", "MR2CT_FORWARD_COMMITMENT": "true"}
+            good = _check(env, forward_to=f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
+            assert good.returncode == 0 and _lines(good)["routing"].endswith("takes storage commitment requests"), good.stdout
+            bad = _check(env, forward_to=f"STOREONLY@127.0.0.1:{store_only_port}")
+            assert bad.returncode != 0 and _lines(bad)["routing"].startswith(
+                "FAIL forward_commitment: forward_to STOREONLY@127.0.0.1"), bad.stdout
+    finally:
+        server.shutdown()
