@@ -103,7 +103,7 @@ def apply_report(sessions: sessionmaker[Session], calling_ae: str, transaction: 
                     Instance.sop_instance_uid.in_(named[start:start + 500]), Instance.forwarded_at.is_not(None),
                     Instance.forward_committed_at.is_(None))).all())
         done = [uid for uid in committed if uid in ours]
-        lost = [(uid, reason) for uid, reason in failed if uid in ours and uid not in set(done)]
+        lost = [(uid, reason) for uid, reason in failed if uid in ours.difference(done)]
         for start in range(0, len(done), 500):
             session.execute(update(Instance).where(Instance.sop_instance_uid.in_(done[start:start + 500])).values(
                 forward_committed_at=now, forward_commitment_id=row.id))
@@ -164,19 +164,24 @@ class Committer:
     def expire(self) -> int:
         """Requests unanswered for ``wait``: expired, their instances to be asked for again."""
         cutoff = utcnow() - self.wait
+        expired = []
         with self.sessions.begin() as session:
             stale = session.scalars(select(ForwardCommitment).where(ForwardCommitment.state == REQUESTED,
                                                                     ForwardCommitment.requested_at < cutoff)).all()
-            for row in stale:
-                row.state, row.last_error = "expired", f"no report within {self.wait.total_seconds():g} s: asked again"
+            for row in stale:  # taken by one process of several sharing the database (the state checked again as it changes)
+                if not session.execute(update(ForwardCommitment).where(ForwardCommitment.id == row.id, ForwardCommitment.state == REQUESTED)
+                                       .values(state="expired", last_error=f"no report within {self.wait.total_seconds():g} s: asked again")
+                                       ).rowcount:
+                    continue
+                expired.append(row)
                 session.execute(update(Instance).where(Instance.forward_commitment_id == row.id, Instance.forward_committed_at.is_(None))
                                 .values(forward_commitment_id=None))
                 session.add(audit.event(FORWARD_COMMITMENT_EXPIRED, "warning", f"mr2ct {self.calling_ae}", transaction_uid=row.transaction_uid,
                                         destination=row.destination, instances=row.instances))
-        for row in stale:
+        for row in expired:
             log.warning("storage commitment request to %s unanswered for %g s: expired, asked again transaction=%s", self.name,
                         self.wait.total_seconds(), row.transaction_uid)
-        return len(stale)
+        return len(expired)
 
     def _claim(self) -> tuple[int, str, list[tuple[str, str]]] | None:
         """A new request's row, its Transaction UID and its (class, instance) pairs, claimed."""

@@ -62,7 +62,9 @@ class Series(Base):
 class Instance(Base):
     __tablename__ = "instances"
     # spool retention's round each minute: the originals still held, oldest first, without a scan of all rows
-    __table_args__ = (Index("ix_instances_purged_received", "purged_at", "received_at"),)
+    __table_args__ = (Index("ix_instances_purged_received", "purged_at", "received_at"),
+                      # forward_commitment's round: the originals still held and not committed, without a scan of all rows
+                      Index("ix_instances_committed_purged", "forward_committed_at", "purged_at"))
 
     sop_instance_uid: Mapped[str] = mapped_column(String(64), primary_key=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))

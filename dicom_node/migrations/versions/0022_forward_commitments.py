@@ -37,10 +37,12 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('forward_commitment_id', sa.Integer(), nullable=True))
         batch_op.add_column(sa.Column('forward_committed_at', sa.DateTime(timezone=True), nullable=True))
         batch_op.create_index(batch_op.f('ix_instances_forward_commitment_id'), ['forward_commitment_id'], unique=False)
+        batch_op.create_index('ix_instances_committed_purged', ['forward_committed_at', 'purged_at'], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('instances', schema=None) as batch_op:
+        batch_op.drop_index('ix_instances_committed_purged')
         batch_op.drop_index(batch_op.f('ix_instances_forward_commitment_id'))
         batch_op.drop_column('forward_committed_at')
         batch_op.drop_column('forward_commitment_id')
