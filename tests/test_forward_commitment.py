@@ -95,10 +95,11 @@ def test_retention_waits_for_the_destinations_commitment_and_a_request_unanswere
 
 
 @contextmanager
-def _archive(port: int, node_port: int, lose_first: bool) -> Iterator[dict[str, list]]:
+def _archive(port: int, node_port: int | None, lose_first: bool = False) -> Iterator[dict[str, list]]:
     """A DICOM archive (pynetdicom) that stores and answers storage commitment on an association
-    it opens to the node: with ``lose_first``, its first report says it lost the first instance
-    it was asked for (as an archive whose disk failed after C-STORE success would)."""
+    it opens to the node (none without ``node_port``): with ``lose_first``, its first report says
+    it lost the first instance it was asked for (as an archive whose disk failed after C-STORE
+    success would)."""
     seen: dict[str, list] = {"stored": [], "requests": [], "report_statuses": []}
 
     def on_store(event):
@@ -124,7 +125,8 @@ def _archive(port: int, node_port: int, lose_first: bool) -> Iterator[dict[str, 
     def on_action(event):
         information = event.action_information
         seen["requests"].append([str(i.ReferencedSOPInstanceUID) for i in information.ReferencedSOPSequence])
-        threading.Timer(0.5, report, args=(information,)).start()  # after the N-ACTION's response, as archives do
+        if node_port is not None:
+            threading.Timer(0.5, report, args=(information,)).start()  # after the N-ACTION's response, as archives do
         return 0x0000, None
 
     archive = AE("ARCHIVE")
@@ -221,3 +223,38 @@ def test_config_check_asks_the_destination_for_storage_commitment(tmp_path):
                 "FAIL forward_commitment: forward_to STOREONLY@127.0.0.1"), bad.stdout
     finally:
         server.shutdown()
+
+
+def test_two_node_processes_sharing_a_database_ask_for_each_original_once(tmp_path):
+    """Scale-out: every SCP process runs a committer; an original is named by one request only."""
+    from datetime import timedelta
+
+    from dicom_node.forward_commitment import Committer
+    from dicom_node.models import Series, utcnow
+
+    sessions = init_db(f"sqlite:///{tmp_path / 'shared.db'}")
+    study, routed = generate_uid(), utcnow() - timedelta(minutes=5)
+    with sessions.begin() as session:
+        series_uid = generate_uid()
+        session.add(Series(series_instance_uid=series_uid, study_instance_uid=study, modality="MR", calling_ae=SCANNER_AE, instance_count=1500,
+                           state="stable"))
+        session.flush()
+        uids = sorted(generate_uid() for _ in range(1500))
+        session.add_all(Instance(sop_instance_uid=uid, sop_class_uid=str(MRImageStorage), series_instance_uid=series_uid,
+                                 transfer_syntax_uid="1.2.840.10008.1.2.1", path=str(tmp_path / f"{uid}.dcm"), size_bytes=1,
+                                 received_at=routed, forwarded_at=routed) for uid in uids)
+    port = free_port()
+    with _archive(port, None) as seen:
+        committers = [Committer(sessions, f"ARCHIVE@127.0.0.1:{port}", NODE_AE, "1.2.826.0.1.3680043.8.498.", 3600) for _ in range(2)]
+        threads = [threading.Thread(target=c.request_due) for c in committers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    named = [uid for request in seen["requests"] for uid in request]
+    assert sorted(named) == uids, f"{len(named)} named for {len(uids)} originals in {len(seen['requests'])} requests"
+    assert all(len(request) <= 1000 for request in seen["requests"])
+    with sessions() as session:
+        rows = session.query(ForwardCommitment).all()
+        assert sorted(r.instances for r in rows if r.state == "requested") == sorted(len(r) for r in seen["requests"])
+        assert session.query(Instance).filter(Instance.forward_commitment_id.is_(None)).count() == 0
