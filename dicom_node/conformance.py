@@ -291,7 +291,8 @@ Transaction UID made under {_setting("uid_root")}, and takes the N-EVENT-REPORT 
 on that association or on one the destination opens to the Storage SCP (its AE title must be in
 {_setting("allowed_aes")} when that is set; the SCP role it proposes by role selection is accepted).
 An original the report commits may then be deleted by spool retention; one it lists as failed (any
-Failure Reason) is routed again, and asked for again once routed; one it names neither way, or of a
+Failure Reason) is routed again, and asked for again once routed, each failure counted as a refusal
+(given up after {_setting("forward_max_refusals")}, and kept); one it names neither way, or of a
 request unanswered for {_setting("forward_commitment_wait_seconds")} seconds, is asked for again
 in a new request (a late report still counts). N-EVENT-REPORT statuses returned: 0x0000; 0x0110 a
 calling AE other than the destination's; 0x0115 an unknown Transaction UID or an item without a

@@ -84,10 +84,12 @@ def parse_report(event_type: int, information: Dataset | None) -> tuple[str, lis
 
 
 def apply_report(sessions: sessionmaker[Session], calling_ae: str, transaction: str, committed: list[str],
-                 failed: list[tuple[str, int]]) -> dict[str, int]:
+                 failed: list[tuple[str, int]], max_refusals: int = 0) -> dict[str, int]:
     """Record a report: the request's instances it commits, committed; those it reports failed,
-    routed again; those of the request it names neither way, asked for again. Instances it names
-    that the request did not are ignored (counted). CommitmentRefused for an unknown transaction."""
+    routed again (a failure counts as a refusal: after ``max_refusals`` of them, 0 none, the
+    original is given up as one the destination refuses to store is); those of the request it
+    names neither way, asked for again. Instances it names that the request did not are ignored
+    (counted). CommitmentRefused for an unknown transaction."""
     now = utcnow()
     with sessions.begin() as session:
         row = session.scalar(select(ForwardCommitment).where(ForwardCommitment.transaction_uid == transaction).with_for_update())
@@ -107,11 +109,21 @@ def apply_report(sessions: sessionmaker[Session], calling_ae: str, transaction: 
         for start in range(0, len(done), 500):
             session.execute(update(Instance).where(Instance.sop_instance_uid.in_(done[start:start + 500])).values(
                 forward_committed_at=now, forward_commitment_id=row.id))
+        given_up = []
         for uid, reason in lost:  # the destination does not have it: routed again, after the forwarder's pause
-            attempts = session.scalar(select(Instance.forward_attempts).where(Instance.sop_instance_uid == uid)) or 0
+            attempts, refusals = session.execute(select(Instance.forward_attempts, Instance.forward_refusals)
+                                                 .where(Instance.sop_instance_uid == uid)).one()
+            refusals = (refusals or 0) + 1
+            error = f"the destination reported it not committed (storage commitment failure reason 0x{reason:04X})"
+            if 0 < max_refusals <= refusals:
+                given_up.append(uid)
+                error += f" (refused {refusals} times: given up; POST /routing/retry asks again)"
             session.execute(update(Instance).where(Instance.sop_instance_uid == uid).values(
-                forwarded_at=None, forward_commitment_id=None, forward_next_at=now + timedelta(seconds=backoff_seconds(attempts)),
-                forward_error=f"the destination reported it not committed (storage commitment failure reason 0x{reason:04X}): routed again"))
+                forwarded_at=None, forward_commitment_id=None, forward_refusals=refusals, forward_error=error,
+                forward_next_at=None if uid in given_up else now + timedelta(seconds=backoff_seconds(attempts or 0))))
+            if uid in given_up:
+                session.add(audit.event(audit.ROUTING_GIVEN_UP, "failure", calling_ae, destination=row.destination, sop_instance_uid=uid,
+                                        refusals=refusals, reason=error))
         # the request's instances the report named neither way: asked for again
         session.execute(update(Instance).where(Instance.forward_commitment_id == row.id, Instance.forward_committed_at.is_(None))
                         .values(forward_commitment_id=None))
@@ -127,7 +139,7 @@ def apply_report(sessions: sessionmaker[Session], calling_ae: str, transaction: 
     return counts
 
 
-def on_report(sessions: sessionmaker[Session], destination_ae: str, event: evt.Event) -> tuple[int, None]:
+def on_report(sessions: sessionmaker[Session], destination_ae: str, event: evt.Event, max_refusals: int = 0) -> tuple[int, None]:
     """An N-EVENT-REPORT handler (the node's SCP, and the request's own association): only the
     destination's reports of Storage Commitment Push Model are taken."""
     request, requestor = event.request, event.assoc.requestor
@@ -140,7 +152,7 @@ def on_report(sessions: sessionmaker[Session], destination_ae: str, event: evt.E
         if sender != destination_ae:
             raise CommitmentRefused(0x0110, f"{sender} is not the routing destination ({destination_ae}): no request was sent to it")
         transaction, committed, failed = parse_report(int(request.EventTypeID or 0), event.event_information)
-        apply_report(sessions, sender, transaction, committed, failed)
+        apply_report(sessions, sender, transaction, committed, failed, max_refusals)
     except CommitmentRefused as exc:
         log.warning("storage commitment report refused calling_ae=%s status=0x%04X reason=%s", sender, exc.status, exc)
         audit.record(sessions, FORWARD_COMMITMENT_REPORTED, "failure", sender, status=f"0x{exc.status:04X}", reason=str(exc)[:500])
@@ -153,8 +165,8 @@ class Committer:
     it never answered; runs beside the forwarder."""
 
     def __init__(self, sessions: sessionmaker[Session], forward_to: str, calling_ae: str, uid_root: str, wait_seconds: float,
-                 ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0, poll_seconds: float = 0.0002) -> None:
-        self.sessions, self.calling_ae, self.uid_root = sessions, calling_ae, uid_root
+                 ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0, poll_seconds: float = 0.0002, max_refusals: int = 0) -> None:
+        self.sessions, self.calling_ae, self.uid_root, self.max_refusals = sessions, calling_ae, uid_root, max_refusals
         self.called_ae, self.host, self.port = parse_dicom_destination(forward_to)
         self.name = f"dicom{'s' if ssl_context else ''}://{self.called_ae}@{self.host}:{self.port}"
         self.wait, self.ssl_context, self.timeout, self.poll_seconds = timedelta(seconds=wait_seconds), ssl_context, timeout, poll_seconds
@@ -214,7 +226,7 @@ class Committer:
         ae.add_requested_context(StorageCommitmentPushModel)
         tls = (self.ssl_context, self.host) if self.ssl_context is not None else None
         handlers = [(evt.EVT_CONN_OPEN, lambda event: tune(event.assoc, self.poll_seconds)),
-                    (evt.EVT_N_EVENT_REPORT, lambda event: on_report(self.sessions, self.called_ae, event))]
+                    (evt.EVT_N_EVENT_REPORT, lambda event: on_report(self.sessions, self.called_ae, event, self.max_refusals))]
         try:
             assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls, evt_handlers=handlers)
         except OSError as exc:

@@ -144,9 +144,10 @@ class StoreSCP:
         max_associations: int = 16, on_released: Callable[[set[str]], None] | None = None,
         forward_only: frozenset[str] = frozenset(), poll_seconds: float = 0.0002, check_called_ae: bool = False,
         commitment_peers: frozenset[str] = frozenset(), on_commitment: Callable[[], None] | None = None,
-        reports_from: str | None = None,
+        reports_from: str | None = None, max_refusals: int = 0,
     ) -> None:
         self.reports_from = reports_from  # forward_commitment: the routing destination's AE title, whose reports are taken
+        self.max_refusals = max_refusals  # forward_max_refusals: commitment failures of one original before it is given up
         self.commitment_peers = commitment_peers  # AE titles whose storage commitment requests are answered
         self.on_commitment = on_commitment
         self.ae_title = ae_title
@@ -311,7 +312,7 @@ class StoreSCP:
         if self.reports_from:
             from dicom_node.forward_commitment import on_report
 
-            handlers.append((evt.EVT_N_EVENT_REPORT, lambda event: on_report(self.sessions, str(self.reports_from), event)))
+            handlers.append((evt.EVT_N_EVENT_REPORT, lambda event: on_report(self.sessions, str(self.reports_from), event, self.max_refusals)))
         self._server = self.ae.start_server((host, port), block=False, evt_handlers=handlers, ssl_context=ssl_context)
         log.info("SCP listening ae_title=%s address=%s:%d tls=%s", self.ae_title, host, port, "on" if ssl_context else "off")
 

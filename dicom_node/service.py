@@ -152,7 +152,8 @@ class Node:
                                 forward_only=frozenset(s.forward_sop_classes), poll_seconds=s.dicom_poll_ms / 1000,
                                 check_called_ae=s.check_called_ae, commitment_peers=frozenset(reporter.peers) if reporter else frozenset(),
                                 on_commitment=reporter.wake.set if reporter else None,
-                                reports_from=parse_dicom_destination(s.forward_to)[0] if s.forward_commitment and s.forward_to else None)
+                                reports_from=parse_dicom_destination(s.forward_to)[0] if s.forward_commitment and s.forward_to else None,
+                                max_refusals=s.forward_max_refusals)
             self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
             self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules)
             if s.spool_retention_hours or s.spool_failed_retention_hours:
@@ -169,7 +170,8 @@ class Node:
                     from dicom_node.forward_commitment import Committer
 
                     committer = Committer(self.sessions, s.forward_to, s.ae_title, s.uid_root, s.forward_commitment_wait_seconds,
-                                          client_tls_context(s) if s.forward_tls else None, poll_seconds=s.dicom_poll_ms / 1000)
+                                          client_tls_context(s) if s.forward_tls else None, poll_seconds=s.dicom_poll_ms / 1000,
+                                          max_refusals=s.forward_max_refusals)
                     self._thread("forward-commitment", committer.loop, self.stop_event, s.poll_seconds)
                     log.info("storage commitment asked of %s for what is routed there; retention waits for it", committer.name)
         if self.role in ("all", "api") and s.api_port:

@@ -95,11 +95,11 @@ def test_retention_waits_for_the_destinations_commitment_and_a_request_unanswere
 
 
 @contextmanager
-def _archive(port: int, node_port: int | None, lose_first: bool = False) -> Iterator[dict[str, list]]:
+def _archive(port: int, node_port: int | None, lose_first: bool = False, lose_always: bool = False) -> Iterator[dict[str, list]]:
     """A DICOM archive (pynetdicom) that stores and answers storage commitment on an association
     it opens to the node (none without ``node_port``): with ``lose_first``, its first report says
     it lost the first instance it was asked for (as an archive whose disk failed after C-STORE
-    success would)."""
+    success would); with ``lose_always``, every report says so of that instance."""
     seen: dict[str, list] = {"stored": [], "requests": [], "report_statuses": []}
 
     def on_store(event):
@@ -110,7 +110,8 @@ def _archive(port: int, node_port: int | None, lose_first: bool = False) -> Iter
         uids = [str(i.ReferencedSOPInstanceUID) for i in information.ReferencedSOPSequence]
         result = Dataset()
         result.TransactionUID = information.TransactionUID
-        lost = uids[:1] if lose_first and len(seen["requests"]) == 1 else []
+        first = seen["requests"][0][0]
+        lost = [first] if (lose_first and len(seen["requests"]) == 1) or (lose_always and first in uids) else []
         result.ReferencedSOPSequence = [_item(u) for u in uids if u not in lost]
         if lost:
             result.FailedSOPSequence = [_item(u, 0x0110) for u in lost]
@@ -188,6 +189,32 @@ def test_an_original_the_destination_lost_is_routed_again_and_strangers_reports_
                 refused = session.query(AuditEvent).filter(AuditEvent.action == "forward-commitment-reported",
                                                            AuditEvent.outcome == "failure").all()
             assert sorted(e.detail["status"] for e in refused) == ["0x0110", "0x0115"]
+
+
+def test_an_original_the_destination_never_commits_is_given_up_after_forward_max_refusals(tmp_path):
+    """A commitment failure counts as a refusal: after ``forward_max_refusals`` of them the
+    original is given up (listed by GET /routing, audited) instead of routed every five minutes
+    for ever, and kept in the spool."""
+    node_port, archive_port = free_port(), free_port()
+    with OrthancServer(tmp_path / "orthanc", free_port(), free_port()) as orthanc, _archive(archive_port, node_port, lose_always=True) as seen:
+        with _node(tmp_path, orthanc, node_port, f"ARCHIVE@127.0.0.1:{archive_port}", f"{SCANNER_AE},ARCHIVE@127.0.0.1",
+                   forward_max_refusals="2", spool_retention_hours="0.0003") as node:
+            url = node.env["MR2CT_DATABASE_URL"]
+            series = write_mr_series(tmp_path / "mr", seed=453, slices=2, size=32, pixel_spacing=6.0, slice_spacing=10.0)
+            assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+            _wait(lambda: len(seen["report_statuses"]) >= 2 and any(r.forward_error and "given up" in r.forward_error for r in _rows(url)),
+                  60, "the original never committed was not given up")
+            time.sleep(4)  # the forwarder's passes and retention's rounds: it is neither routed again nor deleted
+            lost = seen["requests"][0][0]
+            assert seen["stored"].count(lost) == 2 and len(seen["requests"]) == 2
+            rows = {r.sop_instance_uid: r for r in _rows(url)}
+            assert rows[lost].forward_next_at is None and rows[lost].purged_at is None and Path(rows[lost].path).is_file()
+            assert all(r.purged_at for uid, r in rows.items() if uid != lost)  # the committed one went
+            admin = {"Authorization": f"Bearer {api_token(url, 'auditor', 'routing')}"}
+            routing = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/routing", headers=admin, timeout=10).json()
+            assert routing["given_up"] == 1 and routing["failures"][0]["sop_instance_uid"] == lost, routing
+            with init_db(url)() as session:
+                assert session.query(AuditEvent).filter(AuditEvent.action == "routing-given-up").count() == 1
 
 
 def test_forward_commitment_settings_name_the_key():
