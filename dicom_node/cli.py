@@ -1087,6 +1087,13 @@ def spool_status(config: ConfigOption = None) -> None:
                    f"{due['series']} failed or cancelled series ({due['bytes'] / 2**20:.1f} MiB) are due now")
     else:
         typer.echo("spool_failed_retention_hours 0: a failed or cancelled series' originals are kept until it is retried or sent again")
+    if routing == "committed":
+        from dicom_node.forward_commitment import status
+
+        held = status(sessions)
+        typer.echo(f"forward_commitment: {held['committed']} routed originals committed by {settings.forward_to}; kept until it "
+                   f"commits them: {held['awaiting_report']} awaiting its report, {held['not_asked']} not asked yet"
+                   + (f" (last error: {held['last_error']})" if held["last_error"] else ""))
 
 
 @spool_app.command("purge")

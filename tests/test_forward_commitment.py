@@ -5,6 +5,9 @@ or for a transaction the node never opened, is refused."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -78,6 +81,10 @@ def test_retention_waits_for_the_destinations_commitment_and_a_request_unanswere
             admin = {"Authorization": f"Bearer {api_token(url, 'auditor', 'routing')}"}
             routing = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/routing", headers=admin, timeout=10).json()
             assert routing["commitment"]["committed"] == 0 and routing["routed"] == 3, routing
+            env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")} | node.env
+            spool = subprocess.run([sys.executable, "-m", "dicom_node.cli", "spool", "status"], capture_output=True, text=True, env=env,
+                                   timeout=120)
+            assert f"forward_commitment: 0 routed originals committed by {destination}; kept until it commits them" in spool.stdout, spool
 
             added = httpx.put(f"{orthanc.url}/modalities/mr2ct", json={"AET": NODE_AE, "Host": "127.0.0.1", "Port": node_port},
                               auth=orthanc.auth, timeout=10)
