@@ -163,7 +163,9 @@ checks that a running node accepts exactly the presentation contexts listed in 2
 mr2ct receives MR series over DICOM (C-STORE SCP), makes a synthetic CT series of each selected
 series with a CycleGAN generator, and stores the CT series and a DICOM Structured Report of its
 provenance into Orthanc over Orthanc's REST API (HTTP, not DICOM networking). Optionally it routes
-every received instance on to another DICOM AE (C-STORE SCU).
+every received instance on to another DICOM AE (C-STORE SCU), and, with {_setting("deliver_to")},
+has Orthanc send each sCT series and its SR on to modalities declared in Orthanc (a treatment
+planning system, say: the C-STORE is Orthanc's, by its own configuration and conformance).
 
 {_table(["SOP class", "SOP Class UID", "SCU", "SCP"], [
     [_name(VERIFICATION), VERIFICATION, "yes, when routing (`forward_to`)", "yes"],

@@ -304,3 +304,22 @@ class ForwardCommitment(Base):
     committed: Mapped[int | None] = mapped_column(Integer)
     failed: Mapped[int | None] = mapped_column(Integer)
     last_error: Mapped[str | None] = mapped_column(Text)
+
+
+class Delivery(Base):
+    """A done job's sCT series and SR to be sent on by Orthanc to a DICOM modality declared there
+    (``deliver_to``: a treatment planning system, say), retried with a growing pause until sent."""
+
+    __tablename__ = "deliveries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(Integer, index=True)
+    modality: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # pending -> sent | given-up (after MAX_ATTEMPTS; POST /deliveries/retry asks again)
+    state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    instances: Mapped[int | None] = mapped_column(Integer)  # what Orthanc reported sent
+    last_error: Mapped[str | None] = mapped_column(Text)

@@ -81,7 +81,29 @@ def orthanc_checks(s: Settings) -> list[Check]:
         return [Check(FAIL, "orthanc", f"Orthanc at {s.orthanc_url} is not reachable (or did not answer within "
                                        f"{s.orthanc_timeout_seconds:g} s): check orthanc_url ({type(exc).__name__})")]
     return [Check(OK, "orthanc", f"Orthanc {system.get('Version', '?')} at {s.orthanc_url}, login accepted"),
-            _from_orthanc(s, store, str(system.get("DicomAet", "")))]
+            _from_orthanc(s, store, str(system.get("DicomAet", ""))), *(_deliver_to(store, name) for name in s.deliver_to)]
+
+
+def _deliver_to(store: OrthancStore, name: str) -> Check:
+    """A modality of ``deliver_to``: declared in Orthanc (else nothing is ever delivered: a failure),
+    and answering Orthanc's C-ECHO (else a warning: a planning system may be off now)."""
+    from orthanc_api_client.exceptions import HttpError
+
+    try:
+        modality = store.client.get(f"modalities/{name}/configuration").json()
+    except HttpError as exc:
+        if exc.http_status_code == 404:
+            return Check(FAIL, "deliver to", f"deliver_to {name}: Orthanc declares no DICOM modality {name!r} (its DicomModalities): "
+                                             "no sCT would ever be delivered there")
+        return Check(WARN, "deliver to", f"deliver_to {name}: Orthanc did not list it (HTTP {exc.http_status_code})")
+    except Exception as exc:
+        return Check(WARN, "deliver to", f"deliver_to {name}: Orthanc did not list it ({type(exc).__name__})")
+    where = f"{modality.get('AET', '?')}@{modality.get('Host', '?')}:{modality.get('Port', '?')}"
+    try:
+        store.client.post(f"modalities/{name}/echo", json={"Timeout": 10}, timeout=30)
+    except Exception:
+        return Check(WARN, "deliver to", f"deliver_to {name} ({where}) does not answer Orthanc's C-ECHO: deliveries wait until it does")
+    return Check(OK, "deliver to", f"deliver_to {name} ({where}) answers Orthanc's C-ECHO")
 
 
 NODE_MODALITY = "mr2ct"  # the name Orthanc's routing plugin sends to (orthanc/plugin.py: MR2CT_NODE_MODALITY's default)

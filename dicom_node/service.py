@@ -122,8 +122,16 @@ class Node:
             log.info("model=%s sha256=%s architecture=%s test_time_augmentation=%s", s.model_file.name, model.short_digest,
                      model.card["architecture"], model.test_time_augmentation if s.test_time_augmentation == "model" else s.test_time_augmentation)
             store = OrthancStore(s.orthanc_url, s.orthanc_username, password, s.orthanc_timeout_seconds)
+            deliverer = None
+            if s.deliver_to:  # each done job's sCT and SR sent on by Orthanc to these modalities
+                from dicom_node.delivery import Deliverer
+
+                deliverer = Deliverer(self.sessions, store)
+                self._thread("delivery", deliverer.loop, self.stop_event, s.poll_seconds)
+                log.info("results delivered by Orthanc to modalities %s", ", ".join(s.deliver_to))
             worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size, s.precision, s.torch_compile,
-                            s.test_time_augmentation, synthesis_plane=s.synthesis_plane, ct_plane=s.ct_plane)
+                            s.test_time_augmentation, synthesis_plane=s.synthesis_plane, ct_plane=s.ct_plane,
+                            deliver_to=s.deliver_to, on_delivery=deliverer.wake.set if deliverer else None)
             requeue_orphaned_jobs(self.sessions, worker.worker_id)
             wake_on_job_queued(self.work_queued)  # jobs queued by this process (series completion, API retry)
             self._thread("worker", worker.loop, self.stop_event, s.poll_seconds, self.work_queued)

@@ -25,6 +25,9 @@ UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
 DESTINATION_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})$")
 
 
+MODALITY_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # a key of Orthanc's DicomModalities, safe in a REST path
+
+
 def parse_dicom_destination(value: str) -> tuple[str, str, int]:
     """``AE@host:port`` -> (AE title, host, port); ValueError saying what is wrong."""
     match = DESTINATION_RE.match(value.strip())
@@ -167,6 +170,11 @@ class Settings(BaseSettings):
         3600, gt=0, le=7 * 86400, description="a storage commitment request the destination has not answered this long after "
         "it was sent expires: its originals are asked for again in a new request (a report that comes later still counts)",
     )
+    deliver_to: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="names of DICOM modalities declared in Orthanc (its DicomModalities: a treatment "
+        "planning system, say) to which Orthanc sends each sCT series and its SR once its job is done (C-STORE by Orthanc, asked "
+        "over its REST API), retried with a growing pause while the modality is down; GET /deliveries lists them",
+    )
     # Selection rules: a complete series that does not match is recorded with the reason, not synthesized.
     select_modalities: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["MR"], description="modalities to synthesize")
     select_description_include: str | None = Field(None, description="regex a SeriesDescription must match (search, case-insensitive)")
@@ -198,7 +206,7 @@ class Settings(BaseSettings):
         return _check_ae_title(value, "ae_title")
 
     @field_validator("allowed_aes", "select_modalities", "select_orientations", "select_image_type_exclude",
-                     "select_complex_component_exclude", "forward_sop_classes", "commitment_peers", mode="before")
+                     "select_complex_component_exclude", "forward_sop_classes", "commitment_peers", "deliver_to", mode="before")
     @classmethod
     def _split_aes(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -305,6 +313,18 @@ class Settings(BaseSettings):
             if path is not None and not Path(path).is_file():
                 raise ValueError(f"{name}: file {path} does not exist")
         return self
+
+    @field_validator("deliver_to")
+    @classmethod
+    def _check_deliver_to(cls, value: list[str]) -> list[str]:
+        names = [entry.strip() for entry in value]
+        bad = [name for name in names if not MODALITY_NAME_RE.match(name)]
+        if bad:
+            raise ValueError(f"{bad} are not Orthanc modality names (letters, digits, '_', '-', '.'; at most 64)")
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"{twice} listed more than once")
+        return names
 
     @field_validator("commitment_peers")
     @classmethod

@@ -7,7 +7,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -96,11 +96,17 @@ def still_held(sessions: sessionmaker[Session], job_id: int, worker_id: str) -> 
         return session.scalar(select(Job.id).where(_held_by(job_id, worker_id))) is not None
 
 
-def settle_job(sessions: sessionmaker[Session], job_id: int, worker_id: str, **values: Any) -> bool:
+def settle_job(sessions: sessionmaker[Session], job_id: int, worker_id: str, deliver_to: list[str] | None = None, **values: Any) -> bool:
     """Write a job's outcome (done, failed, queued again) if the job is still this worker's; a
-    worker that lost its lease leaves the job to the one that took it over. Returns whether written."""
+    worker that lost its lease leaves the job to the one that took it over. Returns whether written.
+    ``deliver_to``: a done job's deliveries (dicom_node.delivery), written in the same transaction."""
     with sessions.begin() as session:
-        return bool(session.execute(update(Job).where(_held_by(job_id, worker_id)).values(**values)).rowcount)
+        written = bool(session.execute(update(Job).where(_held_by(job_id, worker_id)).values(**values)).rowcount)
+        if written and deliver_to:
+            from dicom_node.delivery import add_deliveries
+
+            add_deliveries(session, job_id, deliver_to)
+        return written
 
 
 STAGES = ("reading", "synthesizing", "storing")
@@ -190,8 +196,10 @@ class Worker:
         self, sessions: sessionmaker[Session], model: LoadedModel, device: DeviceChoice, store: OrthancStore,
         uid_root: str, batch_size: int, precision: str = "auto", torch_compile: bool = False, test_time_augmentation: str = "model",
         lease_seconds: float = LEASE_SECONDS, synthesis_plane: str = "auto", ct_plane: str = "acquired",
+        deliver_to: list[str] | None = None, on_delivery: Callable[[], None] | None = None,
     ) -> None:
         self.tta, self.lease_seconds, self.plane, self.ct_plane = test_time_augmentation, lease_seconds, synthesis_plane, ct_plane
+        self.deliver_to, self.on_delivery = list(deliver_to or []), on_delivery  # results sent on by Orthanc (dicom_node.delivery)
         self.sessions, self.model, self.device, self.store = sessions, self._as_configured(model), device, store
         self.uid_root, self.batch_size, self.precision, self.torch_compile = uid_root, batch_size, precision, torch_compile
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}"
@@ -252,9 +260,13 @@ class Worker:
 
     def _settle(self, job_id: int, tracker: Progress, **values: Any) -> bool:
         """Write the job's outcome (``values``, columns of its row) if it is still this worker's;
-        ``tracker``, the job's Progress, keeps its lease thread from looking meanwhile and after."""
+        ``tracker``, the job's Progress, keeps its lease thread from looking meanwhile and after.
+        A job done gets its deliveries (``deliver_to``) in the same transaction."""
+        deliver_to = self.deliver_to if values.get("state") == "done" else None
         with tracker.settling():
-            written = settle_job(self.sessions, job_id, self.worker_id, **values)
+            written = settle_job(self.sessions, job_id, self.worker_id, deliver_to, **values)
+        if written and deliver_to and self.on_delivery is not None:
+            self.on_delivery()
         if written:
             return True
         log.warning("job outcome not recorded job=%d: the job is no longer this worker's (cancelled, or its lease ran out and "

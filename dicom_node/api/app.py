@@ -320,6 +320,30 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         _audit_query(caller, "commitments", state=state, returned=len(items))
         return {"counts": counts, "items": items, "limit": limit, "offset": offset}
 
+    @api.get("/deliveries")
+    def list_deliveries(
+        caller: Caller = Depends(READ), state: Literal["pending", "sent", "given-up"] | None = None,
+        limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
+    ) -> dict[str, Any]:
+        """Each done job's sCT and SR sent on by Orthanc to the modalities of ``deliver_to``, newest
+        first: ``sent`` (when, how many instances), ``pending`` (attempts, the last error, the next
+        try) or ``given-up``; counts by state."""
+        from dicom_node.delivery import listing
+
+        with sessions() as session:
+            found = listing(session, state, limit, offset)
+        _audit_query(caller, "deliveries", state=state, returned=len(found["items"]))
+        return found
+
+    @api.post("/deliveries/retry")
+    def retry_deliveries(caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
+        """After the modality is fixed: every delivery given up, or waiting for its next try, is tried at once."""
+        from dicom_node.delivery import retry_given_up
+
+        count = retry_given_up(sessions)
+        audit.record(sessions, "deliveries-retry", "success", caller.actor, deliveries=count)
+        return {"rescheduled": count}
+
     @api.get("/routing")
     def routing_status(
         caller: Caller = Depends(READ), limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),

@@ -1,0 +1,144 @@
+"""Delivery of results (``deliver_to``): each done job's sCT series and SR are sent on by Orthanc
+to DICOM modalities declared there (a treatment planning system, say), so that a physicist finds
+the sCT where the plan is made without routing it by hand.
+
+Orthanc does the C-STORE (``POST /modalities/{name}/store``, synchronous): the modality's address,
+AE title and transfer syntaxes are Orthanc's configuration, as for every other modality a site
+sends to from Orthanc. The node asks, records the answer and asks again with a growing pause while
+the modality is down or refuses (``MAX_ATTEMPTS``, about a day, then given up and audited until
+``POST /deliveries/retry``). The rows are written with the job's outcome (one transaction), so a
+job done is never left undelivered by a restart; of several worker processes sharing a database,
+one claims a delivery before sending it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.models import Delivery, Job, utcnow
+from dicom_node.orthanc_store import OrthancStore
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 30
+MAX_PAUSE_SECONDS = 3600.0
+CLAIM_SECONDS = 900.0  # a delivery being sent is this process's for that long (the store's timeout is shorter)
+DELIVERED = "results-delivered"
+DELIVERY_GIVEN_UP = "results-delivery-given-up"
+
+
+def add_deliveries(session: Session, job_id: int, modalities: list[str]) -> None:
+    """In the transaction that marks the job done: one delivery per modality, due now."""
+    for modality in modalities:
+        session.add(Delivery(job_id=job_id, modality=modality, state="pending", attempts=0, next_at=utcnow()))
+
+
+def retry_given_up(sessions: sessionmaker[Session]) -> int:
+    """POST /deliveries/retry: every delivery given up (or pending) is due now, its attempts counted afresh."""
+    with sessions.begin() as session:
+        return session.execute(update(Delivery).where(Delivery.state.in_(("given-up", "pending"))).values(
+            state="pending", attempts=0, next_at=utcnow())).rowcount
+
+
+class Deliverer:
+    def __init__(self, sessions: sessionmaker[Session], store: OrthancStore, timeout: float = 600.0) -> None:
+        self.sessions, self.store, self.timeout = sessions, store, timeout
+        self.wake = threading.Event()
+
+    def _send(self, modality: str, job: Job) -> int:
+        """Orthanc sends the job's sCT series and SR to ``modality``; the instances sent. RuntimeError saying why not."""
+        resources = []
+        for uid in (job.ct_series_uid, job.sr_series_uid):
+            found = self.store.series_id(str(uid)) if uid else None
+            if found is None:
+                raise RuntimeError(f"Orthanc no longer holds series {uid} of job {job.id} (deleted there?)")
+            resources.append(found)
+        try:
+            answer = self.store.client.post(f"modalities/{modality}/store", json={
+                "Resources": resources, "Synchronous": True, "Timeout": int(self.timeout)}, timeout=self.timeout + 30).json()
+        except Exception as exc:  # HttpError: an unknown modality (404), the C-STORE failed (500) ...; Orthanc unreachable
+            status = getattr(exc, "http_status_code", None)
+            detail = getattr(exc, "msg", None) or str(exc)
+            raise RuntimeError(f"Orthanc did not send to modality {modality!r}" + (f" (HTTP {status})" if status else "")
+                               + f": {str(detail)[:300]}") from exc
+        failed = int(answer.get("FailedInstancesCount", 0) or 0)
+        if failed:
+            raise RuntimeError(f"modality {modality!r} refused {failed} of {answer.get('InstancesCount')} instances")
+        return int(answer.get("InstancesCount", 0) or 0)
+
+    def deliver_due(self) -> int:
+        """Send every delivery due now; how many went."""
+        sent = 0
+        with self.sessions() as session:
+            due = session.scalars(select(Delivery.id).where(Delivery.state == "pending", Delivery.next_at <= utcnow())
+                                  .order_by(Delivery.id)).all()
+        for delivery_id in due:
+            with self.sessions.begin() as session:  # claimed first: one of several workers sends it
+                now = utcnow()
+                if not session.execute(update(Delivery).where(Delivery.id == delivery_id, Delivery.state == "pending",
+                                                              Delivery.next_at <= now)
+                                       .values(next_at=now + timedelta(seconds=CLAIM_SECONDS))).rowcount:
+                    continue
+            with self.sessions() as session:
+                row = session.get(Delivery, delivery_id)
+                job = session.get(Job, row.job_id) if row is not None else None
+                if row is None or job is None:
+                    continue
+                session.expunge_all()
+            try:
+                instances = self._send(row.modality, job)
+            except Exception as exc:
+                self._failed(row, job, exc)
+                continue
+            with self.sessions.begin() as session:
+                session.execute(update(Delivery).where(Delivery.id == row.id).values(
+                    state="sent", sent_at=utcnow(), instances=instances, attempts=row.attempts + 1, last_error=None, next_at=None))
+                session.add(audit.event(DELIVERED, "success", "deliverer", series_uid=job.ct_series_uid, job_id=job.id,
+                                        modality=row.modality, instances=instances, sr_series_uid=job.sr_series_uid))
+            log.info("results delivered job=%d modality=%s instances=%d", job.id, row.modality, instances)
+            sent += 1
+        return sent
+
+    def _failed(self, row: Delivery, job: Job, exc: BaseException) -> None:
+        attempts = row.attempts + 1
+        pause = min(2.0 ** attempts, MAX_PAUSE_SECONDS)
+        given_up = attempts >= MAX_ATTEMPTS
+        with self.sessions.begin() as session:
+            session.execute(update(Delivery).where(Delivery.id == row.id).values(
+                attempts=attempts, last_error=str(exc)[:500], state="given-up" if given_up else "pending",
+                next_at=None if given_up else utcnow() + timedelta(seconds=pause)))
+            if given_up:
+                session.add(audit.event(DELIVERY_GIVEN_UP, "failure", "deliverer", series_uid=job.ct_series_uid, job_id=job.id,
+                                        modality=row.modality, attempts=attempts, reason=str(exc)[:400]))
+        log.warning("results delivery job=%d modality=%s failed (attempt %d)%s: %s", job.id, row.modality, attempts,
+                    ", given up" if given_up else f", next in {pause:.0f} s", exc)
+
+    def loop(self, stop: threading.Event, poll_seconds: float) -> None:
+        while not stop.is_set():
+            try:
+                self.deliver_due()
+            except Exception:  # the database: try again next round
+                log.exception("results delivery")
+            self.wake.wait(max(poll_seconds, 1.0))
+            self.wake.clear()
+
+
+def listing(session: Session, state: str | None, limit: int, offset: int) -> dict[str, Any]:
+    """GET /deliveries: counts by state, then the deliveries (newest first) with their job's sCT series."""
+    from sqlalchemy import func
+
+    counts = dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
+    query = select(Delivery, Job.ct_series_uid).join(Job, Job.id == Delivery.job_id).order_by(Delivery.id.desc())
+    if state:
+        query = query.where(Delivery.state == state)
+    items = [{"id": d.id, "job_id": d.job_id, "ct_series_uid": ct, "modality": d.modality, "state": d.state, "attempts": d.attempts,
+              "created_at": d.created_at, "next_at": d.next_at, "sent_at": d.sent_at, "instances": d.instances, "last_error": d.last_error}
+             for d, ct in session.execute(query.limit(limit).offset(offset)).all()]
+    return {"counts": counts, "items": items, "limit": limit, "offset": offset}
