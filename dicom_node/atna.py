@@ -79,6 +79,8 @@ EVENTS: dict[str, tuple[tuple[str, str], tuple[str, str] | None, str]] = {
     audit.INSTANCE_REFUSED: (INSTANCES_TRANSFERRED, None, "C"),
     audit.INSTANCES_TRANSFERRED: (INSTANCES_TRANSFERRED, None, "C"),
     audit.ROUTING_GIVEN_UP: (INSTANCES_TRANSFERRED, None, "C"),
+    "results-delivered": (INSTANCES_TRANSFERRED, None, "C"),  # an sCT and its SR Orthanc sent on at the node's request (deliver_to)
+    "results-delivery-given-up": (INSTANCES_TRANSFERRED, None, "C"),
     audit.JOB_FINISHED: (INSTANCES_ACCESSED, None, "C"),  # derived instances created from the MR
     audit.JOB_FAILED: (INSTANCES_ACCESSED, None, "C"),
     SPOOL_PURGED: (INSTANCES_ACCESSED, None, "D"),
@@ -201,7 +203,7 @@ def message(row: AuditEvent, source: Source, subjects: Iterable[Subject] = ()) -
         parts.append(_participant(user, True, role=SOURCE, access_point=address, access_point_type=address_type))
         parts.append(_participant(source.ae_title, False, role=DESTINATION, **own))
     elif event_id == INSTANCES_TRANSFERRED:
-        # the node stored to Orthanc (an sCT) or routed originals to their destination
+        # the node stored to Orthanc (an sCT), routed originals to their destination, or had Orthanc send an sCT on
         destination = str(detail.get("destination") or "")
         parts.append(_participant(source.ae_title, True, role=SOURCE, **own))
         parts.append(_participant(destination, False, role=DESTINATION, access_point=destination if "://" in destination else None,

@@ -100,8 +100,9 @@ class Deliverer:
             with self.sessions.begin() as session:
                 session.execute(update(Delivery).where(Delivery.id == row.id).values(
                     state="sent", sent_at=utcnow(), instances=instances, attempts=row.attempts + 1, last_error=None, next_at=None))
-                session.add(audit.event(DELIVERED, "success", "deliverer", series_uid=job.ct_series_uid, job_id=job.id,
-                                        modality=row.modality, instances=instances, sr_series_uid=job.sr_series_uid))
+                session.add(audit.event(DELIVERED, "success", "deliverer", series_uid=job.series_instance_uid, job_id=job.id,
+                                        destination=f"Orthanc modality {row.modality}", modality=row.modality, instances=instances,
+                                        ct_series_uid=job.ct_series_uid, sr_series_uid=job.sr_series_uid))
             log.info("results delivered job=%d modality=%s instances=%d", job.id, row.modality, instances)
             sent += 1
         return sent
@@ -115,8 +116,9 @@ class Deliverer:
                 attempts=attempts, last_error=str(exc)[:500], state="given-up" if given_up else "pending",
                 next_at=None if given_up else utcnow() + timedelta(seconds=pause)))
             if given_up:
-                session.add(audit.event(DELIVERY_GIVEN_UP, "failure", "deliverer", series_uid=job.ct_series_uid, job_id=job.id,
-                                        modality=row.modality, attempts=attempts, reason=str(exc)[:400]))
+                session.add(audit.event(DELIVERY_GIVEN_UP, "failure", "deliverer", series_uid=job.series_instance_uid, job_id=job.id,
+                                        destination=f"Orthanc modality {row.modality}", modality=row.modality, ct_series_uid=job.ct_series_uid,
+                                        attempts=attempts, reason=str(exc)[:400]))
         log.warning("results delivery job=%d modality=%s failed (attempt %d)%s: %s", job.id, row.modality, attempts,
                     ", given up" if given_up else f", next in {pause:.0f} s", exc)
 

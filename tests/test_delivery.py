@@ -11,6 +11,7 @@ import httpx
 import pydicom
 import pytest
 
+from dicom_node import atna
 from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port, start_storescp, stop_process, storescu
 from dicom_node.models import AuditEvent, Delivery, Job
@@ -68,7 +69,11 @@ def test_the_sct_and_its_sr_reach_the_planning_system_once_it_listens(tmp_path):
             assert {str(ds.SeriesInstanceUID) for ds in files if ds.Modality == "SR"} == {sr_uid}
             assert _deliveries(url)[0].instances == 4
             with init_db(url)() as session:
-                assert session.query(AuditEvent).filter(AuditEvent.action == "results-delivered", AuditEvent.job_id == job.id).count() == 1
+                (delivered,) = session.query(AuditEvent).filter(AuditEvent.action == "results-delivered", AuditEvent.job_id == job.id).all()
+                # with audit_syslog, the DICOM audit message sent for it: Instances Transferred, to the modality, naming the study
+                xml = atna.message(delivered, atna.Source("MR2CT", NODE_AE), atna.subjects_of(session, delivered))
+            assert xml is not None and 'csd-code="110104"' in xml and 'UserID="Orthanc modality tps"' in xml
+            assert f'ParticipantObjectID="{files[0].StudyInstanceUID}"' in xml
             admin = {"Authorization": f"Bearer {api_token(url, 'admin', 'deliveries-admin')}"}
             assert httpx.post(f"{api}/deliveries/retry", headers=admin, timeout=10).json() == {"rescheduled": 0}  # a sent one stays sent
 
