@@ -401,6 +401,61 @@ def demo(
     raise typer.Exit(code)
 
 
+@app.command()
+def qa(
+    node: Annotated[Optional[str], typer.Option(help="AE@host:port of the node to test (default: this config's ae_title on "
+                                                     "127.0.0.1:dicom_port)")] = None,
+    calling_ae: Annotated[str, typer.Option(help="the AE title the QA sends as (must be in the node's allowed_aes)")] = "MR2CT_QA",
+    seed: Annotated[int, typer.Option(help="the phantom head (the same seed, the same anatomy: figures comparable day to day)")] = 424_242,
+    slices: Annotated[int, typer.Option(min=1, max=512)] = 16,
+    size: Annotated[int, typer.Option(min=32, max=1024)] = 256,
+    pixel_spacing: Annotated[float, typer.Option(min=0.2, max=10.0, help="mm")] = 1.0,
+    slice_spacing: Annotated[float, typer.Option(min=0.2, max=20.0, help="mm")] = 4.0,
+    max_mae_hu: Annotated[Optional[float], typer.Option(help="fail (exit 1) when the sCT's MAE inside the body is above this")] = None,
+    timeout: Annotated[float, typer.Option(min=1.0, help="seconds to wait for the sCT in Orthanc")] = 900.0,
+    keep: Annotated[bool, typer.Option("--keep", help="keep the QA study in Orthanc (deleted by default)")] = False,
+    json_output: Annotated[bool, typer.Option("--json", help="end with one JSON object of the figures")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Constancy QA of the running service: a phantom head with a known CT goes through the node as
+    a scanner's MR series; its sCT is read back from Orthanc and scored (MAE, mean error, per
+    tissue). Exit 1 when it is above --max-mae-hu or no sCT came; each run is an audit row (qa-run)."""
+    import json
+
+    from dicom_node import audit
+    from dicom_node.db import init_db
+    from dicom_node.qa import QaFailed, default_node, run_qa
+    from dicom_node.settings import parse_dicom_destination
+    from synthesis.errors import PacsUnavailable
+
+    settings = _settings(config)
+    node = node or default_node(settings)
+    try:
+        parse_dicom_destination(node)
+    except ValueError as exc:
+        typer.echo(f"mr2ct qa: --node: {exc}", err=True)
+        raise typer.Exit(2)
+    sessions = init_db(settings.database_url)
+    try:
+        result = run_qa(settings, node, calling_ae, seed=seed, slices=slices, size=size, pixel_spacing=pixel_spacing,
+                        slice_spacing=slice_spacing, timeout=timeout, keep=keep, max_mae_hu=max_mae_hu, say=lambda line: typer.echo(line, err=True))
+    except (QaFailed, PacsUnavailable) as exc:
+        audit.record(sessions, "qa-run", "failure", f"mr2ct qa {calling_ae}", node=node, reason=str(exc)[:500])
+        typer.echo(f"mr2ct qa: {exc}", err=True)
+        raise typer.Exit(1)
+    audit.record(sessions, "qa-run", "success" if result["passed"] else "failure", f"mr2ct qa {calling_ae}", study_uid=result["study_uid"],
+                 **{k: v for k, v in result.items() if k != "study_uid"})
+    tissues = ", ".join(f"{name} {value:g}" for name, value in result["mae_by_tissue"].items())
+    typer.echo(f"sCT MAE {result['mae_hu']:g} HU inside the body (mean error {result['bias_hu']:+g} HU), {result['slices']} slices, "
+               f"{result["seconds"]:g} s in all; by tissue: {tissues}")
+    if not result["passed"]:
+        typer.echo(f"mr2ct qa: FAILED: MAE {result['mae_hu']:g} HU is above --max-mae-hu {max_mae_hu:g}", err=True)
+    if json_output:
+        typer.echo(json.dumps(result))
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
 @app.command("sample-mr")
 def sample_mr(
     out: Annotated[Path, typer.Option(help="folder to write the MR instances into")],

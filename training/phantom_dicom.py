@@ -51,9 +51,11 @@ def write_mr_series(
     series_description: str | None = None,
     modality: str = "MR",
     study_uid: str | None = None,
+    uid_key: str = "",
 ) -> PhantomSeries:
     """Render one phantom head as a T1 MR (or, with ``modality="CT"``, a CT in HU) series of
-    single-frame instances in ``folder``."""
+    single-frame instances in ``folder``. Its UIDs follow from its parameters (the same call, the
+    same UIDs), and ``uid_key``: another key, other UIDs for the same anatomy."""
     if modality not in ("MR", "CT"):
         raise ValueError(f"modality must be MR or CT, got {modality!r}")
     folder = Path(folder)
@@ -64,7 +66,7 @@ def write_mr_series(
     mr = phantoms.mr_to_stored(phantoms.render_mr(labels, grid, seed))
     ct = phantoms.render_ct(labels, grid, seed)
     ct_stored = np.clip(np.rint(ct) + 1024, 0, 4095).astype(np.uint16)
-    key = f"mr2ct-phantom-{seed}-{slices}-{size}-{columns}-{pixel_spacing}-{slice_spacing}-{orientation}-{series_description}"
+    key = f"mr2ct-phantom-{seed}-{slices}-{size}-{columns}-{pixel_spacing}-{slice_spacing}-{orientation}-{series_description}{uid_key}"
     study_uid = study_uid or generate_uid(UID_PREFIX, [key, "study"])
     series_uid = generate_uid(UID_PREFIX, [key, modality, "series"])
     for_uid = generate_uid(UID_PREFIX, [key, "for"])

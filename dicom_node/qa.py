@@ -1,0 +1,149 @@
+"""Constancy QA of the running service (``mr2ct qa``), as a radiotherapy department checks its CT
+scanner each morning: a phantom head whose true CT is known is rendered as a T1 MR series with
+fresh UIDs, sent to the node by C-STORE like a scanner's, and the sCT the node stores in Orthanc
+is read back and compared with the truth inside the body: MAE and mean error in HU, per tissue
+too. The whole path is exercised (DICOM, selection, the active model, the views, the CT writer,
+Orthanc), so a changed model, a wrong setting or a broken route shows as a changed figure or a
+failure, not in a patient's plan. Each run is an audit row (``qa-run``: the figures, pass or
+fail against ``--max-mae-hu``); the QA study is deleted from Orthanc afterwards unless kept.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from io import BytesIO
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from dicom_node.orthanc_store import OrthancStore
+from dicom_node.settings import Settings, parse_dicom_destination
+
+QA_PATIENT_NAME = "MR2CT^QA PHANTOM"
+QA_PATIENT_ID = "MR2CT-QA"
+QA_DESCRIPTION = "mr2ct QA phantom T1"
+
+
+class QaFailed(Exception):
+    """The QA could not be run through (the node refused, no sCT came): what happened."""
+
+
+def default_node(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.dicom_host in ("0.0.0.0", "::", "") else settings.dicom_host
+    return f"{settings.ae_title}@{host}:{settings.dicom_port}"
+
+
+def send(files: list[Path], node: str, calling_ae: str, timeout: float = 30.0) -> None:
+    """C-STORE every file to the node (a scanner's way); QaFailed saying what went wrong."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
+
+    from dicom_node.transport import NodeAE
+
+    called, host, port = parse_dicom_destination(node)
+    ae = NodeAE(calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
+    ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate(host, port, ae_title=called)
+    if not assoc.is_established:
+        raise QaFailed(f"no association with {node} as {calling_ae} (not listening, or {calling_ae} not in the node's allowed_aes)")
+    try:
+        for path in files:
+            status = assoc.send_c_store(path)
+            code = getattr(status, "Status", None)
+            if code != 0x0000:
+                raise QaFailed(f"the node answered C-STORE of {path.name} with "
+                               f"{'nothing' if code is None else f'status 0x{code:04X}'}")
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _ct_series(store: OrthancStore, study_uid: str) -> list[str]:
+    found = store.client.post("tools/find", json={"Level": "Series", "Query": {"StudyInstanceUID": study_uid, "Modality": "CT"}}).json()
+    return [str(series_id) for series_id in found]
+
+
+def wait_for_sct(store: OrthancStore, study_uid: str, slices: int, timeout: float) -> str:
+    """Orthanc's id of the study's CT series once it holds ``slices`` instances."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for series_id in _ct_series(store, study_uid):
+            if len(store.client.series.get_instances_ids(series_id)) >= slices:
+                return series_id
+        time.sleep(1.0)
+    raise QaFailed(f"no sCT series of {slices} slices in Orthanc {timeout:.0f} s after the QA MR was sent "
+                   "(is the node's worker running? GET /jobs says what became of the series)")
+
+
+def score(sct: np.ndarray, truth: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """MAE and mean error (sCT - CT) in HU inside the body, and per tissue."""
+    from training import phantoms
+    from training.pairs import body_mask
+
+    body = body_mask(truth)
+    error = sct - truth
+    by_tissue, bias_by_tissue = {}, {}
+    for index, name in enumerate(phantoms.TISSUE_NAMES):
+        inside = body & (labels == index)
+        if inside.sum() >= 20:
+            by_tissue[name] = round(float(np.abs(error[inside]).mean()), 2)
+            bias_by_tissue[name] = round(float(error[inside].mean()), 2)
+    return {"mae_hu": round(float(np.abs(error[body]).mean()), 2), "bias_hu": round(float(error[body].mean()), 2),
+            "mae_by_tissue": by_tissue, "bias_by_tissue": bias_by_tissue, "body_pixels": int(body.sum())}
+
+
+def _sct_volume(store: OrthancStore, series_id: str, positions: list[np.ndarray], normal: np.ndarray, spacing: float) -> np.ndarray:
+    """The sCT's slices in HU, in the QA MR's slice order (each matched by its position)."""
+    found: dict[int, np.ndarray] = {}
+    offsets = [float(np.dot(p, normal)) for p in positions]
+    for instance_id in store.client.series.get_instances_ids(series_id):
+        ds = pydicom.dcmread(BytesIO(store.instance_file(instance_id)))
+        offset = float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal))
+        nearest = int(np.argmin([abs(offset - o) for o in offsets]))
+        if abs(offset - offsets[nearest]) > spacing / 2:
+            raise QaFailed("the sCT's slices do not lie on the QA MR's (ct_plane = axial re-grids a tilted series; the QA phantom is "
+                           "axial, so this should not happen)")
+        found[nearest] = ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1)) + float(ds.get("RescaleIntercept", 0))
+    missing = [i for i in range(len(positions)) if i not in found]
+    if missing:
+        raise QaFailed(f"the sCT has no slice for {len(missing)} of the QA MR's {len(positions)} slices")
+    return np.stack([found[i] for i in range(len(positions))])
+
+
+def run_qa(settings: Settings, node: str, calling_ae: str, *, seed: int = 424_242, slices: int = 16, size: int = 256,
+           pixel_spacing: float = 1.0, slice_spacing: float = 4.0, timeout: float = 900.0, keep: bool = False,
+           max_mae_hu: float | None = None, say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+    """One QA run (see the module's doc); the figures, with ``passed`` against ``max_mae_hu``."""
+    from training.phantom_dicom import write_mr_series
+
+    password = settings.orthanc_password.get_secret_value() if settings.orthanc_password else None
+    store = OrthancStore(settings.orthanc_url, settings.orthanc_username, password, settings.orthanc_timeout_seconds)
+    store.check_reachable()
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="mr2ct-qa-") as folder:
+        phantom = write_mr_series(Path(folder), seed=seed, slices=slices, size=size, pixel_spacing=pixel_spacing,
+                                  slice_spacing=slice_spacing, patient_name=QA_PATIENT_NAME, patient_id=QA_PATIENT_ID,
+                                  series_description=QA_DESCRIPTION, uid_key=f"-qa-{time.time_ns()}")
+        first = pydicom.dcmread(phantom.files[0], stop_before_pixels=True)
+        row, column = np.asarray(first.ImageOrientationPatient[:3], float), np.asarray(first.ImageOrientationPatient[3:], float)
+        normal = np.cross(row, column)
+        positions = [np.asarray(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient, float) for p in phantom.files]
+        say(f"sending the QA phantom ({slices} slices, {size}x{size} at {pixel_spacing:g} mm) to {node} as {calling_ae}")
+        send(phantom.files, node, calling_ae)
+    say("waiting for its sCT in Orthanc")
+    series_id = wait_for_sct(store, phantom.study_uid, slices, timeout)
+    sct = _sct_volume(store, series_id, positions, normal, slice_spacing)
+    result = score(sct, phantom.ct_hu, phantom.labels)
+    ct_uid = str(store.client.get(f"series/{series_id}").json().get("MainDicomTags", {}).get("SeriesInstanceUID", ""))
+    result.update(seconds=round(time.perf_counter() - started, 1), slices=slices, study_uid=phantom.study_uid, ct_series_uid=ct_uid,
+                  node=node, max_mae_hu=max_mae_hu, passed=max_mae_hu is None or result["mae_hu"] <= max_mae_hu)
+    if not keep:
+        study_id = store.study_id(phantom.study_uid)
+        if study_id is not None:
+            store.client.delete(f"studies/{study_id}")
+    return result
