@@ -447,7 +447,7 @@ def qa(
                  **{k: v for k, v in result.items() if k != "study_uid"})
     tissues = ", ".join(f"{name} {value:g}" for name, value in result["mae_by_tissue"].items())
     typer.echo(f"sCT MAE {result['mae_hu']:g} HU inside the body (mean error {result['bias_hu']:+g} HU), {result['slices']} slices, "
-               f"{result["seconds"]:g} s in all; by tissue: {tissues}")
+               f"{result['seconds']:g} s in all; by tissue: {tissues}")
     if not result["passed"]:
         typer.echo(f"mr2ct qa: FAILED: MAE {result['mae_hu']:g} HU is above --max-mae-hu {max_mae_hu:g}", err=True)
     if json_output:
