@@ -18,7 +18,7 @@ import threading
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
@@ -134,8 +134,6 @@ class Deliverer:
 
 def listing(session: Session, state: str | None, limit: int, offset: int) -> dict[str, Any]:
     """GET /deliveries: counts by state, then the deliveries (newest first) with their job's sCT series."""
-    from sqlalchemy import func
-
     counts = dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
     query = select(Delivery, Job.ct_series_uid).join(Job, Job.id == Delivery.job_id).order_by(Delivery.id.desc())
     if state:

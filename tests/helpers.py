@@ -315,3 +315,14 @@ def syslog_messages(received: Path, count: int, timeout: float = 30.0) -> list[s
         if len(lines) >= count or time.monotonic() > deadline:
             return lines
         time.sleep(0.2)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll ``predicate`` until it returns something true (returned), or fail saying what did not happen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")

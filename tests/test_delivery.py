@@ -4,7 +4,6 @@ delivery waits with the reason and goes once it listens."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import httpx
@@ -16,22 +15,13 @@ from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port, start_storescp, stop_process, storescu
 from dicom_node.models import AuditEvent, Delivery, Job
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
-from tests.helpers import api_token
+from tests.helpers import api_token, wait_for as _wait
 from training.phantom_dicom import write_mr_series
 
 
 def _deliveries(url: str) -> list[Delivery]:
     with init_db(url)() as session:
         return session.query(Delivery).order_by(Delivery.id).all()
-
-
-def _wait(check, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 def test_the_sct_and_its_sr_reach_the_planning_system_once_it_listens(tmp_path):

@@ -18,18 +18,8 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port, nodelay_env, storescu
 from dicom_node.models import AuditEvent, Instance, Job
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
-from tests.helpers import study_series
+from tests.helpers import study_series, wait_for as _wait
 from training.phantom_dicom import write_mr_series
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _instances(database_url: str, series_uid: str) -> list[Instance]:

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,19 +26,10 @@ from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port, storescu
 from dicom_node.models import AuditEvent, ForwardCommitment, Instance
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
-from tests.helpers import api_token
+from tests.helpers import api_token, wait_for as _wait
 from training.phantom_dicom import write_mr_series
 
 WELL_KNOWN = "1.2.840.10008.1.20.1.1"
-
-
-def _wait(check: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 def _rows(database_url: str) -> list[Instance]:
