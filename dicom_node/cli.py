@@ -415,6 +415,8 @@ def qa(
     timeout: Annotated[float, typer.Option(min=1.0, help="seconds to wait for the sCT in Orthanc")] = 900.0,
     keep: Annotated[bool, typer.Option("--keep", help="keep the QA study in Orthanc (deleted by default)")] = False,
     json_output: Annotated[bool, typer.Option("--json", help="end with one JSON object of the figures")] = False,
+    tls: Annotated[bool, typer.Option("--tls", help="DICOM over TLS: the node's certificate checked against tls_ca_file, "
+                                                    "tls_certificate presented")] = False,
     config: ConfigOption = None,
 ) -> None:
     """Constancy QA of the running service: a phantom head with a known CT goes through the node as
@@ -435,10 +437,14 @@ def qa(
     except ValueError as exc:
         typer.echo(f"mr2ct qa: --node: {exc}", err=True)
         raise typer.Exit(2)
+    if tls and settings.tls_ca_file is None:
+        typer.echo("mr2ct qa: --tls needs tls_ca_file (the CA that signed the node's certificate)", err=True)
+        raise typer.Exit(2)
     sessions = init_db(settings.database_url)
     try:
         result = run_qa(settings, node, calling_ae, seed=seed, slices=slices, size=size, pixel_spacing=pixel_spacing,
-                        slice_spacing=slice_spacing, timeout=timeout, keep=keep, max_mae_hu=max_mae_hu, say=lambda line: typer.echo(line, err=True))
+                        slice_spacing=slice_spacing, timeout=timeout, keep=keep, max_mae_hu=max_mae_hu, tls=tls,
+                        say=lambda line: typer.echo(line, err=True))
     except (QaFailed, PacsUnavailable) as exc:
         audit.record(sessions, "qa-run", "failure", f"mr2ct qa {calling_ae}", node=node, reason=str(exc)[:500])
         typer.echo(f"mr2ct qa: {exc}", err=True)

@@ -37,8 +37,8 @@ def default_node(settings: Settings) -> str:
     return f"{settings.ae_title}@{host}:{settings.dicom_port}"
 
 
-def send(files: list[Path], node: str, calling_ae: str, timeout: float = 30.0) -> None:
-    """C-STORE every file to the node (a scanner's way); QaFailed saying what went wrong."""
+def send(files: list[Path], node: str, calling_ae: str, timeout: float = 30.0, ssl_context: Any = None) -> None:
+    """C-STORE every file to the node (a scanner's way; over TLS with ``ssl_context``); QaFailed saying what went wrong."""
     from pydicom.uid import ExplicitVRLittleEndian
     from pynetdicom.sop_class import MRImageStorage  # type: ignore[attr-defined]
 
@@ -48,9 +48,13 @@ def send(files: list[Path], node: str, calling_ae: str, timeout: float = 30.0) -
     ae = NodeAE(calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     ae.add_requested_context(MRImageStorage, ExplicitVRLittleEndian)
-    assoc = ae.associate(host, port, ae_title=called)
+    try:
+        assoc = ae.associate(host, port, ae_title=called, tls_args=(ssl_context, host) if ssl_context is not None else None)
+    except OSError as exc:  # the TLS handshake refused (ssl.SSLError)
+        raise QaFailed(f"no TLS association with {node}: {type(exc).__name__}: {exc}") from exc
     if not assoc.is_established:
-        raise QaFailed(f"no association with {node} as {calling_ae} (not listening, or {calling_ae} not in the node's allowed_aes)")
+        raise QaFailed(f"no association with {node} as {calling_ae} (not listening, {calling_ae} not in the node's allowed_aes, "
+                       f"or the node speaks DICOM over TLS{' only with another CA' if ssl_context is not None else ': use --tls'})")
     try:
         for path in files:
             status = assoc.send_c_store(path)
@@ -117,7 +121,7 @@ def _sct_volume(store: OrthancStore, series_id: str, positions: list[np.ndarray]
 
 def run_qa(settings: Settings, node: str, calling_ae: str, *, seed: int = 424_242, slices: int = 16, size: int = 256,
            pixel_spacing: float = 1.0, slice_spacing: float = 4.0, timeout: float = 900.0, keep: bool = False,
-           max_mae_hu: float | None = None, say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
+           max_mae_hu: float | None = None, tls: bool = False, say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """One QA run (see the module's doc); the figures, with ``passed`` against ``max_mae_hu``."""
     from training.phantom_dicom import write_mr_series
 
@@ -134,7 +138,12 @@ def run_qa(settings: Settings, node: str, calling_ae: str, *, seed: int = 424_24
         normal = np.cross(row, column)
         positions = [np.asarray(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient, float) for p in phantom.files]
         say(f"sending the QA phantom ({slices} slices, {size}x{size} at {pixel_spacing:g} mm) to {node} as {calling_ae}")
-        send(phantom.files, node, calling_ae)
+        if tls:
+            from dicom_node.service import client_tls_context
+
+            send(phantom.files, node, calling_ae, ssl_context=client_tls_context(settings))
+        else:
+            send(phantom.files, node, calling_ae)
     say("waiting for its sCT in Orthanc")
     series_id = wait_for_sct(store, phantom.study_uid, slices, timeout)
     sct = _sct_volume(store, series_id, positions, normal, slice_spacing)

@@ -44,3 +44,22 @@ def test_qa_scores_the_sct_of_a_phantom_sent_through_the_node(tmp_path):
             assert [r.outcome for r in runs] == ["success", "failure"] and runs[0].detail["mae_hu"] == figures["mae_hu"]
             refused = qa("--calling-ae", "STRANGER")
             assert refused.returncode == 1 and "STRANGER not in the node's allowed_aes" in refused.stderr, refused.stderr
+
+
+def test_qa_speaks_dicom_over_tls_to_a_node_that_asks_for_it(tmp_path):
+    from tests.helpers import make_pki
+
+    pki = make_pki(tmp_path)
+    node_port = free_port()
+    with OrthancServer(tmp_path / "orthanc", free_port(), free_port()) as orthanc:
+        env = node_env(tmp_path / "node", node_port, orthanc)
+        env.update(MR2CT_ALLOWED_AES="MR2CT_QA", MR2CT_TLS_CERTIFICATE=str(pki / "server.pem"),
+                   MR2CT_TLS_PRIVATE_KEY=str(pki / "server.key"), MR2CT_TLS_CA_FILE=str(pki / "ca.pem"))
+        with NodeServer(tmp_path / "node", env, node_port) as node:
+            run_env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")} | env
+            base = [sys.executable, "-m", "dicom_node.cli", "qa", "--node", f"{NODE_AE}@127.0.0.1:{node.port}", "--slices", "4",
+                    "--size", "128", "--pixel-spacing", "2", "--timeout", "180"]
+            plain = subprocess.run(base, capture_output=True, text=True, env=run_env, timeout=300)
+            assert plain.returncode == 1 and "use --tls" in plain.stderr, plain.stderr
+            over_tls = subprocess.run([*base, "--tls"], capture_output=True, text=True, env=run_env, timeout=300)
+            assert over_tls.returncode == 0 and "sCT MAE" in over_tls.stdout, over_tls.stderr
