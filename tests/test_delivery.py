@@ -66,6 +66,7 @@ def test_the_sct_and_its_sr_reach_the_planning_system_once_it_listens(tmp_path):
             assert f'ParticipantObjectID="{files[0].StudyInstanceUID}"' in xml
             admin = {"Authorization": f"Bearer {api_token(url, 'admin', 'deliveries-admin')}"}
             assert httpx.post(f"{api}/deliveries/retry", headers=admin, timeout=10).json() == {"rescheduled": 0}  # a sent one stays sent
+            assert 'mr2ct_deliveries{state="sent"} 1' in httpx.get(f"{api}/metrics", headers=reader, timeout=10).text
 
 
 def test_deliver_to_names_are_checked_naming_the_key():

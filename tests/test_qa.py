@@ -9,10 +9,13 @@ import os
 import subprocess
 import sys
 
+import httpx
+
 from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port
 from dicom_node.models import AuditEvent
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
+from tests.helpers import api_token
 
 
 def test_qa_scores_the_sct_of_a_phantom_sent_through_the_node(tmp_path):
@@ -44,6 +47,10 @@ def test_qa_scores_the_sct_of_a_phantom_sent_through_the_node(tmp_path):
             assert [r.outcome for r in runs] == ["success", "failure"] and runs[0].detail["mae_hu"] == figures["mae_hu"]
             refused = qa("--calling-ae", "STRANGER")
             assert refused.returncode == 1 and "STRANGER not in the node's allowed_aes" in refused.stderr, refused.stderr
+            # what an alert watches: the last run failed; the last MAE measured is the good run's
+            auditor = {"Authorization": f"Bearer {api_token(env['MR2CT_DATABASE_URL'], 'auditor', 'qa')}"}
+            metrics = httpx.get(f"http://127.0.0.1:{env['MR2CT_API_PORT']}/metrics", headers=auditor, timeout=10).text.splitlines()
+            assert "mr2ct_qa_passed 0" in metrics and f"mr2ct_qa_mae_hu {figures['mae_hu']:g}" in metrics, metrics
 
 
 def test_qa_speaks_dicom_over_tls_to_a_node_that_asks_for_it(tmp_path):

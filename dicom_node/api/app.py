@@ -25,7 +25,7 @@ from dicom_node import audit, forward_commitment
 from dicom_node.api.auth import READERS, Caller, current_caller, require
 from dicom_node.db import notify_job_queued
 from dicom_node.forwarder import reschedule_failed
-from dicom_node.models import (Association, AuditEvent, Commitment, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
+from dicom_node.models import (Association, AuditEvent, Commitment, Delivery, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
                                utcnow)
 from dicom_node.orthanc_store import DEFAULT_TIMEOUT_SECONDS, OrthancStore
 from dicom_node.retention import lock_series, purged_reason, spool_usage
@@ -94,6 +94,27 @@ def _page(session: Session, query: Select[Any], limit: int, offset: int) -> dict
     total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery()))
     items = [_row(r) for r in session.scalars(query.limit(limit).offset(offset))]
     return {"total": total, "limit": limit, "offset": offset, "items": items}
+
+
+def _qa_and_delivery_metrics(sessions: sessionmaker[Session]) -> list[str]:
+    """The last constancy QA (``mr2ct qa``: whether it passed, the last MAE it measured, when) and
+    the deliveries of results by state: what an alert on drift or a planning system left without
+    its sCT watches."""
+    with sessions() as session:
+        runs = session.scalars(select(AuditEvent).where(AuditEvent.action == "qa-run").order_by(AuditEvent.id.desc()).limit(50)).all()
+        deliveries = dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
+    lines = ["# HELP mr2ct_deliveries Deliveries of results to the modalities of deliver_to, by state.", "# TYPE mr2ct_deliveries gauge"]
+    lines += [f'mr2ct_deliveries{{state="{state}"}} {deliveries.get(state, 0)}' for state in ("pending", "sent", "given-up")]
+    if runs:
+        scored = next((r for r in runs if isinstance((r.detail or {}).get("mae_hu"), (int, float))), None)
+        lines += ["# HELP mr2ct_qa_passed Whether the last constancy QA run (mr2ct qa) passed.", "# TYPE mr2ct_qa_passed gauge",
+                  f"mr2ct_qa_passed {int(runs[0].outcome == 'success')}",
+                  "# HELP mr2ct_qa_timestamp_seconds When the last constancy QA run ended.", "# TYPE mr2ct_qa_timestamp_seconds gauge",
+                  f"mr2ct_qa_timestamp_seconds {as_utc(runs[0].at).timestamp():.0f}"]
+        if scored is not None:
+            lines += ["# HELP mr2ct_qa_mae_hu The sCT's MAE inside the body in the last constancy QA run that scored one (HU).",
+                      "# TYPE mr2ct_qa_mae_hu gauge", f"mr2ct_qa_mae_hu {float(scored.detail['mae_hu']):g}"]
+    return lines
 
 
 def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = None, orthanc_auth: tuple[str, str] | None = None,
@@ -173,6 +194,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             lines.append(f'mr2ct_job_duration_seconds_bucket{{le="{bound}"}} {within}')
         lines.append(f'mr2ct_job_duration_seconds_bucket{{le="+Inf"}} {count}')
         lines += [f"mr2ct_job_duration_seconds_sum {total:.3f}", f"mr2ct_job_duration_seconds_count {count}"]
+        lines += _qa_and_delivery_metrics(sessions)
         if "device" in info:
             lines += ["# HELP mr2ct_device_info Inference device of this process.", "# TYPE mr2ct_device_info gauge",
                       f'mr2ct_device_info{{device="{info["device"]}"}} 1']
