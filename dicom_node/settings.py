@@ -25,7 +25,7 @@ UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
 DESTINATION_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})$")
 
 
-MODALITY_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # a key of Orthanc's DicomModalities, safe in a REST path
+MODALITY_NAME_RE = re.compile(r"^(?!\.+$)[A-Za-z0-9_.-]{1,64}$")  # a key of Orthanc's DicomModalities, safe in a REST path (not . or ..)
 
 
 def parse_dicom_destination(value: str) -> tuple[str, str, int]:

@@ -73,7 +73,7 @@ def test_deliver_to_names_are_checked_naming_the_key():
     from dicom_node.settings import Settings
 
     assert Settings(deliver_to="tps, eclipse-1").deliver_to == ["tps", "eclipse-1"]
-    for bad in ("../system", "tps,tps"):
+    for bad in ("../system", "..", "tps,tps"):
         with pytest.raises(ValueError, match="deliver_to"):
             Settings(deliver_to=bad)
 
