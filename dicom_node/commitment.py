@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.models import Commitment, Instance, utcnow
+from dicom_node.rounds import growing_pause, run_rounds
 from dicom_node.settings import parse_dicom_destination
 from dicom_node.transport import NodeAE
 from synthesis.uids import is_valid_uid
@@ -217,7 +218,7 @@ class Reporter:
 
     def _failed(self, row: Commitment, exc: BaseException) -> None:
         attempts = row.attempts + 1
-        pause = min(2.0 ** attempts, MAX_PAUSE_SECONDS)
+        pause = growing_pause(attempts, MAX_PAUSE_SECONDS)
         given_up = attempts >= MAX_ATTEMPTS
         with self.sessions.begin() as session:
             session.execute(update(Commitment).where(Commitment.id == row.id).values(
@@ -230,10 +231,4 @@ class Reporter:
                     ", given up" if given_up else f", next in {pause:.0f} s", exc)
 
     def loop(self, stop: threading.Event, poll_seconds: float) -> None:
-        while not stop.is_set():
-            try:
-                self.report_due()
-            except Exception:  # the database: try again next round
-                log.exception("storage commitment reports")
-            self.wake.wait(max(poll_seconds, 1.0))
-            self.wake.clear()
+        run_rounds(self.report_due, stop, self.wake, poll_seconds, "storage commitment reports")

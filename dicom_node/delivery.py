@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.models import Delivery, Job, utcnow
 from dicom_node.orthanc_store import OrthancStore
+from dicom_node.rounds import growing_pause, run_rounds
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class Deliverer:
 
     def _failed(self, row: Delivery, job: Job, exc: BaseException) -> None:
         attempts = row.attempts + 1
-        pause = min(2.0 ** attempts, MAX_PAUSE_SECONDS)
+        pause = growing_pause(attempts, MAX_PAUSE_SECONDS)
         given_up = attempts >= MAX_ATTEMPTS
         with self.sessions.begin() as session:
             session.execute(update(Delivery).where(Delivery.id == row.id).values(
@@ -123,13 +124,7 @@ class Deliverer:
                     ", given up" if given_up else f", next in {pause:.0f} s", exc)
 
     def loop(self, stop: threading.Event, poll_seconds: float) -> None:
-        while not stop.is_set():
-            try:
-                self.deliver_due()
-            except Exception:  # the database: try again next round
-                log.exception("results delivery")
-            self.wake.wait(max(poll_seconds, 1.0))
-            self.wake.clear()
+        run_rounds(self.deliver_due, stop, self.wake, poll_seconds, "results delivery")
 
 
 def listing(session: Session, state: str | None, limit: int, offset: int) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.settings import Settings
 
@@ -84,20 +84,27 @@ def orthanc_checks(s: Settings) -> list[Check]:
             _from_orthanc(s, store, str(system.get("DicomAet", ""))), *(_deliver_to(store, name) for name in s.deliver_to)]
 
 
-def _deliver_to(store: OrthancStore, name: str) -> Check:
-    """A modality of ``deliver_to``: declared in Orthanc (else nothing is ever delivered: a failure),
-    and answering Orthanc's C-ECHO (else a warning: a planning system may be off now)."""
+def _orthanc_modality(store: OrthancStore, name: str) -> dict[str, Any] | str | None:
+    """Orthanc's configuration of its DICOM modality ``name``; None when it declares none; why not, when it did not answer."""
     from orthanc_api_client.exceptions import HttpError
 
     try:
-        modality = store.client.get(f"modalities/{name}/configuration").json()
+        return dict(store.client.get(f"modalities/{name}/configuration").json())
     except HttpError as exc:
-        if exc.http_status_code == 404:
-            return Check(FAIL, "deliver to", f"deliver_to {name}: Orthanc declares no DICOM modality {name!r} (its DicomModalities): "
-                                             "no sCT would ever be delivered there")
-        return Check(WARN, "deliver to", f"deliver_to {name}: Orthanc did not list it (HTTP {exc.http_status_code})")
+        return None if exc.http_status_code == 404 else f"HTTP {exc.http_status_code}"
     except Exception as exc:
-        return Check(WARN, "deliver to", f"deliver_to {name}: Orthanc did not list it ({type(exc).__name__})")
+        return type(exc).__name__
+
+
+def _deliver_to(store: OrthancStore, name: str) -> Check:
+    """A modality of ``deliver_to``: declared in Orthanc (else nothing is ever delivered: a failure),
+    and answering Orthanc's C-ECHO (else a warning: a planning system may be off now)."""
+    modality = _orthanc_modality(store, name)
+    if modality is None:
+        return Check(FAIL, "deliver to", f"deliver_to {name}: Orthanc declares no DICOM modality {name!r} (its DicomModalities): "
+                                         "no sCT would ever be delivered there")
+    if isinstance(modality, str):
+        return Check(WARN, "deliver to", f"deliver_to {name}: Orthanc did not list it ({modality})")
     where = f"{modality.get('AET', '?')}@{modality.get('Host', '?')}:{modality.get('Port', '?')}"
     try:
         store.client.post(f"modalities/{name}/echo", json={"Timeout": 10}, timeout=30)
@@ -114,18 +121,13 @@ def _from_orthanc(s: Settings, store: OrthancStore, orthanc_aet: str) -> Check:
     the modality's port and (when the node checks it) called AE title are the node's, and the node's
     allow-list has Orthanc's AE title. Either wrong, every routed series was refused or never
     arrived, seen only in Orthanc's log."""
-    from orthanc_api_client.exceptions import HttpError
-
-    try:
-        modality = store.client.get(f"modalities/{NODE_MODALITY}/configuration").json()
-    except HttpError as exc:
-        if exc.http_status_code == 404:
-            return Check(WARN, "from orthanc", f"Orthanc declares no DICOM modality '{NODE_MODALITY}': its routing plugin sends "
-                                               "this node nothing (fine when scanners send to the node directly; "
-                                               "`mr2ct orthanc-config` writes one)")
-        return Check(WARN, "from orthanc", f"Orthanc did not list its modality '{NODE_MODALITY}' (HTTP {exc.http_status_code})")
-    except Exception as exc:
-        return Check(WARN, "from orthanc", f"Orthanc did not list its modality '{NODE_MODALITY}' ({type(exc).__name__})")
+    modality = _orthanc_modality(store, NODE_MODALITY)
+    if modality is None:
+        return Check(WARN, "from orthanc", f"Orthanc declares no DICOM modality '{NODE_MODALITY}': its routing plugin sends "
+                                           "this node nothing (fine when scanners send to the node directly; "
+                                           "`mr2ct orthanc-config` writes one)")
+    if isinstance(modality, str):
+        return Check(WARN, "from orthanc", f"Orthanc did not list its modality '{NODE_MODALITY}' ({modality})")
     called, host, port = str(modality.get("AET", "")), str(modality.get("Host", "")), int(modality.get("Port", 0))
     problems = []
     if port != s.dicom_port:
