@@ -155,8 +155,9 @@ def test_an_original_the_destination_lost_is_routed_again_and_strangers_reports_
             series = write_mr_series(tmp_path / "mr", seed=452, slices=3, size=32, pixel_spacing=6.0, slice_spacing=10.0)
             uids = sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in series.files)
             assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
-            _wait(lambda: len(rows := _rows(url)) == 3 and all(r.forward_committed_at for r in rows), 60,
-                  "the archive's commitment was not recorded for all")
+            # (the archive records the node's answer to its second report after the node committed the rows)
+            _wait(lambda: len(rows := _rows(url)) == 3 and all(r.forward_committed_at for r in rows) and len(seen["report_statuses"]) == 2,
+                  60, "the archive's commitment was not recorded for all")
             lost = seen["requests"][0][0]
             assert sorted(seen["stored"]) == sorted([*uids, lost])  # the lost one routed a second time
             assert seen["report_statuses"] == [0x0000, 0x0000]
