@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.models import Commitment, Instance, utcnow
-from dicom_node.rounds import growing_pause, run_rounds
+from dicom_node.rounds import claim, failed_attempt, run_rounds
 from dicom_node.settings import parse_dicom_destination
 from dicom_node.transport import NodeAE
 from synthesis.uids import is_valid_uid
@@ -183,13 +182,7 @@ class Reporter:
             due = session.scalars(select(Commitment.id).where(Commitment.state == "pending", Commitment.next_at <= utcnow())
                                   .order_by(Commitment.id)).all()
         for commitment_id in due:
-            # taken for a while first: of several node processes sharing the database, one reports it
-            with self.sessions.begin() as session:
-                now = utcnow()
-                taken = session.execute(update(Commitment).where(
-                    Commitment.id == commitment_id, Commitment.state == "pending", Commitment.next_at <= now,
-                ).values(next_at=now + timedelta(seconds=CLAIM_SECONDS))).rowcount
-            if not taken:
+            if not claim(self.sessions, Commitment, commitment_id, CLAIM_SECONDS):  # of several node processes, one reports it
                 continue
             with self.sessions() as session:
                 row = session.get(Commitment, commitment_id)
@@ -217,13 +210,8 @@ class Reporter:
         return sent
 
     def _failed(self, row: Commitment, exc: BaseException) -> None:
-        attempts = row.attempts + 1
-        pause = growing_pause(attempts, MAX_PAUSE_SECONDS)
-        given_up = attempts >= MAX_ATTEMPTS
         with self.sessions.begin() as session:
-            session.execute(update(Commitment).where(Commitment.id == row.id).values(
-                attempts=attempts, last_error=str(exc)[:500], state="given-up" if given_up else "pending",
-                next_at=None if given_up else utcnow() + timedelta(seconds=pause)))
+            attempts, pause, given_up = failed_attempt(session, Commitment, row, exc, MAX_ATTEMPTS, MAX_PAUSE_SECONDS)
             if given_up:
                 session.add(audit.event("storage-commitment-given-up", "failure", f"mr2ct {self.ae_title}", transaction_uid=row.transaction_uid,
                                         to=row.calling_ae, attempts=attempts, reason=str(exc)[:400]))

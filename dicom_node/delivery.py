@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -24,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.models import Delivery, Job, utcnow
 from dicom_node.orthanc_store import OrthancStore
-from dicom_node.rounds import growing_pause, run_rounds
+from dicom_node.rounds import claim, failed_attempt, run_rounds
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +80,8 @@ class Deliverer:
             due = session.scalars(select(Delivery.id).where(Delivery.state == "pending", Delivery.next_at <= utcnow())
                                   .order_by(Delivery.id)).all()
         for delivery_id in due:
-            with self.sessions.begin() as session:  # claimed first: one of several workers sends it
-                now = utcnow()
-                if not session.execute(update(Delivery).where(Delivery.id == delivery_id, Delivery.state == "pending",
-                                                              Delivery.next_at <= now)
-                                       .values(next_at=now + timedelta(seconds=CLAIM_SECONDS))).rowcount:
-                    continue
+            if not claim(self.sessions, Delivery, delivery_id, CLAIM_SECONDS):  # one of several workers sends it
+                continue
             with self.sessions() as session:
                 row = session.get(Delivery, delivery_id)
                 job = session.get(Job, row.job_id) if row is not None else None
@@ -109,13 +104,8 @@ class Deliverer:
         return sent
 
     def _failed(self, row: Delivery, job: Job, exc: BaseException) -> None:
-        attempts = row.attempts + 1
-        pause = growing_pause(attempts, MAX_PAUSE_SECONDS)
-        given_up = attempts >= MAX_ATTEMPTS
         with self.sessions.begin() as session:
-            session.execute(update(Delivery).where(Delivery.id == row.id).values(
-                attempts=attempts, last_error=str(exc)[:500], state="given-up" if given_up else "pending",
-                next_at=None if given_up else utcnow() + timedelta(seconds=pause)))
+            attempts, pause, given_up = failed_attempt(session, Delivery, row, exc, MAX_ATTEMPTS, MAX_PAUSE_SECONDS)
             if given_up:
                 session.add(audit.event(DELIVERY_GIVEN_UP, "failure", "deliverer", series_uid=job.series_instance_uid, job_id=job.id,
                                         destination=f"Orthanc modality {row.modality}", modality=row.modality, ct_series_uid=job.ct_series_uid,

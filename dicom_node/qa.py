@@ -72,13 +72,14 @@ def _ct_series(store: OrthancStore, study_uid: str) -> list[str]:
     return [str(series_id) for series_id in found]
 
 
-def wait_for_sct(store: OrthancStore, study_uid: str, slices: int, timeout: float) -> str:
-    """Orthanc's id of the study's CT series once it holds ``slices`` instances."""
+def wait_for_sct(store: OrthancStore, study_uid: str, slices: int, timeout: float) -> tuple[str, list[str]]:
+    """Orthanc's id of the study's CT series and of its instances, once it holds ``slices`` of them."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for series_id in _ct_series(store, study_uid):
-            if len(store.client.series.get_instances_ids(series_id)) >= slices:
-                return series_id
+            instance_ids = list(store.client.series.get_instances_ids(series_id))
+            if len(instance_ids) >= slices:
+                return series_id, instance_ids
         time.sleep(1.0)
     raise QaFailed(f"no sCT series of {slices} slices in Orthanc {timeout:.0f} s after the QA MR was sent "
                    "(is the node's worker running? GET /jobs says what became of the series)")
@@ -101,11 +102,11 @@ def score(sct: np.ndarray, truth: np.ndarray, labels: np.ndarray) -> dict[str, A
             "mae_by_tissue": by_tissue, "bias_by_tissue": bias_by_tissue, "body_pixels": int(body.sum())}
 
 
-def _sct_volume(store: OrthancStore, series_id: str, positions: list[np.ndarray], normal: np.ndarray, spacing: float) -> np.ndarray:
+def _sct_volume(store: OrthancStore, instance_ids: list[str], positions: list[np.ndarray], normal: np.ndarray, spacing: float) -> np.ndarray:
     """The sCT's slices in HU, in the QA MR's slice order (each matched by its position)."""
     found: dict[int, np.ndarray] = {}
     offsets = [float(np.dot(p, normal)) for p in positions]
-    for instance_id in store.client.series.get_instances_ids(series_id):
+    for instance_id in instance_ids:
         ds = pydicom.dcmread(BytesIO(store.instance_file(instance_id)))
         offset = float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal))
         nearest = int(np.argmin([abs(offset - o) for o in offsets]))
@@ -145,8 +146,8 @@ def run_qa(settings: Settings, node: str, calling_ae: str, *, seed: int = 424_24
         else:
             send(phantom.files, node, calling_ae)
     say("waiting for its sCT in Orthanc")
-    series_id = wait_for_sct(store, phantom.study_uid, slices, timeout)
-    sct = _sct_volume(store, series_id, positions, normal, slice_spacing)
+    series_id, instance_ids = wait_for_sct(store, phantom.study_uid, slices, timeout)
+    sct = _sct_volume(store, instance_ids, positions, normal, slice_spacing)
     result = score(sct, phantom.ct_hu, phantom.labels)
     ct_uid = str(store.client.get(f"series/{series_id}").json().get("MainDicomTags", {}).get("SeriesInstanceUID", ""))
     result.update(seconds=round(time.perf_counter() - started, 1), slices=slices, study_uid=phantom.study_uid, ct_series_uid=ct_uid,

@@ -1,11 +1,21 @@
 """What the node's background senders that retry share (storage commitment reports, deliveries of
-results): a pause that doubles with each failed attempt, and rounds that a new piece of work wakes."""
+results): a row claimed before it is sent (of several processes sharing a database, one sends it),
+a failed attempt recorded with a pause that doubles each time until the row is given up, and rounds
+that a new piece of work wakes. Their tables have the same columns for it: id, state ("pending"
+while owed), attempts, next_at, last_error."""
 
 from __future__ import annotations
 
 import logging
 import threading
 from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.models import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -13,6 +23,26 @@ log = logging.getLogger(__name__)
 def growing_pause(attempts: int, cap_seconds: float) -> float:
     """2, 4, 8, ... seconds after the 1st, 2nd, 3rd failed attempt, at most ``cap_seconds``."""
     return min(2.0 ** attempts, cap_seconds)
+
+
+def claim(sessions: sessionmaker[Session], table: Any, row_id: int, seconds: float) -> bool:
+    """Take a pending row that is due for ``seconds`` (its next_at moved on): whether this process got it."""
+    with sessions.begin() as session:
+        now = utcnow()
+        return bool(session.execute(update(table).where(table.id == row_id, table.state == "pending", table.next_at <= now)
+                                    .values(next_at=now + timedelta(seconds=seconds))).rowcount)
+
+
+def failed_attempt(session: Session, table: Any, row: Any, exc: BaseException, max_attempts: int,
+                   cap_seconds: float) -> tuple[int, float, bool]:
+    """Record a failed attempt at ``row`` in ``session``: (attempts now, pause before the next, given up)."""
+    attempts = row.attempts + 1
+    pause = growing_pause(attempts, cap_seconds)
+    given_up = attempts >= max_attempts
+    session.execute(update(table).where(table.id == row.id).values(
+        attempts=attempts, last_error=str(exc)[:500], state="given-up" if given_up else "pending",
+        next_at=None if given_up else utcnow() + timedelta(seconds=pause)))
+    return attempts, pause, given_up
 
 
 def run_rounds(step: Callable[[], object], stop: threading.Event, wake: threading.Event, poll_seconds: float, what: str) -> None:
