@@ -22,6 +22,7 @@ from dicom_node.db import notify_job_queued
 from dicom_node.models import Instance, Job, RefusedInstance, Series, utcnow
 from dicom_node.recorder import Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
+from synthesis.contrast import DEFAULT_SELECTED, UNKNOWN, contrast
 from synthesis.errors import InvalidInstance, SeriesNotUsable
 from synthesis.image_type import NOT_ANATOMY, NOT_ANATOMY_COMPONENTS, WHAT, component, component_kind, not_anatomy, values
 from synthesis.volume import frame_geometry, orientation_label
@@ -56,6 +57,8 @@ class ReceivedInstance:
     frame_set: str | None = None  # a digest of those positions (multi-frame only)
     component: str = ""  # the pixels' complex component where the instance says (synthesis.image_type.component)
     component_source: str = ""  # what said it
+    contrast: str = ""  # an MR image's contrast (synthesis.contrast: T1, T2, FLUID_ATTENUATED...), and what told it
+    contrast_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class SelectionRules:
     orientations: tuple[str, ...] = ("axial", "sagittal", "coronal", "oblique")
     image_types_excluded: tuple[str, ...] = NOT_ANATOMY
     components_excluded: tuple[str, ...] = NOT_ANATOMY_COMPONENTS
+    contrasts: tuple[str, ...] = DEFAULT_SELECTED  # empty: any contrast
 
     def reason_to_skip(self, series: Series, planes: Sequence[str] = (), positions: tuple[int, int] = (0, 0)) -> str | None:
         """The first rule ``series`` fails, None when it passes. ``planes``: those its instances lie
@@ -92,6 +96,10 @@ class SelectionRules:
             told = component_kind((series.component, series.component_source))
             return (f"{series.component_source or 'its complex component'} says {series.component}, excluded by "
                     "select_complex_component_exclude" + (f" ({WHAT[told[0]]})" if told else ""))
+        if self.contrasts and series.contrast and series.contrast not in self.contrasts:
+            hint = " (list UNKNOWN to synthesize series whose header does not tell)" if series.contrast == UNKNOWN else ""
+            return (f"its MR contrast is {series.contrast} ({series.contrast_source}), not one of select_acquisition_contrasts "
+                    f"{list(self.contrasts)}{hint}")
         description = series.series_description or ""
         if self.description_include and not re.search(self.description_include, description, re.IGNORECASE):
             return f"series description {description!r} does not match {self.description_include!r}"
@@ -246,8 +254,10 @@ def validate(
             raise DatasetMismatch(f"Pixel Data holds {actual} bytes, {rows}x{cols}x{frames} at {bits} bits needs {expected}")
     check_nesting(ds)  # after the Pixel Data checks, which need the raw (unconverted) element
     told = component(ds) or ("", "")
+    weighting = contrast(ds)
     return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation_label(orientation), patient_id,
-                            image_type, position, frames, frame_positions, frame_set, told[0], told[1][:80])
+                            image_type, position, frames, frame_positions, frame_set, told[0], told[1][:80],
+                            weighting[0], weighting[1][:160])
 
 
 class Ingest:

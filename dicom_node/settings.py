@@ -16,6 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from synthesis import default_model_path
+from synthesis.contrast import CONTRASTS, DEFAULT_SELECTED
 from synthesis.image_type import COMPONENTS, NOT_ANATOMY, NOT_ANATOMY_COMPONENTS
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
@@ -196,6 +197,13 @@ class Settings(BaseSettings):
         f"(0043,xx2F of GEMS_PARM_01), where ImageType says ORIGINAL\\PRIMARY\\OTHER for all; one or more of {', '.join(COMPONENTS)}; "
         "empty: none",
     )
+    select_acquisition_contrasts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_SELECTED), description="MR contrasts to synthesize, as the first instance tells them "
+        "(synthesis.contrast: Acquisition Contrast (0008,9209) where an enhanced MR says it, else the textbook reading of TR, TE, "
+        "TI and the scanning sequence); the shipped model was trained on T1-weighted heads, and a T2, FLAIR or proton-density "
+        f"series makes an sCT that is wrong everywhere. One or more of {', '.join(CONTRASTS)} (UNKNOWN: the header does not "
+        "tell); empty: any",
+    )
     tls_certificate: Path | None = Field(None, description="PEM certificate: the SCP speaks DICOM over TLS when set")
     tls_private_key: Path | None = Field(None, description="PEM private key of tls_certificate")
     tls_ca_file: Path | None = Field(None, description="PEM CA bundle: when set, callers must present a certificate it signed")
@@ -206,7 +214,7 @@ class Settings(BaseSettings):
         return _check_ae_title(value, "ae_title")
 
     @field_validator("allowed_aes", "select_modalities", "select_orientations", "select_image_type_exclude",
-                     "select_complex_component_exclude", "forward_sop_classes", "commitment_peers", "deliver_to", mode="before")
+                     "select_complex_component_exclude", "select_acquisition_contrasts", "forward_sop_classes", "commitment_peers", "deliver_to", mode="before")
     @classmethod
     def _split_aes(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -241,6 +249,14 @@ class Settings(BaseSettings):
         if bad:
             raise ValueError(f"{bad} are not complex components; known: {list(COMPONENTS)}")
         return [v.upper() for v in value]
+
+    @field_validator("select_acquisition_contrasts")
+    @classmethod
+    def _check_contrasts(cls, value: list[str]) -> list[str]:
+        bad = [v for v in value if v.upper() not in CONTRASTS]
+        if bad:
+            raise ValueError(f"{bad} are not MR contrasts; known: {list(CONTRASTS)}")
+        return list(dict.fromkeys(v.upper() for v in value))
 
     @field_validator("select_orientations")
     @classmethod

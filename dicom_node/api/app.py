@@ -30,6 +30,7 @@ from dicom_node.models import (Association, AuditEvent, Commitment, Delivery, Ev
 from dicom_node.orthanc_store import DEFAULT_TIMEOUT_SECONDS, OrthancStore
 from dicom_node.retention import lock_series, purged_reason, spool_usage
 from dicom_node.training_runs import RunState
+from synthesis.contrast import DEFAULT_SELECTED, UNKNOWN
 from synthesis.errors import PacsUnavailable
 
 READ = require(*READERS)
@@ -120,7 +121,10 @@ def _qa_and_delivery_metrics(sessions: sessionmaker[Session]) -> list[str]:
 def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = None, orthanc_auth: tuple[str, str] | None = None,
                spool_dir: str | None = None, spool_min_free_mb: int = 0, node_info: dict[str, Any] | None = None,
                routing: str | None = None, orthanc_timeout: float = DEFAULT_TIMEOUT_SECONDS, audit_export: str | None = None,
-               forward_commitment_on: bool = False) -> FastAPI:
+               forward_commitment_on: bool = False, contrasts: tuple[str, ...] = DEFAULT_SELECTED) -> FastAPI:
+    """``contrasts``: the node's select_acquisition_contrasts, which a series asked for by name
+    (POST /synthesize) must still meet, UNKNOWN aside (the one asking vouches for what its header
+    does not tell; no one can make a T1 model read a FLAIR series)."""
     app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
     app.state.sessions = sessions
     info = dict(node_info or {})
@@ -469,8 +473,10 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         set_aside = set_aside_all_but(sessions, body.series_uid, held, f"not in Orthanc when {caller.actor} asked for the series "
                                       f"as Orthanc holds it (POST /synthesize, {utcnow():%Y-%m-%d %H:%M} UTC); part of it again once sent again")
         lifted = lift_refusals(sessions, body.series_uid)
-        # asked for by name: the node's selection rules do not apply, only what no job can synthesize (not MR, several planes)
-        state, job_id = mark_stable(sessions, body.series_uid, 0, SelectionRules(modalities=("MR",), image_types_excluded=()))
+        # asked for by name: the node's selection rules do not apply, only what no job can synthesize (not MR, several planes,
+        # phase images) or the model cannot (a contrast the node does not select; UNKNOWN vouched for by the asking)
+        by_name = SelectionRules(modalities=("MR",), image_types_excluded=(), contrasts=tuple(contrasts) + (UNKNOWN,) if contrasts else ())
+        state, job_id = mark_stable(sessions, body.series_uid, 0, by_name)
         if job_id is None:
             with sessions() as session:
                 reason = session.get(Series, body.series_uid).reason  # type: ignore[union-attr]

@@ -1,0 +1,166 @@
+"""What an MR series' contrast is (T1, T2, proton density, FLAIR...), told by its header: one rule
+for the node's selection (``select_acquisition_contrasts``) and the training pull's MR pool.
+
+A generator trained on T1-weighted heads turns a T2-weighted or FLAIR series into an image that
+looks like a CT and is wrong everywhere: in T2 the CSF is bright and fat dim, so the sCT reads the
+ventricles as bone. Until 2026-12-05 the node synthesized whatever MR series passed the other
+selection rules. A scanner routing everything to the node sends T2, FLAIR, diffusion and T2*
+series too; the contrast keeps them out by a rule a physicist can read, not by a guess from pixels.
+
+The rule, first answer wins:
+
+1. Acquisition Contrast (0008,9209), where an enhanced MR image says it (at its top level, or in
+   its shared MR Image Frame Type): DICOM's defined terms, taken as they are (MIXED and UNKNOWN
+   go on to 2).
+2. Otherwise the textbook reading of the sequence's timing (milliseconds; 1.5-3 T), from
+   RepetitionTime, EchoTime, InversionTime and ScanningSequence (or, in an enhanced image, the
+   shared MR Timing and Related Parameters, MR Echo and MR Modifier items and EchoPulseSequence):
+
+   - inversion recovery (IR in ScanningSequence, Inversion Recovery YES, or an inversion time):
+     TI < 300 ms is STIR; 300-1,500 ms with TE < 30 ms is T1 (MPRAGE, IR-prepared spoiled
+     gradient echo, T1-FLAIR); TI >= 1,500 ms with TE >= 60 ms is FLUID_ATTENUATED (FLAIR);
+     anything else UNKNOWN;
+   - gradient echo with TE >= 15 ms is T2_STAR;
+   - TE >= 60 ms is T2 (a diffusion series not labelled so reads T2 here: it is T2-weighted);
+   - TE < 30 ms: TR < 1,000 ms is T1 (spin echo, spoiled and balanced gradient echo), TR >=
+     2,000 ms is PROTON_DENSITY;
+   - anything else (TE 30-60 ms; TR 1,000-2,000 ms with short TE; TR or TE not given) UNKNOWN.
+
+What the rule does not see: contrast agent (a post-contrast T1 is T1), fat suppression, and a
+balanced SSFP's mixed T2/T1 contrast (read as T1). ``UNKNOWN`` says the header did not tell;
+the node refuses such a series unless a site lists UNKNOWN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+T1, T2, T2_STAR, PD, FLAIR, STIR, UNKNOWN = "T1", "T2", "T2_STAR", "PROTON_DENSITY", "FLUID_ATTENUATED", "STIR", "UNKNOWN"
+# Acquisition Contrast (0008,9209)'s defined terms (PS3.3 C.8.13.1), all of which a site may select
+CONTRASTS: tuple[str, ...] = ("T1", "T2", "T2_STAR", "PROTON_DENSITY", "FLUID_ATTENUATED", "STIR", "DIFFUSION", "PERFUSION",
+                              "FLOW_ENCODED", "TAGGING", "TOF", "MIXED", "UNKNOWN")
+# what the shipped model, and every model trained on the phantom cohort, was trained on
+DEFAULT_SELECTED: tuple[str, ...] = (T1,)
+
+ACQUISITION_CONTRAST = 0x00089209
+SHARED_GROUPS, PER_FRAME_GROUPS = 0x52009229, 0x52009230
+MR_FRAME_TYPE, MR_TIMING, MR_ECHO, MR_MODIFIER = 0x00189226, 0x00189112, 0x00189114, 0x00189115
+REPETITION_TIME, ECHO_TIME, INVERSION_TIME, SCANNING_SEQUENCE = 0x00180080, 0x00180081, 0x00180082, 0x00180020
+EFFECTIVE_ECHO_TIME, INVERSION_TIMES, INVERSION_RECOVERY, ECHO_PULSE_SEQUENCE = 0x00189082, 0x00189079, 0x00189009, 0x00189008
+
+# (tag at the top level, (functional group item, tag in it)) for each timing value
+_WHERE: dict[str, tuple[int, tuple[int, int] | None]] = {
+    "tr": (REPETITION_TIME, (MR_TIMING, REPETITION_TIME)),
+    "te": (ECHO_TIME, (MR_ECHO, EFFECTIVE_ECHO_TIME)),
+    "ti": (INVERSION_TIME, (MR_MODIFIER, INVERSION_TIMES)),
+    "ir": (INVERSION_RECOVERY, (MR_MODIFIER, INVERSION_RECOVERY)),
+}
+
+# ``look(tag, group)``: a value's text, upper case ('' when absent): at the top level when group
+# is None, else in the first item of functional group ``group`` (shared, then the first frame's)
+Look = Callable[[int, "int | None"], str]
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text.split("\\")[0]) if text else None
+    except ValueError:
+        return None
+
+
+def decide(look: Look) -> tuple[str, str]:
+    """(contrast, what told it) by the module's rule, whatever the representation."""
+    told = look(ACQUISITION_CONTRAST, None)
+    if told and told not in ("MIXED", UNKNOWN):
+        return told[:24], "Acquisition Contrast (0008,9209)"
+    framed = look(ACQUISITION_CONTRAST, MR_FRAME_TYPE)
+    if framed and framed not in ("MIXED", UNKNOWN):
+        return framed[:24], "Acquisition Contrast (0008,9209) of the shared MR Image Frame Type"
+
+    def timing(name: str) -> str:
+        top, (group, tag) = _WHERE[name][0], _WHERE[name][1]  # type: ignore[misc]
+        return look(top, None) or look(tag, group)
+
+    tr, te, ti = (_number(timing(name)) for name in ("tr", "te", "ti"))
+    scanning = look(SCANNING_SEQUENCE, None).split("\\")
+    pulse = look(ECHO_PULSE_SEQUENCE, None)
+    inversion = "IR" in scanning or timing("ir") == "YES" or (ti is not None and ti > 0)
+    gradient = "GR" in scanning or pulse == "GRADIENT"
+    said = ", ".join(part for part in (
+        f"ScanningSequence {'/'.join(s for s in scanning if s)}" if any(scanning) else (f"EchoPulseSequence {pulse}" if pulse else ""),
+        f"TR {tr:g} ms" if tr is not None else "no TR", f"TE {te:g} ms" if te is not None else "no TE",
+        f"TI {ti:g} ms" if ti is not None else "") if part)
+    if inversion:
+        if ti is None or te is None:
+            return UNKNOWN, f"inversion recovery without {'an inversion time' if ti is None else 'an echo time'} ({said})"
+        if ti < 300:
+            return STIR, f"{said}: short inversion time"
+        if ti < 1500 and te < 30:
+            return T1, f"{said}: inversion recovery with a T1 inversion time and a short TE"
+        if ti >= 1500 and te >= 60:
+            return FLAIR, f"{said}: long inversion time and long TE"
+        return UNKNOWN, f"{said}: an inversion recovery of no textbook contrast"
+    if te is None or tr is None:
+        return UNKNOWN, f"{said}: the header does not give the timing"
+    if gradient and te >= 15:
+        return T2_STAR, f"{said}: gradient echo with a long TE"
+    if te >= 60:
+        return T2, f"{said}: long TE"
+    if te < 30 and tr < 1000:
+        return T1, f"{said}: short TR and TE"
+    if te < 30 and tr >= 2000:
+        return PD, f"{said}: long TR and short TE"
+    return UNKNOWN, f"{said}: between the textbook contrasts"
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    if isinstance(value, (list, tuple, MultiValue)):
+        return "\\".join(_text(v) for v in value)
+    return "" if value is None else str(value).strip(" \x00").upper()
+
+
+def contrast(ds: Dataset) -> tuple[str, str]:
+    """``decide`` on a data set as received (raw elements) or built in memory. Only an enhanced
+    image's functional groups are decoded (the node calls this for every C-STORE)."""
+    keys = ds.keys()
+
+    def look(tag: int, group: int | None) -> str:
+        if group is None:
+            return _text(ds.get_item(tag).value) if tag in keys else ""
+        for holder in (SHARED_GROUPS, PER_FRAME_GROUPS):
+            if holder not in keys:
+                continue
+            try:
+                item = ds[holder].value[0][group].value[0]
+                return _text(item[tag].value) if tag in item else ""
+            except (KeyError, IndexError, TypeError, AttributeError):
+                continue
+        return ""
+
+    return decide(look)
+
+
+def contrast_json(metadata: Mapping[str, Any]) -> tuple[str, str]:
+    """``contrast`` of an instance's DICOMweb metadata (WADO-RS JSON, PS3.18 F.2)."""
+
+    def first_item(attrs: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
+        values = (attrs.get(key) or {}).get("Value") or []
+        return values[0] if values and isinstance(values[0], Mapping) else None
+
+    def look(tag: int, group: int | None) -> str:
+        if group is None:
+            return _text((metadata.get(f"{tag:08X}") or {}).get("Value"))
+        for holder in (SHARED_GROUPS, PER_FRAME_GROUPS):
+            outer = first_item(metadata, f"{holder:08X}")
+            inner = first_item(outer, f"{group:08X}") if outer else None
+            if inner:
+                return _text((inner.get(f"{tag:08X}") or {}).get("Value"))
+        return ""
+
+    return decide(look)

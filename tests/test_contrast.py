@@ -1,0 +1,152 @@
+"""A T1 model is sent T2, FLAIR and proton-density series too when a scanner routes everything to the
+node: each is told by its header (synthesis.contrast) and left unsynthesized with the reason,
+the T1 beside it synthesized; asked for by name, a series whose header does not tell is vouched
+for, a FLAIR one still refused."""
+
+from __future__ import annotations
+
+import httpx
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+
+from dicom_node.db import init_db
+from dicom_node.demo import wait_for_job
+from dicom_node.ingest import SelectionRules
+from dicom_node.local_stack import storescu
+from dicom_node.models import Job, Series
+from dicom_node.settings import Settings
+from synthesis.contrast import contrast, contrast_json
+from tests.conftest import NODE_AE, SCANNER_AE
+from tests.helpers import api_token, wait_for
+from training.phantom_dicom import write_mr_series
+
+# (ScanningSequence, TR, TE, TI or None) of protocols as scanners write them, and what they are
+PROTOCOLS = [
+    ("SE", "550", "12", None, "T1"),  # spin-echo T1
+    ("GR", "8.2", "3.2", None, "T1"),  # 3D spoiled gradient echo (Philips T1 TFE, a Dixon's in-phase)
+    ("GR\\IR", "2300", "2.98", "900", "T1"),  # MPRAGE
+    ("GR\\IR", "8.5", "3.2", "450", "T1"),  # GE BRAVO
+    ("SE", "4000", "100", None, "T2"),  # turbo spin-echo T2
+    ("SE", "3200", "563", None, "T2"),  # 3D T2 SPACE (a long effective TE)
+    ("EP", "5000", "89", None, "T2"),  # diffusion not labelled so: T2-weighted
+    ("SE\\IR", "9000", "90", "2500", "FLUID_ATTENUATED"),  # FLAIR
+    ("SE\\IR", "6000", "70", "150", "STIR"),
+    ("SE", "3000", "15", None, "PROTON_DENSITY"),
+    ("GR", "28", "20", None, "T2_STAR"),  # SWI's magnitude
+    ("SE", "1500", "45", None, "UNKNOWN"),  # between them
+    ("SE\\IR", "2000", "10", "2000", "UNKNOWN"),  # an inversion recovery of no textbook contrast
+]
+
+
+@pytest.fixture(scope="module")
+def mr(tmp_path_factory):
+    return write_mr_series(tmp_path_factory.mktemp("mr"), seed=411, slices=2, size=16, pixel_spacing=8.0)
+
+
+def _timed(ds: Dataset, scanning: str, tr: str | None, te: str | None, ti: str | None) -> Dataset:
+    ds.ScanningSequence = scanning
+    for keyword, value in (("RepetitionTime", tr), ("EchoTime", te), ("InversionTime", ti)):
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    return ds
+
+
+def test_the_contrast_is_read_from_the_timing_as_received_and_from_a_pacs_json(mr, tmp_path):
+    for scanning, tr, te, ti, expected in PROTOCOLS:
+        ds = _timed(pydicom.dcmread(mr.files[0]), scanning, tr, te, ti)
+        path = tmp_path / "one.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        told, why = contrast(pydicom.dcmread(path))  # raw elements, as the node reads a C-STORE
+        assert told == expected, (scanning, tr, te, ti, why)
+        assert f"TE {float(te):g} ms" in why
+        as_json = ds.to_json_dict()
+        assert contrast_json(as_json)[0] == expected
+    bare = _timed(pydicom.dcmread(mr.files[0]), "SE", None, None, None)
+    assert contrast(bare)[0] == "UNKNOWN" and "does not give the timing" in contrast(bare)[1]
+
+
+def test_an_enhanced_image_says_its_contrast_or_its_functional_groups_give_the_timing(mr):
+    ds = _timed(pydicom.dcmread(mr.files[0]), "SE", None, None, None)
+    del ds.ScanningSequence
+    ds.AcquisitionContrast = "FLUID_ATTENUATED"
+    assert contrast(ds) == ("FLUID_ATTENUATED", "Acquisition Contrast (0008,9209)")
+    ds.AcquisitionContrast = "MIXED"  # frames differ: the shared frame type, then the timing
+    frame_type, timing, echo, modifier = Dataset(), Dataset(), Dataset(), Dataset()
+    frame_type.AcquisitionContrast = "UNKNOWN"
+    timing.RepetitionTime, echo.EffectiveEchoTime = 4500.0, 110.0
+    modifier.InversionRecovery = "NO"
+    shared = Dataset()
+    shared.MRImageFrameTypeSequence, shared.MRTimingAndRelatedParametersSequence = [frame_type], [timing]
+    shared.MREchoSequence, shared.MRModifierSequence = [echo], [modifier]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    ds.EchoPulseSequence = "SPIN"
+    assert contrast(ds)[0] == "T2" and contrast_json(ds.to_json_dict())[0] == "T2"
+    modifier.InversionRecovery, modifier.InversionTimes = "YES", [2400.0]
+    assert contrast(ds)[0] == "FLUID_ATTENUATED"
+    frame_type.AcquisitionContrast = "T1"
+    assert contrast(ds) == ("T1", "Acquisition Contrast (0008,9209) of the shared MR Image Frame Type")
+    assert contrast_json(ds.to_json_dict())[0] == "T1"
+
+
+def test_the_rule_is_the_sites_to_widen_and_a_wrong_value_names_the_key():
+    t2 = Series(modality="MR", series_description="", instance_count=20, orientation="axial", contrast="T2",
+                contrast_source="ScanningSequence SE, TR 4000 ms, TE 100 ms: long TE")
+    default = SelectionRules(contrasts=tuple(Settings().select_acquisition_contrasts))
+    assert default.reason_to_skip(t2) == ("its MR contrast is T2 (ScanningSequence SE, TR 4000 ms, TE 100 ms: long TE), not one of "
+                                          "select_acquisition_contrasts ['T1']")
+    assert SelectionRules(contrasts=tuple(Settings(select_acquisition_contrasts="t1, t2").select_acquisition_contrasts)).reason_to_skip(t2) is None
+    assert SelectionRules(contrasts=tuple(Settings(select_acquisition_contrasts="").select_acquisition_contrasts)).reason_to_skip(t2) is None
+    before = Series(modality="MR", series_description="", instance_count=20, orientation="axial")  # recorded before migration 0024
+    assert default.reason_to_skip(before) is None
+    with pytest.raises(ValueError, match="select_acquisition_contrasts"):
+        Settings(select_acquisition_contrasts="T1,T3")
+
+
+def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_synthesized(node_factory, orthanc, tmp_path):
+    node = node_factory()
+    study = "1.2.826.0.1.3680043.8.498.412"
+
+    def series(name: str, seed: int, scanning: str, tr: str | None, te: str | None, ti: str | None):
+        made = write_mr_series(tmp_path / name, seed=seed, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0,
+                               series_description=name, study_uid=study)
+        for path in made.files:
+            _timed(pydicom.dcmread(path), scanning, tr, te, ti).save_as(path)
+        return made
+
+    t1 = write_mr_series(tmp_path / "t1", seed=413, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0, study_uid=study)
+    t2 = series("t2_tse_tra", 414, "SE", "4000", "100", None)
+    flair = series("t2_flair_tra", 415, "SE\\IR", "9000", "90", "2500")
+    unknown = series("t1_anonymised", 416, "SE", None, None, None)
+    for each in (t2, flair, unknown, t1):
+        assert storescu(each.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    assert wait_for_job(node.database_url, t1.series_uid, timeout=120).state == "done"
+    sessions = init_db(node.database_url)
+
+    def ignored(uid: str) -> Series | None:
+        with sessions() as session:
+            row = session.get(Series, uid)
+        return row if row is not None and row.state == "ignored" else None
+
+    rows = {name: wait_for(lambda s=s: ignored(s.series_uid), 60, f"{name} ignored") for name, s in
+            (("t2", t2), ("flair", flair), ("unknown", unknown))}
+    assert rows["t2"].reason.startswith("its MR contrast is T2 (ScanningSequence SE, TR 4000 ms, TE 100 ms: long TE)")
+    assert "FLUID_ATTENUATED" in rows["flair"].reason and "select_acquisition_contrasts ['T1']" in rows["flair"].reason
+    assert "UNKNOWN" in rows["unknown"].reason and "list UNKNOWN" in rows["unknown"].reason
+    with sessions() as session:
+        assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([t2.series_uid, flair.series_uid, unknown.series_uid]))).all()
+    # asked for by name: the one whose header does not tell is vouched for; the FLAIR is still no T1
+    for each in (flair, unknown):
+        for path in each.files:
+            assert httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), auth=orthanc.auth).status_code == 200
+    admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'physicist')}"}
+    url = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/synthesize"
+    refused = httpx.post(url, json={"series_uid": flair.series_uid}, headers=admin, timeout=60)
+    assert refused.status_code == 422 and "its MR contrast is FLUID_ATTENUATED" in refused.json()["detail"], refused.text
+    asked = httpx.post(url, json={"series_uid": unknown.series_uid}, headers=admin, timeout=60)
+    assert asked.status_code == 202, asked.text
+    assert wait_for_job(node.database_url, unknown.series_uid, timeout=120).state == "done"
