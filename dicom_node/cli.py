@@ -868,8 +868,11 @@ def pull(
     username: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_USERNAME")] = None,
     password: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_PASSWORD")] = None,
     attempts: PacsAttempts = 5,
+    mr_contrast: Annotated[list[str], typer.Option(help="MR contrasts to pull, told by each series' header as the node tells them "
+                                                   "(repeat the option; ANY: all): a T1 model's pool should hold T1 heads only")] = ["T1"],
 ) -> None:
     """Pull unpaired MR and CT series from a DICOMweb PACS into a local dataset cache (resumable)."""
+    from synthesis.contrast import CONTRASTS
     from synthesis.errors import PacsUnavailable
     from training.pacs_pull import DatasetCache, PullFilter, pull as run_pull
 
@@ -880,8 +883,15 @@ def pull(
         raise typer.Exit(2)
     _check_regex("--description", description)
     _check_dates(date_from, date_to)
+    contrasts = tuple(dict.fromkeys(c.strip().upper() for c in mr_contrast))
+    if "ANY" in contrasts:
+        contrasts = ()
+    unknown = [c for c in contrasts if c not in CONTRASTS]
+    if unknown:
+        typer.echo(f"mr2ct: --mr-contrast {unknown} is not an MR contrast; known: {', '.join(CONTRASTS)} or ANY", err=True)
+        raise typer.Exit(2)
     _output_folder("--cache", cache)
-    filters = [PullFilter(m, body_part, description, date_from, date_to, limit) for m in modality]
+    filters = [PullFilter(m, body_part, description, date_from, date_to, limit, contrasts if m == "MR" else ()) for m in modality]
     try:
         counts = run_pull(url, cache, filters, username=username, password=password, validation_fraction=validation_fraction,
                          attempts=attempts)
@@ -896,7 +906,8 @@ def pull(
                f"image), {counts['phase']} of phase images (ImageType P and the like, or GE's or the enhanced MR's complex component: "
                f"angles, not tissue), {counts['complex']} of real or imaginary images (the same, R, I) and {counts['unusable']} that "
                "make no volume "
-               f"(reasons in {cache / 'left_out.jsonl'}) -> {cache}")
+               f"(reasons in {cache / 'left_out.jsonl'}); not pulled {counts['contrast']} MR series of another contrast than "
+               f"{', '.join(contrasts) or 'any'} (--mr-contrast; in the log) -> {cache}")
     still = len(DatasetCache(cache).outdated())
     if still:  # cached by an earlier mr2ct, not matched by this pull's filters
         typer.echo(f"{still} series in the cache are still in their acquired plane (3D sagittal or coronal, cached before "

@@ -150,7 +150,16 @@ def _model(s: Settings) -> Check:
         model = load_model(s.model_file)
     except (ModelMismatch, OSError, ValueError) as exc:
         return Check(FAIL, "model", f"model_file: {exc}")
-    return Check(OK, "model", f"{s.model_file.name}: {model.card['architecture']} generator, SHA-256 {model.short_digest}")
+    said = f"{s.model_file.name}: {model.card['architecture']} generator, SHA-256 {model.short_digest}"
+    trained = model.card.get("mr_contrasts")
+    if not trained:
+        return Check(OK, "model", f"{said}; its card does not say which MR contrasts it was trained on (made before 2026-12-05)")
+    selected = s.select_acquisition_contrasts
+    beyond = [c for c in selected if c not in trained] if selected else ["any"]
+    if beyond:
+        return Check(WARN, "model", f"{said}, trained on MR contrasts {trained}: select_acquisition_contrasts "
+                     f"{selected or '(empty: any)'} lets through {beyond}, whose sCT the model never learned to make")
+    return Check(OK, "model", f"{said}, trained on MR contrasts {trained}")
 
 
 def _spool(s: Settings) -> Check:

@@ -44,6 +44,7 @@ def test_a_good_deployment_passes_and_each_fault_names_its_setting(orthanc, tmp_
     assert lines["from orthanc"].startswith("warn") and "no DICOM modality 'mr2ct'" in lines["from orthanc"]  # none declared here
     assert "login accepted" in lines["orthanc"] and "Orthanc 1." in lines["orthanc"]
     assert "SHA-256" in lines["model"] and "writable" in lines["spool"]
+    assert lines["model"].endswith("trained on MR contrasts ['T1']"), lines["model"]
     assert "the node brings it to revision" in lines["database"]  # read, not migrated
     assert orthanc.password not in good.stdout + good.stderr
 
@@ -61,6 +62,11 @@ def test_a_good_deployment_passes_and_each_fault_names_its_setting(orthanc, tmp_
 
     no_model = _check(env, model_file=str(tmp_path / "missing.safetensors"))
     assert no_model.returncode == 1 and _lines(no_model)["model"].startswith("FAIL model_file")
+
+    # a site that widens the contrasts past what the model's card says it learned is told so (a warning: its choice)
+    wider = _check(env, select_acquisition_contrasts="T1,FLUID_ATTENUATED")
+    assert wider.returncode == 0 and _lines(wider)["model"].startswith("warn"), wider.stdout
+    assert "select_acquisition_contrasts ['T1', 'FLUID_ATTENUATED'] lets through ['FLUID_ATTENUATED']" in _lines(wider)["model"]
 
     with socket.socket() as taken:  # a node already running, or another program on the port
         taken.bind(("127.0.0.1", int(env["MR2CT_DICOM_PORT"])))

@@ -30,6 +30,7 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
 from synthesis.errors import Mr2ctError, PacsUnavailable
+from synthesis.contrast import contrast, contrast_json
 from synthesis.image_type import KINDS, component_json, component_kind, not_anatomy
 from synthesis.normalize import mr_to_unit
 from synthesis.progress import progress_bar
@@ -55,6 +56,7 @@ class PullFilter:
     study_date_from: str | None = None  # YYYYMMDD
     study_date_to: str | None = None
     limit: int | None = None
+    contrasts: tuple[str, ...] = ()  # MR only: the contrasts taken (synthesis.contrast); empty: any
 
 
 def _value(attrs: dict[str, Any], tag: str) -> str:
@@ -248,7 +250,10 @@ def pull(
     already, synthetic, localizer, mosaic, phase and complex: left out, unusable: fetched and left out, as they
     make no volume, such as a localizer of three planes, with the reason in the log and the cache;
     refreshed: fetched again, as the cache held them in another plane than the node's, see
-    ``DatasetCache.outdated``).
+    ``DatasetCache.outdated``; contrast: MR series of a contrast the filter's ``contrasts`` does not
+    take, told by the same first instance's metadata, ``synthesis.contrast``: a T1 model's MR pool
+    with T2 and FLAIR heads in it learns a mix of both; a fetched MR series' manifest line records
+    its contrast).
     A filter's ``limit`` counts the series the cache holds (fetched or cached already): the series
     left out do not count, so that many are taken while the PACS has that many."""
     cache = DatasetCache(cache_dir)
@@ -279,14 +284,22 @@ def pull(
         study_uid, series_uid = uids
         if series_uid in known and series_uid not in outdated:
             return "skipped"
+        metadata = None
         if series_uid not in left_out:
-            reason = _left_out_before_fetch(client, url, attrs)
+            metadata = _first_metadata(client, url, attrs)
+            reason = _left_out_reason(metadata)
             if reason is not None:
                 left_out[series_uid] = reason
                 cache.leave_out(series_uid, reason)
         if series_uid in left_out:
             reason = left_out[series_uid]
             return dropped(series_uid, reason if reason in (SYNTHETIC, *KINDS) else "unusable")
+        if flt.modality == "MR" and flt.contrasts and metadata is not None:
+            # this pull's choice, not the series' nature: not remembered in left_out.jsonl, asked again by the next pull
+            told, why = contrast_json(metadata)
+            if told not in flt.contrasts:
+                log.info("not pulled series=%s: its MR contrast is %s (%s), not one of %s", series_uid, told, why, list(flt.contrasts))
+                return "contrast"  # one cached before (in its acquired plane) stays as it is
         try:
             datasets = list(_instances(client, study_uid, series_uid))
         except Exception as exc:
@@ -299,6 +312,7 @@ def pull(
             log.warning("left out series=%s: %s", series_uid, left_out[series_uid])
             return dropped(series_uid, "unusable")
         first = source.headers[0]
+        told = contrast(first)[0] if flt.modality == "MR" else None
         key = patient_key(str(first.get("PatientID", "")), str(first.get("IssuerOfPatientID", "")), cache.salt)
         # the slices the node would show the generator: a 3D sagittal or coronal series as axial ones
         volume = source.volume
@@ -319,6 +333,7 @@ def pull(
                 "shard": shard, "slices": int(slices.shape[0]), "rows": int(slices.shape[1]), "columns": int(slices.shape[2]),
                 "pixel_spacing": list(pixel_spacing), "slice_spacing": round(abs(slice_spacing), 4),
                 "orientation": [round(v, 6) for v in volume.orientation], "plane": plane,
+                **({"contrast": told} if told else {}),
             },
             slices,
             replaces=outdated.get(series_uid),
@@ -329,7 +344,7 @@ def pull(
             return "refreshed"
         return "fetched"
 
-    counts = {"found": 0, "fetched": 0, "skipped": 0, SYNTHETIC: 0, **dict.fromkeys(KINDS, 0), "unusable": 0, "refreshed": 0}
+    counts = {"found": 0, "fetched": 0, "skipped": 0, SYNTHETIC: 0, **dict.fromkeys(KINDS, 0), "unusable": 0, "refreshed": 0, "contrast": 0}
     wanted = [len(matched) if flt.limit is None else min(flt.limit, len(matched)) for flt, matched in plans]
     bar = progress_bar(total=sum(wanted), desc="pull", unit="series", show=progress)
     with bar:
@@ -366,14 +381,9 @@ class PairsFilter:
     limit: int | None = None  # at most this many patients
 
 
-def _left_out_before_fetch(client: DICOMwebClient, url: str, attrs: dict[str, Any]) -> str | None:
-    """Why a series is no training data before its pixels are fetched, read from its first
-    instance's metadata (WADO-RS, no pixels: QIDO carries neither attribute): ``SYNTHETIC`` when it
-    says Synthetic Data YES; ``localizer``, ``mosaic``, ``phase`` or ``complex`` when its ImageType,
-    or its complex component (Complex Image Component, GE's private image type), says so
-    (``synthesis.image_type``: a CT's topogram is a projection, not a slice in HU; a Siemens mosaic
-    was fetched whole until 2026-12-05, hundreds of volumes, to be left out or, one volume, cached
-    as slices); None when it is none of these."""
+def _first_metadata(client: DICOMwebClient, url: str, attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """A series' first instance's metadata (WADO-RS, no pixels: QIDO carries none of what
+    ``_left_out_reason`` and the contrast need); None when it has none, or a malformed UID."""
     uids = _series_uids(attrs)
     if uids is None:
         return None  # refused later, with the reason
@@ -382,9 +392,20 @@ def _left_out_before_fetch(client: DICOMwebClient, url: str, attrs: dict[str, An
         first = client.search_for_instances(study_uid, series_uid, limit=1, fields=["SOPInstanceUID"])
         if not first:
             return None
-        metadata = client.retrieve_instance_metadata(study_uid, series_uid, _value(first[0], "00080018"))
+        return client.retrieve_instance_metadata(study_uid, series_uid, _value(first[0], "00080018"))
     except Exception as exc:
         raise _pacs_error(url, exc) from exc
+
+
+def _left_out_reason(metadata: dict[str, Any] | None) -> str | None:
+    """Why a series is no training data, read from its first instance's metadata before its pixels
+    are fetched: ``SYNTHETIC`` when it says Synthetic Data YES; ``localizer``, ``mosaic``, ``phase``
+    or ``complex`` when its ImageType, or its complex component (Complex Image Component, GE's
+    private image type), says so (``synthesis.image_type``: a CT's topogram is a projection, not a
+    slice in HU; a Siemens mosaic was fetched whole until 2026-12-05, hundreds of volumes, to be
+    left out or, one volume, cached as slices); None when it is none of these."""
+    if metadata is None:
+        return None
     if _value(metadata, "0008001C").upper() == "YES":
         return SYNTHETIC
     told = not_anatomy(metadata.get("00080008", {}).get("Value") or []) or component_kind(component_json(metadata))
@@ -392,13 +413,13 @@ def _left_out_before_fetch(client: DICOMwebClient, url: str, attrs: dict[str, An
 
 
 def _left_out_unless_fetched(client: DICOMwebClient, url: str, attrs: dict[str, Any], patient_dir: Path) -> bool:
-    """Whether ``_left_out_before_fetch`` leaves the series out, asked only of a CT series not in
+    """Whether ``_left_out_reason`` leaves the series out, asked only of a CT series not in
     the folder already: one that is was asked about by the run that fetched it (a synthetic CT or
     a topogram is never fetched), so a second run costs no metadata request per CT it has."""
     uids = _series_uids(attrs)
     if uids is not None and (patient_dir / uids[1]).is_dir():
         return False
-    return _left_out_before_fetch(client, url, attrs) is not None
+    return _left_out_reason(_first_metadata(client, url, attrs)) is not None
 
 
 def pull_pairs(

@@ -84,6 +84,18 @@ def make_pools(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(mr_slices)[:, None], np.concatenate(ct_slices)[:, None]
 
 
+def mr_contrasts(cfg: TrainConfig) -> list[str]:
+    """The MR contrasts the generator learns from (the card's ``mr_contrasts``, which `mr2ct config
+    check` holds the node's select_acquisition_contrasts to): the phantoms' T1, or those a pulled
+    cache's train split records (UNKNOWN for series cached before 2026-12-05, when none was recorded)."""
+    if not cfg.data:
+        return ["T1"]  # training.phantoms renders T1-weighted heads
+    from training.pacs_pull import DatasetCache
+
+    entries = DatasetCache(Path(str(cfg.data))).entries()
+    return sorted({e.get("contrast", "UNKNOWN") for e in entries if e["modality"] == "MR" and e["split"] == "train"})
+
+
 def pools_from_cache(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """Train-split MR and CT slices of a pulled cache, resampled to the training grid."""
     import torch.nn.functional as F
@@ -398,6 +410,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         "n4_bias_correction": False,
         "test_time_augmentation": cfg.test_time_augmentation,
         "hu_range": list(cfg.hu_range),
+        "mr_contrasts": mr_contrasts(cfg),
         "training": {
             "command": command,
             "seed": cfg.seed,
