@@ -22,6 +22,7 @@ from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.ct_writer import (
     MANUFACTURER, TYPE2_KEYWORDS, UID_SCHEME, SyntheticCTSeries, contributing_equipment, copy_patient_and_study, copy_timezone, date_time, local_now,
 )
+from synthesis.contrast import contrast
 from synthesis.infer import GUIDE_EPS, GUIDE_RADIUS
 from synthesis.uids import derived_uid
 
@@ -64,6 +65,7 @@ def model_parameters(card: dict[str, Any]) -> dict[str, str]:
         "n4_bias_correction": "on" if card.get("n4_bias_correction") else "off",
         "test_time_augmentation": str(card.get("test_time_augmentation", "none")),
         "hu_range": ",".join(str(v) for v in card.get("hu_range", [])),
+        "model_mr_contrasts": ",".join(card.get("mr_contrasts") or []) or "not stated by its card",
         "model_grid_mm": str(card.get("pixel_spacing_mm", "")),
         "back_to_mr_matrix": f"guided upsampling (radius {GUIDE_RADIUS}, eps {GUIDE_EPS}) from a coarser grid, else bilinear",
     }
@@ -88,7 +90,8 @@ def build_provenance_sr(
             uid=observer_uid, name="mr2ct", manufacturer_name=MANUFACTURER, model_name=f"mr2ct {synthesis.__version__}",
         ),
     )
-    params = {**model_parameters(model.card), "slice_plane": ct.plane}
+    told, why = contrast(mr_headers[0])  # what a physicist checks against model_mr_contrasts
+    params = {**model_parameters(model.card), "slice_plane": ct.plane, "source_mr_contrast": f"{told} ({why})"}
     algorithm = hd.sr.AlgorithmIdentification(
         name=ALGORITHM_NAME, version=synthesis.__version__, parameters=[f"{k}={v}" for k, v in params.items()]
     )

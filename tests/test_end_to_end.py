@@ -96,6 +96,7 @@ def test_sr_references_the_mr_and_ct_series(delivered, orthanc):
     assert facts.derived_series_uid == job.ct_series_uid
     assert set(facts.derived_instance_uids) == ct_uids
     assert facts.parameters["model_sha256"] == job.model_sha256
+    assert facts.parameters["model_mr_contrasts"] == "T1" and facts.parameters["source_mr_contrast"].startswith("T1 (")
     assert sr.StudyInstanceUID == series.study_uid
 
 

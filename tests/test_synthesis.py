@@ -274,6 +274,9 @@ def test_the_sr_round_trips_into_the_same_facts(tiny_model: Path, mr_series, tmp
     assert facts.parameters["n4_bias_correction"] == "off"
     assert facts.parameters["test_time_augmentation"] == "none"
     assert facts.parameters["slice_plane"] == "the acquired slices"
+    # the contrast of the MR it was made from, beside the contrasts the model learned (this test card says none)
+    assert facts.parameters["source_mr_contrast"] == "T1 (ScanningSequence GR, TR 500 ms, TE 10 ms: short TR and TE)"
+    assert "mr_contrasts" not in model.card and facts.parameters["model_mr_contrasts"] == "not stated by its card"
     assert parsed.StudyInstanceUID == mr_series.study_uid
 
 
