@@ -22,7 +22,7 @@ from dicom_node.db import notify_job_queued
 from dicom_node.models import Instance, Job, RefusedInstance, Series, utcnow
 from dicom_node.recorder import Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
-from synthesis.contrast import DEFAULT_SELECTED, UNKNOWN, contrast
+from synthesis.contrast import DEFAULT_BODY_PARTS, DEFAULT_SELECTED, UNKNOWN, contrast
 from synthesis.errors import InvalidInstance, SeriesNotUsable
 from synthesis.image_type import NOT_ANATOMY, NOT_ANATOMY_COMPONENTS, WHAT, component, component_kind, not_anatomy, values
 from synthesis.volume import frame_geometry, orientation_label
@@ -59,6 +59,7 @@ class ReceivedInstance:
     component_source: str = ""  # what said it
     contrast: str = ""  # an MR image's contrast (synthesis.contrast: T1, T2, FLUID_ATTENUATED...), and what told it
     contrast_source: str = ""
+    body_part: str = ""  # BodyPartExamined as sent, upper case ('' when absent)
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class SelectionRules:
     image_types_excluded: tuple[str, ...] = NOT_ANATOMY
     components_excluded: tuple[str, ...] = NOT_ANATOMY_COMPONENTS
     contrasts: tuple[str, ...] = DEFAULT_SELECTED  # empty: any contrast
+    body_parts: tuple[str, ...] = DEFAULT_BODY_PARTS  # BodyPartExamined values; UNKNOWN: none given; empty: any
 
     def reason_to_skip(self, series: Series, planes: Sequence[str] = (), positions: tuple[int, int] = (0, 0)) -> str | None:
         """The first rule ``series`` fails, None when it passes. ``planes``: those its instances lie
@@ -100,6 +102,10 @@ class SelectionRules:
             hint = " (list UNKNOWN to synthesize series whose header does not tell)" if series.contrast == UNKNOWN else ""
             return (f"its MR contrast is {series.contrast} ({series.contrast_source}), not one of select_acquisition_contrasts "
                     f"{list(self.contrasts)}{hint}")
+        part = series.body_part or UNKNOWN
+        if self.body_parts and part not in self.body_parts:
+            return (f"BodyPartExamined {'is not given' if part == UNKNOWN else repr(part)}, not one of select_body_parts "
+                    f"{list(self.body_parts)}")
         description = series.series_description or ""
         if self.description_include and not re.search(self.description_include, description, re.IGNORECASE):
             return f"series description {description!r} does not match {self.description_include!r}"
@@ -257,7 +263,7 @@ def validate(
     weighting = contrast(ds)
     return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation_label(orientation), patient_id,
                             image_type, position, frames, frame_positions, frame_set, told[0], told[1][:80],
-                            weighting[0], weighting[1][:160])
+                            weighting[0], weighting[1][:160], (values.text(0x00180015) or "").upper()[:16])
 
 
 class Ingest:

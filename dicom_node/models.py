@@ -54,6 +54,7 @@ class Series(Base):
     # the first instance's MR contrast (synthesis.contrast) and what told it; '' when not read (recorded before 0024)
     contrast: Mapped[str] = mapped_column(String(24), default="", server_default="")
     contrast_source: Mapped[str] = mapped_column(String(160), default="", server_default="")
+    body_part: Mapped[str] = mapped_column(String(16), default="", server_default="")  # the first instance's BodyPartExamined
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

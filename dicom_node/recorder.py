@@ -77,7 +77,7 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                     last_received_at=item.received_at, state="receiving", series_description=info.series_description,
                     orientation=info.orientation, patient_id=info.patient_id, image_type=info.image_type,
                     component=info.component, component_source=info.component_source,
-                    contrast=info.contrast, contrast_source=info.contrast_source,
+                    contrast=info.contrast, contrast_source=info.contrast_source, body_part=info.body_part,
                 )
                 session.add(series)
                 session.flush()

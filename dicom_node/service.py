@@ -109,7 +109,7 @@ class Node:
             modalities=tuple(s.select_modalities), description_include=s.select_description_include,
             description_exclude=s.select_description_exclude, min_slices=s.select_min_slices, orientations=tuple(s.select_orientations),
             image_types_excluded=tuple(s.select_image_type_exclude), components_excluded=tuple(s.select_complex_component_exclude),
-            contrasts=tuple(s.select_acquisition_contrasts),
+            contrasts=tuple(s.select_acquisition_contrasts), body_parts=tuple(s.select_body_parts),
         )
         # Built once (its TLS context reads files): the SCP routes to it, the API reports it.
         destination = routing_destination(s, password) if self.role in ("all", "scp", "api") else None

@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from synthesis import default_model_path
-from synthesis.contrast import CONTRASTS, DEFAULT_SELECTED
+from synthesis.contrast import CONTRASTS, DEFAULT_BODY_PARTS, DEFAULT_SELECTED
 from synthesis.image_type import COMPONENTS, NOT_ANATOMY, NOT_ANATOMY_COMPONENTS
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
@@ -204,6 +204,11 @@ class Settings(BaseSettings):
         f"series makes an sCT that is wrong everywhere. One or more of {', '.join(CONTRASTS)} (UNKNOWN: the header does not "
         "tell); empty: any",
     )
+    select_body_parts: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: list(DEFAULT_BODY_PARTS), description="BodyPartExamined (0018,0015) values to synthesize, as the "
+        "first instance says (case-insensitive; UNKNOWN: it says none, as many head exams do); the shipped model knows heads only, "
+        "and a pelvis or a spine makes an sCT read as a skull. Add e.g. HEADNECK for a model trained on it; empty: any",
+    )
     tls_certificate: Path | None = Field(None, description="PEM certificate: the SCP speaks DICOM over TLS when set")
     tls_private_key: Path | None = Field(None, description="PEM private key of tls_certificate")
     tls_ca_file: Path | None = Field(None, description="PEM CA bundle: when set, callers must present a certificate it signed")
@@ -214,7 +219,7 @@ class Settings(BaseSettings):
         return _check_ae_title(value, "ae_title")
 
     @field_validator("allowed_aes", "select_modalities", "select_orientations", "select_image_type_exclude",
-                     "select_complex_component_exclude", "select_acquisition_contrasts", "forward_sop_classes", "commitment_peers", "deliver_to", mode="before")
+                     "select_complex_component_exclude", "select_acquisition_contrasts", "select_body_parts", "forward_sop_classes", "commitment_peers", "deliver_to", mode="before")
     @classmethod
     def _split_aes(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -256,6 +261,15 @@ class Settings(BaseSettings):
         bad = [v for v in value if v.upper() not in CONTRASTS]
         if bad:
             raise ValueError(f"{bad} are not MR contrasts; known: {list(CONTRASTS)}")
+        return list(dict.fromkeys(v.upper() for v in value))
+
+    @field_validator("select_body_parts")
+    @classmethod
+    def _check_body_parts(cls, value: list[str]) -> list[str]:
+        """BodyPartExamined is a code string: letters, digits, space and underscore, at most 16 characters."""
+        bad = [v for v in value if not re.fullmatch(r"[A-Za-z0-9_ ]{1,16}", v)]
+        if bad:
+            raise ValueError(f"{bad} are not BodyPartExamined values (code strings: letters, digits, space, underscore, at most 16)")
         return list(dict.fromkeys(v.upper() for v in value))
 
     @field_validator("select_orientations")

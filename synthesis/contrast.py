@@ -45,6 +45,10 @@ CONTRASTS: tuple[str, ...] = ("T1", "T2", "T2_STAR", "PROTON_DENSITY", "FLUID_AT
                               "FLOW_ENCODED", "TAGGING", "TOF", "MIXED", "UNKNOWN")
 # what the shipped model, and every model trained on the phantom cohort, was trained on
 DEFAULT_SELECTED: tuple[str, ...] = (T1,)
+# BodyPartExamined (0018,0015) values of a head, the only anatomy the phantom cohort has (UNKNOWN:
+# the instance does not say, which many scanners' head exams do not): an MR-only prostate
+# series sent to a head model makes an sCT of a pelvis read as a skull
+DEFAULT_BODY_PARTS: tuple[str, ...] = ("HEAD", "BRAIN", "SKULL", UNKNOWN)
 
 ACQUISITION_CONTRAST = 0x00089209
 SHARED_GROUPS, PER_FRAME_GROUPS = 0x52009229, 0x52009230

@@ -1,7 +1,8 @@
-"""A T1 model is sent T2, FLAIR and proton-density series too when a scanner routes everything to the
-node: each is told by its header (synthesis.contrast) and left unsynthesized with the reason,
-the T1 beside it synthesized; asked for by name, a series whose header does not tell is vouched
-for, a FLAIR one still refused."""
+"""A T1 head model is sent T2, FLAIR and proton-density series, and other body parts, too when a
+scanner routes everything to the node: each is told by its header (synthesis.contrast,
+BodyPartExamined) and left unsynthesized with the reason, the T1 head beside it synthesized;
+asked for by name, a series whose header does not tell its contrast, or names another body part,
+is vouched for, a FLAIR one still refused."""
 
 from __future__ import annotations
 
@@ -107,6 +108,24 @@ def test_the_rule_is_the_sites_to_widen_and_a_wrong_value_names_the_key():
         Settings(select_acquisition_contrasts="T1,T3")
 
 
+def test_a_body_part_other_than_a_head_is_left_and_one_not_given_passes():
+    """The shipped model knows heads: BodyPartExamined HEAD, BRAIN or SKULL, or none given (as many
+    head exams say), by default; an MR-only prostate series is left with the reason."""
+    def series(part: str) -> Series:
+        return Series(modality="MR", series_description="", instance_count=20, orientation="axial", contrast="T1",
+                      contrast_source="", body_part=part)
+
+    default = SelectionRules(body_parts=tuple(Settings().select_body_parts))
+    assert default.reason_to_skip(series("PELVIS")) == ("BodyPartExamined 'PELVIS', not one of select_body_parts "
+                                                        "['HEAD', 'BRAIN', 'SKULL', 'UNKNOWN']")
+    assert [default.reason_to_skip(series(part)) for part in ("HEAD", "BRAIN", "SKULL", "")] == [None] * 4
+    strict = SelectionRules(body_parts=tuple(Settings(select_body_parts="head,brain").select_body_parts))
+    assert strict.reason_to_skip(series("")) == "BodyPartExamined is not given, not one of select_body_parts ['HEAD', 'BRAIN']"
+    assert SelectionRules(body_parts=tuple(Settings(select_body_parts="").select_body_parts)).reason_to_skip(series("PELVIS")) is None
+    with pytest.raises(ValueError, match="select_body_parts"):
+        Settings(select_body_parts="HEAD,../etc")
+
+
 def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_synthesized(node_factory, orthanc, tmp_path):
     node = node_factory()
     study = "1.2.826.0.1.3680043.8.498.412"
@@ -122,7 +141,12 @@ def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_
     t2 = series("t2_tse_tra", 414, "SE", "4000", "100", None)
     flair = series("t2_flair_tra", 415, "SE\\IR", "9000", "90", "2500")
     unknown = series("t1_anonymised", 416, "SE", None, None, None)
-    for each in (t2, flair, unknown, t1):
+    pelvis = series("t1_pelvis", 417, "SE", "550", "12", None)
+    for path in pelvis.files:
+        ds = pydicom.dcmread(path)
+        ds.BodyPartExamined = "PELVIS"
+        ds.save_as(path)
+    for each in (t2, flair, unknown, pelvis, t1):
         assert storescu(each.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
     assert wait_for_job(node.database_url, t1.series_uid, timeout=120).state == "done"
     sessions = init_db(node.database_url)
@@ -133,20 +157,23 @@ def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_
         return row if row is not None and row.state == "ignored" else None
 
     rows = {name: wait_for(lambda s=s: ignored(s.series_uid), 60, f"{name} ignored") for name, s in
-            (("t2", t2), ("flair", flair), ("unknown", unknown))}
+            (("t2", t2), ("flair", flair), ("unknown", unknown), ("pelvis", pelvis))}
     assert rows["t2"].reason.startswith("its MR contrast is T2 (ScanningSequence SE, TR 4000 ms, TE 100 ms: long TE)")
     assert "FLUID_ATTENUATED" in rows["flair"].reason and "select_acquisition_contrasts ['T1']" in rows["flair"].reason
     assert "UNKNOWN" in rows["unknown"].reason and "list UNKNOWN" in rows["unknown"].reason
+    assert rows["pelvis"].reason == "BodyPartExamined 'PELVIS', not one of select_body_parts ['HEAD', 'BRAIN', 'SKULL', 'UNKNOWN']"
     with sessions() as session:
-        assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([t2.series_uid, flair.series_uid, unknown.series_uid]))).all()
-    # asked for by name: the one whose header does not tell is vouched for; the FLAIR is still no T1
-    for each in (flair, unknown):
+        assert not session.scalars(select(Job).where(Job.series_instance_uid.in_(
+            [t2.series_uid, flair.series_uid, unknown.series_uid, pelvis.series_uid]))).all()
+    # asked for by name: the contrast its header does not tell and the body part are vouched for; the FLAIR is still no T1
+    for each in (flair, unknown, pelvis):
         for path in each.files:
             assert httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), auth=orthanc.auth).status_code == 200
     admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'physicist')}"}
     url = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/synthesize"
     refused = httpx.post(url, json={"series_uid": flair.series_uid}, headers=admin, timeout=60)
     assert refused.status_code == 422 and "its MR contrast is FLUID_ATTENUATED" in refused.json()["detail"], refused.text
-    asked = httpx.post(url, json={"series_uid": unknown.series_uid}, headers=admin, timeout=60)
-    assert asked.status_code == 202, asked.text
-    assert wait_for_job(node.database_url, unknown.series_uid, timeout=120).state == "done"
+    for each in (unknown, pelvis):
+        asked = httpx.post(url, json={"series_uid": each.series_uid}, headers=admin, timeout=60)
+        assert asked.status_code == 202, asked.text
+        assert wait_for_job(node.database_url, each.series_uid, timeout=120).state == "done"

@@ -474,8 +474,10 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                                       f"as Orthanc holds it (POST /synthesize, {utcnow():%Y-%m-%d %H:%M} UTC); part of it again once sent again")
         lifted = lift_refusals(sessions, body.series_uid)
         # asked for by name: the node's selection rules do not apply, only what no job can synthesize (not MR, several planes,
-        # phase images) or the model cannot (a contrast the node does not select; UNKNOWN vouched for by the asking)
-        by_name = SelectionRules(modalities=("MR",), image_types_excluded=(), contrasts=tuple(contrasts) + (UNKNOWN,) if contrasts else ())
+        # phase images) or the model cannot (a contrast the node does not select; UNKNOWN vouched for by the asking, as is
+        # the body part: a protocol's BodyPartExamined is often not what it shows, a sequence's timing always is)
+        by_name = SelectionRules(modalities=("MR",), image_types_excluded=(), contrasts=tuple(contrasts) + (UNKNOWN,) if contrasts else (),
+                                 body_parts=())
         state, job_id = mark_stable(sessions, body.series_uid, 0, by_name)
         if job_id is None:
             with sessions() as session:
