@@ -106,6 +106,13 @@ def apply_report(sessions: sessionmaker[Session], calling_ae: str, transaction: 
                     Instance.forward_committed_at.is_(None))).all())
         done = [uid for uid in committed if uid in ours]
         lost = [(uid, reason) for uid, reason in failed if uid in ours.difference(done)]
+        # named committed and committed already (a late report of an older request said so first): committed for this one too
+        already = 0
+        if not late:
+            rest = [uid for uid in committed if uid not in ours]
+            for start in range(0, len(rest), 500):
+                already += session.scalar(select(func.count()).select_from(Instance).where(
+                    Instance.sop_instance_uid.in_(rest[start:start + 500]), Instance.forward_committed_at.is_not(None))) or 0
         for start in range(0, len(done), 500):
             session.execute(update(Instance).where(Instance.sop_instance_uid.in_(done[start:start + 500])).values(
                 forward_committed_at=now, forward_commitment_id=row.id))
@@ -128,9 +135,10 @@ def apply_report(sessions: sessionmaker[Session], calling_ae: str, transaction: 
         session.execute(update(Instance).where(Instance.forward_commitment_id == row.id, Instance.forward_committed_at.is_(None))
                         .values(forward_commitment_id=None))
         if not late:
-            row.state = "committed" if not lost and len(done) == row.instances else "partial"
-            row.reported_at, row.committed, row.failed = now, len(done), len(lost)
-        counts = {"committed": len(done), "failed": len(lost), "not_asked": len(committed) + len(failed) - len(done) - len(lost)}
+            row.state = "committed" if not lost and len(done) + already >= row.instances else "partial"
+            row.reported_at, row.committed, row.failed = now, len(done) + already, len(lost)
+        counts = {"committed": len(done), "failed": len(lost), "already_committed": already,
+                  "not_asked": len(committed) + len(failed) - len(done) - len(lost) - already}
         session.add(audit.event(FORWARD_COMMITMENT_REPORTED, "success" if not lost else "warning", calling_ae,
                                 transaction_uid=transaction, destination=row.destination, late=late, **counts,
                                 failure_reasons=sorted({f"0x{reason:04X}" for _, reason in lost})))

@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import MRImageStorage, StorageCommitmentPushModel  # type: ignore[attr-defined]
+from sqlalchemy import select
 
 from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port, storescu
@@ -284,3 +285,38 @@ def test_two_node_processes_sharing_a_database_ask_for_each_original_once(tmp_pa
         rows = session.query(ForwardCommitment).all()
         assert sorted(r.instances for r in rows if r.state == "requested") == sorted(len(r) for r in seen["requests"])
         assert session.query(Instance).filter(Instance.forward_commitment_id.is_(None)).count() == 0
+
+
+def test_a_request_whose_originals_a_late_report_committed_first_is_committed_not_partial(tmp_path):
+    """A request expires unanswered, its originals are asked for again, and the first request's
+    report comes late, committing them. The second request's report then names them committed:
+    until 2026-12-05 it was labelled partial with 0 committed (the label only: nothing was routed
+    or asked again); it is committed, its count saying so."""
+    from datetime import timedelta
+
+    from dicom_node.forward_commitment import apply_report
+    from dicom_node.models import Series, utcnow
+
+    sessions = init_db(f"sqlite:///{tmp_path / 'node.db'}")
+    routed = utcnow() - timedelta(hours=2)
+    uids = sorted(generate_uid() for _ in range(3))
+    with sessions.begin() as session:
+        series_uid = generate_uid()
+        session.add(Series(series_instance_uid=series_uid, study_instance_uid=generate_uid(), modality="MR", calling_ae=SCANNER_AE,
+                           instance_count=3, state="stable"))
+        first = ForwardCommitment(transaction_uid=generate_uid(), destination="ARCHIVE@127.0.0.1:104", instances=3, state="expired")
+        second = ForwardCommitment(transaction_uid=generate_uid(), destination="ARCHIVE@127.0.0.1:104", instances=3)
+        session.add_all([first, second])
+        session.flush()
+        session.add_all(Instance(sop_instance_uid=uid, sop_class_uid=str(MRImageStorage), series_instance_uid=series_uid,
+                                 transfer_syntax_uid="1.2.840.10008.1.2.1", path=str(tmp_path / f"{uid}.dcm"), size_bytes=1,
+                                 received_at=routed, forwarded_at=routed, forward_commitment_id=second.id) for uid in uids)
+        transactions = first.transaction_uid, second.transaction_uid
+    late = apply_report(sessions, "ARCHIVE", transactions[0], uids, [])
+    assert late["committed"] == 3
+    on_time = apply_report(sessions, "ARCHIVE", transactions[1], uids, [])
+    assert (on_time["committed"], on_time["already_committed"], on_time["not_asked"]) == (0, 3, 0)
+    with sessions() as session:
+        row = session.scalar(select(ForwardCommitment).where(ForwardCommitment.transaction_uid == transactions[1]))
+        assert (row.state, row.committed, row.failed) == ("committed", 3, 0)
+        assert session.query(Instance).filter(Instance.forward_committed_at.is_(None)).count() == 0
