@@ -26,8 +26,9 @@ The rule, first answer wins:
      2,000 ms is PROTON_DENSITY;
    - anything else (TE 30-60 ms; TR 1,000-2,000 ms with short TE; TR or TE not given) UNKNOWN.
 
-What the rule does not see: contrast agent (a post-contrast T1 is T1), fat suppression, and a
-balanced SSFP's mixed T2/T1 contrast (read as T1). ``UNKNOWN`` says the header did not tell;
+What the rule does not see: contrast agent (a post-contrast T1 is T1), fat suppression, a
+balanced SSFP's mixed T2/T1 contrast and a time-of-flight angiogram's source images (short-TR
+gradient echoes: read as T1), and anything but the first instance. ``UNKNOWN`` says the header did not tell;
 the node refuses such a series unless a site lists UNKNOWN.
 """
 
