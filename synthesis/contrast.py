@@ -14,7 +14,9 @@ The rule, first answer wins:
    go on to 2).
 2. Otherwise the textbook reading of the sequence's timing (milliseconds; 1.5-3 T), from
    RepetitionTime, EchoTime, InversionTime and ScanningSequence (or, in an enhanced image, the
-   shared MR Timing and Related Parameters, MR Echo and MR Modifier items and EchoPulseSequence):
+   shared MR Timing and Related Parameters, MR Echo and MR Modifier items and EchoPulseSequence;
+   in a legacy converted one, its Unassigned Shared Converted Attributes, where converters such as
+   highdicom's put the single-frame timing):
 
    - inversion recovery (IR in ScanningSequence, Inversion Recovery YES, or an inversion time):
      TI < 300 ms is STIR; 300-1,500 ms with TE < 30 ms is T1 (MPRAGE, IR-prepared spoiled
@@ -54,6 +56,9 @@ DEFAULT_BODY_PARTS: tuple[str, ...] = ("HEAD", "BRAIN", "SKULL", UNKNOWN)
 ACQUISITION_CONTRAST = 0x00089209
 SHARED_GROUPS, PER_FRAME_GROUPS = 0x52009229, 0x52009230
 MR_FRAME_TYPE, MR_TIMING, MR_ECHO, MR_MODIFIER = 0x00189226, 0x00189112, 0x00189114, 0x00189115
+# where a Legacy Converted Enhanced MR image keeps the single-frame attributes no functional group holds
+# (ScanningSequence, RepetitionTime, EchoTime, InversionTime among them): shared, then per frame
+UNASSIGNED_SHARED, UNASSIGNED_PER_FRAME = 0x00209170, 0x00209171
 REPETITION_TIME, ECHO_TIME, INVERSION_TIME, SCANNING_SEQUENCE = 0x00180080, 0x00180081, 0x00180082, 0x00180020
 EFFECTIVE_ECHO_TIME, INVERSION_TIMES, INVERSION_RECOVERY, ECHO_PULSE_SEQUENCE = 0x00189082, 0x00189079, 0x00189009, 0x00189008
 
@@ -66,7 +71,8 @@ _WHERE: dict[str, tuple[int, tuple[int, int] | None]] = {
 }
 
 # ``look(tag, group)``: a value's text, upper case ('' when absent): at the top level when group
-# is None, else in the first item of functional group ``group`` (shared, then the first frame's)
+# is None (or, in a legacy converted image, among its unassigned converted attributes), else in the
+# first item of functional group ``group`` (shared, then the first frame's)
 Look = Callable[[int, "int | None"], str]
 
 
@@ -137,8 +143,15 @@ def contrast(ds: Dataset) -> tuple[str, str]:
 
     def look(tag: int, group: int | None) -> str:
         if group is None:
-            return _text(ds.get_item(tag).value) if tag in keys else ""
-        for holder in (SHARED_GROUPS, PER_FRAME_GROUPS):
+            if tag in keys:
+                return _text(ds.get_item(tag).value)
+            if SHARED_GROUPS not in keys:  # a single-frame image (the node's every C-STORE but enhanced ones) ends here
+                return ""
+            return grouped(tag, UNASSIGNED_SHARED, (SHARED_GROUPS,)) or grouped(tag, UNASSIGNED_PER_FRAME, (PER_FRAME_GROUPS,))
+        return grouped(tag, group, (SHARED_GROUPS, PER_FRAME_GROUPS))
+
+    def grouped(tag: int, group: int, holders: tuple[int, ...]) -> str:
+        for holder in holders:
             if holder not in keys:
                 continue
             try:
@@ -160,8 +173,12 @@ def contrast_json(metadata: Mapping[str, Any]) -> tuple[str, str]:
 
     def look(tag: int, group: int | None) -> str:
         if group is None:
-            return _text((metadata.get(f"{tag:08X}") or {}).get("Value"))
-        for holder in (SHARED_GROUPS, PER_FRAME_GROUPS):
+            return (_text((metadata.get(f"{tag:08X}") or {}).get("Value")) or grouped(tag, UNASSIGNED_SHARED, (SHARED_GROUPS,))
+                    or grouped(tag, UNASSIGNED_PER_FRAME, (PER_FRAME_GROUPS,)))
+        return grouped(tag, group, (SHARED_GROUPS, PER_FRAME_GROUPS))
+
+    def grouped(tag: int, group: int, holders: tuple[int, ...]) -> str:
+        for holder in holders:
             outer = first_item(metadata, f"{holder:08X}")
             inner = first_item(outer, f"{group:08X}") if outer else None
             if inner:

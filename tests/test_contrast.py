@@ -94,6 +94,25 @@ def test_an_enhanced_image_says_its_contrast_or_its_functional_groups_give_the_t
     assert contrast_json(ds.to_json_dict())[0] == "T1"
 
 
+def test_a_legacy_converted_image_gives_the_timing_among_its_unassigned_converted_attributes(mr, tmp_path):
+    """A legacy converter (highdicom's here) keeps ScanningSequence, TR and TE, which no functional
+    group holds, in the Unassigned Shared Converted Attributes: read there (until this was, every
+    legacy converted series read UNKNOWN and was left)."""
+    import highdicom as hd
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    for timing, expected in ((("GR", "500", "10", None), "T1"), (("SE", "4000", "100", None), "T2")):
+        singles = [_timed(pydicom.dcmread(f), *timing) for f in mr.files]
+        image = hd.legacy.LegacyConvertedEnhancedMRImage(singles, series_instance_uid=str(generate_uid()), series_number=5,
+                                                         sop_instance_uid=str(generate_uid()), instance_number=1,
+                                                         transfer_syntax_uid=ExplicitVRLittleEndian)
+        assert "RepetitionTime" not in image
+        path = tmp_path / f"{expected}.dcm"
+        image.save_as(path, enforce_file_format=True)
+        assert contrast(pydicom.dcmread(path))[0] == expected
+        assert contrast_json(image.to_json_dict())[0] == expected
+
+
 def test_the_rule_is_the_sites_to_widen_and_a_wrong_value_names_the_key():
     t2 = Series(modality="MR", series_description="", instance_count=20, orientation="axial", contrast="T2",
                 contrast_source="ScanningSequence SE, TR 4000 ms, TE 100 ms: long TE")
