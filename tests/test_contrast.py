@@ -190,6 +190,11 @@ def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_
             assert httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), auth=orthanc.auth).status_code == 200
     admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'physicist')}"}
     url = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/synthesize"
+    listed = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/series", params={"state": "ignored", "study_uid": study},
+                       headers=admin, timeout=60).json()["items"]
+    told = {item["series_instance_uid"]: (item["contrast"], item["body_part"]) for item in listed}
+    assert told == {t2.series_uid: ("T2", "HEAD"), flair.series_uid: ("FLUID_ATTENUATED", "HEAD"), unknown.series_uid: ("UNKNOWN", "HEAD"),
+                    pelvis.series_uid: ("T1", "PELVIS")}  # what an administrator filtering the ignored series sees
     refused = httpx.post(url, json={"series_uid": flair.series_uid}, headers=admin, timeout=60)
     assert refused.status_code == 422 and "its MR contrast is FLUID_ATTENUATED" in refused.json()["detail"], refused.text
     for each in (unknown, pelvis):
