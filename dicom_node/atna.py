@@ -57,6 +57,7 @@ INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
 QUERY = ("110112", "Query")
 SECURITY_ALERT = ("110113", "Security Alert")
 USER_AUTHENTICATION = ("110114", "User Authentication")
+SYNTHESIS_REQUESTED = "synthesis-requested"  # the audit row of POST /synthesize
 APPLICATION_START = ("110120", "Application Start")
 APPLICATION_STOP = ("110121", "Application Stop")
 LOGIN = ("110122", "Login")
@@ -69,7 +70,7 @@ DESTINATION = ("110152", "Destination Role ID")
 SOURCE = ("110153", "Source Role ID")
 
 # mr2ct's action -> (event ID, event type code or None, event action code). The actions not named
-# here (series-stable, job-started, job-retry, job-cancelled, synthesis-requested, routing-retry,
+# here (series-stable, job-started, job-retry, job-cancelled, routing-retry,
 # training-*, model-evaluated, spool-recovery, ...) are the node's own work: no DICOM audit message
 # stands for them; they are counted as skipped and stay in the node's audit table.
 EVENTS: dict[str, tuple[tuple[str, str], tuple[str, str] | None, str]] = {
@@ -81,6 +82,8 @@ EVENTS: dict[str, tuple[tuple[str, str], tuple[str, str] | None, str]] = {
     audit.ROUTING_GIVEN_UP: (INSTANCES_TRANSFERRED, None, "C"),
     "results-delivered": (INSTANCES_TRANSFERRED, None, "C"),  # an sCT and its SR Orthanc sent on at the node's request (deliver_to)
     "results-delivery-given-up": (INSTANCES_TRANSFERRED, None, "C"),
+    # a user had the node read a series from Orthanc (POST /synthesize, Orthanc's button): until 2026-12-05 not sent
+    SYNTHESIS_REQUESTED: (INSTANCES_TRANSFERRED, None, "C"),
     audit.JOB_FINISHED: (INSTANCES_ACCESSED, None, "C"),  # derived instances created from the MR
     audit.JOB_FAILED: (INSTANCES_ACCESSED, None, "C"),
     SPOOL_PURGED: (INSTANCES_ACCESSED, None, "D"),
@@ -201,6 +204,12 @@ def message(row: AuditEvent, source: Source, subjects: Iterable[Subject] = ()) -
     if event_id == INSTANCES_TRANSFERRED and row.action in (audit.ASSOCIATION, audit.INSTANCE_REFUSED):
         # a DICOM peer stored to the node
         parts.append(_participant(user, True, role=SOURCE, access_point=address, access_point_type=address_type))
+        parts.append(_participant(source.ae_title, False, role=DESTINATION, **own))
+    elif row.action == SYNTHESIS_REQUESTED:
+        # a user (the requestor) had the node copy a series from Orthanc (the source) into its spool
+        origin = str(detail.get("source") or "Orthanc")
+        parts.append(_participant(user, True, access_point=address, access_point_type=address_type))
+        parts.append(_participant(origin, False, role=SOURCE, access_point=origin if "://" in origin else None, access_point_type="5"))
         parts.append(_participant(source.ae_title, False, role=DESTINATION, **own))
     elif event_id == INSTANCES_TRANSFERRED:
         # the node stored to Orthanc (an sCT), routed originals to their destination, or had Orthanc send an sCT on

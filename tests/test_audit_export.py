@@ -124,6 +124,25 @@ def test_security_events_map_to_the_dicom_event_and_type_codes(tmp_path, action,
     assert atna.syslog_message(xml, atna.Source(source_id="MR2CT", ae_title="MR2CT")).startswith(b"<85>1 ")
 
 
+def test_a_series_a_user_had_the_node_read_from_orthanc_is_an_instances_transferred_message():
+    """POST /synthesize (Orthanc's button): a user made the node copy a patient's series from
+    Orthanc; until 2026-12-05 the repository heard nothing of it (the node's own work, it said)."""
+    row = AuditEvent(id=1, at=datetime.now(timezone.utc), action="synthesis-requested", outcome="success", actor="api:physicist",
+                     detail={"source": "http://127.0.0.1:8042", "instances": 4})
+    root = ET.fromstring(atna.message(row, atna.Source(source_id="MR2CT", ae_title="MR2CT")))
+    assert root.find("EventIdentification/EventID").get("csd-code") == "110104"  # DICOM Instances Transferred
+    assert root.find("EventIdentification").get("EventActionCode") == "C"
+    people = {p.get("UserID"): (p.get("UserIsRequestor"), p.find("RoleIDCode").get("csd-code") if p.find("RoleIDCode") is not None else None)
+              for p in root.findall("ActiveParticipant")}
+    assert people == {"physicist": ("true", None), "http://127.0.0.1:8042": ("false", "110153"), "MR2CT": ("false", "110152")}
+    orthanc = next(p for p in root.findall("ActiveParticipant") if p.get("UserID").startswith("http"))
+    assert (orthanc.get("NetworkAccessPointID"), orthanc.get("NetworkAccessPointTypeCode")) == ("http://127.0.0.1:8042", "5")
+    from dicom_node.api.app import _without_credentials  # what the API writes as the row's source: no password in it
+
+    assert _without_credentials("https://mr2ct:secret@pacs.example:8043/orthanc") == "https://pacs.example:8043/orthanc"
+    assert _without_credentials("http://[::1]:8042") == "http://[::1]:8042"
+
+
 def test_the_node_s_own_work_is_no_audit_message_and_a_bad_setting_names_its_key():
     from dicom_node.settings import Settings
 

@@ -16,7 +16,7 @@ from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
 from dicom_node.ingest import SelectionRules
 from dicom_node.local_stack import storescu
-from dicom_node.models import Job, Series
+from dicom_node.models import AuditEvent, Job, Series
 from dicom_node.settings import Settings
 from synthesis.contrast import contrast, contrast_json
 from tests.conftest import NODE_AE, SCANNER_AE
@@ -197,6 +197,11 @@ def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_
                     pelvis.series_uid: ("T1", "PELVIS")}  # what an administrator filtering the ignored series sees
     refused = httpx.post(url, json={"series_uid": flair.series_uid}, headers=admin, timeout=60)
     assert refused.status_code == 422 and "its MR contrast is FLUID_ATTENUATED" in refused.json()["detail"], refused.text
+    with sessions() as session:  # the copy from Orthanc it made is audited, refused or not (sent to an audit repository as such)
+        rows = session.scalars(select(AuditEvent).where(AuditEvent.action == "synthesis-requested",
+                                                        AuditEvent.series_instance_uid == flair.series_uid)).all()
+    assert [(r.outcome, r.actor, r.detail["source"]) for r in rows] == [("failure", "api:physicist", orthanc.url)]
+    assert "its MR contrast is FLUID_ATTENUATED" in rows[0].detail["reason"]
     for each in (unknown, pelvis):
         asked = httpx.post(url, json={"series_uid": each.series_uid}, headers=admin, timeout=60)
         assert asked.status_code == 202, asked.text

@@ -12,6 +12,7 @@ import io
 import shutil
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import pydicom
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
@@ -91,6 +92,14 @@ def _pending_job(session: Session, series_uid: str) -> Job | None:
                           .order_by(Job.id.desc()).limit(1))
 
 
+def _without_credentials(url: str) -> str:
+    """``url`` without any ``user:password@`` (what an audit row may name)."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    return parts._replace(netloc=host + (f":{parts.port}" if parts.port else "")).geturl()
+
+
 def _page(session: Session, query: Select[Any], limit: int, offset: int) -> dict[str, Any]:
     total = session.scalar(select(func.count()).select_from(query.order_by(None).subquery()))
     items = [_row(r) for r in session.scalars(query.limit(limit).offset(offset))]
@@ -126,6 +135,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     (POST /synthesize) must still meet, UNKNOWN aside (the one asking vouches for what its header
     does not tell; no one can make a T1 model read a FLAIR series)."""
     app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
+    orthanc_at = _without_credentials(orthanc_url) if orthanc_url else None  # where POST /synthesize reads from, as audited
     app.state.sessions = sessions
     info = dict(node_info or {})
     store = OrthancStore(orthanc_url, *(orthanc_auth or (None, None)), timeout=orthanc_timeout) if orthanc_url else None
@@ -438,7 +448,8 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                 with sessions.begin() as session:
                     session.execute(update(Series).where(Series.series_instance_uid == body.series_uid, Series.state == "receiving")
                                     .values(state="ignored", reason=f"POST /synthesize refused after {spooled} instance{'s' * (spooled != 1)}: {why}"))
-            audit.record(sessions, "synthesis-requested", "failure", caller.actor, series_uid=body.series_uid, reason=why, spooled=spooled)
+            audit.record(sessions, "synthesis-requested", "failure", caller.actor, series_uid=body.series_uid, reason=why, spooled=spooled,
+                         source=orthanc_at)
             return HTTPException(code, why)
 
         try:
@@ -482,8 +493,11 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         if job_id is None:
             with sessions() as session:
                 reason = session.get(Series, body.series_uid).reason  # type: ignore[union-attr]
+            audit.record(sessions, "synthesis-requested", "failure", caller.actor, series_uid=body.series_uid, reason=f"series not synthesized: {reason}",
+                         spooled=len(instances), source=orthanc_at)
             raise HTTPException(422, f"series not synthesized: {reason}")
         audit.record(sessions, "synthesis-requested", "success", caller.actor, series_uid=body.series_uid, job_id=job_id, instances=len(instances),
+                     source=orthanc_at,
                      refusals_lifted=lifted, set_aside=set_aside)
         return {"job_id": job_id, "series_uid": body.series_uid, "instances": len(instances), "set_aside": set_aside}
 
