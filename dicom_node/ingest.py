@@ -260,10 +260,10 @@ def validate(
             raise DatasetMismatch(f"Pixel Data holds {actual} bytes, {rows}x{cols}x{frames} at {bits} bits needs {expected}")
     check_nesting(ds)  # after the Pixel Data checks, which need the raw (unconverted) element
     told = component(ds) or ("", "")
-    weighting = contrast(ds)
+    mr_contrast = contrast(ds)
     return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation_label(orientation), patient_id,
                             image_type, position, frames, frame_positions, frame_set, told[0], told[1][:80],
-                            weighting[0], weighting[1][:160], (values.text(0x00180015) or "").upper()[:16])
+                            mr_contrast[0], mr_contrast[1][:160], (values.text(0x00180015) or "").upper()[:16])
 
 
 class Ingest:

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from synthesis import default_model_path
@@ -238,38 +238,26 @@ class Settings(BaseSettings):
             checked.append(_check_ae_title(title, "allowed_aes entry") + (f"@{host}" if host else ""))
         return checked
 
-    @field_validator("select_image_type_exclude")
+    @field_validator("select_image_type_exclude", "select_body_parts")
     @classmethod
-    def _check_image_types(cls, value: list[str]) -> list[str]:
-        """ImageType values are code strings: upper case letters, digits, space and underscore, at most 16 characters."""
+    def _check_code_strings(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        """ImageType and BodyPartExamined values are code strings: letters, digits, space and
+        underscore, at most 16 characters; upper case, each once."""
         bad = [v for v in value if not re.fullmatch(r"[A-Za-z0-9_ ]{1,16}", v)]
         if bad:
-            raise ValueError(f"{bad} are not ImageType values (code strings: letters, digits, space, underscore, at most 16)")
-        return [v.upper() for v in value]
-
-    @field_validator("select_complex_component_exclude")
-    @classmethod
-    def _check_components(cls, value: list[str]) -> list[str]:
-        bad = [v for v in value if v.upper() not in COMPONENTS]
-        if bad:
-            raise ValueError(f"{bad} are not complex components; known: {list(COMPONENTS)}")
-        return [v.upper() for v in value]
-
-    @field_validator("select_acquisition_contrasts")
-    @classmethod
-    def _check_contrasts(cls, value: list[str]) -> list[str]:
-        bad = [v for v in value if v.upper() not in CONTRASTS]
-        if bad:
-            raise ValueError(f"{bad} are not MR contrasts; known: {list(CONTRASTS)}")
+            what = "ImageType" if info.field_name == "select_image_type_exclude" else "BodyPartExamined"
+            raise ValueError(f"{bad} are not {what} values (code strings: letters, digits, space, underscore, at most 16)")
         return list(dict.fromkeys(v.upper() for v in value))
 
-    @field_validator("select_body_parts")
+    @field_validator("select_complex_component_exclude", "select_acquisition_contrasts")
     @classmethod
-    def _check_body_parts(cls, value: list[str]) -> list[str]:
-        """BodyPartExamined is a code string: letters, digits, space and underscore, at most 16 characters."""
-        bad = [v for v in value if not re.fullmatch(r"[A-Za-z0-9_ ]{1,16}", v)]
+    def _check_terms(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        """Defined terms, told in any case; upper case, each once."""
+        what, known = (("complex components", COMPONENTS) if info.field_name == "select_complex_component_exclude"
+                       else ("MR contrasts", CONTRASTS))
+        bad = [v for v in value if v.upper() not in known]
         if bad:
-            raise ValueError(f"{bad} are not BodyPartExamined values (code strings: letters, digits, space, underscore, at most 16)")
+            raise ValueError(f"{bad} are not {what}; known: {list(known)}")
         return list(dict.fromkeys(v.upper() for v in value))
 
     @field_validator("select_orientations")
