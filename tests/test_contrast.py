@@ -195,6 +195,11 @@ def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_
     told = {item["series_instance_uid"]: (item["contrast"], item["body_part"]) for item in listed}
     assert told == {t2.series_uid: ("T2", "HEAD"), flair.series_uid: ("FLUID_ATTENUATED", "HEAD"), unknown.series_uid: ("UNKNOWN", "HEAD"),
                     pelvis.series_uid: ("T1", "PELVIS")}  # what an administrator filtering the ignored series sees
+    metrics = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/metrics", headers=admin, timeout=60).text
+    assert {line for line in metrics.splitlines() if line.startswith("mr2ct_series_ignored{")} == {
+        'mr2ct_series_ignored{contrast="T2"} 1', 'mr2ct_series_ignored{contrast="FLUID_ATTENUATED"} 1',
+        'mr2ct_series_ignored{contrast="UNKNOWN"} 1', 'mr2ct_series_ignored{contrast="T1"} 1'}  # the pelvis: a T1
+    assert 'mr2ct_series{state="ignored"} 4' in metrics.splitlines()
     refused = httpx.post(url, json={"series_uid": flair.series_uid}, headers=admin, timeout=60)
     assert refused.status_code == 422 and "its MR contrast is FLUID_ATTENUATED" in refused.json()["detail"], refused.text
     with sessions() as session:  # the copy from Orthanc it made is audited, refused or not (sent to an audit repository as such)

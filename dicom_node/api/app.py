@@ -179,6 +179,9 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             refused = session.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.action == audit.INSTANCE_REFUSED))
             states = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
             waiting = session.scalar(select(func.count(func.distinct(RefusedInstance.series_instance_uid))))
+            series_states = dict(session.execute(select(Series.state, func.count()).group_by(Series.state)).all())
+            ignored_by_contrast = session.execute(select(Series.contrast, func.count()).where(Series.state == "ignored")
+                                                  .group_by(Series.contrast).order_by(Series.contrast)).all()
             finished = select(Job.seconds).where(Job.state == "done", Job.seconds.is_not(None)).subquery()
             buckets = session.execute(select(
                 func.count(), func.coalesce(func.sum(finished.c.seconds), 0.0),
@@ -192,6 +195,13 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             "# TYPE mr2ct_instances_refused_total counter", f"mr2ct_instances_refused_total {refused}",
             "# HELP mr2ct_series_awaiting_refused_instances Series set aside until instances of them that were refused arrive.",
             "# TYPE mr2ct_series_awaiting_refused_instances gauge", f"mr2ct_series_awaiting_refused_instances {waiting}",
+            "# HELP mr2ct_series Series the node holds, by state (ignored: not synthesized by the selection rules, with the reason).",
+            "# TYPE mr2ct_series gauge",
+            *(f'mr2ct_series{{state="{state}"}} {series_states.get(state, 0)}' for state in ("receiving", "stable", "ignored")),
+            # a protocol whose header stopped telling its contrast shows here as UNKNOWN rising, while no sCT comes of it
+            "# HELP mr2ct_series_ignored Ignored series by the MR contrast their first instance told (none: not read, e.g. not MR).",
+            "# TYPE mr2ct_series_ignored gauge",
+            *(f'mr2ct_series_ignored{{contrast="{contrast or "none"}"}} {count}' for contrast, count in ignored_by_contrast),
             "# HELP mr2ct_spool_instances Originals the spool holds (recorded, not deleted by spool retention).",
             "# TYPE mr2ct_spool_instances gauge", f"mr2ct_spool_instances {spool['instances']}",
             "# HELP mr2ct_spool_bytes Size of the originals the spool holds.", "# TYPE mr2ct_spool_bytes gauge", f"mr2ct_spool_bytes {spool['bytes']}",
