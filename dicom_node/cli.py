@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shlex
 import sys
@@ -42,7 +43,15 @@ class JsonLines(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def _logging(verbose: bool = False, log_format: str = "text") -> None:
+def _logging(verbose: bool = False, log_format: str | None = None) -> None:
+    """The root logger's level and format. ``log_format``: serve's setting; the other commands
+    (train, pull, evaluate, ...) take ``MR2CT_LOG_FORMAT`` (text by default), so a training job on a
+    cluster writes the same JSON lines as the node (until 2026-12-05 only serve could)."""
+    if log_format is None:
+        log_format = os.environ.get("MR2CT_LOG_FORMAT", "text").strip().lower() or "text"
+        if log_format not in ("text", "json"):
+            typer.echo(f"mr2ct: MR2CT_LOG_FORMAT must be text or json, got {log_format!r}", err=True)
+            raise typer.Exit(2)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",

@@ -194,8 +194,12 @@ def test_the_mr_pool_takes_the_contrast_asked_for_told_before_the_pixels_are_fet
     files = [f for series in made.values() for f in series.files]
     with _in_the_pacs(orthanc, files), dicomweb_proxy(orthanc) as (url, asked, _refused):
         default = subprocess.run([*MR2CT, "pull", "--url", url, "--cache", str(cache), "--modality", "MR", "--description", "^contrast "],
-                                 capture_output=True, text=True, timeout=300)
+                                 capture_output=True, text=True, timeout=300, env=dict(os.environ, MR2CT_LOG_FORMAT="json"))
         assert default.returncode == 0, default.stderr[-2000:]
+        # its log in the node's JSON lines, for a cluster's collector: each MR series not pulled, with why
+        logged = [json.loads(line) for line in default.stderr.splitlines() if line.startswith("{")]
+        assert sum("its MR contrast is" in entry["message"] for entry in logged) == 3, default.stderr[-2000:]
+        assert all(entry["logger"] and entry["level"] and entry["time"] for entry in logged)
         assert "fetched 1," in default.stdout and "not pulled 3 MR series of another contrast than T1" in default.stdout, default.stdout
         fetched = [path for path in asked if "/instances/" in path and not path.endswith("/metadata")
                    and any(made[name].series_uid in path for name in ("t2_tse", "t2_flair", "pd_tse"))]
@@ -210,6 +214,9 @@ def test_the_mr_pool_takes_the_contrast_asked_for_told_before_the_pixels_are_fet
     bad = subprocess.run([*MR2CT, "pull", "--url", url, "--cache", str(tmp_path / "other"), "--mr-contrast", "T3"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--mr-contrast ['T3'] is not an MR contrast" in bad.stderr, bad.stderr[-2000:]
+    bad_format = subprocess.run([*MR2CT, "pull", "--url", url, "--cache", str(tmp_path / "other")], capture_output=True, text=True,
+                                timeout=60, env=dict(os.environ, MR2CT_LOG_FORMAT="xml"))
+    assert bad_format.returncode == 2 and "MR2CT_LOG_FORMAT must be text or json, got 'xml'" in bad_format.stderr
 
 
 def test_a_3d_sagittal_mr_is_cached_as_the_axial_slices_the_node_would_synthesize(orthanc, tmp_path):
