@@ -233,7 +233,7 @@ def test_a_synthesis_request_refused_part_way_makes_no_job_of_the_part_it_spoole
         (audited,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "synthesis-requested", AuditEvent.outcome == "failure",
                                                            AuditEvent.series_instance_uid == series.series_uid)).all()
     assert jobs == []
-    assert audited.detail == {"reason": detail, "spooled": 3} and audited.actor == "api:pacs-admin"  # Orthanc lists in arrival order
+    assert audited.detail == {"reason": detail, "spooled": 3, "source": orthanc.url} and audited.actor == "api:pacs-admin"  # Orthanc lists in arrival order
     assert row.state == "ignored" and row.reason == f"POST /synthesize refused after 3 instances: {detail}"
     # the broken instance replaced in Orthanc by its whole self: asked again, the series is synthesized
     broken_id = httpx.post(f"{orthanc.url}/tools/lookup", content=str(broken.SOPInstanceUID), auth=orthanc.auth).json()[0]["ID"]
