@@ -29,8 +29,8 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
-from synthesis.errors import Mr2ctError, PacsUnavailable
 from synthesis.contrast import contrast, contrast_json
+from synthesis.errors import Mr2ctError, PacsUnavailable
 from synthesis.image_type import KINDS, component_json, component_kind, not_anatomy
 from synthesis.normalize import mr_to_unit
 from synthesis.progress import progress_bar
