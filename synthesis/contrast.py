@@ -62,12 +62,12 @@ UNASSIGNED_SHARED, UNASSIGNED_PER_FRAME = 0x00209170, 0x00209171
 REPETITION_TIME, ECHO_TIME, INVERSION_TIME, SCANNING_SEQUENCE = 0x00180080, 0x00180081, 0x00180082, 0x00180020
 EFFECTIVE_ECHO_TIME, INVERSION_TIMES, INVERSION_RECOVERY, ECHO_PULSE_SEQUENCE = 0x00189082, 0x00189079, 0x00189009, 0x00189008
 
-# (tag at the top level, (functional group item, tag in it)) for each timing value
-_WHERE: dict[str, tuple[int, tuple[int, int] | None]] = {
-    "tr": (REPETITION_TIME, (MR_TIMING, REPETITION_TIME)),
-    "te": (ECHO_TIME, (MR_ECHO, EFFECTIVE_ECHO_TIME)),
-    "ti": (INVERSION_TIME, (MR_MODIFIER, INVERSION_TIMES)),
-    "ir": (INVERSION_RECOVERY, (MR_MODIFIER, INVERSION_RECOVERY)),
+# (tag at the top level, functional group item, tag in it) for each timing value
+_WHERE: dict[str, tuple[int, int, int]] = {
+    "tr": (REPETITION_TIME, MR_TIMING, REPETITION_TIME),
+    "te": (ECHO_TIME, MR_ECHO, EFFECTIVE_ECHO_TIME),
+    "ti": (INVERSION_TIME, MR_MODIFIER, INVERSION_TIMES),
+    "ir": (INVERSION_RECOVERY, MR_MODIFIER, INVERSION_RECOVERY),
 }
 
 # ``look(tag, group)``: a value's text, upper case ('' when absent): at the top level when group
@@ -93,13 +93,14 @@ def decide(look: Look) -> tuple[str, str]:
         return framed[:24], "Acquisition Contrast (0008,9209) of the shared MR Image Frame Type"
 
     def timing(name: str) -> str:
-        top, (group, tag) = _WHERE[name][0], _WHERE[name][1]  # type: ignore[misc]
+        top, group, tag = _WHERE[name]
         return look(top, None) or look(tag, group)
 
     tr, te, ti = (_number(timing(name)) for name in ("tr", "te", "ti"))
+    ti = ti if ti is not None and ti > 0 else None  # an InversionTime of 0: a scanner's way of saying none
     scanning = look(SCANNING_SEQUENCE, None).split("\\")
     pulse = look(ECHO_PULSE_SEQUENCE, None)
-    inversion = "IR" in scanning or timing("ir") == "YES" or (ti is not None and ti > 0)
+    inversion = "IR" in scanning or timing("ir") == "YES" or ti is not None
     gradient = "GR" in scanning or pulse == "GRADIENT"
     said = ", ".join(part for part in (
         f"ScanningSequence {'/'.join(s for s in scanning if s)}" if any(scanning) else (f"EchoPulseSequence {pulse}" if pulse else ""),

@@ -38,6 +38,8 @@ PROTOCOLS = [
     ("GR", "28", "20", None, "T2_STAR"),  # SWI's magnitude
     ("SE", "1500", "45", None, "UNKNOWN"),  # between them
     ("SE\\IR", "2000", "10", "2000", "UNKNOWN"),  # an inversion recovery of no textbook contrast
+    ("SE\\IR", "6000", "70", "0", "UNKNOWN"),  # an inversion time of 0: none given, not a STIR
+    ("SE", "550", "12", "0", "T1"),  # GE writes InversionTime 0 for sequences without one
 ]
 
 
