@@ -453,7 +453,7 @@ def qa(
     try:
         result = run_qa(settings, node, calling_ae, seed=seed, slices=slices, size=size, pixel_spacing=pixel_spacing,
                         slice_spacing=slice_spacing, timeout=timeout, keep=keep, max_mae_hu=max_mae_hu, tls=tls,
-                        say=lambda line: typer.echo(line, err=True))
+                        say=lambda line: typer.echo(line, err=True), sessions=sessions)
     except (QaFailed, PacsUnavailable) as exc:
         audit.record(sessions, "qa-run", "failure", f"mr2ct qa {calling_ae}", node=node, reason=str(exc)[:500])
         typer.echo(f"mr2ct qa: {exc}", err=True)
@@ -463,7 +463,15 @@ def qa(
     tissues = ", ".join(f"{name} {value:g}" for name, value in result["mae_by_tissue"].items())
     typer.echo(f"sCT MAE {result['mae_hu']:g} HU inside the body (mean error {result['bias_hu']:+g} HU), {result['slices']} slices, "
                f"{result['seconds']:g} s in all; by tissue: {tissues}")
-    if not result["passed"]:
+    interlock = result.get("contrast_interlock") or {}
+    if interlock.get("refused"):
+        typer.echo(f"contrast interlock: the {interlock['contrast']} series was left unsynthesized, as it must be")
+    elif interlock.get("refused") is None and interlock:
+        typer.echo(f"contrast interlock: {interlock['node_said']}")
+    elif interlock.get("refused") is False:
+        typer.echo(f"mr2ct qa: FAILED: the node did not leave the {interlock['contrast']} interlock series unsynthesized "
+                   f"({interlock['node_said']})", err=True)
+    if max_mae_hu is not None and result["mae_hu"] > max_mae_hu:
         typer.echo(f"mr2ct qa: FAILED: MAE {result['mae_hu']:g} HU is above --max-mae-hu {max_mae_hu:g}", err=True)
     if json_output:
         typer.echo(json.dumps(result))

@@ -6,6 +6,8 @@ too. The whole path is exercised (DICOM, selection, the active model, the views,
 Orthanc), so a changed model, a wrong setting or a broken route shows as a changed figure or a
 failure, not in a patient's plan. Each run is an audit row (``qa-run``: the figures, pass or
 fail against ``--max-mae-hu``); the QA study is deleted from Orthanc afterwards unless kept.
+Beside it goes a small series of a contrast the node must not synthesize (FLAIR by default): the run
+fails if the node makes an sCT of it (``run_qa``'s contrast interlock).
 """
 
 from __future__ import annotations
@@ -120,10 +122,67 @@ def _sct_volume(store: OrthancStore, instance_ids: list[str], positions: list[np
     return np.stack([found[i] for i in range(len(positions))])
 
 
+# An interlock series: (contrast, ScanningSequence, TR, TE, TI) of a contrast the node must leave
+# unsynthesized, the first of these its select_acquisition_contrasts does not take
+INTERLOCK_TIMINGS = (("FLUID_ATTENUATED", "SE\\IR", "9000", "90", "2500"), ("T2", "SE", "4000", "100", None),
+                     ("PROTON_DENSITY", "SE", "3000", "15", None))
+
+
+def interlock_contrast(settings: Settings) -> tuple[str, str, str, str, str | None] | None:
+    """The timing of the interlock series the QA sends beside the T1 one; None when the node takes
+    every contrast (nothing to check)."""
+    selected = settings.select_acquisition_contrasts
+    return next((t for t in INTERLOCK_TIMINGS if selected and t[0] not in selected), None)
+
+
+def _write_interlock(folder: Path, timing: tuple[str, str, str, str, str | None], seed: int) -> Any:
+    """Four small slices of the phantom head whose header says ``timing``'s contrast, in a study of
+    their own (an sCT the node wrongly made of them is never taken for the QA's)."""
+    from training.phantom_dicom import write_mr_series
+
+    series = write_mr_series(folder, seed=seed, slices=4, size=64, pixel_spacing=4.0, slice_spacing=8.0, patient_name=QA_PATIENT_NAME,
+                             patient_id=QA_PATIENT_ID, series_description=f"mr2ct QA interlock {timing[0]}",
+                             uid_key=f"-qa-interlock-{time.time_ns()}")
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        ds.ScanningSequence, ds.RepetitionTime, ds.EchoTime = timing[1], timing[2], timing[3]
+        if timing[4]:
+            ds.InversionTime = timing[4]
+        ds.save_as(path)
+    return series
+
+
+def check_interlock(sessions: Any, series_uid: str, contrast: str, timeout: float) -> dict[str, Any]:
+    """Whether the node left the interlock series unsynthesized for its contrast (the series
+    recorded ignored with that reason, no job made of it), waiting up to ``timeout`` s for it to be
+    complete."""
+    from sqlalchemy import select
+
+    from dicom_node.models import Job, Series
+
+    deadline = time.monotonic() + timeout
+    while True:  # until the node decided; a job wrongly made is waited for too, so that its sCT is in Orthanc to delete
+        with sessions() as session:
+            row = session.get(Series, series_uid)
+            states = dict(session.execute(select(Job.id, Job.state).where(Job.series_instance_uid == series_uid)).all())
+        jobs = sorted(states)
+        running = any(state in ("queued", "running") for state in states.values())
+        if (row is not None and row.state != "receiving" and not running) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    refused = row is not None and row.state == "ignored" and not jobs and (row.reason or "").startswith("its MR contrast is")
+    what = ("never recorded" if row is None else f"{row.state}, job {jobs[0]}" if jobs else f"{row.state}: {row.reason or ''}")
+    return {"contrast": contrast, "series_uid": series_uid, "refused": refused, "node_said": what[:300]}
+
+
 def run_qa(settings: Settings, node: str, calling_ae: str, *, seed: int = 424_242, slices: int = 16, size: int = 256,
            pixel_spacing: float = 1.0, slice_spacing: float = 4.0, timeout: float = 900.0, keep: bool = False,
-           max_mae_hu: float | None = None, tls: bool = False, say: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
-    """One QA run (see the module's doc); the figures, with ``passed`` against ``max_mae_hu``."""
+           max_mae_hu: float | None = None, tls: bool = False, say: Callable[[str], None] = lambda _: None,
+           sessions: Any = None) -> dict[str, Any]:
+    """One QA run (see the module's doc); the figures, with ``passed`` against ``max_mae_hu``. With
+    the node's database (``sessions``), the contrast interlock too: a small series of a contrast the
+    node does not select goes in the same association, and the run passes only if the node left it
+    unsynthesized (``contrast_interlock``; as a linac's interlocks are checked each morning)."""
     from training.phantom_dicom import write_mr_series
 
     password = settings.orthanc_password.get_secret_value() if settings.orthanc_password else None
@@ -138,22 +197,32 @@ def run_qa(settings: Settings, node: str, calling_ae: str, *, seed: int = 424_24
         row, column = np.asarray(first.ImageOrientationPatient[:3], float), np.asarray(first.ImageOrientationPatient[3:], float)
         normal = np.cross(row, column)
         positions = [np.asarray(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient, float) for p in phantom.files]
-        say(f"sending the QA phantom ({slices} slices, {size}x{size} at {pixel_spacing:g} mm) to {node} as {calling_ae}")
+        timing = interlock_contrast(settings) if sessions is not None else None
+        interlock = _write_interlock(Path(folder) / "interlock", timing, seed) if timing else None
+        files = phantom.files + (interlock.files if interlock else [])
+        say(f"sending the QA phantom ({slices} slices, {size}x{size} at {pixel_spacing:g} mm)"
+            + (f" and a {timing[0]} interlock series" if timing else "") + f" to {node} as {calling_ae}")
         if tls:
             from dicom_node.service import client_tls_context
 
-            send(phantom.files, node, calling_ae, ssl_context=client_tls_context(settings))
+            send(files, node, calling_ae, ssl_context=client_tls_context(settings))
         else:
-            send(phantom.files, node, calling_ae)
+            send(files, node, calling_ae)
     say("waiting for its sCT in Orthanc")
     series_id, instance_ids = wait_for_sct(store, phantom.study_uid, slices, timeout)
     sct = _sct_volume(store, instance_ids, positions, normal, slice_spacing)
     result = score(sct, phantom.ct_hu, phantom.labels)
     ct_uid = str(store.client.get(f"series/{series_id}").json().get("MainDicomTags", {}).get("SeriesInstanceUID", ""))
+    if interlock is not None and timing is not None:
+        result["contrast_interlock"] = check_interlock(sessions, interlock.series_uid, timing[0], settings.stable_seconds * 3 + 60)
+    elif sessions is not None:
+        result["contrast_interlock"] = {"refused": None, "node_said": "not checked: select_acquisition_contrasts takes every contrast"}
+    interlock_held = (result.get("contrast_interlock") or {}).get("refused") is not False
     result.update(seconds=round(time.perf_counter() - started, 1), slices=slices, study_uid=phantom.study_uid, ct_series_uid=ct_uid,
-                  node=node, max_mae_hu=max_mae_hu, passed=max_mae_hu is None or result["mae_hu"] <= max_mae_hu)
-    if not keep:
-        study_id = store.study_id(phantom.study_uid)
-        if study_id is not None:
-            store.client.delete(f"studies/{study_id}")
+                  node=node, max_mae_hu=max_mae_hu, passed=(max_mae_hu is None or result["mae_hu"] <= max_mae_hu) and interlock_held)
+    if not keep:  # the QA study, and the interlock's where anything of it reached Orthanc (routed, or wrongly synthesized)
+        for study_uid in [phantom.study_uid] + ([interlock.study_uid] if interlock is not None else []):
+            study_id = store.study_id(study_uid)
+            if study_id is not None:
+                store.client.delete(f"studies/{study_id}")
     return result

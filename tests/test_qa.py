@@ -39,6 +39,9 @@ def test_qa_scores_the_sct_of_a_phantom_sent_through_the_node(tmp_path):
             assert 20 < figures["mae_hu"] < 400 and figures["passed"] and figures["body_pixels"] > 10_000, figures
             assert {"cortical bone", "white matter", "csf"} <= set(figures["mae_by_tissue"])
             assert figures["mae_by_tissue"]["white matter"] < figures["mae_by_tissue"]["cortical bone"]
+            # the interlock beside it: a FLAIR series the node must not synthesize, and did not
+            assert figures["contrast_interlock"]["contrast"] == "FLUID_ATTENUATED" and figures["contrast_interlock"]["refused"] is True
+            assert "contrast interlock: the FLUID_ATTENUATED series was left unsynthesized" in good.stdout
             assert orthanc.get("/studies") == [], "the QA study was left in Orthanc"
             strict = qa("--max-mae-hu", "1")
             assert strict.returncode == 1 and "above --max-mae-hu 1" in strict.stderr, strict.stderr
@@ -51,6 +54,30 @@ def test_qa_scores_the_sct_of_a_phantom_sent_through_the_node(tmp_path):
             auditor = {"Authorization": f"Bearer {api_token(env['MR2CT_DATABASE_URL'], 'auditor', 'qa')}"}
             metrics = httpx.get(f"http://127.0.0.1:{env['MR2CT_API_PORT']}/metrics", headers=auditor, timeout=10).text.splitlines()
             assert "mr2ct_qa_passed 0" in metrics and f"mr2ct_qa_mae_hu {figures['mae_hu']:g}" in metrics, metrics
+
+
+def test_qa_fails_when_the_node_synthesizes_the_contrast_it_must_leave(tmp_path):
+    """The contrast interlock: a node that makes an sCT of a FLAIR series (here configured to, as a
+    node from before 2026-12-05 did whatever its configuration) fails the QA, whatever the T1's MAE;
+    the sCT it made of the interlock series leaves Orthanc with the QA's."""
+    node_port = free_port()
+    with OrthancServer(tmp_path / "orthanc", free_port(), free_port()) as orthanc:
+        env = node_env(tmp_path / "node", node_port, orthanc)
+        env["MR2CT_ALLOWED_AES"] = f"{SCANNER_AE},MR2CT_QA"
+        run_env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")} | env  # the QA expects the default: T1 only
+        env["MR2CT_SELECT_ACQUISITION_CONTRASTS"] = "T1,FLUID_ATTENUATED"
+        with NodeServer(tmp_path / "node", env, node_port) as node:
+            result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "qa", "--node", f"{NODE_AE}@127.0.0.1:{node.port}",
+                                     "--slices", "4", "--size", "64", "--pixel-spacing", "4", "--timeout", "180", "--json"],
+                                    capture_output=True, text=True, env=run_env, timeout=300)
+            assert result.returncode == 1, result.stdout + result.stderr
+            assert "FAILED: the node did not leave the FLUID_ATTENUATED interlock series unsynthesized" in result.stderr, result.stderr
+            figures = json.loads(result.stdout.strip().splitlines()[-1])
+            assert figures["contrast_interlock"]["refused"] is False and not figures["passed"]
+            assert orthanc.get("/studies") == [], "the interlock's sCT was left in Orthanc"
+            with init_db(env["MR2CT_DATABASE_URL"])() as session:
+                (run,) = session.query(AuditEvent).filter(AuditEvent.action == "qa-run").all()
+            assert run.outcome == "failure" and run.detail["contrast_interlock"]["refused"] is False
 
 
 def test_qa_speaks_dicom_over_tls_to_a_node_that_asks_for_it(tmp_path):
