@@ -140,16 +140,9 @@ def _write_interlock(folder: Path, timing: tuple[str, str, str, str, str | None]
     their own (an sCT the node wrongly made of them is never taken for the QA's)."""
     from training.phantom_dicom import write_mr_series
 
-    series = write_mr_series(folder, seed=seed, slices=4, size=64, pixel_spacing=4.0, slice_spacing=8.0, patient_name=QA_PATIENT_NAME,
-                             patient_id=QA_PATIENT_ID, series_description=f"mr2ct QA interlock {timing[0]}",
-                             uid_key=f"-qa-interlock-{time.time_ns()}")
-    for path in series.files:
-        ds = pydicom.dcmread(path)
-        ds.ScanningSequence, ds.RepetitionTime, ds.EchoTime = timing[1], timing[2], timing[3]
-        if timing[4]:
-            ds.InversionTime = timing[4]
-        ds.save_as(path)
-    return series
+    return write_mr_series(folder, seed=seed, slices=4, size=64, pixel_spacing=4.0, slice_spacing=8.0, patient_name=QA_PATIENT_NAME,
+                           patient_id=QA_PATIENT_ID, series_description=f"mr2ct QA interlock {timing[0]}",
+                           uid_key=f"-qa-interlock-{time.time_ns()}", mr_timing=timing[1:])
 
 
 def check_interlock(sessions: Any, series_uid: str, contrast: str, timeout: float) -> dict[str, Any]:

@@ -183,13 +183,7 @@ def test_the_mr_pool_takes_the_contrast_asked_for_told_before_the_pixels_are_fet
     for name, seed, timing in (("t1_se", 90, None), ("t2_tse", 91, ("SE", "4000", "100", None)),
                                ("t2_flair", 92, ("SE\\IR", "9000", "90", "2500")), ("pd_tse", 93, ("SE", "3000", "15", None))):
         made[name] = write_mr_series(tmp_path / name, seed=seed, slices=3, size=32, pixel_spacing=8.0, patient_id="PHCON01",
-                                     series_description=f"contrast {name}")
-        for path in made[name].files if timing else ():
-            ds = pydicom.dcmread(path)
-            ds.ScanningSequence, ds.RepetitionTime, ds.EchoTime = timing[:3]
-            if timing[3]:
-                ds.InversionTime = timing[3]
-            ds.save_as(path)
+                                     series_description=f"contrast {name}", **({"mr_timing": timing} if timing else {}))
     cache = tmp_path / "cache"
     files = [f for series in made.values() for f in series.files]
     with _in_the_pacs(orthanc, files), dicomweb_proxy(orthanc) as (url, asked, _refused):

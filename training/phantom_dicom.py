@@ -35,6 +35,10 @@ class PhantomSeries:
     patient_id: str
 
 
+# (ScanningSequence, RepetitionTime, EchoTime, InversionTime) of a spoiled gradient-echo T1, what the phantom MR says
+T1_TIMING: tuple[str, str, str, str | None] = ("GR", "500", "10", None)
+
+
 def write_mr_series(
     folder: Path,
     *,
@@ -52,10 +56,13 @@ def write_mr_series(
     modality: str = "MR",
     study_uid: str | None = None,
     uid_key: str = "",
+    mr_timing: tuple[str, str, str, str | None] = T1_TIMING,
 ) -> PhantomSeries:
     """Render one phantom head as a T1 MR (or, with ``modality="CT"``, a CT in HU) series of
     single-frame instances in ``folder``. Its UIDs follow from its parameters (the same call, the
-    same UIDs), and ``uid_key``: another key, other UIDs for the same anatomy."""
+    same UIDs), and ``uid_key``: another key, other UIDs for the same anatomy. ``mr_timing``: the
+    (ScanningSequence, RepetitionTime, EchoTime, InversionTime or None) its header says, which is
+    what tells the node its contrast (synthesis.contrast); the pixels stay T1-weighted whatever it says."""
     if modality not in ("MR", "CT"):
         raise ValueError(f"modality must be MR or CT, got {modality!r}")
     folder = Path(folder)
@@ -101,8 +108,10 @@ def write_mr_series(
         ds.InstanceNumber = int(order[i]) + 1
         if modality == "MR":
             ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
-            ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "GR", "SP", "", "2D"
-            ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = "500", "10", "1"
+            ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = mr_timing[0], "SP", "", "2D"
+            ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = mr_timing[1], mr_timing[2], "1"
+            if mr_timing[3]:
+                ds.InversionTime = mr_timing[3]
             ds.MagneticFieldStrength = "3"
         else:
             ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
