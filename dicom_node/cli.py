@@ -487,13 +487,23 @@ def sample_mr(
     size: Annotated[int, typer.Option(min=16, max=1024)] = 256,
     pixel_spacing: Annotated[float, typer.Option(min=0.05, max=50.0, help="mm")] = 1.0,
     slice_spacing: Annotated[float, typer.Option(min=0.05, max=100.0, help="mm")] = 4.0,
+    contrast: Annotated[str, typer.Option(help="the contrast its header says by a textbook protocol's TR, TE and TI (T1, T2, "
+                                               "FLUID_ATTENUATED, PROTON_DENSITY, STIR, T2_STAR): a series to check the node's "
+                                               "select_acquisition_contrasts with; the pixels stay the phantom's T1")] = "T1",
 ) -> None:
-    """Write a phantom T1 head MR series (what a scanner would send)."""
+    """Write a phantom head MR series (what a scanner would send): T1, or a header of another contrast."""
+    from synthesis.contrast import EXAMPLE_TIMINGS
     from training.phantom_dicom import write_mr_series
 
+    told = contrast.strip().upper()
+    if told not in EXAMPLE_TIMINGS:
+        typer.echo(f"mr2ct: --contrast {contrast!r} is none of {', '.join(EXAMPLE_TIMINGS)}", err=True)
+        raise typer.Exit(2)
     _output_folder("--out", out)
-    series = write_mr_series(out, seed=seed, slices=slices, size=size, pixel_spacing=pixel_spacing, slice_spacing=slice_spacing)
-    typer.echo(f"{len(series.files)} MR instances in {out} (series {series.series_uid})")
+    series = write_mr_series(out, seed=seed, slices=slices, size=size, pixel_spacing=pixel_spacing, slice_spacing=slice_spacing,
+                             mr_timing=EXAMPLE_TIMINGS[told], **({} if told == "T1" else {"uid_key": f"-{told}",
+                                                                                         "series_description": f"{told} (phantom)"}))
+    typer.echo(f"{len(series.files)} MR instances in {out} (series {series.series_uid}{'' if told == 'T1' else f', header {told}'})")
 
 
 @app.command()

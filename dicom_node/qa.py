@@ -122,17 +122,19 @@ def _sct_volume(store: OrthancStore, instance_ids: list[str], positions: list[np
     return np.stack([found[i] for i in range(len(positions))])
 
 
-# An interlock series: (contrast, ScanningSequence, TR, TE, TI) of a contrast the node must leave
-# unsynthesized, the first of these its select_acquisition_contrasts does not take
-INTERLOCK_TIMINGS = (("FLUID_ATTENUATED", "SE\\IR", "9000", "90", "2500"), ("T2", "SE", "4000", "100", None),
-                     ("PROTON_DENSITY", "SE", "3000", "15", None))
+# An interlock series is of a contrast the node must leave unsynthesized: the first of these its
+# select_acquisition_contrasts does not take
+INTERLOCK_CONTRASTS = ("FLUID_ATTENUATED", "T2", "PROTON_DENSITY")
 
 
 def interlock_contrast(settings: Settings) -> tuple[str, str, str, str, str | None] | None:
-    """The timing of the interlock series the QA sends beside the T1 one; None when the node takes
-    every contrast (nothing to check)."""
+    """(contrast, and its textbook timing) of the interlock series the QA sends beside the T1 one;
+    None when the node takes every contrast (nothing to check)."""
+    from synthesis.contrast import EXAMPLE_TIMINGS
+
     selected = settings.select_acquisition_contrasts
-    return next((t for t in INTERLOCK_TIMINGS if selected and t[0] not in selected), None)
+    chosen = next((c for c in INTERLOCK_CONTRASTS if selected and c not in selected), None)
+    return (chosen, *EXAMPLE_TIMINGS[chosen]) if chosen else None
 
 
 def _write_interlock(folder: Path, timing: tuple[str, str, str, str, str | None], seed: int) -> Any:

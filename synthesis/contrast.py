@@ -48,6 +48,12 @@ CONTRASTS: tuple[str, ...] = ("T1", "T2", "T2_STAR", "PROTON_DENSITY", "FLUID_AT
                               "FLOW_ENCODED", "TAGGING", "TOF", "MIXED", "UNKNOWN")
 # what the shipped model, and every model trained on the phantom cohort, was trained on
 DEFAULT_SELECTED: tuple[str, ...] = (T1,)
+# (ScanningSequence, RepetitionTime, EchoTime, InversionTime or None) of a textbook protocol of each
+# contrast the rule tells by timing: what `mr2ct sample-mr --contrast` and the QA's interlock write
+EXAMPLE_TIMINGS: dict[str, tuple[str, str, str, str | None]] = {
+    T1: ("GR", "500", "10", None), T2: ("SE", "4000", "100", None), FLAIR: ("SE\\IR", "9000", "90", "2500"),
+    PD: ("SE", "3000", "15", None), STIR: ("SE\\IR", "6000", "70", "150"), T2_STAR: ("GR", "28", "20", None),
+}
 # BodyPartExamined (0018,0015) values of a head, the only anatomy the phantom cohort has (UNKNOWN:
 # the instance does not say, which many scanners' head exams do not): an MR-only prostate
 # series sent to a head model makes an sCT of a pelvis read as a skull

@@ -115,6 +115,27 @@ def test_a_legacy_converted_image_gives_the_timing_among_its_unassigned_converte
         assert contrast_json(image.to_json_dict())[0] == expected
 
 
+def test_each_example_protocol_reads_as_its_contrast_and_sample_mr_writes_it(tmp_path):
+    """What `mr2ct sample-mr --contrast` (a series for an administrator to check the node's rule
+    with) and the QA's interlock write is read back as the contrast asked for."""
+    import subprocess
+    import sys
+
+    from synthesis.contrast import EXAMPLE_TIMINGS
+
+    for told, timing in EXAMPLE_TIMINGS.items():
+        series = write_mr_series(tmp_path / told, seed=418, slices=1, size=16, pixel_spacing=8.0, mr_timing=timing)
+        assert contrast(pydicom.dcmread(series.files[0]))[0] == told
+    made = subprocess.run([sys.executable, "-m", "dicom_node.cli", "sample-mr", "--out", str(tmp_path / "flair"), "--slices", "2",
+                           "--size", "32", "--pixel-spacing", "6", "--contrast", "fluid_attenuated"], capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0 and "header FLUID_ATTENUATED" in made.stdout, made.stderr[-2000:]
+    files = sorted((tmp_path / "flair").glob("*.dcm"))
+    assert len(files) == 2 and contrast(pydicom.dcmread(files[0]))[0] == "FLUID_ATTENUATED"
+    bad = subprocess.run([sys.executable, "-m", "dicom_node.cli", "sample-mr", "--out", str(tmp_path / "bad"), "--contrast", "T3"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--contrast 'T3' is none of T1, T2" in bad.stderr, bad.stderr[-2000:]
+
+
 def test_the_rule_is_the_sites_to_widen_and_a_wrong_value_names_the_key():
     t2 = Series(modality="MR", series_description="", instance_count=20, orientation="axial", contrast="T2",
                 contrast_source="ScanningSequence SE, TR 4000 ms, TE 100 ms: long TE")

@@ -11,6 +11,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from synthesis.contrast import EXAMPLE_TIMINGS
 from training import phantoms
 
 UID_PREFIX = "1.2.826.0.1.3680043.8.498."
@@ -35,10 +36,6 @@ class PhantomSeries:
     patient_id: str
 
 
-# (ScanningSequence, RepetitionTime, EchoTime, InversionTime) of a spoiled gradient-echo T1, what the phantom MR says
-T1_TIMING: tuple[str, str, str, str | None] = ("GR", "500", "10", None)
-
-
 def write_mr_series(
     folder: Path,
     *,
@@ -56,7 +53,7 @@ def write_mr_series(
     modality: str = "MR",
     study_uid: str | None = None,
     uid_key: str = "",
-    mr_timing: tuple[str, str, str, str | None] = T1_TIMING,
+    mr_timing: tuple[str, str, str, str | None] = EXAMPLE_TIMINGS["T1"],
 ) -> PhantomSeries:
     """Render one phantom head as a T1 MR (or, with ``modality="CT"``, a CT in HU) series of
     single-frame instances in ``folder``. Its UIDs follow from its parameters (the same call, the
