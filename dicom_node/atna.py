@@ -57,7 +57,6 @@ INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
 QUERY = ("110112", "Query")
 SECURITY_ALERT = ("110113", "Security Alert")
 USER_AUTHENTICATION = ("110114", "User Authentication")
-SYNTHESIS_REQUESTED = "synthesis-requested"  # the audit row of POST /synthesize
 APPLICATION_START = ("110120", "Application Start")
 APPLICATION_STOP = ("110121", "Application Stop")
 LOGIN = ("110122", "Login")
@@ -83,7 +82,7 @@ EVENTS: dict[str, tuple[tuple[str, str], tuple[str, str] | None, str]] = {
     "results-delivered": (INSTANCES_TRANSFERRED, None, "C"),  # an sCT and its SR Orthanc sent on at the node's request (deliver_to)
     "results-delivery-given-up": (INSTANCES_TRANSFERRED, None, "C"),
     # a user had the node read a series from Orthanc (POST /synthesize, Orthanc's button): until 2026-12-05 not sent
-    SYNTHESIS_REQUESTED: (INSTANCES_TRANSFERRED, None, "C"),
+    audit.SYNTHESIS_REQUESTED: (INSTANCES_TRANSFERRED, None, "C"),
     audit.JOB_FINISHED: (INSTANCES_ACCESSED, None, "C"),  # derived instances created from the MR
     audit.JOB_FAILED: (INSTANCES_ACCESSED, None, "C"),
     SPOOL_PURGED: (INSTANCES_ACCESSED, None, "D"),
@@ -205,7 +204,7 @@ def message(row: AuditEvent, source: Source, subjects: Iterable[Subject] = ()) -
         # a DICOM peer stored to the node
         parts.append(_participant(user, True, role=SOURCE, access_point=address, access_point_type=address_type))
         parts.append(_participant(source.ae_title, False, role=DESTINATION, **own))
-    elif row.action == SYNTHESIS_REQUESTED:
+    elif row.action == audit.SYNTHESIS_REQUESTED:
         # a user (the requestor) had the node copy a series from Orthanc (the source) into its spool
         origin = str(detail.get("source") or "Orthanc")
         parts.append(_participant(user, True, access_point=address, access_point_type=address_type))

@@ -17,6 +17,7 @@ SECURITY_ALERT = "security-alert"
 INSTANCES_TRANSFERRED = "dicom-instances-transferred"
 INSTANCE_REFUSED = "dicom-instance-refused"
 ROUTING_GIVEN_UP = "routing-given-up"
+SYNTHESIS_REQUESTED = "synthesis-requested"  # a user had the node copy a series from Orthanc (POST /synthesize)
 SERIES_STABLE = "series-stable"
 JOB_STARTED = "job-started"
 JOB_FINISHED = "job-finished"

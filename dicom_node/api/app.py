@@ -458,7 +458,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                 with sessions.begin() as session:
                     session.execute(update(Series).where(Series.series_instance_uid == body.series_uid, Series.state == "receiving")
                                     .values(state="ignored", reason=f"POST /synthesize refused after {spooled} instance{'s' * (spooled != 1)}: {why}"))
-            audit.record(sessions, "synthesis-requested", "failure", caller.actor, series_uid=body.series_uid, reason=why, spooled=spooled,
+            audit.record(sessions, audit.SYNTHESIS_REQUESTED, "failure", caller.actor, series_uid=body.series_uid, reason=why, spooled=spooled,
                          source=orthanc_at)
             return HTTPException(code, why)
 
@@ -503,10 +503,10 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         if job_id is None:
             with sessions() as session:
                 reason = session.get(Series, body.series_uid).reason  # type: ignore[union-attr]
-            audit.record(sessions, "synthesis-requested", "failure", caller.actor, series_uid=body.series_uid, reason=f"series not synthesized: {reason}",
+            audit.record(sessions, audit.SYNTHESIS_REQUESTED, "failure", caller.actor, series_uid=body.series_uid, reason=f"series not synthesized: {reason}",
                          spooled=len(instances), source=orthanc_at)
             raise HTTPException(422, f"series not synthesized: {reason}")
-        audit.record(sessions, "synthesis-requested", "success", caller.actor, series_uid=body.series_uid, job_id=job_id, instances=len(instances),
+        audit.record(sessions, audit.SYNTHESIS_REQUESTED, "success", caller.actor, series_uid=body.series_uid, job_id=job_id, instances=len(instances),
                      source=orthanc_at,
                      refusals_lifted=lifted, set_aside=set_aside)
         return {"job_id": job_id, "series_uid": body.series_uid, "instances": len(instances), "set_aside": set_aside}
