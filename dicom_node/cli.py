@@ -490,8 +490,11 @@ def sample_mr(
     contrast: Annotated[str, typer.Option(help="the contrast its header says by a textbook protocol's TR, TE and TI (T1, T2, "
                                                "FLUID_ATTENUATED, PROTON_DENSITY, STIR, T2_STAR): a series to check the node's "
                                                "select_acquisition_contrasts with; the pixels stay the phantom's T1")] = "T1",
+    contrast_agent: Annotated[Optional[str], typer.Option(help="an agent's name (e.g. GADOBUTROL) its header says was given: a "
+                                                          "post-contrast series to check the node's select_contrast_agent with; "
+                                                          "the pixels stay unenhanced")] = None,
 ) -> None:
-    """Write a phantom head MR series (what a scanner would send): T1, or a header of another contrast."""
+    """Write a phantom head MR series (what a scanner would send): T1, or a header of another contrast or a contrast agent."""
     from synthesis.contrast import EXAMPLE_TIMINGS
     from training.phantom_dicom import write_mr_series
 
@@ -499,11 +502,16 @@ def sample_mr(
     if told not in EXAMPLE_TIMINGS:
         typer.echo(f"mr2ct: --contrast {contrast!r} is none of {', '.join(EXAMPLE_TIMINGS)}", err=True)
         raise typer.Exit(2)
+    agent = (contrast_agent or "").strip()
+    if contrast_agent is not None and not re.fullmatch(r"[^\\\x00-\x1f]{1,64}", agent):
+        typer.echo(f"mr2ct: --contrast-agent {contrast_agent!r} is no agent's name (1-64 characters, no backslash)", err=True)
+        raise typer.Exit(2)
     _output_folder("--out", out)
+    label = f"{told} + {agent}" if agent else ("" if told == "T1" else told)
     series = write_mr_series(out, seed=seed, slices=slices, size=size, pixel_spacing=pixel_spacing, slice_spacing=slice_spacing,
-                             mr_timing=EXAMPLE_TIMINGS[told], **({} if told == "T1" else {"uid_key": f"-{told}",
-                                                                                         "series_description": f"{told} (phantom)"}))
-    typer.echo(f"{len(series.files)} MR instances in {out} (series {series.series_uid}{'' if told == 'T1' else f', header {told}'})")
+                             mr_timing=EXAMPLE_TIMINGS[told], contrast_agent=agent or None,
+                             **({"uid_key": f"-{label}", "series_description": f"{label} (phantom)"} if label else {}))
+    typer.echo(f"{len(series.files)} MR instances in {out} (series {series.series_uid}{f', header {label}' if label else ''})")
 
 
 @app.command()
@@ -897,9 +905,12 @@ def pull(
     attempts: PacsAttempts = 5,
     mr_contrast: Annotated[list[str], typer.Option(help="MR contrasts to pull, told by each series' header as the node tells them "
                                                    "(repeat the option; ANY: all): a T1 model's pool should hold T1 heads only")] = ["T1"],
+    mr_contrast_agent: Annotated[str, typer.Option(help="MR series to pull by whether their header says a contrast agent was given, "
+                                                   "as the node tells it: without, with or any (the card's mr_contrast_agents, which "
+                                                   "the node's select_contrast_agent is checked against)")] = "without",
 ) -> None:
     """Pull unpaired MR and CT series from a DICOMweb PACS into a local dataset cache (resumable)."""
-    from synthesis.contrast import CONTRASTS
+    from synthesis.contrast import AGENT_CHOICES, CONTRASTS
     from synthesis.errors import PacsUnavailable
     from training.pacs_pull import DatasetCache, PullFilter, pull as run_pull
 
@@ -917,14 +928,22 @@ def pull(
     if unknown:
         typer.echo(f"mr2ct: --mr-contrast {unknown} is not an MR contrast; known: {', '.join(CONTRASTS)} or ANY", err=True)
         raise typer.Exit(2)
+    agents = AGENT_CHOICES.get(mr_contrast_agent.strip().lower())
+    if agents is None:
+        typer.echo(f"mr2ct: --mr-contrast-agent {mr_contrast_agent!r} is none of {', '.join(AGENT_CHOICES)}", err=True)
+        raise typer.Exit(2)
+    agents = () if mr_contrast_agent.strip().lower() == "any" else agents
     _output_folder("--cache", cache)
-    filters = [PullFilter(m, body_part, description, date_from, date_to, limit, contrasts if m == "MR" else ()) for m in modality]
+    filters = [PullFilter(m, body_part, description, date_from, date_to, limit, contrasts if m == "MR" else (), agents if m == "MR" else ())
+               for m in modality]
     try:
         counts = run_pull(url, cache, filters, username=username, password=password, validation_fraction=validation_fraction,
                          attempts=attempts)
     except PacsUnavailable as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
+    enhanced = (f", {counts['contrast_agent']} MR series {'with' if agents == ('WITHOUT',) else 'without'} a contrast agent "
+                f"(--mr-contrast-agent {mr_contrast_agent.strip().lower()})") if agents else ""
     refreshed = (f", fetched again {counts['refreshed']} that an earlier pull cached in their acquired plane (now the axial slices "
                  "the node synthesizes)") if counts["refreshed"] else ""
     typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']}{refreshed}, left out "
@@ -934,7 +953,7 @@ def pull(
                f"angles, not tissue), {counts['complex']} of real or imaginary images (the same, R, I) and {counts['unusable']} that "
                "make no volume "
                f"(reasons in {cache / 'left_out.jsonl'}); not pulled {counts['contrast']} MR series of another contrast than "
-               f"{', '.join(contrasts) or 'any'} (--mr-contrast; in the log) -> {cache}")
+               f"{', '.join(contrasts) or 'any'} (--mr-contrast; in the log){enhanced} -> {cache}")
     still = len(DatasetCache(cache).outdated())
     if still:  # cached by an earlier mr2ct, not matched by this pull's filters
         typer.echo(f"{still} series in the cache are still in their acquired plane (3D sagittal or coronal, cached before "

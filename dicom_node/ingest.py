@@ -22,7 +22,7 @@ from dicom_node.db import notify_job_queued
 from dicom_node.models import Instance, Job, RefusedInstance, Series, utcnow
 from dicom_node.recorder import Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
-from synthesis.contrast import DEFAULT_BODY_PARTS, DEFAULT_SELECTED, UNKNOWN, contrast
+from synthesis.contrast import AGENT_CHOICES, DEFAULT_AGENT, DEFAULT_BODY_PARTS, DEFAULT_SELECTED, UNKNOWN, WITH, contrast, contrast_agent
 from synthesis.errors import InvalidInstance, SeriesNotUsable
 from synthesis.image_type import NOT_ANATOMY, NOT_ANATOMY_COMPONENTS, WHAT, component, component_kind, not_anatomy, values
 from synthesis.volume import frame_geometry, orientation_label
@@ -60,6 +60,8 @@ class ReceivedInstance:
     contrast: str = ""  # an MR image's contrast (synthesis.contrast: T1, T2, FLUID_ATTENUATED...), and what told it
     contrast_source: str = ""
     body_part: str = ""  # BodyPartExamined as sent, upper case ('' when absent)
+    contrast_agent: str = ""  # WITH or WITHOUT (synthesis.contrast.contrast_agent), and what told it
+    contrast_agent_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class SelectionRules:
     components_excluded: tuple[str, ...] = NOT_ANATOMY_COMPONENTS
     contrasts: tuple[str, ...] = DEFAULT_SELECTED  # empty: any contrast
     body_parts: tuple[str, ...] = DEFAULT_BODY_PARTS  # BodyPartExamined values; UNKNOWN: none given; empty: any
+    contrast_agent: str = DEFAULT_AGENT  # a key of synthesis.contrast.AGENT_CHOICES: without, with or any
 
     def reason_to_skip(self, series: Series, planes: Sequence[str] = (), positions: tuple[int, int] = (0, 0)) -> str | None:
         """The first rule ``series`` fails, None when it passes. ``planes``: those its instances lie
@@ -102,6 +105,9 @@ class SelectionRules:
             hint = " (list UNKNOWN to synthesize series whose header does not tell)" if series.contrast == UNKNOWN else ""
             return (f"its MR contrast is {series.contrast} ({series.contrast_source}), not one of select_acquisition_contrasts "
                     f"{list(self.contrasts)}{hint}")
+        if series.contrast_agent and series.contrast_agent not in AGENT_CHOICES[self.contrast_agent]:
+            given = "a contrast agent was given" if series.contrast_agent == WITH else "no contrast agent was given"
+            return f"its header says {given} ({series.contrast_agent_source}), and select_contrast_agent is {self.contrast_agent!r}"
         part = series.body_part or UNKNOWN
         if self.body_parts and part not in self.body_parts:
             return (f"BodyPartExamined {'is not given' if part == UNKNOWN else repr(part)}, not one of select_body_parts "
@@ -261,9 +267,10 @@ def validate(
     check_nesting(ds)  # after the Pixel Data checks, which need the raw (unconverted) element
     told = component(ds) or ("", "")
     mr_contrast = contrast(ds)
+    agent = contrast_agent(ds)
     return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation_label(orientation), patient_id,
                             image_type, position, frames, frame_positions, frame_set, told[0], told[1][:80],
-                            mr_contrast[0], mr_contrast[1][:160], (values.text(0x00180015) or "").upper()[:16])
+                            mr_contrast[0], mr_contrast[1][:160], (values.text(0x00180015) or "").upper()[:16], agent[0], agent[1][:160])
 
 
 class Ingest:

@@ -55,6 +55,10 @@ class Series(Base):
     contrast: Mapped[str] = mapped_column(String(24), default="", server_default="")
     contrast_source: Mapped[str] = mapped_column(String(160), default="", server_default="")
     body_part: Mapped[str] = mapped_column(String(16), default="", server_default="")  # the first instance's BodyPartExamined
+    # WITH or WITHOUT a contrast agent, as the first instance's header says (synthesis.contrast.contrast_agent), and what
+    # told it; '' when not read (recorded before 0025)
+    contrast_agent: Mapped[str] = mapped_column(String(8), default="", server_default="")
+    contrast_agent_source: Mapped[str] = mapped_column(String(160), default="", server_default="")
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

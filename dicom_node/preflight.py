@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.settings import Settings
+from synthesis.contrast import AGENT_CHOICES
 
 if TYPE_CHECKING:
     from dicom_node.orthanc_store import OrthancStore
@@ -156,10 +157,20 @@ def _model(s: Settings) -> Check:
         return Check(OK, "model", f"{said}; its card does not say which MR contrasts it was trained on (made before 2026-12-05)")
     selected = s.select_acquisition_contrasts
     beyond = [c for c in selected if c not in trained] if selected else ["any"]
-    if beyond:
-        return Check(WARN, "model", f"{said}, trained on MR contrasts {trained}: select_acquisition_contrasts "
-                     f"{selected or '(empty: any)'} lets through {beyond}, whose sCT the model never learned to make")
-    return Check(OK, "model", f"{said}, trained on MR contrasts {trained}")
+    warnings = [f"select_acquisition_contrasts {selected or '(empty: any)'} lets through {beyond}, whose sCT the model never "
+                "learned to make"] if beyond else []
+    learned = f"trained on MR contrasts {trained}"
+    # WITH and/or WITHOUT; cards made before 2026-12-06 do not say, and UNKNOWN is a pulled cache's series that did not record it
+    enhanced = [a for a in model.card.get("mr_contrast_agents") or () if a in ("WITH", "WITHOUT")]
+    if enhanced:
+        learned += " " + " and ".join(a.lower() for a in enhanced) + " a contrast agent"
+        admitted = [a.lower() for a in AGENT_CHOICES[s.select_contrast_agent] if a not in enhanced]
+        if admitted:
+            warnings.append(f"select_contrast_agent {s.select_contrast_agent!r} lets through series {' and '.join(admitted)} a contrast "
+                            "agent, which the model never learned")
+    if warnings:
+        return Check(WARN, "model", f"{said}, {learned}: " + "; ".join(warnings))
+    return Check(OK, "model", f"{said}, {learned}")
 
 
 def _spool(s: Settings) -> Check:

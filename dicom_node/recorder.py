@@ -78,6 +78,7 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                     orientation=info.orientation, patient_id=info.patient_id, image_type=info.image_type,
                     component=info.component, component_source=info.component_source,
                     contrast=info.contrast, contrast_source=info.contrast_source, body_part=info.body_part,
+                    contrast_agent=info.contrast_agent, contrast_agent_source=info.contrast_agent_source,
                 )
                 session.add(series)
                 session.flush()

@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from synthesis import default_model_path
-from synthesis.contrast import CONTRASTS, DEFAULT_BODY_PARTS, DEFAULT_SELECTED
+from synthesis.contrast import CONTRASTS, DEFAULT_AGENT, DEFAULT_BODY_PARTS, DEFAULT_SELECTED
 from synthesis.image_type import COMPONENTS, NOT_ANATOMY, NOT_ANATOMY_COMPONENTS
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
@@ -203,6 +203,13 @@ class Settings(BaseSettings):
         "TI and the scanning sequence); the shipped model was trained on T1-weighted heads, and a T2, FLAIR or proton-density "
         f"series makes an sCT that is wrong everywhere. One or more of {', '.join(CONTRASTS)} (UNKNOWN: the header does not "
         "tell); empty: any",
+    )
+    select_contrast_agent: Literal["without", "with", "any"] = Field(
+        DEFAULT_AGENT, description="MR series to synthesize by whether their first instance's header says a contrast agent was "
+        "given (synthesis.contrast.contrast_agent: an enhanced MR's Contrast/Bolus Usage, else Contrast/Bolus Agent naming one): "
+        "without, with, or any. The shipped model learned unenhanced T1 heads: in a post-gadolinium T1 the vessels, dura and any "
+        "enhancing lesion are bright, and its sCT reads them as another tissue. Set to a model card's mr_contrast_agents "
+        "(any: a model trained on both)",
     )
     select_body_parts: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_BODY_PARTS), description="BodyPartExamined (0018,0015) values to synthesize, as the "

@@ -28,14 +28,32 @@ The rule, first answer wins:
      2,000 ms is PROTON_DENSITY;
    - anything else (TE 30-60 ms; TR 1,000-2,000 ms with short TE; TR or TE not given) UNKNOWN.
 
-What the rule does not see: contrast agent (a post-contrast T1 is T1), fat suppression, a
-balanced SSFP's mixed T2/T1 contrast and a time-of-flight angiogram's source images (short-TR
-gradient echoes: read as T1), and anything but the first instance. ``UNKNOWN`` says the header did not tell;
-the node refuses such a series unless a site lists UNKNOWN.
+What the rule does not see: fat suppression, a balanced SSFP's mixed T2/T1 contrast and a
+time-of-flight angiogram's source images (short-TR gradient echoes: read as T1), and anything but
+the first instance. ``UNKNOWN`` says the header did not tell; the node refuses such a series unless
+a site lists UNKNOWN.
+
+Whether a contrast agent was given is a second answer (``contrast_agent``; the node's
+``select_contrast_agent``): a post-gadolinium T1 is still T1 by its timing, but its vessels, dura,
+choroid plexus and any enhancing lesion are bright where the unenhanced T1 a model learned is not,
+and the sCT reads them as another tissue. The rule, first answer wins:
+
+1. an enhanced image's Contrast/Bolus Usage functional group (0018,9341), shared or in any frame:
+   WITH when an item says Contrast/Bolus Agent Administered (0018,9342) YES, else WITHOUT (a
+   dynamic series whose later frames are enhanced is WITH);
+2. Contrast/Bolus Agent (0018,0010) naming an agent, an item in Contrast/Bolus Agent Sequence
+   (0018,0012), or a Contrast/Bolus Ingredient (0018,1048): WITH (at the top level, or among a
+   legacy converted image's unassigned converted attributes). A value that says none ("NONE", "NO",
+   "N/A", "-", "0", "NO CONTRAST"...) is WITHOUT;
+3. otherwise WITHOUT: the Contrast/Bolus module is required "if contrast media was used", so its
+   absence, or an empty agent (how scanners write it when nothing was entered), says none was.
+
+A header is believed: a post-contrast series whose technologist entered no agent reads WITHOUT.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -193,3 +211,92 @@ def contrast_json(metadata: Mapping[str, Any]) -> tuple[str, str]:
         return ""
 
     return decide(look)
+
+
+WITH, WITHOUT = "WITH", "WITHOUT"
+# the node's select_contrast_agent and `mr2ct pull --mr-contrast-agent`: which of WITH and WITHOUT they take
+AGENT_CHOICES: dict[str, tuple[str, ...]] = {"without": (WITHOUT,), "with": (WITH,), "any": (WITH, WITHOUT)}
+# what the shipped model, and every model trained on the phantom cohort, was trained on: unenhanced heads
+DEFAULT_AGENT = "without"
+CONTRAST_AGENT, AGENT_SEQUENCE, AGENT_INGREDIENT = 0x00180010, 0x00180012, 0x00181048
+USAGE_GROUP, AGENT_ADMINISTERED, YES_SAID = 0x00189341, 0x00189342, "YES"
+# how scanners and technologists write "none given" into Contrast/Bolus Agent
+_NONE_SAID = re.compile(r"(NONE|NO|N/?A|NIL|NULL|FALSE|WITHOUT|0|-+|\.+|NO[ _]CONTRAST.*|NOT (USED|GIVEN|APPLICABLE|ADMINISTERED).*|NON[ -]?CONTRAST.*)")
+
+
+def decide_agent(agent: str, agent_items: int, ingredient: str, administered: list[str]) -> tuple[str, str]:
+    """(WITH or WITHOUT, what told it) by the module's rule from what a header holds: Contrast/Bolus
+    Agent's text, how many items Contrast/Bolus Agent Sequence holds, Contrast/Bolus Ingredient, and
+    the Contrast/Bolus Agent Administered values of an enhanced image's usage groups (every frame's)."""
+    if administered:
+        if YES_SAID in administered:
+            return WITH, "Contrast/Bolus Agent Administered (0018,9342) YES in the Contrast/Bolus Usage functional group"
+        return WITHOUT, "Contrast/Bolus Agent Administered (0018,9342) NO in every Contrast/Bolus Usage functional group"
+    said = agent[:64]
+    if said and not _NONE_SAID.fullmatch(said):
+        return WITH, f"Contrast/Bolus Agent (0018,0010) {said!r}"
+    if agent_items:
+        return WITH, "Contrast/Bolus Agent Sequence (0018,0012) names an agent"
+    if ingredient and not _NONE_SAID.fullmatch(ingredient):
+        return WITH, f"Contrast/Bolus Ingredient (0018,1048) {ingredient[:16]!r}"
+    if said:
+        return WITHOUT, f"Contrast/Bolus Agent (0018,0010) {said!r} says none"
+    return WITHOUT, "no contrast agent in the header (Contrast/Bolus Agent (0018,0010) empty or absent)"
+
+
+def contrast_agent(ds: Dataset) -> tuple[str, str]:
+    """``decide_agent`` on a data set as received (raw elements) or built in memory; only an
+    enhanced image's functional groups are decoded."""
+    keys = ds.keys()
+
+    def top(tag: int) -> Any:
+        if tag in keys:
+            return ds.get_item(tag).value if tag != AGENT_SEQUENCE else ds[tag].value
+        if SHARED_GROUPS not in keys:
+            return None
+        for holder, unassigned in ((SHARED_GROUPS, UNASSIGNED_SHARED), (PER_FRAME_GROUPS, UNASSIGNED_PER_FRAME)):
+            try:
+                item = ds[holder].value[0][unassigned].value[0]
+            except (KeyError, IndexError, TypeError, AttributeError):
+                continue
+            if tag in item:
+                return item[tag].value
+        return None
+
+    administered: list[str] = []
+    for holder in (SHARED_GROUPS, PER_FRAME_GROUPS):
+        if holder not in keys:
+            continue
+        try:
+            frames = ds[holder].value
+        except (KeyError, TypeError, ValueError):
+            continue
+        for frame in frames:
+            usage = frame.get(USAGE_GROUP)
+            for item in (usage.value if usage is not None else None) or ():
+                if AGENT_ADMINISTERED in item:
+                    administered.append(_text(item[AGENT_ADMINISTERED].value))
+    items = top(AGENT_SEQUENCE)  # a Sequence, decoded
+    return decide_agent(_text(top(CONTRAST_AGENT)), len(items or ()), _text(top(AGENT_INGREDIENT)), administered)
+
+
+def contrast_agent_json(metadata: Mapping[str, Any]) -> tuple[str, str]:
+    """``contrast_agent`` of an instance's DICOMweb metadata (WADO-RS JSON, PS3.18 F.2)."""
+
+    def values(attrs: Mapping[str, Any] | None, tag: int) -> list[Any]:
+        return list(((attrs or {}).get(f"{tag:08X}") or {}).get("Value") or [])
+
+    def top(tag: int) -> list[Any]:
+        found = values(metadata, tag)
+        for holder, unassigned in ((SHARED_GROUPS, UNASSIGNED_SHARED), (PER_FRAME_GROUPS, UNASSIGNED_PER_FRAME)):
+            if found:
+                break
+            outer = values(metadata, holder)
+            inner = values(outer[0], unassigned) if outer and isinstance(outer[0], Mapping) else []
+            found = values(inner[0], tag) if inner and isinstance(inner[0], Mapping) else []
+        return found
+
+    administered = [_text(v) for holder in (SHARED_GROUPS, PER_FRAME_GROUPS) for frame in values(metadata, holder)
+                    if isinstance(frame, Mapping) for item in values(frame, USAGE_GROUP) if isinstance(item, Mapping)
+                    for v in values(item, AGENT_ADMINISTERED)[:1]]
+    return decide_agent(_text(top(CONTRAST_AGENT)), len(top(AGENT_SEQUENCE)), _text(top(AGENT_INGREDIENT)), administered)

@@ -44,7 +44,7 @@ def test_a_good_deployment_passes_and_each_fault_names_its_setting(orthanc, tmp_
     assert lines["from orthanc"].startswith("warn") and "no DICOM modality 'mr2ct'" in lines["from orthanc"]  # none declared here
     assert "login accepted" in lines["orthanc"] and "Orthanc 1." in lines["orthanc"]
     assert "SHA-256" in lines["model"] and "writable" in lines["spool"]
-    assert lines["model"].endswith("trained on MR contrasts ['T1']"), lines["model"]
+    assert lines["model"].endswith("trained on MR contrasts ['T1'] without a contrast agent"), lines["model"]
     assert "the node brings it to revision" in lines["database"]  # read, not migrated
     assert orthanc.password not in good.stdout + good.stderr
 
@@ -67,6 +67,13 @@ def test_a_good_deployment_passes_and_each_fault_names_its_setting(orthanc, tmp_
     wider = _check(env, select_acquisition_contrasts="T1,FLUID_ATTENUATED")
     assert wider.returncode == 0 and _lines(wider)["model"].startswith("warn"), wider.stdout
     assert "select_acquisition_contrasts ['T1', 'FLUID_ATTENUATED'] lets through ['FLUID_ATTENUATED']" in _lines(wider)["model"]
+    # so is one that takes post-contrast series, which the shipped model never saw
+    enhanced = _check(env, select_contrast_agent="any")
+    assert enhanced.returncode == 0 and _lines(enhanced)["model"].startswith("warn"), enhanced.stdout
+    assert ("select_contrast_agent 'any' lets through series with a contrast agent, which the model never learned"
+            in _lines(enhanced)["model"])
+    wrong_agent = _check(env, select_contrast_agent="sometimes")
+    assert wrong_agent.returncode != 0 and "select_contrast_agent" in wrong_agent.stdout + wrong_agent.stderr
 
     with socket.socket() as taken:  # a node already running, or another program on the port
         taken.bind(("127.0.0.1", int(env["MR2CT_DICOM_PORT"])))

@@ -2,7 +2,8 @@
 scanner routes everything to the node: each is told by its header (synthesis.contrast,
 BodyPartExamined) and left unsynthesized with the reason, the T1 head beside it synthesized;
 asked for by name, a series whose header does not tell its contrast, or names another body part,
-is vouched for, a FLAIR one still refused."""
+is vouched for, a FLAIR one still refused. So is a post-contrast T1, whose header says an agent was
+given, while the node takes unenhanced series (select_contrast_agent)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from dicom_node.ingest import SelectionRules
 from dicom_node.local_stack import storescu
 from dicom_node.models import AuditEvent, Job, Series
 from dicom_node.settings import Settings
-from synthesis.contrast import contrast, contrast_json
+from synthesis.contrast import contrast, contrast_agent, contrast_agent_json, contrast_json
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import api_token, wait_for
 from training.phantom_dicom import write_mr_series
@@ -150,6 +151,74 @@ def test_the_rule_is_the_sites_to_widen_and_a_wrong_value_names_the_key():
         Settings(select_acquisition_contrasts="T1,T3")
 
 
+def test_a_contrast_agent_is_read_from_the_header_as_received_from_an_enhanced_image_and_from_a_pacs_json(mr, tmp_path):
+    """A post-gadolinium T1 is T1 by its timing; whether an agent was given is a second answer:
+    Contrast/Bolus Agent naming one (a value that says none, or none at all, is WITHOUT), an agent
+    sequence item or ingredient, or an enhanced image's usage groups, any frame's YES counting."""
+    from pydicom.sequence import Sequence
+
+    for agent, expected in (("Gadobutrol", "WITH"), ("DOTAREM 0.5 mmol/ml", "WITH"), ("NONE", "WITHOUT"), ("no contrast", "WITHOUT"),
+                            ("N/A", "WITHOUT"), ("-", "WITHOUT"), ("", "WITHOUT"), (None, "WITHOUT")):
+        ds = pydicom.dcmread(mr.files[0])
+        if agent is not None:
+            ds.ContrastBolusAgent = agent
+        path = tmp_path / "one.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        told, why = contrast_agent(pydicom.dcmread(path))  # raw elements, as the node reads a C-STORE
+        assert told == expected, (agent, why)
+        assert contrast_agent_json(ds.to_json_dict())[0] == expected, agent
+        assert contrast(ds)[0] == "T1"  # the timing's answer is untouched
+    assert contrast_agent(pydicom.dcmread(path))[1] == "no contrast agent in the header (Contrast/Bolus Agent (0018,0010) empty or absent)"
+    named = pydicom.dcmread(mr.files[0])
+    named.ContrastBolusAgent = "Gadobutrol"
+    assert contrast_agent(named) == ("WITH", "Contrast/Bolus Agent (0018,0010) 'GADOBUTROL'")
+    coded = pydicom.dcmread(mr.files[0])  # the agent as a code only, and as an ingredient only
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = "C-17800", "SRT", "Gadolinium"
+    coded.ContrastBolusAgentSequence = Sequence([item])
+    assert contrast_agent(coded)[0] == "WITH" and contrast_agent_json(coded.to_json_dict())[0] == "WITH"
+    del coded.ContrastBolusAgentSequence
+    coded.ContrastBolusIngredient = "GADOLINIUM"
+    assert contrast_agent(coded) == ("WITH", "Contrast/Bolus Ingredient (0018,1048) 'GADOLINIUM'")
+
+    def usage(*administered: str) -> list[Dataset]:
+        frames = []
+        for said in administered:
+            used, frame = Dataset(), Dataset()
+            used.ContrastBolusAgentNumber, used.ContrastBolusAgentAdministered = 1, said
+            frame.ContrastBolusUsageSequence = [used]
+            frames.append(frame)
+        return frames
+
+    enhanced = Dataset()
+    enhanced.SharedFunctionalGroupsSequence = [Dataset()]
+    enhanced.PerFrameFunctionalGroupsSequence = usage("NO", "NO", "YES")  # a dynamic series: enhanced from its third frame
+    assert contrast_agent(enhanced)[0] == "WITH" and contrast_agent_json(enhanced.to_json_dict())[0] == "WITH"
+    enhanced.PerFrameFunctionalGroupsSequence = usage("NO", "NO")
+    enhanced.ContrastBolusAgent = "GADOBUTROL"  # named, and not administered to these frames: the usage groups say
+    assert contrast_agent(enhanced) == ("WITHOUT", "Contrast/Bolus Agent Administered (0018,9342) NO in every Contrast/Bolus Usage "
+                                        "functional group")
+    assert contrast_agent_json(enhanced.to_json_dict())[0] == "WITHOUT"
+
+
+def test_the_contrast_agent_rule_is_the_sites_to_change_and_a_wrong_value_names_the_key():
+    def series(agent: str) -> Series:
+        return Series(modality="MR", series_description="", instance_count=20, orientation="axial", contrast="T1", contrast_source="",
+                      contrast_agent=agent, contrast_agent_source=f"told {agent.lower()}")
+
+    default = SelectionRules(contrast_agent=Settings().select_contrast_agent)
+    assert default.reason_to_skip(series("WITH")) == "its header says a contrast agent was given (told with), and select_contrast_agent is 'without'"
+    assert default.reason_to_skip(series("WITHOUT")) is None
+    assert default.reason_to_skip(series("")) is None  # recorded before migration 0025
+    enhanced_only = SelectionRules(contrast_agent=Settings(select_contrast_agent="with").select_contrast_agent)
+    assert enhanced_only.reason_to_skip(series("WITHOUT")) == ("its header says no contrast agent was given (told without), and "
+                                                               "select_contrast_agent is 'with'")
+    both = SelectionRules(contrast_agent=Settings(select_contrast_agent="any").select_contrast_agent)
+    assert both.reason_to_skip(series("WITH")) is None and both.reason_to_skip(series("WITHOUT")) is None
+    with pytest.raises(ValueError, match="select_contrast_agent"):
+        Settings(select_contrast_agent="sometimes")
+
+
 def test_a_body_part_other_than_a_head_is_left_and_one_not_given_passes():
     """The shipped model knows heads: BodyPartExamined HEAD, BRAIN or SKULL, or none given (as many
     head exams say), by default; an MR-only prostate series is left with the reason."""
@@ -188,7 +257,9 @@ def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_
         ds = pydicom.dcmread(path)
         ds.BodyPartExamined = "PELVIS"
         ds.save_as(path)
-    for each in (t2, flair, unknown, pelvis, t1):
+    post = write_mr_series(tmp_path / "t1_post", seed=419, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0, study_uid=study,
+                           series_description="t1_post_gd", contrast_agent="Gadobutrol")
+    for each in (t2, flair, unknown, pelvis, post, t1):
         assert storescu(each.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
     assert wait_for_job(node.database_url, t1.series_uid, timeout=120).state == "done"
     sessions = init_db(node.database_url)
@@ -199,32 +270,41 @@ def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_
         return row if row is not None and row.state == "ignored" else None
 
     rows = {name: wait_for(lambda s=s: ignored(s.series_uid), 60, f"{name} ignored") for name, s in
-            (("t2", t2), ("flair", flair), ("unknown", unknown), ("pelvis", pelvis))}
+            (("t2", t2), ("flair", flair), ("unknown", unknown), ("pelvis", pelvis), ("post", post))}
     assert rows["t2"].reason.startswith("its MR contrast is T2 (ScanningSequence SE, TR 4000 ms, TE 100 ms: long TE)")
     assert "FLUID_ATTENUATED" in rows["flair"].reason and "select_acquisition_contrasts ['T1']" in rows["flair"].reason
     assert "UNKNOWN" in rows["unknown"].reason and "list UNKNOWN" in rows["unknown"].reason
     assert rows["pelvis"].reason == "BodyPartExamined 'PELVIS', not one of select_body_parts ['HEAD', 'BRAIN', 'SKULL', 'UNKNOWN']"
+    assert rows["post"].reason == ("its header says a contrast agent was given (Contrast/Bolus Agent (0018,0010) 'GADOBUTROL'), and "
+                                   "select_contrast_agent is 'without'")
     with sessions() as session:
         assert not session.scalars(select(Job).where(Job.series_instance_uid.in_(
-            [t2.series_uid, flair.series_uid, unknown.series_uid, pelvis.series_uid]))).all()
-    # asked for by name: the contrast its header does not tell and the body part are vouched for; the FLAIR is still no T1
-    for each in (flair, unknown, pelvis):
+            [t2.series_uid, flair.series_uid, unknown.series_uid, pelvis.series_uid, post.series_uid]))).all()
+    # asked for by name: the contrast its header does not tell and the body part are vouched for; the FLAIR is still no T1,
+    # and the post-contrast T1 still enhanced
+    for each in (flair, unknown, pelvis, post):
         for path in each.files:
             assert httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), auth=orthanc.auth).status_code == 200
     admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'physicist')}"}
     url = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/synthesize"
     listed = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/series", params={"state": "ignored", "study_uid": study},
                        headers=admin, timeout=60).json()["items"]
-    told = {item["series_instance_uid"]: (item["contrast"], item["body_part"]) for item in listed}
-    assert told == {t2.series_uid: ("T2", "HEAD"), flair.series_uid: ("FLUID_ATTENUATED", "HEAD"), unknown.series_uid: ("UNKNOWN", "HEAD"),
-                    pelvis.series_uid: ("T1", "PELVIS")}  # what an administrator filtering the ignored series sees
+    told = {item["series_instance_uid"]: (item["contrast"], item["body_part"], item["contrast_agent"]) for item in listed}
+    assert told == {t2.series_uid: ("T2", "HEAD", "WITHOUT"), flair.series_uid: ("FLUID_ATTENUATED", "HEAD", "WITHOUT"),
+                    unknown.series_uid: ("UNKNOWN", "HEAD", "WITHOUT"), pelvis.series_uid: ("T1", "PELVIS", "WITHOUT"),
+                    post.series_uid: ("T1", "HEAD", "WITH")}  # what an administrator filtering the ignored series sees
     metrics = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/metrics", headers=admin, timeout=60).text
     assert {line for line in metrics.splitlines() if line.startswith("mr2ct_series_ignored{")} == {
-        'mr2ct_series_ignored{contrast="T2"} 1', 'mr2ct_series_ignored{contrast="FLUID_ATTENUATED"} 1',
-        'mr2ct_series_ignored{contrast="UNKNOWN"} 1', 'mr2ct_series_ignored{contrast="T1"} 1'}  # the pelvis: a T1
-    assert 'mr2ct_series{state="ignored"} 4' in metrics.splitlines()
+        'mr2ct_series_ignored{contrast="T2",contrast_agent="without"} 1',
+        'mr2ct_series_ignored{contrast="FLUID_ATTENUATED",contrast_agent="without"} 1',
+        'mr2ct_series_ignored{contrast="UNKNOWN",contrast_agent="without"} 1',
+        'mr2ct_series_ignored{contrast="T1",contrast_agent="without"} 1',  # the pelvis
+        'mr2ct_series_ignored{contrast="T1",contrast_agent="with"} 1'}
+    assert 'mr2ct_series{state="ignored"} 5' in metrics.splitlines()
     refused = httpx.post(url, json={"series_uid": flair.series_uid}, headers=admin, timeout=60)
     assert refused.status_code == 422 and "its MR contrast is FLUID_ATTENUATED" in refused.json()["detail"], refused.text
+    enhanced = httpx.post(url, json={"series_uid": post.series_uid}, headers=admin, timeout=60)
+    assert enhanced.status_code == 422 and "select_contrast_agent is 'without'" in enhanced.json()["detail"], enhanced.text
     with sessions() as session:  # the copy from Orthanc it made is audited, refused or not (sent to an audit repository as such)
         rows = session.scalars(select(AuditEvent).where(AuditEvent.action == "synthesis-requested",
                                                         AuditEvent.series_instance_uid == flair.series_uid)).all()

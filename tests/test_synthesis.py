@@ -277,6 +277,10 @@ def test_the_sr_round_trips_into_the_same_facts(tiny_model: Path, mr_series, tmp
     # the contrast of the MR it was made from, beside the contrasts the model learned (this test card says none)
     assert facts.parameters["source_mr_contrast"] == "T1 (ScanningSequence GR, TR 500 ms, TE 10 ms: short TR and TE)"
     assert "mr_contrasts" not in model.card and facts.parameters["model_mr_contrasts"] == "not stated by its card"
+    # and whether a contrast agent was given, beside whether the model learned enhanced images
+    assert facts.parameters["source_mr_contrast_agent"] == ("WITHOUT (no contrast agent in the header (Contrast/Bolus Agent (0018,0010) "
+                                                            "empty or absent))")
+    assert facts.parameters["model_mr_contrast_agents"] == "not stated by its card"
     assert parsed.StudyInstanceUID == mr_series.study_uid
 
 

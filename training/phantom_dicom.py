@@ -54,12 +54,15 @@ def write_mr_series(
     study_uid: str | None = None,
     uid_key: str = "",
     mr_timing: tuple[str, str, str, str | None] = EXAMPLE_TIMINGS["T1"],
+    contrast_agent: str | None = None,
 ) -> PhantomSeries:
     """Render one phantom head as a T1 MR (or, with ``modality="CT"``, a CT in HU) series of
     single-frame instances in ``folder``. Its UIDs follow from its parameters (the same call, the
     same UIDs), and ``uid_key``: another key, other UIDs for the same anatomy. ``mr_timing``: the
     (ScanningSequence, RepetitionTime, EchoTime, InversionTime or None) its header says, which is
-    what tells the node its contrast (synthesis.contrast); the pixels stay T1-weighted whatever it says."""
+    what tells the node its contrast (synthesis.contrast); the pixels stay T1-weighted whatever it says.
+    ``contrast_agent``: an agent's name its Contrast/Bolus module says was given intravenously (the
+    header of a post-contrast series, synthesis.contrast.contrast_agent; the pixels stay unenhanced)."""
     if modality not in ("MR", "CT"):
         raise ValueError(f"modality must be MR or CT, got {modality!r}")
     folder = Path(folder)
@@ -110,6 +113,8 @@ def write_mr_series(
             if mr_timing[3]:
                 ds.InversionTime = mr_timing[3]
             ds.MagneticFieldStrength = "3"
+            if contrast_agent:
+                ds.ContrastBolusAgent, ds.ContrastBolusRoute = contrast_agent, "IV"
         else:
             ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
             ds.KVP, ds.AcquisitionNumber = "120", 1

@@ -96,6 +96,19 @@ def mr_contrasts(cfg: TrainConfig) -> list[str]:
     return sorted({e.get("contrast", "UNKNOWN") for e in entries if e["modality"] == "MR" and e["split"] == "train"})
 
 
+def mr_contrast_agents(cfg: TrainConfig) -> list[str]:
+    """Whether the MR the generator learns from was enhanced (the card's ``mr_contrast_agents``, WITH
+    and/or WITHOUT, which `mr2ct config check` holds the node's select_contrast_agent to): the
+    phantoms' WITHOUT, or what a pulled cache's train split records (UNKNOWN for series cached
+    before 2026-12-05, when none was recorded)."""
+    if not cfg.data:
+        return ["WITHOUT"]  # training.phantoms renders unenhanced heads
+    from training.pacs_pull import DatasetCache
+
+    entries = DatasetCache(Path(str(cfg.data))).entries()
+    return sorted({e.get("contrast_agent", "UNKNOWN") for e in entries if e["modality"] == "MR" and e["split"] == "train"})
+
+
 def pools_from_cache(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """Train-split MR and CT slices of a pulled cache, resampled to the training grid."""
     import torch.nn.functional as F
@@ -411,6 +424,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         "test_time_augmentation": cfg.test_time_augmentation,
         "hu_range": list(cfg.hu_range),
         "mr_contrasts": mr_contrasts(cfg),
+        "mr_contrast_agents": mr_contrast_agents(cfg),
         "training": {
             "command": command,
             "seed": cfg.seed,
