@@ -950,7 +950,8 @@ def pull(
                f"{counts['synthetic']} synthetic (Synthetic Data YES, e.g. mr2ct's own sCTs), {counts['localizer']} localizer(s) (ImageType "
                f"LOCALIZER, e.g. CT topograms), {counts['mosaic']} mosaic(s) (ImageType MOSAIC: a volume's slices tiled in one "
                f"image), {counts['phase']} of phase images (ImageType P and the like, or GE's or the enhanced MR's complex component: "
-               f"angles, not tissue), {counts['complex']} of real or imaginary images (the same, R, I) and {counts['unusable']} that "
+               f"angles, not tissue), {counts['complex']} of real or imaginary images (the same, R, I), {counts['dixon']} Dixon water, fat or "
+               f"opposed-phase series (ImageType WATER, FAT, OPP_PHASE: the in-phase one is the T1) and {counts['unusable']} that "
                "make no volume "
                f"(reasons in {cache / 'left_out.jsonl'}); not pulled {counts['contrast']} MR series of another contrast than "
                f"{', '.join(contrasts) or 'any'} (--mr-contrast; in the log){enhanced} -> {cache}")

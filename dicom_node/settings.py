@@ -188,8 +188,9 @@ class Settings(BaseSettings):
         default_factory=lambda: list(NOT_ANATOMY), description="ImageType values that keep a series from synthesis (any value of "
         "its first instance's ImageType, case-insensitive; empty: none): localizers, Siemens mosaics (a volume's slices tiled in "
         "one image, no slice), phase images (P: Siemens, Philips; PHASE MAP, VELOCITY MAP, PHASE SUBTRACT: their pixels are "
-        "angles) and real or imaginary images (R, I, REAL, IMAGINARY). Add e.g. DERIVED, DIFFUSION or ADC for maps a T1 model "
-        "should not see",
+        "angles), real or imaginary images (R, I, REAL, IMAGINARY) and a Dixon's water, fat and opposed-phase images (WATER, FAT, "
+        "OPP_PHASE, OUT_PHASE, OPPOSED_PHASE: its in-phase image is the T1 one). Add e.g. DERIVED, DIFFUSION or ADC for maps a T1 "
+        "model should not see",
     )
     select_complex_component_exclude: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(NOT_ANATOMY_COMPONENTS), description="complex components that keep a series from synthesis, "

@@ -13,6 +13,12 @@
 - ``complex``: real or imaginary images (R or I where Siemens and Philips write P for phase, or
   REAL, IMAGINARY): one part of the complex signal, signed, not the magnitude a T1 model was
   trained on (a phase-sensitive inversion recovery's real images among them).
+- ``dixon``: the water, fat and opposed-phase images of a Dixon acquisition (WATER, FAT, OPP_PHASE as
+  Siemens writes them, OUT_PHASE and OPPOSED_PHASE): a site's MR simulator sends all four of a
+  Dixon T1 as series of their own, each with the same T1 timing; only the in-phase image
+  (IN_PHASE) has the contrast a T1 model learned. The water image shows no fat, the fat image
+  nothing else, and the opposed-phase image a dark line wherever fat meets water; until 2026-12-05
+  each made an sCT of its own beside the in-phase one's.
 
 ImageType is not the only place a scanner says so. The complex component of the pixels
 (``component``) is told by DICOM's Complex Image Component (0008,9208) (an enhanced MR image's,
@@ -32,7 +38,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-LOCALIZER, MOSAIC, PHASE, COMPLEX = "localizer", "mosaic", "phase", "complex"
+LOCALIZER, MOSAIC, PHASE, COMPLEX, DIXON = "localizer", "mosaic", "phase", "complex", "dixon"
 
 # what is left out, by kind, and the ImageType values that tell it
 KINDS: dict[str, tuple[str, ...]] = {
@@ -40,10 +46,12 @@ KINDS: dict[str, tuple[str, ...]] = {
     MOSAIC: ("MOSAIC",),
     PHASE: ("P", "PHASE MAP", "VELOCITY MAP", "PHASE SUBTRACT"),
     COMPLEX: ("R", "I", "REAL", "IMAGINARY"),
+    DIXON: ("WATER", "FAT", "OPP_PHASE", "OUT_PHASE", "OPPOSED_PHASE"),
 }
 # The node's default select_image_type_exclude (a site may widen it, or empty it).
 NOT_ANATOMY: tuple[str, ...] = tuple(value for values in KINDS.values() for value in values)
-WHAT = {LOCALIZER: "a localizer", MOSAIC: "a mosaic", PHASE: "phase images", COMPLEX: "real or imaginary images"}  # in a reason
+WHAT = {LOCALIZER: "a localizer", MOSAIC: "a mosaic", PHASE: "phase images", COMPLEX: "real or imaginary images",  # in a reason
+        DIXON: "a Dixon water, fat or opposed-phase image: its in-phase image is the T1 one"}
 
 # Complex Image Component (0008,9208): its defined terms, the kind each is, and the node's default
 # select_complex_component_exclude. MIXED (an enhanced image whose frames differ) is not excluded:

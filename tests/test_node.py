@@ -93,10 +93,16 @@ def test_localizers_are_recorded_as_such_not_made_into_a_failed_job_or_a_ct_of_t
     ge_phase = _small(tmp_path, "ge-phase", 237, slices=3, series_description="B0 map", study_uid=study)
     rewrite_as_ge(ge_phase.files, 1)
     rewrite_as_ge(wanted.files, 0)
-    for series in (three_plane, flagged, phase, ge_phase, wanted):
+    water = _small(tmp_path, "dixon-water", 238, slices=3, series_description="t1_vibe_dixon_tra_W", study_uid=study)
+    for path in water.files:  # a Dixon's water image, which Siemens sends as a series of its own beside the in-phase one
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["DERIVED", "PRIMARY", "DIXON", "WATER"]
+        ds.save_as(path)
+    for series in (three_plane, flagged, phase, ge_phase, water, wanted):
         assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
     assert wait_for_job(node.database_url, wanted.series_uid, timeout=120).state == "done"
     assert "holds P, excluded by select_image_type_exclude (phase images)" in _series_row(node, phase.series_uid, state="ignored").reason
+    assert "holds WATER, excluded by select_image_type_exclude (a Dixon water" in _series_row(node, water.series_uid, state="ignored").reason
     assert (_series_row(node, ge_phase.series_uid, state="ignored").reason
             == "GE's private image type (0043,xx2F) 1 says PHASE, excluded by select_complex_component_exclude (phase images)")
     three_plane_row = _series_row(node, three_plane.series_uid, state="ignored")
@@ -105,7 +111,8 @@ def test_localizers_are_recorded_as_such_not_made_into_a_failed_job_or_a_ct_of_t
     assert "LOCALIZER" in flagged_row.reason and "select_image_type_exclude" in flagged_row.reason
     with init_db(node.database_url)() as session:
         assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([three_plane.series_uid, flagged.series_uid,
-                                                                                   phase.series_uid, ge_phase.series_uid]))).all()
+                                                                                   phase.series_uid, ge_phase.series_uid,
+                                                                                   water.series_uid]))).all()
 
 
 def test_a_series_with_several_images_at_each_position_is_recorded_as_such_not_made_into_a_failed_job(node_factory, orthanc, tmp_path):
@@ -208,6 +215,14 @@ def test_the_image_type_rule_is_the_sites_to_widen_or_turn_off():
         assert "(phase images)" in default.reason_to_skip(phase), image_type
     magnitude = Series(modality="MR", series_description="", instance_count=20, orientation="axial", image_type="ORIGINAL\\PRIMARY\\M\\ND")
     assert default.reason_to_skip(magnitude) is None
+    # a Dixon T1 comes as four series of one timing: only the in-phase one has the T1 contrast (the others made sCTs until 2026-12-05)
+    dixon = {image: Series(modality="MR", series_description="", instance_count=20, orientation="axial",
+                           image_type=f"DERIVED\\PRIMARY\\DIXON\\{image}") for image in ("IN_PHASE", "OPP_PHASE", "WATER", "FAT")}
+    assert default.reason_to_skip(dixon["IN_PHASE"]) is None
+    for image in ("OPP_PHASE", "WATER", "FAT"):
+        assert default.reason_to_skip(dixon[image]) == (f"ImageType 'DERIVED\\\\PRIMARY\\\\DIXON\\\\{image}' holds {image}, excluded by "
+                                                        "select_image_type_exclude (a Dixon water, fat or opposed-phase image: its in-phase "
+                                                        "image is the T1 one)")
     off = SelectionRules(image_types_excluded=tuple(Settings(select_image_type_exclude="").select_image_type_exclude))
     assert off.reason_to_skip(flagged) is None
     wider = SelectionRules(image_types_excluded=tuple(Settings(select_image_type_exclude="localizer, derived").select_image_type_exclude))

@@ -105,7 +105,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
     with _in_the_pacs(orthanc, [*sct.files, *broken.files, *topogram.files]):
         cache_dir = tmp_path / "cache"
         counts = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("CT")], username=orthanc.username, password=orthanc.password)
-        assert counts == {"found": 3 + 1 + 3, "fetched": 4, "skipped": 0, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "unusable": 1, "refreshed": 0, "contrast": 0,
+        assert counts == {"found": 3 + 1 + 3, "fetched": 4, "skipped": 0, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1, "refreshed": 0, "contrast": 0,
                           "contrast_agent": 0}
         cache = DatasetCache(cache_dir)
         assert not {sct.series_uid, broken.series_uid, topogram.series_uid} & cache.known()
@@ -113,7 +113,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         assert "two or more slices share one position" in cache.left_out()[broken.series_uid]
         with dicomweb_proxy(orthanc) as (url, asked, _refused):
             again = pull(url, cache_dir, [PullFilter("CT")])
-        assert again == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "unusable": 1, "refreshed": 0, "contrast": 0,
+        assert again == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1, "refreshed": 0, "contrast": 0,
                           "contrast_agent": 0}
         assert metadata_asked(asked) == [] and not any(uid in path for path in asked
                                                       for uid in (sct.series_uid, broken.series_uid, topogram.series_uid))
@@ -129,7 +129,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         assert limited["fetched"] == 4 and limited["found"] == 4 + limited["synthetic"] + limited["localizer"] + limited["unusable"]
         more = pull(f"{orthanc.url}/dicom-web", tmp_path / "limited", [PullFilter("CT", limit=5)],
                     username=orthanc.username, password=orthanc.password, progress=False)
-        assert more == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "unusable": 1,
+        assert more == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1,
                         "refreshed": 0, "contrast": 0, "contrast_agent": 0}  # looked at all: the PACS has no 5th
 
 
@@ -138,7 +138,8 @@ def test_a_siemens_mosaic_and_phase_images_are_left_out_before_their_pixels_are_
     the slices of one volume tiled, hundreds of them. Until 2026-12-05 a pull fetched it whole, to
     leave it out (its images share one position) or, one volume, to cache the tiles as a head's
     slice. A field map's phase series (ImageType ... P ...: angles, not tissue) went into the MR
-    pool. Now both are left out from their first instance's metadata, their pixels never fetched."""
+    pool, as did a Dixon's fat image. Now all are left out from their first instance's metadata,
+    their pixels never fetched."""
     from training.phantom_dicom import write_mr_series
 
     bold = write_mr_series(tmp_path / "bold", seed=80, slices=3, size=32, pixel_spacing=8.0, patient_id="PHMOS01",
@@ -161,13 +162,20 @@ def test_a_siemens_mosaic_and_phase_images_are_left_out_before_their_pixels_are_
         ge[code] = write_mr_series(tmp_path / f"ge-{code}", seed=seed, slices=3, size=32, pixel_spacing=8.0, patient_id="PHMOS01",
                                    series_description="B0 field_map")
         rewrite_as_ge(ge[code].files, code)
-    left = (bold, phase, ge[1], ge[2])
+    # a Dixon T1's fat image (its water and opposed-phase images alike): pulled into the MR pool until 2026-12-05
+    fat = write_mr_series(tmp_path / "fat", seed=84, slices=3, size=32, pixel_spacing=8.0, patient_id="PHMOS01",
+                          series_description="t1_vibe_dixon_field_map_F")
+    for path in fat.files:
+        ds = pydicom.dcmread(path)
+        ds.ImageType = ["DERIVED", "PRIMARY", "DIXON", "FAT"]
+        ds.save_as(path)
+    left = (bold, phase, ge[1], ge[2], fat)
     with _in_the_pacs(orthanc, [f for series in left for f in series.files]), dicomweb_proxy(orthanc) as (url, asked, _refused):
         counts = pull(url, tmp_path / "cache", [PullFilter("MR", description="ep2d|field_map")], progress=False)
-    assert counts == {"found": 4, "fetched": 0, "skipped": 0, "synthetic": 0, "localizer": 0, "mosaic": 1, "phase": 2, "complex": 1,
+    assert counts == {"found": 5, "fetched": 0, "skipped": 0, "synthetic": 0, "localizer": 0, "mosaic": 1, "phase": 2, "complex": 1, "dixon": 1,
                       "unusable": 0, "refreshed": 0, "contrast": 0, "contrast_agent": 0}
     assert DatasetCache(tmp_path / "cache").left_out() == {bold.series_uid: "mosaic", phase.series_uid: "phase", ge[1].series_uid: "phase",
-                                                           ge[2].series_uid: "complex"}
+                                                           ge[2].series_uid: "complex", fat.series_uid: "dixon"}
     fetched = [path for path in asked if "/instances/" in path and not path.endswith("/metadata")
                and any(series.series_uid in path for series in left)]
     assert fetched == [], fetched

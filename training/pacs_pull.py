@@ -244,11 +244,11 @@ def pull(
 ) -> dict[str, int]:
     """Fetch what matches and is not yet cached. A series that says it is synthetic (Synthetic Data
     YES: the sCTs mr2ct itself stores in the PACS, and other tools' synthetic images) or whose
-    ImageType says LOCALIZER (the topogram every CT study holds), MOSAIC (Siemens tiles), phase, real or
-    imaginary (or whose complex component says one of the last three, as GE's private element does) is never
+    ImageType says LOCALIZER (the topogram every CT study holds), MOSAIC (Siemens tiles), a Dixon's water, fat or
+    opposed-phase image, phase, real or imaginary (or whose complex component says one of the last three, as GE's private element does) is never
     training data: asked of each series before it is fetched (its first instance's metadata), and remembered in the cache
     so that a second run does not ask again. Returns counts (found, fetched, skipped: cached
-    already, synthetic, localizer, mosaic, phase and complex: left out, unusable: fetched and left out, as they
+    already, synthetic, localizer, mosaic, phase, complex and dixon: left out, unusable: fetched and left out, as they
     make no volume, such as a localizer of three planes, with the reason in the log and the cache;
     refreshed: fetched again, as the cache held them in another plane than the node's, see
     ``DatasetCache.outdated``; contrast: MR series of a contrast the filter's ``contrasts`` does not
