@@ -493,8 +493,10 @@ def sample_mr(
     contrast_agent: Annotated[Optional[str], typer.Option(help="an agent's name (e.g. GADOBUTROL) its header says was given: a "
                                                           "post-contrast series to check the node's select_contrast_agent with; "
                                                           "the pixels stay unenhanced")] = None,
+    fat_suppressed: Annotated[bool, typer.Option(help="its header says fat was suppressed (FS in ScanOptions): a series to check "
+                                                     "the node's select_fat_suppression with; the pixels keep their fat bright")] = False,
 ) -> None:
-    """Write a phantom head MR series (what a scanner would send): T1, or a header of another contrast or a contrast agent."""
+    """Write a phantom head MR series (what a scanner would send): T1, or a header of another contrast, a contrast agent or fat suppression."""
     from synthesis.contrast import EXAMPLE_TIMINGS
     from training.phantom_dicom import write_mr_series
 
@@ -508,8 +510,10 @@ def sample_mr(
         raise typer.Exit(2)
     _output_folder("--out", out)
     label = f"{told} + {agent}" if agent else ("" if told == "T1" else told)
+    if fat_suppressed:
+        label = f"{label or told} FS"
     series = write_mr_series(out, seed=seed, slices=slices, size=size, pixel_spacing=pixel_spacing, slice_spacing=slice_spacing,
-                             mr_timing=EXAMPLE_TIMINGS[told], contrast_agent=agent or None,
+                             mr_timing=EXAMPLE_TIMINGS[told], contrast_agent=agent or None, fat_suppressed=fat_suppressed,
                              **({"uid_key": f"-{label}", "series_description": f"{label} (phantom)"} if label else {}))
     typer.echo(f"{len(series.files)} MR instances in {out} (series {series.series_uid}{f', header {label}' if label else ''})")
 
@@ -908,9 +912,11 @@ def pull(
     mr_contrast_agent: Annotated[str, typer.Option(help="MR series to pull by whether their header says a contrast agent was given, "
                                                    "as the node tells it: without, with or any (the card's mr_contrast_agents, which "
                                                    "the node's select_contrast_agent is checked against)")] = "without",
+    mr_fat_suppression: Annotated[str, typer.Option(help="likewise by whether their header says fat was suppressed: without, with "
+                                                    "or any (the card's mr_fat_suppression; the node's select_fat_suppression)")] = "without",
 ) -> None:
     """Pull unpaired MR and CT series from a DICOMweb PACS into a local dataset cache (resumable)."""
-    from synthesis.contrast import AGENT_CHOICES, CONTRASTS
+    from synthesis.contrast import CHOICES, CONTRASTS
     from synthesis.errors import PacsUnavailable
     from training.pacs_pull import DatasetCache, PullFilter, pull as run_pull
 
@@ -928,13 +934,16 @@ def pull(
     if unknown:
         typer.echo(f"mr2ct: --mr-contrast {unknown} is not an MR contrast; known: {', '.join(CONTRASTS)} or ANY", err=True)
         raise typer.Exit(2)
-    agents = AGENT_CHOICES.get(mr_contrast_agent.strip().lower())
-    if agents is None:
-        typer.echo(f"mr2ct: --mr-contrast-agent {mr_contrast_agent!r} is none of {', '.join(AGENT_CHOICES)}", err=True)
-        raise typer.Exit(2)
-    agents = () if mr_contrast_agent.strip().lower() == "any" else agents
+    taken: dict[str, tuple[str, ...]] = {}
+    for option, value in (("--mr-contrast-agent", mr_contrast_agent), ("--mr-fat-suppression", mr_fat_suppression)):
+        chosen = value.strip().lower()
+        if chosen not in CHOICES:
+            typer.echo(f"mr2ct: {option} {value!r} is none of {', '.join(CHOICES)}", err=True)
+            raise typer.Exit(2)
+        taken[option] = () if chosen == "any" else CHOICES[chosen]
+    agents, fat = taken["--mr-contrast-agent"], taken["--mr-fat-suppression"]
     _output_folder("--cache", cache)
-    filters = [PullFilter(m, body_part, description, date_from, date_to, limit, contrasts if m == "MR" else (), agents if m == "MR" else ())
+    filters = [PullFilter(m, body_part, description, date_from, date_to, limit, *((contrasts, agents, fat) if m == "MR" else ()))
                for m in modality]
     try:
         counts = run_pull(url, cache, filters, username=username, password=password, validation_fraction=validation_fraction,
@@ -942,8 +951,10 @@ def pull(
     except PacsUnavailable as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
-    enhanced = (f", {counts['contrast_agent']} MR series {'with' if agents == ('WITHOUT',) else 'without'} a contrast agent "
-                f"(--mr-contrast-agent {mr_contrast_agent.strip().lower()})") if agents else ""
+    enhanced = "".join(f", {counts[key]} MR series {'with' if chosen == ('WITHOUT',) else 'without'} {what} ({option} "
+                       f"{'without' if chosen == ('WITHOUT',) else 'with'})"
+                       for key, chosen, what, option in (("contrast_agent", agents, "a contrast agent", "--mr-contrast-agent"),
+                                                         ("fat_suppression", fat, "fat suppression", "--mr-fat-suppression")) if chosen)
     refreshed = (f", fetched again {counts['refreshed']} that an earlier pull cached in their acquired plane (now the axial slices "
                  "the node synthesizes)") if counts["refreshed"] else ""
     typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']}{refreshed}, left out "

@@ -22,7 +22,8 @@ from dicom_node.db import notify_job_queued
 from dicom_node.models import Instance, Job, RefusedInstance, Series, utcnow
 from dicom_node.recorder import Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
-from synthesis.contrast import AGENT_CHOICES, DEFAULT_AGENT, DEFAULT_BODY_PARTS, DEFAULT_SELECTED, UNKNOWN, WITH, contrast, contrast_agent
+from synthesis.contrast import (CHOICES, DEFAULT_BODY_PARTS, DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN, WITH, contrast, contrast_agent,
+                                fat_suppression)
 from synthesis.errors import InvalidInstance, SeriesNotUsable
 from synthesis.image_type import NOT_ANATOMY, NOT_ANATOMY_COMPONENTS, WHAT, component, component_kind, not_anatomy, values
 from synthesis.volume import frame_geometry, orientation_label
@@ -62,6 +63,8 @@ class ReceivedInstance:
     body_part: str = ""  # BodyPartExamined as sent, upper case ('' when absent)
     contrast_agent: str = ""  # WITH or WITHOUT (synthesis.contrast.contrast_agent), and what told it
     contrast_agent_source: str = ""
+    fat_suppression: str = ""  # WITH or WITHOUT (synthesis.contrast.fat_suppression), and what told it
+    fat_suppression_source: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,8 @@ class SelectionRules:
     components_excluded: tuple[str, ...] = NOT_ANATOMY_COMPONENTS
     contrasts: tuple[str, ...] = DEFAULT_SELECTED  # empty: any contrast
     body_parts: tuple[str, ...] = DEFAULT_BODY_PARTS  # BodyPartExamined values; UNKNOWN: none given; empty: any
-    contrast_agent: str = DEFAULT_AGENT  # a key of synthesis.contrast.AGENT_CHOICES: without, with or any
+    contrast_agent: str = DEFAULT_CHOICE  # a key of synthesis.contrast.CHOICES: without, with or any
+    fat_suppression: str = DEFAULT_CHOICE  # the same
 
     def reason_to_skip(self, series: Series, planes: Sequence[str] = (), positions: tuple[int, int] = (0, 0)) -> str | None:
         """The first rule ``series`` fails, None when it passes. ``planes``: those its instances lie
@@ -105,9 +109,13 @@ class SelectionRules:
             hint = " (list UNKNOWN to synthesize series whose header does not tell)" if series.contrast == UNKNOWN else ""
             return (f"its MR contrast is {series.contrast} ({series.contrast_source}), not one of select_acquisition_contrasts "
                     f"{list(self.contrasts)}{hint}")
-        if series.contrast_agent and series.contrast_agent not in AGENT_CHOICES[self.contrast_agent]:
-            given = "a contrast agent was given" if series.contrast_agent == WITH else "no contrast agent was given"
-            return f"its header says {given} ({series.contrast_agent_source}), and select_contrast_agent is {self.contrast_agent!r}"
+        for told, source, chosen, setting, said in (
+                (series.contrast_agent, series.contrast_agent_source, self.contrast_agent, "select_contrast_agent",
+                 ("a contrast agent was given", "no contrast agent was given")),
+                (series.fat_suppression, series.fat_suppression_source, self.fat_suppression, "select_fat_suppression",
+                 ("fat was suppressed", "fat was not suppressed"))):
+            if told and told not in CHOICES[chosen]:  # '' : recorded before it was read (migrations 0025, 0026)
+                return f"its header says {said[0] if told == WITH else said[1]} ({source}), and {setting} is {chosen!r}"
         part = series.body_part or UNKNOWN
         if self.body_parts and part not in self.body_parts:
             return (f"BodyPartExamined {'is not given' if part == UNKNOWN else repr(part)}, not one of select_body_parts "
@@ -267,10 +275,11 @@ def validate(
     check_nesting(ds)  # after the Pixel Data checks, which need the raw (unconverted) element
     told = component(ds) or ("", "")
     mr_contrast = contrast(ds)
-    agent = contrast_agent(ds)
+    agent, fat = contrast_agent(ds), fat_suppression(ds)
     return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation_label(orientation), patient_id,
                             image_type, position, frames, frame_positions, frame_set, told[0], told[1][:80],
-                            mr_contrast[0], mr_contrast[1][:160], (values.text(0x00180015) or "").upper()[:16], agent[0], agent[1][:160])
+                            mr_contrast[0], mr_contrast[1][:160], (values.text(0x00180015) or "").upper()[:16], agent[0], agent[1][:160],
+                            fat[0], fat[1][:160])
 
 
 class Ingest:

@@ -59,6 +59,9 @@ class Series(Base):
     # told it; '' when not read (recorded before 0025)
     contrast_agent: Mapped[str] = mapped_column(String(8), default="", server_default="")
     contrast_agent_source: Mapped[str] = mapped_column(String(160), default="", server_default="")
+    # WITH or WITHOUT fat suppression, as its header says (synthesis.contrast.fat_suppression), and what told it; '' before 0026
+    fat_suppression: Mapped[str] = mapped_column(String(8), default="", server_default="")
+    fat_suppression_source: Mapped[str] = mapped_column(String(160), default="", server_default="")
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

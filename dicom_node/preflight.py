@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.settings import Settings
-from synthesis.contrast import AGENT_CHOICES
+from synthesis.contrast import CHOICES
 
 if TYPE_CHECKING:
     from dicom_node.orthanc_store import OrthancStore
@@ -160,14 +160,16 @@ def _model(s: Settings) -> Check:
     warnings = [f"select_acquisition_contrasts {selected or '(empty: any)'} lets through {beyond}, whose sCT the model never "
                 "learned to make"] if beyond else []
     learned = f"trained on MR contrasts {trained}"
-    # WITH and/or WITHOUT; cards made before 2026-12-06 do not say, and UNKNOWN is a pulled cache's series that did not record it
-    enhanced = [a for a in model.card.get("mr_contrast_agents") or () if a in ("WITH", "WITHOUT")]
-    if enhanced:
-        learned += " " + " and ".join(a.lower() for a in enhanced) + " a contrast agent"
-        admitted = [a.lower() for a in AGENT_CHOICES[s.select_contrast_agent] if a not in enhanced]
+    for key, setting, chosen, what in (("mr_contrast_agents", "select_contrast_agent", s.select_contrast_agent, "a contrast agent"),
+                                       ("mr_fat_suppression", "select_fat_suppression", s.select_fat_suppression, "fat suppression")):
+        # WITH and/or WITHOUT; cards made before 2026-12-06 do not say, and UNKNOWN is a pulled cache's series that did not record it
+        seen = [a for a in model.card.get(key) or () if a in ("WITH", "WITHOUT")]
+        if not seen:
+            continue
+        learned += ", " + " and ".join(a.lower() for a in seen) + f" {what}"
+        admitted = [a.lower() for a in CHOICES[chosen] if a not in seen]
         if admitted:
-            warnings.append(f"select_contrast_agent {s.select_contrast_agent!r} lets through series {' and '.join(admitted)} a contrast "
-                            "agent, which the model never learned")
+            warnings.append(f"{setting} {chosen!r} lets through series {' and '.join(admitted)} {what}, which the model never learned")
     if warnings:
         return Check(WARN, "model", f"{said}, {learned}: " + "; ".join(warnings))
     return Check(OK, "model", f"{said}, {learned}")

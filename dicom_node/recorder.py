@@ -79,6 +79,7 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                     component=info.component, component_source=info.component_source,
                     contrast=info.contrast, contrast_source=info.contrast_source, body_part=info.body_part,
                     contrast_agent=info.contrast_agent, contrast_agent_source=info.contrast_agent_source,
+                    fat_suppression=info.fat_suppression, fat_suppression_source=info.fat_suppression_source,
                 )
                 session.add(series)
                 session.flush()

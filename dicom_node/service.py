@@ -110,7 +110,7 @@ class Node:
             description_exclude=s.select_description_exclude, min_slices=s.select_min_slices, orientations=tuple(s.select_orientations),
             image_types_excluded=tuple(s.select_image_type_exclude), components_excluded=tuple(s.select_complex_component_exclude),
             contrasts=tuple(s.select_acquisition_contrasts), body_parts=tuple(s.select_body_parts),
-            contrast_agent=s.select_contrast_agent,
+            contrast_agent=s.select_contrast_agent, fat_suppression=s.select_fat_suppression,
         )
         # Built once (its TLS context reads files): the SCP routes to it, the API reports it.
         destination = routing_destination(s, password) if self.role in ("all", "scp", "api") else None
@@ -226,7 +226,7 @@ class Node:
             spool_dir=str(s.spool_dir) if Path(s.spool_dir).exists() else None, spool_min_free_mb=s.spool_min_free_mb, node_info=info,
             routing=routing, orthanc_timeout=s.orthanc_timeout_seconds, audit_export=s.audit_syslog,
             forward_commitment_on=s.forward_commitment, contrasts=tuple(s.select_acquisition_contrasts),
-            contrast_agent=s.select_contrast_agent,
+            contrast_agent=s.select_contrast_agent, fat_suppression=s.select_fat_suppression,
         )
         tls = {}
         if s.api_tls_certificate is not None:

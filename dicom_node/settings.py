@@ -16,7 +16,7 @@ from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_va
 from pydantic_settings import BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 from synthesis import default_model_path
-from synthesis.contrast import CONTRASTS, DEFAULT_AGENT, DEFAULT_BODY_PARTS, DEFAULT_SELECTED
+from synthesis.contrast import CONTRASTS, DEFAULT_CHOICE, DEFAULT_BODY_PARTS, DEFAULT_SELECTED
 from synthesis.image_type import COMPONENTS, NOT_ANATOMY, NOT_ANATOMY_COMPONENTS
 
 AE_TITLE_RE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable ASCII without backslash
@@ -206,11 +206,17 @@ class Settings(BaseSettings):
         "tell); empty: any",
     )
     select_contrast_agent: Literal["without", "with", "any"] = Field(
-        DEFAULT_AGENT, description="MR series to synthesize by whether their first instance's header says a contrast agent was "
+        DEFAULT_CHOICE, description="MR series to synthesize by whether their first instance's header says a contrast agent was "
         "given (synthesis.contrast.contrast_agent: an enhanced MR's Contrast/Bolus Usage, else Contrast/Bolus Agent naming one): "
         "without, with, or any. The shipped model learned unenhanced T1 heads: in a post-gadolinium T1 the vessels, dura and any "
         "enhancing lesion are bright, and its sCT reads them as another tissue. Set to a model card's mr_contrast_agents "
         "(any: a model trained on both)",
+    )
+    select_fat_suppression: Literal["without", "with", "any"] = Field(
+        DEFAULT_CHOICE, description="MR series to synthesize by whether their first instance's header says fat was suppressed "
+        "(synthesis.contrast.fat_suppression: an enhanced MR's Spectrally Selected Suppression FAT, else FS in ScanOptions): "
+        "without, with, or any. In a fat-saturated T1 the scalp's fat and the skull's marrow are dark where the T1 the shipped "
+        "model learned has them bright. Set to a model card's mr_fat_suppression (any: a model trained on both)",
     )
     select_body_parts: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_BODY_PARTS), description="BodyPartExamined (0018,0015) values to synthesize, as the "

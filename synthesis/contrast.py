@@ -49,6 +49,19 @@ and the sCT reads them as another tissue. The rule, first answer wins:
    absence, or an empty agent (how scanners write it when nothing was entered), says none was.
 
 A header is believed: a post-contrast series whose technologist entered no agent reads WITHOUT.
+
+Whether fat was suppressed is a third (``fat_suppression``; ``select_fat_suppression``): in a
+fat-saturated T1 the scalp's fat and the marrow of the skull's diploe are dark where the T1 a model
+learned has them bright, and its sCT misreads the tissue around the skull. First answer wins:
+
+1. Spectrally Selected Suppression (0018,9025), where an enhanced MR's pulse sequence says it (at
+   its top level, or among a legacy converted image's unassigned converted attributes): FAT or
+   FAT_AND_WATER is WITH, any other value (NONE, WATER, SILICON_GEL) WITHOUT;
+2. ScanOptions (0018,0022) holding FS, DICOM's defined term for fat saturation (as GE and Siemens
+   write it among their own options): WITH;
+3. otherwise WITHOUT. An inversion-recovery fat suppression is a STIR by the contrast rule above, and
+   a Dixon's water image is told by its ImageType (synthesis.image_type); a vendor that says fat
+   saturation only in a private element reads WITHOUT.
 """
 
 from __future__ import annotations
@@ -161,8 +174,8 @@ def _text(value: Any) -> str:
     return "" if value is None else str(value).strip(" \x00").upper()
 
 
-def contrast(ds: Dataset) -> tuple[str, str]:
-    """``decide`` on a data set as received (raw elements) or built in memory. Only an enhanced
+def _dataset_look(ds: Dataset) -> Look:
+    """``Look`` into a data set as received (raw elements) or built in memory. Only an enhanced
     image's functional groups are decoded (the node calls this for every C-STORE)."""
     keys = ds.keys()
 
@@ -186,11 +199,16 @@ def contrast(ds: Dataset) -> tuple[str, str]:
                 continue
         return ""
 
-    return decide(look)
+    return look
 
 
-def contrast_json(metadata: Mapping[str, Any]) -> tuple[str, str]:
-    """``contrast`` of an instance's DICOMweb metadata (WADO-RS JSON, PS3.18 F.2)."""
+def contrast(ds: Dataset) -> tuple[str, str]:
+    """``decide`` on a data set as received (raw elements) or built in memory."""
+    return decide(_dataset_look(ds))
+
+
+def _json_look(metadata: Mapping[str, Any]) -> Look:
+    """``Look`` into an instance's DICOMweb metadata (WADO-RS JSON, PS3.18 F.2)."""
 
     def first_item(attrs: Mapping[str, Any], key: str) -> Mapping[str, Any] | None:
         values = (attrs.get(key) or {}).get("Value") or []
@@ -210,14 +228,20 @@ def contrast_json(metadata: Mapping[str, Any]) -> tuple[str, str]:
                 return _text((inner.get(f"{tag:08X}") or {}).get("Value"))
         return ""
 
-    return decide(look)
+    return look
+
+
+def contrast_json(metadata: Mapping[str, Any]) -> tuple[str, str]:
+    """``contrast`` of an instance's DICOMweb metadata (WADO-RS JSON, PS3.18 F.2)."""
+    return decide(_json_look(metadata))
 
 
 WITH, WITHOUT = "WITH", "WITHOUT"
-# the node's select_contrast_agent and `mr2ct pull --mr-contrast-agent`: which of WITH and WITHOUT they take
-AGENT_CHOICES: dict[str, tuple[str, ...]] = {"without": (WITHOUT,), "with": (WITH,), "any": (WITH, WITHOUT)}
-# what the shipped model, and every model trained on the phantom cohort, was trained on: unenhanced heads
-DEFAULT_AGENT = "without"
+# the node's select_contrast_agent and select_fat_suppression, and `mr2ct pull --mr-contrast-agent` and
+# `--mr-fat-suppression`: which of WITH and WITHOUT they take
+CHOICES: dict[str, tuple[str, ...]] = {"without": (WITHOUT,), "with": (WITH,), "any": (WITH, WITHOUT)}
+# what the shipped model, and every model trained on the phantom cohort, was trained on: unenhanced heads, fat not suppressed
+DEFAULT_CHOICE = "without"
 CONTRAST_AGENT, AGENT_SEQUENCE, AGENT_INGREDIENT = 0x00180010, 0x00180012, 0x00181048
 USAGE_GROUP, AGENT_ADMINISTERED, YES_SAID = 0x00189341, 0x00189342, "YES"
 # how scanners and technologists write "none given" into Contrast/Bolus Agent
@@ -300,3 +324,30 @@ def contrast_agent_json(metadata: Mapping[str, Any]) -> tuple[str, str]:
                     if isinstance(frame, Mapping) for item in values(frame, USAGE_GROUP) if isinstance(item, Mapping)
                     for v in values(item, AGENT_ADMINISTERED)[:1]]
     return decide_agent(_text(top(CONTRAST_AGENT)), len(top(AGENT_SEQUENCE)), _text(top(AGENT_INGREDIENT)), administered)
+
+
+SCAN_OPTIONS, SPECTRAL_SUPPRESSION = 0x00180022, 0x00189025
+
+
+def decide_fat(scan_options: str, suppression: str) -> tuple[str, str]:
+    """(WITH or WITHOUT, what told it) by the module's fat-suppression rule, from ScanOptions'
+    values and Spectrally Selected Suppression, as text (upper case, values joined by backslashes)."""
+    if suppression:
+        if suppression in ("FAT", "FAT_AND_WATER"):
+            return WITH, f"Spectrally Selected Suppression (0018,9025) {suppression}"
+        return WITHOUT, f"Spectrally Selected Suppression (0018,9025) {suppression[:16]}"
+    if "FS" in scan_options.split("\\"):
+        return WITH, f"ScanOptions (0018,0022) {scan_options[:64]} holds FS (fat saturation)"
+    return WITHOUT, "no fat suppression in the header (no FS in ScanOptions (0018,0022), no Spectrally Selected Suppression)"
+
+
+def fat_suppression(ds: Dataset) -> tuple[str, str]:
+    """``decide_fat`` on a data set as received (raw elements) or built in memory."""
+    look = _dataset_look(ds)
+    return decide_fat(look(SCAN_OPTIONS, None), look(SPECTRAL_SUPPRESSION, None))
+
+
+def fat_suppression_json(metadata: Mapping[str, Any]) -> tuple[str, str]:
+    """``fat_suppression`` of an instance's DICOMweb metadata (WADO-RS JSON, PS3.18 F.2)."""
+    look = _json_look(metadata)
+    return decide_fat(look(SCAN_OPTIONS, None), look(SPECTRAL_SUPPRESSION, None))

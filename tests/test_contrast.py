@@ -3,7 +3,8 @@ scanner routes everything to the node: each is told by its header (synthesis.con
 BodyPartExamined) and left unsynthesized with the reason, the T1 head beside it synthesized;
 asked for by name, a series whose header does not tell its contrast, or names another body part,
 is vouched for, a FLAIR one still refused. So is a post-contrast T1, whose header says an agent was
-given, while the node takes unenhanced series (select_contrast_agent)."""
+given, while the node takes unenhanced series (select_contrast_agent), and a fat-saturated T1
+(select_fat_suppression)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from dicom_node.ingest import SelectionRules
 from dicom_node.local_stack import storescu
 from dicom_node.models import AuditEvent, Job, Series
 from dicom_node.settings import Settings
-from synthesis.contrast import contrast, contrast_agent, contrast_agent_json, contrast_json
+from synthesis.contrast import (contrast, contrast_agent, contrast_agent_json, contrast_json, fat_suppression,
+                                fat_suppression_json)
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import api_token, wait_for
 from training.phantom_dicom import write_mr_series
@@ -201,6 +203,46 @@ def test_a_contrast_agent_is_read_from_the_header_as_received_from_an_enhanced_i
     assert contrast_agent_json(enhanced.to_json_dict())[0] == "WITHOUT"
 
 
+def test_fat_suppression_is_read_from_scan_options_and_an_enhanced_images_pulse_sequence(mr, tmp_path):
+    """FS in ScanOptions (DICOM's term, among a vendor's own options) or an enhanced image's
+    Spectrally Selected Suppression FAT says fat was suppressed; a spatial saturation band (SAT1)
+    or another option does not."""
+    for options, expected in ((["PFP", "FS"], "WITH"), ("FS", "WITH"), (["SAT_GEMS", "EPI_GEMS", "PFF", "FS"], "WITH"),
+                              (["SAT1", "PFP"], "WITHOUT"), ("", "WITHOUT"), (None, "WITHOUT")):
+        ds = pydicom.dcmread(mr.files[0])
+        if options is None:
+            del ds.ScanOptions
+        else:
+            ds.ScanOptions = options
+        path = tmp_path / "one.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        told, why = fat_suppression(pydicom.dcmread(path))  # raw elements, as the node reads a C-STORE
+        assert told == expected, (options, why)
+        assert fat_suppression_json(ds.to_json_dict())[0] == expected, options
+    ds = pydicom.dcmread(mr.files[0])
+    ds.ScanOptions = ["PFP", "FS"]
+    assert fat_suppression(ds) == ("WITH", "ScanOptions (0018,0022) PFP\\FS holds FS (fat saturation)")
+    enhanced = Dataset()
+    for said, expected in (("FAT", "WITH"), ("FAT_AND_WATER", "WITH"), ("NONE", "WITHOUT"), ("WATER", "WITHOUT")):
+        enhanced.SpectrallySelectedSuppression = said
+        enhanced.ScanOptions = "FS"  # the enhanced image's own term wins
+        assert fat_suppression(enhanced) == (expected, f"Spectrally Selected Suppression (0018,9025) {said}")
+        assert fat_suppression_json(enhanced.to_json_dict())[0] == expected
+
+
+def test_the_fat_suppression_rule_is_the_sites_to_change():
+    def series(fat: str) -> Series:
+        return Series(modality="MR", series_description="", instance_count=20, orientation="axial", contrast="T1", contrast_source="",
+                      contrast_agent="WITHOUT", contrast_agent_source="", fat_suppression=fat, fat_suppression_source=f"told {fat.lower()}")
+
+    default = SelectionRules(fat_suppression=Settings().select_fat_suppression)
+    assert default.reason_to_skip(series("WITH")) == "its header says fat was suppressed (told with), and select_fat_suppression is 'without'"
+    assert default.reason_to_skip(series("WITHOUT")) is None and default.reason_to_skip(series("")) is None
+    assert SelectionRules(fat_suppression=Settings(select_fat_suppression="any").select_fat_suppression).reason_to_skip(series("WITH")) is None
+    with pytest.raises(ValueError, match="select_fat_suppression"):
+        Settings(select_fat_suppression="FS")
+
+
 def test_the_contrast_agent_rule_is_the_sites_to_change_and_a_wrong_value_names_the_key():
     def series(agent: str) -> Series:
         return Series(modality="MR", series_description="", instance_count=20, orientation="axial", contrast="T1", contrast_source="",
@@ -259,7 +301,9 @@ def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_
         ds.save_as(path)
     post = write_mr_series(tmp_path / "t1_post", seed=419, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0, study_uid=study,
                            series_description="t1_post_gd", contrast_agent="Gadobutrol")
-    for each in (t2, flair, unknown, pelvis, post, t1):
+    fat_sat = write_mr_series(tmp_path / "t1_fs", seed=420, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0, study_uid=study,
+                              series_description="t1_fs", fat_suppressed=True)
+    for each in (t2, flair, unknown, pelvis, post, fat_sat, t1):
         assert storescu(each.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
     assert wait_for_job(node.database_url, t1.series_uid, timeout=120).state == "done"
     sessions = init_db(node.database_url)
@@ -270,16 +314,18 @@ def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_
         return row if row is not None and row.state == "ignored" else None
 
     rows = {name: wait_for(lambda s=s: ignored(s.series_uid), 60, f"{name} ignored") for name, s in
-            (("t2", t2), ("flair", flair), ("unknown", unknown), ("pelvis", pelvis), ("post", post))}
+            (("t2", t2), ("flair", flair), ("unknown", unknown), ("pelvis", pelvis), ("post", post), ("fat_sat", fat_sat))}
     assert rows["t2"].reason.startswith("its MR contrast is T2 (ScanningSequence SE, TR 4000 ms, TE 100 ms: long TE)")
     assert "FLUID_ATTENUATED" in rows["flair"].reason and "select_acquisition_contrasts ['T1']" in rows["flair"].reason
     assert "UNKNOWN" in rows["unknown"].reason and "list UNKNOWN" in rows["unknown"].reason
     assert rows["pelvis"].reason == "BodyPartExamined 'PELVIS', not one of select_body_parts ['HEAD', 'BRAIN', 'SKULL', 'UNKNOWN']"
     assert rows["post"].reason == ("its header says a contrast agent was given (Contrast/Bolus Agent (0018,0010) 'GADOBUTROL'), and "
                                    "select_contrast_agent is 'without'")
+    assert rows["fat_sat"].reason == ("its header says fat was suppressed (ScanOptions (0018,0022) PFP\\FS holds FS (fat saturation)), "
+                                      "and select_fat_suppression is 'without'")
     with sessions() as session:
         assert not session.scalars(select(Job).where(Job.series_instance_uid.in_(
-            [t2.series_uid, flair.series_uid, unknown.series_uid, pelvis.series_uid, post.series_uid]))).all()
+            [t2.series_uid, flair.series_uid, unknown.series_uid, pelvis.series_uid, post.series_uid, fat_sat.series_uid]))).all()
     # asked for by name: the contrast its header does not tell and the body part are vouched for; the FLAIR is still no T1,
     # and the post-contrast T1 still enhanced
     for each in (flair, unknown, pelvis, post):
@@ -289,18 +335,21 @@ def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_
     url = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/synthesize"
     listed = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/series", params={"state": "ignored", "study_uid": study},
                        headers=admin, timeout=60).json()["items"]
-    told = {item["series_instance_uid"]: (item["contrast"], item["body_part"], item["contrast_agent"]) for item in listed}
-    assert told == {t2.series_uid: ("T2", "HEAD", "WITHOUT"), flair.series_uid: ("FLUID_ATTENUATED", "HEAD", "WITHOUT"),
-                    unknown.series_uid: ("UNKNOWN", "HEAD", "WITHOUT"), pelvis.series_uid: ("T1", "PELVIS", "WITHOUT"),
-                    post.series_uid: ("T1", "HEAD", "WITH")}  # what an administrator filtering the ignored series sees
+    told = {item["series_instance_uid"]: (item["contrast"], item["body_part"], item["contrast_agent"], item["fat_suppression"])
+            for item in listed}
+    assert told == {t2.series_uid: ("T2", "HEAD", "WITHOUT", "WITHOUT"), flair.series_uid: ("FLUID_ATTENUATED", "HEAD", "WITHOUT", "WITHOUT"),
+                    unknown.series_uid: ("UNKNOWN", "HEAD", "WITHOUT", "WITHOUT"), pelvis.series_uid: ("T1", "PELVIS", "WITHOUT", "WITHOUT"),
+                    post.series_uid: ("T1", "HEAD", "WITH", "WITHOUT"),
+                    fat_sat.series_uid: ("T1", "HEAD", "WITHOUT", "WITH")}  # what an administrator filtering the ignored series sees
     metrics = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/metrics", headers=admin, timeout=60).text
     assert {line for line in metrics.splitlines() if line.startswith("mr2ct_series_ignored{")} == {
-        'mr2ct_series_ignored{contrast="T2",contrast_agent="without"} 1',
-        'mr2ct_series_ignored{contrast="FLUID_ATTENUATED",contrast_agent="without"} 1',
-        'mr2ct_series_ignored{contrast="UNKNOWN",contrast_agent="without"} 1',
-        'mr2ct_series_ignored{contrast="T1",contrast_agent="without"} 1',  # the pelvis
-        'mr2ct_series_ignored{contrast="T1",contrast_agent="with"} 1'}
-    assert 'mr2ct_series{state="ignored"} 5' in metrics.splitlines()
+        'mr2ct_series_ignored{contrast="T2",contrast_agent="without",fat_suppression="without"} 1',
+        'mr2ct_series_ignored{contrast="FLUID_ATTENUATED",contrast_agent="without",fat_suppression="without"} 1',
+        'mr2ct_series_ignored{contrast="UNKNOWN",contrast_agent="without",fat_suppression="without"} 1',
+        'mr2ct_series_ignored{contrast="T1",contrast_agent="without",fat_suppression="without"} 1',  # the pelvis
+        'mr2ct_series_ignored{contrast="T1",contrast_agent="with",fat_suppression="without"} 1',
+        'mr2ct_series_ignored{contrast="T1",contrast_agent="without",fat_suppression="with"} 1'}
+    assert 'mr2ct_series{state="ignored"} 6' in metrics.splitlines()
     refused = httpx.post(url, json={"series_uid": flair.series_uid}, headers=admin, timeout=60)
     assert refused.status_code == 422 and "its MR contrast is FLUID_ATTENUATED" in refused.json()["detail"], refused.text
     enhanced = httpx.post(url, json={"series_uid": post.series_uid}, headers=admin, timeout=60)

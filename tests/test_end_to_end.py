@@ -98,6 +98,7 @@ def test_sr_references_the_mr_and_ct_series(delivered, orthanc):
     assert facts.parameters["model_sha256"] == job.model_sha256
     assert facts.parameters["model_mr_contrasts"] == "T1" and facts.parameters["source_mr_contrast"].startswith("T1 (")
     assert facts.parameters["model_mr_contrast_agents"] == "WITHOUT" and facts.parameters["source_mr_contrast_agent"].startswith("WITHOUT (")
+    assert facts.parameters["model_mr_fat_suppression"] == "WITHOUT" and facts.parameters["source_mr_fat_suppression"].startswith("WITHOUT (")
     assert sr.StudyInstanceUID == series.study_uid
 
 

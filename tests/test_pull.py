@@ -106,7 +106,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         cache_dir = tmp_path / "cache"
         counts = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("CT")], username=orthanc.username, password=orthanc.password)
         assert counts == {"found": 3 + 1 + 3, "fetched": 4, "skipped": 0, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1, "refreshed": 0, "contrast": 0,
-                          "contrast_agent": 0}
+                          "contrast_agent": 0, "fat_suppression": 0}
         cache = DatasetCache(cache_dir)
         assert not {sct.series_uid, broken.series_uid, topogram.series_uid} & cache.known()
         assert cache.left_out()[topogram.series_uid] == "localizer"
@@ -114,7 +114,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         with dicomweb_proxy(orthanc) as (url, asked, _refused):
             again = pull(url, cache_dir, [PullFilter("CT")])
         assert again == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1, "refreshed": 0, "contrast": 0,
-                          "contrast_agent": 0}
+                          "contrast_agent": 0, "fat_suppression": 0}
         assert metadata_asked(asked) == [] and not any(uid in path for path in asked
                                                       for uid in (sct.series_uid, broken.series_uid, topogram.series_uid))
         assert not any(pid in p.read_bytes() for p in cache_dir.rglob("*") if p.is_file() for pid in (b"PHSCT01", b"PHBAD01", b"PHTOP01"))
@@ -130,7 +130,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         more = pull(f"{orthanc.url}/dicom-web", tmp_path / "limited", [PullFilter("CT", limit=5)],
                     username=orthanc.username, password=orthanc.password, progress=False)
         assert more == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1,
-                        "refreshed": 0, "contrast": 0, "contrast_agent": 0}  # looked at all: the PACS has no 5th
+                        "refreshed": 0, "contrast": 0, "contrast_agent": 0, "fat_suppression": 0}  # looked at all: the PACS has no 5th
 
 
 def test_a_siemens_mosaic_and_phase_images_are_left_out_before_their_pixels_are_fetched(orthanc, tmp_path):
@@ -173,7 +173,7 @@ def test_a_siemens_mosaic_and_phase_images_are_left_out_before_their_pixels_are_
     with _in_the_pacs(orthanc, [f for series in left for f in series.files]), dicomweb_proxy(orthanc) as (url, asked, _refused):
         counts = pull(url, tmp_path / "cache", [PullFilter("MR", description="ep2d|field_map")], progress=False)
     assert counts == {"found": 5, "fetched": 0, "skipped": 0, "synthetic": 0, "localizer": 0, "mosaic": 1, "phase": 2, "complex": 1, "dixon": 1,
-                      "unusable": 0, "refreshed": 0, "contrast": 0, "contrast_agent": 0}
+                      "unusable": 0, "refreshed": 0, "contrast": 0, "contrast_agent": 0, "fat_suppression": 0}
     assert DatasetCache(tmp_path / "cache").left_out() == {bold.series_uid: "mosaic", phase.series_uid: "phase", ge[1].series_uid: "phase",
                                                            ge[2].series_uid: "complex", fat.series_uid: "dixon"}
     fetched = [path for path in asked if "/instances/" in path and not path.endswith("/metadata")
@@ -192,10 +192,10 @@ def test_the_mr_pool_takes_the_contrast_asked_for_told_before_the_pixels_are_fet
     made = {}
     for name, seed, timing in (("t1_se", 90, None), ("t2_tse", 91, ("SE", "4000", "100", None)),
                                ("t2_flair", 92, ("SE\\IR", "9000", "90", "2500")), ("pd_tse", 93, ("SE", "3000", "15", None)),
-                               ("t1_post_gd", 94, None)):
+                               ("t1_post_gd", 94, None), ("t1_fs", 95, None)):
         made[name] = write_mr_series(tmp_path / name, seed=seed, slices=3, size=32, pixel_spacing=8.0, patient_id="PHCON01",
                                      series_description=f"contrast {name}", **({"mr_timing": timing} if timing else {}),
-                                     contrast_agent="GADOBUTROL" if name == "t1_post_gd" else None)
+                                     contrast_agent="GADOBUTROL" if name == "t1_post_gd" else None, fat_suppressed=name == "t1_fs")
     cache = tmp_path / "cache"
     files = [f for series in made.values() for f in series.files]
     with _in_the_pacs(orthanc, files), dicomweb_proxy(orthanc) as (url, asked, _refused):
@@ -210,27 +210,37 @@ def test_the_mr_pool_takes_the_contrast_asked_for_told_before_the_pixels_are_fet
         # a post-contrast T1 is T1 by its timing: left out by --mr-contrast-agent (default without), told by its metadata too
         assert "1 MR series with a contrast agent (--mr-contrast-agent without)" in default.stdout, default.stdout
         assert sum("with a contrast agent (Contrast/Bolus Agent (0018,0010) 'GADOBUTROL')" in entry["message"] for entry in logged) == 1
+        # a fat-saturated T1 likewise (--mr-fat-suppression, default without)
+        assert "1 MR series with fat suppression (--mr-fat-suppression without)" in default.stdout, default.stdout
         fetched = [path for path in asked if "/instances/" in path and not path.endswith("/metadata")
-                   and any(made[name].series_uid in path for name in ("t2_tse", "t2_flair", "pd_tse", "t1_post_gd"))]
+                   and any(made[name].series_uid in path for name in ("t2_tse", "t2_flair", "pd_tse", "t1_post_gd", "t1_fs"))]
         assert fetched == [], fetched
         entries = DatasetCache(cache).entries()
-        assert [(e["series_uid"], e["contrast"], e["contrast_agent"]) for e in entries] == [(made["t1_se"].series_uid, "T1", "WITHOUT")]
+        assert [(e["series_uid"], e["contrast"], e["contrast_agent"], e["fat_suppression"]) for e in entries] == [
+            (made["t1_se"].series_uid, "T1", "WITHOUT", "WITHOUT")]
         assert DatasetCache(cache).left_out() == {}
         more = pull(url, cache, [PullFilter("MR", description="^contrast ", contrasts=("T2", "FLUID_ATTENUATED"))], progress=False)
-        assert (more["fetched"], more["skipped"], more["contrast"]) == (2, 1, 2)
+        assert (more["fetched"], more["skipped"], more["contrast"]) == (2, 1, 3)
         enhanced = subprocess.run([*MR2CT, "pull", "--url", url, "--cache", str(cache), "--modality", "MR", "--description", "^contrast ",
                                    "--mr-contrast-agent", "WITH"], capture_output=True, text=True, timeout=300)
         assert enhanced.returncode == 0 and "fetched 1," in enhanced.stdout, enhanced.stdout + enhanced.stderr[-2000:]
-        assert "0 MR series without a contrast agent" in enhanced.stdout  # the unenhanced T1 is cached already
-    assert {e["series_uid"]: (e["contrast"], e["contrast_agent"]) for e in DatasetCache(cache).entries()} == {
-        made["t1_se"].series_uid: ("T1", "WITHOUT"), made["t2_tse"].series_uid: ("T2", "WITHOUT"),
-        made["t2_flair"].series_uid: ("FLUID_ATTENUATED", "WITHOUT"), made["t1_post_gd"].series_uid: ("T1", "WITH")}
+        # the unenhanced T1 is cached already; the fat-saturated one, unenhanced too, is not taken (nor fetched)
+        assert "1 MR series without a contrast agent" in enhanced.stdout, enhanced.stdout
+        fat = pull(url, cache, [PullFilter("MR", description="^contrast ", contrasts=("T1",), fat_suppression=("WITH",))], progress=False)
+        assert (fat["fetched"], fat["fat_suppression"]) == (1, 0)
+    assert {e["series_uid"]: (e["contrast"], e["contrast_agent"], e["fat_suppression"]) for e in DatasetCache(cache).entries()} == {
+        made["t1_se"].series_uid: ("T1", "WITHOUT", "WITHOUT"), made["t2_tse"].series_uid: ("T2", "WITHOUT", "WITHOUT"),
+        made["t2_flair"].series_uid: ("FLUID_ATTENUATED", "WITHOUT", "WITHOUT"), made["t1_post_gd"].series_uid: ("T1", "WITH", "WITHOUT"),
+        made["t1_fs"].series_uid: ("T1", "WITHOUT", "WITH")}
     bad = subprocess.run([*MR2CT, "pull", "--url", url, "--cache", str(tmp_path / "other"), "--mr-contrast", "T3"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--mr-contrast ['T3'] is not an MR contrast" in bad.stderr, bad.stderr[-2000:]
     bad_agent = subprocess.run([*MR2CT, "pull", "--url", url, "--cache", str(tmp_path / "other"), "--mr-contrast-agent", "some"],
                                capture_output=True, text=True, timeout=60)
     assert bad_agent.returncode == 2 and "--mr-contrast-agent 'some' is none of without, with, any" in bad_agent.stderr, bad_agent.stderr
+    bad_fat = subprocess.run([*MR2CT, "pull", "--url", url, "--cache", str(tmp_path / "other"), "--mr-fat-suppression", "some"],
+                             capture_output=True, text=True, timeout=60)
+    assert bad_fat.returncode == 2 and "--mr-fat-suppression 'some' is none of without, with, any" in bad_fat.stderr, bad_fat.stderr
     bad_format = subprocess.run([*MR2CT, "pull", "--url", url, "--cache", str(tmp_path / "other")], capture_output=True, text=True,
                                 timeout=60, env=dict(os.environ, MR2CT_LOG_FORMAT="xml"))
     assert bad_format.returncode == 2 and "MR2CT_LOG_FORMAT must be text or json, got 'xml'" in bad_format.stderr
@@ -426,7 +436,7 @@ def test_training_runs_on_a_pulled_cache(cohort_in_orthanc, orthanc, tmp_path):
     assert card["training"]["data"]["cache"] == str(cache_dir)
     assert card["training"]["data"]["mr_slices"] == 5 * 6 and card["training"]["data"]["ct_slices"] == 4 * 6
     assert card["mr_contrasts"] == ["T1"]  # what the pull recorded of each MR series: the node's config check holds its selection to it
-    assert card["mr_contrast_agents"] == ["WITHOUT"]  # and whether each was enhanced
+    assert card["mr_contrast_agents"] == ["WITHOUT"] and card["mr_fat_suppression"] == ["WITHOUT"]  # and whether each was enhanced, fat-saturated
 
 
 def test_evaluate_pairs_leaves_out_the_patients_a_pulled_cache_trained_on(cohort_in_orthanc, orthanc, tmp_path):

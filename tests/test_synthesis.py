@@ -281,6 +281,8 @@ def test_the_sr_round_trips_into_the_same_facts(tiny_model: Path, mr_series, tmp
     assert facts.parameters["source_mr_contrast_agent"] == ("WITHOUT (no contrast agent in the header (Contrast/Bolus Agent (0018,0010) "
                                                             "empty or absent))")
     assert facts.parameters["model_mr_contrast_agents"] == "not stated by its card"
+    assert facts.parameters["source_mr_fat_suppression"].startswith("WITHOUT (no fat suppression in the header")
+    assert facts.parameters["model_mr_fat_suppression"] == "not stated by its card"
     assert parsed.StudyInstanceUID == mr_series.study_uid
 
 

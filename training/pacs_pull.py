@@ -29,7 +29,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
-from synthesis.contrast import contrast, contrast_agent, contrast_agent_json, contrast_json
+from synthesis.contrast import contrast, contrast_agent, contrast_agent_json, contrast_json, fat_suppression, fat_suppression_json
 from synthesis.errors import Mr2ctError, PacsUnavailable
 from synthesis.image_type import KINDS, component_json, component_kind, not_anatomy
 from synthesis.normalize import mr_to_unit
@@ -58,6 +58,7 @@ class PullFilter:
     limit: int | None = None
     contrasts: tuple[str, ...] = ()  # MR only: the contrasts taken (synthesis.contrast); empty: any
     contrast_agents: tuple[str, ...] = ()  # MR only: WITH and/or WITHOUT a contrast agent (synthesis.contrast.contrast_agent); empty: any
+    fat_suppression: tuple[str, ...] = ()  # MR only: WITH and/or WITHOUT fat suppression (synthesis.contrast.fat_suppression); empty: any
 
 
 def _value(attrs: dict[str, Any], tag: str) -> str:
@@ -255,7 +256,8 @@ def pull(
     take, told by the same first instance's metadata, ``synthesis.contrast``: a T1 model's MR pool
     with T2 and FLAIR heads in it learns a mix of both; a fetched MR series' manifest line records
     its contrast); contrast_agent: MR series the filter's ``contrast_agents`` does not take by whether
-    their header says a contrast agent was given (a manifest line records that too).
+    their header says a contrast agent was given (a manifest line records that too); fat_suppression:
+    likewise by whether it says fat was suppressed.
     A filter's ``limit`` counts the series the cache holds (fetched or cached already): the series
     left out do not count, so that many are taken while the PACS has that many."""
     cache = DatasetCache(cache_dir)
@@ -302,12 +304,15 @@ def pull(
             if told not in flt.contrasts:
                 log.info("not pulled series=%s: its MR contrast is %s (%s), not one of %s", series_uid, told, why, list(flt.contrasts))
                 return "contrast"  # one cached before (in its acquired plane) stays as it is
-        if flt.modality == "MR" and flt.contrast_agents and metadata is not None:
-            given, why = contrast_agent_json(metadata)
-            if given not in flt.contrast_agents:
-                log.info("not pulled series=%s: %s a contrast agent (%s), not %s", series_uid, given.lower(), why,
-                         " or ".join(a.lower() for a in flt.contrast_agents))
-                return "contrast_agent"
+        for key, taken, rule, what in (("contrast_agent", flt.contrast_agents, contrast_agent_json, "a contrast agent"),
+                                       ("fat_suppression", flt.fat_suppression, fat_suppression_json, "fat suppression")):
+            if flt.modality != "MR" or not taken or metadata is None:
+                continue
+            given, why = rule(metadata)
+            if given not in taken:
+                log.info("not pulled series=%s: %s %s (%s), not %s", series_uid, given.lower(), what, why,
+                         " or ".join(a.lower() for a in taken))
+                return key
         try:
             datasets = list(_instances(client, study_uid, series_uid))
         except Exception as exc:
@@ -322,6 +327,7 @@ def pull(
         first = source.headers[0]
         told = contrast(first)[0] if flt.modality == "MR" else None
         given = contrast_agent(first)[0] if flt.modality == "MR" else None
+        fat = fat_suppression(first)[0] if flt.modality == "MR" else None
         key = patient_key(str(first.get("PatientID", "")), str(first.get("IssuerOfPatientID", "")), cache.salt)
         # the slices the node would show the generator: a 3D sagittal or coronal series as axial ones
         volume = source.volume
@@ -342,7 +348,7 @@ def pull(
                 "shard": shard, "slices": int(slices.shape[0]), "rows": int(slices.shape[1]), "columns": int(slices.shape[2]),
                 "pixel_spacing": list(pixel_spacing), "slice_spacing": round(abs(slice_spacing), 4),
                 "orientation": [round(v, 6) for v in volume.orientation], "plane": plane,
-                **({"contrast": told} if told else {}), **({"contrast_agent": given} if given else {}),
+                **({"contrast": told} if told else {}), **({"contrast_agent": given, "fat_suppression": fat} if given else {}),
             },
             slices,
             replaces=outdated.get(series_uid),
@@ -354,7 +360,7 @@ def pull(
         return "fetched"
 
     counts = {"found": 0, "fetched": 0, "skipped": 0, SYNTHETIC: 0, **dict.fromkeys(KINDS, 0), "unusable": 0, "refreshed": 0, "contrast": 0,
-              "contrast_agent": 0}
+              "contrast_agent": 0, "fat_suppression": 0}
     wanted = [len(matched) if flt.limit is None else min(flt.limit, len(matched)) for flt, matched in plans]
     bar = progress_bar(total=sum(wanted), desc="pull", unit="series", show=progress)
     with bar:

@@ -55,6 +55,7 @@ def write_mr_series(
     uid_key: str = "",
     mr_timing: tuple[str, str, str, str | None] = EXAMPLE_TIMINGS["T1"],
     contrast_agent: str | None = None,
+    fat_suppressed: bool = False,
 ) -> PhantomSeries:
     """Render one phantom head as a T1 MR (or, with ``modality="CT"``, a CT in HU) series of
     single-frame instances in ``folder``. Its UIDs follow from its parameters (the same call, the
@@ -62,7 +63,8 @@ def write_mr_series(
     (ScanningSequence, RepetitionTime, EchoTime, InversionTime or None) its header says, which is
     what tells the node its contrast (synthesis.contrast); the pixels stay T1-weighted whatever it says.
     ``contrast_agent``: an agent's name its Contrast/Bolus module says was given intravenously (the
-    header of a post-contrast series, synthesis.contrast.contrast_agent; the pixels stay unenhanced)."""
+    header of a post-contrast series, synthesis.contrast.contrast_agent; the pixels stay unenhanced).
+    ``fat_suppressed``: ScanOptions says FS (fat saturation; the pixels keep their fat bright)."""
     if modality not in ("MR", "CT"):
         raise ValueError(f"modality must be MR or CT, got {modality!r}")
     folder = Path(folder)
@@ -108,7 +110,8 @@ def write_mr_series(
         ds.InstanceNumber = int(order[i]) + 1
         if modality == "MR":
             ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
-            ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = mr_timing[0], "SP", "", "2D"
+            ds.ScanningSequence, ds.SequenceVariant, ds.MRAcquisitionType = mr_timing[0], "SP", "2D"
+            ds.ScanOptions = ["PFP", "FS"] if fat_suppressed else ""
             ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = mr_timing[1], mr_timing[2], "1"
             if mr_timing[3]:
                 ds.InversionTime = mr_timing[3]

@@ -96,17 +96,18 @@ def mr_contrasts(cfg: TrainConfig) -> list[str]:
     return sorted({e.get("contrast", "UNKNOWN") for e in entries if e["modality"] == "MR" and e["split"] == "train"})
 
 
-def mr_contrast_agents(cfg: TrainConfig) -> list[str]:
-    """Whether the MR the generator learns from was enhanced (the card's ``mr_contrast_agents``, WITH
-    and/or WITHOUT, which `mr2ct config check` holds the node's select_contrast_agent to): the
-    phantoms' WITHOUT, or what a pulled cache's train split records (UNKNOWN for series cached
-    before 2026-12-05, when none was recorded)."""
+def mr_with_without(cfg: TrainConfig, key: str) -> list[str]:
+    """Whether the MR the generator learns from was enhanced (``key`` contrast_agent) or fat-suppressed
+    (fat_suppression): the card's ``mr_contrast_agents`` and ``mr_fat_suppression``, WITH and/or
+    WITHOUT, which `mr2ct config check` holds the node's select_contrast_agent and
+    select_fat_suppression to. The phantoms' WITHOUT, or what a pulled cache's train split records
+    (UNKNOWN for series cached before 2026-12-05, when none was recorded)."""
     if not cfg.data:
-        return ["WITHOUT"]  # training.phantoms renders unenhanced heads
+        return ["WITHOUT"]  # training.phantoms renders unenhanced heads whose fat is bright
     from training.pacs_pull import DatasetCache
 
     entries = DatasetCache(Path(str(cfg.data))).entries()
-    return sorted({e.get("contrast_agent", "UNKNOWN") for e in entries if e["modality"] == "MR" and e["split"] == "train"})
+    return sorted({e.get(key, "UNKNOWN") for e in entries if e["modality"] == "MR" and e["split"] == "train"})
 
 
 def pools_from_cache(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -424,7 +425,8 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         "test_time_augmentation": cfg.test_time_augmentation,
         "hu_range": list(cfg.hu_range),
         "mr_contrasts": mr_contrasts(cfg),
-        "mr_contrast_agents": mr_contrast_agents(cfg),
+        "mr_contrast_agents": mr_with_without(cfg, "contrast_agent"),
+        "mr_fat_suppression": mr_with_without(cfg, "fat_suppression"),
         "training": {
             "command": command,
             "seed": cfg.seed,

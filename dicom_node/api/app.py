@@ -31,7 +31,7 @@ from dicom_node.models import (Association, AuditEvent, Commitment, Delivery, Ev
 from dicom_node.orthanc_store import DEFAULT_TIMEOUT_SECONDS, OrthancStore
 from dicom_node.retention import lock_series, purged_reason, spool_usage
 from dicom_node.training_runs import RunState
-from synthesis.contrast import DEFAULT_AGENT, DEFAULT_SELECTED, UNKNOWN
+from synthesis.contrast import DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN
 from synthesis.errors import PacsUnavailable
 
 READ = require(*READERS)
@@ -131,11 +131,12 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                spool_dir: str | None = None, spool_min_free_mb: int = 0, node_info: dict[str, Any] | None = None,
                routing: str | None = None, orthanc_timeout: float = DEFAULT_TIMEOUT_SECONDS, audit_export: str | None = None,
                forward_commitment_on: bool = False, contrasts: tuple[str, ...] = DEFAULT_SELECTED,
-               contrast_agent: str = DEFAULT_AGENT) -> FastAPI:
+               contrast_agent: str = DEFAULT_CHOICE, fat_suppression: str = DEFAULT_CHOICE) -> FastAPI:
     """``contrasts``: the node's select_acquisition_contrasts, which a series asked for by name
     (POST /synthesize) must still meet, UNKNOWN aside (the one asking vouches for what its header
-    does not tell; no one can make a T1 model read a FLAIR series); so must ``contrast_agent``, the
-    node's select_contrast_agent (an unenhanced model does not learn enhancement by being asked)."""
+    does not tell; no one can make a T1 model read a FLAIR series); so must ``contrast_agent`` and
+    ``fat_suppression``, the node's select_contrast_agent and select_fat_suppression (an unenhanced
+    model does not learn enhancement by being asked)."""
     app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
     orthanc_at = _without_credentials(orthanc_url) if orthanc_url else None  # where POST /synthesize reads from, as audited
     app.state.sessions = sessions
@@ -182,9 +183,9 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             states = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
             waiting = session.scalar(select(func.count(func.distinct(RefusedInstance.series_instance_uid))))
             series_states = dict(session.execute(select(Series.state, func.count()).group_by(Series.state)).all())
-            ignored_by_contrast = session.execute(select(Series.contrast, Series.contrast_agent, func.count()).where(Series.state == "ignored")
-                                                  .group_by(Series.contrast, Series.contrast_agent)
-                                                  .order_by(Series.contrast, Series.contrast_agent)).all()
+            told = (Series.contrast, Series.contrast_agent, Series.fat_suppression)
+            ignored_by_contrast = session.execute(select(*told, func.count()).where(Series.state == "ignored")
+                                                  .group_by(*told).order_by(*told)).all()
             finished = select(Job.seconds).where(Job.state == "done", Job.seconds.is_not(None)).subquery()
             buckets = session.execute(select(
                 func.count(), func.coalesce(func.sum(finished.c.seconds), 0.0),
@@ -203,10 +204,10 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             *(f'mr2ct_series{{state="{state}"}} {series_states.get(state, 0)}' for state in ("receiving", "stable", "ignored")),
             # a protocol whose header stopped telling its contrast shows here as UNKNOWN rising, while no sCT comes of it
             "# HELP mr2ct_series_ignored Ignored series by the MR contrast their first instance told, and whether it told a contrast "
-            "agent (none: not read, e.g. not MR).",
+            "agent and fat suppression (none: not read, e.g. not MR).",
             "# TYPE mr2ct_series_ignored gauge",
-            *(f'mr2ct_series_ignored{{contrast="{contrast or "none"}",contrast_agent="{(agent or "none").lower()}"}} {count}'
-              for contrast, agent, count in ignored_by_contrast),
+            *(f'mr2ct_series_ignored{{contrast="{contrast or "none"}",contrast_agent="{(agent or "none").lower()}",'
+              f'fat_suppression="{(fat or "none").lower()}"}} {count}' for contrast, agent, fat, count in ignored_by_contrast),
             "# HELP mr2ct_spool_instances Originals the spool holds (recorded, not deleted by spool retention).",
             "# TYPE mr2ct_spool_instances gauge", f"mr2ct_spool_instances {spool['instances']}",
             "# HELP mr2ct_spool_bytes Size of the originals the spool holds.", "# TYPE mr2ct_spool_bytes gauge", f"mr2ct_spool_bytes {spool['bytes']}",
@@ -503,7 +504,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         # phase images) or the model cannot (a contrast the node does not select; UNKNOWN vouched for by the asking, as is
         # the body part: a protocol's BodyPartExamined is often not what it shows, a sequence's timing always is)
         by_name = SelectionRules(modalities=("MR",), image_types_excluded=(), contrasts=tuple(contrasts) + (UNKNOWN,) if contrasts else (),
-                                 body_parts=(), contrast_agent=contrast_agent)
+                                 body_parts=(), contrast_agent=contrast_agent, fat_suppression=fat_suppression)
         state, job_id = mark_stable(sessions, body.series_uid, 0, by_name)
         if job_id is None:
             with sessions() as session:
