@@ -934,14 +934,14 @@ def pull(
     if unknown:
         typer.echo(f"mr2ct: --mr-contrast {unknown} is not an MR contrast; known: {', '.join(CONTRASTS)} or ANY", err=True)
         raise typer.Exit(2)
-    taken: dict[str, tuple[str, ...]] = {}
-    for option, value in (("--mr-contrast-agent", mr_contrast_agent), ("--mr-fat-suppression", mr_fat_suppression)):
-        chosen = value.strip().lower()
+    # (count key, option, what it is about, its value): without, with or any
+    with_without = [("contrast_agent", "--mr-contrast-agent", "a contrast agent", mr_contrast_agent.strip().lower()),
+                    ("fat_suppression", "--mr-fat-suppression", "fat suppression", mr_fat_suppression.strip().lower())]
+    for _key, option, _what, chosen in with_without:
         if chosen not in CHOICES:
-            typer.echo(f"mr2ct: {option} {value!r} is none of {', '.join(CHOICES)}", err=True)
+            typer.echo(f"mr2ct: {option} {chosen!r} is none of {', '.join(CHOICES)}", err=True)
             raise typer.Exit(2)
-        taken[option] = () if chosen == "any" else CHOICES[chosen]
-    agents, fat = taken["--mr-contrast-agent"], taken["--mr-fat-suppression"]
+    agents, fat = (() if chosen == "any" else CHOICES[chosen] for _key, _option, _what, chosen in with_without)
     _output_folder("--cache", cache)
     filters = [PullFilter(m, body_part, description, date_from, date_to, limit, *((contrasts, agents, fat) if m == "MR" else ()))
                for m in modality]
@@ -951,10 +951,8 @@ def pull(
     except PacsUnavailable as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
-    enhanced = "".join(f", {counts[key]} MR series {'with' if chosen == ('WITHOUT',) else 'without'} {what} ({option} "
-                       f"{'without' if chosen == ('WITHOUT',) else 'with'})"
-                       for key, chosen, what, option in (("contrast_agent", agents, "a contrast agent", "--mr-contrast-agent"),
-                                                         ("fat_suppression", fat, "fat suppression", "--mr-fat-suppression")) if chosen)
+    enhanced = "".join(f", {counts[key]} MR series {'without' if chosen == 'with' else 'with'} {what} ({option} {chosen})"
+                       for key, option, what, chosen in with_without if chosen != "any")
     refreshed = (f", fetched again {counts['refreshed']} that an earlier pull cached in their acquired plane (now the axial slices "
                  "the node synthesizes)") if counts["refreshed"] else ""
     typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']}{refreshed}, left out "

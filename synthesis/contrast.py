@@ -42,9 +42,10 @@ and the sCT reads them as another tissue. The rule, first answer wins:
    WITH when an item says Contrast/Bolus Agent Administered (0018,9342) YES, else WITHOUT (a
    dynamic series whose later frames are enhanced is WITH);
 2. Contrast/Bolus Agent (0018,0010) naming an agent, an item in Contrast/Bolus Agent Sequence
-   (0018,0012), or a Contrast/Bolus Ingredient (0018,1048): WITH (at the top level, or among a
-   legacy converted image's unassigned converted attributes). A value that says none ("NONE", "NO",
-   "N/A", "-", "0", "NO CONTRAST"...) is WITHOUT;
+   (0018,0012), or a Contrast/Bolus Ingredient (0018,1048): WITH (the agent and the ingredient at
+   the top level or among a legacy converted image's unassigned converted attributes, the sequence
+   at the top level). A value that says none ("NONE", "NO", "N/A", "-", "0", "NO CONTRAST"...) is
+   WITHOUT;
 3. otherwise WITHOUT: the Contrast/Bolus module is required "if contrast media was used", so its
    absence, or an empty agent (how scanners write it when nothing was entered), says none was.
 
@@ -270,60 +271,33 @@ def decide_agent(agent: str, agent_items: int, ingredient: str, administered: li
 
 def contrast_agent(ds: Dataset) -> tuple[str, str]:
     """``decide_agent`` on a data set as received (raw elements) or built in memory; only an
-    enhanced image's functional groups are decoded."""
-    keys = ds.keys()
-
-    def top(tag: int) -> Any:
-        if tag in keys:
-            return ds.get_item(tag).value if tag != AGENT_SEQUENCE else ds[tag].value
-        if SHARED_GROUPS not in keys:
-            return None
-        for holder, unassigned in ((SHARED_GROUPS, UNASSIGNED_SHARED), (PER_FRAME_GROUPS, UNASSIGNED_PER_FRAME)):
-            try:
-                item = ds[holder].value[0][unassigned].value[0]
-            except (KeyError, IndexError, TypeError, AttributeError):
-                continue
-            if tag in item:
-                return item[tag].value
-        return None
-
+    enhanced image's functional groups are decoded (every frame's usage group)."""
+    keys, look = ds.keys(), _dataset_look(ds)
     administered: list[str] = []
     for holder in (SHARED_GROUPS, PER_FRAME_GROUPS):
-        if holder not in keys:
-            continue
         try:
-            frames = ds[holder].value
+            frames = ds[holder].value if holder in keys else ()
         except (KeyError, TypeError, ValueError):
             continue
         for frame in frames:
             usage = frame.get(USAGE_GROUP)
-            for item in (usage.value if usage is not None else None) or ():
-                if AGENT_ADMINISTERED in item:
-                    administered.append(_text(item[AGENT_ADMINISTERED].value))
-    items = top(AGENT_SEQUENCE)  # a Sequence, decoded
-    return decide_agent(_text(top(CONTRAST_AGENT)), len(items or ()), _text(top(AGENT_INGREDIENT)), administered)
+            administered += [_text(item[AGENT_ADMINISTERED].value) for item in (usage.value if usage is not None else None) or ()
+                             if AGENT_ADMINISTERED in item]
+    items = len(ds[AGENT_SEQUENCE].value or ()) if AGENT_SEQUENCE in keys else 0
+    return decide_agent(look(CONTRAST_AGENT, None), items, look(AGENT_INGREDIENT, None), administered)
 
 
 def contrast_agent_json(metadata: Mapping[str, Any]) -> tuple[str, str]:
     """``contrast_agent`` of an instance's DICOMweb metadata (WADO-RS JSON, PS3.18 F.2)."""
 
-    def values(attrs: Mapping[str, Any] | None, tag: int) -> list[Any]:
-        return list(((attrs or {}).get(f"{tag:08X}") or {}).get("Value") or [])
+    def values(attrs: Mapping[str, Any], tag: int) -> list[Any]:
+        return list((attrs.get(f"{tag:08X}") or {}).get("Value") or [])
 
-    def top(tag: int) -> list[Any]:
-        found = values(metadata, tag)
-        for holder, unassigned in ((SHARED_GROUPS, UNASSIGNED_SHARED), (PER_FRAME_GROUPS, UNASSIGNED_PER_FRAME)):
-            if found:
-                break
-            outer = values(metadata, holder)
-            inner = values(outer[0], unassigned) if outer and isinstance(outer[0], Mapping) else []
-            found = values(inner[0], tag) if inner and isinstance(inner[0], Mapping) else []
-        return found
-
+    look = _json_look(metadata)
     administered = [_text(v) for holder in (SHARED_GROUPS, PER_FRAME_GROUPS) for frame in values(metadata, holder)
                     if isinstance(frame, Mapping) for item in values(frame, USAGE_GROUP) if isinstance(item, Mapping)
                     for v in values(item, AGENT_ADMINISTERED)[:1]]
-    return decide_agent(_text(top(CONTRAST_AGENT)), len(top(AGENT_SEQUENCE)), _text(top(AGENT_INGREDIENT)), administered)
+    return decide_agent(look(CONTRAST_AGENT, None), len(values(metadata, AGENT_SEQUENCE)), look(AGENT_INGREDIENT, None), administered)
 
 
 SCAN_OPTIONS, SPECTRAL_SUPPRESSION = 0x00180022, 0x00189025

@@ -51,6 +51,13 @@ def mr(tmp_path_factory):
     return write_mr_series(tmp_path_factory.mktemp("mr"), seed=411, slices=2, size=16, pixel_spacing=8.0)
 
 
+def _as_received(ds: Dataset, tmp_path) -> Dataset:
+    """``ds`` written and read back: raw elements, as the node reads a C-STORE."""
+    path = tmp_path / "one.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return pydicom.dcmread(path)
+
+
 def _timed(ds: Dataset, scanning: str, tr: str | None, te: str | None, ti: str | None) -> Dataset:
     ds.ScanningSequence = scanning
     for keyword, value in (("RepetitionTime", tr), ("EchoTime", te), ("InversionTime", ti)):
@@ -65,9 +72,7 @@ def _timed(ds: Dataset, scanning: str, tr: str | None, te: str | None, ti: str |
 def test_the_contrast_is_read_from_the_timing_as_received_and_from_a_pacs_json(mr, tmp_path):
     for scanning, tr, te, ti, expected in PROTOCOLS:
         ds = _timed(pydicom.dcmread(mr.files[0]), scanning, tr, te, ti)
-        path = tmp_path / "one.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        told, why = contrast(pydicom.dcmread(path))  # raw elements, as the node reads a C-STORE
+        told, why = contrast(_as_received(ds, tmp_path))
         assert told == expected, (scanning, tr, te, ti, why)
         assert f"TE {float(te):g} ms" in why
         as_json = ds.to_json_dict()
@@ -164,13 +169,11 @@ def test_a_contrast_agent_is_read_from_the_header_as_received_from_an_enhanced_i
         ds = pydicom.dcmread(mr.files[0])
         if agent is not None:
             ds.ContrastBolusAgent = agent
-        path = tmp_path / "one.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        told, why = contrast_agent(pydicom.dcmread(path))  # raw elements, as the node reads a C-STORE
+        told, why = contrast_agent(_as_received(ds, tmp_path))
         assert told == expected, (agent, why)
         assert contrast_agent_json(ds.to_json_dict())[0] == expected, agent
         assert contrast(ds)[0] == "T1"  # the timing's answer is untouched
-    assert contrast_agent(pydicom.dcmread(path))[1] == "no contrast agent in the header (Contrast/Bolus Agent (0018,0010) empty or absent)"
+    assert contrast_agent(_as_received(ds, tmp_path))[1] == "no contrast agent in the header (Contrast/Bolus Agent (0018,0010) empty or absent)"
     named = pydicom.dcmread(mr.files[0])
     named.ContrastBolusAgent = "Gadobutrol"
     assert contrast_agent(named) == ("WITH", "Contrast/Bolus Agent (0018,0010) 'GADOBUTROL'")
@@ -214,9 +217,7 @@ def test_fat_suppression_is_read_from_scan_options_and_an_enhanced_images_pulse_
             del ds.ScanOptions
         else:
             ds.ScanOptions = options
-        path = tmp_path / "one.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        told, why = fat_suppression(pydicom.dcmread(path))  # raw elements, as the node reads a C-STORE
+        told, why = fat_suppression(_as_received(ds, tmp_path))
         assert told == expected, (options, why)
         assert fat_suppression_json(ds.to_json_dict())[0] == expected, options
     ds = pydicom.dcmread(mr.files[0])
