@@ -435,7 +435,7 @@ def qa(
 
     from dicom_node import audit
     from dicom_node.db import init_db
-    from dicom_node.qa import QaFailed, default_node, run_qa
+    from dicom_node.qa import INTERLOCK_KEYS, QaFailed, default_node, run_qa
     from dicom_node.settings import parse_dicom_destination
     from synthesis.errors import PacsUnavailable
 
@@ -463,14 +463,15 @@ def qa(
     tissues = ", ".join(f"{name} {value:g}" for name, value in result["mae_by_tissue"].items())
     typer.echo(f"sCT MAE {result['mae_hu']:g} HU inside the body (mean error {result['bias_hu']:+g} HU), {result['slices']} slices, "
                f"{result['seconds']:g} s in all; by tissue: {tissues}")
-    interlock = result.get("contrast_interlock") or {}
-    if interlock.get("refused"):
-        typer.echo(f"contrast interlock: the {interlock['contrast']} series was left unsynthesized, as it must be")
-    elif interlock.get("refused") is None and interlock:
-        typer.echo(f"contrast interlock: {interlock['node_said']}")
-    elif interlock.get("refused") is False:
-        typer.echo(f"mr2ct qa: FAILED: the node did not leave the {interlock['contrast']} interlock series unsynthesized "
-                   f"({interlock['node_said']})", err=True)
+    for key in INTERLOCK_KEYS:
+        interlock, name = result.get(key) or {}, key.removesuffix("_interlock").replace("_", " ")
+        if interlock.get("refused"):
+            typer.echo(f"{name} interlock: the {interlock['series']} series was left unsynthesized, as it must be")
+        elif interlock.get("refused") is None and interlock:
+            typer.echo(f"{name} interlock: {interlock['node_said']}")
+        elif interlock.get("refused") is False:
+            typer.echo(f"mr2ct qa: FAILED: the node did not leave the {interlock['series']} interlock series unsynthesized "
+                       f"({interlock['node_said']})", err=True)
     if max_mae_hu is not None and result["mae_hu"] > max_mae_hu:
         typer.echo(f"mr2ct qa: FAILED: MAE {result['mae_hu']:g} HU is above --max-mae-hu {max_mae_hu:g}", err=True)
     if json_output:

@@ -6,14 +6,17 @@ too. The whole path is exercised (DICOM, selection, the active model, the views,
 Orthanc), so a changed model, a wrong setting or a broken route shows as a changed figure or a
 failure, not in a patient's plan. Each run is an audit row (``qa-run``: the figures, pass or
 fail against ``--max-mae-hu``); the QA study is deleted from Orthanc afterwards unless kept.
-Beside it goes a small series of a contrast the node must not synthesize (FLAIR by default): the run
-fails if the node makes an sCT of it (``run_qa``'s contrast interlock).
+Beside it go small series the node must not synthesize, each in a study of its own: one of a contrast
+it does not select (FLAIR by default), a post-contrast T1 and a fat-saturated T1 (while the node
+takes neither, as by default): the run fails if the node makes an sCT of any (``run_qa``'s
+interlocks).
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from io import BytesIO
 from collections.abc import Callable
 from pathlib import Path
@@ -125,6 +128,8 @@ def _sct_volume(store: OrthancStore, instance_ids: list[str], positions: list[np
 # An interlock series is of a contrast the node must leave unsynthesized: the first of these its
 # select_acquisition_contrasts does not take
 INTERLOCK_CONTRASTS = ("FLUID_ATTENUATED", "T2", "PROTON_DENSITY")
+# the QA result's keys of the interlocks (``interlocks``), in the order they are reported
+INTERLOCK_KEYS = ("contrast_interlock", "contrast_agent_interlock", "fat_suppression_interlock")
 
 
 def interlock_contrast(settings: Settings) -> tuple[str, str, str, str, str | None] | None:
@@ -137,18 +142,58 @@ def interlock_contrast(settings: Settings) -> tuple[str, str, str, str, str | No
     return (chosen, *EXAMPLE_TIMINGS[chosen]) if chosen else None
 
 
-def _write_interlock(folder: Path, timing: tuple[str, str, str, str, str | None], seed: int) -> Any:
-    """Four small slices of the phantom head whose header says ``timing``'s contrast, in a study of
+@dataclass(frozen=True)
+class Interlock:
+    """A series the node must leave unsynthesized: its key in the QA's result, what it is, the
+    header that says so, and how the node's reason begins when it holds."""
+
+    key: str
+    what: str
+    timing: tuple[str, str, str, str | None]
+    reason: str
+    contrast_agent: str | None = None
+    fat_suppressed: bool = False
+
+
+def interlocks(settings: Settings) -> tuple[list[Interlock], dict[str, str]]:
+    """The interlock series the QA sends beside the T1 one, by what the node's settings keep out,
+    and the interlocks not checked, with why (a node that takes every contrast, or the agent or fat
+    suppression too, has nothing of it to hold)."""
+    from synthesis.contrast import CHOICES, EXAMPLE_TIMINGS, WITH
+
+    sent: list[Interlock] = []
+    unchecked: dict[str, str] = {}
+    told = interlock_contrast(settings)
+    if told:
+        sent.append(Interlock("contrast_interlock", told[0], told[1:], "its MR contrast is"))
+    else:
+        unchecked["contrast_interlock"] = "not checked: select_acquisition_contrasts takes every contrast"
+    if WITH not in CHOICES[settings.select_contrast_agent]:
+        sent.append(Interlock("contrast_agent_interlock", "post-contrast T1", EXAMPLE_TIMINGS["T1"],
+                              "its header says a contrast agent was given", contrast_agent="GADOBUTROL"))
+    else:
+        unchecked["contrast_agent_interlock"] = f"not checked: select_contrast_agent is {settings.select_contrast_agent!r}"
+    if WITH not in CHOICES[settings.select_fat_suppression]:
+        sent.append(Interlock("fat_suppression_interlock", "fat-saturated T1", EXAMPLE_TIMINGS["T1"],
+                              "its header says fat was suppressed", fat_suppressed=True))
+    else:
+        unchecked["fat_suppression_interlock"] = f"not checked: select_fat_suppression is {settings.select_fat_suppression!r}"
+    return sent, unchecked
+
+
+def _write_interlock(folder: Path, interlock: Interlock, seed: int) -> Any:
+    """Four small slices of the phantom head whose header says what ``interlock`` is, in a study of
     their own (an sCT the node wrongly made of them is never taken for the QA's)."""
     from training.phantom_dicom import write_mr_series
 
     return write_mr_series(folder, seed=seed, slices=4, size=64, pixel_spacing=4.0, slice_spacing=8.0, patient_name=QA_PATIENT_NAME,
-                           patient_id=QA_PATIENT_ID, series_description=f"mr2ct QA interlock {timing[0]}",
-                           uid_key=f"-qa-interlock-{time.time_ns()}", mr_timing=timing[1:])
+                           patient_id=QA_PATIENT_ID, series_description=f"mr2ct QA interlock {interlock.what}",
+                           uid_key=f"-qa-interlock-{interlock.key}-{time.time_ns()}", mr_timing=interlock.timing,
+                           contrast_agent=interlock.contrast_agent, fat_suppressed=interlock.fat_suppressed)
 
 
-def check_interlock(sessions: Any, series_uid: str, contrast: str, timeout: float) -> dict[str, Any]:
-    """Whether the node left the interlock series unsynthesized for its contrast (the series
+def check_interlock(sessions: Any, series_uid: str, interlock: Interlock, timeout: float) -> dict[str, Any]:
+    """Whether the node left the interlock series unsynthesized for what it is (the series
     recorded ignored with that reason, no job made of it), waiting up to ``timeout`` s for it to be
     complete."""
     from sqlalchemy import select
@@ -165,9 +210,10 @@ def check_interlock(sessions: Any, series_uid: str, contrast: str, timeout: floa
         if (row is not None and row.state != "receiving" and not running) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    refused = row is not None and row.state == "ignored" and not jobs and (row.reason or "").startswith("its MR contrast is")
+    refused = row is not None and row.state == "ignored" and not jobs and (row.reason or "").startswith(interlock.reason)
     what = ("never recorded" if row is None else f"{row.state}, job {jobs[0]}" if jobs else f"{row.state}: {row.reason or ''}")
-    return {"contrast": contrast, "series_uid": series_uid, "refused": refused, "node_said": what[:300]}
+    said = {"contrast": interlock.what} if interlock.key == "contrast_interlock" else {}
+    return {"series": interlock.what, **said, "series_uid": series_uid, "refused": refused, "node_said": what[:300]}
 
 
 def run_qa(settings: Settings, node: str, calling_ae: str, *, seed: int = 424_242, slices: int = 16, size: int = 256,
@@ -192,11 +238,11 @@ def run_qa(settings: Settings, node: str, calling_ae: str, *, seed: int = 424_24
         row, column = np.asarray(first.ImageOrientationPatient[:3], float), np.asarray(first.ImageOrientationPatient[3:], float)
         normal = np.cross(row, column)
         positions = [np.asarray(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient, float) for p in phantom.files]
-        timing = interlock_contrast(settings) if sessions is not None else None
-        interlock = _write_interlock(Path(folder) / "interlock", timing, seed) if timing else None
-        files = phantom.files + (interlock.files if interlock else [])
+        checks, unchecked = interlocks(settings) if sessions is not None else ([], {})
+        written = [(check, _write_interlock(Path(folder) / check.key, check, seed)) for check in checks]
+        files = phantom.files + [f for _check, series in written for f in series.files]
         say(f"sending the QA phantom ({slices} slices, {size}x{size} at {pixel_spacing:g} mm)"
-            + (f" and a {timing[0]} interlock series" if timing else "") + f" to {node} as {calling_ae}")
+            + (f" and interlock series ({', '.join(check.what for check in checks)})" if checks else "") + f" to {node} as {calling_ae}")
         if tls:
             from dicom_node.service import client_tls_context
 
@@ -208,15 +254,14 @@ def run_qa(settings: Settings, node: str, calling_ae: str, *, seed: int = 424_24
     sct = _sct_volume(store, instance_ids, positions, normal, slice_spacing)
     result = score(sct, phantom.ct_hu, phantom.labels)
     ct_uid = str(store.client.get(f"series/{series_id}").json().get("MainDicomTags", {}).get("SeriesInstanceUID", ""))
-    if interlock is not None and timing is not None:
-        result["contrast_interlock"] = check_interlock(sessions, interlock.series_uid, timing[0], settings.stable_seconds * 3 + 60)
-    elif sessions is not None:
-        result["contrast_interlock"] = {"refused": None, "node_said": "not checked: select_acquisition_contrasts takes every contrast"}
-    interlock_held = (result.get("contrast_interlock") or {}).get("refused") is not False
+    for check, series in written:
+        result[check.key] = check_interlock(sessions, series.series_uid, check, settings.stable_seconds * 3 + 60)
+    result.update({key: {"refused": None, "node_said": why} for key, why in unchecked.items()})
+    interlock_held = all(result[key].get("refused") is not False for key in INTERLOCK_KEYS if key in result)
     result.update(seconds=round(time.perf_counter() - started, 1), slices=slices, study_uid=phantom.study_uid, ct_series_uid=ct_uid,
                   node=node, max_mae_hu=max_mae_hu, passed=(max_mae_hu is None or result["mae_hu"] <= max_mae_hu) and interlock_held)
     if not keep:  # the QA study, and the interlock's where anything of it reached Orthanc (routed, or wrongly synthesized)
-        for study_uid in [phantom.study_uid] + ([interlock.study_uid] if interlock is not None else []):
+        for study_uid in [phantom.study_uid] + [series.study_uid for _check, series in written]:
             study_id = store.study_id(study_uid)
             if study_id is not None:
                 store.client.delete(f"studies/{study_id}")

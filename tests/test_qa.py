@@ -42,6 +42,11 @@ def test_qa_scores_the_sct_of_a_phantom_sent_through_the_node(tmp_path):
             # the interlock beside it: a FLAIR series the node must not synthesize, and did not
             assert figures["contrast_interlock"]["contrast"] == "FLUID_ATTENUATED" and figures["contrast_interlock"]["refused"] is True
             assert "contrast interlock: the FLUID_ATTENUATED series was left unsynthesized" in good.stdout
+            # and a post-contrast and a fat-saturated T1, which the node (taking neither, by default) must not synthesize either
+            for key, what in (("contrast_agent_interlock", "post-contrast T1"), ("fat_suppression_interlock", "fat-saturated T1")):
+                assert figures[key]["series"] == what and figures[key]["refused"] is True, figures[key]
+            assert "contrast agent interlock: the post-contrast T1 series was left unsynthesized" in good.stdout
+            assert "fat suppression interlock: the fat-saturated T1 series was left unsynthesized" in good.stdout
             assert orthanc.get("/studies") == [], "the QA study was left in Orthanc"
             strict = qa("--max-mae-hu", "1")
             assert strict.returncode == 1 and "above --max-mae-hu 1" in strict.stderr, strict.stderr
@@ -74,6 +79,7 @@ def test_qa_fails_when_the_node_synthesizes_the_contrast_it_must_leave(tmp_path)
             assert "FAILED: the node did not leave the FLUID_ATTENUATED interlock series unsynthesized" in result.stderr, result.stderr
             figures = json.loads(result.stdout.strip().splitlines()[-1])
             assert figures["contrast_interlock"]["refused"] is False and not figures["passed"]
+            assert figures["contrast_agent_interlock"]["refused"] is True  # the other interlocks held
             assert orthanc.get("/studies") == [], "the interlock's sCT was left in Orthanc"
             with init_db(env["MR2CT_DATABASE_URL"])() as session:
                 (run,) = session.query(AuditEvent).filter(AuditEvent.action == "qa-run").all()
@@ -97,3 +103,27 @@ def test_qa_speaks_dicom_over_tls_to_a_node_that_asks_for_it(tmp_path):
             assert plain.returncode == 1 and "use --tls" in plain.stderr, plain.stderr
             over_tls = subprocess.run([*base, "--tls"], capture_output=True, text=True, env=run_env, timeout=300)
             assert over_tls.returncode == 0 and "sCT MAE" in over_tls.stdout, over_tls.stderr
+
+
+def test_the_interlocks_follow_what_the_node_keeps_out_and_their_headers_say_it(tmp_path):
+    """Each interlock series is sent only while the node's settings keep its kind out, and its header
+    reads as that kind by the node's own rules (a QA whose interlock the node would take anyway
+    would prove nothing)."""
+    import pydicom
+
+    from dicom_node.qa import INTERLOCK_KEYS, _write_interlock, interlocks
+    from dicom_node.settings import Settings
+    from synthesis.contrast import contrast, contrast_agent, fat_suppression
+
+    sent, unchecked = interlocks(Settings())
+    assert [check.key for check in sent] == list(INTERLOCK_KEYS) and unchecked == {}
+    told = {}
+    for check in sent:
+        first = pydicom.dcmread(_write_interlock(tmp_path / check.key, check, 7).files[0])
+        told[check.key] = (contrast(first)[0], contrast_agent(first)[0], fat_suppression(first)[0])
+    assert told == {"contrast_interlock": ("FLUID_ATTENUATED", "WITHOUT", "WITHOUT"),
+                    "contrast_agent_interlock": ("T1", "WITH", "WITHOUT"), "fat_suppression_interlock": ("T1", "WITHOUT", "WITH")}
+    sent, unchecked = interlocks(Settings(select_acquisition_contrasts="", select_contrast_agent="any"))
+    assert [check.key for check in sent] == ["fat_suppression_interlock"]
+    assert unchecked == {"contrast_interlock": "not checked: select_acquisition_contrasts takes every contrast",
+                         "contrast_agent_interlock": "not checked: select_contrast_agent is 'any'"}
