@@ -142,19 +142,20 @@ def test_a_siemens_mosaic_and_phase_images_are_left_out_before_their_pixels_are_
     their pixels never fetched."""
     from training.phantom_dicom import write_mr_series
 
-    bold = write_mr_series(tmp_path / "bold", seed=80, slices=3, size=32, pixel_spacing=8.0, patient_id="PHMOS01",
-                           series_description="ep2d_bold_moco")
-    for path in bold.files:
-        ds = pydicom.dcmread(path)
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"]
-        ds.ImagePositionPatient = pydicom.dcmread(bold.files[0]).ImagePositionPatient  # time points: one place
-        ds.save_as(path)
-    phase = write_mr_series(tmp_path / "phase", seed=81, slices=3, size=32, pixel_spacing=8.0, patient_id="PHMOS01",
-                            series_description="gre_field_mapping")
-    for path in phase.files:
-        ds = pydicom.dcmread(path)
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "P", "ND"]
-        ds.save_as(path)
+    def typed(name: str, seed: int, description: str, image_type: list[str], one_place: bool = False):
+        series = write_mr_series(tmp_path / name, seed=seed, slices=3, size=32, pixel_spacing=8.0, patient_id="PHMOS01",
+                                 series_description=description)
+        place = pydicom.dcmread(series.files[0]).ImagePositionPatient
+        for path in series.files:
+            ds = pydicom.dcmread(path)
+            ds.ImageType = image_type
+            if one_place:
+                ds.ImagePositionPatient = place  # time points: one place
+            ds.save_as(path)
+        return series
+
+    bold = typed("bold", 80, "ep2d_bold_moco", ["ORIGINAL", "PRIMARY", "M", "ND", "MOSAIC"], one_place=True)
+    phase = typed("phase", 81, "gre_field_mapping", ["ORIGINAL", "PRIMARY", "P", "ND"])
     # GE: ImageType ORIGINAL\\PRIMARY\\OTHER for all, the component in (0043,xx2F) of GEMS_PARM_01 (1 phase, 2 real);
     # pulled into the MR pool until 2026-12-05, with the PACS's JSON carrying the private element
     ge = {}
@@ -163,12 +164,7 @@ def test_a_siemens_mosaic_and_phase_images_are_left_out_before_their_pixels_are_
                                    series_description="B0 field_map")
         rewrite_as_ge(ge[code].files, code)
     # a Dixon T1's fat image (its water and opposed-phase images alike): pulled into the MR pool until 2026-12-05
-    fat = write_mr_series(tmp_path / "fat", seed=84, slices=3, size=32, pixel_spacing=8.0, patient_id="PHMOS01",
-                          series_description="t1_vibe_dixon_field_map_F")
-    for path in fat.files:
-        ds = pydicom.dcmread(path)
-        ds.ImageType = ["DERIVED", "PRIMARY", "DIXON", "FAT"]
-        ds.save_as(path)
+    fat = typed("fat", 84, "t1_vibe_dixon_field_map_F", ["DERIVED", "PRIMARY", "DIXON", "FAT"])
     left = (bold, phase, ge[1], ge[2], fat)
     with _in_the_pacs(orthanc, [f for series in left for f in series.files]), dicomweb_proxy(orthanc) as (url, asked, _refused):
         counts = pull(url, tmp_path / "cache", [PullFilter("MR", description="ep2d|field_map")], progress=False)
