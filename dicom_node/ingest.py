@@ -67,6 +67,17 @@ class ReceivedInstance:
     fat_suppression_source: str = ""
 
 
+# what a series' header says, in the reason it is kept out with, by the setting that keeps it out (WITH, WITHOUT):
+# also what `mr2ct qa`'s interlocks look for
+HEADER_SAYS = {"select_contrast_agent": ("a contrast agent was given", "no contrast agent was given"),
+               "select_fat_suppression": ("fat was suppressed", "fat was not suppressed")}
+
+
+def header_says(setting: str, told: str) -> str:
+    """How the reason for a series kept out by ``setting`` begins, its header having told ``told``."""
+    return f"its header says {HEADER_SAYS[setting][0 if told == WITH else 1]}"
+
+
 @dataclass(frozen=True)
 class SelectionRules:
     """Which complete series are synthesized; the first rule that fails is the recorded reason."""
@@ -109,13 +120,11 @@ class SelectionRules:
             hint = " (list UNKNOWN to synthesize series whose header does not tell)" if series.contrast == UNKNOWN else ""
             return (f"its MR contrast is {series.contrast} ({series.contrast_source}), not one of select_acquisition_contrasts "
                     f"{list(self.contrasts)}{hint}")
-        for told, source, chosen, setting, said in (
-                (series.contrast_agent, series.contrast_agent_source, self.contrast_agent, "select_contrast_agent",
-                 ("a contrast agent was given", "no contrast agent was given")),
-                (series.fat_suppression, series.fat_suppression_source, self.fat_suppression, "select_fat_suppression",
-                 ("fat was suppressed", "fat was not suppressed"))):
+        for told, source, chosen, setting in (
+                (series.contrast_agent, series.contrast_agent_source, self.contrast_agent, "select_contrast_agent"),
+                (series.fat_suppression, series.fat_suppression_source, self.fat_suppression, "select_fat_suppression")):
             if told and told not in CHOICES[chosen]:  # '' : recorded before it was read (migrations 0025, 0026)
-                return f"its header says {said[0] if told == WITH else said[1]} ({source}), and {setting} is {chosen!r}"
+                return f"{header_says(setting, told)} ({source}), and {setting} is {chosen!r}"
         part = series.body_part or UNKNOWN
         if self.body_parts and part not in self.body_parts:
             return (f"BodyPartExamined {'is not given' if part == UNKNOWN else repr(part)}, not one of select_body_parts "

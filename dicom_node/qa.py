@@ -159,6 +159,7 @@ def interlocks(settings: Settings) -> tuple[list[Interlock], dict[str, str]]:
     """The interlock series the QA sends beside the T1 one, by what the node's settings keep out,
     and the interlocks not checked, with why (a node that takes every contrast, or the agent or fat
     suppression too, has nothing of it to hold)."""
+    from dicom_node.ingest import header_says
     from synthesis.contrast import CHOICES, EXAMPLE_TIMINGS, WITH
 
     sent: list[Interlock] = []
@@ -168,16 +169,15 @@ def interlocks(settings: Settings) -> tuple[list[Interlock], dict[str, str]]:
         sent.append(Interlock("contrast_interlock", told[0], told[1:], "its MR contrast is"))
     else:
         unchecked["contrast_interlock"] = "not checked: select_acquisition_contrasts takes every contrast"
-    if WITH not in CHOICES[settings.select_contrast_agent]:
-        sent.append(Interlock("contrast_agent_interlock", "post-contrast T1", EXAMPLE_TIMINGS["T1"],
-                              "its header says a contrast agent was given", contrast_agent="GADOBUTROL"))
-    else:
-        unchecked["contrast_agent_interlock"] = f"not checked: select_contrast_agent is {settings.select_contrast_agent!r}"
-    if WITH not in CHOICES[settings.select_fat_suppression]:
-        sent.append(Interlock("fat_suppression_interlock", "fat-saturated T1", EXAMPLE_TIMINGS["T1"],
-                              "its header says fat was suppressed", fat_suppressed=True))
-    else:
-        unchecked["fat_suppression_interlock"] = f"not checked: select_fat_suppression is {settings.select_fat_suppression!r}"
+    for key, setting, what, header in (("contrast_agent_interlock", "select_contrast_agent", "post-contrast T1",
+                                        {"contrast_agent": "GADOBUTROL"}),
+                                       ("fat_suppression_interlock", "select_fat_suppression", "fat-saturated T1",
+                                        {"fat_suppressed": True})):
+        chosen = getattr(settings, setting)
+        if WITH in CHOICES[chosen]:
+            unchecked[key] = f"not checked: {setting} is {chosen!r}"
+        else:
+            sent.append(Interlock(key, what, EXAMPLE_TIMINGS["T1"], header_says(setting, WITH), **header))
     return sent, unchecked
 
 
