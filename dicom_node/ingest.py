@@ -404,8 +404,9 @@ def mark_stable(
             select(func.coalesce(func.sum(frame_sets.c.frame_positions), 0)).scalar_subquery()).where(*counted)).one()
         reason = rules.reason_to_skip(series, planes, (images, positions + frame_positions)) or _refusals(session, series)
         if reason is not None:
-            series.state, series.reason = "ignored", reason
+            series.state, series.reason, series.outcome_due = "ignored", reason, True
             return "ignored", None
+        series.outcome_due = True  # its note in Orthanc: queued (dicom_node.outcomes)
         job = Job(series_instance_uid=series_uid, state="queued", instance_count=series.instance_count)
         session.add(job)
         session.flush()

@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from dicom_node.orthanc_store import ROUTED_FLAG
+from dicom_node.outcomes import OUTCOME_FLAG
 
 REPO_ORTHANC_CONFIG = Path(__file__).resolve().parent.parent / "orthanc" / "orthanc.json"
 
@@ -121,6 +122,7 @@ def start_storescp(folder: Path, port: int, ae_title: str, timeout: float = 30.0
 
 ORTHANC_PLUGINS = Path("/usr/share/orthanc/plugins")
 ROUTED_METADATA = {ROUTED_FLAG: 1024}  # the plugin's per-series state (orthanc/plugin.py), a user-defined metadata
+OUTCOME_METADATA = {OUTCOME_FLAG: 1025}  # where the series stands in the node (dicom_node.outcomes), with or without the plugin
 
 
 def orthanc_config(*, storage: Path, http_port: int, dicom_port: int, aet: str, users: dict[str, str],
@@ -133,13 +135,14 @@ def orthanc_config(*, storage: Path, http_port: int, dicom_port: int, aet: str, 
     config.update(StorageDirectory=str(storage), IndexDirectory=str(storage), HttpPort=http_port, DicomPort=dicom_port,
                   DicomAet=aet, RegisteredUsers=dict(users), DicomModalities=dict(modalities))
     plugins = [p for p in config.get("Plugins", []) if Path(p).exists()]
+    config["UserMetadata"] = dict(OUTCOME_METADATA)
     if python_plugin:
         library = ORTHANC_PLUGINS / "libOrthancPython.so"
         if not library.exists():
             raise RuntimeError("orthanc-python is not installed; run deploy/local/install.sh")
         plugins.append(str(library))
         config["PythonScript"] = str(REPO_ORTHANC_CONFIG.parent / "plugin.py")
-        config["UserMetadata"] = dict(ROUTED_METADATA)
+        config["UserMetadata"].update(ROUTED_METADATA)
     if stable_age is not None:
         config["StableAge"] = stable_age
     if postgres_index is not None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -68,6 +68,10 @@ class Series(Base):
     # receiving -> stable (a job was made) | ignored (selection rules said no)
     state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
     reason: Mapped[str | None] = mapped_column(Text)
+    # where the series stands (ignored and why, its job queued, running, done, failed) is due to be written on the MR
+    # series in Orthanc (its Mr2ctOutcome metadata, dicom_node.outcomes); the note last written there; before 0027 none
+    outcome_due: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)
+    outcome_note: Mapped[str | None] = mapped_column(Text)
 
 
 class Instance(Base):

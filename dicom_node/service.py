@@ -131,6 +131,10 @@ class Node:
                 deliverer = Deliverer(self.sessions, store)
                 self._thread("delivery", deliverer.loop, self.stop_event, s.poll_seconds)
                 log.info("results delivered by Orthanc to modalities %s", ", ".join(s.deliver_to))
+            if s.orthanc_outcome_notes:  # why a series has no sCT (or which is its sCT), on the series in Orthanc
+                from dicom_node.outcomes import OutcomeNotes
+
+                self._thread("outcome-notes", OutcomeNotes(self.sessions, store).loop, self.stop_event, s.poll_seconds)
             worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size, s.precision, s.torch_compile,
                             s.test_time_augmentation, synthesis_plane=s.synthesis_plane, ct_plane=s.ct_plane,
                             deliver_to=s.deliver_to, on_delivery=deliverer.wake.set if deliverer else None)

@@ -70,6 +70,10 @@ class Settings(BaseSettings):
         60.0, gt=0, le=3600, description="how long one request to Orthanc may wait to connect or for its next bytes (the client tries "
         "a request 4 times) before the attempt fails and is retried later: a hung Orthanc, or a connection a firewall dropped "
         "without a word, no longer holds a job, a routing pass or an API request for ever")
+    orthanc_outcome_notes: bool = Field(
+        True, description="write where each MR series stands (not synthesized and why, queued, synthesizing, its sCT stored, "
+        "failed and why) on the series in Orthanc, as its Mr2ctOutcome metadata, which Orthanc Explorer shows on the series page "
+        "(Orthanc must declare it in UserMetadata, as mr2ct orthanc-config writes it)")
     model_file: Path = Field(default_factory=default_model_path, description="generator weights (.safetensors) with their .json card")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="inference device")
     cpu_threads: int | None = Field(None, ge=1, description="torch threads on CPU (default: torch's choice)")

@@ -21,6 +21,7 @@ from dicom_node import audit
 from dicom_node.ingest import SelectionRules, mark_stable, stable_series
 from dicom_node.models import QUEUED_AGAIN, Instance, Job, Series, utcnow
 from dicom_node.orthanc_store import OrthancStore
+from dicom_node.outcomes import mark_due_for_job
 from dicom_node.retention import purged_reason
 from synthesis.ct_writer import SyntheticCTSeries
 from synthesis.errors import Mr2ctError, PacsUnavailable, SeriesNotUsable, StorageIncomplete, Stopped
@@ -75,6 +76,8 @@ def claim_job(sessions: sessionmaker[Session], worker_id: str, lease_seconds: fl
             .values(state="running", worker=worker_id, started_at=now, lease_until=now + timedelta(seconds=lease_seconds), attempts=Job.attempts + 1,
                     progress=None, stage=None)
         ).rowcount
+        if claimed:
+            mark_due_for_job(session, candidate)
         return candidate if claimed else None
 
 
@@ -102,6 +105,8 @@ def settle_job(sessions: sessionmaker[Session], job_id: int, worker_id: str, del
     ``deliver_to``: a done job's deliveries (dicom_node.delivery), written in the same transaction."""
     with sessions.begin() as session:
         written = bool(session.execute(update(Job).where(_held_by(job_id, worker_id)).values(**values)).rowcount)
+        if written:
+            mark_due_for_job(session, job_id)
         if written and deliver_to:
             from dicom_node.delivery import add_deliveries
 

@@ -23,6 +23,9 @@
   answered with a failure status, 0xA7xx out of resources aside) is not sent again: its metadata
   says ``refused by the node, not sent again: <Orthanc's error, with the status>``, the node's
   audit says why, and it is sent again once an instance of it is stored again (mended).
+- Orthanc Explorer shows on an MR series page, under the button, where the series stands in the
+  node (the ``Mr2ctOutcome`` metadata the node writes: not synthesized and why, queued, its sCT
+  stored, failed and why; dicom_node.outcomes) and its ``Mr2ctRouted`` state.
 - What the plugin still owes the node survives a restart of Orthanc: the MR series received but
   not yet stable, and the sends under way or waiting to retry, are kept in an Orthanc global
   property (``MR2CT_PENDING_PROPERTY``, default 7351; Orthanc keeps it in its index database).
@@ -532,9 +535,22 @@ function mr2ctSeriesShown() {
   var match = /^#series\\?(?:.*&)?uuid=([^&]+)/.exec(window.location.hash);
   return match ? decodeURIComponent(match[1]) : null;
 }
+// Where the series stands: the node's note (Mr2ctOutcome: not synthesized and why, queued, its
+// sCT stored, failed and why) and this plugin's routing state (Mr2ctRouted), under the button.
+function mr2ctShowStanding(seriesId) {
+  $.each([['Mr2ctOutcome', 'mr2ct-outcome'], ['Mr2ctRouted', 'mr2ct-routed']], function(i, shown) {
+    $.ajax({url: '../series/' + seriesId + '/metadata/' + shown[0], dataType: 'text',
+            success: function(text) {
+              if (mr2ctSeriesShown() !== seriesId) { return; }
+              $('#' + shown[1]).remove();
+              var line = $('<p>').attr('id', shown[1]).text((i === 0 ? '' : 'routing to mr2ct: ') + text);
+              line.insertAfter($('#mr2ct-synthesize').length ? $('#mr2ct-synthesize') : $('#series-info'));
+            }});
+  });
+}
 function mr2ctOfferSynthesis() {
   var seriesId = mr2ctSeriesShown();
-  $('#mr2ct-synthesize').remove();
+  $('#mr2ct-synthesize, #mr2ct-outcome, #mr2ct-routed').remove();
   if (seriesId === null) { return; }
   $.getJSON('../series/' + seriesId, function(series) {
     // an answer for a series no longer shown (the user moved on meanwhile) offers nothing
@@ -549,6 +565,7 @@ function mr2ctOfferSynthesis() {
                 error: function(x) { alert('mr2ct: ' + x.status + ' ' + x.responseText); }});
       });
     button.insertAfter($('#series-info'));
+    mr2ctShowStanding(seriesId);
   });
 }
 $('#series').live('pagebeforeshow', mr2ctOfferSynthesis);

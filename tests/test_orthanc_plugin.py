@@ -418,6 +418,49 @@ def test_the_synthesize_ct_button_in_orthanc_explorer_sends_the_series_and_says_
     assert _jobs_done(node, series.series_uid, 2) >= 2  # the automatic send's job, and the button's
 
 
+def _outcome(orthanc: OrthancServer, series_id: str, starts: str, timeout: float = 60) -> str:
+    """The node's note on the series (Mr2ctOutcome), once it says ``starts`` after its time stamp."""
+    deadline = time.monotonic() + timeout
+    text = None
+    while time.monotonic() < deadline:
+        answer = httpx.get(f"{orthanc.url}/series/{series_id}/metadata/Mr2ctOutcome", auth=orthanc.auth)
+        text = answer.text if answer.status_code == 200 else None
+        if text is not None and re.match(r"^mr2ct \d{4}-\d\d-\d\d \d\d:\d\d UTC: " + re.escape(starts), text):
+            return text
+        time.sleep(0.3)
+    raise AssertionError(f"series {series_id}'s note is {text!r} after {timeout} s")
+
+
+def test_orthanc_shows_why_a_series_has_no_sct_and_which_series_is_its_sct(stack, tmp_path):
+    """A post-gadolinium T1 that Orthanc routed to the node is left unsynthesized (the node's
+    default select_contrast_agent): until 2026-12-06 a user of Orthanc saw "sent" and no sCT, and
+    only the node's API said why. The node writes the reason on the series in Orthanc, and Orthanc
+    Explorer shows it on the series page (a real headless Chromium); an unenhanced T1 beside it
+    gets the note naming its sCT, the CT series Orthanc holds in its study."""
+    orthanc, _ = stack
+    enhanced = write_mr_series(tmp_path / "gd", seed=712, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0, contrast_agent="GADOBUTROL")
+    plain = write_mr_series(tmp_path / "mr", seed=713, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+    _upload(orthanc, [f.read_bytes() for f in enhanced.files + plain.files])
+    result = _wait_for(orthanc, plain.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
+    ct = next(x for x in result if x["MainDicomTags"]["Modality"] == "CT")
+    done = _outcome(orthanc, next(x["ID"] for x in result if x["MainDicomTags"]["Modality"] == "MR"), "sCT stored in this study")
+    assert f"CT series {ct['MainDicomTags']['SeriesInstanceUID']} " in done
+    enhanced_id = _wait_for(orthanc, enhanced.study_uid, lambda s: len(s) == 1)[0]["ID"]
+    why = _outcome(orthanc, enhanced_id, "not synthesized: its header says a contrast agent was given")
+    assert "select_contrast_agent is 'without'" in why
+    assert [x["MainDicomTags"]["Modality"] for x in _study_series(orthanc, enhanced.study_uid)] == ["MR"]
+    with headless_chromium() as browser:
+        context = browser.new_context(http_credentials={"username": orthanc.username, "password": orthanc.password})
+        page = context.new_page()
+        page.goto(f"{orthanc.url}/app/explorer.html#series?uuid={enhanced_id}")
+        page.locator("#mr2ct-outcome").first.wait_for(timeout=30_000)
+        shown = page.locator("#mr2ct-outcome").inner_text()
+        page.locator("#mr2ct-routed").first.wait_for(timeout=30_000)
+        routed = page.locator("#mr2ct-routed").inner_text()
+    assert shown == why
+    assert routed == "routing to mr2ct: sent"
+
+
 @pytest.mark.parametrize("route", ["rest", "c-store"])
 def test_a_one_instance_series_sent_again_corrected_is_still_not_sent_back(tmp_path, route):
     """Orthanc drops a series' metadata with the series when it overwrites the series' only

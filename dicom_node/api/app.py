@@ -29,6 +29,7 @@ from dicom_node.forwarder import reschedule_failed
 from dicom_node.models import (Association, AuditEvent, Commitment, Delivery, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
                                utcnow)
 from dicom_node.orthanc_store import DEFAULT_TIMEOUT_SECONDS, OrthancStore
+from dicom_node.outcomes import mark_due
 from dicom_node.retention import lock_series, purged_reason, spool_usage
 from dicom_node.training_runs import RunState
 from synthesis.contrast import DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN
@@ -296,6 +297,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             session.add(new)
             session.flush()
             notify_job_queued(session)
+            mark_due(session, job.series_instance_uid)
             new_id = new.id
         audit.record(sessions, "job-retry", "success", caller.actor, series_uid=job.series_instance_uid, job_id=new_id, retry_of=job_id)
         return {"job_id": new_id, "retry_of": job_id, "state": "queued"}
@@ -315,6 +317,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             job.state, job.finished_at, job.lease_until, job.stage = "cancelled", utcnow(), None, None
             job.error = f"cancelled by {caller.actor}" + (" while it ran" if was_running else "")
             series_uid = job.series_instance_uid
+            mark_due(session, series_uid)
         audit.record(sessions, "job-cancelled", "success", caller.actor, series_uid=series_uid, job_id=job_id, was_running=was_running)
         return {"job_id": job_id, "state": "cancelled", "was_running": was_running}
 
@@ -463,7 +466,8 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             if spooled:
                 with sessions.begin() as session:
                     session.execute(update(Series).where(Series.series_instance_uid == body.series_uid, Series.state == "receiving")
-                                    .values(state="ignored", reason=f"POST /synthesize refused after {spooled} instance{'s' * (spooled != 1)}: {why}"))
+                                    .values(state="ignored", reason=f"POST /synthesize refused after {spooled} instance{'s' * (spooled != 1)}: {why}",
+                                            outcome_due=True))
             audit.record(sessions, audit.SYNTHESIS_REQUESTED, "failure", caller.actor, series_uid=body.series_uid, reason=why, spooled=spooled,
                          source=orthanc_at)
             return HTTPException(code, why)

@@ -1,0 +1,154 @@
+"""Where a series stands, written on the MR series in Orthanc (its ``Mr2ctOutcome`` metadata).
+
+A user of Orthanc sees an MR series the plugin routed, or the node routed there, and no sCT beside
+it: until now only the node's API said why (ignored for its contrast, a job still queued, a job
+failed). The node writes a one-line note on the series in the Orthanc it stores results into, each
+time its standing changes: not synthesized and why, queued, synthesizing, the sCT stored (which
+series), failed and why, cancelled. Orthanc Explorer shows it on the series page (orthanc/plugin.py);
+any REST client reads ``GET /series/<id>/metadata/Mr2ctOutcome``.
+
+The places that change a series' standing (series completion, the worker's claim and settlement,
+the API's retry, cancel and synthesize) set ``Series.outcome_due`` in the same transaction; a round
+here takes the due series (clearing the flag in the transaction that reads them, so a change made
+meanwhile flags it again), and writes each note. A note Orthanc cannot take now (Orthanc down) is
+flagged again for a later round; a series Orthanc does not hold (a scanner sent it to the node
+only) gets no note. Notes are best effort: nothing else waits on them."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from orthanc_api_client.exceptions import HttpError
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.models import Job, Series, utcnow
+from dicom_node.orthanc_store import OrthancStore
+from dicom_node.rounds import run_rounds
+from synthesis.errors import PacsUnavailable
+
+log = logging.getLogger(__name__)
+
+OUTCOME_FLAG = "Mr2ctOutcome"  # a user metadata Orthanc's configuration declares (dicom_node.local_stack)
+MAX_NOTE_CHARS = 1000
+BATCH = 50
+
+
+def mark_due(session: Session, *series_uids: str) -> None:
+    """In the transaction that changes their standing: these series' notes are to be written again."""
+    uids = [uid for uid in series_uids if uid]
+    if uids:
+        session.execute(update(Series).where(Series.series_instance_uid.in_(uids)).values(outcome_due=True))
+
+
+def mark_due_for_job(session: Session, job_id: int) -> None:
+    """As mark_due, for the series of a job."""
+    session.execute(update(Series).where(Series.series_instance_uid == select(Job.series_instance_uid).where(Job.id == job_id)
+                                         .scalar_subquery()).values(outcome_due=True))
+
+
+def note(series: Series, job: Job | None) -> str | None:
+    """The line a user of Orthanc reads on the series (None while it is still being received)."""
+    when = f"{utcnow():%Y-%m-%d %H:%M} UTC"
+    if series.state == "ignored":
+        text = f"not synthesized: {series.reason or 'no reason recorded'}"
+    elif job is None:
+        return None
+    elif job.state == "queued" and job.error:
+        text = f"job {job.id} waits to try again (attempt {job.attempts + 1}): {job.error}"
+    elif job.state == "queued":
+        text = f"job {job.id} queued for synthesis ({job.instance_count} instances)"
+    elif job.state == "running":
+        text = f"job {job.id} synthesizing ({job.instance_count} instances, attempt {job.attempts})"
+    elif job.state == "done":
+        text = (f"sCT stored in this study: CT series {job.ct_series_uid} and its provenance SR series {job.sr_series_uid} "
+                f"(job {job.id}, {job.instance_count} instances, model sha256 {(job.model_sha256 or '')[:12]})")
+    elif job.state == "failed":
+        text = f"sCT failed (job {job.id}): {job.error or 'no reason recorded'}; an administrator may retry it (POST /jobs/{job.id}/retry)"
+    else:
+        text = f"job {job.id} {job.state}: {job.error or ''}".rstrip(": ")
+    line = f"mr2ct {when}: {text}"
+    return line if len(line) <= MAX_NOTE_CHARS else line[:MAX_NOTE_CHARS - 3] + "..."
+
+
+def _claim_due(sessions: sessionmaker[Session], limit: int) -> list[tuple[str, str | None, str | None]]:
+    """Take up to ``limit`` due series: (series uid, note now, note last written), the flag cleared."""
+    with sessions.begin() as session:
+        uids = session.scalars(select(Series.series_instance_uid).where(Series.outcome_due.is_(True)).limit(limit)
+                               .with_for_update(skip_locked=True)).all()
+        if not uids:
+            return []
+        session.execute(update(Series).where(Series.series_instance_uid.in_(uids)).values(outcome_due=False))
+        newest = dict(session.execute(select(Job.series_instance_uid, func.max(Job.id)).where(Job.series_instance_uid.in_(uids))
+                                      .group_by(Job.series_instance_uid)).all())
+        jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(list(newest.values()))))}
+        taken = []
+        for series in session.scalars(select(Series).where(Series.series_instance_uid.in_(uids))):
+            taken.append((series.series_instance_uid, note(series, jobs.get(newest.get(series.series_instance_uid, -1))),
+                          series.outcome_note))
+        return taken
+
+
+class OutcomeNotes:
+    """Writes the due notes into the Orthanc results go to (``store``)."""
+
+    def __init__(self, sessions: sessionmaker[Session], store: OrthancStore) -> None:
+        self.sessions, self.store = sessions, store
+        self.wake = threading.Event()
+        self._quiet_until = 0.0  # Orthanc down, or declaring no Mr2ctOutcome: no round before then (monotonic seconds)
+        self._failures = 0  # rounds in a row that Orthanc could not be reached
+
+    def write_due(self, limit: int = BATCH) -> int:
+        """One round of at most ``limit`` due series: how many were taken (written, unchanged, or
+        not in Orthanc). Those not written because Orthanc is down (tried again after 2, 4, ... 60
+        seconds) or declares no such metadata (after 10 minutes) are due again."""
+        if time.monotonic() < self._quiet_until:
+            return 0
+        taken = _claim_due(self.sessions, limit)
+        for number, (series_uid, text, last) in enumerate(taken):
+            if text is None or text == last:
+                continue
+            try:
+                if self._write(series_uid, text) is not None:
+                    self._failures = 0
+                    continue
+            except (PacsUnavailable, HttpError, OSError) as exc:
+                self._failures += 1
+                self._quiet_until = time.monotonic() + min(60.0, 2.0 ** self._failures)
+                if self._failures == 1:
+                    log.warning("cannot write series' %s in %s, trying again later: %s", OUTCOME_FLAG, self.store.url, exc)
+            with self.sessions.begin() as session:  # the rest waits for a later round
+                mark_due(session, *[uid for uid, _, _ in taken[number:]])
+            return 0
+        return len(taken)
+
+    def _write(self, series_uid: str, text: str) -> bool | None:
+        """True: the note went onto the series; False: Orthanc does not hold the series (sent to the
+        node only, or deleted); None: Orthanc declares no such metadata (then quiet for 10 minutes)."""
+        series_id = self.store.series_id(series_uid)
+        if series_id is None:
+            return False
+        try:
+            self.store.client.put(f"series/{series_id}/metadata/{OUTCOME_FLAG}", data=text.encode())
+        except HttpError as exc:
+            if exc.http_status_code not in (400, 404):
+                raise
+            if self.store.series_id(series_uid) is None:  # deleted in Orthanc meanwhile
+                return False
+            self._quiet_until = time.monotonic() + 600
+            log.info("%s does not declare the %s metadata (UserMetadata in its configuration; mr2ct orthanc-config writes it): "
+                     "no notes on its series for 10 minutes", self.store.url, OUTCOME_FLAG)
+            return None
+        with self.sessions.begin() as session:
+            session.execute(update(Series).where(Series.series_instance_uid == series_uid).values(outcome_note=text))
+        return True
+
+    def loop(self, stop: threading.Event, poll_seconds: float) -> None:
+        def step() -> Any:
+            while self.write_due() == BATCH and not stop.is_set():
+                pass
+
+        run_rounds(step, stop, self.wake, poll_seconds, "writing the series' notes into Orthanc failed")
