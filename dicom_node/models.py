@@ -165,6 +165,14 @@ class Job(Base):
     # What a running job is doing: "reading" its originals from the spool, "synthesizing", or
     # "storing" the CT and SR in the PACS (progress is 1 by then); None when it is not running.
     stage: Mapped[str | None] = mapped_column(String(16))
+    # What a done job's sCT was made from (SHA-256 of its originals' files and of what else decides the pixels:
+    # the model with its views, planes, precision, uid_root, mr2ct's version), how many CT instances it stored, and
+    # the earlier job whose sCT, still whole in Orthanc, it kept instead of making it again (the same series sent
+    # again unchanged); None before 0028 and for jobs not done
+    input_digest: Mapped[str | None] = mapped_column(String(64))
+    ct_instances: Mapped[int | None] = mapped_column(Integer)
+    reused_job_id: Mapped[int | None] = mapped_column(Integer)
+    remake: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())  # made by POST /jobs/{id}/retry: never kept
 
 
 # The values of a job put back in the queue (a shut-down worker's, one to retry, one whose process

@@ -65,7 +65,8 @@ def note(series: Series, job: Job | None) -> str | None:
         text = f"job {job.id} synthesizing ({job.instance_count} instances, attempt {job.attempts})"
     elif job.state == "done":
         text = (f"sCT stored in this study: CT series {job.ct_series_uid} and its provenance SR series {job.sr_series_uid} "
-                f"(job {job.id}, {job.instance_count} instances, model sha256 {(job.model_sha256 or '')[:12]})")
+                f"(job {job.id}, {job.instance_count} instances, model sha256 {(job.model_sha256 or '')[:12]}"
+                + (f"; the series came again unchanged: the sCT job {job.reused_job_id} made is kept)" if job.reused_job_id else ")"))
     elif job.state == "failed":
         text = f"sCT failed (job {job.id}): {job.error or 'no reason recorded'}; an administrator may retry it (POST /jobs/{job.id}/retry)"
     else:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import socket
@@ -17,6 +19,7 @@ import pydicom
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+import synthesis
 from dicom_node import audit
 from dicom_node.ingest import SelectionRules, mark_stable, stable_series
 from dicom_node.models import QUEUED_AGAIN, Instance, Job, Series, utcnow
@@ -308,7 +311,14 @@ class Worker:
             # not be stored (each attempt used to run the whole synthesis first)
             self.store.check_reachable()
             progress.enter("reading")
-            datasets = self._read_originals(series_uid, paths)
+            files = self._read_originals(series_uid, paths)
+            digest = self.input_digest(files)
+            kept = self._unchanged_since(job_id, series_uid, digest)
+            if kept is not None:
+                self._keep(job_id, progress, kept, digest, len(files), actor, study_uid, series_uid, started)
+                return
+            datasets = [pydicom.dcmread(io.BytesIO(data)) for data in files]
+            del files
             source = assemble(datasets)
             progress.enter("synthesizing")
             hu, reslice, plane = synthesize_volume(source.volume, self.model, self.device.device, self.plane, batch_size=self.batch_size,
@@ -375,6 +385,7 @@ class Worker:
             job_id, progress, state="done", finished_at=utcnow(), lease_until=None, error=None, not_before=None, ct_series_uid=ct.series_instance_uid,
             sr_series_uid=str(sr.SeriesInstanceUID), sr_sop_instance_uid=str(sr.SOPInstanceUID),
             model_sha256=self.model.sha256, device=self.device.label, seconds=seconds, instance_count=len(datasets), progress=1.0, stage=None,
+            input_digest=digest, ct_instances=len(ct), reused_job_id=None,
         ):
             return
         audit.record(
@@ -384,12 +395,63 @@ class Worker:
         )
         log.info("job done job=%d series=%s ct_series=%s seconds=%.2f", job_id, series_uid, ct.series_instance_uid, seconds)
 
-    def _read_originals(self, series_uid: str, paths: list[str]) -> list[pydicom.Dataset]:
-        """The series' originals from the spool. One that is gone (a spool retention round deleting
-        it while this job started, or removed by hand) fails the job with how many are missing and
-        what to do, not a file error naming a path."""
+    def input_digest(self, files: list[bytes]) -> str:
+        """What this worker's sCT of these originals (files as spooled, in any order) is made from:
+        their SHA-256s, and what else decides its pixels and UIDs (the model and its views, the
+        planes, the precision, uid_root, mr2ct's version; not the device: a CPU and a GPU worker
+        of one cluster make the same sCT to within rounding)."""
+        whole = hashlib.sha256()
+        for part in sorted(hashlib.sha256(data).hexdigest() for data in files):
+            whole.update(part.encode())
+        whole.update("|".join((self.model.output_key, self.plane, self.ct_plane, self.precision, self.uid_root,
+                               synthesis.__version__)).encode())
+        return whole.hexdigest()
+
+    def _unchanged_since(self, job_id: int, series_uid: str, digest: str) -> Job | None:
+        """The series' newest done job made from the same originals with the same settings, when its
+        sCT and SR are still whole in Orthanc (a series sent again unchanged: a PACS's route fired
+        twice, a study re-sent by hand). None when there is none, Orthanc lost part of it (a
+        deleted sCT: sending the series again is how a site gets it back, so it is made again),
+        or this job is an administrator's retry (POST /jobs/{id}/retry: made again as asked)."""
+        with self.sessions() as session:
+            if session.scalar(select(Job.remake).where(Job.id == job_id)):
+                return None
+            earlier = session.scalars(select(Job).where(
+                Job.series_instance_uid == series_uid, Job.id != job_id, Job.state == "done", Job.input_digest == digest,
+                Job.ct_instances.is_not(None)).order_by(Job.id.desc()).limit(1)).first()
+        if earlier is None or not earlier.ct_series_uid or not earlier.sr_series_uid:
+            return None
+        if self.store.series_instance_count(earlier.ct_series_uid) != earlier.ct_instances:
+            return None
+        if self.store.series_instance_count(earlier.sr_series_uid) != 1:
+            return None
+        return earlier
+
+    def _keep(self, job_id: int, progress: Progress, earlier: Job, digest: str, instances: int, actor: str, study_uid: str,
+              series_uid: str, started: float) -> None:
+        """Settle the job done with the sCT an earlier job made of the same originals (still whole in Orthanc)."""
+        seconds = time.perf_counter() - started
+        if not self._settle(
+            job_id, progress, state="done", finished_at=utcnow(), lease_until=None, error=None, not_before=None,
+            ct_series_uid=earlier.ct_series_uid, sr_series_uid=earlier.sr_series_uid, sr_sop_instance_uid=earlier.sr_sop_instance_uid,
+            model_sha256=self.model.sha256, device=self.device.label, seconds=seconds, instance_count=instances, progress=1.0, stage=None,
+            input_digest=digest, ct_instances=earlier.ct_instances, reused_job_id=earlier.id,
+        ):
+            return
+        audit.record(
+            self.sessions, audit.JOB_FINISHED, "success", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id,
+            ct_series_uid=earlier.ct_series_uid, sr_series_uid=earlier.sr_series_uid, seconds=round(seconds, 2),
+            model_sha256=self.model.sha256, device=self.device.label, kept_from_job=earlier.id,
+        )
+        log.info("job done job=%d series=%s: the same originals and settings as job %d, whose sCT is whole in Orthanc: kept, "
+                 "not made again (seconds=%.2f)", job_id, series_uid, earlier.id, seconds)
+
+    def _read_originals(self, series_uid: str, paths: list[str]) -> list[bytes]:
+        """The series' originals from the spool, as files. One that is gone (a spool retention round
+        deleting it while this job started, or removed by hand) fails the job with how many are
+        missing and what to do, not a file error naming a path."""
         try:
-            return [pydicom.dcmread(p) for p in paths]
+            return [Path(p).read_bytes() for p in paths]
         except FileNotFoundError:
             with self.sessions() as session:
                 purged = session.scalar(select(func.count()).select_from(Instance).where(

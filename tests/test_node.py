@@ -553,6 +553,70 @@ def test_an_sct_made_again_from_fewer_slices_leaves_none_of_the_old_ones_in_orth
     assert transferred[-1].detail["stale_removed"] == 2
 
 
+def test_a_series_sent_again_unchanged_keeps_its_sct_and_one_changed_or_whose_sct_was_deleted_is_made_again(
+        node_factory, orthanc, tmp_path):
+    """A PACS route that fires twice, or a study re-sent by hand, brings a series the node has made
+    an sCT of: until 2026-12-06 each time was a whole synthesis (11 minutes for 200 slices with the
+    card's 32 views on 2 cores) that wrote the same instances again. Now a job whose originals and
+    settings are those of the series' last done job, whose sCT and SR Orthanc still holds whole,
+    is done at once with that sCT (GET /jobs shows which job's). An administrator's retry is made
+    again; so is a series with a slice changed (the same UIDs, other pixels), and one whose sCT was
+    deleted in Orthanc: sending the series again is how a site gets it back."""
+    node = node_factory(complete_on_release="true")
+    series = _small(tmp_path, "mr", 251)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    first = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert first.state == "done", first.error
+    assert first.reused_job_id is None and first.ct_instances == 4 and len(first.input_digest) == 64
+
+    def sct_in_orthanc() -> dict[str, str]:
+        (sct,) = [s for s in study_series(orthanc, series.study_uid) if s["MainDicomTags"]["SeriesInstanceUID"] == first.ct_series_uid]
+        return {i: httpx.get(f"{orthanc.url}/instances/{i}/metadata/ReceptionDate", auth=orthanc.auth).text for i in sct["Instances"]}
+
+    before = sct_in_orthanc()
+    time.sleep(1.1)  # a copy stored again would have a later ReceptionDate (seconds)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0  # the same files again
+    second = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=first.id)
+    assert second.state == "done", second.error
+    assert (second.reused_job_id, second.ct_series_uid, second.sr_series_uid) == (first.id, first.ct_series_uid, first.sr_series_uid)
+    assert second.input_digest == first.input_digest
+    assert sct_in_orthanc() == before  # nothing stored again
+    finished = audit_events(node.database_url, lambda e: e.action == "job-finished" and e.job_id == second.id)
+    assert finished[-1].detail["kept_from_job"] == first.id
+    token = api_token(node.database_url, "auditor", "reader")
+    shown = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/jobs/{second.id}", headers={"Authorization": f"Bearer {token}"}).json()
+    assert shown["reused_job_id"] == first.id
+    admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'physicist')}"}
+    asked = httpx.post(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/jobs/{second.id}/retry", headers=admin, timeout=30)
+    assert asked.status_code == 201, asked.text
+    remade = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=second.id)
+    assert remade.state == "done" and remade.reused_job_id is None  # an administrator's retry is made again, as asked
+    assert sct_in_orthanc() != before
+
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for number, path in enumerate(series.files):
+        ds = pydicom.dcmread(path)
+        if number == 1:  # a corrected slice: the same UIDs, other pixels
+            pixels = ds.pixel_array
+            pixels[:8, :8] = pixels.max()
+            ds.PixelData = pixels.tobytes()
+        ds.save_as(changed / path.name, enforce_file_format=True)
+    assert storescu(changed, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    third = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=remade.id)
+    assert third.state == "done", third.error
+    assert third.reused_job_id is None and third.input_digest != first.input_digest
+    assert set(sct_in_orthanc()) == set(before)  # the same UIDs, stored again
+
+    (sct,) = [s for s in study_series(orthanc, series.study_uid) if s["MainDicomTags"]["SeriesInstanceUID"] == first.ct_series_uid]
+    assert httpx.delete(f"{orthanc.url}/series/{sct['ID']}", auth=orthanc.auth).status_code == 200
+    assert storescu(changed, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    fourth = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=third.id)
+    assert fourth.state == "done", fourth.error
+    assert fourth.reused_job_id is None and fourth.input_digest == third.input_digest
+    assert len(sct_in_orthanc()) == 4  # back in Orthanc
+
+
 def test_an_orthanc_that_keeps_first_copies_gets_the_new_sct_and_the_corrected_original(tmp_path):
     """Orthanc's default (OverwriteInstances false) keeps the first copy of an instance and answers
     AlreadyStored. A late MR slice makes the sCT again, and its slices' UIDs follow their index:

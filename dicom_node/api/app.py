@@ -293,7 +293,8 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                 Instance.series_instance_uid == job.series_instance_uid, Instance.set_aside.is_(None))).one()
             if purged:
                 raise HTTPException(409, f"job {job_id}: {purged_reason(purged, of)}")
-            new = Job(series_instance_uid=job.series_instance_uid, state="queued", instance_count=series.instance_count if series else 0)
+            new = Job(series_instance_uid=job.series_instance_uid, state="queued", instance_count=series.instance_count if series else 0,
+                      remake=True)  # asked for: made again even if nothing changed (dicom_node.worker keeps an unchanged series' sCT)
             session.add(new)
             session.flush()
             notify_job_queued(session)
