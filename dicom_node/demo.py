@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-
+import httpx
 from sqlalchemy import select
 
 from dicom_node.api.auth import create_token
@@ -18,6 +18,7 @@ from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, storescu
 from dicom_node.models import Job
 from dicom_node.orthanc_store import OrthancStore
+from dicom_node.outcomes import OUTCOME_FLAG
 from synthesis.progress import progress_bar
 from training.phantom_dicom import write_mr_series
 
@@ -39,6 +40,21 @@ def wait_for_job(database_url: str, series_uid: str, timeout: float, done_before
             on_progress(pending)
         time.sleep(0.5)
     raise TimeoutError(f"no ended job for series {series_uid} within {timeout:.0f} s")
+
+
+def _outcome_note(orthanc: OrthancServer, series_uid: str, timeout: float = 10.0) -> str | None:
+    """The node's note on the MR series in Orthanc (dicom_node.outcomes) once it names the sCT; None if it
+    does not within ``timeout`` (the node writes it a moment after the job)."""
+    store = OrthancStore(orthanc.url, orthanc.username, orthanc.password)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        series_id = store.series_id(series_uid)
+        if series_id is not None:
+            answer = httpx.get(f"{orthanc.url}/series/{series_id}/metadata/{OUTCOME_FLAG}", auth=orthanc.auth, timeout=10)
+            if answer.status_code == 200 and "sCT stored" in answer.text:
+                return answer.text
+        time.sleep(0.3)
+    return None
 
 
 def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, node_port: int, slices: int, say=print,
@@ -107,6 +123,9 @@ def run_demo(workdir: Path, once: bool, orthanc_http: int, orthanc_dicom: int, n
         say(f"  MR series UID    : {series.series_uid}")
         say(f"  sCT series UID   : {job.ct_series_uid} ({job.instance_count} instances)")
         say(f"  SR series UID    : {job.sr_series_uid}")
+        note = _outcome_note(orthanc, series.series_uid)
+        if note:
+            say(f"  on the MR series : {note}  (its Mr2ctOutcome metadata, shown in Orthanc Explorer)")
         token = create_token(init_db(f"sqlite:///{database}"), "auditor", "demo")
         say(f"  admin API        : http://127.0.0.1:{api_port}/jobs  (auditor token: {token})")
         say(f"                     curl -H 'Authorization: Bearer {token}' http://127.0.0.1:{api_port}/audit")

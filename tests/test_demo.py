@@ -34,6 +34,8 @@ def test_the_demo_shows_where_the_sct_is_and_stops_what_it_started(tmp_path: Pat
     assert re.search(rf"Orthanc Explorer : http://127\.0\.0\.1:{http}/app/explorer\.html#study\?uuid=[0-9a-f-]{{44}}\n", out), out
     assert re.search(r"sCT series UID   : [0-9.]+ \(4 instances\)", out), out
     assert re.search(r"SR series UID    : [0-9.]+\n", out), out
+    ct_uid = re.search(r"sCT series UID   : ([0-9.]+)", out).group(1)
+    assert re.search(rf"on the MR series : mr2ct .* UTC: sCT stored in this study: CT series {re.escape(ct_uid)} ", out), out
     assert re.search(rf"admin API        : http://127\.0\.0\.1:{ports['--api-port']}/jobs  \(auditor token: mr2ct_", out), out
     assert "stopping (--once or no terminal)." in out
     assert not [port for port in ports.values() if _listening(port)]  # Orthanc, the node and its API all stopped
