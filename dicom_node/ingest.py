@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import NamedTuple
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
@@ -78,6 +79,33 @@ def header_says(setting: str, told: str) -> str:
     return f"its header says {HEADER_SAYS[setting][0 if told == WITH else 1]}"
 
 
+# Why a series was not synthesized, as a code beside the reason's words (Series.reason_code; GET /series?reason_code=,
+# /metrics mr2ct_series_ignored_by_reason): the settings' rules in the order they are tried, then the node's own
+REASON_CODES: dict[str, str] = {
+    "modality": "select_modalities",
+    "planes": "its slices lie in several planes (a localizer)",
+    "positions": "several images at one position (diffusion, echoes, time points)",
+    "image_type": "select_image_type_exclude (phase, maps, derived, Dixon, ...)",
+    "component": "select_complex_component_exclude",
+    "contrast": "select_acquisition_contrasts",
+    "contrast_agent": "select_contrast_agent",
+    "fat_suppression": "select_fat_suppression",
+    "body_part": "select_body_parts",
+    "description": "select_description_include / select_description_exclude",
+    "min_slices": "select_min_slices",
+    "orientation": "select_orientations",
+    "refused_instances": "an instance of it was refused (a gap in the sCT)",
+    "synthesize_refused": "POST /synthesize refused part way",
+}
+
+
+class Skip(NamedTuple):
+    """A rule a series fails: its code (``REASON_CODES``) and the reason, in words."""
+
+    code: str
+    reason: str
+
+
 @dataclass(frozen=True)
 class SelectionRules:
     """Which complete series are synthesized; the first rule that fails is the recorded reason."""
@@ -95,49 +123,55 @@ class SelectionRules:
     fat_suppression: str = DEFAULT_CHOICE  # the same
 
     def reason_to_skip(self, series: Series, planes: Sequence[str] = (), positions: tuple[int, int] = (0, 0)) -> str | None:
-        """The first rule ``series`` fails, None when it passes. ``planes``: those its instances lie
-        in; ``positions``: how many images (single frames, and the frames of multi-frame instances) it
-        has, at how many positions."""
+        """Why ``series`` is not synthesized (the first rule it fails, see ``skip``), None when it passes."""
+        found = self.skip(series, planes, positions)
+        return found.reason if found is not None else None
+
+    def skip(self, series: Series, planes: Sequence[str] = (), positions: tuple[int, int] = (0, 0)) -> Skip | None:
+        """The first rule ``series`` fails, with its code (``REASON_CODES``), None when it passes.
+        ``planes``: those its instances lie in; ``positions``: how many images (single frames, and the
+        frames of multi-frame instances) it has, at how many positions."""
         if series.modality not in self.modalities:
-            return f"modality {series.modality!r} is not one of {list(self.modalities)}"
+            return Skip("modality", f"modality {series.modality!r} is not one of {list(self.modalities)}")
         if len(planes) > 1:
-            return (f"its slices lie in {len(planes)} planes ({', '.join(sorted(planes))}): a multi-plane localizer, or stacks "
-                    "of several planes in one series; no one volume to synthesize")
+            return Skip("planes", f"its slices lie in {len(planes)} planes ({', '.join(sorted(planes))}): a multi-plane localizer, "
+                        "or stacks of several planes in one series; no one volume to synthesize")
         images, at = positions
         if images > at:
-            return (f"its {images} images lie at {at} position{'s' * (at != 1)}: several at one position (diffusion b-values, echoes, time "
-                    "points or repeats in one series); no one volume to synthesize")
+            return Skip("positions", f"its {images} images lie at {at} position{'s' * (at != 1)}: several at one position (diffusion "
+                        "b-values, echoes, time points or repeats in one series); no one volume to synthesize")
         excluded = [v for v in values(series.image_type) if v in self.image_types_excluded]
         if excluded:
             told = not_anatomy([excluded[0]])
-            return (f"ImageType {series.image_type!r} holds {excluded[0]}, excluded by select_image_type_exclude"
-                    + (f" ({WHAT[told[0]]})" if told else ""))
+            return Skip("image_type", f"ImageType {series.image_type!r} holds {excluded[0]}, excluded by select_image_type_exclude"
+                        + (f" ({WHAT[told[0]]})" if told else ""))
         if series.component and series.component in self.components_excluded:
             told = component_kind((series.component, series.component_source))
-            return (f"{series.component_source or 'its complex component'} says {series.component}, excluded by "
-                    "select_complex_component_exclude" + (f" ({WHAT[told[0]]})" if told else ""))
+            return Skip("component", f"{series.component_source or 'its complex component'} says {series.component}, excluded by "
+                        "select_complex_component_exclude" + (f" ({WHAT[told[0]]})" if told else ""))
         if self.contrasts and series.contrast and series.contrast not in self.contrasts:
             hint = " (list UNKNOWN to synthesize series whose header does not tell)" if series.contrast == UNKNOWN else ""
-            return (f"its MR contrast is {series.contrast} ({series.contrast_source}), not one of select_acquisition_contrasts "
-                    f"{list(self.contrasts)}{hint}")
-        for told, source, chosen, setting in (
-                (series.contrast_agent, series.contrast_agent_source, self.contrast_agent, "select_contrast_agent"),
-                (series.fat_suppression, series.fat_suppression_source, self.fat_suppression, "select_fat_suppression")):
+            return Skip("contrast", f"its MR contrast is {series.contrast} ({series.contrast_source}), not one of "
+                        f"select_acquisition_contrasts {list(self.contrasts)}{hint}")
+        for code, told, source, chosen in (
+                ("contrast_agent", series.contrast_agent, series.contrast_agent_source, self.contrast_agent),
+                ("fat_suppression", series.fat_suppression, series.fat_suppression_source, self.fat_suppression)):
             if told and told not in CHOICES[chosen]:  # '' : recorded before it was read (migrations 0025, 0026)
-                return f"{header_says(setting, told)} ({source}), and {setting} is {chosen!r}"
+                setting = f"select_{code}"
+                return Skip(code, f"{header_says(setting, told)} ({source}), and {setting} is {chosen!r}")
         part = series.body_part or UNKNOWN
         if self.body_parts and part not in self.body_parts:
-            return (f"BodyPartExamined {'is not given' if part == UNKNOWN else repr(part)}, not one of select_body_parts "
-                    f"{list(self.body_parts)}")
+            return Skip("body_part", f"BodyPartExamined {'is not given' if part == UNKNOWN else repr(part)}, not one of "
+                        f"select_body_parts {list(self.body_parts)}")
         description = series.series_description or ""
         if self.description_include and not re.search(self.description_include, description, re.IGNORECASE):
-            return f"series description {description!r} does not match {self.description_include!r}"
+            return Skip("description", f"series description {description!r} does not match {self.description_include!r}")
         if self.description_exclude and re.search(self.description_exclude, description, re.IGNORECASE):
-            return f"series description {description!r} matches the exclusion {self.description_exclude!r}"
+            return Skip("description", f"series description {description!r} matches the exclusion {self.description_exclude!r}")
         if series.instance_count < self.min_slices:
-            return f"{series.instance_count} instances, fewer than the {self.min_slices} required"
+            return Skip("min_slices", f"{series.instance_count} instances, fewer than the {self.min_slices} required")
         if series.orientation and series.orientation not in self.orientations:
-            return f"orientation {series.orientation} is not one of {list(self.orientations)}"
+            return Skip("orientation", f"orientation {series.orientation} is not one of {list(self.orientations)}")
         return None
 
 
@@ -402,9 +436,12 @@ def mark_stable(
         images, positions, frame_positions = session.execute(select(
             func.coalesce(func.sum(Instance.frames), 0), func.count(distinct(func.nullif(Instance.position, ""))),
             select(func.coalesce(func.sum(frame_sets.c.frame_positions), 0)).scalar_subquery()).where(*counted)).one()
-        reason = rules.reason_to_skip(series, planes, (images, positions + frame_positions)) or _refusals(session, series)
-        if reason is not None:
-            series.state, series.reason, series.outcome_due = "ignored", reason, True
+        skip = rules.skip(series, planes, (images, positions + frame_positions))
+        if skip is None:
+            waits = _refusals(session, series)
+            skip = Skip("refused_instances", waits) if waits is not None else None
+        if skip is not None:
+            series.state, series.reason, series.reason_code, series.outcome_due = "ignored", skip.reason, skip.code, True
             return "ignored", None
         series.outcome_due = True  # its note in Orthanc: queued (dicom_node.outcomes)
         job = Job(series_instance_uid=series_uid, state="queued", instance_count=series.instance_count)

@@ -68,6 +68,8 @@ class Series(Base):
     # receiving -> stable (a job was made) | ignored (selection rules said no)
     state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
     reason: Mapped[str | None] = mapped_column(Text)
+    # the reason's code (dicom_node.ingest.REASON_CODES) while ignored; '' otherwise, and for series ignored before 0029
+    reason_code: Mapped[str] = mapped_column(String(24), default="", server_default="", index=True)
     # where the series stands (ignored and why, its job queued, running, done, failed) is due to be written on the MR
     # series in Orthanc (its Mr2ctOutcome metadata, dicom_node.outcomes); the note last written there; before 0027 none
     outcome_due: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)

@@ -145,12 +145,12 @@ def interlock_contrast(settings: Settings) -> tuple[str, str, str, str, str | No
 @dataclass(frozen=True)
 class Interlock:
     """A series the node must leave unsynthesized: its key in the QA's result, what it is, the
-    header that says so, and how the node's reason begins when it holds."""
+    header that says so, and the code of the node's reason when it holds (dicom_node.ingest.REASON_CODES)."""
 
     key: str
     what: str
     timing: tuple[str, str, str, str | None]
-    reason: str
+    code: str
     contrast_agent: str | None = None
     fat_suppressed: bool = False
 
@@ -159,25 +159,23 @@ def interlocks(settings: Settings) -> tuple[list[Interlock], dict[str, str]]:
     """The interlock series the QA sends beside the T1 one, by what the node's settings keep out,
     and the interlocks not checked, with why (a node that takes every contrast, or the agent or fat
     suppression too, has nothing of it to hold)."""
-    from dicom_node.ingest import header_says
     from synthesis.contrast import CHOICES, EXAMPLE_TIMINGS, WITH
 
     sent: list[Interlock] = []
     unchecked: dict[str, str] = {}
     told = interlock_contrast(settings)
     if told:
-        sent.append(Interlock("contrast_interlock", told[0], told[1:], "its MR contrast is"))
+        sent.append(Interlock("contrast_interlock", told[0], told[1:], "contrast"))
     else:
         unchecked["contrast_interlock"] = "not checked: select_acquisition_contrasts takes every contrast"
-    for key, setting, what, header in (("contrast_agent_interlock", "select_contrast_agent", "post-contrast T1",
-                                        {"contrast_agent": "GADOBUTROL"}),
-                                       ("fat_suppression_interlock", "select_fat_suppression", "fat-saturated T1",
-                                        {"fat_suppressed": True})):
+    for code, what, header in (("contrast_agent", "post-contrast T1", {"contrast_agent": "GADOBUTROL"}),
+                               ("fat_suppression", "fat-saturated T1", {"fat_suppressed": True})):
+        setting = f"select_{code}"
         chosen = getattr(settings, setting)
         if WITH in CHOICES[chosen]:
-            unchecked[key] = f"not checked: {setting} is {chosen!r}"
+            unchecked[f"{code}_interlock"] = f"not checked: {setting} is {chosen!r}"
         else:
-            sent.append(Interlock(key, what, EXAMPLE_TIMINGS["T1"], header_says(setting, WITH), **header))
+            sent.append(Interlock(f"{code}_interlock", what, EXAMPLE_TIMINGS["T1"], code, **header))
     return sent, unchecked
 
 
@@ -210,7 +208,7 @@ def check_interlock(sessions: Any, series_uid: str, interlock: Interlock, timeou
         if (row is not None and row.state != "receiving" and not running) or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    refused = row is not None and row.state == "ignored" and not jobs and (row.reason or "").startswith(interlock.reason)
+    refused = row is not None and row.state == "ignored" and not jobs and row.reason_code == interlock.code
     what = ("never recorded" if row is None else f"{row.state}, job {jobs[0]}" if jobs else f"{row.state}: {row.reason or ''}")
     said = {"contrast": interlock.what} if interlock.key == "contrast_interlock" else {}
     return {"series": interlock.what, **said, "series_uid": series_uid, "refused": refused, "node_said": what[:300]}

@@ -120,7 +120,7 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
             if series.last_received_at is None or as_utc(series.last_received_at) < item.received_at:
                 series.last_received_at = item.received_at
             if series.state != "receiving":
-                series.state, series.reason = "receiving", None
+                series.state, series.reason, series.reason_code = "receiving", None, ""
         for chunk in _chunks(list(latest), 500):  # refused before, stored now: its series is whole again
             session.execute(delete(RefusedInstance).where(RefusedInstance.sop_instance_uid.in_(chunk)))
     if moved:

@@ -351,6 +351,18 @@ def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_
         'mr2ct_series_ignored{contrast="T1",contrast_agent="with",fat_suppression="without"} 1',
         'mr2ct_series_ignored{contrast="T1",contrast_agent="without",fat_suppression="with"} 1'}
     assert 'mr2ct_series{state="ignored"} 6' in metrics.splitlines()
+    by_reason = {line for line in metrics.splitlines() if line.startswith("mr2ct_series_ignored_by_reason{") and not line.endswith(" 0")}
+    assert by_reason == {'mr2ct_series_ignored_by_reason{reason="contrast"} 3', 'mr2ct_series_ignored_by_reason{reason="body_part"} 1',
+                         'mr2ct_series_ignored_by_reason{reason="contrast_agent"} 1',
+                         'mr2ct_series_ignored_by_reason{reason="fat_suppression"} 1'}
+    # which series a rule kept out, by its code: what an administrator asks after a protocol change, without parsing reasons
+    series_url = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/series"
+    for code, expected in (("contrast", (t2, flair, unknown)), ("contrast_agent", (post,)), ("fat_suppression", (fat_sat,)), ("modality", ())):
+        found = httpx.get(series_url, params={"reason_code": code, "study_uid": study}, headers=admin, timeout=60).json()["items"]
+        assert {item["series_instance_uid"] for item in found} == {s.series_uid for s in expected}, code
+        assert all(item["reason_code"] == code for item in found)
+    bad = httpx.get(series_url, params={"reason_code": "contrast agent"}, headers=admin, timeout=60)
+    assert bad.status_code == 422 and "is not one of modality, planes" in bad.json()["detail"]
     refused = httpx.post(url, json={"series_uid": flair.series_uid}, headers=admin, timeout=60)
     assert refused.status_code == 422 and "its MR contrast is FLUID_ATTENUATED" in refused.json()["detail"], refused.text
     enhanced = httpx.post(url, json={"series_uid": post.series_uid}, headers=admin, timeout=60)

@@ -54,10 +54,11 @@ def test_series_that_do_not_match_the_selection_rules_are_recorded_with_the_reas
     for series in (wanted, too_short, sagittal, scout):
         assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
     assert wait_for_job(node.database_url, wanted.series_uid, timeout=120).state == "done"
-    reasons = {name: _series_row(node, s.series_uid, state="ignored").reason for name, s in (("short", too_short), ("sagittal", sagittal), ("scout", scout))}
-    assert "fewer than the 3 required" in reasons["short"]
-    assert "orientation sagittal" in reasons["sagittal"]
-    assert "exclusion" in reasons["scout"]
+    rows = {name: _series_row(node, s.series_uid, state="ignored") for name, s in (("short", too_short), ("sagittal", sagittal), ("scout", scout))}
+    assert "fewer than the 3 required" in rows["short"].reason
+    assert "orientation sagittal" in rows["sagittal"].reason
+    assert "exclusion" in rows["scout"].reason
+    assert {name: row.reason_code for name, row in rows.items()} == {"short": "min_slices", "sagittal": "orientation", "scout": "description"}
     sessions = init_db(node.database_url)
     with sessions() as session:
         assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([too_short.series_uid, sagittal.series_uid, scout.series_uid]))).all()

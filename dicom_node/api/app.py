@@ -26,6 +26,7 @@ from dicom_node import audit, forward_commitment
 from dicom_node.api.auth import READERS, Caller, current_caller, require
 from dicom_node.db import notify_job_queued
 from dicom_node.forwarder import reschedule_failed
+from dicom_node.ingest import REASON_CODES
 from dicom_node.models import (Association, AuditEvent, Commitment, Delivery, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
                                utcnow)
 from dicom_node.orthanc_store import DEFAULT_TIMEOUT_SECONDS, OrthancStore
@@ -187,6 +188,8 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             told = (Series.contrast, Series.contrast_agent, Series.fat_suppression)
             ignored_by_contrast = session.execute(select(*told, func.count()).where(Series.state == "ignored")
                                                   .group_by(*told).order_by(*told)).all()
+            ignored_by_reason = dict(session.execute(select(Series.reason_code, func.count()).where(Series.state == "ignored")
+                                                     .group_by(Series.reason_code)).all())
             finished = select(Job.seconds).where(Job.state == "done", Job.seconds.is_not(None)).subquery()
             buckets = session.execute(select(
                 func.count(), func.coalesce(func.sum(finished.c.seconds), 0.0),
@@ -209,6 +212,11 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             "# TYPE mr2ct_series_ignored gauge",
             *(f'mr2ct_series_ignored{{contrast="{contrast or "none"}",contrast_agent="{(agent or "none").lower()}",'
               f'fat_suppression="{(fat or "none").lower()}"}} {count}' for contrast, agent, fat, count in ignored_by_contrast),
+            "# HELP mr2ct_series_ignored_by_reason Ignored series by the rule that kept each out (GET /series?reason_code=; "
+            "unknown: ignored before the node recorded codes).",
+            "# TYPE mr2ct_series_ignored_by_reason gauge",
+            *(f'mr2ct_series_ignored_by_reason{{reason="{code}"}} {ignored_by_reason.get(code, 0)}' for code in REASON_CODES),
+            *([f'mr2ct_series_ignored_by_reason{{reason="unknown"}} {ignored_by_reason[""]}'] if ignored_by_reason.get("") else []),
             "# HELP mr2ct_spool_instances Originals the spool holds (recorded, not deleted by spool retention).",
             "# TYPE mr2ct_spool_instances gauge", f"mr2ct_spool_instances {spool['instances']}",
             "# HELP mr2ct_spool_bytes Size of the originals the spool holds.", "# TYPE mr2ct_spool_bytes gauge", f"mr2ct_spool_bytes {spool['bytes']}",
@@ -327,9 +335,14 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         caller: Caller = Depends(READ), state: Literal["receiving", "stable", "ignored"] | None = None,
         study_uid: str | None = Query(None, max_length=64), patient_id: str | None = Query(None, max_length=64),
         calling_ae: str | None = Query(None, max_length=16), limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
+        reason_code: str | None = Query(None, max_length=24, description="ignored series kept out by this rule: "
+                                        + ", ".join(f"{code} ({meaning})" for code, meaning in REASON_CODES.items())),
     ) -> dict[str, Any]:
+        if reason_code is not None and reason_code not in REASON_CODES:
+            raise HTTPException(422, f"reason_code {reason_code!r} is not one of {', '.join(REASON_CODES)}")
         query = select(Series).order_by(Series.last_received_at.desc())
-        for column, value in ((Series.state, state), (Series.study_instance_uid, study_uid), (Series.patient_id, patient_id), (Series.calling_ae, calling_ae)):
+        for column, value in ((Series.state, state), (Series.study_instance_uid, study_uid), (Series.patient_id, patient_id), (Series.calling_ae, calling_ae),
+                              (Series.reason_code, reason_code)):
             if value:
                 query = query.where(column == value)
         with sessions() as session:
@@ -340,7 +353,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         for item in page["items"]:  # originals spool retention deleted (a re-send brings them back)
             item["purged_instances"] = purged.get(item["series_instance_uid"], 0)
         _audit_query(caller, "series", state=state, study_uid=study_uid, patient_filter=bool(patient_id), calling_ae=calling_ae,
-                     returned=len(page["items"]))
+                     reason_code=reason_code, returned=len(page["items"]))
         return page
 
     @api.get("/associations")
@@ -468,7 +481,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                 with sessions.begin() as session:
                     session.execute(update(Series).where(Series.series_instance_uid == body.series_uid, Series.state == "receiving")
                                     .values(state="ignored", reason=f"POST /synthesize refused after {spooled} instance{'s' * (spooled != 1)}: {why}",
-                                            outcome_due=True))
+                                            reason_code="synthesize_refused", outcome_due=True))
             audit.record(sessions, audit.SYNTHESIS_REQUESTED, "failure", caller.actor, series_uid=body.series_uid, reason=why, spooled=spooled,
                          source=orthanc_at)
             return HTTPException(code, why)
