@@ -25,7 +25,8 @@
   audit says why, and it is sent again once an instance of it is stored again (mended).
 - Orthanc Explorer shows on an MR series page, under the button, where the series stands in the
   node (the ``Mr2ctOutcome`` metadata the node writes: not synthesized and why, queued, its sCT
-  stored, failed and why; dicom_node.outcomes) and its ``Mr2ctRouted`` state.
+  stored, failed and why; dicom_node.outcomes) and its ``Mr2ctRouted`` state, with a link to the
+  sCT series the note names once Orthanc holds it.
 - What the plugin still owes the node survives a restart of Orthanc: the MR series received but
   not yet stable, and the sends under way or waiting to retry, are kept in an Orthanc global
   property (``MR2CT_PENDING_PROPERTY``, default 7351; Orthanc keeps it in its index database).
@@ -545,12 +546,26 @@ function mr2ctShowStanding(seriesId) {
               $('#' + shown[1]).remove();
               var line = $('<p>').attr('id', shown[1]).text((i === 0 ? '' : 'routing to mr2ct: ') + text);
               line.insertAfter($('#mr2ct-synthesize').length ? $('#mr2ct-synthesize') : $('#series-info'));
+              var sct = i === 0 ? /CT series ([0-9.]+) /.exec(text) : null;
+              if (sct) { mr2ctLinkTo(seriesId, sct[1]); }
             }});
   });
 }
+// A link to the sCT series the note names, when Orthanc holds it.
+function mr2ctLinkTo(seriesId, sctUid) {
+  $.ajax({url: '../tools/lookup', type: 'POST', data: sctUid, dataType: 'json', success: function(found) {
+    var hit = $.grep(found, function(item) { return item.Type === 'Series'; })[0];
+    if (!hit || mr2ctSeriesShown() !== seriesId) { return; }
+    $('#mr2ct-sct').remove();
+    // a change of hash, as Back and Forward make (a link to the page shown, #series, is not followed by jQuery Mobile)
+    $('<a>').attr('id', 'mr2ct-sct').attr('href', '#series?uuid=' + hit.ID).text('open the synthetic CT')
+      .click(function(e) { e.preventDefault(); window.location.hash = 'series?uuid=' + hit.ID; })
+      .insertAfter($('#mr2ct-outcome'));
+  }});
+}
 function mr2ctOfferSynthesis() {
   var seriesId = mr2ctSeriesShown();
-  $('#mr2ct-synthesize, #mr2ct-outcome, #mr2ct-routed').remove();
+  $('#mr2ct-synthesize, #mr2ct-outcome, #mr2ct-routed, #mr2ct-sct').remove();
   if (seriesId === null) { return; }
   $.getJSON('../series/' + seriesId, function(series) {
     // an answer for a series no longer shown (the user moved on meanwhile) offers nothing

@@ -443,7 +443,8 @@ def test_orthanc_shows_why_a_series_has_no_sct_and_which_series_is_its_sct(stack
     _upload(orthanc, [f.read_bytes() for f in enhanced.files + plain.files])
     result = _wait_for(orthanc, plain.study_uid, lambda s: {"MR", "CT", "SR"} <= {x["MainDicomTags"]["Modality"] for x in s})
     ct = next(x for x in result if x["MainDicomTags"]["Modality"] == "CT")
-    done = _outcome(orthanc, next(x["ID"] for x in result if x["MainDicomTags"]["Modality"] == "MR"), "sCT stored in this study")
+    plain_id = next(x["ID"] for x in result if x["MainDicomTags"]["Modality"] == "MR")
+    done = _outcome(orthanc, plain_id, "sCT stored in this study")
     assert f"CT series {ct['MainDicomTags']['SeriesInstanceUID']} " in done
     enhanced_id = _wait_for(orthanc, enhanced.study_uid, lambda s: len(s) == 1)[0]["ID"]
     why = _outcome(orthanc, enhanced_id, "not synthesized: its header says a contrast agent was given")
@@ -457,8 +458,15 @@ def test_orthanc_shows_why_a_series_has_no_sct_and_which_series_is_its_sct(stack
         shown = page.locator("#mr2ct-outcome").inner_text()
         page.locator("#mr2ct-routed").first.wait_for(timeout=30_000)
         routed = page.locator("#mr2ct-routed").inner_text()
+        no_link = page.locator("#mr2ct-sct").count()
+        page.goto(f"{orthanc.url}/app/explorer.html#series?uuid={plain_id}")
+        page.locator("#mr2ct-sct").first.click(timeout=30_000)  # from the MR to its sCT
+        page.wait_for_function("document.getElementById('series-info').innerText.includes('Modality: CT')", timeout=30_000)
+        opened = page.evaluate("window.location.hash")
     assert shown == why
     assert routed == "routing to mr2ct: sent"
+    assert no_link == 0
+    assert opened == f"#series?uuid={ct['ID']}"
 
 
 @pytest.mark.parametrize("route", ["rest", "c-store"])
