@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.models import Job, Series, utcnow
 from dicom_node.orthanc_store import OrthancStore
-from dicom_node.rounds import run_rounds
+from dicom_node.rounds import growing_pause, run_rounds
 from synthesis.errors import PacsUnavailable
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class OutcomeNotes:
                     continue
             except (PacsUnavailable, HttpError, OSError) as exc:
                 self._failures += 1
-                self._quiet_until = time.monotonic() + min(60.0, 2.0 ** self._failures)
+                self._quiet_until = time.monotonic() + growing_pause(self._failures, 60.0)
                 if self._failures == 1:
                     log.warning("cannot write series' %s in %s, trying again later: %s", OUTCOME_FLAG, self.store.url, exc)
             with self.sessions.begin() as session:  # the rest waits for a later round
