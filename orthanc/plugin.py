@@ -537,15 +537,18 @@ function mr2ctSeriesShown() {
   return match ? decodeURIComponent(match[1]) : null;
 }
 // Where the series stands: the node's note (Mr2ctOutcome: not synthesized and why, queued, its
-// sCT stored, failed and why) and this plugin's routing state (Mr2ctRouted), under the button.
+// sCT stored, failed and why) and this plugin's routing state (Mr2ctRouted), under the button, in
+// that order whichever answer comes first; long UIDs wrap within the column.
 function mr2ctShowStanding(seriesId) {
-  $.each([['Mr2ctOutcome', 'mr2ct-outcome'], ['Mr2ctRouted', 'mr2ct-routed']], function(i, shown) {
+  $('#mr2ct-standing').remove();
+  $('<div>').attr('id', 'mr2ct-standing').css({'overflow-wrap': 'anywhere', 'word-break': 'break-word'})
+    .append($('<p>').attr('id', 'mr2ct-outcome').hide(), $('<p>').attr('id', 'mr2ct-routed').hide())
+    .insertAfter($('#mr2ct-synthesize'));
+  $.each([['Mr2ctOutcome', 'mr2ct-outcome', ''], ['Mr2ctRouted', 'mr2ct-routed', 'routing to mr2ct: ']], function(i, shown) {
     $.ajax({url: '../series/' + seriesId + '/metadata/' + shown[0], dataType: 'text',
             success: function(text) {
               if (mr2ctSeriesShown() !== seriesId) { return; }
-              $('#' + shown[1]).remove();
-              var line = $('<p>').attr('id', shown[1]).text((i === 0 ? '' : 'routing to mr2ct: ') + text);
-              line.insertAfter($('#mr2ct-synthesize').length ? $('#mr2ct-synthesize') : $('#series-info'));
+              $('#' + shown[1]).text(shown[2] + text).show();
               var sct = i === 0 ? /CT series ([0-9.]+) /.exec(text) : null;
               if (sct) { mr2ctLinkTo(seriesId, sct[1]); }
             }});
@@ -565,7 +568,7 @@ function mr2ctLinkTo(seriesId, sctUid) {
 }
 function mr2ctOfferSynthesis() {
   var seriesId = mr2ctSeriesShown();
-  $('#mr2ct-synthesize, #mr2ct-outcome, #mr2ct-routed, #mr2ct-sct').remove();
+  $('#mr2ct-synthesize, #mr2ct-standing').remove();
   if (seriesId === null) { return; }
   $.getJSON('../series/' + seriesId, function(series) {
     // an answer for a series no longer shown (the user moved on meanwhile) offers nothing
