@@ -17,8 +17,7 @@ from dicom_node.api.auth import create_token
 from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, storescu
 from dicom_node.models import Job
-from dicom_node.orthanc_store import OrthancStore
-from dicom_node.outcomes import OUTCOME_FLAG
+from dicom_node.orthanc_store import OUTCOME_FLAG, OrthancStore
 from synthesis.progress import progress_bar
 from training.phantom_dicom import write_mr_series
 

@@ -23,8 +23,7 @@ from typing import Any
 
 import httpx
 
-from dicom_node.orthanc_store import ROUTED_FLAG
-from dicom_node.outcomes import OUTCOME_FLAG
+from dicom_node.orthanc_store import OUTCOME_FLAG, ROUTED_FLAG
 
 REPO_ORTHANC_CONFIG = Path(__file__).resolve().parent.parent / "orthanc" / "orthanc.json"
 

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 # there itself: the plugin sends no series that has a state.
 ROUTED_FLAG = "Mr2ctRouted"
 ROUTED_BY_NODE = "received by mr2ct directly, which routed the originals here: not sent back"
+# Where a series stands in the node, written on it by the node (dicom_node.outcomes); declared with or without the plugin.
+OUTCOME_FLAG = "Mr2ctOutcome"
 DEFAULT_TIMEOUT_SECONDS = 60.0  # orthanc_timeout_seconds
 
 

@@ -26,13 +26,12 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.models import Job, Series, utcnow
-from dicom_node.orthanc_store import OrthancStore
+from dicom_node.orthanc_store import OUTCOME_FLAG, OrthancStore
 from dicom_node.rounds import growing_pause, run_rounds
 from synthesis.errors import PacsUnavailable
 
 log = logging.getLogger(__name__)
 
-OUTCOME_FLAG = "Mr2ctOutcome"  # a user metadata Orthanc's configuration declares (dicom_node.local_stack)
 MAX_NOTE_CHARS = 1000
 BATCH = 50
 

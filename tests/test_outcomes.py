@@ -13,8 +13,8 @@ from sqlalchemy import select
 from dicom_node.db import init_db
 from dicom_node.local_stack import OrthancServer, free_port, orthanc_config
 from dicom_node.models import Job, Series
-from dicom_node.orthanc_store import OrthancStore
-from dicom_node.outcomes import OUTCOME_FLAG, OutcomeNotes, mark_due_for_job
+from dicom_node.orthanc_store import OUTCOME_FLAG, OrthancStore
+from dicom_node.outcomes import OutcomeNotes, mark_due_for_job
 from dicom_node.worker import claim_job, settle_job
 from tests.conftest import SCANNER_AE
 from training.phantom_dicom import write_mr_series
