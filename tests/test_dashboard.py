@@ -28,6 +28,9 @@ def test_log_in_see_a_finished_job_its_preview_and_a_training_runs_losses(node, 
     assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
     job = wait_for_job(node.database_url, series.series_uid, timeout=120)
     assert job.state == "done"
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0  # sent again unchanged: its sCT kept
+    kept = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=job.id)
+    assert kept.state == "done" and kept.reused_job_id == job.id
     # a series with a slice refused (no Pixel Data) is set aside, not synthesized with the gap
     held = write_mr_series(tmp_path / "held", seed=902, slices=3, size=32, pixel_spacing=8.0, slice_spacing=8.0)
     broken = pydicom.dcmread(held.files[0])
@@ -71,6 +74,7 @@ def test_log_in_see_a_finished_job_its_preview_and_a_training_runs_losses(node, 
         page.click("#login")
         row = page.locator(f"#job-{job.id}")
         assert row.locator(".done").inner_text() == "done"
+        assert page.locator(f"#job-{kept.id} .done").inner_text() == f"done (kept: job {job.id}'s sCT, unchanged)"
         assert "refused (0xA900: the instance has no Pixel Data)" in page.locator("#set-aside").inner_text()
         page.screenshot(path=str(ARTIFACTS / "dashboard-jobs.png"), full_page=True)
         evaluation = page.locator(f"#evaluation-{evaluation_id}").inner_text()

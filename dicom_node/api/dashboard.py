@@ -98,6 +98,8 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
         for job, series in rows:
             preview = f"<a class='preview' href='/dashboard/jobs/{job.id}'>preview</a>" if job.state == "done" else ""
             state = html.escape(job.state) + (_running_text(job) if job.state == "running" else "")
+            if job.reused_job_id is not None:  # the series came again unchanged: the sCT an earlier job made, kept
+                state += f" (kept: job {job.reused_job_id}'s sCT, unchanged)"
             job_rows.append(
                 f"<tr id='job-{job.id}'><td>{job.id}</td><td class='{html.escape(job.state)}'>{state}</td>"
                 f"<td>{html.escape(series.series_description or '')}</td><td>{series.instance_count}</td>"
