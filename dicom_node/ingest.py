@@ -68,17 +68,6 @@ class ReceivedInstance:
     fat_suppression_source: str = ""
 
 
-# what a series' header says, in the reason it is kept out with, by the setting that keeps it out (WITH, WITHOUT):
-# also what `mr2ct qa`'s interlocks look for
-HEADER_SAYS = {"select_contrast_agent": ("a contrast agent was given", "no contrast agent was given"),
-               "select_fat_suppression": ("fat was suppressed", "fat was not suppressed")}
-
-
-def header_says(setting: str, told: str) -> str:
-    """How the reason for a series kept out by ``setting`` begins, its header having told ``told``."""
-    return f"its header says {HEADER_SAYS[setting][0 if told == WITH else 1]}"
-
-
 # Why a series was not synthesized, as a code beside the reason's words (Series.reason_code; GET /series?reason_code=,
 # /metrics mr2ct_series_ignored_by_reason): the settings' rules in the order they are tried, then the node's own
 REASON_CODES: dict[str, str] = {
@@ -153,12 +142,13 @@ class SelectionRules:
             hint = " (list UNKNOWN to synthesize series whose header does not tell)" if series.contrast == UNKNOWN else ""
             return Skip("contrast", f"its MR contrast is {series.contrast} ({series.contrast_source}), not one of "
                         f"select_acquisition_contrasts {list(self.contrasts)}{hint}")
-        for code, told, source, chosen in (
-                ("contrast_agent", series.contrast_agent, series.contrast_agent_source, self.contrast_agent),
-                ("fat_suppression", series.fat_suppression, series.fat_suppression_source, self.fat_suppression)):
+        for code, told, source, chosen, said in (
+                ("contrast_agent", series.contrast_agent, series.contrast_agent_source, self.contrast_agent,
+                 ("a contrast agent was given", "no contrast agent was given")),
+                ("fat_suppression", series.fat_suppression, series.fat_suppression_source, self.fat_suppression,
+                 ("fat was suppressed", "fat was not suppressed"))):
             if told and told not in CHOICES[chosen]:  # '' : recorded before it was read (migrations 0025, 0026)
-                setting = f"select_{code}"
-                return Skip(code, f"{header_says(setting, told)} ({source}), and {setting} is {chosen!r}")
+                return Skip(code, f"its header says {said[0] if told == WITH else said[1]} ({source}), and select_{code} is {chosen!r}")
         part = series.body_part or UNKNOWN
         if self.body_parts and part not in self.body_parts:
             return Skip("body_part", f"BodyPartExamined {'is not given' if part == UNKNOWN else repr(part)}, not one of "

@@ -74,8 +74,8 @@ def note(series: Series, job: Job | None) -> str | None:
     return line if len(line) <= MAX_NOTE_CHARS else line[:MAX_NOTE_CHARS - 3] + "..."
 
 
-def _claim_due(sessions: sessionmaker[Session], limit: int) -> list[tuple[str, str | None, str | None]]:
-    """Take up to ``limit`` due series: (series uid, note now, note last written), the flag cleared."""
+def _claim_due(sessions: sessionmaker[Session], limit: int) -> list[tuple[str, str | None]]:
+    """Take up to ``limit`` due series: (series uid, its note now), the flag cleared."""
     with sessions.begin() as session:
         uids = session.scalars(select(Series.series_instance_uid).where(Series.outcome_due.is_(True)).limit(limit)
                                .with_for_update(skip_locked=True)).all()
@@ -87,8 +87,7 @@ def _claim_due(sessions: sessionmaker[Session], limit: int) -> list[tuple[str, s
         jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(list(newest.values()))))}
         taken = []
         for series in session.scalars(select(Series).where(Series.series_instance_uid.in_(uids))):
-            taken.append((series.series_instance_uid, note(series, jobs.get(newest.get(series.series_instance_uid, -1))),
-                          series.outcome_note))
+            taken.append((series.series_instance_uid, note(series, jobs.get(newest.get(series.series_instance_uid, -1)))))
         return taken
 
 
@@ -102,14 +101,14 @@ class OutcomeNotes:
         self._failures = 0  # rounds in a row that Orthanc could not be reached
 
     def write_due(self, limit: int = BATCH) -> int:
-        """One round of at most ``limit`` due series: how many were taken (written, unchanged, or
-        not in Orthanc). Those not written because Orthanc is down (tried again after 2, 4, ... 60
+        """One round of at most ``limit`` due series: how many were taken (written, with no note yet,
+        or not in Orthanc). Those not written because Orthanc is down (tried again after 2, 4, ... 60
         seconds) or declares no such metadata (after 10 minutes) are due again."""
         if time.monotonic() < self._quiet_until:
             return 0
         taken = _claim_due(self.sessions, limit)
-        for number, (series_uid, text, last) in enumerate(taken):
-            if text is None or text == last:
+        for number, (series_uid, text) in enumerate(taken):
+            if text is None:  # still being received
                 continue
             try:
                 if self._write(series_uid, text) is not None:
@@ -121,7 +120,7 @@ class OutcomeNotes:
                 if self._failures == 1:
                     log.warning("cannot write series' %s in %s, trying again later: %s", OUTCOME_FLAG, self.store.url, exc)
             with self.sessions.begin() as session:  # the rest waits for a later round
-                mark_due(session, *[uid for uid, _, _ in taken[number:]])
+                mark_due(session, *[uid for uid, _ in taken[number:]])
             return 0
         return len(taken)
 

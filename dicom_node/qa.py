@@ -144,15 +144,19 @@ def interlock_contrast(settings: Settings) -> tuple[str, str, str, str, str | No
 
 @dataclass(frozen=True)
 class Interlock:
-    """A series the node must leave unsynthesized: its key in the QA's result, what it is, the
-    header that says so, and the code of the node's reason when it holds (dicom_node.ingest.REASON_CODES)."""
+    """A series the node must leave unsynthesized: the code of the node's reason when it holds
+    (dicom_node.ingest.REASON_CODES), what it is, and the header that says so."""
 
-    key: str
+    code: str
     what: str
     timing: tuple[str, str, str, str | None]
-    code: str
     contrast_agent: str | None = None
     fat_suppressed: bool = False
+
+    @property
+    def key(self) -> str:
+        """Its key in the QA's result (INTERLOCK_KEYS)."""
+        return f"{self.code}_interlock"
 
 
 def interlocks(settings: Settings) -> tuple[list[Interlock], dict[str, str]]:
@@ -165,7 +169,7 @@ def interlocks(settings: Settings) -> tuple[list[Interlock], dict[str, str]]:
     unchecked: dict[str, str] = {}
     told = interlock_contrast(settings)
     if told:
-        sent.append(Interlock("contrast_interlock", told[0], told[1:], "contrast"))
+        sent.append(Interlock("contrast", told[0], told[1:]))
     else:
         unchecked["contrast_interlock"] = "not checked: select_acquisition_contrasts takes every contrast"
     for code, what, header in (("contrast_agent", "post-contrast T1", {"contrast_agent": "GADOBUTROL"}),
@@ -175,7 +179,7 @@ def interlocks(settings: Settings) -> tuple[list[Interlock], dict[str, str]]:
         if WITH in CHOICES[chosen]:
             unchecked[f"{code}_interlock"] = f"not checked: {setting} is {chosen!r}"
         else:
-            sent.append(Interlock(f"{code}_interlock", what, EXAMPLE_TIMINGS["T1"], code, **header))
+            sent.append(Interlock(code, what, EXAMPLE_TIMINGS["T1"], **header))
     return sent, unchecked
 
 
@@ -210,7 +214,7 @@ def check_interlock(sessions: Any, series_uid: str, interlock: Interlock, timeou
         time.sleep(0.5)
     refused = row is not None and row.state == "ignored" and not jobs and row.reason_code == interlock.code
     what = ("never recorded" if row is None else f"{row.state}, job {jobs[0]}" if jobs else f"{row.state}: {row.reason or ''}")
-    said = {"contrast": interlock.what} if interlock.key == "contrast_interlock" else {}
+    said = {"contrast": interlock.what} if interlock.code == "contrast" else {}
     return {"series": interlock.what, **said, "series_uid": series_uid, "refused": refused, "node_said": what[:300]}
 
 
