@@ -74,6 +74,9 @@ class Series(Base):
     # series in Orthanc (its Mr2ctOutcome metadata, dicom_node.outcomes); the note last written there; before 0027 none
     outcome_due: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)
     outcome_note: Mapped[str | None] = mapped_column(Text)
+    # no writer takes the note before this: a writer holds it (so that two never write one series' notes out of
+    # order), or Orthanc did not hold the series yet (routed there after the node judged it); None: free (0030)
+    outcome_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Instance(Base):

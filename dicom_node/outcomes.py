@@ -10,22 +10,27 @@ any REST client reads ``GET /series/<id>/metadata/Mr2ctOutcome``.
 The places that change a series' standing (series completion, the worker's claim and settlement,
 the API's retry, cancel and synthesize) set ``Series.outcome_due`` in the same transaction; a round
 here takes the due series (clearing the flag in the transaction that reads them, so a change made
-meanwhile flags it again), and writes each note. A note Orthanc cannot take now (Orthanc down) is
-flagged again for a later round; a series Orthanc does not hold (a scanner sent it to the node
-only) gets no note. Notes are best effort: nothing else waits on them."""
+meanwhile flags it again) and holds them until their notes are written (``Series.outcome_after``,
+a lease: with several worker processes a second writer waits, so a note never lands after a newer
+one), then writes each note. A note Orthanc cannot take now (Orthanc down) is flagged again for a
+later round; a series Orthanc does not hold yet (routed there after the node judged it: the node's
+own forward_originals, or a scanner that sends to both) is looked for again every
+``NOT_HELD_PAUSE`` seconds until ``NOT_HELD_WINDOW`` after its last instance; one Orthanc never
+receives (sent to the node only) gets no note. Notes are best effort: nothing else waits on them."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, NamedTuple
 
 from orthanc_api_client.exceptions import HttpError
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.models import Job, Series, utcnow
+from dicom_node.models import Job, Series, as_utc, utcnow
 from dicom_node.orthanc_store import OUTCOME_FLAG, OrthancStore
 from dicom_node.rounds import growing_pause, run_rounds
 from synthesis.errors import PacsUnavailable
@@ -34,6 +39,9 @@ log = logging.getLogger(__name__)
 
 MAX_NOTE_CHARS = 1000
 BATCH = 50
+LEASE = timedelta(seconds=120)  # how long a writer holds the series it took (one that dies lets go after this)
+NOT_HELD_PAUSE = timedelta(seconds=30)  # a series Orthanc does not hold yet: looked for again after this...
+NOT_HELD_WINDOW = timedelta(minutes=10)  # ...until this long after its last instance arrived at the node
 
 
 def mark_due(session: Session, *series_uids: str) -> None:
@@ -74,21 +82,40 @@ def note(series: Series, job: Job | None) -> str | None:
     return line if len(line) <= MAX_NOTE_CHARS else line[:MAX_NOTE_CHARS - 3] + "..."
 
 
-def _claim_due(sessions: sessionmaker[Session], limit: int) -> list[tuple[str, str | None]]:
-    """Take up to ``limit`` due series: (series uid, its note now), the flag cleared."""
+class Due(NamedTuple):
+    series_uid: str
+    text: str | None  # the note now; None while the series is still being received
+    last_received_at: datetime
+
+
+def _claim_due(sessions: sessionmaker[Session], limit: int) -> list[Due]:
+    """Take up to ``limit`` due series no other writer holds: their notes now, the flag cleared, held
+    for ``LEASE`` (until ``_release``)."""
+    now = utcnow()
     with sessions.begin() as session:
-        uids = session.scalars(select(Series.series_instance_uid).where(Series.outcome_due.is_(True)).limit(limit)
-                               .with_for_update(skip_locked=True)).all()
+        uids = session.scalars(select(Series.series_instance_uid)
+                               .where(Series.outcome_due.is_(True), or_(Series.outcome_after.is_(None), Series.outcome_after <= now))
+                               .limit(limit).with_for_update(skip_locked=True)).all()
         if not uids:
             return []
-        session.execute(update(Series).where(Series.series_instance_uid.in_(uids)).values(outcome_due=False))
+        session.execute(update(Series).where(Series.series_instance_uid.in_(uids)).values(outcome_due=False, outcome_after=now + LEASE))
         newest = dict(session.execute(select(Job.series_instance_uid, func.max(Job.id)).where(Job.series_instance_uid.in_(uids))
                                       .group_by(Job.series_instance_uid)).all())
         jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(list(newest.values()))))}
-        taken = []
-        for series in session.scalars(select(Series).where(Series.series_instance_uid.in_(uids))):
-            taken.append((series.series_instance_uid, note(series, jobs.get(newest.get(series.series_instance_uid, -1)))))
-        return taken
+        return [Due(series.series_instance_uid, note(series, jobs.get(newest.get(series.series_instance_uid, -1))),
+                    as_utc(series.last_received_at))
+                for series in session.scalars(select(Series).where(Series.series_instance_uid.in_(uids)))]
+
+
+def _release(sessions: sessionmaker[Session], uids: list[str], *, due: bool = False, after: datetime | None = None) -> None:
+    """Let go of series taken by ``_claim_due``: flagged due again if ``due``, free to be taken again
+    from ``after`` (None: at once)."""
+    if uids:
+        with sessions.begin() as session:
+            values: dict[str, Any] = {"outcome_after": after}
+            if due:
+                values["outcome_due"] = True
+            session.execute(update(Series).where(Series.series_instance_uid.in_(uids)).values(**values))
 
 
 class OutcomeNotes:
@@ -103,25 +130,33 @@ class OutcomeNotes:
     def write_due(self, limit: int = BATCH) -> int:
         """One round of at most ``limit`` due series: how many were taken (written, with no note yet,
         or not in Orthanc). Those not written because Orthanc is down (tried again after 2, 4, ... 60
-        seconds) or declares no such metadata (after 10 minutes) are due again."""
+        seconds) or declares no such metadata (after 10 minutes) are due again; so is one Orthanc does
+        not hold yet, within ``NOT_HELD_WINDOW`` of its last instance (after ``NOT_HELD_PAUSE``)."""
         if time.monotonic() < self._quiet_until:
             return 0
         taken = _claim_due(self.sessions, limit)
-        for number, (series_uid, text) in enumerate(taken):
-            if text is None:  # still being received
-                continue
+        done: list[str] = []
+        for number, due in enumerate(taken):
             try:
-                if self._write(series_uid, text) is not None:
-                    self._failures = 0
-                    continue
+                written = None if due.text is None else self._write(due.series_uid, due.text)
             except (PacsUnavailable, HttpError, OSError) as exc:
                 self._failures += 1
                 self._quiet_until = time.monotonic() + growing_pause(self._failures, 60.0)
                 if self._failures == 1:
                     log.warning("cannot write series' %s in %s, trying again later: %s", OUTCOME_FLAG, self.store.url, exc)
-            with self.sessions.begin() as session:  # the rest waits for a later round
-                mark_due(session, *[uid for uid, _ in taken[number:]])
-            return 0
+                written = None
+            if written is None and due.text is not None:  # Orthanc down, or not declaring the metadata: the rest waits
+                _release(self.sessions, done)
+                _release(self.sessions, [d.series_uid for d in taken[number:]], due=True)
+                return 0
+            if written is not None:
+                self._failures = 0
+            now = utcnow()
+            if written is False and now - due.last_received_at < NOT_HELD_WINDOW:  # Orthanc may receive it yet
+                _release(self.sessions, [due.series_uid], due=True, after=now + NOT_HELD_PAUSE)
+            else:
+                done.append(due.series_uid)
+        _release(self.sessions, done)
         return len(taken)
 
     def _write(self, series_uid: str, text: str) -> bool | None:

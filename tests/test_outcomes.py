@@ -6,15 +6,16 @@ synthesizes, Explorer shows the note) is in test_orthanc_plugin."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 import httpx
 from sqlalchemy import select
 
 from dicom_node.db import init_db
 from dicom_node.local_stack import OrthancServer, free_port, orthanc_config
-from dicom_node.models import Job, Series
+from dicom_node.models import Job, Series, utcnow
 from dicom_node.orthanc_store import OUTCOME_FLAG, OrthancStore
-from dicom_node.outcomes import OutcomeNotes, mark_due_for_job
+from dicom_node.outcomes import OutcomeNotes, _claim_due, _release, mark_due_for_job
 from dicom_node.worker import claim_job, settle_job
 from tests.conftest import SCANNER_AE
 from training.phantom_dicom import write_mr_series
@@ -41,8 +42,8 @@ def _due(sessions, series_uid: str) -> bool:
 def test_a_note_orthanc_could_not_take_is_written_once_it_is_up(tmp_path):
     """Orthanc down when the node ignores a series: the note stays due (nothing lost, no error
     raised into the node); Orthanc up, holding the series: the next round writes the reason on it.
-    A series Orthanc does not hold (sent to the node only) is not flagged again. A job's claim and
-    outcome flag its series again, and the note follows the job."""
+    A series Orthanc does not hold (sent to the node only) is looked for again a while, then given
+    up. A job's claim and outcome flag its series again, and the note follows the job."""
     sessions = init_db(f"sqlite:///{tmp_path / 'mr2ct.db'}")
     mr = write_mr_series(tmp_path / "mr", seed=31, slices=2, size=32, pixel_spacing=4.0, slice_spacing=8.0)
     other = write_mr_series(tmp_path / "mr2", seed=32, slices=2, size=32, pixel_spacing=4.0, slice_spacing=8.0)
@@ -66,7 +67,14 @@ def test_a_note_orthanc_could_not_take_is_written_once_it_is_up(tmp_path):
         ignored = _note(orthanc, ids[mr.series_uid])
         assert ignored is not None and ignored.startswith("mr2ct ") and ignored.endswith("not synthesized: " + REASON)
         assert "queued for synthesis (2 instances)" in (_note(orthanc, ids[other.series_uid]) or "")
-        assert not _due(sessions, mr.series_uid) and not _due(sessions, "1.2.826.0.1.3680043.10.9999.1")
+        assert not _due(sessions, mr.series_uid)
+        assert _due(sessions, "1.2.826.0.1.3680043.10.9999.1")  # not in Orthanc (yet): looked for again after a pause
+        assert notes.write_due() == 0  # ...not at once
+        with sessions.begin() as session:  # its last instance came 11 minutes ago and the pause is over: given up
+            session.get(Series, "1.2.826.0.1.3680043.10.9999.1").last_received_at = utcnow() - timedelta(minutes=11)
+            session.get(Series, "1.2.826.0.1.3680043.10.9999.1").outcome_after = utcnow()
+        assert notes.write_due() == 1
+        assert not _due(sessions, "1.2.826.0.1.3680043.10.9999.1")
         with sessions() as session:
             assert session.get(Series, mr.series_uid).outcome_note == ignored
 
@@ -113,3 +121,46 @@ def test_a_job_outcome_flags_only_its_own_series(tmp_path):
         session.flush()
         mark_due_for_job(session, job.id)
     assert not _due(sessions, "1.2.3.1") and _due(sessions, "1.2.3.2")
+
+
+def test_a_series_orthanc_receives_after_the_node_judged_it_gets_its_note(tmp_path):
+    """The node's own forward_originals (or a scanner sending to both) may deliver a series to
+    Orthanc after the node ignored it: the round that finds no series looks again after the pause,
+    and writes the note once Orthanc holds it."""
+    sessions = init_db(f"sqlite:///{tmp_path / 'mr2ct.db'}")
+    mr = write_mr_series(tmp_path / "mr", seed=34, slices=2, size=32, pixel_spacing=4.0, slice_spacing=8.0)
+    _series(sessions, mr.series_uid, mr.study_uid, state="ignored", reason=REASON, outcome_due=True)
+    with OrthancServer(tmp_path / "orthanc", http_port=free_port(), dicom_port=free_port()) as orthanc:
+        notes = OutcomeNotes(sessions, OrthancStore(orthanc.url, orthanc.username, orthanc.password))
+        assert notes.write_due() == 1 and _due(sessions, mr.series_uid)  # not there yet: due again, after a pause
+        series_id = httpx.post(f"{orthanc.url}/instances", content=mr.files[0].read_bytes(), auth=orthanc.auth).json()["ParentSeries"]
+        assert notes.write_due() == 0 and _note(orthanc, series_id) is None  # the pause holds
+        with sessions.begin() as session:
+            session.get(Series, mr.series_uid).outcome_after = utcnow()  # the pause is over
+        assert notes.write_due() == 1
+        assert (_note(orthanc, series_id) or "").endswith("not synthesized: " + REASON)
+        assert not _due(sessions, mr.series_uid)
+
+
+def test_a_second_writer_waits_for_the_first_so_notes_land_in_order(tmp_path):
+    """Two worker processes write notes: while one holds a series' note (taken, not yet written), a
+    change of the series' standing flags it again, and the other writer does not take it (it would
+    write the newer note first and the first writer's older one over it). Once the first lets go,
+    the newer note is written last."""
+    sessions = init_db(f"sqlite:///{tmp_path / 'mr2ct.db'}")
+    mr = write_mr_series(tmp_path / "mr", seed=35, slices=2, size=32, pixel_spacing=4.0, slice_spacing=8.0)
+    _series(sessions, mr.series_uid, mr.study_uid, state="stable", outcome_due=True)
+    with sessions.begin() as session:
+        session.add(Job(series_instance_uid=mr.series_uid, state="queued", instance_count=2))
+    with OrthancServer(tmp_path / "orthanc", http_port=free_port(), dicom_port=free_port()) as orthanc:
+        series_id = httpx.post(f"{orthanc.url}/instances", content=mr.files[0].read_bytes(), auth=orthanc.auth).json()["ParentSeries"]
+        first, second = (OutcomeNotes(sessions, OrthancStore(orthanc.url, orthanc.username, orthanc.password)) for _ in range(2))
+        [held] = _claim_due(sessions, 10)  # the first writer's round, between taking and writing
+        assert "queued" in (held.text or "")
+        job_id = claim_job(sessions, "w1")  # the job starts: the series is due again
+        assert job_id is not None and _due(sessions, mr.series_uid)
+        assert second.write_due() == 0 and _note(orthanc, series_id) is None  # held by the first
+        assert first._write(held.series_uid, held.text) and "queued" in (_note(orthanc, series_id) or "")
+        _release(sessions, [held.series_uid])
+        assert second.write_due() == 1
+        assert f"job {job_id} synthesizing" in (_note(orthanc, series_id) or "")
