@@ -4,7 +4,7 @@ A user of Orthanc sees an MR series the plugin routed, or the node routed there,
 it: until now only the node's API said why (ignored for its contrast, a job still queued, a job
 failed). The node writes a one-line note on the series in the Orthanc it stores results into, each
 time its standing changes: not synthesized and why, queued, synthesizing, the sCT stored (which
-series), failed and why, cancelled. Orthanc Explorer shows it on the series page (orthanc/plugin.py);
+series), failed and why, cancelled, receiving instances again (judged again once complete). Orthanc Explorer shows it on the series page (orthanc/plugin.py);
 any REST client reads ``GET /series/<id>/metadata/Mr2ctOutcome``.
 
 The places that change a series' standing (series completion, the worker's claim and settlement,
@@ -58,33 +58,39 @@ def mark_due_for_job(session: Session, job_id: int) -> None:
 
 
 def note(series: Series, job: Job | None) -> str | None:
-    """The line a user of Orthanc reads on the series (None while it is still being received)."""
-    when = f"{utcnow():%Y-%m-%d %H:%M} UTC"
+    """The line a user of Orthanc reads on the series (None while it is first being received)."""
     if series.state == "ignored":
         text = f"not synthesized: {series.reason or 'no reason recorded'}"
+    elif series.state == "receiving" and series.outcome_note is not None:  # judged before; more instances came
+        text = (f"receiving instances again ({series.instance_count} so far): judged again once the series is complete"
+                + (f"; until then, {_job_text(job)}" if job is not None else ""))
     elif job is None:
         return None
-    elif job.state == "queued" and job.error:
-        text = f"job {job.id} waits to try again (attempt {job.attempts + 1}): {job.error}"
-    elif job.state == "queued":
-        text = f"job {job.id} queued for synthesis ({job.instance_count} instances)"
-    elif job.state == "running":
-        text = f"job {job.id} synthesizing ({job.instance_count} instances, attempt {job.attempts})"
-    elif job.state == "done":
-        text = (f"sCT stored in this study: CT series {job.ct_series_uid} and its provenance SR series {job.sr_series_uid} "
+    else:
+        text = _job_text(job)
+    line = f"mr2ct {utcnow():%Y-%m-%d %H:%M} UTC: {text}"
+    return line if len(line) <= MAX_NOTE_CHARS else line[:MAX_NOTE_CHARS - 3] + "..."
+
+
+def _job_text(job: Job) -> str:
+    if job.state == "queued" and job.error:
+        return f"job {job.id} waits to try again (attempt {job.attempts + 1}): {job.error}"
+    if job.state == "queued":
+        return f"job {job.id} queued for synthesis ({job.instance_count} instances)"
+    if job.state == "running":
+        return f"job {job.id} synthesizing ({job.instance_count} instances, attempt {job.attempts})"
+    if job.state == "done":
+        return (f"sCT stored in this study: CT series {job.ct_series_uid} and its provenance SR series {job.sr_series_uid} "
                 f"(job {job.id}, {job.instance_count} instances, model sha256 {(job.model_sha256 or '')[:12]}"
                 + (f"; the series came again unchanged: the sCT job {job.reused_job_id} made is kept)" if job.reused_job_id else ")"))
-    elif job.state == "failed":
-        text = f"sCT failed (job {job.id}): {job.error or 'no reason recorded'}; an administrator may retry it (POST /jobs/{job.id}/retry)"
-    else:
-        text = f"job {job.id} {job.state}: {job.error or ''}".rstrip(": ")
-    line = f"mr2ct {when}: {text}"
-    return line if len(line) <= MAX_NOTE_CHARS else line[:MAX_NOTE_CHARS - 3] + "..."
+    if job.state == "failed":
+        return f"sCT failed (job {job.id}): {job.error or 'no reason recorded'}; an administrator may retry it (POST /jobs/{job.id}/retry)"
+    return f"job {job.id} {job.state}: {job.error or ''}".rstrip(": ")
 
 
 class Due(NamedTuple):
     series_uid: str
-    text: str | None  # the note now; None while the series is still being received
+    text: str | None  # the note now; None while the series is first being received
     last_received_at: datetime
 
 

@@ -121,6 +121,8 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                 series.last_received_at = item.received_at
             if series.state != "receiving":
                 series.state, series.reason, series.reason_code = "receiving", None, ""
+                # the note in Orthanc (dicom_node.outcomes) says it is being received again, not its last judgement
+                series.outcome_due = series.outcome_due or series.outcome_note is not None
         for chunk in _chunks(list(latest), 500):  # refused before, stored now: its series is whole again
             session.execute(delete(RefusedInstance).where(RefusedInstance.sop_instance_uid.in_(chunk)))
     if moved:

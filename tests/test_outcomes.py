@@ -7,15 +7,18 @@ from __future__ import annotations
 
 import json
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 from sqlalchemy import select
 
 from dicom_node.db import init_db
+from dicom_node.ingest import ReceivedInstance, mark_stable
 from dicom_node.local_stack import OrthancServer, free_port, orthanc_config
 from dicom_node.models import Job, Series, utcnow
 from dicom_node.orthanc_store import OUTCOME_FLAG, OrthancStore
 from dicom_node.outcomes import OutcomeNotes, _claim_due, _release, mark_due_for_job
+from dicom_node.recorder import SpooledInstance, record_batch
 from dicom_node.worker import claim_job, settle_job
 from tests.conftest import SCANNER_AE
 from training.phantom_dicom import write_mr_series
@@ -164,3 +167,29 @@ def test_a_second_writer_waits_for_the_first_so_notes_land_in_order(tmp_path):
         _release(sessions, [held.series_uid])
         assert second.write_due() == 1
         assert f"job {job_id} synthesizing" in (_note(orthanc, series_id) or "")
+
+
+def test_a_judged_series_that_receives_more_instances_says_so(tmp_path):
+    """A series judged (its note written in Orthanc) that receives more instances is judged again
+    once complete: meanwhile its note says so, with where its last job stands, instead of the
+    judgement the new instances may overturn. A series first being received gets no note."""
+    sessions = init_db(f"sqlite:///{tmp_path / 'mr2ct.db'}")
+
+    def arrive(sop: str) -> None:
+        info = ReceivedInstance("1.2.840.10008.5.1.4.1.1.4", sop, "1.2.3", "1.2.3.4", "MR", "T1", "axial", "patient")
+        record_batch(sessions, [SpooledInstance(info, Path(f"/spool/{sop}.dcm"), 100, "1.2.840.10008.1.2.1", SCANNER_AE, None, utcnow())])
+
+    arrive("1.2.3.4.1")
+    assert not _due(sessions, "1.2.3.4")
+    state, job_id = mark_stable(sessions, "1.2.3.4", 0)
+    assert state == "stable" and job_id is not None and _due(sessions, "1.2.3.4")
+    [taken] = _claim_due(sessions, 10)
+    assert f"job {job_id} queued for synthesis (1 instances)" in (taken.text or "")
+    with sessions.begin() as session:  # as the writer records it once Orthanc took it
+        session.get(Series, "1.2.3.4").outcome_note = taken.text
+    _release(sessions, ["1.2.3.4"])
+    arrive("1.2.3.4.2")
+    assert _due(sessions, "1.2.3.4")
+    [taken] = _claim_due(sessions, 10)
+    assert (taken.text or "").endswith(f"receiving instances again (2 so far): judged again once the series is complete; "
+                                       f"until then, job {job_id} queued for synthesis (1 instances)")
