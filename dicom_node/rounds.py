@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -47,11 +48,16 @@ def failed_attempt(session: Session, table: Any, row: Any, exc: BaseException, m
 
 def run_rounds(step: Callable[[], object], stop: threading.Event, wake: threading.Event, poll_seconds: float, what: str) -> None:
     """Call ``step`` every ``poll_seconds`` (at least 1 s) or as soon as ``wake`` is set, until
-    ``stop``; an exception (the database away) is logged and the next round tries again."""
+    ``stop`` (seen within a second, whatever ``poll_seconds``: until 2026-12-06 a node with a long
+    poll took that long to stop); an exception (the database away) is logged and the next round
+    tries again."""
     while not stop.is_set():
         try:
             step()
         except Exception:
             log.exception(what)
-        wake.wait(max(poll_seconds, 1.0))
+        next_round = time.monotonic() + max(poll_seconds, 1.0)
+        while not stop.is_set() and not wake.wait(min(1.0, max(next_round - time.monotonic(), 0.0))):
+            if time.monotonic() >= next_round:
+                break
         wake.clear()

@@ -240,6 +240,12 @@ def test_a_series_completes_when_its_association_is_released(node_factory, tmp_p
     job = wait_for_job(node.database_url, series.series_uid, timeout=45)
     assert job.state == "done", job.error
     assert time.monotonic() - started < 45
+    # nor does stopping wait for it: each background round sees SIGTERM within a second (it took the
+    # whole minute of poll_seconds until 2026-12-06, and an orchestrator's grace period is shorter)
+    stopping = time.monotonic()
+    node.stop()
+    assert time.monotonic() - stopping < 20
+    assert "INFO dicom_node.service stopped" in node.log_path.read_text()
 
 
 def test_originals_are_routed_to_orthanc(node_factory, orthanc, tmp_path):
