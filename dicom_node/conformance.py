@@ -290,7 +290,8 @@ Storage commitment of what was routed (Storage Commitment Push Model, SCU, IHE R
 association of its own proposing that SOP class in Implicit VR Little Endian and the others of
 pynetdicom's defaults) for up to {FORWARD_COMMITMENT_BATCH} routed originals per request, under a
 Transaction UID made under {_setting("uid_root")}, and takes the N-EVENT-REPORT (Event Type 1 or 2)
-on that association or on one the destination opens to the Storage SCP (its AE title must be in
+on that association (held open up to {_setting("forward_commitment_linger_seconds")} seconds after the
+N-ACTION's response, less once the report came either way) or on one the destination opens to the Storage SCP (its AE title must be in
 {_setting("allowed_aes")} when that is set; the SCP role it proposes by role selection is accepted).
 An original the report commits may then be deleted by spool retention; one it lists as failed (any
 Failure Reason) is routed again, and asked for again once routed, each failure counted as a refusal

@@ -7,8 +7,10 @@ an original only once the destination's N-EVENT-REPORT committed it.
 - A request names up to ``BATCH`` routed originals under a Transaction UID of the node's root; the
   originals are claimed for it in the database (``Instance.forward_commitment_id``), so two node
   processes sharing one never ask twice for one instance.
-- The report may come on any association (on the request's own, as some archives do; on one the
-  destination opens to the node's SCP with SCP/SCU role selection, as Orthanc does): each
+- The report may come on any association (on the request's own, as some archives do, which the
+  node holds open after the N-ACTION's answer for up to ``forward_commitment_linger_seconds`` or
+  until the transaction's report came by either way; on one the destination opens to the node's
+  SCP with SCP/SCU role selection, as Orthanc does): each
   instance it commits gets ``forward_committed_at``; each it reports failed is routed again (after
   the forwarder's growing pause) and asked for again once routed.
 - A request the destination does not answer within ``forward_commitment_wait_seconds`` expires:
@@ -173,8 +175,10 @@ class Committer:
     it never answered; runs beside the forwarder."""
 
     def __init__(self, sessions: sessionmaker[Session], forward_to: str, calling_ae: str, uid_root: str, wait_seconds: float,
-                 ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0, poll_seconds: float = 0.0002, max_refusals: int = 0) -> None:
+                 ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0, poll_seconds: float = 0.0002, max_refusals: int = 0,
+                 linger_seconds: float = 0.0) -> None:
         self.sessions, self.calling_ae, self.uid_root, self.max_refusals = sessions, calling_ae, uid_root, max_refusals
+        self.linger = min(linger_seconds, wait_seconds)  # the request's association held open for a report on it
         self.called_ae, self.host, self.port = parse_dicom_destination(forward_to)
         self.name = f"dicom{'s' if ssl_context else ''}://{self.called_ae}@{self.host}:{self.port}"
         self.wait, self.ssl_context, self.timeout, self.poll_seconds = timedelta(seconds=wait_seconds), ssl_context, timeout, poll_seconds
@@ -233,8 +237,15 @@ class Committer:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = self.timeout
         ae.add_requested_context(StorageCommitmentPushModel)
         tls = (self.ssl_context, self.host) if self.ssl_context is not None else None
-        handlers = [(evt.EVT_CONN_OPEN, lambda event: tune(event.assoc, self.poll_seconds)),
-                    (evt.EVT_N_EVENT_REPORT, lambda event: on_report(self.sessions, self.called_ae, event, self.max_refusals))]
+        reported = threading.Event()  # this request's report came on its association
+
+        def on_own_report(event: evt.Event) -> tuple[int, None]:
+            answer = on_report(self.sessions, self.called_ae, event, self.max_refusals)
+            if str(getattr(event.event_information, "TransactionUID", "")) == transaction:
+                reported.set()
+            return answer
+
+        handlers = [(evt.EVT_CONN_OPEN, lambda event: tune(event.assoc, self.poll_seconds)), (evt.EVT_N_EVENT_REPORT, on_own_report)]
         try:
             assoc = ae.associate(self.host, self.port, ae_title=self.called_ae, tls_args=tls, evt_handlers=handlers)
         except OSError as exc:
@@ -250,6 +261,8 @@ class Committer:
                 item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = sop_class, sop_instance
                 information.ReferencedSOPSequence.append(item)
             status, _ = assoc.send_n_action(information, REQUEST_COMMITMENT, StorageCommitmentPushModel, WELL_KNOWN_INSTANCE)
+            if getattr(status, "Status", None) == 0x0000:
+                self._linger(assoc, transaction, reported)
         except ValueError as exc:  # pynetdicom: no accepted context for the SOP class
             raise ConnectionError(f"{self.name} does not accept Storage Commitment Push Model from {self.calling_ae}") from exc
         finally:
@@ -258,6 +271,20 @@ class Committer:
         code = getattr(status, "Status", None)
         if code != 0x0000:
             raise ConnectionError(f"{self.name} answered the N-ACTION with status {'none' if code is None else f'0x{code:04X}'}")
+
+    def _linger(self, assoc: Any, transaction: str, reported: threading.Event) -> None:
+        """Hold the request's association open for ``linger`` seconds, for an archive that reports on
+        it (some do, and only so); over as soon as a report came on it, the transaction was reported
+        on another association (Orthanc's way: its row is no longer ``requested``), or the
+        destination released it."""
+        deadline = time.monotonic() + self.linger
+        while time.monotonic() < deadline and assoc.is_established:
+            if reported.wait(min(0.25, max(deadline - time.monotonic(), 0.0))):
+                log.info("storage commitment reported on the request's association by %s transaction=%s", self.name, transaction)
+                return
+            with self.sessions() as session:
+                if session.scalar(select(ForwardCommitment.state).where(ForwardCommitment.transaction_uid == transaction)) != REQUESTED:
+                    return
 
     def request_due(self) -> int:
         """Expire what waited too long, then ask for every routed original not asked for yet, in

@@ -175,6 +175,11 @@ class Settings(BaseSettings):
         3600, gt=0, le=7 * 86400, description="a storage commitment request the destination has not answered this long after "
         "it was sent expires: its originals are asked for again in a new request (a report that comes later still counts)",
     )
+    forward_commitment_linger_seconds: float = Field(
+        5, ge=0, le=600, description="after the destination answered a storage commitment request, its association is held "
+        "open this long for an archive that sends the report on it (some do, some only so): over at once when the report came "
+        "on it or on another association; 0 releases it at once (such an archive's reports are then lost)",
+    )
     deliver_to: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="names of DICOM modalities declared in Orthanc (its DicomModalities: a treatment "
         "planning system, say) to which Orthanc sends each sCT series and its SR once its job is done (C-STORE by Orthanc, asked "

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -94,9 +95,12 @@ def test_retention_waits_for_the_destinations_commitment_and_a_request_unanswere
 
 
 @contextmanager
-def _archive(port: int, node_port: int | None, lose_first: bool = False, lose_always: bool = False) -> Iterator[dict[str, list]]:
+def _archive(port: int, node_port: int | None, lose_first: bool = False, lose_always: bool = False,
+             same_association: bool = False) -> Iterator[dict[str, list]]:
     """A DICOM archive (pynetdicom) that stores and answers storage commitment on an association
-    it opens to the node (none without ``node_port``): with ``lose_first``, its first report says
+    it opens to the node (none without ``node_port``), or with ``same_association`` on the
+    request's own, after its answer (as fo-dicom's synchronous reports do; ``report_statuses``
+    then records None where the association was gone): with ``lose_first``, its first report says
     it lost the first instance it was asked for (as an archive whose disk failed after C-STORE
     success would); with ``lose_always``, every report says so of that instance."""
     seen: dict[str, list] = {"stored": [], "requests": [], "report_statuses": []}
@@ -105,7 +109,7 @@ def _archive(port: int, node_port: int | None, lose_first: bool = False, lose_al
         seen["stored"].append(str(event.request.AffectedSOPInstanceUID))
         return 0x0000
 
-    def report(information: Dataset) -> None:
+    def report(information: Dataset, own: Any = None) -> None:
         uids = [str(i.ReferencedSOPInstanceUID) for i in information.ReferencedSOPSequence]
         result = Dataset()
         result.TransactionUID = information.TransactionUID
@@ -114,6 +118,16 @@ def _archive(port: int, node_port: int | None, lose_first: bool = False, lose_al
         result.ReferencedSOPSequence = [_item(u) for u in uids if u not in lost]
         if lost:
             result.FailedSOPSequence = [_item(u, 0x0110) for u in lost]
+        if own is not None:
+            if not own.is_established:
+                seen["report_statuses"].append(None)
+                return
+            try:
+                status, _ = own.send_n_event_report(result, 2 if lost else 1, StorageCommitmentPushModel, WELL_KNOWN)
+            except Exception:  # released meanwhile
+                status = None
+            seen["report_statuses"].append(int(status.Status) if status else None)
+            return
         sender = AE("ARCHIVE")
         sender.add_requested_context(StorageCommitmentPushModel)
         assoc = sender.associate("127.0.0.1", node_port, ae_title=NODE_AE, ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
@@ -125,7 +139,9 @@ def _archive(port: int, node_port: int | None, lose_first: bool = False, lose_al
     def on_action(event):
         information = event.action_information
         seen["requests"].append([str(i.ReferencedSOPInstanceUID) for i in information.ReferencedSOPSequence])
-        if node_port is not None:
+        if same_association:
+            threading.Timer(0.5, report, args=(information, event.assoc)).start()
+        elif node_port is not None:
             threading.Timer(0.5, report, args=(information,)).start()  # after the N-ACTION's response, as archives do
         return 0x0000, None
 
@@ -191,6 +207,34 @@ def test_an_original_the_destination_lost_is_routed_again_and_strangers_reports_
             assert sorted(e.detail["status"] for e in refused) == ["0x0110", "0x0115"]
 
 
+def test_an_archive_that_reports_on_the_requests_own_association_commits_what_it_keeps(tmp_path):
+    """An archive that knows no address of the node and reports on the request's association once
+    it has answered it (fo-dicom's synchronous way): the node holds that association open for the
+    report (forward_commitment_linger_seconds), commits the originals and retention deletes them.
+    With the linger at 0 the association is gone before the report: nothing is committed."""
+    for linger, committed in (("0", False), ("10", True)):
+        node_port, archive_port = free_port(), free_port()
+        with OrthancServer(tmp_path / f"orthanc{linger}", free_port(), free_port()) as orthanc, \
+                _archive(archive_port, None, same_association=True) as seen:
+            with _node(tmp_path / linger, orthanc, node_port, f"ARCHIVE@127.0.0.1:{archive_port}", f"{SCANNER_AE},ARCHIVE@127.0.0.1",
+                       spool_retention_hours="0.0003", forward_commitment_linger_seconds=linger) as node:
+                url = node.env["MR2CT_DATABASE_URL"]
+                series = write_mr_series(tmp_path / f"mr{linger}", seed=454, slices=3, size=32, pixel_spacing=6.0, slice_spacing=10.0)
+                assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+                _wait(lambda: len(seen["report_statuses"]) >= 1, 60, "the archive was not asked for storage commitment")
+                if committed:
+                    assert seen["report_statuses"][0] == 0x0000
+                    _wait(lambda: len(rows := _rows(url)) == 3 and all(r.forward_committed_at and r.purged_at for r in rows), 60,
+                          "the originals reported on the request's association were not committed and deleted")
+                    with init_db(url)() as session:
+                        assert [r.state for r in session.query(ForwardCommitment)] == ["committed"]
+                    assert "storage commitment reported on the request's association" in node.log_path.read_text()
+                else:
+                    assert seen["report_statuses"][0] is None  # released at once: the report had nowhere to go
+                    time.sleep(3)  # retention's rounds pass over them
+                    assert not any(r.forward_committed_at or r.purged_at for r in _rows(url))
+
+
 def test_an_original_the_destination_never_commits_is_given_up_after_forward_max_refusals(tmp_path):
     """A commitment failure counts as a refusal: after ``forward_max_refusals`` of them the
     original is given up (listed by GET /routing, audited) instead of routed every five minutes
@@ -226,6 +270,8 @@ def test_forward_commitment_settings_name_the_key():
         Settings(forward_commitment=True, forward_originals=True, forward_to="PACS@10.0.0.5:104", allowed_aes="SCANNER1")
     assert Settings(forward_commitment=True, forward_originals=True, forward_to="PACS@10.0.0.5:104",
                     allowed_aes="SCANNER1,PACS@10.0.0.5").forward_commitment
+    with pytest.raises(ValueError, match="forward_commitment_linger_seconds"):
+        Settings(forward_commitment_linger_seconds=-1)
 
 
 def test_config_check_asks_the_destination_for_storage_commitment(tmp_path):
