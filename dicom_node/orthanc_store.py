@@ -141,6 +141,24 @@ class OrthancStore:
             removed += 1
         return removed, held
 
+    def series_files(self, series_uid: str, sop_uids: Iterable[str]) -> dict[str, bytes]:
+        """The files of the series' instances ``sop_uids`` that Orthanc holds, by SOP Instance UID
+        (one listing of the series, then one download per instance)."""
+        wanted = set(sop_uids)
+        series_id = self.series_id(series_uid)
+        if series_id is None or not wanted:
+            return {}
+        try:
+            listed = self.client.get_json(f"series/{series_id}/instances")
+        except HttpError as exc:
+            if exc.http_status_code == 404:  # deleted meanwhile
+                return {}
+            raise PacsUnavailable(f"Orthanc at {self.url} did not list series {series_uid}: HTTP {exc.http_status_code}") from exc
+        except Exception as exc:
+            raise PacsUnavailable(f"Orthanc at {self.url} is not reachable: {exc}") from exc
+        ids = {str(item.get("MainDicomTags", {}).get("SOPInstanceUID", "")): item["ID"] for item in listed}
+        return {uid: self.instance_file(ids[uid]) for uid in wanted if uid in ids}
+
     def instance_file(self, instance_id: str) -> bytes:
         try:
             return self.client.instances.get_file(instance_id)

@@ -137,7 +137,10 @@ class Node:
                 self._thread("outcome-notes", OutcomeNotes(self.sessions, store).loop, self.stop_event, s.poll_seconds)
             worker = Worker(self.sessions, model, device, store, s.uid_root, s.batch_size, s.precision, s.torch_compile,
                             s.test_time_augmentation, synthesis_plane=s.synthesis_plane, ct_plane=s.ct_plane,
-                            deliver_to=s.deliver_to, on_delivery=deliverer.wake.set if deliverer else None)
+                            deliver_to=s.deliver_to, on_delivery=deliverer.wake.set if deliverer else None,
+                            originals_from=s.originals_from, spool_dir=s.spool_dir)
+            if s.originals_from == "orthanc":
+                log.info("originals not in this spool_dir (%s) read from %s", s.spool_dir, s.orthanc_url)
             requeue_orphaned_jobs(self.sessions, worker.worker_id)
             wake_on_job_queued(self.work_queued)  # jobs queued by this process (series completion, API retry)
             self._thread("worker", worker.loop, self.stop_event, s.poll_seconds, self.work_queued)

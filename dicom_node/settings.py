@@ -95,6 +95,13 @@ class Settings(BaseSettings):
         "series, a 3D sagittal or coronal MR; a tilted one, or a tilted axial series, resampled onto exact transverse slices; "
         "a 2D sagittal or coronal series with thick slices stays as acquired)",
     )
+    originals_from: Literal["spool", "orthanc"] = Field(
+        "spool", description="where a worker reads a job's originals: spool (the files the SCP wrote; workers on other hosts "
+        "need spool_dir shared), or orthanc (those this host's spool holds from it, the others from the Orthanc results go to, "
+        "checked instance by instance: it holds the MR series where Orthanc routed it to the node, or the node routes originals "
+        "there with forward_originals; a worker on a GPU host then needs no shared filesystem; one Orthanc does not hold yet "
+        "is waited for, as for an Orthanc that is down)",
+    )
     stable_seconds: float = Field(10.0, gt=0, le=86400, description="a series is complete after this long without new instances")
     uid_root: str = Field("1.2.826.0.1.3680043.8.498.", description="root of the UIDs mr2ct writes (ends with a dot)")
     poll_seconds: float = Field(0.5, gt=0, le=60, description="how often the stability monitor and worker look for work")

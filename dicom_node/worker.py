@@ -26,8 +26,9 @@ from dicom_node.models import QUEUED_AGAIN, Instance, Job, Series, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.outcomes import mark_due_for_job
 from dicom_node.retention import purged_reason
+from dicom_node.spool import Spool
 from synthesis.ct_writer import SyntheticCTSeries
-from synthesis.errors import Mr2ctError, PacsUnavailable, SeriesNotUsable, StorageIncomplete, Stopped
+from synthesis.errors import InvalidInstance, Mr2ctError, PacsUnavailable, SeriesNotUsable, StorageIncomplete, Stopped
 from synthesis.infer import DeviceChoice, synthesize, synthesize_volume
 from synthesis.model_file import LoadedModel
 from synthesis.sr_writer import build_provenance_sr
@@ -204,9 +205,13 @@ class Worker:
         self, sessions: sessionmaker[Session], model: LoadedModel, device: DeviceChoice, store: OrthancStore,
         uid_root: str, batch_size: int, precision: str = "auto", torch_compile: bool = False, test_time_augmentation: str = "model",
         lease_seconds: float = LEASE_SECONDS, synthesis_plane: str = "auto", ct_plane: str = "acquired",
-        deliver_to: list[str] | None = None, on_delivery: Callable[[], None] | None = None,
+        deliver_to: list[str] | None = None, on_delivery: Callable[[], None] | None = None, originals_from: str = "spool",
+        spool_dir: Path | None = None,
     ) -> None:
         self.tta, self.lease_seconds, self.plane, self.ct_plane = test_time_augmentation, lease_seconds, synthesis_plane, ct_plane
+        # originals_from orthanc: an original is read from this process's spool_dir where that holds it, else from Orthanc
+        self.own_spool = Spool(spool_dir) if originals_from == "orthanc" and spool_dir is not None else None
+        self.originals_from = originals_from
         self.deliver_to, self.on_delivery = list(deliver_to or []), on_delivery  # results sent on by Orthanc (dicom_node.delivery)
         self.sessions, self.model, self.device, self.store = sessions, self._as_configured(model), device, store
         self.uid_root, self.batch_size, self.precision, self.torch_compile = uid_root, batch_size, precision, torch_compile
@@ -292,9 +297,10 @@ class Worker:
             assert job is not None
             series = session.get(Series, job.series_instance_uid)
             assert series is not None
-            rows = session.execute(select(Instance.path, Instance.purged_at).where(
+            rows = session.execute(select(Instance.path, Instance.purged_at, Instance.sop_instance_uid).where(
                 Instance.series_instance_uid == job.series_instance_uid, Instance.set_aside.is_(None))).all()
             paths = [row.path for row in rows]
+            sop_uids = [row.sop_instance_uid for row in rows]
             purged = sum(row.purged_at is not None for row in rows)
             series_uid, study_uid = series.series_instance_uid, series.study_instance_uid
         actor = f"worker {self.worker_id}"
@@ -311,7 +317,7 @@ class Worker:
             # not be stored (each attempt used to run the whole synthesis first)
             self.store.check_reachable()
             progress.enter("reading")
-            files = self._read_originals(series_uid, paths)
+            files = self._read_originals(series_uid, study_uid, paths, sop_uids)
             digest = self.input_digest(files)
             kept = self._unchanged_since(job_id, series_uid, digest)
             if kept is not None:
@@ -446,11 +452,16 @@ class Worker:
         log.info("job done job=%d series=%s: the same originals and settings as job %d, whose sCT is whole in Orthanc: kept, "
                  "not made again (seconds=%.2f)", job_id, series_uid, earlier.id, seconds)
 
-    def _read_originals(self, series_uid: str, paths: list[str]) -> list[bytes]:
-        """The series' originals from the spool, as files. One that is gone (a spool retention round
-        deleting it while this job started, or removed by hand) fails the job with how many are
-        missing and what to do, not a file error naming a path."""
+    def _read_originals(self, series_uid: str, study_uid: str, paths: list[str], sop_uids: list[str]) -> list[bytes]:
+        """The series' originals from the spool, as files; with ``originals_from = orthanc``, those
+        this process's spool_dir does not hold (a worker on another host than the SCP's) from
+        Orthanc, and one Orthanc does not hold yet (its routing still sending it) waits for a later
+        attempt. One that is gone from the spool (a spool retention round deleting it while this job
+        started, or removed by hand) fails the job with how many are missing and what to do, not a
+        file error naming a path."""
         try:
+            if self.originals_from == "orthanc":
+                return self._read_here_or_from_orthanc(series_uid, study_uid, paths, sop_uids)
             return [Path(p).read_bytes() for p in paths]
         except FileNotFoundError:
             with self.sessions() as session:
@@ -461,6 +472,28 @@ class Worker:
             missing = sum(not os.path.exists(p) for p in paths)
             raise SeriesNotUsable(f"{missing} of the series' {len(paths)} originals are no longer in the spool (deleted by "
                                   "spool retention as this job started, or removed by hand): send the series again") from None
+
+    def _read_here_or_from_orthanc(self, series_uid: str, study_uid: str, paths: list[str], sop_uids: list[str]) -> list[bytes]:
+        here: dict[str, bytes] = {}
+        for path, uid in zip(paths, sop_uids):
+            try:  # the row's file is this process's spool's (an SCP on this host with the same spool_dir wrote it)
+                if self.own_spool is not None and Path(path) == self.own_spool.path_for(study_uid, series_uid, uid):
+                    here[uid] = Path(path).read_bytes()
+            except (FileNotFoundError, InvalidInstance):
+                pass
+        wanted = [uid for uid in sop_uids if uid not in here]
+        if wanted:
+            fetched = self.store.series_files(series_uid, wanted)
+            if len(fetched) < len(wanted):
+                raise StorageIncomplete(f"Orthanc at {self.store.url} holds {len(fetched)} of the {len(wanted)} originals of the series "
+                                        "this host's spool does not (originals_from = orthanc): tried again once it may hold them")
+            for uid, data in fetched.items():
+                if str(pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=["SOPInstanceUID"]).SOPInstanceUID) != uid:
+                    raise SeriesNotUsable(f"Orthanc at {self.store.url} answered another instance for {uid}")
+            here.update(fetched)
+            log.info("originals read from Orthanc series=%s instances=%d of %d (not in this host's spool)", series_uid, len(fetched),
+                     len(sop_uids))
+        return [here[uid] for uid in sop_uids]
 
     def _fail(self, job_id: int, tracker: Progress, actor: str, study_uid: str, series_uid: str, reason: str) -> None:
         if not self._settle(job_id, tracker, state="failed", finished_at=utcnow(), error=reason[:2000], lease_until=None, stage=None):

@@ -86,6 +86,44 @@ def test_three_workers_synthesize_twelve_series_exactly_once(postgres, orthanc, 
             server.stop()
 
 
+def test_a_worker_without_the_scps_spool_reads_the_originals_from_orthanc(postgres, orthanc, tmp_path):
+    """A worker on a GPU host shares the database, not the SCP's spool (originals_from = orthanc):
+    the originals its host does not hold are read from Orthanc, and while Orthanc does not hold
+    them yet (its routing, or the node's forward_originals, still on the way) the job waits and is
+    tried again, then synthesized from what Orthanc holds, its sCT in the same study."""
+    port = free_port()
+    processes = []
+    try:
+        for role in ("scp", "worker"):
+            env = node_env(tmp_path / role, port, orthanc)  # each its own spool_dir: nothing shared but the database
+            env.update(MR2CT_DATABASE_URL=postgres.url, MR2CT_ORIGINALS_FROM="orthanc", MR2CT_STABLE_SECONDS="1")
+            processes.append(NodeServer(tmp_path / role, env, port, role=role))
+        for server in processes:
+            server.start()
+        series = write_mr_series(tmp_path / "mr", seed=860, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+        assert storescu(series.folder, port, NODE_AE, SCANNER_AE).returncode == 0
+
+        def job() -> Job | None:
+            with init_db(postgres.url)() as session:
+                return session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid)).first()
+
+        deadline = time.monotonic() + 60
+        while not ((j := job()) is not None and j.error and "holds 0 of the 4 originals" in j.error):
+            assert time.monotonic() < deadline, "the job did not wait for Orthanc to hold the originals"
+            time.sleep(0.3)
+        assert j.state in ("queued", "running")
+        for f in series.files:  # Orthanc receives the series (as its own routing, or forward_originals, would bring it)
+            assert httpx.post(f"{orthanc.url}/instances", content=f.read_bytes(), auth=orthanc.auth).status_code == 200
+        assert wait_for_job(postgres.url, series.series_uid, timeout=120).state == "done"
+        cts = [x for x in study_series(orthanc, series.study_uid) if x["MainDicomTags"]["Modality"] == "CT"]
+        assert len(cts) == 1 and len(cts[0]["Instances"]) == 4
+        assert not list((tmp_path / "worker" / "spool").rglob("*.dcm"))  # nothing was read from a spool of the worker's host
+        assert "originals read from Orthanc" in processes[1].log_path.read_text()
+    finally:
+        for server in processes:
+            server.stop()
+
+
 def test_an_unreachable_database_stops_start_up_naming_the_url(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
     env.update(MR2CT_DATABASE_URL=f"postgresql+psycopg://mr2ct:secret@127.0.0.1:{free_port()}/mr2ct", MR2CT_DICOM_PORT=str(free_port()))
