@@ -184,6 +184,7 @@ class Committer:
         self.wait, self.ssl_context, self.timeout, self.poll_seconds = timedelta(seconds=wait_seconds), ssl_context, timeout, poll_seconds
         self.failures = 0  # requests in a row that did not go: the pause before the next grows
         self.next_try = 0.0  # monotonic
+        self.stopping = threading.Event()  # the node stops: no lingering for a report
 
     def expire(self) -> int:
         """Requests unanswered for ``wait``: expired, their instances to be asked for again."""
@@ -275,10 +276,10 @@ class Committer:
     def _linger(self, assoc: Any, transaction: str, reported: threading.Event) -> None:
         """Hold the request's association open for ``linger`` seconds, for an archive that reports on
         it (some do, and only so); over as soon as a report came on it, the transaction was reported
-        on another association (Orthanc's way: its row is no longer ``requested``), or the
-        destination released it."""
+        on another association (Orthanc's way: its row is no longer ``requested``), the
+        destination released it, or the node stops."""
         deadline = time.monotonic() + self.linger
-        while time.monotonic() < deadline and assoc.is_established:
+        while time.monotonic() < deadline and assoc.is_established and not self.stopping.is_set():
             if reported.wait(min(0.25, max(deadline - time.monotonic(), 0.0))):
                 log.info("storage commitment reported on the request's association by %s transaction=%s", self.name, transaction)
                 return
@@ -317,6 +318,7 @@ class Committer:
         return sent
 
     def loop(self, stop: threading.Event, poll_seconds: float) -> None:
+        self.stopping = stop
         while not stop.wait(max(poll_seconds, 1.0)):
             try:
                 self.request_due()
