@@ -12,7 +12,12 @@ The rule, first answer wins:
 1. Acquisition Contrast (0008,9209), where an enhanced MR image says it (at its top level, or in
    its shared MR Image Frame Type): DICOM's defined terms, taken as they are (MIXED and UNKNOWN
    go on to 2).
-2. Otherwise the textbook reading of the sequence's timing (milliseconds; 1.5-3 T), from
+2. Angio Flag (0018,0025) Y (the MR Image module's "angiographic images"): TOF. A time-of-flight
+   angiogram's source images are short-TR gradient echoes, which the timing below reads as T1,
+   and its sCT makes bone of every bright vessel; head protocols hold one almost always. (A
+   phase-contrast angiogram's magnitude images read TOF too: not T1 either way; its phase images
+   are told by their component.) Since 2026-12-06.
+3. Otherwise the textbook reading of the sequence's timing (milliseconds; 1.5-3 T), from
    RepetitionTime, EchoTime, InversionTime and ScanningSequence (or, in an enhanced image, the
    shared MR Timing and Related Parameters, MR Echo and MR Modifier items and EchoPulseSequence;
    in a legacy converted one, its Unassigned Shared Converted Attributes, where converters such as
@@ -28,8 +33,8 @@ The rule, first answer wins:
      2,000 ms is PROTON_DENSITY;
    - anything else (TE 30-60 ms; TR 1,000-2,000 ms with short TE; TR or TE not given) UNKNOWN.
 
-What the rule does not see: fat suppression, a balanced SSFP's mixed T2/T1 contrast and a
-time-of-flight angiogram's source images (short-TR gradient echoes: read as T1), and anything but
+What the rule does not see: fat suppression, a balanced SSFP's mixed T2/T1 contrast, a
+time-of-flight angiogram whose header does not set Angio Flag (read as T1), and anything but
 the first instance. ``UNKNOWN`` says the header did not tell; the node refuses such a series unless
 a site lists UNKNOWN.
 
@@ -92,6 +97,8 @@ EXAMPLE_TIMINGS: dict[str, tuple[str, str, str, str | None]] = {
 DEFAULT_BODY_PARTS: tuple[str, ...] = ("HEAD", "BRAIN", "SKULL", UNKNOWN)
 
 ACQUISITION_CONTRAST = 0x00089209
+ANGIO_FLAG = 0x00180025
+TOF = "TOF"
 SHARED_GROUPS, PER_FRAME_GROUPS = 0x52009229, 0x52009230
 MR_FRAME_TYPE, MR_TIMING, MR_ECHO, MR_MODIFIER = 0x00189226, 0x00189112, 0x00189114, 0x00189115
 # where a Legacy Converted Enhanced MR image keeps the single-frame attributes no functional group holds
@@ -129,6 +136,8 @@ def decide(look: Look) -> tuple[str, str]:
     framed = look(ACQUISITION_CONTRAST, MR_FRAME_TYPE)
     if framed and framed not in ("MIXED", UNKNOWN):
         return framed[:24], "Acquisition Contrast (0008,9209) of the shared MR Image Frame Type"
+    if look(ANGIO_FLAG, None) == "Y":
+        return TOF, "Angio Flag (0018,0025) Y: an angiogram's images (time-of-flight, or a phase contrast's magnitude)"
 
     def timing(name: str) -> str:
         top, group, tag = _WHERE[name]

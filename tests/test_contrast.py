@@ -81,6 +81,26 @@ def test_the_contrast_is_read_from_the_timing_as_received_and_from_a_pacs_json(m
     assert contrast(bare)[0] == "UNKNOWN" and "does not give the timing" in contrast(bare)[1]
 
 
+def test_a_time_of_flight_angiogram_is_told_by_its_angio_flag_not_read_as_t1(mr, tmp_path):
+    """A TOF angiogram's source images time like a T1 (a short-TR gradient echo); the MR Image
+    module's Angio Flag says what they are, and the default selection (T1) leaves them."""
+    for flag, expected in (("Y", "TOF"), ("N", "T1"), (None, "T1")):
+        ds = _timed(pydicom.dcmread(mr.files[0]), "GR", "22", "3.6", None)  # as a 3D TOF of the circle of Willis
+        if flag is not None:
+            ds.AngioFlag = flag
+        told, why = contrast(_as_received(ds, tmp_path))
+        assert told == expected, (flag, why)
+        assert contrast_json(ds.to_json_dict())[0] == expected
+    ds = _timed(pydicom.dcmread(mr.files[0]), "GR", "22", "3.6", None)
+    ds.AngioFlag = "Y"
+    told, why = contrast(ds)
+    assert why.startswith("Angio Flag (0018,0025) Y")
+    series = Series(series_instance_uid="1.2.3.4", study_instance_uid="1.2.3", modality="MR", calling_ae=SCANNER_AE,
+                    contrast=told, contrast_source=why)
+    skip = SelectionRules().skip(series, ["axial"], (40, 40))
+    assert skip is not None and skip.code == "contrast" and "TOF" in skip.reason
+
+
 def test_an_enhanced_image_says_its_contrast_or_its_functional_groups_give_the_timing(mr):
     ds = _timed(pydicom.dcmread(mr.files[0]), "SE", None, None, None)
     del ds.ScanningSequence
