@@ -81,8 +81,26 @@ def orthanc_checks(s: Settings) -> list[Check]:
     except Exception as exc:
         return [Check(FAIL, "orthanc", f"Orthanc at {s.orthanc_url} is not reachable (or did not answer within "
                                        f"{s.orthanc_timeout_seconds:g} s): check orthanc_url ({type(exc).__name__})")]
+    originals = [_originals_from_orthanc(s, store)] if s.originals_from == "orthanc" else []
     return [Check(OK, "orthanc", f"Orthanc {system.get('Version', '?')} at {s.orthanc_url}, login accepted"),
-            _from_orthanc(s, store, str(system.get("DicomAet", ""))), *(_deliver_to(store, name) for name in s.deliver_to)]
+            _from_orthanc(s, store, str(system.get("DicomAet", ""))), *(_deliver_to(store, name) for name in s.deliver_to), *originals]
+
+
+def _originals_from_orthanc(s: Settings, store: OrthancStore) -> Check:
+    """originals_from = orthanc: whether Orthanc will hold the MR series a worker reads there (it
+    routes series to the node, or this host's node routes originals to it); else jobs wait for
+    originals that never come and fail after their retries (about an hour)."""
+    if s.forward_originals and not s.forward_to:
+        return Check(OK, "originals", f"originals_from orthanc: what spool_dir lacks is read from Orthanc, where this node routes "
+                                      "the originals (forward_originals)")
+    modality = _orthanc_modality(store, NODE_MODALITY)
+    if isinstance(modality, dict):
+        return Check(OK, "originals", f"originals_from orthanc: what spool_dir lacks is read from Orthanc, which routes MR series "
+                                      f"to the node (its modality '{NODE_MODALITY}')")
+    return Check(WARN, "originals", f"originals_from orthanc: Orthanc declares no modality '{NODE_MODALITY}' (it does not route "
+                                    "series to the node), so it holds a series only where the SCP's host routes originals to it "
+                                    "(forward_originals without forward_to there); otherwise jobs wait for originals that never "
+                                    "come, and fail after their retries")
 
 
 def _orthanc_modality(store: OrthancStore, name: str) -> dict[str, Any] | str | None:

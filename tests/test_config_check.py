@@ -79,6 +79,13 @@ def test_a_good_deployment_passes_and_each_fault_names_its_setting(orthanc, tmp_
     wrong_agent = _check(env, select_contrast_agent="sometimes")
     assert wrong_agent.returncode != 0 and "select_contrast_agent" in wrong_agent.stdout + wrong_agent.stderr
 
+    # a worker reading its originals from Orthanc is told whether Orthanc will hold them (nothing routes to it here)
+    from_orthanc = _check(env, originals_from="orthanc")
+    assert from_orthanc.returncode == 0 and _lines(from_orthanc)["originals"].startswith("warn"), from_orthanc.stdout
+    assert "Orthanc declares no modality 'mr2ct'" in _lines(from_orthanc)["originals"]
+    routed = _check(env, originals_from="orthanc", forward_originals="true")
+    assert _lines(routed)["originals"].startswith("ok") and "forward_originals" in _lines(routed)["originals"], routed.stdout
+
     with socket.socket() as taken:  # a node already running, or another program on the port
         taken.bind(("127.0.0.1", int(env["MR2CT_DICOM_PORT"])))
         taken.listen()
