@@ -91,7 +91,7 @@ def _originals_from_orthanc(s: Settings, store: OrthancStore) -> Check:
     routes series to the node, or this host's node routes originals to it); else jobs wait for
     originals that never come and fail after their retries (about an hour)."""
     if s.forward_originals and not s.forward_to:
-        return Check(OK, "originals", f"originals_from orthanc: what spool_dir lacks is read from Orthanc, where this node routes "
+        return Check(OK, "originals", "originals_from orthanc: what spool_dir lacks is read from Orthanc, where this node routes "
                                       "the originals (forward_originals)")
     modality = _orthanc_modality(store, NODE_MODALITY)
     if isinstance(modality, dict):

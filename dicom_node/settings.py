@@ -98,7 +98,7 @@ class Settings(BaseSettings):
     originals_from: Literal["spool", "orthanc"] = Field(
         "spool", description="where a worker reads a job's originals: spool (the files the SCP wrote; workers on other hosts "
         "need spool_dir shared), or orthanc (those this host's spool holds from it, the others from the Orthanc results go to, "
-        "checked instance by instance: it holds the MR series where Orthanc routed it to the node, or the node routes originals "
+        "matched by SOP Instance UID: it holds the MR series where Orthanc routed it to the node, or the node routes originals "
         "there with forward_originals; a worker on a GPU host then needs no shared filesystem; one Orthanc does not hold yet "
         "is waited for, as for an Orthanc that is down)",
     )
