@@ -48,6 +48,9 @@ class OrthancStore:
             return request(method, url, **kwargs)
 
         session.request = request_with_timeout  # type: ignore[method-assign]
+        # Orthanc up to 1.12.1 gzips every answer a client accepts gzip for, DICOM files included: on a LAN or loopback
+        # that costs ~15x (a 256x256 MR instance 16.5 ms instead of 1.1 ms, bench/originals.py); ask for it as stored
+        session.headers["Accept-Encoding"] = "identity"
 
     def check_reachable(self) -> None:
         try:

@@ -82,6 +82,9 @@ def _client(url: str, username: str | None, password: str | None, timeout: float
     session = requests.Session()
     if username is not None:
         session.auth = (username, password or "")
+    # instances as stored: a PACS that gzips its answers (Orthanc up to 1.12.1 does so for DICOM too) spends far more
+    # time compressing than a hospital network saves (dicom_node.orthanc_store)
+    session.headers["Accept-Encoding"] = "identity"
     client = DICOMwebClient(url=url.rstrip("/"), session=session, timeout=timeout)
     client.set_http_retry_params(retry=attempts > 1, max_attempts=attempts)
     return client
