@@ -142,6 +142,7 @@ class OutcomeNotes:
             return 0
         taken = _claim_due(self.sessions, limit)
         done: list[str] = []
+        not_held: list[str] = []  # Orthanc may receive them yet: looked for again after the pause
         for number, due in enumerate(taken):
             try:
                 written = None if due.text is None else self._write(due.series_uid, due.text)
@@ -153,16 +154,16 @@ class OutcomeNotes:
                 written = None
             if written is None and due.text is not None:  # Orthanc down, or not declaring the metadata: the rest waits
                 _release(self.sessions, done)
-                _release(self.sessions, [d.series_uid for d in taken[number:]], due=True)
+                _release(self.sessions, [*not_held, *(d.series_uid for d in taken[number:])], due=True)
                 return 0
             if written is not None:
                 self._failures = 0
-            now = utcnow()
-            if written is False and now - due.last_received_at < NOT_HELD_WINDOW:  # Orthanc may receive it yet
-                _release(self.sessions, [due.series_uid], due=True, after=now + NOT_HELD_PAUSE)
+            if written is False and utcnow() - due.last_received_at < NOT_HELD_WINDOW:
+                not_held.append(due.series_uid)
             else:
                 done.append(due.series_uid)
         _release(self.sessions, done)
+        _release(self.sessions, not_held, due=True, after=utcnow() + NOT_HELD_PAUSE)
         return len(taken)
 
     def _write(self, series_uid: str, text: str) -> bool | None:

@@ -81,19 +81,20 @@ def orthanc_checks(s: Settings) -> list[Check]:
     except Exception as exc:
         return [Check(FAIL, "orthanc", f"Orthanc at {s.orthanc_url} is not reachable (or did not answer within "
                                        f"{s.orthanc_timeout_seconds:g} s): check orthanc_url ({type(exc).__name__})")]
-    originals = [_originals_from_orthanc(s, store)] if s.originals_from == "orthanc" else []
+    node_modality = _orthanc_modality(store, NODE_MODALITY)  # asked once: both checks below read it
+    originals = [_originals_from_orthanc(s, node_modality)] if s.originals_from == "orthanc" else []
     return [Check(OK, "orthanc", f"Orthanc {system.get('Version', '?')} at {s.orthanc_url}, login accepted"),
-            _from_orthanc(s, store, str(system.get("DicomAet", ""))), *(_deliver_to(store, name) for name in s.deliver_to), *originals]
+            _from_orthanc(s, node_modality, str(system.get("DicomAet", ""))), *(_deliver_to(store, name) for name in s.deliver_to),
+            *originals]
 
 
-def _originals_from_orthanc(s: Settings, store: OrthancStore) -> Check:
+def _originals_from_orthanc(s: Settings, modality: dict[str, Any] | str | None) -> Check:
     """originals_from = orthanc: whether Orthanc will hold the MR series a worker reads there (it
     routes series to the node, or this host's node routes originals to it); else jobs wait for
     originals that never come and fail after their retries (about an hour)."""
     if s.forward_originals and not s.forward_to:
         return Check(OK, "originals", "originals_from orthanc: what spool_dir lacks is read from Orthanc, where this node routes "
                                       "the originals (forward_originals)")
-    modality = _orthanc_modality(store, NODE_MODALITY)
     if isinstance(modality, dict):
         return Check(OK, "originals", f"originals_from orthanc: what spool_dir lacks is read from Orthanc, which routes MR series "
                                       f"to the node (its modality '{NODE_MODALITY}')")
@@ -135,12 +136,11 @@ def _deliver_to(store: OrthancStore, name: str) -> Check:
 NODE_MODALITY = "mr2ct"  # the name Orthanc's routing plugin sends to (orthanc/plugin.py: MR2CT_NODE_MODALITY's default)
 
 
-def _from_orthanc(s: Settings, store: OrthancStore, orthanc_aet: str) -> Check:
+def _from_orthanc(s: Settings, modality: dict[str, Any] | str | None, orthanc_aet: str) -> Check:
     """Whether what Orthanc routes (its plugin's C-STORE to the modality ``mr2ct``) would be taken:
     the modality's port and (when the node checks it) called AE title are the node's, and the node's
     allow-list has Orthanc's AE title. Either wrong, every routed series was refused or never
-    arrived, seen only in Orthanc's log."""
-    modality = _orthanc_modality(store, NODE_MODALITY)
+    arrived, seen only in Orthanc's log. ``modality``: ``_orthanc_modality``'s answer for it."""
     if modality is None:
         return Check(WARN, "from orthanc", f"Orthanc declares no DICOM modality '{NODE_MODALITY}': its routing plugin sends "
                                            "this node nothing (fine when scanners send to the node directly; "
