@@ -75,8 +75,9 @@ class Series(Base):
     outcome_due: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false(), index=True)
     outcome_note: Mapped[str | None] = mapped_column(Text)
     # no writer takes the note before this: a writer holds it (so that two never write one series' notes out of
-    # order), or Orthanc did not hold the series yet (routed there after the node judged it); None: free (0030)
-    outcome_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # order), or Orthanc did not hold the series yet (routed there after the node judged it); None: free (0030);
+    # set and not due: a writer holds it, and once the time is past, that writer died (taken again; indexed 0031)
+    outcome_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
 
 
 class Instance(Base):

@@ -12,7 +12,8 @@ the API's retry, cancel and synthesize) set ``Series.outcome_due`` in the same t
 here takes the due series (clearing the flag in the transaction that reads them, so a change made
 meanwhile flags it again) and holds them until their notes are written (``Series.outcome_after``,
 a lease: with several worker processes a second writer waits, so a note never lands after a newer
-one), then writes each note. A note Orthanc cannot take now (Orthanc down) is flagged again for a
+one), then writes each note. A series whose lease ran out while still held (its writer died
+between taking and writing: killed, its host lost) is taken again, so its note is not lost. A note Orthanc cannot take now (Orthanc down) is flagged again for a
 later round; a series Orthanc does not hold yet (routed there after the node judged it: the node's
 own forward_originals, or a scanner that sends to both) is looked for again every
 ``NOT_HELD_PAUSE`` seconds until ``NOT_HELD_WINDOW`` after its last instance; one Orthanc never
@@ -96,11 +97,13 @@ class Due(NamedTuple):
 
 def _claim_due(sessions: sessionmaker[Session], limit: int) -> list[Due]:
     """Take up to ``limit`` due series no other writer holds: their notes now, the flag cleared, held
-    for ``LEASE`` (until ``_release``)."""
+    for ``LEASE`` (until ``_release``). A series held (``outcome_after`` set) and not due is one a
+    writer took and has not let go of: once its lease is over, that writer died, and it is taken again."""
     now = utcnow()
     with sessions.begin() as session:
         uids = session.scalars(select(Series.series_instance_uid)
-                               .where(Series.outcome_due.is_(True), or_(Series.outcome_after.is_(None), Series.outcome_after <= now))
+                               .where(or_(Series.outcome_due.is_(True), Series.outcome_after.is_not(None)),
+                                      or_(Series.outcome_after.is_(None), Series.outcome_after <= now))
                                .limit(limit).with_for_update(skip_locked=True)).all()
         if not uids:
             return []

@@ -193,3 +193,25 @@ def test_a_judged_series_that_receives_more_instances_says_so(tmp_path):
     [taken] = _claim_due(sessions, 10)
     assert (taken.text or "").endswith(f"receiving instances again (2 so far): judged again once the series is complete; "
                                        f"until then, job {job_id} queued for synthesis (1 instances)")
+
+
+def test_a_note_whose_writer_died_before_writing_it_is_written_by_another(tmp_path):
+    """A worker process killed between taking a series' note and writing it (its host lost, OOM)
+    cleared the flag when it took it: once its lease is over, another writer takes the series
+    again and writes the note, so the change is not lost until the series' next one."""
+    sessions = init_db(f"sqlite:///{tmp_path / 'mr2ct.db'}")
+    mr = write_mr_series(tmp_path / "mr", seed=36, slices=2, size=32, pixel_spacing=4.0, slice_spacing=8.0)
+    _series(sessions, mr.series_uid, mr.study_uid, state="ignored", reason=REASON, outcome_due=True)
+    with OrthancServer(tmp_path / "orthanc", http_port=free_port(), dicom_port=free_port()) as orthanc:
+        series_id = httpx.post(f"{orthanc.url}/instances", content=mr.files[0].read_bytes(), auth=orthanc.auth).json()["ParentSeries"]
+        [held] = _claim_due(sessions, 10)  # the writer that dies: it took the note and never wrote it
+        assert held.series_uid == mr.series_uid and not _due(sessions, mr.series_uid)
+        survivor = OutcomeNotes(sessions, OrthancStore(orthanc.url, orthanc.username, orthanc.password))
+        assert survivor.write_due() == 0 and _note(orthanc, series_id) is None  # its lease still holds
+        with sessions.begin() as session:
+            session.get(Series, mr.series_uid).outcome_after = utcnow() - timedelta(seconds=1)  # the lease is over
+        assert survivor.write_due() == 1
+        assert (_note(orthanc, series_id) or "").endswith("not synthesized: " + REASON)
+        with sessions() as session:  # let go of: not taken again
+            assert session.get(Series, mr.series_uid).outcome_after is None
+        assert survivor.write_due() == 0
