@@ -165,7 +165,9 @@ series with a CycleGAN generator, and stores the CT series and a DICOM Structure
 provenance into Orthanc over Orthanc's REST API (HTTP, not DICOM networking). Optionally it routes
 every received instance on to another DICOM AE (C-STORE SCU), and, with {_setting("deliver_to")},
 has Orthanc send each sCT series and its SR on to modalities declared in Orthanc (a treatment
-planning system, say: the C-STORE is Orthanc's, by its own configuration and conformance).
+planning system, say: the C-STORE is Orthanc's, by its own configuration and conformance; with
+{_setting("deliver_commitment")} Orthanc asks those modalities for storage commitment too, as its
+Storage Commitment SCU, and the node counts a delivery only once they committed every instance).
 
 {_table(["SOP class", "SOP Class UID", "SCU", "SCP"], [
     [_name(VERIFICATION), VERIFICATION, "yes, when routing (`forward_to`)", "yes"],

@@ -9,19 +9,28 @@ the modality is down or refuses (``MAX_ATTEMPTS``, about a day, then given up an
 ``POST /deliveries/retry``). The rows are written with the job's outcome (one transaction), so a
 job done is never left undelivered by a restart; of several worker processes sharing a database,
 one claims a delivery before sending it.
+
+With ``deliver_commitment`` Orthanc also asks the modality for storage commitment of what it sent
+(Orthanc's Storage Commitment SCU, ``"StorageCommitment": true`` on the same store call; the
+modality reports to Orthanc's DICOM port, and the node reads the report at
+``GET /storage-commitment/{transaction}``): the delivery is ``committing`` until the modality
+reports every instance committed (then ``sent``, ``committed_at``); a report of failed instances,
+none within ``deliver_commitment_wait_seconds``, or a transaction Orthanc no longer knows (it
+restarted) is a failed attempt, and the sCT and SR are sent and asked for again.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.models import Delivery, Job, utcnow
+from dicom_node.models import Delivery, Job, as_utc, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.rounds import claim, failed_attempt, run_rounds
 
@@ -48,12 +57,15 @@ def retry_given_up(sessions: sessionmaker[Session]) -> int:
 
 
 class Deliverer:
-    def __init__(self, sessions: sessionmaker[Session], store: OrthancStore, timeout: float = 600.0) -> None:
+    def __init__(self, sessions: sessionmaker[Session], store: OrthancStore, timeout: float = 600.0, *, commitment: bool = False,
+                 commitment_wait_seconds: float = 3600.0) -> None:
         self.sessions, self.store, self.timeout = sessions, store, timeout
+        self.commitment, self.commitment_wait = commitment, timedelta(seconds=commitment_wait_seconds)
         self.wake = threading.Event()
 
-    def _send(self, modality: str, job: Job) -> int:
-        """Orthanc sends the job's sCT series and SR to ``modality``; the instances sent. RuntimeError saying why not."""
+    def _send(self, modality: str, job: Job) -> tuple[int, str | None]:
+        """Orthanc sends the job's sCT series and SR to ``modality``: the instances sent, and with
+        ``commitment`` the storage commitment transaction Orthanc opened. RuntimeError saying why not."""
         resources = []
         for uid in (job.ct_series_uid, job.sr_series_uid):
             found = self.store.series_id(str(uid)) if uid else None
@@ -62,7 +74,8 @@ class Deliverer:
             resources.append(found)
         try:
             answer = self.store.client.post(f"modalities/{modality}/store", json={
-                "Resources": resources, "Synchronous": True, "Timeout": int(self.timeout)}, timeout=self.timeout + 30).json()
+                "Resources": resources, "Synchronous": True, "Timeout": int(self.timeout), "StorageCommitment": self.commitment},
+                timeout=self.timeout + 30).json()
         except Exception as exc:  # HttpError: an unknown modality (404), the C-STORE failed (500) ...; Orthanc unreachable
             status = getattr(exc, "http_status_code", None)
             detail = getattr(exc, "msg", None) or str(exc)
@@ -71,10 +84,16 @@ class Deliverer:
         failed = int(answer.get("FailedInstancesCount", 0) or 0)
         if failed:
             raise RuntimeError(f"modality {modality!r} refused {failed} of {answer.get('InstancesCount')} instances")
-        return int(answer.get("InstancesCount", 0) or 0)
+        transaction = answer.get("StorageCommitmentTransactionUID") if self.commitment else None
+        if self.commitment and not transaction:
+            raise RuntimeError(f"Orthanc sent to modality {modality!r} but opened no storage commitment transaction "
+                               "(deliver_commitment needs Orthanc 1.6.0 or later)")
+        return int(answer.get("InstancesCount", 0) or 0), transaction
 
     def deliver_due(self) -> int:
-        """Send every delivery due now; how many went."""
+        """Send every delivery due now (after reading the storage commitment reports awaited); how many
+        went (with ``commitment``: were sent, their commitment awaited)."""
+        self.check_commitments()
         sent = 0
         with self.sessions() as session:
             due = session.scalars(select(Delivery.id).where(Delivery.state == "pending", Delivery.next_at <= utcnow())
@@ -89,9 +108,17 @@ class Deliverer:
                     continue
                 session.expunge_all()
             try:
-                instances = self._send(row.modality, job)
+                instances, transaction = self._send(row.modality, job)
             except Exception as exc:
                 self._failed(row, job, exc)
+                continue
+            sent += 1
+            if transaction is not None:  # sent; counted as delivered once the modality commits it (check_commitments)
+                with self.sessions.begin() as session:
+                    session.execute(update(Delivery).where(Delivery.id == row.id).values(
+                        state="committing", sent_at=utcnow(), instances=instances, next_at=None, commitment_uid=transaction, committed_at=None))
+                log.info("results sent job=%d modality=%s instances=%d, its storage commitment asked (transaction %s)", job.id,
+                         row.modality, instances, transaction)
                 continue
             with self.sessions.begin() as session:
                 session.execute(update(Delivery).where(Delivery.id == row.id).values(
@@ -100,11 +127,53 @@ class Deliverer:
                                         destination=f"Orthanc modality {row.modality}", modality=row.modality, instances=instances,
                                         ct_series_uid=job.ct_series_uid, sr_series_uid=job.sr_series_uid))
             log.info("results delivered job=%d modality=%s instances=%d", job.id, row.modality, instances)
-            sent += 1
         return sent
 
-    def _failed(self, row: Delivery, job: Job, exc: BaseException) -> None:
+    def check_commitments(self) -> int:
+        """Read the storage commitment report of every delivery awaiting one; how many were settled
+        (committed, or failed: to be sent again). Orthanc unreachable: read again next round."""
+        with self.sessions() as session:
+            waiting = session.scalars(select(Delivery).where(Delivery.state == "committing").order_by(Delivery.id)).all()
+            jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_([row.job_id for row in waiting])))}
+            session.expunge_all()
+        settled = 0
+        for row in waiting:
+            job = jobs.get(row.job_id)
+            if job is None:
+                continue
+            try:
+                report = self.store.client.get_json(f"storage-commitment/{row.commitment_uid}")
+            except Exception as exc:  # noqa: BLE001 (HttpError 404: Orthanc no longer knows it; anything else: unreachable now)
+                if getattr(exc, "http_status_code", None) != 404:
+                    log.warning("cannot read the storage commitment report of delivery %d from Orthanc, trying again later: %s", row.id, exc)
+                    continue
+                report = {"Status": "Unknown"}
+            status = report.get("Status")
+            committed = len(report.get("Success") or ())
+            if status == "Pending" and utcnow() - as_utc(row.sent_at) < self.commitment_wait:
+                continue
+            if status == "Success" and committed >= (row.instances or 0):
+                with self.sessions.begin() as session:
+                    if not session.execute(update(Delivery).where(Delivery.id == row.id, Delivery.state == "committing",
+                                                                  Delivery.commitment_uid == row.commitment_uid).values(
+                            state="sent", committed_at=utcnow(), attempts=row.attempts + 1, last_error=None)).rowcount:
+                        continue  # another node process settled it
+                    session.add(audit.event(DELIVERED, "success", "deliverer", series_uid=job.series_instance_uid, job_id=job.id,
+                                            destination=f"Orthanc modality {row.modality}", modality=row.modality, instances=row.instances,
+                                            ct_series_uid=job.ct_series_uid, sr_series_uid=job.sr_series_uid, committed=True,
+                                            commitment_uid=row.commitment_uid))
+                log.info("results delivered and committed job=%d modality=%s instances=%d", job.id, row.modality, row.instances or 0)
+            else:
+                self._failed(row, job, RuntimeError(_not_committed(row, status, committed, report.get("Failures") or [],
+                                                                   self.commitment_wait.total_seconds())),
+                             expected_state="committing")
+            settled += 1
+        return settled
+
+    def _failed(self, row: Delivery, job: Job, exc: BaseException, expected_state: str | None = None) -> None:
         with self.sessions.begin() as session:
+            if expected_state is not None and session.scalar(select(Delivery.state).where(Delivery.id == row.id).with_for_update()) != expected_state:
+                return  # another node process settled it
             attempts, pause, given_up = failed_attempt(session, Delivery, row, exc, MAX_ATTEMPTS, MAX_PAUSE_SECONDS)
             if given_up:
                 session.add(audit.event(DELIVERY_GIVEN_UP, "failure", "deliverer", series_uid=job.series_instance_uid, job_id=job.id,
@@ -117,6 +186,18 @@ class Deliverer:
         run_rounds(self.deliver_due, stop, self.wake, poll_seconds, "results delivery")
 
 
+def _not_committed(row: Delivery, status: str | None, committed: int, failures: list[dict[str, Any]], wait: float) -> str:
+    """Why a delivery's storage commitment did not come, for its last_error: it is sent again."""
+    asked = f"modality {row.modality!r}"
+    if status == "Pending":
+        return f"{asked} sent no storage commitment report within {wait:.0f} s (does it know Orthanc's AE title and address?): sent again"
+    if status == "Unknown":
+        return f"Orthanc no longer knows storage commitment transaction {row.commitment_uid} (restarted?): sent again"
+    reasons = sorted({f"0x{int(f.get('FailureReason', 0)):04X}" for f in failures})
+    return (f"{asked} committed {committed} of the {row.instances} instances sent" + (f", failure reason {', '.join(reasons)}" if reasons else "")
+            + ": sent again")
+
+
 def listing(session: Session, state: str | None, limit: int, offset: int) -> dict[str, Any]:
     """GET /deliveries: counts by state, then the deliveries (newest first) with their job's sCT series."""
     counts = dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
@@ -124,6 +205,7 @@ def listing(session: Session, state: str | None, limit: int, offset: int) -> dic
     if state:
         query = query.where(Delivery.state == state)
     items = [{"id": d.id, "job_id": d.job_id, "ct_series_uid": ct, "modality": d.modality, "state": d.state, "attempts": d.attempts,
-              "created_at": d.created_at, "next_at": d.next_at, "sent_at": d.sent_at, "instances": d.instances, "last_error": d.last_error}
+              "created_at": d.created_at, "next_at": d.next_at, "sent_at": d.sent_at, "instances": d.instances, "last_error": d.last_error,
+              "commitment_uid": d.commitment_uid, "committed_at": d.committed_at}
              for d, ct in session.execute(query.limit(limit).offset(offset)).all()]
     return {"counts": counts, "items": items, "limit": limit, "offset": offset}

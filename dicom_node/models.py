@@ -345,10 +345,15 @@ class Delivery(Base):
     job_id: Mapped[int] = mapped_column(Integer, index=True)
     modality: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    # pending -> sent | given-up (after MAX_ATTEMPTS; POST /deliveries/retry asks again)
+    # pending -> sent | given-up (after MAX_ATTEMPTS; POST /deliveries/retry asks again); with deliver_commitment
+    # pending -> committing (sent, the modality's storage commitment report awaited) -> sent | pending again
     state: Mapped[str] = mapped_column(String(16), default="pending", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     instances: Mapped[int | None] = mapped_column(Integer)  # what Orthanc reported sent
     last_error: Mapped[str | None] = mapped_column(Text)
+    # with deliver_commitment: the storage commitment transaction Orthanc opened with the modality for the last
+    # sending, and when the modality reported every instance committed (0032; None before, and without it)
+    commitment_uid: Mapped[str | None] = mapped_column(String(64))
+    committed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

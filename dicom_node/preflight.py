@@ -84,7 +84,7 @@ def orthanc_checks(s: Settings) -> list[Check]:
     node_modality = _orthanc_modality(store, NODE_MODALITY)  # asked once: both checks below read it
     originals = [_originals_from_orthanc(s, node_modality)] if s.originals_from == "orthanc" else []
     return [Check(OK, "orthanc", f"Orthanc {system.get('Version', '?')} at {s.orthanc_url}, login accepted"),
-            _from_orthanc(s, node_modality, str(system.get("DicomAet", ""))), *(_deliver_to(store, name) for name in s.deliver_to),
+            _from_orthanc(s, node_modality, str(system.get("DicomAet", ""))), *(_deliver_to(store, name, s.deliver_commitment) for name in s.deliver_to),
             *originals]
 
 
@@ -116,9 +116,10 @@ def _orthanc_modality(store: OrthancStore, name: str) -> dict[str, Any] | str | 
         return type(exc).__name__
 
 
-def _deliver_to(store: OrthancStore, name: str) -> Check:
+def _deliver_to(store: OrthancStore, name: str, commitment: bool = False) -> Check:
     """A modality of ``deliver_to``: declared in Orthanc (else nothing is ever delivered: a failure),
-    and answering Orthanc's C-ECHO (else a warning: a planning system may be off now)."""
+    with ``commitment`` allowed to send Orthanc its reports (else nothing is ever committed: a
+    failure), and answering Orthanc's C-ECHO (else a warning: a planning system may be off now)."""
     modality = _orthanc_modality(store, name)
     if modality is None:
         return Check(FAIL, "deliver to", f"deliver_to {name}: Orthanc declares no DICOM modality {name!r} (its DicomModalities): "
@@ -126,6 +127,9 @@ def _deliver_to(store: OrthancStore, name: str) -> Check:
     if isinstance(modality, str):
         return Check(WARN, "deliver to", f"deliver_to {name}: Orthanc did not list it ({modality})")
     where = f"{modality.get('AET', '?')}@{modality.get('Host', '?')}:{modality.get('Port', '?')}"
+    if commitment and modality.get("AllowEventReport") is False:
+        return Check(FAIL, "deliver to", f"deliver_to {name} ({where}): deliver_commitment is on, but Orthanc refuses that modality's "
+                                         "N-EVENT-REPORT (AllowEventReport false in its DicomModalities): no delivery would ever be committed")
     try:
         store.client.post(f"modalities/{name}/echo", json={"Timeout": 10}, timeout=30)
     except Exception:

@@ -128,9 +128,11 @@ class Node:
             if s.deliver_to:  # each done job's sCT and SR sent on by Orthanc to these modalities
                 from dicom_node.delivery import Deliverer
 
-                deliverer = Deliverer(self.sessions, store)
+                deliverer = Deliverer(self.sessions, store, commitment=s.deliver_commitment,
+                                      commitment_wait_seconds=s.deliver_commitment_wait_seconds)
                 self._thread("delivery", deliverer.loop, self.stop_event, s.poll_seconds)
-                log.info("results delivered by Orthanc to modalities %s", ", ".join(s.deliver_to))
+                log.info("results delivered by Orthanc to modalities %s%s", ", ".join(s.deliver_to),
+                         ", each asked for storage commitment" if s.deliver_commitment else "")
             if s.orthanc_outcome_notes:  # why a series has no sCT (or which is its sCT), on the series in Orthanc
                 from dicom_node.outcomes import OutcomeNotes
 

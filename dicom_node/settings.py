@@ -192,6 +192,16 @@ class Settings(BaseSettings):
         "planning system, say) to which Orthanc sends each sCT series and its SR once its job is done (C-STORE by Orthanc, asked "
         "over its REST API), retried with a growing pause while the modality is down; GET /deliveries lists them",
     )
+    deliver_commitment: bool = Field(
+        False, description="ask each modality of deliver_to, through Orthanc, for storage commitment of the sCT and SR it was "
+        "sent (Orthanc's Storage Commitment SCU: Orthanc sends the N-ACTION and takes the modality's N-EVENT-REPORT on its own "
+        "DICOM port, so the modality must know Orthanc's AE title and address): a delivery counts as sent only once the "
+        "modality committed every instance; one it reports failed is sent again. Needs deliver_to",
+    )
+    deliver_commitment_wait_seconds: float = Field(
+        3600, gt=0, le=7 * 86400, description="a delivery whose modality has not reported storage commitment this long after "
+        "it was sent is sent again (and asked again), as a failed attempt",
+    )
     # Selection rules: a complete series that does not match is recorded with the reason, not synthesized.
     select_modalities: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["MR"], description="modalities to synthesize")
     select_description_include: str | None = Field(None, description="regex a SeriesDescription must match (search, case-insensitive)")
@@ -338,6 +348,9 @@ class Settings(BaseSettings):
             if title not in [entry.partition("@")[0] for entry in self.allowed_aes]:
                 raise ValueError(f"forward_commitment needs forward_to's AE title {title} in allowed_aes: the destination opens an "
                                  "association to the node to send its storage commitment reports")
+        if self.deliver_commitment and not self.deliver_to:
+            raise ValueError("deliver_commitment needs deliver_to (the modalities asked for storage commitment of what Orthanc "
+                             "delivers to them)")
         if self.forward_sop_classes and not self.forward_originals:
             raise ValueError("forward_sop_classes needs forward_originals = true (those instances are only routed)")
         if self.ct_plane == "axial" and self.synthesis_plane == "acquired":

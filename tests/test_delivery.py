@@ -4,11 +4,18 @@ delivery waits with the reason and goes once it listens."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
 import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 
 from dicom_node import atna
 from dicom_node.db import init_db
@@ -76,15 +83,107 @@ def test_deliver_to_names_are_checked_naming_the_key():
     for bad in ("../system", "..", "tps,tps"):
         with pytest.raises(ValueError, match="deliver_to"):
             Settings(deliver_to=bad)
+    with pytest.raises(ValueError, match="deliver_commitment needs deliver_to"):
+        Settings(deliver_commitment=True)
+    with pytest.raises(ValueError, match="deliver_commitment_wait_seconds"):
+        Settings(deliver_to="tps", deliver_commitment=True, deliver_commitment_wait_seconds=0)
+
+
+@contextmanager
+def _committing_tps(port: int, orthanc: OrthancServer, reports: list[str]) -> Iterator[dict[str, list]]:
+    """A planning system (pynetdicom) that stores anything and answers storage commitment requests,
+    one after another as ``reports`` says: ``none`` (no report ever), ``lose-first`` (the first
+    instance asked for failed, 0x0110), ``all`` (every instance committed); the report goes to
+    Orthanc's DICOM port on an association of its own, as most archives send them."""
+    seen: dict[str, list] = {"stored": [], "requests": []}
+
+    def report(information: Dataset, how: str) -> None:
+        items = []
+        for asked in information.ReferencedSOPSequence:
+            item = Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = asked.ReferencedSOPClassUID, asked.ReferencedSOPInstanceUID
+            items.append(item)
+        result = Dataset()
+        result.TransactionUID = information.TransactionUID
+        result.ReferencedSOPSequence = items[1:] if how == "lose-first" else items
+        if how == "lose-first":
+            items[0].FailureReason = 0x0110
+            result.FailedSOPSequence = items[:1]
+        sender = AE("TPS")
+        sender.add_requested_context(StorageCommitmentPushModel)
+        assoc = sender.associate("127.0.0.1", orthanc.dicom_port, ae_title=orthanc.aet,
+                                 ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
+        assert assoc.is_established
+        assoc.send_n_event_report(result, 2 if how == "lose-first" else 1, StorageCommitmentPushModel, "1.2.840.10008.1.20.1.1")
+        assoc.release()
+
+    def on_store(event: Any) -> int:
+        seen["stored"].append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def on_action(event: Any) -> tuple[int, None]:
+        how = reports[min(len(seen["requests"]), len(reports) - 1)]
+        seen["requests"].append(how)
+        if how != "none":
+            threading.Timer(0.5, report, args=(event.action_information, how)).start()  # after the N-ACTION's answer
+        return 0x0000, None
+
+    tps = AE("TPS")
+    tps.supported_contexts = AllStoragePresentationContexts
+    tps.add_supported_context(StorageCommitmentPushModel)
+    server = tps.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_N_ACTION, on_action)])
+    try:
+        yield seen
+    finally:
+        server.shutdown()
+
+
+def test_with_deliver_commitment_a_delivery_counts_once_the_planning_system_committed_it(tmp_path):
+    """deliver_commitment: Orthanc asks the planning system for storage commitment of the sCT and
+    SR it sent. No report within deliver_commitment_wait_seconds, then a report of a lost instance:
+    each a failed attempt, saying why, and everything is sent and asked for again; a report of all
+    four committed: the delivery is sent, with when, and audited once as delivered and committed."""
+    node_port, tps_port = free_port(), free_port()
+    modalities = {"mr2ct": [NODE_AE, "127.0.0.1", node_port], "tps": ["TPS", "127.0.0.1", tps_port]}
+    with OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities=modalities) as orthanc, \
+            _committing_tps(tps_port, orthanc, ["none", "lose-first", "all"]) as tps:
+        env = node_env(tmp_path / "node", node_port, orthanc)
+        env.update(MR2CT_DELIVER_TO="tps", MR2CT_DELIVER_COMMITMENT="true", MR2CT_DELIVER_COMMITMENT_WAIT_SECONDS="3",
+                   MR2CT_POLL_SECONDS="0.5")
+        with NodeServer(tmp_path / "node", env, node_port) as node:
+            url = env["MR2CT_DATABASE_URL"]
+            series = write_mr_series(tmp_path / "mr", seed=462, slices=3, size=32, pixel_spacing=6.0, slice_spacing=10.0)
+            assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+            _wait(lambda: _deliveries(url) and _deliveries(url)[0].state == "committing", 180, "the sCT was not sent with commitment asked")
+            assert len(tps["stored"]) == 4  # the sCT's 3 slices and its SR
+            _wait(lambda: "sent no storage commitment report within 3 s" in (_deliveries(url)[0].last_error or ""), 30,
+                  "a delivery whose report never came was not sent again")
+            _wait(lambda: "committed 3 of the 4 instances sent, failure reason 0x0110" in (_deliveries(url)[0].last_error or ""), 30,
+                  "a report of a lost instance did not fail the attempt")
+            _wait(lambda: _deliveries(url)[0].state == "sent", 30, "the delivery did not count once every instance was committed")
+            (delivery,) = _deliveries(url)
+            assert delivery.committed_at is not None and delivery.last_error is None and delivery.attempts == 3 and delivery.instances == 4
+            assert tps["requests"] == ["none", "lose-first", "all"] and len(tps["stored"]) == 12  # sent three times, four each
+            with init_db(url)() as session:
+                job = session.get(Job, delivery.job_id)
+                events = session.query(AuditEvent).filter(AuditEvent.action == "results-delivered", AuditEvent.job_id == job.id).all()
+            assert len(events) == 1 and events[0].detail.get("committed") is True, [e.detail for e in events]
+            reader = {"Authorization": f"Bearer {api_token(url, 'auditor', 'deliveries')}"}
+            listed = httpx.get(f"http://127.0.0.1:{env['MR2CT_API_PORT']}/deliveries", headers=reader, timeout=10).json()
+            assert listed["counts"] == {"sent": 1} and listed["items"][0]["commitment_uid"] == delivery.commitment_uid
+            assert listed["items"][0]["committed_at"]
 
 
 def test_config_check_asks_orthanc_for_each_modality_of_deliver_to(tmp_path):
     """Declared and answering: ok; declared but off: a warning (deliveries wait); not declared in
-    Orthanc: a failure naming the key (nothing would ever be delivered)."""
+    Orthanc: a failure naming the key (nothing would ever be delivered); with deliver_commitment, a
+    modality whose N-EVENT-REPORT Orthanc refuses: a failure (nothing would ever be committed)."""
     from tests.test_config_check import _check, _lines
 
     node_port, tps_port, off_port = free_port(), free_port(), free_port()
-    modalities = {"mr2ct": [NODE_AE, "127.0.0.1", node_port], "tps": ["TPS", "127.0.0.1", tps_port], "off": ["OFF", "127.0.0.1", off_port]}
+    modalities: dict[str, Any] = {"mr2ct": [NODE_AE, "127.0.0.1", node_port], "tps": ["TPS", "127.0.0.1", tps_port],
+                                  "off": ["OFF", "127.0.0.1", off_port],
+                                  "deaf": {"AET": "TPS", "Host": "127.0.0.1", "Port": tps_port, "AllowEventReport": False}}
     received = tmp_path / "tps"
     received.mkdir()
     tps = start_storescp(received, tps_port, "TPS")
@@ -95,6 +194,11 @@ def test_config_check_asks_orthanc_for_each_modality_of_deliver_to(tmp_path):
             assert good.returncode == 0 and _lines(good)["deliver to"] == "ok deliver_to tps (TPS@127.0.0.1:%d) answers Orthanc's C-ECHO" % tps_port, good.stdout
             off = _check(env, deliver_to="off")
             assert off.returncode == 0 and _lines(off)["deliver to"].startswith("warn deliver_to off (OFF@127.0.0.1"), off.stdout
+            committing = _check(env, deliver_to="tps", deliver_commitment="true")
+            assert committing.returncode == 0 and _lines(committing)["deliver to"].startswith("ok deliver_to tps"), committing.stdout
+            deaf = _check(env, deliver_to="deaf", deliver_commitment="true")  # Orthanc would refuse its reports
+            assert deaf.returncode != 0 and "Orthanc refuses that modality's N-EVENT-REPORT (AllowEventReport false" in _lines(deaf)["deliver to"], deaf.stdout
+            assert _check(env, deliver_to="deaf").returncode == 0  # without deliver_commitment its reports are not wanted
             missing = _check(env, deliver_to="nosuch")
             assert missing.returncode != 0 and _lines(missing)["deliver to"].startswith(
                 "FAIL deliver_to nosuch: Orthanc declares no DICOM modality 'nosuch'"), missing.stdout

@@ -116,7 +116,7 @@ def _qa_and_delivery_metrics(sessions: sessionmaker[Session]) -> list[str]:
         runs = session.scalars(select(AuditEvent).where(AuditEvent.action == "qa-run").order_by(AuditEvent.id.desc()).limit(50)).all()
         deliveries = dict(session.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all())
     lines = ["# HELP mr2ct_deliveries Deliveries of results to the modalities of deliver_to, by state.", "# TYPE mr2ct_deliveries gauge"]
-    lines += [f'mr2ct_deliveries{{state="{state}"}} {deliveries.get(state, 0)}' for state in ("pending", "sent", "given-up")]
+    lines += [f'mr2ct_deliveries{{state="{state}"}} {deliveries.get(state, 0)}' for state in ("pending", "committing", "sent", "given-up")]
     if runs:
         scored = next((r for r in runs if isinstance((r.detail or {}).get("mae_hu"), (int, float))), None)
         lines += ["# HELP mr2ct_qa_passed Whether the last constancy QA run (mr2ct qa) passed.", "# TYPE mr2ct_qa_passed gauge",
@@ -391,12 +391,13 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
 
     @api.get("/deliveries")
     def list_deliveries(
-        caller: Caller = Depends(READ), state: Literal["pending", "sent", "given-up"] | None = None,
+        caller: Caller = Depends(READ), state: Literal["pending", "committing", "sent", "given-up"] | None = None,
         limit: int = Query(50, ge=1, le=MAX_PAGE), offset: int = Query(0, ge=0, le=2**62),
     ) -> dict[str, Any]:
         """Each done job's sCT and SR sent on by Orthanc to the modalities of ``deliver_to``, newest
-        first: ``sent`` (when, how many instances), ``pending`` (attempts, the last error, the next
-        try) or ``given-up``; counts by state."""
+        first: ``sent`` (when, how many instances; with ``deliver_commitment``, ``committed_at``: when
+        the modality committed them), ``committing`` (sent, the modality's storage commitment report
+        awaited), ``pending`` (attempts, the last error, the next try) or ``given-up``; counts by state."""
         from dicom_node.delivery import listing
 
         with sessions() as session:
