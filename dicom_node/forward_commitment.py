@@ -176,7 +176,7 @@ class Committer:
 
     def __init__(self, sessions: sessionmaker[Session], forward_to: str, calling_ae: str, uid_root: str, wait_seconds: float,
                  ssl_context: ssl.SSLContext | None = None, timeout: float = 30.0, poll_seconds: float = 0.0002, max_refusals: int = 0,
-                 linger_seconds: float = 0.0) -> None:
+                 linger_seconds: float = 0.0, stopping: threading.Event | None = None) -> None:
         self.sessions, self.calling_ae, self.uid_root, self.max_refusals = sessions, calling_ae, uid_root, max_refusals
         self.linger = min(linger_seconds, wait_seconds)  # the request's association held open for a report on it
         self.called_ae, self.host, self.port = parse_dicom_destination(forward_to)
@@ -184,7 +184,7 @@ class Committer:
         self.wait, self.ssl_context, self.timeout, self.poll_seconds = timedelta(seconds=wait_seconds), ssl_context, timeout, poll_seconds
         self.failures = 0  # requests in a row that did not go: the pause before the next grows
         self.next_try = 0.0  # monotonic
-        self.stopping = threading.Event()  # the node stops: no lingering for a report
+        self.stopping = stopping or threading.Event()  # set when the node stops: no lingering for a report
 
     def expire(self) -> int:
         """Requests unanswered for ``wait``: expired, their instances to be asked for again."""
@@ -318,7 +318,6 @@ class Committer:
         return sent
 
     def loop(self, stop: threading.Event, poll_seconds: float) -> None:
-        self.stopping = stop
         while not stop.wait(max(poll_seconds, 1.0)):
             try:
                 self.request_due()

@@ -190,7 +190,8 @@ class Node:
 
                     committer = Committer(self.sessions, s.forward_to, s.ae_title, s.uid_root, s.forward_commitment_wait_seconds,
                                           client_tls_context(s) if s.forward_tls else None, poll_seconds=s.dicom_poll_ms / 1000,
-                                          max_refusals=s.forward_max_refusals, linger_seconds=s.forward_commitment_linger_seconds)
+                                          max_refusals=s.forward_max_refusals, linger_seconds=s.forward_commitment_linger_seconds,
+                                          stopping=self.stop_event)
                     self._thread("forward-commitment", committer.loop, self.stop_event, s.poll_seconds)
                     log.info("storage commitment asked of %s for what is routed there; retention waits for it", committer.name)
         if self.role in ("all", "api") and s.api_port:
