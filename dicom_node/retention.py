@@ -59,7 +59,8 @@ CHECK_SECONDS = 60.0
 
 def purged_reason(purged: int, of: int) -> str:
     """Why a series whose originals retention deleted cannot be synthesized (job error, API 409)."""
-    return f"{purged} of the series' {of} originals were deleted from the spool by spool retention: send the series again"
+    return (f"{purged} of the series' {of} originals were deleted from the spool by spool retention: send the series again, "
+            "or, where Orthanc holds the series, ask for it from there (POST /synthesize with its series_uid)")
 
 
 def _remove(path: Path, cutoff: datetime) -> int | None:

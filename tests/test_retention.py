@@ -225,7 +225,11 @@ def test_the_administrator_sees_what_would_go_then_purges_by_hand(spooled, tmp_p
     assert [e.actor for e in events] == ["mr2ct spool purge"] * 2
 
 
-def test_a_running_node_purges_then_a_retry_says_why_and_a_resend_makes_the_series_whole(node_factory, tmp_path):
+def test_a_running_node_purges_then_a_retry_says_why_and_a_resend_makes_the_series_whole(node_factory, orthanc, tmp_path):
+    """Retention deletes a synthesized series' originals: a retry is refused saying why and what to
+    do, a partial re-send fails saying how many are missing, a whole one is made again; and once
+    deleted again, a series Orthanc holds (routed there) is made from Orthanc's copy, as the reason
+    says (POST /synthesize)."""
     node = node_factory(spool_retention_hours="0.0005")  # 1.8 s
     series = write_mr_series(tmp_path / "mr", seed=81, slices=3, size=32, pixel_spacing=6.0, slice_spacing=6.0)
     assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
@@ -261,6 +265,20 @@ def test_a_running_node_purges_then_a_retry_says_why_and_a_resend_makes_the_seri
     again = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=partial.id)
     assert again.state == "done", again.error
     assert again.ct_series_uid == job.ct_series_uid  # the same sCT series, rewritten
+
+    deadline = time.monotonic() + 60
+    while (folder.exists() or not all(marked())) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert marked() == [True] * 3
+    assert "POST /synthesize" in httpx.post(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/jobs/{again.id}/retry", headers=admin,
+                                            timeout=30).json()["detail"]
+    for path in series.files:  # Orthanc holds the series (a scanner sending to both, or the node's own routing)
+        httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), auth=orthanc.auth, timeout=30).raise_for_status()
+    asked = httpx.post(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/synthesize", headers=admin, json={"series_uid": series.series_uid},
+                       timeout=60)
+    assert asked.status_code == 202, asked.text
+    remade = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=again.id)
+    assert remade.id == asked.json()["job_id"] and remade.state == "done", remade.error
 
 
 def test_a_retry_that_holds_the_series_while_a_round_runs_keeps_every_original_for_its_job(spooled, monkeypatch):
