@@ -43,10 +43,19 @@ DELIVERED = "results-delivered"
 DELIVERY_GIVEN_UP = "results-delivery-given-up"
 
 
-def add_deliveries(session: Session, job_id: int, modalities: list[str]) -> None:
-    """In the transaction that marks the job done: one delivery per modality, due now."""
+def add_deliveries(session: Session, job_id: int, modalities: list[str], kept_sct: str | None = None) -> list[str]:
+    """In the transaction that marks the job done: one delivery per modality, due now; the
+    modalities it leaves out. A job that kept an earlier job's sCT (``kept_sct``, its CT series: a
+    series sent again unchanged) is not delivered again where a delivery of that sCT was sent or is
+    on its way (a retry of the job, POST /jobs/{id}/retry, makes and delivers it again)."""
+    had: set[str] = set()
+    if kept_sct:
+        had = set(session.scalars(select(Delivery.modality).join(Job, Job.id == Delivery.job_id).where(
+            Job.ct_series_uid == kept_sct, Job.id != job_id, Delivery.state.in_(("pending", "committing", "sent")))))
     for modality in modalities:
-        session.add(Delivery(job_id=job_id, modality=modality, state="pending", attempts=0, next_at=utcnow()))
+        if modality not in had:
+            session.add(Delivery(job_id=job_id, modality=modality, state="pending", attempts=0, next_at=utcnow()))
+    return [m for m in modalities if m in had]
 
 
 def retry_given_up(sessions: sessionmaker[Session]) -> int:

@@ -114,7 +114,9 @@ def settle_job(sessions: sessionmaker[Session], job_id: int, worker_id: str, del
         if written and deliver_to:
             from dicom_node.delivery import add_deliveries
 
-            add_deliveries(session, job_id, deliver_to)
+            kept = add_deliveries(session, job_id, deliver_to, values["ct_series_uid"] if values.get("reused_job_id") else None)
+            if kept:
+                log.info("job %d kept an sCT already delivered to %s: not delivered again", job_id, ", ".join(kept))
         return written
 
 

@@ -5,6 +5,7 @@ delivery waits with the reason and goes once it listens."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,7 @@ from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr
 
 from dicom_node import atna
 from dicom_node.db import init_db
+from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port, start_storescp, stop_process, storescu
 from dicom_node.models import AuditEvent, Delivery, Job
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
@@ -58,6 +60,12 @@ def test_the_sct_and_its_sr_reach_the_planning_system_once_it_listens(tmp_path):
             tps = start_storescp(received, tps_port, "TPS")
             try:
                 _wait(lambda: _deliveries(url)[0].state == "sent", 60, "the delivery did not go once the planning system listened")
+                # the scanner's route fires again, the series unchanged: its sCT is kept, and not sent to the planning system again
+                assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+                kept = wait_for_job(url, series.series_uid, timeout=120, done_before=waiting.job_id)
+                assert kept.state == "done" and kept.reused_job_id == waiting.job_id, (kept.state, kept.error)
+                time.sleep(2)  # a delivery made would be sent within a round (0.5 s)
+                assert len(_deliveries(url)) == 1 and len(list(received.iterdir())) == 4
             finally:
                 stop_process(tps)
             files = [pydicom.dcmread(p) for p in received.iterdir()]
