@@ -180,6 +180,12 @@ def test_with_deliver_commitment_a_delivery_counts_once_the_planning_system_comm
             listed = httpx.get(f"http://127.0.0.1:{env['MR2CT_API_PORT']}/deliveries", headers=reader, timeout=10).json()
             assert listed["counts"] == {"sent": 1} and listed["items"][0]["commitment_uid"] == delivery.commitment_uid
             assert listed["items"][0]["committed_at"]
+            with httpx.Client(base_url=f"http://127.0.0.1:{env['MR2CT_API_PORT']}", timeout=10) as browser:  # the dashboard says so
+                admin = api_token(url, "admin", "dashboard")
+                assert browser.post("/dashboard/login", data={"token": admin}, follow_redirects=True).status_code == 200
+                page = browser.get("/dashboard").text
+            row = page.split(f"<tr id='job-{delivery.job_id}'>")[1].split("</tr>")[0]
+            assert "<td class='delivered'>tps: sent " in row and ", committed</td>" in row, row
 
 
 def test_config_check_asks_orthanc_for_each_modality_of_deliver_to(tmp_path):

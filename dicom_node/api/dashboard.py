@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.api.auth import READERS, active_token, note_use
-from dicom_node.models import ApiToken, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
+from dicom_node.models import ApiToken, AuditEvent, Delivery, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.errors import PacsUnavailable
 
@@ -53,6 +53,22 @@ def _running_text(job: Job) -> str:
     if job.stage in (None, "synthesizing"):
         return "" if job.progress is None else f" {job.progress:.0%}"
     return f", {html.escape(job.stage)}"
+
+
+def _delivered_text(deliveries: list[Delivery]) -> str:
+    """Where a job's sCT went (deliver_to), escaped: each modality and how its delivery stands."""
+    parts = []
+    for d in deliveries:
+        if d.state == "sent":
+            standing = f"sent {d.sent_at:%H:%M}" + (", committed" if d.committed_at else "") if d.sent_at else "sent"
+        elif d.state == "committing":
+            standing = "sent, awaiting its commitment"
+        elif d.state == "given-up":
+            standing = f"given up after {d.attempts} attempts: {(d.last_error or '')[:120]}"
+        else:
+            standing = "waiting" + (f" (attempt {d.attempts}: {(d.last_error or '')[:120]})" if d.attempts else "")
+        parts.append(f"{d.modality}: {standing}")
+    return html.escape("; ".join(parts))
 
 
 def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None) -> APIRouter:
@@ -94,6 +110,9 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
             runs = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(10)).all()
             evaluations = session.scalars(select(Evaluation).order_by(Evaluation.id.desc()).limit(10)).all()
             models = {m.sha256: m for m in session.scalars(select(ModelVersion))}
+            deliveries: dict[int, list[Delivery]] = {}  # where each job's sCT went (deliver_to)
+            for delivery in session.scalars(select(Delivery).where(Delivery.job_id.in_([job.id for job, _ in rows])).order_by(Delivery.id)):
+                deliveries.setdefault(delivery.job_id, []).append(delivery)
         job_rows = []
         for job, series in rows:
             preview = f"<a class='preview' href='/dashboard/jobs/{job.id}'>preview</a>" if job.state == "done" else ""
@@ -105,7 +124,8 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 f"<td>{html.escape(series.series_description or '')}</td><td>{series.instance_count}</td>"
                 f"<td>{html.escape(series.calling_ae)}</td><td>{job.created_at:%Y-%m-%d %H:%M:%S}</td>"
                 f"<td>{'' if job.seconds is None else f'{job.seconds:.1f} s'}</td><td>{html.escape(job.device or '')}</td>"
-                f"<td>{html.escape((job.error or '')[:120])}</td><td>{preview}</td></tr>"
+                f"<td>{html.escape((job.error or '')[:120])}</td><td class='delivered'>{_delivered_text(deliveries.get(job.id, []))}</td>"
+                f"<td>{preview}</td></tr>"
             )
         set_aside_rows = [  # never synthesized, and why: the selection rules, or a refused instance awaited
             f"<tr><td>{html.escape(s.series_description or '')}</td><td>{s.instance_count}</td><td>{html.escape(s.calling_ae)}</td>"
@@ -146,7 +166,7 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
             )
         body = (f"<h1>mr2ct jobs</h1><p>Logged in as {html.escape(caller.name)} ({html.escape(caller.role)})</p>"
                 "<table id='jobs'><tr><th>job</th><th>state</th><th>series</th><th>instances</th><th>from</th><th>created</th>"
-                f"<th>took</th><th>device</th><th>error</th><th></th></tr>{''.join(job_rows)}</table>"
+                f"<th>took</th><th>device</th><th>error</th><th>delivered to</th><th></th></tr>{''.join(job_rows)}</table>"
                 "<h1>series not synthesized</h1><table id='set-aside'><tr><th>series</th><th>instances</th><th>from</th>"
                 f"<th>last received</th><th>why</th></tr>{''.join(set_aside_rows)}</table>"
                 "<h1>training runs</h1><table id='training'><tr><th>run</th><th>state</th><th>epochs</th><th>last epoch</th>"
