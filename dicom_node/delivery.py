@@ -71,6 +71,7 @@ class Deliverer:
         self.sessions, self.store, self.timeout = sessions, store, timeout
         self.commitment, self.commitment_wait = commitment, timedelta(seconds=commitment_wait_seconds)
         self.wake = threading.Event()
+        self._unread = 0  # rounds in a row Orthanc did not answer for a storage commitment report
 
     def _send(self, modality: str, job: Job) -> tuple[int, str | None]:
         """Orthanc sends the job's sCT series and SR to ``modality``: the instances sent, and with
@@ -154,9 +155,12 @@ class Deliverer:
                 report = self.store.client.get_json(f"storage-commitment/{row.commitment_uid}")
             except Exception as exc:  # noqa: BLE001 (HttpError 404: Orthanc no longer knows it; anything else: unreachable now)
                 if getattr(exc, "http_status_code", None) != 404:
-                    log.warning("cannot read the storage commitment report of delivery %d from Orthanc, trying again later: %s", row.id, exc)
-                    continue
+                    self._unread += 1
+                    if self._unread == 1:  # once, not every round while Orthanc is away
+                        log.warning("cannot read storage commitment reports from Orthanc, trying again each round: %s", exc)
+                    return settled
                 report = {"Status": "Unknown"}
+            self._unread = 0
             status = report.get("Status")
             committed = len(report.get("Success") or ())
             if status == "Pending" and utcnow() - as_utc(row.sent_at) < self.commitment_wait:
