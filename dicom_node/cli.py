@@ -305,22 +305,37 @@ def orthanc_config_command(
                                                     "for the series as Orthanc holds it (a requester token is made in the node's database "
                                                     "and written with it to orthanc-plugin.env beside --output)")] = None,
     node_api_ca: Annotated[Optional[Path], typer.Option(help="PEM CA that signed the node API's certificate (an https --node-api)")] = None,
+    modality: Annotated[Optional[list[str]], typer.Option(
+        "--modality", help="NAME=AE@HOST:PORT, repeatable: another DICOM modality of this Orthanc, e.g. the planning system the "
+        "node's deliver_to names (tps=TPS@10.0.0.9:104); it may send Orthanc storage commitment reports (deliver_commitment)")] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing file (its password changes)")] = False,
     node_config: ConfigOption = None,
 ) -> None:
     """Write the configuration of a permanent Orthanc beside mr2ct: the project's orthanc.json with
-    the node as DICOM modality `mr2ct`, the routing plugin, a login for mr2ct, and optionally the
-    PostgreSQL index; the same settings the demo and the tests start Orthanc with. With
-    --node-api, also the plugin's environment file (orthanc-plugin.env, which
+    the node as DICOM modality `mr2ct` (and the --modality ones), the routing plugin, a login for
+    mr2ct, and optionally the PostgreSQL index; the same settings the demo and the tests start Orthanc
+    with. With --node-api, also the plugin's environment file (orthanc-plugin.env, which
     orthanc-mr2ct.service reads) with a new requester token of the node (--config: the node's)."""
     import json
     import re
     import secrets
 
     from dicom_node.local_stack import orthanc_config
-    from dicom_node.settings import _check_ae_title
+    from dicom_node.settings import MODALITY_NAME_RE, _check_ae_title, parse_dicom_destination
 
     node_host, node_port = _host_port("--node", node)
+    modalities: dict[str, list[str | int]] = {}
+    for entry in modality or []:
+        name, _, where = entry.partition("=")
+        name = name.strip()
+        try:
+            if not MODALITY_NAME_RE.match(name) or name in modalities or name == "mr2ct":
+                raise ValueError(f"{name!r} is not a new Orthanc modality name (letters, digits, '_', '-', '.'; at most 64; "
+                                 "not mr2ct, the node's)")
+            modalities[name] = list(parse_dicom_destination(where))
+        except ValueError as exc:
+            typer.echo(f"mr2ct: --modality {entry!r}: {exc} (NAME=AE@HOST:PORT, e.g. tps=TPS@10.0.0.9:104)", err=True)
+            raise typer.Exit(2) from exc
     try:
         node_aet, aet = _check_ae_title(node_aet, "--node-aet"), _check_ae_title(aet, "--aet")
     except ValueError as exc:
@@ -357,7 +372,8 @@ def orthanc_config_command(
     password = secrets.token_urlsafe(18)
     try:
         config = orthanc_config(storage=storage, http_port=http_port, dicom_port=dicom_port, aet=aet, users={user: password},
-                                modalities={"mr2ct": [node_aet, node_host, node_port]}, python_plugin=plugin, postgres_index=index)
+                                modalities={"mr2ct": [node_aet, node_host, node_port], **modalities}, python_plugin=plugin,
+                                postgres_index=index)
     except RuntimeError as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -380,6 +396,9 @@ def orthanc_config_command(
     if plugin:
         typer.echo(f"  stable MR series go to {node_aet} at {node_host}:{node_port}: allow this Orthanc there "
                    f"(allowed_aes = [\"{aet}@<this host>\"])")
+    for name, (title, host, port) in modalities.items():
+        typer.echo(f"  modality {name}: {title}@{host}:{port} (deliver_to = [\"{name}\"] sends it each sCT; with deliver_commitment "
+                   f"it reports to {aet} at this host's DICOM port {dicom_port})")
     if node_api is not None:
         typer.echo(f"wrote {plugin_env} (mode 600: a requester token named 'orthanc {aet}'; `chown orthanc` it too): the Synthesize CT "
                    f"button asks {node_api} for the series as Orthanc holds it")

@@ -317,7 +317,7 @@ def test_the_orthanc_config_command_writes_an_orthanc_that_routes_to_the_node(tm
     run_env = {**{k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}, "MR2CT_DATABASE_URL": node_database}
     command = [sys.executable, "-m", "dicom_node.cli", "orthanc-config", "--output", str(config), "--storage", str(tmp_path / "storage"),
                "--node", f"127.0.0.1:{node_port}", "--node-aet", NODE_AE, "--http-port", str(free_port()), "--dicom-port", str(free_port()),
-               "--node-api", f"http://127.0.0.1:{api_port}"]
+               "--node-api", f"http://127.0.0.1:{api_port}", "--modality", "tps=TPS@127.0.0.1:10404"]
     made = subprocess.run(command, capture_output=True, text=True, timeout=60, env=run_env)
     assert made.returncode == 0, made.stderr
     plugin_env = dict(line.split("=", 1) for line in (config.parent / "orthanc-plugin.env").read_text().splitlines())
@@ -326,11 +326,14 @@ def test_the_orthanc_config_command_writes_an_orthanc_that_routes_to_the_node(tm
     written = json.loads(config.read_text())
     password = written["RegisteredUsers"]["mr2ct"]
     assert password in made.stdout and oct(config.stat().st_mode & 0o777) == "0o600"
-    assert written["DicomModalities"] == {"mr2ct": [NODE_AE, "127.0.0.1", node_port]} and written["PythonScript"].endswith("orthanc/plugin.py")
+    assert written["DicomModalities"] == {"mr2ct": [NODE_AE, "127.0.0.1", node_port], "tps": ["TPS", "127.0.0.1", 10404]}
+    assert written["PythonScript"].endswith("orthanc/plugin.py") and "modality tps: TPS@127.0.0.1:10404" in made.stdout
     again = subprocess.run(command, capture_output=True, text=True, timeout=60, env=run_env)
     assert again.returncode == 2 and "--force" in again.stderr and json.loads(config.read_text())["RegisteredUsers"]["mr2ct"] == password
     for bad, named in ((["--node", "nohost"], "--node"), (["--postgres", "db:5432"], "--postgres"), (["--aet", "A\\B"], "--aet"),
-                       (["--node-api", "mr2ct-api:8800"], "--node-api"), (["--node-api-ca", "/etc/hostname"], "--node-api-ca")):
+                       (["--node-api", "mr2ct-api:8800"], "--node-api"), (["--node-api-ca", "/etc/hostname"], "--node-api-ca"),
+                       (["--modality", "tps=TPS@nohost"], "--modality 'tps=TPS@nohost'"), (["--modality", "mr2ct=X@h:104"], "not mr2ct"),
+                       (["--modality", "../x=TPS@h:104"], "--modality")):
         refused = subprocess.run([*command[:5], str(tmp_path / "other" / "other.json"), *bad], capture_output=True, text=True, timeout=60,
                                  env=run_env)
         assert refused.returncode == 2 and named in refused.stderr, refused.stderr
@@ -339,6 +342,7 @@ def test_the_orthanc_config_command_writes_an_orthanc_that_routes_to_the_node(tm
     with OrthancServer(tmp_path / "orthanc", config_file=config, extra_env=plugin_env) as orthanc:
         assert {"dicom-web", "python"} <= set(orthanc.get("/plugins"))
         assert orthanc.get("/modalities/mr2ct/configuration")["Port"] == node_port
+        assert orthanc.get("/modalities/tps/configuration")["AET"] == "TPS"
         env = node_env(tmp_path / "node", node_port, orthanc)
         env["MR2CT_ALLOWED_AES"] = f"{orthanc.aet}@127.0.0.1"
         env["MR2CT_API_PORT"] = str(api_port)
