@@ -178,15 +178,17 @@ class Deliverer:
                 log.info("results delivered and committed job=%d modality=%s instances=%d", job.id, row.modality, row.instances or 0)
             else:
                 self._failed(row, job, RuntimeError(_not_committed(row, status, committed, report.get("Failures") or [],
-                                                                   self.commitment_wait.total_seconds())),
-                             expected_state="committing")
+                                                                   self.commitment_wait.total_seconds())), awaited=True)
             settled += 1
         return settled
 
-    def _failed(self, row: Delivery, job: Job, exc: BaseException, expected_state: str | None = None) -> None:
+    def _failed(self, row: Delivery, job: Job, exc: BaseException, awaited: bool = False) -> None:
+        """A failed attempt at ``row``; ``awaited``: its storage commitment (unless another node
+        process settled that sending meanwhile)."""
         with self.sessions.begin() as session:
-            if expected_state is not None and session.scalar(select(Delivery.state).where(Delivery.id == row.id).with_for_update()) != expected_state:
-                return  # another node process settled it
+            if awaited and tuple(session.execute(select(Delivery.state, Delivery.commitment_uid).where(Delivery.id == row.id)
+                                                 .with_for_update()).one()) != ("committing", row.commitment_uid):
+                return
             attempts, pause, given_up = failed_attempt(session, Delivery, row, exc, MAX_ATTEMPTS, MAX_PAUSE_SECONDS)
             if given_up:
                 session.add(audit.event(DELIVERY_GIVEN_UP, "failure", "deliverer", series_uid=job.series_instance_uid, job_id=job.id,
