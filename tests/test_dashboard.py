@@ -13,9 +13,12 @@ from pathlib import Path
 
 import httpx
 import pydicom
+from sqlalchemy import select
 
+from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
+from dicom_node.models import AuditEvent, Job
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import c_store, headless_chromium, series_once_complete
 from training.phantom_dicom import write_mr_series
@@ -93,3 +96,57 @@ def test_log_in_see_a_finished_job_its_preview_and_a_training_runs_losses(node, 
     assert (ARTIFACTS / "dashboard-training.png").stat().st_size > 10_000
     # Without the login cookie the plot is not served.
     assert httpx.get(f"{base}/dashboard/training/{run_id}/losses.png").status_code == 401
+
+
+def test_an_administrator_retries_a_failed_job_from_the_dashboard_and_an_auditor_cannot(node, tmp_path):
+    """A job failed (its originals removed from the spool by hand): the administrator presses its
+    retry button in the dashboard (headless Chromium) and sees the new job; a retry the API would
+    refuse is refused on a page saying why. An auditor's dashboard has no such button, and a POST
+    with an auditor's cookie is refused (403) and audited."""
+    series = write_mr_series(tmp_path / "mr", seed=903, slices=3, size=32, pixel_spacing=6.0, slice_spacing=10.0)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+    assert job.state == "done", job.error
+    spool = Path(node.env["MR2CT_SPOOL_DIR"]) / series.study_uid / series.series_uid
+    for path in spool.iterdir():
+        path.unlink()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env["MR2CT_DATABASE_URL"] = node.database_url
+
+    def token(role: str, name: str) -> str:
+        return subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", "create", "--role", role, "--name", name],
+                              capture_output=True, text=True, env=env, check=True).stdout.strip()
+
+    admin, auditor = token("admin", "retry-admin"), token("auditor", "retry-auditor")
+    base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
+    retried = httpx.post(f"{base}/jobs/{job.id}/retry", headers={"Authorization": f"Bearer {admin}"}, timeout=30)
+    assert retried.status_code == 201, retried.text
+    failed = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=job.id)
+    assert failed.state == "failed" and "no longer in the spool" in (failed.error or ""), failed.error
+    with headless_chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{base}/dashboard")
+        page.fill("#token", auditor)
+        page.click("#login")
+        assert page.locator(f"#job-{failed.id} .failed").inner_text() == "failed"
+        assert page.locator(f"#retry-{failed.id}").count() == 0  # an auditor reads only
+        refused = page.request.post(f"{base}/dashboard/jobs/{failed.id}/retry")
+        assert refused.status == 403 and "may not retry" in refused.text()
+        page.context.clear_cookies()
+        page.goto(f"{base}/dashboard")
+        page.fill("#token", admin)
+        page.click("#login")
+        assert page.locator(f"#retry-{job.id}").count() == 0  # a done job has no button (the API's retry makes it again)
+        page.click(f"#retry-{failed.id}")
+        page.wait_for_url(f"{base}/dashboard")
+        with init_db(node.database_url)() as session:
+            newest = session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid).order_by(Job.id.desc())).first()
+        assert newest.id > failed.id and page.locator(f"#job-{newest.id}").count() == 1
+        missing = page.request.post(f"{base}/dashboard/jobs/999999/retry")  # the API's refusals, said on a page
+        assert missing.status == 404 and "no job 999999" in missing.text()
+    with init_db(node.database_url)() as session:
+        events = session.scalars(select(AuditEvent).where(AuditEvent.action.in_(("job-retry", "security-alert")))
+                                 .order_by(AuditEvent.id)).all()
+    assert any(e.action == "job-retry" and e.job_id == newest.id and e.detail.get("via") == "dashboard" and e.actor == "api:retry-admin"
+               for e in events), [(e.action, e.actor, e.detail) for e in events]
+    assert any(e.action == "security-alert" and e.actor == "api:retry-auditor" for e in events)

@@ -23,15 +23,15 @@ from sqlalchemy import Select, and_, case, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit, forward_commitment
+from dicom_node.api.actions import pending_job, retry_job
 from dicom_node.api.auth import READERS, Caller, current_caller, require
-from dicom_node.db import notify_job_queued
 from dicom_node.forwarder import reschedule_failed
 from dicom_node.ingest import REASON_CODES
 from dicom_node.models import (Association, AuditEvent, Commitment, Delivery, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
                                utcnow)
 from dicom_node.orthanc_store import DEFAULT_TIMEOUT_SECONDS, OrthancStore
 from dicom_node.outcomes import mark_due
-from dicom_node.retention import lock_series, purged_reason, spool_usage
+from dicom_node.retention import spool_usage
 from dicom_node.training_runs import RunState
 from synthesis.contrast import DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN
 from synthesis.errors import PacsUnavailable
@@ -86,12 +86,6 @@ def _row(obj: Any) -> dict[str, Any]:
         value = getattr(obj, column.key)
         out[column.key] = as_utc(value).isoformat() if isinstance(value, datetime) else value
     return out
-
-
-def _pending_job(session: Session, series_uid: str) -> Job | None:
-    """The series' newest job still queued or running, if any."""
-    return session.scalar(select(Job).where(Job.series_instance_uid == series_uid, Job.state.in_(("queued", "running")))
-                          .order_by(Job.id.desc()).limit(1))
 
 
 def _without_credentials(url: str) -> str:
@@ -285,31 +279,9 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
 
     @api.post("/jobs/{job_id}/retry", status_code=201, responses=refusals(404, 409))
     def retry(job_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
-        with sessions.begin() as session:
-            job = session.get(Job, job_id)
-            if job is None:
-                raise HTTPException(404, f"no job {job_id}")
-            lock_series(session, job.series_instance_uid)  # spool retention's purge of the series waits, or went first
-            session.refresh(job)
-            if job.state in ("queued", "running"):
-                raise HTTPException(409, f"job {job_id} is {job.state}; only finished, failed or cancelled jobs can be retried")
-            pending = _pending_job(session, job.series_instance_uid)
-            if pending is not None:  # a second press of Retry, or a re-send's own job: one job per series at a time
-                raise HTTPException(409, f"job {job_id}: its series has job {pending.id} {pending.state} already")
-            series = session.get(Series, job.series_instance_uid)
-            purged, of = session.execute(select(func.count(Instance.purged_at), func.count()).where(
-                Instance.series_instance_uid == job.series_instance_uid, Instance.set_aside.is_(None))).one()
-            if purged:
-                raise HTTPException(409, f"job {job_id}: {purged_reason(purged, of)}")
-            new = Job(series_instance_uid=job.series_instance_uid, state="queued", instance_count=series.instance_count if series else 0,
-                      remake=True)  # asked for: made again even if nothing changed (dicom_node.worker keeps an unchanged series' sCT)
-            session.add(new)
-            session.flush()
-            notify_job_queued(session)
-            mark_due(session, job.series_instance_uid)
-            new_id = new.id
-        audit.record(sessions, "job-retry", "success", caller.actor, series_uid=job.series_instance_uid, job_id=new_id, retry_of=job_id)
-        return {"job_id": new_id, "retry_of": job_id, "state": "queued"}
+        """A new job for the series of a finished, failed or cancelled job, made again even if
+        nothing changed (the dashboard's retry button does the same)."""
+        return retry_job(sessions, job_id, caller.actor)
 
     @api.post("/jobs/{job_id}/cancel", responses=refusals(404, 409))
     def cancel(job_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
@@ -472,7 +444,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         if store is None or not spool_dir:
             raise HTTPException(409, "this process has no Orthanc or spool configured")
         with sessions() as session:
-            pending = _pending_job(session, body.series_uid)
+            pending = pending_job(session, body.series_uid)
         if pending is not None:  # one job per series at a time, as for a retry
             raise HTTPException(409, f"series {body.series_uid} has job {pending.id} {pending.state} already")
         spooled = 0

@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
+from dicom_node.api.actions import retry_job
 from dicom_node.api.auth import READERS, active_token, note_use
 from dicom_node.models import ApiToken, AuditEvent, Delivery, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
@@ -29,14 +30,14 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;color:#222} h1{font-size:1.4rem} table{border-collapse:collapse;width:100%;margin-bottom:2rem}
 td,th{border-bottom:1px solid #ddd;padding:.35rem .5rem;text-align:left;font-size:.9rem} th{background:#f4f4f4}
 .done{color:#1a7f37;font-weight:600} .failed{color:#cf222e;font-weight:600} .running,.queued{color:#9a6700} code{font-size:.8rem}
-form{max-width:30rem} input{width:100%;padding:.4rem;margin:.4rem 0} button{padding:.4rem 1rem}
+form{max-width:30rem} input{width:100%;padding:.4rem;margin:.4rem 0} button{padding:.4rem 1rem} td form{margin:0} button.retry{padding:.2rem .6rem}
 """
 
 
-def _page(title: str, body: str, refresh_seconds: int | None = None) -> HTMLResponse:
+def _page(title: str, body: str, refresh_seconds: int | None = None, status_code: int = 200) -> HTMLResponse:
     refresh = f"<meta http-equiv='refresh' content='{refresh_seconds}'>" if refresh_seconds else ""
     return HTMLResponse(f"<!doctype html><html><head><meta charset='utf-8'>{refresh}<title>{html.escape(title)}</title>"
-                        f"<style>{STYLE}</style></head><body>{body}</body></html>")
+                        f"<style>{STYLE}</style></head><body>{body}</body></html>", status_code=status_code)
 
 
 def _caller(request: Request, sessions: sessionmaker[Session]) -> ApiToken | None:
@@ -116,6 +117,9 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
         job_rows = []
         for job, series in rows:
             preview = f"<a class='preview' href='/dashboard/jobs/{job.id}'>preview</a>" if job.state == "done" else ""
+            if caller.role == "admin" and job.state in ("failed", "cancelled"):  # an auditor reads; an administrator may act
+                preview += (f"<form method='post' action='/dashboard/jobs/{job.id}/retry'>"
+                            f"<button type='submit' class='retry' id='retry-{job.id}'>retry</button></form>")
             state = html.escape(job.state) + (_running_text(job) if job.state == "running" else "")
             if job.reused_job_id is not None:  # the series came again unchanged: the sCT an earlier job made, kept
                 state += f" (kept: job {job.reused_job_id}'s sCT, unchanged)"
@@ -220,6 +224,26 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 f"<p>sCT series <code>{html.escape(job.ct_series_uid or '')}</code>, model <code>{html.escape((job.model_sha256 or '')[:12])}</code>,"
                 f" {html.escape(job.device or '')}</p>")
         return _page(f"mr2ct job {job.id}", body)
+
+    @router.post("/jobs/{job_id}/retry")
+    def retry(job_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:
+        """The retry button of a failed or cancelled job (admin tokens only): POST /jobs/{id}/retry's
+        rule; back to the dashboard, or a page saying why not. The cookie is SameSite=Strict, so
+        another site's form cannot press it for a logged-in administrator."""
+        caller = _caller(request, sessions)
+        if caller is None:
+            return RedirectResponse("/dashboard", status_code=303)
+        if caller.role != "admin":
+            audit.record(sessions, audit.SECURITY_ALERT, "failure", f"api:{caller.name}", reason=f"dashboard retry with a {caller.role} token",
+                         job_id=job_id)
+            return _page("mr2ct: not allowed", f"<p class='failed'>A {html.escape(caller.role)} token may not retry jobs.</p>"
+                         "<p><a href='/dashboard'>back</a></p>", status_code=403)
+        try:
+            retry_job(sessions, job_id, f"api:{caller.name}", via="dashboard")
+        except HTTPException as exc:
+            return _page("mr2ct: not retried", f"<p class='failed' id='refused'>{html.escape(str(exc.detail))}</p>"
+                         "<p><a href='/dashboard'>back</a></p>", status_code=exc.status_code)
+        return RedirectResponse("/dashboard", status_code=303)
 
     @router.get("/jobs/{job_id}/preview.png")
     def preview(job_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:

@@ -1,0 +1,52 @@
+"""What the admin API and the dashboard both do to jobs (one rule, two ways in)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import HTTPException
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node import audit
+from dicom_node.db import notify_job_queued
+from dicom_node.models import Instance, Job, Series
+from dicom_node.outcomes import mark_due
+from dicom_node.retention import lock_series, purged_reason
+
+
+def pending_job(session: Session, series_uid: str) -> Job | None:
+    """The series' newest job still queued or running, if any."""
+    return session.scalar(select(Job).where(Job.series_instance_uid == series_uid, Job.state.in_(("queued", "running")))
+                          .order_by(Job.id.desc()).limit(1))
+
+
+def retry_job(sessions: sessionmaker[Session], job_id: int, actor: str, **audited: Any) -> dict[str, Any]:
+    """A new job for a finished, failed or cancelled job's series, made again even if nothing changed;
+    HTTPException 404 (no such job) or 409 saying why not (the job still queued or running, its
+    series has a job under way, its originals deleted by spool retention)."""
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        lock_series(session, job.series_instance_uid)  # spool retention's purge of the series waits, or went first
+        session.refresh(job)
+        if job.state in ("queued", "running"):
+            raise HTTPException(409, f"job {job_id} is {job.state}; only finished, failed or cancelled jobs can be retried")
+        pending = pending_job(session, job.series_instance_uid)
+        if pending is not None:  # a second press of Retry, or a re-send's own job: one job per series at a time
+            raise HTTPException(409, f"job {job_id}: its series has job {pending.id} {pending.state} already")
+        series = session.get(Series, job.series_instance_uid)
+        purged, of = session.execute(select(func.count(Instance.purged_at), func.count()).where(
+            Instance.series_instance_uid == job.series_instance_uid, Instance.set_aside.is_(None))).one()
+        if purged:
+            raise HTTPException(409, f"job {job_id}: {purged_reason(purged, of)}")
+        new = Job(series_instance_uid=job.series_instance_uid, state="queued", instance_count=series.instance_count if series else 0,
+                  remake=True)  # asked for: made again even if nothing changed (dicom_node.worker keeps an unchanged series' sCT)
+        session.add(new)
+        session.flush()
+        notify_job_queued(session)
+        mark_due(session, job.series_instance_uid)
+        new_id = new.id
+    audit.record(sessions, "job-retry", "success", actor, series_uid=job.series_instance_uid, job_id=new_id, retry_of=job_id, **audited)
+    return {"job_id": new_id, "retry_of": job_id, "state": "queued"}
