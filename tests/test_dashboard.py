@@ -17,10 +17,10 @@ from sqlalchemy import select
 
 from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
-from dicom_node.local_stack import storescu
+from dicom_node.local_stack import free_port, storescu
 from dicom_node.models import AuditEvent, Job
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import c_store, headless_chromium, series_once_complete
+from tests.helpers import c_store, headless_chromium, series_once_complete, wait_for
 from training.phantom_dicom import write_mr_series
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -150,3 +150,41 @@ def test_an_administrator_retries_a_failed_job_from_the_dashboard_and_an_auditor
     assert any(e.action == "job-retry" and e.job_id == newest.id and e.detail.get("via") == "dashboard" and e.actor == "api:retry-admin"
                for e in events), [(e.action, e.actor, e.detail) for e in events]
     assert any(e.action == "security-alert" and e.actor == "api:retry-auditor" for e in events)
+
+
+def test_an_administrator_cancels_a_queued_job_from_the_dashboard(node_factory, tmp_path):
+    """Orthanc is away, so a job waits in the queue to try again: the administrator presses its
+    cancel button (headless Chromium); the job is cancelled by that token, audited as from the
+    dashboard, and its row offers retry instead."""
+    node = node_factory(orthanc_url=f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    series = write_mr_series(tmp_path / "mr", seed=904, slices=3, size=32, pixel_spacing=6.0, slice_spacing=10.0)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    sessions = init_db(node.database_url)
+
+    def waiting() -> Job | None:
+        with sessions() as session:
+            return session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid, Job.state == "queued",
+                                                     Job.error.is_not(None))).first()
+
+    job = wait_for(waiting, 120, "no job waited for Orthanc")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env["MR2CT_DATABASE_URL"] = node.database_url
+    admin = subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", "create", "--role", "admin", "--name", "cancel-admin"],
+                           capture_output=True, text=True, env=env, check=True).stdout.strip()
+    base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
+    with headless_chromium() as browser:
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{base}/dashboard")
+        page.fill("#token", admin)
+        page.click("#login")
+        page.click(f"#cancel-{job.id}")
+        page.wait_for_url(f"{base}/dashboard")
+        assert page.locator(f"#job-{job.id} .cancelled").inner_text() == "cancelled"
+        assert page.locator(f"#retry-{job.id}").count() == 1 and page.locator(f"#cancel-{job.id}").count() == 0
+        refused = page.request.post(f"{base}/dashboard/jobs/{job.id}/cancel")  # pressed twice (an old page): said why not
+        assert refused.status == 409 and "only queued or running jobs can be cancelled" in refused.text()
+    with sessions() as session:
+        cancelled = session.get(Job, job.id)
+        event = session.scalars(select(AuditEvent).where(AuditEvent.action == "job-cancelled", AuditEvent.job_id == job.id)).one()
+    assert cancelled.state == "cancelled" and cancelled.error.startswith("cancelled by api:cancel-admin")
+    assert event.actor == "api:cancel-admin" and event.detail.get("via") == "dashboard"

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.db import notify_job_queued
-from dicom_node.models import Instance, Job, Series
+from dicom_node.models import Instance, Job, Series, utcnow
 from dicom_node.outcomes import mark_due
 from dicom_node.retention import lock_series, purged_reason
 
@@ -50,3 +50,23 @@ def retry_job(sessions: sessionmaker[Session], job_id: int, actor: str, **audite
         new_id = new.id
     audit.record(sessions, "job-retry", "success", actor, series_uid=job.series_instance_uid, job_id=new_id, retry_of=job_id, **audited)
     return {"job_id": new_id, "retry_of": job_id, "state": "queued"}
+
+
+def cancel_job(sessions: sessionmaker[Session], job_id: int, actor: str, **audited: Any) -> dict[str, Any]:
+    """A queued job is not run; a running one stops within about a second (its worker looks every
+    CHECK_SECONDS) with nothing stored, unless it was already storing its sCT, which then goes into
+    Orthanc whole (audited as transferred) and the job stays cancelled. HTTPException 404, or 409
+    for a job no longer queued or running."""
+    with sessions.begin() as session:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        if job.state not in ("queued", "running"):
+            raise HTTPException(409, f"job {job_id} is {job.state}; only queued or running jobs can be cancelled")
+        was_running = job.state == "running"
+        job.state, job.finished_at, job.lease_until, job.stage = "cancelled", utcnow(), None, None
+        job.error = f"cancelled by {actor}" + (" while it ran" if was_running else "")
+        series_uid = job.series_instance_uid
+        mark_due(session, series_uid)
+    audit.record(sessions, "job-cancelled", "success", actor, series_uid=series_uid, job_id=job_id, was_running=was_running, **audited)
+    return {"job_id": job_id, "state": "cancelled", "was_running": was_running}

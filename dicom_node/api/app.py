@@ -23,14 +23,13 @@ from sqlalchemy import Select, and_, case, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit, forward_commitment
-from dicom_node.api.actions import pending_job, retry_job
+from dicom_node.api.actions import cancel_job, pending_job, retry_job
 from dicom_node.api.auth import READERS, Caller, current_caller, require
 from dicom_node.forwarder import reschedule_failed
 from dicom_node.ingest import REASON_CODES
 from dicom_node.models import (Association, AuditEvent, Commitment, Delivery, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
                                utcnow)
 from dicom_node.orthanc_store import DEFAULT_TIMEOUT_SECONDS, OrthancStore
-from dicom_node.outcomes import mark_due
 from dicom_node.retention import spool_usage
 from dicom_node.training_runs import RunState
 from synthesis.contrast import DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN
@@ -288,19 +287,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         """A queued job is not run; a running one stops within about a second (its worker looks
         every CHECK_SECONDS) with nothing stored, unless it was already storing its sCT, which then
         goes into Orthanc whole (audited as transferred) and the job stays cancelled."""
-        with sessions.begin() as session:
-            job = session.get(Job, job_id)
-            if job is None:
-                raise HTTPException(404, f"no job {job_id}")
-            if job.state not in ("queued", "running"):
-                raise HTTPException(409, f"job {job_id} is {job.state}; only queued or running jobs can be cancelled")
-            was_running = job.state == "running"
-            job.state, job.finished_at, job.lease_until, job.stage = "cancelled", utcnow(), None, None
-            job.error = f"cancelled by {caller.actor}" + (" while it ran" if was_running else "")
-            series_uid = job.series_instance_uid
-            mark_due(session, series_uid)
-        audit.record(sessions, "job-cancelled", "success", caller.actor, series_uid=series_uid, job_id=job_id, was_running=was_running)
-        return {"job_id": job_id, "state": "cancelled", "was_running": was_running}
+        return cancel_job(sessions, job_id, caller.actor)
 
     @api.get("/series")
     def list_series(

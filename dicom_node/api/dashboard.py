@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import html
 import io
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
 
 import pydicom
@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.api.actions import retry_job
+from dicom_node.api.actions import cancel_job, retry_job
 from dicom_node.api.auth import READERS, active_token, note_use
 from dicom_node.models import ApiToken, AuditEvent, Delivery, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
@@ -30,7 +30,7 @@ STYLE = """
 body{font-family:system-ui,sans-serif;margin:2rem;color:#222} h1{font-size:1.4rem} table{border-collapse:collapse;width:100%;margin-bottom:2rem}
 td,th{border-bottom:1px solid #ddd;padding:.35rem .5rem;text-align:left;font-size:.9rem} th{background:#f4f4f4}
 .done{color:#1a7f37;font-weight:600} .failed{color:#cf222e;font-weight:600} .running,.queued{color:#9a6700} code{font-size:.8rem}
-form{max-width:30rem} input{width:100%;padding:.4rem;margin:.4rem 0} button{padding:.4rem 1rem} td form{margin:0} button.retry{padding:.2rem .6rem}
+form{max-width:30rem} input{width:100%;padding:.4rem;margin:.4rem 0} button{padding:.4rem 1rem} td form{margin:0} button.retry,button.cancel{padding:.2rem .6rem}
 """
 
 
@@ -117,9 +117,10 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
         job_rows = []
         for job, series in rows:
             preview = f"<a class='preview' href='/dashboard/jobs/{job.id}'>preview</a>" if job.state == "done" else ""
-            if caller.role == "admin" and job.state in ("failed", "cancelled"):  # an auditor reads; an administrator may act
-                preview += (f"<form method='post' action='/dashboard/jobs/{job.id}/retry'>"
-                            f"<button type='submit' class='retry' id='retry-{job.id}'>retry</button></form>")
+            action = {"failed": "retry", "cancelled": "retry", "queued": "cancel", "running": "cancel"}.get(job.state)
+            if caller.role == "admin" and action:  # an auditor reads; an administrator may act
+                preview += (f"<form method='post' action='/dashboard/jobs/{job.id}/{action}'>"
+                            f"<button type='submit' class='{action}' id='{action}-{job.id}'>{action}</button></form>")
             state = html.escape(job.state) + (_running_text(job) if job.state == "running" else "")
             if job.reused_job_id is not None:  # the series came again unchanged: the sCT an earlier job made, kept
                 state += f" (kept: job {job.reused_job_id}'s sCT, unchanged)"
@@ -225,23 +226,24 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 f" {html.escape(job.device or '')}</p>")
         return _page(f"mr2ct job {job.id}", body)
 
-    @router.post("/jobs/{job_id}/retry")
-    def retry(job_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:
-        """The retry button of a failed or cancelled job (admin tokens only): POST /jobs/{id}/retry's
-        rule; back to the dashboard, or a page saying why not. The cookie is SameSite=Strict, so
-        another site's form cannot press it for a logged-in administrator."""
+    @router.post("/jobs/{job_id}/{action}")
+    def act(job_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], action: Literal["retry", "cancel"], request: Request) -> Response:
+        """The retry button of a failed or cancelled job, the cancel button of a queued or running
+        one (admin tokens only): POST /jobs/{id}/retry's and /cancel's rules; back to the dashboard,
+        or a page saying why not. The cookie is SameSite=Strict, so another site's form cannot press
+        them for a logged-in administrator."""
         caller = _caller(request, sessions)
         if caller is None:
             return RedirectResponse("/dashboard", status_code=303)
         if caller.role != "admin":
-            audit.record(sessions, audit.SECURITY_ALERT, "failure", f"api:{caller.name}", reason=f"dashboard retry with a {caller.role} token",
+            audit.record(sessions, audit.SECURITY_ALERT, "failure", f"api:{caller.name}", reason=f"dashboard {action} with a {caller.role} token",
                          job_id=job_id)
-            return _page("mr2ct: not allowed", f"<p class='failed'>A {html.escape(caller.role)} token may not retry jobs.</p>"
+            return _page("mr2ct: not allowed", f"<p class='failed'>A {html.escape(caller.role)} token may not {action} jobs.</p>"
                          "<p><a href='/dashboard'>back</a></p>", status_code=403)
         try:
-            retry_job(sessions, job_id, f"api:{caller.name}", via="dashboard")
+            (retry_job if action == "retry" else cancel_job)(sessions, job_id, f"api:{caller.name}", via="dashboard")
         except HTTPException as exc:
-            return _page("mr2ct: not retried", f"<p class='failed' id='refused'>{html.escape(str(exc.detail))}</p>"
+            return _page(f"mr2ct: {action} refused", f"<p class='failed' id='refused'>{html.escape(str(exc.detail))}</p>"
                          "<p><a href='/dashboard'>back</a></p>", status_code=exc.status_code)
         return RedirectResponse("/dashboard", status_code=303)
 
