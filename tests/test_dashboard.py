@@ -71,10 +71,12 @@ def test_log_in_see_a_finished_job_its_preview_and_a_training_runs_losses(node, 
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(f"{base}/dashboard")
         page.fill("#token", "not-a-token")
-        page.click("#login")
+        with page.expect_navigation():
+            page.click("#login")
         assert "not valid" in page.content()
         page.fill("#token", token)
-        page.click("#login")
+        with page.expect_navigation():
+            page.click("#login")
         row = page.locator(f"#job-{job.id}")
         assert row.locator(".done").inner_text() == "done"
         assert page.locator(f"#job-{kept.id} .done").inner_text() == f"done (kept: job {job.id}'s sCT, unchanged)"
@@ -127,7 +129,8 @@ def test_an_administrator_retries_a_failed_job_from_the_dashboard_and_an_auditor
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(f"{base}/dashboard")
         page.fill("#token", auditor)
-        page.click("#login")
+        with page.expect_navigation():
+            page.click("#login")
         assert page.locator(f"#job-{failed.id} .failed").inner_text() == "failed"
         assert page.locator(f"#retry-{failed.id}").count() == 0  # an auditor reads only
         refused = page.request.post(f"{base}/dashboard/jobs/{failed.id}/retry")
@@ -135,10 +138,11 @@ def test_an_administrator_retries_a_failed_job_from_the_dashboard_and_an_auditor
         page.context.clear_cookies()
         page.goto(f"{base}/dashboard")
         page.fill("#token", admin)
-        page.click("#login")
+        with page.expect_navigation():
+            page.click("#login")
         assert page.locator(f"#retry-{job.id}").count() == 0  # a done job has no button (the API's retry makes it again)
-        page.click(f"#retry-{failed.id}")
-        page.wait_for_url(f"{base}/dashboard")
+        with page.expect_navigation():
+            page.click(f"#retry-{failed.id}")
         with init_db(node.database_url)() as session:
             newest = session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid).order_by(Job.id.desc())).first()
         assert newest.id > failed.id and page.locator(f"#job-{newest.id}").count() == 1
@@ -176,9 +180,10 @@ def test_an_administrator_cancels_a_queued_job_from_the_dashboard(node_factory, 
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(f"{base}/dashboard")
         page.fill("#token", admin)
-        page.click("#login")
-        page.click(f"#cancel-{job.id}")
-        page.wait_for_url(f"{base}/dashboard")
+        with page.expect_navigation():
+            page.click("#login")
+        with page.expect_navigation():
+            page.click(f"#cancel-{job.id}")
         assert page.locator(f"#job-{job.id} .cancelled").inner_text() == "cancelled"
         assert page.locator(f"#retry-{job.id}").count() == 1 and page.locator(f"#cancel-{job.id}").count() == 0
         refused = page.request.post(f"{base}/dashboard/jobs/{job.id}/cancel")  # pressed twice (an old page): said why not
