@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.models import Delivery, Job, as_utc, utcnow
 from dicom_node.orthanc_store import OrthancStore
+from dicom_node.outcomes import mark_due_for_job
 from dicom_node.rounds import claim, failed_attempt, run_rounds
 
 log = logging.getLogger(__name__)
@@ -127,12 +128,14 @@ class Deliverer:
                 with self.sessions.begin() as session:
                     session.execute(update(Delivery).where(Delivery.id == row.id).values(
                         state="committing", sent_at=utcnow(), instances=instances, next_at=None, commitment_uid=transaction, committed_at=None))
+                    mark_due_for_job(session, job.id)  # the note on the MR series in Orthanc says where its sCT went
                 log.info("results sent job=%d modality=%s instances=%d, its storage commitment asked (transaction %s)", job.id,
                          row.modality, instances, transaction)
                 continue
             with self.sessions.begin() as session:
                 session.execute(update(Delivery).where(Delivery.id == row.id).values(
                     state="sent", sent_at=utcnow(), instances=instances, attempts=row.attempts + 1, last_error=None, next_at=None))
+                mark_due_for_job(session, job.id)
                 session.add(audit.event(DELIVERED, "success", "deliverer", series_uid=job.series_instance_uid, job_id=job.id,
                                         destination=f"Orthanc modality {row.modality}", modality=row.modality, instances=instances,
                                         ct_series_uid=job.ct_series_uid, sr_series_uid=job.sr_series_uid))
@@ -171,6 +174,7 @@ class Deliverer:
                                                                   Delivery.commitment_uid == row.commitment_uid).values(
                             state="sent", committed_at=utcnow(), attempts=row.attempts + 1, last_error=None)).rowcount:
                         continue  # another node process settled it
+                    mark_due_for_job(session, job.id)
                     session.add(audit.event(DELIVERED, "success", "deliverer", series_uid=job.series_instance_uid, job_id=job.id,
                                             destination=f"Orthanc modality {row.modality}", modality=row.modality, instances=row.instances,
                                             ct_series_uid=job.ct_series_uid, sr_series_uid=job.sr_series_uid, committed=True,
@@ -190,6 +194,7 @@ class Deliverer:
                                                  .with_for_update()).one()) != ("committing", row.commitment_uid):
                 return
             attempts, pause, given_up = failed_attempt(session, Delivery, row, exc, MAX_ATTEMPTS, MAX_PAUSE_SECONDS)
+            mark_due_for_job(session, job.id)
             if given_up:
                 session.add(audit.event(DELIVERY_GIVEN_UP, "failure", "deliverer", series_uid=job.series_instance_uid, job_id=job.id,
                                         destination=f"Orthanc modality {row.modality}", modality=row.modality, ct_series_uid=job.ct_series_uid,

@@ -4,17 +4,19 @@ A user of Orthanc sees an MR series the plugin routed, or the node routed there,
 it: until now only the node's API said why (ignored for its contrast, a job still queued, a job
 failed). The node writes a one-line note on the series in the Orthanc it stores results into, each
 time its standing changes: not synthesized and why, queued, synthesizing, the sCT stored (which
-series), failed and why, cancelled, receiving instances again (judged again once complete). Orthanc Explorer shows it on the series page (orthanc/plugin.py);
-any REST client reads ``GET /series/<id>/metadata/Mr2ctOutcome``.
+series, and where it was delivered: deliver_to), failed and why, cancelled, receiving instances
+again (judged again once complete). Orthanc Explorer shows it on the series page
+(orthanc/plugin.py); any REST client reads ``GET /series/<id>/metadata/Mr2ctOutcome``.
 
 The places that change a series' standing (series completion, the worker's claim and settlement,
-the API's retry, cancel and synthesize) set ``Series.outcome_due`` in the same transaction; a round
+the API's retry, cancel and synthesize, a delivery's progress) set ``Series.outcome_due`` in the
+same transaction; a round
 here takes the due series (clearing the flag in the transaction that reads them, so a change made
 meanwhile flags it again) and holds them until their notes are written (``Series.outcome_after``,
 a lease: with several worker processes a second writer waits, so a note never lands after a newer
 one), then writes each note. A series whose lease ran out while still held (its writer died
-between taking and writing: killed, its host lost) is taken again, so its note is not lost. A note Orthanc cannot take now (Orthanc down) is flagged again for a
-later round; a series Orthanc does not hold yet (routed there after the node judged it: the node's
+between taking and writing: killed, its host lost) is taken again, so its note is not lost. A note
+Orthanc cannot take now (Orthanc down) is flagged again for a later round; a series Orthanc does not hold yet (routed there after the node judged it: the node's
 own forward_originals, or a scanner that sends to both) is looked for again every
 ``NOT_HELD_PAUSE`` seconds until ``NOT_HELD_WINDOW`` after its last instance; one Orthanc never
 receives (sent to the node only) gets no note. Notes are best effort: nothing else waits on them."""
@@ -31,7 +33,7 @@ from orthanc_api_client.exceptions import HttpError
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.models import Job, Series, as_utc, utcnow
+from dicom_node.models import Delivery, Job, Series, as_utc, utcnow
 from dicom_node.orthanc_store import OUTCOME_FLAG, OrthancStore
 from dicom_node.rounds import growing_pause, run_rounds
 from synthesis.errors import PacsUnavailable
@@ -58,8 +60,9 @@ def mark_due_for_job(session: Session, job_id: int) -> None:
                                          .scalar_subquery()).values(outcome_due=True))
 
 
-def note(series: Series, job: Job | None) -> str | None:
-    """The line a user of Orthanc reads on the series (None while it is first being received)."""
+def note(series: Series, job: Job | None, deliveries: list[Delivery] = ()) -> str | None:  # type: ignore[assignment]
+    """The line a user of Orthanc reads on the series (None while it is first being received);
+    ``deliveries``: the job's, where its sCT went (deliver_to)."""
     if series.state == "ignored":
         text = f"not synthesized: {series.reason or 'no reason recorded'}"
     elif series.state == "receiving" and series.outcome_note is not None:  # judged before; more instances came
@@ -68,7 +71,7 @@ def note(series: Series, job: Job | None) -> str | None:
     elif job is None:
         return None
     else:
-        text = _job_text(job)
+        text = _job_text(job) + _deliveries_text(deliveries if job.state == "done" else [])
     line = f"mr2ct {utcnow():%Y-%m-%d %H:%M} UTC: {text}"
     return line if len(line) <= MAX_NOTE_CHARS else line[:MAX_NOTE_CHARS - 3] + "..."
 
@@ -87,6 +90,21 @@ def _job_text(job: Job) -> str:
     if job.state == "failed":
         return f"sCT failed (job {job.id}): {job.error or 'no reason recorded'}; an administrator may retry it (POST /jobs/{job.id}/retry)"
     return f"job {job.id} {job.state}: {job.error or ''}".rstrip(": ")
+
+
+def _deliveries_text(deliveries: list[Delivery]) -> str:
+    """Where a done job's sCT went (deliver_to), to follow its text: '' when it goes nowhere."""
+    parts = []
+    for d in deliveries:
+        if d.state == "sent":
+            parts.append(f"delivered to {d.modality}" + (", committed" if d.committed_at else ""))
+        elif d.state == "committing":
+            parts.append(f"sent to {d.modality}, its storage commitment awaited")
+        elif d.state == "given-up":
+            parts.append(f"delivery to {d.modality} given up: {(d.last_error or '')[:200]}")
+        else:
+            parts.append(f"delivery to {d.modality} waiting" + (f" (attempt {d.attempts}: {(d.last_error or '')[:200]})" if d.attempts else ""))
+    return "".join(f"; {part}" for part in parts)
 
 
 class Due(NamedTuple):
@@ -111,7 +129,11 @@ def _claim_due(sessions: sessionmaker[Session], limit: int) -> list[Due]:
         newest = dict(session.execute(select(Job.series_instance_uid, func.max(Job.id)).where(Job.series_instance_uid.in_(uids))
                                       .group_by(Job.series_instance_uid)).all())
         jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(list(newest.values()))))}
-        return [Due(series.series_instance_uid, note(series, jobs.get(newest.get(series.series_instance_uid, -1))),
+        deliveries: dict[int, list[Delivery]] = {}
+        for delivery in session.scalars(select(Delivery).where(Delivery.job_id.in_(list(newest.values()))).order_by(Delivery.id)):
+            deliveries.setdefault(delivery.job_id, []).append(delivery)
+        return [Due(series.series_instance_uid, note(series, job := jobs.get(newest.get(series.series_instance_uid, -1)),
+                                                     deliveries.get(job.id, []) if job is not None else []),
                     as_utc(series.last_received_at))
                 for series in session.scalars(select(Series).where(Series.series_instance_uid.in_(uids)))]
 

@@ -161,6 +161,8 @@ def test_with_deliver_commitment_a_delivery_counts_once_the_planning_system_comm
         with NodeServer(tmp_path / "node", env, node_port) as node:
             url = env["MR2CT_DATABASE_URL"]
             series = write_mr_series(tmp_path / "mr", seed=462, slices=3, size=32, pixel_spacing=6.0, slice_spacing=10.0)
+            for path in series.files:  # the scanner sends to Orthanc too: the note on its MR series says where the sCT went
+                mr_id = httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), auth=orthanc.auth, timeout=30).json()["ParentSeries"]
             assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
             _wait(lambda: _deliveries(url) and _deliveries(url)[0].state == "committing", 180, "the sCT was not sent with commitment asked")
             assert len(tps["stored"]) == 4  # the sCT's 3 slices and its SR
@@ -186,6 +188,13 @@ def test_with_deliver_commitment_a_delivery_counts_once_the_planning_system_comm
                 page = browser.get("/dashboard").text
             row = page.split(f"<tr id='job-{delivery.job_id}'>")[1].split("</tr>")[0]
             assert "<td class='delivered'>tps: sent " in row and ", committed</td>" in row, row
+
+            def note() -> str:
+                answer = httpx.get(f"{orthanc.url}/series/{mr_id}/metadata/Mr2ctOutcome", auth=orthanc.auth, timeout=10)
+                return answer.text if answer.status_code == 200 else ""
+
+            _wait(lambda: note().endswith("; delivered to tps, committed"), 30, "the MR series' note in Orthanc did not say where the sCT went")
+            assert f"sCT stored in this study: CT series {job.ct_series_uid}" in note()
 
 
 def test_config_check_asks_orthanc_for_each_modality_of_deliver_to(tmp_path):
