@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -20,7 +21,7 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import free_port, storescu
 from dicom_node.models import AuditEvent, Job
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import c_store, headless_chromium, series_once_complete, wait_for
+from tests.helpers import api_token, c_store, headless_chromium, series_once_complete, wait_for
 from training.phantom_dicom import write_mr_series
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -100,6 +101,16 @@ def test_log_in_see_a_finished_job_its_preview_and_a_training_runs_losses(node, 
     assert httpx.get(f"{base}/dashboard/training/{run_id}/losses.png").status_code == 401
 
 
+def _logged_in(browser: Any, base: str, token: str) -> Any:
+    """A new browser page on the dashboard, logged in with ``token`` (its own cookie jar)."""
+    page = browser.new_context(viewport={"width": 1280, "height": 900}).new_page()
+    page.goto(f"{base}/dashboard")
+    page.fill("#token", token)
+    with page.expect_navigation():
+        page.click("#login")
+    return page
+
+
 def test_an_administrator_retries_a_failed_job_from_the_dashboard_and_an_auditor_cannot(node, tmp_path):
     """A job failed (its originals removed from the spool by hand): the administrator presses its
     retry button in the dashboard (headless Chromium) and sees the new job; a retry the API would
@@ -112,34 +123,20 @@ def test_an_administrator_retries_a_failed_job_from_the_dashboard_and_an_auditor
     spool = Path(node.env["MR2CT_SPOOL_DIR"]) / series.study_uid / series.series_uid
     for path in spool.iterdir():
         path.unlink()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
-    env["MR2CT_DATABASE_URL"] = node.database_url
-
-    def token(role: str, name: str) -> str:
-        return subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", "create", "--role", role, "--name", name],
-                              capture_output=True, text=True, env=env, check=True).stdout.strip()
-
-    admin, auditor = token("admin", "retry-admin"), token("auditor", "retry-auditor")
+    admin, auditor = api_token(node.database_url, "admin", "retry-admin"), api_token(node.database_url, "auditor", "retry-auditor")
     base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
     retried = httpx.post(f"{base}/jobs/{job.id}/retry", headers={"Authorization": f"Bearer {admin}"}, timeout=30)
     assert retried.status_code == 201, retried.text
     failed = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=job.id)
     assert failed.state == "failed" and "no longer in the spool" in (failed.error or ""), failed.error
     with headless_chromium() as browser:
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(f"{base}/dashboard")
-        page.fill("#token", auditor)
-        with page.expect_navigation():
-            page.click("#login")
+        page = _logged_in(browser, base, auditor)
         assert page.locator(f"#job-{failed.id} .failed").inner_text() == "failed"
         assert page.locator(f"#retry-{failed.id}").count() == 0  # an auditor reads only
         refused = page.request.post(f"{base}/dashboard/jobs/{failed.id}/retry")
         assert refused.status == 403 and "may not retry" in refused.text()
-        page.context.clear_cookies()
-        page.goto(f"{base}/dashboard")
-        page.fill("#token", admin)
-        with page.expect_navigation():
-            page.click("#login")
+        page.context.close()
+        page = _logged_in(browser, base, admin)
         assert page.locator(f"#retry-{job.id}").count() == 0  # a done job has no button (the API's retry makes it again)
         with page.expect_navigation():
             page.click(f"#retry-{failed.id}")
@@ -171,17 +168,9 @@ def test_an_administrator_cancels_a_queued_job_from_the_dashboard(node_factory, 
                                                      Job.error.is_not(None))).first()
 
     job = wait_for(waiting, 120, "no job waited for Orthanc")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
-    env["MR2CT_DATABASE_URL"] = node.database_url
-    admin = subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", "create", "--role", "admin", "--name", "cancel-admin"],
-                           capture_output=True, text=True, env=env, check=True).stdout.strip()
     base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
     with headless_chromium() as browser:
-        page = browser.new_page(viewport={"width": 1280, "height": 900})
-        page.goto(f"{base}/dashboard")
-        page.fill("#token", admin)
-        with page.expect_navigation():
-            page.click("#login")
+        page = _logged_in(browser, base, api_token(node.database_url, "admin", "cancel-admin"))
         with page.expect_navigation():
             page.click(f"#cancel-{job.id}")
         assert page.locator(f"#job-{job.id} .cancelled").inner_text() == "cancelled"
