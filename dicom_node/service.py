@@ -236,7 +236,7 @@ class Node:
             spool_dir=str(s.spool_dir) if Path(s.spool_dir).exists() else None, spool_min_free_mb=s.spool_min_free_mb, node_info=info,
             routing=routing, orthanc_timeout=s.orthanc_timeout_seconds, audit_export=s.audit_syslog,
             forward_commitment_on=s.forward_commitment, contrasts=tuple(s.select_acquisition_contrasts),
-            contrast_agent=s.select_contrast_agent, fat_suppression=s.select_fat_suppression,
+            contrast_agent=s.select_contrast_agent, fat_suppression=s.select_fat_suppression, originals_from=s.originals_from,
         )
         tls = {}
         if s.api_tls_certificate is not None:

@@ -100,7 +100,8 @@ class Settings(BaseSettings):
         "need spool_dir shared), or orthanc (those this host's spool holds from it, the others from the Orthanc results go to, "
         "matched by SOP Instance UID: it holds the MR series where Orthanc routed it to the node, or the node routes originals "
         "there with forward_originals; a worker on a GPU host then needs no shared filesystem; one Orthanc does not hold yet "
-        "is waited for, as for an Orthanc that is down)",
+        "is waited for, as for an Orthanc that is down; those spool retention deleted are read from Orthanc too, so a retry "
+        "of such a series is taken)",
     )
     stable_seconds: float = Field(10.0, gt=0, le=86400, description="a series is complete after this long without new instances")
     uid_root: str = Field("1.2.826.0.1.3680043.8.498.", description="root of the UIDs mr2ct writes (ends with a dot)")

@@ -313,13 +313,13 @@ class Worker:
             return lost.is_set() or shutdown.is_set()
 
         try:
-            if purged:
+            if purged and self.originals_from != "orthanc":  # with orthanc, read from there (below) like any original not here
                 raise SeriesNotUsable(purged_reason(purged, len(paths)))
             # Orthanc down or refusing the login: retry later without synthesizing a series that could
             # not be stored (each attempt used to run the whole synthesis first)
             self.store.check_reachable()
             progress.enter("reading")
-            files = self._read_originals(series_uid, study_uid, paths, sop_uids)
+            files = self._read_originals(series_uid, study_uid, paths, sop_uids, purged)
             digest = self.input_digest(files)
             kept = self._unchanged_since(job_id, series_uid, digest)
             if kept is not None:
@@ -454,16 +454,17 @@ class Worker:
         log.info("job done job=%d series=%s: the same originals and settings as job %d, whose sCT is whole in Orthanc: kept, "
                  "not made again (seconds=%.2f)", job_id, series_uid, earlier.id, seconds)
 
-    def _read_originals(self, series_uid: str, study_uid: str, paths: list[str], sop_uids: list[str]) -> list[bytes]:
+    def _read_originals(self, series_uid: str, study_uid: str, paths: list[str], sop_uids: list[str], purged: int = 0) -> list[bytes]:
         """The series' originals from the spool, as files; with ``originals_from = orthanc``, those
         this process's spool_dir does not hold (a worker on another host than the SCP's) from
         Orthanc, and one Orthanc does not hold yet (its routing still sending it) waits for a later
         attempt. One that is gone from the spool (a spool retention round deleting it while this job
         started, or removed by hand) fails the job with how many are missing and what to do, not a
-        file error naming a path."""
+        file error naming a path; with ``originals_from = orthanc`` those spool retention deleted
+        (``purged``) are read from Orthanc too, and the job fails at once when Orthanc lacks any."""
         try:
             if self.originals_from == "orthanc":
-                return self._read_here_or_from_orthanc(series_uid, study_uid, paths, sop_uids)
+                return self._read_here_or_from_orthanc(series_uid, study_uid, paths, sop_uids, purged)
             return [Path(p).read_bytes() for p in paths]
         except FileNotFoundError:
             with self.sessions() as session:
@@ -475,7 +476,8 @@ class Worker:
             raise SeriesNotUsable(f"{missing} of the series' {len(paths)} originals are no longer in the spool (deleted by "
                                   "spool retention as this job started, or removed by hand): send the series again") from None
 
-    def _read_here_or_from_orthanc(self, series_uid: str, study_uid: str, paths: list[str], sop_uids: list[str]) -> list[bytes]:
+    def _read_here_or_from_orthanc(self, series_uid: str, study_uid: str, paths: list[str], sop_uids: list[str],
+                                   purged: int = 0) -> list[bytes]:
         here: dict[str, bytes] = {}
         for path, uid in zip(paths, sop_uids):
             try:  # the row's file is this process's spool's (an SCP on this host with the same spool_dir wrote it)
@@ -486,6 +488,9 @@ class Worker:
         wanted = [uid for uid in sop_uids if uid not in here]
         if wanted:
             fetched = self.store.series_files(series_uid, wanted)
+            if len(fetched) < len(wanted) and purged:  # deleted here for good: no later attempt finds them in this spool
+                raise SeriesNotUsable(f"{purged_reason(purged, len(sop_uids))} (Orthanc at {self.store.url} holds {len(fetched)} of "
+                                      f"the {len(wanted)} this host's spool does not)")
             if len(fetched) < len(wanted):
                 raise StorageIncomplete(f"Orthanc at {self.store.url} holds {len(fetched)} of the {len(wanted)} originals of the series "
                                         "this host's spool does not (originals_from = orthanc): tried again once it may hold them")

@@ -281,6 +281,42 @@ def test_a_running_node_purges_then_a_retry_says_why_and_a_resend_makes_the_seri
     assert remade.id == asked.json()["job_id"] and remade.state == "done", remade.error
 
 
+def test_with_originals_from_orthanc_a_retry_after_retention_reads_the_originals_from_orthanc(node_factory, orthanc, tmp_path):
+    """originals_from = orthanc: the workers read from Orthanc what their spool does not hold, so a
+    series whose originals retention deleted is retried (201, not 409) and made from Orthanc's copy;
+    one Orthanc does not hold fails at once saying what is missing where, not after a day of retries."""
+    node = node_factory(spool_retention_hours="0.0005", originals_from="orthanc")  # 1.8 s
+    sessions = init_db(node.database_url)
+    admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'orthanc-originals')}"}
+    api = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
+    held, absent = (write_mr_series(tmp_path / name, seed=seed, slices=3, size=32, pixel_spacing=6.0, slice_spacing=6.0)
+                    for name, seed in (("held", 82), ("absent", 83)))
+    for path in held.files:  # a scanner sending to both: Orthanc holds this one
+        httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), auth=orthanc.auth, timeout=30).raise_for_status()
+    for series in (held, absent):
+        assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+        job = wait_for_job(node.database_url, series.series_uid, timeout=120)
+        assert job.state == "done", job.error
+
+        def purged() -> bool:
+            with sessions() as session:
+                rows = session.scalars(select(Instance).where(Instance.series_instance_uid == series.series_uid)).all()
+            return len(rows) == 3 and all(r.purged_at is not None and not Path(r.path).exists() for r in rows)
+
+        deadline = time.monotonic() + 60
+        while not purged() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert purged(), "retention did not delete the originals of a synthesized series"
+        retried = httpx.post(f"{api}/jobs/{job.id}/retry", headers=admin, timeout=30)
+        assert retried.status_code == 201, retried.text
+        again = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=job.id)
+        if series is held:
+            assert again.state == "done" and again.ct_series_uid == job.ct_series_uid, again.error
+        else:
+            assert again.state == "failed" and again.attempts == 1, (again.state, again.attempts, again.error)
+            assert "3 of the series' 3 originals were deleted" in again.error and "holds 0 of the 3" in again.error, again.error
+
+
 def test_a_retry_that_holds_the_series_while_a_round_runs_keeps_every_original_for_its_job(spooled, monkeypatch):
     """A failed series is due under spool_failed_retention_hours, and the administrator retries it
     just as a round has read what is due. The retry holds the series until its job is committed

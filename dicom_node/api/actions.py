@@ -21,10 +21,12 @@ def pending_job(session: Session, series_uid: str) -> Job | None:
                           .order_by(Job.id.desc()).limit(1))
 
 
-def retry_job(sessions: sessionmaker[Session], job_id: int, actor: str, **audited: Any) -> dict[str, Any]:
+def retry_job(sessions: sessionmaker[Session], job_id: int, actor: str, *, purged_from_orthanc: bool = False,
+              **audited: Any) -> dict[str, Any]:
     """A new job for a finished, failed or cancelled job's series, made again even if nothing changed;
     HTTPException 404 (no such job) or 409 saying why not (the job still queued or running, its
-    series has a job under way, its originals deleted by spool retention)."""
+    series has a job under way, its originals deleted by spool retention, unless
+    ``purged_from_orthanc``: the node's workers read those from Orthanc, originals_from = orthanc)."""
     with sessions.begin() as session:
         job = session.get(Job, job_id)
         if job is None:
@@ -39,7 +41,7 @@ def retry_job(sessions: sessionmaker[Session], job_id: int, actor: str, **audite
         series = session.get(Series, job.series_instance_uid)
         purged, of = session.execute(select(func.count(Instance.purged_at), func.count()).where(
             Instance.series_instance_uid == job.series_instance_uid, Instance.set_aside.is_(None))).one()
-        if purged:
+        if purged and not purged_from_orthanc:
             raise HTTPException(409, f"job {job_id}: {purged_reason(purged, of)}")
         new = Job(series_instance_uid=job.series_instance_uid, state="queued", instance_count=series.instance_count if series else 0,
                   remake=True)  # asked for: made again even if nothing changed (dicom_node.worker keeps an unchanged series' sCT)

@@ -126,12 +126,13 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                spool_dir: str | None = None, spool_min_free_mb: int = 0, node_info: dict[str, Any] | None = None,
                routing: str | None = None, orthanc_timeout: float = DEFAULT_TIMEOUT_SECONDS, audit_export: str | None = None,
                forward_commitment_on: bool = False, contrasts: tuple[str, ...] = DEFAULT_SELECTED,
-               contrast_agent: str = DEFAULT_CHOICE, fat_suppression: str = DEFAULT_CHOICE) -> FastAPI:
+               contrast_agent: str = DEFAULT_CHOICE, fat_suppression: str = DEFAULT_CHOICE, originals_from: str = "spool") -> FastAPI:
     """``contrasts``: the node's select_acquisition_contrasts, which a series asked for by name
     (POST /synthesize) must still meet, UNKNOWN aside (the one asking vouches for what its header
     does not tell; no one can make a T1 model read a FLAIR series); so must ``contrast_agent`` and
     ``fat_suppression``, the node's select_contrast_agent and select_fat_suppression (an unenhanced
-    model does not learn enhancement by being asked)."""
+    model does not learn enhancement by being asked). ``originals_from``: the workers' (orthanc: a
+    retry of a series whose originals spool retention deleted is theirs to read from Orthanc)."""
     app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
     orthanc_at = _without_credentials(orthanc_url) if orthanc_url else None  # where POST /synthesize reads from, as audited
     app.state.sessions = sessions
@@ -139,7 +140,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     store = OrthancStore(orthanc_url, *(orthanc_auth or (None, None)), timeout=orthanc_timeout) if orthanc_url else None
     from dicom_node.api.dashboard import dashboard_router
 
-    app.include_router(dashboard_router(sessions, store))
+    app.include_router(dashboard_router(sessions, store, purged_from_orthanc=originals_from == "orthanc"))
     # Every route on this router needs a valid token (a route that forgets its role dependency
     # is still closed) and documents 401/403; each route's own dependency says which roles.
     api = APIRouter(dependencies=[Depends(current_caller)], responses=refusals(401, 403))
@@ -280,7 +281,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     def retry(job_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
         """A new job for the series of a finished, failed or cancelled job, made again even if
         nothing changed (the dashboard's retry button does the same)."""
-        return retry_job(sessions, job_id, caller.actor)
+        return retry_job(sessions, job_id, caller.actor, purged_from_orthanc=originals_from == "orthanc")
 
     @api.post("/jobs/{job_id}/cancel", responses=refusals(404, 409))
     def cancel(job_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def _delivered_text(deliveries: list[Delivery]) -> str:
     return html.escape("; ".join(parts))
 
 
-def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None) -> APIRouter:
+def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None, purged_from_orthanc: bool = False) -> APIRouter:
     router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
     def login_form(message: str = "") -> HTMLResponse:
@@ -241,7 +241,10 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
             return _page("mr2ct: not allowed", f"<p class='failed'>A {html.escape(caller.role)} token may not {action} jobs.</p>"
                          "<p><a href='/dashboard'>back</a></p>", status_code=403)
         try:
-            (retry_job if action == "retry" else cancel_job)(sessions, job_id, f"api:{caller.name}", via="dashboard")
+            if action == "retry":
+                retry_job(sessions, job_id, f"api:{caller.name}", purged_from_orthanc=purged_from_orthanc, via="dashboard")
+            else:
+                cancel_job(sessions, job_id, f"api:{caller.name}", via="dashboard")
         except HTTPException as exc:
             return _page(f"mr2ct: {action} refused", f"<p class='failed' id='refused'>{html.escape(str(exc.detail))}</p>"
                          "<p><a href='/dashboard'>back</a></p>", status_code=exc.status_code)
