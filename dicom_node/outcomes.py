@@ -60,9 +60,9 @@ def mark_due_for_job(session: Session, job_id: int) -> None:
                                          .scalar_subquery()).values(outcome_due=True))
 
 
-def note(series: Series, job: Job | None, deliveries: list[Delivery] = ()) -> str | None:  # type: ignore[assignment]
+def note(series: Series, job: Job | None, deliveries: list[Delivery] | None = None) -> str | None:
     """The line a user of Orthanc reads on the series (None while it is first being received);
-    ``deliveries``: the job's, where its sCT went (deliver_to)."""
+    ``deliveries``: where a done job's sCT went (deliver_to; dicom_node.delivery.where_sent)."""
     if series.state == "ignored":
         text = f"not synthesized: {series.reason or 'no reason recorded'}"
     elif series.state == "receiving" and series.outcome_note is not None:  # judged before; more instances came
@@ -71,7 +71,7 @@ def note(series: Series, job: Job | None, deliveries: list[Delivery] = ()) -> st
     elif job is None:
         return None
     else:
-        text = _job_text(job) + _deliveries_text(deliveries if job.state == "done" else [])
+        text = _job_text(job) + _deliveries_text(deliveries or [] if job.state == "done" else [])
     line = f"mr2ct {utcnow():%Y-%m-%d %H:%M} UTC: {text}"
     return line if len(line) <= MAX_NOTE_CHARS else line[:MAX_NOTE_CHARS - 3] + "..."
 
@@ -129,11 +129,11 @@ def _claim_due(sessions: sessionmaker[Session], limit: int) -> list[Due]:
         newest = dict(session.execute(select(Job.series_instance_uid, func.max(Job.id)).where(Job.series_instance_uid.in_(uids))
                                       .group_by(Job.series_instance_uid)).all())
         jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(list(newest.values()))))}
-        deliveries: dict[int, list[Delivery]] = {}
-        for delivery in session.scalars(select(Delivery).where(Delivery.job_id.in_(list(newest.values()))).order_by(Delivery.id)):
-            deliveries.setdefault(delivery.job_id, []).append(delivery)
+        from dicom_node.delivery import where_sent  # here: dicom_node.delivery flags notes with this module's mark_due_for_job
+
+        sent = where_sent(session, [job.ct_series_uid for job in jobs.values() if job.state == "done" and job.ct_series_uid])
         return [Due(series.series_instance_uid, note(series, job := jobs.get(newest.get(series.series_instance_uid, -1)),
-                                                     deliveries.get(job.id, []) if job is not None else []),
+                                                     sent.get(job.ct_series_uid or "", []) if job is not None else []),
                     as_utc(series.last_received_at))
                 for series in session.scalars(select(Series).where(Series.series_instance_uid.in_(uids)))]
 

@@ -68,6 +68,11 @@ def test_the_sct_and_its_sr_reach_the_planning_system_once_it_listens(tmp_path):
                 assert len(_deliveries(url)) == 1 and len(list(received.iterdir())) == 4
             finally:
                 stop_process(tps)
+            with httpx.Client(base_url=f"http://127.0.0.1:{env['MR2CT_API_PORT']}", timeout=10) as browser:  # both jobs' sCT went there
+                browser.post("/dashboard/login", data={"token": api_token(url, "auditor", "dashboard")}, follow_redirects=True)
+                page = browser.get("/dashboard").text
+            for job_id in (waiting.job_id, kept.id):
+                assert "<td class='delivered'>tps: sent " in page.split(f"<tr id='job-{job_id}'>")[1].split("</tr>")[0]
             files = [pydicom.dcmread(p) for p in received.iterdir()]
             assert sorted(ds.Modality for ds in files) == ["CT", "CT", "CT", "SR"]
             assert {str(ds.SeriesInstanceUID) for ds in files if ds.Modality == "CT"} == {ct_uid}

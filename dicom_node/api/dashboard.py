@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.api.actions import cancel_job, retry_job
 from dicom_node.api.auth import READERS, active_token, note_use
+from dicom_node.delivery import where_sent
 from dicom_node.models import ApiToken, AuditEvent, Delivery, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.errors import PacsUnavailable
@@ -111,9 +112,7 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
             runs = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(10)).all()
             evaluations = session.scalars(select(Evaluation).order_by(Evaluation.id.desc()).limit(10)).all()
             models = {m.sha256: m for m in session.scalars(select(ModelVersion))}
-            deliveries: dict[int, list[Delivery]] = {}  # where each job's sCT went (deliver_to)
-            for delivery in session.scalars(select(Delivery).where(Delivery.job_id.in_([job.id for job, _ in rows])).order_by(Delivery.id)):
-                deliveries.setdefault(delivery.job_id, []).append(delivery)
+            sent = where_sent(session, [job.ct_series_uid for job, _ in rows if job.state == "done" and job.ct_series_uid])
         job_rows = []
         for job, series in rows:
             preview = f"<a class='preview' href='/dashboard/jobs/{job.id}'>preview</a>" if job.state == "done" else ""
@@ -129,7 +128,7 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 f"<td>{html.escape(series.series_description or '')}</td><td>{series.instance_count}</td>"
                 f"<td>{html.escape(series.calling_ae)}</td><td>{job.created_at:%Y-%m-%d %H:%M:%S}</td>"
                 f"<td>{'' if job.seconds is None else f'{job.seconds:.1f} s'}</td><td>{html.escape(job.device or '')}</td>"
-                f"<td>{html.escape((job.error or '')[:120])}</td><td class='delivered'>{_delivered_text(deliveries.get(job.id, []))}</td>"
+                f"<td>{html.escape((job.error or '')[:120])}</td><td class='delivered'>{_delivered_text(sent.get(job.ct_series_uid or '', []) if job.state == 'done' else [])}</td>"
                 f"<td>{preview}</td></tr>"
             )
         set_aside_rows = [  # never synthesized, and why: the selection rules, or a refused instance awaited
