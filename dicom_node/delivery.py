@@ -59,18 +59,6 @@ def add_deliveries(session: Session, job_id: int, modalities: list[str], kept_sc
     return [m for m in modalities if m in had]
 
 
-def where_sent(session: Session, ct_series_uids: list[str]) -> dict[str, list[Delivery]]:
-    """Where each sCT series went: per CT series UID, the newest delivery to each modality of any
-    job that stored or kept it (a kept sCT is not delivered again, a remade one is), by modality."""
-    newest = (select(func.max(Delivery.id)).join(Job, Job.id == Delivery.job_id)
-              .where(Job.ct_series_uid.in_(ct_series_uids)).group_by(Job.ct_series_uid, Delivery.modality))
-    found: dict[str, list[Delivery]] = {}
-    for delivery, ct in session.execute(select(Delivery, Job.ct_series_uid).join(Job, Job.id == Delivery.job_id)
-                                        .where(Delivery.id.in_(newest)).order_by(Delivery.modality)):
-        found.setdefault(ct, []).append(delivery)
-    return found
-
-
 def retry_given_up(sessions: sessionmaker[Session]) -> int:
     """POST /deliveries/retry: every delivery given up (or pending) is due now, its attempts counted afresh."""
     with sessions.begin() as session:

@@ -10,14 +10,14 @@ again (judged again once complete). Orthanc Explorer shows it on the series page
 
 The places that change a series' standing (series completion, the worker's claim and settlement,
 the API's retry, cancel and synthesize, a delivery's progress) set ``Series.outcome_due`` in the
-same transaction; a round
-here takes the due series (clearing the flag in the transaction that reads them, so a change made
-meanwhile flags it again) and holds them until their notes are written (``Series.outcome_after``,
-a lease: with several worker processes a second writer waits, so a note never lands after a newer
-one), then writes each note. A series whose lease ran out while still held (its writer died
-between taking and writing: killed, its host lost) is taken again, so its note is not lost. A note
-Orthanc cannot take now (Orthanc down) is flagged again for a later round; a series Orthanc does not hold yet (routed there after the node judged it: the node's
-own forward_originals, or a scanner that sends to both) is looked for again every
+same transaction; a round here takes the due series (clearing the flag in the transaction that
+reads them, so a change made meanwhile flags it again) and holds them until their notes are
+written (``Series.outcome_after``, a lease: with several worker processes a second writer waits,
+so a note never lands after a newer one), then writes each note. A series whose lease ran out
+while still held (its writer died between taking and writing: killed, its host lost) is taken
+again, so its note is not lost. A note Orthanc cannot take now (Orthanc down) is flagged again
+for a later round; a series Orthanc does not hold yet (routed there after the node judged it: the
+node's own forward_originals, or a scanner that sends to both) is looked for again every
 ``NOT_HELD_PAUSE`` seconds until ``NOT_HELD_WINDOW`` after its last instance; one Orthanc never
 receives (sent to the node only) gets no note. Notes are best effort: nothing else waits on them."""
 
@@ -62,7 +62,7 @@ def mark_due_for_job(session: Session, job_id: int) -> None:
 
 def note(series: Series, job: Job | None, deliveries: list[Delivery] | None = None) -> str | None:
     """The line a user of Orthanc reads on the series (None while it is first being received);
-    ``deliveries``: where a done job's sCT went (deliver_to; dicom_node.delivery.where_sent)."""
+    ``deliveries``: where a done job's sCT went (deliver_to; ``where_sent``)."""
     if series.state == "ignored":
         text = f"not synthesized: {series.reason or 'no reason recorded'}"
     elif series.state == "receiving" and series.outcome_note is not None:  # judged before; more instances came
@@ -71,7 +71,7 @@ def note(series: Series, job: Job | None, deliveries: list[Delivery] | None = No
     elif job is None:
         return None
     else:
-        text = _job_text(job) + _deliveries_text(deliveries or [] if job.state == "done" else [])
+        text = _job_text(job) + "".join(f"; {standing(d)}" for d in (deliveries or [] if job.state == "done" else []))
     line = f"mr2ct {utcnow():%Y-%m-%d %H:%M} UTC: {text}"
     return line if len(line) <= MAX_NOTE_CHARS else line[:MAX_NOTE_CHARS - 3] + "..."
 
@@ -92,19 +92,30 @@ def _job_text(job: Job) -> str:
     return f"job {job.id} {job.state}: {job.error or ''}".rstrip(": ")
 
 
-def _deliveries_text(deliveries: list[Delivery]) -> str:
-    """Where a done job's sCT went (deliver_to), to follow its text: '' when it goes nowhere."""
-    parts = []
-    for d in deliveries:
-        if d.state == "sent":
-            parts.append(f"delivered to {d.modality}" + (", committed" if d.committed_at else ""))
-        elif d.state == "committing":
-            parts.append(f"sent to {d.modality}, its storage commitment awaited")
-        elif d.state == "given-up":
-            parts.append(f"delivery to {d.modality} given up: {(d.last_error or '')[:200]}")
-        else:
-            parts.append(f"delivery to {d.modality} waiting" + (f" (attempt {d.attempts}: {(d.last_error or '')[:200]})" if d.attempts else ""))
-    return "".join(f"; {part}" for part in parts)
+def where_sent(session: Session, ct_series_uids: list[str]) -> dict[str, list[Delivery]]:
+    """Where each sCT series went: per CT series UID, the newest delivery to each modality of any
+    job that stored or kept it (a kept sCT is not delivered again, a remade one is), by modality
+    (dicom_node.delivery sends them)."""
+    newest = (select(func.max(Delivery.id)).join(Job, Job.id == Delivery.job_id)
+              .where(Job.ct_series_uid.in_(ct_series_uids)).group_by(Job.ct_series_uid, Delivery.modality))
+    found: dict[str, list[Delivery]] = {}
+    for delivery, ct in session.execute(select(Delivery, Job.ct_series_uid).join(Job, Job.id == Delivery.job_id)
+                                        .where(Delivery.id.in_(newest)).order_by(Delivery.modality)):
+        found.setdefault(ct, []).append(delivery)
+    return found
+
+
+def standing(delivery: Delivery) -> str:
+    """How a delivery stands, in words (the dashboard's row, the note on the MR series in Orthanc)."""
+    to = delivery.modality
+    if delivery.state == "sent":
+        return f"delivered to {to}" + (", committed" if delivery.committed_at else "")
+    if delivery.state == "committing":
+        return f"sent to {to}, its storage commitment awaited"
+    why = (delivery.last_error or "")[:200]
+    if delivery.state == "given-up":
+        return f"delivery to {to} given up after {delivery.attempts} attempts: {why}"
+    return f"delivery to {to} waiting" + (f" (attempt {delivery.attempts}: {why})" if delivery.attempts else "")
 
 
 class Due(NamedTuple):
@@ -129,8 +140,6 @@ def _claim_due(sessions: sessionmaker[Session], limit: int) -> list[Due]:
         newest = dict(session.execute(select(Job.series_instance_uid, func.max(Job.id)).where(Job.series_instance_uid.in_(uids))
                                       .group_by(Job.series_instance_uid)).all())
         jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(list(newest.values()))))}
-        from dicom_node.delivery import where_sent  # here: dicom_node.delivery flags notes with this module's mark_due_for_job
-
         sent = where_sent(session, [job.ct_series_uid for job in jobs.values() if job.state == "done" and job.ct_series_uid])
         return [Due(series.series_instance_uid, note(series, job := jobs.get(newest.get(series.series_instance_uid, -1)),
                                                      sent.get(job.ct_series_uid or "", []) if job is not None else []),

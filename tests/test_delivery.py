@@ -72,7 +72,7 @@ def test_the_sct_and_its_sr_reach_the_planning_system_once_it_listens(tmp_path):
                 browser.post("/dashboard/login", data={"token": api_token(url, "auditor", "dashboard")}, follow_redirects=True)
                 page = browser.get("/dashboard").text
             for job_id in (waiting.job_id, kept.id):
-                assert "<td class='delivered'>tps: sent " in page.split(f"<tr id='job-{job_id}'>")[1].split("</tr>")[0]
+                assert "<td class='delivered'>delivered to tps</td>" in page.split(f"<tr id='job-{job_id}'>")[1].split("</tr>")[0]
             files = [pydicom.dcmread(p) for p in received.iterdir()]
             assert sorted(ds.Modality for ds in files) == ["CT", "CT", "CT", "SR"]
             assert {str(ds.SeriesInstanceUID) for ds in files if ds.Modality == "CT"} == {ct_uid}
@@ -192,7 +192,7 @@ def test_with_deliver_commitment_a_delivery_counts_once_the_planning_system_comm
                 assert browser.post("/dashboard/login", data={"token": admin}, follow_redirects=True).status_code == 200
                 page = browser.get("/dashboard").text
             row = page.split(f"<tr id='job-{delivery.job_id}'>")[1].split("</tr>")[0]
-            assert "<td class='delivered'>tps: sent " in row and ", committed</td>" in row, row
+            assert "<td class='delivered'>delivered to tps, committed</td>" in row, row
 
             def note() -> str:
                 answer = httpx.get(f"{orthanc.url}/series/{mr_id}/metadata/Mr2ctOutcome", auth=orthanc.auth, timeout=10)

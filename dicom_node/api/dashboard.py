@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.api.actions import cancel_job, retry_job
 from dicom_node.api.auth import READERS, active_token, note_use
-from dicom_node.delivery import where_sent
-from dicom_node.models import ApiToken, AuditEvent, Delivery, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
+from dicom_node.outcomes import standing, where_sent
+from dicom_node.models import ApiToken, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
 from synthesis.errors import PacsUnavailable
 
@@ -55,22 +55,6 @@ def _running_text(job: Job) -> str:
     if job.stage in (None, "synthesizing"):
         return "" if job.progress is None else f" {job.progress:.0%}"
     return f", {html.escape(job.stage)}"
-
-
-def _delivered_text(deliveries: list[Delivery]) -> str:
-    """Where a job's sCT went (deliver_to), escaped: each modality and how its delivery stands."""
-    parts = []
-    for d in deliveries:
-        if d.state == "sent":
-            standing = f"sent {d.sent_at:%H:%M}" + (", committed" if d.committed_at else "") if d.sent_at else "sent"
-        elif d.state == "committing":
-            standing = "sent, awaiting its commitment"
-        elif d.state == "given-up":
-            standing = f"given up after {d.attempts} attempts: {(d.last_error or '')[:120]}"
-        else:
-            standing = "waiting" + (f" (attempt {d.attempts}: {(d.last_error or '')[:120]})" if d.attempts else "")
-        parts.append(f"{d.modality}: {standing}")
-    return html.escape("; ".join(parts))
 
 
 def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None, purged_from_orthanc: bool = False) -> APIRouter:
@@ -128,7 +112,7 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 f"<td>{html.escape(series.series_description or '')}</td><td>{series.instance_count}</td>"
                 f"<td>{html.escape(series.calling_ae)}</td><td>{job.created_at:%Y-%m-%d %H:%M:%S}</td>"
                 f"<td>{'' if job.seconds is None else f'{job.seconds:.1f} s'}</td><td>{html.escape(job.device or '')}</td>"
-                f"<td>{html.escape((job.error or '')[:120])}</td><td class='delivered'>{_delivered_text(sent.get(job.ct_series_uid or '', []) if job.state == 'done' else [])}</td>"
+                f"<td>{html.escape((job.error or '')[:120])}</td><td class='delivered'>{html.escape('; '.join(map(standing, sent.get(job.ct_series_uid or '', []) if job.state == 'done' else [])))}</td>"
                 f"<td>{preview}</td></tr>"
             )
         set_aside_rows = [  # never synthesized, and why: the selection rules, or a refused instance awaited
