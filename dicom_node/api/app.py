@@ -140,7 +140,8 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     store = OrthancStore(orthanc_url, *(orthanc_auth or (None, None)), timeout=orthanc_timeout) if orthanc_url else None
     from dicom_node.api.dashboard import dashboard_router
 
-    app.include_router(dashboard_router(sessions, store, purged_from_orthanc=originals_from == "orthanc"))
+    purged_from_orthanc = originals_from == "orthanc"  # a retry's originals retention deleted: the workers read them from Orthanc
+    app.include_router(dashboard_router(sessions, store, purged_from_orthanc=purged_from_orthanc))
     # Every route on this router needs a valid token (a route that forgets its role dependency
     # is still closed) and documents 401/403; each route's own dependency says which roles.
     api = APIRouter(dependencies=[Depends(current_caller)], responses=refusals(401, 403))
@@ -281,7 +282,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     def retry(job_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
         """A new job for the series of a finished, failed or cancelled job, made again even if
         nothing changed (the dashboard's retry button does the same)."""
-        return retry_job(sessions, job_id, caller.actor, purged_from_orthanc=originals_from == "orthanc")
+        return retry_job(sessions, job_id, caller.actor, purged_from_orthanc=purged_from_orthanc)
 
     @api.post("/jobs/{job_id}/cancel", responses=refusals(404, 409))
     def cancel(job_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
