@@ -71,7 +71,7 @@ def note(series: Series, job: Job | None, deliveries: list[Delivery] | None = No
     elif job is None:
         return None
     else:
-        text = _job_text(job) + "".join(f"; {standing(d)}" for d in (deliveries or [] if job.state == "done" else []))
+        text = _job_text(job) + "".join(f"; {standing(d)}" for d in deliveries or ())
     line = f"mr2ct {utcnow():%Y-%m-%d %H:%M} UTC: {text}"
     return line if len(line) <= MAX_NOTE_CHARS else line[:MAX_NOTE_CHARS - 3] + "..."
 
@@ -142,7 +142,7 @@ def _claim_due(sessions: sessionmaker[Session], limit: int) -> list[Due]:
         jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(list(newest.values()))))}
         sent = where_sent(session, [job.ct_series_uid for job in jobs.values() if job.state == "done" and job.ct_series_uid])
         return [Due(series.series_instance_uid, note(series, job := jobs.get(newest.get(series.series_instance_uid, -1)),
-                                                     sent.get(job.ct_series_uid or "", []) if job is not None else []),
+                                                     sent.get(job.ct_series_uid or "") if job is not None else None),
                     as_utc(series.last_received_at))
                 for series in session.scalars(select(Series).where(Series.series_instance_uid.in_(uids)))]
 

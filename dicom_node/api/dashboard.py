@@ -112,7 +112,7 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 f"<td>{html.escape(series.series_description or '')}</td><td>{series.instance_count}</td>"
                 f"<td>{html.escape(series.calling_ae)}</td><td>{job.created_at:%Y-%m-%d %H:%M:%S}</td>"
                 f"<td>{'' if job.seconds is None else f'{job.seconds:.1f} s'}</td><td>{html.escape(job.device or '')}</td>"
-                f"<td>{html.escape((job.error or '')[:120])}</td><td class='delivered'>{html.escape('; '.join(map(standing, sent.get(job.ct_series_uid or '', []) if job.state == 'done' else [])))}</td>"
+                f"<td>{html.escape((job.error or '')[:120])}</td><td class='delivered'>{html.escape('; '.join(map(standing, sent.get(job.ct_series_uid or '', []))))}</td>"
                 f"<td>{preview}</td></tr>"
             )
         set_aside_rows = [  # never synthesized, and why: the selection rules, or a refused instance awaited
