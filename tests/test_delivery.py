@@ -187,6 +187,8 @@ def test_with_deliver_commitment_a_delivery_counts_once_the_planning_system_comm
             listed = httpx.get(f"http://127.0.0.1:{env['MR2CT_API_PORT']}/deliveries", headers=reader, timeout=10).json()
             assert listed["counts"] == {"sent": 1} and listed["items"][0]["commitment_uid"] == delivery.commitment_uid
             assert listed["items"][0]["committed_at"]
+            detail = httpx.get(f"http://127.0.0.1:{env['MR2CT_API_PORT']}/jobs/{delivery.job_id}", headers=reader, timeout=10).json()
+            assert [(d["modality"], d["state"], d["standing"]) for d in detail["deliveries"]] == [("tps", "sent", "delivered to tps, committed")]
             with httpx.Client(base_url=f"http://127.0.0.1:{env['MR2CT_API_PORT']}", timeout=10) as browser:  # the dashboard says so
                 admin = api_token(url, "admin", "dashboard")
                 assert browser.post("/dashboard/login", data={"token": admin}, follow_redirects=True).status_code == 200

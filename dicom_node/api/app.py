@@ -30,6 +30,7 @@ from dicom_node.ingest import REASON_CODES
 from dicom_node.models import (Association, AuditEvent, Commitment, Delivery, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
                                utcnow)
 from dicom_node.orthanc_store import DEFAULT_TIMEOUT_SECONDS, OrthancStore
+from dicom_node.outcomes import standing, where_sent
 from dicom_node.retention import spool_usage
 from dicom_node.training_runs import RunState
 from synthesis.contrast import DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN
@@ -271,12 +272,16 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
 
     @api.get("/jobs/{job_id}", responses=refusals(404))
     def job_detail(job_id: ResourceId, caller: Caller = Depends(READ)) -> dict[str, Any]:
+        """The job, its audit timeline, and (done, with deliver_to) where its sCT went: the newest
+        delivery to each modality, a kept sCT's by the job that delivered it."""
         with sessions() as session:
             job = session.get(Job, job_id)
             if job is None:
                 raise HTTPException(404, f"no job {job_id}")
             timeline = session.scalars(select(AuditEvent).where(AuditEvent.job_id == job_id).order_by(AuditEvent.id)).all()
-            return {**_row(job), "timeline": [_row(e) for e in timeline]}
+            sent = where_sent(session, [job.ct_series_uid]).get(job.ct_series_uid, []) if job.state == "done" and job.ct_series_uid else []
+            return {**_row(job), "timeline": [_row(e) for e in timeline],
+                    "deliveries": [{**_row(d), "standing": standing(d)} for d in sent]}
 
     @api.post("/jobs/{job_id}/retry", status_code=201, responses=refusals(404, 409))
     def retry(job_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
