@@ -228,7 +228,8 @@ class Settings(BaseSettings):
     select_acquisition_contrasts: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: list(DEFAULT_SELECTED), description="MR contrasts to synthesize, as the first instance tells them "
         "(synthesis.contrast: Acquisition Contrast (0008,9209) where an enhanced MR says it, else TOF where Angio Flag (0018,0025) "
-        "is Y, else the textbook reading of TR, TE, TI and the scanning sequence); the shipped model was trained on T1-weighted heads, and a T2, FLAIR or proton-density "
+        "is Y, else what an enhanced MR's pulse sequence says (Time of Flight or Phase Contrast YES; a steady-state free "
+        "precession: MIXED), else the textbook reading of TR, TE, TI and the scanning sequence); the shipped model was trained on T1-weighted heads, and a T2, FLAIR or proton-density "
         f"series makes an sCT that is wrong everywhere. One or more of {', '.join(CONTRASTS)} (UNKNOWN: the header does not "
         "tell); empty: any",
     )

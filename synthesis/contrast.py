@@ -17,7 +17,18 @@ The rule, first answer wins:
    and its sCT makes bone of every bright vessel; head protocols hold one almost always. (A
    phase-contrast angiogram's magnitude images read TOF too: not T1 either way; its phase images
    are told by their component.) Since 2026-12-06.
-3. Otherwise the textbook reading of the sequence's timing (milliseconds; 1.5-3 T), from
+3. An enhanced MR's pulse sequence (the MR Pulse Sequence module, at its top level), where its
+   Acquisition Contrast said MIXED or UNKNOWN: Time of Flight Contrast (0018,9015) YES is TOF, Phase
+   Contrast (0018,9014) YES is FLOW_ENCODED, and Steady State Pulse Sequence (0018,9017)
+   FREE_PRECESSION (a balanced SSFP: TrueFISP, FIESTA, balanced FFE), TRANSVERSE (an unspoiled
+   one: FISP, GRASS) or TIME_REVERSED (PSIF, T2-FFE) is MIXED, as is a single-frame header's
+   SequenceVariant (0018,0021) TRSS (time-reversed steady state). A steady-state free precession
+   image is bright where T2/T1 is high (CSF, fat, blood); its TR and TE are a few milliseconds,
+   which the timing below reads as T1, and a T1 model's sCT reads its bright CSF as bone.
+   Scanners write MIXED as the Acquisition Contrast of such a sequence, which went on to the
+   timing and read T1 until this step was added (2026-12-06). (SequenceVariant SS alone is not
+   read: a spoiled gradient echo is a steady state too, and not every vendor writes SP, spoiled.)
+4. Otherwise the textbook reading of the sequence's timing (milliseconds; 1.5-3 T), from
    RepetitionTime, EchoTime, InversionTime and ScanningSequence (or, in an enhanced image, the
    shared MR Timing and Related Parameters, MR Echo and MR Modifier items and EchoPulseSequence;
    in a legacy converted one, its Unassigned Shared Converted Attributes, where converters such as
@@ -29,14 +40,15 @@ The rule, first answer wins:
      anything else UNKNOWN;
    - gradient echo with TE >= 15 ms is T2_STAR;
    - TE >= 60 ms is T2 (a diffusion series not labelled so reads T2 here: it is T2-weighted);
-   - TE < 30 ms: TR < 1,000 ms is T1 (spin echo, spoiled and balanced gradient echo), TR >=
-     2,000 ms is PROTON_DENSITY;
+   - TE < 30 ms: TR < 1,000 ms is T1 (spin echo, spoiled gradient echo; a balanced one whose
+     header does not say so by 3), TR >= 2,000 ms is PROTON_DENSITY;
    - anything else (TE 30-60 ms; TR 1,000-2,000 ms with short TE; TR or TE not given) UNKNOWN.
 
-What the rule does not see: fat suppression, a balanced SSFP's mixed T2/T1 contrast, a
-time-of-flight angiogram whose header does not set Angio Flag (read as T1), and anything but
-the first instance. ``UNKNOWN`` says the header did not tell; the node refuses such a series unless
-a site lists UNKNOWN.
+What the rule does not see: fat suppression (a separate answer below), a steady-state free
+precession or time-of-flight series whose single-frame header says neither (no Angio Flag, no
+TRSS: read as T1; the header has no standard word for them), and anything but the first
+instance. ``UNKNOWN`` says the header did not tell; the node refuses such a series unless a site
+lists UNKNOWN.
 
 Whether a contrast agent was given is a second answer (``contrast_agent``; the node's
 ``select_contrast_agent``): a post-gadolinium T1 is still T1 by its timing, but its vessels, dura,
@@ -98,7 +110,12 @@ DEFAULT_BODY_PARTS: tuple[str, ...] = ("HEAD", "BRAIN", "SKULL", UNKNOWN)
 
 ACQUISITION_CONTRAST = 0x00089209
 ANGIO_FLAG = 0x00180025
-TOF = "TOF"
+TOF, FLOW_ENCODED, MIXED = "TOF", "FLOW_ENCODED", "MIXED"
+# the MR Pulse Sequence module's (an enhanced MR's top level) and the MR Image module's words for a sequence
+PHASE_CONTRAST, TIME_OF_FLIGHT, STEADY_STATE, SEQUENCE_VARIANT = 0x00189014, 0x00189015, 0x00189017, 0x00180021
+# Steady State Pulse Sequence (0018,9017) values of an unspoiled steady-state free precession (LONGITUDINAL
+# is a spoiled one, whose contrast the timing reads; NONE is none)
+FREE_PRECESSION = ("FREE_PRECESSION", "TRANSVERSE", "TIME_REVERSED")
 SHARED_GROUPS, PER_FRAME_GROUPS = 0x52009229, 0x52009230
 MR_FRAME_TYPE, MR_TIMING, MR_ECHO, MR_MODIFIER = 0x00189226, 0x00189112, 0x00189114, 0x00189115
 # where a Legacy Converted Enhanced MR image keeps the single-frame attributes no functional group holds
@@ -131,13 +148,22 @@ def _number(text: str) -> float | None:
 def decide(look: Look) -> tuple[str, str]:
     """(contrast, what told it) by the module's rule, whatever the representation."""
     told = look(ACQUISITION_CONTRAST, None)
-    if told and told not in ("MIXED", UNKNOWN):
+    if told and told not in (MIXED, UNKNOWN):
         return told[:24], "Acquisition Contrast (0008,9209)"
     framed = look(ACQUISITION_CONTRAST, MR_FRAME_TYPE)
-    if framed and framed not in ("MIXED", UNKNOWN):
+    if framed and framed not in (MIXED, UNKNOWN):
         return framed[:24], "Acquisition Contrast (0008,9209) of the shared MR Image Frame Type"
     if look(ANGIO_FLAG, None) == "Y":
         return TOF, "Angio Flag (0018,0025) Y: an angiogram's images (time-of-flight, or a phase contrast's magnitude)"
+    if look(TIME_OF_FLIGHT, None) == "YES":
+        return TOF, "Time of Flight Contrast (0018,9015) YES"
+    if look(PHASE_CONTRAST, None) == "YES":
+        return FLOW_ENCODED, "Phase Contrast (0018,9014) YES"
+    steady = look(STEADY_STATE, None)
+    if steady in FREE_PRECESSION:
+        return MIXED, f"Steady State Pulse Sequence (0018,9017) {steady}: steady-state free precession, T2/T1 contrast"
+    if "TRSS" in look(SEQUENCE_VARIANT, None).split("\\"):
+        return MIXED, "SequenceVariant (0018,0021) TRSS: time-reversed steady state, T2/T1 contrast"
 
     def timing(name: str) -> str:
         top, group, tag = _WHERE[name]

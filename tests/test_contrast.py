@@ -101,6 +101,44 @@ def test_a_time_of_flight_angiogram_is_told_by_its_angio_flag_not_read_as_t1(mr,
     assert skip is not None and skip.code == "contrast" and "TOF" in skip.reason
 
 
+def test_a_steady_state_free_precession_and_an_enhanced_angiogram_are_told_by_their_pulse_sequence(mr, tmp_path):
+    """A balanced SSFP (TrueFISP, FIESTA, balanced FFE) has TR and TE of a few milliseconds, which the
+    timing reads as T1, but its CSF is bright: an enhanced image's Acquisition Contrast says MIXED
+    and its pulse sequence says which; so do its Time of Flight and Phase Contrast, and a
+    single-frame header's SequenceVariant TRSS. A spoiled gradient echo (LONGITUDINAL) stays T1."""
+    cases = [
+        ({"SteadyStatePulseSequence": "FREE_PRECESSION"}, "MIXED", "Steady State Pulse Sequence (0018,9017) FREE_PRECESSION"),
+        ({"SteadyStatePulseSequence": "TRANSVERSE"}, "MIXED", "TRANSVERSE"),
+        ({"SteadyStatePulseSequence": "TIME_REVERSED"}, "MIXED", "TIME_REVERSED"),
+        ({"SteadyStatePulseSequence": "LONGITUDINAL"}, "T1", "short TR and TE"),
+        ({"SteadyStatePulseSequence": "NONE"}, "T1", "short TR and TE"),
+        ({"TimeOfFlightContrast": "YES", "SteadyStatePulseSequence": "LONGITUDINAL"}, "TOF", "Time of Flight Contrast (0018,9015) YES"),
+        ({"TimeOfFlightContrast": "NO"}, "T1", "short TR and TE"),
+        ({"PhaseContrast": "YES"}, "FLOW_ENCODED", "Phase Contrast (0018,9014) YES"),
+        ({"SequenceVariant": ["SK", "TRSS"]}, "MIXED", "SequenceVariant (0018,0021) TRSS"),
+        ({"SequenceVariant": ["SK", "SS", "SP"]}, "T1", "short TR and TE"),
+        ({"SequenceVariant": "SS"}, "T1", "short TR and TE"),  # steady state, spoiled or not: not said
+    ]
+    for said, expected, why_part in cases:
+        ds = _timed(pydicom.dcmread(mr.files[0]), "GR", "4.2", "2.1", None)  # as a 3D balanced SSFP of the internal auditory canals
+        ds.AcquisitionContrast = "MIXED"
+        for keyword, value in said.items():
+            setattr(ds, keyword, value)
+        told, why = contrast(_as_received(ds, tmp_path))
+        assert (told, why_part in why) == (expected, True), (said, why)
+        assert contrast_json(ds.to_json_dict())[0] == expected, said
+    ds = _timed(pydicom.dcmread(mr.files[0]), "GR", "4.2", "2.1", None)
+    ds.SteadyStatePulseSequence = "FREE_PRECESSION"
+    ds.AcquisitionContrast = "T2"  # a scanner that names the contrast is taken at its word
+    assert contrast(ds)[0] == "T2"
+    del ds.AcquisitionContrast
+    told, why = contrast(ds)
+    series = Series(series_instance_uid="1.2.3.4", study_instance_uid="1.2.3", modality="MR", calling_ae=SCANNER_AE,
+                    contrast=told, contrast_source=why)
+    skip = SelectionRules().skip(series, ["axial"], (40, 40))
+    assert skip is not None and skip.code == "contrast" and "MIXED" in skip.reason and "FREE_PRECESSION" in skip.reason
+
+
 def test_an_enhanced_image_says_its_contrast_or_its_functional_groups_give_the_timing(mr):
     ds = _timed(pydicom.dcmread(mr.files[0]), "SE", None, None, None)
     del ds.ScanningSequence
