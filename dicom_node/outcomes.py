@@ -15,7 +15,10 @@ reads them, so a change made meanwhile flags it again) and holds them until thei
 written (``Series.outcome_after``, a lease: with several worker processes a second writer waits,
 so a note never lands after a newer one), then writes each note. A series whose lease ran out
 while still held (its writer died between taking and writing: killed, its host lost) is taken
-again, so its note is not lost. A note Orthanc cannot take now (Orthanc down) is flagged again
+again, so its note is not lost. A writer alive but slow (Orthanc answering slowly for a batch)
+renews its lease once half of it has passed, on the condition that it still holds it: a series
+another writer took meanwhile (the lease ran out all the same: a process paused, a clock jump) is
+that writer's now, and the slow one leaves it unwritten, so its older note cannot land last. A note Orthanc cannot take now (Orthanc down) is flagged again
 for a later round; a series Orthanc does not hold yet (routed there after the node judged it: the
 node's own forward_originals, or a scanner that sends to both) is looked for again every
 ``NOT_HELD_PAUSE`` seconds until ``NOT_HELD_WINDOW`` after its last instance; one Orthanc never
@@ -122,6 +125,7 @@ class Due(NamedTuple):
     series_uid: str
     text: str | None  # the note now; None while the series is first being received
     last_received_at: datetime
+    lease: datetime  # until when the writer that took it holds it (``Series.outcome_after`` as it set it)
 
 
 def _claim_due(sessions: sessionmaker[Session], limit: int) -> list[Due]:
@@ -136,26 +140,52 @@ def _claim_due(sessions: sessionmaker[Session], limit: int) -> list[Due]:
                                .limit(limit).with_for_update(skip_locked=True)).all()
         if not uids:
             return []
-        session.execute(update(Series).where(Series.series_instance_uid.in_(uids)).values(outcome_due=False, outcome_after=now + LEASE))
+        lease = now + LEASE
+        session.execute(update(Series).where(Series.series_instance_uid.in_(uids)).values(outcome_due=False, outcome_after=lease))
         newest = dict(session.execute(select(Job.series_instance_uid, func.max(Job.id)).where(Job.series_instance_uid.in_(uids))
                                       .group_by(Job.series_instance_uid)).all())
         jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(list(newest.values()))))}
         sent = where_sent(session, [job.ct_series_uid for job in jobs.values() if job.state == "done" and job.ct_series_uid])
         return [Due(series.series_instance_uid, note(series, job := jobs.get(newest.get(series.series_instance_uid, -1)),
                                                      sent.get(job.ct_series_uid or "") if job is not None else None),
-                    as_utc(series.last_received_at))
+                    as_utc(series.last_received_at), lease)
                 for series in session.scalars(select(Series).where(Series.series_instance_uid.in_(uids)))]
 
 
-def _release(sessions: sessionmaker[Session], uids: list[str], *, due: bool = False, after: datetime | None = None) -> None:
+def _renew(sessions: sessionmaker[Session], taken: list[Due]) -> list[Due]:
+    """Of series taken by ``_claim_due`` (and not let go of), those this writer still holds, their
+    leases renewed for ``LEASE`` from now; the others (taken by another writer once their lease ran
+    out) are left to it."""
+    if not taken:
+        return []
+    lease = utcnow() + LEASE
+    with sessions.begin() as session:
+        for due in taken:
+            session.execute(update(Series).where(Series.series_instance_uid == due.series_uid, Series.outcome_after == due.lease)
+                            .values(outcome_after=lease))
+        held = set(session.scalars(select(Series.series_instance_uid).where(
+            Series.series_instance_uid.in_([due.series_uid for due in taken]), Series.outcome_after == lease)))
+    return [due._replace(lease=lease) for due in taken if due.series_uid in held]
+
+
+def _release(sessions: sessionmaker[Session], uids: list[str], *, due: bool = False, after: datetime | None = None,
+             lease: dict[str, datetime] | None = None) -> None:
     """Let go of series taken by ``_claim_due``: flagged due again if ``due``, free to be taken again
-    from ``after`` (None: at once)."""
+    from ``after`` (None: at once); with ``lease`` (each series' lease as this writer set it), only
+    those it still holds."""
     if uids:
         with sessions.begin() as session:
             values: dict[str, Any] = {"outcome_after": after}
             if due:
                 values["outcome_due"] = True
-            session.execute(update(Series).where(Series.series_instance_uid.in_(uids)).values(**values))
+            if lease is None:
+                session.execute(update(Series).where(Series.series_instance_uid.in_(uids)).values(**values))
+                return
+            by_lease: dict[datetime, list[str]] = {}
+            for uid in uids:
+                by_lease.setdefault(lease[uid], []).append(uid)
+            for until, held in by_lease.items():  # one statement per lease: one, or two after a renewal
+                session.execute(update(Series).where(Series.series_instance_uid.in_(held), Series.outcome_after == until).values(**values))
 
 
 class OutcomeNotes:
@@ -175,9 +205,27 @@ class OutcomeNotes:
         if time.monotonic() < self._quiet_until:
             return 0
         taken = _claim_due(self.sessions, limit)
+        return len(taken) if self.write_taken(taken) else 0
+
+    def write_taken(self, taken: list[Due]) -> bool:
+        """Write the notes of series this writer took (``_claim_due``), renewing its lease on those
+        not written yet once half of it has passed; one another writer took meanwhile is left to it.
+        False: Orthanc could not take them now (the rest let go of, due again)."""
+        leases = {due.series_uid: due.lease for due in taken}
         done: list[str] = []
         not_held: list[str] = []  # Orthanc may receive them yet: looked for again after the pause
-        for number, due in enumerate(taken):
+        pending = list(taken)
+        while pending:
+            if utcnow() >= pending[0].lease - LEASE / 2:
+                _release(self.sessions, done, lease=leases)  # written: let go of before their lease runs out
+                done = []
+                still = _renew(self.sessions, pending)
+                if len(still) < len(pending):
+                    log.info("%d series' notes were taken by another writer while this one was slow; left to it", len(pending) - len(still))
+                leases.update((due.series_uid, due.lease) for due in still)
+                pending = still
+                continue
+            due = pending.pop(0)
             try:
                 written = None if due.text is None else self._write(due.series_uid, due.text)
             except (PacsUnavailable, HttpError, OSError) as exc:
@@ -187,18 +235,18 @@ class OutcomeNotes:
                     log.warning("cannot write series' %s in %s, trying again later: %s", OUTCOME_FLAG, self.store.url, exc)
                 written = None
             if written is None and due.text is not None:  # Orthanc down, or not declaring the metadata: the rest waits
-                _release(self.sessions, done)
-                _release(self.sessions, [*not_held, *(d.series_uid for d in taken[number:])], due=True)
-                return 0
+                _release(self.sessions, done, lease=leases)
+                _release(self.sessions, [*not_held, due.series_uid, *(d.series_uid for d in pending)], due=True, lease=leases)
+                return False
             if written is not None:
                 self._failures = 0
             if written is False and utcnow() - due.last_received_at < NOT_HELD_WINDOW:
                 not_held.append(due.series_uid)
             else:
                 done.append(due.series_uid)
-        _release(self.sessions, done)
-        _release(self.sessions, not_held, due=True, after=utcnow() + NOT_HELD_PAUSE)
-        return len(taken)
+        _release(self.sessions, done, lease=leases)
+        _release(self.sessions, not_held, due=True, after=utcnow() + NOT_HELD_PAUSE, lease=leases)
+        return True
 
     def _write(self, series_uid: str, text: str) -> bool | None:
         """True: the note went onto the series; False: Orthanc does not hold the series (sent to the

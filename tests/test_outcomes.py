@@ -215,3 +215,38 @@ def test_a_note_whose_writer_died_before_writing_it_is_written_by_another(tmp_pa
         with sessions() as session:  # let go of: not taken again
             assert session.get(Series, mr.series_uid).outcome_after is None
         assert survivor.write_due() == 0
+
+
+def test_a_slow_writer_renews_its_lease_and_leaves_a_series_another_writer_took(tmp_path):
+    """A writer alive but slower than its lease (Orthanc answering slowly for a batch): once half
+    the lease has passed it renews it on the series it still holds and writes them; a series
+    another writer took meanwhile (the lease ran out all the same) carries that writer's newer
+    note, and the slow writer's older one does not land over it."""
+    sessions = init_db(f"sqlite:///{tmp_path / 'mr2ct.db'}")
+    mine = write_mr_series(tmp_path / "mr", seed=37, slices=2, size=32, pixel_spacing=4.0, slice_spacing=8.0)
+    lost = write_mr_series(tmp_path / "mr2", seed=38, slices=2, size=32, pixel_spacing=4.0, slice_spacing=8.0)
+    for mr in (mine, lost):
+        _series(sessions, mr.series_uid, mr.study_uid, state="stable", outcome_due=True)
+        with sessions.begin() as session:
+            session.add(Job(series_instance_uid=mr.series_uid, state="queued", instance_count=2))
+    with OrthancServer(tmp_path / "orthanc", http_port=free_port(), dicom_port=free_port()) as orthanc:
+        ids = {mr.series_uid: httpx.post(f"{orthanc.url}/instances", content=mr.files[0].read_bytes(), auth=orthanc.auth)
+               .json()["ParentSeries"] for mr in (mine, lost)}
+        slow, other = (OutcomeNotes(sessions, OrthancStore(orthanc.url, orthanc.username, orthanc.password)) for _ in range(2))
+        taken = sorted(_claim_due(sessions, 10), key=lambda due: due.series_uid != mine.series_uid)
+        assert [due.series_uid for due in taken] == [mine.series_uid, lost.series_uid]
+        # time passes for the slow writer: its lease on `mine` is near its end, on `lost` over
+        near, over = utcnow() + timedelta(seconds=5), utcnow() - timedelta(seconds=1)
+        with sessions.begin() as session:
+            session.get(Series, mine.series_uid).outcome_after = near
+            session.get(Series, lost.series_uid).outcome_after = over
+        taken = [taken[0]._replace(lease=near), taken[1]._replace(lease=over)]
+        assert None not in [claim_job(sessions, "w1") for _ in range(2)]  # both jobs start: the series' standing changes
+        assert other.write_due() == 1  # the other writer takes `lost` (its lease over), writes the newer note
+        assert "synthesizing" in (_note(orthanc, ids[lost.series_uid]) or "")
+        slow.write_taken(taken)
+        assert "queued for synthesis" in (_note(orthanc, ids[mine.series_uid]) or "")  # renewed, written
+        assert "synthesizing" in (_note(orthanc, ids[lost.series_uid]) or "")  # the older note did not land over it
+        with sessions() as session:  # both let go of; `mine` is due again (its job started meanwhile) for the next round
+            assert [session.get(Series, mr.series_uid).outcome_after for mr in (mine, lost)] == [None, None]
+        assert other.write_due() == 1 and "synthesizing" in (_note(orthanc, ids[mine.series_uid]) or "")
