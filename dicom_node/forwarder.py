@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.models import Instance, utcnow
+from dicom_node.outcomes import mark_due_unwritten
 from dicom_node.orthanc_store import ROUTED_BY_NODE, ROUTED_FLAG, OrthancStore
 from dicom_node.settings import parse_dicom_destination
 from dicom_node.transport import NodeAE, tune
@@ -79,6 +80,7 @@ class InstanceNotTaken(Exception):
 
 class Destination(Protocol):
     name: str
+    holds_notes: bool  # the Orthanc the series' notes go to (dicom_node.outcomes)
 
     def session(self, contexts: set[tuple[str, str]]) -> AbstractContextManager[Send]: ...
 
@@ -96,6 +98,8 @@ class OrthancRestDestination:
     Orthanc is marked there (``Mr2ctRouted``, when Orthanc runs mr2ct's plugin), so that the plugin
     does not send it back to the node, which synthesizes it already: without the mark every series
     a scanner sent to the node was synthesized twice."""
+
+    holds_notes = True  # the node's orthanc_url, where results and the series' notes go
 
     def __init__(self, store: OrthancStore) -> None:
         self.store, self.name = store, store.url
@@ -195,6 +199,8 @@ class CStoreDestination:
     Every association also proposes Verification, which any storage SCP accepts: one that takes
     none of a pass's storage contexts still makes an association, released in good order (learnt
     from, or each instance refused), not one pynetdicom aborts and logs as an error."""
+
+    holds_notes = False  # forward_to: an archive, not the Orthanc the series' notes go to
 
     def __init__(
         self, spec: str, calling_ae: str, timeout: float = 30.0, ssl_context: ssl.SSLContext | None = None, poll_seconds: float = 0.0002,
@@ -347,7 +353,7 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
     with sessions() as session:
         due = session.execute(
             select(Instance.sop_instance_uid, Instance.path, Instance.forward_attempts, Instance.sop_class_uid, Instance.transfer_syntax_uid,
-                   Instance.forward_refusals, Instance.received_at)
+                   Instance.forward_refusals, Instance.received_at, Instance.series_instance_uid)
             .where(Instance.forwarded_at.is_(None), Instance.forward_next_at <= now)
             .order_by(Instance.received_at)
             .limit(limit)
@@ -384,9 +390,10 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
             log.warning("forward failed sop=%s attempt=%d retry_in=%.0fs reason=%s", sop_uid, attempts + 1, wait, exc)
 
     forwarded = failed = 0
+    series_routed: set[str] = set()
     try:
         with destination.session(contexts) as send:
-            for sop_uid, path, attempts, sop_class, transfer_syntax, refusals, received_at in due:
+            for sop_uid, path, attempts, sop_class, transfer_syntax, refusals, received_at, series_uid in due:
                 if stop is not None and stop.is_set():
                     break
                 try:
@@ -411,9 +418,13 @@ def forward_pending(sessions: sessionmaker[Session], destination: Destination, l
                     log.info("routed sop=%s, but it was received again meanwhile: the new copy goes at the next pass", sop_uid)
                     continue
                 forwarded += 1
+                series_routed.add(series_uid)
     except RoutingDown as exc:  # no association at all: the first due instance carries the error and backs off
         failed += 1
         failed_one(due[0].sop_instance_uid, due[0].forward_attempts, exc)
+    if series_routed and destination.holds_notes:  # a series judged before Orthanc held it gets its note now
+        with sessions.begin() as session:
+            mark_due_unwritten(session, series_routed)
     if forwarded:
         audit.record(sessions, audit.INSTANCES_TRANSFERRED, "success", "forwarder", destination=destination.name, instances=forwarded,
                      originals=True)

@@ -21,14 +21,16 @@ another writer took meanwhile (the lease ran out all the same: a process paused,
 that writer's now, and the slow one leaves it unwritten, so its older note cannot land last. A note Orthanc cannot take now (Orthanc down) is flagged again
 for a later round; a series Orthanc does not hold yet (routed there after the node judged it: the
 node's own forward_originals, or a scanner that sends to both) is looked for again every
-``NOT_HELD_PAUSE`` seconds until ``NOT_HELD_WINDOW`` after its last instance; one Orthanc never
-receives (sent to the node only) gets no note. Notes are best effort: nothing else waits on them."""
+``NOT_HELD_PAUSE`` seconds until ``NOT_HELD_WINDOW`` after its last instance; one the node's
+routing puts there later (a backlog) is flagged again by it (``mark_due_unwritten``); one Orthanc
+never receives (sent to the node only) gets no note. Notes are best effort: nothing else waits on them."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections.abc import Collection
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -55,6 +57,14 @@ def mark_due(session: Session, *series_uids: str) -> None:
     uids = [uid for uid in series_uids if uid]
     if uids:
         session.execute(update(Series).where(Series.series_instance_uid.in_(uids)).values(outcome_due=True))
+
+
+def mark_due_unwritten(session: Session, series_uids: Collection[str]) -> None:
+    """Series just routed into the Orthanc the notes go to (forward_originals): those judged whose
+    note was never written (Orthanc did not hold them within ``NOT_HELD_WINDOW``: a routing backlog,
+    Orthanc down for long) are due again. One first being received gets its note once judged."""
+    session.execute(update(Series).where(Series.series_instance_uid.in_(list(series_uids)), Series.outcome_note.is_(None),
+                                         Series.state != "receiving", Series.outcome_due.is_(False)).values(outcome_due=True))
 
 
 def mark_due_for_job(session: Session, job_id: int) -> None:

@@ -10,12 +10,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import httpx
-from sqlalchemy import select
+import pydicom
+from sqlalchemy import select, update
 
 from dicom_node.db import init_db
 from dicom_node.ingest import ReceivedInstance, mark_stable
 from dicom_node.local_stack import OrthancServer, free_port, orthanc_config
-from dicom_node.models import Job, Series, utcnow
+from dicom_node.forwarder import OrthancRestDestination, forward_pending
+from dicom_node.models import Instance, Job, Series, utcnow
 from dicom_node.orthanc_store import OUTCOME_FLAG, OrthancStore
 from dicom_node.outcomes import OutcomeNotes, _claim_due, _release, mark_due_for_job
 from dicom_node.recorder import SpooledInstance, record_batch
@@ -250,3 +252,32 @@ def test_a_slow_writer_renews_its_lease_and_leaves_a_series_another_writer_took(
         with sessions() as session:  # both let go of; `mine` is due again (its job started meanwhile) for the next round
             assert [session.get(Series, mr.series_uid).outcome_after for mr in (mine, lost)] == [None, None]
         assert other.write_due() == 1 and "synthesizing" in (_note(orthanc, ids[mine.series_uid]) or "")
+
+
+def test_a_series_routed_into_orthanc_after_the_notes_gave_up_gets_its_note(tmp_path):
+    """forward_originals with a backlog (or Orthanc down for long): the node judged the series and
+    Orthanc did not hold it within the notes' window, so the writer gave up on it; once the routing
+    puts it into that Orthanc, the series is due again and its note is written."""
+    sessions = init_db(f"sqlite:///{tmp_path / 'mr2ct.db'}")
+    mr = write_mr_series(tmp_path / "mr", seed=39, slices=2, size=32, pixel_spacing=4.0, slice_spacing=8.0)
+    long_ago = utcnow() - timedelta(minutes=30)
+    ds = [pydicom.dcmread(path, stop_before_pixels=True) for path in mr.files]
+    record_batch(sessions, [SpooledInstance(ReceivedInstance(d.SOPClassUID, d.SOPInstanceUID, mr.study_uid, mr.series_uid, "MR"), path,
+                                            path.stat().st_size, "1.2.840.10008.1.2.1", SCANNER_AE, None, long_ago)
+                            for d, path in zip(ds, mr.files)])
+    with sessions.begin() as session:
+        series = session.get(Series, mr.series_uid)
+        series.state, series.reason, series.outcome_due = "ignored", REASON, True
+        session.execute(update(Instance).values(forward_next_at=utcnow() + timedelta(hours=1)))  # the routing's backlog
+    with OrthancServer(tmp_path / "orthanc", http_port=free_port(), dicom_port=free_port()) as orthanc:
+        store = OrthancStore(orthanc.url, orthanc.username, orthanc.password)
+        notes = OutcomeNotes(sessions, store)
+        assert notes.write_due() == 1 and store.series_id(mr.series_uid) is None  # not in Orthanc, past the window: given up
+        assert not _due(sessions, mr.series_uid) and notes.write_due() == 0
+        with sessions.begin() as session:
+            session.execute(update(Instance).values(forward_next_at=utcnow()))  # the backlog is through
+        assert forward_pending(sessions, OrthancRestDestination(store)) == (2, 0)
+        assert _due(sessions, mr.series_uid)
+        assert notes.write_due() == 1
+        assert (_note(orthanc, store.series_id(mr.series_uid) or "") or "").endswith("not synthesized: " + REASON)
+        assert forward_pending(sessions, OrthancRestDestination(store)) == (0, 0) and not _due(sessions, mr.series_uid)
