@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -73,6 +74,9 @@ class Deliverer:
         self.commitment, self.commitment_wait = commitment, timedelta(seconds=commitment_wait_seconds)
         self.wake = threading.Event()
         self._unread = 0  # rounds in a row Orthanc did not answer for a storage commitment report
+        # committing deliveries whose report was read Pending: not read again before then (monotonic seconds)
+        self._next_look: dict[int, float] = {}
+        self.reports_read = 0  # storage commitment reports asked of Orthanc by this process
 
     def _send(self, modality: str, job: Job) -> tuple[int, str | None]:
         """Orthanc sends the job's sCT series and SR to ``modality``: the instances sent, and with
@@ -144,9 +148,15 @@ class Deliverer:
 
     def check_commitments(self) -> int:
         """Read the storage commitment report of every delivery awaiting one; how many were settled
-        (committed, or failed: to be sent again). Orthanc unreachable: read again next round."""
+        (committed, or failed: to be sent again). Orthanc unreachable: read again next round. A report
+        still pending is read again after a tenth of the time it has been awaited (1 to 30 s, and
+        not past ``commitment_wait``): a planning system that never reports, with hundreds of
+        deliveries awaiting it, is not asked after hundreds of times a second."""
         with self.sessions() as session:
             waiting = session.scalars(select(Delivery).where(Delivery.state == "committing").order_by(Delivery.id)).all()
+            now, ids = time.monotonic(), {row.id for row in waiting}
+            self._next_look = {key: at for key, at in self._next_look.items() if key in ids}
+            waiting = [row for row in waiting if self._next_look.get(row.id, 0.0) <= now]
             jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_([row.job_id for row in waiting])))}
             session.expunge_all()
         settled = 0
@@ -155,6 +165,7 @@ class Deliverer:
             if job is None:
                 continue
             try:
+                self.reports_read += 1
                 report = self.store.client.get_json(f"storage-commitment/{row.commitment_uid}")
             except Exception as exc:  # noqa: BLE001 (HttpError 404: Orthanc no longer knows it; anything else: unreachable now)
                 if getattr(exc, "http_status_code", None) != 404:
@@ -166,7 +177,10 @@ class Deliverer:
             self._unread = 0
             status = report.get("Status")
             committed = len(report.get("Success") or ())
-            if status == "Pending" and utcnow() - as_utc(row.sent_at) < self.commitment_wait:
+            awaited = (utcnow() - as_utc(row.sent_at)).total_seconds()
+            if status == "Pending" and awaited < self.commitment_wait.total_seconds():
+                pause = min(max(1.0, awaited / 10), 30.0, self.commitment_wait.total_seconds() - awaited)
+                self._next_look[row.id] = time.monotonic() + pause
                 continue
             if status == "Success" and committed >= (row.instances or 0):
                 with self.sessions.begin() as session:

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +18,15 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+from sqlalchemy import update
 
 from dicom_node import atna
 from dicom_node.db import init_db
+from dicom_node.delivery import Deliverer, add_deliveries
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port, start_storescp, stop_process, storescu
-from dicom_node.models import AuditEvent, Delivery, Job
+from dicom_node.models import AuditEvent, Delivery, Job, Series, utcnow
+from dicom_node.orthanc_store import OrthancStore
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
 from tests.helpers import api_token, wait_for as _wait
 from training.phantom_dicom import write_mr_series
@@ -234,3 +238,45 @@ def test_config_check_asks_orthanc_for_each_modality_of_deliver_to(tmp_path):
                 "FAIL deliver_to nosuch: Orthanc declares no DICOM modality 'nosuch'"), missing.stdout
     finally:
         stop_process(tps)
+
+
+def test_a_pending_storage_commitment_report_is_read_less_often_the_longer_it_is_awaited(tmp_path):
+    """A planning system that never reports: its report is read at most once a second at first,
+    then after a tenth of the time awaited (at most 30 s, never past deliver_commitment_wait_seconds),
+    not every round: hundreds of deliveries awaiting one would otherwise ask Orthanc hundreds of
+    times a second. Once the wait is over the delivery fails, to be sent again."""
+    tps_port = free_port()
+    with OrthancServer(tmp_path / "orthanc", free_port(), free_port(), modalities={"tps": ["TPS", "127.0.0.1", tps_port]}) as orthanc, \
+            _committing_tps(tps_port, orthanc, ["none"]) as tps:
+        sessions = init_db(f"sqlite:///{tmp_path / 'mr2ct.db'}")
+        sct, sr = (write_mr_series(tmp_path / name, seed=470 + n, slices=1, size=16, pixel_spacing=8.0) for n, name in enumerate(("ct", "sr")))
+        for series in (sct, sr):  # stand-ins for the sCT and its SR in Orthanc
+            httpx.post(f"{orthanc.url}/instances", content=series.files[0].read_bytes(), auth=orthanc.auth, timeout=30)
+        with sessions.begin() as session:
+            session.add(Series(series_instance_uid="1.2.3.4", study_instance_uid="1.2.3", modality="MR", calling_ae=SCANNER_AE, state="done"))
+            job = Job(series_instance_uid="1.2.3.4", state="done", instance_count=1, ct_series_uid=sct.series_uid, sr_series_uid=sr.series_uid)
+            session.add(job)
+            session.flush()
+            add_deliveries(session, job.id, ["tps"])
+        deliverer = Deliverer(sessions, OrthancStore(orthanc.url, orthanc.username, orthanc.password), commitment=True,
+                              commitment_wait_seconds=300)
+        assert deliverer.deliver_due() == 1 and tps["requests"] == ["none"]
+        assert _deliveries(f"sqlite:///{tmp_path / 'mr2ct.db'}")[0].state == "committing"
+        for _ in range(20):  # rounds in quick succession: the first reads it, Pending
+            assert deliverer.check_commitments() == 0
+        assert deliverer.reports_read == 1
+        time.sleep(1.1)
+        assert deliverer.check_commitments() == 0 and deliverer.reports_read == 2  # a second later: read again
+        with sessions.begin() as session:  # awaited 200 s: read again after 20 s, not every second
+            session.execute(update(Delivery).values(sent_at=utcnow() - timedelta(seconds=200)))
+        time.sleep(1.1)
+        assert deliverer.check_commitments() == 0 and deliverer.reports_read == 3
+        time.sleep(1.1)
+        assert deliverer.check_commitments() == 0 and deliverer.reports_read == 3
+        with sessions.begin() as session:  # the wait is over: failed, to be sent again, at the next read
+            session.execute(update(Delivery).values(sent_at=utcnow() - timedelta(seconds=301)))
+        restarted = Deliverer(sessions, OrthancStore(orthanc.url, orthanc.username, orthanc.password), commitment=True,
+                              commitment_wait_seconds=300)  # a node process started since: reads it at once
+        assert restarted.check_commitments() == 1 and restarted.reports_read == 1
+        (delivery,) = _deliveries(f"sqlite:///{tmp_path / 'mr2ct.db'}")
+        assert delivery.state == "pending" and "sent no storage commitment report within 300 s" in (delivery.last_error or "")
