@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dicom_node.settings import Settings
-from synthesis.contrast import CHOICES
+from synthesis.contrast import CHOICES, UNKNOWN, learned_parts
 
 if TYPE_CHECKING:
     from dicom_node.orthanc_store import OrthancStore
@@ -192,6 +192,14 @@ def _model(s: Settings) -> Check:
         admitted = [a.lower() for a in CHOICES[chosen] if a not in seen]
         if admitted:
             warnings.append(f"{setting} {chosen!r} lets through series {' and '.join(admitted)} {what}, which the model never learned")
+    parts = [p for p in model.card.get("mr_body_parts") or () if p != UNKNOWN]  # cards made before 2026-12-06 do not say
+    if parts:
+        learned += f", body parts {parts}"
+        known = learned_parts(parts)
+        other = [p for p in s.select_body_parts if p not in known and p != UNKNOWN] if s.select_body_parts else ["any"]
+        if other:
+            warnings.append(f"select_body_parts {s.select_body_parts or '(empty: any)'} lets through {other}, whose anatomy the model "
+                            "never learned")
     if warnings:
         return Check(WARN, "model", f"{said}, {learned}: " + "; ".join(warnings))
     return Check(OK, "model", f"{said}, {learned}")

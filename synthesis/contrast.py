@@ -106,7 +106,9 @@ EXAMPLE_TIMINGS: dict[str, tuple[str, str, str, str | None]] = {
 # BodyPartExamined (0018,0015) values of a head, the only anatomy the phantom cohort has (UNKNOWN:
 # the instance does not say, which many scanners' head exams do not): an MR-only prostate
 # series sent to a head model makes an sCT of a pelvis read as a skull
-DEFAULT_BODY_PARTS: tuple[str, ...] = ("HEAD", "BRAIN", "SKULL", UNKNOWN)
+HEAD_PARTS: tuple[str, ...] = ("HEAD", "BRAIN", "SKULL")  # one anatomy by three names, as scanners write it
+DEFAULT_BODY_PARTS: tuple[str, ...] = (*HEAD_PARTS, UNKNOWN)
+BODY_PART = 0x00180015
 
 ACQUISITION_CONTRAST = 0x00089209
 ANGIO_FLAG = 0x00180025
@@ -360,3 +362,20 @@ def fat_suppression_json(metadata: Mapping[str, Any]) -> tuple[str, str]:
     """``fat_suppression`` of an instance's DICOMweb metadata (WADO-RS JSON, PS3.18 F.2)."""
     look = _json_look(metadata)
     return decide_fat(look(SCAN_OPTIONS, None), look(SPECTRAL_SUPPRESSION, None))
+
+
+def body_part(ds: Dataset) -> str:
+    """BodyPartExamined (0018,0015) as the instance says it (upper case; in a legacy converted image
+    among its unassigned converted attributes too), UNKNOWN when it does not."""
+    return _dataset_look(ds)(BODY_PART, None)[:16] or UNKNOWN
+
+
+def body_part_json(metadata: Mapping[str, Any]) -> str:
+    """``body_part`` of an instance's DICOMweb metadata (WADO-RS JSON, PS3.18 F.2)."""
+    return _json_look(metadata)(BODY_PART, None)[:16] or UNKNOWN
+
+
+def learned_parts(parts: list[str]) -> set[str]:
+    """The BodyPartExamined values a model that learned ``parts`` (its card's ``mr_body_parts``) has
+    seen the anatomy of: a head by any of its names stands for all of them."""
+    return set(parts) | (set(HEAD_PARTS) if set(parts) & set(HEAD_PARTS) else set())

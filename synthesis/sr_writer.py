@@ -22,7 +22,7 @@ from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.ct_writer import (
     MANUFACTURER, TYPE2_KEYWORDS, UID_SCHEME, SyntheticCTSeries, contributing_equipment, copy_patient_and_study, copy_timezone, date_time, local_now,
 )
-from synthesis.contrast import contrast, contrast_agent, fat_suppression
+from synthesis.contrast import body_part, contrast, contrast_agent, fat_suppression
 from synthesis.infer import GUIDE_EPS, GUIDE_RADIUS
 from synthesis.uids import derived_uid
 
@@ -68,6 +68,7 @@ def model_parameters(card: dict[str, Any]) -> dict[str, str]:
         "model_mr_contrasts": ",".join(card.get("mr_contrasts") or []) or "not stated by its card",
         "model_mr_contrast_agents": ",".join(card.get("mr_contrast_agents") or []) or "not stated by its card",
         "model_mr_fat_suppression": ",".join(card.get("mr_fat_suppression") or []) or "not stated by its card",
+        "model_mr_body_parts": ",".join(card.get("mr_body_parts") or []) or "not stated by its card",
         "model_grid_mm": str(card.get("pixel_spacing_mm", "")),
         "back_to_mr_matrix": f"guided upsampling (radius {GUIDE_RADIUS}, eps {GUIDE_EPS}) from a coarser grid, else bilinear",
     }
@@ -96,7 +97,8 @@ def build_provenance_sr(
     agent, agent_why = contrast_agent(mr_headers[0])  # and against model_mr_contrast_agents
     fat, fat_why = fat_suppression(mr_headers[0])  # and model_mr_fat_suppression
     params = {**model_parameters(model.card), "slice_plane": ct.plane, "source_mr_contrast": f"{told} ({why})",
-              "source_mr_contrast_agent": f"{agent} ({agent_why})", "source_mr_fat_suppression": f"{fat} ({fat_why})"}
+              "source_mr_contrast_agent": f"{agent} ({agent_why})", "source_mr_fat_suppression": f"{fat} ({fat_why})",
+              "source_mr_body_part": body_part(mr_headers[0])}  # and model_mr_body_parts
     algorithm = hd.sr.AlgorithmIdentification(
         name=ALGORITHM_NAME, version=synthesis.__version__, parameters=[f"{k}={v}" for k, v in params.items()]
     )

@@ -44,7 +44,8 @@ def test_a_good_deployment_passes_and_each_fault_names_its_setting(orthanc, tmp_
     assert lines["from orthanc"].startswith("warn") and "no DICOM modality 'mr2ct'" in lines["from orthanc"]  # none declared here
     assert "login accepted" in lines["orthanc"] and "Orthanc 1." in lines["orthanc"]
     assert "SHA-256" in lines["model"] and "writable" in lines["spool"]
-    assert lines["model"].endswith("trained on MR contrasts ['T1'], without a contrast agent, without fat suppression"), lines["model"]
+    assert lines["model"].endswith("trained on MR contrasts ['T1'], without a contrast agent, without fat suppression, "
+                                   "body parts ['HEAD']"), lines["model"]  # the default select_body_parts: a head by its names, or none given
     assert "the node brings it to revision" in lines["database"]  # read, not migrated
     assert orthanc.password not in good.stdout + good.stderr
 
@@ -76,6 +77,9 @@ def test_a_good_deployment_passes_and_each_fault_names_its_setting(orthanc, tmp_
     assert fat_saturated.returncode == 0 and _lines(fat_saturated)["model"].startswith("warn"), fat_saturated.stdout
     assert ("select_fat_suppression 'with' lets through series with fat suppression, which the model never learned"
             in _lines(fat_saturated)["model"])
+    pelvis = _check(env, select_body_parts="HEAD,PELVIS")  # an MR-only prostate series would reach a head model
+    assert pelvis.returncode == 0 and _lines(pelvis)["model"].startswith("warn"), pelvis.stdout
+    assert "select_body_parts ['HEAD', 'PELVIS'] lets through ['PELVIS'], whose anatomy the model never learned" in _lines(pelvis)["model"]
     wrong_agent = _check(env, select_contrast_agent="sometimes")
     assert wrong_agent.returncode != 0 and "select_contrast_agent" in wrong_agent.stdout + wrong_agent.stderr
 

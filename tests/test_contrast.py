@@ -20,8 +20,8 @@ from dicom_node.ingest import SelectionRules
 from dicom_node.local_stack import storescu
 from dicom_node.models import AuditEvent, Job, Series
 from dicom_node.settings import Settings
-from synthesis.contrast import (contrast, contrast_agent, contrast_agent_json, contrast_json, fat_suppression,
-                                fat_suppression_json)
+from synthesis.contrast import (body_part, body_part_json, contrast, contrast_agent, contrast_agent_json, contrast_json,
+                                fat_suppression, fat_suppression_json, learned_parts)
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import api_token, wait_for
 from training.phantom_dicom import write_mr_series
@@ -336,6 +336,19 @@ def test_a_body_part_other_than_a_head_is_left_and_one_not_given_passes():
     assert SelectionRules(body_parts=tuple(Settings(select_body_parts="").select_body_parts)).reason_to_skip(series("PELVIS")) is None
     with pytest.raises(ValueError, match="select_body_parts"):
         Settings(select_body_parts="HEAD,../etc")
+
+
+def test_the_body_part_is_read_as_received_and_from_a_pacs_json_and_a_head_has_three_names(mr, tmp_path):
+    """What the pull records of each MR series (a card's mr_body_parts) is what the node selects on:
+    BodyPartExamined, upper case, UNKNOWN when not given; a model that learned a HEAD knows BRAIN and SKULL."""
+    ds = pydicom.dcmread(mr.files[0])
+    for said, expected in (("HEAD", "HEAD"), ("pelvis", "PELVIS"), ("", "UNKNOWN"), (None, "UNKNOWN")):
+        if said is None:
+            del ds.BodyPartExamined
+        else:
+            ds.BodyPartExamined = said
+        assert body_part(_as_received(ds, tmp_path)) == expected and body_part_json(ds.to_json_dict()) == expected, said
+    assert learned_parts(["BRAIN"]) == {"HEAD", "BRAIN", "SKULL"} and learned_parts(["PELVIS"]) == {"PELVIS"}
 
 
 def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_synthesized(node_factory, orthanc, tmp_path):

@@ -97,6 +97,7 @@ def test_sr_references_the_mr_and_ct_series(delivered, orthanc):
     assert set(facts.derived_instance_uids) == ct_uids
     assert facts.parameters["model_sha256"] == job.model_sha256
     assert facts.parameters["model_mr_contrasts"] == "T1" and facts.parameters["source_mr_contrast"].startswith("T1 (")
+    assert facts.parameters["model_mr_body_parts"] == "HEAD" and facts.parameters["source_mr_body_part"] == "HEAD"
     assert facts.parameters["model_mr_contrast_agents"] == "WITHOUT" and facts.parameters["source_mr_contrast_agent"].startswith("WITHOUT (")
     assert facts.parameters["model_mr_fat_suppression"] == "WITHOUT" and facts.parameters["source_mr_fat_suppression"].startswith("WITHOUT (")
     assert sr.StudyInstanceUID == series.study_uid

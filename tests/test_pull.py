@@ -212,8 +212,8 @@ def test_the_mr_pool_takes_the_contrast_asked_for_told_before_the_pixels_are_fet
                    and any(made[name].series_uid in path for name in ("t2_tse", "t2_flair", "pd_tse", "t1_post_gd", "t1_fs"))]
         assert fetched == [], fetched
         entries = DatasetCache(cache).entries()
-        assert [(e["series_uid"], e["contrast"], e["contrast_agent"], e["fat_suppression"]) for e in entries] == [
-            (made["t1_se"].series_uid, "T1", "WITHOUT", "WITHOUT")]
+        assert [(e["series_uid"], e["contrast"], e["contrast_agent"], e["fat_suppression"], e["body_part"]) for e in entries] == [
+            (made["t1_se"].series_uid, "T1", "WITHOUT", "WITHOUT", "HEAD")]  # and its BodyPartExamined: a card's mr_body_parts
         assert DatasetCache(cache).left_out() == {}
         more = pull(url, cache, [PullFilter("MR", description="^contrast ", contrasts=("T2", "FLUID_ATTENUATED"))], progress=False)
         assert (more["fetched"], more["skipped"], more["contrast"]) == (2, 1, 3)
@@ -433,6 +433,7 @@ def test_training_runs_on_a_pulled_cache(cohort_in_orthanc, orthanc, tmp_path):
     assert card["training"]["data"]["mr_slices"] == 5 * 6 and card["training"]["data"]["ct_slices"] == 4 * 6
     assert card["mr_contrasts"] == ["T1"]  # what the pull recorded of each MR series: the node's config check holds its selection to it
     assert card["mr_contrast_agents"] == ["WITHOUT"] and card["mr_fat_suppression"] == ["WITHOUT"]  # and whether each was enhanced, fat-saturated
+    assert card["mr_body_parts"] == ["HEAD"]  # and what anatomy (BodyPartExamined): the config check holds select_body_parts to it
 
 
 def test_evaluate_pairs_leaves_out_the_patients_a_pulled_cache_trained_on(cohort_in_orthanc, orthanc, tmp_path):

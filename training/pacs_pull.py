@@ -29,7 +29,8 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
-from synthesis.contrast import contrast, contrast_agent, contrast_agent_json, contrast_json, fat_suppression, fat_suppression_json
+from synthesis.contrast import (body_part, contrast, contrast_agent, contrast_agent_json, contrast_json, fat_suppression,
+                                fat_suppression_json)
 from synthesis.errors import Mr2ctError, PacsUnavailable
 from synthesis.image_type import KINDS, component_json, component_kind, not_anatomy
 from synthesis.normalize import mr_to_unit
@@ -331,6 +332,7 @@ def pull(
         told = contrast(first)[0] if flt.modality == "MR" else None
         given = contrast_agent(first)[0] if flt.modality == "MR" else None
         fat = fat_suppression(first)[0] if flt.modality == "MR" else None
+        part = body_part(first)  # the card's mr_body_parts, which the node's config check holds select_body_parts to
         key = patient_key(str(first.get("PatientID", "")), str(first.get("IssuerOfPatientID", "")), cache.salt)
         # the slices the node would show the generator: a 3D sagittal or coronal series as axial ones
         volume = source.volume
@@ -352,6 +354,7 @@ def pull(
                 "pixel_spacing": list(pixel_spacing), "slice_spacing": round(abs(slice_spacing), 4),
                 "orientation": [round(v, 6) for v in volume.orientation], "plane": plane,
                 **({"contrast": told} if told else {}), **({"contrast_agent": given, "fat_suppression": fat} if given else {}),
+                "body_part": part,
             },
             slices,
             replaces=outdated.get(series_uid),

@@ -84,16 +84,29 @@ def make_pools(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(mr_slices)[:, None], np.concatenate(ct_slices)[:, None]
 
 
+def _train_mr(cfg: TrainConfig, key: str, phantoms: str) -> list[str]:
+    """What the MR series of a pulled cache's train split record under ``key`` (UNKNOWN for series
+    cached before it was recorded), or ``phantoms``, what training.phantoms' heads are."""
+    if not cfg.data:
+        return [phantoms]
+    from training.pacs_pull import DatasetCache
+
+    entries = DatasetCache(Path(str(cfg.data))).entries()
+    return sorted({e.get(key, "UNKNOWN") for e in entries if e["modality"] == "MR" and e["split"] == "train"})
+
+
 def mr_contrasts(cfg: TrainConfig) -> list[str]:
     """The MR contrasts the generator learns from (the card's ``mr_contrasts``, which `mr2ct config
     check` holds the node's select_acquisition_contrasts to): the phantoms' T1, or those a pulled
     cache's train split records (UNKNOWN for series cached before 2026-12-05, when none was recorded)."""
-    if not cfg.data:
-        return ["T1"]  # training.phantoms renders T1-weighted heads
-    from training.pacs_pull import DatasetCache
+    return _train_mr(cfg, "contrast", "T1")  # training.phantoms renders T1-weighted heads
 
-    entries = DatasetCache(Path(str(cfg.data))).entries()
-    return sorted({e.get("contrast", "UNKNOWN") for e in entries if e["modality"] == "MR" and e["split"] == "train"})
+
+def mr_body_parts(cfg: TrainConfig) -> list[str]:
+    """The anatomy the generator learns (the card's ``mr_body_parts``, which `mr2ct config check`
+    holds the node's select_body_parts to): the phantoms' HEAD, or the BodyPartExamined values a
+    pulled cache's train split records (UNKNOWN: not given, or cached before 2026-12-06)."""
+    return _train_mr(cfg, "body_part", "HEAD")
 
 
 def mr_with_without(cfg: TrainConfig, key: str) -> list[str]:
@@ -102,12 +115,7 @@ def mr_with_without(cfg: TrainConfig, key: str) -> list[str]:
     WITHOUT, which `mr2ct config check` holds the node's select_contrast_agent and
     select_fat_suppression to. The phantoms' WITHOUT, or what a pulled cache's train split records
     (UNKNOWN for series cached before 2026-12-05, when none was recorded)."""
-    if not cfg.data:
-        return ["WITHOUT"]  # training.phantoms renders unenhanced heads whose fat is bright
-    from training.pacs_pull import DatasetCache
-
-    entries = DatasetCache(Path(str(cfg.data))).entries()
-    return sorted({e.get(key, "UNKNOWN") for e in entries if e["modality"] == "MR" and e["split"] == "train"})
+    return _train_mr(cfg, key, "WITHOUT")  # training.phantoms renders unenhanced heads whose fat is bright
 
 
 def pools_from_cache(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -427,6 +435,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         "mr_contrasts": mr_contrasts(cfg),
         "mr_contrast_agents": mr_with_without(cfg, "contrast_agent"),
         "mr_fat_suppression": mr_with_without(cfg, "fat_suppression"),
+        "mr_body_parts": mr_body_parts(cfg),
         "training": {
             "command": command,
             "seed": cfg.seed,
