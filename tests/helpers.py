@@ -326,3 +326,83 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+STORAGE_COMMITMENT_INSTANCE = "1.2.840.10008.1.20.1.1"  # the well-known SOP instance of Storage Commitment Push
+
+
+@contextmanager
+def commitment_peer(port: int, ae_title: str, lose: Callable[[list[list[str]]], list[str] | None], *,
+                    report_to: tuple[int, str] | None = None, on_request_association: bool = False,
+                    storage: Any = None) -> Iterator[dict[str, list]]:
+    """A DICOM peer (pynetdicom) that stores anything of ``storage`` (every storage SOP class by
+    default) and answers storage commitment, as archives and planning systems do. For each request,
+    ``lose(requests)`` (every request's SOP Instance UIDs so far, this one last) names the instances
+    its report says failed (0x0110, as a peer whose disk failed after C-STORE success would), or
+    None for no report ever. The report goes half a second after the N-ACTION's answer (as peers
+    send them) on an association of its own to ``report_to`` (port at 127.0.0.1, AE title), or with
+    ``on_request_association`` on the request's own (``report_statuses`` then records None where
+    it was gone, as fo-dicom's synchronous reports meet it). Records the instances ``stored``, each
+    request's UIDs (``requests``) and the status each report got (``report_statuses``)."""
+    from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
+    from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+
+    seen: dict[str, list] = {"stored": [], "requests": [], "report_statuses": []}
+
+    def report(information: Dataset, lost: list[str], own: Any = None) -> None:
+        result = Dataset()
+        result.TransactionUID = information.TransactionUID
+        committed, failed = [], []
+        for asked in information.ReferencedSOPSequence:
+            item = Dataset()
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = asked.ReferencedSOPClassUID, asked.ReferencedSOPInstanceUID
+            if str(asked.ReferencedSOPInstanceUID) in lost:
+                item.FailureReason = 0x0110
+                failed.append(item)
+            else:
+                committed.append(item)
+        result.ReferencedSOPSequence = committed
+        if failed:
+            result.FailedSOPSequence = failed
+        event_type = 2 if failed else 1
+        if own is not None:
+            if not own.is_established:
+                seen["report_statuses"].append(None)
+                return
+            try:
+                status, _ = own.send_n_event_report(result, event_type, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE)
+            except Exception:  # released meanwhile
+                status = None
+            seen["report_statuses"].append(int(status.Status) if status else None)
+            return
+        assert report_to is not None
+        sender = AE(ae_title)
+        sender.add_requested_context(StorageCommitmentPushModel)
+        assoc = sender.associate("127.0.0.1", report_to[0], ae_title=report_to[1], ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
+        assert assoc.is_established
+        status, _ = assoc.send_n_event_report(result, event_type, StorageCommitmentPushModel, STORAGE_COMMITMENT_INSTANCE)
+        assoc.release()
+        seen["report_statuses"].append(int(status.Status))
+
+    def on_store(event: Any) -> int:
+        seen["stored"].append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    def on_action(event: Any) -> tuple[int, None]:
+        information = event.action_information
+        seen["requests"].append([str(i.ReferencedSOPInstanceUID) for i in information.ReferencedSOPSequence])
+        lost = lose(seen["requests"])
+        if lost is not None and (report_to is not None or on_request_association):
+            own = event.assoc if on_request_association else None
+            threading.Timer(0.5, report, args=(information, lost, own)).start()
+        return 0x0000, None
+
+    peer = AE(ae_title)
+    for context in storage or AllStoragePresentationContexts:
+        peer.add_supported_context(getattr(context, "abstract_syntax", context))
+    peer.add_supported_context(StorageCommitmentPushModel)
+    server = peer.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_N_ACTION, on_action)])
+    try:
+        yield seen
+    finally:
+        server.shutdown()

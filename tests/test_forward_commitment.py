@@ -10,17 +10,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, build_role
 from pynetdicom.sop_class import MRImageStorage, StorageCommitmentPushModel  # type: ignore[attr-defined]
 from sqlalchemy import select
 
@@ -28,7 +26,7 @@ from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port, storescu
 from dicom_node.models import AuditEvent, ForwardCommitment, Instance
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
-from tests.helpers import api_token, wait_for as _wait
+from tests.helpers import api_token, commitment_peer, wait_for as _wait
 from training.phantom_dicom import write_mr_series
 
 WELL_KNOWN = "1.2.840.10008.1.20.1.1"
@@ -94,66 +92,20 @@ def test_retention_waits_for_the_destinations_commitment_and_a_request_unanswere
             assert routing["commitment"]["committed"] == 3 and routing["commitment"]["not_asked"] == 0, routing
 
 
-@contextmanager
 def _archive(port: int, node_port: int | None, lose_first: bool = False, lose_always: bool = False,
-             same_association: bool = False) -> Iterator[dict[str, list]]:
+             same_association: bool = False) -> AbstractContextManager[dict[str, list]]:
     """A DICOM archive (pynetdicom) that stores and answers storage commitment on an association
     it opens to the node (none without ``node_port``), or with ``same_association`` on the
     request's own, after its answer (as fo-dicom's synchronous reports do; ``report_statuses``
     then records None where the association was gone): with ``lose_first``, its first report says
     it lost the first instance it was asked for (as an archive whose disk failed after C-STORE
     success would); with ``lose_always``, every report says so of that instance."""
-    seen: dict[str, list] = {"stored": [], "requests": [], "report_statuses": []}
+    def lose(requests: list[list[str]]) -> list[str]:
+        first = requests[0][0]
+        return [first] if (lose_first and len(requests) == 1) or (lose_always and first in requests[-1]) else []
 
-    def on_store(event):
-        seen["stored"].append(str(event.request.AffectedSOPInstanceUID))
-        return 0x0000
-
-    def report(information: Dataset, own: Any = None) -> None:
-        uids = [str(i.ReferencedSOPInstanceUID) for i in information.ReferencedSOPSequence]
-        result = Dataset()
-        result.TransactionUID = information.TransactionUID
-        first = seen["requests"][0][0]
-        lost = [first] if (lose_first and len(seen["requests"]) == 1) or (lose_always and first in uids) else []
-        result.ReferencedSOPSequence = [_item(u) for u in uids if u not in lost]
-        if lost:
-            result.FailedSOPSequence = [_item(u, 0x0110) for u in lost]
-        if own is not None:
-            if not own.is_established:
-                seen["report_statuses"].append(None)
-                return
-            try:
-                status, _ = own.send_n_event_report(result, 2 if lost else 1, StorageCommitmentPushModel, WELL_KNOWN)
-            except Exception:  # released meanwhile
-                status = None
-            seen["report_statuses"].append(int(status.Status) if status else None)
-            return
-        sender = AE("ARCHIVE")
-        sender.add_requested_context(StorageCommitmentPushModel)
-        assoc = sender.associate("127.0.0.1", node_port, ae_title=NODE_AE, ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
-        assert assoc.is_established
-        status, _ = assoc.send_n_event_report(result, 2 if lost else 1, StorageCommitmentPushModel, WELL_KNOWN)
-        assoc.release()
-        seen["report_statuses"].append(int(status.Status))
-
-    def on_action(event):
-        information = event.action_information
-        seen["requests"].append([str(i.ReferencedSOPInstanceUID) for i in information.ReferencedSOPSequence])
-        if same_association:
-            threading.Timer(0.5, report, args=(information, event.assoc)).start()
-        elif node_port is not None:
-            threading.Timer(0.5, report, args=(information,)).start()  # after the N-ACTION's response, as archives do
-        return 0x0000, None
-
-    archive = AE("ARCHIVE")
-    archive.add_supported_context(MRImageStorage)
-    archive.add_supported_context(StorageCommitmentPushModel)
-    server = archive.start_server(("127.0.0.1", port), block=False,
-                                  evt_handlers=[(evt.EVT_C_STORE, on_store), (evt.EVT_N_ACTION, on_action)])
-    try:
-        yield seen
-    finally:
-        server.shutdown()
+    return commitment_peer(port, "ARCHIVE", lose, report_to=(node_port, NODE_AE) if node_port is not None else None,
+                           on_request_association=same_association, storage=[MRImageStorage])
 
 
 def _item(uid: str, reason: int | None = None) -> Dataset:
