@@ -1192,17 +1192,24 @@ def models_list(config: ConfigOption = None) -> None:
 
 @models_app.command("activate")
 def models_activate(key: Annotated[str, typer.Argument(help="id, name or SHA-256 prefix")], config: ConfigOption = None) -> None:
-    """Make a registered model the one every worker uses from its next job on."""
+    """Make a registered model the one every worker uses from its next job on. Warns when the node's
+    selection rules (the config's select_*) let through series the model's card says it never learned
+    (a model trained on other contrasts, or another anatomy, than the one it replaces)."""
     from dicom_node.db import init_db
+    from dicom_node.preflight import selection_against_card
     from dicom_node.registry import activate
     from synthesis.errors import ModelMismatch
 
+    settings = _settings(config)
     try:
-        row = activate(init_db(_settings(config).database_url), key)
+        row = activate(init_db(settings.database_url), key)
     except (ModelMismatch, ValueError) as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(2) from exc
     typer.echo(f"active: {row.id} {row.name} sha256={row.sha256[:12]}")
+    learned, warnings = selection_against_card(row.card or {}, settings)
+    for warning in warnings:
+        typer.echo(f"warning: {warning} ({learned}; the node's selection is its config's, which this does not change)", err=True)
 
 
 @spool_app.command("status")

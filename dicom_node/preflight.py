@@ -165,18 +165,13 @@ def _from_orthanc(s: Settings, modality: dict[str, Any] | str | None, orthanc_ae
     return Check(OK, "from orthanc", f"{where} reaches the node, which takes Orthanc's AE title {orthanc_aet!r}")
 
 
-def _model(s: Settings) -> Check:
-    from synthesis.errors import ModelMismatch
-    from synthesis.model_file import load_model
-
-    try:
-        model = load_model(s.model_file)
-    except (ModelMismatch, OSError, ValueError) as exc:
-        return Check(FAIL, "model", f"model_file: {exc}")
-    said = f"{s.model_file.name}: {model.card['architecture']} generator, SHA-256 {model.short_digest}"
-    trained = model.card.get("mr_contrasts")
+def selection_against_card(card: dict[str, Any], s: Settings) -> tuple[str, list[str]]:
+    """What a model's card says it learned, in words, and how the node's selection rules let
+    through series it never learned (`config check`'s model line, `mr2ct models activate`). A card
+    made before a key existed says nothing of it, and nothing is held to it."""
+    trained = card.get("mr_contrasts")
     if not trained:
-        return Check(OK, "model", f"{said}; its card does not say which MR contrasts it was trained on (made before 2026-12-05)")
+        return "its card does not say which MR contrasts it was trained on (made before 2026-12-05)", []
     selected = s.select_acquisition_contrasts
     beyond = [c for c in selected if c not in trained] if selected else ["any"]
     warnings = [f"select_acquisition_contrasts {selected or '(empty: any)'} lets through {beyond}, whose sCT the model never "
@@ -185,14 +180,14 @@ def _model(s: Settings) -> Check:
     for key, setting, chosen, what in (("mr_contrast_agents", "select_contrast_agent", s.select_contrast_agent, "a contrast agent"),
                                        ("mr_fat_suppression", "select_fat_suppression", s.select_fat_suppression, "fat suppression")):
         # WITH and/or WITHOUT; cards made before 2026-12-06 do not say, and UNKNOWN is a pulled cache's series that did not record it
-        seen = [a for a in model.card.get(key) or () if a in ("WITH", "WITHOUT")]
+        seen = [a for a in card.get(key) or () if a in ("WITH", "WITHOUT")]
         if not seen:
             continue
         learned += ", " + " and ".join(a.lower() for a in seen) + f" {what}"
         admitted = [a.lower() for a in CHOICES[chosen] if a not in seen]
         if admitted:
             warnings.append(f"{setting} {chosen!r} lets through series {' and '.join(admitted)} {what}, which the model never learned")
-    parts = [p for p in model.card.get("mr_body_parts") or () if p != UNKNOWN]  # cards made before 2026-12-06 do not say
+    parts = [p for p in card.get("mr_body_parts") or () if p != UNKNOWN]  # cards made before 2026-12-06 do not say
     if parts:
         learned += f", body parts {parts}"
         known = learned_parts(parts)
@@ -200,6 +195,52 @@ def _model(s: Settings) -> Check:
         if other:
             warnings.append(f"select_body_parts {s.select_body_parts or '(empty: any)'} lets through {other}, whose anatomy the model "
                             "never learned")
+    return learned, warnings
+
+
+def _active_in_registry(s: Settings) -> Any:
+    """The registry's active model (``dicom_node.registry``), which the workers use instead of
+    model_file; None when none is, or the database cannot say (its own check reports that)."""
+    from sqlalchemy import select
+    from sqlalchemy.orm import Session
+
+    from dicom_node.db import make_engine
+    from dicom_node.models import ModelVersion
+
+    try:
+        engine = make_engine(s.database_url)
+        try:
+            with Session(engine) as session:
+                return session.scalars(select(ModelVersion).where(ModelVersion.active.is_(True))).first()
+        finally:
+            engine.dispose()
+    except Exception:  # no database yet, or one before the registry: model_file is what runs
+        return None
+
+
+def _model(s: Settings) -> Check:
+    """The model the workers run: the registry's active one, else model_file; loaded, and its card
+    held against the selection rules."""
+    from dicom_node.registry import registered_weights
+    from synthesis.errors import ModelMismatch
+    from synthesis.model_file import load_model
+
+    active = _active_in_registry(s)
+    try:
+        if active is not None:
+            model = load_model(registered_weights(active))
+        else:
+            model = load_model(s.model_file)
+    except (ModelMismatch, OSError, ValueError) as exc:
+        if active is not None:
+            return Check(FAIL, "model", f"the registry's active model {active.id} {active.name!r}: {exc} (mr2ct models activate another)")
+        return Check(FAIL, "model", f"model_file: {exc}")
+    name = (f"the registry's active model {active.id} {active.name!r} (model_file is used while none is active)" if active is not None
+            else s.model_file.name)
+    said = f"{name}: {model.card['architecture']} generator, SHA-256 {model.short_digest}"
+    learned, warnings = selection_against_card(model.card, s)
+    if not model.card.get("mr_contrasts"):
+        return Check(OK, "model", f"{said}; {learned}")
     if warnings:
         return Check(WARN, "model", f"{said}, {learned}: " + "; ".join(warnings))
     return Check(OK, "model", f"{said}, {learned}")

@@ -237,6 +237,7 @@ class Node:
             routing=routing, orthanc_timeout=s.orthanc_timeout_seconds, audit_export=s.audit_syslog,
             forward_commitment_on=s.forward_commitment, contrasts=tuple(s.select_acquisition_contrasts),
             contrast_agent=s.select_contrast_agent, fat_suppression=s.select_fat_suppression, originals_from=s.originals_from,
+            selection=s,
         )
         tls = {}
         if s.api_tls_certificate is not None:

@@ -188,3 +188,33 @@ def test_an_active_model_that_cannot_be_loaded_is_tried_again_only_once_its_file
     weights.write_bytes(kept)
     worker.refresh_model()
     assert worker.model.sha256 == row.sha256
+
+
+def test_activating_a_model_of_another_contrast_and_anatomy_warns_and_config_check_checks_the_active_one(node_factory, tmp_path):
+    """An ML engineer promotes a T2 pelvis model into a node whose selection takes T1 heads: the
+    activation warns (CLI and API) that the selection lets through what the model never learned,
+    and `config check` checks the registry's active model, which the workers run, not model_file."""
+    node = node_factory()
+    run = tmp_path / "run-pelvis"
+    card = {k: v for k, v in load_model(default_model_path()).card.items() if k != "sha256"}
+    card.update(name="run-pelvis", mr_contrasts=["T2"], mr_body_parts=["PELVIS"])
+    torch.manual_seed(10)
+    new = save_model(run / "model.safetensors", ResnetGenerator(ngf=16, n_blocks=6), card)
+    assert _cli(node, "models", "register", str(run)).returncode == 0
+    activated = _cli(node, "models", "activate", new["sha256"][:12])
+    assert activated.returncode == 0 and "active: " in activated.stdout, activated.stderr
+    assert "warning: select_acquisition_contrasts ['T1'] lets through ['T1'], whose sCT the model never learned" in activated.stderr
+    assert "select_body_parts ['HEAD', 'BRAIN', 'SKULL', 'UNKNOWN'] lets through ['HEAD', 'BRAIN', 'SKULL']" in activated.stderr
+
+    checked = _cli(node, "config", "check")
+    model_line = next(line for line in checked.stdout.splitlines() if line.split()[1:2] == ["model"])
+    assert model_line.startswith("warn") and "the registry's active model" in model_line and "'run-pelvis'" in model_line, model_line
+    assert new["sha256"][:12] in model_line and "body parts ['PELVIS']" in model_line, model_line
+
+    token = _cli(node, "tokens", "create", "--role", "admin", "--name", "ml").stdout.strip()
+    base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
+    with init_db(node.database_url)() as session:
+        model_id = session.scalars(select(ModelVersion.id).where(ModelVersion.sha256 == new["sha256"])).one()
+    answer = httpx.post(f"{base}/models/{model_id}/activate", headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
+    assert answer["active"] and any("select_body_parts" in w and "['HEAD', 'BRAIN', 'SKULL']" in w for w in answer["warnings"]), answer
+    assert any("select_acquisition_contrasts" in w for w in answer["warnings"]), answer

@@ -32,6 +32,7 @@ from dicom_node.models import (Association, AuditEvent, Commitment, Delivery, Ev
 from dicom_node.orthanc_store import DEFAULT_TIMEOUT_SECONDS, OrthancStore
 from dicom_node.outcomes import standing, where_sent
 from dicom_node.retention import spool_usage
+from dicom_node.settings import Settings
 from dicom_node.training_runs import RunState
 from synthesis.contrast import DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN
 from synthesis.errors import PacsUnavailable
@@ -127,13 +128,16 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                spool_dir: str | None = None, spool_min_free_mb: int = 0, node_info: dict[str, Any] | None = None,
                routing: str | None = None, orthanc_timeout: float = DEFAULT_TIMEOUT_SECONDS, audit_export: str | None = None,
                forward_commitment_on: bool = False, contrasts: tuple[str, ...] = DEFAULT_SELECTED,
-               contrast_agent: str = DEFAULT_CHOICE, fat_suppression: str = DEFAULT_CHOICE, originals_from: str = "spool") -> FastAPI:
+               contrast_agent: str = DEFAULT_CHOICE, fat_suppression: str = DEFAULT_CHOICE, originals_from: str = "spool",
+               selection: Settings | None = None) -> FastAPI:
     """``contrasts``: the node's select_acquisition_contrasts, which a series asked for by name
     (POST /synthesize) must still meet, UNKNOWN aside (the one asking vouches for what its header
     does not tell; no one can make a T1 model read a FLAIR series); so must ``contrast_agent`` and
     ``fat_suppression``, the node's select_contrast_agent and select_fat_suppression (an unenhanced
     model does not learn enhancement by being asked). ``originals_from``: the workers' (orthanc: a
-    retry of a series whose originals spool retention deleted is theirs to read from Orthanc)."""
+    retry of a series whose originals spool retention deleted is theirs to read from Orthanc).
+    ``selection``: the node's settings, whose selection rules an activated model's card is held
+    against (the activation's ``warnings``)."""
     app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
     orthanc_at = _without_credentials(orthanc_url) if orthanc_url else None  # where POST /synthesize reads from, as audited
     app.state.sessions = sessions
@@ -533,7 +537,12 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             chosen = activate(sessions, str(model_id), actor=caller.actor)
         except (ModelMismatch, ValueError) as exc:
             raise HTTPException(409, str(exc)) from exc
-        return {"id": chosen.id, "sha256": chosen.sha256, "active": True}
+        warnings: list[str] = []
+        if selection is not None:  # series the node's selection lets through that the model never learned
+            from dicom_node.preflight import selection_against_card
+
+            warnings = selection_against_card(chosen.card or {}, selection)[1]
+        return {"id": chosen.id, "sha256": chosen.sha256, "active": True, "warnings": warnings}
 
     @api.get("/evaluations")
     def list_evaluations(
