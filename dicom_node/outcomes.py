@@ -18,12 +18,13 @@ while still held (its writer died between taking and writing: killed, its host l
 again, so its note is not lost. A writer alive but slow (Orthanc answering slowly for a batch)
 renews its lease once half of it has passed, on the condition that it still holds it: a series
 another writer took meanwhile (the lease ran out all the same: a process paused, a clock jump) is
-that writer's now, and the slow one leaves it unwritten, so its older note cannot land last. A note Orthanc cannot take now (Orthanc down) is flagged again
-for a later round; a series Orthanc does not hold yet (routed there after the node judged it: the
-node's own forward_originals, or a scanner that sends to both) is looked for again every
-``NOT_HELD_PAUSE`` seconds until ``NOT_HELD_WINDOW`` after its last instance; one the node's
-routing puts there later (a backlog) is flagged again by it (``mark_due_unwritten``); one Orthanc
-never receives (sent to the node only) gets no note. Notes are best effort: nothing else waits on them."""
+that writer's now, and the slow one leaves it unwritten, so its older note cannot land last. A
+note Orthanc cannot take now (Orthanc down) is flagged again for a later round; a series Orthanc
+does not hold yet (routed there after the node judged it: the node's own forward_originals, or a
+scanner that sends to both) is looked for again every ``NOT_HELD_PAUSE`` seconds until
+``NOT_HELD_WINDOW`` after its last instance; one the node's routing puts there later (a backlog)
+is flagged again by it (``mark_due_unwritten``); one Orthanc never receives (sent to the node
+only) gets no note. Notes are best effort: nothing else waits on them."""
 
 from __future__ import annotations
 
@@ -226,9 +227,10 @@ class OutcomeNotes:
         not_held: list[str] = []  # Orthanc may receive them yet: looked for again after the pause
         pending = list(taken)
         while pending:
-            if utcnow() >= pending[0].lease - LEASE / 2:
-                _release(self.sessions, done, lease=leases)  # written: let go of before their lease runs out
-                done = []
+            if utcnow() >= pending[0].lease - LEASE / 2:  # let go of those handled before their lease runs out
+                _release(self.sessions, done, lease=leases)
+                _release(self.sessions, not_held, due=True, after=utcnow() + NOT_HELD_PAUSE, lease=leases)
+                done, not_held = [], []
                 still = _renew(self.sessions, pending)
                 if len(still) < len(pending):
                     log.info("%d series' notes were taken by another writer while this one was slow; left to it", len(pending) - len(still))
