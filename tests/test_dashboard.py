@@ -19,7 +19,7 @@ from sqlalchemy import select
 from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import free_port, storescu
-from dicom_node.models import AuditEvent, Job
+from dicom_node.models import AuditEvent, Job, ModelVersion
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import api_token, c_store, headless_chromium, series_once_complete, wait_for
 from training.phantom_dicom import write_mr_series
@@ -182,3 +182,53 @@ def test_an_administrator_cancels_a_queued_job_from_the_dashboard(node_factory, 
         event = session.scalars(select(AuditEvent).where(AuditEvent.action == "job-cancelled", AuditEvent.job_id == job.id)).one()
     assert cancelled.state == "cancelled" and cancelled.error.startswith("cancelled by api:cancel-admin")
     assert event.actor == "api:cancel-admin" and event.detail.get("via") == "dashboard"
+
+
+def test_an_administrator_activates_a_registered_model_from_the_dashboard_and_is_told_what_it_never_learned(node_factory, tmp_path):
+    """The ML engineer promotes a model without touching files: the dashboard lists the registered
+    models; an administrator presses activate on one trained on T2 pelvises and reads, on the page
+    that follows, what the node's selection (T1 heads) lets through that the model never learned;
+    the model is active. An auditor gets no button, and a POST with its cookie is refused (403)."""
+    import torch
+
+    from synthesis.model_file import default_model_path, load_model, save_model
+    from synthesis.networks import ResnetGenerator
+
+    node = node_factory()
+    run = tmp_path / "run-pelvis"
+    card = {k: v for k, v in load_model(default_model_path()).card.items() if k != "sha256"}
+    card.update(name="run-pelvis", mr_contrasts=["T2"], mr_body_parts=["PELVIS"])
+    torch.manual_seed(11)
+    new = save_model(run / "model.safetensors", ResnetGenerator(ngf=16, n_blocks=6), card)  # the shipped card's size
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")} | {"MR2CT_DATABASE_URL": node.database_url}
+    registered = subprocess.run([sys.executable, "-m", "dicom_node.cli", "models", "register", str(run)], capture_output=True, text=True,
+                                env=env, timeout=120)
+    assert registered.returncode == 0, registered.stderr
+    with init_db(node.database_url)() as session:
+        model = session.scalars(select(ModelVersion).where(ModelVersion.sha256 == new["sha256"])).one()
+    admin, auditor = api_token(node.database_url, "admin", "ml-admin"), api_token(node.database_url, "auditor", "ml-auditor")
+    base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
+    with headless_chromium() as browser:
+        page = _logged_in(browser, base, auditor)
+        row = page.locator(f"#model-{model.id}")
+        assert "run-pelvis" in row.inner_text() and "T2, PELVIS" in row.inner_text()
+        assert page.locator(f"#activate-{model.id}").count() == 0  # an auditor reads only
+        refused = page.request.post(f"{base}/dashboard/models/{model.id}/activate")
+        assert refused.status == 403 and "may not activate" in refused.text()
+        page.context.close()
+        page = _logged_in(browser, base, admin)
+        with page.expect_navigation():
+            page.click(f"#activate-{model.id}")
+        warnings = page.locator("#warnings").inner_text()
+        assert "select_acquisition_contrasts ['T1'] lets through ['T1']" in warnings, warnings
+        assert "select_body_parts" in warnings and "['HEAD', 'BRAIN', 'SKULL']" in warnings, warnings
+        page.screenshot(path=str(ARTIFACTS / "dashboard-model-activated.png"))
+        page.goto(f"{base}/dashboard")
+        assert "active" in page.locator(f"#model-{model.id}").inner_text() and page.locator(f"#activate-{model.id}").count() == 0
+        missing = page.request.post(f"{base}/dashboard/models/999999/activate")
+        assert missing.status == 404 and "no model 999999" in missing.text()
+    with init_db(node.database_url)() as session:
+        assert session.get(ModelVersion, model.id).active
+        events = session.scalars(select(AuditEvent).where(AuditEvent.action.in_(("model-activated", "security-alert")))).all()
+    assert any(e.action == "model-activated" and e.actor == "api:ml-admin" for e in events), [(e.action, e.actor) for e in events]
+    assert any(e.action == "security-alert" and e.actor == "api:ml-auditor" for e in events)

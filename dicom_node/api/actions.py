@@ -1,4 +1,4 @@
-"""What the admin API and the dashboard both do to jobs (one rule, two ways in)."""
+"""What the admin API and the dashboard both do to jobs and models (one rule, two ways in)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.db import notify_job_queued
-from dicom_node.models import Instance, Job, Series, utcnow
+from dicom_node.models import Instance, Job, ModelVersion, Series, utcnow
 from dicom_node.outcomes import mark_due
 from dicom_node.retention import lock_series, purged_reason
+from dicom_node.settings import Settings
 
 
 def pending_job(session: Session, series_uid: str) -> Job | None:
@@ -72,3 +73,22 @@ def cancel_job(sessions: sessionmaker[Session], job_id: int, actor: str, **audit
         mark_due(session, series_uid)
     audit.record(sessions, "job-cancelled", "success", actor, series_uid=series_uid, job_id=job_id, was_running=was_running, **audited)
     return {"job_id": job_id, "state": "cancelled", "was_running": was_running}
+
+
+def activate_model(sessions: sessionmaker[Session], model_id: int, actor: str, selection: Settings | None = None) -> tuple[ModelVersion, list[str]]:
+    """Make registered model ``model_id`` the one the workers use from their next job on: the model,
+    and how the node's selection rules (``selection``, its settings) let through series its card says
+    it never learned (warnings: the selection stays the config's). HTTPException 404 (no such model)
+    or 409 saying why not (its file now holds other weights)."""
+    from dicom_node.preflight import selection_against_card
+    from dicom_node.registry import activate
+    from synthesis.errors import ModelMismatch
+
+    with sessions() as session:
+        if session.get(ModelVersion, model_id) is None:
+            raise HTTPException(404, f"no model {model_id}")
+    try:
+        chosen = activate(sessions, str(model_id), actor=actor)
+    except (ModelMismatch, ValueError) as exc:
+        raise HTTPException(409, str(exc)) from exc
+    return chosen, selection_against_card(chosen.card or {}, selection)[1] if selection is not None else []

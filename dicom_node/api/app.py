@@ -23,7 +23,7 @@ from sqlalchemy import Select, and_, case, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit, forward_commitment
-from dicom_node.api.actions import cancel_job, pending_job, retry_job
+from dicom_node.api.actions import activate_model, cancel_job, pending_job, retry_job
 from dicom_node.api.auth import READERS, Caller, current_caller, require
 from dicom_node.forwarder import reschedule_failed
 from dicom_node.ingest import REASON_CODES
@@ -146,7 +146,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     from dicom_node.api.dashboard import dashboard_router
 
     purged_from_orthanc = originals_from == "orthanc"  # a retry's originals retention deleted: the workers read them from Orthanc
-    app.include_router(dashboard_router(sessions, store, purged_from_orthanc=purged_from_orthanc))
+    app.include_router(dashboard_router(sessions, store, purged_from_orthanc=purged_from_orthanc, selection=selection))
     # Every route on this router needs a valid token (a route that forgets its role dependency
     # is still closed) and documents 401/403; each route's own dependency says which roles.
     api = APIRouter(dependencies=[Depends(current_caller)], responses=refusals(401, 403))
@@ -526,22 +526,9 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                     "evaluations": [{k: v for k, v in _row(e).items() if k != "report"} for e in evaluations]}
 
     @api.post("/models/{model_id}/activate", responses=refusals(404, 409))
-    def activate_model(model_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
-        from dicom_node.registry import activate
-        from synthesis.errors import ModelMismatch
-
-        with sessions() as session:
-            if session.get(ModelVersion, model_id) is None:
-                raise HTTPException(404, f"no model {model_id}")
-        try:
-            chosen = activate(sessions, str(model_id), actor=caller.actor)
-        except (ModelMismatch, ValueError) as exc:
-            raise HTTPException(409, str(exc)) from exc
-        warnings: list[str] = []
-        if selection is not None:  # series the node's selection lets through that the model never learned
-            from dicom_node.preflight import selection_against_card
-
-            warnings = selection_against_card(chosen.card or {}, selection)[1]
+    def activate_model_by_id(model_id: ResourceId, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
+        """``warnings``: series the node's selection lets through that the model's card says it never learned."""
+        chosen, warnings = activate_model(sessions, model_id, caller.actor, selection)
         return {"id": chosen.id, "sha256": chosen.sha256, "active": True, "warnings": warnings}
 
     @api.get("/evaluations")

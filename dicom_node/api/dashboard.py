@@ -19,11 +19,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.api.actions import cancel_job, retry_job
+from dicom_node.api.actions import activate_model, cancel_job, retry_job
 from dicom_node.api.auth import READERS, active_token, note_use
 from dicom_node.outcomes import standing, where_sent
 from dicom_node.models import ApiToken, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
+from dicom_node.settings import Settings
 from synthesis.errors import PacsUnavailable
 
 COOKIE = "mr2ct_token"
@@ -57,7 +58,8 @@ def _running_text(job: Job) -> str:
     return f", {html.escape(job.stage)}"
 
 
-def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None, purged_from_orthanc: bool = False) -> APIRouter:
+def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None, purged_from_orthanc: bool = False,
+                     selection: Settings | None = None) -> APIRouter:
     router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
     def login_form(message: str = "") -> HTMLResponse:
@@ -95,7 +97,8 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
             set_aside = session.scalars(select(Series).where(Series.state == "ignored").order_by(Series.last_received_at.desc()).limit(20)).all()
             runs = session.scalars(select(TrainingRun).order_by(TrainingRun.id.desc()).limit(10)).all()
             evaluations = session.scalars(select(Evaluation).order_by(Evaluation.id.desc()).limit(10)).all()
-            models = {m.sha256: m for m in session.scalars(select(ModelVersion))}
+            registered = session.scalars(select(ModelVersion).order_by(ModelVersion.id.desc())).all()
+            models = {m.sha256: m for m in registered}
             sent = where_sent(session, [job.ct_series_uid for job, _ in rows if job.state == "done" and job.ct_series_uid])
         job_rows = []
         for job, series in rows:
@@ -152,6 +155,18 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 f"<td>{html.escape(e.label)} ({e.pairs} pairs, <code>{e.dataset_digest[:12]}</code>)</td><td>{e.mae_hu:.1f} HU</td>"
                 f"<td>{e.mae_linear_hu:.1f} HU</td><td>{versus}</td></tr>"
             )
+        model_rows = []
+        for m in registered:
+            button = ""
+            if caller.role == "admin" and not m.active:  # an administrator promotes a model from here; an auditor reads
+                button = (f"<form method='post' action='/dashboard/models/{m.id}/activate'>"
+                          f"<button type='submit' class='activate' id='activate-{m.id}'>activate</button></form>")
+            learned = ", ".join(str(v) for key in ("mr_contrasts", "mr_body_parts") for v in (m.card or {}).get(key) or [])
+            model_rows.append(
+                f"<tr id='model-{m.id}'><td>{m.id}</td><td>{html.escape(m.name)}</td><td><code>{m.sha256[:12]}</code></td>"
+                f"<td>{html.escape(m.architecture)}</td><td>{html.escape(learned)}</td><td>{m.registered_at:%Y-%m-%d %H:%M}</td>"
+                f"<td class='{'done' if m.active else ''}'>{'active' if m.active else ''}</td><td>{button}</td></tr>"
+            )
         body = (f"<h1>mr2ct jobs</h1><p>Logged in as {html.escape(caller.name)} ({html.escape(caller.role)})</p>"
                 "<table id='jobs'><tr><th>job</th><th>state</th><th>series</th><th>instances</th><th>from</th><th>created</th>"
                 f"<th>took</th><th>device</th><th>error</th><th>delivered to</th><th></th></tr>{''.join(job_rows)}</table>"
@@ -159,6 +174,9 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 f"<th>last received</th><th>why</th></tr>{''.join(set_aside_rows)}</table>"
                 "<h1>training runs</h1><table id='training'><tr><th>run</th><th>state</th><th>epochs</th><th>last epoch</th>"
                 f"<th>started</th><th>model</th><th></th></tr>{''.join(run_rows)}</table>"
+                "<h1>models</h1><table id='models'><tr><th>model</th><th>name</th><th>SHA-256</th><th>architecture</th>"
+                "<th>learned</th><th>registered</th><th></th><th></th></tr>"
+                f"{''.join(model_rows)}</table>"
                 "<h1>models on your own pairs</h1><table id='evaluations'><tr><th>evaluation</th><th>at</th><th>model</th>"
                 "<th>pairs</th><th>MAE</th><th>linear baseline</th><th>against</th></tr>"
                 f"{''.join(evaluation_rows)}</table>"
@@ -232,6 +250,31 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
             return _page(f"mr2ct: {action} refused", f"<p class='failed' id='refused'>{html.escape(str(exc.detail))}</p>"
                          "<p><a href='/dashboard'>back</a></p>", status_code=exc.status_code)
         return RedirectResponse("/dashboard", status_code=303)
+
+    @router.post("/models/{model_id}/activate")
+    def activate(model_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:
+        """The activate button of a registered model (admin tokens only): POST /models/{id}/activate's
+        rules; back to the dashboard, or a page saying why not, or what the node's selection lets
+        through that the model never learned."""
+        caller = _caller(request, sessions)
+        if caller is None:
+            return RedirectResponse("/dashboard", status_code=303)
+        if caller.role != "admin":
+            audit.record(sessions, audit.SECURITY_ALERT, "failure", f"api:{caller.name}", reason=f"dashboard model activation with a "
+                         f"{caller.role} token", model_id=model_id)
+            return _page("mr2ct: not allowed", f"<p class='failed'>A {html.escape(caller.role)} token may not activate models.</p>"
+                         "<p><a href='/dashboard'>back</a></p>", status_code=403)
+        try:
+            chosen, warnings = activate_model(sessions, model_id, f"api:{caller.name}", selection)
+        except HTTPException as exc:
+            return _page("mr2ct: activation refused", f"<p class='failed' id='refused'>{html.escape(str(exc.detail))}</p>"
+                         "<p><a href='/dashboard'>back</a></p>", status_code=exc.status_code)
+        if not warnings:
+            return RedirectResponse("/dashboard", status_code=303)
+        items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+        return _page("mr2ct: model activated", f"<p>Model {chosen.id} {html.escape(chosen.name)} is active from the workers' next job "
+                     f"on. The node's selection (its config) lets through series it never learned:</p><ul id='warnings'>{items}</ul>"
+                     "<p><a href='/dashboard'>back</a></p>")
 
     @router.get("/jobs/{job_id}/preview.png")
     def preview(job_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:
