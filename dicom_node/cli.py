@@ -1173,6 +1173,7 @@ def models_list(config: ConfigOption = None) -> None:
 
     from dicom_node.db import init_db
     from dicom_node.models import Evaluation, ModelVersion
+    from synthesis.card import learned
 
     settings = _settings(config)
     with init_db(settings.database_url)() as session:
@@ -1184,7 +1185,9 @@ def models_list(config: ConfigOption = None) -> None:
             e = latest.get(m.sha256)
             scored = (f"  own pairs: MAE {e.mae_hu:.1f} HU on {e.pairs} with {e.test_time_augmentation} views (evaluation {e.id}, {e.at:%Y-%m-%d})"
                       if e else "")
-            typer.echo(f"{'*' if m.active else ' '} {m.id:3d} {m.name:30s} {m.sha256[:12]} {m.architecture:8s} {m.registered_at:%Y-%m-%d %H:%M}{scored}")
+            said = learned(m.card or {})
+            typer.echo(f"{'*' if m.active else ' '} {m.id:3d} {m.name:30s} {m.sha256[:12]} {m.architecture:8s} {m.registered_at:%Y-%m-%d %H:%M}"
+                       f"{f'  learned: {said}' if said else ''}{scored}")
     if not any(m.active for m in registered):  # say what the node runs, rather than nothing
         typer.echo(f"{'no model registered' if not registered else 'none active'}: the node runs model_file {settings.model_file}; "
                    "`mr2ct models register RUN_FOLDER_OR_FILE` then `mr2ct models activate ID` to change it without a restart")

@@ -109,3 +109,9 @@ def _change_card(weights: Path, card: dict[str, Any], changes: dict[str, Any], r
     tmp.write_text(json.dumps(card, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
     return card
+
+
+def learned(card: dict[str, Any]) -> str:
+    """What a card says its model learned, in a few words: its MR contrasts and body parts ("T1,
+    HEAD"; '' for a card made before they were recorded), for listings of registered models."""
+    return ", ".join(str(v) for key in ("mr_contrasts", "mr_body_parts") for v in card.get(key) or ())

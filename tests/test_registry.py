@@ -55,6 +55,7 @@ def test_register_activate_and_the_next_job_uses_the_new_model(node_factory, tmp
     assert again.returncode == 0 and "already registered; nothing changed" in again.stdout
     inactive = _cli(node, "models", "list").stdout  # registered is not active: the list says what the node runs meanwhile
     assert "run-7" in inactive and f"none active: the node runs model_file {default_model_path()}" in inactive
+    assert "learned: T1, HEAD" in inactive  # what its card says it learned: the shipped card's
 
     first = write_mr_series(tmp_path / "a", seed=1400, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
     assert storescu(first.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0

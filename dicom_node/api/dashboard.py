@@ -25,6 +25,7 @@ from dicom_node.outcomes import standing, where_sent
 from dicom_node.models import ApiToken, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.settings import Settings
+from synthesis.card import learned
 from synthesis.errors import PacsUnavailable
 
 COOKIE = "mr2ct_token"
@@ -161,10 +162,9 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
             if caller.role == "admin" and not m.active:  # an administrator promotes a model from here; an auditor reads
                 button = (f"<form method='post' action='/dashboard/models/{m.id}/activate'>"
                           f"<button type='submit' class='activate' id='activate-{m.id}'>activate</button></form>")
-            learned = ", ".join(str(v) for key in ("mr_contrasts", "mr_body_parts") for v in (m.card or {}).get(key) or [])
             model_rows.append(
                 f"<tr id='model-{m.id}'><td>{m.id}</td><td>{html.escape(m.name)}</td><td><code>{m.sha256[:12]}</code></td>"
-                f"<td>{html.escape(m.architecture)}</td><td>{html.escape(learned)}</td><td>{m.registered_at:%Y-%m-%d %H:%M}</td>"
+                f"<td>{html.escape(m.architecture)}</td><td>{html.escape(learned(m.card or {}))}</td><td>{m.registered_at:%Y-%m-%d %H:%M}</td>"
                 f"<td class='{'done' if m.active else ''}'>{'active' if m.active else ''}</td><td>{button}</td></tr>"
             )
         body = (f"<h1>mr2ct jobs</h1><p>Logged in as {html.escape(caller.name)} ({html.escape(caller.role)})</p>"
