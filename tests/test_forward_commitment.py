@@ -179,7 +179,9 @@ def test_an_archive_that_reports_on_the_requests_own_association_commits_what_it
                     _wait(lambda: len(rows := _rows(url)) == 3 and all(r.forward_committed_at and r.purged_at for r in rows), 60,
                           "the originals reported on the request's association were not committed and deleted")
                     with init_db(url)() as session:
-                        assert [r.state for r in session.query(ForwardCommitment)] == ["committed"]
+                        # one request, or two when the routing took the series in two passes: all committed
+                        states = [r.state for r in session.query(ForwardCommitment)]
+                        assert states and set(states) == {"committed"}, states
                     assert "storage commitment reported on the request's association" in node.log_path.read_text()
                 else:
                     assert seen["report_statuses"][0] is None  # released at once: the report had nowhere to go

@@ -37,9 +37,20 @@ def test_a_malformed_instance_is_refused_and_the_node_keeps_answering(case, good
     try:
         status = assoc.send_c_store(path)
         assert status and status.Status in CASES[case], f"{case}: status 0x{getattr(status, 'Status', 0):04X}"
-        assert assoc.send_c_echo().Status == 0
+        echo = assoc.send_c_echo()
     finally:
         assoc.release()
+    if "Status" not in echo:
+        # pynetdicom's own race (pydicom/pynetdicom#875): a response that arrives before the SCU waits
+        # for it is taken for a request ("Received unexpected C-ECHO service message") and dropped;
+        # the node answered, so a new association's echo shows it still does
+        again = ae.associate("127.0.0.1", node.port, ae_title=NODE_AE)
+        assert again.is_established
+        try:
+            echo = again.send_c_echo()
+        finally:
+            again.release()
+    assert echo.Status == 0
     sessions = init_db(node.database_url)
     with sessions() as session:
         assert session.scalars(select(Instance)).all() == [] or all("evil" not in i.path for i in session.scalars(select(Instance)))
