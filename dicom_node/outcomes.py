@@ -163,6 +163,15 @@ def _claim_due(sessions: sessionmaker[Session], limit: int) -> list[Due]:
                 for series in session.scalars(select(Series).where(Series.series_instance_uid.in_(uids)))]
 
 
+def _by_lease(uids: list[str], lease: dict[str, datetime]) -> dict[datetime, list[str]]:
+    """``uids`` grouped by the lease this writer holds each by (one group, or two after a renewal):
+    one conditional statement per group."""
+    groups: dict[datetime, list[str]] = {}
+    for uid in uids:
+        groups.setdefault(lease[uid], []).append(uid)
+    return groups
+
+
 def _renew(sessions: sessionmaker[Session], taken: list[Due]) -> list[Due]:
     """Of series taken by ``_claim_due`` (and not let go of), those this writer still holds, their
     leases renewed for ``LEASE`` from now; the others (taken by another writer once their lease ran
@@ -171,8 +180,8 @@ def _renew(sessions: sessionmaker[Session], taken: list[Due]) -> list[Due]:
         return []
     lease = utcnow() + LEASE
     with sessions.begin() as session:
-        for due in taken:
-            session.execute(update(Series).where(Series.series_instance_uid == due.series_uid, Series.outcome_after == due.lease)
+        for until, uids in _by_lease([due.series_uid for due in taken], {due.series_uid: due.lease for due in taken}).items():
+            session.execute(update(Series).where(Series.series_instance_uid.in_(uids), Series.outcome_after == until)
                             .values(outcome_after=lease))
         held = set(session.scalars(select(Series.series_instance_uid).where(
             Series.series_instance_uid.in_([due.series_uid for due in taken]), Series.outcome_after == lease)))
@@ -192,10 +201,7 @@ def _release(sessions: sessionmaker[Session], uids: list[str], *, due: bool = Fa
             if lease is None:
                 session.execute(update(Series).where(Series.series_instance_uid.in_(uids)).values(**values))
                 return
-            by_lease: dict[datetime, list[str]] = {}
-            for uid in uids:
-                by_lease.setdefault(lease[uid], []).append(uid)
-            for until, held in by_lease.items():  # one statement per lease: one, or two after a renewal
+            for until, held in _by_lease(uids, lease).items():
                 session.execute(update(Series).where(Series.series_instance_uid.in_(held), Series.outcome_after == until).values(**values))
 
 

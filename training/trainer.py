@@ -84,38 +84,26 @@ def make_pools(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(mr_slices)[:, None], np.concatenate(ct_slices)[:, None]
 
 
-def _train_mr(cfg: TrainConfig, key: str, phantoms: str) -> list[str]:
-    """What the MR series of a pulled cache's train split record under ``key`` (UNKNOWN for series
-    cached before it was recorded), or ``phantoms``, what training.phantoms' heads are."""
+# card key -> (the pulled manifest's key for it, what training.phantoms' heads are: T1-weighted,
+# unenhanced, fat bright, heads)
+MR_LEARNED = {"mr_contrasts": ("contrast", "T1"), "mr_contrast_agents": ("contrast_agent", "WITHOUT"),
+              "mr_fat_suppression": ("fat_suppression", "WITHOUT"), "mr_body_parts": ("body_part", "HEAD")}
+
+
+def mr_learned(cfg: TrainConfig) -> dict[str, list[str]]:
+    """What the MR the generator learns from is, for the card: its contrasts (``mr_contrasts``),
+    whether it was enhanced (``mr_contrast_agents``) or fat-suppressed (``mr_fat_suppression``), WITH
+    and/or WITHOUT, and its anatomy (``mr_body_parts``, BodyPartExamined), which `mr2ct config check`
+    holds the node's select_acquisition_contrasts, select_contrast_agent, select_fat_suppression and
+    select_body_parts to. The phantoms' (T1, WITHOUT, WITHOUT, HEAD), or what a pulled cache's train
+    split records, its manifest read once (UNKNOWN for series cached before a key was recorded:
+    contrast, agent and fat suppression 2026-12-05, body part 2026-12-06)."""
     if not cfg.data:
-        return [phantoms]
+        return {card_key: [phantoms] for card_key, (_, phantoms) in MR_LEARNED.items()}
     from training.pacs_pull import DatasetCache
 
-    entries = DatasetCache(Path(str(cfg.data))).entries()
-    return sorted({e.get(key, "UNKNOWN") for e in entries if e["modality"] == "MR" and e["split"] == "train"})
-
-
-def mr_contrasts(cfg: TrainConfig) -> list[str]:
-    """The MR contrasts the generator learns from (the card's ``mr_contrasts``, which `mr2ct config
-    check` holds the node's select_acquisition_contrasts to): the phantoms' T1, or those a pulled
-    cache's train split records (UNKNOWN for series cached before 2026-12-05, when none was recorded)."""
-    return _train_mr(cfg, "contrast", "T1")  # training.phantoms renders T1-weighted heads
-
-
-def mr_body_parts(cfg: TrainConfig) -> list[str]:
-    """The anatomy the generator learns (the card's ``mr_body_parts``, which `mr2ct config check`
-    holds the node's select_body_parts to): the phantoms' HEAD, or the BodyPartExamined values a
-    pulled cache's train split records (UNKNOWN: not given, or cached before 2026-12-06)."""
-    return _train_mr(cfg, "body_part", "HEAD")
-
-
-def mr_with_without(cfg: TrainConfig, key: str) -> list[str]:
-    """Whether the MR the generator learns from was enhanced (``key`` contrast_agent) or fat-suppressed
-    (fat_suppression): the card's ``mr_contrast_agents`` and ``mr_fat_suppression``, WITH and/or
-    WITHOUT, which `mr2ct config check` holds the node's select_contrast_agent and
-    select_fat_suppression to. The phantoms' WITHOUT, or what a pulled cache's train split records
-    (UNKNOWN for series cached before 2026-12-05, when none was recorded)."""
-    return _train_mr(cfg, key, "WITHOUT")  # training.phantoms renders unenhanced heads whose fat is bright
+    mr = [e for e in DatasetCache(Path(str(cfg.data))).entries() if e["modality"] == "MR" and e["split"] == "train"]
+    return {card_key: sorted({e.get(key, "UNKNOWN") for e in mr}) for card_key, (key, _) in MR_LEARNED.items()}
 
 
 def pools_from_cache(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -432,10 +420,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         "n4_bias_correction": False,
         "test_time_augmentation": cfg.test_time_augmentation,
         "hu_range": list(cfg.hu_range),
-        "mr_contrasts": mr_contrasts(cfg),
-        "mr_contrast_agents": mr_with_without(cfg, "contrast_agent"),
-        "mr_fat_suppression": mr_with_without(cfg, "fat_suppression"),
-        "mr_body_parts": mr_body_parts(cfg),
+        **mr_learned(cfg),
         "training": {
             "command": command,
             "seed": cfg.seed,
