@@ -1197,7 +1197,8 @@ def models_list(config: ConfigOption = None) -> None:
 def models_activate(key: Annotated[str, typer.Argument(help="id, name or SHA-256 prefix")], config: ConfigOption = None) -> None:
     """Make a registered model the one every worker uses from its next job on. Warns when the node's
     selection rules (the config's select_*) let through series the model's card says it never learned
-    (a model trained on other contrasts, or another anatomy, than the one it replaces)."""
+    (a model trained on other contrasts, or another anatomy, than the one it replaces); with
+    select_follow_model the selection follows the card instead, and says so."""
     from dicom_node.db import init_db
     from dicom_node.preflight import selection_against_card
     from dicom_node.registry import activate
@@ -1212,7 +1213,10 @@ def models_activate(key: Annotated[str, typer.Argument(help="id, name or SHA-256
     typer.echo(f"active: {row.id} {row.name} sha256={row.sha256[:12]}")
     learned, warnings = selection_against_card(row.card or {}, settings)
     for warning in warnings:
-        typer.echo(f"warning: {warning} ({learned}; the node's selection is its config's, which this does not change)", err=True)
+        typer.echo(f"warning: {warning} ({learned}; the node's selection is its config's, which this does not change; "
+                   "select_follow_model = true makes it follow the active model's card)", err=True)
+    if settings.select_follow_model:
+        typer.echo(f"selection: from the next series on, {learned.partition('; ')[0]} (select_follow_model)")
 
 
 @spool_app.command("status")

@@ -6,10 +6,10 @@ import hashlib
 import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
@@ -23,6 +23,7 @@ from dicom_node.db import notify_job_queued
 from dicom_node.models import Instance, Job, RefusedInstance, Series, utcnow
 from dicom_node.recorder import Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
+from synthesis.card import selection_learned
 from synthesis.contrast import (CHOICES, DEFAULT_BODY_PARTS, DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN, WITH, contrast, contrast_agent,
                                 fat_suppression)
 from synthesis.errors import InvalidInstance, SeriesNotUsable
@@ -110,6 +111,29 @@ class SelectionRules:
     body_parts: tuple[str, ...] = DEFAULT_BODY_PARTS  # BodyPartExamined values; UNKNOWN: none given; empty: any
     contrast_agent: str = DEFAULT_CHOICE  # a key of synthesis.contrast.CHOICES: without, with or any
     fat_suppression: str = DEFAULT_CHOICE  # the same
+    follows: str = ""  # the model whose card the rules of ``followed`` were taken from (select_follow_model), in words
+    followed: frozenset[str] = frozenset()  # those settings' names
+
+    def following(self, card: dict[str, Any], model: str) -> SelectionRules:
+        """These rules with those the card of ``model`` (in words, for the reasons) speaks of taken
+        from it (``synthesis.card.selection_learned``): its MR contrasts, contrast agent, fat
+        suppression and body parts. UNKNOWN stays as these rules have it (listed, or any)."""
+        taken = {k: v for k, v in selection_learned(card).items() if v is not None}
+        changes: dict[str, Any] = {}
+        if "select_acquisition_contrasts" in taken:
+            vouched = (UNKNOWN,) if not self.contrasts or UNKNOWN in self.contrasts else ()
+            changes["contrasts"] = (*taken["select_acquisition_contrasts"], *vouched)
+        if "select_body_parts" in taken:
+            vouched = (UNKNOWN,) if not self.body_parts or UNKNOWN in self.body_parts else ()
+            changes["body_parts"] = (*taken["select_body_parts"], *vouched)
+        for setting in ("select_contrast_agent", "select_fat_suppression"):
+            if setting in taken:
+                changes[setting.removeprefix("select_")] = taken[setting]
+        return replace(self, **changes, follows=model, followed=frozenset(taken))
+
+    def _by(self, setting: str, what: str) -> str:
+        """Who set a rule, for its reason: the setting, or the followed model's card."""
+        return f"the {what} {self.follows} learned (select_follow_model)" if setting in self.followed else setting
 
     def reason_to_skip(self, series: Series, planes: Sequence[str] = (), positions: tuple[int, int] = (0, 0)) -> str | None:
         """Why ``series`` is not synthesized (the first rule it fails, see ``skip``), None when it passes."""
@@ -139,20 +163,22 @@ class SelectionRules:
             return Skip("component", f"{series.component_source or 'its complex component'} says {series.component}, excluded by "
                         "select_complex_component_exclude" + (f" ({WHAT[told[0]]})" if told else ""))
         if self.contrasts and series.contrast and series.contrast not in self.contrasts:
-            hint = " (list UNKNOWN to synthesize series whose header does not tell)" if series.contrast == UNKNOWN else ""
+            hint = " (list UNKNOWN in select_acquisition_contrasts to synthesize series whose header does not tell)" if series.contrast == UNKNOWN else ""
             return Skip("contrast", f"its MR contrast is {series.contrast} ({series.contrast_source}), not one of "
-                        f"select_acquisition_contrasts {list(self.contrasts)}{hint}")
+                        f"{self._by('select_acquisition_contrasts', 'MR contrasts')} {list(self.contrasts)}{hint}")
         for code, told, source, chosen, said in (
                 ("contrast_agent", series.contrast_agent, series.contrast_agent_source, self.contrast_agent,
                  ("a contrast agent was given", "no contrast agent was given")),
                 ("fat_suppression", series.fat_suppression, series.fat_suppression_source, self.fat_suppression,
                  ("fat was suppressed", "fat was not suppressed"))):
             if told and told not in CHOICES[chosen]:  # '' : recorded before it was read (migrations 0025, 0026)
-                return Skip(code, f"its header says {said[0] if told == WITH else said[1]} ({source}), and select_{code} is {chosen!r}")
+                by = f"select_{code} is {chosen!r}" if f"select_{code}" not in self.followed else \
+                    f"{self.follows} learned {' and '.join(a.lower() for a in CHOICES[chosen])} only (select_follow_model)"
+                return Skip(code, f"its header says {said[0] if told == WITH else said[1]} ({source}), and {by}")
         part = series.body_part or UNKNOWN
         if self.body_parts and part not in self.body_parts:
             return Skip("body_part", f"BodyPartExamined {'is not given' if part == UNKNOWN else repr(part)}, not one of "
-                        f"select_body_parts {list(self.body_parts)}")
+                        f"{self._by('select_body_parts', 'body parts')} {list(self.body_parts)}")
         description = series.series_description or ""
         if self.description_include and not re.search(self.description_include, description, re.IGNORECASE):
             return Skip("description", f"series description {description!r} does not match {self.description_include!r}")

@@ -168,10 +168,13 @@ def _from_orthanc(s: Settings, modality: dict[str, Any] | str | None, orthanc_ae
 def selection_against_card(card: dict[str, Any], s: Settings) -> tuple[str, list[str]]:
     """What a model's card says it learned, in words, and how the node's selection rules let
     through series it never learned (`config check`'s model line, `mr2ct models activate`). A card
-    made before a key existed says nothing of it, and nothing is held to it."""
+    made before a key existed says nothing of it, and nothing is held to it. With
+    ``select_follow_model`` the node takes its selection from the card (``registry.FollowedSelection``):
+    nothing to warn of."""
     trained = card.get("mr_contrasts")
+    follows = "; the node's selection follows its card (select_follow_model)" if s.select_follow_model else ""
     if not trained:
-        return "its card does not say which MR contrasts it was trained on (made before 2026-12-05)", []
+        return "its card does not say which MR contrasts it was trained on (made before 2026-12-05)" + follows, []
     selected = s.select_acquisition_contrasts
     beyond = [c for c in selected if c not in trained] if selected else ["any"]
     warnings = [f"select_acquisition_contrasts {selected or '(empty: any)'} lets through {beyond}, whose sCT the model never "
@@ -195,7 +198,7 @@ def selection_against_card(card: dict[str, Any], s: Settings) -> tuple[str, list
         if other:
             warnings.append(f"select_body_parts {s.select_body_parts or '(empty: any)'} lets through {other}, whose anatomy the model "
                             "never learned")
-    return learned, warnings
+    return learned + follows, [] if follows else warnings
 
 
 def _active_in_registry(s: Settings) -> Any:

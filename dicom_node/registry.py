@@ -5,6 +5,7 @@ makes every worker use that model from its next job on, without a restart."""
 from __future__ import annotations
 
 import csv
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +13,12 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
+from dicom_node.ingest import SelectionRules
 from dicom_node.models import Evaluation, ModelVersion, utcnow
 from synthesis.card import read_card, weights_in
 from synthesis.errors import ModelMismatch
+
+log = logging.getLogger(__name__)
 
 
 def register(sessions: sessionmaker[Session], path: Path, name: str | None = None,
@@ -87,6 +91,45 @@ def registered_weights(model: ModelVersion) -> Path:
 def active_model(sessions: sessionmaker[Session]) -> ModelVersion | None:
     with sessions() as session:
         return session.scalars(select(ModelVersion).where(ModelVersion.active.is_(True))).first()
+
+
+class FollowedSelection:
+    """The node's selection rules as they stand now (``select_follow_model``): those the active
+    model's card speaks of (its MR contrasts, contrast agent, fat suppression, body parts) taken from
+    the card, the others the settings'. The active model is the registry's, else ``model_file``;
+    asked at each series' completion (one indexed query), so that activating a model trained on
+    other series changes what the node synthesizes from the next series on, without a restart, as
+    it changes the model the workers run. Where the registry cannot be read, the rules stay those
+    of the last model it named (logged)."""
+
+    def __init__(self, sessions: sessionmaker[Session], rules: SelectionRules, model_file: Path) -> None:
+        self.sessions, self.rules, self.model_file = sessions, rules, Path(model_file)
+        self._key: str | None = None
+        self._current = rules
+
+    def __call__(self) -> SelectionRules:
+        try:
+            active = active_model(self.sessions)
+        except Exception:
+            log.warning("selection: cannot read the registry's active model; the rules stay those of %s", self._current.follows or "the settings",
+                        exc_info=True)
+            return self._current
+        if active is not None:
+            key, model = active.sha256, f"the active model {active.name!r} ({active.sha256[:12]})"
+        else:
+            key, model = "model_file", f"model_file {self.model_file.name!r}"
+        if key != self._key:
+            try:
+                card = active.card if active is not None else read_card(self.model_file)
+            except (OSError, ValueError, ModelMismatch) as exc:
+                log.error("selection: cannot read the card of %s (%s); the rules stay those of %s", model, exc,
+                          self._current.follows or "the settings")
+                return self._current
+            self._current, self._key = self.rules.following(card or {}, model), key
+            log.info("selection follows %s: contrasts=%s contrast_agent=%s fat_suppression=%s body_parts=%s (from its card: %s)", model,
+                     list(self._current.contrasts), self._current.contrast_agent, self._current.fat_suppression,
+                     list(self._current.body_parts), sorted(self._current.followed) or "nothing: the card says none of them")
+        return self._current
 
 
 def pairs_digest(pairs: list[dict[str, Any]]) -> str:

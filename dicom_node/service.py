@@ -11,6 +11,7 @@ import logging
 import ipaddress
 import signal
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 import ssl
 import threading
@@ -24,6 +25,7 @@ from dicom_node.db import init_db, listen_for_jobs, stop_waking, wake_on_job_que
 from dicom_node.forwarder import CStoreDestination, Destination, OrthancRestDestination, forward_loop
 from dicom_node.ingest import Ingest, SelectionRules
 from dicom_node.recorder import Recorder
+from dicom_node.registry import FollowedSelection
 from dicom_node.recovery import recover_spool, requeue_orphaned_jobs
 from dicom_node.retention import retention_loop, routing_rule
 from dicom_node.orthanc_store import OrthancStore
@@ -112,6 +114,9 @@ class Node:
             contrasts=tuple(s.select_acquisition_contrasts), body_parts=tuple(s.select_body_parts),
             contrast_agent=s.select_contrast_agent, fat_suppression=s.select_fat_suppression,
         )
+        # the rules at each series' completion: the settings', or those the running model's card speaks of taken from it
+        self.rules: Callable[[], SelectionRules] = (FollowedSelection(self.sessions, rules, s.model_file) if s.select_follow_model
+                                                    else lambda: rules)
         # Built once (its TLS context reads files): the SCP routes to it, the API reports it.
         destination = routing_destination(s, password) if self.role in ("all", "scp", "api") else None
         if self.role in ("all", "worker"):
@@ -160,7 +165,7 @@ class Node:
             if s.complete_on_release:
                 def on_released(series_uids: set[str]) -> None:
                     for uid in series_uids:
-                        complete_series(self.sessions, uid, 0, rules, "association released")
+                        complete_series(self.sessions, uid, 0, self.rules(), "association released")
             reporter = None
             if s.commitment_peers:  # storage commitment: requests from these AEs, reports to their addresses
                 from dicom_node.commitment import Reporter, peers
@@ -174,7 +179,7 @@ class Node:
                                 reports_from=parse_dicom_destination(s.forward_to)[0] if s.forward_commitment and s.forward_to else None,
                                 max_refusals=s.forward_max_refusals)
             self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
-            self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, rules)
+            self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, self.rules)
             if s.spool_retention_hours or s.spool_failed_retention_hours:
                 if s.spool_retention_hours:
                     log.info("spool retention: originals deleted %g hours after they arrived, once no longer needed", s.spool_retention_hours)
@@ -235,9 +240,7 @@ class Node:
             self.sessions, orthanc_url=s.orthanc_url, orthanc_auth=(s.orthanc_username or "", password or "") if s.orthanc_username else None,
             spool_dir=str(s.spool_dir) if Path(s.spool_dir).exists() else None, spool_min_free_mb=s.spool_min_free_mb, node_info=info,
             routing=routing, orthanc_timeout=s.orthanc_timeout_seconds, audit_export=s.audit_syslog,
-            forward_commitment_on=s.forward_commitment, contrasts=tuple(s.select_acquisition_contrasts),
-            contrast_agent=s.select_contrast_agent, fat_suppression=s.select_fat_suppression, originals_from=s.originals_from,
-            selection=s,
+            forward_commitment_on=s.forward_commitment, rules=self.rules, originals_from=s.originals_from, selection=s,
         )
         tls = {}
         if s.api_tls_certificate is not None:

@@ -251,6 +251,14 @@ class Settings(BaseSettings):
         "first instance says (case-insensitive; UNKNOWN: it says none, as many head exams do); the shipped model knows heads only, "
         "and a pelvis or a spine makes an sCT read as a skull. Add e.g. HEADNECK for a model trained on it; empty: any",
     )
+    select_follow_model: bool = Field(
+        False, description="take select_acquisition_contrasts, select_contrast_agent, select_fat_suppression and select_body_parts "
+        "from the card of the model the workers run (the registry's active one, else model_file) at each series' completion: "
+        "what it was trained on, and nothing else, so that activating a model trained on other series (`mr2ct models "
+        "activate`) changes what the node synthesizes without a restart or an edit. A key the card does not speak of stays "
+        "the setting's, and so does UNKNOWN (series whose header does not tell: synthesized where the setting lists it). Series "
+        "set aside before an activation stay so (POST /synthesize asks for one by name)",
+    )
     tls_certificate: Path | None = Field(None, description="PEM certificate: the SCP speaks DICOM over TLS when set")
     tls_private_key: Path | None = Field(None, description="PEM private key of tls_certificate")
     tls_ca_file: Path | None = Field(None, description="PEM CA bundle: when set, callers must present a certificate it signed")

@@ -542,13 +542,14 @@ def complete_series(sessions: sessionmaker[Session], series_uid: str, stable_sec
 
 
 def stability_loop(
-    sessions: sessionmaker[Session], stable_seconds: float, poll_seconds: float, stop: threading.Event, rules: SelectionRules | None = None
+    sessions: sessionmaker[Session], stable_seconds: float, poll_seconds: float, stop: threading.Event,
+    rules: Callable[[], SelectionRules] = SelectionRules,
 ) -> None:
-    """Turn series that stayed quiet for ``stable_seconds`` into jobs (like Orthanc's StableAge)."""
-    rules = rules or SelectionRules()
+    """Turn series that stayed quiet for ``stable_seconds`` into jobs (like Orthanc's StableAge);
+    ``rules``: the selection rules as they stand at each completion (``registry.FollowedSelection``)."""
     while not stop.wait(poll_seconds):
         try:
             for series_uid in stable_series(sessions, stable_seconds):
-                complete_series(sessions, series_uid, stable_seconds, rules, "stability monitor")
+                complete_series(sessions, series_uid, stable_seconds, rules(), "stability monitor")
         except Exception:
             log.exception("stability monitor pass failed")

@@ -115,3 +115,24 @@ def learned(card: dict[str, Any]) -> str:
     """What a card says its model learned, in a few words: its MR contrasts and body parts ("T1,
     HEAD"; '' for a card made before they were recorded), for listings of registered models."""
     return ", ".join(str(v) for key in ("mr_contrasts", "mr_body_parts") for v in card.get(key) or ())
+
+
+def selection_learned(card: dict[str, Any]) -> dict[str, Any]:
+    """What a card says its model learned, as the node's selection settings take it: the values of
+    select_acquisition_contrasts, select_contrast_agent, select_fat_suppression and select_body_parts
+    that let through what it was trained on and nothing else (``select_follow_model``; the warnings
+    of `config check` and `mr2ct models activate`). None for a key the card does not speak of (made
+    before it was recorded). UNKNOWN (a header that did not tell) is never taken from a card: whether
+    such series are synthesized stays the site's to vouch for, in the settings. A head learned under
+    one of its names is learned under all (``synthesis.contrast.HEAD_PARTS``)."""
+    from synthesis.contrast import HEAD_PARTS, UNKNOWN, WITH, WITHOUT
+
+    contrasts = [str(c) for c in card.get("mr_contrasts") or () if c != UNKNOWN]
+    taken: dict[str, Any] = {"select_acquisition_contrasts": contrasts or None}
+    for key, setting in (("mr_contrast_agents", "select_contrast_agent"), ("mr_fat_suppression", "select_fat_suppression")):
+        seen = {a for a in card.get(key) or () if a in (WITH, WITHOUT)}
+        taken[setting] = None if not seen else "any" if len(seen) == 2 else seen.pop().lower()
+    parts = [str(p) for p in card.get("mr_body_parts") or () if p != UNKNOWN]
+    heads = HEAD_PARTS if set(parts) & set(HEAD_PARTS) else ()
+    taken["select_body_parts"] = list(dict.fromkeys([*parts, *heads])) or None
+    return taken

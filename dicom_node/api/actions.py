@@ -78,7 +78,8 @@ def cancel_job(sessions: sessionmaker[Session], job_id: int, actor: str, **audit
 def activate_model(sessions: sessionmaker[Session], model_id: int, actor: str, selection: Settings | None = None) -> tuple[ModelVersion, list[str]]:
     """Make registered model ``model_id`` the one the workers use from their next job on: the model,
     and how the node's selection rules (``selection``, its settings) let through series its card says
-    it never learned (warnings: the selection stays the config's). HTTPException 404 (no such model)
+    it never learned (warnings: the selection stays the config's; none with select_follow_model, where
+    it follows the card). HTTPException 404 (no such model)
     or 409 saying why not (its file now holds other weights)."""
     from dicom_node.preflight import selection_against_card
     from dicom_node.registry import activate

@@ -11,6 +11,7 @@ import csv
 import io
 import shutil
 from datetime import datetime
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -26,7 +27,7 @@ from dicom_node import audit, forward_commitment
 from dicom_node.api.actions import activate_model, cancel_job, pending_job, retry_job
 from dicom_node.api.auth import READERS, Caller, current_caller, require
 from dicom_node.forwarder import reschedule_failed
-from dicom_node.ingest import REASON_CODES
+from dicom_node.ingest import REASON_CODES, SelectionRules
 from dicom_node.models import (Association, AuditEvent, Commitment, Delivery, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
                                utcnow)
 from dicom_node.orthanc_store import DEFAULT_TIMEOUT_SECONDS, OrthancStore
@@ -34,7 +35,7 @@ from dicom_node.outcomes import standing, where_sent
 from dicom_node.retention import spool_usage
 from dicom_node.settings import Settings
 from dicom_node.training_runs import RunState
-from synthesis.contrast import DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN
+from synthesis.contrast import UNKNOWN
 from synthesis.errors import PacsUnavailable
 
 READ = require(*READERS)
@@ -127,14 +128,13 @@ def _qa_and_delivery_metrics(sessions: sessionmaker[Session]) -> list[str]:
 def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = None, orthanc_auth: tuple[str, str] | None = None,
                spool_dir: str | None = None, spool_min_free_mb: int = 0, node_info: dict[str, Any] | None = None,
                routing: str | None = None, orthanc_timeout: float = DEFAULT_TIMEOUT_SECONDS, audit_export: str | None = None,
-               forward_commitment_on: bool = False, contrasts: tuple[str, ...] = DEFAULT_SELECTED,
-               contrast_agent: str = DEFAULT_CHOICE, fat_suppression: str = DEFAULT_CHOICE, originals_from: str = "spool",
-               selection: Settings | None = None) -> FastAPI:
-    """``contrasts``: the node's select_acquisition_contrasts, which a series asked for by name
-    (POST /synthesize) must still meet, UNKNOWN aside (the one asking vouches for what its header
-    does not tell; no one can make a T1 model read a FLAIR series); so must ``contrast_agent`` and
-    ``fat_suppression``, the node's select_contrast_agent and select_fat_suppression (an unenhanced
-    model does not learn enhancement by being asked). ``originals_from``: the workers' (orthanc: a
+               forward_commitment_on: bool = False, rules: Callable[[], SelectionRules] = SelectionRules,
+               originals_from: str = "spool", selection: Settings | None = None) -> FastAPI:
+    """``rules``: the node's selection rules as they stand (the settings', or those the running
+    model's card speaks of: ``registry.FollowedSelection``), whose MR contrasts a series asked for by
+    name (POST /synthesize) must still meet, UNKNOWN aside (the one asking vouches for what its
+    header does not tell; no one can make a T1 model read a FLAIR series); so must their contrast
+    agent and fat suppression (an unenhanced model does not learn enhancement by being asked). ``originals_from``: the workers' (orthanc: a
     retry of a series whose originals spool retention deleted is theirs to read from Orthanc).
     ``selection``: the node's settings, whose selection rules an activated model's card is held
     against (the activation's ``warnings``)."""
@@ -433,7 +433,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         the answer and the audit) until they are sent again."""
         from pydicom.errors import InvalidDicomError
 
-        from dicom_node.ingest import Ingest, SelectionRules, lift_refusals, mark_stable, set_aside_all_but, validate
+        from dicom_node.ingest import Ingest, lift_refusals, mark_stable, set_aside_all_but, validate
         from dicom_node.spool import Spool, SpoolFull, is_valid_uid
         from synthesis.errors import InvalidInstance
 
@@ -492,8 +492,10 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         # asked for by name: the node's selection rules do not apply, only what no job can synthesize (not MR, several planes,
         # phase images) or the model cannot (a contrast the node does not select; UNKNOWN vouched for by the asking, as is
         # the body part: a protocol's BodyPartExamined is often not what it shows, a sequence's timing always is)
-        by_name = SelectionRules(modalities=("MR",), image_types_excluded=(), contrasts=tuple(contrasts) + (UNKNOWN,) if contrasts else (),
-                                 body_parts=(), contrast_agent=contrast_agent, fat_suppression=fat_suppression)
+        now = rules()
+        by_name = SelectionRules(modalities=("MR",), image_types_excluded=(), contrasts=(*now.contrasts, UNKNOWN) if now.contrasts else (),
+                                 body_parts=(), contrast_agent=now.contrast_agent, fat_suppression=now.fat_suppression,
+                                 follows=now.follows, followed=now.followed)
         state, job_id = mark_stable(sessions, body.series_uid, 0, by_name)
         if job_id is None:
             with sessions() as session:

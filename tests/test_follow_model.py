@@ -1,0 +1,93 @@
+"""A site promotes a model it trained on its own series, and the node's selection follows it
+(select_follow_model): what the node synthesizes is what the running model's card says it learned,
+from the next series on, without an edit of the config or a restart."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import torch
+from sqlalchemy import select
+
+from dicom_node.db import init_db
+from dicom_node.demo import wait_for_job
+from dicom_node.ingest import SelectionRules
+from dicom_node.local_stack import storescu
+from dicom_node.models import Job, Series
+from synthesis.card import selection_learned
+from synthesis.contrast import EXAMPLE_TIMINGS
+from synthesis.model_file import default_model_path, load_model, save_model
+from synthesis.networks import ResnetGenerator
+from tests.conftest import NODE_AE, SCANNER_AE
+from tests.helpers import wait_for
+from training.phantom_dicom import write_mr_series
+
+
+def test_a_card_gives_the_selection_it_learned_and_leaves_unknown_and_what_it_does_not_say_to_the_settings() -> None:
+    card = {"mr_contrasts": ["T1", "T2", "UNKNOWN"], "mr_contrast_agents": ["WITHOUT", "WITH"], "mr_fat_suppression": ["WITHOUT"],
+            "mr_body_parts": ["BRAIN", "UNKNOWN"]}
+    assert selection_learned(card) == {"select_acquisition_contrasts": ["T1", "T2"], "select_contrast_agent": "any",
+                                       "select_fat_suppression": "without", "select_body_parts": ["BRAIN", "HEAD", "SKULL"]}
+    assert set(selection_learned({}).values()) == {None}  # a card made before these keys: nothing taken
+
+    settings = SelectionRules(contrasts=("T1", "UNKNOWN"), body_parts=("HEAD", "UNKNOWN"), fat_suppression="with")
+    followed = settings.following({**card, "mr_fat_suppression": []}, "model 'm'")
+    assert followed.contrasts == ("T1", "T2", "UNKNOWN") and followed.body_parts == ("BRAIN", "HEAD", "SKULL", "UNKNOWN")
+    assert followed.contrast_agent == "any" and followed.fat_suppression == "with"  # the card does not say: the setting's
+    assert followed.followed == {"select_acquisition_contrasts", "select_contrast_agent", "select_body_parts"}
+    strict = SelectionRules(contrasts=("T1",), body_parts=("HEAD",)).following(card, "model 'm'")
+    assert "UNKNOWN" not in strict.contrasts and "UNKNOWN" not in strict.body_parts  # UNKNOWN is the site's to vouch for
+    assert SelectionRules(contrasts=(), body_parts=()).following(card, "m").contrasts == ("T1", "T2", "UNKNOWN")  # any: UNKNOWN too
+
+
+def _cli(node, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env.update(MR2CT_DATABASE_URL=node.database_url, MR2CT_SELECT_FOLLOW_MODEL="true")
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_activating_a_model_that_learned_t2_makes_the_node_synthesize_t2_without_a_restart(node_factory, tmp_path):
+    node = node_factory(select_follow_model="true")
+    sessions = init_db(node.database_url)
+
+    def t2(name: str, seed: int):
+        return write_mr_series(tmp_path / name, seed=seed, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0,
+                               mr_timing=EXAMPLE_TIMINGS["T2"], series_description=name)
+
+    def ignored(uid: str) -> Series | None:
+        with sessions() as session:
+            row = session.get(Series, uid)
+        return row if row is not None and row.state == "ignored" else None
+
+    before = t2("t2_before", 1501)
+    assert storescu(before.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    row = wait_for(lambda: ignored(before.series_uid), 60, "the T2 series ignored under the shipped model")
+    shipped = default_model_path().name
+    assert row.reason_code == "contrast" and f"not one of the MR contrasts model_file {shipped!r} learned (select_follow_model) ['T1']" \
+        in row.reason, row.reason
+
+    run = tmp_path / "site-t1t2"
+    card = {k: v for k, v in load_model(default_model_path()).card.items() if k != "sha256"}
+    card.update(name="site-t1t2", mr_contrasts=["T1", "T2"])
+    torch.manual_seed(15)
+    new = save_model(run / "model.safetensors", ResnetGenerator(ngf=16, n_blocks=6), card)
+    assert _cli(node, "models", "register", str(run)).returncode == 0
+    activated = _cli(node, "models", "activate", new["sha256"][:12])
+    assert activated.returncode == 0, activated.stderr
+    assert "warning" not in activated.stderr and "selection: from the next series on, trained on MR contrasts ['T1', 'T2']" \
+        in activated.stdout, activated.stdout + activated.stderr
+    checked = _cli(node, "config", "check")
+    model_line = next(line for line in checked.stdout.splitlines() if line.split()[1:2] == ["model"])
+    assert model_line.startswith("ok") and "the node's selection follows its card (select_follow_model)" in model_line, model_line
+
+    after = t2("t2_after", 1502)
+    assert storescu(after.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    job = wait_for_job(node.database_url, after.series_uid, timeout=120)
+    assert job.state == "done" and job.model_sha256 == new["sha256"]
+    log = node.log_path.read_text()
+    assert f"selection follows the active model 'site-t1t2' ({new['sha256'][:12]}): contrasts=['T1', 'T2']" in log
+    with sessions() as session:  # set aside before the activation: stays so until asked for by name
+        assert session.get(Series, before.series_uid).state == "ignored"
+        assert not session.scalars(select(Job).where(Job.series_instance_uid == before.series_uid)).all()
