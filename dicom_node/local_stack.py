@@ -299,9 +299,9 @@ class NodeServer:
         self.stop()
 
 
-def storescu(files_or_dir: Path, port: int, called_ae: str, calling_ae: str = "STORESCU", timeout: float = 300,
+def storescu(files_or_dir: Path | list[Path], port: int, called_ae: str, calling_ae: str = "STORESCU", timeout: float = 300,
              propose: str | None = None, extra_args: list[str] | None = None) -> subprocess.CompletedProcess[str]:
-    """Send a folder (or file) with dcmtk's storescu, TCP_NODELAY=1.
+    """Send a folder, a file, or files in the order given, with dcmtk's storescu, TCP_NODELAY=1.
 
     ``propose``: a storescu proposal option (``-xr`` RLE, ``-xs`` JPEG lossless, ...) so that
     compressed files go as they are instead of storescu failing to convert them.
@@ -313,9 +313,10 @@ def storescu(files_or_dir: Path, port: int, called_ae: str, calling_ae: str = "S
     if propose:
         args += [propose]
     args += extra_args or []
-    if Path(files_or_dir).is_dir():
+    files = [str(f) for f in files_or_dir] if isinstance(files_or_dir, list) else [str(files_or_dir)]
+    if len(files) == 1 and Path(files[0]).is_dir():
         args += ["+sd"]
-    args += ["127.0.0.1", str(port), str(files_or_dir)]
+    args += ["127.0.0.1", str(port), *files]
     return subprocess.run(args, capture_output=True, text=True, env=nodelay_env(), timeout=timeout)
 
 

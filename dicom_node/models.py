@@ -51,15 +51,17 @@ class Series(Base):
     # the first instance's complex component (MAGNITUDE, PHASE, REAL, IMAGINARY) where it says, and what said it
     component: Mapped[str] = mapped_column(String(16), default="", server_default="")
     component_source: Mapped[str] = mapped_column(String(80), default="", server_default="")
-    # the first instance's MR contrast (synthesis.contrast) and what told it; '' when not read (recorded before 0024)
+    # the first instance's MR contrast (synthesis.contrast) and what told it, MIXED where another instance reads another
+    # (recorder.heed, since 2026-12-06); '' when not read (recorded before 0024)
     contrast: Mapped[str] = mapped_column(String(24), default="", server_default="")
     contrast_source: Mapped[str] = mapped_column(String(160), default="", server_default="")
     body_part: Mapped[str] = mapped_column(String(16), default="", server_default="")  # the first instance's BodyPartExamined
-    # WITH or WITHOUT a contrast agent, as the first instance's header says (synthesis.contrast.contrast_agent), and what
-    # told it; '' when not read (recorded before 0025)
+    # WITH or WITHOUT a contrast agent, as the first instance's header says (synthesis.contrast.contrast_agent), WITH
+    # where any other instance's says so (recorder.heed, since 2026-12-06), and what told it; '' when not read (before 0025)
     contrast_agent: Mapped[str] = mapped_column(String(8), default="", server_default="")
     contrast_agent_source: Mapped[str] = mapped_column(String(160), default="", server_default="")
-    # WITH or WITHOUT fat suppression, as its header says (synthesis.contrast.fat_suppression), and what told it; '' before 0026
+    # WITH or WITHOUT fat suppression, as its header says (synthesis.contrast.fat_suppression; WITH where any other
+    # instance's says so), and what told it; '' before 0026
     fat_suppression: Mapped[str] = mapped_column(String(8), default="", server_default="")
     fat_suppression_source: Mapped[str] = mapped_column(String(160), default="", server_default="")
     instance_count: Mapped[int] = mapped_column(Integer, default=0)

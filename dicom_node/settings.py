@@ -226,7 +226,8 @@ class Settings(BaseSettings):
         "empty: none",
     )
     select_acquisition_contrasts: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: list(DEFAULT_SELECTED), description="MR contrasts to synthesize, as the first instance tells them "
+        default_factory=lambda: list(DEFAULT_SELECTED), description="MR contrasts to synthesize, as the first instance tells them (another "
+        "instance that reads another contrast makes the series MIXED) "
         "(synthesis.contrast: Acquisition Contrast (0008,9209) where an enhanced MR says it, else TOF where Angio Flag (0018,0025) "
         "is Y, else what an enhanced MR's pulse sequence says (Time of Flight or Phase Contrast YES; a steady-state free "
         "precession: MIXED), else the textbook reading of TR, TE, TI and the scanning sequence); the shipped model was trained on T1-weighted heads, and a T2, FLAIR or proton-density "
@@ -234,15 +235,15 @@ class Settings(BaseSettings):
         "tell); empty: any",
     )
     select_contrast_agent: Literal["without", "with", "any"] = Field(
-        DEFAULT_CHOICE, description="MR series to synthesize by whether their first instance's header says a contrast agent was "
-        "given (synthesis.contrast.contrast_agent: an enhanced MR's Contrast/Bolus Usage, else Contrast/Bolus Agent naming one): "
+        DEFAULT_CHOICE, description="MR series to synthesize by whether their instances' headers say a contrast agent was "
+        "given (any of them saying so: WITH; synthesis.contrast.contrast_agent: an enhanced MR's Contrast/Bolus Usage, else Contrast/Bolus Agent naming one): "
         "without, with, or any. The shipped model learned unenhanced T1 heads: in a post-gadolinium T1 the vessels, dura and any "
         "enhancing lesion are bright, and its sCT reads them as another tissue. Set to a model card's mr_contrast_agents "
         "(any: a model trained on both)",
     )
     select_fat_suppression: Literal["without", "with", "any"] = Field(
-        DEFAULT_CHOICE, description="MR series to synthesize by whether their first instance's header says fat was suppressed "
-        "(synthesis.contrast.fat_suppression: an enhanced MR's Spectrally Selected Suppression FAT, else FS in ScanOptions): "
+        DEFAULT_CHOICE, description="MR series to synthesize by whether their instances' headers say fat was suppressed "
+        "(any of them saying so: WITH; synthesis.contrast.fat_suppression: an enhanced MR's Spectrally Selected Suppression FAT, else FS in ScanOptions): "
         "without, with, or any. In a fat-saturated T1 the scalp's fat and the skull's marrow are dark where the T1 the shipped "
         "model learned has them bright. Set to a model card's mr_fat_suppression (any: a model trained on both)",
     )

@@ -447,3 +447,44 @@ def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_
         asked = httpx.post(url, json={"series_uid": each.series_uid}, headers=admin, timeout=60)
         assert asked.status_code == 202, asked.text
         assert wait_for_job(node.database_url, each.series_uid, timeout=120).state == "done"
+
+
+def test_a_series_whose_later_instances_alone_name_an_agent_or_read_another_contrast_is_left_with_why(node_factory, tmp_path):
+    """The first instance's header is not the whole series': an agent named only from the third
+    slice on (the injection given part way, or a technologist who filled it in late) makes the series
+    post-contrast, and slices whose timing reads T2 after T1 ones make it MIXED; both are left, each
+    with why, and a T1 series sent the same way is synthesized."""
+    node = node_factory()
+
+    def made(name: str, seed: int):
+        return write_mr_series(tmp_path / name, seed=seed, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0, series_description=name)
+
+    late_agent, mixed, plain = made("t1_late_gd", 431), made("t1_then_t2", 432), made("t1_plain", 433)
+    for path in late_agent.files[2:]:
+        ds = pydicom.dcmread(path)
+        ds.ContrastBolusAgent, ds.ContrastBolusRoute = "GADOBUTROL", "IV"
+        ds.save_as(path)
+    for path in mixed.files[2:]:
+        _timed(pydicom.dcmread(path), "SE", "4000", "100", None).save_as(path)
+    for each in (late_agent, mixed, plain):  # in instance order: the unchanged first slices first
+        sent = storescu(sorted(each.files, key=lambda p: pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber), node.port,
+                        NODE_AE, SCANNER_AE)
+        assert sent.returncode == 0, sent.stderr
+    assert wait_for_job(node.database_url, plain.series_uid, timeout=120).state == "done"
+    sessions = init_db(node.database_url)
+
+    def ignored(uid: str) -> Series | None:
+        with sessions() as session:
+            row = session.get(Series, uid)
+        return row if row is not None and row.state == "ignored" else None
+
+    agent_row = wait_for(lambda: ignored(late_agent.series_uid), 60, "the series with a late agent ignored")
+    assert agent_row.reason_code == "contrast_agent" and agent_row.contrast_agent == "WITH"
+    assert agent_row.reason == ("its header says a contrast agent was given (another instance than the first: Contrast/Bolus Agent "
+                                "(0018,0010) 'GADOBUTROL'), and select_contrast_agent is 'without'"), agent_row.reason
+    mixed_row = wait_for(lambda: ignored(mixed.series_uid), 60, "the series of two contrasts ignored")
+    assert mixed_row.reason_code == "contrast" and mixed_row.contrast == "MIXED"
+    assert mixed_row.reason.startswith("its MR contrast is MIXED (instances read T1 (") and "and T2 (ScanningSequence SE, TR 4000 ms" \
+        in mixed_row.reason, mixed_row.reason
+    with sessions() as session:
+        assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([late_agent.series_uid, mixed.series_uid]))).all()
