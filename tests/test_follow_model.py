@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 
+import httpx
 import torch
 from sqlalchemy import select
 
@@ -61,10 +62,23 @@ def test_activating_a_model_that_learned_t2_makes_the_node_synthesize_t2_without
             row = session.get(Series, uid)
         return row if row is not None and row.state == "ignored" else None
 
+    token = _cli(node, "tokens", "create", "--role", "auditor", "--name", "pacs-admin").stdout.strip()
+    selection_url = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/selection"
+
+    def selection() -> dict:
+        answer = httpx.get(selection_url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    shipped = default_model_path().name
+    now = selection()  # what the node synthesizes, and from whose card
+    assert now["contrasts"] == ["T1"] and now["follows"] == f"model_file {shipped!r}" and now["modalities"] == ["MR"]
+    assert now["followed"] == ["select_acquisition_contrasts", "select_body_parts", "select_contrast_agent", "select_fat_suppression"]
+    assert httpx.get(selection_url, timeout=30).status_code == 401
+
     before = t2("t2_before", 1501)
     assert storescu(before.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
     row = wait_for(lambda: ignored(before.series_uid), 60, "the T2 series ignored under the shipped model")
-    shipped = default_model_path().name
     assert row.reason_code == "contrast" and f"not one of the MR contrasts model_file {shipped!r} learned (select_follow_model) ['T1']" \
         in row.reason, row.reason
 
@@ -81,6 +95,13 @@ def test_activating_a_model_that_learned_t2_makes_the_node_synthesize_t2_without
     checked = _cli(node, "config", "check")
     model_line = next(line for line in checked.stdout.splitlines() if line.split()[1:2] == ["model"])
     assert model_line.startswith("ok") and "the node's selection follows its card (select_follow_model)" in model_line, model_line
+
+    assert selection()["contrasts"] == ["T1", "T2"] and selection()["follows"] == f"the active model 'site-t1t2' ({new['sha256'][:12]})"
+    with httpx.Client(base_url=f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}", timeout=30) as browser:  # the dashboard says it too
+        assert browser.post("/dashboard/login", data={"token": token}).status_code == 303
+        page = browser.get("/dashboard").text
+    assert "Synthesized now: MR contrasts T1, T2; contrast agent without; fat suppression without; body parts HEAD, BRAIN, SKULL, " \
+        f"UNKNOWN (from the card of the active model &#x27;site-t1t2&#x27; ({new['sha256'][:12]}), select_follow_model)" in page, page
 
     after = t2("t2_after", 1502)
     assert storescu(after.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0

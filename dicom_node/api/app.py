@@ -10,8 +10,9 @@ from __future__ import annotations
 import csv
 import io
 import shutil
-from datetime import datetime
 from collections.abc import Callable
+from dataclasses import fields
+from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -146,7 +147,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     from dicom_node.api.dashboard import dashboard_router
 
     purged_from_orthanc = originals_from == "orthanc"  # a retry's originals retention deleted: the workers read them from Orthanc
-    app.include_router(dashboard_router(sessions, store, purged_from_orthanc=purged_from_orthanc, selection=selection))
+    app.include_router(dashboard_router(sessions, store, purged_from_orthanc=purged_from_orthanc, selection=selection, rules=rules))
     # Every route on this router needs a valid token (a route that forgets its role dependency
     # is still closed) and documents 401/403; each route's own dependency says which roles.
     api = APIRouter(dependencies=[Depends(current_caller)], responses=refusals(401, 403))
@@ -325,6 +326,15 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         _audit_query(caller, "series", state=state, study_uid=study_uid, patient_filter=bool(patient_id), calling_ae=calling_ae,
                      reason_code=reason_code, returned=len(page["items"]))
         return page
+
+    @api.get("/selection")
+    def selection_now(caller: Caller = Depends(READ)) -> dict[str, Any]:
+        """The rules a complete series is held to now, in the order they are tried (the first it
+        fails is its reason): the settings' select_*, and with select_follow_model those the running
+        model's card speaks of (``follows``: that model; ``followed``: the settings it gave)."""
+        now = rules()
+        return {**{f.name: sorted(value) if isinstance(value, frozenset) else list(value) if isinstance(value, tuple) else value
+                   for f in fields(now) for value in (getattr(now, f.name),)}, "follows": now.follows or None}
 
     @api.get("/associations")
     def list_associations(

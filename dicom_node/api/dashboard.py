@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import io
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 from urllib.parse import parse_qs
 
@@ -21,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.api.actions import activate_model, cancel_job, retry_job
 from dicom_node.api.auth import READERS, active_token, note_use
+from dicom_node.ingest import SelectionRules
 from dicom_node.outcomes import standing, where_sent
 from dicom_node.models import ApiToken, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
@@ -60,7 +62,7 @@ def _running_text(job: Job) -> str:
 
 
 def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None, purged_from_orthanc: bool = False,
-                     selection: Settings | None = None) -> APIRouter:
+                     selection: Settings | None = None, rules: Callable[[], SelectionRules] | None = None) -> APIRouter:
     router = APIRouter(prefix="/dashboard", include_in_schema=False)
 
     def login_form(message: str = "") -> HTMLResponse:
@@ -167,10 +169,17 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 f"<td>{html.escape(m.architecture)}</td><td>{html.escape(learned(m.card or {}))}</td><td>{m.registered_at:%Y-%m-%d %H:%M}</td>"
                 f"<td class='{'done' if m.active else ''}'>{'active' if m.active else ''}</td><td>{button}</td></tr>"
             )
+        selecting = ""
+        if rules is not None:  # what a complete series must be to be synthesized now (GET /selection)
+            now = rules()
+            told = (f"MR contrasts {', '.join(now.contrasts) or 'any'}; contrast agent {now.contrast_agent}; fat suppression "
+                    f"{now.fat_suppression}; body parts {', '.join(now.body_parts) or 'any'}")
+            selecting = (f"<p id='selection'>Synthesized now: {html.escape(told)}"
+                         + (f" (from the card of {html.escape(now.follows)}, select_follow_model)" if now.follows else "") + "</p>")
         body = (f"<h1>mr2ct jobs</h1><p>Logged in as {html.escape(caller.name)} ({html.escape(caller.role)})</p>"
                 "<table id='jobs'><tr><th>job</th><th>state</th><th>series</th><th>instances</th><th>from</th><th>created</th>"
                 f"<th>took</th><th>device</th><th>error</th><th>delivered to</th><th></th></tr>{''.join(job_rows)}</table>"
-                "<h1>series not synthesized</h1><table id='set-aside'><tr><th>series</th><th>instances</th><th>from</th>"
+                f"<h1>series not synthesized</h1>{selecting}<table id='set-aside'><tr><th>series</th><th>instances</th><th>from</th>"
                 f"<th>last received</th><th>why</th></tr>{''.join(set_aside_rows)}</table>"
                 "<h1>training runs</h1><table id='training'><tr><th>run</th><th>state</th><th>epochs</th><th>last epoch</th>"
                 f"<th>started</th><th>model</th><th></th></tr>{''.join(run_rows)}</table>"
