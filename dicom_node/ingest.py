@@ -114,6 +114,17 @@ class SelectionRules:
     follows: str = ""  # the model whose card the rules of ``followed`` were taken from (select_follow_model), in words
     followed: frozenset[str] = frozenset()  # those settings' names
 
+    @classmethod
+    def from_settings(cls, s: Any) -> SelectionRules:
+        """The rules of a node's settings (``dicom_node.settings.Settings``' select_*)."""
+        return cls(
+            modalities=tuple(s.select_modalities), description_include=s.select_description_include,
+            description_exclude=s.select_description_exclude, min_slices=s.select_min_slices, orientations=tuple(s.select_orientations),
+            image_types_excluded=tuple(s.select_image_type_exclude), components_excluded=tuple(s.select_complex_component_exclude),
+            contrasts=tuple(s.select_acquisition_contrasts), body_parts=tuple(s.select_body_parts),
+            contrast_agent=s.select_contrast_agent, fat_suppression=s.select_fat_suppression,
+        )
+
     def following(self, card: dict[str, Any], model: str) -> SelectionRules:
         """These rules with those the card of ``model`` (in words, for the reasons) speaks of taken
         from it (``synthesis.card.selection_learned``): its MR contrasts, contrast agent, fat
@@ -134,6 +145,10 @@ class SelectionRules:
     def _by(self, setting: str, what: str) -> str:
         """Who set a rule, for its reason: the setting, or the followed model's card."""
         return f"the {what} {self.follows} learned (select_follow_model)" if setting in self.followed else setting
+
+    def said_by(self, setting: str) -> str:
+        """Who set the rule of ``setting``, in words: the setting, or the followed model's card."""
+        return f"the card of {self.follows} (select_follow_model)" if setting in self.followed else setting
 
     def reason_to_skip(self, series: Series, planes: Sequence[str] = (), positions: tuple[int, int] = (0, 0)) -> str | None:
         """Why ``series`` is not synthesized (the first rule it fails, see ``skip``), None when it passes."""

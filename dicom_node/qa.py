@@ -20,13 +20,16 @@ from dataclasses import dataclass
 from io import BytesIO
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pydicom
 
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.settings import Settings, parse_dicom_destination
+
+if TYPE_CHECKING:
+    from dicom_node.ingest import SelectionRules
 
 QA_PATIENT_NAME = "MR2CT^QA PHANTOM"
 QA_PATIENT_ID = "MR2CT-QA"
@@ -132,12 +135,12 @@ INTERLOCK_CONTRASTS = ("FLUID_ATTENUATED", "T2", "PROTON_DENSITY")
 INTERLOCK_KEYS = ("contrast_interlock", "contrast_agent_interlock", "fat_suppression_interlock")
 
 
-def interlock_contrast(settings: Settings) -> tuple[str, str, str, str, str | None] | None:
+def interlock_contrast(rules: SelectionRules) -> tuple[str, str, str, str, str | None] | None:
     """(contrast, and its textbook timing) of the interlock series the QA sends beside the T1 one;
     None when the node takes every contrast (nothing to check)."""
     from synthesis.contrast import EXAMPLE_TIMINGS
 
-    selected = settings.select_acquisition_contrasts
+    selected = rules.contrasts
     chosen = next((c for c in INTERLOCK_CONTRASTS if selected and c not in selected), None)
     return (chosen, *EXAMPLE_TIMINGS[chosen]) if chosen else None
 
@@ -159,25 +162,25 @@ class Interlock:
         return f"{self.code}_interlock"
 
 
-def interlocks(settings: Settings) -> tuple[list[Interlock], dict[str, str]]:
-    """The interlock series the QA sends beside the T1 one, by what the node's settings keep out,
-    and the interlocks not checked, with why (a node that takes every contrast, or the agent or fat
+def interlocks(rules: SelectionRules) -> tuple[list[Interlock], dict[str, str]]:
+    """The interlock series the QA sends beside the T1 one, by what the node's selection rules keep
+    out (``registry.node_selection``: its settings', or its running model's card's), and the
+    interlocks not checked, with why (a node that takes every contrast, or the agent or fat
     suppression too, has nothing of it to hold)."""
     from synthesis.contrast import CHOICES, EXAMPLE_TIMINGS, WITH
 
     sent: list[Interlock] = []
     unchecked: dict[str, str] = {}
-    told = interlock_contrast(settings)
+    told = interlock_contrast(rules)
     if told:
         sent.append(Interlock("contrast", told[0], told[1:]))
     else:
-        unchecked["contrast_interlock"] = "not checked: select_acquisition_contrasts takes every contrast"
+        unchecked["contrast_interlock"] = f"not checked: {rules.said_by('select_acquisition_contrasts')} takes every contrast"
     for code, what, header in (("contrast_agent", "post-contrast T1", {"contrast_agent": "GADOBUTROL"}),
                                ("fat_suppression", "fat-saturated T1", {"fat_suppressed": True})):
-        setting = f"select_{code}"
-        chosen = getattr(settings, setting)
+        chosen = getattr(rules, code)
         if WITH in CHOICES[chosen]:
-            unchecked[f"{code}_interlock"] = f"not checked: {setting} is {chosen!r}"
+            unchecked[f"{code}_interlock"] = f"not checked: {rules.said_by(f'select_{code}')} is {chosen!r}"
         else:
             sent.append(Interlock(code, what, EXAMPLE_TIMINGS["T1"], **header))
     return sent, unchecked
@@ -226,6 +229,7 @@ def run_qa(settings: Settings, node: str, calling_ae: str, *, seed: int = 424_24
     the node's database (``sessions``), the contrast interlock too: a small series of a contrast the
     node does not select goes in the same association, and the run passes only if the node left it
     unsynthesized (``contrast_interlock``; as a linac's interlocks are checked each morning)."""
+    from dicom_node.registry import node_selection
     from training.phantom_dicom import write_mr_series
 
     password = settings.orthanc_password.get_secret_value() if settings.orthanc_password else None
@@ -240,7 +244,7 @@ def run_qa(settings: Settings, node: str, calling_ae: str, *, seed: int = 424_24
         row, column = np.asarray(first.ImageOrientationPatient[:3], float), np.asarray(first.ImageOrientationPatient[3:], float)
         normal = np.cross(row, column)
         positions = [np.asarray(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient, float) for p in phantom.files]
-        checks, unchecked = interlocks(settings) if sessions is not None else ([], {})
+        checks, unchecked = interlocks(node_selection(settings, sessions)()) if sessions is not None else ([], {})
         written = [(check, _write_interlock(Path(folder) / check.key, check, seed)) for check in checks]
         files = phantom.files + [f for _check, series in written for f in series.files]
         say(f"sending the QA phantom ({slices} slices, {size}x{size} at {pixel_spacing:g} mm)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select, update
@@ -130,6 +131,13 @@ class FollowedSelection:
                      list(self._current.contrasts), self._current.contrast_agent, self._current.fat_suppression,
                      list(self._current.body_parts), sorted(self._current.followed) or "nothing: the card says none of them")
         return self._current
+
+
+def node_selection(s: Any, sessions: sessionmaker[Session]) -> Callable[[], SelectionRules]:
+    """The node's selection rules as they stand at each call: its settings' (``Settings``), or with
+    ``select_follow_model`` those the running model's card speaks of taken from it."""
+    rules = SelectionRules.from_settings(s)
+    return FollowedSelection(sessions, rules, s.model_file) if s.select_follow_model else lambda: rules
 
 
 def pairs_digest(pairs: list[dict[str, Any]]) -> str:

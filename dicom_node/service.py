@@ -25,7 +25,7 @@ from dicom_node.db import init_db, listen_for_jobs, stop_waking, wake_on_job_que
 from dicom_node.forwarder import CStoreDestination, Destination, OrthancRestDestination, forward_loop
 from dicom_node.ingest import Ingest, SelectionRules
 from dicom_node.recorder import Recorder
-from dicom_node.registry import FollowedSelection
+from dicom_node.registry import node_selection
 from dicom_node.recovery import recover_spool, requeue_orphaned_jobs
 from dicom_node.retention import retention_loop, routing_rule
 from dicom_node.orthanc_store import OrthancStore
@@ -107,16 +107,8 @@ class Node:
         if s.audit_syslog:  # first: what this start does (a store the SCP takes at once among it) is sent
             self._start_audit_export()
         password = s.orthanc_password.get_secret_value() if s.orthanc_password else None
-        rules = SelectionRules(
-            modalities=tuple(s.select_modalities), description_include=s.select_description_include,
-            description_exclude=s.select_description_exclude, min_slices=s.select_min_slices, orientations=tuple(s.select_orientations),
-            image_types_excluded=tuple(s.select_image_type_exclude), components_excluded=tuple(s.select_complex_component_exclude),
-            contrasts=tuple(s.select_acquisition_contrasts), body_parts=tuple(s.select_body_parts),
-            contrast_agent=s.select_contrast_agent, fat_suppression=s.select_fat_suppression,
-        )
         # the rules at each series' completion: the settings', or those the running model's card speaks of taken from it
-        self.rules: Callable[[], SelectionRules] = (FollowedSelection(self.sessions, rules, s.model_file) if s.select_follow_model
-                                                    else lambda: rules)
+        self.rules: Callable[[], SelectionRules] = node_selection(s, self.sessions)
         # Built once (its TLS context reads files): the SCP routes to it, the API reports it.
         destination = routing_destination(s, password) if self.role in ("all", "scp", "api") else None
         if self.role in ("all", "worker"):

@@ -112,3 +112,15 @@ def test_activating_a_model_that_learned_t2_makes_the_node_synthesize_t2_without
     with sessions() as session:  # set aside before the activation: stays so until asked for by name
         assert session.get(Series, before.series_uid).state == "ignored"
         assert not session.scalars(select(Job).where(Job.series_instance_uid == before.series_uid)).all()
+
+
+def test_the_qa_interlocks_hold_the_node_to_what_the_followed_card_keeps_out() -> None:
+    """`mr2ct qa` sends a series the node must leave out for each kind its selection keeps out: with
+    select_follow_model, what the running model's card keeps out, and it says whose rule let the
+    others through."""
+    from dicom_node.qa import interlocks
+
+    card = {"mr_contrasts": ["T1"], "mr_contrast_agents": ["WITHOUT", "WITH"], "mr_fat_suppression": ["WITHOUT"]}
+    sent, unchecked = interlocks(SelectionRules(contrast_agent="without").following(card, "model 'gd'"))
+    assert [check.key for check in sent] == ["contrast_interlock", "fat_suppression_interlock"]
+    assert unchecked == {"contrast_agent_interlock": "not checked: the card of model 'gd' (select_follow_model) is 'any'"}

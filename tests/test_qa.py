@@ -111,11 +111,12 @@ def test_the_interlocks_follow_what_the_node_keeps_out_and_their_headers_say_it(
     would prove nothing)."""
     import pydicom
 
+    from dicom_node.ingest import SelectionRules
     from dicom_node.qa import INTERLOCK_KEYS, _write_interlock, interlocks
     from dicom_node.settings import Settings
     from synthesis.contrast import contrast, contrast_agent, fat_suppression
 
-    sent, unchecked = interlocks(Settings())
+    sent, unchecked = interlocks(SelectionRules.from_settings(Settings()))
     assert [check.key for check in sent] == list(INTERLOCK_KEYS) and unchecked == {}
     told = {}
     for check in sent:
@@ -123,7 +124,7 @@ def test_the_interlocks_follow_what_the_node_keeps_out_and_their_headers_say_it(
         told[check.key] = (contrast(first)[0], contrast_agent(first)[0], fat_suppression(first)[0])
     assert told == {"contrast_interlock": ("FLUID_ATTENUATED", "WITHOUT", "WITHOUT"),
                     "contrast_agent_interlock": ("T1", "WITH", "WITHOUT"), "fat_suppression_interlock": ("T1", "WITHOUT", "WITH")}
-    sent, unchecked = interlocks(Settings(select_acquisition_contrasts="", select_contrast_agent="any"))
+    sent, unchecked = interlocks(SelectionRules.from_settings(Settings(select_acquisition_contrasts="", select_contrast_agent="any")))
     assert [check.key for check in sent] == ["fat_suppression_interlock"]
     assert unchecked == {"contrast_interlock": "not checked: select_acquisition_contrasts takes every contrast",
                          "contrast_agent_interlock": "not checked: select_contrast_agent is 'any'"}
