@@ -14,7 +14,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.models import Instance, RefusedInstance, Series, as_utc
-from synthesis.contrast import MIXED, UNKNOWN, WITH
+from synthesis.contrast import with_other_choice, with_other_contrast
 
 if TYPE_CHECKING:
     from dicom_node.ingest import ReceivedInstance
@@ -38,20 +38,16 @@ class SpooledInstance:
 def heed(series: Series, info: ReceivedInstance) -> None:
     """What another instance's header says against what ``series`` took from its first (its MR
     contrast, contrast agent and fat suppression, which the selection rules judge): an agent or fat
-    suppression that any instance says holds for the series (a series whose later instances alone
-    name an agent is post-contrast there, and its sCT would read the enhancement as tissue), and two
-    instances whose headers read different MR contrasts make it MIXED (no one contrast the model
-    learned; UNKNOWN, a header that does not tell, differs from none). Until 2026-12-06 the first
-    instance alone was read."""
-    for told, source, field in ((info.contrast_agent, info.contrast_agent_source, "contrast_agent"),
-                                (info.fat_suppression, info.fat_suppression_source, "fat_suppression")):
-        if told == WITH and getattr(series, field) != WITH:
-            setattr(series, field, WITH)
-            setattr(series, f"{field}_source", f"another instance than the first: {source}"[:160])
-    if info.contrast and info.contrast != UNKNOWN and series.contrast not in ("", UNKNOWN, MIXED, info.contrast):
-        series.contrast_source = (f"instances read {series.contrast} ({series.contrast_source}) and {info.contrast} "
-                                  f"({info.contrast_source})")[:160]
-        series.contrast = MIXED
+    suppression any instance says holds for the series, and instances that read different MR
+    contrasts make it MIXED (``synthesis.contrast.with_other_choice``, ``with_other_contrast``; the
+    SR's ``series_headers`` reads them alike). Until 2026-12-06 the first instance alone was read."""
+    for field, combine in (("contrast", with_other_contrast), ("contrast_agent", with_other_choice),
+                           ("fat_suppression", with_other_choice)):
+        before = (getattr(series, field), getattr(series, f"{field}_source"))
+        told = combine(before, (getattr(info, field), getattr(info, f"{field}_source")))
+        if told != before:
+            setattr(series, field, told[0])
+            setattr(series, f"{field}_source", told[1])
 
 
 def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) -> None:

@@ -85,7 +85,7 @@ learned has them bright, and its sCT misreads the tissue around the skull. First
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -379,3 +379,33 @@ def learned_parts(parts: list[str]) -> set[str]:
     """The BodyPartExamined values a model that learned ``parts`` (its card's ``mr_body_parts``) has
     seen the anatomy of: a head by any of its names stands for all of them."""
     return set(parts) | (set(HEAD_PARTS) if set(parts) & set(HEAD_PARTS) else set())
+
+
+def with_other_contrast(told: tuple[str, str], other: tuple[str, str]) -> tuple[str, str]:
+    """A series' MR contrast (and what told it) once another of its instances reads ``other``:
+    MIXED where the two are different contrasts (no one contrast a model learned), else as told.
+    UNKNOWN, a header that does not tell, differs from none; a series already MIXED stays so."""
+    if other[0] and other[0] != UNKNOWN and told[0] not in ("", UNKNOWN, MIXED, other[0]):
+        return MIXED, f"instances read {told[0]} ({told[1]}) and {other[0]} ({other[1]})"[:160]
+    return told
+
+
+def with_other_choice(told: tuple[str, str], other: tuple[str, str]) -> tuple[str, str]:
+    """A series' contrast agent or fat suppression (WITH or WITHOUT, and what told it) once another
+    of its instances says ``other``: WITH where any instance says so (a series whose later slices
+    alone name an agent is post-contrast there)."""
+    if other[0] == WITH and told[0] != WITH:
+        return WITH, f"another instance than the first: {other[1]}"[:160]
+    return told
+
+
+def series_headers(headers: Sequence[Dataset]) -> dict[str, tuple[str, str]]:
+    """What a series' headers say together (``with_other_contrast``, ``with_other_choice``): its MR
+    contrast, contrast agent and fat suppression, each with what told it, as the node judged the
+    series when it was received (the SR's source_mr_* parameters)."""
+    said = {"contrast": contrast(headers[0]), "contrast_agent": contrast_agent(headers[0]), "fat_suppression": fat_suppression(headers[0])}
+    for ds in headers[1:]:
+        said["contrast"] = with_other_contrast(said["contrast"], contrast(ds))
+        said["contrast_agent"] = with_other_choice(said["contrast_agent"], contrast_agent(ds))
+        said["fat_suppression"] = with_other_choice(said["fat_suppression"], fat_suppression(ds))
+    return said

@@ -22,7 +22,7 @@ from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.ct_writer import (
     MANUFACTURER, TYPE2_KEYWORDS, UID_SCHEME, SyntheticCTSeries, contributing_equipment, copy_patient_and_study, copy_timezone, date_time, local_now,
 )
-from synthesis.contrast import body_part, contrast, contrast_agent, fat_suppression
+from synthesis.contrast import body_part, series_headers
 from synthesis.infer import GUIDE_EPS, GUIDE_RADIUS
 from synthesis.uids import derived_uid
 
@@ -93,9 +93,9 @@ def build_provenance_sr(
             uid=observer_uid, name="mr2ct", manufacturer_name=MANUFACTURER, model_name=f"mr2ct {synthesis.__version__}",
         ),
     )
-    told, why = contrast(mr_headers[0])  # what a physicist checks against model_mr_contrasts
-    agent, agent_why = contrast_agent(mr_headers[0])  # and against model_mr_contrast_agents
-    fat, fat_why = fat_suppression(mr_headers[0])  # and model_mr_fat_suppression
+    said = series_headers(mr_headers)  # every instance's header, as the node judged the series
+    (told, why), (agent, agent_why), (fat, fat_why) = said["contrast"], said["contrast_agent"], said["fat_suppression"]
+    # what a physicist checks against model_mr_contrasts, model_mr_contrast_agents and model_mr_fat_suppression
     params = {**model_parameters(model.card), "slice_plane": ct.plane, "source_mr_contrast": f"{told} ({why})",
               "source_mr_contrast_agent": f"{agent} ({agent_why})", "source_mr_fat_suppression": f"{fat} ({fat_why})",
               "source_mr_body_part": body_part(mr_headers[0])}  # and model_mr_body_parts

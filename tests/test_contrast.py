@@ -20,7 +20,7 @@ from dicom_node.ingest import SelectionRules
 from dicom_node.local_stack import storescu
 from dicom_node.models import AuditEvent, Job, Series
 from dicom_node.settings import Settings
-from synthesis.contrast import (body_part, body_part_json, contrast, contrast_agent, contrast_agent_json, contrast_json,
+from synthesis.contrast import (body_part, body_part_json, contrast, contrast_agent, contrast_agent_json, contrast_json, series_headers,
                                 fat_suppression, fat_suppression_json, learned_parts)
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import api_token, wait_for
@@ -447,6 +447,19 @@ def test_a_t2_flair_and_unknown_series_are_left_with_why_and_the_t1_beside_them_
         asked = httpx.post(url, json={"series_uid": each.series_uid}, headers=admin, timeout=60)
         assert asked.status_code == 202, asked.text
         assert wait_for_job(node.database_url, each.series_uid, timeout=120).state == "done"
+
+
+def test_the_series_headers_together_say_what_the_sr_records(mr):
+    """The SR's source_mr_* parameters read every instance's header as the node judged the series:
+    an agent on the second slice makes it WITH, a second slice read T2 makes it MIXED."""
+    first, second = (pydicom.dcmread(path) for path in mr.files)
+    assert series_headers([first, second])["contrast"][0] == "T1"
+    said = series_headers([first, _timed(second, "SE", "4000", "100", None)])
+    assert said["contrast"][0] == "MIXED" and said["contrast"][1].startswith("instances read T1 (") and "and T2 (" in said["contrast"][1]
+    second.ContrastBolusAgent = "GADOTERATE"
+    said = series_headers([first, second])
+    assert said["contrast_agent"] == ("WITH", "another instance than the first: Contrast/Bolus Agent (0018,0010) 'GADOTERATE'")
+    assert said["fat_suppression"][0] == "WITHOUT"
 
 
 def test_a_series_whose_later_instances_alone_name_an_agent_or_read_another_contrast_is_left_with_why(node_factory, tmp_path):
