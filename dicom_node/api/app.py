@@ -208,7 +208,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             "# TYPE mr2ct_series gauge",
             *(f'mr2ct_series{{state="{state}"}} {series_states.get(state, 0)}' for state in ("receiving", "stable", "ignored")),
             # a protocol whose header stopped telling its contrast shows here as UNKNOWN rising, while no sCT comes of it
-            "# HELP mr2ct_series_ignored Ignored series by the MR contrast their first instance told, and whether it told a contrast "
+            "# HELP mr2ct_series_ignored Ignored series by the MR contrast their instances told (MIXED: several), and whether they told a contrast "
             "agent and fat suppression (none: not read, e.g. not MR).",
             "# TYPE mr2ct_series_ignored gauge",
             *(f'mr2ct_series_ignored{{contrast="{contrast or "none"}",contrast_agent="{(agent or "none").lower()}",'
