@@ -23,7 +23,7 @@ from dicom_node.settings import Settings
 from synthesis.contrast import (body_part, body_part_json, contrast, contrast_agent, contrast_agent_json, contrast_json, series_headers,
                                 fat_suppression, fat_suppression_json, learned_parts)
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import api_token, wait_for
+from tests.helpers import api_token, series_once_complete, wait_for
 from training.phantom_dicom import write_mr_series
 
 # (ScanningSequence, TR, TE, TI or None) of protocols as scanners write them, and what they are
@@ -484,20 +484,13 @@ def test_a_series_whose_later_instances_alone_name_an_agent_or_read_another_cont
                         NODE_AE, SCANNER_AE)
         assert sent.returncode == 0, sent.stderr
     assert wait_for_job(node.database_url, plain.series_uid, timeout=120).state == "done"
-    sessions = init_db(node.database_url)
-
-    def ignored(uid: str) -> Series | None:
-        with sessions() as session:
-            row = session.get(Series, uid)
-        return row if row is not None and row.state == "ignored" else None
-
-    agent_row = wait_for(lambda: ignored(late_agent.series_uid), 60, "the series with a late agent ignored")
-    assert agent_row.reason_code == "contrast_agent" and agent_row.contrast_agent == "WITH"
+    agent_row = series_once_complete(node.database_url, late_agent.series_uid)
+    assert agent_row.state == "ignored" and agent_row.reason_code == "contrast_agent" and agent_row.contrast_agent == "WITH"
     assert agent_row.reason == ("its header says a contrast agent was given (another instance than the first: Contrast/Bolus Agent "
                                 "(0018,0010) 'GADOBUTROL'), and select_contrast_agent is 'without'"), agent_row.reason
-    mixed_row = wait_for(lambda: ignored(mixed.series_uid), 60, "the series of two contrasts ignored")
-    assert mixed_row.reason_code == "contrast" and mixed_row.contrast == "MIXED"
+    mixed_row = series_once_complete(node.database_url, mixed.series_uid)
+    assert mixed_row.state == "ignored" and mixed_row.reason_code == "contrast" and mixed_row.contrast == "MIXED"
     assert mixed_row.reason.startswith("its MR contrast is MIXED (instances read T1 (") and "and T2 (ScanningSequence SE, TR 4000 ms" \
         in mixed_row.reason, mixed_row.reason
-    with sessions() as session:
+    with init_db(node.database_url)() as session:
         assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([late_agent.series_uid, mixed.series_uid]))).all()

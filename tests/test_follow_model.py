@@ -22,7 +22,7 @@ from synthesis.contrast import EXAMPLE_TIMINGS
 from synthesis.model_file import default_model_path, load_model, save_model
 from synthesis.networks import ResnetGenerator
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import wait_for
+from tests.helpers import series_once_complete
 from training.phantom_dicom import write_mr_series
 
 
@@ -57,11 +57,6 @@ def test_activating_a_model_that_learned_t2_makes_the_node_synthesize_t2_without
         return write_mr_series(tmp_path / name, seed=seed, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0,
                                mr_timing=EXAMPLE_TIMINGS["T2"], series_description=name)
 
-    def ignored(uid: str) -> Series | None:
-        with sessions() as session:
-            row = session.get(Series, uid)
-        return row if row is not None and row.state == "ignored" else None
-
     token = _cli(node, "tokens", "create", "--role", "auditor", "--name", "pacs-admin").stdout.strip()
     selection_url = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/selection"
 
@@ -78,8 +73,8 @@ def test_activating_a_model_that_learned_t2_makes_the_node_synthesize_t2_without
 
     before = t2("t2_before", 1501)
     assert storescu(before.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
-    row = wait_for(lambda: ignored(before.series_uid), 60, "the T2 series ignored under the shipped model")
-    assert row.reason_code == "contrast" and f"not one of the MR contrasts model_file {shipped!r} learned (select_follow_model) ['T1']" \
+    row = series_once_complete(node.database_url, before.series_uid)
+    assert row.state == "ignored" and row.reason_code == "contrast" and f"not one of the MR contrasts model_file {shipped!r} learned (select_follow_model) ['T1']" \
         in row.reason, row.reason
 
     run = tmp_path / "site-t1t2"
