@@ -20,6 +20,8 @@ app.add_typer(tokens_app, name="tokens")
 models_app = typer.Typer(help="The model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 spool_app = typer.Typer(help="The spool of received originals.", no_args_is_help=True)
+series_app = typer.Typer(help="Series the node received.", no_args_is_help=True)
+app.add_typer(series_app, name="series")
 app.add_typer(spool_app, name="spool")
 audit_app = typer.Typer(help="The audit trail's export to an audit record repository (audit_syslog).", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
@@ -1217,6 +1219,44 @@ def models_activate(key: Annotated[str, typer.Argument(help="id, name or SHA-256
                    "select_follow_model = true makes it follow the active model's card)", err=True)
     if settings.select_follow_model:
         typer.echo(f"selection: from the next series on, {learned.partition('; ')[0]} (select_follow_model)")
+
+
+@series_app.command("rejudge")
+def series_rejudge(
+    series_uids: Annotated[Optional[list[str]], typer.Argument(help="SeriesInstanceUIDs of series set aside")] = None,
+    reason_code: Annotated[str | None, typer.Option(help="every series this rule set aside (GET /series?reason_code=)")] = None,
+    since: Annotated[Optional[str], typer.Option(help="with --reason-code: only series last received since (ISO 8601; no offset: UTC)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="the answer as JSON (POST /series/rejudge's)")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Judge series the selection rules set aside again, by the rules as they stand now (the
+    config's select_*, or with select_follow_model the active model's card): a job for each that
+    passes, the reason again for each that does not (POST /series/rejudge does the same)."""
+    import json
+    from datetime import datetime
+
+    from dicom_node.db import init_db
+    from dicom_node.models import as_utc
+    from dicom_node.registry import node_selection
+    from dicom_node.worker import rejudge
+
+    settings = _settings(config)
+    sessions = init_db(settings.database_url)
+    try:
+        after = as_utc(datetime.fromisoformat(since)) if since else None
+        answer = rejudge(sessions, node_selection(settings, sessions)(), "mr2ct series rejudge", series_uids or [], reason_code,
+                         after, originals_from_orthanc=settings.originals_from == "orthanc")
+    except ValueError as exc:  # a request that names nothing, a bad UID or rule, a time that is none
+        typer.echo(f"mr2ct: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    if as_json:
+        typer.echo(json.dumps(answer, indent=2))
+        return
+    for item in answer["items"]:
+        said = (f"job {item['job_id']}" if item.get("state") == "stable" else f"still set aside: {item['reason']}" if "state" in item
+                else f"not judged: {item['not_judged']}")
+        typer.echo(f"{item['series_uid']}: {said}")
+    typer.echo(f"{answer['judged']} judged again, {answer['synthesized']} to be synthesized")
 
 
 @spool_app.command("status")

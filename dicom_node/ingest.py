@@ -89,6 +89,14 @@ REASON_CODES: dict[str, str] = {
 }
 
 
+# The codes of the rules a site may change (the settings', or a followed model's card): a series one
+# of them kept out may be judged again (``rejudge``); what no rule change alters (several planes or
+# images at one position), a series waiting for refused instances, and part of one a POST /synthesize
+# spooled before it was refused are not.
+REJUDGED: tuple[str, ...] = tuple(code for code in REASON_CODES
+                                  if code not in ("planes", "positions", "refused_instances", "synthesize_refused"))
+
+
 class Skip(NamedTuple):
     """A rule a series fails: its code (``REASON_CODES``) and the reason, in words."""
 
@@ -441,20 +449,23 @@ def _refusals(session: Session, series: Series) -> str | None:
 
 
 def mark_stable(
-    sessions: sessionmaker[Session], series_uid: str, stable_seconds: float, rules: SelectionRules | None = None
+    sessions: sessionmaker[Session], series_uid: str, stable_seconds: float, rules: SelectionRules | None = None,
+    from_state: str = "receiving",
 ) -> tuple[str, int | None]:
-    """Turn a quiet series into a job or mark it ignored with the reason. Returns (state, job id).
+    """Turn a quiet series into a job or mark it ignored with the reason. Returns (state, job id);
+    ``from_state`` when it was not in that state (taken meanwhile, or receiving again).
 
-    ``stable_seconds=0`` completes the series now (complete_on_release).
+    ``stable_seconds=0`` completes the series now (complete_on_release). ``from_state="ignored"``
+    judges a series set aside again (``rejudge``).
     """
     rules = rules or SelectionRules()
-    conditions = [Series.series_instance_uid == series_uid, Series.state == "receiving"]
+    conditions = [Series.series_instance_uid == series_uid, Series.state == from_state]
     if stable_seconds > 0:
         conditions.append(Series.last_received_at < utcnow() - timedelta(seconds=stable_seconds))
     with sessions.begin() as session:
-        claimed = session.execute(update(Series).where(*conditions).values(state="stable")).rowcount
+        claimed = session.execute(update(Series).where(*conditions).values(state="stable", reason=None, reason_code="")).rowcount
         if not claimed:
-            return "receiving", None
+            return from_state, None
         series = session.get(Series, series_uid)
         assert series is not None
         counted = (Instance.series_instance_uid == series_uid, Instance.set_aside.is_(None))

@@ -258,7 +258,7 @@ class Settings(BaseSettings):
         "what it was trained on, and nothing else, so that activating a model trained on other series (`mr2ct models "
         "activate`) changes what the node synthesizes without a restart or an edit. A key the card does not speak of stays "
         "the setting's, and so does UNKNOWN (series whose header does not tell: synthesized where the setting lists it). Series "
-        "set aside before an activation stay so (POST /synthesize asks for one by name)",
+        "set aside before an activation stay so until judged again (POST /series/rejudge, `mr2ct series rejudge`)",
     )
     tls_certificate: Path | None = Field(None, description="PEM certificate: the SCP speaks DICOM over TLS when set")
     tls_private_key: Path | None = Field(None, description="PEM private key of tls_certificate")

@@ -9,9 +9,9 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import synthesis
 from dicom_node import audit
-from dicom_node.ingest import SelectionRules, mark_stable, stable_series
+from dicom_node.ingest import REJUDGED, SelectionRules, mark_stable, stable_series
 from dicom_node.models import QUEUED_AGAIN, Instance, Job, Series, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.outcomes import mark_due_for_job
@@ -525,10 +525,12 @@ class Worker:
             self.run_job(job_id, stop)
 
 
-def complete_series(sessions: sessionmaker[Session], series_uid: str, stable_seconds: float, rules: SelectionRules, actor: str) -> None:
-    """Complete one series: a job, or 'ignored' with the reason; both audited."""
-    state, job_id = mark_stable(sessions, series_uid, stable_seconds, rules)
-    if state == "receiving":
+def complete_series(sessions: sessionmaker[Session], series_uid: str, stable_seconds: float, rules: SelectionRules, actor: str,
+                    from_state: str = "receiving") -> None:
+    """Complete one series: a job, or 'ignored' with the reason; both audited. ``from_state``:
+    see ``ingest.mark_stable`` (nothing happens to a series no longer in it)."""
+    state, job_id = mark_stable(sessions, series_uid, stable_seconds, rules, from_state)
+    if state == from_state:
         return
     with sessions() as session:
         series = session.get(Series, series_uid)
@@ -539,6 +541,64 @@ def complete_series(sessions: sessionmaker[Session], series_uid: str, stable_sec
     else:
         audit.record(sessions, audit.SERIES_STABLE, "warning", actor, study_uid=study_uid, series_uid=series_uid, instances=count, reason=reason, synthesized=False)
         log.info("series not synthesized series=%s reason=%s", series_uid, reason)
+
+
+def rejudge(sessions: sessionmaker[Session], rules: SelectionRules, actor: str, series_uids: Sequence[str] = (),
+            reason_code: str | None = None, since: datetime | None = None, originals_from_orthanc: bool = False) -> dict[str, Any]:
+    """Judge series the selection rules set aside again, by ``rules`` (after a model that learned
+    more was activated with select_follow_model, or the node restarted with wider rules): a job for
+    each that passes now, the reason again for each that does not, each audited as a completion is,
+    and the whole as ``series-rejudged``. The series: ``series_uids``, and with ``reason_code`` every
+    series that rule set aside (last received ``since``; at most 1,000, the latest first).
+    ValueError for a request that names none, an invalid UID or a rule no change alters.
+
+    Returns ``judged``, ``synthesized`` and ``items``, each series' answer: ``series_uid``, ``state``
+    (stable: a job made, ``job_id``; ignored: ``reason``), or ``not_judged`` with why (unknown, not
+    set aside, set aside for what no rule change alters, its originals deleted by spool retention
+    where the workers read none from Orthanc)."""
+    from dicom_node.spool import is_valid_uid
+
+    if not series_uids and reason_code is None:
+        raise ValueError("name the series (series_uids) or a rule that set them aside (reason_code)")
+    bad = [uid for uid in series_uids if not is_valid_uid(uid)]
+    if bad:
+        raise ValueError(f"{len(bad)} of the series UIDs are not valid UIDs (digits and dots, at most 64 characters)")
+    if reason_code is not None and reason_code not in REJUDGED:
+        raise ValueError(f"reason_code {reason_code!r} is not a rule a series can be judged again by; one of {', '.join(REJUDGED)}")
+    uids = list(dict.fromkeys(series_uids))
+    if reason_code is not None:
+        query = select(Series.series_instance_uid).where(Series.state == "ignored", Series.reason_code == reason_code)
+        if since is not None:
+            query = query.where(Series.last_received_at >= since)
+        with sessions() as session:
+            uids += [u for u in session.scalars(query.order_by(Series.last_received_at.desc()).limit(1000)) if u not in uids]
+    answers: list[dict[str, Any]] = []
+    for uid in uids:
+        with sessions() as session:
+            row = session.get(Series, uid)
+            purged = session.scalar(select(func.count()).select_from(Instance).where(
+                Instance.series_instance_uid == uid, Instance.purged_at.is_not(None), Instance.set_aside.is_(None))) or 0
+        why = ("the node holds no such series" if row is None
+               else f"it is {row.state}, not set aside" if row.state != "ignored"
+               else f"it was set aside for what no rule change alters ({row.reason_code or 'recorded before reason codes'}: {row.reason})"
+               if row.reason_code not in REJUDGED
+               else f"spool retention deleted {purged} of its originals: send the series again, or POST /synthesize it from Orthanc"
+               if purged and not originals_from_orthanc else None)
+        if why is not None:
+            answers.append({"series_uid": uid, "not_judged": why})
+            continue
+        complete_series(sessions, uid, 0, rules, actor, from_state="ignored")
+        with sessions() as session:
+            row = session.get(Series, uid)
+            job_id = session.scalar(select(func.max(Job.id)).where(Job.series_instance_uid == uid))
+        answers.append({"series_uid": uid, "state": row.state, **({"job_id": job_id} if row.state == "stable" else {"reason": row.reason})}
+                       if row is not None else {"series_uid": uid, "not_judged": "deleted meanwhile"})
+    made = sum(a.get("state") == "stable" for a in answers)
+    audit.record(sessions, "series-rejudged", "success", actor, asked=len(uids), synthesized=made,
+                 still_ignored=sum(a.get("state") == "ignored" for a in answers), not_judged=sum("not_judged" in a for a in answers),
+                 reason_code=reason_code)
+    log.info("series judged again: %d asked, %d synthesized now", len(uids), made)
+    return {"judged": sum("state" in a for a in answers), "synthesized": made, "items": answers}
 
 
 def stability_loop(

@@ -16,7 +16,7 @@ from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
 from dicom_node.ingest import SelectionRules
 from dicom_node.local_stack import storescu
-from dicom_node.models import Job, Series
+from dicom_node.models import AuditEvent, Job, Series
 from synthesis.card import selection_learned
 from synthesis.contrast import EXAMPLE_TIMINGS
 from synthesis.model_file import default_model_path, load_model, save_model
@@ -104,9 +104,28 @@ def test_activating_a_model_that_learned_t2_makes_the_node_synthesize_t2_without
     assert job.state == "done" and job.model_sha256 == new["sha256"]
     log = node.log_path.read_text()
     assert f"selection follows the active model 'site-t1t2' ({new['sha256'][:12]}): contrasts=['T1', 'T2']" in log
-    with sessions() as session:  # set aside before the activation: stays so until asked for by name
+    with sessions() as session:  # set aside before the activation: stays so until judged again
         assert session.get(Series, before.series_uid).state == "ignored"
         assert not session.scalars(select(Job).where(Job.series_instance_uid == before.series_uid)).all()
+
+    # the administrator judges what the old card kept out again, by the rules as they stand now
+    admin = {"Authorization": f"Bearer {_cli(node, 'tokens', 'create', '--role', 'admin', '--name', 'pacs').stdout.strip()}"}
+    rejudge_url = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/series/rejudge"
+    assert httpx.post(rejudge_url, json={"reason_code": "contrast"}, headers={"Authorization": f"Bearer {token}"}).status_code == 403
+    refused = httpx.post(rejudge_url, json={"reason_code": "planes"}, headers=admin, timeout=30)
+    assert refused.status_code == 422 and "not a rule a series can be judged again by" in refused.json()["detail"]
+    assert httpx.post(rejudge_url, json={}, headers=admin, timeout=30).status_code == 422
+    bad = _cli(node, "series", "rejudge", "1.2.abc")
+    assert bad.returncode == 2 and "not valid UIDs" in bad.stderr, bad.stderr
+    answer = httpx.post(rejudge_url, json={"reason_code": "contrast", "series_uids": ["1.2.3.4.5"]}, headers=admin, timeout=60).json()
+    items = {item["series_uid"]: item for item in answer["items"]}
+    assert answer["judged"] == 1 and answer["synthesized"] == 1 and items["1.2.3.4.5"]["not_judged"] == "the node holds no such series"
+    judged = wait_for_job(node.database_url, before.series_uid, timeout=120)
+    assert judged.id == items[before.series_uid]["job_id"] and judged.state == "done" and judged.model_sha256 == new["sha256"]
+    again = _cli(node, "series", "rejudge", before.series_uid)  # no longer set aside: nothing to judge
+    assert again.returncode == 0 and "not judged: it is stable, not set aside" in again.stdout, again.stdout
+    with sessions() as session:
+        assert session.scalars(select(AuditEvent).where(AuditEvent.action == "series-rejudged")).first().detail["synthesized"] == 1
 
 
 def test_the_qa_interlocks_hold_the_node_to_what_the_followed_card_keeps_out() -> None:
@@ -119,3 +138,30 @@ def test_the_qa_interlocks_hold_the_node_to_what_the_followed_card_keeps_out() -
     sent, unchecked = interlocks(SelectionRules(contrast_agent="without").following(card, "model 'gd'"))
     assert [check.key for check in sent] == ["contrast_interlock", "fat_suppression_interlock"]
     assert unchecked == {"contrast_agent_interlock": "not checked: the card of model 'gd' (select_follow_model) is 'any'"}
+
+
+def test_a_series_whose_originals_retention_deleted_is_not_judged_again_unless_the_workers_read_orthanc(tmp_path):
+    """Judging again makes a job only of a series whose originals a worker can still read: one
+    whose spool retention deleted them is named with what to do instead, unless the workers read
+    originals from Orthanc (originals_from = orthanc)."""
+    from pathlib import Path
+
+    from sqlalchemy import update
+
+    from dicom_node.ingest import ReceivedInstance, mark_stable
+    from dicom_node.models import Instance, utcnow
+    from dicom_node.recorder import SpooledInstance, record_batch
+    from dicom_node.worker import rejudge
+
+    sessions = init_db(f"sqlite:///{tmp_path / 'mr2ct.db'}")
+    info = ReceivedInstance("1.2.840.10008.5.1.4.1.1.4", "1.2.3.4.1", "1.2.3", "1.2.3.4", "MR", "t2", "axial", "patient", contrast="T2",
+                            contrast_source="TR 4000 ms, TE 100 ms")
+    record_batch(sessions, [SpooledInstance(info, Path("/spool/1.dcm"), 100, "1.2.840.10008.1.2.1", SCANNER_AE, None, utcnow())])
+    assert mark_stable(sessions, "1.2.3.4", 0) == ("ignored", None)  # the default rules: T1 only
+    with sessions.begin() as session:
+        session.execute(update(Instance).values(purged_at=utcnow()))
+    t2 = SelectionRules(contrasts=("T1", "T2"))
+    [item] = rejudge(sessions, t2, "test", ["1.2.3.4"])["items"]
+    assert item["not_judged"].startswith("spool retention deleted 1 of its originals: send the series again")
+    answer = rejudge(sessions, t2, "test", reason_code="contrast", originals_from_orthanc=True)
+    assert answer["synthesized"] == 1 and answer["items"][0]["state"] == "stable"

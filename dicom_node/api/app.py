@@ -72,6 +72,14 @@ class SynthesizeRequest(BaseModel):
     series_uid: str = Field(max_length=64, description="SeriesInstanceUID of an MR series already in Orthanc")
 
 
+class RejudgeRequest(BaseModel):
+    series_uids: list[Annotated[str, Field(max_length=64)]] = Field(
+        default_factory=list, max_length=1000, description="SeriesInstanceUIDs of series set aside, to judge again")
+    reason_code: str | None = Field(None, max_length=24, description="or: every series set aside by this rule (GET /series?reason_code=)")
+    since: Annotated[datetime, AfterValidator(as_utc)] | None = Field(
+        None, description="with reason_code: only series last received since (ISO 8601; no offset: UTC)")
+
+
 # A time filter in UTC (models.as_utc): SQLite keeps no offset, so one compared as written would be off by its offset.
 TimeFilter = Annotated[Annotated[datetime, AfterValidator(as_utc)] | None,
                        Query(description="ISO 8601, e.g. 2026-12-04T09:30:00+01:00; a time without an offset is taken as UTC")]
@@ -517,6 +525,21 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                      source=orthanc_at,
                      refusals_lifted=lifted, set_aside=set_aside)
         return {"job_id": job_id, "series_uid": body.series_uid, "instances": len(instances), "set_aside": set_aside}
+
+    @api.post("/series/rejudge")
+    def rejudge_series(body: RejudgeRequest, caller: Caller = Depends(ADMIN)) -> dict[str, Any]:
+        """Judge series the selection rules set aside again, by the rules as they stand now (after a
+        model that learned more was activated with select_follow_model, or a restart with wider
+        select_*): a job for each that passes, the reason again for each that does not. Name the
+        series, or a rule (``reason_code``, at most 1,000 series, the latest first). Each series
+        answers ``state`` (and ``job_id`` or ``reason``) or ``not_judged`` with why."""
+        from dicom_node.worker import rejudge
+
+        try:
+            return rejudge(sessions, rules(), caller.actor, body.series_uids, body.reason_code, body.since,
+                           originals_from_orthanc=purged_from_orthanc)
+        except ValueError as exc:
+            raise HTTPException(422, str(exc)) from exc
 
     @api.get("/models")
     def list_models(caller: Caller = Depends(READ)) -> dict[str, Any]:
