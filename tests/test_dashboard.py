@@ -232,3 +232,47 @@ def test_an_administrator_activates_a_registered_model_from_the_dashboard_and_is
         events = session.scalars(select(AuditEvent).where(AuditEvent.action.in_(("model-activated", "security-alert")))).all()
     assert any(e.action == "model-activated" and e.actor == "api:ml-admin" for e in events), [(e.action, e.actor) for e in events]
     assert any(e.action == "security-alert" and e.actor == "api:ml-auditor" for e in events)
+
+
+def test_an_administrator_judges_a_set_aside_series_again_from_the_dashboard_once_the_model_learned_it(node_factory, tmp_path):
+    """With select_follow_model, a T2 series the shipped T1 model's card kept out is judged again
+    with the "judge again" button once a model that learned T2 is active: a job is made and the sCT
+    follows. The dashboard says what is synthesized now and from whose card; an auditor gets no
+    button, and a POST with its cookie is refused (403)."""
+    import torch
+
+    from synthesis.contrast import EXAMPLE_TIMINGS
+    from synthesis.model_file import default_model_path, load_model, save_model
+    from synthesis.networks import ResnetGenerator
+
+    node = node_factory(select_follow_model="true")
+    t2 = write_mr_series(tmp_path / "t2", seed=1601, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0,
+                         mr_timing=EXAMPLE_TIMINGS["T2"], series_description="t2_tse")
+    assert storescu(t2.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    assert series_once_complete(node.database_url, t2.series_uid).reason_code == "contrast"
+    run = tmp_path / "run-t1t2"
+    card = {k: v for k, v in load_model(default_model_path()).card.items() if k != "sha256"}
+    card.update(name="run-t1t2", mr_contrasts=["T1", "T2"])
+    torch.manual_seed(12)
+    new = save_model(run / "model.safetensors", ResnetGenerator(ngf=16, n_blocks=6), card)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")} | {"MR2CT_DATABASE_URL": node.database_url}
+    for args in (("models", "register", str(run)), ("models", "activate", new["sha256"][:12])):
+        done = subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr
+    admin, auditor = api_token(node.database_url, "admin", "pacs-admin"), api_token(node.database_url, "auditor", "pacs-auditor")
+    base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
+    button = f"[id='rejudge-{t2.series_uid}']"
+    with headless_chromium() as browser:
+        page = _logged_in(browser, base, auditor)
+        assert "MR contrasts T1, T2" in page.locator("#selection").inner_text() and "'run-t1t2'" in page.locator("#selection").inner_text()
+        assert page.locator(button).count() == 0  # an auditor reads only
+        refused = page.request.post(f"{base}/dashboard/series/{t2.series_uid}/rejudge")
+        assert refused.status == 403 and "may not judge series again" in refused.text()
+        page.context.close()
+        page = _logged_in(browser, base, admin)
+        with page.expect_navigation():
+            page.click(button)
+        bad = page.request.post(f"{base}/dashboard/series/1.2.x/rejudge")
+        assert bad.status == 422 and "not valid UIDs" in bad.text()
+    job = wait_for_job(node.database_url, t2.series_uid, timeout=120)
+    assert job.state == "done" and job.model_sha256 == new["sha256"]

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.api.actions import activate_model, cancel_job, retry_job
 from dicom_node.api.auth import READERS, active_token, note_use
-from dicom_node.ingest import SelectionRules
+from dicom_node.ingest import REJUDGED, SelectionRules
 from dicom_node.outcomes import standing, where_sent
 from dicom_node.models import ApiToken, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
@@ -51,6 +51,20 @@ def _caller(request: Request, sessions: sessionmaker[Session]) -> ApiToken | Non
         return None
     note_use(sessions, row)  # a token used only here is in use too (mr2ct tokens list)
     return row
+
+
+def _admin(request: Request, sessions: sessionmaker[Session], doing: str, **detail: Any) -> tuple[ApiToken | None, Response | None]:
+    """The administrator pressing a button (``doing``, e.g. "retry jobs"), or the answer to anyone
+    else: the login page for no token, a 403 page (audited as a security alert) for an auditor's."""
+    caller = _caller(request, sessions)
+    if caller is None:
+        return None, RedirectResponse("/dashboard", status_code=303)
+    if caller.role != "admin":
+        audit.record(sessions, audit.SECURITY_ALERT, "failure", f"api:{caller.name}", reason=f"dashboard: {doing} with a {caller.role} token",
+                     **detail)
+        return None, _page("mr2ct: not allowed", f"<p class='failed'>A {html.escape(caller.role)} token may not {html.escape(doing)}.</p>"
+                           "<p><a href='/dashboard'>back</a></p>", status_code=403)
+    return caller, None
 
 
 def _running_text(job: Job) -> str:
@@ -124,7 +138,11 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
         set_aside_rows = [  # never synthesized, and why: the selection rules, or a refused instance awaited
             f"<tr><td>{html.escape(s.series_description or '')}</td><td>{s.instance_count}</td><td>{html.escape(s.calling_ae)}</td>"
             f"<td>{'' if s.last_received_at is None else f'{s.last_received_at:%Y-%m-%d %H:%M:%S}'}</td>"
-            f"<td class='reason'>{html.escape(s.reason or '')}</td></tr>" for s in set_aside
+            f"<td class='reason'>{html.escape(s.reason or '')}</td><td>"
+            + (f"<form method='post' action='/dashboard/series/{html.escape(s.series_instance_uid)}/rejudge'><button type='submit' "
+               f"class='rejudge' id='rejudge-{html.escape(s.series_instance_uid)}'>judge again</button></form>"
+               if caller.role == "admin" and rules is not None and s.reason_code in REJUDGED else "")
+            + "</td></tr>" for s in set_aside
         ]
         event_rows = [
             f"<tr><td>{e.at:%Y-%m-%d %H:%M:%S}</td><td>{html.escape(e.action)}</td><td>{html.escape(e.outcome)}</td>"
@@ -180,7 +198,7 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 "<table id='jobs'><tr><th>job</th><th>state</th><th>series</th><th>instances</th><th>from</th><th>created</th>"
                 f"<th>took</th><th>device</th><th>error</th><th>delivered to</th><th></th></tr>{''.join(job_rows)}</table>"
                 f"<h1>series not synthesized</h1>{selecting}<table id='set-aside'><tr><th>series</th><th>instances</th><th>from</th>"
-                f"<th>last received</th><th>why</th></tr>{''.join(set_aside_rows)}</table>"
+                f"<th>last received</th><th>why</th><th></th></tr>{''.join(set_aside_rows)}</table>"
                 "<h1>training runs</h1><table id='training'><tr><th>run</th><th>state</th><th>epochs</th><th>last epoch</th>"
                 f"<th>started</th><th>model</th><th></th></tr>{''.join(run_rows)}</table>"
                 "<h1>models</h1><table id='models'><tr><th>model</th><th>name</th><th>SHA-256</th><th>architecture</th>"
@@ -242,14 +260,9 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
         one (admin tokens only): POST /jobs/{id}/retry's and /cancel's rules; back to the dashboard,
         or a page saying why not. The cookie is SameSite=Strict, so another site's form cannot press
         them for a logged-in administrator."""
-        caller = _caller(request, sessions)
+        caller, refused = _admin(request, sessions, f"{action} jobs", job_id=job_id)
         if caller is None:
-            return RedirectResponse("/dashboard", status_code=303)
-        if caller.role != "admin":
-            audit.record(sessions, audit.SECURITY_ALERT, "failure", f"api:{caller.name}", reason=f"dashboard {action} with a {caller.role} token",
-                         job_id=job_id)
-            return _page("mr2ct: not allowed", f"<p class='failed'>A {html.escape(caller.role)} token may not {action} jobs.</p>"
-                         "<p><a href='/dashboard'>back</a></p>", status_code=403)
+            return refused  # type: ignore[return-value]
         try:
             if action == "retry":
                 retry_job(sessions, job_id, f"api:{caller.name}", purged_from_orthanc=purged_from_orthanc, via="dashboard")
@@ -265,14 +278,9 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
         """The activate button of a registered model (admin tokens only): POST /models/{id}/activate's
         rules; back to the dashboard, or a page saying why not, or what the node's selection lets
         through that the model never learned."""
-        caller = _caller(request, sessions)
+        caller, refused = _admin(request, sessions, "activate models", model_id=model_id)
         if caller is None:
-            return RedirectResponse("/dashboard", status_code=303)
-        if caller.role != "admin":
-            audit.record(sessions, audit.SECURITY_ALERT, "failure", f"api:{caller.name}", reason=f"dashboard model activation with a "
-                         f"{caller.role} token", model_id=model_id)
-            return _page("mr2ct: not allowed", f"<p class='failed'>A {html.escape(caller.role)} token may not activate models.</p>"
-                         "<p><a href='/dashboard'>back</a></p>", status_code=403)
+            return refused  # type: ignore[return-value]
         try:
             chosen, warnings = activate_model(sessions, model_id, f"api:{caller.name}", selection)
         except HTTPException as exc:
@@ -284,6 +292,29 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
         return _page("mr2ct: model activated", f"<p>Model {chosen.id} {html.escape(chosen.name)} is active from the workers' next job "
                      f"on. The node's selection (its config) lets through series it never learned:</p><ul id='warnings'>{items}</ul>"
                      "<p><a href='/dashboard'>back</a></p>")
+
+    @router.post("/series/{series_uid}/rejudge")
+    def rejudge_one(series_uid: Annotated[str, FastApiPath(max_length=64)], request: Request) -> Response:
+        """The "judge again" button of a series set aside (admin tokens only): POST /series/rejudge's
+        rules, by the selection as it stands now; back to the dashboard, or a page saying why it was
+        not judged, or why it is still set aside."""
+        from dicom_node.worker import rejudge
+
+        caller, refused = _admin(request, sessions, "judge series again")
+        if caller is None:
+            return refused  # type: ignore[return-value]
+        if rules is None:
+            return _page("mr2ct: not judged", "<p class='failed' id='refused'>This process has no selection rules.</p>", status_code=409)
+        try:
+            [item] = rejudge(sessions, rules(), f"api:{caller.name}", [series_uid], originals_from_orthanc=purged_from_orthanc)["items"]
+        except ValueError as exc:
+            return _page("mr2ct: not judged", f"<p class='failed' id='refused'>{html.escape(str(exc))}</p>"
+                         "<p><a href='/dashboard'>back</a></p>", status_code=422)
+        if item.get("state") == "stable":
+            return RedirectResponse("/dashboard", status_code=303)
+        why = item.get("not_judged") or f"still set aside: {item.get('reason')}"
+        return _page("mr2ct: judged again", f"<p class='failed' id='refused'>{html.escape(why)}</p><p><a href='/dashboard'>back</a></p>",
+                     status_code=409 if "not_judged" in item else 200)
 
     @router.get("/jobs/{job_id}/preview.png")
     def preview(job_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:
