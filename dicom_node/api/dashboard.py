@@ -193,7 +193,7 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
             told = (f"MR contrasts {', '.join(now.contrasts) or 'any'}; contrast agent {now.contrast_agent}; fat suppression "
                     f"{now.fat_suppression}; body parts {', '.join(now.body_parts) or 'any'}")
             selecting = (f"<p id='selection'>Synthesized now: {html.escape(told)}"
-                         + (f" (from the card of {html.escape(now.follows)}, select_follow_model)" if now.follows else "") + "</p>")
+                         + (f" (from the card of {html.escape(now.follows)}, select_follow_model)" if now.followed else "") + "</p>")
         body = (f"<h1>mr2ct jobs</h1><p>Logged in as {html.escape(caller.name)} ({html.escape(caller.role)})</p>"
                 "<table id='jobs'><tr><th>job</th><th>state</th><th>series</th><th>instances</th><th>from</th><th>created</th>"
                 f"<th>took</th><th>device</th><th>error</th><th>delivered to</th><th></th></tr>{''.join(job_rows)}</table>"
