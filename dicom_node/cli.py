@@ -1226,6 +1226,7 @@ def series_rejudge(
     series_uids: Annotated[Optional[list[str]], typer.Argument(help="SeriesInstanceUIDs of series set aside")] = None,
     reason_code: Annotated[str | None, typer.Option(help="every series this rule set aside (GET /series?reason_code=)")] = None,
     since: Annotated[Optional[str], typer.Option(help="with --reason-code: only series last received since (ISO 8601; no offset: UTC)")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would happen, change nothing")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="the answer as JSON (POST /series/rejudge's)")] = False,
     config: ConfigOption = None,
 ) -> None:
@@ -1245,7 +1246,7 @@ def series_rejudge(
     try:
         after = as_utc(datetime.fromisoformat(since)) if since else None
         answer = rejudge(sessions, node_selection(settings, sessions)(), "mr2ct series rejudge", series_uids or [], reason_code,
-                         after, originals_from_orthanc=settings.originals_from == "orthanc")
+                         after, originals_from_orthanc=settings.originals_from == "orthanc", dry_run=dry_run)
     except ValueError as exc:  # a request that names nothing, a bad UID or rule, a time that is none
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -1254,9 +1255,11 @@ def series_rejudge(
         return
     for item in answer["items"]:
         said = (f"job {item['job_id']}" if item.get("state") == "stable" else f"still set aside: {item['reason']}" if "state" in item
-                else f"not judged: {item['not_judged']}")
+                else "would be synthesized" if item.get("would") == "synthesize"
+                else f"would stay set aside: {item['reason']}" if "would" in item else f"not judged: {item['not_judged']}")
         typer.echo(f"{item['series_uid']}: {said}")
-    typer.echo(f"{answer['judged']} judged again, {answer['synthesized']} to be synthesized")
+    typer.echo(f"dry run: {answer['would_synthesize']} would be synthesized, nothing changed" if dry_run
+               else f"{answer['judged']} judged again, {answer['synthesized']} to be synthesized")
 
 
 @spool_app.command("status")

@@ -448,6 +448,26 @@ def _refusals(session: Session, series: Series) -> str | None:
             f"once mended, or ask for the series as Orthanc holds it (POST /synthesize)")
 
 
+def judge(session: Session, series: Series, rules: SelectionRules) -> Skip | None:
+    """The first rule ``series`` fails as it stands in the database (its instances' planes and
+    positions counted, refused instances awaited), None when a job would be made of it."""
+    counted = (Instance.series_instance_uid == series.series_instance_uid, Instance.set_aside.is_(None))
+    planes = session.scalars(select(Instance.orientation).distinct().where(*counted, Instance.orientation != "")).all()
+    # images: every frame (a single-frame row counts 1); positions: the single frames' distinct
+    # ones, and those of each distinct set of positions of multi-frame instances (position ''):
+    # two instances at the same positions (an echo each) count their positions once
+    frame_sets = select(func.coalesce(Instance.frame_set, Instance.sop_instance_uid).label("key"),
+                        Instance.frame_positions).distinct().where(*counted, Instance.position == "").subquery()
+    images, positions, frame_positions = session.execute(select(
+        func.coalesce(func.sum(Instance.frames), 0), func.count(distinct(func.nullif(Instance.position, ""))),
+        select(func.coalesce(func.sum(frame_sets.c.frame_positions), 0)).scalar_subquery()).where(*counted)).one()
+    skip = rules.skip(series, planes, (images, positions + frame_positions))
+    if skip is None:
+        waits = _refusals(session, series)
+        skip = Skip("refused_instances", waits) if waits is not None else None
+    return skip
+
+
 def mark_stable(
     sessions: sessionmaker[Session], series_uid: str, stable_seconds: float, rules: SelectionRules | None = None,
     from_state: str = "receiving",
@@ -468,20 +488,7 @@ def mark_stable(
             return from_state, None
         series = session.get(Series, series_uid)
         assert series is not None
-        counted = (Instance.series_instance_uid == series_uid, Instance.set_aside.is_(None))
-        planes = session.scalars(select(Instance.orientation).distinct().where(*counted, Instance.orientation != "")).all()
-        # images: every frame (a single-frame row counts 1); positions: the single frames' distinct
-        # ones, and those of each distinct set of positions of multi-frame instances (position ''):
-        # two instances at the same positions (an echo each) count their positions once
-        frame_sets = select(func.coalesce(Instance.frame_set, Instance.sop_instance_uid).label("key"),
-                            Instance.frame_positions).distinct().where(*counted, Instance.position == "").subquery()
-        images, positions, frame_positions = session.execute(select(
-            func.coalesce(func.sum(Instance.frames), 0), func.count(distinct(func.nullif(Instance.position, ""))),
-            select(func.coalesce(func.sum(frame_sets.c.frame_positions), 0)).scalar_subquery()).where(*counted)).one()
-        skip = rules.skip(series, planes, (images, positions + frame_positions))
-        if skip is None:
-            waits = _refusals(session, series)
-            skip = Skip("refused_instances", waits) if waits is not None else None
+        skip = judge(session, series, rules)
         if skip is not None:
             series.state, series.reason, series.reason_code, series.outcome_due = "ignored", skip.reason, skip.code, True
             return "ignored", None

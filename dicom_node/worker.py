@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import synthesis
 from dicom_node import audit
-from dicom_node.ingest import REJUDGED, SelectionRules, mark_stable, stable_series
+from dicom_node.ingest import REJUDGED, SelectionRules, judge, mark_stable, stable_series
 from dicom_node.models import QUEUED_AGAIN, Instance, Job, Series, utcnow
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.outcomes import mark_due_for_job
@@ -544,13 +544,15 @@ def complete_series(sessions: sessionmaker[Session], series_uid: str, stable_sec
 
 
 def rejudge(sessions: sessionmaker[Session], rules: SelectionRules, actor: str, series_uids: Sequence[str] = (),
-            reason_code: str | None = None, since: datetime | None = None, originals_from_orthanc: bool = False) -> dict[str, Any]:
+            reason_code: str | None = None, since: datetime | None = None, originals_from_orthanc: bool = False,
+            dry_run: bool = False) -> dict[str, Any]:
     """Judge series the selection rules set aside again, by ``rules`` (after a model that learned
     more was activated with select_follow_model, or the node restarted with wider rules): a job for
     each that passes now, the reason again for each that does not, each audited as a completion is,
     and the whole as ``series-rejudged``. The series: ``series_uids``, and with ``reason_code`` every
     series that rule set aside (last received ``since``; at most 1,000, the latest first).
-    ValueError for a request that names none, an invalid UID or a rule no change alters.
+    ValueError for a request that names none, an invalid UID or a rule no change alters. ``dry_run``:
+    what would happen, nothing changed (``would``: synthesize, or stay set aside with the ``reason``).
 
     Returns ``judged``, ``synthesized`` and ``items``, each series' answer: ``series_uid``, ``state``
     (stable: a job made, ``job_id``; ignored: ``reason``), or ``not_judged`` with why (unknown, not
@@ -587,12 +589,20 @@ def rejudge(sessions: sessionmaker[Session], rules: SelectionRules, actor: str, 
         if why is not None:
             answers.append({"series_uid": uid, "not_judged": why})
             continue
+        if dry_run:
+            with sessions() as session:
+                skip = judge(session, row, rules)
+            answers.append({"series_uid": uid, "would": "synthesize"} if skip is None else
+                           {"series_uid": uid, "would": "stay set aside", "reason": skip.reason})
+            continue
         complete_series(sessions, uid, 0, rules, actor, from_state="ignored")
         with sessions() as session:
             row = session.get(Series, uid)
             job_id = session.scalar(select(func.max(Job.id)).where(Job.series_instance_uid == uid))
         answers.append({"series_uid": uid, "state": row.state, **({"job_id": job_id} if row.state == "stable" else {"reason": row.reason})}
                        if row is not None else {"series_uid": uid, "not_judged": "deleted meanwhile"})
+    if dry_run:
+        return {"judged": 0, "synthesized": 0, "would_synthesize": sum(a.get("would") == "synthesize" for a in answers), "items": answers}
     made = sum(a.get("state") == "stable" for a in answers)
     audit.record(sessions, "series-rejudged", "success", actor, asked=len(uids), synthesized=made,
                  still_ignored=sum(a.get("state") == "ignored" for a in answers), not_judged=sum("not_judged" in a for a in answers),

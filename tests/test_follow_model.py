@@ -115,6 +115,10 @@ def test_activating_a_model_that_learned_t2_makes_the_node_synthesize_t2_without
     refused = httpx.post(rejudge_url, json={"reason_code": "planes"}, headers=admin, timeout=30)
     assert refused.status_code == 422 and "not a rule a series can be judged again by" in refused.json()["detail"]
     assert httpx.post(rejudge_url, json={}, headers=admin, timeout=30).status_code == 422
+    dry = _cli(node, "series", "rejudge", "--reason-code", "contrast", "--dry-run")
+    assert dry.returncode == 0 and f"{before.series_uid}: would be synthesized" in dry.stdout, dry.stdout + dry.stderr
+    assert "dry run: 1 would be synthesized, nothing changed" in dry.stdout
+    assert series_once_complete(node.database_url, before.series_uid).state == "ignored"
     bad = _cli(node, "series", "rejudge", "1.2.abc")
     assert bad.returncode == 2 and "not valid UIDs" in bad.stderr, bad.stderr
     answer = httpx.post(rejudge_url, json={"reason_code": "contrast", "series_uids": ["1.2.3.4.5"]}, headers=admin, timeout=60).json()

@@ -78,6 +78,7 @@ class RejudgeRequest(BaseModel):
     reason_code: str | None = Field(None, max_length=24, description="or: every series set aside by this rule (GET /series?reason_code=)")
     since: Annotated[datetime, AfterValidator(as_utc)] | None = Field(
         None, description="with reason_code: only series last received since (ISO 8601; no offset: UTC)")
+    dry_run: bool = Field(False, description="say what would happen (each series' `would`), change nothing")
 
 
 # A time filter in UTC (models.as_utc): SQLite keeps no offset, so one compared as written would be off by its offset.
@@ -537,7 +538,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
 
         try:
             return rejudge(sessions, rules(), caller.actor, body.series_uids, body.reason_code, body.since,
-                           originals_from_orthanc=purged_from_orthanc)
+                           originals_from_orthanc=purged_from_orthanc, dry_run=body.dry_run)
         except ValueError as exc:
             raise HTTPException(422, str(exc)) from exc
 
