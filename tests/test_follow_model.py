@@ -169,3 +169,25 @@ def test_a_series_whose_originals_retention_deleted_is_not_judged_again_unless_t
     assert item["not_judged"].startswith("spool retention deleted 1 of its originals: send the series again")
     answer = rejudge(sessions, t2, "test", reason_code="contrast", originals_from_orthanc=True)
     assert answer["synthesized"] == 1 and answer["items"][0]["state"] == "stable"
+
+
+def test_the_selection_stays_that_of_the_last_model_named_when_the_registry_cannot_be_read(tmp_path, caplog):
+    """A registry that cannot be read (its database gone, or being migrated) does not throw the node
+    back onto the settings' rules: the rules stay those of the last model the registry named, logged."""
+    from sqlalchemy import text
+
+    from dicom_node.registry import FollowedSelection, activate, register
+
+    sessions = init_db(f"sqlite:///{tmp_path / 'mr2ct.db'}")
+    run = tmp_path / "site-t2"
+    card = {k: v for k, v in load_model(default_model_path()).card.items() if k != "sha256"}
+    card.update(name="site-t2", mr_contrasts=["T2"])
+    torch.manual_seed(16)
+    save_model(run / "model.safetensors", ResnetGenerator(ngf=16, n_blocks=6), card)
+    row, _ = register(sessions, run)
+    activate(sessions, str(row.id))
+    follow = FollowedSelection(sessions, SelectionRules(), default_model_path())
+    assert follow().contrasts == ("T2",)
+    with sessions.begin() as session:
+        session.execute(text("ALTER TABLE models RENAME TO models_moved"))
+    assert follow().contrasts == ("T2",) and "cannot read the registry's active model" in caplog.text
