@@ -152,6 +152,7 @@ def train(
     _output_folder("--out", out)
     import torch
 
+    from training.trainer import TrainingInterrupted
     from training.trainer import train as run_training
 
     if threads:
@@ -178,6 +179,11 @@ def train(
             recorder.end("failed", reason=str(exc))
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    except TrainingInterrupted as exc:
+        if recorder:
+            recorder.end("interrupted")
+        typer.echo(f"interrupted: checkpoint in {exc.args[0]}; continue with --resume", err=True)
+        raise typer.Exit(130) from None
     except KeyboardInterrupt:  # before the first epoch (building the pools): nothing to save
         if recorder:
             recorder.end("interrupted")
@@ -187,11 +193,6 @@ def train(
             recorder.end("failed", reason=f"{type(exc).__name__}: {exc}")
         raise
     if card is None:
-        if (out / "checkpoint.pt").exists() and not (out / "model.safetensors").exists():
-            if recorder:
-                recorder.end("interrupted")
-            typer.echo(f"interrupted: checkpoint in {out / 'checkpoint.pt'}; continue with --resume", err=True)
-            raise typer.Exit(130)
         return  # a non-zero rank under torchrun
     if recorder:
         recorder.end("finished", model_sha256=card["sha256"])

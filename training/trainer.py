@@ -177,10 +177,18 @@ def _gradient_penalty(d: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> t
     return ((grad.flatten(1).norm(2, dim=1) - 1) ** 2).mean()
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C stopped the run; rank 0 saved its checkpoint (``args[0]``) for --resume. An exception,
+    not a return value: until 2026-12-06 the command told an interruption from a finished run by the
+    files in the folder, and a second torchrun rank that finished while rank 0 was between writing
+    the checkpoint and the model file took the run for interrupted (exit 130)."""
+
+
 def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", resume: bool = False,
           on_epoch: Callable[[int, dict[str, float], float], None] | None = None) -> dict[str, Any] | None:
     """Train and write ``out_dir``: model file + card, losses.csv/png, samples.png, config.json,
-    checkpoint.pt. Returns the card (None on ranks other than 0, or when interrupted).
+    checkpoint.pt. Returns the card (None on ranks other than 0); TrainingInterrupted after Ctrl-C,
+    once the checkpoint is saved.
     ``on_epoch(epoch, mean losses, seconds so far)`` is called on rank 0 after each epoch is in losses.csv."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -380,7 +388,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         if csv_file:
             csv_file.close()
         log.warning("interrupted: checkpoint saved in %s; continue with --resume", checkpoint_path)
-        return None
+        raise TrainingInterrupted(checkpoint_path) from None
     if csv_file:
         csv_file.close()
     save_checkpoint(epoch)
