@@ -580,27 +580,25 @@ def rejudge(sessions: sessionmaker[Session], rules: SelectionRules, actor: str, 
             row = session.get(Series, uid)
             purged = session.scalar(select(func.count()).select_from(Instance).where(
                 Instance.series_instance_uid == uid, Instance.purged_at.is_not(None), Instance.set_aside.is_(None))) or 0
-        why = ("the node holds no such series" if row is None
-               else f"it is {row.state}, not set aside" if row.state != "ignored"
-               else f"it was set aside for what no rule change alters ({row.reason_code or 'recorded before reason codes'}: {row.reason})"
-               if row.reason_code not in REJUDGED
-               else f"spool retention deleted {purged} of its originals: send the series again, or POST /synthesize it from Orthanc"
-               if purged and not originals_from_orthanc else None)
+            why = ("the node holds no such series" if row is None
+                   else f"it is {row.state}, not set aside" if row.state != "ignored"
+                   else f"it was set aside for what no rule change alters ({row.reason_code or 'recorded before reason codes'}: {row.reason})"
+                   if row.reason_code not in REJUDGED
+                   else f"spool retention deleted {purged} of its originals: send the series again, or POST /synthesize it from Orthanc"
+                   if purged and not originals_from_orthanc else None)
+            skip = judge(session, row, rules) if dry_run and why is None else None
         if why is not None:
             answers.append({"series_uid": uid, "not_judged": why})
-            continue
-        if dry_run:
-            with sessions() as session:
-                skip = judge(session, row, rules)
+        elif dry_run:
             answers.append({"series_uid": uid, "would": "synthesize"} if skip is None else
                            {"series_uid": uid, "would": "stay set aside", "reason": skip.reason})
-            continue
-        complete_series(sessions, uid, 0, rules, actor, from_state="ignored")
-        with sessions() as session:
-            row = session.get(Series, uid)
-            job_id = session.scalar(select(func.max(Job.id)).where(Job.series_instance_uid == uid))
-        answers.append({"series_uid": uid, "state": row.state, **({"job_id": job_id} if row.state == "stable" else {"reason": row.reason})}
-                       if row is not None else {"series_uid": uid, "not_judged": "deleted meanwhile"})
+        else:
+            complete_series(sessions, uid, 0, rules, actor, from_state="ignored")
+            with sessions() as session:
+                row = session.get(Series, uid)
+                job_id = session.scalar(select(func.max(Job.id)).where(Job.series_instance_uid == uid))
+            answers.append({"series_uid": uid, "state": row.state, **({"job_id": job_id} if row.state == "stable" else {"reason": row.reason})}
+                           if row is not None else {"series_uid": uid, "not_judged": "deleted meanwhile"})
     if dry_run:
         return {"judged": 0, "synthesized": 0, "would_synthesize": sum(a.get("would") == "synthesize" for a in answers), "items": answers}
     made = sum(a.get("state") == "stable" for a in answers)
@@ -619,7 +617,9 @@ def stability_loop(
     ``rules``: the selection rules as they stand at each completion (``registry.FollowedSelection``)."""
     while not stop.wait(poll_seconds):
         try:
-            for series_uid in stable_series(sessions, stable_seconds):
-                complete_series(sessions, series_uid, stable_seconds, rules(), "stability monitor")
+            due = stable_series(sessions, stable_seconds)
+            now = rules() if due else SelectionRules()  # once a pass: the registry asked once, not per series
+            for series_uid in due:
+                complete_series(sessions, series_uid, stable_seconds, now, "stability monitor")
         except Exception:
             log.exception("stability monitor pass failed")

@@ -121,7 +121,7 @@ def selection_learned(card: dict[str, Any]) -> dict[str, Any]:
     """What a card says its model learned, as the node's selection settings take it: the values of
     select_acquisition_contrasts, select_contrast_agent, select_fat_suppression and select_body_parts
     that let through what it was trained on and nothing else (``select_follow_model``; the warnings
-    of `config check` and `mr2ct models activate`). None for a key the card does not speak of (made
+    of `config check` and `mr2ct models activate` read the same keys). None for a key the card does not speak of (made
     before it was recorded). UNKNOWN (a header that did not tell) is never taken from a card: whether
     such series are synthesized stays the site's to vouch for, in the settings. A head learned under
     one of its names is learned under all (``synthesis.contrast.HEAD_PARTS``)."""

@@ -144,8 +144,9 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     model's card speaks of: ``registry.FollowedSelection``), whose MR contrasts a series asked for by
     name (POST /synthesize) must still meet, UNKNOWN aside (the one asking vouches for what its
     header does not tell; no one can make a T1 model read a FLAIR series); so must their contrast
-    agent and fat suppression (an unenhanced model does not learn enhancement by being asked). ``originals_from``: the workers' (orthanc: a
-    retry of a series whose originals spool retention deleted is theirs to read from Orthanc).
+    agent and fat suppression (an unenhanced model does not learn enhancement by being asked).
+    ``originals_from``: the workers' (orthanc: a retry of a series whose originals spool retention
+    deleted is theirs to read from Orthanc).
     ``selection``: the node's settings, whose selection rules an activated model's card is held
     against (the activation's ``warnings``)."""
     app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
