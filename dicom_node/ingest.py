@@ -150,13 +150,12 @@ class SelectionRules:
                 changes[setting.removeprefix("select_")] = taken[setting]
         return replace(self, **changes, follows=model, followed=frozenset(taken))
 
-    def _by(self, setting: str, what: str) -> str:
-        """Who set a rule, for its reason: the setting, or the followed model's card."""
-        return f"the {what} {self.follows} learned (select_follow_model)" if setting in self.followed else setting
-
-    def said_by(self, setting: str) -> str:
-        """Who set the rule of ``setting``, in words: the setting, or the followed model's card."""
-        return f"the card of {self.follows} (select_follow_model)" if setting in self.followed else setting
+    def said_by(self, setting: str, what: str = "") -> str:
+        """Who set the rule of ``setting``, in words: the setting, or the followed model's card (with
+        ``what``, as what that model learned, for a series' reason)."""
+        if setting not in self.followed:
+            return setting
+        return f"the {what} {self.follows} learned (select_follow_model)" if what else f"the card of {self.follows} (select_follow_model)"
 
     def reason_to_skip(self, series: Series, planes: Sequence[str] = (), positions: tuple[int, int] = (0, 0)) -> str | None:
         """Why ``series`` is not synthesized (the first rule it fails, see ``skip``), None when it passes."""
@@ -188,7 +187,7 @@ class SelectionRules:
         if self.contrasts and series.contrast and series.contrast not in self.contrasts:
             hint = " (list UNKNOWN in select_acquisition_contrasts to synthesize series whose header does not tell)" if series.contrast == UNKNOWN else ""
             return Skip("contrast", f"its MR contrast is {series.contrast} ({series.contrast_source}), not one of "
-                        f"{self._by('select_acquisition_contrasts', 'MR contrasts')} {list(self.contrasts)}{hint}")
+                        f"{self.said_by('select_acquisition_contrasts', 'MR contrasts')} {list(self.contrasts)}{hint}")
         for code, told, source, chosen, said in (
                 ("contrast_agent", series.contrast_agent, series.contrast_agent_source, self.contrast_agent,
                  ("a contrast agent was given", "no contrast agent was given")),
@@ -201,7 +200,7 @@ class SelectionRules:
         part = series.body_part or UNKNOWN
         if self.body_parts and part not in self.body_parts:
             return Skip("body_part", f"BodyPartExamined {'is not given' if part == UNKNOWN else repr(part)}, not one of "
-                        f"{self._by('select_body_parts', 'body parts')} {list(self.body_parts)}")
+                        f"{self.said_by('select_body_parts', 'body parts')} {list(self.body_parts)}")
         description = series.series_description or ""
         if self.description_include and not re.search(self.description_include, description, re.IGNORECASE):
             return Skip("description", f"series description {description!r} does not match {self.description_include!r}")
