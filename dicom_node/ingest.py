@@ -25,7 +25,7 @@ from dicom_node.recorder import Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
 from synthesis.card import selection_learned
 from synthesis.contrast import (CHOICES, DEFAULT_BODY_PARTS, DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN, WITH, contrast, contrast_agent,
-                                fat_suppression)
+                                fat_suppression, parts_named)
 from synthesis.errors import InvalidInstance, SeriesNotUsable
 from synthesis.image_type import NOT_ANATOMY, NOT_ANATOMY_COMPONENTS, WHAT, component, component_kind, not_anatomy, values
 from synthesis.volume import frame_geometry, orientation_label
@@ -197,10 +197,14 @@ class SelectionRules:
                 by = f"select_{code} is {chosen!r}" if f"select_{code}" not in self.followed else \
                     f"{self.follows} learned {' and '.join(a.lower() for a in CHOICES[chosen])} only (select_follow_model)"
                 return Skip(code, f"its header says {said[0] if told == WITH else said[1]} ({source}), and {by}")
-        part = series.body_part or UNKNOWN
-        if self.body_parts and part not in self.body_parts:
-            return Skip("body_part", f"BodyPartExamined {'is not given' if part == UNKNOWN else repr(part)}, not one of "
-                        f"{self.said_by('select_body_parts', 'body parts')} {list(self.body_parts)}")
+        parts = parts_named(series.body_part or "")  # every instance's, recorder.heed
+        outside = [p for p in parts if p not in self.body_parts]
+        if self.body_parts and outside:
+            said_by = f"{self.said_by('select_body_parts', 'body parts')} {list(self.body_parts)}"
+            if len(parts) == 1:
+                return Skip("body_part", f"BodyPartExamined {'is not given' if parts == (UNKNOWN,) else repr(parts[0])}, not one of {said_by}")
+            return Skip("body_part", f"its instances name BodyPartExamined {' and '.join(map(repr, parts))}; "
+                        f"{' and '.join(map(repr, outside))} not one of {said_by}")
         description = series.series_description or ""
         if self.description_include and not re.search(self.description_include, description, re.IGNORECASE):
             return Skip("description", f"series description {description!r} does not match {self.description_include!r}")

@@ -55,7 +55,8 @@ class Series(Base):
     # (recorder.heed, since 2026-12-06); '' when not read (recorded before 0024)
     contrast: Mapped[str] = mapped_column(String(24), default="", server_default="")
     contrast_source: Mapped[str] = mapped_column(String(160), default="", server_default="")
-    body_part: Mapped[str] = mapped_column(String(16), default="", server_default="")  # the first instance's BodyPartExamined
+    # every BodyPartExamined its instances name, backslash-separated in the order first named (recorder.heed)
+    body_part: Mapped[str] = mapped_column(String(64), default="", server_default="")
     # WITH or WITHOUT a contrast agent, as the first instance's header says (synthesis.contrast.contrast_agent), WITH
     # where any other instance's says so (recorder.heed, since 2026-12-06), and what told it; '' when not read (before 0025)
     contrast_agent: Mapped[str] = mapped_column(String(8), default="", server_default="")

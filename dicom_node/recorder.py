@@ -14,7 +14,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.models import Instance, RefusedInstance, Series, as_utc
-from synthesis.contrast import with_other_choice, with_other_contrast
+from synthesis.contrast import with_other_choice, with_other_contrast, with_other_part
 
 if TYPE_CHECKING:
     from dicom_node.ingest import ReceivedInstance
@@ -37,10 +37,15 @@ class SpooledInstance:
 
 def heed(series: Series, info: ReceivedInstance) -> None:
     """What another instance's header says against what ``series`` took from its first (its MR
-    contrast, contrast agent and fat suppression, which the selection rules judge): an agent or fat
-    suppression any instance says holds for the series, and instances that read different MR
-    contrasts make it MIXED (``synthesis.contrast.with_other_choice``, ``with_other_contrast``; the
-    SR's ``series_headers`` reads them alike). Until 2026-12-06 the first instance alone was read."""
+    contrast, contrast agent, fat suppression and body part, which the selection rules judge): an
+    agent or fat suppression any instance says holds for the series, instances that read different
+    MR contrasts make it MIXED, and every body part an instance names is the series' (HEAD\\NECK)
+    (``synthesis.contrast.with_other_choice``, ``with_other_contrast``, ``with_other_part``; the
+    SR's ``series_headers`` and ``series_body_part`` read them alike). Until 2026-12-06 the first
+    instance alone was read."""
+    part = with_other_part(series.body_part or "", info.body_part)
+    if part != (series.body_part or ""):
+        series.body_part = part
     for field, combine in (("contrast", with_other_contrast), ("contrast_agent", with_other_choice),
                            ("fat_suppression", with_other_choice)):
         before = (getattr(series, field), getattr(series, f"{field}_source"))

@@ -375,6 +375,31 @@ def body_part_json(metadata: Mapping[str, Any]) -> str:
     return _json_look(metadata)(BODY_PART, None)[:16] or UNKNOWN
 
 
+def with_other_part(told: str, other: str) -> str:
+    """A series' BodyPartExamined once another of its instances says ``other``: every part its
+    instances name, backslash-separated in the order first named (``HEAD\\NECK``: a head-and-neck
+    series whose lower slices say NECK, which a head model has not seen). A header that does not say
+    (UNKNOWN, or '' as the node records it) adds nothing. Until 2026-12-06 the first instance's alone
+    was read."""
+    if not other or other == UNKNOWN:
+        return told
+    named = [p for p in told.split("\\") if p and p != UNKNOWN]
+    return told if other in named else "\\".join([*named, other])[:64]
+
+
+def parts_named(told: str) -> tuple[str, ...]:
+    """The BodyPartExamined values in a series' ``with_other_part`` answer; (UNKNOWN,) when none was given."""
+    return tuple(p for p in told.split("\\") if p and p != UNKNOWN) or (UNKNOWN,)
+
+
+def series_body_part(headers: Sequence[Dataset]) -> str:
+    """``body_part`` of a series, every instance's header read (``with_other_part``): UNKNOWN when none says."""
+    told = ""
+    for ds in headers:
+        told = with_other_part(told, body_part(ds))
+    return told or UNKNOWN
+
+
 def learned_parts(parts: list[str]) -> set[str]:
     """The BodyPartExamined values a model that learned ``parts`` (its card's ``mr_body_parts``) has
     seen the anatomy of: a head by any of its names stands for all of them."""

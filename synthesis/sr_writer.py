@@ -22,7 +22,7 @@ from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from synthesis.ct_writer import (
     MANUFACTURER, TYPE2_KEYWORDS, UID_SCHEME, SyntheticCTSeries, contributing_equipment, copy_patient_and_study, copy_timezone, date_time, local_now,
 )
-from synthesis.contrast import body_part, series_headers
+from synthesis.contrast import parts_named, series_body_part, series_headers
 from synthesis.infer import GUIDE_EPS, GUIDE_RADIUS
 from synthesis.uids import derived_uid
 
@@ -98,7 +98,7 @@ def build_provenance_sr(
     # what a physicist checks against model_mr_contrasts, model_mr_contrast_agents and model_mr_fat_suppression
     params = {**model_parameters(model.card), "slice_plane": ct.plane, "source_mr_contrast": f"{told} ({why})",
               "source_mr_contrast_agent": f"{agent} ({agent_why})", "source_mr_fat_suppression": f"{fat} ({fat_why})",
-              "source_mr_body_part": body_part(mr_headers[0])}  # and model_mr_body_parts
+              "source_mr_body_part": ",".join(parts_named(series_body_part(mr_headers)))}  # and model_mr_body_parts
     algorithm = hd.sr.AlgorithmIdentification(
         name=ALGORITHM_NAME, version=synthesis.__version__, parameters=[f"{k}={v}" for k, v in params.items()]
     )

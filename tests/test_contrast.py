@@ -21,7 +21,7 @@ from dicom_node.local_stack import storescu
 from dicom_node.models import AuditEvent, Job, Series
 from dicom_node.settings import Settings
 from synthesis.contrast import (body_part, body_part_json, contrast, contrast_agent, contrast_agent_json, contrast_json, series_headers,
-                                fat_suppression, fat_suppression_json, learned_parts)
+                                fat_suppression, fat_suppression_json, learned_parts, parts_named, series_body_part, with_other_part)
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import api_token, series_once_complete, wait_for
 from training.phantom_dicom import write_mr_series
@@ -336,6 +336,30 @@ def test_a_body_part_other_than_a_head_is_left_and_one_not_given_passes():
     assert SelectionRules(body_parts=tuple(Settings(select_body_parts="").select_body_parts)).reason_to_skip(series("PELVIS")) is None
     with pytest.raises(ValueError, match="select_body_parts"):
         Settings(select_body_parts="HEAD,../etc")
+    # a series whose instances name several parts (recorder.heed) passes when the site takes each of them
+    assert default.reason_to_skip(series("HEAD\\NECK")) == ("its instances name BodyPartExamined 'HEAD' and 'NECK'; 'NECK' not one "
+                                                             "of select_body_parts ['HEAD', 'BRAIN', 'SKULL', 'UNKNOWN']")
+    assert default.reason_to_skip(series("BRAIN\\HEAD")) is None
+    assert SelectionRules(body_parts=("HEAD", "NECK")).reason_to_skip(series("HEAD\\NECK")) is None
+
+
+def test_every_instance_names_the_series_body_parts_in_the_order_first_named():
+    """What recorder.heed records and the SR and the pull read alike: a part not named before is
+    added, one named before or none given (UNKNOWN, or '' as the node records it) adds nothing."""
+    told = ""
+    for said in ("", "HEAD", "UNKNOWN", "HEAD", "NECK", "", "HEAD", "NECK"):
+        told = with_other_part(told, said)
+    assert told == "HEAD\\NECK" and parts_named(told) == ("HEAD", "NECK") and parts_named("") == parts_named("UNKNOWN") == ("UNKNOWN",)
+    assert with_other_part("UNKNOWN", "PELVIS") == "PELVIS"
+
+    def header(part: str | None) -> Dataset:
+        ds = Dataset()
+        if part is not None:
+            ds.BodyPartExamined = part
+        return ds
+
+    assert series_body_part([header(None), header("HEAD"), header("NECK"), header(None)]) == "HEAD\\NECK"
+    assert series_body_part([header(None), header("")]) == "UNKNOWN"
 
 
 def test_the_body_part_is_read_as_received_and_from_a_pacs_json_and_a_head_has_three_names(mr, tmp_path):
@@ -465,21 +489,28 @@ def test_the_series_headers_together_say_what_the_sr_records(mr):
 def test_a_series_whose_later_instances_alone_name_an_agent_or_read_another_contrast_is_left_with_why(node_factory, tmp_path):
     """The first instance's header is not the whole series': an agent named only from the third
     slice on (the injection given part way, or a technologist who filled it in late) makes the series
-    post-contrast, and slices whose timing reads T2 after T1 ones make it MIXED; both are left, each
-    with why, and a T1 series sent the same way is synthesized."""
+    post-contrast, slices whose timing reads T2 after T1 ones make it MIXED, and lower slices that
+    say NECK after HEAD ones make it a head and neck; all three are left, each with why, and a T1
+    series sent the same way is synthesized."""
     node = node_factory()
 
     def made(name: str, seed: int):
         return write_mr_series(tmp_path / name, seed=seed, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0, series_description=name)
 
     late_agent, mixed, plain = made("t1_late_gd", 431), made("t1_then_t2", 432), made("t1_plain", 433)
+    neck = made("t1_head_neck", 434)
     for path in late_agent.files[2:]:
         ds = pydicom.dcmread(path)
         ds.ContrastBolusAgent, ds.ContrastBolusRoute = "GADOBUTROL", "IV"
         ds.save_as(path)
     for path in mixed.files[2:]:
         _timed(pydicom.dcmread(path), "SE", "4000", "100", None).save_as(path)
-    for each in (late_agent, mixed, plain):  # in instance order: the unchanged first slices first
+    in_order = sorted(neck.files, key=lambda p: pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber)
+    for path, part in zip(in_order, ("HEAD", "", "NECK", "NECK")):  # the second says none: no part
+        ds = pydicom.dcmread(path)
+        ds.BodyPartExamined = part
+        ds.save_as(path)
+    for each in (late_agent, mixed, neck, plain):  # in instance order: the unchanged first slices first
         sent = storescu(sorted(each.files, key=lambda p: pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber), node.port,
                         NODE_AE, SCANNER_AE)
         assert sent.returncode == 0, sent.stderr
@@ -492,5 +523,10 @@ def test_a_series_whose_later_instances_alone_name_an_agent_or_read_another_cont
     assert mixed_row.state == "ignored" and mixed_row.reason_code == "contrast" and mixed_row.contrast == "MIXED"
     assert mixed_row.reason.startswith("its MR contrast is MIXED (instances read T1 (") and "and T2 (ScanningSequence SE, TR 4000 ms" \
         in mixed_row.reason, mixed_row.reason
+    neck_row = series_once_complete(node.database_url, neck.series_uid)
+    assert (neck_row.state, neck_row.reason_code, neck_row.body_part) == ("ignored", "body_part", "HEAD\\NECK")
+    assert neck_row.reason == ("its instances name BodyPartExamined 'HEAD' and 'NECK'; 'NECK' not one of select_body_parts "
+                               "['HEAD', 'BRAIN', 'SKULL', 'UNKNOWN']"), neck_row.reason
     with init_db(node.database_url)() as session:
-        assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([late_agent.series_uid, mixed.series_uid]))).all()
+        assert not session.scalars(select(Job).where(Job.series_instance_uid.in_([late_agent.series_uid, mixed.series_uid,
+                                                                                   neck.series_uid]))).all()

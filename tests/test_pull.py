@@ -242,6 +242,40 @@ def test_the_mr_pool_takes_the_contrast_asked_for_told_before_the_pixels_are_fet
     assert bad_format.returncode == 2 and "MR2CT_LOG_FORMAT must be text or json, got 'xml'" in bad_format.stderr
 
 
+def test_every_instance_of_a_fetched_mr_series_is_read_as_the_node_reads_it(orthanc, tmp_path):
+    """The first instance's metadata does not speak for the series: one whose later slices read T2
+    after T1 ones (MIXED) is not cached into a T1 pool, whichever instance the PACS names first, and
+    one whose lower slices say NECK is cached as a head and neck, which the card then says it
+    learned (the node's config check holds select_body_parts to it). Until 2026-12-06 the pull read
+    the first instance only."""
+    from training.config import TrainConfig
+    from training.phantom_dicom import write_mr_series
+    from training.trainer import mr_learned
+
+    mixed, neck = (write_mr_series(tmp_path / name, seed=seed, slices=4, size=32, pixel_spacing=8.0, patient_id="PHPARTS",
+                                   series_description=f"every {name}") for name, seed in (("t1_then_t2", 96), ("head_neck", 97)))
+
+    def timed_t2(ds):
+        ds.ScanningSequence, ds.RepetitionTime, ds.EchoTime = "SE", "4000", "100"
+
+    def says_neck(ds):
+        ds.BodyPartExamined = "NECK"
+
+    for series, change in ((mixed, timed_t2), (neck, says_neck)):  # the third and fourth slices
+        for path in sorted(series.files, key=lambda p: pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber)[2:]:
+            ds = pydicom.dcmread(path)
+            change(ds)
+            ds.save_as(path)
+    cache = tmp_path / "cache"
+    with _in_the_pacs(orthanc, [*mixed.files, *neck.files]), dicomweb_proxy(orthanc) as (url, _asked, _refused):
+        counts = pull(url, cache, [PullFilter("MR", description="^every ", contrasts=("T1",))], progress=False)
+    assert (counts["fetched"], counts["contrast"]) == (1, 1), counts
+    [entry] = DatasetCache(cache).entries()
+    assert entry["series_uid"] == neck.series_uid and entry["contrast"] == "T1"
+    assert sorted(entry["body_part"].split("\\")) == ["HEAD", "NECK"], entry["body_part"]
+    assert mr_learned(TrainConfig(data=str(cache)))["mr_body_parts"] == ["HEAD", "NECK"]
+
+
 def test_a_3d_sagittal_mr_is_cached_as_the_axial_slices_the_node_would_synthesize(orthanc, tmp_path):
     """The pools hold the slices the generator will see at the node: a 3D sagittal series (slices as
     far apart as its pixels) goes in as axial slices, with their spacing, and the manifest says so."""

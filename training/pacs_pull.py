@@ -29,8 +29,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
-from synthesis.contrast import (body_part, contrast, contrast_agent, contrast_agent_json, contrast_json, fat_suppression,
-                                fat_suppression_json)
+from synthesis.contrast import contrast_agent_json, contrast_json, fat_suppression_json, series_body_part, series_headers
 from synthesis.errors import Mr2ctError, PacsUnavailable
 from synthesis.image_type import KINDS, component_json, component_kind, not_anatomy
 from synthesis.normalize import mr_to_unit
@@ -261,7 +260,11 @@ def pull(
     with T2 and FLAIR heads in it learns a mix of both; a fetched MR series' manifest line records
     its contrast); contrast_agent: MR series the filter's ``contrast_agents`` does not take by whether
     their header says a contrast agent was given (a manifest line records that too); fat_suppression:
-    likewise by whether it says fat was suppressed.
+    likewise by whether it says fat was suppressed. Once fetched, every instance's header is read as
+    the node reads a series (``synthesis.contrast.series_headers``, since 2026-12-06): a series whose
+    later instances read another contrast (MIXED) or name an agent is not cached either (counted as
+    above; fetched again by the next pull, which asks again), and the manifest's body part names
+    every part its instances name (``series_body_part``).
     A filter's ``limit`` counts the series the cache holds (fetched or cached already): the series
     left out do not count, so that many are taken while the PACS has that many."""
     cache = DatasetCache(cache_dir)
@@ -329,10 +332,16 @@ def pull(
             log.warning("left out series=%s: %s", series_uid, left_out[series_uid])
             return dropped(series_uid, "unusable")
         first = source.headers[0]
-        told = contrast(first)[0] if flt.modality == "MR" else None
-        given = contrast_agent(first)[0] if flt.modality == "MR" else None
-        fat = fat_suppression(first)[0] if flt.modality == "MR" else None
-        part = body_part(first)  # the card's mr_body_parts, which the node's config check holds select_body_parts to
+        told = given = fat = None
+        if flt.modality == "MR":  # every instance's header, as the node reads a series it receives (recorder.heed)
+            said = series_headers(source.headers)
+            (told, _), (given, _), (fat, _) = said["contrast"], said["contrast_agent"], said["fat_suppression"]
+            for key, value, taken in (("contrast", told, flt.contrasts), ("contrast_agent", given, flt.contrast_agents),
+                                      ("fat_suppression", fat, flt.fat_suppression)):
+                if taken and value not in taken:  # the first instance passed; another says otherwise (asked again next pull)
+                    log.info("not pulled series=%s: %s %s (%s), not one of %s", series_uid, key, value, said[key][1], list(taken))
+                    return key
+        part = series_body_part(source.headers)  # the card's mr_body_parts, which the node's config check holds select_body_parts to
         key = patient_key(str(first.get("PatientID", "")), str(first.get("IssuerOfPatientID", "")), cache.salt)
         # the slices the node would show the generator: a 3D sagittal or coronal series as axial ones
         volume = source.volume

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from synthesis.contrast import parts_named
 from synthesis.infer import native_bf16
 from synthesis.model_file import save_model
 from synthesis.networks import PatchDiscriminator, ResnetGenerator
@@ -103,7 +104,10 @@ def mr_learned(cfg: TrainConfig) -> dict[str, list[str]]:
     from training.pacs_pull import DatasetCache
 
     mr = [e for e in DatasetCache(Path(str(cfg.data))).entries() if e["modality"] == "MR" and e["split"] == "train"]
-    return {card_key: sorted({e.get(key, "UNKNOWN") for e in mr}) for card_key, (key, _) in MR_LEARNED.items()}
+    learned = {card_key: sorted({str(e.get(key, "UNKNOWN")) for e in mr}) for card_key, (key, _) in MR_LEARNED.items()}
+    # a series whose instances named several body parts (HEAD\\NECK, synthesis.contrast.with_other_part) taught each of them
+    learned["mr_body_parts"] = sorted({p for told in learned["mr_body_parts"] for p in parts_named(told)})
+    return learned
 
 
 def pools_from_cache(cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
