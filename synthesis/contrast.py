@@ -22,7 +22,11 @@ The rule, first answer wins:
    Contrast (0018,9014) YES is FLOW_ENCODED, and Steady State Pulse Sequence (0018,9017)
    FREE_PRECESSION (a balanced SSFP: TrueFISP, FIESTA, balanced FFE), TRANSVERSE (an unspoiled
    one: FISP, GRASS) or TIME_REVERSED (PSIF, T2-FFE) is MIXED, as is a single-frame header's
-   SequenceVariant (0018,0021) TRSS (time-reversed steady state). A steady-state free precession
+   SequenceVariant (0018,0021) TRSS (time-reversed steady state), a Siemens SequenceName (0018,0024)
+   whose stem names one (``*tfi`` TrueFISP, ``*ci`` CISS, ``*fi`` FISP, ``*ps``/``*psif`` PSIF,
+   ``*de`` DESS, followed by 2d or 3d; ``*tfl``, turboFLASH, and ``*fl``, FLASH, are spoiled and go on)
+   and, where the Manufacturer says Philips, its Scanning Technique Description (2001,xx20, creator
+   "Philips Imaging DD 001") B-FFE, B-TFE or T2-FFE (vendor names read since 2026-12-06, later the same day). A steady-state free precession
    image is bright where T2/T1 is high (CSF, fat, blood); its TR and TE are a few milliseconds,
    which the timing below reads as T1, and a T1 model's sCT reads its bright CSF as bone.
    Scanners write MIXED as the Acquisition Contrast of such a sequence, which went on to the
@@ -46,8 +50,9 @@ The rule, first answer wins:
 
 What the rule does not see: fat suppression (a separate answer below), a steady-state free
 precession or time-of-flight series whose single-frame header says neither (no Angio Flag, no
-TRSS: read as T1; the header has no standard word for them), and anything but the first
-instance. ``UNKNOWN`` says the header did not tell; the node refuses such a series unless a site
+TRSS, no Siemens or Philips name above: read as T1; GE says FIESTA in a private pulse sequence name
+not read here), and anything but the instance it is given (the node and the pull combine every
+instance's answer: ``with_other_contrast``). ``UNKNOWN`` says the header did not tell; the node refuses such a series unless a site
 lists UNKNOWN.
 
 Whether a contrast agent was given is a second answer (``contrast_agent``; the node's
@@ -84,6 +89,7 @@ learned has them bright, and its sCT misreads the tissue around the skull. First
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -118,6 +124,19 @@ PHASE_CONTRAST, TIME_OF_FLIGHT, STEADY_STATE, SEQUENCE_VARIANT = 0x00189014, 0x0
 # Steady State Pulse Sequence (0018,9017) values of an unspoiled steady-state free precession (LONGITUDINAL
 # is a spoiled one, whose contrast the timing reads; NONE is none)
 FREE_PRECESSION = ("FREE_PRECESSION", "TRANSVERSE", "TIME_REVERSED")
+# SequenceName (0018,0024, the MR Image module's): Siemens names its sequences by a stem, the
+# dimension and a number (*tfi2d1_12, *ci3d1, *fl3d1); the stems of an unspoiled steady-state free
+# precession (its syngo pulse sequence brochure's legend), anchored so that *tfl3d1 (turboFLASH,
+# MPRAGE) and *fl2d1 (FLASH, spoiled) are none of them
+SEQUENCE_NAME, MANUFACTURER = 0x00180024, 0x00080070
+SIEMENS_SSFP_STEMS = {"TFI": "TrueFISP, a balanced SSFP", "CI": "CISS, a balanced SSFP", "FI": "FISP, an unspoiled SSFP",
+                      "PSIF": "PSIF, a time-reversed SSFP", "PS": "PSIF, a time-reversed SSFP", "DE": "DESS, a double-echo SSFP"}
+_SIEMENS_SSFP = re.compile(r"\*?(TFI|CI|FI|PSIF|PS|DE)[23]D\d")
+# Philips' Scanning Technique Description (2001,xx20) in the block of creator "Philips Imaging DD 001":
+# its values for a balanced fast field echo (B-FFE, B-TFE) and a time-reversed one (T2-FFE)
+PHILIPS_CREATOR, PHILIPS_GROUP, PHILIPS_TECHNIQUE = "PHILIPS IMAGING DD 001", 0x2001, 0x20
+PHILIPS_SSFP = {"B-FFE": "a balanced fast field echo", "B-TFE": "a balanced turbo field echo", "BFFE": "a balanced fast field echo",
+                "BTFE": "a balanced turbo field echo", "T2FFE": "a time-reversed fast field echo", "T2-FFE": "a time-reversed fast field echo"}
 SHARED_GROUPS, PER_FRAME_GROUPS = 0x52009229, 0x52009230
 MR_FRAME_TYPE, MR_TIMING, MR_ECHO, MR_MODIFIER = 0x00189226, 0x00189112, 0x00189114, 0x00189115
 # where a Legacy Converted Enhanced MR image keeps the single-frame attributes no functional group holds
@@ -138,6 +157,9 @@ _WHERE: dict[str, tuple[int, int, int]] = {
 # is None (or, in a legacy converted image, among its unassigned converted attributes), else in the
 # first item of functional group ``group`` (shared, then the first frame's)
 Look = Callable[[int, "int | None"], str]
+# ``private(group, creator, element)``: the text of element ``element`` of the block that private
+# creator ``creator`` (upper case) reserved in ``group``, upper case ('' when absent)
+Private = Callable[[int, str, int], str]
 
 
 def _number(text: str) -> float | None:
@@ -147,7 +169,7 @@ def _number(text: str) -> float | None:
         return None
 
 
-def decide(look: Look) -> tuple[str, str]:
+def decide(look: Look, private: Private | None = None) -> tuple[str, str]:
     """(contrast, what told it) by the module's rule, whatever the representation."""
     told = look(ACQUISITION_CONTRAST, None)
     if told and told not in (MIXED, UNKNOWN):
@@ -166,6 +188,14 @@ def decide(look: Look) -> tuple[str, str]:
         return MIXED, f"Steady State Pulse Sequence (0018,9017) {steady}: steady-state free precession, T2/T1 contrast"
     if "TRSS" in look(SEQUENCE_VARIANT, None).split("\\"):
         return MIXED, "SequenceVariant (0018,0021) TRSS: time-reversed steady state, T2/T1 contrast"
+    name = look(SEQUENCE_NAME, None)
+    stem = _SIEMENS_SSFP.match(name)
+    if stem:
+        return MIXED, f"SequenceName (0018,0024) {name[:24]!r}: Siemens {SIEMENS_SSFP_STEMS[stem.group(1)]}, T2/T1 contrast"
+    # the private block is looked for in a Philips image alone (every C-STORE comes here: ~20 us a scan)
+    technique = private(PHILIPS_GROUP, PHILIPS_CREATOR, PHILIPS_TECHNIQUE) if private and "PHILIPS" in look(MANUFACTURER, None) else ""
+    if technique in PHILIPS_SSFP:
+        return MIXED, f"Philips' Scanning Technique (2001,xx20) {technique}: {PHILIPS_SSFP[technique]}, T2/T1 contrast"
 
     def timing(name: str) -> str:
         top, group, tag = _WHERE[name]
@@ -240,9 +270,24 @@ def _dataset_look(ds: Dataset) -> Look:
     return look
 
 
+def _dataset_private(ds: Dataset) -> Private:
+    """``Private`` of a data set as received (raw elements, VR UN where it came in implicit VR) or built in memory."""
+    keys = ds.keys()
+
+    def private(group: int, creator: str, element: int) -> str:
+        # the group's creators, compared as plain ints (a BaseTag compares in Python, ~10x slower)
+        for tag in [t for t in map(int, keys) if (group << 16) | 0x10 <= t <= (group << 16) | 0xFF]:
+            if _text(ds.get_item(tag).value) == creator:
+                found = (group << 16) | ((tag & 0xFF) << 8) | element
+                return _text(ds.get_item(found).value) if found in keys else ""
+        return ""
+
+    return private
+
+
 def contrast(ds: Dataset) -> tuple[str, str]:
     """``decide`` on a data set as received (raw elements) or built in memory."""
-    return decide(_dataset_look(ds))
+    return decide(_dataset_look(ds), _dataset_private(ds))
 
 
 def _json_look(metadata: Mapping[str, Any]) -> Look:
@@ -269,9 +314,31 @@ def _json_look(metadata: Mapping[str, Any]) -> Look:
     return look
 
 
+def _json_private(metadata: Mapping[str, Any]) -> Private:
+    """``Private`` of an instance's DICOMweb metadata (a private element the PACS does not know may
+    come as UN, its value as InlineBinary)."""
+
+    def text(key: str) -> str:
+        found = metadata.get(key) or {}
+        if found.get("Value"):
+            return _text(found["Value"])
+        try:
+            return _text(base64.b64decode(found["InlineBinary"])) if "InlineBinary" in found else ""
+        except ValueError:
+            return ""
+
+    def private(group: int, creator: str, element: int) -> str:
+        for block in range(0x10, 0x100):
+            if text(f"{group:04X}00{block:02X}") == creator:
+                return text(f"{group:04X}{block:02X}{element:02X}")
+        return ""
+
+    return private
+
+
 def contrast_json(metadata: Mapping[str, Any]) -> tuple[str, str]:
     """``contrast`` of an instance's DICOMweb metadata (WADO-RS JSON, PS3.18 F.2)."""
-    return decide(_json_look(metadata))
+    return decide(_json_look(metadata), _json_private(metadata))
 
 
 WITH, WITHOUT = "WITH", "WITHOUT"

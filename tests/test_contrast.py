@@ -8,10 +8,14 @@ given, while the node takes unenhanced series (select_contrast_agent), and a fat
 
 from __future__ import annotations
 
+import base64
+import copy
+
 import httpx
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian
 from sqlalchemy import select
 
 from dicom_node.db import init_db
@@ -21,7 +25,7 @@ from dicom_node.local_stack import storescu
 from dicom_node.models import AuditEvent, Job, Series
 from dicom_node.settings import Settings
 from synthesis.contrast import (body_part, body_part_json, contrast, contrast_agent, contrast_agent_json, contrast_json, series_headers,
-                                fat_suppression, fat_suppression_json, learned_parts, parts_named, series_body_part, with_other_part)
+                                fat_suppression, fat_suppression_json, learned_parts, parts_named, PHILIPS_SSFP, series_body_part, with_other_part)
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import api_token, series_once_complete, wait_for
 from training.phantom_dicom import write_mr_series
@@ -137,6 +141,43 @@ def test_a_steady_state_free_precession_and_an_enhanced_angiogram_are_told_by_th
                     contrast=told, contrast_source=why)
     skip = SelectionRules().skip(series, ["axial"], (40, 40))
     assert skip is not None and skip.code == "contrast" and "MIXED" in skip.reason and "FREE_PRECESSION" in skip.reason
+
+
+def test_a_siemens_or_philips_single_frame_ssfp_is_told_by_its_sequence_name_not_read_as_t1(mr, tmp_path):
+    """A single-frame TrueFISP or CISS (the internal auditory canals, a cine) says what it is only
+    by its vendor's name: Siemens' SequenceName stem, Philips' Scanning Technique Description in its
+    private block (read as received, in implicit VR where it comes as raw bytes, and from a PACS's
+    JSON where an unknown private element comes as UN). Siemens' turboFLASH (MPRAGE) and FLASH, and
+    Philips' T1-TFE, are spoiled and stay T1."""
+    for name, expected in (("*tfi2d1_12", "MIXED"), ("*ci3d1", "MIXED"), ("*fi3d1", "MIXED"), ("*psif3d1", "MIXED"),
+                           ("*de3d1", "MIXED"), ("*tfl3d1_16ns", "T1"), ("*fl2d1", "T1"), ("*fl3d1r_t70", "T1"), ("tfi", "T1")):
+        ds = _timed(pydicom.dcmread(mr.files[0]), "GR", "4.2", "2.1", None)
+        ds.SequenceName = name
+        told, why = contrast(_as_received(ds, tmp_path))
+        assert told == expected and contrast_json(ds.to_json_dict())[0] == expected, (name, why)
+        if expected == "MIXED":
+            assert why.startswith(f"SequenceName (0018,0024) {name.upper()!r}: Siemens "), why
+    for technique, expected in (("B-TFE", "MIXED"), ("B-FFE", "MIXED"), ("T2-FFE", "MIXED"), ("T1TFE", "T1"), ("FFE", "T1")):
+        ds = _timed(pydicom.dcmread(mr.files[0]), "GR", "4.2", "2.1", None)
+        ds.Manufacturer = "Philips Medical Systems"
+        ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(0x20, "LO", technique)
+        told, why = contrast(_as_received(ds, tmp_path))
+        assert told == expected, (technique, why)
+        implicit = copy.deepcopy(ds)
+        implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        implicit.save_as(tmp_path / "implicit.dcm")
+        assert contrast(pydicom.dcmread(tmp_path / "implicit.dcm"))[0] == expected, technique
+        as_json = ds.to_json_dict()
+        block = next(key for key in as_json if key.startswith("200100") and as_json[key]["Value"] == ["Philips Imaging DD 001"])
+        element = f"2001{block[-2:]}20"
+        as_json[element] = {"vr": "UN", "InlineBinary": base64.b64encode(technique.encode() + b" " * (len(technique) % 2)).decode()}
+        assert contrast_json(as_json)[0] == expected, technique
+        if expected == "MIXED":
+            assert why == f"Philips' Scanning Technique (2001,xx20) {technique}: {PHILIPS_SSFP[technique]}, T2/T1 contrast", why
+    ds = _timed(pydicom.dcmread(mr.files[0]), "GR", "4.2", "2.1", None)
+    ds.Manufacturer = "Philips Healthcare"
+    ds.private_block(0x2001, "Another Vendor", create=True).add_new(0x20, "LO", "B-TFE")  # another creator's block says nothing
+    assert contrast(ds)[0] == "T1"
 
 
 def test_an_enhanced_image_says_its_contrast_or_its_functional_groups_give_the_timing(mr):
