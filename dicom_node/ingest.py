@@ -9,10 +9,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, EnhancedMRImageStorage, LegacyConvertedEnhancedMRImageStorage, MRImageStorage
@@ -21,11 +23,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import notify_job_queued
 from dicom_node.models import Instance, Job, RefusedInstance, Series, utcnow
-from dicom_node.recorder import Recorder, SpooledInstance, record_batch
+from dicom_node.recorder import Recorder, SpooledInstance, heed, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
 from synthesis.card import selection_learned
-from synthesis.contrast import (CHOICES, DEFAULT_BODY_PARTS, DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN, WITH, contrast, contrast_agent,
-                                fat_suppression, parts_named)
+from synthesis.contrast import (CHOICES, DEFAULT_BODY_PARTS, DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN, WITH, body_part, contrast,
+                                contrast_agent, fat_suppression, parts_named)
 from synthesis.errors import InvalidInstance, SeriesNotUsable
 from synthesis.image_type import NOT_ANATOMY, NOT_ANATOMY_COMPONENTS, WHAT, component, component_kind, not_anatomy, values
 from synthesis.volume import frame_geometry, orientation_label
@@ -359,12 +361,56 @@ def validate(
             raise DatasetMismatch(f"Pixel Data holds {actual} bytes, {rows}x{cols}x{frames} at {bits} bits needs {expected}")
     check_nesting(ds)  # after the Pixel Data checks, which need the raw (unconverted) element
     told = component(ds) or ("", "")
-    mr_contrast = contrast(ds)
-    agent, fat = contrast_agent(ds), fat_suppression(ds)
     return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation_label(orientation), patient_id,
-                            image_type, position, frames, frame_positions, frame_set, told[0], told[1][:80],
-                            mr_contrast[0], mr_contrast[1][:160], (values.text(0x00180015) or "").upper()[:16], agent[0], agent[1][:160],
-                            fat[0], fat[1][:160])
+                            image_type, position, frames, frame_positions, frame_set, told[0], told[1][:80], **header_facts(ds))
+
+
+def header_facts(ds: Dataset) -> dict[str, str]:
+    """What one instance's header says that the selection judges the series by, as a ``ReceivedInstance``
+    holds it: its MR contrast, contrast agent and fat suppression, each with what told it, and its
+    BodyPartExamined ('' when not given). ``recorder.heed`` folds them over a series' instances."""
+    told, agent, fat = contrast(ds), contrast_agent(ds), fat_suppression(ds)
+    part = body_part(ds)
+    return {"contrast": told[0], "contrast_source": told[1][:160], "body_part": "" if part == UNKNOWN else part,
+            "contrast_agent": agent[0], "contrast_agent_source": agent[1][:160], "fat_suppression": fat[0],
+            "fat_suppression_source": fat[1][:160]}
+
+
+def refresh_headers(sessions: sessionmaker[Session], series_uid: str) -> bool:
+    """Read again what a series' instances' headers say (``header_facts``, folded by ``recorder.heed``
+    in the order they were received) where an instance was sent again or moved away since
+    (``Series.headers_stale``): a series whose later slices named NECK, sent again with HEAD in them,
+    is a head again, and one whose agent was entered by mistake unenhanced. Until 2026-12-06 such a
+    series stayed as first told. Read outside any transaction, from the spooled files; kept as
+    folded (and logged) where a file cannot be read or retention deleted one, and dropped where an
+    instance arrived meanwhile (it is read at the next completion). True when the series' answers
+    were read again."""
+    with sessions() as session:
+        series = session.get(Series, series_uid)
+        if series is None or not series.headers_stale:
+            return False
+        received = series.last_received_at
+        rows = session.execute(select(Instance.path, Instance.purged_at).where(
+            Instance.series_instance_uid == series_uid, Instance.set_aside.is_(None)).order_by(
+            Instance.received_at, Instance.sop_instance_uid)).all()
+    if any(row.purged_at is not None for row in rows):
+        log.info("series=%s: its headers not read again: spool retention deleted some of its originals", series_uid)
+        return False
+    folded: SimpleNamespace | None = None
+    for row in rows:
+        try:
+            facts = SimpleNamespace(**header_facts(dcmread(row.path, stop_before_pixels=True)))
+        except Exception as exc:  # noqa: BLE001 (unreadable now: judged as folded when received)
+            log.warning("series=%s: its headers not read again (%s: %s)", series_uid, type(exc).__name__, str(exc)[:200])
+            return False
+        if folded is None:
+            folded = facts
+        else:
+            heed(folded, facts)
+    with sessions.begin() as session:
+        return bool(session.execute(update(Series).where(
+            Series.series_instance_uid == series_uid, Series.last_received_at == received, Series.headers_stale.is_(True)).values(
+            headers_stale=False, **(vars(folded) if folded is not None else {}))).rowcount)
 
 
 class Ingest:
@@ -482,6 +528,7 @@ def mark_stable(
     judges a series set aside again (``rejudge``).
     """
     rules = rules or SelectionRules()
+    refresh_headers(sessions, series_uid)  # an instance sent again since its headers were read: read them again
     conditions = [Series.series_instance_uid == series_uid, Series.state == from_state]
     if stable_seconds > 0:
         conditions.append(Series.last_received_at < utcnow() - timedelta(seconds=stable_seconds))

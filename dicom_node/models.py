@@ -65,6 +65,9 @@ class Series(Base):
     # instance's says so), and what told it; '' before 0026
     fat_suppression: Mapped[str] = mapped_column(String(8), default="", server_default="")
     fat_suppression_source: Mapped[str] = mapped_column(String(160), default="", server_default="")
+    # an instance sent again (or moved away) since the four answers above were folded from its headers: they are read
+    # again from the spooled files when the series completes (ingest.refresh_headers; since 0034)
+    headers_stale: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)

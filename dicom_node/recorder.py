@@ -121,8 +121,12 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                 )
                 series.instance_count += 1
             else:  # a re-send: the count stays, unless it comes under another series or had been set aside
+                # its header may say otherwise now (corrected upstream): what the series' headers say is read again at completion
+                series.headers_stale = True
                 if row.series_instance_uid != info.series_uid:
                     left = locked_series(row.series_instance_uid)
+                    if left is not None:
+                        left.headers_stale = True
                     if left is not None and row.set_aside is None:
                         left.instance_count = max(0, left.instance_count - 1)
                     row.series_instance_uid = info.series_uid

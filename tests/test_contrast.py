@@ -143,6 +143,41 @@ def test_a_steady_state_free_precession_and_an_enhanced_angiogram_are_told_by_th
     assert skip is not None and skip.code == "contrast" and "MIXED" in skip.reason and "FREE_PRECESSION" in skip.reason
 
 
+def test_a_series_sent_again_with_corrected_headers_is_judged_by_what_they_say_now(node_factory, tmp_path):
+    """A technologist who corrects what a series' later slices said (NECK where they show the head,
+    an agent entered by mistake) and sends those instances again gets the series judged by what its
+    headers say now: synthesized. Until 2026-12-06 a series once told a head and neck, or
+    post-contrast, stayed so whatever was sent again."""
+    node = node_factory()
+    neck, agent = (write_mr_series(tmp_path / name, seed=seed, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0,
+                                   series_description=name) for name, seed in (("t1_neck_by_mistake", 441), ("t1_gd_by_mistake", 442)))
+    ordered = {each.series_uid: sorted(each.files, key=lambda p: pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber)
+               for each in (neck, agent)}
+
+    def later_slices_say(series, **values: str) -> list:
+        for path in ordered[series.series_uid][2:]:
+            ds = pydicom.dcmread(path)
+            for keyword, value in values.items():
+                setattr(ds, keyword, value)
+            ds.save_as(path)
+        return ordered[series.series_uid][2:]
+
+    later_slices_say(neck, BodyPartExamined="NECK")
+    later_slices_say(agent, ContrastBolusAgent="GADOBUTROL")
+    for each in (neck, agent):
+        assert storescu(ordered[each.series_uid], node.port, NODE_AE, SCANNER_AE).returncode == 0
+    told = {each.series_uid: series_once_complete(node.database_url, each.series_uid) for each in (neck, agent)}
+    assert [(row.state, row.reason_code) for row in told.values()] == [("ignored", "body_part"), ("ignored", "contrast_agent")]
+    corrected = [*later_slices_say(neck, BodyPartExamined="HEAD"), *later_slices_say(agent, ContrastBolusAgent="")]
+    sent = storescu(corrected, node.port, NODE_AE, SCANNER_AE)  # the same SOP Instance UIDs, their headers corrected
+    assert sent.returncode == 0, sent.stderr
+    for each in (neck, agent):
+        assert wait_for_job(node.database_url, each.series_uid, timeout=120).state == "done"
+    with init_db(node.database_url)() as session:
+        rows = [session.get(Series, each.series_uid) for each in (neck, agent)]
+        assert [(row.body_part, row.contrast_agent, row.headers_stale, row.instance_count) for row in rows] == [
+            ("HEAD", "WITHOUT", False, 4), ("HEAD", "WITHOUT", False, 4)]
+
 def test_a_siemens_or_philips_single_frame_ssfp_is_told_by_its_sequence_name_not_read_as_t1(mr, tmp_path):
     """A single-frame TrueFISP or CISS (the internal auditory canals, a cine) says what it is only
     by its vendor's name: Siemens' SequenceName stem, Philips' Scanning Technique Description in its
