@@ -89,3 +89,55 @@ def test_a_failing_database_is_logged_without_patient_identifiers(tmp_path: Path
         recorder.stop(timeout=2.0)
     assert "recording 1 spooled instance(s) failed" in caplog.text
     assert "PAT-SECRET-42" not in caplog.text
+
+
+def test_a_series_sent_again_has_its_headers_read_again_from_the_spool_and_keeps_them_where_a_file_cannot_be_read(
+        tmp_path: Path, caplog) -> None:
+    """What the selection judges (here the body part) is folded from each instance as it arrives; a
+    re-send marks it stale and ``refresh_headers`` reads the spooled files again, in the order
+    received. A file that cannot be read, or one spool retention deleted, leaves the answers as
+    folded (nothing guessed) and still stale, for the next completion."""
+    import pydicom
+
+    from dicom_node.ingest import header_facts, refresh_headers
+    from dicom_node.recorder import record_batch
+    from training.phantom_dicom import write_mr_series
+
+    made = write_mr_series(tmp_path / "mr", seed=5, slices=3, size=16, pixel_spacing=10.0)
+    files = sorted(made.files, key=lambda p: pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber)
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+
+    def received(path: Path) -> SpooledInstance:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        info = ReceivedInstance(MR, ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, "MR", "T1", "axial", "patient",
+                                **header_facts(ds))
+        return SpooledInstance(info, Path(path), 100, "1.2.840.10008.1.2.1", "SCANNER", None, utcnow())
+
+    def says(path: Path, part: str) -> None:
+        ds = pydicom.dcmread(path)
+        ds.BodyPartExamined = part
+        ds.save_as(path)
+
+    def row() -> Series:
+        with sessions() as session:
+            return session.get(Series, made.series_uid)
+
+    says(files[2], "NECK")
+    record_batch(sessions, [received(path) for path in files])
+    assert (row().body_part, row().headers_stale) == ("HEAD\\NECK", False)
+    assert not refresh_headers(sessions, made.series_uid)  # nothing sent again: nothing read
+    says(files[2], "HEAD")
+    record_batch(sessions, [received(files[2])])  # sent again, corrected
+    assert (row().body_part, row().headers_stale, row().instance_count) == ("HEAD\\NECK", True, 3)
+    Path(files[1]).rename(tmp_path / "away.dcm")
+    assert not refresh_headers(sessions, made.series_uid)
+    assert (row().body_part, row().headers_stale) == ("HEAD\\NECK", True)
+    assert "its headers not read again (FileNotFoundError" in caplog.text
+    (tmp_path / "away.dcm").rename(files[1])
+    with sessions.begin() as session:
+        session.get(Instance, pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID).purged_at = utcnow()
+    assert not refresh_headers(sessions, made.series_uid) and row().headers_stale
+    with sessions.begin() as session:
+        session.get(Instance, pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID).purged_at = None
+    assert refresh_headers(sessions, made.series_uid)
+    assert (row().body_part, row().headers_stale, row().contrast) == ("HEAD", False, "T1")
