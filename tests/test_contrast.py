@@ -185,7 +185,7 @@ def test_a_siemens_or_philips_single_frame_ssfp_is_told_by_its_sequence_name_not
     JSON where an unknown private element comes as UN). Siemens' turboFLASH (MPRAGE) and FLASH, and
     Philips' T1-TFE, are spoiled and stay T1."""
     for name, expected in (("*tfi2d1_12", "MIXED"), ("*ci3d1", "MIXED"), ("*fi3d1", "MIXED"), ("*psif3d1", "MIXED"),
-                           ("*de3d1", "MIXED"), ("*tfl3d1_16ns", "T1"), ("*fl2d1", "T1"), ("*fl3d1r_t70", "T1"), ("tfi", "T1")):
+                           ("*de3d1", "MIXED"), ("*tfl3d1_16ns", "T1"), ("*fl2d1", "T1"), ("*fl3d1_ns", "T1"), ("tfi", "T1")):
         ds = _timed(pydicom.dcmread(mr.files[0]), "GR", "4.2", "2.1", None)
         ds.SequenceName = name
         told, why = contrast(_as_received(ds, tmp_path))
