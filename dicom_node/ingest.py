@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, NamedTuple
 
 from pydicom import dcmread
@@ -23,11 +22,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.db import notify_job_queued
 from dicom_node.models import Instance, Job, RefusedInstance, Series, utcnow
-from dicom_node.recorder import Recorder, SpooledInstance, heed, record_batch
+from dicom_node.recorder import Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
 from synthesis.card import selection_learned
 from synthesis.contrast import (CHOICES, DEFAULT_BODY_PARTS, DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN, WITH, body_part, contrast,
-                                contrast_agent, fat_suppression, parts_named)
+                                contrast_agent, fat_suppression, parts_named, series_body_part, series_headers)
 from synthesis.errors import InvalidInstance, SeriesNotUsable
 from synthesis.image_type import NOT_ANATOMY, NOT_ANATOMY_COMPONENTS, WHAT, component, component_kind, not_anatomy, values
 from synthesis.volume import frame_geometry, orientation_label
@@ -377,8 +376,9 @@ def header_facts(ds: Dataset) -> dict[str, str]:
 
 
 def refresh_headers(sessions: sessionmaker[Session], series_uid: str) -> bool:
-    """Read again what a series' instances' headers say (``header_facts``, folded by ``recorder.heed``
-    in the order they were received) where an instance was sent again or moved away since
+    """Read again what a series' instances' headers say (``synthesis.contrast.series_headers`` and
+    ``series_body_part``, the fold ``recorder.heed`` makes as they arrive, over them in the order
+    they were received) where an instance was sent again or moved away since
     (``Series.headers_stale``): a series whose later slices named NECK, sent again with HEAD in them,
     is a head again, and one whose agent was entered by mistake unenhanced. Until 2026-12-06 such a
     series stayed as first told. Read outside any transaction, from the spooled files; kept as
@@ -396,21 +396,21 @@ def refresh_headers(sessions: sessionmaker[Session], series_uid: str) -> bool:
     if any(row.purged_at is not None for row in rows):
         log.info("series=%s: its headers not read again: spool retention deleted some of its originals", series_uid)
         return False
-    folded: SimpleNamespace | None = None
-    for row in rows:
-        try:
-            facts = SimpleNamespace(**header_facts(dcmread(row.path, stop_before_pixels=True)))
-        except Exception as exc:  # noqa: BLE001 (unreadable now: judged as folded when received)
-            log.warning("series=%s: its headers not read again (%s: %s)", series_uid, type(exc).__name__, str(exc)[:200])
-            return False
-        if folded is None:
-            folded = facts
-        else:
-            heed(folded, facts)
+    try:
+        headers = [dcmread(row.path, stop_before_pixels=True) for row in rows]
+    except Exception as exc:  # noqa: BLE001 (unreadable now: judged as folded when received)
+        log.warning("series=%s: its headers not read again (%s: %s)", series_uid, type(exc).__name__, str(exc)[:200])
+        return False
+    said: dict[str, str] = {}
+    if headers:  # none left (all moved away): nothing to say
+        part = series_body_part(headers)
+        said["body_part"] = "" if part == UNKNOWN else part
+        for field, (told, source) in series_headers(headers).items():
+            said[field], said[f"{field}_source"] = told, source[:160]
     with sessions.begin() as session:
         return bool(session.execute(update(Series).where(
             Series.series_instance_uid == series_uid, Series.last_received_at == received, Series.headers_stale.is_(True)).values(
-            headers_stale=False, **(vars(folded) if folded is not None else {}))).rowcount)
+            headers_stale=False, **said)).rowcount)
 
 
 class Ingest:

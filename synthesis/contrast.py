@@ -89,13 +89,14 @@ learned has them bright, and its sCT misreads the tissue around the skull. First
 
 from __future__ import annotations
 
-import base64
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+
+from synthesis.image_type import private_json, private_tag
 
 T1, T2, T2_STAR, PD, FLAIR, STIR, UNKNOWN = "T1", "T2", "T2_STAR", "PROTON_DENSITY", "FLUID_ATTENUATED", "STIR", "UNKNOWN"
 # Acquisition Contrast (0008,9209)'s defined terms (PS3.3 C.8.13.1), all of which a site may select
@@ -272,15 +273,10 @@ def _dataset_look(ds: Dataset) -> Look:
 
 def _dataset_private(ds: Dataset) -> Private:
     """``Private`` of a data set as received (raw elements, VR UN where it came in implicit VR) or built in memory."""
-    keys = ds.keys()
 
     def private(group: int, creator: str, element: int) -> str:
-        # the group's creators, compared as plain ints (a BaseTag compares in Python, ~10x slower)
-        for tag in [t for t in map(int, keys) if (group << 16) | 0x10 <= t <= (group << 16) | 0xFF]:
-            if _text(ds.get_item(tag).value) == creator:
-                found = (group << 16) | ((tag & 0xFF) << 8) | element
-                return _text(ds.get_item(found).value) if found in keys else ""
-        return ""
+        tag = private_tag(ds, group, creator, element)
+        return "" if tag is None else _text(ds.get_item(tag).value)
 
     return private
 
@@ -317,23 +313,7 @@ def _json_look(metadata: Mapping[str, Any]) -> Look:
 def _json_private(metadata: Mapping[str, Any]) -> Private:
     """``Private`` of an instance's DICOMweb metadata (a private element the PACS does not know may
     come as UN, its value as InlineBinary)."""
-
-    def text(key: str) -> str:
-        found = metadata.get(key) or {}
-        if found.get("Value"):
-            return _text(found["Value"])
-        try:
-            return _text(base64.b64decode(found["InlineBinary"])) if "InlineBinary" in found else ""
-        except ValueError:
-            return ""
-
-    def private(group: int, creator: str, element: int) -> str:
-        for block in range(0x10, 0x100):
-            if text(f"{group:04X}00{block:02X}") == creator:
-                return text(f"{group:04X}{block:02X}{element:02X}")
-        return ""
-
-    return private
+    return lambda group, creator, element: _text(private_json(metadata, group, creator, element))
 
 
 def contrast_json(metadata: Mapping[str, Any]) -> tuple[str, str]:

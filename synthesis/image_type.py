@@ -138,15 +138,36 @@ def component(ds: Dataset) -> tuple[str, str] | None:
             return ""
 
     def ge_code() -> int | None:
-        # the group's private creators, compared as plain ints (a BaseTag compares in Python, ~10x slower)
-        for tag in [t for t in map(int, keys) if 0x00430010 <= t <= 0x004300FF]:
-            element_tag = 0x00430000 | ((tag & 0xFF) << 8) | GE_ELEMENT
-            if _text(ds.get_item(tag)) == GE_CREATOR and element_tag in keys:
-                return _signed_short(ds.get_item(element_tag), ds.original_encoding[1] is not False)
-        return None
+        tag = private_tag(ds, 0x0043, GE_CREATOR, GE_ELEMENT)
+        return None if tag is None else _signed_short(ds.get_item(tag), ds.original_encoding[1] is not False)
 
     top = _text(ds.get_item(COMPLEX_IMAGE_COMPONENT)) if COMPLEX_IMAGE_COMPONENT in keys else ""
     return _decide(top, shared, ge_code)
+
+
+def private_tag(ds: Dataset, group: int, creator: str, element: int) -> int | None:
+    """The tag of element ``element`` (its low byte) in the block that private creator ``creator``
+    (upper case) reserved in ``group`` of a data set as received (raw elements, VR UN where it came
+    in implicit VR) or built; None when it has no such block, or the block no such element."""
+    keys = ds.keys()
+    # the group's private creators, compared as plain ints (a BaseTag compares in Python, ~10x slower)
+    for tag in [t for t in map(int, keys) if (group << 16) | 0x10 <= t <= (group << 16) | 0xFF]:
+        if _text(ds.get_item(tag)) == creator:
+            found = (group << 16) | ((tag & 0xFF) << 8) | element
+            return found if found in keys else None
+    return None
+
+
+def private_json(metadata: Mapping[str, Any], group: int, creator: str, element: int) -> Any:
+    """``private_tag``'s element in an instance's DICOMweb metadata: its first value (InlineBinary,
+    as a PACS sends a private element it does not know, as bytes); None when absent."""
+    for block in range(0x10, 0x100):
+        said = _json_value(metadata, f"{group:04X}00{block:02X}")
+        if isinstance(said, bytes):
+            said = said.decode("latin-1")
+        if str(said or "").strip(" \x00").upper() == creator:
+            return _json_value(metadata, f"{group:04X}{block:02X}{element:02X}")
+    return None
 
 
 def _json_value(attrs: Mapping[str, Any], key: str) -> Any:
@@ -172,16 +193,10 @@ def component_json(metadata: Mapping[str, Any]) -> tuple[str, str] | None:
         return str(_json_value(frame_type, "00089208") or "").strip().upper() if isinstance(frame_type, Mapping) else ""
 
     def ge_code() -> int | None:
-        for block in range(0x10, 0x100):
-            creator = _json_value(metadata, f"004300{block:02X}")
-            if isinstance(creator, bytes):
-                creator = creator.decode("latin-1")
-            if str(creator or "").strip(" \x00").upper() == GE_CREATOR:
-                code = _json_value(metadata, f"0043{block:02X}{GE_ELEMENT:02X}")
-                if isinstance(code, bytes):
-                    return int.from_bytes(code[:2], "little", signed=True) if len(code) >= 2 else None
-                return code if isinstance(code, int) else None
-        return None
+        code = private_json(metadata, 0x0043, GE_CREATOR, GE_ELEMENT)
+        if isinstance(code, bytes):
+            return int.from_bytes(code[:2], "little", signed=True) if len(code) >= 2 else None
+        return code if isinstance(code, int) else None
 
     return _decide(str(_json_value(metadata, "00089208") or "").strip().upper(), shared, ge_code)
 
