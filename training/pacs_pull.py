@@ -222,6 +222,19 @@ class DatasetCache:
         with open(self.root / "left_out.jsonl", "a") as fh:
             fh.write(json.dumps({"series_uid": series_uid, "reason": reason}, sort_keys=True) + "\n")
 
+    def headers_read(self) -> dict[str, dict[str, str]]:
+        """MR series fetched and not cached because their instances' headers together said what the
+        pull's filter did not take (MIXED, a late agent): what they said (contrast, contrast_agent,
+        fat_suppression), so that a later pull with such a filter does not fetch them again, and one
+        that takes it does (delete ``headers_read.jsonl`` to read them again)."""
+        path = self.root / "headers_read.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        return {entry.pop("series_uid"): entry for entry in (json.loads(line) for line in lines if line.strip())}
+
+    def read_headers(self, series_uid: str, said: dict[str, str]) -> None:
+        with open(self.root / "headers_read.jsonl", "a") as fh:
+            fh.write(json.dumps({"series_uid": series_uid, **said}, sort_keys=True) + "\n")
+
     def add(self, entry: dict[str, Any], slices: np.ndarray, replaces: str | None = None) -> None:
         """Cache a series, or cache it again: the line replaces the series' earlier one, whose shard
         (``replaces``) is deleted once the new line is written when it had another name."""
@@ -263,13 +276,14 @@ def pull(
     likewise by whether it says fat was suppressed. Once fetched, every instance's header is read as
     the node reads a series (``synthesis.contrast.series_headers``, since 2026-12-06): a series whose
     later instances read another contrast (MIXED) or name an agent is not cached either (counted as
-    above; fetched again by the next pull, which asks again), and the manifest's body part names
+    above; what its headers said is remembered in ``headers_read.jsonl``, so that a later pull
+    whose filter does not take it does not fetch it again), and the manifest's body part names
     every part its instances name (``series_body_part``).
     A filter's ``limit`` counts the series the cache holds (fetched or cached already): the series
     left out do not count, so that many are taken while the PACS has that many."""
     cache = DatasetCache(cache_dir)
     client = _client(url, username, password, timeout, attempts)
-    entries, left_out = cache.entries(), cache.left_out()  # the manifest read once
+    entries, left_out, headers_read = cache.entries(), cache.left_out(), cache.headers_read()  # the manifest read once
     known = {e["series_uid"] for e in entries}
     outdated = {e["series_uid"]: e["shard"] for e in entries if acquired_before_planes(e)}  # and the shard each refresh replaces
     plans: list[tuple[PullFilter, list[dict[str, Any]]]] = []
@@ -295,6 +309,19 @@ def pull(
         study_uid, series_uid = uids
         if series_uid in known and series_uid not in outdated:
             return "skipped"
+
+        def not_taken(said: dict[str, str]) -> str | None:
+            """The key of the filter that does not take what a series' headers ``said``, if one does not."""
+            for key, taken in (("contrast", flt.contrasts), ("contrast_agent", flt.contrast_agents), ("fat_suppression", flt.fat_suppression)):
+                if taken and said.get(key) and said[key] not in taken:
+                    return key
+            return None
+
+        if flt.modality == "MR" and series_uid in headers_read:  # fetched before, every header read: not fetched again for nothing
+            key = not_taken(headers_read[series_uid])
+            if key is not None:
+                log.info("not pulled series=%s: %s %s, as its headers said when fetched before", series_uid, key, headers_read[series_uid][key])
+                return key
         metadata = None
         if series_uid not in left_out:
             metadata = _first_metadata(client, url, attrs)
@@ -336,11 +363,12 @@ def pull(
         if flt.modality == "MR":  # every instance's header, as the node reads a series it receives (recorder.heed)
             said = series_headers(source.headers)
             (told, _), (given, _), (fat, _) = said["contrast"], said["contrast_agent"], said["fat_suppression"]
-            for key, value, taken in (("contrast", told, flt.contrasts), ("contrast_agent", given, flt.contrast_agents),
-                                      ("fat_suppression", fat, flt.fat_suppression)):
-                if taken and value not in taken:  # the first instance passed; another says otherwise (asked again next pull)
-                    log.info("not pulled series=%s: %s %s (%s), not one of %s", series_uid, key, value, said[key][1], list(taken))
-                    return key
+            key = not_taken({"contrast": told, "contrast_agent": given, "fat_suppression": fat})
+            if key is not None:  # the first instance passed; another says otherwise: remembered (headers_read.jsonl)
+                log.info("not pulled series=%s: %s %s (%s)", series_uid, key, said[key][0], said[key][1])
+                headers_read[series_uid] = {"contrast": told, "contrast_agent": given, "fat_suppression": fat}
+                cache.read_headers(series_uid, headers_read[series_uid])
+                return key
         part = series_body_part(source.headers)  # the card's mr_body_parts, which the node's config check holds select_body_parts to
         key = patient_key(str(first.get("PatientID", "")), str(first.get("IssuerOfPatientID", "")), cache.salt)
         # the slices the node would show the generator: a 3D sagittal or coronal series as axial ones
