@@ -25,8 +25,8 @@ from dicom_node.models import Instance, Job, RefusedInstance, Series, utcnow
 from dicom_node.recorder import Recorder, SpooledInstance, record_batch
 from dicom_node.spool import Spool, SpoolFull, require_uid
 from synthesis.card import selection_learned
-from synthesis.contrast import (CHOICES, DEFAULT_BODY_PARTS, DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN, WITH, body_part, contrast,
-                                contrast_agent, fat_suppression, parts_named, series_body_part, series_headers)
+from synthesis.contrast import (CHOICES, DEFAULT_BODY_PARTS, DEFAULT_CHOICE, DEFAULT_SELECTED, UNKNOWN, WITH, parts_named,
+                                series_body_part, series_headers)
 from synthesis.errors import InvalidInstance, SeriesNotUsable
 from synthesis.image_type import NOT_ANATOMY, NOT_ANATOMY_COMPONENTS, WHAT, component, component_kind, not_anatomy, values
 from synthesis.volume import frame_geometry, orientation_label
@@ -361,18 +361,20 @@ def validate(
     check_nesting(ds)  # after the Pixel Data checks, which need the raw (unconverted) element
     told = component(ds) or ("", "")
     return ReceivedInstance(sop_class, sop_uid, study_uid, series_uid, modality, description, orientation_label(orientation), patient_id,
-                            image_type, position, frames, frame_positions, frame_set, told[0], told[1][:80], **header_facts(ds))
+                            image_type, position, frames, frame_positions, frame_set, told[0], told[1][:80], **header_facts([ds]))
 
 
-def header_facts(ds: Dataset) -> dict[str, str]:
-    """What one instance's header says that the selection judges the series by, as a ``ReceivedInstance``
-    holds it: its MR contrast, contrast agent and fat suppression, each with what told it, and its
-    BodyPartExamined ('' when not given). ``recorder.heed`` folds them over a series' instances."""
-    told, agent, fat = contrast(ds), contrast_agent(ds), fat_suppression(ds)
-    part = body_part(ds)
-    return {"contrast": told[0], "contrast_source": told[1][:160], "body_part": "" if part == UNKNOWN else part,
-            "contrast_agent": agent[0], "contrast_agent_source": agent[1][:160], "fat_suppression": fat[0],
-            "fat_suppression_source": fat[1][:160]}
+def header_facts(headers: Sequence[Dataset]) -> dict[str, str]:
+    """What headers say that the selection judges a series by, as ``ReceivedInstance`` and ``Series``
+    hold it: the MR contrast, contrast agent and fat suppression, each with what told it, and the
+    BodyPartExamined ('' when none is given). One instance's as received (``recorder.heed`` folds them
+    as its series' instances arrive), or a series' read again (``synthesis.contrast.series_headers``
+    and ``series_body_part``, the same fold)."""
+    part = series_body_part(headers)
+    facts = {"body_part": "" if part == UNKNOWN else part}
+    for field, (told, source) in series_headers(headers).items():
+        facts[field], facts[f"{field}_source"] = told, source[:160]
+    return facts
 
 
 def refresh_headers(sessions: sessionmaker[Session], series_uid: str) -> bool:
@@ -401,12 +403,7 @@ def refresh_headers(sessions: sessionmaker[Session], series_uid: str) -> bool:
     except Exception as exc:  # noqa: BLE001 (unreadable now: judged as folded when received)
         log.warning("series=%s: its headers not read again (%s: %s)", series_uid, type(exc).__name__, str(exc)[:200])
         return False
-    said: dict[str, str] = {}
-    if headers:  # none left (all moved away): nothing to say
-        part = series_body_part(headers)
-        said["body_part"] = "" if part == UNKNOWN else part
-        for field, (told, source) in series_headers(headers).items():
-            said[field], said[f"{field}_source"] = told, source[:160]
+    said = header_facts(headers) if headers else {}  # none left (all moved away): nothing to say
     with sessions.begin() as session:
         return bool(session.execute(update(Series).where(
             Series.series_instance_uid == series_uid, Series.last_received_at == received, Series.headers_stale.is_(True)).values(

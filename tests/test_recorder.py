@@ -110,7 +110,7 @@ def test_a_series_sent_again_has_its_headers_read_again_from_the_spool_and_keeps
     def received(path: Path) -> SpooledInstance:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
         info = ReceivedInstance(MR, ds.SOPInstanceUID, ds.StudyInstanceUID, ds.SeriesInstanceUID, "MR", "T1", "axial", "patient",
-                                **header_facts(ds))
+                                **header_facts([ds]))
         return SpooledInstance(info, Path(path), 100, "1.2.840.10008.1.2.1", "SCANNER", None, utcnow())
 
     def says(path: Path, part: str) -> None:

@@ -363,11 +363,12 @@ def pull(
         if flt.modality == "MR":  # every instance's header, as the node reads a series it receives (recorder.heed)
             said = series_headers(source.headers)
             (told, _), (given, _), (fat, _) = said["contrast"], said["contrast_agent"], said["fat_suppression"]
-            key = not_taken({"contrast": told, "contrast_agent": given, "fat_suppression": fat})
+            answers = {"contrast": told, "contrast_agent": given, "fat_suppression": fat}
+            key = not_taken(answers)
             if key is not None:  # the first instance passed; another says otherwise: remembered (headers_read.jsonl)
                 log.info("not pulled series=%s: %s %s (%s)", series_uid, key, said[key][0], said[key][1])
-                headers_read[series_uid] = {"contrast": told, "contrast_agent": given, "fat_suppression": fat}
-                cache.read_headers(series_uid, headers_read[series_uid])
+                headers_read[series_uid] = answers
+                cache.read_headers(series_uid, answers)
                 return key
         part = series_body_part(source.headers)  # the card's mr_body_parts, which the node's config check holds select_body_parts to
         key = patient_key(str(first.get("PatientID", "")), str(first.get("IssuerOfPatientID", "")), cache.salt)
