@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import synthesis
 from dicom_node import audit
+from dicom_node.digest import instance_digest
 from dicom_node.ingest import REJUDGED, SelectionRules, judge, mark_stable, stable_series
 from dicom_node.models import QUEUED_AGAIN, Instance, Job, Series, utcnow
 from dicom_node.orthanc_store import OrthancStore
@@ -320,13 +321,13 @@ class Worker:
             self.store.check_reachable()
             progress.enter("reading")
             files = self._read_originals(series_uid, study_uid, paths, sop_uids, purged)
-            digest = self.input_digest(files)
-            kept = self._unchanged_since(job_id, series_uid, digest)
-            if kept is not None:
-                self._keep(job_id, progress, kept, digest, len(files), actor, study_uid, series_uid, started)
-                return
             datasets = [pydicom.dcmread(io.BytesIO(data)) for data in files]
             del files
+            digest = self.input_digest(datasets)
+            kept = self._unchanged_since(job_id, series_uid, digest)
+            if kept is not None:
+                self._keep(job_id, progress, kept, digest, len(datasets), actor, study_uid, series_uid, started)
+                return
             source = assemble(datasets)
             progress.enter("synthesizing")
             hu, reslice, plane = synthesize_volume(source.volume, self.model, self.device.device, self.plane, batch_size=self.batch_size,
@@ -403,13 +404,15 @@ class Worker:
         )
         log.info("job done job=%d series=%s ct_series=%s seconds=%.2f", job_id, series_uid, ct.series_instance_uid, seconds)
 
-    def input_digest(self, files: list[bytes]) -> str:
-        """What this worker's sCT of these originals (files as spooled, in any order) is made from:
-        their SHA-256s, and what else decides its pixels and UIDs (the model and its views, the
-        planes, the precision, uid_root, mr2ct's version; not the device: a CPU and a GPU worker
-        of one cluster make the same sCT to within rounding)."""
+    def input_digest(self, datasets: list[pydicom.Dataset]) -> str:
+        """What this worker's sCT of these originals (in any order) is made from: what each says
+        (``instance_digest``: the same whichever transfer syntax or File Meta header it came in,
+        from the spool or from Orthanc; until 2026-12-06 the files' bytes, so a series read back
+        from Orthanc or sent again in implicit VR was made again), and what else decides its pixels
+        and UIDs (the model and its views, the planes, the precision, uid_root, mr2ct's version;
+        not the device: a CPU and a GPU worker of one cluster make the same sCT to within rounding)."""
         whole = hashlib.sha256()
-        for part in sorted(hashlib.sha256(data).hexdigest() for data in files):
+        for part in sorted(instance_digest(ds) for ds in datasets):
             whole.update(part.encode())
         whole.update("|".join((self.model.output_key, self.plane, self.ct_plane, self.precision, self.uid_root,
                                synthesis.__version__)).encode())
@@ -437,22 +440,24 @@ class Worker:
 
     def _keep(self, job_id: int, progress: Progress, earlier: Job, digest: str, instances: int, actor: str, study_uid: str,
               series_uid: str, started: float) -> None:
-        """Settle the job done with the sCT an earlier job made of the same originals (still whole in Orthanc)."""
+        """Settle the job done with the sCT an earlier job made of the same originals (still whole in
+        Orthanc); ``reused_job_id`` names the job that made it (one that kept it names that one)."""
         seconds = time.perf_counter() - started
+        maker = earlier.reused_job_id or earlier.id
         if not self._settle(
             job_id, progress, state="done", finished_at=utcnow(), lease_until=None, error=None, not_before=None,
             ct_series_uid=earlier.ct_series_uid, sr_series_uid=earlier.sr_series_uid, sr_sop_instance_uid=earlier.sr_sop_instance_uid,
             model_sha256=self.model.sha256, device=self.device.label, seconds=seconds, instance_count=instances, progress=1.0, stage=None,
-            input_digest=digest, ct_instances=earlier.ct_instances, reused_job_id=earlier.id,
+            input_digest=digest, ct_instances=earlier.ct_instances, reused_job_id=maker,
         ):
             return
         audit.record(
             self.sessions, audit.JOB_FINISHED, "success", actor, study_uid=study_uid, series_uid=series_uid, job_id=job_id,
             ct_series_uid=earlier.ct_series_uid, sr_series_uid=earlier.sr_series_uid, seconds=round(seconds, 2),
-            model_sha256=self.model.sha256, device=self.device.label, kept_from_job=earlier.id,
+            model_sha256=self.model.sha256, device=self.device.label, kept_from_job=maker,
         )
         log.info("job done job=%d series=%s: the same originals and settings as job %d, whose sCT is whole in Orthanc: kept, "
-                 "not made again (seconds=%.2f)", job_id, series_uid, earlier.id, seconds)
+                 "not made again (seconds=%.2f)", job_id, series_uid, maker, seconds)
 
     def _read_originals(self, series_uid: str, study_uid: str, paths: list[str], sop_uids: list[str], purged: int = 0) -> list[bytes]:
         """The series' originals from the spool, as files; with ``originals_from = orthanc``, those

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pydicom
-from pydicom.uid import MRImageStorage
+from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage, RLELossless
 from pynetdicom import AE
 from sqlalchemy import select
 
@@ -593,10 +593,33 @@ def test_a_series_sent_again_unchanged_keeps_its_sct_and_one_changed_or_whose_sc
     token = api_token(node.database_url, "auditor", "reader")
     shown = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/jobs/{second.id}", headers={"Authorization": f"Bearer {token}"}).json()
     assert shown["reused_job_id"] == first.id
+
+    # The same slices in another transfer syntax (a sender that prefers implicit VR; an archive that
+    # stores losslessly compressed) are the same originals: until 2026-12-06 their other bytes made
+    # the sCT again. The spool keeps each as received, so the node's rows say which came.
+    rle = tmp_path / "rle"
+    rle.mkdir()
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        ds.compress(RLELossless, generate_instance_uid=False)
+        ds.save_as(rle / path.name, enforce_file_format=True)
+    previous = second
+    for folder, propose, syntax in ((series.folder, "-xi", ImplicitVRLittleEndian), (rle, "-xr", RLELossless)):
+        assert storescu(folder, node.port, NODE_AE, SCANNER_AE, propose=propose).returncode == 0
+        again = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=previous.id)
+        assert again.state == "done", again.error
+        with init_db(node.database_url)() as session:
+            received = set(session.scalars(select(Instance.transfer_syntax_uid).where(
+                Instance.series_instance_uid == series.series_uid, Instance.set_aside.is_(None))))
+        assert received == {str(syntax)}
+        assert (again.reused_job_id, again.input_digest) == (first.id, first.input_digest), syntax.name
+        previous = again
+    assert sct_in_orthanc() == before
+
     admin = {"Authorization": f"Bearer {api_token(node.database_url, 'admin', 'physicist')}"}
-    asked = httpx.post(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/jobs/{second.id}/retry", headers=admin, timeout=30)
+    asked = httpx.post(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/jobs/{previous.id}/retry", headers=admin, timeout=30)
     assert asked.status_code == 201, asked.text
-    remade = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=second.id)
+    remade = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=previous.id)
     assert remade.state == "done" and remade.reused_job_id is None  # an administrator's retry is made again, as asked
     assert sct_in_orthanc() != before
 

@@ -5,6 +5,7 @@ start; a job asked for a purged series says why, and sending the series again ma
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -14,7 +15,9 @@ from datetime import timedelta
 from pathlib import Path
 
 import httpx
+import pydicom
 import pytest
+from pydicom.uid import ImplicitVRLittleEndian
 from sqlalchemy import select, text
 
 from dicom_node.db import init_db
@@ -291,8 +294,12 @@ def test_with_originals_from_orthanc_a_retry_after_retention_reads_the_originals
     api = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
     held, absent = (write_mr_series(tmp_path / name, seed=seed, slices=3, size=32, pixel_spacing=6.0, slice_spacing=6.0)
                     for name, seed in (("held", 82), ("absent", 83)))
-    for path in held.files:  # a scanner sending to both: Orthanc holds this one
-        httpx.post(f"{orthanc.url}/instances", content=path.read_bytes(), auth=orthanc.auth, timeout=30).raise_for_status()
+    for path in held.files:  # a scanner sending to both: Orthanc holds this one, as its association gave it (implicit VR)
+        ds = pydicom.dcmread(path)
+        ds.file_meta.TransferSyntaxUID, ds.file_meta.SourceApplicationEntityTitle = ImplicitVRLittleEndian, SCANNER_AE
+        encoded = io.BytesIO()
+        ds.save_as(encoded, enforce_file_format=True, implicit_vr=True)
+        httpx.post(f"{orthanc.url}/instances", content=encoded.getvalue(), auth=orthanc.auth, timeout=30).raise_for_status()
     for series in (held, absent):
         assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
         job = wait_for_job(node.database_url, series.series_uid, timeout=120)
@@ -312,6 +319,8 @@ def test_with_originals_from_orthanc_a_retry_after_retention_reads_the_originals
         again = wait_for_job(node.database_url, series.series_uid, timeout=120, done_before=job.id)
         if series is held:
             assert again.state == "done" and again.ct_series_uid == job.ct_series_uid, again.error
+            # Orthanc's copies, in implicit VR behind another File Meta header, are the same originals
+            assert again.input_digest == job.input_digest
         else:
             assert again.state == "failed" and again.attempts == 1, (again.state, again.attempts, again.error)
             assert "3 of the series' 3 originals were deleted" in again.error and "holds 0 of the 3" in again.error, again.error

@@ -1,0 +1,112 @@
+"""What an instance says, as one SHA-256 that does not depend on how it travelled.
+
+The same MR slice reaches the node in different files: in another transfer syntax (a sender that
+prefers implicit VR, an Orthanc that stores losslessly compressed), behind another File Meta
+header (Orthanc writes its own when it stores, so a worker reading originals from Orthanc sees
+other bytes than the spool holds), with sequences of defined or undefined length. A digest of the
+file's bytes tells all of these apart and so made an unchanged series again. This digest walks the
+data set instead: every element outside the File Meta group, its value encoded one way (implicit
+VR little endian, sequences item by item), and the pixels as decoded. Lossless compression keeps
+it; a changed pixel, name or position changes it; lossy compression changes it too (other pixels).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import read_sequence
+from pydicom.sequence import Sequence
+from pydicom.filewriter import correct_ambiguous_vr, write_data_element
+from pydicom.uid import UID
+
+PIXEL_DATA = 0x7FE00010
+ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
+SCHEME = b"mr2ct-instance-digest-1"  # a change of what is digested changes this, and so every digest
+
+
+def instance_digest(ds: Dataset) -> str:
+    """The SHA-256 (hex) of ``ds``'s content (see the module's docstring). Reads pixels through
+    ``ds.pixel_array`` (pydicom keeps the array for whoever reads it next); converts raw elements
+    to values as reading them would."""
+    whole = hashlib.sha256(SCHEME)
+    transfer_syntax = UID(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) or "1.2.840.10008.1.2")
+    little_endian = transfer_syntax != "1.2.840.10008.1.2.2"
+    correct_ambiguous_vr(ds, little_endian)  # US or SS, OB or OW: as an explicit writer would
+    _feed(ds, whole, ds._character_set, top=True, little_endian=little_endian)
+    return whole.hexdigest()
+
+
+def _sequence_in(value: object, encodings: str | list[str]) -> Sequence | None:
+    """A UN value that holds items (a private sequence read in implicit VR, whose dictionary
+    pydicom lacks), as its items; None when it is not one."""
+    if not isinstance(value, bytes) or not value.startswith(ITEM):
+        return None
+    try:
+        return read_sequence(io.BytesIO(value), True, True, len(value), encodings)
+    except Exception:
+        return None
+
+
+def _implicit_buffer() -> DicomBytesIO:
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    return buffer
+
+
+def _vr_of(raw: RawDataElement) -> str | None:
+    """A raw element's VR: as written (explicit VR), else the public dictionary's (None for a
+    private or unknown element: its VR is known only once converted)."""
+    if raw.VR is not None:
+        return raw.VR
+    if raw.tag.is_private:
+        return None
+    try:
+        return dictionary_VR(raw.tag)
+    except KeyError:
+        return None
+
+
+def _feed(ds: Dataset, whole: "hashlib._Hash", encodings: str | list[str], top: bool, little_endian: bool) -> None:
+    for tag in sorted(ds.keys()):
+        if tag >> 16 == 0x0002:  # a File Meta element inside the data set: what the file says, not the instance
+            continue
+        whole.update(struct.pack("<I", tag))
+        raw = ds.get_item(tag)
+        if little_endian and isinstance(raw, RawDataElement) and tag != PIXEL_DATA and raw.value is not None \
+                and _vr_of(raw) not in (None, "SQ", "UN"):
+            whole.update(raw.value)  # as it came: the same bytes in implicit and explicit VR little endian
+            continue
+        try:
+            element = ds[tag]
+        except Exception:  # a value pydicom cannot convert: its bytes as they came
+            whole.update(b"raw" + bytes(getattr(raw, "value", None) or b""))
+            continue
+        items = element.value if element.VR == "SQ" else _sequence_in(element.value, encodings) if element.VR == "UN" else None
+        if items is not None:
+            whole.update(b"SQ" + struct.pack("<I", len(items)))
+            for item in items:
+                whole.update(b"item")
+                _feed(item, whole, encodings, top=False, little_endian=little_endian)
+            whole.update(b"end")
+        elif tag == PIXEL_DATA and top:
+            try:
+                pixels = ds.pixel_array
+            except Exception:  # pixels that do not decode: their bytes (reading the series says what is wrong with them)
+                whole.update(b"raw" + bytes(element.value or b""))
+                continue
+            pixels = pixels.astype(pixels.dtype.newbyteorder("<"), copy=False)  # big endian's pixels, as numbers
+            whole.update(f"{pixels.dtype.str}{pixels.shape}".encode())
+            whole.update(pixels.tobytes())
+        else:
+            buffer = _implicit_buffer()
+            try:
+                write_data_element(buffer, element, encodings)
+                whole.update(buffer.getvalue()[8:])  # after the implicit header: tag and length
+            except Exception:
+                whole.update(b"repr" + repr(element.value).encode())
