@@ -26,7 +26,9 @@ The rule, first answer wins:
    whose stem names one (``*tfi`` TrueFISP, ``*ci`` CISS, ``*fi`` FISP, ``*ps``/``*psif`` PSIF,
    ``*de`` DESS, followed by 2d or 3d; ``*tfl``, turboFLASH, and ``*fl``, FLASH, are spoiled and go on)
    and, where the Manufacturer says Philips, its Scanning Technique Description (2001,xx20, creator
-   "Philips Imaging DD 001") B-FFE, B-TFE or T2-FFE (vendor names read since 2026-12-06, later the same day). A steady-state free precession
+   "Philips Imaging DD 001") B-FFE, B-TFE or T2-FFE (vendor names read since 2026-12-06, later the same day), and, where
+   it says GE, a Pulse Sequence Name or Internal Pulse Sequence Name (0019,xx9C/xx9E, creator
+   "GEMS_ACQU_01") holding FIESTA (FIESTA-C, 3D FIESTA) or SSFP (since 2026-12-06, evening). A steady-state free precession
    image is bright where T2/T1 is high (CSF, fat, blood); its TR and TE are a few milliseconds,
    which the timing below reads as T1, and a T1 model's sCT reads its bright CSF as bone.
    Scanners write MIXED as the Acquisition Contrast of such a sequence, which went on to the
@@ -50,8 +52,8 @@ The rule, first answer wins:
 
 What the rule does not see: fat suppression (a separate answer below), a steady-state free
 precession or time-of-flight series whose single-frame header says neither (no Angio Flag, no
-TRSS, no Siemens or Philips name above: read as T1; GE says FIESTA in a private pulse sequence name
-not read here), and anything but the instance it is given (the node and the pull combine every
+TRSS, no Siemens, Philips or GE name above: read as T1; GE's names are read where its headers
+dumped in public put them, not checked against a real FIESTA series), and anything but the instance it is given (the node and the pull combine every
 instance's answer: ``with_other_contrast``). ``UNKNOWN`` says the header did not tell; the node refuses such a series unless a site
 lists UNKNOWN.
 
@@ -138,6 +140,13 @@ _SIEMENS_SSFP = re.compile(r"\*?(TFI|CI|FI|PSIF|PS|DE)[23]D\d")
 PHILIPS_CREATOR, PHILIPS_GROUP, PHILIPS_TECHNIQUE = "PHILIPS IMAGING DD 001", 0x2001, 0x20
 PHILIPS_SSFP = {"B-FFE": "a balanced fast field echo", "B-TFE": "a balanced turbo field echo", "BFFE": "a balanced fast field echo",
                 "BTFE": "a balanced turbo field echo", "T2FFE": "a time-reversed fast field echo", "T2-FFE": "a time-reversed fast field echo"}
+# GE's Pulse Sequence Name (0019,xx9C, its product name, lower case: 'fse-xl', 'efgre3d') and Internal
+# Pulse Sequence Name (0019,xx9E, 'FSE-XL') in the block of creator "GEMS_ACQU_01" (pydicom's private
+# dictionary; a GE header's dump): the words of GE's balanced SSFP (FIESTA, FIESTA-C, 3D FIESTA) and
+# of its time-reversed one (SSFP, GE's PSIF), looked for within the name
+GE_ACQUISITION_CREATOR, GE_ACQUISITION_GROUP = "GEMS_ACQU_01", 0x0019
+GE_SEQUENCE_NAMES = ((0x9C, "Pulse Sequence Name"), (0x9E, "Internal Pulse Sequence Name"))
+GE_SSFP = {"FIESTA": "FIESTA, a balanced SSFP", "SSFP": "SSFP, a time-reversed SSFP"}
 SHARED_GROUPS, PER_FRAME_GROUPS = 0x52009229, 0x52009230
 MR_FRAME_TYPE, MR_TIMING, MR_ECHO, MR_MODIFIER = 0x00189226, 0x00189112, 0x00189114, 0x00189115
 # where a Legacy Converted Enhanced MR image keeps the single-frame attributes no functional group holds
@@ -197,6 +206,12 @@ def decide(look: Look, private: Private | None = None) -> tuple[str, str]:
     technique = private(PHILIPS_GROUP, PHILIPS_CREATOR, PHILIPS_TECHNIQUE) if private and "PHILIPS" in look(MANUFACTURER, None) else ""
     if technique in PHILIPS_SSFP:
         return MIXED, f"Philips' Scanning Technique (2001,xx20) {technique}: {PHILIPS_SSFP[technique]}, T2/T1 contrast"
+    if private and look(MANUFACTURER, None).startswith("GE"):  # GE MEDICAL SYSTEMS, GE HEALTHCARE
+        for element, label in GE_SEQUENCE_NAMES:
+            ge_name = private(GE_ACQUISITION_GROUP, GE_ACQUISITION_CREATOR, element)
+            word = next((word for word in GE_SSFP if word in ge_name.replace(" ", "")), None)
+            if word:
+                return MIXED, f"GE's {label} (0019,xx{element:02X}) {ge_name[:24]!r}: {GE_SSFP[word]}, T2/T1 contrast"
 
     def timing(name: str) -> str:
         top, group, tag = _WHERE[name]

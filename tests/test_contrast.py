@@ -215,6 +215,40 @@ def test_a_siemens_or_philips_single_frame_ssfp_is_told_by_its_sequence_name_not
     assert contrast(ds)[0] == "T1"
 
 
+def test_a_ge_fiesta_is_told_by_its_private_pulse_sequence_name_not_read_as_t1(mr, tmp_path):
+    """GE names its sequences in the private block of creator GEMS_ACQU_01: the product name in
+    (0019,xx9C), lower case, and an internal name in (0019,xx9E). A FIESTA (balanced SSFP) or an
+    SSFP (GE's time-reversed one) there is MIXED, read as received, in implicit VR and from a PACS's
+    JSON; GE's spoiled gradient echoes (efgre3d, fspgr) stay T1, and so does the name in another
+    creator's block or in an image another manufacturer made."""
+    def ge(name: str, element: int = 0x9C, creator: str = "GEMS_ACQU_01", manufacturer: str = "GE MEDICAL SYSTEMS") -> Dataset:
+        ds = _timed(pydicom.dcmread(mr.files[0]), "GR", "4.2", "2.1", None)
+        ds.Manufacturer = manufacturer
+        ds.private_block(0x0019, creator, create=True).add_new(element, "LO", name)
+        return ds
+
+    for name, element, expected in (("fiesta", 0x9C, "MIXED"), ("3dfiesta", 0x9C, "MIXED"), ("FIESTA-C", 0x9E, "MIXED"),
+                                    ("3D FIESTA", 0x9E, "MIXED"), ("ssfp", 0x9C, "MIXED"), ("efgre3d", 0x9C, "T1"),
+                                    ("fspgr", 0x9C, "T1"), ("FSE-XL", 0x9E, "T1")):
+        ds = ge(name, element)
+        told, why = contrast(_as_received(ds, tmp_path))
+        assert told == expected, (name, why)
+        implicit = copy.deepcopy(ds)
+        implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        implicit.save_as(tmp_path / "implicit.dcm")
+        assert contrast(pydicom.dcmread(tmp_path / "implicit.dcm"))[0] == expected, name
+        as_json = ds.to_json_dict()
+        block = next(key for key in as_json if key.startswith("001900") and as_json[key]["Value"] == ["GEMS_ACQU_01"])
+        encoded = name.encode() + b" " * (len(name) % 2)
+        as_json[f"0019{block[-2:]}{element:02X}"] = {"vr": "UN", "InlineBinary": base64.b64encode(encoded).decode()}
+        assert contrast_json(as_json)[0] == expected, name
+        if expected == "MIXED":
+            label = "Pulse Sequence Name (0019,xx9C)" if element == 0x9C else "Internal Pulse Sequence Name (0019,xx9E)"
+            assert why.startswith(f"GE's {label} {name.upper()!r}: ") and why.endswith(", T2/T1 contrast"), why
+    assert contrast(ge("fiesta", creator="GEMS_OTHER_01"))[0] == "T1"
+    assert contrast(ge("fiesta", manufacturer="SIEMENS"))[0] == "T1"
+    assert contrast(ge("fiesta", manufacturer="GE HEALTHCARE"))[0] == "MIXED"
+
 def test_an_enhanced_image_says_its_contrast_or_its_functional_groups_give_the_timing(mr):
     ds = _timed(pydicom.dcmread(mr.files[0]), "SE", None, None, None)
     del ds.ScanningSequence
