@@ -23,6 +23,7 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 import synthesis
 from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from synthesis.contrast import UNKNOWN, parts_named, series_body_part
 from synthesis.model_file import LoadedModel
 from synthesis.normalize import HU_MAX, HU_MIN
 from synthesis.uids import derived_uid
@@ -35,6 +36,12 @@ MANUFACTURER = "mr2ct"
 UID_SCHEME = "slice-uids-from-source"
 RESCALE_INTERCEPT = -1024
 WINDOWS = (("BRAIN", 40.0, 80.0), ("BONE", 600.0, 2800.0))
+# BodyPartExamined's defined terms (PS3.16 Annex L, CID 4031) for a series whose slices name
+# several parts: a head-and-neck MR whose lower slices say NECK; BRAIN slices in a HEAD series
+COMBINED_BODY_PARTS = {frozenset({"HEAD", "NECK"}): "HEADNECK", frozenset({"HEAD", "NECK", "HEADNECK"}): "HEADNECK",
+                       frozenset({"HEAD", "HEADNECK"}): "HEADNECK", frozenset({"NECK", "HEADNECK"}): "HEADNECK",
+                       frozenset({"BRAIN", "HEAD"}): "HEAD", frozenset({"BRAIN", "HEAD", "NECK"}): "HEADNECK",
+                       frozenset({"BRAIN", "NECK"}): "HEADNECK", frozenset({"BRAIN", "HEADNECK"}): "HEADNECK"}
 
 PATIENT_STUDY_KEYWORDS = (
     "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
@@ -182,11 +189,12 @@ class SyntheticCTSeries:
         ds.SeriesDate, ds.SeriesTime = date, time
         # the MR's, or empty (unknown, as type 2 allows): a planning system reads it, so it is never guessed
         ds.PatientPosition = first.get("PatientPosition", "") or ""
-        if "BodyPartExamined" in first:
-            ds.BodyPartExamined = first.BodyPartExamined
+        body_part = self._body_part()
+        if body_part:
+            ds.BodyPartExamined = body_part
         if "Laterality" in first:  # the same anatomy as the MR's
             ds.Laterality = first.Laterality
-        elif "BodyPartExamined" not in first:  # the MR does not say what it shows: laterality unknown (type 2C)
+        elif not body_part:  # the MR does not say what it shows: laterality unknown (type 2C)
             ds.Laterality = ""
         ds.FrameOfReferenceUID = source.volume.frame_of_reference_uid
         ds.PositionReferenceIndicator = first.get("PositionReferenceIndicator", "")
@@ -214,6 +222,15 @@ class SyntheticCTSeries:
         ds.WindowWidth = [w[2] for w in WINDOWS]
         ds.WindowCenterWidthExplanation = [w[0] for w in WINDOWS]
         return ds
+
+    def _body_part(self) -> str:
+        """BodyPartExamined (a series-level attribute) for what every MR slice names: that part
+        where they name one, DICOM's term for both where they name a head and a
+        neck (HEADNECK), '' (not said) where they name parts no one term covers (the SR names them)."""
+        parts = set(parts_named(series_body_part(self.source.headers))) - {UNKNOWN}
+        if len(parts) == 1:
+            return parts.pop()
+        return COMBINED_BODY_PARTS.get(frozenset(parts), "")
 
     def _varying(self, index: int) -> Dataset:
         """The elements that differ from slice to slice: identity, source reference, position, pixels."""

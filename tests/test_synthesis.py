@@ -345,19 +345,31 @@ def test_an_mr_without_its_type2_patient_and_study_attributes_gets_its_ct_and_sr
         assert all(keyword in back and not back[keyword].value for keyword in PATIENT_AND_STUDY_TYPE2), path.name
 
 
-@pytest.mark.parametrize("edit, position, laterality", [
-    (lambda ds: None, "HFS", None),  # a head, as the phantom says: no laterality
-    (lambda ds: delattr(ds, "PatientPosition"), "", None),  # unknown stays unknown: never a guessed HFS
-    (lambda ds: delattr(ds, "BodyPartExamined"), "HFS", ""),  # what the MR shows is not said: laterality unknown
-    (lambda ds: (setattr(ds, "BodyPartExamined", "KNEE"), setattr(ds, "Laterality", "R")), "HFS", "R"),  # the MR's side
-], ids=["as-sent", "no-patient-position", "no-body-part", "laterality"])
-def test_the_ct_says_what_the_mr_says_of_position_and_laterality(tiny_model: Path, tmp_path: Path, edit, position, laterality) -> None:
+def _lower_slice_says(part: str):
+    """An edit: the MR's second slice (of two) says ``part``, the first HEAD, as the phantom writes."""
+    return lambda ds: setattr(ds, "BodyPartExamined", part) if int(ds.InstanceNumber) == 2 else None
+
+
+@pytest.mark.parametrize("edit, position, laterality, body_part", [
+    (lambda ds: None, "HFS", None, "HEAD"),  # a head, as the phantom says: no laterality
+    (lambda ds: delattr(ds, "PatientPosition"), "", None, "HEAD"),  # unknown stays unknown: never a guessed HFS
+    (lambda ds: delattr(ds, "BodyPartExamined"), "HFS", "", None),  # what the MR shows is not said: laterality unknown
+    (lambda ds: (setattr(ds, "BodyPartExamined", "KNEE"), setattr(ds, "Laterality", "R")), "HFS", "R", "KNEE"),  # the MR's side
+    (_lower_slice_says("NECK"), "HFS", None, "HEADNECK"),  # DICOM's term for both, a series-level attribute
+    (_lower_slice_says("BRAIN"), "HFS", None, "HEAD"),  # the brain is in the head
+    (_lower_slice_says("KNEE"), "HFS", "", None),  # no one term: not said (the SR names both)
+], ids=["as-sent", "no-patient-position", "no-body-part", "laterality", "head-and-neck", "brain-in-head", "two-parts"])
+def test_the_ct_says_what_the_mr_says_of_position_and_laterality(tiny_model: Path, tmp_path: Path, edit, position, laterality,
+                                                                  body_part) -> None:
     """PatientPosition (a planning system reads it) is the MR's or empty, never invented, and
-    Laterality follows the MR so that the CT passes dciodvfy when the MR has no BodyPartExamined."""
+    Laterality follows the MR so that the CT passes dciodvfy when the MR has no BodyPartExamined.
+    BodyPartExamined is every MR slice's: an MR whose lower slices say NECK after HEAD ones makes
+    a HEADNECK sCT (until 2026-12-06 it said the first slice's HEAD)."""
     _, ct_path, _ = _written_ct_and_sr(tmp_path, tiny_model, edit)
     ct = pydicom.dcmread(ct_path)
     assert ct.PatientPosition == position
     assert ct.get("Laterality") == laterality
+    assert ct.get("BodyPartExamined") == body_part
 
 
 @pytest.mark.parametrize("host_zone, mr_offset, expected_offset", [
