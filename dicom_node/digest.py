@@ -5,9 +5,10 @@ prefers implicit VR, an Orthanc that stores losslessly compressed), behind anoth
 header (Orthanc writes its own when it stores, so a worker reading originals from Orthanc sees
 other bytes than the spool holds), with sequences of defined or undefined length. A digest of the
 file's bytes tells all of these apart and so made an unchanged series again. This digest walks the
-data set instead: every element outside the File Meta group, its value encoded one way (implicit
-VR little endian, sequences item by item), and the pixels as decoded. Lossless compression keeps
-it; a changed pixel, name or position changes it; lossy compression changes it too (other pixels).
+data set instead: every element but the File Meta group and trailing padding, its value encoded
+one way (implicit VR little endian, sequences item by item), and the pixels as decoded. Lossless
+compression keeps it; a changed pixel, name or position changes it; lossy compression changes it
+too (other pixels).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pydicom.filewriter import correct_ambiguous_vr, write_data_element
 from pydicom.uid import UID
 
 PIXEL_DATA = 0x7FE00010
+TRAILING_PADDING = 0xFFFCFFFC  # Data Set Trailing Padding (PS3.10 7.2)
 ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
 SCHEME = b"mr2ct-instance-digest-1"  # a change of what is digested changes this, and so every digest
 
@@ -74,7 +76,7 @@ def _vr_of(raw: RawDataElement) -> str | None:
 
 def _feed(ds: Dataset, whole: "hashlib._Hash", encodings: str | list[str], top: bool, little_endian: bool) -> None:
     for tag in sorted(ds.keys()):
-        if tag >> 16 == 0x0002:  # a File Meta element inside the data set: what the file says, not the instance
+        if tag >> 16 == 0x0002 or tag == TRAILING_PADDING:  # what the file says, not the instance (padding is to be ignored)
             continue
         whole.update(struct.pack("<I", tag))
         raw = ds.get_item(tag)
