@@ -17,6 +17,7 @@ import hashlib
 import io
 import struct
 
+from pydicom.charset import default_encoding
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -24,9 +25,9 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_sequence
 from pydicom.sequence import Sequence
 from pydicom.filewriter import correct_ambiguous_vr, write_data_element
-from pydicom.uid import UID
 
 PIXEL_DATA = 0x7FE00010
+EXPLICIT_BIG_ENDIAN = "1.2.840.10008.1.2.2"
 TRAILING_PADDING = 0xFFFCFFFC  # Data Set Trailing Padding (PS3.10 7.2)
 ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000) little endian
 SCHEME = b"mr2ct-instance-digest-1"  # a change of what is digested changes this, and so every digest
@@ -35,13 +36,23 @@ SCHEME = b"mr2ct-instance-digest-1"  # a change of what is digested changes this
 def instance_digest(ds: Dataset) -> str:
     """The SHA-256 (hex) of ``ds``'s content (see the module's docstring). Reads pixels through
     ``ds.pixel_array`` (pydicom keeps the array for whoever reads it next); converts raw elements
-    to values as reading them would."""
+    to values as reading them would. Never raises for a data set pydicom could read: what cannot be
+    converted is digested as its bytes (reading the series says what is wrong with it)."""
     whole = hashlib.sha256(SCHEME)
-    transfer_syntax = UID(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) or "1.2.840.10008.1.2")
-    little_endian = transfer_syntax != "1.2.840.10008.1.2.2"
-    correct_ambiguous_vr(ds, little_endian)  # US or SS, OB or OW: as an explicit writer would
-    _feed(ds, whole, ds._character_set, top=True, little_endian=little_endian)
+    little_endian = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")) != EXPLICIT_BIG_ENDIAN
+    try:
+        correct_ambiguous_vr(ds, little_endian)  # US or SS, OB or OW: as an explicit writer would
+    except Exception:  # an element that does not convert: its own turn below digests its bytes
+        pass
+    _feed(ds, whole, _encodings(ds), top=True, little_endian=little_endian)
     return whole.hexdigest()
+
+
+def _encodings(ds: Dataset) -> str | list[str]:
+    try:
+        return ds._character_set
+    except Exception:  # a Specific Character Set that does not convert: pydicom's default
+        return default_encoding
 
 
 def _sequence_in(value: object, encodings: str | list[str]) -> Sequence | None:
@@ -53,6 +64,16 @@ def _sequence_in(value: object, encodings: str | list[str]) -> Sequence | None:
         return read_sequence(io.BytesIO(value), True, True, len(value), encodings)
     except Exception:
         return None
+
+
+def _put(whole: "hashlib._Hash", value: bytes) -> None:
+    """One value into the digest, behind its length (so that no two sequences of values read alike)."""
+    whole.update(struct.pack("<Q", len(value)))
+    whole.update(value)
+
+
+def _bytes_of(value: object) -> bytes:
+    return bytes(value) if isinstance(value, (bytes, bytearray, memoryview)) else repr(value).encode()
 
 
 def _implicit_buffer() -> DicomBytesIO:
@@ -79,15 +100,19 @@ def _feed(ds: Dataset, whole: "hashlib._Hash", encodings: str | list[str], top: 
         if tag >> 16 == 0x0002 or tag == TRAILING_PADDING:  # what the file says, not the instance (padding is to be ignored)
             continue
         whole.update(struct.pack("<I", tag))
-        raw = ds.get_item(tag)
+        try:
+            raw = ds.get_item(tag)
+        except Exception:  # an element pydicom cannot even hold (an unknown VR): reading the series says so
+            _put(whole, b"unreadable")
+            continue
         if little_endian and isinstance(raw, RawDataElement) and tag != PIXEL_DATA and raw.value is not None \
                 and _vr_of(raw) not in (None, "SQ", "UN"):
-            whole.update(raw.value)  # as it came: the same bytes in implicit and explicit VR little endian
+            _put(whole, raw.value)  # as it came: the same bytes in implicit and explicit VR little endian
             continue
         try:
             element = ds[tag]
         except Exception:  # a value pydicom cannot convert: its bytes as they came
-            whole.update(b"raw" + bytes(getattr(raw, "value", None) or b""))
+            _put(whole, b"raw" + _bytes_of(getattr(raw, "value", None)))
             continue
         items = element.value if element.VR == "SQ" else _sequence_in(element.value, encodings) if element.VR == "UN" else None
         if items is not None:
@@ -100,15 +125,15 @@ def _feed(ds: Dataset, whole: "hashlib._Hash", encodings: str | list[str], top: 
             try:
                 pixels = ds.pixel_array
             except Exception:  # pixels that do not decode: their bytes (reading the series says what is wrong with them)
-                whole.update(b"raw" + bytes(element.value or b""))
+                _put(whole, b"raw" + _bytes_of(element.value))
                 continue
             pixels = pixels.astype(pixels.dtype.newbyteorder("<"), copy=False)  # big endian's pixels, as numbers
-            whole.update(f"{pixels.dtype.str}{pixels.shape}".encode())
-            whole.update(pixels.tobytes())
+            _put(whole, f"{pixels.dtype.str}{pixels.shape}".encode())
+            _put(whole, pixels.tobytes())
         else:
             buffer = _implicit_buffer()
             try:
                 write_data_element(buffer, element, encodings)
-                whole.update(buffer.getvalue()[8:])  # after the implicit header: tag and length
+                _put(whole, buffer.getvalue()[8:])  # after the implicit header: tag and length
             except Exception:
-                whole.update(b"repr" + repr(element.value).encode())
+                _put(whole, b"repr" + repr(element.value).encode())
