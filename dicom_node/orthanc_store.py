@@ -10,8 +10,10 @@ from typing import Any
 
 from orthanc_api_client import OrthancApiClient
 from orthanc_api_client.exceptions import HttpError
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from dicom_node.digest import instance_digest
 from synthesis.errors import PacsUnavailable, StorageIncomplete
 
 log = logging.getLogger(__name__)
@@ -83,12 +85,15 @@ class OrthancStore:
         again (after a late MR slice, with another normalisation) kept its old slices, and a
         corrected original sent again stayed uncorrected, both unseen (the instance count was
         right) until 2026-12-05. The copy Orthanc holds is compared by MD5 first, so an identical
-        re-send deletes nothing."""
+        re-send deletes nothing, then by what it says (``dicom_node.digest``): a copy Orthanc took
+        from the scanner itself, in another transfer syntax or behind its own File Meta header, is
+        the same instance and stays (until 2026-12-06 it was deleted and stored again, a change
+        Orthanc's plugins and its stable-series events saw for every original routed)."""
         answer = self.client.post("instances", data=data).json()
         if not isinstance(answer, dict) or answer.get("Status") != "AlreadyStored":
             return answer
         held = self._stored_md5(str(answer["ID"]))
-        if held == hashlib.md5(data).hexdigest():
+        if held == hashlib.md5(data).hexdigest() or self._says_the_same(str(answer["ID"]), data):
             return answer
         self.client.delete(f"instances/{answer['ID']}")
         answer = self.client.post("instances", data=data).json()
@@ -96,6 +101,14 @@ class OrthancStore:
             raise StorageIncomplete(f"Orthanc at {self.url} kept another copy of instance {answer.get('ID')} after it was replaced")
         log.info("replaced an instance Orthanc held with other content id=%s", answer.get("ID"))
         return answer
+
+    def _says_the_same(self, instance_id: str, data: bytes) -> bool:
+        """Whether the copy Orthanc holds says what ``data`` says (False when either cannot be read)."""
+        try:
+            held = self.client.instances.get_file(instance_id)
+            return instance_digest(dcmread(BytesIO(held))) == instance_digest(dcmread(BytesIO(data)))
+        except Exception:  # noqa: BLE001 (unreadable, or gone meanwhile: replaced as any other copy)
+            return False
 
     def _stored_md5(self, instance_id: str) -> str | None:
         """The MD5 of the file Orthanc holds (None when it keeps none: StoreMD5ForAttachments off)."""

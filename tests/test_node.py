@@ -4,6 +4,7 @@ association limits, recovery after a crash, DICOM over TLS."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -666,9 +667,18 @@ def test_an_orthanc_that_keeps_first_copies_gets_the_new_sct_and_the_corrected_o
             late = tmp_path / "late"
             late.mkdir()
             shutil.move(series.files[2], late / series.files[2].name)  # the third slice comes later
+            # a scanner that sends to both: Orthanc holds the second slice already, as its association gave it (implicit VR)
+            ds = pydicom.dcmread(series.files[1])
+            ds.file_meta.TransferSyntaxUID, ds.file_meta.SourceApplicationEntityTitle = ImplicitVRLittleEndian, SCANNER_AE
+            scanners = io.BytesIO()
+            ds.save_as(scanners, enforce_file_format=True, implicit_vr=True)
+            taken = httpx.post(f"{orthanc.url}/instances", content=scanners.getvalue(), auth=orthanc.auth, timeout=30).json()["ID"]
             assert storescu(series.folder, port, NODE_AE, SCANNER_AE).returncode == 0
             first = wait_for_job(env["MR2CT_DATABASE_URL"], series.series_uid, timeout=120)
             assert first.state == "done", first.error
+            # the node's copy says the same: Orthanc keeps the scanner's (until 2026-12-06 it was deleted and stored again)
+            kept = httpx.get(f"{orthanc.url}/instances/{taken}/metadata/TransferSyntax", auth=orthanc.auth, timeout=30)
+            assert kept.status_code == 200 and kept.text == ImplicitVRLittleEndian, kept.text
             corrected = pydicom.dcmread(series.files[0])
             corrected.ImageComments = "corrected after the first send"
             corrected.save_as(late / series.files[0].name, enforce_file_format=True)
