@@ -95,6 +95,14 @@ def _vr_of(raw: RawDataElement) -> str | None:
         return None
 
 
+def _put_items(items: Sequence, whole: "hashlib._Hash", encodings: str | list[str], little_endian: bool) -> None:
+    whole.update(b"SQ" + struct.pack("<I", len(items)))
+    for item in items:
+        whole.update(b"item")
+        _feed(item, whole, encodings, top=False, little_endian=little_endian)
+    whole.update(b"end")
+
+
 def _feed(ds: Dataset, whole: "hashlib._Hash", encodings: str | list[str], top: bool, little_endian: bool) -> None:
     for tag in sorted(ds.keys()):
         if tag >> 16 == 0x0002 or tag == TRAILING_PADDING:  # what the file says, not the instance (padding is to be ignored)
@@ -105,10 +113,17 @@ def _feed(ds: Dataset, whole: "hashlib._Hash", encodings: str | list[str], top: 
         except Exception:  # an element pydicom cannot even hold (an unknown VR): reading the series says so
             _put(whole, b"unreadable")
             continue
-        if little_endian and isinstance(raw, RawDataElement) and tag != PIXEL_DATA and raw.value is not None \
-                and _vr_of(raw) not in (None, "SQ", "UN"):
-            _put(whole, raw.value)  # as it came: the same bytes in implicit and explicit VR little endian
-            continue
+        if little_endian and isinstance(raw, RawDataElement) and tag != PIXEL_DATA and isinstance(raw.value, bytes):
+            vr = _vr_of(raw)
+            # a private element in implicit VR (or UN): its VR is unknown; pydicom's private dictionary
+            # would guess one, not always what the scanner wrote, so it is taken as bytes unless its bytes are items
+            items = _sequence_in(raw.value, encodings) if vr in (None, "UN") else None
+            if items is not None:
+                _put_items(items, whole, encodings, little_endian)
+                continue
+            if vr != "SQ":
+                _put(whole, raw.value)  # as it came: the same bytes in implicit and explicit VR little endian
+                continue
         try:
             element = ds[tag]
         except Exception:  # a value pydicom cannot convert: its bytes as they came
@@ -116,11 +131,7 @@ def _feed(ds: Dataset, whole: "hashlib._Hash", encodings: str | list[str], top: 
             continue
         items = element.value if element.VR == "SQ" else _sequence_in(element.value, encodings) if element.VR == "UN" else None
         if items is not None:
-            whole.update(b"SQ" + struct.pack("<I", len(items)))
-            for item in items:
-                whole.update(b"item")
-                _feed(item, whole, encodings, top=False, little_endian=little_endian)
-            whole.update(b"end")
+            _put_items(items, whole, encodings, little_endian)
         elif tag == PIXEL_DATA and top:
             try:
                 pixels = ds.pixel_array

@@ -61,6 +61,20 @@ def test_the_same_instance_in_another_transfer_syntax_has_the_same_digest(slice_
     assert instance_digest(other) == instance_digest(explicit)
 
 
+def test_a_vendor_block_whose_vrs_pydicom_guesses_otherwise_has_one_digest(slice_with_private_block: Dataset) -> None:
+    """A private block pydicom's dictionary knows (Siemens' MR header) with values in other VRs
+    than the dictionary's, as software versions write them: in implicit VR pydicom would convert
+    them by its guess (DS read as IS, and refused); they are taken as the bytes they are."""
+    ds = copy.deepcopy(slice_with_private_block)
+    block = ds.private_block(0x0019, "SIEMENS MR HEADER", create=True)
+    for element in range(0x08, 0x30):
+        block.add_new(element, "DS", f"{element * 1.5:.1f}")
+    block.add_new(0x30, "OB", bytes(range(256)) * 8)  # a CSA-like binary header
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom's on the values its dictionary reads otherwise
+        assert instance_digest(_travelled(ds, ImplicitVRLittleEndian)) == instance_digest(_travelled(ds, ExplicitVRLittleEndian))
+
+
 def test_another_file_meta_header_does_not_change_the_digest(slice_with_private_block: Dataset) -> None:
     plain = _travelled(slice_with_private_block, ExplicitVRLittleEndian)
     archived = _travelled(slice_with_private_block, ExplicitVRLittleEndian, archive_meta=True)
