@@ -116,6 +116,8 @@ def _attribute_rows(ds: Dataset, mr: Dataset, shown: frozenset[str] = frozenset(
             value = element.value
             text = "\\".join(str(v) for v in value) if isinstance(value, (list, pydicom.multival.MultiValue)) else str(value)
             source = f"`{_name(text) if keyword == 'SOPClassUID' else text}`"
+        elif keyword == "BodyPartExamined":
+            source = "what every MR slice names: their one part; `HEADNECK` for HEAD and NECK slices, HEAD for HEAD and BRAIN; absent where no one term covers the parts"
         elif keyword == "PixelData":
             source = f"the synthetic CT: HU minus the rescale intercept, unsigned, {ds.BitsStored} of {ds.BitsAllocated} bits"
         elif keyword in mr and mr[keyword].value == element.value:
