@@ -178,6 +178,21 @@ def test_a_series_sent_again_with_corrected_headers_is_judged_by_what_they_say_n
         assert [(row.body_part, row.contrast_agent, row.headers_stale, row.instance_count) for row in rows] == [
             ("HEAD", "WITHOUT", False, 4), ("HEAD", "WITHOUT", False, 4)]
 
+def _private_told_three_ways(ds: Dataset, tmp_path, group: int, creator: str, element: int, value: str) -> tuple[list[str], str]:
+    """The contrast of ``ds``, whose private block of ``creator`` holds ``value`` at ``element``: as
+    received (explicit VR), read from an implicit VR file (its private values raw bytes), and from a
+    PACS's JSON where the element comes as UN (InlineBinary); and why, as received."""
+    told, why = contrast(_as_received(ds, tmp_path))
+    implicit = copy.deepcopy(ds)
+    implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    implicit.save_as(tmp_path / "implicit.dcm")
+    as_json = ds.to_json_dict()
+    block = next(key for key in as_json if key.startswith(f"{group:04X}00") and as_json[key]["Value"] == [creator])
+    encoded = value.encode() + b" " * (len(value) % 2)
+    as_json[f"{group:04X}{block[-2:]}{element:02X}"] = {"vr": "UN", "InlineBinary": base64.b64encode(encoded).decode()}
+    return [told, contrast(pydicom.dcmread(tmp_path / "implicit.dcm"))[0], contrast_json(as_json)[0]], why
+
+
 def test_a_siemens_or_philips_single_frame_ssfp_is_told_by_its_sequence_name_not_read_as_t1(mr, tmp_path):
     """A single-frame TrueFISP or CISS (the internal auditory canals, a cine) says what it is only
     by its vendor's name: Siemens' SequenceName stem, Philips' Scanning Technique Description in its
@@ -196,17 +211,8 @@ def test_a_siemens_or_philips_single_frame_ssfp_is_told_by_its_sequence_name_not
         ds = _timed(pydicom.dcmread(mr.files[0]), "GR", "4.2", "2.1", None)
         ds.Manufacturer = "Philips Medical Systems"
         ds.private_block(0x2001, "Philips Imaging DD 001", create=True).add_new(0x20, "LO", technique)
-        told, why = contrast(_as_received(ds, tmp_path))
-        assert told == expected, (technique, why)
-        implicit = copy.deepcopy(ds)
-        implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-        implicit.save_as(tmp_path / "implicit.dcm")
-        assert contrast(pydicom.dcmread(tmp_path / "implicit.dcm"))[0] == expected, technique
-        as_json = ds.to_json_dict()
-        block = next(key for key in as_json if key.startswith("200100") and as_json[key]["Value"] == ["Philips Imaging DD 001"])
-        element = f"2001{block[-2:]}20"
-        as_json[element] = {"vr": "UN", "InlineBinary": base64.b64encode(technique.encode() + b" " * (len(technique) % 2)).decode()}
-        assert contrast_json(as_json)[0] == expected, technique
+        told, why = _private_told_three_ways(ds, tmp_path, 0x2001, "Philips Imaging DD 001", 0x20, technique)
+        assert told == [expected] * 3, (technique, why)
         if expected == "MIXED":
             assert why == f"Philips' Scanning Technique (2001,xx20) {technique}: {PHILIPS_SSFP[technique]}, T2/T1 contrast", why
     ds = _timed(pydicom.dcmread(mr.files[0]), "GR", "4.2", "2.1", None)
@@ -230,18 +236,8 @@ def test_a_ge_fiesta_is_told_by_its_private_pulse_sequence_name_not_read_as_t1(m
     for name, element, expected in (("fiesta", 0x9C, "MIXED"), ("3dfiesta", 0x9C, "MIXED"), ("FIESTA-C", 0x9E, "MIXED"),
                                     ("3D FIESTA", 0x9E, "MIXED"), ("ssfp", 0x9C, "MIXED"), ("efgre3d", 0x9C, "T1"),
                                     ("fspgr", 0x9C, "T1"), ("FSE-XL", 0x9E, "T1")):
-        ds = ge(name, element)
-        told, why = contrast(_as_received(ds, tmp_path))
-        assert told == expected, (name, why)
-        implicit = copy.deepcopy(ds)
-        implicit.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
-        implicit.save_as(tmp_path / "implicit.dcm")
-        assert contrast(pydicom.dcmread(tmp_path / "implicit.dcm"))[0] == expected, name
-        as_json = ds.to_json_dict()
-        block = next(key for key in as_json if key.startswith("001900") and as_json[key]["Value"] == ["GEMS_ACQU_01"])
-        encoded = name.encode() + b" " * (len(name) % 2)
-        as_json[f"0019{block[-2:]}{element:02X}"] = {"vr": "UN", "InlineBinary": base64.b64encode(encoded).decode()}
-        assert contrast_json(as_json)[0] == expected, name
+        told, why = _private_told_three_ways(ge(name, element), tmp_path, 0x0019, "GEMS_ACQU_01", element, name)
+        assert told == [expected] * 3, (name, why)
         if expected == "MIXED":
             label = "Pulse Sequence Name (0019,xx9C)" if element == 0x9C else "Internal Pulse Sequence Name (0019,xx9E)"
             assert why.startswith(f"GE's {label} {name.upper()!r}: ") and why.endswith(", T2/T1 contrast"), why
