@@ -345,7 +345,8 @@ the source MR's Specific Character Set with the patient and study attributes the
 extensions included, with the empty first value Japanese and Korean sites send, e.g.
 `\\ISO 2022 IR 87`); the text mr2ct writes itself is ASCII. Their dates and times are in the MR's
 Timezone Offset From UTC when it has one (copied), else in the node host's local time; date-times
-carry their offset.
+carry their offset, but for an offset of zero (UTC), which dcmtk 3.6.7's reader refuses: they are then
+in the zone the dates and times are in.
 
 ## 5. Security
 

@@ -91,8 +91,14 @@ def copy_timezone(mr: Dataset, target: Dataset) -> None:
 
 
 def date_time(moment: datetime) -> str:
-    """A DT value with its offset from UTC, so that it is read the same anywhere."""
-    return moment.strftime("%Y%m%d%H%M%S%z")
+    """A DT value with its offset from UTC, so that it is read the same anywhere; none where the
+    offset is zero (UTC, or a zone such as London's in winter): dcmtk 3.6.7's check of DT (Debian's,
+    and the DICOM reader of many viewers) takes an offset whose hours are 00 for an invalid value,
+    and its SR reader then refused the whole report (``dsr2xml``: "Invalid Value"). Without one, the
+    value is in the zone of the object's TimezoneOffsetFromUTC (copied from the MR when it names
+    one), else in the local time its dates and times are all written in: the same moment."""
+    value = moment.strftime("%Y%m%d%H%M%S%z")
+    return value[:-5] if value[-5:] in ("+0000", "-0000") else value
 
 
 def contributing_equipment(description: str, when: str | None = None) -> Sequence:

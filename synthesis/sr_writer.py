@@ -16,6 +16,7 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
+from pydicom.valuerep import DT
 
 import synthesis
 from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -109,7 +110,7 @@ def build_provenance_sr(
         item.RelationshipType = "HAS CONCEPT MOD"
         items.append(item)
     processed = local_now(mr_headers[0]).replace(microsecond=0)  # with its offset from UTC
-    items.append(hd.sr.DateTimeContentItem(name=codes.DCM.DatetimeOfProcessing, value=processed, relationship_type="CONTAINS"))
+    items.append(hd.sr.DateTimeContentItem(name=codes.DCM.DatetimeOfProcessing, value=DT(date_time(processed)), relationship_type="CONTAINS"))
     items.append(hd.sr.TextContentItem(name=COMPUTE_DEVICE, value=device_label[:64], relationship_type="CONTAINS"))
     items.append(
         hd.sr.NumContentItem(

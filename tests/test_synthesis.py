@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from io import BytesIO
 from pathlib import Path
 
@@ -375,11 +376,15 @@ def test_the_ct_says_what_the_mr_says_of_position_and_laterality(tiny_model: Pat
 @pytest.mark.parametrize("host_zone, mr_offset, expected_offset", [
     ("Asia/Tokyo", None, "+0900"),  # the MR says no zone: this host's local time, as DICOM reads it
     ("UTC", "-0500", "-0500"),  # the MR names its zone: the sCT's dates and times are written in it
-], ids=["host-local", "mr-offset"])
+    ("UTC", None, ""),  # UTC: date-times without an offset (dcmtk 3.6.7 refuses +0000), local like the rest
+    ("Asia/Tokyo", "+0000", ""),  # the MR's zone is UTC: without one too, read in its TimezoneOffsetFromUTC
+], ids=["host-local", "mr-offset", "host-utc", "mr-utc"])
 def test_the_ct_and_sr_dates_and_times_are_local_like_the_mrs(tiny_model: Path, tmp_path: Path, monkeypatch,
                                                              host_zone, mr_offset, expected_offset) -> None:
     """DICOM dates and times without an offset are local time; a viewer shows the sCT's series time
-    beside the MR's. Until 2026-12-05 they were written in UTC, hours off away from Greenwich."""
+    beside the MR's. Until 2026-12-05 they were written in UTC, hours off away from Greenwich. The
+    SR opens in dcmtk's SR reader (``dsr2xml``), which until 2026-12-06 refused a report written in
+    UTC: its check of DT takes an offset of +0000 for an invalid value."""
     import time as clock
     from datetime import datetime, timedelta, timezone
 
@@ -393,15 +398,19 @@ def test_the_ct_and_sr_dates_and_times_are_local_like_the_mrs(tiny_model: Path, 
     finally:
         monkeypatch.undo()
         clock.tzset()
-    sign = 1 if expected_offset[0] == "+" else -1
-    expected_now = datetime.now(timezone.utc).replace(tzinfo=None) + sign * timedelta(hours=int(expected_offset[1:3]), minutes=int(expected_offset[3:]))
+    offset = expected_offset or "+0000"
+    sign = 1 if offset[0] == "+" else -1
+    expected_now = datetime.now(timezone.utc).replace(tzinfo=None) + sign * timedelta(hours=int(offset[1:3]), minutes=int(offset[3:]))
     ct, sr = pydicom.dcmread(ct_path), pydicom.dcmread(sr_path)
     for ds, keywords in ((ct, ("SeriesDate", "SeriesTime")), (ct, ("ContentDate", "ContentTime")), (sr, ("ContentDate", "ContentTime")),
                          (sr, ("InstanceCreationDate", "InstanceCreationTime"))):
         written = datetime.strptime(ds.data_element(keywords[0]).value + ds.data_element(keywords[1]).value[:6], "%Y%m%d%H%M%S")
         assert abs(written - expected_now) < timedelta(minutes=2), (ds.Modality, keywords, written, expected_now)
-    assert ct.ContributingEquipmentSequence[0].ContributionDateTime.endswith(expected_offset)
-    assert sr.ContributingEquipmentSequence[0].ContributionDateTime.endswith(expected_offset)
+    for when in (ct.ContributingEquipmentSequence[0].ContributionDateTime, sr.ContributingEquipmentSequence[0].ContributionDateTime,
+                 *(item.DateTime for item in sr.ContentSequence if item.ValueType == "DATETIME")):
+        assert len(when) == 14 + len(expected_offset) and when.endswith(expected_offset), when
+    read = subprocess.run(["dsr2xml", str(sr_path)], capture_output=True, text=True, timeout=60)
+    assert read.returncode == 0 and "<report" in read.stdout, read.stderr
     assert ct.get("TimezoneOffsetFromUTC") == mr_offset and sr.get("TimezoneOffsetFromUTC") == mr_offset
     assert str(read_provenance(hd.sr.srread(sr_path)).processed_at) == sr.ContentDate + sr.ContentTime
 
