@@ -305,6 +305,11 @@ def _written_ct_and_sr(tmp_path: Path, tiny_model: Path, edit) -> tuple[Dataset,
     for written in ("ct.dcm", "sr.dcm"):
         errors, _, _ = dciodvfy(tmp_path / written)
         assert errors == [], (written, errors)
+    # and the SR opens in dcmtk's SR reader, as DCMTK-based viewers read it (but for Korean ISO 2022
+    # IR 149, a character set dcmtk 3.6.7 does not know: it reads the SR as if it named none, and stops)
+    if "ISO 2022 IR 149" not in str(source.headers[0].get("SpecificCharacterSet", "")):
+        read = subprocess.run(["dsr2xml", str(tmp_path / "sr.dcm")], capture_output=True, timeout=60)
+        assert read.returncode == 0 and b"<report" in read.stdout, read.stderr.decode(errors="replace")
     return source.headers[0], tmp_path / "ct.dcm", tmp_path / "sr.dcm"
 
 
@@ -409,8 +414,7 @@ def test_the_ct_and_sr_dates_and_times_are_local_like_the_mrs(tiny_model: Path, 
     for when in (ct.ContributingEquipmentSequence[0].ContributionDateTime, sr.ContributingEquipmentSequence[0].ContributionDateTime,
                  *(item.DateTime for item in sr.ContentSequence if item.ValueType == "DATETIME")):
         assert len(when) == 14 + len(expected_offset) and when.endswith(expected_offset), when
-    read = subprocess.run(["dsr2xml", str(sr_path)], capture_output=True, text=True, timeout=60)
-    assert read.returncode == 0 and "<report" in read.stdout, read.stderr
+    # (the SR opens in dcmtk's SR reader: _written_ct_and_sr reads it with dsr2xml)
     assert ct.get("TimezoneOffsetFromUTC") == mr_offset and sr.get("TimezoneOffsetFromUTC") == mr_offset
     assert str(read_provenance(hd.sr.srread(sr_path)).processed_at) == sr.ContentDate + sr.ContentTime
 
