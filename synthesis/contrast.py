@@ -202,11 +202,12 @@ def decide(look: Look, private: Private | None = None) -> tuple[str, str]:
     stem = _SIEMENS_SSFP.match(name)
     if stem:
         return MIXED, f"SequenceName (0018,0024) {name[:24]!r}: Siemens {SIEMENS_SSFP_STEMS[stem.group(1)]}, T2/T1 contrast"
-    # the private block is looked for in a Philips image alone (every C-STORE comes here: ~20 us a scan)
-    technique = private(PHILIPS_GROUP, PHILIPS_CREATOR, PHILIPS_TECHNIQUE) if private and "PHILIPS" in look(MANUFACTURER, None) else ""
+    # a vendor's private block is looked for in its own images alone (every C-STORE comes here)
+    maker = look(MANUFACTURER, None) if private else ""
+    technique = private(PHILIPS_GROUP, PHILIPS_CREATOR, PHILIPS_TECHNIQUE) if private and "PHILIPS" in maker else ""
     if technique in PHILIPS_SSFP:
         return MIXED, f"Philips' Scanning Technique (2001,xx20) {technique}: {PHILIPS_SSFP[technique]}, T2/T1 contrast"
-    if private and look(MANUFACTURER, None).startswith("GE"):  # GE MEDICAL SYSTEMS, GE HEALTHCARE
+    if private and maker.startswith("GE"):  # GE MEDICAL SYSTEMS, GE HEALTHCARE
         for element, label in GE_SEQUENCE_NAMES:
             ge_name = private(GE_ACQUISITION_GROUP, GE_ACQUISITION_CREATOR, element)
             word = next((word for word in GE_SSFP if word in ge_name.replace(" ", "")), None)

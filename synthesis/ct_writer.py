@@ -36,12 +36,9 @@ MANUFACTURER = "mr2ct"
 UID_SCHEME = "slice-uids-from-source"
 RESCALE_INTERCEPT = -1024
 WINDOWS = (("BRAIN", 40.0, 80.0), ("BONE", 600.0, 2800.0))
-# BodyPartExamined's defined terms (PS3.16 Annex L, CID 4031) for a series whose slices name
-# several parts: a head-and-neck MR whose lower slices say NECK; BRAIN slices in a HEAD series
-COMBINED_BODY_PARTS = {frozenset({"HEAD", "NECK"}): "HEADNECK", frozenset({"HEAD", "NECK", "HEADNECK"}): "HEADNECK",
-                       frozenset({"HEAD", "HEADNECK"}): "HEADNECK", frozenset({"NECK", "HEADNECK"}): "HEADNECK",
-                       frozenset({"BRAIN", "HEAD"}): "HEAD", frozenset({"BRAIN", "HEAD", "NECK"}): "HEADNECK",
-                       frozenset({"BRAIN", "NECK"}): "HEADNECK", frozenset({"BRAIN", "HEADNECK"}): "HEADNECK"}
+# BodyPartExamined's parts of a head and neck, and the defined term (PS3.16 Annex L, CID 4031) for
+# a series whose slices name several of them: HEADNECK where any says NECK (or HEADNECK), else HEAD
+HEAD_AND_NECK_PARTS, NECK_PARTS = frozenset({"HEAD", "BRAIN", "NECK", "HEADNECK"}), frozenset({"NECK", "HEADNECK"})
 
 PATIENT_STUDY_KEYWORDS = (
     "SpecificCharacterSet", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
@@ -195,7 +192,7 @@ class SyntheticCTSeries:
         ds.SeriesDate, ds.SeriesTime = date, time
         # the MR's, or empty (unknown, as type 2 allows): a planning system reads it, so it is never guessed
         ds.PatientPosition = first.get("PatientPosition", "") or ""
-        body_part = self._body_part()
+        body_part = self._body_part
         if body_part:
             ds.BodyPartExamined = body_part
         if "Laterality" in first:  # the same anatomy as the MR's
@@ -229,14 +226,17 @@ class SyntheticCTSeries:
         ds.WindowCenterWidthExplanation = [w[0] for w in WINDOWS]
         return ds
 
+    @cached_property
     def _body_part(self) -> str:
         """BodyPartExamined (a series-level attribute) for what every MR slice names: that part
-        where they name one, DICOM's term for both where they name a head and a
-        neck (HEADNECK), '' (not said) where they name parts no one term covers (the SR names them)."""
+        where they name one, HEADNECK where they name a head (or brain) and a neck, HEAD for a head
+        and a brain, '' (not said) where no one term covers the parts (the SR names them all)."""
         parts = set(parts_named(series_body_part(self.source.headers))) - {UNKNOWN}
-        if len(parts) == 1:
-            return parts.pop()
-        return COMBINED_BODY_PARTS.get(frozenset(parts), "")
+        if len(parts) <= 1:
+            return parts.pop() if parts else ""
+        if parts <= HEAD_AND_NECK_PARTS:
+            return "HEADNECK" if parts & NECK_PARTS else "HEAD"
+        return ""
 
     def _varying(self, index: int) -> Dataset:
         """The elements that differ from slice to slice: identity, source reference, position, pixels."""
