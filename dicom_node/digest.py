@@ -23,8 +23,8 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_sequence
-from pydicom.sequence import Sequence
 from pydicom.filewriter import correct_ambiguous_vr, write_data_element
+from pydicom.sequence import Sequence
 
 PIXEL_DATA = 0x7FE00010
 EXPLICIT_BIG_ENDIAN = "1.2.840.10008.1.2.2"
@@ -35,8 +35,9 @@ SCHEME = b"mr2ct-instance-digest-1"  # a change of what is digested changes this
 
 def instance_digest(ds: Dataset) -> str:
     """The SHA-256 (hex) of ``ds``'s content (see the module's docstring). Reads pixels through
-    ``ds.pixel_array`` (pydicom keeps the array for whoever reads it next); converts raw elements
-    to values as reading them would. Never raises for a data set pydicom could read: what cannot be
+    ``ds.pixel_array`` (pydicom keeps the array for whoever reads it next); a little-endian raw
+    element is taken as its bytes, a sequence (and, in big endian, any element) converted as reading
+    it would. Never raises for a data set pydicom could read: what cannot be
     converted is digested as its bytes (reading the series says what is wrong with it)."""
     whole = hashlib.sha256(SCHEME)
     little_endian = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "")) != EXPLICIT_BIG_ENDIAN
