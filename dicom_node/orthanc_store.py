@@ -105,7 +105,7 @@ class OrthancStore:
     def _says_the_same(self, instance_id: str, data: bytes) -> bool:
         """Whether the copy Orthanc holds says what ``data`` says (False when either cannot be read)."""
         try:
-            held = self.client.instances.get_file(instance_id)
+            held = self.instance_file(instance_id)
             return instance_digest(dcmread(BytesIO(held))) == instance_digest(dcmread(BytesIO(data)))
         except Exception:  # noqa: BLE001 (unreadable, or gone meanwhile: replaced as any other copy)
             return False

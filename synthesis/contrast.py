@@ -26,11 +26,12 @@ The rule, first answer wins:
    whose stem names one (``*tfi`` TrueFISP, ``*ci`` CISS, ``*fi`` FISP, ``*ps``/``*psif`` PSIF,
    ``*de`` DESS, followed by 2d or 3d; ``*tfl``, turboFLASH, and ``*fl``, FLASH, are spoiled and go on)
    and, where the Manufacturer says Philips, its Scanning Technique Description (2001,xx20, creator
-   "Philips Imaging DD 001") B-FFE, B-TFE or T2-FFE (vendor names read since 2026-12-06, later the same day), and, where
-   it says GE, a Pulse Sequence Name or Internal Pulse Sequence Name (0019,xx9C/xx9E, creator
-   "GEMS_ACQU_01") holding FIESTA (FIESTA-C, 3D FIESTA) or SSFP (since 2026-12-06, evening). A steady-state free precession
-   image is bright where T2/T1 is high (CSF, fat, blood); its TR and TE are a few milliseconds,
-   which the timing below reads as T1, and a T1 model's sCT reads its bright CSF as bone.
+   "Philips Imaging DD 001") B-FFE, B-TFE or T2-FFE (vendor names read since 2026-12-06, later the
+   same day), and, where it says GE, a Pulse Sequence Name or Internal Pulse Sequence Name
+   (0019,xx9C/xx9E, creator "GEMS_ACQU_01") holding FIESTA (FIESTA-C, 3D FIESTA) or SSFP (since
+   2026-12-06, evening). A steady-state free precession image is bright where T2/T1 is high (CSF,
+   fat, blood); its TR and TE are a few milliseconds, which the timing below reads as T1, and a T1
+   model's sCT reads its bright CSF as bone.
    Scanners write MIXED as the Acquisition Contrast of such a sequence, which went on to the
    timing and read T1 until this step was added (2026-12-06). (SequenceVariant SS alone is not
    read: a spoiled gradient echo is a steady state too, and not every vendor writes SP, spoiled.)
@@ -53,8 +54,9 @@ The rule, first answer wins:
 What the rule does not see: fat suppression (a separate answer below), a steady-state free
 precession or time-of-flight series whose single-frame header says neither (no Angio Flag, no
 TRSS, no Siemens, Philips or GE name above: read as T1; GE's names are read where its headers
-dumped in public put them, not checked against a real FIESTA series), and anything but the instance it is given (the node and the pull combine every
-instance's answer: ``with_other_contrast``). ``UNKNOWN`` says the header did not tell; the node refuses such a series unless a site
+dumped in public put them, not checked against a real FIESTA series), and anything but the
+instance it is given (the node and the pull combine every instance's answer:
+``with_other_contrast``). ``UNKNOWN`` says the header did not tell; the node refuses such a series unless a site
 lists UNKNOWN.
 
 Whether a contrast agent was given is a second answer (``contrast_agent``; the node's
