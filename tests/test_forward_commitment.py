@@ -204,7 +204,9 @@ def test_an_original_the_destination_never_commits_is_given_up_after_forward_max
                   60, "the original never committed was not given up")
             time.sleep(4)  # the forwarder's passes and retention's rounds: it is neither routed again nor deleted
             lost = seen["requests"][0][0]
-            assert seen["stored"].count(lost) == 2 and len(seen["requests"]) == 2
+            # routed twice and asked for twice, then given up (the two originals may be asked for in
+            # one request or, when the second reached the spool after the first pass, in two)
+            assert seen["stored"].count(lost) == 2 and sum(lost in asked for asked in seen["requests"]) == 2, seen["requests"]
             rows = {r.sop_instance_uid: r for r in _rows(url)}
             assert rows[lost].forward_next_at is None and rows[lost].purged_at is None and Path(rows[lost].path).is_file()
             assert all(r.purged_at for uid, r in rows.items() if uid != lost)  # the committed one went
