@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pydicom
 from sqlalchemy import func, or_, select, update
@@ -28,12 +28,11 @@ from dicom_node.orthanc_store import OrthancStore
 from dicom_node.outcomes import mark_due_for_job
 from dicom_node.retention import purged_reason
 from dicom_node.spool import Spool
-from synthesis.ct_writer import SyntheticCTSeries
 from synthesis.errors import InvalidInstance, Mr2ctError, PacsUnavailable, SeriesNotUsable, StorageIncomplete, Stopped
-from synthesis.infer import DeviceChoice, synthesize, synthesize_volume
-from synthesis.model_file import LoadedModel
-from synthesis.sr_writer import build_provenance_sr
-from synthesis.volume import assemble
+
+if TYPE_CHECKING:  # the pipeline (torch, highdicom) is imported by the Worker that runs it, not by the SCP or API processes
+    from synthesis.infer import DeviceChoice
+    from synthesis.model_file import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -226,6 +225,7 @@ class Worker:
         unless compiling (which is per input shape), the model's first forward on this device."""
         import numpy as np
 
+        from synthesis.infer import synthesize
         from synthesis.sr_writer import warm_up as warm_up_sr
 
         started = time.perf_counter()
@@ -290,6 +290,11 @@ class Worker:
         return False
 
     def _run_job(self, job_id: int, lost: threading.Event, shutdown: threading.Event, progress: Progress) -> None:
+        from synthesis.ct_writer import SyntheticCTSeries
+        from synthesis.infer import synthesize_volume
+        from synthesis.sr_writer import build_provenance_sr
+        from synthesis.volume import assemble
+
         started = time.perf_counter()
         try:
             self.refresh_model()
