@@ -88,7 +88,7 @@ def test_three_workers_synthesize_twelve_series_exactly_once(postgres, orthanc, 
                            headers={"Authorization": f"Bearer {token}"}, timeout=30).json()
         assert listed["total"] == 12
         # torch is loaded by the processes that synthesize, not by the SCP and API ones (each starts
-        # ~2.7 s sooner and holds ~220 MB less without it), after all they did above
+        # ~1.5 s sooner and holds ~200 MB less without it), after all they did above
         holds_torch = [(server.role, _holds_torch(server.proc.pid)) for server in processes]
         assert holds_torch == [("scp", False), ("worker", True), ("worker", True), ("worker", True), ("api", False)], holds_torch
     finally:
