@@ -978,6 +978,8 @@ def pull(
                        for key, option, what, chosen in with_without if chosen != "any")
     refreshed = (f", fetched again {counts['refreshed']} that an earlier pull cached in their acquired plane (now the axial slices "
                  "the node synthesizes)") if counts["refreshed"] else ""
+    refreshed += (f", fetched again {counts['changed']} of which the PACS now holds another number of instances than the cache "
+                  "was made of") if counts["changed"] else ""
     typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']}{refreshed}, left out "
                f"{counts['synthetic']} synthetic (Synthetic Data YES, e.g. mr2ct's own sCTs), {counts['localizer']} localizer(s) (ImageType "
                f"LOCALIZER, e.g. CT topograms), {counts['mosaic']} mosaic(s) (ImageType MOSAIC: a volume's slices tiled in one "
@@ -1026,7 +1028,9 @@ def pull_pairs(
         typer.echo("mr2ct: no patient on the PACS has both an MR and a CT series matching these filters", err=True)
         raise typer.Exit(2)
     typer.echo(f"{counts['patients']} patient(s) with MR and CT: {counts['found']} series, fetched {counts['fetched']}, "
-               f"already there {counts['skipped']} -> {out}\nscore a model on them: mr2ct evaluate --pairs {out}")
+               f"already there {counts['skipped']}"
+               + (f", fetched again {counts['changed']} of which the PACS now holds another number of instances" if counts["changed"] else "")
+               + f" -> {out}\nscore a model on them: mr2ct evaluate --pairs {out}")
 
 
 @tokens_app.command("create")

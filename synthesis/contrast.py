@@ -56,8 +56,8 @@ precession or time-of-flight series whose single-frame header says neither (no A
 TRSS, no Siemens, Philips or GE name above: read as T1; GE's names are read where its headers
 dumped in public put them, not checked against a real FIESTA series), and anything but the
 instance it is given (the node and the pull combine every instance's answer:
-``with_other_contrast``). ``UNKNOWN`` says the header did not tell; the node refuses such a series unless a site
-lists UNKNOWN.
+``with_other_contrast``). ``UNKNOWN`` says the header did not tell; the node refuses such a
+series unless a site lists UNKNOWN.
 
 Whether a contrast agent was given is a second answer (``contrast_agent``; the node's
 ``select_contrast_agent``): a post-gadolinium T1 is still T1 by its timing, but its vessels, dura,

@@ -105,7 +105,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
     with _in_the_pacs(orthanc, [*sct.files, *broken.files, *topogram.files]):
         cache_dir = tmp_path / "cache"
         counts = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("CT")], username=orthanc.username, password=orthanc.password)
-        assert counts == {"found": 3 + 1 + 3, "fetched": 4, "skipped": 0, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1, "refreshed": 0, "contrast": 0,
+        assert counts == {"found": 3 + 1 + 3, "fetched": 4, "skipped": 0, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1, "refreshed": 0, "changed": 0, "contrast": 0,
                           "contrast_agent": 0, "fat_suppression": 0}
         cache = DatasetCache(cache_dir)
         assert not {sct.series_uid, broken.series_uid, topogram.series_uid} & cache.known()
@@ -113,7 +113,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         assert "two or more slices share one position" in cache.left_out()[broken.series_uid]
         with dicomweb_proxy(orthanc) as (url, asked, _refused):
             again = pull(url, cache_dir, [PullFilter("CT")])
-        assert again == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1, "refreshed": 0, "contrast": 0,
+        assert again == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1, "refreshed": 0, "changed": 0, "contrast": 0,
                           "contrast_agent": 0, "fat_suppression": 0}
         assert metadata_asked(asked) == [] and not any(uid in path for path in asked
                                                       for uid in (sct.series_uid, broken.series_uid, topogram.series_uid))
@@ -130,7 +130,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         more = pull(f"{orthanc.url}/dicom-web", tmp_path / "limited", [PullFilter("CT", limit=5)],
                     username=orthanc.username, password=orthanc.password, progress=False)
         assert more == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1,
-                        "refreshed": 0, "contrast": 0, "contrast_agent": 0, "fat_suppression": 0}  # looked at all: the PACS has no 5th
+                        "refreshed": 0, "changed": 0, "contrast": 0, "contrast_agent": 0, "fat_suppression": 0}  # looked at all: the PACS has no 5th
 
 
 def test_a_siemens_mosaic_and_phase_images_are_left_out_before_their_pixels_are_fetched(orthanc, tmp_path):
@@ -169,7 +169,7 @@ def test_a_siemens_mosaic_and_phase_images_are_left_out_before_their_pixels_are_
     with _in_the_pacs(orthanc, [f for series in left for f in series.files]), dicomweb_proxy(orthanc) as (url, asked, _refused):
         counts = pull(url, tmp_path / "cache", [PullFilter("MR", description="ep2d|field_map")], progress=False)
     assert counts == {"found": 5, "fetched": 0, "skipped": 0, "synthetic": 0, "localizer": 0, "mosaic": 1, "phase": 2, "complex": 1, "dixon": 1,
-                      "unusable": 0, "refreshed": 0, "contrast": 0, "contrast_agent": 0, "fat_suppression": 0}
+                      "unusable": 0, "refreshed": 0, "changed": 0, "contrast": 0, "contrast_agent": 0, "fat_suppression": 0}
     assert DatasetCache(tmp_path / "cache").left_out() == {bold.series_uid: "mosaic", phase.series_uid: "phase", ge[1].series_uid: "phase",
                                                            ge[2].series_uid: "complex", fat.series_uid: "dixon"}
     fetched = [path for path in asked if "/instances/" in path and not path.endswith("/metadata")
@@ -441,6 +441,50 @@ def test_filters_and_limits_narrow_the_pull(cohort_in_orthanc, orthanc, tmp_path
     parts = {part: pull(f"{orthanc.url}/dicom-web", tmp_path / f"b{part}", [PullFilter("CT", body_part=part)], username=orthanc.username,
                         password=orthanc.password, progress=False)["fetched"] for part in ("HEAD", "PELVIS")}
     assert parts == {"HEAD": 4, "PELVIS": 0}
+
+
+def test_a_series_pulled_while_it_was_arriving_is_fetched_again_whole_when_the_pacs_holds_more(orthanc, tmp_path):
+    """A pull that ran while the scanner was still sending cached half a series. The next pull sees
+    the PACS hold more instances of it than the cache was made of (QIDO's Number of Series Related
+    Instances against the count the manifest line records) and fetches it again whole, in place of
+    the half; a slice deleted in the PACS since is followed the same way. A series whose count did
+    not change is not fetched again."""
+    import numpy as np
+
+    from training.phantom_dicom import write_mr_series
+
+    series = write_mr_series(tmp_path / "mr", seed=81, slices=6, size=32, pixel_spacing=8.0, slice_spacing=5.0, patient_id="PHGROW1",
+                             series_description="GROWING phantom")
+    cache_dir, flt = tmp_path / "cache", [PullFilter("MR", description="GROWING")]
+
+    def cached() -> tuple[dict, int]:
+        (entry,) = DatasetCache(cache_dir).entries()
+        assert sorted(p.name for p in cache_dir.glob("*.npz")) == [entry["shard"]]  # the shard it replaced is gone
+        return entry, np.load(cache_dir / entry["shard"])["slices"].shape[0]
+
+    with _in_the_pacs(orthanc, series.files[:3]):
+        first = pull(f"{orthanc.url}/dicom-web", cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)
+        assert first["fetched"] == 1
+        entry, slices = cached()
+        assert (entry["instances"], entry["slices"], slices) == (3, 3, 3)
+        for path in series.files[3:]:  # the rest of the series reaches the PACS
+            requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), auth=orthanc.auth, timeout=30).raise_for_status()
+        said = subprocess.run([*MR2CT, "pull", "--url", f"{orthanc.url}/dicom-web", "--cache", str(cache_dir), "--modality", "MR",
+                               "--description", "GROWING", "--username", orthanc.username, "--password", orthanc.password],
+                              capture_output=True, text=True, timeout=120)
+        assert said.returncode == 0, said.stderr[-2000:]
+        assert "fetched 0, already cached 0, fetched again 1 of which the PACS now holds another number of instances" in said.stdout
+        entry, slices = cached()
+        assert (entry["instances"], entry["slices"], slices) == (6, 6, 6)
+        again = pull(f"{orthanc.url}/dicom-web", cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)
+        assert (again["skipped"], again["changed"], again["fetched"]) == (1, 0, 0)
+        last = requests.post(f"{orthanc.url}/tools/lookup", data=str(pydicom.dcmread(series.files[-1]).SOPInstanceUID),
+                             auth=orthanc.auth, timeout=30).json()[0]["ID"]
+        requests.delete(f"{orthanc.url}/instances/{last}", auth=orthanc.auth, timeout=30).raise_for_status()
+        fewer = pull(f"{orthanc.url}/dicom-web", cache_dir, flt, username=orthanc.username, password=orthanc.password, progress=False)
+        assert (fewer["skipped"], fewer["changed"], fewer["fetched"]) == (0, 1, 0)
+        entry, slices = cached()
+        assert (entry["instances"], slices) == (5, 5)
 
 
 def test_wrong_password_and_unreachable_pacs_say_so(orthanc, tmp_path):

@@ -65,7 +65,7 @@ def test_pull_pairs_fetches_whole_pairs_that_evaluate_scores_as_the_files_on_dis
     out = tmp_path / "pairs"
     counts = pull_pairs(f"{orthanc.url}/dicom-web", out, PairsFilter(), username=orthanc.username, password=orthanc.password)
     # Two patients with MR and CT: 2 series for the one-frame pair, 3 (with the registration) for the other.
-    assert counts == {"patients": 2, "found": 5, "fetched": 5, "skipped": 0}
+    assert counts == {"patients": 2, "found": 5, "fetched": 5, "skipped": 0, "changed": 0}
     names = [p.relative_to(out).as_posix() for p in out.rglob("*")]
     assert not any(pid in name for name in names for pid in PATIENT_IDS)  # folders named by salted hash and UID
     assert sum(1 for p in out.rglob("*.dcm")) == 4 + 4 + 4 + 4 + 1
@@ -81,7 +81,7 @@ def test_pull_pairs_fetches_whole_pairs_that_evaluate_scores_as_the_files_on_dis
     assert pulled["left_out"] == []  # only pairs came (no MR-only, CT-only or sCT series), and the folder's salt is not taken for an image
 
     again = pull_pairs(f"{orthanc.url}/dicom-web", out, PairsFilter(), username=orthanc.username, password=orthanc.password)
-    assert again == {"patients": 2, "found": 5, "fetched": 0, "skipped": 5}
+    assert again == {"patients": 2, "found": 5, "fetched": 0, "skipped": 5, "changed": 0}
 
 
 def test_pull_pairs_replaces_a_half_fetched_series_left_by_an_interrupted_run(hospital, tmp_path):
@@ -99,6 +99,31 @@ def test_pull_pairs_replaces_a_half_fetched_series_left_by_an_interrupted_run(ho
     assert counts["fetched"] == 1 and counts["skipped"] == counts["found"] - 1
     assert (series / "00000.dcm").is_file() and len(list(series.glob("*.dcm"))) == 4
     assert not staged.parent.exists()
+
+
+def test_pull_pairs_fetches_again_a_series_of_which_the_pacs_holds_more_than_the_folder(hospital, tmp_path):
+    """A pull that ran while the scanner was still sending got part of a series; the PACS now holds
+    all of it. The next pull sees the PACS's count differ from the folder's and fetches the series
+    again whole in its place (evaluate then scores the whole series); series whose count agrees
+    are not fetched again. Old files a stopped run left beside the folder go at the next run."""
+    orthanc, _, _ = hospital
+    out = tmp_path / "pairs"
+    pull_pairs(f"{orthanc.url}/dicom-web", out, PairsFilter(), username=orthanc.username, password=orthanc.password)
+    series = next(s for s in sorted(out.glob("*/*")) if len(list(s.glob("*.dcm"))) == 4)
+    last = sorted(series.glob("*.dcm"))[-1]
+    wanted = pydicom.dcmread(last).SOPInstanceUID
+    last.unlink()  # as a pull made before the last slice reached the PACS would have left it
+    stale = tmp_path / ".pairs.partial" / "1.2.3.replaced"
+    stale.mkdir(parents=True)
+    (stale / "00000.dcm").write_bytes(b"left by a stopped run")
+    said = subprocess.run([*MR2CT, "pull-pairs", "--url", f"{orthanc.url}/dicom-web", "--out", str(out),
+                           "--username", orthanc.username, "--password", orthanc.password], capture_output=True, text=True, timeout=120)
+    assert said.returncode == 0, said.stderr[-2000:]
+    assert "fetched 0, already there 4, fetched again 1 of which the PACS now holds another number of instances" in said.stdout
+    assert len(list(series.glob("*.dcm"))) == 4 and wanted in {pydicom.dcmread(p).SOPInstanceUID for p in series.glob("*.dcm")}
+    assert not (tmp_path / ".pairs.partial").exists()  # nothing left beside the folder
+    again = pull_pairs(f"{orthanc.url}/dicom-web", out, PairsFilter(), username=orthanc.username, password=orthanc.password)
+    assert again == {"patients": 2, "found": 5, "fetched": 0, "skipped": 5, "changed": 0}
 
 
 def test_pull_pairs_command_filters_and_says_what_is_wrong(hospital, tmp_path):
@@ -157,7 +182,7 @@ def test_only_the_cts_a_pull_may_take_are_asked_whether_they_are_synthetic(hospi
     assert first["patients"] == 2 and sorted(metadata_asked(asked)) == sorted(ct_of.values())  # every CT beside an MR, once
     with dicomweb_proxy(orthanc) as (url, asked, _refused):
         again = pull_pairs(url, out, PairsFilter())
-    assert again == {"patients": 2, "found": 5, "fetched": 0, "skipped": 5}
+    assert again == {"patients": 2, "found": 5, "fetched": 0, "skipped": 5, "changed": 0}
     assert metadata_asked(asked) == [ct_of["PULLSCT"]]  # only the sCT, which no run fetches
 
     with dicomweb_proxy(orthanc) as (url, asked, _refused):

@@ -132,10 +132,21 @@ def _search_series(client: DICOMwebClient, url: str, search: dict[str, Any]) -> 
     try:
         return client.search_for_series(
             search_filters=search, limit=None, get_remaining=True,
-            fields=["SeriesDescription", "PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality"],
+            fields=["SeriesDescription", "PatientID", "IssuerOfPatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+                    "NumberOfSeriesRelatedInstances"],
         )
     except Exception as exc:
         raise _pacs_error(url, exc) from exc
+
+
+def _pacs_instances(attrs: dict[str, Any]) -> int | None:
+    """How many instances the PACS holds of a series (Number of Series Related Instances, which
+    PS3.18 has a series search answer; Orthanc's does); None where its answer does not say."""
+    value = (attrs.get("00201209") or {}).get("Value") or []
+    try:
+        return int(value[0]) if value else None
+    except (TypeError, ValueError):
+        return None
 
 
 def _series_query(modality: str, flt: "PullFilter | PairsFilter") -> dict[str, Any]:
@@ -268,7 +279,10 @@ def pull(
     already, synthetic, localizer, mosaic, phase, complex and dixon: left out, unusable: fetched and left out, as they
     make no volume, such as a localizer of three planes, with the reason in the log and the cache;
     refreshed: fetched again, as the cache held them in another plane than the node's, see
-    ``DatasetCache.outdated``; contrast: MR series of a contrast the filter's ``contrasts`` does not
+    ``DatasetCache.outdated``; changed: fetched again, as the PACS holds another number of
+    instances of them than the cache was made of (a series pulled while it was still arriving, a
+    slice added or deleted since: a manifest line records the instances its shard was made of,
+    since 2026-12-06; lines written before say nothing and are not compared); contrast: MR series of a contrast the filter's ``contrasts`` does not
     take, told by the same first instance's metadata, ``synthesis.contrast``: a T1 model's MR pool
     with T2 and FLAIR heads in it learns a mix of both; a fetched MR series' manifest line records
     its contrast); contrast_agent: MR series the filter's ``contrast_agents`` does not take by whether
@@ -284,20 +298,24 @@ def pull(
     cache = DatasetCache(cache_dir)
     client = _client(url, username, password, timeout, attempts)
     entries, left_out, headers_read = cache.entries(), cache.left_out(), cache.headers_read()  # the manifest read once
-    known = {e["series_uid"] for e in entries}
+    cached = {e["series_uid"]: e for e in entries}
+    known = set(cached)
     outdated = {e["series_uid"]: e["shard"] for e in entries if acquired_before_planes(e)}  # and the shard each refresh replaces
+    changed: set[str] = set()  # cached series fetched again because the PACS holds another number of their instances
     plans: list[tuple[PullFilter, list[dict[str, Any]]]] = []
     for flt in filters:
         found = _search_series(client, url, _series_query(flt.modality, flt))
         plans.append((flt, [a for a in found if not flt.description or re.search(flt.description, _value(a, "0008103E"), re.IGNORECASE)]))
 
     def dropped(series_uid: str, outcome: str) -> str:
-        """A series left out: one cached as acquired before (and fetched again to be resliced) goes
-        from the cache too; its line no longer counts (``DatasetCache.entries``), its shard is deleted."""
+        """A series left out: one cached as acquired before (and fetched again to be resliced), or
+        fetched again as the PACS holds another number of its instances, goes from the cache too;
+        its line no longer counts (``DatasetCache.entries``), its shard is deleted."""
         shard = outdated.pop(series_uid, None)
         if shard is not None:
             (cache.root / shard).unlink(missing_ok=True)
-            log.warning("dropped series=%s from the cache: cached as acquired before, now left out", series_uid)
+            log.warning("dropped series=%s from the cache: %s, now left out", series_uid,
+                        "its instances in the PACS changed" if series_uid in changed else "cached as acquired before")
         return outcome
 
     def take(flt: PullFilter, attrs: dict[str, Any]) -> str:
@@ -308,7 +326,12 @@ def pull(
             return "malformed"
         study_uid, series_uid = uids
         if series_uid in known and series_uid not in outdated:
-            return "skipped"
+            held, now = cached[series_uid].get("instances"), _pacs_instances(attrs)
+            if held is None or now is None or held == now:
+                return "skipped"
+            log.info("fetching again series=%s: the PACS holds %d instances of it, the cache was made of %d", series_uid, now, held)
+            outdated[series_uid] = cached[series_uid]["shard"]  # replaced like a refresh, or dropped if it is left out now
+            changed.add(series_uid)
 
         def not_taken(said: dict[str, str]) -> str | None:
             """The key of the filter that does not take what a series' headers ``said``, if one does not."""
@@ -383,8 +406,10 @@ def pull(
             slices = mr_to_unit(voxels).astype(np.float16)
         else:
             slices = np.clip(np.rint(voxels), -1024, 3071).astype(np.int16)
-        # a resliced series' shard has its own name: one cached as acquired before stays whole until the new line is written
-        shard = hashlib.sha256(series_uid.encode()).hexdigest()[:24] + ("" if reslice is None else "-axial") + ".npz"
+        # a resliced series' shard has its own name, as has one fetched again for its instances: the shard the
+        # manifest's line names stays whole until the new line is written
+        shard = (hashlib.sha256(series_uid.encode()).hexdigest()[:24] + ("" if reslice is None else "-axial")
+                 + (f"-{len(datasets)}" if series_uid in changed else "") + ".npz")
         cache.add(
             {
                 "series_uid": series_uid, "modality": flt.modality, "patient_key": key, "split": split_of(key, validation_fraction),
@@ -392,19 +417,22 @@ def pull(
                 "pixel_spacing": list(pixel_spacing), "slice_spacing": round(abs(slice_spacing), 4),
                 "orientation": [round(v, 6) for v in volume.orientation], "plane": plane,
                 **({"contrast": told} if told else {}), **({"contrast_agent": given, "fat_suppression": fat} if given else {}),
-                "body_part": part,
+                "body_part": part, "instances": len(datasets),
             },
             slices,
             replaces=outdated.get(series_uid),
         )
         known.add(series_uid)
         if outdated.pop(series_uid, None) is not None:
+            if series_uid in changed:
+                log.info("cached again series=%s: %d instances", series_uid, len(datasets))
+                return "changed"
             log.info("cached again series=%s: %s (was as acquired)", series_uid, plane)
             return "refreshed"
         return "fetched"
 
-    counts = {"found": 0, "fetched": 0, "skipped": 0, SYNTHETIC: 0, **dict.fromkeys(KINDS, 0), "unusable": 0, "refreshed": 0, "contrast": 0,
-              "contrast_agent": 0, "fat_suppression": 0}
+    counts = {"found": 0, "fetched": 0, "skipped": 0, SYNTHETIC: 0, **dict.fromkeys(KINDS, 0), "unusable": 0, "refreshed": 0, "changed": 0,
+              "contrast": 0, "contrast_agent": 0, "fat_suppression": 0}
     wanted = [len(matched) if flt.limit is None else min(flt.limit, len(matched)) for flt, matched in plans]
     bar = progress_bar(total=sum(wanted), desc="pull", unit="series", show=progress)
     with bar:
@@ -414,7 +442,7 @@ def pull(
                 if taken == want:
                     break
                 outcome = take(flt, attrs)
-                if outcome in ("fetched", "skipped", "refreshed"):
+                if outcome in ("fetched", "skipped", "refreshed", "changed"):
                     taken += 1
                 elif looked + want - taken <= len(matched):  # left out, and the limit takes one more in its place
                     bar.total += 1
@@ -495,10 +523,15 @@ def pull_pairs(
     series missing. ``limit`` takes that many patients in the order of their salted hash (a
     fixed, arbitrary draw for a folder). Whether a CT is synthetic costs two requests (QIDO does
     not carry it): asked only of the CTs of the patients taken, and not of those already in the
-    folder. Returns counts (patients, found, fetched, skipped)."""
+    folder. A series in the folder of which the PACS holds another number of instances than the
+    folder does (fetched while it was still arriving, a slice added or deleted since) is fetched
+    again whole and replaces it. Returns counts (patients, found, fetched, skipped, changed: fetched
+    again so)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial"  # outside the folder: evaluate never sees half a series
+    for replaced in staging.glob("*.replaced"):  # a series fetched again, its old files not deleted when the run stopped
+        shutil.rmtree(replaced)
     salt = folder_salt(out_dir / ".salt")  # hidden: evaluate --pairs reads every other file as DICOM
     client = _client(url, username, password, timeout, attempts)
     by_patient: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
@@ -522,7 +555,7 @@ def pull_pairs(
         registrations = _search_series(client, url, {"Modality": SPATIAL_REGISTRATION_MODALITY, "PatientID": pid})
         registrations = [a for a in registrations if _value(a, "00100021") == issuer]
         todo.extend((key, attrs) for attrs in [*found["MR"], *found["CT"], *registrations])
-    counts = {"patients": len(keyed), "found": len(todo), "fetched": 0, "skipped": 0}
+    counts = {"patients": len(keyed), "found": len(todo), "fetched": 0, "skipped": 0, "changed": 0}
     bar = progress_bar(todo, desc="pull pairs", unit="series", show=progress)
     for key, attrs in bar:
         uids = _series_uids(attrs)
@@ -533,8 +566,11 @@ def pull_pairs(
         study_uid, series_uid = uids
         target = out_dir / key / series_uid
         if target.is_dir():
-            counts["skipped"] += 1
-            continue
+            held, now = sum(1 for _ in target.glob("*.dcm")), _pacs_instances(attrs)
+            if now is None or now == held:
+                counts["skipped"] += 1
+                continue
+            log.info("fetching again series=%s: the PACS holds %d instances of it, the folder %d", series_uid, now, held)
         partial = staging / series_uid
         if partial.exists():
             shutil.rmtree(partial)
@@ -545,6 +581,13 @@ def pull_pairs(
         except requests.RequestException as exc:
             raise _pacs_error(url, exc) from exc
         target.parent.mkdir(exist_ok=True)
+        if target.is_dir():  # the series as the PACS holds it now takes the place of the one fetched before
+            replaced = staging / f"{series_uid}.replaced"
+            target.rename(replaced)
+            partial.rename(target)
+            shutil.rmtree(replaced)
+            counts["changed"] += 1
+            continue
         partial.rename(target)
         counts["fetched"] += 1
     if staging.is_dir() and not any(staging.iterdir()):
