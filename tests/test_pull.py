@@ -277,10 +277,21 @@ def test_every_instance_of_a_fetched_mr_series_is_read_as_the_node_reads_it(orth
         again = pull(url, cache, t1_only, progress=False, validation_fraction=0.0)
         assert (again["fetched"], again["skipped"], again["contrast"]) == (0, 1, 1), again
         assert not [path for path in asked if mixed.series_uid in path], asked
-        taking_mixed = pull(url, cache, [PullFilter("MR", description="^every ", contrasts=("T1", "MIXED"))], progress=False, validation_fraction=0.0)
+        taking_mixed = pull(url, cache, [PullFilter("MR", description="^every ", contrasts=("T1", "MIXED"))], progress=False,
+                            validation_fraction=0.0)
         assert (taking_mixed["fetched"], taking_mixed["skipped"]) == (1, 1), taking_mixed  # a pull that takes it fetches it
+        assert DatasetCache(cache).headers_read()[mixed.series_uid] == {"contrast": "MIXED", "contrast_agent": "WITHOUT",
+                                                                        "fat_suppression": "WITHOUT", "instances": 4}
+        # the T2 slices deleted in the PACS (sent into the wrong series): what is left is read again, and is T1
+        t1_cache = tmp_path / "t1-cache"
+        assert pull(url, t1_cache, t1_only, progress=False)["contrast"] == 1
+        for path in sorted(mixed.files, key=lambda p: pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber)[2:]:
+            found = requests.post(f"{orthanc.url}/tools/lookup", data=str(pydicom.dcmread(path).SOPInstanceUID), auth=orthanc.auth, timeout=30)
+            requests.delete(f"{orthanc.url}/instances/{found.json()[0]['ID']}", auth=orthanc.auth, timeout=30).raise_for_status()
+        corrected = pull(url, t1_cache, t1_only, progress=False)
+        assert (corrected["fetched"], corrected["skipped"], corrected["contrast"]) == (1, 1, 0), corrected
     entry = {e["series_uid"]: e for e in DatasetCache(cache).entries()}[neck.series_uid]
-    assert entry["contrast"] == "T1" and DatasetCache(cache).headers_read()[mixed.series_uid]["contrast"] == "MIXED"
+    assert entry["contrast"] == "T1"
     assert sorted(entry["body_part"].split("\\")) == ["HEAD", "NECK"], entry["body_part"]
     assert mr_learned(TrainConfig(data=str(cache)))["mr_body_parts"] == ["HEAD", "NECK"]
 

@@ -236,8 +236,9 @@ class DatasetCache:
     def headers_read(self) -> dict[str, dict[str, str]]:
         """MR series fetched and not cached because their instances' headers together said what the
         pull's filter did not take (MIXED, a late agent): what they said (contrast, contrast_agent,
-        fat_suppression), so that a later pull with such a filter does not fetch them again, and one
-        that takes it does (delete ``headers_read.jsonl`` to read them again)."""
+        fat_suppression) and of how many instances (since 2026-12-06), so that a later pull with such
+        a filter does not fetch them again while the PACS holds as many, and one that takes it does
+        (delete ``headers_read.jsonl`` to read them again)."""
         path = self.root / "headers_read.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
         return {entry.pop("series_uid"): entry for entry in (json.loads(line) for line in lines if line.strip())}
@@ -342,7 +343,8 @@ def pull(
 
         if flt.modality == "MR" and series_uid in headers_read:  # fetched before, every header read: not fetched again for nothing
             key = not_taken(headers_read[series_uid])
-            if key is not None:
+            held, now = headers_read[series_uid].get("instances"), _pacs_instances(attrs)
+            if key is not None and (held is None or now is None or held == now):  # unless the PACS holds another number of them now
                 log.info("not pulled series=%s: %s %s, as its headers said when fetched before", series_uid, key, headers_read[series_uid][key])
                 return key
         metadata = None
@@ -390,8 +392,8 @@ def pull(
             key = not_taken(answers)
             if key is not None:  # the first instance passed; another says otherwise: remembered (headers_read.jsonl)
                 log.info("not pulled series=%s: %s %s (%s)", series_uid, key, said[key][0], said[key][1])
-                headers_read[series_uid] = answers
-                cache.read_headers(series_uid, answers)
+                headers_read[series_uid] = {**answers, "instances": len(datasets)}
+                cache.read_headers(series_uid, headers_read[series_uid])
                 return key
         part = series_body_part(source.headers)  # the card's mr_body_parts, which the node's config check holds select_body_parts to
         key = patient_key(str(first.get("PatientID", "")), str(first.get("IssuerOfPatientID", "")), cache.salt)
