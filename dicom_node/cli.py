@@ -655,7 +655,7 @@ def evaluate(
         found, sessions = _pairs_to_score(pairs, training_cache, registry, config)
 
     from synthesis.model_file import load_model
-    from training.evaluate import evaluate as run_evaluation, paired_figures
+    from training.evaluate import RATIO_LEVEL, evaluate as run_evaluation, paired_figures
 
     try:
         loaded = load_model(weights)
@@ -692,13 +692,17 @@ def evaluate(
         if paired is None:
             typer.echo("paired supervised upper bound: not computed (use --paired-steps N)")
         else:
+            figures = paired_figures(paired, quality)
+            interval = figures["mae_over_paired_interval"]
             typer.echo(f"paired supervised upper bound ({paired_steps} steps): MAE {paired.mae_hu} HU"
-                       + (f"; the model is {quality.mae_hu / paired.mae_hu:.2f}x it" if paired.mae_hu else ""))
+                       + (f"; the model is {quality.mae_hu / paired.mae_hu:.2f}x it" if paired.mae_hu else "")
+                       + (f" ({RATIO_LEVEL:.0%} of the ratios over the {len(quality.mae_by_subject)} heads drawn again with replacement: "
+                          f"{interval[0]:.2f}-{interval[1]:.2f}x)" if interval else ""))
             if paired.mae_hu and len(quality.mae_by_subject) > 1:
                 heads = ", ".join(f"{m:.1f}/{b:.1f} = {m / b:.2f}x" if b else f"{m:.1f}/{b:.1f}"
                                   for m, b in zip(quality.mae_by_subject, paired.mae_by_subject))
                 typer.echo(f"per head, model/bound: {heads}")
-    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, **paired_figures(paired), "model_sha256": loaded.sha256,
+    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, **paired_figures(paired, quality), "model_sha256": loaded.sha256,
               "test_time_augmentation": loaded.test_time_augmentation, "first_subject": first_subject}
     if record:
         from synthesis.model_file import card_path_for, record_metrics

@@ -318,6 +318,36 @@ def test_evaluation_numbers_come_from_the_images() -> None:
     assert shifted.mae_by_subject == [shifted.mae_hu]
 
 
+def test_the_ratio_to_the_bound_comes_with_its_spread_over_the_heads() -> None:
+    """The paired goal is a ratio of two pooled MAEs on a few heads; how far it moves with the heads
+    drawn is computed from the same heads' errors: a model twice the bound on every head has no
+    spread, one that is far worse on one head spans the ratios the heads allow, around the pooled one."""
+    import numpy as np
+
+    from synthesis.normalize import mr_to_unit
+    from training.evaluate import held_out, paired_figures, ratio_interval, score
+
+    mr, ct, labels = held_out(3, 4, 96, 2.5)
+    flat = [a.reshape(-1, 96, 96) for a in (ct, np.stack([mr_to_unit(m) for m in mr]), labels)]
+
+    def scored_with(errors: list[float]):
+        off = np.concatenate([np.full((4, 96, 96), e) for e in errors])
+        return score(flat[0] + off, flat[0], flat[1], flat[2], 3)
+
+    bound = scored_with([30.0, 30.0, 30.0])
+    even = scored_with([60.0, 60.0, 60.0])
+    assert ratio_interval(even, bound) == [2.0, 2.0]
+    uneven = scored_with([60.0, 240.0, 60.0])
+    low, high = ratio_interval(uneven, bound)
+    pooled = uneven.mae_hu / bound.mae_hu
+    assert 2.0 <= low < pooled < high <= 8.0
+    figures = paired_figures(bound, uneven)
+    assert figures["mae_over_paired"] == pytest.approx(pooled, abs=0.001) and figures["mae_over_paired_interval"] == [low, high]
+    one_head = score(flat[0][:4] + 60.0, flat[0][:4], flat[1][:4], flat[2][:4], 1)
+    assert ratio_interval(one_head, score(flat[0][:4] + 30.0, flat[0][:4], flat[1][:4], flat[2][:4], 1)) is None
+    assert paired_figures(None, uneven)["mae_over_paired_interval"] is None
+
+
 def test_the_grid_floor_is_zero_on_the_mr_grid_and_grows_with_coarser_grids() -> None:
     """The floor is computed from the ground truth: a model on the MR's own 1 mm grid loses only its
     HU range; a 2 mm and a 4 mm grid lose the thin skull, more the coarser."""
@@ -352,7 +382,7 @@ def test_held_out_subjects_are_the_same_heads_whatever_the_set() -> None:
 
 
 def test_evaluate_cli_writes_json_and_a_panel(tmp_path: Path) -> None:
-    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "--json", "--subjects", "1", "--slices", "4",
+    result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "--json", "--subjects", "2", "--slices", "4",
                              "--panel", str(tmp_path / "panel.png"), "--paired-steps", "3", "--test-time-augmentation", "dihedral"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -360,6 +390,9 @@ def test_evaluate_cli_writes_json_and_a_panel(tmp_path: Path) -> None:
     assert {"mae_hu", "psnr_db", "ssim", "mae_paired_hu", "mae_linear_hu"} <= set(report)
     assert report["mae_paired_hu"] > 0 and 0 <= report["grid_floor_mae_hu"] < report["mae_hu"]
     assert report["mae_paired_by_tissue"].keys() == report["mae_by_tissue"].keys() == report["bias_by_tissue"].keys()
+    low, high = report["mae_over_paired_interval"]  # two heads: the ratio's spread over them
+    assert report["mae_over_paired"] == pytest.approx(report["mae_hu"] / report["mae_paired_hu"], abs=0.001)
+    assert low <= report["mae_over_paired"] <= high
     assert (tmp_path / "panel.png").read_bytes()[:4] == b"\x89PNG"
 
 
