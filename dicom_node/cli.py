@@ -941,6 +941,8 @@ def pull(
                                                    "the node's select_contrast_agent is checked against)")] = "without",
     mr_fat_suppression: Annotated[str, typer.Option(help="likewise by whether their header says fat was suppressed: without, with "
                                                     "or any (the card's mr_fat_suppression; the node's select_fat_suppression)")] = "without",
+    prune: Annotated[bool, typer.Option("--prune", help="remove from the cache the series the PACS no longer holds (asked of each "
+                                        "cached series the searches did not find; their patients still count as trained on)")] = False,
 ) -> None:
     """Pull unpaired MR and CT series from a DICOMweb PACS into a local dataset cache (resumable)."""
     from synthesis.contrast import CHOICES, CONTRASTS
@@ -974,7 +976,7 @@ def pull(
                for m in modality]
     try:
         counts = run_pull(url, cache, filters, username=username, password=password, validation_fraction=validation_fraction,
-                         attempts=attempts)
+                         attempts=attempts, prune=prune)
     except PacsUnavailable as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -984,6 +986,7 @@ def pull(
                  "the node synthesizes)") if counts["refreshed"] else ""
     refreshed += (f", fetched again {counts['changed']} of which the PACS now holds another number of instances than the cache "
                   "was made of") if counts["changed"] else ""
+    refreshed += f", removed {counts['removed']} the PACS no longer holds (--prune)" if prune else ""
     typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']}{refreshed}, left out "
                f"{counts['synthetic']} synthetic (Synthetic Data YES, e.g. mr2ct's own sCTs), {counts['localizer']} localizer(s) (ImageType "
                f"LOCALIZER, e.g. CT topograms), {counts['mosaic']} mosaic(s) (ImageType MOSAIC: a volume's slices tiled in one "
@@ -1012,6 +1015,7 @@ def pull_pairs(
     username: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_USERNAME")] = None,
     password: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_PASSWORD")] = None,
     attempts: PacsAttempts = 5,
+    prune: Annotated[bool, typer.Option("--prune", help="delete the series folders the PACS no longer holds")] = False,
 ) -> None:
     """Fetch the MR and CT series (and spatial registrations) of patients who have both from a DICOMweb PACS, to score a model on them with `mr2ct evaluate --pairs` (resumable)."""
     from synthesis.errors import PacsUnavailable
@@ -1024,16 +1028,18 @@ def pull_pairs(
     _output_folder("--out", out)
     flt = PairsFilter(body_part, mr_description, ct_description, date_from, date_to, limit)
     try:
-        counts = run_pull_pairs(url, out, flt, username=username, password=password, attempts=attempts)
+        counts = run_pull_pairs(url, out, flt, username=username, password=password, attempts=attempts, prune=prune)
     except PacsUnavailable as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
     if counts["patients"] == 0:
-        typer.echo("mr2ct: no patient on the PACS has both an MR and a CT series matching these filters", err=True)
+        removed = f" (removed {counts['removed']} series folder(s) the PACS no longer holds)" if counts["removed"] else ""
+        typer.echo(f"mr2ct: no patient on the PACS has both an MR and a CT series matching these filters{removed}", err=True)
         raise typer.Exit(2)
     typer.echo(f"{counts['patients']} patient(s) with MR and CT: {counts['found']} series, fetched {counts['fetched']}, "
                f"already there {counts['skipped']}"
                + (f", fetched again {counts['changed']} of which the PACS now holds another number of instances" if counts["changed"] else "")
+               + (f", removed {counts['removed']} the PACS no longer holds" if prune else "")
                + f" -> {out}\nscore a model on them: mr2ct evaluate --pairs {out}")
 
 

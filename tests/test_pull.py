@@ -106,7 +106,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         cache_dir = tmp_path / "cache"
         counts = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("CT")], username=orthanc.username, password=orthanc.password)
         assert counts == {"found": 3 + 1 + 3, "fetched": 4, "skipped": 0, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1, "refreshed": 0, "changed": 0, "contrast": 0,
-                          "contrast_agent": 0, "fat_suppression": 0}
+                          "contrast_agent": 0, "fat_suppression": 0, "removed": 0}
         cache = DatasetCache(cache_dir)
         assert not {sct.series_uid, broken.series_uid, topogram.series_uid} & cache.known()
         assert cache.left_out()[topogram.series_uid] == "localizer"
@@ -114,7 +114,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         with dicomweb_proxy(orthanc) as (url, asked, _refused):
             again = pull(url, cache_dir, [PullFilter("CT")])
         assert again == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1, "refreshed": 0, "changed": 0, "contrast": 0,
-                          "contrast_agent": 0, "fat_suppression": 0}
+                          "contrast_agent": 0, "fat_suppression": 0, "removed": 0}
         assert metadata_asked(asked) == [] and not any(uid in path for path in asked
                                                       for uid in (sct.series_uid, broken.series_uid, topogram.series_uid))
         assert not any(pid in p.read_bytes() for p in cache_dir.rglob("*") if p.is_file() for pid in (b"PHSCT01", b"PHBAD01", b"PHTOP01"))
@@ -130,7 +130,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         more = pull(f"{orthanc.url}/dicom-web", tmp_path / "limited", [PullFilter("CT", limit=5)],
                     username=orthanc.username, password=orthanc.password, progress=False)
         assert more == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1,
-                        "refreshed": 0, "changed": 0, "contrast": 0, "contrast_agent": 0, "fat_suppression": 0}  # looked at all: the PACS has no 5th
+                        "refreshed": 0, "changed": 0, "contrast": 0, "contrast_agent": 0, "fat_suppression": 0, "removed": 0}  # looked at all: the PACS has no 5th
 
 
 def test_a_siemens_mosaic_and_phase_images_are_left_out_before_their_pixels_are_fetched(orthanc, tmp_path):
@@ -169,7 +169,7 @@ def test_a_siemens_mosaic_and_phase_images_are_left_out_before_their_pixels_are_
     with _in_the_pacs(orthanc, [f for series in left for f in series.files]), dicomweb_proxy(orthanc) as (url, asked, _refused):
         counts = pull(url, tmp_path / "cache", [PullFilter("MR", description="ep2d|field_map")], progress=False)
     assert counts == {"found": 5, "fetched": 0, "skipped": 0, "synthetic": 0, "localizer": 0, "mosaic": 1, "phase": 2, "complex": 1, "dixon": 1,
-                      "unusable": 0, "refreshed": 0, "changed": 0, "contrast": 0, "contrast_agent": 0, "fat_suppression": 0}
+                      "unusable": 0, "refreshed": 0, "changed": 0, "contrast": 0, "contrast_agent": 0, "fat_suppression": 0, "removed": 0}
     assert DatasetCache(tmp_path / "cache").left_out() == {bold.series_uid: "mosaic", phase.series_uid: "phase", ge[1].series_uid: "phase",
                                                            ge[2].series_uid: "complex", fat.series_uid: "dixon"}
     fetched = [path for path in asked if "/instances/" in path and not path.endswith("/metadata")
@@ -496,6 +496,44 @@ def test_a_series_pulled_while_it_was_arriving_is_fetched_again_whole_when_the_p
         assert (fewer["skipped"], fewer["changed"], fewer["fetched"]) == (0, 1, 0)
         entry, slices = cached()
         assert (entry["instances"], slices) == (5, 5)
+
+
+def test_prune_takes_out_of_the_cache_the_series_the_pacs_no_longer_holds(orthanc, tmp_path):
+    """A patient withdraws consent to research use and the hospital deletes their study from the
+    research PACS: `mr2ct pull --prune` removes their series from the cache (shard deleted, the
+    manifest saying why), keeps a series its filters did not ask for while the PACS holds it, and
+    still counts the patient as trained on (an evaluation on pairs leaves them out). Without
+    --prune nothing is removed; a series that comes back is cached anew."""
+    import numpy as np
+
+    from training.phantom_dicom import write_mr_series
+
+    withdrawn, kept = (write_mr_series(tmp_path / name, seed=seed, slices=3, size=32, pixel_spacing=8.0, slice_spacing=5.0,
+                                       patient_id=pid, series_description=f"PRUNE {name}")
+                       for name, seed, pid in (("withdrawn", 91, "PHWITHDRAWN"), ("kept", 92, "PHKEPT")))
+    cache_dir, auth = tmp_path / "cache", dict(username=orthanc.username, password=orthanc.password, progress=False)
+    with _in_the_pacs(orthanc, kept.files):
+        with _in_the_pacs(orthanc, withdrawn.files):
+            assert pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("MR", description="^PRUNE ")], **auth)["fetched"] == 2
+        cache = DatasetCache(cache_dir)
+        gone = next(e for e in cache.entries() if e["series_uid"] == withdrawn.series_uid)
+        kept_only = [PullFilter("MR", description="^PRUNE withdrawn")]  # the kept series is outside this pull's filter
+        assert pull(f"{orthanc.url}/dicom-web", cache_dir, kept_only, **auth)["removed"] == 0 and len(cache.entries()) == 2
+        said = subprocess.run([*MR2CT, "pull", "--url", f"{orthanc.url}/dicom-web", "--cache", str(cache_dir), "--modality", "MR",
+                               "--description", "^PRUNE withdrawn", "--prune", "--username", orthanc.username, "--password",
+                               orthanc.password], capture_output=True, text=True, timeout=120)
+        assert said.returncode == 0, said.stderr[-2000:]
+        assert "removed 1 the PACS no longer holds (--prune)" in said.stdout
+        assert [e["series_uid"] for e in cache.entries()] == [kept.series_uid]
+        assert not (cache_dir / gone["shard"]).exists() and np.load(cache_dir / cache.entries()[0]["shard"])["slices"].shape[0] == 3
+        last = json.loads(cache.manifest.read_text().splitlines()[-1])
+        assert last["series_uid"] == withdrawn.series_uid and "the PACS no longer held it" in last["removed"]
+        assert cache.patients()[gone["patient_key"]] == gone["split"]  # still counted as trained on
+        again = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("MR", description="^PRUNE ")], prune=True, **auth)
+        assert (again["skipped"], again["removed"], again["fetched"]) == (1, 0, 0)
+        with _in_the_pacs(orthanc, withdrawn.files):  # sent to the PACS again: cached anew
+            back = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("MR", description="^PRUNE ")], prune=True, **auth)
+            assert (back["fetched"], back["skipped"], back["removed"]) == (1, 1, 0) and len(cache.entries()) == 2
 
 
 def test_wrong_password_and_unreachable_pacs_say_so(orthanc, tmp_path):

@@ -19,6 +19,7 @@ import logging
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,19 +201,34 @@ class DatasetCache:
         self.manifest = self.root / "manifest.jsonl"
         self.salt = folder_salt(self.root / "salt")  # one salt per cache: hashes cannot be joined across caches
 
+    def _latest(self) -> dict[str, dict[str, Any]]:
+        """The manifest's last line of each series, removed ones included."""
+        latest: dict[str, dict[str, Any]] = {}
+        if self.manifest.exists():
+            for line in self.manifest.read_text().splitlines():
+                if line.strip():
+                    entry = json.loads(line)
+                    latest[entry["series_uid"]] = entry
+        return latest
+
     def entries(self) -> list[dict[str, Any]]:
         """One entry per series: a later line of the manifest replaces an earlier one of the same
         series (a series cached again, see ``outdated``), and a series left out since it was cached
-        (fetched again to be resliced, it no longer made a volume) has none."""
-        if not self.manifest.exists():
-            return []
-        latest: dict[str, dict[str, Any]] = {}
-        for line in self.manifest.read_text().splitlines():
-            if line.strip():
-                entry = json.loads(line)
-                latest[entry["series_uid"]] = entry
+        (fetched again to be resliced, it no longer made a volume) or removed since (``remove``) has none."""
         left_out = self.left_out()
-        return [entry for uid, entry in latest.items() if uid not in left_out]
+        return [entry for uid, entry in self._latest().items() if uid not in left_out and "removed" not in entry]
+
+    def patients(self) -> dict[str, str]:
+        """The split of every patient the cache has held a series of, removed series included: a
+        model trained before a removal may have learnt from them (``training.pairs.leave_out_trained``)."""
+        return {entry["patient_key"]: entry["split"] for entry in self._latest().values() if "patient_key" in entry}
+
+    def remove(self, entry: dict[str, Any], reason: str) -> None:
+        """A series out of the cache: its shard deleted, a last manifest line saying why (the patient
+        key and split kept, see ``patients``). Pulled again, should it come back, it is cached anew."""
+        (self.root / entry["shard"]).unlink(missing_ok=True)
+        with open(self.manifest, "a") as fh:
+            fh.write(json.dumps({**entry, "removed": reason}, sort_keys=True) + "\n")
 
     def known(self) -> set[str]:
         return {e["series_uid"] for e in self.entries()}
@@ -270,6 +286,7 @@ class DatasetCache:
 def pull(
     url: str, cache_dir: Path, filters: list[PullFilter], *, username: str | None = None, password: str | None = None,
     validation_fraction: float = 0.2, timeout: float = 30.0, progress: bool | None = None, attempts: int = DEFAULT_ATTEMPTS,
+    prune: bool = False,
 ) -> dict[str, int]:
     """Fetch what matches and is not yet cached. A series that says it is synthetic (Synthetic Data
     YES: the sCTs mr2ct itself stores in the PACS, and other tools' synthetic images) or whose
@@ -295,7 +312,11 @@ def pull(
     whose filter does not take it does not fetch it again), and the manifest's body part names
     every part its instances name (``series_body_part``).
     A filter's ``limit`` counts the series the cache holds (fetched or cached already): the series
-    left out do not count, so that many are taken while the PACS has that many."""
+    left out do not count, so that many are taken while the PACS has that many.
+    ``prune``: series the PACS no longer holds (deleted there: a patient who withdrew consent to
+    research use, a study moved out) leave the cache (``DatasetCache.remove``), counted ``removed``;
+    asked of each cached series this pull's searches did not find, one QIDO-RS request each, so a
+    series outside the filters is kept while the PACS holds it."""
     cache = DatasetCache(cache_dir)
     client = _client(url, username, password, timeout, attempts)
     entries, left_out, headers_read = cache.entries(), cache.left_out(), cache.headers_read()  # the manifest read once
@@ -304,8 +325,10 @@ def pull(
     outdated = {e["series_uid"]: e["shard"] for e in entries if acquired_before_planes(e)}  # and the shard each refresh replaces
     changed: set[str] = set()  # cached series fetched again because the PACS holds another number of their instances
     plans: list[tuple[PullFilter, list[dict[str, Any]]]] = []
+    in_pacs: set[str] = set()  # every series the searches found, whatever the filters then make of it
     for flt in filters:
         found = _search_series(client, url, _series_query(flt.modality, flt))
+        in_pacs.update(_value(a, "0020000E") for a in found)
         plans.append((flt, [a for a in found if not flt.description or re.search(flt.description, _value(a, "0008103E"), re.IGNORECASE)]))
 
     def dropped(series_uid: str, outcome: str) -> str:
@@ -434,7 +457,7 @@ def pull(
         return "fetched"
 
     counts = {"found": 0, "fetched": 0, "skipped": 0, SYNTHETIC: 0, **dict.fromkeys(KINDS, 0), "unusable": 0, "refreshed": 0, "changed": 0,
-              "contrast": 0, "contrast_agent": 0, "fat_suppression": 0}
+              "contrast": 0, "contrast_agent": 0, "fat_suppression": 0, "removed": 0}
     wanted = [len(matched) if flt.limit is None else min(flt.limit, len(matched)) for flt, matched in plans]
     bar = progress_bar(total=sum(wanted), desc="pull", unit="series", show=progress)
     with bar:
@@ -452,6 +475,12 @@ def pull(
                     counts["found"] += 1
                     counts[outcome] += 1
                 bar.update(1)
+    if prune:
+        for entry in cache.entries():
+            if entry["series_uid"] not in in_pacs and not _search_series(client, url, {"SeriesInstanceUID": entry["series_uid"]}):
+                cache.remove(entry, f"the PACS no longer held it (mr2ct pull --prune, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)")
+                log.info("removed series=%s from the cache: the PACS no longer holds it", entry["series_uid"])
+                counts["removed"] += 1
     return counts
 
 
@@ -514,7 +543,7 @@ def _left_out_unless_fetched(client: DICOMwebClient, url: str, attrs: dict[str, 
 
 def pull_pairs(
     url: str, out_dir: Path, flt: PairsFilter, *, username: str | None = None, password: str | None = None,
-    timeout: float = 30.0, progress: bool | None = None, attempts: int = DEFAULT_ATTEMPTS,
+    timeout: float = 30.0, progress: bool | None = None, attempts: int = DEFAULT_ATTEMPTS, prune: bool = False,
 ) -> dict[str, int]:
     """The DICOM files of every patient that has both an MR and a CT series matching ``flt`` (and
     of the spatial registrations filed for them), fetched into ``out_dir`` as `mr2ct evaluate
@@ -527,8 +556,9 @@ def pull_pairs(
     not carry it): asked only of the CTs of the patients taken, and not of those already in the
     folder. A series in the folder of which the PACS holds another number of instances than the
     folder does (fetched while it was still arriving, a slice added or deleted since) is fetched
-    again whole and replaces it. Returns counts (patients, found, fetched, skipped, changed: fetched
-    again so)."""
+    again whole and replaces it. ``prune``: a series folder the PACS no longer holds is deleted (as
+    ``pull``'s ``prune`` asks: one request for each the searches did not find). Returns counts
+    (patients, found, fetched, skipped, changed: fetched again so, removed)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial"  # outside the folder: evaluate never sees half a series
@@ -537,8 +567,10 @@ def pull_pairs(
     salt = folder_salt(out_dir / ".salt")  # hidden: evaluate --pairs reads every other file as DICOM
     client = _client(url, username, password, timeout, attempts)
     by_patient: dict[tuple[str, str], dict[str, list[dict[str, Any]]]] = {}
+    in_pacs: set[str] = set()  # every series the searches found
     for modality, pattern in (("MR", flt.mr_description), ("CT", flt.ct_description)):
         for attrs in _search_series(client, url, _series_query(modality, flt)):
+            in_pacs.add(_value(attrs, "0020000E"))
             if pattern and not re.search(pattern, _value(attrs, "0008103E"), re.IGNORECASE):
                 continue
             patient = (_value(attrs, "00100020"), _value(attrs, "00100021"))
@@ -556,8 +588,9 @@ def pull_pairs(
     for key, (pid, issuer), found in keyed:
         registrations = _search_series(client, url, {"Modality": SPATIAL_REGISTRATION_MODALITY, "PatientID": pid})
         registrations = [a for a in registrations if _value(a, "00100021") == issuer]
+        in_pacs.update(_value(a, "0020000E") for a in registrations)
         todo.extend((key, attrs) for attrs in [*found["MR"], *found["CT"], *registrations])
-    counts = {"patients": len(keyed), "found": len(todo), "fetched": 0, "skipped": 0, "changed": 0}
+    counts = {"patients": len(keyed), "found": len(todo), "fetched": 0, "skipped": 0, "changed": 0, "removed": 0}
     bar = progress_bar(todo, desc="pull pairs", unit="series", show=progress)
     for key, attrs in bar:
         uids = _series_uids(attrs)
@@ -592,6 +625,19 @@ def pull_pairs(
             continue
         partial.rename(target)
         counts["fetched"] += 1
+    if prune:
+        # a series' folder as this function names it (<salted patient hash>/<series UID>), nothing else put there
+        ours = (f for f in out_dir.glob("*/*") if f.is_dir() and is_valid_uid(f.name) and re.fullmatch(r"[0-9a-f]{20}", f.parent.name))
+        for folder in sorted(ours):
+            if folder.name not in in_pacs and not _search_series(client, url, {"SeriesInstanceUID": folder.name}):
+                staging.mkdir(parents=True, exist_ok=True)
+                gone = staging / f"{folder.name}.replaced"  # out of the folder at once; deleted there (or by the next run)
+                folder.rename(gone)
+                shutil.rmtree(gone)
+                if not any(folder.parent.iterdir()):
+                    folder.parent.rmdir()
+                log.info("removed series=%s from %s: the PACS no longer holds it", folder.name, out_dir)
+                counts["removed"] += 1
     if staging.is_dir() and not any(staging.iterdir()):
         staging.rmdir()
     return counts

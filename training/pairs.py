@@ -173,7 +173,7 @@ def leave_out_trained(found: Found, cache_dir: Path) -> Found:
     from training.pacs_pull import DatasetCache, patient_key
 
     cache = DatasetCache.existing(cache_dir)
-    splits = {entry["patient_key"]: entry["split"] for entry in cache.entries()}
+    splits = cache.patients()  # removed series' patients too: a model trained before the removal may have learnt from them
     kept, skipped = [], list(found.skipped)
     for pair in found.pairs:
         split = splits.get(patient_key(pair.mr.patient_key, pair.mr.patient_issuer, cache.salt))
