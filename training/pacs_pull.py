@@ -476,8 +476,9 @@ def pull(
                     counts[outcome] += 1
                 bar.update(1)
     if prune:
-        for entry in cache.entries():
-            if entry["series_uid"] not in in_pacs and not _search_series(client, url, {"SeriesInstanceUID": entry["series_uid"]}):
+        unseen = [entry for entry in cache.entries() if entry["series_uid"] not in in_pacs]
+        for entry in progress_bar(unseen, desc="prune", unit="series", show=progress):
+            if not _search_series(client, url, {"SeriesInstanceUID": entry["series_uid"]}):
                 cache.remove(entry, f"the PACS no longer held it (mr2ct pull --prune, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)")
                 log.info("removed series=%s from the cache: the PACS no longer holds it", entry["series_uid"])
                 counts["removed"] += 1
