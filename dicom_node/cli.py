@@ -655,7 +655,7 @@ def evaluate(
         found, sessions = _pairs_to_score(pairs, training_cache, registry, config)
 
     from synthesis.model_file import load_model
-    from training.evaluate import RATIO_LEVEL, evaluate as run_evaluation, paired_figures
+    from training.evaluate import RATIO_LEVEL, evaluate as run_evaluation, linear_figures, paired_figures
 
     try:
         loaded = load_model(weights)
@@ -685,24 +685,31 @@ def evaluate(
                    f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")
         _tissue_table(quality, "(HU; bias: mean sCT - CT; no level: the MAE left with each head's own mean error taken away)",
                       ("paired MAE", paired.mae_by_tissue) if paired else None)
-        if len(quality.mae_by_subject) > 1:
+        heads = len(quality.mae_by_subject)
+
+        def spread(interval: list[float] | None) -> str:
+            return f" ({RATIO_LEVEL:.0%} of the ratios over the {heads} heads drawn again with replacement: {interval[0]:.2f}-{interval[1]:.2f}x)" \
+                if interval else ""
+
+        if heads > 1:
             typer.echo(f"MAE per head (subject {first_subject} on): {', '.join(f'{m:.1f}' for m in quality.mae_by_subject)} HU")
+        linear = linear_figures(quality)
+        if linear["mae_over_linear"] is not None:
+            typer.echo(f"the model over the linear baseline: {linear['mae_over_linear']:.2f}x{spread(linear['mae_over_linear_interval'])}")
         typer.echo(f"grid floor: the ground-truth CT itself, taken to the model's {loaded.pixel_spacing_mm:g} mm grid and back, "
                    f"scores {quality.grid_floor_mae_hu} HU (a practical floor for any model on that grid)")
         if paired is None:
             typer.echo("paired supervised upper bound: not computed (use --paired-steps N)")
         else:
-            figures = paired_figures(paired, quality)
-            interval = figures["mae_over_paired_interval"]
             typer.echo(f"paired supervised upper bound ({paired_steps} steps): MAE {paired.mae_hu} HU"
                        + (f"; the model is {quality.mae_hu / paired.mae_hu:.2f}x it" if paired.mae_hu else "")
-                       + (f" ({RATIO_LEVEL:.0%} of the ratios over the {len(quality.mae_by_subject)} heads drawn again with replacement: "
-                          f"{interval[0]:.2f}-{interval[1]:.2f}x)" if interval else ""))
+                       + spread(paired_figures(paired, quality)["mae_over_paired_interval"]))
             if paired.mae_hu and len(quality.mae_by_subject) > 1:
                 heads = ", ".join(f"{m:.1f}/{b:.1f} = {m / b:.2f}x" if b else f"{m:.1f}/{b:.1f}"
                                   for m, b in zip(quality.mae_by_subject, paired.mae_by_subject))
                 typer.echo(f"per head, model/bound: {heads}")
-    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, **paired_figures(paired, quality), "model_sha256": loaded.sha256,
+    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, **linear_figures(quality), **paired_figures(paired, quality),
+              "model_sha256": loaded.sha256,
               "test_time_augmentation": loaded.test_time_augmentation, "first_subject": first_subject}
     if record:
         from synthesis.model_file import card_path_for, record_metrics
@@ -762,7 +769,7 @@ def _evaluate_pairs(loaded: Any, folder: Path, found: Any, sessions: Any, panel:
     from dicom_node.registry import pairs_digest, record_evaluation
     from synthesis.errors import ModelMismatch, SeriesNotUsable
     from synthesis.model_file import load_model
-    from training.evaluate import CT_BANDS, compare_pairs, evaluate_pairs
+    from training.evaluate import CT_BANDS, compare_pairs, evaluate_pairs, linear_figures
 
     against = None
     if against_path is not None:  # its card was checked by `evaluate`; here the weights must also fit it
@@ -814,7 +821,8 @@ def _evaluate_pairs(loaded: Any, folder: Path, found: Any, sessions: Any, panel:
                    f"{quality.grid_floor_mae_hu} HU")
         for reason in skipped:
             typer.echo(f"left out: {reason}")
-    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, "mae_paired_hu": None, "model_sha256": loaded.sha256,
+    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, **linear_figures(quality), "mae_paired_hu": None,
+              "model_sha256": loaded.sha256,
               "test_time_augmentation": loaded.test_time_augmentation, "pairs": [asdict(r) for r in results], "left_out": skipped, "against": comparison}
     report["dataset_digest"] = pairs_digest(report["pairs"])
     if sessions is not None:

@@ -325,7 +325,7 @@ def test_the_ratio_to_the_bound_comes_with_its_spread_over_the_heads() -> None:
     import numpy as np
 
     from synthesis.normalize import mr_to_unit
-    from training.evaluate import held_out, paired_figures, ratio_interval, score
+    from training.evaluate import held_out, linear_figures, paired_figures, ratio_interval, score
 
     mr, ct, labels = held_out(3, 4, 96, 2.5)
     flat = [a.reshape(-1, 96, 96) for a in (ct, np.stack([mr_to_unit(m) for m in mr]), labels)]
@@ -336,16 +336,22 @@ def test_the_ratio_to_the_bound_comes_with_its_spread_over_the_heads() -> None:
 
     bound = scored_with([30.0, 30.0, 30.0])
     even = scored_with([60.0, 60.0, 60.0])
-    assert ratio_interval(even, bound) == [2.0, 2.0]
+    assert paired_figures(bound, even)["mae_over_paired_interval"] == [2.0, 2.0]
     uneven = scored_with([60.0, 240.0, 60.0])
-    low, high = ratio_interval(uneven, bound)
+    low, high = ratio_interval(uneven.mae_by_subject, bound.mae_by_subject, uneven.voxels_by_subject)
     pooled = uneven.mae_hu / bound.mae_hu
     assert 2.0 <= low < pooled < high <= 8.0
     figures = paired_figures(bound, uneven)
     assert figures["mae_over_paired"] == pytest.approx(pooled, abs=0.001) and figures["mae_over_paired_interval"] == [low, high]
     one_head = score(flat[0][:4] + 60.0, flat[0][:4], flat[1][:4], flat[2][:4], 1)
-    assert ratio_interval(one_head, score(flat[0][:4] + 30.0, flat[0][:4], flat[1][:4], flat[2][:4], 1)) is None
+    assert paired_figures(score(flat[0][:4] + 30.0, flat[0][:4], flat[1][:4], flat[2][:4], 1), one_head)["mae_over_paired_interval"] is None
     assert paired_figures(None, uneven)["mae_over_paired_interval"] is None
+    # The linear baseline's line is fitted on all three heads; each head's share of its error pools back to its MAE.
+    linear = linear_figures(uneven)
+    pooled_linear = sum(m * n for m, n in zip(uneven.baseline_mae_by_subject, uneven.voxels_by_subject)) / sum(uneven.voxels_by_subject)
+    assert pooled_linear == pytest.approx(uneven.baseline_mae_hu, abs=0.01)
+    assert linear["mae_over_linear"] == pytest.approx(uneven.mae_hu / uneven.baseline_mae_hu, abs=0.001)
+    assert linear["mae_over_linear_interval"][0] <= linear["mae_over_linear"] <= linear["mae_over_linear_interval"][1]
 
 
 def test_the_grid_floor_is_zero_on_the_mr_grid_and_grows_with_coarser_grids() -> None:
@@ -390,6 +396,7 @@ def test_evaluate_cli_writes_json_and_a_panel(tmp_path: Path) -> None:
     assert {"mae_hu", "psnr_db", "ssim", "mae_paired_hu", "mae_linear_hu"} <= set(report)
     assert report["mae_paired_hu"] > 0 and 0 <= report["grid_floor_mae_hu"] < report["mae_hu"]
     assert report["mae_paired_by_tissue"].keys() == report["mae_by_tissue"].keys() == report["bias_by_tissue"].keys()
+    assert report["mae_over_linear_interval"][0] <= report["mae_over_linear"] <= report["mae_over_linear_interval"][1]
     low, high = report["mae_over_paired_interval"]  # two heads: the ratio's spread over them
     assert report["mae_over_paired"] == pytest.approx(report["mae_hu"] / report["mae_paired_hu"], abs=0.001)
     assert low <= report["mae_over_paired"] <= high

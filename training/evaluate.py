@@ -70,6 +70,8 @@ class Quality:
     mae_by_subject: list[float] = field(default_factory=list)
     # The body voxels each head's MAE is taken over: what pools the heads again when they are resampled.
     voxels_by_subject: list[int] = field(default_factory=list)
+    # The linear baseline's MAE on each head (the one line fitted on all of them).
+    baseline_mae_by_subject: list[float] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,7 +81,7 @@ class Quality:
         """The figures a model card keeps as its ``metrics`` (the trainer's export, ``mr2ct evaluate --record``)."""
         figures = self.as_dict()
         held_out, linear = figures.pop("subjects"), figures.pop("baseline_mae_hu")
-        return {**figures, "held_out_subjects": held_out, "mae_linear_hu": linear, **paired_figures(paired, self),
+        return {**figures, "held_out_subjects": held_out, "mae_linear_hu": linear, **linear_figures(self), **paired_figures(paired, self),
                 "paired_steps": paired_steps or None, "test_time_augmentation": test_time_augmentation,
                 "first_subject": first_subject, "slices_per_subject": slices_per_subject}
 
@@ -88,26 +90,36 @@ def paired_figures(paired: Quality | None, model: Quality) -> dict[str, Any]:
     """The paired upper bound's figures as the JSON report and a card's metrics name them (None: not
     computed): its MAE, the model's over it, and that ratio's interval over the heads (``ratio_interval``)."""
     ratio = round(model.mae_hu / paired.mae_hu, 3) if paired and paired.mae_hu else None
+    same_heads = paired is not None and list(paired.voxels_by_subject) == list(model.voxels_by_subject)
     return {"mae_paired_hu": paired.mae_hu if paired else None, "mae_paired_by_tissue": paired.mae_by_tissue if paired else None,
             "mae_paired_by_subject": paired.mae_by_subject if paired else None, "mae_over_paired": ratio,
-            "mae_over_paired_interval": ratio_interval(model, paired) if paired else None}
+            "mae_over_paired_interval": ratio_interval(model.mae_by_subject, paired.mae_by_subject, model.voxels_by_subject)
+            if paired and same_heads else None}
+
+
+def linear_figures(model: Quality) -> dict[str, Any]:
+    """The model's MAE over the linear baseline's and that ratio's interval over the heads (the
+    line stays the one fitted on all of them: a draw does not fit it again)."""
+    return {"mae_over_linear": round(model.mae_hu / model.baseline_mae_hu, 3) if model.baseline_mae_hu else None,
+            "mae_over_linear_interval": ratio_interval(model.mae_by_subject, model.baseline_mae_by_subject, model.voxels_by_subject)}
 
 
 RATIO_LEVEL = 0.95  # the share of resampled ratios ``ratio_interval`` spans
 
 
-def ratio_interval(model: Quality, other: Quality, resamples: int = 10_000, seed: int = 0) -> list[float] | None:
-    """How far the model's pooled MAE over another's (the paired bound, scored on the same heads)
-    moves with the heads drawn: the central 95 % of that ratio over ``resamples`` draws of as many
+def ratio_interval(mae_by_subject: list[float], other_by_subject: list[float], voxels_by_subject: list[int], resamples: int = 10_000,
+                   seed: int = 0) -> list[float] | None:
+    """How far the model's pooled MAE over another's (the paired bound or the linear baseline,
+    scored on the same heads) moves with the heads drawn: the central 95 % of that ratio over ``resamples`` draws of as many
     heads as were scored, with replacement, the same draw for both (a percentile bootstrap over
     heads, the unit that varies: each phantom head has its own anatomy and bone density). Each
     draw pools the drawn heads' absolute errors as the MAE pools them (a head's MAE times its body
     voxels). With four heads it is rough (35 distinct draws), yet it says whether a difference
     between a ratio and a goal such as 1.3 is one the set can tell. None with fewer than two heads,
-    or where the two were not scored on the same heads."""
-    m, b = np.asarray(model.mae_by_subject, dtype=np.float64), np.asarray(other.mae_by_subject, dtype=np.float64)
-    n = np.asarray(model.voxels_by_subject, dtype=np.float64)
-    if len(m) < 2 or len(b) != len(m) or len(n) != len(m) or list(other.voxels_by_subject) != list(model.voxels_by_subject) or not (b > 0).all():
+    or figures not of the same heads."""
+    m, b = np.asarray(mae_by_subject, dtype=np.float64), np.asarray(other_by_subject, dtype=np.float64)
+    n = np.asarray(voxels_by_subject, dtype=np.float64)
+    if len(m) < 2 or len(b) != len(m) or len(n) != len(m) or not (b > 0).all():
         return None
     draws = np.random.default_rng(seed).integers(0, len(m), size=(resamples, len(m)))
     ratios = (m[draws] * n[draws]).sum(axis=1) / (b[draws] * n[draws]).sum(axis=1)
@@ -148,6 +160,7 @@ def score_sets(sets: list[Scored], names: list[str]) -> Quality:
     # Naive baseline: least-squares line from normalised MR to HU, fitted inside the body of this very data.
     slope, intercept = np.polyfit(mr_body, truth_body, 1)
     baseline = np.clip(slope * mr_body + intercept, HU_MIN, HU_MAX)
+    ends = np.cumsum([len(s.truth) for s in sets])[:-1]  # where each set's voxels end in the pooled arrays
     everywhere = np.ones(len(truth_body), dtype=bool)
     slices = sum(s.slices for s in sets)
     by_tissue, bias, level_removed = {}, {}, {}
@@ -167,6 +180,7 @@ def score_sets(sets: list[Scored], names: list[str]) -> Quality:
         mae_level_removed_by_tissue=level_removed,
         mae_by_subject=[round(mae(s.pred, s.truth, np.ones(len(s.truth), dtype=bool)), 2) for s in sets],
         voxels_by_subject=[len(s.truth) for s in sets],
+        baseline_mae_by_subject=[round(float(np.abs(b - t).mean()), 2) for b, t in zip(np.split(baseline, ends), np.split(truth_body, ends))],
     )
 
 
