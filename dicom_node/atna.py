@@ -83,6 +83,8 @@ EVENTS: dict[str, tuple[tuple[str, str], tuple[str, str] | None, str]] = {
     "results-delivery-given-up": (INSTANCES_TRANSFERRED, None, "C"),
     # a user had the node read a series from Orthanc (POST /synthesize, Orthanc's button): until 2026-12-05 not sent
     audit.SYNTHESIS_REQUESTED: (INSTANCES_TRANSFERRED, None, "C"),
+    # a user's `mr2ct pull` or `pull-pairs` copied a study's series from a PACS into a training cache or a pairs folder
+    audit.DATA_PULLED: (INSTANCES_TRANSFERRED, None, "C"),
     audit.JOB_FINISHED: (INSTANCES_ACCESSED, None, "C"),  # derived instances created from the MR
     audit.JOB_FAILED: (INSTANCES_ACCESSED, None, "C"),
     SPOOL_PURGED: (INSTANCES_ACCESSED, None, "D"),
@@ -210,6 +212,12 @@ def message(row: AuditEvent, source: Source, subjects: Iterable[Subject] = ()) -
         parts.append(_participant(user, True, access_point=address, access_point_type=address_type))
         parts.append(_participant(origin, False, role=SOURCE, access_point=origin if "://" in origin else None, access_point_type="5"))
         parts.append(_participant(source.ae_title, False, role=DESTINATION, **own))
+    elif row.action == audit.DATA_PULLED:
+        # a user (the requestor) copied series from a PACS (the source) into a folder on this host (the destination)
+        origin = str(detail.get("source") or "")
+        parts.append(_participant(user, True))
+        parts.append(_participant(origin, False, role=SOURCE, access_point=origin if "://" in origin else None, access_point_type="5"))
+        parts.append(_participant(str(detail.get("destination") or ""), False, role=DESTINATION, **own))
     elif event_id == INSTANCES_TRANSFERRED:
         # the node stored to Orthanc (an sCT), routed originals to their destination, or had Orthanc send an sCT on
         destination = str(detail.get("destination") or "")
@@ -260,8 +268,8 @@ def subjects_of(session: Session, row: AuditEvent) -> list[Subject]:
         for study_uid, patient_id in session.execute(select(Series.study_instance_uid, Series.patient_id).where(
                 Series.series_instance_uid.in_(uids))).all():
             found.setdefault(study_uid, Subject(study_uid, patient_id or ""))
-    if row.study_instance_uid and row.study_instance_uid not in found:
-        found[row.study_instance_uid] = Subject(row.study_instance_uid, "")
+    if row.study_instance_uid and row.study_instance_uid not in found:  # its patient where the row says it (a pull's)
+        found[row.study_instance_uid] = Subject(row.study_instance_uid, str(detail.get("patient_id") or ""))
     instances = detail.get("instances_stored", detail.get("instances"))
     if len(found) == 1 and isinstance(instances, int):
         (only,) = found.values()

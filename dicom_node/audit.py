@@ -18,6 +18,7 @@ INSTANCES_TRANSFERRED = "dicom-instances-transferred"
 INSTANCE_REFUSED = "dicom-instance-refused"
 ROUTING_GIVEN_UP = "routing-given-up"
 SYNTHESIS_REQUESTED = "synthesis-requested"  # a user had the node copy a series from Orthanc (POST /synthesize)
+DATA_PULLED = "pacs-data-pulled"  # `mr2ct pull` / `pull-pairs` copied a study's series from a PACS into a folder
 SERIES_STABLE = "series-stable"
 JOB_STARTED = "job-started"
 JOB_FINISHED = "job-finished"

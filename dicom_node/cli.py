@@ -27,6 +27,8 @@ audit_app = typer.Typer(help="The audit trail's export to an audit record reposi
 app.add_typer(audit_app, name="audit")
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (MR2CT_CONFIG also works)")]
+RecordPull = Annotated[bool, typer.Option("--record/--no-record", help="write an audit row per study fetched into the node's database "
+                                          "(database_url of --config), which its audit_syslog sends on")]
 
 
 class JsonLines(logging.Formatter):
@@ -951,6 +953,8 @@ def pull(
                                                     "or any (the card's mr_fat_suppression; the node's select_fat_suppression)")] = "without",
     prune: Annotated[bool, typer.Option("--prune", help="remove from the cache the series the PACS no longer holds (asked of each "
                                         "cached series the searches did not find; their patients still count as trained on)")] = False,
+    record: RecordPull = True,
+    config: ConfigOption = None,
 ) -> None:
     """Pull unpaired MR and CT series from a DICOMweb PACS into a local dataset cache (resumable)."""
     from synthesis.contrast import CHOICES, CONTRASTS
@@ -980,14 +984,18 @@ def pull(
             raise typer.Exit(2)
     agents, fat = (() if chosen == "any" else CHOICES[chosen] for _key, _option, _what, chosen in with_without)
     _output_folder("--cache", cache)
+    sessions = _pull_audit(record, config)
     filters = [PullFilter(m, body_part, description, date_from, date_to, limit, *((contrasts, agents, fat) if m == "MR" else ()))
                for m in modality]
+    fetched: list[dict[str, Any]] = []
     try:
         counts = run_pull(url, cache, filters, username=username, password=password, validation_fraction=validation_fraction,
-                         attempts=attempts, prune=prune)
+                         attempts=attempts, prune=prune, fetched=fetched)
     except PacsUnavailable as exc:
+        _audit_pulled(sessions, "pull", url, cache, fetched, str(exc))
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
+    _audit_pulled(sessions, "pull", url, cache, fetched)
     enhanced = "".join(f", {counts[key]} MR series {'without' if chosen == 'with' else 'with'} {what} ({option} {chosen})"
                        for key, option, what, chosen in with_without if chosen != "any")
     refreshed = (f", fetched again {counts['refreshed']} that an earlier pull cached in their acquired plane (now the axial slices "
@@ -1010,6 +1018,50 @@ def pull(
                    "2026-12-03): a pull whose filters match them fetches them again as axial slices")
 
 
+def _pull_audit(record: bool, config: Optional[Path]) -> Any:
+    """The node's database, for a pull's audit rows, opened before the PACS is asked: one that
+    does not open stops the command (exit 2); None with --no-record."""
+    if not record:
+        return None
+    from dicom_node.db import DatabaseUnavailable, init_db
+
+    try:
+        return init_db(_settings(config).database_url)
+    except DatabaseUnavailable as exc:
+        typer.echo(f"mr2ct: database_url: {exc}; fix it or pull with --no-record (no audit rows)", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _audit_pulled(sessions: Any, command: str, url: str, folder: Path, fetched: list[dict[str, Any]], error: str | None = None) -> None:
+    """A pull's audit rows (``pacs-data-pulled``), in one transaction: one per study it fetched
+    series of (its patient, series and instances: what the audit trail's DICOM Instances
+    Transferred message reports, study by study), and a failure row when the PACS stopped it."""
+    if sessions is None:
+        return
+    import getpass
+    from urllib.parse import urlsplit, urlunsplit
+
+    from dicom_node import audit
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        user = f"uid {os.getuid()}"
+    actor = f"{user} (mr2ct {command})"
+    parts = urlsplit(url)
+    source = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) if parts.hostname else url
+    where = {"source": source, "destination": str(folder.resolve()), "command": command}
+    studies: dict[str, list[dict[str, Any]]] = {}
+    for item in fetched:
+        studies.setdefault(item["study"], []).append(item)
+    with sessions.begin() as session:
+        for study_uid, items in studies.items():
+            session.add(audit.event(audit.DATA_PULLED, "success", actor, study_uid=study_uid, patient_id=items[0]["patient_id"],
+                                    series=[i["series"] for i in items], instances=sum(i["instances"] for i in items), **where))
+        if error:
+            session.add(audit.event(audit.DATA_PULLED, "failure", actor, reason=error[:500], series_fetched=len(fetched), **where))
+
+
 @app.command("pull-pairs")
 def pull_pairs(
     url: Annotated[str, typer.Option(help="DICOMweb root, e.g. http://127.0.0.1:8042/dicom-web")],
@@ -1024,6 +1076,8 @@ def pull_pairs(
     password: Annotated[Optional[str], typer.Option(envvar="MR2CT_PACS_PASSWORD")] = None,
     attempts: PacsAttempts = 5,
     prune: Annotated[bool, typer.Option("--prune", help="delete the series folders the PACS no longer holds")] = False,
+    record: RecordPull = True,
+    config: ConfigOption = None,
 ) -> None:
     """Fetch the MR and CT series (and spatial registrations) of patients who have both from a DICOMweb PACS, to score a model on them with `mr2ct evaluate --pairs` (resumable)."""
     from synthesis.errors import PacsUnavailable
@@ -1034,12 +1088,16 @@ def pull_pairs(
         _check_regex(option, pattern)
     _check_dates(date_from, date_to)
     _output_folder("--out", out)
+    sessions = _pull_audit(record, config)
     flt = PairsFilter(body_part, mr_description, ct_description, date_from, date_to, limit)
+    fetched: list[dict[str, Any]] = []
     try:
-        counts = run_pull_pairs(url, out, flt, username=username, password=password, attempts=attempts, prune=prune)
+        counts = run_pull_pairs(url, out, flt, username=username, password=password, attempts=attempts, prune=prune, fetched=fetched)
     except PacsUnavailable as exc:
+        _audit_pulled(sessions, "pull-pairs", url, out, fetched, str(exc))
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
+    _audit_pulled(sessions, "pull-pairs", url, out, fetched)
     if counts["patients"] == 0:
         removed = f" (removed {counts['removed']} series folder(s) the PACS no longer holds)" if counts["removed"] else ""
         typer.echo(f"mr2ct: no patient on the PACS has both an MR and a CT series matching these filters{removed}", err=True)

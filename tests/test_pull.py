@@ -22,6 +22,12 @@ from training.pacs_pull import DatasetCache, PullFilter, pull
 MR2CT = [sys.executable, "-m", "dicom_node.cli"]
 
 
+@pytest.fixture(autouse=True)
+def _audit_database(tmp_path, monkeypatch):
+    """The database a `mr2ct pull` command writes its audit rows into: the test's own."""
+    monkeypatch.setenv("MR2CT_DATABASE_URL", f"sqlite:///{tmp_path / 'audit.db'}")
+
+
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
     """A PACS of this module's own, holding only the cohort (other modules store into theirs)."""
@@ -534,6 +540,52 @@ def test_prune_takes_out_of_the_cache_the_series_the_pacs_no_longer_holds(orthan
         with _in_the_pacs(orthanc, withdrawn.files):  # sent to the PACS again: cached anew
             back = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("MR", description="^PRUNE ")], prune=True, **auth)
             assert (back["fetched"], back["skipped"], back["removed"]) == (1, 1, 0) and len(cache.entries()) == 2
+
+
+def test_each_study_a_pull_copies_out_of_the_pacs_is_an_audit_row_and_an_atna_message(cohort_in_orthanc, orthanc, tmp_path):
+    """Copying patients' images out of the PACS into a training cache is what a hospital's audit
+    trail is for: one row per study fetched (its patient, series and instance count, the PACS and
+    the folder, who ran it), none for what was cached already, a failure row when the PACS refuses;
+    the node's audit_syslog sends each as a DICOM Instances Transferred message naming the study
+    and the patient."""
+    from sqlalchemy import select
+
+    from dicom_node import atna
+    from dicom_node.db import init_db
+    from dicom_node.models import AuditEvent
+
+    cache_dir = tmp_path / "cache"
+    base = [*MR2CT, "pull", "--url", f"{orthanc.url}/dicom-web", "--cache", str(cache_dir), "--modality", "CT", "--username", orthanc.username]
+    first = subprocess.run([*base, "--password", orthanc.password], capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    sessions = init_db(os.environ["MR2CT_DATABASE_URL"])
+    with sessions() as session:
+        rows = session.scalars(select(AuditEvent).where(AuditEvent.action == "pacs-data-pulled")).all()
+        ct = [e for e in DatasetCache(cache_dir).entries() if e["modality"] == "CT"]
+        assert len(rows) == len(ct) == 4 and {r.outcome for r in rows} == {"success"}  # four CT studies, one series each
+        pulled = {uid for r in rows for uid in r.detail["series"]}
+        assert pulled == {e["series_uid"] for e in ct}
+        row = rows[0]
+        assert row.actor.endswith("(mr2ct pull)") and row.detail["patient_id"].startswith("PH") and row.detail["instances"] == 6
+        assert row.detail["source"] == f"{orthanc.url}/dicom-web" and row.detail["destination"] == str(cache_dir.resolve())
+        xml = atna.message(row, atna.Source(source_id="MR2CT", ae_title="MR2CT"), atna.subjects_of(session, row))
+        assert 'csd-code="110104"' in xml and 'EventActionCode="C"' in xml and row.study_instance_uid in xml
+        assert row.detail["patient_id"] in xml and f"{orthanc.url}/dicom-web" in xml and str(cache_dir.resolve()) in xml
+    again = subprocess.run([*base, "--password", orthanc.password], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "fetched 0" in again.stdout, again.stderr[-2000:]
+    refused = subprocess.run([*base, "--password", "wrong"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "401" in refused.stderr
+    with sessions() as session:
+        rows = session.scalars(select(AuditEvent).where(AuditEvent.action == "pacs-data-pulled").order_by(AuditEvent.id)).all()
+        assert [r.outcome for r in rows] == ["success"] * 4 + ["failure"] and "401" in rows[-1].detail["reason"]
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the database's folder should be")
+    nowhere = dict(os.environ, MR2CT_DATABASE_URL=f"sqlite:///{blocked / 'mr2ct.db'}")
+    unrecorded = subprocess.run([*base, "--password", orthanc.password, "--no-record"], capture_output=True, text=True, timeout=120,
+                                env=nowhere)
+    assert unrecorded.returncode == 0, unrecorded.stderr[-2000:]
+    no_database = subprocess.run([*base, "--password", orthanc.password], capture_output=True, text=True, timeout=120, env=nowhere)
+    assert no_database.returncode == 2 and "database_url" in no_database.stderr and "--no-record" in no_database.stderr
 
 
 def test_wrong_password_and_unreachable_pacs_say_so(orthanc, tmp_path):

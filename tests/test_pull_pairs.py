@@ -7,6 +7,7 @@ them as it scores the same files on disk."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,12 @@ from training.pacs_pull import PairsFilter, pull_pairs
 from training.phantom_dicom import write_mr_series
 
 MR2CT = [sys.executable, "-m", "dicom_node.cli"]
+
+
+@pytest.fixture(autouse=True)
+def _audit_database(tmp_path, monkeypatch):
+    """The database a `mr2ct pull` command writes its audit rows into: the test's own."""
+    monkeypatch.setenv("MR2CT_DATABASE_URL", f"sqlite:///{tmp_path / 'audit.db'}")
 PATIENT_IDS = ("PULLPAT0", "PULLPAT1", "PULLMRONLY", "PULLCTONLY", "PULLSCT")
 
 
@@ -120,6 +127,15 @@ def test_pull_pairs_fetches_again_a_series_of_which_the_pacs_holds_more_than_the
                            "--username", orthanc.username, "--password", orthanc.password], capture_output=True, text=True, timeout=120)
     assert said.returncode == 0, said.stderr[-2000:]
     assert "fetched 0, already there 4, fetched again 1 of which the PACS now holds another number of instances" in said.stdout
+    from sqlalchemy import select
+
+    from dicom_node.db import init_db
+    from dicom_node.models import AuditEvent
+
+    with init_db(os.environ["MR2CT_DATABASE_URL"])() as session:  # the series copied out of the PACS again is in the audit trail
+        (row,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "pacs-data-pulled")).all()
+    assert row.detail["series"] == [series.name] and row.detail["command"] == "pull-pairs" and row.detail["instances"] == 4
+    assert row.detail["destination"] == str(out.resolve()) and row.detail["patient_id"] in PATIENT_IDS
     assert len(list(series.glob("*.dcm"))) == 4 and wanted in {pydicom.dcmread(p).SOPInstanceUID for p in series.glob("*.dcm")}
     assert not (tmp_path / ".pairs.partial").exists()  # nothing left beside the folder
     again = pull_pairs(f"{orthanc.url}/dicom-web", out, PairsFilter(), username=orthanc.username, password=orthanc.password)

@@ -286,7 +286,7 @@ class DatasetCache:
 def pull(
     url: str, cache_dir: Path, filters: list[PullFilter], *, username: str | None = None, password: str | None = None,
     validation_fraction: float = 0.2, timeout: float = 30.0, progress: bool | None = None, attempts: int = DEFAULT_ATTEMPTS,
-    prune: bool = False,
+    prune: bool = False, fetched: list[dict[str, Any]] | None = None,
 ) -> dict[str, int]:
     """Fetch what matches and is not yet cached. A series that says it is synthetic (Synthetic Data
     YES: the sCTs mr2ct itself stores in the PACS, and other tools' synthetic images) or whose
@@ -316,7 +316,9 @@ def pull(
     ``prune``: series the PACS no longer holds (deleted there: a patient who withdrew consent to
     research use, a study moved out) leave the cache (``DatasetCache.remove``), counted ``removed``;
     asked of each cached series this pull's searches did not find, one QIDO-RS request each, so a
-    series outside the filters is kept while the PACS holds it."""
+    series outside the filters is kept while the PACS holds it. ``fetched``, when given, gets one
+    item per series fetched (study, series, patient_id, instances), as it is cached: what `mr2ct
+    pull` writes into the audit trail, the part fetched before a PACS error included."""
     cache = DatasetCache(cache_dir)
     client = _client(url, username, password, timeout, attempts)
     entries, left_out, headers_read = cache.entries(), cache.left_out(), cache.headers_read()  # the manifest read once
@@ -448,6 +450,8 @@ def pull(
             replaces=outdated.get(series_uid),
         )
         known.add(series_uid)
+        if fetched is not None:
+            fetched.append({"study": study_uid, "series": series_uid, "patient_id": _value(attrs, "00100020"), "instances": len(datasets)})
         if outdated.pop(series_uid, None) is not None:
             if series_uid in changed:
                 log.info("cached again series=%s: %d instances", series_uid, len(datasets))
@@ -545,6 +549,7 @@ def _left_out_unless_fetched(client: DICOMwebClient, url: str, attrs: dict[str, 
 def pull_pairs(
     url: str, out_dir: Path, flt: PairsFilter, *, username: str | None = None, password: str | None = None,
     timeout: float = 30.0, progress: bool | None = None, attempts: int = DEFAULT_ATTEMPTS, prune: bool = False,
+    fetched: list[dict[str, Any]] | None = None,
 ) -> dict[str, int]:
     """The DICOM files of every patient that has both an MR and a CT series matching ``flt`` (and
     of the spatial registrations filed for them), fetched into ``out_dir`` as `mr2ct evaluate
@@ -559,7 +564,8 @@ def pull_pairs(
     folder does (fetched while it was still arriving, a slice added or deleted since) is fetched
     again whole and replaces it. ``prune``: a series folder the PACS no longer holds is deleted (as
     ``pull``'s ``prune`` asks: one request for each the searches did not find). Returns counts
-    (patients, found, fetched, skipped, changed: fetched again so, removed)."""
+    (patients, found, fetched, skipped, changed: fetched again so, removed); ``fetched`` gets an
+    item per series fetched, as ``pull``'s."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial"  # outside the folder: evaluate never sees half a series
@@ -616,6 +622,9 @@ def pull_pairs(
                 ds.save_as(partial / f"{n:05d}.dcm", enforce_file_format=True)
         except requests.RequestException as exc:
             raise _pacs_error(url, exc) from exc
+        if fetched is not None:
+            fetched.append({"study": study_uid, "series": series_uid, "patient_id": _value(attrs, "00100020"),
+                            "instances": sum(1 for _ in partial.iterdir())})
         target.parent.mkdir(exist_ok=True)
         if target.is_dir():  # the series as the PACS holds it now takes the place of the one fetched before
             replaced = staging / f"{series_uid}.replaced"
