@@ -571,6 +571,13 @@ def test_each_study_a_pull_copies_out_of_the_pacs_is_an_audit_row_and_an_atna_me
         xml = atna.message(row, atna.Source(source_id="MR2CT", ae_title="MR2CT"), atna.subjects_of(session, row))
         assert 'csd-code="110104"' in xml and 'EventActionCode="C"' in xml and row.study_instance_uid in xml
         assert row.detail["patient_id"] in xml and f"{orthanc.url}/dicom-web" in xml and str(cache_dir.resolve()) in xml
+    from tests.helpers import served_api
+
+    with served_api(sessions, {"auditor-token": "auditor"}) as api:  # an auditor asks what became of one patient's images
+        found = requests.get(f"{api}/audit", params={"patient_id": row.detail["patient_id"], "action": "pacs-data-pulled"},
+                             headers={"Authorization": "Bearer auditor-token"}, timeout=30)
+    assert found.status_code == 200, found.text
+    assert [item["study_instance_uid"] for item in found.json()["items"]] == [row.study_instance_uid]
     again = subprocess.run([*base, "--password", orthanc.password], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "fetched 0" in again.stdout, again.stderr[-2000:]
     refused = subprocess.run([*base, "--password", "wrong"], capture_output=True, text=True, timeout=120)

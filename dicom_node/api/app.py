@@ -21,7 +21,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as FastApiPath
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import AfterValidator, BaseModel, Field
-from sqlalchemy import Select, and_, case, func, select, text, update
+from sqlalchemy import Select, and_, case, func, or_, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit, forward_commitment
@@ -163,7 +163,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     api = APIRouter(dependencies=[Depends(current_caller)], responses=refusals(401, 403))
 
     def _audit_query(caller: Caller, resource: str, **filters: Any) -> None:
-        """IHE ATNA 'query': who asked what (patient IDs are never copied into the audit detail)."""
+        """IHE ATNA 'query': who asked what (the patient ID a caller filtered by is never copied into the row)."""
         audit.record(sessions, "query", "success", caller.actor, resource=resource,
                      **{k: v for k, v in filters.items() if v not in (None, False)})
 
@@ -647,9 +647,10 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                               (AuditEvent.study_instance_uid, study_uid), (AuditEvent.series_instance_uid, series_uid)):
             if value:
                 query = query.where(column == value)
-        if patient_id:
+        if patient_id:  # through the node's series; a pull's rows (the PACS's series, not the node's) name their patient
             studies = select(Series.study_instance_uid).where(Series.patient_id == patient_id)
-            query = query.where(AuditEvent.study_instance_uid.in_(studies))
+            pulled = and_(AuditEvent.action == audit.DATA_PULLED, AuditEvent.detail["patient_id"].as_string() == patient_id)
+            query = query.where(or_(AuditEvent.study_instance_uid.in_(studies), pulled))
         if since:
             query = query.where(AuditEvent.at >= since)
         if until:
