@@ -1049,7 +1049,7 @@ def _audit_pulled(sessions: Any, command: str, url: str, folder: Path, fetched: 
         user = f"uid {os.getuid()}"
     actor = f"{user} (mr2ct {command})"
     parts = urlsplit(url)
-    source = urlunsplit(parts._replace(netloc=parts.hostname + (f":{parts.port}" if parts.port else ""))) if parts.hostname else url
+    source = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # without user:password@, should the URL carry them
     where = {"source": source, "destination": str(folder.resolve()), "command": command}
     studies: dict[str, list[dict[str, Any]]] = {}
     for item in fetched:
