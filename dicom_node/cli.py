@@ -169,7 +169,10 @@ def train(
 
         try:
             recorder = RunRecorder(init_db(_settings(config).database_url))
-            run_id = recorder.start(out, command, asdict(cfg), resume=resume)
+            recorded = asdict(cfg)
+            if cfg.data:  # the cache as `mr2ct pull`'s audit rows name it (GET /audit/lineage joins them)
+                recorded["data"] = str(Path(str(cfg.data)).resolve())
+            run_id = recorder.start(out, command, recorded, resume=resume)
         except (DatabaseUnavailable, SQLAlchemyError) as exc:
             typer.echo(f"mr2ct: database_url: {exc}; fix it or train with --no-record (losses.csv only)", err=True)
             raise typer.Exit(2) from exc

@@ -613,18 +613,46 @@ def test_wrong_password_and_unreachable_pacs_say_so(orthanc, tmp_path):
         assert refused.returncode == 2 and f"{option}: {a_file} is a file, not a folder" in refused.stderr, refused.stderr[-2000:]
 
 
-def test_training_runs_on_a_pulled_cache(cohort_in_orthanc, orthanc, tmp_path):
+def test_training_runs_on_a_pulled_cache_and_the_audit_follows_a_patient_into_the_active_model(cohort_in_orthanc, orthanc, tmp_path,
+                                                                                               monkeypatch):
+    """An ML engineer pulls the PACS into a cache, trains on it and activates the model; when a
+    patient withdraws consent, the auditor asks GET /audit/lineage where that patient's images went:
+    the study pulled and into which folder, the training run that read it, the model it made, and
+    that the node runs it now. A patient never pulled has none of these."""
+    from dicom_node.db import init_db
+    from tests.helpers import served_api
+
     cache_dir = tmp_path / "cache"
-    pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("MR"), PullFilter("CT")], username=orthanc.username,
-         password=orthanc.password, validation_fraction=0.0)
+    monkeypatch.chdir(tmp_path)  # a relative --data, as typed at a prompt: the run records it resolved
+    pulled = subprocess.run([*MR2CT, "pull", "--url", f"{orthanc.url}/dicom-web", "--cache", "cache", "--validation-fraction", "0",
+                             "--username", orthanc.username, "--password", orthanc.password], capture_output=True, text=True, timeout=300)
+    assert pulled.returncode == 0, pulled.stderr[-2000:]
     out = tmp_path / "run"
     result = subprocess.run(
-        [*MR2CT, "train", "--out", str(out), "--data", str(cache_dir), "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2", "--no-record"],
+        [*MR2CT, "train", "--out", str(out), "--data", "cache", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "2"],
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    for command in (["models", "register", str(out)], ["models", "activate", "1"]):
+        done = subprocess.run([*MR2CT, *command], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    with served_api(init_db(os.environ["MR2CT_DATABASE_URL"]), {"auditor-token": "auditor"}) as api:
+        def lineage(patient_id: str) -> dict:
+            answer = requests.get(f"{api}/audit/lineage", params={"patient_id": patient_id}, headers={"Authorization": "Bearer auditor-token"},
+                                  timeout=30)
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+
+        withdrawn, stranger = lineage("PHMR0070001"), lineage("NOT-PULLED")
+        refused = requests.get(f"{api}/audit/lineage", headers={"Authorization": "Bearer auditor-token"}, timeout=30)
+    assert refused.status_code == 422  # which patient: a reason, not a list of everyone
+    assert [p["folder"] for p in withdrawn["pulls"]] == [str(cache_dir.resolve())] and withdrawn["pulls"][0]["command"] == "pull"
+    (run,) = withdrawn["training_runs"]
+    assert run["data"] == str(cache_dir.resolve()) and run["state"] == "finished" and run["model_sha256"]
+    assert [m["sha256"] for m in withdrawn["models"]] == [run["model_sha256"]] and withdrawn["active_model_learned_from_patient"] is True
+    assert stranger == {"pulls": [], "training_runs": [], "models": [], "active_model_learned_from_patient": False}
     card = json.loads((out / "model.json").read_text())
-    assert card["training"]["data"]["cache"] == str(cache_dir)
+    assert card["training"]["data"]["cache"] == "cache"  # as given
     assert card["training"]["data"]["mr_slices"] == 5 * 6 and card["training"]["data"]["ct_slices"] == 4 * 6
     assert card["mr_contrasts"] == ["T1"]  # what the pull recorded of each MR series: the node's config check holds its selection to it
     assert card["mr_contrast_agents"] == ["WITHOUT"] and card["mr_fat_suppression"] == ["WITHOUT"]  # and whether each was enhanced, fat-saturated
