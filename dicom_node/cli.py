@@ -170,8 +170,9 @@ def train(
         try:
             recorder = RunRecorder(init_db(_settings(config).database_url))
             recorded = asdict(cfg)
-            if cfg.data:  # the cache as `mr2ct pull`'s audit rows name it (GET /audit/lineage joins them)
-                recorded["data"] = str(Path(str(cfg.data)).resolve())
+            for key in ("data", "init_from"):  # the cache as `mr2ct pull`'s audit rows name it, the run fine-tuned from as its
+                if recorded.get(key):          # row names its folder: GET /audit/lineage follows both
+                    recorded[key] = str(Path(str(recorded[key])).resolve())
             run_id = recorder.start(out, command, recorded, resume=resume)
         except (DatabaseUnavailable, SQLAlchemyError) as exc:
             typer.echo(f"mr2ct: database_url: {exc}; fix it or train with --no-record (losses.csv only)", err=True)

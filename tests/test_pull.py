@@ -615,10 +615,11 @@ def test_wrong_password_and_unreachable_pacs_say_so(orthanc, tmp_path):
 
 def test_training_runs_on_a_pulled_cache_and_the_audit_follows_a_patient_into_the_active_model(cohort_in_orthanc, orthanc, tmp_path,
                                                                                                monkeypatch):
-    """An ML engineer pulls the PACS into a cache, trains on it and activates the model; when a
-    patient withdraws consent, the auditor asks GET /audit/lineage where that patient's images went:
-    the study pulled and into which folder, the training run that read it, the model it made, and
-    that the node runs it now. A patient never pulled has none of these."""
+    """An ML engineer pulls the PACS into a cache, trains on it, fine-tunes another model from it and
+    activates the first; when a patient withdraws consent, the auditor asks GET /audit/lineage where
+    that patient's images went: the study pulled and into which folder, the training run that read
+    it and the one fine-tuned from it, the models, and that the node runs one of them now. A patient
+    never pulled has none of these."""
     from dicom_node.db import init_db
     from tests.helpers import served_api
 
@@ -633,6 +634,10 @@ def test_training_runs_on_a_pulled_cache_and_the_audit_follows_a_patient_into_th
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-2000:]
+    tuned = subprocess.run([*MR2CT, "train", "--out", "tuned", "--init-from", str(out / "model.safetensors"), "--epochs", "1",
+                            "--steps-per-epoch", "1", "--batch-size", "2", "--subjects-per-pool", "1", "--image-size", "64"],
+                           capture_output=True, text=True, timeout=600)  # on phantom heads
+    assert tuned.returncode == 0, tuned.stderr[-2000:]
     for command in (["models", "register", str(out)], ["models", "activate", "1"]):
         done = subprocess.run([*MR2CT, *command], capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
@@ -647,8 +652,9 @@ def test_training_runs_on_a_pulled_cache_and_the_audit_follows_a_patient_into_th
         refused = requests.get(f"{api}/audit/lineage", headers={"Authorization": "Bearer auditor-token"}, timeout=30)
     assert refused.status_code == 422  # which patient: a reason, not a list of everyone
     assert [p["folder"] for p in withdrawn["pulls"]] == [str(cache_dir.resolve())] and withdrawn["pulls"][0]["command"] == "pull"
-    (run,) = withdrawn["training_runs"]
+    run, fine_tuned = withdrawn["training_runs"]  # the run on the cache, and the one fine-tuned from it on phantoms: it learned too
     assert run["data"] == str(cache_dir.resolve()) and run["state"] == "finished" and run["model_sha256"]
+    assert fine_tuned["out_dir"] == str((tmp_path / "tuned").resolve()) and fine_tuned["data"] is None
     assert [m["sha256"] for m in withdrawn["models"]] == [run["model_sha256"]] and withdrawn["active_model_learned_from_patient"] is True
     assert stranger == {"pulls": [], "training_runs": [], "models": [], "active_model_learned_from_patient": False}
     card = json.loads((out / "model.json").read_text())

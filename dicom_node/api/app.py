@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import fields
@@ -638,7 +639,8 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         """Where one patient's images went for training, as a hospital asks when a patient withdraws
         consent to research use: the studies `mr2ct pull`/`pull-pairs` copied out of the PACS and
         into which folder (their ``pacs-data-pulled`` rows), the training runs that read one of those
-        folders (``--data``, recorded resolved since 2026-12-06), the models they exported and, of
+        folders (``--data``, recorded resolved since 2026-12-06) or were fine-tuned from such a run
+        (``--init-from`` its folder or a file in it), the models they exported and, of
         those, the ones registered here and which is active. The patient ID asked is not copied
         into the query's own audit row."""
         pulled = and_(AuditEvent.action == audit.DATA_PULLED, AuditEvent.outcome == "success",
@@ -649,7 +651,13 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
                       "command": r.detail.get("command"), "source": r.detail.get("source"), "folder": r.detail.get("destination")}
                      for r in rows]
             folders = {p["folder"] for p in pulls if p["folder"]}
-            runs = [r for r in session.scalars(select(TrainingRun).order_by(TrainingRun.id)) if (r.config or {}).get("data") in folders]
+            runs: list[TrainingRun] = []
+            learned: set[str] = set()  # the folders of the runs found so far: a run fine-tuned from one of them learned too
+            for r in session.scalars(select(TrainingRun).order_by(TrainingRun.id)):
+                start = str((r.config or {}).get("init_from") or "")
+                if (r.config or {}).get("data") in folders or (start and (start in learned or os.path.dirname(start) in learned)):
+                    runs.append(r)
+                    learned.add(r.out_dir)
             trained = [{"run_id": r.id, "data": r.config.get("data"), "out_dir": r.out_dir, "state": r.state,
                         "started_at": as_utc(r.started_at).isoformat(), "model_sha256": r.model_sha256} for r in runs]
             shas = {r.model_sha256 for r in runs if r.model_sha256}
