@@ -1174,6 +1174,45 @@ def tokens_list(
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
 
 
+@audit_app.command("lineage")
+def audit_lineage(
+    patient_id: Annotated[str, typer.Option(help="the patient's ID as the PACS holds it")],
+    as_json: Annotated[bool, typer.Option("--json", help="the answer of GET /audit/lineage, as JSON")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """Where one patient's images went for training: the studies pulled and where, the training runs
+    that read them (or were fine-tuned from such a run), the models they made and whether the active
+    one is among them (as GET /audit/lineage; the question is audited, the patient ID not copied)."""
+    import getpass
+    import json
+
+    from dicom_node import audit
+    from dicom_node.db import init_db
+    from dicom_node.lineage import patient_lineage
+
+    sessions = init_db(_settings(config).database_url)
+    with sessions() as session:
+        found = patient_lineage(session, patient_id)
+    audit.record(sessions, "query", "success", f"{getpass.getuser()} (mr2ct audit lineage)", resource="audit/lineage", patient_filter=True,
+                 pulls=len(found["pulls"]), runs=len(found["training_runs"]))
+    if as_json:
+        typer.echo(json.dumps(found))
+        return
+    if not found["pulls"]:
+        typer.echo("no study of this patient was pulled out of a PACS by mr2ct (pull, pull-pairs) into this database's audit trail")
+        return
+    for pull in found["pulls"]:
+        typer.echo(f"{pull['at']}  mr2ct {pull['command']}: study {pull['study_uid']} ({len(pull['series'])} series) from {pull['source']} "
+                   f"into {pull['folder']}")
+    for run in found["training_runs"]:
+        typer.echo(f"training run {run['run_id']} ({run['state']}, {run['started_at']}): {run['out_dir']}"
+                   + (f", model {run['model_sha256'][:12]}" if run["model_sha256"] else ""))
+    for model in found["models"]:
+        typer.echo(f"registered model {model['id']} {model['name']} {model['sha256'][:12]}{' (active)' if model['active'] else ''}")
+    if found["active_model_learned_from_patient"]:
+        typer.echo("the active model learned from this patient's images")
+
+
 @audit_app.command("export")
 def audit_export(
     resend_since: Annotated[Optional[str], typer.Option(help="send again every audit row from this time on (ISO 8601; no "

@@ -657,6 +657,12 @@ def test_training_runs_on_a_pulled_cache_and_the_audit_follows_a_patient_into_th
     assert fine_tuned["out_dir"] == str((tmp_path / "tuned").resolve()) and fine_tuned["data"] is None
     assert [m["sha256"] for m in withdrawn["models"]] == [run["model_sha256"]] and withdrawn["active_model_learned_from_patient"] is True
     assert stranger == {"pulls": [], "training_runs": [], "models": [], "active_model_learned_from_patient": False}
+    said = subprocess.run([*MR2CT, "audit", "lineage", "--patient-id", "PHMR0070001"], capture_output=True, text=True, timeout=120)
+    assert said.returncode == 0, said.stderr[-2000:]
+    assert f"into {cache_dir.resolve()}" in said.stdout and f"training run {run['run_id']} (finished" in said.stdout
+    assert "(active)" in said.stdout and "the active model learned from this patient's images" in said.stdout
+    as_json = subprocess.run([*MR2CT, "audit", "lineage", "--patient-id", "PHMR0070001", "--json"], capture_output=True, text=True, timeout=120)
+    assert json.loads(as_json.stdout) == withdrawn
     card = json.loads((out / "model.json").read_text())
     assert card["training"]["data"]["cache"] == "cache"  # as given
     assert card["training"]["data"]["mr_slices"] == 5 * 6 and card["training"]["data"]["ct_slices"] == 4 * 6

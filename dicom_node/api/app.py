@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import fields
@@ -636,36 +635,15 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
 
     @api.get("/audit/lineage")
     def patient_lineage(caller: Caller = Depends(READ), patient_id: str = Query(..., min_length=1, max_length=64)) -> dict[str, Any]:
-        """Where one patient's images went for training, as a hospital asks when a patient withdraws
-        consent to research use: the studies `mr2ct pull`/`pull-pairs` copied out of the PACS and
-        into which folder (their ``pacs-data-pulled`` rows), the training runs that read one of those
-        folders (``--data``, recorded resolved since 2026-12-06) or were fine-tuned from such a run
-        (``--init-from`` its folder or a file in it), the models they exported and, of
-        those, the ones registered here and which is active. The patient ID asked is not copied
-        into the query's own audit row."""
-        pulled = and_(AuditEvent.action == audit.DATA_PULLED, AuditEvent.outcome == "success",
-                      AuditEvent.detail["patient_id"].as_string() == patient_id)
+        """Where one patient's images went for training (``dicom_node.lineage``), as a hospital asks
+        when a patient withdraws consent to research use. The patient ID asked is not copied into
+        the query's own audit row."""
+        from dicom_node.lineage import patient_lineage as lineage_of
+
         with sessions() as session:
-            rows = session.scalars(select(AuditEvent).where(pulled).order_by(AuditEvent.id)).all()
-            pulls = [{"at": as_utc(r.at).isoformat(), "study_uid": r.study_instance_uid, "series": r.detail.get("series", []),
-                      "command": r.detail.get("command"), "source": r.detail.get("source"), "folder": r.detail.get("destination")}
-                     for r in rows]
-            folders = {p["folder"] for p in pulls if p["folder"]}
-            runs: list[TrainingRun] = []
-            learned: set[str] = set()  # the folders of the runs found so far: a run fine-tuned from one of them learned too
-            for r in session.scalars(select(TrainingRun).order_by(TrainingRun.id)):
-                start = str((r.config or {}).get("init_from") or "")
-                if (r.config or {}).get("data") in folders or (start and (start in learned or os.path.dirname(start) in learned)):
-                    runs.append(r)
-                    learned.add(r.out_dir)
-            trained = [{"run_id": r.id, "data": r.config.get("data"), "out_dir": r.out_dir, "state": r.state,
-                        "started_at": as_utc(r.started_at).isoformat(), "model_sha256": r.model_sha256} for r in runs]
-            shas = {r.model_sha256 for r in runs if r.model_sha256}
-            models = [{"id": m.id, "name": m.name, "sha256": m.sha256, "active": m.active}
-                      for m in session.scalars(select(ModelVersion).where(ModelVersion.sha256.in_(shas)).order_by(ModelVersion.id))] if shas else []
-        _audit_query(caller, "audit/lineage", patient_filter=True, pulls=len(pulls), runs=len(trained))
-        return {"pulls": pulls, "training_runs": trained, "models": models,
-                "active_model_learned_from_patient": any(m["active"] for m in models)}
+            found = lineage_of(session, patient_id)
+        _audit_query(caller, "audit/lineage", patient_filter=True, pulls=len(found["pulls"]), runs=len(found["training_runs"]))
+        return found
 
     @api.get("/audit", response_model=None)
     def read_audit(
