@@ -85,6 +85,7 @@ EVENTS: dict[str, tuple[tuple[str, str], tuple[str, str] | None, str]] = {
     audit.SYNTHESIS_REQUESTED: (INSTANCES_TRANSFERRED, None, "C"),
     # a user's `mr2ct pull` or `pull-pairs` copied a study's series from a PACS into a training cache or a pairs folder
     audit.DATA_PULLED: (INSTANCES_TRANSFERRED, None, "C"),
+    audit.PULLED_DATA_REMOVED: (INSTANCES_ACCESSED, None, "D"),  # those copies deleted (--prune)
     audit.JOB_FINISHED: (INSTANCES_ACCESSED, None, "C"),  # derived instances created from the MR
     audit.JOB_FAILED: (INSTANCES_ACCESSED, None, "C"),
     SPOOL_PURGED: (INSTANCES_ACCESSED, None, "D"),
@@ -218,6 +219,10 @@ def message(row: AuditEvent, source: Source, subjects: Iterable[Subject] = ()) -
         parts.append(_participant(user, True))
         parts.append(_participant(origin, False, role=SOURCE, access_point=origin if "://" in origin else None, access_point_type="5"))
         parts.append(_participant(str(detail.get("destination") or ""), False, role=DESTINATION, **own))
+    elif row.action == audit.PULLED_DATA_REMOVED:
+        # a user's --prune deleted the copies in a folder on this host
+        parts.append(_participant(user, True))
+        parts.append(_participant(str(detail.get("destination") or ""), False, **own))
     elif event_id == INSTANCES_TRANSFERRED:
         # the node stored to Orthanc (an sCT), routed originals to their destination, or had Orthanc send an sCT on
         destination = str(detail.get("destination") or "")

@@ -19,6 +19,7 @@ INSTANCE_REFUSED = "dicom-instance-refused"
 ROUTING_GIVEN_UP = "routing-given-up"
 SYNTHESIS_REQUESTED = "synthesis-requested"  # a user had the node copy a series from Orthanc (POST /synthesize)
 DATA_PULLED = "pacs-data-pulled"  # `mr2ct pull` / `pull-pairs` copied a study's series from a PACS into a folder
+PULLED_DATA_REMOVED = "pulled-data-removed"  # their --prune deleted such copies, the PACS no longer holding the series
 SERIES_STABLE = "series-stable"
 JOB_STARTED = "job-started"
 JOB_FINISHED = "job-finished"

@@ -992,14 +992,15 @@ def pull(
     filters = [PullFilter(m, body_part, description, date_from, date_to, limit, *((contrasts, agents, fat) if m == "MR" else ()))
                for m in modality]
     fetched: list[dict[str, Any]] = []
+    removed: list[str] = []
     try:
         counts = run_pull(url, cache, filters, username=username, password=password, validation_fraction=validation_fraction,
-                         attempts=attempts, prune=prune, fetched=fetched)
+                         attempts=attempts, prune=prune, fetched=fetched, removed=removed)
     except PacsUnavailable as exc:
-        _audit_pulled(sessions, "pull", url, cache, fetched, str(exc))
+        _audit_pulled(sessions, "pull", url, cache, fetched, removed, str(exc))
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
-    _audit_pulled(sessions, "pull", url, cache, fetched)
+    _audit_pulled(sessions, "pull", url, cache, fetched, removed)
     enhanced = "".join(f", {counts[key]} MR series {'without' if chosen == 'with' else 'with'} {what} ({option} {chosen})"
                        for key, option, what, chosen in with_without if chosen != "any")
     refreshed = (f", fetched again {counts['refreshed']} that an earlier pull cached in their acquired plane (now the axial slices "
@@ -1036,16 +1037,23 @@ def _pull_audit(record: bool, config: Optional[Path]) -> Any:
         raise typer.Exit(2) from exc
 
 
-def _audit_pulled(sessions: Any, command: str, url: str, folder: Path, fetched: list[dict[str, Any]], error: str | None = None) -> None:
-    """A pull's audit rows (``pacs-data-pulled``), in one transaction: one per study it fetched
+def _audit_pulled(sessions: Any, command: str, url: str, folder: Path, fetched: list[dict[str, Any]], removed: list[str],
+                  error: str | None = None) -> None:
+    """A pull's audit rows, in one transaction: ``pacs-data-pulled``, one per study it fetched
     series of (its patient, series and instances: what the audit trail's DICOM Instances
-    Transferred message reports, study by study), and a failure row when the PACS stopped it."""
+    Transferred message reports, study by study), and a failure row when the PACS stopped it;
+    ``pulled-data-removed``, one per study ``--prune`` deleted series of (study and patient as the
+    rows of the pull that copied them into this folder name them; one row without for series
+    pulled before pulls were audited)."""
     if sessions is None:
         return
     import getpass
     from urllib.parse import urlsplit, urlunsplit
 
+    from sqlalchemy import select
+
     from dicom_node import audit
+    from dicom_node.models import AuditEvent
 
     try:
         user = getpass.getuser()
@@ -1064,6 +1072,20 @@ def _audit_pulled(sessions: Any, command: str, url: str, folder: Path, fetched: 
                                     series=[i["series"] for i in items], instances=sum(i["instances"] for i in items), **where))
         if error:
             session.add(audit.event(audit.DATA_PULLED, "failure", actor, reason=error[:500], series_fetched=len(fetched), **where))
+        if removed:
+            copied = {}  # series -> (study, patient) as this folder's pulls recorded them
+            for row in session.scalars(select(AuditEvent).where(AuditEvent.action == audit.DATA_PULLED,
+                                                                AuditEvent.detail["destination"].as_string() == where["destination"])):
+                for series_uid in row.detail.get("series", []):
+                    copied[series_uid] = (row.study_instance_uid, row.detail.get("patient_id", ""))
+            gone: dict[tuple[str, str] | None, list[str]] = {}
+            for series_uid in removed:
+                gone.setdefault(copied.get(series_uid), []).append(series_uid)
+            for subject, series in gone.items():
+                study_uid, patient_id = subject or (None, None)
+                session.add(audit.event(audit.PULLED_DATA_REMOVED, "success", actor, study_uid=study_uid, series=series,
+                                        why="the PACS no longer holds them (--prune)", **({"patient_id": patient_id} if patient_id else {}),
+                                        **where))
 
 
 @app.command("pull-pairs")
@@ -1095,13 +1117,15 @@ def pull_pairs(
     sessions = _pull_audit(record, config)
     flt = PairsFilter(body_part, mr_description, ct_description, date_from, date_to, limit)
     fetched: list[dict[str, Any]] = []
+    removed: list[str] = []
     try:
-        counts = run_pull_pairs(url, out, flt, username=username, password=password, attempts=attempts, prune=prune, fetched=fetched)
+        counts = run_pull_pairs(url, out, flt, username=username, password=password, attempts=attempts, prune=prune, fetched=fetched,
+                                removed=removed)
     except PacsUnavailable as exc:
-        _audit_pulled(sessions, "pull-pairs", url, out, fetched, str(exc))
+        _audit_pulled(sessions, "pull-pairs", url, out, fetched, removed, str(exc))
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
-    _audit_pulled(sessions, "pull-pairs", url, out, fetched)
+    _audit_pulled(sessions, "pull-pairs", url, out, fetched, removed)
     if counts["patients"] == 0:
         removed = f" (removed {counts['removed']} series folder(s) the PACS no longer holds)" if counts["removed"] else ""
         typer.echo(f"mr2ct: no patient on the PACS has both an MR and a CT series matching these filters{removed}", err=True)
@@ -1203,7 +1227,7 @@ def audit_lineage(
         return
     for pull in found["pulls"]:
         typer.echo(f"{pull['at']}  mr2ct {pull['command']}: study {pull['study_uid']} ({len(pull['series'])} series) from {pull['source']} "
-                   f"into {pull['folder']}")
+                   f"into {pull['folder']}" + (f"; deleted from there {pull['removed_at']} (--prune)" if pull["removed_at"] else ""))
     for run in found["training_runs"]:
         typer.echo(f"training run {run['run_id']} ({run['state']}, {run['started_at']}): {run['out_dir']}"
                    + (f", model {run['model_sha256'][:12]}" if run["model_sha256"] else ""))

@@ -17,7 +17,8 @@ from dicom_node.models import AuditEvent, ModelVersion, TrainingRun, as_utc
 
 
 def patient_lineage(session: Session, patient_id: str) -> dict[str, Any]:
-    """The studies of ``patient_id`` copied out of the PACS and into which folder, the training
+    """The studies of ``patient_id`` copied out of the PACS and into which folder (and when ``--prune``
+    deleted those copies, ``removed_at``; the runs that read them before still learned), the training
     runs that read one of those folders (``--data``, recorded resolved since 2026-12-06) or were
     fine-tuned from such a run (``--init-from`` its folder or a file in it), the models they
     exported and, of those, the ones registered and whether the active one is among them."""
@@ -27,6 +28,15 @@ def patient_lineage(session: Session, patient_id: str) -> dict[str, Any]:
               "command": r.detail.get("command"), "source": r.detail.get("source"), "folder": r.detail.get("destination")}
              for r in session.scalars(select(AuditEvent).where(pulled).order_by(AuditEvent.id))]
     folders = {p["folder"] for p in pulls if p["folder"]}
+    deleted: dict[tuple[str, str], str] = {}  # (folder, series) -> when --prune deleted the copy there
+    if folders:
+        for r in session.scalars(select(AuditEvent).where(AuditEvent.action == audit.PULLED_DATA_REMOVED).order_by(AuditEvent.id)):
+            if r.detail.get("destination") in folders:
+                for series_uid in r.detail.get("series", []):
+                    deleted[(r.detail["destination"], series_uid)] = as_utc(r.at).isoformat()
+    for p in pulls:  # when every series of it was deleted from its folder since (a later pull may have copied it again)
+        times = [deleted.get((p["folder"], s)) for s in p["series"]]
+        p["removed_at"] = max(times) if times and all(t is not None and t > p["at"] for t in times) else None  # type: ignore[type-var]
     runs: list[TrainingRun] = []
     learned: set[str] = set()  # the folders of the runs found so far: a run fine-tuned from one of them learned too
     for r in session.scalars(select(TrainingRun).order_by(TrainingRun.id)):

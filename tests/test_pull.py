@@ -509,8 +509,16 @@ def test_prune_takes_out_of_the_cache_the_series_the_pacs_no_longer_holds(orthan
     research PACS: `mr2ct pull --prune` removes their series from the cache (shard deleted, the
     manifest saying why), keeps a series its filters did not ask for while the PACS holds it, and
     still counts the patient as trained on (an evaluation on pairs leaves them out). Without
-    --prune nothing is removed; a series that comes back is cached anew."""
+    --prune nothing is removed; a series that comes back is cached anew. The deletion is in the
+    audit trail (study and patient as the pull that copied them named them), and the patient's
+    lineage says when their copy went."""
     import numpy as np
+    from sqlalchemy import select
+
+    from dicom_node import atna
+    from dicom_node.db import init_db
+    from dicom_node.lineage import patient_lineage
+    from dicom_node.models import AuditEvent
 
     from training.phantom_dicom import write_mr_series
 
@@ -520,7 +528,10 @@ def test_prune_takes_out_of_the_cache_the_series_the_pacs_no_longer_holds(orthan
     cache_dir, auth = tmp_path / "cache", dict(username=orthanc.username, password=orthanc.password, progress=False)
     with _in_the_pacs(orthanc, kept.files):
         with _in_the_pacs(orthanc, withdrawn.files):
-            assert pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("MR", description="^PRUNE ")], **auth)["fetched"] == 2
+            first = subprocess.run([*MR2CT, "pull", "--url", f"{orthanc.url}/dicom-web", "--cache", str(cache_dir), "--modality", "MR",
+                                    "--description", "^PRUNE ", "--username", orthanc.username, "--password", orthanc.password],
+                                   capture_output=True, text=True, timeout=120)
+            assert first.returncode == 0 and "fetched 2," in first.stdout, first.stderr[-2000:]
         cache = DatasetCache(cache_dir)
         gone = next(e for e in cache.entries() if e["series_uid"] == withdrawn.series_uid)
         kept_only = [PullFilter("MR", description="^PRUNE withdrawn")]  # the kept series is outside this pull's filter
@@ -535,6 +546,17 @@ def test_prune_takes_out_of_the_cache_the_series_the_pacs_no_longer_holds(orthan
         last = json.loads(cache.manifest.read_text().splitlines()[-1])
         assert last["series_uid"] == withdrawn.series_uid and "the PACS no longer held it" in last["removed"]
         assert cache.patients()[gone["patient_key"]] == gone["split"]  # still counted as trained on
+        sessions = init_db(os.environ["MR2CT_DATABASE_URL"])
+        with sessions() as session:
+            (row,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "pulled-data-removed")).all()
+            assert (row.study_instance_uid, row.detail["patient_id"], row.detail["series"]) == (withdrawn.study_uid, "PHWITHDRAWN",
+                                                                                               [withdrawn.series_uid])
+            assert row.detail["destination"] == str(cache_dir.resolve())
+            xml = atna.message(row, atna.Source(source_id="MR2CT", ae_title="MR2CT"), atna.subjects_of(session, row))
+            assert 'csd-code="110103"' in xml and 'EventActionCode="D"' in xml and "PHWITHDRAWN" in xml and withdrawn.study_uid in xml
+            (copied,) = patient_lineage(session, "PHWITHDRAWN")["pulls"]
+            assert copied["removed_at"] is not None and copied["removed_at"] > copied["at"]
+            assert patient_lineage(session, "PHKEPT")["pulls"][0]["removed_at"] is None
         again = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("MR", description="^PRUNE ")], prune=True, **auth)
         assert (again["skipped"], again["removed"], again["fetched"]) == (1, 0, 0)
         with _in_the_pacs(orthanc, withdrawn.files):  # sent to the PACS again: cached anew

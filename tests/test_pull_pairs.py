@@ -161,6 +161,14 @@ def test_pull_pairs_prune_deletes_the_series_folders_the_pacs_no_longer_holds(ho
                            "--username", orthanc.username, "--password", orthanc.password], capture_output=True, text=True, timeout=120)
     assert said.returncode == 0, said.stderr[-2000:]
     assert "already there 5, removed 1 the PACS no longer holds ->" in said.stdout
+    from sqlalchemy import select
+
+    from dicom_node.db import init_db
+    from dicom_node.models import AuditEvent
+
+    with init_db(os.environ["MR2CT_DATABASE_URL"])() as session:  # the deletion audited (no pull of it recorded: no study named)
+        (row,) = session.scalars(select(AuditEvent).where(AuditEvent.action == "pulled-data-removed")).all()
+    assert row.detail["series"] == [gone.name] and row.study_instance_uid is None and row.detail["command"] == "pull-pairs"
     assert not gone.parent.exists() and notes.is_dir()
     assert sorted(p.relative_to(out) for p in out.rglob("*.dcm")) == held
     assert not (tmp_path / ".pairs.partial").exists()

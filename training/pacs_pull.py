@@ -286,7 +286,7 @@ class DatasetCache:
 def pull(
     url: str, cache_dir: Path, filters: list[PullFilter], *, username: str | None = None, password: str | None = None,
     validation_fraction: float = 0.2, timeout: float = 30.0, progress: bool | None = None, attempts: int = DEFAULT_ATTEMPTS,
-    prune: bool = False, fetched: list[dict[str, Any]] | None = None,
+    prune: bool = False, fetched: list[dict[str, Any]] | None = None, removed: list[str] | None = None,
 ) -> dict[str, int]:
     """Fetch what matches and is not yet cached. A series that says it is synthetic (Synthetic Data
     YES: the sCTs mr2ct itself stores in the PACS, and other tools' synthetic images) or whose
@@ -318,7 +318,8 @@ def pull(
     asked of each cached series this pull's searches did not find, one QIDO-RS request each, so a
     series outside the filters is kept while the PACS holds it. ``fetched``, when given, gets one
     item per series fetched (study, series, patient_id, instances), as it is cached: what `mr2ct
-    pull` writes into the audit trail, the part fetched before a PACS error included."""
+    pull` writes into the audit trail, the part fetched before a PACS error included; ``removed``,
+    the series UIDs ``prune`` took out."""
     cache = DatasetCache(cache_dir)
     client = _client(url, username, password, timeout, attempts)
     entries, left_out, headers_read = cache.entries(), cache.left_out(), cache.headers_read()  # the manifest read once
@@ -486,6 +487,8 @@ def pull(
                 cache.remove(entry, f"the PACS no longer held it (mr2ct pull --prune, {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC)")
                 log.info("removed series=%s from the cache: the PACS no longer holds it", entry["series_uid"])
                 counts["removed"] += 1
+                if removed is not None:
+                    removed.append(entry["series_uid"])
     return counts
 
 
@@ -549,7 +552,7 @@ def _left_out_unless_fetched(client: DICOMwebClient, url: str, attrs: dict[str, 
 def pull_pairs(
     url: str, out_dir: Path, flt: PairsFilter, *, username: str | None = None, password: str | None = None,
     timeout: float = 30.0, progress: bool | None = None, attempts: int = DEFAULT_ATTEMPTS, prune: bool = False,
-    fetched: list[dict[str, Any]] | None = None,
+    fetched: list[dict[str, Any]] | None = None, removed: list[str] | None = None,
 ) -> dict[str, int]:
     """The DICOM files of every patient that has both an MR and a CT series matching ``flt`` (and
     of the spatial registrations filed for them), fetched into ``out_dir`` as `mr2ct evaluate
@@ -565,7 +568,7 @@ def pull_pairs(
     again whole and replaces it. ``prune``: a series folder the PACS no longer holds is deleted (as
     ``pull``'s ``prune`` asks: one request for each the searches did not find). Returns counts
     (patients, found, fetched, skipped, changed: fetched again so, removed); ``fetched`` gets an
-    item per series fetched, as ``pull``'s."""
+    item per series fetched, ``removed`` the series UIDs pruned, as ``pull``'s."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = out_dir.parent / f".{out_dir.name}.partial"  # outside the folder: evaluate never sees half a series
@@ -648,6 +651,8 @@ def pull_pairs(
                     folder.parent.rmdir()
                 log.info("removed series=%s from %s: the PACS no longer holds it", folder.name, out_dir)
                 counts["removed"] += 1
+                if removed is not None:
+                    removed.append(folder.name)
     if staging.is_dir() and not any(staging.iterdir()):
         staging.rmdir()
     return counts
