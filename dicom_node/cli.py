@@ -23,7 +23,8 @@ spool_app = typer.Typer(help="The spool of received originals.", no_args_is_help
 series_app = typer.Typer(help="Series the node received.", no_args_is_help=True)
 app.add_typer(series_app, name="series")
 app.add_typer(spool_app, name="spool")
-audit_app = typer.Typer(help="The audit trail's export to an audit record repository (audit_syslog).", no_args_is_help=True)
+audit_app = typer.Typer(help="The audit trail: its export to an audit record repository (audit_syslog), a patient's lineage.",
+                        no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file (MR2CT_CONFIG also works)")]
@@ -1073,12 +1074,12 @@ def _audit_pulled(sessions: Any, command: str, url: str, folder: Path, fetched: 
         if error:
             session.add(audit.event(audit.DATA_PULLED, "failure", actor, reason=error[:500], series_fetched=len(fetched), **where))
         if removed:
-            copied = {}  # series -> (study, patient) as this folder's pulls recorded them
+            copied: dict[str, tuple[str | None, str]] = {}  # series -> (study, patient) as this folder's pulls recorded them
             for row in session.scalars(select(AuditEvent).where(AuditEvent.action == audit.DATA_PULLED,
                                                                 AuditEvent.detail["destination"].as_string() == where["destination"])):
                 for series_uid in row.detail.get("series", []):
                     copied[series_uid] = (row.study_instance_uid, row.detail.get("patient_id", ""))
-            gone: dict[tuple[str, str] | None, list[str]] = {}
+            gone: dict[tuple[str | None, str] | None, list[str]] = {}
             for series_uid in removed:
                 gone.setdefault(copied.get(series_uid), []).append(series_uid)
             for subject, series in gone.items():
@@ -1127,8 +1128,8 @@ def pull_pairs(
         raise typer.Exit(1) from exc
     _audit_pulled(sessions, "pull-pairs", url, out, fetched, removed)
     if counts["patients"] == 0:
-        removed = f" (removed {counts['removed']} series folder(s) the PACS no longer holds)" if counts["removed"] else ""
-        typer.echo(f"mr2ct: no patient on the PACS has both an MR and a CT series matching these filters{removed}", err=True)
+        pruned = f" (removed {counts['removed']} series folder(s) the PACS no longer holds)" if counts["removed"] else ""
+        typer.echo(f"mr2ct: no patient on the PACS has both an MR and a CT series matching these filters{pruned}", err=True)
         raise typer.Exit(2)
     typer.echo(f"{counts['patients']} patient(s) with MR and CT: {counts['found']} series, fetched {counts['fetched']}, "
                f"already there {counts['skipped']}"
