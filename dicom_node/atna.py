@@ -207,18 +207,14 @@ def message(row: AuditEvent, source: Source, subjects: Iterable[Subject] = ()) -
         # a DICOM peer stored to the node
         parts.append(_participant(user, True, role=SOURCE, access_point=address, access_point_type=address_type))
         parts.append(_participant(source.ae_title, False, role=DESTINATION, **own))
-    elif row.action == audit.SYNTHESIS_REQUESTED:
-        # a user (the requestor) had the node copy a series from Orthanc (the source) into its spool
+    elif row.action in (audit.SYNTHESIS_REQUESTED, audit.DATA_PULLED):
+        # a user (the requestor) had the node copy a series from Orthanc into its spool, or had `mr2ct pull` copy
+        # series from a PACS into a folder on this host: the source its URL, the destination the node or the folder
         origin = str(detail.get("source") or "Orthanc")
+        copied_to = str(detail.get("destination") or "") if row.action == audit.DATA_PULLED else source.ae_title
         parts.append(_participant(user, True, access_point=address, access_point_type=address_type))
         parts.append(_participant(origin, False, role=SOURCE, access_point=origin if "://" in origin else None, access_point_type="5"))
-        parts.append(_participant(source.ae_title, False, role=DESTINATION, **own))
-    elif row.action == audit.DATA_PULLED:
-        # a user (the requestor) copied series from a PACS (the source) into a folder on this host (the destination)
-        origin = str(detail.get("source") or "")
-        parts.append(_participant(user, True))
-        parts.append(_participant(origin, False, role=SOURCE, access_point=origin if "://" in origin else None, access_point_type="5"))
-        parts.append(_participant(str(detail.get("destination") or ""), False, role=DESTINATION, **own))
+        parts.append(_participant(copied_to, False, role=DESTINATION, **own))
     elif row.action == audit.PULLED_DATA_REMOVED:
         # a user's --prune deleted the copies in a folder on this host
         parts.append(_participant(user, True))

@@ -675,6 +675,7 @@ def evaluate(
         _evaluate_pairs(loaded, pairs, found, sessions, panel, json_only, against, label)
         return
     quality = run_evaluation(loaded, subjects=subjects, slices=slices, panel=panel, first_subject=first_subject)
+    linear = linear_figures(quality)
     paired = None
     if paired_steps > 0:
         from training.evaluate import cached_paired_upper_bound
@@ -687,6 +688,7 @@ def evaluate(
         if reused and not json_only:
             typer.echo(f"paired supervised upper bound: the one trained before, {bound.weights_path}")
         paired = run_evaluation(bound, subjects=subjects, slices=slices, first_subject=first_subject)
+    bounded = paired_figures(paired, quality)
     if not json_only:
         typer.echo(f"model {loaded.short_digest} (test-time augmentation {loaded.test_time_augmentation}): MAE {quality.mae_hu} HU (linear baseline {quality.baseline_mae_hu} HU), "
                    f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")
@@ -700,7 +702,6 @@ def evaluate(
 
         if heads > 1:
             typer.echo(f"MAE per head (subject {first_subject} on): {', '.join(f'{m:.1f}' for m in quality.mae_by_subject)} HU")
-        linear = linear_figures(quality)
         if linear["mae_over_linear"] is not None:
             typer.echo(f"the model over the linear baseline: {linear['mae_over_linear']:.2f}x{spread(linear['mae_over_linear_interval'])}")
         typer.echo(f"grid floor: the ground-truth CT itself, taken to the model's {loaded.pixel_spacing_mm:g} mm grid and back, "
@@ -709,14 +710,13 @@ def evaluate(
             typer.echo("paired supervised upper bound: not computed (use --paired-steps N)")
         else:
             typer.echo(f"paired supervised upper bound ({paired_steps} steps): MAE {paired.mae_hu} HU"
-                       + (f"; the model is {quality.mae_hu / paired.mae_hu:.2f}x it" if paired.mae_hu else "")
-                       + spread(paired_figures(paired, quality)["mae_over_paired_interval"]))
+                       + (f"; the model is {bounded['mae_over_paired']:.2f}x it" if bounded["mae_over_paired"] is not None else "")
+                       + spread(bounded["mae_over_paired_interval"]))
             if paired.mae_hu and len(quality.mae_by_subject) > 1:
                 heads = ", ".join(f"{m:.1f}/{b:.1f} = {m / b:.2f}x" if b else f"{m:.1f}/{b:.1f}"
                                   for m, b in zip(quality.mae_by_subject, paired.mae_by_subject))
                 typer.echo(f"per head, model/bound: {heads}")
-    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, **linear_figures(quality), **paired_figures(paired, quality),
-              "model_sha256": loaded.sha256,
+    report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, **linear, **bounded, "model_sha256": loaded.sha256,
               "test_time_augmentation": loaded.test_time_augmentation, "first_subject": first_subject}
     if record:
         from synthesis.model_file import card_path_for, record_metrics

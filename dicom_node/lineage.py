@@ -37,9 +37,10 @@ def patient_lineage(session: Session, patient_id: str) -> dict[str, Any]:
     for p in pulls:  # when every series of it was deleted from its folder since (a later pull may have copied it again)
         times = [deleted.get((p["folder"], s)) for s in p["series"]]
         p["removed_at"] = max(times) if times and all(t is not None and t > p["at"] for t in times) else None  # type: ignore[type-var]
-    runs: list[TrainingRun] = []
+    runs: list[Any] = []
     learned: set[str] = set()  # the folders of the runs found so far: a run fine-tuned from one of them learned too
-    for r in session.scalars(select(TrainingRun).order_by(TrainingRun.id)):
+    columns = (TrainingRun.id, TrainingRun.out_dir, TrainingRun.config, TrainingRun.state, TrainingRun.started_at, TrainingRun.model_sha256)
+    for r in session.execute(select(*columns).order_by(TrainingRun.id)):  # not their losses, epoch by epoch
         start = str((r.config or {}).get("init_from") or "")
         if (r.config or {}).get("data") in folders or (start and (start in learned or os.path.dirname(start) in learned)):
             runs.append(r)

@@ -110,13 +110,13 @@ RATIO_LEVEL = 0.95  # the share of resampled ratios ``ratio_interval`` spans
 def ratio_interval(mae_by_subject: list[float], other_by_subject: list[float], voxels_by_subject: list[int], resamples: int = 10_000,
                    seed: int = 0) -> list[float] | None:
     """How far the model's pooled MAE over another's (the paired bound or the linear baseline,
-    scored on the same heads) moves with the heads drawn: the central 95 % of that ratio over ``resamples`` draws of as many
-    heads as were scored, with replacement, the same draw for both (a percentile bootstrap over
-    heads, the unit that varies: each phantom head has its own anatomy and bone density). Each
-    draw pools the drawn heads' absolute errors as the MAE pools them (a head's MAE times its body
-    voxels). With four heads it is rough (35 distinct draws), yet it says whether a difference
-    between a ratio and a goal such as 1.3 is one the set can tell. None with fewer than two heads,
-    or figures not of the same heads."""
+    scored on the same heads) moves with the heads drawn: the central 95 % of that ratio over
+    ``resamples`` draws of as many heads as were scored, with replacement, the same draw for both
+    (a percentile bootstrap over heads, the unit that varies: each phantom head has its own anatomy
+    and bone density). Each draw pools the drawn heads' absolute errors as the MAE pools them (a
+    head's MAE times its body voxels). With four heads it is rough (35 distinct draws), yet it says
+    whether a difference between a ratio and a goal such as 1.3 is one the set can tell. None with
+    fewer than two heads, or figures not of the same heads."""
     m, b = np.asarray(mae_by_subject, dtype=np.float64), np.asarray(other_by_subject, dtype=np.float64)
     n = np.asarray(voxels_by_subject, dtype=np.float64)
     if len(m) < 2 or len(b) != len(m) or len(n) != len(m) or not (b > 0).all():
