@@ -963,7 +963,6 @@ def pull(
 ) -> None:
     """Pull unpaired MR and CT series from a DICOMweb PACS into a local dataset cache (resumable)."""
     from synthesis.contrast import CHOICES, CONTRASTS
-    from synthesis.errors import PacsUnavailable
     from training.pacs_pull import DatasetCache, PullFilter, pull as run_pull
 
     _logging()
@@ -989,19 +988,11 @@ def pull(
             raise typer.Exit(2)
     agents, fat = (() if chosen == "any" else CHOICES[chosen] for _key, _option, _what, chosen in with_without)
     _output_folder("--cache", cache)
-    sessions = _pull_audit(record, config)
     filters = [PullFilter(m, body_part, description, date_from, date_to, limit, *((contrasts, agents, fat) if m == "MR" else ()))
                for m in modality]
-    fetched: list[dict[str, Any]] = []
-    removed: list[str] = []
-    try:
-        counts = run_pull(url, cache, filters, username=username, password=password, validation_fraction=validation_fraction,
-                         attempts=attempts, prune=prune, fetched=fetched, removed=removed)
-    except PacsUnavailable as exc:
-        _audit_pulled(sessions, "pull", url, cache, fetched, removed, str(exc))
-        typer.echo(f"mr2ct: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    _audit_pulled(sessions, "pull", url, cache, fetched, removed)
+    counts = _audited_pull(record, config, "pull", url, cache, lambda fetched, removed: run_pull(
+        url, cache, filters, username=username, password=password, validation_fraction=validation_fraction, attempts=attempts,
+        prune=prune, fetched=fetched, removed=removed))
     enhanced = "".join(f", {counts[key]} MR series {'without' if chosen == 'with' else 'with'} {what} ({option} {chosen})"
                        for key, option, what, chosen in with_without if chosen != "any")
     refreshed = (f", fetched again {counts['refreshed']} that an earlier pull cached in their acquired plane (now the axial slices "
@@ -1024,18 +1015,31 @@ def pull(
                    "2026-12-03): a pull whose filters match them fetches them again as axial slices")
 
 
-def _pull_audit(record: bool, config: Optional[Path]) -> Any:
-    """The node's database, for a pull's audit rows, opened before the PACS is asked: one that
-    does not open stops the command (exit 2); None with --no-record."""
-    if not record:
-        return None
-    from dicom_node.db import DatabaseUnavailable, init_db
+def _audited_pull(record: bool, config: Optional[Path], command: str, url: str, folder: Path, run: Any) -> dict[str, int]:
+    """``run(fetched, removed)``, a pull, with its audit rows (``_audit_pulled``) written after it,
+    or after the PACS error that stopped it (exit 1). The node's database is opened before the PACS
+    is asked: one that does not open stops the command (exit 2); none with --no-record."""
+    from synthesis.errors import PacsUnavailable
 
+    sessions = None
+    if record:
+        from dicom_node.db import DatabaseUnavailable, init_db
+
+        try:
+            sessions = init_db(_settings(config).database_url)
+        except DatabaseUnavailable as exc:
+            typer.echo(f"mr2ct: database_url: {exc}; fix it or pull with --no-record (no audit rows)", err=True)
+            raise typer.Exit(2) from exc
+    fetched: list[dict[str, Any]] = []
+    removed: list[str] = []
     try:
-        return init_db(_settings(config).database_url)
-    except DatabaseUnavailable as exc:
-        typer.echo(f"mr2ct: database_url: {exc}; fix it or pull with --no-record (no audit rows)", err=True)
-        raise typer.Exit(2) from exc
+        counts: dict[str, int] = run(fetched, removed)
+    except PacsUnavailable as exc:
+        _audit_pulled(sessions, command, url, folder, fetched, removed, str(exc))
+        typer.echo(f"mr2ct: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    _audit_pulled(sessions, command, url, folder, fetched, removed)
+    return counts
 
 
 def _audit_pulled(sessions: Any, command: str, url: str, folder: Path, fetched: list[dict[str, Any]], removed: list[str],
@@ -1107,7 +1111,6 @@ def pull_pairs(
     config: ConfigOption = None,
 ) -> None:
     """Fetch the MR and CT series (and spatial registrations) of patients who have both from a DICOMweb PACS, to score a model on them with `mr2ct evaluate --pairs` (resumable)."""
-    from synthesis.errors import PacsUnavailable
     from training.pacs_pull import PairsFilter, pull_pairs as run_pull_pairs
 
     _logging()
@@ -1115,18 +1118,9 @@ def pull_pairs(
         _check_regex(option, pattern)
     _check_dates(date_from, date_to)
     _output_folder("--out", out)
-    sessions = _pull_audit(record, config)
     flt = PairsFilter(body_part, mr_description, ct_description, date_from, date_to, limit)
-    fetched: list[dict[str, Any]] = []
-    removed: list[str] = []
-    try:
-        counts = run_pull_pairs(url, out, flt, username=username, password=password, attempts=attempts, prune=prune, fetched=fetched,
-                                removed=removed)
-    except PacsUnavailable as exc:
-        _audit_pulled(sessions, "pull-pairs", url, out, fetched, removed, str(exc))
-        typer.echo(f"mr2ct: {exc}", err=True)
-        raise typer.Exit(1) from exc
-    _audit_pulled(sessions, "pull-pairs", url, out, fetched, removed)
+    counts = _audited_pull(record, config, "pull-pairs", url, out, lambda fetched, removed: run_pull_pairs(
+        url, out, flt, username=username, password=password, attempts=attempts, prune=prune, fetched=fetched, removed=removed))
     if counts["patients"] == 0:
         pruned = f" (removed {counts['removed']} series folder(s) the PACS no longer holds)" if counts["removed"] else ""
         typer.echo(f"mr2ct: no patient on the PACS has both an MR and a CT series matching these filters{pruned}", err=True)
