@@ -155,7 +155,7 @@ def train(
     _output_folder("--out", out)
     import torch
 
-    from training.trainer import TrainingInterrupted
+    from training.trainer import TrainingInterrupted, learned_from_caches
     from training.trainer import train as run_training
 
     if threads:
@@ -174,6 +174,7 @@ def train(
             for key in ("data", "init_from"):  # the cache as `mr2ct pull`'s audit rows name it, the run fine-tuned from as its
                 if recorded.get(key):          # row names its folder: GET /audit/lineage follows both
                     recorded[key] = str(Path(str(recorded[key])).resolve())
+            recorded["learned_from_caches"] = learned_from_caches(cfg, out, resume)  # the caches, wherever they are now
             run_id = recorder.start(out, command, recorded, resume=resume)
         except (DatabaseUnavailable, SQLAlchemyError) as exc:
             typer.echo(f"mr2ct: database_url: {exc}; fix it or train with --no-record (losses.csv only)", err=True)
@@ -1055,10 +1056,11 @@ def _audit_pulled(sessions: Any, command: str, url: str, folder: Path, fetched: 
     import getpass
     from urllib.parse import urlsplit, urlunsplit
 
-    from sqlalchemy import select
+    from sqlalchemy import or_, select
 
     from dicom_node import audit
     from dicom_node.models import AuditEvent
+    from training.pacs_pull import cache_id
 
     try:
         user = getpass.getuser()
@@ -1067,7 +1069,7 @@ def _audit_pulled(sessions: Any, command: str, url: str, folder: Path, fetched: 
     actor = f"{user} (mr2ct {command})"
     parts = urlsplit(url)
     source = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # without user:password@, should the URL carry them
-    where = {"source": source, "destination": str(folder.resolve()), "command": command}
+    where = {"source": source, "destination": str(folder.resolve()), "cache_id": cache_id(folder), "command": command}
     studies: dict[str, list[dict[str, Any]]] = {}
     for item in fetched:
         studies.setdefault(item["study"], []).append(item)
@@ -1079,8 +1081,10 @@ def _audit_pulled(sessions: Any, command: str, url: str, folder: Path, fetched: 
             session.add(audit.event(audit.DATA_PULLED, "failure", actor, reason=error[:500], series_fetched=len(fetched), **where))
         if removed:
             copied: dict[str, tuple[str | None, str]] = {}  # series -> (study, patient) as this folder's pulls recorded them
-            for row in session.scalars(select(AuditEvent).where(AuditEvent.action == audit.DATA_PULLED,
-                                                                AuditEvent.detail["destination"].as_string() == where["destination"])):
+            here = AuditEvent.detail["destination"].as_string() == where["destination"]
+            if where["cache_id"]:  # or as pulls into it recorded it before it moved here
+                here = or_(here, AuditEvent.detail["cache_id"].as_string() == where["cache_id"])
+            for row in session.scalars(select(AuditEvent).where(AuditEvent.action == audit.DATA_PULLED, here)):
                 for series_uid in row.detail.get("series", []):
                     copied[series_uid] = (row.study_instance_uid, row.detail.get("patient_id", ""))
             gone: dict[tuple[str | None, str] | None, list[str]] = {}
@@ -1222,7 +1226,8 @@ def audit_lineage(
         return
     for pull in found["pulls"]:
         typer.echo(f"{pull['at']}  mr2ct {pull['command']}: study {pull['study_uid']} ({len(pull['series'])} series) from {pull['source']} "
-                   f"into {pull['folder']}" + (f"; deleted from there {pull['removed_at']} (--prune)" if pull["removed_at"] else ""))
+                   f"into {pull['folder']}" + (f" (cache id {pull['cache_id']})" if pull["cache_id"] else "")
+                   + (f"; deleted from there {pull['removed_at']} (--prune)" if pull["removed_at"] else ""))
     for run in found["training_runs"]:
         typer.echo(f"training run {run['run_id']} ({run['state']}, {run['started_at']}): {run['out_dir']}"
                    + (f", model {run['model_sha256'][:12]}" if run["model_sha256"] else ""))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ import requests
 from dicom_node.local_stack import OrthancServer, free_port
 from synthesis.errors import PacsUnavailable
 from tests.helpers import dicomweb_proxy, metadata_asked, rewrite_as_ge
-from training.pacs_pull import DatasetCache, PullFilter, pull
+from training.pacs_pull import DatasetCache, PullFilter, cache_id, pull
 
 MR2CT = [sys.executable, "-m", "dicom_node.cli"]
 
@@ -510,8 +511,8 @@ def test_prune_takes_out_of_the_cache_the_series_the_pacs_no_longer_holds(orthan
     manifest saying why), keeps a series its filters did not ask for while the PACS holds it, and
     still counts the patient as trained on (an evaluation on pairs leaves them out). Without
     --prune nothing is removed; a series that comes back is cached anew. The deletion is in the
-    audit trail (study and patient as the pull that copied them named them), and the patient's
-    lineage says when their copy went."""
+    audit trail (study and patient as the pull that copied them named them, though the cache was
+    moved in between), and the patient's lineage says when their copy went."""
     import numpy as np
     from sqlalchemy import select
 
@@ -532,6 +533,9 @@ def test_prune_takes_out_of_the_cache_the_series_the_pacs_no_longer_holds(orthan
                                     "--description", "^PRUNE ", "--username", orthanc.username, "--password", orthanc.password],
                                    capture_output=True, text=True, timeout=120)
             assert first.returncode == 0 and "fetched 2," in first.stdout, first.stderr[-2000:]
+        moved = tmp_path / "cache-moved"  # the cache moves before the prune: the rows still name the patient
+        shutil.move(cache_dir, moved)
+        cache_dir = moved
         cache = DatasetCache(cache_dir)
         gone = next(e for e in cache.entries() if e["series_uid"] == withdrawn.series_uid)
         kept_only = [PullFilter("MR", description="^PRUNE withdrawn")]  # the kept series is outside this pull's filter
@@ -691,14 +695,41 @@ def test_training_runs_on_a_pulled_cache_and_the_audit_follows_a_patient_into_th
     assert card["mr_contrasts"] == ["T1"]  # what the pull recorded of each MR series: the node's config check holds its selection to it
     assert card["mr_contrast_agents"] == ["WITHOUT"] and card["mr_fat_suppression"] == ["WITHOUT"]  # and whether each was enhanced, fat-saturated
     assert card["mr_body_parts"] == ["HEAD"]  # and what anatomy (BodyPartExamined): the config check holds select_body_parts to it
+    # The cache is archived elsewhere and trained on there; that run's model is copied to a GPU host
+    # (here: another folder), fine-tuned there without this database and registered here. The lineage
+    # follows the cache by the id the pull recorded, and the registered model by its card.
+    archived = tmp_path / "archive" / "cache-2026"
+    archived.parent.mkdir()
+    shutil.move(cache_dir, archived)
+    assert withdrawn["pulls"][0]["cache_id"] == cache_id(archived) and len(cache_id(archived)) == 24
+    moved_run = subprocess.run([*MR2CT, "train", "--out", "moved-run", "--data", str(archived), "--epochs", "1", "--steps-per-epoch", "1",
+                                "--batch-size", "2"], capture_output=True, text=True, timeout=600)
+    assert moved_run.returncode == 0, moved_run.stderr[-2000:]
+    elsewhere = tmp_path / "gpu-host"
+    elsewhere.mkdir()
+    for name in ("model.safetensors", "model.json"):
+        shutil.copy(tmp_path / "moved-run" / name, elsewhere / name)
+    offline = subprocess.run([*MR2CT, "train", "--no-record", "--out", str(elsewhere / "tuned"), "--init-from", str(elsewhere / "model.safetensors"),
+                              "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--subjects-per-pool", "1", "--image-size", "64"],
+                             capture_output=True, text=True, timeout=600)
+    assert offline.returncode == 0, offline.stderr[-2000:]
+    assert json.loads((elsewhere / "tuned" / "model.json").read_text())["training"]["learned_from_caches"] == [cache_id(archived)]
+    registered = subprocess.run([*MR2CT, "models", "register", str(elsewhere / "tuned")], capture_output=True, text=True, timeout=300)
+    assert registered.returncode == 0, registered.stderr[-2000:]
+    followed = json.loads(subprocess.run([*MR2CT, "audit", "lineage", "--patient-id", "PHMR0070001", "--json"], capture_output=True,
+                                         text=True, timeout=120).stdout)
+    assert [r["run_id"] for r in followed["training_runs"]] == [run["run_id"], fine_tuned["run_id"], run["run_id"] + 2]
+    assert followed["training_runs"][2]["data"] == str(archived)
+    offline_sha = json.loads((elsewhere / "tuned" / "model.json").read_text())["sha256"]
+    assert [m["sha256"] for m in followed["models"]] == [run["model_sha256"], offline_sha]
+    nobody = subprocess.run([*MR2CT, "audit", "lineage", "--patient-id", "NOT-PULLED", "--json"], capture_output=True, text=True, timeout=120)
+    assert json.loads(nobody.stdout) == stranger  # no pull, so no cache: no model is this patient's by its card either
 
 
 def test_evaluate_pairs_leaves_out_the_patients_a_pulled_cache_trained_on(cohort_in_orthanc, orthanc, tmp_path):
     """The cohort's held-out pair went into the PACS and `mr2ct pull` took its patient into the
     training cache: `evaluate --pairs --training-cache` refuses to score that patient (the model may
     have learnt from them) and scores a patient the cache has never seen."""
-    import shutil
-
     from training.phantom_dicom import write_mr_series
 
     cache_dir = tmp_path / "cache"

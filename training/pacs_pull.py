@@ -179,6 +179,20 @@ def folder_salt(path: Path) -> str:
     return path.read_text().strip()
 
 
+def cache_id(folder: Path) -> str | None:
+    """What names a dataset cache of `mr2ct pull` (or a folder of `pull-pairs`) wherever it is moved
+    or copied: a digest of the salt it keeps (made once, with the folder). The pull's audit rows
+    and the training runs and model cards that learned from the folder record it, so that
+    ``GET /audit/lineage`` follows a patient's images into a cache that has since moved. The salt
+    itself never leaves the folder (it would let anyone rehash patient IDs into the cache's keys).
+    None for a folder that holds no salt (not a pull's)."""
+    for name in ("salt", ".salt"):
+        salt = Path(folder) / name
+        if salt.is_file():
+            return hashlib.sha256(b"mr2ct dataset folder\x00" + salt.read_bytes().strip()).hexdigest()[:24]
+    return None
+
+
 def acquired_before_planes(entry: dict[str, Any]) -> bool:
     """A cache entry written before pulls took the node's slice plane (2026-12-03: no ``plane``)
     for slices that are not axial: a 3D sagittal or coronal series held as acquired, where the node

@@ -242,12 +242,13 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
             **({"ema_g_ab": ema.state_dict()} if ema is not None else {}),
             "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "sched_g": sched_g.state_dict(), "sched_d": sched_d.state_dict(),
             "pool_a": pool_a.state(), "pool_b": pool_b.state(), "np_rng": np_rng.bit_generator.state,
-            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
+            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "learned_from_caches": learned_from,
         }
         tmp = checkpoint_path.with_suffix(".tmp")
         torch.save(state, tmp)
         tmp.replace(checkpoint_path)
 
+    learned_from = learned_from_caches(cfg, out_dir, resume)  # before a checkpoint of this run replaces the one resumed
     init_source = initialize_from(cfg.init_from, nets, dev) if cfg.init_from and not resume else None
     # GAN weights wander from step to step; an average over the last few hundred steps is a steadier
     # generator (Yazici et al. 2019). Only the exported MR->CT generator is averaged.
@@ -443,6 +444,7 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
                 if cfg.data else {"generator": "training.phantoms", "generator_version": phantoms.GENERATOR_VERSION}
             ),
             **({"initialized_from": init_source} if init_source else {}),
+            "learned_from_caches": learned_from,
             "exported_weights": f"exponential moving average, decay {cfg.ema_decay}" if ema is not None else "last step",
             "epochs_completed": len(history),
             "world_size": world,
@@ -564,6 +566,37 @@ def initialize_from(source: str, nets: dict[str, nn.Module], device: torch.devic
         nets[name].load_state_dict({k: v.to(device) for k, v in state.items()})
     log.info("initialized %s from %s", ", ".join(sorted(states)), path)
     return {"path": str(path), "sha256": digest, "networks": sorted(states)}
+
+
+def learned_from_caches(cfg: TrainConfig, out_dir: Path, resume: bool = False) -> list[str]:
+    """The dataset caches (``training.pacs_pull.cache_id``) whose images the weights of this run
+    learn from: its own ``--data`` and, through ``--init-from``, every cache the weights it starts
+    from learned from (a checkpoint and a model card carry the list, so it follows the weights
+    wherever they are copied); on ``--resume``, the list the checkpoint carries. What
+    ``GET /audit/lineage`` matches a withdrawn patient's pulls against, on the run's row and on a
+    registered model's card (a model trained elsewhere, or with ``--no-record``)."""
+    from training.pacs_pull import cache_id
+
+    caches: set[str] = set()
+    source = Path(out_dir) / "checkpoint.pt" if resume else Path(str(cfg.init_from)) if cfg.init_from else None
+    if source is not None and source.is_dir():
+        source = source / "checkpoint.pt"
+    if source is not None and source.is_file():
+        if source.suffix == ".safetensors":
+            from synthesis.model_file import card_path_for
+
+            card_path = card_path_for(source)
+            card = json.loads(card_path.read_text()) if card_path.is_file() else {}
+            caches.update(card.get("training", {}).get("learned_from_caches", []))
+        else:
+            try:
+                caches.update(torch.load(source, map_location="cpu", weights_only=True).get("learned_from_caches", []))
+            except Exception:  # not a checkpoint: initialize_from (or --resume) says so
+                pass
+    own = cache_id(Path(str(cfg.data))) if cfg.data else None
+    if own:
+        caches.add(own)
+    return sorted(caches)
 
 
 def _manifest_digest(cache: Path) -> str:
