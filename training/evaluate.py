@@ -117,15 +117,33 @@ def ratio_interval(mae_by_subject: list[float], other_by_subject: list[float], v
     head's MAE times its body voxels). With four heads it is rough (35 distinct draws), yet it says
     whether a difference between a ratio and a goal such as 1.3 is one the set can tell. None with
     fewer than two heads, or figures not of the same heads."""
-    m, b = np.asarray(mae_by_subject, dtype=np.float64), np.asarray(other_by_subject, dtype=np.float64)
-    n = np.asarray(voxels_by_subject, dtype=np.float64)
-    if len(m) < 2 or len(b) != len(m) or len(n) != len(m) or not (b > 0).all():
+    ratios = _resampled_ratios(mae_by_subject, other_by_subject, voxels_by_subject, resamples, seed)
+    if ratios is None or len(mae_by_subject) < 2:
         return None
-    draws = np.random.default_rng(seed).integers(0, len(m), size=(resamples, len(m)))
-    ratios = (m[draws] * n[draws]).sum(axis=1) / (b[draws] * n[draws]).sum(axis=1)
     tail = (1 - RATIO_LEVEL) / 2 * 100
     low, high = np.percentile(ratios, [tail, 100 - tail])
     return [round(float(low), 3), round(float(high), 3)]
+
+
+def share_better(mae_by_subject: list[float], other_by_subject: list[float], voxels_by_subject: list[int], resamples: int = 10_000,
+                 seed: int = 0) -> float | None:
+    """The share of draws of the heads (as ``ratio_interval`` draws them, the same heads for both)
+    in which the pooled MAE is below the other's: how sure a set of heads is that one model beats
+    another, where the pooled figures alone would take a gain carried by one lucky head (one head
+    much better, the rest worse) for a gain. 1.0 or 0.0 with a single head. None when the figures
+    are not of the same heads."""
+    ratios = _resampled_ratios(mae_by_subject, other_by_subject, voxels_by_subject, resamples, seed)
+    return None if ratios is None else round(float((ratios < 1.0).mean()), 4)
+
+
+def _resampled_ratios(mae_by_subject: list[float], other_by_subject: list[float], voxels_by_subject: list[int], resamples: int,
+                      seed: int) -> np.ndarray | None:
+    m, b = np.asarray(mae_by_subject, dtype=np.float64), np.asarray(other_by_subject, dtype=np.float64)
+    n = np.asarray(voxels_by_subject, dtype=np.float64)
+    if len(m) < 1 or len(b) != len(m) or len(n) != len(m) or not (b > 0).all():
+        return None
+    draws = np.random.default_rng(seed).integers(0, len(m), size=(resamples, len(m)))
+    return (m[draws] * n[draws]).sum(axis=1) / (b[draws] * n[draws]).sum(axis=1)
 
 
 @dataclass(frozen=True)

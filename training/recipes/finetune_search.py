@@ -8,6 +8,11 @@ first subject 200), and lets a chain go on from a stage only if it beat its pare
 end the best stages by validation are scored on the report sets (0, 100) too; search.json holds
 every stage, search.png shows the chains. Each set is 12 heads by default: 4 proved too few to
 pick by (a CPU search of 2026-12-01 kept stages whose validation gain did not carry over).
+"Beat" is judged head by head (``--keep-rule paired``, the default since 2026-12-07): a stage is
+kept when its pooled validation MAE is below its parent's and stays below in at least
+``--keep-confidence`` of the draws of the validation heads (``training.evaluate.share_better``,
+the same heads for both); a gain that one lucky head carries while the others got worse is not
+kept. ``--keep-rule pooled`` keeps any stage whose pooled MAE is lower, as before.
 
 Made for a GPU (the chains share it; each stage is a subprocess); on CPU it works, slowly.
 The model shipped on 2026-11-30 came out of its first form on one H200 (the same selection, with
@@ -48,6 +53,9 @@ class Stage:
     seconds: float = 0.0
     validation_mae_hu: float | None = None
     parent_validation_mae_hu: float | None = None
+    validation_mae_by_subject: list[float] = field(default_factory=list)
+    # The share of draws of the validation heads in which this stage's pooled MAE is below its parent's.
+    better_than_parent_share: float | None = None
     kept: bool = False
     error: str = ""
     report: dict = field(default_factory=dict)
@@ -94,11 +102,23 @@ class Search:
         with self.scoring:
             q = evaluate(loaded, subjects=self.args.validation_subjects, slices=self.args.slices,
                          device=self.device, first_subject=first_subject)
-        return {"mae_hu": q.mae_hu, "psnr_db": q.psnr_db, "ssim": q.ssim}
+        return {"mae_hu": q.mae_hu, "psnr_db": q.psnr_db, "ssim": q.ssim, "mae_by_subject": q.mae_by_subject,
+                "voxels_by_subject": q.voxels_by_subject}
 
-    def chain(self, index: int, start: Path, start_mae: float, deadline: float) -> None:
+    def keeps(self, scores: dict, parent: dict) -> tuple[bool, float | None]:
+        """Whether a stage scored ``scores`` on the validation heads goes on in place of its parent
+        (``--keep-rule``), and the share of draws of the heads in which it is the better of the two."""
+        from training.evaluate import share_better
+
+        share = share_better(scores["mae_by_subject"], parent["mae_by_subject"], scores["voxels_by_subject"])
+        better = scores["mae_hu"] < parent["mae_hu"]
+        if self.args.keep_rule == "pooled" or share is None:
+            return better, share
+        return better and share >= self.args.keep_confidence, share
+
+    def chain(self, index: int, start: Path, start_scores: dict, deadline: float) -> None:
         a = self.args
-        parent, parent_mae, parent_name = start, start_mae, "start"
+        parent, parent_scores, parent_name = start, start_scores, "start"
         for k in range(1, 10_000):
             expected = max(self.durations, default=a.first_stage_estimate_s)
             if time.time() + expected > deadline:
@@ -122,13 +142,15 @@ class Search:
                 print(f"{stage.name}: failed ({stage.error.splitlines()[0]}); see {out / 'train.log'}", file=sys.stderr)
                 return
             self.durations.append(stage.seconds)
-            stage.validation_mae_hu = self.score(out / "model.safetensors", a.validation_subject)["mae_hu"]
-            stage.parent_validation_mae_hu = parent_mae
-            stage.kept = stage.validation_mae_hu < parent_mae
+            scores = self.score(out / "model.safetensors", a.validation_subject)
+            stage.validation_mae_hu, stage.validation_mae_by_subject = scores["mae_hu"], scores["mae_by_subject"]
+            stage.parent_validation_mae_hu = parent_scores["mae_hu"]
+            stage.kept, stage.better_than_parent_share = self.keeps(scores, parent_scores)
+            share = "" if stage.better_than_parent_share is None else f", better in {stage.better_than_parent_share:.0%} of draws of the heads"
             print(f"{stage.name} (from {parent_name}, seed {stage.seed}, {stage.seconds:.0f} s): validation {stage.validation_mae_hu} HU "
-                  f"vs {parent_mae} -> {'kept' if stage.kept else 'dropped'}", file=sys.stderr, flush=True)
+                  f"vs {parent_scores['mae_hu']}{share} -> {'kept' if stage.kept else 'dropped'}", file=sys.stderr, flush=True)
             if stage.kept:
-                parent, parent_mae, parent_name = out, stage.validation_mae_hu, stage.name
+                parent, parent_scores, parent_name = out, scores, stage.name
 
     def run(self) -> dict:
         a = self.args
@@ -139,7 +161,7 @@ class Search:
         deadline = time.time() + a.minutes * 60
         start = {"validation": self.score(start_model, a.validation_subject)}
         print(f"start {start_model}: validation {start['validation']['mae_hu']} HU on {self.device}", file=sys.stderr, flush=True)
-        threads = [threading.Thread(target=self.chain, args=(i, a.start, start["validation"]["mae_hu"], deadline)) for i in range(a.chains)]
+        threads = [threading.Thread(target=self.chain, args=(i, a.start, start["validation"], deadline)) for i in range(a.chains)]
         for t in threads:
             t.start()
         for t in threads:
@@ -178,7 +200,7 @@ def plot(stages: list[Stage], start_mae: float, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--start", type=Path, required=True, help="run folder (checkpoint.pt with all four networks, model.safetensors) or a checkpoint")
     p.add_argument("--start-model", type=Path, help="the start's model file, when --start is a checkpoint file")
@@ -193,6 +215,10 @@ def main(argv: list[str] | None = None) -> None:
                         "gain did not carry over to the report set (2026-12-01, a CPU search; head-by-head ratios to "
                         "the paired bound spread 1.08-1.92x over 16 heads)")
     p.add_argument("--slices", type=int, default=24)
+    p.add_argument("--keep-rule", choices=["paired", "pooled"], default="paired",
+                   help="paired: a stage is kept when its pooled validation MAE is below its parent's and stays below in at least "
+                        "--keep-confidence of the draws of the validation heads; pooled: whenever its pooled MAE is below")
+    p.add_argument("--keep-confidence", type=float, default=0.9, help="the share of draws of the heads a kept stage must win (paired rule)")
     p.add_argument("--report-subjects", type=lambda s: [int(x) for x in s.split(",")], default=[0, 100])
     p.add_argument("--top", type=int, default=3, help="stages scored on the report sets")
     p.add_argument("--seed-base", type=int, default=300)
@@ -211,7 +237,15 @@ def main(argv: list[str] | None = None) -> None:
                    "(the start's card may say more: the shipped card's 32 views score ~2 HU better than its 8)")
     p.add_argument("--first-stage-estimate-s", type=float, default=90.0, help="how long a stage is taken to last until one has")
     p.add_argument("--grace-s", type=float, default=60.0, help="a stage still running this long after the deadline is stopped")
-    result = Search(p.parse_args(argv)).run()
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser()
+    args = p.parse_args(argv)
+    if not 0 < args.keep_confidence <= 1:
+        p.error(f"--keep-confidence: {args.keep_confidence} is not a share in (0, 1]")
+    result = Search(args).run()
     if result["best"] is None:
         failed = [s["name"] for s in result["stages"] if s["error"]]
         raise SystemExit(f"no stage was scored ({len(failed)} failed: {', '.join(failed) or 'none started before --minutes'}); "
