@@ -1,14 +1,17 @@
 """The audit trail sent to an audit record repository (IHE ATNA): each audit row that a DICOM audit
 message stands for (PS3.15 A.5.3) becomes one such message (the schema of PS3.15 A.5.1) in an RFC
-5424 syslog message, sent over TLS (RFC 5425), UDP (RFC 5426) or plain TCP (octet-counted, RFC
-6587: a local relay only).
+5424 syslog message, sent over TLS (RFC 5425), UDP (RFC 5426), plain TCP (octet-counted, RFC
+6587: a local relay only) or RELP (rsyslog's Reliable Event Logging Protocol, plain or in TLS),
+where the repository acknowledges every message.
 
 Delivery: in the order the rows were written, each at least once (over TLS and TCP): the rows
 after the last one sent are read in batches, a batch is sent, then the position is committed; a
 repository that cannot be reached is tried again with a growing pause, and nothing is skipped
 meanwhile. Syslog has no acknowledgement: a kept stream the repository closed is noticed before a
 batch (it is readable: a receiver never writes) and a new one opened, but a batch written in the
-very instant the repository goes down is lost with the stream. Over UDP a datagram lost on the way is lost (the transport says nothing). Of several
+very instant the repository goes down is lost with the stream. Over RELP the position moves only
+once the repository has answered 200 to every message of the batch: a batch it did not
+acknowledge whole is sent again (what it had taken of it, twice). Over UDP a datagram lost on the way is lost (the transport says nothing). Of several
 node processes sharing one database, one sends at a time (a lease on the export's row).
 
 The messages name the patient (Patient ID, from the series the row is about), as ATNA asks: they
@@ -285,15 +288,34 @@ def syslog_message(xml: str, source: Source, at: datetime | None = None) -> byte
     return f"<{PRI}>1 {stamp} {host} {APP_NAME} {source.process_id} {MSGID} - {BOM}{xml}".encode()
 
 
+# RELP (librelp's doc/relp.md): frames "TXNR SP COMMAND SP DATALEN [SP DATA] LF"; every command
+# but the hints (TXNR 0) is answered by a "rsp" of the same TXNR whose data starts with 200 (taken)
+# or 500 (not).
+RELP_HEADER = re.compile(rb"(\d{1,9}) ([A-Za-z]{1,32}) (\d{1,9})([ \n])")
+RELP_WINDOW = 100  # messages sent before their answers are read (librelp's own window is 128)
+RELP_MAX_ANSWER = 1 << 20
+
+
+TLS_SCHEMES = ("tls://", "relp+tls://")  # the audit_syslog transports in TLS
+
+
+class RelpRefused(OSError):
+    """The repository answered a RELP command with other than 200, or spoke no RELP."""
+
+
 class Transport:
-    """One destination, ``tls://``, ``udp://`` or ``tcp://`` host:port; a stream is kept open."""
+    """One destination, ``tls://``, ``udp://``, ``tcp://``, ``relp://`` or ``relp+tls://`` host:port;
+    a stream (and over RELP, its session) is kept open."""
 
     def __init__(self, url: str, context: ssl.SSLContext | None = None, timeout: float = 10.0) -> None:
         scheme, _, rest = url.partition("://")
         host, _, port = rest.rpartition(":")
         self.url, self.scheme, self.host, self.port, self.timeout = url, scheme, host.strip("[]"), int(port), timeout
         self.context = context
+        self.relp = scheme in ("relp", "relp+tls")
         self.sock: socket.socket | None = None
+        self._txnr = 0
+        self._received = b""
 
     def send(self, messages: list[bytes]) -> None:
         if self.scheme == "udp":
@@ -303,10 +325,10 @@ class Transport:
             return
         if self.sock is not None and not self._alive():
             # the receiver closed the stream (a restart): a send into it now would vanish with the reset
-            self.close()
+            self._drop()
         if self.sock is None:
             sock = socket.create_connection((self.host, self.port), timeout=self.timeout)
-            if self.scheme == "tls":
+            if self.scheme in ("tls", "relp+tls"):
                 assert self.context is not None
                 try:
                     sock = self.context.wrap_socket(sock, server_hostname=self.host)
@@ -314,11 +336,82 @@ class Transport:
                     sock.close()
                     raise
             self.sock = sock
+            if self.relp:
+                try:
+                    self._relp_open()
+                except OSError:
+                    self._drop()
+                    raise
         try:
-            self.sock.sendall(b"".join(str(len(data)).encode() + b" " + data for data in messages))  # octet counting
+            if self.relp:
+                self._relp_syslog(messages)
+            else:
+                self.sock.sendall(b"".join(str(len(data)).encode() + b" " + data for data in messages))  # octet counting
         except OSError:
-            self.close()
+            self._drop()
             raise
+
+    def _relp_frame(self, command: bytes, data: bytes = b"") -> tuple[int, bytes]:
+        self._txnr = self._txnr % 999_999_999 + 1  # 1 after 999,999,999, as the protocol latches it
+        return self._txnr, b"%d %s %d" % (self._txnr, command, len(data)) + (b" " + data if data else b"") + b"\n"
+
+    def _relp_answer(self, txnr: int) -> bytes:
+        """The data of the repository's "rsp" to command ``txnr``. Raises OSError for a stream
+        closed, a hint that the repository closes it, a frame that is not RELP or answers another
+        command."""
+        assert self.sock is not None
+        while True:
+            header = RELP_HEADER.match(self._received)
+            if header:
+                length, separator = int(header.group(3)), header.group(4)
+                end = header.end() + (length + 1 if length else 0)
+                if length > RELP_MAX_ANSWER or (length == 0) != (separator == b"\n"):
+                    raise RelpRefused(f"RELP: a malformed frame from the repository: {self._received[:80]!r}")
+                if len(self._received) >= end:
+                    frame, self._received = self._received[:end], self._received[end:]
+                    data = frame[header.end():-1] if length else b""
+                    if length and frame[-1:] != b"\n":
+                        raise RelpRefused(f"RELP: a frame from the repository without its trailer: {frame[:80]!r}")
+                    got, command = int(header.group(1)), header.group(2)
+                    if got == 0:  # a hint: "serverclose" (the repository shuts the session)
+                        raise ConnectionResetError(f"RELP: the repository closed the session ({command.decode(errors='replace')})")
+                    if command != b"rsp" or got != txnr:
+                        raise RelpRefused(f"RELP: the repository answered {command.decode(errors='replace')} {got} where the "
+                                          f"answer to {txnr} was due")
+                    return data
+            elif len(self._received) > 64 or (self._received and not self._received[:1].isdigit()):
+                raise RelpRefused(f"RELP: the repository does not speak RELP: {self._received[:80]!r}")
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionResetError("RELP: the repository closed the stream before it answered")
+            self._received += chunk
+
+    def _relp_open(self) -> None:
+        """The session's "open": the repository must offer a RELP version and the syslog command."""
+        from dicom_node import __version__
+
+        assert self.sock is not None
+        self._txnr, self._received = 0, b""
+        txnr, frame = self._relp_frame(b"open", b"relp_version=0\nrelp_software=mr2ct,%s\ncommands=syslog" % __version__.encode())
+        self.sock.sendall(frame)
+        status, _, offered = self._relp_answer(txnr).partition(b"\n")
+        if not status.startswith(b"200"):
+            raise RelpRefused(f"RELP: the repository refused the session: {status.decode(errors='replace')[:200]}")
+        offers = dict(line.partition(b"=")[::2] for line in offered.splitlines() if line)
+        if b"relp_version" not in offers or b"syslog" not in offers.get(b"commands", b"").split(b","):
+            raise RelpRefused(f"RELP: the repository does not offer the syslog command ({offered.decode(errors='replace')[:200]!r})")
+
+    def _relp_syslog(self, messages: list[bytes]) -> None:
+        """Each message a "syslog" command, ``RELP_WINDOW`` at a time; returns once the repository
+        has answered 200 to every one (raises otherwise: the batch is sent again)."""
+        assert self.sock is not None
+        for first in range(0, len(messages), RELP_WINDOW):
+            frames = [self._relp_frame(b"syslog", data) for data in messages[first:first + RELP_WINDOW]]
+            self.sock.sendall(b"".join(frame for _, frame in frames))
+            for txnr, _ in frames:
+                answer = self._relp_answer(txnr)
+                if not answer.startswith(b"200"):
+                    raise RelpRefused(f"RELP: the repository did not take a message: {answer.decode(errors='replace')[:200]}")
 
     def _alive(self) -> bool:
         """Whether the kept stream is still open: a syslog receiver writes no data, so a readable
@@ -328,7 +421,8 @@ class Transport:
             return True
         self.sock.setblocking(False)
         try:
-            return bool(self.sock.recv(4096))  # b"": closed
+            # b"": closed; over RELP, anything unasked is the repository's "serverclose" hint
+            return bool(self.sock.recv(4096)) and not self.relp
         except (ssl.SSLWantReadError, BlockingIOError):
             return True  # TLS records only, no data
         except OSError:  # reset, or a TLS alert: gone
@@ -337,6 +431,19 @@ class Transport:
             self.sock.settimeout(self.timeout)
 
     def close(self) -> None:
+        """Ends the stream in order: over RELP the session's "close" first (its answer awaited
+        briefly), then TLS's close_notify."""
+        if self.relp and self.sock is not None:
+            try:
+                self.sock.settimeout(min(self.timeout, 2.0))
+                txnr, frame = self._relp_frame(b"close")
+                self.sock.sendall(frame)
+                self._relp_answer(txnr)
+            except OSError:
+                pass
+        self._drop()
+
+    def _drop(self) -> None:
         sock, self.sock = self.sock, None
         if sock is None:
             return
@@ -359,8 +466,8 @@ def client_context(ca_file: str | None, certificate: str | None, private_key: st
 
 
 def context_for(settings: Any) -> ssl.SSLContext | None:
-    """The TLS context ``audit_syslog`` needs (None unless tls://), from the node's settings."""
-    if not (settings.audit_syslog or "").startswith("tls://"):
+    """The TLS context ``audit_syslog`` needs (None unless tls:// or relp+tls://), from the node's settings."""
+    if not (settings.audit_syslog or "").startswith(TLS_SCHEMES):
         return None
     paths = (settings.audit_syslog_ca_file, settings.audit_syslog_certificate, settings.audit_syslog_private_key)
     return client_context(*(str(path) if path else None for path in paths))

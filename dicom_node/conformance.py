@@ -358,7 +358,8 @@ needs a bearer token on every route but /health.
 With {_setting("audit_syslog")} the audit trail goes to an audit record repository (IHE ATNA) as
 DICOM audit messages (PS3.15 A.5.1) in RFC 5424 syslog, over TLS (RFC 5425, with
 {_setting("audit_syslog_ca_file")} and the node's {_setting("audit_syslog_certificate")}), UDP
-(RFC 5426) or plain TCP: facility 10, severity 5, MSGID `IHE+RFC-3881`; AuditSourceID
+(RFC 5426), plain TCP, or RELP (rsyslog's Reliable Event Logging Protocol, in TLS or plain: each
+message answered by the repository, a batch not answered whole sent again): facility 10, severity 5, MSGID `IHE+RFC-3881`; AuditSourceID
 {_setting("audit_source_id")} (default the AE title), AuditEnterpriseSiteID
 {_setting("audit_enterprise_site_id")}, Audit Source Type 4. Each event names the studies it
 concerns (Study Instance UID, role Report) and their patients (Patient Number). The events sent,

@@ -363,24 +363,25 @@ def _commitment_peers(s: Settings) -> list[Check]:
 
 
 def _audit_syslog(s: Settings) -> Check | None:
-    """The audit record repository: a TLS or TCP one is connected to (TLS: its certificate checked,
-    the node's own presented); UDP cannot be asked, so it is only named."""
+    """The audit record repository: a TLS, TCP or RELP one is connected to (TLS: its certificate
+    checked, the node's own presented; RELP: a session opened, the syslog command offered); UDP
+    cannot be asked, so it is only named."""
     if not s.audit_syslog:
         return None
     from dicom_node import atna
 
     if s.audit_syslog.startswith("udp://"):
         return Check(WARN, "audit syslog", f"{s.audit_syslog}: UDP, best effort (a datagram lost on the way is lost; nothing answers "
-                                           "to check); tls:// sends each message at least once")
+                                           "to check); tls:// sends each message at least once, relp+tls:// has each acknowledged")
     try:
         context = atna.context_for(s)
         transport = atna.Transport(s.audit_syslog, context, timeout=10)
-        transport.send([])  # connect (and handshake), send nothing
+        transport.send([])  # connect (and handshake; over RELP, open a session), send nothing
         transport.close()
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
         return Check(FAIL, "audit syslog", f"audit_syslog {s.audit_syslog}: {exc}")
-    return Check(OK, "audit syslog", f"{s.audit_syslog} accepts a connection" + (" (TLS: the repository's certificate checked)"
-                                                                                 if context is not None else ""))
+    return Check(OK, "audit syslog", f"{s.audit_syslog} accepts a {'RELP session (syslog offered)' if transport.relp else 'connection'}"
+                 + (" (TLS: the repository's certificate checked)" if context is not None else ""))
 
 
 def log_orthanc_checks(settings: Settings) -> None:

@@ -123,11 +123,15 @@ class Settings(BaseSettings):
     audit_syslog: str | None = Field(
         None, description="an audit record repository (IHE ATNA) the audit trail is sent to as DICOM audit messages (PS3.15 A.5) "
         "in syslog: tls://host:6514 (RFC 5425; checked against audit_syslog_ca_file or the system's CAs), udp://host:514 "
-        "(RFC 5426, best effort), tcp://host:601 (plain, octet-counted: a local relay only). Events recorded from the first "
-        "start with it set are sent in order, retried while the repository is down; GET /audit/export says where it stands",
+        "(RFC 5426, best effort), tcp://host:601 (plain, octet-counted: a local relay only), relp+tls://host:port or "
+        "relp://host:port (rsyslog's RELP, which acknowledges every message: nothing is lost when the repository goes down "
+        "mid-batch). Events recorded from the first start with it set are sent in order, retried while the repository is "
+        "down; GET /audit/export says where it stands",
     )
-    audit_syslog_ca_file: Path | None = Field(None, description="PEM CA bundle that signed the repository's certificate (tls://)")
-    audit_syslog_certificate: Path | None = Field(None, description="PEM certificate the node presents to the repository (tls://; "
+    audit_syslog_ca_file: Path | None = Field(None, description="PEM CA bundle that signed the repository's certificate (tls://, "
+                                              "relp+tls://)")
+    audit_syslog_certificate: Path | None = Field(None, description="PEM certificate the node presents to the repository (tls://, "
+                                                  "relp+tls://; "
                                                   "ATNA asks for mutual authentication)")
     audit_syslog_private_key: Path | None = Field(None, description="PEM private key of audit_syslog_certificate")
     audit_source_id: str | None = Field(None, max_length=64, description="AuditSourceID of the messages (default: ae_title)")
@@ -377,8 +381,9 @@ class Settings(BaseSettings):
         if (self.audit_syslog_certificate is None) != (self.audit_syslog_private_key is None):
             raise ValueError("audit_syslog_certificate and audit_syslog_private_key must be set together")
         tls_only = [name for name in ("audit_syslog_ca_file", "audit_syslog_certificate") if getattr(self, name) is not None]
-        if tls_only and not (self.audit_syslog or "").startswith("tls://"):
-            raise ValueError(f"{' and '.join(tls_only)} {'need' if len(tls_only) > 1 else 'needs'} audit_syslog = tls://host:port (the only transport that uses them)")
+        if tls_only and not (self.audit_syslog or "").startswith(("tls://", "relp+tls://")):
+            raise ValueError(f"{' and '.join(tls_only)} {'need' if len(tls_only) > 1 else 'needs'} audit_syslog = tls://host:port or "
+                             "relp+tls://host:port (the transports that use them)")
         for name in ("tls_certificate", "tls_private_key", "tls_ca_file", "api_tls_certificate", "api_tls_private_key",
                      "audit_syslog_ca_file", "audit_syslog_certificate", "audit_syslog_private_key"):
             path = getattr(self, name)
@@ -412,9 +417,10 @@ class Settings(BaseSettings):
     def _audit_syslog(cls, value: str | None) -> str | None:
         if value in (None, ""):
             return None
-        match = re.fullmatch(r"(tls|udp|tcp)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})", value.strip())
+        match = re.fullmatch(r"(tls|udp|tcp|relp|relp\+tls)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):(\d{1,5})", value.strip())
         if not match or not 0 < int(match.group(3)) < 65536:
-            raise ValueError(f"{value!r} is not tls://host:port, udp://host:port or tcp://host:port")
+            raise ValueError(f"{value!r} is not tls://host:port, udp://host:port, tcp://host:port, relp+tls://host:port or "
+                             "relp://host:port")
         return value.strip()
 
     @field_validator("uid_root")

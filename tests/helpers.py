@@ -264,12 +264,12 @@ def make_pki(tmp_path: Path) -> Path:
 
 
 @contextmanager
-def syslog_repository(folder: Path, *, tls: Path | None = None, port: int | None = None) -> Iterator[tuple[int, Path]]:
+def syslog_repository(folder: Path, *, tls: Path | None = None, port: int | None = None, relp: bool = False) -> Iterator[tuple[int, Path]]:
     """rsyslogd (Debian's, a real syslog server, as sites run to receive or relay audit messages)
     listening on 127.0.0.1 for RFC 5424 messages: over TLS with client certificates checked
-    against ``tls``'s test CA (``make_pki``'s folder), else plain TCP (octet-counted); each
-    message's MSGID and MSG written as one line of the file it yields with its port. Stopped at
-    the end."""
+    against ``tls``'s test CA (``make_pki``'s folder), else plain TCP (octet-counted); with
+    ``relp``, by RELP (its imrelp module, in TLS with ``tls``); each message's MSGID and MSG
+    written as one line of the file it yields with its port. Stopped at the end."""
     import shutil
 
     from dicom_node.local_stack import free_port, stop_process, wait_listening
@@ -289,10 +289,14 @@ def syslog_repository(folder: Path, *, tls: Path | None = None, port: int | None
                   f' DefaultNetstreamDriverCertFile="{certificate}" DefaultNetstreamDriverKeyFile="{key}"')
         stream = ' StreamDriver.Name="gtls" StreamDriver.Mode="1" StreamDriver.AuthMode="x509/certvalid"'
     config = folder / "rsyslog.conf"
+    listen = f'module(load="imtcp"{stream})\ninput(type="imtcp" port="{port}" address="127.0.0.1")\n'
+    if relp:
+        secured = (f' tls="on" tls.caCert="{tls / "ca.pem"}" tls.myCert="{tls / "server.pem"}" tls.myPrivKey="{tls / "server.key"}"'
+                   ' tls.authMode="certvalid"') if tls is not None else ""
+        driver, listen = "", f'module(load="imrelp")\ninput(type="imrelp" port="{port}" address="127.0.0.1"{secured})\n'
     config.write_text(
         f'global(workDirectory="{folder}" maxMessageSize="64k"{driver})\n'
-        f'module(load="imtcp"{stream})\n'
-        f'input(type="imtcp" port="{port}" address="127.0.0.1")\n'
+        + listen +
         'template(name="audit" type="string" string="%msgid% %msg%\\n")\n'
         f'action(type="omfile" file="{received}" template="audit")\n'
     )

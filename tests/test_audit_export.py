@@ -157,8 +157,9 @@ def test_the_node_s_own_work_is_no_audit_message_and_a_bad_setting_names_its_key
 
 def test_config_check_connects_to_the_repository(orthanc, tmp_path):
     """`mr2ct config check` before the node takes traffic: the repository reached over TLS with its
-    certificate checked; one signed by another CA, or none listening, fails naming the setting;
-    UDP, which nothing answers, is named as best effort."""
+    certificate checked (and over RELP in TLS, a session opened); one signed by another CA, a
+    listener that speaks no RELP named as RELP, or none listening, fails naming the setting; UDP,
+    which nothing answers, is named as best effort."""
     from tests.conftest import node_env
     from tests.test_config_check import _check, _lines
 
@@ -172,6 +173,13 @@ def test_config_check_connects_to_the_repository(orthanc, tmp_path):
         other_ca = make_pki(tmp_path / "other")
         untrusted = _check(env, audit_syslog=f"tls://127.0.0.1:{port}", audit_syslog_ca_file=str(other_ca / "ca.pem"), **client)
         assert untrusted.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in _lines(untrusted)["audit syslog"], untrusted.stdout
+    with syslog_repository(tmp_path / "relp", tls=pki, relp=True) as (port, _):  # RELP in TLS: a session opened
+        relp = _check(env, audit_syslog=f"relp+tls://127.0.0.1:{port}", audit_syslog_ca_file=str(pki / "ca.pem"), **client)
+        assert relp.returncode == 0 and _lines(relp)["audit syslog"].startswith("ok"), relp.stdout
+        assert "accepts a RELP session (syslog offered) (TLS: the repository's certificate checked)" in relp.stdout
+    with syslog_repository(tmp_path / "plain") as (port, _):  # a plain syslog listener named as RELP: it never answers
+        not_relp = _check(env, audit_syslog=f"relp://127.0.0.1:{port}")
+        assert not_relp.returncode == 1 and _lines(not_relp)["audit syslog"].startswith("FAIL audit_syslog relp://"), not_relp.stdout
     gone = _check(env, audit_syslog=f"tcp://127.0.0.1:{free_port()}")
     assert gone.returncode == 1 and _lines(gone)["audit syslog"].startswith("FAIL audit_syslog tcp://127.0.0.1:"), gone.stdout
     udp = _check(env, audit_syslog="udp://127.0.0.1:514")
@@ -261,3 +269,74 @@ def test_history_is_sent_again_from_a_time_an_administrator_names(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "dicom_node.cli", "audit", "export", "--resend-since", "yesterday"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "not an ISO 8601 time" in bad.stderr
+
+
+@pytest.mark.parametrize("secured", [True, False], ids=["relp+tls", "relp"])
+def test_over_relp_the_repository_acknowledges_every_message(tmp_path, secured):
+    """To rsyslogd's RELP input (imrelp; in TLS with certificates checked both ways, or plain):
+    more messages than one window of answers, in order, on one session kept between batches."""
+    sessions = init_db(f"sqlite:///{tmp_path / 'audit.db'}")
+    pki = make_pki(tmp_path) if secured else None
+    with syslog_repository(tmp_path / "arr", tls=pki, relp=True) as (port, received):
+        destination = f"relp{'+tls' if secured else ''}://127.0.0.1:{port}"
+        atna.start_position(sessions, destination)
+        context = atna.client_context(str(pki / "ca.pem"), str(pki / "client.pem"), str(pki / "client.key")) if pki else None
+        transport = atna.Transport(destination, context)
+        exporter = atna.Exporter(sessions, transport, atna.Source(source_id="MR2CT", ae_title="MR2CT"), holder="test")
+        for n in range(atna.RELP_WINDOW + 30):
+            audit.record(sessions, audit.SECURITY_ALERT, "failure", f"EVIL{n}@10.0.0.66", reason=f"calling AE title {n} not allowed")
+        assert exporter.send_pending() == atna.RELP_WINDOW + 30
+        session = transport.sock
+        audit.record(sessions, audit.APPLICATION_STOP, "success", "mr2ct all")
+        assert exporter.send_pending() == 1 and transport.sock is session
+        messages = syslog_messages(received, atna.RELP_WINDOW + 31)
+        exporter.release()
+    assert len(messages) == atna.RELP_WINDOW + 31 and "110121" in messages[-1]
+    assert [f'UserID="EVIL{n}"' in xml for n, xml in enumerate(messages[:-1])] == [True] * (atna.RELP_WINDOW + 30)  # in order
+
+
+def test_a_batch_the_repository_did_not_acknowledge_whole_is_sent_again(tmp_path):
+    """The repository went down mid-batch, having answered two of its messages: the export's
+    position does not move, and the next repository on that address gets the whole batch (the
+    two it had taken, again); over plain syslog the batch would count as sent."""
+    import socket
+    import threading
+
+    sessions = init_db(f"sqlite:///{tmp_path / 'audit.db'}")
+    port = free_port()
+    destination = f"relp://127.0.0.1:{port}"
+    atna.start_position(sessions, destination)
+    for n in range(5):
+        audit.record(sessions, audit.SECURITY_ALERT, "failure", f"EVIL{n}@10.0.0.66", reason="calling AE title not allowed")
+    listener = socket.create_server(("127.0.0.1", port))
+    listener.settimeout(30)
+
+    def dies_mid_batch() -> None:  # answers the session's open and two messages, then the stream ends
+        connection, _ = listener.accept()
+        with connection:
+            connection.settimeout(10)
+            received = b""
+            for answer, awaited in ((b"1 rsp 37 200 OK\nrelp_version=0\ncommands=syslog\n", b" open "),
+                                    (b"2 rsp 6 200 OK\n3 rsp 6 200 OK\n", b"6 syslog ")):  # all five sent before any answer
+                while awaited not in received:
+                    chunk = connection.recv(65536)
+                    if not chunk:
+                        return
+                    received += chunk
+                connection.sendall(answer)
+
+    peer = threading.Thread(target=dies_mid_batch, daemon=True)
+    peer.start()
+    exporter = atna.Exporter(sessions, atna.Transport(destination, timeout=10), atna.Source(source_id="MR2CT", ae_title="MR2CT"),
+                             holder="test")
+    with pytest.raises(ConnectionResetError, match="closed the stream before it answered"):
+        exporter.send_pending()
+    peer.join()
+    listener.close()
+    with sessions() as session:
+        assert atna.status(session, destination)["behind"] == 5  # nothing counted as sent
+    with syslog_repository(tmp_path / "arr", port=port, relp=True) as (_, received):
+        assert exporter.send_pending() == 5
+        messages = syslog_messages(received, 5)
+    assert [f'UserID="EVIL{n}"' in xml for n, xml in enumerate(messages)] == [True] * 5
+    exporter.release()

@@ -2,12 +2,13 @@
 # Install everything mr2ct needs on a fresh Debian machine (root, Python 3.11, no GPU):
 # Debian's Orthanc (+ DICOMweb and Python plugins), dcmtk, dicom3tools, PostgreSQL (the tests
 # start their own server on a loopback port; no system service is started), Chromium (the
-# dashboard test drives it headless through Playwright; no browser is downloaded), and a venv
+# dashboard test drives it headless through Playwright; no browser is downloaded), rsyslog with
+# its TLS and RELP inputs (the audit export's tests run it as the repository), and a venv
 # at .venv with the project and torch==2.13.0 (CPU build). Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
-APT_PACKAGES=(orthanc orthanc-dicomweb orthanc-python orthanc-postgresql dcmtk dicom3tools postgresql openssl chromium rsyslog rsyslog-gnutls)
+APT_PACKAGES=(orthanc orthanc-dicomweb orthanc-python orthanc-postgresql dcmtk dicom3tools postgresql openssl chromium rsyslog rsyslog-gnutls rsyslog-relp)
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
