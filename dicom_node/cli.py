@@ -1001,6 +1001,7 @@ def pull(
     refreshed += (f", fetched again {counts['changed']} of which the PACS now holds another number of instances than the cache "
                   "was made of") if counts["changed"] else ""
     refreshed += f", removed {counts['removed']} the PACS no longer holds (--prune)" if prune else ""
+    refreshed += f", not taken {counts['withdrawn']} of patients withdrawn from the cache (mr2ct forget)" if counts["withdrawn"] else ""
     typer.echo(f"found {counts['found']} series, fetched {counts['fetched']}, already cached {counts['skipped']}{refreshed}, left out "
                f"{counts['synthetic']} synthetic (Synthetic Data YES, e.g. mr2ct's own sCTs), {counts['localizer']} localizer(s) (ImageType "
                f"LOCALIZER, e.g. CT topograms), {counts['mosaic']} mosaic(s) (ImageType MOSAIC: a volume's slices tiled in one "
@@ -1053,20 +1054,12 @@ def _audit_pulled(sessions: Any, command: str, url: str, folder: Path, fetched: 
     pulled before pulls were audited)."""
     if sessions is None:
         return
-    import getpass
     from urllib.parse import urlsplit, urlunsplit
 
-    from sqlalchemy import or_, select
-
     from dicom_node import audit
-    from dicom_node.models import AuditEvent
     from training.pacs_pull import cache_id
 
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):  # no name for this uid (a container)
-        user = f"uid {os.getuid()}"
-    actor = f"{user} (mr2ct {command})"
+    actor = f"{_os_user()} (mr2ct {command})"
     parts = urlsplit(url)
     source = urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))  # without user:password@, should the URL carry them
     where = {"source": source, "destination": str(folder.resolve()), "cache_id": cache_id(folder), "command": command}
@@ -1076,25 +1069,47 @@ def _audit_pulled(sessions: Any, command: str, url: str, folder: Path, fetched: 
     with sessions.begin() as session:
         for study_uid, items in studies.items():
             session.add(audit.event(audit.DATA_PULLED, "success", actor, study_uid=study_uid, patient_id=items[0]["patient_id"],
-                                    series=[i["series"] for i in items], instances=sum(i["instances"] for i in items), **where))
+                                    issuer=items[0].get("issuer", ""), series=[i["series"] for i in items],
+                                    instances=sum(i["instances"] for i in items), **where))
         if error:
             session.add(audit.event(audit.DATA_PULLED, "failure", actor, reason=error[:500], series_fetched=len(fetched), **where))
         if removed:
-            copied: dict[str, tuple[str | None, str]] = {}  # series -> (study, patient) as this folder's pulls recorded them
-            here = AuditEvent.detail["destination"].as_string() == where["destination"]
-            if where["cache_id"]:  # or as pulls into it recorded it before it moved here
-                here = or_(here, AuditEvent.detail["cache_id"].as_string() == where["cache_id"])
-            for row in session.scalars(select(AuditEvent).where(AuditEvent.action == audit.DATA_PULLED, here)):
-                for series_uid in row.detail.get("series", []):
-                    copied[series_uid] = (row.study_instance_uid, row.detail.get("patient_id", ""))
-            gone: dict[tuple[str | None, str] | None, list[str]] = {}
-            for series_uid in removed:
-                gone.setdefault(copied.get(series_uid), []).append(series_uid)
-            for subject, series in gone.items():
-                study_uid, patient_id = subject or (None, None)
-                session.add(audit.event(audit.PULLED_DATA_REMOVED, "success", actor, study_uid=study_uid, series=series,
-                                        why="the PACS no longer holds them (--prune)", **({"patient_id": patient_id} if patient_id else {}),
-                                        **where))
+            _audit_removed(session, actor, where, removed, "the PACS no longer holds them (--prune)")
+
+
+def _os_user() -> str:
+    """Who runs this command, as the audit rows name them."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        return f"uid {os.getuid()}"
+
+
+def _audit_removed(session: Any, actor: str, where: dict[str, Any], removed: list[str], why: str) -> None:
+    """``pulled-data-removed`` rows, one per study of which series left a pulled folder (``where``:
+    its destination and cache_id), study and patient as the pulls that copied them into this
+    folder named them (one row without for series pulled before pulls were audited)."""
+    from sqlalchemy import or_, select
+
+    from dicom_node import audit
+    from dicom_node.models import AuditEvent
+
+    copied: dict[str, tuple[str | None, str]] = {}  # series -> (study, patient) as this folder's pulls recorded them
+    here = AuditEvent.detail["destination"].as_string() == where["destination"]
+    if where["cache_id"]:  # or as pulls into it recorded it before it moved here
+        here = or_(here, AuditEvent.detail["cache_id"].as_string() == where["cache_id"])
+    for row in session.scalars(select(AuditEvent).where(AuditEvent.action == audit.DATA_PULLED, here)):
+        for series_uid in row.detail.get("series", []):
+            copied[series_uid] = (row.study_instance_uid, row.detail.get("patient_id", ""))
+    gone: dict[tuple[str | None, str] | None, list[str]] = {}
+    for series_uid in removed:
+        gone.setdefault(copied.get(series_uid), []).append(series_uid)
+    for subject, series in gone.items():
+        study_uid, patient_id = subject or (None, None)
+        session.add(audit.event(audit.PULLED_DATA_REMOVED, "success", actor, study_uid=study_uid, series=series, why=why,
+                                **({"patient_id": patient_id} if patient_id else {}), **where))
 
 
 @app.command("pull-pairs")
@@ -1127,12 +1142,14 @@ def pull_pairs(
         url, out, flt, username=username, password=password, attempts=attempts, prune=prune, fetched=fetched, removed=removed))
     if counts["patients"] == 0:
         pruned = f" (removed {counts['removed']} series folder(s) the PACS no longer holds)" if counts["removed"] else ""
+        pruned += f" (not taken: {counts['withdrawn']} patient(s) withdrawn from this folder by mr2ct forget)" if counts["withdrawn"] else ""
         typer.echo(f"mr2ct: no patient on the PACS has both an MR and a CT series matching these filters{pruned}", err=True)
         raise typer.Exit(2)
     typer.echo(f"{counts['patients']} patient(s) with MR and CT: {counts['found']} series, fetched {counts['fetched']}, "
                f"already there {counts['skipped']}"
                + (f", fetched again {counts['changed']} of which the PACS now holds another number of instances" if counts["changed"] else "")
                + (f", removed {counts['removed']} the PACS no longer holds" if prune else "")
+               + (f", not taken {counts['withdrawn']} patient(s) withdrawn (mr2ct forget)" if counts["withdrawn"] else "")
                + f" -> {out}\nscore a model on them: mr2ct evaluate --pairs {out}")
 
 
@@ -1235,6 +1252,74 @@ def audit_lineage(
         typer.echo(f"registered model {model['id']} {model['name']} {model['sha256'][:12]}{' (active)' if model['active'] else ''}")
     if found["active_model_learned_from_patient"]:
         typer.echo("the active model learned from this patient's images")
+
+
+@app.command("forget")
+def forget(
+    patient_id: Annotated[str, typer.Option(help="the patient's ID as the PACS holds it")],
+    issuer: Annotated[list[str], typer.Option(help="an Issuer of Patient ID to forget the patient under besides those the pulls "
+                                                   "recorded and none (repeat the option)")] = [],
+    folder: Annotated[list[Path], typer.Option(help="a dataset cache or pull-pairs folder to forget the patient in besides those "
+                                                    "the pulls recorded (one moved since; repeat the option)")] = [],
+    config: ConfigOption = None,
+) -> None:
+    """A patient withdrew consent to research use: delete their series from every folder `mr2ct
+    pull` and `pull-pairs` copied them into (as the audit trail's pulls name them, and --folder)
+    and keep every later pull into those folders from taking them again, whatever the PACS holds.
+    Each deletion is audited. Models already trained on them cannot unlearn: the training runs and
+    models that did are listed (GET /audit/lineage), to be retrained without them. Exit 1 when a
+    folder the pulls name is no longer where they copied into (moved: name it with --folder)."""
+    from dicom_node import audit
+    from dicom_node.db import init_db
+    from dicom_node.lineage import patient_lineage
+    from training.pacs_pull import cache_id, withdraw_patient
+
+    sessions = init_db(_settings(config).database_url)
+    with sessions() as session:
+        found = patient_lineage(session, patient_id)
+    issuers = ["", *issuer, *(p["issuer"] for p in found["pulls"] if p.get("issuer"))]
+    recorded = {p["cache_id"] or p["folder"]: p for p in found["pulls"] if p["folder"]}  # one per folder, by what names it
+    places: dict[str, Path] = {}
+    for extra in folder:
+        if not extra.is_dir():
+            typer.echo(f"error: --folder: {extra} is not a folder", err=True)
+            raise typer.Exit(2)
+        places[cache_id(extra) or str(extra.resolve())] = extra
+    missing = []
+    for name, pull in recorded.items():
+        where = Path(pull["folder"])
+        if name in places:
+            continue
+        if where.is_dir() and (pull["cache_id"] is None or cache_id(where) == pull["cache_id"]):
+            places[name] = where
+        else:
+            missing.append(where)
+    actor = f"{_os_user()} (mr2ct forget)"
+    why = "the patient withdrew consent to research use (mr2ct forget)"
+    for place in places.values():
+        try:
+            removed = withdraw_patient(place, patient_id, issuers, why)
+        except FileNotFoundError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from exc
+        where = {"destination": str(place.resolve()), "cache_id": cache_id(place), "command": "forget"}
+        with sessions.begin() as session:
+            if removed:
+                _audit_removed(session, actor, where, removed, why)
+            else:  # nothing of theirs there (now): the withdrawal itself still stands, and is recorded
+                session.add(audit.event(audit.PULLED_DATA_REMOVED, "success", actor, patient_id=patient_id, series=[], why=why, **where))
+        typer.echo(f"{place}: removed {len(removed)} series of the patient; later pulls into it do not take them again")
+    for where in missing:
+        typer.echo(f"{where}: not there any more (moved or deleted?): name it with --folder to forget the patient in it", err=True)
+    if not places and not missing:
+        typer.echo("no folder to forget the patient in: no pull into this database's audit trail copied them, and no --folder")
+    for run in found["training_runs"]:
+        typer.echo(f"training run {run['run_id']} ({run['out_dir']}) learned from the patient's images before: retrain without them")
+    for model in found["models"]:
+        typer.echo(f"registered model {model['id']} {model['name']} {model['sha256'][:12]}{' (active)' if model['active'] else ''} "
+                   "learned from them")
+    if missing:
+        raise typer.Exit(1)
 
 
 @audit_app.command("export")

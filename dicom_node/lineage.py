@@ -30,7 +30,7 @@ def patient_lineage(session: Session, patient_id: str) -> dict[str, Any]:
                   AuditEvent.detail["patient_id"].as_string() == patient_id)
     pulls = [{"at": as_utc(r.at).isoformat(), "study_uid": r.study_instance_uid, "series": r.detail.get("series", []),
               "command": r.detail.get("command"), "source": r.detail.get("source"), "folder": r.detail.get("destination"),
-              "cache_id": r.detail.get("cache_id")}
+              "cache_id": r.detail.get("cache_id"), "issuer": r.detail.get("issuer")}
              for r in session.scalars(select(AuditEvent).where(pulled).order_by(AuditEvent.id))]
     folders = {p["folder"] for p in pulls if p["folder"]}
     caches = {p["cache_id"] for p in pulls if p["cache_id"]}  # the same folders wherever they were moved since (pulls since 2026-12-07)

@@ -113,7 +113,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         cache_dir = tmp_path / "cache"
         counts = pull(f"{orthanc.url}/dicom-web", cache_dir, [PullFilter("CT")], username=orthanc.username, password=orthanc.password)
         assert counts == {"found": 3 + 1 + 3, "fetched": 4, "skipped": 0, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1, "refreshed": 0, "changed": 0, "contrast": 0,
-                          "contrast_agent": 0, "fat_suppression": 0, "removed": 0}
+                          "contrast_agent": 0, "fat_suppression": 0, "withdrawn": 0, "removed": 0}
         cache = DatasetCache(cache_dir)
         assert not {sct.series_uid, broken.series_uid, topogram.series_uid} & cache.known()
         assert cache.left_out()[topogram.series_uid] == "localizer"
@@ -121,7 +121,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         with dicomweb_proxy(orthanc) as (url, asked, _refused):
             again = pull(url, cache_dir, [PullFilter("CT")])
         assert again == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1, "refreshed": 0, "changed": 0, "contrast": 0,
-                          "contrast_agent": 0, "fat_suppression": 0, "removed": 0}
+                          "contrast_agent": 0, "fat_suppression": 0, "withdrawn": 0, "removed": 0}
         assert metadata_asked(asked) == [] and not any(uid in path for path in asked
                                                       for uid in (sct.series_uid, broken.series_uid, topogram.series_uid))
         assert not any(pid in p.read_bytes() for p in cache_dir.rglob("*") if p.is_file() for pid in (b"PHSCT01", b"PHBAD01", b"PHTOP01"))
@@ -137,7 +137,7 @@ def test_synthetic_series_and_series_that_make_no_volume_are_left_out_of_the_poo
         more = pull(f"{orthanc.url}/dicom-web", tmp_path / "limited", [PullFilter("CT", limit=5)],
                     username=orthanc.username, password=orthanc.password, progress=False)
         assert more == {"found": 7, "fetched": 0, "skipped": 4, "synthetic": 1, "localizer": 1, "mosaic": 0, "phase": 0, "complex": 0, "dixon": 0, "unusable": 1,
-                        "refreshed": 0, "changed": 0, "contrast": 0, "contrast_agent": 0, "fat_suppression": 0, "removed": 0}  # looked at all: the PACS has no 5th
+                        "refreshed": 0, "changed": 0, "contrast": 0, "contrast_agent": 0, "fat_suppression": 0, "withdrawn": 0, "removed": 0}  # looked at all: the PACS has no 5th
 
 
 def test_a_siemens_mosaic_and_phase_images_are_left_out_before_their_pixels_are_fetched(orthanc, tmp_path):
@@ -176,7 +176,7 @@ def test_a_siemens_mosaic_and_phase_images_are_left_out_before_their_pixels_are_
     with _in_the_pacs(orthanc, [f for series in left for f in series.files]), dicomweb_proxy(orthanc) as (url, asked, _refused):
         counts = pull(url, tmp_path / "cache", [PullFilter("MR", description="ep2d|field_map")], progress=False)
     assert counts == {"found": 5, "fetched": 0, "skipped": 0, "synthetic": 0, "localizer": 0, "mosaic": 1, "phase": 2, "complex": 1, "dixon": 1,
-                      "unusable": 0, "refreshed": 0, "changed": 0, "contrast": 0, "contrast_agent": 0, "fat_suppression": 0, "removed": 0}
+                      "unusable": 0, "refreshed": 0, "changed": 0, "contrast": 0, "contrast_agent": 0, "fat_suppression": 0, "withdrawn": 0, "removed": 0}
     assert DatasetCache(tmp_path / "cache").left_out() == {bold.series_uid: "mosaic", phase.series_uid: "phase", ge[1].series_uid: "phase",
                                                            ge[2].series_uid: "complex", fat.series_uid: "dixon"}
     fetched = [path for path in asked if "/instances/" in path and not path.endswith("/metadata")
@@ -799,3 +799,62 @@ def test_a_series_whose_uid_is_not_a_dicom_uid_is_left_out_of_both_pulls(tmp_pat
         assert pairs["fetched"] == 2 and pairs["found"] == 2  # the good MR and the CT
         folders = {p.name for p in (tmp_path / "pairs").glob("*/*") if p.is_dir()}
         assert good.series_uid in folders and not folders & set(bad_uids.values())
+
+
+def test_forget_takes_a_withdrawn_patient_out_of_every_pulled_folder_for_good(cohort_in_orthanc, orthanc, tmp_path):
+    """A patient withdraws consent to research use while the PACS keeps their studies (a clinical
+    archive): `mr2ct forget` deletes their series from the training cache and the pairs folder the
+    pulls copied them into (one moved since, named with --folder), audits each deletion, and no
+    later pull takes them again. The other patients stay; the cache still counts them as trained
+    on (a model may have learnt from them)."""
+    from sqlalchemy import select
+
+    from dicom_node.db import init_db
+    from dicom_node.models import AuditEvent
+    from training.pacs_pull import patient_key
+
+    auth = ["--username", orthanc.username, "--password", orthanc.password]
+    cache_dir, pairs_dir = tmp_path / "cache", tmp_path / "pairs"
+    pulls = ([*MR2CT, "pull", "--url", f"{orthanc.url}/dicom-web", "--cache", str(cache_dir), "--validation-fraction", "0", *auth],
+             [*MR2CT, "pull-pairs", "--url", f"{orthanc.url}/dicom-web", "--out", str(pairs_dir), *auth])
+    for command in pulls:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+    cache = DatasetCache(cache_dir)
+    key = patient_key("PHPR0070000", "", cache.salt)
+    theirs = [e for e in cache.entries() if e["patient_key"] == key]
+    others = [e for e in cache.entries() if e["patient_key"] != key]
+    assert len(theirs) == 2 and len(others) == 4 + 3  # their MR and CT; the MR-only and CT-only subjects
+    pair_key = next(p.name for p in pairs_dir.iterdir() if p.is_dir())
+    moved = tmp_path / "archive" / "cache"
+    moved.parent.mkdir()
+    shutil.move(cache_dir, moved)
+    forgot = subprocess.run([*MR2CT, "forget", "--patient-id", "PHPR0070000"], capture_output=True, text=True, timeout=120)
+    assert forgot.returncode == 1, forgot.stderr[-2000:]  # the cache is not where the pull copied into: said, not skipped silently
+    assert f"{cache_dir.resolve()}: not there any more" in forgot.stderr and "--folder" in forgot.stderr
+    assert f"{pairs_dir}: removed 2 series of the patient" in forgot.stdout and not (pairs_dir / pair_key).exists()
+    forgot = subprocess.run([*MR2CT, "forget", "--patient-id", "PHPR0070000", "--folder", str(moved)], capture_output=True, text=True,
+                            timeout=120)
+    assert forgot.returncode == 0, forgot.stderr[-2000:]
+    assert f"{moved}: removed 2 series of the patient" in forgot.stdout
+    cache = DatasetCache(moved)
+    assert sorted(e["series_uid"] for e in cache.entries()) == sorted(e["series_uid"] for e in others)
+    assert not any((moved / e["shard"]).exists() for e in theirs) and all((moved / e["shard"]).exists() for e in others)
+    assert cache.withdrawn() == {key} and key in cache.patients()  # still counted as trained on
+    sessions = init_db(os.environ["MR2CT_DATABASE_URL"])
+    with sessions() as session:
+        rows = session.scalars(select(AuditEvent).where(AuditEvent.action == "pulled-data-removed").order_by(AuditEvent.id)).all()
+        removed = [(r.detail["destination"], sorted(r.detail["series"]), r.detail.get("patient_id")) for r in rows if r.detail["series"]]
+    assert sorted(removed) == sorted([(str(pairs_dir.resolve()), sorted(e["series_uid"] for e in theirs), "PHPR0070000"),
+                                      (str(moved.resolve()), sorted(e["series_uid"] for e in theirs), "PHPR0070000")])
+    assert all("withdrew consent" in r.detail["why"] for r in rows)
+    lineage = json.loads(subprocess.run([*MR2CT, "audit", "lineage", "--patient-id", "PHPR0070000", "--json"], capture_output=True,
+                                        text=True, timeout=120).stdout)
+    assert lineage["pulls"] and all(p["removed_at"] for p in lineage["pulls"])
+    # The PACS still holds them: later pulls into both folders take everyone else, not them.
+    again = subprocess.run([str(moved) if a == str(cache_dir) else a for a in pulls[0]], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "not taken 2 of patients withdrawn from the cache (mr2ct forget)" in again.stdout, again.stdout
+    assert "fetched 0," in again.stdout and len(DatasetCache(moved).entries()) == 7
+    again = subprocess.run(pulls[1], capture_output=True, text=True, timeout=300)  # the cohort's one pair was theirs
+    assert again.returncode == 2 and "(not taken: 1 patient(s) withdrawn from this folder by mr2ct forget)" in again.stderr, again.stderr
+    assert not (pairs_dir / pair_key).exists()

@@ -72,7 +72,7 @@ def test_pull_pairs_fetches_whole_pairs_that_evaluate_scores_as_the_files_on_dis
     out = tmp_path / "pairs"
     counts = pull_pairs(f"{orthanc.url}/dicom-web", out, PairsFilter(), username=orthanc.username, password=orthanc.password)
     # Two patients with MR and CT: 2 series for the one-frame pair, 3 (with the registration) for the other.
-    assert counts == {"patients": 2, "found": 5, "fetched": 5, "skipped": 0, "changed": 0, "removed": 0}
+    assert counts == {"patients": 2, "found": 5, "fetched": 5, "skipped": 0, "changed": 0, "removed": 0, "withdrawn": 0}
     names = [p.relative_to(out).as_posix() for p in out.rglob("*")]
     assert not any(pid in name for name in names for pid in PATIENT_IDS)  # folders named by salted hash and UID
     assert sum(1 for p in out.rglob("*.dcm")) == 4 + 4 + 4 + 4 + 1
@@ -88,7 +88,7 @@ def test_pull_pairs_fetches_whole_pairs_that_evaluate_scores_as_the_files_on_dis
     assert pulled["left_out"] == []  # only pairs came (no MR-only, CT-only or sCT series), and the folder's salt is not taken for an image
 
     again = pull_pairs(f"{orthanc.url}/dicom-web", out, PairsFilter(), username=orthanc.username, password=orthanc.password)
-    assert again == {"patients": 2, "found": 5, "fetched": 0, "skipped": 5, "changed": 0, "removed": 0}
+    assert again == {"patients": 2, "found": 5, "fetched": 0, "skipped": 5, "changed": 0, "removed": 0, "withdrawn": 0}
 
 
 def test_pull_pairs_replaces_a_half_fetched_series_left_by_an_interrupted_run(hospital, tmp_path):
@@ -139,7 +139,7 @@ def test_pull_pairs_fetches_again_a_series_of_which_the_pacs_holds_more_than_the
     assert len(list(series.glob("*.dcm"))) == 4 and wanted in {pydicom.dcmread(p).SOPInstanceUID for p in series.glob("*.dcm")}
     assert not (tmp_path / ".pairs.partial").exists()  # nothing left beside the folder
     again = pull_pairs(f"{orthanc.url}/dicom-web", out, PairsFilter(), username=orthanc.username, password=orthanc.password)
-    assert again == {"patients": 2, "found": 5, "fetched": 0, "skipped": 5, "changed": 0, "removed": 0}
+    assert again == {"patients": 2, "found": 5, "fetched": 0, "skipped": 5, "changed": 0, "removed": 0, "withdrawn": 0}
 
 
 def test_pull_pairs_prune_deletes_the_series_folders_the_pacs_no_longer_holds(hospital, tmp_path):
@@ -230,7 +230,7 @@ def test_only_the_cts_a_pull_may_take_are_asked_whether_they_are_synthetic(hospi
     assert first["patients"] == 2 and sorted(metadata_asked(asked)) == sorted(ct_of.values())  # every CT beside an MR, once
     with dicomweb_proxy(orthanc) as (url, asked, _refused):
         again = pull_pairs(url, out, PairsFilter())
-    assert again == {"patients": 2, "found": 5, "fetched": 0, "skipped": 5, "changed": 0, "removed": 0}
+    assert again == {"patients": 2, "found": 5, "fetched": 0, "skipped": 5, "changed": 0, "removed": 0, "withdrawn": 0}
     assert metadata_asked(asked) == [ct_of["PULLSCT"]]  # only the sCT, which no run fetches
 
     with dicomweb_proxy(orthanc) as (url, asked, _refused):

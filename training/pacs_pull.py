@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,47 @@ def cache_id(folder: Path) -> str | None:
     return None
 
 
+def _withdrawn_keys(path: Path) -> set[str]:
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {json.loads(line)["patient_key"] for line in lines if line.strip()}
+
+
+def _withdraw_key(path: Path, key: str, reason: str) -> None:
+    with open(path, "a") as fh:
+        fh.write(json.dumps({"patient_key": key, "reason": reason}, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def withdraw_patient(folder: Path, patient_id: str, issuers: Iterable[str], reason: str) -> list[str]:
+    """One patient out of a folder `mr2ct pull` (a dataset cache) or `pull-pairs` made, for good:
+    their series deleted (a cache's shards, with manifest lines saying why; a pairs folder's
+    patient folder) and their salted key recorded so that no later pull into the folder takes them
+    again. The key is the folder's own hash of the patient ID with each of ``issuers`` (the Issuer
+    of Patient ID the PACS gave; "" where it gave none). Returns the series UIDs removed."""
+    folder = Path(folder)
+    if (folder / "salt").is_file():
+        cache = DatasetCache.existing(folder)
+        return [uid for issuer in dict.fromkeys(issuers) for uid in cache.withdraw(patient_key(patient_id, issuer, cache.salt), reason)]
+    if not (folder / ".salt").is_file():
+        raise FileNotFoundError(f"{folder} is neither a dataset cache of `mr2ct pull` nor a folder of `mr2ct pull-pairs` (no salt)")
+    salt, removed = folder_salt(folder / ".salt"), []
+    staging = folder.parent / f".{folder.name}.partial"
+    for issuer in dict.fromkeys(issuers):
+        key = patient_key(patient_id, issuer, salt)
+        _withdraw_key(folder / ".withdrawn.jsonl", key, reason)  # hidden: evaluate --pairs reads every other file as DICOM
+        theirs = folder / key
+        if theirs.is_dir():
+            removed += sorted(f.name for f in theirs.iterdir() if f.is_dir() and is_valid_uid(f.name))
+            staging.mkdir(parents=True, exist_ok=True)
+            gone = staging / f"{key}.replaced"  # out of the folder at once; deleted there (or by the next pull-pairs)
+            theirs.rename(gone)
+            shutil.rmtree(gone)
+    if staging.is_dir() and not any(staging.iterdir()):
+        staging.rmdir()
+    return removed
+
+
 def acquired_before_planes(entry: dict[str, Any]) -> bool:
     """A cache entry written before pulls took the node's slice plane (2026-12-03: no ``plane``)
     for slices that are not axial: a 3D sagittal or coronal series held as acquired, where the node
@@ -243,6 +285,21 @@ class DatasetCache:
         (self.root / entry["shard"]).unlink(missing_ok=True)
         with open(self.manifest, "a") as fh:
             fh.write(json.dumps({**entry, "removed": reason}, sort_keys=True) + "\n")
+
+    def withdrawn(self) -> set[str]:
+        """The salted keys of the patients withdrawn from the cache (``withdraw``): a pull never takes
+        a series of theirs again, whatever the PACS holds."""
+        return _withdrawn_keys(self.root / "withdrawn.jsonl")
+
+    def withdraw(self, key: str, reason: str) -> list[str]:
+        """A patient out of the cache for good (consent to research use withdrawn): their key
+        recorded first (so that no pull takes them again), then each of their series removed
+        (``remove``). Returns the series UIDs removed."""
+        _withdraw_key(self.root / "withdrawn.jsonl", key, reason)
+        theirs = [entry for entry in self.entries() if entry.get("patient_key") == key]
+        for entry in theirs:
+            self.remove(entry, reason)
+        return [entry["series_uid"] for entry in theirs]
 
     def known(self) -> set[str]:
         return {e["series_uid"] for e in self.entries()}
@@ -337,6 +394,7 @@ def pull(
     cache = DatasetCache(cache_dir)
     client = _client(url, username, password, timeout, attempts)
     entries, left_out, headers_read = cache.entries(), cache.left_out(), cache.headers_read()  # the manifest read once
+    withdrawn = cache.withdrawn()
     cached = {e["series_uid"]: e for e in entries}
     known = set(cached)
     outdated = {e["series_uid"]: e["shard"] for e in entries if acquired_before_planes(e)}  # and the shard each refresh replaces
@@ -366,6 +424,8 @@ def pull(
             log.warning("skipping a series with a malformed UID")
             return "malformed"
         study_uid, series_uid = uids
+        if withdrawn and patient_key(_value(attrs, "00100020"), _value(attrs, "00100021"), cache.salt) in withdrawn:
+            return "withdrawn"  # consent withdrawn (`mr2ct forget`): never taken again, whatever the PACS holds
         if series_uid in known and series_uid not in outdated:
             held, now = cached[series_uid].get("instances"), _pacs_instances(attrs)
             if held is None or now is None or held == now:
@@ -466,7 +526,8 @@ def pull(
         )
         known.add(series_uid)
         if fetched is not None:
-            fetched.append({"study": study_uid, "series": series_uid, "patient_id": _value(attrs, "00100020"), "instances": len(datasets)})
+            fetched.append({"study": study_uid, "series": series_uid, "patient_id": _value(attrs, "00100020"),
+                            "issuer": _value(attrs, "00100021"), "instances": len(datasets)})
         if outdated.pop(series_uid, None) is not None:
             if series_uid in changed:
                 log.info("cached again series=%s: %d instances", series_uid, len(datasets))
@@ -476,7 +537,7 @@ def pull(
         return "fetched"
 
     counts = {"found": 0, "fetched": 0, "skipped": 0, SYNTHETIC: 0, **dict.fromkeys(KINDS, 0), "unusable": 0, "refreshed": 0, "changed": 0,
-              "contrast": 0, "contrast_agent": 0, "fat_suppression": 0, "removed": 0}
+              "contrast": 0, "contrast_agent": 0, "fat_suppression": 0, "withdrawn": 0, "removed": 0}
     wanted = [len(matched) if flt.limit is None else min(flt.limit, len(matched)) for flt, matched in plans]
     bar = progress_bar(total=sum(wanted), desc="pull", unit="series", show=progress)
     with bar:
@@ -581,7 +642,8 @@ def pull_pairs(
     folder does (fetched while it was still arriving, a slice added or deleted since) is fetched
     again whole and replaces it. ``prune``: a series folder the PACS no longer holds is deleted (as
     ``pull``'s ``prune`` asks: one request for each the searches did not find). Returns counts
-    (patients, found, fetched, skipped, changed: fetched again so, removed); ``fetched`` gets an
+    (patients, found, fetched, skipped, changed: fetched again so, removed, withdrawn: patients with a pair not
+    taken as `mr2ct forget` withdrew them from the folder); ``fetched`` gets an
     item per series fetched, ``removed`` the series UIDs pruned, as ``pull``'s."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -599,8 +661,10 @@ def pull_pairs(
                 continue
             patient = (_value(attrs, "00100020"), _value(attrs, "00100021"))
             by_patient.setdefault(patient, {"MR": [], "CT": []})[modality].append(attrs)
-    candidates = sorted((patient_key(pid, issuer, salt), (pid, issuer), found) for (pid, issuer), found in by_patient.items()
-                        if found["MR"] and found["CT"] and pid)
+    withdrawn = _withdrawn_keys(out_dir / ".withdrawn.jsonl")  # consent withdrawn (`mr2ct forget`): never taken again
+    paired = [(patient_key(pid, issuer, salt), (pid, issuer), found) for (pid, issuer), found in by_patient.items()
+              if found["MR"] and found["CT"] and pid]
+    candidates = sorted(c for c in paired if c[0] not in withdrawn)
     keyed = []
     for key, patient, found in candidates:  # in the order ``limit`` draws them, until it has enough
         if flt.limit is not None and len(keyed) >= flt.limit:
@@ -614,7 +678,8 @@ def pull_pairs(
         registrations = [a for a in registrations if _value(a, "00100021") == issuer]
         in_pacs.update(_value(a, "0020000E") for a in registrations)
         todo.extend((key, attrs) for attrs in [*found["MR"], *found["CT"], *registrations])
-    counts = {"patients": len(keyed), "found": len(todo), "fetched": 0, "skipped": 0, "changed": 0, "removed": 0}
+    counts = {"patients": len(keyed), "found": len(todo), "fetched": 0, "skipped": 0, "changed": 0, "removed": 0,
+              "withdrawn": len(paired) - len(candidates)}
     bar = progress_bar(todo, desc="pull pairs", unit="series", show=progress)
     for key, attrs in bar:
         uids = _series_uids(attrs)
@@ -641,7 +706,7 @@ def pull_pairs(
             raise _pacs_error(url, exc) from exc
         if fetched is not None:
             fetched.append({"study": study_uid, "series": series_uid, "patient_id": _value(attrs, "00100020"),
-                            "instances": sum(1 for _ in partial.iterdir())})
+                            "issuer": _value(attrs, "00100021"), "instances": sum(1 for _ in partial.iterdir())})
         target.parent.mkdir(exist_ok=True)
         if target.is_dir():  # the series as the PACS holds it now takes the place of the one fetched before
             replaced = staging / f"{series_uid}.replaced"
