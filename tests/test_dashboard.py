@@ -276,3 +276,58 @@ def test_an_administrator_judges_a_set_aside_series_again_from_the_dashboard_onc
         assert bad.status == 422 and "not valid UIDs" in bad.text()
     job = wait_for_job(node.database_url, t2.series_uid, timeout=120)
     assert job.state == "done" and job.model_sha256 == new["sha256"]
+
+
+def test_an_auditor_asks_the_dashboard_where_a_patients_images_went_for_training(node, orthanc, tmp_path):
+    """A patient withdraws consent: the auditor types their ID into the dashboard's lineage form
+    (headless Chromium) and sees the study `mr2ct pull` copied and into which folder, the training
+    run that read it, and whether the active model learned from it; the ID stays out of the page's
+    address, and the question is audited without it. A patient never pulled has none."""
+    import requests
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env["MR2CT_DATABASE_URL"] = node.database_url
+    series = [write_mr_series(tmp_path / modality, seed=950 + n, slices=4, size=32, pixel_spacing=8.0, slice_spacing=10.0,
+                              patient_id=f"DASH-LINEAGE-{modality}", series_description=f"DASHLINEAGE {modality}", modality=modality)
+              for n, modality in enumerate(("MR", "CT"))]
+    uploaded = [requests.post(f"{orthanc.url}/instances", data=path.read_bytes(), auth=orthanc.auth, timeout=30).json()["ParentSeries"]
+                for s in series for path in s.files]
+    try:
+        pulled = subprocess.run([sys.executable, "-m", "dicom_node.cli", "pull", "--url", f"{orthanc.url}/dicom-web", "--cache",
+                                 str(tmp_path / "cache"), "--description", "^DASHLINEAGE ", "--validation-fraction", "0",
+                                 "--username", orthanc.username, "--password", orthanc.password],
+                                capture_output=True, text=True, env=env, timeout=300)
+        assert pulled.returncode == 0 and "fetched 2," in pulled.stdout, pulled.stderr[-2000:]
+    finally:
+        for series_id in set(uploaded):
+            requests.delete(f"{orthanc.url}/series/{series_id}", auth=orthanc.auth, timeout=30)
+    trained = subprocess.run([sys.executable, "-m", "dicom_node.cli", "train", "--out", str(tmp_path / "run"), "--data", str(tmp_path / "cache"),
+                              "--epochs", "1", "--steps-per-epoch", "1", "--batch-size", "2", "--threads", "1"],
+                             capture_output=True, text=True, env=env, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    run_id = int(trained.stderr.split("training run ")[1].split(":")[0])
+    auditor = api_token(node.database_url, "auditor", "lineage-auditor")
+    base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
+    with headless_chromium() as browser:
+        page = _logged_in(browser, base, auditor)
+        with page.expect_navigation():
+            page.click("#lineage-link")
+        page.fill("#patient_id", "DASH-LINEAGE-MR")
+        with page.expect_navigation():
+            page.click("#ask")
+        assert "DASH-LINEAGE" not in page.url  # asked by a form: not in the address, nor the history
+        pulls = page.locator("#lineage-pulls").inner_text()
+        assert series[0].study_uid in pulls and str((tmp_path / "cache").resolve()) in pulls and series[1].study_uid not in pulls
+        assert page.locator(f"#lineage-run-{run_id}").count() == 1
+        assert "did not learn" in page.locator("#verdict").inner_text()  # the node's active model is the shipped one
+        page.screenshot(path=str(ARTIFACTS / "dashboard-lineage.png"), full_page=True)
+        page.goto(f"{base}/dashboard/lineage")
+        page.fill("#patient_id", "NEVER-PULLED")
+        with page.expect_navigation():
+            page.click("#ask")
+        assert page.locator("#no-pulls").count() == 1 and page.locator("#lineage-pulls").count() == 0
+    with init_db(node.database_url)() as session:
+        asked = session.scalars(select(AuditEvent).where(AuditEvent.action == "query").order_by(AuditEvent.id)).all()
+    asked = [e for e in asked if e.detail.get("resource") == "dashboard/lineage"]
+    assert [(e.actor, e.detail["pulls"]) for e in asked] == [("api:lineage-auditor", 1), ("api:lineage-auditor", 0)]
+    assert not any("DASH-LINEAGE" in json.dumps(e.detail) or "NEVER-PULLED" in json.dumps(e.detail) for e in asked)

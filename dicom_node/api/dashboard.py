@@ -1,7 +1,8 @@
 """A small server-rendered dashboard: jobs and their state, recent audit events, and for a finished
 job a side-by-side PNG of an MR slice and its sCT slice (brain and bone windows) with a link to the
 study in Orthanc Explorer; training runs with their loss curves, drawn from the database while they
-train. Login with an API token, kept in an HttpOnly cookie."""
+train; a patient's lineage (where their pulled images went for training, ``dicom_node.lineage``).
+Login with an API token, kept in an HttpOnly cookie."""
 
 from __future__ import annotations
 
@@ -194,7 +195,8 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                     f"{now.fat_suppression}; body parts {', '.join(now.body_parts) or 'any'}")
             selecting = (f"<p id='selection'>Synthesized now: {html.escape(told)}"
                          + (f" (from the card of {html.escape(now.follows)}, select_follow_model)" if now.followed else "") + "</p>")
-        body = (f"<h1>mr2ct jobs</h1><p>Logged in as {html.escape(caller.name)} ({html.escape(caller.role)})</p>"
+        body = (f"<h1>mr2ct jobs</h1><p>Logged in as {html.escape(caller.name)} ({html.escape(caller.role)}) · "
+                "<a id='lineage-link' href='/dashboard/lineage'>where a patient's images went for training</a></p>"
                 "<table id='jobs'><tr><th>job</th><th>state</th><th>series</th><th>instances</th><th>from</th><th>created</th>"
                 f"<th>took</th><th>device</th><th>error</th><th>delivered to</th><th></th></tr>{''.join(job_rows)}</table>"
                 f"<h1>series not synthesized</h1>{selecting}<table id='set-aside'><tr><th>series</th><th>instances</th><th>from</th>"
@@ -351,6 +353,65 @@ def dashboard_router(sessions: sessionmaker[Session], store: OrthancStore | None
                 f"<p><code>{html.escape(run.command)}</code></p><p>{html.escape(run.reason or '')}</p>{plot}"
                 "<p><a href='/dashboard'>back</a> (while it trains the page reloads every 30 s; the plot is drawn from the database each time)</p>")
         return _page(f"mr2ct training run {run.id}", body, refresh_seconds=30 if run.state == "running" else None)
+
+    def lineage_form(answer: str = "", asked: str = "") -> HTMLResponse:
+        return _page("mr2ct: a patient's lineage",
+                     "<h1>Where a patient's images went for training</h1><p><a href='/dashboard'>back</a></p>"
+                     "<form method='post' action='/dashboard/lineage'><label for='patient_id'>Patient ID, as the PACS holds it</label>"
+                     f"<input id='patient_id' name='patient_id' maxlength='64' autocomplete='off' value='{html.escape(asked, quote=True)}'>"
+                     "<button type='submit' id='ask'>Ask</button></form>" + answer)
+
+    @router.get("/lineage")
+    def lineage_page(request: Request) -> Response:
+        return login_form() if _caller(request, sessions) is None else lineage_form()
+
+    @router.post("/lineage")
+    async def lineage_answer(request: Request) -> Response:
+        """The answer of GET /audit/lineage as a page; asked by a form (POST), so that the patient ID
+        stays out of the address, the browser's history and any proxy's log. Audited as the API's
+        query is, without the patient ID."""
+        from dicom_node.lineage import patient_lineage
+
+        caller = _caller(request, sessions)
+        if caller is None:
+            return login_form()
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        patient_id = (form.get("patient_id") or [""])[0].strip()
+        if not patient_id or len(patient_id) > 64:
+            return _page("mr2ct: a patient's lineage", "<p class='failed' id='refused'>A patient ID (1 to 64 characters) is needed.</p>"
+                         "<p><a href='/dashboard/lineage'>back</a></p>", status_code=422)
+        with sessions() as session:
+            found = patient_lineage(session, patient_id)
+        audit.record(sessions, "query", "success", f"api:{caller.name}", resource="dashboard/lineage", patient_filter=True,
+                     pulls=len(found["pulls"]), runs=len(found["training_runs"]))
+        if not found["pulls"]:
+            return lineage_form("<p id='no-pulls'>No study of this patient was pulled out of a PACS by mr2ct (pull, pull-pairs) "
+                                "into this database's audit trail.</p>", patient_id)
+        pulls = "".join(
+            f"<tr><td>{html.escape(p['at'][:19])}</td><td>{html.escape(p['command'] or '')}</td><td><code>{html.escape(p['study_uid'] or '')}"
+            f"</code></td><td>{len(p['series'])}</td><td>{html.escape(p['source'] or '')}</td><td>{html.escape(p['folder'] or '')}</td>"
+            f"<td class='{'done' if p['removed_at'] else ''}'>{html.escape((p['removed_at'] or '')[:19])}</td></tr>" for p in found["pulls"])
+        runs = "".join(
+            f"<tr id='lineage-run-{r['run_id']}'><td><a href='/dashboard/training/{r['run_id']}'>{r['run_id']}</a></td>"
+            f"<td>{html.escape(r['state'])}</td><td>{html.escape(r['started_at'][:19])}</td><td>{html.escape(r['data'] or 'phantoms')}</td>"
+            f"<td>{html.escape(r['out_dir'])}</td><td><code>{html.escape((r['model_sha256'] or '')[:12])}</code></td></tr>"
+            for r in found["training_runs"])
+        models = "".join(
+            f"<tr><td>{m['id']}</td><td>{html.escape(m['name'])}</td><td><code>{html.escape(m['sha256'][:12])}</code></td>"
+            f"<td class='{'failed' if m['active'] else ''}'>{'active' if m['active'] else ''}</td></tr>" for m in found["models"])
+        verdict = ("<p class='failed' id='verdict'>The active model learned from this patient's images: retrain without them "
+                   "(<code>mr2ct forget</code> takes them out of the pulled folders for good) and activate the new model.</p>"
+                   if found["active_model_learned_from_patient"] else
+                   "<p id='verdict'>The active model did not learn from this patient's images.</p>")
+        none = "<tr><td colspan='7'>none</td></tr>"
+        runs, models = runs or none, models or none
+        return lineage_form(
+            verdict + "<h1>studies pulled</h1><table id='lineage-pulls'><tr><th>at</th><th>by</th><th>study</th><th>series</th>"
+            f"<th>from</th><th>into</th><th>deleted there</th></tr>{pulls}</table>"
+            "<h1>training runs that learned from them</h1><table id='lineage-runs'><tr><th>run</th><th>state</th><th>started</th>"
+            f"<th>data</th><th>folder</th><th>model</th></tr>{runs}</table>"
+            "<h1>registered models that learned from them</h1><table id='lineage-models'><tr><th>model</th><th>name</th>"
+            f"<th>SHA-256</th><th></th></tr>{models}</table>", patient_id)
 
     @router.get("/training/{run_id}/losses.png")
     def training_losses(run_id: Annotated[int, FastApiPath(ge=1, le=2**63 - 1)], request: Request) -> Response:
