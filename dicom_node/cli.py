@@ -1244,7 +1244,7 @@ def audit_lineage(
     for pull in found["pulls"]:
         typer.echo(f"{pull['at']}  mr2ct {pull['command']}: study {pull['study_uid']} ({len(pull['series'])} series) from {pull['source']} "
                    f"into {pull['folder']}" + (f" (cache id {pull['cache_id']})" if pull["cache_id"] else "")
-                   + (f"; deleted from there {pull['removed_at']} (--prune)" if pull["removed_at"] else ""))
+                   + (f"; deleted from there {pull['removed_at']} (--prune or mr2ct forget)" if pull["removed_at"] else ""))
     for run in found["training_runs"]:
         typer.echo(f"training run {run['run_id']} ({run['state']}, {run['started_at']}): {run['out_dir']}"
                    + (f", model {run['model_sha256'][:12]}" if run["model_sha256"] else ""))
@@ -1287,13 +1287,13 @@ def forget(
         places[cache_id(extra) or str(extra.resolve())] = extra
     missing = []
     for name, pull in recorded.items():
-        where = Path(pull["folder"])
+        copied_into = Path(pull["folder"])
         if name in places:
             continue
-        if where.is_dir() and (pull["cache_id"] is None or cache_id(where) == pull["cache_id"]):
-            places[name] = where
+        if copied_into.is_dir() and (pull["cache_id"] is None or cache_id(copied_into) == pull["cache_id"]):
+            places[name] = copied_into
         else:
-            missing.append(where)
+            missing.append(copied_into)
     actor = f"{_os_user()} (mr2ct forget)"
     why = "the patient withdrew consent to research use (mr2ct forget)"
     for place in places.values():
@@ -1309,8 +1309,8 @@ def forget(
             else:  # nothing of theirs there (now): the withdrawal itself still stands, and is recorded
                 session.add(audit.event(audit.PULLED_DATA_REMOVED, "success", actor, patient_id=patient_id, series=[], why=why, **where))
         typer.echo(f"{place}: removed {len(removed)} series of the patient; later pulls into it do not take them again")
-    for where in missing:
-        typer.echo(f"{where}: not there any more (moved or deleted?): name it with --folder to forget the patient in it", err=True)
+    for gone in missing:
+        typer.echo(f"{gone}: not there any more (moved or deleted?): name it with --folder to forget the patient in it", err=True)
     if not places and not missing:
         typer.echo("no folder to forget the patient in: no pull into this database's audit trail copied them, and no --folder")
     for run in found["training_runs"]:
