@@ -219,20 +219,32 @@ def withdraw_patient(folder: Path, patient_id: str, issuers: Iterable[str], reas
     if not (folder / ".salt").is_file():
         raise FileNotFoundError(f"{folder} is neither a dataset cache of `mr2ct pull` nor a folder of `mr2ct pull-pairs` (no salt)")
     salt, removed = folder_salt(folder / ".salt"), []
-    staging = folder.parent / f".{folder.name}.partial"
+    staging = _pairs_staging(folder)
     for issuer in dict.fromkeys(issuers):
         key = patient_key(patient_id, issuer, salt)
         _withdraw_key(folder / ".withdrawn.jsonl", key, reason)  # hidden: evaluate --pairs reads every other file as DICOM
         theirs = folder / key
         if theirs.is_dir():
             removed += sorted(f.name for f in theirs.iterdir() if f.is_dir() and is_valid_uid(f.name))
-            staging.mkdir(parents=True, exist_ok=True)
-            gone = staging / f"{key}.replaced"  # out of the folder at once; deleted there (or by the next pull-pairs)
-            theirs.rename(gone)
-            shutil.rmtree(gone)
+            _delete_by_staging(theirs, staging)
     if staging.is_dir() and not any(staging.iterdir()):
         staging.rmdir()
     return removed
+
+
+def _pairs_staging(out_dir: Path) -> Path:
+    """Where `pull-pairs` stages what enters or leaves ``out_dir``: beside it, so that evaluate never
+    sees half a series."""
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def _delete_by_staging(path: Path, staging: Path) -> None:
+    """``path`` out of its folder at once (renamed into ``staging``), then deleted there; what a
+    stopped run left there the next pull-pairs deletes."""
+    staging.mkdir(parents=True, exist_ok=True)
+    gone = staging / f"{path.name}.replaced"
+    path.rename(gone)
+    shutil.rmtree(gone)
 
 
 def acquired_before_planes(entry: dict[str, Any]) -> bool:
@@ -647,7 +659,7 @@ def pull_pairs(
     item per series fetched, ``removed`` the series UIDs pruned, as ``pull``'s."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial"  # outside the folder: evaluate never sees half a series
+    staging = _pairs_staging(out_dir)
     for replaced in staging.glob("*.replaced"):  # a series fetched again, its old files not deleted when the run stopped
         shutil.rmtree(replaced)
     salt = folder_salt(out_dir / ".salt")  # hidden: evaluate --pairs reads every other file as DICOM
@@ -722,10 +734,7 @@ def pull_pairs(
         ours = (f for f in out_dir.glob("*/*") if f.is_dir() and is_valid_uid(f.name) and re.fullmatch(r"[0-9a-f]{20}", f.parent.name))
         for folder in sorted(ours):
             if folder.name not in in_pacs and not _search_series(client, url, {"SeriesInstanceUID": folder.name}):
-                staging.mkdir(parents=True, exist_ok=True)
-                gone = staging / f"{folder.name}.replaced"  # out of the folder at once; deleted there (or by the next run)
-                folder.rename(gone)
-                shutil.rmtree(gone)
+                _delete_by_staging(folder, staging)
                 if not any(folder.parent.iterdir()):
                     folder.parent.rmdir()
                 log.info("removed series=%s from %s: the PACS no longer holds it", folder.name, out_dir)
