@@ -48,7 +48,9 @@ def test_kill_9_while_a_400_instance_series_arrives_loses_nothing_acknowledged(o
     first = NodeServer(workdir, env, port)
     first.start()
     slices = 400
-    series = write_mr_series(tmp_path / "mr", seed=1000, slices=slices, size=128, pixel_spacing=2.0, slice_spacing=0.5)
+    # 1 mm pixels: the model's own grid, one 128x128 forward a slice (at 2 mm each slice is
+    # resampled to 256x256 first, 4x the inference: ~70 s of this test on an AVX2-only CPU)
+    series = write_mr_series(tmp_path / "mr", seed=1000, slices=slices, size=128, pixel_spacing=1.0, slice_spacing=0.5)
     sender = subprocess.Popen(["storescu", "-v", "-aet", SCANNER_AE, "-aec", NODE_AE, "+sd", "127.0.0.1", str(port), str(series.folder)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=nodelay_env())
     spooled = workdir / "spool" / series.study_uid / series.series_uid
@@ -91,7 +93,7 @@ def test_kill_9_while_a_job_runs_then_restart_finishes_it_once(orthanc, tmp_path
     env = node_env(workdir, port, orthanc)
     first = NodeServer(workdir, env, port)
     first.start()
-    series = write_mr_series(tmp_path / "mr", seed=1001, slices=120, size=256, pixel_spacing=1.0, slice_spacing=1.0)
+    series = write_mr_series(tmp_path / "mr", seed=1001, slices=120, size=128, pixel_spacing=1.0, slice_spacing=1.0)
     try:
         assert storescu(series.folder, port, NODE_AE, SCANNER_AE).returncode == 0
 

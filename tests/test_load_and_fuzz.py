@@ -38,6 +38,9 @@ def test_eight_senders_2000_instances_all_kept_each_series_synthesized_once(orth
     # node_env's one forward per slice, as a site under this load would configure it (the shipped
     # model's 32 views would make these 2,000 slices ~20 minutes of inference on 2 cores).
     env = node_env(workdir, port, orthanc)
+    # The shipped default's 10 s of quiet before a series is complete (the tests' 1.5 s let a sender
+    # stalled that long on a loaded machine have its series made a job early, and the rest a second).
+    env["MR2CT_STABLE_SECONDS"] = "10"
     sizes = [400, 350, 300, 250, 250, 200, 150, 100]  # mixed series sizes, 2,000 in all
     # 128x128 at 1 mm: the model's own grid, so each slice is one 128x128 forward (at 2 mm it
     # would be resampled to 256x256, 4x the inference, which made this test 6 minutes on 2 cores).
