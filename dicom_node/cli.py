@@ -245,6 +245,26 @@ def serve(
     except OSError as exc:
         typer.echo(f"mr2ct: cannot start: {exc}", err=True)
         raise typer.Exit(1) from exc
+    _exit_after_a_clean_stop()
+
+
+def _exit_after_a_clean_stop() -> None:
+    """Leave the process once the node has stopped cleanly (every thread joined, the database
+    written, the audit sent): the exit handlers run (logging's flush among them), then the
+    process ends without the interpreter's teardown of torch's modules, which took 1.2-1.5 s of
+    every stop on 2 cores (a rolling restart, a test's node) and writes nothing."""
+    import atexit
+    import threading
+
+    from dicom_node.db import close_engines
+
+    if threading.active_count() > 1:  # a thread still running (none after Node.stop): leave it to the normal exit
+        return
+    close_engines()
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @config_app.command("show")

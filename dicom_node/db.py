@@ -95,6 +95,14 @@ def init_db(url: str) -> sessionmaker[Session]:
         return _factories[url]
 
 
+def close_engines() -> None:
+    """Close every pooled connection this process opened (PostgreSQL sees each session end, SQLite
+    folds its write-ahead log back): for a process about to leave without the interpreter's teardown."""
+    with _migrate_lock:
+        for factory in _factories.values():
+            factory.kw["bind"].dispose()
+
+
 JOBS_CHANNEL = "mr2ct_jobs"
 _job_listeners: set[threading.Event] = set()
 

@@ -19,7 +19,7 @@ from pydicom.uid import ImplicitVRLittleEndian, MRImageStorage, RLELossless
 from pynetdicom import AE
 from sqlalchemy import select
 
-from dicom_node.db import init_db
+from dicom_node.db import close_engines, init_db
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import NodeServer, OrthancServer, echoscu, free_port, nodelay_env, start_storescp, stop_process, storescu
 from dicom_node.models import AuditEvent, Instance, Job, Series
@@ -229,6 +229,26 @@ def test_the_image_type_rule_is_the_sites_to_widen_or_turn_off():
     assert off.reason_to_skip(flagged) is None
     wider = SelectionRules(image_types_excluded=tuple(Settings(select_image_type_exclude="localizer, derived").select_image_type_exclude))
     assert "DERIVED" in wider.reason_to_skip(adc)
+
+
+def test_a_node_stopped_by_sigterm_finishes_its_log_audit_and_database_and_exits_0(node_factory, tmp_path):
+    """A stop (a rolling restart, an orchestrator's SIGTERM) ends the process with status 0 once
+    everything is written: the log's last line says stopped, the stop is audited, and the SQLite
+    database's write-ahead log is folded back (every connection closed), though the process now
+    leaves without the interpreter's teardown of torch's modules."""
+    node = node_factory()
+    series = write_mr_series(tmp_path / "mr", seed=240, slices=3, size=32, pixel_spacing=6.0, slice_spacing=10.0)
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    assert wait_for_job(node.database_url, series.series_uid, timeout=120).state == "done"
+    close_engines()  # this test's own connections (wait_for_job's): the node's are then the last
+    proc = node.proc
+    node.stop()
+    assert proc is not None and proc.returncode == 0
+    assert node.log_path.read_text().splitlines()[-1].endswith("INFO dicom_node.service stopped")
+    database = Path(node.database_url.removeprefix("sqlite:///"))
+    assert not Path(f"{database}-wal").exists()  # the last connection closed checkpoints and removes it
+    stops = audit_events(node.database_url, lambda e: e.action == "application-activity/stop")
+    assert [e.outcome for e in stops] == ["success"]
 
 
 def test_a_series_completes_when_its_association_is_released(node_factory, tmp_path):
