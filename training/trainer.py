@@ -402,6 +402,11 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
 
         digest = hashlib.sha256(b"".join(v.detach().cpu().numpy().tobytes() for v in g_ab.state_dict().values())).hexdigest()
         (out_dir / f"rank{rank}-weights.sha256").write_text(digest + "\n")
+        import torch.distributed as dist
+
+        # Every collective is done (what rank 0 does next runs on the unwrapped networks): the group
+        # ends here, as torch asks, not in the destructors of a process that mr2ct leaves without them.
+        dist.destroy_process_group()
     if not is_main:
         return None
 
