@@ -16,6 +16,28 @@ from dicom_node.local_stack import NodeServer, OrthancServer, free_port
 if os.environ.get("PYTEST_XDIST_WORKER", "")[2:].isdigit():
     os.environ["MR2CT_PORT_BLOCK"] = os.environ["PYTEST_XDIST_WORKER"][2:]
 
+# Seconds each test file took (2-core AMD EPYC, 2026-12-07, `--durations=0`, one worker's time).
+# The README's test command runs whole files on two workers (`--dist loadfile`) and hands them out
+# longest first (`--no-loadscope-reorder` and the sort below), so that the last file a worker takes
+# is a short one: xdist's own order goes by how many tests a file has, which left the 8-sender load
+# test (3 tests, 2.5 minutes) to the end with the other worker idle. A file not listed goes after
+# these in its own order; a stale figure only changes the order, never what runs.
+FILE_SECONDS = {
+    "test_training.py": 673, "test_node.py": 421, "test_orthanc_plugin.py": 293, "test_faults.py": 234,
+    "test_dashboard.py": 181, "test_pull.py": 155, "test_load_and_fuzz.py": 155, "test_api.py": 141,
+    "test_config_check.py": 122, "test_forward_commitment.py": 103, "test_pairs.py": 94,
+    "test_delivery.py": 91, "test_registry.py": 90, "test_geometry.py": 85, "test_audit_export.py": 79,
+    "test_scale_out.py": 75, "test_qa.py": 70, "test_synthesis.py": 69, "test_end_to_end.py": 69,
+    "test_concurrent_senders.py": 63, "test_retention.py": 56, "test_finetune_search.py": 51,
+    "test_contrast.py": 45, "test_transfer_syntaxes.py": 42, "test_commitment.py": 39,
+    "test_pull_pairs.py": 37, "test_follow_model.py": 37, "test_outcomes.py": 29, "test_demo.py": 27,
+}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))  # stable: a file's own order stays
+
+
 NODE_AE = "MR2CT_TEST"
 SCANNER_AE = "TEST_SCANNER"
 
