@@ -17,7 +17,7 @@ if os.environ.get("PYTEST_XDIST_WORKER", "")[2:].isdigit():
     os.environ["MR2CT_PORT_BLOCK"] = os.environ["PYTEST_XDIST_WORKER"][2:]
 
 # Seconds each test file took (2-core AMD EPYC, 2026-12-07, `--durations=0`, one worker's time).
-# The README's test command runs whole files on two workers (`--dist loadfile`) and hands them out
+# The README's test command runs whole files on three workers (`--dist loadfile`) and hands them out
 # longest first (`--no-loadscope-reorder` and the sort below), so that the last file a worker takes
 # is a short one: xdist's own order goes by how many tests a file has, which left the 8-sender load
 # test (3 tests, 2.5 minutes) to the end with the other worker idle. A file not listed goes after
