@@ -19,9 +19,10 @@ if os.environ.get("PYTEST_XDIST_WORKER", "")[2:].isdigit():
 # Seconds each test file took (2-core AMD EPYC, 2026-12-07, `--durations=0`, one worker's time).
 # The README's test command runs whole files on three workers (`--dist loadfile`) and hands them out
 # longest first (`--no-loadscope-reorder` and the sort below), so that the last file a worker takes
-# is a short one: xdist's own order goes by how many tests a file has, which left the 8-sender load
-# test (3 tests, 2.5 minutes) to the end with the other worker idle. A file not listed goes after
-# these in its own order; a stale figure only changes the order, never what runs.
+# is a short one: xdist's own order goes by how many tests a file has, which hands out the 8-sender
+# load test (3 tests, 2.5 minutes) near the end. With two workers the two orders measured the same
+# (24 min 15 s and 18 s); with three the CPU was busy until the last minute. A file not listed goes
+# after these in its own order; a stale figure only changes the order, never what runs.
 FILE_SECONDS = {
     "test_training.py": 673, "test_node.py": 421, "test_orthanc_plugin.py": 293, "test_faults.py": 234,
     "test_dashboard.py": 181, "test_pull.py": 155, "test_load_and_fuzz.py": 155, "test_api.py": 141,
