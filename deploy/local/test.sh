@@ -8,8 +8,8 @@ export TCP_NODELAY=1
 set +e
 # Three pytest-xdist workers, each taking whole test files (a module's node and Orthanc stay in one
 # process): much of the suite waits on Orthanc, dcmtk and the node's own processes, so on two
-# cores two workers left them ~19 % idle and three ~5 % (21.5 min against 24.3 on the AVX2 EPYC,
-# 2026-12-07). Files go out longest first (tests/conftest.py's FILE_SECONDS; xdist's own reorder
+# cores two workers left them ~19 % idle and three ~5 % (21.5-24 min against 24.3 on the AVX2
+# EPYC, 2026-12-07; the machine drifts). Files go out longest first (tests/conftest.py's FILE_SECONDS; xdist's own reorder
 # by test count is off). MR2CT_TEST_WORKERS=N runs N workers, 0 the whole suite in one process.
 .venv/bin/python -m pytest -m "slow or not slow" --durations=25 -n "${MR2CT_TEST_WORKERS:-3}" --dist loadfile --no-loadscope-reorder "$@"
 status=$?
