@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from dicom_node.api.auth import create_token  # noqa: E402
+from dicom_node.tokens import create_token  # noqa: E402
 from dicom_node.db import init_db  # noqa: E402
 from dicom_node.demo import wait_for_job  # noqa: E402
 from dicom_node.local_stack import NodeServer, OrthancServer, exit_on_sigterm, free_port, storescu  # noqa: E402

@@ -389,7 +389,7 @@ def orthanc_config_command(
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(1) from exc
     if node_api is not None:
-        from dicom_node.api.auth import create_token
+        from dicom_node.tokens import create_token
         from dicom_node.db import init_db
 
         token = create_token(init_db(_settings(node_config).database_url), "requester", f"orthanc {aet}")
@@ -1160,7 +1160,7 @@ def tokens_create(
     config: ConfigOption = None,
 ) -> None:
     """Create a token; it is printed once and only its SHA-256 is stored."""
-    from dicom_node.api.auth import create_token
+    from dicom_node.tokens import create_token
     from dicom_node.db import init_db
 
     settings = _settings(config)
@@ -1175,7 +1175,7 @@ def tokens_create(
 @tokens_app.command("revoke")
 def tokens_revoke(name: Annotated[str, typer.Option()], config: ConfigOption = None) -> None:
     """Revoke every token with this name; exit status 1 when none is active under it."""
-    from dicom_node.api.auth import revoke
+    from dicom_node.tokens import revoke
     from dicom_node.db import init_db
 
     count = revoke(init_db(_settings(config).database_url), name)
@@ -1194,7 +1194,7 @@ def tokens_list(
     themselves are not stored and cannot be shown."""
     import json
 
-    from dicom_node.api.auth import list_tokens
+    from dicom_node.tokens import list_tokens
     from dicom_node.db import init_db
 
     tokens = list_tokens(init_db(_settings(config).database_url))

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 from sqlalchemy import select
 
-from dicom_node.api.auth import create_token
+from dicom_node.tokens import create_token
 from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, storescu
 from dicom_node.models import Job

@@ -280,7 +280,7 @@ class ApiToken(Base):
     token_sha256: Mapped[str] = mapped_column(String(64), unique=True, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # to the minute (auth.LAST_USED_RESOLUTION)
+    last_used_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # to the minute (tokens.LAST_USED_RESOLUTION)
 
 
 class AuditExport(Base):

@@ -94,11 +94,11 @@ learned has them bright, and its sCT misreads the tissue around the skull. First
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, MutableSequence, Sequence
+from typing import TYPE_CHECKING, Any
 
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
+if TYPE_CHECKING:  # see synthesis.image_type: the settings import this module
+    from pydicom.dataset import Dataset
 
 from synthesis.image_type import private_json, private_tag
 
@@ -256,7 +256,7 @@ def decide(look: Look, private: Private | None = None) -> tuple[str, str]:
 def _text(value: Any) -> str:
     if isinstance(value, bytes):
         value = value.decode("latin-1")
-    if isinstance(value, (list, tuple, MultiValue)):
+    if isinstance(value, (tuple, MutableSequence)):
         return "\\".join(_text(v) for v in value)
     return "" if value is None else str(value).strip(" \x00").upper()
 

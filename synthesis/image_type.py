@@ -31,12 +31,11 @@ so a GE field map's phase series was synthesized and pulled.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, MutableSequence
+from typing import TYPE_CHECKING, Any
 
-from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
+if TYPE_CHECKING:  # not imported at run time: the settings read this module's constants, and a CLI command that
+    from pydicom.dataset import Dataset  # never touches a DICOM file should not pay ~0.5 s for pydicom
 
 LOCALIZER, MOSAIC, PHASE, COMPLEX, DIXON = "localizer", "mosaic", "phase", "complex", "dixon"
 
@@ -90,7 +89,7 @@ def _text(element: Any) -> str:
     value = element.value
     if isinstance(value, bytes):
         return value.decode("latin-1").strip(" \x00").upper()
-    if isinstance(value, MultiValue):
+    if isinstance(value, MutableSequence):
         value = value[0] if len(value) else ""
     return str(value or "").strip().upper()
 
@@ -101,7 +100,7 @@ def _signed_short(element: Any, little_endian: bool) -> int | None:
     value = element.value
     if isinstance(value, bytes):
         return int.from_bytes(value[:2], "little" if little_endian else "big", signed=True) if len(value) >= 2 else None
-    if isinstance(value, MultiValue):
+    if isinstance(value, MutableSequence):
         value = value[0] if len(value) else None
     return value if isinstance(value, int) else None
 

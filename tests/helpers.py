@@ -166,7 +166,7 @@ def served_api(sessions: sessionmaker[Session], tokens: dict[str, str], **app_op
     import uvicorn
 
     from dicom_node.api.app import create_app
-    from dicom_node.api.auth import digest
+    from dicom_node.tokens import digest
     from dicom_node.local_stack import free_port
     from dicom_node.models import ApiToken
 

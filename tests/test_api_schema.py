@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.specs.openapi.checks import status_code_conformance
 
 from dicom_node.api.app import create_app
-from dicom_node.api.auth import create_token
+from dicom_node.tokens import create_token
 from dicom_node.db import init_db
 
 # one database per pytest-xdist worker: each imports this module

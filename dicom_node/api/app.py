@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit, forward_commitment
 from dicom_node.api.actions import activate_model, cancel_job, pending_job, retry_job
-from dicom_node.api.auth import READERS, Caller, current_caller, require
+from dicom_node.api.auth import Caller, current_caller, require
 from dicom_node.forwarder import reschedule_failed
 from dicom_node.ingest import REASON_CODES, SelectionRules
 from dicom_node.models import (Association, AuditEvent, Commitment, Delivery, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
@@ -35,6 +35,7 @@ from dicom_node.orthanc_store import DEFAULT_TIMEOUT_SECONDS, OrthancStore
 from dicom_node.outcomes import standing, where_sent
 from dicom_node.retention import spool_usage
 from dicom_node.settings import Settings
+from dicom_node.tokens import READERS
 from dicom_node.training_runs import RunState
 from synthesis.contrast import UNKNOWN
 from synthesis.errors import PacsUnavailable

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.api.actions import activate_model, cancel_job, retry_job
-from dicom_node.api.auth import READERS, active_token, note_use
+from dicom_node.tokens import READERS, active_token, note_use
 from dicom_node.ingest import REJUDGED, SelectionRules
 from dicom_node.outcomes import standing, where_sent
 from dicom_node.models import ApiToken, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
