@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.models import AuditEvent, AuditExport, Series, utcnow
 from dicom_node.retention import SPOOL_PURGED
+from dicom_node.settings import SYSLOG_TLS_SCHEMES
 
 log = logging.getLogger(__name__)
 
@@ -296,9 +297,6 @@ RELP_WINDOW = 100  # messages sent before their answers are read (librelp's own 
 RELP_MAX_ANSWER = 1 << 20
 
 
-TLS_SCHEMES = ("tls://", "relp+tls://")  # the audit_syslog transports in TLS
-
-
 class RelpRefused(OSError):
     """The repository answered a RELP command with other than 200, or spoke no RELP."""
 
@@ -467,7 +465,7 @@ def client_context(ca_file: str | None, certificate: str | None, private_key: st
 
 def context_for(settings: Any) -> ssl.SSLContext | None:
     """The TLS context ``audit_syslog`` needs (None unless tls:// or relp+tls://), from the node's settings."""
-    if not (settings.audit_syslog or "").startswith(TLS_SCHEMES):
+    if not (settings.audit_syslog or "").startswith(SYSLOG_TLS_SCHEMES):
         return None
     paths = (settings.audit_syslog_ca_file, settings.audit_syslog_certificate, settings.audit_syslog_private_key)
     return client_context(*(str(path) if path else None for path in paths))

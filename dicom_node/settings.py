@@ -26,6 +26,7 @@ UID_ROOT_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\.$")
 DESTINATION_RE = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\]):(?P<port>[0-9]{1,5})$")
 
 
+SYSLOG_TLS_SCHEMES = ("tls://", "relp+tls://")  # the audit_syslog transports in TLS (dicom_node.atna)
 MODALITY_NAME_RE = re.compile(r"^(?!\.+$)[A-Za-z0-9_.-]{1,64}$")  # a key of Orthanc's DicomModalities, safe in a REST path (not . or ..)
 
 
@@ -381,7 +382,7 @@ class Settings(BaseSettings):
         if (self.audit_syslog_certificate is None) != (self.audit_syslog_private_key is None):
             raise ValueError("audit_syslog_certificate and audit_syslog_private_key must be set together")
         tls_only = [name for name in ("audit_syslog_ca_file", "audit_syslog_certificate") if getattr(self, name) is not None]
-        if tls_only and not (self.audit_syslog or "").startswith(("tls://", "relp+tls://")):
+        if tls_only and not (self.audit_syslog or "").startswith(SYSLOG_TLS_SCHEMES):
             raise ValueError(f"{' and '.join(tls_only)} {'need' if len(tls_only) > 1 else 'needs'} audit_syslog = tls://host:port or "
                              "relp+tls://host:port (the transports that use them)")
         for name in ("tls_certificate", "tls_private_key", "tls_ca_file", "api_tls_certificate", "api_tls_private_key",
