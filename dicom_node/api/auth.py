@@ -46,5 +46,3 @@ def require(*roles: str):  # type: ignore[no-untyped-def]
         return caller
 
     return dependency
-
-

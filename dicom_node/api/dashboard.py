@@ -22,12 +22,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.api.actions import activate_model, cancel_job, retry_job
-from dicom_node.tokens import READERS, active_token, note_use
 from dicom_node.ingest import REJUDGED, SelectionRules
 from dicom_node.outcomes import standing, where_sent
 from dicom_node.models import ApiToken, AuditEvent, Evaluation, Instance, Job, ModelVersion, Series, TrainingRun
 from dicom_node.orthanc_store import OrthancStore
 from dicom_node.settings import Settings
+from dicom_node.tokens import READERS, active_token, note_use
 from synthesis.card import learned
 from synthesis.errors import PacsUnavailable
 
