@@ -67,6 +67,8 @@ def _logging(verbose: bool = False, log_format: str | None = None) -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one "setup plugin" line per plugin at every start
+    if not verbose:  # a line per migration (34 on a new database): dicom_node.db says what changed in one
+        logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
 
 
 @app.command()

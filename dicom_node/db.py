@@ -66,15 +66,26 @@ def alembic_config(url: str) -> Any:
 
 
 def migrate(engine: Engine, url: str) -> None:
-    """Bring the schema to the newest Alembic revision (every table came from a migration)."""
+    """Bring the schema to the newest Alembic revision (every table came from a migration). What
+    changed is one log line (created, or upgraded from which revision to which); Alembic's own line
+    per migration is for ``--verbose`` (the CLI's logging keeps it at DEBUG)."""
     from alembic import command
+    from alembic.runtime.migration import MigrationContext
 
     config = alembic_config(url)
     with engine.begin() as connection:
         if engine.dialect.name == "postgresql":  # several processes may start at once: one migrates
             connection.exec_driver_sql("SELECT pg_advisory_xact_lock(4242001)")
+        before = MigrationContext.configure(connection).get_current_revision()
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+        after = MigrationContext.configure(connection).get_current_revision()
+    if after != before:
+        shown = make_url(url).render_as_string(hide_password=True)
+        if before is None:
+            log.info("database %s: schema created at revision %s", shown, after)
+        else:
+            log.info("database %s: schema upgraded from revision %s to %s", shown, before, after)
 
 
 def init_db(url: str) -> sessionmaker[Session]:

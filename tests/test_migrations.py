@@ -47,3 +47,31 @@ def test_the_migrations_make_exactly_the_schema_the_models_describe_and_undo_it(
         engine.dispose()
     command.upgrade(config, "head")  # ...and applied again
     assert _differences(database_url) == []
+
+
+def test_a_command_says_in_one_line_what_it_did_to_the_schema(tmp_path: Path) -> None:
+    """A new database, or one a new version upgrades, is one log line naming the revisions, not
+    Alembic's line per migration (34 on a new database, each with its docstring: the first screen
+    an administrator read of a node's log or of a `mr2ct pull`). A database already at head: no
+    line."""
+    import os
+    import subprocess
+    import sys
+
+    from alembic.script import ScriptDirectory
+
+    url = f"sqlite:///{tmp_path / 'mr2ct.db'}"
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}, "MR2CT_DATABASE_URL": url}
+    head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
+
+    def schema_lines() -> list[str]:  # a pull from a PACS that is not there: it opens the database, then fails
+        done = subprocess.run([sys.executable, "-m", "dicom_node.cli", "pull", "--url", f"http://127.0.0.1:{free_port()}/dicom-web",
+                               "--cache", str(tmp_path / "cache"), "--attempts", "1"], capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 1 and "is not reachable" in done.stderr, done.stderr[-2000:]
+        assert "Running upgrade" not in done.stderr
+        return [line.split(" INFO ", 1)[1] for line in done.stderr.splitlines() if "schema" in line]
+
+    assert schema_lines() == [f"dicom_node.db database {url}: schema created at revision {head}"]
+    command.downgrade(alembic_config(url), "0032")
+    assert schema_lines() == [f"dicom_node.db database {url}: schema upgraded from revision 0032 to {head}"]
+    assert schema_lines() == []
