@@ -68,7 +68,7 @@ def alembic_config(url: str) -> Any:
 def migrate(engine: Engine, url: str) -> None:
     """Bring the schema to the newest Alembic revision (every table came from a migration). What
     changed is one log line (created, or upgraded from which revision to which); Alembic's own line
-    per migration is for ``--verbose`` (the CLI's logging keeps it at DEBUG)."""
+    per migration the CLI shows only with ``--verbose`` (dicom_node.cli._logging)."""
     from alembic import command
     from alembic.runtime.migration import MigrationContext
 
