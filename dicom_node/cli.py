@@ -163,7 +163,7 @@ def train(
     if threads:
         torch.set_num_threads(threads)
     command = "mr2ct " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    recorder = None
+    recorder, learned = None, None
     if record and int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 records
         from sqlalchemy.exc import SQLAlchemyError
 
@@ -176,14 +176,15 @@ def train(
             for key in ("data", "init_from"):  # the cache as `mr2ct pull`'s audit rows name it, the run fine-tuned from as its
                 if recorded.get(key):          # row names its folder: GET /audit/lineage follows both
                     recorded[key] = str(Path(str(recorded[key])).resolve())
-            recorded["learned_from_caches"] = learned_from_caches(cfg, out, resume)  # the caches, wherever they are now
+            recorded["learned_from_caches"] = learned = learned_from_caches(cfg, out, resume)  # the caches, wherever they are now
             run_id = recorder.start(out, command, recorded, resume=resume)
         except (DatabaseUnavailable, SQLAlchemyError) as exc:
             typer.echo(f"mr2ct: database_url: {exc}; fix it or train with --no-record (losses.csv only)", err=True)
             raise typer.Exit(2) from exc
         typer.echo(f"training run {run_id}: losses recorded in the database each epoch", err=True)
     try:
-        card = run_training(cfg, out, command=command, device=device, resume=resume, on_epoch=recorder.epoch if recorder else None)
+        card = run_training(cfg, out, command=command, device=device, resume=resume, on_epoch=recorder.epoch if recorder else None,
+                            learned_from=learned)
     except ValueError as exc:
         if recorder:
             recorder.end("failed", reason=str(exc))

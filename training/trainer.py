@@ -189,11 +189,14 @@ class TrainingInterrupted(Exception):
 
 
 def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", resume: bool = False,
-          on_epoch: Callable[[int, dict[str, float], float], None] | None = None) -> dict[str, Any] | None:
+          on_epoch: Callable[[int, dict[str, float], float], None] | None = None,
+          learned_from: list[str] | None = None) -> dict[str, Any] | None:
     """Train and write ``out_dir``: model file + card, losses.csv/png, samples.png, config.json,
     checkpoint.pt. Returns the card (None on ranks other than 0); TrainingInterrupted after Ctrl-C,
     once the checkpoint is saved.
-    ``on_epoch(epoch, mean losses, seconds so far)`` is called on rank 0 after each epoch is in losses.csv."""
+    ``on_epoch(epoch, mean losses, seconds so far)`` is called on rank 0 after each epoch is in losses.csv.
+    ``learned_from``: ``learned_from_caches(cfg, out_dir, resume)`` where the caller has it already
+    (`mr2ct train` records it before training: each reading loads the checkpoint it starts from)."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from synthesis.networks import PaperDiscriminator
@@ -248,7 +251,8 @@ def train(cfg: TrainConfig, out_dir: Path, command: str, device: str = "auto", r
         torch.save(state, tmp)
         tmp.replace(checkpoint_path)
 
-    learned_from = learned_from_caches(cfg, out_dir, resume)  # before a checkpoint of this run replaces the one resumed
+    if learned_from is None:  # before a checkpoint of this run replaces the one resumed
+        learned_from = learned_from_caches(cfg, out_dir, resume)
     init_source = initialize_from(cfg.init_from, nets, dev) if cfg.init_from and not resume else None
     # GAN weights wander from step to step; an average over the last few hundred steps is a steadier
     # generator (Yazici et al. 2019). Only the exported MR->CT generator is averaged.
