@@ -1282,19 +1282,24 @@ def forget(
         found = patient_lineage(session, patient_id)
     issuers = ["", *issuer, *(p["issuer"] for p in found["pulls"] if p.get("issuer"))]
     recorded = {p["cache_id"] or p["folder"]: p for p in found["pulls"] if p["folder"]}  # one per folder, by what names it
-    places: dict[str, Path] = {}
+
+    def identity(place: Path) -> str:  # what names a folder here: its cache id, else its path
+        return cache_id(place) or str(place.resolve())
+
+    places: dict[str, Path] = {}  # each folder once, however the pulls and --folder name it
     for extra in folder:
         if not extra.is_dir():
             typer.echo(f"error: --folder: {extra} is not a folder", err=True)
             raise typer.Exit(2)
-        places[cache_id(extra) or str(extra.resolve())] = extra
+        places.setdefault(identity(extra), extra)
     missing = []
     for name, pull in recorded.items():
         copied_into = Path(pull["folder"])
         if name in places:
             continue
         if copied_into.is_dir() and (pull["cache_id"] is None or cache_id(copied_into) == pull["cache_id"]):
-            places[name] = copied_into
+            # a pull before 2026-12-07 recorded no cache id: named by its path, the same folder as a later pull's id
+            places.setdefault(identity(copied_into), copied_into)
         else:
             missing.append(copied_into)
     actor = f"{_os_user()} (mr2ct forget)"

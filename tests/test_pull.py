@@ -858,3 +858,37 @@ def test_forget_takes_a_withdrawn_patient_out_of_every_pulled_folder_for_good(co
     again = subprocess.run(pulls[1], capture_output=True, text=True, timeout=300)  # the cohort's one pair was theirs
     assert again.returncode == 2 and "(not taken: 1 patient(s) withdrawn from this folder by mr2ct forget)" in again.stderr, again.stderr
     assert not (pairs_dir / pair_key).exists()
+
+
+def test_forget_takes_a_folder_once_that_an_old_pull_named_by_path_and_a_later_one_by_id(tmp_path):
+    """Pulls recorded before 2026-12-07 name their folder by path alone; later pulls into the same
+    folder name it by its cache id too, and --folder may name it again. `mr2ct forget` withdraws
+    the patient there once: one line, one audit row (it did so twice, the second row empty)."""
+    from sqlalchemy import select
+
+    from dicom_node import audit
+    from dicom_node.db import init_db
+    from dicom_node.models import AuditEvent
+    from training.pacs_pull import folder_salt, patient_key
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    key = patient_key("PHFORGET01", "", folder_salt(pairs / ".salt"))
+    series_uid = "1.2.826.0.1.3680043.8.498.4242"
+    (pairs / key / series_uid).mkdir(parents=True)
+    (pairs / key / series_uid / "1.dcm").write_bytes(b"not read")
+    sessions = init_db(os.environ["MR2CT_DATABASE_URL"])
+    where = {"source": "http://pacs/dicom-web", "destination": str(pairs.resolve()), "command": "pull-pairs"}
+    with sessions.begin() as session:
+        for recorded in ({}, {"cache_id": cache_id(pairs)}):  # the old pull's row, then the later one's
+            session.add(audit.event(audit.DATA_PULLED, "success", "tester (mr2ct pull-pairs)", study_uid="1.2.826.0.1.3680043.8.498.42",
+                                    patient_id="PHFORGET01", issuer="", series=[series_uid], instances=1, **where, **recorded))
+    forgot = subprocess.run([*MR2CT, "forget", "--patient-id", "PHFORGET01", "--folder", str(tmp_path / "." / "pairs")],
+                            capture_output=True, text=True, timeout=120)
+    assert forgot.returncode == 0, forgot.stderr[-2000:]
+    assert [line for line in forgot.stdout.splitlines() if "series of the patient" in line] == [
+        f"{tmp_path / '.' / 'pairs'}: removed 1 series of the patient; later pulls into it do not take them again"]
+    assert not (pairs / key).exists()
+    with sessions() as session:
+        rows = session.scalars(select(AuditEvent).where(AuditEvent.action == audit.PULLED_DATA_REMOVED)).all()
+    assert [r.detail["series"] for r in rows] == [[series_uid]]
