@@ -99,6 +99,7 @@ EVENTS: dict[str, tuple[tuple[str, str], tuple[str, str] | None, str]] = {
     "user-authentication": (USER_AUTHENTICATION, LOGIN, "E"),
     audit.SECURITY_ALERT: (SECURITY_ALERT, NODE_AUTHENTICATION, "E"),  # or a refused login: see _event
     "security-alert/token-created": (SECURITY_ALERT, USER_SECURITY_ATTRIBUTES_CHANGED, "E"),
+    "security-alert/token-revoked": (SECURITY_ALERT, USER_SECURITY_ATTRIBUTES_CHANGED, "E"),
     "model-registered": (SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E"),
     "model-activated": (SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E"),
     "model-card-updated": (SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E"),

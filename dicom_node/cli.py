@@ -395,7 +395,8 @@ def orthanc_config_command(
         from dicom_node.tokens import create_token
         from dicom_node.db import init_db
 
-        token = create_token(init_db(_settings(node_config).database_url), "requester", f"orthanc {aet}")
+        token = create_token(init_db(_settings(node_config).database_url), "requester", f"orthanc {aet}",
+                             actor=f"{_os_user()} (mr2ct orthanc-config)")
         lines = [f"MR2CT_NODE_API={node_api}", f"MR2CT_NODE_API_TOKEN={token}"]
         if node_api_ca is not None:
             lines.append(f"MR2CT_NODE_API_CA_FILE={node_api_ca.resolve()}")
@@ -1168,7 +1169,7 @@ def tokens_create(
 
     settings = _settings(config)
     try:
-        token = create_token(init_db(settings.database_url), role, name)
+        token = create_token(init_db(settings.database_url), role, name, actor=f"{_os_user()} (mr2ct tokens create)")
     except ValueError as exc:
         typer.echo(f"mr2ct: {exc}", err=True)
         raise typer.Exit(2) from exc
@@ -1181,7 +1182,7 @@ def tokens_revoke(name: Annotated[str, typer.Option()], config: ConfigOption = N
     from dicom_node.tokens import revoke
     from dicom_node.db import init_db
 
-    count = revoke(init_db(_settings(config).database_url), name)
+    count = revoke(init_db(_settings(config).database_url), name, actor=f"{_os_user()} (mr2ct tokens revoke)")
     if not count:
         typer.echo(f"mr2ct: no active token is named {name!r} (mr2ct tokens list shows them)", err=True)
         raise typer.Exit(1)

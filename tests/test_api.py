@@ -565,3 +565,22 @@ def test_the_administrators_everyday_commands_load_neither_torch_pydicom_nor_the
     with sessions() as session:
         (row,) = session.scalars(select(ApiToken)).all()
     assert row.revoked_at is not None and row.token_sha256 != token
+
+
+def test_making_and_revoking_a_token_are_audited_naming_who_did_it(tmp_path):
+    """A token is a permission: the audit trail (and an audit record repository, as Security Alert /
+    User Security Attributes Changed) shows who made it and who took it back, by the user who ran
+    the command. Until 2026-12-07 a revocation left no row, and a creation named no user."""
+    import getpass
+
+    url = f"sqlite:///{tmp_path / 'mr2ct.db'}"
+    assert tokens_cli(url, "create", "--role", "admin", "--name", "night-shift").returncode == 0
+    assert tokens_cli(url, "revoke", "--name", "night-shift").stdout.strip() == "revoked 1 token(s)"
+    assert tokens_cli(url, "revoke", "--name", "night-shift").returncode == 1  # none left: nothing changed, no row
+    with init_db(url)() as session:
+        rows = session.scalars(select(AuditEvent).where(AuditEvent.action.like("security-alert/token-%")).order_by(AuditEvent.id)).all()
+    user = getpass.getuser()
+    assert [(r.action, r.outcome, r.actor, r.detail) for r in rows] == [
+        ("security-alert/token-created", "success", f"{user} (mr2ct tokens create)", {"role": "admin", "token_name": "night-shift"}),
+        ("security-alert/token-revoked", "success", f"{user} (mr2ct tokens revoke)", {"role": "admin", "token_name": "night-shift"}),
+    ]
