@@ -42,6 +42,7 @@ from dicom_node import audit
 from dicom_node.models import AuditEvent, AuditExport, Series, utcnow
 from dicom_node.retention import SPOOL_PURGED
 from dicom_node.settings import SYSLOG_TLS_SCHEMES
+from dicom_node.tokens import TOKEN_CREATED, TOKEN_REVOKED
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +99,8 @@ EVENTS: dict[str, tuple[tuple[str, str], tuple[str, str] | None, str]] = {
     "query": (QUERY, None, "E"),
     "user-authentication": (USER_AUTHENTICATION, LOGIN, "E"),
     audit.SECURITY_ALERT: (SECURITY_ALERT, NODE_AUTHENTICATION, "E"),  # or a refused login: see _event
-    "security-alert/token-created": (SECURITY_ALERT, USER_SECURITY_ATTRIBUTES_CHANGED, "E"),
-    "security-alert/token-revoked": (SECURITY_ALERT, USER_SECURITY_ATTRIBUTES_CHANGED, "E"),
+    TOKEN_CREATED: (SECURITY_ALERT, USER_SECURITY_ATTRIBUTES_CHANGED, "E"),
+    TOKEN_REVOKED: (SECURITY_ALERT, USER_SECURITY_ATTRIBUTES_CHANGED, "E"),
     "model-registered": (SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E"),
     "model-activated": (SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E"),
     "model-card-updated": (SECURITY_ALERT, SOFTWARE_CONFIGURATION, "E"),
