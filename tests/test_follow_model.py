@@ -22,7 +22,7 @@ from synthesis.contrast import EXAMPLE_TIMINGS
 from synthesis.model_file import default_model_path, load_model, save_model
 from synthesis.networks import ResnetGenerator
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import series_once_complete, wait_for
+from tests.helpers import series_once_complete
 from training.phantom_dicom import write_mr_series
 
 
@@ -65,14 +65,7 @@ def test_activating_a_model_that_learned_t2_makes_the_node_synthesize_t2_without
         assert answer.status_code == 200, answer.text
         return answer.json()
 
-    def api_up() -> bool:  # the node logs "SCP listening" (what node_factory waits for) before its API listens
-        try:
-            return httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/health", timeout=5).status_code == 200
-        except httpx.TransportError:
-            return False
-
     shipped = default_model_path().name
-    wait_for(api_up, 60, "the node's API")
     now = selection()  # what the node synthesizes, and from whose card
     assert now["contrasts"] == ["T1"] and now["follows"] == f"model_file {shipped!r}" and now["modalities"] == ["MR"]
     assert now["followed"] == ["select_acquisition_contrasts", "select_body_parts", "select_contrast_agent", "select_fat_suppression"]
