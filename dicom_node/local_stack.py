@@ -246,13 +246,15 @@ class OrthancServer:
         self.stop()
 
 
+NODE_STARTED = b"node started role="  # the node's line once start() is done: its SCP, worker and API all up
+
+
 class NodeServer:
     """``mr2ct serve`` as a child process, configured through MR2CT_* variables."""
 
     def __init__(self, workdir: Path, env: dict[str, str], port: int, role: str = "all") -> None:
         self.workdir = Path(workdir)
         self.env, self.port, self.role = env, port, role
-        self.ready_text = b"SCP listening" if role in ("all", "scp") else (b"API listening" if role == "api" else b"worker ready")
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = self.workdir / "mr2ct.log"
 
@@ -274,11 +276,11 @@ class NodeServer:
             # occupy an association slot until pynetdicom times it out).
             with open(self.log_path, "rb") as fh:
                 fh.seek(start_offset)
-                if self.ready_text in fh.read():
+                if NODE_STARTED in fh.read():
                     return
             time.sleep(0.2)
         self.stop()
-        raise RuntimeError(f"mr2ct serve did not listen on port {self.port} within {timeout:.0f} s; see {self.log_path}")
+        raise RuntimeError(f"mr2ct serve did not start within {timeout:.0f} s (port {self.port}); see {self.log_path}")
 
     def stop(self) -> None:
         stop_process(self.proc, timeout=60)

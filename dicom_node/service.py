@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 import ssl
 import threading
+import time
 from dataclasses import dataclass
 
 from sqlalchemy.engine import make_url
@@ -36,6 +37,7 @@ from dicom_node.worker import Worker, complete_series, stability_loop
 log = logging.getLogger(__name__)
 
 ROLES = ("all", "scp", "worker", "api")
+API_START_SECONDS = 30.0  # how long the admin API may take to bind before start-up fails naming api_port
 
 
 def tls_context(settings: Settings) -> ssl.SSLContext | None:
@@ -201,6 +203,7 @@ class Node:
             # not one of the threads stop() waits for: a hung Orthanc must not hold a shutdown
             threading.Thread(target=log_orthanc_checks, args=(s,), name="orthanc-check", daemon=True).start()
         audit.record(self.sessions, audit.APPLICATION_START, "success", f"mr2ct {self.role}", ae_title=s.ae_title, port=s.dicom_port)
+        log.info("node started role=%s", self.role)  # start-up done: what a supervisor or a test waits for
 
     def _start_audit_export(self) -> None:
         """Send the audit trail to the repository (IHE ATNA), from the rows after those already
@@ -251,6 +254,16 @@ class Node:
         self.api_server = uvicorn.Server(config)
         self.api_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread("api", self.api_server.run)
+        # "listening" once it is: uvicorn binds in its thread, and one that cannot (the port taken, an
+        # address not here) logs why and ends the thread, which would leave a node without its API
+        thread, deadline = self.threads[-1], time.monotonic() + API_START_SECONDS
+        while not self.api_server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not self.api_server.started:
+            self.api_server.should_exit = True
+            why = f"not listening after {API_START_SECONDS:g} s" if thread.is_alive() else "uvicorn's error is logged above"
+            raise ValueError(f"api_port: the admin API cannot listen on {s.api_host}:{s.api_port} ({why}); "
+                             "free the port or choose another")
         log.info("API listening address=%s:%d scheme=%s", s.api_host, s.api_port, "https" if tls else "http")
 
     def _thread(self, name: str, target: object, *args: object) -> None:

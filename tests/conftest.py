@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -80,25 +79,6 @@ def node_env(workdir: Path, port: int, orthanc: OrthancServer, views: str = "non
     }
 
 
-def _await_api(server: NodeServer, timeout: float = 30.0) -> None:
-    """A node returns from start() once it logs "SCP listening"; its API listens ~1 s later. Wait for
-    an answer of its /health (plain HTTP only), so that a test's first request is not refused. A
-    node whose API does not come up is left to the test to find out."""
-    import httpx
-
-    port = server.env.get("MR2CT_API_PORT", "0")
-    if server.role != "all" or port == "0" or server.env.get("MR2CT_API_TLS_CERTIFICATE"):
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and server.proc is not None and server.proc.poll() is None:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)  # any answer: it listens
-            return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-
-
 @pytest.fixture(scope="module")
 def node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, orthanc: OrthancServer) -> Iterator[NodeServer]:
     """One node per test module; a module sets NODE_VIEWS to run other views than one forward."""
@@ -108,7 +88,6 @@ def node(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     server = NodeServer(workdir, env, port)
     server.database_url = env["MR2CT_DATABASE_URL"]  # type: ignore[attr-defined]
     with server:
-        _await_api(server)
         yield server
 
 
@@ -126,7 +105,6 @@ def node_factory(tmp_path: Path, orthanc: OrthancServer) -> Iterator[Callable[..
         server.database_url = env["MR2CT_DATABASE_URL"]  # type: ignore[attr-defined]
         started.append(server)
         server.start()
-        _await_api(server)
         return server
 
     try:

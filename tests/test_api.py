@@ -46,14 +46,7 @@ def _token(node, role: str, name: str) -> str:
 
 @pytest.fixture(scope="module")
 def api(node, tmp_path_factory):
-    base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
+    base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"  # the node logs its start once its API listens
     admin, auditor = _token(node, "admin", "pacs-admin"), _token(node, "auditor", "auditor-1")
     series = write_mr_series(tmp_path_factory.mktemp("mr"), seed=600, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0, patient_id="AUDIT-PATIENT-1")
     assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
@@ -498,13 +491,8 @@ def test_the_admin_api_answers_https_with_its_certificate(node_factory, tmp_path
     trusted = ssl.create_default_context(cafile=str(pki / "ca.pem"))
     node = node_factory(api_tls_certificate=str(pki / "server.pem"), api_tls_private_key=str(pki / "server.key"))
     port = node.env["MR2CT_API_PORT"]
-    deadline, health = time.monotonic() + 30, None
-    while time.monotonic() < deadline and health is None:
-        try:
-            health = httpx.get(f"https://127.0.0.1:{port}/health", verify=trusted, timeout=5)
-        except httpx.ConnectError:
-            time.sleep(0.3)
-    assert health is not None and health.status_code == 200 and health.json()["database"] == "ok"
+    health = httpx.get(f"https://127.0.0.1:{port}/health", verify=trusted, timeout=5)
+    assert health.status_code == 200 and health.json()["database"] == "ok"
     token = api_token(node.database_url, "auditor", "over-tls")
     jobs = httpx.get(f"https://127.0.0.1:{port}/jobs", headers={"Authorization": f"Bearer {token}"}, verify=trusted)
     assert jobs.status_code == 200 and jobs.json()["total"] == 0
@@ -584,3 +572,31 @@ def test_making_and_revoking_a_token_are_audited_naming_who_did_it(tmp_path):
         ("security-alert/token-created", "success", f"{user} (mr2ct tokens create)", {"role": "admin", "token_name": "night-shift"}),
         ("security-alert/token-revoked", "success", f"{user} (mr2ct tokens revoke)", {"role": "admin", "token_name": "night-shift"}),
     ]
+
+
+def test_a_node_says_it_started_only_once_its_api_listens_and_stops_naming_api_port_when_it_cannot(tmp_path):
+    """An administrator (or a supervisor, or the tests) takes "node started" to mean the API answers;
+    and a node whose API port is taken does not run on without its API: it stops with status 2,
+    naming api_port. Until 2026-12-07 it logged "API listening" before binding, and ran on."""
+    import socket
+
+    from dicom_node.local_stack import NodeServer, free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env.update(MR2CT_DATABASE_URL=f"sqlite:///{tmp_path / 'mr2ct.db'}", MR2CT_SPOOL_DIR=str(tmp_path / "spool"))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        refused = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--role", "api"], capture_output=True, text=True,
+                                 env={**env, "MR2CT_API_PORT": str(port)}, timeout=120)
+    finally:
+        taken.close()
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert f"mr2ct: api_port: the admin API cannot listen on 127.0.0.1:{port}" in refused.stderr
+    assert "API listening" not in refused.stderr and "node started" not in refused.stderr
+
+    api_port = free_port()
+    with NodeServer(tmp_path / "api", {**env, "MR2CT_API_PORT": str(api_port)}, free_port(), role="api"):
+        assert httpx.get(f"http://127.0.0.1:{api_port}/health", timeout=5).status_code == 200  # at once: no retry

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +59,6 @@ def test_log_in_see_a_finished_job_its_preview_and_a_training_runs_losses(node, 
     evaluation_id = int(evaluated.stdout.split("recorded as evaluation ")[1].split()[0])
     mae_hu = json.loads(evaluated.stdout.strip().splitlines()[-1])["mae_hu"]
     base = f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{base}/health", timeout=2)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.2)
     ARTIFACTS.mkdir(exist_ok=True)
     with headless_chromium() as browser:
         page = browser.new_page(viewport={"width": 1280, "height": 900})
