@@ -174,7 +174,11 @@ class Node:
                                 on_commitment=reporter.wake.set if reporter else None,
                                 reports_from=parse_dicom_destination(s.forward_to)[0] if s.forward_commitment and s.forward_to else None,
                                 max_refusals=s.forward_max_refusals)
-            self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
+            try:
+                self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
+            except OSError as exc:  # the port taken, an address not here: say which setting (was a bare "Address already in use")
+                raise ValueError(f"dicom_port: the SCP cannot listen on {s.dicom_host}:{s.dicom_port} ({exc.strerror or exc}); "
+                                 "free the port or choose another") from exc
             self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, self.rules)
             if s.spool_retention_hours or s.spool_failed_retention_hours:
                 if s.spool_retention_hours:

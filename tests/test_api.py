@@ -574,10 +574,11 @@ def test_making_and_revoking_a_token_are_audited_naming_who_did_it(tmp_path):
     ]
 
 
-def test_a_node_says_it_started_only_once_its_api_listens_and_stops_naming_api_port_when_it_cannot(tmp_path):
+def test_a_node_says_it_started_only_once_it_listens_and_stops_naming_the_port_it_cannot_listen_on(tmp_path):
     """An administrator (or a supervisor, or the tests) takes "node started" to mean the API answers;
     and a node whose API port is taken does not run on without its API: it stops with status 2,
-    naming api_port. Until 2026-12-07 it logged "API listening" before binding, and ran on."""
+    naming api_port (likewise dicom_port). Until 2026-12-07 it logged "API listening" before
+    binding, and ran on; a taken DICOM port said only "Address already in use"."""
     import socket
 
     from dicom_node.local_stack import NodeServer, free_port
@@ -591,11 +592,14 @@ def test_a_node_says_it_started_only_once_its_api_listens_and_stops_naming_api_p
         port = taken.getsockname()[1]
         refused = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--role", "api"], capture_output=True, text=True,
                                  env={**env, "MR2CT_API_PORT": str(port)}, timeout=120)
+        scp = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve", "--role", "scp"], capture_output=True, text=True,
+                             env={**env, "MR2CT_API_PORT": "0", "MR2CT_DICOM_PORT": str(port)}, timeout=120)
     finally:
         taken.close()
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert f"mr2ct: api_port: the admin API cannot listen on 127.0.0.1:{port}" in refused.stderr
     assert "API listening" not in refused.stderr and "node started" not in refused.stderr
+    assert scp.returncode == 2 and f"mr2ct: dicom_port: the SCP cannot listen on 127.0.0.1:{port} (Address already in use)" in scp.stderr, scp.stderr
 
     api_port = free_port()
     with NodeServer(tmp_path / "api", {**env, "MR2CT_API_PORT": str(api_port)}, free_port(), role="api"):
