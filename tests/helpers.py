@@ -3,6 +3,7 @@ a DICOMweb proxy that counts requests."""
 
 from __future__ import annotations
 
+import ast
 import os
 import subprocess
 import sys
@@ -128,6 +129,21 @@ def tokens_cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str
     env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
     env["MR2CT_DATABASE_URL"] = database_url
     return subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", *args], capture_output=True, text=True, env=env, timeout=60)
+
+
+HEAVY_PACKAGES = ("torch", "pydicom", "fastapi", "highdicom")
+
+
+def cli_with_imports(*args: object, env: dict[str, str] | None = None, timeout: float = 120) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """`mr2ct ARGS` as the console script runs it, and which of HEAVY_PACKAGES it had imported by the
+    time it stopped (what its user waited on): the answer with its stdout less that last line."""
+    probe = ("import sys\nfrom dicom_node.cli import app\ntry:\n    app(sys.argv[1:])\nfinally:\n"
+             f"    print(sorted(m for m in {HEAVY_PACKAGES!r} if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout)
+    *lines, loaded = done.stdout.splitlines() or ["(nothing printed)"]
+    assert loaded.startswith("["), f"mr2ct {args}: no list of imports at the end of its stdout: {loaded!r}"
+    done.stdout = "".join(f"{line}\n" for line in lines)
+    return done, ast.literal_eval(loaded)
 
 
 def api_token(database_url: str, role: str, name: str) -> str:

@@ -25,8 +25,8 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
 from dicom_node.models import ApiToken, AuditEvent, Job, Series
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import (api_token, c_store, series_datasets, series_once_complete, served_api, shipped_weights_with_views, study_series,
-                           tokens_cli)
+from tests.helpers import (api_token, c_store, cli_with_imports, series_datasets, series_once_complete, served_api, shipped_weights_with_views,
+                           study_series, tokens_cli)
 from training.phantom_dicom import write_mr_series
 
 def _token_routes() -> list[tuple[str, str]]:
@@ -536,18 +536,15 @@ def test_the_administrators_everyday_commands_load_neither_torch_pydicom_nor_the
     scripts and an administrator at the prompt do not wait on what they never use."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
     env["MR2CT_DATABASE_URL"] = f"sqlite:///{tmp_path / 'mr2ct.db'}"
-    # The command as `mr2ct` runs it; the last line names the heavy packages imported by the time it stopped.
-    probe = ("import sys\nfrom dicom_node.cli import app\ntry:\n    app(sys.argv[1:])\nfinally:\n"
-             "    print(sorted(m for m in ('torch', 'pydicom', 'fastapi', 'highdicom') if m in sys.modules))")
     for args in (["tokens", "create", "--role", "auditor", "--name", "reports"], ["tokens", "list", "--json"],
                  ["tokens", "revoke", "--name", "reports"], ["models", "list"]):
-        done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, env=env, timeout=60)
+        done, loaded = cli_with_imports(*args, env=env, timeout=60)
         assert done.returncode == 0, (args, done.stderr[-2000:])
-        assert done.stdout.strip().splitlines()[-1] == "[]", (args, done.stdout)
+        assert loaded == [], (args, loaded)
         if args[1] == "create":
             token = done.stdout.splitlines()[0]
         if args[1] == "list" and args[0] == "tokens":
-            (listed,) = map(json.loads, done.stdout.splitlines()[:-1])
+            (listed,) = map(json.loads, done.stdout.splitlines())
             assert listed["name"] == "reports" and listed["role"] == "auditor" and token not in done.stdout
     sessions = init_db(env["MR2CT_DATABASE_URL"])
     with sessions() as session:

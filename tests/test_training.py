@@ -15,6 +15,7 @@ import torch
 
 from dicom_node.models import TrainingRun
 from synthesis.model_file import default_model_path, load_model
+from tests.helpers import cli_with_imports
 from training import phantoms
 from training.evaluate import evaluate
 from training.trainer import LOSS_NAMES, TrainConfig
@@ -442,8 +443,6 @@ def test_train_evaluate_and_figures_refuse_what_they_cannot_do_before_they_load_
     shutil.copy(shipped, other)
     other.with_suffix(".json").write_text(json.dumps({**json.loads(shipped.with_suffix(".json").read_text()), "sha256": "0" * 64}))
     (tmp_path / "pairs").mkdir()
-    # The command as `mr2ct` runs it; the last line says whether torch had been imported when it stopped.
-    probe = "import sys\nfrom dicom_node.cli import app\ntry:\n    app(sys.argv[1:])\nfinally:\n    print('torch' in sys.modules)"
     cases = {
         ("evaluate", tmp_path / "no-such.safetensors"): "no-such.safetensors not found; give a .safetensors file",
         ("evaluate", other): "card other.json says 000000000000...: the card belongs to other weights",
@@ -460,9 +459,9 @@ def test_train_evaluate_and_figures_refuse_what_they_cannot_do_before_they_load_
         ("train", "--out", tmp_path / "run", "--data", tmp_path / "pairs"): "is not a dataset cache of `mr2ct pull`",
     }
     for args, reason in cases.items():
-        refused = subprocess.run([sys.executable, "-c", probe, *map(str, args)], capture_output=True, text=True, timeout=120)
+        refused, loaded = cli_with_imports(*args)
         assert refused.returncode == 2 and reason in refused.stderr, (args, refused.stderr[-2000:])
-        assert refused.stdout.strip().splitlines()[-1] == "False", args
+        assert "torch" not in loaded, (args, loaded)
 
 
 def test_a_few_training_steps_reduce_the_cycle_loss_and_the_card_holds_metrics(tmp_path: Path) -> None:
