@@ -39,3 +39,40 @@ def test_example_config_is_accepted_by_mr2ct(tmp_path: Path, monkeypatch: pytest
     tomllib.loads(config.read_text())
     settings = load_settings(config)
     assert settings.allowed_aes[0] == "SCANNER1@10.0.0.21"
+
+
+@pytest.mark.parametrize("unit", [u for u in UNITS if "/bin/mr2ct serve" in u.read_text()], ids=lambda u: u.name)
+def test_the_nodes_units_wait_for_the_node_to_say_it_is_ready(unit: Path) -> None:
+    """`systemctl start` of a node's unit returns once the node listens (Type=notify), not when its
+    process begins: a unit ordered after it, or an administrator's next command, finds it taking traffic."""
+    assert "Type=notify" in unit.read_text().splitlines()
+
+
+def test_under_systemd_a_node_says_ready_once_it_answers_and_stopping_when_it_stops(tmp_path: Path) -> None:
+    """sd_notify(3) as systemd's manager receives it: a datagram on NOTIFY_SOCKET saying READY=1
+    once the node's API answers, and STOPPING=1 on SIGTERM."""
+    import os
+    import socket
+    import tempfile
+
+    import httpx
+
+    from dicom_node.local_stack import NodeServer, free_port
+
+    folder = tempfile.mkdtemp(prefix="sd", dir="/tmp")  # a unix socket path has at most 107 bytes
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        manager.bind(f"{folder}/notify")
+        manager.settimeout(60)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+        api_port = free_port()
+        env.update(MR2CT_DATABASE_URL=f"sqlite:///{tmp_path / 'mr2ct.db'}", MR2CT_SPOOL_DIR=str(tmp_path / "spool"),
+                   MR2CT_API_PORT=str(api_port), NOTIFY_SOCKET=f"{folder}/notify")
+        node = NodeServer(tmp_path / "api", env, free_port(), role="api")
+        with node:
+            assert manager.recv(4096).decode().split("\n") == ["READY=1", "STATUS=node started role=api"]
+            assert httpx.get(f"http://127.0.0.1:{api_port}/health", timeout=5).status_code == 200
+        assert manager.recv(4096) == b"STOPPING=1"
+    finally:
+        manager.close()
+        shutil.rmtree(folder, ignore_errors=True)
