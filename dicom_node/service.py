@@ -277,7 +277,10 @@ class Node:
         thread.start()
         self.threads.append(thread)
 
-    def stop(self) -> None:
+    def stop(self, failed_to_start: Exception | None = None) -> None:
+        """Stop what runs: the SCP and API first, then every thread (a running job is queued again
+        between its batches). ``failed_to_start``: start() raised part way; what it had started is
+        stopped the same way, and the audit row is a failed Application Start instead of a Stop."""
         notify("STOPPING=1")
         self.stop_event.set()
         stop_waking(self.work_queued)
@@ -290,7 +293,10 @@ class Node:
             self.recorder.stop()
         for thread in self.threads:
             thread.join(timeout=120)
-        audit.record(self.sessions, audit.APPLICATION_STOP, "success", f"mr2ct {self.role}")
+        if failed_to_start is None:
+            audit.record(self.sessions, audit.APPLICATION_STOP, "success", f"mr2ct {self.role}")
+        else:
+            audit.record(self.sessions, audit.APPLICATION_START, "failure", f"mr2ct {self.role}", reason=str(failed_to_start)[:500])
         exporter = self.audit_exporter
         if exporter is not None:  # the stop itself, and what came since the loop's last round
             try:
@@ -309,7 +315,15 @@ class Node:
 
         signal.signal(signal.SIGTERM, _handler)
         signal.signal(signal.SIGINT, _handler)
-        self.start()
+        try:
+            self.start()
+        except Exception as exc:
+            if getattr(self, "sessions", None) is not None:  # the database opened: stop what started, and say why
+                try:
+                    self.stop(failed_to_start=exc)
+                except Exception:  # the reason start-up failed is what the administrator must see
+                    log.exception("stopping what had started")
+            raise
         try:
             while not done.wait(1.0):
                 pass

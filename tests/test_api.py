@@ -574,8 +574,9 @@ def test_making_and_revoking_a_token_are_audited_naming_who_did_it(tmp_path):
 def test_a_node_says_it_started_only_once_it_listens_and_stops_naming_the_port_it_cannot_listen_on(tmp_path):
     """An administrator (or a supervisor, or the tests) takes "node started" to mean the API answers;
     and a node whose API port is taken does not run on without its API: it stops with status 2,
-    naming api_port (likewise dicom_port). Until 2026-12-07 it logged "API listening" before
-    binding, and ran on; a taken DICOM port said only "Address already in use"."""
+    naming api_port (likewise dicom_port), and the audit trail holds the failed start with why.
+    Until 2026-12-07 it logged "API listening" before binding, and ran on; a taken DICOM port said
+    only "Address already in use"."""
     import socket
 
     from dicom_node.local_stack import NodeServer, free_port
@@ -596,6 +597,10 @@ def test_a_node_says_it_started_only_once_it_listens_and_stops_naming_the_port_i
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert f"mr2ct: api_port: the admin API cannot listen on 127.0.0.1:{port}" in refused.stderr
     assert "API listening" not in refused.stderr and "node started" not in refused.stderr
+    with init_db(env["MR2CT_DATABASE_URL"])() as session:  # the failed starts are in the audit trail, with why
+        starts = session.scalars(select(AuditEvent).where(AuditEvent.action == "application-activity/start")).all()
+    assert [(r.outcome, r.actor, r.detail["reason"].split(":")[0]) for r in starts] == [("failure", "mr2ct api", "api_port"),
+                                                                                      ("failure", "mr2ct scp", "dicom_port")]
     assert scp.returncode == 2 and f"mr2ct: dicom_port: the SCP cannot listen on 127.0.0.1:{port} (Address already in use)" in scp.stderr, scp.stderr
 
     api_port = free_port()
