@@ -7,6 +7,7 @@ import os
 import re
 import shlex
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -48,6 +49,20 @@ class JsonLines(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+class WithholdQuotedValues(logging.Filter):
+    """pydicom quotes a value that breaks its VR's rules ("Invalid value for VR DA: '1970-02-03'"),
+    and highdicom a person name it doubts: a patient's name, birth date or age, or, where a length
+    was wrong, the elements that followed, the name among them. Their lines keep what was wrong and
+    withhold the value (no patient identifiers in log lines)."""
+
+    QUOTED = re.compile(r"""(['"]).*\1""", re.DOTALL)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.partition(".")[0] in ("pydicom", "highdicom"):
+            record.msg, record.args = self.QUOTED.sub("<value withheld>", record.getMessage()), ()
+        return True
+
+
 def _logging(verbose: bool = False, log_format: str | None = None) -> None:
     """The root logger's level and format. ``log_format``: serve's setting; the other commands
     (train, pull, evaluate, ...) take ``MR2CT_LOG_FORMAT`` (text by default), so a training job on a
@@ -61,9 +76,12 @@ def _logging(verbose: bool = False, log_format: str | None = None) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
-    if log_format == "json":
-        for handler in logging.getLogger().handlers:
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(WithholdQuotedValues())
+        if log_format == "json":
             handler.setFormatter(JsonLines())
+    # pydicom also hands each such line to warnings, printed whole on stderr: its log line says it
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom(\.|$)")
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("highdicom").setLevel(logging.WARNING)
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)  # one "setup plugin" line per plugin at every start

@@ -172,17 +172,23 @@ def build_provenance_sr(
     return sr
 
 
+# What highdicom parses or checks of the first evidence's patient and study: a value it does not
+# take (a birth date written 1970-02-03, a study time 09:00:00, a sex "F " or "Female") failed the
+# job with the sCT already made, and it logs a patient name without a caret, name and all
+READ_BY_HIGHDICOM = ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime")
+
+
 def _with_type2_patient_and_study(mr: Dataset) -> Dataset:
-    """The MR highdicom takes the patient and study from, with those of its type 2 attributes it
-    lacks present and empty: highdicom reads them all and failed the job with an AttributeError
-    on an MR without, say, a PatientID (type 2, yet absent from some exported and research data)."""
-    missing = [keyword for keyword in TYPE2_KEYWORDS if keyword not in mr]
-    if not missing:
-        return mr
+    """The MR highdicom takes the patient and study from: its type 2 attributes all present (highdicom
+    reads them all, and failed the job with an AttributeError on an MR without, say, a PatientID,
+    absent from some exported and research data), and those it parses or checks empty. The SR's
+    patient and study are then copied from the MR as received (``copy_patient_and_study``), as the
+    CT's are: the derived objects say what the MR says, even where it breaks a VR's rules."""
     completed = Dataset()  # a new data set holding the same elements: the MR's header stays as received
     completed.update(mr)  # (copy.copy would share its element dict)
-    for keyword in missing:
-        setattr(completed, keyword, None)
+    for keyword in TYPE2_KEYWORDS:  # READ_BY_HIGHDICOM among them
+        if keyword not in mr or keyword in READ_BY_HIGHDICOM:
+            setattr(completed, keyword, None)
     return completed
 
 

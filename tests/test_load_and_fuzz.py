@@ -100,3 +100,40 @@ def test_no_patient_identifier_reaches_the_logs(node, tmp_path):
     assert "job done" in log_text
     for needle in ("DOE^JANE", "LOGCHECK", "PID-LOG-4711", "JANE"):
         assert needle not in log_text
+
+
+def test_a_malformed_patient_value_neither_fails_the_job_nor_reaches_a_log_line(node, orthanc, tmp_path):
+    """A scanner that writes the birth date as 1970-02-03, the study time as 09:00:00, the sex as
+    "Female" or a name without a caret: highdicom failed the job on the first three (the sCT made,
+    no SR) and logged the name; and pydicom warns of a value that breaks its VR's rules by quoting
+    it (a UI whose length is wrong swallows the elements after it, the name among them). The node
+    logs that a value was malformed, not the value, and its CT and SR say what the MR says."""
+    from pydicom import config
+
+    from tests.helpers import series_datasets, study_series
+
+    series = write_mr_series(tmp_path / "mr", seed=1301, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0,
+                             patient_name="ROE RICHARD LOGCHECK", patient_id="PID-LOG-4712")
+    malformed = {"PatientBirthDate": "1970-02-03", "PatientAge": "45 years", "PatientSex": "Female", "StudyTime": "09:00:00"}
+    mode, config.settings.writing_validation_mode = config.settings.writing_validation_mode, config.IGNORE
+    try:
+        for path in series.folder.iterdir():
+            ds = pydicom.dcmread(path)
+            for keyword, value in malformed.items():
+                setattr(ds, keyword, value)
+            ds.save_as(path)
+    finally:
+        config.settings.writing_validation_mode = mode
+    start = node.log_path.stat().st_size
+    assert storescu(series.folder, node.port, NODE_AE, SCANNER_AE).returncode == 0
+    assert wait_for_job(node.database_url, series.series_uid, timeout=120).state == "done"
+    with open(node.log_path, "rb") as fh:
+        fh.seek(start)
+        log_text = fh.read().decode(errors="replace")
+    assert "job done" in log_text and "Invalid value for VR DA: <value withheld>" in log_text
+    for needle in ("1970-02-03", "45 years", "Female", "09:00:00", "LOGCHECK", "PID-LOG-4712"):
+        assert needle not in log_text, needle
+    derived = [series_datasets(orthanc, s)[0] for s in study_series(orthanc, series.study_uid) if s["MainDicomTags"]["Modality"] in ("CT", "SR")]
+    assert sorted(ds.Modality for ds in derived) == ["CT", "SR"]
+    for ds in derived:
+        assert {k: str(ds.get(k, "")) for k in malformed} == malformed and str(ds.PatientName) == "ROE RICHARD LOGCHECK", ds.Modality
