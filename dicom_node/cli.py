@@ -44,8 +44,8 @@ class JsonLines(logging.Formatter):
         entry = {"time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
                  "level": record.levelname, "logger": record.name, "message": record.getMessage(), "process": record.process,
                  "thread": record.threadName}
-        if record.exc_info:
-            entry["traceback"] = self.formatException(record.exc_info)
+        if record.exc_info:  # as the handler's filter left it (WithholdQuotedValues), else in full
+            entry["traceback"] = record.exc_text or self.formatException(record.exc_info)
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -53,14 +53,34 @@ class WithholdQuotedValues(logging.Filter):
     """pydicom quotes a value that breaks its VR's rules ("Invalid value for VR DA: '1970-02-03'"),
     and highdicom a person name it doubts: a patient's name, birth date or age, or, where a length
     was wrong, the elements that followed, the name among them. Their lines keep what was wrong and
-    withhold the value (no patient identifiers in log lines)."""
+    withhold the value (no patient identifiers in log lines); so do the exception messages of a
+    traceback (a failed job's) where one of them raised ("Unable to convert '1970-02-03' to 'DA'"),
+    its code lines kept."""
 
+    LIBRARIES = ("pydicom", "highdicom")
     QUOTED = re.compile(r"""(['"]).*\1""", re.DOTALL)
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name.partition(".")[0] in ("pydicom", "highdicom"):
+        if record.name.partition(".")[0] in self.LIBRARIES:
             record.msg, record.args = self.QUOTED.sub("<value withheld>", record.getMessage()), ()
+        if record.exc_info and record.exc_info[1] is not None and not record.exc_text and self._raised_in_library(record.exc_info[1]):
+            text = logging.Formatter().formatException(record.exc_info)  # what a handler's formatter would write
+            record.exc_text = "\n".join(line if line[:1].isspace() or line.startswith(("Traceback ", "The above ", "During handling "))
+                                        else self.QUOTED.sub("<value withheld>", line) for line in text.splitlines())
         return True
+
+    @classmethod
+    def _raised_in_library(cls, exc: BaseException | None) -> bool:
+        seen: set[int] = set()
+        while exc is not None and id(exc) not in seen:  # the exception and those it came from
+            seen.add(id(exc))
+            tb = exc.__traceback__
+            while tb is not None:
+                if any(f"{os.sep}{name}{os.sep}" in tb.tb_frame.f_code.co_filename for name in cls.LIBRARIES):
+                    return True
+                tb = tb.tb_next
+            exc = exc.__cause__ or exc.__context__
+        return False
 
 
 def _logging(verbose: bool = False, log_format: str | None = None) -> None:

@@ -27,3 +27,39 @@ def test_json_log_lines(node_factory, tmp_path):
     assert any(m.startswith("SCP listening") for m in messages) and any(m.startswith("job done") for m in messages)
     assert any(e["level"] == "WARNING" and "association rejected" in e["message"] for e in entries)
     assert "PATLOG01" not in node.log_path.read_text()
+
+
+def test_a_traceback_through_pydicom_withholds_the_values_its_messages_quote():
+    """A job that fails inside pydicom or highdicom logs their traceback: its exception messages
+    quote the value they could not take ("Unable to convert '1970-02-03' to 'DA' object"), which may
+    be a birth date or a name. In both log formats the node's handlers keep the traceback and the
+    code lines, and withhold the quoted value; a traceback not through them is written whole."""
+    import io
+    import logging
+
+    from pydicom.valuerep import DA
+
+    from dicom_node.cli import JsonLines, WithholdQuotedValues
+
+    log, birth_date = logging.getLogger("dicom_node.worker"), "1970-02-03"  # as a header holds it: code lines do not show it
+    for formatter in (logging.Formatter("%(levelname)s %(name)s %(message)s"), JsonLines()):
+        stream = io.StringIO()
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(formatter)
+        handler.addFilter(WithholdQuotedValues())
+        log.addHandler(handler)
+        try:
+            try:
+                DA(birth_date)
+            except ValueError:
+                log.exception("job failed job=%d", 7)
+            try:
+                raise OSError("spool '/var/lib/mr2ct/spool' is full")
+            except OSError:
+                log.exception("spool retention round failed")
+        finally:
+            log.removeHandler(handler)
+        written = stream.getvalue()
+        assert "job failed job=7" in written and "Unable to convert <value withheld>" in written, written
+        assert "1970-02-03" not in written and "valuerep.py" in written  # the traceback is there, less the value
+        assert "spool '/var/lib/mr2ct/spool' is full" in written.replace("\\'", "'")
