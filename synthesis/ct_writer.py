@@ -8,6 +8,7 @@ DERIVED and synthetic; each slice names its MR source.
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -55,10 +56,14 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
 
 
 def copy_patient_and_study(source: Dataset, target: Dataset) -> None:
-    """Patient and General Study modules copied from the source (type 2 present even when empty)."""
+    """Patient and General Study modules copied from the source (type 2 present even when empty),
+    each element as read, not its value parsed again: a value that breaks its VR's rules (a decimal
+    comma in a weight, "70,5", which pydicom reads as the text it is but refuses to assign; a birth
+    date 1970-02-03) is carried as the MR has it. Until 2026-12-07 such a weight failed the job,
+    after its inference. Copies: the MR's header stays its own."""
     for keyword in PATIENT_STUDY_KEYWORDS:
         if keyword in source:
-            setattr(target, keyword, source[keyword].value)
+            target[keyword] = copy.deepcopy(source[keyword])
         elif keyword in TYPE2_KEYWORDS:
             setattr(target, keyword, "")
 
@@ -112,6 +117,12 @@ def contributing_equipment(description: str, when: str | None = None) -> Sequenc
 def _ds_float(value: float) -> str:
     text = f"{value:.6f}".rstrip("0").rstrip(".")
     return text if text not in ("-0", "") else "0"
+
+
+def _is_decimal(text: str) -> bool:
+    """Whether ``text`` is a DS value (at most 16 characters, a number as DICOM writes one): the MR's
+    slice thickness is copied only then (one written "4,25" failed the job; the spacing stands in)."""
+    return 0 < len(text.strip()) <= 16 and re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*", text) is not None
 
 
 class SyntheticCTSeries:
@@ -254,7 +265,7 @@ class SyntheticCTSeries:
             frame = source.frames[index] if source.frames else None
             ds.SourceImageSequence = Sequence(_source_references(source, index))
             thickness = source.slice_thickness[index] if source.slice_thickness else str(mr.get("SliceThickness", "") or "")
-            ds.SliceThickness = thickness or _ds_float(abs(source.volume.slice_spacing))
+            ds.SliceThickness = thickness if _is_decimal(thickness) else _ds_float(abs(source.volume.slice_spacing))
             if "SliceLocation" in mr and frame is None:
                 ds.SliceLocation = mr.SliceLocation
         ds.add_new(0x7FE00010, "OW", np.ascontiguousarray(self._stored[index]).tobytes())  # PixelData: 16-bit, so OW

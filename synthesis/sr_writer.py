@@ -188,6 +188,8 @@ def _with_type2_patient_and_study(mr: Dataset) -> Dataset:
     completed.update(mr)  # (copy.copy would share its element dict)
     for keyword in TYPE2_KEYWORDS:  # READ_BY_HIGHDICOM among them
         if keyword not in mr or keyword in READ_BY_HIGHDICOM:
+            if keyword in completed:  # its element is the MR's own object (update shares them): a new one, the MR's unchanged
+                del completed[keyword]
             setattr(completed, keyword, None)
     return completed
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 import pytest
 import torch
 
@@ -349,6 +351,34 @@ def test_an_mr_without_its_type2_patient_and_study_attributes_gets_its_ct_and_sr
     for path in written:
         back = pydicom.dcmread(path)
         assert all(keyword in back and not back[keyword].value for keyword in PATIENT_AND_STUDY_TYPE2), path.name
+
+
+def test_patient_values_that_break_their_vrs_rules_are_carried_and_the_job_goes_on(tiny_model: Path, tmp_path: Path) -> None:
+    """A weight written with a decimal comma ("70,5"), a slice thickness "4,25", a birth date
+    1970-02-03, a sex "Female", a name without a caret: the CT and the SR say what the MR says (the
+    thickness: the slice spacing, a number a planning system reads), whichever is written first,
+    and the MR's header is left as read. Until 2026-12-07 the comma failed the job after its
+    inference and highdicom failed the SR on the date and the sex."""
+    series = write_mr_series(tmp_path / "mr", seed=3, slices=2, size=32, pixel_spacing=6.0, slice_spacing=10.0,
+                             patient_name="ROE RICHARD")
+    scanner_wrote = {"PatientWeight": ("DS", "70,5"), "SliceThickness": ("DS", "4,25"), "PatientBirthDate": ("DA", "1970-02-03"),
+                     "PatientSex": ("CS", "Female")}
+    for path in series.files:  # the bytes as such a scanner writes them: pydicom refuses to assign a comma to a DS
+        ds = pydicom.dcmread(path)
+        for keyword, (vr, text) in scanner_wrote.items():
+            tag, value = Tag(keyword), text.encode() + b" " * (len(text) % 2)
+            ds[tag] = RawDataElement(tag, vr, len(value), value, 0, False, True)
+        ds.save_as(path)
+    source = assemble([pydicom.dcmread(path) for path in series.files])
+    ct = SyntheticCTSeries(source=source, hu=np.zeros(source.volume.voxels.shape, np.float32), model=load_model(tiny_model), uid_root=ROOT,
+                           device_label="cpu")
+    first_ct = pydicom.dcmread(BytesIO(ct.encoded(0)))  # the CT first: the MR's elements are read before the SR is built
+    sr = build_provenance_sr(ct=ct, mr_headers=source.headers, uid_root=ROOT, processing_seconds=1.0, device_label="cpu")
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    said = {"PatientWeight": "70,5", "PatientBirthDate": "1970-02-03", "PatientSex": "Female", "PatientName": "ROE RICHARD"}
+    for ds in (source.headers[0], first_ct, pydicom.dcmread(tmp_path / "sr.dcm")):
+        assert {k: str(ds.get(k, "")) for k in said} == said, ds.get("Modality")
+    assert first_ct.SliceThickness == 10.0
 
 
 def _lower_slice_says(part: str):
