@@ -173,7 +173,7 @@ def build_provenance_sr(
 
 
 # What highdicom parses or checks of the first evidence's patient and study: a value it does not
-# take (a birth date written 1970-02-03, a study time 09:00:00, a sex "F " or "Female") failed the
+# take (a birth date written 1970-02-03, a study time 09:00:00, a sex "Female") failed the
 # job with the sCT already made, and it logs a patient name without a caret, name and all
 READ_BY_HIGHDICOM = ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime")
 
