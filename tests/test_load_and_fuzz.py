@@ -106,8 +106,8 @@ def test_a_malformed_patient_value_neither_fails_the_job_nor_reaches_a_log_line(
     """A scanner that writes the birth date as 1970-02-03, the study time as 09:00:00, the sex as
     "Female" or a name without a caret: highdicom failed the job on the first three (the sCT made,
     no SR) and logged the name; and pydicom warns of a value that breaks its VR's rules by quoting
-    it (a UI whose length is wrong swallows the elements after it, the name among them). The node
-    logs that a value was malformed, not the value, and its CT and SR say what the MR says."""
+    it (a UI whose length is wrong swallows the elements after it, the name among them). None of
+    the values reaches the node's log, and its CT and SR say what the MR says."""
     from pydicom import config
 
     from tests.helpers import series_datasets, study_series
@@ -130,7 +130,7 @@ def test_a_malformed_patient_value_neither_fails_the_job_nor_reaches_a_log_line(
     with open(node.log_path, "rb") as fh:
         fh.seek(start)
         log_text = fh.read().decode(errors="replace")
-    assert "job done" in log_text and "Invalid value for VR DA: <value withheld>" in log_text
+    assert "job done" in log_text
     for needle in ("1970-02-03", "45 years", "Female", "09:00:00", "LOGCHECK", "PID-LOG-4712"):
         assert needle not in log_text, needle
     derived = [series_datasets(orthanc, s)[0] for s in study_series(orthanc, series.study_uid) if s["MainDicomTags"]["Modality"] in ("CT", "SR")]

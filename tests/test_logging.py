@@ -29,15 +29,17 @@ def test_json_log_lines(node_factory, tmp_path):
     assert "PATLOG01" not in node.log_path.read_text()
 
 
-def test_a_traceback_through_pydicom_withholds_the_values_its_messages_quote():
-    """A job that fails inside pydicom or highdicom logs their traceback: its exception messages
-    quote the value they could not take ("Unable to convert '1970-02-03' to 'DA' object"), which may
-    be a birth date or a name. In both log formats the node's handlers keep the traceback and the
-    code lines, and withhold the quoted value; a traceback not through them is written whole."""
+def test_pydicoms_warnings_and_a_traceback_through_it_withhold_the_values_they_quote():
+    """pydicom's warning of a value that breaks its VR's rules quotes it, and so does the message of
+    an exception it raises ("Unable to convert '1970-02-03' to 'DA' object") in a failed job's
+    traceback: a birth date, or a name. In both log formats the node's handlers keep the line, the
+    traceback and its code lines, and withhold the quoted value; a traceback not through pydicom or
+    highdicom is written whole."""
     import io
     import logging
 
-    from pydicom.valuerep import DA
+    from pydicom import config
+    from pydicom.valuerep import DA, validate_value
 
     from dicom_node.cli import JsonLines, WithholdQuotedValues
 
@@ -57,9 +59,13 @@ def test_a_traceback_through_pydicom_withholds_the_values_its_messages_quote():
                 raise OSError("spool '/var/lib/mr2ct/spool' is full")
             except OSError:
                 log.exception("spool retention round failed")
+            logging.getLogger("pydicom").addHandler(handler)  # pydicom's own line of a value it doubts
+            validate_value("DA", birth_date, config.WARN)
         finally:
             log.removeHandler(handler)
+            logging.getLogger("pydicom").removeHandler(handler)
         written = stream.getvalue()
         assert "job failed job=7" in written and "Unable to convert <value withheld>" in written, written
+        assert "Invalid value for VR DA: <value withheld>" in written, written
         assert "1970-02-03" not in written and "valuerep.py" in written  # the traceback is there, less the value
         assert "spool '/var/lib/mr2ct/spool' is full" in written.replace("\\'", "'")
