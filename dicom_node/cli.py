@@ -65,8 +65,8 @@ class WithholdQuotedValues(logging.Filter):
             record.msg, record.args = self.QUOTED.sub("<value withheld>", record.getMessage()), ()
         if record.exc_info and record.exc_info[1] is not None and not record.exc_text and self._raised_in_library(record.exc_info[1]):
             text = logging.Formatter().formatException(record.exc_info)  # what a handler's formatter would write
-            record.exc_text = "\n".join(line if line[:1].isspace() or line.startswith(("Traceback ", "The above ", "During handling "))
-                                        else self.QUOTED.sub("<value withheld>", line) for line in text.splitlines())
+            # its code lines are indented; the rest (headers, each exception's message) have their quoted text withheld
+            record.exc_text = "\n".join(line if line[:1].isspace() else self.QUOTED.sub("<value withheld>", line) for line in text.splitlines())
         return True
 
     @classmethod

@@ -259,10 +259,10 @@ class Node:
             raise ValueError(f"api_tls_certificate / api_tls_private_key: {exc}") from exc
         self.api_server = uvicorn.Server(config)
         self.api_server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-        self._thread("api", self.api_server.run)
+        thread = self._thread("api", self.api_server.run)
         # "listening" once it is: uvicorn binds in its thread, and one that cannot (the port taken, an
         # address not here) logs why and ends the thread, which would leave a node without its API
-        thread, deadline = self.threads[-1], time.monotonic() + API_START_SECONDS
+        deadline = time.monotonic() + API_START_SECONDS
         while not self.api_server.started and thread.is_alive() and time.monotonic() < deadline:
             time.sleep(0.02)
         if not self.api_server.started:
@@ -272,10 +272,11 @@ class Node:
                              "free the port or choose another")
         log.info("API listening address=%s:%d scheme=%s", s.api_host, s.api_port, "https" if tls else "http")
 
-    def _thread(self, name: str, target: object, *args: object) -> None:
+    def _thread(self, name: str, target: object, *args: object) -> threading.Thread:
         thread = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]
         thread.start()
         self.threads.append(thread)
+        return thread
 
     def stop(self, failed_to_start: Exception | None = None) -> None:
         """Stop what runs: the SCP and API first, then every thread (a running job is queued again

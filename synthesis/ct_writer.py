@@ -21,6 +21,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element, write_file_meta_info
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.valuerep import is_valid_ds
 
 import synthesis
 from synthesis import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
@@ -117,12 +118,6 @@ def contributing_equipment(description: str, when: str | None = None) -> Sequenc
 def _ds_float(value: float) -> str:
     text = f"{value:.6f}".rstrip("0").rstrip(".")
     return text if text not in ("-0", "") else "0"
-
-
-def _is_decimal(text: str) -> bool:
-    """Whether ``text`` is a DS value (at most 16 characters, a number as DICOM writes one): the MR's
-    slice thickness is copied only then (one written "4,25" failed the job; the spacing stands in)."""
-    return 0 < len(text.strip()) <= 16 and re.fullmatch(r"\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*", text) is not None
 
 
 class SyntheticCTSeries:
@@ -265,7 +260,8 @@ class SyntheticCTSeries:
             frame = source.frames[index] if source.frames else None
             ds.SourceImageSequence = Sequence(_source_references(source, index))
             thickness = source.slice_thickness[index] if source.slice_thickness else str(mr.get("SliceThickness", "") or "")
-            ds.SliceThickness = thickness if _is_decimal(thickness) else _ds_float(abs(source.volume.slice_spacing))
+            # copied only when it is a DS number: one written "4,25" failed the job; the spacing stands in
+            ds.SliceThickness = thickness if thickness.strip() and is_valid_ds(thickness) else _ds_float(abs(source.volume.slice_spacing))
             if "SliceLocation" in mr and frame is None:
                 ds.SliceLocation = mr.SliceLocation
         ds.add_new(0x7FE00010, "OW", np.ascontiguousarray(self._stored[index]).tobytes())  # PixelData: 16-bit, so OW

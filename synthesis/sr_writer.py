@@ -143,7 +143,7 @@ def build_provenance_sr(
     first = mr_headers[0]
     unique_mr = list({mr.SOPInstanceUID: mr for mr in mr_headers}.values())
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[_with_type2_patient_and_study(unique_mr[0]), *unique_mr[1:], *ct.evidence()],
+        evidence=[_evidence_highdicom_takes(unique_mr[0]), *unique_mr[1:], *ct.evidence()],
         content=root,
         series_instance_uid=derived_uid(uid_root, src_series, model.output_key, "sr-series", UID_SCHEME),
         series_number=int(first.get("SeriesNumber", 0) or 0) + 2000,
@@ -178,7 +178,7 @@ def build_provenance_sr(
 READ_BY_HIGHDICOM = ("PatientName", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime")
 
 
-def _with_type2_patient_and_study(mr: Dataset) -> Dataset:
+def _evidence_highdicom_takes(mr: Dataset) -> Dataset:
     """The MR highdicom takes the patient and study from: its type 2 attributes all present (highdicom
     reads them all, and failed the job with an AttributeError on an MR without, say, a PatientID,
     absent from some exported and research data), and those it parses or checks empty. The SR's
