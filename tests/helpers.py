@@ -124,10 +124,15 @@ def series_once_complete(database_url: str, series_uid: str, timeout: float = 60
         time.sleep(0.3)
 
 
+def env_without_mr2ct() -> dict[str, str]:
+    """This process's environment less every MR2CT_* variable: what a child process (the CLI, a node)
+    starts from, so that it reads its own settings and none of the test run's."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+
+
 def tokens_cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     """`mr2ct tokens ARGS` against a node's database, as an administrator runs it."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
-    env["MR2CT_DATABASE_URL"] = database_url
+    env = env_without_mr2ct() | {"MR2CT_DATABASE_URL": database_url}
     return subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", *args], capture_output=True, text=True, env=env, timeout=60)
 
 

@@ -25,7 +25,7 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
 from dicom_node.models import ApiToken, AuditEvent, Job, Series
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import (api_token, c_store, cli_with_imports, series_datasets, series_once_complete, served_api, shipped_weights_with_views,
+from tests.helpers import (env_without_mr2ct, api_token, c_store, cli_with_imports, series_datasets, series_once_complete, served_api, shipped_weights_with_views,
                            study_series, tokens_cli)
 from training.phantom_dicom import write_mr_series
 
@@ -534,7 +534,7 @@ def test_the_administrators_everyday_commands_load_neither_torch_pydicom_nor_the
     without importing torch, pydicom or FastAPI (on the 2-core EPYC `tokens list` took 1.8 s when the
     settings pulled in pydicom and the token store FastAPI, 0.8 s without), so that provisioning
     scripts and an administrator at the prompt do not wait on what they never use."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env = env_without_mr2ct()
     env["MR2CT_DATABASE_URL"] = f"sqlite:///{tmp_path / 'mr2ct.db'}"
     for args in (["tokens", "create", "--role", "auditor", "--name", "reports"], ["tokens", "list", "--json"],
                  ["tokens", "revoke", "--name", "reports"], ["models", "list"]):
@@ -581,7 +581,7 @@ def test_a_node_says_it_started_only_once_it_listens_and_stops_naming_the_port_i
 
     from dicom_node.local_stack import NodeServer, free_port
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env = env_without_mr2ct()
     env.update(MR2CT_DATABASE_URL=f"sqlite:///{tmp_path / 'mr2ct.db'}", MR2CT_SPOOL_DIR=str(tmp_path / "spool"))
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import free_port, storescu
 from dicom_node.models import AuditEvent, Series
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import api_token, make_pki, syslog_messages, syslog_repository
+from tests.helpers import api_token, env_without_mr2ct, make_pki, syslog_messages, syslog_repository
 from training.phantom_dicom import write_mr_series
 
 
@@ -244,7 +244,6 @@ def test_a_tls_stream_is_kept_between_batches(tmp_path):
 def test_history_is_sent_again_from_a_time_an_administrator_names(tmp_path):
     """`mr2ct audit export --resend-since T`: a repository connected to a node that ran before it,
     or one that lost its data, gets the rows from T on, in order (the rewind itself audited)."""
-    import os
     import subprocess
     import sys
 
@@ -256,7 +255,7 @@ def test_history_is_sent_again_from_a_time_an_administrator_names(tmp_path):
     destination = f"tcp://127.0.0.1:{port}"
     audit.record(sessions, audit.APPLICATION_START, "success", "mr2ct all")  # before the export began
     atna.start_position(sessions, destination)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}, "MR2CT_DATABASE_URL": database_url,
+    env = {**env_without_mr2ct(), "MR2CT_DATABASE_URL": database_url,
            "MR2CT_AUDIT_SYSLOG": destination}
     said = subprocess.run([sys.executable, "-m", "dicom_node.cli", "audit", "export", "--resend-since", "2000-01-01"], env=env,
                           capture_output=True, text=True, timeout=60)

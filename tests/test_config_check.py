@@ -4,7 +4,6 @@ showed only as jobs retrying for an hour."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -14,10 +13,11 @@ import httpx
 
 from dicom_node.local_stack import free_port, start_storescp, stop_process
 from tests.conftest import node_env
+from tests.helpers import env_without_mr2ct
 
 
 def _check(env: dict[str, str], **changes: str) -> subprocess.CompletedProcess[str]:
-    run_env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    run_env = env_without_mr2ct()
     run_env.update(env)
     run_env.update({f"MR2CT_{k.upper()}": v for k, v in changes.items()})
     return subprocess.run([sys.executable, "-m", "dicom_node.cli", "config", "check"], capture_output=True, text=True, env=run_env,

@@ -5,7 +5,6 @@ curves; screenshots are kept as test artefacts."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import free_port, storescu
 from dicom_node.models import AuditEvent, Job, ModelVersion
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import api_token, c_store, headless_chromium, series_once_complete, wait_for
+from tests.helpers import api_token, c_store, env_without_mr2ct, headless_chromium, series_once_complete, wait_for
 from training.phantom_dicom import write_mr_series
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -40,7 +39,7 @@ def test_log_in_see_a_finished_job_its_preview_and_a_training_runs_losses(node, 
     del broken.PixelData
     assert c_store(node.port, NODE_AE, SCANNER_AE, [broken, *map(pydicom.dcmread, held.files[1:])]) == [0xA900, 0, 0]
     assert series_once_complete(node.database_url, held.series_uid).state == "ignored"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env = env_without_mr2ct()
     env["MR2CT_DATABASE_URL"] = node.database_url
     token = subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", "create", "--role", "admin", "--name", "browser"],
                            capture_output=True, text=True, env=env, check=True).stdout.strip()
@@ -192,7 +191,7 @@ def test_an_administrator_activates_a_registered_model_from_the_dashboard_and_is
     card.update(name="run-pelvis", mr_contrasts=["T2"], mr_body_parts=["PELVIS"])
     torch.manual_seed(11)
     new = save_model(run / "model.safetensors", ResnetGenerator(ngf=16, n_blocks=6), card)  # the shipped card's size
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")} | {"MR2CT_DATABASE_URL": node.database_url}
+    env = env_without_mr2ct() | {"MR2CT_DATABASE_URL": node.database_url}
     registered = subprocess.run([sys.executable, "-m", "dicom_node.cli", "models", "register", str(run)], capture_output=True, text=True,
                                 env=env, timeout=120)
     assert registered.returncode == 0, registered.stderr
@@ -247,7 +246,7 @@ def test_an_administrator_judges_a_set_aside_series_again_from_the_dashboard_onc
     card.update(name="run-t1t2", mr_contrasts=["T1", "T2"])
     torch.manual_seed(12)
     new = save_model(run / "model.safetensors", ResnetGenerator(ngf=16, n_blocks=6), card)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")} | {"MR2CT_DATABASE_URL": node.database_url}
+    env = env_without_mr2ct() | {"MR2CT_DATABASE_URL": node.database_url}
     for args in (("models", "register", str(run)), ("models", "activate", new["sha256"][:12])):
         done = subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True, env=env, timeout=120)
         assert done.returncode == 0, done.stderr
@@ -277,7 +276,7 @@ def test_an_auditor_asks_the_dashboard_where_a_patients_images_went_for_training
     address, and the question is audited without it. A patient never pulled has none."""
     import requests
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env = env_without_mr2ct()
     env["MR2CT_DATABASE_URL"] = node.database_url
     series = [write_mr_series(tmp_path / modality, seed=950 + n, slices=4, size=32, pixel_spacing=8.0, slice_spacing=10.0,
                               patient_id=f"DASH-LINEAGE-{modality}", series_description=f"DASHLINEAGE {modality}", modality=modality)

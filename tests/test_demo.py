@@ -4,7 +4,6 @@ started. Run here on free ports and a short series, as `deploy/local/demo.sh` ru
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -12,6 +11,7 @@ import sys
 from pathlib import Path
 
 from dicom_node.local_stack import free_port
+from tests.helpers import env_without_mr2ct
 
 
 def _listening(port: int) -> bool:
@@ -22,7 +22,7 @@ def _listening(port: int) -> bool:
 
 def test_the_demo_shows_where_the_sct_is_and_stops_what_it_started(tmp_path: Path) -> None:
     ports = {"--orthanc-http-port": free_port(), "--orthanc-dicom-port": free_port(), "--node-port": free_port(), "--api-port": free_port()}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}  # the demo's own defaults, nothing of the test run's
+    env = env_without_mr2ct()  # the demo's own defaults, nothing of the test run's
     args = [sys.executable, "-m", "dicom_node.cli", "demo", "--once", "--workdir", str(tmp_path / "demo"), "--slices", "4"]
     for option, port in ports.items():
         args += [option, str(port)]

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import env_without_mr2ct
+
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 UNITS = sorted((DEPLOY / "systemd").glob("*.service"))
 
@@ -51,7 +53,6 @@ def test_the_nodes_units_wait_for_the_node_to_say_it_is_ready(unit: Path) -> Non
 def test_under_systemd_a_node_says_ready_once_it_answers_and_stopping_when_it_stops(tmp_path: Path) -> None:
     """sd_notify(3) as systemd's manager receives it: a datagram on NOTIFY_SOCKET saying READY=1
     once the node's API answers, and STOPPING=1 on SIGTERM."""
-    import os
     import socket
     import tempfile
 
@@ -64,7 +65,7 @@ def test_under_systemd_a_node_says_ready_once_it_answers_and_stopping_when_it_st
     try:
         manager.bind(f"{folder}/notify")
         manager.settimeout(60)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+        env = env_without_mr2ct()
         api_port = free_port()
         env.update(MR2CT_DATABASE_URL=f"sqlite:///{tmp_path / 'mr2ct.db'}", MR2CT_SPOOL_DIR=str(tmp_path / "spool"),
                    MR2CT_API_PORT=str(api_port), NOTIFY_SOCKET=f"{folder}/notify")

@@ -18,7 +18,7 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port, nodelay_env, storescu
 from dicom_node.models import AuditEvent, Instance, Job
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
-from tests.helpers import study_series, wait_for as _wait
+from tests.helpers import env_without_mr2ct, study_series, wait_for as _wait
 from training.phantom_dicom import write_mr_series
 
 
@@ -222,7 +222,7 @@ def test_a_locked_sqlite_database_at_start_stops_serve_naming_the_url(tmp_path):
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # another process holds the database
     try:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+        env = env_without_mr2ct()
         env.update(MR2CT_DATABASE_URL=f"sqlite:///{db}", MR2CT_DICOM_PORT=str(free_port()), MR2CT_SPOOL_DIR=str(tmp_path / "spool"))
         result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve"], capture_output=True, text=True, env=env, timeout=120)
     finally:

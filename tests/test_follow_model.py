@@ -4,7 +4,6 @@ from the next series on, without an edit of the config or a restart."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
@@ -22,7 +21,7 @@ from synthesis.contrast import EXAMPLE_TIMINGS
 from synthesis.model_file import default_model_path, load_model, save_model
 from synthesis.networks import ResnetGenerator
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import series_once_complete
+from tests.helpers import env_without_mr2ct, series_once_complete
 from training.phantom_dicom import write_mr_series
 
 
@@ -44,7 +43,7 @@ def test_a_card_gives_the_selection_it_learned_and_leaves_unknown_and_what_it_do
 
 
 def _cli(node, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env = env_without_mr2ct()
     env.update(MR2CT_DATABASE_URL=node.database_url, MR2CT_SELECT_FOLLOW_MODEL="true")
     return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True, env=env, timeout=120)
 

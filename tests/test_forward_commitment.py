@@ -5,7 +5,6 @@ or for a transaction the node never opened, is refused."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -26,7 +25,7 @@ from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port, storescu
 from dicom_node.models import AuditEvent, ForwardCommitment, Instance
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
-from tests.helpers import api_token, commitment_peer, wait_for as _wait
+from tests.helpers import api_token, commitment_peer, env_without_mr2ct, wait_for as _wait
 from training.phantom_dicom import write_mr_series
 
 WELL_KNOWN = "1.2.840.10008.1.20.1.1"
@@ -72,7 +71,7 @@ def test_retention_waits_for_the_destinations_commitment_and_a_request_unanswere
             admin = {"Authorization": f"Bearer {api_token(url, 'auditor', 'routing')}"}
             routing = httpx.get(f"http://127.0.0.1:{node.env['MR2CT_API_PORT']}/routing", headers=admin, timeout=10).json()
             assert routing["commitment"]["committed"] == 0 and routing["routed"] == 3, routing
-            env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")} | node.env
+            env = env_without_mr2ct() | node.env
             spool = subprocess.run([sys.executable, "-m", "dicom_node.cli", "spool", "status"], capture_output=True, text=True, env=env,
                                    timeout=120)
             assert f"forward_commitment: 0 routed originals committed by {destination}; kept until it commits them" in spool.stdout, spool

@@ -15,6 +15,7 @@ from sqlalchemy import inspect
 from dicom_node.db import alembic_config, init_db, make_engine
 from dicom_node.local_stack import PostgresServer, free_port
 from dicom_node.models import Base
+from tests.helpers import env_without_mr2ct
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -54,14 +55,13 @@ def test_a_command_says_in_one_line_what_it_did_to_the_schema(tmp_path: Path) ->
     Alembic's line per migration (34 on a new database, each with its docstring: the first screen
     an administrator read of a node's log or of a `mr2ct pull`). A database already at head: no
     line."""
-    import os
     import subprocess
     import sys
 
     from alembic.script import ScriptDirectory
 
     url = f"sqlite:///{tmp_path / 'mr2ct.db'}"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}, "MR2CT_DATABASE_URL": url}
+    env = {**env_without_mr2ct(), "MR2CT_DATABASE_URL": url}
     head = ScriptDirectory.from_config(alembic_config(url)).get_current_head()
 
     def schema_lines() -> list[str]:  # a pull from a PACS that is not there: it opens the database, then fails

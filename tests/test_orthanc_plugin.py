@@ -15,7 +15,7 @@ import pytest
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port, storescu
 from dicom_node.orthanc_store import ROUTED_BY_NODE
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
-from tests.helpers import headless_chromium
+from tests.helpers import env_without_mr2ct, headless_chromium
 from training.phantom_dicom import write_mr_series
 
 
@@ -307,14 +307,13 @@ def test_the_orthanc_config_command_writes_an_orthanc_that_routes_to_the_node(tm
     the button asks the node's API. Bad options stop the command naming them, and an existing file
     is not replaced without --force."""
     import json
-    import os
     import subprocess
     import sys
 
     node_port, api_port, config = free_port(), free_port(), tmp_path / "etc" / "orthanc.json"
     node_database = f"sqlite:///{tmp_path / 'node' / 'mr2ct.db'}"  # node_env's
     (tmp_path / "node").mkdir()
-    run_env = {**{k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}, "MR2CT_DATABASE_URL": node_database}
+    run_env = {**env_without_mr2ct(), "MR2CT_DATABASE_URL": node_database}
     command = [sys.executable, "-m", "dicom_node.cli", "orthanc-config", "--output", str(config), "--storage", str(tmp_path / "storage"),
                "--node", f"127.0.0.1:{node_port}", "--node-aet", NODE_AE, "--http-port", str(free_port()), "--dicom-port", str(free_port()),
                "--node-api", f"http://127.0.0.1:{api_port}", "--modality", "tps=TPS@127.0.0.1:10404"]

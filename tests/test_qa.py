@@ -5,7 +5,6 @@ an audit row and the QA study leaves Orthanc."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ from dicom_node.db import init_db
 from dicom_node.local_stack import NodeServer, OrthancServer, free_port
 from dicom_node.models import AuditEvent
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
-from tests.helpers import api_token
+from tests.helpers import api_token, env_without_mr2ct
 
 
 def test_qa_scores_the_sct_of_a_phantom_sent_through_the_node(tmp_path):
@@ -24,7 +23,7 @@ def test_qa_scores_the_sct_of_a_phantom_sent_through_the_node(tmp_path):
         env = node_env(tmp_path / "node", node_port, orthanc)
         env["MR2CT_ALLOWED_AES"] = f"{SCANNER_AE},MR2CT_QA"
         with NodeServer(tmp_path / "node", env, node_port) as node:
-            run_env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")} | env
+            run_env = env_without_mr2ct() | env
 
             def qa(*args: str) -> subprocess.CompletedProcess[str]:
                 return subprocess.run([sys.executable, "-m", "dicom_node.cli", "qa", "--node", f"{NODE_AE}@127.0.0.1:{node.port}",
@@ -69,7 +68,7 @@ def test_qa_fails_when_the_node_synthesizes_the_contrast_it_must_leave(tmp_path)
     with OrthancServer(tmp_path / "orthanc", free_port(), free_port()) as orthanc:
         env = node_env(tmp_path / "node", node_port, orthanc)
         env["MR2CT_ALLOWED_AES"] = f"{SCANNER_AE},MR2CT_QA"
-        run_env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")} | env  # the QA expects the default: T1 only
+        run_env = env_without_mr2ct() | env  # the QA expects the default: T1 only
         env["MR2CT_SELECT_ACQUISITION_CONTRASTS"] = "T1,FLUID_ATTENUATED"
         with NodeServer(tmp_path / "node", env, node_port) as node:
             result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "qa", "--node", f"{NODE_AE}@127.0.0.1:{node.port}",
@@ -96,7 +95,7 @@ def test_qa_speaks_dicom_over_tls_to_a_node_that_asks_for_it(tmp_path):
         env.update(MR2CT_ALLOWED_AES="MR2CT_QA", MR2CT_TLS_CERTIFICATE=str(pki / "server.pem"),
                    MR2CT_TLS_PRIVATE_KEY=str(pki / "server.key"), MR2CT_TLS_CA_FILE=str(pki / "ca.pem"))
         with NodeServer(tmp_path / "node", env, node_port) as node:
-            run_env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")} | env
+            run_env = env_without_mr2ct() | env
             base = [sys.executable, "-m", "dicom_node.cli", "qa", "--node", f"{NODE_AE}@127.0.0.1:{node.port}", "--slices", "4",
                     "--size", "128", "--pixel-spacing", "2", "--timeout", "180"]
             plain = subprocess.run(base, capture_output=True, text=True, env=run_env, timeout=300)

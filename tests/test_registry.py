@@ -5,7 +5,6 @@ next job, recording which model made each sCT."""
 from __future__ import annotations
 
 import csv
-import os
 import subprocess
 import sys
 
@@ -24,10 +23,11 @@ from synthesis.networks import ResnetGenerator
 from tests.conftest import NODE_AE, SCANNER_AE
 from training.phantom_dicom import write_mr_series
 from training.trainer import LOSS_NAMES
+from tests.helpers import env_without_mr2ct
 
 
 def _cli(node, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env = env_without_mr2ct()
     env["MR2CT_DATABASE_URL"] = node.database_url
     return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True, env=env, timeout=120)
 

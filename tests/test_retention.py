@@ -29,7 +29,7 @@ from dicom_node import retention
 from dicom_node.retention import SPOOL_PURGED, lock_series, purge_spool
 from dicom_node.spool import Spool
 from tests.conftest import NODE_AE, SCANNER_AE
-from tests.helpers import api_token, served_api
+from tests.helpers import api_token, env_without_mr2ct, served_api
 from training.phantom_dicom import write_mr_series
 
 HOUR = timedelta(hours=1)
@@ -202,7 +202,7 @@ def test_the_administrator_sees_what_would_go_then_purges_by_hand(spooled, tmp_p
     """mr2ct spool status / purge --dry-run / purge, for a node that runs without retention."""
     spool, sessions, add = spooled
     done, failed = add(1), add(2, job_state="failed")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env = env_without_mr2ct()
     env.update(MR2CT_DATABASE_URL=str(sessions.kw["bind"].url), MR2CT_SPOOL_DIR=str(spool.root))
 
     def mr2ct(*args: str) -> str:

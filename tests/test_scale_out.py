@@ -4,7 +4,6 @@ database."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import NodeServer, OrthancServer, PostgresServer, free_port, storescu
 from dicom_node.models import Job
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
-from tests.helpers import study_series
+from tests.helpers import env_without_mr2ct, study_series
 from training.phantom_dicom import write_mr_series
 
 
@@ -80,7 +79,7 @@ def test_three_workers_synthesize_twelve_series_exactly_once(postgres, orthanc, 
         for s in series:
             cts = [x for x in study_series(orthanc, s.study_uid) if x["MainDicomTags"]["Modality"] == "CT"]
             assert len(cts) == 1 and len(cts[0]["Instances"]) == 4
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+        env = env_without_mr2ct()
         env["MR2CT_DATABASE_URL"] = postgres.url
         token = subprocess.run([sys.executable, "-m", "dicom_node.cli", "tokens", "create", "--role", "auditor", "--name", "pg"],
                                capture_output=True, text=True, env=env, check=True).stdout.strip()
@@ -135,7 +134,7 @@ def test_a_worker_without_the_scps_spool_reads_the_originals_from_orthanc(postgr
 
 
 def test_an_unreachable_database_stops_start_up_naming_the_url(tmp_path):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env = env_without_mr2ct()
     env.update(MR2CT_DATABASE_URL=f"postgresql+psycopg://mr2ct:secret@127.0.0.1:{free_port()}/mr2ct", MR2CT_DICOM_PORT=str(free_port()))
     result = subprocess.run([sys.executable, "-m", "dicom_node.cli", "serve"], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from dicom_node.settings import ConfigError, load_settings
+from tests.helpers import env_without_mr2ct
 
 MR2CT = [sys.executable, "-m", "dicom_node.cli"]
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MR2CT_")}
+    env = env_without_mr2ct()
     env.update(extra)
     return env
 
