@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from dicom_node.orthanc_store import OUTCOME_FLAG, ROUTED_FLAG
+from dicom_node.systemd import STARTED
 
 REPO_ORTHANC_CONFIG = Path(__file__).resolve().parent.parent / "orthanc" / "orthanc.json"
 
@@ -246,7 +247,7 @@ class OrthancServer:
         self.stop()
 
 
-NODE_STARTED = b"node started role="  # the node's line once start() is done: its SCP, worker and API all up
+NODE_STARTED = STARTED.encode()  # the node's line once start() is done: its SCP, worker and API all up
 
 
 class NodeServer:

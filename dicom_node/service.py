@@ -32,7 +32,7 @@ from dicom_node.orthanc_store import OrthancStore
 from dicom_node.scp import StoreSCP
 from dicom_node.settings import Settings, parse_dicom_destination
 from dicom_node.spool import Spool
-from dicom_node.systemd import notify
+from dicom_node.systemd import STARTED, notify
 from dicom_node.worker import Worker, complete_series, stability_loop
 
 log = logging.getLogger(__name__)
@@ -208,8 +208,8 @@ class Node:
             # not one of the threads stop() waits for: a hung Orthanc must not hold a shutdown
             threading.Thread(target=log_orthanc_checks, args=(s,), name="orthanc-check", daemon=True).start()
         audit.record(self.sessions, audit.APPLICATION_START, "success", f"mr2ct {self.role}", ae_title=s.ae_title, port=s.dicom_port)
-        log.info("node started role=%s", self.role)  # start-up done: what a supervisor or a test waits for
-        notify(f"READY=1\nSTATUS=node started role={self.role}")  # systemd, for a unit of Type=notify
+        log.info("%s%s", STARTED, self.role)  # start-up done: what a supervisor or a test waits for
+        notify(f"READY=1\nSTATUS={STARTED}{self.role}")  # systemd, for a unit of Type=notify
 
     def _start_audit_export(self) -> None:
         """Send the audit trail to the repository (IHE ATNA), from the rows after those already

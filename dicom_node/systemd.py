@@ -12,6 +12,8 @@ import socket
 
 log = logging.getLogger(__name__)
 
+STARTED = "node started role="  # then the role: the log line, and the STATUS systemd is told, once start() is done
+
 
 def notify(state: str) -> bool:
     """Send ``state`` (newline-separated ``KEY=value`` assignments) to the service manager; True
