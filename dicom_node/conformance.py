@@ -320,8 +320,11 @@ slice it came from; explicit VR little endian. With `ct_plane = axial`, the sCT 
 transverse slices instead: a series the generator saw as axial slices (a 3D sagittal or coronal
 MR) as those slices (the same voxels, in patient space where the MR has them), a tilted series
 resampled (trilinear) onto exact transverse slices (-1000 HU where the MR does not reach); each
-references every MR slice in its Source Image Sequence, and its Slice Thickness is the axial
-slices' spacing. The attributes of an
+references every MR slice in its Source Image Sequence, its Slice Thickness is the axial
+slices' spacing, and its Image Orientation (Patient) is the one a CT scanner writes for the MR's
+Patient Position (PS3.17 FFF.1.2.2: `1\\0\\0\\0\\1\\0` head first supine and where the MR names
+none, `-1\\0\\0\\0\\-1\\0` head first prone, `-1\\0\\0\\0\\1\\0` feet first supine, and so on for
+all eight). The attributes of an
 instance written per MR slice (a phantom MR
 series as the source; "copied from the MR" means equal to the source slice's value):
 

@@ -29,7 +29,8 @@ from synthesis.contrast import UNKNOWN, parts_named, series_body_part
 from synthesis.model_file import LoadedModel
 from synthesis.normalize import HU_MAX, HU_MIN
 from synthesis.uids import derived_uid
-from synthesis.volume import Reslice, SourceSeries, Volume, is_transverse, resample, slices_closest_to_axial, transverse_grid
+from synthesis.volume import (Reslice, SourceSeries, Volume, is_transverse, reoriented, resample, scanner_transverse,
+                              slices_closest_to_axial, transverse_grid)
 
 MANUFACTURER = "mr2ct"
 # In the derived series' UIDs: which rule named their instances (since 2026-12-05, each sCT slice
@@ -319,19 +320,24 @@ OUTSIDE_THE_MR_HU = -1000.0  # a transverse slice's pixels the tilted MR does no
 
 def _transverse(source: SourceSeries, hu: np.ndarray, reslice: Reslice | None) -> tuple[Volume | None, str]:
     """The sCT as transverse slices, and how they were made (for the plane text); (None, "") when
-    it stays in the MR's slices (transverse already, or 2D slices that are not closest to axial)."""
+    it stays in the MR's slices (transverse already, or 2D slices that are not closest to axial).
+    The slices it makes are oriented as a CT scanner writes them for the MR's Patient Position
+    (``scanner_transverse``: rows to the patient's right and columns anterior for a head-first
+    prone patient, say), by an exchange of axes and flips; before 2026-12-07 always as for a
+    head-first supine one."""
     if reslice is not None:
         view = reslice.volume(source.volume, hu)  # the axial slices the generator saw
     elif len(source.volume.positions) > 1 and slices_closest_to_axial(source.volume.orientation):  # one slice: no volume to resample
         view = replace(source.volume, voxels=hu)
     else:
         return None, ""
+    oriented = scanner_transverse(source.headers[0].get("PatientPosition"))
     if is_transverse(view.orientation):
-        return (view, ", written as axial slices") if reslice is not None else (None, "")
+        return (reoriented(view, oriented), ", written as axial slices") if reslice is not None else (None, "")
     grid = transverse_grid(view)
     voxels = resample(view, grid)
     voxels[np.isnan(voxels)] = OUTSIDE_THE_MR_HU
-    return replace(grid, voxels=voxels), ", resampled (trilinear) onto transverse slices"
+    return reoriented(replace(grid, voxels=voxels), oriented), ", resampled (trilinear) onto transverse slices"
 
 
 def _source_references(source: SourceSeries, index: int | None = None) -> list[Dataset]:

@@ -350,6 +350,60 @@ def assemble(datasets: list[Dataset]) -> SourceSeries:
 
 TRANSVERSE = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # rows running posterior, columns to the patient's left
 
+# Transverse slices as a CT scanner writes them for each Patient Position (0018,5100): rows along
+# the equipment's X axis, columns along its Y axis (towards the floor), with the patient's left,
+# posterior and head directions on the table as PS3.17 FFF.1.2.2 tabulates them for the eight
+# positions (the row is the X components of those three, the column their Y components). A
+# planning system may expect a prone or feet-first patient's CT in these; HFS is TRANSVERSE.
+SCANNER_TRANSVERSE: dict[str, tuple[float, float, float, float, float, float]] = {
+    "HFS": TRANSVERSE,
+    "HFP": (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0),
+    "HFDR": (0.0, 1.0, 0.0, -1.0, 0.0, 0.0),
+    "HFDL": (0.0, -1.0, 0.0, 1.0, 0.0, 0.0),
+    "FFS": (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+    "FFP": (1.0, 0.0, 0.0, 0.0, -1.0, 0.0),
+    "FFDR": (0.0, -1.0, 0.0, -1.0, 0.0, 0.0),
+    "FFDL": (0.0, 1.0, 0.0, 1.0, 0.0, 0.0),
+}
+
+
+def scanner_transverse(patient_position: object) -> tuple[float, float, float, float, float, float]:
+    """The orientation of transverse slices a CT scanner writes for ``patient_position`` (a
+    Patient Position value); TRANSVERSE (head first supine) for an empty or unknown one."""
+    return SCANNER_TRANSVERSE.get(str(patient_position or "").strip().upper(), TRANSVERSE)
+
+
+def reoriented(volume: Volume, orientation: tuple[float, ...]) -> Volume:
+    """A volume of evenly spaced slices, its voxels seen in slices of another ``orientation`` whose
+    rows, columns and normal each run along one of its own array axes (either way): an exchange of
+    axes and flips, no interpolation; each voxel stays at its point in patient space, and the new
+    slices lie one after the other along the new normal. The volume itself when it has that
+    orientation already."""
+    if np.allclose(volume.orientation, orientation, atol=ORIENTATION_TOLERANCE):
+        return volume
+    row, col = np.asarray(volume.orientation[:3], dtype=float), np.asarray(volume.orientation[3:6], dtype=float)
+    first_step = volume.positions[1] - volume.positions[0] if len(volume.positions) > 1 else np.cross(row, col)
+    steps = [float(np.linalg.norm(first_step)) if len(volume.positions) > 1 else 0.0, volume.pixel_spacing[0], volume.pixel_spacing[1]]
+    moves = np.array([first_step / np.linalg.norm(first_step), col, row])  # where each array axis runs: slices, rows, columns
+    new_row, new_col = np.asarray(orientation[:3], dtype=float), np.asarray(orientation[3:6], dtype=float)
+    match = np.array([np.cross(new_row, new_col), new_col, new_row]) @ moves.T  # new axis (rows) against old axis (columns)
+    axes = [int(np.argmax(np.abs(match[n]))) for n in range(3)]
+    if sorted(axes) != [0, 1, 2] or not np.allclose(np.abs(match[range(3), axes]), 1.0, atol=ORIENTATION_TOLERANCE):
+        raise ValueError(f"orientation {tuple(orientation)} is not an exchange of the axes of {tuple(volume.orientation)}")
+    flips = [bool(match[n, axes[n]] < 0) for n in range(3)]
+    voxels = np.flip(np.transpose(volume.voxels, axes), [n for n in range(3) if flips[n]])
+    shape = volume.voxels.shape
+    corner = [shape[axes[n]] - 1 if flips[n] else 0 for n in range(3)]  # the old index of the new first voxel, by new axis
+    old_index = [0, 0, 0]
+    for n in range(3):
+        old_index[axes[n]] = corner[n]
+    origin = volume.positions[old_index[0]] + old_index[1] * steps[1] * col + old_index[2] * steps[2] * row
+    normal = np.cross(new_row, new_col)
+    positions = origin + np.arange(voxels.shape[0])[:, None] * steps[axes[0]] * normal
+    return Volume(voxels=np.ascontiguousarray(voxels), pixel_spacing=(steps[axes[1]], steps[axes[2]]),
+                  orientation=tuple(float(v) for v in orientation),  # type: ignore[arg-type]
+                  positions=positions, frame_of_reference_uid=volume.frame_of_reference_uid)
+
 
 def is_transverse(orientation: tuple[float, ...] | list[float], tolerance: float = 1e-4) -> bool:
     """Whether slices of this orientation are transverse exactly: rows and columns each along the

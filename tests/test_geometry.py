@@ -15,7 +15,8 @@ from pydicom.uid import EnhancedMRImageStorage, ExplicitVRLittleEndian, generate
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import storescu
 from synthesis.sr_writer import read_provenance
-from synthesis.volume import Volume, assemble, axial_reslice, frame_geometry, resample, transverse_grid
+from synthesis.volume import (SCANNER_TRANSVERSE, TRANSVERSE, Volume, assemble, axial_reslice, frame_geometry, reoriented, resample,
+                              scanner_transverse, transverse_grid)
 from training import phantoms
 from tests.conftest import NODE_AE, SCANNER_AE
 from tests.helpers import dciodvfy, series_datasets, study_series
@@ -222,3 +223,40 @@ def test_a_tilted_series_grown_by_a_late_slice_keeps_its_transverse_slices_where
         offset = (before.positions[0, :2] - after.positions[0, :2]) / 5.0  # the same pixel lattice in plane
         np.testing.assert_allclose(offset, np.round(offset), atol=1e-6)
         assert (offset >= -1e-6).all()
+
+
+@pytest.mark.parametrize("position", sorted(SCANNER_TRANSVERSE))
+def test_transverse_slices_are_turned_to_the_orientation_a_ct_scanner_writes_for_the_patient_position(position):
+    """A planning system may expect a prone or feet-first patient's CT in the orientation a CT
+    scanner writes for that position (rows along the equipment's X axis, columns towards the
+    floor: -1\\0\\0\\0\\-1\\0 head first prone, 0\\1\\0\\-1\\0\\0 head first decubitus right). The
+    transverse sCT is turned so by an exchange of axes and flips: every voxel at the same point
+    in patient space (sampled there: no interpolation), its slices one after another along the
+    new normal, and turned back it is the volume it was."""
+    expected = {"HFS": (1, 0, 0, 0, 1, 0), "HFP": (-1, 0, 0, 0, -1, 0), "FFS": (-1, 0, 0, 0, 1, 0), "FFP": (1, 0, 0, 0, -1, 0),
+                "HFDR": (0, 1, 0, -1, 0, 0), "HFDL": (0, -1, 0, 1, 0, 0), "FFDR": (0, -1, 0, -1, 0, 0), "FFDL": (0, 1, 0, 1, 0, 0)}
+    assert scanner_transverse(position) == scanner_transverse(f" {position.lower()} ") == tuple(float(v) for v in expected[position])
+    row, col = np.array(expected[position][:3]), np.array(expected[position][3:])
+    assert abs(np.cross(row, col)[2]) == 1  # transverse slices in every position
+    head = _grid_volume(phantoms.oriented_grid("axial", 9, 20, 14, 4.0, 5.0))  # 9 slices, 20 rows, 14 columns: no axis alike
+    head = replace(head, voxels=head.voxels + np.arange(head.voxels.size, dtype=np.float32).reshape(head.voxels.shape) / 1e3)
+    assert head.orientation == TRANSVERSE
+    turned = reoriented(head, scanner_transverse(position))
+    assert turned.orientation == tuple(float(v) for v in expected[position])
+    assert sorted(turned.voxels.shape) == sorted(head.voxels.shape) and turned.voxels.shape[0] == 9
+    gaps = np.diff(turned.positions @ turned.normal)
+    np.testing.assert_allclose(gaps, 5.0)  # one after another along its normal, the slice spacing kept
+    sampled = resample(head, turned)
+    assert not np.isnan(sampled).any()
+    np.testing.assert_allclose(sampled, turned.voxels, atol=1e-3)  # each voxel where it was
+    back = reoriented(turned, TRANSVERSE)
+    assert (back.voxels == head.voxels).all()
+    np.testing.assert_allclose(back.positions, head.positions, atol=1e-9)
+
+
+def test_an_unknown_or_missing_patient_position_gets_head_first_supine_slices():
+    assert scanner_transverse("") == scanner_transverse(None) == scanner_transverse("SEMIERECT") == TRANSVERSE
+    head = _grid_volume(phantoms.oriented_grid("axial", 4, 10, 12, 4.0, 4.0))
+    assert reoriented(head, TRANSVERSE) is head
+    with pytest.raises(ValueError, match="is not an exchange of the axes"):
+        reoriented(head, (1.0, 0.0, 0.0, 0.0, 0.8, 0.6))  # tilted slices of it: not without resampling

@@ -23,7 +23,7 @@ from synthesis.model_file import load_model, save_model
 from synthesis.networks import ResnetGenerator
 from synthesis.normalize import unit_to_hu
 from synthesis.sr_writer import build_provenance_sr, read_provenance
-from synthesis.volume import assemble
+from synthesis.volume import SCANNER_TRANSVERSE, assemble, axial_reslice, resample
 from tests.helpers import dciodvfy
 from training.phantom_dicom import write_mr_series
 
@@ -713,3 +713,39 @@ def test_models_set_changes_the_views_in_the_card_and_keeps_the_weights(tmp_path
     assert refused.returncode == 2
     assert "test_time_augmentation must be one of none, mirror, dihedral, dihedral-shift, got 'all'" in refused.stderr
     assert load_model(path).test_time_augmentation == "mirror"
+
+
+@pytest.mark.parametrize("position, acquired", [("HFP", "sagittal"), ("FFS", "sagittal"), ("HFDL", "sagittal"), ("FFP", "oblique")])
+def test_axial_ct_slices_of_a_prone_or_feet_first_patient_are_oriented_as_a_ct_scanner_writes_them(tiny_model: Path, tmp_path: Path,
+                                                                                                    position, acquired) -> None:
+    """``ct_plane = axial`` of a 3D sagittal MR (its axial slices) or a tilted axial one (resampled
+    onto transverse slices): the transverse sCT of a patient positioned ``position``
+    is written in the orientation a CT scanner writes for it (before 2026-12-07 always head first
+    supine's 1\\0\\0\\0\\1\\0, which a planning system that expects a prone patient's own orientation
+    does not take), holding the same HU at the same points as the head-first-supine writing of the
+    same sCT, each instance dciodvfy clean."""
+    series = write_mr_series(tmp_path / "mr", seed=41, orientation=acquired, size=24, columns=20, pixel_spacing=5.0,
+                             slices=20 if acquired == "sagittal" else 8, slice_spacing=5.0)
+    written = {}
+    for said in ("HFS", position):
+        datasets = [pydicom.dcmread(f) for f in series.files]
+        for ds in datasets:
+            ds.PatientPosition = said
+        source = assemble(datasets)
+        reslice, _ = axial_reslice(source.volume)
+        assert (reslice is not None) == (acquired == "sagittal")
+        hu = np.random.default_rng(7).integers(-1000, 2000, source.volume.voxels.shape).astype(np.float32)
+        ct = SyntheticCTSeries(source=source, hu=hu, model=load_model(tiny_model), uid_root=ROOT, device_label="cpu", reslice=reslice,
+                               ct_plane="axial")
+        written[said] = [pydicom.dcmread(BytesIO(ct.encoded(i))) for i in range(len(ct))]
+    for ds in written[position]:
+        assert tuple(float(v) for v in ds.ImageOrientationPatient) == SCANNER_TRANSVERSE[position]
+        assert ds.PatientPosition == position
+    supine, turned = assemble(written["HFS"]).volume, assemble(written[position]).volume
+    assert sorted(turned.voxels.shape) == sorted(supine.voxels.shape)
+    sampled = resample(supine, turned)
+    assert not np.isnan(sampled).any() and (sampled == turned.voxels).all()  # whole HU at the same points
+    path = tmp_path / "ct.dcm"
+    written[position][len(written[position]) // 2].save_as(path, enforce_file_format=True)
+    errors, _, _ = dciodvfy(path)
+    assert errors == [], errors
