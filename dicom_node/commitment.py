@@ -219,4 +219,4 @@ class Reporter:
                     ", given up" if given_up else f", next in {pause:.0f} s", exc)
 
     def loop(self, stop: threading.Event, poll_seconds: float) -> None:
-        run_rounds(self.report_due, stop, self.wake, poll_seconds, "storage commitment reports")
+        run_rounds(self.report_due, stop, self.wake, poll_seconds, "storage commitment reports", "storage commitment reports")

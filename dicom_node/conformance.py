@@ -22,8 +22,9 @@ from dicom_node.commitment import MAX_ATTEMPTS as MAX_COMMITMENT_ATTEMPTS, STORA
 from dicom_node.forward_commitment import BATCH as FORWARD_COMMITMENT_BATCH
 from dicom_node.forwarder import LOSSLESS_REENCODE, MAX_CONTEXTS, STORED_STATUSES, UNCOMPRESSED_LITTLE_ENDIAN, requested_contexts
 from dicom_node.ingest import SUPPORTED_SOP_CLASSES
+from dicom_node.recorder import MAX_BACKLOG, WINDOW_SECONDS as RECORD_WINDOW_SECONDS
 from dicom_node.scp import (
-    STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, supported_contexts,
+    RELEASE_FLUSH_SECONDS, STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, supported_contexts,
 )
 from dicom_node.settings import Settings
 from dicom_node.transport import NodeAE
@@ -35,7 +36,8 @@ STATUS_MEANINGS = {
     STATUS_SUCCESS: ("Success", "the instance's bytes, exactly as received, are in the spool and fsynced (file and folder) "
                      "and its row is committed before the response is sent: nothing acknowledged is lost"),
     STATUS_OUT_OF_RESOURCES: ("Refused: Out of Resources", "the spool's disk has less free space than `spool_min_free_mb`, "
-                              "or a write to it failed; the sender may retry later"),
+                              "a write to it failed, or the database is that many rows behind the spool (2.1); the sender "
+                              "may retry later"),
     STATUS_DATASET_MISMATCH: ("Error: Data Set does not match SOP Class", "the data set's SOP Class or Instance UID differs "
                               "from the C-STORE request's, or the SOP class is not one this node takes"),
     STATUS_CANNOT_UNDERSTAND: ("Error: Cannot understand", "a UID is missing or not a valid UI value, a required "
@@ -188,7 +190,12 @@ No media interchange (the spool is the node's own storage, not DICOM media).
 One application entity, the node's AE (title {_setting("ae_title")}), listens on
 {_setting("dicom_host")} port {_setting("dicom_port")}. For each C-STORE it validates the data set
 against the request, writes the bytes as received to its spool behind a PS3.10 file meta header,
-fsyncs file and folder, commits a database row and only then answers Success. A series is
+fsyncs file and folder and only then answers Success; the instances' database rows are committed
+behind the spool in groups (within {RECORD_WINDOW_SECONDS * 1000:.0f} ms), those of an association before its
+A-RELEASE is answered (waiting at most {RELEASE_FLUSH_SECONDS:.0f} s: with the database away, the
+release is answered and the rows follow once it is back; start-up recovery records any spooled
+instance whose row was lost), and with {MAX_BACKLOG:,} rows waiting an instance is refused (Out of
+Resources). A series is
 complete when no instance of it arrived for {_setting("stable_seconds")} seconds (or, with
 {_setting("complete_on_release")}, when the association that sent it is released); a worker then
 synthesizes it and stores the CT series and the SR into Orthanc ({_setting("orthanc_url")}).

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from synthesis.errors import Mr2ctError
@@ -26,7 +27,12 @@ def make_engine(url: str) -> Engine:
         parsed = make_url(url)
     except ArgumentError as exc:
         raise DatabaseUnavailable(f"database_url {url!r} is not a valid SQLAlchemy URL: {exc}") from exc
-    kwargs: dict[str, Any] = {}
+    # hide_parameters: a statement's parameters (patient IDs among them) are never written into an
+    # error's text, which a log line or an answer may carry (until 2026-12-07 a failed statement's
+    # text held them, and the background loops logged it whole).
+    kwargs: dict[str, Any] = {"hide_parameters": True}
+    if parsed.get_backend_name() != "sqlite":  # a pooled connection a server restart closed is replaced, not used
+        kwargs["pool_pre_ping"] = True
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             try:
@@ -114,6 +120,57 @@ def close_engines() -> None:
             factory.kw["bind"].dispose()
 
 
+def cannot_reach(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database cannot be reached or used for now (stopped, restarting,
+    failing over, a lost connection, a locked SQLite file): an outage to wait out, not a statement
+    that is wrong."""
+    return isinstance(exc, (OperationalError, InterfaceError)) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+
+
+def driver_message(exc: BaseException) -> str:
+    """The error's type and the driver's own message (its first line): SQLAlchemy's text adds the
+    statement, which a log line needs no more than once."""
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+OUTAGE_REMINDER_SECONDS = 60.0
+
+
+class PassErrors:
+    """How a background loop (the stability monitor, the job claim, the notes, routing, retention)
+    reports a failed pass. A database that cannot be reached is one line when the outage begins
+    (the driver's message, no traceback), a reminder every ``OUTAGE_REMINDER_SECONDS`` while it
+    lasts and a line when a pass succeeds again; any other error is logged whole each time, as
+    ``what`` (a defect to see). Until 2026-12-07 every loop logged its traceback at every pass: a
+    PostgreSQL restarted for 40 s wrote 23,000 lines into the node's log."""
+
+    def __init__(self, logger: logging.Logger, loop: str, what: str) -> None:
+        self.logger, self.loop, self.what = logger, loop, what
+        self.down_since: float | None = None
+        self.said_at = 0.0
+        self.passes = 0
+
+    def failed(self, exc: BaseException) -> None:
+        if not cannot_reach(exc):
+            self.logger.error("%s", self.what, exc_info=exc)
+            return
+        now = time.monotonic()
+        self.passes += 1
+        if self.down_since is None:
+            self.down_since, self.said_at = now, now
+            self.logger.error("%s: the database cannot be reached (%s); trying again", self.loop, driver_message(exc))
+        elif now - self.said_at >= OUTAGE_REMINDER_SECONDS:
+            self.said_at = now
+            self.logger.error("%s: the database still cannot be reached after %.0f s, %d passes (%s)", self.loop, now - self.down_since,
+                              self.passes, driver_message(exc))
+
+    def succeeded(self) -> None:
+        if self.down_since is not None:
+            self.logger.info("%s: the database answers again after %.0f s", self.loop, time.monotonic() - self.down_since)
+            self.down_since, self.passes = None, 0
+
+
 JOBS_CHANNEL = "mr2ct_jobs"
 _job_listeners: set[threading.Event] = set()
 
@@ -148,14 +205,20 @@ def listen_for_jobs(url: str, wake: threading.Event, stop: threading.Event, reco
     import psycopg
 
     conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    unavailable_since: float | None = None  # said once an outage, and once when it ends
     while not stop.is_set():
         try:
             with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
                 conn.execute(f"LISTEN {JOBS_CHANNEL}")
                 wake.set()  # catch up with whatever was queued while nobody listened
+                if unavailable_since is not None:
+                    log.info("job notifications back after %.0f s", time.monotonic() - unavailable_since)
+                    unavailable_since = None
                 while not stop.is_set():
                     for _ in conn.notifies(timeout=1.0):
                         wake.set()
         except Exception as exc:  # the database is away: poll meanwhile
-            log.warning("job notifications unavailable, polling only for now: %s", type(exc).__name__)
+            if unavailable_since is None:
+                unavailable_since = time.monotonic()
+                log.warning("job notifications unavailable, polling only for now: %s", type(exc).__name__)
             stop.wait(reconnect_seconds)

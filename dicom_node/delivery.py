@@ -217,7 +217,7 @@ class Deliverer:
                     ", given up" if given_up else f", next in {pause:.0f} s", exc)
 
     def loop(self, stop: threading.Event, poll_seconds: float) -> None:
-        run_rounds(self.deliver_due, stop, self.wake, poll_seconds, "results delivery")
+        run_rounds(self.deliver_due, stop, self.wake, poll_seconds, "results delivery", "results delivery")
 
 
 def _not_committed(row: Delivery, status: str | None, committed: int, failures: list[dict[str, Any]], wait: float) -> str:

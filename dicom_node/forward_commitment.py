@@ -36,6 +36,7 @@ from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
+from dicom_node.db import PassErrors
 from dicom_node.commitment import ALL_COMMITTED, REQUEST_COMMITMENT, SOME_FAILED, WELL_KNOWN_INSTANCE, CommitmentRefused
 from dicom_node.forwarder import backoff_seconds
 from dicom_node.models import ForwardCommitment, Instance, utcnow
@@ -318,11 +319,13 @@ class Committer:
         return sent
 
     def loop(self, stop: threading.Event, poll_seconds: float) -> None:
+        errors = PassErrors(log, "storage commitment requests", "storage commitment requests to the routing destination")
         while not stop.wait(max(poll_seconds, 1.0)):
             try:
                 self.request_due()
-            except Exception:  # the database: try again next round
-                log.exception("storage commitment requests to the routing destination")
+                errors.succeeded()
+            except Exception as exc:  # the database: try again next round
+                errors.failed(exc)
 
 
 def status(sessions: sessionmaker[Session]) -> dict[str, Any]:

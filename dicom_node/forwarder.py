@@ -23,6 +23,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
+from dicom_node.db import PassErrors
 from dicom_node.models import Instance, utcnow
 from dicom_node.outcomes import mark_due_unwritten
 from dicom_node.orthanc_store import ROUTED_BY_NODE, ROUTED_FLAG, OrthancStore
@@ -443,8 +444,10 @@ def reschedule_failed(sessions: sessionmaker[Session]) -> int:
 
 def forward_loop(sessions: sessionmaker[Session], destination: Destination, poll_seconds: float, stop: threading.Event,
                  max_refusals: int = 0) -> None:
+    errors = PassErrors(log, "the forwarder", "forwarder pass failed")
     while not stop.wait(poll_seconds):
         try:
             forward_pending(sessions, destination, max_refusals=max_refusals, stop=stop)
-        except Exception:
-            log.exception("forwarder pass failed")
+            errors.succeeded()
+        except Exception as exc:
+            errors.failed(exc)

@@ -362,17 +362,28 @@ class PostgresServer:
         if os.geteuid() == 0:
             shutil.chown(self.workdir, "postgres")
             shutil.chown(self.data, "postgres")
-        run = lambda *a: subprocess.run(self._as_owner(*a), check=True, capture_output=True, text=True, timeout=120)  # noqa: E731
-        run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "mr2ct", "-A", "trust", "--no-sync", "-E", "UTF8")
-        options = f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c max_connections=100"
-        run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.log_path), "-w", "start")
-        run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "mr2ct", "mr2ct")
-        run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "mr2ct", "orthanc")
+        self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "mr2ct", "-A", "trust", "--no-sync", "-E", "UTF8")
+        self.resume()
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "mr2ct", "mr2ct")
+        self._run(str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "mr2ct", "orthanc")
 
-    def stop(self) -> None:
+    def _run(self, *args: str) -> None:
+        # The server's own output goes to its log (-l): a pipe it inherited would hold this call open.
+        subprocess.run(self._as_owner(*args), check=True, capture_output=True, text=True, timeout=120)
+
+    def halt(self) -> None:
+        """Stop the server and keep its data (a restart, a failover: what the node must ride out)."""
         if (self.data / "postmaster.pid").exists():
             subprocess.run(self._as_owner(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"),
                            capture_output=True, timeout=60)
+
+    def resume(self) -> None:
+        """Start the server on its data folder (after ``start`` made it, or ``halt`` stopped it)."""
+        options = f"-p {self.port} -k {self.workdir} -c listen_addresses=127.0.0.1 -c max_connections=100"
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.log_path), "-w", "start")
+
+    def stop(self) -> None:
+        self.halt()
         if self.own_folder:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

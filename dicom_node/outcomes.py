@@ -292,4 +292,4 @@ class OutcomeNotes:
             while self.write_due() == BATCH and not stop.is_set():
                 pass
 
-        run_rounds(step, stop, self.wake, poll_seconds, "writing the series' notes into Orthanc failed")
+        run_rounds(step, stop, self.wake, poll_seconds, "writing the series' notes into Orthanc failed", "the series' notes in Orthanc")

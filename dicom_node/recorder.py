@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.db import PassErrors, cannot_reach, driver_message
 from dicom_node.models import Instance, RefusedInstance, Series, as_utc
 from synthesis.contrast import with_other_choice, with_other_contrast, with_other_part
 
@@ -20,6 +21,9 @@ if TYPE_CHECKING:
     from dicom_node.ingest import ReceivedInstance
 
 log = logging.getLogger(__name__)
+
+WINDOW_SECONDS = 0.2  # how long a row waits for others to share its transaction
+MAX_BACKLOG = 20_000  # rows waiting for the database before the SCP refuses instances (Out of Resources)
 
 
 @dataclass(frozen=True)
@@ -194,7 +198,7 @@ class Recorder:
     """
 
     def __init__(
-        self, sessions: sessionmaker[Session], max_batch: int = 512, max_backlog: int = 20_000, window_seconds: float = 0.2,
+        self, sessions: sessionmaker[Session], max_batch: int = 512, max_backlog: int = MAX_BACKLOG, window_seconds: float = WINDOW_SECONDS,
     ) -> None:
         self.sessions = sessions
         self.max_batch = max_batch
@@ -258,6 +262,7 @@ class Recorder:
 
     def _run(self) -> None:
         failures = 0
+        outage = PassErrors(log, "recording spooled instances", "recording spooled instances failed")
         while True:
             with self._condition:
                 while True:
@@ -276,10 +281,11 @@ class Recorder:
             except Exception as exc:  # the database is busy or down: the rows wait, the files are safe
                 failures += 1
                 delay = min(5.0, 0.05 * 2 ** min(failures, 7))
-                # The driver's message only: SQLAlchemy's own text carries the statement's
-                # parameters, patient IDs among them, which must not reach a log line.
-                reason = f"{type(exc).__name__}: {getattr(exc, 'orig', exc)}"
-                log.error("recording %d spooled instance(s) failed (attempt %d, again in %.2fs): %s", len(batch), failures, delay, reason)
+                if cannot_reach(exc):  # an outage: a line when it begins, reminders, a line when it ends
+                    outage.failed(exc)
+                else:  # the driver's message only (the engine hides the statement's parameters, patient IDs among them)
+                    log.error("recording %d spooled instance(s) failed (attempt %d, again in %.2fs): %s", len(batch), failures, delay,
+                              driver_message(exc))
                 if self._stopping and failures >= 5:
                     log.error("giving up on %d row(s) at stop; start-up recovery records them from the spool", len(self._pending))
                     with self._condition:
@@ -290,6 +296,7 @@ class Recorder:
                 time.sleep(delay)
                 continue
             failures = 0
+            outage.succeeded()
             with self._condition:
                 del self._pending[: len(batch)]
                 self._oldest = time.monotonic()

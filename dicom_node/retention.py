@@ -45,6 +45,7 @@ from sqlalchemy import Select, and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
+from dicom_node.db import PassErrors
 from dicom_node.models import Instance, Job, RefusedInstance, Series, utcnow
 from dicom_node.spool import PURGE_SUFFIX, Spool, fsync_dir
 from synthesis.errors import InvalidInstance
@@ -291,9 +292,11 @@ def retention_loop(sessions: sessionmaker[Session], spool_dir: Path, retention_h
     retention = timedelta(hours=retention_hours) if retention_hours else None
     failed_retention = timedelta(hours=failed_retention_hours) if failed_retention_hours else None
     shortest = min(r.total_seconds() for r in (retention, failed_retention) if r)
+    errors = PassErrors(log, "spool retention", "spool retention round failed")
     while not stop.is_set():
         try:
             purge_spool(sessions, spool_dir, retention, routing, failed_retention=failed_retention)
-        except Exception:  # a database or disk hiccup: try again next round, keep serving
-            log.exception("spool retention round failed")
+            errors.succeeded()
+        except Exception as exc:  # a database or disk hiccup: try again next round, keep serving
+            errors.failed(exc)
         stop.wait(min(check_seconds, max(shortest / 4, 1.0)))

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.db import PassErrors
 from dicom_node.models import utcnow
 
 log = logging.getLogger(__name__)
@@ -46,16 +47,19 @@ def failed_attempt(session: Session, table: Any, row: Any, exc: BaseException, m
     return attempts, pause, given_up
 
 
-def run_rounds(step: Callable[[], object], stop: threading.Event, wake: threading.Event, poll_seconds: float, what: str) -> None:
+def run_rounds(step: Callable[[], object], stop: threading.Event, wake: threading.Event, poll_seconds: float, what: str,
+               loop: str) -> None:
     """Call ``step`` every ``poll_seconds`` (at least 1 s) or as soon as ``wake`` is set, until
     ``stop`` (seen within a second, whatever ``poll_seconds``: until 2026-12-06 a node with a long
-    poll took that long to stop); an exception (the database away) is logged and the next round
-    tries again."""
+    poll took that long to stop); an exception is logged as ``what`` and the next round tries again
+    (an outage of the database: a line naming ``loop`` when it begins and one when it ends, ``db.PassErrors``)."""
+    errors = PassErrors(log, loop, what)
     while not stop.is_set():
         try:
             step()
-        except Exception:
-            log.exception(what)
+            errors.succeeded()
+        except Exception as exc:
+            errors.failed(exc)
         next_round = time.monotonic() + max(poll_seconds, 1.0)
         while not stop.is_set() and not wake.wait(min(1.0, max(next_round - time.monotonic(), 0.0))):
             if time.monotonic() >= next_round:

@@ -36,9 +36,11 @@ from pydicom.dataset import Dataset
 from pynetdicom import DEFAULT_TRANSFER_SYNTAXES, evt
 from pynetdicom.pdu import A_RELEASE_RQ
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
+from dicom_node.db import driver_message
 from dicom_node.commitment import STORAGE_COMMITMENT, WELL_KNOWN_INSTANCE, CommitmentRefused, parse_request, record_request
 from dicom_node.ingest import SUPPORTED_SOP_CLASSES, DatasetMismatch, Ingest, record_refusal, validate
 from dicom_node.models import Association, utcnow
@@ -48,6 +50,12 @@ from synthesis.errors import InvalidInstance
 from synthesis.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
+
+# How long an A-RELEASE waits for the rows of what its association spooled before it is answered:
+# within a sender's ACSE timeout (dcmtk's default 30 s). The spool holds the instances and the rows
+# follow once the database answers; until 2026-12-07 the wait was 120 s, and with the database
+# away a sender's release failed (``Association Release Failed``) although every instance was kept.
+RELEASE_FLUSH_SECONDS = 10.0
 
 # Everything pydicom can decode with the pixel-data plugins installed (pylibjpeg, pyjpegls):
 # the spool keeps each instance exactly as received; decoding happens when the series is synthesized.
@@ -175,43 +183,55 @@ class StoreSCP:
 
     def _on_accepted(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
-        with self.sessions.begin() as session:
-            row = Association(
-                calling_ae=requestor.ae_title, called_ae=self.ae_title, peer_address=f"{requestor.address}:{requestor.port}",
-            )
-            session.add(row)
-            session.flush()
-            assoc_id = row.id
+        assoc_id: int | None = None
+        try:
+            with self.sessions.begin() as session:
+                row = Association(
+                    calling_ae=requestor.ae_title, called_ae=self.ae_title, peer_address=f"{requestor.address}:{requestor.port}",
+                )
+                session.add(row)
+                session.flush()
+                assoc_id = row.id
+        except SQLAlchemyError as exc:  # the database away: the association goes on, its instances spooled (their rows follow)
+            log.warning("association not recorded calling_ae=%s peer=%s: %s", requestor.ae_title, requestor.address, driver_message(exc))
         with self._lock:
             self._associations[id(event.assoc)] = {"id": assoc_id, "stored": 0, "refused": 0, "series": set()}
-        log.info("association accepted assoc=%d calling_ae=%s peer=%s", assoc_id, requestor.ae_title, requestor.address)
+        log.info("association accepted assoc=%s calling_ae=%s peer=%s", assoc_id if assoc_id is not None else "-", requestor.ae_title,
+                 requestor.address)
 
     def _on_pdu_received(self, event: evt.Event) -> None:
         """An A-RELEASE-RQ: commit the rows of everything spooled so far before the DUL thread (this
         thread) can send the release response, so a released sender finds its instances recorded."""
         if isinstance(event.pdu, A_RELEASE_RQ):
-            self.ingest.flush()
+            self.ingest.flush(RELEASE_FLUSH_SECONDS)
 
     def _on_end(self, event: evt.Event, outcome: str) -> None:
-        self.ingest.flush()
+        self.ingest.flush(RELEASE_FLUSH_SECONDS)
         with self._lock:
             state = self._associations.pop(id(event.assoc), None)
         if state is None:
             return
         requestor = event.assoc.requestor
-        with self.sessions.begin() as session:
-            row = session.get(Association, state["id"])
-            if row is not None:
-                row.ended_at, row.outcome = utcnow(), outcome
-                row.instances_stored, row.instances_refused = state["stored"], state["refused"]
-        audit.record(
-            self.sessions, audit.ASSOCIATION, "success" if outcome == "released" else "warning",
-            f"{requestor.ae_title}@{requestor.address}", association_id=state["id"], association_outcome=outcome,
-            instances_stored=state["stored"], instances_refused=state["refused"], series=sorted(state["series"]),
-        )
-        log.info("association %s assoc=%d stored=%d refused=%d", outcome, state["id"], state["stored"], state["refused"])
+        shown = state["id"] if state["id"] is not None else "-"
+        try:
+            with self.sessions.begin() as session:
+                row = session.get(Association, state["id"]) if state["id"] is not None else None
+                if row is not None:
+                    row.ended_at, row.outcome = utcnow(), outcome
+                    row.instances_stored, row.instances_refused = state["stored"], state["refused"]
+            audit.record(
+                self.sessions, audit.ASSOCIATION, "success" if outcome == "released" else "warning",
+                f"{requestor.ae_title}@{requestor.address}", association_id=state["id"], association_outcome=outcome,
+                instances_stored=state["stored"], instances_refused=state["refused"], series=sorted(state["series"]),
+            )
+        except SQLAlchemyError as exc:
+            log.warning("association %s not recorded assoc=%s: %s", outcome, shown, driver_message(exc))
+        log.info("association %s assoc=%s stored=%d refused=%d", outcome, shown, state["stored"], state["refused"])
         if outcome == "released" and self.on_released is not None and state["series"]:
-            self.on_released(set(state["series"]))
+            try:
+                self.on_released(set(state["series"]))
+            except SQLAlchemyError as exc:  # its series complete once they have been quiet (the stability monitor)
+                log.warning("series of assoc=%s not completed at its release: %s", shown, driver_message(exc))
 
     def _on_rejected(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
@@ -287,13 +307,16 @@ class StoreSCP:
         sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")[:64]
         series_uid = _series_of(event)
         log.warning("C-STORE refused status=0x%04X assoc=%s reason=%s", status, state["id"], reason)
-        with self.sessions.begin() as session:
-            session.add(audit.event(
-                audit.INSTANCE_REFUSED, "failure", calling_ae, series_uid=series_uid,
-                association_id=state["id"], status=f"0x{status:04X}", reason=reason[:500], sop_instance_uid=sop_uid,
-            ))
-            if series_uid is not None and is_valid_uid(sop_uid):
-                record_refusal(session, sop_uid, series_uid, status, reason)  # the series waits for it
+        try:
+            with self.sessions.begin() as session:
+                session.add(audit.event(
+                    audit.INSTANCE_REFUSED, "failure", calling_ae, series_uid=series_uid,
+                    association_id=state["id"], status=f"0x{status:04X}", reason=reason[:500], sop_instance_uid=sop_uid,
+                ))
+                if series_uid is not None and is_valid_uid(sop_uid):
+                    record_refusal(session, sop_uid, series_uid, status, reason)  # the series waits for it
+        except SQLAlchemyError as exc:  # the sender still hears the refusal's own status, not a handler's failure
+            log.error("C-STORE refusal not audited (the database cannot be reached) assoc=%s: %s", state["id"], driver_message(exc))
         return status
 
     # -- lifecycle -----------------------------------------------------------------

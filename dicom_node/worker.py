@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import synthesis
 from dicom_node import audit
+from dicom_node.db import PassErrors
 from dicom_node.digest import instance_digest
 from dicom_node.ingest import REJUDGED, SelectionRules, judge, mark_stable, stable_series
 from dicom_node.models import QUEUED_AGAIN, Instance, Job, Series, utcnow
@@ -171,6 +172,7 @@ def held_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, lea
 
     def beat() -> None:
         renewed, written = time.monotonic(), tracker.values()  # what the claim wrote: nothing yet
+        errors = PassErrors(log, f"the lease of job={job_id}", f"cannot check the lease of job={job_id}")
         while not stop.wait(min(check_seconds, lease_seconds / 4)):
             with tracker.lock:
                 if tracker.settled:
@@ -185,8 +187,9 @@ def held_lease(sessions: sessionmaker[Session], job_id: int, worker_id: str, lea
                     else:
                         held = still_held(sessions, job_id, worker_id)
                     written = now
-                except Exception:  # the database away for a moment: try again at the next beat
-                    log.exception("cannot check the lease of job=%d", job_id)
+                    errors.succeeded()
+                except Exception as exc:  # the database away for a moment: try again at the next beat
+                    errors.failed(exc)
                     continue
                 if not held:
                     log.warning("job=%d is no longer this worker's (cancelled, or its lease ran out)", job_id)
@@ -522,12 +525,14 @@ class Worker:
             self.warm_up()
         except Exception:  # a slower first job, nothing worse
             log.exception("warm-up failed")
+        errors = PassErrors(log, "the job claim", "cannot claim a job")
         while not stop.is_set():
             wake.clear()  # before the claim: a job queued during it sets the event again
             try:
                 job_id = claim_job(self.sessions, self.worker_id, self.lease_seconds)
-            except Exception:
-                log.exception("cannot claim a job")
+                errors.succeeded()
+            except Exception as exc:
+                errors.failed(exc)
                 job_id = None
             if job_id is None:
                 wake.wait(poll_seconds)
@@ -625,11 +630,13 @@ def stability_loop(
 ) -> None:
     """Turn series that stayed quiet for ``stable_seconds`` into jobs (like Orthanc's StableAge);
     ``rules``: the selection rules as they stand at each completion (``registry.FollowedSelection``)."""
+    errors = PassErrors(log, "the stability monitor", "stability monitor pass failed")
     while not stop.wait(poll_seconds):
         try:
             due = stable_series(sessions, stable_seconds)
             now = rules() if due else SelectionRules()  # once a pass: the registry asked once, not per series
             for series_uid in due:
                 complete_series(sessions, series_uid, stable_seconds, now, "stability monitor")
-        except Exception:
-            log.exception("stability monitor pass failed")
+            errors.succeeded()
+        except Exception as exc:
+            errors.failed(exc)

@@ -9,13 +9,14 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
 import pydicom
 import pytest
 from sqlalchemy import select
 
 from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
-from dicom_node.local_stack import NodeServer, OrthancServer, free_port, nodelay_env, storescu
+from dicom_node.local_stack import NodeServer, OrthancServer, PostgresServer, free_port, nodelay_env, storescu
 from dicom_node.models import AuditEvent, Instance, Job
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
 from tests.helpers import env_without_mr2ct, study_series, wait_for as _wait
@@ -145,6 +146,45 @@ def test_orthanc_down_while_storing_the_job_retries_and_finishes_after_it_return
             assert sum(1 for s in found if s["MainDicomTags"]["Modality"] == "SR") == 1
     log = (workdir / "mr2ct.log").read_text()
     assert log.count("job synthesized job=") == 1 and log.count("job will retry job=") == job.attempts - 1
+
+
+def test_postgresql_down_while_a_series_arrives_loses_nothing_and_says_so_once(orthanc, tmp_path):
+    """The node's PostgreSQL stops (a restart, a failover) while a scanner sends: every instance is
+    acknowledged and the association released as usual (the spool holds them; their rows follow),
+    the admin API answers 503 with Retry-After instead of a 500, and once the database is back the
+    series is synthesized. The log says so in a few lines, without tracebacks or the patient's ID:
+    until 2026-12-07 the release waited 120 s for the database (the sender's release failed), and
+    every background loop logged a traceback, with the failed statement's parameters, at every pass."""
+    with PostgresServer(None, free_port()) as postgres:
+        workdir, port = tmp_path / "node", free_port()
+        env = node_env(workdir, port, orthanc) | {"MR2CT_DATABASE_URL": postgres.url}
+        with NodeServer(workdir, env, port):
+            before = write_mr_series(tmp_path / "before", seed=1011, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+            assert storescu(before.folder, port, NODE_AE, SCANNER_AE).returncode == 0
+            assert wait_for_job(postgres.url, before.series_uid, timeout=60).state == "done"
+            postgres.halt()
+            during = write_mr_series(tmp_path / "during", seed=1012, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0,
+                                     patient_id="PAT-OUTAGE-4711")
+            sent = storescu(during.folder, port, NODE_AE, SCANNER_AE, extra_args=["-v"])
+            assert sent.returncode == 0, sent.stderr[-2000:]
+            assert len(_acknowledged(sent.stdout + sent.stderr)) == 4
+            answer = httpx.get(f"http://127.0.0.1:{env['MR2CT_API_PORT']}/jobs", headers={"Authorization": "Bearer mr2ct_not-a-token"},
+                               timeout=30)
+            assert answer.status_code == 503 and answer.headers["Retry-After"] == "5", answer.text
+            assert "cannot be reached" in answer.json()["detail"] and "127.0.0.1" not in answer.text
+            time.sleep(3)  # the background loops fail some passes meanwhile
+            postgres.resume()
+            job = wait_for_job(postgres.url, during.series_uid, timeout=90)
+            assert job.state == "done", job.error
+            assert len(_instances(postgres.url, during.series_uid)) == 4
+            _wait(lambda: "the database answers again" in (workdir / "mr2ct.log").read_text(), 30, "the loops' line of recovery")
+        log = (workdir / "mr2ct.log").read_text()
+    assert "Traceback" not in log
+    assert "PAT-OUTAGE-4711" not in log
+    assert "association not recorded" in log
+    unreachable = [line for line in log.splitlines() if "the database cannot be reached" in line]
+    assert 1 <= len(unreachable) <= 12, unreachable  # once per loop, not once per pass
+    assert len(log.splitlines()) < 200
 
 
 def test_a_hung_orthanc_fails_the_attempt_after_the_timeout_and_the_job_finishes_once_it_answers(tmp_path):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from datetime import datetime
 
+import pytest
+
 from dicom_node.demo import wait_for_job
 from dicom_node.local_stack import echoscu, storescu
 from tests.conftest import NODE_AE, SCANNER_AE
@@ -69,3 +71,53 @@ def test_pydicoms_warnings_and_a_traceback_through_it_withhold_the_values_they_q
         assert "Invalid value for VR DA: <value withheld>" in written, written
         assert "1970-02-03" not in written and "valuerep.py" in written  # the traceback is there, less the value
         assert "spool '/var/lib/mr2ct/spool' is full" in written.replace("\\'", "'")
+
+
+def test_a_failed_statement_never_carries_its_parameters_into_an_error_text(tmp_path):
+    """The engines hide a statement's parameters: an error a log line or a traceback carries names
+    the statement, never the patient ID it was asked with (until 2026-12-07 SQLAlchemy's text had
+    ``[parameters: {... 'PAT-4711' ...}]``, and the background loops logged it whole)."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import OperationalError
+
+    from dicom_node.db import make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'empty.db'}")  # no schema: the statement fails
+    with pytest.raises(OperationalError) as failed, engine.connect() as connection:
+        connection.execute(text("SELECT * FROM series WHERE patient_id = :patient"), {"patient": "PAT-4711"})
+    assert "no such table" in str(failed.value) and "PAT-4711" not in str(failed.value)
+    engine.dispose()
+
+
+def test_a_database_outage_is_one_line_for_a_loop_then_one_when_it_ends_and_other_errors_stay_whole(caplog, monkeypatch):
+    """A background loop's failed passes (``db.PassErrors``): an unreachable database is said when
+    the outage begins, as a reminder every minute and when a pass succeeds again, without a
+    traceback; an error that is no outage (a defect) is logged with its traceback every time."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+
+    from dicom_node import db
+
+    clock = [1000.0]
+    monkeypatch.setattr(db.time, "monotonic", lambda: clock[0])
+    errors = db.PassErrors(logging.getLogger("mr2ct.test.loop"), "the test loop", "test pass failed")
+    down = OperationalError("SELECT 1", {}, Exception("connection refused\n\tIs the server running?"))
+    with caplog.at_level(logging.INFO, logger="mr2ct.test.loop"):
+        for _ in range(100):  # 100 passes half a second apart
+            errors.failed(down)
+            clock[0] += 0.5
+        clock[0] += 11
+        errors.failed(down)  # a minute and more since it began: a reminder
+        errors.succeeded()
+        errors.succeeded()  # nothing more to say
+        errors.failed(ValueError("a defect"))
+        errors.failed(ValueError("a defect"))
+    said = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records]
+    assert said == [
+        ("ERROR", "the test loop: the database cannot be reached (OperationalError: connection refused); trying again", False),
+        ("ERROR", "the test loop: the database still cannot be reached after 61 s, 101 passes (OperationalError: connection refused)", False),
+        ("INFO", "the test loop: the database answers again after 61 s", False),
+        ("ERROR", "test pass failed", True),
+        ("ERROR", "test pass failed", True),
+    ]

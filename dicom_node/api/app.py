@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import shutil
 from collections.abc import Callable
 from dataclasses import fields
@@ -19,14 +20,16 @@ from urllib.parse import urlsplit
 import pydicom
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as FastApiPath
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import AfterValidator, BaseModel, Field
 from sqlalchemy import Select, and_, case, func, or_, select, text, update
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit, forward_commitment
 from dicom_node.api.actions import activate_model, cancel_job, pending_job, retry_job
 from dicom_node.api.auth import Caller, current_caller, require
+from dicom_node.db import driver_message
 from dicom_node.forwarder import reschedule_failed
 from dicom_node.ingest import REASON_CODES, SelectionRules
 from dicom_node.models import (Association, AuditEvent, Commitment, Delivery, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
@@ -42,6 +45,10 @@ from synthesis.errors import PacsUnavailable
 
 READ = require(*READERS)
 
+
+log = logging.getLogger(__name__)
+
+DATABASE_RETRY_AFTER_SECONDS = 5
 
 # Ids are database integers: out-of-range values get 422, never an overflow in the driver.
 ResourceId = Annotated[int, FastApiPath(ge=1, le=2**63 - 1)]
@@ -59,6 +66,7 @@ _REASONS = {
     404: "nothing with this id",
     409: "not in a state that allows this (the reason says which)",
     502: "Orthanc did not answer",
+    503: "the node's database cannot be reached for now (restarting, failing over): ask again after Retry-After seconds",
     507: "the spool has less free space than spool_min_free_mb keeps",
 }
 
@@ -151,6 +159,17 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     ``selection``: the node's settings, whose selection rules an activated model's card is held
     against (the activation's ``warnings``)."""
     app = FastAPI(title="mr2ct admin API", version="0.1.0", description=__doc__)
+
+    def database_unreachable(request: Request, exc: Exception) -> JSONResponse:
+        """The node's database away (restarting, failing over): 503 and when to ask again, where it
+        was a 500 and a traceback in the log until 2026-12-07. The driver's message (which names the
+        database's host) goes to the log, not to the caller, who may not have been authenticated yet."""
+        log.warning("%s %s answered 503: the database cannot be reached (%s)", request.method, request.url.path, driver_message(exc))
+        return JSONResponse({"detail": "the node's database cannot be reached for now; ask again shortly"}, status_code=503,
+                            headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)})
+
+    for unreachable in (OperationalError, InterfaceError):  # what db.cannot_reach names, less a pool's invalidated connection
+        app.add_exception_handler(unreachable, database_unreachable)
     orthanc_at = _without_credentials(orthanc_url) if orthanc_url else None  # where POST /synthesize reads from, as audited
     app.state.sessions = sessions
     info = dict(node_info or {})
@@ -161,7 +180,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     app.include_router(dashboard_router(sessions, store, purged_from_orthanc=purged_from_orthanc, selection=selection, rules=rules))
     # Every route on this router needs a valid token (a route that forgets its role dependency
     # is still closed) and documents 401/403; each route's own dependency says which roles.
-    api = APIRouter(dependencies=[Depends(current_caller)], responses=refusals(401, 403))
+    api = APIRouter(dependencies=[Depends(current_caller)], responses=refusals(401, 403, 503))
 
     def _audit_query(caller: Caller, resource: str, **filters: Any) -> None:
         """IHE ATNA 'query': who asked what (the patient ID a caller filtered by is never copied into the row)."""
