@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import synthesis
 from dicom_node import audit
-from dicom_node.db import PassErrors
+from dicom_node.db import PassErrors, cannot_reach, driver_message
 from dicom_node.digest import instance_digest
 from dicom_node.ingest import REJUDGED, SelectionRules, judge, mark_stable, stable_series
 from dicom_node.models import QUEUED_AGAIN, Instance, Job, Series, utcnow
@@ -537,7 +537,45 @@ class Worker:
             if job_id is None:
                 wake.wait(poll_seconds)
                 continue
-            self.run_job(job_id, stop)
+            try:
+                self.run_job(job_id, stop)
+            except Exception as exc:  # past the job's own handling: a write of its start or outcome
+                self._after_unrecorded(job_id, exc, stop, poll_seconds)
+
+    def _after_unrecorded(self, job_id: int, exc: Exception, stop: threading.Event, poll_seconds: float) -> None:
+        """``run_job`` raised past its own handling: the database went away while the job wrote its
+        start, an audit row or its outcome. The job goes back to the queue (an outage: it runs again,
+        its sCT the same, under the same UIDs) or fails with the reason (any other error, so that a
+        defect does not run it over and over), as soon as the database takes the write; meanwhile
+        this worker waits, and then goes on with the next job. Until 2026-12-07 the worker's thread
+        died of it: the node received series and synthesized none until it was restarted."""
+        errors = PassErrors(log, f"job={job_id}", f"job={job_id} ended without its outcome recorded")
+        errors.failed(exc)
+        outage = cannot_reach(exc)
+        reason = f"the database was away while it ran ({driver_message(exc)})" if outage else f"{type(exc).__name__}: {exc}"
+        values: dict[str, Any] = (
+            {**QUEUED_AGAIN, "not_before": None, "error": f"queued again: {reason}"[:2000]}
+            if outage else {"state": "failed", "finished_at": utcnow(), "lease_until": None, "stage": None, "error": reason[:2000]})
+        while not stop.is_set():
+            try:
+                written = settle_job(self.sessions, job_id, self.worker_id, **values)
+                errors.succeeded()
+            except Exception as again:
+                errors.failed(again)
+                stop.wait(max(poll_seconds, 1.0))
+                continue
+            if written:
+                log.warning("job %s job=%d: %s", "queued again" if outage else "failed", job_id, reason)
+                try:
+                    with self.sessions() as session:
+                        job = session.get(Job, job_id)
+                        series = session.get(Series, job.series_instance_uid) if job is not None else None
+                    audit.record(self.sessions, "job-requeued" if outage else audit.JOB_FAILED, "warning" if outage else "failure",
+                                 f"worker {self.worker_id}", study_uid=series.study_instance_uid if series else None,
+                                 series_uid=series.series_instance_uid if series else None, job_id=job_id, reason=reason[:500])
+                except Exception as lost:  # the database away again: the job's row says it all the same
+                    log.warning("job=%d: its audit row not written: %s", job_id, driver_message(lost))
+            return
 
 
 def complete_series(sessions: sessionmaker[Session], series_uid: str, stable_seconds: float, rules: SelectionRules, actor: str,

@@ -187,6 +187,43 @@ def test_postgresql_down_while_a_series_arrives_loses_nothing_and_says_so_once(o
     assert len(log.splitlines()) < 200
 
 
+def test_postgresql_down_while_a_job_runs_queues_it_again_and_the_worker_goes_on(orthanc, tmp_path):
+    """The database goes away while a job synthesizes and is still away when the job has stored its
+    sCT and would record it: the job goes back to the queue once the database is back, runs again
+    and is done (the same sCT), and the worker goes on with the next series. Until 2026-12-07 the
+    worker's thread died of the failed write: the job stayed `running` for its 10-minute lease and
+    the node synthesized nothing more until it was restarted."""
+    with PostgresServer(None, free_port()) as postgres:
+        workdir, port = tmp_path / "node", free_port()
+        env = node_env(workdir, port, orthanc, views="dihedral") | {"MR2CT_DATABASE_URL": postgres.url}
+        log_path = workdir / "mr2ct.log"
+        with NodeServer(workdir, env, port):
+            series = write_mr_series(tmp_path / "mr", seed=1013, slices=8, size=256, pixel_spacing=1.0, slice_spacing=4.0)
+            assert storescu(series.folder, port, NODE_AE, SCANNER_AE).returncode == 0
+
+            def synthesizing():
+                with init_db(postgres.url)() as session:
+                    return session.scalars(select(Job).where(Job.series_instance_uid == series.series_uid, Job.stage == "synthesizing")).first()
+
+            _wait(synthesizing, 60, "the job synthesizing")
+            postgres.halt()
+            _wait(lambda: "job synthesized job=1" in log_path.read_text(), 120, "the synthesis to end")
+            time.sleep(2)  # it stores the sCT into Orthanc and fails to record that
+            postgres.resume()
+            job = wait_for_job(postgres.url, series.series_uid, timeout=180)
+            assert job.state == "done" and job.attempts == 2, (job.state, job.attempts, job.error)
+            cts = [s for s in study_series(orthanc, series.study_uid) if s["MainDicomTags"]["Modality"] == "CT"]
+            assert len(cts) == 1 and len(cts[0]["Instances"]) == 8  # made twice, stored once: the same UIDs
+            after = write_mr_series(tmp_path / "after", seed=1014, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+            assert storescu(after.folder, port, NODE_AE, SCANNER_AE).returncode == 0
+            assert wait_for_job(postgres.url, after.series_uid, timeout=120).state == "done"
+            with init_db(postgres.url)() as session:
+                requeued = session.scalars(select(AuditEvent).where(AuditEvent.action == "job-requeued", AuditEvent.job_id == job.id)).all()
+            assert len(requeued) == 1 and "the database was away while it ran" in requeued[0].detail["reason"]
+        log = log_path.read_text()
+    assert "Traceback" not in log and log.count("job queued again job=1") == 1
+
+
 def test_a_hung_orthanc_fails_the_attempt_after_the_timeout_and_the_job_finishes_once_it_answers(tmp_path):
     """Orthanc hangs (here: stopped with SIGSTOP; its port still takes connections, nothing answers),
     as one stuck on its database or behind a firewall that dropped the connection would: the job's
