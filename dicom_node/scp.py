@@ -206,7 +206,7 @@ class StoreSCP:
             self.ingest.flush(RELEASE_FLUSH_SECONDS)
 
     def _on_end(self, event: evt.Event, outcome: str) -> None:
-        self.ingest.flush(RELEASE_FLUSH_SECONDS)
+        recorded = self.ingest.flush(RELEASE_FLUSH_SECONDS)
         with self._lock:
             state = self._associations.pop(id(event.assoc), None)
         if state is None:
@@ -228,6 +228,10 @@ class StoreSCP:
             log.warning("association %s not recorded assoc=%s: %s", outcome, shown, driver_message(exc))
         log.info("association %s assoc=%s stored=%d refused=%d", outcome, shown, state["stored"], state["refused"])
         if outcome == "released" and self.on_released is not None and state["series"]:
+            if not recorded:  # completed now, a series would be judged (and synthesized) without the rows still to come
+                log.warning("series of assoc=%s not completed at its release: their rows are not all recorded yet (the stability "
+                            "monitor completes them once they are and have been quiet)", shown)
+                return
             try:
                 self.on_released(set(state["series"]))
             except SQLAlchemyError as exc:  # its series complete once they have been quiet (the stability monitor)
