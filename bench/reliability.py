@@ -32,7 +32,7 @@ from sqlalchemy import func, select  # noqa: E402
 
 from dicom_node.db import init_db  # noqa: E402
 from dicom_node.demo import wait_for_job  # noqa: E402
-from dicom_node.local_stack import NodeServer, OrthancServer, exit_on_sigterm, free_port, nodelay_env  # noqa: E402
+from dicom_node.local_stack import NodeServer, OrthancServer, PostgresServer, exit_on_sigterm, free_port, nodelay_env  # noqa: E402
 from dicom_node.models import Instance, Job  # noqa: E402
 from tests.corpus import CASES, make_variant  # noqa: E402
 from tests.test_faults import _acknowledged  # noqa: E402
@@ -175,7 +175,32 @@ def main() -> None:
         rows.append(row("Orthanc down while storing", 20, len(acked_files), stored_count(env["MR2CT_DATABASE_URL"], s.series_uid),
                         max(0, len(counts) - 1), faults=1, survived=int(job.state == "done" and counts == [20])))
 
-        # 4. Hostile input over C-STORE.
+        # 4. The node's PostgreSQL stopped while a series arrives (a restart, a failover), back 5 s later.
+        db_slices = 200
+        with PostgresServer(None, free_port()) as postgres:
+            port = free_port()
+            node_dir = work / "database"
+            env = env_for(node_dir, port, orthanc, args.views, MR2CT_DATABASE_URL=postgres.url)
+            s = write_mr_series(work / "database-mr", seed=2250, slices=db_slices, size=128, pixel_spacing=2.0, slice_spacing=0.5)
+            with NodeServer(node_dir, env, port) as node:
+                sender = subprocess.Popen(["storescu", "-v", "-aet", SCANNER_AE, "-aec", NODE_AE, "+sd", "127.0.0.1", str(port), str(s.folder)],
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=nodelay_env())
+                spooled = Path(env["MR2CT_SPOOL_DIR"]) / s.study_uid / s.series_uid
+                while not spooled.is_dir() or len(list(spooled.glob("*.dcm"))) < 40:
+                    time.sleep(0.01)
+                postgres.halt()
+                time.sleep(5)
+                postgres.resume()
+                output = sender.communicate(timeout=300)[0]
+                acked_files = _acknowledged(output)
+                job = wait_for_job(postgres.url, s.series_uid, timeout=600)
+                stored = stored_count(postgres.url, s.series_uid)
+                dup = max(0, jobs_for(postgres.url, s.series_uid) - 1) + max(0, len(ct_series_counts(orthanc, s.study_uid)) - 1)
+                peaks["database down during arrival"] = peak_rss(node)
+        rows.append(row("database down during arrival", db_slices, len(acked_files), stored, dup, faults=1,
+                        survived=int(job.state == "done" and sender.returncode == 0 and job.instance_count == db_slices)))
+
+        # 5. Hostile input over C-STORE.
         port = free_port()
         node_dir = work / "hostile"
         env = env_for(node_dir, port, orthanc, args.views)

@@ -221,6 +221,13 @@ class Recorder:
         with self._condition:
             return self._submitted - self._committed
 
+    def pending_series(self) -> set[str]:
+        """The series with spooled instances whose rows are not committed yet (waiting, being
+        written, or held back by a database that is away): still arriving, whatever their
+        committed rows' times say."""
+        with self._condition:
+            return {item.info.series_uid for item in self._pending}
+
     def submit(self, item: SpooledInstance) -> None:
         with self._condition:
             first = not self._pending

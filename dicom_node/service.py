@@ -180,7 +180,8 @@ class Node:
             except OSError as exc:  # the port taken, an address not here: say which setting (was a bare "Address already in use")
                 raise ValueError(f"dicom_port: the SCP cannot listen on {s.dicom_host}:{s.dicom_port} ({exc.strerror or exc}); "
                                  "free the port or choose another") from exc
-            self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, self.rules)
+            self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, self.rules,
+                         self.recorder.pending_series)
             if s.spool_retention_hours or s.spool_failed_retention_hours:
                 if s.spool_retention_hours:
                     log.info("spool retention: originals deleted %g hours after they arrived, once no longer needed", s.spool_retention_hours)

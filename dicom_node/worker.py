@@ -664,14 +664,18 @@ def rejudge(sessions: sessionmaker[Session], rules: SelectionRules, actor: str, 
 
 def stability_loop(
     sessions: sessionmaker[Session], stable_seconds: float, poll_seconds: float, stop: threading.Event,
-    rules: Callable[[], SelectionRules] = SelectionRules,
+    rules: Callable[[], SelectionRules] = SelectionRules, arriving: Callable[[], set[str]] = set,
 ) -> None:
     """Turn series that stayed quiet for ``stable_seconds`` into jobs (like Orthanc's StableAge);
-    ``rules``: the selection rules as they stand at each completion (``registry.FollowedSelection``)."""
+    ``rules``: the selection rules as they stand at each completion (``registry.FollowedSelection``).
+    ``arriving``: series whose spooled instances still wait for their rows (``Recorder.pending_series``):
+    not quiet, however old their last committed row. Until 2026-12-07 a series whose rows a database
+    outage held back was completed from the rows before it, and synthesized again once the rest landed."""
     errors = PassErrors(log, "the stability monitor", "stability monitor pass failed")
     while not stop.wait(poll_seconds):
         try:
-            due = stable_series(sessions, stable_seconds)
+            held = arriving()
+            due = [uid for uid in stable_series(sessions, stable_seconds) if uid not in held]
             now = rules() if due else SelectionRules()  # once a pass: the registry asked once, not per series
             for series_uid in due:
                 complete_series(sessions, series_uid, stable_seconds, now, "stability monitor")

@@ -149,23 +149,28 @@ def test_orthanc_down_while_storing_the_job_retries_and_finishes_after_it_return
 
 
 def test_postgresql_down_while_a_series_arrives_loses_nothing_and_says_so_once(orthanc, tmp_path):
-    """The node's PostgreSQL stops (a restart, a failover) while a scanner sends: every instance is
-    acknowledged and the association released as usual (the spool holds them; their rows follow),
-    the admin API answers 503 with Retry-After instead of a 500, and once the database is back the
-    series is synthesized. The log says so in a few lines, without tracebacks or the patient's ID:
-    until 2026-12-07 the release waited 120 s for the database (the sender's release failed), and
-    every background loop logged a traceback, with the failed statement's parameters, at every pass."""
+    """The node's PostgreSQL stops (a restart, a failover) while a scanner sends a series: every
+    instance is acknowledged and the association released as usual (the spool holds them; their
+    rows follow), the admin API answers 503 with Retry-After instead of a 500, and once the database
+    is back the series is synthesized once, whole. The log says so in a few lines, without
+    tracebacks or the patient's ID. Until 2026-12-07 the release waited 120 s for the database (the
+    sender's release failed), every background loop logged a traceback, with the failed statement's
+    parameters, at every pass, and the series was completed from the rows committed before the
+    outage, then synthesized again once the rest landed."""
     with PostgresServer(None, free_port()) as postgres:
         workdir, port = tmp_path / "node", free_port()
-        env = node_env(workdir, port, orthanc) | {"MR2CT_DATABASE_URL": postgres.url}
+        # quiet for 4 s before a series is complete: the first two slices of the series below are not complete alone
+        env = node_env(workdir, port, orthanc) | {"MR2CT_DATABASE_URL": postgres.url, "MR2CT_STABLE_SECONDS": "4"}
         with NodeServer(workdir, env, port):
             before = write_mr_series(tmp_path / "before", seed=1011, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
             assert storescu(before.folder, port, NODE_AE, SCANNER_AE).returncode == 0
             assert wait_for_job(postgres.url, before.series_uid, timeout=60).state == "done"
-            postgres.halt()
-            during = write_mr_series(tmp_path / "during", seed=1012, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0,
+            during = write_mr_series(tmp_path / "during", seed=1012, slices=6, size=48, pixel_spacing=5.0, slice_spacing=10.0,
                                      patient_id="PAT-OUTAGE-4711")
-            sent = storescu(during.folder, port, NODE_AE, SCANNER_AE, extra_args=["-v"])
+            assert storescu(during.files[:2], port, NODE_AE, SCANNER_AE).returncode == 0  # its first two slices, recorded
+            _wait(lambda: len(_instances(postgres.url, during.series_uid)) == 2, 30, "the first two rows")
+            postgres.halt()
+            sent = storescu(during.files[2:], port, NODE_AE, SCANNER_AE, extra_args=["-v"])
             assert sent.returncode == 0, sent.stderr[-2000:]
             assert len(_acknowledged(sent.stdout + sent.stderr)) == 4
             answer = httpx.get(f"http://127.0.0.1:{env['MR2CT_API_PORT']}/jobs", headers={"Authorization": "Bearer mr2ct_not-a-token"},
@@ -175,8 +180,11 @@ def test_postgresql_down_while_a_series_arrives_loses_nothing_and_says_so_once(o
             time.sleep(3)  # the background loops fail some passes meanwhile
             postgres.resume()
             job = wait_for_job(postgres.url, during.series_uid, timeout=90)
-            assert job.state == "done", job.error
-            assert len(_instances(postgres.url, during.series_uid)) == 4
+            assert job.state == "done" and job.instance_count == 6, (job.state, job.instance_count, job.error)
+            assert len(_instances(postgres.url, during.series_uid)) == 6
+            time.sleep(3)  # what a second completion would take
+            with init_db(postgres.url)() as session:
+                assert len(session.scalars(select(Job).where(Job.series_instance_uid == during.series_uid)).all()) == 1
             _wait(lambda: "the database answers again" in (workdir / "mr2ct.log").read_text(), 30, "the loops' line of recovery")
         log = (workdir / "mr2ct.log").read_text()
     assert "Traceback" not in log
