@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -120,11 +121,23 @@ def close_engines() -> None:
             factory.kw["bind"].dispose()
 
 
+# What SQLite says of a database it cannot use for now; its OperationalError also names statements
+# that are wrong ("no such table", a syntax error), which are no outage.
+SQLITE_UNAVAILABLE = ("database is locked", "database table is locked", "unable to open database", "disk i/o error",
+                      "readonly database", "database or disk is full")
+
+
 def cannot_reach(exc: BaseException) -> bool:
     """Whether ``exc`` says the database cannot be reached or used for now (stopped, restarting,
-    failing over, a lost connection, a locked SQLite file): an outage to wait out, not a statement
-    that is wrong."""
-    return isinstance(exc, (OperationalError, InterfaceError)) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+    failing over, a lost connection, a locked or unwritable SQLite file): an outage to wait out,
+    not a statement that is wrong."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    if not isinstance(exc, (OperationalError, InterfaceError)):
+        return False
+    if isinstance(getattr(exc, "orig", None), sqlite3.Error):
+        return any(words in str(exc.orig).lower() for words in SQLITE_UNAVAILABLE)
+    return True
 
 
 def driver_message(exc: BaseException) -> str:

@@ -40,8 +40,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.db import driver_message
 from dicom_node.commitment import STORAGE_COMMITMENT, WELL_KNOWN_INSTANCE, CommitmentRefused, parse_request, record_request
+from dicom_node.db import driver_message
 from dicom_node.ingest import SUPPORTED_SOP_CLASSES, DatasetMismatch, Ingest, record_refusal, validate
 from dicom_node.models import Association, utcnow
 from dicom_node.spool import SpoolFull, file_meta_header
@@ -319,8 +319,8 @@ class StoreSCP:
                 ))
                 if series_uid is not None and is_valid_uid(sop_uid):
                     record_refusal(session, sop_uid, series_uid, status, reason)  # the series waits for it
-        except SQLAlchemyError as exc:  # the sender still hears the refusal's own status, not a handler's failure
-            log.error("C-STORE refusal not audited (the database cannot be reached) assoc=%s: %s", state["id"], driver_message(exc))
+        except SQLAlchemyError as exc:  # the database away: the sender still hears the refusal's own status, not a handler's failure
+            log.error("C-STORE refusal not audited assoc=%s: %s", state["id"], driver_message(exc))
         return status
 
     # -- lifecycle -----------------------------------------------------------------

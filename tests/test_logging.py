@@ -89,6 +89,26 @@ def test_a_failed_statement_never_carries_its_parameters_into_an_error_text(tmp_
     engine.dispose()
 
 
+def test_a_statement_sqlite_refuses_is_no_outage_and_a_locked_or_stopped_database_is():
+    """``db.cannot_reach``: what the background loops wait out in a line (and the API answers 503
+    for) against what they log whole (and the API answers 500 for): SQLite's OperationalError names
+    both a locked file and a missing table."""
+    import sqlite3
+
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from dicom_node.db import cannot_reach
+
+    def sqlite_says(message: str) -> OperationalError:
+        return OperationalError("SELECT 1", {}, sqlite3.OperationalError(message))
+
+    assert cannot_reach(sqlite_says("database is locked")) and cannot_reach(sqlite_says("unable to open database file"))
+    assert not cannot_reach(sqlite_says("no such table: series")) and not cannot_reach(sqlite_says('near "SELEC": syntax error'))
+    assert cannot_reach(OperationalError("SELECT 1", {}, Exception("connection failed: Connection refused")))  # PostgreSQL's driver
+    assert not cannot_reach(IntegrityError("INSERT", {}, Exception("duplicate key")))
+    assert not cannot_reach(ValueError("a defect"))
+
+
 def test_a_database_outage_is_one_line_for_a_loop_then_one_when_it_ends_and_other_errors_stay_whole(caplog, monkeypatch):
     """A background loop's failed passes (``db.PassErrors``): an unreachable database is said when
     the outage begins, as a reminder every minute and when a pass succeeds again, without a

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit, forward_commitment
 from dicom_node.api.actions import activate_model, cancel_job, pending_job, retry_job
 from dicom_node.api.auth import Caller, current_caller, require
-from dicom_node.db import driver_message
+from dicom_node.db import cannot_reach, driver_message
 from dicom_node.forwarder import reschedule_failed
 from dicom_node.ingest import REASON_CODES, SelectionRules
 from dicom_node.models import (Association, AuditEvent, Commitment, Delivery, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
@@ -163,7 +163,10 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
     def database_unreachable(request: Request, exc: Exception) -> JSONResponse:
         """The node's database away (restarting, failing over): 503 and when to ask again, where it
         was a 500 and a traceback in the log until 2026-12-07. The driver's message (which names the
-        database's host) goes to the log, not to the caller, who may not have been authenticated yet."""
+        database's host) goes to the log, not to the caller, who may not have been authenticated yet.
+        Another error of these kinds (a statement SQLite refuses) stays a 500, its traceback logged."""
+        if not cannot_reach(exc):
+            raise exc
         log.warning("%s %s answered 503: the database cannot be reached (%s)", request.method, request.url.path, driver_message(exc))
         return JSONResponse({"detail": "the node's database cannot be reached for now; ask again shortly"}, status_code=503,
                             headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)})
