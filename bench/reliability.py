@@ -59,6 +59,19 @@ def send(folder: Path, port: int) -> tuple[int, list[str]]:
     return result.returncode, _acknowledged(result.stdout + result.stderr)
 
 
+def send_in_background(folder: Path, port: int) -> subprocess.Popen[str]:
+    """``send`` without waiting: the caller injects a fault while the series arrives."""
+    return subprocess.Popen(["storescu", "-v", "-aet", SCANNER_AE, "-aec", NODE_AE, "+sd", "127.0.0.1", str(port), str(folder)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=nodelay_env())
+
+
+def wait_until_spooled(env: dict[str, str], study_uid: str, series_uid: str, count: int) -> None:
+    """Until ``count`` instances of the series are in the node's spool (the database rows trail it by group commit)."""
+    spooled = Path(env["MR2CT_SPOOL_DIR"]) / study_uid / series_uid
+    while not spooled.is_dir() or len(list(spooled.glob("*.dcm"))) < count:
+        time.sleep(0.01)
+
+
 def ct_series_counts(orthanc: OrthancServer, study_uid: str) -> list[int]:
     import httpx
 
@@ -134,12 +147,8 @@ def main() -> None:
         s = write_mr_series(work / "kill-mr", seed=2100, slices=kill_slices, size=128, pixel_spacing=2.0, slice_spacing=0.5)
         node = NodeServer(node_dir, env, port)
         node.start()
-        sender = subprocess.Popen(["storescu", "-v", "-aet", SCANNER_AE, "-aec", NODE_AE, "+sd", "127.0.0.1", str(port), str(s.folder)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=nodelay_env())
-        # Kill while the series arrives: watch the spool (database rows trail it by group commit).
-        spooled = Path(env["MR2CT_SPOOL_DIR"]) / s.study_uid / s.series_uid
-        while not spooled.is_dir() or len(list(spooled.glob("*.dcm"))) < 60:
-            time.sleep(0.01)
+        sender = send_in_background(s.folder, port)
+        wait_until_spooled(env, s.study_uid, s.series_uid, 60)  # kill while the series arrives
         node.kill()
         node.stop()
         acked_files = _acknowledged(sender.communicate(timeout=60)[0])
@@ -183,11 +192,8 @@ def main() -> None:
             env = env_for(node_dir, port, orthanc, args.views, MR2CT_DATABASE_URL=postgres.url)
             s = write_mr_series(work / "database-mr", seed=2250, slices=db_slices, size=128, pixel_spacing=2.0, slice_spacing=0.5)
             with NodeServer(node_dir, env, port) as node:
-                sender = subprocess.Popen(["storescu", "-v", "-aet", SCANNER_AE, "-aec", NODE_AE, "+sd", "127.0.0.1", str(port), str(s.folder)],
-                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=nodelay_env())
-                spooled = Path(env["MR2CT_SPOOL_DIR"]) / s.study_uid / s.series_uid
-                while not spooled.is_dir() or len(list(spooled.glob("*.dcm"))) < 40:
-                    time.sleep(0.01)
+                sender = send_in_background(s.folder, port)
+                wait_until_spooled(env, s.study_uid, s.series_uid, 40)
                 postgres.halt()
                 time.sleep(5)
                 postgres.resume()
