@@ -195,7 +195,10 @@ behind the spool in groups (within {RECORD_WINDOW_SECONDS * 1000:.0f} ms), those
 A-RELEASE is answered (waiting at most {RELEASE_FLUSH_SECONDS:.0f} s: with the database away, the
 release is answered and the rows follow once it is back; start-up recovery records any spooled
 instance whose row was lost), and with {MAX_BACKLOG:,} rows waiting an instance is refused (Out of
-Resources). A series is
+Resources). What it writes beside the instances while its database is away (a refused instance's
+audit row and the refusal its series waits for, a rejected association's audit row, an
+association's row) is kept in a journal beside the spool, fsynced, and written with the times it
+happened once the database answers (after a crash: at the next start). A series is
 complete when no instance of it arrived for {_setting("stable_seconds")} seconds (or, with
 {_setting("complete_on_release")}, when the association that sent it is released); a worker then
 synthesizes it and stores the CT series and the SR into Orthanc ({_setting("orthanc_url")}).

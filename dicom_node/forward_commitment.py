@@ -33,10 +33,11 @@ from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
 from sqlalchemy import and_, func, select, update
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
-from dicom_node.db import PassErrors
+from dicom_node.db import PassErrors, driver_message
 from dicom_node.commitment import ALL_COMMITTED, REQUEST_COMMITMENT, SOME_FAILED, WELL_KNOWN_INSTANCE, CommitmentRefused
 from dicom_node.forwarder import backoff_seconds
 from dicom_node.models import ForwardCommitment, Instance, utcnow
@@ -166,8 +167,15 @@ def on_report(sessions: sessionmaker[Session], destination_ae: str, event: evt.E
         apply_report(sessions, sender, transaction, committed, failed, max_refusals)
     except CommitmentRefused as exc:
         log.warning("storage commitment report refused calling_ae=%s status=0x%04X reason=%s", sender, exc.status, exc)
-        audit.record(sessions, FORWARD_COMMITMENT_REPORTED, "failure", sender, status=f"0x{exc.status:04X}", reason=str(exc)[:500])
+        try:
+            audit.record(sessions, FORWARD_COMMITMENT_REPORTED, "failure", sender, status=f"0x{exc.status:04X}", reason=str(exc)[:500])
+        except SQLAlchemyError as db_exc:
+            log.error("storage commitment report refusal not audited calling_ae=%s: %s", sender, driver_message(db_exc))
         return exc.status, None
+    except SQLAlchemyError as exc:  # the database away: a processing failure (the destination may send it again; unanswered,
+        # the request expires and its instances are asked for again). Until 2026-12-07 a handler's traceback.
+        log.error("storage commitment report not recorded calling_ae=%s: %s", sender, driver_message(exc))
+        return 0x0110, None
     return 0x0000, None
 
 

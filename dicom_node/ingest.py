@@ -7,7 +7,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -452,12 +452,13 @@ def stable_series(sessions: sessionmaker[Session], stable_seconds: float) -> lis
     return list(rows)
 
 
-def record_refusal(session: Session, sop_uid: str, series_uid: str, status: int, reason: str) -> None:
+def record_refusal(session: Session, sop_uid: str, series_uid: str, status: int, reason: str, at: datetime | None = None) -> None:
     """Keep an instance the SCP refused until the same SOP Instance UID is stored (its series is
     held meanwhile, see mark_stable); in the transaction of the refusal's audit row, so that no
-    crash leaves a refusal audited and its series synthesized with the gap."""
+    crash leaves a refusal audited and its series synthesized with the gap. ``at``: when it was
+    refused (now, unless written later from the journal, ``dicom_node.deferred``)."""
     session.merge(RefusedInstance(sop_instance_uid=sop_uid, series_instance_uid=series_uid, status=f"0x{status:04X}",
-                                  reason=reason[:500], refused_at=utcnow()))
+                                  reason=reason[:500], refused_at=at or utcnow()))
 
 
 def set_aside_all_but(sessions: sessionmaker[Session], series_uid: str, held: set[str], reason: str) -> int:

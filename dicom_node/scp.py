@@ -42,7 +42,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.commitment import STORAGE_COMMITMENT, WELL_KNOWN_INSTANCE, CommitmentRefused, parse_request, record_request
 from dicom_node.db import driver_message
-from dicom_node.ingest import SUPPORTED_SOP_CLASSES, DatasetMismatch, Ingest, record_refusal, validate
+from dicom_node.deferred import Journal, entry
+from dicom_node.ingest import SUPPORTED_SOP_CLASSES, DatasetMismatch, Ingest, validate
 from dicom_node.models import Association, utcnow
 from dicom_node.spool import SpoolFull, file_meta_header
 from dicom_node.transport import NodeAE, tune
@@ -152,8 +153,11 @@ class StoreSCP:
         max_associations: int = 16, on_released: Callable[[set[str]], None] | None = None,
         forward_only: frozenset[str] = frozenset(), poll_seconds: float = 0.0002, check_called_ae: bool = False,
         commitment_peers: frozenset[str] = frozenset(), on_commitment: Callable[[], None] | None = None,
-        reports_from: str | None = None, max_refusals: int = 0,
+        reports_from: str | None = None, max_refusals: int = 0, journal: Journal | None = None,
     ) -> None:
+        # what the handlers write beside the instances (refusals, associations, their audit rows):
+        # kept there while the database is away, written once it answers (its loop: the service's thread)
+        self.journal = journal or Journal(ingest.spool.root, sessions)
         self.reports_from = reports_from  # forward_commitment: the routing destination's AE title, whose reports are taken
         self.max_refusals = max_refusals  # forward_max_refusals: commitment failures of one original before it is given up
         self.commitment_peers = commitment_peers  # AE titles whose storage commitment requests are answered
@@ -193,9 +197,10 @@ class StoreSCP:
                 session.flush()
                 assoc_id = row.id
         except SQLAlchemyError as exc:  # the database away: the association goes on, its instances spooled (their rows follow)
-            log.warning("association not recorded calling_ae=%s peer=%s: %s", requestor.ae_title, requestor.address, driver_message(exc))
+            log.warning("association not recorded at its start calling_ae=%s peer=%s (its row is written with its end): %s",
+                        requestor.ae_title, requestor.address, driver_message(exc))
         with self._lock:
-            self._associations[id(event.assoc)] = {"id": assoc_id, "stored": 0, "refused": 0, "series": set()}
+            self._associations[id(event.assoc)] = {"id": assoc_id, "stored": 0, "refused": 0, "series": set(), "started_at": utcnow()}
         log.info("association accepted assoc=%s calling_ae=%s peer=%s", assoc_id if assoc_id is not None else "-", requestor.ae_title,
                  requestor.address)
 
@@ -213,22 +218,18 @@ class StoreSCP:
             return
         requestor = event.assoc.requestor
         shown = state["id"] if state["id"] is not None else "-"
-        try:
-            with self.sessions.begin() as session:
-                row = session.get(Association, state["id"]) if state["id"] is not None else None
-                if row is not None:
-                    row.ended_at, row.outcome = utcnow(), outcome
-                    row.instances_stored, row.instances_refused = state["stored"], state["refused"]
-            audit.record(
-                self.sessions, audit.ASSOCIATION, "success" if outcome == "released" else "warning",
-                f"{requestor.ae_title}@{requestor.address}", association_id=state["id"], association_outcome=outcome,
-                instances_stored=state["stored"], instances_refused=state["refused"], series=sorted(state["series"]),
-            )
-        except SQLAlchemyError as exc:
-            log.warning("association %s not recorded assoc=%s: %s", outcome, shown, driver_message(exc))
+        ended = entry(audit.ASSOCIATION, "success" if outcome == "released" else "warning", f"{requestor.ae_title}@{requestor.address}",
+                      association_outcome=outcome, instances_stored=state["stored"], instances_refused=state["refused"],
+                      series=sorted(state["series"]))
+        ended["association"] = {"id": state["id"], "calling_ae": requestor.ae_title, "called_ae": self.ae_title,
+                                "peer_address": f"{requestor.address}:{requestor.port}", "started_at": state.get("started_at", utcnow()).isoformat(),
+                                "outcome": outcome, "stored": state["stored"], "refused": state["refused"]}
+        self.journal.record(ended, f"association {outcome} assoc={shown}")
         log.info("association %s assoc=%s stored=%d refused=%d", outcome, shown, state["stored"], state["refused"])
         if outcome == "released" and self.on_released is not None and state["series"]:
-            if not recorded:  # completed now, a series would be judged (and synthesized) without the rows still to come
+            if not recorded or self.journal.pending_series() & state["series"]:
+                # completed now, a series would be judged (and synthesized) without the rows still to come (an
+                # instance's, or the refusal the series waits for)
                 log.warning("series of assoc=%s not completed at its release: their rows are not all recorded yet (the stability "
                             "monitor completes them once they are and have been quiet)", shown)
                 return
@@ -248,7 +249,8 @@ class StoreSCP:
         else:
             reason, action = "too many concurrent associations", audit.ASSOCIATION
         log.warning("association rejected calling_ae=%s peer=%s reason=%s", requestor.ae_title, requestor.address, reason)
-        audit.record(self.sessions, action, "failure", f"{requestor.ae_title}@{requestor.address}", reason=reason, called_ae=self.ae_title)
+        self.journal.record(entry(action, "failure", f"{requestor.ae_title}@{requestor.address}", reason=reason, called_ae=self.ae_title),
+                            "association rejection")
 
     # -- DIMSE handlers ----------------------------------------------------------
     def _on_echo(self, event: evt.Event) -> int:
@@ -268,11 +270,18 @@ class StoreSCP:
                 raise CommitmentRefused(0x0110, f"{requestor.ae_title} is not in commitment_peers: no address to send the report to")
         except CommitmentRefused as exc:
             log.warning("storage commitment refused calling_ae=%s status=0x%04X reason=%s", requestor.ae_title, exc.status, exc)
-            audit.record(self.sessions, "storage-commitment-requested", "failure", actor, status=f"0x{exc.status:04X}", reason=str(exc)[:500])
+            self.journal.record(entry("storage-commitment-requested", "failure", actor, status=f"0x{exc.status:04X}", reason=str(exc)[:500]),
+                                "storage commitment refusal")
             status = Dataset()
             status.Status, status.ErrorComment = exc.status, str(exc)[:64]
             return status, None
-        record_request(self.sessions, requestor.ae_title, transaction, items)
+        try:
+            record_request(self.sessions, requestor.ae_title, transaction, items)
+        except SQLAlchemyError as exc:  # not taken on: the requester hears a failure and may ask again (was a handler's traceback)
+            log.error("storage commitment request not recorded calling_ae=%s: %s", requestor.ae_title, driver_message(exc))
+            status = Dataset()
+            status.Status, status.ErrorComment = 0x0110, "request not recorded: the node's database is away; ask again"[:64]
+            return status, None
         log.info("storage commitment requested calling_ae=%s transaction=%s instances=%d", requestor.ae_title, transaction, len(items))
         if self.on_commitment is not None:
             self.on_commitment()
@@ -311,16 +320,12 @@ class StoreSCP:
         sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")[:64]
         series_uid = _series_of(event)
         log.warning("C-STORE refused status=0x%04X assoc=%s reason=%s", status, state["id"], reason)
-        try:
-            with self.sessions.begin() as session:
-                session.add(audit.event(
-                    audit.INSTANCE_REFUSED, "failure", calling_ae, series_uid=series_uid,
-                    association_id=state["id"], status=f"0x{status:04X}", reason=reason[:500], sop_instance_uid=sop_uid,
-                ))
-                if series_uid is not None and is_valid_uid(sop_uid):
-                    record_refusal(session, sop_uid, series_uid, status, reason)  # the series waits for it
-        except SQLAlchemyError as exc:  # the database away: the sender still hears the refusal's own status, not a handler's failure
-            log.error("C-STORE refusal not audited assoc=%s: %s", state["id"], driver_message(exc))
+        refused = entry(audit.INSTANCE_REFUSED, "failure", calling_ae, series_uid=series_uid, association_id=state["id"],
+                        status=f"0x{status:04X}", reason=reason[:500], sop_instance_uid=sop_uid)
+        if series_uid is not None and is_valid_uid(sop_uid):  # the series waits for it
+            refused["refusal"] = {"sop_uid": sop_uid, "series_uid": series_uid, "status": status, "reason": reason}
+        # the database away: kept, and the sender hears the refusal's own status, not a handler's failure
+        self.journal.record(refused, f"C-STORE refusal assoc={state['id']}")
         return status
 
     # -- lifecycle -----------------------------------------------------------------

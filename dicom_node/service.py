@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 
 from dicom_node import audit
 from dicom_node.db import init_db, listen_for_jobs, stop_waking, wake_on_job_queued
+from dicom_node.deferred import Journal
 from dicom_node.forwarder import CStoreDestination, Destination, OrthancRestDestination, forward_loop
 from dicom_node.ingest import Ingest, SelectionRules
 from dicom_node.recorder import Recorder
@@ -156,6 +157,9 @@ class Node:
                 log.warning("allowed_aes is empty: any calling AE title may store to %s", s.ae_title)
             spool = Spool(s.spool_dir, min_free_bytes=s.spool_min_free_mb * 2**20)
             recover_spool(spool, self.sessions)
+            journal = Journal(spool.root, self.sessions)  # refusals, associations: kept while the database is away
+            journal.adopt()
+            journal.write_kept()  # what a process that is gone kept: written before anything new
             self.recorder = Recorder(self.sessions)
             ingest = Ingest(spool, self.sessions, self.recorder)
             on_released = None
@@ -174,14 +178,15 @@ class Node:
                                 check_called_ae=s.check_called_ae, commitment_peers=frozenset(reporter.peers) if reporter else frozenset(),
                                 on_commitment=reporter.wake.set if reporter else None,
                                 reports_from=parse_dicom_destination(s.forward_to)[0] if s.forward_commitment and s.forward_to else None,
-                                max_refusals=s.forward_max_refusals)
+                                max_refusals=s.forward_max_refusals, journal=journal)
+            self._thread("journal", journal.loop, self.stop_event, s.poll_seconds)
             try:
                 self.scp.start(s.dicom_host, s.dicom_port, tls_context(s))
             except OSError as exc:  # the port taken, an address not here: say which setting (was a bare "Address already in use")
                 raise ValueError(f"dicom_port: the SCP cannot listen on {s.dicom_host}:{s.dicom_port} ({exc.strerror or exc}); "
                                  "free the port or choose another") from exc
             self._thread("stability", stability_loop, self.sessions, s.stable_seconds, s.poll_seconds, self.stop_event, self.rules,
-                         self.recorder.pending_series)
+                         lambda: self.recorder.pending_series() | journal.pending_series())
             if s.spool_retention_hours or s.spool_failed_retention_hours:
                 if s.spool_retention_hours:
                     log.info("spool retention: originals deleted %g hours after they arrived, once no longer needed", s.spool_retention_hours)

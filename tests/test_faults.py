@@ -16,8 +16,8 @@ from sqlalchemy import select
 
 from dicom_node.db import init_db
 from dicom_node.demo import wait_for_job
-from dicom_node.local_stack import NodeServer, OrthancServer, PostgresServer, free_port, nodelay_env, storescu
-from dicom_node.models import AuditEvent, Instance, Job
+from dicom_node.local_stack import NodeServer, OrthancServer, PostgresServer, echoscu, free_port, nodelay_env, storescu
+from dicom_node.models import Association, AuditEvent, Instance, Job, Series, as_utc, utcnow
 from tests.conftest import NODE_AE, SCANNER_AE, node_env
 from tests.helpers import env_without_mr2ct, study_series, wait_for as _wait
 from training.phantom_dicom import write_mr_series
@@ -156,7 +156,11 @@ def test_postgresql_down_while_a_series_arrives_loses_nothing_and_says_so_once(o
     tracebacks or the patient's ID. Until 2026-12-07 the release waited 120 s for the database (the
     sender's release failed), every background loop logged a traceback, with the failed statement's
     parameters, at every pass, and the series was completed from the rows committed before the
-    outage, then synthesized again once the rest landed."""
+    outage, then synthesized again once the rest landed. What the SCP writes beside the instances
+    during the outage (an instance's refusal, which its series waits for, a rejected association's
+    security alert, the associations' rows) is kept in the journal and written once the database is
+    back, with the times it happened: until 2026-12-07 it was logged and lost, and a series with an
+    instance refused during the outage was synthesized with the gap."""
     with PostgresServer(None, free_port()) as postgres:
         workdir, port = tmp_path / "node", free_port()
         # quiet for 4 s before a series is complete: the first two slices of the series below are not complete alone
@@ -169,15 +173,24 @@ def test_postgresql_down_while_a_series_arrives_loses_nothing_and_says_so_once(o
                                      patient_id="PAT-OUTAGE-4711")
             assert storescu(during.files[:2], port, NODE_AE, SCANNER_AE).returncode == 0  # its first two slices, recorded
             _wait(lambda: len(_instances(postgres.url, during.series_uid)) == 2, 30, "the first two rows")
+            gap = write_mr_series(tmp_path / "gap", seed=1015, slices=3, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+            broken = pydicom.dcmread(gap.files[1])
+            del broken.PixelData  # refused (0xA900): its series must wait for it, not be synthesized without it
+            broken.save_as(gap.files[1])
+            halted_at = utcnow()
             postgres.halt()
             sent = storescu(during.files[2:], port, NODE_AE, SCANNER_AE, extra_args=["-v"])
             assert sent.returncode == 0, sent.stderr[-2000:]
             assert len(_acknowledged(sent.stdout + sent.stderr)) == 4
+            refused = storescu(gap.files, port, NODE_AE, SCANNER_AE, extra_args=["-v", "--no-halt"])  # on after the refusal
+            assert len(_acknowledged(refused.stdout + refused.stderr)) == 2, refused.stderr[-2000:]
+            assert echoscu(port, NODE_AE, "INTRUDER").returncode != 0  # not in allowed_aes: rejected, a security alert
             answer = httpx.get(f"http://127.0.0.1:{env['MR2CT_API_PORT']}/jobs", headers={"Authorization": "Bearer mr2ct_not-a-token"},
                                timeout=30)
             assert answer.status_code == 503 and answer.headers["Retry-After"] == "5", answer.text
             assert "cannot be reached" in answer.json()["detail"] and "127.0.0.1" not in answer.text
             time.sleep(3)  # the background loops fail some passes meanwhile
+            resumed_at = utcnow()
             postgres.resume()
             job = wait_for_job(postgres.url, during.series_uid, timeout=90)
             assert job.state == "done" and job.instance_count == 6, (job.state, job.instance_count, job.error)
@@ -186,6 +199,26 @@ def test_postgresql_down_while_a_series_arrives_loses_nothing_and_says_so_once(o
             with init_db(postgres.url)() as session:
                 assert len(session.scalars(select(Job).where(Job.series_instance_uid == during.series_uid)).all()) == 1
             _wait(lambda: "the database answers again" in (workdir / "mr2ct.log").read_text(), 30, "the loops' line of recovery")
+
+            def gap_judged():
+                with init_db(postgres.url)() as session:
+                    found = session.get(Series, gap.series_uid)
+                    return found if found is not None and found.state != "receiving" else None
+
+            held = _wait(gap_judged, 60, "the series with the refused instance judged")
+            assert (held.state, held.reason_code, held.instance_count) == ("ignored", "refused_instances", 2)
+            with init_db(postgres.url)() as session:
+                assert session.scalars(select(Job).where(Job.series_instance_uid == gap.series_uid)).all() == []
+                events = session.scalars(select(AuditEvent).where(AuditEvent.at >= halted_at)).all()
+                by_action = {(e.action, e.actor.split("@")[0]): e for e in events}
+                refusal = by_action[("dicom-instance-refused", SCANNER_AE)]
+                assert refusal.detail["status"] == "0xA900" and refusal.series_instance_uid == gap.series_uid
+                alert = by_action[("security-alert", "INTRUDER")]
+                assert halted_at <= as_utc(refusal.at) <= resumed_at and halted_at <= as_utc(alert.at) <= resumed_at
+                outage_associations = session.scalars(select(Association).where(Association.started_at >= halted_at,
+                                                                                Association.started_at <= resumed_at)).all()
+                assert sorted((a.outcome, a.instances_stored, a.instances_refused) for a in outage_associations) == [
+                    ("released", 2, 1), ("released", 4, 0)]
         log = (workdir / "mr2ct.log").read_text()
     assert "Traceback" not in log
     assert "PAT-OUTAGE-4711" not in log

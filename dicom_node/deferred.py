@@ -1,0 +1,236 @@
+"""Rows the SCP writes beside the instances, kept in a journal while the database is away.
+
+During a database outage the instances are safe (the spool, then the recorder's group commit);
+what an association's handlers write beside them was only logged until 2026-12-07, and lost: the
+refusal a series waits for and its audit row (so a series with an instance refused during the
+outage was completed, and synthesized, with the gap), a rejected association's security alert,
+an association's own row and its audit row. Each is now an entry: written at once when the
+database answers, otherwise kept in a journal beside the spool (one small JSON file, written to a
+temporary name, fsynced and renamed into place) and written, in the order it happened and with the
+times it happened, as soon as the database answers again. A crash in between loses nothing:
+start-up writes what a process that is gone left (``adopt``).
+
+An entry is a dict of JSON values:
+
+- ``at``: when it happened (ISO 8601, UTC);
+- ``audit``: the audit row (``action``, ``outcome``, ``actor``, ``study_uid``, ``series_uid``,
+  ``detail``);
+- ``refusal`` (optional): ``sop_uid``, ``series_uid``, ``status``, ``reason``: the instance its
+  series waits for (``ingest.record_refusal``), unless the instance was stored after it;
+- ``association`` (optional): the association's row: updated when it has an ``id``, inserted
+  (``calling_ae``, ``called_ae``, ``peer_address``, ``started_at``) when the database was away at
+  its start; ``ended_at``, ``outcome``, ``stored``, ``refused``. Its id goes into the audit row's
+  ``association_id``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.db import PassErrors, cannot_reach, driver_message
+from dicom_node.ingest import record_refusal
+from dicom_node.models import Association, AuditEvent, Instance, as_utc, utcnow
+from dicom_node.spool import fsync_dir
+
+log = logging.getLogger(__name__)
+
+FOLDER = ".deferred"  # under spool_dir: a leading dot, so no spool walk (three UID levels) takes it for a study
+BAD_SUFFIX = ".bad"  # an entry the database refused for a reason other than an outage: kept for a human
+
+
+def entry(action: str, outcome: str, actor: str, *, study_uid: str | None = None, series_uid: str | None = None,
+          **detail: Any) -> dict[str, Any]:
+    """An entry with its audit row, happening now (``audit.event``'s fields); the caller adds a
+    ``refusal`` or ``association`` to write in the same transaction."""
+    return {"at": utcnow().isoformat(), "audit": {"action": action, "outcome": outcome, "actor": actor, "study_uid": study_uid,
+                                                  "series_uid": series_uid, "detail": detail}}
+
+
+def apply_entry(session: Session, entry: dict[str, Any]) -> None:
+    """Write one entry's rows in ``session`` (the caller's transaction: all of them or none)."""
+    at = as_utc(datetime.fromisoformat(entry["at"]))
+    audit = entry["audit"]
+    detail = dict(audit.get("detail") or {})
+    association = entry.get("association")
+    if association is not None:
+        row = session.get(Association, association["id"]) if association.get("id") is not None else None
+        if row is None:  # the database was away when it began
+            row = Association(calling_ae=association["calling_ae"], called_ae=association["called_ae"],
+                              peer_address=association["peer_address"],
+                              started_at=as_utc(datetime.fromisoformat(association["started_at"])))
+            session.add(row)
+            session.flush()
+        row.ended_at, row.outcome = at, association["outcome"]
+        row.instances_stored, row.instances_refused = association["stored"], association["refused"]
+        detail["association_id"] = row.id
+    refusal = entry.get("refusal")
+    if refusal is not None:
+        stored = session.scalar(select(Instance.received_at).where(Instance.sop_instance_uid == refusal["sop_uid"]))
+        if stored is None or as_utc(stored) < at:  # stored since (sent again, mended): its series waits for nothing
+            record_refusal(session, refusal["sop_uid"], refusal["series_uid"], refusal["status"], refusal["reason"], at)
+    session.add(AuditEvent(at=at, action=audit["action"], outcome=audit["outcome"], actor=audit["actor"],
+                           study_instance_uid=audit.get("study_uid"), series_instance_uid=audit.get("series_uid"),
+                           job_id=audit.get("job_id"), detail=detail))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Journal:
+    """The entries of one process: written now when the database answers, kept until it does.
+
+    Its files are ``<spool_dir>/.deferred/<time ns>-<host>-<pid>-<random>.json``: a process writes
+    only its own (others may share the spool), and takes over those of a process of this host that
+    is gone at its start (``adopt``).
+    """
+
+    def __init__(self, spool_dir: Path, sessions: sessionmaker[Session]) -> None:
+        self.folder = Path(spool_dir).resolve() / FOLDER
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.sessions = sessions
+        self.owner = f"{socket.gethostname()}-{os.getpid()}"
+        self._lock = threading.Lock()
+        self._kept: dict[Path, str | None] = {}  # this process's entries not written yet: file -> the series a refusal holds
+
+    # -- the handlers' side ---------------------------------------------------------------
+    def record(self, entry: dict[str, Any], what: str) -> bool:
+        """Write ``entry`` now; when the database cannot be reached, keep it for later. True when
+        written now. ``what`` names it in the log (no patient identifiers)."""
+        if not self.pending():  # entries kept before this one are written first: the order holds
+            try:
+                with self.sessions.begin() as session:
+                    apply_entry(session, entry)
+                return True
+            except SQLAlchemyError as exc:
+                if not cannot_reach(exc):
+                    log.error("%s not recorded: %s", what, driver_message(exc))
+                    return False
+        self.keep(entry)
+        waiting = self.pending()
+        if waiting == 1 or waiting % 100 == 0:  # a line when the journal begins to fill, then one per hundred
+            log.warning("%s kept in the journal until the database answers (%d waiting)", what, waiting)
+        return False
+
+    def keep(self, entry: dict[str, Any]) -> Path:
+        """Write ``entry`` durably to the journal: a temporary name, fsync, rename, fsync of the folder."""
+        name = f"{time.time_ns():020d}-{self.owner}-{secrets.token_hex(4)}.json"
+        final = self.folder / name
+        tmp = self.folder / f".{name}.tmp"
+        with open(tmp, "w", encoding="utf-8") as handle:
+            json.dump(entry, handle, separators=(",", ":"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, final)
+        fsync_dir(self.folder)
+        with self._lock:
+            self._kept[final] = (entry.get("refusal") or {}).get("series_uid")
+        return final
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._kept)
+
+    def pending_series(self) -> set[str]:
+        """Series a kept refusal will hold: not to be completed before it is written."""
+        with self._lock:
+            return {uid for uid in self._kept.values() if uid}
+
+    # -- writing what was kept --------------------------------------------------------------
+    def adopt(self) -> int:
+        """Take over the entries of processes of this host that are gone (a crash, a kill) and
+        remove their temporaries (never renamed into place, so never whole). How many adopted."""
+        host = socket.gethostname()
+        adopted = elsewhere = 0
+        for path in sorted(self.folder.iterdir()):
+            temporary = path.name.startswith(".") and path.name.endswith(".tmp")
+            name = path.name[1:-len(".tmp")] if temporary else path.name
+            if not name.endswith(".json"):
+                continue
+            parts = name[:-len(".json")].split("-")
+            if len(parts) < 4:
+                continue
+            entry_host, pid = "-".join(parts[1:-2]), parts[-2]
+            mine = entry_host == host and pid == str(os.getpid())
+            if not mine and (entry_host != host or not pid.isdigit() or _alive(int(pid))):
+                elsewhere += entry_host != host and not temporary
+                continue  # another host's, or a running process's: theirs to write
+            if temporary:
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                series = (json.loads(path.read_text(encoding="utf-8")).get("refusal") or {}).get("series_uid")
+            except (OSError, ValueError) as exc:
+                log.error("journal entry unreadable, set aside path=%s: %s", path.name, exc)
+                path.rename(path.with_name(path.name + BAD_SUFFIX))
+                continue
+            with self._lock:
+                self._kept[path] = series
+            adopted += not mine
+        if adopted:
+            log.info("journal: %d entr%s left by a process that is gone taken over", adopted, "y" if adopted == 1 else "ies")
+        if elsewhere:  # a spool_dir shared by hosts: the SCP on that host writes them (a host renamed since: nobody does)
+            log.warning("journal: %d entr%s of other hosts in %s left to them", elsewhere, "y" if elsewhere == 1 else "ies", self.folder)
+        return adopted
+
+    def write_kept(self) -> int:
+        """Write the kept entries in the order they happened, one transaction each; stops at the
+        first the database cannot take for an outage (raised), sets aside one it refuses for
+        another reason. How many were written."""
+        with self._lock:
+            kept = sorted(self._kept, key=lambda path: path.name)
+        written = 0
+        for path in kept:
+            try:
+                entry = json.loads(path.read_text(encoding="utf-8"))
+                with self.sessions.begin() as session:
+                    apply_entry(session, entry)
+            except FileNotFoundError:
+                pass  # written already (a stop and a pass raced): nothing left to do
+            except SQLAlchemyError as exc:
+                if cannot_reach(exc):
+                    raise
+                log.error("journal entry not recorded, set aside path=%s: %s", path.name, driver_message(exc))
+                path.rename(path.with_name(path.name + BAD_SUFFIX))
+            except (OSError, ValueError, KeyError) as exc:
+                log.error("journal entry unreadable, set aside path=%s: %s", path.name, exc)
+                path.rename(path.with_name(path.name + BAD_SUFFIX))
+            else:
+                path.unlink(missing_ok=True)
+                written += 1
+            with self._lock:
+                self._kept.pop(path, None)
+        if written:
+            log.info("journal: %d entr%s written to the database", written, "y" if written == 1 else "ies")
+        return written
+
+    def loop(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:
+        """Write what was kept as soon as the database answers (a thread of the SCP's process)."""
+        errors = PassErrors(log, "the journal of kept rows", "writing the journal's entries failed")
+        while not stop.wait(poll_seconds):
+            if not self.pending():
+                continue
+            try:
+                self.write_kept()
+                errors.succeeded()
+            except Exception as exc:
+                errors.failed(exc)

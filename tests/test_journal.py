@@ -1,0 +1,146 @@
+"""The journal of what the SCP writes beside the instances (refusals, associations, their audit
+rows) while the database is away: kept on disk, written later in order, with the times they
+happened; nothing lost by a crash in between."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from dicom_node.db import init_db
+from dicom_node.deferred import BAD_SUFFIX, Journal, entry
+from dicom_node.ingest import ReceivedInstance
+from dicom_node.models import Association, AuditEvent, Instance, RefusedInstance, as_utc, utcnow
+from dicom_node.recorder import SpooledInstance, record_batch
+
+MR = "1.2.840.10008.5.1.4.1.1.4"
+SERIES = "1.2.3.4"
+
+
+def _refused(sop: str, series: str = SERIES) -> dict:
+    kept = entry("dicom-instance-refused", "failure", "SCANNER", series_uid=series, status="0xA900", sop_instance_uid=sop)
+    kept["refusal"] = {"sop_uid": sop, "series_uid": series, "status": 0xA900, "reason": "Pixel Data is missing"}
+    return kept
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def _as_if_left_by(path: Path, pid: int) -> Path:
+    """The journal file as a process ``pid`` of this host would have named it."""
+    parts = path.name.split("-")
+    moved = path.with_name("-".join([*parts[:-2], str(pid), parts[-1]]))
+    path.rename(moved)
+    return moved
+
+
+def test_entries_kept_by_a_process_that_died_are_written_at_the_next_start_with_their_times(tmp_path: Path) -> None:
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    dead = _dead_pid()
+    first = Journal(tmp_path / "spool", sessions)
+    refused = _refused("1.2.3.4.9")
+    ended = entry("application-activity/association", "success", "SCANNER@127.0.0.1", association_outcome="released",
+                  instances_stored=4, instances_refused=1, series=[SERIES])
+    started = utcnow() - timedelta(seconds=30)
+    ended["association"] = {"id": None, "calling_ae": "SCANNER", "called_ae": "MR2CT", "peer_address": "127.0.0.1:5000",
+                            "started_at": started.isoformat(), "outcome": "released", "stored": 4, "refused": 1}
+    rejected = entry("security-alert", "failure", "INTRUDER@127.0.0.1", reason="calling AE title not allowed from this host")
+    files = [_as_if_left_by(first.keep(kept), dead) for kept in (refused, ended, rejected)]
+    (first.folder / f".{files[0].stem}ff.json.tmp").write_text("{")  # a half-written one of the dead process: never whole
+    assert first.pending_series() == {SERIES}
+
+    later = Journal(tmp_path / "spool", sessions)  # the next start
+    assert later.adopt() == 3 and later.pending_series() == {SERIES}
+    assert later.write_kept() == 3
+    assert later.pending() == 0 and later.pending_series() == set()
+    assert sorted(p.name for p in later.folder.iterdir()) == []  # written, temporaries removed
+    with sessions() as session:
+        events = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
+        assert [e.action for e in events] == ["dicom-instance-refused", "application-activity/association", "security-alert"]
+        assert as_utc(events[0].at).isoformat() == refused["at"]  # when it happened, not when it was written
+        hold = session.get(RefusedInstance, "1.2.3.4.9")
+        assert hold is not None and hold.series_instance_uid == SERIES and hold.status == "0xA900"
+        association = session.scalars(select(Association)).one()
+        assert (association.calling_ae, association.outcome, association.instances_stored, association.instances_refused) == (
+            "SCANNER", "released", 4, 1)
+        assert as_utc(association.started_at) == started and association.ended_at is not None
+        assert events[1].detail["association_id"] == association.id
+
+
+def test_a_running_process_s_entries_are_left_to_it_and_another_host_s_are_named(tmp_path: Path, caplog) -> None:
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    journal = Journal(tmp_path / "spool", sessions)
+    running = subprocess.Popen(["sleep", "30"])
+    try:
+        _as_if_left_by(journal.keep(_refused("1.2.3.4.1")), running.pid)
+        foreign = journal.keep(_refused("1.2.3.4.2"))
+        foreign.rename(foreign.with_name(foreign.name.replace(f"-{journal.owner}-", f"-other-host-{os.getpid()}-")))
+        later = Journal(tmp_path / "spool", sessions)
+        with caplog.at_level(logging.WARNING, logger="dicom_node.deferred"):
+            assert later.adopt() == 0
+        assert later.pending() == 0 and len(list(later.folder.iterdir())) == 2
+        assert "1 entry of other hosts" in caplog.text
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_a_refusal_written_after_its_instance_was_stored_again_holds_nothing(tmp_path: Path) -> None:
+    """Refused during the outage, sent again (mended) and stored before the journal is written: the
+    audit row says it was refused, and its series waits for nothing."""
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    journal = Journal(tmp_path / "spool", sessions)
+    journal.keep(_refused("1.2.3.4.5"))
+    journal.keep(_refused("1.2.3.4.6"))  # not sent again: its series waits for it
+    info = ReceivedInstance(MR, "1.2.3.4.5", "1.2.3", SERIES, "MR", "T1", "axial", "patient")
+    record_batch(sessions, [SpooledInstance(info, tmp_path / "5.dcm", 100, "1.2.840.10008.1.2.1", "SCANNER", None, utcnow())])
+    assert journal.write_kept() == 2
+    with sessions() as session:
+        assert session.scalar(select(Instance.sop_instance_uid)) == "1.2.3.4.5"
+        assert session.scalars(select(RefusedInstance.sop_instance_uid)).all() == ["1.2.3.4.6"]
+        assert len(session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-instance-refused")).all()) == 2
+
+
+def test_record_keeps_entries_while_the_database_cannot_be_opened_and_writes_them_in_order_after(tmp_path: Path) -> None:
+    """A real outage of a SQLite database: its folder moved away (opening it fails), then back."""
+    home = tmp_path / "db"
+    home.mkdir()
+    engine_url = f"sqlite:///{home / 'db.sqlite'}"
+    sessions = init_db(engine_url)
+    journal = Journal(tmp_path / "spool", sessions)
+    assert journal.record(_refused("1.2.3.4.1"), "refusal") is True  # the database answers: written now
+    home.rename(tmp_path / "away")
+    sessions.kw["bind"].dispose()  # the pooled connection closed: the next one must open the file
+    assert journal.record(_refused("1.2.3.4.2"), "refusal") is False
+    assert journal.record(_refused("1.2.3.4.3", series="1.2.3.5"), "refusal") is False
+    assert journal.pending() == 2 and journal.pending_series() == {SERIES, "1.2.3.5"}
+    with pytest.raises(Exception):
+        journal.write_kept()  # still away: kept, in order
+    assert journal.pending() == 2
+    (tmp_path / "away").rename(home)
+    assert journal.record(_refused("1.2.3.4.4"), "refusal") is False  # behind the kept ones, not before them
+    assert journal.write_kept() == 3
+    with sessions() as session:
+        rows = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
+    assert [r.detail["sop_instance_uid"] for r in rows] == ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3", "1.2.3.4.4"]
+
+
+def test_an_entry_the_database_refuses_for_another_reason_is_set_aside_not_retried(tmp_path: Path) -> None:
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    journal = Journal(tmp_path / "spool", sessions)
+    broken = journal.keep({"at": utcnow().isoformat(), "audit": {"outcome": "failure"}})  # no action: not an audit row
+    journal.keep(_refused("1.2.3.4.1"))
+    assert journal.write_kept() == 1
+    assert journal.pending() == 0
+    assert broken.with_name(broken.name + BAD_SUFFIX).exists()
+    assert json.loads(broken.with_name(broken.name + BAD_SUFFIX).read_text())["audit"]["outcome"] == "failure"
