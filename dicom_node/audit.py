@@ -16,6 +16,7 @@ ASSOCIATION = "application-activity/association"
 SECURITY_ALERT = "security-alert"
 INSTANCES_TRANSFERRED = "dicom-instances-transferred"
 INSTANCE_REFUSED = "dicom-instance-refused"
+INSTANCE_NOT_RECORDED = "dicom-instance-not-recorded"  # spooled and acknowledged, but the database refused its row
 ROUTING_GIVEN_UP = "routing-given-up"
 SYNTHESIS_REQUESTED = "synthesis-requested"  # a user had the node copy a series from Orthanc (POST /synthesize)
 DATA_PULLED = "pacs-data-pulled"  # `mr2ct pull` / `pull-pairs` copied a study's series from a PACS into a folder

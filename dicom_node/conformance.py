@@ -21,7 +21,7 @@ from dicom_node import atna
 from dicom_node.commitment import MAX_ATTEMPTS as MAX_COMMITMENT_ATTEMPTS, STORAGE_COMMITMENT
 from dicom_node.forward_commitment import BATCH as FORWARD_COMMITMENT_BATCH
 from dicom_node.forwarder import LOSSLESS_REENCODE, MAX_CONTEXTS, STORED_STATUSES, UNCOMPRESSED_LITTLE_ENDIAN, requested_contexts
-from dicom_node.ingest import SUPPORTED_SOP_CLASSES
+from dicom_node.ingest import MAX_GEOMETRY_VALUE, MAX_SEQUENCE_DEPTH, SUPPORTED_SOP_CLASSES
 from dicom_node.recorder import MAX_BACKLOG, WINDOW_SECONDS as RECORD_WINDOW_SECONDS
 from dicom_node.scp import (
     RELEASE_FLUSH_SECONDS, STATUS_CANNOT_UNDERSTAND, STATUS_DATASET_MISMATCH, STATUS_OUT_OF_RESOURCES, STATUS_SUCCESS, supported_contexts,
@@ -34,14 +34,19 @@ VERIFICATION = "1.2.840.10008.1.1"
 # What each C-STORE status the SCP answers means here (dicom_node/scp.py StoreSCP._on_store).
 STATUS_MEANINGS = {
     STATUS_SUCCESS: ("Success", "the instance's bytes, exactly as received, are in the spool and fsynced (file and folder) "
-                     "and its row is committed before the response is sent: nothing acknowledged is lost"),
+                     "before the response is sent; its database row follows behind the spool (2.1): nothing acknowledged "
+                     "is lost"),
     STATUS_OUT_OF_RESOURCES: ("Refused: Out of Resources", "the spool's disk has less free space than `spool_min_free_mb`, "
                               "a write to it failed, or the database is that many rows behind the spool (2.1); the sender "
                               "may retry later"),
     STATUS_DATASET_MISMATCH: ("Error: Data Set does not match SOP Class", "the data set's SOP Class or Instance UID differs "
-                              "from the C-STORE request's, or the SOP class is not one this node takes"),
-    STATUS_CANNOT_UNDERSTAND: ("Error: Cannot understand", "a UID is missing or not a valid UI value, a required "
-                               "attribute is missing (e.g. no Pixel Data), or the data set cannot be parsed; "
+                              "from the C-STORE request's, the SOP class is not one this node takes, or what a volume is "
+                              "built from is missing or unusable: no Pixel Data, or fewer bytes than its rows, columns "
+                              "and frames need; an implausible image size; an image position, orientation, pixel spacing "
+                              f"or rescale value missing, not a number, or beyond {MAX_GEOMETRY_VALUE:g}; sequences "
+                              f"nested deeper than {MAX_SEQUENCE_DEPTH}"),
+    STATUS_CANNOT_UNDERSTAND: ("Error: Cannot understand", "a UID is missing or not a valid UI value (no UID from the wire "
+                               "can steer a write outside the spool), or the data set cannot be parsed or stored; "
                                "the reason is in the node's log and audit trail, never in a patient-identifying form"),
 }
 
@@ -251,7 +256,10 @@ Every refusal is also an audit row (`dicom-instance-refused`) with the status an
 A series with a refused instance is not synthesized from the rest (an sCT with a slice missing):
 once stable it is set aside (`ignored`, the reason naming the refusal) until the refused SOP
 Instance UIDs have been stored, by a re-send of them or of the series, or an administrator asks
-for the series as Orthanc holds it (the admin API's POST /synthesize).
+for the series as Orthanc holds it (the admin API's POST /synthesize). An instance acknowledged
+whose database row the database then refuses (a value it will not store: a defect) holds back no
+other row: it stays in the spool, is audited (`dicom-instance-not-recorded`), and its series waits
+for it in the same way.
 Storage level: 2 (full); the spool keeps every element as received, private ones included, and
 the synthesis reads the pixels in any of the accepted syntaxes (compressed ones decoded with
 pydicom's plugins). The node is not an archive: with {_setting("spool_retention_hours")} an

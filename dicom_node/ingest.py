@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -219,6 +220,7 @@ class SelectionRules:
 
 
 MAX_SEQUENCE_DEPTH = 16
+MAX_GEOMETRY_VALUE = 1e6  # mm for positions: a kilometre; no spacing, cosine or rescale value comes near it either
 
 
 def check_nesting(ds: Dataset, limit: int = MAX_SEQUENCE_DEPTH) -> None:
@@ -279,6 +281,11 @@ class _Values:
             numbers = ()
         if len(numbers) != count:
             raise DatasetMismatch(f"geometry missing or unusable: no usable {name} (needs {count} numbers)")
+        # NaN, infinity or a kilometre: no image lies there. Until 2026-12-07 taken (and on PostgreSQL a
+        # position too long for its column held back the rows of every instance received after it).
+        if not all(math.isfinite(v) and abs(v) < MAX_GEOMETRY_VALUE for v in numbers):
+            raise DatasetMismatch(f"geometry missing or unusable: {name} {text[:80]!r} holds a value that is not finite or beyond "
+                                  f"{MAX_GEOMETRY_VALUE:g}")
         return numbers
 
     def unsigned(self, tag: int, name: str) -> int:
@@ -313,7 +320,7 @@ def validate(
         raise DatasetMismatch("SOPInstanceUID in the data set differs from the C-STORE request")
     study_uid = require_uid(values.text(0x0020000D), "StudyInstanceUID")
     series_uid = require_uid(values.text(0x0020000E), "SeriesInstanceUID")
-    modality = values.text(0x00080060) or ""
+    modality = (values.text(0x00080060) or "")[:16]  # CS: at most 16 characters (the column's size)
     # Free text may use another character set: pydicom decodes these two.
     description = str(ds.get("SeriesDescription", "") or "")[:64]
     patient_id = str(ds.get("PatientID", "") or "")[:64]

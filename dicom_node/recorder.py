@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.audit import INSTANCE_NOT_RECORDED
 from dicom_node.db import PassErrors, cannot_reach, driver_message
-from dicom_node.models import Instance, RefusedInstance, Series, as_utc
+from dicom_node.models import AuditEvent, Instance, RefusedInstance, Series, as_utc
 from synthesis.contrast import with_other_choice, with_other_contrast, with_other_part
 
 if TYPE_CHECKING:
@@ -162,6 +163,45 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
         remove_superseded(stale, newer.path, newer.received_at)
 
 
+def record_sorting_out(sessions: sessionmaker[Session], items: list[SpooledInstance]) -> list[tuple[SpooledInstance, str]]:
+    """``record_batch``, where one row the database will not take for a reason other than an
+    outage (a value it refuses: a defect, not a wait) cannot hold back the rows with it: the batch
+    is recorded in halves down to the rows it refuses, which are returned with the driver's
+    message (the rest are recorded). An outage is raised, all rows still to record. Until
+    2026-12-07 such a batch was retried for ever, every row received after it waiting behind it
+    until the backlog refused all instances (on PostgreSQL, a position too long for its column)."""
+    try:
+        record_batch(sessions, items)
+        return []
+    except Exception as exc:
+        if cannot_reach(exc):
+            raise
+        if len(items) == 1:
+            return [(items[0], driver_message(exc))]
+    half = len(items) // 2  # in order: of two arrivals of one instance the later still wins
+    return record_sorting_out(sessions, items[:half]) + record_sorting_out(sessions, items[half:])
+
+
+def hold_unrecorded(sessions: sessionmaker[Session], item: SpooledInstance, reason: str) -> None:
+    """An instance the database refused to record: its file stays in the spool (start-up recovery
+    tries it again), an audit row says so, and its series waits for it as for a refused instance
+    (``ingest.record_refusal``: not synthesized with the gap) until it is sent again."""
+    info = item.info
+    log.error("instance spooled but not recorded series=%s sop=%s file=%s: %s", info.series_uid, info.sop_instance_uid, item.path.name,
+              reason)
+    because = f"stored in the spool, but the database refused its row ({reason})"[:500]
+    try:
+        with sessions.begin() as session:
+            session.add(AuditEvent(action=INSTANCE_NOT_RECORDED, outcome="failure", actor=item.calling_ae[:128],
+                                   series_instance_uid=info.series_uid, detail={
+                                       "sop_instance_uid": info.sop_instance_uid, "association_id": item.association_id,
+                                       "reason": because}))
+            session.merge(RefusedInstance(sop_instance_uid=info.sop_instance_uid, series_instance_uid=info.series_uid,
+                                          status="0x0110", reason=because, refused_at=item.received_at))
+    except Exception as exc:  # noqa: BLE001 (the series' UID itself may be what it refuses): the log line above stays
+        log.error("instance not recorded, and its hold not recorded either sop=%s: %s", info.sop_instance_uid, driver_message(exc))
+
+
 def remove_superseded(stale: Path, newer: Path, newer_received_at: datetime) -> bool:
     """Delete the spool file of an instance that arrived again under another series or study, so
     that start-up recovery cannot record it back over the newer one. Only a file of the same
@@ -284,15 +324,12 @@ class Recorder:
                     self._condition.wait(due)
                 batch = self._pending[: self.max_batch]
             try:
-                record_batch(self.sessions, batch)
+                for item, reason in record_sorting_out(self.sessions, batch):
+                    hold_unrecorded(self.sessions, item, reason)
             except Exception as exc:  # the database is busy or down: the rows wait, the files are safe
                 failures += 1
                 delay = min(5.0, 0.05 * 2 ** min(failures, 7))
-                if cannot_reach(exc):  # an outage: a line when it begins, reminders, a line when it ends
-                    outage.failed(exc)
-                else:  # the driver's message only (the engine hides the statement's parameters, patient IDs among them)
-                    log.error("recording %d spooled instance(s) failed (attempt %d, again in %.2fs): %s", len(batch), failures, delay,
-                              driver_message(exc))
+                outage.failed(exc)  # an outage: a line when it begins, reminders, a line when it ends
                 if self._stopping and failures >= 5:
                     log.error("giving up on %d row(s) at stop; start-up recovery records them from the spool", len(self._pending))
                     with self._condition:

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.ingest import validate
 from dicom_node.models import QUEUED_AGAIN, Instance, Job, utcnow
-from dicom_node.recorder import SpooledInstance, record_batch, remove_superseded
+from dicom_node.recorder import SpooledInstance, hold_unrecorded, record_sorting_out, remove_superseded
 from dicom_node.spool import PURGE_SUFFIX, Spool
 from synthesis.errors import InvalidInstance
 
@@ -69,15 +69,18 @@ def recover_spool(spool: Spool, sessions: sessionmaker[Session]) -> dict[str, in
         found.append((stat.st_mtime_ns, SpooledInstance(info, path, stat.st_size, str(ds.file_meta.TransferSyntaxUID), "recovered", None, utcnow())))
     # oldest first: of two unrecorded copies of one instance (under two series), the later arrival wins
     found_in_order = [item for _, item in sorted(found, key=lambda pair: pair[0])]
+    refused = 0
     for start in range(0, len(found_in_order), RECOVERY_BATCH):  # a transaction per batch, not per file
-        record_batch(sessions, found_in_order[start : start + RECOVERY_BATCH])
-    recovered = len(found)
+        for item, reason in record_sorting_out(sessions, found_in_order[start : start + RECOVERY_BATCH]):
+            hold_unrecorded(sessions, item, reason)  # kept in the spool for a human, its series held; start-up goes on
+            refused += 1
+    recovered = len(found) - refused
     counts = {"recovered": recovered, "temporaries_removed": removed, "unrecoverable": unreadable, "purges_undone": restored,
-              "superseded_removed": superseded}
-    if recovered or removed or unreadable or restored or superseded:
-        audit.record(sessions, "spool-recovery", "warning" if unreadable else "success", "mr2ct start-up", **counts)
-        log.info("spool recovery recovered=%d temporaries_removed=%d unrecoverable=%d purges_undone=%d superseded_removed=%d",
-                 recovered, removed, unreadable, restored, superseded)
+              "superseded_removed": superseded, "not_recorded": refused}
+    if recovered or removed or unreadable or restored or superseded or refused:
+        audit.record(sessions, "spool-recovery", "warning" if unreadable or refused else "success", "mr2ct start-up", **counts)
+        log.info("spool recovery recovered=%d temporaries_removed=%d unrecoverable=%d purges_undone=%d superseded_removed=%d "
+                 "not_recorded=%d", recovered, removed, unreadable, restored, superseded, refused)
     return counts
 
 

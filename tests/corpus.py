@@ -23,6 +23,10 @@ def make_variant(good: Path, folder: Path, name: str) -> Path:
         ds.SOPClassUID = CTImageStorage  # sent in the MR context: data set does not match
     elif name == "no-geometry":
         del ds.ImagePositionPatient
+    elif name == "position-out-of-range":  # 1e30 mm: on PostgreSQL its text did not fit the column, and held back every row after it
+        ds.ImagePositionPatient = [1e30, -1e30, 1e30]
+    elif name == "position-not-a-number":
+        ds.ImagePositionPatient = ["NaN", "0", "0"]
     elif name == "path-like-uid":
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3/../../../../tmp/evil"
     elif name == "path-like-series-uid":
@@ -69,6 +73,8 @@ CASES = {
     "giant-rows-columns": {0xA900},
     "wrong-sop-class": {0xA900},
     "no-geometry": {0xA900},
+    "position-out-of-range": {0xA900},
+    "position-not-a-number": {0xA900},
     "path-like-uid": {0xC000},
     "path-like-series-uid": {0xC000},
     "deep-sequence-nesting": {0xA900, 0xC000},

@@ -73,22 +73,43 @@ def test_stop_commits_what_is_still_waiting(tmp_path: Path) -> None:
         assert session.scalar(select(func.count()).select_from(Instance)) == 20
 
 
-def test_a_failing_database_is_logged_without_patient_identifiers(tmp_path: Path, caplog) -> None:
+def test_a_row_the_database_refuses_holds_back_no_other_and_its_series_waits_for_it(tmp_path: Path, caplog) -> None:
+    """The database refuses one series' row and one instance's (here by triggers; on PostgreSQL a
+    value too long for its column did it): every other row of the batch is recorded, the refused
+    ones are audited and their series wait for them as for refused instances, and the log names no
+    patient. Until 2026-12-07 the batch was retried for ever and every row after it waited."""
     import logging
 
     from sqlalchemy import text
 
+    from dicom_node.models import AuditEvent, RefusedInstance
+
     sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
-    with sessions.begin() as session:  # every new series row is now refused by the database
-        session.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON series BEGIN SELECT RAISE(ABORT, 'refused'); END"))
-    recorder = Recorder(sessions, window_seconds=0)
-    info = ReceivedInstance(MR, "1.2.3.4.1", "1.2.3", "1.2.3.4", "MR", "T1", "axial", "PAT-SECRET-42")
+    with sessions.begin() as session:
+        session.execute(text("CREATE TRIGGER refuse_series BEFORE INSERT ON series WHEN NEW.series_instance_uid = '1.2.3.9' "
+                             "BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+        session.execute(text("CREATE TRIGGER refuse_instance BEFORE INSERT ON instances WHEN NEW.sop_instance_uid = '1.2.3.4.3' "
+                             "BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+    recorder = Recorder(sessions, window_seconds=30)  # one batch, at the flush
+    items = [_item(f"1.2.3.4.{i}") for i in range(1, 7)]
+    items.insert(2, SpooledInstance(ReceivedInstance(MR, "1.2.3.9.1", "1.2.3", "1.2.3.9", "MR", "T1", "axial", "PAT-SECRET-42"),
+                                    Path("/spool/x.dcm"), 100, "1.2.840.10008.1.2.1", "SCANNER", None, utcnow()))
     with caplog.at_level(logging.ERROR, logger="dicom_node.recorder"):
-        recorder.submit(SpooledInstance(info, Path("/spool/x.dcm"), 100, "1.2.840.10008.1.2.1", "SCANNER", None, utcnow()))
-        assert not recorder.flush(timeout=1.0)  # the row cannot be written; the caller hears so
-        recorder.stop(timeout=2.0)
-    assert "recording 1 spooled instance(s) failed" in caplog.text
-    assert "PAT-SECRET-42" not in caplog.text
+        for item in items:
+            recorder.submit(item)
+        assert recorder.flush(timeout=30)  # done with: recorded, or held for a human
+        recorder.stop(timeout=5)
+    assert recorder.backlog == 0
+    with sessions() as session:
+        recorded = session.scalars(select(Instance.sop_instance_uid).order_by(Instance.sop_instance_uid)).all()
+        assert recorded == ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.4", "1.2.3.4.5", "1.2.3.4.6"]
+        held = dict(session.execute(select(RefusedInstance.sop_instance_uid, RefusedInstance.series_instance_uid)).all())
+        assert held == {"1.2.3.4.3": "1.2.3.4", "1.2.3.9.1": "1.2.3.9"}
+        audited = session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-instance-not-recorded")).all()
+        assert sorted(e.detail["sop_instance_uid"] for e in audited) == ["1.2.3.4.3", "1.2.3.9.1"]
+        assert all("refused" in e.detail["reason"] for e in audited)
+    assert caplog.text.count("instance spooled but not recorded") == 2
+    assert "PAT-SECRET-42" not in caplog.text and "Traceback" not in caplog.text
 
 
 def test_a_series_sent_again_has_its_headers_read_again_from_the_spool_and_keeps_them_where_a_file_cannot_be_read(
@@ -141,3 +162,34 @@ def test_a_series_sent_again_has_its_headers_read_again_from_the_spool_and_keeps
         session.get(Instance, pydicom.dcmread(files[0], stop_before_pixels=True).SOPInstanceUID).purged_at = None
     assert refresh_headers(sessions, made.series_uid)
     assert (row().body_part, row().headers_stale, row().contrast) == ("HEAD", False, "T1")
+
+
+def test_start_up_recovery_goes_on_past_a_file_whose_row_the_database_refuses(tmp_path: Path) -> None:
+    """Spooled files the database does not know are recorded at start-up; one whose row it refuses
+    is kept in the spool and held (its series waits for it), and start-up goes on. Until 2026-12-07
+    the error stopped the node's start."""
+    import pydicom
+    from sqlalchemy import text
+
+    from dicom_node.models import RefusedInstance
+    from dicom_node.recovery import recover_spool
+    from dicom_node.spool import Spool
+    from training.phantom_dicom import write_mr_series
+
+    series = write_mr_series(tmp_path / "mr", seed=21, slices=3, size=16, pixel_spacing=8.0, slice_spacing=10.0)
+    spool = Spool(tmp_path / "spool")
+    sops = []
+    for path in series.files:
+        ds = pydicom.dcmread(path)
+        sops.append(str(ds.SOPInstanceUID))
+        spool.write(series.study_uid, series.series_uid, sops[-1], path.read_bytes())
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with sessions.begin() as session:
+        session.execute(text(f"CREATE TRIGGER refuse BEFORE INSERT ON instances WHEN NEW.sop_instance_uid = '{sops[1]}' "
+                             "BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+    counts = recover_spool(spool, sessions)
+    assert (counts["recovered"], counts["not_recorded"]) == (2, 1)
+    assert len(spool.instances()) == 3  # nothing deleted
+    with sessions() as session:
+        assert sorted(session.scalars(select(Instance.sop_instance_uid)).all()) == sorted([sops[0], sops[2]])
+        assert session.scalars(select(RefusedInstance.sop_instance_uid)).all() == [sops[1]]
