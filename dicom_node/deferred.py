@@ -86,6 +86,16 @@ def apply_entry(session: Session, entry: dict[str, Any]) -> None:
                            job_id=audit.get("job_id"), detail=detail))
 
 
+def journal_counts(spool_dir: Path) -> tuple[int, int]:
+    """(entries waiting for the database, entries set aside for a human) in a spool's journal, all
+    processes' (the admin API's /health)."""
+    folder = Path(spool_dir) / FOLDER
+    if not folder.is_dir():
+        return 0, 0
+    names = [path.name for path in folder.iterdir() if not path.name.startswith(".")]
+    return sum(name.endswith(".json") for name in names), sum(name.endswith(".json" + BAD_SUFFIX) for name in names)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

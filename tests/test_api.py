@@ -13,6 +13,7 @@ import subprocess
 import ssl
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pydicom
@@ -60,6 +61,20 @@ def test_health_answers_without_a_token(api):
     health = httpx.get(f"{api['base']}/health").json()
     assert health["database"] == "ok" and health["orthanc"] == "ok" and health["status"] == "ok"
     assert "device" in health and health["spool_free_mb"] > 0
+    assert (health["journal_waiting"], health["journal_set_aside"]) == (0, 0)
+
+
+def test_health_is_degraded_while_a_journal_entry_waits_for_a_human(api, node):
+    """An entry the database refused to take from the SCP's journal (dicom_node.deferred) is set
+    aside: the node is degraded until someone looks."""
+    aside = Path(node.env["MR2CT_SPOOL_DIR"]) / ".deferred" / "00000000000000000001-host-1-abcd.json.bad"
+    aside.write_text("{}")
+    try:
+        health = httpx.get(f"{api['base']}/health").json()
+        assert health["status"] == "degraded" and health["journal_set_aside"] == 1 and health["database"] == "ok"
+    finally:
+        aside.unlink()
+    assert httpx.get(f"{api['base']}/health").json()["status"] == "ok"
 
 
 def test_the_token_routes_are_all_there_and_document_their_refusals():
@@ -168,6 +183,7 @@ def test_metrics_count_instances_and_jobs(api):
     text = httpx.get(f"{api['base']}/metrics", headers=api["auditor"]).text
     assert "mr2ct_instances_received_total" in text and 'mr2ct_jobs{state="done"}' in text
     assert "mr2ct_job_duration_seconds_bucket" in text and "mr2ct_queue_depth" in text
+    assert "\nmr2ct_instances_not_recorded_total 0\n" in text  # every row the fixture's series needed was taken
     values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("mr2ct_spool")}
     assert values["mr2ct_spool_instances"] >= 4 and values["mr2ct_spool_bytes"] > 4 * 48 * 48 * 2  # the series the fixture sent
     assert values["mr2ct_spool_purged_instances"] == 0  # no spool_retention_hours here

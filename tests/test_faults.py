@@ -189,6 +189,8 @@ def test_postgresql_down_while_a_series_arrives_loses_nothing_and_says_so_once(o
                                timeout=30)
             assert answer.status_code == 503 and answer.headers["Retry-After"] == "5", answer.text
             assert "cannot be reached" in answer.json()["detail"] and "127.0.0.1" not in answer.text
+            health = httpx.get(f"http://127.0.0.1:{env['MR2CT_API_PORT']}/health", timeout=30).json()
+            assert health["status"] == "degraded" and health["journal_waiting"] >= 1, health  # the refusal at least
             time.sleep(3)  # the background loops fail some passes meanwhile
             resumed_at = utcnow()
             postgres.resume()
@@ -206,6 +208,8 @@ def test_postgresql_down_while_a_series_arrives_loses_nothing_and_says_so_once(o
                     return found if found is not None and found.state != "receiving" else None
 
             held = _wait(gap_judged, 60, "the series with the refused instance judged")
+            health = httpx.get(f"http://127.0.0.1:{env['MR2CT_API_PORT']}/health", timeout=30).json()
+            assert (health["journal_waiting"], health["journal_set_aside"]) == (0, 0), health
             assert (held.state, held.reason_code, held.instance_count) == ("ignored", "refused_instances", 2)
             with init_db(postgres.url)() as session:
                 assert session.scalars(select(Job).where(Job.series_instance_uid == gap.series_uid)).all() == []

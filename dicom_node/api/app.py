@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import fields
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -30,6 +31,7 @@ from dicom_node import audit, forward_commitment
 from dicom_node.api.actions import activate_model, cancel_job, pending_job, retry_job
 from dicom_node.api.auth import Caller, current_caller, require
 from dicom_node.db import cannot_reach, driver_message
+from dicom_node.deferred import journal_counts
 from dicom_node.forwarder import reschedule_failed
 from dicom_node.ingest import REASON_CODES, SelectionRules
 from dicom_node.models import (Association, AuditEvent, Commitment, Delivery, Evaluation, Instance, Job, ModelVersion, RefusedInstance, Series, TrainingRun, as_utc,
@@ -201,6 +203,8 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             checks["database"] = f"error: {type(exc).__name__}"
         if spool_dir:
             checks["spool_free_mb"] = shutil.disk_usage(spool_dir).free // 2**20
+            # rows the SCP kept while the database was away (written once it answers), and those it then refused: a human's
+            checks["journal_waiting"], checks["journal_set_aside"] = journal_counts(Path(spool_dir))
         if store is not None:
             try:
                 store.check_reachable()
@@ -208,7 +212,8 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             except PacsUnavailable:
                 checks["orthanc"] = "unreachable"
         checks.update(info)
-        checks["status"] = "ok" if checks["database"] == "ok" and checks.get("orthanc", "ok") == "ok" else "degraded"
+        checks["status"] = "ok" if checks["database"] == "ok" and checks.get("orthanc", "ok") == "ok" and not checks.get(
+            "journal_set_aside") else "degraded"
         return checks
 
     @api.get("/metrics", response_class=PlainTextResponse)
@@ -216,6 +221,7 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         with sessions() as session:
             received = session.scalar(select(func.coalesce(func.sum(Association.instances_stored), 0)))
             refused = session.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.action == audit.INSTANCE_REFUSED))
+            unrecorded = session.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.action == audit.INSTANCE_NOT_RECORDED))
             states = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
             waiting = session.scalar(select(func.count(func.distinct(RefusedInstance.series_instance_uid))))
             series_states = dict(session.execute(select(Series.state, func.count()).group_by(Series.state)).all())
@@ -235,6 +241,9 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
             "# TYPE mr2ct_instances_received_total counter", f"mr2ct_instances_received_total {received}",
             "# HELP mr2ct_instances_refused_total Instances refused with a failure status.",
             "# TYPE mr2ct_instances_refused_total counter", f"mr2ct_instances_refused_total {refused}",
+            "# HELP mr2ct_instances_not_recorded_total Instances acknowledged and spooled whose database row the database refused "
+            "(kept in the spool, their series held: a defect to see).",
+            "# TYPE mr2ct_instances_not_recorded_total counter", f"mr2ct_instances_not_recorded_total {unrecorded}",
             "# HELP mr2ct_series_awaiting_refused_instances Series set aside until instances of them that were refused arrive.",
             "# TYPE mr2ct_series_awaiting_refused_instances gauge", f"mr2ct_series_awaiting_refused_instances {waiting}",
             "# HELP mr2ct_series Series the node holds, by state (ignored: not synthesized by the selection rules, with the reason).",
