@@ -6,6 +6,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,16 @@ class PassErrors:
         if self.down_since is not None:
             self.logger.info("%s: the database answers again after %.0f s", self.loop, time.monotonic() - self.down_since)
             self.down_since, self.passes = None, 0
+
+    def attempt(self, step: Callable[[], object]) -> bool:
+        """Run one pass of the loop; its exception reported as ``failed`` says, not raised. Whether it ran through."""
+        try:
+            step()
+        except Exception as exc:
+            self.failed(exc)
+            return False
+        self.succeeded()
+        return True
 
 
 JOBS_CHANNEL = "mr2ct_jobs"

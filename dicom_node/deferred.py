@@ -237,10 +237,5 @@ class Journal:
         """Write what was kept as soon as the database answers (a thread of the SCP's process)."""
         errors = PassErrors(log, "the journal of kept rows", "writing the journal's entries failed")
         while not stop.wait(poll_seconds):
-            if not self.pending():
-                continue
-            try:
-                self.write_kept()
-                errors.succeeded()
-            except Exception as exc:
-                errors.failed(exc)
+            if self.pending():
+                errors.attempt(self.write_kept)

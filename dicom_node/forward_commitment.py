@@ -329,11 +329,7 @@ class Committer:
     def loop(self, stop: threading.Event, poll_seconds: float) -> None:
         errors = PassErrors(log, "storage commitment requests", "storage commitment requests to the routing destination")
         while not stop.wait(max(poll_seconds, 1.0)):
-            try:
-                self.request_due()
-                errors.succeeded()
-            except Exception as exc:  # the database: try again next round
-                errors.failed(exc)
+            errors.attempt(self.request_due)  # the database away: try again next round
 
 
 def status(sessions: sessionmaker[Session]) -> dict[str, Any]:

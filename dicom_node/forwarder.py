@@ -446,8 +446,4 @@ def forward_loop(sessions: sessionmaker[Session], destination: Destination, poll
                  max_refusals: int = 0) -> None:
     errors = PassErrors(log, "the forwarder", "forwarder pass failed")
     while not stop.wait(poll_seconds):
-        try:
-            forward_pending(sessions, destination, max_refusals=max_refusals, stop=stop)
-            errors.succeeded()
-        except Exception as exc:
-            errors.failed(exc)
+        errors.attempt(lambda: forward_pending(sessions, destination, max_refusals=max_refusals, stop=stop))

@@ -293,10 +293,6 @@ def retention_loop(sessions: sessionmaker[Session], spool_dir: Path, retention_h
     failed_retention = timedelta(hours=failed_retention_hours) if failed_retention_hours else None
     shortest = min(r.total_seconds() for r in (retention, failed_retention) if r)
     errors = PassErrors(log, "spool retention", "spool retention round failed")
-    while not stop.is_set():
-        try:
-            purge_spool(sessions, spool_dir, retention, routing, failed_retention=failed_retention)
-            errors.succeeded()
-        except Exception as exc:  # a database or disk hiccup: try again next round, keep serving
-            errors.failed(exc)
+    while not stop.is_set():  # a database or disk hiccup: tried again next round, the node keeps serving
+        errors.attempt(lambda: purge_spool(sessions, spool_dir, retention, routing, failed_retention=failed_retention))
         stop.wait(min(check_seconds, max(shortest / 4, 1.0)))

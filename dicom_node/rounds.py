@@ -55,11 +55,7 @@ def run_rounds(step: Callable[[], object], stop: threading.Event, wake: threadin
     (an outage of the database: a line naming ``loop`` when it begins and one when it ends, ``db.PassErrors``)."""
     errors = PassErrors(log, loop, what)
     while not stop.is_set():
-        try:
-            step()
-            errors.succeeded()
-        except Exception as exc:
-            errors.failed(exc)
+        errors.attempt(step)
         next_round = time.monotonic() + max(poll_seconds, 1.0)
         while not stop.is_set() and not wake.wait(min(1.0, max(next_round - time.monotonic(), 0.0))):
             if time.monotonic() >= next_round:

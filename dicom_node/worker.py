@@ -671,14 +671,13 @@ def stability_loop(
     ``arriving``: series whose spooled instances still wait for their rows (``Recorder.pending_series``):
     not quiet, however old their last committed row. Until 2026-12-07 a series whose rows a database
     outage held back was completed from the rows before it, and synthesized again once the rest landed."""
+    def one_pass() -> None:
+        held = arriving()
+        due = [uid for uid in stable_series(sessions, stable_seconds) if uid not in held]
+        now = rules() if due else SelectionRules()  # once a pass: the registry asked once, not per series
+        for series_uid in due:
+            complete_series(sessions, series_uid, stable_seconds, now, "stability monitor")
+
     errors = PassErrors(log, "the stability monitor", "stability monitor pass failed")
     while not stop.wait(poll_seconds):
-        try:
-            held = arriving()
-            due = [uid for uid in stable_series(sessions, stable_seconds) if uid not in held]
-            now = rules() if due else SelectionRules()  # once a pass: the registry asked once, not per series
-            for series_uid in due:
-                complete_series(sessions, series_uid, stable_seconds, now, "stability monitor")
-            errors.succeeded()
-        except Exception as exc:
-            errors.failed(exc)
+        errors.attempt(one_pass)

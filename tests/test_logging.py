@@ -129,10 +129,14 @@ def test_a_database_outage_is_one_line_for_a_loop_then_one_when_it_ends_and_othe
             clock[0] += 0.5
         clock[0] += 11
         errors.failed(down)  # a minute and more since it began: a reminder
-        errors.succeeded()
+        assert errors.attempt(lambda: None) is True  # a pass that runs through: the outage is over
         errors.succeeded()  # nothing more to say
         errors.failed(ValueError("a defect"))
-        errors.failed(ValueError("a defect"))
+
+        def defect() -> None:
+            raise ValueError("a defect")
+
+        assert errors.attempt(defect) is False  # reported, not raised
     said = [(r.levelname, r.getMessage(), r.exc_info is not None) for r in caplog.records]
     assert said == [
         ("ERROR", "the test loop: the database cannot be reached (OperationalError: connection refused); trying again", False),
