@@ -32,6 +32,7 @@ class RunRecorder:
         self.actor = actor
         self.run_id: int | None = None
         self._warned = False
+        self._missed: list[dict[str, Any]] = []  # epochs the database did not take: written with the next that it does
 
     def start(self, out_dir: Path, command: str, config: dict[str, Any], resume: bool = False) -> int:
         """A new run row; on ``--resume`` the folder's last run row goes on (an epoch the run repeats
@@ -56,13 +57,22 @@ class RunRecorder:
         return self.run_id
 
     def epoch(self, epoch: int, losses: dict[str, float], seconds: float) -> None:
-        """Append one epoch's mean losses (called by the trainer on rank 0)."""
-        self._update(lambda row: self._append(row, {"epoch": epoch, **{k: float(v) for k, v in losses.items()}, "seconds": round(seconds, 1)}))
+        """Append one epoch's mean losses (called by the trainer on rank 0), with any epoch the
+        database did not take before (until 2026-12-07 such an epoch stayed missing from the run's
+        row, a gap in its loss plot, though losses.csv had it)."""
+        entries = [*self._missed, {"epoch": epoch, **{k: float(v) for k, v in losses.items()}, "seconds": round(seconds, 1)}]
+        if self._update(lambda row: self._append(row, entries)):
+            if self._missed:
+                log.info("training run %s: the database took the %d epoch(s) it had missed", self.run_id, len(self._missed))
+            self._missed = []
+        else:
+            self._missed = entries
 
     @staticmethod
-    def _append(row: TrainingRun, entry: dict[str, Any]) -> None:
-        # A new list (JSON columns see assignment, not mutation), in epoch order.
-        row.losses = sorted([e for e in row.losses if e["epoch"] != entry["epoch"]] + [entry], key=lambda e: int(e["epoch"]))
+    def _append(row: TrainingRun, entries: list[dict[str, Any]]) -> None:
+        # A new list (JSON columns see assignment, not mutation), in epoch order; an epoch recorded again replaces itself.
+        epochs = {e["epoch"] for e in entries}
+        row.losses = sorted([e for e in row.losses if e["epoch"] not in epochs] + entries, key=lambda e: int(e["epoch"]))
         row.epochs_completed = len(row.losses)
 
     def end(self, state: str, model_sha256: str | None = None, reason: str | None = None) -> None:
@@ -70,9 +80,12 @@ class RunRecorder:
             raise ValueError(f"a run ends finished, interrupted or failed, not {state!r}")
 
         def ended(row: TrainingRun) -> None:
+            if self._missed:  # the last epochs, missed: with the end
+                self._append(row, self._missed)
             row.state, row.model_sha256, row.reason, row.ended_at = state, model_sha256, reason, utcnow()
 
-        self._update(ended)
+        if self._update(ended):
+            self._missed = []
         outcome = "success" if state == "finished" else "warning" if state == "interrupted" else "failure"
         try:
             with uninterrupted():
@@ -80,9 +93,10 @@ class RunRecorder:
         except SQLAlchemyError as exc:
             self._warn(exc)
 
-    def _update(self, change: Any) -> None:
+    def _update(self, change: Any) -> bool:
+        """Apply ``change`` to the run's row; False when the database did not take it (warned once)."""
         if self.run_id is None:
-            return
+            return True
         try:
             with uninterrupted(), self.sessions.begin() as session:
                 row = session.get(TrainingRun, self.run_id)
@@ -91,6 +105,8 @@ class RunRecorder:
                     row.updated_at = utcnow()
         except SQLAlchemyError as exc:
             self._warn(exc)
+            return False
+        return True
 
     def _warn(self, exc: Exception) -> None:
         if not self._warned:  # once per run: the run goes on, losses.csv has every epoch

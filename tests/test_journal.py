@@ -144,3 +144,4 @@ def test_an_entry_the_database_refuses_for_another_reason_is_set_aside_not_retri
     assert journal.pending() == 0
     assert broken.with_name(broken.name + BAD_SUFFIX).exists()
     assert json.loads(broken.with_name(broken.name + BAD_SUFFIX).read_text())["audit"]["outcome"] == "failure"
+

@@ -632,3 +632,39 @@ def test_training_on_a_terminal_shows_its_progress_bars_with_losses_even_when_th
     assert "G=" in shown and "D=" in shown and "rec=" in shown  # the losses ride on the bar
     drawn = [line for line in shown.replace("\r", "\n").splitlines() if "epoch 2/2: 100%" in line]
     assert max(len(line) for line in drawn) <= (columns or 80)  # as wide as the terminal, or 80 where it says 0
+
+
+def test_a_training_run_s_epochs_the_database_missed_are_written_with_the_next_it_takes(tmp_path: Path, caplog) -> None:
+    """`mr2ct train` records each epoch's losses in the run's row; an epoch that ends while the
+    database is away is written with the next one it takes (or with the run's end), so the run's
+    row and its loss plot have no gap."""
+    import logging
+
+    from dicom_node.db import init_db
+    from dicom_node.models import TrainingRun
+    from dicom_node.training_runs import RunRecorder
+
+    home = tmp_path / "db"
+    home.mkdir()
+    sessions = init_db(f"sqlite:///{home / 'db.sqlite'}")
+    recorder = RunRecorder(sessions)
+    run_id = recorder.start(tmp_path / "run", "mr2ct train", {"epochs": 5})
+    recorder.epoch(1, {"G_loss": 1.0}, 2.0)
+    home.rename(tmp_path / "away")
+    sessions.kw["bind"].dispose()
+    with caplog.at_level(logging.INFO, logger="dicom_node.training_runs"):
+        recorder.epoch(2, {"G_loss": 0.5}, 2.0)
+        recorder.epoch(3, {"G_loss": 0.25}, 2.0)
+        (tmp_path / "away").rename(home)
+        recorder.epoch(4, {"G_loss": 0.125}, 2.0)
+        home.rename(tmp_path / "away")
+        sessions.kw["bind"].dispose()
+        recorder.epoch(5, {"G_loss": 0.0625}, 2.0)
+        (tmp_path / "away").rename(home)
+        recorder.end("finished")
+    with sessions() as session:
+        row = session.get(TrainingRun, run_id)
+        assert [e["epoch"] for e in row.losses] == [1, 2, 3, 4, 5] and row.epochs_completed == 5
+        assert [e["G_loss"] for e in row.losses] == [1.0, 0.5, 0.25, 0.125, 0.0625] and row.state == "finished"
+    assert caplog.text.count("did not take an update") == 1  # warned once per run
+    assert "took the 2 epoch(s) it had missed" in caplog.text
