@@ -33,7 +33,7 @@ from sqlalchemy import func, select  # noqa: E402
 from dicom_node.db import init_db  # noqa: E402
 from dicom_node.demo import wait_for_job  # noqa: E402
 from dicom_node.local_stack import NodeServer, OrthancServer, PostgresServer, exit_on_sigterm, free_port, nodelay_env  # noqa: E402
-from dicom_node.models import Instance, Job  # noqa: E402
+from dicom_node.models import AuditEvent, Instance, Job, RefusedInstance  # noqa: E402
 from tests.corpus import CASES, make_variant  # noqa: E402
 from tests.test_faults import _acknowledged  # noqa: E402
 from training.phantom_dicom import write_mr_series  # noqa: E402
@@ -86,6 +86,30 @@ def row(name: str, sent: int, acked: int, stored: int, duplicated: int, faults: 
         tried: int = 0, refused: int = 0) -> dict[str, object]:
     return {"scenario": name, "sent": sent, "acknowledged": acked, "stored": stored, "lost": max(0, acked - stored),
             "duplicated": duplicated, "faults": faults, "survived": survived, "malformed": tried, "refused": refused}
+
+
+def store_one(path: Path, port: int) -> set[int]:
+    """C-STORE one file with pynetdicom (a file storescu would refuse to send); the status, as a set to compare with CASES."""
+    ae = AE(ae_title=SCANNER_AE)
+    ae.add_requested_context(MRImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title=NODE_AE)
+    try:
+        status = assoc.send_c_store(path)
+        return {int(status.Status)} if status else set()
+    finally:
+        assoc.release()
+
+
+def wait_for_refusal(database_url: str, sop_uid: str, timeout: float) -> bool:
+    """Whether the refusal of ``sop_uid`` is recorded (its audit row and the row its series waits on) within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with init_db(database_url)() as session:
+            audited = session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-instance-refused")).all()
+            if any(e.detail.get("sop_instance_uid") == sop_uid for e in audited) and session.get(RefusedInstance, sop_uid):
+                return True
+        time.sleep(0.5)
+    return False
 
 
 def stored_count(database_url: str, series_uid: str) -> int:
@@ -184,18 +208,25 @@ def main() -> None:
         rows.append(row("Orthanc down while storing", 20, len(acked_files), stored_count(env["MR2CT_DATABASE_URL"], s.series_uid),
                         max(0, len(counts) - 1), faults=1, survived=int(job.state == "done" and counts == [20])))
 
-        # 4. The node's PostgreSQL stopped while a series arrives (a restart, a failover), back 5 s later.
+        # 4. The node's PostgreSQL stopped while a series arrives (a restart, a failover), back 5 s later;
+        # meanwhile another scanner's instance is refused (no Pixel Data): its refusal must be recorded once
+        # the database is back (the journal), not lost.
         db_slices = 200
         with PostgresServer(None, free_port()) as postgres:
             port = free_port()
             node_dir = work / "database"
             env = env_for(node_dir, port, orthanc, args.views, MR2CT_DATABASE_URL=postgres.url)
             s = write_mr_series(work / "database-mr", seed=2250, slices=db_slices, size=128, pixel_spacing=2.0, slice_spacing=0.5)
+            refusal = make_variant(write_mr_series(work / "database-gap", seed=2251, slices=1, size=32, pixel_spacing=8.0).files[0],
+                                   work / "database-gap", "no-pixel-data")
+            refused_sop = str(pydicom.dcmread(refusal).SOPInstanceUID)
             with NodeServer(node_dir, env, port) as node:
                 sender = send_in_background(s.folder, port)
                 wait_until_spooled(env, s.study_uid, s.series_uid, 40)
                 postgres.halt()
-                time.sleep(5)
+                started = time.monotonic()
+                refused_status = store_one(refusal, port)
+                time.sleep(max(0.0, 5 - (time.monotonic() - started)))
                 postgres.resume()
                 output = sender.communicate(timeout=300)[0]
                 acked_files = _acknowledged(output)
@@ -203,8 +234,10 @@ def main() -> None:
                 stored = stored_count(postgres.url, s.series_uid)
                 dup = max(0, jobs_for(postgres.url, s.series_uid) - 1) + max(0, len(ct_series_counts(orthanc, s.study_uid)) - 1)
                 peaks["database down during arrival"] = peak_rss(node)
-        rows.append(row("database down during arrival", db_slices, len(acked_files), stored, dup, faults=1,
-                        survived=int(job.state == "done" and sender.returncode == 0 and job.instance_count == db_slices)))
+                refusal_kept = wait_for_refusal(postgres.url, refused_sop, 60)
+        rows.append(row("database down during arrival", db_slices + 1, len(acked_files), stored, dup, faults=2,
+                        survived=int(job.state == "done" and sender.returncode == 0 and job.instance_count == db_slices)
+                        + int(refusal_kept), tried=1, refused=int(refused_status == CASES["no-pixel-data"])))
 
         # 5. Hostile input over C-STORE.
         port = free_port()
