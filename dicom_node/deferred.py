@@ -135,7 +135,11 @@ class Journal:
                 if not cannot_reach(exc):
                     log.error("%s not recorded: %s", what, driver_message(exc))
                     return False
-        self.keep(entry)
+        try:
+            self.keep(entry)
+        except (OSError, TypeError, ValueError) as exc:  # the spool's disk full or failing as well: said, and the handler goes on
+            log.error("%s neither recorded nor kept (the database away, the journal not writable: %s)", what, exc)
+            return False
         waiting = self.pending()
         if waiting == 1 or waiting % 100 == 0:  # a line when the journal begins to fill, then one per hundred
             log.warning("%s kept in the journal until the database answers (%d waiting)", what, waiting)
@@ -146,11 +150,16 @@ class Journal:
         name = f"{time.time_ns():020d}-{self.owner}-{secrets.token_hex(4)}.json"
         final = self.folder / name
         tmp = self.folder / f".{name}.tmp"
-        with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(entry, handle, separators=(",", ":"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, final)
+        text = json.dumps(entry, separators=(",", ":"))
+        try:
+            with open(tmp, "w", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, final)
+        except OSError:
+            tmp.unlink(missing_ok=True)
+            raise
         fsync_dir(self.folder)
         with self._lock:
             self._kept[final] = (entry.get("refusal") or {}).get("series_uid")

@@ -145,3 +145,18 @@ def test_an_entry_the_database_refuses_for_another_reason_is_set_aside_not_retri
     assert broken.with_name(broken.name + BAD_SUFFIX).exists()
     assert json.loads(broken.with_name(broken.name + BAD_SUFFIX).read_text())["audit"]["outcome"] == "failure"
 
+
+
+def test_with_the_database_away_and_the_journal_not_writable_the_handler_hears_false_not_an_exception(tmp_path: Path, caplog) -> None:
+    home = tmp_path / "db"
+    home.mkdir()
+    sessions = init_db(f"sqlite:///{home / 'db.sqlite'}")
+    journal = Journal(tmp_path / "spool", sessions)
+    journal.folder.rmdir()
+    journal.folder.write_text("not a folder")  # every write into it fails (root ignores permissions)
+    home.rename(tmp_path / "away")
+    sessions.kw["bind"].dispose()
+    with caplog.at_level(logging.ERROR, logger="dicom_node.deferred"):
+        assert journal.record(_refused("1.2.3.4.1"), "C-STORE refusal assoc=7") is False
+    assert journal.pending() == 0
+    assert "C-STORE refusal assoc=7 neither recorded nor kept" in caplog.text
