@@ -1549,6 +1549,7 @@ def spool_status(config: ConfigOption = None) -> None:
     from datetime import timedelta
 
     from dicom_node.db import init_db
+    from dicom_node.deferred import journal_counts
     from dicom_node.retention import due_for_purge, routing_rule, spool_usage
 
     settings = _settings(config)
@@ -1560,6 +1561,10 @@ def spool_status(config: ConfigOption = None) -> None:
     if Path(settings.spool_dir).exists():
         typer.echo(f"free on its disk: {shutil.disk_usage(settings.spool_dir).free // 2**20} MiB "
                    f"(C-STORE refused below {settings.spool_min_free_mb} MiB, spool_min_free_mb)")
+        waiting, aside = journal_counts(settings.spool_dir)
+        if waiting or aside:
+            typer.echo(f"journal: {waiting} entries kept while the database was away still to write, {aside} set aside "
+                       "(mr2ct spool journal)")
     if settings.spool_retention_hours:
         due = due_for_purge(sessions, timedelta(hours=settings.spool_retention_hours), routing)
         typer.echo(f"spool_retention_hours {settings.spool_retention_hours:g}: {due['instances']} originals of {due['series']} "
@@ -1579,6 +1584,41 @@ def spool_status(config: ConfigOption = None) -> None:
         typer.echo(f"forward_commitment: {held['committed']} routed originals committed by {settings.forward_to}; kept until it "
                    f"commits them: {held['awaiting_report']} awaiting its report, {held['not_asked']} not asked yet"
                    + (f" (last error: {held['last_error']})" if held["last_error"] else ""))
+
+
+@spool_app.command("journal")
+def spool_journal(
+    retry: Annotated[bool, typer.Option("--retry", help="write the entries set aside now (once what the database refused is mended)")] = False,
+    config: ConfigOption = None,
+) -> None:
+    """The SCP's journal: rows it kept while the database was away (refusals, associations, their
+    audit rows), waiting to be written, and any the database then refused, set aside."""
+    from dicom_node.deferred import listed, retry_set_aside
+
+    settings = _settings(config)
+    if retry:
+        from dicom_node.db import init_db
+
+        written, failed = retry_set_aside(settings.spool_dir, init_db(settings.database_url))
+        typer.echo(f"written {written} set-aside entr{'y' if written == 1 else 'ies'}")
+        for name, why in failed:
+            typer.echo(f"not written {name}: {why}", err=True)
+        if failed:
+            raise typer.Exit(1)
+        return
+    found = listed(settings.spool_dir)
+    aside = sum(path.name.endswith(".bad") for path, _ in found)
+    typer.echo(f"journal {Path(settings.spool_dir) / '.deferred'}: {len(found) - aside} waiting for the database, {aside} set aside"
+               + (" (mr2ct spool journal --retry writes them)" if aside else ""))
+    for path, entry in found:
+        state = "set aside" if path.name.endswith(".bad") else "waiting"
+        if entry is None:
+            typer.echo(f"{state:9}  {path.name}: unreadable")
+            continue
+        audit_row = entry.get("audit") or {}
+        what = audit_row.get("action", "?") + (" + the refusal its series waits for" if entry.get("refusal") else "") + (
+            " + the association's row" if entry.get("association") else "")
+        typer.echo(f"{state:9}  {entry.get('at', '?')}  {what}  {audit_row.get('actor', '')}  series={audit_row.get('series_uid') or '-'}")
 
 
 @spool_app.command("purge")

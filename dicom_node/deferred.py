@@ -96,6 +96,45 @@ def journal_counts(spool_dir: Path) -> tuple[int, int]:
     return sum(name.endswith(".json") for name in names), sum(name.endswith(".json" + BAD_SUFFIX) for name in names)
 
 
+def listed(spool_dir: Path) -> list[tuple[Path, dict[str, Any] | None]]:
+    """Every entry in a spool's journal, waiting and set aside, oldest first, with what it holds
+    (None: unreadable). ``mr2ct spool journal``."""
+    folder = Path(spool_dir) / FOLDER
+    if not folder.is_dir():
+        return []
+    found: list[tuple[Path, dict[str, Any] | None]] = []
+    for path in sorted(folder.iterdir(), key=lambda p: p.name):
+        if path.name.startswith(".") or not path.name.endswith((".json", ".json" + BAD_SUFFIX)):
+            continue
+        try:
+            found.append((path, json.loads(path.read_text(encoding="utf-8"))))
+        except (OSError, ValueError):
+            found.append((path, None))
+    return found
+
+
+def retry_set_aside(spool_dir: Path, sessions: sessionmaker[Session]) -> tuple[int, list[tuple[str, str]]]:
+    """Write the entries set aside (the database refused them once, not for an outage: mended
+    since, say a migration run), one transaction each; each written is removed. (How many written,
+    [(file, why not)] for the others, which stay.)"""
+    written, failed = 0, []
+    for path, entry in listed(spool_dir):
+        if not path.name.endswith(BAD_SUFFIX):
+            continue
+        if entry is None:
+            failed.append((path.name, "unreadable"))
+            continue
+        try:
+            with sessions.begin() as session:
+                apply_entry(session, entry)
+        except (SQLAlchemyError, KeyError, ValueError, TypeError) as exc:
+            failed.append((path.name, driver_message(exc) if isinstance(exc, SQLAlchemyError) else f"{type(exc).__name__}: {exc}"))
+            continue
+        path.unlink(missing_ok=True)
+        written += 1
+    return written, failed
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -160,3 +160,41 @@ def test_with_the_database_away_and_the_journal_not_writable_the_handler_hears_f
         assert journal.record(_refused("1.2.3.4.1"), "C-STORE refusal assoc=7") is False
     assert journal.pending() == 0
     assert "C-STORE refusal assoc=7 neither recorded nor kept" in caplog.text
+
+
+def test_an_administrator_sees_the_journal_and_writes_what_was_set_aside_once_mended(tmp_path: Path) -> None:
+    """`mr2ct spool journal` lists what waits and what was set aside (the database refused it, not
+    for an outage); `--retry` writes the set-aside entries once the cause is mended; `spool status`
+    says the journal is not empty."""
+    import sys
+
+    from sqlalchemy import text
+
+    from tests.helpers import env_without_mr2ct
+
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with sessions.begin() as session:  # a defect's stand-in: the database refuses refusals for now
+        session.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON refused_instances BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+    journal = Journal(tmp_path / "spool", sessions)
+    kept = journal.keep(_refused("1.2.3.4.1"))
+    assert journal.write_kept() == 0 and kept.with_name(kept.name + BAD_SUFFIX).exists()
+    env = env_without_mr2ct() | {"MR2CT_DATABASE_URL": str(sessions.kw["bind"].url), "MR2CT_SPOOL_DIR": str(tmp_path / "spool")}
+
+    def mr2ct(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dicom_node.cli", "spool", *args], capture_output=True, text=True, env=env, timeout=120)
+
+    shown = mr2ct("journal")
+    assert shown.returncode == 0 and "0 waiting for the database, 1 set aside" in shown.stdout, shown.stderr
+    assert "set aside" in shown.stdout and "dicom-instance-refused + the refusal its series waits for" in shown.stdout
+    assert "series=1.2.3.4" in shown.stdout
+    assert "journal: 0 entries kept while the database was away still to write, 1 set aside" in mr2ct("status").stdout
+    still = mr2ct("journal", "--retry")  # not mended yet: said, kept, a failing exit
+    assert still.returncode == 1 and "not written" in still.stderr and kept.with_name(kept.name + BAD_SUFFIX).exists()
+    with sessions.begin() as session:
+        session.execute(text("DROP TRIGGER refuse"))
+    mended = mr2ct("journal", "--retry")
+    assert mended.returncode == 0 and "written 1 set-aside entry" in mended.stdout, mended.stderr
+    assert list(journal.folder.iterdir()) == []
+    with sessions() as session:
+        assert session.scalars(select(RefusedInstance.sop_instance_uid)).all() == ["1.2.3.4.1"]
+        assert session.scalars(select(AuditEvent.action)).all() == ["dicom-instance-refused"]
