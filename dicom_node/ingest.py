@@ -340,8 +340,13 @@ def validate(
     if frames != 1 or 0x52009230 in ds:  # enhanced multi-frame: per-frame functional groups
         try:
             geometry = frame_geometry(ds)
-        except SeriesNotUsable as exc:
+        except (SeriesNotUsable, ValueError) as exc:  # ValueError: a functional group's value that is not a number
             raise DatasetMismatch(f"geometry missing or unusable: {exc}") from None
+        for index, frame in enumerate(geometry):  # as for a single frame's (numbers): no image lies at NaN or a kilometre away
+            if not all(math.isfinite(v) and abs(v) < MAX_GEOMETRY_VALUE for v in (*frame.position, *frame.orientation,
+                                                                                   *frame.pixel_spacing, *frame.rescale)):
+                raise DatasetMismatch(f"geometry missing or unusable: frame {index + 1}'s position, orientation, pixel spacing or "
+                                      f"rescale holds a value that is not finite or beyond {MAX_GEOMETRY_VALUE:g}")
         orientation = geometry[0].orientation
         at = sorted({"\\".join(f"{v:.2f}" for v in g.position) for g in geometry})
         frame_positions, frame_set = len(at), hashlib.sha256("|".join(at).encode()).hexdigest()[:16]

@@ -27,6 +27,19 @@ def make_variant(good: Path, folder: Path, name: str) -> Path:
         ds.ImagePositionPatient = [1e30, -1e30, 1e30]
     elif name == "position-not-a-number":
         ds.ImagePositionPatient = ["NaN", "0", "0"]
+    elif name == "frame-position-not-a-number":  # the geometry in functional groups, as enhanced multi-frame carries it
+        from pydicom.dataset import Dataset
+        from pydicom.sequence import Sequence
+
+        frame = Dataset()
+        for sequence, keyword, value in (("PlanePositionSequence", "ImagePositionPatient", ["NaN", "0", "0"]),
+                                         ("PlaneOrientationSequence", "ImageOrientationPatient", list(ds.ImageOrientationPatient)),
+                                         ("PixelMeasuresSequence", "PixelSpacing", list(ds.PixelSpacing))):
+            item = Dataset()
+            setattr(item, keyword, value)
+            setattr(frame, sequence, Sequence([item]))
+        ds.NumberOfFrames = 1
+        ds.PerFrameFunctionalGroupsSequence = Sequence([frame])
     elif name == "path-like-uid":
         ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3/../../../../tmp/evil"
     elif name == "path-like-series-uid":
@@ -75,6 +88,7 @@ CASES = {
     "no-geometry": {0xA900},
     "position-out-of-range": {0xA900},
     "position-not-a-number": {0xA900},
+    "frame-position-not-a-number": {0xA900},
     "path-like-uid": {0xC000},
     "path-like-series-uid": {0xC000},
     "deep-sequence-nesting": {0xA900, 0xC000},
