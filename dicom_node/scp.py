@@ -208,14 +208,21 @@ class StoreSCP:
         """An A-RELEASE-RQ: commit the rows of everything spooled so far before the DUL thread (this
         thread) can send the release response, so a released sender finds its instances recorded."""
         if isinstance(event.pdu, A_RELEASE_RQ):
-            self.ingest.flush(RELEASE_FLUSH_SECONDS)
+            recorded = self.ingest.flush(RELEASE_FLUSH_SECONDS)
+            with self._lock:
+                state = self._associations.get(id(event.assoc))
+                if state is not None:
+                    state["recorded"] = recorded  # nothing more can arrive on it: what its release reads
 
     def _on_end(self, event: evt.Event, outcome: str) -> None:
-        recorded = self.ingest.flush(RELEASE_FLUSH_SECONDS)
         with self._lock:
             state = self._associations.pop(id(event.assoc), None)
         if state is None:
             return
+        # Released: the rows were flushed before the release was answered; asking again held the
+        # association's thread (one of max_associations) another RELEASE_FLUSH_SECONDS during a
+        # database outage, until 2026-12-07. Aborted: no A-RELEASE-RQ came, so the wait is here.
+        recorded = state["recorded"] if "recorded" in state else self.ingest.flush(RELEASE_FLUSH_SECONDS)
         requestor = event.assoc.requestor
         shown = state["id"] if state["id"] is not None else "-"
         ended = entry(audit.ASSOCIATION, "success" if outcome == "released" else "warning", f"{requestor.ae_title}@{requestor.address}",
