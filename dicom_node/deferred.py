@@ -43,6 +43,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node.db import PassErrors, cannot_reach, driver_message
 from dicom_node.ingest import record_refusal
 from dicom_node.models import Association, AuditEvent, Instance, as_utc, utcnow
+from dicom_node.recovery import process_alive
 from dicom_node.spool import fsync_dir
 
 log = logging.getLogger(__name__)
@@ -135,16 +136,6 @@ def retry_set_aside(spool_dir: Path, sessions: sessionmaker[Session]) -> tuple[i
     return written, failed
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class Journal:
     """The entries of one process: written now when the database answers, kept until it does.
 
@@ -229,7 +220,7 @@ class Journal:
                 continue
             entry_host, pid = "-".join(parts[1:-2]), parts[-2]
             mine = entry_host == host and pid == str(os.getpid())
-            if not mine and (entry_host != host or not pid.isdigit() or _alive(int(pid))):
+            if not mine and (entry_host != host or not pid.isdigit() or process_alive(int(pid))):
                 elsewhere += entry_host != host and not temporary
                 continue  # another host's, or a running process's: theirs to write
             if temporary:

@@ -84,7 +84,8 @@ def recover_spool(spool: Spool, sessions: sessionmaker[Session]) -> dict[str, in
     return counts
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` of this host exists (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -101,7 +102,7 @@ def requeue_orphaned_jobs(sessions: sessionmaker[Session], current_worker: str) 
     with sessions.begin() as session:
         running = session.execute(select(Job.id, Job.worker).where(Job.state == "running", Job.worker.like(f"{host}:%"))).all()
         pids = {job_id: worker.rpartition(":")[2] for job_id, worker in running if worker != current_worker}
-        dead = [job_id for job_id, pid in pids.items() if pid.isdigit() and not _alive(int(pid))]
+        dead = [job_id for job_id, pid in pids.items() if pid.isdigit() and not process_alive(int(pid))]
         count = session.execute(update(Job).where(Job.id.in_(dead), Job.state == "running").values(**QUEUED_AGAIN)).rowcount if dead else 0
     if count:
         audit.record(sessions, "job-requeued", "warning", "mr2ct start-up", jobs=count)
