@@ -19,8 +19,8 @@ An entry is a dict of JSON values:
   series waits for (``ingest.record_refusal``), unless the instance was stored after it;
 - ``association`` (optional): the association's row: updated when it has an ``id``, inserted
   (``calling_ae``, ``called_ae``, ``peer_address``, ``started_at``) when the database was away at
-  its start; ``ended_at``, ``outcome``, ``stored``, ``refused``. Its id goes into the audit row's
-  ``association_id``.
+  its start; ``outcome``, ``stored``, ``refused`` (it ended at the entry's ``at``). Its id goes
+  into the audit row's ``association_id``.
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ FOLDER = ".deferred"  # under spool_dir: a leading dot, so no spool walk (three 
 BAD_SUFFIX = ".bad"  # an entry the database refused for a reason other than an outage: kept for a human
 
 
-def entry(action: str, outcome: str, actor: str, *, study_uid: str | None = None, series_uid: str | None = None,
-          **detail: Any) -> dict[str, Any]:
+def make_entry(action: str, outcome: str, actor: str, *, study_uid: str | None = None, series_uid: str | None = None,
+               **detail: Any) -> dict[str, Any]:
     """An entry with its audit row, happening now (``audit.event``'s fields); the caller adds a
     ``refusal`` or ``association`` to write in the same transaction."""
     return {"at": utcnow().isoformat(), "audit": {"action": action, "outcome": outcome, "actor": actor, "study_uid": study_uid,
@@ -156,28 +156,32 @@ class Journal:
     def record(self, entry: dict[str, Any], what: str) -> bool:
         """Write ``entry`` now; when the database cannot be reached, keep it for later. True when
         written now. ``what`` names it in the log (no patient identifiers)."""
+        refused: str | None = None
         if not self.pending():  # entries kept before this one are written first: the order holds
             try:
                 with self.sessions.begin() as session:
                     apply_entry(session, entry)
                 return True
             except SQLAlchemyError as exc:
-                if not cannot_reach(exc):
-                    log.error("%s not recorded: %s", what, driver_message(exc))
-                    return False
+                if not cannot_reach(exc):  # a defect: kept for a human (`mr2ct spool journal --retry` once mended)
+                    refused = driver_message(exc)
         try:
-            self.keep(entry)
+            self.keep(entry, set_aside=refused is not None)
         except (OSError, TypeError, ValueError) as exc:  # the spool's disk full or failing as well: said, and the handler goes on
             log.error("%s neither recorded nor kept (the database away, the journal not writable: %s)", what, exc)
+            return False
+        if refused is not None:
+            log.error("%s not recorded, set aside in the journal: %s", what, refused)
             return False
         waiting = self.pending()
         if waiting == 1 or waiting % 100 == 0:  # a line when the journal begins to fill, then one per hundred
             log.warning("%s kept in the journal until the database answers (%d waiting)", what, waiting)
         return False
 
-    def keep(self, entry: dict[str, Any]) -> Path:
-        """Write ``entry`` durably to the journal: a temporary name, fsync, rename, fsync of the folder."""
-        name = f"{time.time_ns():020d}-{self.owner}-{secrets.token_hex(4)}.json"
+    def keep(self, entry: dict[str, Any], set_aside: bool = False) -> Path:
+        """Write ``entry`` durably to the journal: a temporary name, fsync, rename, fsync of the folder.
+        ``set_aside``: straight to the entries a human writes (``retry_set_aside``), not this process's."""
+        name = f"{time.time_ns():020d}-{self.owner}-{secrets.token_hex(4)}.json" + (BAD_SUFFIX if set_aside else "")
         final = self.folder / name
         tmp = self.folder / f".{name}.tmp"
         text = json.dumps(entry, separators=(",", ":"))
@@ -191,8 +195,9 @@ class Journal:
             tmp.unlink(missing_ok=True)
             raise
         fsync_dir(self.folder)
-        with self._lock:
-            self._kept[final] = (entry.get("refusal") or {}).get("series_uid")
+        if not set_aside:
+            with self._lock:
+                self._kept[final] = (entry.get("refusal") or {}).get("series_uid")
         return final
 
     def pending(self) -> int:
@@ -213,6 +218,8 @@ class Journal:
         for path in sorted(self.folder.iterdir()):
             temporary = path.name.startswith(".") and path.name.endswith(".tmp")
             name = path.name[1:-len(".tmp")] if temporary else path.name
+            if temporary and name.endswith(BAD_SUFFIX):  # one being set aside when the process died
+                name = name[:-len(BAD_SUFFIX)]
             if not name.endswith(".json"):
                 continue
             parts = name[:-len(".json")].split("-")
@@ -254,13 +261,13 @@ class Journal:
                 with self.sessions.begin() as session:
                     apply_entry(session, entry)
             except FileNotFoundError:
-                pass  # written already (a stop and a pass raced): nothing left to do
+                pass  # removed by hand: nothing left to write
             except SQLAlchemyError as exc:
                 if cannot_reach(exc):
                     raise
                 log.error("journal entry not recorded, set aside path=%s: %s", path.name, driver_message(exc))
                 path.rename(path.with_name(path.name + BAD_SUFFIX))
-            except (OSError, ValueError, KeyError) as exc:
+            except (OSError, ValueError, KeyError, TypeError) as exc:  # not an entry this code can write: never blocks the rest
                 log.error("journal entry unreadable, set aside path=%s: %s", path.name, exc)
                 path.rename(path.with_name(path.name + BAD_SUFFIX))
             else:
@@ -275,6 +282,6 @@ class Journal:
     def loop(self, stop: threading.Event, poll_seconds: float = 1.0) -> None:
         """Write what was kept as soon as the database answers (a thread of the SCP's process)."""
         errors = PassErrors(log, "the journal of kept rows", "writing the journal's entries failed")
-        while not stop.wait(poll_seconds):
+        while not stop.wait(min(max(poll_seconds, 0.5), 5.0)):  # entries are rare: no busy loop, no minute's wait
             if self.pending():
                 errors.attempt(self.write_kept)

@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit
 from dicom_node.commitment import STORAGE_COMMITMENT, WELL_KNOWN_INSTANCE, CommitmentRefused, parse_request, record_request
 from dicom_node.db import driver_message
-from dicom_node.deferred import Journal, entry
+from dicom_node.deferred import Journal, make_entry
 from dicom_node.ingest import SUPPORTED_SOP_CLASSES, DatasetMismatch, Ingest, validate
 from dicom_node.models import Association, utcnow
 from dicom_node.spool import SpoolFull, file_meta_header
@@ -225,7 +225,7 @@ class StoreSCP:
         recorded = state["recorded"] if "recorded" in state else self.ingest.flush(RELEASE_FLUSH_SECONDS)
         requestor = event.assoc.requestor
         shown = state["id"] if state["id"] is not None else "-"
-        ended = entry(audit.ASSOCIATION, "success" if outcome == "released" else "warning", f"{requestor.ae_title}@{requestor.address}",
+        ended = make_entry(audit.ASSOCIATION, "success" if outcome == "released" else "warning", f"{requestor.ae_title}@{requestor.address}",
                       association_outcome=outcome, instances_stored=state["stored"], instances_refused=state["refused"],
                       series=sorted(state["series"]))
         ended["association"] = {"id": state["id"], "calling_ae": requestor.ae_title, "called_ae": self.ae_title,
@@ -256,7 +256,7 @@ class StoreSCP:
         else:
             reason, action = "too many concurrent associations", audit.ASSOCIATION
         log.warning("association rejected calling_ae=%s peer=%s reason=%s", requestor.ae_title, requestor.address, reason)
-        self.journal.record(entry(action, "failure", f"{requestor.ae_title}@{requestor.address}", reason=reason, called_ae=self.ae_title),
+        self.journal.record(make_entry(action, "failure", f"{requestor.ae_title}@{requestor.address}", reason=reason, called_ae=self.ae_title),
                             "association rejection")
 
     # -- DIMSE handlers ----------------------------------------------------------
@@ -277,7 +277,7 @@ class StoreSCP:
                 raise CommitmentRefused(0x0110, f"{requestor.ae_title} is not in commitment_peers: no address to send the report to")
         except CommitmentRefused as exc:
             log.warning("storage commitment refused calling_ae=%s status=0x%04X reason=%s", requestor.ae_title, exc.status, exc)
-            self.journal.record(entry("storage-commitment-requested", "failure", actor, status=f"0x{exc.status:04X}", reason=str(exc)[:500]),
+            self.journal.record(make_entry("storage-commitment-requested", "failure", actor, status=f"0x{exc.status:04X}", reason=str(exc)[:500]),
                                 "storage commitment refusal")
             status = Dataset()
             status.Status, status.ErrorComment = exc.status, str(exc)[:64]
@@ -327,7 +327,7 @@ class StoreSCP:
         sop_uid = str(getattr(event.request, "AffectedSOPInstanceUID", "") or "")[:64]
         series_uid = _series_of(event)
         log.warning("C-STORE refused status=0x%04X assoc=%s reason=%s", status, state["id"], reason)
-        refused = entry(audit.INSTANCE_REFUSED, "failure", calling_ae, series_uid=series_uid, association_id=state["id"],
+        refused = make_entry(audit.INSTANCE_REFUSED, "failure", calling_ae, series_uid=series_uid, association_id=state["id"],
                         status=f"0x{status:04X}", reason=reason[:500], sop_instance_uid=sop_uid)
         if series_uid is not None and is_valid_uid(sop_uid):  # the series waits for it
             refused["refusal"] = {"sop_uid": sop_uid, "series_uid": series_uid, "status": status, "reason": reason}

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node.db import init_db
-from dicom_node.deferred import BAD_SUFFIX, Journal, entry
+from dicom_node.deferred import BAD_SUFFIX, Journal, make_entry
 from dicom_node.ingest import ReceivedInstance
 from dicom_node.models import Association, AuditEvent, Instance, RefusedInstance, as_utc, utcnow
 from dicom_node.recorder import SpooledInstance, record_batch
@@ -25,7 +25,7 @@ SERIES = "1.2.3.4"
 
 
 def _refused(sop: str, series: str = SERIES) -> dict:
-    kept = entry("dicom-instance-refused", "failure", "SCANNER", series_uid=series, status="0xA900", sop_instance_uid=sop)
+    kept = make_entry("dicom-instance-refused", "failure", "SCANNER", series_uid=series, status="0xA900", sop_instance_uid=sop)
     kept["refusal"] = {"sop_uid": sop, "series_uid": series, "status": 0xA900, "reason": "Pixel Data is missing"}
     return kept
 
@@ -49,12 +49,12 @@ def test_entries_kept_by_a_process_that_died_are_written_at_the_next_start_with_
     dead = _dead_pid()
     first = Journal(tmp_path / "spool", sessions)
     refused = _refused("1.2.3.4.9")
-    ended = entry("application-activity/association", "success", "SCANNER@127.0.0.1", association_outcome="released",
+    ended = make_entry("application-activity/association", "success", "SCANNER@127.0.0.1", association_outcome="released",
                   instances_stored=4, instances_refused=1, series=[SERIES])
     started = utcnow() - timedelta(seconds=30)
     ended["association"] = {"id": None, "calling_ae": "SCANNER", "called_ae": "MR2CT", "peer_address": "127.0.0.1:5000",
                             "started_at": started.isoformat(), "outcome": "released", "stored": 4, "refused": 1}
-    rejected = entry("security-alert", "failure", "INTRUDER@127.0.0.1", reason="calling AE title not allowed from this host")
+    rejected = make_entry("security-alert", "failure", "INTRUDER@127.0.0.1", reason="calling AE title not allowed from this host")
     files = [_as_if_left_by(first.keep(kept), dead) for kept in (refused, ended, rejected)]
     (first.folder / f".{files[0].stem}ff.json.tmp").write_text("{")  # a half-written one of the dead process: never whole
     assert first.pending_series() == {SERIES}
@@ -198,3 +198,20 @@ def test_an_administrator_sees_the_journal_and_writes_what_was_set_aside_once_me
     with sessions() as session:
         assert session.scalars(select(RefusedInstance.sop_instance_uid)).all() == ["1.2.3.4.1"]
         assert session.scalars(select(AuditEvent.action)).all() == ["dicom-instance-refused"]
+
+
+def test_an_entry_the_database_refuses_at_once_is_set_aside_for_a_human_not_lost(tmp_path: Path, caplog) -> None:
+    from sqlalchemy import text
+
+    from dicom_node.deferred import journal_counts
+
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    with sessions.begin() as session:  # a defect's stand-in (no outage): the database refuses audit rows
+        session.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON audit_events BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+    journal = Journal(tmp_path / "spool", sessions)
+    with caplog.at_level(logging.ERROR, logger="dicom_node.deferred"):
+        assert journal.record(_refused("1.2.3.4.1"), "C-STORE refusal assoc=3") is False
+    assert "C-STORE refusal assoc=3 not recorded, set aside in the journal" in caplog.text
+    assert journal.pending() == 0 and journal_counts(tmp_path / "spool") == (0, 1)  # not this process's to retry: a human's
+    assert journal.record(_refused("1.2.3.4.2"), "C-STORE refusal assoc=3") is False  # the next is tried at once, not held behind it
+    assert journal_counts(tmp_path / "spool") == (0, 2)
