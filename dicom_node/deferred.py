@@ -40,9 +40,10 @@ from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node.audit import event as audit_event
 from dicom_node.db import PassErrors, cannot_reach, driver_message
 from dicom_node.ingest import record_refusal
-from dicom_node.models import Association, AuditEvent, Instance, as_utc, utcnow
+from dicom_node.models import Association, Instance, as_utc, utcnow
 from dicom_node.recovery import process_alive
 from dicom_node.spool import fsync_dir
 
@@ -82,9 +83,10 @@ def apply_entry(session: Session, entry: dict[str, Any]) -> None:
         stored = session.scalar(select(Instance.received_at).where(Instance.sop_instance_uid == refusal["sop_uid"]))
         if stored is None or as_utc(stored) < at:  # stored since (sent again, mended): its series waits for nothing
             record_refusal(session, refusal["sop_uid"], refusal["series_uid"], refusal["status"], refusal["reason"], at)
-    session.add(AuditEvent(at=at, action=audit["action"], outcome=audit["outcome"], actor=audit["actor"],
-                           study_instance_uid=audit.get("study_uid"), series_instance_uid=audit.get("series_uid"),
-                           job_id=audit.get("job_id"), detail=detail))
+    row = audit_event(audit["action"], audit["outcome"], audit["actor"], study_uid=audit.get("study_uid"),
+                      series_uid=audit.get("series_uid"), job_id=audit.get("job_id"), **detail)
+    row.at = at  # when it happened, not when it is written
+    session.add(row)
 
 
 def journal_counts(spool_dir: Path) -> tuple[int, int]:

@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.audit import INSTANCE_NOT_RECORDED
+from dicom_node import audit
 from dicom_node.db import PassErrors, cannot_reach, driver_message
-from dicom_node.models import AuditEvent, Instance, RefusedInstance, Series, as_utc
+from dicom_node.models import Instance, RefusedInstance, Series, as_utc
 from synthesis.contrast import with_other_choice, with_other_contrast, with_other_part
 
 if TYPE_CHECKING:
@@ -189,15 +189,14 @@ def hold_unrecorded(sessions: sessionmaker[Session], item: SpooledInstance, reas
     info = item.info
     log.error("instance spooled but not recorded series=%s sop=%s file=%s: %s", info.series_uid, info.sop_instance_uid, item.path.name,
               reason)
+    from dicom_node.ingest import record_refusal  # here: ingest imports this module
+
     because = f"stored in the spool, but the database refused its row ({reason})"[:500]
     try:
         with sessions.begin() as session:
-            session.add(AuditEvent(action=INSTANCE_NOT_RECORDED, outcome="failure", actor=item.calling_ae[:128],
-                                   series_instance_uid=info.series_uid, detail={
-                                       "sop_instance_uid": info.sop_instance_uid, "association_id": item.association_id,
-                                       "reason": because}))
-            session.merge(RefusedInstance(sop_instance_uid=info.sop_instance_uid, series_instance_uid=info.series_uid,
-                                          status="0x0110", reason=because, refused_at=item.received_at))
+            session.add(audit.event(audit.INSTANCE_NOT_RECORDED, "failure", item.calling_ae[:128], series_uid=info.series_uid,
+                                    sop_instance_uid=info.sop_instance_uid, association_id=item.association_id, reason=because))
+            record_refusal(session, info.sop_instance_uid, info.series_uid, 0x0110, because, item.received_at)
     except Exception as exc:  # noqa: BLE001 (the series' UID itself may be what it refuses): the log line above stays
         log.error("instance not recorded, and its hold not recorded either sop=%s: %s", info.sop_instance_uid, driver_message(exc))
 
