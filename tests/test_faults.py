@@ -269,6 +269,63 @@ def test_postgresql_down_while_a_job_runs_queues_it_again_and_the_worker_goes_on
     assert "Traceback" not in log and log.count("job queued again job=1") == 1
 
 
+def test_postgresql_down_storage_commitment_is_refused_for_now_without_a_traceback(orthanc, tmp_path):
+    """With the node's database away, a storage commitment request (N-ACTION) and a report of the
+    routing destination (N-EVENT-REPORT) cannot be recorded: each is answered Processing Failure
+    (0x0110: the requester may ask again; an unanswered routing request expires and is asked again)
+    with one log line, not a handler's traceback (until 2026-12-07); once the database is back both
+    are taken as usual."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import MRImageStorage, generate_uid
+    from pynetdicom import AE, build_role
+    from pynetdicom.sop_class import StorageCommitmentPushModel  # type: ignore[attr-defined]
+
+    well_known = "1.2.840.10008.1.20.1.1"
+    with PostgresServer(None, free_port()) as postgres:
+        workdir, port = tmp_path / "node", free_port()
+        env = node_env(workdir, port, orthanc) | {
+            "MR2CT_DATABASE_URL": postgres.url, "MR2CT_ALLOWED_AES": f"{SCANNER_AE},ARCHIVE@127.0.0.1",
+            "MR2CT_COMMITMENT_PEERS": f"{SCANNER_AE}@127.0.0.1:{free_port()}", "MR2CT_FORWARD_ORIGINALS": "true",
+            "MR2CT_FORWARD_TO": f"ARCHIVE@127.0.0.1:{free_port()}", "MR2CT_FORWARD_COMMITMENT": "true"}
+        information = Dataset()
+        information.TransactionUID = generate_uid()
+        item = Dataset()
+        item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = MRImageStorage, generate_uid()
+        information.ReferencedSOPSequence = [item]
+
+        def ask() -> int:  # the scanner asks the node to commit an instance
+            scu = AE(SCANNER_AE)
+            scu.add_requested_context(StorageCommitmentPushModel)
+            assoc = scu.associate("127.0.0.1", port, ae_title=NODE_AE)
+            assert assoc.is_established
+            try:
+                status, _ = assoc.send_n_action(information, 1, StorageCommitmentPushModel, well_known)
+            finally:
+                assoc.release()
+            return int(status.Status)
+
+        def report() -> int:  # the routing destination reports on a transaction of the node's
+            archive = AE("ARCHIVE")
+            archive.add_requested_context(StorageCommitmentPushModel)
+            assoc = archive.associate("127.0.0.1", port, ae_title=NODE_AE, ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
+            assert assoc.is_established
+            try:
+                status, _ = assoc.send_n_event_report(information, 1, StorageCommitmentPushModel, well_known)
+            finally:
+                assoc.release()
+            return int(status.Status)
+
+        with NodeServer(workdir, env, port):
+            postgres.halt()
+            assert ask() == 0x0110 and report() == 0x0110
+            postgres.resume()
+            _wait(lambda: ask() == 0x0000, 30, "the request taken once the database is back")
+            assert report() == 0x0115  # no such transaction of this node: read from the database again
+        log = (workdir / "mr2ct.log").read_text()
+    assert "Traceback" not in log and "Exception in handler" not in log
+    assert "storage commitment request not recorded" in log and "storage commitment report not recorded" in log
+
+
 def test_a_hung_orthanc_fails_the_attempt_after_the_timeout_and_the_job_finishes_once_it_answers(tmp_path):
     """Orthanc hangs (here: stopped with SIGSTOP; its port still takes connections, nothing answers),
     as one stuck on its database or behind a firewall that dropped the connection would: the job's
