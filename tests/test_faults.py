@@ -293,27 +293,28 @@ def test_postgresql_down_storage_commitment_is_refused_for_now_without_a_traceba
         item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = MRImageStorage, generate_uid()
         information.ReferencedSOPSequence = [item]
 
-        def ask() -> int:  # the scanner asks the node to commit an instance
-            scu = AE(SCANNER_AE)
-            scu.add_requested_context(StorageCommitmentPushModel)
-            assoc = scu.associate("127.0.0.1", port, ae_title=NODE_AE)
+        def send(calling: str, report: bool) -> int:
+            """The scanner asks the node to commit an instance (N-ACTION), or the routing destination
+            reports on a transaction of the node's (N-EVENT-REPORT, on an association of its own)."""
+            peer = AE(calling)
+            peer.add_requested_context(StorageCommitmentPushModel)
+            roles = [build_role(StorageCommitmentPushModel, scp_role=True)] if report else []
+            assoc = peer.associate("127.0.0.1", port, ae_title=NODE_AE, ext_neg=roles)
             assert assoc.is_established
             try:
-                status, _ = assoc.send_n_action(information, 1, StorageCommitmentPushModel, well_known)
+                if report:
+                    status, _ = assoc.send_n_event_report(information, 1, StorageCommitmentPushModel, well_known)
+                else:
+                    status, _ = assoc.send_n_action(information, 1, StorageCommitmentPushModel, well_known)
             finally:
                 assoc.release()
             return int(status.Status)
 
-        def report() -> int:  # the routing destination reports on a transaction of the node's
-            archive = AE("ARCHIVE")
-            archive.add_requested_context(StorageCommitmentPushModel)
-            assoc = archive.associate("127.0.0.1", port, ae_title=NODE_AE, ext_neg=[build_role(StorageCommitmentPushModel, scp_role=True)])
-            assert assoc.is_established
-            try:
-                status, _ = assoc.send_n_event_report(information, 1, StorageCommitmentPushModel, well_known)
-            finally:
-                assoc.release()
-            return int(status.Status)
+        def ask() -> int:
+            return send(SCANNER_AE, report=False)
+
+        def report() -> int:
+            return send("ARCHIVE", report=True)
 
         with NodeServer(workdir, env, port):
             postgres.halt()
