@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
 from dicom_node.db import PassErrors, cannot_reach, driver_message
-from dicom_node.models import Instance, RefusedInstance, Series, as_utc
+from dicom_node.models import AuditEvent, Instance, RefusedInstance, Series, as_utc
 from synthesis.contrast import with_other_choice, with_other_contrast, with_other_part
 
 if TYPE_CHECKING:
@@ -182,10 +182,15 @@ def record_sorting_out(sessions: sessionmaker[Session], items: list[SpooledInsta
     return record_sorting_out(sessions, items[:half]) + record_sorting_out(sessions, items[half:])
 
 
-def hold_unrecorded(sessions: sessionmaker[Session], item: SpooledInstance, reason: str) -> None:
+def hold_unrecorded(sessions: sessionmaker[Session], item: SpooledInstance, reason: str, *, recovered: bool = False) -> None:
     """An instance the database refused to record: its file stays in the spool (start-up recovery
     tries it again), an audit row says so, and its series waits for it as for a refused instance
-    (``ingest.record_refusal``: not synthesized with the gap) until it is sent again."""
+    (``ingest.record_refusal``: not synthesized with the gap) until it is sent again.
+
+    ``recovered``: the file was found again by start-up recovery. When it was audited before (an
+    earlier start, or its arrival), only the log says so: one file kept for a human is one audit
+    row and one count of ``mr2ct_instances_not_recorded_total``, not one more at every start, and
+    a hold an administrator has lifted since (``POST /synthesize``) stays lifted."""
     info = item.info
     log.error("instance spooled but not recorded series=%s sop=%s file=%s: %s", info.series_uid, info.sop_instance_uid, item.path.name,
               reason)
@@ -194,11 +199,22 @@ def hold_unrecorded(sessions: sessionmaker[Session], item: SpooledInstance, reas
     because = f"stored in the spool, but the database refused its row ({reason})"[:500]
     try:
         with sessions.begin() as session:
+            if recovered and _audited_unrecorded(session, info.series_uid, info.sop_instance_uid):
+                log.warning("instance not recorded again, audited before sop=%s file=%s", info.sop_instance_uid, item.path.name)
+                return
             session.add(audit.event(audit.INSTANCE_NOT_RECORDED, "failure", item.calling_ae[:128], series_uid=info.series_uid,
                                     sop_instance_uid=info.sop_instance_uid, association_id=item.association_id, reason=because))
             record_refusal(session, info.sop_instance_uid, info.series_uid, 0x0110, because, item.received_at)
     except Exception as exc:  # noqa: BLE001 (the series' UID itself may be what it refuses): the log line above stays
         log.error("instance not recorded, and its hold not recorded either sop=%s: %s", info.sop_instance_uid, driver_message(exc))
+
+
+def _audited_unrecorded(session: Session, series_uid: str, sop_uid: str) -> bool:
+    """Whether an instance's row was refused before (its ``dicom-instance-not-recorded`` audit row;
+    found by the indexed series UID, then the SOP Instance UID in its detail)."""
+    details = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == audit.INSTANCE_NOT_RECORDED,
+                                                              AuditEvent.series_instance_uid == series_uid)).all()
+    return any((detail or {}).get("sop_instance_uid") == sop_uid for detail in details)
 
 
 def remove_superseded(stale: Path, newer: Path, newer_received_at: datetime) -> bool:

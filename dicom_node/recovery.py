@@ -72,7 +72,7 @@ def recover_spool(spool: Spool, sessions: sessionmaker[Session]) -> dict[str, in
     refused = 0
     for start in range(0, len(found_in_order), RECOVERY_BATCH):  # a transaction per batch, not per file
         for item, reason in record_sorting_out(sessions, found_in_order[start : start + RECOVERY_BATCH]):
-            hold_unrecorded(sessions, item, reason)  # kept in the spool for a human, its series held; start-up goes on
+            hold_unrecorded(sessions, item, reason, recovered=True)  # kept in the spool for a human, its series held; start-up goes on
             refused += 1
     recovered = len(found) - refused
     counts = {"recovered": recovered, "temporaries_removed": removed, "unrecoverable": unreadable, "purges_undone": restored,

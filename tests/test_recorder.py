@@ -193,3 +193,18 @@ def test_start_up_recovery_goes_on_past_a_file_whose_row_the_database_refuses(tm
     with sessions() as session:
         assert sorted(session.scalars(select(Instance.sop_instance_uid)).all()) == sorted([sops[0], sops[2]])
         assert session.scalars(select(RefusedInstance.sop_instance_uid)).all() == [sops[1]]
+    # The next start finds the file again: still not recorded, still kept, but audited once (the
+    # metric counts audit rows: one file must not add one at every start), and a hold an
+    # administrator lifted meanwhile stays lifted.
+    from dicom_node.ingest import lift_refusals
+    from dicom_node.models import AuditEvent
+
+    assert lift_refusals(sessions, series.series_uid) == 1
+    for _ in range(2):
+        again = recover_spool(spool, sessions)
+        assert (again["recovered"], again["not_recorded"]) == (0, 1)
+    assert len(spool.instances()) == 3
+    with sessions() as session:
+        audited = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == "dicom-instance-not-recorded")).all()
+        assert [detail["sop_instance_uid"] for detail in audited] == [sops[1]]
+        assert session.scalars(select(RefusedInstance.sop_instance_uid)).all() == []
