@@ -20,7 +20,10 @@ An entry is a dict of JSON values:
 - ``association`` (optional): the association's row: updated when it has an ``id``, inserted
   (``calling_ae``, ``called_ae``, ``peer_address``, ``started_at``) when the database was away at
   its start; ``outcome``, ``stored``, ``refused`` (it ended at the entry's ``at``). Its id goes
-  into the audit row's ``association_id``.
+  into the audit row's ``association_id``. ``instances`` (optional): the SOP Instance UIDs stored
+  on it while its row could not be written; their rows, recorded by then (the journal writes such
+  an entry only after the recorder's rows, ``Journal.rows_first``), get its id, unless another
+  association's is already theirs.
 """
 
 from __future__ import annotations
@@ -34,9 +37,9 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -50,6 +53,7 @@ from dicom_node.spool import fsync_dir
 log = logging.getLogger(__name__)
 
 FOLDER = ".deferred"  # under spool_dir: a leading dot, so no spool walk (three UID levels) takes it for a study
+RECORDER_WAIT_SECONDS = 10.0  # how long writing the journal waits for the recorder's rows in one pass
 BAD_SUFFIX = ".bad"  # an entry the database refused for a reason other than an outage: kept for a human
 
 
@@ -78,6 +82,10 @@ def apply_entry(session: Session, entry: dict[str, Any]) -> None:
         row.ended_at, row.outcome = at, association["outcome"]
         row.instances_stored, row.instances_refused = association["stored"], association["refused"]
         detail["association_id"] = row.id
+        stored_on_it = list(association.get("instances") or [])
+        for start in range(0, len(stored_on_it), 500):  # bound the statement's parameters
+            session.execute(update(Instance).where(Instance.sop_instance_uid.in_(stored_on_it[start : start + 500]),
+                                                   Instance.association_id.is_(None)).values(association_id=row.id))
     refusal = entry.get("refusal")
     if refusal is not None:
         stored = session.scalar(select(Instance.received_at).where(Instance.sop_instance_uid == refusal["sop_uid"]))
@@ -153,13 +161,18 @@ class Journal:
         self.owner = f"{socket.gethostname()}-{os.getpid()}"
         self._lock = threading.Lock()
         self._kept: dict[Path, str | None] = {}  # this process's entries not written yet: file -> the series a refusal holds
+        # the recorder's flush (the SCP sets it): an association's entry that links its instances is
+        # written only once their rows are (a wait of at most the given seconds; False: not yet)
+        self.rows_first: Callable[[float], bool] | None = None
 
     # -- the handlers' side ---------------------------------------------------------------
-    def record(self, entry: dict[str, Any], what: str) -> bool:
+    def record(self, entry: dict[str, Any], what: str, rows_recorded: bool = True) -> bool:
         """Write ``entry`` now; when the database cannot be reached, keep it for later. True when
-        written now. ``what`` names it in the log (no patient identifiers)."""
+        written now. ``what`` names it in the log (no patient identifiers). ``rows_recorded``
+        False: rows the entry refers to (an association's instances) are not all recorded yet, so it
+        is kept and written after them."""
         refused: str | None = None
-        if not self.pending():  # entries kept before this one are written first: the order holds
+        if rows_recorded and not self.pending():  # entries kept before this one are written first: the order holds
             try:
                 with self.sessions.begin() as session:
                     apply_entry(session, entry)
@@ -257,9 +270,16 @@ class Journal:
         with self._lock:
             kept = sorted(self._kept, key=lambda path: path.name)
         written = 0
+        rows_recorded = self.rows_first is None
         for path in kept:
             try:
                 entry = json.loads(path.read_text(encoding="utf-8"))
+                if not rows_recorded and (entry.get("association") or {}).get("instances"):
+                    with self.sessions() as session:  # the database away: raised here, not waited for below
+                        session.execute(select(1))
+                    rows_recorded = self.rows_first(RECORDER_WAIT_SECONDS)  # type: ignore[misc]
+                    if not rows_recorded:  # the recorder still waits for the database: this entry and those after, next pass
+                        break
                 with self.sessions.begin() as session:
                     apply_entry(session, entry)
             except FileNotFoundError:

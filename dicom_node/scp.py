@@ -158,6 +158,7 @@ class StoreSCP:
         # what the handlers write beside the instances (refusals, associations, their audit rows):
         # kept there while the database is away, written once it answers (its loop: the service's thread)
         self.journal = journal or Journal(ingest.spool.root, sessions)
+        self.journal.rows_first = ingest.flush  # an association's instances recorded before its row links them
         self.reports_from = reports_from  # forward_commitment: the routing destination's AE title, whose reports are taken
         self.max_refusals = max_refusals  # forward_max_refusals: commitment failures of one original before it is given up
         self.commitment_peers = commitment_peers  # AE titles whose storage commitment requests are answered
@@ -231,7 +232,9 @@ class StoreSCP:
         ended["association"] = {"id": state["id"], "calling_ae": requestor.ae_title, "called_ae": self.ae_title,
                                 "peer_address": f"{requestor.address}:{requestor.port}", "started_at": state.get("started_at", utcnow()).isoformat(),
                                 "outcome": outcome, "stored": state["stored"], "refused": state["refused"]}
-        self.journal.record(ended, f"association {outcome} assoc={shown}")
+        if state.get("unlinked"):
+            ended["association"]["instances"] = state["unlinked"]
+        self.journal.record(ended, f"association {outcome} assoc={shown}", rows_recorded=recorded)
         log.info("association %s assoc=%s stored=%d refused=%d", outcome, shown, state["stored"], state["refused"])
         if outcome == "released" and self.on_released is not None and state["series"]:
             if not recorded or self.journal.pending_series() & state["series"]:
@@ -319,6 +322,8 @@ class StoreSCP:
         with self._lock:
             state["stored"] += 1
             state["series"].add(info.series_uid)
+            if state["id"] is None:  # its row not written (the database away): the instances it links once it is
+                state.setdefault("unlinked", []).append(info.sop_instance_uid)
         return STATUS_SUCCESS
 
     def _refuse(self, state: dict[str, Any], calling_ae: str, status: int, reason: str, event: evt.Event) -> int:

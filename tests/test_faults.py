@@ -223,6 +223,12 @@ def test_postgresql_down_while_a_series_arrives_loses_nothing_and_says_so_once(o
                                                                                 Association.started_at <= resumed_at)).all()
                 assert sorted((a.outcome, a.instances_stored, a.instances_refused) for a in outage_associations) == [
                     ("released", 2, 1), ("released", 4, 0)]
+                # the instances stored on them are linked to their rows (until 2026-12-07 night: association_id NULL)
+                linked = {a.instances_stored: {sop for (sop,) in session.execute(
+                    select(Instance.sop_instance_uid).where(Instance.association_id == a.id))} for a in outage_associations}
+                assert linked[4] == {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in during.files[2:]}
+                assert len(linked[2]) == 2 and all(sop in {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+                                                           for path in gap.files} for sop in linked[2])
         log = (workdir / "mr2ct.log").read_text()
     assert "Traceback" not in log
     assert "PAT-OUTAGE-4711" not in log

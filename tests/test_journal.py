@@ -111,6 +111,42 @@ def test_a_refusal_written_after_its_instance_was_stored_again_holds_nothing(tmp
         assert len(session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-instance-refused")).all()) == 2
 
 
+def test_an_association_s_row_written_late_links_its_instances_once_the_recorder_has_recorded_them(tmp_path: Path) -> None:
+    """An association whose row could not be written at its start (the database away) names the
+    instances stored on it; its entry waits for the recorder's rows (``rows_first``), then links
+    them, leaving an instance another association's row already holds as it is."""
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    journal = Journal(tmp_path / "spool", sessions)
+    recorder_done = [False]
+    journal.rows_first = lambda seconds: recorder_done[0]
+    ended = make_entry("application-activity/association", "success", "SCANNER@127.0.0.1", association_outcome="released",
+                       instances_stored=3, instances_refused=0, series=[SERIES])
+    ended["association"] = {"id": None, "calling_ae": "SCANNER", "called_ae": "MR2CT", "peer_address": "127.0.0.1:5000",
+                            "started_at": utcnow().isoformat(), "outcome": "released", "stored": 3, "refused": 0,
+                            "instances": ["1.2.3.4.1", "1.2.3.4.2", "1.2.3.4.3"]}
+    assert journal.record(ended, "association", rows_recorded=False) is False  # its instances' rows not all in: kept
+    assert journal.record(_refused("1.2.3.4.9"), "refusal") is False  # behind it
+    assert journal.write_kept() == 0 and journal.pending() == 2  # the recorder not done: nothing written, the order kept
+    with sessions.begin() as session:
+        other = Association(calling_ae="OTHER", called_ae="MR2CT", peer_address="127.0.0.1:6000")
+        session.add(other)
+        session.flush()
+        other_id = other.id
+
+    def spooled(sop: str, association_id: int | None) -> SpooledInstance:
+        info = ReceivedInstance(MR, sop, "1.2.3", SERIES, "MR", "T1", "axial", "patient")
+        return SpooledInstance(info, tmp_path / f"{sop}.dcm", 100, "1.2.840.10008.1.2.1", "SCANNER", association_id, utcnow())
+
+    record_batch(sessions, [spooled("1.2.3.4.1", None), spooled("1.2.3.4.2", None), spooled("1.2.3.4.3", other_id)])
+    recorder_done[0] = True
+    assert journal.write_kept() == 2 and journal.pending() == 0
+    with sessions() as session:
+        late = session.scalar(select(Association).where(Association.calling_ae == "SCANNER"))
+        links = dict(session.execute(select(Instance.sop_instance_uid, Instance.association_id)).all())
+    assert links == {"1.2.3.4.1": late.id, "1.2.3.4.2": late.id, "1.2.3.4.3": other_id}
+    assert (late.instances_stored, late.outcome) == (3, "released")
+
+
 def test_record_keeps_entries_while_the_database_cannot_be_opened_and_writes_them_in_order_after(tmp_path: Path) -> None:
     """A real outage of a SQLite database: its folder moved away (opening it fails), then back."""
     home = tmp_path / "db"
