@@ -1589,18 +1589,31 @@ def spool_status(config: ConfigOption = None) -> None:
 @spool_app.command("journal")
 def spool_journal(
     retry: Annotated[bool, typer.Option("--retry", help="write the entries set aside now (once what the database refused is mended)")] = False,
+    take_over: Annotated[Optional[str], typer.Option(
+        "--take-over", metavar="HOST",
+        help="write the waiting entries of HOST, a host that shared this spool_dir and runs no node any more (retired or renamed); "
+        "only when no mr2ct process runs there")] = None,
     config: ConfigOption = None,
 ) -> None:
     """The SCP's journal: rows it kept while the database was away (refusals, associations, their
     audit rows), waiting to be written, and any the database then refused, set aside."""
-    from dicom_node.deferred import listed, retry_set_aside
+    from dicom_node.deferred import entry_host, listed, retry_set_aside, take_over_host
 
     settings = _settings(config)
-    if retry:
+    if retry or take_over is not None:
         from dicom_node.db import init_db
 
-        written, failed = retry_set_aside(settings.spool_dir, init_db(settings.database_url))
-        typer.echo(f"written {written} set-aside entr{'y' if written == 1 else 'ies'}")
+        if retry and take_over is not None:
+            raise typer.BadParameter("--retry and --take-over: one at a time", param_hint="--take-over")
+        if take_over is not None:
+            try:
+                written, failed = take_over_host(settings.spool_dir, init_db(settings.database_url), take_over)
+            except ValueError as exc:
+                raise typer.BadParameter(str(exc), param_hint="--take-over") from exc
+            typer.echo(f"written {written} waiting entr{'y' if written == 1 else 'ies'} of {take_over}")
+        else:
+            written, failed = retry_set_aside(settings.spool_dir, init_db(settings.database_url))
+            typer.echo(f"written {written} set-aside entr{'y' if written == 1 else 'ies'}")
         for name, why in failed:
             typer.echo(f"not written {name}: {why}", err=True)
         if failed:
@@ -1618,7 +1631,8 @@ def spool_journal(
         audit_row = entry.get("audit") or {}
         what = audit_row.get("action", "?") + (" + the refusal its series waits for" if entry.get("refusal") else "") + (
             " + the association's row" if entry.get("association") else "")
-        typer.echo(f"{state:9}  {entry.get('at', '?')}  {what}  {audit_row.get('actor', '')}  series={audit_row.get('series_uid') or '-'}")
+        typer.echo(f"{state:9}  {entry.get('at', '?')}  {what}  {audit_row.get('actor', '')}  series={audit_row.get('series_uid') or '-'}"
+                   f"  host={entry_host(path.name) or '?'}")
 
 
 @spool_app.command("purge")

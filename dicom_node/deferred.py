@@ -124,14 +124,38 @@ def listed(spool_dir: Path) -> list[tuple[Path, dict[str, Any] | None]]:
     return found
 
 
+def entry_host(name: str) -> str | None:
+    """The host whose process kept the entry file ``name`` (``<ns>-<host>-<pid>-<random>.json``,
+    a host name may hold dashes; ``.bad`` allowed); None for a name not of that form."""
+    if name.endswith(BAD_SUFFIX):
+        name = name[:-len(BAD_SUFFIX)]
+    parts = name[:-len(".json")].split("-") if name.endswith(".json") else []
+    return "-".join(parts[1:-2]) if len(parts) >= 4 else None
+
+
 def retry_set_aside(spool_dir: Path, sessions: sessionmaker[Session]) -> tuple[int, list[tuple[str, str]]]:
     """Write the entries set aside (the database refused them once, not for an outage: mended
     since, say a migration run), one transaction each; each written is removed. (How many written,
     [(file, why not)] for the others, which stay.)"""
+    return _write_listed([(path, entry) for path, entry in listed(spool_dir) if path.name.endswith(BAD_SUFFIX)], sessions)
+
+
+def take_over_host(spool_dir: Path, sessions: sessionmaker[Session], host: str) -> tuple[int, list[tuple[str, str]]]:
+    """Write the waiting entries a host kept that will not write them itself: one retired, or
+    renamed, that shared this spool_dir (a process's own start-up takes over only its own host's).
+    The caller vouches that no process of ``host`` runs; this host's are refused (start-up adopts
+    them, and a running process's are its own to write). Oldest first, one transaction each."""
+    if host == socket.gethostname():
+        raise ValueError(f"{host} is this host: its entries are taken over by the node's own start-up")
+    return _write_listed([(path, entry) for path, entry in listed(spool_dir)
+                          if not path.name.endswith(BAD_SUFFIX) and entry_host(path.name) == host], sessions)
+
+
+def _write_listed(found: list[tuple[Path, dict[str, Any] | None]], sessions: sessionmaker[Session]) -> tuple[int, list[tuple[str, str]]]:
+    """Write ``found`` (``listed``'s pairs) in order, one transaction each, removing each written.
+    (How many written, [(file, why not)] for the others, which stay.)"""
     written, failed = 0, []
-    for path, entry in listed(spool_dir):
-        if not path.name.endswith(BAD_SUFFIX):
-            continue
+    for path, entry in found:
         if entry is None:
             failed.append((path.name, "unreadable"))
             continue
@@ -237,13 +261,13 @@ class Journal:
                 name = name[:-len(BAD_SUFFIX)]
             if not name.endswith(".json"):
                 continue
-            parts = name[:-len(".json")].split("-")
-            if len(parts) < 4:
+            kept_by = entry_host(name)
+            if kept_by is None:
                 continue
-            entry_host, pid = "-".join(parts[1:-2]), parts[-2]
-            mine = entry_host == host and pid == str(os.getpid())
-            if not mine and (entry_host != host or not pid.isdigit() or process_alive(int(pid))):
-                elsewhere += entry_host != host and not temporary
+            pid = name[:-len(".json")].split("-")[-2]
+            mine = kept_by == host and pid == str(os.getpid())
+            if not mine and (kept_by != host or not pid.isdigit() or process_alive(int(pid))):
+                elsewhere += kept_by != host and not temporary
                 continue  # another host's, or a running process's: theirs to write
             if temporary:
                 path.unlink(missing_ok=True)
@@ -259,8 +283,9 @@ class Journal:
             adopted += not mine
         if adopted:
             log.info("journal: %d entr%s left by a process that is gone taken over", adopted, "y" if adopted == 1 else "ies")
-        if elsewhere:  # a spool_dir shared by hosts: the SCP on that host writes them (a host renamed since: nobody does)
-            log.warning("journal: %d entr%s of other hosts in %s left to them", elsewhere, "y" if elsewhere == 1 else "ies", self.folder)
+        if elsewhere:  # a spool_dir shared by hosts: the SCP on that host writes them (one retired or renamed since: nobody does)
+            log.warning("journal: %d entr%s of other hosts in %s left to them (a host retired: mr2ct spool journal --take-over HOST)",
+                        elsewhere, "y" if elsewhere == 1 else "ies", self.folder)
         return adopted
 
     def write_kept(self) -> int:

@@ -236,6 +236,47 @@ def test_an_administrator_sees_the_journal_and_writes_what_was_set_aside_once_me
         assert session.scalars(select(AuditEvent.action)).all() == ["dicom-instance-refused"]
 
 
+def test_an_administrator_takes_over_the_waiting_entries_of_a_retired_host_and_no_other_s(tmp_path: Path) -> None:
+    """Hosts sharing a spool_dir write their own entries; one retired (or renamed) during an outage
+    leaves its entries to no one. `mr2ct spool journal` names each entry's host, and `--take-over
+    HOST` writes that host's waiting entries, oldest first, leaving the others; this host's are
+    refused (its start-up takes them over)."""
+    import socket
+    import sys
+
+    from tests.helpers import env_without_mr2ct
+
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    journal = Journal(tmp_path / "spool", sessions)
+
+    def kept_by(host: str, sop: str) -> Path:
+        path = journal.keep(_refused(sop))
+        moved = path.with_name(path.name.replace(f"-{journal.owner}-", f"-{host}-4242-"))
+        path.rename(moved)
+        return moved
+
+    retired = [kept_by("old-node-7", "1.2.3.4.1"), kept_by("old-node-7", "1.2.3.4.2")]
+    other = kept_by("node-8", "1.2.3.4.3")
+    env = env_without_mr2ct() | {"MR2CT_DATABASE_URL": str(sessions.kw["bind"].url), "MR2CT_SPOOL_DIR": str(tmp_path / "spool")}
+
+    def mr2ct(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "dicom_node.cli", "spool", "journal", *args], capture_output=True, text=True,
+                              env=env, timeout=120)
+
+    shown = mr2ct()
+    assert shown.returncode == 0 and "3 waiting for the database" in shown.stdout, shown.stderr
+    assert shown.stdout.count("host=old-node-7") == 2 and shown.stdout.count("host=node-8") == 1
+    mine = mr2ct("--take-over", socket.gethostname())
+    assert mine.returncode == 2 and "is this host" in mine.stderr, mine.stderr
+    taken = mr2ct("--take-over", "old-node-7")
+    assert taken.returncode == 0 and "written 2 waiting entries of old-node-7" in taken.stdout, taken.stderr
+    assert not any(path.exists() for path in retired) and other.exists()
+    with sessions() as session:
+        rows = session.scalars(select(AuditEvent).order_by(AuditEvent.id)).all()
+        assert [row.detail["sop_instance_uid"] for row in rows] == ["1.2.3.4.1", "1.2.3.4.2"]
+        assert sorted(session.scalars(select(RefusedInstance.sop_instance_uid)).all()) == ["1.2.3.4.1", "1.2.3.4.2"]
+
+
 def test_an_entry_the_database_refuses_at_once_is_set_aside_for_a_human_not_lost(tmp_path: Path, caplog) -> None:
     from sqlalchemy import text
 
