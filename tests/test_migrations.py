@@ -50,9 +50,35 @@ def test_the_migrations_make_exactly_the_schema_the_models_describe_and_undo_it(
     assert _differences(database_url) == []
 
 
+def test_the_database_refuses_to_change_or_delete_an_audit_row(database_url: str) -> None:
+    """The audit trail is append-only in the database itself (migration 0035), not only by the
+    code having no such path: an UPDATE or DELETE of its rows, from any client, is refused with a
+    message that says why, and the row stays as written. Rows of other tables change as before."""
+    from sqlalchemy import delete, select, update
+    from sqlalchemy.exc import DBAPIError
+
+    from dicom_node import audit
+    from dicom_node.models import AuditEvent, Series, utcnow
+
+    sessions = init_db(database_url)
+    audit.record(sessions, "job-finished", "success", "worker-1", series_uid="1.2.3", job_id=7)
+    for statement in (update(AuditEvent).values(outcome="failure"), delete(AuditEvent)):
+        with pytest.raises(DBAPIError, match="audit_events is append-only"):
+            with sessions.begin() as session:
+                session.execute(statement)
+    with sessions() as session:
+        assert session.execute(select(AuditEvent.action, AuditEvent.outcome, AuditEvent.job_id)).all() == [("job-finished", "success", 7)]
+    with sessions.begin() as session:
+        session.add(Series(series_instance_uid="1.2.3", study_instance_uid="1.2", modality="MR", calling_ae="SCANNER", instance_count=1,
+                           state="receiving", first_received_at=utcnow(), last_received_at=utcnow()))
+    with sessions.begin() as session:
+        session.execute(update(Series).values(state="stable"))
+        session.execute(delete(Series))
+
+
 def test_a_command_says_in_one_line_what_it_did_to_the_schema(tmp_path: Path) -> None:
     """A new database, or one a new version upgrades, is one log line naming the revisions, not
-    Alembic's line per migration (34 on a new database, each with its docstring: the first screen
+    Alembic's line per migration (35 on a new database, each with its docstring: the first screen
     an administrator read of a node's log or of a `mr2ct pull`). A database already at head: no
     line."""
     import subprocess
