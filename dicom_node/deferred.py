@@ -17,10 +17,11 @@ An entry is a dict of JSON values:
   ``detail``);
 - ``refusal`` (optional): ``sop_uid``, ``series_uid``, ``status``, ``reason``: the instance its
   series waits for (``ingest.record_refusal``), unless the instance was stored after it;
-- ``association`` (optional): the association's row: updated when it has an ``id``, inserted
-  (``calling_ae``, ``called_ae``, ``peer_address``, ``started_at``) when the database was away at
-  its start; ``outcome``, ``stored``, ``refused`` (it ended at the entry's ``at``). Its id goes
-  into the audit row's ``association_id``. ``instances`` (optional): the SOP Instance UIDs stored
+- ``association`` (optional): the association's row: updated when it has an ``id``; when the
+  database was away at its start, found by (``started_at``, ``peer_address``, ``calling_ae``) or
+  inserted with them and ``called_ae``, so that a refusal made on it and its end share one row.
+  With ``outcome``, ``stored``, ``refused``: it ended at the entry's ``at`` (without: a refusal's
+  entry, the association still open). Its id goes into the audit row's ``association_id``. ``instances`` (optional): the SOP Instance UIDs stored
   on it while its row could not be written; their rows, recorded by then (the journal writes such
   an entry only after the recorder's rows, ``Journal.rows_first``), get its id, unless another
   association's is already theirs.
@@ -72,15 +73,10 @@ def apply_entry(session: Session, entry: dict[str, Any]) -> None:
     detail = dict(audit.get("detail") or {})
     association = entry.get("association")
     if association is not None:
-        row = session.get(Association, association["id"]) if association.get("id") is not None else None
-        if row is None:  # the database was away when it began
-            row = Association(calling_ae=association["calling_ae"], called_ae=association["called_ae"],
-                              peer_address=association["peer_address"],
-                              started_at=as_utc(datetime.fromisoformat(association["started_at"])))
-            session.add(row)
-            session.flush()
-        row.ended_at, row.outcome = at, association["outcome"]
-        row.instances_stored, row.instances_refused = association["stored"], association["refused"]
+        row = _association_row(session, association)
+        if "outcome" in association:  # its end
+            row.ended_at, row.outcome = at, association["outcome"]
+            row.instances_stored, row.instances_refused = association["stored"], association["refused"]
         detail["association_id"] = row.id
         stored_on_it = list(association.get("instances") or [])
         for start in range(0, len(stored_on_it), 500):  # bound the statement's parameters
@@ -95,6 +91,26 @@ def apply_entry(session: Session, entry: dict[str, Any]) -> None:
                       series_uid=audit.get("series_uid"), job_id=audit.get("job_id"), **detail)
     row.at = at  # when it happened, not when it is written
     session.add(row)
+
+
+def _association_row(session: Session, association: dict[str, Any]) -> Association:
+    """The row of the association an entry names: by its id, or, when the database was away at its
+    start, the one an earlier entry of it inserted (the same start, peer and calling AE), or a new
+    one (open until its end's entry)."""
+    if association.get("id") is not None:
+        row = session.get(Association, association["id"])
+        if row is not None:
+            return row
+    started_at = as_utc(datetime.fromisoformat(association["started_at"]))
+    row = session.scalar(select(Association).where(Association.started_at == started_at,
+                                                   Association.peer_address == association["peer_address"],
+                                                   Association.calling_ae == association["calling_ae"]).limit(1))
+    if row is None:
+        row = Association(calling_ae=association["calling_ae"], called_ae=association["called_ae"], peer_address=association["peer_address"],
+                          started_at=started_at, outcome="open")
+        session.add(row)
+        session.flush()
+    return row
 
 
 def journal_counts(spool_dir: Path) -> tuple[int, int]:

@@ -30,7 +30,7 @@ class Association(Base):
     calling_ae: Mapped[str] = mapped_column(String(16))
     called_ae: Mapped[str] = mapped_column(String(16))
     peer_address: Mapped[str] = mapped_column(String(64))
-    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
     ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     outcome: Mapped[str] = mapped_column(String(16), default="open")  # open, released, aborted
     instances_stored: Mapped[int] = mapped_column(Integer, default=0)

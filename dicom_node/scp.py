@@ -229,9 +229,8 @@ class StoreSCP:
         ended = make_entry(audit.ASSOCIATION, "success" if outcome == "released" else "warning", f"{requestor.ae_title}@{requestor.address}",
                       association_outcome=outcome, instances_stored=state["stored"], instances_refused=state["refused"],
                       series=sorted(state["series"]))
-        ended["association"] = {"id": state["id"], "calling_ae": requestor.ae_title, "called_ae": self.ae_title,
-                                "peer_address": f"{requestor.address}:{requestor.port}", "started_at": state.get("started_at", utcnow()).isoformat(),
-                                "outcome": outcome, "stored": state["stored"], "refused": state["refused"]}
+        ended["association"] = self._association_fields(state, event) | {"outcome": outcome, "stored": state["stored"],
+                                                                          "refused": state["refused"]}
         if state.get("unlinked"):
             ended["association"]["instances"] = state["unlinked"]
         self.journal.record(ended, f"association {outcome} assoc={shown}", rows_recorded=recorded)
@@ -247,6 +246,12 @@ class StoreSCP:
                 self.on_released(set(state["series"]))
             except SQLAlchemyError as exc:  # its series complete once they have been quiet (the stability monitor)
                 log.warning("series of assoc=%s not completed at its release: %s", shown, driver_message(exc))
+
+    def _association_fields(self, state: dict[str, Any], event: evt.Event) -> dict[str, Any]:
+        """What a journal entry needs to find or insert an association's row (``deferred.apply_entry``)."""
+        requestor = event.assoc.requestor
+        return {"id": state["id"], "calling_ae": requestor.ae_title, "called_ae": self.ae_title,
+                "peer_address": f"{requestor.address}:{requestor.port}", "started_at": state.get("started_at", utcnow()).isoformat()}
 
     def _on_rejected(self, event: evt.Event) -> None:
         requestor = event.assoc.requestor
@@ -336,6 +341,8 @@ class StoreSCP:
                         status=f"0x{status:04X}", reason=reason[:500], sop_instance_uid=sop_uid)
         if series_uid is not None and is_valid_uid(sop_uid):  # the series waits for it
             refused["refusal"] = {"sop_uid": sop_uid, "series_uid": series_uid, "status": status, "reason": reason}
+        if state["id"] is None and "started_at" in state:  # its row not written yet: this entry finds or inserts it
+            refused["association"] = self._association_fields(state, event)
         # the database away: kept, and the sender hears the refusal's own status, not a handler's failure
         self.journal.record(refused, f"C-STORE refusal assoc={state['id']}")
         return status

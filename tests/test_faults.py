@@ -229,6 +229,8 @@ def test_postgresql_down_while_a_series_arrives_loses_nothing_and_says_so_once(o
                 assert linked[4] == {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in during.files[2:]}
                 assert len(linked[2]) == 2 and all(sop in {str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
                                                            for path in gap.files} for sop in linked[2])
+                # and the refusal made on one names it (one row for the association: its refusal and its end)
+                assert refusal.detail["association_id"] == next(a.id for a in outage_associations if a.instances_refused == 1)
         log = (workdir / "mr2ct.log").read_text()
     assert "Traceback" not in log
     assert "PAT-OUTAGE-4711" not in log

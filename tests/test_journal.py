@@ -147,6 +147,38 @@ def test_an_association_s_row_written_late_links_its_instances_once_the_recorder
     assert (late.instances_stored, late.outcome) == (3, "released")
 
 
+def test_a_refusal_on_an_association_whose_row_is_not_written_yet_names_the_row_its_end_then_completes(tmp_path: Path) -> None:
+    """A refusal made on an association that began while the database was away inserts its row
+    (open), and the association's end, written later, finds that row: one row, which the refusal's
+    audit row names."""
+    sessions = init_db(f"sqlite:///{tmp_path / 'db.sqlite'}")
+    journal = Journal(tmp_path / "spool", sessions)
+    started = (utcnow() - timedelta(seconds=5)).isoformat()
+    fields = {"id": None, "calling_ae": "SCANNER", "called_ae": "MR2CT", "peer_address": "127.0.0.1:5000", "started_at": started}
+    refused = _refused("1.2.3.4.9")
+    refused["association"] = dict(fields)
+    other = _refused("1.2.3.4.8")  # another association from the same AE, begun at the same moment from another port
+    other["association"] = fields | {"peer_address": "127.0.0.1:5001"}
+    ended = make_entry("application-activity/association", "success", "SCANNER@127.0.0.1", association_outcome="released",
+                       instances_stored=0, instances_refused=1, series=[SERIES])
+    ended["association"] = fields | {"outcome": "released", "stored": 0, "refused": 1}
+    assert journal.record(refused, "refusal") is True
+    with sessions() as session:
+        assert session.scalar(select(Association.outcome)) == "open"  # begun, not ended yet
+    assert journal.record(other, "refusal") is True
+    assert journal.record(ended, "association") is True
+    with sessions() as session:
+        rows = {row.peer_address: row for row in session.scalars(select(Association)).all()}
+        refusals = {e.detail["sop_instance_uid"]: e.detail["association_id"]
+                    for e in session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-instance-refused")).all()}
+        closing = session.scalar(select(AuditEvent).where(AuditEvent.action == "application-activity/association"))
+    assert set(rows) == {"127.0.0.1:5000", "127.0.0.1:5001"}
+    first = rows["127.0.0.1:5000"]
+    assert (first.outcome, first.instances_refused, as_utc(first.started_at).isoformat()) == ("released", 1, started)
+    assert refusals == {"1.2.3.4.9": first.id, "1.2.3.4.8": rows["127.0.0.1:5001"].id}
+    assert closing.detail["association_id"] == first.id
+
+
 def test_record_keeps_entries_while_the_database_cannot_be_opened_and_writes_them_in_order_after(tmp_path: Path) -> None:
     """A real outage of a SQLite database: its folder moved away (opening it fails), then back."""
     home = tmp_path / "db"

@@ -78,7 +78,7 @@ def test_the_database_refuses_to_change_or_delete_an_audit_row(database_url: str
 
 def test_a_command_says_in_one_line_what_it_did_to_the_schema(tmp_path: Path) -> None:
     """A new database, or one a new version upgrades, is one log line naming the revisions, not
-    Alembic's line per migration (35 on a new database, each with its docstring: the first screen
+    Alembic's line per migration (36 on a new database, each with its docstring: the first screen
     an administrator read of a node's log or of a `mr2ct pull`). A database already at head: no
     line."""
     import subprocess
