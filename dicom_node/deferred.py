@@ -21,10 +21,10 @@ An entry is a dict of JSON values:
   database was away at its start, found by (``started_at``, ``peer_address``, ``calling_ae``) or
   inserted with them and ``called_ae``, so that a refusal made on it and its end share one row.
   With ``outcome``, ``stored``, ``refused``: it ended at the entry's ``at`` (without: a refusal's
-  entry, the association still open). Its id goes into the audit row's ``association_id``. ``instances`` (optional): the SOP Instance UIDs stored
-  on it while its row could not be written; their rows, recorded by then (the journal writes such
-  an entry only after the recorder's rows, ``Journal.rows_first``), get its id, unless another
-  association's is already theirs.
+  entry, the association still open). Its id goes into the audit row's ``association_id``.
+  ``instances`` (optional): the SOP Instance UIDs stored on it while its row could not be written;
+  their rows, recorded by then (the journal writes such an entry only after the recorder's rows,
+  ``Journal.rows_first``), get its id, unless another association's is already theirs.
 """
 
 from __future__ import annotations
