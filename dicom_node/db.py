@@ -56,7 +56,27 @@ def make_engine(url: str) -> Engine:
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
 
+    else:
+
+        @event.listens_for(engine, "handle_error")
+        def _server_not_writable(context: Any) -> None:
+            # A server that takes connections but not writes (a demoted primary or a standby that a
+            # failover left the URL pointing at: "cannot execute INSERT in a read-only transaction"),
+            # or one shutting down: the connection is dropped, and the pool's with it, so the next
+            # attempt connects again (to the new primary, where the URL or its target_session_attrs
+            # leads), and the error reads as an outage to wait out (cannot_reach), not as a row the
+            # database refuses. Until 2026-12-07 night every instance received meanwhile was held as
+            # unrecordable (kept in the spool until the next start) and every journal entry set aside.
+            original = context.original_exception
+            if (getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)) in SERVER_NOT_WRITABLE:
+                context.is_disconnect = True
+
     return engine
+
+
+# PostgreSQL SQLSTATEs of a server that cannot take writes now: read_only_sql_transaction,
+# admin_shutdown, crash_shutdown, cannot_connect_now (starting up, or recovering)
+SERVER_NOT_WRITABLE = frozenset({"25006", "57P01", "57P02", "57P03"})
 
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"

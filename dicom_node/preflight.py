@@ -50,12 +50,17 @@ def _database(s: Settings) -> Check:
         try:
             with engine.connect() as connection:
                 current = MigrationContext.configure(connection).get_current_revision()
+                read_only = connection.dialect.name == "postgresql" and connection.exec_driver_sql(
+                    "SELECT current_setting('transaction_read_only')").scalar() == "on"
         finally:
             engine.dispose()
     except DatabaseUnavailable as exc:
         return Check(FAIL, "database", f"database_url: {exc}")
     except Exception as exc:
         return Check(FAIL, "database", f"database_url: cannot open {shown}: {getattr(exc, 'orig', exc)}")
+    if read_only:  # a standby, or a primary a failover demoted: it answers, and takes no write
+        return Check(FAIL, "database", f"database_url: {shown} is read-only (a standby?): the node records nothing there; "
+                                       "point it at the primary")
     head = ScriptDirectory.from_config(alembic_config(s.database_url)).get_current_head()
     if current == head:
         return Check(OK, "database", f"{shown}, schema at revision {head}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -237,6 +238,51 @@ def test_postgresql_down_while_a_series_arrives_loses_nothing_and_says_so_once(o
     assert "association not recorded" in log
     unreachable = [line for line in log.splitlines() if "the database cannot be reached" in line]
     assert 1 <= len(unreachable) <= 12, unreachable  # once per loop, not once per pass
+    assert len(log.splitlines()) < 200
+
+
+def test_a_postgresql_that_takes_no_writes_after_a_failover_is_waited_out_and_nothing_is_held(orthanc, tmp_path):
+    """A failover can leave the node's URL pointing at a server that answers but takes no writes (a
+    demoted primary, a standby): "cannot execute INSERT in a read-only transaction". That is an
+    outage to wait out, on fresh connections, not rows the database refuses: every instance sent
+    meanwhile is acknowledged, `/health` says the database is read-only, and once it takes writes
+    again the series is recorded and synthesized, whole, nothing held for a human. Until 2026-12-07
+    night each instance was held as unrecordable (kept in the spool until the next start, its series
+    never synthesized) and each journal entry set aside."""
+    import psycopg
+
+    def as_admin(*statements: str) -> None:  # the test's own superuser session, as a DBA's
+        with psycopg.connect(postgres.url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True) as connection:
+            connection.execute("SET default_transaction_read_only = off")
+            for statement in statements:
+                connection.execute(statement)
+
+    with PostgresServer(None, free_port()) as postgres:
+        workdir, port = tmp_path / "node", free_port()
+        env = node_env(workdir, port, orthanc) | {"MR2CT_DATABASE_URL": postgres.url, "MR2CT_STABLE_SECONDS": "3"}
+        with NodeServer(workdir, env, port):
+            as_admin("ALTER DATABASE mr2ct SET default_transaction_read_only = on",  # its sessions from now on: read-only
+                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'mr2ct' AND pid <> pg_backend_pid()")
+            series = write_mr_series(tmp_path / "mr", seed=1016, slices=4, size=48, pixel_spacing=5.0, slice_spacing=10.0)
+            sent = storescu(series.folder, port, NODE_AE, SCANNER_AE, extra_args=["-v"])
+            assert sent.returncode == 0 and len(_acknowledged(sent.stdout + sent.stderr)) == 4, sent.stderr[-2000:]
+            health = httpx.get(f"http://127.0.0.1:{env['MR2CT_API_PORT']}/health", timeout=30).json()
+            assert health["status"] == "degraded" and health["database"].startswith("read-only"), health
+            checked = subprocess.run([sys.executable, "-m", "dicom_node.cli", "config", "check"], capture_output=True, text=True,
+                                     env=env_without_mr2ct() | env, timeout=120)
+            database = next(line for line in checked.stdout.splitlines() if " database " in line[:20])
+            assert checked.returncode == 1 and database.startswith("FAIL") and "database_url" in database and "read-only" in database
+            time.sleep(4)  # quiet past stable_seconds, while nothing can be written
+            as_admin("ALTER DATABASE mr2ct SET default_transaction_read_only = off")
+            job = wait_for_job(postgres.url, series.series_uid, timeout=120)
+            assert job.state == "done" and job.instance_count == 4, (job.state, job.instance_count, job.error)
+            health = httpx.get(f"http://127.0.0.1:{env['MR2CT_API_PORT']}/health", timeout=30).json()
+            assert health["database"] == "ok" and health["journal_set_aside"] == 0, health
+            with init_db(postgres.url)() as session:
+                assert session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-instance-not-recorded")).all() == []
+        log = (workdir / "mr2ct.log").read_text()
+    assert "Traceback" not in log and "spooled but not recorded" not in log and "set aside" not in log
+    assert "read-only transaction" in log  # said as the outage's line
     assert len(log.splitlines()) < 200
 
 

@@ -198,7 +198,10 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         try:
             with sessions() as session:
                 session.execute(text("SELECT 1"))
-            checks["database"] = "ok"
+                # a server that answers but takes no writes (a standby: a failover's, or the URL's)
+                read_only = session.get_bind().dialect.name == "postgresql" and session.scalar(
+                    text("SELECT current_setting('transaction_read_only')")) == "on"
+            checks["database"] = "read-only (a standby?): nothing received can be recorded until it takes writes" if read_only else "ok"
         except Exception as exc:
             checks["database"] = f"error: {type(exc).__name__}"
         if spool_dir:
