@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import audit
@@ -163,13 +164,16 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
         remove_superseded(stale, newer.path, newer.received_at)
 
 
-def record_sorting_out(sessions: sessionmaker[Session], items: list[SpooledInstance]) -> list[tuple[SpooledInstance, str]]:
+def record_sorting_out(sessions: sessionmaker[Session], items: list[SpooledInstance], *,
+                       retried: bool = False) -> list[tuple[SpooledInstance, str]]:
     """``record_batch``, where one row the database will not take for a reason other than an
     outage (a value it refuses: a defect, not a wait) cannot hold back the rows with it: the batch
     is recorded in halves down to the rows it refuses, which are returned with the driver's
     message (the rest are recorded). An outage is raised, all rows still to record. Until
     2026-12-07 such a batch was retried for ever, every row received after it waiting behind it
-    until the backlog refused all instances (on PostgreSQL, a position too long for its column)."""
+    until the backlog refused all instances (on PostgreSQL, a position too long for its column).
+    A row refused for a duplicate key is tried once more (``retried``): another process inserted
+    the same series or instance at the same moment, which is a race, not a refusal."""
     try:
         record_batch(sessions, items)
         return []
@@ -177,6 +181,12 @@ def record_sorting_out(sessions: sessionmaker[Session], items: list[SpooledInsta
         if cannot_reach(exc):
             raise
         if len(items) == 1:
+            if isinstance(exc, IntegrityError) and not retried:
+                # Another process recorded the same new series (or instance) at the same moment: the
+                # series' row (or the instance's) exists now, so the row is updated, not inserted.
+                # Two SCP processes that take a new series' first instances at once meet here; until
+                # 2026-12-07 night one of them held its instance as unrecordable, and the series with it.
+                return record_sorting_out(sessions, items, retried=True)
             return [(items[0], driver_message(exc))]
     half = len(items) // 2  # in order: of two arrivals of one instance the later still wins
     return record_sorting_out(sessions, items[:half]) + record_sorting_out(sessions, items[half:])

@@ -208,3 +208,46 @@ def test_start_up_recovery_goes_on_past_a_file_whose_row_the_database_refuses(tm
         audited = session.scalars(select(AuditEvent.detail).where(AuditEvent.action == "dicom-instance-not-recorded")).all()
         assert [detail["sop_instance_uid"] for detail in audited] == [sops[1]]
         assert session.scalars(select(RefusedInstance.sop_instance_uid)).all() == []
+
+
+def test_two_processes_recording_a_new_series_at_the_same_moment_both_record_it(tmp_path: Path) -> None:
+    """Two SCP processes (scale-out: a scanner's parallel associations behind a load balancer) take
+    the first instances of one new series at the same moment, each a batch of one: both insert the
+    series' row, and PostgreSQL refuses the second (duplicate key). That is a race, not a row the
+    database refuses: the loser records its instance on the row the winner made. Until 2026-12-07
+    night the loser held its instance as unrecordable, and the series with it (every round below)."""
+    import threading
+
+    from sqlalchemy.orm import sessionmaker
+
+    from dicom_node.db import make_engine
+    from dicom_node.local_stack import PostgresServer, free_port
+    from dicom_node.recorder import record_sorting_out
+
+    with PostgresServer(tmp_path / "pg", free_port()) as postgres:
+        init_db(postgres.url)
+        engines = [make_engine(postgres.url) for _ in range(2)]  # two processes' own engines and pools
+        try:
+            processes = [sessionmaker(engine, expire_on_commit=False) for engine in engines]
+            refused: list[tuple[SpooledInstance, str]] = []
+            for round_ in range(12):
+                barrier = threading.Barrier(2)
+
+                def take(n: int, series: str = f"1.2.3.{round_}") -> None:
+                    item = _item(f"{series}.{n}", series=series)
+                    barrier.wait()
+                    refused.extend(record_sorting_out(processes[n], [item]))
+
+                threads = [threading.Thread(target=take, args=(n,)) for n in range(2)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(timeout=60)
+            assert refused == []
+            with processes[0]() as session:
+                counts = dict(session.execute(select(Series.series_instance_uid, Series.instance_count)).all())
+                assert counts == {f"1.2.3.{round_}": 2 for round_ in range(12)}
+                assert session.scalar(select(func.count()).select_from(Instance)) == 24
+        finally:
+            for engine in engines:
+                engine.dispose()
