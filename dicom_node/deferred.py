@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from sqlalchemy import select, update
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.audit import event as audit_event
@@ -91,6 +91,18 @@ def apply_entry(session: Session, entry: dict[str, Any]) -> None:
                       series_uid=audit.get("series_uid"), job_id=audit.get("job_id"), **detail)
     row.at = at  # when it happened, not when it is written
     session.add(row)
+
+
+def write_entry(sessions: sessionmaker[Session], entry: dict[str, Any]) -> None:
+    """``apply_entry`` in a transaction of its own. A duplicate key is tried once more: another
+    process (a spool shared by hosts) wrote the same refusal at the same moment, a race, not an
+    entry the database refuses."""
+    try:
+        with sessions.begin() as session:
+            apply_entry(session, entry)
+    except IntegrityError:
+        with sessions.begin() as session:
+            apply_entry(session, entry)
 
 
 def _association_row(session: Session, association: dict[str, Any]) -> Association:
@@ -176,8 +188,7 @@ def _write_listed(found: list[tuple[Path, dict[str, Any] | None]], sessions: ses
             failed.append((path.name, "unreadable"))
             continue
         try:
-            with sessions.begin() as session:
-                apply_entry(session, entry)
+            write_entry(sessions, entry)
         except (SQLAlchemyError, KeyError, ValueError, TypeError) as exc:
             failed.append((path.name, driver_message(exc) if isinstance(exc, SQLAlchemyError) else f"{type(exc).__name__}: {exc}"))
             continue
@@ -214,8 +225,7 @@ class Journal:
         refused: str | None = None
         if rows_recorded and not self.pending():  # entries kept before this one are written first: the order holds
             try:
-                with self.sessions.begin() as session:
-                    apply_entry(session, entry)
+                write_entry(self.sessions, entry)
                 return True
             except SQLAlchemyError as exc:
                 if not cannot_reach(exc):  # a defect: kept for a human (`mr2ct spool journal --retry` once mended)
@@ -321,8 +331,7 @@ class Journal:
                     rows_recorded = self.rows_first(RECORDER_WAIT_SECONDS)  # type: ignore[misc]
                     if not rows_recorded:  # the recorder still waits for the database: this entry and those after, next pass
                         break
-                with self.sessions.begin() as session:
-                    apply_entry(session, entry)
+                write_entry(self.sessions, entry)
             except FileNotFoundError:
                 pass  # removed by hand: nothing left to write
             except SQLAlchemyError as exc:

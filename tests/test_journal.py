@@ -324,3 +324,42 @@ def test_an_entry_the_database_refuses_at_once_is_set_aside_for_a_human_not_lost
     assert journal.pending() == 0 and journal_counts(tmp_path / "spool") == (0, 1)  # not this process's to retry: a human's
     assert journal.record(_refused("1.2.3.4.2"), "C-STORE refusal assoc=3") is False  # the next is tried at once, not held behind it
     assert journal_counts(tmp_path / "spool") == (0, 2)
+
+
+def test_two_processes_writing_one_instance_s_refusal_at_the_same_moment_both_write_it(tmp_path: Path) -> None:
+    """Two SCP processes refuse the same instance at the same moment (a scanner's re-send to
+    another host): both insert the refusal its series waits for, and PostgreSQL refuses the second
+    (duplicate key). A race, not an entry the database refuses: written, not set aside."""
+    import threading
+
+    from sqlalchemy.orm import sessionmaker
+
+    from dicom_node.db import make_engine
+    from dicom_node.deferred import journal_counts
+    from dicom_node.local_stack import PostgresServer, free_port
+
+    with PostgresServer(tmp_path / "pg", free_port()) as postgres:
+        init_db(postgres.url)
+        engines = [make_engine(postgres.url) for _ in range(2)]
+        try:
+            journals = [Journal(tmp_path / "spool", sessionmaker(engine, expire_on_commit=False)) for engine in engines]
+            written: list[bool] = []
+            for round_ in range(12):
+                barrier = threading.Barrier(2)
+
+                def refuse(n: int, sop: str = f"1.2.3.4.{round_}") -> None:
+                    barrier.wait()
+                    written.append(journals[n].record(_refused(sop), "refusal"))
+
+                threads = [threading.Thread(target=refuse, args=(n,)) for n in range(2)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(timeout=60)
+            assert written == [True] * 24 and journal_counts(tmp_path / "spool") == (0, 0)
+            with journals[0].sessions() as session:
+                assert len(session.scalars(select(RefusedInstance.sop_instance_uid)).all()) == 12
+                assert len(session.scalars(select(AuditEvent.id)).all()) == 24  # each process's refusal audited
+        finally:
+            for engine in engines:
+                engine.dispose()
