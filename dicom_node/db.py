@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +22,11 @@ log = logging.getLogger(__name__)
 
 class DatabaseUnavailable(Mr2ctError):
     pass
+
+
+# PostgreSQL SQLSTATEs of a server that cannot take writes now: read_only_sql_transaction,
+# admin_shutdown, crash_shutdown, cannot_connect_now (starting up, or recovering)
+SERVER_NOT_WRITABLE = frozenset({"25006", "57P01", "57P02", "57P03"})
 
 
 def make_engine(url: str) -> Engine:
@@ -74,9 +79,11 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-# PostgreSQL SQLSTATEs of a server that cannot take writes now: read_only_sql_transaction,
-# admin_shutdown, crash_shutdown, cannot_connect_now (starting up, or recovering)
-SERVER_NOT_WRITABLE = frozenset({"25006", "57P01", "57P02", "57P03"})
+def read_only(connection: Connection | Session) -> bool:
+    """Whether the server behind ``connection`` (a SQLAlchemy Connection or Session) answers but takes no
+    writes: a PostgreSQL standby, or a primary a failover demoted (/health, `mr2ct config check`)."""
+    dialect = connection.dialect if isinstance(connection, Connection) else connection.get_bind().dialect
+    return dialect.name == "postgresql" and connection.scalar(text("SELECT current_setting('transaction_read_only')")) == "on"
 
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"

@@ -42,7 +42,7 @@ def _database(s: Settings) -> Check:
     from alembic.script import ScriptDirectory
     from sqlalchemy.engine import make_url
 
-    from dicom_node.db import DatabaseUnavailable, alembic_config, make_engine
+    from dicom_node.db import DatabaseUnavailable, alembic_config, make_engine, read_only
 
     shown = make_url(s.database_url).render_as_string(hide_password=True) if "://" in s.database_url else s.database_url
     try:
@@ -50,15 +50,14 @@ def _database(s: Settings) -> Check:
         try:
             with engine.connect() as connection:
                 current = MigrationContext.configure(connection).get_current_revision()
-                read_only = connection.dialect.name == "postgresql" and connection.exec_driver_sql(
-                    "SELECT current_setting('transaction_read_only')").scalar() == "on"
+                takes_no_writes = read_only(connection)
         finally:
             engine.dispose()
     except DatabaseUnavailable as exc:
         return Check(FAIL, "database", f"database_url: {exc}")
     except Exception as exc:
         return Check(FAIL, "database", f"database_url: cannot open {shown}: {getattr(exc, 'orig', exc)}")
-    if read_only:  # a standby, or a primary a failover demoted: it answers, and takes no write
+    if takes_no_writes:  # a standby, or a primary a failover demoted: it answers, and takes no write
         return Check(FAIL, "database", f"database_url: {shown} is read-only (a standby?): the node records nothing there; "
                                        "point it at the primary")
     head = ScriptDirectory.from_config(alembic_config(s.database_url)).get_current_head()

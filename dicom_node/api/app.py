@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import audit, forward_commitment
 from dicom_node.api.actions import activate_model, cancel_job, pending_job, retry_job
 from dicom_node.api.auth import Caller, current_caller, require
-from dicom_node.db import cannot_reach, driver_message
+from dicom_node.db import cannot_reach, driver_message, read_only
 from dicom_node.deferred import journal_counts
 from dicom_node.forwarder import reschedule_failed
 from dicom_node.ingest import REASON_CODES, SelectionRules
@@ -198,10 +198,8 @@ def create_app(sessions: sessionmaker[Session], *, orthanc_url: str | None = Non
         try:
             with sessions() as session:
                 session.execute(text("SELECT 1"))
-                # a server that answers but takes no writes (a standby: a failover's, or the URL's)
-                read_only = session.get_bind().dialect.name == "postgresql" and session.scalar(
-                    text("SELECT current_setting('transaction_read_only')")) == "on"
-            checks["database"] = "read-only (a standby?): nothing received can be recorded until it takes writes" if read_only else "ok"
+                takes_no_writes = read_only(session)  # a standby: a failover's, or the URL's
+            checks["database"] = "read-only (a standby?): nothing received can be recorded until it takes writes" if takes_no_writes else "ok"
         except Exception as exc:
             checks["database"] = f"error: {type(exc).__name__}"
         if spool_dir:
