@@ -8,6 +8,7 @@ import re
 import shlex
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, Optional
 
@@ -652,6 +653,11 @@ def evaluate(
         "--registry", help="with --pairs: keep the report in the node's database (database_url of --config), where "
                            "`mr2ct models list`, the admin API and the dashboard show it next to the model")] = False,
     label: Annotated[str, typer.Option(help="with --registry: a name for the set of pairs, at most 128 characters (no patient identifiers)")] = "",
+    device: Annotated[str, typer.Option(
+        help="auto | cpu | cuda: where the model runs and the paired bound trains (auto: a CUDA GPU when torch sees one)")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="auto | fp32 | bf16 | fp16: inference precision, as the node's setting (auto: bf16 where the device runs it "
+             "natively, else fp32); the report says which ran")] = "auto",
     config: ConfigOption = None,
 ) -> None:
     """Score a model on held-out paired phantoms (or, with --pairs, on your own MR/CT pairs): MAE/PSNR/SSIM against ground-truth CT and a linear baseline."""
@@ -683,6 +689,10 @@ def evaluate(
         refuse("--training-cache goes with --pairs (held-out phantoms are never in a pulled cache)")
     if len(label) > 128:
         refuse(f"--label is {len(label)} characters long; at most 128")
+    if device not in ("auto", "cpu", "cuda"):
+        refuse(f"--device must be auto, cpu or cuda, got {device!r}")
+    if precision not in ("auto", "fp32", "bf16", "fp16"):
+        refuse(f"--precision must be auto, fp32, bf16 or fp16, got {precision!r}")
     weights = weights_in(model) if model is not None else default_model_path()
     if against is not None:
         against = weights_in(against)
@@ -707,6 +717,7 @@ def evaluate(
     from synthesis.model_file import load_model
     from training.evaluate import RATIO_LEVEL, evaluate as run_evaluation, linear_figures, paired_figures
 
+    ran_on = _evaluation_device(device, precision)
     try:
         loaded = load_model(weights)
     except ModelMismatch as exc:
@@ -715,25 +726,28 @@ def evaluate(
     if test_time_augmentation is not None:
         loaded = loaded.with_views(test_time_augmentation)
     if pairs is not None:
-        _evaluate_pairs(loaded, pairs, found, sessions, panel, json_only, against, label)
+        _evaluate_pairs(loaded, pairs, found, sessions, panel, json_only, against, label, ran_on)
         return
-    quality = run_evaluation(loaded, subjects=subjects, slices=slices, panel=panel, first_subject=first_subject)
+    quality = run_evaluation(loaded, subjects=subjects, slices=slices, panel=panel, first_subject=first_subject,
+                             device=ran_on.device, precision=ran_on.precision)
     linear = linear_figures(quality)
     paired = None
     if paired_steps > 0:
         from training.evaluate import cached_paired_upper_bound
 
         try:
-            bound, reused = cached_paired_upper_bound(loaded, paired_steps, paired_cache)
+            bound, reused = cached_paired_upper_bound(loaded, paired_steps, paired_cache, device=ran_on.device)
         except ModelMismatch as exc:
             typer.echo(f"mr2ct: {exc}", err=True)
             raise typer.Exit(2) from exc
         if reused and not json_only:
             typer.echo(f"paired supervised upper bound: the one trained before, {bound.weights_path}")
-        paired = run_evaluation(bound, subjects=subjects, slices=slices, first_subject=first_subject)
+        paired = run_evaluation(bound, subjects=subjects, slices=slices, first_subject=first_subject, device=ran_on.device,
+                                precision=ran_on.precision)
     bounded = paired_figures(paired, quality)
     if not json_only:
-        typer.echo(f"model {loaded.short_digest} (test-time augmentation {loaded.test_time_augmentation}): MAE {quality.mae_hu} HU (linear baseline {quality.baseline_mae_hu} HU), "
+        typer.echo(f"model {loaded.short_digest} (test-time augmentation {loaded.test_time_augmentation}; {ran_on.words}): "
+                   f"MAE {quality.mae_hu} HU (linear baseline {quality.baseline_mae_hu} HU), "
                    f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")
         _tissue_table(quality, "(HU; bias: mean sCT - CT; no level: the MAE left with each head's own mean error taken away)",
                       ("paired MAE", paired.mae_by_tissue) if paired else None)
@@ -760,12 +774,12 @@ def evaluate(
                                   for m, b in zip(quality.mae_by_subject, paired.mae_by_subject))
                 typer.echo(f"per head, model/bound: {heads}")
     report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, **linear, **bounded, "model_sha256": loaded.sha256,
-              "test_time_augmentation": loaded.test_time_augmentation, "first_subject": first_subject}
+              "test_time_augmentation": loaded.test_time_augmentation, "first_subject": first_subject, **ran_on.fields}
     if record:
         from synthesis.model_file import card_path_for, record_metrics
 
         try:
-            metrics = quality.card_metrics(loaded.test_time_augmentation, slices, first_subject, paired, paired_steps)
+            metrics = {**quality.card_metrics(loaded.test_time_augmentation, slices, first_subject, paired, paired_steps), **ran_on.fields}
             record_metrics(loaded.weights_path, metrics, loaded.sha256)
         except ModelMismatch as exc:
             typer.echo(f"mr2ct: {exc}", err=True)
@@ -806,8 +820,38 @@ def _pairs_to_score(folder: Path, training_cache: Optional[Path], registry: bool
     return found, sessions
 
 
+@dataclass(frozen=True)
+class _RanOn:
+    """Where `mr2ct evaluate` runs its models (and trains a paired bound), in which precision."""
+
+    device: Any  # torch.device
+    label: str  # synthesis.infer.DeviceChoice.label: "cpu (2 threads)", "cuda (NVIDIA H100 ...)"
+    precision: str  # the one that runs: fp32, bf16 or fp16
+
+    @property
+    def words(self) -> str:
+        return f"{self.precision} on {self.label}"
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """What a report and a card's metrics say of it: a figure is read with the precision it ran in
+        (until 2026-12-08 neither said, and `auto` runs bf16 on a CPU with AVX-512 BF16 or AMX)."""
+        return {"device": self.label, "precision": self.precision}
+
+
+def _evaluation_device(device: str, precision: str) -> _RanOn:
+    from synthesis.infer import choose_device, precision_name, resolve_precision
+
+    try:
+        choice = choose_device(device)
+    except ValueError as exc:
+        typer.echo(f"error: --device: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    return _RanOn(choice.device, choice.label, precision_name(resolve_precision(precision, choice.device)))
+
+
 def _evaluate_pairs(loaded: Any, folder: Path, found: Any, sessions: Any, panel: Optional[Path], json_only: bool,
-                    against_path: Optional[Path], label: str) -> None:
+                    against_path: Optional[Path], label: str, ran_on: _RanOn) -> None:
     """`mr2ct evaluate --pairs FOLDER`: the table and JSON report of a model on a hospital's own MR/CT
     pairs (``found`` by _pairs_to_score; with --against, a second model's beside it; with --registry,
     kept in the database ``sessions``)."""
@@ -834,7 +878,8 @@ def _evaluate_pairs(loaded: Any, folder: Path, found: Any, sessions: Any, panel:
         skipped.append(f"{pair.mr.label()} with {pair.ct.label()}: {reason}")
 
     try:
-        scores = evaluate_pairs([loaded] if against is None else [loaded, against], found.pairs, panel=panel, on_skip=skip)
+        scores = evaluate_pairs([loaded] if against is None else [loaded, against], found.pairs, panel=panel, on_skip=skip,
+                                device=ran_on.device, precision=ran_on.precision)
     except SeriesNotUsable as exc:
         typer.echo(f"error: --pairs: {exc}", err=True)
         for reason in skipped:
@@ -848,7 +893,7 @@ def _evaluate_pairs(loaded: Any, folder: Path, found: Any, sessions: Any, panel:
                       "psnr_db": other.psnr_db, "ssim": other.ssim, "mae_by_tissue": other.mae_by_tissue,
                       "pairs_mae_hu": [r.mae_hu for r in other_results], **compare_pairs(results, other_results)}
     if not json_only:
-        typer.echo(f"model {loaded.short_digest} (test-time augmentation {loaded.test_time_augmentation}) on {len(results)} MR/CT pair(s) "
+        typer.echo(f"model {loaded.short_digest} (test-time augmentation {loaded.test_time_augmentation}; {ran_on.words}) on {len(results)} MR/CT pair(s) "
                    f"from {folder}: MAE {quality.mae_hu} HU (linear baseline {quality.baseline_mae_hu} HU), "
                    f"PSNR {quality.psnr_db} dB (baseline {quality.baseline_psnr_db} dB), SSIM {quality.ssim}")
         bands = ", ".join(f"{name} " + (f"< {high:g}" if low == -np.inf else f">= {low:g}" if high == np.inf else f"{low:g} to {high:g}")
@@ -873,7 +918,8 @@ def _evaluate_pairs(loaded: Any, folder: Path, found: Any, sessions: Any, panel:
             typer.echo(f"left out: {reason}")
     report = {**quality.as_dict(), "mae_linear_hu": quality.baseline_mae_hu, **linear_figures(quality), "mae_paired_hu": None,
               "model_sha256": loaded.sha256,
-              "test_time_augmentation": loaded.test_time_augmentation, "pairs": [asdict(r) for r in results], "left_out": skipped, "against": comparison}
+              "test_time_augmentation": loaded.test_time_augmentation, **ran_on.fields, "pairs": [asdict(r) for r in results], "left_out": skipped,
+              "against": comparison}
     report["dataset_digest"] = pairs_digest(report["pairs"])
     if sessions is not None:
         row = record_evaluation(sessions, report, label)

@@ -404,6 +404,31 @@ def test_evaluate_cli_writes_json_and_a_panel(tmp_path: Path) -> None:
     assert (tmp_path / "panel.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_evaluate_says_where_and_in_which_precision_it_ran_and_naming_them_gives_the_same_figures() -> None:
+    """`mr2ct evaluate` runs where the node would (a CUDA GPU when torch sees one; bf16 where the
+    device runs it natively): its report names the device and the precision, so a figure taken on a
+    CPU with AVX-512 BF16 (bf16) is not read as one taken in fp32, and naming them again elsewhere
+    gives the same figures. A GPU asked for where there is none is refused, naming --device."""
+
+    def cli(*args: str) -> dict:
+        done = subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "--json", "--subjects", "2", "--slices", "2",
+                               "--test-time-augmentation", "none", *args], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    auto = cli()
+    assert auto["device"].startswith("cuda" if torch.cuda.is_available() else "cpu (") and auto["precision"] in ("fp32", "bf16", "fp16")
+    named = cli("--device", auto["device"].split()[0], "--precision", auto["precision"])
+    assert (named["device"], named["precision"]) == (auto["device"], auto["precision"])
+    assert (named["mae_hu"], named["mae_by_subject"], named["ssim"]) == (auto["mae_hu"], auto["mae_by_subject"], auto["ssim"])
+    fp32 = auto if auto["precision"] == "fp32" else cli("--precision", "fp32")
+    assert fp32["precision"] == "fp32" and abs(fp32["mae_hu"] - auto["mae_hu"]) < 2.0  # the node's bf16 bound: within 2 HU
+    if not torch.cuda.is_available():
+        refused = subprocess.run([sys.executable, "-m", "dicom_node.cli", "evaluate", "--device", "cuda"],
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode == 2 and "--device: device is 'cuda' but torch sees no CUDA GPU" in refused.stderr
+
+
 def test_evaluate_keeps_the_paired_bound_and_reuses_it_for_the_same_recipe(tmp_path: Path) -> None:
     """`--paired-cache`: the first run trains the bound and keeps it; the second (other views, same
     architecture and steps) takes it from there, and the bound then scores as a freshly trained one
@@ -453,6 +478,8 @@ def test_train_evaluate_and_figures_refuse_what_they_cannot_do_before_they_load_
         ("evaluate", "--pairs", tmp_path / "pairs", "--registry", "--label", "x" * 129): "--label is 129 characters long",
         ("evaluate", "--pairs", tmp_path / "pairs"): "no MR series in",
         ("evaluate", "--pairs", tmp_path / "no-such-folder"): "error: --pairs:",
+        ("evaluate", "--device", "tpu"): "--device must be auto, cpu or cuda, got 'tpu'",
+        ("evaluate", "--precision", "fp8"): "--precision must be auto, fp32, bf16 or fp16, got 'fp8'",
         ("figures", tmp_path): "has no losses.csv: not a training run folder",
         ("train", "--out", tmp_path / "run", "--epochs", "0"): "epochs must be >= 1, got 0",
         ("train", "--out", tmp_path / "run", "--preset", "pix2pix"): "unknown preset 'pix2pix'",
@@ -500,6 +527,7 @@ def test_evaluate_record_puts_the_evaluation_into_the_card_and_keeps_the_weights
     assert metrics["mae_hu"] == report["mae_hu"] and metrics["mae_linear_hu"] == report["mae_linear_hu"]
     assert (metrics["test_time_augmentation"], metrics["held_out_subjects"], metrics["slices_per_subject"]) == (
         before["test_time_augmentation"], 1, 2)
+    assert (metrics["device"], metrics["precision"]) == (report["device"], report["precision"])  # the figure with how it ran
     assert after.card["card_changes"][-1]["metrics_replaced"] == before["metrics"]
 
 

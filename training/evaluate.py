@@ -227,12 +227,13 @@ def held_out(subjects: int, slices: int, size: int, pixel_spacing: float, first_
 
 
 def evaluate(model: LoadedModel, subjects: int = 4, slices: int = 24, size: int = 256, pixel_spacing: float = 1.0,
-             device: torch.device | None = None, panel: Any = None, first_subject: int = 0) -> Quality:
+             device: torch.device | None = None, panel: Any = None, first_subject: int = 0, precision: str = "auto") -> Quality:
     """Run the model on held-out paired phantoms (MR and CT of the same anatomy) and score it;
-    optionally write a PNG panel (MR, CT, sCT, error map)."""
+    optionally write a PNG panel (MR, CT, sCT, error map). ``precision``: as the node's setting
+    (``synthesis.infer.resolve_precision``; auto: bf16 where ``device`` runs it natively)."""
     device = device or torch.device("cpu")
     mr, ct, lab = held_out(subjects, slices, size, pixel_spacing, first_subject)
-    pred = np.stack([synthesize(m, (pixel_spacing, pixel_spacing), model, device, batch_size=8) for m in mr])
+    pred = np.stack([synthesize(m, (pixel_spacing, pixel_spacing), model, device, batch_size=8, precision=precision) for m in mr])
     mr_unit = np.stack([mr_to_unit(m) for m in mr])
     quality = score(pred.reshape(-1, size, size), ct.reshape(-1, size, size), mr_unit.reshape(-1, size, size), lab.reshape(-1, size, size), subjects)
     floor = grid_round_trip(ct, mr_unit, pixel_spacing, model)
@@ -263,7 +264,7 @@ class PairResult:
 
 
 def evaluate_pairs(models: list[LoadedModel], pairs: list[Any], device: torch.device | None = None, panel: Any = None,
-                   on_skip: Any = None) -> list[tuple[Quality, list[PairResult]]]:
+                   on_skip: Any = None, precision: str = "auto") -> list[tuple[Quality, list[PairResult]]]:
     """Run each model on each MR series of ``pairs`` (``training.pairs.PairFiles``, each read once)
     exactly as the node does, and score the sCT against the CT resampled onto the MR's voxels,
     inside the body. Tissue rows are the CT's HU bands (``CT_BANDS``). Outside the body both images
@@ -291,7 +292,7 @@ def evaluate_pairs(models: list[LoadedModel], pairs: list[Any], device: torch.de
         coverage = round(float(np.mean(~np.isnan(loaded.ct_hu))), 3)
         mr_unit = mr_to_unit(volume.voxels)  # what the baseline is fitted on and the floor is guided by, as for phantoms
         for m, model in enumerate(models):
-            pred, reslice, _plane = synthesize_volume(volume, model, device, batch_size=8)  # in the plane the node would use
+            pred, reslice, _plane = synthesize_volume(volume, model, device, batch_size=8, precision=precision)  # in the plane the node would use
             pred = np.where(loaded.body, pred, -1000.0).astype(np.float32)
             sets[m].append(scored(pred, truth, mr_unit, classes, loaded.body, len(CT_BANDS)))
             if reslice is None:
@@ -357,9 +358,12 @@ def _batch(slices: tuple[np.ndarray, ...]) -> torch.Tensor:
 
 
 def paired_upper_bound(model: LoadedModel, steps: int, batch_size: int = 4, seed: int = 0, subjects: int = 40,
-                       progress: bool | None = None) -> LoadedModel:
+                       progress: bool | None = None, device: torch.device | None = None) -> LoadedModel:
     """Train a generator of the same architecture and size, supervised (L1) on *paired* phantom
-    slices at the model's grid, for ``steps`` steps: the upper bound an unpaired model should approach."""
+    slices at the model's grid, for ``steps`` steps: the upper bound an unpaired model should approach.
+    It trains on ``device`` (None: the CPU) in fp32 and is returned on the CPU; the slices are
+    rendered on the CPU either way (until 2026-12-08 it trained on the CPU whatever the host had:
+    a 9,150-step bound took most of an hour beside an idle GPU)."""
     from synthesis.networks import build_generator
     from synthesis.normalize import hu_to_unit
     from synthesis.progress import progress_bar
@@ -382,16 +386,17 @@ def paired_upper_bound(model: LoadedModel, steps: int, batch_size: int = 4, seed
             rendered[i] = (mr_to_unit(phantoms.render_mr(lab, grid, subject)), hu_to_unit(phantoms.render_ct(lab, grid, subject), model.hu_range))
         return rendered[i][0][k], rendered[i][1][k]
 
-    generator = build_generator(model.card["architecture"], dict(model.card["parameters"]))
+    device = device or torch.device("cpu")
+    generator = build_generator(model.card["architecture"], dict(model.card["parameters"])).to(device)
     optimiser = torch.optim.Adam(generator.parameters(), lr=2e-4, betas=(0.5, 0.999))
     loss_fn = torch.nn.L1Loss()
     for _ in progress_bar(range(steps), desc="paired upper bound", show=progress):
-        mr, ct = (_batch(half) for half in zip(*(pair(j) for j in rng.integers(0, subjects * per_subject, batch_size))))
+        mr, ct = (_batch(half).to(device) for half in zip(*(pair(j) for j in rng.integers(0, subjects * per_subject, batch_size))))
         loss = loss_fn(generator(mr), ct)
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-    generator.eval()
+    generator.cpu().eval()
     return LoadedModel(generator, {**model.card, "name": "paired-upper-bound"}, model.weights_path)
 
 
@@ -419,14 +424,15 @@ def store_paired_bound(path: Path, generator: torch.nn.Module, model: LoadedMode
     save_model(path, generator, {**_bound_card(model), "name": "paired-upper-bound", "paired_bound": recipe, "test_time_augmentation": "none"})
 
 
-def cached_paired_upper_bound(model: LoadedModel, steps: int, cache: Path | None = None, progress: bool | None = None) -> tuple[LoadedModel, bool]:
+def cached_paired_upper_bound(model: LoadedModel, steps: int, cache: Path | None = None, progress: bool | None = None,
+                              device: torch.device | None = None) -> tuple[LoadedModel, bool]:
     """``paired_upper_bound``, kept in ``cache`` (a folder; None: not kept) under a name made from
     its recipe, and taken from there when the same recipe asks again: the bound of a 9,150-step
     model takes most of an hour on two CPU cores, and every model of the same architecture, grid
     and steps shares it. The returned bound runs with ``model``'s test-time views. Returns
     (bound, whether it came from the cache)."""
     if cache is None:
-        return paired_upper_bound(model, steps, progress=progress), False
+        return paired_upper_bound(model, steps, progress=progress, device=device), False
     recipe = paired_bound_recipe(model, steps)
     path = stored_paired_bound_path(cache, recipe)
     if path.exists():
@@ -435,6 +441,7 @@ def cached_paired_upper_bound(model: LoadedModel, steps: int, cache: Path | None
             raise ModelMismatch(f"{path} holds a paired bound of another recipe; delete it to train it again")
         return LoadedModel(stored.generator, {**model.card, "name": "paired-upper-bound"}, path), True
     # Trained from the recipe's own figures, so the name it is kept under cannot drift from them.
-    bound = paired_upper_bound(model, steps, batch_size=recipe["batch_size"], seed=recipe["seed"], subjects=recipe["subjects"], progress=progress)
+    bound = paired_upper_bound(model, steps, batch_size=recipe["batch_size"], seed=recipe["seed"], subjects=recipe["subjects"], progress=progress,
+                               device=device)
     store_paired_bound(path, bound.generator, model, recipe)
     return bound, False
