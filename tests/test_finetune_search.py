@@ -34,6 +34,7 @@ def test_search_keeps_a_stage_only_when_it_beats_its_parent_on_validation(tmp_pa
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     report = json.loads((work / "search.json").read_text())
     stages = {s["name"]: s for s in report["stages"]}
+    assert report["device"] == "cpu" and report["precision"] in ("fp32", "bf16")  # what its scores were taken in
     assert not [s for s in stages.values() if s["error"]], result.stderr[-3000:]
     assert {s["chain"] for s in stages.values()} == {0, 1}, "each chain ran at least one stage"
     start_mae = report["start_scores"]["validation"]["mae_hu"]

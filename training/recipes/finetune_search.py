@@ -171,7 +171,11 @@ class Search:
             start[f"report_{first}"] = self.score(start_model, first)
         for s in scored[: a.top]:
             s.report = {str(first): self.score(a.work / s.name / "model.safetensors", first) for first in a.report_subjects}
-        result = {"start": str(a.start), "device": str(self.device), "validation_first_subject": a.validation_subject,
+        from synthesis.infer import precision_name, resolve_precision
+
+        # the precision the scores were taken in (bf16 where the device runs it natively): report figures of fp32 runs differ a little
+        result = {"start": str(a.start), "device": str(self.device), "precision": precision_name(resolve_precision("auto", self.device)),
+                  "validation_first_subject": a.validation_subject,
                   "report_first_subjects": a.report_subjects, "start_scores": start,
                   "best": scored[0].name if scored else None, "stages": [asdict(s) for s in self.stages]}
         (a.work / "search.json").write_text(json.dumps(result, indent=1))
