@@ -27,6 +27,17 @@ class DatabaseUnavailable(Mr2ctError):
 # PostgreSQL SQLSTATEs of a server that cannot take writes now: read_only_sql_transaction,
 # admin_shutdown, crash_shutdown, cannot_connect_now (starting up, or recovering)
 SERVER_NOT_WRITABLE = frozenset({"25006", "57P01", "57P02", "57P03"})
+# PostgreSQL SQLSTATEs of a transaction rolled back by a conflict with another (serialization_failure,
+# deadlock_detected): the driver calls them operational errors, so they are waited out as outages
+# are (cannot_reach), but a background loop says what they are (PassErrors).
+WRITE_CONFLICT = frozenset({"40001", "40P01"})
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The PostgreSQL SQLSTATE of a driver error (psycopg's ``sqlstate``, psycopg2's ``pgcode``),
+    itself or wrapped by SQLAlchemy; None for any other error."""
+    original = getattr(exc, "orig", None) or exc
+    return getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)
 
 
 def make_engine(url: str) -> Engine:
@@ -72,8 +83,7 @@ def make_engine(url: str) -> Engine:
             # leads), and the error reads as an outage to wait out (cannot_reach), not as a row the
             # database refuses. Until 2026-12-07 night every instance received meanwhile was held as
             # unrecordable (kept in the spool until the next start) and every journal entry set aside.
-            original = context.original_exception
-            if (getattr(original, "sqlstate", None) or getattr(original, "pgcode", None)) in SERVER_NOT_WRITABLE:
+            if sqlstate(context.original_exception) in SERVER_NOT_WRITABLE:
                 context.is_disconnect = True
 
     return engine
@@ -178,6 +188,18 @@ def driver_message(exc: BaseException) -> str:
 OUTAGE_REMINDER_SECONDS = 60.0
 
 
+def unavailable_words(exc: BaseException) -> tuple[str, str]:
+    """What an outage ``exc`` says of the database, as an outage begins and while it lasts: one that
+    cannot be reached, one that answers but takes no writes (a failover's demoted primary or a
+    standby), one shutting down or starting. (Until 2026-12-08 all three read "cannot be reached".)"""
+    state = sqlstate(exc)
+    if state == "25006":
+        return "takes no writes (read-only: a standby, or a primary a failover demoted?)", "still takes no writes"
+    if state in SERVER_NOT_WRITABLE:
+        return "is shutting down or starting", "is still shutting down or starting"
+    return "cannot be reached", "still cannot be reached"
+
+
 class PassErrors:
     """How a background loop (the stability monitor, the job claim, the notes, routing, retention)
     reports a failed pass. A database that cannot be reached is one line when the outage begins
@@ -196,14 +218,19 @@ class PassErrors:
         if not cannot_reach(exc):
             self.logger.error("%s", self.what, exc_info=exc)
             return
+        if sqlstate(exc) in WRITE_CONFLICT and self.down_since is None:  # another transaction's, not an outage: the next pass goes on
+            self.logger.warning("%s: a write conflict with another process rolled this pass back (%s); trying again", self.loop,
+                                driver_message(exc))
+            return
         now = time.monotonic()
         self.passes += 1
+        begins, lasts = unavailable_words(exc)
         if self.down_since is None:
             self.down_since, self.said_at = now, now
-            self.logger.error("%s: the database cannot be reached (%s); trying again", self.loop, driver_message(exc))
+            self.logger.error("%s: the database %s (%s); trying again", self.loop, begins, driver_message(exc))
         elif now - self.said_at >= OUTAGE_REMINDER_SECONDS:
             self.said_at = now
-            self.logger.error("%s: the database still cannot be reached after %.0f s, %d passes (%s)", self.loop, now - self.down_since,
+            self.logger.error("%s: the database %s after %.0f s, %d passes (%s)", self.loop, lasts, now - self.down_since,
                               self.passes, driver_message(exc))
 
     def succeeded(self) -> None:

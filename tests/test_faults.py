@@ -282,7 +282,8 @@ def test_a_postgresql_that_takes_no_writes_after_a_failover_is_waited_out_and_no
                 assert session.scalars(select(AuditEvent).where(AuditEvent.action == "dicom-instance-not-recorded")).all() == []
         log = (workdir / "mr2ct.log").read_text()
     assert "Traceback" not in log and "spooled but not recorded" not in log and "set aside" not in log
-    assert "read-only transaction" in log  # said as the outage's line
+    assert "read-only transaction" in log  # said as the outage's line, and what it is (not "cannot be reached")
+    assert "the database takes no writes (read-only" in log and "the database cannot be reached" not in log
     assert len(log.splitlines()) < 200
 
 

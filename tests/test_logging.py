@@ -145,3 +145,37 @@ def test_a_database_outage_is_one_line_for_a_loop_then_one_when_it_ends_and_othe
         ("ERROR", "test pass failed", True),
         ("ERROR", "test pass failed", True),
     ]
+
+
+def test_a_loop_says_whether_the_database_is_away_read_only_or_a_write_conflict_rolled_a_pass_back(caplog):
+    """The driver's own errors (psycopg's classes, wrapped as SQLAlchemy wraps them): a read-only
+    server (a failover's demoted primary) is an outage that says so; a deadlock or serialization
+    failure rolled one pass back, a warning with no outage begun (until 2026-12-08 all read "the
+    database cannot be reached", and a deadlock then "answers again after 0 s")."""
+    import logging
+
+    import psycopg.errors
+    from sqlalchemy.exc import InternalError, OperationalError
+
+    from dicom_node import db
+
+    errors = db.PassErrors(logging.getLogger("mr2ct.test.loop"), "the test loop", "test pass failed")
+    deadlock = OperationalError("UPDATE jobs", {}, psycopg.errors.DeadlockDetected("deadlock detected"))
+    conflict = OperationalError("UPDATE jobs", {}, psycopg.errors.SerializationFailure("could not serialize access"))
+    read_only = InternalError("INSERT INTO instances", {}, psycopg.errors.ReadOnlySqlTransaction(
+        "cannot execute INSERT in a read-only transaction"), connection_invalidated=True)  # as the engine's handle_error marks it
+    with caplog.at_level(logging.INFO, logger="mr2ct.test.loop"):
+        errors.failed(deadlock)
+        errors.failed(conflict)
+        assert errors.down_since is None
+        errors.failed(read_only)
+        assert errors.attempt(lambda: None) is True
+    said = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert said[:3] == [
+        ("WARNING", "the test loop: a write conflict with another process rolled this pass back (OperationalError: deadlock detected); trying again"),
+        ("WARNING", "the test loop: a write conflict with another process rolled this pass back (OperationalError: could not serialize access); trying again"),
+        ("ERROR", "the test loop: the database takes no writes (read-only: a standby, or a primary a failover demoted?) "
+                  "(InternalError: cannot execute INSERT in a read-only transaction); trying again"),
+    ]
+    assert said[3][1].startswith("the test loop: the database answers again after")
+    assert db.cannot_reach(deadlock) and db.cannot_reach(read_only)  # both waited out: nothing held, nothing set aside
