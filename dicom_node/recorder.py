@@ -78,12 +78,10 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
             superseded.append((earlier.path, item))
         latest[item.info.sop_instance_uid] = item
     moved = 0
+    first_of: dict[str, SpooledInstance] = {}  # each series' first arrival in the batch: what a new series' row is made of
+    for item in latest.values():
+        first_of.setdefault(item.info.series_uid, item)
     with sessions.begin() as session:
-        existing = {
-            row.sop_instance_uid: row
-            for chunk in _chunks(list(latest), 500)
-            for row in session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(chunk)))
-        }
         touched: dict[str, Series] = {}
 
         def locked_series(uid: str) -> Series | None:
@@ -94,27 +92,30 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
                 touched[uid] = found
             return touched[uid]
 
+        # Every series of the batch is locked, or made, in one order (their UIDs'), before anything
+        # else: two processes whose batches hold the same series then take them alike, and neither
+        # waits on the other in a circle. Until 2026-12-08 it was arrival order, and two SCP
+        # processes taking instances of two series in opposite orders deadlocked (17 of 20 rounds,
+        # one of them stalled ~1 s each time by PostgreSQL's deadlock_timeout), and a new series'
+        # row was inserted plainly, so the second process to insert it failed its whole batch
+        # (duplicate key) and recorded it again. Instances are read once their series are locked: a
+        # concurrent batch with the same instance has committed by then, and it is a re-send here.
+        for uid in sorted(first_of):
+            if locked_series(uid) is None:
+                _insert_series(session, first_of[uid])  # nothing when another process made it meanwhile
+                touched[uid] = session.get(Series, uid, with_for_update=True, populate_existing=True)
+        existing = {
+            row.sop_instance_uid: row
+            for chunk in _chunks(list(latest), 500)
+            for row in session.scalars(select(Instance).where(Instance.sop_instance_uid.in_(chunk)))
+        }
+
         for uid, item in latest.items():
             info = item.info
-            series = locked_series(info.series_uid)
-            if series is None:
-                series = Series(
-                    series_instance_uid=info.series_uid, study_instance_uid=info.study_uid, modality=info.modality,
-                    calling_ae=item.calling_ae, instance_count=0, first_received_at=item.received_at,
-                    last_received_at=item.received_at, state="receiving", series_description=info.series_description,
-                    orientation=info.orientation, patient_id=info.patient_id, image_type=info.image_type,
-                    component=info.component, component_source=info.component_source,
-                    contrast=info.contrast, contrast_source=info.contrast_source, body_part=info.body_part,
-                    contrast_agent=info.contrast_agent, contrast_agent_source=info.contrast_agent_source,
-                    fat_suppression=info.fat_suppression, fat_suppression_source=info.fat_suppression_source,
-                )
-                session.add(series)
-                session.flush()
-                touched[info.series_uid] = series
-            else:
-                if series.study_instance_uid != info.study_uid:  # the series moved to another study upstream: the latest says where
-                    series.study_instance_uid = info.study_uid
-                heed(series, info)
+            series = touched[info.series_uid]
+            if series.study_instance_uid != info.study_uid:  # the series moved to another study upstream: the latest says where
+                series.study_instance_uid = info.study_uid
+            heed(series, info)  # the series' first instance says nothing new to the row made of it
             row = existing.get(uid)
             if row is None:
                 session.add(
@@ -164,6 +165,33 @@ def record_batch(sessions: sessionmaker[Session], items: list[SpooledInstance]) 
         remove_superseded(stale, newer.path, newer.received_at)
 
 
+def _insert_series(session: Session, item: SpooledInstance) -> None:
+    """Insert the row of ``item``'s series, made of its header, unless it exists (``INSERT ... ON
+    CONFLICT DO NOTHING``, on PostgreSQL and SQLite alike): another process that inserts it at the
+    same moment makes this one wait for its commit, then do nothing."""
+    info = item.info
+    values = dict(
+        series_instance_uid=info.series_uid, study_instance_uid=info.study_uid, modality=info.modality,
+        calling_ae=item.calling_ae, instance_count=0, first_received_at=item.received_at,
+        last_received_at=item.received_at, state="receiving", series_description=info.series_description,
+        orientation=info.orientation, patient_id=info.patient_id, image_type=info.image_type,
+        component=info.component, component_source=info.component_source,
+        contrast=info.contrast, contrast_source=info.contrast_source, body_part=info.body_part,
+        contrast_agent=info.contrast_agent, contrast_agent_source=info.contrast_agent_source,
+        fat_suppression=info.fat_suppression, fat_suppression_source=info.fat_suppression_source,
+    )
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    elif dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert
+    else:  # a database the node is not tested on: a plain insert (a race there is the duplicate-key retry's)
+        session.add(Series(**values))
+        session.flush()
+        return
+    session.execute(insert(Series).values(**values).on_conflict_do_nothing(index_elements=[Series.series_instance_uid]))
+
+
 def record_sorting_out(sessions: sessionmaker[Session], items: list[SpooledInstance], *,
                        retried: bool = False) -> list[tuple[SpooledInstance, str]]:
     """``record_batch``, where one row the database will not take for a reason other than an
@@ -173,7 +201,10 @@ def record_sorting_out(sessions: sessionmaker[Session], items: list[SpooledInsta
     2026-12-07 such a batch was retried for ever, every row received after it waiting behind it
     until the backlog refused all instances (on PostgreSQL, a position too long for its column).
     A row refused for a duplicate key is tried once more (``retried``): another process inserted
-    the same series or instance at the same moment, which is a race, not a refusal."""
+    the same instance at the same moment under another series (its series' locks do not meet),
+    which is a race, not a refusal. (A new series' row is inserted if absent, and an instance of a
+    series both processes lock is read after the lock, since 2026-12-08: those races no longer
+    come here.)"""
     try:
         record_batch(sessions, items)
         return []
@@ -182,10 +213,10 @@ def record_sorting_out(sessions: sessionmaker[Session], items: list[SpooledInsta
             raise
         if len(items) == 1:
             if isinstance(exc, IntegrityError) and not retried:
-                # Another process recorded the same new series (or instance) at the same moment: the
-                # series' row (or the instance's) exists now, so the row is updated, not inserted.
-                # Two SCP processes that take a new series' first instances at once meet here; until
-                # 2026-12-07 night one of them held its instance as unrecordable, and the series with it.
+                # Another process recorded the same instance at the same moment: its row exists now,
+                # so it is updated, not inserted. (Until 2026-12-07 night one of two processes taking
+                # a new series' first instances at once held its instance as unrecordable, and the
+                # series with it; since 2026-12-08 that series' row is inserted if absent instead.)
                 return record_sorting_out(sessions, items, retried=True)
             return [(items[0], driver_message(exc))]
     half = len(items) // 2  # in order: of two arrivals of one instance the later still wins

@@ -251,3 +251,58 @@ def test_two_processes_recording_a_new_series_at_the_same_moment_both_record_it(
         finally:
             for engine in engines:
                 engine.dispose()
+
+
+def test_two_processes_taking_two_series_in_opposite_orders_neither_deadlocks_nor_waits(tmp_path: Path) -> None:
+    """Two SCP processes each take instances of the same two series (a study's series spread over
+    parallel associations behind a load balancer), one in the order A, B, the other B, A. Each
+    batch locks its series' rows; in arrival order the two waited on each other in a circle, and
+    PostgreSQL broke it after its deadlock_timeout (1 s) by failing one batch (40P01), to be
+    recorded again: until 2026-12-08, 17 of 20 rounds, existing series or new. Now the series are
+    locked in one order, and every batch goes through the first time, counted right."""
+    import threading
+    import time as clock
+
+    from sqlalchemy.orm import sessionmaker
+
+    from dicom_node.db import make_engine, sqlstate
+    from dicom_node.local_stack import PostgresServer, free_port
+    from dicom_node.recorder import record_sorting_out
+
+    with PostgresServer(tmp_path / "pg", free_port()) as postgres:
+        init_db(postgres.url)
+        engines = [make_engine(postgres.url) for _ in range(2)]
+        try:
+            processes = [sessionmaker(engine, expire_on_commit=False) for engine in engines]
+            failed: list[str] = []
+            took: list[float] = []
+            rounds = 10
+            for round_ in range(rounds):
+                first, second = f"1.2.4.{round_}.1", f"1.2.4.{round_}.2"
+                if round_ % 2:  # odd rounds: both series exist already (a row each); even rounds: both new
+                    assert record_sorting_out(processes[0], [_item(f"{first}.0", series=first), _item(f"{second}.0", series=second)]) == []
+                barrier = threading.Barrier(2)
+
+                def take(n: int, first: str = first, second: str = second) -> None:
+                    order = (first, second) if n == 0 else (second, first)
+                    items = [_item(f"{uid}.{n}.{k}", series=uid) for uid in order for k in range(3)]
+                    barrier.wait()
+                    started = clock.monotonic()
+                    try:
+                        assert record_sorting_out(processes[n], items) == []
+                    except Exception as exc:  # a deadlock reads as an outage: raised, the batch to record again
+                        failed.append(sqlstate(exc) or repr(exc))
+                    took.append(clock.monotonic() - started)
+
+                threads = [threading.Thread(target=take, args=(n,)) for n in range(2)]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join(timeout=60)
+            assert failed == [] and len(took) == 2 * rounds, (failed, took)  # a deadlock: 40P01, after ~1 s
+            with processes[0]() as session:
+                counts = dict(session.execute(select(Series.series_instance_uid, Series.instance_count)).all())
+            assert counts == {f"1.2.4.{r}.{k}": 6 + r % 2 for r in range(rounds) for k in (1, 2)}
+        finally:
+            for engine in engines:
+                engine.dispose()
